@@ -1,0 +1,56 @@
+"""Trainer callbacks that report to the active MLflow run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+from transformers import TrainerCallback
+
+
+class MlflowMetrics(TrainerCallback):
+    """Log training metrics as `train/<name>` and eval metrics as `eval/tuned/<name>`, plus tokens per second.
+
+    Only the main process logs (under torchrun every rank runs the callback).
+    """
+
+    def __init__(self):
+        self._last_tokens = 0
+        self._last_time = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        metrics = {}
+        for key, value in logs.items():
+            if not isinstance(value, (int, float)) or key in ("total_flos",):
+                continue
+            if key.startswith("eval_"):
+                metrics[f"eval/tuned/{key[5:]}"] = value
+            elif key.startswith("train_"):  # the summary logged once at the end
+                metrics[f"train/summary_{key[6:]}"] = value
+            else:
+                metrics[f"train/{key}"] = value
+        tokens = logs.get("num_tokens")
+        now = time.perf_counter()
+        if tokens is not None and self._last_time is not None and now > self._last_time:
+            metrics["train/tokens_per_second"] = (tokens - self._last_tokens) / (now - self._last_time)
+            self._last_tokens, self._last_time = tokens, now
+        if metrics:
+            mlflow.log_metrics(metrics, step=state.global_step)
+
+
+class CheckpointLogger(TrainerCallback):
+    """Copy each saved checkpoint into the run's artifacts (`checkpoints/checkpoint-N`), so a run can be resumed
+    from any machine that reaches the tracking server."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            mlflow.log_artifacts(str(folder), artifact_path=f"checkpoints/{folder.name}")

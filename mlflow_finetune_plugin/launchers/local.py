@@ -1,0 +1,152 @@
+"""Launcher `local`: the training command as a child process on this machine.
+
+The child runs in its own session (process group) so that cancel stops it and everything it started, and Ctrl-C
+reaches only the waiting parent, which then cancels cleanly. A detached job runs under a small supervisor process
+that outlives `mlflow run` and ends the MLflow run if training dies without doing so itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+from mlflow.projects.submitted_run import SubmittedRun
+
+from mlflow_finetune_plugin.tracking import ERROR_TAG
+
+GRACE_SECONDS = 30
+
+
+def launch(cmd: list[str], run_id: str, env: dict, job_dir: Path, detach: bool = False, cwd=None):
+    """Start `cmd` for `run_id`; returns a SubmittedRun. Detached jobs log to `job_dir/job.log`."""
+    if detach:
+        log = open(job_dir / "job.log", "ab")  # noqa: SIM115 - handed to the child
+        supervisor = [sys.executable, "-m", "mlflow_finetune_plugin.launchers.local", "--run-id", run_id, "--", *cmd]
+        proc = subprocess.Popen(supervisor, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+    else:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+    (job_dir / "job.json").write_text(json.dumps({"pid": proc.pid, "pgid": proc.pid, "launcher": "local",
+                                                  "detached": detach, "cmd": cmd}))
+    return LocalSubmittedRun(run_id, proc)
+
+
+class LocalSubmittedRun(SubmittedRun):
+    """A job on this machine: `wait()` returns True when the run FINISHED; `cancel()` leaves it KILLED."""
+
+    def __init__(self, run_id: str, proc: subprocess.Popen):
+        self._run_id = run_id
+        self._proc = proc
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self._proc
+
+    def wait(self) -> bool:
+        try:
+            returncode = self._proc.wait()
+        except KeyboardInterrupt:
+            print(f"\nInterrupted: cancelling run {self._run_id} ...", file=sys.stderr)
+            self.cancel()
+            raise
+        finalize(self._run_id, returncode)
+        return MlflowClient().get_run(self._run_id).info.status == "FINISHED"
+
+    def get_status(self) -> str:
+        if self._proc.poll() is None:
+            return RunStatus.to_string(RunStatus.RUNNING)
+        return MlflowClient().get_run(self._run_id).info.status
+
+    def cancel(self) -> None:
+        stop_process_group(self._proc.pid, self._proc)
+        finalize(self._run_id, self._proc.returncode, cancelled=True)
+
+
+def stop_process_group(pgid: int, proc: subprocess.Popen | None = None, grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM the group (training ends its run KILLED), then SIGKILL whatever is left after `grace` seconds."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None and not _group_alive(pgid):
+            return
+        if proc is None and not _group_alive(pgid):
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc is not None:
+        proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def finalize(run_id: str, returncode: int | None, cancelled: bool = False) -> str:
+    """End a run the training process left RUNNING (it was killed hard, or never started); returns the status."""
+    client = MlflowClient()
+    status = client.get_run(run_id).info.status
+    if RunStatus.is_terminated(RunStatus.from_string(status)):
+        return status
+    if cancelled:
+        status, message = "KILLED", "cancelled"
+    else:
+        status = "FAILED"
+        if returncode is not None and returncode < 0:
+            message = f"training process was killed by signal {signal.Signals(-returncode).name}"
+        else:
+            message = f"training process exited with code {returncode} without ending the run"
+        message += " (last checkpoint, if any, is under the run's checkpoints/ artifacts)"
+    client.set_tag(run_id, ERROR_TAG, message)
+    client.set_terminated(run_id, status)
+    return status
+
+
+def _supervise(argv: list[str]) -> int:
+    """Detached mode: run the training command, then make sure its MLflow run ended."""
+    run_id = argv[argv.index("--run-id") + 1]
+    cmd = argv[argv.index("--") + 1:]
+    cancelled = False
+
+    def on_term(signum, frame):
+        nonlocal cancelled
+        cancelled = True  # the child, in our process group, got the same signal
+
+    signal.signal(signal.SIGTERM, on_term)
+    child = subprocess.Popen(cmd)
+    while True:
+        try:
+            returncode = child.wait()
+            break
+        except InterruptedError:
+            continue
+    status = finalize(run_id, returncode, cancelled=cancelled)
+    print(f"Run {run_id} ended {status}", flush=True)
+    return 0 if status == "FINISHED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_supervise(sys.argv[1:]))

@@ -1,0 +1,194 @@
+"""The fine-tuned model as an MLflow model: the adapter and tokenizer, the base referenced (never copied).
+
+Layout of the logged model's artifacts:
+  adapter/    a plain PEFT adapter folder (`PeftModel.from_pretrained(base, adapter/)` loads it)   [ARTIFACT=adapter]
+  model/      complete weights, for methods that train every parameter                               [ARTIFACT=full]
+  tokenizer/  the tokenizer with the chat template the model was trained with
+and `model_config` names the base (hub id + revision, absolute path, or the built-in tiny model) with a digest of
+its weights where that is cheap to recompute, so a different base fails loudly instead of answering wrongly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from mlflow_finetune_plugin.errors import FinetuneError
+
+DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+
+
+@dataclass
+class LoadedModel:
+    model: Any          # PeftModel over the base, or a full model
+    tokenizer: Any
+    config: dict        # the logged model_config
+
+
+def base_digest(base_ref: str) -> str | None:
+    """Digest of the base weights for bases that live on this machine (tiny model, local folders); None for hub ids."""
+    from mlflow_finetune_plugin.models import is_tiny, resolve_model_path
+    from mlflow_finetune_plugin.tiny_model import weights_digest
+
+    path = Path(resolve_model_path(base_ref))
+    if is_tiny(base_ref) or path.is_dir():
+        return weights_digest(path)
+    return None
+
+
+def chat_template_hash(tokenizer) -> str:
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else repr(tokenizer.chat_template)
+    return hashlib.sha256((template or "").encode()).hexdigest()[:12]
+
+
+def load_logged_model(local_dir: str | Path, device: str | None = None) -> LoadedModel:
+    """Load a logged fine-tuned model from its downloaded folder (the one holding MLmodel)."""
+    from mlflow.models import Model
+
+    local_dir = Path(local_dir)
+    mlmodel = Model.load(str(local_dir / "MLmodel"))
+    pyfunc_conf = mlmodel.flavors["python_function"]
+    config = dict(pyfunc_conf.get("model_config") or {})
+    artifacts = {k: local_dir / v for k, v in _artifact_paths(pyfunc_conf).items()}
+    return _load(artifacts, config, device)
+
+
+def _artifact_paths(pyfunc_conf: dict) -> dict[str, str]:
+    python_model_conf = pyfunc_conf.get("artifacts", {})
+    return {name: spec["path"] for name, spec in python_model_conf.items()}
+
+
+def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlflow_finetune_plugin.models import resolve_model_path, torch_dtype
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch_dtype("auto") if device != "cpu" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(artifacts["tokenizer"])
+    if config.get("artifact") == "full":
+        model = AutoModelForCausalLM.from_pretrained(artifacts["model"], dtype=dtype, use_safetensors=True)
+    else:
+        from peft import PeftModel
+
+        base_ref = config["base_model"]
+        expected = config.get("base_digest")
+        if expected:
+            actual = base_digest(base_ref)
+            if actual != expected:
+                raise FinetuneError(
+                    f"the base model {base_ref!r} on this machine ({resolve_model_path(base_ref)}) is not the one "
+                    f"this adapter was trained on (weights digest {actual} != {expected}). Restore that base, or "
+                    "retrain the adapter on this one.")
+        base = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(base_ref), revision=config.get("base_revision"), dtype=dtype, use_safetensors=True)
+        model = PeftModel.from_pretrained(base, artifacts["adapter"])
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config)
+
+
+def to_conversations(model_input) -> list[list[dict]]:
+    """Accept a string, a list of strings, a list of message lists, a dict or a DataFrame with `messages`/`prompt`."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        col = "messages" if "messages" in model_input.columns else "prompt"
+        if col not in model_input.columns:
+            raise FinetuneError("input needs a `messages` column (chat) or a `prompt` column (text)")
+        model_input = list(model_input[col])
+    if isinstance(model_input, (str, dict)):
+        model_input = [model_input]
+    convs = []
+    for item in model_input:
+        if isinstance(item, str):
+            convs.append([{"role": "user", "content": item}])
+        elif isinstance(item, dict) and "messages" in item:
+            convs.append(list(item["messages"]))
+        elif isinstance(item, dict) and "prompt" in item:
+            convs.append([{"role": "user", "content": item["prompt"]}])
+        else:
+            convs.append([dict(m) for m in item])
+    return convs
+
+
+def generate(loaded: LoadedModel, messages: list[dict], max_new_tokens=64, temperature=0.0, top_p=1.0) -> str:
+    """One chat answer from a loaded model (greedy when temperature is 0)."""
+    import torch
+
+    tok, model = loaded.tokenizer, loaded.model
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False}
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id, **sampling)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+class FinetunedChatModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: chat messages (or plain prompts) in, the model's answers out."""
+
+    def load_context(self, context):
+        self._loaded = _load({k: Path(v) for k, v in context.artifacts.items()}, dict(context.model_config), None)
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        settings = {**DEFAULT_PARAMS, **(params or {})}
+        return [generate(self._loaded, conv, **settings) for conv in to_conversations(model_input)]
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+    message = Object([Property("role", "string"), Property("content", "string")])
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array(message), "messages")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 64), ParamSpec("temperature", "double", 0.0),
+                            ParamSpec("top_p", "double", 1.0)]),
+    )
+
+
+def _requirements() -> list[str]:
+    import peft
+    import torch
+    import transformers
+
+    from mlflow_finetune_plugin import __version__
+
+    torch_version = torch.__version__.split("+")[0]
+    return [f"mlflow-finetune-plugin=={__version__}", f"mlflow>={mlflow.__version__.split('.')[0]}.0",
+            f"torch>={torch_version}", f"transformers=={transformers.__version__}", f"peft=={peft.__version__}"]
+
+
+def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tags: dict | None = None):
+    """Log the trained model in the active run; returns MLflow's ModelInfo.
+
+    `config` must hold `base_model` (a reference from `models.model_reference`) and `artifact` ('adapter'|'full');
+    the base's digest is added here.
+    """
+    config = dict(config)
+    if config["artifact"] == "adapter":
+        config.setdefault("base_digest", base_digest(config["base_model"]))
+    config["chat_template_hash"] = chat_template_hash(tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"tokenizer": str(Path(tmp) / "tokenizer")}
+        tokenizer.save_pretrained(artifacts["tokenizer"])
+        key = "adapter" if config["artifact"] == "adapter" else "model"
+        artifacts[key] = str(Path(tmp) / key)
+        model.save_pretrained(artifacts[key], safe_serialization=True)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=FinetunedChatModel(),
+            artifacts=artifacts,
+            model_config={k: v for k, v in config.items() if v is not None},
+            signature=_signature(),
+            pip_requirements=_requirements(),
+            tags=tags,
+        )

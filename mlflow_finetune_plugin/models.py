@@ -1,0 +1,92 @@
+"""Base models and tokenizers: hub ids, local folders, or the built-in tiny model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mlflow_finetune_plugin.errors import FinetuneError
+
+_logger = logging.getLogger(__name__)
+
+
+def is_tiny(name: str | None) -> bool:
+    from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+
+    return name in (None, "", TINY_MODEL_REF)
+
+
+def model_reference(name: str | None) -> str:
+    """How a logged model refers to its base: a hub id, an absolute local path, or the tiny model's reference."""
+    from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+
+    if is_tiny(name):
+        return TINY_MODEL_REF
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
+
+
+def resolve_model_path(name: str | None) -> str:
+    """What `from_pretrained` should be given: the tiny model's cached folder (built on first use) or `name`."""
+    if is_tiny(name):
+        from mlflow_finetune_plugin.tiny_model import tiny_model_path
+
+        return str(tiny_model_path())
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
+
+
+def load_tokenizer(name: str | None = None, revision: str | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer of a base model; a tokenizer without a pad token gets its EOS token as pad."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FinetuneError(_not_found(name, e)) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise FinetuneError(
+            f"model {name!r} has no chat template. Pick an instruct/chat model, or a base model whose tokenizer "
+            "defines `chat_template`.")
+    return tok
+
+
+def torch_dtype(precision: str):
+    """The weights' dtype: 'auto' is bf16 on a GPU that supports it, else float32 (CPU trains in fp32)."""
+    import torch
+
+    if precision in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if precision in ("fp16", "float16"):
+        return torch.float16
+    if precision in ("fp32", "float32"):
+        return torch.float32
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_base_model(model_cfg, dtype=None, **kwargs):
+    """Load the base causal LM named by a recipe's `model` section (extra kwargs go to `from_pretrained`)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model_cfg.name)
+    if dtype is None:
+        dtype = torch_dtype(model_cfg.dtype)
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=dtype,
+            use_safetensors=None if model_cfg.trust_remote_code else True, **kwargs)
+    except OSError as e:
+        raise FinetuneError(_not_found(model_cfg.name, e)) from None
+
+
+def _not_found(name, err) -> str:
+    return (f"could not load model {name!r}: {err}\n"
+            "Give a hub id you can reach (check HF_TOKEN for gated models, HF_HUB_OFFLINE for offline machines) "
+            "or a local folder made with save_pretrained; leave model.name empty for the built-in tiny model.")

@@ -1,0 +1,227 @@
+"""One fine-tune, top to bottom: data -> base model -> method -> TRL trainer -> evaluation -> logged, registered model.
+
+Runs as its own process (one per rank under torchrun), inside an MLflow run that already exists
+(`--run-id`, or MLFLOW_RUN_ID as set by MLflow's local backend) or a new one. It always ends that run:
+FINISHED, FAILED with the error as a tag and `error.txt`, or KILLED on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+from pathlib import Path
+
+import mlflow
+
+from mlflow_finetune_plugin import paths
+from mlflow_finetune_plugin.callbacks import CheckpointLogger, MlflowMetrics
+from mlflow_finetune_plugin.data import load_training_dataset, mlflow_dataset
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.logged_model import log_finetuned_model
+from mlflow_finetune_plugin.methods import METHODS
+from mlflow_finetune_plugin.models import load_base_model, load_tokenizer, model_reference, torch_dtype
+from mlflow_finetune_plugin.recipe import Recipe, flat_params, method_config, recipe_hash, to_yaml
+from mlflow_finetune_plugin.registry import lineage_tags, register
+from mlflow_finetune_plugin.tracking import record_failure
+
+
+def run(recipe, run_id: str | None = None) -> int:
+    """Train inside an MLflow run and end it with the right status; returns a process exit code."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    active = mlflow.start_run(run_id=run_id)
+    run_id = active.info.run_id
+    try:
+        train(recipe, run_id)
+    except KeyboardInterrupt as e:
+        record_failure(run_id, e, "KILLED")
+        print(f"\nRun {run_id} cancelled.", file=sys.stderr)
+        return 130
+    except BaseException as e:  # noqa: BLE001 - every failure must end the run, not leave it RUNNING
+        record_failure(run_id, e, "FAILED")
+        if isinstance(e, FinetuneError):
+            print(f"Error: {e}", file=sys.stderr)
+        else:
+            import traceback
+
+            traceback.print_exc()
+        return 1
+    mlflow.end_run("FINISHED")
+    return 0
+
+
+def train(recipe, run_id: str) -> None:
+    method = METHODS[recipe.method]
+    cfg = method_config(recipe)
+    # MLflow's local backend has already logged the raw `-P` strings ('1e-3'); keep those rather than clash
+    # with the typed value ('0.001'): MLflow refuses to change a logged param.
+    logged = mlflow.MlflowClient().get_run(run_id).data.params
+    mlflow.log_params({k: v for k, v in flat_params(recipe).items() if k not in logged})
+    mlflow.log_text(to_yaml(recipe), "recipe.yaml")
+    base_ref = model_reference(recipe.model.name)
+    vllm_ok, vllm_reason = method.vllm_compatible(cfg)
+    tags = lineage_tags(method=recipe.method, base_model=base_ref, base_revision=recipe.model.revision,
+                        recipe_hash=recipe_hash(recipe), source_run=run_id,
+                        vllm_compatible=str(vllm_ok).lower(), vllm_reason=vllm_reason)
+    mlflow.set_tags(tags)
+
+    # Data first: a bad file fails here, before minutes go into loading a model.
+    train_ds, fmt = load_training_dataset(recipe.data.train, recipe.data.format, recipe.data.system_prompt)
+    if recipe.data.max_rows:
+        train_ds = train_ds.select(range(min(recipe.data.max_rows, len(train_ds))))
+    eval_ds = None
+    if recipe.data.eval:
+        eval_ds, _ = load_training_dataset(recipe.data.eval, recipe.data.format, recipe.data.system_prompt)
+    elif recipe.data.eval_split > 0:
+        split = train_ds.train_test_split(test_size=recipe.data.eval_split, seed=recipe.train.seed)
+        train_ds, eval_ds = split["train"], split["test"]
+    train_input = mlflow_dataset(train_ds, recipe.data.train, name=Path(recipe.data.train).stem)
+    mlflow.log_input(train_input, context="training")
+    if eval_ds is not None:
+        eval_path = recipe.data.eval or recipe.data.train
+        mlflow.log_input(mlflow_dataset(eval_ds, eval_path, name=Path(eval_path).stem), context="eval")
+    tags.update(lineage_tags(dataset_digest=train_input.digest, data_format=fmt))
+    mlflow.set_tags(tags)
+
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+    model = load_base_model(recipe.model, **method.model_kwargs(cfg))
+    base_revision = recipe.model.revision or getattr(model.config, "_commit_hash", None)
+    model = method.apply(model, cfg)
+    if hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+
+    trainer = _trainer(recipe, model, tokenizer, train_ds, eval_ds, run_id)
+    trainer.train(resume_from_checkpoint=_resume_checkpoint(recipe.train.resume, run_id))
+
+    if eval_ds is not None:
+        _log_eval_loss("tuned", trainer.evaluate(metric_key_prefix="final"))
+        if hasattr(trainer.model, "disable_adapter"):
+            with trainer.model.disable_adapter():
+                _log_eval_loss("base", trainer.evaluate(metric_key_prefix="final"))
+
+    tags.update(lineage_tags(base_revision=base_revision))
+    info = log_finetuned_model(
+        trainer.model, tokenizer,
+        config={"base_model": base_ref, "base_revision": base_revision, "method": recipe.method,
+                "artifact": method.ARTIFACT},
+    )
+    tags.update(lineage_tags(chat_template_hash=info.flavors["python_function"]["model_config"]["chat_template_hash"]))
+    mlflow.set_tags(tags)
+    if recipe.registry.enabled:
+        version = register(info.model_uri, recipe.registry.name, tags, recipe.registry.alias)
+        mlflow.set_tags({"finetune.registered_model": recipe.registry.name,
+                         "finetune.registered_version": version.version})
+        alias = f" (alias @{recipe.registry.alias})" if recipe.registry.alias else ""
+        print(f"Registered {recipe.registry.name} version {version.version}{alias}")
+
+
+def _trainer(recipe, model, tokenizer, train_ds, eval_ds, run_id):
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    t = recipe.train
+    dtype = torch_dtype(t.precision if t.precision != "auto" else recipe.model.dtype)
+    on_gpu = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(paths.job_dir(run_id) / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=t.save_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        use_cpu=not on_gpu,
+        report_to="none",
+        max_length=recipe.data.max_length,
+        packing=recipe.data.packing,
+        assistant_only_loss=recipe.data.assistant_only_loss and _supports_assistant_masks(tokenizer),
+        dataloader_num_workers=0,
+    )
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer, callbacks=[MlflowMetrics(), CheckpointLogger()])
+
+
+def _supports_assistant_masks(tokenizer) -> bool:
+    """Assistant-only loss needs `{% generation %}` markers; TRL patches the templates it knows, warn otherwise."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return True
+    try:
+        if get_training_chat_template(tokenizer) is not None:
+            return True
+    except Exception:  # noqa: BLE001 - TRL raises for templates it has no training variant of
+        pass
+    print("Warning: this chat template has no {% generation %} markers and TRL has no training variant of it; "
+          "training on whole conversations. Add the markers to the template for assistant-only loss.",
+          file=sys.stderr)
+    return False
+
+
+def _log_eval_loss(contender: str, metrics: dict) -> None:
+    loss = metrics.get("final_loss")
+    if loss is not None:
+        mlflow.log_metrics({f"eval/{contender}/loss": loss,
+                            f"eval/{contender}/perplexity": math.exp(min(loss, 50))})
+
+
+def _resume_checkpoint(resume: str | None, current_run: str) -> str | None:
+    """Download the last checkpoint of run `resume` (or of the latest other run of this experiment)."""
+    if not resume:
+        return None
+    client = mlflow.MlflowClient()
+    if resume == "latest":
+        exp = client.get_run(current_run).info.experiment_id
+        runs = client.search_runs([exp], order_by=["attributes.start_time DESC"], max_results=50)
+        candidates = [r.info.run_id for r in runs if r.info.run_id != current_run]
+    else:
+        candidates = [resume]
+    for rid in candidates:
+        try:
+            checkpoints = [a.path for a in client.list_artifacts(rid, "checkpoints") if a.is_dir]
+        except Exception as e:  # noqa: BLE001
+            raise FinetuneError(f"train.resume: cannot read run {rid!r}: {e}") from None
+        if checkpoints:
+            last = max(checkpoints, key=lambda p: int(p.rsplit("-", 1)[-1]))
+            dest = paths.job_dir(current_run) / "resume"
+            local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=last, dst_path=str(dest))
+            print(f"Resuming from {rid}/{last}")
+            mlflow.set_tag("finetune.resumed_from", f"{rid}/{last}")
+            return local
+        if resume != "latest":
+            raise FinetuneError(f"train.resume: run {rid} has no checkpoints to resume from")
+    raise FinetuneError("train.resume=latest: no earlier run in this experiment has checkpoints")
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Internal: the training process started by the finetune backend.")
+    parser.add_argument("--recipe-json", required=True, help="Resolved recipe (JSON) written by the backend.")
+    parser.add_argument("--run-id", default=None)
+    args = parser.parse_args(argv)
+    recipe = Recipe.model_validate(json.loads(Path(args.recipe_json).read_text()))
+    sys.exit(run(recipe, args.run_id))
+
+
+if __name__ == "__main__":
+    main()
