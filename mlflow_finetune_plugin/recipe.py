@@ -165,8 +165,7 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
     if isinstance(method, str) and method not in METHODS:
         problems.append(f"method: unknown method {method!r}. Valid methods: {', '.join(METHODS)}"
                         + _suggest(method, METHODS))
-    if recipe is not None and not problems:
-        problems.extend(_check_paths(recipe, project_dir))
+    problems.extend(_check_paths(raw, project_dir))
     if problems:
         raise RecipeError(problems, str(recipe_path))
     recipe.project_dir = str(project_dir)
@@ -179,16 +178,19 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
     return recipe
 
 
-def _check_paths(recipe, project_dir: Path) -> list[str]:
+def _check_paths(raw: dict, project_dir: Path) -> list[str]:
+    """Files the recipe names must exist; checked on the raw values so they are reported with every other error."""
     problems = []
-    if not recipe.data.train:
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    splits = {"train": data.get("train", DataConfig().train), "eval": data.get("eval")}
+    if not splits["train"]:
         problems.append("data.train: no training data given. Set it in finetune.yaml or pass -P data=path/to/train.jsonl")
-    for split in ("train", "eval"):
-        value = getattr(recipe.data, split)
-        if value and not (project_dir / value).exists():
+    for split, value in splits.items():
+        if isinstance(value, str) and value and not (project_dir / value).exists():
             problems.append(f"data.{split}: file not found: {value} (looked in {project_dir})")
-    name = recipe.model.name
-    if name and (name.startswith((".", "/", "~")) or os.sep in name and Path(name).exists()):
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    name = model.get("name")
+    if isinstance(name, str) and name.startswith((".", "/", "~")):
         if not Path(name).expanduser().exists() and not (project_dir / name).exists():
             problems.append(f"model.name: local folder not found: {name}")
     return problems

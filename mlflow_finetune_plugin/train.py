@@ -72,7 +72,9 @@ def train(recipe, run_id: str) -> None:
     if recipe.data.max_rows:
         train_ds = train_ds.select(range(min(recipe.data.max_rows, len(train_ds))))
     eval_ds = None
-    if recipe.data.eval:
+    if not recipe.eval.enabled:
+        pass
+    elif recipe.data.eval:
         eval_ds, _ = load_training_dataset(recipe.data.eval, recipe.data.format, recipe.data.system_prompt)
     elif recipe.data.eval_split > 0:
         split = train_ds.train_test_split(test_size=recipe.data.eval_split, seed=recipe.train.seed)

@@ -1,0 +1,66 @@
+"""Shared fixtures: a private tiny-model cache for the whole session and a fresh sqlite MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SUPPORT_BOT = REPO / "recipes" / "support-bot"
+
+
+def pytest_configure(config):
+    # One tiny-model build per session, shared with the subprocesses tests start; nothing from the user's cache.
+    if "MLFLOW_FINETUNE_CACHE" not in os.environ:
+        os.environ["MLFLOW_FINETUNE_CACHE"] = tempfile.mkdtemp(prefix="mlflow-finetune-test-cache-")
+    # No hub at run time: fail fast instead of retrying a network that is not there.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch):
+    """A fresh sqlite tracking + registry store; set for this process and inherited by subprocesses."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    from mlflow_finetune_plugin.tiny_model import tiny_model_path
+
+    return tiny_model_path()
+
+
+def write_project(root: Path, recipe_yaml: str, rows: list[dict] | None = None, eval_rows: list[dict] | None = None):
+    """A minimal project folder: finetune.yaml plus data/train.jsonl (and data/eval.jsonl)."""
+    import json
+
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    (root / "finetune.yaml").write_text(recipe_yaml)
+    if rows is not None:
+        (root / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if eval_rows is not None:
+        (root / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    return root
+
+
+def chat_rows(n: int, offset: int = 0) -> list[dict]:
+    """n small, distinct chat rows."""
+    return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
+            for i in range(offset, offset + n)]

@@ -1,0 +1,97 @@
+"""The adapter as an MLflow model: small (base referenced, not copied), reloads to the same logits, and refuses a
+different base instead of answering wrongly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.logged_model import load_logged_model, log_finetuned_model
+from mlflow_finetune_plugin.methods import lora
+from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+
+
+@pytest.fixture
+def trained_adapter(tiny_model_dir):
+    """A LoRA adapter on the tiny model with non-zero (random) updates, so it changes the logits."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = lora.apply(base, lora.Config(r=8, alpha=16, dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _logits(model, tok):
+    enc = tok.apply_chat_template([{"role": "user", "content": "How do I reset my password?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def test_reload_gives_the_same_logits_and_the_base_is_not_copied(tracking_uri, trained_adapter, tiny_model_dir):
+    model, tok = trained_adapter
+    with mlflow.start_run():
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    files = {p.name: p.stat().st_size for p in local.rglob("*") if p.is_file()}
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    base_size = sum(p.stat().st_size for p in Path(tiny_model_dir).glob("*.safetensors"))
+    assert sum(files.values()) < base_size  # the base weights are referenced, not copied
+    assert not any(name == "model.safetensors" for name in files)
+
+    loaded = load_logged_model(local)
+    expected = _logits(model, tok)
+    assert torch.allclose(_logits(loaded.model, loaded.tokenizer), expected, atol=1e-5)
+    with loaded.model.disable_adapter():
+        assert not torch.allclose(_logits(loaded.model, loaded.tokenizer), expected, atol=1e-3)
+
+    # The adapter folder is a plain PEFT folder too.
+    from peft import PeftModel
+
+    adapter_dir = next(p.parent for p in local.rglob("adapter_config.json"))
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir).eval()
+    assert torch.allclose(_logits(plain, tok), expected, atol=1e-5)
+
+    # And the pyfunc answers a chat prompt.
+    pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    answers = pyfunc.predict([{"messages": [{"role": "user", "content": "Hello"}]}], params={"max_new_tokens": 8})
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_a_different_base_is_refused(tracking_uri, trained_adapter, tmp_path, monkeypatch):
+    model, tok = trained_adapter
+    with mlflow.start_run():
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    # Point the tiny-model cache somewhere else and build it with another seed: same name, other weights.
+    from mlflow_finetune_plugin import tiny_model
+
+    monkeypatch.setenv("MLFLOW_FINETUNE_CACHE", str(tmp_path / "other-cache"))
+    other = tiny_model.tiny_model_path()
+    tiny_model.build_tiny_model(tmp_path / "seed1", seed=1)
+    for f in (tmp_path / "seed1").glob("*.safetensors"):
+        (other / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(FinetuneError, match="not the one this adapter was trained on"):
+        load_logged_model(local)
+
+
+def test_mlmodel_records_base_reference_and_requirements(tracking_uri, trained_adapter):
+    model, tok = trained_adapter
+    with mlflow.start_run():
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+    conf = info.flavors["python_function"]["model_config"]
+    assert conf["base_model"] == TINY_MODEL_REF and len(conf["base_digest"]) == 64
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    reqs = (local / "requirements.txt").read_text()
+    assert "peft==" in reqs and "transformers==" in reqs and "mlflow-finetune-plugin" in reqs
+    adapter_config = json.loads(next(local.rglob("adapter_config.json")).read_text())
+    assert adapter_config["peft_type"] == "LORA"
