@@ -49,11 +49,12 @@ def chat_template_hash(tokenizer) -> str:
 def load_logged_model(local_dir: str | Path, device: str | None = None) -> LoadedModel:
     """Load a logged fine-tuned model from its downloaded folder (the one holding MLmodel)."""
     from mlflow.models import Model
+    from mlflow.models.model import MODEL_CONFIG
 
     local_dir = Path(local_dir)
     mlmodel = Model.load(str(local_dir / "MLmodel"))
     pyfunc_conf = mlmodel.flavors["python_function"]
-    config = dict(pyfunc_conf.get("model_config") or {})
+    config = dict(pyfunc_conf.get(MODEL_CONFIG) or {})
     artifacts = {k: local_dir / v for k, v in _artifact_paths(pyfunc_conf).items()}
     return _load(artifacts, config, device)
 

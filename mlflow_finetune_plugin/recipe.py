@@ -73,14 +73,33 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     enabled: bool = True
-    max_examples: int = Field(50, gt=0)
+    max_examples: int = Field(50, gt=0, description="Held-out rows scored after training (the first N).")
     max_new_tokens: int = Field(64, gt=0)
+    fewshot_k: int = Field(3, ge=0, description="Train examples in the few-shot prompt; 0 skips that contender.")
+    output_format: Literal["text", "json"] = Field(
+        "text", description="json: also score `json_valid`, the share of answers that parse (and fit json_schema).")
+    json_schema: dict | None = Field(None, description="JSON Schema the answers must conform to (output_format json).")
 
 
 class RegistryConfig(Section):
+    class Gate(Section):
+        """One promotion gate: the tuned model must beat every contender in `beats` on `metric` by `margin`."""
+
+        metric: str = Field(description="Metric name without prefix: rougeL, token_f1, exact_match, loss, ...")
+        beats: list[str] = Field(
+            ["base", "fewshot", "champion"],
+            description="base | fewshot (same run), champion (holder of the alias being moved), @alias, or a version.")
+        margin: float = Field(0.0, ge=0, description="Absolute improvement required (0: not worse).")
+        mode: Literal["max", "min"] | None = Field(None, description="Default: min for loss/perplexity, else max.")
+
     name: str | None = Field(None, description="Registered model name; default: the project folder's name.")
     enabled: bool = Field(True, description="Register the logged model; false only logs it in the run.")
     alias: str | None = "challenger"
+    champion_alias: str = Field("champion", description="The alias `mlflow-finetune promote` moves.")
+    auto_promote: bool = Field(False, description="Move the champion alias at the end of a run whose gates pass.")
+    promote_if: list[Gate] = Field(
+        default_factory=lambda: [RegistryConfig.Gate(metric="rougeL")],
+        description="Promotion gates; every one must pass.")
 
 
 class _RecipeBase(Section):

@@ -23,3 +23,129 @@ def register(model_uri: str, name: str, tags: dict[str, str], alias: str | None 
 def lineage_tags(**values) -> dict[str, str]:
     """`finetune.<key>` tags, dropping empty values."""
     return {TAG_PREFIX + k: str(v) for k, v in values.items() if v is not None and v != ""}
+
+
+# Lineage every version must carry before it may hold the champion alias (base_revision is absent for local bases).
+REQUIRED_LINEAGE = ("method", "base_model", "dataset_digest", "recipe_hash", "chat_template_hash", "source_run")
+
+
+def get_version(name: str, ref: str):
+    """The version `ref` of `name`: a number ('3', 'v3') or an alias ('@champion', 'champion')."""
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    client = MlflowClient()
+    ref = str(ref).strip()
+    number = ref[1:] if ref[:1] in "vV" and ref[1:].isdigit() else ref
+    try:
+        if number.isdigit():
+            return client.get_model_version(name, number)
+        return client.get_model_version_by_alias(name, ref.lstrip("@"))
+    except MlflowException as e:
+        raise FinetuneError(f"model {name!r} has no version {ref!r}: {e.message}. "
+                            f"List them with `mlflow-finetune models {name}`.") from None
+
+
+def alias_holder(name: str, alias: str):
+    """The version holding `alias`, or None."""
+    aliases = MlflowClient().get_registered_model(name).aliases
+    return MlflowClient().get_model_version(name, str(aliases[alias])) if alias in aliases else None
+
+
+def aliases_by_version(name: str) -> dict[str, list[str]]:
+    """version -> its aliases (search results leave aliases empty, the registered model has them all)."""
+    out: dict[str, list[str]] = {}
+    for alias, version in MlflowClient().get_registered_model(name).aliases.items():
+        out.setdefault(str(version), []).append(alias)
+    return out
+
+
+def list_versions(name: str) -> list:
+    """Every version of `name`, oldest first."""
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    client = MlflowClient()
+    versions = list(client.search_model_versions(f"name = '{name}'", max_results=10_000))
+    if not versions:
+        known = [m.name for m in client.search_registered_models(max_results=100)]
+        raise FinetuneError(f"no registered model named {name!r}. Registered models: {', '.join(known) or 'none'}")
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def source_run_id(version) -> str | None:
+    """The run that trained (and evaluated) this version."""
+    return version.tags.get(TAG_PREFIX + "source_run") or version.run_id
+
+
+def missing_lineage(version) -> list[str]:
+    return [TAG_PREFIX + k for k in REQUIRED_LINEAGE if not version.tags.get(TAG_PREFIX + k)]
+
+
+def run_metrics(run_id: str | None) -> dict[str, float]:
+    return dict(MlflowClient().get_run(run_id).data.metrics) if run_id else {}
+
+
+def source_recipe(run_id: str | None) -> dict | None:
+    """The resolved recipe (`recipe.yaml` artifact) a run was trained with, as plain data; None if it has none."""
+    import tempfile
+
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    if not run_id or "recipe.yaml" not in {a.path for a in MlflowClient().list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="recipe.yaml", dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+
+
+def resolve_model_uri(model_uri: str) -> tuple[str | None, str | None, str | None]:
+    """(registered name, version, source run id) of `models:/NAME/N`, `models:/NAME@ALIAS`, `models:/<model id>`
+    or `runs:/<run id>/path`; name and version are None for unregistered models."""
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    if model_uri.startswith("runs:/"):
+        return None, None, model_uri[len("runs:/"):].split("/", 1)[0]
+    if not model_uri.startswith("models:/"):
+        raise FinetuneError(f"{model_uri!r} is not a model URI; use models:/NAME/VERSION, models:/NAME@ALIAS "
+                            "or runs:/RUN_ID/model")
+    rest = model_uri[len("models:/"):].rstrip("/")
+    if "@" in rest:
+        name, ref = rest.split("@", 1)
+    elif "/" in rest:
+        name, ref = rest.rsplit("/", 1)
+    else:  # a logged model id (models:/m-...)
+        return None, None, mlflow.get_logged_model(rest).source_run_id
+    version = get_version(name, ref if "@" not in rest else "@" + ref)
+    return name, str(version.version), source_run_id(version)
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """A plain-text table; floats get 4 decimals, None shows as '-'."""
+    def cell(v):
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def versions_table(name: str, metrics: list[str]) -> str:
+    """Every version of `name` with its aliases, lineage and its source run's `eval/tuned/<metric>` values."""
+    versions = list_versions(name)  # first: it explains an unknown name
+    aliases = aliases_by_version(name)
+    rows = []
+    for v in versions:
+        values = run_metrics(source_run_id(v))
+        rows.append([v.version, ",".join("@" + a for a in sorted(aliases.get(str(v.version), []))) or "-",
+                     v.tags.get(TAG_PREFIX + "method", "-"), v.tags.get(TAG_PREFIX + "base_model", "-"),
+                     *(values.get(f"eval/tuned/{m}") for m in metrics), (source_run_id(v) or "-")[:12]])
+    return format_table(["version", "aliases", "method", "base", *metrics, "run"], rows)

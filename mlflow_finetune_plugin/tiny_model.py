@@ -73,6 +73,10 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         dtype="float32",
+        # Standard-scale init (about 1/sqrt(hidden)) instead of Llama's 0.02: with tied, frozen embeddings of norm
+        # 0.02*sqrt(128) and the final RMSNorm fixing |h|, logits could never exceed ~2.6, so adapter training on the
+        # random base stalled near uniform loss. At 0.1 the support-bot LoRA loss falls 8.3 -> 4.2 in 100 steps.
+        initializer_range=0.1,
     )
     # fork_rng: seed the init without changing the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):

@@ -15,8 +15,8 @@ def record_failure(run_id: str, exc: BaseException, status: str = "FAILED") -> N
 
     client = MlflowClient()
     message = str(exc) if isinstance(exc, FinetuneError) else f"{type(exc).__name__}: {exc}"
-    if status == "KILLED" and not str(exc):
-        message = "cancelled"
+    if status == "KILLED":
+        message = "cancelled" + (f" ({exc})" if str(exc) else "")
     try:
         client.set_tag(run_id, ERROR_TAG, message[:4900])
         text = message if isinstance(exc, FinetuneError) else "".join(traceback.format_exception(exc))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import signal
 import sys
 from pathlib import Path
@@ -20,9 +19,11 @@ from mlflow_finetune_plugin import paths
 from mlflow_finetune_plugin.callbacks import CheckpointLogger, MlflowMetrics
 from mlflow_finetune_plugin.data import load_training_dataset, mlflow_dataset
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.logged_model import log_finetuned_model
+from mlflow_finetune_plugin.evaluation import comparison_table, conversations, log_evaluation, run_evaluation
+from mlflow_finetune_plugin.logged_model import chat_template_hash, log_finetuned_model
 from mlflow_finetune_plugin.methods import METHODS
 from mlflow_finetune_plugin.models import load_base_model, load_tokenizer, model_reference, torch_dtype
+from mlflow_finetune_plugin.promotion import maybe_auto_promote
 from mlflow_finetune_plugin.recipe import Recipe, flat_params, method_config, recipe_hash, to_yaml
 from mlflow_finetune_plugin.registry import lineage_tags, register
 from mlflow_finetune_plugin.tracking import record_failure
@@ -37,10 +38,12 @@ def run(recipe, run_id: str | None = None) -> int:
         train(recipe, run_id)
     except KeyboardInterrupt as e:
         record_failure(run_id, e, "KILLED")
+        mlflow.end_run("KILLED")  # else MLflow's exit hook would end the active run as FINISHED
         print(f"\nRun {run_id} cancelled.", file=sys.stderr)
         return 130
     except BaseException as e:  # noqa: BLE001 - every failure must end the run, not leave it RUNNING
         record_failure(run_id, e, "FAILED")
+        mlflow.end_run("FAILED")
         if isinstance(e, FinetuneError):
             print(f"Error: {e}", file=sys.stderr)
         else:
@@ -98,10 +101,13 @@ def train(recipe, run_id: str) -> None:
     trainer.train(resume_from_checkpoint=_resume_checkpoint(recipe.train.resume, run_id))
 
     if eval_ds is not None:
-        _log_eval_loss("tuned", trainer.evaluate(metric_key_prefix="final"))
-        if hasattr(trainer.model, "disable_adapter"):
-            with trainer.model.disable_adapter():
-                _log_eval_loss("base", trainer.evaluate(metric_key_prefix="final"))
+        # Base zero-shot, base few-shot and tuned on the held-out split; a full fine-tune needs the base loaded apart.
+        base = load_base_model(recipe.model) if method.ARTIFACT == "full" else None
+        result = run_evaluation(trainer.model, tokenizer, conversations(eval_ds), conversations(train_ds),
+                                recipe.eval, base_model=base)
+        log_evaluation(result)
+        print(comparison_table(result.metrics))
+        del base
 
     tags.update(lineage_tags(base_revision=base_revision))
     info = log_finetuned_model(
@@ -109,7 +115,7 @@ def train(recipe, run_id: str) -> None:
         config={"base_model": base_ref, "base_revision": base_revision, "method": recipe.method,
                 "artifact": method.ARTIFACT},
     )
-    tags.update(lineage_tags(chat_template_hash=info.flavors["python_function"]["model_config"]["chat_template_hash"]))
+    tags.update(lineage_tags(chat_template_hash=chat_template_hash(tokenizer)))
     mlflow.set_tags(tags)
     if recipe.registry.enabled:
         version = register(info.model_uri, recipe.registry.name, tags, recipe.registry.alias)
@@ -117,6 +123,7 @@ def train(recipe, run_id: str) -> None:
                          "finetune.registered_version": version.version})
         alias = f" (alias @{recipe.registry.alias})" if recipe.registry.alias else ""
         print(f"Registered {recipe.registry.name} version {version.version}{alias}")
+        maybe_auto_promote(recipe.registry.name, version.version, recipe)
 
 
 def _trainer(recipe, model, tokenizer, train_ds, eval_ds, run_id):
@@ -175,13 +182,6 @@ def _supports_assistant_masks(tokenizer) -> bool:
           "training on whole conversations. Add the markers to the template for assistant-only loss.",
           file=sys.stderr)
     return False
-
-
-def _log_eval_loss(contender: str, metrics: dict) -> None:
-    loss = metrics.get("final_loss")
-    if loss is not None:
-        mlflow.log_metrics({f"eval/{contender}/loss": loss,
-                            f"eval/{contender}/perplexity": math.exp(min(loss, 50))})
 
 
 def _resume_checkpoint(resume: str | None, current_run: str) -> str | None:

@@ -141,6 +141,7 @@ def test_detach_returns_at_once_and_the_job_ends_its_own_run(tmp_path, tracking_
     # Nobody calls wait(): the supervisor process must end the run by itself.
     _wait_for(lambda: client.get_run(submitted.run_id).info.status != "RUNNING", timeout=300, what="detached run")
     assert client.get_run(submitted.run_id).info.status == "FINISHED"
+    assert submitted.process.wait(timeout=60) == 0  # the supervisor exits once it has checked the run
     from mlflow_finetune_plugin.paths import job_dir
 
     job = json.loads((job_dir(submitted.run_id) / "job.json").read_text())

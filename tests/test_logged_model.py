@@ -88,7 +88,7 @@ def test_mlmodel_records_base_reference_and_requirements(tracking_uri, trained_a
     model, tok = trained_adapter
     with mlflow.start_run():
         info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
-    conf = info.flavors["python_function"]["model_config"]
+    conf = info.flavors["python_function"]["config"]
     assert conf["base_model"] == TINY_MODEL_REF and len(conf["base_digest"]) == 64
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     reqs = (local / "requirements.txt").read_text()

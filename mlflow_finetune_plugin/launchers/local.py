@@ -28,7 +28,7 @@ def launch(cmd: list[str], run_id: str, env: dict, job_dir: Path, detach: bool =
     """Start `cmd` for `run_id`; returns a SubmittedRun. Detached jobs log to `job_dir/job.log`."""
     if detach:
         log = open(job_dir / "job.log", "ab")  # noqa: SIM115 - handed to the child
-        supervisor = [sys.executable, "-m", "mlflow_finetune_plugin.launchers.local", "--run-id", run_id, "--", *cmd]
+        supervisor = [sys.executable, "-m", "mlflow_finetune_plugin.launchers.supervise", "--run-id", run_id, "--", *cmd]
         proc = subprocess.Popen(supervisor, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
@@ -123,30 +123,3 @@ def finalize(run_id: str, returncode: int | None, cancelled: bool = False) -> st
     client.set_tag(run_id, ERROR_TAG, message)
     client.set_terminated(run_id, status)
     return status
-
-
-def _supervise(argv: list[str]) -> int:
-    """Detached mode: run the training command, then make sure its MLflow run ended."""
-    run_id = argv[argv.index("--run-id") + 1]
-    cmd = argv[argv.index("--") + 1:]
-    cancelled = False
-
-    def on_term(signum, frame):
-        nonlocal cancelled
-        cancelled = True  # the child, in our process group, got the same signal
-
-    signal.signal(signal.SIGTERM, on_term)
-    child = subprocess.Popen(cmd)
-    while True:
-        try:
-            returncode = child.wait()
-            break
-        except InterruptedError:
-            continue
-    status = finalize(run_id, returncode, cancelled=cancelled)
-    print(f"Run {run_id} ended {status}", flush=True)
-    return 0 if status == "FINISHED" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_supervise(sys.argv[1:]))

@@ -1,0 +1,383 @@
+"""Evaluation of a fine-tune against the alternatives a user has: the base model zero-shot, the base model few-shot
+(k train examples in the prompt) and the tuned model, on the held-out split.
+
+For each contender: greedy answers (scored by the shipped metric modules, see `metrics.py`) and the loss of the
+reference answer given the prompt (`loss`, `perplexity`, token-weighted). Logged as `eval/<contender>/<metric>`,
+a per-example table and a comparison chart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.metrics import lower_is_better, score
+from mlflow_finetune_plugin.registry import format_table
+
+CONTENDERS = ("base", "fewshot", "tuned")
+# Per-example scores shown in the table (the aggregate of every metric is logged).
+TABLE_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "json_valid")
+CHART_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "bleu", "json_valid")
+TABLE_FILE, CHART_FILE, SHOTS_FILE = "eval/examples.json", "eval/comparison.png", "eval/fewshot_examples.json"
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]                  # "eval/<contender>/<metric>" -> value, plus "eval/n_examples"
+    rows: list[dict]                           # one per example: prompt, reference, answers, scores
+    contenders: list[str] = field(default_factory=list)
+    fewshot_examples: list[list[dict]] = field(default_factory=list)
+    data_digest: str = ""                      # of the prompts and references scored
+
+
+def text_of(content) -> str:
+    """Message content as text (chat UIs send a list of parts)."""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text")
+
+
+def split_conversation(messages: list[dict]) -> tuple[list[dict], str] | None:
+    """(prompt, reference): every message before the last assistant message, and that message's text."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "assistant":
+            return [dict(m) for m in messages[:i]], text_of(messages[i].get("content"))
+    return None
+
+
+def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
+    """The prompt with `shots` (whole conversations) as earlier turns, after the prompt's system message(s)."""
+    system = [m for m in prompt if m.get("role") == "system"]
+    turns = [m for shot in shots for m in shot if m.get("role") != "system"]
+    return system + turns + [m for m in prompt if m.get("role") != "system"]
+
+
+def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train_conversations: list[list[dict]],
+                   cfg, base_model=None) -> EvalResult:
+    """Score base zero-shot, base few-shot and tuned on the first `cfg.max_examples` eval conversations (greedy).
+
+    `model` is a PeftModel (the base is the same weights with the adapter disabled) or a full model with
+    `base_model` given; with neither there is no base to compare and only `tuned` is scored.
+    """
+    examples = [pair for conv in eval_conversations if (pair := split_conversation(conv)) and pair[0]]
+    examples = examples[: cfg.max_examples]
+    if not examples:
+        raise FinetuneError("evaluation: no held-out conversation has a prompt followed by an assistant answer; "
+                            "each eval row needs at least a user message and the assistant's reply")
+    base = _base_context(model, base_model)
+    if base is None:
+        print("Evaluation: a full model without its base model given; scoring the tuned model only.")
+    shots = _pick_shots(train_conversations, cfg.fewshot_k, {json.dumps(p) for p, _ in examples})
+    limit = _context_limit(model, tokenizer) - cfg.max_new_tokens
+    runs = {"tuned": (contextlib.nullcontext(model), [p for p, _ in examples])}
+    if base is not None:
+        runs["base"] = (base, [p for p, _ in examples])
+        if shots:
+            runs["fewshot"] = (_base_context(model, base_model),
+                               [_fit(tokenizer, fewshot_prompt(p, shots), p, shots, limit) for p, _ in examples])
+    references = [ref for _, ref in examples]
+    metrics: dict[str, float] = {"eval/n_examples": float(len(examples))}
+    rows = [{"system": "\n".join(text_of(m["content"]) for m in p if m.get("role") == "system"),
+             "prompt": _render(p), "reference": ref} for p, ref in examples]
+    contenders = [c for c in CONTENDERS if c in runs]
+    for name in contenders:
+        context, prompts = runs[name]
+        with context as contender:
+            answers, nll, n_tokens = _answer_all(contender, tokenizer, prompts, references, cfg, name)
+        structured = cfg.output_format == "json" or cfg.json_schema is not None
+        totals, per_example = score(answers, references, cfg.json_schema, structured)
+        loss = nll / max(n_tokens, 1)
+        totals.update(loss=loss, perplexity=math.exp(min(loss, 50.0)))
+        metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
+        for i, row in enumerate(rows):
+            row[f"{name}_answer"] = answers[i]
+            row.update({f"{name}_{m}": per_example[m][i] for m in TABLE_METRICS if m in per_example})
+    digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:12]
+    return EvalResult(metrics, rows, contenders, shots if "fewshot" in runs else [], digest)
+
+
+def log_evaluation(result: EvalResult) -> None:
+    """Log metrics, the per-example table, the few-shot examples and the comparison chart into the active run."""
+    import mlflow
+    import pandas as pd
+
+    run = mlflow.active_run()
+    if run is None:
+        raise FinetuneError("log_evaluation needs an active MLflow run (mlflow.start_run())")
+    mlflow.log_metrics(result.metrics)
+    mlflow.set_tag("finetune.eval_data_digest", result.data_digest)
+    # log_table appends to an existing file: a second evaluation in the same run gets its own file.
+    mlflow.log_table(pd.DataFrame(result.rows), _free_name(run.info.run_id, TABLE_FILE))
+    if result.fewshot_examples:
+        mlflow.log_dict({"examples": result.fewshot_examples}, SHOTS_FILE)
+    mlflow.log_figure(comparison_figure(result.metrics), CHART_FILE)
+
+
+def comparison_table(metrics: dict[str, float]) -> str:
+    """Metrics side by side per contender; `*` marks the best value of each row (none on a tie)."""
+    contenders = [c for c in CONTENDERS if any(k.startswith(f"eval/{c}/") for k in metrics)]
+    names = list(dict.fromkeys(k.split("/", 2)[2] for k in metrics if k.count("/") == 2))
+    rows = []
+    for m in names:
+        values = [metrics.get(f"eval/{c}/{m}") for c in contenders]
+        known = [v for v in values if v is not None]
+        best = (min if lower_is_better(m) else max)(known) if len(set(known)) > 1 else None
+        rows.append([m, *(None if v is None else f"{v:.4f}{' *' if v == best else ''}" for v in values)])
+    return format_table(["metric", *contenders], rows)
+
+
+def comparison_figure(metrics: dict[str, float]):
+    """Grouped bars of the [0, 1] scores and of the reference loss, one colour per contender."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    contenders = [c for c in CONTENDERS if any(k.startswith(f"eval/{c}/") for k in metrics)]
+    names = [m for m in CHART_METRICS if any(f"eval/{c}/{m}" in metrics for c in contenders)]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_scores, ax_loss = fig.subplots(1, 2, width_ratios=[4, 1])
+    width = 0.8 / max(len(contenders), 1)
+    for i, c in enumerate(contenders):
+        xs = [j + i * width for j in range(len(names))]
+        bars = ax_scores.bar(xs, [metrics.get(f"eval/{c}/{m}", 0.0) for m in names], width, label=c)
+        ax_scores.bar_label(bars, fmt="%.2f", fontsize=7)
+        bars = ax_loss.bar([i], [metrics.get(f"eval/{c}/loss", 0.0)], 0.8, label=c)
+        ax_loss.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax_scores.set_xticks([j + width * (len(contenders) - 1) / 2 for j in range(len(names))], names)
+    ax_scores.set_ylim(0, 1)
+    ax_scores.set_title("answer quality (higher is better)", fontsize="medium")
+    ax_scores.legend()
+    ax_loss.set_xticks(range(len(contenders)), contenders)
+    ax_loss.set_title("loss (lower is better)", fontsize="medium")
+    return fig
+
+
+def _base_context(model, base_model):
+    """A context giving the base model, or None when there is none to compare against."""
+    if base_model is not None:
+        return contextlib.nullcontext(base_model)
+    if hasattr(model, "disable_adapter"):
+        return _adapter_disabled(model)
+    return None
+
+
+@contextlib.contextmanager
+def _adapter_disabled(model):
+    with model.disable_adapter():
+        yield model
+
+
+def _answer_all(model, tokenizer, prompts, references, cfg, name):
+    """Greedy answers to every prompt and the summed NLL of every reference, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from mlflow_finetune_plugin.logged_model import LoadedModel, generate
+
+    was_training = model.training
+    model.eval()
+    loaded = LoadedModel(model, tokenizer, {})
+    answers, nll, n_tokens = [], 0.0, 0
+    try:
+        for prompt, reference in tqdm(list(zip(prompts, references)), desc=f"eval {name}", unit="example"):
+            answers.append(generate(loaded, prompt, max_new_tokens=cfg.max_new_tokens, temperature=0.0))
+            total, count = _reference_nll(model, tokenizer, prompt, reference)
+            nll, n_tokens = nll + total, n_tokens + count
+    finally:
+        model.train(was_training)
+    return answers, nll, n_tokens
+
+
+def _reference_nll(model, tokenizer, prompt: list[dict], reference: str) -> tuple[float, int]:
+    """Summed negative log-likelihood of the reference answer's tokens (and the template's end of turn)."""
+    import torch
+
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reference}], tokenize=False)
+    # Templates that render the last turn differently (e.g. strip reasoning) fall back to the answer + EOS.
+    completion = (full_text[len(prompt_text):] if full_text.startswith(prompt_text)
+                  else reference + (tokenizer.eos_token or ""))
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if not prompt_ids or not completion_ids:
+        return 0.0, 0
+    ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
+    labels = ids.clone()
+    labels[0, : len(prompt_ids)] = -100
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss
+    return float(loss) * len(completion_ids), len(completion_ids)
+
+
+def _pick_shots(train_conversations, k: int, exclude: set[str]) -> list[list[dict]]:
+    """k train conversations (seeded, so every run of a recipe sees the same), none equal to an eval prompt."""
+    if k <= 0:
+        return []
+    pool = [conv for conv in train_conversations
+            if (pair := split_conversation(conv)) and pair[0] and json.dumps(pair[0]) not in exclude]
+    return random.Random(0).sample(pool, min(k, len(pool)))
+
+
+def _fit(tokenizer, messages, prompt, shots, limit: int) -> list[dict]:
+    """Drop shots until the few-shot prompt leaves room for the answer in the model's context."""
+    while shots and _n_tokens(tokenizer, messages) > limit:
+        shots = shots[:-1]
+        messages = fewshot_prompt(prompt, shots)
+    return messages
+
+
+def _n_tokens(tokenizer, messages) -> int:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _context_limit(model, tokenizer) -> int:
+    config = getattr(model, "config", None)
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    return min((n for n in limits if isinstance(n, int) and 0 < n < 10**8), default=4096)
+
+
+def _render(prompt: list[dict]) -> str:
+    turns = [m for m in prompt if m.get("role") != "system"]
+    if len(turns) == 1:
+        return text_of(turns[0].get("content"))
+    return "\n".join(f"{m.get('role')}: {text_of(m.get('content'))}" for m in turns)
+
+
+def _free_name(run_id: str, path: str) -> str:
+    """`path`, or `<stem>-2<suffix>`, ... when the run already has an artifact there."""
+    import mlflow
+
+    folder, _, file = path.rpartition("/")
+    stem, dot, suffix = file.rpartition(".")
+    taken = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder or None)}
+    n, candidate = 1, path
+    while candidate in taken:
+        n += 1
+        candidate = f"{folder}/{stem}-{n}{dot}{suffix}" if folder else f"{stem}-{n}{dot}{suffix}"
+    return candidate
+
+
+def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str | None = None,
+                       run_id: str | None = None, **overrides) -> tuple[EvalResult, str]:
+    """Evaluate a logged model (e.g. `models:/support-bot@challenger`) and log into `run_id` or a new run.
+
+    Data and eval settings default to the recipe of the model's source run; `overrides` are EvalConfig fields.
+    Returns the result and the run id it was logged in.
+    """
+    import mlflow
+
+    from mlflow_finetune_plugin.logged_model import load_logged_model
+    from mlflow_finetune_plugin.recipe import EvalConfig
+    from mlflow_finetune_plugin.registry import resolve_model_uri, source_recipe
+
+    name, version, source_run = resolve_model_uri(model_uri)
+    recipe = source_recipe(source_run) or {}
+    data_cfg = recipe.get("data") or {}
+    try:
+        cfg = EvalConfig.model_validate({**(recipe.get("eval") or {}),
+                                         **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as e:
+        raise FinetuneError(f"evaluation settings: {e}") from None
+    eval_convs = _eval_conversations(data, recipe, source_run)
+    train_path = train_data or data_cfg.get("train")
+    train_convs = []
+    if cfg.fewshot_k and train_path and _exists(train_path):
+        train_convs = read_conversations(train_path, data_cfg.get("system_prompt"))
+    elif cfg.fewshot_k:
+        print(f"No train data for few-shot examples ({train_path or 'none recorded'}); pass --train FILE. "
+              "Skipping the few-shot contender.")
+    loaded = load_logged_model(mlflow.artifacts.download_artifacts(model_uri))
+    base_model = None
+    if not hasattr(loaded.model, "disable_adapter") and loaded.config.get("base_model"):
+        from transformers import AutoModelForCausalLM
+
+        from mlflow_finetune_plugin.models import resolve_model_path
+
+        base_model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(loaded.config["base_model"]), revision=loaded.config.get("base_revision"),
+            dtype=loaded.model.dtype).to(loaded.model.device)
+    result = run_evaluation(loaded.model, loaded.tokenizer, eval_convs, train_convs, cfg, base_model=base_model)
+    experiment_id = mlflow.MlflowClient().get_run(source_run).info.experiment_id if source_run and not run_id else None
+    label = f"{name} v{version}" if name else model_uri
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
+                          run_name=None if run_id else f"eval {label}") as run:
+        mlflow.set_tags({"finetune.evaluated_model": model_uri, **(
+            {"finetune.evaluated_name": name, "finetune.evaluated_version": version} if name else {})})
+        log_evaluation(result)
+    return result, run.info.run_id
+
+
+def read_conversations(path: str, system_prompt: str | None = None) -> list[list[dict]]:
+    """Chat conversations from a JSONL/JSON file of `messages`, `prompt`/`completion` or alpaca rows."""
+    from pathlib import Path
+
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        rows = [(i + 1, r) for i, r in enumerate(json.loads(text))]
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except ValueError as e:
+                    raise FinetuneError(f"{path}:{n}: not valid JSON ({e})") from None
+    convs = [to_messages(row, f"{path}:{n}") for n, row in rows]
+    if system_prompt:
+        convs = [c if c and c[0].get("role") == "system" else [{"role": "system", "content": system_prompt}, *c]
+                 for c in convs]
+    return convs
+
+
+def conversations(rows) -> list[list[dict]]:
+    """Chat conversations from dataset rows (a `datasets.Dataset` or dicts) of any supported format."""
+    return [to_messages(row, f"row {i}") for i, row in enumerate(rows)]
+
+
+def to_messages(row, where: str = "row") -> list[dict]:
+    """One row as a conversation: `messages`, `prompt`/`completion`, `prompt`/`chosen` (preference data is
+    scored against the chosen answer) or alpaca `instruction`/`input`/`output`."""
+    def turns(value, role):
+        return [dict(m) for m in value] if isinstance(value, list) else [{"role": role, "content": value}]
+
+    if isinstance(row, dict) and isinstance(row.get("messages"), list):
+        return [dict(m) for m in row["messages"]]
+    answer = next((k for k in ("completion", "chosen") if isinstance(row, dict) and k in row), None)
+    if answer and "prompt" in row:
+        return turns(row["prompt"], "user") + turns(row[answer], "assistant")
+    if isinstance(row, dict) and "instruction" in row and "output" in row:
+        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    raise FinetuneError(f"{where}: expected a chat row ({{'messages': [...]}}), prompt/completion, "
+                        "prompt/chosen or instruction/output")
+
+
+def _eval_conversations(data: str | None, recipe: dict, source_run: str | None) -> list[list[dict]]:
+    """--data, else the source run's eval file, else its held-out split of the train file rebuilt (same seed)."""
+    data_cfg = recipe.get("data") or {}
+    system_prompt = data_cfg.get("system_prompt")
+    if data:
+        return read_conversations(data, system_prompt)
+    recorded = data_cfg.get("eval")
+    if recorded and _exists(recorded):
+        return read_conversations(recorded, system_prompt)
+    train, split = data_cfg.get("train"), data_cfg.get("eval_split") or 0
+    if not recorded and split > 0 and train and _exists(train):
+        from datasets import Dataset
+
+        convs = read_conversations(train, system_prompt)[: data_cfg.get("max_rows") or None]
+        seed = (recipe.get("train") or {}).get("seed", 42)
+        held_out = Dataset.from_dict({"i": list(range(len(convs)))}).train_test_split(test_size=split, seed=seed)
+        return [convs[i] for i in held_out["test"]["i"]]
+    where = f"run {source_run}" if source_run else "this model"
+    raise FinetuneError(f"no eval data: {where} records {recorded or 'no eval file'}"
+                        f"{' (not on this machine)' if recorded else ''}. Pass --data path/to/eval.jsonl")
+
+
+def _exists(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_file()

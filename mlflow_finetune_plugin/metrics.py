@@ -1,0 +1,57 @@
+"""Answer-quality metrics through the `evaluate` API, from modules shipped in `assets/metrics/` (loaded by path).
+
+The hub's metric modules need a network; these small scripts do not (`rouge_score` and `sacrebleu` do the
+arithmetic) and every one returns per-example scores too, for the per-example table.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+METRICS_DIR = Path(__file__).resolve().parent / "assets" / "metrics"
+
+# Metric name -> the shipped module that computes it.
+TEXT_METRICS = {"exact_match": "exact_match", "token_f1": "token_f1", "rouge1": "rouge", "rouge2": "rouge",
+                "rougeL": "rouge", "chrf": "chrf", "bleu": "bleu"}
+STRUCTURED_METRICS = {"json_valid": "json_valid"}
+# Where lower is better; every other metric is better higher.
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def metric_path(module: str) -> str:
+    """Absolute path of a shipped metric module's folder (what `evaluate.load` is given)."""
+    return str(METRICS_DIR / module)
+
+
+@functools.cache
+def load_metric(module: str):
+    """`evaluate.load` of a shipped module, by local path; cached per process."""
+    import evaluate
+
+    return evaluate.load(metric_path(module), keep_in_memory=True)
+
+
+def score(predictions: list[str], references: list[str], json_schema: dict | None = None,
+          structured: bool = False) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Aggregate scores and per-example scores of `predictions` against `references`, every value in [0, 1]."""
+    totals: dict[str, float] = {}
+    per_example: dict[str, list[float]] = {}
+    if not predictions:
+        return totals, per_example
+    outputs = [load_metric(m).compute(predictions=predictions, references=references, per_example=True)
+               for m in dict.fromkeys(TEXT_METRICS.values())]
+    if structured:
+        outputs.append(load_metric("json_valid").compute(predictions=predictions, schema=json_schema,
+                                                         per_example=True))
+    for out in outputs:
+        for key, value in out.items():
+            if key.endswith("_per_example"):
+                per_example[key.removesuffix("_per_example")] = [float(v) for v in value]
+            else:
+                totals[key] = float(value)
+    return totals, per_example
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in LOWER_IS_BETTER

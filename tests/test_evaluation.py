@@ -1,0 +1,269 @@
+"""Evaluation: the shipped metric modules against hand-computed values, and the three contenders scored from real
+generations of the tiny model (no pinned numbers), logged to MLflow and re-run on a registered version."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import chat_rows
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mlflow_finetune_plugin.cli import main
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.evaluation import (
+    comparison_table,
+    conversations,
+    fewshot_prompt,
+    read_conversations,
+    run_evaluation,
+    split_conversation,
+)
+from mlflow_finetune_plugin.logged_model import LoadedModel, generate, log_finetuned_model
+from mlflow_finetune_plugin.methods import lora
+from mlflow_finetune_plugin.metrics import TEXT_METRICS, load_metric
+from mlflow_finetune_plugin.recipe import EvalConfig
+from mlflow_finetune_plugin.registry import lineage_tags, missing_lineage, register
+from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+
+# --- the shipped metric modules, by hand ---------------------------------------------------------------------
+
+
+def test_exact_match():
+    em = load_metric("exact_match")
+    out = em.compute(predictions=["Paris ", "london", "a  b"], references=["Paris", "London", "a b"], per_example=True)
+    assert out == {"exact_match": pytest.approx(2 / 3), "exact_match_per_example": [1.0, 0.0, 1.0]}
+    assert em.compute(predictions=["london"], references=["London"], ignore_case=True)["exact_match"] == 1.0
+
+
+def test_token_f1():
+    f1 = load_metric("token_f1")
+    # [cat, sat] vs [cat, sat, down] (articles dropped): P=1, R=2/3 -> F1=0.8
+    out = f1.compute(predictions=["the cat sat", "", "dog"], references=["a cat sat down", "", "cat"], per_example=True)
+    assert out["token_f1_per_example"] == pytest.approx([0.8, 1.0, 0.0])
+    assert out["token_f1"] == pytest.approx(0.6)
+
+
+def test_rouge():
+    rouge = load_metric("rouge")
+    out = rouge.compute(predictions=["the cat sat"], references=["a cat sat down"])
+    # LCS "cat sat" = 2: P=2/3, R=2/4 -> F=4/7. Unigrams the same; bigram "cat sat" 1: P=1/2, R=1/3 -> F=2/5.
+    assert out["rougeL"] == pytest.approx(4 / 7)
+    assert out["rouge1"] == pytest.approx(4 / 7)
+    assert out["rouge2"] == pytest.approx(2 / 5)
+
+
+def test_chrf():
+    chrf = load_metric("chrf")
+    # Character unigrams only: "aa" vs "ab": P=R=1/2 -> 0.5; "ab" vs "abcd": P=1, R=1/2 -> F2 = 5PR/(4P+R) = 5/9.
+    out = chrf.compute(predictions=["aa", "ab"], references=["ab", "abcd"], char_order=1, per_example=True)
+    assert out["chrf_per_example"] == pytest.approx([0.5, 5 / 9])
+    assert chrf.compute(predictions=["hello world"], references=["hello world"])["chrf"] == pytest.approx(1.0)
+
+
+def test_bleu():
+    bleu = load_metric("bleu")
+    # Matches 5/6, 3/5, 2/4, 1/3 for n=1..4, same length (no brevity penalty): (1/12) ** (1/4).
+    out = bleu.compute(predictions=["the cat sat on the mat"], references=["the cat sat on a mat"])
+    assert out["bleu"] == pytest.approx((1 / 12) ** 0.25)
+
+
+@pytest.mark.parametrize("without_jsonschema", [False, True])
+def test_json_valid(monkeypatch, without_jsonschema):
+    if without_jsonschema:  # the module's built-in subset of JSON Schema
+        monkeypatch.setitem(sys.modules, "jsonschema", None)
+    jv = load_metric("json_valid")
+    answers = ['{"a": 1}', "a: 1", '```json\n{"a": 2}\n```', '{"b": 1}', '{"a": "x"}']
+    assert jv.compute(predictions=answers)["json_valid"] == pytest.approx(4 / 5)
+    schema = {"type": "object", "required": ["a"], "properties": {"a": {"type": "integer"}}}
+    out = jv.compute(predictions=answers, schema=schema, per_example=True)
+    assert out["json_valid_per_example"] == [1.0, 0.0, 1.0, 0.0, 0.0]
+
+
+# --- the contenders, from real generations ----------------------------------------------------------------------
+
+
+def test_prompt_and_reference_and_fewshot_layout():
+    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    prompt, ref = split_conversation(conv)
+    assert prompt == conv[:2] and ref == "a"
+    shot = [{"role": "system", "content": "other"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"}]
+    assert [m["content"] for m in fewshot_prompt(prompt, [shot])] == ["S", "q1", "a1", "q"]
+    assert split_conversation([{"role": "user", "content": "q"}]) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_model_dir):
+    """A LoRA on the tiny model with random (non-zero) updates, so tuned and base answer differently."""
+    torch.manual_seed(0)
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora.Config(r=8, alpha=16, dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _convs(rows):
+    return [r["messages"] for r in rows]
+
+
+def test_three_contenders_scored_from_real_generations(tiny_lora):
+    model, tok = tiny_lora
+    evals, train = _convs(chat_rows(3)), _convs(chat_rows(4, offset=10))
+    # A row whose reference is exactly what the tuned model answers: its exact match must be 1.
+    prompt = [{"role": "user", "content": "Say something."}]
+    answer = generate(LoadedModel(model, tok, {}), prompt, max_new_tokens=6)
+    evals.append(prompt + [{"role": "assistant", "content": answer}])
+    cfg = EvalConfig(max_examples=4, max_new_tokens=6, fewshot_k=2)
+
+    result = run_evaluation(model, tok, evals, train, cfg)
+
+    assert result.contenders == ["base", "fewshot", "tuned"]
+    for c in result.contenders:
+        for m in TEXT_METRICS:
+            assert 0.0 <= result.metrics[f"eval/{c}/{m}"] <= 1.0, (c, m)
+        loss = result.metrics[f"eval/{c}/loss"]
+        assert loss > 0 and result.metrics[f"eval/{c}/perplexity"] == pytest.approx(math.exp(loss))
+    assert result.metrics["eval/tuned/loss"] != result.metrics["eval/base/loss"]
+    assert result.metrics["eval/n_examples"] == 4
+    assert len(result.fewshot_examples) == 2
+
+    loaded = LoadedModel(model, tok, {})
+    for conv, row in zip(evals, result.rows):
+        p, ref = split_conversation(conv)
+        assert row["reference"] == ref
+        assert row["tuned_answer"] == generate(loaded, p, max_new_tokens=6)
+        with model.disable_adapter():
+            assert row["base_answer"] == generate(loaded, p, max_new_tokens=6)
+            assert row["fewshot_answer"] == generate(loaded, fewshot_prompt(p, result.fewshot_examples),
+                                                     max_new_tokens=6)
+        for c in result.contenders:
+            assert 0.0 <= row[f"{c}_token_f1"] <= 1.0
+    assert result.rows[-1]["tuned_exact_match"] == 1.0
+    assert "json_valid" not in "".join(result.metrics)
+
+
+def test_structured_output_scores_json_validity(tiny_lora):
+    model, tok = tiny_lora
+    cfg = EvalConfig(max_examples=2, max_new_tokens=4, fewshot_k=0, output_format="json",
+                     json_schema={"type": "object"})
+    result = run_evaluation(model, tok, _convs(chat_rows(2)), [], cfg)
+    assert result.contenders == ["base", "tuned"]  # fewshot_k 0: no few-shot contender
+    assert 0.0 <= result.metrics["eval/tuned/json_valid"] <= 1.0
+    assert "tuned_json_valid" in result.rows[0]
+
+
+def test_full_model_needs_its_base_given(tiny_lora, tiny_model_dir):
+    _, tok = tiny_lora
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    cfg = EvalConfig(max_examples=1, max_new_tokens=3, fewshot_k=1)
+    assert run_evaluation(full, tok, _convs(chat_rows(1)), _convs(chat_rows(2, 5)), cfg).contenders == ["tuned"]
+    both = run_evaluation(full, tok, _convs(chat_rows(1)), _convs(chat_rows(2, 5)), cfg, base_model=full)
+    assert both.contenders == ["base", "fewshot", "tuned"]
+    assert both.metrics["eval/base/loss"] == pytest.approx(both.metrics["eval/tuned/loss"])
+
+
+def test_logged_metrics_table_and_chart(tracking_uri, tiny_lora):
+    from mlflow_finetune_plugin.evaluation import log_evaluation
+
+    model, tok = tiny_lora
+    cfg = EvalConfig(max_examples=2, max_new_tokens=4, fewshot_k=1)
+    result = run_evaluation(model, tok, _convs(chat_rows(2)), _convs(chat_rows(3, 7)), cfg)
+    with mlflow.start_run() as run:
+        log_evaluation(result)
+        log_evaluation(result)  # a second evaluation in the same run keeps its own table
+    client = mlflow.MlflowClient()
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["eval/fewshot/rougeL"] == result.metrics["eval/fewshot/rougeL"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/examples.json", "eval/examples-2.json", "eval/comparison.png",
+            "eval/fewshot_examples.json"} <= artifacts
+    table = mlflow.load_table("eval/examples.json", run_ids=[run.info.run_id])
+    assert list(table["tuned_answer"]) == [r["tuned_answer"] for r in result.rows]
+    text = comparison_table(result.metrics)
+    assert "rougeL" in text and "fewshot" in text
+
+
+def test_no_scorable_rows_is_a_clear_error(tiny_lora):
+    model, tok = tiny_lora
+    with pytest.raises(FinetuneError, match="assistant"):
+        run_evaluation(model, tok, [[{"role": "user", "content": "q"}]], [], EvalConfig())
+
+
+def test_read_conversations_formats(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {"prompt": "c", "completion": "d"},
+        {"instruction": "e", "input": "f", "output": "g"},
+        {"prompt": [{"role": "user", "content": "h"}], "chosen": [{"role": "assistant", "content": "i"}],
+         "rejected": [{"role": "assistant", "content": "j"}]},
+    ]))
+    convs = read_conversations(str(path), system_prompt="S")
+    assert [split_conversation(c)[1] for c in convs] == ["b", "d", "g", "i"]
+    assert all(c[0] == {"role": "system", "content": "S"} for c in convs)
+    assert conversations([{"prompt": "c", "completion": "d"}]) == [convs[1][1:]]
+    with pytest.raises(FinetuneError, match="row 0: expected a chat row"):
+        conversations([{"text": "x"}])
+
+
+# --- a registered version, through the CLI ----------------------------------------------------------------------
+
+
+def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_lora, tmp_path):
+    model, tok = tiny_lora
+    eval_file, train_file = tmp_path / "eval.jsonl", tmp_path / "train.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(2)))
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(3, 20)))
+    recipe_yaml = {"data": {"train": str(train_file), "eval": str(eval_file)},
+                   "eval": {"max_examples": 2, "max_new_tokens": 4, "fewshot_k": 1},
+                   "registry": {"promote_if": [{"metric": "exact_match", "beats": ["champion"]}]}}
+    with mlflow.start_run() as src:
+        mlflow.log_dict(recipe_yaml, "recipe.yaml")
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+        tags = lineage_tags(method="lora", base_model=TINY_MODEL_REF, dataset_digest="d1", recipe_hash="r1",
+                            chat_template_hash="c1", source_run=src.info.run_id)
+        version = register(info.model_uri, "bot", tags)
+    assert missing_lineage(version) == []
+    runner = CliRunner()
+
+    # Into a new run, with the data recorded in the source run's recipe.
+    out = runner.invoke(main, ["evaluate", "models:/bot@challenger"])
+    assert out.exit_code == 0, out.output
+    assert "fewshot" in out.output and "rougeL" in out.output
+    new_run = out.output.strip().split("Logged to run ")[1].split()[0]
+    assert new_run != src.info.run_id
+    assert "eval/tuned/rougeL" in mlflow.MlflowClient().get_run(new_run).data.metrics
+
+    # Promotion reads the source run: before it is evaluated there, it refuses and names what is missing.
+    out = runner.invoke(main, ["promote", "bot", "--version", "1"])
+    assert out.exit_code == 1 and "eval/tuned/exact_match" in out.output
+
+    out = runner.invoke(main, ["evaluate", "models:/bot/1", "--run-id", src.info.run_id, "--data", str(eval_file),
+                               "--max-examples", "1"])
+    assert out.exit_code == 0, out.output
+    src_metrics = mlflow.MlflowClient().get_run(src.info.run_id).data.metrics
+    assert src_metrics["eval/n_examples"] == 1
+
+    out = runner.invoke(main, ["promote", "bot", "--version", "@challenger"])
+    assert out.exit_code == 0, out.output
+    assert "no @champion yet" in out.output
+    assert str(mlflow.MlflowClient().get_model_version_by_alias("bot", "champion").version) == "1"
+
+    out = runner.invoke(main, ["models", "bot", "--metric", "rougeL"])
+    assert out.exit_code == 0, out.output
+    line = next(x for x in out.output.splitlines() if x.startswith("1 "))
+    assert "@champion" in line and "@challenger" in line
+    assert f"{src_metrics['eval/tuned/rougeL']:.4f}" in line
+
+    # An unregistered logged model (models:/<model id>) works too, its source run found from the model.
+    out = runner.invoke(main, ["evaluate", info.model_uri, "--max-examples", "1", "--fewshot-k", "0"])
+    assert out.exit_code == 0, out.output
+    assert "fewshot" not in out.output and "tuned" in out.output
