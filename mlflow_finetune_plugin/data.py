@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,20 +16,13 @@ from mlflow_finetune_plugin.errors import FinetuneError
 FORMATS = ("chat", "alpaca", "prompt_completion", "preference")
 ROLES = ("system", "user", "assistant", "tool")
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
-# Keys whose presence names a format, and how the format is described to a user who got it wrong.
-_SIGNATURES = {
-    "chat": ("messages",),
-    "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "preference": ("chosen", "rejected"),
-}
-_EXPECTED = {
-    "chat": "messages (a list of {role, content})",
-    "alpaca": "instruction, output (input optional)",
-    "prompt_completion": "prompt, completion (strings or message lists)",
-    "preference": "prompt, chosen, rejected (or chosen/rejected as full message lists)",
-}
+# The keys that name each format, and how the format is described to a user whose rows fit none.
+_KEYS = {"chat": (("messages",), "messages (a list of {role, content})"),
+         "alpaca": (("instruction", "output"), "instruction, output (input optional)"),
+         "prompt_completion": (("prompt", "completion"), "prompt, completion (strings or message lists)"),
+         "preference": (("chosen", "rejected"), "prompt, chosen, rejected (or chosen/rejected as message lists)")}
 _CHAT_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")
+_BLANK = re.compile(r"[ \t\r\n]*")
 _MAX_LISTED = 20
 _DETECT_ROWS = 200
 
@@ -159,35 +154,25 @@ def _read_json(text: str, name: str) -> tuple[list[tuple[int, dict]], list[DataI
 
 def _item_lines(text: str, data_key: bool) -> list[int]:
     """Line where each item of the top-level array (or of the "data" array) starts; the text is valid JSON."""
-    dec = json.JSONDecoder()
+    raw_decode = json.JSONDecoder().raw_decode
 
-    def ws(i):
-        while i < len(text) and text[i] in " \t\r\n\ufeff":
+    def ws(i):  # index of the next non-blank character
+        return _BLANK.match(text, i).end()
+
+    i = ws(0) + 1
+    while data_key:  # walk the object's members up to "data"
+        key, i = raw_decode(text, ws(i))
+        i = ws(ws(i) + 1)  # past ':'
+        if key == "data":
             i += 1
-        return i
-
-    i = ws(0)
-    if data_key:  # walk the object's members until "data"
-        i = ws(i + 1)
-        while True:
-            key, i = dec.raw_decode(text, i)
-            i = ws(ws(i) + 1)  # past ':'
-            if key == "data":
-                break
-            _, i = dec.raw_decode(text, i)
-            i = ws(ws(i) + 1)  # past ','
-    starts, i = [], ws(i + 1)
+            break
+        i = ws(raw_decode(text, i)[1]) + 1  # past ','
+    lines, line, prev, i = [], 1, 0, ws(i)
     while text[i] != "]":
-        starts.append(i)
-        _, i = dec.raw_decode(text, i)
-        i = ws(i)
-        if text[i] == ",":
-            i = ws(i + 1)
-    lines, line, prev = [], 1, 0
-    for s in starts:
-        line += text.count("\n", prev, s)
-        prev = s
+        line, prev = line + text.count("\n", prev, i), i
         lines.append(line)
+        i = ws(raw_decode(text, i)[1])
+        i = ws(i + 1) if text[i] == "," else i
     return lines
 
 
@@ -205,10 +190,8 @@ def _read_csv(text: str, name: str) -> list[tuple[int, dict]]:
         for key in _CHAT_FIELDS:  # CSV cells can only hold text: message lists arrive as JSON arrays
             value = row.get(key)
             if isinstance(value, str) and value.lstrip().startswith("["):
-                try:
+                with contextlib.suppress(json.JSONDecodeError):
                     row[key] = json.loads(value)
-                except json.JSONDecodeError:
-                    pass
         records.append((idx + 2, row))
     return records
 
@@ -234,28 +217,26 @@ def _read_parquet(p: Path, name: str) -> list[tuple[int, dict]]:
 
 def detect_format(records, path) -> str:
     """The one format the rows' keys name; DataError (keys found vs. keys expected) when unknown or ambiguous."""
-    single, ambiguous = Counter(), []
-    first_line = {}
+    single, ambiguous, first_line = Counter(), [], {}
     for line, rec in records[:_DETECT_ROWS]:
-        found = [f for f, keys in _SIGNATURES.items() if all(k in rec for k in keys)]
+        found = [f for f, (keys, _) in _KEYS.items() if all(k in rec for k in keys)]
         if len(found) == 1:
             single[found[0]] += 1
             first_line.setdefault(found[0], line)
         elif found:
-            ambiguous.append((line, found))
-    expected = "; ".join(f"{f}: {k}" for f, k in _EXPECTED.items())
+            ambiguous.append((line, rec, found))
+    expected = "; ".join(f"{f}: {text}" for f, (_, text) in _KEYS.items())
     how = "pass the format explicitly (--format, or data.format in finetune.yaml)"
     if len(single) == 1:
         fmt = next(iter(single))
-        if all(fmt in found for _, found in ambiguous):
+        if all(fmt in found for _, _, found in ambiguous):
             return fmt
     if len(single) > 1:
         seen = ", ".join(f"{f} ({n} rows, first at line {first_line[f]})" for f, n in single.most_common())
         raise DataError([DataIssue(str(path), None, f"rows are in different formats: {seen}. Use one format per "
                                                     f"file. Expected keys: {expected}")])
     if ambiguous:
-        line, found = ambiguous[0]
-        rec = dict(records)[line]
+        line, rec, found = ambiguous[0]
         raise DataError([DataIssue(str(path), line, f"ambiguous format: keys {sorted(rec)} fit "
                                                     f"{' and '.join(found)}; {how}. Expected keys: {expected}")])
     line, rec = records[0] if records else (None, {})
@@ -283,20 +264,21 @@ def to_messages(record: dict, fmt: str, system_prompt: str | None = None) -> lis
     elif fmt == "prompt_completion":
         messages = _turns(record["prompt"], "user") + _turns(record["completion"], "assistant")
     elif fmt == "preference":
-        messages = _preference_row(record, None)
-        messages = _turns(messages["prompt"], "user") + _turns(messages["chosen"], "assistant")
+        row = preference_row(record, conversational=True)
+        messages = row["prompt"] + row["chosen"]
     else:
         raise DataError([DataIssue("<record>", None, f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")])
     return _with_system(messages, system_prompt)
 
 
-def _preference_row(record: dict, system_prompt: str | None) -> dict:
-    """prompt/chosen/rejected as TRL's DPOTrainer takes them: all strings, or all message lists."""
+def preference_row(record: dict, system_prompt: str | None = None, conversational: bool = False) -> dict:
+    """prompt/chosen/rejected as TRL's DPOTrainer takes them: all strings, or all message lists (when any field is
+    one, with a system prompt, or when asked); a chat-only row's shared leading turns become the prompt."""
     prompt, chosen, rejected = record.get("prompt"), record["chosen"], record["rejected"]
     if prompt is None:  # chat-only form: the shared leading turns are the prompt
         n = _common_prefix(chosen, rejected)
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-    if any(isinstance(v, list) for v in (prompt, chosen, rejected)) or system_prompt:
+    if conversational or system_prompt or any(isinstance(v, list) for v in (prompt, chosen, rejected)):
         prompt = _with_system(_turns(prompt, "user"), system_prompt)
         chosen, rejected = _turns(chosen, "assistant"), _turns(rejected, "assistant")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -316,8 +298,8 @@ def validate_records(records, fmt, path) -> list[DataIssue]:
     """Every problem of every row, with its line: missing/empty fields, wrong types, roles, conversation shape."""
     if fmt not in FORMATS:
         raise DataError([DataIssue(str(path), None, f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")])
-    check = {"chat": _check_chat, "alpaca": _check_alpaca, "prompt_completion": _check_prompt_completion,
-             "preference": _check_preference}[fmt]
+    check = {"chat": lambda rec: _check_messages(rec.get("messages"), "messages"), "alpaca": _check_alpaca,
+             "prompt_completion": _check_prompt_completion, "preference": _check_preference}[fmt]
     return [DataIssue(str(path), line, msg) for line, rec in records for msg in check(rec)]
 
 
@@ -334,7 +316,8 @@ def _check_messages(msgs, field: str, end_with_assistant: bool = True) -> list[s
     if msgs is None:
         return [f"missing '{field}'"]
     if not isinstance(msgs, list):
-        return [f"'{field}' must be a list of {{role, content}} messages, got {_json_type(msgs)}"]
+        return [f"'{field}' must be a list of {{role, content}} messages (in a CSV cell: a JSON array), got "
+                f"{_json_type(msgs)}"]
     if not msgs:
         return [f"'{field}' is an empty list"]
     errors = []
@@ -368,10 +351,6 @@ def _check_text_or_messages(rec: dict, key: str, end_with_assistant: bool) -> li
     if isinstance(rec.get(key), list):
         return _check_messages(rec[key], key, end_with_assistant)
     return _check_text(rec, key)
-
-
-def _check_chat(rec: dict) -> list[str]:
-    return _check_messages(rec.get("messages"), "messages")
 
 
 def _check_alpaca(rec: dict) -> list[str]:
@@ -417,7 +396,9 @@ def load_training_dataset(path, fmt="auto", system_prompt=None):
     if issues:
         raise DataError(issues)
     if fmt == "preference":
-        rows = [_preference_row(rec, system_prompt) for _, rec in records]
+        # one Arrow column cannot hold both strings and message lists: one chat-form row makes them all chat-form
+        chat = any(isinstance(rec.get(k), list) for _, rec in records for k in ("prompt", "chosen", "rejected"))
+        rows = [preference_row(rec, system_prompt, conversational=chat) for _, rec in records]
     else:
         rows = [{"messages": to_messages(rec, fmt, system_prompt)} for _, rec in records]
     try:
