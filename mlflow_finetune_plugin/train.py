@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -30,8 +31,17 @@ from mlflow_finetune_plugin.tracking import record_failure
 
 
 def run(recipe, run_id: str | None = None) -> int:
-    """Train inside an MLflow run and end it with the right status; returns a process exit code."""
+    """Train inside an MLflow run and end it with the right status; returns a process exit code.
+
+    Under torchrun only rank 0 talks to MLflow; the other ranks train and exit.
+    """
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    if not is_main_process():
+        try:
+            train(recipe, run_id or os.environ.get("MLFLOW_RUN_ID"), main=False)
+            return 0
+        except KeyboardInterrupt:
+            return 130
     active = mlflow.start_run(run_id=run_id)
     run_id = active.info.run_id
     try:
@@ -55,59 +65,44 @@ def run(recipe, run_id: str | None = None) -> int:
     return 0
 
 
-def train(recipe, run_id: str) -> None:
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train(recipe, run_id: str, main: bool = True) -> None:
     method = METHODS[recipe.method]
     cfg = method_config(recipe)
-    # MLflow's local backend has already logged the raw `-P` strings ('1e-3'); keep those rather than clash
-    # with the typed value ('0.001'): MLflow refuses to change a logged param.
-    logged = mlflow.MlflowClient().get_run(run_id).data.params
-    mlflow.log_params({k: v for k, v in flat_params(recipe).items() if k not in logged})
-    mlflow.log_text(to_yaml(recipe), "recipe.yaml")
     base_ref = model_reference(recipe.model.name)
-    vllm_ok, vllm_reason = method.vllm_compatible(cfg)
-    tags = lineage_tags(method=recipe.method, base_model=base_ref, base_revision=recipe.model.revision,
-                        recipe_hash=recipe_hash(recipe), source_run=run_id,
-                        vllm_compatible=str(vllm_ok).lower(), vllm_reason=vllm_reason)
-    mlflow.set_tags(tags)
+    tags = {}
+    if main:
+        tags = _log_recipe(recipe, method, cfg, run_id, base_ref)
 
-    # Data first: a bad file fails here, before minutes go into loading a model.
-    train_ds, fmt = load_training_dataset(recipe.data.train, recipe.data.format, recipe.data.system_prompt)
-    if recipe.data.max_rows:
-        train_ds = train_ds.select(range(min(recipe.data.max_rows, len(train_ds))))
-    eval_ds = None
-    if not recipe.eval.enabled:
-        pass
-    elif recipe.data.eval:
-        eval_ds, _ = load_training_dataset(recipe.data.eval, recipe.data.format, recipe.data.system_prompt)
-    elif recipe.data.eval_split > 0:
-        split = train_ds.train_test_split(test_size=recipe.data.eval_split, seed=recipe.train.seed)
-        train_ds, eval_ds = split["train"], split["test"]
-    train_input = mlflow_dataset(train_ds, recipe.data.train, name=Path(recipe.data.train).stem)
-    mlflow.log_input(train_input, context="training")
-    if eval_ds is not None:
-        eval_path = recipe.data.eval or recipe.data.train
-        mlflow.log_input(mlflow_dataset(eval_ds, eval_path, name=Path(eval_path).stem), context="eval")
-    tags.update(lineage_tags(dataset_digest=train_input.digest, data_format=fmt))
-    mlflow.set_tags(tags)
+    # Data first: a bad file fails here, before minutes go into loading a model. A method may bring its own
+    # (multi-task mixtures, preference pairs).
+    load_data = getattr(method, "load_data", None) or load_data_splits
+    train_ds, eval_ds, fmt = load_data(recipe)
+    if main:
+        tags.update(_log_inputs(recipe, train_ds, eval_ds, fmt))
+        mlflow.set_tags(tags)
 
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
     model = load_base_model(recipe.model, **method.model_kwargs(cfg))
     base_revision = recipe.model.revision or getattr(model.config, "_commit_hash", None)
     model = method.apply(model, cfg)
-    if hasattr(model, "print_trainable_parameters"):
+    if main and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 
-    trainer = _trainer(recipe, model, tokenizer, train_ds, eval_ds, run_id)
-    trainer.train(resume_from_checkpoint=_resume_checkpoint(recipe.train.resume, run_id))
+    build_trainer = getattr(method, "build_trainer", None) or sft_trainer
+    trainer = build_trainer(recipe, model, tokenizer, train_ds, eval_ds, training_arguments(recipe, run_id, eval_ds))
+    trainer.train(resume_from_checkpoint=_resume_checkpoint(recipe.train.resume, run_id) if main else
+                  _local_resume_checkpoint(run_id))
+    if not main:
+        return
 
     if eval_ds is not None:
         # Base zero-shot, base few-shot and tuned on the held-out split; a full fine-tune needs the base loaded apart.
-        base = load_base_model(recipe.model) if method.ARTIFACT == "full" else None
-        result = run_evaluation(trainer.model, tokenizer, conversations(eval_ds), conversations(train_ds),
-                                recipe.eval, base_model=base)
-        log_evaluation(result)
-        print(comparison_table(result.metrics))
-        del base
+        evaluate = getattr(method, "evaluate", None) or _evaluate
+        evaluate(recipe, method, trainer.model, tokenizer, train_ds, eval_ds)
 
     tags.update(lineage_tags(base_revision=base_revision))
     info = log_finetuned_model(
@@ -126,14 +121,63 @@ def train(recipe, run_id: str) -> None:
         maybe_auto_promote(recipe.registry.name, version.version, recipe)
 
 
-def _trainer(recipe, model, tokenizer, train_ds, eval_ds, run_id):
+def _log_recipe(recipe, method, cfg, run_id: str, base_ref: str) -> dict:
+    # MLflow's local backend has already logged the raw `-P` strings ('1e-3'); keep those rather than clash
+    # with the typed value ('0.001'): MLflow refuses to change a logged param.
+    logged = mlflow.MlflowClient().get_run(run_id).data.params
+    mlflow.log_params({k: v for k, v in flat_params(recipe).items() if k not in logged})
+    mlflow.log_text(to_yaml(recipe), "recipe.yaml")
+    vllm_ok, vllm_reason = method.vllm_compatible(cfg)
+    tags = lineage_tags(method=recipe.method, base_model=base_ref, base_revision=recipe.model.revision,
+                        recipe_hash=recipe_hash(recipe), source_run=run_id,
+                        vllm_compatible=str(vllm_ok).lower(), vllm_reason=vllm_reason)
+    mlflow.set_tags(tags)
+    return tags
+
+
+def load_data_splits(recipe):
+    """(train, eval or None, format) from the recipe's `data` section."""
+    data = recipe.data
+    train_ds, fmt = load_training_dataset(data.train, data.format, data.system_prompt)
+    if data.max_rows:
+        train_ds = train_ds.select(range(min(data.max_rows, len(train_ds))))
+    eval_ds = None
+    if not recipe.eval.enabled:
+        pass
+    elif data.eval:
+        eval_ds, _ = load_training_dataset(data.eval, data.format, data.system_prompt)
+    elif data.eval_split > 0:
+        split = train_ds.train_test_split(test_size=data.eval_split, seed=recipe.train.seed)
+        train_ds, eval_ds = split["train"], split["test"]
+    return train_ds, eval_ds, fmt
+
+
+def _log_inputs(recipe, train_ds, eval_ds, fmt) -> dict:
+    train_path = recipe.data.train
+    train_input = mlflow_dataset(train_ds, train_path, name=Path(train_path).stem)
+    mlflow.log_input(train_input, context="training")
+    if eval_ds is not None:
+        eval_path = recipe.data.eval or train_path
+        mlflow.log_input(mlflow_dataset(eval_ds, eval_path, name=Path(eval_path).stem), context="eval")
+    return lineage_tags(dataset_digest=train_input.digest, data_format=fmt)
+
+
+def _evaluate(recipe, method, model, tokenizer, train_ds, eval_ds) -> None:
+    base = load_base_model(recipe.model) if method.ARTIFACT == "full" else None
+    result = run_evaluation(model, tokenizer, conversations(eval_ds), conversations(train_ds), recipe.eval,
+                            base_model=base)
+    log_evaluation(result)
+    print(comparison_table(result.metrics))
+
+
+def training_arguments(recipe, run_id: str, eval_ds) -> dict:
+    """The TrainingArguments every method shares (TRL's SFTConfig and DPOConfig both take them)."""
     import torch
-    from trl import SFTConfig, SFTTrainer
 
     t = recipe.train
     dtype = torch_dtype(t.precision if t.precision != "auto" else recipe.model.dtype)
     on_gpu = torch.cuda.is_available()
-    args = SFTConfig(
+    return dict(
         output_dir=str(paths.job_dir(run_id) / "checkpoints"),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -158,12 +202,21 @@ def _trainer(recipe, model, tokenizer, train_ds, eval_ds, run_id):
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
         report_to="none",
+        dataloader_num_workers=0,
+    )
+
+
+def sft_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict):
+    """TRL's SFTTrainer on chat data: loss on assistant tokens when the chat template allows it."""
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(
+        **args,
         max_length=recipe.data.max_length,
         packing=recipe.data.packing,
         assistant_only_loss=recipe.data.assistant_only_loss and _supports_assistant_masks(tokenizer),
-        dataloader_num_workers=0,
     )
-    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    return SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, callbacks=[MlflowMetrics(), CheckpointLogger()])
 
 
@@ -210,6 +263,13 @@ def _resume_checkpoint(resume: str | None, current_run: str) -> str | None:
         if resume != "latest":
             raise FinetuneError(f"train.resume: run {rid} has no checkpoints to resume from")
     raise FinetuneError("train.resume=latest: no earlier run in this experiment has checkpoints")
+
+
+def _local_resume_checkpoint(run_id: str) -> str | None:
+    """Non-main ranks resume from the checkpoint rank 0 downloads (shared job folder on one node)."""
+    resume = paths.job_dir(run_id) / "resume"
+    found = sorted(resume.rglob("trainer_state.json")) if resume.exists() else []
+    return str(found[-1].parent) if found else None
 
 
 def _raise_keyboard_interrupt(signum, frame):

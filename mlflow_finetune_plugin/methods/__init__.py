@@ -8,8 +8,14 @@ Each module provides:
   ARTIFACT                    -- "adapter" (base referenced, not copied) or "full" (complete weights)
 """
 
-from mlflow_finetune_plugin.methods import lora
+from mlflow_finetune_plugin.methods import adapter, full, ia3, lora, prefix, prompt, qlora
 
 METHODS = {
     "lora": lora,
+    "qlora": qlora,
+    "adapter": adapter,
+    "prefix": prefix,
+    "prompt": prompt,
+    "ia3": ia3,
+    "full": full,
 }

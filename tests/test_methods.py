@@ -1,0 +1,252 @@
+"""The method test matrix: every fine-tuning method (and the variants worth their own row) through the same checks.
+
+Adding a method = its module, its entry in METHODS, and a row in CASES/TRAINABLE below (a missing row fails).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.logged_model import load_logged_model, log_finetuned_model
+from mlflow_finetune_plugin.methods import METHODS, lora
+from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+from tests.conftest import REPO, chat_rows
+
+# case id -> (method, config overrides). One row per METHODS entry with its defaults, plus variants.
+CASES = {name: (name, {}) for name in METHODS} | {
+    "lora-dora-rslora": ("lora", {"use_dora": True, "use_rslora": True, "r": 8}),
+    "qlora-8bit": ("qlora", {"bits": 8}),
+    "prefix-projection": ("prefix", {"prefix_projection": True, "encoder_hidden_size": 32}),
+    "p_tuning": ("prompt", {"kind": "p_tuning"}),
+    "prompt-text-init": ("prompt", {"init": "text", "init_text": "Answer the customer's question politely."}),
+}
+
+_LINEAR = r"model\.layers\.\d\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+# case id -> (pattern every trainable parameter name matches, number of trainable tensors) on the tiny model.
+TRAINABLE = {
+    "lora": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
+    "lora-dora-rslora": (rf"base_model\.model\.{_LINEAR}\.(lora_[AB]|lora_magnitude_vector)\.default\.weight",
+                         4 * 7 * 3),
+    "qlora": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
+    "qlora-8bit": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
+    "adapter": (r"base_model\.model\.model\.layers\.\d\.(self_attn\.o_proj|mlp\.down_proj)\.peanut_[AB]\.default\.weight",
+                4 * 2 * 2),
+    "prefix": (r"prompt_encoder\.default\.embedding\.weight", 1),
+    "prefix-projection": (r"prompt_encoder\.default\.(embedding\.weight|transform\.[02]\.(weight|bias))", 5),
+    "prompt": (r"prompt_encoder\.default\.embedding\.weight", 1),
+    "p_tuning": (r"prompt_encoder\.default\.(embedding\.weight|mlp_head\.[024]\.(weight|bias))", 7),
+    "prompt-text-init": (r"prompt_encoder\.default\.embedding\.weight", 1),
+    "ia3": (r"base_model\.model\.model\.layers\.\d\.(self_attn\.[kv]_proj|mlp\.down_proj)\.ia3_l\.default", 4 * 3),
+    "full": (r".*", 38),
+}
+# Trained, saved and reloaded: every method plus the variants that train differently (keeps the file fast).
+TRAINED = [*METHODS, "qlora-8bit", "p_tuning"]
+# Trained with gradient checkpointing, as their recipes do (prefix tuning refuses it, see below).
+CHECKPOINTING = {"full", "qlora"}
+
+
+def _config(case):
+    name, overrides = CASES[case]
+    return METHODS[name], METHODS[name].Config(**overrides)
+
+
+def _base(tiny_model_dir, method, cfg):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, **method.model_kwargs(cfg))
+
+
+def _applied(tiny_model_dir, case):
+    method, cfg = _config(case)
+    torch.manual_seed(0)
+    return method.apply(_base(tiny_model_dir, method, cfg), cfg)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _logits(model, tok):
+    enc = tok.apply_chat_template([{"role": "user", "content": "How do I reset my password?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    with torch.no_grad():
+        return model(**enc).logits.float()
+
+
+def _trainer(model, tok, out_dir, gradient_checkpointing=False):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(out_dir), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                     report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, max_length=64,
+                     gradient_checkpointing=gradient_checkpointing, dataloader_num_workers=0, seed=0,
+                     bf16=False, fp16=False)  # fp32 on CPU, as train.py does; TRL would default to bf16
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(chat_rows(4)), processing_class=tok)
+
+
+@pytest.fixture(scope="module", params=TRAINED)
+def trained(request, tiny_model_dir, tok, tmp_path_factory):
+    """Each case applied to the tiny model and trained 2 steps with TRL's SFTTrainer (shared by the tests below)."""
+    case = request.param
+    model = _applied(tiny_model_dir, case)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _trainer(model, tok, tmp_path_factory.mktemp(case), gradient_checkpointing=case in CHECKPOINTING)
+    trainer.train()
+    model = trainer.model.eval()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    # Taken now, before any save: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place at the
+    # first inference forward and `state_dict()` unpacks them lossily, so a quantized model's logits shift a little
+    # once it has been saved. Reloads are compared with the model as trained.
+    return case, model, trainable, changed, _logits(model, tok)
+
+
+def test_every_method_has_a_row():
+    assert set(METHODS) <= set(CASES) and set(TRAINED) <= set(CASES)
+    assert set(CASES) == set(TRAINABLE), "add the expected trainable parameters of the new case to TRAINABLE"
+    assert list(METHODS)[0] == "lora"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_applies_runs_and_only_intended_params_train(case, tiny_model_dir, tok):
+    model = _applied(tiny_model_dir, case)
+    logits = _logits(model, tok)
+    assert logits.shape[-1] == len(tok) and torch.isfinite(logits).all()
+
+    pattern, count = TRAINABLE[case]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == count, trainable
+    assert all(re.fullmatch(pattern, n) for n in trainable), [n for n in trainable if not re.fullmatch(pattern, n)]
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    if CASES[case][0] == "full":
+        assert n_trainable == n_total
+    else:
+        assert 0 < n_trainable < n_total
+
+
+def test_a_trainer_step_changes_only_trainable_params(trained, tiny_model_dir, tok):
+    case, model, trainable, changed, tuned = trained
+    assert changed == trainable
+    # And the trained parameters are wired in: the output is no longer the base model's.
+    base = _logits(_base(tiny_model_dir, *_config(case)), tok)
+    tuned = tuned[:, -base.shape[1]:]  # prompt methods' logits include the virtual tokens
+    assert not torch.allclose(tuned, base, atol=1e-4)
+
+
+def test_save_and_reload_give_the_same_logits(trained, tiny_model_dir, tok, tmp_path):
+    case, model, _, _, expected = trained
+    method, cfg = _config(case)
+    model.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    if method.ARTIFACT == "full":
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    else:
+        from peft import PeftModel
+
+        reloaded = PeftModel.from_pretrained(_base(tiny_model_dir, method, cfg), tmp_path / "saved")
+        # TRL trains QLoRA adapters in bf16 and PEFT loads them into fp32 parameters: compute in the trained dtype.
+        dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+        for name, param in reloaded.named_parameters():
+            if name in dtypes:
+                param.data = param.data.to(dtypes[name])
+    assert torch.allclose(_logits(reloaded.eval(), tok), expected, atol=1e-5)
+
+
+def test_logged_model_reloads_and_registers(trained, tiny_model_dir, tok, tracking_uri):
+    case, model, _, _, expected = trained
+    method, cfg = _config(case)
+    with mlflow.start_run():
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": method.ARTIFACT,
+                                                "method": CASES[case][0]})
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    loaded = load_logged_model(local)
+    if method.ARTIFACT == "adapter":
+        assert not (local / "artifacts" / "model").exists() and not list(local.rglob("model.safetensors"))
+    got = _logits(loaded.model, loaded.tokenizer)
+    if CASES[case][0] != "qlora":
+        assert torch.allclose(got, expected, atol=1e-5)
+    else:
+        # Served on the full-precision base: off from training time by the base's quantization error, no more.
+        fp_base = _logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok)
+        quant_base = _logits(_base(tiny_model_dir, method, cfg), tok)
+        quant_error = (fp_base - quant_base).abs()
+        error = (got - expected).abs()
+        print("DBG", quant_error.max(), error.max(), quant_error.mean(), error.mean(), (fp_base - expected).abs().mean())
+        ds, dt = got - fp_base, expected - quant_base
+        print("DBG2", (ds - dt).abs().mean() / dt.abs().mean(), torch.nn.functional.cosine_similarity(ds.flatten(), dt.flatten(), dim=0))
+        assert error.max() <= 1.5 * quant_error.max() and error.mean() <= 1.5 * quant_error.mean()
+        # The adapter does on the full-precision base what it did on the quantized one.
+        assert error.mean() < (fp_base - expected).abs().mean() / 2
+        again = load_logged_model(local)
+        assert torch.equal(_logits(again.model, again.tokenizer), got)  # and exactly reproducible
+    version = mlflow.register_model(info.model_uri, f"tiny-{case}")
+    assert int(version.version) == 1
+
+
+@pytest.mark.parametrize("case, ok, because", [
+    ("lora", True, "LoRA"),
+    ("lora-dora-rslora", False, "DoRA"),
+    ("qlora", True, "full-precision base"),
+    ("adapter", False, "merge"),
+    ("ia3", False, "merge"),
+    ("prefix", False, "cannot be merged"),
+    ("prompt", False, "cannot be merged"),
+    ("p_tuning", False, "cannot be merged"),
+    ("full", True, "plain model folder"),
+])
+def test_vllm_compatibility_follows_vllms_documented_limits(case, ok, because, tiny_model_dir, tok):
+    method, cfg = _config(case)
+    answer, reason = method.vllm_compatible(cfg)
+    assert answer is ok and because in reason
+    if "merge" in reason and "cannot" not in reason:
+        # The advice holds: merging gives one plain model with the adapter's outputs.
+        model = _applied(tiny_model_dir, case).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        expected = _logits(model, tok)
+        assert torch.allclose(_logits(model.merge_and_unload(), tok), expected, atol=1e-4)
+
+
+def test_lora_ranks_and_biases_vllm_refuses():
+    assert lora.vllm_compatible(lora.Config(r=4))[0] is False
+    assert lora.vllm_compatible(lora.Config(bias="all"))[0] is False
+    assert METHODS["qlora"].vllm_compatible(METHODS["qlora"].Config(r=12))[0] is False
+
+
+def test_prefix_tuning_refuses_gradient_checkpointing(tiny_model_dir, tok, tmp_path):
+    trainer = _trainer(_applied(tiny_model_dir, "prefix"), tok, tmp_path, gradient_checkpointing=True)
+    with pytest.raises(FinetuneError, match="train.gradient_checkpointing: false"):
+        trainer.train()
+
+
+def test_config_errors_say_how_to_fix_them():
+    with pytest.raises(ValueError, match="init_text"):
+        METHODS["prompt"].Config(init="text")
+    with pytest.raises(ValueError, match="kind: prompt_tuning"):
+        METHODS["prompt"].Config(kind="p_tuning", init="text", init_text="hi")
+    with pytest.raises(ValueError, match="not in target_modules"):
+        METHODS["ia3"].Config(target_modules=["k_proj"], feedforward_modules=["down_proj"])
+    with pytest.raises(FinetuneError, match="not quantized"):
+        METHODS["qlora"].apply(torch.nn.Linear(2, 2), METHODS["qlora"].Config())
+
+
+def test_each_method_has_a_recipe_and_a_docs_row():
+    from mlflow_finetune_plugin.recipe import load_recipe
+
+    docs = (REPO / "docs" / "methods.md").read_text()
+    for name, method in METHODS.items():
+        assert re.search(rf"^\| `{name}` \|", docs, re.M), f"docs/methods.md has no table row for `{name}`"
+        for field in method.Config.model_fields:
+            assert f"`{name}.{field}`" in docs, f"docs/methods.md does not document `{name}.{field}`"
+        if name != "lora":  # lora's recipe is the support-bot example
+            recipe = load_recipe(REPO / "recipes" / name)
+            assert recipe.method == name and recipe.model.name is None
