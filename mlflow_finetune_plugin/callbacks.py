@@ -15,7 +15,8 @@ class MlflowMetrics(TrainerCallback):
     Only the main process logs (under torchrun every rank runs the callback).
     """
 
-    def __init__(self):
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix  # e.g. "faq/": train/faq/loss, for one trainer per task in the same run
         self._last_tokens = 0
         self._last_time = None
 
@@ -30,15 +31,15 @@ class MlflowMetrics(TrainerCallback):
             if not isinstance(value, (int, float)) or key in ("total_flos",):
                 continue
             if key.startswith("eval_"):
-                metrics[f"eval/tuned/{key[5:]}"] = value
+                metrics[f"eval/tuned/{self.prefix}{key[5:]}"] = value
             elif key.startswith("train_"):  # the summary logged once at the end
-                metrics[f"train/summary_{key[6:]}"] = value
+                metrics[f"train/{self.prefix}summary_{key[6:]}"] = value
             else:
-                metrics[f"train/{key}"] = value
+                metrics[f"train/{self.prefix}{key}"] = value
         tokens = logs.get("num_tokens")
         now = time.perf_counter()
         if tokens is not None and self._last_time is not None and now > self._last_time:
-            metrics["train/tokens_per_second"] = (tokens - self._last_tokens) / (now - self._last_time)
+            metrics[f"train/{self.prefix}tokens_per_second"] = (tokens - self._last_tokens) / (now - self._last_time)
             self._last_tokens, self._last_time = tokens, now
         if metrics:
             mlflow.log_metrics(metrics, step=state.global_step)

@@ -48,7 +48,9 @@ class DataConfig(Section):
     system_prompt: str | None = None
     max_length: int = Field(1024, gt=0)
     assistant_only_loss: bool = True
-    packing: bool = False
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="Pack rows into full-length sequences (padding-free, attention kept within each row). "
+                            "auto: on for supervised methods whose positions packing cannot disturb.")
     max_rows: int | None = Field(None, gt=0)
 
 
@@ -67,6 +69,9 @@ class TrainConfig(Section):
     save_steps: int = Field(100, gt=0)
     save_total_limit: int = Field(2, gt=0)
     gradient_checkpointing: bool = False
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes (torchrun, ray): ddp copies the model to every rank; fsdp "
+                           "shards parameters, gradients and optimizer state across ranks (models too big for one).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     resume: str | None = Field(None, description="Run id (or 'latest') whose last checkpoint to continue from.")
 
@@ -185,6 +190,9 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
         problems.append(f"method: unknown method {method!r}. Valid methods: {', '.join(METHODS)}"
                         + _suggest(method, METHODS))
     problems.extend(_check_paths(raw, project_dir))
+    own_check = getattr(METHODS.get(method), "check_recipe", None) if isinstance(method, str) else None
+    if recipe is not None and own_check:
+        problems.extend(own_check(recipe, project_dir))
     if problems:
         raise RecipeError(problems, str(recipe_path))
     recipe.project_dir = str(project_dir)
@@ -200,12 +208,17 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
 def _check_paths(raw: dict, project_dir: Path) -> list[str]:
     """Files the recipe names must exist; checked on the raw values so they are reported with every other error."""
     problems = []
+    from mlflow_finetune_plugin.methods import METHODS
+
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     splits = {"train": data.get("train", DataConfig().train), "eval": data.get("eval")}
-    if not splits["train"]:
+    if getattr(METHODS.get(str(raw.get("method", "lora"))), "OWN_DATA", False):
+        splits = {"train": data.get("train"), "eval": data.get("eval")}  # checked by the method's check_recipe
+    elif not splits["train"]:
         problems.append("data.train: no training data given. Set it in finetune.yaml or pass -P data=path/to/train.jsonl")
     for split, value in splits.items():
-        if isinstance(value, str) and value and not (project_dir / value).exists():
+        if isinstance(value, str) and value and not (project_dir / value).exists() and not (
+                getattr(METHODS.get(str(raw.get("method", "lora"))), "OWN_DATA", False)):
             problems.append(f"data.{split}: file not found: {value} (looked in {project_dir})")
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
     name = model.get("name")
@@ -309,9 +322,10 @@ def recipe_hash(recipe) -> str:
     """A short content hash of the resolved recipe, without machine-specific paths."""
     data = resolved_dict(recipe)
     data.pop("project_dir", None)
-    for split in ("train", "eval"):
-        if data["data"].get(split):
-            data["data"][split] = Path(data["data"][split]).name
+    for section in [data["data"], *(data.get("multitask") or {}).get("tasks", {}).values()]:
+        for split in ("train", "eval"):
+            if section.get(split):
+                section[split] = Path(section[split]).name
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -28,6 +28,8 @@ def tracking_uri(tmp_path, monkeypatch):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A sqlite store puts artifacts in ./mlruns of the working directory: keep them in the test's folder.
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)

@@ -6,9 +6,15 @@ Each module provides:
   apply(model, cfg) -> model  -- wraps the loaded base model for training (PeftModel, or the model itself)
   vllm_compatible(cfg) -> (bool, reason)
   ARTIFACT                    -- "adapter" (base referenced, not copied) or "full" (complete weights)
+and optionally, where the method differs from plain supervised fine-tuning on `data.train`:
+  DATA_FORMATS                -- data formats it trains on (default: chat, alpaca, prompt_completion)
+  PACKING_SAFE = False        -- sequence packing would be wrong (virtual tokens shift the positions)
+  OWN_DATA = True             -- its files are not `data.train`/`data.eval` (then `data_files(recipe)` lists them)
+  check_recipe(recipe, project_dir) -> problems; load_data(recipe); log_inputs(...); build_trainer(...);
+  evaluate(...)               -- hooks train.py calls instead of its defaults
 """
 
-from mlflow_finetune_plugin.methods import adapter, full, ia3, lora, prefix, prompt, qlora
+from mlflow_finetune_plugin.methods import adapter, dpo, full, ia3, lora, multitask, prefix, prompt, qlora
 
 METHODS = {
     "lora": lora,
@@ -18,4 +24,6 @@ METHODS = {
     "prompt": prompt,
     "ia3": ia3,
     "full": full,
+    "multitask": multitask,
+    "dpo": dpo,
 }

@@ -11,6 +11,7 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.recipe_base import Section
 
 ARTIFACT = "adapter"
+PACKING_SAFE = False  # packed rows restart their positions; the prefix assumes one sequence per row
 
 
 class Config(Section):

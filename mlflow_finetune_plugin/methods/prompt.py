@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from mlflow_finetune_plugin.recipe_base import Section
 
 ARTIFACT = "adapter"
+PACKING_SAFE = False  # virtual tokens are prepended once per row, not once per packed sequence
 
 
 class Config(Section):

@@ -1,0 +1,261 @@
+"""Multi-task mixtures, DPO and sequence packing: recipes, data rules, and real (tiny) training runs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from mlflow_finetune_plugin.backend import _check_data
+from mlflow_finetune_plugin.data_check import check_data
+from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
+from mlflow_finetune_plugin.methods import METHODS
+from mlflow_finetune_plugin.recipe import load_recipe
+from mlflow_finetune_plugin.train import packing, run
+from tests.conftest import REPO, chat_rows
+
+FAST = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
+        "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1}
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _multitask_project(root: Path, weights=(2, 1, 1)) -> Path:
+    _jsonl(root / "data" / "qa.jsonl", chat_rows(8))
+    _jsonl(root / "data" / "qa_eval.jsonl", chat_rows(2, 50))
+    _jsonl(root / "data" / "label.jsonl", [{"instruction": "Label it", "input": f"item {i}", "output": f"L{i % 3}"}
+                                           for i in range(8)])
+    _jsonl(root / "data" / "extract.jsonl", [{"prompt": f"Order {i}?", "completion": json.dumps({"id": i})}
+                                             for i in range(8)])
+    (root / "finetune.yaml").write_text(f"""
+method: multitask
+data: {{max_length: 64, eval_split: 0.25}}
+multitask:
+  tasks:
+    qa: {{train: data/qa.jsonl, eval: data/qa_eval.jsonl, weight: {weights[0]}}}
+    label: {{train: data/label.jsonl, weight: {weights[1]}}}
+    extract: {{train: data/extract.jsonl, weight: {weights[2]}}}
+""")
+    return root
+
+
+def _pref_rows(n: int, offset: int = 0) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}],
+             "rejected": [{"role": "assistant", "content": "I don't know."}]} for i in range(offset, offset + n)]
+
+
+def _finished_run(name_like: str):
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1, [r.info.status for r in runs]
+    run_ = runs[0]
+    assert run_.info.status == "FINISHED", run_.data.tags.get("finetune.error")
+    return run_
+
+
+# ---------------------------------------------------------------- multitask
+
+
+def test_multitask_recipe_needs_two_tasks_existing_files_and_no_data_section(tmp_path):
+    (tmp_path / "finetune.yaml").write_text("method: multitask\nmultitask:\n  tasks:\n    qa: {train: nope.jsonl}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(tmp_path)
+    text = str(err.value)
+    assert "at least two" in text and "multitask.tasks.qa.train: file not found: nope.jsonl" in text
+
+    project = _multitask_project(tmp_path / "p")
+    with pytest.raises(RecipeError, match="reads its files from multitask.tasks"):
+        load_recipe(project, overrides={"data.train": "data/qa.jsonl"})
+    with pytest.raises(RecipeError, match="must be letters, digits"):
+        load_recipe(project, overrides={"multitask.tasks": "{'a b': {train: data/qa.jsonl}, c: {train: x}}"})
+
+
+def test_multitask_mixes_rows_by_weight_and_checks_every_task_file(tmp_path):
+    from mlflow_finetune_plugin.methods import multitask
+
+    project = _multitask_project(tmp_path, weights=(6, 1, 1))
+    recipe = load_recipe(project, overrides={"multitask.stopping": "first_exhausted"})
+    mixed, evals, fmt = multitask.load_data(recipe)
+    assert fmt == "alpaca+chat+prompt_completion"
+    assert set(evals) == {"qa", "label", "extract"} and len(evals["qa"]) == 2 and len(evals["label"]) == 2
+    # Which task each row came from, by its content: the heavy task dominates the mixture.
+    users = [row["messages"][0]["content"] for row in mixed]
+    counts = Counter("qa" if u.startswith("What is") else "label" if u.startswith("Label") else "extract" for u in users)
+    assert counts["qa"] > counts["label"] + counts["extract"], counts
+    assert [r["messages"] for r in multitask.load_data(recipe)[0]] == [r["messages"] for r in mixed]  # seeded
+
+    # A broken line in any task is reported by file and line before anything starts.
+    (project / "data" / "label.jsonl").write_text('{"instruction": "x", "input": "y", "output": "z"}\n{oops\n')
+    with pytest.raises(FinetuneError, match=r"label\.jsonl:2"):
+        _check_data(load_recipe(project), check_data)
+
+
+def test_multitask_trains_one_adapter_and_logs_per_task_metrics(tmp_path, tracking_uri):
+    recipe = load_recipe(_multitask_project(tmp_path / "mt"), overrides=FAST)
+    assert run(recipe) == 0
+    r = _finished_run("mt")
+    metrics = r.data.metrics
+    for task in ("qa", "label", "extract"):
+        for name in ("rougeL", "loss"):
+            assert f"eval/{task}/{name}" in metrics and f"eval/{task}/base/{name}" in metrics
+    # The overall numbers the promotion gates read are the mean over the tasks.
+    mean = sum(metrics[f"eval/{t}/loss"] for t in ("qa", "label", "extract")) / 3
+    assert metrics["eval/tuned/loss"] == pytest.approx(mean)
+    inputs = {i.dataset.name: {t.key: t.value for t in i.tags} for i in r.inputs.dataset_inputs}
+    assert inputs["qa"]["weight"] == "2.0" and inputs["label"]["mlflow.data.context"] == "training"
+    assert r.data.tags["finetune.tasks"] == "qa:2,label:1,extract:1"
+    version = mlflow.MlflowClient().get_model_version_by_alias("mt", "challenger")
+    assert version.tags["finetune.method"] == "multitask"
+
+
+def test_multitask_one_adapter_per_task_registers_each(tmp_path, tracking_uri):
+    from peft import PeftModel
+
+    from mlflow_finetune_plugin.logged_model import load_logged_model
+
+    recipe = load_recipe(_multitask_project(tmp_path / "mtp"), overrides={**FAST, "multitask.adapters": "per_task"})
+    assert run(recipe) == 0
+    r = _finished_run("mtp")
+    client = mlflow.MlflowClient()
+    adapters = {}
+    for task in ("qa", "label", "extract"):
+        assert f"train/{task}/loss" in r.data.metrics and f"eval/{task}/rougeL" in r.data.metrics
+        version = client.get_model_version_by_alias(f"mtp-{task}", "challenger")
+        assert version.tags["finetune.task"] == task
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/mtp-{task}@challenger"))
+        assert (local / "artifacts" / "adapter" / "adapter_config.json").exists()  # a plain adapter folder
+        loaded = load_logged_model(local)
+        assert isinstance(loaded.model, PeftModel)
+        adapters[task] = {k: v.clone() for k, v in loaded.model.state_dict().items() if "lora_" in k}
+    # Three different adapters, each trained on its own task only.
+    qa, label = adapters["qa"], adapters["label"]
+    assert set(qa) == set(label) and any(not torch.equal(qa[k], label[k]) for k in qa)
+
+
+# ---------------------------------------------------------------- dpo
+
+
+def test_dpo_refuses_non_preference_data_and_sft_refuses_preference_data(tmp_path):
+    _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(4))
+    (tmp_path / "finetune.yaml").write_text("method: dpo\n")
+    with pytest.raises(FinetuneError, match=r"is chat data, but the `dpo` method trains on preference rows"):
+        _check_data(load_recipe(tmp_path), check_data)
+    _jsonl(tmp_path / "data" / "train.jsonl", _pref_rows(4))
+    with pytest.raises(FinetuneError, match=r"preference data, but the `lora` method.*Use the `dpo` method"):
+        _check_data(load_recipe(tmp_path, method="lora"), check_data)
+    _check_data(load_recipe(tmp_path), check_data)  # and dpo takes it
+
+
+def _dpo_project(root: Path, extra: str = "") -> Path:
+    _jsonl(root / "data" / "train.jsonl", _pref_rows(8))
+    _jsonl(root / "data" / "eval.jsonl", _pref_rows(2, 40))
+    (root / "finetune.yaml").write_text(f"method: dpo\ndata: {{eval: data/eval.jsonl, max_length: 64}}\n{extra}")
+    return root
+
+
+def test_dpo_trains_a_fresh_adapter_against_the_base(tmp_path, tracking_uri):
+    recipe = load_recipe(_dpo_project(tmp_path / "prefs"), overrides={**FAST, "train.learning_rate": 5e-3})
+    assert run(recipe) == 0
+    r = _finished_run("prefs")
+    assert "eval/tuned/rewards/accuracies" in r.data.metrics and "train/loss" in r.data.metrics
+    assert "eval/base/rougeL" in r.data.metrics and "eval/tuned/rougeL" in r.data.metrics
+    local = Path(mlflow.artifacts.download_artifacts("models:/prefs@challenger"))
+    assert (local / "artifacts" / "adapter" / "adapter_config.json").exists()
+    loaded = mlflow.pyfunc.load_model("models:/prefs@challenger")
+    answer = loaded.predict([{"messages": [{"role": "user", "content": "What is 3 plus 3?"}]}], params={"max_new_tokens": 4})
+    assert isinstance(answer[0], str)
+
+
+def test_dpo_continues_a_registered_lora_adapter_and_logs_only_it(tmp_path, tracking_uri, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlflow_finetune_plugin.logged_model import log_finetuned_model
+    from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+
+    torch.manual_seed(0)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with mlflow.start_run():
+        info = log_finetuned_model(sft, AutoTokenizer.from_pretrained(tiny_model_dir),
+                                   {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+    mlflow.register_model(info.model_uri, "sft")
+    start = load_file(Path(mlflow.artifacts.download_artifacts("models:/sft/1")) / "artifacts" / "adapter"
+                      / "adapter_model.safetensors")
+
+    recipe = load_recipe(_dpo_project(tmp_path / "prefs2"),
+                         overrides={**FAST, "dpo.init_adapter": "models:/sft/1", "eval.enabled": False})
+    assert run(recipe) == 0
+    final_dir = Path(mlflow.artifacts.download_artifacts("models:/prefs2@challenger")) / "artifacts" / "adapter"
+    assert not (final_dir / "ref").exists(), "TRL's frozen reference copy must not be logged"
+    final = load_file(final_dir / "adapter_model.safetensors")
+    assert set(final) == set(start)  # the same adapter (q_proj/v_proj, r=8), not a fresh one
+    assert any(not torch.equal(final[k], start[k]) for k in start)  # and it trained
+
+
+def test_dpo_init_adapter_errors_name_the_key(tmp_path, tracking_uri):
+    from mlflow_finetune_plugin.methods.dpo import resolve_adapter
+
+    with pytest.raises(FinetuneError, match="dpo.init_adapter: cannot resolve"):
+        resolve_adapter("models:/nothing-here/1")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FinetuneError, match="not a LoRA adapter"):
+        resolve_adapter(str(tmp_path / "folder"))
+
+
+def test_bundled_multitask_and_dpo_recipes_validate_with_their_data():
+    for name, method in (("multitask", "multitask"), ("dpo", "dpo")):
+        recipe = load_recipe(REPO / "recipes" / name)
+        assert recipe.method == method
+        _check_data(recipe, check_data)
+    assert len(load_recipe(REPO / "recipes" / "multitask").multitask.tasks) >= 3
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_packing_auto_is_on_where_safe_and_packed_rows_do_not_see_each_other(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(4))
+    assert packing(load_recipe(tmp_path)) is True
+    assert packing(load_recipe(tmp_path, method="prefix")) is False
+    assert packing(load_recipe(tmp_path, method="prompt")) is False
+    assert packing(load_recipe(tmp_path, overrides={"model.trust_remote_code": True})) is False
+    assert packing(load_recipe(tmp_path, overrides={"data.packing": False})) is False
+
+    # The safety claim itself: two rows packed into one sequence (positions restarting, no attention mask, as
+    # TRL's padding-free collator sends them) give each row's own logits.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    a, b = torch.randint(5, 400, (1, 9)), torch.randint(5, 400, (1, 6))
+    with torch.no_grad():
+        alone_a, alone_b = model(a, use_cache=False).logits, model(b, use_cache=False).logits
+        packed = model(input_ids=torch.cat([a, b], 1), use_cache=False,
+                       position_ids=torch.cat([torch.arange(9), torch.arange(6)])[None]).logits
+    assert torch.allclose(packed[:, :9], alone_a, atol=1e-5) and torch.allclose(packed[:, 9:], alone_b, atol=1e-5)
+
+
+def test_packed_training_runs_with_fewer_sequences(tmp_path, tiny_model_dir):
+    from mlflow_finetune_plugin.models import load_base_model, load_tokenizer
+    from mlflow_finetune_plugin.train import load_data_splits, sft_trainer, training_arguments
+
+    _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(12))
+    recipe = load_recipe(tmp_path, overrides={"data.max_length": 128, "train.max_steps": 1, "eval.enabled": False})
+    train_ds, _, _ = load_data_splits(recipe)
+    args = training_arguments(recipe, "packing-test", None)
+    args["output_dir"] = str(tmp_path / "out")
+    model = METHODS["lora"].apply(load_base_model(recipe.model), recipe.lora)
+    trainer = sft_trainer(recipe, model, load_tokenizer(), train_ds, None, args)
+    assert len(trainer.train_dataset) < 12  # rows were packed together
+    assert "position_ids" in trainer.data_collator([trainer.train_dataset[0]])
+    trainer.train()
+
