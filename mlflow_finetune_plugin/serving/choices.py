@@ -1,0 +1,190 @@
+"""What the playground may serve: registered versions and their base models, never arbitrary paths.
+
+References users type (`NAME@challenger`, `NAME/3`, `models:/NAME@champion`, `base`) resolve to a `ModelChoice`;
+`local_model` downloads a version once into the plugin's cache and says where its adapter, weights and tokenizer
+are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow_finetune_plugin import registry
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.serving.base import ModelChoice
+
+# Ranks vLLM's LoRA kernels are built for (same list as methods/lora.py, which training tags versions with).
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class LocalModel:
+    """A downloaded model version: its folder, logged model_config, artifact folders and registry tags."""
+
+    choice: ModelChoice
+    path: Path
+    config: dict
+    artifacts: dict[str, Path]
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_ref(self) -> str | None:
+        return self.config.get("base_model")
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.config.get("artifact", "adapter") == "adapter"
+
+    @property
+    def adapter_dir(self) -> Path | None:
+        return self.artifacts.get("adapter")
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.artifacts["tokenizer"]
+
+    def adapter_config(self) -> dict:
+        """The adapter's adapter_config.json ({} for full fine-tunes)."""
+        if not self.adapter_dir:
+            return {}
+        return json.loads((self.adapter_dir / "adapter_config.json").read_text())
+
+    def base_key(self) -> tuple:
+        """Identifies the base weights: versions with equal keys can share one copy of the base."""
+        return (self.base_ref, self.config.get("base_revision"), self.config.get("base_digest"))
+
+
+def parse_ref(ref: str, default_name: str | None = None, base_of: ModelChoice | None = None) -> ModelChoice:
+    """Resolve `NAME@ALIAS`, `NAME/3`, `NAME/v3`, `models:/NAME@ALIAS`, `models:/NAME/3`, `NAME/3:base`, or
+    `base` (the base model of `base_of`) to a concrete version; raises FinetuneError listing what exists."""
+    text = ref.strip()
+    if text == "base":
+        if base_of is None:
+            raise FinetuneError("'base' needs a model to take the base of: give --model NAME@ALIAS first")
+        return ModelChoice(base_of.name, base_of.version, base=True)
+    base = text.endswith(":base")
+    text = text.removesuffix(":base").removeprefix("models:/")
+    if "@" in text:
+        name, alias = text.split("@", 1)
+        version_ref = "@" + alias
+    elif "/" in text:
+        name, version_ref = text.rsplit("/", 1)
+    elif default_name:
+        name, version_ref = default_name, text
+    else:
+        raise FinetuneError(f"{ref!r} names no version: use NAME@ALIAS (e.g. support-bot@challenger), NAME/VERSION, "
+                            "or base")
+    mv = registry.get_version(name or default_name or "", version_ref)
+    return ModelChoice(mv.name, str(mv.version), base)
+
+
+def picker_choices(name: str) -> list[tuple[str, str]]:
+    """(label, key) for every version of `name`, newest first, then one entry per distinct base model."""
+    versions = registry.list_versions(name)
+    aliases = registry.aliases_by_version(name)
+    out, bases = [], {}
+    for mv in reversed(versions):
+        tags = " ".join("@" + a for a in sorted(aliases.get(str(mv.version), [])))
+        method = mv.tags.get(registry.TAG_PREFIX + "method", "")
+        label = f"{name} v{mv.version}" + (f" {tags}" if tags else "") + (f" ({method})" if method else "")
+        out.append((label, ModelChoice(name, str(mv.version)).key))
+        base = mv.tags.get(registry.TAG_PREFIX + "base_model") or "base"
+        bases.setdefault(base, ModelChoice(name, str(mv.version), base=True))
+    for base, choice in bases.items():
+        out.append((f"base model: {base} (of v{choice.version})", choice.key))
+    return out
+
+
+def describe(choice: ModelChoice) -> str:
+    """A short human label: `support-bot v3 @challenger` or `base of support-bot v3 (builtin:tiny-llama)`."""
+    aliases = registry.aliases_by_version(choice.name).get(choice.version, [])
+    if choice.base:
+        base = registry.get_version(choice.name, choice.version).tags.get(registry.TAG_PREFIX + "base_model", "")
+        return f"base of {choice.name} v{choice.version}" + (f" ({base})" if base else "")
+    return f"{choice.name} v{choice.version}" + "".join(f" @{a}" for a in sorted(aliases))
+
+
+def local_model(choice: ModelChoice) -> LocalModel:
+    """Download version `choice` (once; later calls reuse the cached folder) and describe its contents."""
+    import mlflow
+    from filelock import FileLock
+    from mlflow.models import Model
+
+    from mlflow_finetune_plugin.paths import cache_root
+
+    mv = registry.get_version(choice.name, choice.version)
+    # Keyed by the logged model too: two tracking servers can both hold a `support-bot` v1.
+    digest = hashlib.sha256(str(mv.source).encode()).hexdigest()[:10]
+    root = cache_root() / "serving" / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / f"{_safe(choice.name)}-v{choice.version}-{digest}"
+    with FileLock(str(dest) + ".lock"):
+        if not (dest / "MLmodel").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=root))
+            try:
+                mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{choice.name}/{choice.version}",
+                                                    dst_path=str(tmp))
+            except Exception as e:  # noqa: BLE001 - any store error: say which version and why
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise FinetuneError(f"could not download {choice.name} v{choice.version} ({mv.source}): {e}") from None
+            if not (tmp / "MLmodel").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise FinetuneError(f"{choice.name} v{choice.version} has no MLflow model at its source {mv.source}: "
+                                    "the playground serves versions made by `mlflow run ... --backend finetune`")
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+    pyfunc = Model.load(str(dest / "MLmodel")).flavors.get("python_function", {})
+    config = dict(pyfunc.get("config") or {})
+    artifacts = {k: dest / spec["path"] for k, spec in (pyfunc.get("artifacts") or {}).items()}
+    if "tokenizer" not in artifacts or not ({"adapter", "model"} & set(artifacts)):
+        raise FinetuneError(f"{choice.name} v{choice.version} was not logged by mlflow-finetune (no adapter/model and "
+                            "tokenizer artifacts); the playground serves versions made by `mlflow run ... --backend "
+                            "finetune`")
+    return LocalModel(choice, dest, config, artifacts, dict(mv.tags))
+
+
+def vllm_support(local: LocalModel) -> tuple[bool, str]:
+    """Whether vLLM can serve this version, and why not: the version's `finetune.vllm_compatible` tag when training
+    recorded one, else computed from adapter_config.json (LoRA only, no DoRA, no trained biases or extra modules,
+    a rank vLLM's kernels support)."""
+    tag = local.tags.get(registry.TAG_PREFIX + "vllm_compatible")
+    if tag in ("true", "false"):
+        return tag == "true", local.tags.get(registry.TAG_PREFIX + "vllm_reason", "")
+    if not local.is_adapter:
+        return True, "a full fine-tune is a plain model folder"
+    cfg = local.adapter_config()
+    peft_type = cfg.get("peft_type", "?")
+    if peft_type != "LORA":
+        return False, f"vLLM serves LoRA adapters only; this is a {peft_type} adapter"
+    if cfg.get("use_dora"):
+        return False, "vLLM does not serve DoRA adapters"
+    if cfg.get("r") not in VLLM_RANKS:
+        return False, f"vLLM serves LoRA ranks {list(VLLM_RANKS)}, this adapter has r={cfg.get('r')}"
+    if cfg.get("bias", "none") != "none":
+        return False, "vLLM does not serve LoRA adapters with trained biases"
+    if cfg.get("modules_to_save"):
+        return False, f"vLLM does not serve adapters that also train whole modules ({cfg['modules_to_save']})"
+    return True, "LoRA without DoRA or biases, rank supported by vLLM"
+
+
+def require_vllm_support(local: LocalModel) -> None:
+    """Raise FinetuneError saying why vLLM cannot serve `local` and what to do instead."""
+    ok, reason = vllm_support(local)
+    if not ok:
+        c = local.choice
+        raise FinetuneError(
+            f"vLLM cannot serve {c.name} v{c.version}: {reason}.\n"
+            f"Use the transformers engine (`mlflow-finetune playground --model {c.name}/{c.version} --engine "
+            f"transformers`), or merge the adapter into the base and serve the merged model "
+            f"(`mlflow-finetune serve models:/{c.name}/{c.version} --engine transformers`).")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)

@@ -1,0 +1,165 @@
+"""The vllm engine: vLLM's AsyncLLM in this process, multi-LoRA.
+
+One engine holds one base model. The base side is a request without a LoRA; each version is a `LoRARequest`
+on the same weights, batched together by vLLM. Versions vLLM cannot serve (DoRA, prompt learning, IA3, trained
+biases, ranks its kernels lack, another base) are refused with the reason and the alternatives: merge the
+adapter (`mlflow-finetune serve ... --engine transformers`) or use the transformers engine.
+
+AsyncLLM lives on an asyncio loop in a thread of its own; `stream()` is a plain iterator fed from that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import uuid
+from collections.abc import Iterator
+
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
+from mlflow_finetune_plugin.serving.choices import LocalModel, local_model, require_vllm_support
+
+_DONE = object()
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class VLLMEngine(Engine):
+    """Serves registry versions with vLLM (CUDA): base = no LoRA request, tuned = a LoRARequest."""
+
+    name = "vllm"
+
+    def __init__(self, max_lora_rank: int = 64, max_loras: int = 4, gpu_memory_utilization: float = 0.85,
+                 max_model_len: int | None = None, concurrency: int = 16):
+        if not vllm_available():
+            raise FinetuneError("the vllm engine needs vLLM and a CUDA GPU: pip install 'mlflow-finetune-plugin[vllm]'"
+                                "; on a CPU machine use --engine transformers")
+        self.max_lora_rank = max_lora_rank
+        self.max_loras = max_loras
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.concurrency = concurrency
+        self._llm = None
+        self._base_local: LocalModel | None = None
+        self._tokenizer = None
+        self._loras: dict[str, object] = {}      # choice key -> LoRARequest
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="vllm-loop")
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------------------------- loading
+    def prepare(self, choice: ModelChoice) -> None:
+        self._request_for(choice)
+
+    def _request_for(self, choice: ModelChoice):
+        """The LoRARequest for `choice` (None for the base), starting the engine on the first call."""
+        with self._lock:
+            local = local_model(choice)
+            if self._llm is None:
+                self._start(local)
+            held = self._base_local
+            if not held.is_adapter and not held.choice.base:  # the engine holds a full fine-tune's own weights
+                ok = choice.key == held.choice.key
+            else:
+                ok = local.base_key() == held.base_key() and (local.is_adapter or choice.base)
+            if not ok:
+                what = "a full fine-tune" if not (local.is_adapter or choice.base) else f"on {local.base_ref}"
+                raise FinetuneError(
+                    f"this vLLM engine holds the weights of {held.choice.key}; {choice.key} is {what}. Compare it "
+                    f"in a playground of its own (--model {choice.name}/{choice.version}) or with --engine "
+                    "transformers")
+            if choice.base or not local.is_adapter:
+                return None
+            if choice.key not in self._loras:
+                require_vllm_support(local)
+                rank = int(local.adapter_config().get("r", 0))
+                if rank > self.max_lora_rank:
+                    raise FinetuneError(f"{choice.key} has LoRA rank {rank}, above this engine's max_lora_rank "
+                                        f"{self.max_lora_rank}: restart with --max-lora-rank {rank}")
+                from vllm.lora.request import LoRARequest
+
+                self._loras[choice.key] = LoRARequest(f"{choice.name}-v{choice.version}", next(self._ids),
+                                                      str(local.adapter_dir))
+            return self._loras[choice.key]
+
+    def _start(self, local: LocalModel) -> None:
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from mlflow_finetune_plugin.models import resolve_model_path
+
+        if not local.is_adapter and not local.choice.base:
+            model_path = str(local.artifacts["model"])
+        else:
+            model_path = resolve_model_path(local.base_ref)
+        args = AsyncEngineArgs(model=model_path, tokenizer=str(local.tokenizer_dir),
+                               revision=local.config.get("base_revision") if local.is_adapter else None,
+                               enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras,
+                               gpu_memory_utilization=self.gpu_memory_utilization,
+                               max_model_len=self.max_model_len, trust_remote_code=False)
+
+        async def create():
+            return AsyncLLM.from_engine_args(args)
+
+        self._llm = asyncio.run_coroutine_threadsafe(create(), self._loop).result()
+        self._base_local = local
+        self._tokenizer = AutoTokenizer.from_pretrained(local.tokenizer_dir)
+
+    # ---------------------------------------------------------------------------------------------- generation
+    def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:
+        """Stream the answer (DELTA outputs); stops at the logged tokenizer's end-of-turn token."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        settings = settings.checked(max_new_tokens_cap=None)  # ranges only: the playground applies its own cap
+        lora = self._request_for(choice)
+        ids = self._tokenizer.apply_chat_template(plain_messages(messages), add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]
+        eos = [t for t in (self._tokenizer.eos_token_id,) if isinstance(t, int)]
+        params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                                max_tokens=settings.max_new_tokens, stop_token_ids=eos,
+                                output_kind=RequestOutputKind.DELTA)
+        out: queue.Queue = queue.Queue()
+        request_id = uuid.uuid4().hex
+
+        async def run():
+            try:
+                async for item in self._llm.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id,
+                                                     lora_request=lora):
+                    for o in item.outputs:
+                        if o.text:
+                            out.put(o.text)
+                out.put(_DONE)
+            except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
+                out.put(e)
+
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        try:
+            while True:
+                item = out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise FinetuneError(f"{choice.key}: vLLM generation failed: {type(item).__name__}: {item}")
+                yield item
+        finally:
+            if not future.done():  # the consumer went away: abort the request inside vLLM
+                future.cancel()
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        self._loop.call_soon_threadsafe(self._loop.stop)

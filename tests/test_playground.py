@@ -1,0 +1,274 @@
+"""The A/B playground launched for real on 127.0.0.1: driven by gradio_client (compare, vote, export, promote,
+errors, several users at once, auth) and, through the `mlflow-finetune playground` command, by headless Chromium
+(type a prompt, both answers stream, vote, screenshot)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from conftest import _forget_active_experiment
+from gradio_client import Client
+from gradio_client.exceptions import AppError, AuthenticationError
+from mlflow import MlflowClient
+from test_serving import cli_process, free_port, register_version, stop, wait_for_http
+
+from gradio_app import Playground, build_app, launch
+from mlflow_finetune_plugin.cli import main
+from mlflow_finetune_plugin.data import load_training_dataset
+from mlflow_finetune_plugin.serving import ModelChoice, Settings
+from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
+from mlflow_finetune_plugin.votes import EXPERIMENT
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "How do I reset my password?"
+SHORT = {"max_new_tokens": 12}
+
+
+def _rouge(tuned: float) -> dict:
+    return {"eval/tuned/rougeL": tuned, "eval/base/rougeL": 0.2, "eval/fewshot/rougeL": 0.3}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module: bot v1 @challenger, v2 @champion, v3 a version with no model (it fails)."""
+    mp = pytest.MonkeyPatch()
+    uri = f"sqlite:///{tmp_path_factory.mktemp('playground') / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    _forget_active_experiment()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    register_version(seed=0, alias="challenger", metrics=_rouge(0.5))
+    register_version(seed=1, alias="champion", metrics=_rouge(0.4))
+    with mlflow.start_run() as run:
+        pass
+    MlflowClient().create_model_version("bot", f"runs:/{run.info.run_id}/nothing", run_id=run.info.run_id)
+    yield uri
+    mp.undo()
+    _forget_active_experiment()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def engine(store):
+    eng = TransformersEngine(device="cpu", concurrency=2)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def app(engine):
+    """The playground for bot@challenger against its base, served on a free port; yields (client, playground)."""
+    pg = Playground(engine, ModelChoice("bot", "1"), ModelChoice("bot", "1", base=True))
+    demo = build_app(pg)
+    _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), block=False, quiet=True)
+    assert url.startswith("http://127.0.0.1:")
+    yield Client(url, verbose=False), pg
+    demo.close()
+
+
+def _vote_runs():
+    exp = MlflowClient().get_experiment_by_name(EXPERIMENT)
+    return MlflowClient().search_runs([exp.experiment_id]) if exp else []
+
+
+def test_compare_vote_summary_and_export_to_preference_data(app, engine, tmp_path):
+    client, _ = app
+    r = client.predict(PROMPT, **SHORT, api_name="/compare")
+    a, b = r["a"], r["b"]
+    assert (a["model"], b["model"]) == ("bot/1", "bot/1:base") and not a["error"] and not b["error"]
+    # Each side is exactly its model's greedy answer: the adapter on, then off, on the same weights.
+    settings = Settings(0.0, 1.0, 12)
+    assert a["answer"] == engine.generate(ModelChoice("bot", "1"), [{"role": "user", "content": PROMPT}], settings)
+    assert b["answer"] == engine.generate(ModelChoice("bot", "1", True), [{"role": "user", "content": PROMPT}],
+                                          settings)
+    assert a["answer"] and b["answer"] and a["answer"] != b["answer"]
+
+    voted = client.predict(r["id"], "a", api_name="/vote")
+    assert voted["model_a"] == "bot/1" and "challenger" in voted["label_a"]
+    run = MlflowClient().get_run(voted["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["finetune.vote.verdict"] == "a"
+    assert run.data.params == {"max_new_tokens": "12", "temperature": "0.0", "top_p": "1.0"}
+    logged = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/vote.json")
+    assert logged["answer_a"] == a["answer"] and logged["answer_b"] == b["answer"]
+    assert logged["context_a"] == [{"role": "user", "content": PROMPT}]
+    with pytest.raises(AppError, match="has a vote already"):
+        client.predict(r["id"], "b", api_name="/vote")
+
+    # Blind: no names until the vote, which reveals them.
+    blind = client.predict("Where is my invoice?", blind=True, **SHORT, api_name="/compare")
+    assert blind["a"]["model"] is None and blind["b"]["model"] is None
+    revealed = client.predict(blind["id"], "B is better", api_name="/vote")
+    assert {revealed["model_a"], revealed["model_b"]} == {"bot/1", "bot/1:base"}
+    # Another pair of versions, with a system prompt; a tie is logged but is no preference pair.
+    other = client.predict("Can I change my plan?", "bot/2", "bot/1", "Be brief.", **SHORT, api_name="/compare")
+    client.predict(other["id"], "tie", api_name="/vote")
+    assert len(_vote_runs()) == 3
+
+    rows = {(row[0], row[1]): row[2:] for row in client.predict(api_name="/summary")}
+    winner = revealed["model_b"]
+    assert rows[("bot/1", "bot/1:base")] == [2, 1 + (winner == "bot/1"), 1 - (winner == "bot/1"), 0, 0,
+                                             0.5 + 0.5 * (winner == "bot/1")]
+    assert rows[("bot/1", "bot/2")] == [1, 0, 0, 1, 0, 0.5]
+
+    out = tmp_path / "prefs.jsonl"
+    runner = CliRunner()
+    result = runner.invoke(main, ["votes", "export", "bot", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Wrote 2 preference pairs" in result.output and "1 ties or both-bad" in result.output
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert pairs[0] == {"prompt": [{"role": "user", "content": PROMPT}],
+                        "chosen": [{"role": "assistant", "content": a["answer"]}],
+                        "rejected": [{"role": "assistant", "content": b["answer"]}]}
+    check = runner.invoke(main, ["data", "check", str(out), "--format", "preference"])
+    assert check.exit_code == 0, check.output
+    dataset, fmt = load_training_dataset(out, "preference")  # what the dpo entry point trains on
+    assert fmt == "preference" and dataset.num_rows == 2 and set(dataset.column_names) == {"prompt", "chosen",
+                                                                                          "rejected"}
+    summary = runner.invoke(main, ["votes", "summary", "bot"])
+    assert summary.exit_code == 0 and "bot/1:base" in summary.output
+
+
+def test_bad_input_and_a_failing_model_are_reported_not_crashes(app):
+    client, pg = app
+    for args, kwargs, message in [
+        (("x" * 9000,), {}, "takes at most 8000"),
+        (("   ",), {}, "prompt is empty"),
+        ((PROMPT, "/etc/passwd"), {}, "not a model choice"),
+        ((PROMPT, "other/1"), {}, "not a model of this playground"),
+        ((PROMPT, "bot/9"), {}, "no version '9'"),
+        ((PROMPT,), {"temperature": 5.0, "max_new_tokens": 4096}, "temperature=5.0.*max_new_tokens=4096"),
+    ]:
+        with pytest.raises(AppError, match=message):
+            client.predict(*args, **kwargs, api_name="/compare")
+    with pytest.raises(AppError, match="no answer to vote on"):
+        client.predict("not-an-id", "a", api_name="/vote")
+    with pytest.raises(AppError, match="unknown verdict"):
+        client.predict("not-an-id", "maybe", api_name="/vote")
+    # v3 has no model behind it: its side shows why, the other side still answers, and nothing is votable.
+    r = client.predict(PROMPT, "bot/3", **SHORT, api_name="/compare")
+    assert "bot v3 has no MLflow model" in r["a"]["error"] and r["b"]["answer"] and r["id"] is None
+    assert ("bot v3", "bot/3") in [(label[:6], key) for label, key in pg.choices()]  # listed, as the registry has it
+
+
+def test_several_users_at_once_get_their_own_answers(app, engine):
+    client, _ = app
+    prompts = [f"Question number {i}: how do I reset my password?" for i in range(4)]
+    jobs = [client.submit(p, "bot/2", "bot/1:base", **SHORT, api_name="/compare") for p in prompts]
+    results = [job.result(timeout=300) for job in jobs]
+    settings = Settings(0.0, 1.0, 12)
+    for prompt, r in zip(prompts, results):
+        messages = [{"role": "user", "content": prompt}]
+        assert r["a"]["answer"] == engine.generate(ModelChoice("bot", "2"), messages, settings)
+        assert r["b"]["answer"] == engine.generate(ModelChoice("bot", "1", True), messages, settings)
+    assert len({r["a"]["answer"] for r in results}) == 4
+
+
+def test_promote_runs_the_gated_promotion(app):
+    client, _ = app
+    moved = client.predict("bot/1", api_name="/promote")
+    assert "@champion moved from v2 to v1" in moved
+    assert MlflowClient().get_registered_model("bot").aliases["champion"] in (1, "1")
+    stays = client.predict("bot/2", api_name="/promote")
+    assert "gates failed: @champion stays on v1" in stays and "FAIL" in stays
+    with pytest.raises(AppError, match="not a registered version"):
+        client.predict("bot/1:base", api_name="/promote")
+
+
+def test_auth_is_required_when_set_and_the_voter_is_recorded(engine):
+    pg = Playground(engine, ModelChoice("bot", "1"), ModelChoice("bot", "1", base=True))
+    demo = build_app(pg)
+    _, url, _ = launch(demo, port=free_port(), auth=("alice", "s3cret"), block=False, quiet=True)
+    try:
+        with pytest.raises(AuthenticationError):
+            Client(url, verbose=False)
+        client = Client(url, auth=("alice", "s3cret"), verbose=False)
+        r = client.predict(PROMPT, **SHORT, api_name="/compare")
+        run_id = client.predict(r["id"], "both_bad", api_name="/vote")["run_id"]
+        assert MlflowClient().get_run(run_id).data.tags["finetune.vote.user"] == "alice"
+    finally:
+        demo.close()
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
+def test_the_playground_command_in_a_browser(store, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    proc = cli_process("playground", "--model", "bot@challenger", "--against", "base", "--port", str(port),
+                       "--max-new-tokens", "48")
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/", proc)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"], headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("#chat-b")  # the page is rendered by its scripts after the load event
+            # Record every text each pane shows while answering: streaming shows several, growing.
+            page.evaluate("""() => {
+                window.seen = {a: [], b: []};
+                for (const side of ['a', 'b']) {
+                    const pane = document.querySelector('#chat-' + side);
+                    new MutationObserver(() => {
+                        const bots = pane.querySelectorAll('[data-testid=bot]');
+                        const text = bots.length ? bots[bots.length - 1].innerText : '';
+                        const list = window.seen[side];
+                        if (text && list[list.length - 1] !== text) list.push(text);
+                    }).observe(pane, {subtree: true, childList: true, characterData: true});
+                }
+            }""")
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#send").click()
+            page.wait_for_function("document.querySelector('#status').innerText.includes('Vote below')",
+                                   timeout=120_000)
+            answers = [page.locator(f"#chat-{s} [data-testid=bot]").last.inner_text() for s in "ab"]
+            assert all(a.strip() for a in answers) and answers[0] != answers[1]
+            seen = page.evaluate("window.seen")
+            for side in "ab":
+                assert len(seen[side]) >= 3, seen[side]  # several partial answers before the whole one
+                assert all(len(x) <= len(y) for x, y in zip(seen[side], seen[side][1:]))
+            page.locator("#vote-a").click()
+            page.wait_for_function("document.querySelector('#status').innerText.includes('Vote logged')",
+                                   timeout=30_000)
+            assert "A was bot v1 @challenger" in page.locator("#status").inner_text()
+            shot = tmp_path / "playground.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+        votes = [r for r in _vote_runs() if r.data.tags.get("finetune.vote.prompt") == PROMPT
+                 and r.data.params.get("max_new_tokens") == "48"]
+        assert len(votes) == 1 and votes[0].data.tags["finetune.vote.verdict"] == "a"
+    finally:
+        stop(proc)
+
+
+def test_voting_is_safe_from_many_threads(app):
+    """Votes from many users at once: each is logged once, none lost (MLflow client calls, no shared run)."""
+    client, pg = app
+    ids = [client.predict(f"thread question {i}", **SHORT, api_name="/compare")["id"] for i in range(6)]
+    before = len(_vote_runs())
+    errors = []
+
+    def vote(comparison_id):
+        try:
+            pg.vote(comparison_id, "a")
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=vote, args=(i,)) for i in ids + ids]  # each id twice: one must be refused
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(_vote_runs()) == before + 6
+    assert len(errors) == 6 and all("has a vote already" in str(e) for e in errors)

@@ -1,0 +1,333 @@
+"""Serving: model choices from the registry, the transformers engine (one base copy for every side, adapters on/off,
+token streaming, concurrent requests), the openai engine against a real `transformers serve`, the `serve` command,
+and vLLM (real tests skipped without it and a GPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mlflow_finetune_plugin.cli import main
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.logged_model import generate, load_logged_model, log_finetuned_model
+from mlflow_finetune_plugin.methods import lora
+from mlflow_finetune_plugin.registry import lineage_tags, register
+from mlflow_finetune_plugin.serving import ModelChoice, Settings, stream_pair
+from mlflow_finetune_plugin.serving.choices import (
+    local_model,
+    parse_ref,
+    picker_choices,
+    require_vllm_support,
+    vllm_support,
+)
+from mlflow_finetune_plugin.serving.openai_engine import OpenAIEngine
+from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
+from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine, vllm_available
+from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF, tiny_model_path
+
+REPO = Path(__file__).resolve().parents[1]
+MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
+GREEDY = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16)
+
+
+def register_version(name: str = "bot", seed: int = 0, alias: str | None = "challenger", r: int = 8,
+                     use_dora: bool = False, metrics: dict | None = None) -> str:
+    """A registered LoRA version on the tiny model with random (non-zero) updates, so the adapter changes the
+    answers; `metrics` are logged in its source run (what promotion reads). Returns the version number."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path())
+    model = lora.apply(base, lora.Config(r=r, alpha=2 * r, dropout=0.0, use_dora=use_dora))
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name:
+                param.normal_(0, 0.5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    with mlflow.start_run() as run:
+        mlflow.log_metrics(metrics or {})
+        info = log_finetuned_model(model.eval(), tokenizer,
+                                   {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+    tags = lineage_tags(method="lora", base_model=TINY_MODEL_REF, dataset_digest="d", recipe_hash="r",
+                        chat_template_hash="c", source_run=run.info.run_id)
+    return str(register(info.model_uri, name, tags, alias).version)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    """Poll `url` until it answers 200; fail with the process's output if it exits or never answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"server exited with {proc.returncode}:\n{out[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.25)  # polling interval, not synchronization: the loop checks the real condition
+    pytest.fail(f"{url} did not answer within {timeout:.0f} s")
+
+
+def cli_process(*args: str) -> subprocess.Popen:
+    """`mlflow-finetune ARGS` as a child process of this interpreter (the store and cache come from the env)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_DISABLE_UPDATE_CHECK": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    code = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --- model choices ---------------------------------------------------------------------------------------------
+
+
+def test_references_resolve_to_registry_versions_and_nothing_else(tracking_uri):
+    v1 = register_version(seed=0, alias="challenger")
+    v2 = register_version(seed=1, alias="champion")
+    assert parse_ref("bot@challenger").key == f"bot/{v1}"
+    assert parse_ref("models:/bot@champion").key == f"bot/{v2}"
+    assert parse_ref("bot/v2").key == "bot/2" and parse_ref("bot/1:base").key == "bot/1:base"
+    assert parse_ref("base", base_of=ModelChoice("bot", v1)).key == f"bot/{v1}:base"
+    assert parse_ref("champion", default_name="bot").key == f"bot/{v2}"
+    with pytest.raises(FinetuneError, match="no version '9'"):
+        parse_ref("bot/9")
+    with pytest.raises(FinetuneError, match="no registered model named 'nope'"):
+        picker_choices("nope")
+    for bad in ("/etc/passwd", "bot", "bot/x", "bot/1:adapter"):
+        with pytest.raises(FinetuneError, match="not a model choice"):
+            ModelChoice.from_key(bad)
+    choices = dict((key, label) for label, key in picker_choices("bot"))
+    assert list(choices) == ["bot/2", "bot/1", "bot/2:base"]  # newest first, then one entry per base model
+    assert "@challenger" in choices["bot/1"] and "@champion" in choices["bot/2"]
+    assert TINY_MODEL_REF in choices["bot/2:base"]
+
+
+def test_settings_are_checked_all_at_once():
+    with pytest.raises(FinetuneError) as err:
+        Settings(temperature=3.0, top_p=0.0, max_new_tokens=0).checked()
+    assert all(k in str(err.value) for k in ("temperature=3.0", "top_p=0.0", "max_new_tokens=0"))
+    assert Settings(0.7, 0.9, 32).checked() == Settings(0.7, 0.9, 32)
+    assert Settings(0.0, 1.0, 4096).checked(max_new_tokens_cap=None).max_new_tokens == 4096  # engines: no cap
+    with pytest.raises(FinetuneError, match="use 1 to 64"):
+        Settings(0.0, 1.0, 65).checked(max_new_tokens_cap=64)
+
+
+# --- the transformers engine -----------------------------------------------------------------------------------
+
+
+def test_one_base_copy_serves_base_and_two_adapters_streaming_at_once(tracking_uri):
+    v1, v2 = register_version(seed=0), register_version(seed=1, alias=None)
+    base, c1, c2 = ModelChoice("bot", v1, base=True), ModelChoice("bot", v1), ModelChoice("bot", v2)
+    engine = TransformersEngine(device="cpu")
+    # The base first: the adapters are then put onto that same model, not onto a second copy.
+    jobs = [(base, MESSAGES), (c1, MESSAGES), (c2, MESSAGES)]
+    texts, pieces, errors = ["", "", ""], [0, 0, 0], []
+    for i, piece, error in stream_pair(engine, jobs, GREEDY):
+        texts[i] += piece
+        pieces[i] += bool(piece)
+        errors += [error] if error else []
+    assert not errors
+    assert len(engine._slots) == 1  # one copy of the base weights in memory
+    assert min(pieces) > 1  # streamed token by token, not in one piece
+
+    # Interleaved on one model, each answer is still exactly what its model alone answers (greedy).
+    loaded = load_logged_model(local_model(c1).path, device="cpu")
+    expected_v1 = generate(loaded, MESSAGES, max_new_tokens=16)
+    with loaded.model.disable_adapter():
+        expected_base = generate(loaded, MESSAGES, max_new_tokens=16)
+    expected_v2 = generate(load_logged_model(local_model(c2).path, device="cpu"), MESSAGES, max_new_tokens=16)
+    assert [t.strip() for t in texts] == [expected_base, expected_v1, expected_v2]
+    assert len({expected_base, expected_v1, expected_v2}) == 3  # the adapters change the answers
+
+    # Alone, and with another length limit, it still answers the same.
+    assert engine.generate(c1, MESSAGES, GREEDY) == expected_v1
+    assert engine.generate(c1, MESSAGES, Settings(0.0, 1.0, 4)) == generate(loaded, MESSAGES, max_new_tokens=4)
+
+
+def test_an_adapter_loaded_first_shares_its_base_with_the_base_side(tracking_uri):
+    v1 = register_version(seed=0)
+    engine = TransformersEngine(device="cpu")
+    tuned = engine.generate(ModelChoice("bot", v1), MESSAGES, GREEDY)
+    base = engine.generate(ModelChoice("bot", v1, base=True), MESSAGES, GREEDY)
+    assert len(engine._slots) == 1 and tuned != base
+    with pytest.raises(FinetuneError, match="would exceed the model's context"):
+        list(engine.stream(ModelChoice("bot", v1), [{"role": "user", "content": "word " * 1100}], GREEDY))
+
+
+# --- vLLM: what it can serve, the command, the engine ----------------------------------------------------------
+
+
+def test_vllm_refuses_adapters_it_cannot_serve_and_names_the_alternatives(tracking_uri):
+    ok = register_version(seed=0, r=8)
+    dora = register_version(seed=1, r=8, use_dora=True, alias=None)
+    odd_rank = register_version(seed=2, r=12, alias=None)
+    assert vllm_support(local_model(ModelChoice("bot", ok))) == (True, "LoRA without DoRA or biases, rank supported "
+                                                                       "by vLLM")
+    assert "DoRA" in vllm_support(local_model(ModelChoice("bot", dora)))[1]
+    assert "r=12" in vllm_support(local_model(ModelChoice("bot", odd_rank)))[1]
+    with pytest.raises(FinetuneError) as err:
+        require_vllm_support(local_model(ModelChoice("bot", dora)))
+    assert "--engine transformers" in str(err.value) and "merge" in str(err.value)
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["serve", f"bot/{ok}", "bot/1:base", "--engine", "vllm", "--dry-run",
+                                  "--port", "8123"])
+    assert result.exit_code == 0, result.output
+    command = result.output.splitlines()[-1]
+    assert command.startswith("$ vllm serve ") and "--enable-lora" in command and "--host 127.0.0.1" in command
+    assert f"--lora-modules bot-v{ok}=" in command and "--served-model-name bot-v1-base" in command
+    assert "--max-lora-rank 8" in command and "--port 8123" in command
+    refused = runner.invoke(main, ["serve", f"bot/{dora}", "--engine", "vllm", "--dry-run"])
+    assert refused.exit_code == 1 and "does not serve DoRA" in refused.output
+
+
+def _fake_vllm(monkeypatch) -> list:
+    """Stand-ins for the few vLLM names the engine uses (vLLM needs CUDA): an AsyncLLM whose generate() streams
+    DELTA pieces naming the LoRA it was given. Returns the list of requests it receives."""
+    import types
+
+    requests = []
+
+    class AsyncLLM:
+        @classmethod
+        def from_engine_args(cls, args):
+            engine = cls()
+            engine.args = args
+            return engine
+
+        async def generate(self, prompt, params, request_id, *, lora_request=None):
+            requests.append((prompt, params, lora_request))
+            name = lora_request.lora_name if lora_request else "base"
+            for piece in (f"answer from {name}", " in", " pieces"):
+                yield types.SimpleNamespace(outputs=[types.SimpleNamespace(text=piece)], finished=False)
+
+        def shutdown(self):
+            requests.append("shutdown")
+
+    def module(name, **attrs):
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    module("vllm", SamplingParams=lambda **kw: kw)
+    module("vllm.inputs", TokensPrompt=lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids})
+    module("vllm.sampling_params", RequestOutputKind=types.SimpleNamespace(DELTA="delta"))
+    module("vllm.lora.request", LoRARequest=lambda name, int_id, path: types.SimpleNamespace(
+        lora_name=name, lora_int_id=int_id, lora_path=path))
+    module("vllm.engine.arg_utils", AsyncEngineArgs=lambda **kw: kw)
+    module("vllm.v1.engine.async_llm", AsyncLLM=AsyncLLM)
+    return requests
+
+
+def test_vllm_engine_routes_base_and_lora_requests_through_its_event_loop(tracking_uri, monkeypatch):
+    """The engine's own logic on CPU (vLLM itself is exercised by the GPU test below): one engine on the base,
+    base = no LoRA, each version = its LoRARequest, pieces streamed from the asyncio loop, DoRA refused."""
+    v1, dora = register_version(seed=0), register_version(seed=1, use_dora=True, alias=None)
+    requests = _fake_vllm(monkeypatch)
+    engine = VLLMEngine(max_lora_rank=8)
+    try:
+        jobs = [(ModelChoice("bot", v1, base=True), MESSAGES), (ModelChoice("bot", v1), MESSAGES)]
+        texts = ["", ""]
+        for i, piece, error in stream_pair(engine, jobs, GREEDY):
+            assert error is None
+            texts[i] += piece
+        assert texts == ["answer from base in pieces", f"answer from bot-v{v1} in pieces"]
+        args = engine._llm.args
+        assert args["enable_lora"] and args["max_lora_rank"] == 8 and args["trust_remote_code"] is False
+        assert args["model"] == str(tiny_model_path()) and args["tokenizer"].endswith("tokenizer")
+        loras = [r[2] for r in requests]
+        assert None in loras and {lr.lora_path for lr in loras if lr} == {str(local_model(jobs[1][0]).adapter_dir)}
+        prompt, params, _ = requests[0]
+        expected_ids = AutoTokenizer.from_pretrained(tiny_model_path()).apply_chat_template(
+            MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        assert prompt == {"prompt_token_ids": list(expected_ids)}
+        assert params["temperature"] == 0.0 and params["max_tokens"] == 16 and params["output_kind"] == "delta"
+        with pytest.raises(FinetuneError, match="(?s)does not serve DoRA.*--engine transformers"):
+            engine.prepare(ModelChoice("bot", dora))
+    finally:
+        engine.close()
+    assert requests[-1] == "shutdown"
+
+
+@pytest.mark.skipif(vllm_available(), reason="checks the message shown when vllm is not installed")
+def test_the_vllm_engine_without_vllm_says_what_to_do():
+    with pytest.raises(FinetuneError, match="--engine transformers"):
+        VLLMEngine()
+
+
+@pytest.mark.requires_vllm
+@pytest.mark.gpu
+@pytest.mark.skipif(not (vllm_available() and torch.cuda.is_available()), reason="needs vllm and a CUDA GPU")
+def test_vllm_engine_streams_base_and_lora_side_by_side(tracking_uri):
+    v1 = register_version(seed=0, r=8)
+    dora = register_version(seed=1, use_dora=True, alias=None)
+    engine = VLLMEngine(max_lora_rank=8, gpu_memory_utilization=0.3, max_model_len=1024)
+    try:
+        jobs = [(ModelChoice("bot", v1, base=True), MESSAGES), (ModelChoice("bot", v1), MESSAGES)]
+        texts, pieces = ["", ""], [0, 0]
+        for i, piece, error in stream_pair(engine, jobs, GREEDY):
+            assert error is None
+            texts[i] += piece
+            pieces[i] += bool(piece)
+        assert all(texts) and texts[0] != texts[1] and min(pieces) > 1
+        with pytest.raises(FinetuneError, match="DoRA"):
+            engine.prepare(ModelChoice("bot", dora))
+    finally:
+        engine.close()
+
+
+# --- the openai engine against a real server, started by `mlflow-finetune serve` -------------------------------
+
+
+@pytest.mark.integration
+def test_serve_transformers_and_the_openai_engine_stream_the_merged_model(tracking_uri):
+    v1 = register_version(seed=0)
+    port = free_port()
+    proc = cli_process("serve", f"bot/{v1}", "--engine", "transformers", "--port", str(port))
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        engine = OpenAIEngine(base_url=f"http://127.0.0.1:{port}/v1")
+        pieces = list(engine.stream(ModelChoice("bot", v1), MESSAGES, GREEDY))
+        assert len(pieces) > 1
+        # The merged model on the server answers what the adapter answers in process.
+        local = TransformersEngine(device="cpu")
+        assert "".join(pieces).strip() == local.generate(ModelChoice("bot", v1), MESSAGES, GREEDY)
+        # This server holds one model: asking it for another names the server's answer and the fix.
+        with pytest.raises(FinetuneError, match=f"model 'bot-v{v1}-base'.*--served-model"):
+            engine.generate(ModelChoice("bot", v1, base=True), MESSAGES, GREEDY)
+        # The playground's options: a default server, one model sent elsewhere, a server-side name.
+        from gradio_app.launch import make_engine
+
+        url = f"http://127.0.0.1:{port}/v1"
+        configured = make_engine("openai", ModelChoice("bot", v1), [url, f"bot/{v1}:base=http://127.0.0.1:9/v1"],
+                                 ["bot@challenger=merged"])
+        assert configured.endpoint(ModelChoice("bot", v1)) == (url, "merged")
+        assert configured.endpoint(ModelChoice("bot", v1, True)) == ("http://127.0.0.1:9/v1", f"bot-v{v1}-base")
+    finally:
+        stop(proc)
+    with pytest.raises(FinetuneError, match="cannot reach the server"):
+        OpenAIEngine(base_url=f"http://127.0.0.1:{free_port()}/v1").generate(ModelChoice("bot", v1), MESSAGES, GREEDY)
