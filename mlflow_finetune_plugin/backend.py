@@ -7,8 +7,11 @@ and fails the command when the run fails; `--backend-config '{"detach": true}'` 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from mlflow.projects.utils import PROJECT_SYNCHRONOUS, _fetch_project, load_proj
 
 from mlflow_finetune_plugin import paths
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.launchers import LAUNCHERS
+from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS
 from mlflow_finetune_plugin.methods import METHODS
 
 CONFIG_KEYS = {
@@ -31,6 +34,9 @@ CONFIG_KEYS = {
     "use_gpu": "ray: give each worker a GPU",
     "detach": "return at once; the job ends its own run",
 }
+_POSITIVE_INTS = ("nproc_per_node", "nnodes", "num_workers")
+_BOOLS = ("use_gpu", "detach")
+_STRINGS = ("launcher", "rdzv_endpoint", "address")
 # Keys MLflow itself adds to every backend config.
 _MLFLOW_KEYS = {"ENV_MANAGER", "SYNCHRONOUS", "DOCKER_ARGS", "STORAGE_DIR", "build_image", "docker_auth",
                 "_mlflow_local_backend_run_id"}
@@ -41,6 +47,14 @@ class FinetuneBackend(AbstractBackend):
 
     def run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id):
         config = _check_backend_config(backend_config or {})
+        launcher = LAUNCHERS[config.get("launcher", "local")]
+        detach = bool(config.get("detach", False))
+        extra = {k: v for k, v in config.items() if k not in ("launcher", "detach")}
+        if hasattr(launcher, "check"):  # e.g. the Ray cluster answers: before any run exists
+            try:
+                launcher.check(**extra)
+            except FinetuneError as e:
+                raise ExecutionException(f"--backend-config: {e}") from None
         work_dir = _fetch_project(project_uri, version)
         try:
             recipe, project_command = _resolve_entry_point(work_dir, entry_point, params)
@@ -61,9 +75,6 @@ class FinetuneBackend(AbstractBackend):
             cmd, cwd = ["bash", "-c", project_command], work_dir
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_ID": str(experiment_id),
                "MLFLOW_RUN_ID": run_id, "PYTHONUNBUFFERED": "1"}
-        launcher = LAUNCHERS[config.get("launcher", "local")]
-        detach = bool(config.get("detach", False))
-        extra = {k: v for k, v in config.items() if k not in ("launcher", "detach")}
         try:
             submitted = launcher.launch(cmd, run_id, env, job_dir, detach=detach, cwd=cwd, **extra)
         except Exception as e:
@@ -71,8 +82,11 @@ class FinetuneBackend(AbstractBackend):
 
             record_failure(run_id, e)
             raise ExecutionException(f"could not start run {run_id}: {e}") from None
-        print(f"=== Run {run_id} started ({launcher.__name__.rsplit('.', 1)[-1]}"
-              f"{', detached: log in ' + str(job_dir / 'job.log') if detach else ''}) ===", file=sys.stderr)
+        _tag_job(run_id, job_dir)
+        name = launcher.__name__.rsplit(".", 1)[-1]
+        log = f"`ray job logs {getattr(submitted, 'job_id', '')}`" if name == "ray" else str(job_dir / "job.log")
+        print(f"=== Run {run_id} started ({name}{', detached: log in ' + log if detach else ''}; "
+              f"stop it with `mlflow-finetune cancel {run_id}`) ===", file=sys.stderr)
         # MLflow's CLI passes synchronous=False to plugin backends and never waits: wait here, like `local` does.
         # A synchronous Python API call is waited on by MLflow itself through SubmittedRun.wait().
         if not detach and not backend_config.get(PROJECT_SYNCHRONOUS, False):
@@ -97,14 +111,27 @@ def _resolve_entry_point(work_dir: str, entry_point: str, params: dict):
         f"{' (and MLproject entry points)' if (Path(work_dir) / 'MLproject').exists() else ''}.")
 
 
+SFT_FORMATS = ("chat", "alpaca", "prompt_completion")
+_FORMAT_HINTS = {"dpo": "Give rows with prompt, chosen and rejected (or chosen/rejected message lists); "
+                        "`mlflow-finetune votes export NAME -o prefs.jsonl` writes them from playground votes."}
+
+
 def _check_data(recipe, check_data) -> None:
+    """Every data file of the recipe, row by row, in the format its method trains on; raises listing all problems."""
+    method = METHODS[recipe.method]
+    formats = getattr(method, "DATA_FORMATS", SFT_FORMATS)
+    files = method.data_files(recipe) if hasattr(method, "data_files") else [
+        (f"data.{split}", getattr(recipe.data, split), recipe.data.format, recipe.data.system_prompt)
+        for split in ("train", "eval") if getattr(recipe.data, split)]
     issues = []
-    for split in ("train", "eval"):
-        path = getattr(recipe.data, split)
-        if path:
-            report = check_data(path, fmt=recipe.data.format, tokenizer=None, max_length=recipe.data.max_length,
-                                system_prompt=recipe.data.system_prompt)
-            issues.extend(str(i) for i in report.errors)
+    for label, path, fmt, system_prompt in files:
+        report = check_data(path, fmt=fmt, tokenizer=None, max_length=recipe.data.max_length,
+                            system_prompt=system_prompt)
+        issues.extend(str(i) for i in report.errors)
+        if not report.errors and report.format and report.format not in formats:
+            issues.append(f"{path}: {label} is {report.format} data, but the `{recipe.method}` method trains on "
+                          f"{' or '.join(formats)} rows. " + _FORMAT_HINTS.get(recipe.method, "Use the `dpo` method "
+                          "for preference pairs (prompt, chosen, rejected)."))
     if issues:
         shown = issues[:20] + ([f"... and {len(issues) - 20} more"] if len(issues) > 20 else [])
         raise FinetuneError(f"{len(issues)} problem(s) in the data; nothing was started:\n  "
@@ -127,13 +154,65 @@ def _check_backend_config(config: dict) -> dict:
         if key not in CONFIG_KEYS:
             close = difflib.get_close_matches(key, list(CONFIG_KEYS), n=1)
             problems.append(f"unknown key {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}")
+    problems.extend(_type_problems(user))
     launcher = user.get("launcher", "local")
-    if launcher not in LAUNCHERS:
+    if isinstance(launcher, str) and launcher not in LAUNCHERS:
         problems.append(f"launcher {launcher!r} is not one of: {', '.join(LAUNCHERS)}")
+    elif isinstance(launcher, str):
+        problems.extend(_launcher_problems(launcher, user))
     if problems:
         valid = "\n".join(f"    {k}: {v}" for k, v in CONFIG_KEYS.items())
         raise ExecutionException("--backend-config: " + "; ".join(problems) + f"\n  Valid keys:\n{valid}")
     return user
+
+
+def _type_problems(user: dict) -> list[str]:
+    problems = []
+    for key in _POSITIVE_INTS:
+        value = user.get(key)
+        if key in user and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append(f"{key} must be a whole number >= 1 (got {json.dumps(value, default=str)})")
+    for key in _BOOLS:
+        if key in user and not isinstance(user[key], bool):
+            problems.append(f"{key} must be true or false (got {json.dumps(user[key], default=str)})")
+    for key in _STRINGS:
+        if key in user and not isinstance(user[key], str):
+            problems.append(f"{key} must be a string (got {json.dumps(user[key], default=str)})")
+    return problems
+
+
+def _launcher_problems(launcher: str, user: dict) -> list[str]:
+    """Keys of another launcher are mistakes (they would be ignored), and the combinations that cannot work."""
+    problems = []
+    for key in user:
+        for other, keys in LAUNCHER_KEYS.items():
+            if key in keys and other != launcher:
+                problems.append(f"{key!r} is a {other} key: add \"launcher\": \"{other}\" or leave it out")
+    endpoint = user.get("rdzv_endpoint")
+    if isinstance(endpoint, str) and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", endpoint):
+        problems.append(f"rdzv_endpoint must be host:port, e.g. \"10.0.0.1:29400\" (got {endpoint!r})")
+    nnodes = user.get("nnodes", 1)
+    if isinstance(nnodes, int) and nnodes > 1 and not endpoint:
+        problems.append(f"nnodes={nnodes} needs rdzv_endpoint (host:port reachable from every node)")
+    if launcher == "ray" and importlib.util.find_spec("ray") is None:
+        problems.append("launcher 'ray' needs Ray installed: pip install 'mlflow-finetune-plugin[ray]'")
+    return problems
+
+
+def _tag_job(run_id: str, job_dir: Path) -> None:
+    """Record where the job runs on the run itself, so `mlflow-finetune cancel RUN_ID` finds it from anywhere."""
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    try:
+        job = json.loads((job_dir / "job.json").read_text())
+        tags = {"finetune.job.launcher": job.get("launcher", "local"), "finetune.job.host": socket.gethostname()}
+        for key in ("pid", "job_id", "address"):
+            if job.get(key) is not None:
+                tags[f"finetune.job.{key}"] = str(job[key])
+        MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    except Exception as e:  # noqa: BLE001 - the job is running; only `cancel` from another machine needs these
+        print(f"Warning: could not record the job's whereabouts on run {run_id}: {e}", file=sys.stderr)
 
 
 def _create_run(uri, experiment_id, work_dir, version, entry_point, params):

@@ -95,6 +95,16 @@ def train_cmd(ctx, project, method, params):
     sys.exit(run(recipe))
 
 
+@main.command("cancel")
+@click.argument("run_id")
+def cancel_cmd(run_id):
+    """Stop the job of RUN_ID (local, torchrun or ray launcher) and end the run KILLED."""
+    from mlflow_finetune_plugin.cancel import cancel_run
+
+    status, stopped = cancel_run(run_id)
+    click.echo(f"Run {run_id} cancelled ({status})" if stopped else f"Run {run_id} had already ended {status}")
+
+
 @main.command("evaluate")
 @click.argument("model_uri")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -156,3 +166,84 @@ def models_cmd(name, metrics):
     from mlflow_finetune_plugin.registry import versions_table
 
     click.echo(versions_table(name, list(metrics) or ["rougeL", "token_f1", "exact_match", "loss"]))
+
+
+@main.command("serve")
+@click.argument("model_uris", nargs=-1, required=True)
+@click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="transformers", show_default=True,
+              help="vllm: `vllm serve --enable-lora` (base + every adapter given, one process, CUDA); "
+                   "transformers: `transformers serve` on a merged copy (one model per server, CPU is fine).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback unless you mean it).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--server-args", default="", help="Extra flags for the server, e.g. \"--max-model-len 4096\".")
+@click.option("--dry-run", is_flag=True, help="Print the server command and exit.")
+def serve_cmd(model_uris, engine, host, port, server_args, dry_run):
+    """Start an OpenAI-compatible server for MODEL_URIS (models:/NAME@ALIAS, NAME/3, NAME/3:base) from the registry.
+
+    Models are served as NAME-vN (and NAME-vN-base), the names `playground --engine openai` asks for.
+    """
+    import shlex
+
+    from mlflow_finetune_plugin.serving.server import serve
+
+    serve(list(model_uris), engine, host=host, port=port, extra=tuple(shlex.split(server_args)), dry_run=dry_run,
+          echo=click.echo)
+
+
+@main.command("playground")
+@click.option("--model", "model_ref", required=True, help="NAME@ALIAS, NAME/VERSION or models:/NAME@ALIAS.")
+@click.option("--against", default="base", show_default=True,
+              help="The other side: base (the model's base), NAME@champion, NAME/VERSION.")
+@click.option("--engine", type=click.Choice(["transformers", "vllm", "openai"]), default="transformers",
+              show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--auth", default=None, metavar="USER:PASS", envvar="MLFLOW_FINETUNE_PLAYGROUND_AUTH",
+              help="Require a login (or set MLFLOW_FINETUNE_PLAYGROUND_AUTH).")
+@click.option("--blind", is_flag=True, help="Start in blind mode: sides shuffled, names hidden until the vote.")
+@click.option("--openai-url", "openai_urls", multiple=True, metavar="[REF=]URL",
+              help="openai engine: the server (http://127.0.0.1:8000/v1); REF=URL sends one model elsewhere.")
+@click.option("--served-model", "served_models", multiple=True, metavar="REF=NAME",
+              help="openai engine: the name a server knows REF by (default NAME-vN / NAME-vN-base).")
+@click.option("--max-new-tokens", default=512, show_default=True, help="Upper limit of the max-new-tokens slider.")
+@click.option("--concurrency", type=int, default=None, help="Comparisons answered at once (default: per engine).")
+@click.option("--device", default=None, help="transformers engine: cpu, cuda, cuda:1 (default: cuda if present).")
+@click.option("--max-lora-rank", default=64, show_default=True, help="vllm engine: largest LoRA rank to serve.")
+@click.option("--experiment", default=None, help="MLflow experiment for votes (default: playground-votes).")
+def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_urls, served_models, max_new_tokens,
+                   concurrency, device, max_lora_rank, experiment):
+    """Chat with two registered models side by side (A/B), vote, and promote, in a Gradio page."""
+    from gradio_app.launch import run_playground
+
+    run_playground(model_ref, against, engine=engine, host=host, port=port, auth=auth, blind=blind,
+                   openai_urls=openai_urls, served_models=served_models, max_new_tokens=max_new_tokens,
+                   concurrency=concurrency, device=device, experiment=experiment, max_lora_rank=max_lora_rank,
+                   echo=click.echo)
+
+
+@main.group("votes")
+def votes_group():
+    """Playground votes: win rates and preference data."""
+
+
+@votes_group.command("export")
+@click.argument("name")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--experiment", default="playground-votes", show_default=True)
+def votes_export_cmd(name, output, experiment):
+    """Write the votes on NAME with a winner as prompt/chosen/rejected rows (the `dpo` entry point's data)."""
+    from mlflow_finetune_plugin.votes import export
+
+    click.echo(export(name, output, experiment).report())
+
+
+@votes_group.command("summary")
+@click.argument("name")
+@click.option("--experiment", default="playground-votes", show_default=True)
+def votes_summary_cmd(name, experiment):
+    """Win rates per pair of compared versions of NAME."""
+    from mlflow_finetune_plugin.registry import format_table
+    from mlflow_finetune_plugin.votes import SUMMARY_HEADERS, summary_rows
+
+    rows = summary_rows(name, experiment)
+    click.echo(format_table(SUMMARY_HEADERS, rows) if rows else f"No votes on {name!r} in {experiment!r} yet.")

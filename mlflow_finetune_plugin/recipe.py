@@ -50,7 +50,8 @@ class DataConfig(Section):
     assistant_only_loss: bool = True
     packing: bool | Literal["auto"] = Field(
         "auto", description="Pack rows into full-length sequences (padding-free, attention kept within each row). "
-                            "auto: on for supervised methods whose positions packing cannot disturb.")
+                            "auto: on with a flash-attention model.attn_implementation, where it is exact and "
+                            "faster; off otherwise and for prefix/prompt tuning.")
     max_rows: int | None = Field(None, gt=0)
 
 

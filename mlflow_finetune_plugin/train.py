@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+from transformers import set_seed
 
 from mlflow_finetune_plugin import paths
 from mlflow_finetune_plugin.callbacks import CheckpointLogger, MlflowMetrics
@@ -47,11 +48,16 @@ def run(recipe, run_id: str | None = None) -> int:
     try:
         train(recipe, run_id)
     except KeyboardInterrupt as e:
-        record_failure(run_id, e, "KILLED")
-        mlflow.end_run("KILLED")  # else MLflow's exit hook would end the active run as FINISHED
-        print(f"\nRun {run_id} cancelled.", file=sys.stderr)
+        _ignore_stop_signals()
+        status = _interrupted_status(run_id)
+        record_failure(run_id, e if status == "KILLED" else _PEER_FAILED, status)
+        mlflow.end_run(status)  # else MLflow's exit hook would end the active run as FINISHED
+        print(f"\nRun {run_id} {'cancelled' if status == 'KILLED' else 'failed: ' + str(_PEER_FAILED)}.",
+              file=sys.stderr)
         return 130
     except BaseException as e:  # noqa: BLE001 - every failure must end the run, not leave it RUNNING
+        _ignore_stop_signals()
+        e = _explain_resource_error(e)
         record_failure(run_id, e, "FAILED")
         mlflow.end_run("FAILED")
         if isinstance(e, FinetuneError):
@@ -69,6 +75,49 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+_PEER_FAILED = FinetuneError("stopped because another training process of this job failed; its error is in the "
+                             "job's output (under torchrun: the lines prefixed [rankN])")
+
+
+def _ignore_stop_signals() -> None:
+    """While the run is being ended: a second signal (torchrun's SIGTERM after gloo already failed, a second
+    Ctrl-C) would cut that short, and MLflow's exit hook would then end the run FINISHED."""
+    signal.setitimer(signal.ITIMER_REAL, 0)  # a deferred stop signal, too
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interrupted_status(run_id: str) -> str:
+    """SIGTERM under torchrun is a cancel only when the canceller said so (the `finetune.cancel_requested` tag):
+    torchrun also SIGTERMs rank 0 when another rank dies, and that run FAILED."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return "KILLED"
+    try:
+        tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    except Exception:  # noqa: BLE001 - the run must still end; a cancel is the likelier cause
+        return "KILLED"
+    return "KILLED" if tags.get("finetune.cancel_requested") == "true" else "FAILED"
+
+
+def _explain_resource_error(e: BaseException) -> BaseException:
+    """Out of memory and disk full, as errors that say what to change."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return FinetuneError(
+            f"disk full{' writing ' + str(e.filename) if e.filename else ''}. Free space, or move the job folders "
+            f"(now {paths.cache_root()}) to a bigger disk with MLFLOW_FINETUNE_CACHE; keep fewer checkpoints with "
+            "a lower train.save_total_limit or a higher train.save_steps.")
+    text = str(e)
+    if (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)):
+        return FinetuneError(
+            f"out of memory ({type(e).__name__}: {text.splitlines()[0][:200] if text else 'no details'}). "
+            "Lower train.batch_size (raise train.grad_accum to keep the effective batch), set "
+            "train.gradient_checkpointing: true, lower data.max_length, or use -e qlora (4-bit base model).")
+    return e
+
+
 def train(recipe, run_id: str, main: bool = True) -> None:
     method = METHODS[recipe.method]
     cfg = method_config(recipe)
@@ -82,10 +131,14 @@ def train(recipe, run_id: str, main: bool = True) -> None:
     load_data = getattr(method, "load_data", None) or load_data_splits
     train_ds, eval_ds, fmt = load_data(recipe)
     if main:
-        tags.update(_log_inputs(recipe, train_ds, eval_ds, fmt))
+        log_inputs = getattr(method, "log_inputs", None) or _log_inputs
+        tags.update(log_inputs(recipe, train_ds, eval_ds, fmt))
         mlflow.set_tags(tags)
 
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+    # Adapter weights start random (LoRA's A, prompt embeddings): seeded, a run is repeatable and a resumed run
+    # continues the one it resumes. Trainer seeds again, but only once the model exists.
+    set_seed(recipe.train.seed)
     model = load_base_model(recipe.model, **method.model_kwargs(cfg))
     base_revision = recipe.model.revision or getattr(model.config, "_commit_hash", None)
     model = method.apply(model, cfg)
@@ -94,31 +147,41 @@ def train(recipe, run_id: str, main: bool = True) -> None:
 
     build_trainer = getattr(method, "build_trainer", None) or sft_trainer
     trainer = build_trainer(recipe, model, tokenizer, train_ds, eval_ds, training_arguments(recipe, run_id, eval_ds))
-    trainer.train(resume_from_checkpoint=_resume_checkpoint(recipe.train.resume, run_id) if main else
-                  _local_resume_checkpoint(run_id))
+    checkpoint = _resume_checkpoint(recipe.train.resume, run_id) if main else None
+    if recipe.train.resume and trainer.accelerator.num_processes > 1:
+        trainer.accelerator.wait_for_everyone()  # rank 0 has picked and downloaded the checkpoint
+        checkpoint = checkpoint if main else _rank_resume_checkpoint(run_id)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    tuned = _unsharded(trainer, recipe, method, cfg, run_id, main) if trainer.is_fsdp_enabled else trainer.model
     if not main:
         return
 
     if eval_ds is not None:
         # Base zero-shot, base few-shot and tuned on the held-out split; a full fine-tune needs the base loaded apart.
         evaluate = getattr(method, "evaluate", None) or _evaluate
-        evaluate(recipe, method, trainer.model, tokenizer, train_ds, eval_ds)
+        evaluate(recipe, method, tuned, tokenizer, train_ds, eval_ds)
 
-    tags.update(lineage_tags(base_revision=base_revision))
-    info = log_finetuned_model(
-        trainer.model, tokenizer,
-        config={"base_model": base_ref, "base_revision": base_revision, "method": recipe.method,
-                "artifact": method.ARTIFACT},
-    )
-    tags.update(lineage_tags(chat_template_hash=chat_template_hash(tokenizer)))
+    tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))
+    config = {"base_model": base_ref, "base_revision": base_revision, "method": recipe.method,
+              "artifact": method.ARTIFACT}
+    # A method that produces several models (one adapter per task) logs and registers each itself.
+    log_models = getattr(method, "log_and_register", None) or log_and_register
+    log_models(recipe, tuned, tokenizer, config, tags)
+
+
+def log_and_register(recipe, model, tokenizer, config: dict, tags: dict, name: str = "model",
+                     registered_name: str | None = None) -> None:
+    """Log the model in the active run and register it (alias, lineage tags, auto-promotion per the recipe)."""
+    info = log_finetuned_model(model, tokenizer, config=config, name=name)
     mlflow.set_tags(tags)
     if recipe.registry.enabled:
-        version = register(info.model_uri, recipe.registry.name, tags, recipe.registry.alias)
-        mlflow.set_tags({"finetune.registered_model": recipe.registry.name,
+        registered_name = registered_name or recipe.registry.name
+        version = register(info.model_uri, registered_name, tags, recipe.registry.alias)
+        mlflow.set_tags({"finetune.registered_model": registered_name,
                          "finetune.registered_version": version.version})
         alias = f" (alias @{recipe.registry.alias})" if recipe.registry.alias else ""
-        print(f"Registered {recipe.registry.name} version {version.version}{alias}")
-        maybe_auto_promote(recipe.registry.name, version.version, recipe)
+        print(f"Registered {registered_name} version {version.version}{alias}")
+        maybe_auto_promote(registered_name, version.version, recipe)
 
 
 def _log_recipe(recipe, method, cfg, run_id: str, base_ref: str) -> dict:
@@ -203,21 +266,74 @@ def training_arguments(recipe, run_id: str, eval_ds) -> dict:
         use_cpu=not on_gpu,
         report_to="none",
         dataloader_num_workers=0,
+        **_fsdp_arguments(t),
     )
 
 
-def sft_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict):
+def _fsdp_arguments(t) -> dict:
+    """`train.distributed: fsdp` with several processes; otherwise Trainer's default (DDP when distributed)."""
+    import torch
+
+    if t.distributed != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    if not torch.cuda.is_available():  # accelerate shards across GPUs only; on CPU it silently runs DDP
+        if is_main_process():
+            print("Warning: train.distributed=fsdp needs GPUs; training with DDP.", file=sys.stderr)
+        return {}
+    return {"fsdp": True, "fsdp_config": {"version": 2, "state_dict_type": "FULL_STATE_DICT"}}
+
+
+def _unsharded(trainer, recipe, method, cfg, run_id: str, main: bool):
+    """After FSDP each rank holds a shard: every rank takes part in gathering the full weights (rank 0 writes
+    them), then rank 0 reloads them whole for evaluation and logging."""
+    final = paths.job_dir(run_id) / "fsdp-final"
+    trainer.save_model(str(final))
+    if not main:
+        return None
+    if method.ARTIFACT == "full":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(final)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base_model(recipe.model, **method.model_kwargs(cfg)), final)
+
+
+def sft_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list | None = None):
     """TRL's SFTTrainer on chat data: loss on assistant tokens when the chat template allows it."""
     from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(
         **args,
         max_length=recipe.data.max_length,
-        packing=recipe.data.packing,
+        packing=packing(recipe),
         assistant_only_loss=recipe.data.assistant_only_loss and _supports_assistant_masks(tokenizer),
     )
     return SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, callbacks=[MlflowMetrics(), CheckpointLogger()])
+                      processing_class=tokenizer, callbacks=callbacks or [MlflowMetrics(), CheckpointLogger()])
+
+
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
+                   "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
+
+
+def packing(recipe) -> bool:
+    """`data.packing`, with `auto` resolved: on where packing is both exact and faster.
+
+    TRL packs rows padding-free (best-fit decreasing) and restarts `position_ids` at each row; transformers then
+    keeps attention within each row (tested: packed logits equal per-row logits, sdpa and eager). It pays only with
+    a varlen flash-attention kernel: sdpa and eager attend over the whole flattened batch under a block mask, whose
+    cost grows with (batch x max_length)^2 (bench/train_throughput.py: 0.29x the padded speed on CPU). Virtual-token
+    methods (prefix, prompt) prepend per row, and remote code may ignore position_ids: never for those.
+    """
+    safe = getattr(METHODS[recipe.method], "PACKING_SAFE", True) and not recipe.model.trust_remote_code
+    if recipe.data.packing != "auto":
+        if recipe.data.packing and not safe:
+            print(f"Warning: data.packing=true with {recipe.method}"
+                  f"{' and trust_remote_code' if recipe.model.trust_remote_code else ''}: packed rows may attend "
+                  "across each other or shift virtual tokens; set data.packing: auto", file=sys.stderr)
+        return recipe.data.packing
+    return safe and (recipe.model.attn_implementation or "") in FLASH_ATTENTION
 
 
 def _supports_assistant_masks(tokenizer) -> bool:
@@ -251,6 +367,8 @@ def _resume_checkpoint(resume: str | None, current_run: str) -> str | None:
     for rid in candidates:
         try:
             checkpoints = [a.path for a in client.list_artifacts(rid, "checkpoints") if a.is_dir]
+            # A run killed while logging a checkpoint leaves it partial: take the newest whole one.
+            checkpoints = [c for c in checkpoints if _is_whole_checkpoint(client, rid, c)]
         except Exception as e:  # noqa: BLE001
             raise FinetuneError(f"train.resume: cannot read run {rid!r}: {e}") from None
         if checkpoints:
@@ -265,14 +383,43 @@ def _resume_checkpoint(resume: str | None, current_run: str) -> str | None:
     raise FinetuneError("train.resume=latest: no earlier run in this experiment has checkpoints")
 
 
-def _local_resume_checkpoint(run_id: str) -> str | None:
-    """Non-main ranks resume from the checkpoint rank 0 downloads (shared job folder on one node)."""
-    resume = paths.job_dir(run_id) / "resume"
-    found = sorted(resume.rglob("trainer_state.json")) if resume.exists() else []
-    return str(found[-1].parent) if found else None
+def _is_whole_checkpoint(client, run_id: str, path: str) -> bool:
+    """Trainer state, optimizer and weights all logged, none of them empty."""
+    sizes = {a.path.rsplit("/", 1)[-1]: 1 if a.is_dir else a.file_size or 0 for a in client.list_artifacts(run_id, path)}
+    weights = any(size for name, size in sizes.items()
+                  if name.endswith((".safetensors", ".bin")) or name.startswith("pytorch_model_fsdp"))
+    optimizer = any(size for name, size in sizes.items() if name.startswith("optimizer"))
+    return bool(sizes.get("trainer_state.json")) and optimizer and weights
+
+
+def _rank_resume_checkpoint(run_id: str) -> str | None:
+    """Non-main ranks resume from the checkpoint rank 0 picked (its `finetune.resumed_from` tag): from the job
+    folder on rank 0's node, downloaded on any other node."""
+    picked = mlflow.MlflowClient().get_run(run_id).data.tags.get("finetune.resumed_from")
+    if not picked:
+        return None
+    source_run, artifact_path = picked.split("/", 1)
+    local = paths.job_dir(run_id) / "resume" / artifact_path
+    if (local / "trainer_state.json").exists():
+        return str(local)
+    dest = paths.job_dir(run_id) / f"resume-rank{os.environ.get('RANK', '0')}"
+    return mlflow.artifacts.download_artifacts(run_id=source_run, artifact_path=artifact_path, dst_path=str(dest))
+
+
+# Code a stop signal must not cut short: a tracking-store write interrupted halfway leaves the sqlite database
+# locked (the run could then not even be ended), an artifact copy leaves a partial file.
+_UNINTERRUPTIBLE = ("mlflow.store", "sqlalchemy", "sqlite3", "alembic")
 
 
 def _raise_keyboard_interrupt(signum, frame):
+    """SIGTERM (cancel) as KeyboardInterrupt in the main thread, once it is outside tracking-store code."""
+    inner = frame
+    while inner is not None:
+        if inner.f_globals.get("__name__", "").startswith(_UNINTERRUPTIBLE):
+            signal.signal(signal.SIGALRM, lambda _, later: _raise_keyboard_interrupt(signum, later))
+            signal.setitimer(signal.ITIMER_REAL, 0.05)  # look again in 50 ms
+            return
+        inner = inner.f_back
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -223,15 +223,18 @@ def test_bundled_multitask_and_dpo_recipes_validate_with_their_data():
 # ---------------------------------------------------------------- packing
 
 
-def test_packing_auto_is_on_where_safe_and_packed_rows_do_not_see_each_other(tmp_path, tiny_model_dir):
+def test_packing_auto_is_on_where_exact_and_fast_and_packed_rows_do_not_see_each_other(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(4))
-    assert packing(load_recipe(tmp_path)) is True
-    assert packing(load_recipe(tmp_path, method="prefix")) is False
-    assert packing(load_recipe(tmp_path, method="prompt")) is False
-    assert packing(load_recipe(tmp_path, overrides={"model.trust_remote_code": True})) is False
-    assert packing(load_recipe(tmp_path, overrides={"data.packing": False})) is False
+    flash = {"model.attn_implementation": "flash_attention_2"}
+    assert packing(load_recipe(tmp_path, overrides=flash)) is True
+    assert packing(load_recipe(tmp_path)) is False  # sdpa: exact but slower packed (see docs/benchmarks.md)
+    assert packing(load_recipe(tmp_path, method="prefix", overrides=flash)) is False
+    assert packing(load_recipe(tmp_path, method="prompt", overrides=flash)) is False
+    assert packing(load_recipe(tmp_path, overrides={**flash, "model.trust_remote_code": True})) is False
+    assert packing(load_recipe(tmp_path, overrides={**flash, "data.packing": False})) is False
+    assert packing(load_recipe(tmp_path, overrides={"data.packing": True})) is True
 
     # The safety claim itself: two rows packed into one sequence (positions restarting, no attention mask, as
     # TRL's padding-free collator sends them) give each row's own logits.
@@ -249,7 +252,8 @@ def test_packed_training_runs_with_fewer_sequences(tmp_path, tiny_model_dir):
     from mlflow_finetune_plugin.train import load_data_splits, sft_trainer, training_arguments
 
     _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(12))
-    recipe = load_recipe(tmp_path, overrides={"data.max_length": 128, "train.max_steps": 1, "eval.enabled": False})
+    recipe = load_recipe(tmp_path, overrides={"data.max_length": 128, "train.max_steps": 1, "eval.enabled": False,
+                                              "data.packing": True})
     train_ds, _, _ = load_data_splits(recipe)
     args = training_arguments(recipe, "packing-test", None)
     args["output_dir"] = str(tmp_path / "out")

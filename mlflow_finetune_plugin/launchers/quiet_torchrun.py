@@ -1,0 +1,26 @@
+"""torchrun itself, minus the traceback it prints when it is stopped (cancel sends it SIGTERM).
+
+`python -m mlflow_finetune_plugin.launchers.quiet_torchrun TORCHRUN_ARGS...`
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+
+def main(argv: list[str]) -> int:
+    """Run torchrun with `argv`; a stop signal ends it with 128 + the signal number and one line, no traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except SignalException as e:
+        print(f"torchrun: stopped by {signal.Signals(e.sigval).name}", file=sys.stderr)
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

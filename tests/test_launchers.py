@@ -1,0 +1,293 @@
+"""Launchers `torchrun` and `ray`, and cancel on every launcher: real processes on the tiny model.
+
+torchrun runs 2 ranks on CPU (gloo); the Ray tests start a real Ray head on 127.0.0.1 and submit Ray Jobs to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import ExecutionException
+
+from mlflow_finetune_plugin.backend import FinetuneBackend, _check_backend_config
+from mlflow_finetune_plugin.launchers.torchrun import torchrun_command
+from tests.conftest import REPO, chat_rows, write_project
+
+# Short rows, short sequences: a step takes a fraction of a second on 2 CPU cores.
+QUICK = ("data:\n  max_length: 64\n  packing: false\n"
+         "train:\n  max_steps: 10\n  batch_size: 2\n  learning_rate: 5.0e-3\n  logging_steps: 1\n  save_steps: 5\n"
+         "eval:\n  enabled: false\n")
+LONG = QUICK.replace("max_steps: 10", "max_steps: 100000").replace("save_steps: 5", "save_steps: 1000")
+TORCHRUN = {"launcher": "torchrun", "nproc_per_node": 2}
+EXPERIMENT = "launchers"
+CLI = [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()"]  # `mlflow-finetune`
+
+
+def _submit(proj, tracking_uri, config=None, params=None, synchronous=True):
+    exp_id = mlflow.set_experiment(EXPERIMENT).experiment_id
+    return FinetuneBackend().run(str(proj), "lora", params or {}, None, {"SYNCHRONOUS": synchronous, **(config or {})},
+                                 tracking_uri, exp_id)
+
+
+def _runs():
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    return [] if exp is None else MlflowClient().search_runs([exp.experiment_id])
+
+
+def _wait_for(predicate, timeout=180, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _training(run_id):
+    return lambda: "train/loss" in MlflowClient().get_run(run_id).data.metrics
+
+
+def _processes_of(run_id) -> list:
+    """Live processes whose command line or environment names the run: what an orphan would look like."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
+                continue
+            if any(run_id in part for part in p.info["cmdline"] or []) or p.environ().get("MLFLOW_RUN_ID") == run_id:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _env(tracking_uri):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # set by mlflow.set_experiment in this process
+    return env
+
+
+# ----------------------------------------------------------------------------------------------- unit: config
+
+
+def test_torchrun_command_single_and_multi_node():
+    train = [sys.executable, "-m", "mlflow_finetune_plugin.train", "--recipe-json", "r.json", "--run-id", "abc"]
+    single = torchrun_command(train, "abc", nproc_per_node=2)
+    assert single[:3] == [sys.executable, "-m", "mlflow_finetune_plugin.launchers.quiet_torchrun"]
+    assert "--standalone" in single and single[single.index("--nproc-per-node") + 1] == "2"
+    assert single[-6:] == ["-m", "mlflow_finetune_plugin.train", "--recipe-json", "r.json", "--run-id", "abc"]
+    multi = torchrun_command(train, "abc", nproc_per_node=4, nnodes=2, rdzv_endpoint="10.0.0.1:29400")
+    assert "--standalone" not in multi
+    assert multi[multi.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400"
+    assert multi[multi.index("--rdzv-id") + 1] == "abc"  # every node joins the same rendezvous: the run id
+    assert torchrun_command(["bash", "-c", "echo hi"], "abc", 2)[-4:] == ["--no-python", "bash", "-c", "echo hi"]
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"launcher": "torchrun", "nproc_per_node": 0}, "nproc_per_node must be a whole number >= 1 (got 0)"),
+    ({"launcher": "torchrun", "nproc_per_node": "2"}, 'nproc_per_node must be a whole number >= 1 (got "2")'),
+    ({"launcher": "torchrun", "nnodes": 2}, "nnodes=2 needs rdzv_endpoint"),
+    ({"launcher": "torchrun", "rdzv_endpoint": "nohost"}, "rdzv_endpoint must be host:port"),
+    ({"nproc_per_node": 2}, "'nproc_per_node' is a torchrun key: add \"launcher\": \"torchrun\""),
+    ({"launcher": "torchrun", "address": "http://x:8265"}, "'address' is a ray key"),
+    ({"launcher": "ray", "use_gpu": "yes"}, 'use_gpu must be true or false (got "yes")'),
+    ({"launcher": "ray", "num_workers": True}, "num_workers must be a whole number >= 1 (got true)"),
+    ({"launcher": 3}, "launcher must be a string (got 3)"),
+    ({"detach": 1}, "detach must be true or false (got 1)"),
+])
+def test_bad_backend_config_says_what_to_change(config, expected):
+    # FinetuneBackend.run checks the config first of all (test_backend: no run is created).
+    with pytest.raises(ExecutionException) as info:
+        _check_backend_config(config)
+    assert expected in str(info.value)
+
+
+def test_unreachable_ray_cluster_is_refused_before_a_run_exists(tmp_path, tracking_uri):
+    pytest.importorskip("ray")
+    proj = write_project(tmp_path / "p", QUICK, rows=chat_rows(8))
+    with pytest.raises(ExecutionException) as info:
+        _submit(proj, tracking_uri, config={"launcher": "ray", "address": f"http://127.0.0.1:{_free_port()}"})
+    assert "cannot reach the Ray cluster" in str(info.value) and "ray start --head" in str(info.value)
+    assert _runs() == []
+
+
+# ----------------------------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.integration
+def test_torchrun_two_ranks_one_run_one_version_loss_falls(tmp_path, tracking_uri):
+    proj = write_project(tmp_path / "ddp", QUICK, rows=chat_rows(32))
+    submitted = _submit(proj, tracking_uri, config=TORCHRUN)
+    assert submitted.wait() is True
+    (run,) = _runs()  # rank 1 never creates a run of its own
+    assert run.info.run_id == submitted.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["finetune.job.launcher"] == "torchrun"
+    (version,) = MlflowClient().search_model_versions("name='ddp'")
+    assert version.run_id == run.info.run_id
+    history = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    steps = [m.step for m in history]
+    assert steps == sorted(set(steps)), "every step logged once: only rank 0 logs"
+    losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(losses) == 10 and sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+    # The ranks split the data (2 ranks x 2 rows a step over 32 rows: an epoch every 8 steps, not 16) and the
+    # Trainer all-gathers the loss before logging it (nested_gather(tr_loss).mean() in _maybe_log_save_evaluate).
+    assert run.data.metrics["train/epoch"] == pytest.approx(10 * 2 * 2 / 32)
+
+
+@pytest.mark.integration
+def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, tracking_uri):
+    proj = write_project(tmp_path / "p", LONG, rows=chat_rows(32))
+    cmd = [sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune",
+           "--backend-config", json.dumps(TORCHRUN), "--experiment-name", EXPERIMENT]
+    mlflow.set_experiment(EXPERIMENT)  # create the store first: two processes migrating one sqlite file race
+    log = tmp_path / "mlflow-run.log"
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads until the end, and progress bars are chatty
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tracking_uri), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _wait_for(lambda: proc.poll() is not None or len(_runs()) == 1, what="the run to be created")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        run_id = _runs()[0].info.run_id
+        _wait_for(_training(run_id), what="training to start")
+        assert len([p for p in _processes_of(run_id) if "mlflow_finetune_plugin.train" in " ".join(p.cmdline())]) >= 2
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: the ranks run in sessions of their own
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert proc.returncode != 0
+    assert f"Run {run_id} cancelled" in output and "Traceback" not in output.split("Interrupted")[-1], output[-3000:]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED"
+    _wait_for(lambda: not _processes_of(run_id), timeout=30, what="no process of the run left")
+
+
+# ----------------------------------------------------------------------------------------------- cancel CLI
+
+
+@pytest.mark.integration
+def test_cancel_command_stops_a_detached_run(tmp_path, tracking_uri):
+    proj = write_project(tmp_path / "p", LONG, rows=chat_rows(32))
+    submitted = _submit(proj, tracking_uri, config={"detach": True}, synchronous=False)
+    _wait_for(_training(submitted.run_id), what="training to start")
+    assert MlflowClient().get_run(submitted.run_id).data.tags["finetune.job.launcher"] == "local"
+    proc = subprocess.run([*CLI, "cancel", submitted.run_id],
+                          env=_env(tracking_uri), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"Run {submitted.run_id} cancelled (KILLED)" in proc.stdout
+    assert MlflowClient().get_run(submitted.run_id).info.status == "KILLED"
+    _wait_for(lambda: not _processes_of(submitted.run_id), timeout=30, what="no process of the run left")
+    again = subprocess.run([*CLI, "cancel", submitted.run_id],
+                           env=_env(tracking_uri), capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "had already ended KILLED" in again.stdout
+
+
+def test_cancel_command_unknown_run_is_a_clear_error(tracking_uri):
+    from click.testing import CliRunner
+
+    from mlflow_finetune_plugin.cli import main
+
+    result = CliRunner().invoke(main, ["cancel", "0123456789abcdef"])
+    assert result.exit_code == 1
+    assert "no run '0123456789abcdef'" in result.output and "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------------------------- ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real Ray head on 127.0.0.1 (dashboard on, for Ray Jobs), stopped after the module's tests."""
+    pytest.importorskip("ray")
+    from ray.job_submission import JobSubmissionClient
+
+    ray_bin = Path(sys.executable).parent / "ray"
+    tmp = tmp_path_factory.mktemp("ray")
+    dashboard = _free_port()
+    cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
+           "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard=true",
+           "--num-cpus", "2", "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", str(tmp / "t")]
+    # The jobs inherit this environment: the package from this checkout, no hub.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    head = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(tmp / "head.log", "w"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if head.poll() is not None:
+                pytest.fail(f"ray head exited: {(tmp / 'head.log').read_text()[-3000:]}")
+            try:
+                JobSubmissionClient(address)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything of this head's session still alive
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.integration
+def test_ray_job_two_workers_finishes_registers_and_streams_its_log(tmp_path, tracking_uri, ray_head, capfd):
+    proj = write_project(tmp_path / "rayproj", QUICK, rows=chat_rows(32))
+    submitted = _submit(proj, tracking_uri, config={"launcher": "ray", "address": ray_head, "num_workers": 2})
+    assert submitted.job_id == f"mlflow-finetune-{submitted.run_id}"
+    assert submitted.wait() is True
+    assert submitted.get_status() == "FINISHED"
+    (run,) = _runs()
+    assert run.data.tags["finetune.job.launcher"] == "ray"
+    assert run.data.tags["finetune.job.job_id"] == submitted.job_id
+    (version,) = MlflowClient().search_model_versions("name='rayproj'")
+    assert version.run_id == submitted.run_id
+    losses = [m.value for m in sorted(MlflowClient().get_metric_history(run.info.run_id, "train/loss"),
+                                      key=lambda m: m.step)]
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+    out = capfd.readouterr().out
+    assert "Registered rayproj version 1" in out  # the job's log, followed by wait()
+
+
+@pytest.mark.integration
+def test_ray_job_cancel_stops_the_job_and_kills_the_run(tmp_path, tracking_uri, ray_head):
+    from ray.job_submission import JobSubmissionClient
+
+    from mlflow_finetune_plugin.cancel import cancel_run
+
+    proj = write_project(tmp_path / "p", LONG, rows=chat_rows(32))
+    submitted = _submit(proj, tracking_uri, config={"launcher": "ray", "address": ray_head, "detach": True},
+                        synchronous=False)
+    _wait_for(_training(submitted.run_id), what="training to start")
+    assert submitted.get_status() == "RUNNING"
+    assert cancel_run(submitted.run_id) == ("KILLED", True)  # what `mlflow-finetune cancel RUN_ID` does
+    assert str(JobSubmissionClient(ray_head).get_job_status(submitted.job_id)) == "STOPPED"
+    assert MlflowClient().get_run(submitted.run_id).info.status == "KILLED"
+    _wait_for(lambda: not _processes_of(submitted.run_id), timeout=30, what="no process of the run left")
