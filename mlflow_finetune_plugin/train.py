@@ -48,18 +48,20 @@ def run(recipe, run_id: str | None = None) -> int:
     try:
         train(recipe, run_id)
     except KeyboardInterrupt as e:
-        _ignore_stop_signals()
+        previous = _ignore_stop_signals()
         status = _interrupted_status(run_id)
         record_failure(run_id, e if status == "KILLED" else _PEER_FAILED, status)
         mlflow.end_run(status)  # else MLflow's exit hook would end the active run as FINISHED
+        _restore_signals(previous)
         print(f"\nRun {run_id} {'cancelled' if status == 'KILLED' else 'failed: ' + str(_PEER_FAILED)}.",
               file=sys.stderr)
         return 130
     except BaseException as e:  # noqa: BLE001 - every failure must end the run, not leave it RUNNING
-        _ignore_stop_signals()
+        previous = _ignore_stop_signals()
         e = _explain_resource_error(e)
         record_failure(run_id, e, "FAILED")
         mlflow.end_run("FAILED")
+        _restore_signals(previous)
         if isinstance(e, FinetuneError):
             print(f"Error: {e}", file=sys.stderr)
         else:
@@ -79,12 +81,16 @@ _PEER_FAILED = FinetuneError("stopped because another training process of this j
                              "job's output (under torchrun: the lines prefixed [rankN])")
 
 
-def _ignore_stop_signals() -> None:
+def _ignore_stop_signals() -> dict:
     """While the run is being ended: a second signal (torchrun's SIGTERM after gloo already failed, a second
     Ctrl-C) would cut that short, and MLflow's exit hook would then end the run FINISHED."""
     signal.setitimer(signal.ITIMER_REAL, 0)  # a deferred stop signal, too
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def _interrupted_status(run_id: str) -> str:
@@ -310,7 +316,7 @@ def sft_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbac
         assistant_only_loss=recipe.data.assistant_only_loss and _supports_assistant_masks(tokenizer),
     )
     return SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, callbacks=callbacks or [MlflowMetrics(), CheckpointLogger()])
+                      processing_class=tokenizer, callbacks=[MlflowMetrics(), CheckpointLogger()] if callbacks is None else callbacks)
 
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",

@@ -150,7 +150,9 @@ def test_out_of_memory_and_disk_full_say_what_to_change(tmp_path, tracking_uri, 
 
     monkeypatch.setattr(train_module, "train", fails)
     mlflow.set_experiment(EXPERIMENT)
+    ctrl_c = signal.getsignal(signal.SIGINT)
     assert train_module.run(recipe) == 1
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # ignored only while the run was being ended
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FAILED"
     message = run.data.tags["finetune.error"]

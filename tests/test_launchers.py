@@ -226,7 +226,8 @@ def ray_head(tmp_path_factory):
     cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
            "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard=true",
-           "--num-cpus", "2", "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", str(tmp / "t")]
+           "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),  # Ray's minimum: 75 MiB
+           "--disable-usage-stats", "--temp-dir", str(tmp / "t")]
     # The jobs inherit this environment: the package from this checkout, no hub.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
     head = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(tmp / "head.log", "w"),  # noqa: SIM115

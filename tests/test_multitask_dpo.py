@@ -258,7 +258,7 @@ def test_packed_training_runs_with_fewer_sequences(tmp_path, tiny_model_dir):
     args = training_arguments(recipe, "packing-test", None)
     args["output_dir"] = str(tmp_path / "out")
     model = METHODS["lora"].apply(load_base_model(recipe.model), recipe.lora)
-    trainer = sft_trainer(recipe, model, load_tokenizer(), train_ds, None, args)
+    trainer = sft_trainer(recipe, model, load_tokenizer(), train_ds, None, args, callbacks=[])  # no MLflow run
     assert len(trainer.train_dataset) < 12  # rows were packed together
     assert "position_ids" in trainer.data_collator([trainer.train_dataset[0]])
     trainer.train()
