@@ -236,7 +236,7 @@ b = {exps[CHECK_IN]:.2f}: {linear}. The plain baseline itself gets slower per ro
 {exps[PLAIN]:.2f}; not the garbage collector: checked by hand with `gc.disable()`), which is why the trainer path's
 ratio to it falls with size. TRL's tokenization runs at {trl_ratio:.2f}x the plain per-row tokenization at {big:,}
 rows: it makes several `datasets.map` passes (chat template with assistant masks, labels, truncation, dropping
-fully masked rows) and writes Arrow tables between them. `data check` is cheaper than *plain* because it does not
+fully masked rows), each building a new Arrow table. `data check` is cheaper than *plain* because it does not
 ask for assistant masks (it only counts tokens).
 """
     common.write_section("data_pipeline", body)
@@ -268,8 +268,8 @@ def _plot(res, sizes, min_net: float) -> Path:
     ax.set_title("Cost vs size (log-log; slope 1 = linear)")
     ax.legend(fontsize=6)
     ax = axes[1]
-    for stage in (CHECK, "trainer path total"):
-        ax.semilogx(sizes, [common.median(a / b for a, b in zip(res[n][stage], res[n][PLAIN])) for n in sizes],
+    for stage in (CHECK, CHECK_IN, "trainer path total"):
+        ax.loglog(sizes, [common.median(a / b for a, b in zip(res[n][stage], res[n][PLAIN])) for n in sizes],
                     marker="o", label=stage)
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.set_xlabel("rows")

@@ -273,7 +273,8 @@ of the process's resident memory while loading (noisier: allocator and file cach
 
 Reading: the engine's per-token cost over plain `generate` is a lock and an adapter-state check around each forward
 and `TextIteratorStreamer` (detokenising in a second thread); its first piece also waits for the streamer to have a
-whole word, which is most of the TTFT gap on a model this fast. Memory: one base copy plus a LoRA adapter is about
+whole word (one or more tokens: `TextIteratorStreamer` releases text up to the last space), which is most of
+the TTFT gap; the answers are identical. Memory: one base copy plus a LoRA adapter is about
 half of two copies, the adapter adding {_adapter_share(results)} of the base.
 """
     common.write_section("serving", body)
@@ -281,8 +282,8 @@ half of two copies, the adapter adding {_adapter_share(results)} of the base.
 
 
 def _adapter_share(results) -> str:
-    shares = [r["mem-engine"]["bytes"] / (r["mem-two"]["bytes"] / 2) - 1 for r in results.values()]
-    return ", ".join(f"{100 * s:.1f}%" for s in shares)
+    shares = {size: r["mem-engine"]["bytes"] / (r["mem-two"]["bytes"] / 2) - 1 for size, r in results.items()}
+    return ", ".join(f"{100 * v:.1f}% ({size})" for size, v in shares.items())
 
 
 def _plot(results) -> Path:

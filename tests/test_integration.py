@@ -25,7 +25,8 @@ def _mlflow_run(tmp_path, tracking_uri, *args, timeout=900):
 
 def test_mlflow_run_lora_backend_finetune(tmp_path, tracking_uri):
     proc = _mlflow_run(tmp_path, tracking_uri, "-e", "lora", "--backend", "finetune",
-                       "-P", "train.max_steps=40", "-P", "train.save_steps=20", "-P", "eval.max_examples=5",
+                       "-P", "train.max_steps=40", "-P", "train.save_steps=20", "-P", "train.batch_size=8",
+                       "-P", "eval.max_examples=4", "-P", "eval.max_new_tokens=16",
                        "--experiment-name", "support")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Registered support-bot version 1 (alias @challenger)" in proc.stdout + proc.stderr

@@ -15,6 +15,7 @@ import torch
 
 from mlflow_finetune_plugin import tiny_model
 from mlflow_finetune_plugin.tiny_model import (
+    _CACHE_NAME,
     TINY_MODEL_REF,
     build_tiny_model,
     tiny_model_path,
@@ -206,9 +207,9 @@ def test_generate_stops_at_im_end(model, tok):
 def test_tiny_model_path_builds_once_then_reuses(tmp_path, monkeypatch, built):
     monkeypatch.setenv("MLFLOW_FINETUNE_CACHE", str(tmp_path))
     first = tiny_model_path()
-    assert first == tmp_path / "tiny-llama-v1"
+    assert first == tmp_path / _CACHE_NAME
     assert weights_digest(first) == weights_digest(built)  # the cache is the seed-0 build
-    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["tiny-llama-v1"]  # no temp folder left
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [_CACHE_NAME]  # no temp folder left
     mtime = (first / "model.safetensors").stat().st_mtime_ns
 
     def _no_rebuild(*args, **kwargs):
@@ -230,18 +231,18 @@ def test_tiny_model_path_is_safe_for_concurrent_processes(tmp_path):
     outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert outputs[0] == outputs[1]
-    assert outputs[0].split()[0] == str(tmp_path / "tiny-llama-v1")
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["tiny-llama-v1"]
+    assert outputs[0].split()[0] == str(tmp_path / _CACHE_NAME)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [_CACHE_NAME]
 
 
 def test_tiny_model_path_replaces_an_incomplete_folder_and_stale_temp_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_FINETUNE_CACHE", str(tmp_path))
-    (tmp_path / "tiny-llama-v1").mkdir()
-    (tmp_path / "tiny-llama-v1" / "config.json").write_text("{}")
-    (tmp_path / ".tiny-llama-v1.tmp-crashed").mkdir()
+    (tmp_path / _CACHE_NAME).mkdir()
+    (tmp_path / _CACHE_NAME / "config.json").write_text("{}")
+    (tmp_path / f".{_CACHE_NAME}.tmp-crashed").mkdir()
     path = tiny_model_path()
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
-    assert not (tmp_path / ".tiny-llama-v1.tmp-crashed").exists()
+    assert not (tmp_path / f".{_CACHE_NAME}.tmp-crashed").exists()
 
 
 def test_cache_root_follows_xdg_cache_home(tmp_path, monkeypatch):
