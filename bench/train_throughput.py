@@ -9,8 +9,8 @@ Sides:
   plain         bench/plain_train.py: transformers Trainer + PEFT, no TRL, no MLflow (the baseline)
   plain-trl     bench/plain_train.py --trainer trl: TRL SFTTrainer set up as the plugin does, no MLflow
   plugin        mlflow run PROJECT -e lora --backend finetune with data.packing=false (fresh process, sqlite)
-  plugin-pack   the same with data.packing=true (TRL best-fit-decreasing packing, padding-free), which is what
-                the default `data.packing: auto` gives LoRA
+  plugin-pack   the same with data.packing=true (TRL best-fit-decreasing packing, padding-free); since these
+                figures `data.packing: auto` packs only with a flash-attention attn_implementation
 
 Scenarios:
   support-bot  the bundled recipe's 419 rows (64-168 tokens), batch 16, max_length 256
@@ -211,8 +211,9 @@ TRL's step against the plain Trainer's ({trl_cost[2]}) and the plugin's own cost
 packed row of up to 512 tokens per step): {b1[2]} of plain, {b1_pad[2]} of the padded plugin."""
     goals += f"""
 
-**The shipped default.** `data.packing: auto` packs for LoRA, so `mlflow run recipes/support-bot -e lora` trains
-packed at batch 16 x 256: {sb_pack[2]} of plain, {sb_pack_pad[2]} of the same run with `-P data.packing=false`."""
+**The shipped default follows from this.** Packed at batch 16 x 256 the support-bot run trains at {sb_pack[2]} of
+plain and {sb_pack_pad[2]} of the same run padded, so `data.packing: auto` packs only with a flash-attention
+`model.attn_implementation` (a varlen kernel that skips the masked blocks); on CPU and with sdpa it pads."""
 
     return f"""## 1. Training throughput: `mlflow run -e lora --backend finetune` vs plain transformers + PEFT
 
