@@ -10,7 +10,7 @@ Per size and repetition, each in a fresh process:
             per row, the least work that gives the same tokens and labels
 Reported: rows/s, ratios against plain, and the scaling exponent b of time ~ rows^b (1.0 = linear).
 
-    python bench/data_pipeline.py                    # 1k/10k/100k rows, 3 reps (~10 min on 2 cores)
+    python bench/data_pipeline.py                    # 1k/10k/100k rows, 3 reps (~15 min on 2 busy cores)
     python bench/data_pipeline.py --sizes 1000,10000 --reps 1 --no-doc
 """
 

@@ -13,7 +13,7 @@ the bench store), then, in fresh processes:
   mem-two     the naive A/B: the base and a merged copy of the tuned model (two copies)
               Memory: bytes of distinct parameter/buffer storage held, and the process RSS growth.
 
-    python bench/serving.py                  # tiny and medium (~77M) models, 5 reps (~6 min on 2 cores)
+    python bench/serving.py                  # tiny and medium (~77M) models, 5 reps (~4 min on 2 cores)
 """
 
 from __future__ import annotations

@@ -181,8 +181,8 @@ Shared 2-core machine (load average at the end: {raw["load"]}); ratios within on
 
 `python bench/startup.py --reps {args.reps} --threads {args.threads}`: the support-bot data (419 rows) on the built-in tiny model, LoRA,
 `mlflow run PROJECT -e lora --backend finetune -P train.max_steps=2 -P eval.enabled=false`, with
-`data.packing: false` in the recipe so that step 1 is the same work as the plain script's (the default packs; see
-section 1 for what that costs per step). Each process is fresh (the OS page cache is warm: every repetition reads
+`data.packing: false` in the recipe (what `auto` resolves to without flash attention), so that step 1 is the same
+work as the plain script's. Each process is fresh (the OS page cache is warm: every repetition reads
 the same files).
 
 How it is split without touching the package: a bench-only `sitecustomize.py` (bench/_probe, put on PYTHONPATH
