@@ -278,6 +278,18 @@ def machine() -> dict:
             "commit": commit + ("+uncommitted changes" if dirty else "")}
 
 
+def measure_or_render(name: str, args, measure, render) -> None:
+    """Measure (keeping the raw results in the work folder), or with --render rebuild the output from the last ones."""
+    work = workdir(args.workdir)
+    raw_path = work / f"results-{name}.json"
+    if args.render:
+        raw = json.loads(raw_path.read_text())
+    else:
+        raw = measure(args, work)
+        raw_path.write_text(json.dumps(raw))
+    render(raw, args.no_doc)
+
+
 def machine_line(info: dict | None = None, gpu: str | None = None) -> str:
     info = info or machine()
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())

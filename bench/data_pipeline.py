@@ -115,14 +115,7 @@ def main(argv=None):
         print(json.dumps(worker(*args.worker)))
         return
 
-    work = common.workdir(args.workdir)
-    raw_path = work / "results-data_pipeline.json"
-    if args.render:
-        raw = json.loads(raw_path.read_text())
-    else:
-        raw = measure(args, work)
-        raw_path.write_text(json.dumps(raw))
-    render(raw, args.no_doc)
+    common.measure_or_render("data_pipeline", args, measure, render)
 
 
 def measure(args, work: Path) -> dict:

@@ -177,14 +177,7 @@ def main(argv=None):
         print(json.dumps(worker(*args.worker, args.reps, args.max_new_tokens)))
         return
 
-    work = common.workdir(args.workdir)
-    raw_path = work / "results-serving.json"
-    if args.render:
-        raw = json.loads(raw_path.read_text())
-    else:
-        raw = measure(args, work)
-        raw_path.write_text(json.dumps(raw))
-    render(raw, args.no_doc)
+    common.measure_or_render("serving", args, measure, render)
 
 
 def measure(args, work: Path) -> dict:

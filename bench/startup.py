@@ -102,14 +102,7 @@ def main(argv=None):
     p.add_argument("--no-doc", action="store_true")
     p.add_argument("--render", action="store_true", help="Re-render the table/doc from the last run's raw results.")
     args = p.parse_args(argv)
-    work = common.workdir(args.workdir)
-    raw_path = work / "results-startup.json"
-    if args.render:
-        raw = json.loads(raw_path.read_text())
-    else:
-        raw = measure(args, work)
-        raw_path.write_text(json.dumps(raw))
-    render(raw, args.no_doc)
+    common.measure_or_render("startup", args, measure, render)
 
 
 def measure(args, work: Path) -> dict:

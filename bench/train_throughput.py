@@ -23,7 +23,6 @@ Scenarios:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -89,14 +88,7 @@ def main(argv=None):
     p.add_argument("--render", action="store_true", help="Re-render the table/doc from the last run's raw results.")
     args = p.parse_args(argv)
 
-    work = common.workdir(args.workdir)
-    raw_path = work / "results-train_throughput.json"
-    if args.render:
-        raw = json.loads(raw_path.read_text())
-    else:
-        raw = measure(args, work)
-        raw_path.write_text(json.dumps(raw))
-    render(raw, args.no_doc)
+    common.measure_or_render("train_throughput", args, measure, render)
 
 
 def measure(args, work: Path) -> dict:
