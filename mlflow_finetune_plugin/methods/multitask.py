@@ -14,7 +14,9 @@ own MLflow model (`model-<task>`) and registered as `<registry.name>-<task>`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -88,19 +90,29 @@ def data_files(recipe) -> list[tuple[str, str, str, str | None]]:
 
 
 def task_splits(recipe) -> tuple[dict, dict, set]:
-    """({task: train}, {task: eval}, formats), read and split the same way every time (same seed)."""
+    """({task: train}, {task: eval}, formats). load_data, log_inputs, build_trainer and evaluate all need them:
+    the files are read and validated once per process, keyed by everything that decides the splits."""
+    key = json.dumps({"tasks": recipe.multitask.model_dump(mode="json")["tasks"], "max_rows": recipe.data.max_rows,
+                      "eval": recipe.eval.enabled, "eval_split": recipe.data.eval_split, "seed": recipe.train.seed})
+    # not sort_keys: the task order is the order of the weights in load_data
+    return _task_splits(key)
+
+
+@functools.lru_cache(maxsize=2)
+def _task_splits(key: str) -> tuple[dict, dict, set]:
     from mlflow_finetune_plugin.data import load_training_dataset
 
+    spec = json.loads(key)
     trains, evals, fmts = {}, {}, set()
-    for name, task in recipe.multitask.tasks.items():
-        ds, fmt = load_training_dataset(task.train, task.format, task.system_prompt)
+    for name, task in spec["tasks"].items():
+        ds, fmt = load_training_dataset(task["train"], task["format"], task["system_prompt"])
         fmts.add(fmt)
-        if recipe.data.max_rows:
-            ds = ds.select(range(min(recipe.data.max_rows, len(ds))))
-        if recipe.eval.enabled and task.eval:
-            evals[name], _ = load_training_dataset(task.eval, task.format, task.system_prompt)
-        elif recipe.eval.enabled and recipe.data.eval_split > 0:
-            split = ds.train_test_split(test_size=recipe.data.eval_split, seed=recipe.train.seed)
+        if spec["max_rows"]:
+            ds = ds.select(range(min(spec["max_rows"], len(ds))))
+        if spec["eval"] and task["eval"]:
+            evals[name], _ = load_training_dataset(task["eval"], task["format"], task["system_prompt"])
+        elif spec["eval"] and spec["eval_split"] > 0:
+            split = ds.train_test_split(test_size=spec["eval_split"], seed=spec["seed"])
             ds, evals[name] = split["train"], split["test"]
         trains[name] = ds
     return trains, evals, fmts
