@@ -47,7 +47,18 @@ class MlflowMetrics(TrainerCallback):
 
 class CheckpointLogger(TrainerCallback):
     """Copy each saved checkpoint into the run's artifacts (`checkpoints/checkpoint-N`), so a run can be resumed
-    from any machine that reaches the tracking server."""
+    from any machine that reaches the tracking server.
+
+    Checkpoints come every `save_steps` only: transformers also saves after the last step, but the run logs the
+    final model itself, so that extra checkpoint would only cost time and disk (for a full fine-tune, the whole
+    model and optimizer state once more).
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_training_stop and control.should_save and state.save_steps \
+                and state.global_step % state.save_steps:
+            control.should_save = False
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:

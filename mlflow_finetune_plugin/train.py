@@ -266,7 +266,7 @@ def training_arguments(recipe, run_id: str, eval_ds) -> dict:
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=t.save_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **_checkpointing_argument(t.gradient_checkpointing),
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
@@ -274,6 +274,14 @@ def training_arguments(recipe, run_id: str, eval_ds) -> dict:
         dataloader_num_workers=0,
         **_fsdp_arguments(t),
     )
+
+
+def _checkpointing_argument(enabled: bool) -> dict:
+    """transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` (old name deprecated)."""
+    from transformers import TrainingArguments
+
+    new = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if new else "gradient_checkpointing": enabled}
 
 
 def _fsdp_arguments(t) -> dict:
@@ -306,31 +314,45 @@ def _unsharded(trainer, recipe, method, cfg, run_id: str, main: bool):
 
 
 def sft_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list | None = None):
-    """TRL's SFTTrainer on chat data: loss on assistant tokens when the chat template allows it."""
-    from trl import SFTConfig, SFTTrainer
+    """TRL's SFTTrainer on chat data: loss on assistant tokens when the chat template allows it.
 
+    Packed rows stay rows unless a varlen flash-attention kernel is there to use the padding-free layout, and the
+    loss goes through TRL's fused LM head only where `train.fused_lm_head` says so (see `sft.py`).
+    """
+    from trl import SFTConfig
+
+    from mlflow_finetune_plugin.sft import FinetuneSFTTrainer
+
+    pack = packing(recipe)
     config = SFTConfig(
         **args,
         max_length=recipe.data.max_length,
-        packing=packing(recipe),
+        packing=pack,
         assistant_only_loss=recipe.data.assistant_only_loss and _supports_assistant_masks(tokenizer),
     )
-    return SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, callbacks=[MlflowMetrics(), CheckpointLogger()] if callbacks is None else callbacks)
+    return FinetuneSFTTrainer(
+        model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        callbacks=[MlflowMetrics(), CheckpointLogger()] if callbacks is None else callbacks,
+        fused_lm_head=fused_lm_head(recipe), pack_rows=pack and not _varlen_attention(recipe))
 
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
                    "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
 
 
-def packing(recipe) -> bool:
-    """`data.packing`, with `auto` resolved: on where packing is both exact and faster.
+def _varlen_attention(recipe) -> bool:
+    return (recipe.model.attn_implementation or "") in FLASH_ATTENTION
 
-    TRL packs rows padding-free (best-fit decreasing) and restarts `position_ids` at each row; transformers then
-    keeps attention within each row (tested: packed logits equal per-row logits, sdpa and eager). It pays only with
-    a varlen flash-attention kernel: sdpa and eager attend over the whole flattened batch under a block mask, whose
-    cost grows with (batch x max_length)^2 (bench/train_throughput.py: 0.29x the padded speed on CPU). Virtual-token
-    methods (prefix, prompt) prepend per row, and remote code may ignore position_ids: never for those.
+
+def packing(recipe) -> bool:
+    """`data.packing`, with `auto` resolved: on where packing is exact and faster whatever the lengths.
+
+    TRL packs examples into rows of up to max_length (best-fit decreasing) with `position_ids` restarting at each
+    example; transformers then keeps attention within each example (tested: packed logits equal per-row logits,
+    sdpa and eager). With a varlen flash-attention kernel that costs nothing extra: auto packs. With sdpa and eager
+    every packed row costs attention over its full length, which pays on mixed lengths (1.5x measured on CPU) and
+    not on rows of similar length: auto leaves it to `data.packing: true`. Virtual-token methods (prefix, prompt)
+    prepend per row, and remote code may ignore position_ids: never for those.
     """
     safe = getattr(METHODS[recipe.method], "PACKING_SAFE", True) and not recipe.model.trust_remote_code
     if recipe.data.packing != "auto":
@@ -339,7 +361,16 @@ def packing(recipe) -> bool:
                   f"{' and trust_remote_code' if recipe.model.trust_remote_code else ''}: packed rows may attend "
                   "across each other or shift virtual tokens; set data.packing: auto", file=sys.stderr)
         return recipe.data.packing
-    return safe and (recipe.model.attn_implementation or "") in FLASH_ATTENTION
+    return safe and _varlen_attention(recipe)
+
+
+def fused_lm_head(recipe) -> bool:
+    """`train.fused_lm_head`, with `auto` resolved: TRL's fused LM head on CUDA (memory), the model's loss elsewhere."""
+    if recipe.train.fused_lm_head != "auto":
+        return recipe.train.fused_lm_head
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _supports_assistant_masks(tokenizer) -> bool:

@@ -82,6 +82,9 @@ def test_run_finishes_logs_and_registers(tmp_path, tracking_uri):
     assert run.data.tags["finetune.registered_model"] == "bot"
     version = MlflowClient().get_model_version_by_alias("bot", "challenger")
     assert version.run_id == submitted.run_id
+    # Checkpoints every save_steps (2) only: no extra one after the last step (3), whose state is the logged model.
+    assert [a.path for a in MlflowClient().list_artifacts(submitted.run_id, "checkpoints")] == [
+        "checkpoints/checkpoint-2"]
 
 
 def test_failure_ends_failed_with_the_error(tmp_path, tracking_uri):

@@ -88,9 +88,11 @@ def _trainer(model, tok, out_dir, gradient_checkpointing=False):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from mlflow_finetune_plugin.train import _checkpointing_argument
+
     args = SFTConfig(output_dir=str(out_dir), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                      report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, max_length=64,
-                     gradient_checkpointing=gradient_checkpointing, dataloader_num_workers=0, seed=0,
+                     **_checkpointing_argument(gradient_checkpointing), dataloader_num_workers=0, seed=0,
                      bf16=False, fp16=False)  # fp32 on CPU, as train.py does; TRL would default to bf16
     return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(chat_rows(4)), processing_class=tok)
 

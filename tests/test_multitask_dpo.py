@@ -263,3 +263,81 @@ def test_packed_training_runs_with_fewer_sequences(tmp_path, tiny_model_dir):
     assert "position_ids" in trainer.data_collator([trainer.train_dataset[0]])
     trainer.train()
 
+
+def _sft_trainer(tmp_path, rows, **overrides):
+    from mlflow_finetune_plugin.models import load_base_model, load_tokenizer
+    from mlflow_finetune_plugin.train import load_data_splits, sft_trainer, training_arguments
+
+    _jsonl(tmp_path / "data" / "train.jsonl", rows)
+    recipe = load_recipe(tmp_path, overrides={"data.max_length": 128, "train.max_steps": 1, "eval.enabled": False,
+                                              **overrides})
+    train_ds, _, _ = load_data_splits(recipe)
+    args = training_arguments(recipe, "sft-test", None)
+    args["output_dir"] = str(tmp_path / "out")
+    torch.manual_seed(0)
+    model = METHODS["lora"].apply(load_base_model(recipe.model), recipe.lora)
+    return sft_trainer(recipe, model, load_tokenizer(), train_ds, None, args, callbacks=[])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_rows_stay_rows_and_give_each_examples_own_loss(tmp_path, fused):
+    """sdpa: packed examples stay in rows of max_length (not one flattened row) and the loss of a packed batch is
+    the token-weighted loss of its examples run one by one; the token count is the real tokens."""
+    trainer = _sft_trainer(tmp_path, chat_rows(12), **{"data.packing": True, "train.fused_lm_head": fused})
+    assert trainer.pack_rows and trainer.fused_lm_head is fused
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    batch = trainer.data_collator(rows)
+    n_real = sum(len(r["input_ids"]) for r in rows)
+    assert batch["input_ids"].shape == (2, max(len(r["input_ids"]) for r in rows))  # two rows, not one
+    assert int(batch["attention_mask"].sum()) == n_real
+    assert (batch["labels"][batch["position_ids"] == 0] == -100).all()  # no label across example boundaries
+
+    model = trainer.model.train()
+    packed = trainer.compute_loss(model, dict(batch))
+    assert trainer._total_train_tokens == n_real
+
+    # The same examples unpacked, one forward each: sum of per-token losses / labelled tokens.
+    total, labelled = 0.0, 0
+    for i, row in enumerate(rows):
+        for ids, labels in _split_packed(row, batch["labels"][i]):
+            out = model(input_ids=ids[None], labels=labels[None], use_cache=False)
+            n = int((labels[1:] != -100).sum())
+            total, labelled = total + float(out.loss) * n, labelled + n
+    assert packed.item() == pytest.approx(total / labelled, rel=1e-5)
+
+
+def _split_packed(row: dict, labels: torch.Tensor):
+    start = 0
+    for n in row["seq_lengths"]:
+        yield torch.tensor(row["input_ids"][start:start + n]), labels[start:start + n]
+        start += n
+
+
+def test_fused_and_plain_loss_agree_and_log_the_same_metrics(tmp_path):
+    """train.fused_lm_head only changes how the loss is computed: same loss, same gradients, same token count."""
+    results = {}
+    for fused in (True, False):
+        trainer = _sft_trainer(tmp_path / str(fused), chat_rows(6), **{"train.fused_lm_head": fused})
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+        model = trainer.model.train()
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[fused] = loss.item(), grads, trainer._total_train_tokens, trainer._metrics["train"]
+    (fl, fg, ft, fm), (pl, pg, pt, pm) = results[True], results[False]
+    assert pl == pytest.approx(fl, rel=1e-5)
+    assert all(torch.allclose(pg[n], fg[n], rtol=1e-4, atol=1e-6) for n in fg)
+    assert pt == ft == int(batch["attention_mask"].sum())
+    assert pm["mean_token_accuracy"] == pytest.approx(fm["mean_token_accuracy"])
+    assert "entropy" in fm and "entropy" not in pm  # the fused head's extra metric
+
+
+def test_fused_lm_head_auto_follows_the_device(tmp_path):
+    from mlflow_finetune_plugin.train import fused_lm_head
+
+    _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(2))
+    assert fused_lm_head(load_recipe(tmp_path)) is torch.cuda.is_available()
+    assert fused_lm_head(load_recipe(tmp_path, overrides={"train.fused_lm_head": True})) is True
+    assert fused_lm_head(load_recipe(tmp_path, overrides={"train.fused_lm_head": False})) is False
+
