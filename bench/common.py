@@ -25,7 +25,7 @@ SUPPORT_BOT = REPO / "recipes" / "support-bot"
 DEFAULT_WORKDIR = Path(os.environ.get("BENCH_WORKDIR", "/tmp/mlflow-finetune-bench"))
 
 # Sections of docs/benchmarks.md, in document order; each is owned and rewritten by one script.
-SECTIONS = ["train_throughput", "startup", "data_pipeline", "serving", "gpu_train_throughput"]
+SECTIONS = ["train_throughput", "packing_layouts", "startup", "data_pipeline", "serving", "gpu_train_throughput"]
 _DOC_HEAD = """# Benchmarks
 
 Measured by the scripts in `bench/` (run by hand, not in CI; see `bench/README.md`). Every figure is a ratio

@@ -7,16 +7,16 @@ interleave the sides (rotated order); medians of per-repetition ratios are repor
 
 Sides:
   plain         bench/plain_train.py: transformers Trainer + PEFT, no TRL, no MLflow (the baseline)
-  plain-trl     bench/plain_train.py --trainer trl: TRL SFTTrainer set up as the plugin does, no MLflow
+  plain-trl     bench/plain_train.py --trainer trl: TRL's SFTTrainer as it comes (fused LM head), no MLflow
   plugin        mlflow run PROJECT -e lora --backend finetune with data.packing=false (fresh process, sqlite)
-  plugin-pack   the same with data.packing=true (TRL best-fit-decreasing packing, padding-free); since these
-                figures `data.packing: auto` packs only with a flash-attention attn_implementation
+  plugin-pack   the same with data.packing=true (TRL best-fit-decreasing packing; rows of up to max_length kept
+                as rows, attention within each example)
 
 Scenarios:
   support-bot  the bundled recipe's 419 rows (64-168 tokens), batch 16, max_length 256
   mixed        generated rows with log-normal lengths (many short, a long tail), batch 8, max_length 512
 
-    python bench/train_throughput.py                 # tiny model, 3 reps, 1 thread: ~25 min on a busy 2-core box
+    python bench/train_throughput.py                 # tiny model, 3 reps, 1 thread: ~15 min on a 2-core box
     python bench/train_throughput.py --reps 1 --steps 20 --no-doc
 """
 
@@ -38,8 +38,6 @@ SCENARIOS = {
     "mixed": {"max_length": 512, "batch": 8, "sides": [
         ("plain", {}), ("plugin", {}), ("plugin-pack", {"packing": True})]},
 }
-# One packed row of up to max_length tokens per step: what packing costs without the flattened-batch attention.
-B1 = ("plugin-pack-b1", {"packing": True, "batch": 1})
 
 
 def recipe(max_length: int, batch: int, steps: int, packing: bool) -> dict:
@@ -82,7 +80,6 @@ def main(argv=None):
                         "machine: a 2-thread run stalls on OpenMP barriers whenever another process takes a core.")
     p.add_argument("--mixed-rows", type=int, default=2000)
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--with-b1", action="store_true", help="mixed: also packing with batch_size 1.")
     p.add_argument("--workdir", default=None)
     p.add_argument("--no-doc", action="store_true", help="Print the table only; leave docs/ alone.")
     p.add_argument("--render", action="store_true", help="Re-render the table/doc from the last run's raw results.")
@@ -102,8 +99,6 @@ def measure(args, work: Path) -> dict:
                                         common.chat_rows(args.mixed_rows, seed=1, mean_words=60, sigma=1.0,
                                                          max_words=700))}
     chosen = [s for s in args.scenarios.split(",") if s]
-    if args.with_b1 and B1 not in SCENARIOS["mixed"]["sides"]:
-        SCENARIOS["mixed"]["sides"].append(B1)
     results: dict[tuple, list[dict]] = {}
     for name in chosen:
         sc = SCENARIOS[name]
@@ -149,8 +144,6 @@ def log_call_ms(env: dict, calls: int = 60) -> float:
 def render(raw: dict, no_doc: bool) -> None:
     args = argparse.Namespace(**raw["args"])
     chosen = raw["chosen"]
-    if args.with_b1 and B1 not in SCENARIOS["mixed"]["sides"]:
-        SCENARIOS["mixed"]["sides"].append(B1)
     results = {tuple(k.split("|")): v for k, v in raw["results"].items()}
     rows, ratios = _summarise(results, chosen)
     tbl = common.table(["scenario", "side", "batch", "non-pad tokens/run", "tokens/s, whole loop",
@@ -181,7 +174,7 @@ def _summarise(results, chosen):
     """Table rows, and per-rep ratios keyed (scenario, side, against, measure) for measure in loop / steady."""
     rows, ratios = [], {}
     pairs = [(label, "plain") for name in chosen for label, _ in SCENARIOS[name]["sides"] if label != "plain"]
-    pairs += [("plugin", "plain-trl"), ("plugin-pack", "plugin"), ("plugin-pack-b1", "plugin")]
+    pairs += [("plugin", "plain-trl"), ("plugin-pack", "plugin")]
     for name in chosen:
         for a, b in pairs:
             for measure, key in (("loop", "tokens_per_s"), ("steady", "window_tokens_per_s")):
@@ -216,7 +209,6 @@ def _doc(args, raw, results, tbl, tbl2, ratios) -> str:
     mx_track = both("mixed", "plugin", "plain")
     sb_pack, sb_pack_pad = both("support-bot", "plugin-pack", "plain"), both("support-bot", "plugin-pack", "plugin")
     mx_pack, mx_pack_pad = both("mixed", "plugin-pack", "plain"), both("mixed", "plugin-pack", "plugin")
-    b1, b1_pad = both("mixed", "plugin-pack-b1", "plain"), both("mixed", "plugin-pack-b1", "plugin")
 
     share = ""
     if raw.get("log_call_ms") and ("support-bot", "plugin") in results:
@@ -226,21 +218,23 @@ def _doc(args, raw, results, tbl, tbl2, ratios) -> str:
                  f"{raw['log_call_ms']:.1f} ms, {100 * raw['log_call_ms'] / 1000 / (5 * step_s):.1f}% of a 5-step "
                  f"logging window of the support-bot run ({step_s:.2f} s per step).")
     goals = f"""**Goal 1, tracking costs under 5%** (plugin / plain >= 0.95, both padded): support-bot {track[2]},
-{verdict(track, 0.95)}; mixed-length data {mx_track[2]}, {verdict(mx_track, 0.95)}. The gap is TRL, not
-tracking: TRL without MLflow runs at {trl_cost[2]} of the plain Trainer, and the plugin against that same TRL set-up
-without MLflow is at {own[2]}, i.e. no cost measurable here (identical processes differ by about 10% from one run to
-the next on this machine).{share}
+{verdict(track, 0.95)}; mixed-length data {mx_track[2]}, {verdict(mx_track, 0.95)}. The whole loop also holds what
+happens once per run inside `train_runtime` (step 1's warm-up, the end of training), which 20 steps do not
+amortise; the steady state is the per-step cost.{share} TRL's `SFTTrainer` as it comes (fused LM head, no
+MLflow) runs at {trl_cost[2]} of the plain Trainer; the plugin, which uses the model's own loss off CUDA
+(`train.fused_lm_head: auto`), runs at {own[2]} of that.
 
 **Goal 2, packing on mixed-length data >= 1.5x plain** (plugin with `data.packing=true` / plain padded, batch 8):
-{mx_pack[2]}, {verdict(mx_pack, 1.5)}; against the plugin's own padded run {mx_pack_pad[2]}."""
-    if b1[0] == b1[0]:
-        goals += f""" With batch 1 (one
-packed row of up to 512 tokens per step): {b1[2]} of plain, {b1_pad[2]} of the padded plugin."""
-    goals += f"""
+{mx_pack[2]}, {verdict(mx_pack, 1.5)}; against the plugin's own padded run {mx_pack_pad[2]}. On the support-bot
+data (64-168 tokens, max_length 256): {sb_pack[2]} of plain, {sb_pack_pad[2]} of the padded plugin.
 
-**The shipped default follows from this.** Packed at batch 16 x 256 the support-bot run trains at {sb_pack[2]} of
-plain and {sb_pack_pad[2]} of the same run padded, so `data.packing: auto` packs only with a flash-attention
-`model.attn_implementation` (a varlen kernel that skips the masked blocks); on CPU and with sdpa it pads."""
+**Why `data.packing: auto` still pads here.** Packed rows cost attention over up to `max_length` tokens whatever
+examples they hold (SDPA computes the whole block-diagonal mask; only a varlen flash-attention kernel skips it).
+That pays when the padded batches waste a lot and `max_length` is close to the longest rows, as in both scenarios
+above; with short rows under a far larger `max_length` (the default 1024 with 100-token rows) the attention grows
+faster than the padding shrinks. That is a property of the data and the recipe together, so `auto` packs only
+with a flash-attention `model.attn_implementation` (where it is always cheaper) and `data.packing: true` is the
+switch to use otherwise."""
 
     return f"""## 1. Training throughput: `mlflow run -e lora --backend finetune` vs plain transformers + PEFT
 
@@ -249,31 +243,31 @@ Shared 2-core machine: other engineers' test runs were active throughout (load a
 {raw["load"]}; above 2 means more runnable processes than cores), so absolute tokens/s swing between repetitions; the
 ratios within one repetition are what counts.
 
-    python bench/train_throughput.py --reps {args.reps} --steps {args.steps} --model {args.model} --threads {args.threads}{' --with-b1' if args.with_b1 else ''}
+    python bench/train_throughput.py --reps {args.reps} --steps {args.steps} --model {args.model} --threads {args.threads}
 
 Model `{args.model}` ({raw["params"] / 1e6:.2f}M parameters, fp32, CPU,
 {args.threads or 'default'} torch thread(s) per process), LoRA r=16 on all linear layers, {args.steps} optimizer
-steps per run, metrics every 5 steps, no eval and no checkpoints inside the loop on any side (the Trainer still
-saves one checkpoint after the last step on the plugin side, which the plugin copies into the run's artifacts:
-that is in the whole-loop figure, not in the steady-state one).
+steps per run, metrics every 5 steps, no eval and no checkpoints on any side (`save_steps` above `max_steps`;
+the plugin does not checkpoint after the last step).
 
 - Two measures, the same on every side. **Whole loop**: non-padding tokens of all steps / the Trainer's
   `train_runtime` (first step's warm-up and every callback included). **Steady state**: the median, over the
   windows between two logging steps, of tokens added / seconds elapsed (from the timestamps of the logged
   `num_tokens` on the plugin side, of `on_log` on the plain side): it drops step 1 and is robust to a load spike
   in one window. Each window contains one logging call, so tracking is in both.
-- **plugin**: `mlflow run PROJECT -e lora --backend finetune -P model=DIR`, a fresh process per run. Tokens: TRL's
-  `num_tokens` (attention-mask sum, or the flattened length when packing: non-padding tokens either way);
-  seconds: `train/summary_runtime`, the Trainer's `train_runtime`.
+- **plugin**: `mlflow run PROJECT -e lora --backend finetune -P model=DIR`, a fresh process per run, recipe
+  defaults otherwise (on CPU: the model's own loss, `train.fused_lm_head: auto`). Tokens: the logged `num_tokens`
+  (attention-mask sum: non-padding tokens, packed or not); seconds: `train/summary_runtime`, the Trainer's
+  `train_runtime`.
 - **plain**: `bench/plain_train.py`, the same fine-tune with `transformers.Trainer` + `peft`, no TRL, no MLflow:
   same folder, same tokens and labels (checked token for token against TRL's), same sampler seed, so the same
   batches (identical token counts in the table); padded to the longest row of each batch. Tokens counted where
   TRL counts them, same runtime measure.
-- **plain-trl**: `bench/plain_train.py --trainer trl`, TRL's `SFTTrainer` set up as the plugin sets it up, no
-  MLflow: splits the plugin's cost into what TRL costs and what the plugin costs.
+- **plain-trl**: `bench/plain_train.py --trainer trl`, TRL's `SFTTrainer` as it comes, no MLflow: what TRL's
+  defaults cost against the plain Trainer.
 - **support-bot**: the bundled 419 rows (64-168 tokens), batch 16, max_length 256. **mixed**: {args.mixed_rows}
   generated rows with log-normal lengths (tokens: median 104, p90 214, p99 505, max 942), batch 8, max_length 512.
-  `-pack`: `data.packing=true`.
+  `-pack`: `data.packing=true`: batch rows of up to max_length tokens, each holding several examples.
 
 {tbl}
 
@@ -283,19 +277,21 @@ that is in the whole-loop figure, not in the steady-state one).
 
 {goals}
 
-Why (profiled with cProfile on this machine):
+What the plugin does differently from TRL's defaults, and why (profiled on this machine):
 
-- Between the plugin and the plain script the big cost is TRL's training step, not MLflow. TRL 1.16 computes the
-  loss through a fused, tiled LM head (`trl/kernels/chunked_logprob.py`) that recomputes the logits in the
-  backward pass to save memory, and it adds entropy and token accuracy every step. With the tiny model the LM head
-  (2048 x 128, tied) is a large share of all compute, so that recomputation shows; on a real model (1B+, hidden
-  >= 2048) it is a few percent.
-- TRL's packing is padding-free: a batch becomes one flattened row of up to batch x max_length tokens. With PyTorch
-  SDPA (CPU, or a GPU without flash-attention) the row's block-diagonal mask is materialised and attention is
-  computed over the whole row: its cost grows with (batch x max_length)^2 instead of batch x max_length^2, and it
-  dominates the step (SDPA forward + backward were ~10x the linear layers in a packed batch-8 x 512 step). Padding
-  wastes compute on pad tokens but keeps attention per row. On a GPU with `model.attn_implementation:
-  flash_attention_2` the varlen kernel skips the masked blocks, which is where packing pays.
+- **Loss.** TRL 1.16 computes the loss through a fused, tiled LM head (`trl/kernels/chunked_logprob.py`): the
+  logits are never materialised and are recomputed in the backward pass, with entropy and token accuracy from the
+  same tiles. That saves memory with big vocabularies on a GPU, where it runs as Triton kernels over the labelled
+  positions only. On CPU the same code runs as torch ops over every position: one forward + backward of a
+  support-bot batch took 1.6x as long as with the model's own loss (633 vs 398 ms, tiny model, one thread).
+  `train.fused_lm_head: auto` therefore uses it with CUDA only; the loss value and gradients are the same either
+  way (tests/test_multitask_dpo.py), and entropy is logged only with the fused head.
+- **Packed batches.** TRL packs examples into rows of up to max_length and then flattens the batch into one row
+  for a varlen kernel. Under SDPA that single row gets one block-diagonal mask over batch x max_length tokens, so
+  attention costs (batch x max_length)^2: the previous version of this benchmark measured packing at 0.38x plain.
+  Without a flash-attention `model.attn_implementation` the plugin keeps the rows (`position_ids` restart at each
+  example, no 2D mask, so transformers builds the mask per row): batch x max_length^2, like padding every row to
+  max_length, with almost no padding left.
 """
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import mlflow
 from transformers import TrainerCallback
 
+LAST_CHECKPOINT_TAG = "finetune.last_checkpoint"
+
 
 class MlflowMetrics(TrainerCallback):
     """Log training metrics as `train/<name>` and eval metrics as `eval/tuned/<name>`, plus tokens per second.
@@ -66,3 +68,5 @@ class CheckpointLogger(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             mlflow.log_artifacts(str(folder), artifact_path=f"checkpoints/{folder.name}")
+            # Set only once every file is in: a process killed mid-copy leaves a newer folder without this mark.
+            mlflow.set_tag(LAST_CHECKPOINT_TAG, f"checkpoints/{folder.name}")

@@ -18,7 +18,7 @@ import mlflow
 from transformers import set_seed
 
 from mlflow_finetune_plugin import paths
-from mlflow_finetune_plugin.callbacks import CheckpointLogger, MlflowMetrics
+from mlflow_finetune_plugin.callbacks import LAST_CHECKPOINT_TAG, CheckpointLogger, MlflowMetrics
 from mlflow_finetune_plugin.data import load_training_dataset, mlflow_dataset
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluation import comparison_table, conversations, log_evaluation, run_evaluation
@@ -403,13 +403,11 @@ def _resume_checkpoint(resume: str | None, current_run: str) -> str | None:
         candidates = [resume]
     for rid in candidates:
         try:
-            checkpoints = [a.path for a in client.list_artifacts(rid, "checkpoints") if a.is_dir]
-            # A run killed while logging a checkpoint leaves it partial: take the newest whole one.
-            checkpoints = [c for c in checkpoints if _is_whole_checkpoint(client, rid, c)]
+            checkpoints = resumable_checkpoints(client, rid)
         except Exception as e:  # noqa: BLE001
             raise FinetuneError(f"train.resume: cannot read run {rid!r}: {e}") from None
         if checkpoints:
-            last = max(checkpoints, key=lambda p: int(p.rsplit("-", 1)[-1]))
+            last = max(checkpoints, key=_step)
             dest = paths.job_dir(current_run) / "resume"
             local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=last, dst_path=str(dest))
             print(f"Resuming from {rid}/{last}")
@@ -418,6 +416,25 @@ def _resume_checkpoint(resume: str | None, current_run: str) -> str | None:
         if resume != "latest":
             raise FinetuneError(f"train.resume: run {rid} has no checkpoints to resume from")
     raise FinetuneError("train.resume=latest: no earlier run in this experiment has checkpoints")
+
+
+def resumable_checkpoints(client, run_id: str) -> list[str]:
+    """The checkpoint folders of a run that can be resumed from.
+
+    A run killed while logging a checkpoint leaves that folder partial. The run tags the last folder it finished
+    copying (`finetune.last_checkpoint`): folders after it are partial. Runs without the tag (logged elsewhere, or
+    killed before their first checkpoint was complete) are judged by their files.
+    """
+    folders = [a.path for a in client.list_artifacts(run_id, "checkpoints") if a.is_dir]
+    marked = client.get_run(run_id).data.tags.get(LAST_CHECKPOINT_TAG)
+    if marked:
+        last = _step(marked)
+        folders = [f for f in folders if _step(f) <= last]
+    return [f for f in folders if _is_whole_checkpoint(client, run_id, f)]
+
+
+def _step(checkpoint: str) -> int:
+    return int(checkpoint.rsplit("-", 1)[-1])
 
 
 def _is_whole_checkpoint(client, run_id: str, path: str) -> bool:

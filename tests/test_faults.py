@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -41,9 +42,7 @@ def _wait_for(predicate, timeout=180, interval=0.3, what="condition"):
 
 
 def _whole_checkpoints(run_id) -> list[str]:
-    client = MlflowClient()
-    return [a.path for a in client.list_artifacts(run_id, "checkpoints")
-            if a.is_dir and train_module._is_whole_checkpoint(client, run_id, a.path)]
+    return train_module.resumable_checkpoints(MlflowClient(), run_id)
 
 
 def _final_adapter(run_id) -> dict[str, torch.Tensor]:
@@ -160,3 +159,35 @@ def test_out_of_memory_and_disk_full_say_what_to_change(tmp_path, tracking_uri, 
         assert part in message, message
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr and expected[0] in stderr
+
+
+def test_resume_skips_a_checkpoint_whose_copy_never_finished(tmp_path, tracking_uri):
+    """A process killed while copying checkpoint-10 leaves its files (possibly truncated) without the completion
+    mark: resume takes checkpoint-5, the last one the run marked; runs without any mark are judged by their files."""
+    from mlflow_finetune_plugin.callbacks import LAST_CHECKPOINT_TAG
+
+    def folder(step: int, optimizer: bytes = b"state") -> Path:
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "trainer_state.json").write_text("{}")
+        (d / "adapter_model.safetensors").write_bytes(b"weights")
+        (d / "optimizer.pt").write_bytes(optimizer)
+        return d
+
+    client = MlflowClient()
+    with mlflow.start_run() as marked:
+        for step in (5, 10):
+            mlflow.log_artifacts(str(folder(step)), f"checkpoints/checkpoint-{step}")
+            if step == 5:
+                mlflow.set_tag(LAST_CHECKPOINT_TAG, "checkpoints/checkpoint-5")
+    with mlflow.start_run() as unmarked:
+        mlflow.log_artifacts(str(tmp_path / "checkpoint-5"), "checkpoints/checkpoint-5")
+        mlflow.log_artifacts(str(folder(15, optimizer=b"")), "checkpoints/checkpoint-15")  # empty file: cut short
+    assert train_module.resumable_checkpoints(client, marked.info.run_id) == ["checkpoints/checkpoint-5"]
+    assert train_module.resumable_checkpoints(client, unmarked.info.run_id) == ["checkpoints/checkpoint-5"]
+
+    with mlflow.start_run() as current:
+        local = train_module._resume_checkpoint(marked.info.run_id, current.info.run_id)
+    assert Path(local).name == "checkpoint-5" and (Path(local) / "optimizer.pt").read_bytes() == b"state"
+    assert client.get_run(current.info.run_id).data.tags["finetune.resumed_from"] == \
+        f"{marked.info.run_id}/checkpoints/checkpoint-5"

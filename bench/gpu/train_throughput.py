@@ -9,9 +9,8 @@ Per method and repetition (rotated order):
   plugin  mlflow run PROJECT -e METHOD --backend finetune -P model=DIR (peak memory noted at the training
           process's exit by the bench-only bench/_probe/sitecustomize.py)
   plain   bench/plain_train.py --method METHOD --precision bf16 (transformers Trainer + PEFT / bitsandbytes)
-Reported: tokens/s in steady state (median over logging windows of tokens added / seconds; the plugin's whole
-loop also holds the checkpoint the Trainer saves after the last step, weights and optimizer state for a full
-fine-tune, which the plugin copies into the run) and over the whole loop (tokens / Trainer `train_runtime`), MFU
+Reported: tokens/s in steady state (median over logging windows of tokens added / seconds) and over the whole
+loop (tokens / Trainer `train_runtime`; the plugin uses TRL's fused LM head on CUDA, `train.fused_lm_head: auto`), MFU
 from the steady state, peak `torch.cuda.max_memory_allocated`, and plugin/plain ratios. MFU = flops per token x tokens/s / peak bf16 dense flops (H200 SXM: 989.5 TFLOPS), with
 flops per token = 6N + 12*L*d*S for full fine-tuning and 4N + 12*L*d*S for LoRA/QLoRA (a frozen weight gets no
 weight-gradient matmul), N = parameters doing matmuls (input embedding excluded), L layers, d width, S seq_len.
