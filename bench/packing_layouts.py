@@ -14,7 +14,7 @@ median of 100 tokens, against max_length 256, 512, 1024. Layouts interleave with
 order); the median of per-repetition ratios against `padded` is reported. This is what `data.packing: auto` is
 decided on (docs/methods.md#sequence-packing).
 
-    python bench/packing_layouts.py                # tiny model, 5 reps, 1 thread: ~4 min
+    python bench/packing_layouts.py                # tiny model, 3 reps, 1 thread: ~8 min on 2 cores
     python bench/packing_layouts.py --model small --reps 3
 """
 
@@ -149,7 +149,10 @@ def _doc(raw, args, tbl, ratios) -> str:
     def r(shape, ml, layout):
         return common.fmt(common.median(ratios[(shape, ml, layout)]))
 
-    lo, hi = min(args.max_lengths), max(args.max_lengths)
+    def series(shape, layout):
+        return " / ".join(f"{r(shape, ml, layout)}x" for ml in args.max_lengths)
+
+    lengths = " / ".join(str(ml) for ml in args.max_lengths)
     return f"""## 1b. Packing layouts under SDPA: padded vs packed rows vs one flattened row
 
 {common.machine_line(raw["info"])}
@@ -172,14 +175,13 @@ are not padding.
 ![packing layouts](benchmarks/packing_layouts.png)
 
 Reading: packed rows fill the batch with real tokens, but every row costs attention over its whole length. With
-mixed lengths the padding saved outweighs that up to a point (mixed, max_length {lo}: {r("mixed", lo, "rows")}x
-padded; {hi}: {r("mixed", hi, "rows")}x); with examples of similar length there is little padding to save and the
-longer rows cost more than they save (similar, max_length {lo}: {r("similar", lo, "rows")}x; {hi}:
-{r("similar", hi, "rows")}x). The flattened layout is slower than padding everywhere under SDPA (down to
-{common.fmt(min(common.median(ratios[(s, m, "flattened")]) for s in SHAPES for m in args.max_lengths))}x), which is
-why the plugin keeps rows unless a flash-attention kernel is configured. Whether packing pays therefore depends on
-the data's length spread and on max_length together, which `data.packing: auto` cannot see before tokenizing: it
-packs only with flash attention, and `data.packing: true` is the switch for mixed-length data.
+mixed lengths the padding saved outweighs that: {series("mixed", "rows")} padded at max_length {lengths}. With
+examples of similar length there is little padding to save, and packing pays only while max_length stays close to
+the examples' length: {series("similar", "rows")}. The flattened layout is slower than padding everywhere under
+SDPA ({series("mixed", "flattened")} on mixed lengths), which is why the plugin keeps rows unless a
+flash-attention kernel is configured. Whether packing pays therefore depends on the data's length spread and on
+max_length together, which `data.packing: auto` cannot see before tokenizing: it packs only with flash attention,
+and `data.packing: true` is the switch for mixed-length data.
 """
 
 
@@ -208,12 +210,12 @@ def _plot(ratios, args) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--model", default="tiny", choices=["tiny", "small"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, default=400, help="Examples per case and repetition.")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=6, help="Timed passes per layout and case.")
+    p.add_argument("--steps", type=int, default=4, help="Timed passes per layout and case.")
     p.add_argument("--max-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512, 1024])
     p.add_argument("--workdir", default=None)
     p.add_argument("--no-doc", action="store_true", help="Print the table only; leave docs/ alone.")

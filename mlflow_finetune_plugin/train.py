@@ -8,6 +8,7 @@ FINISHED, FAILED with the error as a tag and `error.txt`, or KILLED on Ctrl-C / 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -157,7 +158,15 @@ def train(recipe, run_id: str, main: bool = True) -> None:
     if recipe.train.resume and trainer.accelerator.num_processes > 1:
         trainer.accelerator.wait_for_everyone()  # rank 0 has picked and downloaded the checkpoint
         checkpoint = checkpoint if main else _rank_resume_checkpoint(run_id)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    # Everything alive now (modules of torch, transformers, MLflow, TRL; the model) lives until the end: frozen out
+    # of the cyclic GC, whose full collections otherwise rescan it all during training (measured on CPU: 0.4 s of
+    # a 6-9 s, 20-step support-bot loop).
+    gc.collect()
+    gc.freeze()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        gc.unfreeze()
     tuned = _unsharded(trainer, recipe, method, cfg, run_id, main) if trainer.is_fsdp_enabled else trainer.model
     if not main:
         return

@@ -86,20 +86,24 @@ def _logits(model, tok):
 
 def _trainer(model, tok, out_dir, gradient_checkpointing=False):
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
+    from mlflow_finetune_plugin.sft import FinetuneSFTTrainer
     from mlflow_finetune_plugin.train import _checkpointing_argument
 
     args = SFTConfig(output_dir=str(out_dir), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                      report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, max_length=64,
                      **_checkpointing_argument(gradient_checkpointing), dataloader_num_workers=0, seed=0,
                      bf16=False, fp16=False)  # fp32 on CPU, as train.py does; TRL would default to bf16
-    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(chat_rows(4)), processing_class=tok)
+    # The plugin's trainer with its CPU loss path (the model's own loss, train.fused_lm_head: auto off CUDA).
+    return FinetuneSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(chat_rows(4)),
+                              processing_class=tok, fused_lm_head=False)
 
 
 @pytest.fixture(scope="module", params=TRAINED)
 def trained(request, tiny_model_dir, tok, tmp_path_factory):
-    """Each case applied to the tiny model and trained 2 steps with TRL's SFTTrainer (shared by the tests below)."""
+    """Each case applied to the tiny model and trained 2 steps with the plugin's SFTTrainer (shared by the tests
+    below)."""
     case = request.param
     model = _applied(tiny_model_dir, case)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
