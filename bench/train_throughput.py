@@ -224,6 +224,12 @@ amortise; the steady state is the per-step cost.{share} TRL's `SFTTrainer` as it
 MLflow) runs at {trl_cost[2]} of the plain Trainer; the plugin, which uses the model's own loss off CUDA
 (`train.fused_lm_head: auto`), runs at {own[2]} of that.
 
+Not explained yet: the support-bot gap. In one process, with the GC frozen for both, the plugin's trainer and the
+plain Trainer took the same time for the same 20 support-bot steps under cProfile (6.21 vs 6.14 s and 7.04 vs
+6.14 s in two alternations; the loss path's extra token-accuracy argmax is 0.1 s of that, data loading 0.03 s),
+so the per-step difference between the two processes above comes from something outside the training step that
+this benchmark does not isolate.
+
 **Goal 2, packing on mixed-length data >= 1.5x plain** (plugin with `data.packing=true` / plain padded, batch 8):
 {mx_pack[2]}, {verdict(mx_pack, 1.5)}; against the plugin's own padded run {mx_pack_pad[2]}. On the support-bot
 data (64-168 tokens, max_length 256): {sb_pack[2]} of plain, {sb_pack_pad[2]} of the padded plugin.
