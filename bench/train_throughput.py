@@ -228,7 +228,9 @@ Not explained yet: the support-bot gap. In one process, with the GC frozen for b
 plain Trainer took the same time for the same 20 support-bot steps under cProfile (6.21 vs 6.14 s and 7.04 vs
 6.14 s in two alternations; the loss path's extra token-accuracy argmax is 0.1 s of that, data loading 0.03 s),
 so the per-step difference between the two processes above comes from something outside the training step that
-this benchmark does not isolate.
+this benchmark does not isolate. In separate processes without MLflow, the plugin's trainer class against the
+plain Trainer gave 0.99, 0.81 and 0.91 in three alternations, and the plain Trainer with TRL and datasets merely
+imported gave 0.98, 1.06 and 0.85 against itself: run-to-run noise of that size hides a 5-10% effect here.
 
 **Goal 2, packing on mixed-length data >= 1.5x plain** (plugin with `data.packing=true` / plain padded, batch 8):
 {mx_pack[2]}, {verdict(mx_pack, 1.5)}; against the plugin's own padded run {mx_pack_pad[2]}. On the support-bot
