@@ -313,9 +313,27 @@ def write_section(name: str, body: str) -> Path:
     return DOC
 
 
-def plot_path(name: str) -> Path:
+def save_plot(fig, name: str) -> Path:
+    """Write `fig` to docs/benchmarks/NAME and close it."""
     PLOTS.mkdir(parents=True, exist_ok=True)
-    return PLOTS / name
+    out = PLOTS / name
+    fig.savefig(out, dpi=110)
+    pyplot().close(fig)
+    return out
+
+
+def output_args(parser, render: bool = True) -> None:
+    """The options every bench script shares: where scratch files go, printing only, re-rendering."""
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--no-doc", action="store_true", help="Print the table only; leave docs/ alone.")
+    if render:
+        parser.add_argument("--render", action="store_true",
+                            help="Re-render the table/doc from the last run's raw results.")
+
+
+def thread_env(threads: int) -> dict:
+    """OMP/MKL thread counts for the measured processes (0: leave torch's default)."""
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if threads else {}
 
 
 def pyplot():

@@ -106,9 +106,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1000,10000,100000")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--no-doc", action="store_true")
-    p.add_argument("--render", action="store_true", help="Re-render the table/doc from the last run's raw results.")
+    common.output_args(p)
     p.add_argument("--worker", nargs=3, metavar=("FILE", "KIND", "WARM_FILE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -270,10 +268,7 @@ def _plot(res, sizes, min_net: float) -> Path:
     ax.set_title("Ratio against the plain baseline")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = common.plot_path("data_pipeline.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return common.save_plot(fig, "data_pipeline.png")
 
 
 if __name__ == "__main__":

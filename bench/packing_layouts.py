@@ -202,10 +202,7 @@ def _plot(ratios, args) -> Path:
     ax.set_title("Packing layouts under SDPA (CPU)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = common.plot_path("packing_layouts.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return common.save_plot(fig, "packing_layouts.png")
 
 
 def main(argv=None):
@@ -217,9 +214,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=4, help="Timed passes per layout and case.")
     p.add_argument("--max-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512, 1024])
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--no-doc", action="store_true", help="Print the table only; leave docs/ alone.")
-    p.add_argument("--render", action="store_true", help="Re-render the table/doc from the last run's raw results.")
+    common.output_args(p)
     common.measure_or_render("packing_layouts", p.parse_args(argv), measure, render)
 
 

@@ -168,9 +168,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default); see train_throughput.")
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--no-doc", action="store_true")
-    p.add_argument("--render", action="store_true", help="Re-render the table/doc from the last run's raw results.")
+    common.output_args(p)
     p.add_argument("--worker", nargs=3, metavar=("KIND", "NAME", "VERSION"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -182,7 +180,7 @@ def main(argv=None):
 
 def measure(args, work: Path) -> dict:
     (work / "logs").mkdir(exist_ok=True)
-    threads = {"OMP_NUM_THREADS": args.threads, "MKL_NUM_THREADS": args.threads} if args.threads else {}
+    threads = common.thread_env(args.threads)
     env = common.bench_env(work, **threads)
     tiny = common.tiny_model_dir(env)
     info = common.machine()
@@ -306,10 +304,7 @@ def _plot(results) -> Path:
     ax.set_title("A/B memory (MiB of tensors, log)", fontsize=9)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    out = common.plot_path("serving.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return common.save_plot(fig, "serving.png")
 
 
 if __name__ == "__main__":

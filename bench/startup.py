@@ -98,16 +98,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default); see train_throughput.")
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--no-doc", action="store_true")
-    p.add_argument("--render", action="store_true", help="Re-render the table/doc from the last run's raw results.")
+    common.output_args(p)
     args = p.parse_args(argv)
     common.measure_or_render("startup", args, measure, render)
 
 
 def measure(args, work: Path) -> dict:
     (work / "logs").mkdir(exist_ok=True)
-    threads = {"OMP_NUM_THREADS": args.threads, "MKL_NUM_THREADS": args.threads} if args.threads else {}
+    threads = common.thread_env(args.threads)
     env = common.bench_env(work, **threads)
     common.use_env(env)
     model = common.tiny_model_dir(env)
@@ -243,10 +241,7 @@ def _plot(outs, plains, probes) -> Path:
     ax.set_yticks(range(len(names)), [n if len(n) < 60 else n[:57] + "..." for n in names], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("seconds (median), stages in one process")
-    out = common.plot_path("startup.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return common.save_plot(fig, "startup.png")
 
 
 if __name__ == "__main__":

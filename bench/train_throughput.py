@@ -80,9 +80,7 @@ def main(argv=None):
                         "machine: a 2-thread run stalls on OpenMP barriers whenever another process takes a core.")
     p.add_argument("--mixed-rows", type=int, default=2000)
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--no-doc", action="store_true", help="Print the table only; leave docs/ alone.")
-    p.add_argument("--render", action="store_true", help="Re-render the table/doc from the last run's raw results.")
+    common.output_args(p)
     args = p.parse_args(argv)
 
     common.measure_or_render("train_throughput", args, measure, render)
@@ -90,7 +88,7 @@ def main(argv=None):
 
 def measure(args, work: Path) -> dict:
     (work / "logs").mkdir(exist_ok=True)
-    threads = {"OMP_NUM_THREADS": args.threads, "MKL_NUM_THREADS": args.threads} if args.threads else {}
+    threads = common.thread_env(args.threads)
     env = common.bench_env(work, **threads)
     model = model_dir(args.model, common.tiny_model_dir(env), work / "models")
     info = common.machine()
@@ -344,10 +342,7 @@ def _plot(results, ratios, chosen) -> Path:
     ax.set_title("Ratios within each repetition")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = common.plot_path("train_throughput.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return common.save_plot(fig, "train_throughput.png")
 
 
 if __name__ == "__main__":

@@ -248,17 +248,7 @@ def test_packing_auto_is_on_where_exact_and_fast_and_packed_rows_do_not_see_each
 
 
 def test_packed_training_runs_with_fewer_sequences(tmp_path, tiny_model_dir):
-    from mlflow_finetune_plugin.models import load_base_model, load_tokenizer
-    from mlflow_finetune_plugin.train import load_data_splits, sft_trainer, training_arguments
-
-    _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(12))
-    recipe = load_recipe(tmp_path, overrides={"data.max_length": 128, "train.max_steps": 1, "eval.enabled": False,
-                                              "data.packing": True})
-    train_ds, _, _ = load_data_splits(recipe)
-    args = training_arguments(recipe, "packing-test", None)
-    args["output_dir"] = str(tmp_path / "out")
-    model = METHODS["lora"].apply(load_base_model(recipe.model), recipe.lora)
-    trainer = sft_trainer(recipe, model, load_tokenizer(), train_ds, None, args, callbacks=[])  # no MLflow run
+    trainer = _sft_trainer(tmp_path, chat_rows(12), **{"data.packing": True})
     assert len(trainer.train_dataset) < 12  # rows were packed together
     assert "position_ids" in trainer.data_collator([trainer.train_dataset[0]])
     trainer.train()
@@ -276,7 +266,7 @@ def _sft_trainer(tmp_path, rows, **overrides):
     args["output_dir"] = str(tmp_path / "out")
     torch.manual_seed(0)
     model = METHODS["lora"].apply(load_base_model(recipe.model), recipe.lora)
-    return sft_trainer(recipe, model, load_tokenizer(), train_ds, None, args, callbacks=[])
+    return sft_trainer(recipe, model, load_tokenizer(), train_ds, None, args, callbacks=[])  # no MLflow run
 
 
 @pytest.mark.parametrize("fused", [True, False])

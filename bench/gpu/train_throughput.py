@@ -101,8 +101,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="Default: 4 (GPU), 2 (--tiny).")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.5, help="bf16 dense peak of the GPU (H200/H100 SXM).")
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--no-doc", action="store_true")
+    common.output_args(p, render=False)
     args = p.parse_args(argv)
     args.steps = args.steps or (10 if args.tiny else 40)
     args.seq_len = args.seq_len or (128 if args.tiny else 2048)
@@ -223,10 +222,7 @@ def _plot(results, methods) -> Path:
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    out = common.plot_path("gpu_train_throughput.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return common.save_plot(fig, "gpu_train_throughput.png")
 
 
 if __name__ == "__main__":
