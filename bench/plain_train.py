@@ -163,6 +163,7 @@ def _hf_trainer(args, model, tokenizer, shared: dict):
         def compute_loss(self, model, inputs, *a, **kw):
             if model.training:
                 counted["tokens"] += int(inputs["attention_mask"].sum().item())
+                self._total_train_tokens = counted["tokens"]  # the attribute TRL keeps; bench probes read it
             return super().compute_loss(model, inputs, *a, **kw)
 
     targs = TrainingArguments(**shared, remove_unused_columns=False)

@@ -1,7 +1,12 @@
-"""Bench-only: note when each Python process starts (on PYTHONPATH only for bench/startup.py).
+"""Bench-only probes, put on PYTHONPATH by the benchmark scripts; each is off unless its variable is set.
 
-Appends one JSON line per interpreter start to $BENCH_PROCESS_LOG: wall time and command line. Nothing in the
-package changes; this is how the start-up benchmark sees when `mlflow run` and its training process begin.
+- $BENCH_PROCESS_LOG: one JSON line per interpreter start (wall time, command line): how the start-up benchmark
+  sees when `mlflow run` and its training process begin.
+- $BENCH_CUDA_PEAK_FILE: peak GPU memory of a process that used CUDA, noted at exit.
+- $BENCH_STEP_LOG: per-step timings, CPU time and page faults of every `Trainer.train()` (the throughput
+  benchmark's plugin and plain sides measured by the same code).
+
+Nothing in the package changes.
 """
 
 import os
@@ -34,3 +39,78 @@ if os.environ.get("BENCH_CUDA_PEAK_FILE"):
             f.write(_json.dumps({"pid": os.getpid(), "peak": torch.cuda.max_memory_allocated()}) + "\n")
 
     atexit.register(_write_cuda_peak)
+
+if os.environ.get("BENCH_STEP_LOG"):
+    # Per optimizer step of every Trainer.train() in this process (plugin and plain sides alike): wall time at
+    # step begin / step end / the step's training log (after every other callback, the plugin's MLflow logging
+    # included), this process's user and system CPU seconds and minor page faults during the step, and the
+    # trainer's non-padding token counter. Written as one JSON line per train() call when it returns.
+    import importlib.abc
+    import importlib.machinery
+    import sys as _sys
+
+    def _install_step_probe(trainer_module):
+        import json
+        import resource
+        import time
+
+        from transformers import TrainerCallback
+
+        def usage():
+            r = resource.getrusage(resource.RUSAGE_SELF)
+            return r.ru_utime, r.ru_stime, r.ru_minflt
+
+        class StepProbe(TrainerCallback):
+            def __init__(self, trainer):
+                self.trainer, self.steps, self._open = trainer, [], None
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self._open = {"step": state.global_step + 1, "begin": time.perf_counter(), "usage": usage()}
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if self._open is None:
+                    return
+                end, u = time.perf_counter(), usage()
+                o, self._open = self._open, None
+                self.steps.append({"step": o["step"], "begin": o["begin"], "end": end, "log": None,
+                                   "user": u[0] - o["usage"][0], "sys": u[1] - o["usage"][1],
+                                   "faults": u[2] - o["usage"][2],
+                                   "tokens": getattr(self.trainer, "_total_train_tokens", None)})
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs and self.steps and self.steps[-1]["step"] == state.global_step:
+                    self.steps[-1]["log"] = time.perf_counter()
+
+        original = trainer_module.Trainer.train
+
+        def train(self, *args, **kwargs):
+            probe = StepProbe(self)
+            self.add_callback(probe)  # last in line: its on_log runs after the plugin's MLflow callback
+            out = original(self, *args, **kwargs)
+            with open(os.environ["BENCH_STEP_LOG"], "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "runtime": out.metrics.get("train_runtime"),
+                                    "steps": probe.steps}) + "\n")
+            return out
+
+        trainer_module.Trainer.train = train
+
+    class _TrainerHook(importlib.abc.MetaPathFinder):
+        """Patch transformers.trainer right after it is first imported (nothing is imported early)."""
+
+        def find_spec(self, name, path, target=None):
+            if name != "transformers.trainer":
+                return None
+            _sys.meta_path.remove(self)
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is None or spec.loader is None:
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_and_patch(module):
+                exec_module(module)
+                _install_step_probe(module)
+
+            spec.loader.exec_module = exec_and_patch
+            return spec
+
+    _sys.meta_path.insert(0, _TrainerHook())
