@@ -249,6 +249,12 @@ def _doc(args, raw, results, tbl, tbl2, ratios) -> str:
                  common.median(r["step1_faults"] for r in runs), common.median(r["later_sys_s_per_step"] for r in runs))
           for side, runs in step1.items() if runs}
     first_step = ""
+    trl_runs = results.get(("support-bot", "plain-trl"))
+    trl_step1 = "" if not trl_runs else (
+        f" TRL's trainer without MLflow or a parent process pays the same (plain-trl: step 1 "
+        f"{common.median(r['step1_s'] for r in trl_runs):.2f} s, {common.median(r['step1_sys_s'] for r in trl_runs):.2f}"
+        " s system), so it comes with TRL's trainer (its data path or its loss), not with tracking; why one process "
+        "gets costlier pages than another was not isolated further.")
     if len(s1) == 2:
         (p1, p1sys, pflt, plater), (q1, q1sys, qflt, qlater) = s1["plugin"], s1["plain"]
         first_step = f"""
@@ -261,10 +267,8 @@ step). This machine is a VM with memory ballooning, where first touching memory 
 costs several times what it does on bare metal. Diagnosed by hand, not by this script: touching 6 GB of fresh
 memory took 9-11 s (about 7 us per 4-KiB page; 1-2 us for memory a process had just freed); `perf` put 58% of the
 plugin's step-1 CPU samples in the kernel's `clear_page_erms` against 5% on the plain side; with 6 GB touched and
-freed just before, the plugin's step 1 took 0.42-0.73 s, and the next run without that 1.42 s. Why the plugin's
-training process more often gets such pages was not isolated (it starts under a second process, the `mlflow run`
-CLI, and is larger: ~0.93 GB resident against the plain script's ~0.80 GB). It is paid once per run, not per
-logging step: {args.steps} steps amortise it to the whole-loop figure above, a fine-tune of thousands of steps does
+freed just before, the plugin's step 1 took 0.42-0.73 s, and the next run without that 1.42 s.{trl_step1} It is
+paid once per run, not per logging step: {args.steps} steps amortise it to the whole-loop figure above, a fine-tune of thousands of steps does
 not see it, and after step 1 the plugin's loop, MLflow logging included, runs at {track[1]:.3g} of the plain loop."""
     goals = f"""**Goal 1, tracking costs under 5%** (plugin / plain >= 0.95, both padded): support-bot {track[2]},
 {verdict(track, 0.95)}; mixed-length data {mx_track[2]}, {verdict(mx_track, 0.95)}.{share} TRL's `SFTTrainer` as it
@@ -287,8 +291,8 @@ switch to use otherwise."""
     return f"""## 1. Training throughput: `mlflow run -e lora --backend finetune` vs plain transformers + PEFT
 
 {common.machine_line(raw["info"])}
-Shared 2-core machine: other engineers' test runs were active throughout (load average at the end:
-{raw["load"]}; above 2 means more runnable processes than cores), so absolute tokens/s swing between repetitions; the
+2-core VM, load average at the end: {raw["load"]} (the benchmark's own training process counts for 1; above 2 means
+more runnable processes than cores). Absolute tokens/s swing between repetitions even on a quiet machine; the
 ratios within one repetition are what counts.
 
     python bench/train_throughput.py --reps {args.reps} --steps {args.steps} --model {args.model} --threads {args.threads}
