@@ -8,6 +8,7 @@ training process (`train.train`) run, with a timer around each; prints one JSON 
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -89,7 +90,11 @@ def main(argv=None):
             control.should_training_stop = True
 
     trainer.add_callback(StopAfterFirstLog)
+    gc.collect()  # as train.train() does before training (then the GC is frozen for the loop)
+    gc.freeze()
+    mark("train: GC collection + freeze before training")
     trainer.train()
+    gc.unfreeze()
     end = time.perf_counter()
     stages["train: trainer.train() set-up (accelerate, optimizer, dataloader)"] = logged[0] - last[0]
     stages["train: optimizer step 1 and its metrics logged"] = logged[1] - logged[0]
