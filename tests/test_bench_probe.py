@@ -1,0 +1,57 @@
+"""The training benchmark's measuring code: the per-step probe (bench/_probe) in a real Trainer process.
+
+Benchmarks run by hand, but the probe decides what docs/benchmarks.md reports for every side, so a change in
+transformers' callback order or Trainer.train must fail here rather than silently skew the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.train_throughput import PROBE_DIR, step_figures  # noqa: E402
+
+
+def test_step_probe_times_every_step_of_a_real_trainer(tmp_path, tiny_model_dir):
+    step_log = tmp_path / "steps.jsonl"
+    env = {**os.environ, "BENCH_STEP_LOG": str(step_log), "PYTHONPATH": f"{PROBE_DIR}:{REPO}",
+           "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "bench" / "plain_train.py"), "--model", str(tiny_model_dir),
+           "--data", str(REPO / "recipes" / "support-bot" / "data" / "train.jsonl"), "--max-length", "64",
+           "--batch-size", "4", "--steps", "4", "--logging-steps", "2", "--output-dir", str(tmp_path / "out")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
+
+    record = json.loads(step_log.read_text().splitlines()[-1])
+    steps = record["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert record["runtime"] == result["seconds"]
+    for s in steps:
+        assert s["end"] > s["begin"] and s["user"] + s["sys"] > 0 and s["faults"] >= 0
+    # Training logs on step 1 (logging_first_step) and every 2 steps: the probe marks the end of those logs.
+    assert [s["log"] is not None for s in steps] == [True, True, False, True]
+    assert all(s["log"] >= s["end"] for s in steps if s["log"] is not None)
+    # The token counter grows every step and ends at what the script reports.
+    tokens = [s["tokens"] for s in steps]
+    assert all(b > a for a, b in zip(tokens, tokens[1:])) and tokens[-1] == result["tokens"]
+
+    figures = step_figures(step_log)
+    seconds_after_1 = steps[-1]["log"] - steps[1]["begin"]
+    assert figures["after1_tokens_per_s"] == (tokens[-1] - tokens[0]) / seconds_after_1
+    assert figures["step1_s"] == steps[0]["end"] - steps[0]["begin"]
+
+
+def test_step_probe_is_off_without_its_variable(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_STEP_LOG"}
+    env["PYTHONPATH"] = str(PROBE_DIR)
+    code = "import sys, transformers.trainer as t; print(t.Trainer.train.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "transformers.trainer"  # not wrapped by the probe
