@@ -261,17 +261,19 @@ step). This machine is a VM with memory ballooning, where first touching memory 
 costs several times what it does on bare metal. Diagnosed by hand, not by this script: touching 6 GB of fresh
 memory took 9-11 s (about 7 us per 4-KiB page; 1-2 us for memory a process had just freed); `perf` put 58% of the
 plugin's step-1 CPU samples in the kernel's `clear_page_erms` against 5% on the plain side; with 6 GB touched and
-freed just before, the plugin's step 1 took 0.42-0.73 s, and the next run without that 1.42 s. What makes the
-plugin's process get costlier pages was narrowed down by hand, 3 runs per variant of the plain script (support-bot
-batch, step 1 / its system time): with the plugin's trainer class and no MLflow 0.48-0.55 s / 0.14-0.17 s (cheap,
-like plain); with MLflow imported 0.47-0.74 s / 0.11-0.33 s; after `mlflow.start_run()` on a sqlite store and one logged param and metric 0.78-1.04 s /
-0.43-0.60 s; that with MLflow's telemetry off 0.65-1.00 s / 0.31-0.65 s. So having an MLflow run open in the process
-makes the first step's fresh pages costlier on this VM, for the same number of faults; which part of MLflow does it
-was not isolated. (TRL as it comes is no comparison here: its fused LM head takes twice the page faults in step 1.)
-On this machine that is a one-off of about {p1 - q1:.1f} s per run, not a per-step cost of tracking: {args.steps}
+freed just before, the plugin's step 1 took 0.42-0.73 s, and the next run without that 1.42 s. Narrowed down by
+hand, 3 interleaved runs per variant of the plain script (support-bot batch, step 1 / its system time): the
+plugin's trainer class without MLflow 0.48-0.55 s / 0.14-0.17 s, like plain; with MLflow imported 0.47-0.74 s /
+0.11-0.33 s; after `mlflow.start_run()` on a sqlite store and one logged param and metric 0.78-1.04 s / 0.43-0.60 s
+(MLflow's telemetry off: 0.65-1.00 s / 0.31-0.65 s). But the baseline drifts with the VM's memory state: right
+after the test suite had run, every variant, the plain script included, paid 0.8-1.0 s of system time in step 1.
+What fits every observation, not proven: a process gets cheap, host-backed pages from memory that earlier
+processes freed recently, and one that has used more memory before step 1 (an open MLflow run, a second process
+for the CLI) has used up more of that pool. (TRL as it comes is no comparison here: its fused LM head takes twice
+the page faults in step 1.) On this machine that is a one-off of about {p1 - q1:.1f} s per run, not a per-step cost of tracking: {args.steps}
 steps amortise it to the whole-loop figure above, a fine-tune of thousands of steps would not notice it, and after
-step 1 the plugin's loop, MLflow logging included, runs at {track[1]:.3g} of the plain loop. Still open: which part
-of an open MLflow run causes it, and whether it exists outside this VM (the GPU machine would tell)."""
+step 1 the plugin's loop, MLflow logging included, runs at {track[1]:.3g} of the plain loop. Still open: proving the
+cause, and whether the one-off exists outside this VM (the GPU machine would tell)."""
     goals = f"""**Goal 1, tracking costs under 5%** (plugin / plain >= 0.95, both padded): support-bot {track[2]},
 {verdict(track, 0.95)}; mixed-length data {mx_track[2]}, {verdict(mx_track, 0.95)}.{share} TRL's `SFTTrainer` as it
 comes (fused LM head, no MLflow) runs at {trl_cost[2]} of the plain Trainer; the plugin, which uses the model's own
