@@ -267,13 +267,16 @@ plugin's trainer class without MLflow 0.48-0.55 s / 0.14-0.17 s, like plain; wit
 0.11-0.33 s; after `mlflow.start_run()` on a sqlite store and one logged param and metric 0.78-1.04 s / 0.43-0.60 s
 (MLflow's telemetry off: 0.65-1.00 s / 0.31-0.65 s). But the baseline drifts with the VM's memory state: right
 after the test suite had run, every variant, the plain script included, paid 0.8-1.0 s of system time in step 1.
-What fits every observation, not proven: a process gets cheap, host-backed pages from memory that earlier
-processes freed recently, and one that has used more memory before step 1 (an open MLflow run, a second process
-for the CLI) has used up more of that pool. (TRL as it comes is no comparison here: its fused LM head takes twice
+What explains it, tested the same way (3 pairs, each run right after another process touched and freed
+2 GB): the plain script's step 1 took 0.40-0.43 s / 0.09-0.12 s system; the same script holding 1.8 GB it had
+touched before training took 1.10-1.38 s / 0.72-0.98 s. A process gets cheap, host-backed pages from memory
+that earlier processes freed recently; one that has used more memory before step 1 (the plugin: an open MLflow
+run, and the `mlflow run` CLI as a second process) runs past that pool more often and pays the hypervisor's cost
+for the rest. (TRL as it comes is no comparison here: its fused LM head takes twice
 the page faults in step 1.) On this machine that is a one-off of about {p1 - q1:.1f} s per run, not a per-step cost of tracking: {args.steps}
 steps amortise it to the whole-loop figure above, a fine-tune of thousands of steps would not notice it, and after
-step 1 the plugin's loop, MLflow logging included, runs at {track[1]:.3g} of the plain loop. Still open: proving the
-cause, and whether the one-off exists outside this VM (the GPU machine would tell)."""
+step 1 the plugin's loop, MLflow logging included, runs at {track[1]:.3g} of the plain loop. Not measured: a
+machine without memory ballooning, where this one-off should not appear."""
     goals = f"""**Goal 1, tracking costs under 5%** (plugin / plain >= 0.95, both padded): support-bot {track[2]},
 {verdict(track, 0.95)}; mixed-length data {mx_track[2]}, {verdict(mx_track, 0.95)}.{share} TRL's `SFTTrainer` as it
 comes (fused LM head, no MLflow) runs at {trl_cost[2]} of the plain Trainer; the plugin, which uses the model's own
