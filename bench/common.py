@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 PLOTS = REPO / "docs" / "benchmarks"
 SUPPORT_BOT = REPO / "recipes" / "support-bot"
+PROBE_DIR = REPO / "bench" / "_probe"
 DEFAULT_WORKDIR = Path(os.environ.get("BENCH_WORKDIR", "/tmp/mlflow-finetune-bench"))
 
 # Sections of docs/benchmarks.md, in document order; each is owned and rewritten by one script.
@@ -62,6 +63,13 @@ def bench_env(work: Path, **extra) -> dict:
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def with_probes(env: dict, **variables) -> dict:
+    """`env` with the bench-only probes (bench/_probe/sitecustomize.py) importable and switched on by `variables`
+    (BENCH_PROCESS_LOG, BENCH_CUDA_PEAK_FILE, BENCH_STEP_LOG: each probe is off unless its variable is set)."""
+    return {**env, **{k: str(v) for k, v in variables.items()},
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROBE_DIR), env.get("PYTHONPATH")]))}
 
 
 def use_env(env: dict) -> None:

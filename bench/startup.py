@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
 
-PROBE_DIR = Path(__file__).resolve().parent / "_probe"
 PARAMS = {"train.max_steps": 2, "eval.enabled": "false", "registry.enabled": "false", "train.save_steps": 1000}
 SEGMENTS = [
     ("launch -> `mlflow` CLI interpreter up", "cli_start", "t0"),
@@ -42,7 +41,7 @@ SEGMENTS = [
 def outside(project: Path, env: dict, work: Path, rep: int) -> dict:
     plog = work / "logs" / f"startup-procs-{rep}.jsonl"
     plog.unlink(missing_ok=True)
-    env = {**env, "BENCH_PROCESS_LOG": str(plog), "PYTHONPATH": f"{PROBE_DIR}:{env['PYTHONPATH']}"}
+    env = common.with_probes(env, BENCH_PROCESS_LOG=plog)
     res = common.run_plugin(project, "lora", PARAMS, env, work, work / "logs" / f"startup-plugin-{rep}.log")
     procs = [json.loads(line) for line in plog.read_text().splitlines()]
     client = common.mlflow_client(env)
@@ -63,7 +62,7 @@ def outside(project: Path, env: dict, work: Path, rep: int) -> dict:
 def plain(model: Path, data: Path, env: dict, work: Path, rep: int) -> dict:
     plog = work / "logs" / f"startup-plain-procs-{rep}.jsonl"
     plog.unlink(missing_ok=True)
-    env = {**env, "BENCH_PROCESS_LOG": str(plog), "PYTHONPATH": f"{PROBE_DIR}:{env['PYTHONPATH']}"}
+    env = common.with_probes(env, BENCH_PROCESS_LOG=plog)
     args = [str(Path(__file__).with_name("plain_train.py")), "--model", str(model), "--data", str(data),
             "--max-length", "256", "--batch-size", "16", "--steps", "2", "--output-dir", str(work / "plain-out")]
     r = common.run_python(args, env, work, work / "logs" / f"startup-plain-{rep}.log")

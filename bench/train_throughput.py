@@ -34,8 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from bench.models import model_dir, n_params  # noqa: E402
 
-PROBE_DIR = Path(__file__).resolve().parent / "_probe"
-
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 SCENARIOS = {
     "support-bot": {"max_length": 256, "batch": 16, "sides": [
@@ -64,7 +62,7 @@ def run_side(label: str, opts: dict, sc: dict, model: Path, data: Path, steps: i
     step_log = work / "steps" / f"{tag}.jsonl"
     step_log.parent.mkdir(exist_ok=True)
     step_log.unlink(missing_ok=True)
-    env = {**env, "BENCH_STEP_LOG": str(step_log), "PYTHONPATH": f"{PROBE_DIR}:{env['PYTHONPATH']}"}
+    env = common.with_probes(env, BENCH_STEP_LOG=step_log)
     if label.startswith("plugin"):
         project = common.write_project(work / "projects" / tag.rsplit("-", 1)[0],
                                        recipe(sc["max_length"], batch, steps, opts.get("packing", False)), data)
@@ -178,7 +176,7 @@ def render(raw: dict, no_doc: bool) -> None:
             extra.setdefault(f"{n}: {a} / {b}", {})[measure] = v
     tbl2 = common.table(["other ratios", "whole loop (range)", "after step 1 (range)"],
                         [[k] + [f"{common.fmt(common.median(v[m]))} ({common.spread(v[m])})" if m in v else "-"
-                                for m in ("loop", "after1")] for k, v in extra.items()])
+                                for m, _ in MEASURES] for k, v in extra.items()])
     print(tbl + "\n\n" + tbl2)
     if no_doc:
         return
@@ -244,10 +242,9 @@ def _doc(args, raw, results, tbl, tbl2, ratios) -> str:
         share = (f" Measured alone, one call of the plugin's MLflow callback (9 metrics into the sqlite store) takes "
                  f"{raw['log_call_ms']:.1f} ms, {100 * raw['log_call_ms'] / 1000 / (5 * step_s):.1f}% of a 5-step "
                  f"logging window of the support-bot run ({step_s:.2f} s per step).")
-    step1 = {side: [r for r in results.get(("support-bot", side), [])] for side in ("plugin", "plain")}
-    s1 = {side: (common.median(r["step1_s"] for r in runs), common.median(r["step1_sys_s"] for r in runs),
-                 common.median(r["step1_faults"] for r in runs), common.median(r["later_sys_s_per_step"] for r in runs))
-          for side, runs in step1.items() if runs}
+    step1_keys = ("step1_s", "step1_sys_s", "step1_faults", "later_sys_s_per_step")
+    s1 = {side: [common.median(r[k] for r in results[("support-bot", side)]) for k in step1_keys]
+          for side in ("plugin", "plain") if ("support-bot", side) in results}
     first_step = ""
     if len(s1) == 2:
         (p1, p1sys, pflt, plater), (q1, q1sys, qflt, qlater) = s1["plugin"], s1["plain"]

@@ -15,7 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.train_throughput import PROBE_DIR, step_figures  # noqa: E402
+from bench.common import PROBE_DIR  # noqa: E402
+from bench.train_throughput import step_figures  # noqa: E402
 
 
 def test_step_probe_times_every_step_of_a_real_trainer(tmp_path, tiny_model_dir):

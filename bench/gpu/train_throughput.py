@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench import common  # noqa: E402
 from bench.models import model_dir, n_params  # noqa: E402
 
-PROBE_DIR = Path(__file__).resolve().parents[1] / "_probe"
 METHODS = ("lora", "qlora", "full")
 LR = {"lora": 2e-4, "qlora": 2e-4, "full": 1e-5}
 
@@ -61,7 +60,7 @@ def long_rows(n: int, seq_len: int) -> list[dict]:
 def plugin_side(method, project, model, env, work, tag) -> dict:
     peak_file = work / "logs" / f"{tag}.cuda-peak.jsonl"
     peak_file.unlink(missing_ok=True)
-    env = {**env, "BENCH_CUDA_PEAK_FILE": str(peak_file), "PYTHONPATH": f"{PROBE_DIR}:{env['PYTHONPATH']}"}
+    env = common.with_probes(env, BENCH_CUDA_PEAK_FILE=peak_file)
     res = common.run_plugin(project, method, {"model": model}, env, work, work / "logs" / f"{tag}.log")
     client = common.mlflow_client(env)
     out = common.train_loop_figures(client, res["run_id"])
