@@ -4,7 +4,9 @@
   sees when `mlflow run` and its training process begin.
 - $BENCH_CUDA_PEAK_FILE: peak GPU memory of a process that used CUDA, noted at exit.
 - $BENCH_STEP_LOG: per-step timings, CPU time and page faults of every `Trainer.train()` (the throughput
-  benchmark's plugin and plain sides measured by the same code).
+  benchmark's plugin and plain sides measured by the same code). With $BENCH_TRAIN_BARRIER (a folder) and
+  $BENCH_TRAIN_PARTIES, `train()` first waits until that many processes have reached it, so that paired runs
+  started together train at the same time.
 
 Nothing in the package changes.
 """
@@ -56,6 +58,10 @@ if os.environ.get("BENCH_STEP_LOG"):
 
         from transformers import TrainerCallback
 
+        def now() -> float:
+            # System-wide monotonic clock: step times of processes running side by side can be compared.
+            return time.clock_gettime(time.CLOCK_MONOTONIC)
+
         def usage():
             r = resource.getrusage(resource.RUSAGE_SELF)
             return r.ru_utime, r.ru_stime, r.ru_minflt
@@ -65,12 +71,12 @@ if os.environ.get("BENCH_STEP_LOG"):
                 self.trainer, self.steps, self._open = trainer, [], None
 
             def on_step_begin(self, args, state, control, **kwargs):
-                self._open = {"step": state.global_step + 1, "begin": time.perf_counter(), "usage": usage()}
+                self._open = {"step": state.global_step + 1, "begin": now(), "usage": usage()}
 
             def on_step_end(self, args, state, control, **kwargs):
                 if self._open is None:
                     return
-                end, u = time.perf_counter(), usage()
+                end, u = now(), usage()
                 o, self._open = self._open, None
                 self.steps.append({"step": o["step"], "begin": o["begin"], "end": end, "log": None,
                                    "user": u[0] - o["usage"][0], "sys": u[1] - o["usage"][1],
@@ -79,17 +85,29 @@ if os.environ.get("BENCH_STEP_LOG"):
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs and self.steps and self.steps[-1]["step"] == state.global_step:
-                    self.steps[-1]["log"] = time.perf_counter()
+                    self.steps[-1]["log"] = now()
 
         original = trainer_module.Trainer.train
 
+        def wait_at_barrier(folder: str, parties: int, timeout: float = 900.0) -> float:
+            # Each process leaves its pid in the folder and trains once `parties` pids are there (or after
+            # `timeout`: a partner that failed must not hang this side). Outside the Trainer's timed loop.
+            t0 = time.perf_counter()
+            os.makedirs(folder, exist_ok=True)
+            open(os.path.join(folder, str(os.getpid())), "w").close()
+            while len(os.listdir(folder)) < parties and time.perf_counter() - t0 < timeout:
+                time.sleep(0.005)
+            return time.perf_counter() - t0
+
         def train(self, *args, **kwargs):
+            barrier = os.environ.get("BENCH_TRAIN_BARRIER")
+            waited = wait_at_barrier(barrier, int(os.environ.get("BENCH_TRAIN_PARTIES", "2"))) if barrier else None
             probe = StepProbe(self)
             self.add_callback(probe)  # last in line: its on_log runs after the plugin's MLflow callback
             out = original(self, *args, **kwargs)
             with open(os.environ["BENCH_STEP_LOG"], "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "runtime": out.metrics.get("train_runtime"),
-                                    "steps": probe.steps}) + "\n")
+                                    "barrier_wait_s": waited, "steps": probe.steps}) + "\n")
             return out
 
         trainer_module.Trainer.train = train
