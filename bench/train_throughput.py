@@ -20,6 +20,7 @@ Scenarios:
   support-bot-paired  support-bot, plain and plugin started together (one core each, training released at the
                       same moment), --paired-steps steps per run (default 240): both sides see the same
                       slow and fast spells of a shared host, which sequential runs do not
+  mixed-paired        the same on the mixed data
 
     python bench/train_throughput.py                 # tiny model, 3 reps x 60 (240) steps, 1 thread: ~25 min on 2 cores
     python bench/train_throughput.py --reps 1 --steps 20 --paired-steps 0 --no-doc
@@ -45,6 +46,7 @@ SCENARIOS = {
         ("plain", {}), ("plugin", {}), ("plugin-pack", {"packing": True})]},
     # Goal 1 measured in pairs: both sides at once, one core each, over --paired-steps steps (see measure_pair).
     "support-bot-paired": {"max_length": 256, "batch": 16, "paired": True, "sides": [("plain", {}), ("plugin", {})]},
+    "mixed-paired": {"max_length": 512, "batch": 8, "paired": True, "sides": [("plain", {}), ("plugin", {})]},
 }
 
 
@@ -175,7 +177,7 @@ def measure(args, work: Path) -> dict:
             if sc.get("paired"):
                 common.log(f"{name} rep {rep + 1}/{args.reps}: {' + '.join(s for s, _ in sides)} at once "
                            f"(load {common.loadavg()})")
-                for label, r in measure_pair(sc, model, data["support-bot"], args.paired_steps, env, work,
+                for label, r in measure_pair(sc, model, data[name.removesuffix("-paired")], args.paired_steps, env, work,
                                              f"{name}-{{}}-{rep}").items():
                     common.log(f"  {label}: {r['tokens']:.0f} tokens in {r['seconds']:.1f}s = "
                                f"{r['tokens_per_s']:.0f} tok/s, overlap {r['after1_tokens_per_s']:.0f} tok/s")
@@ -290,21 +292,23 @@ def _doc(args, raw, results, tbl, tbl2, ratios) -> str:
     mx_track = both("mixed", "plugin", "plain")
     paired_steps = getattr(args, "paired_steps", 0)
     paired = ""
-    if ("support-bot-paired", "plugin") in results:
-        pair = both("support-bot-paired", "plugin", "plain")
-        overlap = common.median(r["overlap_steps"] for r in results[("support-bot-paired", "plugin")])
+    pairs = [n for n in ("support-bot-paired", "mixed-paired") if (n, "plugin") in results]
+    if pairs:
+        figures = "; ".join(f"`{n}` {both(n, 'plugin', 'plain')[2]}, {verdict(both(n, 'plugin', 'plain'), 0.95)}"
+                            for n in pairs)
+        overlap = common.median(r["overlap_steps"] for n in pairs for r in results[(n, "plugin")])
         plain = [r["tokens_per_s"] for r in results.get(("support-bot", "plain"), [])]
         spread = (f" (here the plain side's own support-bot runs ranged {min(plain):,.0f}-{max(plain):,.0f} tokens/s, "
                   f"{100 * (max(plain) / min(plain) - 1):.0f}% apart)" if plain else "")
         paired = f"""
 
-**Goal 1 in paired runs** (`support-bot-paired`: plain and plugin started together, one core and one torch thread
+**Goal 1 in paired runs** ({", ".join(f"`{n}`" for n in pairs)}: plain and plugin started together, one core and one torch thread
 each, both training loops released at the same moment by the probe, {paired_steps} steps, {args.reps} pairs).
 Sequential runs see different spells of this shared host: the same work takes different times from one run to the
 next{spread}, and the sequential ratios above move by as much between full runs of this script, so they cannot
 settle a 5% goal. Side by side, both sides see the same spells. Whole loop / overlap (tokens/s of each side's steps
 that ran while both were past step 1 and neither had finished, median {overlap:.0f} of {paired_steps} steps):
-{pair[2]}, {verdict(pair, 0.95)}. Both sides pay the same step 1 here (their first batches fault in memory at the
+{figures}. Both sides pay the same step 1 here (their first batches fault in memory at the
 same time)."""
     sb_pack, sb_pack_pad = both("support-bot", "plugin-pack", "plain"), both("support-bot", "plugin-pack", "plugin")
     mx_pack, mx_pack_pad = both("mixed", "plugin-pack", "plain"), both("mixed", "plugin-pack", "plugin")
