@@ -22,7 +22,7 @@ Scenarios:
                       slow and fast spells of a shared host, which sequential runs do not
   mixed-paired        the same on the mixed data
 
-    python bench/train_throughput.py                 # tiny model, 3 reps x 60 (240) steps, 1 thread: ~25 min on 2 cores
+    python bench/train_throughput.py                 # tiny model, 3 reps x 60 (240) steps, 1 thread: ~32 min on 2 cores
     python bench/train_throughput.py --reps 1 --steps 20 --paired-steps 0 --no-doc
 """
 
