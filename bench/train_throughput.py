@@ -66,7 +66,7 @@ def run_side(label: str, opts: dict, sc: dict, model: Path, data: Path, steps: i
              tag: str) -> dict:
     batch = opts.get("batch", sc["batch"])
     log = work / "logs" / f"{tag}.log"
-    step_log = work / "steps" / f"{tag}.jsonl"
+    step_log = step_log_path(work, tag)
     step_log.parent.mkdir(exist_ok=True)
     step_log.unlink(missing_ok=True)
     env = common.with_probes(env, BENCH_STEP_LOG=step_log)
@@ -82,6 +82,11 @@ def run_side(label: str, opts: dict, sc: dict, model: Path, data: Path, steps: i
                 "--output-dir", str(work / "plain-out")]
         r = common.run_python(args, env, work, log)
     return {**r, **step_figures(step_log)}
+
+
+def step_log_path(work: Path, tag: str) -> Path:
+    """Where the probe writes the per-step log of run `tag`."""
+    return work / "steps" / f"{tag}.jsonl"
 
 
 def step_figures(step_log: Path) -> dict:
@@ -114,7 +119,7 @@ def measure_pair(sc: dict, model: Path, data: Path, steps: int, env: dict, work:
         futures = {label: pool.submit(run_side, label, opts, sc, model, data, steps, env, work, tag.format(label))
                    for label, opts in sc["sides"]}
         results = {label: f.result() for label, f in futures.items()}
-    logs = {label: work / "steps" / f"{tag.format(label)}.jsonl" for label in results}
+    logs = {label: step_log_path(work, tag.format(label)) for label in results}
     for label, fig in overlap_figures(logs).items():
         results[label] = {**results[label], **fig}
     return results
@@ -143,8 +148,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=60, help="Optimizer steps per run (same on every side).")
     p.add_argument("--paired-steps", type=int, default=240,
-                   help="Steps per run of the support-bot-paired scenario (plain and plugin at once); 0 leaves "
-                        "it out.")
+                   help="Steps per run of the paired scenarios (plain and plugin at once); 0 leaves them "
+                        "out.")
     p.add_argument("--model", default="tiny", choices=["tiny", "small"],
                    help="tiny: the built-in model users get; small: ~6M params, less framework-bound.")
     p.add_argument("--threads", type=int, default=1,
@@ -377,11 +382,11 @@ switch to use otherwise."""
 more runnable processes than cores). Absolute tokens/s swing between repetitions even on a quiet machine; the
 ratios within one repetition are what counts.
 
-    python bench/train_throughput.py --reps {args.reps} --steps {args.steps} --paired-steps {getattr(args, "paired_steps", 0)} --model {args.model} --threads {args.threads}
+    python bench/train_throughput.py --reps {args.reps} --steps {args.steps} --paired-steps {paired_steps} --model {args.model} --threads {args.threads}
 
 Model `{args.model}` ({raw["params"] / 1e6:.2f}M parameters, fp32, CPU,
 {args.threads or 'default'} torch thread(s) per process), LoRA r=16 on all linear layers, {args.steps} optimizer
-steps per run ({getattr(args, "paired_steps", 0)} in support-bot-paired), metrics every 5 steps, no eval and no checkpoints on any side (`save_steps` above `max_steps`;
+steps per run ({paired_steps} in the paired scenarios), metrics every 5 steps, no eval and no checkpoints on any side (`save_steps` above `max_steps`;
 the plugin does not checkpoint after the last step).
 
 - Two measures, the same on every side. **Whole loop**: non-padding tokens of all steps / the Trainer's

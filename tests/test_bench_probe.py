@@ -19,16 +19,23 @@ from bench.common import PROBE_DIR  # noqa: E402
 from bench.train_throughput import step_figures  # noqa: E402
 
 
-def test_step_probe_times_every_step_of_a_real_trainer(tmp_path, tiny_model_dir):
-    step_log = tmp_path / "steps.jsonl"
-    env = {**os.environ, "BENCH_STEP_LOG": str(step_log), "PYTHONPATH": f"{PROBE_DIR}:{REPO}",
-           "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+def _plain_train(tmp_path, tiny_model_dir, name, steps, extra_env, batch_size=2, logging_steps=1):
+    """bench/plain_train.py with the probes on PYTHONPATH, logging steps to tmp_path/NAME.jsonl."""
+    env = {**os.environ, "PYTHONPATH": f"{PROBE_DIR}:{REPO}", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "OMP_NUM_THREADS": "1", "BENCH_STEP_LOG": str(tmp_path / f"{name}.jsonl"), **extra_env}
     cmd = [sys.executable, str(REPO / "bench" / "plain_train.py"), "--model", str(tiny_model_dir),
            "--data", str(REPO / "recipes" / "support-bot" / "data" / "train.jsonl"), "--max-length", "64",
-           "--batch-size", "4", "--steps", "4", "--logging-steps", "2", "--output-dir", str(tmp_path / "out")]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
+           "--batch-size", str(batch_size), "--steps", str(steps), "--logging-steps", str(logging_steps),
+           "--output-dir", str(tmp_path / f"{name}-out")]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_step_probe_times_every_step_of_a_real_trainer(tmp_path, tiny_model_dir):
+    step_log = tmp_path / "steps.jsonl"
+    proc = _plain_train(tmp_path, tiny_model_dir, "steps", 4, {}, batch_size=4, logging_steps=2)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads([ln for ln in stdout.splitlines() if ln.startswith("{")][-1])
 
     record = json.loads(step_log.read_text().splitlines()[-1])
     steps = record["steps"]
@@ -57,15 +64,6 @@ def test_step_probe_is_off_without_its_variable(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "transformers.trainer"  # not wrapped by the probe
-
-
-def _plain_train(tmp_path, tiny_model_dir, name, steps, extra_env):
-    env = {**os.environ, "PYTHONPATH": f"{PROBE_DIR}:{REPO}", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "OMP_NUM_THREADS": "1", "BENCH_STEP_LOG": str(tmp_path / f"{name}.jsonl"), **extra_env}
-    cmd = [sys.executable, str(REPO / "bench" / "plain_train.py"), "--model", str(tiny_model_dir),
-           "--data", str(REPO / "recipes" / "support-bot" / "data" / "train.jsonl"), "--max-length", "64",
-           "--batch-size", "2", "--steps", str(steps), "--logging-steps", "1", "--output-dir", str(tmp_path / name)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_barrier_starts_paired_training_loops_together(tmp_path, tiny_model_dir):
