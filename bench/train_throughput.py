@@ -21,6 +21,8 @@ Scenarios:
                       same moment), --paired-steps steps per run (default 240): both sides see the same
                       slow and fast spells of a shared host, which sequential runs do not
   mixed-paired        the same on the mixed data
+  mixed-pack-paired   plain (padded) and plugin-pack at once on the mixed data, the packed side running 2/5 of
+                      the steps (each holds ~4x the tokens) so that both loops end at about the same time
 
     python bench/train_throughput.py                 # tiny model, 3 reps x 60 (240) steps, 1 thread: ~32 min on 2 cores
     python bench/train_throughput.py --reps 1 --steps 20 --paired-steps 0 --no-doc
@@ -47,7 +49,16 @@ SCENARIOS = {
     # Goal 1 measured in pairs: both sides at once, one core each, over --paired-steps steps (see measure_pair).
     "support-bot-paired": {"max_length": 256, "batch": 16, "paired": True, "sides": [("plain", {}), ("plugin", {})]},
     "mixed-paired": {"max_length": 512, "batch": 8, "paired": True, "sides": [("plain", {}), ("plugin", {})]},
+    # Goal 2 measured in pairs: packed rows hold ~4x the tokens of a padded batch and take ~2.7x as long per step,
+    # so the packed side runs 2/5 of the steps and both loops end at about the same time.
+    "mixed-pack-paired": {"data": "mixed", "max_length": 512, "batch": 8, "paired": True, "sides": [
+        ("plain", {}), ("plugin-pack", {"packing": True, "steps_share": 0.4})]},
 }
+
+
+def side_steps(opts: dict, steps: int) -> int:
+    """Optimizer steps of one side: the scenario's, or the side's share of them (`steps_share`)."""
+    return max(10, round(steps * opts.get("steps_share", 1)))
 
 
 def recipe(max_length: int, batch: int, steps: int, packing: bool) -> dict:
@@ -65,6 +76,7 @@ def recipe(max_length: int, batch: int, steps: int, packing: bool) -> dict:
 def run_side(label: str, opts: dict, sc: dict, model: Path, data: Path, steps: int, env, work: Path,
              tag: str) -> dict:
     batch = opts.get("batch", sc["batch"])
+    steps = side_steps(opts, steps)
     log = work / "logs" / f"{tag}.log"
     step_log = step_log_path(work, tag)
     step_log.parent.mkdir(exist_ok=True)
@@ -182,7 +194,7 @@ def measure(args, work: Path) -> dict:
             if sc.get("paired"):
                 common.log(f"{name} rep {rep + 1}/{args.reps}: {' + '.join(s for s, _ in sides)} at once "
                            f"(load {common.loadavg()})")
-                for label, r in measure_pair(sc, model, data[name.removesuffix("-paired")], args.paired_steps, env, work,
+                for label, r in measure_pair(sc, model, data[sc.get("data", name.removesuffix("-paired"))], args.paired_steps, env, work,
                                              f"{name}-{{}}-{rep}").items():
                     common.log(f"  {label}: {r['tokens']:.0f} tokens in {r['seconds']:.1f}s = "
                                f"{r['tokens_per_s']:.0f} tok/s, overlap {r['after1_tokens_per_s']:.0f} tok/s")
@@ -318,6 +330,18 @@ same time)."""
     sb_pack, sb_pack_pad = both("support-bot", "plugin-pack", "plain"), both("support-bot", "plugin-pack", "plugin")
     mx_pack, mx_pack_pad = both("mixed", "plugin-pack", "plain"), both("mixed", "plugin-pack", "plugin")
 
+    pack_paired = pack_steps = ""
+    if ("mixed-pack-paired", "plugin-pack") in results:
+        pp = both("mixed-pack-paired", "plugin-pack", "plain")
+        runs = results[("mixed-pack-paired", "plugin-pack")]
+        steps = {label: side_steps(opts, paired_steps) for label, opts in SCENARIOS["mixed-pack-paired"]["sides"]}
+        pack_steps = f"; {steps['plugin-pack']} on the packed side of `mixed-pack-paired`"
+        pack_paired = f"""
+Side by side (`mixed-pack-paired`: plain padded and plugin-pack started together like the goal-1 pairs, {args.reps}
+pairs; the packed side runs {steps["plugin-pack"]} steps to plain's {steps["plain"]} so that both loops end at about
+the same time; overlap: median {common.median(r["overlap_steps"] for r in runs):.0f} packed steps, both past step
+1 and neither finished): {pp[2]}, {verdict(pp, 1.5)}."""
+
     share = ""
     if raw.get("log_call_ms") and ("support-bot", "plugin") in results:
         runs = results[("support-bot", "plugin")]
@@ -364,7 +388,7 @@ loss off CUDA (`train.fused_lm_head: auto`), runs at {own[2]} of that.{paired}{f
 
 **Goal 2, packing on mixed-length data >= 1.5x plain** (plugin with `data.packing=true` / plain padded, batch 8):
 {mx_pack[2]}, {verdict(mx_pack, 1.5)}; against the plugin's own padded run {mx_pack_pad[2]}. On the support-bot
-data (64-168 tokens, max_length 256): {sb_pack[2]} of plain, {sb_pack_pad[2]} of the padded plugin.
+data (64-168 tokens, max_length 256): {sb_pack[2]} of plain, {sb_pack_pad[2]} of the padded plugin.{pack_paired}
 
 **Why `data.packing: auto` still pads here.** Packed rows cost attention over up to `max_length` tokens whatever
 examples they hold (SDPA computes the whole block-diagonal mask; only a varlen flash-attention kernel skips it).
@@ -386,7 +410,7 @@ ratios within one repetition are what counts.
 
 Model `{args.model}` ({raw["params"] / 1e6:.2f}M parameters, fp32, CPU,
 {args.threads or 'default'} torch thread(s) per process), LoRA r=16 on all linear layers, {args.steps} optimizer
-steps per run ({paired_steps} in the paired scenarios), metrics every 5 steps, no eval and no checkpoints on any side (`save_steps` above `max_steps`;
+steps per run ({paired_steps} in the paired scenarios{pack_steps}), metrics every 5 steps, no eval and no checkpoints on any side (`save_steps` above `max_steps`;
 the plugin does not checkpoint after the last step).
 
 - Two measures, the same on every side. **Whole loop**: non-padding tokens of all steps / the Trainer's

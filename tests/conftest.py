@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,11 +16,25 @@ SUPPORT_BOT = REPO / "recipes" / "support-bot"
 def pytest_configure(config):
     # One tiny-model build per session, shared with the subprocesses tests start; nothing from the user's cache.
     if "MLFLOW_FINETUNE_CACHE" not in os.environ:
-        os.environ["MLFLOW_FINETUNE_CACHE"] = tempfile.mkdtemp(prefix="mlflow-finetune-test-cache-")
+        os.environ["MLFLOW_FINETUNE_CACHE"] = config._finetune_cache = tempfile.mkdtemp(
+            prefix="mlflow-finetune-test-cache-"
+        )
     # No hub at run time: fail fast instead of retrying a network that is not there.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One torch thread per pytest-xdist worker (and the processes its tests start): workers already take every
+        # core, and an OpenMP team sharing its cores with another worker stalls at each barrier.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_unconfigure(config):
+    # The session's own cache goes with the session (a cache the caller set is theirs to keep).
+    cache = getattr(config, "_finetune_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ.pop("MLFLOW_FINETUNE_CACHE", None)
 
 
 @pytest.fixture

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -222,12 +224,15 @@ def ray_head(tmp_path_factory):
 
     ray_bin = Path(sys.executable).parent / "ray"
     tmp = tmp_path_factory.mktemp("ray")
+    # Ray's socket paths live under --temp-dir and must stay under 107 bytes (AF_UNIX): pytest's own temp folders
+    # (with pytest-xdist's popen-gwN level) are too deep for that.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-"))
     dashboard = _free_port()
     cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
            "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard=true",
            "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),  # Ray's minimum: 75 MiB
-           "--disable-usage-stats", "--temp-dir", str(tmp / "t")]
+           "--disable-usage-stats", "--temp-dir", str(ray_tmp)]
     # The jobs inherit this environment: the package from this checkout, no hub.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
     head = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(tmp / "head.log", "w"),  # noqa: SIM115
@@ -256,6 +261,7 @@ def ray_head(tmp_path_factory):
             os.killpg(head.pid, signal.SIGKILL)  # anything of this head's session still alive
         except ProcessLookupError:
             pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.integration
