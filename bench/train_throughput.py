@@ -47,8 +47,10 @@ SCENARIOS = {
     "mixed": {"max_length": 512, "batch": 8, "sides": [
         ("plain", {}), ("plugin", {}), ("plugin-pack", {"packing": True})]},
     # Goal 1 measured in pairs: both sides at once, one core each, over --paired-steps steps (see measure_pair).
-    "support-bot-paired": {"max_length": 256, "batch": 16, "paired": True, "sides": [("plain", {}), ("plugin", {})]},
-    "mixed-paired": {"max_length": 512, "batch": 8, "paired": True, "sides": [("plain", {}), ("plugin", {})]},
+    "support-bot-paired": {"data": "support-bot", "max_length": 256, "batch": 16, "paired": True,
+                           "sides": [("plain", {}), ("plugin", {})]},
+    "mixed-paired": {"data": "mixed", "max_length": 512, "batch": 8, "paired": True,
+                     "sides": [("plain", {}), ("plugin", {})]},
     # Goal 2 measured in pairs: packed rows hold ~4x the tokens of a padded batch and take ~2.7x as long per step,
     # so the packed side runs 2/5 of the steps and both loops end at about the same time.
     "mixed-pack-paired": {"data": "mixed", "max_length": 512, "batch": 8, "paired": True, "sides": [
@@ -195,7 +197,7 @@ def measure(args, work: Path) -> dict:
             if sc.get("paired"):
                 common.log(f"{name} rep {rep + 1}/{args.reps}: {' + '.join(s for s, _ in sides)} at once "
                            f"(load {common.loadavg()})")
-                for label, r in measure_pair(sc, model, data[sc.get("data", name.removesuffix("-paired"))], args.paired_steps, env, work,
+                for label, r in measure_pair(sc, model, data[sc.get("data", name)], args.paired_steps, env, work,
                                              f"{name}-{{}}-{rep}").items():
                     common.log(f"  {label}: {r['tokens']:.0f} tokens in {r['seconds']:.1f}s = "
                                f"{r['tokens_per_s']:.0f} tok/s, overlap {r['after1_tokens_per_s']:.0f} tok/s")
@@ -204,7 +206,7 @@ def measure(args, work: Path) -> dict:
             k = rep % len(sides)
             for label, opts in sides[k:] + sides[:k]:  # rotated order: no side always runs first or last
                 common.log(f"{name} rep {rep + 1}/{args.reps}: {label} (load {common.loadavg()})")
-                r = run_side(label, opts, sc, model, data[name], args.steps, env, work, f"{name}-{label}-{rep}")
+                r = run_side(label, opts, sc, model, data[sc.get("data", name)], args.steps, env, work, f"{name}-{label}-{rep}")
                 common.log(f"  {r['tokens']:.0f} tokens in {r['seconds']:.1f}s = {r['tokens_per_s']:.0f} tok/s")
                 results.setdefault((name, label), []).append(r)
     return {"results": {f"{n}|{label}": runs for (n, label), runs in results.items()}, "args": vars(args),
@@ -319,10 +321,9 @@ def _doc(args, raw, results, tbl, tbl2, ratios) -> str:
         spread = (f" (here the plain side's own support-bot runs ranged {min(plain):,.0f}-{max(plain):,.0f} tokens/s, "
                   f"{100 * (max(plain) / min(plain) - 1):.0f}% apart)" if plain else "")
         user_time = ""
-        cpu = {(n, side): common.median(r["after1_user_s"] for r in results[(n, side)])
-               for n in ("mixed", "mixed-paired") for side in ("plain", "plugin")
-               if all("after1_user_s" in r for r in results.get((n, side), [{}]))}
-        if len(cpu) == 4 and mx_track[0] < 0.95:
+        keys = [(n, side) for n in ("mixed", "mixed-paired") for side in ("plain", "plugin")]
+        if mx_track[0] < 0.95 and all(k in results and all("after1_user_s" in r for r in results[k]) for k in keys):
+            cpu = {k: common.median(r["after1_user_s"] for r in results[k]) for k in keys}
             user_time = f"""
 Below 0.95 in the sequential mixed-data runs, the plugin spent more user CPU time on the same batches: steps 2..N
 took {cpu[("mixed", "plugin")]:.1f} s of user time on the plugin side against
