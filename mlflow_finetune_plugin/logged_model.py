@@ -31,12 +31,13 @@ class LoadedModel:
 
 
 def base_digest(base_ref: str) -> str | None:
-    """Digest of the base weights for bases that live on this machine (tiny model, local folders); None for hub ids."""
-    from mlflow_finetune_plugin.models import is_tiny, resolve_model_path
+    """Digest of the base weights for bases that live on this machine (built-in models, local folders); None for hub
+    ids."""
+    from mlflow_finetune_plugin.models import is_builtin, resolve_model_path
     from mlflow_finetune_plugin.tiny_model import weights_digest
 
     path = Path(resolve_model_path(base_ref))
-    if is_tiny(base_ref) or path.is_dir():
+    if is_builtin(base_ref) or path.is_dir():
         return weights_digest(path)
     return None
 

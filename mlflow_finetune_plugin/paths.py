@@ -19,3 +19,42 @@ def job_dir(run_id: str) -> Path:
     path = cache_root() / "runs" / run_id
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def cached_build(name: str, build, complete=("config.json", "model.safetensors", "tokenizer.json")) -> Path:
+    """`cache_root()/name`, made by `build(tmp_folder)` on first use.
+
+    The build happens under a file lock into a temporary folder that is renamed into place, so concurrent processes
+    build it once and never see a partial folder; a crashed build's leftovers are removed by the next one.
+    """
+    import shutil
+    import tempfile
+
+    from filelock import FileLock
+
+    root = cache_root().absolute()
+    target = root / name
+
+    def is_complete() -> bool:
+        # The rename is atomic, so a present target is a finished build; checking the key files also catches a
+        # folder someone emptied by hand.
+        return all((target / f).is_file() for f in complete)
+
+    if is_complete():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{name}.lock")):
+        if is_complete():  # another process built it while we waited for the lock
+            return target
+        for stale in root.glob(f".{name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        try:
+            build(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target

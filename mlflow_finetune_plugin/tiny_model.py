@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -91,35 +89,11 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def tiny_model_path() -> Path:
-    """The cached tiny model folder, built on first use.
+    """The cached tiny model folder (`$MLFLOW_FINETUNE_CACHE/tiny-llama-v2`, see `paths.cache_root`), built on first
+    use: concurrent processes build it once and never see a partial folder."""
+    from mlflow_finetune_plugin.paths import cached_build
 
-    Lives in `$MLFLOW_FINETUNE_CACHE/tiny-llama-v1` (default cache root: `$XDG_CACHE_HOME` or
-    `~/.cache`, then `mlflow-finetune`). The build happens under a file lock into a temporary folder
-    that is renamed into place, so concurrent processes build it once and never see a partial folder.
-    """
-    from filelock import FileLock
-
-    root = _cache_root()
-    target = root / _CACHE_NAME
-    if _is_complete(target):
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{_CACHE_NAME}.lock")):
-        if _is_complete(target):  # another process built it while we waited for the lock
-            return target
-        # Holding the lock, any leftover temp folder or incomplete target is from a crashed build.
-        for stale in root.glob(f".{_CACHE_NAME}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{_CACHE_NAME}.tmp-", dir=root))
-        try:
-            build_tiny_model(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
+    return cached_build(_CACHE_NAME, build_tiny_model)
 
 
 def weights_digest(model_dir: str | os.PathLike) -> str:
@@ -173,17 +147,3 @@ def _build_tokenizer():
         model_max_length=_MAX_LENGTH,
         chat_template=CHAT_TEMPLATE,
     )
-
-
-def _cache_root() -> Path:
-    explicit = os.environ.get("MLFLOW_FINETUNE_CACHE")
-    if explicit:
-        return Path(explicit).expanduser().absolute()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser().absolute() / "mlflow-finetune"
-
-
-def _is_complete(path: Path) -> bool:
-    # The rename is atomic, so a present target is a finished build; checking the key files also
-    # catches a folder someone emptied by hand.
-    return all((path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))

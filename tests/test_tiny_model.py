@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlflow_finetune_plugin import tiny_model
+from mlflow_finetune_plugin import paths, tiny_model
 from mlflow_finetune_plugin.tiny_model import (
     _CACHE_NAME,
     TINY_MODEL_REF,
@@ -248,10 +248,10 @@ def test_tiny_model_path_replaces_an_incomplete_folder_and_stale_temp_dirs(tmp_p
 def test_cache_root_follows_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_FINETUNE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert tiny_model._cache_root() == tmp_path / "mlflow-finetune"
+    assert paths.cache_root() == tmp_path / "mlflow-finetune"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert tiny_model._cache_root() == tmp_path / "home" / ".cache" / "mlflow-finetune"
+    assert paths.cache_root() == tmp_path / "home" / ".cache" / "mlflow-finetune"
 
 
 # --- support-bot dataset ---------------------------------------------------------------------------------------
