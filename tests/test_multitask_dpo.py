@@ -174,9 +174,9 @@ def test_dpo_trains_a_fresh_adapter_against_the_base(tmp_path, tracking_uri):
     assert isinstance(answer[0], str)
 
 
-def test_dpo_continues_a_registered_lora_adapter_and_logs_only_it(tmp_path, tracking_uri, tiny_model_dir):
+def _register_sft_adapter(tiny_model_dir) -> None:
+    """Version 1 of `sft`: a LoRA adapter on the tiny model with random (non-zero) weights, unlike the base."""
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mlflow_finetune_plugin.logged_model import log_finetuned_model
@@ -189,6 +189,12 @@ def test_dpo_continues_a_registered_lora_adapter_and_logs_only_it(tmp_path, trac
         info = log_finetuned_model(sft, AutoTokenizer.from_pretrained(tiny_model_dir),
                                    {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
     mlflow.register_model(info.model_uri, "sft")
+
+
+def test_dpo_continues_a_registered_lora_adapter_and_logs_only_it(tmp_path, tracking_uri, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    _register_sft_adapter(tiny_model_dir)
     start = load_file(Path(mlflow.artifacts.download_artifacts("models:/sft/1")) / "artifacts" / "adapter"
                       / "adapter_model.safetensors")
 
@@ -200,6 +206,91 @@ def test_dpo_continues_a_registered_lora_adapter_and_logs_only_it(tmp_path, trac
     final = load_file(final_dir / "adapter_model.safetensors")
     assert set(final) == set(start)  # the same adapter (q_proj/v_proj, r=8), not a fresh one
     assert any(not torch.equal(final[k], start[k]) for k in start)  # and it trained
+
+
+def _yes_no_rows(n: int, offset: int = 0) -> list[dict]:
+    """An easy preference to learn: the same chosen and the same rejected answer whatever the question. The chosen
+    answer is the longer one, so its summed log-prob starts out below the rejected one's."""
+    return [{"prompt": [{"role": "user", "content": f"Can I export note {i}?"}],
+             "chosen": [{"role": "assistant", "content": "Yes: open the note, then choose Export in its menu."}],
+             "rejected": [{"role": "assistant", "content": "No idea."}]} for i in range(offset, offset + n)]
+
+
+def test_dpo_logs_the_held_out_preference_margin_of_the_start_and_the_tuned_policy(tmp_path, tracking_uri):
+    root = tmp_path / "margin"
+    _jsonl(root / "data" / "train.jsonl", _yes_no_rows(16))
+    _jsonl(root / "data" / "eval.jsonl", _yes_no_rows(4, 40))
+    (root / "finetune.yaml").write_text("method: dpo\ndata: {eval: data/eval.jsonl, max_length: 64}\n")
+    # TRL evaluates after the last step, on the 4 held-out pairs in one batch: its log-probs are comparable.
+    recipe = load_recipe(root, overrides={**FAST, "train.max_steps": 6, "train.save_steps": 6, "train.batch_size": 4,
+                                          "train.learning_rate": 5e-3})
+    assert run(recipe) == 0
+    m = _finished_run("margin").data.metrics
+    for policy in ("start", "tuned"):
+        assert f"eval/{policy}/pref_margin" in m and f"eval/{policy}/pref_accuracy" in m
+    assert m["eval/n_pairs"] == 4
+    assert m["eval/tuned/pref_margin"] > m["eval/start/pref_margin"]
+    assert m["eval/tuned/pref_accuracy"] >= m["eval/start/pref_accuracy"]
+    assert m["eval/start/pref_accuracy"] < 1  # room to rise: the check above is not trivially true
+    # Scored on the tokens TRL trains on: its mean chosen minus mean rejected log-prob of the same batch.
+    assert m["eval/tuned/pref_margin"] == pytest.approx(m["eval/tuned/logps/chosen"] - m["eval/tuned/logps/rejected"],
+                                                        rel=1e-3, abs=1e-3)
+    assert "eval/base/rougeL" in m and "eval/tuned/rewards/accuracies" in m  # the other evaluations still run
+
+
+def test_dpo_on_a_registered_adapter_measures_the_start_on_that_adapter(tmp_path, tracking_uri, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mlflow_finetune_plugin.data import load_training_dataset
+    from mlflow_finetune_plugin.models import load_tokenizer
+    from mlflow_finetune_plugin.preference_eval import preference_margins, preference_metrics
+
+    _register_sft_adapter(tiny_model_dir)
+    root = _dpo_project(tmp_path / "prefs3")
+    assert run(load_recipe(root, overrides={**FAST, "dpo.init_adapter": "models:/sft/1"})) == 0
+    version = mlflow.MlflowClient().get_model_version_by_alias("prefs3", "challenger")
+    logged = mlflow.MlflowClient().get_run(version.run_id).data.metrics
+    adapter_dir = Path(mlflow.artifacts.download_artifacts("models:/sft/1")) / "artifacts" / "adapter"
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dir))
+    pairs = list(load_training_dataset(str(root / "data" / "eval.jsonl"), "preference")[0])
+    expected = preference_metrics(preference_margins(sft, load_tokenizer(), pairs, 64), "start")
+    assert logged["eval/start/pref_margin"] == pytest.approx(expected["eval/start/pref_margin"], rel=1e-4, abs=1e-4)
+    assert logged["eval/start/pref_accuracy"] == expected["eval/start/pref_accuracy"]
+    with sft.disable_adapter():  # the start is the registered adapter, not the base
+        base = preference_margins(sft, load_tokenizer(), pairs, 64)
+    assert base != pytest.approx(preference_margins(sft, load_tokenizer(), pairs, 64), abs=1e-3)
+    final_dir = Path(mlflow.artifacts.download_artifacts("models:/prefs3@challenger")) / "artifacts" / "adapter"
+    assert not (final_dir / "start").exists() and not (final_dir / "ref").exists()
+
+
+def _logp_one_at_a_time(model, tokenizer, prompt: list[dict], answer: list[dict]) -> float:
+    """log p(answer | prompt) by hand: one unpadded sequence, the answer's tokens after the templated prompt."""
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"]
+    assert ids[:len(prompt_ids)] == prompt_ids
+    with torch.no_grad():
+        logps = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    return sum(float(logps[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids)))
+
+
+def test_preference_margins_of_padded_batches_equal_the_hand_computation(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from mlflow_finetune_plugin.models import load_tokenizer
+    from mlflow_finetune_plugin.preference_eval import preference_margins, preference_metrics
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), load_tokenizer()
+    rows = _pref_rows(3) + _pref_rows(2, 998) + _yes_no_rows(1)  # answers of different lengths: padded batches
+    by_hand = [_logp_one_at_a_time(model, tokenizer, r["prompt"], r["chosen"])
+               - _logp_one_at_a_time(model, tokenizer, r["prompt"], r["rejected"]) for r in rows]
+    batched = preference_margins(model, tokenizer, rows, max_length=64, batch_size=4)  # a full and a partial batch
+    assert batched == pytest.approx(by_hand, rel=1e-4, abs=1e-4)
+    assert preference_margins(model, tokenizer, rows, max_length=64, batch_size=1) == pytest.approx(by_hand, abs=1e-4)
+    metrics = preference_metrics(batched, "tuned")
+    assert metrics["eval/tuned/pref_margin"] == pytest.approx(sum(by_hand) / len(rows), abs=1e-4)
+    assert metrics["eval/tuned/pref_accuracy"] == sum(m > 0 for m in by_hand) / len(rows)
 
 
 def test_dpo_init_adapter_errors_name_the_key(tmp_path, tracking_uri):

@@ -4,10 +4,13 @@ The adapter starts fresh on the base (`init_adapter` empty: the reference model 
 or from an existing LoRA adapter, e.g. the SFT version being improved (`init_adapter: models:/support-bot@champion`:
 that adapter keeps training and a frozen copy of it is the reference, as TRL does for a pretrained adapter).
 The result is an ordinary LoRA adapter on the same base, logged and registered like `lora`'s.
+Evaluation adds, to the answers scored against the chosen ones, how much more likely the starting and the tuned
+policy make the chosen answer than the rejected one on the held-out pairs (`preference_eval.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Literal
@@ -90,6 +93,62 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict):
     return DPOTrainer(model=model, ref_model=None, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer,
                       callbacks=[MlflowMetrics(), CheckpointLogger(), _DropReferenceAdapter()])
+
+
+def evaluate(recipe, method, model, tokenizer, train_ds, eval_ds) -> None:
+    """The usual evaluation (base, few-shot and tuned answers against the chosen ones), then the chosen-over-rejected
+    log-prob margin and accuracy of the starting and the tuned policy on every held-out pair."""
+    import mlflow
+
+    from mlflow_finetune_plugin.evaluation import (
+        comparison_table,
+        conversations,
+        log_evaluation,
+        run_evaluation,
+    )
+    from mlflow_finetune_plugin.preference_eval import (
+        preference_margins,
+        preference_metrics,
+        preference_table,
+    )
+
+    result = run_evaluation(model, tokenizer, conversations(eval_ds), conversations(train_ds), recipe.eval)
+    log_evaluation(result)
+    print(comparison_table(result.metrics))
+
+    pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in eval_ds]
+
+    def margins():  # batches of train.batch_size pairs, as TRL's own evaluation runs them
+        return preference_margins(model, tokenizer, pairs, recipe.data.max_length, recipe.train.batch_size)
+
+    with _starting_policy(model, recipe.dpo):
+        start = margins()
+    tuned = margins()
+    if not tuned:
+        print("Preference evaluation: no held-out pair fits data.max_length; nothing scored.", file=sys.stderr)
+        return
+    metrics = {**preference_metrics(start, "start"), **preference_metrics(tuned, "tuned")}
+    mlflow.log_metrics({**metrics, "eval/n_pairs": float(len(tuned))})
+    print(f"\nHeld-out preference pairs ({len(tuned)}): log p(chosen) - log p(rejected)")
+    print(preference_table(metrics))
+
+
+@contextlib.contextmanager
+def _starting_policy(model, cfg: Config):
+    """The policy DPO started from: the base (a fresh adapter disabled), or the `init_adapter` weights loaded again
+    beside the tuned adapter (TRL's frozen `ref` copy of them is deleted when training ends, before evaluation)."""
+    if not cfg.init_adapter:
+        with model.disable_adapter():
+            yield
+        return
+    tuned = model.active_adapter
+    model.load_adapter(str(resolve_adapter(cfg.init_adapter)), adapter_name="start")
+    model.set_adapter("start", inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(tuned)
+        model.delete_adapter("start")
 
 
 def vllm_compatible(cfg: Config) -> tuple[bool, str]:
