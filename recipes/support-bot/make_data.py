@@ -4,16 +4,20 @@ A customer-support assistant for "Nimbus Notes", a fictional note-taking SaaS. E
 canonical answer and ten hand-written user questions. Eval holds out one or two of those questions per
 intent; train gets the rest plus a few style variants (casing, greetings, typos) of its own questions, so
 the two files share intents and answers but never a question. About 10% of train rows are two-turn chats.
+The construction is shared with the other Q&A recipes (it-helpdesk, bike-shop) in ../_qa_data.py.
 
 Deterministic (seeded); run by hand from anywhere:  python recipes/support-bot/make_data.py
 """
 
 from __future__ import annotations
 
-import json
-import random
-import re
+import importlib.util
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("qa_data", HERE.parent / "_qa_data.py")
+qa_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(qa_data)
 
 SYSTEM_PROMPT = "You are the support assistant for Nimbus Notes. Answer briefly and accurately."
 
@@ -245,120 +249,10 @@ INTENTS: list[tuple[str, str, list[str]]] = [
 ]
 
 
-def main() -> None:
-    """Write both files into data/ next to this script."""
-    train_rows, eval_rows = make_rows()
-    out = Path(__file__).resolve().parent / "data"
-    out.mkdir(exist_ok=True)
-    _write(out / "train.jsonl", train_rows)
-    _write(out / "eval.jsonl", eval_rows)
-    two_turn = sum(len(r["messages"]) > 3 for r in train_rows)
-    print(f"wrote {len(train_rows)} train rows ({two_turn} two-turn) and {len(eval_rows)} eval rows to {out}")
-
-
 def make_rows() -> tuple[list[dict], list[dict]]:
-    """The train and eval rows, the same on every call (seeded with `random.Random(0)`)."""
-    rng = random.Random(0)
-    train_questions, eval_rows = [], []
-    answers = {intent: answer for intent, answer, _ in INTENTS}
-    seen: set[str] = set()
-
-    for i, (intent, answer, questions) in enumerate(INTENTS):
-        for q in questions:
-            _claim(seen, q, intent)
-        held = rng.sample(questions, 2 if i % 2 == 0 else 1)  # 60 eval rows for 40 intents
-        eval_rows += [_chat([(q, answer)]) for q in held]
-        kept = [q for q in questions if q not in held]
-        variants = []
-        for q in rng.sample(kept, len(kept)):
-            if len(variants) == 3:
-                break
-            v = _style_variant(q, rng)
-            if _norm(v) not in seen:
-                _claim(seen, v, intent)
-                variants.append(v)
-        train_questions += [(intent, q) for q in kept + variants]
-
-    rng.shuffle(train_questions)
-    # About 10% of train rows are two-turn chats, each made of two questions from different intents;
-    # every question is used once, so no row repeats another.
-    train_rows, pairs = [], len(train_questions) // 11
-    firsts, rest = train_questions[:pairs], train_questions[pairs:]
-    for intent_a, q_a in firsts:
-        j = next(k for k, (intent_b, _) in enumerate(rest) if intent_b != intent_a)
-        intent_b, q_b = rest.pop(j)
-        train_rows.append(_chat([(q_a, answers[intent_a]), (_follow_up(q_b, rng), answers[intent_b])]))
-    train_rows += [_chat([(q, answers[intent])]) for intent, q in rest]
-    rng.shuffle(train_rows)
-    return train_rows, eval_rows
-
-
-def _chat(turns: list[tuple[str, str]]) -> dict:
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
-    for question, answer in turns:
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return {"messages": messages}
-
-
-def _norm(text: str) -> str:
-    # Questions that differ only in case, spacing or punctuation count as the same question.
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
-
-
-def _claim(seen: set[str], question: str, intent: str) -> None:
-    key = _norm(question)
-    if key in seen:
-        raise ValueError(f"question {question!r} (intent {intent}) is a duplicate of an earlier question")
-    seen.add(key)
-
-
-_GREETINGS = ["Hi, ", "Hello, ", "Hey, ", "Good morning, ", "Hi there, "]
-_THANKS = [" Thanks!", " Thank you.", " thx", " Thanks in advance.", " Please help."]
-
-
-def _style_variant(question: str, rng: random.Random) -> str:
-    """The same question written differently: a greeting, a thank-you, all lowercase, or a typo."""
-    style = rng.choice(["greeting", "thanks", "lower", "typo"])
-    if style == "greeting":
-        return rng.choice(_GREETINGS) + _decapitalize(question)
-    if style == "thanks":
-        thanks = rng.choice(_THANKS)
-        if question[-1] in "?.!":
-            return question + thanks
-        return question + "," + thanks.lower().rstrip(".!")
-    if style == "lower":
-        return question.lower().rstrip("?!.")
-    words = question.split()
-    long_words = [k for k, w in enumerate(words) if len(w) >= 5 and w.isalpha()]
-    if not long_words:
-        return question.lower().rstrip("?!.")
-    k = rng.choice(long_words)
-    c = rng.randrange(1, len(words[k]) - 2)
-    w = words[k]
-    words[k] = w[:c] + w[c + 1] + w[c] + w[c + 2:]  # swap two neighbouring letters
-    return " ".join(words)
-
-
-def _follow_up(question: str, rng: random.Random) -> str:
-    lead = rng.choice(["", "", "Also, ", "One more thing: ", "Another question. "])
-    if question.startswith(tuple(_GREETINGS)):  # "Also, hi there, ..." reads wrong
-        lead = ""
-    return lead + (_decapitalize(question) if lead.endswith((", ", ": ")) else question)
-
-
-def _decapitalize(text: str) -> str:
-    # "I", names and acronyms keep their capital letter mid-sentence.
-    first = re.split(r"[\s']", text, maxsplit=1)[0]
-    if first in ("I", "Nimbus") or (len(first) > 1 and first.isupper()):
-        return text
-    return text[0].lower() + text[1:]
-
-
-def _write(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """The train and eval rows, the same on every call (seeded)."""
+    return qa_data.make_rows(INTENTS, SYSTEM_PROMPT, names=("Nimbus",))
 
 
 if __name__ == "__main__":
-    main()
+    qa_data.write(HERE / "data", *make_rows())
