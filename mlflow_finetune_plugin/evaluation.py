@@ -171,44 +171,70 @@ def _adapter_disabled(model):
 
 
 def _answer_all(model, tokenizer, prompts, references, cfg, name):
-    """Greedy answers to every prompt and the summed NLL of every reference, with a progress bar."""
+    """Greedy answers to every prompt and the summed NLL of every reference, in batches, with a progress bar."""
     from tqdm.auto import tqdm
 
-    from mlflow_finetune_plugin.logged_model import LoadedModel, generate
+    from mlflow_finetune_plugin.logged_model import LoadedModel, generate_greedy_batch
 
     was_training = model.training
     model.eval()
     loaded = LoadedModel(model, tokenizer, {})
-    answers, nll, n_tokens = [], 0.0, 0
+    # Prompts of similar length share a batch, so little of it is padding. Longest first: a batch size too large
+    # for memory fails in the first batch, not the last.
+    order = sorted(range(len(prompts)), key=lambda i: -_n_tokens(tokenizer, prompts[i]))
+    answers, nll, n_tokens = [""] * len(prompts), 0.0, 0
     try:
-        for prompt, reference in tqdm(list(zip(prompts, references)), desc=f"eval {name}", unit="example"):
-            answers.append(generate(loaded, prompt, max_new_tokens=cfg.max_new_tokens, temperature=0.0))
-            total, count = _reference_nll(model, tokenizer, prompt, reference)
-            nll, n_tokens = nll + total, n_tokens + count
+        with tqdm(total=len(prompts), desc=f"eval {name}", unit="example") as progress:
+            for start in range(0, len(order), cfg.batch_size):
+                batch = order[start: start + cfg.batch_size]
+                batch_prompts = [prompts[i] for i in batch]
+                for i, answer in zip(batch, generate_greedy_batch(loaded, batch_prompts, cfg.max_new_tokens)):
+                    answers[i] = answer
+                total, count = _reference_nll(model, tokenizer, batch_prompts, [references[i] for i in batch])
+                nll, n_tokens = nll + total, n_tokens + count
+                progress.update(len(batch))
     finally:
         model.train(was_training)
     return answers, nll, n_tokens
 
 
-def _reference_nll(model, tokenizer, prompt: list[dict], reference: str) -> tuple[float, int]:
-    """Summed negative log-likelihood of the reference answer's tokens (and the template's end of turn)."""
+def _reference_nll(model, tokenizer, prompts: list[list[dict]], references: list[str]) -> tuple[float, int]:
+    """Summed negative log-likelihood of the reference answers' tokens (and the template's end of turn) and their
+    count, scored as one right-padded batch."""
     import torch
 
+    pairs = [_reference_ids(tokenizer, p, r) for p, r in zip(prompts, references)]
+    pairs = [(p, c) for p, c in pairs if p and c]
+    if not pairs:
+        return 0.0, 0
+    width = max(len(p) + len(c) for p, c in pairs)
+    # Right padding keeps every real token at the position it has unpadded; padding is masked and never scored.
+    ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
+    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+    for row, (prompt_ids, completion_ids) in enumerate(pairs):
+        end = len(prompt_ids) + len(completion_ids)
+        ids[row, :end] = torch.tensor(prompt_ids + completion_ids)
+        labels[row, len(prompt_ids): end] = torch.tensor(completion_ids)
+        mask[row, :end] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+    # The logits at position t predict token t + 1. Only the scored positions are upcast: a float copy of the whole
+    # batch's logits (batch x length x vocabulary) would be its largest tensor.
+    targets = labels[:, 1:].to(logits.device)
+    scored = targets != -100
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="sum")
+    return float(nll), int(scored.sum())
+
+
+def _reference_ids(tokenizer, prompt: list[dict], reference: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (with the generation prompt) and of the reference answer as the template ends it."""
     prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reference}], tokenize=False)
     # Templates that render the last turn differently (e.g. strip reasoning) fall back to the answer + EOS.
     completion = (full_text[len(prompt_text):] if full_text.startswith(prompt_text)
                   else reference + (tokenizer.eos_token or ""))
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if not prompt_ids or not completion_ids:
-        return 0.0, 0
-    ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
-    labels = ids.clone()
-    labels[0, : len(prompt_ids)] = -100
-    with torch.no_grad():
-        loss = model(input_ids=ids, labels=labels).loss
-    return float(loss) * len(completion_ids), len(completion_ids)
+    return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+            tokenizer(completion, add_special_tokens=False)["input_ids"])
 
 
 def _pick_shots(train_conversations, k: int, exclude: set[str]) -> list[list[dict]]:
@@ -335,6 +361,19 @@ def read_conversations(path: str, system_prompt: str | None = None) -> list[list
 def conversations(rows) -> list[list[dict]]:
     """Chat conversations from dataset rows (a `datasets.Dataset` or dicts) of any supported format."""
     return [to_messages(row, f"row {i}") for i, row in enumerate(rows)]
+
+
+def trained_system_prompt(rows, configured: str | None = None) -> str | None:
+    """The system prompt a model trained on `rows` expects: `configured` (the recipe's, added to every row lacking
+    one) if set, else the most common leading system message, where "none" is a candidate too, so data mostly
+    without one gives None. Logged with the model so the playground can start from what the model was trained with."""
+    from collections import Counter
+
+    if configured:
+        return configured
+    counts = Counter((text_of(conv[0].get("content")) or None) if conv and conv[0].get("role") == "system" else None
+                     for conv in conversations(rows))
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def to_messages(row, where: str = "row") -> list[dict]:

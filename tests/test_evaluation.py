@@ -150,6 +150,65 @@ def test_three_contenders_scored_from_real_generations(tiny_lora):
     assert "json_valid" not in "".join(result.metrics)
 
 
+def _varied_conversations(n: int = 10) -> list[list[dict]]:
+    """n conversations whose prompts and references differ in length, every third with a system message."""
+    words = "how do I reset my password when the link has expired and the app keeps asking for a new one".split()
+    convs = []
+    for i in range(n):
+        conv = [{"role": "user", "content": " ".join(words[: 1 + 2 * i])},
+                {"role": "assistant", "content": " ".join(words[i:])}]
+        convs.append(([{"role": "system", "content": "Answer briefly."}] if i % 3 == 0 else []) + conv)
+    return convs
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_batched_answers_equal_one_at_a_time(tiny_lora, monkeypatch, batch_size):
+    model, tok = tiny_lora
+    # More end-of-answer tokens: answers end after different numbers of tokens, so rows of a batch finish (and are
+    # padded) at different steps.
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, *range(100, 400)])
+    convs = _varied_conversations()
+    cfg = EvalConfig(max_examples=len(convs), max_new_tokens=16, fewshot_k=0, batch_size=batch_size)
+
+    result = run_evaluation(model, tok, convs, [], cfg)
+
+    loaded = LoadedModel(model, tok, {})
+    prompts = [split_conversation(c)[0] for c in convs]
+    assert [r["tuned_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=16) for p in prompts]
+    with model.disable_adapter():
+        assert [r["base_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=16) for p in prompts]
+
+
+def _per_example_loss(model, tok, convs) -> float:
+    """Token-weighted loss of the reference answers (and their end of turn), one unpadded example at a time."""
+    nll, count = 0.0, 0
+    for conv in convs:
+        prompt_text = tok.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
+        completion = tok.apply_chat_template(conv, tokenize=False)[len(prompt_text):]
+        prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        completion_ids = tok(completion, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + completion_ids])
+        labels = ids.clone()
+        labels[0, : len(prompt_ids)] = -100
+        with torch.no_grad():
+            nll += float(model(input_ids=ids, labels=labels).loss) * len(completion_ids)
+        count += len(completion_ids)
+    return nll / count
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_batched_reference_loss_equals_per_example(tiny_lora, batch_size):
+    model, tok = tiny_lora
+    convs = _varied_conversations()
+    cfg = EvalConfig(max_examples=len(convs), max_new_tokens=1, fewshot_k=0, batch_size=batch_size)
+
+    result = run_evaluation(model, tok, convs, [], cfg)
+
+    assert result.metrics["eval/tuned/loss"] == pytest.approx(_per_example_loss(model, tok, convs), rel=1e-5)
+    with model.disable_adapter():
+        assert result.metrics["eval/base/loss"] == pytest.approx(_per_example_loss(model, tok, convs), rel=1e-5)
+
+
 def test_structured_output_scores_json_validity(tiny_lora):
     model, tok = tiny_lora
     cfg = EvalConfig(max_examples=2, max_new_tokens=4, fewshot_k=0, output_format="json",
