@@ -1,5 +1,5 @@
 """The A/B playground page: two chats streaming side by side from one prompt box, blind votes, win rates, promotion,
-and scriptable endpoints (`compare`, `vote`, `summary`, `promote`) for gradio_client."""
+and scriptable endpoints (`compare`, `system_prompt`, `vote`, `summary`, `promote`) for gradio_client."""
 
 from __future__ import annotations
 
@@ -38,8 +38,13 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
             pick_a = gr.Dropdown(choices, value=pg.default_a, label="Model A", elem_id="pick-a", scale=3)
             pick_b = gr.Dropdown(choices, value=pg.default_b, label="Model B", elem_id="pick-b", scale=3)
             blind = gr.Checkbox(value=pg.blind_default, label="Blind mode", elem_id="blind", scale=1)
-        with gr.Accordion("System prompt and generation settings (shared by both sides)", open=False):
-            system = gr.Textbox(label="System prompt", lines=2, max_length=pg.max_prompt_chars)
+        # Model A's trained system prompt, pre-filled: without it a tuned model answers out of character.
+        system_text, prefilled_text, system_note = pg.prefill(pg.default_a, "", "")
+        prefilled = gr.State(prefilled_text)  # what was pre-filled: a box still holding it is not a user's edit
+        with gr.Accordion("System prompt and generation settings (shared by both sides)", open=bool(system_text)):
+            system = gr.Textbox(value=system_text, label="System prompt", lines=2, max_length=pg.max_prompt_chars,
+                                elem_id="system")
+            note = gr.Markdown(system_note, elem_id="system-note")
             with gr.Row():
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
@@ -107,6 +112,9 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
         for trigger in (clear.click, pick_a.change, pick_b.change, blind.change):
             trigger(on_clear, [pick_a, pick_b, blind], reset_outputs, api_visibility="private", queue=False)
 
+        pick_a.change(pg.prefill, [pick_a, system, prefilled], [system, prefilled, note], api_visibility="private",
+                      queue=False)
+
         # ---- voting
         def make_vote(verdict):
             def on_vote(comparison_id, running, request: gr.Request):
@@ -144,6 +152,11 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
             return _checked(pg.compare, prompt, model_a, model_b, system_prompt, temperature, top_p,
                             max_new_tokens, blind)
 
+        def system_prompt(model: str = "") -> str:
+            """The system prompt `model` (NAME/VERSION; empty = model A) was trained with, "" if none: what the page
+            pre-fills. /compare sends none unless given, so pass this as its system_prompt to answer as the page."""
+            return _checked(pg.trained_system_prompt, model)[0]
+
         def vote(comparison_id: str, verdict: str, request: gr.Request) -> dict:
             """Log a vote (a, b, tie, both_bad) on a comparison to MLflow; reveals both models."""
             return _checked(pg.vote, comparison_id, verdict, _user(request))
@@ -157,6 +170,7 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
             return _checked(pg.promote, version, alias, _user(request))
 
         gr.api(compare, api_name="compare")
+        gr.api(system_prompt, api_name="system_prompt", concurrency_limit=None)
         gr.api(vote, api_name="vote", concurrency_limit=None)
         gr.api(summary, api_name="summary", concurrency_limit=None)
         gr.api(promote, api_name="promote", concurrency_limit=1)

@@ -41,6 +41,7 @@ class Playground:
         self._comparisons: OrderedDict[str, Comparison] = OrderedDict()
         self._voted: set[str] = set()
         self._lock = threading.Lock()
+        self._system_prompts: dict[str, tuple[str, str]] = {}  # key -> (trained system prompt, where it was found)
 
     # ------------------------------------------------------------------------------------------- model choices
     def choices(self) -> list[tuple[str, str]]:
@@ -71,6 +72,35 @@ class Playground:
         from mlflow_finetune_plugin.serving.choices import describe
 
         return describe(ModelChoice.from_key(key))
+
+    # ----------------------------------------------------------------------------------------- system prompt
+    def trained_system_prompt(self, key: str | None) -> tuple[str, str]:
+        """(system prompt, where it was found) version `key` (empty: model A) was trained with; ("", "") for a base
+        model or a version trained without one."""
+        from mlflow_finetune_plugin.serving.choices import trained_system_prompt
+
+        choice = self.resolve(key, self.default_a)
+        if choice.key not in self._system_prompts:  # a version's model and run do not change: read them once
+            self._system_prompts[choice.key] = trained_system_prompt(choice)
+        return self._system_prompts[choice.key]
+
+    def prefill(self, key_a: str | None, current: str | None, prefilled: str | None) -> tuple[str, str, str]:
+        """The system prompt box once model A is `key_a`: A's trained system prompt while the box still holds the
+        one pre-filled before (`prefilled`), else the user's edit, kept. Returns (box text, the pre-filled text the
+        next change compares with, a note saying where the text came from)."""
+        try:
+            text, source = self.trained_system_prompt(key_a)
+            label = self.label(key_a or self.default_a)
+        except FinetuneError:  # an unknown pick: sending reports it; the box stays as it is
+            return current or "", prefilled or "", ""
+        if (current or "").strip() == (prefilled or "").strip():
+            note = f"{label} was trained with this system prompt ({source}); edit or clear it." if text else ""
+            return text, text, note
+        if not text or text.strip() == (current or "").strip():
+            return current or "", text, ""
+        trained = " ".join(text.split())  # one line: the note quotes it as a Markdown block quote
+        note = f"Kept your edited system prompt. {label} was trained with this one ({source}):\n\n> {trained}"
+        return current or "", text, note
 
     # --------------------------------------------------------------------------------------------- answering
     @property

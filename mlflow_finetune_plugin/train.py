@@ -22,10 +22,23 @@ from mlflow_finetune_plugin import paths
 from mlflow_finetune_plugin.callbacks import LAST_CHECKPOINT_TAG, CheckpointLogger, MlflowMetrics
 from mlflow_finetune_plugin.data import load_training_dataset, mlflow_dataset
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.evaluation import comparison_table, conversations, log_evaluation, run_evaluation
+from mlflow_finetune_plugin.evaluation import (
+    comparison_table,
+    conversations,
+    log_evaluation,
+    run_evaluation,
+    trained_system_prompt,
+)
 from mlflow_finetune_plugin.logged_model import chat_template_hash, log_finetuned_model
 from mlflow_finetune_plugin.methods import METHODS
-from mlflow_finetune_plugin.models import load_base_model, load_tokenizer, model_reference, torch_dtype
+from mlflow_finetune_plugin.models import (
+    compute_precision,
+    cpu_autocast_bf16,
+    load_base_model,
+    load_tokenizer,
+    model_reference,
+    torch_dtype,
+)
 from mlflow_finetune_plugin.promotion import maybe_auto_promote
 from mlflow_finetune_plugin.recipe import Recipe, flat_params, method_config, recipe_hash, to_yaml
 from mlflow_finetune_plugin.registry import lineage_tags, register
@@ -177,8 +190,9 @@ def train(recipe, run_id: str, main: bool = True) -> None:
         evaluate(recipe, method, tuned, tokenizer, train_ds, eval_ds)
 
     tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))
+    # The system prompt goes with the model: the playground pre-fills it, or the model answers out of character.
     config = {"base_model": base_ref, "base_revision": base_revision, "method": recipe.method,
-              "artifact": method.ARTIFACT}
+              "artifact": method.ARTIFACT, "system_prompt": trained_system_prompt(train_ds, recipe.data.system_prompt)}
     # A method that produces several models (one adapter per task) logs and registers each itself.
     log_models = getattr(method, "log_and_register", None) or log_and_register
     log_models(recipe, tuned, tokenizer, config, tags)
@@ -206,8 +220,10 @@ def _log_recipe(recipe, method, cfg, run_id: str, base_ref: str) -> dict:
     mlflow.log_params({k: v for k, v in flat_params(recipe).items() if k not in logged})
     mlflow.log_text(to_yaml(recipe), "recipe.yaml")
     vllm_ok, vllm_reason = method.vllm_compatible(cfg)
+    precision = compute_precision(recipe.train.precision, recipe.model.dtype)
+    print(f"Base model: {base_ref}; training precision: {precision}", file=sys.stderr)
     tags = lineage_tags(method=recipe.method, base_model=base_ref, base_revision=recipe.model.revision,
-                        recipe_hash=recipe_hash(recipe), source_run=run_id,
+                        recipe_hash=recipe_hash(recipe), source_run=run_id, precision=precision,
                         vllm_compatible=str(vllm_ok).lower(), vllm_reason=vllm_reason)
     mlflow.set_tags(tags)
     return tags
@@ -255,6 +271,8 @@ def training_arguments(recipe, run_id: str, eval_ds) -> dict:
     t = recipe.train
     dtype = torch_dtype(t.precision if t.precision != "auto" else recipe.model.dtype)
     on_gpu = torch.cuda.is_available()
+    # On a CPU, Trainer's bf16 is autocast: fp32 weights, bf16 matmuls.
+    autocast = cpu_autocast_bf16(t.precision, recipe.model.dtype)
     return dict(
         output_dir=str(paths.job_dir(run_id) / "checkpoints"),
         num_train_epochs=t.epochs,
@@ -276,7 +294,7 @@ def training_arguments(recipe, run_id: str, eval_ds) -> dict:
         eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=t.save_steps,
         **_checkpointing_argument(t.gradient_checkpointing),
-        bf16=on_gpu and dtype == torch.bfloat16,
+        bf16=on_gpu and dtype == torch.bfloat16 or autocast,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
         report_to="none",

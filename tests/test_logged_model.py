@@ -95,3 +95,39 @@ def test_mlmodel_records_base_reference_and_requirements(tracking_uri, trained_a
     assert "peft==" in reqs and "transformers==" in reqs and "mlflow-finetune-plugin" in reqs
     adapter_config = json.loads(next(local.rglob("adapter_config.json")).read_text())
     assert adapter_config["peft_type"] == "LORA"
+
+
+NIMBUS = "You are the support assistant for Nimbus Notes. Answer briefly and accurately."
+
+
+def test_the_trained_system_prompt_is_the_recipes_else_the_datas_most_common():
+    from mlflow_finetune_plugin.evaluation import trained_system_prompt
+
+    def row(system=None):
+        return {"messages": [*([{"role": "system", "content": system}] if system else []),
+                             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+    rows = [row(NIMBUS), row(NIMBUS), row("Be terse."), row()]
+    assert trained_system_prompt(rows) == NIMBUS
+    assert trained_system_prompt(rows, "From the recipe.") == "From the recipe."
+    assert trained_system_prompt([row(), row(), row(NIMBUS)]) is None  # mostly none: none
+    assert trained_system_prompt([{"instruction": "Say hi", "output": "Hi"}]) is None
+    assert trained_system_prompt([]) is None
+
+
+def test_a_trained_version_carries_its_training_datas_system_prompt(tmp_path, tracking_uri):
+    """The support-bot case: the rows hold the system message, the recipe none; the playground reads it back."""
+    from mlflow_finetune_plugin.recipe import load_recipe
+    from mlflow_finetune_plugin.serving import ModelChoice
+    from mlflow_finetune_plugin.serving.choices import trained_system_prompt
+    from mlflow_finetune_plugin.train import run
+    from tests.conftest import chat_rows, write_project
+
+    rows = [{"messages": [{"role": "system", "content": NIMBUS}, *r["messages"]]} for r in chat_rows(6)]
+    proj = write_project(tmp_path / "bot", "data: {max_length: 64}\neval: {enabled: false}\n", rows=rows + chat_rows(2))
+    recipe = load_recipe(proj, overrides={"train.max_steps": 1, "train.batch_size": 2, "train.save_steps": 1})
+    assert run(recipe) == 0
+    version = mlflow.MlflowClient().get_model_version_by_alias("bot", "challenger")
+    info = mlflow.models.get_model_info(f"models:/bot/{version.version}")
+    assert info.flavors["python_function"]["config"]["system_prompt"] == NIMBUS
+    assert trained_system_prompt(ModelChoice("bot", version.version)) == (NIMBUS, "from the training data")

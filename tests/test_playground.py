@@ -10,6 +10,7 @@ import threading
 
 import mlflow
 import pytest
+import yaml
 from click.testing import CliRunner
 from conftest import _forget_active_experiment
 from gradio_client import Client
@@ -27,6 +28,8 @@ from mlflow_finetune_plugin.votes import EXPERIMENT
 pytestmark = pytest.mark.integration
 
 PROMPT = "How do I reset my password?"
+# bot v1's: a version logged before model_config carried the system prompt, so the page reads its run's recipe.
+BOT_PROMPT = "You are the support assistant for Nimbus Notes. Answer briefly and accurately."
 SHORT = {"max_new_tokens": 12}
 
 
@@ -44,7 +47,9 @@ def store(tmp_path_factory):
     _forget_active_experiment()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    register_version(seed=0, alias="challenger", metrics=_rouge(0.5))
+    v1 = register_version(seed=0, alias="challenger", metrics=_rouge(0.5))
+    MlflowClient().log_text(MlflowClient().get_model_version("bot", v1).run_id,
+                            yaml.safe_dump({"data": {"system_prompt": BOT_PROMPT}}), "recipe.yaml")
     register_version(seed=1, alias="champion", metrics=_rouge(0.4))
     with mlflow.start_run() as run:
         pass
@@ -97,6 +102,7 @@ def test_compare_vote_summary_and_export_to_preference_data(app, engine, tmp_pat
     assert run.data.params == {"max_new_tokens": "12", "temperature": "0.0", "top_p": "1.0"}
     logged = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/vote.json")
     assert logged["answer_a"] == a["answer"] and logged["answer_b"] == b["answer"]
+    # bot v1 was trained with a system prompt, but a script that sends none gets none (the page pre-fills it).
     assert logged["context_a"] == [{"role": "user", "content": PROMPT}]
     with pytest.raises(AppError, match="has a vote already"):
         client.predict(r["id"], "b", api_name="/vote")
@@ -133,6 +139,56 @@ def test_compare_vote_summary_and_export_to_preference_data(app, engine, tmp_pat
                                                                                           "rejected"}
     summary = runner.invoke(main, ["votes", "summary", "bot"])
     assert summary.exit_code == 0 and "bot/1:base" in summary.output
+
+
+def test_the_system_prompt_box_starts_with_model_as_trained_system_prompt(app):
+    client, _ = app
+    props = {c["props"].get("elem_id"): c["props"] for c in client.config["components"]}
+    assert props["system"]["value"] == BOT_PROMPT
+    assert ("bot v1 @challenger was trained with this system prompt (from the recipe's data.system_prompt)"
+            in props["system-note"]["value"])
+    assert client.predict(api_name="/system_prompt") == BOT_PROMPT  # model A's, for scripts to pass to /compare
+    assert client.predict("bot/2", api_name="/system_prompt") == ""  # trained without one
+    assert client.predict("bot/1:base", api_name="/system_prompt") == ""
+    assert client.predict("bot/3", api_name="/system_prompt") == ""  # no model behind it: none, not an error
+    with pytest.raises(AppError, match="not a model of this playground"):
+        client.predict("other/1", api_name="/system_prompt")
+
+
+def test_picking_another_model_a_replaces_a_prefilled_system_prompt_but_not_an_edit(store, engine, tiny_model_dir):
+    """nimbus v1 logged its system prompt with the model (as training does now); v2 has none anywhere."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlflow_finetune_plugin.logged_model import log_finetuned_model
+    from mlflow_finetune_plugin.methods import lora
+    from mlflow_finetune_plugin.registry import register
+    from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+
+    torch.manual_seed(0)
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora.Config(r=8, alpha=16, dropout=0.0))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for extra in ({"system_prompt": "You are Nimbus."}, {}):
+        with mlflow.start_run():
+            info = log_finetuned_model(model, tokenizer, {"base_model": TINY_MODEL_REF, "artifact": "adapter",
+                                                          "method": "lora", **extra})
+        register(info.model_uri, "nimbus", {}, alias=None)
+    pg = Playground(engine, ModelChoice("nimbus", "1"), ModelChoice("nimbus", "1", base=True))
+    assert pg.trained_system_prompt("") == ("You are Nimbus.", "from the training data")
+
+    text, prefilled, note = pg.prefill("nimbus/1", "", "")  # the page opens
+    assert (text, prefilled) == ("You are Nimbus.", "You are Nimbus.")
+    assert note == "nimbus v1 was trained with this system prompt (from the training data); edit or clear it."
+    assert pg.prefill("nimbus/2", text, prefilled) == ("", "", "")  # untouched: follows model A
+    assert pg.prefill("nimbus/1", "", "")[0] == "You are Nimbus."
+    assert pg.prefill("nimbus/1:base", "You are Nimbus.", "You are Nimbus.") == ("", "", "")
+    # An edit (an emptied box included) is the user's: kept, with what A was trained with shown beside it.
+    assert pg.prefill("nimbus/2", "Be terse.", "You are Nimbus.") == ("Be terse.", "", "")
+    for edit in ("Be terse.", ""):
+        text, prefilled, note = pg.prefill("nimbus/1", edit, "You are Nimbus." if not edit else "")
+        assert (text, prefilled) == (edit, "You are Nimbus.")
+        assert note.startswith("Kept your edited system prompt") and "> You are Nimbus." in note
+    assert pg.prefill("nimbus/9", "Be terse.", "x") == ("Be terse.", "x", "")  # a bad pick leaves the box
 
 
 def test_bad_input_and_a_failing_model_are_reported_not_crashes(app):
@@ -214,6 +270,9 @@ def test_the_playground_command_in_a_browser(store, tmp_path):
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_selector("#chat-b")  # the page is rendered by its scripts after the load event
+            # Model A's trained system prompt is there to send, and the page says where it came from.
+            assert page.locator("#system textarea").input_value() == BOT_PROMPT
+            assert "trained with this system prompt" in page.locator("#system-note").inner_text()
             # Record every text each pane shows while answering: streaming shows several, growing.
             page.evaluate("""() => {
                 window.seen = {a: [], b: []};

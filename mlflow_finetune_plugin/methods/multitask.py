@@ -256,12 +256,16 @@ class _OneAdapter:
 
 def log_and_register(recipe, model, tokenizer, config: dict, tags: dict) -> None:
     """Shared: one model. Per task: each task's adapter as `model-<task>`, registered as `<name>-<task>`."""
+    from mlflow_finetune_plugin.evaluation import trained_system_prompt
     from mlflow_finetune_plugin.train import log_and_register as log_one
 
     if recipe.multitask.adapters == "shared":
         return log_one(recipe, model, tokenizer, config, tags)
-    for name in recipe.multitask.tasks:
-        log_one(recipe, _OneAdapter(model, name), tokenizer, {**config, "task": name},
+    trains = task_splits(recipe)[0]
+    for name, task in recipe.multitask.tasks.items():
+        # Each adapter saw its own task's rows only: its system prompt is that task's, not the mixture's.
+        system_prompt = trained_system_prompt(trains[name], task.system_prompt)
+        log_one(recipe, _OneAdapter(model, name), tokenizer, {**config, "task": name, "system_prompt": system_prompt},
                 {**tags, "finetune.task": name}, name=f"model-{name}",
                 registered_name=f"{recipe.registry.name}-{name}")
 

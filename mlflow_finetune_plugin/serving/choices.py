@@ -111,6 +111,45 @@ def describe(choice: ModelChoice) -> str:
     return f"{choice.name} v{choice.version}" + "".join(f" @{a}" for a in sorted(aliases))
 
 
+def trained_system_prompt(choice: ModelChoice) -> tuple[str, str]:
+    """(system prompt, where it was found) that version `choice` was trained with; ("", "") for a base model, or a
+    version trained without one or not logged by mlflow-finetune.
+
+    Training logs it in the model_config. Versions logged before that fall back to their source run's recipe
+    (`data.system_prompt`, or their task's for a per-task multitask adapter); their training data is not read: it
+    can be large, or gone.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    if choice.base:  # the base model was not trained with any
+        return "", ""
+    mv = registry.get_version(choice.name, choice.version)
+    # A pre-filled prompt is a convenience: a version whose model or run cannot be read gets none, and the page
+    # still opens (its pane says why it cannot answer).
+    try:  # the MLmodel file only, not the weights: the openai engine never downloads them
+        config = Model.load(f"models:/{choice.name}/{choice.version}").flavors.get("python_function", {})
+        config = config.get("config") or {}
+        if config.get("system_prompt"):
+            return str(config["system_prompt"]), "from the training data"
+        recipe = registry.source_recipe(registry.source_run_id(mv)) or {}
+    except (MlflowException, OSError):
+        return "", ""
+    task = config.get("task") or ""
+    for key, section in ((f"multitask.tasks.{task}", _section(recipe, "multitask", "tasks", task)),
+                         ("data", _section(recipe, "data"))):
+        if section.get("system_prompt"):
+            return str(section["system_prompt"]), f"from the recipe's {key}.system_prompt"
+    return "", ""
+
+
+def _section(data, *keys: str) -> dict:
+    """data[k1][k2]... of a recipe read back as plain data; {} where a key is missing."""
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
 def local_model(choice: ModelChoice) -> LocalModel:
     """Download version `choice` (once; later calls reuse the cached folder) and describe its contents."""
     import mlflow
