@@ -18,8 +18,10 @@ pytestmark = pytest.mark.integration
 
 
 def _mlflow_run(tmp_path, tracking_uri, *args, timeout=900):
+    """`mlflow run recipes/support-bot ...` on the tiny model unless the args name another."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    cmd = [sys.executable, "-m", "mlflow", "run", str(SUPPORT_BOT), *args]
+    model = [] if any(str(a).startswith("model=") for a in args) else ["-P", "model=tiny"]
+    cmd = [sys.executable, "-m", "mlflow", "run", str(SUPPORT_BOT), *args, *model]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
