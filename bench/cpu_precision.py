@@ -70,7 +70,7 @@ def run_mode(mode: str, path: str, data: list) -> tuple[float, list[float]]:
         if i:  # step 0 warms up kernels and allocator
             seconds += time.perf_counter() - start
             tokens += int(batch["attention_mask"].sum())
-        losses.append(float(loss))
+        losses.append(loss.item())
     return tokens / seconds, losses
 
 

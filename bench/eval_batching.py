@@ -61,7 +61,8 @@ def main(argv=None) -> None:
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.1f} ({min(ts):.1f}-{max(ts):.1f}) | "
               f"{base / statistics.median(ts):.2f}x |")
-    print(f"identical answers: {same}/{len(prompts)}")
+    ratios = [a / b for a, b in zip(times["one at a time"], times["batched"])]
+    print(f"speed-up per rep: {', '.join(f'{r:.2f}x' for r in ratios)}; identical answers: {same}/{len(prompts)}")
     print(json.dumps({"times": times, "identical": same, "n": len(prompts)}))
 
 
