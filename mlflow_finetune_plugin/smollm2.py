@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.tiny_model import chatml_template
 
 NAME = "smollm2"
 REF_PREFIX = "builtin:smollm2"
@@ -29,29 +30,9 @@ PROVENANCE_FILE = "provenance.json"
 # Bump when the conversion changes what it writes, so old caches are not reused.
 _CONVERSION = "v1"
 
-_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-# SmolLM2's own template, rendered identically, plus generation markers around each assistant reply and its
-# <|im_end|> (TRL's assistant-only loss trains the model to stop), and content given as a list of parts.
-CHAT_TEMPLATE = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ content }}"
-    "{%- else -%}{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- for message in messages -%}"
-    "{%- if loop.first and messages[0]['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\n" + _DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{%- generation -%}{{ render(message['content']) }}{{ '<|im_end|>' }}{%- endgeneration -%}"
-    "{{ '\\n' }}"
-    "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}{{ render(message['content']) }}{{ '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+# SmolLM2's own template (ChatML with a default system prompt), rendered identically, plus generation markers around
+# each assistant reply and its <|im_end|> (TRL's assistant-only loss), and content given as a list of parts.
+CHAT_TEMPLATE = chatml_template("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
 
 
 def is_smollm2(name: str | None) -> bool:

@@ -22,26 +22,35 @@ _MAX_LENGTH = 1024
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 _EOS, _PAD = "<|im_end|>", "<|pad|>"
 
-# ChatML. The `generation` block covers each assistant reply AND its <|im_end|>, so TRL's
-# `assistant_only_loss=True` trains the model to emit the end-of-turn token, i.e. to stop.
-# Content may be a string or a list of parts ({"type": "text", "text": ...}), as chat UIs send it.
-CHAT_TEMPLATE = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ content }}"
-    "{%- else -%}{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{%- generation -%}{{ render(message['content']) }}{{ '<|im_end|>' }}{%- endgeneration -%}"
-    "{{ '\\n' }}"
-    "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}{{ render(message['content']) }}{{ '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+def chatml_template(default_system: str | None = None) -> str:
+    """ChatML. The `generation` block covers each assistant reply AND its <|im_end|>, so TRL's
+    `assistant_only_loss=True` trains the model to emit the end-of-turn token, i.e. to stop. Content may be a string
+    or a list of parts ({"type": "text", "text": ...}), as chat UIs send it. `default_system` is rendered when a
+    conversation has no system message of its own (SmolLM2's template does that)."""
+    default = ("{%- if loop.first and messages[0]['role'] != 'system' -%}"
+               "{{ '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' }}"
+               "{%- endif -%}") if default_system else ""
+    return (
+        "{%- macro render(content) -%}"
+        "{%- if content is string -%}{{ content }}"
+        "{%- else -%}{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+        "{%- endif -%}"
+        "{%- endmacro -%}"
+        "{%- for message in messages -%}"
+        + default +
+        "{%- if message['role'] == 'assistant' -%}"
+        "{{ '<|im_start|>assistant\\n' }}"
+        "{%- generation -%}{{ render(message['content']) }}{{ '<|im_end|>' }}{%- endgeneration -%}"
+        "{{ '\\n' }}"
+        "{%- else -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}{{ render(message['content']) }}{{ '<|im_end|>\\n' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
+CHAT_TEMPLATE = chatml_template()
 
 
 def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
