@@ -74,9 +74,11 @@ def test_barrier_starts_paired_training_loops_together(tmp_path, tiny_model_dir)
     from bench.train_throughput import overlap_figures
 
     barrier = {"BENCH_TRAIN_BARRIER": str(tmp_path / "barrier"), "BENCH_TRAIN_PARTIES": "2"}
-    early = _plain_train(tmp_path, tiny_model_dir, "early", 8, barrier)
+    # 40 steps (a few seconds): a run of 8 tiny steps took well under a second, so the jitter of two processes'
+    # starts after the barrier could leave fewer than 2 steps run side by side (seen once in CI).
+    early = _plain_train(tmp_path, tiny_model_dir, "early", 40, barrier)
     time.sleep(6)
-    late = _plain_train(tmp_path, tiny_model_dir, "late", 8, barrier)
+    late = _plain_train(tmp_path, tiny_model_dir, "late", 40, barrier)
     for proc in (early, late):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
