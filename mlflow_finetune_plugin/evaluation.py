@@ -203,6 +203,8 @@ def _reference_nll(model, tokenizer, prompts: list[list[dict]], references: list
     count, scored as one right-padded batch."""
     import torch
 
+    from mlflow_finetune_plugin.preference_eval import completion_logps
+
     pairs = [_reference_ids(tokenizer, p, r) for p, r in zip(prompts, references)]
     pairs = [(p, c) for p, c in pairs if p and c]
     if not pairs:
@@ -210,20 +212,15 @@ def _reference_nll(model, tokenizer, prompts: list[list[dict]], references: list
     width = max(len(p) + len(c) for p, c in pairs)
     # Right padding keeps every real token at the position it has unpadded; padding is masked and never scored.
     ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
-    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+    scored, mask = torch.zeros_like(ids), torch.zeros_like(ids)
     for row, (prompt_ids, completion_ids) in enumerate(pairs):
         end = len(prompt_ids) + len(completion_ids)
         ids[row, :end] = torch.tensor(prompt_ids + completion_ids)
-        labels[row, len(prompt_ids): end] = torch.tensor(completion_ids)
+        scored[row, len(prompt_ids): end] = 1
         mask[row, :end] = 1
     with torch.no_grad():
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-    # The logits at position t predict token t + 1. Only the scored positions are upcast: a float copy of the whole
-    # batch's logits (batch x length x vocabulary) would be its largest tensor.
-    targets = labels[:, 1:].to(logits.device)
-    scored = targets != -100
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="sum")
-    return float(nll), int(scored.sum())
+        logps = completion_logps(model, ids, mask, scored)
+    return float(-logps.sum()), int(scored.sum())
 
 
 def _reference_ids(tokenizer, prompt: list[dict], reference: str) -> tuple[list[int], list[int]]:

@@ -10,9 +10,6 @@ from mlflow_finetune_plugin.errors import FinetuneError
 _logger = logging.getLogger(__name__)
 
 
-BUILTIN_MODELS = ("tiny", "smollm2")
-
-
 def is_tiny(name: str | None) -> bool:
     from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
 

@@ -89,8 +89,7 @@ def convert(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
-    config.quantization_config = None  # the saved weights are plain float32, not GGUF
-    del config.quantization_config
+    del config.quantization_config  # the saved weights are plain float32, not GGUF
     config.name_or_path = f"{PACKAGE}/{name} (dequantized from Q4_1)"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
