@@ -10,8 +10,13 @@ loss is computed. Imported only by `train.sft_trainer` (it imports TRL).
 - Loss: TRL computes it through a fused, tiled LM head that never materialises the logits and recomputes them in
   the backward pass, plus entropy and token accuracy from the same tiles. That saves memory with big vocabularies
   on a GPU (and runs as Triton kernels there); on CPU it measured 0.63x the step speed of the model's own loss.
-  `fused_lm_head=False` uses the model's own loss (transformers' causal-LM cross-entropy, the same value) and
-  logs token accuracy from the logits; entropy is then not logged.
+  `fused_lm_head=False` computes the model's own loss (transformers' causal-LM cross-entropy: the same value,
+  normalised the same way) from the LM head applied to the labelled positions only. A forward pre-hook on the
+  output embedding keeps the hidden states whose next token is labelled and drops the rest before the
+  `hidden x vocab` matmul, so prompts, system messages and packed neighbours cost no logits, no log-softmax and no
+  backward through either. SmolLM2 (49k vocabulary) on support-bot, about half its tokens labelled: 15 packed
+  steps trained in 65 s instead of 74 s (1.14x) on 2 CPU cores, same losses. Whatever the model does to its logits after the head (soft-capping,
+  scaling) still happens. Token accuracy is logged from those logits; entropy is not logged.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -67,17 +73,21 @@ class FinetuneSFTTrainer(SFTTrainer):
     def _plain_loss(self, model, inputs, return_outputs, num_items_in_batch, real_tokens):
         mode = "train" if model.training else "eval"
         inputs["use_cache"] = False
-        # transformers' own path: labels go to the model, whose causal-LM loss sums over the labelled tokens and
-        # divides by num_items_in_batch (gradient accumulation and DDP handled as for any model).
-        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
-        with torch.no_grad():
+        head = self._output_embedding(model) if model.training and not return_outputs else None
+        if head is None:
+            # transformers' own path: labels go to the model, whose causal-LM loss sums over the labelled tokens
+            # and divides by num_items_in_batch (gradient accumulation and DDP handled as for any model).
+            loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
             labels = inputs["labels"]
             # Prompt tuning prepends virtual tokens to the logits (not to the labels): score the last positions.
-            predicted = outputs.logits[:, -labels.size(1):-1].argmax(-1)
-            labels = labels[:, 1:]
-            mask = labels != -100
-            correct = (predicted == labels) & mask
+            logits, targets = outputs.logits[:, -labels.size(1):-1], labels[:, 1:]
+        else:
+            loss, logits, targets = self._labelled_positions_loss(model, head, inputs, num_items_in_batch)
+            outputs = None
+        with torch.no_grad():
+            mask = targets != -100
+            correct = (logits.argmax(-1) == targets) & mask
             n_valid, n_correct = self._gathered(mask.sum()), self._gathered(correct.sum())
         self._metrics[mode]["mean_token_accuracy"].append(n_correct / n_valid if n_valid > 0 else 0.0)
         if mode == "train":
@@ -85,6 +95,46 @@ class FinetuneSFTTrainer(SFTTrainer):
             self._total_train_tokens += self._gathered(counted) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
+
+    def _output_embedding(self, model):
+        """The LM head to restrict to labelled positions, or None where the logits do not line up with the labels
+        (virtual-token methods) or a loss function of the user's is set."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self.compute_loss_func is not None or self.label_smoother is not None:
+            return None
+        peft_config = getattr(unwrapped, "active_peft_config", None)
+        if peft_config is not None and peft_config.is_prompt_learning:
+            return None
+        return unwrapped.get_output_embeddings()
+
+    def _labelled_positions_loss(self, model, head, inputs, num_items_in_batch):
+        """transformers' causal-LM loss (sum over labelled next tokens / num_items_in_batch, else their mean),
+        with the LM head applied to the positions that predict a labelled token only."""
+        labels = inputs.pop("labels")
+        targets = labels[:, 1:]
+        keep = targets != -100
+
+        def labelled_only(module, args):
+            hidden = args[0]
+            if hidden.shape[:2] != labels.shape:
+                raise RuntimeError(f"hidden states {tuple(hidden.shape)} do not line up with labels "
+                                   f"{tuple(labels.shape)}; set train.fused_lm_head: true")
+            return (hidden[:, :-1][keep],) + tuple(args[1:])
+
+        hook = head.register_forward_pre_hook(labelled_only)
+        try:
+            logits = model(**inputs).logits  # [labelled positions, vocab]
+        finally:
+            hook.remove()
+        targets = targets[keep]
+        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:
+            loss = F.cross_entropy(logits.float(), targets)
+        else:
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum") / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+                # As Trainer.compute_loss does when the model divides by num_items_in_batch across ranks.
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss, logits, targets
 
     def _gathered(self, value: torch.Tensor) -> int:
         return int(self.accelerator.gather_for_metrics(value.detach()).sum().item())

@@ -422,3 +422,34 @@ def test_fused_lm_head_auto_follows_the_device(tmp_path):
     assert fused_lm_head(load_recipe(tmp_path, overrides={"train.fused_lm_head": True})) is True
     assert fused_lm_head(load_recipe(tmp_path, overrides={"train.fused_lm_head": False})) is False
 
+
+
+def test_plain_loss_scores_labelled_positions_only_and_matches_the_models_loss(tmp_path):
+    """fused_lm_head=false: the LM head sees only positions whose next token is labelled, and the loss is still
+    transformers' own (sum / num_items_in_batch as in gradient accumulation, else the mean), with equal gradients."""
+    trainer = _sft_trainer(tmp_path, chat_rows(6), **{"train.fused_lm_head": False})
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    model = trainer.model.train()
+    head = model.get_output_embeddings()
+    seen = []
+    probe = head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    n_labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert n_labelled < batch["labels"][:, 1:].numel()  # prompts are not labelled
+    for items in (None, n_labelled + 5):
+        model.zero_grad()
+        seen.clear()
+        torch.manual_seed(1)  # same LoRA dropout masks on both sides
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert seen == [(n_labelled, head.in_features)]
+        model.zero_grad()
+        kwargs = {} if items is None else {"num_items_in_batch": items}
+        torch.manual_seed(1)
+        reference = model(**{k: v for k, v in batch.items()}, use_cache=False, **kwargs).loss
+        reference.backward()
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+        assert all(torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+                   for n, p in model.named_parameters() if p.requires_grad)
+    probe.remove()
+    assert not head._forward_pre_hooks  # the restriction is removed after each step
