@@ -53,13 +53,18 @@ class CheckpointLogger(TrainerCallback):
 
     Checkpoints come every `save_steps` only: transformers also saves after the last step, but the run logs the
     final model itself, so that extra checkpoint would only cost time and disk (for a full fine-tune, the whole
-    model and optimizer state once more).
+    model and optimizer state once more). Likewise transformers evaluates after the last step; the run then
+    evaluates the final model itself (base / few-shot / tuned, `eval/tuned/loss` included), so that extra pass
+    would only cost time and log a second, differently computed `eval/tuned/loss`.
     """
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_training_stop and control.should_save and state.save_steps \
                 and state.global_step % state.save_steps:
             control.should_save = False
+        if control.should_training_stop and control.should_evaluate and state.eval_steps \
+                and state.global_step % state.eval_steps:
+            control.should_evaluate = False
         return control
 
     def on_save(self, args, state, control, **kwargs):

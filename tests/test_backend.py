@@ -150,3 +150,20 @@ def test_detach_returns_at_once_and_the_job_ends_its_own_run(tmp_path, tracking_
     job = json.loads((job_dir(submitted.run_id) / "job.json").read_text())
     assert job["detached"] is True
     assert "ended FINISHED" in (job_dir(submitted.run_id) / "job.log").read_text()
+
+
+@pytest.mark.parametrize("last_step, saves, evaluates", [(3, False, False), (4, True, True)])
+def test_no_extra_checkpoint_or_evaluation_after_the_last_step(last_step, saves, evaluates):
+    """transformers saves and evaluates after the last step whatever save_steps/eval_steps say; the run logs and
+    evaluates the final model itself, so only the regular ones (every 2 steps here) are kept."""
+    from transformers import TrainerControl, TrainerState
+
+    from mlflow_finetune_plugin.callbacks import CheckpointLogger
+
+    state = TrainerState(global_step=last_step, save_steps=2, eval_steps=2)
+    control = TrainerControl(should_training_stop=True, should_save=True, should_evaluate=True)
+    control = CheckpointLogger().on_step_end(None, state, control)
+    assert (control.should_save, control.should_evaluate) == (saves, evaluates)
+    mid = CheckpointLogger().on_step_end(None, TrainerState(global_step=2, save_steps=2, eval_steps=2),
+                                         TrainerControl(should_save=True, should_evaluate=True))
+    assert mid.should_save and mid.should_evaluate
