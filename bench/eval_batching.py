@@ -1,20 +1,20 @@
-"""Evaluation speed on the real model: greedy answers one at a time vs left-padded batches, same answers.
+"""How long does evaluation take? Greedy answers one at a time vs in left-padded batches, the same answers.
 
-    python bench/eval_batching.py [--model smollm2] [--examples 30] [--batch-size 16] [--reps 2]
+Both sides answer the first N support-bot eval prompts greedily in fp32 with the same model in this process, with
+the plugin's own functions (`logged_model.generate`, one prompt per call; `generate_greedy_batch`, what the run's
+evaluation uses), alternating; prints seconds per side, the speed-up and how many answers are identical.
+Goal (issue 18): >= 4x over 30 examples, identical answers.
 
-Both sides answer the first N support-bot eval prompts greedily in fp32 with the same model in one process,
-alternating; prints seconds per side, the ratio and whether every answer is identical.
+    python bench/eval_batching.py                 # 30 prompts, 48 new tokens, 2 reps: ~4 min on 2 quiet cores
+    python bench/eval_batching.py --examples 3 --max-new-tokens 8 --reps 1     # smoke test, ~30 s
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import common
 
 
 def main(argv=None) -> None:
@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     from mlflow_finetune_plugin.logged_model import LoadedModel, generate, generate_greedy_batch
     from mlflow_finetune_plugin.models import load_tokenizer, resolve_model_path
 
-    convs = read_conversations(str(REPO / "recipes" / "support-bot" / "data" / "eval.jsonl"))
+    convs = read_conversations(str(common.SUPPORT_BOT / "data" / "eval.jsonl"))
     prompts = [split_conversation(c)[0] for c in convs][: args.examples]
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=torch.float32).eval()
     loaded = LoadedModel(model, load_tokenizer(args.model), {})
@@ -42,28 +42,26 @@ def main(argv=None) -> None:
         return [generate(loaded, p, max_new_tokens=args.max_new_tokens) for p in prompts]
 
     def batched():
-        out = []
-        for i in range(0, len(prompts), args.batch_size):
-            out += generate_greedy_batch(loaded, prompts[i:i + args.batch_size], args.max_new_tokens)
-        return out
+        return [answer for i in range(0, len(prompts), args.batch_size)
+                for answer in generate_greedy_batch(loaded, prompts[i:i + args.batch_size], args.max_new_tokens)]
 
-    times, answers = {"one at a time": [], "batched": []}, {}
+    sides = [("one at a time", one_at_a_time), ("batched", batched)]
+    times, answers = {name: [] for name, _ in sides}, {}
     for rep in range(args.reps):
-        for name, fn in (("one at a time", one_at_a_time), ("batched", batched))[:: 1 if rep % 2 == 0 else -1]:
+        for name, fn in common.rotated(sides, rep):
+            common.log(f"rep {rep + 1}/{args.reps}: {name}")
             start = time.perf_counter()
             answers[name] = fn()
             times[name].append(time.perf_counter() - start)
+
+    common.header(f"Evaluation: batched vs one-at-a-time greedy answers; {args.model}, {len(prompts)} support-bot "
+                  f"eval prompts, up to {args.max_new_tokens} new tokens, batches of {args.batch_size}, {args.reps} "
+                  f"reps: median (range)")
+    speedup = common.ratios(times["one at a time"], times["batched"])
     same = sum(a == b for a, b in zip(answers["one at a time"], answers["batched"]))
-    base = statistics.median(times["one at a time"])
-    print(f"{args.model}, {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, {args.reps} reps (median; range)")
-    print("| mode | seconds | speed-up |\n| --- | --- | --- |")
-    for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.1f} ({min(ts):.1f}-{max(ts):.1f}) | "
-              f"{base / statistics.median(ts):.2f}x |")
-    ratios = [a / b for a, b in zip(times["one at a time"], times["batched"])]
-    print(f"speed-up per rep: {', '.join(f'{r:.2f}x' for r in ratios)}; identical answers: {same}/{len(prompts)}")
-    print(json.dumps({"times": times, "identical": same, "n": len(prompts)}))
+    print(common.table(["side", "seconds", "speed-up", "identical answers"], [
+        ["one at a time", common.summary(times["one at a time"]), "1", "-"],
+        ["batched", common.summary(times["batched"]), common.summary(speedup), f"{same}/{len(prompts)}"]]))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from mlflow_finetune_plugin.serving.choices import (
     vllm_support,
 )
 from mlflow_finetune_plugin.serving.openai_engine import OpenAIEngine
-from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
+from mlflow_finetune_plugin.serving.transformers_engine import TokenStreamer, TransformersEngine
 from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine, vllm_available
 from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF, tiny_model_path
 
@@ -176,6 +176,29 @@ def test_an_adapter_loaded_first_shares_its_base_with_the_base_side(tracking_uri
     assert len(engine._slots) == 1 and tuned != base
     with pytest.raises(FinetuneError, match="would exceed the model's context"):
         list(engine.stream(ModelChoice("bot", v1), [{"role": "user", "content": "word " * 1100}], GREEDY))
+
+
+def test_the_streamer_hands_out_each_token_as_soon_as_it_is_whole_characters():
+    """Not a word late (transformers' TextIteratorStreamer waits for a space): the first piece comes with the first
+    token; a token holding half a UTF-8 character waits for the next one; the pieces join to the decoded answer."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    answer = tokenizer.encode("Hello, wörld: naïve café 😀 okay.", add_special_tokens=False)
+    streamer = TokenStreamer(tokenizer, timeout=5)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt: never streamed
+    pieces = []
+    for i, token in enumerate(answer):
+        streamer.put(torch.tensor([token]))
+        got = []
+        while not streamer.pieces.empty():
+            got.append(streamer.pieces.get())
+        whole = not tokenizer.decode(answer[:i + 1]).endswith("\ufffd")
+        assert len(got) == whole, (i, got)
+        pieces += got
+    streamer.end()
+    pieces += list(streamer)
+    assert pieces[0] == tokenizer.decode(answer[:1])
+    assert "".join(pieces) == tokenizer.decode(answer) and not any("\ufffd" in p for p in pieces)
+    assert len(pieces) > len(answer) // 2  # token by token, not word by word
 
 
 # --- vLLM: what it can serve, the command, the engine ----------------------------------------------------------

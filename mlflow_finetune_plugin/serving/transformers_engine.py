@@ -12,6 +12,7 @@ at once, without one request ever running on another's adapter.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,7 +53,6 @@ class TransformersEngine(Engine):
             AutoTokenizer,
             StoppingCriteria,
             StoppingCriteriaList,
-            TextIteratorStreamer,
         )
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,9 +185,7 @@ class TransformersEngine(Engine):
 
     # ---------------------------------------------------------------------------------------------- generation
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:
-        """Stream the answer token by token (TextIteratorStreamer fed by generate() in a thread)."""
-        from transformers import TextIteratorStreamer
-
+        """Stream the answer token by token (a TokenStreamer fed by generate() in a thread)."""
         settings = settings.checked(max_new_tokens_cap=None)  # ranges only: the playground applies its own cap
         slot, adapter, tokenizer = self._route(choice)
         if adapter is None:  # the base side: adapter layers off, checked at every forward (see _apply_state),
@@ -201,7 +199,7 @@ class TransformersEngine(Engine):
                                 f"would exceed the model's context of {limit}; clear the chat or lower max new tokens")
         device = _device_of(slot.model)
         enc = {k: v.to(device) for k, v in enc.items()}
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        streamer = TokenStreamer(tokenizer, timeout=600)
         eos = _eos_ids(tokenizer, slot.model)
         sampling = ({"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
                     if settings.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None})
@@ -234,6 +232,44 @@ class TransformersEngine(Engine):
         """Drop every loaded model."""
         self._routes.clear()
         self._slots.clear()
+
+
+class TokenStreamer:
+    """The streamer `generate()` feeds: each new token's text is handed out as soon as it is whole characters.
+
+    transformers' TextIteratorStreamer holds text back to the last space, so a piece waits for its word to end and
+    the first one came a word (several tokens) late. This one holds back only an incomplete UTF-8 sequence (a
+    byte-level token that decodes to U+FFFD until its next byte comes). Each piece is what decoding the whole answer
+    again adds to the text already sent, so the pieces join to `tokenizer.decode(answer, skip_special_tokens=True)`
+    wherever decoding more tokens only appends text (byte-level BPE, the built-in models' tokenizers).
+    """
+
+    def __init__(self, tokenizer, timeout: float | None = None):
+        self.tokenizer, self.timeout = tokenizer, timeout
+        self.ids: list[int] = []
+        self.sent = 0              # characters of the decoded answer handed out so far
+        self.prompt_skipped = False
+        self.pieces: queue.Queue = queue.Queue()
+
+    def put(self, value) -> None:
+        if not self.prompt_skipped:  # generate() puts the prompt first
+            self.prompt_skipped = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())  # batch of one
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent and not text.endswith("\ufffd"):
+            self.pieces.put(text[self.sent:], timeout=self.timeout)
+            self.sent = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent:
+            self.pieces.put(text[self.sent:], timeout=self.timeout)
+        self.pieces.put(None, timeout=self.timeout)
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.pieces.get(timeout=self.timeout)) is not None:
+            yield piece
 
 
 def _adapter_name(choice: ModelChoice) -> str:
