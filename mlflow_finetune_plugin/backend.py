@@ -111,31 +111,81 @@ def _resolve_entry_point(work_dir: str, entry_point: str, params: dict):
         f"{' (and MLproject entry points)' if (Path(work_dir) / 'MLproject').exists() else ''}.")
 
 
-SFT_FORMATS = ("chat", "alpaca", "prompt_completion")
+SFT_FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion")
 _FORMAT_HINTS = {"dpo": "Give rows with prompt, chosen and rejected (or chosen/rejected message lists); "
                         "`mlflow-finetune votes export NAME -o prefs.jsonl` writes them from playground votes."}
 
 
 def _check_data(recipe, check_data) -> None:
-    """Every data file of the recipe, row by row, in the format its method trains on; raises listing all problems."""
+    """Every data file of the recipe, row by row, in the format its method trains on; raises listing all problems,
+    prints the warnings (errors too with `data.strict`). A declared format the method cannot train on gives way to
+    the rows' own format where the method takes that one (`-e dpo` on preference rows of a `format: chat` recipe);
+    the recipe is updated so that training reads them the same way."""
+    import functools
+
+    from mlflow_finetune_plugin.data_check import check_overlap, tokenizer_for_check
+    from mlflow_finetune_plugin.data_formats import summarize
+
     method = METHODS[recipe.method]
     formats = getattr(method, "DATA_FORMATS", SFT_FORMATS)
+    data = recipe.data
     files = method.data_files(recipe) if hasattr(method, "data_files") else [
-        (f"data.{split}", getattr(recipe.data, split), recipe.data.format, recipe.data.system_prompt)
-        for split in ("train", "eval") if getattr(recipe.data, split)]
-    issues = []
+        (f"data.{split}", getattr(data, split), data.format, data.system_prompt)
+        for split in ("train", "eval") if getattr(data, split)]
+    if any(label.startswith("data.") for label, *_ in files):
+        check = functools.partial(check_data, columns=data.columns, tags=data.tags)
+    else:  # multitask: each task is a file in its own format; data.columns and data.tags describe data.train
+        check = check_data
+    tokenizer, why_not = tokenizer_for_check(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+    errors, warnings, reports, refused = [], [], {}, []
     for label, path, fmt, system_prompt in files:
-        report = check_data(path, fmt=fmt, tokenizer=None, max_length=recipe.data.max_length,
-                            system_prompt=system_prompt)
-        issues.extend(str(i) for i in report.errors)
-        if not report.errors and report.format and report.format not in formats:
-            issues.append(f"{path}: {label} is {report.format} data, but the `{recipe.method}` method trains on "
-                          f"{' or '.join(formats)} rows. " + _FORMAT_HINTS.get(recipe.method, "Use the `dpo` method "
-                          "for preference pairs (prompt, chosen, rejected)."))
-    if issues:
-        shown = issues[:20] + ([f"... and {len(issues) - 20} more"] if len(issues) > 20 else [])
-        raise FinetuneError(f"{len(issues)} problem(s) in the data; nothing was started:\n  "
-                            + "\n  ".join(shown) + "\nRun `mlflow-finetune data check FILE` for the full report.")
+        owner, split = label.rsplit(".", 1)
+        reports[label] = report = check(
+            path, fmt=fmt, tokenizer=tokenizer, max_length=data.max_length, system_prompt=system_prompt, split=split,
+            accepts=formats, format_key=f"{owner}.format", model_label=recipe.model.name or "tiny")
+        if problem := _method_format(recipe, label, path, report, formats):
+            errors.append(problem)
+            refused.append(path)
+    for label, report in reports.items():
+        train = reports.get(label.rsplit(".", 1)[0] + ".train")
+        if label.endswith(".eval") and train is not None:
+            check_overlap(train, report)
+        if data.strict:
+            report.make_strict()
+        errors += summarize(report.errors)
+        warnings += summarize(report.warnings)
+    if errors:
+        bad = " ".join(dict.fromkeys(refused + [r.path for r in reports.values() if not r.ok]))
+        raise FinetuneError(f"{len(errors)} problem{'s' if len(errors) != 1 else ''} in the data; nothing was "
+                            "started:\n  " + "\n  ".join(errors[:20] + ([f"... and {len(errors) - 20} more"]
+                                                                       if len(errors) > 20 else []))
+                            + f"\nRun `mlflow-finetune data check {bad}` for the full report.")
+    if warnings:
+        print("Data warnings (advice before training; `data.strict: true` makes them errors):\n  "
+              + "\n  ".join(warnings), file=sys.stderr)
+    if why_not and tokenizer is None:
+        print(f"Note: token lengths not checked before the run ({why_not}).", file=sys.stderr)
+
+
+def _method_format(recipe, label: str, path: str, report, formats) -> str | None:
+    """The one-line error when the rows are in a format the method cannot train on (replacing the report's own
+    format mismatch, whose advice to change data.format would not help); a note, and the recipe updated, where the
+    method's format was inferred from the rows."""
+    rows_are = report.format or report.detected
+    if rows_are and rows_are not in formats:
+        report.errors = [i for i in report.errors if i.group != "format"]
+        return (f"{path}: {label} is {rows_are} data, but the `{recipe.method}` method trains on {_or(formats)} "
+                "rows. " + _FORMAT_HINTS.get(recipe.method, "Use the `dpo` method for preference pairs (prompt, "
+                                                            "chosen, rejected)."))
+    if report.inferred_from and label.startswith("data."):
+        print(f"Note: data.format is {report.inferred_from!r}, but -e {recipe.method} trains on {_or(formats)} rows "
+              f"and {path} holds {report.format} rows: reading them as {report.format}.", file=sys.stderr)
+        recipe.data.format = report.format
+    return None
+
+
+def _or(names) -> str:
+    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _mlproject_entry_point(work_dir: str, entry_point: str):

@@ -45,16 +45,42 @@ def data_group():
 @data_group.command("check")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "chat", "alpaca", "prompt_completion", "preference"]),
+              type=click.Choice(["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "preference"]),
               help="Data format; auto detects it from the first rows.")
-@click.option("--model", default=None, help="Tokenizer for length stats (hub id or path); default: the tiny model.")
+@click.option("--eval", "eval_files", multiple=True, type=click.Path(),
+              help="Held-out file: checked too, and for prompts that are also in FILES (train/eval overlap).")
+@click.option("--column", "columns", multiple=True, metavar="FIELD=COLUMN",
+              help="The file's column for a field (messages, prompt, completion, chosen, rejected, system, tools, "
+                   "instruction, input, output), like data.columns in finetune.yaml. Repeatable.")
+@click.option("--tag", "tags", multiple=True, metavar="TAG=VALUE",
+              help="ShareGPT role tag (role_tag, content_tag, user_tag, assistant_tag, observation_tag, function_tag, "
+                   "system_tag), like data.tags in finetune.yaml. Repeatable.")
+@click.option("--model", default=None, help="Tokenizer for lengths and tool support (hub id or path); default: the "
+                                            "tiny model.")
 @click.option("--max-length", default=1024, show_default=True, help="Rows longer than this many tokens are flagged.")
+@click.option("--strict", is_flag=True, help="Warnings count as errors (exit 1), like data.strict in finetune.yaml.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def data_check_cmd(files, fmt, model, max_length, as_json):
-    """Check data FILES (JSONL, JSON, CSV, parquet): format, lengths, duplicates, contradictions, errors by line."""
+def data_check_cmd(files, fmt, eval_files, columns, tags, model, max_length, strict, as_json):
+    """Check data FILES (JSONL, JSON, CSV, parquet, or hf:ORG/NAME[:SPLIT]): format, lengths, duplicates and
+    near-duplicates, contradictions, train/eval overlap, tool support, errors by line."""
     from mlflow_finetune_plugin.data_check import run_check
+    from mlflow_finetune_plugin.data_formats import COLUMNS, SHAREGPT_TAGS
 
-    sys.exit(run_check(list(files), fmt=fmt, model=model, max_length=max_length, as_json=as_json))
+    sys.exit(run_check(list(files), fmt=fmt, model=model, max_length=max_length, as_json=as_json,
+                       eval_files=list(eval_files), columns=_assignments(columns, "--column", COLUMNS),
+                       tags=_assignments(tags, "--tag", SHAREGPT_TAGS), strict=strict))
+
+
+def _assignments(values, option: str, valid) -> dict:
+    out = {}
+    for item in values:
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint=option)
+        if key not in valid:
+            raise click.BadParameter(f"{key!r} is not one of {', '.join(valid)}", param_hint=option)
+        out[key] = value
+    return out
 
 
 def _pairs(values, extra_args) -> dict:

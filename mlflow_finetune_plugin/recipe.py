@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model
@@ -20,6 +20,7 @@ from mlflow_finetune_plugin.errors import RecipeError
 from mlflow_finetune_plugin.recipe_base import Section
 
 RECIPE_FILE = "finetune.yaml"
+HF_PREFIX = "hf:"  # data.train / data.eval naming a Hugging Face dataset instead of a file
 
 # Short forms accepted by `-P`, mapped to their dotted recipe keys.
 SHORT_KEYS = {
@@ -40,11 +41,42 @@ class ModelConfig(Section):
     attn_implementation: str | None = None
 
 
+class DataColumns(Section):
+    """Which column of the file holds each field, for files whose fields have other names (LLaMA-Factory's
+    `columns` in dataset_info.json): `columns: {prompt: question, completion: answer}`."""
+
+    messages: str | None = Field(None, description="The conversation: chat messages, or ShareGPT turns.")
+    prompt: str | None = None
+    completion: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    system: str | None = Field(None, description="A per-row system prompt (text).")
+    tools: str | None = Field(None, description="A per-row list of tools (OpenAI function schemas, or JSON text).")
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+
+
+class DataTags(Section):
+    """ShareGPT role tags (LLaMA-Factory's `tags` in dataset_info.json): which keys and role names the turns use."""
+
+    role_tag: str = "from"
+    content_tag: str = "value"
+    user_tag: str = "human"
+    assistant_tag: str = "gpt"
+    observation_tag: str = Field("observation", description="A tool's result (becomes a `tool` message).")
+    function_tag: str = Field("function_call", description="The assistant calling a tool (JSON name + arguments).")
+    system_tag: str = "system"
+
+
 class DataConfig(Section):
-    train: str | None = "data/train.jsonl"
-    eval: str | None = None
+    train: str | None = Field("data/train.jsonl", description="A file, or a Hugging Face dataset as "
+                              "hf:ORG/NAME[@REVISION][:SPLIT] (split default: train).")
+    eval: str | None = Field(None, description="A file, or hf:ORG/NAME[@REVISION]:SPLIT.")
     eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share of train when no eval file is given.")
-    format: Literal["auto", "chat", "alpaca", "prompt_completion", "preference"] = "auto"
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "preference"] = "auto"
+    columns: DataColumns | None = Field(None, description="The file's column for each field, where names differ.")
+    tags: DataTags | None = Field(None, description="ShareGPT role tags, where they differ from LLaMA-Factory's.")
     system_prompt: str | None = None
     max_length: int = Field(1024, gt=0)
     assistant_only_loss: bool = True
@@ -53,6 +85,8 @@ class DataConfig(Section):
                             "auto: on with a flash-attention model.attn_implementation (padding-free, always "
                             "faster); off otherwise (true pays on mixed lengths) and for prefix/prompt tuning.")
     max_rows: int | None = Field(None, gt=0)
+    strict: bool = Field(False, description="Data warnings (few rows, near-duplicates, train/eval overlap, answers "
+                                            "cut by max_length, contradictions) stop the run like errors.")
 
 
 class TrainConfig(Section):
@@ -205,7 +239,7 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
     recipe.project_dir = str(project_dir)
     for split in ("train", "eval"):
         value = getattr(recipe.data, split)
-        if value:
+        if value and not value.startswith(HF_PREFIX):
             setattr(recipe.data, split, str((project_dir / value).resolve()))
     if not recipe.registry.name:
         recipe.registry.name = project_dir.name
@@ -224,7 +258,10 @@ def _check_paths(raw: dict, project_dir: Path) -> list[str]:
     elif not splits["train"]:
         problems.append("data.train: no training data given. Set it in finetune.yaml or pass -P data=path/to/train.jsonl")
     for split, value in splits.items():
-        if isinstance(value, str) and value and not (project_dir / value).exists() and not (
+        if isinstance(value, str) and value.startswith(HF_PREFIX):  # a Hugging Face dataset, loaded by the data check
+            if not value[len(HF_PREFIX):].split(":")[0].split("@")[0].strip():
+                problems.append(f"data.{split}: {value!r} names no dataset; write hf:ORG/NAME or hf:ORG/NAME:SPLIT")
+        elif isinstance(value, str) and value and not (project_dir / value).exists() and not (
                 getattr(METHODS.get(str(raw.get("method", "lora"))), "OWN_DATA", False)):
             problems.append(f"data.{split}: file not found: {value} (looked in {project_dir})")
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
@@ -253,9 +290,12 @@ def _valid_keys(section_loc: tuple) -> list[str]:
     model = Recipe
     for part in section_loc:
         field = model.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        annotation = getattr(field, "annotation", None)
+        # an optional section (`DataColumns | None`) has the keys of the section
+        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)
+        if not isinstance(annotation, type) or not issubclass(annotation, BaseModel):
             return []
-        model = field.annotation
+        model = annotation
     return [k for k in model.model_fields if k != "project_dir"]
 
 

@@ -232,14 +232,14 @@ def _log_recipe(recipe, method, cfg, run_id: str, base_ref: str) -> dict:
 def load_data_splits(recipe):
     """(train, eval or None, format) from the recipe's `data` section."""
     data = recipe.data
-    train_ds, fmt = load_training_dataset(data.train, data.format, data.system_prompt)
+    train_ds, fmt = load_training_dataset(data.train, data.format, data.system_prompt, data.columns, data.tags)
     if data.max_rows:
         train_ds = train_ds.select(range(min(data.max_rows, len(train_ds))))
     eval_ds = None
     if not recipe.eval.enabled:
         pass
     elif data.eval:
-        eval_ds, _ = load_training_dataset(data.eval, data.format, data.system_prompt)
+        eval_ds, _ = load_training_dataset(data.eval, data.format, data.system_prompt, data.columns, data.tags)
     elif data.eval_split > 0:
         split = train_ds.train_test_split(test_size=data.eval_split, seed=recipe.train.seed)
         train_ds, eval_ds = split["train"], split["test"]
@@ -348,15 +348,17 @@ def sft_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbac
     """
     from trl import SFTConfig
 
+    from mlflow_finetune_plugin.loss_masks import has_zero_weights, with_turn_weights
     from mlflow_finetune_plugin.sft import FinetuneSFTTrainer
 
     pack = packing(recipe)
-    config = SFTConfig(
-        **args,
-        max_length=recipe.data.max_length,
-        packing=pack,
-        assistant_only_loss=recipe.data.assistant_only_loss and _supports_assistant_masks(tokenizer),
-    )
+    if has_zero_weights(train_ds, eval_ds):  # OpenAI `weight: 0` turns: tokenized here with their masks cleared
+        weigh = recipe.data.assistant_only_loss
+        train_ds, eval_ds = (with_turn_weights(tokenizer, ds, weigh) for ds in (train_ds, eval_ds))
+        assistant_only = False  # the masks are in the data; TRL builds the labels from them
+    else:
+        assistant_only = recipe.data.assistant_only_loss and _supports_assistant_masks(tokenizer)
+    config = SFTConfig(**args, max_length=recipe.data.max_length, packing=pack, assistant_only_loss=assistant_only)
     return FinetuneSFTTrainer(
         model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         callbacks=[MlflowMetrics(), CheckpointLogger()] if callbacks is None else callbacks,

@@ -59,7 +59,7 @@ def write(path, rows):
 class FakeTokenizer:
     """One token per word plus one per message; returns a dict like transformers 5 does."""
 
-    def apply_chat_template(self, messages, tokenize=True):
+    def apply_chat_template(self, messages, tokenize=True, **kwargs):
         return {"input_ids": [0] * sum(1 + len(m["content"].split()) for m in messages)}
 
 
@@ -137,12 +137,28 @@ def test_empty_and_missing_files(tmp_path):
 
 def test_error_listing_is_capped(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text("{oops\n" * 30)
+    path.write_text("".join(" " * n + "{oops\n" for n in range(30)))  # 30 different messages (column numbers)
     with pytest.raises(DataError) as err:
         read_records(path)
     assert len(err.value.issues) == 30
     assert "... and 10 more" in str(err.value)
     assert f"{path}:21:" not in str(err.value)
+
+
+def test_the_same_problem_on_many_rows_is_one_line_with_count_and_first_lines(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("{oops\n" * 30)
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert len(err.value.issues) == 30
+    assert str(err.value).splitlines() == [
+        "1 problem in the data:",
+        f"  {path}: invalid JSON: Expecting property name enclosed in double quotes (column 2); each line must be "
+        "one complete JSON object (30 rows: lines 1, 2, 3, 4, 5 and 25 more)"]
+    rows = [{"instruction": f"i{n}", "output": ""} for n in range(41)]
+    report = check_data(write(tmp_path / "a.jsonl", rows))
+    assert len(report.errors) == 41
+    assert f"{tmp_path / 'a.jsonl'}: 'output' is empty (41 rows: lines 1, 2, 3, 4, 5 and 36 more)" in report.render()
 
 
 def test_wrong_types_and_roles_reported_per_row(tmp_path):
@@ -238,7 +254,7 @@ def test_too_long_rows_flagged_with_length(tmp_path):
     rows = [chat("short", "ok"), chat("word " * 50, "ok"), chat("a b", "c")]
     report = check_data(write(tmp_path / "l.jsonl", rows), tokenizer=FakeTokenizer(), max_length=20)
     assert report.too_long == 1 and report.ok
-    assert [(w.line, w.message.split(",")[0]) for w in report.warnings] == [(2, "53 tokens")]
+    assert [(w.line, w.message.split(",")[0]) for w in report.warnings if w.line] == [(2, "53 tokens")]
     assert report.token_stats == {"min": 4, "mean": 20.7, "p50": 5, "p95": 53, "max": 53}
 
 

@@ -54,7 +54,9 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.f
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
 keys = st.one_of(st.sampled_from(KEYS), st.sampled_from(SECTIONS),
-                 st.sampled_from(["train.lerning_rate", "lora.rank", "data.trian", "modle.name", "train.max_steps.x"]),
+                 st.sampled_from(["train.lerning_rate", "lora.rank", "data.trian", "modle.name", "train.max_steps.x",
+                                  "data.columns.prompt", "data.columns.messages", "data.columns.promt",
+                                  "data.tags.role_tag", "data.tags.user_tag", "data.tags.speaker"]),
                  st.text(alphabet="abcdefghij._", min_size=1, max_size=15))
 
 
@@ -108,7 +110,43 @@ def _row_line(kind_and_value) -> str:
         return json.dumps({"messages": value})
     if kind == "message":
         return json.dumps({"messages": [{"role": "user", "content": "q"}, value]})
+    if kind == "conversations":
+        return json.dumps({"conversations": value})
+    if kind == "turn":
+        return json.dumps({"conversations": [{"from": "human", "value": "q"}, value]})
+    if kind == "tools":
+        return json.dumps({**GOOD_ROWS[0], "tools": value})
     return json.dumps(value)
+
+
+# The formats users bring besides plain chat: ShareGPT (with a tool call), OpenAI weights and tool calls, and rows
+# whose fields have other names (the recipes below map some of them).
+NEW_FORMAT_ROWS = [
+    {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "q"},
+                       {"from": "gpt", "value": "a"}]},
+    {"conversations": [{"from": "human", "value": "weather?"},
+                       {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Oslo"}}'},
+                       {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}],
+     "tools": '[{"name": "get_weather", "parameters": {"type": "object"}}]'},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "wrong", "weight": 0},
+                  {"role": "user", "content": "again"}, {"role": "assistant", "content": "right", "weight": 1}]},
+    {"messages": [{"role": "user", "content": "weather?"},
+                  {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                      "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                  {"role": "assistant", "content": "Sunny."}],
+     "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]},
+    {"question": "q", "answer": "a", "persona": "Be brief."},
+    {"dialog": [{"speaker": "customer", "text": "q"}, {"speaker": "agent", "text": "a"}]},
+]
+DATA_RECIPES = [
+    VALID_RECIPE,
+    {**VALID_RECIPE, "data": {"columns": {"prompt": "question", "completion": "answer", "system": "persona"}}},
+    {**VALID_RECIPE, "data": {"format": "sharegpt", "columns": {"messages": "dialog"},
+                              "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "customer",
+                                       "assistant_tag": "agent"}}},
+    {**VALID_RECIPE, "data": {"format": "chat", "strict": True}},
+]
 
 
 lines = st.one_of(
@@ -119,8 +157,13 @@ lines = st.one_of(
     st.text(max_size=80).map(lambda t: ("text", t.replace("\n", " "))),            # broken JSON
     st.integers(10_000, 500_000).map(lambda n: ("huge", n)),                       # huge line
     json_values.map(lambda v: ("messages", v)),                                    # wrong `messages`
-    st.dictionaries(st.sampled_from(["role", "content", "name", "weight"]), json_values, max_size=3).map(
-        lambda m: ("message", m)),                                                 # missing/odd fields
+    st.dictionaries(st.sampled_from(["role", "content", "name", "weight", "tool_calls", "tool_call_id"]),
+                    json_values, max_size=3).map(lambda m: ("message", m)),        # missing/odd fields
+    st.sampled_from(NEW_FORMAT_ROWS).map(lambda r: ("row", r)),                    # ShareGPT, OpenAI, other names
+    json_values.map(lambda v: ("conversations", v)),                               # wrong ShareGPT turns
+    st.dictionaries(st.sampled_from(["from", "value", "weight"]), json_values, max_size=3).map(
+        lambda t: ("turn", t)),                                                    # odd ShareGPT turn
+    json_values.map(lambda v: ("tools", v)),                                       # wrong `tools`
 )
 
 
@@ -192,12 +235,11 @@ def test_fuzzed_recipes_and_overrides_end_in_a_clear_error(capsys, record_proper
 
 def test_fuzzed_data_files_end_in_a_clear_error(capsys, record_property):
     counts = Counter()
-    valid_recipe = _yaml(VALID_RECIPE)
 
     @FUZZ
-    @given(data=data_files())
-    def check(data):
-        counts[_validate(valid_recipe, data, {})] += 1
+    @given(data=data_files(), recipe=st.sampled_from(DATA_RECIPES))
+    def check(data, recipe):
+        counts[_validate(_yaml(recipe), data, {})] += 1
 
     check()
     _report(counts, "data files", capsys, record_property)
@@ -213,6 +255,8 @@ E2E_CASES = {
     "recipe in UTF-16": (("# réglages\n" + _yaml(VALID_RECIPE).decode()).encode("utf-16"), None, "not valid UTF-8"),
     "broken JSON line": (None, (json.dumps(GOOD_ROWS[0]) + "\n{\"messages\": [\n").encode(), "train.jsonl:2"),
     "empty data file": (None, b"", "train.jsonl: file is empty"),
+    "rows in another format than declared": (_yaml({**VALID_RECIPE, "data": {"format": "alpaca"}}), "".join(
+        json.dumps(r) + "\n" for r in GOOD_ROWS).encode(), "the rows are chat data"),
     "huge line, wrong encoding": (None, (json.dumps(GOOD_ROWS[0]) + "\n" + json.dumps(
         {"messages": [{"role": "user", "content": "q" * 200_000}, {"role": "assistant", "content": "é"}]},
         ensure_ascii=False) + "\n").encode("latin-1"), "train.jsonl:2: not valid UTF-8"),
@@ -235,7 +279,7 @@ def test_fuzz_cases_end_to_end_through_mlflow_run(tmp_path, tracking_uri, capsys
                               timeout=300)
         assert proc.returncode != 0, name
         assert "Traceback" not in proc.stderr, f"{name}: {proc.stderr[-3000:]}"
-        where = "finetune.yaml" if recipe is not None else "train.jsonl"
+        where = "train.jsonl" if data is not None else "finetune.yaml"
         assert expected in proc.stderr and where in proc.stderr, f"{name}: {proc.stderr[-3000:]}"
     runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("fuzz").experiment_id])
     assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
