@@ -120,7 +120,7 @@ class EvalConfig(Section):
     enabled: bool = True
     max_examples: int = Field(50, gt=0, description="Held-out rows scored after training (the first N).")
     max_new_tokens: int = Field(64, gt=0)
-    batch_size: int = Field(16, gt=0, description="Prompts generated and scored together; lower it if memory runs out.")
+    batch_size: int = Field(32, gt=0, description="Prompts generated and scored together; lower it if memory runs out.")
     fewshot_k: int = Field(3, ge=0, description="Train examples in the few-shot prompt; 0 skips that contender.")
     output_format: Literal["text", "json"] = Field(
         "text", description="json: also score `json_valid`, the share of answers that parse (and fit json_schema).")
