@@ -11,6 +11,7 @@ original bf16 weights. The reference logged with every fine-tune says so (packag
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -84,10 +85,11 @@ def convert(gguf: Path, out: Path) -> None:
     except ImportError:
         raise FinetuneError(f"converting {NAME!r} needs the gguf package:\n    {INSTALL}") from None
     print(f"Converting the built-in model {NAME!r} once: {PACKAGE}=={package_version()} {GGUF_FILE} "
-          f"-> safetensors in {out.parent} (about 30 s)", file=sys.stderr, flush=True)
+          f"-> safetensors in {out.parent} (about 20 s)", file=sys.stderr, flush=True)
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with _tensor_name_map_cached():
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
     del config.quantization_config  # the saved weights are plain float32, not GGUF
     config.name_or_path = f"{PACKAGE}/{name} (dequantized from Q4_1)"
@@ -104,6 +106,23 @@ def convert(gguf: Path, out: Path) -> None:
         "file_sha256": _sha256(gguf), "converted": "dequantized from Q4_1 to float32 by transformers' GGUF reader",
         "weights_sha256": weights_digest(out), "not": "the hub's HuggingFaceTB/SmolLM2-135M-Instruct weights",
     }, indent=2))
+
+
+@contextlib.contextmanager
+def _tensor_name_map_cached():
+    """transformers maps GGUF tensor names by calling gguf's `get_tensor_name_map(arch, n_blocks)` once per module
+    (397 times for this model), and each call rebuilds the same table: cached for the conversion, the load took
+    10.7-14.5 s instead of 22.2 s (measured on a loaded 2-core machine). The tables are only read."""
+    import functools
+
+    import gguf as gguf_package
+
+    original = gguf_package.get_tensor_name_map
+    gguf_package.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf_package.get_tensor_name_map = original
 
 
 def _sha256(path: Path) -> str:
