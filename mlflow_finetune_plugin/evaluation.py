@@ -308,7 +308,8 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
     train_path = train_data or data_cfg.get("train")
     train_convs = []
     if cfg.fewshot_k and train_path and _exists(train_path):
-        train_convs = read_conversations(train_path, data_cfg.get("system_prompt"))
+        train_convs = read_conversations(train_path, data_cfg.get("system_prompt"), data_cfg.get("columns"),
+                                         data_cfg.get("tags"))
     elif cfg.fewshot_k:
         print(f"No train data for few-shot examples ({train_path or 'none recorded'}); pass --train FILE. "
               "Skipping the few-shot contender.")
@@ -333,26 +334,14 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
     return result, run.info.run_id
 
 
-def read_conversations(path: str, system_prompt: str | None = None) -> list[list[dict]]:
-    """Chat conversations from a JSONL/JSON file of `messages`, `prompt`/`completion` or alpaca rows."""
-    from pathlib import Path
+def read_conversations(path: str, system_prompt: str | None = None, columns: dict | None = None,
+                       tags: dict | None = None) -> list[list[dict]]:
+    """Chat conversations from a data file (or `hf:` dataset) in any format training reads, through the same reader,
+    validation and column/tag mapping (`data.load_training_dataset`); preference rows are scored against `chosen`."""
+    from mlflow_finetune_plugin.data import load_training_dataset
 
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json"):
-        rows = [(i + 1, r) for i, r in enumerate(json.loads(text))]
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except ValueError as e:
-                    raise FinetuneError(f"{path}:{n}: not valid JSON ({e})") from None
-    convs = [to_messages(row, f"{path}:{n}") for n, row in rows]
-    if system_prompt:
-        convs = [c if c and c[0].get("role") == "system" else [{"role": "system", "content": system_prompt}, *c]
-                 for c in convs]
-    return convs
+    rows, _ = load_training_dataset(path, "auto", system_prompt, columns, tags)
+    return conversations(rows)
 
 
 def conversations(rows) -> list[list[dict]]:
@@ -394,17 +383,18 @@ def to_messages(row, where: str = "row") -> list[dict]:
 def _eval_conversations(data: str | None, recipe: dict, source_run: str | None) -> list[list[dict]]:
     """--data, else the source run's eval file, else its held-out split of the train file rebuilt (same seed)."""
     data_cfg = recipe.get("data") or {}
-    system_prompt = data_cfg.get("system_prompt")
+    mapping = {"system_prompt": data_cfg.get("system_prompt"), "columns": data_cfg.get("columns"),
+               "tags": data_cfg.get("tags")}
     if data:
-        return read_conversations(data, system_prompt)
+        return read_conversations(data, **mapping)
     recorded = data_cfg.get("eval")
     if recorded and _exists(recorded):
-        return read_conversations(recorded, system_prompt)
+        return read_conversations(recorded, **mapping)
     train, split = data_cfg.get("train"), data_cfg.get("eval_split") or 0
     if not recorded and split > 0 and train and _exists(train):
         from datasets import Dataset
 
-        convs = read_conversations(train, system_prompt)[: data_cfg.get("max_rows") or None]
+        convs = read_conversations(train, **mapping)[: data_cfg.get("max_rows") or None]
         seed = (recipe.get("train") or {}).get("seed", 42)
         held_out = Dataset.from_dict({"i": list(range(len(convs)))}).train_test_split(test_size=split, seed=seed)
         return [convs[i] for i in held_out["test"]["i"]]
@@ -414,6 +404,7 @@ def _eval_conversations(data: str | None, recipe: dict, source_run: str | None) 
 
 
 def _exists(path: str) -> bool:
+    """A local file, or a Hugging Face dataset (`hf:`), which `datasets` loads or explains."""
     from pathlib import Path
 
-    return Path(path).is_file()
+    return path.startswith("hf:") or Path(path).is_file()

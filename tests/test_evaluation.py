@@ -256,19 +256,31 @@ def test_no_scorable_rows_is_a_clear_error(tiny_lora):
         run_evaluation(model, tok, [[{"role": "user", "content": "q"}]], [], EvalConfig())
 
 
-def test_read_conversations_formats(tmp_path):
+@pytest.mark.parametrize("row, columns, answer", [
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, None, "b"),
+    ({"prompt": "c", "completion": "d"}, None, "d"),
+    ({"instruction": "e", "input": "f", "output": "g"}, None, "g"),
+    ({"prompt": [{"role": "user", "content": "h"}], "chosen": [{"role": "assistant", "content": "i"}],
+      "rejected": [{"role": "assistant", "content": "j"}]}, None, "i"),
+    ({"conversations": [{"from": "human", "value": "k"}, {"from": "gpt", "value": "l"}]}, None, "l"),
+    ({"question": "m", "answer": "n"}, {"prompt": "question", "completion": "answer"}, "n"),
+])
+def test_read_conversations_reads_every_training_format(tmp_path, row, columns, answer):
+    """`evaluate --data` and re-evaluation read files with training's reader: every format, mapped columns."""
     path = tmp_path / "d.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in [
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-        {"prompt": "c", "completion": "d"},
-        {"instruction": "e", "input": "f", "output": "g"},
-        {"prompt": [{"role": "user", "content": "h"}], "chosen": [{"role": "assistant", "content": "i"}],
-         "rejected": [{"role": "assistant", "content": "j"}]},
-    ]))
-    convs = read_conversations(str(path), system_prompt="S")
-    assert [split_conversation(c)[1] for c in convs] == ["b", "d", "g", "i"]
+    path.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    convs = read_conversations(str(path), system_prompt="S", columns=columns)
+    assert [split_conversation(c)[1] for c in convs] == [answer, answer]
     assert all(c[0] == {"role": "system", "content": "S"} for c in convs)
-    assert conversations([{"prompt": "c", "completion": "d"}]) == [convs[1][1:]]
+
+
+def test_read_conversations_names_the_bad_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "c", "completion": "d"}\n{"prompt": "c", "completion": \n')
+    with pytest.raises(FinetuneError, match=r"d\.jsonl:2"):
+        read_conversations(str(path))
+    assert conversations([{"prompt": "c", "completion": "d"}]) == [[{"role": "user", "content": "c"},
+                                                                     {"role": "assistant", "content": "d"}]]
     with pytest.raises(FinetuneError, match="row 0: expected a chat row"):
         conversations([{"text": "x"}])
 
