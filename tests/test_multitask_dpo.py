@@ -98,6 +98,19 @@ def test_multitask_mixes_rows_by_weight_and_checks_every_task_file(tmp_path):
         _check_data(load_recipe(project), check_data)
 
 
+def test_a_multitask_task_can_be_sharegpt(tmp_path):
+    from mlflow_finetune_plugin.methods import multitask
+
+    project = _multitask_project(tmp_path)
+    _jsonl(project / "data" / "label.jsonl", [{"conversations": [{"from": "human", "value": f"Label item {i}"},
+                                                                 {"from": "gpt", "value": f"L{i % 3}"}]}
+                                              for i in range(8)])
+    _check_data(load_recipe(project), check_data)
+    mixed, _, fmt = multitask.load_data(load_recipe(project))
+    assert "sharegpt" in fmt.split("+")
+    assert {"role": "assistant", "content": "L1"} in [m for row in mixed for m in row["messages"]]
+
+
 def test_multitask_trains_one_adapter_and_logs_per_task_metrics(tmp_path, tracking_uri):
     recipe = load_recipe(_multitask_project(tmp_path / "mt"), overrides=FAST)
     assert run(recipe) == 0

@@ -26,7 +26,7 @@ from mlflow_finetune_plugin.methods import lora
 from mlflow_finetune_plugin.recipe_base import Section
 
 ARTIFACT = "adapter"
-DATA_FORMATS = ("chat", "alpaca", "prompt_completion")
+DATA_FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion")
 OWN_DATA = True  # the data comes from `multitask.tasks`, not from `data.train`/`data.eval`
 
 
@@ -34,7 +34,7 @@ class Task(Section):
     train: str = Field(description="Training file of this task (JSONL/JSON/CSV/parquet), relative to the project.")
     eval: str | None = Field(None, description="Held-out file; empty: `data.eval_split` of train, or none.")
     weight: float = Field(1.0, gt=0, description="Mixing weight; rows are sampled in proportion to the weights.")
-    format: Literal["auto", "chat", "alpaca", "prompt_completion"] = "auto"
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion"] = "auto"
     system_prompt: str | None = Field(None, description="System message added to this task's rows.")
 
 
