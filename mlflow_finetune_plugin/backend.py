@@ -46,6 +46,9 @@ class FinetuneBackend(AbstractBackend):
     """Fine-tuning entry points (`lora`, ...) for any folder with a `finetune.yaml`."""
 
     def run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id):
+        from mlflow_finetune_plugin.tracking import ensure_store
+
+        ensure_store(tracking_uri)  # before this process's first MLflow call: runs started at once share a new store
         config = _check_backend_config(backend_config or {})
         launcher = LAUNCHERS[config.get("launcher", "local")]
         detach = bool(config.get("detach", False))

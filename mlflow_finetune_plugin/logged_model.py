@@ -152,7 +152,11 @@ def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], 
 
 
 class FinetunedChatModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: chat messages (or plain prompts) in, the model's answers out."""
+    """pyfunc wrapper: chat messages (or plain prompts) in, the model's answers out.
+
+    Logged from code (`chat_model.py`); its name and module stay as they are because versions logged before that
+    hold it pickled.
+    """
 
     def load_context(self, context):
         self._loaded = _load({k: Path(v) for k, v in context.artifacts.items()}, dict(context.model_config), None)
@@ -173,6 +177,17 @@ def _signature():
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 64), ParamSpec("temperature", "double", 0.0),
                             ParamSpec("top_p", "double", 1.0)]),
     )
+
+
+MODEL_CODE = Path(__file__).with_name("chat_model.py")
+
+
+def _input_example():
+    """One chat as the model takes it, with a short answer length: MLflow runs it once when the model is logged."""
+    import pandas as pd
+
+    messages = [{"role": "user", "content": "How do I reset my password?"}]
+    return pd.DataFrame({"messages": [messages]}), {"max_new_tokens": 4}
 
 
 def _requirements() -> list[str]:
@@ -205,10 +220,11 @@ def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tag
         model.save_pretrained(artifacts[key], safe_serialization=True)
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=FinetunedChatModel(),
+            python_model=str(MODEL_CODE),
             artifacts=artifacts,
             model_config={k: v for k, v in config.items() if v is not None},
             signature=_signature(),
+            input_example=_input_example(),
             pip_requirements=_requirements(),
             tags=tags,
         )

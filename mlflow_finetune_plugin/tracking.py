@@ -1,12 +1,46 @@
-"""How a run records its own end: the error as a tag and an artifact, and the terminal status."""
+"""The tracking store a process talks to (created once, under a lock) and how a run records its own end: the error
+as a tag and an artifact, and the terminal status."""
 
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 
 from mlflow import MlflowClient
 
 ERROR_TAG = "finetune.error"
+
+
+def ensure_store(tracking_uri: str | None = None) -> None:
+    """Open the tracking store (and the registry, when it is the same database) before any other MLflow call.
+
+    MLflow creates a new sqlite store by running its schema migration, unlocked: several processes opening one new
+    store at once race in it (`duplicate column name: step`) and all but one fail. The first process to take the
+    file lock creates the store; the others wait and then find it complete. Other stores are left to MLflow.
+    """
+    import mlflow
+    from filelock import FileLock
+    from mlflow.tracking._model_registry.utils import _get_store as registry_store
+    from mlflow.tracking._tracking_service.utils import _get_store as tracking_store
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock"):
+        tracking_store(uri)
+        registry_uri = mlflow.get_registry_uri()
+        if sqlite_path(registry_uri) == db:
+            registry_store(registry_uri)
+
+
+def sqlite_path(uri: str | None) -> Path | None:
+    """The database file of a `sqlite:///...` URI; None for any other store (and for in-memory sqlite)."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path).resolve()
 
 
 def record_failure(run_id: str, exc: BaseException, status: str = "FAILED") -> None:

@@ -42,7 +42,7 @@ from mlflow_finetune_plugin.models import (
 from mlflow_finetune_plugin.promotion import maybe_auto_promote
 from mlflow_finetune_plugin.recipe import Recipe, flat_params, method_config, recipe_hash, to_yaml
 from mlflow_finetune_plugin.registry import lineage_tags, register
-from mlflow_finetune_plugin.tracking import record_failure
+from mlflow_finetune_plugin.tracking import ensure_store, record_failure
 
 
 def run(recipe, run_id: str | None = None) -> int:
@@ -57,6 +57,7 @@ def run(recipe, run_id: str | None = None) -> int:
             return 0
         except KeyboardInterrupt:
             return 130
+    ensure_store()  # `mlflow-finetune train` may be the first process to open a new store
     active = mlflow.start_run(run_id=run_id)
     run_id = active.info.run_id
     try:

@@ -131,3 +131,62 @@ def test_a_trained_version_carries_its_training_datas_system_prompt(tmp_path, tr
     info = mlflow.models.get_model_info(f"models:/bot/{version.version}")
     assert info.flavors["python_function"]["config"]["system_prompt"] == NIMBUS
     assert trained_system_prompt(ModelChoice("bot", version.version)) == (NIMBUS, "from the training data")
+
+
+def test_the_model_is_logged_from_code_with_a_signature_and_an_input_example(tracking_uri, trained_adapter):
+    import logging
+    import warnings
+
+    model, tok = trained_adapter
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    mlflow_logger = logging.getLogger("mlflow")  # MLflow's logger does not propagate to the root (caplog)
+    mlflow_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with mlflow.start_run():
+                info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter",
+                                                        "method": "lora"})
+    finally:
+        mlflow_logger.removeHandler(handler)
+    # Neither the pickling warning, nor "no input example", nor a failed run of the example at logging time.
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in said if "CloudPickle" in m or "input example" in m.lower()], said
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    conf = info.flavors["python_function"]
+    assert "python_model" not in conf and conf["model_code_path"].endswith("chat_model.py")
+    assert info.signature.inputs.input_names() == ["messages"]
+    assert info.saved_input_example_info is not None
+    assert mlflow.models.Model.load(str(local)).load_input_example(str(local)) is not None
+
+    pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    answers = pyfunc.predict([{"messages": [{"role": "user", "content": "Hello"}]}], params={"max_new_tokens": 8})
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_a_version_logged_as_a_pickle_before_still_loads(tracking_uri, trained_adapter):
+    """Versions logged before models-from-code hold `logged_model.FinetunedChatModel` pickled."""
+    from mlflow_finetune_plugin import logged_model
+
+    model, tok = trained_adapter
+    with mlflow.start_run():
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    conf = info.flavors["python_function"]
+    # The same model, logged the old way: the class pickled, the same artifacts and config.
+    with mlflow.start_run():
+        old = mlflow.pyfunc.log_model(
+            name="model", python_model=logged_model.FinetunedChatModel(),
+            artifacts={k: str(local / spec["path"]) for k, spec in conf["artifacts"].items()},
+            model_config=conf["config"], signature=info.signature, pip_requirements=["mlflow"])
+    old_local = Path(mlflow.artifacts.download_artifacts(old.model_uri))
+    assert (old_local / "python_model.pkl").exists()
+    pyfunc = mlflow.pyfunc.load_model(old.model_uri)
+    new = mlflow.pyfunc.load_model(info.model_uri)
+    prompt = [{"messages": [{"role": "user", "content": "Hello"}]}]
+    assert pyfunc.predict(prompt, params={"max_new_tokens": 8}) == new.predict(prompt, params={"max_new_tokens": 8})
+    assert torch.allclose(_logits(load_logged_model(old_local).model, tok), _logits(model, tok), atol=1e-5)

@@ -354,3 +354,78 @@ def test_serve_transformers_and_the_openai_engine_stream_the_merged_model(tracki
         stop(proc)
     with pytest.raises(FinetuneError, match="cannot reach the server"):
         OpenAIEngine(base_url=f"http://127.0.0.1:{free_port()}/v1").generate(ModelChoice("bot", v1), MESSAGES, GREEDY)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_serve_answers_the_openai_client_and_a_stop_signal_leaves_nothing_behind(tracking_uri, tmp_path, monkeypatch,
+                                                                                  stop_signal):
+    import signal
+
+    import openai
+    import psutil
+
+    # A fresh machine: no Hugging Face hub cache at all.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    v1 = register_version(seed=0)
+    name = f"bot-v{v1}"
+    port = free_port()
+    proc = cli_process("serve", f"bot/{v1}", "--engine", "transformers", "--port", str(port))
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == [name]
+        assert client.models.retrieve(name).id == name
+        answer = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=8, temperature=0.0)
+        assert isinstance(answer.choices[0].message.content, str) and answer.choices[0].message.content
+        stream = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=8, temperature=0.0,
+                                                stream=True)
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert len(pieces) > 1 and "".join(pieces).strip()
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=4)
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("no-such-model")
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children  # the server runs as a child of `serve`, behind the front
+        groups = {os.getpgid(c.pid) for c in children}
+        proc.send_signal(getattr(signal, stop_signal))
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop(proc)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    for group in groups:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
+    with pytest.raises(ConnectionRefusedError):  # nothing listens on the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with socket.socket() as s:  # and a new server can take it (SO_REUSEADDR, as servers do: connections in TIME_WAIT)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_stop_signal_to_the_playground_leaves_nothing_behind(tracking_uri, stop_signal):
+    import signal
+
+    import psutil
+
+    v1 = register_version(seed=0)
+    port = free_port()
+    proc = cli_process("playground", "--model", f"bot/{v1}", "--port", str(port), "--device", "cpu")
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/", proc)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(getattr(signal, stop_signal))
+        proc.wait(timeout=60)
+    finally:
+        stop(proc)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

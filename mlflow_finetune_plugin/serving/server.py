@@ -159,8 +159,9 @@ _UNMERGEABLE = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_
 
 def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 8000, extra: tuple[str, ...] = (),
           dry_run: bool = False, echo=print) -> ServerCommand:
-    """Resolve `refs` from the registry and start the server in this process's place (exec); with `dry_run`,
-    only return the command."""
+    """Resolve `refs` from the registry and serve them until a stop signal: vLLM in this process's place (exec),
+    transformers as a child behind the OpenAI-compatible front (`front.run_front`); with `dry_run`, only return
+    the server's command."""
     from mlflow_finetune_plugin.serving.choices import parse_ref
 
     choices = []
@@ -172,7 +173,10 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
         if len(choices) != 1:
             raise FinetuneError("`transformers serve` serves one model per server: give one MODEL_URI, and start "
                                 "another server (another --port) for the other side, e.g. NAME/3:base")
-        cmd = transformers_command(choices[0], host, port, extra)
+        # The server listens on loopback only; the OpenAI-compatible front (serving/front.py) listens on host:port.
+        from mlflow_finetune_plugin.serving.front import loopback_port
+
+        cmd = transformers_command(choices[0], "127.0.0.1", loopback_port(), extra)
     else:
         raise FinetuneError(f"--engine {engine!r}: use vllm or transformers")
     if host not in LOOPBACK:
@@ -188,6 +192,11 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
         raise FinetuneError("the `vllm` command is not installed: `pip install 'mlflow-finetune-plugin[vllm]'` on a "
                             "CUDA machine, or serve with --engine transformers")
     sys.stdout.flush()
+    if engine == "transformers":
+        from mlflow_finetune_plugin.serving.front import run_front
+
+        inner_port = int(cmd.argv[cmd.argv.index("--port") + 1])
+        sys.exit(run_front(cmd.argv, cmd.names, host, port, inner_port, cwd=cmd.cwd, env=cmd.env))
     if cmd.cwd:
         os.chdir(cmd.cwd)
     os.execvpe(cmd.argv[0], cmd.argv, {**os.environ, **cmd.env})
