@@ -177,6 +177,36 @@ def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, t
     _wait_for(lambda: not _processes_of(run_id), timeout=30, what="no process of the run left")
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_to_mlflow_run_cancels_the_job(tmp_path, tracking_uri, stop_signal):
+    """`kill` or a closed terminal ends `mlflow run` like Ctrl-C: the training process (in a session of its own, so
+    the signal does not reach it) is stopped and the run is KILLED, not left running as an orphan."""
+    proj = write_project(tmp_path / "p", LONG, rows=chat_rows(32))
+    cmd = [sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune",
+           "--experiment-name", EXPERIMENT]
+    mlflow.set_experiment(EXPERIMENT)
+    log = tmp_path / "mlflow-run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tracking_uri), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _wait_for(lambda: proc.poll() is not None or len(_runs()) == 1, what="the run to be created")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        run_id = _runs()[0].info.run_id
+        _wait_for(_training(run_id), what="training to start")
+        proc.send_signal(getattr(signal, stop_signal))
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert proc.returncode != 0
+    assert f"Run {run_id} cancelled" in output, output[-3000:]
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
+    _wait_for(lambda: not _processes_of(run_id), timeout=30, what="no process of the run left")
+
+
 # ----------------------------------------------------------------------------------------------- cancel CLI
 
 

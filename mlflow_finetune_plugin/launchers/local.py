@@ -7,11 +7,13 @@ that outlives `mlflow run` and ends the MLflow run if training dies without doin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,7 +58,8 @@ class LocalSubmittedRun(SubmittedRun):
 
     def wait(self) -> bool:
         try:
-            returncode = self._proc.wait()
+            with stop_signals_interrupt():
+                returncode = self._proc.wait()
         except KeyboardInterrupt:
             print(f"\nInterrupted: cancelling run {self._run_id} ...", file=sys.stderr)
             self.cancel()
@@ -72,6 +75,26 @@ class LocalSubmittedRun(SubmittedRun):
     def cancel(self) -> None:
         stop_process_group(self._proc.pid, self._proc)
         finalize(self._run_id, self._proc.returncode, cancelled=True)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """While `mlflow run` waits on a job: SIGTERM and SIGHUP (a process manager, `kill`, a closed terminal) interrupt
+    the wait like Ctrl-C, so the job is cancelled instead of left running in its own session after the waiting
+    process is gone. Only in the main thread (Python delivers signals there); the previous handlers come back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def stop_process_group(pgid: int, proc: subprocess.Popen | None = None, grace: float = GRACE_SECONDS) -> None:

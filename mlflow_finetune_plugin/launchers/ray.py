@@ -22,6 +22,7 @@ from mlflow.entities import RunStatus
 from mlflow.projects.submitted_run import SubmittedRun
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.launchers import local
 from mlflow_finetune_plugin.launchers.torchrun import request_cancel, torchrun_command
 from mlflow_finetune_plugin.tracking import ERROR_TAG
 
@@ -83,7 +84,8 @@ class RaySubmittedRun(SubmittedRun):
 
     def wait(self) -> bool:
         try:
-            status = self._follow()
+            with local.stop_signals_interrupt():
+                status = self._follow()
         except KeyboardInterrupt:
             print(f"\nInterrupted: cancelling run {self._run_id} (Ray job {self.job_id}) ...", file=sys.stderr)
             self.cancel()

@@ -60,11 +60,22 @@ class TorchrunSubmittedRun(local.LocalSubmittedRun):
         local.finalize(self.run_id, self.process.returncode, cancelled=True)
 
 
-def request_cancel(run_id: str) -> None:
-    """Tell rank 0 that the SIGTERM about to come is a cancel (torchrun also SIGTERMs it when another rank dies)."""
+def request_cancel(run_id: str, timeout: float = 5.0) -> None:
+    """Tell rank 0 that the SIGTERM about to come is a cancel (torchrun also SIGTERMs it when another rank dies).
+
+    At most `timeout` seconds: the store may be locked by the ranks writing to it, and nothing may hold up the
+    signals that stop the job. Without the tag in time the job is stopped all the same, and the run may end FAILED
+    instead of KILLED."""
+    import threading
+
     from mlflow import MlflowClient
 
-    MlflowClient().set_tag(run_id, CANCEL_TAG, "true")
+    writer = threading.Thread(target=lambda: MlflowClient().set_tag(run_id, CANCEL_TAG, "true"), daemon=True)
+    writer.start()
+    writer.join(timeout)
+    if writer.is_alive():
+        print(f"Warning: could not mark run {run_id} as cancelled within {timeout:.0f} s (tracking store busy); "
+              "stopping it anyway", file=sys.stderr)
 
 
 def stop_process_tree(pid: int, proc=None, grace: float = local.GRACE_SECONDS) -> None:
