@@ -10,6 +10,9 @@ pairs run in rotated order each repetition, after one warm-up round that is drop
   TTFT      engine: from calling `stream()` to its first text piece; plain: from calling `generate()` (template
             applied inside both) to the first new token handed to the streamer
   tokens/s  new tokens / seconds from the call to the last token (prefill included)
+Both sides generate in a worker thread, as a server answers a request. That matters on CPU: once a thread has run
+torch's parallel (OpenMP) work, generation in another thread ran at ~0.6x (smollm2, 2 cores: 12.8-15.4 against
+22-29 tokens/s in the main thread), so a plain side in the main thread does not compare like with like.
 Goals (issue 18): tokens/s >= 0.95x plain, TTFT <= 1.2x plain, the same answers.
 
     python bench/serving.py                       # smollm2, 64 new tokens, 5 reps: ~4 min on 2 cores
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 
 import common
@@ -42,9 +46,18 @@ def plain_generate(model, tokenizer, messages, max_new_tokens: int, eos) -> dict
     streamer = FirstToken()
     start = time.perf_counter()
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+    result = []
+
+    def work():  # in a request thread, as the engine (and any server) generates: see the module docstring
+        with torch.no_grad():
+            result.append(model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                         top_p=None, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                         streamer=streamer))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    out = result[0]
     total = time.perf_counter() - start
     new = out[0, enc["input_ids"].shape[1]:]
     return {"ttft": streamer.first - start, "total": total, "tokens": int(new.shape[0]),
