@@ -177,9 +177,12 @@ def _method_format(recipe, label: str, path: str, report, formats) -> str | None
     rows_are = report.format or report.detected
     if rows_are and rows_are not in formats:
         report.errors = [i for i in report.errors if i.group != "format"]
-        return (f"{path}: {label} is {rows_are} data, but the `{recipe.method}` method trains on {_or(formats)} "
-                "rows. " + _FORMAT_HINTS.get(recipe.method, "Use the `dpo` method for preference pairs (prompt, "
-                                                            "chosen, rejected)."))
+        hint = _FORMAT_HINTS.get(recipe.method, "Use the `dpo` method for preference pairs (prompt, chosen, "
+                                                "rejected).")
+        if label == "data.eval":  # e.g. -P data=prefs.jsonl on a recipe whose eval file is chat data
+            hint += (" Or point data.eval at such rows (-P data.eval=FILE), or clear it (-P data.eval=; "
+                     "-P data.eval_split=0.1 then holds out a tenth of data.train).")
+        return f"{path}: {label} is {rows_are} data, but the `{recipe.method}` method trains on {_or(formats)} rows. " + hint
     if report.inferred_from and label.startswith("data."):
         print(f"Note: data.format is {report.inferred_from!r}, but -e {recipe.method} trains on {_or(formats)} rows "
               f"and {path} holds {report.format} rows: reading them as {report.format}.", file=sys.stderr)

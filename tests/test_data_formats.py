@@ -490,6 +490,19 @@ def test_declared_format_and_rows_disagree_is_one_line_with_the_key_to_change(tm
                              "format")
 
 
+def test_dpo_with_a_chat_eval_file_says_how_to_fix_the_eval_split(tmp_path):
+    """`-e dpo -P data=prefs.jsonl` on a recipe whose eval file is chat data (the support-bot recipe): one line
+    saying which file, and the two ways out."""
+    proj = project(tmp_path, "data:\n  format: chat\n  max_length: 64\n  eval: data/eval.jsonl\n", qa_rows(60))
+    jsonl(proj / "data" / "eval.jsonl", qa_rows(5))
+    jsonl(proj / "prefs.jsonl", PREFS)
+    with pytest.raises(FinetuneError) as e:
+        _check_data(load_recipe(proj, method="dpo", overrides={"data": "prefs.jsonl"}), check_data)
+    line = str(e.value).splitlines()[1]
+    assert "data/eval.jsonl: data.eval is chat data, but the `dpo` method trains on preference rows" in line
+    assert "-P data.eval=FILE" in line and "clear it (-P data.eval=;" in line
+
+
 def test_dpo_on_preference_rows_of_a_chat_recipe_infers_the_format(tmp_path, capsys):
     proj = project(tmp_path, "data:\n  format: chat\n  max_length: 64\n", qa_rows(60))
     jsonl(proj / "prefs.jsonl", PREFS)
