@@ -148,11 +148,12 @@ def test_torchrun_two_ranks_one_run_one_version_loss_falls(tmp_path, tracking_ur
     assert run.data.metrics["train/epoch"] == pytest.approx(10 * 2 * 2 / 32)
 
 
-@pytest.mark.integration
-def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, tracking_uri):
+def _training_mlflow_run(tmp_path, tracking_uri, extra_args=()):
+    """`mlflow run` of a long LoRA job in a session of its own (as from a terminal), returned once it trains:
+    (process, log file, run id). The caller stops it and kills the session if it outlives the test."""
     proj = write_project(tmp_path / "p", LONG, rows=chat_rows(32))
-    cmd = [sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune",
-           "--backend-config", json.dumps(TORCHRUN), "--experiment-name", EXPERIMENT]
+    cmd = [sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune", *extra_args,
+           "--experiment-name", EXPERIMENT]
     mlflow.set_experiment(EXPERIMENT)  # create the store first: two processes migrating one sqlite file race
     log = tmp_path / "mlflow-run.log"
     with open(log, "w") as out:  # a file, not a pipe: nobody reads until the end, and progress bars are chatty
@@ -163,6 +164,17 @@ def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, t
         assert proc.poll() is None, log.read_text()[-3000:]
         run_id = _runs()[0].info.run_id
         _wait_for(_training(run_id), what="training to start")
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc, log, run_id
+
+
+@pytest.mark.integration
+def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, tracking_uri):
+    proc, log, run_id = _training_mlflow_run(tmp_path, tracking_uri, ["--backend-config", json.dumps(TORCHRUN)])
+    try:
         assert len([p for p in _processes_of(run_id) if "mlflow_finetune_plugin.train" in " ".join(p.cmdline())]) >= 2
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does: the ranks run in sessions of their own
         proc.wait(timeout=120)
@@ -182,19 +194,8 @@ def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, t
 def test_a_stop_signal_to_mlflow_run_cancels_the_job(tmp_path, tracking_uri, stop_signal):
     """`kill` or a closed terminal ends `mlflow run` like Ctrl-C: the training process (in a session of its own, so
     the signal does not reach it) is stopped and the run is KILLED, not left running as an orphan."""
-    proj = write_project(tmp_path / "p", LONG, rows=chat_rows(32))
-    cmd = [sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune",
-           "--experiment-name", EXPERIMENT]
-    mlflow.set_experiment(EXPERIMENT)
-    log = tmp_path / "mlflow-run.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tracking_uri), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc, log, run_id = _training_mlflow_run(tmp_path, tracking_uri)
     try:
-        _wait_for(lambda: proc.poll() is not None or len(_runs()) == 1, what="the run to be created")
-        assert proc.poll() is None, log.read_text()[-3000:]
-        run_id = _runs()[0].info.run_id
-        _wait_for(_training(run_id), what="training to start")
         proc.send_signal(getattr(signal, stop_signal))
         proc.wait(timeout=120)
     finally:
