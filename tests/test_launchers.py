@@ -171,17 +171,24 @@ def _training_mlflow_run(tmp_path, tracking_uri, extra_args=()):
     return proc, log, run_id
 
 
-@pytest.mark.integration
-def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, tracking_uri):
-    proc, log, run_id = _training_mlflow_run(tmp_path, tracking_uri, ["--backend-config", json.dumps(TORCHRUN)])
+def _stop(proc, log, signum) -> str:
+    """Send `signum` to `mlflow run`, wait up to 120 s for it to end (its session is killed if it does not), and
+    return what it printed."""
     try:
-        assert len([p for p in _processes_of(run_id) if "mlflow_finetune_plugin.train" in " ".join(p.cmdline())]) >= 2
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: the ranks run in sessions of their own
+        proc.send_signal(signum)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    output = log.read_text()
+    return log.read_text()
+
+
+@pytest.mark.integration
+def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, tracking_uri):
+    proc, log, run_id = _training_mlflow_run(tmp_path, tracking_uri, ["--backend-config", json.dumps(TORCHRUN)])
+    ranks = [p for p in _processes_of(run_id) if "mlflow_finetune_plugin.train" in " ".join(p.cmdline())]
+    output = _stop(proc, log, signal.SIGINT)  # what Ctrl-C does: the ranks run in sessions of their own
+    assert len(ranks) >= 2
     assert proc.returncode != 0
     assert f"Run {run_id} cancelled" in output and "Traceback" not in output.split("Interrupted")[-1], output[-3000:]
     run = MlflowClient().get_run(run_id)
@@ -195,13 +202,7 @@ def test_a_stop_signal_to_mlflow_run_cancels_the_job(tmp_path, tracking_uri, sto
     """`kill` or a closed terminal ends `mlflow run` like Ctrl-C: the training process (in a session of its own, so
     the signal does not reach it) is stopped and the run is KILLED, not left running as an orphan."""
     proc, log, run_id = _training_mlflow_run(tmp_path, tracking_uri)
-    try:
-        proc.send_signal(getattr(signal, stop_signal))
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    output = log.read_text()
+    output = _stop(proc, log, getattr(signal, stop_signal))
     assert proc.returncode != 0
     assert f"Run {run_id} cancelled" in output, output[-3000:]
     assert MlflowClient().get_run(run_id).info.status == "KILLED"
