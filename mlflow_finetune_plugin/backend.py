@@ -22,7 +22,7 @@ from mlflow.projects.utils import PROJECT_SYNCHRONOUS, _fetch_project, load_proj
 from mlflow_finetune_plugin import paths
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS
-from mlflow_finetune_plugin.methods import METHODS
+from mlflow_finetune_plugin.presets import PRESETS
 
 CONFIG_KEYS = {
     "launcher": "where training runs: " + ", ".join(LAUNCHERS),
@@ -43,7 +43,8 @@ _MLFLOW_KEYS = {"ENV_MANAGER", "SYNCHRONOUS", "DOCKER_ARGS", "STORAGE_DIR", "bui
 
 
 class FinetuneBackend(AbstractBackend):
-    """Fine-tuning entry points (`lora`, ...) for any folder with a `finetune.yaml`."""
+    """Fine-tuning entry points (`lora`, ...: presets over adapter x quantization x objective x data) for any
+    folder with a `finetune.yaml`."""
 
     def run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id):
         from mlflow_finetune_plugin.tracking import ensure_store
@@ -71,7 +72,7 @@ class FinetuneBackend(AbstractBackend):
         if recipe is not None:
             recipe_path = job_dir / "recipe.json"
             recipe_path.write_text(json.dumps(recipe.model_dump(mode="json")))
-            cmd = [sys.executable, "-m", "mlflow_finetune_plugin.train", "--recipe-json", str(recipe_path),
+            cmd = [sys.executable, "-m", "mlflow_finetune_plugin.job", "--recipe-json", str(recipe_path),
                    "--run-id", run_id]
             cwd = os.getcwd()
         else:
@@ -98,46 +99,60 @@ class FinetuneBackend(AbstractBackend):
 
 
 def _resolve_entry_point(work_dir: str, entry_point: str, params: dict):
-    """(recipe, None) for a method entry point, validated with its data; (None, command) for an MLproject one."""
+    """(recipe, None) for a preset entry point, validated with its data; (None, command) for an MLproject one."""
     from mlflow_finetune_plugin.data_check import check_data
     from mlflow_finetune_plugin.recipe import load_recipe
 
     project_entry = _mlproject_entry_point(work_dir, entry_point)
-    if entry_point in METHODS or entry_point == "main" and project_entry is None:
-        recipe = load_recipe(work_dir, method=entry_point if entry_point in METHODS else None, overrides=params)
+    if entry_point in PRESETS or entry_point == "main" and project_entry is None:
+        recipe = load_recipe(work_dir, method=entry_point if entry_point in PRESETS else None, overrides=params)
+        check_combination(recipe)
         _check_data(recipe, check_data)
         return recipe, None
     if project_entry is not None:
         return None, project_entry.compute_command(params, storage_dir=None)
     raise FinetuneError(
-        f"unknown entry point {entry_point!r}. This backend provides: {', '.join(METHODS)}"
+        f"unknown entry point {entry_point!r}. This backend provides: {', '.join(PRESETS)}"
         f"{' (and MLproject entry points)' if (Path(work_dir) / 'MLproject').exists() else ''}.")
 
 
-SFT_FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion")
 _FORMAT_HINTS = {"dpo": "Give rows with prompt, chosen and rejected (or chosen/rejected message lists); "
-                        "`mlflow-finetune votes export NAME -o prefs.jsonl` writes them from playground votes."}
+                        "`mlflow-finetune votes export NAME -o prefs.jsonl` writes them from playground votes.",
+                 "grpo": "Give rows with a prompt (text or messages) and the columns your reward functions read "
+                         "(e.g. answer)."}
+
+
+def check_combination(recipe) -> None:
+    """The axes against each other and the objective's own checks (reward functions load, ...), before any model
+    loads; raises listing every problem."""
+    from mlflow_finetune_plugin.adapters import combination_problems
+    from mlflow_finetune_plugin.errors import RecipeError
+    from mlflow_finetune_plugin.objectives import objective_of
+
+    problems = combination_problems(recipe) + objective_of(recipe).check(recipe)
+    if problems:
+        raise RecipeError(problems, "finetune.yaml")
 
 
 def _check_data(recipe, check_data) -> None:
     """Every data file of the recipe, row by row, in the format its method trains on; raises listing all problems,
     prints the warnings (errors too with `data.strict`). A declared format the method cannot train on gives way to
-    the rows' own format where the method takes that one (`-e dpo` on preference rows of a `format: chat` recipe);
+    the rows' own format where the objective takes that one (`-e dpo` on preference rows of a `format: chat` recipe);
     the recipe is updated so that training reads them the same way."""
     import functools
 
     from mlflow_finetune_plugin.data_check import check_overlap, tokenizer_for_check
     from mlflow_finetune_plugin.data_formats import summarize
 
-    method = METHODS[recipe.method]
-    formats = getattr(method, "DATA_FORMATS", SFT_FORMATS)
+    from mlflow_finetune_plugin.objectives import objective_of
+    from mlflow_finetune_plugin.splits import data_files
+
+    formats = objective_of(recipe).DATA_FORMATS
     data = recipe.data
-    files = method.data_files(recipe) if hasattr(method, "data_files") else [
-        (f"data.{split}", getattr(data, split), data.format, data.system_prompt)
-        for split in ("train", "eval") if getattr(data, split)]
-    if any(label.startswith("data.") for label, *_ in files):
+    files = data_files(recipe)
+    if not data.tasks:
         check = functools.partial(check_data, columns=data.columns, tags=data.tags)
-    else:  # multitask: each task is a file in its own format; data.columns and data.tags describe data.train
+    else:  # a mixture: each task is a file in its own format; data.columns and data.tags describe data.train
         check = check_data
     tokenizer, why_not = tokenizer_for_check(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
     errors, warnings, reports, refused = [], [], {}, []
@@ -177,8 +192,8 @@ def _method_format(recipe, label: str, path: str, report, formats) -> str | None
     rows_are = report.format or report.detected
     if rows_are and rows_are not in formats:
         report.errors = [i for i in report.errors if i.group != "format"]
-        hint = _FORMAT_HINTS.get(recipe.method, "Use the `dpo` method for preference pairs (prompt, chosen, "
-                                                "rejected).")
+        hint = _FORMAT_HINTS.get(recipe.objective, "Use the `dpo` method for preference pairs (prompt, chosen, "
+                                                   "rejected).")
         if label == "data.eval":  # e.g. -P data=prefs.jsonl on a recipe whose eval file is chat data
             hint += (" Or point data.eval at such rows (-P data.eval=FILE), or clear it (-P data.eval=; "
                      "-P data.eval_split=0.1 then holds out a tenth of data.train).")

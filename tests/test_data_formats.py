@@ -131,9 +131,10 @@ def test_sharegpt_role_tags_come_from_the_recipe(tmp_path):
     recipe = load_recipe(project(tmp_path, "data:\n  format: sharegpt\n  columns: {messages: dialog}\n"
                                            "  tags: {role_tag: speaker, content_tag: text, user_tag: customer, "
                                            "assistant_tag: agent}\n", rows))
-    from mlflow_finetune_plugin.train import load_data_splits
+    from mlflow_finetune_plugin.splits import load_splits
 
-    train, _, fmt = load_data_splits(recipe)
+    data = load_splits(recipe)
+    train, _, fmt = data.train, data.eval, data.fmt
     assert fmt == "sharegpt"
     assert train[0]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
     # A `messages` list of {from, value} turns is ShareGPT too, by the look of its turns.
@@ -254,16 +255,19 @@ def _expected_labels(tokenizer, text, trained: list[str]):
 def test_weight_zero_turns_get_no_loss_token_by_token(tmp_path, tokenizer, assistant_only_loss):
     from mlflow_finetune_plugin.models import load_base_model
     from mlflow_finetune_plugin.recipe import Recipe
-    from mlflow_finetune_plugin.train import load_data_splits, sft_trainer, training_arguments
+    from mlflow_finetune_plugin.objectives import sft
+    from mlflow_finetune_plugin.splits import load_splits
+    from mlflow_finetune_plugin.trainers import training_arguments
 
     path = jsonl(tmp_path / "train.jsonl", WEIGHTED)
     recipe = Recipe.model_validate({"data": {"train": str(path), "max_length": 256,
                                              "assistant_only_loss": assistant_only_loss},
                                     "train": {"max_steps": 1}, "eval": {"enabled": False}})
-    train_ds, eval_ds, fmt = load_data_splits(recipe)
+    data = load_splits(recipe)
+    train_ds, eval_ds, fmt = data.train, data.eval, data.fmt
     assert fmt == "chat" and train_ds[0]["messages"][2]["weight"] == 0
-    trainer = sft_trainer(recipe, load_base_model(recipe.model), tokenizer, train_ds, eval_ds,
-                          training_arguments(recipe, f"weights-{assistant_only_loss}", None))
+    trainer = sft.build_trainer(recipe, load_base_model(recipe.model), tokenizer, train_ds, eval_ds,
+                                training_arguments(recipe, f"weights-{assistant_only_loss}", None), [])
     rows = _labels_by_text(trainer, tokenizer)
     assert len(rows) == 3
     for row in WEIGHTED:
@@ -301,7 +305,8 @@ def test_weights_are_checked(tmp_path):
 def test_tool_calls_go_through_a_chat_template_that_supports_tools(tmp_path, tokenizer):
     from mlflow_finetune_plugin.models import load_base_model
     from mlflow_finetune_plugin.recipe import Recipe
-    from mlflow_finetune_plugin.train import sft_trainer, training_arguments
+    from mlflow_finetune_plugin.objectives import sft
+    from mlflow_finetune_plugin.trainers import training_arguments
 
     tokenizer.chat_template = TOOLS_TEMPLATE
     path = jsonl(tmp_path / "tools.jsonl", [tool_row("Paris"), tool_row("Oslo"), *qa_rows(1)])
@@ -312,8 +317,8 @@ def test_tool_calls_go_through_a_chat_template_that_supports_tools(tmp_path, tok
         "name": "get_weather", "arguments": {"city": "Paris"}}}]  # arguments parsed: templates render objects
     assert json.loads(ds[0]["tools"]) == [WEATHER_TOOL] and ds[2]["tools"] is None
     recipe = Recipe.model_validate({"data": {"train": str(path), "max_length": 512}, "train": {"max_steps": 1}})
-    trainer = sft_trainer(recipe, load_base_model(recipe.model), tokenizer, ds, None,
-                          training_arguments(recipe, "tools", None))
+    trainer = sft.build_trainer(recipe, load_base_model(recipe.model), tokenizer, ds, None,
+                                training_arguments(recipe, "tools", None), [])
     paris = next(r for r in trainer.train_dataset if "Paris" in tokenizer.decode(r["input_ids"]))
     text = tokenizer.decode(paris["input_ids"])
     trained = tokenizer.decode([t for t, lab in zip(paris["input_ids"], paris["labels"]) if lab != -100])
@@ -384,9 +389,10 @@ def test_hf_dataset_loads_through_datasets_with_its_split(tmp_path, monkeypatch)
     # through a recipe: train and eval splits of the same dataset
     recipe = load_recipe(project(tmp_path / "p", f"data: {{train: 'hf:{folder}', eval: 'hf:{folder}:test'}}\n"
                                                  "eval: {enabled: true}\n", qa_rows(1)))
-    from mlflow_finetune_plugin.train import load_data_splits
+    from mlflow_finetune_plugin.splits import load_splits
 
-    train, held_out, _ = load_data_splits(recipe)
+    data = load_splits(recipe)
+    train, held_out, _ = data.train, data.eval, data.fmt
     assert (len(train), len(held_out)) == (3, 2)
 
 

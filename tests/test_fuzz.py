@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 
 from mlflow_finetune_plugin.backend import _resolve_entry_point
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.methods import METHODS
+from mlflow_finetune_plugin.presets import PRESETS
 from mlflow_finetune_plugin.recipe import Recipe
 from tests.conftest import REPO, chat_rows
 
@@ -200,11 +200,10 @@ def _validate(recipe_bytes: bytes, data_bytes: bytes, params: dict, entry_point:
                 "data." in message or entry_point in message, f"error does not say where: {message}"
             return "refused"
         # Passed: the training process's first step, reading the data for real, must agree.
-        from mlflow_finetune_plugin.train import load_data_splits
+        from mlflow_finetune_plugin.splits import load_splits
 
-        load_data = getattr(METHODS[recipe.method], "load_data", None) or load_data_splits
         try:
-            load_data(recipe)
+            load_splits(recipe)
         except FinetuneError as e:
             assert "Traceback" not in str(e) and str(e).strip()
             return "refused when training starts"
@@ -224,7 +223,7 @@ def test_fuzzed_recipes_and_overrides_end_in_a_clear_error(capsys, record_proper
 
     @FUZZ
     @given(recipe=recipe_files, params=st.one_of(st.just({}), overrides),
-           entry_point=st.sampled_from(["lora", "lora", *METHODS]))
+           entry_point=st.sampled_from(["lora", "lora", *PRESETS]))
     def check(recipe, params, entry_point):
         counts[_validate(recipe, valid_data, params, entry_point)] += 1
 

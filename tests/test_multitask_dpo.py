@@ -13,9 +13,9 @@ import torch
 from mlflow_finetune_plugin.backend import _check_data
 from mlflow_finetune_plugin.data_check import check_data
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
-from mlflow_finetune_plugin.methods import METHODS
 from mlflow_finetune_plugin.recipe import load_recipe
-from mlflow_finetune_plugin.train import packing, run
+from mlflow_finetune_plugin.job import run
+from mlflow_finetune_plugin.objectives.sft import packing
 from tests.conftest import REPO, chat_rows
 
 FAST = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
@@ -79,18 +79,19 @@ def test_multitask_recipe_needs_two_tasks_existing_files_and_no_data_section(tmp
 
 
 def test_multitask_mixes_rows_by_weight_and_checks_every_task_file(tmp_path):
-    from mlflow_finetune_plugin.methods import multitask
+    from mlflow_finetune_plugin.splits import load_splits
 
     project = _multitask_project(tmp_path, weights=(6, 1, 1))
     recipe = load_recipe(project, overrides={"multitask.stopping": "first_exhausted"})
-    mixed, evals, fmt = multitask.load_data(recipe)
+    data = load_splits(recipe)
+    mixed, evals, fmt = data.train, data.task_evals, data.fmt
     assert fmt == "alpaca+chat+prompt_completion"
     assert set(evals) == {"qa", "label", "extract"} and len(evals["qa"]) == 2 and len(evals["label"]) == 2
     # Which task each row came from, by its content: the heavy task dominates the mixture.
     users = [row["messages"][0]["content"] for row in mixed]
     counts = Counter("qa" if u.startswith("What is") else "label" if u.startswith("Label") else "extract" for u in users)
     assert counts["qa"] > counts["label"] + counts["extract"], counts
-    assert [r["messages"] for r in multitask.load_data(recipe)[0]] == [r["messages"] for r in mixed]  # seeded
+    assert [r["messages"] for r in load_splits(recipe).train] == [r["messages"] for r in mixed]  # seeded
 
     # A broken line in any task is reported by file and line before anything starts.
     (project / "data" / "label.jsonl").write_text('{"instruction": "x", "input": "y", "output": "z"}\n{oops\n')
@@ -99,14 +100,15 @@ def test_multitask_mixes_rows_by_weight_and_checks_every_task_file(tmp_path):
 
 
 def test_a_multitask_task_can_be_sharegpt(tmp_path):
-    from mlflow_finetune_plugin.methods import multitask
+    from mlflow_finetune_plugin.splits import load_splits
 
     project = _multitask_project(tmp_path)
     _jsonl(project / "data" / "label.jsonl", [{"conversations": [{"from": "human", "value": f"Label item {i}"},
                                                                  {"from": "gpt", "value": f"L{i % 3}"}]}
                                               for i in range(8)])
     _check_data(load_recipe(project), check_data)
-    mixed, _, fmt = multitask.load_data(load_recipe(project))
+    data = load_splits(load_recipe(project))
+    mixed, fmt = data.train, data.fmt
     assert "sharegpt" in fmt.split("+")
     assert {"role": "assistant", "content": "L1"} in [m for row in mixed for m in row["messages"]]
 
@@ -307,7 +309,7 @@ def test_preference_margins_of_padded_batches_equal_the_hand_computation(tiny_mo
 
 
 def test_dpo_init_adapter_errors_name_the_key(tmp_path, tracking_uri):
-    from mlflow_finetune_plugin.methods.dpo import resolve_adapter
+    from mlflow_finetune_plugin.adapters import resolve_adapter
 
     with pytest.raises(FinetuneError, match="dpo.init_adapter: cannot resolve"):
         resolve_adapter("models:/nothing-here/1")
@@ -321,7 +323,7 @@ def test_bundled_multitask_and_dpo_recipes_validate_with_their_data():
         recipe = load_recipe(REPO / "recipes" / name)
         assert recipe.method == method
         _check_data(recipe, check_data)
-    assert len(load_recipe(REPO / "recipes" / "multitask").multitask.tasks) >= 3
+    assert len(load_recipe(REPO / "recipes" / "multitask").data.tasks) >= 3
 
 
 # ---------------------------------------------------------------- packing
@@ -360,17 +362,20 @@ def test_packed_training_runs_with_fewer_sequences(tmp_path, tiny_model_dir):
 
 def _sft_trainer(tmp_path, rows, **overrides):
     from mlflow_finetune_plugin.models import load_base_model, load_tokenizer
-    from mlflow_finetune_plugin.train import load_data_splits, sft_trainer, training_arguments
+    from mlflow_finetune_plugin.adapters import attach
+    from mlflow_finetune_plugin.objectives import sft
+    from mlflow_finetune_plugin.splits import load_splits
+    from mlflow_finetune_plugin.trainers import training_arguments
 
     _jsonl(tmp_path / "data" / "train.jsonl", rows)
     recipe = load_recipe(tmp_path, overrides={"data.max_length": 128, "train.max_steps": 1, "eval.enabled": False,
                                               **overrides})
-    train_ds, _, _ = load_data_splits(recipe)
+    train_ds = load_splits(recipe).train
     args = training_arguments(recipe, "sft-test", None)
     args["output_dir"] = str(tmp_path / "out")
     torch.manual_seed(0)
-    model = METHODS["lora"].apply(load_base_model(recipe.model), recipe.lora)
-    return sft_trainer(recipe, model, load_tokenizer(), train_ds, None, args, callbacks=[])  # no MLflow run
+    model = attach(load_base_model(recipe.model), recipe)
+    return sft.build_trainer(recipe, model, load_tokenizer(), train_ds, None, args, callbacks=[])  # no MLflow run
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -428,7 +433,7 @@ def test_fused_and_plain_loss_agree_and_log_the_same_metrics(tmp_path):
 
 
 def test_fused_lm_head_auto_follows_the_device(tmp_path):
-    from mlflow_finetune_plugin.train import fused_lm_head
+    from mlflow_finetune_plugin.objectives.sft import fused_lm_head
 
     _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(2))
     assert fused_lm_head(load_recipe(tmp_path)) is torch.cuda.is_available()

@@ -22,7 +22,7 @@ def test_defaults_and_resolution(tmp_path):
     assert recipe.train.max_steps == 5
     assert recipe.data.train == str(proj / "data" / "train.jsonl")  # made absolute against the project
     assert recipe.registry.name == "proj"  # default: the folder's name
-    assert recipe.lora.target_modules == "all-linear"
+    assert recipe.adapter.target_modules == "all-linear"
 
 
 def test_all_errors_reported_at_once_with_lines_and_suggestions(tmp_path):
@@ -46,9 +46,9 @@ def test_overrides_typed_short_forms_and_errors_point_at_the_flag(tmp_path):
         "max_steps": "20", "lora.r": "8", "train.learning_rate": "1e-3", "lora.target_modules": "[q_proj,v_proj]",
         "registered_model": "my-bot", "data.packing": "true"})
     assert recipe.train.max_steps == 20
-    assert recipe.lora.r == 8
+    assert recipe.adapter.r == 8
     assert recipe.train.learning_rate == pytest.approx(1e-3)
-    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert recipe.adapter.target_modules == ["q_proj", "v_proj"]
     assert recipe.registry.name == "my-bot"
     assert recipe.data.packing is True
     with pytest.raises(RecipeError) as info:
@@ -79,10 +79,11 @@ def test_resolved_recipe_round_trips_and_logs_only_the_active_method(tmp_path):
     proj = _project(tmp_path, "lora:\n  r: 4\n")
     recipe = load_recipe(proj)
     params = flat_params(recipe)
-    assert params["lora.r"] == "4" and params["method"] == "lora" and params["train.batch_size"] == "8"
+    assert params["adapter.r"] == "4" and params["method"] == "lora" and params["train.batch_size"] == "8"
+    assert params["adapter.type"] == "lora" and params["objective"] == "sft" and params["model.quantization"] == "none"
     assert not any(k.startswith("project_dir") for k in params)
     dumped = yaml.safe_load(to_yaml(recipe))
-    assert dumped["lora"]["r"] == 4
+    assert dumped["adapter"]["r"] == 4 and "lora" not in dumped and "dpo" not in dumped
     again = load_recipe(proj)
     assert recipe_hash(again) == recipe_hash(recipe)
     assert recipe_hash(load_recipe(proj, overrides={"lora.r": "8"})) != recipe_hash(recipe)

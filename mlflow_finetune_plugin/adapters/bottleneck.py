@@ -15,26 +15,16 @@ put their adapters, after each sublayer.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
-from mlflow_finetune_plugin.recipe_base import Section
+from mlflow_finetune_plugin.recipe import BottleneckAdapter
 
 ARTIFACT = "adapter"
+PACKING_SAFE, NOT_PACKABLE = True, ""
+QUANTIZABLE = False
+NOT_QUANTIZABLE = ("PEFT's bottleneck (PEANuT) tuner wraps plain torch Linear layers only, not bitsandbytes' 4/8-bit "
+                   "ones; use the lora or ia3 adapter on a quantized base")
 
 
-class Config(Section):
-    bottleneck_size: int = Field(16, gt=0, description="Width of the bottleneck (PEANuT's r).")
-    depth: int = Field(0, ge=0, description="Extra nonlinear encoder/decoder pairs inside the bottleneck.")
-    act_fn: Literal["relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "tanh", "sigmoid", "leaky_relu", "mish"] = (
-        Field("relu", description="The bottleneck's nonlinearity."))
-    scaling: float = Field(1.0, gt=0, description="Multiplier of the adapter's output.")
-    target_modules: str | list[str] = Field(
-        ["o_proj", "down_proj"], description="Linear layers to put adapters beside: a list of names or 'all-linear'.")
-
-
-def peft_config(cfg: Config):
+def peft_config(cfg: BottleneckAdapter, model=None):
     from peft import PeanutConfig, TaskType
 
     return PeanutConfig(
@@ -47,16 +37,12 @@ def peft_config(cfg: Config):
     )
 
 
-def model_kwargs(cfg: Config) -> dict:
-    return {}
-
-
-def apply(model, cfg: Config):
+def apply(model, cfg: BottleneckAdapter):
     from peft import get_peft_model
 
     return get_peft_model(model, peft_config(cfg))
 
 
-def vllm_compatible(cfg: Config) -> tuple[bool, str]:
+def vllm_compatible(cfg: BottleneckAdapter) -> tuple[bool, str]:
     return False, ("vLLM serves LoRA adapters only; merge this bottleneck adapter into the base (merge_and_unload) "
                    "and serve the merged folder, or use the transformers engine")

@@ -5,24 +5,16 @@ Not compatible with gradient checkpointing (see `apply`).
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.recipe_base import Section
+from mlflow_finetune_plugin.recipe import PrefixAdapter
 
 ARTIFACT = "adapter"
-PACKING_SAFE = False  # packed rows restart their positions; the prefix assumes one sequence per row
+PACKING_SAFE = False
+NOT_PACKABLE = "the prefix is prepended once per row, and a packed row holds several conversations"
+QUANTIZABLE, NOT_QUANTIZABLE = True, ""
 
 
-class Config(Section):
-    num_virtual_tokens: int = Field(20, gt=0, description="Prefix length, in key/value positions per layer.")
-    prefix_projection: bool = Field(
-        False, description="Learn the prefix through a two-layer MLP (more stable, more parameters while training).")
-    encoder_hidden_size: int | None = Field(
-        None, gt=0, description="Hidden width of that MLP; empty: the model's hidden size.")
-
-
-def peft_config(cfg: Config, model=None):
+def peft_config(cfg: PrefixAdapter, model=None):
     from peft import PrefixTuningConfig, TaskType
 
     hidden = cfg.encoder_hidden_size or (model.config.hidden_size if model is not None else None)
@@ -34,11 +26,7 @@ def peft_config(cfg: Config, model=None):
     )
 
 
-def model_kwargs(cfg: Config) -> dict:
-    return {}
-
-
-def apply(model, cfg: Config):
+def apply(model, cfg: PrefixAdapter):
     from peft import get_peft_model
 
     model = get_peft_model(model, peft_config(cfg, model))
@@ -55,6 +43,6 @@ def _refuse_checkpointing(*args, **kwargs):
                         "the `prompt` or `lora` method to save memory")
 
 
-def vllm_compatible(cfg: Config) -> tuple[bool, str]:
+def vllm_compatible(cfg: PrefixAdapter) -> tuple[bool, str]:
     return False, ("vLLM serves LoRA adapters only, and a prefix cannot be merged into the weights; "
                    "serve it with the transformers engine")

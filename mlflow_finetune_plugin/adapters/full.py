@@ -6,23 +6,23 @@ activations); `train.gradient_checkpointing: true` trades compute for activation
 
 from __future__ import annotations
 
-from mlflow_finetune_plugin.recipe_base import Section
+from mlflow_finetune_plugin.recipe import FullAdapter
 
 ARTIFACT = "full"
+PACKING_SAFE, NOT_PACKABLE = True, ""
+QUANTIZABLE = False
+NOT_QUANTIZABLE = ("a 4/8-bit base cannot be trained weight by weight (bitsandbytes' quantized weights have no "
+                   "gradients); use the lora adapter (QLoRA), or model.quantization: none")
 
 
-class Config(Section):
-    """No knobs of its own: the learning rate and gradient checkpointing live in `train:`."""
+def peft_config(cfg: FullAdapter, model=None):
+    return None  # no PEFT: every weight trains
 
 
-def model_kwargs(cfg: Config) -> dict:
-    return {}
-
-
-def apply(model, cfg: Config):
+def apply(model, cfg: FullAdapter):
     model.requires_grad_(True)
     return model
 
 
-def vllm_compatible(cfg: Config) -> tuple[bool, str]:
+def vllm_compatible(cfg: FullAdapter) -> tuple[bool, str]:
     return True, "a full fine-tune is a plain model folder; vLLM serves it like any model of its architecture"

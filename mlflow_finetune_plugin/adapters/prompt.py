@@ -6,36 +6,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field, model_validator
-
-from mlflow_finetune_plugin.recipe_base import Section
+from mlflow_finetune_plugin.recipe import PromptAdapter
 
 ARTIFACT = "adapter"
-PACKING_SAFE = False  # virtual tokens are prepended once per row, not once per packed sequence
+PACKING_SAFE = False
+NOT_PACKABLE = "virtual tokens are prepended once per row, and a packed row holds several conversations"
+QUANTIZABLE, NOT_QUANTIZABLE = True, ""
 
 
-class Config(Section):
-    kind: Literal["prompt_tuning", "p_tuning"] = "prompt_tuning"
-    num_virtual_tokens: int = Field(20, gt=0, description="Number of virtual tokens prepended to every input.")
-    init: Literal["random", "text"] = Field("random", description="prompt_tuning: start from random or from init_text.")
-    init_text: str | None = Field(None, description="With init: text, the text whose token embeddings start the prompt.")
-    encoder_hidden_size: int | None = Field(
-        None, gt=0, description="p_tuning: hidden width of the prompt encoder MLP; empty: the model's hidden size.")
-
-    @model_validator(mode="after")
-    def _check_init(self):
-        if self.init == "text" and not self.init_text:
-            raise ValueError("init: text needs `init_text` (the words to start the prompt from). "
-                             "Set prompt.init_text, or use init: random")
-        if self.init == "text" and self.kind == "p_tuning":
-            raise ValueError("init: text applies to kind: prompt_tuning only; P-tuning's encoder starts at random. "
-                             "Use kind: prompt_tuning, or init: random")
-        return self
-
-
-def peft_config(cfg: Config, model=None):
+def peft_config(cfg: PromptAdapter, model=None):
     from peft import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
     if cfg.kind == "p_tuning":
@@ -53,17 +32,13 @@ def peft_config(cfg: Config, model=None):
     )
 
 
-def model_kwargs(cfg: Config) -> dict:
-    return {}
-
-
-def apply(model, cfg: Config):
+def apply(model, cfg: PromptAdapter):
     from peft import get_peft_model
 
     return get_peft_model(model, peft_config(cfg, model))
 
 
-def vllm_compatible(cfg: Config) -> tuple[bool, str]:
+def vllm_compatible(cfg: PromptAdapter) -> tuple[bool, str]:
     name = "P-tuning" if cfg.kind == "p_tuning" else "prompt tuning"
     return False, (f"vLLM serves LoRA adapters only, and {name} virtual tokens cannot be merged into the weights; "
                    "serve it with the transformers engine")

@@ -1,5 +1,5 @@
 """TRL's SFTTrainer with the two choices TRL hard-wires made per run: how packed rows reach attention, and how the
-loss is computed. Imported only by `train.sft_trainer` (it imports TRL).
+loss is computed. Imported only by `objectives.sft` (it imports TRL).
 
 - Packed rows: TRL packs examples into rows of up to `max_length` (best-fit decreasing) and then flattens the whole
   batch into one padding-free row. A varlen flash-attention kernel attends within each example and skips the rest;

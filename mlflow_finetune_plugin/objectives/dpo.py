@@ -1,0 +1,103 @@
+"""DPO: preference tuning on (prompt, chosen, rejected) pairs with TRL's DPOTrainer, on any adapter.
+
+A fresh adapter's reference model is the base (the adapter disabled); continuing an adapter (`model.init_adapter:
+models:/support-bot@champion`, e.g. the SFT version being improved) keeps training it, and a frozen copy of it is
+the reference, as TRL does for a pretrained adapter. Evaluation adds, to the answers scored against the chosen
+ones, how much more likely the starting and the tuned policy make the chosen answer than the rejected one on the
+held-out pairs (`preference_eval.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from mlflow_finetune_plugin.adapters import resolve_adapter
+
+DATA_FORMATS = ("preference",)
+
+
+def check(recipe) -> list[str]:
+    return []
+
+
+def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):
+    """TRL's DPOTrainer; the reference is the base (fresh adapter) or a frozen copy of `init_adapter`."""
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = recipe.dpo
+    config = DPOConfig(**args, beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing,
+                       max_length=recipe.data.max_length)
+
+    class _DropReferenceAdapter(TrainerCallback):
+        """TRL adds a frozen `ref` adapter when it continues a pretrained one; the logged model is `default` only."""
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if model is not None and "ref" in getattr(model, "peft_config", {}):
+                model.set_adapter("default")
+                model.delete_adapter("ref")
+
+    return DPOTrainer(model=model, ref_model=None, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer,
+                      callbacks=[*callbacks, _DropReferenceAdapter()])
+
+
+def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
+    """The usual evaluation (base, few-shot and tuned answers against the chosen ones), then the chosen-over-rejected
+    log-prob margin and accuracy of the starting and the tuned policy on every held-out pair."""
+    import mlflow
+
+    from mlflow_finetune_plugin.evaluation import (
+        comparison_table,
+        conversations,
+        log_evaluation,
+        run_evaluation,
+    )
+    from mlflow_finetune_plugin.preference_eval import (
+        preference_margins,
+        preference_metrics,
+        preference_table,
+    )
+
+    result = run_evaluation(model, tokenizer, conversations(eval_ds), conversations(train_ds), recipe.eval,
+                            base_model=base_model)
+    log_evaluation(result)
+    print(comparison_table(result.metrics))
+
+    pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in eval_ds]
+
+    def margins():  # batches of train.batch_size pairs, as TRL's own evaluation runs them
+        return preference_margins(model, tokenizer, pairs, recipe.data.max_length, recipe.train.batch_size)
+
+    if base_model is not None:  # a full fine-tune started from the base loaded apart
+        start = preference_margins(base_model, tokenizer, pairs, recipe.data.max_length, recipe.train.batch_size)
+    else:
+        with _starting_policy(model, recipe.model.init_adapter):
+            start = margins()
+    tuned = margins()
+    if not tuned:
+        print("Preference evaluation: no held-out pair fits data.max_length; nothing scored.", file=sys.stderr)
+        return
+    metrics = {**preference_metrics(start, "start"), **preference_metrics(tuned, "tuned")}
+    mlflow.log_metrics({**metrics, "eval/n_pairs": float(len(tuned))})
+    print(f"\nHeld-out preference pairs ({len(tuned)}): log p(chosen) - log p(rejected)")
+    print(preference_table(metrics))
+
+
+@contextlib.contextmanager
+def _starting_policy(model, init_adapter: str | None):
+    """The policy DPO started from: the base (a fresh adapter disabled), or the `init_adapter` weights loaded again
+    beside the tuned adapter (TRL's frozen `ref` copy of them is deleted when training ends, before evaluation)."""
+    if not init_adapter:
+        with model.disable_adapter():
+            yield
+        return
+    tuned = model.active_adapter
+    model.load_adapter(str(resolve_adapter(init_adapter)), adapter_name="start")
+    model.set_adapter("start", inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(tuned)
+        model.delete_adapter("start")
