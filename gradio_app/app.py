@@ -191,7 +191,7 @@ def _label(pg: Playground, key: str | None, blind: bool, index: int) -> str:
 def _plain(history) -> list[dict]:
     """Chatbot history (content may arrive as a list of parts) as role/content text messages; error notes keep
     their metadata, which keeps them out of what the models are sent next turn."""
-    from mlflow_finetune_plugin.serving.base import text_of
+    from mlflow_finetune_plugin.messages import text_of
 
     return [{"role": m["role"], "content": text_of(m.get("content")),
              **({"metadata": m["metadata"]} if (m.get("metadata") or {}).get("title") else {})}

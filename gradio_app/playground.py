@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.messages import text_of
 from mlflow_finetune_plugin.serving.base import (
     MAX_NEW_TOKENS_CAP,
     MAX_PROMPT_CHARS,
@@ -17,7 +18,6 @@ from mlflow_finetune_plugin.serving.base import (
     ModelChoice,
     Settings,
     stream_pair,
-    text_of,
 )
 from mlflow_finetune_plugin.votes import EXPERIMENT, Comparison
 
@@ -52,10 +52,6 @@ class Playground:
         keys = {key for _, key in listed}
         # Pickers list one base entry per base model; the base of another version may be a default side.
         return listed + [(self.label(k), k) for k in dict.fromkeys([self.default_a, self.default_b]) if k not in keys]
-
-    def version_choices(self) -> list[tuple[str, str]]:
-        """The registered versions only (what may be promoted)."""
-        return [(label, key) for label, key in self.choices() if not key.endswith(":base")]
 
     def resolve(self, key: str | None, default: str) -> ModelChoice:
         """A picker value as a model choice; only registry versions of this playground's models are accepted."""

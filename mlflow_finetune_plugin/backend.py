@@ -20,6 +20,7 @@ from mlflow.projects.backend.abstract_backend import AbstractBackend
 from mlflow.projects.utils import PROJECT_SYNCHRONOUS, _fetch_project, load_project
 
 from mlflow_finetune_plugin import paths
+from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS
 from mlflow_finetune_plugin.presets import PRESETS
@@ -143,7 +144,6 @@ def _check_data(recipe, check_data) -> None:
 
     from mlflow_finetune_plugin.data_check import check_overlap, tokenizer_for_check
     from mlflow_finetune_plugin.data_formats import summarize
-
     from mlflow_finetune_plugin.objectives import objective_of
     from mlflow_finetune_plugin.splits import data_files
 
@@ -277,10 +277,10 @@ def _tag_job(run_id: str, job_dir: Path) -> None:
 
     try:
         job = json.loads((job_dir / "job.json").read_text())
-        tags = {"finetune.job.launcher": job.get("launcher", "local"), "finetune.job.host": socket.gethostname()}
+        tags = {tag.JOB_LAUNCHER: job.get("launcher", "local"), tag.JOB_HOST: socket.gethostname()}
         for key in ("pid", "job_id", "address"):
             if job.get(key) is not None:
-                tags[f"finetune.job.{key}"] = str(job[key])
+                tags[tag.JOB_KEYS[key]] = str(job[key])
         MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     except Exception as e:  # noqa: BLE001 - the job is running; only `cancel` from another machine needs these
         print(f"Warning: could not record the job's whereabouts on run {run_id}: {e}", file=sys.stderr)
@@ -326,5 +326,5 @@ def _wait_or_raise(submitted) -> None:
         raise ExecutionException(f"Run {submitted.run_id} cancelled (KILLED)") from None
     if not ok:
         run = MlflowClient().get_run(submitted.run_id)
-        error = run.data.tags.get("finetune.error", "see the output above")
+        error = run.data.tags.get(tag.ERROR, "see the output above")
         raise ExecutionException(f"Run {submitted.run_id} {run.info.status}: {error.splitlines()[0]}")

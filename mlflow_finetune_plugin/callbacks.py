@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 from transformers import TrainerCallback
 
-LAST_CHECKPOINT_TAG = "finetune.last_checkpoint"
+from mlflow_finetune_plugin import tags
 
 
 class MlflowMetrics(TrainerCallback):
@@ -74,4 +74,14 @@ class CheckpointLogger(TrainerCallback):
         if folder.is_dir():
             mlflow.log_artifacts(str(folder), artifact_path=f"checkpoints/{folder.name}")
             # Set only once every file is in: a process killed mid-copy leaves a newer folder without this mark.
-            mlflow.set_tag(LAST_CHECKPOINT_TAG, f"checkpoints/{folder.name}")
+            mlflow.set_tag(tags.LAST_CHECKPOINT, f"checkpoints/{folder.name}")
+
+
+class DropReferenceAdapter(TrainerCallback):
+    """TRL adds a frozen `ref` copy of a pretrained adapter as the reference model (DPO continuing an adapter, GRPO
+    with beta > 0); the logged model is the `default` adapter only."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and "ref" in getattr(model, "peft_config", {}):
+            model.set_adapter("default")
+            model.delete_adapter("ref")

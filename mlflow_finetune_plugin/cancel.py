@@ -12,7 +12,7 @@ import socket
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
-from mlflow_finetune_plugin import paths
+from mlflow_finetune_plugin import paths, tags
 from mlflow_finetune_plugin.errors import FinetuneError
 
 
@@ -49,8 +49,8 @@ def job_info(run_id: str) -> dict:
     job_file = paths.cache_root() / "runs" / run_id / "job.json"
     if job_file.exists():
         return {"host": socket.gethostname(), **json.loads(job_file.read_text())}
-    tags = MlflowClient().get_run(run_id).data.tags
-    job = {k.removeprefix("finetune.job."): v for k, v in tags.items() if k.startswith("finetune.job.")}
+    run_tags = MlflowClient().get_run(run_id).data.tags
+    job = {key: run_tags[name] for key, name in tags.JOB_KEYS.items() if name in run_tags}
     if not job:
         raise FinetuneError(f"run {run_id} was not started by the finetune backend (no job recorded): nothing to "
                             "cancel. A run started by `mlflow run` without --backend finetune stops with Ctrl-C.")

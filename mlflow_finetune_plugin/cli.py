@@ -111,12 +111,13 @@ def train_cmd(ctx, project, method, params):
     Inside `mlflow run` (local backend) it trains in the run MLflow created; otherwise it starts a new run.
     Prefer `mlflow run PROJECT -e METHOD --backend finetune`, which also validates before starting a run.
     """
-    from mlflow_finetune_plugin.backend import _check_data
+    from mlflow_finetune_plugin.backend import _check_data, check_combination
     from mlflow_finetune_plugin.data_check import check_data
+    from mlflow_finetune_plugin.job import run
     from mlflow_finetune_plugin.recipe import load_recipe
-    from mlflow_finetune_plugin.train import run
 
     recipe = load_recipe(project, method=method, overrides=_pairs(params, ctx.args))
+    check_combination(recipe)
     _check_data(recipe, check_data)
     sys.exit(run(recipe))
 
@@ -133,10 +134,11 @@ def cancel_cmd(run_id):
 
 @main.command("evaluate")
 @click.argument("model_uri")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Eval data (chat JSONL); default: the eval file (or held-out split) of the model's source run.")
-@click.option("--train", "train_data", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Where few-shot examples come from; default: the source run's train file.")
+@click.option("--data", default=None, metavar="FILE",
+              help="Eval data, in any format and file type training reads (JSONL, JSON, CSV, parquet, or "
+                   "hf:ORG/NAME[:SPLIT]); default: the eval file (or held-out split) of the model's source run.")
+@click.option("--train", "train_data", default=None, metavar="FILE",
+              help="Where few-shot examples come from (same file types); default: the source run's train file.")
 @click.option("--run-id", default=None, help="Log into this run (e.g. the version's source run) instead of a new one.")
 @click.option("--max-examples", type=int, default=None, help="Score the first N rows (default: the recipe's).")
 @click.option("--max-new-tokens", type=int, default=None, help="Answer length limit (default: the recipe's).")

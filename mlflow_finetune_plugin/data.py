@@ -21,6 +21,7 @@ from mlflow_finetune_plugin.data_formats import (  # noqa: F401 - re-exported: t
     json_type,
     map_columns,
     preference_row,
+    prompt_only_row,
     resolve_format,
     to_messages,
     tools_of,
@@ -271,8 +272,8 @@ def _read_parquet(p: Path, name: str) -> list[tuple[int, dict]]:
 
 
 def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, tags=None, format_key="data.format"):
-    """(datasets.Dataset, format): a `messages` column (and `tools` where rows have them), or prompt/chosen/rejected
-    for preference data.
+    """(datasets.Dataset, format): a `messages` column (and `tools` where rows have them), prompt/chosen/rejected
+    for preference data, or `prompt` (messages) and the rows' other columns for prompt_only data (GRPO).
 
     Reads with `columns` mapped, validates every row first and raises DataError listing all problems; row order is
     kept. Messages keep their OpenAI keys (`weight`, `tool_calls`, `tool_call_id`, `name`) for the chat template.
@@ -288,6 +289,12 @@ def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, ta
         # one Arrow column cannot hold both strings and message lists: one chat-form row makes them all chat-form
         chat = any(isinstance(rec.get(k), list) for _, rec in records for k in ("prompt", "chosen", "rejected"))
         rows = [preference_row(rec, system_prompt, conversational=chat) for _, rec in records]
+    elif fmt == "prompt_only":
+        rows = [prompt_only_row(rec, system_prompt) for _, rec in records]
+        # Dataset.from_list takes its columns from the first row: every row gets every column (None where absent)
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        rows = [{k: row.get(k) for k in names} for row in rows]
+        _numbers_among_text_as_text(rows, names)
     else:
         rows = [{"messages": to_messages(rec, fmt, system_prompt, tags)} for _, rec in records]
         tools = [tools_of(rec) for _, rec in records]
@@ -295,11 +302,23 @@ def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, ta
             rows = [{**row, "tools": json.dumps(t) if t else None} for row, t in zip(rows, tools)]
     try:
         # Tool-call arguments differ from call to call: Arrow stores such values as JSON instead of one struct that
-        # would give every call every other call's argument names, as nulls.
+        # would give every call every other call's argument names, as nulls. The same keeps a prompt_only column
+        # whose values differ in type or shape (a JSON schema per row, answers as numbers and text) as written.
         return Dataset.from_list(rows, on_mixed_types="use_json"), fmt
     except (TypeError, ValueError) as e:  # pyarrow's ArrowInvalid/ArrowTypeError subclass these
         raise DataError([DataIssue(str(path), None, f"rows do not share one structure ({e}); give every message "
                                                     "the same keys with the same value types")]) from None
+
+
+def _numbers_among_text_as_text(rows: list[dict], names: list[str]) -> None:
+    """A column mixing text with numbers or booleans (answers `68` and `"n/a"`) becomes text ("68"): Arrow's JSON
+    fallback for mixed columns would read text that parses as JSON ("68", "null", "{}") back as that value."""
+    for name in names:
+        kinds = {type(row[name]) for row in rows if row[name] is not None}
+        if str in kinds and len(kinds) > 1 and kinds <= {str, int, float, bool}:
+            for row in rows:
+                if row[name] is not None and not isinstance(row[name], str):
+                    row[name] = json.dumps(row[name])
 
 
 def mlflow_dataset(ds, path, name):

@@ -132,7 +132,7 @@ def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=
     good = [(line, rec) for line, rec in records if line not in bad]
     convs = {line: _conversations(rec, report.format, system_prompt, tags) for line, rec in good}
     _duplicates(report, good, convs)
-    if report.format != "preference":
+    if report.format not in ("preference", "prompt_only"):  # prompt-only rows have no answer to contradict
         _contradictions(report, convs)
     report.prompts = [(line, _normalized(_prompt(c[0]))) for line, c in convs.items()]
     if split == "train" and report.rows < FEW_ROWS:

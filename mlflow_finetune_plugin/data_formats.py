@@ -2,8 +2,10 @@
 checks are in `data_validation`, the reader in `data`, the report in `data_check`.
 
 chat (OpenAI fine-tuning format: `messages`, per-turn `weight`, `tool_calls`, `tool` turns, a `tools` list),
-sharegpt (`conversations` of {from, value}, LLaMA-Factory's role tags), alpaca, prompt_completion and preference.
-A file's own column names are mapped to these by the reader (`data.columns`); everything after that sees one shape.
+sharegpt (`conversations` of {from, value}, LLaMA-Factory's role tags), alpaca, prompt_completion, preference and
+prompt_only (TRL's prompt-only data for GRPO: a `prompt` and no answer to imitate; the row's other columns, such as
+`answer`, are kept for the reward functions). A file's own column names are mapped to these by the reader
+(`data.columns`); everything after that sees one shape.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 from mlflow_finetune_plugin.errors import FinetuneError
 
-FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "preference")
+FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "preference", "prompt_only")
 ROLES = ("system", "user", "assistant", "tool")
 # The fields `data.columns` can point at another column of the file (LLaMA-Factory's `columns`).
 COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected", "system", "tools", "instruction", "input",
@@ -27,7 +29,11 @@ _KEYS = {"chat": (("messages",), "messages (a list of {role, content})"),
          "sharegpt": (("conversations",), "conversations (a list of {from, value}: ShareGPT)"),
          "alpaca": (("instruction", "output"), "instruction, output (input optional)"),
          "prompt_completion": (("prompt", "completion"), "prompt, completion (strings or message lists)"),
-         "preference": (("chosen", "rejected"), "prompt, chosen, rejected (or chosen/rejected as message lists)")}
+         "preference": (("chosen", "rejected"), "prompt, chosen, rejected (or chosen/rejected as message lists)"),
+         "prompt_only": (("prompt",), "prompt alone (a string or messages ending in a user turn; no completion: "
+                                      "for grpo, other columns such as answer reach the reward functions)")}
+# A row with one of these has an answer to learn from: it is not prompt-only data.
+_ANSWER_KEYS = ("completion", "chosen", "rejected")
 _DETECT_ROWS = 200
 _MAX_LISTED = 20
 _LINES_SHOWN = 5
@@ -98,8 +104,10 @@ def _is_sharegpt_list(value, tags: dict) -> bool:
 
 
 def row_formats(rec: dict, tags: dict) -> list[str]:
-    """Every format whose keys the row has; a `messages` list of {from, value} turns is ShareGPT, not chat."""
-    found = [f for f, (keys, _) in _KEYS.items() if all(k in rec for k in keys)]
+    """Every format whose keys the row has; a `messages` list of {from, value} turns is ShareGPT, not chat, and a
+    prompt with an answer (completion, chosen/rejected) is not prompt-only."""
+    found = [f for f, (keys, _) in _KEYS.items() if all(k in rec for k in keys)
+             and not (f == "prompt_only" and any(k in rec for k in _ANSWER_KEYS))]
     if "chat" in found and _is_sharegpt_list(rec["messages"], tags):
         found = ["sharegpt" if f == "chat" else f for f in found if f != "sharegpt"]
     return found
@@ -189,7 +197,8 @@ def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
 
 
 def to_messages(record: dict, fmt: str, system_prompt: str | None = None, tags=None) -> list[dict]:
-    """OpenAI-style messages for a chat/sharegpt/alpaca/prompt_completion row (a preference row: prompt + chosen).
+    """OpenAI-style messages for a chat/sharegpt/alpaca/prompt_completion row (a preference row: prompt + chosen; a
+    prompt_only row: the prompt alone).
 
     Tool-call arguments become objects (what chat templates render); a row's own system message wins over its
     `system` column, which wins over `system_prompt`.
@@ -207,9 +216,18 @@ def to_messages(record: dict, fmt: str, system_prompt: str | None = None, tags=N
     elif fmt == "preference":
         row = preference_row(record, conversational=True)
         messages = row["prompt"] + row["chosen"]
+    elif fmt == "prompt_only":
+        messages = _turns(record["prompt"], "user")
     else:
         raise DataError([DataIssue("<record>", None, f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")])
     return _with_system(messages, _row_system(record) or system_prompt)
+
+
+def prompt_only_row(record: dict, system_prompt: str | None = None) -> dict:
+    """A prompt_only row as TRL's GRPOTrainer takes it: `prompt` as messages (with the system prompt, as every
+    format gets it) and the row's other columns as they are (they reach the reward functions by name)."""
+    extra = {k: v for k, v in record.items() if k not in ("prompt", "system")}
+    return {"prompt": to_messages(record, "prompt_only", system_prompt), **extra}
 
 
 def _row_system(record: dict) -> str | None:

@@ -25,7 +25,8 @@ def validate_records(records, fmt, path, tags=None) -> list[DataIssue]:
         raise DataError([DataIssue(str(path), None, f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")])
     tags = sharegpt_tags(tags)
     check = {"chat": _check_chat, "sharegpt": lambda rec: _check_sharegpt(rec, tags), "alpaca": _check_alpaca,
-             "prompt_completion": _check_prompt_completion, "preference": _check_preference}[fmt]
+             "prompt_completion": _check_prompt_completion, "preference": _check_preference,
+             "prompt_only": _check_prompt_only}[fmt]
     return [DataIssue(str(path), line, msg) for line, rec in records for msg in check(rec) + _check_row_fields(rec)]
 
 
@@ -155,4 +156,17 @@ def _check_preference(rec: dict) -> list[str]:
                   + _check_text_or_messages(rec, "rejected", True))
     if not errors and rec["chosen"] == rec["rejected"]:
         errors.append("chosen and rejected are identical: the pair teaches nothing; fix or drop the row")
+    return errors
+
+
+def _check_prompt_only(rec: dict) -> list[str]:
+    """A prompt for the model to answer: non-empty text, or messages whose last turn is the user's."""
+    prompt = rec.get("prompt")
+    if not isinstance(prompt, list):
+        return _check_text(rec, "prompt")
+    errors = _check_messages(prompt, "prompt", end_with_assistant=False)
+    last = prompt[-1] if prompt and isinstance(prompt[-1], dict) else None
+    if not errors and last is not None and last.get("role") != "user":
+        errors.append(f"'prompt' ends with a {last.get('role')!r} message: the model answers the last user turn, so "
+                      "end the prompt with a user message")
     return errors

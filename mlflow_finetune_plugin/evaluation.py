@@ -15,7 +15,9 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.messages import text_of
 from mlflow_finetune_plugin.metrics import lower_is_better, score
 from mlflow_finetune_plugin.registry import format_table
 
@@ -33,13 +35,6 @@ class EvalResult:
     contenders: list[str] = field(default_factory=list)
     fewshot_examples: list[list[dict]] = field(default_factory=list)
     data_digest: str = ""                      # of the prompts and references scored
-
-
-def text_of(content) -> str:
-    """Message content as text (chat UIs send a list of parts)."""
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text")
 
 
 def split_conversation(messages: list[dict]) -> tuple[list[dict], str] | None:
@@ -110,7 +105,7 @@ def log_evaluation(result: EvalResult) -> None:
     if run is None:
         raise FinetuneError("log_evaluation needs an active MLflow run (mlflow.start_run())")
     mlflow.log_metrics(result.metrics)
-    mlflow.set_tag("finetune.eval_data_digest", result.data_digest)
+    mlflow.set_tag(tags.EVAL_DATA_DIGEST, result.data_digest)
     # log_table appends to an existing file: a second evaluation in the same run gets its own file.
     mlflow.log_table(pd.DataFrame(result.rows), _free_name(run.info.run_id, TABLE_FILE))
     if result.fewshot_examples:
@@ -292,7 +287,7 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
     """
     import mlflow
 
-    from mlflow_finetune_plugin.logged_model import load_logged_model
+    from mlflow_finetune_plugin.logged_model import load_logged_base, load_logged_model
     from mlflow_finetune_plugin.recipe import EvalConfig
     from mlflow_finetune_plugin.registry import resolve_model_uri, source_recipe
 
@@ -316,20 +311,14 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
     loaded = load_logged_model(mlflow.artifacts.download_artifacts(model_uri))
     base_model = None
     if not hasattr(loaded.model, "disable_adapter") and loaded.config.get("base_model"):
-        from transformers import AutoModelForCausalLM
-
-        from mlflow_finetune_plugin.models import resolve_model_path
-
-        base_model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(loaded.config["base_model"]), revision=loaded.config.get("base_revision"),
-            dtype=loaded.model.dtype).to(loaded.model.device)
+        base_model = load_logged_base(loaded.config, loaded.model.dtype).to(loaded.model.device)
     result = run_evaluation(loaded.model, loaded.tokenizer, eval_convs, train_convs, cfg, base_model=base_model)
     experiment_id = mlflow.MlflowClient().get_run(source_run).info.experiment_id if source_run and not run_id else None
     label = f"{name} v{version}" if name else model_uri
     with mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
                           run_name=None if run_id else f"eval {label}") as run:
-        mlflow.set_tags({"finetune.evaluated_model": model_uri, **(
-            {"finetune.evaluated_name": name, "finetune.evaluated_version": version} if name else {})})
+        mlflow.set_tags({tags.EVALUATED_MODEL: model_uri, **(
+            {tags.EVALUATED_NAME: name, tags.EVALUATED_VERSION: version} if name else {})})
         log_evaluation(result)
     return result, run.info.run_id
 
@@ -344,9 +333,26 @@ def read_conversations(path: str, system_prompt: str | None = None, columns: dic
     return conversations(rows)
 
 
+# The format a row is read in when its keys fit several: a whole conversation first, then a prompt with its answer.
+_ROW_FORMAT_ORDER = ("chat", "sharegpt", "prompt_completion", "preference", "alpaca")
+
+
 def conversations(rows) -> list[list[dict]]:
-    """Chat conversations from dataset rows (a `datasets.Dataset` or dicts) of any supported format."""
-    return [to_messages(row, f"row {i}") for i, row in enumerate(rows)]
+    """Chat conversations from dataset rows (a `datasets.Dataset` as `data.load_training_dataset` returns it, or
+    dicts in any training format), each converted by the data layer's `data_formats.to_messages` in the format its
+    keys name: preference rows are scored against `chosen`; a prompt_only row is its prompt alone (nothing to score).
+    """
+    from mlflow_finetune_plugin.data_formats import expected_keys, row_formats, sharegpt_tags, to_messages
+
+    role_tags = sharegpt_tags()
+    out = []
+    for i, row in enumerate(rows):
+        found = row_formats(row, role_tags) if isinstance(row, dict) else []
+        if not found:
+            raise FinetuneError(f"row {i}: expected a chat row ({{'messages': [...]}}) or a row of another training "
+                                f"format; the keys of each: {expected_keys()}")
+        out.append(to_messages(row, next((f for f in _ROW_FORMAT_ORDER if f in found), found[0])))
+    return out
 
 
 def trained_system_prompt(rows, configured: str | None = None) -> str | None:
@@ -360,24 +366,6 @@ def trained_system_prompt(rows, configured: str | None = None) -> str | None:
     counts = Counter((text_of(conv[0].get("content")) or None) if conv and conv[0].get("role") == "system" else None
                      for conv in conversations(rows))
     return counts.most_common(1)[0][0] if counts else None
-
-
-def to_messages(row, where: str = "row") -> list[dict]:
-    """One row as a conversation: `messages`, `prompt`/`completion`, `prompt`/`chosen` (preference data is
-    scored against the chosen answer) or alpaca `instruction`/`input`/`output`."""
-    def turns(value, role):
-        return [dict(m) for m in value] if isinstance(value, list) else [{"role": role, "content": value}]
-
-    if isinstance(row, dict) and isinstance(row.get("messages"), list):
-        return [dict(m) for m in row["messages"]]
-    answer = next((k for k in ("completion", "chosen") if isinstance(row, dict) and k in row), None)
-    if answer and "prompt" in row:
-        return turns(row["prompt"], "user") + turns(row[answer], "assistant")
-    if isinstance(row, dict) and "instruction" in row and "output" in row:
-        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-    raise FinetuneError(f"{where}: expected a chat row ({{'messages': [...]}}), prompt/completion, "
-                        "prompt/chosen or instruction/output")
 
 
 def _eval_conversations(data: str | None, recipe: dict, source_run: str | None) -> list[list[dict]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 
-from mlflow_finetune_plugin import paths
+from mlflow_finetune_plugin import paths, tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.pipeline import fine_tune
 from mlflow_finetune_plugin.recipe import Recipe
@@ -90,10 +90,10 @@ def _interrupted_status(run_id: str) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return "KILLED"
     try:
-        tags = mlflow.MlflowClient().get_run(run_id).data.tags
+        run_tags = mlflow.MlflowClient().get_run(run_id).data.tags
     except Exception:  # noqa: BLE001 - the run must still end; a cancel is the likelier cause
         return "KILLED"
-    return "KILLED" if tags.get("finetune.cancel_requested") == "true" else "FAILED"
+    return "KILLED" if run_tags.get(tags.CANCEL_REQUESTED) == "true" else "FAILED"
 
 
 def _explain_resource_error(e: BaseException) -> BaseException:

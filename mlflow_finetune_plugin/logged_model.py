@@ -65,11 +65,34 @@ def _artifact_paths(pyfunc_conf: dict) -> dict[str, str]:
     return {name: spec["path"] for name, spec in python_model_conf.items()}
 
 
+def load_logged_base(config: dict, dtype):
+    """The base model a logged model's `model_config` names (`base_model`, `base_revision`), in `dtype`, on the CPU.
+
+    Where the config records the base's weights digest (adapters on local or built-in bases), a base on this machine
+    with other weights raises FinetuneError: an adapter on the wrong base answers wrongly without any error.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from mlflow_finetune_plugin.models import resolve_model_path
+
+    base_ref = config["base_model"]
+    expected = config.get("base_digest")
+    if expected:
+        actual = base_digest(base_ref)
+        if actual != expected:
+            raise FinetuneError(
+                f"the base model {base_ref!r} on this machine ({resolve_model_path(base_ref)}) is not the one "
+                f"this adapter was trained on (weights digest {actual} != {expected}). Restore that base, or "
+                "retrain the adapter on this one.")
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(base_ref), revision=config.get("base_revision"), dtype=dtype, use_safetensors=True)
+
+
 def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlflow_finetune_plugin.models import resolve_model_path, torch_dtype
+    from mlflow_finetune_plugin.models import torch_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype("auto") if device != "cpu" else torch.float32
@@ -79,18 +102,7 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
     else:
         from peft import PeftModel
 
-        base_ref = config["base_model"]
-        expected = config.get("base_digest")
-        if expected:
-            actual = base_digest(base_ref)
-            if actual != expected:
-                raise FinetuneError(
-                    f"the base model {base_ref!r} on this machine ({resolve_model_path(base_ref)}) is not the one "
-                    f"this adapter was trained on (weights digest {actual} != {expected}). Restore that base, or "
-                    "retrain the adapter on this one.")
-        base = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(base_ref), revision=config.get("base_revision"), dtype=dtype, use_safetensors=True)
-        model = PeftModel.from_pretrained(base, artifacts["adapter"])
+        model = PeftModel.from_pretrained(load_logged_base(config, dtype), artifacts["adapter"])
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, config=config)
 

@@ -14,7 +14,6 @@ METRICS_DIR = Path(__file__).resolve().parent / "assets" / "metrics"
 # Metric name -> the shipped module that computes it.
 TEXT_METRICS = {"exact_match": "exact_match", "token_f1": "token_f1", "rouge1": "rouge", "rouge2": "rouge",
                 "rougeL": "rouge", "chrf": "chrf", "bleu": "bleu"}
-STRUCTURED_METRICS = {"json_valid": "json_valid"}
 # Where lower is better; every other metric is better higher.
 LOWER_IS_BETTER = ("loss", "perplexity")
 

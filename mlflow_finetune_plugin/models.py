@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
-
-_logger = logging.getLogger(__name__)
 
 
 def is_tiny(name: str | None) -> bool:

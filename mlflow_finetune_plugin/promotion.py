@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 
-from mlflow_finetune_plugin import registry
+from mlflow_finetune_plugin import registry, tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.metrics import lower_is_better
 from mlflow_finetune_plugin.recipe import RegistryConfig
@@ -169,7 +169,7 @@ def maybe_auto_promote(name: str, version: str, recipe) -> PromotionResult | Non
             result.message = f"=> not promoted: {e}"
     print(result.report())
     if mlflow.active_run():
-        mlflow.set_tag("finetune.auto_promoted", str(result.promoted).lower())
+        mlflow.set_tag(tags.AUTO_PROMOTED, str(result.promoted).lower())
     return result
 
 
@@ -194,7 +194,7 @@ def _other_value(name, mv, against: str, alias: str, metric: str, own: dict, mis
     if value is None:
         missing.append(f"eval/tuned/{metric} in run {run_id} ({ref} = v{other.version})")
     # Scores on different eval sets do not compare; say so rather than refuse (the data may have been fixed).
-    digests = {_run_tag(r, "finetune.eval_data_digest") for r in (registry.source_run_id(mv), run_id)}
+    digests = {_run_tag(r, tags.EVAL_DATA_DIGEST) for r in (registry.source_run_id(mv), run_id)}
     return value, f"v{other.version}" + (", different eval data" if len(digests) > 1 else "")
 
 
@@ -206,13 +206,13 @@ def _move_alias(name: str, version: str, alias: str, result: PromotionResult, re
     client = MlflowClient()
     who, when = user or _user(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     client.set_registered_model_alias(name, alias, version)
-    tags = {"finetune.promoted_alias": alias, "finetune.promoted_by": who, "finetune.promoted_at": when,
-            "finetune.promoted_from": result.previous or ""}
+    record = {tags.PROMOTED_ALIAS: alias, tags.PROMOTED_BY: who, tags.PROMOTED_AT: when,
+              tags.PROMOTED_FROM: result.previous or ""}
     if result.forced:
         failed = [f"{c.metric} vs {c.against}" for c in result.checks if not c.passed]
-        tags.update({"finetune.forced_by": who, "finetune.forced_at": when, "finetune.forced_reason": reason,
-                     "finetune.forced_gates_failed": "; ".join(failed) or "none"})
-    for key, value in tags.items():
+        record.update({tags.FORCED_BY: who, tags.FORCED_AT: when, tags.FORCED_REASON: reason,
+                       tags.FORCED_GATES_FAILED: "; ".join(failed) or "none"})
+    for key, value in record.items():
         client.set_model_version_tag(name, version, key, value)
     result.promoted = True
     forced = f" FORCED by {who}: {reason}" if result.forced else ""

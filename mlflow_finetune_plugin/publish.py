@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 
+from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.logged_model import log_finetuned_model
 from mlflow_finetune_plugin.models import compute_precision
 from mlflow_finetune_plugin.promotion import maybe_auto_promote
@@ -42,8 +43,7 @@ def log_and_register(recipe, model, tokenizer, config: dict, tags: dict, name: s
     if recipe.registry.enabled:
         registered_name = registered_name or recipe.registry.name
         version = register(info.model_uri, registered_name, tags, recipe.registry.alias)
-        mlflow.set_tags({"finetune.registered_model": registered_name,
-                         "finetune.registered_version": version.version})
+        mlflow.set_tags({tag.REGISTERED_MODEL: registered_name, tag.REGISTERED_VERSION: version.version})
         alias = f" (alias @{recipe.registry.alias})" if recipe.registry.alias else ""
         print(f"Registered {registered_name} version {version.version}{alias}")
         maybe_auto_promote(registered_name, version.version, recipe)
@@ -55,7 +55,7 @@ def log_per_task(recipe, model, tokenizer, config: dict, tags: dict, system_prom
     for name in recipe.data.tasks:
         log_and_register(recipe, _OneAdapter(model, name), tokenizer,
                          {**config, "task": name, "system_prompt": system_prompts.get(name)},
-                         {**tags, "finetune.task": name}, name=f"model-{name}",
+                         {**tags, tag.TASK: name}, name=f"model-{name}",
                          registered_name=f"{recipe.registry.name}-{name}")
 
 

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -152,7 +152,7 @@ class FullAdapter(Section):
 
 ADAPTER_CONFIGS = {c.model_fields["type"].default: c for c in (
     LoraAdapter, IA3Adapter, PrefixAdapter, PromptAdapter, BottleneckAdapter, FullAdapter)}
-AdapterConfig = Annotated[Union[LoraAdapter, IA3Adapter, PrefixAdapter, PromptAdapter, BottleneckAdapter, FullAdapter],
+AdapterConfig = Annotated[LoraAdapter | IA3Adapter | PrefixAdapter | PromptAdapter | BottleneckAdapter | FullAdapter,
                           Field(discriminator="type")]
 
 
@@ -391,6 +391,8 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
     if problems:
         raise RecipeError(problems, str(recipe_path))
     recipe.project_dir = str(project_dir)
+    if recipe.data.tasks:  # a mixture's files are its tasks'; data.train's default does not apply
+        recipe.data.train = recipe.data.eval = None
     for split in ("train", "eval"):
         value = getattr(recipe.data, split)
         if value and not value.startswith(HF_PREFIX):
@@ -429,7 +431,6 @@ def _mixture_problems(recipe: Recipe, raw: dict, tasks_key: str) -> list[str]:
     given = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     if given.get("train") or given.get("eval"):
         problems.append(f"data.train/data.eval: a mixture reads its files from {tasks_key}; move them into a task")
-    data.train = data.eval = None
     if recipe.objective != "sft":
         problems.append(f"data.tasks: mixtures train with the sft objective; {recipe.objective} takes one data "
                         "set (data.train)")

@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
-import logging
-
 import mlflow
 from mlflow import MlflowClient
 
-_logger = logging.getLogger(__name__)
-
-TAG_PREFIX = "finetune."
+from mlflow_finetune_plugin import tags
 
 
-def register(model_uri: str, name: str, tags: dict[str, str], alias: str | None = "challenger"):
-    """Register `model_uri` as a new version of `name` with lineage `tags`; point `alias` at it. Returns the version."""
-    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+def register(model_uri: str, name: str, lineage: dict[str, str], alias: str | None = "challenger"):
+    """Register `model_uri` as a new version of `name` with `lineage` tags; point `alias` at it. Returns the version."""
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in lineage.items()})
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, version.version)
     return version
 
 
 def lineage_tags(**values) -> dict[str, str]:
-    """`finetune.<key>` tags, dropping empty values."""
-    return {TAG_PREFIX + k: str(v) for k, v in values.items() if v is not None and v != ""}
+    """Lineage tags by keyword (`method=...` -> `finetune.method`, see `tags.LINEAGE`), dropping empty values; an
+    unknown keyword raises TypeError rather than create a tag name no reader knows."""
+    unknown = sorted(set(values) - set(tags.LINEAGE))
+    if unknown:
+        raise TypeError(f"lineage_tags: unknown lineage key(s) {unknown}; known: {sorted(tags.LINEAGE)} "
+                        "(a new one is added to tags.LINEAGE)")
+    return {tags.LINEAGE[k]: str(v) for k, v in values.items() if v is not None and v != ""}
 
 
 # Lineage every version must carry before it may hold the champion alias (base_revision is absent for local bases).
-REQUIRED_LINEAGE = ("method", "base_model", "dataset_digest", "recipe_hash", "chat_template_hash", "source_run")
+REQUIRED_LINEAGE = (tags.METHOD, tags.BASE_MODEL, tags.DATASET_DIGEST, tags.RECIPE_HASH, tags.CHAT_TEMPLATE_HASH,
+                    tags.SOURCE_RUN)
 
 
 def get_version(name: str, ref: str):
@@ -75,11 +77,11 @@ def list_versions(name: str) -> list:
 
 def source_run_id(version) -> str | None:
     """The run that trained (and evaluated) this version."""
-    return version.tags.get(TAG_PREFIX + "source_run") or version.run_id
+    return version.tags.get(tags.SOURCE_RUN) or version.run_id
 
 
 def missing_lineage(version) -> list[str]:
-    return [TAG_PREFIX + k for k in REQUIRED_LINEAGE if not version.tags.get(TAG_PREFIX + k)]
+    return [name for name in REQUIRED_LINEAGE if not version.tags.get(name)]
 
 
 def run_metrics(run_id: str | None) -> dict[str, float]:
@@ -146,6 +148,6 @@ def versions_table(name: str, metrics: list[str]) -> str:
     for v in versions:
         values = run_metrics(source_run_id(v))
         rows.append([v.version, ",".join("@" + a for a in sorted(aliases.get(str(v.version), []))) or "-",
-                     v.tags.get(TAG_PREFIX + "method", "-"), v.tags.get(TAG_PREFIX + "base_model", "-"),
+                     v.tags.get(tags.METHOD, "-"), v.tags.get(tags.BASE_MODEL, "-"),
                      *(values.get(f"eval/tuned/{m}") for m in metrics), (source_run_id(v) or "-")[:12]])
     return format_table(["version", "aliases", "method", "base", *metrics, "run"], rows)

@@ -11,8 +11,7 @@ import os
 
 import mlflow
 
-from mlflow_finetune_plugin import paths
-from mlflow_finetune_plugin.callbacks import LAST_CHECKPOINT_TAG
+from mlflow_finetune_plugin import paths, tags
 from mlflow_finetune_plugin.errors import FinetuneError
 
 
@@ -37,7 +36,7 @@ def resume_checkpoint(resume: str | None, current_run: str) -> str | None:
             dest = paths.job_dir(current_run) / "resume"
             local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=last, dst_path=str(dest))
             print(f"Resuming from {rid}/{last}")
-            mlflow.set_tag("finetune.resumed_from", f"{rid}/{last}")
+            mlflow.set_tag(tags.RESUMED_FROM, f"{rid}/{last}")
             return local
         if resume != "latest":
             raise FinetuneError(f"train.resume: run {rid} has no checkpoints to resume from")
@@ -52,7 +51,7 @@ def resumable_checkpoints(client, run_id: str) -> list[str]:
     killed before their first checkpoint was complete) are judged by their files.
     """
     folders = [a.path for a in client.list_artifacts(run_id, "checkpoints") if a.is_dir]
-    marked = client.get_run(run_id).data.tags.get(LAST_CHECKPOINT_TAG)
+    marked = client.get_run(run_id).data.tags.get(tags.LAST_CHECKPOINT)
     if marked:
         last = _step(marked)
         folders = [f for f in folders if _step(f) <= last]
@@ -75,7 +74,7 @@ def _is_whole_checkpoint(client, run_id: str, path: str) -> bool:
 def rank_resume_checkpoint(run_id: str) -> str | None:
     """Non-main ranks resume from the checkpoint rank 0 picked (its `finetune.resumed_from` tag): from the job
     folder on rank 0's node, downloaded on any other node."""
-    picked = mlflow.MlflowClient().get_run(run_id).data.tags.get("finetune.resumed_from")
+    picked = mlflow.MlflowClient().get_run(run_id).data.tags.get(tags.RESUMED_FROM)
     if not picked:
         return None
     source_run, artifact_path = picked.split("/", 1)

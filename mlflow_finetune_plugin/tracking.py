@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-ERROR_TAG = "finetune.error"
+from mlflow_finetune_plugin import tags
 
 
 def ensure_store(tracking_uri: str | None = None) -> None:
@@ -52,7 +52,7 @@ def record_failure(run_id: str, exc: BaseException, status: str = "FAILED") -> N
     if status == "KILLED":
         message = "cancelled" + (f" ({exc})" if str(exc) else "")
     try:
-        client.set_tag(run_id, ERROR_TAG, message[:4900])
+        client.set_tag(run_id, tags.ERROR, message[:4900])
         text = message if isinstance(exc, FinetuneError) else "".join(traceback.format_exception(exc))
         client.log_text(run_id, text, "error.txt")
     finally:

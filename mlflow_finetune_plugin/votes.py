@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
 
 EXPERIMENT = "playground-votes"
 VERDICTS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
-_TAG = "finetune.vote."
 
 
 @dataclass
@@ -74,10 +74,10 @@ def log_vote(comparison: Comparison, verdict: str, user: str | None = None, expe
     verdict = normalize_verdict(verdict)
     c = comparison
     client = MlflowClient()
-    tags = {_TAG + "model": c.name, _TAG + "model_a": c.model_a, _TAG + "model_b": c.model_b,
-            _TAG + "verdict": verdict, _TAG + "blind": str(c.blind).lower(), _TAG + "comparison": c.id,
-            _TAG + "user": user or "", _TAG + "prompt": c.prompt[:500]}
-    run = client.create_run(_experiment_id(client, experiment), tags=tags,
+    vote_tags = {tags.VOTE_MODEL: c.name, tags.VOTE_MODEL_A: c.model_a, tags.VOTE_MODEL_B: c.model_b,
+                 tags.VOTE_VERDICT: verdict, tags.VOTE_BLIND: str(c.blind).lower(), tags.VOTE_COMPARISON: c.id,
+                 tags.VOTE_USER: user or "", tags.VOTE_PROMPT: c.prompt[:500]}
+    run = client.create_run(_experiment_id(client, experiment), tags=vote_tags,
                             run_name=f"{c.model_a} vs {c.model_b}: {verdict}")
     run_id = run.info.run_id
     try:
@@ -97,7 +97,7 @@ def _vote_runs(name: str, experiment: str) -> Iterator:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return
-    filter_string = f"tags.`{_TAG}model` = '{name}' and attributes.status = 'FINISHED'"
+    filter_string = f"tags.`{tags.VOTE_MODEL}` = '{name}' and attributes.status = 'FINISHED'"
     token = None
     while True:
         page = client.search_runs([exp.experiment_id], filter_string, max_results=1000, page_token=token,
@@ -134,8 +134,8 @@ def summary(name: str, experiment: str = EXPERIMENT) -> list[PairSummary]:
     """Win rates per pair of compared versions of `name`, most-voted pair first."""
     pairs: dict[tuple[str, str], PairSummary] = {}
     for run in _vote_runs(name, experiment):
-        tags = run.data.tags
-        a, b, verdict = tags.get(_TAG + "model_a"), tags.get(_TAG + "model_b"), tags.get(_TAG + "verdict")
+        on_run = run.data.tags
+        a, b, verdict = on_run.get(tags.VOTE_MODEL_A), on_run.get(tags.VOTE_MODEL_B), on_run.get(tags.VOTE_VERDICT)
         if not (a and b and verdict in VERDICTS):
             continue
         first, second = sorted((a, b))
@@ -183,7 +183,7 @@ def export(name: str, out: str | Path, experiment: str = EXPERIMENT) -> ExportRe
         result.skipped[why] = result.skipped.get(why, 0) + 1
 
     for run in _vote_runs(name, experiment):
-        verdict = run.data.tags.get(_TAG + "verdict")
+        verdict = run.data.tags.get(tags.VOTE_VERDICT)
         if verdict not in ("a", "b"):
             skip("ties or both-bad votes (no preference)")
             continue

@@ -254,8 +254,8 @@ def _expected_labels(tokenizer, text, trained: list[str]):
 @pytest.mark.parametrize("assistant_only_loss", [True, False])
 def test_weight_zero_turns_get_no_loss_token_by_token(tmp_path, tokenizer, assistant_only_loss):
     from mlflow_finetune_plugin.models import load_base_model
-    from mlflow_finetune_plugin.recipe import Recipe
     from mlflow_finetune_plugin.objectives import sft
+    from mlflow_finetune_plugin.recipe import Recipe
     from mlflow_finetune_plugin.splits import load_splits
     from mlflow_finetune_plugin.trainers import training_arguments
 
@@ -304,8 +304,8 @@ def test_weights_are_checked(tmp_path):
 
 def test_tool_calls_go_through_a_chat_template_that_supports_tools(tmp_path, tokenizer):
     from mlflow_finetune_plugin.models import load_base_model
-    from mlflow_finetune_plugin.recipe import Recipe
     from mlflow_finetune_plugin.objectives import sft
+    from mlflow_finetune_plugin.recipe import Recipe
     from mlflow_finetune_plugin.trainers import training_arguments
 
     tokenizer.chat_template = TOOLS_TEMPLATE

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import chat_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mlflow_finetune_plugin.adapters import lora
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluation import (
@@ -25,9 +26,8 @@ from mlflow_finetune_plugin.evaluation import (
     split_conversation,
 )
 from mlflow_finetune_plugin.logged_model import LoadedModel, generate, log_finetuned_model
-from mlflow_finetune_plugin.methods import lora
 from mlflow_finetune_plugin.metrics import TEXT_METRICS, load_metric
-from mlflow_finetune_plugin.recipe import EvalConfig
+from mlflow_finetune_plugin.recipe import EvalConfig, LoraAdapter
 from mlflow_finetune_plugin.registry import lineage_tags, missing_lineage, register
 from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
 
@@ -102,7 +102,7 @@ def test_prompt_and_reference_and_fewshot_layout():
 def tiny_lora(tiny_model_dir):
     """A LoRA on the tiny model with random (non-zero) updates, so tuned and base answer differently."""
     torch.manual_seed(0)
-    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora.Config(r=8, alpha=16, dropout=0.0))
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(r=8, alpha=16, dropout=0.0))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mlflow_finetune_plugin import train as train_module
+from mlflow_finetune_plugin import job, resume
 from mlflow_finetune_plugin.backend import FinetuneBackend
 from mlflow_finetune_plugin.recipe import load_recipe
 from tests.conftest import chat_rows, write_project
@@ -42,7 +42,7 @@ def _wait_for(predicate, timeout=180, interval=0.3, what="condition"):
 
 
 def _whole_checkpoints(run_id) -> list[str]:
-    return train_module.resumable_checkpoints(MlflowClient(), run_id)
+    return resume.resumable_checkpoints(MlflowClient(), run_id)
 
 
 def _final_adapter(run_id) -> dict[str, torch.Tensor]:
@@ -105,7 +105,7 @@ def test_a_rank_killed_under_torchrun_fails_the_run_and_both_ranks_resume_it(tmp
     ranks = {}
     for p in psutil.Process(b.process.pid).children(recursive=True):
         try:
-            if "mlflow_finetune_plugin.train" in " ".join(p.cmdline()):
+            if "mlflow_finetune_plugin.job" in " ".join(p.cmdline()):
                 ranks[p.environ().get("RANK")] = p
         except psutil.NoSuchProcess:
             continue
@@ -147,10 +147,10 @@ def test_out_of_memory_and_disk_full_say_what_to_change(tmp_path, tracking_uri, 
     def fails(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(train_module, "train", fails)
+    monkeypatch.setattr(job, "fine_tune", fails)
     mlflow.set_experiment(EXPERIMENT)
     ctrl_c = signal.getsignal(signal.SIGINT)
-    assert train_module.run(recipe) == 1
+    assert job.run(recipe) == 1
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # ignored only while the run was being ended
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FAILED"
@@ -164,7 +164,7 @@ def test_out_of_memory_and_disk_full_say_what_to_change(tmp_path, tracking_uri, 
 def test_resume_skips_a_checkpoint_whose_copy_never_finished(tmp_path, tracking_uri):
     """A process killed while copying checkpoint-10 leaves its files (possibly truncated) without the completion
     mark: resume takes checkpoint-5, the last one the run marked; runs without any mark are judged by their files."""
-    from mlflow_finetune_plugin.callbacks import LAST_CHECKPOINT_TAG
+    from mlflow_finetune_plugin.tags import LAST_CHECKPOINT
 
     def folder(step: int, optimizer: bytes = b"state") -> Path:
         d = tmp_path / f"checkpoint-{step}"
@@ -179,15 +179,15 @@ def test_resume_skips_a_checkpoint_whose_copy_never_finished(tmp_path, tracking_
         for step in (5, 10):
             mlflow.log_artifacts(str(folder(step)), f"checkpoints/checkpoint-{step}")
             if step == 5:
-                mlflow.set_tag(LAST_CHECKPOINT_TAG, "checkpoints/checkpoint-5")
+                mlflow.set_tag(LAST_CHECKPOINT, "checkpoints/checkpoint-5")
     with mlflow.start_run() as unmarked:
         mlflow.log_artifacts(str(tmp_path / "checkpoint-5"), "checkpoints/checkpoint-5")
         mlflow.log_artifacts(str(folder(15, optimizer=b"")), "checkpoints/checkpoint-15")  # empty file: cut short
-    assert train_module.resumable_checkpoints(client, marked.info.run_id) == ["checkpoints/checkpoint-5"]
-    assert train_module.resumable_checkpoints(client, unmarked.info.run_id) == ["checkpoints/checkpoint-5"]
+    assert resume.resumable_checkpoints(client, marked.info.run_id) == ["checkpoints/checkpoint-5"]
+    assert resume.resumable_checkpoints(client, unmarked.info.run_id) == ["checkpoints/checkpoint-5"]
 
     with mlflow.start_run() as current:
-        local = train_module._resume_checkpoint(marked.info.run_id, current.info.run_id)
+        local = resume.resume_checkpoint(marked.info.run_id, current.info.run_id)
     assert Path(local).name == "checkpoint-5" and (Path(local) / "optimizer.pt").read_bytes() == b"state"
     assert client.get_run(current.info.run_id).data.tags["finetune.resumed_from"] == \
         f"{marked.info.run_id}/checkpoints/checkpoint-5"

@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mlflow_finetune_plugin.adapters import lora
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import load_logged_model, log_finetuned_model
-from mlflow_finetune_plugin.methods import lora
+from mlflow_finetune_plugin.recipe import LoraAdapter
 from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
 
 
@@ -22,7 +23,7 @@ def trained_adapter(tiny_model_dir):
     """A LoRA adapter on the tiny model with non-zero (random) updates, so it changes the logits."""
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = lora.apply(base, lora.Config(r=8, alpha=16, dropout=0.0))
+    model = lora.apply(base, LoraAdapter(r=8, alpha=16, dropout=0.0))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -117,10 +118,10 @@ def test_the_trained_system_prompt_is_the_recipes_else_the_datas_most_common():
 
 def test_a_trained_version_carries_its_training_datas_system_prompt(tmp_path, tracking_uri):
     """The support-bot case: the rows hold the system message, the recipe none; the playground reads it back."""
+    from mlflow_finetune_plugin.job import run
     from mlflow_finetune_plugin.recipe import load_recipe
     from mlflow_finetune_plugin.serving import ModelChoice
     from mlflow_finetune_plugin.serving.choices import trained_system_prompt
-    from mlflow_finetune_plugin.train import run
     from tests.conftest import chat_rows, write_project
 
     rows = [{"messages": [{"role": "system", "content": NIMBUS}, *r["messages"]]} for r in chat_rows(6)]

@@ -13,9 +13,9 @@ import torch
 from mlflow_finetune_plugin.backend import _check_data
 from mlflow_finetune_plugin.data_check import check_data
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
-from mlflow_finetune_plugin.recipe import load_recipe
 from mlflow_finetune_plugin.job import run
 from mlflow_finetune_plugin.objectives.sft import packing
+from mlflow_finetune_plugin.recipe import load_recipe
 from tests.conftest import REPO, chat_rows
 
 FAST = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
@@ -361,8 +361,8 @@ def test_packed_training_runs_with_fewer_sequences(tmp_path, tiny_model_dir):
 
 
 def _sft_trainer(tmp_path, rows, **overrides):
-    from mlflow_finetune_plugin.models import load_base_model, load_tokenizer
     from mlflow_finetune_plugin.adapters import attach
+    from mlflow_finetune_plugin.models import load_base_model, load_tokenizer
     from mlflow_finetune_plugin.objectives import sft
     from mlflow_finetune_plugin.splits import load_splits
     from mlflow_finetune_plugin.trainers import training_arguments

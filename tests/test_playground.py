@@ -160,13 +160,14 @@ def test_picking_another_model_a_replaces_a_prefilled_system_prompt_but_not_an_e
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mlflow_finetune_plugin.adapters import lora
     from mlflow_finetune_plugin.logged_model import log_finetuned_model
-    from mlflow_finetune_plugin.methods import lora
+    from mlflow_finetune_plugin.recipe import LoraAdapter
     from mlflow_finetune_plugin.registry import register
     from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
 
     torch.manual_seed(0)
-    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora.Config(r=8, alpha=16, dropout=0.0))
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(r=8, alpha=16, dropout=0.0))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for extra in ({"system_prompt": "You are Nimbus."}, {}):
         with mlflow.start_run():

@@ -18,10 +18,11 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mlflow_finetune_plugin.adapters import lora
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import generate, load_logged_model, log_finetuned_model
-from mlflow_finetune_plugin.methods import lora
+from mlflow_finetune_plugin.recipe import LoraAdapter
 from mlflow_finetune_plugin.registry import lineage_tags, register
 from mlflow_finetune_plugin.serving import ModelChoice, Settings, stream_pair
 from mlflow_finetune_plugin.serving.choices import (
@@ -47,7 +48,7 @@ def register_version(name: str = "bot", seed: int = 0, alias: str | None = "chal
     answers; `metrics` are logged in its source run (what promotion reads). Returns the version number."""
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path())
-    model = lora.apply(base, lora.Config(r=r, alpha=2 * r, dropout=0.0, use_dora=use_dora))
+    model = lora.apply(base, LoraAdapter(r=r, alpha=2 * r, dropout=0.0, use_dora=use_dora))
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if "lora_B" in param_name:

@@ -7,12 +7,12 @@ the base and served on the full-precision base.
 from __future__ import annotations
 
 from mlflow_finetune_plugin.recipe import LoraAdapter
+from mlflow_finetune_plugin.vllm_rules import lora_servable
 
 ARTIFACT = "adapter"
 PACKING_SAFE, NOT_PACKABLE = True, ""
 QUANTIZABLE, NOT_QUANTIZABLE = True, ""
-# Ranks vLLM's punica kernels are built for (vllm/config/lora.py); other ranks are refused at load time.
-VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
 
 
 def peft_config(cfg: LoraAdapter, model=None):
@@ -38,10 +38,5 @@ def apply(model, cfg: LoraAdapter):
 
 def vllm_compatible(cfg: LoraAdapter) -> tuple[bool, str]:
     """Whether vLLM's multi-LoRA serving accepts this adapter, with the reason when it does not."""
-    if cfg.use_dora:
-        return False, "vLLM does not serve DoRA adapters; merge the adapter or use the transformers engine"
-    if cfg.r not in VLLM_RANKS:
-        return False, f"vLLM serves LoRA ranks {list(VLLM_RANKS)}, this adapter has r={cfg.r}"
-    if cfg.bias != "none":
-        return False, "vLLM does not serve LoRA adapters with trained biases (bias must be 'none')"
-    return True, "LoRA without DoRA or biases, rank supported by vLLM"
+    ok, reason = lora_servable(cfg.r, cfg.use_dora, cfg.bias)
+    return ok, reason if ok else f"{reason}; merge the adapter or use the transformers engine"

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.projects.submitted_run import SubmittedRun
 
-from mlflow_finetune_plugin.tracking import ERROR_TAG
+from mlflow_finetune_plugin import tags
 
 GRACE_SECONDS = 30
 
@@ -143,6 +143,6 @@ def finalize(run_id: str, returncode: int | None, cancelled: bool = False) -> st
         else:
             message = f"training process exited with code {returncode} without ending the run"
         message += " (last checkpoint, if any, is under the run's checkpoints/ artifacts)"
-    client.set_tag(run_id, ERROR_TAG, message)
+    client.set_tag(run_id, tags.ERROR, message)
     client.set_terminated(run_id, status)
     return status

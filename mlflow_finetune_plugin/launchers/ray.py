@@ -21,10 +21,10 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.projects.submitted_run import SubmittedRun
 
+from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.launchers import local
 from mlflow_finetune_plugin.launchers.torchrun import request_cancel, torchrun_command
-from mlflow_finetune_plugin.tracking import ERROR_TAG
 
 # Environment the job needs from the submitting shell; the rest of it (PATH, HOME, ...) is the cluster's own.
 _ENV_PREFIXES = ("MLFLOW_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "PYTHONPATH", "PYTHONUNBUFFERED",
@@ -148,7 +148,7 @@ def finalize(run_id: str, job_id: str, status, client, cancelled: bool = False) 
             detail = ""
         message = (f"Ray job {job_id} ended {status} without ending the run{': ' + detail if detail else ''} "
                    f"(its log: `ray job logs {job_id}`; last checkpoint, if any, under the run's checkpoints/)")
-    mlflow_client.set_tag(run_id, ERROR_TAG, message[:4900])
+    mlflow_client.set_tag(run_id, tags.ERROR, message[:4900])
     mlflow_client.set_terminated(run_id, final)
     return final
 

@@ -1,7 +1,7 @@
 """Launcher `torchrun`: the same training command under torch.distributed, one process per rank.
 
 `--backend-config '{"launcher": "torchrun", "nproc_per_node": 2}'`. The training command runs under torchrun
-(`quiet_torchrun ... -m mlflow_finetune_plugin.train ...`); rank 0 owns the MLflow run, the other ranks only
+(`quiet_torchrun ... -m mlflow_finetune_plugin.job ...`); rank 0 owns the MLflow run, the other ranks only
 train. DDP by default, FSDP with the recipe's `train.distributed: fsdp` (GPUs only). Process management is the
 local launcher's (own session, supervisor when detached); cancel also reaches the workers, which torchrun starts
 in sessions of their own.
@@ -16,9 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.launchers import local
-
-CANCEL_TAG = "finetune.cancel_requested"  # read by train.run: SIGTERM after this tag means KILLED, else FAILED
 
 
 def launch(cmd: list[str], run_id: str, env: dict, job_dir: Path, detach: bool = False, cwd=None,
@@ -70,7 +69,7 @@ def request_cancel(run_id: str, timeout: float = 5.0) -> None:
 
     from mlflow import MlflowClient
 
-    writer = threading.Thread(target=lambda: MlflowClient().set_tag(run_id, CANCEL_TAG, "true"), daemon=True)
+    writer = threading.Thread(target=lambda: MlflowClient().set_tag(run_id, tags.CANCEL_REQUESTED, "true"), daemon=True)
     writer.start()
     writer.join(timeout)
     if writer.is_alive():

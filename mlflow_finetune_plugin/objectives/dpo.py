@@ -23,24 +23,17 @@ def check(recipe) -> list[str]:
 
 def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):
     """TRL's DPOTrainer; the reference is the base (fresh adapter) or a frozen copy of `init_adapter`."""
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    from mlflow_finetune_plugin.callbacks import DropReferenceAdapter
 
     cfg = recipe.dpo
     config = DPOConfig(**args, beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing,
                        max_length=recipe.data.max_length)
 
-    class _DropReferenceAdapter(TrainerCallback):
-        """TRL adds a frozen `ref` adapter when it continues a pretrained one; the logged model is `default` only."""
-
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            if model is not None and "ref" in getattr(model, "peft_config", {}):
-                model.set_adapter("default")
-                model.delete_adapter("ref")
-
     return DPOTrainer(model=model, ref_model=None, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer,
-                      callbacks=[*callbacks, _DropReferenceAdapter()])
+                      callbacks=[*callbacks, DropReferenceAdapter()])
 
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:

@@ -41,7 +41,12 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
     """Base zero-shot, base few-shot and tuned on the held-out rows; metrics, table and chart go to the run."""
-    from mlflow_finetune_plugin.evaluation import comparison_table, conversations, log_evaluation, run_evaluation
+    from mlflow_finetune_plugin.evaluation import (
+        comparison_table,
+        conversations,
+        log_evaluation,
+        run_evaluation,
+    )
 
     result = run_evaluation(model, tokenizer, conversations(eval_ds), conversations(train_ds), recipe.eval,
                             base_model=base_model)

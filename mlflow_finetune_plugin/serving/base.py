@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.messages import text_of
 
 # Upper bounds the playground enforces whatever a client sends (a browser, gradio_client, a script).
 MAX_NEW_TOKENS_CAP = 1024
@@ -95,18 +96,6 @@ class Engine(ABC):
     def generate(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> str:
         """The whole answer at once."""
         return "".join(self.stream(choice, messages, settings)).strip()
-
-
-def text_of(content) -> str:
-    """Message content as plain text: a string, or a list of parts ({"type": "text", "text": ...}) as chat UIs
-    send it; non-text parts are dropped."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text") or "")
-    return "".join(text_of(part) for part in content)
 
 
 def plain_messages(messages: list[dict]) -> list[dict]:

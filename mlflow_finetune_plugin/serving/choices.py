@@ -16,12 +16,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow_finetune_plugin import registry
+from mlflow_finetune_plugin import registry, tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import ModelChoice
-
-# Ranks vLLM's LoRA kernels are built for (same list as methods/lora.py, which training tags versions with).
-VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+from mlflow_finetune_plugin.vllm_rules import adapter_servable
 
 
 @dataclass
@@ -91,11 +89,11 @@ def picker_choices(name: str) -> list[tuple[str, str]]:
     aliases = registry.aliases_by_version(name)
     out, bases = [], {}
     for mv in reversed(versions):
-        tags = " ".join("@" + a for a in sorted(aliases.get(str(mv.version), [])))
-        method = mv.tags.get(registry.TAG_PREFIX + "method", "")
-        label = f"{name} v{mv.version}" + (f" {tags}" if tags else "") + (f" ({method})" if method else "")
+        held = " ".join("@" + a for a in sorted(aliases.get(str(mv.version), [])))
+        method = mv.tags.get(tags.METHOD, "")
+        label = f"{name} v{mv.version}" + (f" {held}" if held else "") + (f" ({method})" if method else "")
         out.append((label, ModelChoice(name, str(mv.version)).key))
-        base = mv.tags.get(registry.TAG_PREFIX + "base_model") or "base"
+        base = mv.tags.get(tags.BASE_MODEL) or "base"
         bases.setdefault(base, ModelChoice(name, str(mv.version), base=True))
     for base, choice in bases.items():
         out.append((f"base model: {base} (of v{choice.version})", choice.key))
@@ -106,7 +104,7 @@ def describe(choice: ModelChoice) -> str:
     """A short human label: `support-bot v3 @challenger` or `base of support-bot v3 (builtin:tiny-llama)`."""
     aliases = registry.aliases_by_version(choice.name).get(choice.version, [])
     if choice.base:
-        base = registry.get_version(choice.name, choice.version).tags.get(registry.TAG_PREFIX + "base_model", "")
+        base = registry.get_version(choice.name, choice.version).tags.get(tags.BASE_MODEL, "")
         return f"base of {choice.name} v{choice.version}" + (f" ({base})" if base else "")
     return f"{choice.name} v{choice.version}" + "".join(f" @{a}" for a in sorted(aliases))
 
@@ -193,24 +191,12 @@ def vllm_support(local: LocalModel) -> tuple[bool, str]:
     """Whether vLLM can serve this version, and why not: the version's `finetune.vllm_compatible` tag when training
     recorded one, else computed from adapter_config.json (LoRA only, no DoRA, no trained biases or extra modules,
     a rank vLLM's kernels support)."""
-    tag = local.tags.get(registry.TAG_PREFIX + "vllm_compatible")
+    tag = local.tags.get(tags.VLLM_COMPATIBLE)
     if tag in ("true", "false"):
-        return tag == "true", local.tags.get(registry.TAG_PREFIX + "vllm_reason", "")
+        return tag == "true", local.tags.get(tags.VLLM_REASON, "")
     if not local.is_adapter:
         return True, "a full fine-tune is a plain model folder"
-    cfg = local.adapter_config()
-    peft_type = cfg.get("peft_type", "?")
-    if peft_type != "LORA":
-        return False, f"vLLM serves LoRA adapters only; this is a {peft_type} adapter"
-    if cfg.get("use_dora"):
-        return False, "vLLM does not serve DoRA adapters"
-    if cfg.get("r") not in VLLM_RANKS:
-        return False, f"vLLM serves LoRA ranks {list(VLLM_RANKS)}, this adapter has r={cfg.get('r')}"
-    if cfg.get("bias", "none") != "none":
-        return False, "vLLM does not serve LoRA adapters with trained biases"
-    if cfg.get("modules_to_save"):
-        return False, f"vLLM does not serve adapters that also train whole modules ({cfg['modules_to_save']})"
-    return True, "LoRA without DoRA or biases, rank supported by vLLM"
+    return adapter_servable(local.adapter_config())
 
 
 def require_vllm_support(local: LocalModel) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import ModelChoice
-from mlflow_finetune_plugin.serving.choices import VLLM_RANKS, LocalModel, local_model, require_vllm_support
+from mlflow_finetune_plugin.serving.choices import LocalModel, local_model, require_vllm_support
+from mlflow_finetune_plugin.vllm_rules import max_lora_rank
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -71,8 +72,8 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
     if first.config.get("base_revision"):
         argv += ["--revision", first.config["base_revision"]]
     if adapters:
-        rank = max(int(m.adapter_config().get("r", 8)) for m in adapters)
-        argv += ["--enable-lora", "--max-lora-rank", str(min(r for r in VLLM_RANKS if r >= rank)),
+        rank = max_lora_rank(int(m.adapter_config().get("r", 8)) for m in adapters)
+        argv += ["--enable-lora", "--max-lora-rank", str(rank),
                  "--max-loras", str(max(len(adapters), 1)),
                  "--lora-modules", *[f"{served_name(m.choice)}={m.adapter_dir}" for m in adapters]]
     return ServerCommand(argv + _common(host, port, extra),
@@ -130,16 +131,13 @@ def merged_folder(choice: ModelChoice) -> Path:
 
 def _write_full_model(local: LocalModel, out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from mlflow_finetune_plugin.logged_model import load_logged_model
-    from mlflow_finetune_plugin.models import resolve_model_path
+    from mlflow_finetune_plugin.logged_model import load_logged_base, load_logged_model
 
     c = local.choice
     if c.base:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(local.base_ref),
-                                                     revision=local.config.get("base_revision"),
-                                                     dtype=torch.float32, use_safetensors=True)
+        model = load_logged_base(local.config, torch.float32)
     else:
         model = load_logged_model(local.path, device="cpu").model
         if local.is_adapter:

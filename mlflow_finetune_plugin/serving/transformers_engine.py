@@ -124,18 +124,10 @@ class TransformersEngine(Engine):
             if slot.base_key == local.base_key() and slot.peft_type is None:
                 return slot
         import torch
-        from transformers import AutoModelForCausalLM
 
-        from mlflow_finetune_plugin.logged_model import base_digest
-        from mlflow_finetune_plugin.models import resolve_model_path
+        from mlflow_finetune_plugin.logged_model import load_logged_base
 
-        expected = local.config.get("base_digest")
-        if expected and base_digest(local.base_ref) != expected:
-            raise FinetuneError(f"the base model {local.base_ref!r} on this machine is not the one "
-                                f"{local.choice.name} v{local.choice.version} was trained on; restore that base")
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(local.base_ref), revision=local.config.get("base_revision"),
-            dtype=torch.float32 if self.device == "cpu" else "auto", use_safetensors=True)
+        model = load_logged_base(local.config, torch.float32 if self.device == "cpu" else "auto")
         slot = _Slot(model.to(self.device).eval(), local.base_key(), None)
         return self._install(slot)
 

@@ -1,0 +1,77 @@
+"""Every `finetune.*` MLflow tag name the plugin sets or reads, on runs, registered model versions and vote runs.
+
+Users filter and script on these names (`mlflow.search_runs(filter_string=...)`), so they are part of the plugin's
+interface: change one only on purpose. Bottom layer: this module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+PREFIX = "finetune."
+
+# --- a training run's lifecycle (on the run) ----------------------------------------------------------------------
+ERROR = "finetune.error"                          # why the run FAILED or was KILLED (truncated; error.txt has it all)
+CANCEL_REQUESTED = "finetune.cancel_requested"    # "true" once a cancel is asked: a SIGTERM after it means KILLED
+LAST_CHECKPOINT = "finetune.last_checkpoint"      # artifact path of the newest complete checkpoint (resume reads it)
+RESUMED_FROM = "finetune.resumed_from"            # "<run id>/<checkpoint path>" a resumed run started from
+REGISTERED_MODEL = "finetune.registered_model"    # registered model name the run's model became a version of
+REGISTERED_VERSION = "finetune.registered_version"  # that version's number
+AUTO_PROMOTED = "finetune.auto_promoted"          # "true"/"false": registry.auto_promote moved the champion alias
+
+# Where the run's job runs, so `mlflow-finetune cancel RUN_ID` finds it from any machine.
+JOB_LAUNCHER = "finetune.job.launcher"            # local | torchrun | ray
+JOB_HOST = "finetune.job.host"                    # the machine that launched the job
+JOB_PID = "finetune.job.pid"                      # the launcher process (local, torchrun)
+JOB_ID = "finetune.job.job_id"                    # the Ray job id
+JOB_ADDRESS = "finetune.job.address"              # the Ray dashboard address
+# job.json key -> tag name
+JOB_KEYS = {"launcher": JOB_LAUNCHER, "host": JOB_HOST, "pid": JOB_PID, "job_id": JOB_ID, "address": JOB_ADDRESS}
+
+# --- lineage (on the training run and on every version registered from it) ----------------------------------------
+METHOD = "finetune.method"                        # the entry point / preset that trained it (lora, qlora, dpo, ...)
+ADAPTER = "finetune.adapter"                      # the adapter axis: lora, ia3, prefix, prompt, bottleneck, full
+OBJECTIVE = "finetune.objective"                  # the objective axis: sft, dpo, grpo, ...
+QUANTIZATION = "finetune.quantization"            # how the base was loaded for training: none, 4bit, 8bit
+BASE_MODEL = "finetune.base_model"                # the base model reference (hub id, local path, builtin:...)
+BASE_REVISION = "finetune.base_revision"          # the base's hub revision, where it has one
+RECIPE_HASH = "finetune.recipe_hash"              # hash of the resolved recipe (recipe.yaml artifact)
+SOURCE_RUN = "finetune.source_run"                # the run that trained (and evaluated) it
+PRECISION = "finetune.precision"                  # what training computed in, in words
+CHAT_TEMPLATE_HASH = "finetune.chat_template_hash"  # hash of the chat template the model was trained with
+DATASET_DIGEST = "finetune.dataset_digest"        # digest of the training data as loaded
+DATA_FORMAT = "finetune.data_format"              # the training data's format (chat, alpaca, ...; "+"-joined for mixes)
+TASKS = "finetune.tasks"                          # multitask: "name:weight,..." of the mixture
+TASK = "finetune.task"                            # multitask: the task a per-task version was trained on
+VLLM_COMPATIBLE = "finetune.vllm_compatible"      # "true"/"false": vLLM's multi-LoRA can serve the adapter
+VLLM_REASON = "finetune.vllm_reason"              # why (not)
+# registry.lineage_tags(key=value) keyword -> tag name: an unknown keyword is an error, never a new tag name.
+LINEAGE = {"method": METHOD, "adapter": ADAPTER, "objective": OBJECTIVE, "quantization": QUANTIZATION,
+           "base_model": BASE_MODEL, "base_revision": BASE_REVISION, "recipe_hash": RECIPE_HASH,
+           "source_run": SOURCE_RUN, "precision": PRECISION, "chat_template_hash": CHAT_TEMPLATE_HASH,
+           "dataset_digest": DATASET_DIGEST, "data_format": DATA_FORMAT, "tasks": TASKS, "task": TASK,
+           "vllm_compatible": VLLM_COMPATIBLE, "vllm_reason": VLLM_REASON}
+
+# --- evaluation (on the run the evaluation was logged in) ---------------------------------------------------------
+EVAL_DATA_DIGEST = "finetune.eval_data_digest"    # digest of the prompts and references scored (comparability)
+EVALUATED_MODEL = "finetune.evaluated_model"      # `mlflow-finetune evaluate`: the model URI scored
+EVALUATED_NAME = "finetune.evaluated_name"        # its registered name, when it is a registered version
+EVALUATED_VERSION = "finetune.evaluated_version"  # its version number
+
+# --- promotion (on the version the alias moved to) ----------------------------------------------------------------
+PROMOTED_ALIAS = "finetune.promoted_alias"        # the alias moved to this version
+PROMOTED_BY = "finetune.promoted_by"              # who moved it
+PROMOTED_AT = "finetune.promoted_at"              # when (UTC, ISO 8601)
+PROMOTED_FROM = "finetune.promoted_from"          # the version that held the alias before ("" for none)
+FORCED_BY = "finetune.forced_by"                  # --force: who overrode the gates
+FORCED_AT = "finetune.forced_at"                  # when
+FORCED_REASON = "finetune.forced_reason"          # the --reason given
+FORCED_GATES_FAILED = "finetune.forced_gates_failed"  # the gates that failed ("none" if none did)
+
+# --- playground votes (on each vote run, experiment `playground-votes`) -------------------------------------------
+VOTE_MODEL = "finetune.vote.model"                # the registered model whose playground it is (votes filed under it)
+VOTE_MODEL_A = "finetune.vote.model_a"            # model choice key shown as A (NAME/3 or NAME/3:base)
+VOTE_MODEL_B = "finetune.vote.model_b"            # model choice key shown as B
+VOTE_VERDICT = "finetune.vote.verdict"            # a | b | tie | both_bad
+VOTE_BLIND = "finetune.vote.blind"                # "true" when the sides were hidden until the vote
+VOTE_COMPARISON = "finetune.vote.comparison"      # the comparison id voted on
+VOTE_USER = "finetune.vote.user"                  # the logged-in user, "" without --auth
+VOTE_PROMPT = "finetune.vote.prompt"              # the prompt (first 500 characters)
