@@ -283,7 +283,7 @@ def test_the_bundled_grpo_recipe_checks_clean_with_its_data_and_rewards():
     assert recipe.objective == "grpo" and recipe.data.format == "prompt_only"
     assert grpo.check(recipe) == []
     train_ds, _ = load_training_dataset(recipe.data.train, recipe.data.format, recipe.data.system_prompt)
-    assert len(train_ds) >= 200 and train_ds.column_names == ["prompt", "answer"]
+    assert len(train_ds) == 104 and train_ds.column_names == ["prompt", "answer"]
     exact, brevity = load_rewards(recipe.grpo.rewards, recipe.project_dir)
     completions = [[{"role": "assistant", "content": c}] for c in ("125", "The sum is 125.", "")]
     assert brevity.weight == 0.25

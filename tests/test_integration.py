@@ -39,7 +39,8 @@ def test_mlflow_run_lora_backend_finetune(tmp_path, tracking_uri):
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.project.backend"] == "finetune"
     assert run.data.tags["mlflow.project.entryPoint"] == "lora"
-    assert run.data.params["train.max_steps"] == "40" and run.data.params["lora.r"] == "16"
+    assert run.data.params["train.max_steps"] == "40" and run.data.params["adapter.r"] == "16"
+    assert run.data.params["adapter.type"] == "lora" and run.data.params["objective"] == "sft"
 
     # The loss curve falls and the eval loss beats the untouched base.
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]

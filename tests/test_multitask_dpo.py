@@ -308,10 +308,10 @@ def test_preference_margins_of_padded_batches_equal_the_hand_computation(tiny_mo
     assert metrics["eval/tuned/pref_accuracy"] == sum(m > 0 for m in by_hand) / len(rows)
 
 
-def test_dpo_init_adapter_errors_name_the_key(tmp_path, tracking_uri):
+def test_init_adapter_errors_name_the_key(tmp_path, tracking_uri):
     from mlflow_finetune_plugin.adapters import resolve_adapter
 
-    with pytest.raises(FinetuneError, match="dpo.init_adapter: cannot resolve"):
+    with pytest.raises(FinetuneError, match="model.init_adapter: cannot resolve"):
         resolve_adapter("models:/nothing-here/1")
     (tmp_path / "folder").mkdir()
     with pytest.raises(FinetuneError, match="not a LoRA adapter"):

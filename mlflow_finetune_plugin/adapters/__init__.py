@@ -77,7 +77,7 @@ def resolve_adapter(ref: str):
     folder = local / "artifacts" / "adapter" if (local / "artifacts" / "adapter").is_dir() else local
     config = folder / "adapter_config.json"
     if not config.exists():
-        raise FinetuneError(f"model.init_adapter: {ref!r} is not an adapter (no adapter_config.json in {folder}); "
+        raise FinetuneError(f"model.init_adapter: {ref!r} is not a LoRA adapter (no adapter_config.json in {folder}); "
                             "a full fine-tune is continued by naming it as model.name instead")
     if json.loads(config.read_text()).get("peft_type") != "LORA":
         raise FinetuneError(f"model.init_adapter: {ref!r} is not a LoRA adapter; only LoRA adapters are continued")
