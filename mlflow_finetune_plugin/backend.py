@@ -62,7 +62,7 @@ class FinetuneBackend(AbstractBackend):
                 raise ExecutionException(f"--backend-config: {e}") from None
         work_dir = _fetch_project(project_uri, version)
         try:
-            recipe, project_command = _resolve_entry_point(work_dir, entry_point, params)
+            recipe, project_command = resolve_entry_point(work_dir, entry_point, params)
         except FinetuneError as e:
             raise ExecutionException(str(e)) from None
 
@@ -99,7 +99,7 @@ class FinetuneBackend(AbstractBackend):
         return submitted
 
 
-def _resolve_entry_point(work_dir: str, entry_point: str, params: dict):
+def resolve_entry_point(work_dir: str, entry_point: str, params: dict):
     """(recipe, None) for a preset entry point, validated with its data; (None, command) for an MLproject one."""
     from mlflow_finetune_plugin.data_check import check_data
     from mlflow_finetune_plugin.recipe import load_recipe
@@ -108,7 +108,7 @@ def _resolve_entry_point(work_dir: str, entry_point: str, params: dict):
     if entry_point in PRESETS or entry_point == "main" and project_entry is None:
         recipe = load_recipe(work_dir, method=entry_point if entry_point in PRESETS else None, overrides=params)
         check_combination(recipe)
-        _check_data(recipe, check_data)
+        check_recipe_data(recipe, check_data)
         return recipe, None
     if project_entry is not None:
         return None, project_entry.compute_command(params, storage_dir=None)
@@ -135,7 +135,7 @@ def check_combination(recipe) -> None:
         raise RecipeError(problems, "finetune.yaml")
 
 
-def _check_data(recipe, check_data) -> None:
+def check_recipe_data(recipe, check_data) -> None:
     """Every data file of the recipe, row by row, in the format its method trains on; raises listing all problems,
     prints the warnings (errors too with `data.strict`). A declared format the method cannot train on gives way to
     the rows' own format where the objective takes that one (`-e dpo` on preference rows of a `format: chat` recipe);

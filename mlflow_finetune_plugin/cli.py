@@ -111,14 +111,14 @@ def train_cmd(ctx, project, method, params):
     Inside `mlflow run` (local backend) it trains in the run MLflow created; otherwise it starts a new run.
     Prefer `mlflow run PROJECT -e METHOD --backend finetune`, which also validates before starting a run.
     """
-    from mlflow_finetune_plugin.backend import _check_data, check_combination
+    from mlflow_finetune_plugin.backend import check_recipe_data, check_combination
     from mlflow_finetune_plugin.data_check import check_data
     from mlflow_finetune_plugin.job import run
     from mlflow_finetune_plugin.recipe import load_recipe
 
     recipe = load_recipe(project, method=method, overrides=_pairs(params, ctx.args))
     check_combination(recipe)
-    _check_data(recipe, check_data)
+    check_recipe_data(recipe, check_data)
     sys.exit(run(recipe))
 
 

@@ -43,7 +43,7 @@ def training_arguments(recipe, run_id: str, eval_ds) -> dict:
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=t.save_steps,
-        **_checkpointing_argument(t.gradient_checkpointing),
+        **checkpointing_argument(t.gradient_checkpointing),
         bf16=on_gpu and dtype == torch.bfloat16 or autocast,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
@@ -53,7 +53,7 @@ def training_arguments(recipe, run_id: str, eval_ds) -> dict:
     )
 
 
-def _checkpointing_argument(enabled: bool) -> dict:
+def checkpointing_argument(enabled: bool) -> dict:
     """transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` (old name deprecated)."""
     from transformers import TrainingArguments
 

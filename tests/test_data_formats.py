@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mlflow_finetune_plugin.backend import _check_data
+from mlflow_finetune_plugin.backend import check_recipe_data
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.data import (
     DataError,
@@ -218,7 +218,7 @@ def test_column_errors_name_the_missing_column_and_the_columns_that_exist(tmp_pa
                                  [{"question": "q", "answer": "a"}]))
     with pytest.raises(FinetuneError, match=r"data.columns.prompt: no row has a column 'query'; the rows have: "
                                             r"answer, question"):
-        _check_data(recipe, check_data)
+        check_recipe_data(recipe, check_data)
 
 
 # ---------------------------------------------------------------- 3. OpenAI format: weights
@@ -342,7 +342,7 @@ def test_tool_rows_on_a_template_without_tools_are_errors_with_their_lines(tmp_p
     proj = project(tmp_path / "p", "data: {max_length: 256}\n", [tool_row("Paris"), *qa_rows(60)])
     with pytest.raises(FinetuneError, match=r"train.jsonl:1: tool calls or tools \(get_weather\) that the chat "
                                             r"template of tiny does not render"):
-        _check_data(load_recipe(proj), check_data)
+        check_recipe_data(load_recipe(proj), check_data)
 
 
 # ---------------------------------------------------------------- 4. Hugging Face datasets
@@ -363,7 +363,7 @@ def test_hf_dataset_offline_error_names_it_and_suggests_a_local_file(tmp_path, m
     assert recipe.data.train == "hf:ridgeway/bike-faq"
     with pytest.raises(FinetuneError, match=r"hf:ridgeway/bike-faq: cannot load the Hugging Face dataset "
                                             r"'ridgeway/bike-faq': the hub is not reachable"):
-        _check_data(recipe, check_data)
+        check_recipe_data(recipe, check_data)
     (tmp_path / "finetune.yaml").write_text("data: {train: 'hf:'}\n")
     with pytest.raises(RecipeError, match="data.train: 'hf:' names no dataset; write hf:ORG/NAME"):
         load_recipe(tmp_path)
@@ -441,12 +441,12 @@ def test_train_eval_overlap_is_flagged_in_data_check_and_before_a_run(tmp_path, 
     assert result.exit_code == 1
     # The backend's pre-flight check warns (and goes on); with data.strict it stops.
     proj = project(tmp_path / "p", "data: {eval: data/eval.jsonl}\n", qa_rows(60), [*qa_rows(2, 100), qa_rows(1, 7)[0]])
-    _check_data(load_recipe(proj), check_data)
+    check_recipe_data(load_recipe(proj), check_data)
     err = capsys.readouterr().err
     assert "Data warnings (advice before training; `data.strict: true` makes them errors):" in err
     assert "eval.jsonl:3: same prompt as " in err and "train.jsonl:8" in err
     with pytest.raises(FinetuneError, match=r"eval.jsonl:3: same prompt as .*train.jsonl:8"):
-        _check_data(load_recipe(proj, overrides={"data.strict": "true"}), check_data)
+        check_recipe_data(load_recipe(proj, overrides={"data.strict": "true"}), check_data)
 
 
 def test_answers_cut_by_max_length_with_the_share_of_tokens_lost(tmp_path, tokenizer):
@@ -503,7 +503,7 @@ def test_dpo_with_a_chat_eval_file_says_how_to_fix_the_eval_split(tmp_path):
     jsonl(proj / "data" / "eval.jsonl", qa_rows(5))
     jsonl(proj / "prefs.jsonl", PREFS)
     with pytest.raises(FinetuneError) as e:
-        _check_data(load_recipe(proj, method="dpo", overrides={"data": "prefs.jsonl"}), check_data)
+        check_recipe_data(load_recipe(proj, method="dpo", overrides={"data": "prefs.jsonl"}), check_data)
     line = str(e.value).splitlines()[1]
     assert "data/eval.jsonl: data.eval is chat data, but the `dpo` method trains on preference rows" in line
     assert "-P data.eval=FILE" in line and "clear it (-P data.eval=;" in line
@@ -513,7 +513,7 @@ def test_dpo_on_preference_rows_of_a_chat_recipe_infers_the_format(tmp_path, cap
     proj = project(tmp_path, "data:\n  format: chat\n  max_length: 64\n", qa_rows(60))
     jsonl(proj / "prefs.jsonl", PREFS)
     recipe = load_recipe(proj, method="dpo", overrides={"data": "prefs.jsonl"})
-    _check_data(recipe, check_data)
+    check_recipe_data(recipe, check_data)
     assert recipe.data.format == "preference"  # what the training process reads them as
     err = capsys.readouterr().err
     assert (f"Note: data.format is 'chat', but -e dpo trains on preference rows and {proj / 'prefs.jsonl'} holds "
@@ -521,7 +521,7 @@ def test_dpo_on_preference_rows_of_a_chat_recipe_infers_the_format(tmp_path, cap
     assert "only 41 training rows" in err  # the advice, not an error
     # -e lora on the same rows: one line naming the entry point that takes them
     with pytest.raises(FinetuneError) as e:
-        _check_data(load_recipe(proj, method="lora", overrides={"data": "prefs.jsonl"}), check_data)
+        check_recipe_data(load_recipe(proj, method="lora", overrides={"data": "prefs.jsonl"}), check_data)
     assert str(e.value).splitlines()[:2] == [
         "1 problem in the data; nothing was started:",
         f"  {proj / 'prefs.jsonl'}: data.train is preference data, but the `lora` method trains on chat, sharegpt, "

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 
-from mlflow_finetune_plugin.backend import _resolve_entry_point
+from mlflow_finetune_plugin.backend import resolve_entry_point
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.presets import PRESETS
 from mlflow_finetune_plugin.recipe import Recipe
@@ -192,7 +192,7 @@ def _validate(recipe_bytes: bytes, data_bytes: bytes, params: dict, entry_point:
         (proj / "finetune.yaml").write_bytes(recipe_bytes)
         (proj / "data" / "train.jsonl").write_bytes(data_bytes)
         try:
-            recipe, _ = _resolve_entry_point(str(proj), entry_point, params)
+            recipe, _ = resolve_entry_point(str(proj), entry_point, params)
         except FinetuneError as e:
             message = str(e)
             assert message.strip() and "Traceback" not in message

@@ -109,11 +109,11 @@ def _trainer(model, tok, out_dir, gradient_checkpointing=False):
     from trl import SFTConfig
 
     from mlflow_finetune_plugin.objectives.sft_trainer import FinetuneSFTTrainer
-    from mlflow_finetune_plugin.trainers import _checkpointing_argument
+    from mlflow_finetune_plugin.trainers import checkpointing_argument
 
     args = SFTConfig(output_dir=str(out_dir), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                      report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, max_length=64,
-                     **_checkpointing_argument(gradient_checkpointing), dataloader_num_workers=0, seed=0,
+                     **checkpointing_argument(gradient_checkpointing), dataloader_num_workers=0, seed=0,
                      bf16=False, fp16=False)  # fp32 on CPU, as train.py does; TRL would default to bf16
     # The plugin's trainer with its CPU loss path (the model's own loss, train.fused_lm_head: auto off CUDA).
     return FinetuneSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(chat_rows(4)),

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import torch
 
-from mlflow_finetune_plugin.backend import _check_data
+from mlflow_finetune_plugin.backend import check_recipe_data
 from mlflow_finetune_plugin.data_check import check_data
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
 from mlflow_finetune_plugin.job import run
@@ -96,7 +96,7 @@ def test_multitask_mixes_rows_by_weight_and_checks_every_task_file(tmp_path):
     # A broken line in any task is reported by file and line before anything starts.
     (project / "data" / "label.jsonl").write_text('{"instruction": "x", "input": "y", "output": "z"}\n{oops\n')
     with pytest.raises(FinetuneError, match=r"label\.jsonl:2"):
-        _check_data(load_recipe(project), check_data)
+        check_recipe_data(load_recipe(project), check_data)
 
 
 def test_a_multitask_task_can_be_sharegpt(tmp_path):
@@ -106,7 +106,7 @@ def test_a_multitask_task_can_be_sharegpt(tmp_path):
     _jsonl(project / "data" / "label.jsonl", [{"conversations": [{"from": "human", "value": f"Label item {i}"},
                                                                  {"from": "gpt", "value": f"L{i % 3}"}]}
                                               for i in range(8)])
-    _check_data(load_recipe(project), check_data)
+    check_recipe_data(load_recipe(project), check_data)
     data = load_splits(load_recipe(project))
     mixed, fmt = data.train, data.fmt
     assert "sharegpt" in fmt.split("+")
@@ -162,11 +162,11 @@ def test_dpo_refuses_non_preference_data_and_sft_refuses_preference_data(tmp_pat
     _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(4))
     (tmp_path / "finetune.yaml").write_text("method: dpo\n")
     with pytest.raises(FinetuneError, match=r"is chat data, but the `dpo` method trains on preference rows"):
-        _check_data(load_recipe(tmp_path), check_data)
+        check_recipe_data(load_recipe(tmp_path), check_data)
     _jsonl(tmp_path / "data" / "train.jsonl", _pref_rows(4))
     with pytest.raises(FinetuneError, match=r"preference data, but the `lora` method.*Use the `dpo` method"):
-        _check_data(load_recipe(tmp_path, method="lora"), check_data)
-    _check_data(load_recipe(tmp_path), check_data)  # and dpo takes it
+        check_recipe_data(load_recipe(tmp_path, method="lora"), check_data)
+    check_recipe_data(load_recipe(tmp_path), check_data)  # and dpo takes it
 
 
 def _dpo_project(root: Path, extra: str = "") -> Path:
@@ -322,7 +322,7 @@ def test_bundled_multitask_and_dpo_recipes_validate_with_their_data():
     for name, method in (("multitask", "multitask"), ("dpo", "dpo")):
         recipe = load_recipe(REPO / "recipes" / name)
         assert recipe.method == method
-        _check_data(recipe, check_data)
+        check_recipe_data(recipe, check_data)
     assert len(load_recipe(REPO / "recipes" / "multitask").data.tasks) >= 3
 
 

@@ -14,7 +14,7 @@ import torch
 
 from mlflow_finetune_plugin import quantization
 from mlflow_finetune_plugin.adapters import ADAPTERS, adapter_of, attach
-from mlflow_finetune_plugin.backend import _resolve_entry_point
+from mlflow_finetune_plugin.backend import resolve_entry_point
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
 from mlflow_finetune_plugin.job import run
 from mlflow_finetune_plugin.models import load_base_model, load_tokenizer
@@ -70,7 +70,7 @@ def test_every_adapter_trains_with_every_objective(adapter, objective, quant, tm
     overrides = {**FAST, "adapter.type": adapter, "objective": objective, "model.quantization": quant,
                  "train.learning_rate": 1e-2}
     recipe = load_recipe(_project(tmp_path, objective), overrides=overrides)
-    recipe, _ = _resolve_entry_point(str(tmp_path), "main", overrides)  # the pre-flight checks pass, data included
+    recipe, _ = resolve_entry_point(str(tmp_path), "main", overrides)  # the pre-flight checks pass, data included
     data = load_splits(recipe)
     torch.manual_seed(0)
     model = load_base_model(recipe.model, **quantization.model_kwargs(recipe.model))
@@ -102,7 +102,7 @@ def test_matrix_covers_every_adapter_objective_and_quantization():
 def test_nonsense_combinations_are_refused_before_a_model_loads(overrides, method, reason, tmp_path):
     _project(tmp_path, "sft")
     with pytest.raises(FinetuneError) as info:
-        _resolve_entry_point(str(tmp_path), method, overrides)
+        resolve_entry_point(str(tmp_path), method, overrides)
     assert reason in str(info.value)
 
 
