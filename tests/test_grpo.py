@@ -314,3 +314,58 @@ def test_evaluate_scores_every_contender_with_the_rewards(tmp_path, tracking_uri
     metrics = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
     assert sorted(metrics) == ["eval/base/reward", "eval/base/reward_regex", "eval/n_examples", "eval/tuned/reward",
                                "eval/tuned/reward_regex"]
+
+
+# ---------------------------------------------------------------- end to end: `-e grpo` as a user runs it
+
+
+def _grpo_project(root: Path, rewards_py: str = "") -> Path:
+    _jsonl(root / "data" / "train.jsonl", _sums(8))
+    _jsonl(root / "data" / "eval.jsonl", _sums(2, 40))
+    (root / "rewards.py").write_text(rewards_py or "def length(prompts, completions, **kwargs):\n"
+                                     "    return [len(c[-1]['content']) / 40 for c in completions]\n")
+    (root / "finetune.yaml").write_text(
+        "data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
+        "grpo: {rewards: [exact_answer, length], num_generations: 2, max_completion_length: 6}\n"
+        "train: {max_steps: 2, batch_size: 2, logging_steps: 1, learning_rate: 1.0e-2}\n"
+        "eval: {max_examples: 2, max_new_tokens: 4, fewshot_k: 1}\n")
+    return root
+
+
+def test_grpo_continues_a_registered_lora_version(tmp_path, tracking_uri):
+    """`-e grpo -P model.init_adapter=models:/NAME@challenger`: reinforcement on top of an SFT version."""
+    from mlflow_finetune_plugin.backend import resolve_entry_point
+    from mlflow_finetune_plugin.job import run
+    from tests.conftest import chat_rows, write_project
+
+    sft = write_project(tmp_path / "sft", "train: {max_steps: 2, batch_size: 2}\neval: {enabled: false}\n",
+                        rows=chat_rows(4))
+    recipe, _ = resolve_entry_point(str(sft), "lora", {})
+    assert run(recipe) == 0
+    project = _grpo_project(tmp_path / "rl")
+    recipe, _ = resolve_entry_point(str(project), "grpo", {"model.init_adapter": "models:/sft@challenger"})
+    assert (recipe.objective, recipe.adapter.type) == ("grpo", "lora")
+    assert run(recipe) == 0
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("rl", "challenger")
+    assert version.tags["finetune.objective"] == "grpo" and version.tags["finetune.method"] == "grpo"
+    run_ = client.get_run(version.run_id)
+    assert {"train/reward", "train/kl", "eval/tuned/reward", "eval/base/reward"} <= set(run_.data.metrics)
+    # the version is an ordinary LoRA adapter of the SFT version's base
+    sft_version = client.get_model_version_by_alias("sft", "challenger")
+    assert version.tags["finetune.base_model"] == sft_version.tags["finetune.base_model"]
+
+
+def test_a_reward_that_raises_ends_the_run_failed_naming_it(tmp_path, tracking_uri, capsys):
+    from mlflow_finetune_plugin.backend import resolve_entry_point
+    from mlflow_finetune_plugin.job import run
+
+    project = _grpo_project(tmp_path / "bad", "def length(prompts, completions, **kwargs):\n"
+                                              "    raise ValueError('no scores today')\n")
+    recipe, _ = resolve_entry_point(str(project), "grpo", {})
+    assert run(recipe) == 1
+    (failed,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert failed.info.status == "FAILED"
+    error = failed.data.tags["finetune.error"]
+    assert "length" in error and "no scores today" in error and "What is" in error, error
+    assert "Traceback" not in capsys.readouterr().err
