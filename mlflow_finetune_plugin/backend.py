@@ -117,8 +117,10 @@ def resolve_entry_point(work_dir: str, entry_point: str, params: dict):
         f"{' (and MLproject entry points)' if (Path(work_dir) / 'MLproject').exists() else ''}.")
 
 
-_FORMAT_HINTS = {"dpo": "Give rows with prompt, chosen and rejected (or chosen/rejected message lists); "
-                        "`mlflow-finetune votes export NAME -o prefs.jsonl` writes them from playground votes.",
+_FORMAT_HINTS = {**dict.fromkeys(("dpo", "orpo", "simpo"),
+                                 "Give rows with prompt, chosen and rejected (or chosen/rejected message lists); "
+                                 "`mlflow-finetune votes export NAME -o prefs.jsonl` writes them from playground "
+                                 "votes."),
                  "grpo": "Give rows with a prompt (text or messages) and the columns your reward functions read "
                          "(e.g. answer)."}
 

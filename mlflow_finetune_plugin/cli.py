@@ -111,7 +111,7 @@ def train_cmd(ctx, project, method, params):
     Inside `mlflow run` (local backend) it trains in the run MLflow created; otherwise it starts a new run.
     Prefer `mlflow run PROJECT -e METHOD --backend finetune`, which also validates before starting a run.
     """
-    from mlflow_finetune_plugin.backend import check_recipe_data, check_combination
+    from mlflow_finetune_plugin.backend import check_combination, check_recipe_data
     from mlflow_finetune_plugin.data_check import check_data
     from mlflow_finetune_plugin.job import run
     from mlflow_finetune_plugin.recipe import load_recipe

@@ -1,8 +1,9 @@
 """The recipe: `finetune.yaml` loaded into typed, strictly validated config: a static schema.
 
 A fine-tune is four choices: the adapter (`adapter:`, one section whose `type` picks lora, ia3, prefix, prompt,
-bottleneck or full), the quantization of the base (`model.quantization`), the objective (`objective:` sft, dpo or
-grpo, with `dpo:` / `grpo:` for its knobs) and the data (`data:`, one set or a weighted mixture of `data.tasks`).
+bottleneck or full), the quantization of the base (`model.quantization`), the objective (`objective:` sft, dpo,
+orpo, simpo or grpo, with `dpo:` / `orpo:` / `simpo:` / `grpo:` for its knobs) and the data (`data:`, one set or a
+weighted mixture of `data.tasks`).
 The entry point (`method`) is a preset over them (`presets.py`), and recipes written with the older per-method
 sections (`lora:`, `qlora:`, `multitask:`, ...) are read onto the axes there.
 
@@ -160,9 +161,29 @@ class DPOConfig(Section):
     """The `dpo` objective: TRL's DPOTrainer on preference pairs."""
 
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (KL weight).")
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero",
-                       "apo_down", "exo_pair", "discopop"] = Field("sigmoid", description="TRL's DPO loss variant.")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"] = Field(
+        "sigmoid", description="TRL's DPO loss variant.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (cDPO, robust).")
+
+
+class ORPOConfig(Section):
+    """The `orpo` objective: TRL's experimental ORPOTrainer on preference pairs, SFT and preference in one loss,
+    no reference model."""
+
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio (preference) term beside the SFT loss on the "
+                                               "chosen answer: ORPO's lambda, as TRL names it.")
+
+
+class SimPOConfig(Section):
+    """The `simpo` objective: SimPO through TRL's experimental CPOTrainer (loss_type simpo) on preference pairs: the
+    length-normalized log-prob margin of chosen over rejected, no reference model."""
+
+    beta: float = Field(2.0, gt=0, description="Scale of the length-normalized log-prob margin (SimPO's beta).")
+    gamma: float = Field(1.0, ge=0, description="Target margin the chosen answer must beat the rejected one by "
+                                                "(SimPO's gamma; TRL's simpo_gamma).")
+    cpo_alpha: float = Field(0.0, ge=0, description="Weight of an SFT (NLL) term on the chosen answer; 0 is SimPO, "
+                                                    "above 0 is CPO-SimPO.")
 
 
 class DataColumns(Section):
@@ -299,7 +320,7 @@ class RegistryConfig(Section):
         description="Promotion gates; every one must pass.")
 
 
-OBJECTIVES = ("sft", "dpo", "grpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "grpo")
 
 
 class Recipe(Section):
@@ -308,6 +329,8 @@ class Recipe(Section):
     adapter: AdapterConfig = LoraAdapter()
     objective: Literal[OBJECTIVES] = "sft"
     dpo: DPOConfig = DPOConfig()
+    orpo: ORPOConfig = ORPOConfig()
+    simpo: SimPOConfig = SimPOConfig()
     grpo: GRPOConfig = Field(default_factory=lambda: GRPOConfig())
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()

@@ -29,7 +29,7 @@ JOB_KEYS = {"launcher": JOB_LAUNCHER, "host": JOB_HOST, "pid": JOB_PID, "job_id"
 # --- lineage (on the training run and on every version registered from it) ----------------------------------------
 METHOD = "finetune.method"                        # the entry point / preset that trained it (lora, qlora, dpo, ...)
 ADAPTER = "finetune.adapter"                      # the adapter axis: lora, ia3, prefix, prompt, bottleneck, full
-OBJECTIVE = "finetune.objective"                  # the objective axis: sft, dpo, grpo, ...
+OBJECTIVE = "finetune.objective"                  # the objective axis: sft, dpo, orpo, simpo, grpo
 QUANTIZATION = "finetune.quantization"            # how the base was loaded for training: none, 4bit, 8bit
 BASE_MODEL = "finetune.base_model"                # the base model reference (hub id, local path, builtin:...)
 BASE_REVISION = "finetune.base_revision"          # the base's hub revision, where it has one

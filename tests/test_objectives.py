@@ -1,10 +1,11 @@
 """The objective axis over the adapters and the quantization: every combination the recipe allows trains (one step
 of the objective's own TRL trainer on the tiny model), and every combination refused by design is refused before a
 model loads, with the reason. End to end, the combinations the presets did not offer before: QLoRA + DPO, IA3 on a
-mixture, and continuing a registered adapter."""
+mixture, continuing a registered adapter, and the reference-free preference objectives (ORPO, SimPO)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -36,11 +37,13 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def _rows(objective: str, n: int, offset: int = 0) -> list[dict]:
-    if objective == "dpo":
+    """Rows in the format the objective trains on."""
+    formats = importlib.import_module(f"mlflow_finetune_plugin.objectives.{objective}").DATA_FORMATS
+    if "preference" in formats:
         return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
                  "chosen": [{"role": "assistant", "content": f"{2 * i}"}],
                  "rejected": [{"role": "assistant", "content": "I don't know."}]} for i in range(offset, offset + n)]
-    if objective == "grpo":
+    if "prompt_only" in formats:
         return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}], "answer": str(2 * i)}
                 for i in range(offset, offset + n)]
     return chat_rows(n, offset)
@@ -61,8 +64,10 @@ def _project(root: Path, objective: str) -> Path:
 
 # Combinations refused by design (the recipe check says why); every other one is in the matrix below.
 REFUSED = {("full", "4bit"), ("bottleneck", "4bit")}
+# TRL's experimental pair trainers score logits position by position; prompt tuning's virtual tokens shift them.
+REFUSED_OBJECTIVES = {("prompt", "orpo"), ("prompt", "simpo")}
 MATRIX = [(a, o, q) for o in NAMES for a in ADAPTERS for q in ("none", "4bit")
-          if (a, q) not in REFUSED and (q == "none" or a in ("lora", "ia3"))]
+          if (a, q) not in REFUSED and (a, o) not in REFUSED_OBJECTIVES and (q == "none" or a in ("lora", "ia3"))]
 
 
 @pytest.mark.parametrize("adapter, objective, quant", MATRIX, ids=["-".join(c) for c in MATRIX])
@@ -88,6 +93,10 @@ def test_every_adapter_trains_with_every_objective(adapter, objective, quant, tm
 def test_matrix_covers_every_adapter_objective_and_quantization():
     assert {a for a, _, _ in MATRIX} == set(ADAPTERS) and {o for _, o, _ in MATRIX} == set(NAMES)
     assert {q for _, _, q in MATRIX} == {"none", "4bit"}
+    # every adapter x objective pair either trains (unquantized) or is refused, never left out silently
+    trained = {(a, o) for a, o, q in MATRIX if q == "none"}
+    assert trained | REFUSED_OBJECTIVES == {(a, o) for a in ADAPTERS for o in NAMES}
+    assert not trained & REFUSED_OBJECTIVES
     assert set(PRESETS) == {"lora", "qlora", "adapter", "prefix", "prompt", "ia3", "full", "multitask", "dpo", "grpo"}
 
 
@@ -106,11 +115,21 @@ def test_nonsense_combinations_are_refused_before_a_model_loads(overrides, metho
     assert reason in str(info.value)
 
 
+@pytest.mark.parametrize("adapter, objective", sorted(REFUSED_OBJECTIVES), ids=["-".join(c) for c in
+                                                                                 sorted(REFUSED_OBJECTIVES)])
+def test_prompt_tuning_is_refused_for_the_reference_free_objectives(adapter, objective, tmp_path):
+    _project(tmp_path, objective)
+    with pytest.raises(FinetuneError) as info:
+        resolve_entry_point(str(tmp_path), "main", {"adapter.type": adapter, "objective": objective})
+    assert f"adapter.type: prompt cannot be used with objective: {objective}" in str(info.value)
+    assert "virtual tokens shift them" in str(info.value)
+
+
 def test_a_mixture_is_refused_for_preference_and_reward_objectives(tmp_path):
     root = _project(tmp_path, "sft")
     _jsonl(root / "data" / "b.jsonl", chat_rows(4, 20))
     tasks = "{a: {train: data/train.jsonl}, b: {train: data/b.jsonl}}"
-    for objective in ("dpo", "grpo"):
+    for objective in ("dpo", "orpo", "simpo", "grpo"):
         with pytest.raises(RecipeError, match=f"mixtures train with the sft objective; {objective}"):
             load_recipe(root, overrides={"data.tasks": tasks, "objective": objective})
 
@@ -126,6 +145,43 @@ def test_qlora_plus_dpo_end_to_end(tmp_path, tracking_uri):
     assert (tags["finetune.method"], tags["finetune.objective"], tags["finetune.quantization"]) == ("dpo", "dpo", "4bit")
     metrics = mlflow.get_run(version.run_id).data.metrics
     assert "eval/tuned/pref_margin" in metrics and "eval/start/pref_accuracy" in metrics
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_reference_free_preference_end_to_end(objective, tmp_path, tracking_uri):
+    """`-e dpo -P objective=orpo` (or simpo): TRL's ORPO / SimPO trainer with no reference model, logged and
+    registered as a LoRA adapter, evaluated as DPO is; the resolved recipe keeps only the active objective's section."""
+    name = f"ref-free-{objective}"
+    recipe = load_recipe(_project(tmp_path / name, objective), method="dpo", overrides={**FAST, "objective": objective})
+    assert (recipe.adapter.type, recipe.objective, recipe.model.quantization) == ("lora", objective, "none")
+    assert run(recipe) == 0
+    version = mlflow.MlflowClient().get_model_version_by_alias(name, "challenger")
+    assert (version.tags["finetune.method"], version.tags["finetune.objective"]) == ("dpo", objective)
+    data = mlflow.get_run(version.run_id).data
+    assert {"eval/tuned/pref_margin", "eval/start/pref_margin", "eval/tuned/pref_accuracy", "eval/n_pairs",
+            "eval/tuned/rougeL", "train/loss", "train/rewards/margins"} <= set(data.metrics)
+    assert f"{objective}.beta" in data.params
+    assert {k.split(".")[0] for k in data.params} & {"dpo", "orpo", "simpo", "grpo"} == {objective}
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_reference_free_objectives_leave_out_pairs_without_room_for_an_answer(objective, tmp_path, capsys):
+    """TRL's experimental trainers never cut a prompt: a pair whose prompt fills data.max_length would train on
+    NaN, so it is left out with a warning (as DPO's trainer leaves it out), and an error says so when none fits."""
+    rows = _rows(objective, 4) + [{**_rows(objective, 1, 9)[0], "prompt": [{"role": "user", "content": "word " * 80}]}]
+    _jsonl(tmp_path / "data" / "train.jsonl", rows)
+    recipe = load_recipe(tmp_path, overrides={"objective": objective, "data.max_length": 64})
+    data = load_splits(recipe)
+    args = {**training_arguments(recipe, f"fit-{objective}", None), "save_strategy": "no"}
+    module = objective_of(recipe)
+    trainer = module.build_trainer(recipe, attach(load_base_model(recipe.model), recipe), load_tokenizer(),
+                                   data.train, None, args, [])
+    assert len(trainer.train_dataset) == 4
+    assert "1 of 5 train pairs have a prompt of data.max_length = 64 tokens or more" in capsys.readouterr().err
+    recipe.data.max_length = 8
+    with pytest.raises(FinetuneError, match="every prompt fills data.max_length"):
+        module.build_trainer(recipe, attach(load_base_model(recipe.model), recipe), load_tokenizer(), data.train,
+                             None, args, [])
 
 
 def test_ia3_on_a_mixture_end_to_end(tmp_path, tracking_uri):

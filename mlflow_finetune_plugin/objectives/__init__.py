@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("sft", "dpo", "grpo")
+NAMES = ("sft", "dpo", "orpo", "simpo", "grpo")
 
 
 def objective_of(recipe):

@@ -4,7 +4,7 @@ A fresh adapter's reference model is the base (the adapter disabled); continuing
 models:/support-bot@champion`, e.g. the SFT version being improved) keeps training it, and a frozen copy of it is
 the reference, as TRL does for a pretrained adapter. Evaluation adds, to the answers scored against the chosen
 ones, how much more likely the starting and the tuned policy make the chosen answer than the rejected one on the
-held-out pairs (`preference_eval.py`).
+held-out pairs (`preference_eval.py`). The reference-free objectives (`orpo`, `simpo`) evaluate the same way.
 """
 
 from __future__ import annotations
@@ -41,22 +41,14 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
     log-prob margin and accuracy of the starting and the tuned policy on every held-out pair."""
     import mlflow
 
-    from mlflow_finetune_plugin.evaluation import (
-        comparison_table,
-        conversations,
-        log_evaluation,
-        run_evaluation,
-    )
+    from mlflow_finetune_plugin.objectives import sft
     from mlflow_finetune_plugin.preference_eval import (
         preference_margins,
         preference_metrics,
         preference_table,
     )
 
-    result = run_evaluation(model, tokenizer, conversations(eval_ds), conversations(train_ds), recipe.eval,
-                            base_model=base_model)
-    log_evaluation(result)
-    print(comparison_table(result.metrics))
+    sft.evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model)
 
     pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in eval_ds]
 
@@ -80,8 +72,9 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
 
 @contextlib.contextmanager
 def _starting_policy(model, init_adapter: str | None):
-    """The policy DPO started from: the base (a fresh adapter disabled), or the `init_adapter` weights loaded again
-    beside the tuned adapter (TRL's frozen `ref` copy of them is deleted when training ends, before evaluation)."""
+    """The policy training started from: the base (a fresh adapter disabled), or the `init_adapter` weights loaded
+    again beside the tuned adapter (DPO's frozen `ref` copy of them is deleted when training ends, before
+    evaluation; ORPO and SimPO keep none)."""
     if not init_adapter:
         with model.disable_adapter():
             yield
