@@ -92,3 +92,17 @@ def chat_rows(n: int, offset: int = 0) -> list[dict]:
     return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
             for i in range(offset, offset + n)]
+
+
+# -P overrides that make a tiny-model run take seconds: 2 steps, 2 held-out rows, short answers.
+FAST_OVERRIDES = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
+                  "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1}
+
+
+def jsonl(path: Path, rows: list[dict]) -> str:
+    """Write `rows` as a JSONL file (parent folders made); returns the path."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

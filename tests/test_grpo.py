@@ -3,7 +3,6 @@ training and evaluation with the curves and metrics logged to MLflow."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,14 +14,9 @@ from mlflow_finetune_plugin.data import DataError, detect_format, load_training_
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.recipe import DataConfig, EvalConfig, GRPOConfig, ModelConfig, TrainConfig
 from mlflow_finetune_plugin.rewards import exact_answer, json_schema, load_rewards, regex, score
+from tests.conftest import jsonl
 
 SYSTEM = "Reply with the number only."
-
-
-def _jsonl(path: Path, rows: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def _recipe(project_dir, rewards=("exact_answer",), **grpo) -> SimpleNamespace:
@@ -143,7 +137,7 @@ def test_prompt_only_rows_load_as_messages_with_their_other_columns(tmp_path):
             {"prompt": [{"role": "user", "content": "Give JSON."}], "schema": {"type": "object"}, "answer": "{}"},
             {"prompt": "Hi", "system": "Be brief.", "answer": None,
              "schema": {"type": "object", "required": ["a"]}}]
-    path = _jsonl(tmp_path / "p.jsonl", rows)
+    path = jsonl(tmp_path / "p.jsonl", rows)
     assert detect_format(read_records(path), path) == "prompt_only"
     ds, fmt = load_training_dataset(path, system_prompt=SYSTEM)
     assert fmt == "prompt_only" and ds.column_names == ["prompt", "answer", "schema"]
@@ -155,10 +149,10 @@ def test_prompt_only_rows_load_as_messages_with_their_other_columns(tmp_path):
     assert ds[2]["schema"] == {"type": "object", "required": ["a"]}
 
     # a prompt with a completion is still prompt_completion data, not ambiguous
-    pc = _jsonl(tmp_path / "pc.jsonl", [{"prompt": "q", "completion": "a"}])
+    pc = jsonl(tmp_path / "pc.jsonl", [{"prompt": "q", "completion": "a"}])
     assert detect_format(read_records(pc), pc) == "prompt_completion"
 
-    bad = _jsonl(tmp_path / "bad.jsonl", [
+    bad = jsonl(tmp_path / "bad.jsonl", [
         {"prompt": "ok"}, {"prompt": "  "}, {"prompt": [{"role": "user", "content": "q"},
                                                         {"role": "assistant", "content": "a"}]},
         {"prompt": [{"role": "wizard", "content": "q"}]}, {"prompt": 5}])
@@ -180,7 +174,7 @@ def test_check_names_the_keys_to_change_before_any_model_loads(tmp_path):
 
     assert grpo.check(_recipe(tmp_path)) == []
     recipe = _recipe(tmp_path, rewards=["exact_answer", "brevity"], num_generations=3, max_completion_length=200)
-    recipe.data.train = _jsonl(tmp_path / "data" / "train.jsonl", [{"prompt": "q"}])  # no `answer` column
+    recipe.data.train = jsonl(tmp_path / "data" / "train.jsonl", [{"prompt": "q"}])  # no `answer` column
     problems = grpo.check(recipe)
     assert len(problems) == 4
     assert problems[0].startswith("grpo.rewards[1]: unknown reward 'brevity'")
@@ -224,7 +218,7 @@ def test_grpo_trains_an_adapter_and_logs_reward_kl_and_length_curves(tmp_path, t
         "def longer(prompts, completions, **kwargs):\n"
         "    return [len(c[-1]['content']) / 50 for c in completions]\n")
     recipe = _recipe(tmp_path, rewards=["exact_answer", {"name": "longer", "weight": 0.5}])
-    train_ds, _ = load_training_dataset(_jsonl(tmp_path / "train.jsonl", _sums(8)), system_prompt=SYSTEM)
+    train_ds, _ = load_training_dataset(jsonl(tmp_path / "train.jsonl", _sums(8)), system_prompt=SYSTEM)
     model, tokenizer = _tiny_lora()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     with mlflow.start_run() as run:
@@ -246,7 +240,7 @@ def test_long_prompts_are_left_out_and_reward_columns_are_checked(tmp_path, caps
     from mlflow_finetune_plugin.objectives import grpo
 
     rows = [*_sums(3), {"prompt": "What is " + " + ".join(["1"] * 200) + "?", "answer": 200}]
-    train_ds, _ = load_training_dataset(_jsonl(tmp_path / "train.jsonl", rows), system_prompt=SYSTEM)
+    train_ds, _ = load_training_dataset(jsonl(tmp_path / "train.jsonl", rows), system_prompt=SYSTEM)
     model, tokenizer = _tiny_lora()
     trainer = grpo.build_trainer(_recipe(tmp_path), model, tokenizer, train_ds, None, _args(tmp_path), [])
     assert len(trainer.train_dataset) == 3
@@ -265,7 +259,7 @@ def test_a_reward_raising_during_training_ends_it_with_a_finetune_error(tmp_path
 
     (tmp_path / "rewards.py").write_text("def boom(prompts, completions, answer, **kwargs):\n"
                                          "    return [1 / (a - 1) for a in answer]\n")
-    train_ds, _ = load_training_dataset(_jsonl(tmp_path / "train.jsonl", _sums(2)), system_prompt=SYSTEM)
+    train_ds, _ = load_training_dataset(jsonl(tmp_path / "train.jsonl", _sums(2)), system_prompt=SYSTEM)
     model, tokenizer = _tiny_lora()
     trainer = grpo.build_trainer(_recipe(tmp_path, rewards=["boom"]), model, tokenizer, train_ds, None,
                                  _args(tmp_path), [])
@@ -294,8 +288,8 @@ def test_evaluate_scores_every_contender_with_the_rewards(tmp_path, tracking_uri
     from mlflow_finetune_plugin.objectives import grpo
 
     recipe = _recipe(tmp_path, rewards=["exact_answer", {"name": "regex", "pattern": "\\d", "weight": 0.5}])
-    train_ds, _ = load_training_dataset(_jsonl(tmp_path / "train.jsonl", _sums(6)), system_prompt=SYSTEM)
-    eval_ds, _ = load_training_dataset(_jsonl(tmp_path / "eval.jsonl", _sums(5, 50)), system_prompt=SYSTEM)
+    train_ds, _ = load_training_dataset(jsonl(tmp_path / "train.jsonl", _sums(6)), system_prompt=SYSTEM)
+    eval_ds, _ = load_training_dataset(jsonl(tmp_path / "eval.jsonl", _sums(5, 50)), system_prompt=SYSTEM)
     model, tokenizer = _tiny_lora()
     with mlflow.start_run() as run:
         grpo.evaluate(recipe, model, tokenizer, train_ds, eval_ds)
@@ -320,8 +314,8 @@ def test_evaluate_scores_every_contender_with_the_rewards(tmp_path, tracking_uri
 
 
 def _grpo_project(root: Path, rewards_py: str = "") -> Path:
-    _jsonl(root / "data" / "train.jsonl", _sums(8))
-    _jsonl(root / "data" / "eval.jsonl", _sums(2, 40))
+    jsonl(root / "data" / "train.jsonl", _sums(8))
+    jsonl(root / "data" / "eval.jsonl", _sums(2, 40))
     (root / "rewards.py").write_text(rewards_py or "def length(prompts, completions, **kwargs):\n"
                                      "    return [len(c[-1]['content']) / 40 for c in completions]\n")
     (root / "finetune.yaml").write_text(

@@ -16,24 +16,17 @@ from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
 from mlflow_finetune_plugin.job import run
 from mlflow_finetune_plugin.objectives.sft import packing
 from mlflow_finetune_plugin.recipe import load_recipe
-from tests.conftest import REPO, chat_rows
+from tests.conftest import FAST_OVERRIDES, REPO, chat_rows, jsonl
 
-FAST = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
-        "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1}
-
-
-def _jsonl(path: Path, rows: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+FAST = FAST_OVERRIDES
 
 
 def _multitask_project(root: Path, weights=(2, 1, 1)) -> Path:
-    _jsonl(root / "data" / "qa.jsonl", chat_rows(8))
-    _jsonl(root / "data" / "qa_eval.jsonl", chat_rows(2, 50))
-    _jsonl(root / "data" / "label.jsonl", [{"instruction": "Label it", "input": f"item {i}", "output": f"L{i % 3}"}
+    jsonl(root / "data" / "qa.jsonl", chat_rows(8))
+    jsonl(root / "data" / "qa_eval.jsonl", chat_rows(2, 50))
+    jsonl(root / "data" / "label.jsonl", [{"instruction": "Label it", "input": f"item {i}", "output": f"L{i % 3}"}
                                            for i in range(8)])
-    _jsonl(root / "data" / "extract.jsonl", [{"prompt": f"Order {i}?", "completion": json.dumps({"id": i})}
+    jsonl(root / "data" / "extract.jsonl", [{"prompt": f"Order {i}?", "completion": json.dumps({"id": i})}
                                              for i in range(8)])
     (root / "finetune.yaml").write_text(f"""
 method: multitask
@@ -103,7 +96,7 @@ def test_a_multitask_task_can_be_sharegpt(tmp_path):
     from mlflow_finetune_plugin.splits import load_splits
 
     project = _multitask_project(tmp_path)
-    _jsonl(project / "data" / "label.jsonl", [{"conversations": [{"from": "human", "value": f"Label item {i}"},
+    jsonl(project / "data" / "label.jsonl", [{"conversations": [{"from": "human", "value": f"Label item {i}"},
                                                                  {"from": "gpt", "value": f"L{i % 3}"}]}
                                               for i in range(8)])
     check_recipe_data(load_recipe(project), check_data)
@@ -159,19 +152,19 @@ def test_multitask_one_adapter_per_task_registers_each(tmp_path, tracking_uri):
 
 
 def test_dpo_refuses_non_preference_data_and_sft_refuses_preference_data(tmp_path):
-    _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(4))
+    jsonl(tmp_path / "data" / "train.jsonl", chat_rows(4))
     (tmp_path / "finetune.yaml").write_text("method: dpo\n")
     with pytest.raises(FinetuneError, match=r"is chat data, but the `dpo` method trains on preference rows"):
         check_recipe_data(load_recipe(tmp_path), check_data)
-    _jsonl(tmp_path / "data" / "train.jsonl", _pref_rows(4))
+    jsonl(tmp_path / "data" / "train.jsonl", _pref_rows(4))
     with pytest.raises(FinetuneError, match=r"preference data, but the `lora` method.*Use the `dpo` method"):
         check_recipe_data(load_recipe(tmp_path, method="lora"), check_data)
     check_recipe_data(load_recipe(tmp_path), check_data)  # and dpo takes it
 
 
 def _dpo_project(root: Path, extra: str = "") -> Path:
-    _jsonl(root / "data" / "train.jsonl", _pref_rows(8))
-    _jsonl(root / "data" / "eval.jsonl", _pref_rows(2, 40))
+    jsonl(root / "data" / "train.jsonl", _pref_rows(8))
+    jsonl(root / "data" / "eval.jsonl", _pref_rows(2, 40))
     (root / "finetune.yaml").write_text(f"method: dpo\ndata: {{eval: data/eval.jsonl, max_length: 64}}\n{extra}")
     return root
 
@@ -233,8 +226,8 @@ def _yes_no_rows(n: int, offset: int = 0) -> list[dict]:
 
 def test_dpo_logs_the_held_out_preference_margin_of_the_start_and_the_tuned_policy(tmp_path, tracking_uri):
     root = tmp_path / "margin"
-    _jsonl(root / "data" / "train.jsonl", _yes_no_rows(16))
-    _jsonl(root / "data" / "eval.jsonl", _yes_no_rows(4, 40))
+    jsonl(root / "data" / "train.jsonl", _yes_no_rows(16))
+    jsonl(root / "data" / "eval.jsonl", _yes_no_rows(4, 40))
     (root / "finetune.yaml").write_text("method: dpo\ndata: {eval: data/eval.jsonl, max_length: 64}\n")
     # TRL evaluates after the last step, on the 4 held-out pairs in one batch: its log-probs are comparable.
     recipe = load_recipe(root, overrides={**FAST, "train.max_steps": 6, "train.save_steps": 6, "train.batch_size": 4,
@@ -332,7 +325,7 @@ def test_bundled_multitask_and_dpo_recipes_validate_with_their_data():
 def test_packing_auto_is_on_where_exact_and_fast_and_packed_rows_do_not_see_each_other(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(4))
+    jsonl(tmp_path / "data" / "train.jsonl", chat_rows(4))
     flash = {"model.attn_implementation": "flash_attention_2"}
     assert packing(load_recipe(tmp_path, overrides=flash)) is True
     assert packing(load_recipe(tmp_path)) is False  # sdpa: exact, pays on some data only (docs/benchmarks.md 1b)
@@ -367,7 +360,7 @@ def _sft_trainer(tmp_path, rows, **overrides):
     from mlflow_finetune_plugin.splits import load_splits
     from mlflow_finetune_plugin.trainers import training_arguments
 
-    _jsonl(tmp_path / "data" / "train.jsonl", rows)
+    jsonl(tmp_path / "data" / "train.jsonl", rows)
     recipe = load_recipe(tmp_path, overrides={"data.max_length": 128, "train.max_steps": 1, "eval.enabled": False,
                                               **overrides})
     train_ds = load_splits(recipe).train
@@ -435,7 +428,7 @@ def test_fused_and_plain_loss_agree_and_log_the_same_metrics(tmp_path):
 def test_fused_lm_head_auto_follows_the_device(tmp_path):
     from mlflow_finetune_plugin.objectives.sft import fused_lm_head
 
-    _jsonl(tmp_path / "data" / "train.jsonl", chat_rows(2))
+    jsonl(tmp_path / "data" / "train.jsonl", chat_rows(2))
     assert fused_lm_head(load_recipe(tmp_path)) is torch.cuda.is_available()
     assert fused_lm_head(load_recipe(tmp_path, overrides={"train.fused_lm_head": True})) is True
     assert fused_lm_head(load_recipe(tmp_path, overrides={"train.fused_lm_head": False})) is False

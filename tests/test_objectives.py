@@ -6,7 +6,6 @@ mixture, continuing a registered adapter, and the reference-free preference obje
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import mlflow
@@ -24,16 +23,9 @@ from mlflow_finetune_plugin.presets import PRESETS
 from mlflow_finetune_plugin.recipe import load_recipe
 from mlflow_finetune_plugin.splits import load_splits
 from mlflow_finetune_plugin.trainers import training_arguments
-from tests.conftest import chat_rows
+from tests.conftest import FAST_OVERRIDES, chat_rows, jsonl
 
-FAST = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
-        "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1}
-
-
-def _jsonl(path: Path, rows: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+FAST = FAST_OVERRIDES
 
 
 def _rows(objective: str, n: int, offset: int = 0) -> list[dict]:
@@ -50,8 +42,8 @@ def _rows(objective: str, n: int, offset: int = 0) -> list[dict]:
 
 
 def _project(root: Path, objective: str) -> Path:
-    _jsonl(root / "data" / "train.jsonl", _rows(objective, 8))
-    _jsonl(root / "data" / "eval.jsonl", _rows(objective, 2, 50))
+    jsonl(root / "data" / "train.jsonl", _rows(objective, 8))
+    jsonl(root / "data" / "eval.jsonl", _rows(objective, 2, 50))
     # The tiny model's random answers never hold the right sum: a length reward gives GRPO's groups a spread.
     (root / "rewards.py").write_text("def length(prompts, completions, **kwargs):\n"
                                      "    return [len(c if isinstance(c, str) else c[0]['content']) / 40 "
@@ -127,7 +119,7 @@ def test_prompt_tuning_is_refused_for_the_reference_free_objectives(adapter, obj
 
 def test_a_mixture_is_refused_for_preference_and_reward_objectives(tmp_path):
     root = _project(tmp_path, "sft")
-    _jsonl(root / "data" / "b.jsonl", chat_rows(4, 20))
+    jsonl(root / "data" / "b.jsonl", chat_rows(4, 20))
     tasks = "{a: {train: data/train.jsonl}, b: {train: data/b.jsonl}}"
     for objective in ("dpo", "orpo", "simpo", "grpo"):
         with pytest.raises(RecipeError, match=f"mixtures train with the sft objective; {objective}"):
@@ -169,7 +161,7 @@ def test_reference_free_objectives_leave_out_pairs_without_room_for_an_answer(ob
     """TRL's experimental trainers never cut a prompt: a pair whose prompt fills data.max_length would train on
     NaN, so it is left out with a warning (as DPO's trainer leaves it out), and an error says so when none fits."""
     rows = _rows(objective, 4) + [{**_rows(objective, 1, 9)[0], "prompt": [{"role": "user", "content": "word " * 80}]}]
-    _jsonl(tmp_path / "data" / "train.jsonl", rows)
+    jsonl(tmp_path / "data" / "train.jsonl", rows)
     recipe = load_recipe(tmp_path, overrides={"objective": objective, "data.max_length": 64})
     data = load_splits(recipe)
     args = {**training_arguments(recipe, f"fit-{objective}", None), "save_strategy": "no"}
@@ -187,8 +179,8 @@ def test_reference_free_objectives_leave_out_pairs_without_room_for_an_answer(ob
 def test_ia3_on_a_mixture_end_to_end(tmp_path, tracking_uri):
     """`-e ia3` with data.tasks: one IA3 adapter on the weighted mixture, per-task metrics."""
     root = tmp_path / "ia3mix"
-    _jsonl(root / "data" / "qa.jsonl", chat_rows(8))
-    _jsonl(root / "data" / "label.jsonl", [{"instruction": "Label it", "input": f"item {i}", "output": f"L{i % 3}"}
+    jsonl(root / "data" / "qa.jsonl", chat_rows(8))
+    jsonl(root / "data" / "label.jsonl", [{"instruction": "Label it", "input": f"item {i}", "output": f"L{i % 3}"}
                                            for i in range(8)])
     (root / "finetune.yaml").write_text("data:\n  max_length: 64\n  eval_split: 0.25\n  tasks:\n"
                                         "    qa: {train: data/qa.jsonl, weight: 2}\n    label: {train: data/label.jsonl}\n")
