@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Tests send Ctrl-C (SIGINT) and SIGHUP to the processes they start, and check what those do. Started from
+    # `nohup` or as a background job of a non-interactive shell, pytest would have both ignored and hand that on
+    # to every child (an ignored signal stays ignored across exec): the stop-signal tests would then time out
+    # testing the harness, not the program. The default handlers come back here, for pytest and its children.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGHUP, signal.SIGQUIT):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # One torch thread per pytest-xdist worker (and the processes its tests start): workers already take every
         # core, and an OpenMP team sharing its cores with another worker stalls at each barrier.
