@@ -382,10 +382,13 @@ def _eval_conversations(data: str | None, recipe: dict, source_run: str | None) 
     if not recorded and split > 0 and train and _exists(train):
         from datasets import Dataset
 
+        from mlflow_finetune_plugin.splits import hold_out
+
         convs = read_conversations(train, **mapping)[: data_cfg.get("max_rows") or None]
         seed = (recipe.get("train") or {}).get("seed", 42)
-        held_out = Dataset.from_dict({"i": list(range(len(convs)))}).train_test_split(test_size=split, seed=seed)
-        return [convs[i] for i in held_out["test"]["i"]]
+        # training's own split, on row numbers: the same rows as the run held out
+        _, held_out = hold_out(Dataset.from_dict({"i": list(range(len(convs)))}), split, seed)
+        return [convs[i] for i in held_out["i"]]
     where = f"run {source_run}" if source_run else "this model"
     raise FinetuneError(f"no eval data: {where} records {recorded or 'no eval file'}"
                         f"{' (not on this machine)' if recorded else ''}. Pass --data path/to/eval.jsonl")

@@ -59,13 +59,15 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     if not main:
         return
 
-    # Base zero-shot, base few-shot and tuned on the held-out rows; a full fine-tune needs the base loaded apart.
-    base = load_base_model(recipe.model) if adapter.ARTIFACT == "full" else None
-    if data.is_mixture and data.task_evals:
-        sft.evaluate_tasks(recipe, tuned, tokenizer, data.tasks, data.task_evals, base)
-    elif data.eval is not None:
-        objective.evaluate(recipe, tuned, tokenizer, data.train, data.eval, base)
-    del base
+    # Base zero-shot, base few-shot and tuned on the held-out rows; a full fine-tune needs the base loaded apart,
+    # and only when there is something to evaluate.
+    if data.task_evals if data.is_mixture else data.eval is not None:
+        base = load_base_model(recipe.model) if adapter.ARTIFACT == "full" else None
+        if data.is_mixture:  # mixtures train with sft only
+            sft.evaluate_tasks(recipe, tuned, tokenizer, data.tasks, data.task_evals, base)
+        else:
+            objective.evaluate(recipe, tuned, tokenizer, data.train, data.eval, base)
+        del base
 
     tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))
     # The system prompt goes with the model: the playground pre-fills it, or the model answers out of character.

@@ -338,3 +338,21 @@ def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_
     out = runner.invoke(main, ["evaluate", info.model_uri, "--max-examples", "1", "--fewshot-k", "0"])
     assert out.exit_code == 0, out.output
     assert "fewshot" not in out.output and "tuned" in out.output
+
+
+def test_evaluate_without_data_scores_the_rows_training_held_out(tmp_path, tracking_uri):
+    """A run with data.eval_split and no eval file: `evaluate` of its version rebuilds the same held-out rows."""
+    from mlflow_finetune_plugin.evaluation import evaluate_model_uri
+    from mlflow_finetune_plugin.job import run
+    from mlflow_finetune_plugin.recipe import load_recipe
+    from tests.conftest import chat_rows, write_project
+
+    proj = write_project(tmp_path / "held", "data: {eval_split: 0.25, max_length: 64}\n"
+                         "train: {max_steps: 1, batch_size: 2}\neval: {max_new_tokens: 2, fewshot_k: 0}\n",
+                         rows=chat_rows(12))
+    assert run(load_recipe(proj)) == 0
+    version = mlflow.MlflowClient().get_model_version_by_alias("held", "challenger")
+    trained = mlflow.load_table("eval/examples.json", run_ids=[version.run_id])
+    result, _ = evaluate_model_uri("models:/held@challenger", max_new_tokens=2, fewshot_k=0)
+    assert len(result.rows) == 3
+    assert [r["prompt"] for r in result.rows] == list(trained["prompt"])
