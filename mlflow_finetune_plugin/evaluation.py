@@ -169,7 +169,7 @@ def _answer_all(model, tokenizer, prompts, references, cfg, name):
     """Greedy answers to every prompt and the summed NLL of every reference, in batches, with a progress bar."""
     from tqdm.auto import tqdm
 
-    from mlflow_finetune_plugin.logged_model import LoadedModel, generate_greedy_batch
+    from mlflow_finetune_plugin.logged_model import LoadedModel
 
     was_training = model.training
     model.eval()
@@ -182,15 +182,88 @@ def _answer_all(model, tokenizer, prompts, references, cfg, name):
         with tqdm(total=len(prompts), desc=f"eval {name}", unit="example") as progress:
             for start in range(0, len(order), cfg.batch_size):
                 batch = order[start: start + cfg.batch_size]
-                batch_prompts = [prompts[i] for i in batch]
-                for i, answer in zip(batch, generate_greedy_batch(loaded, batch_prompts, cfg.max_new_tokens)):
+                batch_answers, total, count = answer_and_score(
+                    loaded, [prompts[i] for i in batch], [references[i] for i in batch], cfg.max_new_tokens)
+                for i, answer in zip(batch, batch_answers):
                     answers[i] = answer
-                total, count = _reference_nll(model, tokenizer, batch_prompts, [references[i] for i in batch])
                 nll, n_tokens = nll + total, n_tokens + count
                 progress.update(len(batch))
     finally:
         model.train(was_training)
     return answers, nll, n_tokens
+
+
+def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
+                     max_new_tokens: int) -> tuple[list[str], float, int]:
+    """Greedy answers to `prompts` (as `generate_greedy_batch` gives them) and the summed NLL of the `references`
+    with their token count, sharing one pass over the prompts.
+
+    The left-padded prompts followed by the right-padded references go through the model once: the references'
+    log-probabilities come from that pass (the LM head applied to the reference positions only), and generation
+    continues from its KV cache cut back to the prompts. Scoring the references apart cost a second pass over the
+    prompts, which for few-shot prompts are most of the tokens. Models whose cache cannot be cut back that way
+    (sliding-window layers) take the two passes; prefix and prompt tuning answer one prompt at a time.
+    """
+    import torch
+
+    from mlflow_finetune_plugin.logged_model import generate, generate_greedy_batch
+
+    model, tok = loaded.model, loaded.tokenizer
+    if _virtual_tokens(model):
+        # Left padding would sit between the virtual tokens and the prompt and shift their distance (the answers
+        # then differ from unpadded ones): one prompt at a time.
+        answers = [generate(loaded, p, max_new_tokens=max_new_tokens) for p in prompts]
+        return answers, *_reference_nll(model, tok, prompts, references)
+    pairs = [_reference_ids(tok, p, r) for p, r in zip(prompts, references)]
+    if not _shares_prefill(model) or not all(p for p, _ in pairs):
+        return (generate_greedy_batch(loaded, prompts, max_new_tokens),
+                *_reference_nll(model, tok, prompts, references))
+    width, ref_width = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
+    ids = torch.full((len(pairs), width + ref_width), tok.pad_token_id)
+    mask, scored = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    for row, (prompt_ids, completion_ids) in enumerate(pairs):
+        ids[row, width - len(prompt_ids): width + len(completion_ids)] = torch.tensor(prompt_ids + completion_ids)
+        mask[row, width - len(prompt_ids): width + len(completion_ids)] = 1
+        scored[row, width: width + len(completion_ids)] = True
+    # The positions `generate` gives left-padded rows, so the cached keys are the ones it would have computed.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    device = model.device
+    with torch.no_grad():
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                    use_cache=True, logits_to_keep=ref_width + 1)
+        total, count = 0.0, int(scored.sum())
+        if count:
+            # logits[:, j] (position width - 1 + j) predicts the token at width + j.
+            logits, targets = out.logits[:, :-1], ids[:, width:].to(device)
+            keep = scored[:, width:].to(device)
+            total = float(torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"))
+        cache = out.past_key_values
+        del out
+        cache.crop(-(ref_width + 1))  # the prompts without their last token, which generation feeds in next
+        generated = model.generate(input_ids=ids[:, :width].to(device), attention_mask=mask[:, :width].to(device),
+                                   past_key_values=cache, max_new_tokens=int(max_new_tokens),
+                                   pad_token_id=tok.pad_token_id, do_sample=False)
+    # Rows that end early are filled with padding, which decoding drops with the other special tokens.
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in generated[:, width:]], total, count
+
+
+def _virtual_tokens(model) -> bool:
+    """Prefix and prompt tuning: trained virtual tokens ahead of every input (in the KV cache, or the embeddings)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    return peft_config is not None and peft_config.is_prompt_learning
+
+
+def _shares_prefill(model) -> bool:
+    """Whether `answer_and_score` can reuse the scoring pass's cache for generation (see there)."""
+    import inspect
+
+    if _virtual_tokens(model):
+        return False
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or getattr(config, "sliding_window", None):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _reference_nll(model, tokenizer, prompts: list[list[dict]], references: list[str]) -> tuple[float, int]:

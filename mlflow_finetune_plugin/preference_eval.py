@@ -44,7 +44,9 @@ def completion_logps(model, input_ids, attention_mask, completion_mask):
     input_ids = input_ids.to(device)
     # The logits at position t predict token t + 1.
     targets = input_ids.masked_fill(completion_mask.to(device) == 0, -100)[:, 1:]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False).logits[:, :-1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False).logits
+    # Prompt tuning returns logits for its virtual tokens too, ahead of the input's.
+    logits = logits[:, logits.shape[1] - input_ids.shape[1]: -1]
     scored = targets != -100
     # Only the scored positions' logits are upcast: the full (rows, length, vocabulary) tensor in fp32 is large.
     logps = torch.zeros(targets.shape, device=logits.device)

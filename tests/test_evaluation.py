@@ -179,6 +179,32 @@ def test_batched_answers_equal_one_at_a_time(tiny_lora, monkeypatch, batch_size)
         assert [r["base_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=16) for p in prompts]
 
 
+def test_prompt_tuning_answers_one_at_a_time_and_scores_its_loss(tiny_model_dir):
+    """Virtual tokens live in the KV cache of prompt tuning: evaluation does not reuse its scoring pass's cache
+    there (LoRA does), and left padding would shift the virtual tokens: it answers one prompt at a time."""
+    from mlflow_finetune_plugin.adapters import prompt
+    from mlflow_finetune_plugin.evaluation import _shares_prefill
+    from mlflow_finetune_plugin.recipe import PromptAdapter
+
+    torch.manual_seed(0)
+    model = prompt.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), PromptAdapter(num_virtual_tokens=4))
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    convs = _varied_conversations()[:6]
+    assert not _shares_prefill(model)
+    result = run_evaluation(model, tok, convs, [], EvalConfig(max_examples=6, max_new_tokens=8, fewshot_k=0))
+    loaded = LoadedModel(model, tok, {})
+    assert [r["tuned_answer"] for r in result.rows] == [
+        generate(loaded, split_conversation(c)[0], max_new_tokens=8) for c in convs]
+    assert result.metrics["eval/tuned/loss"] == pytest.approx(_per_example_loss(model, tok, convs), rel=1e-5)
+
+
+def test_lora_evaluation_reuses_the_scoring_pass(tiny_lora):
+    from mlflow_finetune_plugin.evaluation import _shares_prefill
+
+    assert _shares_prefill(tiny_lora[0])
+
+
 def _per_example_loss(model, tok, convs) -> float:
     """Token-weighted loss of the reference answers (and their end of turn), one unpadded example at a time."""
     nll, count = 0.0, 0
