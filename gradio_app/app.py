@@ -1,13 +1,15 @@
-"""The A/B playground page: two chats streaming side by side from one prompt box, blind votes, win rates, promotion,
-and scriptable endpoints (`compare`, `system_prompt`, `vote`, `summary`, `promote`) for gradio_client."""
+"""The A/B playground page: two chats streaming side by side from one prompt box, blind votes, a leaderboard of arena
+ratings, win rates, promotion, and scriptable endpoints (`compare`, `system_prompt`, `vote`, `leaderboard`, `summary`,
+`promote`) for gradio_client."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from gradio_app.playground import Playground
+from mlflow_finetune_plugin.arena import MIN_VOTES
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.votes import SUMMARY_HEADERS, VERDICTS
+from mlflow_finetune_plugin.votes import LEADERBOARD_HEADERS, SUMMARY_HEADERS, VERDICTS
 
 _BLIND_LABELS = ("Model A", "Model B")
 _CSS = "#chat-a, #chat-b {min-height: 320px}"
@@ -61,6 +63,13 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
         status = gr.Markdown(elem_id="status")
         with gr.Row():
             vote_buttons = {v: gr.Button(label, elem_id=f"vote-{v.replace('_', '-')}") for v, label in VERDICTS.items()}
+        with gr.Accordion("Leaderboard (arena ratings from the votes)", open=True):
+            gr.Markdown("Bradley-Terry ratings on the Elo scale (1000 = the average of the versions here), 95% "
+                        "bootstrap intervals, as Chatbot Arena computes them; a tie or 'both bad' is half a win each "
+                        "way. Two versions are told apart only when their intervals do not overlap and each has "
+                        f"at least {MIN_VOTES} votes.")
+            leaderboard = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False, elem_id="leaderboard")
+            refresh = gr.Button("Refresh leaderboard", size="sm", elem_id="refresh-leaderboard")
         with gr.Accordion("Win rates (votes logged to MLflow)", open=False):
             table = gr.Dataframe(headers=SUMMARY_HEADERS, interactive=False, elem_id="win-rates")
         with gr.Accordion("Promote (the same gated promotion as `mlflow-finetune promote`)", open=False):
@@ -122,12 +131,18 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
                 reveal = (f"Vote logged ({VERDICTS[verdict]}): A was **{result['label_a']}**, "
                           f"B was **{result['label_b']}**.")
                 return (reveal, None, gr.update(label=f"A: {result['label_a']}"),
-                        gr.update(label=f"B: {result['label_b']}"), _checked(pg.summary))
+                        gr.update(label=f"B: {result['label_b']}"), _checked(pg.summary), _checked(pg.leaderboard))
             return on_vote
 
         for verdict, button in vote_buttons.items():
-            button.click(make_vote(verdict), [last, sides], [status, last, chat_a, chat_b, table],
+            button.click(make_vote(verdict), [last, sides], [status, last, chat_a, chat_b, table, leaderboard],
                          api_visibility="private", concurrency_limit=None)
+
+        def leaderboard_rows():
+            """Arena ratings of the versions voted on here: rows of [rank, model, rating, 95% interval, votes, note]."""
+            return _checked(pg.leaderboard)
+
+        refresh.click(leaderboard_rows, None, leaderboard, api_name="leaderboard", concurrency_limit=None)
 
         def on_promote(key, alias_text, request: gr.Request):
             report = _checked(pg.promote, key, alias_text, _user(request))
@@ -139,9 +154,10 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
         def on_load():
             fresh = _checked(pg.choices)
             return (gr.update(choices=fresh), gr.update(choices=fresh),
-                    gr.update(choices=[c for c in fresh if not c[1].endswith(":base")]), _checked(pg.summary))
+                    gr.update(choices=[c for c in fresh if not c[1].endswith(":base")]), _checked(pg.summary),
+                    _checked(pg.leaderboard))
 
-        demo.load(on_load, None, [pick_a, pick_b, promote_pick, table], api_visibility="private")
+        demo.load(on_load, None, [pick_a, pick_b, promote_pick, table, leaderboard], api_visibility="private")
 
         # ---- scriptable endpoints (one call each: gradio_client does not run .then() chains)
         def compare(prompt: str, model_a: str = "", model_b: str = "", system_prompt: str = "",

@@ -1,5 +1,5 @@
 """What the playground does, without the page: validate input, stream two answers, remember comparisons, log votes,
-promote. `app.py` lays it out in Gradio; the scriptable endpoints call the same methods."""
+rate the versions from them, promote. `app.py` lays it out in Gradio; the scriptable endpoints call the same methods."""
 
 from __future__ import annotations
 
@@ -203,6 +203,12 @@ class Playground:
         from mlflow_finetune_plugin.votes import summary_rows
 
         return [row for name in self.names for row in summary_rows(name, self.experiment)]
+
+    def leaderboard(self) -> list[list]:
+        """Arena ratings of the versions voted on here (votes.LEADERBOARD_HEADERS rows), best first."""
+        from mlflow_finetune_plugin.votes import leaderboard_rows, ratings, read_votes
+
+        return leaderboard_rows(ratings([v for name in self.names for v in read_votes(name, self.experiment)]))
 
     def promote(self, version_key: str, alias: str = "", user: str | None = None) -> str:
         """The CLI's gated promotion (`mlflow-finetune promote`, the recipe's gates) of a picked version."""

@@ -132,6 +132,62 @@ def cancel_cmd(run_id):
     click.echo(f"Run {run_id} cancelled ({status})" if stopped else f"Run {run_id} had already ended {status}")
 
 
+@main.command("sweep", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("project", type=click.Path(exists=True, file_okay=False))
+@click.option("-e", "--entry-point", default="lora", show_default=True, help="The method every trial trains.")
+@click.option("--space", required=True, metavar="FILE", help="Search space YAML: recipe key -> {low, high[, log, "
+              "step, type]} or {choices: [...]}; looked up in PROJECT too.")
+@click.option("--trials", required=True, type=click.IntRange(min=1), help="Number of trials (fine-tunes).")
+@click.option("--metric", default="eval/tuned/loss", show_default=True,
+              help="Logged metric to optimize, e.g. eval/tuned/rougeL (its last logged value).")
+@click.option("--direction", type=click.Choice(["minimize", "maximize"]), default=None,
+              help="Default: minimize for loss and perplexity, else maximize.")
+@click.option("-P", "params", multiple=True, help="Recipe override for every trial: -P train.max_steps=50")
+@click.option("--backend-config", "-b", default=None, metavar="JSON",
+              help="As for `mlflow run` (JSON or a .json file): launcher, address, num_workers, ...")
+@click.option("--experiment-name", default=None, help="MLflow experiment of the sweep and its trials.")
+@click.option("--register-all", is_flag=True, help="Register every completed trial (best last), not only the best.")
+@click.option("--pruner", type=click.Choice(["median", "none"]), default="median", show_default=True,
+              help="median: cancel a trial whose eval loss is worse than the median of earlier trials at that step.")
+@click.option("--startup-trials", type=click.IntRange(min=0), default=None,
+              help="Random trials before TPE and the pruner use the history (default: a third of --trials, 1-10).")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler.")
+@click.option("--enqueue", multiple=True, metavar="YAML",
+              help="A trial to run first, e.g. '{train.learning_rate: 2.0e-4, lora.r: 16}'. Repeatable.")
+@click.pass_context
+def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, params, backend_config, experiment_name,
+              register_all, pruner, startup_trials, seed, enqueue):
+    """Hyperparameter sweep of PROJECT with Optuna (TPE): nested trial runs under one parent run, bad trials pruned
+    from their eval loss, the best trial's model registered."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from mlflow_finetune_plugin.sweep import run_sweep
+
+    if not Path(space).exists() and (Path(project) / space).exists():
+        space = str(Path(project) / space)
+    config = {}
+    if backend_config:
+        try:
+            text = Path(backend_config).read_text() if backend_config.endswith(".json") else backend_config
+            config = json.loads(text)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(f"not JSON or a .json file: {e}", param_hint="--backend-config") from None
+    points = []
+    for item in enqueue:
+        point = yaml.safe_load(item)
+        if not isinstance(point, dict):
+            raise click.BadParameter(f"{item!r} is not a mapping like '{{lora.r: 8}}'", param_hint="--enqueue")
+        points.append(point)
+    result = run_sweep(project, entry_point, space, trials, metric=metric, direction=direction,
+                       params=_pairs(params, ctx.args), backend_config=config, experiment_name=experiment_name,
+                       register_all=register_all,
+                       pruner=pruner, startup_trials=startup_trials, seed=seed, enqueue=points)
+    click.echo(result.report())
+
+
 @main.command("evaluate")
 @click.argument("model_uri")
 @click.option("--data", default=None, metavar="FILE",
@@ -188,12 +244,59 @@ def promote_cmd(name, version, alias, gates, force, reason):
 @main.command("models")
 @click.argument("name")
 @click.option("--metric", "metrics", multiple=True, help="eval/tuned/<metric> columns to show (repeatable); "
-              "default: rougeL, token_f1, exact_match, loss.")
-def models_cmd(name, metrics):
-    """List the versions of registered model NAME with their aliases, method, base and key metrics."""
-    from mlflow_finetune_plugin.registry import versions_table
+              "default: rougeL, token_f1, exact_match, loss. With --checkpoints the first one ranks them "
+              "(default: loss; lower is better for loss and perplexity).")
+@click.option("--checkpoints", "checkpoints_of", metavar="RUN_ID", default=None,
+              help="Rank the checkpoints of training run RUN_ID (one per save step) by their eval metric instead.")
+@click.option("--register-checkpoint", "checkpoint", metavar="STEP|MODEL_ID", default=None,
+              help="Register a checkpoint as a new version of NAME: its step in --run, or its model id (m-..., "
+                   "from --checkpoints). It is evaluated in a run of its own, so `promote` gates on its scores.")
+@click.option("--run", "run_id", metavar="RUN_ID", default=None, help="The training run of --register-checkpoint STEP.")
+def models_cmd(name, metrics, checkpoints_of, checkpoint, run_id):
+    """List the versions of registered model NAME with their aliases, method, base and key metrics; or rank a
+    training run's checkpoints (--checkpoints RUN_ID), or register one of them (--register-checkpoint)."""
+    from mlflow_finetune_plugin import registry
 
-    click.echo(versions_table(name, list(metrics) or ["rougeL", "token_f1", "exact_match", "loss"]))
+    if checkpoints_of and checkpoint:
+        raise click.UsageError("--checkpoints lists a run's checkpoints, --register-checkpoint registers one: "
+                               "give one of them (the run of --register-checkpoint STEP is --run RUN_ID)")
+    if run_id and not checkpoint:
+        raise click.UsageError("--run names the run of --register-checkpoint STEP; to list a run's checkpoints "
+                               "use --checkpoints RUN_ID")
+    if checkpoint:
+        from mlflow_finetune_plugin.publish import register_checkpoint
+
+        register_checkpoint(name, checkpoint, run_id)
+    elif checkpoints_of:
+        click.echo(registry.checkpoints_table(checkpoints_of, list(metrics) or ["loss"]))
+    else:
+        click.echo(registry.versions_table(name, list(metrics) or ["rougeL", "token_f1", "exact_match", "loss"]))
+
+
+@main.command("export")
+@click.argument("model_uri")
+@click.option("--to", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="New or empty folder to write the model into.")
+@click.option("--gguf", is_flag=True, help="Also write a GGUF file (Llama-architecture models; f16 unless "
+                                           "--gguf-type says otherwise).")
+@click.option("--gguf-type", type=click.Choice(["f32", "f16"]), default=None,
+              help="GGUF tensor type (implies --gguf): f32 keeps the weights exactly; f16 halves the file.")
+@click.option("--no-log", is_flag=True, help="Do not log the export back to the version's source run.")
+def export_cmd(model_uri, out_dir, gguf, gguf_type, no_log):
+    """Write MODEL_URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model) as a plain transformers
+    folder: the adapter merged into its base (a full fine-tune as is), safetensors, tokenizer and chat template,
+    loadable with AutoModelForCausalLM.from_pretrained(DIR) and servable by vLLM or `transformers serve`.
+
+    The export is logged to the version's source run under exports/ and recorded as finetune.export.* tags on the
+    version.
+    """
+    from mlflow_finetune_plugin.export import export_model
+
+    result = export_model(model_uri, out_dir, gguf_type=gguf_type or ("f16" if gguf else None), log=not no_log,
+                          echo=click.echo)
+    click.echo(f"Exported {'merged model' if result.merged else 'full fine-tune'} to {result.folder}"
+               + (f"\nGGUF: {result.gguf_file}" if result.gguf_file else "")
+               + (f"\nLogged as {result.artifact_uri}" if result.artifact_uri else ""))
 
 
 @main.command("serve")
@@ -268,10 +371,29 @@ def votes_export_cmd(name, output, experiment):
 @votes_group.command("summary")
 @click.argument("name")
 @click.option("--experiment", default="playground-votes", show_default=True)
-def votes_summary_cmd(name, experiment):
-    """Win rates per pair of compared versions of NAME."""
+@click.option("--rounds", default=1000, show_default=True, help="Bootstrap resamples behind the 95% intervals.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the resampling (same votes + seed = same table).")
+@click.option("--min-votes", default=10, show_default=True,
+              help="Votes a version needs before its rating may separate it from another.")
+def votes_summary_cmd(name, experiment, rounds, seed, min_votes):
+    """Arena ratings (Bradley-Terry, 95% intervals) of the versions of NAME, and win rates per pair."""
     from mlflow_finetune_plugin.registry import format_table
-    from mlflow_finetune_plugin.votes import SUMMARY_HEADERS, summary_rows
+    from mlflow_finetune_plugin.votes import (
+        LEADERBOARD_HEADERS,
+        PAIR_HEADERS,
+        leaderboard_rows,
+        pair_rows,
+        ratings,
+        read_votes,
+    )
 
-    rows = summary_rows(name, experiment)
-    click.echo(format_table(SUMMARY_HEADERS, rows) if rows else f"No votes on {name!r} in {experiment!r} yet.")
+    votes = read_votes(name, experiment)
+    if not votes:
+        click.echo(f"No votes on {name!r} in {experiment!r} yet.")
+        return
+    board = ratings(votes, rounds=rounds, seed=seed, min_votes=min_votes)
+    click.echo(f"Ratings (Bradley-Terry on the Elo scale, 1000 = the average of these; 95% intervals from {rounds} "
+               f"bootstrap rounds, seed {seed}; a tie or 'both bad' is half a win each way)\n"
+               + format_table(LEADERBOARD_HEADERS, leaderboard_rows(board))
+               + "\n\nPairs (win rate: wins + half the ties, of the votes that are not 'both bad')\n"
+               + format_table(PAIR_HEADERS, pair_rows(votes, board)))

@@ -20,6 +20,7 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import text_of
 from mlflow_finetune_plugin.metrics import lower_is_better, score
 from mlflow_finetune_plugin.registry import format_table
+from mlflow_finetune_plugin.tracking import log_results
 
 CONTENDERS = ("base", "fewshot", "tuned")
 # Per-example scores shown in the table (the aggregate of every metric is logged).
@@ -104,7 +105,7 @@ def log_evaluation(result: EvalResult) -> None:
     run = mlflow.active_run()
     if run is None:
         raise FinetuneError("log_evaluation needs an active MLflow run (mlflow.start_run())")
-    mlflow.log_metrics(result.metrics)
+    log_results(result.metrics)
     mlflow.set_tag(tags.EVAL_DATA_DIGEST, result.data_digest)
     # log_table appends to an existing file: a second evaluation in the same run gets its own file.
     mlflow.log_table(pd.DataFrame(result.rows), _free_name(run.info.run_id, TABLE_FILE))

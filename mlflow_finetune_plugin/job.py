@@ -38,7 +38,7 @@ def run(recipe, run_id: str | None = None) -> int:
         except KeyboardInterrupt:
             return 130
     ensure_store()  # `mlflow-finetune train` may be the first process to open a new store
-    active = mlflow.start_run(run_id=run_id)
+    active = mlflow.start_run(run_id=run_id, log_system_metrics=_system_metrics(recipe.train))
     run_id = active.info.run_id
     try:
         fine_tune(recipe, run_id)
@@ -66,6 +66,26 @@ def run(recipe, run_id: str | None = None) -> int:
         return 1
     mlflow.end_run("FINISHED")
     return 0
+
+
+def _system_metrics(train) -> bool:
+    """Whether the run logs MLflow's system metrics (`system/*`: CPU, memory, disk, network, and GPUs where
+    nvidia-ml-py is installed), sampled every `train.system_metrics_interval` seconds. Off with
+    `train.system_metrics: false`, or for every run with MLflow's own MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false."""
+    import importlib.util
+
+    import torch
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    if not train.system_metrics or (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.is_set()
+                                    and not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()):
+        return False
+    # MLflow's default (10 s) leaves a run of a minute with a handful of points; a sample is taken only once a
+    # whole interval has passed.
+    mlflow.set_system_metrics_sampling_interval(train.system_metrics_interval)
+    if torch.cuda.is_available() and importlib.util.find_spec("pynvml") is None:
+        print("Note: no GPU system metrics without nvidia-ml-py (pip install nvidia-ml-py).", file=sys.stderr)
+    return True
 
 
 _PEER_FAILED = FinetuneError("stopped because another training process of this job failed; its error is in the "
@@ -138,7 +158,19 @@ def main(argv=None) -> None:
     parser.add_argument("--run-id", default=None)
     args = parser.parse_args(argv)
     recipe = Recipe.model_validate(json.loads(Path(args.recipe_json).read_text()))
-    sys.exit(run(recipe, args.run_id))
+    _exit(run(recipe, args.run_id))
+
+
+def _exit(code: int) -> None:
+    """End the training process without tearing the interpreter down: with torch, transformers, TRL and MLflow
+    loaded (4,000 modules, 485,000 objects), freeing it all took 1.3-1.6 s after the run had ended, every run and
+    every rank. The run is ended and its files closed by now; the exit hooks (MLflow's, logging's) still run."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import gc
 import mlflow
 from transformers import set_seed
 
-from mlflow_finetune_plugin import publish, quantization, resume, splits, trainers
+from mlflow_finetune_plugin import forgetting, publish, quantization, resume, splits, tracking, trainers
 from mlflow_finetune_plugin.adapters import adapter_of, attach
 from mlflow_finetune_plugin.callbacks import CheckpointLogger, MlflowMetrics
 from mlflow_finetune_plugin.evaluation import trained_system_prompt
@@ -26,6 +26,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
 
     # Data first: a bad file fails here, before minutes go into loading a model.
     data = splits.load_splits(recipe)
+    general_text = forgetting.read_set(recipe)  # eval.forgetting's texts ([] when off)
     if main:
         tags.update(splits.log_inputs(recipe, data))
         mlflow.set_tags(tags)
@@ -53,6 +54,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
             trainer = objective.build_trainer(recipe, model, tokenizer, data.train, data.eval, args,
                                               [MlflowMetrics(), CheckpointLogger()])
             trainer.train(resume_from_checkpoint=_checkpoint(recipe, trainer, run_id, main))
+            tracking.set_results_step(trainer.state.global_step)  # evaluation's metrics: the latest values
             tuned = trainers.unsharded(trainer, recipe, run_id, main) if trainer.is_fsdp_enabled else trainer.model
     finally:
         gc.unfreeze()
@@ -67,6 +69,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
             sft.evaluate_tasks(recipe, tuned, tokenizer, data.tasks, data.task_evals, base)
         else:
             objective.evaluate(recipe, tuned, tokenizer, data.train, data.eval, base)
+        forgetting.check(recipe, general_text, tuned, tokenizer, base)  # general text: base vs tuned
         del base
 
     tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))

@@ -2,8 +2,9 @@
 
 Gates (`registry.promote_if` in the recipe, or `--gate` on the command line) compare the version's
 `eval/tuned/<metric>` with `eval/base/<metric>` and `eval/fewshot/<metric>` of its own source run, and with the
-current champion's `eval/tuned/<metric>` from the champion's source run. `--force` moves the alias anyway and
-records who did it, when and why on the version.
+current champion's `eval/tuned/<metric>` from the champion's source run. The `arena_above` gate compares arena
+ratings from the playground's votes instead: the version's 95% interval must lie above the other's. `--force` moves
+the alias anyway and records who did it, when and why on the version.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import datetime
 import getpass
 import os
+import re
 from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
@@ -22,6 +24,7 @@ from mlflow_finetune_plugin.recipe import RegistryConfig
 
 Gate = RegistryConfig.Gate
 SAME_RUN = ("base", "fewshot")
+ARENA_GATE = "arena_above"  # pseudo-metric: arena ratings from playground votes, not an eval metric
 
 
 @dataclass
@@ -64,8 +67,18 @@ class PromotionResult:
 
 def parse_gate(text: str) -> Gate:
     """`METRIC[:MARGIN[:BEATS]]`, BEATS comma-separated (default base,fewshot,champion): `rougeL:0.01`,
-    `loss`, `token_f1:0:base,champion`. Lower is better for loss and perplexity."""
+    `loss`, `token_f1:0:base,champion`. Lower is better for loss and perplexity. Arena ratings from playground votes:
+    `arena_above:BEATS[:MARGIN]`, e.g. `arena_above:champion`, `arena_above:base,champion:25` (MARGIN in Elo points).
+    A limit on the version's own metric: `forgetting/ppl_ratio<=1.2`, `rougeL>=0.3` (see `limit_key`)."""
+    limit = re.fullmatch(r"\s*([^<>=:\s]+)\s*(<=|>=)\s*(\S*)\s*", text)
+    if limit:  # `METRIC<=LIMIT`, `METRIC>=LIMIT`: the version's own metric within a limit
+        return _limit_gate(text, *limit.groups())
     parts = text.split(":")
+    if parts[0] == ARENA_GATE:  # `arena_above:BEATS[:MARGIN]` reads as what it checks
+        if len(parts) not in (2, 3) or not parts[1]:
+            raise FinetuneError(f"--gate {text!r}: expected {ARENA_GATE}:BEATS[:MARGIN], e.g. {ARENA_GATE}:champion "
+                                "(MARGIN: Elo points between the two 95% intervals)")
+        parts = [parts[0], parts[2] if len(parts) == 3 else "", parts[1]]
     if not parts[0] or len(parts) > 3:
         raise FinetuneError(f"--gate {text!r}: expected METRIC[:MARGIN[:BEATS]], e.g. rougeL:0.01:base,champion")
     values: dict = {"metric": parts[0]}
@@ -77,6 +90,34 @@ def parse_gate(text: str) -> Gate:
         return Gate(**values)
     except ValueError as e:
         raise FinetuneError(f"--gate {text!r}: {e}") from None
+
+
+def _limit_gate(text: str, metric: str, op: str, value: str) -> Gate:
+    try:
+        return Gate(metric=metric, **{"at_most" if op == "<=" else "at_least": float(value)})
+    except ValueError:
+        raise FinetuneError(f"--gate {text!r}: expected METRIC<=NUMBER or METRIC>=NUMBER, e.g. "
+                            "forgetting/ppl_ratio<=1.2") from None
+
+
+def limit_key(metric: str) -> str:
+    """The run metric a limit gate reads: `forgetting/ppl_ratio` (or `eval/forgetting/ppl_ratio`) ->
+    eval/forgetting/ppl_ratio; a name without `/` is the tuned model's: `rougeL` -> eval/tuned/rougeL."""
+    metric = metric.removeprefix("eval/")
+    return f"eval/{metric}" if "/" in metric else f"eval/tuned/{metric}"
+
+
+def _limit_check(gate: Gate, own: dict, own_run: str | None, mv, missing: list) -> GateCheck:
+    """A limit gate (`at_most` / `at_least`) on a metric of the version's own run; compares with no other version."""
+    key = limit_key(gate.metric)
+    value = own.get(key)
+    if value is None:
+        missing.append(f"{key} in run {own_run} (v{mv.version})")
+    bounds = [(op, bound) for op, bound in (("<=", gate.at_most), (">=", gate.at_least)) if bound is not None]
+    passed = value is not None and all(value <= b + 1e-12 if op == "<=" else value >= b - 1e-12 for op, b in bounds)
+    return GateCheck(gate.metric, " and ".join(f"{op} {b:g}" for op, b in bounds),
+                     "min" if gate.at_most is not None else "max", 0.0, value, bounds[0][1], passed,
+                     "" if value is not None else "metric missing")
 
 
 def recipe_gates(name: str, version: str) -> tuple[list[Gate], str]:
@@ -97,6 +138,12 @@ def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple
     own = registry.run_metrics(own_run)
     checks, missing = [], []
     for gate in gates:
+        if gate.metric == ARENA_GATE:
+            checks += _arena_checks(name, mv, gate, alias)
+            continue
+        if gate.at_most is not None or gate.at_least is not None:
+            checks.append(_limit_check(gate, own, own_run, mv, missing))
+            continue
         mode = gate.mode or ("min" if lower_is_better(gate.metric) else "max")
         tuned = own.get(f"eval/tuned/{gate.metric}")
         if tuned is None:
@@ -196,6 +243,38 @@ def _other_value(name, mv, against: str, alias: str, metric: str, own: dict, mis
     # Scores on different eval sets do not compare; say so rather than refuse (the data may have been fixed).
     digests = {_run_tag(r, tags.EVAL_DATA_DIGEST) for r in (registry.source_run_id(mv), run_id)}
     return value, f"v{other.version}" + (", different eval data" if len(digests) > 1 else "")
+
+
+def _arena_checks(name: str, mv, gate: Gate, alias: str) -> list[GateCheck]:
+    """The version's arena rating (votes on `name` in the playground's experiment) against each contender in
+    `gate.beats`: passes when its 95% interval lies above theirs by `gate.margin` Elo points, each with enough votes."""
+    from mlflow_finetune_plugin import votes
+
+    board = votes.ratings(votes.read_votes(name))
+    own = f"{name}/{mv.version}"  # the playground's model keys
+    checks = []
+    for against in gate.beats:
+        if against == "fewshot":
+            raise FinetuneError(f"gate {ARENA_GATE}: no votes are cast on few-shot prompts; beats takes champion, "
+                                f"base, @ALIAS or a version, e.g. --gate {ARENA_GATE}:champion")
+        ref = "@" + alias if against == "champion" else against
+        other = None if against == "base" else (registry.alias_holder(name, ref[1:]) if ref.startswith("@")
+                                                 else registry.get_version(name, ref))
+        if against != "base" and (other is None or str(other.version) == str(mv.version)):
+            note = f"no {ref} yet" if other is None else f"v{mv.version} is {ref}"
+            checks.append(GateCheck(ARENA_GATE, against, "max", gate.margin, None, None, True, note))
+            continue
+        key = f"{own}:base" if against == "base" else f"{name}/{other.version}"
+        mine, theirs = board.get(own), board.get(key)
+        gap = mine.lower - theirs.upper if mine and theirs else None
+        if gap is None or board.too_few(mine) or board.too_few(theirs) or gap <= 0:
+            passed, note = False, board.separation(own, key)[1]
+        else:
+            passed = gap >= gate.margin - 1e-9
+            note = f"{mine.interval} above {key}'s {theirs.interval}" + ("" if passed else f" by only {gap:.0f}")
+        checks.append(GateCheck(ARENA_GATE, against, "max", gate.margin, mine and round(mine.rating),
+                                theirs and round(theirs.rating), passed, note))
+    return checks
 
 
 def _run_tag(run_id: str | None, key: str) -> str | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 
+from mlflow_finetune_plugin import model_card
 from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.logged_model import log_finetuned_model
 from mlflow_finetune_plugin.models import compute_precision
@@ -40,9 +41,12 @@ def log_and_register(recipe, model, tokenizer, config: dict, tags: dict, name: s
     """Log the model in the active run and register it (alias, lineage tags, auto-promotion per the recipe)."""
     info = log_finetuned_model(model, tokenizer, config=config, name=name)
     mlflow.set_tags(tags)
+    registered_name = registered_name or recipe.registry.name
+    card = model_card.build(recipe, mlflow.active_run().info.run_id, config, registered_name)
+    model_card.log(card, info.model_id)  # README.md beside MLmodel
     if recipe.registry.enabled:
-        registered_name = registered_name or recipe.registry.name
         version = register(info.model_uri, registered_name, tags, recipe.registry.alias)
+        model_card.describe(registered_name, version.version, card)  # shown on the version's page in the UI
         mlflow.set_tags({tag.REGISTERED_MODEL: registered_name, tag.REGISTERED_VERSION: version.version})
         alias = f" (alias @{recipe.registry.alias})" if recipe.registry.alias else ""
         print(f"Registered {registered_name} version {version.version}{alias}")
@@ -70,3 +74,115 @@ class _OneAdapter:
             self.model.save_pretrained(tmp, selected_adapters=[self.name], **kwargs)
             src = Path(tmp) / self.name if (Path(tmp) / self.name).is_dir() else Path(tmp)
             shutil.copytree(src, path, dirs_exist_ok=True)
+
+
+# --- a checkpoint registered instead of the final model ---------------------------------------------------------
+
+# Files of a checkpoint that only resuming needs; the rest is the model (adapter or weights) and its tokenizer.
+_TRAINING_STATE = ("optimizer", "scheduler", "rng_state", "scaler", "trainer_state.json", "training_args.bin")
+
+
+def register_checkpoint(name: str, ref: str, run_id: str | None = None):
+    """Register a checkpoint (its model id, or its step in training run `run_id`) as a new version of `name` that
+    loads and serves like a run's final model; returns the version.
+
+    The checkpoint is packaged (its adapter or weights and tokenizer from the training run's `checkpoints/`, the
+    final model's config) in a run of its own, nested under the training run, holding the recipe, the lineage and
+    this checkpoint's evaluation (base / few-shot / tuned on the run's eval data). That run is the version's source
+    run, so `mlflow-finetune promote` gates on the checkpoint's own scores, not the final model's.
+    """
+    from transformers import AutoTokenizer
+
+    from mlflow_finetune_plugin import registry
+    from mlflow_finetune_plugin.logged_model import chat_template_hash
+    from mlflow_finetune_plugin.recipe import RegistryConfig
+
+    checkpoint = registry.find_checkpoint(ref, run_id)
+    step, path, trained_by = (checkpoint.tags[tag.CHECKPOINT_STEP], checkpoint.tags[tag.CHECKPOINT_PATH],
+                              checkpoint.source_run_id)
+    client = mlflow.MlflowClient()
+    run = client.get_run(trained_by)
+    recipe = registry.source_recipe(trained_by) or {}
+    lineage = {k: v for k, v in run.data.tags.items() if k in tag.LINEAGE.values()}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _checkpoint_files(trained_by, path, Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        config = {**_final_model_config(run, recipe),
+                  "artifact": "adapter" if (folder / "adapter_config.json").is_file() else "full"}
+        with mlflow.start_run(experiment_id=run.info.experiment_id, parent_run_id=trained_by,
+                              run_name=f"{run.info.run_name or trained_by[:8]} checkpoint-{step}") as packaging:
+            lineage.update(lineage_tags(source_run=packaging.info.run_id, checkpoint_step=step, checkpoint_path=path,
+                                        checkpoint_run=trained_by, checkpoint_model=checkpoint.model_id,
+                                        chat_template_hash=chat_template_hash(tokenizer)))
+            mlflow.set_tags(lineage)
+            if recipe:
+                mlflow.log_dict(recipe, "recipe.yaml")
+            if run.inputs and run.inputs.dataset_inputs:
+                client.log_inputs(packaging.info.run_id, datasets=run.inputs.dataset_inputs)
+            info = log_finetuned_model(_SavedFolder(folder), tokenizer, config=config, name=f"checkpoint-{step}",
+                                       tags=lineage)
+    alias = (recipe.get("registry") or {}).get("alias", RegistryConfig.model_fields["alias"].default)
+    version = register(info.model_uri, name, lineage, alias)
+    registered = {tag.REGISTERED_MODEL: name, tag.REGISTERED_VERSION: str(version.version)}
+    client.set_logged_model_tags(checkpoint.model_id, registered)
+    for key, value in registered.items():
+        client.set_tag(packaging.info.run_id, key, value)
+    print(f"Registered {name} version {version.version}{f' (alias @{alias})' if alias else ''}: checkpoint "
+          f"step {step} of run {trained_by}")
+    _evaluate_checkpoint(name, str(version.version), packaging.info.run_id)
+    return version
+
+
+def _checkpoint_files(run_id: str, path: str, dest: Path) -> Path:
+    """Download the model files of checkpoint folder `path` of run `run_id` (not the optimizer and trainer state)."""
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    files = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, path)
+             if not a.is_dir and not a.path.rsplit("/", 1)[-1].startswith(_TRAINING_STATE)]
+    folder = dest / Path(path).name
+    for file in files:  # each lands in the folder under its own name
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=file, dst_path=str(folder))
+    if not ((folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()):
+        raise FinetuneError(f"checkpoint {path} of run {run_id} holds no adapter (adapter_config.json) or model "
+                            "(config.json) to register")
+    return folder
+
+
+def _final_model_config(run, recipe: dict) -> dict:
+    """The config the run's final model was logged with (base, its revision, method, system prompt, ...); for a
+    run that never got that far, the same from its lineage tags and recipe."""
+    from mlflow.models import Model
+    from mlflow.models.model import MODEL_CONFIG
+
+    for output in run.outputs.model_outputs if run.outputs else []:
+        model = mlflow.get_logged_model(output.model_id)
+        if tag.CHECKPOINT_STEP not in model.tags:
+            return dict(Model.load(model.model_uri).flavors["python_function"].get(MODEL_CONFIG) or {})
+    t = run.data.tags
+    return {"base_model": t.get(tag.BASE_MODEL), "base_revision": t.get(tag.BASE_REVISION),
+            "method": t.get(tag.METHOD), "adapter": t.get(tag.ADAPTER), "objective": t.get(tag.OBJECTIVE),
+            "system_prompt": (recipe.get("data") or {}).get("system_prompt")}
+
+
+def _evaluate_checkpoint(name: str, version: str, run_id: str) -> None:
+    """The run's own evaluation, on the checkpoint, into the checkpoint's run; a missing eval set is explained."""
+    from mlflow_finetune_plugin.errors import FinetuneError
+    from mlflow_finetune_plugin.evaluation import comparison_table, evaluate_model_uri
+
+    try:
+        result, _ = evaluate_model_uri(f"models:/{name}/{version}", run_id=run_id)
+    except FinetuneError as e:
+        print(f"Not evaluated: {e}\n`mlflow-finetune promote` needs its metrics: `mlflow-finetune evaluate "
+              f"models:/{name}/{version} --data FILE --run-id {run_id}`")
+        return
+    print(comparison_table(result.metrics))
+
+
+class _SavedFolder:
+    """A model already saved as a folder (a checkpoint's adapter or weights), as log_finetuned_model saves one."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def save_pretrained(self, path, **kwargs):
+        shutil.copytree(self.folder, path, dirs_exist_ok=True)

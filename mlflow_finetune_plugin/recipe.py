@@ -273,7 +273,8 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
-    save_steps: int = Field(100, gt=0, description="Checkpoint (logged to the run, for resume) every N steps; the "
+    save_steps: int = Field(100, gt=0, description="Checkpoint (logged to the run for resume, and as a logged model "
+                                                  "`checkpoint-N` with the eval loss at that step) every N steps; the "
                                                   "end of training is the logged model, not a checkpoint.")
     save_total_limit: int = Field(2, gt=0)
     gradient_checkpointing: bool = False
@@ -285,7 +286,11 @@ class TrainConfig(Section):
         "ddp", description="With several processes (torchrun, ray): ddp copies the model to every rank; fsdp "
                            "shards parameters, gradients and optimizer state across ranks (models too big for one).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    resume: str | None = Field(None, description="Run id (or 'latest') whose last checkpoint to continue from.")
+    resume: str | None = Field(None, description="Run id (or 'latest') whose last checkpoint to continue from, or "
+                                                 "one checkpoint's logged model id (m-...).")
+    system_metrics: bool = Field(True, description="Log CPU, memory, disk, network and (with nvidia-ml-py) GPU use "
+                                                   "as system/* metrics of the run (MLflow's system metrics).")
+    system_metrics_interval: float = Field(5.0, gt=0, description="Seconds between system metrics samples.")
 
 
 class EvalConfig(Section):
@@ -297,6 +302,17 @@ class EvalConfig(Section):
     output_format: Literal["text", "json"] = Field(
         "text", description="json: also score `json_valid`, the share of answers that parse (and fit json_schema).")
     json_schema: dict | None = Field(None, description="JSON Schema the answers must conform to (output_format json).")
+    forgetting: bool | str = Field(
+        True, description="Loss and perplexity of the base and the tuned model on general text the run did not train "
+                          "on (eval/forgetting/*): true: the set bundled with the package; a .txt (paragraphs "
+                          "split by blank lines) or .jsonl ({\"text\": ...} rows) file of your own; false: off.")
+
+    @field_validator("forgetting")
+    @classmethod
+    def _forgetting_file(cls, value):
+        if isinstance(value, str) and not value.endswith((".txt", ".jsonl")):
+            raise ValueError("expected true (the bundled set), false (off) or a .txt / .jsonl file of general text")
+        return value
 
 
 class RegistryConfig(Section):
@@ -309,6 +325,21 @@ class RegistryConfig(Section):
             description="base | fewshot (same run), champion (holder of the alias being moved), @alias, or a version.")
         margin: float = Field(0.0, ge=0, description="Absolute improvement required (0: not worse).")
         mode: Literal["max", "min"] | None = Field(None, description="Default: min for loss/perplexity, else max.")
+        at_most: float | None = Field(
+            None, description="A limit instead of a comparison: the version's own metric must be <= this, e.g. "
+                              "{metric: forgetting/ppl_ratio, at_most: 1.2}. A metric with a `/` is "
+                              "eval/<metric>, one without is the tuned model's eval/tuned/<metric>.")
+        at_least: float | None = Field(None, description="A limit: the version's own metric must be >= this.")
+
+        @model_validator(mode="before")
+        @classmethod
+        def _limit_compares_with_nothing(cls, data):
+            if isinstance(data, dict) and (data.get("at_most") is not None or data.get("at_least") is not None):
+                if data.get("beats"):
+                    raise ValueError("a gate with at_most/at_least checks a limit and beats nothing; drop `beats` "
+                                     "(or write the comparison as a gate of its own)")
+                data = {**data, "beats": []}
+            return data
 
     name: str | None = Field(None, description="Registered model name; default: the project folder's name.")
     enabled: bool = Field(True, description="Register the logged model; false only logs it in the run.")
@@ -414,6 +445,8 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
     if problems:
         raise RecipeError(problems, str(recipe_path))
     recipe.project_dir = str(project_dir)
+    if isinstance(recipe.eval.forgetting, str):
+        recipe.eval.forgetting = str((project_dir / recipe.eval.forgetting).resolve())
     if recipe.data.tasks:  # a mixture's files are its tasks'; data.train's default does not apply
         recipe.data.train = recipe.data.eval = None
     for split in ("train", "eval"):
@@ -518,6 +551,10 @@ def _check_paths(raw: dict, project_dir: Path, tasks_key: str = "data.tasks") ->
                 problems.append(f"data.{split}: {value!r} names no dataset; write hf:ORG/NAME or hf:ORG/NAME:SPLIT")
         elif isinstance(value, str) and value and not (project_dir / value).exists():
             problems.append(f"data.{split}: file not found: {value} (looked in {project_dir})")
+    forgetting = raw["eval"].get("forgetting") if isinstance(raw.get("eval"), dict) else None
+    if isinstance(forgetting, str) and forgetting and not (project_dir / forgetting).is_file():
+        problems.append(f"eval.forgetting: file not found: {forgetting} (looked in {project_dir}); give a .txt or "
+                        ".jsonl file of general text, true for the bundled set, or false to skip the check")
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
     name = model.get("name")
     if isinstance(name, str) and name.startswith((".", "/", "~")):
@@ -641,6 +678,8 @@ def recipe_hash(recipe) -> str:
         for split in ("train", "eval"):
             if section.get(split):
                 section[split] = Path(section[split]).name
+    if isinstance(data["eval"].get("forgetting"), str):
+        data["eval"]["forgetting"] = Path(data["eval"]["forgetting"]).name
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -151,3 +151,71 @@ def versions_table(name: str, metrics: list[str]) -> str:
                      v.tags.get(tags.METHOD, "-"), v.tags.get(tags.BASE_MODEL, "-"),
                      *(values.get(f"eval/tuned/{m}") for m in metrics), (source_run_id(v) or "-")[:12]])
     return format_table(["version", "aliases", "method", "base", *metrics, "run"], rows)
+
+
+def checkpoint_models(run_id: str) -> list:
+    """The checkpoints of training run `run_id` as logged models (`checkpoint-N`, see callbacks.CheckpointLogger),
+    by step."""
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        raise FinetuneError(f"no run {run_id!r}: {e.message}") from None
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    return sorted((m for m in models if tags.CHECKPOINT_STEP in m.tags), key=lambda m: int(m.tags[tags.CHECKPOINT_STEP]))
+
+
+def find_checkpoint(ref: str, run_id: str | None = None):
+    """A checkpoint's logged model by its model id (`m-...`), or by its step in training run `run_id`."""
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    ref = str(ref).strip()
+    if ref.startswith("m-"):
+        try:
+            model = mlflow.get_logged_model(ref)
+        except MlflowException as e:
+            raise FinetuneError(f"no logged model {ref!r}: {e.message}") from None
+        if tags.CHECKPOINT_STEP not in model.tags:
+            raise FinetuneError(f"logged model {ref} ({model.name}) is not a checkpoint; list a run's checkpoints "
+                                "with `mlflow-finetune models NAME --checkpoints RUN_ID`")
+        return model
+    if not ref.isdigit():
+        raise FinetuneError(f"checkpoint {ref!r}: give its step (a number) with its run, or its model id (m-...)")
+    if not run_id:
+        raise FinetuneError(f"checkpoint step {ref} of which run? Name the training run (--run RUN_ID), or give "
+                            "the checkpoint's model id (m-...)")
+    found = checkpoint_models(run_id)
+    for model in found:
+        if int(model.tags[tags.CHECKPOINT_STEP]) == int(ref):
+            return model
+    steps = ", ".join(m.tags[tags.CHECKPOINT_STEP] for m in found) or "none"
+    raise FinetuneError(f"run {run_id} has no checkpoint at step {ref}; its checkpoints: {steps}")
+
+
+def checkpoints_table(run_id: str, metrics: list[str]) -> str:
+    """The checkpoints of training run `run_id` ranked by `eval/tuned/<metrics[0]>` (the eval at each save step;
+    lower is better for loss and perplexity), best first; checkpoints without that metric come last, unranked."""
+    from mlflow_finetune_plugin.errors import FinetuneError
+    from mlflow_finetune_plugin.metrics import lower_is_better
+
+    found = checkpoint_models(run_id)
+    if not found:
+        raise FinetuneError(f"run {run_id} has no checkpoint models: it saved no checkpoint (train.save_steps not "
+                            "below its steps), or it ran before checkpoints became logged models")
+    key, sign = f"eval/tuned/{metrics[0]}", 1 if lower_is_better(metrics[0]) else -1
+    rows = [({m.key: m.value for m in sorted(model.metrics or [], key=lambda m: m.timestamp)}, model)
+            for model in found]
+    rows.sort(key=lambda row: (row[0].get(key) is None, sign * (row[0].get(key) or 0.0)))
+    table = []
+    for rank, (values, model) in enumerate(rows, 1):
+        registered = model.tags.get(tags.REGISTERED_MODEL)
+        table.append([rank if key in values else "-", model.tags[tags.CHECKPOINT_STEP],
+                      *(values.get(f"eval/tuned/{m}") for m in metrics), values.get("train/loss"), model.model_id,
+                      f"{registered} v{model.tags.get(tags.REGISTERED_VERSION)}" if registered else "-"])
+    return format_table(["rank", "step", *metrics, "train_loss", "model_id", "registered"], table)

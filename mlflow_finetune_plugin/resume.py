@@ -1,4 +1,5 @@
-"""Resuming a run from the last whole checkpoint of an earlier run (`-P resume=RUN_ID` or `latest`).
+"""Resuming a run from the last whole checkpoint of an earlier run (`-P resume=RUN_ID` or `latest`), or from one
+checkpoint given by its logged model id (`-P resume=m-...`, see `mlflow-finetune models NAME --checkpoints RUN_ID`).
 
 Checkpoints are the run's artifacts (`checkpoints/checkpoint-N`, logged by `callbacks.CheckpointLogger`), so a run
 resumes on any machine that reaches the tracking server. A run killed while logging one leaves it partial: only
@@ -16,10 +17,14 @@ from mlflow_finetune_plugin.errors import FinetuneError
 
 
 def resume_checkpoint(resume: str | None, current_run: str) -> str | None:
-    """Download the last checkpoint of run `resume` (or of the latest other run of this experiment)."""
+    """Download the last checkpoint of run `resume` (or of the latest other run of this experiment), or the
+    checkpoint whose logged model id `resume` is."""
     if not resume:
         return None
     client = mlflow.MlflowClient()
+    if resume.startswith("m-"):
+        rid, path = _checkpoint_of_model(client, resume)
+        return _download(rid, path, current_run)
     if resume == "latest":
         exp = client.get_run(current_run).info.experiment_id
         runs = client.search_runs([exp], order_by=["attributes.start_time DESC"], max_results=50)
@@ -32,15 +37,34 @@ def resume_checkpoint(resume: str | None, current_run: str) -> str | None:
         except Exception as e:  # noqa: BLE001
             raise FinetuneError(f"train.resume: cannot read run {rid!r}: {e}") from None
         if checkpoints:
-            last = max(checkpoints, key=_step)
-            dest = paths.job_dir(current_run) / "resume"
-            local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=last, dst_path=str(dest))
-            print(f"Resuming from {rid}/{last}")
-            mlflow.set_tag(tags.RESUMED_FROM, f"{rid}/{last}")
-            return local
+            return _download(rid, max(checkpoints, key=_step), current_run)
         if resume != "latest":
             raise FinetuneError(f"train.resume: run {rid} has no checkpoints to resume from")
     raise FinetuneError("train.resume=latest: no earlier run in this experiment has checkpoints")
+
+
+def _download(run_id: str, checkpoint: str, current_run: str) -> str:
+    dest = paths.job_dir(current_run) / "resume"
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=checkpoint, dst_path=str(dest))
+    print(f"Resuming from {run_id}/{checkpoint}")
+    mlflow.set_tag(tags.RESUMED_FROM, f"{run_id}/{checkpoint}")
+    return local
+
+
+def _checkpoint_of_model(client, model_id: str) -> tuple[str, str]:
+    """(training run, checkpoint folder) of a checkpoint's logged model, which must be whole to resume from."""
+    try:
+        model = client.get_logged_model(model_id)
+    except Exception as e:  # noqa: BLE001
+        raise FinetuneError(f"train.resume: cannot read logged model {model_id!r}: {e}") from None
+    path = model.tags.get(tags.CHECKPOINT_PATH)
+    if not path:
+        raise FinetuneError(f"train.resume: logged model {model_id} ({model.name}) is not a checkpoint; give a "
+                            "checkpoint's model id (`mlflow-finetune models NAME --checkpoints RUN_ID`) or a run id")
+    if path not in resumable_checkpoints(client, model.source_run_id):
+        raise FinetuneError(f"train.resume: checkpoint {model_id} ({path} of run {model.source_run_id}) is not "
+                            "complete in the run's artifacts; resume from the run instead (-P resume=RUN_ID)")
+    return model.source_run_id, path
 
 
 def resumable_checkpoints(client, run_id: str) -> list[str]:

@@ -13,7 +13,7 @@ ERROR = "finetune.error"                          # why the run FAILED or was KI
 CANCEL_REQUESTED = "finetune.cancel_requested"    # "true" once a cancel is asked: a SIGTERM after it means KILLED
 LAST_CHECKPOINT = "finetune.last_checkpoint"      # artifact path of the newest complete checkpoint (resume reads it)
 RESUMED_FROM = "finetune.resumed_from"            # "<run id>/<checkpoint path>" a resumed run started from
-REGISTERED_MODEL = "finetune.registered_model"    # registered model name the run's model became a version of
+REGISTERED_MODEL = "finetune.registered_model"    # registered model the run's (or a checkpoint's) model is a version of
 REGISTERED_VERSION = "finetune.registered_version"  # that version's number
 AUTO_PROMOTED = "finetune.auto_promoted"          # "true"/"false": registry.auto_promote moved the champion alias
 
@@ -43,12 +43,19 @@ TASKS = "finetune.tasks"                          # multitask: "name:weight,..."
 TASK = "finetune.task"                            # multitask: the task a per-task version was trained on
 VLLM_COMPATIBLE = "finetune.vllm_compatible"      # "true"/"false": vLLM's multi-LoRA can serve the adapter
 VLLM_REASON = "finetune.vllm_reason"              # why (not)
+# A checkpoint: on its logged model (`checkpoint-N`, an output of the training run at step N) and on a version
+# registered from it, whose source run is then the run that packaged and evaluated that checkpoint.
+CHECKPOINT_STEP = "finetune.checkpoint_step"      # the training step the checkpoint was saved at
+CHECKPOINT_PATH = "finetune.checkpoint_path"      # its folder among the training run's artifacts (checkpoints/...)
+CHECKPOINT_RUN = "finetune.checkpoint_run"        # the run that trained it
+CHECKPOINT_MODEL = "finetune.checkpoint_model"    # the checkpoint's logged model id (m-...)
 # registry.lineage_tags(key=value) keyword -> tag name: an unknown keyword is an error, never a new tag name.
 LINEAGE = {"method": METHOD, "adapter": ADAPTER, "objective": OBJECTIVE, "quantization": QUANTIZATION,
            "base_model": BASE_MODEL, "base_revision": BASE_REVISION, "recipe_hash": RECIPE_HASH,
            "source_run": SOURCE_RUN, "precision": PRECISION, "chat_template_hash": CHAT_TEMPLATE_HASH,
            "dataset_digest": DATASET_DIGEST, "data_format": DATA_FORMAT, "tasks": TASKS, "task": TASK,
-           "vllm_compatible": VLLM_COMPATIBLE, "vllm_reason": VLLM_REASON}
+           "vllm_compatible": VLLM_COMPATIBLE, "vllm_reason": VLLM_REASON, "checkpoint_step": CHECKPOINT_STEP,
+           "checkpoint_path": CHECKPOINT_PATH, "checkpoint_run": CHECKPOINT_RUN, "checkpoint_model": CHECKPOINT_MODEL}
 
 # --- evaluation (on the run the evaluation was logged in) ---------------------------------------------------------
 EVAL_DATA_DIGEST = "finetune.eval_data_digest"    # digest of the prompts and references scored (comparability)
@@ -66,6 +73,13 @@ FORCED_AT = "finetune.forced_at"                  # when
 FORCED_REASON = "finetune.forced_reason"          # the --reason given
 FORCED_GATES_FAILED = "finetune.forced_gates_failed"  # the gates that failed ("none" if none did)
 
+# --- export (`mlflow-finetune export`: on the version exported; on the source run for a runs:/ model) ------------
+EXPORT_URI = "finetune.export.uri"                # the latest export's artifacts: runs:/<source run>/exports/<folder>
+EXPORT_SOURCE = "finetune.export.source"          # the version exported, resolved (models:/NAME/VERSION)
+EXPORT_MERGED = "finetune.export.merged"          # "true": adapter merged into the base; "false": full weights as is
+EXPORT_BASE = "finetune.export.base_model"        # the base model reference the export was built on
+EXPORT_GGUF_TYPE = "finetune.export.gguf_type"    # f32 | f16 | none
+
 # --- playground votes (on each vote run, experiment `playground-votes`) -------------------------------------------
 VOTE_MODEL = "finetune.vote.model"                # the registered model whose playground it is (votes filed under it)
 VOTE_MODEL_A = "finetune.vote.model_a"            # model choice key shown as A (NAME/3 or NAME/3:base)
@@ -75,3 +89,8 @@ VOTE_BLIND = "finetune.vote.blind"                # "true" when the sides were h
 VOTE_COMPARISON = "finetune.vote.comparison"      # the comparison id voted on
 VOTE_USER = "finetune.vote.user"                  # the logged-in user, "" without --auth
 VOTE_PROMPT = "finetune.vote.prompt"              # the prompt (first 500 characters)
+
+# --- sweeps (`mlflow-finetune sweep`) ---------------------------------------------------------------------------
+SWEEP_TRIAL = "finetune.sweep.trial"              # on a trial run: its Optuna trial number
+SWEEP_STATE = "finetune.sweep.state"              # on a trial run: complete | pruned | failed
+SWEEP_BEST_RUN = "finetune.sweep.best_run_id"     # on the sweep's parent run: the best trial's run

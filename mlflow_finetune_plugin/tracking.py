@@ -57,3 +57,22 @@ def record_failure(run_id: str, exc: BaseException, status: str = "FAILED") -> N
         client.log_text(run_id, text, "error.txt")
     finally:
         client.set_terminated(run_id, status)
+
+
+# The step the run's results are logged at: the training's last step, set once training ends (0 when nothing
+# trained, e.g. `mlflow-finetune evaluate`). At step 0 they would sit behind the Trainer's own `eval/tuned/loss` of
+# the last save step, and MLflow's latest value of a metric (what gates and `models` read) is the one at the highest
+# step: the final evaluation would not count.
+_results_step = 0
+
+
+def set_results_step(step: int) -> None:
+    global _results_step
+    _results_step = int(step)
+
+
+def log_results(metrics: dict[str, float]) -> None:
+    """Log the run's final results (evaluation, forgetting) at the last training step."""
+    import mlflow
+
+    mlflow.log_metrics(metrics, step=_results_step)

@@ -1,4 +1,4 @@
-"""Playground votes in MLflow, their win rates, and preference data made from them.
+"""Playground votes in MLflow, their win rates and arena ratings, and preference data made from them.
 
 Each vote is one finished run in the experiment `playground-votes`: tags say which registered model and which two
 versions were compared and the verdict (searchable, and what the win rates are computed from); params hold the
@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin import arena, tags
 from mlflow_finetune_plugin.errors import FinetuneError
 
 EXPERIMENT = "playground-votes"
 VERDICTS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+# What a verdict says in the arena ratings: as in Chatbot Arena, "both bad" is a tie, half a win each way.
+OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
 
 
 @dataclass
@@ -130,14 +132,26 @@ class PairSummary:
         return (self.first_wins + 0.5 * self.ties) / n if n else None
 
 
-def summary(name: str, experiment: str = EXPERIMENT) -> list[PairSummary]:
-    """Win rates per pair of compared versions of `name`, most-voted pair first."""
-    pairs: dict[tuple[str, str], PairSummary] = {}
+def read_votes(name: str, experiment: str = EXPERIMENT) -> list[tuple[str, str, str]]:
+    """(model A, model B, verdict) of every finished vote on `name`, oldest first."""
+    votes = []
     for run in _vote_runs(name, experiment):
         on_run = run.data.tags
         a, b, verdict = on_run.get(tags.VOTE_MODEL_A), on_run.get(tags.VOTE_MODEL_B), on_run.get(tags.VOTE_VERDICT)
-        if not (a and b and verdict in VERDICTS):
-            continue
+        if a and b and verdict in VERDICTS:
+            votes.append((a, b, verdict))
+    return votes
+
+
+def summary(name: str, experiment: str = EXPERIMENT) -> list[PairSummary]:
+    """Win rates per pair of compared versions of `name`, most-voted pair first."""
+    return pair_summaries(read_votes(name, experiment))
+
+
+def pair_summaries(votes: list[tuple[str, str, str]]) -> list[PairSummary]:
+    """`read_votes` counted per pair of versions, most-voted pair first."""
+    pairs: dict[tuple[str, str], PairSummary] = {}
+    for a, b, verdict in votes:
         first, second = sorted((a, b))
         s = pairs.setdefault((first, second), PairSummary(first, second))
         if verdict == "tie":
@@ -156,8 +170,33 @@ SUMMARY_HEADERS = ["model", "vs", "votes", "wins", "losses", "ties", "both bad",
 
 def summary_rows(name: str, experiment: str = EXPERIMENT) -> list[list]:
     """`summary` as table rows (SUMMARY_HEADERS)."""
-    return [[s.first, s.second, s.votes, s.first_wins, s.second_wins, s.ties, s.both_bad,
-             None if s.first_win_rate is None else round(s.first_win_rate, 4)] for s in summary(name, experiment)]
+    return [_summary_row(s) for s in summary(name, experiment)]
+
+
+def _summary_row(s: PairSummary) -> list:
+    return [s.first, s.second, s.votes, s.first_wins, s.second_wins, s.ties, s.both_bad,
+            None if s.first_win_rate is None else round(s.first_win_rate, 4)]
+
+
+def ratings(votes: list[tuple[str, str, str]], rounds: int = arena.ROUNDS, seed: int = 0,
+            min_votes: int = arena.MIN_VOTES) -> arena.Leaderboard:
+    """Arena ratings (Bradley-Terry, bootstrap 95% intervals) of the versions in `votes` (`read_votes`)."""
+    return arena.rate([arena.Battle(a, b, OUTCOMES[v]) for a, b, v in votes], rounds, seed, min_votes)
+
+
+LEADERBOARD_HEADERS = ["rank", "model", "rating", "95% interval", "votes", "note"]
+PAIR_HEADERS = [*SUMMARY_HEADERS, "separated"]
+
+
+def leaderboard_rows(board: arena.Leaderboard) -> list[list]:
+    """The ratings as table rows (LEADERBOARD_HEADERS), best first."""
+    return [[r.rank, r.model, round(r.rating), r.interval, r.votes,
+             f"too few votes (fewer than {board.min_votes})" if board.too_few(r) else ""] for r in board.ratings]
+
+
+def pair_rows(votes: list[tuple[str, str, str]], board: arena.Leaderboard) -> list[list]:
+    """Win rates per pair (PAIR_HEADERS), each saying whether the ratings tell the two apart."""
+    return [[*_summary_row(s), board.separation(s.first, s.second)[1]] for s in pair_summaries(votes)]
 
 
 @dataclass

@@ -23,7 +23,13 @@ from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.data import load_training_dataset
 from mlflow_finetune_plugin.serving import ModelChoice, Settings
 from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
-from mlflow_finetune_plugin.votes import EXPERIMENT
+from mlflow_finetune_plugin.votes import (
+    EXPERIMENT,
+    LEADERBOARD_HEADERS,
+    leaderboard_rows,
+    ratings,
+    read_votes,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -139,6 +145,14 @@ def test_compare_vote_summary_and_export_to_preference_data(app, engine, tmp_pat
                                                                                           "rejected"}
     summary = runner.invoke(main, ["votes", "summary", "bot"])
     assert summary.exit_code == 0 and "bot/1:base" in summary.output
+
+    # The leaderboard (its Refresh button's endpoint): arena ratings of the three votes, each version too little
+    # voted on to be told apart.
+    board = client.predict(api_name="/leaderboard")
+    assert board["headers"] == LEADERBOARD_HEADERS
+    assert board["data"] == leaderboard_rows(ratings(read_votes("bot")))
+    assert {row[1]: row[4] for row in board["data"]} == {"bot/1": 3, "bot/1:base": 2, "bot/2": 1}
+    assert all(row[5] == "too few votes (fewer than 10)" for row in board["data"])
 
 
 def test_the_system_prompt_box_starts_with_model_as_trained_system_prompt(app):
@@ -297,10 +311,16 @@ def test_the_playground_command_in_a_browser(store, tmp_path):
             for side in "ab":
                 assert len(seen[side]) >= 3, seen[side]  # several partial answers before the whole one
                 assert all(len(x) <= len(y) for x, y in zip(seen[side], seen[side][1:]))
+            before = page.locator("#leaderboard").inner_text()
             page.locator("#vote-a").click()
             page.wait_for_function("document.querySelector('#status').innerText.includes('Vote logged')",
                                    timeout=30_000)
             assert "A was bot v1 @challenger" in page.locator("#status").inner_text()
+            # The vote refreshes the leaderboard: bot/1 and its base are there with one vote more each.
+            page.wait_for_function(f"document.querySelector('#leaderboard').innerText !== {json.dumps(before)}",
+                                   timeout=30_000)
+            board = page.locator("#leaderboard").inner_text()
+            assert "bot/1:base" in board and "too few votes" in board
             shot = tmp_path / "playground.png"
             page.screenshot(path=str(shot), full_page=True)
             browser.close()

@@ -13,6 +13,7 @@ import contextlib
 import sys
 
 from mlflow_finetune_plugin.adapters import resolve_adapter
+from mlflow_finetune_plugin.tracking import log_results
 
 DATA_FORMATS = ("preference",)
 
@@ -39,7 +40,6 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
     """The usual evaluation (base, few-shot and tuned answers against the chosen ones), then the chosen-over-rejected
     log-prob margin and accuracy of the starting and the tuned policy on every held-out pair."""
-    import mlflow
 
     from mlflow_finetune_plugin.objectives import sft
     from mlflow_finetune_plugin.preference_eval import (
@@ -65,7 +65,7 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
         print("Preference evaluation: no held-out pair fits data.max_length; nothing scored.", file=sys.stderr)
         return
     metrics = {**preference_metrics(start, "start"), **preference_metrics(tuned, "tuned")}
-    mlflow.log_metrics({**metrics, "eval/n_pairs": float(len(tuned))})
+    log_results({**metrics, "eval/n_pairs": float(len(tuned))})
     print(f"\nHeld-out preference pairs ({len(tuned)}): log p(chosen) - log p(rejected)")
     print(preference_table(metrics))
 

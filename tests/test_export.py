@@ -1,0 +1,166 @@
+"""`mlflow-finetune export`: a registered version from a real fine-tune becomes a plain transformers folder (adapter
+merged, no PEFT needed) with the same logits as adapter + base, and a GGUF file that transformers reads back to the
+same logits (f32 exactly, f16 within half precision); the export is logged to the source run and tagged on the
+version. Prompt tuning (nothing to merge) and GGUF for a non-Llama model are refused with the reason, before any
+weights load, and leave no files behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin.cli import main
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.export import export_model
+from mlflow_finetune_plugin.job import run
+from mlflow_finetune_plugin.logged_model import load_logged_model, log_finetuned_model
+from mlflow_finetune_plugin.recipe import load_recipe
+from mlflow_finetune_plugin.registry import register
+from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+from tests.conftest import FAST_OVERRIDES, chat_rows, jsonl
+
+MESSAGES = [{"role": "user", "content": "How do I reset my password? It has 12 digits, é and ü."}]
+
+
+def _logits(model, tokenizer):
+    enc = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def _fine_tune(root: Path) -> None:
+    """A real two-step LoRA fine-tune of the tiny model, registered as `<root name>` with alias challenger."""
+    jsonl(root / "data" / "train.jsonl", chat_rows(8))
+    jsonl(root / "data" / "eval.jsonl", chat_rows(2, 50))
+    (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n")
+    assert run(load_recipe(root, overrides={**FAST_OVERRIDES, "train.learning_rate": 1e-2})) == 0
+
+
+def test_a_lora_version_exports_merged_and_as_gguf_with_the_same_logits(tmp_path, tracking_uri):
+    _fine_tune(tmp_path / "bot")
+    out = tmp_path / "export"
+    result = CliRunner().invoke(main, ["export", "models:/bot@challenger", "--to", str(out), "--gguf-type", "f32"])
+    assert result.exit_code == 0, result.output
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", "export.json", "gguf/bot-v1.f32.gguf"} <= files
+    assert not any("adapter" in f for f in files)
+
+    # adapter + base, as the registry serves the version
+    logged = load_logged_model(mlflow.artifacts.download_artifacts("models:/bot/1"), device="cpu")
+    expected = _logits(logged.model, logged.tokenizer)
+    with logged.model.disable_adapter():
+        assert not torch.allclose(_logits(logged.model, logged.tokenizer), expected, atol=1e-3)  # the tune matters
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(merged).__name__ == "LlamaForCausalLM"  # plain transformers, no PEFT wrapper
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == logged.tokenizer.chat_template
+    merged_logits = _logits(merged, tokenizer)
+    # W + BA folded once vs Wx + B(Ax) per call: the same sum in another float32 order
+    torch.testing.assert_close(merged_logits, expected, rtol=1e-4, atol=1e-4)
+
+    # GGUF read back by transformers (which undoes llama.cpp's Q/K rope permutation): same logits, same tokens
+    gguf_dir = out / "gguf"
+    from_gguf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="bot-v1.f32.gguf", dtype=torch.float32)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="bot-v1.f32.gguf")
+    assert gguf_tokenizer.chat_template == tokenizer.chat_template
+    assert (gguf_tokenizer.eos_token, gguf_tokenizer.pad_token) == (tokenizer.eos_token, tokenizer.pad_token)
+    enc = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert gguf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True) == enc
+    torch.testing.assert_close(_logits(from_gguf.eval(), tokenizer), merged_logits, rtol=0, atol=1e-6)
+
+    # logged back to the source run, lineage on the version
+    version = mlflow.MlflowClient().get_model_version("bot", "1")
+    run_id = version.run_id
+    assert version.tags[tags.EXPORT_URI] == f"runs:/{run_id}/exports/bot-v1"
+    assert (version.tags[tags.EXPORT_MERGED], version.tags[tags.EXPORT_GGUF_TYPE]) == ("true", "f32")
+    assert version.tags[tags.EXPORT_BASE] == TINY_MODEL_REF and version.tags[tags.EXPORT_SOURCE] == "models:/bot/1"
+    logged_files = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "exports/bot-v1")}
+    assert {"exports/bot-v1/model.safetensors", "exports/bot-v1/gguf"} <= logged_files
+    assert json.loads((out / "export.json").read_text())["source"] == "models:/bot/1"
+
+    # f16: half the file, logits within half precision; a second export is logged beside the first
+    half = export_model("models:/bot/1", tmp_path / "export16", gguf_type="f16", echo=lambda *_: None)
+    assert half.gguf_file.stat().st_size < 0.6 * (gguf_dir / "bot-v1.f32.gguf").stat().st_size
+    from_f16 = AutoModelForCausalLM.from_pretrained(half.gguf_file.parent, gguf_file=half.gguf_file.name,
+                                                    dtype=torch.float32)
+    f16_error = (_logits(from_f16.eval(), tokenizer) - merged_logits).abs().max().item()
+    assert 0 < f16_error < 5e-2
+    assert half.artifact_uri == f"runs:/{run_id}/exports/bot-v1-2"
+    assert mlflow.MlflowClient().get_model_version("bot", "1").tags[tags.EXPORT_GGUF_TYPE] == "f16"
+
+
+def test_prompt_tuning_and_gguf_of_other_architectures_are_refused_and_full_weights_export_as_is(
+        tmp_path, tracking_uri, tiny_model_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mlflow_finetune_plugin.adapters import prompt
+    from mlflow_finetune_plugin.recipe import PromptAdapter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tuned = prompt.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), PromptAdapter(num_virtual_tokens=4))
+    with mlflow.start_run():
+        info = log_finetuned_model(tuned, tokenizer, {"base_model": TINY_MODEL_REF, "artifact": "adapter",
+                                                      "method": "prompt"})
+    register(info.model_uri, "pt", {}, "challenger")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", "models:/pt@challenger", "--to", str(out)])
+    assert result.exit_code == 1 and "PROMPT_TUNING adapter" in result.output
+    assert "nothing to merge" in result.output and "Traceback" not in result.output
+    assert out.is_dir() and not any(out.iterdir())  # nothing half-written
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1,
+                                      n_head=2)).eval()
+    with mlflow.start_run() as full_run:
+        log_finetuned_model(gpt2, tokenizer, {"base_model": TINY_MODEL_REF, "artifact": "full", "method": "full"})
+    uri = f"runs:/{full_run.info.run_id}/model"
+    with pytest.raises(FinetuneError, match="this model is 'gpt2'.*convert_hf_to_gguf"):
+        export_model(uri, out, gguf_type="f16", echo=lambda *_: None)
+    assert not any(out.iterdir())
+
+    (out / "stray.txt").write_text("x")
+    with pytest.raises(FinetuneError, match="is not empty"):
+        export_model(uri, out, echo=lambda *_: None)
+
+    full = export_model(uri, tmp_path / "full", echo=lambda *_: None)
+    assert not full.merged and full.gguf_file is None
+    reloaded = AutoModelForCausalLM.from_pretrained(full.folder).eval()
+    torch.testing.assert_close(_logits(reloaded, tokenizer), _logits(gpt2, tokenizer), rtol=0, atol=0)
+    # no registered version: the run carries the export's tags
+    run_tags = mlflow.get_run(full_run.info.run_id).data.tags
+    assert run_tags[tags.EXPORT_URI] == f"runs:/{full_run.info.run_id}/exports/model"
+    assert run_tags[tags.EXPORT_MERGED] == "false" and run_tags[tags.EXPORT_GGUF_TYPE] == "none"
+
+
+def test_an_ia3_adapter_exports_to_its_own_logits(tmp_path, tracking_uri, tiny_model_dir):
+    """IA3 scales activations instead of adding a low-rank update; merged, it is a plain model too. (The bottleneck
+    and DoRA adapters merge through the same PEFT call.)"""
+    from mlflow_finetune_plugin.adapters import ia3
+    from mlflow_finetune_plugin.recipe import IA3Adapter
+
+    torch.manual_seed(0)
+    model = ia3.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), IA3Adapter())
+    with torch.no_grad():  # move every scale off its identity start, so the merge has work to do
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    expected = _logits(model.eval(), tokenizer)
+    with mlflow.start_run():
+        info = log_finetuned_model(model, tokenizer, {"base_model": TINY_MODEL_REF, "artifact": "adapter",
+                                                      "method": "ia3"})
+    result = export_model(info.model_uri, tmp_path / "ia3", gguf_type="f32", log=False, echo=lambda *_: None)
+    merged = _logits(AutoModelForCausalLM.from_pretrained(result.folder).eval(), tokenizer)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
+    from_gguf = AutoModelForCausalLM.from_pretrained(result.gguf_file.parent, gguf_file=result.gguf_file.name,
+                                                     dtype=torch.float32)
+    torch.testing.assert_close(_logits(from_gguf.eval(), tokenizer), merged, rtol=0, atol=1e-6)
