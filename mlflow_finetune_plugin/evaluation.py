@@ -202,7 +202,8 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
     The left-padded prompts followed by the right-padded references go through the model once: the references'
     log-probabilities come from that pass (the LM head applied to the reference positions only), and generation
     continues from its KV cache cut back to the prompts. Scoring the references apart cost a second pass over the
-    prompts, which for few-shot prompts are most of the tokens. Models whose cache cannot be cut back that way
+    prompts, which for few-shot prompts are most of the tokens. The prompts' common start (system prompt, shots)
+    is computed once for the batch. Models whose cache cannot be cut back that way
     (sliding-window layers) take the two passes; prefix and prompt tuning answer one prompt at a time.
     """
     import torch
@@ -219,6 +220,13 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
     if not _shares_prefill(model) or not all(p for p, _ in pairs):
         return (generate_greedy_batch(loaded, prompts, max_new_tokens),
                 *_reference_nll(model, tok, prompts, references))
+    device = model.device
+    # The prompts' common start (the system prompt and, for few-shot prompts, every shot) goes through the model
+    # once, as one row; every row's own part follows it, left-padded there, so each token keeps the position it has
+    # unpadded (positions count the real tokens only, as `generate` counts them).
+    shared = _common_prefix([p for p, _ in pairs])
+    shared = shared if len(shared) >= MIN_SHARED_PREFIX else []
+    pairs = [(p[len(shared):], c) for p, c in pairs]
     width, ref_width = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
     ids = torch.full((len(pairs), width + ref_width), tok.pad_token_id)
     mask, scored = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
@@ -226,26 +234,47 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
         ids[row, width - len(prompt_ids): width + len(completion_ids)] = torch.tensor(prompt_ids + completion_ids)
         mask[row, width - len(prompt_ids): width + len(completion_ids)] = 1
         scored[row, width: width + len(completion_ids)] = True
-    # The positions `generate` gives left-padded rows, so the cached keys are the ones it would have computed.
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    device = model.device
+    positions = (len(shared) + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     with torch.no_grad():
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    use_cache=True, logits_to_keep=ref_width + 1)
+        cache = None
+        if shared:
+            cache = model(input_ids=torch.tensor([shared], device=device), use_cache=True,
+                          logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(pairs))
+        mask = torch.cat([torch.ones((len(pairs), len(shared)), dtype=mask.dtype), mask], dim=1)
+        ids = torch.cat([torch.tensor([shared] * len(pairs), dtype=ids.dtype).reshape(len(pairs), -1), ids], dim=1)
+        out = model(input_ids=ids[:, len(shared):].to(device), attention_mask=mask.to(device),
+                    position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=ref_width + 1)
         total, count = 0.0, int(scored.sum())
         if count:
-            # logits[:, j] (position width - 1 + j) predicts the token at width + j.
-            logits, targets = out.logits[:, :-1], ids[:, width:].to(device)
+            # logits[:, j] (the row's position width - 1 + j) predicts the token at width + j.
+            logits, targets = out.logits[:, :-1], ids[:, len(shared) + width:].to(device)
             keep = scored[:, width:].to(device)
             total = float(torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"))
         cache = out.past_key_values
         del out
         cache.crop(-(ref_width + 1))  # the prompts without their last token, which generation feeds in next
-        generated = model.generate(input_ids=ids[:, :width].to(device), attention_mask=mask[:, :width].to(device),
-                                   past_key_values=cache, max_new_tokens=int(max_new_tokens),
-                                   pad_token_id=tok.pad_token_id, do_sample=False)
+        prompt_end = len(shared) + width
+        generated = model.generate(input_ids=ids[:, :prompt_end].to(device),
+                                   attention_mask=mask[:, :prompt_end].to(device), past_key_values=cache,
+                                   max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
+                                   do_sample=False)
     # Rows that end early are filled with padding, which decoding drops with the other special tokens.
-    return [tok.decode(row, skip_special_tokens=True).strip() for row in generated[:, width:]], total, count
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in generated[:, prompt_end:]], total, count
+
+
+# Prompts sharing at least this many leading tokens compute them once (see `answer_and_score`).
+MIN_SHARED_PREFIX = 16
+
+
+def _common_prefix(rows: list[list[int]]) -> list[int]:
+    """The longest common start of `rows`, leaving every row at least one token of its own."""
+    limit = min(len(r) for r in rows) - 1
+    first, n = rows[0], 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return first[:n]
 
 
 def _virtual_tokens(model) -> bool:

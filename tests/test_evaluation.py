@@ -205,6 +205,30 @@ def test_lora_evaluation_reuses_the_scoring_pass(tiny_lora):
     assert _shares_prefill(tiny_lora[0])
 
 
+def test_few_shot_prompts_share_their_start_and_answer_as_one_at_a_time(tiny_lora, monkeypatch):
+    """Few-shot prompts start alike (system prompt, then every shot): that start goes through the model once per
+    batch; the answers are still those of one prompt at a time, and the reference loss the per-example loss."""
+    from mlflow_finetune_plugin.evaluation import MIN_SHARED_PREFIX, _common_prefix, _reference_ids
+
+    model, tok = tiny_lora
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, *range(100, 400)])
+    system = [{"role": "system", "content": "You are the support assistant of Nimbus Notes."}]
+    convs = [system + c[-2:] for c in _varied_conversations()]
+    train = [system + c[-2:] for c in _varied_conversations(14)[10:]]
+    cfg = EvalConfig(max_examples=len(convs), max_new_tokens=12, fewshot_k=3, batch_size=16)
+
+    result = run_evaluation(model, tok, convs, train, cfg)
+
+    prompts = [fewshot_prompt(split_conversation(c)[0], result.fewshot_examples) for c in convs]
+    shared = _common_prefix([_reference_ids(tok, p, "")[0] for p in prompts])
+    assert len(shared) >= MIN_SHARED_PREFIX  # the shared-start path is the one taken
+    loaded = LoadedModel(model, tok, {})
+    with model.disable_adapter():
+        assert [r["fewshot_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=12) for p in prompts]
+        expected = _per_example_loss(model, tok, [p + [c[-1]] for p, c in zip(prompts, convs)])
+    assert result.metrics["eval/fewshot/loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def _per_example_loss(model, tok, convs) -> float:
     """Token-weighted loss of the reference answers (and their end of turn), one unpadded example at a time."""
     nll, count = 0.0, 0
