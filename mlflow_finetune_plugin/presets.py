@@ -36,7 +36,7 @@ PRESETS = {
     "grpo": Preset("lora", objective="grpo"),
 }
 
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "bias")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "bias", "layers")
 # Keys of the old per-method sections that now live on another axis: section -> {key: dotted destination}.
 _MOVED = {
     "qlora": {"bits": "model.quantization", "quant_type": "model.quant_type", "double_quant": "model.double_quant",

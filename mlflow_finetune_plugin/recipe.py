@@ -76,6 +76,10 @@ class LoraAdapter(Section):
     use_dora: bool = False
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
+    layers: int | None = Field(
+        None, gt=0, description="Adapt only the top N decoder layers (empty: all). Backpropagation then stops at the "
+                                "lowest adapted layer: on CPU, smollm2 with the top 20 of its 30 layers took 1.50 s a "
+                                "step against 1.86 s (docs/methods.md).")
 
 
 class IA3Adapter(Section):

@@ -29,6 +29,7 @@ from tests.conftest import REPO, chat_rows, write_project
 # settings of an adapter, and adapters on a quantized base.
 CASES = {name: (name, {}) for name in PRESETS if name != "grpo"} | {
     "lora-dora-rslora": ("lora", {"lora.use_dora": True, "lora.use_rslora": True, "lora.r": 8}),
+    "lora-top-layers": ("lora", {"lora.layers": 2}),
     "qlora-8bit": ("qlora", {"qlora.bits": 8}),
     "prefix-projection": ("prefix", {"prefix.prefix_projection": True, "prefix.encoder_hidden_size": 32}),
     "p_tuning": ("prompt", {"prompt.kind": "p_tuning"}),
@@ -43,6 +44,8 @@ TRAINABLE = {
     "lora": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
     "lora-dora-rslora": (rf"base_model\.model\.{_LINEAR}\.(lora_[AB]|lora_magnitude_vector)\.default\.weight",
                          4 * 7 * 3),
+    "lora-top-layers": (r"base_model\.model\.model\.layers\.[23]\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+                        r"\.lora_[AB]\.default\.weight", 2 * 7 * 2),
     "qlora": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
     "qlora-8bit": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
     "adapter": (r"base_model\.model\.model\.layers\.\d\.(self_attn\.o_proj|mlp\.down_proj)\.peanut_[AB]\.default\.weight",
@@ -296,3 +299,15 @@ def test_each_method_has_a_recipe_and_a_docs_row():
         config = load_recipe(REPO / "recipes" / "support-bot", overrides={"adapter.type": kind}).adapter
         for field in type(config).model_fields:
             assert f"`adapter.{field}`" in docs or field == "type", f"docs/methods.md does not document adapter.{field} ({kind})"
+
+
+def test_lora_on_the_top_layers_only(tiny_model_dir):
+    """`lora.layers: N` adapts the top N decoder layers, every linear layer of each ('all-linear'), and nothing
+    below; more layers than the model has is an error naming the key."""
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(layers=2))
+    adapted = {name.split(".layers.")[1].split(".lora_A")[0] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {f"{i}.{m}" for i in (2, 3) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                            "mlp.down_proj")}
+    with pytest.raises(FinetuneError, match="lora.layers: 5 is more than the model's 4 layers"):
+        lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(layers=5))

@@ -18,22 +18,49 @@ QUANTIZABLE, NOT_QUANTIZABLE = True, ""
 def peft_config(cfg: LoraAdapter, model=None):
     from peft import LoraConfig, TaskType
 
+    target_modules, layers = cfg.target_modules, None
+    if cfg.layers is not None:
+        if model is None:
+            raise ValueError("lora.layers needs the model to count its layers")
+        target_modules, layers = _top_layers(model, cfg)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=target_modules,
+        layers_to_transform=layers,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
         bias=cfg.bias,
     )
 
 
+def _top_layers(model, cfg: LoraAdapter) -> tuple[list[str], list[int]]:
+    """`lora.layers: N`: the top N decoder layers' indices, and the target modules as names (PEFT takes a layer
+    list with named modules only; 'all-linear' becomes every linear layer's name but the output head)."""
+    import torch
+
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    total = getattr(model.config, "num_hidden_layers", None)
+    if not total:
+        raise FinetuneError("lora.layers: this model's config has no num_hidden_layers; remove lora.layers")
+    if cfg.layers > total:
+        raise FinetuneError(f"lora.layers: {cfg.layers} is more than the model's {total} layers; give at most "
+                            f"{total}, or remove it to adapt them all")
+    names = cfg.target_modules
+    if names == "all-linear":
+        head = model.get_output_embeddings()
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear) and module is not head})
+    return ([names] if isinstance(names, str) else list(names)), list(range(total - cfg.layers, total))
+
+
 def apply(model, cfg: LoraAdapter):
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(cfg))
+    return get_peft_model(model, peft_config(cfg, model))
 
 
 def vllm_compatible(cfg: LoraAdapter) -> tuple[bool, str]:
