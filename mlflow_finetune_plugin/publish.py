@@ -130,7 +130,24 @@ def register_checkpoint(name: str, ref: str, run_id: str | None = None):
     print(f"Registered {name} version {version.version}{f' (alias @{alias})' if alias else ''}: checkpoint "
           f"step {step} of run {trained_by}")
     _evaluate_checkpoint(name, str(version.version), packaging.info.run_id)
+    _checkpoint_card(name, str(version.version), packaging.info.run_id, info.model_id, recipe, config)
     return version
+
+
+def _checkpoint_card(name: str, version: str, run_id: str, model_id: str, recipe: dict, config: dict) -> None:
+    """The model card of a registered checkpoint, from its own run (its evaluation) and the training recipe."""
+    from pydantic import ValidationError
+
+    from mlflow_finetune_plugin.recipe import Recipe
+
+    try:
+        resolved = Recipe.model_validate(recipe)
+    except ValidationError:
+        print(f"No model card for version {version}: the training run's recipe.yaml is missing or unreadable")
+        return
+    card = model_card.build(resolved, run_id, config, name)
+    model_card.log(card, model_id)
+    model_card.describe(name, version, card)
 
 
 def _checkpoint_files(run_id: str, path: str, dest: Path) -> Path:

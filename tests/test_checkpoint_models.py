@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from mlflow_finetune_plugin import job, resume, tags
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.model_card import description
 from mlflow_finetune_plugin.recipe import load_recipe
 from mlflow_finetune_plugin.registry import checkpoint_models
 from tests.conftest import FAST_OVERRIDES, chat_rows, write_project
@@ -120,6 +121,10 @@ def test_checkpoints_are_logged_models_ranked_registered_and_promoted(tmp_path, 
     answers = mlflow.pyfunc.load_model("models:/bot/2").predict(
         [{"messages": [{"role": "user", "content": "What is 3 plus 3?"}]}])
     assert len(answers) == 1 and isinstance(answers[0], str)
+    # Its model card: README.md beside MLmodel and the version's description, with the checkpoint's own scores.
+    card = Path(mlflow.artifacts.download_artifacts("models:/bot/2")) / "README.md"
+    assert card.is_file() and client.get_model_version("bot", "2").description == description(card.read_text())
+    assert f"{own_run.data.metrics['eval/tuned/rougeL']:.4f}" in card.read_text()
 
     # Promotion gates on the checkpoint's own evaluation, not the final model's.
     own_loss = own_run.data.metrics["eval/tuned/loss"]
