@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 
-from mlflow_finetune_plugin import paths, tags
+from mlflow_finetune_plugin import paths, stops, tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.pipeline import fine_tune
 from mlflow_finetune_plugin.recipe import Recipe
@@ -30,6 +30,7 @@ def run(recipe, run_id: str | None = None) -> int:
 
     Under torchrun only rank 0 talks to MLflow; the other ranks train and exit.
     """
+    stops.reset()
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     if not is_main_process():
         try:
@@ -42,6 +43,7 @@ def run(recipe, run_id: str | None = None) -> int:
     run_id = active.info.run_id
     try:
         fine_tune(recipe, run_id)
+        stops.check()
     except KeyboardInterrupt as e:
         previous = _ignore_stop_signals()
         status = _interrupted_status(run_id)
@@ -149,6 +151,7 @@ def _raise_keyboard_interrupt(signum, frame):
             signal.setitimer(signal.ITIMER_REAL, 0.05)  # look again in 50 ms
             return
         inner = inner.f_back
+    stops.request(f"signal {signum}")
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -9,7 +9,16 @@ import gc
 import mlflow
 from transformers import set_seed
 
-from mlflow_finetune_plugin import forgetting, publish, quantization, resume, splits, tracking, trainers
+from mlflow_finetune_plugin import (
+    forgetting,
+    publish,
+    quantization,
+    resume,
+    splits,
+    stops,
+    tracking,
+    trainers,
+)
 from mlflow_finetune_plugin.adapters import adapter_of, attach
 from mlflow_finetune_plugin.callbacks import CheckpointLogger, MlflowMetrics
 from mlflow_finetune_plugin.evaluation import trained_system_prompt
@@ -60,6 +69,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
         gc.unfreeze()
     if not main:
         return
+    stops.check()  # a cancel whose interrupt Python dropped (stops.py) ends the run here, not after publishing
 
     # Base zero-shot, base few-shot and tuned on the held-out rows; a full fine-tune needs the base loaded apart,
     # and only when there is something to evaluate.
@@ -72,6 +82,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
         forgetting.check(recipe, general_text, tuned, tokenizer, base)  # general text: base vs tuned
         del base
 
+    stops.check()
     tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))
     # The system prompt goes with the model: the playground pre-fills it, or the model answers out of character.
     config = {"base_model": base_ref, "base_revision": base_revision, "method": recipe.method,
