@@ -55,6 +55,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     # collections otherwise rescan it all during training (measured on CPU: 0.4 s of a 6-9 s, 20-step loop).
     gc.collect()
     gc.freeze()
+    last_step = 0  # one adapter per task: each task's steps count from 1, its metrics carry the task's name
     try:
         if recipe.data.adapters == "per_task" and data.is_mixture:
             trainers.train_per_task(recipe, objective, model, tokenizer, data.tasks, data.task_evals, args)
@@ -63,7 +64,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
             trainer = objective.build_trainer(recipe, model, tokenizer, data.train, data.eval, args,
                                               [MlflowMetrics(), CheckpointLogger()])
             trainer.train(resume_from_checkpoint=_checkpoint(recipe, trainer, run_id, main))
-            tracking.set_results_step(trainer.state.global_step)  # evaluation's metrics: the latest values
+            last_step = trainer.state.global_step  # the evaluation's metrics are logged there: the latest values
             tuned = trainers.unsharded(trainer, recipe, run_id, main) if trainer.is_fsdp_enabled else trainer.model
     finally:
         gc.unfreeze()
@@ -75,11 +76,12 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     # and only when there is something to evaluate.
     if data.task_evals if data.is_mixture else data.eval is not None:
         base = load_base_model(recipe.model) if adapter.ARTIFACT == "full" else None
-        if data.is_mixture:  # mixtures train with sft only
-            sft.evaluate_tasks(recipe, tuned, tokenizer, data.tasks, data.task_evals, base)
-        else:
-            objective.evaluate(recipe, tuned, tokenizer, data.train, data.eval, base)
-        forgetting.check(recipe, general_text, tuned, tokenizer, base)  # general text: base vs tuned
+        with tracking.results_at_step(last_step):
+            if data.is_mixture:  # mixtures train with sft only
+                sft.evaluate_tasks(recipe, tuned, tokenizer, data.tasks, data.task_evals, base)
+            else:
+                objective.evaluate(recipe, tuned, tokenizer, data.train, data.eval, base)
+            forgetting.check(recipe, general_text, tuned, tokenizer, base)  # general text: base vs tuned
         del base
 
     stops.check()

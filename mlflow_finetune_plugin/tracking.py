@@ -3,6 +3,7 @@ as a tag and an artifact, and the terminal status."""
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from pathlib import Path
 
@@ -59,16 +60,22 @@ def record_failure(run_id: str, exc: BaseException, status: str = "FAILED") -> N
         client.set_terminated(run_id, status)
 
 
-# The step the run's results are logged at: the training's last step, set once training ends (0 when nothing
-# trained, e.g. `mlflow-finetune evaluate`). At step 0 they would sit behind the Trainer's own `eval/tuned/loss` of
-# the last save step, and MLflow's latest value of a metric (what gates and `models` read) is the one at the highest
-# step: the final evaluation would not count.
+# The step the run's results are logged at: the training's last step while the pipeline evaluates
+# (`results_at_step`), 0 otherwise (e.g. `mlflow-finetune evaluate`). At step 0 they would sit behind the Trainer's
+# own `eval/tuned/loss` of the last save step, and MLflow's latest value of a metric (what gates and `models` read)
+# is the one at the highest step: the final evaluation would not count.
 _results_step = 0
 
 
-def set_results_step(step: int) -> None:
+@contextlib.contextmanager
+def results_at_step(step: int):
+    """Within the block, `log_results` logs at `step`; back to 0 after, so no later run in the process inherits it."""
     global _results_step
     _results_step = int(step)
+    try:
+        yield
+    finally:
+        _results_step = 0
 
 
 def log_results(metrics: dict[str, float]) -> None:
