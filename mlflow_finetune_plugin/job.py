@@ -38,6 +38,11 @@ def run(recipe, run_id: str | None = None) -> int:
             return 0
         except KeyboardInterrupt:
             return 130
+        except Exception as e:
+            if not _lost_peer(e):
+                raise
+            print(f"Error: {_peer_error(e)}", file=sys.stderr)
+            return 1
     ensure_store()  # `mlflow-finetune train` may be the first process to open a new store
     active = mlflow.start_run(run_id=run_id, log_system_metrics=_system_metrics(recipe.train))
     run_id = active.info.run_id
@@ -55,7 +60,7 @@ def run(recipe, run_id: str | None = None) -> int:
         return 130
     except BaseException as e:  # noqa: BLE001 - every failure must end the run, not leave it RUNNING
         previous = _ignore_stop_signals()
-        e = _explain_resource_error(e)
+        e = _peer_error(e) if _lost_peer(e) else _explain_resource_error(e)
         record_failure(run_id, e, "FAILED")
         mlflow.end_run("FAILED")
         _restore_signals(previous)
@@ -92,6 +97,23 @@ def _system_metrics(train) -> bool:
 
 _PEER_FAILED = FinetuneError("stopped because another training process of this job failed; its error is in the "
                              "job's output (under torchrun: the lines prefixed [rankN])")
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because another rank went away (stopped, crashed, its node lost): gloo and NCCL raise
+    RuntimeError/DistError naming the closed connection."""
+    import torch.distributed as dist
+
+    return isinstance(e, (RuntimeError, dist.DistError)) and any(text in str(e) for text in _PEER_GONE)
+
+
+def _peer_error(e: BaseException) -> FinetuneError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return FinetuneError(f"lost contact with another training process of this job (on this node or another): it "
+                         f"stopped or failed, and its own output says why. ({first})")
 
 
 def _ignore_stop_signals() -> dict:

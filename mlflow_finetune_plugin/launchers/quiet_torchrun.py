@@ -1,4 +1,5 @@
-"""torchrun itself, minus the traceback it prints when it is stopped (cancel sends it SIGTERM).
+"""torchrun itself, minus the tracebacks it prints when it is stopped (cancel sends it SIGTERM) or when the
+node hosting the rendezvous goes away.
 
 `python -m mlflow_finetune_plugin.launchers.quiet_torchrun TORCHRUN_ARGS...`
 """
@@ -12,6 +13,7 @@ import sys
 def main(argv: list[str]) -> int:
     """Run torchrun with `argv`; a stop signal ends it with 128 + the signal number and one line, no traceback."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import main as torchrun
 
     try:
@@ -19,6 +21,11 @@ def main(argv: list[str]) -> int:
     except SignalException as e:
         print(f"torchrun: stopped by {signal.Signals(e.sigval).name}", file=sys.stderr)
         return 128 + int(e.sigval)
+    except RendezvousConnectionError:
+        # The node hosting the c10d rendezvous (the one `mlflow run` started) has gone: the job has ended there.
+        print("torchrun: lost the rendezvous (the node hosting it has stopped or failed); this node stops too",
+              file=sys.stderr)
+        return 1
     return 0
 
 

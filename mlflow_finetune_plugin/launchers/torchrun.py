@@ -25,6 +25,8 @@ def launch(cmd: list[str], run_id: str, env: dict, job_dir: Path, detach: bool =
     """Start `cmd` on `nproc_per_node` ranks (default: one per GPU, else 1) of this node; returns a SubmittedRun."""
     dist_cmd = torchrun_command(cmd, run_id, nproc_per_node, nnodes, rdzv_endpoint)
     submitted = local.launch(dist_cmd, run_id, env, job_dir, detach=detach, cwd=cwd)
+    if nnodes > 1:
+        print(other_nodes_hint(dist_cmd, nnodes, rdzv_endpoint, env, cwd), file=sys.stderr)
     job_file = job_dir / "job.json"
     job_file.write_text(json.dumps({**json.loads(job_file.read_text()), "launcher": "torchrun"}))
     return TorchrunSubmittedRun(run_id, submitted.process)
@@ -48,6 +50,19 @@ def torchrun_command(cmd: list[str], run_id: str, nproc_per_node: int | None = N
     if len(cmd) > 2 and cmd[0] == sys.executable and cmd[1] == "-m":
         return [*out, "-m", *cmd[2:]]
     return [*out, "--no-python", *cmd]
+
+
+def other_nodes_hint(dist_cmd: list[str], nnodes: int, rdzv_endpoint: str, env: dict, cwd=None) -> str:
+    """What to run on the other nodes: this node's command (same rendezvous id, the run id), with the tracking
+    URI; the recipe file, the data and the tracking server must be reachable there at the same addresses."""
+    import shlex
+
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    line = shlex.join([f"MLFLOW_TRACKING_URI={uri}", *dist_cmd]) if uri else shlex.join(dist_cmd)
+    where = f"cd {shlex.quote(str(cwd))} && " if cwd else ""
+    return (f"=== torchrun: this node waits at the rendezvous {rdzv_endpoint} for {nnodes - 1} more node(s). "
+            f"On each of them (recipe, data and tracking store reachable at the same paths), run:\n"
+            f"{where}{line}\n===")
 
 
 class TorchrunSubmittedRun(local.LocalSubmittedRun):
