@@ -5,8 +5,9 @@ process that imports the same libraries, fetches the version's files, notes its 
 sides of the comparison and answers one prompt with each (8 new tokens):
   engine      the playground's `TransformersEngine` with `NAME/V` and `NAME/V:base` (one base copy + the adapter)
   two copies  the base model and a merged copy of the tuned model (`PeftModel.merge_and_unload`)
-Figure: peak resident memory (Linux VmHWM) minus the resident memory before loading; the sides alternate in
-rotated order. Goal (issue 18): engine / two copies <= 0.55.
+Figure: peak resident memory (Linux VmHWM) minus the resident memory before loading (after a warm-up tokenizer
+load, so the libraries' own memory is not counted; each side then loads one tokenizer of its own); the sides
+alternate in rotated order. Goal (issue 18): engine / two copies <= 0.55.
 
     python bench/ab_memory.py                     # smollm2, 3 reps: ~3 min on 2 cores
     python bench/ab_memory.py --reps 1            # smoke test, ~1 min (the first time: +1 min)
@@ -43,13 +44,14 @@ def worker(side: str, name: str, version: str) -> dict:
     torch.set_grad_enabled(False)
     tuned, base = ModelChoice(name, version), ModelChoice(name, version, base=True)
     local = local_model(tuned)
-    tokenizer = AutoTokenizer.from_pretrained(local.tokenizer_dir)
+    AutoTokenizer.from_pretrained(local.tokenizer_dir)  # warm-up: the tokenizers library's own memory (~120 MiB)
     messages = [{"role": "user", "content": "How do I export my notes?"}]
     before = memory("VmRSS")
     if side == "engine":
         engine = TransformersEngine(device="cpu")
         answers = [engine.generate(c, messages, Settings(max_new_tokens=8)) for c in (tuned, base)]
-    else:
+    else:  # its own tokenizer too, as the engine loads one (~12 MiB for smollm2's 49k vocabulary)
+        tokenizer = AutoTokenizer.from_pretrained(local.tokenizer_dir)
         path = resolve_model_path(local.base_ref)
         plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),

@@ -153,6 +153,8 @@ def test_one_base_copy_serves_base_and_two_adapters_streaming_at_once(tracking_u
         errors += [error] if error else []
     assert not errors
     assert len(engine._slots) == 1  # one copy of the base weights in memory
+    # ... and one tokenizer: the sides' tokenizer files are the same bytes (same base, same chat template)
+    assert len({id(tokenizer) for _, _, tokenizer in engine._routes.values()}) == 1
     assert min(pieces) > 1  # streamed token by token, not in one piece
 
     # Interleaved on one model, each answer is still exactly what its model alone answers (greedy).

@@ -16,6 +16,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
@@ -59,6 +60,7 @@ class TransformersEngine(Engine):
         self.concurrency = concurrency
         self._slots: list[_Slot] = []
         self._routes: dict[str, tuple[_Slot, str, object]] = {}   # choice key -> (slot, adapter name, tokenizer)
+        self._tokenizers: dict[str, object] = {}                    # tokenizer files' digest -> tokenizer
         self._load_lock = threading.Lock()
 
     # ----------------------------------------------------------------------------------------------- loading
@@ -73,12 +75,10 @@ class TransformersEngine(Engine):
             return self._routes[choice.key]
 
     def _load(self, choice: ModelChoice):
-        from transformers import AutoTokenizer
-
         local = local_model(choice)
         # The logged tokenizer carries the chat template the model was trained with; the base side uses it too,
         # so both sides see the same prompt.
-        tokenizer = AutoTokenizer.from_pretrained(local.tokenizer_dir)
+        tokenizer = self._tokenizer(local.tokenizer_dir)
         if choice.base:
             return self._base_slot(local), None, tokenizer  # adapters off: decided per request (see stream)
         if not local.is_adapter:
@@ -101,6 +101,21 @@ class TransformersEngine(Engine):
                 return slot, name, tokenizer
         slot = self._new_slot(local, adapter=True)
         return slot, slot.adapters[choice.key], tokenizer
+
+    def _tokenizer(self, folder):
+        """One tokenizer per distinct set of tokenizer files: a version's two sides, and versions trained from one
+        base with one chat template, share it (a fast tokenizer of a 49k vocabulary is ~12 MiB)."""
+        import hashlib
+
+        from transformers import AutoTokenizer
+
+        digest = hashlib.sha256()
+        for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+            digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        key = digest.hexdigest()
+        if key not in self._tokenizers:
+            self._tokenizers[key] = AutoTokenizer.from_pretrained(folder)
+        return self._tokenizers[key]
 
     def _wrap(self, slot: _Slot, local: LocalModel, cfg: dict, name: str) -> None:
         """Turn a plain base slot into a PeftModel slot holding `local`'s adapter (same weights, in place)."""
@@ -224,6 +239,7 @@ class TransformersEngine(Engine):
         """Drop every loaded model."""
         self._routes.clear()
         self._slots.clear()
+        self._tokenizers.clear()
 
 
 class TokenStreamer:
