@@ -78,6 +78,8 @@ def text_nll(model, tokenizer, texts: list[str], max_length: int, batch_size: in
     the number of tokens scored; right-padded batches, padding never scored."""
     import torch
 
+    from mlflow_finetune_plugin.preference_eval import completion_logps
+
     rows = [ids[:max_length] for ids in tokenizer(texts)["input_ids"]]
     rows = sorted((r for r in rows if len(r) > 1), key=len, reverse=True)  # similar lengths share a batch
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -92,13 +94,10 @@ def text_nll(model, tokenizer, texts: list[str], max_length: int, batch_size: in
                 mask = torch.zeros_like(ids)
                 for i, row in enumerate(batch):
                     ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-                labels = ids.masked_fill(mask == 0, -100)
-                # The model's own loss (mean over the scored tokens): it accounts for what an adapter prepends
-                # (prompt tuning's virtual tokens get no label), which logits sliced here would not.
-                loss = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                             labels=labels.to(model.device), use_cache=False).loss
-                n = int((labels[:, 1:] != -100).sum())
-                nll, count = nll + float(loss) * n, count + n
+                # Every real token after the first is scored; completion_logps also drops the logits of the virtual
+                # tokens prompt tuning prepends.
+                nll -= float(completion_logps(model, ids, mask, mask).sum())
+                count += int(mask[:, 1:].sum())
     finally:
         model.train(was_training)
     return nll, count
