@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from mlflow.exceptions import ExecutionException
 from mlflow.projects.backend.abstract_backend import AbstractBackend
 from mlflow.projects.utils import PROJECT_SYNCHRONOUS, _fetch_project, load_project
 
-from mlflow_finetune_plugin import paths
+from mlflow_finetune_plugin import paths, stops
 from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS
@@ -48,11 +49,10 @@ class FinetuneBackend(AbstractBackend):
     folder with a `finetune.yaml`."""
 
     def run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id):
-        with _StopRequests() as stops:
-            return self._run(project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id,
-                             stops)
+        with stops.catching(signal.SIGINT):  # a Ctrl-C Python drops still stops the job (see stops.py)
+            return self._run(project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id)
 
-    def _run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id, stops):
+    def _run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id):
         from mlflow_finetune_plugin.tracking import ensure_store
 
         ensure_store(tracking_uri)  # before this process's first MLflow call: runs started at once share a new store
@@ -71,7 +71,7 @@ class FinetuneBackend(AbstractBackend):
         except FinetuneError as e:
             raise ExecutionException(str(e)) from None
 
-        stops.check(None)  # a Ctrl-C during the checks: nothing started, no run
+        _stopped(None)  # a Ctrl-C during the checks: nothing started, no run
         run = _create_run(project_uri, experiment_id, work_dir, version, entry_point,
                           params if project_command else None)
         run_id = run.info.run_id
@@ -86,7 +86,7 @@ class FinetuneBackend(AbstractBackend):
             cmd, cwd = ["bash", "-c", project_command], work_dir
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_ID": str(experiment_id),
                "MLFLOW_RUN_ID": run_id, "PYTHONUNBUFFERED": "1"}
-        stops.check(run_id)
+        _stopped(run_id)
         try:
             submitted = launcher.launch(cmd, run_id, env, job_dir, detach=detach, cwd=cwd, **extra)
         except Exception as e:
@@ -326,46 +326,16 @@ def _create_run(uri, experiment_id, work_dir, version, entry_point, params):
     return run
 
 
-class _StopRequests:
-    """Ctrl-C (SIGINT) while `mlflow run` checks and starts the job, remembered as well as raised.
+def _stopped(run_id: str | None) -> None:
+    """Raise if a Ctrl-C came while `mlflow run` checked and started the job; a run already created ends KILLED."""
+    if stops.requested() is None:
+        return
+    if run_id is None:
+        raise ExecutionException("cancelled (Ctrl-C) before the run was created")
+    from mlflow_finetune_plugin.tracking import record_failure
 
-    Python drops a KeyboardInterrupt raised while an object's `__del__` runs ("Exception ignored in ..."): in a test
-    that pressed Ctrl-C at random moments, one landed in a regex object's `__del__` during the data check, and the
-    job then started and finished. The backend looks at the record before it creates the run and before it starts
-    the job. Main thread only (signals are delivered there); the previous handler comes back on exit."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._interrupt)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _interrupt(self, signum, frame):
-        self.received = True
-        raise KeyboardInterrupt
-
-    def check(self, run_id: str | None) -> None:
-        """Raise if a Ctrl-C came; a run already created is ended KILLED first."""
-        if not self.received:
-            return
-        if run_id is None:
-            raise ExecutionException("cancelled (Ctrl-C) before the run was created")
-        from mlflow_finetune_plugin.tracking import record_failure
-
-        record_failure(run_id, KeyboardInterrupt("Ctrl-C before the job started"), "KILLED")
-        raise ExecutionException(f"Run {run_id} cancelled (KILLED) before the job started")
+    record_failure(run_id, KeyboardInterrupt("Ctrl-C before the job started"), "KILLED")
+    raise ExecutionException(f"Run {run_id} cancelled (KILLED) before the job started")
 
 
 def _wait_or_raise(submitted) -> None:

@@ -173,8 +173,7 @@ def _raise_keyboard_interrupt(signum, frame):
             signal.setitimer(signal.ITIMER_REAL, 0.05)  # look again in 50 ms
             return
         inner = inner.f_back
-    stops.request(f"signal {signum}")
-    raise KeyboardInterrupt(f"signal {signum}")
+    stops.record_and_raise(signum, frame)
 
 
 def main(argv=None) -> None:

@@ -1,12 +1,18 @@
-"""A stop signal the training process received, remembered as well as raised.
+"""A stop signal, remembered as well as raised: in the training process (SIGTERM, a cancel) and in `mlflow run`
+while it checks and starts the job (SIGINT, Ctrl-C).
 
-`job.py` turns SIGTERM (a cancel) into a KeyboardInterrupt. Python drops an exception raised while a `__del__` or a
-weakref callback runs ("Exception ignored in ..."): in a test that pressed Ctrl-C at random moments, a cancel landed
-in a weakref callback during evaluation, and the run went on to register its model and end FINISHED. The pipeline
-looks at the record between its stages, so a dropped interrupt still stops the run before it publishes anything.
+Python drops an exception raised while a `__del__` or a weakref callback runs ("Exception ignored in ..."). In a
+test that pressed Ctrl-C at random moments, a cancel landed in a weakref callback during evaluation and the run went
+on to register its model and end FINISHED; a Ctrl-C landed in a regex object's `__del__` during `mlflow run`'s data
+check and the job started anyway. So the stop is also recorded here, and the pipeline and the backend look at the
+record between their stages: a dropped interrupt still stops the job before it starts or publishes anything.
 """
 
 from __future__ import annotations
+
+import contextlib
+import signal
+import threading
 
 _requested: str | None = None
 
@@ -14,6 +20,11 @@ _requested: str | None = None
 def request(why: str) -> None:
     global _requested
     _requested = why
+
+
+def requested() -> str | None:
+    """Why a stop was requested since the last reset, or None."""
+    return _requested
 
 
 def check() -> None:
@@ -26,3 +37,25 @@ def reset() -> None:
     """A new run in this process (tests run several) starts with no stop requested."""
     global _requested
     _requested = None
+
+
+@contextlib.contextmanager
+def catching(signum: int):
+    """Within: `signum` records a stop and raises KeyboardInterrupt. Main thread only (signals are delivered
+    there); the previous handler comes back on exit."""
+    reset()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signum, record_and_raise)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signum, previous)
+
+
+def record_and_raise(signum, frame) -> None:
+    """A signal handler: record the stop, then raise it as KeyboardInterrupt."""
+    why = f"signal {signal.Signals(signum).name}"
+    request(why)
+    raise KeyboardInterrupt(why)
