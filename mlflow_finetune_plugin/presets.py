@@ -70,6 +70,8 @@ def to_axes(raw: dict, method: str, adapter: str | None) -> tuple[dict, dict]:
     moved: dict = {}
 
     def move(section: str, key: str, dest: str, value):
+        if dest == "model.quantization" and value not in (4, 8):
+            return  # reported once, as qlora.bits, by the recipe's legacy-section check
         node = moved
         parts = dest.split(".")
         for part in parts[:-1]:
@@ -111,9 +113,9 @@ def fill_preset(raw: dict, method: str) -> None:
             model["quantization"] = preset.quantization
 
 
-def _quantization(bits):
+def _quantization(bits: int) -> str:
     """qlora.bits (4 or 8) as model.quantization."""
-    return {4: "4bit", 8: "8bit"}.get(bits, bits)
+    return f"{bits}bit"
 
 
 def deep_merge(base: dict, top: dict) -> dict:

@@ -496,6 +496,10 @@ def _mixture_problems(recipe: Recipe, raw: dict, tasks_key: str) -> list[str]:
                         "set (data.train)")
     if data.adapters == "per_task" and recipe.adapter.type == "full":
         problems.append("data.adapters: per_task trains one adapter per task; a full fine-tune has none")
+    if data.adapters == "per_task" and recipe.model.init_adapter:
+        problems.append("model.init_adapter: continuing an adapter is not supported with data.adapters: per_task "
+                        "(each task trains a new adapter of its own); use adapters: shared to continue one adapter "
+                        "on the whole mixture")
     if data.adapters == "per_task" and recipe.train.resume:
         problems.append("train.resume: resuming is not supported with data.adapters: per_task; "
                         "use adapters: shared, or start the run again")

@@ -121,6 +121,9 @@ def test_a_mixture_is_refused_for_preference_and_reward_objectives(tmp_path):
     root = _project(tmp_path, "sft")
     jsonl(root / "data" / "b.jsonl", chat_rows(4, 20))
     tasks = "{a: {train: data/train.jsonl}, b: {train: data/b.jsonl}}"
+    with pytest.raises(RecipeError, match="continuing an adapter is not supported with data.adapters: per_task"):
+        load_recipe(root, overrides={"data.tasks": tasks, "data.adapters": "per_task",
+                                     "model.init_adapter": "models:/bot@champion"})
     for objective in ("dpo", "orpo", "simpo", "grpo"):
         with pytest.raises(RecipeError, match=f"mixtures train with the sft objective; {objective}"):
             load_recipe(root, overrides={"data.tasks": tasks, "objective": objective})

@@ -58,6 +58,15 @@ def test_overrides_typed_short_forms_and_errors_point_at_the_flag(tmp_path):
     assert "-P lora.alpah=3: lora.alpah: unknown key" in text and "Did you mean `alpha`?" in text
 
 
+@pytest.mark.parametrize("bits", ["3", "4bit", "x"])
+def test_a_bad_qlora_bits_is_one_problem_with_its_fix(tmp_path, bits):
+    proj = _project(tmp_path, "train:\n  max_steps: 5\n")
+    assert load_recipe(proj, method="qlora", overrides={"qlora.bits": "8"}).model.quantization == "8bit"
+    with pytest.raises(RecipeError) as info:
+        load_recipe(proj, method="qlora", overrides={"qlora.bits": bits})
+    assert info.value.problems == ["qlora.bits: must be 4 or 8 (or set model.quantization: 4bit | 8bit)"]
+
+
 def test_unknown_method_and_missing_data(tmp_path):
     proj = write_project(tmp_path / "p", "data:\n  eval: data/missing.jsonl\n", rows=None)
     with pytest.raises(RecipeError) as info:
