@@ -95,8 +95,8 @@ def _system_metrics(train) -> bool:
     return True
 
 
-_PEER_FAILED = FinetuneError("stopped because another training process of this job failed; its error is in the "
-                             "job's output (under torchrun: the lines prefixed [rankN])")
+_PEER_FAILED = FinetuneError("stopped because another training process of this job failed or stopped (on this node "
+                             "or another); its own output says why (under torchrun: the lines prefixed [rankN])")
 
 
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
@@ -112,8 +112,7 @@ def _lost_peer(e: BaseException) -> bool:
 
 def _peer_error(e: BaseException) -> FinetuneError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return FinetuneError(f"lost contact with another training process of this job (on this node or another): it "
-                         f"stopped or failed, and its own output says why. ({first})")
+    return FinetuneError(f"{_PEER_FAILED} ({first})")
 
 
 def _ignore_stop_signals() -> dict:
