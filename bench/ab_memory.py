@@ -36,7 +36,7 @@ def worker(side: str, name: str, version: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mlflow_finetune_plugin.logged_model import LoadedModel, generate
-    from mlflow_finetune_plugin.models import resolve_model_path
+    from mlflow_finetune_plugin.models.base import resolve_model_path
     from mlflow_finetune_plugin.serving.base import ModelChoice, Settings
     from mlflow_finetune_plugin.serving.choices import local_model
     from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine

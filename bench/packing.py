@@ -38,7 +38,7 @@ def main(argv=None):
 
     from transformers import AutoTokenizer
 
-    from mlflow_finetune_plugin.models import resolve_model_path
+    from mlflow_finetune_plugin.models.base import resolve_model_path
 
     work, env = common.setup(args.workdir)
     model_dir = resolve_model_path(args.model)

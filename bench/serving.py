@@ -92,7 +92,7 @@ def main(argv=None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlflow_finetune_plugin.models import resolve_model_path
+    from mlflow_finetune_plugin.models.base import resolve_model_path
     from mlflow_finetune_plugin.serving.base import ModelChoice
     from mlflow_finetune_plugin.serving.choices import local_model
     from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine, _eos_ids

@@ -22,9 +22,9 @@ from mlflow.projects.utils import PROJECT_SYNCHRONOUS, _fetch_project, load_proj
 
 from mlflow_finetune_plugin import paths, stops
 from mlflow_finetune_plugin import tags as tag
+from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS
-from mlflow_finetune_plugin.presets import PRESETS
 
 CONFIG_KEYS = {
     "launcher": "where training runs: " + ", ".join(LAUNCHERS),
@@ -79,7 +79,7 @@ class FinetuneBackend(AbstractBackend):
         if recipe is not None:
             recipe_path = job_dir / "recipe.json"
             recipe_path.write_text(json.dumps(recipe.model_dump(mode="json")))
-            cmd = [sys.executable, "-m", "mlflow_finetune_plugin.job", "--recipe-json", str(recipe_path),
+            cmd = [sys.executable, "-m", "mlflow_finetune_plugin.train.job", "--recipe-json", str(recipe_path),
                    "--run-id", run_id]
             cwd = os.getcwd()
         else:
@@ -108,8 +108,8 @@ class FinetuneBackend(AbstractBackend):
 
 def resolve_entry_point(work_dir: str, entry_point: str, params: dict):
     """(recipe, None) for a preset entry point, validated with its data; (None, command) for an MLproject one."""
-    from mlflow_finetune_plugin.data_check import check_data
-    from mlflow_finetune_plugin.recipe import load_recipe
+    from mlflow_finetune_plugin.config.recipe import load_recipe
+    from mlflow_finetune_plugin.data.check import check_data
 
     project_entry = _mlproject_entry_point(work_dir, entry_point)
     if entry_point in PRESETS or entry_point == "main" and project_entry is None:
@@ -135,9 +135,9 @@ _FORMAT_HINTS = {**dict.fromkeys(("dpo", "orpo", "simpo"),
 def check_combination(recipe) -> None:
     """The axes against each other and the objective's own checks (reward functions load, ...), before any model
     loads; raises listing every problem."""
-    from mlflow_finetune_plugin.adapters import combination_problems
     from mlflow_finetune_plugin.errors import RecipeError
-    from mlflow_finetune_plugin.objectives import objective_of
+    from mlflow_finetune_plugin.train.adapters import combination_problems
+    from mlflow_finetune_plugin.train.objectives import objective_of
 
     problems = combination_problems(recipe) + objective_of(recipe).check(recipe)
     if problems:
@@ -151,10 +151,10 @@ def check_recipe_data(recipe, check_data) -> None:
     the recipe is updated so that training reads them the same way."""
     import functools
 
-    from mlflow_finetune_plugin.data_check import check_overlap, tokenizer_for_check
-    from mlflow_finetune_plugin.data_formats import summarize
-    from mlflow_finetune_plugin.objectives import objective_of
-    from mlflow_finetune_plugin.splits import data_files
+    from mlflow_finetune_plugin.data.check import check_overlap, tokenizer_for_check
+    from mlflow_finetune_plugin.data.formats import summarize
+    from mlflow_finetune_plugin.data.splits import data_files
+    from mlflow_finetune_plugin.train.objectives import objective_of
 
     formats = objective_of(recipe).DATA_FORMATS
     data = recipe.data

@@ -31,7 +31,7 @@ def main():
 @click.option("--seed", default=0, show_default=True, help="Seed of the random initial weights.")
 def tiny_model_cmd(directory, seed):
     """Build the built-in tiny Llama model (and its locally trained tokenizer) into DIRECTORY."""
-    from mlflow_finetune_plugin.tiny_model import build_tiny_model
+    from mlflow_finetune_plugin.models.tiny import build_tiny_model
 
     path = build_tiny_model(directory, seed=seed)
     click.echo(f"Tiny model written to {path}")
@@ -63,8 +63,8 @@ def data_group():
 def data_check_cmd(files, fmt, eval_files, columns, tags, model, max_length, strict, as_json):
     """Check data FILES (JSONL, JSON, CSV, parquet, or hf:ORG/NAME[:SPLIT]): format, lengths, duplicates and
     near-duplicates, contradictions, train/eval overlap, tool support, errors by line."""
-    from mlflow_finetune_plugin.data_check import run_check
-    from mlflow_finetune_plugin.data_formats import COLUMNS, SHAREGPT_TAGS
+    from mlflow_finetune_plugin.data.check import run_check
+    from mlflow_finetune_plugin.data.formats import COLUMNS, SHAREGPT_TAGS
 
     sys.exit(run_check(list(files), fmt=fmt, model=model, max_length=max_length, as_json=as_json,
                        eval_files=list(eval_files), columns=_assignments(columns, "--column", COLUMNS),
@@ -112,9 +112,9 @@ def train_cmd(ctx, project, method, params):
     Prefer `mlflow run PROJECT -e METHOD --backend finetune`, which also validates before starting a run.
     """
     from mlflow_finetune_plugin.backend import check_combination, check_recipe_data
-    from mlflow_finetune_plugin.data_check import check_data
-    from mlflow_finetune_plugin.job import run
-    from mlflow_finetune_plugin.recipe import load_recipe
+    from mlflow_finetune_plugin.config.recipe import load_recipe
+    from mlflow_finetune_plugin.data.check import check_data
+    from mlflow_finetune_plugin.train.job import run
 
     recipe = load_recipe(project, method=method, overrides=_pairs(params, ctx.args))
     check_combination(recipe)
@@ -126,7 +126,7 @@ def train_cmd(ctx, project, method, params):
 @click.argument("run_id")
 def cancel_cmd(run_id):
     """Stop the job of RUN_ID (local, torchrun or ray launcher) and end the run KILLED."""
-    from mlflow_finetune_plugin.cancel import cancel_run
+    from mlflow_finetune_plugin.launchers.cancel import cancel_run
 
     status, stopped = cancel_run(run_id)
     click.echo(f"Run {run_id} cancelled ({status})" if stopped else f"Run {run_id} had already ended {status}")
@@ -164,7 +164,7 @@ def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, param
 
     import yaml
 
-    from mlflow_finetune_plugin.sweep import run_sweep
+    from mlflow_finetune_plugin.sweep.study import run_sweep
 
     if not Path(space).exists() and (Path(project) / space).exists():
         space = str(Path(project) / space)
@@ -206,7 +206,8 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
     Promotion reads metrics from a version's source run: to (re)score a version for `promote`, pass that run
     as --run-id.
     """
-    from mlflow_finetune_plugin.evaluation import comparison_table, evaluate_model_uri
+    from mlflow_finetune_plugin.evaluate.contenders import evaluate_model_uri
+    from mlflow_finetune_plugin.metrics import comparison_table
 
     result, logged_run = evaluate_model_uri(model_uri, data=data, train_data=train_data, run_id=run_id,
                                             max_examples=max_examples, max_new_tokens=max_new_tokens,
@@ -233,7 +234,7 @@ def promote_cmd(name, version, alias, gates, force, reason):
     Gates default to `registry.promote_if` in the recipe.yaml of the version's source run. Prints the comparison
     and exits 1 when the alias stays. --force records who forced it, when and why as version tags.
     """
-    from mlflow_finetune_plugin.promotion import parse_gate, promote
+    from mlflow_finetune_plugin.registry.promotion import parse_gate, promote
 
     result = promote(name, version, alias=alias, gates=[parse_gate(g) for g in gates] if gates else None,
                      force=force, reason=reason)
@@ -256,7 +257,7 @@ def promote_cmd(name, version, alias, gates, force, reason):
 def models_cmd(name, metrics, checkpoints_of, checkpoint, run_id):
     """List the versions of registered model NAME with their aliases, method, base and key metrics; or rank a
     training run's checkpoints (--checkpoints RUN_ID), or register one of them (--register-checkpoint)."""
-    from mlflow_finetune_plugin import registry
+    from mlflow_finetune_plugin.registry import versions as registry
 
     if checkpoints_of and checkpoint:
         raise click.UsageError("--checkpoints lists a run's checkpoints, --register-checkpoint registers one: "
@@ -265,7 +266,7 @@ def models_cmd(name, metrics, checkpoints_of, checkpoint, run_id):
         raise click.UsageError("--run names the run of --register-checkpoint STEP; to list a run's checkpoints "
                                "use --checkpoints RUN_ID")
     if checkpoint:
-        from mlflow_finetune_plugin.publish import register_checkpoint
+        from mlflow_finetune_plugin.train.publish import register_checkpoint
 
         register_checkpoint(name, checkpoint, run_id)
     elif checkpoints_of:
@@ -291,7 +292,7 @@ def export_cmd(model_uri, out_dir, gguf, gguf_type, no_log):
     The export is logged to the version's source run under exports/ and recorded as finetune.export.* tags on the
     version.
     """
-    from mlflow_finetune_plugin.export import export_model
+    from mlflow_finetune_plugin.registry.export import export_model
 
     result = export_model(model_uri, out_dir, gguf_type=gguf_type or ("f16" if gguf else None), log=not no_log,
                           echo=click.echo)
@@ -345,7 +346,7 @@ def serve_cmd(model_uris, engine, host, port, server_args, dry_run):
 def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_urls, served_models, max_new_tokens,
                    concurrency, device, max_lora_rank, experiment):
     """Chat with two registered models side by side (A/B), vote, and promote, in a Gradio page."""
-    from gradio_app.launch import run_playground
+    from mlflow_finetune_plugin.serving.playground.launch import run_playground
 
     run_playground(model_ref, against, engine=engine, host=host, port=port, auth=auth, blind=blind,
                    openai_urls=openai_urls, served_models=served_models, max_new_tokens=max_new_tokens,
@@ -364,7 +365,7 @@ def votes_group():
 @click.option("--experiment", default="playground-votes", show_default=True)
 def votes_export_cmd(name, output, experiment):
     """Write the votes on NAME with a winner as prompt/chosen/rejected rows (the `dpo` entry point's data)."""
-    from mlflow_finetune_plugin.votes import export
+    from mlflow_finetune_plugin.arena.votes import export
 
     click.echo(export(name, output, experiment).report())
 
@@ -378,8 +379,7 @@ def votes_export_cmd(name, output, experiment):
               help="Votes a version needs before its rating may separate it from another.")
 def votes_summary_cmd(name, experiment, rounds, seed, min_votes):
     """Arena ratings (Bradley-Terry, 95% intervals) of the versions of NAME, and win rates per pair."""
-    from mlflow_finetune_plugin.registry import format_table
-    from mlflow_finetune_plugin.votes import (
+    from mlflow_finetune_plugin.arena.votes import (
         LEADERBOARD_HEADERS,
         PAIR_HEADERS,
         leaderboard_rows,
@@ -387,6 +387,7 @@ def votes_summary_cmd(name, experiment, rounds, seed, min_votes):
         ratings,
         read_votes,
     )
+    from mlflow_finetune_plugin.metrics import format_table
 
     votes = read_votes(name, experiment)
     if not votes:

@@ -33,8 +33,8 @@ class LoadedModel:
 def base_digest(base_ref: str) -> str | None:
     """Digest of the base weights for bases that live on this machine (built-in models, local folders); None for hub
     ids."""
-    from mlflow_finetune_plugin.models import is_builtin, resolve_model_path
-    from mlflow_finetune_plugin.tiny_model import weights_digest
+    from mlflow_finetune_plugin.models.base import is_builtin, resolve_model_path
+    from mlflow_finetune_plugin.models.tiny import weights_digest
 
     path = Path(resolve_model_path(base_ref))
     if is_builtin(base_ref) or path.is_dir():
@@ -73,7 +73,7 @@ def load_logged_base(config: dict, dtype):
     """
     from transformers import AutoModelForCausalLM
 
-    from mlflow_finetune_plugin.models import resolve_model_path
+    from mlflow_finetune_plugin.models.base import resolve_model_path
 
     base_ref = config["base_model"]
     expected = config.get("base_digest")
@@ -92,7 +92,7 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlflow_finetune_plugin.models import torch_dtype
+    from mlflow_finetune_plugin.models.base import torch_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype("auto") if device != "cpu" else torch.float32

@@ -17,6 +17,11 @@ TEXT_METRICS = {"exact_match": "exact_match", "token_f1": "token_f1", "rouge1": 
 # Where lower is better; every other metric is better higher.
 LOWER_IS_BETTER = ("loss", "perplexity")
 
+# Who answers the held-out prompts: metrics are logged as eval/<contender>/<metric>.
+CONTENDERS = ("base", "fewshot", "tuned")
+# Forgetting figures (general-text loss and perplexity, base and tuned) are logged under this prefix.
+FORGETTING_PREFIX = "eval/forgetting/"
+
 
 def metric_path(module: str) -> str:
     """Absolute path of a shipped metric module's folder (what `evaluate.load` is given)."""
@@ -54,3 +59,29 @@ def score(predictions: list[str], references: list[str], json_schema: dict | Non
 
 def lower_is_better(metric: str) -> bool:
     return metric in LOWER_IS_BETTER
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """A plain-text table; floats get 4 decimals, None shows as '-'."""
+    def cell(v):
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def comparison_table(metrics: dict[str, float]) -> str:
+    """Metrics side by side per contender; `*` marks the best value of each row (none on a tie)."""
+    contenders = [c for c in CONTENDERS if any(k.startswith(f"eval/{c}/") for k in metrics)]
+    names = list(dict.fromkeys(k.split("/", 2)[2] for k in metrics if k.count("/") == 2))
+    rows = []
+    for m in names:
+        values = [metrics.get(f"eval/{c}/{m}") for c in contenders]
+        known = [v for v in values if v is not None]
+        best = (min if lower_is_better(m) else max)(known) if len(set(known)) > 1 else None
+        rows.append([m, *(None if v is None else f"{v:.4f}{' *' if v == best else ''}" for v in values)])
+    return format_table(["metric", *contenders], rows)

@@ -94,3 +94,13 @@ VOTE_PROMPT = "finetune.vote.prompt"              # the prompt (first 500 charac
 SWEEP_TRIAL = "finetune.sweep.trial"              # on a trial run: its Optuna trial number
 SWEEP_STATE = "finetune.sweep.state"              # on a trial run: complete | pruned | failed
 SWEEP_BEST_RUN = "finetune.sweep.best_run_id"     # on the sweep's parent run: the best trial's run
+
+
+def lineage_tags(**values) -> dict[str, str]:
+    """Lineage tags by keyword (`method=...` -> `finetune.method`, see `LINEAGE`), dropping empty values; an
+    unknown keyword raises TypeError rather than create a tag name no reader knows."""
+    unknown = sorted(set(values) - set(LINEAGE))
+    if unknown:
+        raise TypeError(f"lineage_tags: unknown lineage key(s) {unknown}; known: {sorted(LINEAGE)} "
+                        "(a new one is added to LINEAGE)")
+    return {LINEAGE[k]: str(v) for k, v in values.items() if v is not None and v != ""}

@@ -78,7 +78,7 @@ def _forget_active_experiment():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir():
-    from mlflow_finetune_plugin.tiny_model import tiny_model_path
+    from mlflow_finetune_plugin.models.tiny import tiny_model_path
 
     return tiny_model_path()
 

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from test_promotion import NAME, _champion, _version
 
-from mlflow_finetune_plugin.arena import Battle, rate
+from mlflow_finetune_plugin.arena.ratings import Battle, rate
+from mlflow_finetune_plugin.arena.votes import Comparison, log_vote, ratings, read_votes
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.promotion import parse_gate, promote
-from mlflow_finetune_plugin.votes import Comparison, log_vote, ratings, read_votes
+from mlflow_finetune_plugin.registry.promotion import parse_gate, promote
 
 
 def _battles(winner: str, loser: str, wins: int, losses: int, ties: int = 0) -> list[Battle]:

@@ -158,7 +158,7 @@ def test_no_extra_checkpoint_or_evaluation_after_the_last_step(last_step, saves,
     evaluates the final model itself, so only the regular ones (every 2 steps here) are kept."""
     from transformers import TrainerControl, TrainerState
 
-    from mlflow_finetune_plugin.callbacks import CheckpointLogger
+    from mlflow_finetune_plugin.train.callbacks import CheckpointLogger
 
     state = TrainerState(global_step=last_step, save_steps=2, eval_steps=2)
     control = TrainerControl(should_training_stop=True, should_save=True, should_evaluate=True)

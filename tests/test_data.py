@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.data import (
+from mlflow_finetune_plugin.data.check import check_data
+from mlflow_finetune_plugin.data.read import (
     DataError,
     DataIssue,
     detect_format,
@@ -20,7 +21,6 @@ from mlflow_finetune_plugin.data import (
     to_messages,
     validate_records,
 )
-from mlflow_finetune_plugin.data_check import check_data
 
 
 def chat(user, answer, system=None):
@@ -348,7 +348,7 @@ def word_tokenizer():
 
 
 def test_data_check_cli_exit_codes(tmp_path, monkeypatch):
-    import mlflow_finetune_plugin.models as models
+    import mlflow_finetune_plugin.models.base as models
 
     asked = []
     monkeypatch.setattr(models, "load_tokenizer", lambda name, *a, **k: asked.append(name) or word_tokenizer())

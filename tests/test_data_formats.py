@@ -10,7 +10,9 @@ from click.testing import CliRunner
 
 from mlflow_finetune_plugin.backend import check_recipe_data
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.data import (
+from mlflow_finetune_plugin.config.recipe import load_recipe
+from mlflow_finetune_plugin.data.check import check_data
+from mlflow_finetune_plugin.data.read import (
     DataError,
     detect_format,
     load_training_dataset,
@@ -20,9 +22,7 @@ from mlflow_finetune_plugin.data import (
     to_messages,
     validate_records,
 )
-from mlflow_finetune_plugin.data_check import check_data
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
-from mlflow_finetune_plugin.recipe import load_recipe
 
 
 def jsonl(path, rows):
@@ -47,7 +47,7 @@ def project(root, recipe: str, rows, eval_rows=None):
 
 @pytest.fixture
 def tokenizer(tiny_model_dir):
-    from mlflow_finetune_plugin.models import load_tokenizer
+    from mlflow_finetune_plugin.models.base import load_tokenizer
 
     return load_tokenizer(None)  # a fresh copy: some tests give it another chat template
 
@@ -115,7 +115,7 @@ def test_sharegpt_is_detected_and_converted_with_every_role(tmp_path):
 
 
 def test_data_check_reports_sharegpt(tmp_path, monkeypatch, tokenizer):
-    import mlflow_finetune_plugin.models as models
+    import mlflow_finetune_plugin.models.base as models
 
     tokenizer.chat_template = TOOLS_TEMPLATE
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: tokenizer)
@@ -131,7 +131,7 @@ def test_sharegpt_role_tags_come_from_the_recipe(tmp_path):
     recipe = load_recipe(project(tmp_path, "data:\n  format: sharegpt\n  columns: {messages: dialog}\n"
                                            "  tags: {role_tag: speaker, content_tag: text, user_tag: customer, "
                                            "assistant_tag: agent}\n", rows))
-    from mlflow_finetune_plugin.splits import load_splits
+    from mlflow_finetune_plugin.data.splits import load_splits
 
     data = load_splits(recipe)
     train, _, fmt = data.train, data.eval, data.fmt
@@ -184,7 +184,7 @@ def test_columns_map_other_names_in_jsonl_and_csv(tmp_path):
 
 
 def test_data_check_maps_columns_and_tags_from_the_command_line(tmp_path, monkeypatch, tokenizer):
-    import mlflow_finetune_plugin.models as models
+    import mlflow_finetune_plugin.models.base as models
 
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: tokenizer)
     path = jsonl(tmp_path / "d.jsonl", [{"dialog": [{"speaker": "customer", "text": "Hi"},
@@ -253,11 +253,11 @@ def _expected_labels(tokenizer, text, trained: list[str]):
 
 @pytest.mark.parametrize("assistant_only_loss", [True, False])
 def test_weight_zero_turns_get_no_loss_token_by_token(tmp_path, tokenizer, assistant_only_loss):
-    from mlflow_finetune_plugin.models import load_base_model
-    from mlflow_finetune_plugin.objectives import sft
-    from mlflow_finetune_plugin.recipe import Recipe
-    from mlflow_finetune_plugin.splits import load_splits
-    from mlflow_finetune_plugin.trainers import training_arguments
+    from mlflow_finetune_plugin.config.recipe import Recipe
+    from mlflow_finetune_plugin.data.splits import load_splits
+    from mlflow_finetune_plugin.models.base import load_base_model
+    from mlflow_finetune_plugin.train.objectives import sft
+    from mlflow_finetune_plugin.train.trainers import training_arguments
 
     path = jsonl(tmp_path / "train.jsonl", WEIGHTED)
     recipe = Recipe.model_validate({"data": {"train": str(path), "max_length": 256,
@@ -303,10 +303,10 @@ def test_weights_are_checked(tmp_path):
 
 
 def test_tool_calls_go_through_a_chat_template_that_supports_tools(tmp_path, tokenizer):
-    from mlflow_finetune_plugin.models import load_base_model
-    from mlflow_finetune_plugin.objectives import sft
-    from mlflow_finetune_plugin.recipe import Recipe
-    from mlflow_finetune_plugin.trainers import training_arguments
+    from mlflow_finetune_plugin.config.recipe import Recipe
+    from mlflow_finetune_plugin.models.base import load_base_model
+    from mlflow_finetune_plugin.train.objectives import sft
+    from mlflow_finetune_plugin.train.trainers import training_arguments
 
     tokenizer.chat_template = TOOLS_TEMPLATE
     path = jsonl(tmp_path / "tools.jsonl", [tool_row("Paris"), tool_row("Oslo"), *qa_rows(1)])
@@ -389,7 +389,7 @@ def test_hf_dataset_loads_through_datasets_with_its_split(tmp_path, monkeypatch)
     # through a recipe: train and eval splits of the same dataset
     recipe = load_recipe(project(tmp_path / "p", f"data: {{train: 'hf:{folder}', eval: 'hf:{folder}:test'}}\n"
                                                  "eval: {enabled: true}\n", qa_rows(1)))
-    from mlflow_finetune_plugin.splits import load_splits
+    from mlflow_finetune_plugin.data.splits import load_splits
 
     data = load_splits(recipe)
     train, held_out, _ = data.train, data.eval, data.fmt
@@ -424,7 +424,7 @@ def test_near_duplicates_after_normalizing_case_whitespace_and_punctuation(tmp_p
 
 
 def test_train_eval_overlap_is_flagged_in_data_check_and_before_a_run(tmp_path, monkeypatch, tokenizer, capsys):
-    import mlflow_finetune_plugin.models as models
+    import mlflow_finetune_plugin.models.base as models
 
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: tokenizer)
     train = jsonl(tmp_path / "train.jsonl", qa_rows(60))

@@ -14,9 +14,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.evaluation import read_conversations
+from mlflow_finetune_plugin.evaluate.contenders import read_conversations
 from mlflow_finetune_plugin.logged_model import log_finetuned_model
-from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 
 ROWS = [{"prompt": f"What is {i} plus {i}?", "completion": f"{i} plus {i} is {2 * i}."} for i in range(3)]
 CHATS = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}

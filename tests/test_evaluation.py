@@ -14,11 +14,10 @@ from click.testing import CliRunner
 from conftest import chat_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlflow_finetune_plugin.adapters import lora
 from mlflow_finetune_plugin.cli import main
+from mlflow_finetune_plugin.config.recipe import EvalConfig, LoraAdapter
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.evaluation import (
-    comparison_table,
+from mlflow_finetune_plugin.evaluate.contenders import (
     conversations,
     fewshot_prompt,
     read_conversations,
@@ -26,10 +25,11 @@ from mlflow_finetune_plugin.evaluation import (
     split_conversation,
 )
 from mlflow_finetune_plugin.logged_model import LoadedModel, generate, log_finetuned_model
-from mlflow_finetune_plugin.metrics import TEXT_METRICS, load_metric
-from mlflow_finetune_plugin.recipe import EvalConfig, LoraAdapter
-from mlflow_finetune_plugin.registry import lineage_tags, missing_lineage, register
-from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+from mlflow_finetune_plugin.metrics import TEXT_METRICS, comparison_table, load_metric
+from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
+from mlflow_finetune_plugin.registry.versions import missing_lineage, register
+from mlflow_finetune_plugin.tags import lineage_tags
+from mlflow_finetune_plugin.train.adapters import lora
 
 # --- the shipped metric modules, by hand ---------------------------------------------------------------------
 
@@ -182,9 +182,9 @@ def test_batched_answers_equal_one_at_a_time(tiny_lora, monkeypatch, batch_size)
 def test_prompt_tuning_answers_one_at_a_time_and_scores_its_loss(tiny_model_dir):
     """Virtual tokens live in the KV cache of prompt tuning: evaluation does not reuse its scoring pass's cache
     there (LoRA does), and left padding would shift the virtual tokens: it answers one prompt at a time."""
-    from mlflow_finetune_plugin.adapters import prompt
-    from mlflow_finetune_plugin.evaluation import _shares_prefill
-    from mlflow_finetune_plugin.recipe import PromptAdapter
+    from mlflow_finetune_plugin.config.recipe import PromptAdapter
+    from mlflow_finetune_plugin.evaluate.contenders import _shares_prefill
+    from mlflow_finetune_plugin.train.adapters import prompt
 
     torch.manual_seed(0)
     model = prompt.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), PromptAdapter(num_virtual_tokens=4))
@@ -200,7 +200,7 @@ def test_prompt_tuning_answers_one_at_a_time_and_scores_its_loss(tiny_model_dir)
 
 
 def test_lora_evaluation_reuses_the_scoring_pass(tiny_lora):
-    from mlflow_finetune_plugin.evaluation import _shares_prefill
+    from mlflow_finetune_plugin.evaluate.contenders import _shares_prefill
 
     assert _shares_prefill(tiny_lora[0])
 
@@ -208,7 +208,7 @@ def test_lora_evaluation_reuses_the_scoring_pass(tiny_lora):
 def test_few_shot_prompts_share_their_start_and_answer_as_one_at_a_time(tiny_lora, monkeypatch):
     """Few-shot prompts start alike (system prompt, then every shot): that start goes through the model once per
     batch; the answers are still those of one prompt at a time, and the reference loss the per-example loss."""
-    from mlflow_finetune_plugin.evaluation import MIN_SHARED_PREFIX, _common_prefix, _reference_ids
+    from mlflow_finetune_plugin.evaluate.contenders import MIN_SHARED_PREFIX, _common_prefix, _reference_ids
 
     model, tok = tiny_lora
     monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, *range(100, 400)])
@@ -280,7 +280,7 @@ def test_full_model_needs_its_base_given(tiny_lora, tiny_model_dir):
 
 
 def test_logged_metrics_table_and_chart(tracking_uri, tiny_lora):
-    from mlflow_finetune_plugin.evaluation import log_evaluation
+    from mlflow_finetune_plugin.evaluate.contenders import log_evaluation
 
     model, tok = tiny_lora
     cfg = EvalConfig(max_examples=2, max_new_tokens=4, fewshot_k=1)
@@ -392,9 +392,9 @@ def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_
 
 def test_evaluate_without_data_scores_the_rows_training_held_out(tmp_path, tracking_uri):
     """A run with data.eval_split and no eval file: `evaluate` of its version rebuilds the same held-out rows."""
-    from mlflow_finetune_plugin.evaluation import evaluate_model_uri
-    from mlflow_finetune_plugin.job import run
-    from mlflow_finetune_plugin.recipe import load_recipe
+    from mlflow_finetune_plugin.config.recipe import load_recipe
+    from mlflow_finetune_plugin.evaluate.contenders import evaluate_model_uri
+    from mlflow_finetune_plugin.train.job import run
     from tests.conftest import chat_rows, write_project
 
     proj = write_project(tmp_path / "held", "data: {eval_split: 0.25, max_length: 64}\n"

@@ -15,9 +15,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mlflow_finetune_plugin import job, resume
 from mlflow_finetune_plugin.backend import FinetuneBackend
-from mlflow_finetune_plugin.recipe import load_recipe
+from mlflow_finetune_plugin.config.recipe import load_recipe
+from mlflow_finetune_plugin.train import job, resume
 from tests.conftest import chat_rows, write_project
 
 EXPERIMENT = "faults"
@@ -105,7 +105,7 @@ def test_a_rank_killed_under_torchrun_fails_the_run_and_both_ranks_resume_it(tmp
     ranks = {}
     for p in psutil.Process(b.process.pid).children(recursive=True):
         try:
-            if "mlflow_finetune_plugin.job" in " ".join(p.cmdline()):
+            if "mlflow_finetune_plugin.train.job" in " ".join(p.cmdline()):
                 ranks[p.environ().get("RANK")] = p
         except psutil.NoSuchProcess:
             continue

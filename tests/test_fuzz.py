@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from mlflow import MlflowClient
 
 from mlflow_finetune_plugin.backend import resolve_entry_point
+from mlflow_finetune_plugin.config.presets import PRESETS
+from mlflow_finetune_plugin.config.recipe import Recipe
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.presets import PRESETS
-from mlflow_finetune_plugin.recipe import Recipe
 from tests.conftest import REPO, chat_rows
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
@@ -200,7 +200,7 @@ def _validate(recipe_bytes: bytes, data_bytes: bytes, params: dict, entry_point:
                 "data." in message or entry_point in message, f"error does not say where: {message}"
             return "refused"
         # Passed: the training process's first step, reading the data for real, must agree.
-        from mlflow_finetune_plugin.splits import load_splits
+        from mlflow_finetune_plugin.data.splits import load_splits
 
         try:
             load_splits(recipe)

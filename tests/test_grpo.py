@@ -10,10 +10,10 @@ import mlflow
 import pytest
 import torch
 
-from mlflow_finetune_plugin.data import DataError, detect_format, load_training_dataset, read_records
+from mlflow_finetune_plugin.config.recipe import DataConfig, EvalConfig, GRPOConfig, ModelConfig, TrainConfig
+from mlflow_finetune_plugin.data.read import DataError, detect_format, load_training_dataset, read_records
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.recipe import DataConfig, EvalConfig, GRPOConfig, ModelConfig, TrainConfig
-from mlflow_finetune_plugin.rewards import exact_answer, json_schema, load_rewards, regex, score
+from mlflow_finetune_plugin.train.rewards.calling import exact_answer, json_schema, load_rewards, regex, score
 from tests.conftest import jsonl
 
 SYSTEM = "Reply with the number only."
@@ -170,7 +170,7 @@ def test_prompt_only_rows_load_as_messages_with_their_other_columns(tmp_path):
 
 
 def test_check_names_the_keys_to_change_before_any_model_loads(tmp_path):
-    from mlflow_finetune_plugin.objectives import grpo
+    from mlflow_finetune_plugin.train.objectives import grpo
 
     assert grpo.check(_recipe(tmp_path)) == []
     recipe = _recipe(tmp_path, rewards=["exact_answer", "brevity"], num_generations=3, max_completion_length=200)
@@ -190,7 +190,7 @@ def test_check_names_the_keys_to_change_before_any_model_loads(tmp_path):
 def _tiny_lora():
     from peft import LoraConfig, get_peft_model
 
-    from mlflow_finetune_plugin.models import load_base_model, load_tokenizer
+    from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer
 
     torch.manual_seed(0)
     model = load_base_model(ModelConfig())
@@ -211,8 +211,8 @@ def _args(tmp_path) -> dict:
 
 
 def test_grpo_trains_an_adapter_and_logs_reward_kl_and_length_curves(tmp_path, tracking_uri):
-    from mlflow_finetune_plugin.callbacks import CheckpointLogger, MlflowMetrics
-    from mlflow_finetune_plugin.objectives import grpo
+    from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, MlflowMetrics
+    from mlflow_finetune_plugin.train.objectives import grpo
 
     (tmp_path / "rewards.py").write_text(  # varies between samples, so the advantages and the update are not 0
         "def longer(prompts, completions, **kwargs):\n"
@@ -237,7 +237,7 @@ def test_grpo_trains_an_adapter_and_logs_reward_kl_and_length_curves(tmp_path, t
 
 
 def test_long_prompts_are_left_out_and_reward_columns_are_checked(tmp_path, capsys):
-    from mlflow_finetune_plugin.objectives import grpo
+    from mlflow_finetune_plugin.train.objectives import grpo
 
     rows = [*_sums(3), {"prompt": "What is " + " + ".join(["1"] * 200) + "?", "answer": 200}]
     train_ds, _ = load_training_dataset(jsonl(tmp_path / "train.jsonl", rows), system_prompt=SYSTEM)
@@ -255,7 +255,7 @@ def test_long_prompts_are_left_out_and_reward_columns_are_checked(tmp_path, caps
 
 
 def test_a_reward_raising_during_training_ends_it_with_a_finetune_error(tmp_path):
-    from mlflow_finetune_plugin.objectives import grpo
+    from mlflow_finetune_plugin.train.objectives import grpo
 
     (tmp_path / "rewards.py").write_text("def boom(prompts, completions, answer, **kwargs):\n"
                                          "    return [1 / (a - 1) for a in answer]\n")
@@ -269,8 +269,8 @@ def test_a_reward_raising_during_training_ends_it_with_a_finetune_error(tmp_path
 
 
 def test_the_bundled_grpo_recipe_checks_clean_with_its_data_and_rewards():
-    from mlflow_finetune_plugin.objectives import grpo
-    from mlflow_finetune_plugin.recipe import load_recipe
+    from mlflow_finetune_plugin.config.recipe import load_recipe
+    from mlflow_finetune_plugin.train.objectives import grpo
     from tests.conftest import REPO
 
     recipe = load_recipe(REPO / "recipes" / "grpo")
@@ -285,7 +285,7 @@ def test_the_bundled_grpo_recipe_checks_clean_with_its_data_and_rewards():
 
 
 def test_evaluate_scores_every_contender_with_the_rewards(tmp_path, tracking_uri, capsys):
-    from mlflow_finetune_plugin.objectives import grpo
+    from mlflow_finetune_plugin.train.objectives import grpo
 
     recipe = _recipe(tmp_path, rewards=["exact_answer", {"name": "regex", "pattern": "\\d", "weight": 0.5}])
     train_ds, _ = load_training_dataset(jsonl(tmp_path / "train.jsonl", _sums(6)), system_prompt=SYSTEM)
@@ -329,7 +329,7 @@ def _grpo_project(root: Path, rewards_py: str = "") -> Path:
 def test_grpo_continues_a_registered_lora_version(tmp_path, tracking_uri):
     """`-e grpo -P model.init_adapter=models:/NAME@challenger`: reinforcement on top of an SFT version."""
     from mlflow_finetune_plugin.backend import resolve_entry_point
-    from mlflow_finetune_plugin.job import run
+    from mlflow_finetune_plugin.train.job import run
     from tests.conftest import chat_rows, write_project
 
     sft = write_project(tmp_path / "sft", "train: {max_steps: 2, batch_size: 2}\neval: {enabled: false}\n",
@@ -352,7 +352,7 @@ def test_grpo_continues_a_registered_lora_version(tmp_path, tracking_uri):
 
 def test_a_reward_that_raises_ends_the_run_failed_naming_it(tmp_path, tracking_uri, capsys):
     from mlflow_finetune_plugin.backend import resolve_entry_point
-    from mlflow_finetune_plugin.job import run
+    from mlflow_finetune_plugin.train.job import run
 
     project = _grpo_project(tmp_path / "bad", "def length(prompts, completions, **kwargs):\n"
                                               "    raise ValueError('no scores today')\n")

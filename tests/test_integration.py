@@ -72,7 +72,7 @@ def test_mlflow_run_lora_backend_finetune(tmp_path, tracking_uri):
     from transformers import AutoModelForCausalLM
 
     from mlflow_finetune_plugin.logged_model import load_logged_model
-    from mlflow_finetune_plugin.tiny_model import tiny_model_path
+    from mlflow_finetune_plugin.models.tiny import tiny_model_path
 
     local = Path(mlflow.artifacts.download_artifacts("models:/support-bot@challenger"))
     loaded = load_logged_model(local)

@@ -17,8 +17,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from mlflow_finetune_plugin import resume, tags
+from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.backend import FinetuneBackend
+from mlflow_finetune_plugin.train import resume
 from tests.conftest import REPO, chat_rows, write_project
 
 EXPERIMENT = "kill-moments"

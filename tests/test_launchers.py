@@ -85,11 +85,11 @@ def _env(tracking_uri):
 
 
 def test_torchrun_command_single_and_multi_node():
-    train = [sys.executable, "-m", "mlflow_finetune_plugin.job", "--recipe-json", "r.json", "--run-id", "abc"]
+    train = [sys.executable, "-m", "mlflow_finetune_plugin.train.job", "--recipe-json", "r.json", "--run-id", "abc"]
     single = torchrun_command(train, "abc", nproc_per_node=2)
     assert single[:3] == [sys.executable, "-m", "mlflow_finetune_plugin.launchers.quiet_torchrun"]
     assert "--standalone" in single and single[single.index("--nproc-per-node") + 1] == "2"
-    assert single[-6:] == ["-m", "mlflow_finetune_plugin.job", "--recipe-json", "r.json", "--run-id", "abc"]
+    assert single[-6:] == ["-m", "mlflow_finetune_plugin.train.job", "--recipe-json", "r.json", "--run-id", "abc"]
     multi = torchrun_command(train, "abc", nproc_per_node=4, nnodes=2, rdzv_endpoint="10.0.0.1:29400")
     assert "--standalone" not in multi
     assert multi[multi.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400"
@@ -186,7 +186,7 @@ def _stop(proc, log, signum) -> str:
 @pytest.mark.integration
 def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, tracking_uri):
     proc, log, run_id = _training_mlflow_run(tmp_path, tracking_uri, ["--backend-config", json.dumps(TORCHRUN)])
-    ranks = [p for p in _processes_of(run_id) if "mlflow_finetune_plugin.job" in " ".join(p.cmdline())]
+    ranks = [p for p in _processes_of(run_id) if "mlflow_finetune_plugin.train.job" in " ".join(p.cmdline())]
     output = _stop(proc, log, signal.SIGINT)  # what Ctrl-C does: the ranks run in sessions of their own
     assert len(ranks) >= 2
     assert proc.returncode != 0
@@ -319,7 +319,7 @@ def test_ray_job_two_workers_finishes_registers_and_streams_its_log(tmp_path, tr
 def test_ray_job_cancel_stops_the_job_and_kills_the_run(tmp_path, tracking_uri, ray_head):
     from ray.job_submission import JobSubmissionClient
 
-    from mlflow_finetune_plugin.cancel import cancel_run
+    from mlflow_finetune_plugin.launchers.cancel import cancel_run
 
     proj = write_project(tmp_path / "p", LONG, rows=chat_rows(32))
     submitted = _submit(proj, tracking_uri, config={"launcher": "ray", "address": ray_head, "detach": True},

@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlflow_finetune_plugin.adapters import lora
+from mlflow_finetune_plugin.config.recipe import LoraAdapter
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import load_logged_model, log_finetuned_model
-from mlflow_finetune_plugin.recipe import LoraAdapter
-from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
+from mlflow_finetune_plugin.train.adapters import lora
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_a_different_base_is_refused(tracking_uri, trained_adapter, tmp_path, mo
         info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     # Point the tiny-model cache somewhere else and build it with another seed: same name, other weights.
-    from mlflow_finetune_plugin import tiny_model
+    from mlflow_finetune_plugin.models import tiny as tiny_model
 
     monkeypatch.setenv("MLFLOW_FINETUNE_CACHE", str(tmp_path / "other-cache"))
     other = tiny_model.tiny_model_path()
@@ -102,7 +102,7 @@ NIMBUS = "You are the support assistant for Nimbus Notes. Answer briefly and acc
 
 
 def test_the_trained_system_prompt_is_the_recipes_else_the_datas_most_common():
-    from mlflow_finetune_plugin.evaluation import trained_system_prompt
+    from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
 
     def row(system=None):
         return {"messages": [*([{"role": "system", "content": system}] if system else []),
@@ -118,10 +118,10 @@ def test_the_trained_system_prompt_is_the_recipes_else_the_datas_most_common():
 
 def test_a_trained_version_carries_its_training_datas_system_prompt(tmp_path, tracking_uri):
     """The support-bot case: the rows hold the system message, the recipe none; the playground reads it back."""
-    from mlflow_finetune_plugin.job import run
-    from mlflow_finetune_plugin.recipe import load_recipe
+    from mlflow_finetune_plugin.config.recipe import load_recipe
     from mlflow_finetune_plugin.serving import ModelChoice
     from mlflow_finetune_plugin.serving.choices import trained_system_prompt
+    from mlflow_finetune_plugin.train.job import run
     from tests.conftest import chat_rows, write_project
 
     rows = [{"messages": [{"role": "system", "content": NIMBUS}, *r["messages"]]} for r in chat_rows(6)]

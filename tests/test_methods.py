@@ -16,13 +16,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlflow_finetune_plugin import quantization
-from mlflow_finetune_plugin.adapters import ADAPTERS, adapter_of, lora
+from mlflow_finetune_plugin.config.presets import PRESETS
+from mlflow_finetune_plugin.config.recipe import (
+    IA3Adapter,
+    LoraAdapter,
+    ModelConfig,
+    PromptAdapter,
+    load_recipe,
+)
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import load_logged_model, log_finetuned_model
-from mlflow_finetune_plugin.presets import PRESETS
-from mlflow_finetune_plugin.recipe import IA3Adapter, LoraAdapter, ModelConfig, PromptAdapter, load_recipe
-from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
+from mlflow_finetune_plugin.train import quantization
+from mlflow_finetune_plugin.train.adapters import ADAPTERS, adapter_of, lora
 from tests.conftest import REPO, chat_rows, write_project
 
 # case id -> (entry point, recipe overrides). One row per entry point with its defaults, plus variants: other
@@ -111,8 +117,8 @@ def _trainer(model, tok, out_dir, gradient_checkpointing=False):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from mlflow_finetune_plugin.objectives.sft_trainer import FinetuneSFTTrainer
-    from mlflow_finetune_plugin.trainers import checkpointing_argument
+    from mlflow_finetune_plugin.train.objectives.sft_trainer import FinetuneSFTTrainer
+    from mlflow_finetune_plugin.train.trainers import checkpointing_argument
 
     args = SFTConfig(output_dir=str(out_dir), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                      report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, max_length=64,
@@ -287,7 +293,7 @@ def test_config_errors_say_how_to_fix_them():
 
 
 def test_each_method_has_a_recipe_and_a_docs_row():
-    from mlflow_finetune_plugin.recipe import load_recipe
+    from mlflow_finetune_plugin.config.recipe import load_recipe
 
     docs = (REPO / "docs" / "methods.md").read_text()
     for name in PRESETS:

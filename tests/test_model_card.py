@@ -7,9 +7,9 @@ from pathlib import Path
 
 import mlflow
 
-from mlflow_finetune_plugin import model_card
-from mlflow_finetune_plugin.job import run
-from mlflow_finetune_plugin.recipe import load_recipe, to_yaml
+from mlflow_finetune_plugin.config.recipe import load_recipe, to_yaml
+from mlflow_finetune_plugin.registry import model_card
+from mlflow_finetune_plugin.train.job import run
 from tests.conftest import FAST_OVERRIDES, chat_rows, jsonl
 
 SYSTEM = "You are a careful calculator. Answer with the sum."

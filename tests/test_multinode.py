@@ -117,7 +117,7 @@ def test_a_stop_or_failure_on_either_agent_ends_the_whole_job(tmp_path, tracking
         os.killpg(target.pid, signal.SIGINT)  # the terminal's Ctrl-C: the agent's whole foreground group
     else:  # the training process on that node dies hard (out of memory, a bug in a kernel)
         (rank,) = [p for p in psutil.Process(target.pid).children(recursive=True)
-                   if "mlflow_finetune_plugin.job" in " ".join(p.cmdline())]
+                   if "mlflow_finetune_plugin.train.job" in " ".join(p.cmdline())]
         rank.kill()
     sent = time.monotonic()
     _wait_both([first, second], timeout=120)

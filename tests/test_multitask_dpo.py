@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from mlflow_finetune_plugin.backend import check_recipe_data
-from mlflow_finetune_plugin.data_check import check_data
+from mlflow_finetune_plugin.config.recipe import load_recipe
+from mlflow_finetune_plugin.data.check import check_data
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
-from mlflow_finetune_plugin.job import run
-from mlflow_finetune_plugin.objectives.sft import packing
-from mlflow_finetune_plugin.recipe import load_recipe
+from mlflow_finetune_plugin.train.job import run
+from mlflow_finetune_plugin.train.objectives.sft import packing
 from tests.conftest import FAST_OVERRIDES, REPO, chat_rows, jsonl
 
 FAST = FAST_OVERRIDES
@@ -72,7 +72,7 @@ def test_multitask_recipe_needs_two_tasks_existing_files_and_no_data_section(tmp
 
 
 def test_multitask_mixes_rows_by_weight_and_checks_every_task_file(tmp_path):
-    from mlflow_finetune_plugin.splits import load_splits
+    from mlflow_finetune_plugin.data.splits import load_splits
 
     project = _multitask_project(tmp_path, weights=(6, 1, 1))
     recipe = load_recipe(project, overrides={"multitask.stopping": "first_exhausted"})
@@ -93,7 +93,7 @@ def test_multitask_mixes_rows_by_weight_and_checks_every_task_file(tmp_path):
 
 
 def test_a_multitask_task_can_be_sharegpt(tmp_path):
-    from mlflow_finetune_plugin.splits import load_splits
+    from mlflow_finetune_plugin.data.splits import load_splits
 
     project = _multitask_project(tmp_path)
     jsonl(project / "data" / "label.jsonl", [{"conversations": [{"from": "human", "value": f"Label item {i}"},
@@ -188,7 +188,7 @@ def _register_sft_adapter(tiny_model_dir) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mlflow_finetune_plugin.logged_model import log_finetuned_model
-    from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+    from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 
     torch.manual_seed(0)
     sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -250,9 +250,9 @@ def test_dpo_on_a_registered_adapter_measures_the_start_on_that_adapter(tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mlflow_finetune_plugin.data import load_training_dataset
-    from mlflow_finetune_plugin.models import load_tokenizer
-    from mlflow_finetune_plugin.preference_eval import preference_margins, preference_metrics
+    from mlflow_finetune_plugin.data.read import load_training_dataset
+    from mlflow_finetune_plugin.evaluate.preferences import preference_margins, preference_metrics
+    from mlflow_finetune_plugin.models.base import load_tokenizer
 
     _register_sft_adapter(tiny_model_dir)
     root = _dpo_project(tmp_path / "prefs3")
@@ -286,8 +286,8 @@ def _logp_one_at_a_time(model, tokenizer, prompt: list[dict], answer: list[dict]
 def test_preference_margins_of_padded_batches_equal_the_hand_computation(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from mlflow_finetune_plugin.models import load_tokenizer
-    from mlflow_finetune_plugin.preference_eval import preference_margins, preference_metrics
+    from mlflow_finetune_plugin.evaluate.preferences import preference_margins, preference_metrics
+    from mlflow_finetune_plugin.models.base import load_tokenizer
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), load_tokenizer()
     rows = _pref_rows(3) + _pref_rows(2, 998) + _yes_no_rows(1)  # answers of different lengths: padded batches
@@ -302,7 +302,7 @@ def test_preference_margins_of_padded_batches_equal_the_hand_computation(tiny_mo
 
 
 def test_init_adapter_errors_name_the_key(tmp_path, tracking_uri):
-    from mlflow_finetune_plugin.adapters import resolve_adapter
+    from mlflow_finetune_plugin.train.adapters import resolve_adapter
 
     with pytest.raises(FinetuneError, match="model.init_adapter: cannot resolve"):
         resolve_adapter("models:/nothing-here/1")
@@ -354,11 +354,11 @@ def test_packed_training_runs_with_fewer_sequences(tmp_path, tiny_model_dir):
 
 
 def _sft_trainer(tmp_path, rows, **overrides):
-    from mlflow_finetune_plugin.adapters import attach
-    from mlflow_finetune_plugin.models import load_base_model, load_tokenizer
-    from mlflow_finetune_plugin.objectives import sft
-    from mlflow_finetune_plugin.splits import load_splits
-    from mlflow_finetune_plugin.trainers import training_arguments
+    from mlflow_finetune_plugin.data.splits import load_splits
+    from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer
+    from mlflow_finetune_plugin.train.adapters import attach
+    from mlflow_finetune_plugin.train.objectives import sft
+    from mlflow_finetune_plugin.train.trainers import training_arguments
 
     jsonl(tmp_path / "data" / "train.jsonl", rows)
     recipe = load_recipe(tmp_path, overrides={"data.max_length": 128, "train.max_steps": 1, "eval.enabled": False,
@@ -426,7 +426,7 @@ def test_fused_and_plain_loss_agree_and_log_the_same_metrics(tmp_path):
 
 
 def test_fused_lm_head_auto_follows_the_device(tmp_path):
-    from mlflow_finetune_plugin.objectives.sft import fused_lm_head
+    from mlflow_finetune_plugin.train.objectives.sft import fused_lm_head
 
     jsonl(tmp_path / "data" / "train.jsonl", chat_rows(2))
     assert fused_lm_head(load_recipe(tmp_path)) is torch.cuda.is_available()

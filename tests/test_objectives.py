@@ -12,17 +12,17 @@ import mlflow
 import pytest
 import torch
 
-from mlflow_finetune_plugin import quantization
-from mlflow_finetune_plugin.adapters import ADAPTERS, adapter_of, attach
 from mlflow_finetune_plugin.backend import resolve_entry_point
+from mlflow_finetune_plugin.config.presets import PRESETS
+from mlflow_finetune_plugin.config.recipe import load_recipe
+from mlflow_finetune_plugin.data.splits import load_splits
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
-from mlflow_finetune_plugin.job import run
-from mlflow_finetune_plugin.models import load_base_model, load_tokenizer
-from mlflow_finetune_plugin.objectives import NAMES, objective_of
-from mlflow_finetune_plugin.presets import PRESETS
-from mlflow_finetune_plugin.recipe import load_recipe
-from mlflow_finetune_plugin.splits import load_splits
-from mlflow_finetune_plugin.trainers import training_arguments
+from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer
+from mlflow_finetune_plugin.train import quantization
+from mlflow_finetune_plugin.train.adapters import ADAPTERS, adapter_of, attach
+from mlflow_finetune_plugin.train.job import run
+from mlflow_finetune_plugin.train.objectives import NAMES, objective_of
+from mlflow_finetune_plugin.train.trainers import training_arguments
 from tests.conftest import FAST_OVERRIDES, chat_rows, jsonl
 
 FAST = FAST_OVERRIDES
@@ -30,7 +30,7 @@ FAST = FAST_OVERRIDES
 
 def _rows(objective: str, n: int, offset: int = 0) -> list[dict]:
     """Rows in the format the objective trains on."""
-    formats = importlib.import_module(f"mlflow_finetune_plugin.objectives.{objective}").DATA_FORMATS
+    formats = importlib.import_module(f"mlflow_finetune_plugin.train.objectives.{objective}").DATA_FORMATS
     if "preference" in formats:
         return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
                  "chosen": [{"role": "assistant", "content": f"{2 * i}"}],

@@ -18,18 +18,18 @@ from gradio_client.exceptions import AppError, AuthenticationError
 from mlflow import MlflowClient
 from test_serving import cli_process, free_port, register_version, stop, wait_for_http
 
-from gradio_app import Playground, build_app, launch
-from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.data import load_training_dataset
-from mlflow_finetune_plugin.serving import ModelChoice, Settings
-from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
-from mlflow_finetune_plugin.votes import (
+from mlflow_finetune_plugin.arena.votes import (
     EXPERIMENT,
     LEADERBOARD_HEADERS,
     leaderboard_rows,
     ratings,
     read_votes,
 )
+from mlflow_finetune_plugin.cli import main
+from mlflow_finetune_plugin.data.read import load_training_dataset
+from mlflow_finetune_plugin.serving import ModelChoice, Settings
+from mlflow_finetune_plugin.serving.playground import Playground, build_app, launch
+from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
 
 pytestmark = pytest.mark.integration
 
@@ -174,11 +174,11 @@ def test_picking_another_model_a_replaces_a_prefilled_system_prompt_but_not_an_e
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlflow_finetune_plugin.adapters import lora
+    from mlflow_finetune_plugin.config.recipe import LoraAdapter
     from mlflow_finetune_plugin.logged_model import log_finetuned_model
-    from mlflow_finetune_plugin.recipe import LoraAdapter
-    from mlflow_finetune_plugin.registry import register
-    from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF
+    from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
+    from mlflow_finetune_plugin.registry.versions import register
+    from mlflow_finetune_plugin.train.adapters import lora
 
     torch.manual_seed(0)
     model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(r=8, alpha=16, dropout=0.0))

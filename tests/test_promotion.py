@@ -12,10 +12,11 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from mlflow_finetune_plugin.cli import main
+from mlflow_finetune_plugin.config.recipe import Recipe
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.promotion import Gate, maybe_auto_promote, parse_gate, promote
-from mlflow_finetune_plugin.recipe import Recipe
-from mlflow_finetune_plugin.registry import lineage_tags, missing_lineage
+from mlflow_finetune_plugin.registry.promotion import Gate, maybe_auto_promote, parse_gate, promote
+from mlflow_finetune_plugin.registry.versions import missing_lineage
+from mlflow_finetune_plugin.tags import lineage_tags
 
 NAME = "bot"
 

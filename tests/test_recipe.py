@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from mlflow_finetune_plugin.config.recipe import flat_params, load_recipe, recipe_hash, to_yaml
 from mlflow_finetune_plugin.errors import RecipeError
-from mlflow_finetune_plugin.recipe import flat_params, load_recipe, recipe_hash, to_yaml
 from tests.conftest import REPO, chat_rows, write_project
 
 

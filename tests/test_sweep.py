@@ -12,7 +12,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.sweep import (
+from mlflow_finetune_plugin.sweep.study import (
     PLOT_FILE,
     SWEEP_BEST_RUN,
     SWEEP_STATE,

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlflow_finetune_plugin import paths, tiny_model
-from mlflow_finetune_plugin.tiny_model import (
+from mlflow_finetune_plugin import paths
+from mlflow_finetune_plugin.models import tiny as tiny_model
+from mlflow_finetune_plugin.models.tiny import (
     _CACHE_NAME,
     TINY_MODEL_REF,
     build_tiny_model,
@@ -223,7 +224,7 @@ def test_tiny_model_path_builds_once_then_reuses(tmp_path, monkeypatch, built):
 def test_tiny_model_path_is_safe_for_concurrent_processes(tmp_path):
     # Two processes race on an empty cache: one builds under the lock, the other waits and reuses it.
     # Without the lock, the second rename onto a non-empty folder would fail or files would be rewritten.
-    code = ("from mlflow_finetune_plugin.tiny_model import tiny_model_path\n"
+    code = ("from mlflow_finetune_plugin.models.tiny import tiny_model_path\n"
             "p = tiny_model_path(); print(p, (p / 'model.safetensors').stat().st_mtime_ns)")
     env = {**os.environ, "MLFLOW_FINETUNE_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)

@@ -46,7 +46,7 @@ def build_1b(root: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mlflow_finetune_plugin.tiny_model import tiny_model_path
+    from mlflow_finetune_plugin.models.tiny import tiny_model_path
 
     tiny = Path(tiny_model_path())
     config = json.loads((tiny / "config.json").read_text())
@@ -160,7 +160,7 @@ def main(argv=None):
 
     import torch
 
-    from mlflow_finetune_plugin.tiny_model import tiny_model_path
+    from mlflow_finetune_plugin.models.tiny import tiny_model_path
 
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not args.tiny:

@@ -1,7 +1,7 @@
 """Launcher `torchrun`: the same training command under torch.distributed, one process per rank.
 
 `--backend-config '{"launcher": "torchrun", "nproc_per_node": 2}'`. The training command runs under torchrun
-(`quiet_torchrun ... -m mlflow_finetune_plugin.job ...`); rank 0 owns the MLflow run, the other ranks only
+(`quiet_torchrun ... -m mlflow_finetune_plugin.train.job ...`); rank 0 owns the MLflow run, the other ranks only
 train. DDP by default, FSDP with the recipe's `train.distributed: fsdp` (GPUs only). Process management is the
 local launcher's (own session, supervisor when detached); cancel also reaches the workers, which torchrun starts
 in sessions of their own.

@@ -16,8 +16,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow_finetune_plugin import registry, tags
+from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.registry import versions as registry
 from mlflow_finetune_plugin.serving.base import ModelChoice
 from mlflow_finetune_plugin.vllm_rules import adapter_servable
 

@@ -45,7 +45,7 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
                  extra: tuple[str, ...] = ()) -> ServerCommand:
     """`vllm serve` for `choices` (versions and/or `:base` choices) sharing one base; raises FinetuneError naming
     the fix when vLLM cannot serve one of them."""
-    from mlflow_finetune_plugin.models import resolve_model_path
+    from mlflow_finetune_plugin.models.base import resolve_model_path
 
     locals_ = [local_model(c) for c in choices]
     full = [m for m in locals_ if not m.choice.base and not m.is_adapter]

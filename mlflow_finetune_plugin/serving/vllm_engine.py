@@ -97,7 +97,7 @@ class VLLMEngine(Engine):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from mlflow_finetune_plugin.models import resolve_model_path
+        from mlflow_finetune_plugin.models.base import resolve_model_path
 
         if not local.is_adapter and not local.choice.base:
             model_path = str(local.artifacts["model"])

@@ -1,0 +1,261 @@
+"""Playground votes in MLflow, their win rates and arena ratings, and preference data made from them.
+
+Each vote is one finished run in the experiment `playground-votes`: tags say which registered model and which two
+versions were compared and the verdict (searchable, and what the win rates are computed from); params hold the
+generation settings; `vote.json` holds the prompt, both conversations and both answers. `export` turns the votes
+with a winner into prompt/chosen/rejected rows that `mlflow-finetune data check --format preference` and the
+`dpo` entry point take.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin.arena import ratings as arena
+from mlflow_finetune_plugin.errors import FinetuneError
+
+EXPERIMENT = "playground-votes"
+VERDICTS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+# What a verdict says in the arena ratings: as in Chatbot Arena, "both bad" is a tie, half a win each way.
+OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
+
+
+@dataclass
+class Comparison:
+    """One prompt answered by two models: what a vote is about."""
+
+    name: str                 # the registered model whose playground this is (votes are filed under it)
+    model_a: str              # model choice keys: NAME/3 or NAME/3:base
+    model_b: str
+    context_a: list[dict]     # the messages side A answered: system prompt, earlier turns, the prompt
+    context_b: list[dict]
+    answer_a: str
+    answer_b: str
+    settings: dict
+    blind: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+    @property
+    def prompt(self) -> str:
+        users = [m["content"] for m in self.context_a if m.get("role") == "user"]
+        return users[-1] if users else ""
+
+
+def normalize_verdict(verdict: str) -> str:
+    """`a`, `b`, `tie`, `both_bad` (labels like 'A is better' or 'both bad' are accepted too)."""
+    text = str(verdict).strip().lower().replace(" ", "_").replace("-", "_")
+    aliases = {"a_is_better": "a", "a_better": "a", "b_is_better": "b", "b_better": "b",
+               "both_are_bad": "both_bad"}
+    text = aliases.get(text, text)
+    if text not in VERDICTS:
+        raise FinetuneError(f"unknown verdict {verdict!r}: use one of {', '.join(VERDICTS)}")
+    return text
+
+
+def _experiment_id(client, experiment: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(experiment)
+    except MlflowException:  # created by a concurrent vote in the meantime
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def log_vote(comparison: Comparison, verdict: str, user: str | None = None, experiment: str = EXPERIMENT) -> str:
+    """Log one vote as a finished run; returns its run id. Thread-safe (no active-run state)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    verdict = normalize_verdict(verdict)
+    c = comparison
+    client = MlflowClient()
+    vote_tags = {tags.VOTE_MODEL: c.name, tags.VOTE_MODEL_A: c.model_a, tags.VOTE_MODEL_B: c.model_b,
+                 tags.VOTE_VERDICT: verdict, tags.VOTE_BLIND: str(c.blind).lower(), tags.VOTE_COMPARISON: c.id,
+                 tags.VOTE_USER: user or "", tags.VOTE_PROMPT: c.prompt[:500]}
+    run = client.create_run(_experiment_id(client, experiment), tags=vote_tags,
+                            run_name=f"{c.model_a} vs {c.model_b}: {verdict}")
+    run_id = run.info.run_id
+    try:
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(c.settings.items())])
+        client.log_dict(run_id, {**asdict(c), "verdict": verdict, "user": user}, "vote.json")
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _vote_runs(name: str, experiment: str) -> Iterator:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    filter_string = f"tags.`{tags.VOTE_MODEL}` = '{name}' and attributes.status = 'FINISHED'"
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string, max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+@dataclass
+class PairSummary:
+    """Votes between two versions; `first`/`second` in sorted order, whichever side each was shown on."""
+
+    first: str
+    second: str
+    first_wins: int = 0
+    second_wins: int = 0
+    ties: int = 0
+    both_bad: int = 0
+
+    @property
+    def votes(self) -> int:
+        return self.first_wins + self.second_wins + self.ties + self.both_bad
+
+    @property
+    def first_win_rate(self) -> float | None:
+        """(wins + half the ties) / decided-or-tied votes; 'both bad' votes say nothing about which is better."""
+        n = self.first_wins + self.second_wins + self.ties
+        return (self.first_wins + 0.5 * self.ties) / n if n else None
+
+
+def read_votes(name: str, experiment: str = EXPERIMENT) -> list[tuple[str, str, str]]:
+    """(model A, model B, verdict) of every finished vote on `name`, oldest first."""
+    votes = []
+    for run in _vote_runs(name, experiment):
+        on_run = run.data.tags
+        a, b, verdict = on_run.get(tags.VOTE_MODEL_A), on_run.get(tags.VOTE_MODEL_B), on_run.get(tags.VOTE_VERDICT)
+        if a and b and verdict in VERDICTS:
+            votes.append((a, b, verdict))
+    return votes
+
+
+def summary(name: str, experiment: str = EXPERIMENT) -> list[PairSummary]:
+    """Win rates per pair of compared versions of `name`, most-voted pair first."""
+    return pair_summaries(read_votes(name, experiment))
+
+
+def pair_summaries(votes: list[tuple[str, str, str]]) -> list[PairSummary]:
+    """`read_votes` counted per pair of versions, most-voted pair first."""
+    pairs: dict[tuple[str, str], PairSummary] = {}
+    for a, b, verdict in votes:
+        first, second = sorted((a, b))
+        s = pairs.setdefault((first, second), PairSummary(first, second))
+        if verdict == "tie":
+            s.ties += 1
+        elif verdict == "both_bad":
+            s.both_bad += 1
+        elif (a if verdict == "a" else b) == first:
+            s.first_wins += 1
+        else:
+            s.second_wins += 1
+    return sorted(pairs.values(), key=lambda s: (-s.votes, s.first, s.second))
+
+
+SUMMARY_HEADERS = ["model", "vs", "votes", "wins", "losses", "ties", "both bad", "win rate"]
+
+
+def summary_rows(name: str, experiment: str = EXPERIMENT) -> list[list]:
+    """`summary` as table rows (SUMMARY_HEADERS)."""
+    return [_summary_row(s) for s in summary(name, experiment)]
+
+
+def _summary_row(s: PairSummary) -> list:
+    return [s.first, s.second, s.votes, s.first_wins, s.second_wins, s.ties, s.both_bad,
+            None if s.first_win_rate is None else round(s.first_win_rate, 4)]
+
+
+def ratings(votes: list[tuple[str, str, str]], rounds: int = arena.ROUNDS, seed: int = 0,
+            min_votes: int = arena.MIN_VOTES) -> arena.Leaderboard:
+    """Arena ratings (Bradley-Terry, bootstrap 95% intervals) of the versions in `votes` (`read_votes`)."""
+    return arena.rate([arena.Battle(a, b, OUTCOMES[v]) for a, b, v in votes], rounds, seed, min_votes)
+
+
+LEADERBOARD_HEADERS = ["rank", "model", "rating", "95% interval", "votes", "note"]
+PAIR_HEADERS = [*SUMMARY_HEADERS, "separated"]
+
+
+def leaderboard_rows(board: arena.Leaderboard) -> list[list]:
+    """The ratings as table rows (LEADERBOARD_HEADERS), best first."""
+    return [[r.rank, r.model, round(r.rating), r.interval, r.votes,
+             f"too few votes (fewer than {board.min_votes})" if board.too_few(r) else ""] for r in board.ratings]
+
+
+def pair_rows(votes: list[tuple[str, str, str]], board: arena.Leaderboard) -> list[list]:
+    """Win rates per pair (PAIR_HEADERS), each saying whether the ratings tell the two apart."""
+    return [[*_summary_row(s), board.separation(s.first, s.second)[1]] for s in pair_summaries(votes)]
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def report(self) -> str:
+        skipped = "; ".join(f"{n} {why}" for why, n in self.skipped.items())
+        return f"Wrote {self.written} preference pairs to {self.path}" + (f" (skipped {skipped})" if skipped else "")
+
+
+def export(name: str, out: str | Path, experiment: str = EXPERIMENT) -> ExportResult:
+    """Write the votes of `name` that have a winner as chat-form preference rows (JSONL):
+    {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]}."""
+    import mlflow
+
+    result = ExportResult(Path(out))
+    rows = []
+
+    def skip(why: str) -> None:
+        result.skipped[why] = result.skipped.get(why, 0) + 1
+
+    for run in _vote_runs(name, experiment):
+        verdict = run.data.tags.get(tags.VOTE_VERDICT)
+        if verdict not in ("a", "b"):
+            skip("ties or both-bad votes (no preference)")
+            continue
+        try:
+            vote = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/vote.json")
+        except Exception:  # noqa: BLE001 - one unreadable vote must not stop the export
+            skip("votes whose vote.json could not be read")
+            continue
+        if _clean(vote["context_a"]) != _clean(vote["context_b"]):
+            # Later turns of a conversation: each side answered its own history, so no shared prompt exists.
+            skip("votes on turns whose two histories differ")
+            continue
+        chosen, rejected = (vote["answer_a"], vote["answer_b"]) if verdict == "a" else (vote["answer_b"],
+                                                                                         vote["answer_a"])
+        if not chosen.strip() or not rejected.strip() or chosen.strip() == rejected.strip():
+            skip("votes with an empty or identical answer")
+            continue
+        rows.append({"prompt": _clean(vote["context_a"]),
+                     "chosen": [{"role": "assistant", "content": chosen}],
+                     "rejected": [{"role": "assistant", "content": rejected}]})
+    if not rows:
+        total = sum(result.skipped.values())
+        raise FinetuneError(f"no preference pairs for {name!r} in experiment {experiment!r} ({total} votes, none with "
+                            "a winner on a shared prompt): vote 'A is better' or 'B is better' in the playground")
+    result.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(result.path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    result.written = len(rows)
+    return result
+
+
+def _clean(messages: list[dict]) -> list[dict]:
+    """role/content only, no empty messages (an empty system prompt is no system prompt)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages if str(m.get("content") or "").strip()]

@@ -1,0 +1,386 @@
+"""`mlflow-finetune data check` and the backend's pre-flight check: one report on a data file before any model
+loads. Errors stop a run; warnings are advice (few rows, near-duplicates, train/eval overlap, answers cut by
+max_length), errors too where the recipe says `data.strict`. Bad data never raises here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import unicodedata
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mlflow_finetune_plugin.data.formats import detect_format, sharegpt_tags, summarize
+from mlflow_finetune_plugin.data.read import (
+    DataError,
+    DataIssue,
+    preference_row,
+    read_records_lenient,
+    resolve_format,
+    to_messages,
+    tools_of,
+    validate_records,
+)
+
+FEW_ROWS = 50  # below this, few-shot prompting is the first thing to try (the seeds of this project say so)
+_SHOWN = 100  # lines listed per section in the text report; --json has every row
+_EMPTY_MARKERS = ("missing '", " is empty", "empty content", "is an empty list")
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # TRL's has_generation_markers, without importing TRL
+
+
+@dataclass
+class DataReport:
+    """What `data check` found in one file."""
+
+    path: str
+    format: str | None = None
+    rows: int = 0
+    errors: list[DataIssue] = field(default_factory=list)
+    warnings: list[DataIssue] = field(default_factory=list)
+    token_stats: dict | None = None
+    duplicates: int = 0
+    near_duplicates: int = 0
+    contradictions: int = 0
+    empty_fields: int = 0
+    too_long: int = 0
+    cut_share: float | None = None  # share of the answer tokens (all tokens without assistant masks) cut
+    eval_overlap: int = 0
+    detected: str | None = None  # what the rows look like, whatever was declared
+    inferred_from: str | None = None  # the declared format, where the objective's format replaced it
+    prompts: list[tuple[int, str]] = field(default_factory=list, repr=False)  # (line, normalized prompt)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        def issue(i: DataIssue) -> dict:
+            return {"path": i.path, "line": i.line, "message": i.message, "severity": i.severity, "text": str(i)}
+
+        return {"path": self.path, "ok": self.ok, "format": self.format, "detected": self.detected,
+                "inferred_from": self.inferred_from, "rows": self.rows,
+                "token_stats": self.token_stats, "duplicates": self.duplicates,
+                "near_duplicates": self.near_duplicates, "contradictions": self.contradictions,
+                "empty_fields": self.empty_fields, "too_long": self.too_long, "cut_share": self.cut_share,
+                "eval_overlap": self.eval_overlap, "errors": [issue(i) for i in self.errors],
+                "warnings": [issue(i) for i in self.warnings]}
+
+    def render(self) -> str:
+        status = "OK" if self.ok else f"{len(self.errors)} error{'s' if len(self.errors) != 1 else ''}"
+        lines = [f"{self.path}: {status}, {len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''}",
+                 f"  format          {self.format or '?'}",
+                 f"  rows            {self.rows}"]
+        if self.token_stats:
+            s = self.token_stats
+            lines.append(f"  tokens          min {s['min']}  mean {s['mean']:.1f}  p50 {s['p50']}  p95 {s['p95']}  "
+                         f"max {s['max']}")
+        cut = f" ({self.cut_share:.1%} of the answer tokens cut)" if self.too_long and self.cut_share else ""
+        lines += [f"  duplicates      {self.duplicates}",
+                  f"  near-duplicates {self.near_duplicates}",
+                  f"  contradictions  {self.contradictions}",
+                  f"  eval overlap    {self.eval_overlap}",
+                  f"  empty fields    {self.empty_fields}",
+                  f"  too long        {self.too_long}{cut}"]
+        for title, issues in (("errors", self.errors), ("warnings", self.warnings)):
+            if issues:
+                shown = summarize(issues)
+                lines.append(f"{title}:")
+                lines += [f"  {s}" for s in shown[:_SHOWN]]
+                if len(shown) > _SHOWN:
+                    lines.append(f"  ... and {len(shown) - _SHOWN} more (--json lists them all)")
+        return "\n".join(lines)
+
+    def make_strict(self) -> None:
+        """`data.strict` / --strict: the warnings are errors."""
+        self.errors += [DataIssue(w.path, w.line, w.message, "error", w.group) for w in self.warnings]
+        self.warnings = []
+        self.errors.sort(key=lambda i: (i.line is not None, i.line or 0))
+
+
+def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=None, columns=None, tags=None,
+               split="train", accepts=None, format_key="--format", model_label=None) -> DataReport:
+    """Everything wrong (errors) or suspicious (warnings) in one data file, by line; never raises for bad data.
+
+    `accepts`: the formats the objective trains on; a declared format outside them gives way to the rows' own
+    format when that one is accepted (`inferred_from` says so). `format_key` names the setting in messages.
+    """
+    path = str(path)
+    report = DataReport(path=path)
+    columns_key = "--column" if format_key.startswith("--") else format_key.rsplit(".", 1)[0] + ".columns"
+    records, report.errors = read_records_lenient(path, columns, columns_key)
+    report.rows = len(records)
+    if not records:
+        return report
+    tags = sharegpt_tags(tags)
+    try:
+        report.detected = detect_format(records, path, tags)
+    except DataError:
+        pass
+    if accepts and fmt not in (None, "auto") and fmt not in accepts and report.detected in accepts:
+        report.inferred_from, fmt = fmt, report.detected
+    try:
+        report.format, _ = resolve_format(records, fmt, path, tags, format_key)
+    except DataError as e:
+        report.errors += e.issues
+        return report
+    row_errors = validate_records(records, report.format, path, tags)
+    report.errors += row_errors
+    report.empty_fields = sum(any(m in i.message for m in _EMPTY_MARKERS) for i in row_errors)
+    bad = {i.line for i in report.errors}
+    good = [(line, rec) for line, rec in records if line not in bad]
+    convs = {line: _conversations(rec, report.format, system_prompt, tags) for line, rec in good}
+    _duplicates(report, good, convs)
+    if report.format not in ("preference", "prompt_only"):  # prompt-only rows have no answer to contradict
+        _contradictions(report, convs)
+    report.prompts = [(line, _normalized(_prompt(c[0]))) for line, c in convs.items()]
+    if split == "train" and report.rows < FEW_ROWS:
+        report.warnings.append(DataIssue(path, None, _few_rows(report.rows), "warning"))
+    if tokenizer is not None and good:
+        _lengths(report, good, convs, tokenizer, max_length, model_label)
+    report.errors.sort(key=lambda i: (i.line is not None, i.line or 0))
+    report.warnings.sort(key=lambda i: (i.line is not None, i.line or 0))
+    return report
+
+
+def _few_rows(n: int) -> str:
+    return (f"only {n} training row{'s' if n != 1 else ''}: with fewer than {FEW_ROWS} examples, few-shot prompting "
+            "(a few examples in the prompt, no training) often does as well, so try it first. The evaluation's "
+            "`fewshot` contender (eval.fewshot_k train examples in the prompt) is that comparison: the tuned model "
+            "has to beat it")
+
+
+def check_overlap(train: DataReport, held_out: DataReport) -> None:
+    """Warn on held-out rows whose prompt (normalized) is also a training prompt: scoring them flatters the model."""
+    seen = {}
+    for line, key in train.prompts:
+        seen.setdefault(key, line)
+    for line, key in held_out.prompts:
+        if key and key in seen:
+            held_out.eval_overlap += 1
+            held_out.warnings.append(DataIssue(
+                held_out.path, line, f"same prompt as {train.path}:{seen[key]}: the evaluation scores the model on "
+                                     "a prompt it was trained on, so it looks better than it is; drop it from one split",
+                "warning", group=f"prompts that are also in the training data ({train.path}): the evaluation scores "
+                                 "the model on what it was trained on and looks better than it is; drop them from one "
+                                 "split"))
+    held_out.warnings.sort(key=lambda i: (i.line is not None, i.line or 0))
+
+
+def _key(value) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def _normalized(messages: list[dict]) -> str:
+    """The conversation's text, case folded, punctuation dropped and whitespace collapsed: near-duplicates match."""
+    parts = []
+    for m in messages:
+        content = m.get("content")
+        text = content if isinstance(content, str) else _key(content) if content is not None else ""
+        if m.get("tool_calls"):
+            text += " " + _key(m["tool_calls"])
+        text = "".join(c for c in unicodedata.normalize("NFKC", text).casefold()
+                       if not unicodedata.category(c).startswith("P"))
+        parts.append(f"{m.get('role')}: {' '.join(text.split())}")
+    return "\n".join(parts)
+
+
+def _prompt(messages: list[dict]) -> list[dict]:
+    """Every message before the last assistant reply."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+    return messages[:last]
+
+
+def _duplicates(report: DataReport, records, convs) -> None:
+    exact: dict[str, int] = {}
+    near: dict[str, int] = {}
+    for line, rec in records:
+        key, loose = _key(rec), "\n\n".join(_normalized(c) for c in convs[line])
+        if key in exact:
+            report.duplicates += 1
+            report.warnings.append(DataIssue(report.path, line, f"duplicate of line {exact[key]} (identical row)",
+                                             "warning", group="duplicates of earlier rows (identical): keep one"))
+        elif loose in near:
+            report.near_duplicates += 1
+            report.warnings.append(DataIssue(
+                report.path, line, f"near-duplicate of line {near[loose]} (the same text ignoring case, whitespace "
+                                   "and punctuation)", "warning",
+                group="near-duplicates of earlier rows (the same text ignoring case, whitespace and punctuation): "
+                      "keep one of each"))
+        exact.setdefault(key, line)
+        near.setdefault(loose, line)
+
+
+def _contradictions(report: DataReport, convs) -> None:
+    """Same prompt (every message before the last assistant reply), different final answers."""
+    answers: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for line, (messages,) in convs.items():
+        last = len(_prompt(messages))
+        answers[_key(messages[:last])][_key(messages[last].get("content"))].append(line)
+    for by_answer in answers.values():
+        if len(by_answer) > 1:
+            report.contradictions += 1
+            lines = sorted(line for group in by_answer.values() for line in group)
+            report.warnings.append(DataIssue(
+                report.path, lines[0], f"same prompt with {len(by_answer)} different answers on lines "
+                                       f"{', '.join(map(str, lines))}: the model cannot learn both; keep one",
+                "warning"))
+
+
+def _conversations(rec: dict, fmt: str, system_prompt: str | None, tags) -> list[list[dict]]:
+    if fmt != "preference":
+        return [to_messages(rec, fmt, system_prompt, tags)]
+    row = preference_row(rec, system_prompt, conversational=True)
+    return [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+
+
+# ---------------------------------------------------------------- with a tokenizer
+
+
+def _mask_template(tokenizer, needed: bool) -> str | None:
+    """The chat template that marks assistant tokens ({% generation %}): the tokenizer's own, else TRL's training
+    variant of it when `needed` (TRL is imported only then); None when there is none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return None
+    if _GENERATION.search(template):
+        return template
+    if not needed:
+        return None
+    try:
+        from trl.chat_template_utils import get_training_chat_template
+
+        return get_training_chat_template(tokenizer)
+    except Exception:  # noqa: BLE001 - TRL raises for templates it has no training variant of
+        return None
+
+
+def _count(tokenizer, messages: list[dict], tools, template) -> tuple[int, list[int] | None]:
+    """(tokens, assistant mask or None) of one conversation, rendered as training renders it."""
+    kwargs = {"tools": tools} if tools else {}
+    if template is not None:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, chat_template=template,
+                                            return_assistant_tokens_mask=True, **kwargs)
+        return len(out["input_ids"]), list(out["assistant_masks"])
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    # transformers 5 returns a BatchEncoding here by default (len() of it is the number of keys, not tokens)
+    return len(out["input_ids"] if isinstance(out, Mapping) else out), None
+
+
+def _tool_names(messages: list[dict], tools) -> list[str]:
+    names = [c["function"]["name"] for m in messages for c in (m.get("tool_calls") or [])]
+    return names + [t["function"]["name"] for t in tools or []]
+
+
+def _unrendered(tokenizer, messages: list[dict], tools) -> list[str]:
+    """The tool and tool-call names the chat template leaves out of the text: it does not support tools."""
+    names = _tool_names(messages, tools)
+    if not names:
+        return []
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    return sorted({n for n in names if n not in text})
+
+
+def _lengths(report: DataReport, records, convs, tokenizer, max_length, model_label) -> None:
+    model = model_label or getattr(tokenizer, "name_or_path", None) or "this tokenizer"
+    weighted = any(m.get("weight") == 0 for c in convs.values() for conv in c for m in conv)
+    template = _mask_template(tokenizer, needed=weighted)
+    lengths, cut, answer_total, answer_lost = [], [], 0, 0
+    for line, rec in records:
+        tools = tools_of(rec)
+        try:
+            counted = [_count(tokenizer, conv, tools, template) for conv in convs[line]]
+            missing = sorted({n for conv in convs[line] for n in _unrendered(tokenizer, conv, tools)})
+        except Exception as e:  # noqa: BLE001 - a template that raises on this row would fail training the same way
+            report.errors.append(DataIssue(report.path, line, f"the tokenizer's chat template rejects this row: {e}"))
+            continue
+        if missing:
+            report.errors.append(DataIssue(
+                report.path, line, f"tool calls or tools ({', '.join(missing)}) that the chat template of {model} "
+                                   f"does not render: {_NO_TOOLS}", group=f"rows with tool calls or tools that the "
+                                                                        f"chat template of {model} does not render: "
+                                                                        f"{_NO_TOOLS}"))
+        if weighted and template is None and any(m.get("weight") == 0 for m in convs[line][0]):
+            text = f"assistant turns with weight 0, but the chat template of {model} {_NO_MASKS}"
+            report.errors.append(DataIssue(report.path, line, text, group="rows with " + text))
+        n, mask = max(counted, key=lambda c: c[0])
+        lengths.append(n)
+        answer_total += sum(mask) if mask is not None else n
+        lost = sum(mask[max_length:]) if mask is not None else max(0, n - max_length)
+        answer_lost += lost
+        if n > max_length:
+            report.too_long += 1
+            cut.append(DataIssue(report.path, line, f"{n} tokens, more than max_length {max_length}: "
+                                                    f"{n - max_length} cut, {lost} of them in answers", "warning"))
+    if cut:
+        what = "answer tokens" if template is not None else "tokens"
+        report.cut_share = answer_lost / answer_total if answer_total else 0.0
+        for issue in cut:
+            issue.group = (f"longer than max_length {max_length}: the ends are cut, {answer_lost} of the "
+                           f"{answer_total} {what} in this file ({report.cut_share:.1%}) are lost; raise "
+                           "data.max_length (--max-length) or shorten these rows")
+        report.warnings += cut
+    if lengths:
+        s = sorted(lengths)
+        report.token_stats = {"min": s[0], "mean": round(sum(s) / len(s), 1), "p50": s[(len(s) - 1) // 2],
+                              "p95": s[min(len(s) - 1, round(0.95 * (len(s) - 1)))], "max": s[-1]}
+
+
+_NO_TOOLS = ("they would train on empty turns. Use a model whose chat template supports tools (check one with "
+             "`mlflow-finetune data check --model NAME`), or leave these rows out")
+_NO_MASKS = ("has no {% generation %} markers (and TRL has no training variant of it): those turns cannot be told "
+             "apart and would be trained on. Add the markers to the template, or drop the weights")
+
+
+# ---------------------------------------------------------------- entry points
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_for_check(name: str | None, revision: str | None = None, trust_remote_code: bool = False):
+    """(tokenizer or None, why not) for the pre-flight check: the model's tokenizer where it is at hand. A built-in
+    model not yet converted is left to training (it converts the weights too), and a tokenizer that cannot be
+    loaded is the training process's error to report, not the data check's."""
+    from mlflow_finetune_plugin import paths
+    from mlflow_finetune_plugin.models import smollm2
+    from mlflow_finetune_plugin.models.base import load_tokenizer
+
+    if smollm2.is_smollm2(name):
+        built = sorted(p for p in paths.cache_root().glob("smollm2-*") if (p / "tokenizer.json").is_file())
+        if not built:
+            return None, f"{smollm2.NAME} is converted on its first run"
+        name = str(built[-1])
+    try:
+        return load_tokenizer(name, revision, trust_remote_code), None
+    except Exception as e:  # noqa: BLE001 - any failure here is reported by training with its own message
+        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def run_check(files: list[str], fmt="auto", model=None, max_length=1024, as_json=False, eval_files=(),
+              columns=None, tags=None, strict=False) -> int:
+    """The body of `mlflow-finetune data check`: print one report per file; 1 when any file has errors, else 0."""
+    import click
+
+    from mlflow_finetune_plugin.models.base import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    label = model or "tiny"
+
+    def check(path, split):
+        return check_data(path, fmt=fmt, tokenizer=tokenizer, max_length=max_length, columns=columns, tags=tags,
+                          split=split, model_label=label)
+
+    reports = [check(f, "train") for f in files]
+    held_out = [check(f, "eval") for f in eval_files]
+    for report in held_out:
+        for train in reports:
+            check_overlap(train, report)
+    reports += held_out
+    if strict:
+        for report in reports:
+            report.make_strict()
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2, ensure_ascii=False))
+    else:
+        click.echo("\n\n".join(r.render() for r in reports))
+    return 0 if all(r.ok for r in reports) else 1

@@ -1,0 +1,489 @@
+"""Evaluation of a fine-tune against the alternatives a user has: the base model zero-shot, the base model few-shot
+(k train examples in the prompt) and the tuned model, on the held-out split.
+
+For each contender: greedy answers (scored by the shipped metric modules, see `metrics.py`) and the loss of the
+reference answer given the prompt (`loss`, `perplexity`, token-weighted). Logged as `eval/<contender>/<metric>`,
+a per-example table and a comparison chart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+
+from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.messages import text_of
+from mlflow_finetune_plugin.metrics import CONTENDERS, score
+from mlflow_finetune_plugin.tracking import log_results
+
+# Per-example scores shown in the table (the aggregate of every metric is logged).
+TABLE_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "json_valid")
+CHART_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "bleu", "json_valid")
+TABLE_FILE, CHART_FILE, SHOTS_FILE = "eval/examples.json", "eval/comparison.png", "eval/fewshot_examples.json"
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]                  # "eval/<contender>/<metric>" -> value, plus "eval/n_examples"
+    rows: list[dict]                           # one per example: prompt, reference, answers, scores
+    contenders: list[str] = field(default_factory=list)
+    fewshot_examples: list[list[dict]] = field(default_factory=list)
+    data_digest: str = ""                      # of the prompts and references scored
+
+
+def split_conversation(messages: list[dict]) -> tuple[list[dict], str] | None:
+    """(prompt, reference): every message before the last assistant message, and that message's text."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "assistant":
+            return [dict(m) for m in messages[:i]], text_of(messages[i].get("content"))
+    return None
+
+
+def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
+    """The prompt with `shots` (whole conversations) as earlier turns, after the prompt's system message(s)."""
+    system = [m for m in prompt if m.get("role") == "system"]
+    turns = [m for shot in shots for m in shot if m.get("role") != "system"]
+    return system + turns + [m for m in prompt if m.get("role") != "system"]
+
+
+def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train_conversations: list[list[dict]],
+                   cfg, base_model=None) -> EvalResult:
+    """Score base zero-shot, base few-shot and tuned on the first `cfg.max_examples` eval conversations (greedy).
+
+    `model` is a PeftModel (the base is the same weights with the adapter disabled) or a full model with
+    `base_model` given; with neither there is no base to compare and only `tuned` is scored.
+    """
+    examples = [pair for conv in eval_conversations if (pair := split_conversation(conv)) and pair[0]]
+    examples = examples[: cfg.max_examples]
+    if not examples:
+        raise FinetuneError("evaluation: no held-out conversation has a prompt followed by an assistant answer; "
+                            "each eval row needs at least a user message and the assistant's reply")
+    base = _base_context(model, base_model)
+    if base is None:
+        print("Evaluation: a full model without its base model given; scoring the tuned model only.")
+    shots = _pick_shots(train_conversations, cfg.fewshot_k, {json.dumps(p) for p, _ in examples})
+    limit = _context_limit(model, tokenizer) - cfg.max_new_tokens
+    runs = {"tuned": (contextlib.nullcontext(model), [p for p, _ in examples])}
+    if base is not None:
+        runs["base"] = (base, [p for p, _ in examples])
+        if shots:
+            runs["fewshot"] = (_base_context(model, base_model),
+                               [_fit(tokenizer, fewshot_prompt(p, shots), p, shots, limit) for p, _ in examples])
+    references = [ref for _, ref in examples]
+    metrics: dict[str, float] = {"eval/n_examples": float(len(examples))}
+    rows = [{"system": "\n".join(text_of(m["content"]) for m in p if m.get("role") == "system"),
+             "prompt": _render(p), "reference": ref} for p, ref in examples]
+    contenders = [c for c in CONTENDERS if c in runs]
+    for name in contenders:
+        context, prompts = runs[name]
+        with context as contender:
+            answers, nll, n_tokens = _answer_all(contender, tokenizer, prompts, references, cfg, name)
+        structured = cfg.output_format == "json" or cfg.json_schema is not None
+        totals, per_example = score(answers, references, cfg.json_schema, structured)
+        loss = nll / max(n_tokens, 1)
+        totals.update(loss=loss, perplexity=math.exp(min(loss, 50.0)))
+        metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
+        for i, row in enumerate(rows):
+            row[f"{name}_answer"] = answers[i]
+            row.update({f"{name}_{m}": per_example[m][i] for m in TABLE_METRICS if m in per_example})
+    digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:12]
+    return EvalResult(metrics, rows, contenders, shots if "fewshot" in runs else [], digest)
+
+
+def log_evaluation(result: EvalResult) -> None:
+    """Log metrics, the per-example table, the few-shot examples and the comparison chart into the active run."""
+    import mlflow
+    import pandas as pd
+
+    run = mlflow.active_run()
+    if run is None:
+        raise FinetuneError("log_evaluation needs an active MLflow run (mlflow.start_run())")
+    log_results(result.metrics)
+    mlflow.set_tag(tags.EVAL_DATA_DIGEST, result.data_digest)
+    # log_table appends to an existing file: a second evaluation in the same run gets its own file.
+    mlflow.log_table(pd.DataFrame(result.rows), _free_name(run.info.run_id, TABLE_FILE))
+    if result.fewshot_examples:
+        mlflow.log_dict({"examples": result.fewshot_examples}, SHOTS_FILE)
+    mlflow.log_figure(comparison_figure(result.metrics), CHART_FILE)
+
+
+def comparison_figure(metrics: dict[str, float]):
+    """Grouped bars of the [0, 1] scores and of the reference loss, one colour per contender."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    contenders = [c for c in CONTENDERS if any(k.startswith(f"eval/{c}/") for k in metrics)]
+    names = [m for m in CHART_METRICS if any(f"eval/{c}/{m}" in metrics for c in contenders)]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_scores, ax_loss = fig.subplots(1, 2, width_ratios=[4, 1])
+    width = 0.8 / max(len(contenders), 1)
+    for i, c in enumerate(contenders):
+        xs = [j + i * width for j in range(len(names))]
+        bars = ax_scores.bar(xs, [metrics.get(f"eval/{c}/{m}", 0.0) for m in names], width, label=c)
+        ax_scores.bar_label(bars, fmt="%.2f", fontsize=7)
+        bars = ax_loss.bar([i], [metrics.get(f"eval/{c}/loss", 0.0)], 0.8, label=c)
+        ax_loss.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax_scores.set_xticks([j + width * (len(contenders) - 1) / 2 for j in range(len(names))], names)
+    ax_scores.set_ylim(0, 1)
+    ax_scores.set_title("answer quality (higher is better)", fontsize="medium")
+    ax_scores.legend()
+    ax_loss.set_xticks(range(len(contenders)), contenders)
+    ax_loss.set_title("loss (lower is better)", fontsize="medium")
+    return fig
+
+
+def _base_context(model, base_model):
+    """A context giving the base model, or None when there is none to compare against."""
+    if base_model is not None:
+        return contextlib.nullcontext(base_model)
+    if hasattr(model, "disable_adapter"):
+        return _adapter_disabled(model)
+    return None
+
+
+@contextlib.contextmanager
+def _adapter_disabled(model):
+    with model.disable_adapter():
+        yield model
+
+
+def _answer_all(model, tokenizer, prompts, references, cfg, name):
+    """Greedy answers to every prompt and the summed NLL of every reference, in batches, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from mlflow_finetune_plugin.logged_model import LoadedModel
+
+    was_training = model.training
+    model.eval()
+    loaded = LoadedModel(model, tokenizer, {})
+    # Prompts of similar length share a batch, so little of it is padding. Longest first: a batch size too large
+    # for memory fails in the first batch, not the last.
+    order = sorted(range(len(prompts)), key=lambda i: -_n_tokens(tokenizer, prompts[i]))
+    answers, nll, n_tokens = [""] * len(prompts), 0.0, 0
+    try:
+        with tqdm(total=len(prompts), desc=f"eval {name}", unit="example") as progress:
+            for start in range(0, len(order), cfg.batch_size):
+                batch = order[start: start + cfg.batch_size]
+                batch_answers, total, count = answer_and_score(
+                    loaded, [prompts[i] for i in batch], [references[i] for i in batch], cfg.max_new_tokens)
+                for i, answer in zip(batch, batch_answers):
+                    answers[i] = answer
+                nll, n_tokens = nll + total, n_tokens + count
+                progress.update(len(batch))
+    finally:
+        model.train(was_training)
+    return answers, nll, n_tokens
+
+
+def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
+                     max_new_tokens: int) -> tuple[list[str], float, int]:
+    """Greedy answers to `prompts` (as `generate_greedy_batch` gives them) and the summed NLL of the `references`
+    with their token count, sharing one pass over the prompts.
+
+    The left-padded prompts followed by the right-padded references go through the model once: the references'
+    log-probabilities come from that pass (the LM head applied to the reference positions only), and generation
+    continues from its KV cache cut back to the prompts. Scoring the references apart cost a second pass over the
+    prompts, which for few-shot prompts are most of the tokens. The prompts' common start (system prompt, shots)
+    is computed once for the batch. Models whose cache cannot be cut back that way
+    (sliding-window layers) take the two passes; prefix and prompt tuning answer one prompt at a time.
+    """
+    import torch
+
+    from mlflow_finetune_plugin.logged_model import generate, generate_greedy_batch
+
+    model, tok = loaded.model, loaded.tokenizer
+    if _virtual_tokens(model):
+        # Left padding would sit between the virtual tokens and the prompt and shift their distance (the answers
+        # then differ from unpadded ones): one prompt at a time.
+        answers = [generate(loaded, p, max_new_tokens=max_new_tokens) for p in prompts]
+        return answers, *_reference_nll(model, tok, prompts, references)
+    pairs = [_reference_ids(tok, p, r) for p, r in zip(prompts, references)]
+    if not _shares_prefill(model) or not all(p for p, _ in pairs):
+        return (generate_greedy_batch(loaded, prompts, max_new_tokens),
+                *_reference_nll(model, tok, prompts, references))
+    device = model.device
+    # The prompts' common start (the system prompt and, for few-shot prompts, every shot) goes through the model
+    # once, as one row; every row's own part follows it, left-padded there, so each token keeps the position it has
+    # unpadded (positions count the real tokens only, as `generate` counts them).
+    shared = _common_prefix([p for p, _ in pairs])
+    shared = shared if len(shared) >= MIN_SHARED_PREFIX else []
+    pairs = [(p[len(shared):], c) for p, c in pairs]
+    width, ref_width = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
+    ids = torch.full((len(pairs), width + ref_width), tok.pad_token_id)
+    mask, scored = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    for row, (prompt_ids, completion_ids) in enumerate(pairs):
+        ids[row, width - len(prompt_ids): width + len(completion_ids)] = torch.tensor(prompt_ids + completion_ids)
+        mask[row, width - len(prompt_ids): width + len(completion_ids)] = 1
+        scored[row, width: width + len(completion_ids)] = True
+    positions = (len(shared) + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        cache = None
+        if shared:
+            cache = model(input_ids=torch.tensor([shared], device=device), use_cache=True,
+                          logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(pairs))
+        mask = torch.cat([torch.ones((len(pairs), len(shared)), dtype=mask.dtype), mask], dim=1)
+        ids = torch.cat([torch.tensor([shared] * len(pairs), dtype=ids.dtype).reshape(len(pairs), -1), ids], dim=1)
+        out = model(input_ids=ids[:, len(shared):].to(device), attention_mask=mask.to(device),
+                    position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=ref_width + 1)
+        total, count = 0.0, int(scored.sum())
+        if count:
+            # logits[:, j] (the row's position width - 1 + j) predicts the token at width + j.
+            logits, targets = out.logits[:, :-1], ids[:, len(shared) + width:].to(device)
+            keep = scored[:, width:].to(device)
+            total = float(torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"))
+        cache = out.past_key_values
+        del out
+        cache.crop(-(ref_width + 1))  # the prompts without their last token, which generation feeds in next
+        prompt_end = len(shared) + width
+        generated = model.generate(input_ids=ids[:, :prompt_end].to(device),
+                                   attention_mask=mask[:, :prompt_end].to(device), past_key_values=cache,
+                                   max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
+                                   do_sample=False)
+    # Rows that end early are filled with padding, which decoding drops with the other special tokens.
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in generated[:, prompt_end:]], total, count
+
+
+# Prompts sharing at least this many leading tokens compute them once (see `answer_and_score`).
+MIN_SHARED_PREFIX = 16
+
+
+def _common_prefix(rows: list[list[int]]) -> list[int]:
+    """The longest common start of `rows`, leaving every row at least one token of its own."""
+    limit = min(len(r) for r in rows) - 1
+    first, n = rows[0], 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return first[:n]
+
+
+def _virtual_tokens(model) -> bool:
+    """Prefix and prompt tuning: trained virtual tokens ahead of every input (in the KV cache, or the embeddings)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    return peft_config is not None and peft_config.is_prompt_learning
+
+
+def _shares_prefill(model) -> bool:
+    """Whether `answer_and_score` can reuse the scoring pass's cache for generation (see there)."""
+    import inspect
+
+    if _virtual_tokens(model):
+        return False
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or getattr(config, "sliding_window", None):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _reference_nll(model, tokenizer, prompts: list[list[dict]], references: list[str]) -> tuple[float, int]:
+    """Summed negative log-likelihood of the reference answers' tokens (and the template's end of turn) and their
+    count, scored as one right-padded batch."""
+    import torch
+
+    from mlflow_finetune_plugin.evaluate.preferences import completion_logps
+
+    pairs = [_reference_ids(tokenizer, p, r) for p, r in zip(prompts, references)]
+    pairs = [(p, c) for p, c in pairs if p and c]
+    if not pairs:
+        return 0.0, 0
+    width = max(len(p) + len(c) for p, c in pairs)
+    # Right padding keeps every real token at the position it has unpadded; padding is masked and never scored.
+    ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
+    scored, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for row, (prompt_ids, completion_ids) in enumerate(pairs):
+        end = len(prompt_ids) + len(completion_ids)
+        ids[row, :end] = torch.tensor(prompt_ids + completion_ids)
+        scored[row, len(prompt_ids): end] = 1
+        mask[row, :end] = 1
+    with torch.no_grad():
+        logps = completion_logps(model, ids, mask, scored)
+    return float(-logps.sum()), int(scored.sum())
+
+
+def _reference_ids(tokenizer, prompt: list[dict], reference: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (with the generation prompt) and of the reference answer as the template ends it."""
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reference}], tokenize=False)
+    # Templates that render the last turn differently (e.g. strip reasoning) fall back to the answer + EOS.
+    completion = (full_text[len(prompt_text):] if full_text.startswith(prompt_text)
+                  else reference + (tokenizer.eos_token or ""))
+    return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+            tokenizer(completion, add_special_tokens=False)["input_ids"])
+
+
+def _pick_shots(train_conversations, k: int, exclude: set[str]) -> list[list[dict]]:
+    """k train conversations (seeded, so every run of a recipe sees the same), none equal to an eval prompt."""
+    if k <= 0:
+        return []
+    pool = [conv for conv in train_conversations
+            if (pair := split_conversation(conv)) and pair[0] and json.dumps(pair[0]) not in exclude]
+    return random.Random(0).sample(pool, min(k, len(pool)))
+
+
+def _fit(tokenizer, messages, prompt, shots, limit: int) -> list[dict]:
+    """Drop shots until the few-shot prompt leaves room for the answer in the model's context."""
+    while shots and _n_tokens(tokenizer, messages) > limit:
+        shots = shots[:-1]
+        messages = fewshot_prompt(prompt, shots)
+    return messages
+
+
+def _n_tokens(tokenizer, messages) -> int:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _context_limit(model, tokenizer) -> int:
+    config = getattr(model, "config", None)
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    return min((n for n in limits if isinstance(n, int) and 0 < n < 10**8), default=4096)
+
+
+def _render(prompt: list[dict]) -> str:
+    turns = [m for m in prompt if m.get("role") != "system"]
+    if len(turns) == 1:
+        return text_of(turns[0].get("content"))
+    return "\n".join(f"{m.get('role')}: {text_of(m.get('content'))}" for m in turns)
+
+
+def _free_name(run_id: str, path: str) -> str:
+    """`path`, or `<stem>-2<suffix>`, ... when the run already has an artifact there."""
+    import mlflow
+
+    folder, _, file = path.rpartition("/")
+    stem, dot, suffix = file.rpartition(".")
+    taken = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder or None)}
+    n, candidate = 1, path
+    while candidate in taken:
+        n += 1
+        candidate = f"{folder}/{stem}-{n}{dot}{suffix}" if folder else f"{stem}-{n}{dot}{suffix}"
+    return candidate
+
+
+def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str | None = None,
+                       run_id: str | None = None, **overrides) -> tuple[EvalResult, str]:
+    """Evaluate a logged model (e.g. `models:/support-bot@challenger`) and log into `run_id` or a new run.
+
+    Data and eval settings default to the recipe of the model's source run; `overrides` are EvalConfig fields.
+    Returns the result and the run id it was logged in.
+    """
+    import mlflow
+
+    from mlflow_finetune_plugin.config.recipe import EvalConfig
+    from mlflow_finetune_plugin.logged_model import load_logged_base, load_logged_model
+    from mlflow_finetune_plugin.registry.versions import resolve_model_uri, source_recipe
+
+    name, version, source_run = resolve_model_uri(model_uri)
+    recipe = source_recipe(source_run) or {}
+    data_cfg = recipe.get("data") or {}
+    try:
+        cfg = EvalConfig.model_validate({**(recipe.get("eval") or {}),
+                                         **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as e:
+        raise FinetuneError(f"evaluation settings: {e}") from None
+    eval_convs = _eval_conversations(data, recipe, source_run)
+    train_path = train_data or data_cfg.get("train")
+    train_convs = []
+    if cfg.fewshot_k and train_path and _exists(train_path):
+        train_convs = read_conversations(train_path, data_cfg.get("system_prompt"), data_cfg.get("columns"),
+                                         data_cfg.get("tags"))
+    elif cfg.fewshot_k:
+        print(f"No train data for few-shot examples ({train_path or 'none recorded'}); pass --train FILE. "
+              "Skipping the few-shot contender.")
+    loaded = load_logged_model(mlflow.artifacts.download_artifacts(model_uri))
+    base_model = None
+    if not hasattr(loaded.model, "disable_adapter") and loaded.config.get("base_model"):
+        base_model = load_logged_base(loaded.config, loaded.model.dtype).to(loaded.model.device)
+    result = run_evaluation(loaded.model, loaded.tokenizer, eval_convs, train_convs, cfg, base_model=base_model)
+    experiment_id = mlflow.MlflowClient().get_run(source_run).info.experiment_id if source_run and not run_id else None
+    label = f"{name} v{version}" if name else model_uri
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
+                          run_name=None if run_id else f"eval {label}") as run:
+        mlflow.set_tags({tags.EVALUATED_MODEL: model_uri, **(
+            {tags.EVALUATED_NAME: name, tags.EVALUATED_VERSION: version} if name else {})})
+        log_evaluation(result)
+    return result, run.info.run_id
+
+
+def read_conversations(path: str, system_prompt: str | None = None, columns: dict | None = None,
+                       tags: dict | None = None) -> list[list[dict]]:
+    """Chat conversations from a data file (or `hf:` dataset) in any format training reads, through the same reader,
+    validation and column/tag mapping (`data.load_training_dataset`); preference rows are scored against `chosen`."""
+    from mlflow_finetune_plugin.data.read import load_training_dataset
+
+    rows, _ = load_training_dataset(path, "auto", system_prompt, columns, tags)
+    return conversations(rows)
+
+
+# The format a row is read in when its keys fit several: a whole conversation first, then a prompt with its answer.
+_ROW_FORMAT_ORDER = ("chat", "sharegpt", "prompt_completion", "preference", "alpaca")
+
+
+def conversations(rows) -> list[list[dict]]:
+    """Chat conversations from dataset rows (a `datasets.Dataset` as `data.load_training_dataset` returns it, or
+    dicts in any training format), each converted by the data layer's `data_formats.to_messages` in the format its
+    keys name: preference rows are scored against `chosen`; a prompt_only row is its prompt alone (nothing to score).
+    """
+    from mlflow_finetune_plugin.data.formats import expected_keys, row_formats, sharegpt_tags, to_messages
+
+    role_tags = sharegpt_tags()
+    out = []
+    for i, row in enumerate(rows):
+        found = row_formats(row, role_tags) if isinstance(row, dict) else []
+        if not found:
+            raise FinetuneError(f"row {i}: expected a chat row ({{'messages': [...]}}) or a row of another training "
+                                f"format; the keys of each: {expected_keys()}")
+        out.append(to_messages(row, next((f for f in _ROW_FORMAT_ORDER if f in found), found[0])))
+    return out
+
+
+def trained_system_prompt(rows, configured: str | None = None) -> str | None:
+    """The system prompt a model trained on `rows` expects: `configured` (the recipe's, added to every row lacking
+    one) if set, else the most common leading system message, where "none" is a candidate too, so data mostly
+    without one gives None. Logged with the model so the playground can start from what the model was trained with."""
+    from collections import Counter
+
+    if configured:
+        return configured
+    counts = Counter((text_of(conv[0].get("content")) or None) if conv and conv[0].get("role") == "system" else None
+                     for conv in conversations(rows))
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _eval_conversations(data: str | None, recipe: dict, source_run: str | None) -> list[list[dict]]:
+    """--data, else the source run's eval file, else its held-out split of the train file rebuilt (same seed)."""
+    data_cfg = recipe.get("data") or {}
+    mapping = {"system_prompt": data_cfg.get("system_prompt"), "columns": data_cfg.get("columns"),
+               "tags": data_cfg.get("tags")}
+    if data:
+        return read_conversations(data, **mapping)
+    recorded = data_cfg.get("eval")
+    if recorded and _exists(recorded):
+        return read_conversations(recorded, **mapping)
+    train, split = data_cfg.get("train"), data_cfg.get("eval_split") or 0
+    if not recorded and split > 0 and train and _exists(train):
+        from datasets import Dataset
+
+        from mlflow_finetune_plugin.data.splits import hold_out
+
+        convs = read_conversations(train, **mapping)[: data_cfg.get("max_rows") or None]
+        seed = (recipe.get("train") or {}).get("seed", 42)
+        # training's own split, on row numbers: the same rows as the run held out
+        _, held_out = hold_out(Dataset.from_dict({"i": list(range(len(convs)))}), split, seed)
+        return [convs[i] for i in held_out["i"]]
+    where = f"run {source_run}" if source_run else "this model"
+    raise FinetuneError(f"no eval data: {where} records {recorded or 'no eval file'}"
+                        f"{' (not on this machine)' if recorded else ''}. Pass --data path/to/eval.jsonl")
+
+
+def _exists(path: str) -> bool:
+    """A local file, or a Hugging Face dataset (`hf:`), which `datasets` loads or explains."""
+    from pathlib import Path
+
+    return path.startswith("hf:") or Path(path).is_file()

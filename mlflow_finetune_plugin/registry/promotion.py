@@ -1,0 +1,310 @@
+"""Promotion: a version gets the champion alias only when it beats what it would replace.
+
+Gates (`registry.promote_if` in the recipe, or `--gate` on the command line) compare the version's
+`eval/tuned/<metric>` with `eval/base/<metric>` and `eval/fewshot/<metric>` of its own source run, and with the
+current champion's `eval/tuned/<metric>` from the champion's source run. The `arena_above` gate compares arena
+ratings from the playground's votes instead: the version's 95% interval must lie above the other's. `--force` moves
+the alias anyway and records who did it, when and why on the version.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import os
+import re
+from dataclasses import dataclass, field
+
+from mlflow import MlflowClient
+
+from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin.config.recipe import RegistryConfig
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.metrics import format_table, lower_is_better
+from mlflow_finetune_plugin.registry import versions as registry
+
+Gate = RegistryConfig.Gate
+SAME_RUN = ("base", "fewshot")
+ARENA_GATE = "arena_above"  # pseudo-metric: arena ratings from playground votes, not an eval metric
+
+
+@dataclass
+class GateCheck:
+    metric: str
+    against: str            # base | fewshot | champion | @alias | version
+    mode: str               # max | min
+    margin: float
+    tuned: float | None
+    other: float | None
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class PromotionResult:
+    name: str
+    version: str
+    alias: str
+    checks: list[GateCheck] = field(default_factory=list)
+    promoted: bool = False
+    forced: bool = False
+    previous: str | None = None     # the version that held the alias before
+    message: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def report(self) -> str:
+        """The comparison and the outcome, as printed by `mlflow-finetune promote`."""
+        holder = f"v{self.previous}" if self.previous else "nobody"
+        head = f"Promotion of {self.name} v{self.version} to @{self.alias} (held by {holder})"
+        rows = [[c.metric, c.against, c.mode, f"{c.margin:g}", c.tuned, c.other,
+                 "pass" if c.passed else "FAIL", c.note] for c in self.checks]
+        table = format_table(["metric", "against", "mode", "margin", "tuned", "other", "result", "note"],
+                                      rows) if rows else "no gates"
+        return "\n".join(x for x in (head, table, self.message) if x)
+
+
+def parse_gate(text: str) -> Gate:
+    """`METRIC[:MARGIN[:BEATS]]`, BEATS comma-separated (default base,fewshot,champion): `rougeL:0.01`,
+    `loss`, `token_f1:0:base,champion`. Lower is better for loss and perplexity. Arena ratings from playground votes:
+    `arena_above:BEATS[:MARGIN]`, e.g. `arena_above:champion`, `arena_above:base,champion:25` (MARGIN in Elo points).
+    A limit on the version's own metric: `forgetting/ppl_ratio<=1.2`, `rougeL>=0.3` (see `limit_key`)."""
+    limit = re.fullmatch(r"\s*([^<>=:\s]+)\s*(<=|>=)\s*(\S*)\s*", text)
+    if limit:  # `METRIC<=LIMIT`, `METRIC>=LIMIT`: the version's own metric within a limit
+        return _limit_gate(text, *limit.groups())
+    parts = text.split(":")
+    if parts[0] == ARENA_GATE:  # `arena_above:BEATS[:MARGIN]` reads as what it checks
+        if len(parts) not in (2, 3) or not parts[1]:
+            raise FinetuneError(f"--gate {text!r}: expected {ARENA_GATE}:BEATS[:MARGIN], e.g. {ARENA_GATE}:champion "
+                                "(MARGIN: Elo points between the two 95% intervals)")
+        parts = [parts[0], parts[2] if len(parts) == 3 else "", parts[1]]
+    if not parts[0] or len(parts) > 3:
+        raise FinetuneError(f"--gate {text!r}: expected METRIC[:MARGIN[:BEATS]], e.g. rougeL:0.01:base,champion")
+    values: dict = {"metric": parts[0]}
+    try:
+        if len(parts) > 1 and parts[1]:
+            values["margin"] = float(parts[1])
+        if len(parts) > 2:
+            values["beats"] = [b.strip() for b in parts[2].split(",") if b.strip()]
+        return Gate(**values)
+    except ValueError as e:
+        raise FinetuneError(f"--gate {text!r}: {e}") from None
+
+
+def _limit_gate(text: str, metric: str, op: str, value: str) -> Gate:
+    try:
+        return Gate(metric=metric, **{"at_most" if op == "<=" else "at_least": float(value)})
+    except ValueError:
+        raise FinetuneError(f"--gate {text!r}: expected METRIC<=NUMBER or METRIC>=NUMBER, e.g. "
+                            "forgetting/ppl_ratio<=1.2") from None
+
+
+def limit_key(metric: str) -> str:
+    """The run metric a limit gate reads: `forgetting/ppl_ratio` (or `eval/forgetting/ppl_ratio`) ->
+    eval/forgetting/ppl_ratio; a name without `/` is the tuned model's: `rougeL` -> eval/tuned/rougeL."""
+    metric = metric.removeprefix("eval/")
+    return f"eval/{metric}" if "/" in metric else f"eval/tuned/{metric}"
+
+
+def _limit_check(gate: Gate, own: dict, own_run: str | None, mv, missing: list) -> GateCheck:
+    """A limit gate (`at_most` / `at_least`) on a metric of the version's own run; compares with no other version."""
+    key = limit_key(gate.metric)
+    value = own.get(key)
+    if value is None:
+        missing.append(f"{key} in run {own_run} (v{mv.version})")
+    bounds = [(op, bound) for op, bound in (("<=", gate.at_most), (">=", gate.at_least)) if bound is not None]
+    passed = value is not None and all(value <= b + 1e-12 if op == "<=" else value >= b - 1e-12 for op, b in bounds)
+    return GateCheck(gate.metric, " and ".join(f"{op} {b:g}" for op, b in bounds),
+                     "min" if gate.at_most is not None else "max", 0.0, value, bounds[0][1], passed,
+                     "" if value is not None else "metric missing")
+
+
+def recipe_gates(name: str, version: str) -> tuple[list[Gate], str]:
+    """The gates and champion alias in the recipe.yaml of the version's source run (defaults if it has none)."""
+    run_id = registry.source_run_id(registry.get_version(name, version))
+    section = (registry.source_recipe(run_id) or {}).get("registry") or {}
+    try:
+        cfg = RegistryConfig.model_validate({k: v for k, v in section.items() if k in RegistryConfig.model_fields})
+    except ValueError as e:
+        raise FinetuneError(f"registry section of the recipe of run {run_id}: {e}") from None
+    return cfg.promote_if, cfg.champion_alias
+
+
+def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple[list[GateCheck], list[str]]:
+    """Every gate against every contender it names; returns the checks and the metrics that are missing."""
+    mv = registry.get_version(name, version)
+    own_run = registry.source_run_id(mv)
+    own = registry.run_metrics(own_run)
+    checks, missing = [], []
+    for gate in gates:
+        if gate.metric == ARENA_GATE:
+            checks += _arena_checks(name, mv, gate, alias)
+            continue
+        if gate.at_most is not None or gate.at_least is not None:
+            checks.append(_limit_check(gate, own, own_run, mv, missing))
+            continue
+        mode = gate.mode or ("min" if lower_is_better(gate.metric) else "max")
+        tuned = own.get(f"eval/tuned/{gate.metric}")
+        if tuned is None:
+            missing.append(f"eval/tuned/{gate.metric} in run {own_run} (v{mv.version})")
+        for against in gate.beats:
+            other, note = _other_value(name, mv, against, alias, gate.metric, own, missing)
+            passed = note.startswith("pass") or (
+                tuned is not None and other is not None
+                and (tuned - other if mode == "max" else other - tuned) >= gate.margin - 1e-12)
+            if not passed and (tuned is None or other is None):
+                note = ", ".join(x for x in (note, "metric missing") if x)
+            checks.append(GateCheck(gate.metric, against, mode, gate.margin, tuned, other, passed,
+                                    note.removeprefix("pass: ")))
+    return checks, missing
+
+
+def promote(name: str, version: str, alias: str | None = None, gates: list[Gate] | None = None,
+            force: bool = False, reason: str | None = None, user: str | None = None) -> PromotionResult:
+    """Move `alias` (default: the recipe's champion alias) to `version` when every gate passes, or when forced.
+
+    Refuses (FinetuneError) when the version lacks lineage tags or metrics a gate needs, unless forced.
+    """
+    if force and not (reason or "").strip():
+        raise FinetuneError("--force needs --reason TEXT: say why the gates are overridden (it is recorded)")
+    mv = registry.get_version(name, version)
+    if gates is None or alias is None:
+        recorded_gates, recorded_alias = recipe_gates(name, mv.version)
+        alias = alias or recorded_alias
+        gates = recorded_gates if gates is None else gates
+    previous = registry.alias_holder(name, alias)
+    version = str(mv.version)  # stores answer int or str
+    result = PromotionResult(name, version, alias, forced=force,
+                             previous=str(previous.version) if previous else None)
+    result.checks, missing = check_gates(name, version, gates, alias)
+    lineage = registry.missing_lineage(mv)
+    if (missing or lineage) and not force:
+        problems = [f"missing metric {m}" for m in missing] + [f"missing lineage tag {t}" for t in lineage]
+        raise FinetuneError(
+            f"cannot check the gates of {name} v{mv.version}:\n" + "\n".join("  - " + p for p in problems) +
+            f"\nEvaluate it into its source run (`mlflow-finetune evaluate models:/{name}/{mv.version} --run-id "
+            f"{registry.source_run_id(mv)}`), drop the gate (--gate), or override with --force --reason TEXT.")
+    if result.previous == version:
+        result.message = f"=> v{mv.version} already holds @{alias}; nothing to move"
+        return result
+    if not (result.passed or force):
+        result.message = f"=> gates failed: @{alias} stays on {_v(result.previous)}"
+        return result
+    _move_alias(name, version, alias, result, reason, user)
+    return result
+
+
+def maybe_auto_promote(name: str, version: str, recipe) -> PromotionResult | None:
+    """At the end of a run: promote with the recipe's gates when `registry.auto_promote` is on; None when off.
+
+    Never raises for a refusal: the run's work is done, the refusal is printed and returned.
+    """
+    import mlflow
+
+    cfg = recipe.registry
+    if not cfg.auto_promote:
+        return None
+    result = PromotionResult(name, str(version), cfg.champion_alias)
+    if not cfg.promote_if:
+        result.message = ("=> not promoted: registry.auto_promote needs gates in registry.promote_if "
+                          "(auto-promoting without any would move the champion on every run)")
+    else:
+        try:
+            result = promote(name, str(version), cfg.champion_alias, cfg.promote_if, user=f"{_user()} (auto_promote)")
+        except FinetuneError as e:
+            result.message = f"=> not promoted: {e}"
+    print(result.report())
+    if mlflow.active_run():
+        mlflow.set_tag(tags.AUTO_PROMOTED, str(result.promoted).lower())
+    return result
+
+
+def _other_value(name, mv, against: str, alias: str, metric: str, own: dict, missing: list) -> tuple:
+    """(value to beat, note); a note starting with 'pass' decides the check without a value."""
+    if against in SAME_RUN:
+        key = f"eval/{against}/{metric}"
+        if key not in own:
+            missing.append(f"{key} in run {registry.source_run_id(mv)} (v{mv.version})")
+        return own.get(key), ""
+    ref = "@" + alias if against == "champion" else against
+    if not (ref.startswith("@") or ref.lstrip("vV").isdigit()):
+        raise FinetuneError(f"gate on {metric}: cannot beat {against!r}; use base, fewshot, champion, "
+                            "@ALIAS or a version number")
+    other = registry.alias_holder(name, ref[1:]) if ref.startswith("@") else registry.get_version(name, ref)
+    if other is None:
+        return None, f"pass: no {ref} yet"
+    if str(other.version) == str(mv.version):
+        return None, f"pass: v{mv.version} is {ref}"
+    run_id = registry.source_run_id(other)
+    value = registry.run_metrics(run_id).get(f"eval/tuned/{metric}")
+    if value is None:
+        missing.append(f"eval/tuned/{metric} in run {run_id} ({ref} = v{other.version})")
+    # Scores on different eval sets do not compare; say so rather than refuse (the data may have been fixed).
+    digests = {_run_tag(r, tags.EVAL_DATA_DIGEST) for r in (registry.source_run_id(mv), run_id)}
+    return value, f"v{other.version}" + (", different eval data" if len(digests) > 1 else "")
+
+
+def _arena_checks(name: str, mv, gate: Gate, alias: str) -> list[GateCheck]:
+    """The version's arena rating (votes on `name` in the playground's experiment) against each contender in
+    `gate.beats`: passes when its 95% interval lies above theirs by `gate.margin` Elo points, each with enough votes."""
+    from mlflow_finetune_plugin.arena import votes
+
+    board = votes.ratings(votes.read_votes(name))
+    own = f"{name}/{mv.version}"  # the playground's model keys
+    checks = []
+    for against in gate.beats:
+        if against == "fewshot":
+            raise FinetuneError(f"gate {ARENA_GATE}: no votes are cast on few-shot prompts; beats takes champion, "
+                                f"base, @ALIAS or a version, e.g. --gate {ARENA_GATE}:champion")
+        ref = "@" + alias if against == "champion" else against
+        other = None if against == "base" else (registry.alias_holder(name, ref[1:]) if ref.startswith("@")
+                                                 else registry.get_version(name, ref))
+        if against != "base" and (other is None or str(other.version) == str(mv.version)):
+            note = f"no {ref} yet" if other is None else f"v{mv.version} is {ref}"
+            checks.append(GateCheck(ARENA_GATE, against, "max", gate.margin, None, None, True, note))
+            continue
+        key = f"{own}:base" if against == "base" else f"{name}/{other.version}"
+        mine, theirs = board.get(own), board.get(key)
+        gap = mine.lower - theirs.upper if mine and theirs else None
+        if gap is None or board.too_few(mine) or board.too_few(theirs) or gap <= 0:
+            passed, note = False, board.separation(own, key)[1]
+        else:
+            passed = gap >= gate.margin - 1e-9
+            note = f"{mine.interval} above {key}'s {theirs.interval}" + ("" if passed else f" by only {gap:.0f}")
+        checks.append(GateCheck(ARENA_GATE, against, "max", gate.margin, mine and round(mine.rating),
+                                theirs and round(theirs.rating), passed, note))
+    return checks
+
+
+def _run_tag(run_id: str | None, key: str) -> str | None:
+    return MlflowClient().get_run(run_id).data.tags.get(key) if run_id else None
+
+
+def _move_alias(name: str, version: str, alias: str, result: PromotionResult, reason, user) -> None:
+    client = MlflowClient()
+    who, when = user or _user(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    client.set_registered_model_alias(name, alias, version)
+    record = {tags.PROMOTED_ALIAS: alias, tags.PROMOTED_BY: who, tags.PROMOTED_AT: when,
+              tags.PROMOTED_FROM: result.previous or ""}
+    if result.forced:
+        failed = [f"{c.metric} vs {c.against}" for c in result.checks if not c.passed]
+        record.update({tags.FORCED_BY: who, tags.FORCED_AT: when, tags.FORCED_REASON: reason,
+                       tags.FORCED_GATES_FAILED: "; ".join(failed) or "none"})
+    for key, value in record.items():
+        client.set_model_version_tag(name, version, key, value)
+    result.promoted = True
+    forced = f" FORCED by {who}: {reason}" if result.forced else ""
+    result.message = f"=> @{alias} moved from {_v(result.previous)} to v{version}{forced}"
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "nobody"
+
+
+def _user() -> str:
+    try:
+        return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

@@ -1,0 +1,221 @@
+"""What the playground does, without the page: validate input, stream two answers, remember comparisons, log votes,
+rate the versions from them, promote. `app.py` lays it out in Gradio; the scriptable endpoints call the same methods."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from mlflow_finetune_plugin.arena.votes import EXPERIMENT, Comparison
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.messages import text_of
+from mlflow_finetune_plugin.serving.base import (
+    MAX_NEW_TOKENS_CAP,
+    MAX_PROMPT_CHARS,
+    Engine,
+    ModelChoice,
+    Settings,
+    stream_pair,
+)
+
+_KEEP_COMPARISONS = 2000  # votable comparisons kept in memory (the oldest are forgotten first)
+_STREAM_EVERY_S = 0.05    # at most this often a streamed update goes to the page
+
+
+class Playground:
+    """Two registry models answering the same prompts side by side, served by one engine."""
+
+    def __init__(self, engine: Engine, model: ModelChoice, against: ModelChoice, experiment: str = EXPERIMENT,
+                 max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP, max_prompt_chars: int = MAX_PROMPT_CHARS,
+                 blind: bool = False):
+        self.engine = engine
+        self.default_a, self.default_b = model.key, against.key
+        self.names = list(dict.fromkeys([model.name, against.name]))
+        self.experiment = experiment
+        self.max_new_tokens_cap = max_new_tokens_cap
+        self.max_prompt_chars = max_prompt_chars
+        self.blind_default = blind
+        self._comparisons: OrderedDict[str, Comparison] = OrderedDict()
+        self._voted: set[str] = set()
+        self._lock = threading.Lock()
+        self._system_prompts: dict[str, tuple[str, str]] = {}  # key -> (trained system prompt, where it was found)
+
+    # ------------------------------------------------------------------------------------------- model choices
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, key) for every version and base model the pickers may offer, read from the registry now."""
+        from mlflow_finetune_plugin.serving.choices import picker_choices
+
+        listed = [c for name in self.names for c in picker_choices(name)]
+        keys = {key for _, key in listed}
+        # Pickers list one base entry per base model; the base of another version may be a default side.
+        return listed + [(self.label(k), k) for k in dict.fromkeys([self.default_a, self.default_b]) if k not in keys]
+
+    def resolve(self, key: str | None, default: str) -> ModelChoice:
+        """A picker value as a model choice; only registry versions of this playground's models are accepted."""
+        from mlflow_finetune_plugin.registry import versions as registry
+
+        choice = ModelChoice.from_key(key or default)
+        if choice.name not in self.names:
+            raise FinetuneError(f"{choice.key} is not a model of this playground; pick a version of "
+                                f"{' or '.join(self.names)}")
+        registry.get_version(choice.name, choice.version)  # raises, listing what exists, for unknown versions
+        return choice
+
+    def label(self, key: str) -> str:
+        from mlflow_finetune_plugin.serving.choices import describe
+
+        return describe(ModelChoice.from_key(key))
+
+    # ----------------------------------------------------------------------------------------- system prompt
+    def trained_system_prompt(self, key: str | None) -> tuple[str, str]:
+        """(system prompt, where it was found) version `key` (empty: model A) was trained with; ("", "") for a base
+        model or a version trained without one."""
+        from mlflow_finetune_plugin.serving.choices import trained_system_prompt
+
+        choice = self.resolve(key, self.default_a)
+        if choice.key not in self._system_prompts:  # a version's model and run do not change: read them once
+            self._system_prompts[choice.key] = trained_system_prompt(choice)
+        return self._system_prompts[choice.key]
+
+    def prefill(self, key_a: str | None, current: str | None, prefilled: str | None) -> tuple[str, str, str]:
+        """The system prompt box once model A is `key_a`: A's trained system prompt while the box still holds the
+        one pre-filled before (`prefilled`), else the user's edit, kept. Returns (box text, the pre-filled text the
+        next change compares with, a note saying where the text came from)."""
+        try:
+            text, source = self.trained_system_prompt(key_a)
+            label = self.label(key_a or self.default_a)
+        except FinetuneError:  # an unknown pick: sending reports it; the box stays as it is
+            return current or "", prefilled or "", ""
+        if (current or "").strip() == (prefilled or "").strip():
+            note = f"{label} was trained with this system prompt ({source}); edit or clear it." if text else ""
+            return text, text, note
+        if not text or text.strip() == (current or "").strip():
+            return current or "", text, ""
+        trained = " ".join(text.split())  # one line: the note quotes it as a Markdown block quote
+        note = f"Kept your edited system prompt. {label} was trained with this one ({source}):\n\n> {trained}"
+        return current or "", text, note
+
+    # --------------------------------------------------------------------------------------------- answering
+    @property
+    def default_max_new_tokens(self) -> int:
+        return min(128, self.max_new_tokens_cap)
+
+    def settings(self, temperature, top_p, max_new_tokens) -> Settings:
+        return Settings(float(temperature), float(top_p), int(max_new_tokens)).checked(self.max_new_tokens_cap)
+
+    def check_text(self, prompt: str, system_prompt: str = "") -> None:
+        """Refuse empty prompts and input over the playground's length limit."""
+        if not (prompt or "").strip():
+            raise FinetuneError("the prompt is empty: type a question for both models")
+        for what, text in (("prompt", prompt), ("system prompt", system_prompt or "")):
+            if len(text) > self.max_prompt_chars:
+                raise FinetuneError(f"the {what} is {len(text)} characters; the playground takes at most "
+                                    f"{self.max_prompt_chars}")
+
+    @staticmethod
+    def context(system_prompt: str, history: list[dict] | None, prompt: str) -> list[dict]:
+        """The messages one side answers: system prompt, that side's earlier turns, the new prompt."""
+        messages = [{"role": "system", "content": system_prompt}] if (system_prompt or "").strip() else []
+        for m in history or []:
+            if m.get("role") in ("user", "assistant") and not (m.get("metadata") or {}).get("title"):
+                messages.append({"role": m["role"], "content": text_of(m.get("content"))})
+        return messages + [{"role": "user", "content": prompt}]
+
+    @staticmethod
+    def assign(key_a: str, key_b: str, blind: bool) -> list[str]:
+        """Which model goes to the left and right pane: the picked order, or shuffled in blind mode."""
+        sides = [key_a, key_b]
+        if blind:
+            random.shuffle(sides)
+        return sides
+
+    def stream(self, sides: list[str], contexts: list[list[dict]], settings: Settings
+               ) -> Iterator[tuple[list[str], list[str | None]]]:
+        """Both answers as they grow (texts, errors), at most every few tens of milliseconds, then once complete."""
+        choices = [ModelChoice.from_key(k) for k in sides]
+        texts, errors = ["", ""], [None, None]
+        last = 0.0
+        for i, piece, error in stream_pair(self.engine, list(zip(choices, contexts)), settings):
+            texts[i] += piece
+            if error:
+                errors[i] = error
+            now = time.monotonic()
+            if now - last >= _STREAM_EVERY_S:
+                last = now
+                yield texts, errors
+        yield texts, errors
+
+    def remember(self, comparison: Comparison) -> str:
+        """Keep a finished comparison so it can be voted on; returns its id."""
+        with self._lock:
+            self._comparisons[comparison.id] = comparison
+            while len(self._comparisons) > _KEEP_COMPARISONS:
+                self._comparisons.popitem(last=False)
+        return comparison.id
+
+    def compare(self, prompt: str, model_a: str = "", model_b: str = "", system_prompt: str = "",
+                temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int | None = None,
+                blind: bool = False) -> dict:
+        """One whole comparison: both answers, and the id to vote with. A model failing is reported in its side's
+        `error`, not raised; invalid input raises FinetuneError."""
+        self.check_text(prompt, system_prompt)
+        settings = self.settings(temperature, top_p, max_new_tokens or self.default_max_new_tokens)
+        keys = [self.resolve(model_a, self.default_a).key, self.resolve(model_b, self.default_b).key]
+        sides = self.assign(*keys, blind)
+        contexts = [self.context(system_prompt, [], prompt)] * 2
+        *_, (texts, errors) = self.stream(sides, contexts, settings)  # the last update holds both whole answers
+        answers = [t.strip() for t in texts]
+        comparison_id = None
+        if not any(errors):
+            comparison_id = self.remember(Comparison(self.names[0], sides[0], sides[1], contexts[0], contexts[1],
+                                                     answers[0], answers[1], settings.as_dict(), bool(blind)))
+        return {"id": comparison_id, "blind": bool(blind), "settings": settings.as_dict(),
+                **{side: {"answer": answers[i], "error": errors[i], "model": None if blind else sides[i]}
+                   for i, side in enumerate(("a", "b"))}}
+
+    # ------------------------------------------------------------------------------------------------ voting
+    def vote(self, comparison_id: str, verdict: str, user: str | None = None) -> dict:
+        """Log the vote on comparison `comparison_id` to MLflow (once); reveals which model was which."""
+        from mlflow_finetune_plugin.arena.votes import log_vote, normalize_verdict
+
+        verdict = normalize_verdict(verdict)
+        with self._lock:
+            comparison = self._comparisons.get(comparison_id or "")
+            if comparison is None:
+                raise FinetuneError("there is no answer to vote on: compare first (or the comparison is too old)")
+            if comparison_id in self._voted:
+                raise FinetuneError("this comparison has a vote already: ask another question to vote again")
+            self._voted.add(comparison_id)
+        try:
+            run_id = log_vote(comparison, verdict, user=user, experiment=self.experiment)
+        except Exception:
+            with self._lock:
+                self._voted.discard(comparison_id)
+            raise
+        return {"run_id": run_id, "verdict": verdict, "model_a": comparison.model_a,
+                "model_b": comparison.model_b, "label_a": self.label(comparison.model_a),
+                "label_b": self.label(comparison.model_b)}
+
+    def summary(self) -> list[list]:
+        from mlflow_finetune_plugin.arena.votes import summary_rows
+
+        return [row for name in self.names for row in summary_rows(name, self.experiment)]
+
+    def leaderboard(self) -> list[list]:
+        """Arena ratings of the versions voted on here (votes.LEADERBOARD_HEADERS rows), best first."""
+        from mlflow_finetune_plugin.arena.votes import leaderboard_rows, ratings, read_votes
+
+        return leaderboard_rows(ratings([v for name in self.names for v in read_votes(name, self.experiment)]))
+
+    def promote(self, version_key: str, alias: str = "", user: str | None = None) -> str:
+        """The CLI's gated promotion (`mlflow-finetune promote`, the recipe's gates) of a picked version."""
+        from mlflow_finetune_plugin.registry.promotion import promote
+
+        choice = self.resolve(version_key, self.default_a)
+        if choice.base:
+            raise FinetuneError("a base model is not a registered version: pick a version to promote")
+        result = promote(choice.name, choice.version, alias=(alias or "").strip().lstrip("@") or None, user=user)
+        return result.report()

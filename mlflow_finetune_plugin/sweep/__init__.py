@@ -1,0 +1,1 @@
+"""Hyper-parameter sweeps with Optuna: the search space file (`space`) and the study that runs trials (`study`)."""

@@ -1,0 +1,84 @@
+"""The adapter axis: what trains. One module per `adapter.type`, each with the same attributes (no optional hooks):
+
+  ARTIFACT            "adapter" (logged without the base, which is referenced) or "full" (complete weights)
+  PACKING_SAFE        whether packed rows train correctly; NOT_PACKABLE says why not
+  QUANTIZABLE         whether it trains on a 4/8-bit base; NOT_QUANTIZABLE says why not
+  peft_config(cfg, model=None)  the PEFT config (None for `full`)
+  apply(model, cfg)   the base wrapped for training (a PeftModel, or the model itself)
+  vllm_compatible(cfg) -> (bool, reason)  whether vLLM's multi-LoRA serving takes it as it is
+
+The recipe's `adapter:` section (`recipe.LoraAdapter`, ...) is the typed config each module receives.
+"""
+
+from __future__ import annotations
+
+from mlflow_finetune_plugin.train.adapters import bottleneck, full, ia3, lora, prefix, prompt
+
+ADAPTERS = {"lora": lora, "ia3": ia3, "prefix": prefix, "prompt": prompt, "bottleneck": bottleneck, "full": full}
+
+
+def adapter_of(recipe):
+    """The module of the recipe's adapter."""
+    return ADAPTERS[recipe.adapter.type]
+
+
+def combination_problems(recipe) -> list[str]:
+    """The adapter against the other axes: packing and quantization, each refusal with its reason."""
+    module, kind, problems = adapter_of(recipe), recipe.adapter.type, []
+    if recipe.data.packing is True and not module.PACKING_SAFE:
+        problems.append(f"data.packing: true cannot be used with the {kind} adapter: {module.NOT_PACKABLE}. "
+                        "Set data.packing: auto (off for this adapter) or false")
+    if recipe.model.quantization != "none" and not module.QUANTIZABLE:
+        problems.append(f"model.quantization: {recipe.model.quantization} cannot be used with the {kind} adapter: "
+                        f"{module.NOT_QUANTIZABLE}")
+    return problems
+
+
+def attach(model, recipe):
+    """The base wrapped for training: the recipe's adapter, fresh, or the `model.init_adapter` to continue (its own
+    saved configuration replaces `adapter:`). A mixture with `data.adapters: per_task` gets one adapter per task,
+    named after it, in one PeftModel."""
+    import sys
+
+    module = adapter_of(recipe)
+    if recipe.data.tasks and recipe.data.adapters == "per_task":
+        from peft import get_peft_model
+
+        first, *rest = recipe.data.tasks
+        model = get_peft_model(model, module.peft_config(recipe.adapter, model), adapter_name=first)
+        for name in rest:
+            model.add_adapter(name, module.peft_config(recipe.adapter, model))
+        return model
+    if not recipe.model.init_adapter:
+        return module.apply(model, recipe.adapter)
+    from peft import PeftModel
+
+    folder = resolve_adapter(recipe.model.init_adapter)
+    print(f"Continuing the adapter {recipe.model.init_adapter}", file=sys.stderr)
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+
+
+def resolve_adapter(ref: str):
+    """A local PEFT adapter folder for `ref`: an MLflow model URI of a logged adapter, or a folder."""
+    import json
+    from pathlib import Path
+
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    local = Path(ref).expanduser()
+    if not local.exists():
+        import mlflow
+
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+        except Exception as e:  # noqa: BLE001 - MLflow raises several types for a bad URI
+            raise FinetuneError(f"model.init_adapter: cannot resolve {ref!r} ({e}). Give a registered model "
+                                "(models:/NAME@ALIAS or models:/NAME/VERSION) or an adapter folder") from None
+    folder = local / "artifacts" / "adapter" if (local / "artifacts" / "adapter").is_dir() else local
+    config = folder / "adapter_config.json"
+    if not config.exists():
+        raise FinetuneError(f"model.init_adapter: {ref!r} is not a LoRA adapter (no adapter_config.json in {folder}); "
+                            "a full fine-tune is continued by naming it as model.name instead")
+    if json.loads(config.read_text()).get("peft_type") != "LORA":
+        raise FinetuneError(f"model.init_adapter: {ref!r} is not a LoRA adapter; only LoRA adapters are continued")
+    return folder

@@ -1,0 +1,89 @@
+"""DPO: preference tuning on (prompt, chosen, rejected) pairs with TRL's DPOTrainer, on any adapter.
+
+A fresh adapter's reference model is the base (the adapter disabled); continuing an adapter (`model.init_adapter:
+models:/support-bot@champion`, e.g. the SFT version being improved) keeps training it, and a frozen copy of it is
+the reference, as TRL does for a pretrained adapter. Evaluation adds, to the answers scored against the chosen
+ones, how much more likely the starting and the tuned policy make the chosen answer than the rejected one on the
+held-out pairs (`preference_eval.py`). The reference-free objectives (`orpo`, `simpo`) evaluate the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from mlflow_finetune_plugin.tracking import log_results
+from mlflow_finetune_plugin.train.adapters import resolve_adapter
+
+DATA_FORMATS = ("preference",)
+
+
+def check(recipe) -> list[str]:
+    return []
+
+
+def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):
+    """TRL's DPOTrainer; the reference is the base (fresh adapter) or a frozen copy of `init_adapter`."""
+    from trl import DPOConfig, DPOTrainer
+
+    from mlflow_finetune_plugin.train.callbacks import DropReferenceAdapter
+
+    cfg = recipe.dpo
+    config = DPOConfig(**args, beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing,
+                       max_length=recipe.data.max_length)
+
+    return DPOTrainer(model=model, ref_model=None, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer,
+                      callbacks=[*callbacks, DropReferenceAdapter()])
+
+
+def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
+    """The usual evaluation (base, few-shot and tuned answers against the chosen ones), then the chosen-over-rejected
+    log-prob margin and accuracy of the starting and the tuned policy on every held-out pair."""
+
+    from mlflow_finetune_plugin.evaluate.preferences import (
+        preference_margins,
+        preference_metrics,
+        preference_table,
+    )
+    from mlflow_finetune_plugin.train.objectives import sft
+
+    sft.evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model)
+
+    pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in eval_ds]
+
+    def margins():  # batches of train.batch_size pairs, as TRL's own evaluation runs them
+        return preference_margins(model, tokenizer, pairs, recipe.data.max_length, recipe.train.batch_size)
+
+    if base_model is not None:  # a full fine-tune started from the base loaded apart
+        start = preference_margins(base_model, tokenizer, pairs, recipe.data.max_length, recipe.train.batch_size)
+    else:
+        with _starting_policy(model, recipe.model.init_adapter):
+            start = margins()
+    tuned = margins()
+    if not tuned:
+        print("Preference evaluation: no held-out pair fits data.max_length; nothing scored.", file=sys.stderr)
+        return
+    metrics = {**preference_metrics(start, "start"), **preference_metrics(tuned, "tuned")}
+    log_results({**metrics, "eval/n_pairs": float(len(tuned))})
+    print(f"\nHeld-out preference pairs ({len(tuned)}): log p(chosen) - log p(rejected)")
+    print(preference_table(metrics))
+
+
+@contextlib.contextmanager
+def _starting_policy(model, init_adapter: str | None):
+    """The policy training started from: the base (a fresh adapter disabled), or the `init_adapter` weights loaded
+    again beside the tuned adapter (DPO's frozen `ref` copy of them is deleted when training ends, before
+    evaluation; ORPO and SimPO keep none)."""
+    if not init_adapter:
+        with model.disable_adapter():
+            yield
+        return
+    tuned = model.active_adapter
+    model.load_adapter(str(resolve_adapter(init_adapter)), adapter_name="start")
+    model.set_adapter("start", inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(tuned)
+        model.delete_adapter("start")

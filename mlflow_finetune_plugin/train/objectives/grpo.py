@@ -1,0 +1,207 @@
+"""GRPO: reinforcement fine-tuning with verifiable rewards, with TRL's GRPOTrainer, on any adapter.
+
+Data is prompt-only (`prompt_only`: a prompt, and columns such as `answer` for the reward functions). Each step
+samples `grpo.num_generations` completions per prompt, scores them with the recipe's reward functions
+(`rewards.py`: built-ins and the project's own), and moves the policy towards the completions that beat their
+group's mean, held near the base model by the KL term (`grpo.beta`). TRL logs the curves: `reward`,
+`rewards/<fn>/mean`, `kl`, `completions/mean_length`, ... (as `train/<name>` in the run).
+
+Choices made here:
+- No evaluation during training: TRL's GRPO evaluation samples num_generations completions per held-out prompt
+  and scores them, as costly as that many training steps, while the training curves already score fresh samples
+  every step. The held-out rows are scored once at the end (`evaluate`): greedy answers of base, few-shot and tuned.
+- Prompts: TRL 1.16's GRPO has no `max_prompt_length` (it never cuts a prompt). A prompt cut on the left would lose
+  its system message and instruction, so a prompt longer than `data.max_length - grpo.max_completion_length`
+  tokens is left out of training, with a warning that counts them.
+- `train.batch_size` counts completions (TRL's per-device batch), so one optimizer step scores
+  batch_size x grad_accum / num_generations prompts.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.train.rewards.calling import (
+    load_rewards,
+    mean,
+    missing_columns,
+    resolve_rewards,
+    score,
+)
+
+DATA_FORMATS = ("prompt_only",)
+REFERENCE_COLUMN = "answer"  # where rows have it: the reference of the evaluation's text metrics
+
+
+def check(recipe) -> list[str]:
+    """Reward functions that do not load, batch shapes TRL refuses, lengths that leave no room, columns missing.
+
+    The batch check assumes one process: TRL needs num_generations to divide batch_size x grad_accum x processes,
+    which one process makes the strictest case.
+    """
+    cfg, train = recipe.grpo, recipe.train
+    rewards, problems = resolve_rewards(cfg.rewards, recipe.project_dir)
+    per_step = train.batch_size * train.grad_accum
+    n = cfg.num_generations
+    if per_step % n:
+        divisors = [d for d in range(2, min(per_step, 64) + 1) if per_step % d == 0]
+        other = (f"grpo.num_generations to a divisor of {per_step} ({', '.join(map(str, divisors[:6]))})"
+                 if divisors else "train.batch_size to 2 or more")
+        problems.append(
+            f"grpo.num_generations ({n}) must divide the completions of one optimizer step, train.batch_size x "
+            f"train.grad_accum = {train.batch_size} x {train.grad_accum} = {per_step}: TRL samples num_generations "
+            f"completions per prompt and counts completions, not prompts, in a batch. Set train.batch_size to "
+            f"{math.ceil(train.batch_size / n) * n} (a multiple of {n}), or {other}")
+    if cfg.max_completion_length >= recipe.data.max_length:
+        problems.append(f"grpo.max_completion_length ({cfg.max_completion_length}) leaves no room for the prompt in "
+                        f"data.max_length ({recipe.data.max_length}), which holds prompt + completion; raise "
+                        "data.max_length or lower grpo.max_completion_length")
+    for split in ("train", "eval"):
+        columns = _file_columns(getattr(recipe.data, split, None), recipe)
+        if columns is not None:
+            problems += [f"data.{split}: {p}" for p in missing_columns(rewards, columns)]
+    return problems
+
+
+def _file_columns(path, recipe) -> set[str] | None:
+    """The columns of a local data file (after `data.columns`), or None where unknown before loading (`hf:`
+    datasets, unreadable files: the data check reports those)."""
+    from pathlib import Path
+
+    from mlflow_finetune_plugin.data.read import is_hf, read_records_lenient
+
+    if not path or is_hf(path):
+        return None
+    path = Path(recipe.project_dir or ".") / path
+    if not path.is_file():
+        return None
+    records, _ = read_records_lenient(str(path), getattr(recipe.data, "columns", None))
+    return set().union(*(rec.keys() for _, rec in records)) if records else None
+
+
+def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):
+    """TRL's GRPOTrainer on `model` as given (a PeftModel or a full model: no peft_config), with the recipe's reward
+    functions and weights; evaluation during training off (see the module docstring)."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from mlflow_finetune_plugin.train.callbacks import DropReferenceAdapter
+
+    cfg = recipe.grpo
+    rewards = load_rewards(cfg.rewards, recipe.project_dir)
+    problems = missing_columns(rewards, train_ds.column_names)
+    if problems:
+        raise FinetuneError("data.train: " + "; ".join(problems))
+    train_ds = _fitting_prompts(train_ds, tokenizer, recipe.data.max_length - cfg.max_completion_length)
+    config = GRPOConfig(
+        **{**args, "eval_strategy": "no"},
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta, epsilon=cfg.epsilon,
+        num_iterations=cfg.num_iterations, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
+        mask_truncated_completions=cfg.mask_truncated_completions,
+        importance_sampling_level="sequence" if cfg.loss_type == "luspo" else "token",
+        reward_weights=[r.weight for r in rewards])
+    per_generation = config.generation_batch_size // cfg.num_generations  # prompts; TRL drops a partial batch
+    if len(train_ds) < per_generation:
+        raise FinetuneError(f"data.train: {len(train_ds)} prompt{'s' if len(train_ds) != 1 else ''} to train on, fewer "
+                            f"than one batch takes: train.batch_size x train.grad_accum (x processes) / "
+                            f"grpo.num_generations = {config.generation_batch_size} / {cfg.num_generations} = "
+                            f"{per_generation}; add prompts or lower train.batch_size")
+
+    return GRPOTrainer(model=model, reward_funcs=[r.func for r in rewards], args=config, train_dataset=train_ds,
+                       eval_dataset=None, processing_class=tokenizer, callbacks=[*callbacks, DropReferenceAdapter()])
+
+
+def _fitting_prompts(ds, tokenizer, limit: int):
+    """The rows whose prompt (chat template and generation prompt included) fits in `limit` tokens."""
+    lengths = [prompt_tokens(tokenizer, p) for p in ds["prompt"]]
+    keep = [i for i, n in enumerate(lengths) if n <= limit]
+    if not keep:
+        raise FinetuneError(f"data.train: every prompt is longer than data.max_length - grpo.max_completion_length "
+                            f"= {limit} tokens (the shortest has {min(lengths)}); raise data.max_length")
+    if len(keep) < len(ds):
+        print(f"Warning: {len(ds) - len(keep)} of {len(ds)} training prompts are longer than data.max_length - "
+              f"grpo.max_completion_length = {limit} tokens (the longest has {max(lengths)}) and are left out; raise "
+              "data.max_length to train on them", file=sys.stderr)
+        ds = ds.select(keep)
+    return ds
+
+
+def prompt_tokens(tokenizer, prompt) -> int:
+    """Tokens of a prompt as GRPO feeds it: chat template with the generation prompt (text prompts: as they are)."""
+    if isinstance(prompt, list):
+        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
+    """Base zero-shot, base few-shot and tuned greedy answers to the held-out prompts, scored by the text metrics
+    against the `answer` column (where rows have one) and by every reward function: `eval/<contender>/reward` (the
+    weighted sum, as in training) and `eval/<contender>/reward_<fn>`, logged, tabled and printed."""
+    from mlflow_finetune_plugin.evaluate.contenders import log_evaluation, run_evaluation
+    from mlflow_finetune_plugin.metrics import comparison_table
+
+    rewards = load_rewards(recipe.grpo.rewards, recipe.project_dir)
+    lacking = missing_columns(rewards, eval_ds.column_names)
+    if lacking:
+        print("Evaluation: " + "; ".join(lacking) + ": not scored on the held-out rows", file=sys.stderr)
+        rewards = [r for r in rewards if set(r.columns) <= set(eval_ds.column_names)]
+    shots = [_conversation(row) for row in train_ds if row.get(REFERENCE_COLUMN) is not None]
+    result = run_evaluation(model, tokenizer, [_conversation(row) for row in eval_ds], shots, recipe.eval,
+                            base_model=base_model)
+    held_out = eval_ds.select(range(len(result.rows)))  # run_evaluation scores the first eval.max_examples rows
+    if not _has_references(held_out):
+        print(f"Evaluation: the held-out rows have no `{REFERENCE_COLUMN}` column (or some lack one): answers are "
+              "scored by the reward functions only", file=sys.stderr)
+        _drop_text_metrics(result)
+    metrics = reward_metrics(rewards, tokenizer, held_out, result)
+    result.metrics.update(metrics)
+    log_evaluation(result)
+    print(comparison_table(result.metrics))
+
+
+def reward_metrics(rewards, tokenizer, rows, result) -> dict[str, float]:
+    """Every contender's answers in `result` scored by `rewards` on the held-out `rows` (the same rows, in order):
+    `eval/<contender>/reward` and `eval/<contender>/reward_<fn>`; the per-example total goes into the table."""
+    prompts = rows["prompt"]
+    columns = {c: rows[c] for c in rows.column_names if c != "prompt"}
+    metrics: dict[str, float] = {}
+    for name in result.contenders:
+        answers = [row[f"{name}_answer"] for row in result.rows]
+        extra = {"completion_ids": [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers],
+                 "trainer_state": None, "log_extra": _ignore, "log_metric": _ignore}
+        completions = [[{"role": "assistant", "content": a}] for a in answers]
+        totals, per_fn = score(rewards, prompts, completions, {**columns, **extra})
+        for key, value in [("reward", mean(totals)), *((f"reward_{fn}", mean(v)) for fn, v in per_fn.items())]:
+            if value is not None:
+                metrics[f"eval/{name}/{key}"] = value
+        for row, total in zip(result.rows, totals):
+            row[f"{name}_reward"] = total
+    return metrics
+
+
+def _ignore(*args, **kwargs) -> None:
+    """TRL's `log_extra` / `log_metric` for reward functions called outside training: nothing to log into."""
+
+
+def _conversation(row) -> list[dict]:
+    """The row's prompt and, as the assistant's turn, its reference answer (empty where it has none)."""
+    reference = row.get(REFERENCE_COLUMN)
+    prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+    return [*prompt, {"role": "assistant", "content": "" if reference is None else str(reference)}]
+
+
+def _has_references(rows) -> bool:
+    return REFERENCE_COLUMN in rows.column_names and all(a is not None for a in rows[REFERENCE_COLUMN])
+
+
+def _drop_text_metrics(result) -> None:
+    """Without references the text metrics and the reference loss would score answers against empty text."""
+    from mlflow_finetune_plugin.evaluate.contenders import TABLE_METRICS
+
+    result.metrics = {k: v for k, v in result.metrics.items() if k.count("/") < 2}
+    for row in result.rows:
+        for name in result.contenders:
+            for m in TABLE_METRICS:
+                row.pop(f"{name}_{m}", None)

@@ -1,0 +1,143 @@
+"""Supervised fine-tuning (SFT) with TRL's SFTTrainer: loss on the assistant's tokens of chat-formatted rows.
+
+Packed rows stay rows unless a varlen flash-attention kernel is there to use the padding-free layout, and the loss
+goes through TRL's fused LM head only where `train.fused_lm_head` says so (see `sft_trainer.py`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mlflow_finetune_plugin.train.adapters import adapter_of
+
+DATA_FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion")
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
+                   "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
+
+
+def check(recipe) -> list[str]:
+    return []
+
+
+def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):
+    """TRL's SFTTrainer on chat data: loss on assistant tokens when the chat template allows it."""
+    from trl import SFTConfig
+
+    from mlflow_finetune_plugin.data.loss_masks import has_zero_weights, with_turn_weights
+    from mlflow_finetune_plugin.train.objectives.sft_trainer import FinetuneSFTTrainer
+
+    pack = packing(recipe)
+    if has_zero_weights(train_ds, eval_ds):  # OpenAI `weight: 0` turns: tokenized here with their masks cleared
+        weigh = recipe.data.assistant_only_loss
+        train_ds, eval_ds = (with_turn_weights(tokenizer, ds, weigh) for ds in (train_ds, eval_ds))
+        assistant_only = False  # the masks are in the data; TRL builds the labels from them
+    else:
+        assistant_only = recipe.data.assistant_only_loss and _supports_assistant_masks(tokenizer)
+    config = SFTConfig(**args, max_length=recipe.data.max_length, packing=pack, assistant_only_loss=assistant_only)
+    return FinetuneSFTTrainer(
+        model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        callbacks=callbacks, fused_lm_head=fused_lm_head(recipe), pack_rows=pack and not _varlen_attention(recipe))
+
+
+def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
+    """Base zero-shot, base few-shot and tuned on the held-out rows; metrics, table and chart go to the run."""
+    from mlflow_finetune_plugin.evaluate.contenders import conversations, log_evaluation, run_evaluation
+    from mlflow_finetune_plugin.metrics import comparison_table
+
+    result = run_evaluation(model, tokenizer, conversations(eval_ds), conversations(train_ds), recipe.eval,
+                            base_model=base_model)
+    log_evaluation(result)
+    print(comparison_table(result.metrics))
+
+
+def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_model=None) -> None:
+    """A mixture: each task scored on its own held-out rows (`eval/<task>/<metric>`, `eval/<task>/base/<metric>`,
+    ...); `eval/<contender>/<metric>` is the mean over tasks, so promotion gates read the same names as for one set.
+    With one adapter per task, each task is scored with its own adapter."""
+    import hashlib
+
+    from mlflow_finetune_plugin.evaluate.contenders import (
+        EvalResult,
+        conversations,
+        log_evaluation,
+        run_evaluation,
+    )
+    from mlflow_finetune_plugin.metrics import comparison_table
+
+    per_task, merged_rows, examples = {}, [], 0
+    for name, ds in evals.items():
+        print(f"\nTask {name}:")
+        if recipe.data.adapters == "per_task":
+            model.set_adapter(name)
+        result = run_evaluation(model, tokenizer, conversations(ds), conversations(trains[name]), recipe.eval,
+                                base_model=base_model)
+        print(comparison_table(result.metrics))
+        per_task[name] = result.metrics
+        merged_rows += [{"task": name, **row} for row in result.rows]
+        examples += int(result.metrics.get("eval/n_examples", 0))
+    metrics = {}
+    for name, task_metrics in per_task.items():
+        for key, value in task_metrics.items():
+            if key.count("/") != 2:
+                continue
+            _, contender, metric = key.split("/")
+            metrics[f"eval/{name}/{metric}" if contender == "tuned" else f"eval/{name}/{contender}/{metric}"] = value
+    overall = {}
+    for key in dict.fromkeys(k for m in per_task.values() for k in m if k.count("/") == 2):
+        values = [m[key] for m in per_task.values() if key in m]
+        overall[key] = sum(values) / len(values)
+    print("\nAll tasks (mean over tasks):")
+    print(comparison_table(overall))
+    digest = hashlib.sha256(",".join(sorted(per_task)).encode()).hexdigest()[:12]
+    log_evaluation(EvalResult({**overall, **metrics, "eval/n_examples": examples}, merged_rows,
+                              data_digest=digest))
+
+
+def _varlen_attention(recipe) -> bool:
+    return (recipe.model.attn_implementation or "") in FLASH_ATTENTION
+
+
+def packing(recipe) -> bool:
+    """`data.packing`, with `auto` resolved: on where packing is exact and faster whatever the lengths.
+
+    TRL packs examples into rows of up to max_length (best-fit decreasing) with `position_ids` restarting at each
+    example; transformers then keeps attention within each example (tested: packed logits equal per-row logits,
+    sdpa and eager). With a varlen flash-attention kernel that costs nothing extra: auto packs. With sdpa and eager
+    every packed row costs attention over its full length, which pays on mixed lengths (1.5x measured on CPU) and
+    not on rows of similar length: auto leaves it to `data.packing: true`. Virtual-token adapters (prefix, prompt)
+    prepend per row (`data.packing: true` is refused for them), and remote code may ignore position_ids: never for
+    those.
+    """
+    safe = adapter_of(recipe).PACKING_SAFE and not recipe.model.trust_remote_code
+    if recipe.data.packing != "auto":
+        if recipe.data.packing and not safe:
+            print("Warning: data.packing=true with trust_remote_code: packed rows may attend across each other if "
+                  "the model's own attention ignores position_ids; set data.packing: auto", file=sys.stderr)
+        return recipe.data.packing
+    return safe and _varlen_attention(recipe)
+
+
+def fused_lm_head(recipe) -> bool:
+    """`train.fused_lm_head`, with `auto` resolved: TRL's fused LM head on CUDA (memory), the model's loss elsewhere."""
+    if recipe.train.fused_lm_head != "auto":
+        return recipe.train.fused_lm_head
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _supports_assistant_masks(tokenizer) -> bool:
+    """Assistant-only loss needs `{% generation %}` markers; TRL patches the templates it knows, warn otherwise."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return True
+    try:
+        if get_training_chat_template(tokenizer) is not None:
+            return True
+    except Exception:  # noqa: BLE001 - TRL raises for templates it has no training variant of
+        pass
+    print("Warning: this chat template has no {% generation %} markers and TRL has no training variant of it; "
+          "training on whole conversations. Add the markers to the template for assistant-only loss.",
+          file=sys.stderr)
+    return False
