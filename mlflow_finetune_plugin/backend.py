@@ -108,8 +108,9 @@ class FinetuneBackend(AbstractBackend):
 
 def resolve_entry_point(work_dir: str, entry_point: str, params: dict):
     """(recipe, None) for a preset entry point, validated with its data; (None, command) for an MLproject one."""
-    from mlflow_finetune_plugin.config.recipe import load_recipe
+    from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.data.check import check_data
+    from mlflow_finetune_plugin.data.preflight import check_recipe_data
 
     project_entry = _mlproject_entry_point(work_dir, entry_point)
     if entry_point in PRESETS or entry_point == "main" and project_entry is None:
@@ -124,98 +125,16 @@ def resolve_entry_point(work_dir: str, entry_point: str, params: dict):
         f"{' (and MLproject entry points)' if (Path(work_dir) / 'MLproject').exists() else ''}.")
 
 
-_FORMAT_HINTS = {**dict.fromkeys(("dpo", "orpo", "simpo"),
-                                 "Give rows with prompt, chosen and rejected (or chosen/rejected message lists); "
-                                 "`mlflow-finetune votes export NAME -o prefs.jsonl` writes them from playground "
-                                 "votes."),
-                 "grpo": "Give rows with a prompt (text or messages) and the columns your reward functions read "
-                         "(e.g. answer)."}
-
-
 def check_combination(recipe) -> None:
-    """The axes against each other and the objective's own checks (reward functions load, ...), before any model
-    loads; raises listing every problem."""
+    """The objective's checks that need the project's own code (GRPO's reward functions load from its rewards.py and
+    read columns of the data), before any model loads; raises listing every problem. Everything the recipe alone
+    decides was checked when it loaded (`config/checks.py`)."""
     from mlflow_finetune_plugin.errors import RecipeError
-    from mlflow_finetune_plugin.train.adapters import combination_problems
     from mlflow_finetune_plugin.train.objectives import objective_of
 
-    problems = combination_problems(recipe) + objective_of(recipe).check(recipe)
+    problems = objective_of(recipe).check(recipe)
     if problems:
         raise RecipeError(problems, "finetune.yaml")
-
-
-def check_recipe_data(recipe, check_data) -> None:
-    """Every data file of the recipe, row by row, in the format its method trains on; raises listing all problems,
-    prints the warnings (errors too with `data.strict`). A declared format the method cannot train on gives way to
-    the rows' own format where the objective takes that one (`-e dpo` on preference rows of a `format: chat` recipe);
-    the recipe is updated so that training reads them the same way."""
-    import functools
-
-    from mlflow_finetune_plugin.data.check import check_overlap, tokenizer_for_check
-    from mlflow_finetune_plugin.data.formats import summarize
-    from mlflow_finetune_plugin.data.splits import data_files
-    from mlflow_finetune_plugin.train.objectives import objective_of
-
-    formats = objective_of(recipe).DATA_FORMATS
-    data = recipe.data
-    files = data_files(recipe)
-    if not data.tasks:
-        check = functools.partial(check_data, columns=data.columns, tags=data.tags)
-    else:  # a mixture: each task is a file in its own format; data.columns and data.tags describe data.train
-        check = check_data
-    tokenizer, why_not = tokenizer_for_check(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-    errors, warnings, reports, refused = [], [], {}, []
-    for label, path, fmt, system_prompt in files:
-        owner, split = label.rsplit(".", 1)
-        reports[label] = report = check(
-            path, fmt=fmt, tokenizer=tokenizer, max_length=data.max_length, system_prompt=system_prompt, split=split,
-            accepts=formats, format_key=f"{owner}.format", model_label=recipe.model.name or "tiny")
-        if problem := _method_format(recipe, label, path, report, formats):
-            errors.append(problem)
-            refused.append(path)
-    for label, report in reports.items():
-        train = reports.get(label.rsplit(".", 1)[0] + ".train")
-        if label.endswith(".eval") and train is not None:
-            check_overlap(train, report)
-        if data.strict:
-            report.make_strict()
-        errors += summarize(report.errors)
-        warnings += summarize(report.warnings)
-    if errors:
-        bad = " ".join(dict.fromkeys(refused + [r.path for r in reports.values() if not r.ok]))
-        raise FinetuneError(f"{len(errors)} problem{'s' if len(errors) != 1 else ''} in the data; nothing was "
-                            "started:\n  " + "\n  ".join(errors[:20] + ([f"... and {len(errors) - 20} more"]
-                                                                       if len(errors) > 20 else []))
-                            + f"\nRun `mlflow-finetune data check {bad}` for the full report.")
-    if warnings:
-        print("Data warnings (advice before training; `data.strict: true` makes them errors):\n  "
-              + "\n  ".join(warnings), file=sys.stderr)
-    if why_not and tokenizer is None:
-        print(f"Note: token lengths not checked before the run ({why_not}).", file=sys.stderr)
-
-
-def _method_format(recipe, label: str, path: str, report, formats) -> str | None:
-    """The one-line error when the rows are in a format the method cannot train on (replacing the report's own
-    format mismatch, whose advice to change data.format would not help); a note, and the recipe updated, where the
-    method's format was inferred from the rows."""
-    rows_are = report.format or report.detected
-    if rows_are and rows_are not in formats:
-        report.errors = [i for i in report.errors if i.group != "format"]
-        hint = _FORMAT_HINTS.get(recipe.objective, "Use the `dpo` method for preference pairs (prompt, chosen, "
-                                                   "rejected).")
-        if label == "data.eval":  # e.g. -P data=prefs.jsonl on a recipe whose eval file is chat data
-            hint += (" Or point data.eval at such rows (-P data.eval=FILE), or clear it (-P data.eval=; "
-                     "-P data.eval_split=0.1 then holds out a tenth of data.train).")
-        return f"{path}: {label} is {rows_are} data, but the `{recipe.method}` method trains on {_or(formats)} rows. " + hint
-    if report.inferred_from and label.startswith("data."):
-        print(f"Note: data.format is {report.inferred_from!r}, but -e {recipe.method} trains on {_or(formats)} rows "
-              f"and {path} holds {report.format} rows: reading them as {report.format}.", file=sys.stderr)
-        recipe.data.format = report.format
-    return None
-
-
-def _or(names) -> str:
-    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _mlproject_entry_point(work_dir: str, entry_point: str):

@@ -111,9 +111,10 @@ def train_cmd(ctx, project, method, params):
     Inside `mlflow run` (local backend) it trains in the run MLflow created; otherwise it starts a new run.
     Prefer `mlflow run PROJECT -e METHOD --backend finetune`, which also validates before starting a run.
     """
-    from mlflow_finetune_plugin.backend import check_combination, check_recipe_data
-    from mlflow_finetune_plugin.config.recipe import load_recipe
+    from mlflow_finetune_plugin.backend import check_combination
+    from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.data.check import check_data
+    from mlflow_finetune_plugin.data.preflight import check_recipe_data
     from mlflow_finetune_plugin.train.job import run
 
     recipe = load_recipe(project, method=method, overrides=_pairs(params, ctx.args))

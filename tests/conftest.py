@@ -1,17 +1,20 @@
-"""Shared fixtures: a private tiny-model cache for the whole session and a fresh sqlite MLflow store per test."""
+"""Shared fixtures and hooks: a private tiny-model cache for the whole session, a fresh sqlite MLflow store per test,
+a real Ray head per module that asks for one. Helpers that tests import live in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SUPPORT_BOT = REPO / "recipes" / "support-bot"
+from tests.helpers import REPO, forget_active_experiment, free_port
 
 
 def pytest_configure(config):
@@ -57,23 +60,14 @@ def tracking_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    _forget_active_experiment()
+    forget_active_experiment()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
-    _forget_active_experiment()
+    forget_active_experiment()
     mlflow.set_tracking_uri(None)
-
-
-def _forget_active_experiment():
-    """`mlflow.set_experiment` caches the id in a module global and in MLFLOW_EXPERIMENT_ID; a later test with a
-    fresh store would otherwise look for an experiment that only existed in the previous one."""
-    import mlflow.tracking.fluent as fluent
-
-    fluent._active_experiment_id = None
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 @pytest.fixture(scope="session")
@@ -83,35 +77,49 @@ def tiny_model_dir():
     return tiny_model_path()
 
 
-def write_project(root: Path, recipe_yaml: str, rows: list[dict] | None = None, eval_rows: list[dict] | None = None):
-    """A minimal project folder: finetune.yaml plus data/train.jsonl (and data/eval.jsonl)."""
-    import json
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real Ray head on 127.0.0.1 (dashboard on, for Ray Jobs), stopped after the module's tests."""
+    pytest.importorskip("ray")
+    from ray.job_submission import JobSubmissionClient
 
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    (root / "finetune.yaml").write_text(recipe_yaml)
-    if rows is not None:
-        (root / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if eval_rows is not None:
-        (root / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
-    return root
-
-
-def chat_rows(n: int, offset: int = 0) -> list[dict]:
-    """n small, distinct chat rows."""
-    return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
-            for i in range(offset, offset + n)]
-
-
-# -P overrides that make a tiny-model run take seconds: 2 steps, 2 held-out rows, short answers.
-FAST_OVERRIDES = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
-                  "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1}
-
-
-def jsonl(path: Path, rows: list[dict]) -> str:
-    """Write `rows` as a JSONL file (parent folders made); returns the path."""
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    ray_bin = Path(sys.executable).parent / "ray"
+    tmp = tmp_path_factory.mktemp("ray")
+    # Ray's socket paths live under --temp-dir and must stay under 107 bytes (AF_UNIX): pytest's own temp folders
+    # (with pytest-xdist's popen-gwN level) are too deep for that.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-"))
+    dashboard = free_port()
+    cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
+           "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard=true",
+           "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),  # Ray's minimum: 75 MiB
+           "--disable-usage-stats", "--temp-dir", str(ray_tmp)]
+    # The jobs inherit this environment: the package from this checkout, no hub.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    head = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(tmp / "head.log", "w"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if head.poll() is not None:
+                pytest.fail(f"ray head exited: {(tmp / 'head.log').read_text()[-3000:]}")
+            try:
+                JobSubmissionClient(address)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything of this head's session still alive
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -8,13 +8,13 @@ import math
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
-from test_promotion import NAME, _champion, _version
 
 from mlflow_finetune_plugin.arena.ratings import Battle, rate
 from mlflow_finetune_plugin.arena.votes import Comparison, log_vote, ratings, read_votes
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.registry.promotion import parse_gate, promote
+from tests.helpers import MODEL_NAME, champion_version, register_eval_version
 
 
 def _battles(winner: str, loser: str, wins: int, losses: int, ties: int = 0) -> list[Battle]:
@@ -74,7 +74,7 @@ def test_too_few_votes_to_separate_is_said_and_why():
         rate(_battles("x", "y", 8, 2), rounds=10)
 
 
-def _vote(a: str, b: str, verdict: str, name: str = NAME) -> None:
+def _vote(a: str, b: str, verdict: str, name: str = MODEL_NAME) -> None:
     messages = [{"role": "user", "content": "How do I reset my password?"}]
     log_vote(Comparison(name, a, b, messages, messages, "answer of " + a, "answer of " + b, {"temperature": 0.0},
                         blind=True), verdict)
@@ -92,7 +92,7 @@ def test_votes_summary_rates_the_votes_logged_to_mlflow(tracking_uri):
     _votes("bot/2", "bot/1", 7, 1, ties=1, both_bad=1)
     _votes("bot/1", "bot/1:base", 3, 1)
     _vote("bot/9", "bot/2", "a", name="other-model")  # filed under another model: not in bot's table
-    votes = read_votes(NAME)
+    votes = read_votes(MODEL_NAME)
     assert len(votes) == 14
     board = ratings(votes)
     # The ratings of the logged votes are those of the same battles given directly ("both bad" = a tie).
@@ -100,7 +100,7 @@ def test_votes_summary_rates_the_votes_logged_to_mlflow(tracking_uri):
     assert {r.model: round(r.rating, 3) for r in board.ratings} == {r.model: round(r.rating, 3) for r in direct.ratings}
     assert [r.model for r in board.ratings] == ["bot/2", "bot/1", "bot/1:base"]
 
-    out = CliRunner().invoke(main, ["votes", "summary", NAME])
+    out = CliRunner().invoke(main, ["votes", "summary", MODEL_NAME])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
     top = next(line for line in lines if line.startswith("1 "))
@@ -121,29 +121,29 @@ ARENA = [parse_gate("arena_above:champion")]
 
 def test_the_arena_gate_refuses_on_too_few_votes_and_passes_when_the_intervals_part(tracking_uri):
     recipe = {"registry": {"promote_if": [{"metric": "arena_above", "beats": ["champion"]}]}}
-    v1, v2 = _version({}), _version({}, recipe=recipe)
-    assert promote(NAME, v1, "champion", ARENA).promoted  # nobody holds @champion yet
+    v1, v2 = register_eval_version({}), register_eval_version({}, recipe=recipe)
+    assert promote(MODEL_NAME, v1, "champion", ARENA).promoted  # nobody holds @champion yet
     _votes("bot/2", "bot/1", 5, 1)
-    result = promote(NAME, v2)  # the gates of v2's recipe
-    assert not result.promoted and _champion() == v1
+    result = promote(MODEL_NAME, v2)  # the gates of v2's recipe
+    assert not result.promoted and champion_version() == v1
     assert "too few votes to separate: bot/2 has 6, bot/1 has 6 (at least 10 each needed)" in result.report()
     _votes("bot/2", "bot/1", 4, 0)  # 9 of 10
-    board = ratings(read_votes(NAME))
+    board = ratings(read_votes(MODEL_NAME))
     v2_rating, v1_rating = board.get("bot/2"), board.get("bot/1")
     assert v2_rating.lower > v1_rating.upper
     # Against its base model (never voted on) and by a margin the gap does not reach: both fail, saying why.
-    short = promote(NAME, v2, "champion", [parse_gate("arena_above:base,champion:1000")])
+    short = promote(MODEL_NAME, v2, "champion", [parse_gate("arena_above:base,champion:1000")])
     assert not short.promoted and [(c.against, c.passed) for c in short.checks] == [("base", False),
                                                                                     ("champion", False)]
     assert "bot/2:base has 0" in short.checks[0].note and "by only" in short.checks[1].note
-    out = CliRunner().invoke(main, ["promote", NAME, "--version", v2])  # the recipe's gate again, now passing
+    out = CliRunner().invoke(main, ["promote", MODEL_NAME, "--version", v2])  # the recipe's gate again, now passing
     assert out.exit_code == 0, out.output
-    assert f"{v2_rating.interval} above bot/1's {v1_rating.interval}" in out.output and _champion() == v2
-    assert MlflowClient().get_model_version(NAME, v2).tags["finetune.promoted_alias"] == "champion"
+    assert f"{v2_rating.interval} above bot/1's {v1_rating.interval}" in out.output and champion_version() == v2
+    assert MlflowClient().get_model_version(MODEL_NAME, v2).tags["finetune.promoted_alias"] == "champion"
     # The other way round the gate fails: v1 is rated below, and the table says so.
-    back = promote(NAME, v1, "champion", ARENA)
+    back = promote(MODEL_NAME, v1, "champion", ARENA)
     assert not back.promoted and "bot/2 ahead" in back.report()
     with pytest.raises(FinetuneError, match="no votes are cast on few-shot prompts"):
-        promote(NAME, v1, "champion", [parse_gate("arena_above:fewshot")])
+        promote(MODEL_NAME, v1, "champion", [parse_gate("arena_above:fewshot")])
     with pytest.raises(FinetuneError, match="expected arena_above:BEATS"):
         parse_gate("arena_above")

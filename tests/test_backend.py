@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import ExecutionException
 
 from mlflow_finetune_plugin.backend import FinetuneBackend
-from tests.conftest import chat_rows, write_project
+from tests.helpers import chat_rows, write_project
 
 FAST = "train:\n  max_steps: 3\n  batch_size: 4\n  logging_steps: 1\n  save_steps: 2\neval:\n  enabled: false\n"
 

@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.config.recipe import load_recipe
+from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.registry.model_card import description
 from mlflow_finetune_plugin.registry.versions import checkpoint_models
 from mlflow_finetune_plugin.train import job, resume
-from tests.conftest import FAST_OVERRIDES, chat_rows, write_project
+from tests.helpers import FAST_OVERRIDES, chat_rows, write_project
 
 RECIPE = "data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
 

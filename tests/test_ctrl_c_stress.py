@@ -19,13 +19,11 @@ import sys
 import time
 
 import mlflow
-import psutil
 import pytest
 from mlflow import MlflowClient
 
 from mlflow_finetune_plugin import paths
-from tests.conftest import chat_rows, write_project
-from tests.test_launchers import _env
+from tests.helpers import chat_rows, job_processes, orphans, subprocess_env, write_project
 
 REPEATS = int(os.environ.get("FINETUNE_CTRL_C_REPEATS", "4"))
 PHASES = ("start-up", "mid-step", "checkpoint upload", "evaluation")
@@ -49,32 +47,6 @@ def _checkpoint_saved(log, since: float) -> bool:
 
 # The sign each phase has begun: in `mlflow run`'s output (the job's output is passed through it), or on disk.
 SIGNS = {"mid-step": _printed("'loss'"), "checkpoint upload": _checkpoint_saved, "evaluation": _printed("eval base")}
-
-
-def _job_processes(session: int, run_id: str | None) -> list[psutil.Process]:
-    """Live processes of the job: in the `mlflow run` session, or naming the run (ranks run in sessions of their
-    own), or orphans (PPID 1) of this plugin started after the test began."""
-    found = []
-    for p in psutil.process_iter(["pid", "ppid", "cmdline", "status"]):
-        try:
-            if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
-                continue
-            cmdline = " ".join(p.info["cmdline"] or [])
-            if (os.getsid(p.pid) == session
-                    or run_id and (run_id in cmdline or p.environ().get("MLFLOW_RUN_ID") == run_id)):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
-            continue
-    return found
-
-
-def _orphans(since: float) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["ppid", "cmdline", "create_time", "status"]):
-        if (p.info["ppid"] == 1 and p.info["create_time"] >= since and p.info["status"] != psutil.STATUS_ZOMBIE
-                and "mlflow_finetune_plugin" in " ".join(p.info["cmdline"] or [])):
-            found.append(p)
-    return found
 
 
 def _wait_for_sign(proc, log, sign, since: float, timeout: float = 180) -> bool:
@@ -103,7 +75,7 @@ def test_ctrl_c_at_random_moments_under_torchrun_leaves_nothing(tmp_path, tracki
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune",
                  "--backend-config", json.dumps(TORCHRUN), "--experiment-name", EXPERIMENT],
-                cwd=tmp_path, env=_env(tracking_uri), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                cwd=tmp_path, env=subprocess_env(tracking_uri), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             if phase != "start-up":
                 assert _wait_for_sign(proc, log, SIGNS[phase], started), \
@@ -121,7 +93,7 @@ def test_ctrl_c_at_random_moments_under_torchrun_leaves_nothing(tmp_path, tracki
                 if r.info.run_id not in known]
         run_id = runs[0].info.run_id if runs else None
         deadline = time.monotonic() + 30
-        while (left := _job_processes(proc.pid, run_id) + _orphans(started)) and time.monotonic() < deadline:
+        while (left := job_processes(proc.pid, run_id) + orphans(started)) and time.monotonic() < deadline:
             time.sleep(0.3)
         assert not left, f"repeat {i} ({phase}, {delay:.2f} s): left running: {[p.cmdline() for p in left]}"
         assert len(runs) <= 1

@@ -8,10 +8,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mlflow_finetune_plugin.backend import check_recipe_data
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.config.recipe import load_recipe
+from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.data.check import check_data
+from mlflow_finetune_plugin.data.preflight import check_recipe_data
 from mlflow_finetune_plugin.data.read import (
     DataError,
     detect_format,
@@ -253,7 +253,7 @@ def _expected_labels(tokenizer, text, trained: list[str]):
 
 @pytest.mark.parametrize("assistant_only_loss", [True, False])
 def test_weight_zero_turns_get_no_loss_token_by_token(tmp_path, tokenizer, assistant_only_loss):
-    from mlflow_finetune_plugin.config.recipe import Recipe
+    from mlflow_finetune_plugin.config.schema import Recipe
     from mlflow_finetune_plugin.data.splits import load_splits
     from mlflow_finetune_plugin.models.base import load_base_model
     from mlflow_finetune_plugin.train.objectives import sft
@@ -303,7 +303,7 @@ def test_weights_are_checked(tmp_path):
 
 
 def test_tool_calls_go_through_a_chat_template_that_supports_tools(tmp_path, tokenizer):
-    from mlflow_finetune_plugin.config.recipe import Recipe
+    from mlflow_finetune_plugin.config.schema import Recipe
     from mlflow_finetune_plugin.models.base import load_base_model
     from mlflow_finetune_plugin.train.objectives import sft
     from mlflow_finetune_plugin.train.trainers import training_arguments

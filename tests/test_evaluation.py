@@ -11,11 +11,10 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import chat_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.config.recipe import EvalConfig, LoraAdapter
+from mlflow_finetune_plugin.config.schema import EvalConfig, LoraAdapter
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.contenders import (
     conversations,
@@ -30,6 +29,7 @@ from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 from mlflow_finetune_plugin.registry.versions import missing_lineage, register
 from mlflow_finetune_plugin.tags import lineage_tags
 from mlflow_finetune_plugin.train.adapters import lora
+from tests.helpers import chat_rows
 
 # --- the shipped metric modules, by hand ---------------------------------------------------------------------
 
@@ -182,7 +182,7 @@ def test_batched_answers_equal_one_at_a_time(tiny_lora, monkeypatch, batch_size)
 def test_prompt_tuning_answers_one_at_a_time_and_scores_its_loss(tiny_model_dir):
     """Virtual tokens live in the KV cache of prompt tuning: evaluation does not reuse its scoring pass's cache
     there (LoRA does), and left padding would shift the virtual tokens: it answers one prompt at a time."""
-    from mlflow_finetune_plugin.config.recipe import PromptAdapter
+    from mlflow_finetune_plugin.config.schema import PromptAdapter
     from mlflow_finetune_plugin.evaluate.contenders import _shares_prefill
     from mlflow_finetune_plugin.train.adapters import prompt
 
@@ -200,15 +200,36 @@ def test_prompt_tuning_answers_one_at_a_time_and_scores_its_loss(tiny_model_dir)
 
 
 def test_lora_evaluation_reuses_the_scoring_pass(tiny_lora):
-    from mlflow_finetune_plugin.evaluate.contenders import _shares_prefill
+    """A LoRA contender's prompts go through the model once: the pass that scores the references leaves the KV cache
+    generation continues from, so every other forward pass is one token of generation."""
+    from mlflow_finetune_plugin.evaluate.scoring import MIN_SHARED_PREFIX, _common_prefix, reference_ids
 
-    assert _shares_prefill(tiny_lora[0])
+    model, tok = tiny_lora
+    convs = _varied_conversations()
+    pairs = [reference_ids(tok, *split_conversation(c)) for c in convs]
+    assert len(_common_prefix([p for p, _ in pairs])) < MIN_SHARED_PREFIX  # no shared start: one pass, one call
+    widths = []
+
+    def record(module, args, kwargs):
+        widths.append((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape[1])
+
+    hook = model.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = run_evaluation(model, tok, convs, [], EvalConfig(max_examples=len(convs), max_new_tokens=4,
+                                                                   fewshot_k=0, batch_size=len(convs)))
+    finally:
+        hook.remove()
+
+    assert result.contenders == ["base", "tuned"]
+    # One batch per contender; its one pass over the prompts carries the references too.
+    full = max(len(p) for p, _ in pairs) + max(len(c) for _, c in pairs)
+    assert [w for w in widths if w > 1] == [full] * len(result.contenders)
 
 
 def test_few_shot_prompts_share_their_start_and_answer_as_one_at_a_time(tiny_lora, monkeypatch):
     """Few-shot prompts start alike (system prompt, then every shot): that start goes through the model once per
     batch; the answers are still those of one prompt at a time, and the reference loss the per-example loss."""
-    from mlflow_finetune_plugin.evaluate.contenders import MIN_SHARED_PREFIX, _common_prefix, _reference_ids
+    from mlflow_finetune_plugin.evaluate.scoring import MIN_SHARED_PREFIX, _common_prefix, reference_ids
 
     model, tok = tiny_lora
     monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, *range(100, 400)])
@@ -220,7 +241,7 @@ def test_few_shot_prompts_share_their_start_and_answer_as_one_at_a_time(tiny_lor
     result = run_evaluation(model, tok, convs, train, cfg)
 
     prompts = [fewshot_prompt(split_conversation(c)[0], result.fewshot_examples) for c in convs]
-    shared = _common_prefix([_reference_ids(tok, p, "")[0] for p in prompts])
+    shared = _common_prefix([reference_ids(tok, p, "")[0] for p in prompts])
     assert len(shared) >= MIN_SHARED_PREFIX  # the shared-start path is the one taken
     loaded = LoadedModel(model, tok, {})
     with model.disable_adapter():
@@ -280,7 +301,7 @@ def test_full_model_needs_its_base_given(tiny_lora, tiny_model_dir):
 
 
 def test_logged_metrics_table_and_chart(tracking_uri, tiny_lora):
-    from mlflow_finetune_plugin.evaluate.contenders import log_evaluation
+    from mlflow_finetune_plugin.evaluate.report import log_evaluation
 
     model, tok = tiny_lora
     cfg = EvalConfig(max_examples=2, max_new_tokens=4, fewshot_k=1)
@@ -392,10 +413,10 @@ def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_
 
 def test_evaluate_without_data_scores_the_rows_training_held_out(tmp_path, tracking_uri):
     """A run with data.eval_split and no eval file: `evaluate` of its version rebuilds the same held-out rows."""
-    from mlflow_finetune_plugin.config.recipe import load_recipe
+    from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.evaluate.contenders import evaluate_model_uri
     from mlflow_finetune_plugin.train.job import run
-    from tests.conftest import chat_rows, write_project
+    from tests.helpers import chat_rows, write_project
 
     proj = write_project(tmp_path / "held", "data: {eval_split: 0.25, max_length: 64}\n"
                          "train: {max_steps: 1, batch_size: 2}\neval: {max_new_tokens: 2, fewshot_k: 0}\n",

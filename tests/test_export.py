@@ -17,14 +17,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.config.recipe import load_recipe
+from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import load_logged_model, log_finetuned_model
 from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 from mlflow_finetune_plugin.registry.export import export_model
 from mlflow_finetune_plugin.registry.versions import register
 from mlflow_finetune_plugin.train.job import run
-from tests.conftest import FAST_OVERRIDES, chat_rows, jsonl
+from tests.helpers import FAST_OVERRIDES, chat_rows, jsonl
 
 MESSAGES = [{"role": "user", "content": "How do I reset my password? It has 12 digits, é and ü."}]
 
@@ -102,7 +102,7 @@ def test_prompt_tuning_and_gguf_of_other_architectures_are_refused_and_full_weig
         tmp_path, tracking_uri, tiny_model_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mlflow_finetune_plugin.config.recipe import PromptAdapter
+    from mlflow_finetune_plugin.config.schema import PromptAdapter
     from mlflow_finetune_plugin.train.adapters import prompt
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -144,7 +144,7 @@ def test_prompt_tuning_and_gguf_of_other_architectures_are_refused_and_full_weig
 def test_an_ia3_adapter_exports_to_its_own_logits(tmp_path, tracking_uri, tiny_model_dir):
     """IA3 scales activations instead of adding a low-rank update; merged, it is a plain model too. (The bottleneck
     and DoRA adapters merge through the same PEFT call.)"""
-    from mlflow_finetune_plugin.config.recipe import IA3Adapter
+    from mlflow_finetune_plugin.config.schema import IA3Adapter
     from mlflow_finetune_plugin.train.adapters import ia3
 
     torch.manual_seed(0)

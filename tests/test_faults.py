@@ -16,9 +16,9 @@ import torch
 from mlflow import MlflowClient
 
 from mlflow_finetune_plugin.backend import FinetuneBackend
-from mlflow_finetune_plugin.config.recipe import load_recipe
+from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.train import job, resume
-from tests.conftest import chat_rows, write_project
+from tests.helpers import chat_rows, write_project
 
 EXPERIMENT = "faults"
 # Long enough that a SIGKILL right after the first checkpoint lands well before the end (~0.2 s a step).

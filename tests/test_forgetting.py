@@ -12,14 +12,14 @@ import torch
 from click.testing import CliRunner
 
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.config.recipe import load_recipe
+from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
 from mlflow_finetune_plugin.evaluate import forgetting
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer
 from mlflow_finetune_plugin.registry.promotion import parse_gate, promote
 from mlflow_finetune_plugin.train.adapters import attach
 from mlflow_finetune_plugin.train.job import run
-from tests.conftest import FAST_OVERRIDES, chat_rows, jsonl
+from tests.helpers import FAST_OVERRIDES, chat_rows, jsonl
 
 FORGETTING_GATE = "forgetting/ppl_ratio<=1.2"
 

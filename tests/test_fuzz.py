@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,9 +24,9 @@ from mlflow import MlflowClient
 
 from mlflow_finetune_plugin.backend import resolve_entry_point
 from mlflow_finetune_plugin.config.presets import PRESETS
-from mlflow_finetune_plugin.config.recipe import Recipe
-from mlflow_finetune_plugin.errors import FinetuneError
-from tests.conftest import REPO, chat_rows
+from mlflow_finetune_plugin.config.schema import SHORT_KEYS, Recipe
+from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
+from tests.helpers import REPO, chat_rows
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=bool(os.environ.get("CI")),
@@ -184,8 +185,9 @@ def data_files(draw) -> bytes:
 
 
 def _validate(recipe_bytes: bytes, data_bytes: bytes, params: dict, entry_point: str = "lora") -> str:
-    """Run the backend's validation on a fresh project; 'ok', or 'refused' with a FinetuneError naming the place.
-    Anything else fails the test (hypothesis shrinks it to a minimal example)."""
+    """Run the backend's validation on a fresh project; 'ok', or 'refused' with a FinetuneError that names the place
+    and says what to do (checked by `_says_where_and_what`). Anything else fails the test (hypothesis shrinks it to a
+    minimal example)."""
     with tempfile.TemporaryDirectory() as tmp:
         proj = Path(tmp) / "proj"
         (proj / "data").mkdir(parents=True)
@@ -194,10 +196,7 @@ def _validate(recipe_bytes: bytes, data_bytes: bytes, params: dict, entry_point:
         try:
             recipe, _ = resolve_entry_point(str(proj), entry_point, params)
         except FinetuneError as e:
-            message = str(e)
-            assert message.strip() and "Traceback" not in message
-            assert "finetune.yaml" in message or "train.jsonl" in message or "-P " in message or \
-                "data." in message or entry_point in message, f"error does not say where: {message}"
+            _says_where_and_what(e, recipe_bytes, data_bytes, params, proj)
             return "refused"
         # Passed: the training process's first step, reading the data for real, must agree.
         from mlflow_finetune_plugin.data.splits import load_splits
@@ -205,9 +204,141 @@ def _validate(recipe_bytes: bytes, data_bytes: bytes, params: dict, entry_point:
         try:
             load_splits(recipe)
         except FinetuneError as e:
-            assert "Traceback" not in str(e) and str(e).strip()
+            path = str(proj / "data" / "train.jsonl")
+            _data_problems_say_where(_data_problems(str(e).split("\n", 1)[1], path), data_bytes, path)
             return "refused when training starts"
         return "ok"
+
+
+# ------------------------------------------------------------------------------------------------ reading the error
+
+# A problem's place, where it has one: the YAML line (and column) or the -P flag; the rest names the recipe key.
+YAML_LINE = re.compile(r"line (\d+)(?:, column \d+)?: ")
+UNKNOWN_KEY = re.compile(r"(?P<key>.*): unknown key\. Valid keys(?: in `(?P<section>[^`]*)`(?: \(\w+ adapter\))?)?: "
+                         r"(?P<valid>[\w, ()]+?)(?:\. Did you mean `(?P<guess>\w+)`\?)?", re.S)
+WRONG_VALUE = re.compile(r"(?P<key>.+?): (?P<expected>[A-Z].*) \(got (?P<got>.*)\)", re.S)
+# Problems of the whole file, or of a key, worded by the loader; each ends with the fix or the valid choices.
+WHOLE_FILE = re.compile(r"not valid UTF-8 \(.+ at byte (?P<byte>\d+)\); save the file as UTF-8"
+                        r"|invalid YAML: .+"
+                        r"|the top level must be a mapping of sections, got (?P<type>\w+)", re.S)
+KEY_PROBLEMS = [re.compile(pattern, re.S) for pattern in (
+    r"(?P<key>\w+): must be a mapping of keys \(got .*\)",
+    r"(?P<key>method): unknown method .+\. Valid methods: \w+(, \w+)*.*",
+    r"(?P<key>adapter\.type): unknown adapter .+\. Valid adapters: \w+(, \w+)*.*",
+    r"(?P<key>[\w.]+): file not found: .+ \(looked in .+\).*",
+)]
+# The deliberate typos of the `keys` strategy and the key each must be told about.
+TYPOS = {"lerning_rate": "learning_rate", "trian": "train", "modle": "model", "promt": "prompt"}
+# What a key named in a problem may start with: a recipe section, or one of the older per-method sections.
+SECTION_NAMES = {*Recipe.model_fields, *PRESETS}
+# What the rest of a problem must offer where it is none of the shapes above (the combination checks): the fix.
+REMEDY = re.compile(r"\b(Set|set|Use|use|give|raise|lower|move|write|add|e\.g\.|needs|must)\b")
+
+
+def _says_where_and_what(error: FinetuneError, recipe_bytes: bytes, data_bytes: bytes, params: dict, proj) -> None:
+    message = str(error)
+    assert message.strip() and "Traceback" not in message
+    if isinstance(error, RecipeError):
+        n = len(error.problems)
+        assert n and error.source.endswith("finetune.yaml")
+        assert message.splitlines()[0] == f"{error.source}: {n} problem{'s' if n != 1 else ''} in the recipe:"
+        for problem in error.problems:
+            _recipe_problem_says_where_and_what(problem, recipe_bytes, params)
+        return
+    path = str(proj / "data" / "train.jsonl")
+    fix = f"Run `mlflow-finetune data check {path}` for the full report."
+    head, body = message.split("\n", 1)
+    n = int(re.fullmatch(r"(\d+) problems? in the data; nothing was started:", head)[1])
+    assert body.endswith("\n" + fix), message
+    problems = _data_problems(body[:-len(fix) - 1], path)
+    assert len(problems) == min(n, 20) + (n > 20), message
+    _data_problems_say_where(problems, data_bytes, path)
+
+
+def _data_problems(body: str, path: str) -> list[str]:
+    """The problem lines of a data error (a problem may quote a column name with a line break in it)."""
+    return re.split(rf"\n(?=  {re.escape(path)}:|  \.\.\. and )", body)
+
+
+def _recipe_problem_says_where_and_what(problem: str, recipe_bytes: bytes, params: dict) -> None:
+    """One problem of a RecipeError: where it is (a YAML line holding the key, the -P flag that set it, or the key
+    itself) and what to do (the valid keys or choices, the type expected, the fix)."""
+    rest, line, flag = problem, None, None
+    if m := YAML_LINE.match(problem):
+        line, rest = int(m[1]), problem[m.end():]
+    elif flag := next((k for k, v in params.items() if problem.startswith(f"-P {k}={v}: ")), None):
+        rest = problem[len(f"-P {flag}={params[flag]}: "):]
+    key = None
+    if m := WHOLE_FILE.fullmatch(rest):
+        assert flag is None, problem
+        if m["byte"]:
+            with pytest.raises(UnicodeDecodeError) as bad:
+                recipe_bytes.decode("utf-8")
+            assert bad.value.start == int(m["byte"]), problem
+        if m["type"]:
+            assert type(yaml.safe_load(recipe_bytes.decode("utf-8"))).__name__ == m["type"], problem
+    elif m := UNKNOWN_KEY.fullmatch(rest):
+        key, valid = m["key"], m["valid"].split(", ")
+        assert valid == ["(none)"] or key.rsplit(".", 1)[-1] not in valid, problem
+        assert not m["section"] or key.startswith(m["section"] + "."), problem
+        assert not m["guess"] or m["guess"] in valid, problem
+        if key.rsplit(".", 1)[-1] in TYPOS:
+            assert m["guess"] == TYPOS[key.rsplit(".", 1)[-1]], f"no `Did you mean`: {problem}"
+    elif m := WRONG_VALUE.fullmatch(rest) or next(filter(None, (p.fullmatch(rest) for p in KEY_PROBLEMS)), None):
+        key = m["key"]
+        assert key.split(".")[0] in SECTION_NAMES, problem
+    elif flag and re.fullmatch(r"`.+` is a value, not a section", rest, re.S):
+        pass
+    else:  # a combination of keys: it names the first and says what to change
+        key = re.match(r"[\w./]*", rest)[0]
+        assert key.split(".")[0] in SECTION_NAMES and REMEDY.search(rest), f"says neither where nor what: {problem}"
+    if line is not None:
+        _names_a_line_of_the_file(line, key, recipe_bytes, problem)
+    if flag is not None and key is not None:
+        assert key.split(".")[0] == SHORT_KEYS.get(flag, flag).split(".")[0], problem
+    assert line is not None or flag is not None or key or WHOLE_FILE.fullmatch(rest), f"says not where: {problem}"
+
+
+def _names_a_line_of_the_file(line: int, key: str | None, recipe_bytes: bytes, problem: str) -> None:
+    """The line is in the file (YAML counts every kind of line break), and holds the key where it is written plainly
+    (a key of other characters may be quoted and escaped there)."""
+    lines = re.split(r"\r\n|[\n\r\x85\u2028\u2029]", recipe_bytes.decode("utf-8"))
+    assert 1 <= line <= len(lines), problem
+    parts = key.split(".") if key else []
+    if parts and all(re.fullmatch(r"[A-Za-z_]\w*", p) for p in parts):
+        assert any(p in lines[line - 1] for p in parts), f"line {line} is {lines[line - 1]!r}: {problem}"
+
+
+def _data_problems_say_where(problems: list[str], data_bytes: bytes, path: str) -> None:
+    """Each line of a data error names the file, and the rows it blames are rows of it that are wrong that way."""
+    rows = data_bytes.split(b"\n")
+    for problem in problems:
+        if problem.strip().startswith("... and "):
+            continue
+        assert problem.startswith(f"  {path}:"), problem
+        rest = problem[len(f"  {path}:"):]
+        if m := re.match(r"(\d+): ", rest):
+            blamed, rest = [int(m[1])], rest[m.end():]
+        else:
+            many = re.search(r" \(\d+ rows: lines ([\d, ]+)(?: and \d+ more)?\)$", rest)
+            blamed = [int(n) for n in many[1].split(", ")] if many else []
+        for n in blamed:
+            assert 1 <= n <= len(rows) and rows[n - 1].strip(), problem
+            _row_is_wrong_that_way(rows[n - 1], n, rest, problem)
+
+
+def _row_is_wrong_that_way(row: bytes, n: int, rest: str, problem: str) -> None:
+    if m := re.match(r"not valid UTF-8 \(byte 0x([0-9a-f]{2}) at column (\d+)\); re-save the file as UTF-8", rest):
+        assert row[int(m[2]) - 1] == int(m[1], 16), problem
+        return
+    if rest.startswith(("invalid JSON", "expected a JSON object")):
+        text = row.decode("utf-8-sig" if n == 1 else "utf-8")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            assert rest.startswith("invalid JSON") and "each line must be one complete JSON object" in rest, problem
+        else:
+            assert rest.startswith("expected a JSON object") and not isinstance(value, dict), problem
 
 
 def _report(counts: Counter, what: str, capsys, record_property) -> None:

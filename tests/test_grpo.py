@@ -10,11 +10,13 @@ import mlflow
 import pytest
 import torch
 
-from mlflow_finetune_plugin.config.recipe import DataConfig, EvalConfig, GRPOConfig, ModelConfig, TrainConfig
+from mlflow_finetune_plugin.config.schema import DataConfig, EvalConfig, GRPOConfig, ModelConfig, TrainConfig
 from mlflow_finetune_plugin.data.read import DataError, detect_format, load_training_dataset, read_records
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.train.rewards.calling import exact_answer, json_schema, load_rewards, regex, score
-from tests.conftest import jsonl
+from mlflow_finetune_plugin.train.rewards.builtins import exact_answer, json_schema, regex
+from mlflow_finetune_plugin.train.rewards.calling import score
+from mlflow_finetune_plugin.train.rewards.loader import load_rewards
+from tests.helpers import jsonl
 
 SYSTEM = "Reply with the number only."
 
@@ -170,21 +172,24 @@ def test_prompt_only_rows_load_as_messages_with_their_other_columns(tmp_path):
 
 
 def test_check_names_the_keys_to_change_before_any_model_loads(tmp_path):
+    from mlflow_finetune_plugin.config.checks import grpo_problems
     from mlflow_finetune_plugin.train.objectives import grpo
 
-    assert grpo.check(_recipe(tmp_path)) == []
+    assert grpo.check(_recipe(tmp_path)) == [] and grpo_problems(_recipe(tmp_path)) == []
     recipe = _recipe(tmp_path, rewards=["exact_answer", "brevity"], num_generations=3, max_completion_length=200)
     recipe.data.train = jsonl(tmp_path / "data" / "train.jsonl", [{"prompt": "q"}])  # no `answer` column
-    problems = grpo.check(recipe)
-    assert len(problems) == 4
+    problems = grpo.check(recipe)  # what needs the project's code: its reward functions and the columns they read
+    assert len(problems) == 2
     assert problems[0].startswith("grpo.rewards[1]: unknown reward 'brevity'")
-    assert problems[1].startswith("grpo.num_generations (3) must divide the completions of one optimizer step, "
+    assert problems[1].startswith("data.train: reward 'exact_answer' needs the column answer")
+    problems = grpo_problems(recipe)  # what the recipe alone decides, refused when it loads
+    assert len(problems) == 2
+    assert problems[0].startswith("grpo.num_generations (3) must divide the completions of one optimizer step, "
                                   "train.batch_size x train.grad_accum = 4 x 1 = 4")
-    assert problems[1].endswith("Set train.batch_size to 6 (a multiple of 3), or grpo.num_generations to a divisor "
+    assert problems[0].endswith("Set train.batch_size to 6 (a multiple of 3), or grpo.num_generations to a divisor "
                                 "of 4 (2, 4)")
-    assert problems[2].startswith("grpo.max_completion_length (200) leaves no room for the prompt in "
+    assert problems[1].startswith("grpo.max_completion_length (200) leaves no room for the prompt in "
                                   "data.max_length (128)")
-    assert problems[3].startswith("data.train: reward 'exact_answer' needs the column answer")
 
 
 def _tiny_lora():
@@ -269,9 +274,9 @@ def test_a_reward_raising_during_training_ends_it_with_a_finetune_error(tmp_path
 
 
 def test_the_bundled_grpo_recipe_checks_clean_with_its_data_and_rewards():
-    from mlflow_finetune_plugin.config.recipe import load_recipe
+    from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.train.objectives import grpo
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     recipe = load_recipe(REPO / "recipes" / "grpo")
     assert recipe.objective == "grpo" and recipe.data.format == "prompt_only"
@@ -330,7 +335,7 @@ def test_grpo_continues_a_registered_lora_version(tmp_path, tracking_uri):
     """`-e grpo -P model.init_adapter=models:/NAME@challenger`: reinforcement on top of an SFT version."""
     from mlflow_finetune_plugin.backend import resolve_entry_point
     from mlflow_finetune_plugin.train.job import run
-    from tests.conftest import chat_rows, write_project
+    from tests.helpers import chat_rows, write_project
 
     sft = write_project(tmp_path / "sft", "train: {max_steps: 2, batch_size: 2}\neval: {enabled: false}\n",
                         rows=chat_rows(4))

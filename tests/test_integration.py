@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tests.conftest import SUPPORT_BOT
+from tests.helpers import SUPPORT_BOT
 
 pytestmark = pytest.mark.integration
 

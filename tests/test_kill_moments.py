@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.backend import FinetuneBackend
 from mlflow_finetune_plugin.train import resume
-from tests.conftest import REPO, chat_rows, write_project
+from tests.helpers import REPO, chat_rows, write_project
 
 EXPERIMENT = "kill-moments"
 # The last step (15) is a save step: a run killed while publishing resumes from its final checkpoint.

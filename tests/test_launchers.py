@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -23,13 +18,17 @@ from mlflow.exceptions import ExecutionException
 
 from mlflow_finetune_plugin.backend import FinetuneBackend, _check_backend_config
 from mlflow_finetune_plugin.launchers.torchrun import torchrun_command
-from tests.conftest import REPO, chat_rows, write_project
+from tests.helpers import (
+    LONG_RECIPE,
+    QUICK_RECIPE,
+    chat_rows,
+    free_port,
+    subprocess_env,
+    training_started,
+    wait_for,
+    write_project,
+)
 
-# Short rows, short sequences: a step takes a fraction of a second on 2 CPU cores.
-QUICK = ("data:\n  max_length: 64\n  packing: false\n"
-         "train:\n  max_steps: 10\n  batch_size: 2\n  learning_rate: 5.0e-3\n  logging_steps: 1\n  save_steps: 5\n"
-         "eval:\n  enabled: false\n")
-LONG = QUICK.replace("max_steps: 10", "max_steps: 100000").replace("save_steps: 5", "save_steps: 1000")
 TORCHRUN = {"launcher": "torchrun", "nproc_per_node": 2}
 EXPERIMENT = "launchers"
 CLI = [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()"]  # `mlflow-finetune`
@@ -46,19 +45,6 @@ def _runs():
     return [] if exp is None else MlflowClient().search_runs([exp.experiment_id])
 
 
-def _wait_for(predicate, timeout=180, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _training(run_id):
-    return lambda: "train/loss" in MlflowClient().get_run(run_id).data.metrics
-
-
 def _processes_of(run_id) -> list:
     """Live processes whose command line or environment names the run: what an orphan would look like."""
     import psutil
@@ -73,12 +59,6 @@ def _processes_of(run_id) -> list:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
-
-
-def _env(tracking_uri):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_EXPERIMENT_ID", None)  # set by mlflow.set_experiment in this process
-    return env
 
 
 # ----------------------------------------------------------------------------------------------- unit: config
@@ -118,9 +98,9 @@ def test_bad_backend_config_says_what_to_change(config, expected):
 
 def test_unreachable_ray_cluster_is_refused_before_a_run_exists(tmp_path, tracking_uri):
     pytest.importorskip("ray")
-    proj = write_project(tmp_path / "p", QUICK, rows=chat_rows(8))
+    proj = write_project(tmp_path / "p", QUICK_RECIPE, rows=chat_rows(8))
     with pytest.raises(ExecutionException) as info:
-        _submit(proj, tracking_uri, config={"launcher": "ray", "address": f"http://127.0.0.1:{_free_port()}"})
+        _submit(proj, tracking_uri, config={"launcher": "ray", "address": f"http://127.0.0.1:{free_port()}"})
     assert "cannot reach the Ray cluster" in str(info.value) and "ray start --head" in str(info.value)
     assert _runs() == []
 
@@ -130,7 +110,7 @@ def test_unreachable_ray_cluster_is_refused_before_a_run_exists(tmp_path, tracki
 
 @pytest.mark.integration
 def test_torchrun_two_ranks_one_run_one_version_loss_falls(tmp_path, tracking_uri):
-    proj = write_project(tmp_path / "ddp", QUICK, rows=chat_rows(32))
+    proj = write_project(tmp_path / "ddp", QUICK_RECIPE, rows=chat_rows(32))
     submitted = _submit(proj, tracking_uri, config=TORCHRUN)
     assert submitted.wait() is True
     (run,) = _runs()  # rank 1 never creates a run of its own
@@ -151,19 +131,19 @@ def test_torchrun_two_ranks_one_run_one_version_loss_falls(tmp_path, tracking_ur
 def _training_mlflow_run(tmp_path, tracking_uri, extra_args=()):
     """`mlflow run` of a long LoRA job in a session of its own (as from a terminal), returned once it trains:
     (process, log file, run id). The caller stops it and kills the session if it outlives the test."""
-    proj = write_project(tmp_path / "p", LONG, rows=chat_rows(32))
+    proj = write_project(tmp_path / "p", LONG_RECIPE, rows=chat_rows(32))
     cmd = [sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune", *extra_args,
            "--experiment-name", EXPERIMENT]
     mlflow.set_experiment(EXPERIMENT)  # create the store first: two processes migrating one sqlite file race
     log = tmp_path / "mlflow-run.log"
     with open(log, "w") as out:  # a file, not a pipe: nobody reads until the end, and progress bars are chatty
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tracking_uri), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(tracking_uri), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        _wait_for(lambda: proc.poll() is not None or len(_runs()) == 1, what="the run to be created")
+        wait_for(lambda: proc.poll() is not None or len(_runs()) == 1, what="the run to be created")
         assert proc.poll() is None, log.read_text()[-3000:]
         run_id = _runs()[0].info.run_id
-        _wait_for(_training(run_id), what="training to start")
+        wait_for(training_started(run_id), what="training to start")
     except BaseException:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -193,7 +173,7 @@ def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, t
     assert f"Run {run_id} cancelled" in output and "Traceback" not in output.split("Interrupted")[-1], output[-3000:]
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "KILLED"
-    _wait_for(lambda: not _processes_of(run_id), timeout=30, what="no process of the run left")
+    wait_for(lambda: not _processes_of(run_id), timeout=30, what="no process of the run left")
 
 
 @pytest.mark.integration
@@ -206,7 +186,7 @@ def test_a_stop_signal_to_mlflow_run_cancels_the_job(tmp_path, tracking_uri, sto
     assert proc.returncode != 0
     assert f"Run {run_id} cancelled" in output, output[-3000:]
     assert MlflowClient().get_run(run_id).info.status == "KILLED"
-    _wait_for(lambda: not _processes_of(run_id), timeout=30, what="no process of the run left")
+    wait_for(lambda: not _processes_of(run_id), timeout=30, what="no process of the run left")
 
 
 # ----------------------------------------------------------------------------------------------- cancel CLI
@@ -214,18 +194,18 @@ def test_a_stop_signal_to_mlflow_run_cancels_the_job(tmp_path, tracking_uri, sto
 
 @pytest.mark.integration
 def test_cancel_command_stops_a_detached_run(tmp_path, tracking_uri):
-    proj = write_project(tmp_path / "p", LONG, rows=chat_rows(32))
+    proj = write_project(tmp_path / "p", LONG_RECIPE, rows=chat_rows(32))
     submitted = _submit(proj, tracking_uri, config={"detach": True}, synchronous=False)
-    _wait_for(_training(submitted.run_id), what="training to start")
+    wait_for(training_started(submitted.run_id), what="training to start")
     assert MlflowClient().get_run(submitted.run_id).data.tags["finetune.job.launcher"] == "local"
     proc = subprocess.run([*CLI, "cancel", submitted.run_id],
-                          env=_env(tracking_uri), capture_output=True, text=True, timeout=120)
+                          env=subprocess_env(tracking_uri), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"Run {submitted.run_id} cancelled (KILLED)" in proc.stdout
     assert MlflowClient().get_run(submitted.run_id).info.status == "KILLED"
-    _wait_for(lambda: not _processes_of(submitted.run_id), timeout=30, what="no process of the run left")
+    wait_for(lambda: not _processes_of(submitted.run_id), timeout=30, what="no process of the run left")
     again = subprocess.run([*CLI, "cancel", submitted.run_id],
-                           env=_env(tracking_uri), capture_output=True, text=True, timeout=60)
+                           env=subprocess_env(tracking_uri), capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "had already ended KILLED" in again.stdout
 
 
@@ -242,63 +222,9 @@ def test_cancel_command_unknown_run_is_a_clear_error(tracking_uri):
 # ----------------------------------------------------------------------------------------------- ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A real Ray head on 127.0.0.1 (dashboard on, for Ray Jobs), stopped after the module's tests."""
-    pytest.importorskip("ray")
-    from ray.job_submission import JobSubmissionClient
-
-    ray_bin = Path(sys.executable).parent / "ray"
-    tmp = tmp_path_factory.mktemp("ray")
-    # Ray's socket paths live under --temp-dir and must stay under 107 bytes (AF_UNIX): pytest's own temp folders
-    # (with pytest-xdist's popen-gwN level) are too deep for that.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-"))
-    dashboard = _free_port()
-    cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
-           "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard=true",
-           "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),  # Ray's minimum: 75 MiB
-           "--disable-usage-stats", "--temp-dir", str(ray_tmp)]
-    # The jobs inherit this environment: the package from this checkout, no hub.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
-    head = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(tmp / "head.log", "w"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if head.poll() is not None:
-                pytest.fail(f"ray head exited: {(tmp / 'head.log').read_text()[-3000:]}")
-            try:
-                JobSubmissionClient(address)
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        yield address
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # anything of this head's session still alive
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
 @pytest.mark.integration
 def test_ray_job_two_workers_finishes_registers_and_streams_its_log(tmp_path, tracking_uri, ray_head, capfd):
-    proj = write_project(tmp_path / "rayproj", QUICK, rows=chat_rows(32))
+    proj = write_project(tmp_path / "rayproj", QUICK_RECIPE, rows=chat_rows(32))
     submitted = _submit(proj, tracking_uri, config={"launcher": "ray", "address": ray_head, "num_workers": 2})
     assert submitted.job_id == f"mlflow-finetune-{submitted.run_id}"
     assert submitted.wait() is True
@@ -321,12 +247,12 @@ def test_ray_job_cancel_stops_the_job_and_kills_the_run(tmp_path, tracking_uri, 
 
     from mlflow_finetune_plugin.launchers.cancel import cancel_run
 
-    proj = write_project(tmp_path / "p", LONG, rows=chat_rows(32))
+    proj = write_project(tmp_path / "p", LONG_RECIPE, rows=chat_rows(32))
     submitted = _submit(proj, tracking_uri, config={"launcher": "ray", "address": ray_head, "detach": True},
                         synchronous=False)
-    _wait_for(_training(submitted.run_id), what="training to start")
+    wait_for(training_started(submitted.run_id), what="training to start")
     assert submitted.get_status() == "RUNNING"
     assert cancel_run(submitted.run_id) == ("KILLED", True)  # what `mlflow-finetune cancel RUN_ID` does
     assert str(JobSubmissionClient(ray_head).get_job_status(submitted.job_id)) == "STOPPED"
     assert MlflowClient().get_run(submitted.run_id).info.status == "KILLED"
-    _wait_for(lambda: not _processes_of(submitted.run_id), timeout=30, what="no process of the run left")
+    wait_for(lambda: not _processes_of(submitted.run_id), timeout=30, what="no process of the run left")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlflow_finetune_plugin.config.recipe import LoraAdapter
+from mlflow_finetune_plugin.config.schema import LoraAdapter
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import load_logged_model, log_finetuned_model
 from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
@@ -118,11 +118,11 @@ def test_the_trained_system_prompt_is_the_recipes_else_the_datas_most_common():
 
 def test_a_trained_version_carries_its_training_datas_system_prompt(tmp_path, tracking_uri):
     """The support-bot case: the rows hold the system message, the recipe none; the playground reads it back."""
-    from mlflow_finetune_plugin.config.recipe import load_recipe
+    from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.serving import ModelChoice
     from mlflow_finetune_plugin.serving.choices import trained_system_prompt
     from mlflow_finetune_plugin.train.job import run
-    from tests.conftest import chat_rows, write_project
+    from tests.helpers import chat_rows, write_project
 
     rows = [{"messages": [{"role": "system", "content": NIMBUS}, *r["messages"]]} for r in chat_rows(6)]
     proj = write_project(tmp_path / "bot", "data: {max_length: 64}\neval: {enabled: false}\n", rows=rows + chat_rows(2))

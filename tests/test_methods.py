@@ -2,8 +2,8 @@
 4/8-bit base) through the same checks, with the SFT step; the objectives over the adapters are in
 tests/test_objectives.py.
 
-Adding an adapter = its module in adapters/, its config in recipe.py, and a row in CASES/TRAINABLE below (a missing
-row fails).
+Adding an adapter = its module in adapters/, its config in config/schema.py, and a row in CASES/TRAINABLE below (a
+missing row fails).
 """
 
 from __future__ import annotations
@@ -16,20 +16,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mlflow_finetune_plugin.config.checks import NOT_PACKABLE, NOT_QUANTIZABLE
+from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.config.presets import PRESETS
-from mlflow_finetune_plugin.config.recipe import (
+from mlflow_finetune_plugin.config.schema import (
+    ADAPTER_CONFIGS,
     IA3Adapter,
     LoraAdapter,
     ModelConfig,
     PromptAdapter,
-    load_recipe,
 )
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import load_logged_model, log_finetuned_model
 from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 from mlflow_finetune_plugin.train import quantization
 from mlflow_finetune_plugin.train.adapters import ADAPTERS, adapter_of, lora
-from tests.conftest import REPO, chat_rows, write_project
+from tests.helpers import REPO, chat_rows, write_project
 
 # case id -> (entry point, recipe overrides). One row per entry point with its defaults, plus variants: other
 # settings of an adapter, and adapters on a quantized base.
@@ -157,12 +159,13 @@ def test_every_entry_point_and_adapter_has_a_row():
 
 def test_every_adapter_module_has_the_whole_interface():
     for name, module in ADAPTERS.items():
-        for attribute in ("ARTIFACT", "PACKING_SAFE", "NOT_PACKABLE", "QUANTIZABLE", "NOT_QUANTIZABLE",
-                          "peft_config", "apply", "vllm_compatible"):
+        for attribute in ("ARTIFACT", "peft_config", "apply", "vllm_compatible"):
             assert hasattr(module, attribute), f"adapters/{name}.py has no {attribute}"
         assert module.ARTIFACT in ("adapter", "full")
-        assert bool(module.NOT_PACKABLE) is not module.PACKING_SAFE
-        assert bool(module.NOT_QUANTIZABLE) is not module.QUANTIZABLE
+    # what an adapter cannot train with names real adapters, each with its reason
+    for table in (NOT_PACKABLE, NOT_QUANTIZABLE):
+        assert set(table) <= set(ADAPTERS) and all(table.values())
+    assert set(ADAPTER_CONFIGS) == set(ADAPTERS)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -293,7 +296,7 @@ def test_config_errors_say_how_to_fix_them():
 
 
 def test_each_method_has_a_recipe_and_a_docs_row():
-    from mlflow_finetune_plugin.config.recipe import load_recipe
+    from mlflow_finetune_plugin.config.loading import load_recipe
 
     docs = (REPO / "docs" / "methods.md").read_text()
     for name in PRESETS:

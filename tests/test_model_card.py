@@ -7,10 +7,10 @@ from pathlib import Path
 
 import mlflow
 
-from mlflow_finetune_plugin.config.recipe import load_recipe, to_yaml
+from mlflow_finetune_plugin.config.loading import load_recipe, to_yaml
 from mlflow_finetune_plugin.registry import model_card
 from mlflow_finetune_plugin.train.job import run
-from tests.conftest import FAST_OVERRIDES, chat_rows, jsonl
+from tests.helpers import FAST_OVERRIDES, chat_rows, jsonl
 
 SYSTEM = "You are a careful calculator. Answer with the sum."
 

@@ -21,9 +21,18 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import chat_rows, write_project
-from tests.test_ctrl_c_stress import _job_processes, _orphans
-from tests.test_launchers import LONG, QUICK, _env, _free_port, _training, _wait_for
+from tests.helpers import (
+    LONG_RECIPE,
+    QUICK_RECIPE,
+    chat_rows,
+    free_port,
+    job_processes,
+    orphans,
+    subprocess_env,
+    training_started,
+    wait_for,
+    write_project,
+)
 
 EXPERIMENT = "multinode"
 ROWS = 32
@@ -34,9 +43,9 @@ def _start_two_agents(tmp_path, tracking_uri, recipe: str):
     terminals). Returns (first, second, run id, logs)."""
     proj = write_project(tmp_path / "proj", recipe, rows=chat_rows(ROWS))
     mlflow.set_experiment(EXPERIMENT)  # the store exists before either agent touches it
-    config = {"launcher": "torchrun", "nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}"}
+    config = {"launcher": "torchrun", "nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"}
     logs = {"first": tmp_path / "first.log", "second": tmp_path / "second.log"}
-    env = _env(tracking_uri)
+    env = subprocess_env(tracking_uri)
     with open(logs["first"], "w") as out:
         first = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune",
@@ -44,7 +53,7 @@ def _start_two_agents(tmp_path, tracking_uri, recipe: str):
             cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         hint = re.compile(r"On each of them .*run:\n(.+)\n===")
-        _wait_for(lambda: first.poll() is not None or hint.search(logs["first"].read_text()), timeout=120,
+        wait_for(lambda: first.poll() is not None or hint.search(logs["first"].read_text()), timeout=120,
                   what="the command for the other node")
         text = logs["first"].read_text()
         assert first.poll() is None, text[-3000:]
@@ -77,7 +86,7 @@ def _wait_both(agents, timeout: float = 180) -> None:
 def _nothing_left(agents, run_id: str, since: float) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        left = [p for a in agents for p in _job_processes(a.pid, run_id)] + _orphans(since)
+        left = [p for a in agents for p in job_processes(a.pid, run_id)] + orphans(since)
         if not left:
             return
         time.sleep(0.3)
@@ -86,7 +95,7 @@ def _nothing_left(agents, run_id: str, since: float) -> None:
 
 @pytest.mark.integration
 def test_two_agents_one_run_one_version_loss_falls(tmp_path, tracking_uri):
-    first, second, run_id, logs = _start_two_agents(tmp_path, tracking_uri, QUICK.replace("max_steps: 10", "max_steps: 20"))
+    first, second, run_id, logs = _start_two_agents(tmp_path, tracking_uri, QUICK_RECIPE.replace("max_steps: 10", "max_steps: 20"))
     _wait_both([first, second])
     assert first.returncode == 0, logs["first"].read_text()[-3000:]
     assert second.returncode == 0, logs["second"].read_text()[-3000:]
@@ -106,9 +115,9 @@ def test_two_agents_one_run_one_version_loss_falls(tmp_path, tracking_uri):
 @pytest.mark.parametrize(("agent", "stop"), [("first", "Ctrl-C"), ("second", "Ctrl-C"), ("second", "kill -9 rank")])
 def test_a_stop_or_failure_on_either_agent_ends_the_whole_job(tmp_path, tracking_uri, agent, stop):
     since = time.time()
-    first, second, run_id, logs = _start_two_agents(tmp_path, tracking_uri, LONG)
+    first, second, run_id, logs = _start_two_agents(tmp_path, tracking_uri, LONG_RECIPE)
     try:
-        _wait_for(_training(run_id), timeout=180, what="both nodes to train")
+        wait_for(training_started(run_id), timeout=180, what="both nodes to train")
     except AssertionError:
         _wait_both([first, second], timeout=1)
         raise

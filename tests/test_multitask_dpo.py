@@ -10,13 +10,13 @@ import mlflow
 import pytest
 import torch
 
-from mlflow_finetune_plugin.backend import check_recipe_data
-from mlflow_finetune_plugin.config.recipe import load_recipe
+from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.data.check import check_data
+from mlflow_finetune_plugin.data.preflight import check_recipe_data
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
 from mlflow_finetune_plugin.train.job import run
 from mlflow_finetune_plugin.train.objectives.sft import packing
-from tests.conftest import FAST_OVERRIDES, REPO, chat_rows, jsonl
+from tests.helpers import FAST_OVERRIDES, REPO, chat_rows, jsonl
 
 FAST = FAST_OVERRIDES
 

@@ -5,7 +5,6 @@ mixture, continuing a registered adapter, and the reference-free preference obje
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import mlflow
@@ -13,8 +12,9 @@ import pytest
 import torch
 
 from mlflow_finetune_plugin.backend import resolve_entry_point
+from mlflow_finetune_plugin.config.checks import OBJECTIVE_FORMATS
+from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.config.presets import PRESETS
-from mlflow_finetune_plugin.config.recipe import load_recipe
 from mlflow_finetune_plugin.data.splits import load_splits
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer
@@ -23,14 +23,14 @@ from mlflow_finetune_plugin.train.adapters import ADAPTERS, adapter_of, attach
 from mlflow_finetune_plugin.train.job import run
 from mlflow_finetune_plugin.train.objectives import NAMES, objective_of
 from mlflow_finetune_plugin.train.trainers import training_arguments
-from tests.conftest import FAST_OVERRIDES, chat_rows, jsonl
+from tests.helpers import FAST_OVERRIDES, chat_rows, jsonl
 
 FAST = FAST_OVERRIDES
 
 
 def _rows(objective: str, n: int, offset: int = 0) -> list[dict]:
     """Rows in the format the objective trains on."""
-    formats = importlib.import_module(f"mlflow_finetune_plugin.train.objectives.{objective}").DATA_FORMATS
+    formats = OBJECTIVE_FORMATS[objective]
     if "preference" in formats:
         return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
                  "chosen": [{"role": "assistant", "content": f"{2 * i}"}],
@@ -85,6 +85,7 @@ def test_every_adapter_trains_with_every_objective(adapter, objective, quant, tm
 def test_matrix_covers_every_adapter_objective_and_quantization():
     assert {a for a, _, _ in MATRIX} == set(ADAPTERS) and {o for _, o, _ in MATRIX} == set(NAMES)
     assert {q for _, _, q in MATRIX} == {"none", "4bit"}
+    assert set(OBJECTIVE_FORMATS) == set(NAMES)  # every objective says which data it trains on
     # every adapter x objective pair either trains (unquantized) or is refused, never left out silently
     trained = {(a, o) for a, o, q in MATRIX if q == "none"}
     assert trained | REFUSED_OBJECTIVES == {(a, o) for a in ADAPTERS for o in NAMES}

@@ -9,7 +9,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import SUPPORT_BOT
+from tests.helpers import SUPPORT_BOT
 
 N_RUNS = 4
 

@@ -12,11 +12,9 @@ import mlflow
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import _forget_active_experiment
 from gradio_client import Client
 from gradio_client.exceptions import AppError, AuthenticationError
 from mlflow import MlflowClient
-from test_serving import cli_process, free_port, register_version, stop, wait_for_http
 
 from mlflow_finetune_plugin.arena.votes import (
     EXPERIMENT,
@@ -30,6 +28,14 @@ from mlflow_finetune_plugin.data.read import load_training_dataset
 from mlflow_finetune_plugin.serving import ModelChoice, Settings
 from mlflow_finetune_plugin.serving.playground import Playground, build_app, launch
 from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
+from tests.helpers import (
+    cli_process,
+    forget_active_experiment,
+    free_port,
+    register_version,
+    stop,
+    wait_for_http,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +56,7 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('playground') / 'mlflow.db'}"
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.delenv("MLFLOW_RUN_ID", raising=False)
-    _forget_active_experiment()
+    forget_active_experiment()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     v1 = register_version(seed=0, alias="challenger", metrics=_rouge(0.5))
@@ -62,7 +68,7 @@ def store(tmp_path_factory):
     MlflowClient().create_model_version("bot", f"runs:/{run.info.run_id}/nothing", run_id=run.info.run_id)
     yield uri
     mp.undo()
-    _forget_active_experiment()
+    forget_active_experiment()
     mlflow.set_tracking_uri(None)
 
 
@@ -174,7 +180,7 @@ def test_picking_another_model_a_replaces_a_prefilled_system_prompt_but_not_an_e
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlflow_finetune_plugin.config.recipe import LoraAdapter
+    from mlflow_finetune_plugin.config.schema import LoraAdapter
     from mlflow_finetune_plugin.logged_model import log_finetuned_model
     from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
     from mlflow_finetune_plugin.registry.versions import register

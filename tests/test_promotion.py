@@ -12,103 +12,78 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.config.recipe import Recipe
+from mlflow_finetune_plugin.config.schema import Recipe
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.registry.promotion import Gate, maybe_auto_promote, parse_gate, promote
 from mlflow_finetune_plugin.registry.versions import missing_lineage
-from mlflow_finetune_plugin.tags import lineage_tags
-
-NAME = "bot"
-
-
-def _version(tuned: dict, base: dict | None = None, fewshot: dict | None = None, recipe: dict | None = None,
-             lineage: bool = True) -> str:
-    """A run with eval metrics (and optionally a recipe.yaml), registered as a new version of NAME."""
-    client = MlflowClient()
-    with mlflow.start_run() as run:
-        for contender, values in (("tuned", tuned), ("base", base or {}), ("fewshot", fewshot or {})):
-            mlflow.log_metrics({f"eval/{contender}/{k}": v for k, v in values.items()})
-        if recipe is not None:
-            mlflow.log_dict(recipe, "recipe.yaml")
-    tags = lineage_tags(method="lora", base_model="builtin:tiny-llama", dataset_digest="d", recipe_hash="r",
-                        chat_template_hash="c", source_run=run.info.run_id) if lineage else {}
-    if not client.search_registered_models(f"name = '{NAME}'"):
-        client.create_registered_model(NAME)
-    mv = client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags=tags)
-    return str(mv.version)
-
-
-def _champion() -> str | None:
-    aliases = MlflowClient().get_registered_model(NAME).aliases
-    return str(aliases["champion"]) if "champion" in aliases else None
-
+from tests.helpers import MODEL_NAME, champion_version, register_eval_version
 
 ROUGE = [Gate(metric="rougeL", beats=["base", "fewshot", "champion"], margin=0.01)]
 
 
 def test_gates_pass_and_the_alias_moves_with_no_champion_yet(tracking_uri):
-    v = _version({"rougeL": 0.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
-    result = promote(NAME, v, "champion", ROUGE)
-    assert result.promoted and _champion() == v
+    v = register_eval_version({"rougeL": 0.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    result = promote(MODEL_NAME, v, "champion", ROUGE)
+    assert result.promoted and champion_version() == v
     assert "no @champion yet" in result.report()
-    tags = MlflowClient().get_model_version(NAME, v).tags
+    tags = MlflowClient().get_model_version(MODEL_NAME, v).tags
     assert tags["finetune.promoted_alias"] == "champion" and tags["finetune.promoted_by"]
     assert "finetune.forced_by" not in tags
 
 
 def test_a_gate_below_its_margin_fails_and_the_alias_stays(tracking_uri):
-    v1 = _version({"rougeL": 0.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
-    promote(NAME, v1, "champion", ROUGE)
+    v1 = register_eval_version({"rougeL": 0.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    promote(MODEL_NAME, v1, "champion", ROUGE)
     # Beats base and few-shot, but the champion by less than the margin.
-    v2 = _version({"rougeL": 0.505}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
-    result = promote(NAME, v2, "champion", ROUGE)
-    assert not result.promoted and not result.passed and _champion() == v1
+    v2 = register_eval_version({"rougeL": 0.505}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    result = promote(MODEL_NAME, v2, "champion", ROUGE)
+    assert not result.promoted and not result.passed and champion_version() == v1
     failed = [c for c in result.checks if not c.passed]
     assert [(c.against, c.other) for c in failed] == [("champion", 0.5)]
     assert "stays on v1" in result.report()
     # And one that beats the champion by the margin takes the alias.
-    v3 = _version({"rougeL": 0.52}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
-    result = promote(NAME, v3, "champion", ROUGE)
-    assert result.promoted and result.previous == v1 and _champion() == v3
+    v3 = register_eval_version({"rougeL": 0.52}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    result = promote(MODEL_NAME, v3, "champion", ROUGE)
+    assert result.promoted and result.previous == v1 and champion_version() == v3
 
 
 def test_lower_is_better_for_loss(tracking_uri):
-    v = _version({"loss": 1.0}, base={"loss": 2.0})
-    assert promote(NAME, v, "champion", [parse_gate("loss:0:base")]).promoted
-    worse = _version({"loss": 3.0}, base={"loss": 2.0})
-    result = promote(NAME, worse, "champion", [parse_gate("loss:0:base")])
+    v = register_eval_version({"loss": 1.0}, base={"loss": 2.0})
+    assert promote(MODEL_NAME, v, "champion", [parse_gate("loss:0:base")]).promoted
+    worse = register_eval_version({"loss": 3.0}, base={"loss": 2.0})
+    result = promote(MODEL_NAME, worse, "champion", [parse_gate("loss:0:base")])
     assert not result.promoted and result.checks[0].mode == "min"
 
 
 def test_missing_metrics_are_refused_with_what_is_missing(tracking_uri):
-    v = _version({"rougeL": 0.5}, base={"rougeL": 0.2})  # no few-shot metrics
+    v = register_eval_version({"rougeL": 0.5}, base={"rougeL": 0.2})  # no few-shot metrics
     with pytest.raises(FinetuneError, match="missing metric eval/fewshot/rougeL") as err:
-        promote(NAME, v, "champion", ROUGE)
-    assert "--force" in str(err.value) and _champion() is None
+        promote(MODEL_NAME, v, "champion", ROUGE)
+    assert "--force" in str(err.value) and champion_version() is None
 
 
 def test_missing_lineage_is_refused(tracking_uri):
-    v = _version({"rougeL": 0.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3}, lineage=False)
-    assert "finetune.dataset_digest" in missing_lineage(MlflowClient().get_model_version(NAME, v))
+    v = register_eval_version({"rougeL": 0.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3}, lineage=False)
+    assert "finetune.dataset_digest" in missing_lineage(MlflowClient().get_model_version(MODEL_NAME, v))
     with pytest.raises(FinetuneError, match="missing lineage tag finetune.recipe_hash"):
-        promote(NAME, v, "champion", ROUGE)
+        promote(MODEL_NAME, v, "champion", ROUGE)
 
 
 def test_force_needs_a_reason_and_records_who_when_why(tracking_uri):
-    v = _version({"rougeL": 0.1}, base={"rougeL": 0.2})
+    v = register_eval_version({"rougeL": 0.1}, base={"rougeL": 0.2})
     with pytest.raises(FinetuneError, match="--reason"):
-        promote(NAME, v, "champion", ROUGE, force=True)
-    result = promote(NAME, v, "champion", ROUGE, force=True, reason="hotfix for ticket 42", user="alice")
-    assert result.promoted and result.forced and _champion() == v
-    tags = MlflowClient().get_model_version(NAME, v).tags
+        promote(MODEL_NAME, v, "champion", ROUGE, force=True)
+    result = promote(MODEL_NAME, v, "champion", ROUGE, force=True, reason="hotfix for ticket 42", user="alice")
+    assert result.promoted and result.forced and champion_version() == v
+    tags = MlflowClient().get_model_version(MODEL_NAME, v).tags
     assert tags["finetune.forced_by"] == "alice" and tags["finetune.forced_reason"] == "hotfix for ticket 42"
     assert tags["finetune.forced_at"].startswith("20") and "rougeL vs base" in tags["finetune.forced_gates_failed"]
 
 
 def test_gates_come_from_the_recipe_of_the_source_run(tracking_uri):
     recipe = {"registry": {"champion_alias": "prod", "promote_if": [{"metric": "token_f1", "beats": ["base"]}]}}
-    v = _version({"token_f1": 0.4}, base={"token_f1": 0.5}, recipe=recipe)
-    result = promote(NAME, v)
+    v = register_eval_version({"token_f1": 0.4}, base={"token_f1": 0.5}, recipe=recipe)
+    result = promote(MODEL_NAME, v)
     assert result.alias == "prod" and [c.metric for c in result.checks] == ["token_f1"] and not result.promoted
 
 
@@ -123,37 +98,37 @@ def test_parse_gate():
 
 def test_auto_promote(tracking_uri):
     recipe = Recipe.model_validate({"registry": {"auto_promote": False}})
-    v = _version({"rougeL": 0.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
-    assert maybe_auto_promote(NAME, v, recipe) is None and _champion() is None
+    v = register_eval_version({"rougeL": 0.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    assert maybe_auto_promote(MODEL_NAME, v, recipe) is None and champion_version() is None
 
     recipe.registry.auto_promote = True
-    assert maybe_auto_promote(NAME, v, recipe).promoted and _champion() == v
+    assert maybe_auto_promote(MODEL_NAME, v, recipe).promoted and champion_version() == v
     # A refusal (missing metrics) is reported, never raised: the run's work is done.
-    v2 = _version({"rougeL": 0.9})
+    v2 = register_eval_version({"rougeL": 0.9})
     with mlflow.start_run() as run:
-        result = maybe_auto_promote(NAME, v2, recipe)
-    assert not result.promoted and "missing metric" in result.message and _champion() == v
+        result = maybe_auto_promote(MODEL_NAME, v2, recipe)
+    assert not result.promoted and "missing metric" in result.message and champion_version() == v
     assert MlflowClient().get_run(run.info.run_id).data.tags["finetune.auto_promoted"] == "false"
 
 
 def test_cli_promote_and_models(tracking_uri):
     runner = CliRunner()
-    v1 = _version({"rougeL": 0.5, "loss": 1.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
-    out = runner.invoke(main, ["promote", NAME, "--version", v1, "--gate", "rougeL:0.01"])
+    v1 = register_eval_version({"rougeL": 0.5, "loss": 1.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    out = runner.invoke(main, ["promote", MODEL_NAME, "--version", v1, "--gate", "rougeL:0.01"])
     assert out.exit_code == 0, out.output
     assert "pass" in out.output and "moved from nobody to v1" in out.output
 
-    v2 = _version({"rougeL": 0.4}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
-    out = runner.invoke(main, ["promote", NAME, "--version", v2, "--gate", "rougeL:0.01"])
-    assert out.exit_code == 1 and "FAIL" in out.output and _champion() == v1
+    v2 = register_eval_version({"rougeL": 0.4}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    out = runner.invoke(main, ["promote", MODEL_NAME, "--version", v2, "--gate", "rougeL:0.01"])
+    assert out.exit_code == 1 and "FAIL" in out.output and champion_version() == v1
 
-    out = runner.invoke(main, ["promote", NAME, "--version", v2, "--gate", "rougeL", "--force"])
+    out = runner.invoke(main, ["promote", MODEL_NAME, "--version", v2, "--gate", "rougeL", "--force"])
     assert out.exit_code == 1 and "--reason" in out.output
-    out = runner.invoke(main, ["promote", NAME, "--version", v2, "--gate", "rougeL", "--force",
+    out = runner.invoke(main, ["promote", MODEL_NAME, "--version", v2, "--gate", "rougeL", "--force",
                                "--reason", "rollback test"])
-    assert out.exit_code == 0 and "FORCED" in out.output and _champion() == v2
+    assert out.exit_code == 0 and "FORCED" in out.output and champion_version() == v2
 
-    out = runner.invoke(main, ["models", NAME])
+    out = runner.invoke(main, ["models", MODEL_NAME])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
     assert lines[0].split() == ["version", "aliases", "method", "base", "rougeL", "token_f1", "exact_match", "loss",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mlflow_finetune_plugin.config.recipe import flat_params, load_recipe, recipe_hash, to_yaml
+from mlflow_finetune_plugin.config.loading import flat_params, load_recipe, recipe_hash, to_yaml
 from mlflow_finetune_plugin.errors import RecipeError
-from tests.conftest import REPO, chat_rows, write_project
+from tests.helpers import REPO, chat_rows, write_project
 
 
 def _project(tmp_path, text):

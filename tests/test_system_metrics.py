@@ -12,9 +12,9 @@ import torch
 from mlflow import MlflowClient
 
 from mlflow_finetune_plugin.backend import FinetuneBackend
-from mlflow_finetune_plugin.config.recipe import load_recipe
+from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.train import job
-from tests.conftest import chat_rows, write_project
+from tests.helpers import chat_rows, write_project
 
 QUICK = {"train.max_steps": "4", "train.batch_size": "2", "train.save_steps": "4", "eval.enabled": "false",
          "registry.enabled": "false", "train.system_metrics_interval": "0.5"}

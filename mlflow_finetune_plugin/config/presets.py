@@ -5,8 +5,8 @@ axes a recipe leaves unset (`qlora` = a LoRA adapter on a 4-bit base, trained wi
 
 Recipes written before the axes existed keep working: the section named after the entry point (`qlora:`,
 `dpo:`, `multitask:`, ...) is read into the axes it describes, and the `lora:` section configures any LoRA adapter.
-This module only moves keys between places in the raw YAML mapping; `recipe.py` validates the result. It imports
-nothing from the package, so the recipe can use it.
+This module only moves keys between places in the raw YAML mapping; `loading.py` validates the result. It imports
+nothing from the package, so the loader can use it.
 """
 
 from __future__ import annotations

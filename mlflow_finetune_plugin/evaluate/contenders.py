@@ -1,9 +1,8 @@
-"""Evaluation of a fine-tune against the alternatives a user has: the base model zero-shot, the base model few-shot
-(k train examples in the prompt) and the tuned model, on the held-out split.
+"""Who answers in an evaluation of a fine-tune: the alternatives a user has, the base model zero-shot, the base model
+few-shot (k train examples in the prompt) and the tuned model, each answering the held-out prompts greedily; also
+where those prompts come from when a logged model is evaluated again.
 
-For each contender: greedy answers (scored by the shipped metric modules, see `metrics.py`) and the loss of the
-reference answer given the prompt (`loss`, `perplexity`, token-weighted). Logged as `eval/<contender>/<metric>`,
-a per-example table and a comparison chart.
+Their answers are turned into figures by `scoring.py` and logged by `report.py`.
 """
 
 from __future__ import annotations
@@ -11,29 +10,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import random
-from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.evaluate.report import EvalResult, add_answers, log_evaluation, table_rows
+from mlflow_finetune_plugin.evaluate.scoring import (
+    contender_metrics,
+    reference_ids,
+    reference_nll,
+    score_and_prefill,
+)
 from mlflow_finetune_plugin.messages import text_of
-from mlflow_finetune_plugin.metrics import CONTENDERS, score
-from mlflow_finetune_plugin.tracking import log_results
-
-# Per-example scores shown in the table (the aggregate of every metric is logged).
-TABLE_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "json_valid")
-CHART_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "bleu", "json_valid")
-TABLE_FILE, CHART_FILE, SHOTS_FILE = "eval/examples.json", "eval/comparison.png", "eval/fewshot_examples.json"
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, float]                  # "eval/<contender>/<metric>" -> value, plus "eval/n_examples"
-    rows: list[dict]                           # one per example: prompt, reference, answers, scores
-    contenders: list[str] = field(default_factory=list)
-    fewshot_examples: list[list[dict]] = field(default_factory=list)
-    data_digest: str = ""                      # of the prompts and references scored
+from mlflow_finetune_plugin.metrics import CONTENDERS
 
 
 def split_conversation(messages: list[dict]) -> tuple[list[dict], str] | None:
@@ -76,64 +65,17 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
                                [_fit(tokenizer, fewshot_prompt(p, shots), p, shots, limit) for p, _ in examples])
     references = [ref for _, ref in examples]
     metrics: dict[str, float] = {"eval/n_examples": float(len(examples))}
-    rows = [{"system": "\n".join(text_of(m["content"]) for m in p if m.get("role") == "system"),
-             "prompt": _render(p), "reference": ref} for p, ref in examples]
+    rows = table_rows(examples)
     contenders = [c for c in CONTENDERS if c in runs]
     for name in contenders:
         context, prompts = runs[name]
         with context as contender:
             answers, nll, n_tokens = _answer_all(contender, tokenizer, prompts, references, cfg, name)
-        structured = cfg.output_format == "json" or cfg.json_schema is not None
-        totals, per_example = score(answers, references, cfg.json_schema, structured)
-        loss = nll / max(n_tokens, 1)
-        totals.update(loss=loss, perplexity=math.exp(min(loss, 50.0)))
+        totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg)
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
-        for i, row in enumerate(rows):
-            row[f"{name}_answer"] = answers[i]
-            row.update({f"{name}_{m}": per_example[m][i] for m in TABLE_METRICS if m in per_example})
+        add_answers(rows, name, answers, per_example)
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:12]
     return EvalResult(metrics, rows, contenders, shots if "fewshot" in runs else [], digest)
-
-
-def log_evaluation(result: EvalResult) -> None:
-    """Log metrics, the per-example table, the few-shot examples and the comparison chart into the active run."""
-    import mlflow
-    import pandas as pd
-
-    run = mlflow.active_run()
-    if run is None:
-        raise FinetuneError("log_evaluation needs an active MLflow run (mlflow.start_run())")
-    log_results(result.metrics)
-    mlflow.set_tag(tags.EVAL_DATA_DIGEST, result.data_digest)
-    # log_table appends to an existing file: a second evaluation in the same run gets its own file.
-    mlflow.log_table(pd.DataFrame(result.rows), _free_name(run.info.run_id, TABLE_FILE))
-    if result.fewshot_examples:
-        mlflow.log_dict({"examples": result.fewshot_examples}, SHOTS_FILE)
-    mlflow.log_figure(comparison_figure(result.metrics), CHART_FILE)
-
-
-def comparison_figure(metrics: dict[str, float]):
-    """Grouped bars of the [0, 1] scores and of the reference loss, one colour per contender."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    contenders = [c for c in CONTENDERS if any(k.startswith(f"eval/{c}/") for k in metrics)]
-    names = [m for m in CHART_METRICS if any(f"eval/{c}/{m}" in metrics for c in contenders)]
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_scores, ax_loss = fig.subplots(1, 2, width_ratios=[4, 1])
-    width = 0.8 / max(len(contenders), 1)
-    for i, c in enumerate(contenders):
-        xs = [j + i * width for j in range(len(names))]
-        bars = ax_scores.bar(xs, [metrics.get(f"eval/{c}/{m}", 0.0) for m in names], width, label=c)
-        ax_scores.bar_label(bars, fmt="%.2f", fontsize=7)
-        bars = ax_loss.bar([i], [metrics.get(f"eval/{c}/loss", 0.0)], 0.8, label=c)
-        ax_loss.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax_scores.set_xticks([j + width * (len(contenders) - 1) / 2 for j in range(len(names))], names)
-    ax_scores.set_ylim(0, 1)
-    ax_scores.set_title("answer quality (higher is better)", fontsize="medium")
-    ax_scores.legend()
-    ax_loss.set_xticks(range(len(contenders)), contenders)
-    ax_loss.set_title("loss (lower is better)", fontsize="medium")
-    return fig
 
 
 def _base_context(model, base_model):
@@ -184,12 +126,9 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
     """Greedy answers to `prompts` (as `generate_greedy_batch` gives them) and the summed NLL of the `references`
     with their token count, sharing one pass over the prompts.
 
-    The left-padded prompts followed by the right-padded references go through the model once: the references'
-    log-probabilities come from that pass (the LM head applied to the reference positions only), and generation
-    continues from its KV cache cut back to the prompts. Scoring the references apart cost a second pass over the
-    prompts, which for few-shot prompts are most of the tokens. The prompts' common start (system prompt, shots)
-    is computed once for the batch. Models whose cache cannot be cut back that way
-    (sliding-window layers) take the two passes; prefix and prompt tuning answer one prompt at a time.
+    Generation continues from the KV cache of the pass that scores the references (`scoring.score_and_prefill`).
+    Models whose cache cannot be cut back that way (sliding-window layers) take two passes, one to answer and one to
+    score (`scoring.reference_nll`); prefix and prompt tuning answer one prompt at a time.
     """
     import torch
 
@@ -200,66 +139,22 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
         # Left padding would sit between the virtual tokens and the prompt and shift their distance (the answers
         # then differ from unpadded ones): one prompt at a time.
         answers = [generate(loaded, p, max_new_tokens=max_new_tokens) for p in prompts]
-        return answers, *_reference_nll(model, tok, prompts, references)
-    pairs = [_reference_ids(tok, p, r) for p, r in zip(prompts, references)]
+        return answers, *reference_nll(model, tok, prompts, references)
+    pairs = [reference_ids(tok, p, r) for p, r in zip(prompts, references)]
     if not _shares_prefill(model) or not all(p for p, _ in pairs):
         return (generate_greedy_batch(loaded, prompts, max_new_tokens),
-                *_reference_nll(model, tok, prompts, references))
+                *reference_nll(model, tok, prompts, references))
     device = model.device
-    # The prompts' common start (the system prompt and, for few-shot prompts, every shot) goes through the model
-    # once, as one row; every row's own part follows it, left-padded there, so each token keeps the position it has
-    # unpadded (positions count the real tokens only, as `generate` counts them).
-    shared = _common_prefix([p for p, _ in pairs])
-    shared = shared if len(shared) >= MIN_SHARED_PREFIX else []
-    pairs = [(p[len(shared):], c) for p, c in pairs]
-    width, ref_width = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
-    ids = torch.full((len(pairs), width + ref_width), tok.pad_token_id)
-    mask, scored = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-    for row, (prompt_ids, completion_ids) in enumerate(pairs):
-        ids[row, width - len(prompt_ids): width + len(completion_ids)] = torch.tensor(prompt_ids + completion_ids)
-        mask[row, width - len(prompt_ids): width + len(completion_ids)] = 1
-        scored[row, width: width + len(completion_ids)] = True
-    positions = (len(shared) + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    prefill = score_and_prefill(model, tok, pairs)
+    prompt_end = prefill.input_ids.shape[1]
     with torch.no_grad():
-        cache = None
-        if shared:
-            cache = model(input_ids=torch.tensor([shared], device=device), use_cache=True,
-                          logits_to_keep=1).past_key_values
-            cache.batch_repeat_interleave(len(pairs))
-        mask = torch.cat([torch.ones((len(pairs), len(shared)), dtype=mask.dtype), mask], dim=1)
-        ids = torch.cat([torch.tensor([shared] * len(pairs), dtype=ids.dtype).reshape(len(pairs), -1), ids], dim=1)
-        out = model(input_ids=ids[:, len(shared):].to(device), attention_mask=mask.to(device),
-                    position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=ref_width + 1)
-        total, count = 0.0, int(scored.sum())
-        if count:
-            # logits[:, j] (the row's position width - 1 + j) predicts the token at width + j.
-            logits, targets = out.logits[:, :-1], ids[:, len(shared) + width:].to(device)
-            keep = scored[:, width:].to(device)
-            total = float(torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"))
-        cache = out.past_key_values
-        del out
-        cache.crop(-(ref_width + 1))  # the prompts without their last token, which generation feeds in next
-        prompt_end = len(shared) + width
-        generated = model.generate(input_ids=ids[:, :prompt_end].to(device),
-                                   attention_mask=mask[:, :prompt_end].to(device), past_key_values=cache,
+        generated = model.generate(input_ids=prefill.input_ids.to(device),
+                                   attention_mask=prefill.attention_mask.to(device), past_key_values=prefill.cache,
                                    max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
                                    do_sample=False)
     # Rows that end early are filled with padding, which decoding drops with the other special tokens.
-    return [tok.decode(row, skip_special_tokens=True).strip() for row in generated[:, prompt_end:]], total, count
-
-
-# Prompts sharing at least this many leading tokens compute them once (see `answer_and_score`).
-MIN_SHARED_PREFIX = 16
-
-
-def _common_prefix(rows: list[list[int]]) -> list[int]:
-    """The longest common start of `rows`, leaving every row at least one token of its own."""
-    limit = min(len(r) for r in rows) - 1
-    first, n = rows[0], 0
-    while n < limit and all(r[n] == first[n] for r in rows):
-        n += 1
-    return first[:n]
+    answers = [tok.decode(row, skip_special_tokens=True).strip() for row in generated[:, prompt_end:]]
+    return answers, prefill.nll, prefill.n_tokens
 
 
 def _virtual_tokens(model) -> bool:
@@ -279,42 +174,6 @@ def _shares_prefill(model) -> bool:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def _reference_nll(model, tokenizer, prompts: list[list[dict]], references: list[str]) -> tuple[float, int]:
-    """Summed negative log-likelihood of the reference answers' tokens (and the template's end of turn) and their
-    count, scored as one right-padded batch."""
-    import torch
-
-    from mlflow_finetune_plugin.evaluate.preferences import completion_logps
-
-    pairs = [_reference_ids(tokenizer, p, r) for p, r in zip(prompts, references)]
-    pairs = [(p, c) for p, c in pairs if p and c]
-    if not pairs:
-        return 0.0, 0
-    width = max(len(p) + len(c) for p, c in pairs)
-    # Right padding keeps every real token at the position it has unpadded; padding is masked and never scored.
-    ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
-    scored, mask = torch.zeros_like(ids), torch.zeros_like(ids)
-    for row, (prompt_ids, completion_ids) in enumerate(pairs):
-        end = len(prompt_ids) + len(completion_ids)
-        ids[row, :end] = torch.tensor(prompt_ids + completion_ids)
-        scored[row, len(prompt_ids): end] = 1
-        mask[row, :end] = 1
-    with torch.no_grad():
-        logps = completion_logps(model, ids, mask, scored)
-    return float(-logps.sum()), int(scored.sum())
-
-
-def _reference_ids(tokenizer, prompt: list[dict], reference: str) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt (with the generation prompt) and of the reference answer as the template ends it."""
-    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reference}], tokenize=False)
-    # Templates that render the last turn differently (e.g. strip reasoning) fall back to the answer + EOS.
-    completion = (full_text[len(prompt_text):] if full_text.startswith(prompt_text)
-                  else reference + (tokenizer.eos_token or ""))
-    return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
-            tokenizer(completion, add_special_tokens=False)["input_ids"])
 
 
 def _pick_shots(train_conversations, k: int, exclude: set[str]) -> list[list[dict]]:
@@ -345,27 +204,6 @@ def _context_limit(model, tokenizer) -> int:
     return min((n for n in limits if isinstance(n, int) and 0 < n < 10**8), default=4096)
 
 
-def _render(prompt: list[dict]) -> str:
-    turns = [m for m in prompt if m.get("role") != "system"]
-    if len(turns) == 1:
-        return text_of(turns[0].get("content"))
-    return "\n".join(f"{m.get('role')}: {text_of(m.get('content'))}" for m in turns)
-
-
-def _free_name(run_id: str, path: str) -> str:
-    """`path`, or `<stem>-2<suffix>`, ... when the run already has an artifact there."""
-    import mlflow
-
-    folder, _, file = path.rpartition("/")
-    stem, dot, suffix = file.rpartition(".")
-    taken = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder or None)}
-    n, candidate = 1, path
-    while candidate in taken:
-        n += 1
-        candidate = f"{folder}/{stem}-{n}{dot}{suffix}" if folder else f"{stem}-{n}{dot}{suffix}"
-    return candidate
-
-
 def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str | None = None,
                        run_id: str | None = None, **overrides) -> tuple[EvalResult, str]:
     """Evaluate a logged model (e.g. `models:/support-bot@challenger`) and log into `run_id` or a new run.
@@ -375,7 +213,7 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
     """
     import mlflow
 
-    from mlflow_finetune_plugin.config.recipe import EvalConfig
+    from mlflow_finetune_plugin.config.schema import EvalConfig
     from mlflow_finetune_plugin.logged_model import load_logged_base, load_logged_model
     from mlflow_finetune_plugin.registry.versions import resolve_model_uri, source_recipe
 

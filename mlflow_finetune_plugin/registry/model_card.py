@@ -78,7 +78,7 @@ def description(card: str) -> str:
 
 def _model_section(recipe, config: dict, run_tags: dict) -> str:
     from mlflow_finetune_plugin import tags
-    from mlflow_finetune_plugin.config.recipe import resolved_dict
+    from mlflow_finetune_plugin.config.loading import resolved_dict
 
     knobs = recipe.adapter.model_dump(mode="json", exclude={"type"})
     objective = resolved_dict(recipe).get(recipe.objective)  # the active objective's knobs (sft has none)
@@ -191,7 +191,7 @@ def _use_section(recipe, config: dict, datasets: list[dict], metrics: dict) -> s
 
 
 def _recipe_section(recipe) -> str:
-    from mlflow_finetune_plugin.config.recipe import to_yaml
+    from mlflow_finetune_plugin.config.loading import to_yaml
 
     return f"{RECIPE_HEADING}\n\n```yaml\n{to_yaml(recipe).rstrip()}\n```"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from mlflow import MlflowClient
 
 from mlflow_finetune_plugin import tags
-from mlflow_finetune_plugin.config.recipe import RegistryConfig
+from mlflow_finetune_plugin.config.schema import RegistryConfig
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.metrics import format_table, lower_is_better
 from mlflow_finetune_plugin.registry import versions as registry

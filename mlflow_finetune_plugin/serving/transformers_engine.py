@@ -4,17 +4,17 @@ Versions whose adapters share a base and a PEFT type are loaded onto one PeftMod
 the same weights with the adapter layers switched off. Other adapters (another PEFT type, prompt learning) and full
 fine-tunes get a model of their own.
 
-Concurrency: `generate()` runs in a thread per request and calls the model's forward once per new token. A lock is
-taken around each forward (not around the whole generate), and each forward first puts the adapter state the
-calling request wants in place, so two conversations on one model interleave token by token and both panes stream
-at once, without one request ever running on another's adapter.
+Concurrency: `generate()` runs in a thread per request and calls the model's forward once per new token. Each model
+in memory has a `ForwardLock`, held for one forward at a time (not for a whole generate), and each forward first puts
+the adapter state the calling request wants in place, so two conversations on one model interleave token by token
+and both panes stream at once, without one request ever running on another's adapter.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,59 @@ from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, p
 from mlflow_finetune_plugin.serving.choices import LocalModel, local_model
 
 _BASE = "__base__"
+
+
+class ForwardLock:
+    """One forward pass at a time on a model that several requests share, each on the adapter state it asked for.
+
+    Why per forward: `generate()` runs in a thread per request and calls forward once per new token. A lock around
+    the whole generate would make the second pane wait for the first answer to end; no lock would let a request's
+    forward run on the adapter another request has just switched on. So `install` hooks a module's forward: a
+    pre-hook takes the lock and then switches the model to the adapter the calling thread `want`s, a post-hook
+    releases it. Two conversations interleave token by token, each forward on its own adapter.
+
+    Releasing on errors, exactly once: the post-hook is registered with `always_call=True`, and torch runs such hooks
+    when the pre-hook or the forward raises an Exception, so those release there. torch does not run them for a
+    BaseException that is not an Exception (KeyboardInterrupt), so a switch interrupted that way releases in the
+    pre-hook itself. Code that changes the model's
+    modules (loading an adapter) holds the lock as a context manager (`with lock:`), so no forward runs halfway
+    through the change.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._wanted = threading.local()   # per generating thread: the adapter state its forwards run with
+
+    def want(self, name: str) -> None:
+        """The adapter state (an adapter name, or _BASE) the calling thread's forwards run with."""
+        self._wanted.name = name
+
+    def install(self, module, switch: Callable[[str], None]) -> None:
+        """Hook `module`'s forward: take the lock, `switch` to the calling thread's wanted state ("" when it wants
+        none), run the forward, release."""
+
+        def before(module, args, kwargs):
+            self._lock.acquire()
+            try:
+                switch(getattr(self._wanted, "name", ""))
+            except Exception:
+                raise  # torch runs `after` for it: releasing here too would free another thread's hold
+            except BaseException:
+                self._lock.release()
+                raise
+
+        def after(module, args, kwargs, output):
+            self._lock.release()
+
+        module.register_forward_pre_hook(before, with_kwargs=True)
+        module.register_forward_hook(after, with_kwargs=True, always_call=True)
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
 
 
 @dataclass
@@ -34,9 +87,20 @@ class _Slot:
     peft_type: str | None         # None for plain models
     prompt_learning: bool = False
     adapters: dict[str, str] = field(default_factory=dict)   # choice key -> adapter name
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: ForwardLock = field(default_factory=ForwardLock)
     state: str | None = None      # adapter name active now, _BASE when adapter layers are off
-    wanted: threading.local = field(default_factory=threading.local)
+
+    def switch_to(self, name: str) -> None:
+        """Put adapter `name` (or _BASE: adapters off) in place; called under the slot's lock."""
+        if not self.peft_type or self.prompt_learning or not name or name == self.state:
+            return  # plain models (no adapter yet) have no state; prompt learning routes base calls past the adapter
+        if name == _BASE:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            if self.state == _BASE or self.state is None:
+                self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(name, inference_mode=True)
+        self.state = name
 
 
 class TransformersEngine(Engine):
@@ -159,43 +223,19 @@ class TransformersEngine(Engine):
         return self._install(slot)
 
     def _install(self, slot: _Slot) -> _Slot:
+        # On the inner model (the base weights): every path runs its forward, and a PeftModel wrapped around it
+        # later (`_wrap`) keeps calling it, so the hooks stay in place when an adapter is added.
         inner = slot.model.get_base_model() if slot.peft_type else slot.model
-
-        def before(module, args, kwargs):
-            slot.lock.acquire()
-            try:
-                self._apply_state(slot, getattr(slot.wanted, "name", ""))
-            except BaseException:
-                slot.lock.release()
-                raise
-
-        def after(module, args, kwargs, output):
-            slot.lock.release()
-
-        inner.register_forward_pre_hook(before, with_kwargs=True)
-        inner.register_forward_hook(after, with_kwargs=True, always_call=True)
+        slot.lock.install(inner, slot.switch_to)
         self._slots.append(slot)
         return slot
-
-    @staticmethod
-    def _apply_state(slot: _Slot, name: str) -> None:
-        """Put adapter `name` (or _BASE: adapters off) in place; called under the slot's lock."""
-        if not slot.peft_type or slot.prompt_learning or not name or name == slot.state:
-            return  # plain models (no adapter yet) have no state; prompt learning routes base calls past the adapter
-        if name == _BASE:
-            slot.model.base_model.disable_adapter_layers()
-        else:
-            if slot.state == _BASE or slot.state is None:
-                slot.model.base_model.enable_adapter_layers()
-            slot.model.set_adapter(name, inference_mode=True)
-        slot.state = name
 
     # ---------------------------------------------------------------------------------------------- generation
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:
         """Stream the answer token by token (a TokenStreamer fed by generate() in a thread)."""
         settings = settings.checked(max_new_tokens_cap=None)  # ranges only: the playground applies its own cap
         slot, adapter, tokenizer = self._route(choice)
-        if adapter is None:  # the base side: adapter layers off, checked at every forward (see _apply_state),
+        if adapter is None:  # the base side: adapter layers off, checked at every forward (see _Slot.switch_to),
             adapter = _BASE  # since another request may put an adapter on this slot while this one runs
         enc = tokenizer.apply_chat_template(plain_messages(messages), add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
@@ -216,7 +256,7 @@ class TransformersEngine(Engine):
         stop = threading.Event()  # set when the consumer goes away (client closed the page): stop generating
 
         def run():
-            slot.wanted.name = adapter
+            slot.lock.want(adapter)
             try:
                 target.generate(**enc, streamer=streamer, max_new_tokens=settings.max_new_tokens,
                                 eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id,

@@ -156,7 +156,8 @@ def check_space(dims: list[Dimension], space_path, project: str, entry_point: st
                 enqueue: list[dict] = ()) -> None:
     """Every key and every bound or choice against the recipe schema (`load_recipe` with the value as a `-P`
     override), the enqueued trials against the space; raises RecipeError naming each key and the fix."""
-    from mlflow_finetune_plugin.config.recipe import SHORT_KEYS, load_recipe
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.config.schema import SHORT_KEYS
 
     def canon(k):
         return SHORT_KEYS.get(k, k)

@@ -306,7 +306,7 @@ class _Sweep:
     def register(self, record: dict) -> None:
         """Register a finished trial's model as the run would have: lineage tags from the run, the recipe's alias,
         auto-promotion when the recipe asks for it."""
-        from mlflow_finetune_plugin.config.recipe import load_recipe
+        from mlflow_finetune_plugin.config.loading import load_recipe
         from mlflow_finetune_plugin.registry.promotion import maybe_auto_promote
         from mlflow_finetune_plugin.registry.versions import register
 

@@ -1,9 +1,7 @@
-"""`python -m mlflow_finetune_plugin.train`: the training process, kept under its old name for commands written
-before it moved to `job.py` (e.g. a multi-node torchrun started by hand, docs/scaling.md)."""
+"""`python -m mlflow_finetune_plugin.train`: the training process (`train/job.py`), under the name commands written
+by hand use (e.g. a multi-node torchrun started on each node, docs/scaling.md)."""
 
-from mlflow_finetune_plugin.train.job import main, run
-
-__all__ = ["main", "run"]
+from mlflow_finetune_plugin.train.job import main
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 
 from mlflow_finetune_plugin import paths, stops, tags
-from mlflow_finetune_plugin.config.recipe import Recipe
+from mlflow_finetune_plugin.config.schema import Recipe
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.tracking import ensure_store, record_failure
 from mlflow_finetune_plugin.train.pipeline import fine_tune

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 
 from mlflow_finetune_plugin import tags as tag
-from mlflow_finetune_plugin.config.recipe import flat_params, recipe_hash, to_yaml
+from mlflow_finetune_plugin.config.loading import flat_params, recipe_hash, to_yaml
 from mlflow_finetune_plugin.logged_model import log_finetuned_model
 from mlflow_finetune_plugin.models.base import compute_precision
 from mlflow_finetune_plugin.registry import model_card
@@ -94,7 +94,7 @@ def register_checkpoint(name: str, ref: str, run_id: str | None = None):
     """
     from transformers import AutoTokenizer
 
-    from mlflow_finetune_plugin.config.recipe import RegistryConfig
+    from mlflow_finetune_plugin.config.schema import RegistryConfig
     from mlflow_finetune_plugin.logged_model import chat_template_hash
     from mlflow_finetune_plugin.registry import versions as registry
 
@@ -139,7 +139,7 @@ def _checkpoint_card(name: str, version: str, run_id: str, model_id: str, recipe
     """The model card of a registered checkpoint, from its own run (its evaluation) and the training recipe."""
     from pydantic import ValidationError
 
-    from mlflow_finetune_plugin.config.recipe import Recipe
+    from mlflow_finetune_plugin.config.schema import Recipe
 
     try:
         resolved = Recipe.model_validate(recipe)

@@ -1,15 +1,16 @@
 """The quantization axis: the frozen base loaded in 4-bit (NF4/FP4, QLoRA) or 8-bit (LLM.int8) by bitsandbytes.
 
 `model.quantization: none | 4bit | 8bit`, with `model.quant_type`, `model.double_quant` and `model.compute_dtype`.
-Any adapter that says it is QUANTIZABLE trains on such a base; the adapter is logged without the base and served on
-the full-precision one (its outputs then differ from training time only by the base's quantization error).
+Any adapter not in `config/checks.py: NOT_QUANTIZABLE` trains on such a base; the adapter is logged without the
+base and served on the full-precision one (its outputs then differ from training time only by the base's
+quantization error).
 """
 
 from __future__ import annotations
 
 import os
 
-from mlflow_finetune_plugin.config.recipe import ModelConfig
+from mlflow_finetune_plugin.config.schema import ModelConfig
 from mlflow_finetune_plugin.errors import FinetuneError
 
 

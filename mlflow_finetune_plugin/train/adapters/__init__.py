@@ -1,13 +1,13 @@
 """The adapter axis: what trains. One module per `adapter.type`, each with the same attributes (no optional hooks):
 
   ARTIFACT            "adapter" (logged without the base, which is referenced) or "full" (complete weights)
-  PACKING_SAFE        whether packed rows train correctly; NOT_PACKABLE says why not
-  QUANTIZABLE         whether it trains on a 4/8-bit base; NOT_QUANTIZABLE says why not
   peft_config(cfg, model=None)  the PEFT config (None for `full`)
   apply(model, cfg)   the base wrapped for training (a PeftModel, or the model itself)
   vllm_compatible(cfg) -> (bool, reason)  whether vLLM's multi-LoRA serving takes it as it is
 
-The recipe's `adapter:` section (`recipe.LoraAdapter`, ...) is the typed config each module receives.
+The recipe's `adapter:` section (`config.schema.LoraAdapter`, ...) is the typed config each module receives. What an
+adapter cannot train with (packed rows, a 4/8-bit base) is a table of `config/checks.py`, which refuses those
+combinations when the recipe loads.
 """
 
 from __future__ import annotations
@@ -20,18 +20,6 @@ ADAPTERS = {"lora": lora, "ia3": ia3, "prefix": prefix, "prompt": prompt, "bottl
 def adapter_of(recipe):
     """The module of the recipe's adapter."""
     return ADAPTERS[recipe.adapter.type]
-
-
-def combination_problems(recipe) -> list[str]:
-    """The adapter against the other axes: packing and quantization, each refusal with its reason."""
-    module, kind, problems = adapter_of(recipe), recipe.adapter.type, []
-    if recipe.data.packing is True and not module.PACKING_SAFE:
-        problems.append(f"data.packing: true cannot be used with the {kind} adapter: {module.NOT_PACKABLE}. "
-                        "Set data.packing: auto (off for this adapter) or false")
-    if recipe.model.quantization != "none" and not module.QUANTIZABLE:
-        problems.append(f"model.quantization: {recipe.model.quantization} cannot be used with the {kind} adapter: "
-                        f"{module.NOT_QUANTIZABLE}")
-    return problems
 
 
 def attach(model, recipe):

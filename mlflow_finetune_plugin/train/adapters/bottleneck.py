@@ -15,13 +15,9 @@ put their adapters, after each sublayer.
 
 from __future__ import annotations
 
-from mlflow_finetune_plugin.config.recipe import BottleneckAdapter
+from mlflow_finetune_plugin.config.schema import BottleneckAdapter
 
 ARTIFACT = "adapter"
-PACKING_SAFE, NOT_PACKABLE = True, ""
-QUANTIZABLE = False
-NOT_QUANTIZABLE = ("PEFT's bottleneck (PEANuT) tuner wraps plain torch Linear layers only, not bitsandbytes' 4/8-bit "
-                   "ones; use the lora or ia3 adapter on a quantized base")
 
 
 def peft_config(cfg: BottleneckAdapter, model=None):

@@ -6,13 +6,9 @@ activations); `train.gradient_checkpointing: true` trades compute for activation
 
 from __future__ import annotations
 
-from mlflow_finetune_plugin.config.recipe import FullAdapter
+from mlflow_finetune_plugin.config.schema import FullAdapter
 
 ARTIFACT = "full"
-PACKING_SAFE, NOT_PACKABLE = True, ""
-QUANTIZABLE = False
-NOT_QUANTIZABLE = ("a 4/8-bit base cannot be trained weight by weight (bitsandbytes' quantized weights have no "
-                   "gradients); use the lora adapter (QLoRA), or model.quantization: none")
 
 
 def peft_config(cfg: FullAdapter, model=None):

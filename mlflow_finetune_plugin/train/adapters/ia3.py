@@ -5,11 +5,9 @@ The fewest trainable parameters of the adapter methods (one vector per targeted 
 
 from __future__ import annotations
 
-from mlflow_finetune_plugin.config.recipe import IA3Adapter
+from mlflow_finetune_plugin.config.schema import IA3Adapter
 
 ARTIFACT = "adapter"
-PACKING_SAFE, NOT_PACKABLE = True, ""
-QUANTIZABLE, NOT_QUANTIZABLE = True, ""
 
 
 def peft_config(cfg: IA3Adapter, model=None):

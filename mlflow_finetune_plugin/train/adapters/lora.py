@@ -6,13 +6,10 @@ the base and served on the full-precision base.
 
 from __future__ import annotations
 
-from mlflow_finetune_plugin.config.recipe import LoraAdapter
+from mlflow_finetune_plugin.config.schema import LoraAdapter
 from mlflow_finetune_plugin.vllm_rules import lora_servable
 
 ARTIFACT = "adapter"
-PACKING_SAFE, NOT_PACKABLE = True, ""
-QUANTIZABLE, NOT_QUANTIZABLE = True, ""
-
 
 
 def peft_config(cfg: LoraAdapter, model=None):

@@ -5,13 +5,10 @@ Not compatible with gradient checkpointing (see `apply`).
 
 from __future__ import annotations
 
-from mlflow_finetune_plugin.config.recipe import PrefixAdapter
+from mlflow_finetune_plugin.config.schema import PrefixAdapter
 from mlflow_finetune_plugin.errors import FinetuneError
 
 ARTIFACT = "adapter"
-PACKING_SAFE = False
-NOT_PACKABLE = "the prefix is prepended once per row, and a packed row holds several conversations"
-QUANTIZABLE, NOT_QUANTIZABLE = True, ""
 
 
 def peft_config(cfg: PrefixAdapter, model=None):

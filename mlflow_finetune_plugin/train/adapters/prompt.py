@@ -6,12 +6,9 @@
 
 from __future__ import annotations
 
-from mlflow_finetune_plugin.config.recipe import PromptAdapter
+from mlflow_finetune_plugin.config.schema import PromptAdapter
 
 ARTIFACT = "adapter"
-PACKING_SAFE = False
-NOT_PACKABLE = "virtual tokens are prepended once per row, and a packed row holds several conversations"
-QUANTIZABLE, NOT_QUANTIZABLE = True, ""
 
 
 def peft_config(cfg: PromptAdapter, model=None):

@@ -15,8 +15,6 @@ import sys
 from mlflow_finetune_plugin.tracking import log_results
 from mlflow_finetune_plugin.train.adapters import resolve_adapter
 
-DATA_FORMATS = ("preference",)
-
 
 def check(recipe) -> list[str]:
     return []

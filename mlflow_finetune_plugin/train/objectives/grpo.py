@@ -19,45 +19,19 @@ Choices made here:
 
 from __future__ import annotations
 
-import math
 import sys
 
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.train.rewards.calling import (
-    load_rewards,
-    mean,
-    missing_columns,
-    resolve_rewards,
-    score,
-)
+from mlflow_finetune_plugin.train.rewards.calling import mean, score
+from mlflow_finetune_plugin.train.rewards.loader import load_rewards, missing_columns, resolve_rewards
 
-DATA_FORMATS = ("prompt_only",)
 REFERENCE_COLUMN = "answer"  # where rows have it: the reference of the evaluation's text metrics
 
 
 def check(recipe) -> list[str]:
-    """Reward functions that do not load, batch shapes TRL refuses, lengths that leave no room, columns missing.
-
-    The batch check assumes one process: TRL needs num_generations to divide batch_size x grad_accum x processes,
-    which one process makes the strictest case.
-    """
-    cfg, train = recipe.grpo, recipe.train
-    rewards, problems = resolve_rewards(cfg.rewards, recipe.project_dir)
-    per_step = train.batch_size * train.grad_accum
-    n = cfg.num_generations
-    if per_step % n:
-        divisors = [d for d in range(2, min(per_step, 64) + 1) if per_step % d == 0]
-        other = (f"grpo.num_generations to a divisor of {per_step} ({', '.join(map(str, divisors[:6]))})"
-                 if divisors else "train.batch_size to 2 or more")
-        problems.append(
-            f"grpo.num_generations ({n}) must divide the completions of one optimizer step, train.batch_size x "
-            f"train.grad_accum = {train.batch_size} x {train.grad_accum} = {per_step}: TRL samples num_generations "
-            f"completions per prompt and counts completions, not prompts, in a batch. Set train.batch_size to "
-            f"{math.ceil(train.batch_size / n) * n} (a multiple of {n}), or {other}")
-    if cfg.max_completion_length >= recipe.data.max_length:
-        problems.append(f"grpo.max_completion_length ({cfg.max_completion_length}) leaves no room for the prompt in "
-                        f"data.max_length ({recipe.data.max_length}), which holds prompt + completion; raise "
-                        "data.max_length or lower grpo.max_completion_length")
+    """Reward functions that do not load and data columns they read that the files lack: what needs the project's
+    own code (its rewards.py). What the recipe alone decides (batch shape, lengths) is `config/checks.py`'s."""
+    rewards, problems = resolve_rewards(recipe.grpo.rewards, recipe.project_dir)
     for split in ("train", "eval"):
         columns = _file_columns(getattr(recipe.data, split, None), recipe)
         if columns is not None:
@@ -139,7 +113,8 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
     """Base zero-shot, base few-shot and tuned greedy answers to the held-out prompts, scored by the text metrics
     against the `answer` column (where rows have one) and by every reward function: `eval/<contender>/reward` (the
     weighted sum, as in training) and `eval/<contender>/reward_<fn>`, logged, tabled and printed."""
-    from mlflow_finetune_plugin.evaluate.contenders import log_evaluation, run_evaluation
+    from mlflow_finetune_plugin.evaluate.contenders import run_evaluation
+    from mlflow_finetune_plugin.evaluate.report import log_evaluation
     from mlflow_finetune_plugin.metrics import comparison_table
 
     rewards = load_rewards(recipe.grpo.rewards, recipe.project_dir)
@@ -198,7 +173,7 @@ def _has_references(rows) -> bool:
 
 def _drop_text_metrics(result) -> None:
     """Without references the text metrics and the reference loss would score answers against empty text."""
-    from mlflow_finetune_plugin.evaluate.contenders import TABLE_METRICS
+    from mlflow_finetune_plugin.evaluate.report import TABLE_METRICS
 
     result.metrics = {k: v for k, v in result.metrics.items() if k.count("/") < 2}
     for row in result.rows:

@@ -9,8 +9,8 @@ Choices made here, for TRL's experimental preference trainers (ORPO and CPO/SimP
 - Prompts: they never cut a prompt, and a pair whose prompt alone fills `data.max_length` would leave no answer
   token and make the length-averaged log-probabilities NaN. Such pairs are left out of training with a warning that
   counts them, as TRL's DPOTrainer leaves them out.
-- Prompt tuning is refused: the trainers score the model's logits position by position against the tokens, and
-  the virtual tokens prompt tuning prepends shift them.
+- Prompt tuning is refused (by `config/checks.py`): the trainers score the model's logits position by position
+  against the tokens, and the virtual tokens prompt tuning prepends shift them.
 """
 
 from __future__ import annotations
@@ -20,19 +20,8 @@ import sys
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.train.objectives import dpo
 
-DATA_FORMATS = ("preference",)
-
 
 def check(recipe) -> list[str]:
-    return reference_free_problems(recipe)
-
-
-def reference_free_problems(recipe) -> list[str]:
-    """What TRL's experimental ORPO and CPO trainers cannot train (`simpo` shares it)."""
-    if recipe.adapter.type == "prompt":
-        return [f"adapter.type: prompt cannot be used with objective: {recipe.objective}: TRL's experimental ORPO and "
-                "CPO trainers score the logits position by position against the tokens, and prompt tuning's "
-                "virtual tokens shift them. Use adapter.type: lora, ia3 or prefix, or objective: dpo"]
     return []
 
 

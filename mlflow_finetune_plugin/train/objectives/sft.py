@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from mlflow_finetune_plugin.train.adapters import adapter_of
+from mlflow_finetune_plugin.config.checks import NOT_PACKABLE
 
-DATA_FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion")
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
                    "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
 
@@ -41,7 +40,8 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
     """Base zero-shot, base few-shot and tuned on the held-out rows; metrics, table and chart go to the run."""
-    from mlflow_finetune_plugin.evaluate.contenders import conversations, log_evaluation, run_evaluation
+    from mlflow_finetune_plugin.evaluate.contenders import conversations, run_evaluation
+    from mlflow_finetune_plugin.evaluate.report import log_evaluation
     from mlflow_finetune_plugin.metrics import comparison_table
 
     result = run_evaluation(model, tokenizer, conversations(eval_ds), conversations(train_ds), recipe.eval,
@@ -56,12 +56,8 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
     With one adapter per task, each task is scored with its own adapter."""
     import hashlib
 
-    from mlflow_finetune_plugin.evaluate.contenders import (
-        EvalResult,
-        conversations,
-        log_evaluation,
-        run_evaluation,
-    )
+    from mlflow_finetune_plugin.evaluate.contenders import conversations, run_evaluation
+    from mlflow_finetune_plugin.evaluate.report import EvalResult, log_evaluation
     from mlflow_finetune_plugin.metrics import comparison_table
 
     per_task, merged_rows, examples = {}, [], 0
@@ -108,7 +104,7 @@ def packing(recipe) -> bool:
     prepend per row (`data.packing: true` is refused for them), and remote code may ignore position_ids: never for
     those.
     """
-    safe = adapter_of(recipe).PACKING_SAFE and not recipe.model.trust_remote_code
+    safe = recipe.adapter.type not in NOT_PACKABLE and not recipe.model.trust_remote_code
     if recipe.data.packing != "auto":
         if recipe.data.packing and not safe:
             print("Warning: data.packing=true with trust_remote_code: packed rows may attend across each other if "

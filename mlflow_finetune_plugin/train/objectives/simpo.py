@@ -7,18 +7,17 @@ TRL documents it; above 0 it adds an SFT (NLL) term on the chosen answer (CPO-Si
 gamma 1.0, are the SimPO authors' for Llama-3-8B base (TRL's CPO defaults, 0.1 and 0.5, are not tuned for SimPO).
 
 The pairs are tokenized as ORPO's (TRL's experimental trainers share that code), so the same choices apply: pairs
-whose prompt fills `data.max_length` are left out, prompt tuning is refused (`orpo.py`). Evaluation is DPO's.
+whose prompt fills `data.max_length` are left out, prompt tuning is refused (`orpo.py`, `config/checks.py`).
+Evaluation is DPO's.
 """
 
 from __future__ import annotations
 
 from mlflow_finetune_plugin.train.objectives import dpo, orpo
 
-DATA_FORMATS = ("preference",)
-
 
 def check(recipe) -> list[str]:
-    return orpo.reference_free_problems(recipe)
+    return []
 
 
 def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):

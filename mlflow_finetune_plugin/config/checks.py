@@ -1,0 +1,129 @@
+"""Combinations no single key can judge, refused before any model loads: the adapter against packing and a
+quantized base, continuing an adapter, data mixtures, and what each objective cannot train with.
+
+Every check the recipe alone decides lives here; `loading.py` runs them with the schema's own checks, so all of a
+recipe's problems are listed at once. A check that needs the project's own code (GRPO's reward functions, from its
+rewards.py) stays with the objective that loads that code (`train/objectives/grpo.py: check`).
+
+The facts the checks rest on are the tables below, which the adapters, the objectives and the data preflight read
+too: the adapters that cannot pack or train on a 4/8-bit base and why, and the data formats each objective trains on.
+"""
+
+from __future__ import annotations
+
+import math
+
+from mlflow_finetune_plugin.config.schema import Recipe
+
+# adapter.type -> why packed rows do not train correctly with it; every other adapter packs.
+NOT_PACKABLE = {
+    "prefix": "the prefix is prepended once per row, and a packed row holds several conversations",
+    "prompt": "virtual tokens are prepended once per row, and a packed row holds several conversations",
+}
+# adapter.type -> why it cannot train on a 4/8-bit base; every other adapter can.
+NOT_QUANTIZABLE = {
+    "bottleneck": ("PEFT's bottleneck (PEANuT) tuner wraps plain torch Linear layers only, not bitsandbytes' 4/8-bit "
+                   "ones; use the lora or ia3 adapter on a quantized base"),
+    "full": ("a 4/8-bit base cannot be trained weight by weight (bitsandbytes' quantized weights have no "
+             "gradients); use the lora adapter (QLoRA), or model.quantization: none"),
+}
+# objective -> the data formats it trains on.
+OBJECTIVE_FORMATS = {
+    "sft": ("chat", "sharegpt", "alpaca", "prompt_completion"),
+    "dpo": ("preference",),
+    "orpo": ("preference",),
+    "simpo": ("preference",),
+    "grpo": ("prompt_only",),
+}
+# TRL's experimental ORPO and CPO (SimPO) trainers: no reference model; they score the logits position by position.
+REFERENCE_FREE = ("orpo", "simpo")
+
+
+def combination_problems(recipe: Recipe, raw: dict | None = None, tasks_key: str = "data.tasks") -> list[str]:
+    """Every choice on the axes against the others, each refusal with its reason and the fix. `raw` (the recipe as
+    written, on the axes) and `tasks_key` (where it names its tasks) word the problems of a mixture."""
+    problems = _adapter_problems(recipe)
+    data = recipe.data
+    if data.tasks or recipe.method == "multitask":
+        problems.extend(_mixture_problems(recipe, raw or {}, tasks_key))
+    elif data.adapters != "shared":
+        problems.append("data.adapters: per_task needs a mixture (data.tasks with two or more tasks)")
+    return problems + _objective_problems(recipe)
+
+
+def _adapter_problems(recipe: Recipe) -> list[str]:
+    """The adapter against packing, the quantization and continuing an adapter."""
+    kind, model, problems = recipe.adapter.type, recipe.model, []
+    if recipe.data.packing is True and kind in NOT_PACKABLE:
+        problems.append(f"data.packing: true cannot be used with the {kind} adapter: {NOT_PACKABLE[kind]}. "
+                        "Set data.packing: auto (off for this adapter) or false")
+    if model.quantization != "none" and kind in NOT_QUANTIZABLE:
+        problems.append(f"model.quantization: {model.quantization} cannot be used with the {kind} adapter: "
+                        f"{NOT_QUANTIZABLE[kind]}")
+    if model.init_adapter and kind == "full":
+        problems.append("model.init_adapter: a full fine-tune has no adapter to continue; give the registered "
+                        "full model as model.name instead")
+    return problems
+
+
+def _mixture_problems(recipe: Recipe, raw: dict, tasks_key: str) -> list[str]:
+    data = recipe.data
+    problems = []
+    if len(data.tasks) < 2:
+        problems.append(f"{tasks_key}: {len(data.tasks)} task(s) given; a mixture needs at least two, e.g.\n"
+                        "    data:\n      tasks:\n        faq: {train: data/faq.jsonl, weight: 2}\n"
+                        "        tone: {train: data/tone.jsonl}\n  (one task: use data.train)")
+    given = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    if given.get("train") or given.get("eval"):
+        problems.append(f"data.train/data.eval: a mixture reads its files from {tasks_key}; move them into a task")
+    if recipe.objective != "sft":
+        problems.append(f"data.tasks: mixtures train with the sft objective; {recipe.objective} takes one data "
+                        "set (data.train)")
+    if data.adapters == "per_task" and recipe.adapter.type == "full":
+        problems.append("data.adapters: per_task trains one adapter per task; a full fine-tune has none")
+    if data.adapters == "per_task" and recipe.model.init_adapter:
+        problems.append("model.init_adapter: continuing an adapter is not supported with data.adapters: per_task "
+                        "(each task trains a new adapter of its own); use adapters: shared to continue one adapter "
+                        "on the whole mixture")
+    if data.adapters == "per_task" and recipe.train.resume:
+        problems.append("train.resume: resuming is not supported with data.adapters: per_task; "
+                        "use adapters: shared, or start the run again")
+    return problems
+
+
+
+def _objective_problems(recipe: Recipe) -> list[str]:
+    """What the objective cannot train with: prompt tuning under the reference-free trainers, GRPO's batch shape
+    and lengths."""
+    if recipe.objective in REFERENCE_FREE and recipe.adapter.type == "prompt":
+        return [f"adapter.type: prompt cannot be used with objective: {recipe.objective}: TRL's experimental ORPO and "
+                "CPO trainers score the logits position by position against the tokens, and prompt tuning's "
+                "virtual tokens shift them. Use adapter.type: lora, ia3 or prefix, or objective: dpo"]
+    if recipe.objective == "grpo":
+        return grpo_problems(recipe)
+    return []
+
+
+def grpo_problems(recipe: Recipe) -> list[str]:
+    """Batch shapes TRL refuses and lengths that leave no room for the prompt.
+
+    The batch check assumes one process: TRL needs num_generations to divide batch_size x grad_accum x processes,
+    which one process makes the strictest case.
+    """
+    cfg, train, problems = recipe.grpo, recipe.train, []
+    per_step = train.batch_size * train.grad_accum
+    n = cfg.num_generations
+    if per_step % n:
+        divisors = [d for d in range(2, min(per_step, 64) + 1) if per_step % d == 0]
+        other = (f"grpo.num_generations to a divisor of {per_step} ({', '.join(map(str, divisors[:6]))})"
+                 if divisors else "train.batch_size to 2 or more")
+        problems.append(
+            f"grpo.num_generations ({n}) must divide the completions of one optimizer step, train.batch_size x "
+            f"train.grad_accum = {train.batch_size} x {train.grad_accum} = {per_step}: TRL samples num_generations "
+            f"completions per prompt and counts completions, not prompts, in a batch. Set train.batch_size to "
+            f"{math.ceil(train.batch_size / n) * n} (a multiple of {n}), or {other}")
+    if cfg.max_completion_length >= recipe.data.max_length:
+        problems.append(f"grpo.max_completion_length ({cfg.max_completion_length}) leaves no room for the prompt in "
+                        f"data.max_length ({recipe.data.max_length}), which holds prompt + completion; raise "
+                        "data.max_length or lower grpo.max_completion_length")
+    return problems

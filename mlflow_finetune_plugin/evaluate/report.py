@@ -1,0 +1,101 @@
+"""What an evaluation logs and shows: the result (`eval/<contender>/<metric>` metrics and the per-example table),
+logged into the active MLflow run with the few-shot examples and a comparison chart of the contenders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.messages import text_of
+from mlflow_finetune_plugin.metrics import CONTENDERS
+from mlflow_finetune_plugin.tracking import log_results
+
+# Per-example scores shown in the table (the aggregate of every metric is logged).
+TABLE_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "json_valid")
+CHART_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "bleu", "json_valid")
+TABLE_FILE, CHART_FILE, SHOTS_FILE = "eval/examples.json", "eval/comparison.png", "eval/fewshot_examples.json"
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]                  # "eval/<contender>/<metric>" -> value, plus "eval/n_examples"
+    rows: list[dict]                           # one per example: prompt, reference, answers, scores
+    contenders: list[str] = field(default_factory=list)
+    fewshot_examples: list[list[dict]] = field(default_factory=list)
+    data_digest: str = ""                      # of the prompts and references scored
+
+
+def table_rows(examples: list[tuple[list[dict], str]]) -> list[dict]:
+    """The per-example table's rows for (prompt, reference) pairs, before any contender's answers."""
+    return [{"system": "\n".join(text_of(m["content"]) for m in p if m.get("role") == "system"),
+             "prompt": _render(p), "reference": ref} for p, ref in examples]
+
+
+def add_answers(rows: list[dict], name: str, answers: list[str], per_example: dict[str, list[float]]) -> None:
+    """Contender `name`'s answers and their per-example scores (those of TABLE_METRICS) as columns of `rows`."""
+    for i, row in enumerate(rows):
+        row[f"{name}_answer"] = answers[i]
+        row.update({f"{name}_{m}": per_example[m][i] for m in TABLE_METRICS if m in per_example})
+
+
+def log_evaluation(result: EvalResult) -> None:
+    """Log metrics, the per-example table, the few-shot examples and the comparison chart into the active run."""
+    import mlflow
+    import pandas as pd
+
+    run = mlflow.active_run()
+    if run is None:
+        raise FinetuneError("log_evaluation needs an active MLflow run (mlflow.start_run())")
+    log_results(result.metrics)
+    mlflow.set_tag(tags.EVAL_DATA_DIGEST, result.data_digest)
+    # log_table appends to an existing file: a second evaluation in the same run gets its own file.
+    mlflow.log_table(pd.DataFrame(result.rows), _free_name(run.info.run_id, TABLE_FILE))
+    if result.fewshot_examples:
+        mlflow.log_dict({"examples": result.fewshot_examples}, SHOTS_FILE)
+    mlflow.log_figure(comparison_figure(result.metrics), CHART_FILE)
+
+
+def comparison_figure(metrics: dict[str, float]):
+    """Grouped bars of the [0, 1] scores and of the reference loss, one colour per contender."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    contenders = [c for c in CONTENDERS if any(k.startswith(f"eval/{c}/") for k in metrics)]
+    names = [m for m in CHART_METRICS if any(f"eval/{c}/{m}" in metrics for c in contenders)]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_scores, ax_loss = fig.subplots(1, 2, width_ratios=[4, 1])
+    width = 0.8 / max(len(contenders), 1)
+    for i, c in enumerate(contenders):
+        xs = [j + i * width for j in range(len(names))]
+        bars = ax_scores.bar(xs, [metrics.get(f"eval/{c}/{m}", 0.0) for m in names], width, label=c)
+        ax_scores.bar_label(bars, fmt="%.2f", fontsize=7)
+        bars = ax_loss.bar([i], [metrics.get(f"eval/{c}/loss", 0.0)], 0.8, label=c)
+        ax_loss.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax_scores.set_xticks([j + width * (len(contenders) - 1) / 2 for j in range(len(names))], names)
+    ax_scores.set_ylim(0, 1)
+    ax_scores.set_title("answer quality (higher is better)", fontsize="medium")
+    ax_scores.legend()
+    ax_loss.set_xticks(range(len(contenders)), contenders)
+    ax_loss.set_title("loss (lower is better)", fontsize="medium")
+    return fig
+
+
+def _render(prompt: list[dict]) -> str:
+    turns = [m for m in prompt if m.get("role") != "system"]
+    if len(turns) == 1:
+        return text_of(turns[0].get("content"))
+    return "\n".join(f"{m.get('role')}: {text_of(m.get('content'))}" for m in turns)
+
+
+def _free_name(run_id: str, path: str) -> str:
+    """`path`, or `<stem>-2<suffix>`, ... when the run already has an artifact there."""
+    import mlflow
+
+    folder, _, file = path.rpartition("/")
+    stem, dot, suffix = file.rpartition(".")
+    taken = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder or None)}
+    n, candidate = 1, path
+    while candidate in taken:
+        n += 1
+        candidate = f"{folder}/{stem}-{n}{dot}{suffix}" if folder else f"{stem}-{n}{dot}{suffix}"
+    return candidate

@@ -1,0 +1,133 @@
+"""Turning a contender's answers into figures: the shipped text metrics of its answers against the references (see
+`metrics.py`), and the loss of the reference answers given the prompts (`loss`, `perplexity`, token-weighted).
+
+The reference loss comes from one of two passes: `reference_nll`, a right-padded batch of its own, or
+`score_and_prefill`, which scores the references in the pass over the prompts that generation then continues from
+(`contenders.answer_and_score` chooses).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow_finetune_plugin.metrics import score
+
+# Prompts sharing at least this many leading tokens compute them once (see `score_and_prefill`).
+MIN_SHARED_PREFIX = 16
+
+
+def contender_metrics(answers: list[str], references: list[str], nll: float, n_tokens: int,
+                      cfg) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(metric -> value, metric -> per-example values): the text metrics of `answers`, and the reference loss and
+    perplexity from the summed NLL of the references' `n_tokens` tokens."""
+    structured = cfg.output_format == "json" or cfg.json_schema is not None
+    totals, per_example = score(answers, references, cfg.json_schema, structured)
+    loss = nll / max(n_tokens, 1)
+    totals.update(loss=loss, perplexity=math.exp(min(loss, 50.0)))
+    return totals, per_example
+
+
+@dataclass
+class Prefill:
+    """The scoring pass's result: the references' summed NLL and token count, and the prompts ready for generation
+    (ids and mask with the shared start, and the KV cache of every token but the last, which generation feeds in)."""
+    nll: float
+    n_tokens: int
+    input_ids: Any
+    attention_mask: Any
+    cache: Any
+
+
+def score_and_prefill(model, tokenizer, pairs: list[tuple[list[int], list[int]]]) -> Prefill:
+    """One pass over the left-padded prompts followed by the right-padded references (`pairs` of token ids, as
+    `reference_ids` gives them, every prompt non-empty): the references' log-probabilities come from that pass (the
+    LM head applied to the reference positions only), and its KV cache, cut back to the prompts, is returned for
+    generation to continue from. Scoring the references apart costs a second pass over the prompts, which for
+    few-shot prompts are most of the tokens. The prompts' common start (system prompt, shots) is computed once.
+    """
+    import torch
+
+    device = model.device
+    # The prompts' common start (the system prompt and, for few-shot prompts, every shot) goes through the model
+    # once, as one row; every row's own part follows it, left-padded there, so each token keeps the position it has
+    # unpadded (positions count the real tokens only, as `generate` counts them).
+    shared = _common_prefix([p for p, _ in pairs])
+    shared = shared if len(shared) >= MIN_SHARED_PREFIX else []
+    pairs = [(p[len(shared):], c) for p, c in pairs]
+    width, ref_width = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
+    ids = torch.full((len(pairs), width + ref_width), tokenizer.pad_token_id)
+    mask, scored = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    for row, (prompt_ids, completion_ids) in enumerate(pairs):
+        ids[row, width - len(prompt_ids): width + len(completion_ids)] = torch.tensor(prompt_ids + completion_ids)
+        mask[row, width - len(prompt_ids): width + len(completion_ids)] = 1
+        scored[row, width: width + len(completion_ids)] = True
+    positions = (len(shared) + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        cache = None
+        if shared:
+            cache = model(input_ids=torch.tensor([shared], device=device), use_cache=True,
+                          logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(pairs))
+        mask = torch.cat([torch.ones((len(pairs), len(shared)), dtype=mask.dtype), mask], dim=1)
+        ids = torch.cat([torch.tensor([shared] * len(pairs), dtype=ids.dtype).reshape(len(pairs), -1), ids], dim=1)
+        out = model(input_ids=ids[:, len(shared):].to(device), attention_mask=mask.to(device),
+                    position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=ref_width + 1)
+        total, count = 0.0, int(scored.sum())
+        if count:
+            # logits[:, j] (the row's position width - 1 + j) predicts the token at width + j.
+            logits, targets = out.logits[:, :-1], ids[:, len(shared) + width:].to(device)
+            keep = scored[:, width:].to(device)
+            total = float(torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"))
+        cache = out.past_key_values
+        del out
+        cache.crop(-(ref_width + 1))  # the prompts without their last token, which generation feeds in next
+    prompt_end = len(shared) + width
+    return Prefill(total, count, ids[:, :prompt_end], mask[:, :prompt_end], cache)
+
+
+def _common_prefix(rows: list[list[int]]) -> list[int]:
+    """The longest common start of `rows`, leaving every row at least one token of its own."""
+    limit = min(len(r) for r in rows) - 1
+    first, n = rows[0], 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return first[:n]
+
+
+def reference_nll(model, tokenizer, prompts: list[list[dict]], references: list[str]) -> tuple[float, int]:
+    """Summed negative log-likelihood of the reference answers' tokens (and the template's end of turn) and their
+    count, scored as one right-padded batch."""
+    import torch
+
+    from mlflow_finetune_plugin.evaluate.preferences import completion_logps
+
+    pairs = [reference_ids(tokenizer, p, r) for p, r in zip(prompts, references)]
+    pairs = [(p, c) for p, c in pairs if p and c]
+    if not pairs:
+        return 0.0, 0
+    width = max(len(p) + len(c) for p, c in pairs)
+    # Right padding keeps every real token at the position it has unpadded; padding is masked and never scored.
+    ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
+    scored, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for row, (prompt_ids, completion_ids) in enumerate(pairs):
+        end = len(prompt_ids) + len(completion_ids)
+        ids[row, :end] = torch.tensor(prompt_ids + completion_ids)
+        scored[row, len(prompt_ids): end] = 1
+        mask[row, :end] = 1
+    with torch.no_grad():
+        logps = completion_logps(model, ids, mask, scored)
+    return float(-logps.sum()), int(scored.sum())
+
+
+def reference_ids(tokenizer, prompt: list[dict], reference: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (with the generation prompt) and of the reference answer as the template ends it."""
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reference}], tokenize=False)
+    # Templates that render the last turn differently (e.g. strip reasoning) fall back to the answer + EOS.
+    completion = (full_text[len(prompt_text):] if full_text.startswith(prompt_text)
+                  else reference + (tokenizer.eos_token or ""))
+    return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+            tokenizer(completion, add_special_tokens=False)["input_ids"])

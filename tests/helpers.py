@@ -1,0 +1,245 @@
+"""What several test modules share: project folders and rows, the tracking-store reset, waiting on processes and
+servers, and registry versions made to order. Fixtures and pytest hooks stay in conftest.py.
+
+conftest.py imports this module, so imports that cost seconds (torch, transformers, the training code) stay inside
+the helpers that need them: a light test file does not pay for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SUPPORT_BOT = REPO / "recipes" / "support-bot"
+
+# -P overrides that make a tiny-model run take seconds: 2 steps, 2 held-out rows, short answers.
+FAST_OVERRIDES = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
+                  "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1}
+
+# Short rows, short sequences: a step takes a fraction of a second on 2 CPU cores.
+QUICK_RECIPE = ("data:\n  max_length: 64\n  packing: false\n"
+                "train:\n  max_steps: 10\n  batch_size: 2\n  learning_rate: 5.0e-3\n  logging_steps: 1\n"
+                "  save_steps: 5\n"
+                "eval:\n  enabled: false\n")
+# The same, training until it is stopped.
+LONG_RECIPE = QUICK_RECIPE.replace("max_steps: 10", "max_steps: 100000").replace("save_steps: 5", "save_steps: 1000")
+
+# The registered model that promotion and arena tests put their versions in.
+MODEL_NAME = "bot"
+
+
+# ----------------------------------------------------------------------------------------------- projects and data
+
+
+def write_project(root: Path, recipe_yaml: str, rows: list[dict] | None = None, eval_rows: list[dict] | None = None):
+    """A minimal project folder: finetune.yaml plus data/train.jsonl (and data/eval.jsonl)."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    (root / "finetune.yaml").write_text(recipe_yaml)
+    if rows is not None:
+        (root / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if eval_rows is not None:
+        (root / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    return root
+
+
+def chat_rows(n: int, offset: int = 0) -> list[dict]:
+    """n small, distinct chat rows."""
+    return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
+            for i in range(offset, offset + n)]
+
+
+def jsonl(path: Path, rows: list[dict]) -> str:
+    """Write `rows` as a JSONL file (parent folders made); returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------- tracking store
+
+
+def forget_active_experiment():
+    """`mlflow.set_experiment` caches the id in a module global and in MLFLOW_EXPERIMENT_ID; a later test with a
+    fresh store would otherwise look for an experiment that only existed in the previous one."""
+    import mlflow.tracking.fluent as fluent
+
+    fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+def subprocess_env(tracking_uri: str) -> dict:
+    """The environment for `mlflow run` and the jobs it starts: this store, the package from this checkout."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # set by mlflow.set_experiment in this process
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=180, what="condition"):
+    """Poll `predicate` until it is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def training_started(run_id):
+    """A predicate for `wait_for`: the run has logged a training loss."""
+    from mlflow import MlflowClient
+
+    return lambda: "train/loss" in MlflowClient().get_run(run_id).data.metrics
+
+
+def job_processes(session: int, run_id: str | None) -> list:
+    """Live processes of the job: in the `mlflow run` session, or naming the run (ranks run in sessions of their
+    own), or orphans (PPID 1) of this plugin started after the test began."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "ppid", "cmdline", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
+                continue
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if (os.getsid(p.pid) == session
+                    or run_id and (run_id in cmdline or p.environ().get("MLFLOW_RUN_ID") == run_id)):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            continue
+    return found
+
+
+def orphans(since: float) -> list:
+    """Processes of this plugin started after `since` whose parent has died (adopted by PID 1)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["ppid", "cmdline", "create_time", "status"]):
+        if (p.info["ppid"] == 1 and p.info["create_time"] >= since and p.info["status"] != psutil.STATUS_ZOMBIE
+                and "mlflow_finetune_plugin" in " ".join(p.info["cmdline"] or [])):
+            found.append(p)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- servers
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    """Poll `url` until it answers 200; fail with the process's output if it exits or never answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"server exited with {proc.returncode}:\n{out[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.25)  # polling interval, not synchronization: the loop checks the real condition
+    pytest.fail(f"{url} did not answer within {timeout:.0f} s")
+
+
+def cli_process(*args: str) -> subprocess.Popen:
+    """`mlflow-finetune ARGS` as a child process of this interpreter (the store and cache come from the env)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_DISABLE_UPDATE_CHECK": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    code = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate `proc`, killing it if it has not exited 20 s later."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+def register_version(name: str = "bot", seed: int = 0, alias: str | None = "challenger", r: int = 8,
+                     use_dora: bool = False, metrics: dict | None = None) -> str:
+    """A registered LoRA version on the tiny model with random (non-zero) updates, so the adapter changes the
+    answers; `metrics` are logged in its source run (what promotion reads). Returns the version number."""
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlflow_finetune_plugin.config.schema import LoraAdapter
+    from mlflow_finetune_plugin.logged_model import log_finetuned_model
+    from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF, tiny_model_path
+    from mlflow_finetune_plugin.registry.versions import register
+    from mlflow_finetune_plugin.tags import lineage_tags
+    from mlflow_finetune_plugin.train.adapters import lora
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path())
+    model = lora.apply(base, LoraAdapter(r=r, alpha=2 * r, dropout=0.0, use_dora=use_dora))
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name:
+                param.normal_(0, 0.5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    with mlflow.start_run() as run:
+        mlflow.log_metrics(metrics or {})
+        info = log_finetuned_model(model.eval(), tokenizer,
+                                   {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+    tags = lineage_tags(method="lora", base_model=TINY_MODEL_REF, dataset_digest="d", recipe_hash="r",
+                        chat_template_hash="c", source_run=run.info.run_id)
+    return str(register(info.model_uri, name, tags, alias).version)
+
+
+def register_eval_version(tuned: dict, base: dict | None = None, fewshot: dict | None = None,
+                          recipe: dict | None = None, lineage: bool = True) -> str:
+    """A run with eval metrics (and optionally a recipe.yaml), registered as a new version of MODEL_NAME; no model
+    behind it (promotion reads only the metrics and tags)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlflow_finetune_plugin.tags import lineage_tags
+
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        for contender, values in (("tuned", tuned), ("base", base or {}), ("fewshot", fewshot or {})):
+            mlflow.log_metrics({f"eval/{contender}/{k}": v for k, v in values.items()})
+        if recipe is not None:
+            mlflow.log_dict(recipe, "recipe.yaml")
+    tags = lineage_tags(method="lora", base_model="builtin:tiny-llama", dataset_digest="d", recipe_hash="r",
+                        chat_template_hash="c", source_run=run.info.run_id) if lineage else {}
+    if not client.search_registered_models(f"name = '{MODEL_NAME}'"):
+        client.create_registered_model(MODEL_NAME)
+    mv = client.create_model_version(MODEL_NAME, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags=tags)
+    return str(mv.version)
+
+
+def champion_version() -> str | None:
+    """The version MODEL_NAME's `champion` alias points at, or None."""
+    from mlflow import MlflowClient
+
+    aliases = MlflowClient().get_registered_model(MODEL_NAME).aliases
+    return str(aliases["champion"]) if "champion" in aliases else None
