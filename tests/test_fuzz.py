@@ -1,8 +1,11 @@
 """Bad input, fuzzed: generated recipe files, `-P` overrides and data files (wrong types, missing fields, broken
 YAML/JSON, empty files, huge lines, wrong encodings) go through the validation the backend runs before any run
-exists. Each either passes or ends in a FinetuneError naming the place (file, line, recipe key or -P flag); never
-another exception. A handful of the same cases run end to end through `mlflow run`: non-zero exit, no traceback,
-no RUNNING run. The number of cases tried is printed (and recorded as a property of each test)."""
+exists. Each either passes or ends in a FinetuneError; never another exception. The error is read, problem by problem:
+the place it names must be the right one (a line of the file that holds the key, a -P flag that was given, rows that
+are wrong the way it says) and it must say what to do (the valid keys and the nearest one for a typo, the type
+expected, re-saving as UTF-8, the `data check` command). A table of cases pins the exact words; some of them run end
+to end through `mlflow run`: non-zero exit, no traceback, no RUNNING run. The number of cases tried is printed (and
+recorded as a property of each test)."""
 
 from __future__ import annotations
 
@@ -296,7 +299,9 @@ def _recipe_problem_says_where_and_what(problem: str, recipe_bytes: bytes, param
         _names_a_line_of_the_file(line, key, recipe_bytes, problem)
     if flag is not None and key is not None:
         assert key.split(".")[0] == SHORT_KEYS.get(flag, flag).split(".")[0], problem
-    assert line is not None or flag is not None or key or WHOLE_FILE.fullmatch(rest), f"says not where: {problem}"
+    # Without a line or a flag the key is the place; an empty one (`-P .=x`) shows as nothing before the colon.
+    assert line is not None or flag is not None or key or WHOLE_FILE.fullmatch(rest) or \
+        key == "" and any(k.split(".")[0] == "" for k in params), f"says not where: {problem}"
 
 
 def _names_a_line_of_the_file(line: int, key: str | None, recipe_bytes: bytes, problem: str) -> None:
@@ -319,7 +324,8 @@ def _data_problems_say_where(problems: list[str], data_bytes: bytes, path: str) 
         rest = problem[len(f"  {path}:"):]
         if m := re.match(r"(\d+): ", rest):
             blamed, rest = [int(m[1])], rest[m.end():]
-        else:
+        else:  # a problem of the file, or of several rows: `PATH: what (N rows: lines a, b, c)`
+            rest = rest.removeprefix(" ")
             many = re.search(r" \(\d+ rows: lines ([\d, ]+)(?: and \d+ more)?\)$", rest)
             blamed = [int(n) for n in many[1].split(", ")] if many else []
         for n in blamed:
@@ -328,6 +334,8 @@ def _data_problems_say_where(problems: list[str], data_bytes: bytes, path: str) 
 
 
 def _row_is_wrong_that_way(row: bytes, n: int, rest: str, problem: str) -> None:
+    """Row `n` holds what the problem says of it: the byte it names where it names one, broken JSON, or JSON that is
+    not an object."""
     if m := re.match(r"not valid UTF-8 \(byte 0x([0-9a-f]{2}) at column (\d+)\); re-save the file as UTF-8", rest):
         assert row[int(m[2]) - 1] == int(m[1], 16), problem
         return
@@ -376,21 +384,72 @@ def test_fuzzed_data_files_end_in_a_clear_error(capsys, record_property):
     assert counts["refused"] > EXAMPLES // 2
 
 
-# ------------------------------------------------------------------------------------------------ end to end
+# ------------------------------------------------------------------------------------------------ case by case
 
+# Bad input and what the error must say: the place (file, line, recipe key or -P flag) and the fix. -P overrides:
+# none in these, which also run end to end through `mlflow run`.
 E2E_CASES = {
-    "broken YAML": (b"train:\n  max_steps: [2\n", None, "finetune.yaml: 1 problem"),
-    "wrong types, missing field": (_yaml({"train": {"batch_size": "eight", "max_steps": None},
-                                          "lora": {"r": [1]}}), None, "train.batch_size: Input should be a valid integer"),
-    "recipe in UTF-16": (("# réglages\n" + _yaml(VALID_RECIPE).decode()).encode("utf-16"), None, "not valid UTF-8"),
-    "broken JSON line": (None, (json.dumps(GOOD_ROWS[0]) + "\n{\"messages\": [\n").encode(), "train.jsonl:2"),
-    "empty data file": (None, b"", "train.jsonl: file is empty"),
-    "rows in another format than declared": (_yaml({**VALID_RECIPE, "data": {"format": "alpaca"}}), "".join(
-        json.dumps(r) + "\n" for r in GOOD_ROWS).encode(), "the rows are chat data"),
+    "broken YAML": (b"train:\n  max_steps: [2\n", None, {}, [
+        "finetune.yaml: 1 problem in the recipe:", "  - line 3, column 1: invalid YAML: expected ',' or ']'"]),
+    "wrong types, missing field": (_yaml({"train": {"batch_size": "eight", "max_steps": None}, "lora": {"r": [1]}}),
+                                   None, {}, [
+        "finetune.yaml: 3 problems in the recipe:", "  - line 2: lora.r: Input should be a valid integer (got [1])",
+        "  - line 5: train.batch_size: Input should be a valid integer, unable to parse string as an integer "
+        '(got "eight")', "  - line 6: train.max_steps: Input should be a valid integer (got null)"]),
+    "recipe in UTF-16": (("# réglages\n" + _yaml(VALID_RECIPE).decode()).encode("utf-16"), None, {}, [
+        "finetune.yaml: 1 problem in the recipe:",
+        "  - not valid UTF-8 (invalid start byte at byte 0); save the file as UTF-8"]),
+    "broken JSON line": (None, (json.dumps(GOOD_ROWS[0]) + "\n{\"messages\": [\n").encode(), {}, [
+        "1 problem in the data; nothing was started:",
+        "train.jsonl:2: invalid JSON: Expecting value (column 15); each line must be one complete JSON object",
+        "Run `mlflow-finetune data check "]),
+    "empty data file": (None, b"", {}, [
+        "train.jsonl: file is empty (no rows); add training examples to it", "Run `mlflow-finetune data check "]),
+    "rows in another format than declared": (_yaml({**VALID_RECIPE, "data": {"format": "alpaca"}}), None, {}, [
+        "train.jsonl: the rows are chat data", "but data.format is 'alpaca', which needs instruction, output",
+        "Set data.format: chat (or auto, which detects it)"]),
     "huge line, wrong encoding": (None, (json.dumps(GOOD_ROWS[0]) + "\n" + json.dumps(
         {"messages": [{"role": "user", "content": "q" * 200_000}, {"role": "assistant", "content": "é"}]},
-        ensure_ascii=False) + "\n").encode("latin-1"), "train.jsonl:2: not valid UTF-8"),
+        ensure_ascii=False) + "\n").encode("latin-1"), {}, [
+        "train.jsonl:2: not valid UTF-8 (byte 0xe9 at column 200082); re-save the file as UTF-8"]),
 }
+MORE_CASES = {
+    "a typo in -P": (None, None, {"train.lerning_rate": "0.1"}, [
+        "  - -P train.lerning_rate=0.1: train.lerning_rate: unknown key. Valid keys in `train`: epochs, max_steps,",
+        "Did you mean `learning_rate`?"]),
+    "-P into a key that -P set to a value": (None, None, {"registry.name": "bot", "registry.name.first": "x"}, [
+        "  - -P registry.name.first=x: `name` is a value, not a section"]),
+    "a key of another adapter": (_yaml({**VALID_RECIPE, "lora": {"rank": 8}}), None, {}, [
+        "  - line 4: lora.rank: unknown key. Valid keys in `lora`: "]),
+    "an unknown section": (_yaml({**VALID_RECIPE, "modle": {"name": "tiny"}}), None, {}, [
+        "  - line 3: modle: unknown key. Valid keys: method, model, adapter,", "Did you mean `model`?"]),
+    "a data file that is not there": (_yaml({**VALID_RECIPE, "data": {"eval": "data/nope.jsonl"}}), None, {}, [
+        "  - data.eval: file not found: data/nope.jsonl (looked in "]),
+    "rows of the wrong type": (None, b'[1, 2]\n{"messages": "hi"}\n', {}, [
+        "2 problems in the data; nothing was started:", "train.jsonl:1: expected a JSON object, got a list",
+        "train.jsonl:2: 'messages' must be a list of {role, content} messages"]),
+}
+
+
+def _project(root: Path, recipe: bytes | None, data: bytes | None) -> Path:
+    """A project of the case's files, or valid ones where the case gives none."""
+    (root / "data").mkdir(parents=True)
+    (root / "finetune.yaml").write_bytes(recipe if recipe is not None else _yaml(VALID_RECIPE))
+    (root / "data" / "train.jsonl").write_bytes(
+        data if data is not None else "".join(json.dumps(r) + "\n" for r in GOOD_ROWS).encode())
+    return root
+
+
+@pytest.mark.parametrize("name", [*E2E_CASES, *MORE_CASES])
+def test_each_bad_input_is_refused_naming_the_place_and_the_fix(name, tmp_path):
+    recipe, data, params, expected = {**E2E_CASES, **MORE_CASES}[name]
+    proj = _project(tmp_path / "proj", recipe, data)
+    with pytest.raises(FinetuneError) as refused:
+        resolve_entry_point(str(proj), "lora", params)
+    message = str(refused.value)
+    assert [text for text in expected if text not in message] == [], message
+    _says_where_and_what(refused.value, (proj / "finetune.yaml").read_bytes(), (proj / "data" / "train.jsonl")
+                         .read_bytes(), params, proj)
 
 
 @pytest.mark.integration
@@ -398,19 +457,14 @@ def test_fuzz_cases_end_to_end_through_mlflow_run(tmp_path, tracking_uri, capsys
     mlflow.set_experiment("fuzz")  # create the store first: two processes migrating one sqlite file race
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
-    for i, (name, (recipe, data, expected)) in enumerate(E2E_CASES.items()):
-        proj = tmp_path / f"case{i}"
-        (proj / "data").mkdir(parents=True)
-        (proj / "finetune.yaml").write_bytes(recipe if recipe is not None else _yaml(VALID_RECIPE))
-        (proj / "data" / "train.jsonl").write_bytes(
-            data if data is not None else "".join(json.dumps(r) + "\n" for r in GOOD_ROWS).encode())
+    for i, (name, (recipe, data, _, expected)) in enumerate(E2E_CASES.items()):
+        proj = _project(tmp_path / f"case{i}", recipe, data)
         proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune",
                                "--experiment-name", "fuzz"], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode != 0, name
         assert "Traceback" not in proc.stderr, f"{name}: {proc.stderr[-3000:]}"
-        where = "train.jsonl" if data is not None else "finetune.yaml"
-        assert expected in proc.stderr and where in proc.stderr, f"{name}: {proc.stderr[-3000:]}"
+        assert [text for text in expected if text not in proc.stderr] == [], f"{name}: {proc.stderr[-3000:]}"
     runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("fuzz").experiment_id])
     assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
     assert runs == []  # every case was refused before a run existed
