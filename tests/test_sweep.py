@@ -12,6 +12,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.cli import main
+from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.sweep.study import (
     PLOT_FILE,
     SWEEP_BEST_RUN,
@@ -136,3 +137,20 @@ def test_sweep_trials_run_and_are_pruned_on_ray(tmp_path, tracking_uri, ray_head
     (version,) = client.search_model_versions("name='proj'")
     assert version.run_id == runs[0].info.run_id == result.best["run_id"]
     assert "needs 3 completed trials (1 completed)" in result.report()
+
+
+def test_a_yaml_list_is_choices(tmp_path):
+    from mlflow_finetune_plugin.sweep.space import load_space
+
+    space = tmp_path / "sweep.yaml"
+    space.write_text("lora.r: [4, 8]\nlora: {alpha: [16, 32]}\ntrain.learning_rate: {low: 1.0e-4, high: 1.0e-2}\n")
+    dims = {d.key: d for d in load_space(space)}
+    assert (dims["lora.r"].kind, dims["lora.r"].choices) == ("choice", (4, 8))
+    assert (dims["lora.alpha"].kind, dims["lora.alpha"].choices) == ("choice", (16, 32))
+    assert dims["train.learning_rate"].kind == "float"
+    # the same checks as {choices: [...]}: a list that repeats a value or is empty is refused, naming the key
+    space.write_text("lora.r: [4, 4]\nlora.alpha: []\n")
+    with pytest.raises(FinetuneError) as info:
+        load_space(space)
+    assert "lora.r: choices [4, 4] repeat a value" in str(info.value)
+    assert "lora.alpha: choices must be a non-empty list" in str(info.value)

@@ -3,7 +3,7 @@
 The file maps dotted recipe keys (or nested mappings) to a range or a list of choices:
 
     train.learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}
-    lora.r: {choices: [4, 8, 16]}
+    lora.r: [4, 8, 16]                # the same as {choices: [4, 8, 16]}
 
 Every malformed entry, unknown key and out-of-schema bound is reported at once, before any trial starts.
 """
@@ -20,7 +20,7 @@ import yaml
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
 
 RANGE_KEYS = ("low", "high", "log", "step", "type")
-EXAMPLE = "train.learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}  or  lora.r: {choices: [4, 8, 16]}"
+EXAMPLE = "train.learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}  or  lora.r: [4, 8, 16]"
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,8 @@ def _flatten(node: dict, prefix: str = ""):
 
 
 def _dimension(key: str, spec) -> Dimension:
+    if isinstance(spec, list):
+        spec = {"choices": spec}  # a plain YAML list is choices, as W&B's `values:` or Optuna's suggest_categorical
     if not isinstance(spec, dict):
         raise ValueError(f"{json.dumps(spec, default=str)} is not a range or choices; write e.g. {EXAMPLE} "
                          "(a fixed value belongs in -P)")
