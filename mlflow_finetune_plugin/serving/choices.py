@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,20 +95,56 @@ def picker_choices(name: str) -> list[tuple[str, str]]:
         method = mv.tags.get(tags.METHOD, "")
         label = f"{name} v{mv.version}" + (f" {held}" if held else "") + (f" ({method})" if method else "")
         out.append((label, ModelChoice(name, str(mv.version)).key))
-        base = mv.tags.get(tags.BASE_MODEL) or "base"
-        bases.setdefault(base, ModelChoice(name, str(mv.version), base=True))
-    for base, choice in bases.items():
-        out.append((f"base model: {base} (of v{choice.version})", choice.key))
-    return out
+        bases.setdefault(mv.tags.get(tags.BASE_MODEL) or "", ModelChoice(name, str(mv.version), base=True))
+    out.extend((base_label(choice, ref), choice.key) for ref, choice in bases.items())
+    return distinct_labels(out)
 
 
 def describe(choice: ModelChoice) -> str:
-    """A short human label: `support-bot v3 @challenger` or `base of support-bot v3 (builtin:tiny-llama)`."""
-    aliases = registry.aliases_by_version(choice.name).get(choice.version, [])
+    """A short human label: `support-bot v3 @challenger`, or `base: SmolLM2-135M-Instruct` for a base model."""
     if choice.base:
-        base = registry.get_version(choice.name, choice.version).tags.get(tags.BASE_MODEL, "")
-        return f"base of {choice.name} v{choice.version}" + (f" ({base})" if base else "")
+        return base_label(choice, registry.get_version(choice.name, choice.version).tags.get(tags.BASE_MODEL))
+    aliases = registry.aliases_by_version(choice.name).get(choice.version, [])
     return f"{choice.name} v{choice.version}" + "".join(f" @{a}" for a in sorted(aliases))
+
+
+def details(choice: ModelChoice) -> str:
+    """The whole story the short label leaves out: the base model's full reference (package, file, digest for the
+    built-in smollm2; the hub id or path otherwise) and, for a version, how it was trained."""
+    mv = registry.get_version(choice.name, choice.version)
+    ref = mv.tags.get(tags.BASE_MODEL) or "not recorded"
+    if choice.base:
+        return f"the base model of {choice.name} v{choice.version}: {ref}"
+    method = mv.tags.get(tags.METHOD)
+    return f"{describe(choice)}" + (f", {method}" if method else "") + f" on {ref}"
+
+
+def base_name(ref: str | None) -> str:
+    """A base model's reference short enough for a picker: `SmolLM2-135M-Instruct` for the built-in smollm2 (whose
+    reference also names the package, file and digest), `tiny-llama` for the tiny model, else the last component
+    of the hub id or local path."""
+    from mlflow_finetune_plugin.models import smollm2
+
+    ref = (ref or "").strip()
+    if smollm2.is_smollm2(ref):
+        return smollm2.GGUF_FILE.split(".")[0]
+    return ref.removeprefix("builtin:").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def base_label(choice: ModelChoice, ref: str | None) -> str:
+    """`base: NAME` for the base model of `choice`, whose base model reference is `ref` (None: not recorded)."""
+    return f"base: {base_name(ref)}" if ref else f"base of {choice.name} v{choice.version}"
+
+
+def distinct_labels(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(label, key) entries whose labels a picker can tell apart: a label several entries share (the bases of two
+    versions, short-named alike) says whose base each one is."""
+    counts = Counter(label for label, _ in entries)
+    out = []
+    for label, key in entries:
+        choice = ModelChoice.from_key(key)
+        out.append((f"{label} (of {choice.name} v{choice.version})" if counts[label] > 1 else label, key))
+    return out
 
 
 def trained_system_prompt(choice: ModelChoice) -> tuple[str, str]:

@@ -13,6 +13,7 @@ from mlflow_finetune_plugin.serving.playground.core import Playground
 
 _BLIND_LABELS = ("Model A", "Model B")
 _CSS = "#chat-a, #chat-b {min-height: 320px}"
+EMPTY_LEADERBOARD = "No votes yet: compare two answers in blind mode and vote, and the ratings appear here."
 
 
 def _user(request: gr.Request | None) -> str | None:
@@ -40,6 +41,9 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
             pick_a = gr.Dropdown(choices, value=pg.default_a, label="Model A", elem_id="pick-a", scale=3)
             pick_b = gr.Dropdown(choices, value=pg.default_b, label="Model B", elem_id="pick-b", scale=3)
             blind = gr.Checkbox(value=pg.blind_default, label="Blind mode", elem_id="blind", scale=1)
+        # Labels name a base model briefly (smollm2's reference is a line long); its whole reference is one click away.
+        with gr.Accordion("Model details (full base model references)", open=False, elem_id="model-details-box"):
+            model_details = gr.Markdown(pg.details(pg.default_a, pg.default_b), elem_id="model-details")
         # Model A's trained system prompt, pre-filled: without it a tuned model answers out of character.
         system_text, prefilled_text, system_note = pg.prefill(pg.default_a, "", "")
         prefilled = gr.State(prefilled_text)  # what was pre-filled: a box still holding it is not a user's edit
@@ -69,6 +73,7 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
                         "way. Two versions are told apart only when their intervals do not overlap and each has "
                         f"at least {MIN_VOTES} votes.")
             leaderboard = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False, elem_id="leaderboard")
+            board_note = gr.Markdown(EMPTY_LEADERBOARD, elem_id="leaderboard-note")
             refresh = gr.Button("Refresh leaderboard", size="sm", elem_id="refresh-leaderboard")
         with gr.Accordion("Win rates (votes logged to MLflow)", open=False):
             table = gr.Dataframe(headers=SUMMARY_HEADERS, interactive=False, elem_id="win-rates")
@@ -123,6 +128,8 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
 
         pick_a.change(pg.prefill, [pick_a, system, prefilled], [system, prefilled, note], api_visibility="private",
                       queue=False)
+        for trigger in (pick_a.change, pick_b.change):
+            trigger(pg.details, [pick_a, pick_b], model_details, api_visibility="private", queue=False)
 
         # ---- voting
         def make_vote(verdict):
@@ -130,19 +137,23 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
                 result = _checked(pg.vote, comparison_id, verdict, _user(request))
                 reveal = (f"Vote logged ({VERDICTS[verdict]}): A was **{result['label_a']}**, "
                           f"B was **{result['label_b']}**.")
+                rows = _checked(pg.leaderboard)
                 return (reveal, None, gr.update(label=f"A: {result['label_a']}"),
-                        gr.update(label=f"B: {result['label_b']}"), _checked(pg.summary), _checked(pg.leaderboard))
+                        gr.update(label=f"B: {result['label_b']}"), _checked(pg.summary), rows, _board_note(rows))
             return on_vote
 
         for verdict, button in vote_buttons.items():
-            button.click(make_vote(verdict), [last, sides], [status, last, chat_a, chat_b, table, leaderboard],
-                         api_visibility="private", concurrency_limit=None)
+            button.click(make_vote(verdict), [last, sides],
+                         [status, last, chat_a, chat_b, table, leaderboard, board_note], api_visibility="private",
+                         concurrency_limit=None)
 
         def leaderboard_rows():
             """Arena ratings of the versions voted on here: rows of [rank, model, rating, 95% interval, votes, note]."""
             return _checked(pg.leaderboard)
 
-        refresh.click(leaderboard_rows, None, leaderboard, api_name="leaderboard", concurrency_limit=None)
+        # The endpoint returns the table alone; the note follows in the page (gradio_client does not run .then()).
+        refresh.click(leaderboard_rows, None, leaderboard, api_name="leaderboard", concurrency_limit=None).then(
+            _board_note, leaderboard, board_note, api_visibility="private", queue=False)
 
         def on_promote(key, alias_text, request: gr.Request):
             report = _checked(pg.promote, key, alias_text, _user(request))
@@ -152,12 +163,13 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
                           concurrency_limit=1)
 
         def on_load():
-            fresh = _checked(pg.choices)
+            fresh, rows = _checked(pg.choices), _checked(pg.leaderboard)
             return (gr.update(choices=fresh), gr.update(choices=fresh),
                     gr.update(choices=[c for c in fresh if not c[1].endswith(":base")]), _checked(pg.summary),
-                    _checked(pg.leaderboard))
+                    rows, _board_note(rows))
 
-        demo.load(on_load, None, [pick_a, pick_b, promote_pick, table, leaderboard], api_visibility="private")
+        demo.load(on_load, None, [pick_a, pick_b, promote_pick, table, leaderboard, board_note],
+                  api_visibility="private")
 
         # ---- scriptable endpoints (one call each: gradio_client does not run .then() chains)
         def compare(prompt: str, model_a: str = "", model_b: str = "", system_prompt: str = "",
@@ -202,6 +214,11 @@ def _label(pg: Playground, key: str | None, blind: bool, index: int) -> str:
         return f"{_BLIND_LABELS[index][-1]}: {pg.label(key)}"
     except FinetuneError:
         return _BLIND_LABELS[index]
+
+
+def _board_note(rows) -> str:
+    """What the leaderboard says under an empty table (rows: a list, or the page's DataFrame): how to fill it."""
+    return EMPTY_LEADERBOARD if rows is None or len(rows) == 0 else ""
 
 
 def _plain(history) -> list[dict]:

@@ -46,12 +46,13 @@ class Playground:
     # ------------------------------------------------------------------------------------------- model choices
     def choices(self) -> list[tuple[str, str]]:
         """(label, key) for every version and base model the pickers may offer, read from the registry now."""
-        from mlflow_finetune_plugin.serving.choices import picker_choices
+        from mlflow_finetune_plugin.serving.choices import distinct_labels, picker_choices
 
         listed = [c for name in self.names for c in picker_choices(name)]
         keys = {key for _, key in listed}
         # Pickers list one base entry per base model; the base of another version may be a default side.
-        return listed + [(self.label(k), k) for k in dict.fromkeys([self.default_a, self.default_b]) if k not in keys]
+        defaults = [(self.label(k), k) for k in dict.fromkeys([self.default_a, self.default_b]) if k not in keys]
+        return distinct_labels(listed + defaults)
 
     def resolve(self, key: str | None, default: str) -> ModelChoice:
         """A picker value as a model choice; only registry versions of this playground's models are accepted."""
@@ -68,6 +69,20 @@ class Playground:
         from mlflow_finetune_plugin.serving.choices import describe
 
         return describe(ModelChoice.from_key(key))
+
+    def details(self, key_a: str | None, key_b: str | None) -> str:
+        """The two picked models in full, as Markdown: their keys, and the whole base model references that their
+        short labels leave out."""
+        from mlflow_finetune_plugin.serving.choices import details
+
+        lines = []
+        for side, key, default in (("A", key_a, self.default_a), ("B", key_b, self.default_b)):
+            try:
+                choice = self.resolve(key, default)
+            except FinetuneError:  # an unknown pick: sending reports it
+                continue
+            lines.append(f"- **Model {side}** `{choice.key}`: {details(choice)}")
+        return "\n".join(lines)
 
     # ----------------------------------------------------------------------------------------- system prompt
     def trained_system_prompt(self, key: str | None) -> tuple[str, str]:
