@@ -1,7 +1,8 @@
-"""Trainer callbacks that report to the active MLflow run."""
+"""Trainer callbacks that report to the active MLflow run, and the run's expected time left on the console."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -150,3 +151,71 @@ class DropReferenceAdapter(TrainerCallback):
         if model is not None and "ref" in getattr(model, "peft_config", {}):
             model.set_adapter("default")
             model.delete_adapter("ref")
+
+
+class TimeLeft(TrainerCallback):
+    """Print once, a few steps in, how long the whole run should still take: training from the measured step rate,
+    then the evaluation estimated from the measured training token rate. Main process only; it reads clocks and the
+    logged token count, never runs the model.
+
+    The progress bar shows s/it; what it cannot show is the evaluation that follows it.
+    """
+
+    MIN_STEPS, MIN_SECONDS = 5, 30.0  # an estimate needs a few steps of warm caches; or halfway, for short runs
+    # Generating answers one token at a time (in batches), scoring the references and the forgetting check, per
+    # generated token, against one trained token (forward and backward): calibrated on the README run
+    # (docs/benchmarks.md, "Time to a fine-tuned model").
+    GENERATED_TOKEN_COST = 3.0
+
+    def __init__(self, eval_rows: int = 0, contenders: int = 0, max_new_tokens: int = 0,
+                 tokens_per_step: float = 0.0):
+        self.eval_rows, self.contenders, self.max_new_tokens = eval_rows, contenders, max_new_tokens
+        self.tokens_per_step = tokens_per_step  # an upper bound, until the trainer logs its own count
+        self._start: tuple[int, float] | None = None
+        self._printed = False
+
+    @classmethod
+    def of(cls, recipe, eval_sets: list) -> TimeLeft:
+        """For a run that evaluates `eval_sets` after training (its held-out sets; none when it evaluates nothing):
+        base zero-shot, few-shot when eval.fewshot_k > 0, and tuned answer the first eval.max_examples of each."""
+        e, t = recipe.eval, recipe.train
+        rows = sum(min(len(ds), e.max_examples) for ds in eval_sets if ds is not None)
+        return cls(rows, 2 + (e.fewshot_k > 0), e.max_new_tokens, t.batch_size * t.grad_accum * recipe.data.max_length)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        tokens = (logs or {}).get("num_tokens")  # TRL's count of the tokens trained so far, all processes
+        if tokens and state.global_step:
+            self.tokens_per_step = tokens / state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._printed or not state.is_world_process_zero:
+            return
+        now = time.perf_counter()
+        if self._start is None:  # the first step pays for warm-up (allocations, kernel choice): timed from its end
+            self._start = (state.global_step, now)
+            return
+        steps, seconds = state.global_step - self._start[0], now - self._start[1]
+        halfway = state.global_step >= state.max_steps / 2 and steps >= 2
+        if steps and (steps >= self.MIN_STEPS and seconds >= self.MIN_SECONDS or halfway):
+            self._printed = True
+            from tqdm.auto import tqdm  # written above the progress bar, not into it
+
+            tqdm.write(self.message(max(state.max_steps - state.global_step, 0), seconds / steps), file=sys.stderr)
+
+    def message(self, steps_left: int, step_seconds: float) -> str:
+        training = steps_left * step_seconds
+        line = f"{steps_left} steps at {step_seconds:.2g} s/step ≈ {_duration(training, 1)} of training"
+        evaluation = 0.0
+        if self.eval_rows:
+            generated = self.eval_rows * self.contenders * self.max_new_tokens
+            evaluation = generated * self.GENERATED_TOKEN_COST * step_seconds / max(self.tokens_per_step, 1.0)
+            line += (f"; then evaluation of {self.eval_rows} held-out questions x {self.contenders} contenders, "
+                     f"~{_duration(evaluation)}, estimated")
+        return f"=== about {_duration(training + evaluation)} left ({line}) ==="
+
+
+def _duration(seconds: float, decimals: int = 0) -> str:
+    """`42 s` under a minute, else minutes (`7 min`, or `6.6 min` with one decimal)."""
+    if seconds < 59.5:
+        return f"{max(round(seconds), 1)} s"
+    return f"{seconds / 60:.{decimals}f} min"

@@ -18,7 +18,7 @@ from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, 
 from mlflow_finetune_plugin.tags import lineage_tags
 from mlflow_finetune_plugin.train import publish, quantization, resume, trainers
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach
-from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, MlflowMetrics
+from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, MlflowMetrics, TimeLeft
 from mlflow_finetune_plugin.train.objectives import objective_of, sft
 
 
@@ -55,8 +55,9 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
             trainers.train_per_task(recipe, objective, model, tokenizer, data.tasks, data.task_evals, args)
             tuned = model
         else:
+            evaluated = list(data.task_evals.values()) if data.is_mixture else [data.eval]
             trainer = objective.build_trainer(recipe, model, tokenizer, data.train, data.eval, args,
-                                              [MlflowMetrics(), CheckpointLogger()])
+                                              [MlflowMetrics(), CheckpointLogger(), TimeLeft.of(recipe, evaluated)])
             trainer.train(resume_from_checkpoint=_checkpoint(recipe, trainer, run_id, main))
             last_step = trainer.state.global_step  # the evaluation's metrics are logged there: the latest values
             tuned = trainers.unsharded(trainer, recipe, run_id, main) if trainer.is_fsdp_enabled else trainer.model
