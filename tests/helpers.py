@@ -93,13 +93,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout=180, what="condition"):
-    """Poll `predicate` until it is true; fail naming `what` after `timeout` seconds."""
+def wait_for(predicate, timeout=180, what="condition", interval=0.3):
+    """Poll `predicate` every `interval` seconds until it is true; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.3)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 

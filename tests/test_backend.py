@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import ExecutionException
 
 from mlflow_finetune_plugin.backend import FinetuneBackend
-from tests.helpers import chat_rows, write_project
+from tests.helpers import chat_rows, wait_for, write_project
 
 FAST = "train:\n  max_steps: 3\n  batch_size: 4\n  logging_steps: 1\n  save_steps: 2\neval:\n  enabled: false\n"
 
@@ -30,13 +30,6 @@ def _runs():
     return [] if exp is None else MlflowClient().search_runs([exp.experiment_id])
 
 
-def _wait_for(predicate, timeout=120, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_bad_recipe_is_refused_before_a_run_exists(tmp_path, tracking_uri):
@@ -111,7 +104,8 @@ def _start_long_run(tmp_path, tracking_uri, **kw):
     proj = write_project(tmp_path / "p", long, rows=chat_rows(32))
     submitted = _submit(proj, tracking_uri, **kw)
     client = MlflowClient()
-    _wait_for(lambda: "train/loss" in client.get_run(submitted.run_id).data.metrics, what="training to start")
+    wait_for(lambda: "train/loss" in client.get_run(submitted.run_id).data.metrics, timeout=120,
+             what="training to start", interval=0.5)
     return submitted
 
 
@@ -142,7 +136,8 @@ def test_detach_returns_at_once_and_the_job_ends_its_own_run(tmp_path, tracking_
     client = MlflowClient()
     assert client.get_run(submitted.run_id).info.status == "RUNNING"
     # Nobody calls wait(): the supervisor process must end the run by itself.
-    _wait_for(lambda: client.get_run(submitted.run_id).info.status != "RUNNING", timeout=300, what="detached run")
+    wait_for(lambda: client.get_run(submitted.run_id).info.status != "RUNNING", timeout=300, what="detached run",
+             interval=0.5)
     assert client.get_run(submitted.run_id).info.status == "FINISHED"
     assert submitted.process.wait(timeout=60) == 0  # the supervisor exits once it has checked the run
     from mlflow_finetune_plugin.paths import job_dir

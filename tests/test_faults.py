@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import time
 from pathlib import Path
 
 import mlflow
@@ -18,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow_finetune_plugin.backend import FinetuneBackend
 from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.train import job, resume
-from tests.helpers import chat_rows, write_project
+from tests.helpers import chat_rows, wait_for, write_project
 
 EXPERIMENT = "faults"
 # Long enough that a SIGKILL right after the first checkpoint lands well before the end (~0.2 s a step).
@@ -32,13 +31,6 @@ def _submit(proj, tracking_uri, params=None, config=None):
                                  tracking_uri, exp_id)
 
 
-def _wait_for(predicate, timeout=180, interval=0.3, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _whole_checkpoints(run_id) -> list[str]:
@@ -64,7 +56,7 @@ def test_sigkill_leaves_failed_run_with_checkpoint_and_resume_matches_uninterrup
     assert a.wait() is True
 
     b = _submit(proj, tracking_uri)
-    _wait_for(lambda: _whole_checkpoints(b.run_id), interval=0.05, what="run B's first checkpoint")
+    wait_for(lambda: _whole_checkpoints(b.run_id), interval=0.05, what="run B's first checkpoint")
     os.killpg(b.process.pid, signal.SIGKILL)
     assert b.wait() is False
     run_b = client.get_run(b.run_id)
@@ -101,7 +93,7 @@ def test_a_rank_killed_under_torchrun_fails_the_run_and_both_ranks_resume_it(tmp
     long = RESUMABLE.replace("max_steps: 20", "max_steps: 100000").replace("save_steps: 5", "save_steps: 3")
     proj = write_project(tmp_path / "p", long, rows=chat_rows(32))
     b = _submit(proj, tracking_uri, config=torchrun)
-    _wait_for(lambda: _whole_checkpoints(b.run_id), what="a checkpoint")
+    wait_for(lambda: _whole_checkpoints(b.run_id), what="a checkpoint")
     ranks = {}
     for p in psutil.Process(b.process.pid).children(recursive=True):
         try:
@@ -117,7 +109,7 @@ def test_a_rank_killed_under_torchrun_fails_the_run_and_both_ranks_resume_it(tmp
     # Rank 0 learns it from torchrun's SIGTERM or, first, from gloo losing its peer mid all-reduce.
     error = run_b.data.tags["finetune.error"]
     assert "another training process of this job failed" in error or "gloo" in error, error
-    _wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values()),
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values()),
               timeout=60, what="rank 0 to stop too")
 
     # Rank 0 downloads B's last checkpoint; rank 1 waits for it, then both continue from that step.

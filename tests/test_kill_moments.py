@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
-import time
 
 import mlflow
 import pytest
@@ -20,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.backend import FinetuneBackend
 from mlflow_finetune_plugin.train import resume
-from tests.helpers import REPO, chat_rows, write_project
+from tests.helpers import REPO, chat_rows, wait_for, write_project
 
 EXPERIMENT = "kill-moments"
 # The last step (15) is a save step: a run killed while publishing resumes from its final checkpoint.
@@ -80,13 +79,6 @@ def _submit(proj, tracking_uri, params=None):
     return FinetuneBackend().run(str(proj), "lora", params or {}, None, {"SYNCHRONOUS": True}, tracking_uri, exp_id)
 
 
-def _wait_for(predicate, timeout=240, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.integration
@@ -105,7 +97,7 @@ def test_kill_9_at_the_worst_moment_then_resume_finishes(tmp_path, tracking_uri,
         m.setenv("FINETUNE_TEST_MARKER", str(marker))
         killed = _submit(proj, tracking_uri)
         try:
-            _wait_for(marker.exists, what=f"the job to reach the {moment} moment")
+            wait_for(marker.exists, timeout=240, what=f"the job to reach the {moment} moment", interval=0.1)
         finally:
             os.killpg(killed.process.pid, signal.SIGKILL)
     assert killed.wait() is False
