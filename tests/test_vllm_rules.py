@@ -8,8 +8,9 @@ from mlflow_finetune_plugin.vllm_rules import VLLM_LORA_RANKS, adapter_servable,
 
 
 @pytest.mark.parametrize(("kwargs", "servable", "reason"), [
-    ({"r": 16}, True, "rank supported"),
-    ({"r": 12}, False, "r=12"),
+    ({"r": 16}, True, "max_lora_rank"),
+    ({"r": 12}, True, "max_lora_rank"),  # any rank up to the server's max_lora_rank (checked on real vLLM)
+    ({"r": 1024}, False, "r=1024"),
     ({"r": 16, "use_dora": True}, False, "DoRA"),
     ({"r": 16, "bias": "all"}, False, "biases"),
     ({"r": 16, "bias": "lora_only"}, False, "biases"),

@@ -1,10 +1,15 @@
-"""The OpenAI-compatible front `mlflow-finetune serve --engine transformers` puts before `transformers serve`.
+"""The OpenAI-compatible front `mlflow-finetune serve` puts before the model server (`vllm serve`, `transformers
+serve`), so both engines behave the same way to a client.
 
 `transformers serve` lists the models of the hub cache rather than the one it serves (HTTP 500 where that cache does
 not exist) and answers a request for another model with 400. The front answers `/v1/models` with the served names,
 refuses unknown model names with 404 (as OpenAI does), and passes everything else through to the server, which runs
-as a child on a loopback port in its own process group. A stop signal (SIGTERM, SIGINT, SIGHUP) to `serve` ends the
-front and then that whole group; the child also gets SIGTERM from the kernel if `serve` dies without cleaning up.
+as a child on a loopback port in its own process group. The front's port opens only once every served model has
+answered a one-token chat request, so a client never sees a server that is up but still loading (`transformers
+serve` loads on the first request; vLLM takes tens of seconds to start). With a `resolve` hook (vLLM), a request for
+a model not served yet may load it into the running server first. A stop signal (SIGTERM, SIGINT, SIGHUP) to `serve`
+ends the front and then that whole group (vLLM's EngineCore included); the child also gets SIGTERM from the kernel if
+`serve` dies without cleaning up.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request) at run time.
@@ -31,8 +36,11 @@ def not_found(model) -> dict:
                       "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
 
 
-def build_front(names: list[str], upstream: str):
-    """The front's ASGI app: `names` are the models served, `upstream` the server's base URL."""
+def build_front(names: list[str], upstream: str, resolve=None):
+    """The front's ASGI app: `names` are the models served (a list it appends to), `upstream` the server's base URL,
+    `resolve(name)` (optional) the load request for a model not served yet, None when there is no such model."""
+    import asyncio
+
     import httpx
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -52,27 +60,54 @@ def build_front(names: list[str], upstream: str):
             return JSONResponse(not_found(model), status_code=404)
         return model_entry(model, created)
 
+    loading = asyncio.Lock()
+
+    async def load(model: str):
+        """None once `model` is served, else the error response."""
+        from mlflow_finetune_plugin.errors import FinetuneError
+
+        async with loading:  # one load at a time: two first requests for a new version load it once
+            if model in names:
+                return None
+            try:
+                request = await asyncio.to_thread(resolve, model) if resolve else None
+            except FinetuneError as e:
+                return JSONResponse(_error(str(e), "invalid_request_error"), status_code=400)
+            if request is None:
+                return JSONResponse(not_found(model), status_code=404)
+            answer = await client.post("/v1/load_lora_adapter", json=request)
+            if answer.status_code != 200:
+                return JSONResponse(_error(f"the server could not load {model}: {answer.text}", "server_error"),
+                                    status_code=502)
+            names.append(model)
+            return None
+
     @app.api_route("/{path:path}", methods=["GET", "POST", "OPTIONS"])
     async def forward(path: str, request: Request):
         body = await request.body()
         if request.method == "POST" and "/" + path in _MODEL_ROUTES:
             model = _requested_model(body)
             if model is not None and model not in names:
-                return JSONResponse(not_found(model), status_code=404)
+                refused = await load(model)
+                if refused is not None:
+                    return refused
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS | {"host"}}
         try:
             upstream_request = client.build_request(request.method, "/" + path, params=request.query_params,
                                                     headers=headers, content=body)
             response = await client.send(upstream_request, stream=True)
         except httpx.TransportError as e:
-            return JSONResponse({"error": {"message": f"the model server is not answering: {e}",
-                                           "type": "server_error"}}, status_code=503)
+            return JSONResponse(_error(f"the model server is not answering: {e}", "server_error"), status_code=503)
         return StreamingResponse(response.aiter_raw(), status_code=response.status_code,
                                  headers={k: v for k, v in response.headers.items()
                                           if k.lower() not in _HOP_HEADERS | {"date", "server"}},
                                  background=BackgroundTask(response.aclose))
 
     return app
+
+
+def _error(message: str, kind: str) -> dict:
+    return {"error": {"message": message, "type": kind}}
 
 
 def _requested_model(body: bytes):
@@ -92,13 +127,15 @@ def loopback_port() -> int:
 
 
 def run_front(child_argv: list[str], names: list[str], host: str, port: int, inner_port: int,
-              cwd: str | None = None, env: dict | None = None) -> int:
-    """Start the server (`child_argv`, listening on 127.0.0.1:`inner_port`) and the front on host:port; return when
-    a stop signal arrives or the server exits, with every child stopped. Returns the exit code for `serve`."""
+              cwd: str | None = None, env: dict | None = None, resolve=None, echo=print) -> int:
+    """Start the server (`child_argv`, listening on 127.0.0.1:`inner_port`), wait until every model in `names`
+    answers, then open the front on host:port; return when a stop signal arrives or the server exits, with every
+    child stopped. Returns the exit code for `serve`."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(build_front(names, f"http://127.0.0.1:{inner_port}"), host=host,
-                                           port=port, log_level="warning"))
+    upstream = f"http://127.0.0.1:{inner_port}"
+    server = uvicorn.Server(uvicorn.Config(build_front(list(names), upstream, resolve), host=host, port=port,
+                                           log_level="warning"))
     stopped_by: list[int] = []
 
     def stop(signum, frame):  # uvicorn handles SIGINT/SIGTERM itself while it serves, then hands them back here
@@ -108,6 +145,11 @@ def run_front(child_argv: list[str], names: list[str], host: str, port: int, inn
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     child = subprocess.Popen(child_argv, cwd=cwd, env={**os.environ, **(env or {})}, preexec_fn=_child_setup)
     try:
+        started = time.monotonic()
+        if not _wait_until_answering(upstream, names, child, lambda: bool(stopped_by)):
+            return 0 if stopped_by else (child.returncode or 1)
+        echo(f"Ready after {time.monotonic() - started:.0f} s: http://{host}:{port}/v1 answers for {', '.join(names)}")
+        sys.stdout.flush()
         threading.Thread(target=_exit_with(child, server), daemon=True).start()
         server.run()
     finally:
@@ -117,6 +159,28 @@ def run_front(child_argv: list[str], names: list[str], host: str, port: int, inn
     if stopped_by:
         return 0
     return child.returncode if child.returncode else 1
+
+
+def _wait_until_answering(upstream: str, names: list[str], child: subprocess.Popen, stopped) -> bool:
+    """Poll until each model in `names` answers a one-token chat request (True), or the server exits or a stop
+    signal arrives first (False). 4xx answers count as answering: the server is up and says why."""
+    import httpx
+
+    pending = list(names)
+    with httpx.Client(base_url=upstream, timeout=httpx.Timeout(None, connect=2.0), trust_env=False) as client:
+        while pending:
+            if child.poll() is not None or stopped():
+                return False
+            try:
+                answer = client.post("/v1/chat/completions", json={
+                    "model": pending[0], "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})
+                if answer.status_code < 500:
+                    pending.pop(0)
+                    continue
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)  # polling interval while the server starts; the loop checks the real condition
+    return True
 
 
 def _exit_with(child: subprocess.Popen, server):

