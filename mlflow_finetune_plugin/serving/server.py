@@ -59,7 +59,10 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
             raise FinetuneError(f"{full[0].choice.key} is a full fine-tune: it is its own model, so serve it alone "
                                 "(one `mlflow-finetune serve` per full fine-tune, each on its own --port)")
         m = full[0]
-        argv = [*VLLM_CLI, "serve", str(m.artifacts["model"]), "--tokenizer", str(m.tokenizer_dir),
+        from mlflow_finetune_plugin.serving.vllm_engine import vllm_tokenizer_dir
+
+        folder = str(m.artifacts["model"])
+        argv = [*VLLM_CLI, "serve", folder, "--tokenizer", str(vllm_tokenizer_dir(m, folder)),
                 "--served-model-name", served_name(m.choice), *_vllm_device_args(extra)]
         return ServerCommand(argv + _common(host, port, extra), names=[served_name(m.choice)])
     bases = {m.base_key() for m in locals_}
@@ -72,7 +75,10 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
     first = locals_[0]
     base_names = [served_name(m.choice) for m in locals_ if m.choice.base] or [served_name(_base_of(first.choice))]
     adapters = [m for m in locals_ if not m.choice.base]
-    argv = [*VLLM_CLI, "serve", resolve_model_path(first.base_ref), "--tokenizer", str(first.tokenizer_dir),
+    from mlflow_finetune_plugin.serving.vllm_engine import vllm_tokenizer_dir
+
+    base_path = resolve_model_path(first.base_ref)
+    argv = [*VLLM_CLI, "serve", base_path, "--tokenizer", str(vllm_tokenizer_dir(first, base_path)),
             "--served-model-name", *base_names, *_vllm_device_args(extra)]
     if first.config.get("base_revision"):
         argv += ["--revision", first.config["base_revision"]]

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import queue
+import shutil
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
@@ -57,6 +60,35 @@ def require_vllm() -> None:
         import vllm  # noqa: F401
     except ImportError as e:
         raise FinetuneError(f"the vllm engine needs vLLM ({e}): {INSTALL}; or use --engine transformers") from None
+
+
+def vllm_tokenizer_dir(local: LocalModel, model_path: str) -> Path:
+    """The version's logged tokenizer (its chat template) as a folder vLLM reads without complaint.
+
+    vLLM parses a model config from the tokenizer folder too; a logged tokenizer has none, so each vLLM process would
+    log "Error parsing config" twice and sleep 2 s between (vllm/tokenizers/registry.py). This folder holds links to
+    the tokenizer files plus the base model's config.json, in the plugin's cache."""
+    import hashlib
+
+    from mlflow_finetune_plugin.paths import cache_root
+
+    config = Path(model_path) / "config.json"
+    if not config.is_file():  # a hub id: nothing local to add
+        return local.tokenizer_dir
+    digest = hashlib.sha256(f"{local.tokenizer_dir}\0{config}".encode()).hexdigest()[:12]
+    out = cache_root() / "serving" / "vllm-tokenizers" / digest
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for f in Path(local.tokenizer_dir).iterdir():
+            (tmp / f.name).symlink_to(f.resolve())
+        if not (tmp / "config.json").exists():
+            (tmp / "config.json").symlink_to(config.resolve())
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 class VLLMEngine(Engine):
@@ -131,7 +163,7 @@ class VLLMEngine(Engine):
         import torch
 
         device = {} if torch.cuda.is_available() else {"dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE}
-        args = AsyncEngineArgs(model=model_path, tokenizer=str(local.tokenizer_dir),
+        args = AsyncEngineArgs(model=model_path, tokenizer=str(vllm_tokenizer_dir(local, model_path)),
                                revision=local.config.get("base_revision") if local.is_adapter else None,
                                enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras,
                                gpu_memory_utilization=self.gpu_memory_utilization,
