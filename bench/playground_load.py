@@ -5,8 +5,10 @@ prompt, greedy) and then vote, all at the same time, through `gradio_client`, ag
 Reports: errors, the time to the last answer and to the last vote, per-request latency (median, max), and the peak
 RSS of the playground process (sampled every 0.1 s) against the same process idle with the model loaded, and
 against one copy of the base weights: memory stays at one base copy plus adapters, whatever the number of users.
-The baseline is the same N requests sent one after another (`--serial`, same process, same prompts), so the
-speed-up of answering concurrently is a ratio measured side by side.
+The baseline is the same N requests sent one after another (same process, same prompts), so the speed-up of
+answering concurrently is a ratio measured side by side; so is whether the answers stay the same (greedy: the
+concurrent round's answers, batched together, against the serial round's). `--answers FILE` writes every answer as
+JSON, to compare runs of two versions of the engine.
 
     python bench/playground_load.py --model support-bot@challenger          # needs a registered version
     python bench/playground_load.py --model support-bot@challenger --users 16 --max-new-tokens 48
@@ -17,6 +19,7 @@ The store is the bench scratch store (bench/common.py), where `bench/time_to_mod
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -59,6 +62,7 @@ def _user(url: str, i: int, max_new_tokens: int) -> dict:
     client.predict(out["id"], "a" if i % 2 else "b", api_name="/vote")
     ok = all(out[side]["answer"] and not out[side]["error"] for side in ("a", "b"))
     return {"answer": answered - started, "voted": time.monotonic() - started, "ok": ok,
+            "texts": [out["a"]["answer"], out["b"]["answer"]],
             "answered_at": answered, "voted_at": time.monotonic()}
 
 
@@ -71,7 +75,8 @@ def _round(url: str, users: int, max_new_tokens: int, concurrent: bool) -> dict:
         results = [_user(url, i, max_new_tokens) for i in range(users)]
     return {"last_answer": max(r["answered_at"] for r in results) - started,
             "last_vote": max(r["voted_at"] for r in results) - started,
-            "latencies": [r["answer"] for r in results], "answered": sum(r["ok"] for r in results)}
+            "latencies": [r["answer"] for r in results], "answered": sum(r["ok"] for r in results),
+            "texts": [r["texts"] for r in results]}
 
 
 def main(argv=None):
@@ -79,7 +84,8 @@ def main(argv=None):
     p.add_argument("--model", default="support-bot@challenger")
     p.add_argument("--users", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--concurrency", type=int, default=4, help="the playground's --concurrency (its default: 4)")
+    p.add_argument("--concurrency", type=int, default=None, help="the playground's --concurrency (default: its own)")
+    p.add_argument("--answers", default=None, help="write every answer here (JSON), to compare engines' answers")
     p.add_argument("--port", type=int, default=7871)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
@@ -89,7 +95,8 @@ def main(argv=None):
     log = open(work / "logs" / "playground-load.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "playground", "--model",
-         args.model, "--port", str(args.port), "--concurrency", str(args.concurrency)],
+         args.model, "--port", str(args.port)] + ([] if args.concurrency is None else
+                                                   ["--concurrency", str(args.concurrency)]),
         env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         import httpx
@@ -109,7 +116,7 @@ def main(argv=None):
         import psutil
 
         idle = psutil.Process(server.pid).memory_info().rss
-        rows = []
+        rows, rounds = [], []
         for concurrent in (False, True):  # the baseline first: serial requests
             peak, stop = [0], threading.Event()
             sampler = threading.Thread(target=_rss_sampler, args=(server.pid, stop, peak), daemon=True)
@@ -118,20 +125,28 @@ def main(argv=None):
             result = _round(url, args.users, args.max_new_tokens, concurrent)
             stop.set()
             sampler.join()
+            rounds.append(result)
             rows.append([("at once" if concurrent else "one after another (baseline)"),
                          f"{result['answered']}/{args.users}", f"{result['last_answer']:.1f}",
                          f"{result['last_vote']:.1f}", f"{statistics.median(result['latencies']):.1f}",
                          f"{max(result['latencies']):.1f}", f"{peak[0] / 2**20:.0f}"])
-        speedup = float(rows[0][2]) / float(rows[1][2])
+        speedup = rounds[0]["last_answer"] / rounds[1]["last_answer"]
+        same = sum(a == b for a, b in zip(rounds[0]["texts"], rounds[1]["texts"]))
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
     common.header(f"Playground under load: {args.model}, {args.users} users each /compare (greedy, "
-                  f"{args.max_new_tokens} new tokens) + /vote; transformers engine, --concurrency {args.concurrency}")
+                  f"{args.max_new_tokens} new tokens) + /vote; transformers engine, --concurrency "
+                  f"{args.concurrency or 'default'}")
     print(common.table(["requests", "answered", "last answer (s)", "last vote (s)", "median latency (s)",
                         "max latency (s)", "peak RSS (MiB)"], rows))
     print(f"\nIdle RSS with the model loaded: {idle / 2**20:.0f} MiB; at once vs one after another: "
-          f"{speedup:.2f}x sooner to the last answer.")
+          f"{speedup:.2f}x sooner to the last answer; median latency at once "
+          f"{statistics.median(rounds[1]['latencies']):.1f} s. Comparisons answered the same at once as one after "
+          f"another (both sides, greedy): {same}/{args.users}.")
+    if args.answers:
+        with open(args.answers, "w") as f:
+            json.dump({"serial": rounds[0]["texts"], "at_once": rounds[1]["texts"]}, f, indent=1)
 
 
 if __name__ == "__main__":

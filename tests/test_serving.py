@@ -18,6 +18,7 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import generate, load_logged_model
 from mlflow_finetune_plugin.models.tiny import tiny_model_path
 from mlflow_finetune_plugin.serving import ModelChoice, Settings, stream_pair
+from mlflow_finetune_plugin.serving.batching import TokenStreamer
 from mlflow_finetune_plugin.serving.choices import (
     local_model,
     parse_ref,
@@ -26,8 +27,7 @@ from mlflow_finetune_plugin.serving.choices import (
     vllm_support,
 )
 from mlflow_finetune_plugin.serving.openai_engine import OpenAIEngine
-from mlflow_finetune_plugin.serving.transformers_engine import TokenStreamer, TransformersEngine
-from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine, vllm_available
+from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
 from tests.helpers import cli_process, free_port, register_version, stop, wait_for_http
 
 MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
@@ -118,10 +118,9 @@ def test_the_streamer_hands_out_each_token_as_soon_as_it_is_whole_characters():
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
     answer = tokenizer.encode("Hello, wörld: naïve café 😀 okay.", add_special_tokens=False)
     streamer = TokenStreamer(tokenizer, timeout=5)
-    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt: never streamed
     pieces = []
     for i, token in enumerate(answer):
-        streamer.put(torch.tensor([token]))
+        streamer.add(token)
         got = []
         while not streamer.pieces.empty():
             got.append(streamer.pieces.get())
@@ -142,10 +141,10 @@ def test_vllm_refuses_adapters_it_cannot_serve_and_names_the_alternatives(tracki
     ok = register_version(seed=0, r=8)
     dora = register_version(seed=1, r=8, use_dora=True, alias=None)
     odd_rank = register_version(seed=2, r=12, alias=None)
-    assert vllm_support(local_model(ModelChoice("bot", ok))) == (True, "LoRA without DoRA or biases, rank supported "
-                                                                       "by vLLM")
+    assert vllm_support(local_model(ModelChoice("bot", ok))) == (True, "LoRA without DoRA or biases, rank within "
+                                                                       "vLLM's largest max_lora_rank")
     assert "DoRA" in vllm_support(local_model(ModelChoice("bot", dora)))[1]
-    assert "r=12" in vllm_support(local_model(ModelChoice("bot", odd_rank)))[1]
+    assert vllm_support(local_model(ModelChoice("bot", odd_rank)))[0]  # served under max_lora_rank 16
     with pytest.raises(FinetuneError) as err:
         require_vllm_support(local_model(ModelChoice("bot", dora)))
     assert "--engine transformers" in str(err.value) and "merge" in str(err.value)
@@ -155,106 +154,14 @@ def test_vllm_refuses_adapters_it_cannot_serve_and_names_the_alternatives(tracki
                                   "--port", "8123"])
     assert result.exit_code == 0, result.output
     command = result.output.splitlines()[-1]
-    assert command.startswith("$ vllm serve ") and "--enable-lora" in command and "--host 127.0.0.1" in command
+    # vLLM runs as a child on a loopback port, behind the front that listens on --port.
+    assert command.startswith(f"$ {sys.executable} -m mlflow_finetune_plugin.serving.vllm_cli serve ") and "--enable-lora" in command
     assert f"--lora-modules bot-v{ok}=" in command and "--served-model-name bot-v1-base" in command
-    assert "--max-lora-rank 8" in command and "--port 8123" in command
+    assert "--max-lora-rank 16" in command and "--host 127.0.0.1" in command and "--port 8123" not in command
+    if not torch.cuda.is_available():
+        assert "--dtype float32" in command and "--kv-cache-memory-bytes" in command
     refused = runner.invoke(main, ["serve", f"bot/{dora}", "--engine", "vllm", "--dry-run"])
     assert refused.exit_code == 1 and "does not serve DoRA" in refused.output
-
-
-def _fake_vllm(monkeypatch) -> list:
-    """Stand-ins for the few vLLM names the engine uses (vLLM needs CUDA): an AsyncLLM whose generate() streams
-    DELTA pieces naming the LoRA it was given. Returns the list of requests it receives."""
-    import types
-
-    requests = []
-
-    class AsyncLLM:
-        @classmethod
-        def from_engine_args(cls, args):
-            engine = cls()
-            engine.args = args
-            return engine
-
-        async def generate(self, prompt, params, request_id, *, lora_request=None):
-            requests.append((prompt, params, lora_request))
-            name = lora_request.lora_name if lora_request else "base"
-            for piece in (f"answer from {name}", " in", " pieces"):
-                yield types.SimpleNamespace(outputs=[types.SimpleNamespace(text=piece)], finished=False)
-
-        def shutdown(self):
-            requests.append("shutdown")
-
-    def module(name, **attrs):
-        mod = types.ModuleType(name)
-        mod.__dict__.update(attrs)
-        monkeypatch.setitem(sys.modules, name, mod)
-
-    module("vllm", SamplingParams=lambda **kw: kw)
-    module("vllm.inputs", TokensPrompt=lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids})
-    module("vllm.sampling_params", RequestOutputKind=types.SimpleNamespace(DELTA="delta"))
-    module("vllm.lora.request", LoRARequest=lambda name, int_id, path: types.SimpleNamespace(
-        lora_name=name, lora_int_id=int_id, lora_path=path))
-    module("vllm.engine.arg_utils", AsyncEngineArgs=lambda **kw: kw)
-    module("vllm.v1.engine.async_llm", AsyncLLM=AsyncLLM)
-    return requests
-
-
-def test_vllm_engine_routes_base_and_lora_requests_through_its_event_loop(tracking_uri, monkeypatch):
-    """The engine's own logic on CPU (vLLM itself is exercised by the GPU test below): one engine on the base,
-    base = no LoRA, each version = its LoRARequest, pieces streamed from the asyncio loop, DoRA refused."""
-    v1, dora = register_version(seed=0), register_version(seed=1, use_dora=True, alias=None)
-    requests = _fake_vllm(monkeypatch)
-    engine = VLLMEngine(max_lora_rank=8)
-    try:
-        jobs = [(ModelChoice("bot", v1, base=True), MESSAGES), (ModelChoice("bot", v1), MESSAGES)]
-        texts = ["", ""]
-        for i, piece, error in stream_pair(engine, jobs, GREEDY):
-            assert error is None
-            texts[i] += piece
-        assert texts == ["answer from base in pieces", f"answer from bot-v{v1} in pieces"]
-        args = engine._llm.args
-        assert args["enable_lora"] and args["max_lora_rank"] == 8 and args["trust_remote_code"] is False
-        assert args["model"] == str(tiny_model_path()) and args["tokenizer"].endswith("tokenizer")
-        loras = [r[2] for r in requests]
-        assert None in loras and {lr.lora_path for lr in loras if lr} == {str(local_model(jobs[1][0]).adapter_dir)}
-        prompt, params, _ = requests[0]
-        expected_ids = AutoTokenizer.from_pretrained(tiny_model_path()).apply_chat_template(
-            MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        assert prompt == {"prompt_token_ids": list(expected_ids)}
-        assert params["temperature"] == 0.0 and params["max_tokens"] == 16 and params["output_kind"] == "delta"
-        with pytest.raises(FinetuneError, match="(?s)does not serve DoRA.*--engine transformers"):
-            engine.prepare(ModelChoice("bot", dora))
-    finally:
-        engine.close()
-    assert requests[-1] == "shutdown"
-
-
-@pytest.mark.skipif(vllm_available(), reason="checks the message shown when vllm is not installed")
-def test_the_vllm_engine_without_vllm_says_what_to_do():
-    with pytest.raises(FinetuneError, match="--engine transformers"):
-        VLLMEngine()
-
-
-@pytest.mark.requires_vllm
-@pytest.mark.gpu
-@pytest.mark.skipif(not (vllm_available() and torch.cuda.is_available()), reason="needs vllm and a CUDA GPU")
-def test_vllm_engine_streams_base_and_lora_side_by_side(tracking_uri):
-    v1 = register_version(seed=0, r=8)
-    dora = register_version(seed=1, use_dora=True, alias=None)
-    engine = VLLMEngine(max_lora_rank=8, gpu_memory_utilization=0.3, max_model_len=1024)
-    try:
-        jobs = [(ModelChoice("bot", v1, base=True), MESSAGES), (ModelChoice("bot", v1), MESSAGES)]
-        texts, pieces = ["", ""], [0, 0]
-        for i, piece, error in stream_pair(engine, jobs, GREEDY):
-            assert error is None
-            texts[i] += piece
-            pieces[i] += bool(piece)
-        assert all(texts) and texts[0] != texts[1] and min(pieces) > 1
-        with pytest.raises(FinetuneError, match="DoRA"):
-            engine.prepare(ModelChoice("bot", dora))
-    finally:
-        engine.close()
 
 
 # --- the openai engine against a real server, started by `mlflow-finetune serve` -------------------------------
@@ -291,7 +198,8 @@ def test_serve_transformers_and_the_openai_engine_stream_the_merged_model(tracki
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGINT", "SIGHUP"])
+# SIGHUP goes through the same handler as these two (front.STOP_SIGNALS); the playground's test sends all three.
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGINT"])
 def test_serve_answers_the_openai_client_and_a_stop_signal_leaves_nothing_behind(tracking_uri, tmp_path, monkeypatch,
                                                                                   stop_signal):
     import signal
@@ -363,38 +271,3 @@ def test_a_stop_signal_to_the_playground_leaves_nothing_behind(tracking_uri, sto
     assert not alive, [p.cmdline() for p in alive]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
-
-
-def test_the_forward_lock_is_released_exactly_once_when_a_switch_fails():
-    """A failing adapter switch must leave the lock free, and must not release it a second time (a second release
-    would free a hold another request's forward has taken in between)."""
-    import threading
-    import warnings
-
-    import torch
-
-    from mlflow_finetune_plugin.serving.transformers_engine import ForwardLock
-
-    lock, module = ForwardLock(), torch.nn.Linear(2, 2)
-
-    def switch(name):
-        if name == "broken":
-            raise RuntimeError("adapter 'broken' is not loaded")
-
-    lock.install(module, switch)
-    lock.want("broken")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch turns an error in an always_call hook (a double release) into a warning
-        with pytest.raises(RuntimeError, match="not loaded"):
-            module(torch.ones(1, 2))
-    assert lock._lock.acquire(blocking=False)  # free again
-    lock._lock.release()
-    lock.want("good")
-    assert module(torch.ones(1, 2)).shape == (1, 2)
-    held_elsewhere = threading.Event()
-    with lock:  # another holder: a forward now must wait, not run
-        t = threading.Thread(target=lambda: (module(torch.ones(1, 2)), held_elsewhere.set()))
-        t.start()
-        assert not held_elsewhere.wait(0.3)
-    t.join(5)
-    assert held_elsewhere.is_set()

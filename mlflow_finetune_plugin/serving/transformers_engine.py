@@ -4,94 +4,54 @@ Versions whose adapters share a base and a PEFT type are loaded onto one PeftMod
 the same weights with the adapter layers switched off. Other adapters (another PEFT type, prompt learning) and full
 fine-tunes get a model of their own.
 
-Concurrency: `generate()` runs in a thread per request and calls the model's forward once per new token. Each model
-in memory has a `ForwardLock`, held for one forward at a time (not for a whole generate), and each forward first puts
-the adapter state the calling request wants in place, so two conversations on one model interleave token by token
-and both panes stream at once, without one request ever running on another's adapter.
+Concurrency: requests are batched (`batching.py`): each model in memory has a scheduler thread that runs the
+requests waiting for it as one left-padded `generate()`. On a LoRA model the base side and every version share one
+batch (PEFT's mixed-adapter batches, `adapter_names`); on other models a batch holds one adapter state. A model's lock
+is held for a whole batch, so loading an adapter never changes the modules under a running `generate()`.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
+from mlflow_finetune_plugin.serving.batching import Batcher, Request, TokenStreamer, row_hook
 from mlflow_finetune_plugin.serving.choices import LocalModel, local_model
 
-_BASE = "__base__"
+_BASE = "__base__"   # PEFT's name for a row that runs without adapters
+_MIXED = "__mixed__"  # adapter layers on, each row names its adapter
 
 
-class ForwardLock:
-    """One forward pass at a time on a model that several requests share, each on the adapter state it asked for.
-
-    Why per forward: `generate()` runs in a thread per request and calls forward once per new token. A lock around
-    the whole generate would make the second pane wait for the first answer to end; no lock would let a request's
-    forward run on the adapter another request has just switched on. So `install` hooks a module's forward: a
-    pre-hook takes the lock and then switches the model to the adapter the calling thread `want`s, a post-hook
-    releases it. Two conversations interleave token by token, each forward on its own adapter.
-
-    Releasing on errors, exactly once: the post-hook is registered with `always_call=True`, and torch runs such hooks
-    when the pre-hook or the forward raises an Exception, so those release there. torch does not run them for a
-    BaseException that is not an Exception (KeyboardInterrupt), so a switch interrupted that way releases in the
-    pre-hook itself. Code that changes the model's
-    modules (loading an adapter) holds the lock as a context manager (`with lock:`), so no forward runs halfway
-    through the change.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._wanted = threading.local()   # per generating thread: the adapter state its forwards run with
-
-    def want(self, name: str) -> None:
-        """The adapter state (an adapter name, or _BASE) the calling thread's forwards run with."""
-        self._wanted.name = name
-
-    def install(self, module, switch: Callable[[str], None]) -> None:
-        """Hook `module`'s forward: take the lock, `switch` to the calling thread's wanted state ("" when it wants
-        none), run the forward, release."""
-
-        def before(module, args, kwargs):
-            self._lock.acquire()
-            try:
-                switch(getattr(self._wanted, "name", ""))
-            except Exception:
-                raise  # torch runs `after` for it: releasing here too would free another thread's hold
-            except BaseException:
-                self._lock.release()
-                raise
-
-        def after(module, args, kwargs, output):
-            self._lock.release()
-
-        module.register_forward_pre_hook(before, with_kwargs=True)
-        module.register_forward_hook(after, with_kwargs=True, always_call=True)
-
-    def __enter__(self):
-        self._lock.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._lock.release()
-
-
-@dataclass
+@dataclass(eq=False)
 class _Slot:
-    """One model in memory, the adapters loaded on it and the lock every forward takes."""
+    """One model in memory, the adapters loaded on it, and the scheduler that runs its batches."""
 
     model: object                 # PeftModel or a plain PreTrainedModel
     base_key: tuple | None        # the base weights it holds (None: a full fine-tune's own weights)
     peft_type: str | None         # None for plain models
     prompt_learning: bool = False
     adapters: dict[str, str] = field(default_factory=dict)   # choice key -> adapter name
-    lock: ForwardLock = field(default_factory=ForwardLock)
-    state: str | None = None      # adapter name active now, _BASE when adapter layers are off
+    dora: bool = False            # an adapter uses DoRA, which PEFT's mixed-adapter batches refuse
+    lock: threading.Lock = field(default_factory=threading.Lock)   # held by a batch's generate, and while loading
+    state: str | None = None      # adapter name active now, _BASE when adapter layers are off, _MIXED, None: unknown
+    batcher: Batcher | None = None
+
+    def mixes_adapters(self) -> bool:
+        """Whether one batch may hold the base side and several adapters (`adapter_names`): LoRA without DoRA."""
+        return self.peft_type == "LORA" and not self.dora
+
+    def group(self, request: Request) -> Hashable:
+        """Which requests may share a batch: the same settings and end-of-turn ids, and one adapter state unless
+        the model mixes them."""
+        state = "" if self.peft_type is None or self.mixes_adapters() else request.adapter
+        return request.settings, request.eos, state
 
     def switch_to(self, name: str) -> None:
-        """Put adapter `name` (or _BASE: adapters off) in place; called under the slot's lock."""
+        """Put adapter `name` (or _BASE: adapters off, _MIXED: on, chosen per row) in place; under the lock."""
         if not self.peft_type or self.prompt_learning or not name or name == self.state:
             return  # plain models (no adapter yet) have no state; prompt learning routes base calls past the adapter
         if name == _BASE:
@@ -99,7 +59,8 @@ class _Slot:
         else:
             if self.state == _BASE or self.state is None:
                 self.model.base_model.enable_adapter_layers()
-            self.model.set_adapter(name, inference_mode=True)
+            if name != _MIXED:
+                self.model.set_adapter(name, inference_mode=True)
         self.state = name
 
 
@@ -108,7 +69,7 @@ class TransformersEngine(Engine):
 
     name = "transformers"
 
-    def __init__(self, device: str | None = None, concurrency: int = 4):
+    def __init__(self, device: str | None = None, concurrency: int = 16, max_batch: int = 32):
         import torch
 
         # Resolved here, once: transformers' lazy module can fail ("cannot import name ...") when two generation
@@ -121,7 +82,9 @@ class TransformersEngine(Engine):
         )
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Requests at once: with batching, 16 comparisons (32 answers) fit one batch of `max_batch` rows.
         self.concurrency = concurrency
+        self.max_batch = max_batch
         self._slots: list[_Slot] = []
         self._routes: dict[str, tuple[_Slot, str, object]] = {}   # choice key -> (slot, adapter name, tokenizer)
         self._tokenizers: dict[str, object] = {}                    # tokenizer files' digest -> tokenizer
@@ -157,10 +120,11 @@ class TransformersEngine(Engine):
                 return slot, name, tokenizer
             if (slot.peft_type == cfg.get("peft_type") and not slot.prompt_learning
                     and not _is_prompt_learning(cfg)):
-                with slot.lock:  # no forward may run while modules are being added
+                with slot.lock:  # no batch may run while modules are being added
                     slot.model.load_adapter(str(local.adapter_dir), adapter_name=name)
                     slot.model.eval()
-                    slot.state = None  # unknown: the next forward puts its adapter state in place in full
+                    slot.dora = slot.dora or bool(cfg.get("use_dora"))
+                    slot.state = None  # unknown: the next batch puts its adapter state in place in full
                 slot.adapters[choice.key] = name
                 return slot, name, tokenizer
         slot = self._new_slot(local, adapter=True)
@@ -190,6 +154,7 @@ class TransformersEngine(Engine):
             slot.model.to(self.device).eval()
             slot.peft_type = cfg.get("peft_type")
             slot.prompt_learning = _is_prompt_learning(cfg)
+            slot.dora = bool(cfg.get("use_dora"))
             slot.state = None
         slot.adapters[local.choice.key] = name
 
@@ -217,107 +182,79 @@ class TransformersEngine(Engine):
         if not adapter:
             return self._install(_Slot(loaded.model, None, None))
         cfg = local.adapter_config()
-        slot = _Slot(loaded.model, local.base_key(), cfg.get("peft_type"), _is_prompt_learning(cfg))
+        slot = _Slot(loaded.model, local.base_key(), cfg.get("peft_type"), _is_prompt_learning(cfg),
+                     dora=bool(cfg.get("use_dora")))
         slot.adapters[local.choice.key] = loaded.model.active_adapter
         slot.state = loaded.model.active_adapter
         return self._install(slot)
 
     def _install(self, slot: _Slot) -> _Slot:
-        # On the inner model (the base weights): every path runs its forward, and a PeftModel wrapped around it
-        # later (`_wrap`) keeps calling it, so the hooks stay in place when an adapter is added.
-        inner = slot.model.get_base_model() if slot.peft_type else slot.model
-        slot.lock.install(inner, slot.switch_to)
+        slot.batcher = Batcher(f"{len(self._slots)}", lambda batch: self._run(slot, batch), slot.group,
+                               self.max_batch)
         self._slots.append(slot)
         return slot
 
     # ---------------------------------------------------------------------------------------------- generation
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:
-        """Stream the answer token by token (a TokenStreamer fed by generate() in a thread)."""
+        """Stream the answer token by token: the request joins the next batch of its model (see batching.py)."""
         settings = settings.checked(max_new_tokens_cap=None)  # ranges only: the playground applies its own cap
         slot, adapter, tokenizer = self._route(choice)
-        if adapter is None:  # the base side: adapter layers off, checked at every forward (see _Slot.switch_to),
-            adapter = _BASE  # since another request may put an adapter on this slot while this one runs
+        if adapter is None:  # the base side: adapter layers off for this row (another request may put an adapter
+            adapter = _BASE  # on this slot meanwhile, so the slot is asked per batch, not now)
         enc = tokenizer.apply_chat_template(plain_messages(messages), add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
+        prompt = enc["input_ids"][0].tolist()
         limit = _context_limit(slot.model)
-        n_prompt = int(enc["input_ids"].shape[1])
-        if limit and n_prompt + settings.max_new_tokens > limit:
-            raise FinetuneError(f"the conversation is {n_prompt} tokens and {settings.max_new_tokens} new tokens "
+        if limit and len(prompt) + settings.max_new_tokens > limit:
+            raise FinetuneError(f"the conversation is {len(prompt)} tokens and {settings.max_new_tokens} new tokens "
                                 f"would exceed the model's context of {limit}; clear the chat or lower max new tokens")
-        device = _device_of(slot.model)
-        enc = {k: v.to(device) for k, v in enc.items()}
-        streamer = TokenStreamer(tokenizer, timeout=600)
         eos = _eos_ids(tokenizer, slot.model)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+        request = Request(prompt, adapter, settings, frozenset(eos), pad, TokenStreamer(tokenizer, timeout=600))
+        slot.batcher.submit(request)
+        try:
+            yield from request.streamer
+        except FinetuneError as e:
+            raise FinetuneError(f"{choice.key}: {e}") from None
+        finally:
+            request.cancel()  # the reader went away (or the answer is complete): its row stops
+
+    def _run(self, slot: _Slot, batch: list[Request]) -> None:
+        """Generate `batch` (one group, see _Slot.group) as one left-padded `generate()`, in the slot's thread."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        first = batch[0]
+        settings = first.settings
+        width = max(len(r.prompt) for r in batch)
+        # Left padding, masked: each row's positions and attention are those of its prompt alone.
+        ids = torch.tensor([[r.pad_id] * (width - len(r.prompt)) + r.prompt for r in batch])
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in batch])
         sampling = ({"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
                     if settings.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None})
-        # Prompt learning puts its virtual tokens in through PeftModel.generate: the base side calls past it.
-        target = slot.model.get_base_model() if (slot.prompt_learning and adapter == _BASE) else slot.model
-        errors: list[BaseException] = []
-        stop = threading.Event()  # set when the consumer goes away (client closed the page): stop generating
-
-        def run():
-            slot.lock.want(adapter)
-            try:
-                target.generate(**enc, streamer=streamer, max_new_tokens=settings.max_new_tokens,
-                                eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id,
-                                stopping_criteria=_stopping(stop), **sampling)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer thread below
-                errors.append(e)
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True, name=f"generate-{choice.key}")
-        thread.start()
-        try:
-            yield from streamer
-        finally:
-            stop.set()
-            thread.join()
-        if errors:
-            raise FinetuneError(f"{choice.key}: generation failed: {type(errors[0]).__name__}: {errors[0]}")
+        with slot.lock:
+            target, extra = slot.model, {}
+            if slot.peft_type and slot.mixes_adapters():
+                slot.switch_to(_MIXED)
+                extra["adapter_names"] = [r.adapter for r in batch]
+            else:
+                slot.switch_to(first.adapter)
+                if slot.prompt_learning and first.adapter == _BASE:  # prompt learning adds its virtual tokens in
+                    target = slot.model.get_base_model()             # PeftModel.generate: the base calls past it
+            device = _device_of(target)
+            target.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                            max_new_tokens=settings.max_new_tokens, eos_token_id=sorted(first.eos) or None,
+                            pad_token_id=first.pad_id,
+                            stopping_criteria=StoppingCriteriaList([row_hook(batch, settings.max_new_tokens)]),
+                            **sampling, **extra)
 
     def close(self) -> None:
-        """Drop every loaded model."""
+        """End every request (waiting ones with an error) and drop every loaded model."""
+        for slot in self._slots:
+            slot.batcher.close()
         self._routes.clear()
         self._slots.clear()
         self._tokenizers.clear()
-
-
-class TokenStreamer:
-    """The streamer `generate()` feeds: each new token's text is handed out as soon as it is whole characters.
-
-    transformers' TextIteratorStreamer holds text back to the last space, so a piece waits for its word to end and
-    the first one came a word (several tokens) late. This one holds back only an incomplete UTF-8 sequence (a
-    byte-level token that decodes to U+FFFD until its next byte comes). Each piece is what decoding the whole answer
-    again adds to the text already sent, so the pieces join to `tokenizer.decode(answer, skip_special_tokens=True)`
-    wherever decoding more tokens only appends text (byte-level BPE, the built-in models' tokenizers).
-    """
-
-    def __init__(self, tokenizer, timeout: float | None = None):
-        self.tokenizer, self.timeout = tokenizer, timeout
-        self.ids: list[int] = []
-        self.sent = 0              # characters of the decoded answer handed out so far
-        self.prompt_skipped = False
-        self.pieces: queue.Queue = queue.Queue()
-
-    def put(self, value) -> None:
-        if not self.prompt_skipped:  # generate() puts the prompt first
-            self.prompt_skipped = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())  # batch of one
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if len(text) > self.sent and not text.endswith("\ufffd"):
-            self.pieces.put(text[self.sent:], timeout=self.timeout)
-            self.sent = len(text)
-
-    def end(self) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if len(text) > self.sent:
-            self.pieces.put(text[self.sent:], timeout=self.timeout)
-        self.pieces.put(None, timeout=self.timeout)
-
-    def __iter__(self) -> Iterator[str]:
-        while (piece := self.pieces.get(timeout=self.timeout)) is not None:
-            yield piece
 
 
 def _adapter_name(choice: ModelChoice) -> str:
@@ -337,18 +274,6 @@ def _eos_ids(tokenizer, model) -> list[int]:
             if isinstance(t, int) and t not in ids:
                 ids.append(t)
     return ids
-
-
-def _stopping(event: threading.Event):
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class _Stop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            import torch
-
-            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([_Stop()])
 
 
 def _context_limit(model) -> int | None:

@@ -39,10 +39,7 @@ def make_engine(engine: str, model, openai_urls=(), served_models=(), device: st
     if engine not in ENGINES:
         raise FinetuneError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
     kwargs = {} if concurrency is None else {"concurrency": concurrency}
-    if engine == "transformers":
-        import torch
-
-        kwargs.setdefault("concurrency", 4 if torch.cuda.is_available() else 2)
+    if engine == "transformers":  # its default lets 16 comparisons in at once: they share batched generates
         return ENGINES[engine](device=device, **kwargs)
     if engine == "vllm":
         return ENGINES[engine](max_lora_rank=max_lora_rank, **kwargs)

@@ -1,0 +1,137 @@
+"""The transformers engine's batching: concurrent requests share one `generate()` and still get their own answers.
+
+Real tiny-model versions on the sqlite registry; answers are compared with the same requests run one at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.serving import ModelChoice, Settings
+from mlflow_finetune_plugin.serving.batching import Batcher, Request, TokenStreamer
+from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
+from tests.helpers import register_version
+
+GREEDY = Settings(0.0, 1.0, 16)
+QUESTIONS = ["How do I reset my password?", "Can I use it offline?", "Export my notes as PDF, please.",
+             "hi", "Where do I turn on two-factor authentication for my whole team account?"]
+
+
+def _ask(engine, jobs, settings=GREEDY) -> list:
+    """Run every (choice, question) job at once, each in its own thread: answers (or the exception) in order."""
+    out = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def work(i, choice, question):
+        start.wait()
+        try:
+            out[i] = engine.generate(choice, [{"role": "user", "content": question}], settings)
+        except Exception as e:  # noqa: BLE001 - returned for the test to look at
+            out[i] = e
+
+    threads = [threading.Thread(target=work, args=(i, c, q)) for i, (c, q) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return out
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora-mixed-batches", "dora-one-state-per-batch"])
+def test_concurrent_base_and_adapter_requests_answer_as_one_at_a_time(tracking_uri, use_dora):
+    v1 = register_version(seed=0, use_dora=use_dora)
+    v2 = register_version(seed=1, alias=None, use_dora=use_dora)
+    choices = [ModelChoice("bot", v1, base=True), ModelChoice("bot", v1), ModelChoice("bot", v2)]
+    jobs = [(choices[i % 3], QUESTIONS[i % len(QUESTIONS)]) for i in range(12)]
+    alone = TransformersEngine(device="cpu")
+    expected = [alone.generate(c, [{"role": "user", "content": q}], GREEDY) for c, q in jobs]
+    alone.close()
+
+    engine = TransformersEngine(device="cpu")
+    for choice in choices:
+        engine.prepare(choice)
+    answers = _ask(engine, jobs)
+    assert answers == expected  # greedy, left-padded in a batch: the same tokens as alone
+    assert len(set(expected)) > 3  # the versions and questions do change the answers
+    assert len(engine._slots) == 1 and max(engine._slots[0].batcher.sizes) > 1  # one base copy, batches of several
+    engine.close()
+
+
+def test_requests_arriving_during_a_batch_join_the_next_and_a_bad_one_fails_alone(tracking_uri):
+    v1 = register_version(seed=0)
+    tuned, base = ModelChoice("bot", v1), ModelChoice("bot", v1, base=True)
+    engine = TransformersEngine(device="cpu")
+    expected = {q: engine.generate(tuned, [{"role": "user", "content": q}], GREEDY) for q in QUESTIONS[:3]}
+    sizes_before = len(engine._slots[0].batcher.sizes)
+
+    long_answer = engine.stream(base, [{"role": "user", "content": "Tell me a story."}], Settings(0.0, 1.0, 200))
+    first = next(long_answer)  # that batch is running now
+    jobs = [(tuned, q) for q in QUESTIONS[:3]] + [(tuned, "word " * 1100)]  # the last is over the context
+    answers = _ask(engine, jobs)
+    rest = "".join(long_answer)
+    assert answers[:3] == [expected[q] for q in QUESTIONS[:3]]
+    assert isinstance(answers[3], FinetuneError) and "exceed the model's context" in str(answers[3])
+    assert first and isinstance(rest, str)  # the running answer went on to its end
+    assert len(engine._slots[0].batcher.sizes) - sizes_before >= 2  # the late requests ran in a later batch
+    engine.close()
+
+
+def test_closing_the_engine_ends_waiting_and_running_requests_with_an_error(tracking_uri):
+    v1 = register_version(seed=0)
+    engine = TransformersEngine(device="cpu")
+    choice = ModelChoice("bot", v1)
+    engine.prepare(choice)
+    slot = engine._slots[0]
+    errors = []
+
+    def ask(settings):
+        try:
+            engine.generate(choice, [{"role": "user", "content": "hi"}], settings)
+        except FinetuneError as e:
+            errors.append(str(e))
+
+    with slot.lock:  # as while an adapter loads: the first batch waits for the model, the second request queues
+        running = threading.Thread(target=ask, args=(GREEDY,))
+        running.start()
+        while not slot.batcher._running:
+            threading.Event().wait(0.01)
+        waiting = threading.Thread(target=ask, args=(Settings(0.0, 1.0, 8),))  # another group: not that batch
+        waiting.start()
+        while not slot.batcher._waiting:  # queued before the close, so it is ended by it, not refused at submit
+            threading.Event().wait(0.01)
+        closer = threading.Thread(target=engine.close)
+        closer.start()
+        waiting.join(30)
+        assert errors == [f"bot/{v1}: the engine was closed before this answer was complete"]
+    closer.join(60)
+    running.join(30)
+    assert len(errors) == 2 and all("engine was closed" in e for e in errors)
+    with pytest.raises(FinetuneError, match="closed"):
+        slot.batcher.submit(Request([1], "", GREEDY, frozenset(), 0, TokenStreamer(None)))
+
+
+def test_a_failing_batch_ends_its_requests_with_the_error_and_the_scheduler_goes_on():
+    def run(batch):
+        if any(r.prompt == [666] for r in batch):
+            raise RuntimeError("out of memory")
+        for r in batch:
+            r.streamer.add(r.prompt[0])
+            r.finish()
+
+    class Digits:  # a tokenizer whose decode is the ids as text: enough for the streamer
+        @staticmethod
+        def decode(ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    batcher = Batcher("t", run, group=lambda r: r.settings)
+    bad = Request([666], "", GREEDY, frozenset(), 0, TokenStreamer(Digits(), timeout=30))
+    good = Request([7], "", GREEDY, frozenset(), 0, TokenStreamer(Digits(), timeout=30))
+    batcher.submit(bad)
+    with pytest.raises(FinetuneError, match="generation failed: RuntimeError: out of memory"):
+        list(bad.streamer)
+    batcher.submit(good)
+    assert list(good.streamer) == ["7"]
+    batcher.close()
