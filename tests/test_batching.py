@@ -1,4 +1,4 @@
-"""The transformers engine's batching: concurrent requests share one `generate()` and still get their own answers.
+"""The transformers engine's batching: concurrent requests share one batch and still get their own answers.
 
 Real tiny-model versions on the sqlite registry; answers are compared with the same requests run one at a time.
 """
@@ -60,22 +60,54 @@ def test_concurrent_base_and_adapter_requests_answer_as_one_at_a_time(tracking_u
     engine.close()
 
 
-def test_requests_arriving_during_a_batch_join_the_next_and_a_bad_one_fails_alone(tracking_uri):
+def test_requests_arriving_during_a_batch_join_it_and_a_bad_one_fails_alone(tracking_uri):
     v1 = register_version(seed=0)
     tuned, base = ModelChoice("bot", v1), ModelChoice("bot", v1, base=True)
     engine = TransformersEngine(device="cpu")
     expected = {q: engine.generate(tuned, [{"role": "user", "content": q}], GREEDY) for q in QUESTIONS[:3]}
-    sizes_before = len(engine._slots[0].batcher.sizes)
+    story = [{"role": "user", "content": "Tell me a story."}]
+    long_expected = engine.generate(base, story, Settings(0.0, 1.0, 200))
+    batcher = engine._slots[0].batcher
+    assert engine._slots[0].steppable  # a Llama with LoRA: stepped, continuous batching
+    sizes_before = len(batcher.sizes)
 
-    long_answer = engine.stream(base, [{"role": "user", "content": "Tell me a story."}], Settings(0.0, 1.0, 200))
+    long_answer = engine.stream(base, story, Settings(0.0, 1.0, 200))
     first = next(long_answer)  # that batch is running now
     jobs = [(tuned, q) for q in QUESTIONS[:3]] + [(tuned, "word " * 1100)]  # the last is over the context
     answers = _ask(engine, jobs)
     rest = "".join(long_answer)
-    assert answers[:3] == [expected[q] for q in QUESTIONS[:3]]
+    assert answers[:3] == [expected[q] for q in QUESTIONS[:3]]  # joined mid-answer: the same tokens as alone
     assert isinstance(answers[3], FinetuneError) and "exceed the model's context" in str(answers[3])
-    assert first and isinstance(rest, str)  # the running answer went on to its end
-    assert len(engine._slots[0].batcher.sizes) - sizes_before >= 2  # the late requests ran in a later batch
+    assert first + rest == long_expected  # the running answer went on to its end, unchanged by the rows that came
+    assert max(list(batcher.sizes)[sizes_before:]) >= 2  # the late requests joined the running batch
+
+
+def test_rows_end_at_their_own_length_and_leave_the_batch(tracking_uri):
+    """Different max_new_tokens share a stepped batch; rows that end leave it and the rest keep their answers."""
+    v1 = register_version(seed=0)
+    tuned, base = ModelChoice("bot", v1), ModelChoice("bot", v1, base=True)
+    lengths = [3, 16, 7, 1, 12, 16]
+    jobs = [(tuned if i % 2 else base, QUESTIONS[i % len(QUESTIONS)]) for i in range(len(lengths))]
+    engine = TransformersEngine(device="cpu")
+    expected = [engine.generate(c, [{"role": "user", "content": q}], Settings(0.0, 1.0, n))
+                for (c, q), n in zip(jobs, lengths)]
+    batcher = engine._slots[0].batcher
+    sizes_before = len(batcher.sizes)
+    out = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def work(i):
+        start.wait()
+        out[i] = engine.generate(jobs[i][0], [{"role": "user", "content": jobs[i][1]}], Settings(0.0, 1.0, lengths[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert out == expected
+    assert len({len(a) for a in expected}) > 2  # the answers do differ in length
+    assert list(batcher.sizes)[sizes_before] == len(jobs)  # all in one batch, whatever their max_new_tokens
     engine.close()
 
 

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from mlflow_finetune_plugin import paths
 from tests.helpers import chat_rows, job_processes, orphans, subprocess_env, write_project
 
-REPEATS = int(os.environ.get("FINETUNE_CTRL_C_REPEATS", "4"))
+REPEATS = int(os.environ.get("FINETUNE_CTRL_C_REPEATS", "3"))
 PHASES = ("start-up", "mid-step", "checkpoint upload", "evaluation")
 # A checkpoint every 10 steps and an evaluation at the end: every phase comes within ~30 s on 2 CPU cores.
 RECIPE = ("data:\n  train: data/train.jsonl\n  eval: data/eval.jsonl\n  max_length: 64\n  packing: false\n"

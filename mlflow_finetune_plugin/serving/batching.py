@@ -1,14 +1,17 @@
-"""Batching for the transformers engine: requests that arrive together share one left-padded `generate()`.
+"""Batching for the transformers engine: requests that arrive together are generated together.
 
 One `Batcher` per model in memory runs a scheduler thread: it takes every waiting request that can share a batch
 with the oldest one (same `group`: sampling settings, end-of-turn ids and, where the model cannot mix them in one
-batch, adapter state), up to `max_batch`, runs them as one `generate()` and then takes the next batch; requests that
-arrive while a batch runs join the next one (it waits for a burst of arrivals to end first). Why: on a CPU one
-forward over 32 rows costs little more than over one, so answering 16 users' comparisons together is several
-times sooner than one `generate()` each.
+batch, adapter state), up to `max_batch`, and generates them together. Why: on a CPU one forward over 32 rows costs
+little more than over one, so answering 16 users' comparisons together is several times sooner than one each.
 
-Each row's new tokens are handed to its own request as they come (`RowHook`, the stopping criterion `generate()`
-calls once per step with every row's newest token), and a row whose request went away stops there.
+Where the engine can step the batch itself (`start` returns a stepping.Stepper), batching is continuous: after each
+token, rows that ended leave the batch and requests that arrived meanwhile (of the same group, while no other group
+waits) join it, up to `max_batch` rows. Otherwise (`start` returns None) the batch is one `generate()` (`run`) and
+requests arriving meanwhile wait for the next batch. Before a new batch starts, the scheduler waits for a burst of
+arrivals to end, so a burst shares it.
+
+Each row's new tokens are handed to its own request as they come, and a row whose request went away stops there.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     reason: BaseException | None = None   # why it was cancelled: what its reader gets, if still reading
     done: bool = False            # set by the scheduler thread only
+    produced: int = 0             # new tokens so far (scheduler thread)
 
     def cancel(self, reason: BaseException | None = None) -> None:
         """Stop this request: a waiting one is dropped, a running row stops at its next token."""
@@ -93,17 +97,34 @@ class Request:
             self.done = True
             self.streamer.end(error)
 
+    def take(self, token: int) -> None:
+        """The row's next token: streamed, and the row ends at an end-of-turn id or at max_new_tokens."""
+        if self.done:
+            return
+        if self.cancelled.is_set():
+            self.finish(self.reason)
+            return
+        self.streamer.add(token)
+        self.produced += 1
+        if token in self.eos or self.produced >= self.settings.max_new_tokens:
+            self.finish()
+
 
 class Batcher:
-    """The scheduler of one model: a thread that runs the waiting requests in batches, one `generate()` at a time.
+    """The scheduler of one model: a thread that runs the waiting requests in batches, one batch at a time.
 
-    `run(batch)` generates a batch (it calls `RowHook` once per step); `group(request)` says which requests may share
-    a batch, asked when a batch is formed, so it can follow the model's state (an adapter added meanwhile).
+    `start(batch)` returns a Stepper holding the batch (rows added with `add(requests)`, `step()` gives each row's
+    next token, `keep(indices)` drops the others, `close()` at the end) or None, and then `run(batch)` generates it
+    in one go (calling `RowHook` once per step). `group(request)` says which requests may share a batch, asked when
+    a batch is formed or joined, so it can follow the model's state (an adapter added meanwhile). `admit()` False
+    stops requests from joining a running batch (someone waits to change the model: the batch drains first).
     """
 
     def __init__(self, name: str, run: Callable[[list[Request]], None], group: Callable[[Request], Hashable],
-                 max_batch: int = 32, gap_s: float = 0.1, gather_s: float = 1.0):
-        self.run, self.group, self.max_batch = run, group, max_batch
+                 max_batch: int = 32, gap_s: float = 0.1, gather_s: float = 1.0,
+                 start: Callable[[list[Request]], object | None] = lambda batch: None,
+                 admit: Callable[[], bool] = lambda: True):
+        self.run, self.group, self.max_batch, self.start, self.admit = run, group, max_batch, start, admit
         # A burst of users does not arrive at one instant (each client connects first). Before each batch the
         # scheduler waits while requests keep coming less than `gap_s` apart, up to `gather_s`, so a burst shares the first batch
         # instead of queueing behind a batch of one; a lone request pays one `gap_s`.
@@ -158,48 +179,73 @@ class Batcher:
             self.sizes.append(len(batch))
             return batch
 
+    def _join(self, key: Hashable, room: int) -> list[Request]:
+        """Waiting requests that may join the running batch of group `key` now (none while another group waits)."""
+        with self._cond:
+            if self._closed or room <= 0 or not self._waiting or not self.admit():
+                return []
+            self._waiting = [r for r in self._waiting if not r.cancelled.is_set()]
+            if any(self.group(r) != key for r in self._waiting):
+                return []  # the batch drains, then the oldest waiting request's group goes next: nobody waits forever
+            joining, self._waiting = self._waiting[:room], self._waiting[room:]
+            self._running = self._running + joining
+            return joining
+
+    def _continue(self, stepper, batch: list[Request]) -> None:
+        """Step the batch until every row has ended, rows leaving and joining between steps."""
+        rows, key = list(batch), self.group(batch[0])
+        stepper.add([r.prompt for r in rows], [r.adapter for r in rows])
+        while rows:
+            for request, token in zip(rows, stepper.step()):
+                request.take(token)
+            live = [i for i, r in enumerate(rows) if not r.done]
+            if len(live) < len(rows):
+                rows = [rows[i] for i in live]
+                if rows:
+                    stepper.keep(live)
+                with self._cond:
+                    self._running = list(rows)
+            if rows and (joining := self._join(key, self.max_batch - len(rows))):
+                stepper.add([r.prompt for r in joining], [r.adapter for r in joining])
+                rows += joining
+                self.sizes.append(len(rows))
+
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             if not batch:
                 continue
+            error = None
             try:
-                self.run(batch)
-                error = None
+                stepper = self.start(batch)
+                if stepper is None:
+                    self.run(batch)
+                else:
+                    try:
+                        self._continue(stepper, batch)
+                    finally:
+                        stepper.close()
             except Exception as e:  # noqa: BLE001 - handed to each request of the batch; the next batch still runs
                 error = FinetuneError(f"generation failed: {type(e).__name__}: {e}")
-            for request in batch:  # rows that ended early were finished by RowHook already
-                request.finish(request.reason if request.cancelled.is_set() else error)
             with self._cond:
-                self._running = []
+                running, self._running = self._running, []
+            for request in running:  # rows that ended early were finished already
+                request.finish(request.reason if request.cancelled.is_set() else error)
 
 
-def row_hook(batch: list[Request], max_new_tokens: int):
+def row_hook(batch: list[Request]):
     """The stopping criterion that streams: `generate()` calls it after each step with every row's ids so far.
 
-    Each live row's newest token goes to its request's streamer; a row is finished at an end-of-turn id, at
-    `max_new_tokens`, or when its request was cancelled (the reader went away, the engine closed), and gets True so
-    `generate()` stops computing it (the whole batch ends when every row has).
+    Each live row's newest token goes to its request (`Request.take`); a row that ended (an end-of-turn id,
+    max_new_tokens, its request cancelled) gets True so `generate()` stops computing it (the whole batch ends when
+    every row has).
     """
     import torch
     from transformers import StoppingCriteria
 
     class RowHook(StoppingCriteria):
-        def __init__(self):
-            self.count = 0
-
         def __call__(self, input_ids, scores, **kwargs):
-            self.count += 1
-            newest = input_ids[:, -1].tolist()
-            finished = []
-            for request, token in zip(batch, newest):
-                if not request.done:
-                    if request.cancelled.is_set():
-                        request.finish(request.reason)
-                    else:
-                        request.streamer.add(token)
-                        if token in request.eos or self.count >= max_new_tokens:
-                            request.finish()
-                finished.append(request.done)
-            return torch.tensor(finished, dtype=torch.bool, device=input_ids.device)
+            for request, token in zip(batch, input_ids[:, -1].tolist()):
+                request.take(token)
+            return torch.tensor([r.done for r in batch], dtype=torch.bool, device=input_ids.device)
 
     return RowHook()

@@ -5,14 +5,18 @@ the same weights with the adapter layers switched off. Other adapters (another P
 fine-tunes get a model of their own.
 
 Concurrency: requests are batched (`batching.py`): each model in memory has a scheduler thread that runs the
-requests waiting for it as one left-padded `generate()`. On a LoRA model the base side and every version share one
-batch (PEFT's mixed-adapter batches, `adapter_names`); on other models a batch holds one adapter state. A model's lock
-is held for a whole batch, so loading an adapter never changes the modules under a running `generate()`.
+requests waiting for it together. Where the model allows it (`stepping.py`), batching is continuous: the engine
+steps the batch token by token, rows leave when they end and new requests join. Otherwise (prompt learning, caches
+other than a plain growing one) a batch is one left-padded `generate()`. On a LoRA model the base side and every
+version share one batch (PEFT's mixed-adapter batches, `adapter_names`); on other models a batch holds one adapter
+state. A model's lock is held for a whole batch; loading an adapter stops new rows from joining, waits for the batch
+to end, and only then changes the modules.
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +24,7 @@ from pathlib import Path
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
 from mlflow_finetune_plugin.serving.batching import Batcher, Request, TokenStreamer, row_hook
+from mlflow_finetune_plugin.serving.stepping import Stepper, sampler, steppable
 from mlflow_finetune_plugin.serving.choices import LocalModel, local_model
 
 _BASE = "__base__"   # PEFT's name for a row that runs without adapters
@@ -36,7 +41,9 @@ class _Slot:
     prompt_learning: bool = False
     adapters: dict[str, str] = field(default_factory=dict)   # choice key -> adapter name
     dora: bool = False            # an adapter uses DoRA, which PEFT's mixed-adapter batches refuse
-    lock: threading.Lock = field(default_factory=threading.Lock)   # held by a batch's generate, and while loading
+    lock: threading.Lock = field(default_factory=threading.Lock)   # held by a running batch, and while loading
+    loading: threading.Event = field(default_factory=threading.Event)  # set while a loader waits for the lock
+    steppable: bool = False       # continuous batching works on this model (stepping.steppable)
     state: str | None = None      # adapter name active now, _BASE when adapter layers are off, _MIXED, None: unknown
     batcher: Batcher | None = None
 
@@ -45,10 +52,24 @@ class _Slot:
         return self.peft_type == "LORA" and not self.dora
 
     def group(self, request: Request) -> Hashable:
-        """Which requests may share a batch: the same settings and end-of-turn ids, and one adapter state unless
-        the model mixes them."""
+        """Which requests may share a batch: one adapter state unless the model mixes them, and the same sampling
+        (a stepped batch ends each row at its own max_new_tokens and end-of-turn ids; `generate()` needs them
+        shared too)."""
         state = "" if self.peft_type is None or self.mixes_adapters() else request.adapter
-        return request.settings, request.eos, state
+        settings = request.settings
+        if self.steppable:
+            return settings.temperature, settings.top_p, state
+        return settings, request.eos, state
+
+    @contextmanager
+    def changing(self):
+        """Hold the lock to change the model: a running batch takes no more rows, drains, and lets go of it."""
+        self.loading.set()
+        try:
+            with self.lock:
+                yield
+        finally:
+            self.loading.clear()
 
     def switch_to(self, name: str) -> None:
         """Put adapter `name` (or _BASE: adapters off, _MIXED: on, chosen per row) in place; under the lock."""
@@ -120,7 +141,7 @@ class TransformersEngine(Engine):
                 return slot, name, tokenizer
             if (slot.peft_type == cfg.get("peft_type") and not slot.prompt_learning
                     and not _is_prompt_learning(cfg)):
-                with slot.lock:  # no batch may run while modules are being added
+                with slot.changing():  # no batch may run while modules are being added
                     slot.model.load_adapter(str(local.adapter_dir), adapter_name=name)
                     slot.model.eval()
                     slot.dora = slot.dora or bool(cfg.get("use_dora"))
@@ -149,13 +170,14 @@ class TransformersEngine(Engine):
         """Turn a plain base slot into a PeftModel slot holding `local`'s adapter (same weights, in place)."""
         from peft import PeftModel
 
-        with slot.lock:
+        with slot.changing():
             slot.model = PeftModel.from_pretrained(slot.model, str(local.adapter_dir), adapter_name=name)
             slot.model.to(self.device).eval()
             slot.peft_type = cfg.get("peft_type")
             slot.prompt_learning = _is_prompt_learning(cfg)
             slot.dora = bool(cfg.get("use_dora"))
             slot.state = None
+            slot.steppable = not slot.prompt_learning and steppable(slot.model)
         slot.adapters[local.choice.key] = name
 
     def _base_slot(self, local: LocalModel) -> _Slot:
@@ -189,8 +211,10 @@ class TransformersEngine(Engine):
         return self._install(slot)
 
     def _install(self, slot: _Slot) -> _Slot:
+        slot.steppable = not slot.prompt_learning and steppable(slot.model)
         slot.batcher = Batcher(f"{len(self._slots)}", lambda batch: self._run(slot, batch), slot.group,
-                               self.max_batch)
+                               self.max_batch, start=lambda batch: self._start(slot, batch),
+                               admit=lambda: not slot.loading.is_set())
         self._slots.append(slot)
         return slot
 
@@ -219,6 +243,34 @@ class TransformersEngine(Engine):
         finally:
             request.cancel()  # the reader went away (or the answer is complete): its row stops
 
+    def _start(self, slot: _Slot, batch: list[Request]) -> Stepper | None:
+        """A Stepper for `batch` (continuous batching), holding the slot's lock until it closes; None where the
+        model needs `generate()` (prompt learning adds virtual tokens there; see stepping.steppable)."""
+        if not slot.steppable:
+            return None
+        import torch
+
+        first = batch[0]
+        slot.lock.acquire()
+        try:
+            mixed = bool(slot.peft_type) and slot.mixes_adapters()
+            slot.switch_to(_MIXED if mixed else first.adapter)
+            model, device = slot.model, _device_of(slot.model)
+
+            @torch.inference_mode()
+            def forward(ids, mask, positions, cache, adapters):
+                extra = {"adapter_names": adapters} if adapters is not None else {}
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1, **extra)
+                return out.logits[:, -1]
+
+            settings = first.settings
+            sample = sampler(settings.temperature, settings.top_p, getattr(model.generation_config, "top_k", None))
+            return Stepper(forward, sample, model.config, first.pad_id, device, mixed, release=slot.lock.release)
+        except BaseException:
+            slot.lock.release()
+            raise
+
     def _run(self, slot: _Slot, batch: list[Request]) -> None:
         """Generate `batch` (one group, see _Slot.group) as one left-padded `generate()`, in the slot's thread."""
         import torch
@@ -245,7 +297,7 @@ class TransformersEngine(Engine):
             target.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                             max_new_tokens=settings.max_new_tokens, eos_token_id=sorted(first.eos) or None,
                             pad_token_id=first.pad_id,
-                            stopping_criteria=StoppingCriteriaList([row_hook(batch, settings.max_new_tokens)]),
+                            stopping_criteria=StoppingCriteriaList([row_hook(batch)]),
                             **sampling, **extra)
 
     def close(self) -> None:
