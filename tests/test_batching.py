@@ -60,6 +60,37 @@ def test_concurrent_base_and_adapter_requests_answer_as_one_at_a_time(tracking_u
     engine.close()
 
 
+def test_a_burst_sharing_a_system_prompt_runs_it_once_per_adapter_and_answers_as_alone(tracking_uri, monkeypatch):
+    from mlflow_finetune_plugin.serving import stepping
+
+    v1 = register_version(seed=0)
+    tuned, base = ModelChoice("bot", v1), ModelChoice("bot", v1, base=True)
+    system = {"role": "system", "content": "You are the support assistant of Nimbus Notes. Answer in one sentence."}
+    jobs = [(base if i % 2 else tuned, [system, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+            for i in range(8)]
+    engine = TransformersEngine(device="cpu")
+    expected = [engine.generate(c, m, GREEDY) for c, m in jobs]  # one at a time: no prefix shared
+    shared = []
+    monkeypatch.setattr(stepping, "_shared_prefix",
+                        lambda prompts, f=stepping._shared_prefix: shared.append(f(prompts)) or shared[-1])
+    out = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def work(i):
+        start.wait()
+        out[i] = engine.generate(*jobs[i], GREEDY)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert out == expected
+    assert len(set(expected)) > 2
+    assert max(shared) >= stepping.MIN_SHARED  # the system prompt ran once per adapter, then each row its question
+    engine.close()
+
+
 def test_requests_arriving_during_a_batch_join_it_and_a_bad_one_fails_alone(tracking_uri):
     v1 = register_version(seed=0)
     tuned, base = ModelChoice("bot", v1), ModelChoice("bot", v1, base=True)

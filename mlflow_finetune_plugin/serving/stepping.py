@@ -45,6 +45,10 @@ def steppable(model) -> bool:
     return all(getattr(generation, key, None) in plain for key, plain in _PLAIN_GENERATION.items())
 
 
+# The shortest shared prefix worth a forward of its own (a chat template's opening alone is a few tokens).
+MIN_SHARED = 8
+
+
 class Stepper:
     """The live rows of one batch: their KV cache, attention mask and positions, and the next token's logits.
 
@@ -65,17 +69,34 @@ class Stepper:
         self.fed = None          # [rows] long: the tokens picked last step, not yet run through the model
 
     def add(self, prompts: list[list[int]], adapters: list[str]) -> None:
-        """Run new rows' prompts (one left-padded forward) and put them after the live rows."""
-        import torch
+        """Run new rows' prompts and put them after the live rows.
 
+        A prefix all the new prompts share (a system prompt and the chat template's opening, in a burst of users)
+        is run once per adapter among them, not once per row; each row then runs only the rest of its prompt. The
+        row's cache holds the prefix, then its own tokens after the padding of the shorter rests (masked).
+        """
+        import torch
         from transformers import DynamicCache
 
         self._feed()
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = self.device
+        shared = _shared_prefix(prompts) if len(prompts) > 1 else 0
+        shared = shared if shared >= MIN_SHARED else 0
         cache = DynamicCache(config=self.config)
+        if shared:
+            kinds = list(dict.fromkeys(adapters))
+            prefix = torch.tensor([prompts[0][:shared]] * len(kinds), device=device)
+            ones = torch.ones_like(prefix)
+            self.forward(prefix, ones, (ones.cumsum(-1) - 1), cache, kinds if self.mixed else None)
+            index = torch.tensor([kinds.index(a) for a in adapters], device=device)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+        rests = [p[shared:] for p in prompts]
+        width = max(len(r) for r in rests)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rests], device=device)
+        own = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], device=device)
+        mask = torch.cat([torch.ones((len(rests), shared), dtype=own.dtype, device=device), own], dim=-1)
+        positions = shared + (own.cumsum(-1) - 1).clamp(min=0)
         logits = self.forward(ids, mask, positions, cache, adapters if self.mixed else None)
         if self.cache is None:
             self.cache, self.mask, self.logits = cache, mask, logits
@@ -152,6 +173,15 @@ class Stepper:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
             self.mask = self.mask[:, first:]
+
+
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least its last token (whose logits give the first answer)."""
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
 
 
 def sampler(temperature: float, top_p: float, top_k: int | None):
