@@ -22,6 +22,7 @@ from mlflow_finetune_plugin.data.read import (
     to_messages,
     validate_records,
 )
+from mlflow_finetune_plugin.data.splits import load_splits
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
 
 
@@ -514,7 +515,7 @@ def test_dpo_on_preference_rows_of_a_chat_recipe_infers_the_format(tmp_path, cap
     jsonl(proj / "prefs.jsonl", PREFS)
     recipe = load_recipe(proj, method="dpo", overrides={"data": "prefs.jsonl"})
     check_recipe_data(recipe, check_data)
-    assert recipe.data.format == "preference"  # what the training process reads them as
+    assert load_splits(recipe).formats == {"data.train": "preference"}  # what the training process reads them as
     err = capsys.readouterr().err
     assert (f"Note: data.format is 'chat', but -e dpo trains on preference rows and {proj / 'prefs.jsonl'} holds "
             "preference rows: reading them as preference.") in err

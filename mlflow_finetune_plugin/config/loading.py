@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, get_args
 
@@ -19,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mlflow_finetune_plugin.config import presets
-from mlflow_finetune_plugin.config.checks import combination_problems
+from mlflow_finetune_plugin.config.checks import NOT_PACKABLE, combination_problems
 from mlflow_finetune_plugin.config.schema import (
     ADAPTER_CONFIGS,
     HF_PREFIX,
@@ -86,15 +87,33 @@ def load_recipe(project_dir: str | os.PathLike, method: str | None = None,
         raw, over, method = {**raw, "method": "lora"}, {k: v for k, v in over.items() if k != "method"}, "lora"
     problems.extend(_legacy_key_problems(raw, over, lines))
     adapter = presets.adapter_type(method, raw, over)
-    axes, origin = presets.to_axes(raw, method, adapter)
+    axes, origin = presets.to_axes(presets.without_foreign_adapter(raw, adapter), method, adapter)
     axes_over, origin_over = presets.to_axes(over, method, adapter)
     for new, old in {**origin, **origin_over}.items():  # errors on moved keys name the key the user wrote
         if old in lines:
             lines[new] = lines[old]
     merged = presets.deep_merge(axes, axes_over)
     presets.fill_preset(merged, method)
+    _unpack_for_adapter(raw, over, merged, adapter, recipe_path.name)
     names = {new: ".".join(old) for new, old in {**origin, **origin_over}.items()}
     return _validate(merged, project_dir, recipe_path, lines, problems, names)
+
+
+def _unpack_for_adapter(raw: dict, over: dict, merged: dict, adapter: str | None, recipe_name: str) -> None:
+    """`data.packing: true`, written in the recipe for an adapter that packs, is turned off with a one-line note
+    when the entry point (or `-P adapter.type`) trains one that cannot (`-e prefix` on a recipe packed for LoRA).
+    Asked for together with such an adapter, in the recipe itself or with `-P data.packing=true`, it is refused
+    (`checks.py`), since nothing the user wrote then says which of the two should give way."""
+    written = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    given = over.get("data") if isinstance(over.get("data"), dict) else {}
+    if adapter not in NOT_PACKABLE or written.get("packing") is not True or "packing" in given:
+        return
+    own = presets.adapter_type(raw["method"] if raw.get("method") in presets.PRESETS else "lora", raw)
+    if own == adapter:
+        return
+    merged["data"]["packing"] = False
+    print(f"Note: data.packing is off for the {adapter} adapter ({NOT_PACKABLE[adapter]}); {recipe_name} packs "
+          f"rows for {own}.", file=sys.stderr)
 
 
 def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, problems: list[str],

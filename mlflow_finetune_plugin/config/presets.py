@@ -100,6 +100,18 @@ def to_axes(raw: dict, method: str, adapter: str | None) -> tuple[dict, dict]:
     return deep_merge(moved, raw), origin
 
 
+def without_foreign_adapter(raw: dict, adapter: str | None) -> dict:
+    """The recipe file's mapping without its `adapter:` section where that section names no `type` and so
+    configures the file's own adapter (`recipes/adapter`'s bottleneck keys), while the entry point trains another
+    one: like the per-method sections, it is read only when its adapter trains (`-e lora` on the bottleneck
+    recipe trains LoRA with LoRA's defaults instead of refusing bottleneck_size as an unknown LoRA key)."""
+    section = raw.get("adapter")
+    if not isinstance(section, dict) or section.get("type"):
+        return raw
+    own = raw.get("method") if raw.get("method") in PRESETS else "lora"
+    return raw if PRESETS[own].adapter == adapter else {k: v for k, v in raw.items() if k != "adapter"}
+
+
 def fill_preset(raw: dict, method: str) -> None:
     """Fill the axes the recipe leaves unset from the entry point's preset."""
     preset = PRESETS[method]

@@ -250,7 +250,8 @@ class Task(Section):
     train: str = Field(description="Training file of this task (JSONL/JSON/CSV/parquet), relative to the project.")
     eval: str | None = Field(None, description="Held-out file; empty: `data.eval_split` of train, or none.")
     weight: float = Field(1.0, gt=0, description="Mixing weight; rows are sampled in proportion to the weights.")
-    format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion"] = Field(
+        "auto", description="auto: detected from each file's own rows (this task's train and eval may differ).")
     system_prompt: str | None = Field(None, description="System message added to this task's rows.")
 
 
@@ -260,7 +261,8 @@ class DataConfig(Section):
     eval: str | None = Field(None, description="A file, or hf:ORG/NAME[@REVISION]:SPLIT.")
     eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share of train when no eval file is given.")
     format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "preference",
-                    "prompt_only"] = "auto"
+                    "prompt_only"] = Field("auto", description="auto: detected from each file's own rows, so train and "
+                                                               "eval may be in different formats.")
     columns: DataColumns | None = Field(None, description="The file's column for each field, where names differ.")
     tags: DataTags | None = Field(None, description="ShareGPT role tags, where they differ from LLaMA-Factory's.")
     system_prompt: str | None = None
@@ -269,7 +271,9 @@ class DataConfig(Section):
     packing: bool | Literal["auto"] = Field(
         "auto", description="Pack examples into rows of up to max_length (attention kept within each example). "
                             "auto: on with a flash-attention model.attn_implementation (padding-free, always "
-                            "faster); off otherwise (true pays on mixed lengths) and for prefix/prompt tuning.")
+                            "faster); off otherwise (true pays on mixed lengths) and for prefix/prompt tuning. "
+                            "A recipe's true is turned off, with a note, when the entry point trains prefix or "
+                            "prompt tuning (-e prefix on a recipe packed for LoRA).")
     max_rows: int | None = Field(None, gt=0)
     strict: bool = Field(False, description="Data warnings (few rows, near-duplicates, train/eval overlap, answers "
                                             "cut by max_length, contradictions) stop the run like errors.")
@@ -329,6 +333,11 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(32, gt=0, description="Prompts generated and scored together; lower it if memory runs out.")
     fewshot_k: int = Field(3, ge=0, description="Train examples in the few-shot prompt; 0 skips that contender.")
+    traces: bool = Field(True, description="Log each held-out example with every contender's answer and scores "
+                         "as a trace (mlflow.genai.evaluate: MLflow's evaluation view); about 0.3 s a row.")
+    retrieval_k: int | None = Field(
+        None, ge=0, description="Train conversations most similar to each held-out question (BM25 over the user "
+                                "turns) given to the base model as shots; default: fewshot_k; 0 skips that contender.")
     output_format: Literal["text", "json"] = Field(
         "text", description="json: also score `json_valid`, the share of answers that parse (and fit json_schema).")
     json_schema: dict | None = Field(None, description="JSON Schema the answers must conform to (output_format json).")
@@ -351,8 +360,9 @@ class RegistryConfig(Section):
 
         metric: str = Field(description="Metric name without prefix: rougeL, token_f1, exact_match, loss, ...")
         beats: list[str] = Field(
-            ["base", "fewshot", "champion"],
-            description="base | fewshot (same run), champion (holder of the alias being moved), @alias, or a version.")
+            ["base", "fewshot", "retrieval", "champion"],
+            description="base | fewshot | retrieval (same run), champion (holder of the alias being moved), @alias, "
+                        "or a version.")
         margin: float = Field(0.0, ge=0, description="Absolute improvement required (0: not worse).")
         mode: Literal["max", "min"] | None = Field(None, description="Default: min for loss/perplexity, else max.")
         at_most: float | None = Field(

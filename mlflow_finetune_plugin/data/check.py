@@ -118,13 +118,13 @@ def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=
         report.detected = detect_format(records, path, tags)
     except DataError:
         pass
-    if accepts and fmt not in (None, "auto") and fmt not in accepts and report.detected in accepts:
-        report.inferred_from, fmt = fmt, report.detected
     try:
-        report.format, _ = resolve_format(records, fmt, path, tags, format_key)
+        report.format, _ = resolve_format(records, fmt, path, tags, format_key, accepts or ())
     except DataError as e:
         report.errors += e.issues
         return report
+    if fmt not in (None, "auto") and report.format != fmt:  # the objective's format, read from the rows
+        report.inferred_from = fmt
     row_errors = validate_records(records, report.format, path, tags)
     report.errors += row_errors
     report.empty_fields = sum(any(m in i.message for m in _EMPTY_MARKERS) for i in row_errors)

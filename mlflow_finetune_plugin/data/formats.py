@@ -148,11 +148,15 @@ def expected_keys() -> str:
     return "; ".join(f"{f}: {text}" for f, (_, text) in _KEYS.items())
 
 
-def resolve_format(records, fmt, path, tags=None, key: str = "--format") -> tuple[str, str | None]:
-    """(format to read the rows in, what the rows look like or None): `fmt`, or the detected format for auto.
+def resolve_format(records, fmt, path, tags=None, key: str = "--format", accepts=()) -> tuple[str, str | None]:
+    """(format to read the rows in, what the rows look like or None) of ONE file: `fmt`, or for auto the format
+    detected from this file's rows. Training and the pre-flight check both call it per file (train, eval, each
+    task), so a recipe's train and eval files may be in different formats.
 
-    A declared format that no row fits while the rows clearly are in another one is one error naming both and the
-    key to change (`key`: data.format, --format), not the same missing field reported on every row.
+    `accepts`: the formats the objective trains on; a declared format outside them gives way to the rows' own format
+    when that one is accepted (`-e dpo` on preference rows of a `format: chat` recipe). A declared format that no row
+    fits while the rows clearly are in another one is one error naming both and the key to change (`key`:
+    data.format, --format), not the same missing field reported on every row.
     """
     try:
         seen = detect_format(records, path, tags)
@@ -160,7 +164,7 @@ def resolve_format(records, fmt, path, tags=None, key: str = "--format") -> tupl
         if fmt in (None, "auto"):
             raise
         seen = None
-    if fmt in (None, "auto"):
+    if fmt in (None, "auto") or accepts and fmt not in accepts and seen in accepts:
         return seen, seen
     if fmt not in FORMATS:
         raise DataError([DataIssue(str(path), None, f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")])

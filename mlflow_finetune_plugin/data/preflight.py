@@ -1,16 +1,18 @@
 """The data preflight of a run: every data file of the recipe checked row by row, in the format its objective trains
-on, before any model loads (`mlflow run --backend finetune` and `mlflow-finetune train` run it after the recipe
-loads). Errors stop the run, listed at once; warnings are printed as advice."""
+on, then read exactly as training reads it, before any model loads (`mlflow run --backend finetune` and
+`mlflow-finetune train` run it after the recipe loads). Errors stop the run, listed at once, before a run exists;
+warnings are printed as advice."""
 
 from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 from mlflow_finetune_plugin.config.checks import OBJECTIVE_FORMATS
 from mlflow_finetune_plugin.data.check import check_overlap, tokenizer_for_check
-from mlflow_finetune_plugin.data.formats import summarize
-from mlflow_finetune_plugin.data.splits import data_files
+from mlflow_finetune_plugin.data.formats import DataError, summarize
+from mlflow_finetune_plugin.data.splits import data_files, load_splits
 from mlflow_finetune_plugin.errors import FinetuneError
 
 _FORMAT_HINTS = {**dict.fromkeys(("dpo", "orpo", "simpo"),
@@ -23,9 +25,10 @@ _FORMAT_HINTS = {**dict.fromkeys(("dpo", "orpo", "simpo"),
 
 def check_recipe_data(recipe, check_data) -> None:
     """Every data file of the recipe, row by row, in the format its method trains on; raises listing all problems,
-    prints the warnings (errors too with `data.strict`). A declared format the method cannot train on gives way to
-    the rows' own format where the objective takes that one (`-e dpo` on preference rows of a `format: chat` recipe);
-    the recipe is updated so that training reads them the same way."""
+    prints the warnings (errors too with `data.strict`). Then the data is read by `splits.load_splits`, the function
+    the training pipeline reads it with, so whatever training would refuse about the data is refused here, before a
+    run exists. Each file's format is resolved from its own rows (`format: auto`, or the objective's format where
+    the declared one cannot train); where one was detected, one line says which format each file is read in."""
     formats = OBJECTIVE_FORMATS[recipe.objective]
     data = recipe.data
     files = data_files(recipe)
@@ -51,12 +54,20 @@ def check_recipe_data(recipe, check_data) -> None:
             report.make_strict()
         errors += summarize(report.errors)
         warnings += summarize(report.warnings)
+    read = None
+    if not errors:
+        try:
+            read = load_splits(recipe)
+        except DataError as e:
+            errors = summarize(e.issues)
+            refused = [i.path for i in e.issues if i.path in {path for _, path, _, _ in files}]
     if errors:
         bad = " ".join(dict.fromkeys(refused + [r.path for r in reports.values() if not r.ok]))
         raise FinetuneError(f"{len(errors)} problem{'s' if len(errors) != 1 else ''} in the data; nothing was "
                             "started:\n  " + "\n  ".join(errors[:20] + ([f"... and {len(errors) - 20} more"]
                                                                        if len(errors) > 20 else []))
-                            + f"\nRun `mlflow-finetune data check {bad}` for the full report.")
+                            + (f"\nRun `mlflow-finetune data check {bad}` for the full report." if bad else ""))
+    _print_formats(files, read.formats)
     if warnings:
         print("Data warnings (advice before training; `data.strict: true` makes them errors):\n  "
               + "\n  ".join(warnings), file=sys.stderr)
@@ -64,10 +75,18 @@ def check_recipe_data(recipe, check_data) -> None:
         print(f"Note: token lengths not checked before the run ({why_not}).", file=sys.stderr)
 
 
+def _print_formats(files, read: dict) -> None:
+    """One line with the format each file is read in, where any of them was detected rather than declared."""
+    if any(fmt != read.get(label, fmt) for label, _, fmt, _ in files):
+        print("Data formats, detected per file: " + ", ".join(
+            f"{label} {Path(path).name if Path(path).exists() else path}: {read[label]}"
+            for label, path, _, _ in files if label in read), file=sys.stderr)
+
+
 def _method_format(recipe, label: str, path: str, report, formats) -> str | None:
     """The one-line error when the rows are in a format the method cannot train on (replacing the report's own
-    format mismatch, whose advice to change data.format would not help); a note, and the recipe updated, where the
-    method's format was inferred from the rows."""
+    format mismatch, whose advice to change data.format would not help); a note where the method's format was
+    inferred from the rows (training reads that file the same way: `formats.resolve_format`, per file)."""
     rows_are = report.format or report.detected
     if rows_are and rows_are not in formats:
         report.errors = [i for i in report.errors if i.group != "format"]
@@ -80,7 +99,6 @@ def _method_format(recipe, label: str, path: str, report, formats) -> str | None
     if report.inferred_from and label.startswith("data."):
         print(f"Note: data.format is {report.inferred_from!r}, but -e {recipe.method} trains on {_or(formats)} rows "
               f"and {path} holds {report.format} rows: reading them as {report.format}.", file=sys.stderr)
-        recipe.data.format = report.format
     return None
 
 

@@ -271,17 +271,20 @@ def _read_parquet(p: Path, name: str) -> list[tuple[int, dict]]:
 # ---------------------------------------------------------------- loading
 
 
-def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, tags=None, format_key="data.format"):
+def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, tags=None, format_key="data.format",
+                          accepts=()):
     """(datasets.Dataset, format): a `messages` column (and `tools` where rows have them), prompt/chosen/rejected
     for preference data, or `prompt` (messages) and the rows' other columns for prompt_only data (GRPO).
 
-    Reads with `columns` mapped, validates every row first and raises DataError listing all problems; row order is
-    kept. Messages keep their OpenAI keys (`weight`, `tool_calls`, `tool_call_id`, `name`) for the chat template.
+    Reads with `columns` mapped, resolves this file's format (`resolve_format`: auto detects it from these rows;
+    `accepts`, the objective's formats), validates every row first and raises DataError listing all problems; row
+    order is kept. Messages keep their OpenAI keys (`weight`, `tool_calls`, `tool_call_id`, `name`) for the chat
+    template.
     """
     from datasets import Dataset
 
     records = read_records(path, columns)
-    fmt, _ = resolve_format(records, fmt, path, tags, format_key)
+    fmt, _ = resolve_format(records, fmt, path, tags, format_key, accepts)
     issues = [i for i in validate_records(records, fmt, path, tags) if i.severity == "error"]
     if issues:
         raise DataError(issues)

@@ -13,6 +13,8 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlflow_finetune_plugin.config.checks import OBJECTIVE_FORMATS
+from mlflow_finetune_plugin.data.formats import DataError, DataIssue
 from mlflow_finetune_plugin.data.read import load_training_dataset
 
 
@@ -20,9 +22,10 @@ from mlflow_finetune_plugin.data.read import load_training_dataset
 class Splits:
     train: object                     # datasets.Dataset: the training stream (a mixture's interleaved rows)
     eval: object | None               # the held-out rows of one set (None for a mixture: see task_evals)
-    fmt: str                          # the data format ("chat", ...; "chat+alpaca" for a mixture of two)
+    fmt: str                          # the training data's format ("chat", ...; "chat+alpaca" for a mixture of two)
     tasks: dict = field(default_factory=dict)       # a mixture: task -> its training rows
     task_evals: dict = field(default_factory=dict)  # a mixture: task -> its held-out rows
+    formats: dict = field(default_factory=dict)     # label of each file read (as `data_files`) -> its format
 
     @property
     def is_mixture(self) -> bool:
@@ -35,38 +38,65 @@ def hold_out(ds, share: float, seed: int):
     return split["train"], split["test"]
 
 
-def _one_set(train_path, eval_path, fmt, system_prompt, recipe, columns=None, tags=None):
+def _one_set(owner: str, train_path, eval_path, fmt, system_prompt, recipe, columns=None, tags=None):
+    """(train rows, held-out rows or None, {label: format}) of one set; `owner` is its recipe key (`data`,
+    `data.tasks.NAME`). Each file's format is resolved from its own rows: a ShareGPT train file and a chat eval
+    file both read under `format: auto`."""
     data = recipe.data
-    train_ds, fmt = load_training_dataset(train_path, fmt, system_prompt, columns, tags)
+    formats = {}
+
+    def load(split, path):
+        ds, formats[f"{owner}.{split}"] = load_training_dataset(
+            path, fmt, system_prompt, columns, tags, format_key=f"{owner}.format",
+            accepts=OBJECTIVE_FORMATS[recipe.objective])
+        return ds
+
+    train_ds = load("train", train_path)
     if data.max_rows:
         train_ds = train_ds.select(range(min(data.max_rows, len(train_ds))))
     eval_ds = None
     if recipe.eval.enabled and eval_path:
-        eval_ds, _ = load_training_dataset(eval_path, fmt, system_prompt, columns, tags)
+        eval_ds = load("eval", eval_path)
     elif recipe.eval.enabled and data.eval_split > 0:
-        train_ds, eval_ds = hold_out(train_ds, data.eval_split, recipe.train.seed)
-    return train_ds, eval_ds, fmt
+        try:
+            train_ds, eval_ds = hold_out(train_ds, data.eval_split, recipe.train.seed)
+        except ValueError as e:  # datasets: a share that leaves no training or no held-out row
+            raise DataError([DataIssue(str(train_path), None, f"{owner}.eval_split {data.eval_split} of "
+                                                              f"{len(train_ds)} rows: {e} Give more rows, or an "
+                                                              f"eval file ({owner}.eval)")]) from None
+    return train_ds, eval_ds, formats
 
 
 def load_splits(recipe) -> Splits:
-    """Read and check the recipe's data (errors name file and line) into training and held-out rows."""
+    """Read and check the recipe's data (errors name file and line) into training and held-out rows. The pipeline
+    calls it, and so does the pre-flight check (`data/preflight.py`) before any run exists: what this refuses is
+    refused before a run is created."""
     data = recipe.data
     if not data.tasks:
-        train_ds, eval_ds, fmt = _one_set(data.train, data.eval, data.format, data.system_prompt, recipe,
-                                          data.columns, data.tags)
-        return Splits(train_ds, eval_ds, fmt)
+        train_ds, eval_ds, formats = _one_set("data", data.train, data.eval, data.format, data.system_prompt, recipe,
+                                              data.columns, data.tags)
+        return Splits(train_ds, eval_ds, formats["data.train"], formats=formats)
     from datasets import interleave_datasets
 
-    trains, evals, fmts = {}, {}, set()
+    trains, evals, formats = {}, {}, {}
     for name, task in data.tasks.items():
-        trains[name], task_eval, fmt = _one_set(task.train, task.eval, task.format, task.system_prompt, recipe)
-        fmts.add(fmt)
+        trains[name], task_eval, task_formats = _one_set(f"data.tasks.{name}", task.train, task.eval, task.format,
+                                                         task.system_prompt, recipe)
+        formats.update(task_formats)
         if task_eval is not None:
             evals[name] = task_eval
     total = sum(t.weight for t in data.tasks.values())
-    mixed = interleave_datasets(list(trains.values()), probabilities=[t.weight / total for t in data.tasks.values()],
-                                seed=recipe.train.seed, stopping_strategy=data.stopping)
-    return Splits(mixed, None, "+".join(sorted(fmts)), trains, evals)
+    try:
+        mixed = interleave_datasets(list(trains.values()), probabilities=[t.weight / total for t in
+                                                                          data.tasks.values()],
+                                    seed=recipe.train.seed, stopping_strategy=data.stopping)
+    except ValueError as e:  # datasets: the tasks' columns do not align (e.g. per-turn weights in one task only)
+        files = ", ".join(task.train for task in data.tasks.values())
+        raise DataError([DataIssue(files, None, f"the tasks' rows cannot be mixed ({str(e).splitlines()[0]}); give "
+                                                "every task's messages the same keys (e.g. `weight` on all of them "
+                                                "or none)")]) from None
+    train_formats = {f for label, f in formats.items() if label.endswith(".train")}
+    return Splits(mixed, None, "+".join(sorted(train_formats)), trains, evals, formats)
 
 
 def data_files(recipe) -> list[tuple[str, str, str, str | None]]:
@@ -80,29 +110,33 @@ def data_files(recipe) -> list[tuple[str, str, str, str | None]]:
 
 
 def log_inputs(recipe, splits: Splits) -> dict:
-    """Log the data as MLflow dataset inputs (each task under its own name); returns the lineage tags."""
+    """Log the data as MLflow dataset inputs (each task under its own name, each input tagged with the format its
+    file was read in); returns the lineage tags."""
     import mlflow
 
     from mlflow_finetune_plugin.data.read import mlflow_dataset
     from mlflow_finetune_plugin.tags import lineage_tags
 
+    def log(ds, path, name, context, owner, split, **tags):
+        # a held-out share of the train file has the train file's format
+        fmt = splits.formats.get(f"{owner}.{split}") or splits.formats.get(f"{owner}.train")
+        logged = mlflow_dataset(ds, path, name=name)
+        mlflow.log_input(logged, context=context, tags={**tags, **({"format": fmt} if fmt else {})})
+        return logged
+
     if not splits.is_mixture:
         train_path = recipe.data.train
-        train_input = mlflow_dataset(splits.train, train_path, name=Path(train_path).stem)
-        mlflow.log_input(train_input, context="training")
+        train_input = log(splits.train, train_path, Path(train_path).stem, "training", "data", "train")
         if splits.eval is not None:
             eval_path = recipe.data.eval or train_path
-            mlflow.log_input(mlflow_dataset(splits.eval, eval_path, name=Path(eval_path).stem), context="eval")
+            log(splits.eval, eval_path, Path(eval_path).stem, "eval", "data", "eval")
         return lineage_tags(dataset_digest=train_input.digest, data_format=splits.fmt)
     digests = []
     for name, ds in splits.tasks.items():
-        task = recipe.data.tasks[name]
-        logged = mlflow_dataset(ds, task.train, name=name)
-        mlflow.log_input(logged, context="training", tags={"task": name, "weight": str(task.weight)})
-        digests.append(logged.digest)
+        task, owner = recipe.data.tasks[name], f"data.tasks.{name}"
+        digests.append(log(ds, task.train, name, "training", owner, "train", task=name, weight=str(task.weight)).digest)
         if name in splits.task_evals:
-            mlflow.log_input(mlflow_dataset(splits.task_evals[name], task.eval or task.train, name=f"{name}-eval"),
-                             context="eval", tags={"task": name})
+            log(splits.task_evals[name], task.eval or task.train, f"{name}-eval", "eval", owner, "eval", task=name)
     digest = hashlib.sha256(",".join(digests).encode()).hexdigest()[:16]
     return lineage_tags(dataset_digest=digest, data_format=splits.fmt,
                         tasks=",".join(f"{n}:{t.weight:g}" for n, t in recipe.data.tasks.items()))
