@@ -200,14 +200,18 @@ def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, param
               help="Eval data, in any format and file type training reads (JSONL, JSON, CSV, parquet, or "
                    "hf:ORG/NAME[:SPLIT]); default: the eval file (or held-out split) of the model's source run.")
 @click.option("--train", "train_data", default=None, metavar="FILE",
-              help="Where few-shot examples come from (same file types); default: the source run's train file.")
+              help="Where few-shot and retrieved examples come from (same file types); default: the source run's "
+                   "train file.")
 @click.option("--run-id", default=None, help="Log into this run (e.g. the version's source run) instead of a new one.")
 @click.option("--max-examples", type=int, default=None, help="Score the first N rows (default: the recipe's).")
 @click.option("--max-new-tokens", type=int, default=None, help="Answer length limit (default: the recipe's).")
 @click.option("--fewshot-k", type=int, default=None, help="Examples in the few-shot prompt; 0 skips few-shot.")
-def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_tokens, fewshot_k):
+@click.option("--retrieval-k", type=int, default=None, help="Train conversations retrieved (BM25) as shots for "
+              "each question; default: the few-shot k; 0 skips retrieval.")
+def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_tokens, fewshot_k, retrieval_k):
     """Score MODEL_URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model) against its base model,
-    zero-shot and few-shot: logs eval/<contender>/<metric>, a per-example table and a chart, prints the table.
+    zero-shot, few-shot and with retrieved shots: logs eval/<contender>/<metric>, a per-example table and a chart,
+    prints the table, then the verdict (also tagged on the run): did it beat the best of them beyond the noise?
 
     Promotion reads metrics from a version's source run: to (re)score a version for `promote`, pass that run
     as --run-id.
@@ -217,9 +221,10 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
 
     result, logged_run = evaluate_model_uri(model_uri, data=data, train_data=train_data, run_id=run_id,
                                             max_examples=max_examples, max_new_tokens=max_new_tokens,
-                                            fewshot_k=fewshot_k)
+                                            fewshot_k=fewshot_k, retrieval_k=retrieval_k)
     click.echo(comparison_table(result.metrics))
     click.echo(f"Logged to run {logged_run} ({int(result.metrics['eval/n_examples'])} examples)")
+    click.echo(f"Verdict: {result.verdict.sentence()}")
 
 
 @main.command("promote")
@@ -228,7 +233,7 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
 @click.option("--alias", default=None, help="Alias to move; default: the recipe's registry.champion_alias (champion).")
 @click.option("--gate", "gates", multiple=True, metavar="METRIC[:MARGIN[:BEATS]]",
               help="Replaces the recipe's registry.promote_if. BEATS is a comma list of base, fewshot, champion, "
-                   "@ALIAS or version numbers (default base,fewshot,champion); MARGIN is absolute (default 0); "
+                   "@ALIAS or version numbers (default base,fewshot,retrieval,champion); MARGIN is absolute (default 0); "
                    "lower is better for loss and perplexity. Limits: METRIC<=VALUE or METRIC>=VALUE. Votes: "
                    "arena_above:champion (Bradley-Terry interval above it). Repeatable: every gate must pass. "
                    "E.g. --gate rougeL:0.01 --gate loss:0:base --gate 'forgetting/ppl_ratio<=1.2'")

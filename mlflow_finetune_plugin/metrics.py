@@ -17,10 +17,20 @@ TEXT_METRICS = {"exact_match": "exact_match", "token_f1": "token_f1", "rouge1": 
 # Where lower is better; every other metric is better higher.
 LOWER_IS_BETTER = ("loss", "perplexity")
 
-# Who answers the held-out prompts: metrics are logged as eval/<contender>/<metric>.
-CONTENDERS = ("base", "fewshot", "tuned")
+# Who answers the held-out prompts: metrics are logged as eval/<contender>/<metric>. base: the base model zero-shot;
+# fewshot: with k random train conversations as shots; retrieval: with the k train conversations most similar to the
+# question (BM25); tuned: the fine-tuned model.
+CONTENDERS = ("base", "fewshot", "retrieval", "tuned")
+# The prompt-only alternatives to fine-tuning, cheapest first: what the verdict and the default gates weigh it against.
+ALTERNATIVES = ("base", "fewshot", "retrieval")
 # Forgetting figures (general-text loss and perplexity, base and tuned) are logged under this prefix.
 FORGETTING_PREFIX = "eval/forgetting/"
+# The verdict (evaluate/verdict.py): the tuned model's margin over the best alternative and its 95% interval, under
+# this prefix (margin, margin_low, margin_high); the interval is a paired bootstrap of this many resamples, and no
+# run evaluated on fewer than VERDICT_MIN_EXAMPLES held-out examples is called a pay-off.
+VERDICT_PREFIX = "eval/verdict/"
+VERDICT_RESAMPLES = 1000
+VERDICT_MIN_EXAMPLES = 10
 
 
 def metric_path(module: str) -> str:

@@ -62,6 +62,10 @@ EVAL_DATA_DIGEST = "finetune.eval_data_digest"    # digest of the prompts and re
 EVALUATED_MODEL = "finetune.evaluated_model"      # `mlflow-finetune evaluate`: the model URI scored
 EVALUATED_NAME = "finetune.evaluated_name"        # its registered name, when it is a registered version
 EVALUATED_VERSION = "finetune.evaluated_version"  # its version number
+# The verdict: did fine-tuning pay off against the best prompt-only alternative? (evaluate/verdict.py)
+VERDICT = "finetune.verdict"                      # one sentence: the margin over that alternative, the forgetting
+VERDICT_BEST_ALTERNATIVE = "finetune.verdict.best_alternative"  # base | fewshot | retrieval (none: none scored)
+VERDICT_PAID_OFF = "finetune.verdict.paid_off"    # "true" only when the bootstrap interval of the margin is above 0
 
 # --- promotion (on the version the alias moved to) ----------------------------------------------------------------
 PROMOTED_ALIAS = "finetune.promoted_alias"        # the alias moved to this version

@@ -23,7 +23,8 @@ SUPPORT_BOT = REPO / "recipes" / "support-bot"
 
 # -P overrides that make a tiny-model run take seconds: 2 steps, 2 held-out rows, short answers.
 FAST_OVERRIDES = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
-                  "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1}
+                  "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1,
+                  "eval.traces": False}  # tests/test_genai_view.py checks the traces
 
 # Short rows, short sequences: a step takes a fraction of a second on 2 CPU cores.
 QUICK_RECIPE = ("data:\n  max_length: 64\n  packing: false\n"
@@ -217,7 +218,7 @@ def register_version(name: str = "bot", seed: int = 0, alias: str | None = "chal
 
 
 def register_eval_version(tuned: dict, base: dict | None = None, fewshot: dict | None = None,
-                          recipe: dict | None = None, lineage: bool = True) -> str:
+                          recipe: dict | None = None, lineage: bool = True, retrieval: dict | None = None) -> str:
     """A run with eval metrics (and optionally a recipe.yaml), registered as a new version of MODEL_NAME; no model
     behind it (promotion reads only the metrics and tags)."""
     import mlflow
@@ -227,7 +228,8 @@ def register_eval_version(tuned: dict, base: dict | None = None, fewshot: dict |
 
     client = MlflowClient()
     with mlflow.start_run() as run:
-        for contender, values in (("tuned", tuned), ("base", base or {}), ("fewshot", fewshot or {})):
+        for contender, values in (("tuned", tuned), ("base", base or {}), ("fewshot", fewshot or {}),
+                                  ("retrieval", retrieval or {})):
             mlflow.log_metrics({f"eval/{contender}/{k}": v for k, v in values.items()})
         if recipe is not None:
             mlflow.log_dict(recipe, "recipe.yaml")

@@ -1,4 +1,4 @@
-"""Evaluation: the shipped metric modules against hand-computed values, and the three contenders scored from real
+"""Evaluation: the shipped metric modules against hand-computed values, and the four contenders scored from real
 generations of the tiny model (no pinned numbers), logged to MLflow and re-run on a registered version."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from mlflow_finetune_plugin.logged_model import LoadedModel, generate, log_finet
 from mlflow_finetune_plugin.metrics import TEXT_METRICS, comparison_table, load_metric
 from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 from mlflow_finetune_plugin.registry.versions import missing_lineage, register
-from mlflow_finetune_plugin.tags import lineage_tags
+from mlflow_finetune_plugin.tags import VERDICT, VERDICT_PAID_OFF, lineage_tags
 from mlflow_finetune_plugin.train.adapters import lora
 from tests.helpers import chat_rows
 
@@ -114,7 +114,7 @@ def _convs(rows):
     return [r["messages"] for r in rows]
 
 
-def test_three_contenders_scored_from_real_generations(tiny_lora):
+def test_four_contenders_scored_from_real_generations(tiny_lora):
     model, tok = tiny_lora
     evals, train = _convs(chat_rows(3)), _convs(chat_rows(4, offset=10))
     # A row whose reference is exactly what the tuned model answers: its exact match must be 1.
@@ -125,7 +125,7 @@ def test_three_contenders_scored_from_real_generations(tiny_lora):
 
     result = run_evaluation(model, tok, evals, train, cfg)
 
-    assert result.contenders == ["base", "fewshot", "tuned"]
+    assert result.contenders == ["base", "fewshot", "retrieval", "tuned"]
     for c in result.contenders:
         for m in TEXT_METRICS:
             assert 0.0 <= result.metrics[f"eval/{c}/{m}"] <= 1.0, (c, m)
@@ -134,9 +134,10 @@ def test_three_contenders_scored_from_real_generations(tiny_lora):
     assert result.metrics["eval/tuned/loss"] != result.metrics["eval/base/loss"]
     assert result.metrics["eval/n_examples"] == 4
     assert len(result.fewshot_examples) == 2
+    assert [len(shots) for shots in result.retrieval_shots] == [2] * 4  # retrieval_k defaults to fewshot_k
 
     loaded = LoadedModel(model, tok, {})
-    for conv, row in zip(evals, result.rows):
+    for conv, row, retrieved in zip(evals, result.rows, result.retrieval_shots):
         p, ref = split_conversation(conv)
         assert row["reference"] == ref
         assert row["tuned_answer"] == generate(loaded, p, max_new_tokens=6)
@@ -144,6 +145,7 @@ def test_three_contenders_scored_from_real_generations(tiny_lora):
             assert row["base_answer"] == generate(loaded, p, max_new_tokens=6)
             assert row["fewshot_answer"] == generate(loaded, fewshot_prompt(p, result.fewshot_examples),
                                                      max_new_tokens=6)
+            assert row["retrieval_answer"] == generate(loaded, fewshot_prompt(p, retrieved), max_new_tokens=6)
         for c in result.contenders:
             assert 0.0 <= row[f"{c}_token_f1"] <= 1.0
     assert result.rows[-1]["tuned_exact_match"] == 1.0
@@ -296,7 +298,7 @@ def test_full_model_needs_its_base_given(tiny_lora, tiny_model_dir):
     cfg = EvalConfig(max_examples=1, max_new_tokens=3, fewshot_k=1)
     assert run_evaluation(full, tok, _convs(chat_rows(1)), _convs(chat_rows(2, 5)), cfg).contenders == ["tuned"]
     both = run_evaluation(full, tok, _convs(chat_rows(1)), _convs(chat_rows(2, 5)), cfg, base_model=full)
-    assert both.contenders == ["base", "fewshot", "tuned"]
+    assert both.contenders == ["base", "fewshot", "retrieval", "tuned"]
     assert both.metrics["eval/base/loss"] == pytest.approx(both.metrics["eval/tuned/loss"])
 
 
@@ -313,8 +315,9 @@ def test_logged_metrics_table_and_chart(tracking_uri, tiny_lora):
     logged = client.get_run(run.info.run_id).data.metrics
     assert logged["eval/fewshot/rougeL"] == result.metrics["eval/fewshot/rougeL"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert {"eval/examples.json", "eval/examples-2.json", "eval/comparison.png",
-            "eval/fewshot_examples.json"} <= artifacts
+    assert {"eval/examples.json", "eval/examples-2.json", "eval/comparison.png", "eval/fewshot_examples.json",
+            "eval/retrieval_examples.json", "eval/per_example_scores.json"} <= artifacts
+    assert logged["eval/retrieval/rougeL"] == result.metrics["eval/retrieval/rougeL"]
     table = mlflow.load_table("eval/examples.json", run_ids=[run.info.run_id])
     assert list(table["tuned_answer"]) == [r["tuned_answer"] for r in result.rows]
     text = comparison_table(result.metrics)
@@ -379,10 +382,16 @@ def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_
     # Into a new run, with the data recorded in the source run's recipe.
     out = runner.invoke(main, ["evaluate", "models:/bot@challenger"])
     assert out.exit_code == 0, out.output
-    assert "fewshot" in out.output and "rougeL" in out.output
+    assert "fewshot" in out.output and "retrieval" in out.output and "rougeL" in out.output
     new_run = out.output.strip().split("Logged to run ")[1].split()[0]
     assert new_run != src.info.run_id
-    assert "eval/tuned/rougeL" in mlflow.MlflowClient().get_run(new_run).data.metrics
+    logged = mlflow.MlflowClient().get_run(new_run).data
+    assert "eval/tuned/rougeL" in logged.metrics and "eval/retrieval/rougeL" in logged.metrics
+    # The verdict is printed last and tagged on the run; 2 examples are too few for a pay-off.
+    assert out.output.strip().splitlines()[-1] == f"Verdict: {logged.tags[VERDICT]}"
+    assert logged.tags[VERDICT_PAID_OFF] == "false" and "too few to tell" in logged.tags[VERDICT]
+    # The recipe's gate names exact_match: the verdict weighs that metric.
+    assert logged.tags[VERDICT].startswith("fine-tuning did not pay off: exact_match ")
 
     # Promotion reads the source run: before it is evaluated there, it refuses and names what is missing.
     out = runner.invoke(main, ["promote", "bot", "--version", "1"])
@@ -408,7 +417,11 @@ def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_
     # An unregistered logged model (models:/<model id>) works too, its source run found from the model.
     out = runner.invoke(main, ["evaluate", info.model_uri, "--max-examples", "1", "--fewshot-k", "0"])
     assert out.exit_code == 0, out.output
-    assert "fewshot" not in out.output and "tuned" in out.output
+    assert "fewshot" not in out.output and "retrieval" not in out.output and "tuned" in out.output
+    out = runner.invoke(main, ["evaluate", info.model_uri, "--max-examples", "1", "--fewshot-k", "0",
+                               "--retrieval-k", "1"])
+    assert out.exit_code == 0, out.output
+    assert "fewshot" not in out.output and "retrieval" in out.output
 
 
 def test_evaluate_without_data_scores_the_rows_training_held_out(tmp_path, tracking_uri):

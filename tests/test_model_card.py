@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 
+from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config.loading import load_recipe, to_yaml
 from mlflow_finetune_plugin.registry import model_card
 from mlflow_finetune_plugin.train.job import run
@@ -40,12 +41,22 @@ def test_a_registered_version_has_its_card_in_the_artifacts_and_as_description(t
     assert f"| training | train | 8 | `{inputs['train'].digest}` |" in card
     assert f"| eval | eval | 2 | `{inputs['eval'].digest}` |" in card
     # The evaluation table holds the numbers the run logged, for each contender.
-    for contender in ("base", "fewshot", "tuned"):
+    for contender in ("base", "fewshot", "retrieval", "tuned"):
         for metric in ("loss", "perplexity", "rougeL", "token_f1"):
             value = metrics[f"eval/{contender}/{metric}"]
             assert f"{value:.4f}" in card, (contender, metric)
     table = card.split("```\n", 2)[1]
-    assert table.splitlines()[0].split() == ["metric", "base", "fewshot", "tuned"]
+    assert table.splitlines()[0].split() == ["metric", "base", "fewshot", "retrieval", "tuned"]
+    # The verdict: 2 steps of a random-weight model on 2 held-out rows is never a pay-off; the card says so.
+    run_tags = training_run.data.tags
+    assert run_tags[tags.VERDICT_PAID_OFF] == "false"
+    assert run_tags[tags.VERDICT_BEST_ALTERNATIVE] in ("base", "fewshot", "retrieval")
+    sentence = run_tags[tags.VERDICT]
+    assert sentence.startswith("fine-tuning did not pay off: rougeL ") and "too few to tell" in sentence
+    assert f"general-text perplexity x{metrics['eval/forgetting/ppl_ratio']:.2f}" in sentence
+    verdict = card.split("## Verdict\n\n", 1)[1].split("\n\n## ", 1)[0]
+    assert sentence[1:] in verdict and f"`{run_tags[tags.VERDICT_BEST_ALTERNATIVE]}`" in verdict
+    assert f"{metrics['eval/verdict/margin_low']:+.4f}" in verdict
     assert "runtime" not in table  # the trainer's timings are not results
     # Forgetting figures, and what the model is for.
     for key in ("base_loss", "tuned_loss", "base_ppl", "tuned_ppl"):

@@ -12,13 +12,29 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.config.schema import Recipe
+from mlflow_finetune_plugin.config.schema import Recipe, RegistryConfig
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.registry.promotion import Gate, maybe_auto_promote, parse_gate, promote
 from mlflow_finetune_plugin.registry.versions import missing_lineage
 from tests.helpers import MODEL_NAME, champion_version, register_eval_version
 
 ROUGE = [Gate(metric="rougeL", beats=["base", "fewshot", "champion"], margin=0.01)]
+
+
+def test_the_default_gates_ask_the_tuned_model_to_beat_retrieval_too(tracking_uri):
+    assert RegistryConfig().promote_if[0].beats == ["base", "fewshot", "retrieval", "champion"]
+    # Beats zero-shot and random shots, loses to retrieved shots: the alias stays.
+    v = register_eval_version({"rougeL": 0.5}, retrieval={"rougeL": 0.6}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    result = promote(MODEL_NAME, v)
+    assert not result.promoted and champion_version() is None
+    assert [(c.against, c.passed) for c in result.checks] == [("base", True), ("fewshot", True),
+                                                               ("retrieval", False), ("champion", True)]
+    v2 = register_eval_version({"rougeL": 0.7}, retrieval={"rougeL": 0.6}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    assert promote(MODEL_NAME, v2).promoted and champion_version() == v2
+    # Without retrieval metrics (e.g. eval.retrieval_k: 0) the default gate cannot be checked.
+    v3 = register_eval_version({"rougeL": 0.9}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    with pytest.raises(FinetuneError, match="missing metric eval/retrieval/rougeL"):
+        promote(MODEL_NAME, v3)
 
 
 def test_gates_pass_and_the_alias_moves_with_no_champion_yet(tracking_uri):
@@ -89,7 +105,7 @@ def test_gates_come_from_the_recipe_of_the_source_run(tracking_uri):
 
 def test_parse_gate():
     assert parse_gate("rougeL:0.01") == Gate(metric="rougeL", margin=0.01)
-    assert parse_gate("loss").beats == ["base", "fewshot", "champion"]
+    assert parse_gate("loss").beats == ["base", "fewshot", "retrieval", "champion"]
     assert parse_gate("token_f1:0:base,@prod,3").beats == ["base", "@prod", "3"]
     for bad in ("", "rougeL:x", "a:1:b:c", "rougeL:-1"):
         with pytest.raises(FinetuneError, match="--gate"):
@@ -98,7 +114,7 @@ def test_parse_gate():
 
 def test_auto_promote(tracking_uri):
     recipe = Recipe.model_validate({"registry": {"auto_promote": False}})
-    v = register_eval_version({"rougeL": 0.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    v = register_eval_version({"rougeL": 0.5}, retrieval={"rougeL": 0.4}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
     assert maybe_auto_promote(MODEL_NAME, v, recipe) is None and champion_version() is None
 
     recipe.registry.auto_promote = True
@@ -113,12 +129,12 @@ def test_auto_promote(tracking_uri):
 
 def test_cli_promote_and_models(tracking_uri):
     runner = CliRunner()
-    v1 = register_eval_version({"rougeL": 0.5, "loss": 1.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    v1 = register_eval_version({"rougeL": 0.5, "loss": 1.5}, retrieval={"rougeL": 0.4}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
     out = runner.invoke(main, ["promote", MODEL_NAME, "--version", v1, "--gate", "rougeL:0.01"])
     assert out.exit_code == 0, out.output
     assert "pass" in out.output and "moved from nobody to v1" in out.output
 
-    v2 = register_eval_version({"rougeL": 0.4}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
+    v2 = register_eval_version({"rougeL": 0.4}, retrieval={"rougeL": 0.35}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
     out = runner.invoke(main, ["promote", MODEL_NAME, "--version", v2, "--gate", "rougeL:0.01"])
     assert out.exit_code == 1 and "FAIL" in out.output and champion_version() == v1
 

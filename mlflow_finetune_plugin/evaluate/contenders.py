@@ -1,8 +1,9 @@
 """Who answers in an evaluation of a fine-tune: the alternatives a user has, the base model zero-shot, the base model
-few-shot (k train examples in the prompt) and the tuned model, each answering the held-out prompts greedily; also
-where those prompts come from when a logged model is evaluated again.
+few-shot (k random train conversations in the prompt), the base model with retrieved shots (the k train conversations
+most similar to each question, `retrieval.py`) and the tuned model, each answering the held-out prompts greedily;
+also where those prompts come from when a logged model is evaluated again.
 
-Their answers are turned into figures by `scoring.py` and logged by `report.py`.
+Their answers are turned into figures by `scoring.py`, logged by `report.py` and weighed by `verdict.py`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import random
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.report import EvalResult, add_answers, log_evaluation, table_rows
+from mlflow_finetune_plugin.evaluate.retrieval import nearest_shots
 from mlflow_finetune_plugin.evaluate.scoring import (
     contender_metrics,
     reference_ids,
     reference_nll,
     score_and_prefill,
 )
+from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import text_of
 from mlflow_finetune_plugin.metrics import CONTENDERS
 
@@ -42,7 +45,8 @@ def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
 
 def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train_conversations: list[list[dict]],
                    cfg, base_model=None) -> EvalResult:
-    """Score base zero-shot, base few-shot and tuned on the first `cfg.max_examples` eval conversations (greedy).
+    """Score base zero-shot, base few-shot, base with retrieved shots and tuned on the first `cfg.max_examples` eval
+    conversations (greedy).
 
     `model` is a PeftModel (the base is the same weights with the adapter disabled) or a full model with
     `base_model` given; with neither there is no base to compare and only `tuned` is scored.
@@ -58,11 +62,17 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
     shots = _pick_shots(train_conversations, cfg.fewshot_k, {json.dumps(p) for p, _ in examples})
     limit = _context_limit(model, tokenizer) - cfg.max_new_tokens
     runs = {"tuned": (contextlib.nullcontext(model), [p for p, _ in examples])}
+    retrieved: list[list[list[dict]]] = []
     if base is not None:
         runs["base"] = (base, [p for p, _ in examples])
         if shots:
             runs["fewshot"] = (_base_context(model, base_model),
                                [_fit(tokenizer, fewshot_prompt(p, shots), p, shots, limit) for p, _ in examples])
+        retrieved = nearest_shots(train_conversations, [p for p, _ in examples], retrieval_k(cfg))
+        if any(retrieved):
+            runs["retrieval"] = (_base_context(model, base_model),
+                                 [_fit(tokenizer, fewshot_prompt(p, s), p, s, limit)
+                                  for (p, _), s in zip(examples, retrieved)])
     references = [ref for _, ref in examples]
     metrics: dict[str, float] = {"eval/n_examples": float(len(examples))}
     rows = table_rows(examples)
@@ -75,7 +85,14 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
         add_answers(rows, name, answers, per_example)
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:12]
-    return EvalResult(metrics, rows, contenders, shots if "fewshot" in runs else [], digest)
+    return EvalResult(metrics, rows, contenders, shots if "fewshot" in runs else [], digest,
+                      retrieved if "retrieval" in runs else [], prompts=[p for p, _ in examples],
+                      traces=cfg.traces)
+
+
+def retrieval_k(cfg) -> int:
+    """Shots of the retrieval contender: `eval.retrieval_k`, or `eval.fewshot_k` when that is not set."""
+    return cfg.fewshot_k if cfg.retrieval_k is None else cfg.retrieval_k
 
 
 def _base_context(model, base_model):
@@ -209,7 +226,8 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
     """Evaluate a logged model (e.g. `models:/support-bot@challenger`) and log into `run_id` or a new run.
 
     Data and eval settings default to the recipe of the model's source run; `overrides` are EvalConfig fields.
-    Returns the result and the run id it was logged in.
+    The verdict (`verdict.conclude`, on the primary metric of the recipe's gates) is set on that run and kept in
+    `result.verdict`. Returns the result and the run id it was logged in.
     """
     import mlflow
 
@@ -228,12 +246,12 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
     eval_convs = _eval_conversations(data, recipe, source_run)
     train_path = train_data or data_cfg.get("train")
     train_convs = []
-    if cfg.fewshot_k and train_path and _exists(train_path):
+    if (cfg.fewshot_k or retrieval_k(cfg)) and train_path and _exists(train_path):
         train_convs = read_conversations(train_path, data_cfg.get("system_prompt"), data_cfg.get("columns"),
                                          data_cfg.get("tags"))
-    elif cfg.fewshot_k:
-        print(f"No train data for few-shot examples ({train_path or 'none recorded'}); pass --train FILE. "
-              "Skipping the few-shot contender.")
+    elif cfg.fewshot_k or retrieval_k(cfg):
+        print(f"No train data for few-shot or retrieved examples ({train_path or 'none recorded'}); pass --train "
+              "FILE. Skipping the few-shot and retrieval contenders.")
     loaded = load_logged_model(mlflow.artifacts.download_artifacts(model_uri))
     base_model = None
     if not hasattr(loaded.model, "disable_adapter") and loaded.config.get("base_model"):
@@ -246,7 +264,20 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
         mlflow.set_tags({tags.EVALUATED_MODEL: model_uri, **(
             {tags.EVALUATED_NAME: name, tags.EVALUATED_VERSION: version} if name else {})})
         log_evaluation(result)
+        result.verdict = conclude(run.info.run_id, _recorded_gates(recipe), per_example_scores(result.rows))
     return result, run.info.run_id
+
+
+def _recorded_gates(recipe: dict) -> list:
+    """The promotion gates in a source run's recipe (which name the primary metric); the defaults if unreadable."""
+    from mlflow_finetune_plugin.config.schema import RegistryConfig
+
+    section = recipe.get("registry") or {}
+    try:
+        return RegistryConfig.model_validate({k: v for k, v in section.items()
+                                              if k in RegistryConfig.model_fields}).promote_if
+    except ValueError:
+        return RegistryConfig().promote_if
 
 
 def read_conversations(path: str, system_prompt: str | None = None, columns: dict | None = None,

@@ -1,5 +1,7 @@
 """What an evaluation logs and shows: the result (`eval/<contender>/<metric>` metrics and the per-example table),
-logged into the active MLflow run with the few-shot examples and a comparison chart of the contenders."""
+logged into the active MLflow run with the few-shot and retrieved shots, the per-example scores the verdict weighs
+(`verdict.SCORES_FILE`), a comparison chart of the contenders and, through `genai_view.py`, one MLflow trace per
+example for MLflow's own evaluation view."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.evaluate.genai_view import log_genai_view
+from mlflow_finetune_plugin.evaluate.verdict import SCORES_FILE, per_example_scores
 from mlflow_finetune_plugin.messages import text_of
 from mlflow_finetune_plugin.metrics import CONTENDERS
 from mlflow_finetune_plugin.tracking import log_results
@@ -15,6 +19,7 @@ from mlflow_finetune_plugin.tracking import log_results
 TABLE_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "json_valid")
 CHART_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "bleu", "json_valid")
 TABLE_FILE, CHART_FILE, SHOTS_FILE = "eval/examples.json", "eval/comparison.png", "eval/fewshot_examples.json"
+RETRIEVED_FILE = "eval/retrieval_examples.json"
 
 
 @dataclass
@@ -24,6 +29,10 @@ class EvalResult:
     contenders: list[str] = field(default_factory=list)
     fewshot_examples: list[list[dict]] = field(default_factory=list)
     data_digest: str = ""                      # of the prompts and references scored
+    retrieval_shots: list[list[list[dict]]] = field(default_factory=list)  # per example, most similar first
+    verdict: object = None                     # verdict.Verdict, once `verdict.conclude` weighed the result
+    prompts: list[list[dict]] = field(default_factory=list)  # per example, its chat messages (the rows render them)
+    traces: bool = True                        # eval.traces: log the rows in MLflow's evaluation view
 
 
 def table_rows(examples: list[tuple[list[dict], str]]) -> list[dict]:
@@ -40,7 +49,8 @@ def add_answers(rows: list[dict], name: str, answers: list[str], per_example: di
 
 
 def log_evaluation(result: EvalResult) -> None:
-    """Log metrics, the per-example table, the few-shot examples and the comparison chart into the active run."""
+    """Log metrics, the per-example table and scores, the few-shot and retrieved shots and the comparison chart
+    into the active run."""
     import mlflow
     import pandas as pd
 
@@ -53,7 +63,15 @@ def log_evaluation(result: EvalResult) -> None:
     mlflow.log_table(pd.DataFrame(result.rows), _free_name(run.info.run_id, TABLE_FILE))
     if result.fewshot_examples:
         mlflow.log_dict({"examples": result.fewshot_examples}, SHOTS_FILE)
+    if result.retrieval_shots:
+        mlflow.log_dict({"examples": [{"prompt": row["prompt"], "shots": shots}
+                                      for row, shots in zip(result.rows, result.retrieval_shots)]}, RETRIEVED_FILE)
+    # The latest evaluation's, overwritten by the next: what the run's verdict is decided on.
+    mlflow.log_dict(per_example_scores(result.rows), SCORES_FILE)
     mlflow.log_figure(comparison_figure(result.metrics), CHART_FILE)
+    # Last, and never raising: each example with every contender's answer and scores in MLflow's evaluation view.
+    if result.traces:
+        log_genai_view(result)
 
 
 def comparison_figure(metrics: dict[str, float]):

@@ -43,6 +43,7 @@ def build(recipe, run_id: str, config: dict, name: str | None = None) -> str:
         _model_section(recipe, config, run.data.tags),
         _data_section(datasets),
         _eval_section(metrics),
+        _verdict_section(run.data.tags, metrics),
         _forgetting_section(recipe, metrics),
         _use_section(recipe, config, datasets, metrics),
         _recipe_section(recipe),
@@ -127,13 +128,33 @@ def _eval_section(metrics: dict) -> str:
         return "## Evaluation\n\nNot evaluated: the run had no held-out rows (`data.eval` or `data.eval_split`)."
     n = metrics.get("eval/n_examples")
     head = (f"On {int(n)} held-out examples" if n else "On the held-out examples") + ": the base model zero-shot, "\
-        "the base model few-shot and the tuned model (`*` marks the best of each row; lower is better for loss "\
-        "and perplexity)."
+        "with random train examples as shots (fewshot), with the train examples most similar to each question as "\
+        "shots (retrieval), and the tuned model (`*` marks the best of each row; lower is better for loss and "\
+        "perplexity)."
     other = {k: v for k, v in metrics.items() if k not in table and k.split("/")[-1] not in _TRAINER_BOOKKEEPING
              and (k.count("/") == 2 and k.split("/")[1] in (*CONTENDERS, "start") or k.count("/") == 1)
              and k.startswith("eval/") and k != "eval/n_examples"}
     more = ("\n\nOther evaluation figures:\n\n" + _table(["metric", "value"], sorted(other.items()))) if other else ""
     return f"## Evaluation\n\n{head}\n\n```\n{comparison_table(table)}\n```{more}"
+
+
+def _verdict_section(run_tags: dict, metrics: dict) -> str:
+    """Did fine-tuning pay off against the best prompt-only alternative (`evaluate/verdict.py` decided, at the end of
+    the evaluation, and tagged the run)?"""
+    from mlflow_finetune_plugin import tags
+    from mlflow_finetune_plugin.metrics import VERDICT_MIN_EXAMPLES, VERDICT_PREFIX, VERDICT_RESAMPLES
+
+    sentence = run_tags.get(tags.VERDICT)
+    if not sentence:
+        return "## Verdict\n\nNone recorded: the run ended before its evaluation was weighed."
+    text = f"**{sentence[0].upper()}{sentence[1:]}.**"
+    low, high = metrics.get(f"{VERDICT_PREFIX}margin_low"), metrics.get(f"{VERDICT_PREFIX}margin_high")
+    if low is not None and high is not None:
+        text += (f"\n\nThe best prompt-only alternative was `{run_tags.get(tags.VERDICT_BEST_ALTERNATIVE)}`. "
+                 f"The 95% interval of the tuned model's margin over it is {low:+.4f} to {high:+.4f} (a paired "
+                 f"bootstrap over the held-out examples, {VERDICT_RESAMPLES} resamples); fine-tuning counts as "
+                 f"paying off only when the whole interval is above 0, on at least {VERDICT_MIN_EXAMPLES} examples.")
+    return "## Verdict\n\n" + text
 
 
 def _forgetting_section(recipe, metrics: dict) -> str:

@@ -1,8 +1,9 @@
 """Promotion: a version gets the champion alias only when it beats what it would replace.
 
 Gates (`registry.promote_if` in the recipe, or `--gate` on the command line) compare the version's
-`eval/tuned/<metric>` with `eval/base/<metric>` and `eval/fewshot/<metric>` of its own source run, and with the
-current champion's `eval/tuned/<metric>` from the champion's source run. The `arena_above` gate compares arena
+`eval/tuned/<metric>` with the prompt-only alternatives of its own source run (`eval/base/<metric>`,
+`eval/fewshot/<metric>`, `eval/retrieval/<metric>`), and with the current champion's `eval/tuned/<metric>` from the
+champion's source run. The default gate asks the tuned model to beat all three alternatives and the champion. The `arena_above` gate compares arena
 ratings from the playground's votes instead: the version's 95% interval must lie above the other's. `--force` moves
 the alias anyway and records who did it, when and why on the version.
 """
@@ -20,18 +21,18 @@ from mlflow import MlflowClient
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config.schema import RegistryConfig
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.metrics import format_table, lower_is_better
+from mlflow_finetune_plugin.metrics import ALTERNATIVES, format_table, lower_is_better
 from mlflow_finetune_plugin.registry import versions as registry
 
 Gate = RegistryConfig.Gate
-SAME_RUN = ("base", "fewshot")
+SAME_RUN = ALTERNATIVES  # contenders scored in the version's own source run
 ARENA_GATE = "arena_above"  # pseudo-metric: arena ratings from playground votes, not an eval metric
 
 
 @dataclass
 class GateCheck:
     metric: str
-    against: str            # base | fewshot | champion | @alias | version
+    against: str            # base | fewshot | retrieval | champion | @alias | version
     mode: str               # max | min
     margin: float
     tuned: float | None
@@ -67,7 +68,7 @@ class PromotionResult:
 
 
 def parse_gate(text: str) -> Gate:
-    """`METRIC[:MARGIN[:BEATS]]`, BEATS comma-separated (default base,fewshot,champion): `rougeL:0.01`,
+    """`METRIC[:MARGIN[:BEATS]]`, BEATS comma-separated (default base,fewshot,retrieval,champion): `rougeL:0.01`,
     `loss`, `token_f1:0:base,champion`. Lower is better for loss and perplexity. Arena ratings from playground votes:
     `arena_above:BEATS[:MARGIN]`, e.g. `arena_above:champion`, `arena_above:base,champion:25` (MARGIN in Elo points).
     A limit on the version's own metric: `forgetting/ppl_ratio<=1.2`, `rougeL>=0.3` (see `limit_key`)."""
@@ -230,7 +231,7 @@ def _other_value(name, mv, against: str, alias: str, metric: str, own: dict, mis
         return own.get(key), ""
     ref = "@" + alias if against == "champion" else against
     if not (ref.startswith("@") or ref.lstrip("vV").isdigit()):
-        raise FinetuneError(f"gate on {metric}: cannot beat {against!r}; use base, fewshot, champion, "
+        raise FinetuneError(f"gate on {metric}: cannot beat {against!r}; use base, fewshot, retrieval, champion, "
                             "@ALIAS or a version number")
     other = registry.alias_holder(name, ref[1:]) if ref.startswith("@") else registry.get_version(name, ref)
     if other is None:
@@ -255,8 +256,9 @@ def _arena_checks(name: str, mv, gate: Gate, alias: str) -> list[GateCheck]:
     own = f"{name}/{mv.version}"  # the playground's model keys
     checks = []
     for against in gate.beats:
-        if against == "fewshot":
-            raise FinetuneError(f"gate {ARENA_GATE}: no votes are cast on few-shot prompts; beats takes champion, "
+        if against in ("fewshot", "retrieval"):
+            kind = {"fewshot": "few-shot", "retrieval": "retrieved-shot"}[against]
+            raise FinetuneError(f"gate {ARENA_GATE}: no votes are cast on {kind} prompts; beats takes champion, "
                                 f"base, @ALIAS or a version, e.g. --gate {ARENA_GATE}:champion")
         ref = "@" + alias if against == "champion" else against
         other = None if against == "base" else (registry.alias_holder(name, ref[1:]) if ref.startswith("@")

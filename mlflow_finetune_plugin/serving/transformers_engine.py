@@ -16,16 +16,16 @@ to end, and only then changes the modules.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
 from mlflow_finetune_plugin.serving.batching import Batcher, Request, TokenStreamer, row_hook
-from mlflow_finetune_plugin.serving.stepping import Stepper, sampler, steppable
 from mlflow_finetune_plugin.serving.choices import LocalModel, local_model
+from mlflow_finetune_plugin.serving.stepping import Stepper, sampler, steppable
 
 _BASE = "__base__"   # PEFT's name for a row that runs without adapters
 _MIXED = "__mixed__"  # adapter layers on, each row names its adapter

@@ -177,10 +177,13 @@ class TimeLeft(TrainerCallback):
     @classmethod
     def of(cls, recipe, eval_sets: list) -> TimeLeft:
         """For a run that evaluates `eval_sets` after training (its held-out sets; none when it evaluates nothing):
-        base zero-shot, few-shot when eval.fewshot_k > 0, and tuned answer the first eval.max_examples of each."""
+        base zero-shot, few-shot when eval.fewshot_k > 0, retrieval when its k (eval.retrieval_k, else fewshot_k) > 0,
+        and tuned answer the first eval.max_examples of each."""
         e, t = recipe.eval, recipe.train
         rows = sum(min(len(ds), e.max_examples) for ds in eval_sets if ds is not None)
-        return cls(rows, 2 + (e.fewshot_k > 0), e.max_new_tokens, t.batch_size * t.grad_accum * recipe.data.max_length)
+        retrieval = (e.fewshot_k if e.retrieval_k is None else e.retrieval_k) > 0
+        return cls(rows, 2 + (e.fewshot_k > 0) + retrieval, e.max_new_tokens,
+                   t.batch_size * t.grad_accum * recipe.data.max_length)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         tokens = (logs or {}).get("num_tokens")  # TRL's count of the tokens trained so far, all processes

@@ -13,6 +13,7 @@ from mlflow_finetune_plugin import stops, tracking
 from mlflow_finetune_plugin.data import splits
 from mlflow_finetune_plugin.evaluate import forgetting
 from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
+from mlflow_finetune_plugin.evaluate.verdict import conclude
 from mlflow_finetune_plugin.logged_model import chat_template_hash
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
 from mlflow_finetune_plugin.tags import lineage_tags
@@ -67,8 +68,8 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
         return
     stops.check()  # a cancel whose interrupt Python dropped (stops.py) ends the run here, not after publishing
 
-    # Base zero-shot, base few-shot and tuned on the held-out rows; a full fine-tune needs the base loaded apart,
-    # and only when there is something to evaluate.
+    # Base zero-shot, few-shot and with retrieved shots, and tuned, on the held-out rows; a full fine-tune needs the
+    # base loaded apart, and only when there is something to evaluate.
     if data.task_evals if data.is_mixture else data.eval is not None:
         base = load_base_model(recipe.model) if adapter.ARTIFACT == "full" else None
         with tracking.results_at_step(last_step):
@@ -78,6 +79,8 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
                 objective.evaluate(recipe, tuned, tokenizer, data.train, data.eval, base)
             forgetting.check(recipe, general_text, tuned, tokenizer, base)  # general text: base vs tuned
         del base
+    # Did it pay off against the best prompt-only alternative? Tagged before publishing: the model card says it.
+    verdict = conclude(run_id, recipe.registry.promote_if)
 
     stops.check()
     tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))
@@ -91,6 +94,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
         publish.log_per_task(recipe, tuned, tokenizer, config, tags, prompts)
     else:
         publish.log_and_register(recipe, tuned, tokenizer, config, tags)
+    print(f"\nVerdict: {verdict.sentence()}")
 
 
 def _checkpoint(recipe, trainer, run_id: str, main: bool) -> str | None:

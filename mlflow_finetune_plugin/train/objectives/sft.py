@@ -86,7 +86,7 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
     print(comparison_table(overall))
     digest = hashlib.sha256(",".join(sorted(per_task)).encode()).hexdigest()[:12]
     log_evaluation(EvalResult({**overall, **metrics, "eval/n_examples": examples}, merged_rows,
-                              data_digest=digest))
+                              data_digest=digest, traces=recipe.eval.traces))
 
 
 def _varlen_attention(recipe) -> bool:
@@ -101,8 +101,8 @@ def packing(recipe) -> bool:
     sdpa and eager). With a varlen flash-attention kernel that costs nothing extra: auto packs. With sdpa and eager
     every packed row costs attention over its full length, which pays on mixed lengths (1.5x measured on CPU) and
     not on rows of similar length: auto leaves it to `data.packing: true`. Virtual-token adapters (prefix, prompt)
-    prepend per row (`data.packing: true` is refused for them), and remote code may ignore position_ids: never for
-    those.
+    prepend per row (`data.packing: true` next to them is refused; a recipe's `true` under their entry points is turned
+    off with a note, config/loading.py), and remote code may ignore position_ids: never for those.
     """
     safe = recipe.adapter.type not in NOT_PACKABLE and not recipe.model.trust_remote_code
     if recipe.data.packing != "auto":

@@ -1,0 +1,178 @@
+"""The verdict of a run: did fine-tuning pay off against the best thing a user could have done without it?
+
+The alternatives are the prompt-only contenders (`metrics.ALTERNATIVES`: the base model zero-shot, with random shots,
+with retrieved shots). The best of them on the primary metric is weighed against the tuned model on the same held-out
+examples, pair by pair. Fine-tuning *paid off* only when the tuned model beats it by more than the evaluation's own
+noise: a paired bootstrap (the held-out examples resampled with replacement, `RESAMPLES` times, seeded) gives a 95%
+interval of the mean per-example difference (tuned - alternative), and its lower bound must be above 0, on at least
+`MIN_EXAMPLES` examples. A run that barely trained answers much as its base does: the differences centre on 0, the
+interval straddles it, and it is not called a pay-off.
+
+The verdict is three run tags (`tags.VERDICT*`), three metrics (`eval/verdict/margin`, `margin_low`, `margin_high`),
+a section of the model card, and the last thing a run prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin.metrics import (
+    ALTERNATIVES,
+    CONTENDERS,
+    FORGETTING_PREFIX,
+    VERDICT_MIN_EXAMPLES,
+    VERDICT_PREFIX,
+    VERDICT_RESAMPLES,
+    lower_is_better,
+)
+
+RESAMPLES = VERDICT_RESAMPLES
+SEED = 0
+CONFIDENCE = 0.95
+# Below this many held-out examples a bootstrap interval is too optimistic to call anything a pay-off.
+MIN_EXAMPLES = VERDICT_MIN_EXAMPLES
+# Per-example scores (the file `report.log_evaluation` writes): contender -> metric -> one value per example.
+SCORES_FILE = "eval/per_example_scores.json"
+# The primary metric when no promotion gate names one with per-example scores: the first of these that was scored.
+PREFERRED = ("rougeL", "reward", "token_f1", "chrf", "exact_match", "json_valid")
+LABELS = {"base": "zero-shot prompting", "fewshot": "few-shot prompting", "retrieval": "retrieval prompting"}
+NONE = "none"  # best_alternative when no prompt-only contender was scored
+
+
+@dataclass
+class Verdict:
+    paid_off: bool
+    best_alternative: str = NONE           # base | fewshot | retrieval | none
+    metric: str = ""
+    tuned: float | None = None             # mean over the paired examples
+    alternative: float | None = None
+    low: float | None = None               # 95% bootstrap interval of the mean (tuned - alternative), in the
+    high: float | None = None              # metric's better direction (positive: the tuned model is better)
+    n: int = 0
+    ppl_ratio: float | None = None         # eval/forgetting/ppl_ratio, when measured
+    reason: str = ""                       # why there is no comparison at all
+
+    @property
+    def margin(self) -> float | None:
+        """How much better the tuned model is than the alternative (positive: better, whichever way is better)."""
+        if self.tuned is None or self.alternative is None:
+            return None
+        return self.alternative - self.tuned if lower_is_better(self.metric) else self.tuned - self.alternative
+
+    def sentence(self) -> str:
+        """The verdict in one sentence, with the margin and, when measured, the forgetting ratio."""
+        forgetting = "" if self.ppl_ratio is None else f"; general-text perplexity x{self.ppl_ratio:.2f}"
+        if self.margin is None:
+            return f"no verdict: {self.reason}{forgetting}"
+        versus = f"{self.metric} {self.margin:+.2f} over {LABELS[self.best_alternative]} ({self.alternative:.2f})"
+        if self.paid_off:
+            return f"fine-tuning paid off: {versus}{forgetting}"
+        if self.n < MIN_EXAMPLES:
+            why = f"only {self.n} held-out examples, too few to tell (at least {MIN_EXAMPLES})"
+        else:
+            why = (f"not above the evaluation's noise (95% interval {self.low:+.2f} to {self.high:+.2f} over "
+                   f"{self.n} examples)")
+        return f"fine-tuning did not pay off: {versus}, {why}{forgetting}"
+
+    def as_tags(self) -> dict[str, str]:
+        return {tags.VERDICT: self.sentence(), tags.VERDICT_BEST_ALTERNATIVE: self.best_alternative,
+                tags.VERDICT_PAID_OFF: str(self.paid_off).lower()}
+
+    def as_metrics(self) -> dict[str, float]:
+        values = {"margin": self.margin, "margin_low": self.low, "margin_high": self.high}
+        return {f"{VERDICT_PREFIX}{k}": float(v) for k, v in values.items() if v is not None}
+
+
+def paired_bootstrap(tuned: list[float], other: list[float], resamples: int = RESAMPLES,
+                     seed: int = SEED) -> tuple[float, float]:
+    """The 95% percentile interval of the mean of (tuned - other) over examples resampled with replacement."""
+    import numpy as np
+
+    diffs = np.asarray(tuned, dtype=float) - np.asarray(other, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def decide(scores: dict[str, list[float | None]], metric: str, ppl_ratio: float | None = None) -> Verdict:
+    """The verdict from per-example `scores` (contender -> one value of `metric` per example, None where missing)."""
+    tuned = scores.get("tuned")
+    if not tuned:
+        return Verdict(False, metric=metric, ppl_ratio=ppl_ratio, reason=f"the tuned model has no {metric} scores")
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    paired = {}
+    for name in ALTERNATIVES:
+        pairs = [(t, o) for t, o in zip(tuned, scores.get(name) or []) if t is not None and o is not None]
+        if pairs:
+            paired[name] = pairs
+    if not paired:
+        return Verdict(False, metric=metric, ppl_ratio=ppl_ratio,
+                       reason="no prompt-only alternative was scored (a full fine-tune evaluated without its base "
+                              "model, or no base to compare)")
+    # Cheapest first in ALTERNATIVES, so on a tie the cheaper alternative is the one named.
+    best = max(paired, key=lambda name: sign * _mean([o for _, o in paired[name]]))
+    pairs = paired[best]
+    low, high = paired_bootstrap([sign * t for t, _ in pairs], [sign * o for _, o in pairs])
+    return Verdict(len(pairs) >= MIN_EXAMPLES and low > 0, best, metric, _mean([t for t, _ in pairs]),
+                   _mean([o for _, o in pairs]), low, high, len(pairs), ppl_ratio)
+
+
+def primary_metric(gates, scores: dict[str, dict[str, list]]) -> str | None:
+    """The metric the verdict weighs: the first promotion gate's metric (a comparison, not a limit) that has
+    per-example scores of the tuned model, else the first of PREFERRED that has; None when nothing has."""
+    scored = set(scores.get("tuned") or {})
+    for gate in gates or []:
+        if gate.beats and gate.metric in scored:
+            return gate.metric
+    return next((m for m in PREFERRED if m in scored), next(iter(sorted(scored)), None))
+
+
+def per_example_scores(rows: list[dict]) -> dict[str, dict[str, list[float | None]]]:
+    """contender -> metric -> per-example values, from the examples table's `<contender>_<metric>` number columns."""
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            name, _, metric = key.partition("_")
+            if name in CONTENDERS and metric and isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.setdefault(name, {}).setdefault(metric, [None] * len(rows))[i] = float(value)
+    return out
+
+
+def conclude(run_id: str, gates=None, scores: dict | None = None) -> Verdict:
+    """The verdict of run `run_id` from its per-example scores (`scores`, or the SCORES_FILE it logged) and its
+    forgetting ratio; set as its tags and metrics, and returned. With nothing evaluated: "no verdict", not paid off."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    ratio = client.get_run(run_id).data.metrics.get(f"{FORGETTING_PREFIX}ppl_ratio")
+    scores = scores if scores is not None else _logged_scores(client, run_id)
+    metric = primary_metric(gates, scores) if scores else None
+    if metric is None:
+        verdict = Verdict(False, ppl_ratio=ratio, reason="nothing was evaluated (no held-out rows, or "
+                                                         "eval.enabled: false)")
+    else:
+        verdict = decide({name: values.get(metric) for name, values in scores.items()}, metric, ratio)
+    for key, value in verdict.as_tags().items():
+        client.set_tag(run_id, key, value)
+    for key, value in verdict.as_metrics().items():
+        client.log_metric(run_id, key, value)
+    return verdict
+
+
+def _logged_scores(client, run_id: str) -> dict:
+    import json
+    import tempfile
+
+    folder = SCORES_FILE.rpartition("/")[0]
+    if SCORES_FILE not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(client.download_artifacts(run_id, SCORES_FILE, tmp), encoding="utf-8") as f:
+            return json.load(f)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
