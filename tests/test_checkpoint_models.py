@@ -66,7 +66,8 @@ def test_checkpoints_are_logged_models_ranked_registered_and_promoted(tmp_path, 
     assert [(m.name, m.tags[tags.CHECKPOINT_STEP]) for m in models] == [
         ("checkpoint-2", "2"), ("checkpoint-4", "4"), ("checkpoint-6", "6")]
     outputs = {o.model_id: o.step for o in run.outputs.model_outputs}
-    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    inputs = {t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags
+              if t.key == "mlflow.data.context"}
     eval_loss = _history(run_id, "eval/tuned/loss")
     for model in models:
         step = int(model.tags[tags.CHECKPOINT_STEP])
