@@ -69,7 +69,7 @@ def test_mlflow_run_fine_tunes_smollm2_logs_registers_and_reloads(tmp_path, trac
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     cmd = [sys.executable, "-m", "mlflow", "run", str(SUPPORT_BOT), "-e", "lora", "--backend", "finetune",
            "-P", "model=smollm2", "-P", "max_steps=4", "-P", "train.batch_size=2", "-P", "train.logging_steps=1",
-           "-P", "eval.max_examples=2", "-P", "eval.max_new_tokens=8", "--experiment-name", "real"]
+           "-P", "eval.max_examples=10", "-P", "eval.max_new_tokens=8", "--experiment-name", "real"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -78,7 +78,18 @@ def test_mlflow_run_fine_tunes_smollm2_logs_registers_and_reloads(tmp_path, trac
     assert run.info.status == "FINISHED"
     version = client.get_model_version_by_alias("support-bot", "challenger")
     assert version.tags["finetune.base_model"] == model_reference("smollm2")
-    assert {"eval/base/rougeL", "eval/fewshot/rougeL", "eval/tuned/rougeL"} <= set(run.data.metrics)
+    assert {"eval/base/rougeL", "eval/fewshot/rougeL", "eval/retrieval/rougeL", "eval/tuned/rougeL"} <= set(
+        run.data.metrics)
+    # Four steps barely train: the verdict weighs the tuned model against the best prompt-only contender on the 10
+    # held-out questions and must not call it a pay-off; it is the last line printed, and each question is a trace.
+    assert run.data.tags["finetune.verdict.paid_off"] == "false"
+    assert run.data.tags["finetune.verdict.best_alternative"] in ("base", "fewshot", "retrieval")
+    assert run.data.tags["finetune.verdict"].startswith("fine-tuning did not pay off: rougeL")
+    assert "general-text perplexity x" in run.data.tags["finetune.verdict"]
+    printed = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Verdict: ")]
+    assert printed == [f"Verdict: {run.data.tags['finetune.verdict']}"]
+    traces = mlflow.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, return_type="list")
+    assert len(traces) == 10
 
     # The adapter on the converted base gives the logged model's logits, and differs from the base.
     from peft import PeftModel
