@@ -58,6 +58,7 @@ def _wait_for_sign(proc, log, sign, since: float, timeout: float = 180) -> bool:
     return False
 
 
+@pytest.mark.stress
 @pytest.mark.integration
 def test_ctrl_c_at_random_moments_under_torchrun_leaves_nothing(tmp_path, tracking_uri):
     proj = write_project(tmp_path / "proj", RECIPE, rows=chat_rows(48), eval_rows=chat_rows(8, offset=100))

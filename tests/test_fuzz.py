@@ -452,6 +452,7 @@ def test_each_bad_input_is_refused_naming_the_place_and_the_fix(name, tmp_path):
                          .read_bytes(), params, proj)
 
 
+@pytest.mark.stress
 @pytest.mark.integration
 def test_fuzz_cases_end_to_end_through_mlflow_run(tmp_path, tracking_uri, capsys, record_property):
     mlflow.set_experiment("fuzz")  # create the store first: two processes migrating one sqlite file race

@@ -14,6 +14,7 @@ from tests.helpers import SUPPORT_BOT
 N_RUNS = 4
 
 
+@pytest.mark.stress
 @pytest.mark.integration
 def test_runs_started_at_once_on_a_new_sqlite_store_all_finish_and_register(tmp_path, tracking_uri):
     assert not (tmp_path / "mlflow.db").exists()
