@@ -21,14 +21,18 @@ QUESTIONS = ["How do I reset my password?", "Can I use it offline?", "Export my 
 
 
 def _ask(engine, jobs, settings=GREEDY) -> list:
-    """Run every (choice, question) job at once, each in its own thread: answers (or the exception) in order."""
+    """Run every (choice, question) job at once, each in its own thread: answers (or the exception) in order.
+
+    A question may be a whole message list; `settings` may be a list, one per job."""
     out = [None] * len(jobs)
     start = threading.Barrier(len(jobs))
+    per_job = settings if isinstance(settings, list) else [settings] * len(jobs)
 
     def work(i, choice, question):
+        messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
         start.wait()
         try:
-            out[i] = engine.generate(choice, [{"role": "user", "content": question}], settings)
+            out[i] = engine.generate(choice, messages, per_job[i])
         except Exception as e:  # noqa: BLE001 - returned for the test to look at
             out[i] = e
 
@@ -73,18 +77,7 @@ def test_a_burst_sharing_a_system_prompt_runs_it_once_per_adapter_and_answers_as
     shared = []
     monkeypatch.setattr(stepping, "_shared_prefix",
                         lambda prompts, f=stepping._shared_prefix: shared.append(f(prompts)) or shared[-1])
-    out = [None] * len(jobs)
-    start = threading.Barrier(len(jobs))
-
-    def work(i):
-        start.wait()
-        out[i] = engine.generate(*jobs[i], GREEDY)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    out = _ask(engine, jobs)
     assert out == expected
     assert len(set(expected)) > 2
     assert max(shared) >= stepping.MIN_SHARED  # the system prompt ran once per adapter, then each row its question
@@ -124,18 +117,7 @@ def test_rows_end_at_their_own_length_and_leave_the_batch(tracking_uri):
                 for (c, q), n in zip(jobs, lengths)]
     batcher = engine._slots[0].batcher
     sizes_before = len(batcher.sizes)
-    out = [None] * len(jobs)
-    start = threading.Barrier(len(jobs))
-
-    def work(i):
-        start.wait()
-        out[i] = engine.generate(jobs[i][0], [{"role": "user", "content": jobs[i][1]}], Settings(0.0, 1.0, lengths[i]))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    out = _ask(engine, jobs, [Settings(0.0, 1.0, n) for n in lengths])
     assert out == expected
     assert len({len(a) for a in expected}) > 2  # the answers do differ in length
     assert list(batcher.sizes)[sizes_before] == len(jobs)  # all in one batch, whatever their max_new_tokens

@@ -71,6 +71,13 @@ class _Slot:
         finally:
             self.loading.clear()
 
+    def put_in_place(self, first: Request) -> bool:
+        """Set the adapter state for a batch led by `first` (under the lock): True when the rows name their
+        adapters (`adapter_names`, a mixed LoRA batch), False when the whole batch runs `first`'s state."""
+        mixed = bool(self.peft_type) and self.mixes_adapters()
+        self.switch_to(_MIXED if mixed else first.adapter)
+        return mixed
+
     def switch_to(self, name: str) -> None:
         """Put adapter `name` (or _BASE: adapters off, _MIXED: on, chosen per row) in place; under the lock."""
         if not self.peft_type or self.prompt_learning or not name or name == self.state:
@@ -253,8 +260,7 @@ class TransformersEngine(Engine):
         first = batch[0]
         slot.lock.acquire()
         try:
-            mixed = bool(slot.peft_type) and slot.mixes_adapters()
-            slot.switch_to(_MIXED if mixed else first.adapter)
+            mixed = slot.put_in_place(first)
             model, device = slot.model, _device_of(slot.model)
 
             @torch.inference_mode()
@@ -286,13 +292,10 @@ class TransformersEngine(Engine):
                     if settings.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None})
         with slot.lock:
             target, extra = slot.model, {}
-            if slot.peft_type and slot.mixes_adapters():
-                slot.switch_to(_MIXED)
+            if slot.put_in_place(first):
                 extra["adapter_names"] = [r.adapter for r in batch]
-            else:
-                slot.switch_to(first.adapter)
-                if slot.prompt_learning and first.adapter == _BASE:  # prompt learning adds its virtual tokens in
-                    target = slot.model.get_base_model()             # PeftModel.generate: the base calls past it
+            elif slot.prompt_learning and first.adapter == _BASE:  # prompt learning adds its virtual tokens in
+                target = slot.model.get_base_model()                 # PeftModel.generate: the base calls past it
             device = _device_of(target)
             target.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                             max_new_tokens=settings.max_new_tokens, eos_token_id=sorted(first.eos) or None,
