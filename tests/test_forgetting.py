@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.config.loading import load_recipe
+from mlflow_finetune_plugin.data.text import read_texts
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
 from mlflow_finetune_plugin.evaluate import forgetting
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer
@@ -56,7 +57,7 @@ def test_the_recipe_names_the_set_or_turns_it_off(tmp_path):
 
 
 def test_the_bundled_set_is_general_prose_with_its_license_note():
-    texts = forgetting.read_texts(forgetting.BUNDLED)
+    texts = read_texts(forgetting.BUNDLED, "eval.forgetting")
     assert len(texts) >= 15 and len(set(texts)) == len(texts)
     assert 1200 <= sum(len(t.split()) for t in texts) <= 1800  # words; about 1,600 tokens with smollm2's tokenizer
     note = (forgetting.BUNDLED.parent / "README.md").read_text()

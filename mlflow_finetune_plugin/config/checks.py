@@ -93,15 +93,20 @@ def _mixture_problems(recipe: Recipe, raw: dict, tasks_key: str) -> list[str]:
 
 
 def _objective_problems(recipe: Recipe) -> list[str]:
-    """What the objective cannot train with: prompt tuning under the reference-free trainers, GRPO's batch shape
-    and lengths."""
+    """What the objective cannot train with: prompt tuning under the reference-free trainers, replayed text outside
+    sft, GRPO's batch shape and lengths."""
+    problems = []
     if recipe.objective in REFERENCE_FREE and recipe.adapter.type == "prompt":
-        return [f"adapter.type: prompt cannot be used with objective: {recipe.objective}: TRL's experimental ORPO and "
-                "CPO trainers score the logits position by position against the tokens, and prompt tuning's "
-                "virtual tokens shift them. Use adapter.type: lora, ia3 or prefix, or objective: dpo"]
+        problems.append(f"adapter.type: prompt cannot be used with objective: {recipe.objective}: TRL's experimental "
+                        "ORPO and CPO trainers score the logits position by position against the tokens, and prompt "
+                        "tuning's virtual tokens shift them. Use adapter.type: lora, ia3 or prefix, or objective: dpo")
+    if recipe.data.replay is not False and recipe.objective != "sft":
+        problems.append(f"data.replay: replayed general text trains the language-model loss of the sft objective; "
+                        f"{recipe.objective} trains on {' / '.join(OBJECTIVE_FORMATS[recipe.objective])} rows and has "
+                        "no place for it. Set data.replay: false")
     if recipe.objective == "grpo":
-        return grpo_problems(recipe)
-    return []
+        problems.extend(grpo_problems(recipe))
+    return problems
 
 
 def grpo_problems(recipe: Recipe) -> list[str]:

@@ -132,6 +132,8 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
     recipe.project_dir = str(project_dir)
     if isinstance(recipe.eval.forgetting, str):
         recipe.eval.forgetting = str((project_dir / recipe.eval.forgetting).resolve())
+    if isinstance(recipe.data.replay, str):
+        recipe.data.replay = str((project_dir / recipe.data.replay).resolve())
     if recipe.data.tasks:  # a mixture's files are its tasks'; data.train's default does not apply
         recipe.data.train = recipe.data.eval = None
     for split in ("train", "eval"):
@@ -204,6 +206,10 @@ def _check_paths(raw: dict, project_dir: Path, tasks_key: str = "data.tasks") ->
     if isinstance(forgetting, str) and forgetting and not (project_dir / forgetting).is_file():
         problems.append(f"eval.forgetting: file not found: {forgetting} (looked in {project_dir}); give a .txt or "
                         ".jsonl file of general text, true for the bundled set, or false to skip the check")
+    replay = data.get("replay")
+    if isinstance(replay, str) and replay and not (project_dir / replay).is_file():
+        problems.append(f"data.replay: file not found: {replay} (looked in {project_dir}); give a .txt or .jsonl "
+                        "file of general text, true for the prose bundled with the package, or false for no replay")
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
     name = model.get("name")
     if isinstance(name, str) and name.startswith((".", "/", "~")):
@@ -327,8 +333,9 @@ def recipe_hash(recipe) -> str:
         for split in ("train", "eval"):
             if section.get(split):
                 section[split] = Path(section[split]).name
-    if isinstance(data["eval"].get("forgetting"), str):
-        data["eval"]["forgetting"] = Path(data["eval"]["forgetting"]).name
+    for section, key in ((data["eval"], "forgetting"), (data["data"], "replay")):
+        if isinstance(section.get(key), str):
+            section[key] = Path(section[key]).name
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 

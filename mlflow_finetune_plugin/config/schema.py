@@ -285,6 +285,20 @@ class DataConfig(Section):
     adapters: Literal["shared", "per_task"] = Field(
         "shared", description="Mixtures: one adapter trained on the mixture, or one adapter per task (each "
                               "registered apart as <registry.name>-<task>).")
+    replay: bool | str = Field(
+        False, description="General text mixed into training (language-model loss on every token), against "
+                            "forgetting: true: the prose bundled with the package (apart from eval.forgetting's "
+                            "set); a .txt (paragraphs split by blank lines) or .jsonl ({\"text\": ...} rows) file "
+                            "of your own; false: off. sft only.")
+    replay_share: float = Field(0.2, gt=0.0, lt=1.0, description="Share of the training rows that are replay "
+                                                                  "rows (data.replay), e.g. 0.2: one in five.")
+
+    @field_validator("replay")
+    @classmethod
+    def _replay_file(cls, value):
+        if isinstance(value, str) and not value.endswith((".txt", ".jsonl")):
+            raise ValueError("expected true (the bundled prose), false (off) or a .txt / .jsonl file of general text")
+        return value
 
     @field_validator("tasks")
     @classmethod

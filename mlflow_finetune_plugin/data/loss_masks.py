@@ -53,19 +53,24 @@ def training_template(tokenizer) -> str:
 def with_turn_weights(tokenizer, dataset, assistant_only_loss: bool = True):
     """`dataset` (a `messages` column, optional `tools`) as `input_ids` + `assistant_masks`, weight-0 turns cleared.
 
-    With `assistant_only_loss` false every token is trained except those of weight-0 turns.
+    With `assistant_only_loss` false every token is trained except those of weight-0 turns. Replay
+    (`data/replay.py`) tokenizes the task's rows here too, so that text rows can join them.
     """
     if dataset is None:
         return None
     if isinstance(dataset, dict):
         return {name: with_turn_weights(tokenizer, ds, assistant_only_loss) for name, ds in dataset.items()}
-    template = training_template(tokenizer)
+    # Masks need the template's generation markers; whole conversations without weights need none.
+    masked = assistant_only_loss or has_zero_weights(dataset)
+    template = training_template(tokenizer) if masked else tokenizer.chat_template
 
     def tokenize(example):
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
         out = tokenizer.apply_chat_template(example["messages"], tokenize=True, return_dict=True, tools=tools,
-                                            chat_template=template, return_assistant_tokens_mask=True)
+                                            chat_template=template, return_assistant_tokens_mask=masked)
+        if not masked:
+            return {"input_ids": list(out["input_ids"]), "assistant_masks": [1] * len(out["input_ids"])}
         mask = list(out["assistant_masks"])
         weights = [m.get("weight") for m in example["messages"] if m.get("role") == "assistant"]
         spans = _spans(mask)
@@ -80,7 +85,7 @@ def with_turn_weights(tokenizer, dataset, assistant_only_loss: bool = True):
                 labels[start:end] = [0] * (end - start)
         return {"input_ids": list(out["input_ids"]), "assistant_masks": labels}
 
-    return dataset.map(tokenize, remove_columns=dataset.column_names, desc="Tokenizing with per-turn weights")
+    return dataset.map(tokenize, remove_columns=dataset.column_names, desc="Tokenizing with loss masks")
 
 
 def _spans(mask: list[int]) -> list[tuple[int, int]]:

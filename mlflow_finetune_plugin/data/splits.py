@@ -1,5 +1,5 @@
 """The data axis: the training rows and the held-out rows of a recipe, from one data set or a weighted mixture of
-tasks, and their record in the run (MLflow dataset inputs).
+tasks, the general text replayed beside them (`data.replay`), and their record in the run (MLflow dataset inputs).
 
 One set: `data.train`, with `data.eval` or a `data.eval_split` share held out. A mixture: `data.tasks`, each
 task with its own files (or held-out share) and weight; rows are drawn from the tasks with probabilities
@@ -16,6 +16,7 @@ from pathlib import Path
 from mlflow_finetune_plugin.config.checks import OBJECTIVE_FORMATS
 from mlflow_finetune_plugin.data.formats import DataError, DataIssue
 from mlflow_finetune_plugin.data.read import load_training_dataset
+from mlflow_finetune_plugin.data.replay import read_replay, replay_path
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Splits:
     tasks: dict = field(default_factory=dict)       # a mixture: task -> its training rows
     task_evals: dict = field(default_factory=dict)  # a mixture: task -> its held-out rows
     formats: dict = field(default_factory=dict)     # label of each file read (as `data_files`) -> its format
+    replay: list = field(default_factory=list)      # data.replay's general texts, mixed in by the sft objective
 
     @property
     def is_mixture(self) -> bool:
@@ -75,7 +77,7 @@ def load_splits(recipe) -> Splits:
     if not data.tasks:
         train_ds, eval_ds, formats = _one_set("data", data.train, data.eval, data.format, data.system_prompt, recipe,
                                               data.columns, data.tags)
-        return Splits(train_ds, eval_ds, formats["data.train"], formats=formats)
+        return Splits(train_ds, eval_ds, formats["data.train"], formats=formats, replay=read_replay(recipe))
     from datasets import interleave_datasets
 
     trains, evals, formats = {}, {}, {}
@@ -96,7 +98,7 @@ def load_splits(recipe) -> Splits:
                                                 "every task's messages the same keys (e.g. `weight` on all of them "
                                                 "or none)")]) from None
     train_formats = {f for label, f in formats.items() if label.endswith(".train")}
-    return Splits(mixed, None, "+".join(sorted(train_formats)), trains, evals, formats)
+    return Splits(mixed, None, "+".join(sorted(train_formats)), trains, evals, formats, read_replay(recipe))
 
 
 def data_files(recipe) -> list[tuple[str, str, str, str | None]]:
@@ -119,11 +121,17 @@ def log_inputs(recipe, splits: Splits) -> dict:
 
     def log(ds, path, name, context, owner, split, **tags):
         # a held-out share of the train file has the train file's format
-        fmt = splits.formats.get(f"{owner}.{split}") or splits.formats.get(f"{owner}.train")
+        fmt = "text" if split == "replay" else splits.formats.get(f"{owner}.{split}") or splits.formats.get(
+            f"{owner}.train")
         logged = mlflow_dataset(ds, path, name=name)
         mlflow.log_input(logged, context=context, tags={**tags, **({"format": fmt} if fmt else {})})
         return logged
 
+    if splits.replay:  # the replay corpus, a training input of its own
+        from datasets import Dataset
+
+        log(Dataset.from_dict({"text": splits.replay}), replay_path(recipe), "replay", "training", "data", "replay",
+            share=str(recipe.data.replay_share))
     if not splits.is_mixture:
         train_path = recipe.data.train
         train_input = log(splits.train, train_path, Path(train_path).stem, "training", "data", "train")

@@ -14,12 +14,11 @@ reference loss; no generation. With one adapter per task (`data.adapters: per_ta
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
 from pathlib import Path
 
+from mlflow_finetune_plugin.data.text import read_texts
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.metrics import FORGETTING_PREFIX
 from mlflow_finetune_plugin.tracking import log_results
@@ -42,36 +41,7 @@ def read_set(recipe) -> list[str]:
     """The texts of the recipe's general-text set ([] when the check is off); a bad file raises FinetuneError here,
     before a model loads."""
     path = set_path(recipe)
-    return read_texts(path) if path else []
-
-
-def read_texts(path: str | Path) -> list[str]:
-    """Paragraphs of a .txt file (separated by blank lines), or the `text` of each row of a .jsonl file."""
-    path = Path(path)
-    try:
-        content = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise FinetuneError(f"eval.forgetting: cannot read {path}: {e}. Give a UTF-8 .txt or .jsonl file, or set "
-                            "eval.forgetting: false") from None
-    if path.suffix == ".jsonl":
-        texts = [_jsonl_text(path, n, line) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
-    else:
-        texts = [p.strip() for p in re.split(r"\n\s*\n", content) if p.strip()]
-    if not texts:
-        raise FinetuneError(f"eval.forgetting: {path} holds no text; write paragraphs separated by blank lines "
-                            "(.txt) or {\"text\": ...} rows (.jsonl), or set eval.forgetting: false")
-    return texts
-
-
-def _jsonl_text(path: Path, n: int, line: str) -> str:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise FinetuneError(f"{path}:{n}: not valid JSON ({e.msg}); eval.forgetting rows are "
-                            "{\"text\": \"...\"}") from None
-    if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-        raise FinetuneError(f"{path}:{n}: expected {{\"text\": \"...\"}} with non-empty text (eval.forgetting)")
-    return row["text"]
+    return read_texts(path, "eval.forgetting") if path else []
 
 
 def text_nll(model, tokenizer, texts: list[str], max_length: int, batch_size: int = BATCH_SIZE) -> tuple[float, int]:

@@ -19,16 +19,27 @@ def check(recipe) -> list[str]:
 
 
 def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):
-    """TRL's SFTTrainer on chat data: loss on assistant tokens when the chat template allows it."""
+    """TRL's SFTTrainer on chat data: loss on assistant tokens when the chat template allows it, and on every token
+    of the replayed text (`data.replay`)."""
     from trl import SFTConfig
 
+    from mlflow_finetune_plugin.data import replay
     from mlflow_finetune_plugin.data.loss_masks import has_zero_weights, with_turn_weights
     from mlflow_finetune_plugin.train.objectives.sft_trainer import FinetuneSFTTrainer
 
     pack = packing(recipe)
-    if has_zero_weights(train_ds, eval_ds):  # OpenAI `weight: 0` turns: tokenized here with their masks cleared
-        weigh = recipe.data.assistant_only_loss
+    texts = replay.read_replay(recipe)
+    if texts or has_zero_weights(train_ds, eval_ds):
+        # OpenAI `weight: 0` turns, or replayed text to mix in: tokenized here, each row with its loss mask
+        weigh = recipe.data.assistant_only_loss and (has_zero_weights(train_ds, eval_ds)
+                                                     or _supports_assistant_masks(tokenizer))
+        n_train = len(train_ds)
         train_ds, eval_ds = (with_turn_weights(tokenizer, ds, weigh) for ds in (train_ds, eval_ds))
+        if texts:
+            rows = replay.replay_rows(tokenizer, texts, replay.replay_count(n_train, recipe.data.replay_share),
+                                      recipe.data.max_length, recipe.train.seed)
+            print(replay.describe(n_train, rows, train_ds, replay.replay_path(recipe)))
+            train_ds = replay.with_replay(train_ds, rows, recipe.train.seed)
         assistant_only = False  # the masks are in the data; TRL builds the labels from them
     else:
         assistant_only = recipe.data.assistant_only_loss and _supports_assistant_masks(tokenizer)

@@ -1,0 +1,139 @@
+"""Replay (`data.replay`): general text mixed into SFT against forgetting, on the tiny model.
+
+The replayed rows carry the loss on every token and no chat template; the task's rows keep exactly the labels they
+have without replay; the share is of all rows; the corpus is checked before a run exists and logged as an input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from mlflow_finetune_plugin.config.loading import load_recipe
+from mlflow_finetune_plugin.data import replay
+from mlflow_finetune_plugin.data.text import read_texts
+from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
+from mlflow_finetune_plugin.evaluate import forgetting
+from tests.helpers import FAST_OVERRIDES, chat_rows, jsonl
+
+PROSE = ["Otters float on their backs while they eat, using their chests as a table.",
+         "A good loaf of bread needs flour, water, salt, yeast and, above all, time.",
+         "Trains once ran on steam, and the stations smelled of coal smoke and hot oil."]
+
+
+def _project(root: Path, extra: str = "") -> Path:
+    jsonl(root / "data" / "train.jsonl", chat_rows(8))
+    jsonl(root / "data" / "eval.jsonl", chat_rows(2, 50))
+    (root / "prose.txt").write_text("\n\n".join(PROSE) + "\n")
+    (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64, "
+                                        "packing: false}\nregistry: {name: bot}\n" + extra)
+    return root
+
+
+def _trainer(recipe, tokenizer):
+    from mlflow_finetune_plugin.data.splits import load_splits
+    from mlflow_finetune_plugin.models.base import load_base_model
+    from mlflow_finetune_plugin.train.objectives import sft
+    from mlflow_finetune_plugin.train.trainers import training_arguments
+
+    data = load_splits(recipe)
+    return sft.build_trainer(recipe, load_base_model(recipe.model), tokenizer, data.train, data.eval,
+                             training_arguments(recipe, "replay-test", None), [])
+
+
+def _rows(trainer):
+    return [(tuple(r["input_ids"]), tuple(r["labels"])) for r in trainer.train_dataset]
+
+
+def test_replayed_text_is_trained_on_every_token_and_the_task_rows_keep_their_labels(tmp_path, capsys):
+    from mlflow_finetune_plugin.models.base import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    root = _project(tmp_path)
+    plain = _rows(_trainer(load_recipe(root), tokenizer))
+    mixed = _rows(_trainer(load_recipe(root, overrides={"data.replay": "prose.txt", "data.replay_share": "0.2"}),
+                           tokenizer))
+    assert "Replay (data.replay): 2 rows of general text from prose.txt mixed into 8 training rows (20% of rows" \
+        in capsys.readouterr().out
+    # 8 task rows + round(8 x 0.2 / 0.8) = 2 replay rows; the task rows are exactly the rows (and labels) of the
+    # run without replay, assistant-only: their prompts carry no loss.
+    assert len(mixed) == 10
+    task_rows = [row for row in mixed if row in plain]
+    assert sorted(task_rows) == sorted(plain) and all(-100 in labels for _, labels in task_rows)
+    replayed = [row for row in mixed if row not in plain]
+    texts = {tokenizer.decode(ids) for ids, _ in replayed}
+    assert texts <= {p + tokenizer.eos_token for p in PROSE} and len(replayed) == 2
+    for ids, labels in replayed:  # every token of the text and its end token, no chat template around it
+        assert labels == ids and "<|im_start|>" not in tokenizer.decode(ids)
+    # seeded: the same recipe mixes the same rows in the same order
+    again = _trainer(load_recipe(root, overrides={"data.replay": "prose.txt", "data.replay_share": "0.2"}), tokenizer)
+    assert _rows(again) == mixed
+
+
+def test_the_share_is_of_all_rows_and_long_texts_are_cut_and_cycled(tmp_path):
+    from mlflow_finetune_plugin.models.base import load_tokenizer
+
+    assert [replay.replay_count(n, s) for n, s in [(419, 0.2), (8, 0.5), (3, 0.01)]] == [105, 8, 1]
+    tokenizer = load_tokenizer(None)
+    long_text = " ".join(f"word{i}" for i in range(200))
+    n_ids = len(tokenizer(long_text, add_special_tokens=False)["input_ids"]) + 1  # + end of text
+    pieces = -(-n_ids // 64) + 1  # the long text's pieces of at most 64 tokens, and the short text
+    rows = replay.replay_rows(tokenizer, [long_text, PROSE[0]], pieces + 3, max_length=64, seed=0)
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    assert len(rows) == pieces + 3 and max(lengths) == 64
+    assert len({tuple(ids) for ids in rows["input_ids"]}) == pieces  # every piece used, then cycled
+    assert rows["assistant_masks"] == [[1] * n for n in lengths]
+
+
+def test_the_bundled_corpus_is_general_prose_apart_from_the_forgetting_set():
+    texts = read_texts(replay.BUNDLED, "data.replay")
+    measured = set(read_texts(forgetting.BUNDLED, "eval.forgetting"))
+    assert len(texts) >= 60 and len(set(texts)) == len(texts) and not measured & set(texts)
+    # no paragraph shares a sentence with the forgetting set: the check stays a measurement of text never trained on
+    sentences = {s.strip() for t in measured for s in t.split(".") if len(s.strip()) > 20}
+    assert not [t for t in texts if any(s in t for s in sentences)]
+    note = (replay.BUNDLED.parent / "README.md").read_text()
+    assert "original text" in note and "Apache-2.0" in note
+
+
+def test_replay_is_refused_before_a_run_where_it_cannot_work(tmp_path):
+    root = _project(tmp_path)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(root, overrides={"method": "dpo", "data.replay": "true"})
+    assert "data.replay: replayed general text trains the language-model loss of the sft objective; dpo" \
+        in str(err.value) and "Set data.replay: false" in str(err.value)
+    with pytest.raises(RecipeError, match=r"data.replay: file not found: missing.txt .*true for the prose bundled"):
+        load_recipe(root, overrides={"data.replay": "missing.txt"})
+    with pytest.raises(RecipeError, match=r"data.replay: .*\.txt / \.jsonl"):
+        load_recipe(root, overrides={"data.replay": "notes.md"})
+    with pytest.raises(RecipeError, match=r"data.replay_share"):
+        load_recipe(root, overrides={"data.replay": "true", "data.replay_share": "1.0"})
+
+
+def test_a_bad_replay_line_is_refused_by_file_and_line_before_a_run_exists(tmp_path, tracking_uri):
+    from click.testing import CliRunner
+
+    from mlflow_finetune_plugin.cli import main
+
+    root = _project(tmp_path)
+    (root / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "wrong key"}\n')
+    out = CliRunner().invoke(main, ["train", str(root), "-P", "data.replay=bad.jsonl", "-P", "model=tiny"])
+    assert out.exit_code != 0
+    assert 'bad.jsonl:2: expected {"text": "..."} with non-empty text (data.replay)' in out.output
+    assert mlflow.search_runs(search_all_experiments=True).empty  # nothing was started
+
+
+def test_a_run_with_replay_trains_and_logs_the_corpus_as_an_input(tmp_path, tracking_uri):
+    from mlflow_finetune_plugin.train.job import run
+
+    root = _project(tmp_path)
+    assert run(load_recipe(root, overrides={**FAST_OVERRIDES, "data.replay": "true"})) == 0
+    finished = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in finished] == ["FINISHED"]
+    r = finished[0]
+    inputs = {i.dataset.name: ({t.key: t.value for t in i.tags}, i.dataset) for i in r.inputs.dataset_inputs}
+    tags, dataset = inputs["replay"]
+    assert tags["mlflow.data.context"] == "training" and tags["format"] == "text" and tags["share"] == "0.2"
+    assert "general_prose.txt" in dataset.source
+    assert r.data.params["data.replay"] == "True" and "eval/forgetting/ppl_ratio" in r.data.metrics
