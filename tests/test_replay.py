@@ -137,3 +137,27 @@ def test_a_run_with_replay_trains_and_logs_the_corpus_as_an_input(tmp_path, trac
     assert tags["mlflow.data.context"] == "training" and tags["format"] == "text" and tags["share"] == "0.2"
     assert "general_prose.txt" in dataset.source
     assert r.data.params["data.replay"] == "True" and "eval/forgetting/ppl_ratio" in r.data.metrics
+
+
+def test_kl_replay_keeps_the_training_rows_and_pulls_towards_the_base(tmp_path, tracking_uri):
+    """replay_loss kl: the training rows are those of a run without replay; each step scores one replay row; the KL
+    starts at 0 (LoRA starts as the identity: tuned == base) and is logged; a full fine-tune is refused."""
+    from mlflow_finetune_plugin.models.base import load_tokenizer
+    from mlflow_finetune_plugin.train.job import run
+
+    tokenizer = load_tokenizer(None)
+    root = _project(tmp_path)
+    kl = {"data.replay": "prose.txt", "data.replay_loss": "kl"}
+    trainer = _trainer(load_recipe(root, overrides=kl), tokenizer)
+    assert _rows(trainer) == _rows(_trainer(load_recipe(root), tokenizer))
+    assert sorted(map(tuple, trainer.replay_kl)) == sorted(
+        tuple(tokenizer(p, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]) for p in PROSE)
+
+    overrides = {**FAST_OVERRIDES, **kl, "train.max_steps": 3, "train.learning_rate": 0.05}
+    assert run(load_recipe(root, overrides=overrides)) == 0
+    r = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    history = [m.value for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "train/replay_kl")]
+    assert len(history) == 3 and history[0] == pytest.approx(0.0, abs=1e-6) and history[-1] > 1e-4
+
+    with pytest.raises(RecipeError, match="data.replay_loss: kl compares the tuned model with the base model"):
+        load_recipe(root, overrides={**kl, "method": "full"})

@@ -104,6 +104,10 @@ def _objective_problems(recipe: Recipe) -> list[str]:
         problems.append(f"data.replay: replayed general text trains the language-model loss of the sft objective; "
                         f"{recipe.objective} trains on {' / '.join(OBJECTIVE_FORMATS[recipe.objective])} rows and has "
                         "no place for it. Set data.replay: false")
+    if recipe.data.replay is not False and recipe.data.replay_loss == "kl" and recipe.adapter.type == "full":
+        problems.append("data.replay_loss: kl compares the tuned model with the base model, which is the adapter "
+                        "switched off; a full fine-tune has no adapter (and no second copy of the base). Use "
+                        "data.replay_loss: lm, or an adapter")
     if recipe.objective == "grpo":
         problems.extend(grpo_problems(recipe))
     return problems

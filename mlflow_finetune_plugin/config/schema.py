@@ -290,8 +290,14 @@ class DataConfig(Section):
                             "forgetting: true: the prose bundled with the package (apart from eval.forgetting's "
                             "set); a .txt (paragraphs split by blank lines) or .jsonl ({\"text\": ...} rows) file "
                             "of your own; false: off. sft only.")
-    replay_share: float = Field(0.2, gt=0.0, lt=1.0, description="Share of the training rows that are replay "
+    replay_share: float = Field(0.2, gt=0.0, lt=1.0, description="lm: share of the training rows that are replay "
                                                                   "rows (data.replay), e.g. 0.2: one in five.")
+    replay_loss: Literal["lm", "kl"] = Field(
+        "lm", description="lm: replay rows join the training rows, trained on their own tokens. kl: each training "
+                          "step also scores one replay row, and the tuned model's next-token distribution on it is "
+                          "pulled towards the base model's (KL(base || tuned), the adapter switched off for the "
+                          "base), added to the loss times replay_weight. Adapters only.")
+    replay_weight: float = Field(1.0, gt=0.0, description="kl: weight of the KL term against the task's loss.")
 
     @field_validator("replay")
     @classmethod

@@ -8,6 +8,12 @@ corpus kept apart from the forgetting check's set: the prose bundled in `assets/
 or a file of the recipe's own. Replay rows carry the language-model loss on every token, with no chat template;
 the task's rows keep their assistant-only loss. Both are tokenized here and mixed (seeded) before TRL packs them,
 so a packed row may hold conversations and replayed paragraphs side by side, attention kept within each.
+
+`data.replay_loss: kl` uses the same rows another way: the training rows stay as they are, and each step also scores
+one replay row and pulls the tuned model's next-token distribution on it towards the base model's (a distillation
+term, as in "learning without forgetting"; the trainer computes it). One-hot targets on a small corpus repeated at a
+high learning rate are memorised rather than generalised; the base model's whole distribution at every position is a
+denser target (docs/methods.md has the measurements).
 """
 
 from __future__ import annotations
@@ -48,14 +54,20 @@ def replay_rows(tokenizer, texts: list[str], n: int, max_length: int, seed: int)
     """
     from datasets import Dataset
 
+    pieces = replay_pieces(tokenizer, texts, max_length, seed)
+    chosen = [pieces[i % len(pieces)] for i in range(n)]
+    return Dataset.from_dict({"input_ids": chosen, "assistant_masks": [[1] * len(ids) for ids in chosen]})
+
+
+def replay_pieces(tokenizer, texts: list[str], max_length: int, seed: int) -> list[list[int]]:
+    """The token ids of every text (and its end-of-text token) in pieces of at most `max_length`, in a seeded
+    order: the rows replay cycles through."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pieces = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids = ids + eos
         pieces += [ids[i: i + max_length] for i in range(0, len(ids), max_length) if len(ids[i: i + max_length]) > 1]
-    order = random.Random(seed).sample(range(len(pieces)), len(pieces))
-    chosen = [pieces[order[i % len(order)]] for i in range(n)]
-    return Dataset.from_dict({"input_ids": chosen, "assistant_masks": [[1] * len(ids) for ids in chosen]})
+    return [pieces[i] for i in random.Random(seed).sample(range(len(pieces)), len(pieces))]
 
 
 def with_replay(tokenized_train, replay, seed: int):
