@@ -136,7 +136,7 @@ def test_dataset_inputs_carry_the_format_of_each_file(tmp_path, tracking_uri):
         tags = splits.log_inputs(recipe, splits.load_splits(recipe))
     inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     formats = {i.dataset.name: {t.key: t.value for t in i.tags}["format"] for i in inputs}
-    assert formats == {"sharegpt": "sharegpt", "eval": "chat"}
+    assert formats == {"sharegpt": "sharegpt", "eval": "chat", "replay": "text"}  # the recipe replays prose
     assert tags["finetune.data_format"] == "sharegpt"
 
 

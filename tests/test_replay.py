@@ -161,3 +161,23 @@ def test_kl_replay_keeps_the_training_rows_and_pulls_towards_the_base(tmp_path, 
 
     with pytest.raises(RecipeError, match="data.replay_loss: kl compares the tuned model with the base model"):
         load_recipe(root, overrides={**kl, "method": "full"})
+
+
+def test_a_recipes_replay_gives_way_where_the_entry_point_cannot_use_it(tmp_path, capsys):
+    """Written in the recipe: off with a note under a preference objective, lm instead of kl for a full fine-tune.
+    Asked for with -P together with such an entry point: refused."""
+    root = _project(tmp_path, "method: lora\n")
+    text = (root / "finetune.yaml").read_text().replace("packing: false}", "packing: false, replay: true, "
+                                                                           "replay_loss: kl}")
+    (root / "finetune.yaml").write_text(text)
+    assert (load_recipe(root).data.replay, load_recipe(root).data.replay_loss) == (True, "kl")
+    assert capsys.readouterr().err == ""
+    assert load_recipe(root, method="dpo").data.replay is False
+    assert "Note: data.replay is off for objective dpo" in capsys.readouterr().err
+    full = load_recipe(root, method="full")
+    assert (full.data.replay, full.data.replay_loss) == (True, "lm")
+    assert "Note: data.replay_loss is lm for the full fine-tune" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="data.replay: replayed general text trains"):
+        load_recipe(root, method="dpo", overrides={"data.replay": "true"})
+    with pytest.raises(RecipeError, match="data.replay_loss: kl compares"):
+        load_recipe(root, method="full", overrides={"data.replay_loss": "kl"})

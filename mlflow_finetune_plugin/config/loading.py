@@ -95,8 +95,32 @@ def load_recipe(project_dir: str | os.PathLike, method: str | None = None,
     merged = presets.deep_merge(axes, axes_over)
     presets.fill_preset(merged, method)
     _unpack_for_adapter(raw, over, merged, adapter, recipe_path.name)
+    _replay_for_entry_point(raw, over, merged, recipe_path.name)
     names = {new: ".".join(old) for new, old in {**origin, **origin_over}.items()}
     return _validate(merged, project_dir, recipe_path, lines, problems, names)
+
+
+def _replay_for_entry_point(raw: dict, over: dict, merged: dict, recipe_name: str) -> None:
+    """`data.replay`, written in the recipe for supervised fine-tuning, gives way with a one-line note where the entry
+    point cannot use it: off for an objective other than sft (`-e dpo`), and `replay_loss: kl` becomes `lm` for a full
+    fine-tune (kl compares with the base, the adapter switched off). Given with `-P` together with such an entry point,
+    it is refused (`checks.py`)."""
+    written = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    given = over.get("data") if isinstance(over.get("data"), dict) else {}
+    data = merged.get("data") if isinstance(merged.get("data"), dict) else {}
+    if written.get("replay") in (None, False) or "replay" in given:
+        return
+    objective = merged.get("objective", "sft")
+    if objective != "sft":
+        data["replay"] = False
+        print(f"Note: data.replay is off for objective {objective} (replayed text trains sft's language-model "
+              f"loss); {recipe_name} replays it for sft.", file=sys.stderr)
+    elif data.get("replay_loss") == "kl" and "replay_loss" not in given and \
+            isinstance(merged.get("adapter"), dict) and merged["adapter"].get("type") == "full":
+        data["replay_loss"] = "lm"
+        print("Note: data.replay_loss is lm for the full fine-tune: kl compares with the base model, which is the "
+              f"adapter switched off, and a full fine-tune has none; {recipe_name} sets kl for adapters.",
+              file=sys.stderr)
 
 
 def _unpack_for_adapter(raw: dict, over: dict, merged: dict, adapter: str | None, recipe_name: str) -> None:
