@@ -13,7 +13,7 @@ import pytest
 from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.data import replay
 from mlflow_finetune_plugin.data.text import read_texts
-from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
+from mlflow_finetune_plugin.errors import RecipeError
 from mlflow_finetune_plugin.evaluate import forgetting
 from tests.helpers import FAST_OVERRIDES, chat_rows, jsonl
 

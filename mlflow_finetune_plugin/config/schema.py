@@ -31,6 +31,13 @@ SHORT_KEYS = {
 }
 
 
+def general_text_file(value, bundled: str):
+    """A key that names general text (`data.replay`, `eval.forgetting`): true, false, or a .txt / .jsonl file."""
+    if isinstance(value, str) and not value.endswith((".txt", ".jsonl")):
+        raise ValueError(f"expected true ({bundled}), false (off) or a .txt / .jsonl file of general text")
+    return value
+
+
 class Section(BaseModel):
     """A recipe section: unknown keys are errors, values are checked on assignment too."""
 
@@ -302,9 +309,7 @@ class DataConfig(Section):
     @field_validator("replay")
     @classmethod
     def _replay_file(cls, value):
-        if isinstance(value, str) and not value.endswith((".txt", ".jsonl")):
-            raise ValueError("expected true (the bundled prose), false (off) or a .txt / .jsonl file of general text")
-        return value
+        return general_text_file(value, "the bundled prose")
 
     @field_validator("tasks")
     @classmethod
@@ -369,9 +374,7 @@ class EvalConfig(Section):
     @field_validator("forgetting")
     @classmethod
     def _forgetting_file(cls, value):
-        if isinstance(value, str) and not value.endswith((".txt", ".jsonl")):
-            raise ValueError("expected true (the bundled set), false (off) or a .txt / .jsonl file of general text")
-        return value
+        return general_text_file(value, "the bundled set")
 
 
 class RegistryConfig(Section):
