@@ -36,6 +36,7 @@ BASE_REVISION = "finetune.base_revision"          # the base's hub revision, whe
 RECIPE_HASH = "finetune.recipe_hash"              # hash of the resolved recipe (recipe.yaml artifact)
 SOURCE_RUN = "finetune.source_run"                # the run that trained (and evaluated) it
 PRECISION = "finetune.precision"                  # what training computed in, in words
+PACKING = "finetune.packing"                      # "packed" or "unpacked", and why (data.packing auto's estimate)
 CHAT_TEMPLATE_HASH = "finetune.chat_template_hash"  # hash of the chat template the model was trained with
 DATASET_DIGEST = "finetune.dataset_digest"        # digest of the training data as loaded
 DATA_FORMAT = "finetune.data_format"              # the training data's format (chat, alpaca, ...; "+"-joined for mixes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -76,17 +77,24 @@ def test_every_entry_point_on_every_bundled_recipe(name, capsys):
         assert {"multitask", "ia3", "prefix"} <= set(allowed)
 
 
-def test_prefix_on_a_packed_recipe_trains_unpacked_with_a_note(capsys):
-    """support-bot packs its rows for LoRA: `-e prefix` turns that off with one line saying why; asking for both in
-    one place (`-P data.packing=true`) is still refused."""
-    assert load_recipe(SUPPORT_BOT).data.packing is True
+def test_prefix_on_a_packed_recipe_trains_unpacked_with_a_note(capsys, tmp_path):
+    """A recipe that packs its rows for LoRA (`packing: true`): `-e prefix` turns that off with one line saying why;
+    asking for both in one place (`-P data.packing=true`) is still refused. The bundled recipes say `auto`, which
+    never packs prefix or prompt tuning, so no note is needed there."""
+    assert load_recipe(SUPPORT_BOT, method="prefix").data.packing == "auto"
+    assert "data.packing" not in capsys.readouterr().err
+    packed = tmp_path / "support-bot"
+    shutil.copytree(SUPPORT_BOT, packed, ignore=shutil.ignore_patterns("mlruns", "*.db"))
+    yaml_file = packed / "finetune.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("packing: auto ", "packing: true "))
+    assert load_recipe(packed).data.packing is True
     for method, what in (("prefix", "the prefix is"), ("prompt", "virtual tokens are")):
-        assert load_recipe(SUPPORT_BOT, method=method).data.packing is False
+        assert load_recipe(packed, method=method).data.packing is False
         note = [line for line in capsys.readouterr().err.splitlines() if "data.packing" in line]
         assert note == [f"Note: data.packing is off for the {method} adapter ({what} prepended once per row, and a "
                         "packed row holds several conversations); finetune.yaml packs rows for lora."]
     with pytest.raises(RecipeError, match="data.packing: true cannot be used with the prefix adapter"):
-        load_recipe(SUPPORT_BOT, method="prefix", overrides={"data.packing": "true"})
+        load_recipe(packed, method="prefix", overrides={"data.packing": "true"})
 
 
 def test_mlproject_entry_points_run_a_preset_that_passes(capsys):

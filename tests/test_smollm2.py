@@ -80,6 +80,9 @@ def test_mlflow_run_fine_tunes_smollm2_logs_registers_and_reloads(tmp_path, trac
     assert version.tags["finetune.base_model"] == model_reference("smollm2")
     assert {"eval/base/rougeL", "eval/fewshot/rougeL", "eval/retrieval/rougeL", "eval/tuned/rougeL"} <= set(
         run.data.metrics)
+    # The recipe says data.packing: auto, which packs support-bot's rows on smollm2 and says why.
+    assert run.data.tags["finetune.packing"].startswith("packed (data.packing auto: estimated 1.")
+    assert "data.packing auto packs: one epoch estimated" in proc.stdout + proc.stderr
     # Four steps barely train: the verdict weighs the tuned model against the best prompt-only contender on the 10
     # held-out questions and must not call it a pay-off; it is the last line printed, and each question is a trace.
     assert run.data.tags["finetune.verdict.paid_off"] == "false"

@@ -27,7 +27,6 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
     from mlflow_finetune_plugin.data.loss_masks import has_zero_weights, with_turn_weights
     from mlflow_finetune_plugin.train.objectives.sft_trainer import FinetuneSFTTrainer
 
-    pack = packing(recipe)
     texts = replay.read_replay(recipe)
     kl_rows = []
     if texts and recipe.data.replay_loss == "kl":  # scored beside the training rows by the trainer, not among them
@@ -50,6 +49,7 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
         assistant_only = False  # the masks are in the data; TRL builds the labels from them
     else:
         assistant_only = recipe.data.assistant_only_loss and _supports_assistant_masks(tokenizer)
+    pack = packing(recipe, tokenizer, train_ds, model.config)
     config = SFTConfig(**args, max_length=recipe.data.max_length, packing=pack, assistant_only_loss=assistant_only)
     return FinetuneSFTTrainer(
         model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
@@ -112,24 +112,51 @@ def _varlen_attention(recipe) -> bool:
     return (recipe.model.attn_implementation or "") in FLASH_ATTENTION
 
 
-def packing(recipe) -> bool:
-    """`data.packing`, with `auto` resolved: on where packing is exact and faster whatever the lengths.
+def packing(recipe, tokenizer=None, train_ds=None, model_config=None) -> bool:
+    """`data.packing`, with `auto` resolved: on where packing is exact and pays.
 
     TRL packs examples into rows of up to max_length (best-fit decreasing) with `position_ids` restarting at each
     example; transformers then keeps attention within each example (tested: packed logits equal per-row logits,
     sdpa and eager). With a varlen flash-attention kernel that costs nothing extra: auto packs. With sdpa and eager
-    every packed row costs attention over its full length, which pays on mixed lengths (1.5x measured on CPU) and
-    not on rows of similar length: auto leaves it to `data.packing: true`. Virtual-token adapters (prefix, prompt)
-    prepend per row (`data.packing: true` next to them is refused; a recipe's `true` under their entry points is turned
-    off with a note, config/loading.py), and remote code may ignore position_ids: never for those.
+    every packed row costs attention over its full length, which pays on mixed lengths and not on rows of similar
+    length: auto estimates both from the tokenized training rows (`data/packing.py`) and prints why. Virtual-token
+    adapters (prefix, prompt) prepend per row (`data.packing: true` next to them is refused; a recipe's `true` under
+    their entry points is turned off with a note, config/loading.py), and remote code may ignore position_ids:
+    never for those.
     """
     safe = recipe.adapter.type not in NOT_PACKABLE and not recipe.model.trust_remote_code
     if recipe.data.packing != "auto":
         if recipe.data.packing and not safe:
             print("Warning: data.packing=true with trust_remote_code: packed rows may attend across each other if "
                   "the model's own attention ignores position_ids; set data.packing: auto", file=sys.stderr)
+        written = str(recipe.data.packing).lower()
+        _tag_packing(f"{'packed' if recipe.data.packing else 'unpacked'} (data.packing: {written})")
         return recipe.data.packing
-    return safe and _varlen_attention(recipe)
+    if not safe:
+        _tag_packing(f"unpacked (data.packing auto: never for the {recipe.adapter.type} adapter or remote code)")
+        return False
+    if _varlen_attention(recipe):
+        _tag_packing(f"packed (data.packing auto: padding-free with {recipe.model.attn_implementation})")
+        return True
+    if train_ds is None or tokenizer is None or model_config is None:
+        return False
+    from mlflow_finetune_plugin.data import packing as estimate
+
+    found = estimate.decide(tokenizer, train_ds, model_config, recipe.data.max_length, recipe.train.batch_size,
+                            recipe.train.seed)
+    print(found.describe(recipe.data.max_length))
+    _tag_packing(f"{'packed' if found.pack else 'unpacked'} (data.packing auto: estimated {found.speedup:.2f}x as "
+                 f"fast packed, {found.padding_share:.0%} padding unpacked)")
+    return found.pack
+
+
+def _tag_packing(value: str) -> None:
+    import mlflow
+
+    from mlflow_finetune_plugin import tags
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tag(tags.PACKING, value)
 
 
 def fused_lm_head(recipe) -> bool:
