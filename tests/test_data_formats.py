@@ -261,7 +261,7 @@ def test_weight_zero_turns_get_no_loss_token_by_token(tmp_path, tokenizer, assis
     from mlflow_finetune_plugin.train.trainers import training_arguments
 
     path = jsonl(tmp_path / "train.jsonl", WEIGHTED)
-    recipe = Recipe.model_validate({"data": {"train": str(path), "max_length": 256,
+    recipe = Recipe.model_validate({"data": {"train": str(path), "max_length": 256, "packing": False,
                                              "assistant_only_loss": assistant_only_loss},
                                     "train": {"max_steps": 1}, "eval": {"enabled": False}})
     data = load_splits(recipe)

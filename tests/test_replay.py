@@ -163,6 +163,22 @@ def test_kl_replay_keeps_the_training_rows_and_pulls_towards_the_base(tmp_path, 
         load_recipe(root, overrides={**kl, "method": "full"})
 
 
+def test_kl_replay_every_n_steps_scores_one_step_in_n_at_n_times_the_weight(tmp_path, tracking_uri, capsys):
+    """data.replay_every: 2 halves the extra passes: the KL is logged on steps 1 and 3 of 4, and the printed weight
+    doubles so that the average pull is that of every step."""
+    from mlflow_finetune_plugin.train.job import run
+
+    root = _project(tmp_path)
+    overrides = {**FAST_OVERRIDES, "data.replay": "prose.txt", "data.replay_loss": "kl", "data.replay_every": 2,
+                 "train.max_steps": 4, "train.learning_rate": 0.05}
+    assert run(load_recipe(root, overrides=overrides)) == 0
+    assert "Replay (data.replay, kl): one training step in 2 also pulls the model towards the base model on one of " \
+           "3 rows of general text from prose.txt (weight 2)" in capsys.readouterr().out
+    r = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "train/replay_kl")]
+    assert steps == [1, 3]
+
+
 def test_a_recipes_replay_gives_way_where_the_entry_point_cannot_use_it(tmp_path, capsys):
     """Written in the recipe: off with a note under a preference objective, lm instead of kl for a full fine-tune.
     Asked for with -P together with such an entry point: refused."""

@@ -198,8 +198,9 @@ def test_serve_transformers_and_the_openai_engine_stream_the_merged_model(tracki
 
 
 @pytest.mark.integration
-# SIGHUP goes through the same handler as these two (front.STOP_SIGNALS); the playground's test sends all three.
-@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGINT"])
+# SIGHUP and SIGINT go through the same handler as SIGTERM (front.STOP_SIGNALS; SIGINT left to `-m stress` for CI
+# time); the playground's test sends all three.
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.stress)])
 def test_serve_answers_the_openai_client_and_a_stop_signal_leaves_nothing_behind(tracking_uri, tmp_path, monkeypatch,
                                                                                   stop_signal):
     import signal

@@ -306,6 +306,9 @@ class DataConfig(Section):
                           "pulled towards the base model's (KL(base || tuned), the adapter switched off for the "
                           "base), added to the loss times replay_weight. Adapters only.")
     replay_weight: float = Field(1.0, gt=0.0, description="kl: weight of the KL term against the task's loss.")
+    replay_every: int = Field(1, ge=1, description="kl: score a replay row on every Nth training forward only, its "
+                                                   "KL term weighted xN so the average pull stays the same (N "
+                                                   "times fewer extra passes).")
 
     @field_validator("replay")
     @classmethod

@@ -31,9 +31,11 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
     kl_rows = []
     if texts and recipe.data.replay_loss == "kl":  # scored beside the training rows by the trainer, not among them
         kl_rows = replay.replay_pieces(tokenizer, texts, recipe.data.max_length, recipe.train.seed)
-        print(f"Replay (data.replay, kl): each training step also pulls the model towards the base model on one of "
+        every = recipe.data.replay_every
+        when = "each training step" if every == 1 else f"one training step in {every}"
+        print(f"Replay (data.replay, kl): {when} also pulls the model towards the base model on one of "
               f"{len(kl_rows)} rows of general text from {replay.replay_path(recipe).name} (weight "
-              f"{recipe.data.replay_weight:g})")
+              f"{recipe.data.replay_weight * every:g})")
         texts = []
     if texts or has_zero_weights(train_ds, eval_ds):
         # OpenAI `weight: 0` turns, or replayed text to mix in: tokenized here, each row with its loss mask
@@ -54,7 +56,7 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
     return FinetuneSFTTrainer(
         model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         callbacks=callbacks, fused_lm_head=fused_lm_head(recipe), pack_rows=pack and not _varlen_attention(recipe),
-        replay_kl=kl_rows, replay_weight=recipe.data.replay_weight)
+        replay_kl=kl_rows, replay_weight=recipe.data.replay_weight, replay_every=recipe.data.replay_every)
 
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:

@@ -53,21 +53,27 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
 
 class FinetuneSFTTrainer(SFTTrainer):
     def __init__(self, *args, fused_lm_head: bool = True, pack_rows: bool = False,
-                 replay_kl: list[list[int]] | None = None, replay_weight: float = 1.0, **kwargs):
+                 replay_kl: list[list[int]] | None = None, replay_weight: float = 1.0, replay_every: int = 1,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.fused_lm_head = fused_lm_head
         self.pack_rows = pack_rows
         if pack_rows:
             self.data_collator = PackedRowsCollator(pad_token_id=self.data_collator.pad_token_id,
                                                     pad_to_multiple_of=self.data_collator.pad_to_multiple_of)
-        # data.replay_loss: kl: general-text rows (token ids), one scored per training forward, in this order
-        self.replay_kl, self.replay_weight, self._replay_at = replay_kl or [], replay_weight, 0
+        # data.replay_loss: kl: general-text rows (token ids), one scored every `replay_every` training forwards (its
+        # KL weighted by replay_every, so the average pull is the same), in this order
+        self.replay_kl, self.replay_weight, self.replay_every = replay_kl or [], replay_weight, replay_every
+        self._replay_at, self._forwards = 0, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
         if not (self.replay_kl and model.training):
             return result
-        kl = self._replay_kl(model)
+        self._forwards += 1
+        if (self._forwards - 1) % self.replay_every:
+            return result
+        kl = self._replay_kl(model) * self.replay_every
         # The task's loss was divided by the items of the whole accumulated batch, or Trainer divides it by the
         # accumulation steps afterwards: the KL term, a mean over one row, is scaled to match either way.
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
