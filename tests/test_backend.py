@@ -119,6 +119,9 @@ def test_cancel_ends_killed_and_leaves_no_process(tmp_path, tracking_uri):
         os.killpg(submitted.process.pid, 0)  # the whole process group is gone
 
 
+# tests/test_faults.py kills a run the same way and checks the same (FAILED, SIGKILL in finetune.error) and more:
+# this one is left to `-m stress` for CI time.
+@pytest.mark.stress
 def test_sigkill_mid_run_ends_failed_not_running(tmp_path, tracking_uri):
     submitted = _start_long_run(tmp_path, tracking_uri)
     os.killpg(submitted.process.pid, signal.SIGKILL)
