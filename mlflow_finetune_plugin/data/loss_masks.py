@@ -50,6 +50,12 @@ def training_template(tokenizer) -> str:
     return patched
 
 
+def row_tools(example) -> list | None:
+    """A row's `tools` column as a list (stored as JSON text where the rows' tools differ in shape)."""
+    tools = example.get("tools")
+    return json.loads(tools) if isinstance(tools, str) else tools
+
+
 def with_turn_weights(tokenizer, dataset, assistant_only_loss: bool = True):
     """`dataset` (a `messages` column, optional `tools`) as `input_ids` + `assistant_masks`, weight-0 turns cleared.
 
@@ -65,8 +71,7 @@ def with_turn_weights(tokenizer, dataset, assistant_only_loss: bool = True):
     template = training_template(tokenizer) if masked else tokenizer.chat_template
 
     def tokenize(example):
-        tools = example.get("tools")
-        tools = json.loads(tools) if isinstance(tools, str) else tools
+        tools = row_tools(example)
         out = tokenizer.apply_chat_template(example["messages"], tokenize=True, return_dict=True, tools=tools,
                                             chat_template=template, return_assistant_tokens_mask=masked)
         if not masked:

@@ -81,7 +81,7 @@ def row_cost(length: int, span: float) -> float:
 
 def example_lengths(tokenizer, dataset, max_length: int, seed: int, sample: int = SAMPLE) -> list[int]:
     """Token lengths of (a seeded sample of) the training rows, cut at `max_length` as training cuts them."""
-    import json
+    from mlflow_finetune_plugin.data.loss_masks import row_tools
 
     picked = list(range(len(dataset)))
     if len(picked) > sample:
@@ -91,9 +91,8 @@ def example_lengths(tokenizer, dataset, max_length: int, seed: int, sample: int 
         return [min(len(ids), max_length) for ids in rows["input_ids"]]
     lengths = []
     for row in rows:
-        tools = row.get("tools")
-        tools = json.loads(tools) if isinstance(tools, str) else tools
-        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, tools=tools, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, tools=row_tools(row),
+                                            return_dict=True)["input_ids"]
         lengths.append(min(len(ids), max_length))
     return lengths
 
