@@ -334,6 +334,10 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
+    neftune_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise of scale alpha/sqrt(tokens x hidden) added to the input "
+                                "embeddings while training (Jain et al. 2023; transformers' neftune_noise_alpha), "
+                                "e.g. 5.")
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(100, gt=0, description="Checkpoint (logged to the run for resume, and as a logged model "

@@ -35,6 +35,7 @@ def training_arguments(recipe, run_id: str, eval_ds) -> dict:
         warmup_steps=t.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
+        neftune_noise_alpha=t.neftune_alpha,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
