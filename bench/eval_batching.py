@@ -29,8 +29,9 @@ def main(argv=None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mlflow_finetune_plugin.evaluate.contenders import read_conversations, split_conversation
+    from mlflow_finetune_plugin.evaluate.contenders import read_conversations
     from mlflow_finetune_plugin.logged_model import LoadedModel, generate, generate_greedy_batch
+    from mlflow_finetune_plugin.messages import split_conversation
     from mlflow_finetune_plugin.models.base import load_tokenizer, resolve_model_path
 
     convs = read_conversations(str(common.SUPPORT_BOT / "data" / "eval.jsonl"))

@@ -21,9 +21,9 @@ from mlflow_finetune_plugin.evaluate.contenders import (
     fewshot_prompt,
     read_conversations,
     run_evaluation,
-    split_conversation,
 )
 from mlflow_finetune_plugin.logged_model import LoadedModel, generate, log_finetuned_model
+from mlflow_finetune_plugin.messages import split_conversation
 from mlflow_finetune_plugin.metrics import TEXT_METRICS, comparison_table, load_metric
 from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 from mlflow_finetune_plugin.registry.versions import missing_lineage, register

@@ -187,3 +187,18 @@ def test_data_that_training_could_not_mix_is_refused_before_any_run(tmp_path, tr
     text = str(info.value)
     assert "nothing was started" in text and "the tasks' rows cannot be mixed" in text and "a.jsonl" in text
     assert _no_runs()
+
+
+def test_reference_answers_longer_than_the_generation_budget_are_named_before_the_run(capsys):
+    """A held-out answer longer than eval.max_new_tokens would be cut short for every contender and score lower
+    than it should: the pre-flight says how many of the scored references are, and the value that covers them."""
+    resolve_entry_point(str(SUPPORT_BOT), "lora", {"model": "tiny", "eval.max_new_tokens": "8",
+                                                   "eval.max_examples": "12"})
+    err = capsys.readouterr().err
+    found = re.search(r"data\.eval: (\d+) of the 12 reference answers scored after training are longer than "
+                      r"eval\.max_new_tokens 8 \(up to (\d+) tokens\).*-P eval\.max_new_tokens=(\d+)", err)
+    assert found, err
+    assert 0 < int(found[1]) <= 12 and int(found[3]) == int(found[2]) + 8 > 8
+    resolve_entry_point(str(SUPPORT_BOT), "lora", {"model": "tiny", "eval.max_new_tokens": found[3],
+                                                   "eval.max_examples": "12"})
+    assert "reference answers scored after training" not in capsys.readouterr().err

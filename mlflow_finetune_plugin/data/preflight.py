@@ -14,6 +14,7 @@ from mlflow_finetune_plugin.data.check import check_overlap, tokenizer_for_check
 from mlflow_finetune_plugin.data.formats import DataError, summarize
 from mlflow_finetune_plugin.data.splits import data_files, load_splits
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.messages import split_conversation
 
 _FORMAT_HINTS = {**dict.fromkeys(("dpo", "orpo", "simpo"),
                                  "Give rows with prompt, chosen and rejected (or chosen/rejected message lists); "
@@ -68,11 +69,34 @@ def check_recipe_data(recipe, check_data) -> None:
                                                                        if len(errors) > 20 else []))
                             + (f"\nRun `mlflow-finetune data check {bad}` for the full report." if bad else ""))
     _print_formats(files, read.formats)
+    if tokenizer is not None and recipe.eval.enabled:
+        warnings += _cut_references(recipe, read, tokenizer)
     if warnings:
         print("Data warnings (advice before training; `data.strict: true` makes them errors):\n  "
               + "\n  ".join(warnings), file=sys.stderr)
     if why_not and tokenizer is None:
         print(f"Note: token lengths not checked before the run ({why_not}).", file=sys.stderr)
+
+
+def _cut_references(recipe, read, tokenizer) -> list[str]:
+    """A warning per held-out set whose scored reference answers (the first eval.max_examples) are longer than
+    eval.max_new_tokens: every contender's answer to those is cut short, and scores lower than it should."""
+    budget = recipe.eval.max_new_tokens
+    sets = {"data.eval" if recipe.data.eval else "the held-out share of data.train": read.eval} if not read.is_mixture \
+        else {f"data.tasks.{name}": ds for name, ds in read.task_evals.items()}
+    warnings = []
+    for label, ds in sets.items():
+        if ds is None or "messages" not in ds.column_names:
+            continue
+        pairs = [pair for conv in ds["messages"] if (pair := split_conversation(conv)) and pair[0]]
+        pairs = pairs[: recipe.eval.max_examples]
+        lengths = [len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in pairs]
+        if over := [n for n in lengths if n > budget]:
+            warnings.append(f"{label}: {len(over)} of the {len(lengths)} reference answers scored after training are "
+                            f"longer than eval.max_new_tokens {budget} (up to {max(over)} tokens): every contender's "
+                            f"answer to them is cut short and scores lower; raise it "
+                            f"(-P eval.max_new_tokens={max(over) + 8})")
+    return warnings
 
 
 def _print_formats(files, read: dict) -> None:

@@ -24,16 +24,8 @@ from mlflow_finetune_plugin.evaluate.scoring import (
     score_and_prefill,
 )
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
-from mlflow_finetune_plugin.messages import text_of
+from mlflow_finetune_plugin.messages import split_conversation, text_of
 from mlflow_finetune_plugin.metrics import CONTENDERS
-
-
-def split_conversation(messages: list[dict]) -> tuple[list[dict], str] | None:
-    """(prompt, reference): every message before the last assistant message, and that message's text."""
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].get("role") == "assistant":
-            return [dict(m) for m in messages[:i]], text_of(messages[i].get("content"))
-    return None
 
 
 def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
