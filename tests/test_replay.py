@@ -165,7 +165,7 @@ def test_kl_replay_keeps_the_training_rows_and_pulls_towards_the_base(tmp_path, 
 
 def test_kl_replay_every_n_steps_scores_one_step_in_n_at_n_times_the_weight(tmp_path, tracking_uri, capsys):
     """data.replay_every: 2 halves the extra passes: the KL is logged on steps 1 and 3 of 4, and the printed weight
-    doubles so that the average pull is that of every step."""
+    doubles so that the average pull is that of every step. The task's own loss is logged on every step."""
     from mlflow_finetune_plugin.train.job import run
 
     root = _project(tmp_path)
@@ -175,8 +175,15 @@ def test_kl_replay_every_n_steps_scores_one_step_in_n_at_n_times_the_weight(tmp_
     assert "Replay (data.replay, kl): one training step in 2 also pulls the model towards the base model on one of " \
            "3 rows of general text from prose.txt (weight 2)" in capsys.readouterr().out
     r = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "train/replay_kl")]
-    assert steps == [1, 3]
+    history = {key: {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, key)}
+               for key in ("train/replay_kl", "train/task_loss", "train/loss")}
+    kl, task, loss = history.values()
+    assert list(kl) == [1, 3] and kl[3] > 1e-4
+    # train/loss carries the KL term at 2x on the steps that score it; train/task_loss is the loss without it
+    assert list(task) == list(loss) == [1, 2, 3, 4]
+    for step in (2, 4):
+        assert loss[step] == pytest.approx(task[step], abs=2e-4)
+    assert loss[3] == pytest.approx(task[3] + 2 * kl[3], abs=2e-4, rel=1e-3)
 
 
 def test_a_recipes_replay_gives_way_where_the_entry_point_cannot_use_it(tmp_path, capsys):

@@ -7,8 +7,9 @@ loss is computed. Imported only by `objectives.sft` (it imports TRL).
   grows with (batch x max_length)^2 (measured 0.29x the padded speed on CPU). With those kernels the rows are kept
   as rows: `[batch, longest row]` with `position_ids` restarting at each example and no 2D attention mask, from
   which transformers builds a block-diagonal mask per row (batch x max_length^2, like padding to max_length).
-- Replay against forgetting (`data.replay_loss: kl`): each training forward also scores one row of general text
-  and adds KL(base || tuned) on it, the base being the adapter switched off (`_replay_kl`).
+- Replay against forgetting (`data.replay_loss: kl`): each training forward (or one in `replay_every`) also scores
+  one row of general text and adds KL(base || tuned) on it, the base being the adapter switched off (`_replay_kl`);
+  `train/task_loss` is the loss without that term.
 - Loss: TRL computes it through a fused, tiled LM head that never materialises the logits and recomputes them in
   the backward pass, plus entropy and token accuracy from the same tiles. That saves memory with big vocabularies
   on a GPU (and runs as Triton kernels there); on CPU it measured 0.63x the step speed of the model's own loss.
@@ -70,14 +71,18 @@ class FinetuneSFTTrainer(SFTTrainer):
         result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
         if not (self.replay_kl and model.training):
             return result
+        # The task's loss was divided by the items of the whole accumulated batch, or Trainer divides it by the
+        # accumulation steps afterwards: the KL term, a mean over one row, is scaled to match either way.
+        per_forward = self.current_gradient_accumulation_steps \
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None else 1
+        # train/loss includes the KL term (on one step in replay_every, weighted up): the task's own loss is logged
+        # apart, a smooth curve to read learning from
+        task = (result[0] if return_outputs else result).detach() * per_forward
+        self._metrics["train"]["task_loss"].append(self._gathered_mean(task))
         self._forwards += 1
         if (self._forwards - 1) % self.replay_every:
             return result
-        kl = self._replay_kl(model) * self.replay_every
-        # The task's loss was divided by the items of the whole accumulated batch, or Trainer divides it by the
-        # accumulation steps afterwards: the KL term, a mean over one row, is scaled to match either way.
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            kl = kl / self.current_gradient_accumulation_steps
+        kl = self._replay_kl(model) * self.replay_every / per_forward
         extra = self.replay_weight * kl
         return (result[0] + extra, result[1]) if return_outputs else result + extra
 
