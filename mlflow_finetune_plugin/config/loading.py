@@ -130,8 +130,7 @@ def _unpack_for_adapter(raw: dict, over: dict, merged: dict, adapter: str | None
     (`checks.py`), since nothing the user wrote then says which of the two should give way."""
     written = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     given = over.get("data") if isinstance(over.get("data"), dict) else {}
-    if not isinstance(adapter, str) or adapter not in NOT_PACKABLE or written.get("packing") is not True \
-            or "packing" in given:  # a wrong type is reported by the schema's validation
+    if adapter not in NOT_PACKABLE or written.get("packing") is not True or "packing" in given:
         return
     own = presets.adapter_type(raw["method"] if raw.get("method") in presets.PRESETS else "lora", raw)
     if own == adapter:

@@ -52,11 +52,12 @@ LEGACY_SECTIONS = ("lora", "qlora", "prefix", "prompt", "ia3", "full", "multitas
 
 
 def adapter_type(method: str, *raws: dict) -> str | None:
-    """The adapter a recipe trains: `adapter.type` where set (the last of `raws` wins), else the preset's."""
+    """The adapter a recipe trains: `adapter.type` where set (the last of `raws` wins), else the preset's; None when
+    the type written is not a name (e.g. `-P adapter.type=[0]`: the schema's validation then reports it)."""
     for raw in reversed(raws):
         adapter = raw.get("adapter")
         if isinstance(adapter, dict) and adapter.get("type"):
-            return adapter["type"]
+            return adapter["type"] if isinstance(adapter["type"], str) else None
     preset = PRESETS.get(method)
     return preset.adapter if preset else None
 
