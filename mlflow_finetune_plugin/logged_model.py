@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 
 from mlflow_finetune_plugin.errors import FinetuneError
 
@@ -173,7 +174,9 @@ class FinetunedChatModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self._loaded = _load({k: Path(v) for k, v in context.artifacts.items()}, dict(context.model_config), None)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+    # A DataFrame hint: MLflow converts the input by the logged signature (its `messages` column) and, unlike without
+    # a hint, does not warn at every load that type hints are missing
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         settings = {**DEFAULT_PARAMS, **(params or {})}
         return [generate(self._loaded, conv, **settings) for conv in to_conversations(model_input)]
 
