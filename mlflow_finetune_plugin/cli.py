@@ -205,10 +205,12 @@ def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, param
 @click.option("--run-id", default=None, help="Log into this run (e.g. the version's source run) instead of a new one.")
 @click.option("--max-examples", type=int, default=None, help="Score the first N rows (default: the recipe's).")
 @click.option("--max-new-tokens", type=int, default=None, help="Answer length limit (default: the recipe's).")
+@click.option("--num-beams", type=int, default=None, help="Beam search in every contender's answers (default: the "
+              "recipe's eval.num_beams; 1: greedy).")
 @click.option("--fewshot-k", type=int, default=None, help="Examples in the few-shot prompt; 0 skips few-shot.")
 @click.option("--retrieval-k", type=int, default=None, help="Train conversations retrieved (BM25) as shots for "
               "each question; default: the few-shot k; 0 skips retrieval.")
-def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_tokens, fewshot_k, retrieval_k):
+def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_tokens, num_beams, fewshot_k, retrieval_k):
     """Score MODEL_URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model) against its base model,
     zero-shot, few-shot and with retrieved shots: logs eval/<contender>/<metric>, a per-example table and a chart,
     prints the table, then the verdict (also tagged on the run): did it beat the best of them beyond the noise?
@@ -221,6 +223,7 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
 
     result, logged_run = evaluate_model_uri(model_uri, data=data, train_data=train_data, run_id=run_id,
                                             max_examples=max_examples, max_new_tokens=max_new_tokens,
+                                            num_beams=num_beams,
                                             fewshot_k=fewshot_k, retrieval_k=retrieval_k)
     click.echo(comparison_table(result.metrics))
     click.echo(f"Logged to run {logged_run} ({int(result.metrics['eval/n_examples'])} examples)")

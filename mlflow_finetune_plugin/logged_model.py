@@ -21,7 +21,7 @@ import pandas as pd
 
 from mlflow_finetune_plugin.errors import FinetuneError
 
-DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "num_beams": 1}
 
 
 @dataclass
@@ -132,22 +132,25 @@ def to_conversations(model_input) -> list[list[dict]]:
     return convs
 
 
-def generate(loaded: LoadedModel, messages: list[dict], max_new_tokens=64, temperature=0.0, top_p=1.0) -> str:
-    """One chat answer from a loaded model (greedy when temperature is 0)."""
+def generate(loaded: LoadedModel, messages: list[dict], max_new_tokens=64, temperature=0.0, top_p=1.0,
+             num_beams=1) -> str:
+    """One chat answer from a loaded model (greedy when temperature is 0, beam search with num_beams > 1)."""
     import torch
 
     tok, model = loaded.tokenizer, loaded.model
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-        "do_sample": False}
+        "do_sample": False, **_beams(num_beams)}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id, **sampling)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens=64) -> list[str]:
-    """Greedy chat answers to several conversations as one batch: the answers `generate` gives one at a time."""
+def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens=64,
+                          num_beams=1) -> list[str]:
+    """Greedy (or beam search) chat answers to several conversations as one batch: the answers `generate` gives one
+    at a time."""
     import torch
 
     tok, model = loaded.tokenizer, loaded.model
@@ -159,9 +162,15 @@ def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], 
     enc = {k: v.to(model.device) for k, v in enc.items()}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
-                             do_sample=False)
+                             do_sample=False, **_beams(num_beams))
     # Rows that end early are filled with padding, which decoding drops with the other special tokens.
     return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc["input_ids"].shape[1]:]]
+
+
+def _beams(num_beams) -> dict:
+    """generate()'s beam-search arguments: the answer as a whole most likely under the model (length-normalised), not
+    the one whose first token is (greedy). Canned answers sharing their first words are told apart this way."""
+    return {"num_beams": int(num_beams), "early_stopping": True} if int(num_beams or 1) > 1 else {}
 
 
 class FinetunedChatModel(mlflow.pyfunc.PythonModel):
@@ -181,7 +190,7 @@ class FinetunedChatModel(mlflow.pyfunc.PythonModel):
         return [generate(self._loaded, conv, **settings) for conv in to_conversations(model_input)]
 
 
-def _signature():
+def _signature(num_beams: int = 1):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
@@ -190,7 +199,7 @@ def _signature():
         inputs=Schema([ColSpec(Array(message), "messages")]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 64), ParamSpec("temperature", "double", 0.0),
-                            ParamSpec("top_p", "double", 1.0)]),
+                            ParamSpec("top_p", "double", 1.0), ParamSpec("num_beams", "long", num_beams)]),
     )
 
 
@@ -238,7 +247,7 @@ def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tag
             python_model=str(MODEL_CODE),
             artifacts=artifacts,
             model_config={k: v for k, v in config.items() if v is not None},
-            signature=_signature(),
+            signature=_signature(int(config.get("num_beams") or 1)),  # the decoding it was evaluated with
             input_example=_input_example(),
             pip_requirements=_requirements(),
             tags=tags,

@@ -181,6 +181,27 @@ def test_batched_answers_equal_one_at_a_time(tiny_lora, monkeypatch, batch_size)
         assert [r["base_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=16) for p in prompts]
 
 
+def test_beam_search_answers_are_the_models_beam_answers_and_leave_the_loss_alone(tiny_lora):
+    """eval.num_beams: every contender answers with beam search, batched as greedy answers are (the answers HF's
+    generate gives one prompt at a time with that many beams); the references' loss does not depend on decoding."""
+    model, tok = tiny_lora
+    convs = _varied_conversations()[:8]
+    greedy = run_evaluation(model, tok, convs, [], EvalConfig(max_examples=8, max_new_tokens=12, fewshot_k=0))
+    beams = run_evaluation(model, tok, convs, [], EvalConfig(max_examples=8, max_new_tokens=12, fewshot_k=0,
+                                                             num_beams=3, batch_size=4))
+    loaded = LoadedModel(model, tok, {})
+    prompts = [split_conversation(c)[0] for c in convs]
+    expected = [generate(loaded, p, max_new_tokens=12, num_beams=3) for p in prompts]
+    assert [r["tuned_answer"] for r in beams.rows] == expected
+    assert expected != [r["tuned_answer"] for r in greedy.rows]  # beams do change some answers of this model
+    enc = tok.apply_chat_template(prompts[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=12, num_beams=3, do_sample=False, early_stopping=True,
+                         pad_token_id=tok.pad_token_id)
+    assert tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == expected[0]
+    assert beams.metrics["eval/tuned/loss"] == pytest.approx(greedy.metrics["eval/tuned/loss"], rel=1e-5)
+    assert beams.metrics["eval/base/loss"] == pytest.approx(greedy.metrics["eval/base/loss"], rel=1e-5)
+
+
 def test_prompt_tuning_answers_one_at_a_time_and_scores_its_loss(tiny_model_dir):
     """Virtual tokens live in the KV cache of prompt tuning: evaluation does not reuse its scoring pass's cache
     there (LoRA does), and left padding would shift the virtual tokens: it answers one prompt at a time."""

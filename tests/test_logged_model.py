@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mlflow_finetune_plugin.config.schema import LoraAdapter
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.logged_model import load_logged_model, log_finetuned_model
+from mlflow_finetune_plugin.logged_model import LoadedModel, load_logged_model, log_finetuned_model
 from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 from mlflow_finetune_plugin.train.adapters import lora
 
@@ -66,6 +66,25 @@ def test_reload_gives_the_same_logits_and_the_base_is_not_copied(tracking_uri, t
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
     answers = pyfunc.predict([{"messages": [{"role": "user", "content": "Hello"}]}], params={"max_new_tokens": 8})
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_the_decoding_a_model_was_evaluated_with_is_its_pyfunc_default(tracking_uri, trained_adapter):
+    """A run with eval.num_beams logs that many beams as the model's default `num_beams` param: pyfunc predictions
+    decode as the evaluation did, unless the caller says otherwise."""
+    from mlflow_finetune_plugin.logged_model import generate
+
+    model, tok = trained_adapter
+    with mlflow.start_run():
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora",
+                                                "num_beams": 3})
+    assert {p.name: p.default for p in info.signature.params}["num_beams"] == 3
+    messages = [{"role": "user", "content": "Hello there, how are you today?"}]
+    loaded = LoadedModel(model, tok, {})
+    pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    assert pyfunc.predict([{"messages": messages}], params={"max_new_tokens": 10}) == [
+        generate(loaded, messages, max_new_tokens=10, num_beams=3)]
+    assert pyfunc.predict([{"messages": messages}], params={"max_new_tokens": 10, "num_beams": 1}) == [
+        generate(loaded, messages, max_new_tokens=10)]
 
 
 def test_a_different_base_is_refused(tracking_uri, trained_adapter, tmp_path, monkeypatch):

@@ -364,6 +364,8 @@ class EvalConfig(Section):
     enabled: bool = True
     max_examples: int = Field(50, gt=0, description="Held-out rows scored after training (the first N).")
     max_new_tokens: int = Field(64, gt=0)
+    num_beams: int = Field(1, ge=1, description="Beam search in every contender's answers (1: greedy). Recorded as the "
+                                                "logged model's default `num_beams` for pyfunc predictions.")
     batch_size: int = Field(32, gt=0, description="Prompts generated and scored together; lower it if memory runs out.")
     fewshot_k: int = Field(3, ge=0, description="Train examples in the few-shot prompt; 0 skips that contender.")
     traces: bool = Field(True, description="Log each held-out example with every contender's answer and scores "

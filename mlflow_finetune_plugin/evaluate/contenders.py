@@ -120,7 +120,8 @@ def _answer_all(model, tokenizer, prompts, references, cfg, name):
             for start in range(0, len(order), cfg.batch_size):
                 batch = order[start: start + cfg.batch_size]
                 batch_answers, total, count = answer_and_score(
-                    loaded, [prompts[i] for i in batch], [references[i] for i in batch], cfg.max_new_tokens)
+                    loaded, [prompts[i] for i in batch], [references[i] for i in batch], cfg.max_new_tokens,
+                    cfg.num_beams)
                 for i, answer in zip(batch, batch_answers):
                     answers[i] = answer
                 nll, n_tokens = nll + total, n_tokens + count
@@ -131,13 +132,13 @@ def _answer_all(model, tokenizer, prompts, references, cfg, name):
 
 
 def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
-                     max_new_tokens: int) -> tuple[list[str], float, int]:
-    """Greedy answers to `prompts` (as `generate_greedy_batch` gives them) and the summed NLL of the `references`
-    with their token count, sharing one pass over the prompts.
+                     max_new_tokens: int, num_beams: int = 1) -> tuple[list[str], float, int]:
+    """Greedy (or beam-search) answers to `prompts` (as `generate_greedy_batch` gives them) and the summed NLL of
+    the `references` with their token count, sharing one pass over the prompts where decoding is greedy.
 
     Generation continues from the KV cache of the pass that scores the references (`scoring.score_and_prefill`).
-    Models whose cache cannot be cut back that way (sliding-window layers) take two passes, one to answer and one to
-    score (`scoring.reference_nll`); prefix and prompt tuning answer one prompt at a time.
+    Beam search, and models whose cache cannot be cut back that way (sliding-window layers), take two passes, one to
+    answer and one to score (`scoring.reference_nll`); prefix and prompt tuning answer one prompt at a time.
     """
     import torch
 
@@ -147,11 +148,11 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
     if _virtual_tokens(model):
         # Left padding would sit between the virtual tokens and the prompt and shift their distance (the answers
         # then differ from unpadded ones): one prompt at a time.
-        answers = [generate(loaded, p, max_new_tokens=max_new_tokens) for p in prompts]
+        answers = [generate(loaded, p, max_new_tokens=max_new_tokens, num_beams=num_beams) for p in prompts]
         return answers, *reference_nll(model, tok, prompts, references)
     pairs = [reference_ids(tok, p, r) for p, r in zip(prompts, references)]
-    if not _shares_prefill(model) or not all(p for p, _ in pairs):
-        return (generate_greedy_batch(loaded, prompts, max_new_tokens),
+    if num_beams > 1 or not _shares_prefill(model) or not all(p for p, _ in pairs):
+        return (generate_greedy_batch(loaded, prompts, max_new_tokens, num_beams),
                 *reference_nll(model, tok, prompts, references))
     device = model.device
     prefill = score_and_prefill(model, tok, pairs)

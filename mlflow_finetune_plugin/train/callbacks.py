@@ -182,7 +182,8 @@ class TimeLeft(TrainerCallback):
         e, t = recipe.eval, recipe.train
         rows = sum(min(len(ds), e.max_examples) for ds in eval_sets if ds is not None)
         retrieval = (e.fewshot_k if e.retrieval_k is None else e.retrieval_k) > 0
-        return cls(rows, 2 + (e.fewshot_k > 0) + retrieval, e.max_new_tokens,
+        # beam search: num_beams sequences a question (the beams' shared prompt is a small part of the cost)
+        return cls(rows, 2 + (e.fewshot_k > 0) + retrieval, e.max_new_tokens * e.num_beams,
                    t.batch_size * t.grad_accum * recipe.data.max_length)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -87,7 +87,8 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     # The system prompt goes with the model: the playground pre-fills it, or the model answers out of character.
     config = {"base_model": base_ref, "base_revision": base_revision, "method": recipe.method,
               "adapter": recipe.adapter.type, "objective": recipe.objective, "artifact": adapter.ARTIFACT,
-              "system_prompt": trained_system_prompt(data.train, recipe.data.system_prompt)}
+              "system_prompt": trained_system_prompt(data.train, recipe.data.system_prompt),
+              "num_beams": recipe.eval.num_beams if recipe.eval.num_beams > 1 else None}
     if recipe.data.adapters == "per_task" and data.is_mixture:
         prompts = {name: trained_system_prompt(ds, recipe.data.tasks[name].system_prompt)
                    for name, ds in data.tasks.items()}

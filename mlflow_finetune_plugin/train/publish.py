@@ -179,7 +179,8 @@ def _final_model_config(run, recipe: dict) -> dict:
     t = run.data.tags
     return {"base_model": t.get(tag.BASE_MODEL), "base_revision": t.get(tag.BASE_REVISION),
             "method": t.get(tag.METHOD), "adapter": t.get(tag.ADAPTER), "objective": t.get(tag.OBJECTIVE),
-            "system_prompt": (recipe.get("data") or {}).get("system_prompt")}
+            "system_prompt": (recipe.get("data") or {}).get("system_prompt"),
+            "num_beams": (recipe.get("eval") or {}).get("num_beams")}
 
 
 def _evaluate_checkpoint(name: str, version: str, run_id: str) -> None:
