@@ -184,10 +184,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def register_version(name: str = "bot", seed: int = 0, alias: str | None = "challenger", r: int = 8,
-                     use_dora: bool = False, metrics: dict | None = None, base: str = "tiny") -> str:
+                     use_dora: bool = False, metrics: dict | None = None, base: str = "tiny",
+                     config: dict | None = None) -> str:
     """A registered LoRA version on the tiny model (or `base="smollm2"`) with random (non-zero) updates, so the
-    adapter changes the answers; `metrics` are logged in its source run (what promotion reads). Returns the version
-    number."""
+    adapter changes the answers; `metrics` are logged in its source run (what promotion reads); `config` adds to its
+    model_config (e.g. the num_beams its evaluation used). Returns the version number."""
     import mlflow
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,7 +212,8 @@ def register_version(name: str = "bot", seed: int = 0, alias: str | None = "chal
     with mlflow.start_run() as run:
         mlflow.log_metrics(metrics or {})
         info = log_finetuned_model(model.eval(), tokenizer,
-                                   {"base_model": reference, "artifact": "adapter", "method": "lora"})
+                                   {"base_model": reference, "artifact": "adapter", "method": "lora",
+                                    **(config or {})})
     tags = lineage_tags(method="lora", base_model=reference, dataset_digest="d", recipe_hash="r",
                         chat_template_hash="c", source_run=run.info.run_id)
     return str(register(info.model_uri, name, tags, alias).version)

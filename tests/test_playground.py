@@ -116,7 +116,7 @@ def test_compare_vote_summary_and_export_to_preference_data(app, engine, tmp_pat
     assert voted["model_a"] == "bot/1" and "challenger" in voted["label_a"]
     run = MlflowClient().get_run(voted["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["finetune.vote.verdict"] == "a"
-    assert run.data.params == {"max_new_tokens": "12", "temperature": "0.0", "top_p": "1.0"}
+    assert run.data.params == {"max_new_tokens": "12", "temperature": "0.0", "top_p": "1.0", "num_beams": "1"}
     logged = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/vote.json")
     assert logged["answer_a"] == a["answer"] and logged["answer_b"] == b["answer"]
     # bot v1 was trained with a system prompt, but a script that sends none gets none (the page pre-fills it).

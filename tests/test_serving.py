@@ -66,6 +66,11 @@ def test_settings_are_checked_all_at_once():
     assert Settings(0.0, 1.0, 4096).checked(max_new_tokens_cap=None).max_new_tokens == 4096  # engines: no cap
     with pytest.raises(FinetuneError, match="use 1 to 64"):
         Settings(0.0, 1.0, 65).checked(max_new_tokens_cap=64)
+    with pytest.raises(FinetuneError, match="num_beams=9: use 1"):
+        Settings(0.0, 1.0, 8, num_beams=9).checked()
+    with pytest.raises(FinetuneError, match="beam search is deterministic; set temperature 0"):
+        Settings(0.5, 1.0, 8, num_beams=2).checked()
+    assert Settings(0.0, 1.0, 8, num_beams=4).checked().num_beams == 4
 
 
 # --- the transformers engine -----------------------------------------------------------------------------------
@@ -100,6 +105,61 @@ def test_one_base_copy_serves_base_and_two_adapters_streaming_at_once(tracking_u
     # Alone, and with another length limit, it still answers the same.
     assert engine.generate(c1, MESSAGES, GREEDY) == expected_v1
     assert engine.generate(c1, MESSAGES, Settings(0.0, 1.0, 4)) == generate(loaded, MESSAGES, max_new_tokens=4)
+
+
+def test_beam_search_answers_are_the_logged_models_beam_answers_batched_with_both_sides(tracking_uri):
+    """num_beams > 1: the engine answers what the logged model's own generate (the evaluation's decoding) answers,
+    for the base side and two adapters in one mixed batch; greedy requests still answer greedily."""
+    v1, v2 = register_version(seed=0), register_version(seed=1, alias=None)
+    base, c1, c2 = ModelChoice("bot", v1, base=True), ModelChoice("bot", v1), ModelChoice("bot", v2)
+    beams = Settings(0.0, 1.0, 16, num_beams=3)
+    engine = TransformersEngine(device="cpu")
+    for choice in (base, c1, c2):
+        engine.prepare(choice)  # loaded first, so the three requests usually share one batch (mixed adapter names,
+    engine._slots[0].batcher.gap_s = 1.0  # which PEFT repeats per beam); the answers are the same either way
+    jobs = [(base, MESSAGES), (c1, MESSAGES), (c2, MESSAGES)]
+    texts = ["", "", ""]
+    for i, piece, error in stream_pair(engine, jobs, beams):
+        assert error is None
+        texts[i] += piece
+
+    loaded = load_logged_model(local_model(c1).path, device="cpu")
+    expected_v1 = generate(loaded, MESSAGES, max_new_tokens=16, num_beams=3)
+    with loaded.model.disable_adapter():
+        expected_base = generate(loaded, MESSAGES, max_new_tokens=16, num_beams=3)
+    expected_v2 = generate(load_logged_model(local_model(c2).path, device="cpu"), MESSAGES, max_new_tokens=16,
+                           num_beams=3)
+    assert [t.strip() for t in texts] == [expected_base, expected_v1, expected_v2]
+    # Beam search is not greedy decoding here (else this test would show nothing), and greedy still streams.
+    greedy = generate(loaded, MESSAGES, max_new_tokens=16)
+    assert expected_v1 != greedy
+    assert engine.generate(c1, MESSAGES, GREEDY) == greedy
+
+
+def test_the_playground_decodes_as_the_version_was_evaluated_unless_told_otherwise(tracking_uri):
+    """A version evaluated with eval.num_beams 3 logs it; the playground's comparisons default to it at temperature
+    0 (both sides), so its answers are those the run's figures scored; Beams 1 or sampling override it."""
+    from mlflow_finetune_plugin.serving.choices import logged_num_beams
+    from mlflow_finetune_plugin.serving.playground.core import Playground
+
+    greedy_version = register_version(seed=0)
+    v = register_version(seed=1, alias=None, config={"num_beams": 3})
+    assert logged_num_beams(ModelChoice("bot", v)) == 3 and logged_num_beams(ModelChoice("bot", v, True)) == 3
+    assert logged_num_beams(ModelChoice("bot", greedy_version)) == 1
+    engine = TransformersEngine(device="cpu")
+    pg = Playground(engine, ModelChoice("bot", v), ModelChoice("bot", v, base=True))
+    tuned, base = ModelChoice("bot", v), ModelChoice("bot", v, True)
+    beams, greedy = Settings(0.0, 1.0, 12, num_beams=3), Settings(0.0, 1.0, 12)
+    r = pg.compare("How do I reset my password?", max_new_tokens=12)
+    assert r["settings"]["num_beams"] == 3
+    assert [r["a"]["answer"], r["b"]["answer"]] == [engine.generate(tuned, MESSAGES, beams),
+                                                    engine.generate(base, MESSAGES, beams)]
+    assert r["a"]["answer"] != engine.generate(tuned, MESSAGES, greedy)
+    assert pg.compare("How do I reset my password?", max_new_tokens=12, num_beams=1)["a"]["answer"] == \
+        engine.generate(tuned, MESSAGES, greedy)
+    assert pg.compare("How do I reset my password?", temperature=0.7, max_new_tokens=12)["settings"]["num_beams"] == 1
+    assert pg.default_num_beams(f"bot/{greedy_version}") == 1
+    engine.close()
 
 
 def test_an_adapter_loaded_first_shares_its_base_with_the_base_side(tracking_uri):

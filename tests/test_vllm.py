@@ -103,6 +103,13 @@ def test_the_vllm_engine_answers_like_the_logged_model_and_loads_new_versions_li
             asyncio.run_coroutine_threadsafe(engine._llm.add_lora(direct), engine._loop).result(timeout=120)
         # The engine still answers after that refusal.
         assert engine.generate(ModelChoice("bot", v1), MESSAGES, GREEDY) == texts[1].strip()
+        # Beam search (the playground's Beams > 1) runs vLLM's own online beam search on both sides: the same
+        # answers as the transformers engine's beam search (the evaluation's decoding), which greedy does not give.
+        beams = Settings(0.0, 1.0, 16, num_beams=3)
+        for choice in (ModelChoice("bot", v1, base=True), ModelChoice("bot", v1)):
+            answer = engine.generate(choice, MESSAGES, beams)
+            assert same(answer, reference.generate(choice, MESSAGES, beams))
+            assert answer != engine.generate(choice, MESSAGES, GREEDY)
     finally:
         engine.close()
 

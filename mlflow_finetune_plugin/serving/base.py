@@ -18,15 +18,20 @@ from mlflow_finetune_plugin.messages import text_of
 # Upper bounds the playground enforces whatever a client sends (a browser, gradio_client, a script).
 MAX_NEW_TOKENS_CAP = 1024
 MAX_PROMPT_CHARS = 8000
+MAX_BEAMS = 8
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Generation settings shared by both sides of a comparison (temperature 0 means greedy)."""
+    """Generation settings shared by both sides of a comparison (temperature 0 means greedy).
+
+    `num_beams` > 1 is beam search (temperature 0 only): the answer most likely as a whole rather than token by
+    token, as `eval.num_beams` scores it. A beam-search answer comes in one piece, when the search ends."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 128
+    num_beams: int = 1
 
     def checked(self, max_new_tokens_cap: int | None = MAX_NEW_TOKENS_CAP) -> Settings:
         """These settings, validated (`max_new_tokens_cap` None: no cap); raises FinetuneError naming each bad value
@@ -41,9 +46,14 @@ class Settings:
         elif max_new_tokens_cap is not None and not 1 <= int(self.max_new_tokens) <= max_new_tokens_cap:
             problems.append(f"max_new_tokens={self.max_new_tokens}: use 1 to {max_new_tokens_cap} "
                             "(the playground's cap, --max-new-tokens)")
+        if not 1 <= int(self.num_beams) <= MAX_BEAMS:
+            problems.append(f"num_beams={self.num_beams}: use 1 (greedy or sampling) to {MAX_BEAMS}")
+        elif int(self.num_beams) > 1 and float(self.temperature) > 0:
+            problems.append(f"num_beams={self.num_beams} with temperature={self.temperature}: beam search is "
+                            "deterministic; set temperature 0, or num_beams 1 to sample")
         if problems:
             raise FinetuneError("invalid generation settings: " + "; ".join(problems))
-        return Settings(float(self.temperature), float(self.top_p), int(self.max_new_tokens))
+        return Settings(float(self.temperature), float(self.top_p), int(self.max_new_tokens), int(self.num_beams))
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -179,6 +179,19 @@ def trained_system_prompt(choice: ModelChoice) -> tuple[str, str]:
     return "", ""
 
 
+def logged_num_beams(choice: ModelChoice) -> int:
+    """The beams version `choice` (or, for `:base`, the version it names) was evaluated with (`eval.num_beams`,
+    logged in its model_config): the decoding its figures describe. 1 when it logged none or cannot be read."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    try:  # the MLmodel file only, not the weights
+        config = Model.load(f"models:/{choice.name}/{choice.version}").flavors.get("python_function", {})
+        return max(1, int((config.get("config") or {}).get("num_beams") or 1))
+    except (MlflowException, OSError, TypeError, ValueError):
+        return 1
+
+
 def _section(data, *keys: str) -> dict:
     """data[k1][k2]... of a recipe read back as plain data; {} where a key is missing."""
     for key in keys:

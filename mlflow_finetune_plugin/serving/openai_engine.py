@@ -58,6 +58,10 @@ class OpenAIEngine(Engine):
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:
         """Stream the answer from the server; connection and model errors become FinetuneErrors with the fix."""
         settings = settings.checked(max_new_tokens_cap=None)  # ranges only: the playground applies its own cap
+        if settings.num_beams > 1:
+            raise FinetuneError(f"num_beams={settings.num_beams}: the OpenAI API has no beam search (transformers "
+                                "serve ignores it; vLLM's is an extension); use num_beams 1 here, or the playground's "
+                                "transformers or vllm engine")
         url, model = self.endpoint(choice)
         client = self._client(url)
         import openai  # importable: _client checked

@@ -57,7 +57,7 @@ class _Slot:
         shared too)."""
         state = "" if self.peft_type is None or self.mixes_adapters() else request.adapter
         settings = request.settings
-        if self.steppable:
+        if self.steppable and settings.num_beams == 1:
             return settings.temperature, settings.top_p, state
         return settings, request.eos, state
 
@@ -252,8 +252,9 @@ class TransformersEngine(Engine):
 
     def _start(self, slot: _Slot, batch: list[Request]) -> Stepper | None:
         """A Stepper for `batch` (continuous batching), holding the slot's lock until it closes; None where the
-        model needs `generate()` (prompt learning adds virtual tokens there; see stepping.steppable)."""
-        if not slot.steppable:
+        model needs `generate()` (prompt learning adds virtual tokens there; see stepping.steppable) or the batch
+        searches beams."""
+        if not slot.steppable or batch[0].settings.num_beams > 1:
             return None
         import torch
 
@@ -278,7 +279,11 @@ class TransformersEngine(Engine):
             raise
 
     def _run(self, slot: _Slot, batch: list[Request]) -> None:
-        """Generate `batch` (one group, see _Slot.group) as one left-padded `generate()`, in the slot's thread."""
+        """Generate `batch` (one group, see _Slot.group) as one left-padded `generate()`, in the slot's thread.
+
+        Greedy and sampled rows stream token by token (`row_hook`). Beam search (`num_beams` > 1, as
+        logged_model.generate scores it: early stopping, no sampling) knows each row's answer only when the search
+        ends, so each answer comes whole."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -290,6 +295,10 @@ class TransformersEngine(Engine):
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in batch])
         sampling = ({"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
                     if settings.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None})
+        beams = settings.num_beams > 1
+        if beams:  # the stopping criterion sees batch x beams rows: no streaming hook, the answers come at the end
+            sampling.update(num_beams=settings.num_beams, early_stopping=True)
+        hooks = [] if beams else [row_hook(batch)]
         with slot.lock:
             target, extra = slot.model, {}
             if slot.put_in_place(first):
@@ -297,11 +306,16 @@ class TransformersEngine(Engine):
             elif slot.prompt_learning and first.adapter == _BASE:  # prompt learning adds its virtual tokens in
                 target = slot.model.get_base_model()                 # PeftModel.generate: the base calls past it
             device = _device_of(target)
-            target.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            max_new_tokens=settings.max_new_tokens, eos_token_id=sorted(first.eos) or None,
-                            pad_token_id=first.pad_id,
-                            stopping_criteria=StoppingCriteriaList([row_hook(batch)]),
-                            **sampling, **extra)
+            out = target.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  max_new_tokens=settings.max_new_tokens, eos_token_id=sorted(first.eos) or None,
+                                  pad_token_id=first.pad_id, stopping_criteria=StoppingCriteriaList(hooks),
+                                  **sampling, **extra)
+        if beams:
+            for request, row in zip(batch, out[:, width:].tolist()):
+                for token in row:  # each answer's tokens, as a streamed row would take them (ends at end of turn)
+                    request.take(token)
+                    if request.done:
+                        break
 
     def close(self) -> None:
         """End every request (waiting ones with an error) and drop every loaded model."""

@@ -194,11 +194,16 @@ class VLLMEngine(Engine):
         out: queue.Queue = queue.Queue()
         request_id = uuid.uuid4().hex
 
+        if settings.num_beams > 1:  # vLLM's own online beam search (what `vllm serve` runs for use_beam_search)
+            answers = self._beam_search(list(ids), lora, settings, request_id)
+        else:
+            answers = self._llm.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id,
+                                         lora_request=lora)
+
         async def run():
             try:
-                async for item in self._llm.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id,
-                                                     lora_request=lora):
-                    for o in item.outputs:
+                async for item in answers:
+                    for o in item.outputs[:1]:  # beam search lists its best beams, the best first
                         if o.text:
                             out.put(o.text)
                 out.put(_DONE)
@@ -217,6 +222,26 @@ class VLLMEngine(Engine):
         finally:
             if not future.done():  # the consumer went away: abort the request inside vLLM
                 future.cancel()
+
+    def _beam_search(self, ids: list[int], lora, settings: Settings, request_id: str):
+        """vLLM's online beam search over this engine (`BeamSearchOnlineMixin`, which needs only the engine client
+        and its renderer): one-token steps of every beam, prefix-cached, until max_new_tokens; the answer comes
+        whole at the end. Its length penalty (1.0) and stopping differ from transformers' early-stopping beam
+        search, so the two engines may pick different answers where beams are close."""
+        try:
+            from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
+            from vllm.inputs import tokens_input
+            from vllm.sampling_params import BeamSearchParams
+        except ImportError as e:
+            raise FinetuneError(f"this vLLM has no online beam search ({e}): use num_beams 1 or the transformers "
+                                "engine") from None
+
+        class _Search(BeamSearchOnlineMixin):
+            def __init__(self, llm):
+                self.engine_client, self.renderer = llm, llm.renderer
+
+        params = BeamSearchParams(beam_width=settings.num_beams, max_tokens=settings.max_new_tokens, temperature=0.0)
+        return _Search(self._llm).beam_search(tokens_input(ids), request_id, params, lora_request=lora)
 
     def close(self) -> None:
         if self._llm is not None:

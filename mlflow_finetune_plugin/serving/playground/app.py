@@ -9,6 +9,7 @@ import gradio as gr
 from mlflow_finetune_plugin.arena.ratings import MIN_VOTES
 from mlflow_finetune_plugin.arena.votes import LEADERBOARD_HEADERS, SUMMARY_HEADERS, VERDICTS
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.serving.base import MAX_BEAMS
 from mlflow_finetune_plugin.serving.playground.core import Playground
 
 _BLIND_LABELS = ("Model A", "Model B")
@@ -56,6 +57,10 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                 max_new = gr.Slider(1, pg.max_new_tokens_cap, value=pg.default_max_new_tokens, step=1,
                                     label="Max new tokens")
+                # The decoding model A's figures were scored with (eval.num_beams); beam answers come whole.
+                beams = gr.Slider(1, MAX_BEAMS, value=pg.default_num_beams(pg.default_a), step=1, elem_id="beams",
+                                  label="Beams (1 = token by token; more: beam search at temperature 0, "
+                                        "each answer shown when complete)")
         with gr.Row():
             chat_a = gr.Chatbot(label=_label(pg, pg.default_a, pg.blind_default, 0), elem_id="chat-a", height=380)
             chat_b = gr.Chatbot(label=_label(pg, pg.default_b, pg.blind_default, 1), elem_id="chat-b", height=380)
@@ -86,9 +91,10 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
             promote_out = gr.Markdown(elem_id="promote-out")
 
         # ---- chatting
-        def on_send(text, hist_a, hist_b, key_a, key_b, system_prompt, temp, p, max_tokens, is_blind, running):
+        def on_send(text, hist_a, hist_b, key_a, key_b, system_prompt, temp, p, max_tokens, is_blind, running,
+                    num_beams):
             _checked(pg.check_text, text, system_prompt)
-            settings = _checked(pg.settings, temp, p, max_tokens)
+            settings = _checked(pg.settings, temp, p, max_tokens, num_beams)
             if running is None or not (hist_a or hist_b):
                 running = pg.assign(_checked(pg.resolve, key_a, pg.default_a).key,
                                     _checked(pg.resolve, key_b, pg.default_b).key, bool(is_blind))
@@ -114,7 +120,8 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
             yield (*panes(), "", "Which answer is better? Vote below.", running, comparison)
 
         chat_outputs = [chat_a, chat_b, prompt, status, sides, last]
-        chat_inputs = [prompt, chat_a, chat_b, pick_a, pick_b, system, temperature, top_p, max_new, blind, sides]
+        chat_inputs = [prompt, chat_a, chat_b, pick_a, pick_b, system, temperature, top_p, max_new, blind, sides,
+                       beams]
         for trigger in (send.click, prompt.submit):
             trigger(on_send, chat_inputs, chat_outputs, api_visibility="private")
 
@@ -130,6 +137,7 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
                       queue=False)
         for trigger in (pick_a.change, pick_b.change):
             trigger(pg.details, [pick_a, pick_b], model_details, api_visibility="private", queue=False)
+        pick_a.change(pg.default_num_beams, [pick_a], beams, api_visibility="private", queue=False)
 
         # ---- voting
         def make_vote(verdict):
@@ -174,11 +182,12 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
         # ---- scriptable endpoints (one call each: gradio_client does not run .then() chains)
         def compare(prompt: str, model_a: str = "", model_b: str = "", system_prompt: str = "",
                     temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int | None = None,
-                    blind: bool = False) -> dict:
+                    blind: bool = False, num_beams: int | None = None) -> dict:
             """Both answers to `prompt` and the comparison id to vote with (model_a/model_b: NAME/VERSION or
-            NAME/VERSION:base; empty = the playground's defaults; max_new_tokens empty = 128 or the cap)."""
+            NAME/VERSION:base; empty = the playground's defaults; max_new_tokens empty = 128 or the cap; num_beams
+            empty = the beams model A was evaluated with at temperature 0, else 1)."""
             return _checked(pg.compare, prompt, model_a, model_b, system_prompt, temperature, top_p,
-                            max_new_tokens, blind)
+                            max_new_tokens, blind, num_beams)
 
         def system_prompt(model: str = "") -> str:
             """The system prompt `model` (NAME/VERSION; empty = model A) was trained with, "" if none: what the page

@@ -42,6 +42,7 @@ class Playground:
         self._voted: set[str] = set()
         self._lock = threading.Lock()
         self._system_prompts: dict[str, tuple[str, str]] = {}  # key -> (trained system prompt, where it was found)
+        self._beams: dict[str, int] = {}  # key -> the beams its evaluation used (logged num_beams)
 
     # ------------------------------------------------------------------------------------------- model choices
     def choices(self) -> list[tuple[str, str]]:
@@ -118,8 +119,22 @@ class Playground:
     def default_max_new_tokens(self) -> int:
         return min(128, self.max_new_tokens_cap)
 
-    def settings(self, temperature, top_p, max_new_tokens) -> Settings:
-        return Settings(float(temperature), float(top_p), int(max_new_tokens)).checked(self.max_new_tokens_cap)
+    def settings(self, temperature, top_p, max_new_tokens, num_beams=1) -> Settings:
+        return Settings(float(temperature), float(top_p), int(max_new_tokens),
+                        int(num_beams or 1)).checked(self.max_new_tokens_cap)
+
+    def default_num_beams(self, key: str | None = None) -> int:
+        """The beams model `key` (empty: model A) was evaluated with (`eval.num_beams`), so the page answers as the
+        run's figures say; 1 (greedy) for versions evaluated greedily."""
+        from mlflow_finetune_plugin.serving.choices import logged_num_beams
+
+        try:
+            choice = self.resolve(key, self.default_a)
+        except FinetuneError:
+            return 1
+        if choice.key not in self._beams:
+            self._beams[choice.key] = logged_num_beams(choice)
+        return self._beams[choice.key]
 
     def check_text(self, prompt: str, system_prompt: str = "") -> None:
         """Refuse empty prompts and input over the playground's length limit."""
@@ -173,11 +188,14 @@ class Playground:
 
     def compare(self, prompt: str, model_a: str = "", model_b: str = "", system_prompt: str = "",
                 temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int | None = None,
-                blind: bool = False) -> dict:
+                blind: bool = False, num_beams: int | None = None) -> dict:
         """One whole comparison: both answers, and the id to vote with. A model failing is reported in its side's
-        `error`, not raised; invalid input raises FinetuneError."""
+        `error`, not raised; invalid input raises FinetuneError. `num_beams` empty: greedy, or the beams model A
+        was evaluated with when temperature is 0."""
         self.check_text(prompt, system_prompt)
-        settings = self.settings(temperature, top_p, max_new_tokens or self.default_max_new_tokens)
+        if not num_beams:
+            num_beams = self.default_num_beams(model_a) if float(temperature) == 0 else 1
+        settings = self.settings(temperature, top_p, max_new_tokens or self.default_max_new_tokens, num_beams)
         keys = [self.resolve(model_a, self.default_a).key, self.resolve(model_b, self.default_b).key]
         sides = self.assign(*keys, blind)
         contexts = [self.context(system_prompt, [], prompt)] * 2
