@@ -20,6 +20,7 @@ import mlflow
 import pandas as pd
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
 
 DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "num_beams": 1}
 
@@ -85,6 +86,7 @@ def load_logged_base(config: dict, dtype):
                 f"the base model {base_ref!r} on this machine ({resolve_model_path(base_ref)}) is not the one "
                 f"this adapter was trained on (weights digest {actual} != {expected}). Restore that base, or "
                 "retrain the adapter on this one.")
+    native_gqa_on_cpu()
     return AutoModelForCausalLM.from_pretrained(
         resolve_model_path(base_ref), revision=config.get("base_revision"), dtype=dtype, use_safetensors=True)
 
@@ -99,6 +101,7 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
     dtype = torch_dtype("auto") if device != "cpu" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(artifacts["tokenizer"])
     if config.get("artifact") == "full":
+        native_gqa_on_cpu()
         model = AutoModelForCausalLM.from_pretrained(artifacts["model"], dtype=dtype, use_safetensors=True)
     else:
         from peft import PeftModel

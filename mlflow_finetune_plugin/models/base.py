@@ -124,6 +124,9 @@ def load_base_model(model_cfg, dtype=None, **kwargs):
     """Load the base causal LM named by a recipe's `model` section (extra kwargs go to `from_pretrained`)."""
     from transformers import AutoModelForCausalLM
 
+    from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
+
+    native_gqa_on_cpu()
     path = resolve_model_path(model_cfg.name)
     if dtype is None:
         dtype = torch_dtype(model_cfg.dtype)
