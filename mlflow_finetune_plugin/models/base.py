@@ -81,45 +81,6 @@ def torch_dtype(precision: str):
     return torch.float32
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether bf16 matmuls beat fp32 on this CPU: with AMX tiles they do; with AVX-512 BF16 alone they measured
-    slower than fp32 (docs/benchmarks.md), so only AMX counts."""
-    import torch
-
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if check is not None:
-        return bool(check())
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
-def cpu_autocast_bf16(precision: str, model_dtype: str) -> bool:
-    """Train with fp32 weights under CPU autocast to bf16: asked for (`train.precision: bf16` on a CPU), or `auto`
-    on a CPU where bf16 is fast, unless the recipe sets the weights' dtype itself."""
-    import torch
-
-    if torch.cuda.is_available():
-        return False
-    if precision == "bf16":
-        return model_dtype in ("auto", "float32")
-    return precision == "auto" and model_dtype == "auto" and cpu_has_fast_bf16()
-
-
-def compute_precision(precision: str, model_dtype: str) -> str:
-    """What training computes in, in words (logged as the `finetune.precision` tag)."""
-    import torch
-
-    if cpu_autocast_bf16(precision, model_dtype):
-        return "bf16 autocast, fp32 weights"
-    weights = str(torch_dtype(model_dtype)).removeprefix("torch.")
-    if torch.cuda.is_available() and precision != "auto":
-        return f"{str(torch_dtype(precision)).removeprefix('torch.')} mixed precision, {weights} weights"
-    return weights
-
-
 def load_base_model(model_cfg, dtype=None, **kwargs):
     """Load the base causal LM named by a recipe's `model` section (extra kwargs go to `from_pretrained`)."""
     from transformers import AutoModelForCausalLM

@@ -16,6 +16,7 @@ from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
 from mlflow_finetune_plugin.evaluate.verdict import conclude
 from mlflow_finetune_plugin.logged_model import chat_template_hash
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
+from mlflow_finetune_plugin.models.precision import cpu_autocast_bf16, fp32_where_it_matters
 from mlflow_finetune_plugin.tags import lineage_tags
 from mlflow_finetune_plugin.train import publish, quantization, resume, trainers
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach
@@ -51,17 +52,21 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     gc.collect()
     gc.freeze()
     last_step = 0  # one adapter per task: each task's steps count from 1, its metrics carry the task's name
+    # Under CPU bf16 autocast the logits and the LoRA updates stay fp32 (models/precision.py); no-op otherwise.
+    autocast = cpu_autocast_bf16(recipe.train.precision, recipe.model.dtype)
     try:
-        if recipe.data.adapters == "per_task" and data.is_mixture:
-            trainers.train_per_task(recipe, objective, model, tokenizer, data.tasks, data.task_evals, args)
-            tuned = model
-        else:
-            evaluated = list(data.task_evals.values()) if data.is_mixture else [data.eval]
-            trainer = objective.build_trainer(recipe, model, tokenizer, data.train, data.eval, args,
-                                              [MlflowMetrics(), CheckpointLogger(), TimeLeft.of(recipe, evaluated)])
-            trainer.train(resume_from_checkpoint=_checkpoint(recipe, trainer, run_id, main))
-            last_step = trainer.state.global_step  # the evaluation's metrics are logged there: the latest values
-            tuned = trainers.unsharded(trainer, recipe, run_id, main) if trainer.is_fsdp_enabled else trainer.model
+        with fp32_where_it_matters(model, autocast):
+            if recipe.data.adapters == "per_task" and data.is_mixture:
+                trainers.train_per_task(recipe, objective, model, tokenizer, data.tasks, data.task_evals, args)
+                tuned = model
+            else:
+                evaluated = list(data.task_evals.values()) if data.is_mixture else [data.eval]
+                callbacks = [MlflowMetrics(), CheckpointLogger(), TimeLeft.of(recipe, evaluated)]
+                trainer = objective.build_trainer(recipe, model, tokenizer, data.train, data.eval, args, callbacks)
+                trainer.train(resume_from_checkpoint=_checkpoint(recipe, trainer, run_id, main))
+                last_step = trainer.state.global_step  # the evaluation's metrics are logged there: the latest
+                tuned = trainers.unsharded(trainer, recipe, run_id, main) if trainer.is_fsdp_enabled \
+                    else trainer.model
     finally:
         gc.unfreeze()
     if not main:

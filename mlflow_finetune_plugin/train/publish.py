@@ -13,7 +13,7 @@ import mlflow
 from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.config.loading import flat_params, recipe_hash, to_yaml
 from mlflow_finetune_plugin.logged_model import log_finetuned_model
-from mlflow_finetune_plugin.models.base import compute_precision
+from mlflow_finetune_plugin.models.precision import compute_precision, precision_reason
 from mlflow_finetune_plugin.registry import model_card
 from mlflow_finetune_plugin.registry.promotion import maybe_auto_promote
 from mlflow_finetune_plugin.registry.versions import register
@@ -28,7 +28,9 @@ def log_recipe(recipe, run_id: str, base_ref: str, vllm: tuple[bool, str]) -> di
     mlflow.log_params({k: v for k, v in flat_params(recipe).items() if k not in logged})
     mlflow.log_text(to_yaml(recipe), "recipe.yaml")
     precision = compute_precision(recipe.train.precision, recipe.model.dtype)
-    print(f"Base model: {base_ref}; training precision: {precision}", file=sys.stderr)
+    why = precision_reason(recipe.train.precision, recipe.model.dtype)
+    print(f"Base model: {base_ref}; training precision: {precision}" + (f" ({why})" if why else ""),
+          file=sys.stderr)
     tags = lineage_tags(method=recipe.method, adapter=recipe.adapter.type, objective=recipe.objective,
                         quantization=recipe.model.quantization, base_model=base_ref,
                         base_revision=recipe.model.revision, recipe_hash=recipe_hash(recipe), source_run=run_id,

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from mlflow_finetune_plugin import paths
-from mlflow_finetune_plugin.models.base import cpu_autocast_bf16, load_base_model, torch_dtype
+from mlflow_finetune_plugin.models.base import load_base_model, torch_dtype
+from mlflow_finetune_plugin.models.precision import cpu_autocast_bf16
 
 
 def is_main_process() -> bool:

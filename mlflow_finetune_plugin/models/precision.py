@@ -1,0 +1,158 @@
+"""What training computes in on this machine: bf16 where it pays, found by measuring, not by the CPU's name.
+
+On a GPU, `train.precision: auto` is bf16 where the GPU supports it. On a CPU it is fp32 weights, with bf16 autocast
+(bf16 matmuls) only where this CPU runs bf16 matmuls much faster than fp32. That differs by CPU in ways no flag
+tells: a Xeon with AVX-512 BF16 but no AMX ran them at 0.65x fp32, an AMD EPYC with the same flag at 2.4x, a Xeon
+with AMX at 3-8x (docs/benchmarks.md, "CPUs seen so far"). So the answer is a measurement, taken once per process
+on a matmul the size of a training step's, in about a tenth of a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+
+# bf16 matmuls must run this much faster than fp32 for autocast to pay in a whole step: matmuls are two thirds of a
+# LoRA step on smollm2, and autocast adds casts; a bare 2.4x made a step 1.43x (docs/benchmarks.md).
+MIN_MATMUL_SPEEDUP = 1.6
+# CPU flags (x86 /proc/cpuinfo "flags", Arm "Features") of native bf16 arithmetic; without one, bf16 is emulated.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("flags", "features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float | None:
+    """bf16 over fp32 throughput of a training-sized matmul on this CPU, measured now; None on a CPU without native
+    bf16 arithmetic (bf16 is then emulated and slower, so there is nothing to measure)."""
+    if not cpu_flags() & BF16_FLAGS:
+        return None
+    import torch
+
+    def seconds(dtype) -> float:
+        # 512 tokens through a 576 -> 1536 projection: smollm2's MLP at 2 rows of 256 tokens. Best of 5 after a
+        # warm-up, so a moment of other work on the machine does not decide the run's precision.
+        a, b = torch.randn(512, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return seconds(torch.float32) / seconds(torch.bfloat16)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether bf16 autocast pays on this CPU (see the module docstring)."""
+    speedup = cpu_bf16_speedup()
+    return speedup is not None and speedup >= MIN_MATMUL_SPEEDUP
+
+
+def cpu_autocast_bf16(precision: str, model_dtype: str) -> bool:
+    """Train with fp32 weights under CPU autocast to bf16: asked for (`train.precision: bf16` on a CPU), or `auto`
+    on a CPU where bf16 is fast, unless the recipe sets the weights' dtype itself."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    if precision == "bf16":
+        return model_dtype in ("auto", "float32")
+    return precision == "auto" and model_dtype == "auto" and cpu_has_fast_bf16()
+
+
+def compute_precision(precision: str, model_dtype: str) -> str:
+    """What training computes in, in words (logged as the `finetune.precision` tag)."""
+    import torch
+
+    from mlflow_finetune_plugin.models.base import torch_dtype
+
+    if cpu_autocast_bf16(precision, model_dtype):
+        return "bf16 autocast, fp32 weights"
+    weights = str(torch_dtype(model_dtype)).removeprefix("torch.")
+    if torch.cuda.is_available() and precision != "auto":
+        return f"{str(torch_dtype(precision)).removeprefix('torch.')} mixed precision, {weights} weights"
+    return weights
+
+
+def precision_reason(precision: str, model_dtype: str) -> str:
+    """Why `auto` chose what it chose on this CPU, for the printed line ('' where nothing was measured)."""
+    import torch
+
+    if precision != "auto" or model_dtype != "auto" or torch.cuda.is_available():
+        return ""
+    speedup = cpu_bf16_speedup()
+    if speedup is None:
+        return "this CPU has no native bf16 arithmetic"
+    verdict = "pays" if speedup >= MIN_MATMUL_SPEEDUP else f"does not pay (below {MIN_MATMUL_SPEEDUP}x)"
+    return f"bf16 matmuls measured {speedup:.1f}x fp32 on this CPU: autocast {verdict}"
+
+
+
+@contextlib.contextmanager
+def fp32_where_it_matters(model, enabled: bool):
+    """While training under CPU bf16 autocast, keep in fp32 what the adapter's learning depends on: the LM head (the
+    logits, and through them the loss and the replay KL term) and each LoRA layer's update, computed in fp32 and
+    added to its base layer's output in fp32. The base layers' own matmuls, nearly all the work, stay in bf16.
+
+    Plain autocast rounded both to bf16 (8 bits of mantissa: a logit near 20 moves in steps of 0.125, and a LoRA
+    update well below its base output is rounded with it) and cost support-bot 0.11-0.14 rougeL against fp32
+    (docs/benchmarks.md). Put back as they were on exit; with `enabled` false nothing changes.
+    """
+    if not enabled:
+        yield
+        return
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    patched = []
+
+    def patch(module, make):
+        patched.append((module, module.__dict__.get("forward")))
+        module.forward = make(module.forward)
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        patch(head, _computed_in_fp32)
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and isinstance(layer.get_base_layer(), torch.nn.Linear):
+            patch(layer.get_base_layer(), _output_in_fp32)
+            for branch in (*layer.lora_A.values(), *layer.lora_B.values()):
+                patch(branch, _computed_in_fp32)
+    try:
+        yield
+    finally:
+        for module, forward in reversed(patched):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def _computed_in_fp32(forward):
+    import torch
+
+    def fp32_forward(x, *args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return forward(x.float(), *args, **kwargs)
+    return fp32_forward
+
+
+def _output_in_fp32(forward):
+    def upcast_forward(x, *args, **kwargs):
+        return forward(x, *args, **kwargs).float()
+    return upcast_forward

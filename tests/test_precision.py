@@ -1,0 +1,148 @@
+"""`train.precision: auto` on a CPU: bf16 autocast only where this CPU's bf16 matmuls were measured fast enough.
+
+The measurement itself runs for real on whatever CPU runs the tests; the decision around it is checked against each
+kind of CPU seen so far by standing in for its flags or its measured ratio.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlflow_finetune_plugin.models import precision
+
+
+@pytest.fixture(autouse=True)
+def fresh_measurement():
+    precision.cpu_bf16_speedup.cache_clear()
+    yield
+    precision.cpu_bf16_speedup.cache_clear()
+
+
+def test_the_measurement_runs_on_this_cpu():
+    speedup = precision.cpu_bf16_speedup()
+    if precision.cpu_flags() & precision.BF16_FLAGS:
+        assert isinstance(speedup, float) and speedup > 0
+        assert precision.cpu_has_fast_bf16() == (speedup >= precision.MIN_MATMUL_SPEEDUP)
+    else:
+        assert speedup is None and not precision.cpu_has_fast_bf16()
+    # Measured once per process: the run's tag and its Trainer cannot disagree.
+    assert precision.cpu_bf16_speedup() is speedup
+
+
+def test_cpu_flags_are_read():
+    flags = precision.cpu_flags()
+    assert isinstance(flags, frozenset)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert "avx2" in flags
+
+
+def test_no_native_bf16_means_fp32_without_measuring(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"sse4_2", "avx2", "fma"}))  # an AVX2-only EPYC
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("measured a CPU without bf16 arithmetic"))
+    assert precision.cpu_bf16_speedup() is None
+    assert not precision.cpu_autocast_bf16("auto", "auto")
+    assert precision.compute_precision("auto", "auto") == "float32"
+    assert "no native bf16" in precision.precision_reason("auto", "auto")
+
+
+@pytest.mark.parametrize("speedup, autocast", [
+    (0.65, False),  # Xeon with AVX-512 BF16, no AMX: bf16 slower than fp32
+    (1.2, False),   # faster, but not by enough to pay for autocast's casts in a whole step
+    (2.4, True),    # AMD EPYC with AVX-512 BF16
+    (7.5, True),    # Xeon with AMX
+])
+def test_auto_follows_the_measured_speedup(monkeypatch, speedup, autocast):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU, auto is the GPU's bf16, not CPU autocast")
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
+    assert precision.cpu_autocast_bf16("auto", "auto") is autocast
+    assert precision.compute_precision("auto", "auto") == ("bf16 autocast, fp32 weights" if autocast else "float32")
+    reason = precision.precision_reason("auto", "auto")
+    assert f"{speedup:.1f}x" in reason and ("does not pay" in reason) != autocast
+
+
+def test_an_explicit_choice_is_never_overruled(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CPU autocast only")
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 7.5)
+    assert not precision.cpu_autocast_bf16("fp32", "auto")
+    assert not precision.cpu_autocast_bf16("auto", "bfloat16")  # the recipe set the weights' dtype itself
+    assert precision.precision_reason("fp32", "auto") == ""
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.65)
+    assert precision.cpu_autocast_bf16("bf16", "auto")  # asked for: autocast even where it is slow
+
+
+def _tiny_lora_model(seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    # init_lora_weights=False: B is random too, so the adapter changes the outputs from the first step
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+
+
+def test_guards_keep_logits_and_lora_updates_in_fp32_under_autocast():
+    from peft.tuners.lora import LoraLayer
+
+    model = _tiny_lora_model()
+    ids = torch.randint(0, 128, (2, 12))
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    seen = {}
+    layer.register_forward_hook(lambda mod, args, out: seen.__setitem__("lora_out", out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(input_ids=ids).logits.dtype == torch.bfloat16  # plain autocast: bf16 logits
+        assert seen["lora_out"] == torch.bfloat16
+        with precision.fp32_where_it_matters(model, enabled=True):
+            out = model(input_ids=ids, labels=ids)
+            assert out.logits.dtype == torch.float32
+            assert seen["lora_out"] == torch.float32
+            out.loss.backward()  # gradients flow through the guarded modules
+    trained = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert trained and all(g is not None and g.abs().sum() > 0 for g in trained)
+
+
+def test_guards_keep_a_small_lora_update_that_plain_autocast_rounds_away():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    with torch.no_grad():
+        base[0].bias.fill_(20.0)  # outputs near 20: bf16 steps of 0.125 there
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["0"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(1e-3)  # an update well below the rounding step of the base output
+    x = torch.randn(8, 256)
+    with model.disable_adapter():
+        plain = model(x)
+    update = model(x) - plain  # fp32: the adapter's real contribution
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with model.disable_adapter():
+            base_bf16 = model(x).float()
+        rounded = model(x).float() - base_bf16
+        with precision.fp32_where_it_matters(model, enabled=True):
+            with model.disable_adapter():
+                base_guarded = model(x)
+            kept = model(x) - base_guarded
+    error = lambda got: ((got - update).norm() / update.norm()).item()  # noqa: E731
+    assert error(rounded) > 0.5  # plain autocast: the update is mostly rounding noise
+    assert error(kept) < 0.05  # guarded: the update as fp32 computes it
+
+
+def test_guards_put_the_modules_back_and_do_nothing_when_off():
+    model = _tiny_lora_model()
+    ids = torch.randint(0, 128, (1, 8))
+    before = model(input_ids=ids).logits
+    patched_names = lambda: [n for n, m in model.named_modules() if "forward" in m.__dict__]  # noqa: E731
+    with precision.fp32_where_it_matters(model, enabled=False):
+        assert patched_names() == []
+    with precision.fp32_where_it_matters(model, enabled=True):
+        assert "base_model.model.lm_head" in patched_names()
+        assert any(n.endswith("q_proj.lora_A.default") for n in patched_names())
+        assert torch.equal(model(input_ids=ids).logits, before)  # outside autocast: fp32 as before
+    assert patched_names() == []
+    assert torch.equal(model(input_ids=ids).logits, before)
