@@ -4,7 +4,8 @@ Three sides on the same batches of support-bot rows (same model, chat template, 
 batch, steps, optimizer, schedule and sampler seed), one fresh process each, in rotated order per repetition:
 
   plugin      mlflow run recipes/support-bot -e lora --backend finetune -P model=smollm2 ... (packing off, so that
-              its batches are the plain script's; the plugin picks its precision: fp32 on a CPU without AMX)
+              its batches are the plain script's; the plugin picks its precision: fp32 unless this CPU's bf16 matmuls
+              measure at least 1.6x fp32, models/precision.py)
   plain fp32  bench/plain_train.py --precision fp32
   plain bf16  bench/plain_train.py --precision bf16 (CPU: autocast over fp32 weights)
 
