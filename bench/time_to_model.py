@@ -13,6 +13,7 @@ package is not part of it:
 There is no plain baseline for a whole pipeline; bench/train_throughput.py compares the training part.
 
     python bench/time_to_model.py --cold           # ~7 min on 2 cores (1 rep)
+    python bench/time_to_model.py --recipe it-helpdesk  # another bundled recipe
     python bench/time_to_model.py -P max_steps=2 -P eval.max_examples=2 -P eval.max_new_tokens=8   # smoke, ~1.5 min
 """
 
@@ -44,11 +45,22 @@ def stages(run_id: str, launched: float, exited: float) -> dict:
     return out
 
 
+QUALITY = ("precision", "eval/tuned/rougeL", "eval/tuned/exact_match", "eval/forgetting/ppl_ratio")
+
+
+def quality(run_id: str) -> dict:
+    """What the timed run produced: its training precision, the tuned model's rougeL and exact match, forgetting."""
+    run = common.client().get_run(run_id)
+    out = {key: f"{run.data.metrics[key]:.3f}" if key in run.data.metrics else "-" for key in QUALITY[1:]}
+    return {"precision": run.data.tags.get("finetune.precision", "-"), **out}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cold", action="store_true", help="An empty model cache: smollm2's conversion included.")
     p.add_argument("-P", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="Extra recipe overrides (as `mlflow run -P`).")
+    p.add_argument("--recipe", default="support-bot", help="A bundled recipe (recipes/<name>); default: the README's.")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
@@ -62,13 +74,15 @@ def main(argv=None):
             import shutil
 
             shutil.rmtree(run_env["MLFLOW_FINETUNE_CACHE"], ignore_errors=True)
-        common.log(f"rep {rep + 1}/{args.reps}: mlflow run recipes/support-bot -e lora --backend finetune")
-        run = common.mlflow_run(params, run_env, work, f"time-to-model-{rep}")
+        common.log(f"rep {rep + 1}/{args.reps}: mlflow run recipes/{args.recipe} -e lora --backend finetune")
+        run = common.mlflow_run(params, run_env, work, f"time-to-model-{rep}",
+                                project=common.REPO / "recipes" / args.recipe)
         results.append(stages(run["run_id"], run["launched"], run["exited"]))
+        results[-1].update(quality(run["run_id"]))
         common.log(f"  {results[-1]['to registered version']:.0f} s to the registered version")
 
     extra = "".join(f" -P {kv}" for kv in args.params)
-    common.header(f"Time to a fine-tuned model: `mlflow run recipes/support-bot -e lora --backend finetune{extra}`"
+    common.header(f"Time to a fine-tuned model: `mlflow run recipes/{args.recipe} -e lora --backend finetune{extra}`"
                   f"{', empty model cache' if args.cold else ''}; {args.reps} rep(s): median (range)")
     total = common.summary(r["to registered version"] for r in results)
     rows = [[stage, common.summary(r[stage] for r in results),
@@ -76,6 +90,8 @@ def main(argv=None):
     rows += [["**launch -> registered version**", total, "100"],
              ["(then) finish: run ended, CLI exits", common.summary(r["finish"] for r in results), "-"]]
     print(common.table(["stage", "seconds", "% of the time to the registered version"], rows))
+    print()
+    print(common.table(["rep", *QUALITY], [[str(i + 1), *(r[k] for k in QUALITY)] for i, r in enumerate(results)]))
 
 
 if __name__ == "__main__":

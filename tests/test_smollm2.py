@@ -116,3 +116,30 @@ def test_mlflow_run_fine_tunes_smollm2_logs_registers_and_reloads(tmp_path, trac
     (answer,) = model.predict([{"messages": [{"role": "user", "content": "How do I reset my password?"}]}],
                               params={"max_new_tokens": 12})
     assert isinstance(answer, str) and answer.strip()
+
+
+@pytest.mark.parametrize("name", ["tiny", pytest.param("smollm2", marks=needs_wheel)])
+def test_a_built_in_tokenizer_is_the_one_autotokenizer_loads_without_its_imports(name):
+    """The built-in models' tokenizers load through their class, not AutoTokenizer (whose imports cost `mlflow run`'s
+    checks 5 s): the same class, special tokens and chat-templated ids as AutoTokenizer gives, and the data check
+    (in a fresh interpreter) imports neither AutoTokenizer's model mapping nor torch."""
+    from transformers import AutoTokenizer
+
+    from mlflow_finetune_plugin.models.base import load_tokenizer
+
+    path = resolve_model_path(name)
+    ours, auto = load_tokenizer(name), AutoTokenizer.from_pretrained(path)
+    assert type(ours) is type(auto)
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (auto.bos_token, auto.eos_token, auto.pad_token or
+                                                                auto.eos_token)
+    chat = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Wie setze ich mein Passwort zurück?"},
+            {"role": "assistant", "content": "Go to id.halden.example — then \"Forgot password\"."}]
+    assert (ours.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+            == auto.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+    assert ours(["a b c", "Ünïcode  spaces\n"])["input_ids"] == auto(["a b c", "Ünïcode  spaces\n"])["input_ids"]
+    probe = ("import sys; from mlflow_finetune_plugin.data.check import tokenizer_for_check; "
+             f"tok, why = tokenizer_for_check({name!r}); assert tok is not None, why; "
+             "print(sorted(m for m in ('torch', 'transformers.models.auto.modeling_auto') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]

@@ -102,7 +102,6 @@ def precision_reason(precision: str, model_dtype: str) -> str:
     return f"bf16 matmuls measured {speedup:.1f}x fp32 on this CPU: autocast {verdict}"
 
 
-
 @contextlib.contextmanager
 def fp32_where_it_matters(model, enabled: bool):
     """While training under CPU bf16 autocast, keep in fp32 what the adapter's learning depends on: the LM head (the
