@@ -73,6 +73,27 @@ def test_an_explicit_choice_is_never_overruled(monkeypatch):
     assert precision.cpu_autocast_bf16("bf16", "auto")  # asked for: autocast even where it is slow
 
 
+@pytest.mark.parametrize("project, entry_point, measured", [
+    ("support-bot", "lora", True),
+    ("qlora", "qlora", False),  # a quantized base
+    ("dpo", "dpo", False),      # a preference objective (its logged margins moved under autocast)
+    ("ia3", "ia3", False),      # another adapter
+])
+def test_auto_picks_bf16_only_for_the_kind_of_run_it_was_measured_on(monkeypatch, project, entry_point, measured):
+    if torch.cuda.is_available():
+        pytest.skip("CPU autocast only")
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from tests.helpers import REPO
+
+    recipe = load_recipe(REPO / "recipes" / project, method=entry_point)
+    assert precision.measured_for(recipe) is measured
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.4)
+    assert precision.cpu_autocast_bf16("auto", "auto", precision.measured_for(recipe)) is measured
+    reason = precision.precision_reason("auto", "auto", precision.measured_for(recipe))
+    assert ("train.precision: bf16` forces it" in reason) is not measured
+    assert precision.cpu_autocast_bf16("bf16", "auto", precision.measured_for(recipe))  # asked for: always
+
+
 def _tiny_lora_model(seed: int = 0):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -63,25 +63,34 @@ def cpu_has_fast_bf16() -> bool:
     return speedup is not None and speedup >= MIN_MATMUL_SPEEDUP
 
 
-def cpu_autocast_bf16(precision: str, model_dtype: str) -> bool:
+def measured_for(recipe) -> bool:
+    """Whether `auto` may pick CPU bf16 autocast for this recipe: the kind of run it was measured on, keeping fp32's
+    quality (docs/methods.md): a LoRA adapter, the sft objective, an unquantized base. Preference and RL objectives
+    (DPO's logged preference margins moved by 0.3% under it), the other adapters and a quantized base were not
+    measured, and stay fp32 unless `train.precision: bf16` asks."""
+    return recipe.adapter.type == "lora" and recipe.objective == "sft" and recipe.model.quantization == "none"
+
+
+def cpu_autocast_bf16(precision: str, model_dtype: str, measured: bool = True) -> bool:
     """Train with fp32 weights under CPU autocast to bf16: asked for (`train.precision: bf16` on a CPU), or `auto`
-    on a CPU where bf16 is fast, unless the recipe sets the weights' dtype itself."""
+    on a CPU where bf16 is fast for a run of the kind measured (`measured_for`), unless the recipe sets the weights'
+    dtype itself."""
     import torch
 
     if torch.cuda.is_available():
         return False
     if precision == "bf16":
         return model_dtype in ("auto", "float32")
-    return precision == "auto" and model_dtype == "auto" and cpu_has_fast_bf16()
+    return precision == "auto" and model_dtype == "auto" and measured and cpu_has_fast_bf16()
 
 
-def compute_precision(precision: str, model_dtype: str) -> str:
+def compute_precision(precision: str, model_dtype: str, measured: bool = True) -> str:
     """What training computes in, in words (logged as the `finetune.precision` tag)."""
     import torch
 
     from mlflow_finetune_plugin.models.base import torch_dtype
 
-    if cpu_autocast_bf16(precision, model_dtype):
+    if cpu_autocast_bf16(precision, model_dtype, measured):
         return "bf16 autocast, fp32 weights"
     weights = str(torch_dtype(model_dtype)).removeprefix("torch.")
     if torch.cuda.is_available() and precision != "auto":
@@ -89,7 +98,7 @@ def compute_precision(precision: str, model_dtype: str) -> str:
     return weights
 
 
-def precision_reason(precision: str, model_dtype: str) -> str:
+def precision_reason(precision: str, model_dtype: str, measured: bool = True) -> str:
     """Why `auto` chose what it chose on this CPU, for the printed line ('' where nothing was measured)."""
     import torch
 
@@ -98,8 +107,13 @@ def precision_reason(precision: str, model_dtype: str) -> str:
     speedup = cpu_bf16_speedup()
     if speedup is None:
         return "this CPU has no native bf16 arithmetic"
-    verdict = "pays" if speedup >= MIN_MATMUL_SPEEDUP else f"does not pay (below {MIN_MATMUL_SPEEDUP}x)"
-    return f"bf16 matmuls measured {speedup:.1f}x fp32 on this CPU: autocast {verdict}"
+    if speedup < MIN_MATMUL_SPEEDUP:
+        return (f"bf16 matmuls measured {speedup:.1f}x fp32 on this CPU: autocast does not pay "
+                f"(below {MIN_MATMUL_SPEEDUP}x)")
+    if not measured:
+        return (f"bf16 matmuls measured {speedup:.1f}x fp32 on this CPU, but `auto` uses bf16 autocast only for LoRA "
+                "with the sft objective on an unquantized base; `train.precision: bf16` forces it")
+    return f"bf16 matmuls measured {speedup:.1f}x fp32 on this CPU: autocast pays"
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import mlflow
 from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.config.loading import flat_params, recipe_hash, to_yaml
 from mlflow_finetune_plugin.logged_model import log_finetuned_model
-from mlflow_finetune_plugin.models.precision import compute_precision, precision_reason
+from mlflow_finetune_plugin.models.precision import compute_precision, measured_for, precision_reason
 from mlflow_finetune_plugin.registry import model_card
 from mlflow_finetune_plugin.registry.promotion import maybe_auto_promote
 from mlflow_finetune_plugin.registry.versions import register
@@ -27,8 +27,8 @@ def log_recipe(recipe, run_id: str, base_ref: str, vllm: tuple[bool, str]) -> di
     logged = mlflow.MlflowClient().get_run(run_id).data.params
     mlflow.log_params({k: v for k, v in flat_params(recipe).items() if k not in logged})
     mlflow.log_text(to_yaml(recipe), "recipe.yaml")
-    precision = compute_precision(recipe.train.precision, recipe.model.dtype)
-    why = precision_reason(recipe.train.precision, recipe.model.dtype)
+    precision = compute_precision(recipe.train.precision, recipe.model.dtype, measured_for(recipe))
+    why = precision_reason(recipe.train.precision, recipe.model.dtype, measured_for(recipe))
     print(f"Base model: {base_ref}; training precision: {precision}" + (f" ({why})" if why else ""),
           file=sys.stderr)
     tags = lineage_tags(method=recipe.method, adapter=recipe.adapter.type, objective=recipe.objective,
