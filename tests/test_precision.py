@@ -167,3 +167,26 @@ def test_guards_put_the_modules_back_and_do_nothing_when_off():
         assert torch.equal(model(input_ids=ids).logits, before)  # outside autocast: fp32 as before
     assert patched_names() == []
     assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_forced_bf16_on_a_quantized_base_fails_the_run_naming_the_fix(tmp_path, tracking_uri, monkeypatch):
+    """`train.precision: bf16` on a CPU with a 4-bit base: bitsandbytes' CPU layers cannot train under autocast (torch
+    raised "expected m1 and m2 to have the same dtype" mid-run). Refused before the model loads, the run FAILED with
+    the fix in its error."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU autocast only")
+    import mlflow
+
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.train import pipeline
+    from mlflow_finetune_plugin.train.job import run
+    from tests.helpers import FAST_OVERRIDES, SUPPORT_BOT
+
+    monkeypatch.setattr(pipeline, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    recipe = load_recipe(SUPPORT_BOT, method="qlora", overrides={**FAST_OVERRIDES, "model": "tiny",
+                                                                 "train.precision": "bf16"})
+    assert run(recipe) == 1
+    [failed] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert failed.info.status == "FAILED"
+    error = failed.data.tags["finetune.error"]
+    assert "train.precision: bf16" in error and "4bit" in error and "train.precision: auto" in error

@@ -26,6 +26,7 @@ from mlflow_finetune_plugin.train.objectives import objective_of, sft
 
 def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     adapter, objective = adapter_of(recipe), objective_of(recipe)
+    quantization.check_precision(recipe)  # before the data, the model or anything logged
     base_ref = model_reference(recipe.model.name)
     tags = publish.log_recipe(recipe, run_id, base_ref, adapter.vllm_compatible(recipe.adapter)) if main else {}
 

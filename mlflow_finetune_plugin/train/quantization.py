@@ -53,6 +53,20 @@ def model_kwargs(cfg: ModelConfig) -> dict:
     return kwargs
 
 
+def check_precision(recipe) -> None:
+    """Refuse CPU bf16 autocast over a quantized base before anything loads: bitsandbytes' CPU layers compute in
+    fp32, and the adapter's matmuls beside them then meet bf16 activations (torch: "expected m1 and m2 to have the
+    same dtype"). `train.precision: auto` never picks it; only an explicit `bf16` on a CPU gets here."""
+    from mlflow_finetune_plugin.models.precision import cpu_autocast_bf16, measured_for
+
+    if recipe.model.quantization != "none" and cpu_autocast_bf16(recipe.train.precision, recipe.model.dtype,
+                                                                  measured_for(recipe)):
+        raise FinetuneError(
+            f"train.precision: bf16 on a CPU means bf16 autocast, which a {recipe.model.quantization} base "
+            "(model.quantization) cannot train under: bitsandbytes' CPU layers compute in fp32. Set "
+            "train.precision: auto (fp32 on this CPU) or fp32, or train on a GPU.")
+
+
 def prepare(model, cfg: ModelConfig):
     """Get a quantized base ready for adapter training (PEFT's `prepare_model_for_kbit_training`: norms in fp32,
     input gradients on); a full-precision base is returned as it is."""
