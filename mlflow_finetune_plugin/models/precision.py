@@ -84,6 +84,11 @@ def cpu_autocast_bf16(precision: str, model_dtype: str, measured: bool = True) -
     return precision == "auto" and model_dtype == "auto" and measured and cpu_has_fast_bf16()
 
 
+def recipe_autocast_bf16(recipe) -> bool:
+    """`cpu_autocast_bf16` for a recipe: its `train.precision`, `model.dtype` and kind of run."""
+    return cpu_autocast_bf16(recipe.train.precision, recipe.model.dtype, measured_for(recipe))
+
+
 def compute_precision(precision: str, model_dtype: str, measured: bool = True) -> str:
     """What training computes in, in words (logged as the `finetune.precision` tag)."""
     import torch

@@ -16,7 +16,7 @@ from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
 from mlflow_finetune_plugin.evaluate.verdict import conclude
 from mlflow_finetune_plugin.logged_model import chat_template_hash
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
-from mlflow_finetune_plugin.models.precision import cpu_autocast_bf16, fp32_where_it_matters, measured_for
+from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recipe_autocast_bf16
 from mlflow_finetune_plugin.tags import lineage_tags
 from mlflow_finetune_plugin.train import publish, quantization, resume, trainers
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach
@@ -54,7 +54,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     gc.freeze()
     last_step = 0  # one adapter per task: each task's steps count from 1, its metrics carry the task's name
     # Under CPU bf16 autocast the logits and the LoRA updates stay fp32 (models/precision.py); no-op otherwise.
-    autocast = cpu_autocast_bf16(recipe.train.precision, recipe.model.dtype, measured_for(recipe))
+    autocast = recipe_autocast_bf16(recipe)
     try:
         with fp32_where_it_matters(model, autocast):
             if recipe.data.adapters == "per_task" and data.is_mixture:

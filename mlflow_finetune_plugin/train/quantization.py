@@ -57,10 +57,9 @@ def check_precision(recipe) -> None:
     """Refuse CPU bf16 autocast over a quantized base before anything loads: bitsandbytes' CPU layers compute in
     fp32, and the adapter's matmuls beside them then meet bf16 activations (torch: "expected m1 and m2 to have the
     same dtype"). `train.precision: auto` never picks it; only an explicit `bf16` on a CPU gets here."""
-    from mlflow_finetune_plugin.models.precision import cpu_autocast_bf16, measured_for
+    from mlflow_finetune_plugin.models.precision import recipe_autocast_bf16
 
-    if recipe.model.quantization != "none" and cpu_autocast_bf16(recipe.train.precision, recipe.model.dtype,
-                                                                  measured_for(recipe)):
+    if recipe.model.quantization != "none" and recipe_autocast_bf16(recipe):
         raise FinetuneError(
             f"train.precision: bf16 on a CPU means bf16 autocast, which a {recipe.model.quantization} base "
             "(model.quantization) cannot train under: bitsandbytes' CPU layers compute in fp32. Set "

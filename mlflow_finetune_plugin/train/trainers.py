@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mlflow_finetune_plugin import paths
 from mlflow_finetune_plugin.models.base import load_base_model, torch_dtype
-from mlflow_finetune_plugin.models.precision import cpu_autocast_bf16, measured_for
+from mlflow_finetune_plugin.models.precision import recipe_autocast_bf16
 
 
 def is_main_process() -> bool:
@@ -23,7 +23,7 @@ def training_arguments(recipe, run_id: str, eval_ds) -> dict:
     dtype = torch_dtype(t.precision if t.precision != "auto" else recipe.model.dtype)
     on_gpu = torch.cuda.is_available()
     # On a CPU, Trainer's bf16 is autocast: fp32 weights, bf16 matmuls.
-    autocast = cpu_autocast_bf16(t.precision, recipe.model.dtype, measured_for(recipe))
+    autocast = recipe_autocast_bf16(recipe)
     return dict(
         output_dir=str(paths.job_dir(run_id) / "checkpoints"),
         num_train_epochs=t.epochs,
