@@ -147,7 +147,7 @@ def cancel_cmd(run_id):
 @click.option("--metric", default="eval/tuned/loss", show_default=True,
               help="Logged metric to optimize, e.g. eval/tuned/rougeL (its last logged value).")
 @click.option("--direction", type=click.Choice(["minimize", "maximize"]), default=None,
-              help="Default: minimize for loss and perplexity, else maximize.")
+              help="Default: minimize for loss, perplexity and misrouted, else maximize.")
 @click.option("-P", "params", multiple=True, help="Recipe override for every trial: -P train.max_steps=50")
 @click.option("--backend-config", "-b", default=None, metavar="JSON",
               help="As for `mlflow run` (JSON or a .json file): launcher, address, num_workers, ...")
@@ -219,6 +219,7 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
     as --run-id.
     """
     from mlflow_finetune_plugin.evaluate.contenders import evaluate_model_uri
+    from mlflow_finetune_plugin.evaluate.report import misrouted_note
     from mlflow_finetune_plugin.metrics import comparison_table
 
     result, logged_run = evaluate_model_uri(model_uri, data=data, train_data=train_data, run_id=run_id,
@@ -226,6 +227,8 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
                                             num_beams=num_beams,
                                             fewshot_k=fewshot_k, retrieval_k=retrieval_k)
     click.echo(comparison_table(result.metrics))
+    if note := misrouted_note(result.metrics):
+        click.echo(note)
     click.echo(f"Logged to run {logged_run} ({int(result.metrics['eval/n_examples'])} examples)")
     click.echo(f"Verdict: {result.verdict.sentence()}")
 
@@ -237,7 +240,7 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
 @click.option("--gate", "gates", multiple=True, metavar="METRIC[:MARGIN[:BEATS]]",
               help="Replaces the recipe's registry.promote_if. BEATS is a comma list of base, fewshot, champion, "
                    "@ALIAS or version numbers (default base,fewshot,retrieval,champion); MARGIN is absolute (default 0); "
-                   "lower is better for loss and perplexity. Limits: METRIC<=VALUE or METRIC>=VALUE. Votes: "
+                   "lower is better for loss, perplexity and misrouted. Limits: METRIC<=VALUE or METRIC>=VALUE. Votes: "
                    "arena_above:champion (Bradley-Terry interval above it). Repeatable: every gate must pass. "
                    "E.g. --gate rougeL:0.01 --gate loss:0:base --gate 'forgetting/ppl_ratio<=1.2'")
 @click.option("--force", is_flag=True, help="Move the alias even if gates fail or metrics are missing.")
@@ -261,7 +264,7 @@ def promote_cmd(name, version, alias, gates, force, reason):
 @click.argument("name")
 @click.option("--metric", "metrics", multiple=True, help="eval/tuned/<metric> columns to show (repeatable); "
               "default: rougeL, token_f1, exact_match, loss. With --checkpoints the first one ranks them "
-              "(default: loss; lower is better for loss and perplexity).")
+              "(default: loss; lower is better for loss, perplexity and misrouted).")
 @click.option("--checkpoints", "checkpoints_of", metavar="RUN_ID", default=None,
               help="Rank the checkpoints of training run RUN_ID (one per save step) by their eval metric instead.")
 @click.option("--register-checkpoint", "checkpoint", metavar="STEP|MODEL_ID", default=None,

@@ -14,8 +14,9 @@ METRICS_DIR = Path(__file__).resolve().parent / "assets" / "metrics"
 # Metric name -> the shipped module that computes it.
 TEXT_METRICS = {"exact_match": "exact_match", "token_f1": "token_f1", "rouge1": "rouge", "rouge2": "rouge",
                 "rougeL": "rouge", "chrf": "chrf", "bleu": "bleu"}
-# Where lower is better; every other metric is better higher.
-LOWER_IS_BETTER = ("loss", "perplexity")
+# Where lower is better; every other metric is better higher. `misrouted` (evaluate/scoring.py): the share of answers
+# that are, word for word, the training answer of other questions.
+LOWER_IS_BETTER = ("loss", "perplexity", "misrouted")
 
 # Who answers the held-out prompts: metrics are logged as eval/<contender>/<metric>. base: the base model zero-shot;
 # fewshot: with k random train conversations as shots; retrieval: with the k train conversations most similar to the

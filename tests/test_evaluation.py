@@ -22,6 +22,8 @@ from mlflow_finetune_plugin.evaluate.contenders import (
     read_conversations,
     run_evaluation,
 )
+from mlflow_finetune_plugin.evaluate.report import misrouted_note
+from mlflow_finetune_plugin.evaluate.scoring import answer_set, misrouted
 from mlflow_finetune_plugin.logged_model import LoadedModel, generate, log_finetuned_model
 from mlflow_finetune_plugin.messages import split_conversation
 from mlflow_finetune_plugin.metrics import TEXT_METRICS, comparison_table, load_metric
@@ -150,6 +152,43 @@ def test_four_contenders_scored_from_real_generations(tiny_lora):
             assert 0.0 <= row[f"{c}_token_f1"] <= 1.0
     assert result.rows[-1]["tuned_exact_match"] == 1.0
     assert "json_valid" not in "".join(result.metrics)
+
+
+def test_misrouted_by_hand():
+    train = answer_set(["Reset it at id.example.", "Call  4357.\n", "", "   "])
+    assert train == {"Reset it at id.example.", "Call 4357."}
+    answers = ["Call 4357.", "Reset it at id.example.", "Something new", "call 4357.", "Call 4357."]
+    refs = ["Reset it at id.example.", "Reset it at id.example.", "Call 4357.", "Reset it at id.example.",
+            "Call 4357. "]
+    # another question's training answer (spacing as exact_match compares); its own; made up; case differs (as
+    # exact_match, not the same text); its own again
+    assert misrouted(answers, refs, train) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    metrics = {"eval/n_examples": 5.0, "eval/base/misrouted": 0.0, "eval/tuned/misrouted": 0.2}
+    row = next(line for line in comparison_table(metrics).splitlines() if line.startswith("misrouted"))
+    assert row.split()[1:] == ["0.0000", "*", "0.2000"]  # lower is better
+    assert misrouted_note(metrics).startswith("misrouted: 1 of the tuned model's 5 answers are word for word")
+    assert misrouted_note({**metrics, "eval/tuned/misrouted": 0.0}) is None
+
+
+def test_misrouted_from_real_generations(tiny_lora):
+    model, tok = tiny_lora
+    prompt = [{"role": "user", "content": "Say something."}]
+    answer = generate(LoadedModel(model, tok, {}), prompt, max_new_tokens=6)
+    assert answer.strip()
+    # Another question's canned training answer is exactly what the tuned model says to this prompt.
+    train = [[{"role": "user", "content": "What do you always say?"}, {"role": "assistant", "content": answer}],
+             *_convs(chat_rows(3, offset=10))]
+    evals = [prompt + [{"role": "assistant", "content": "Not what it says."}],  # misrouted
+             prompt + [{"role": "assistant", "content": answer}]]               # its own answer: right, not misrouted
+    cfg = EvalConfig(max_examples=2, max_new_tokens=6, fewshot_k=0, traces=False)
+
+    result = run_evaluation(model, tok, evals, train, cfg)
+
+    assert result.metrics["eval/tuned/misrouted"] == 0.5
+    assert result.metrics["eval/tuned/exact_match"] == 0.5
+    assert 0.0 <= result.metrics["eval/base/misrouted"] <= 1.0
+    # Without training data nothing can be misrouted, and the metric is not logged.
+    assert "eval/tuned/misrouted" not in run_evaluation(model, tok, evals, [], cfg).metrics
 
 
 def _varied_conversations(n: int = 10) -> list[list[dict]]:

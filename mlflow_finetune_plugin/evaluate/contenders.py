@@ -18,6 +18,7 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.report import EvalResult, add_answers, log_evaluation, table_rows
 from mlflow_finetune_plugin.evaluate.retrieval import nearest_shots
 from mlflow_finetune_plugin.evaluate.scoring import (
+    answer_set,
     contender_metrics,
     reference_ids,
     reference_nll,
@@ -68,12 +69,14 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
     references = [ref for _, ref in examples]
     metrics: dict[str, float] = {"eval/n_examples": float(len(examples))}
     rows = table_rows(examples)
+    train_answers = answer_set(text_of(m.get("content")) for conv in train_conversations for m in conv
+                               if m.get("role") == "assistant")
     contenders = [c for c in CONTENDERS if c in runs]
     for name in contenders:
         context, prompts = runs[name]
         with context as contender:
             answers, nll, n_tokens = _answer_all(contender, tokenizer, prompts, references, cfg, name)
-        totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg)
+        totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg, train_answers)
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
         add_answers(rows, name, answers, per_example)
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:12]

@@ -48,6 +48,16 @@ def add_answers(rows: list[dict], name: str, answers: list[str], per_example: di
         row.update({f"{name}_{m}": per_example[m][i] for m in TABLE_METRICS if m in per_example})
 
 
+def misrouted_note(metrics: dict[str, float]) -> str | None:
+    """What the tuned model's `misrouted` share means, in a sentence for the printed table; None when it is 0."""
+    share, n = metrics.get("eval/tuned/misrouted"), metrics.get("eval/n_examples")
+    if not share or not n:
+        return None
+    return (f"misrouted: {round(share * n)} of the tuned model's {int(n)} answers are word for word the training answer "
+            "of other questions: it learned the answers and picked the wrong one for a phrasing it had not seen "
+            "(more phrasings per answer, or a larger base model; docs/methods.md).")
+
+
 def log_evaluation(result: EvalResult) -> None:
     """Log metrics, the per-example table and scores, the few-shot and retrieved shots and the comparison chart
     into the active run."""

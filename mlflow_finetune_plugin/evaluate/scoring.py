@@ -19,14 +19,38 @@ MIN_SHARED_PREFIX = 16
 
 
 def contender_metrics(answers: list[str], references: list[str], nll: float, n_tokens: int,
-                      cfg) -> tuple[dict[str, float], dict[str, list[float]]]:
+                      cfg, train_answers: frozenset[str] = frozenset()) -> tuple[dict[str, float], dict[str, list[float]]]:
     """(metric -> value, metric -> per-example values): the text metrics of `answers`, and the reference loss and
-    perplexity from the summed NLL of the references' `n_tokens` tokens."""
+    perplexity from the summed NLL of the references' `n_tokens` tokens; with `train_answers` (`answer_set`), also
+    `misrouted`."""
     structured = cfg.output_format == "json" or cfg.json_schema is not None
     totals, per_example = score(answers, references, cfg.json_schema, structured)
     loss = nll / max(n_tokens, 1)
     totals.update(loss=loss, perplexity=math.exp(min(loss, 50.0)))
+    if train_answers and answers:
+        per_example["misrouted"] = misrouted(answers, references, train_answers)
+        totals["misrouted"] = sum(per_example["misrouted"]) / len(answers)
     return totals, per_example
+
+
+def answer_set(texts) -> frozenset[str]:
+    """The training answers, compared as `exact_match` compares (stripped, inner whitespace collapsed)."""
+    return frozenset(_same_text(t) for t in texts if t and t.strip())
+
+
+def misrouted(answers: list[str], references: list[str], train_answers: frozenset[str]) -> list[float]:
+    """1 for an answer that is, word for word, a training answer other than its own reference, else 0.
+
+    On data with canned answers (one answer serving many phrasings of a question, as in a support bot) this splits
+    the misses: a model that learned the answers and picks the wrong one for an unseen phrasing (misrouted), against
+    one that garbles or invents (a miss that is no training answer). It needs no labels beyond the data itself.
+    """
+    return [float(_same_text(a) in train_answers and _same_text(a) != _same_text(r))
+            for a, r in zip(answers, references)]
+
+
+def _same_text(text: str) -> str:
+    return " ".join(text.split())
 
 
 @dataclass

@@ -69,7 +69,7 @@ class PromotionResult:
 
 def parse_gate(text: str) -> Gate:
     """`METRIC[:MARGIN[:BEATS]]`, BEATS comma-separated (default base,fewshot,retrieval,champion): `rougeL:0.01`,
-    `loss`, `token_f1:0:base,champion`. Lower is better for loss and perplexity. Arena ratings from playground votes:
+    `loss`, `token_f1:0:base,champion`. Lower is better for loss, perplexity and misrouted. Arena ratings from playground votes:
     `arena_above:BEATS[:MARGIN]`, e.g. `arena_above:champion`, `arena_above:base,champion:25` (MARGIN in Elo points).
     A limit on the version's own metric: `forgetting/ppl_ratio<=1.2`, `rougeL>=0.3` (see `limit_key`)."""
     limit = re.fullmatch(r"\s*([^<>=:\s]+)\s*(<=|>=)\s*(\S*)\s*", text)

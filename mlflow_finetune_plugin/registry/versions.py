@@ -178,7 +178,7 @@ def find_checkpoint(ref: str, run_id: str | None = None):
 
 def checkpoints_table(run_id: str, metrics: list[str]) -> str:
     """The checkpoints of training run `run_id` ranked by `eval/tuned/<metrics[0]>` (the eval at each save step;
-    lower is better for loss and perplexity), best first; checkpoints without that metric come last, unranked."""
+    lower is better for loss, perplexity and misrouted), best first; checkpoints without that metric come last, unranked."""
     from mlflow_finetune_plugin.errors import FinetuneError
     from mlflow_finetune_plugin.metrics import lower_is_better
 
