@@ -45,11 +45,13 @@ def stages(run_id: str, launched: float, exited: float) -> dict:
     return out
 
 
-QUALITY = ("precision", "eval/tuned/rougeL", "eval/tuned/exact_match", "eval/forgetting/ppl_ratio")
+QUALITY = ("precision", "eval/tuned/rougeL", "eval/tuned/exact_match", "eval/tuned/misrouted",
+           "eval/forgetting/ppl_ratio")
 
 
 def quality(run_id: str) -> dict:
-    """What the timed run produced: its training precision, the tuned model's rougeL and exact match, forgetting."""
+    """What the timed run produced: its training precision, the tuned model's rougeL, exact match and misrouted
+    share, forgetting."""
     run = common.client().get_run(run_id)
     out = {key: f"{run.data.metrics[key]:.3f}" if key in run.data.metrics else "-" for key in QUALITY[1:]}
     return {"precision": run.data.tags.get("finetune.precision", "-"), **out}
