@@ -185,6 +185,7 @@ def test_misrouted_from_real_generations(tiny_lora):
     result = run_evaluation(model, tok, evals, train, cfg)
 
     assert result.metrics["eval/tuned/misrouted"] == 0.5
+    assert [row["tuned_misrouted"] for row in result.rows] == [1.0, 0.0]  # a column of the examples table
     assert result.metrics["eval/tuned/exact_match"] == 0.5
     assert 0.0 <= result.metrics["eval/base/misrouted"] <= 1.0
     # Without training data nothing can be misrouted, and the metric is not logged.

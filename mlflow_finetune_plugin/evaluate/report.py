@@ -16,7 +16,7 @@ from mlflow_finetune_plugin.metrics import CONTENDERS
 from mlflow_finetune_plugin.tracking import log_results
 
 # Per-example scores shown in the table (the aggregate of every metric is logged).
-TABLE_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "json_valid")
+TABLE_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "json_valid", "misrouted")
 CHART_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "bleu", "json_valid")
 TABLE_FILE, CHART_FILE, SHOTS_FILE = "eval/examples.json", "eval/comparison.png", "eval/fewshot_examples.json"
 RETRIEVED_FILE = "eval/retrieval_examples.json"
