@@ -24,7 +24,7 @@ from mlflow_finetune_plugin import paths, stops
 from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS
+from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS, local
 from mlflow_finetune_plugin.vllm_rules import torchvision_clash
 
 CONFIG_KEYS = {
@@ -54,15 +54,28 @@ class FinetuneBackend(AbstractBackend):
             return self._run(project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id)
 
     def _run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id):
+        config = _check_backend_config(backend_config or {})
+        launcher = LAUNCHERS[config.get("launcher", "local")]
+        detach = bool(config.get("detach", False))
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_ID": str(experiment_id),
+               "PYTHONUNBUFFERED": "1"}
+        # A local training process starts importing now, while the checks below run (launchers/local.py)
+        warm = local.start_warm(env, os.getcwd()) if launcher is local and not detach else None
+        try:
+            return self._checked_run(project_uri, entry_point, params, version, backend_config, tracking_uri,
+                                     experiment_id, config, launcher, detach, env, warm)
+        finally:
+            if warm is not None:
+                warm.discard()  # not handed a command: the checks failed, or the entry point is a shell command
+
+    def _checked_run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id,
+                     config, launcher, detach, env, warm):
         from mlflow_finetune_plugin.tracking import ensure_store
 
         ensure_store(tracking_uri)  # before this process's first MLflow call: runs started at once share a new store
         clash = torchvision_clash()
         if clash:  # training would fail in transformers' imports, after the run was created
             raise FinetuneError(clash)
-        config = _check_backend_config(backend_config or {})
-        launcher = LAUNCHERS[config.get("launcher", "local")]
-        detach = bool(config.get("detach", False))
         extra = {k: v for k, v in config.items() if k not in ("launcher", "detach")}
         if hasattr(launcher, "check"):  # e.g. the Ray cluster answers: before any run exists
             try:
@@ -88,10 +101,11 @@ class FinetuneBackend(AbstractBackend):
             cwd = os.getcwd()
         else:
             cmd, cwd = ["bash", "-c", project_command], work_dir
-        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_ID": str(experiment_id),
-               "MLFLOW_RUN_ID": run_id, "PYTHONUNBUFFERED": "1"}
+        env = {**env, "MLFLOW_RUN_ID": run_id}
         _stopped(run_id)
         try:
+            if warm is not None:
+                extra["warm"] = warm
             submitted = launcher.launch(cmd, run_id, env, job_dir, detach=detach, cwd=cwd, **extra)
         except Exception as e:
             from mlflow_finetune_plugin.tracking import record_failure

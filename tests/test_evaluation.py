@@ -17,8 +17,10 @@ from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.config.schema import EvalConfig, LoraAdapter
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.contenders import (
+    _mergeable_lora_layers,
     conversations,
     fewshot_prompt,
+    lora_merged,
     read_conversations,
     run_evaluation,
 )
@@ -219,6 +221,44 @@ def test_batched_answers_equal_one_at_a_time(tiny_lora, monkeypatch, batch_size)
     assert [r["tuned_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=16) for p in prompts]
     with model.disable_adapter():
         assert [r["base_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=16) for p in prompts]
+
+
+def test_tuned_answers_with_the_lora_merged_equal_unmerged_and_leave_the_base_bit_for_bit(tiny_lora):
+    """The tuned contender answers with each LoRA update folded into its base weight (`lora_merged`): the same
+    answers and reference loss as the adapter computed beside the base, and afterwards every weight is the tensor
+    it was, so base, few-shot, retrieval and the forgetting check read the untouched base."""
+    model, tok = tiny_lora
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    convs = _varied_conversations()
+    prompts = [split_conversation(c)[0] for c in convs]
+    loaded = LoadedModel(model, tok, {})
+    unmerged = [generate(loaded, p, max_new_tokens=12) for p in prompts]
+    from peft.tuners.lora import LoraLayer
+
+    assert len(_mergeable_lora_layers(model)) == sum(isinstance(m, LoraLayer) for m in model.modules()) > 0
+    with lora_merged(model) as merged:
+        layer, adapter = _mergeable_lora_layers(model)[0]
+        weight = layer.get_base_layer().weight
+        assert torch.allclose(weight, before[next(n for n, p in model.named_parameters() if p is weight)]
+                              + layer.get_delta_weight(adapter), atol=0)
+        assert [generate(LoadedModel(merged, tok, {}), p, max_new_tokens=12) for p in prompts] == unmerged
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert [generate(loaded, p, max_new_tokens=12) for p in prompts] == unmerged  # the adapter is on again
+
+
+def test_lora_variants_and_other_adapters_answer_unmerged(tiny_model_dir):
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    def peft(config):
+        return get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+
+    assert _mergeable_lora_layers(peft(LoraConfig(r=4, target_modules="all-linear", use_dora=True))) == []
+    assert _mergeable_lora_layers(peft(LoraConfig(r=4, target_modules="all-linear", lora_bias=True))) == []
+    assert _mergeable_lora_layers(peft(IA3Config(target_modules=["q_proj"], feedforward_modules=[]))) == []
+    assert _mergeable_lora_layers(AutoModelForCausalLM.from_pretrained(tiny_model_dir)) == []
+    plain = peft(LoraConfig(r=4, target_modules="all-linear"))
+    with lora_merged(plain.eval()) as merged:
+        assert merged is plain
 
 
 def test_beam_search_answers_are_the_models_beam_answers_and_leave_the_loss_alone(tiny_lora):

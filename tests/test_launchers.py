@@ -1,4 +1,5 @@
-"""Launchers `torchrun` and `ray`, and cancel on every launcher: real processes on the tiny model.
+"""Launchers `local` (its training process started before the checks), `torchrun` and `ray`, and cancel on every
+launcher: real processes on the tiny model.
 
 torchrun runs 2 ranks on CPU (gloo); the Ray tests start a real Ray head on 127.0.0.1 and submit Ray Jobs to it.
 """
@@ -16,7 +17,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import ExecutionException
 
+from mlflow_finetune_plugin import paths
 from mlflow_finetune_plugin.backend import FinetuneBackend, _check_backend_config
+from mlflow_finetune_plugin.launchers import local
 from mlflow_finetune_plugin.launchers.torchrun import torchrun_command
 from tests.helpers import (
     LONG_RECIPE,
@@ -103,6 +106,49 @@ def test_unreachable_ray_cluster_is_refused_before_a_run_exists(tmp_path, tracki
         _submit(proj, tracking_uri, config={"launcher": "ray", "address": f"http://127.0.0.1:{free_port()}"})
     assert "cannot reach the Ray cluster" in str(info.value) and "ray start --head" in str(info.value)
     assert _runs() == []
+
+
+# ----------------------------------------------------------------------------------------------- local
+
+
+def test_a_local_run_trains_in_the_process_started_before_its_checks(tmp_path, tracking_uri):
+    proj = write_project(tmp_path / "p", QUICK_RECIPE, rows=chat_rows(8))
+    submitted = _submit(proj, tracking_uri)
+    assert submitted.wait() is True
+    (run,) = _runs()
+    assert run.info.status == "FINISHED" and len(MlflowClient().get_metric_history(run.info.run_id, "train/loss")) == 10
+    job = json.loads((paths.job_dir(run.info.run_id) / "job.json").read_text())
+    assert job["warm"] is True and job["launcher"] == "local"
+    assert job["cmd"][1:3] == ["-m", "mlflow_finetune_plugin.train.job"]
+
+
+def test_failed_checks_stop_the_warm_process_at_once(tmp_path, tracking_uri, monkeypatch):
+    started = []
+    start_warm = local.start_warm
+    monkeypatch.setattr(local, "start_warm", lambda *a, **k: started.append(start_warm(*a, **k)) or started[-1])
+    proj = write_project(tmp_path / "p", QUICK_RECIPE, rows=chat_rows(8))
+    with pytest.raises(ExecutionException, match="train.learning_rate"):
+        _submit(proj, tracking_uri, params={"train.learning_rate": "abc"})
+    (warm,) = started
+    assert warm.proc is None  # discarded: killed and waited for, not left importing
+    assert _runs() == []
+
+
+def test_a_warm_process_runs_exactly_the_command_it_is_handed(tmp_path, capfd):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    warm = local.start_warm(env, str(tmp_path))
+    missing = tmp_path / "missing-recipe.json"
+    # Another folder or another command: not handed over, and the process is stopped.
+    other = local.start_warm(env, str(tmp_path))
+    assert other.hand_over([sys.executable, "-c", "pass"], env, str(tmp_path)) is None and other.proc is None
+    assert warm.hand_over([sys.executable, "-m", local.TRAINING_MODULE, "--recipe-json", str(missing)], env,
+                          str(tmp_path / "elsewhere")) is None
+    warm = local.start_warm(env, str(tmp_path))
+    proc = warm.hand_over([sys.executable, "-m", local.TRAINING_MODULE, "--recipe-json", str(missing),
+                           "--run-id", "abc"], {**env, "MLFLOW_RUN_ID": "abc"}, str(tmp_path))
+    assert proc is not None and warm.proc is None
+    assert proc.wait(timeout=120) == 1  # job.main ran with those arguments: the recipe file it names is missing
+    assert "missing-recipe.json" in capfd.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- torchrun

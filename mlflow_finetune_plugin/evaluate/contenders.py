@@ -54,7 +54,7 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
         print("Evaluation: a full model without its base model given; scoring the tuned model only.")
     shots = _pick_shots(train_conversations, cfg.fewshot_k, {json.dumps(p) for p, _ in examples})
     limit = _context_limit(model, tokenizer) - cfg.max_new_tokens
-    runs = {"tuned": (contextlib.nullcontext(model), [p for p, _ in examples])}
+    runs = {"tuned": (lora_merged(model), [p for p, _ in examples])}
     retrieved: list[list[list[dict]]] = []
     if base is not None:
         runs["base"] = (base, [p for p, _ in examples])
@@ -103,6 +103,63 @@ def _base_context(model, base_model):
 def _adapter_disabled(model):
     with model.disable_adapter():
         yield model
+
+
+@contextlib.contextmanager
+def lora_merged(model):
+    """The tuned model to answer with, its LoRA updates folded into the base weights while it answers on the CPU.
+
+    Unmerged, every adapted layer computes its base matmul plus two small LoRA ones at each decoding step; merged, one
+    (measured 0.75-0.86x the tuned contender's time on smollm2, the same answers). The base weights are not changed
+    in place: each adapted layer's weight is swapped for `W + scaling * B @ A` (`get_delta_weight`, as PEFT merges)
+    with the adapter switched off, and the original tensor put back afterwards, bit for bit (PEFT's unmerge would
+    subtract the update again and leave the base rounded, which the other contenders and the forgetting check read).
+    Anything else, a GPU (where the copy costs memory), quantized or non-Linear base layers, DoRA and other LoRA
+    variants, LoRA biases or several active adapters, answers unmerged.
+    """
+    layers = _mergeable_lora_layers(model)
+    if not layers:
+        yield model
+        return
+    import torch
+
+    swapped = []
+    try:
+        with torch.no_grad():
+            for layer, adapter in layers:
+                weight = layer.get_base_layer().weight
+                swapped.append((weight, weight.data))
+                weight.data = weight.data + layer.get_delta_weight(adapter).to(weight.dtype)
+        with model.disable_adapter():
+            yield model
+    finally:
+        for weight, original in swapped:
+            weight.data = original
+
+
+def _mergeable_lora_layers(model) -> list:
+    """(LoRA layer, adapter) pairs for `lora_merged`, or [] when the model does not qualify (see there)."""
+    import torch
+
+    if not hasattr(model, "disable_adapter") or getattr(model, "active_peft_config", None) is None:
+        return []
+    if model.active_peft_config.peft_type != "LORA" or len(getattr(model, "active_adapters", [])) != 1:
+        return []
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    adapter = model.active_adapters[0]
+    layers = []
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+            continue
+        base = module.get_base_layer()
+        if (type(base) is not torch.nn.Linear or base.weight.device.type != "cpu" or module.merged
+                or module.lora_variant.get(adapter) is not None or module.lora_bias.get(adapter)):
+            return []
+        layers.append((module, adapter))
+    return layers
 
 
 def _answer_all(model, tokenizer, prompts, references, cfg, name):
