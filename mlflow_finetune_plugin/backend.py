@@ -96,7 +96,7 @@ class FinetuneBackend(AbstractBackend):
         if recipe is not None:
             recipe_path = job_dir / "recipe.json"
             recipe_path.write_text(json.dumps(recipe.model_dump(mode="json")))
-            cmd = [sys.executable, "-m", "mlflow_finetune_plugin.train.job", "--recipe-json", str(recipe_path),
+            cmd = [sys.executable, "-m", local.TRAINING_MODULE, "--recipe-json", str(recipe_path),
                    "--run-id", run_id]
             cwd = os.getcwd()
         else:
