@@ -151,6 +151,25 @@ def test_a_warm_process_runs_exactly_the_command_it_is_handed(tmp_path, capfd):
     assert "missing-recipe.json" in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("handed", [True, False])
+def test_a_warm_process_whose_imports_failed_reports_it_only_when_handed_a_run(tmp_path, capfd, handed):
+    broken = tmp_path / "site" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('a broken torch install, for the test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken.parent), os.environ.get("PYTHONPATH", "")])}
+    warm = local.start_warm(env, str(tmp_path))
+    if handed:
+        proc = warm.hand_over([sys.executable, "-m", local.TRAINING_MODULE, "--recipe-json", "r.json"], env,
+                              str(tmp_path))
+        assert proc.wait(timeout=120) == 1  # as a fresh training process fails: the traceback, exit code 1
+        assert "a broken torch install, for the test" in capfd.readouterr().err
+    else:
+        proc = warm.proc
+        proc.stdin.close()  # what `mlflow run` dying before the hand-over looks like to it
+        assert proc.wait(timeout=120) == 0
+        assert "broken torch" not in capfd.readouterr().err  # nothing to report: no run was handed over
+
+
 # ----------------------------------------------------------------------------------------------- torchrun
 
 
