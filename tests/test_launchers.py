@@ -116,7 +116,8 @@ def test_a_local_run_trains_in_the_process_started_before_its_checks(tmp_path, t
     submitted = _submit(proj, tracking_uri)
     assert submitted.wait() is True
     (run,) = _runs()
-    assert run.info.status == "FINISHED" and len(MlflowClient().get_metric_history(run.info.run_id, "train/loss")) == 10
+    assert run.info.status == "FINISHED"
+    assert len(MlflowClient().get_metric_history(run.info.run_id, "train/loss")) == 10
     job = json.loads((paths.job_dir(run.info.run_id) / "job.json").read_text())
     assert job["warm"] is True and job["launcher"] == "local"
     assert job["cmd"][1:3] == ["-m", "mlflow_finetune_plugin.train.job"]

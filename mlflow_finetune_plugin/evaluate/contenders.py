@@ -110,10 +110,11 @@ def lora_merged(model):
     """The tuned model to answer with, its LoRA updates folded into the base weights while it answers on the CPU.
 
     Unmerged, every adapted layer computes its base matmul plus two small LoRA ones at each decoding step; merged, one
-    (the tuned contender's 30 answers on smollm2: 11.0-11.2 s against 12.1-12.7 s, the same answers). The base weights are not changed
-    in place: each adapted layer's weight is swapped for `W + scaling * B @ A` (`get_delta_weight`, as PEFT merges)
-    with the adapter switched off, and the original tensor put back afterwards, bit for bit (PEFT's unmerge would
-    subtract the update again and leave the base rounded, which the other contenders and the forgetting check read).
+    (the tuned contender's 30 answers on smollm2: 11.0-11.2 s against 12.1-12.7 s, the same answers). The base weights
+    are not changed in place: each adapted layer's weight is swapped for `W + scaling * B @ A` (`get_delta_weight`, as
+    PEFT merges) with the adapter switched off, and the original tensor put back afterwards, bit for bit (PEFT's
+    unmerge would subtract the update again and leave the base rounded, which the other contenders and the forgetting
+    check read).
     Anything else, a GPU (where the copy costs memory), quantized or non-Linear base layers, DoRA and other LoRA
     variants, LoRA biases or several active adapters, answers unmerged.
     """
