@@ -87,8 +87,14 @@ def load_logged_base(config: dict, dtype):
                 f"this adapter was trained on (weights digest {actual} != {expected}). Restore that base, or "
                 "retrain the adapter on this one.")
     native_gqa_on_cpu()
-    return AutoModelForCausalLM.from_pretrained(
+    base = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(base_ref), revision=config.get("base_revision"), dtype=dtype, use_safetensors=True)
+    # A chosen chat template added tokens in training (`model.chat_template`): the base grows the same rows, which the
+    # adapter's trained token rows then fill.
+    vocab = config.get("vocab_size")
+    if vocab and vocab > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(vocab, mean_resizing=False)
+    return base
 
 
 def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> LoadedModel:
@@ -140,14 +146,17 @@ def generate(loaded: LoadedModel, messages: list[dict], max_new_tokens=64, tempe
     """One chat answer from a loaded model (greedy when temperature is 0, beam search with num_beams > 1)."""
     import torch
 
+    from mlflow_finetune_plugin.models.chat_format import clean_answer, prompt_ids, stop_ids
+
     tok, model = loaded.tokenizer, loaded.model
-    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    enc = {k: v.to(model.device) for k, v in enc.items()}
+    ids = torch.tensor([prompt_ids(tok, messages)], device=model.device)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False, **_beams(num_beams)}
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id, **sampling)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_new_tokens),
+                             pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(tok, model.generation_config),
+                             **sampling)
+    return clean_answer(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
 def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens=64,
@@ -156,8 +165,10 @@ def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], 
     at a time."""
     import torch
 
+    from mlflow_finetune_plugin.models.chat_format import clean_answer, prompt_ids, stop_ids
+
     tok, model = loaded.tokenizer, loaded.model
-    encs = [tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    encs = [{"input_ids": (ids := prompt_ids(tok, messages)), "attention_mask": [1] * len(ids)}
             for messages in conversations]
     # Left padding: every row's next token comes right after its prompt (generate derives the positions from the
     # attention mask). Passed per call rather than set on the tokenizer, which a server may share across threads.
@@ -165,9 +176,10 @@ def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], 
     enc = {k: v.to(model.device) for k, v in enc.items()}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
-                             do_sample=False, **_beams(num_beams))
+                             eos_token_id=stop_ids(tok, model.generation_config), do_sample=False,
+                             **_beams(num_beams))
     # Rows that end early are filled with padding, which decoding drops with the other special tokens.
-    return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc["input_ids"].shape[1]:]]
+    return [clean_answer(tok.decode(row, skip_special_tokens=True)) for row in out[:, enc["input_ids"].shape[1]:]]
 
 
 def _beams(num_beams) -> dict:

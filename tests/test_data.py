@@ -57,10 +57,20 @@ def write(path, rows):
 
 
 class FakeTokenizer:
-    """One token per word plus one per message; returns a dict like transformers 5 does."""
+    """One token per word plus one per message (a `<m>` marker); renders and tokenizes through the calls
+    `models.chat_format` makes, with character offsets."""
 
-    def apply_chat_template(self, messages, tokenize=True, **kwargs):
-        return {"input_ids": [0] * sum(1 + len(m["content"].split()) for m in messages)}
+    chat_template = "<m> per message, then its words"
+    eos_token = None
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False, **kwargs):
+        return "".join(f"<m> {m['content']} " for m in messages) + ("<m> " if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+        import re
+
+        spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+        return {"input_ids": [0] * len(spans), "offset_mapping": spans}
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet", ".json"])

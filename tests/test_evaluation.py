@@ -359,6 +359,7 @@ def _per_example_loss(model, tok, convs) -> float:
     for conv in convs:
         prompt_text = tok.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
         completion = tok.apply_chat_template(conv, tokenize=False)[len(prompt_text):]
+        completion = completion[: completion.index("<|im_end|>") + len("<|im_end|>")]  # what training trains
         prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
         completion_ids = tok(completion, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prompt_ids + completion_ids])

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.data.formats import detect_format, sharegpt_tags, summarize
@@ -23,11 +21,11 @@ from mlflow_finetune_plugin.data.read import (
     tools_of,
     validate_records,
 )
+from mlflow_finetune_plugin.errors import FinetuneError
 
 FEW_ROWS = 50  # below this, few-shot prompting is the first thing to try (the seeds of this project say so)
 _SHOWN = 100  # lines listed per section in the text report; --json has every row
 _EMPTY_MARKERS = ("missing '", " is empty", "empty content", "is an empty list")
-_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # TRL's has_generation_markers, without importing TRL
 
 
 @dataclass
@@ -238,34 +236,12 @@ def _conversations(rec: dict, fmt: str, system_prompt: str | None, tags) -> list
 # ---------------------------------------------------------------- with a tokenizer
 
 
-def _mask_template(tokenizer, needed: bool) -> str | None:
-    """The chat template that marks assistant tokens ({% generation %}): the tokenizer's own, else TRL's training
-    variant of it when `needed` (TRL is imported only then); None when there is none."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str):
-        return None
-    if _GENERATION.search(template):
-        return template
-    if not needed:
-        return None
-    try:
-        from trl.chat_template_utils import get_training_chat_template
+def _count(tokenizer, messages: list[dict], tools, assistant_only: bool = True) -> tuple[int, list[int]]:
+    """(tokens, loss mask) of one conversation, rendered and masked as training renders and masks it."""
+    from mlflow_finetune_plugin.models.chat_format import tokenize_row
 
-        return get_training_chat_template(tokenizer)
-    except Exception:  # noqa: BLE001 - TRL raises for templates it has no training variant of
-        return None
-
-
-def _count(tokenizer, messages: list[dict], tools, template) -> tuple[int, list[int] | None]:
-    """(tokens, assistant mask or None) of one conversation, rendered as training renders it."""
-    kwargs = {"tools": tools} if tools else {}
-    if template is not None:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, chat_template=template,
-                                            return_assistant_tokens_mask=True, **kwargs)
-        return len(out["input_ids"]), list(out["assistant_masks"])
-    out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
-    # transformers 5 returns a BatchEncoding here by default (len() of it is the number of keys, not tokens)
-    return len(out["input_ids"] if isinstance(out, Mapping) else out), None
+    out = tokenize_row(tokenizer, messages, tools, assistant_only)
+    return len(out["input_ids"]), out["assistant_masks"]
 
 
 def _tool_names(messages: list[dict], tools) -> list[str]:
@@ -278,22 +254,22 @@ def _unrendered(tokenizer, messages: list[dict], tools) -> list[str]:
     names = _tool_names(messages, tools)
     if not names:
         return []
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    from mlflow_finetune_plugin.models.chat_format import render
+
+    text = render(tokenizer, messages, tools=tools)
     return sorted({n for n in names if n not in text})
 
 
 def _lengths(report: DataReport, records, convs, tokenizer, max_length, model_label) -> None:
     model = model_label or getattr(tokenizer, "name_or_path", None) or "this tokenizer"
-    weighted = any(m.get("weight") == 0 for c in convs.values() for conv in c for m in conv)
-    template = _mask_template(tokenizer, needed=weighted)
     lengths, cut, answer_total, answer_lost = [], [], 0, 0
     for line, rec in records:
         tools = tools_of(rec)
         try:
-            counted = [_count(tokenizer, conv, tools, template) for conv in convs[line]]
+            counted = [_count(tokenizer, conv, tools) for conv in convs[line]]
             missing = sorted({n for conv in convs[line] for n in _unrendered(tokenizer, conv, tools)})
         except Exception as e:  # noqa: BLE001 - a template that raises on this row would fail training the same way
-            report.errors.append(DataIssue(report.path, line, f"the tokenizer's chat template rejects this row: {e}"))
+            report.errors.append(DataIssue(report.path, line, _rejected(e, model)))
             continue
         if missing:
             report.errors.append(DataIssue(
@@ -301,20 +277,17 @@ def _lengths(report: DataReport, records, convs, tokenizer, max_length, model_la
                                    f"does not render: {_NO_TOOLS}", group=f"rows with tool calls or tools that the "
                                                                         f"chat template of {model} does not render: "
                                                                         f"{_NO_TOOLS}"))
-        if weighted and template is None and any(m.get("weight") == 0 for m in convs[line][0]):
-            text = f"assistant turns with weight 0, but the chat template of {model} {_NO_MASKS}"
-            report.errors.append(DataIssue(report.path, line, text, group="rows with " + text))
         n, mask = max(counted, key=lambda c: c[0])
         lengths.append(n)
-        answer_total += sum(mask) if mask is not None else n
-        lost = sum(mask[max_length:]) if mask is not None else max(0, n - max_length)
+        answer_total += sum(mask)
+        lost = sum(mask[max_length:])
         answer_lost += lost
         if n > max_length:
             report.too_long += 1
             cut.append(DataIssue(report.path, line, f"{n} tokens, more than max_length {max_length}: "
                                                     f"{n - max_length} cut, {lost} of them in answers", "warning"))
     if cut:
-        what = "answer tokens" if template is not None else "tokens"
+        what = "answer tokens"
         report.cut_share = answer_lost / answer_total if answer_total else 0.0
         for issue in cut:
             issue.group = (f"longer than max_length {max_length}: the ends are cut, {answer_lost} of the "
@@ -329,15 +302,25 @@ def _lengths(report: DataReport, records, convs, tokenizer, max_length, model_la
 
 _NO_TOOLS = ("they would train on empty turns. Use a model whose chat template supports tools (check one with "
              "`mlflow-finetune data check --model NAME`), or leave these rows out")
-_NO_MASKS = ("has no {% generation %} markers (and TRL has no training variant of it): those turns cannot be told "
-             "apart and would be trained on. Add the markers to the template, or drop the weights")
+
+
+def _rejected(e: Exception, model: str) -> str:
+    """A row the chat template raises on: the template's own words, and what to do."""
+    why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    fix = ("make this row's turns follow the order the template expects (e.g. user and assistant alternating, "
+           "one system message first: merge consecutive turns of the same role), or choose another template with "
+           "model.chat_template")
+    if "assistant turn" in why and "loss mask" in why:
+        fix = "set data.assistant_only_loss: false, or choose another template with model.chat_template"
+    return f"the chat template of {model} rejects this row ({why}): {fix}"
 
 
 # ---------------------------------------------------------------- entry points
 
 
 @functools.lru_cache(maxsize=8)
-def tokenizer_for_check(name: str | None, revision: str | None = None, trust_remote_code: bool = False):
+def tokenizer_for_check(name: str | None, revision: str | None = None, trust_remote_code: bool = False,
+                        chat_template: str | None = None, base_dir: str | None = None):
     """(tokenizer or None, why not) for the pre-flight check: the model's tokenizer where it is at hand. A built-in
     model not yet converted is left to training (it converts the weights too), and a tokenizer that cannot be
     loaded is the training process's error to report, not the data check's."""
@@ -351,7 +334,11 @@ def tokenizer_for_check(name: str | None, revision: str | None = None, trust_rem
             return None, f"{smollm2.NAME} is converted on its first run"
         name = str(built[-1])
     try:
-        return load_tokenizer(name, revision, trust_remote_code), None
+        return load_tokenizer(name, revision, trust_remote_code, chat_template, base_dir), None
+    except FinetuneError as e:
+        if "chat template" in str(e) or "model.chat_template" in str(e):
+            raise  # no template to train with, or a bad model.chat_template: refused before any run exists
+        return None, str(e).splitlines()[0]
     except Exception as e:  # noqa: BLE001 - any failure here is reported by training with its own message
         return None, str(e).splitlines()[0] if str(e) else type(e).__name__
 

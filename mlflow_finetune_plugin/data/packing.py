@@ -82,6 +82,7 @@ def row_cost(length: int, span: float) -> float:
 def example_lengths(tokenizer, dataset, max_length: int, seed: int, sample: int = SAMPLE) -> list[int]:
     """Token lengths of (a seeded sample of) the training rows, cut at `max_length` as training cuts them."""
     from mlflow_finetune_plugin.data.loss_masks import row_tools
+    from mlflow_finetune_plugin.models.chat_format import tokenize_row
 
     picked = list(range(len(dataset)))
     if len(picked) > sample:
@@ -91,8 +92,7 @@ def example_lengths(tokenizer, dataset, max_length: int, seed: int, sample: int 
         return [min(len(ids), max_length) for ids in rows["input_ids"]]
     lengths = []
     for row in rows:
-        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, tools=row_tools(row),
-                                            return_dict=True)["input_ids"]
+        ids = tokenize_row(tokenizer, row["messages"], row_tools(row))["input_ids"]
         lengths.append(min(len(ids), max_length))
     return lengths
 

@@ -37,7 +37,8 @@ def check_recipe_data(recipe, check_data) -> None:
         check = functools.partial(check_data, columns=data.columns, tags=data.tags)
     else:  # a mixture: each task is a file in its own format; data.columns and data.tags describe data.train
         check = check_data
-    tokenizer, why_not = tokenizer_for_check(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+    tokenizer, why_not = tokenizer_for_check(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code,
+                                             recipe.model.chat_template, _project_dir(recipe))
     errors, warnings, reports, refused = [], [], {}, []
     for label, path, fmt, system_prompt in files:
         owner, split = label.rsplit(".", 1)
@@ -128,3 +129,8 @@ def _method_format(recipe, label: str, path: str, report, formats) -> str | None
 
 def _or(names) -> str:
     return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _project_dir(recipe) -> str | None:
+    folder = getattr(recipe, "project_dir", None)
+    return str(folder) if folder else None

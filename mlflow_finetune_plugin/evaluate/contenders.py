@@ -27,6 +27,7 @@ from mlflow_finetune_plugin.evaluate.scoring import (
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
 from mlflow_finetune_plugin.metrics import CONTENDERS
+from mlflow_finetune_plugin.models.chat_format import clean_answer, prompt_ids, stop_ids
 
 
 def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
@@ -220,12 +221,23 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
     prompt_end = prefill.input_ids.shape[1]
     with torch.no_grad():
         generated = model.generate(input_ids=prefill.input_ids.to(device),
-                                   attention_mask=prefill.attention_mask.to(device), past_key_values=prefill.cache,
+                                   attention_mask=prefill.attention_mask.to(device), **{_CACHE_KWARG: prefill.cache},
                                    max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
-                                   do_sample=False)
+                                   eos_token_id=stop_ids(tok, model.generation_config), do_sample=False)
     # Rows that end early are filled with padding, which decoding drops with the other special tokens.
-    answers = [tok.decode(row, skip_special_tokens=True).strip() for row in generated[:, prompt_end:]]
+    answers = [clean_answer(tok.decode(row, skip_special_tokens=True)) for row in generated[:, prompt_end:]]
     return answers, prefill.nll, prefill.n_tokens
+
+
+def _cache_kwarg() -> str:
+    """generate()'s name for a KV cache to continue from: `cache` from transformers 5.2x (where `past_key_values`
+    is deprecated, to go in 5.40), `past_key_values` before."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+_CACHE_KWARG = _cache_kwarg()
 
 
 def _virtual_tokens(model) -> bool:
@@ -265,8 +277,7 @@ def _fit(tokenizer, messages, prompt, shots, limit: int) -> list[dict]:
 
 
 def _n_tokens(tokenizer, messages) -> int:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(prompt_ids(tokenizer, messages))
 
 
 def _context_limit(model, tokenizer) -> int:

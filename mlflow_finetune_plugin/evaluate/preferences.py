@@ -19,8 +19,11 @@ def pair_ids(tokenizer, row: dict) -> dict:
     from trl.data_utils import common_prefix_length, is_conversational
 
     if is_conversational(row):
+        from mlflow_finetune_plugin.models.chat_format import prepared
+
         def ids(messages, **kwargs):
-            return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+            return list(tokenizer.apply_chat_template(prepared(tokenizer, messages), tokenize=True, return_dict=True,
+                                                      **kwargs)["input_ids"])
 
         prompt = ids(row["prompt"], add_generation_prompt=True)
         chosen, rejected = ids(row["prompt"] + row["chosen"]), ids(row["prompt"] + row["rejected"])

@@ -56,8 +56,13 @@ def resolve_model_path(name: str | None) -> str:
     return str(local.resolve()) if local.exists() else name
 
 
-def load_tokenizer(name: str | None = None, revision: str | None = None, trust_remote_code: bool = False):
-    """Load the tokenizer of a base model; a tokenizer without a pad token gets its EOS token as pad."""
+def load_tokenizer(name: str | None = None, revision: str | None = None, trust_remote_code: bool = False,
+                   chat_template: str | None = None, base_dir=None):
+    """Load the tokenizer of a base model; a tokenizer without a pad token gets its EOS token as pad.
+
+    `chat_template` (the recipe's `model.chat_template`: a bundled name or a .jinja file, relative to `base_dir`)
+    replaces the tokenizer's own template, and the template's control tokens the tokenizer lacks are added as special
+    tokens (the model's embeddings must then be resized: `added_control_tokens` says which)."""
     path = resolve_model_path(name)
     try:
         if is_builtin(name) or _is_builtin_folder(path):
@@ -70,13 +75,38 @@ def load_tokenizer(name: str | None = None, revision: str | None = None, trust_r
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise FinetuneError(_not_found(name, e)) from None
+    if chat_template:
+        set_chat_template(tok, chat_template, base_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
-        raise FinetuneError(
-            f"model {name!r} has no chat template. Pick an instruct/chat model, or a base model whose tokenizer "
-            "defines `chat_template`.")
+        from mlflow_finetune_plugin.models.chat_format import no_template_message
+
+        raise FinetuneError(no_template_message(name))
     return tok
+
+
+def set_chat_template(tok, value: str, base_dir=None) -> list[str]:
+    """`model.chat_template` on a tokenizer: the template's text, and its control tokens added where missing (the
+    list of those added, also kept as `tok.added_control_tokens`)."""
+    from mlflow_finetune_plugin.models.chat_templates import TEMPLATE_TOKENS, read_template
+
+    tok.chat_template = read_template(value, base_dir)
+    wanted = TEMPLATE_TOKENS[value.strip()].control if value.strip() in TEMPLATE_TOKENS else ()
+    vocab = tok.get_vocab()
+    missing = [t for t in wanted if t not in vocab]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    tok.added_control_tokens = missing
+    return missing
+
+
+def control_tokens(value: str | None) -> tuple[str, ...]:
+    """The control tokens of a bundled `model.chat_template` (those a base model must learn to write); () for a
+    template file, whose tokens are not known."""
+    from mlflow_finetune_plugin.models.chat_templates import TEMPLATE_TOKENS
+
+    return TEMPLATE_TOKENS[value.strip()].control if value and value.strip() in TEMPLATE_TOKENS else ()
 
 
 def _is_builtin_folder(path: str) -> bool:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
 from mlflow_finetune_plugin.serving.batching import Batcher, Request, TokenStreamer, row_hook
 from mlflow_finetune_plugin.serving.choices import LocalModel, local_model
@@ -232,9 +233,7 @@ class TransformersEngine(Engine):
         slot, adapter, tokenizer = self._route(choice)
         if adapter is None:  # the base side: adapter layers off for this row (another request may put an adapter
             adapter = _BASE  # on this slot meanwhile, so the slot is asked per batch, not now)
-        enc = tokenizer.apply_chat_template(plain_messages(messages), add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
-        prompt = enc["input_ids"][0].tolist()
+        prompt = prompt_ids(tokenizer, plain_messages(messages))
         limit = _context_limit(slot.model)
         if limit and len(prompt) + settings.max_new_tokens > limit:
             raise FinetuneError(f"the conversation is {len(prompt)} tokens and {settings.max_new_tokens} new tokens "
@@ -336,13 +335,8 @@ def _is_prompt_learning(adapter_cfg: dict) -> bool:
 
 
 def _eos_ids(tokenizer, model) -> list[int]:
-    """Every end-of-turn id the tokenizer and the generation config name (either may be a list)."""
-    ids = []
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        for t in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(t, int) and t not in ids:
-                ids.append(t)
-    return ids
+    """Every end-of-turn id the tokenizer, the generation config and the chat template name (`chat_format`)."""
+    return stop_ids(tokenizer, getattr(model, "generation_config", None))
 
 
 def _context_limit(model) -> int | None:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
 from mlflow_finetune_plugin.serving.choices import LocalModel, local_model, require_vllm_support
 from mlflow_finetune_plugin.vllm_rules import REMOVE_CPU_VISION, torchvision_clash
@@ -107,6 +108,7 @@ class VLLMEngine(Engine):
         self._llm = None
         self._base_local: LocalModel | None = None
         self._tokenizer = None
+        self._generation_config = None  # the served model's: its eos ids stop answers too
         self._loras: dict[str, object] = {}      # choice key -> LoRARequest
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -175,6 +177,7 @@ class VLLMEngine(Engine):
         self._llm = asyncio.run_coroutine_threadsafe(create(), self._loop).result()
         self._base_local = local
         self._tokenizer = AutoTokenizer.from_pretrained(local.tokenizer_dir)
+        self._generation_config = _generation_config(model_path)
 
     # ---------------------------------------------------------------------------------------------- generation
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:
@@ -185,9 +188,8 @@ class VLLMEngine(Engine):
 
         settings = settings.checked(max_new_tokens_cap=None)  # ranges only: the playground applies its own cap
         lora = self._request_for(choice)
-        ids = self._tokenizer.apply_chat_template(plain_messages(messages), add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"]
-        eos = [t for t in (self._tokenizer.eos_token_id,) if isinstance(t, int)]
+        ids = prompt_ids(self._tokenizer, plain_messages(messages))
+        eos = stop_ids(self._tokenizer, self._generation_config)
         params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
                                 max_tokens=settings.max_new_tokens, stop_token_ids=eos,
                                 output_kind=RequestOutputKind.DELTA)
@@ -248,3 +250,13 @@ class VLLMEngine(Engine):
             self._llm.shutdown()
             self._llm = None
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def _generation_config(model_path: str):
+    """The generation config of the model vLLM serves (None where the folder or hub id has none)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None

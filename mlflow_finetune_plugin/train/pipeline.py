@@ -18,7 +18,7 @@ from mlflow_finetune_plugin.logged_model import chat_template_hash
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
 from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recipe_autocast_bf16
 from mlflow_finetune_plugin.tags import lineage_tags
-from mlflow_finetune_plugin.train import publish, quantization, resume, trainers
+from mlflow_finetune_plugin.train import publish, quantization, resume, templates, trainers
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach
 from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, MlflowMetrics, TimeLeft
 from mlflow_finetune_plugin.train.objectives import objective_of, sft
@@ -37,13 +37,16 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
         tags.update(splits.log_inputs(recipe, data))
         mlflow.set_tags(tags)
 
-    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code,
+                               recipe.model.chat_template, recipe.project_dir)
+    data = templates.for_template(recipe, data, tokenizer, main)  # system handling, told once
     # Adapter weights start random (LoRA's A, prompt embeddings): seeded, a run is repeatable and a resumed run
     # continues the one it resumes. Trainer seeds again, but only once the model exists.
     set_seed(recipe.train.seed)
     model = load_base_model(recipe.model, **quantization.model_kwargs(recipe.model))
     base_revision = recipe.model.revision or getattr(model.config, "_commit_hash", None)
-    model = attach(quantization.prepare(model, recipe.model), recipe)
+    trainable = templates.fit_model(recipe, model, tokenizer, main)  # new tokens' rows, every end-of-turn id stops
+    model = attach(quantization.prepare(model, recipe.model), recipe, trainable)
     if main and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 
@@ -94,7 +97,8 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     config = {"base_model": base_ref, "base_revision": base_revision, "method": recipe.method,
               "adapter": recipe.adapter.type, "objective": recipe.objective, "artifact": adapter.ARTIFACT,
               "system_prompt": trained_system_prompt(data.train, recipe.data.system_prompt),
-              "num_beams": recipe.eval.num_beams if recipe.eval.num_beams > 1 else None}
+              "num_beams": recipe.eval.num_beams if recipe.eval.num_beams > 1 else None,
+              "vocab_size": len(tokenizer) if getattr(tokenizer, "added_control_tokens", None) else None}
     if recipe.data.adapters == "per_task" and data.is_mixture:
         prompts = {name: trained_system_prompt(ds, recipe.data.tasks[name].system_prompt)
                    for name, ds in data.tasks.items()}

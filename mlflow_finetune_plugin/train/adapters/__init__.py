@@ -22,13 +22,21 @@ def adapter_of(recipe):
     return ADAPTERS[recipe.adapter.type]
 
 
-def attach(model, recipe):
+def attach(model, recipe, trainable_tokens: list[int] | None = None):
     """The base wrapped for training: the recipe's adapter, fresh, or the `model.init_adapter` to continue (its own
     saved configuration replaces `adapter:`). A mixture with `data.adapters: per_task` gets one adapter per task,
-    named after it, in one PeftModel."""
+    named after it, in one PeftModel. `trainable_tokens`: embedding rows trained beside a fresh LoRA adapter
+    (PEFT's `trainable_token_indices`; a chosen chat template's control tokens, `train/templates.py`)."""
     import sys
 
     module = adapter_of(recipe)
+    if trainable_tokens and recipe.adapter.type == "lora" and not recipe.model.init_adapter \
+            and not (recipe.data.tasks and recipe.data.adapters == "per_task"):
+        from peft import get_peft_model
+
+        config = module.peft_config(recipe.adapter, model)
+        config.trainable_token_indices = list(trainable_tokens)
+        return get_peft_model(model, config)
     if recipe.data.tasks and recipe.data.adapters == "per_task":
         from peft import get_peft_model
 

@@ -105,7 +105,9 @@ def _fitting_prompts(ds, tokenizer, limit: int):
 def prompt_tokens(tokenizer, prompt) -> int:
     """Tokens of a prompt as GRPO feeds it: chat template with the generation prompt (text prompts: as they are)."""
     if isinstance(prompt, list):
-        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        from mlflow_finetune_plugin.models.chat_format import render
+
+        prompt = render(tokenizer, prompt, add_generation_prompt=True)
     return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 

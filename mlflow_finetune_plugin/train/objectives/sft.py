@@ -19,12 +19,12 @@ def check(recipe) -> list[str]:
 
 
 def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):
-    """TRL's SFTTrainer on chat data: loss on assistant tokens when the chat template allows it, and on every token
-    of the replayed text (`data.replay`)."""
+    """TRL's SFTTrainer on chat data: loss on each assistant reply and its end-of-turn token (any chat template), and
+    on every token of the replayed text (`data.replay`)."""
     from trl import SFTConfig
 
     from mlflow_finetune_plugin.data import replay
-    from mlflow_finetune_plugin.data.loss_masks import has_zero_weights, with_turn_weights
+    from mlflow_finetune_plugin.data.loss_masks import trained_share, with_turn_weights
     from mlflow_finetune_plugin.train.objectives.sft_trainer import FinetuneSFTTrainer
 
     texts = replay.read_replay(recipe)
@@ -37,22 +37,19 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
               f"{len(kl_rows)} rows of general text from {replay.replay_path(recipe).name} (weight "
               f"{recipe.data.replay_weight * every:g})")
         texts = []
-    if texts or has_zero_weights(train_ds, eval_ds):
-        # OpenAI `weight: 0` turns, or replayed text to mix in: tokenized here, each row with its loss mask
-        weigh = recipe.data.assistant_only_loss and (has_zero_weights(train_ds, eval_ds)
-                                                     or _supports_assistant_masks(tokenizer))
-        n_train = len(train_ds)
-        train_ds, eval_ds = (with_turn_weights(tokenizer, ds, weigh) for ds in (train_ds, eval_ds))
-        if texts:
-            rows = replay.replay_rows(tokenizer, texts, replay.replay_count(n_train, recipe.data.replay_share),
-                                      recipe.data.max_length, recipe.train.seed)
-            print(replay.describe(n_train, rows, train_ds, replay.replay_path(recipe)))
-            train_ds = replay.with_replay(train_ds, rows, recipe.train.seed)
-        assistant_only = False  # the masks are in the data; TRL builds the labels from them
-    else:
-        assistant_only = recipe.data.assistant_only_loss and _supports_assistant_masks(tokenizer)
+    # Every row tokenized here with its loss mask (models/chat_format.py finds each assistant turn for any chat
+    # template); TRL builds the labels from the masks.
+    n_train = len(train_ds)
+    assistant_only = recipe.data.assistant_only_loss
+    train_ds, eval_ds = (with_turn_weights(tokenizer, ds, assistant_only) for ds in (train_ds, eval_ds))
+    _tag_loss(assistant_only, trained_share(train_ds))
+    if texts:
+        rows = replay.replay_rows(tokenizer, texts, replay.replay_count(n_train, recipe.data.replay_share),
+                                  recipe.data.max_length, recipe.train.seed)
+        print(replay.describe(n_train, rows, train_ds, replay.replay_path(recipe)))
+        train_ds = replay.with_replay(train_ds, rows, recipe.train.seed)
     pack = packing(recipe, tokenizer, train_ds, model.config)
-    config = SFTConfig(**args, max_length=recipe.data.max_length, packing=pack, assistant_only_loss=assistant_only)
+    config = SFTConfig(**args, max_length=recipe.data.max_length, packing=pack)
     return FinetuneSFTTrainer(
         model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         callbacks=callbacks, fused_lm_head=fused_lm_head(recipe), pack_rows=pack and not _varlen_attention(recipe),
@@ -172,18 +169,15 @@ def fused_lm_head(recipe) -> bool:
     return torch.cuda.is_available()
 
 
-def _supports_assistant_masks(tokenizer) -> bool:
-    """Assistant-only loss needs `{% generation %}` markers; TRL patches the templates it knows, warn otherwise."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+def _tag_loss(assistant_only: bool, share: float | None) -> None:
+    """`finetune.loss_on` (assistant or all) and the share of the training rows' tokens the loss covers."""
+    import mlflow
 
-    if has_generation_markers(tokenizer.chat_template):
-        return True
-    try:
-        if get_training_chat_template(tokenizer) is not None:
-            return True
-    except Exception:  # noqa: BLE001 - TRL raises for templates it has no training variant of
-        pass
-    print("Warning: this chat template has no {% generation %} markers and TRL has no training variant of it; "
-          "training on whole conversations. Add the markers to the template for assistant-only loss.",
-          file=sys.stderr)
-    return False
+    from mlflow_finetune_plugin import tags
+
+    where = "assistant" if assistant_only else "all"
+    covered = f"{share:.1%} of the training tokens" if share is not None else "no tokens"
+    print(f"Loss on: {'each assistant reply and its end-of-turn token' if assistant_only else 'whole conversations'}"
+          f" ({covered})")
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({tags.LOSS_ON: where, **({tags.LOSS_SHARE: f"{share:.4f}"} if share is not None else {})})

@@ -1,0 +1,73 @@
+"""The chat template's part in one fine-tune: what `models/chat_format.py` found about it, applied to this run.
+
+- System messages a template would drop or refuse are folded into the first user turn of every row (once here, so
+  that TRL's DPO/ORPO/GRPO trainers, which render rows themselves, see the same as SFT, evaluation and serving).
+- A chosen template (`model.chat_template`) whose control tokens the tokenizer lacked: the embeddings grow to fit.
+  Its control tokens, new or present, get trainable rows: a base model has never learned them (base Gemma 3 ranks its
+  own `<end_of_turn>` 260,392nd of 262,144 after an answer), and a LoRA with frozen embeddings cannot learn to end
+  its turn. LoRA trains them through PEFT's `trainable_token_indices`; a full fine-tune trains every row anyway.
+- Every end-of-turn id stops generation: written into the model's generation config, which the logged model, the
+  exported folder and vLLM read.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin.models.base import control_tokens
+from mlflow_finetune_plugin.models.chat_format import chat_format, prepared, stop_ids
+
+
+def for_template(recipe, data, tokenizer, main: bool = True):
+    """`data` (splits.Splits) with system messages folded where the template needs it; one printed line, one tag."""
+    import dataclasses
+
+    import mlflow
+
+    fmt = chat_format(tokenizer)
+    if main and mlflow.active_run() is not None:
+        mlflow.set_tags({tags.SYSTEM_HANDLING: fmt.system + (f": {fmt.why}" if fmt.why else ""),
+                         **({tags.CHAT_TEMPLATE: recipe.model.chat_template} if recipe.model.chat_template else {})})
+    if not fmt.folds_system:
+        return data
+    if main:
+        print(f"System messages: {fmt.why}.")
+
+    def fold(row):
+        return {key: prepared(tokenizer, row[key]) for key in ("messages", "prompt")
+                if isinstance(row.get(key), list) and row[key] and isinstance(row[key][0], dict)}
+
+    def each(ds):
+        return None if ds is None else ds.map(fold, desc="Folding system messages")
+
+    return dataclasses.replace(data, train=each(data.train), eval=each(data.eval),
+                               tasks={k: each(v) for k, v in data.tasks.items()},
+                               task_evals={k: each(v) for k, v in data.task_evals.items()})
+
+
+def fit_model(recipe, model, tokenizer, main: bool = True) -> list[int]:
+    """Grow the embeddings for added tokens, make every end-of-turn id stop generation; the ids of the chosen
+    template's control tokens, to train (empty when no template was chosen)."""
+    import mlflow
+
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        added = getattr(tokenizer, "added_control_tokens", [])
+        if main:
+            print(f"Chat template: added {', '.join(added)} to the tokenizer; the embeddings grow to {len(tokenizer)}")
+    stops = stop_ids(tokenizer, model.generation_config)
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    wanted = control_tokens(recipe.model.chat_template)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in wanted]
+    if not ids:
+        return []
+    if recipe.adapter.type not in ("lora", "full") and main:
+        print(f"Warning: the {recipe.adapter.type} adapter cannot train embedding rows: the template's control tokens "
+              f"({', '.join(wanted)}) keep the base model's rows; a base model may then never end its turn. Use "
+              "-e lora or -e full with model.chat_template.", file=sys.stderr)
+    if main and mlflow.active_run() is not None:
+        mlflow.set_tag(tags.TRAINABLE_TOKENS, ", ".join(wanted) if recipe.adapter.type in ("lora", "full") else "none")
+    return ids if recipe.adapter.type == "lora" else []
