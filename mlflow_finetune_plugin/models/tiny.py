@@ -130,7 +130,16 @@ def train_byte_bpe(special_tokens: list[str], vocab_size: int = _VOCAB_SIZE, spl
 
     `split_regex`: split words with this pattern (and NFC-normalize) instead of GPT-2's, as Qwen's tokenizer does.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     backend = Tokenizer(models.BPE())
     if split_regex:
