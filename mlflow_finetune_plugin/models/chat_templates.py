@@ -87,12 +87,13 @@ def read_template(value: str, base_dir: Path | None = None) -> str:
     if value in BUNDLED:
         return bundled_template(value)
     path = Path(value).expanduser()
-    if not path.is_absolute() and base_dir is not None:
+    relative = not path.is_absolute() and base_dir is not None
+    if relative:
         path = Path(base_dir) / path
     if path.is_file():
         return path.read_text(encoding="utf-8")
     if _looks_like_path(value):
-        where = f" (looked in {base_dir})" if base_dir is not None and not Path(value).expanduser().is_absolute() else ""
+        where = f" (looked in {base_dir})" if relative else ""
         raise FinetuneError(f"{KEY}: file not found: {value}{where}. Give a .jinja file, or a bundled template: "
                             f"{', '.join(BUNDLED)}")
     raise FinetuneError(_unknown(value))
