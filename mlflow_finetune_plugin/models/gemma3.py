@@ -113,7 +113,7 @@ def convert(gguf: Path, out: Path) -> None:
     print(f"{NOTICE} (a copy: {terms_path()}). {HUB_ID} is a base model, not instruction-tuned.",
           file=sys.stderr, flush=True)
     print(f"Converting the built-in model {NAME!r} once: {PACKAGE}=={package_version()} {GGUF_FILE} "
-          f"-> safetensors in {out.parent} (about 2 min)", file=sys.stderr, flush=True)
+          f"-> safetensors in {out.parent} (about a minute)", file=sys.stderr, flush=True)
     folder, name = str(gguf.parent), gguf.name
     with parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
