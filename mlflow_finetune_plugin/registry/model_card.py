@@ -80,6 +80,7 @@ def description(card: str) -> str:
 def _model_section(recipe, config: dict, run_tags: dict) -> str:
     from mlflow_finetune_plugin import tags
     from mlflow_finetune_plugin.config.loading import resolved_dict
+    from mlflow_finetune_plugin.models.base import base_terms
 
     knobs = recipe.adapter.model_dump(mode="json", exclude={"type"})
     objective = resolved_dict(recipe).get(recipe.objective)  # the active objective's knobs (sft has none)
@@ -92,6 +93,9 @@ def _model_section(recipe, config: dict, run_tags: dict) -> str:
             ("Training precision", run_tags.get(tags.PRECISION, "-")),
             ("Artifact", "adapter only; the base is referenced, not copied" if config.get("artifact") == "adapter"
              else "complete weights")]
+    terms = base_terms(config["base_model"])
+    if terms:
+        rows.insert(1, ("Terms of use", terms))
     return "## Model\n\n" + _table(["", ""], rows)
 
 

@@ -110,7 +110,7 @@ def describe(choice: ModelChoice) -> str:
 
 def details(choice: ModelChoice) -> str:
     """The whole story the short label leaves out: the base model's full reference (package, file, digest for the
-    built-in smollm2; the hub id or path otherwise) and, for a version, how it was trained."""
+    built-in smollm2 and gemma3; the hub id or path otherwise) and, for a version, how it was trained."""
     mv = registry.get_version(choice.name, choice.version)
     ref = mv.tags.get(tags.BASE_MODEL) or "not recorded"
     if choice.base:
@@ -120,14 +120,16 @@ def details(choice: ModelChoice) -> str:
 
 
 def base_name(ref: str | None) -> str:
-    """A base model's reference short enough for a picker: `SmolLM2-135M-Instruct` for the built-in smollm2 (whose
-    reference also names the package, file and digest), `tiny-llama` for the tiny model, else the last component
-    of the hub id or local path."""
-    from mlflow_finetune_plugin.models import smollm2
+    """A base model's reference short enough for a picker: `SmolLM2-135M-Instruct` for the built-in smollm2 and
+    `gemma-3-270m` for the built-in gemma3 (whose references also name the package, file and digests),
+    `tiny-llama` for the tiny model, else the last component of the hub id or local path."""
+    from mlflow_finetune_plugin.models import gemma3, smollm2
 
     ref = (ref or "").strip()
     if smollm2.is_smollm2(ref):
         return smollm2.GGUF_FILE.split(".")[0]
+    if gemma3.is_gemma3(ref):
+        return gemma3.HUB_ID.split("/")[-1]
     return ref.removeprefix("builtin:").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
 
 
