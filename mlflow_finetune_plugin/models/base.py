@@ -115,6 +115,16 @@ def set_chat_template(tok, value: str, base_dir=None) -> list[str]:
     return missing
 
 
+def chosen_chat_template(model_cfg) -> str | None:
+    """The chat template a run trains with over the tokenizer's own: `model.chat_template`, else the built-in base
+    model's default (gemma3: `gemma`); None for a model trained with its own template."""
+    from mlflow_finetune_plugin.models import gemma3
+
+    if model_cfg.chat_template:
+        return model_cfg.chat_template
+    return gemma3.DEFAULT_CHAT_TEMPLATE if gemma3.is_gemma3(model_cfg.name) else None
+
+
 def control_tokens(value: str | None) -> tuple[str, ...]:
     """The control tokens of a bundled `model.chat_template` (those a base model must learn to write); () for a
     template file, whose tokens are not known."""

@@ -90,12 +90,16 @@ def reference() -> str:
 
 
 def chat_template() -> str:
-    """Gemma 3's own chat template, verbatim: TRL ships it as `trl/chat_templates/gemma3.jinja` (found without
-    importing trl), and TRL swaps in its training variant (assistant-only loss) when a tokenizer's template equals it."""
-    spec = importlib.util.find_spec("trl")
-    path = Path(next(iter(spec.submodule_search_locations))) / "chat_templates" / "gemma3.jinja"
-    with open(path, encoding="utf-8", newline="") as f:  # newline="": the text stays byte for byte
-        return f.read()
+    """Gemma 3's own chat template, verbatim (the bundled `gemma`, `models/chat_templates.py`): a base model has none,
+    so this is the `model.chat_template` gemma3 trains with by default (`DEFAULT_CHAT_TEMPLATE`)."""
+    from mlflow_finetune_plugin.models.chat_templates import bundled_template
+
+    return bundled_template(DEFAULT_CHAT_TEMPLATE)
+
+
+# The template a run on gemma3 uses when the recipe names none: its control tokens get trainable rows, as with an
+# explicit `model.chat_template` (the base model never learned to end a turn).
+DEFAULT_CHAT_TEMPLATE = "gemma"
 
 
 def convert(gguf: Path, out: Path) -> None:

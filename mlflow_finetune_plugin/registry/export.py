@@ -156,12 +156,16 @@ def _write_merged(local: Path, config: dict, out: Path, echo) -> None:
 
     from mlflow_finetune_plugin.logged_model import load_logged_model
     from mlflow_finetune_plugin.models.base import resolve_model_path
+    from mlflow_finetune_plugin.models.chat_format import stop_ids
 
     echo(f"Loading the base {config['base_model']} with the adapter")
-    model = load_logged_model(local, device="cpu").model
+    loaded = load_logged_model(local, device="cpu")
     echo("Merging the adapter into the base")
     # Merged in float32 (as the adapter was loaded), saved in the base's own dtype. safe_merge refuses NaN weights.
-    model = model.merge_and_unload(progressbar=True, safe_merge=True)
+    model = loaded.model.merge_and_unload(progressbar=True, safe_merge=True)
+    # Every end-of-turn id stops generation in whatever loads the folder (the base's own config may name only eos).
+    stops = stop_ids(loaded.tokenizer, model.generation_config)
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     base_dtype = AutoConfig.from_pretrained(resolve_model_path(config["base_model"]),
                                             revision=config.get("base_revision")).dtype
     if isinstance(base_dtype, torch.dtype) and base_dtype != model.dtype:

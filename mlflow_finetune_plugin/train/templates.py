@@ -15,8 +15,11 @@ from __future__ import annotations
 import sys
 
 from mlflow_finetune_plugin import tags
-from mlflow_finetune_plugin.models.base import control_tokens
+from mlflow_finetune_plugin.models.base import chosen_chat_template, control_tokens
 from mlflow_finetune_plugin.models.chat_format import chat_format, prepared, stop_ids
+
+NOT_FOR_VLLM = ("the adapter trains embedding rows of the chat template's control tokens (trainable_token_indices), "
+                "which vLLM's multi-LoRA does not load; export it merged, or serve it with the transformers engine")
 
 
 def for_template(recipe, data, tokenizer, main: bool = True):
@@ -60,7 +63,7 @@ def fit_model(recipe, model, tokenizer, main: bool = True) -> list[int]:
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    wanted = control_tokens(recipe.model.chat_template)
+    wanted = control_tokens(chosen_chat_template(recipe.model))
     ids = [tokenizer.convert_tokens_to_ids(t) for t in wanted]
     if not ids:
         return []
