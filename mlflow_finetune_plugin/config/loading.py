@@ -151,7 +151,6 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
     problems.extend(_check_paths(raw, project_dir, tasks_key))
     if recipe is not None:
         problems.extend(combination_problems(recipe, raw, tasks_key))
-        problems.extend(_template_problems(recipe, project_dir))
     if problems:
         raise RecipeError(problems, str(recipe_path))
     recipe.project_dir = str(project_dir)
@@ -173,19 +172,6 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
         recipe.registry.name = project_dir.name
     return recipe
 
-
-def _template_problems(recipe: Recipe, project_dir: Path) -> list[str]:
-    """`model.chat_template`: a bundled name or a file that exists (the message names both)."""
-    from mlflow_finetune_plugin.errors import FinetuneError
-    from mlflow_finetune_plugin.models.chat_templates import read_template
-
-    if not recipe.model.chat_template:
-        return []
-    try:
-        read_template(recipe.model.chat_template, project_dir)
-    except FinetuneError as e:
-        return [str(e)]
-    return []
 
 
 def _legacy_key_problems(raw: dict, over: dict, lines: dict) -> list[str]:

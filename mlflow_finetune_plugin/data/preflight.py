@@ -32,6 +32,10 @@ def check_recipe_data(recipe, check_data) -> None:
     the declared one cannot train); where one was detected, one line says which format each file is read in."""
     formats = OBJECTIVE_FORMATS[recipe.objective]
     data = recipe.data
+    if recipe.model.chat_template:  # a bad name or a missing file, refused even where no tokenizer is at hand yet
+        from mlflow_finetune_plugin.models.chat_templates import read_template
+
+        read_template(recipe.model.chat_template, _project_dir(recipe))
     files = data_files(recipe)
     if not data.tasks:
         check = functools.partial(check_data, columns=data.columns, tags=data.tags)
