@@ -296,12 +296,17 @@ def models_cmd(name, metrics, checkpoints_of, checkpoint, run_id):
 @click.argument("model_uri")
 @click.option("--to", "out_dir", required=True, type=click.Path(file_okay=False),
               help="New or empty folder to write the model into.")
-@click.option("--gguf", is_flag=True, help="Also write a GGUF file (Llama-architecture models; f16 unless "
-                                           "--gguf-type says otherwise).")
-@click.option("--gguf-type", type=click.Choice(["f32", "f16"]), default=None,
-              help="GGUF tensor type (implies --gguf): f32 keeps the weights exactly; f16 halves the file.")
+@click.option("--gguf", is_flag=True, help="Also write a GGUF file with llama.cpp's convert_hf_to_gguf.py (f16 "
+                                           "unless --gguf-type says otherwise).")
+@click.option("--gguf-type", type=click.Choice(["f32", "f16", "q8_0"]), default=None,
+              help="GGUF tensor type (implies --gguf): f32 keeps the weights exactly; f16 halves the file; q8_0 "
+                   "(8-bit) quarters it.")
+@click.option("--llama-cpp", "llama_cpp", default=None, metavar="PATH",
+              help="llama.cpp checkout holding convert_hf_to_gguf.py, or llama-cpp-python's source distribution "
+                   "(.tar.gz, or the folder `pip download` put it in; extracted once into the cache). Default: "
+                   "$LLAMA_CPP_DIR, a checkout on PATH, or the copy in the cache.")
 @click.option("--no-log", is_flag=True, help="Do not log the export back to the version's source run.")
-def export_cmd(model_uri, out_dir, gguf, gguf_type, no_log):
+def export_cmd(model_uri, out_dir, gguf, gguf_type, llama_cpp, no_log):
     """Write MODEL_URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model) as a plain transformers
     folder: the adapter merged into its base (a full fine-tune as is), safetensors, tokenizer and chat template,
     loadable with AutoModelForCausalLM.from_pretrained(DIR) and servable by vLLM or `transformers serve`.
@@ -311,8 +316,10 @@ def export_cmd(model_uri, out_dir, gguf, gguf_type, no_log):
     """
     from mlflow_finetune_plugin.registry.export import export_model
 
+    if llama_cpp and not (gguf or gguf_type):
+        raise click.UsageError("--llama-cpp names the GGUF converter: give it with --gguf or --gguf-type")
     result = export_model(model_uri, out_dir, gguf_type=gguf_type or ("f16" if gguf else None), log=not no_log,
-                          echo=click.echo)
+                          echo=click.echo, llama_cpp=llama_cpp)
     click.echo(f"Exported {'merged model' if result.merged else 'full fine-tune'} to {result.folder}"
                + (f"\nGGUF: {result.gguf_file}" if result.gguf_file else "")
                + (f"\nLogged as {result.artifact_uri}" if result.artifact_uri else ""))

@@ -1,8 +1,7 @@
 """`mlflow-finetune export`: a registered version from a real fine-tune becomes a plain transformers folder (adapter
-merged, no PEFT needed) with the same logits as adapter + base, and a GGUF file that transformers reads back to the
-same logits (f32 exactly, f16 within half precision); the export is logged to the source run and tagged on the
-version. Prompt tuning (nothing to merge) and GGUF for a non-Llama model are refused with the reason, before any
-weights load, and leave no files behind."""
+merged, no PEFT needed) with the same logits as adapter + base; the export is logged to the source run and tagged on
+the version. Prompt tuning (nothing to merge) and `--gguf` without llama.cpp's converter are refused with the reason,
+before any weights load, and leave no files behind. The GGUF files themselves: tests/test_gguf.py."""
 
 from __future__ import annotations
 
@@ -43,14 +42,14 @@ def _fine_tune(root: Path) -> None:
     assert run(load_recipe(root, overrides={**FAST_OVERRIDES, "train.learning_rate": 1e-2})) == 0
 
 
-def test_a_lora_version_exports_merged_and_as_gguf_with_the_same_logits(tmp_path, tracking_uri):
+def test_a_lora_version_exports_merged_with_the_same_logits(tmp_path, tracking_uri):
     _fine_tune(tmp_path / "bot")
     out = tmp_path / "export"
-    result = CliRunner().invoke(main, ["export", "models:/bot@challenger", "--to", str(out), "--gguf-type", "f32"])
+    result = CliRunner().invoke(main, ["export", "models:/bot@challenger", "--to", str(out)])
     assert result.exit_code == 0, result.output
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja", "export.json", "gguf/bot-v1.f32.gguf"} <= files
+            "chat_template.jinja", "export.json"} <= files
     assert not any("adapter" in f for f in files)
 
     # adapter + base, as the registry serves the version
@@ -67,39 +66,20 @@ def test_a_lora_version_exports_merged_and_as_gguf_with_the_same_logits(tmp_path
     # W + BA folded once vs Wx + B(Ax) per call: the same sum in another float32 order
     torch.testing.assert_close(merged_logits, expected, rtol=1e-4, atol=1e-4)
 
-    # GGUF read back by transformers (which undoes llama.cpp's Q/K rope permutation): same logits, same tokens
-    gguf_dir = out / "gguf"
-    from_gguf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="bot-v1.f32.gguf", dtype=torch.float32)
-    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="bot-v1.f32.gguf")
-    assert gguf_tokenizer.chat_template == tokenizer.chat_template
-    assert (gguf_tokenizer.eos_token, gguf_tokenizer.pad_token) == (tokenizer.eos_token, tokenizer.pad_token)
-    enc = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
-    assert gguf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True) == enc
-    torch.testing.assert_close(_logits(from_gguf.eval(), tokenizer), merged_logits, rtol=0, atol=1e-6)
-
     # logged back to the source run, lineage on the version
     version = mlflow.MlflowClient().get_model_version("bot", "1")
     run_id = version.run_id
     assert version.tags[tags.EXPORT_URI] == f"runs:/{run_id}/exports/bot-v1"
-    assert (version.tags[tags.EXPORT_MERGED], version.tags[tags.EXPORT_GGUF_TYPE]) == ("true", "f32")
+    assert (version.tags[tags.EXPORT_MERGED], version.tags[tags.EXPORT_GGUF_TYPE]) == ("true", "none")
     assert version.tags[tags.EXPORT_BASE] == TINY_MODEL_REF and version.tags[tags.EXPORT_SOURCE] == "models:/bot/1"
     logged_files = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "exports/bot-v1")}
-    assert {"exports/bot-v1/model.safetensors", "exports/bot-v1/gguf"} <= logged_files
-    assert json.loads((out / "export.json").read_text())["source"] == "models:/bot/1"
-
-    # f16: half the file, logits within half precision; a second export is logged beside the first
-    half = export_model("models:/bot/1", tmp_path / "export16", gguf_type="f16", echo=lambda *_: None)
-    assert half.gguf_file.stat().st_size < 0.6 * (gguf_dir / "bot-v1.f32.gguf").stat().st_size
-    from_f16 = AutoModelForCausalLM.from_pretrained(half.gguf_file.parent, gguf_file=half.gguf_file.name,
-                                                    dtype=torch.float32)
-    f16_error = (_logits(from_f16.eval(), tokenizer) - merged_logits).abs().max().item()
-    assert 0 < f16_error < 5e-2
-    assert half.artifact_uri == f"runs:/{run_id}/exports/bot-v1-2"
-    assert mlflow.MlflowClient().get_model_version("bot", "1").tags[tags.EXPORT_GGUF_TYPE] == "f16"
+    assert {"exports/bot-v1/model.safetensors", "exports/bot-v1/export.json"} <= logged_files
+    info = json.loads((out / "export.json").read_text())
+    assert (info["source"], info["gguf_file"]) == ("models:/bot/1", None)
 
 
-def test_prompt_tuning_and_gguf_of_other_architectures_are_refused_and_full_weights_export_as_is(
-        tmp_path, tracking_uri, tiny_model_dir):
+def test_prompt_tuning_and_gguf_without_a_converter_are_refused_and_full_weights_export_as_is(
+        tmp_path, tracking_uri, tiny_model_dir, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from mlflow_finetune_plugin.config.schema import PromptAdapter
@@ -123,8 +103,24 @@ def test_prompt_tuning_and_gguf_of_other_architectures_are_refused_and_full_weig
     with mlflow.start_run() as full_run:
         log_finetuned_model(gpt2, tokenizer, {"base_model": TINY_MODEL_REF, "artifact": "full", "method": "full"})
     uri = f"runs:/{full_run.info.run_id}/model"
-    with pytest.raises(FinetuneError, match="this model is 'gpt2'.*convert_hf_to_gguf"):
-        export_model(uri, out, gguf_type="f16", echo=lambda *_: None)
+    # No converter anywhere (no option, no $LLAMA_CPP_DIR, nothing on PATH, an empty cache): the error names every
+    # way to give one, and the one pip command that gets it.
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setenv("MLFLOW_FINETUNE_CACHE", str(tmp_path / "empty-cache"))
+    result = CliRunner().invoke(main, ["export", uri, "--to", str(out), "--gguf"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    for named in ("--llama-cpp", "LLAMA_CPP_DIR", "pip download --no-deps --no-binary :all: llama-cpp-python=="):
+        assert named in result.output
+    with pytest.raises(FinetuneError, match=r"--llama-cpp .*nowhere does not exist: give a llama.cpp checkout"):
+        export_model(uri, out, gguf_type="f16", llama_cpp=str(tmp_path / "nowhere"), echo=lambda *_: None)
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path))  # a folder, but neither a checkout nor holding the sdist
+    with pytest.raises(FinetuneError, match=r"\$LLAMA_CPP_DIR .* is not usable: give a llama.cpp checkout"):
+        export_model(uri, out, gguf_type="q8_0", echo=lambda *_: None)
+    result = CliRunner().invoke(main, ["export", uri, "--to", str(out), "--llama-cpp", str(tmp_path)])
+    assert result.exit_code == 2 and "give it with --gguf or --gguf-type" in result.output
+    with pytest.raises(FinetuneError, match="--gguf-type 'q4_k': use one of f32, f16, q8_0"):
+        export_model(uri, out, gguf_type="q4_k", echo=lambda *_: None)
     assert not any(out.iterdir())
 
     (out / "stray.txt").write_text("x")
@@ -158,9 +154,6 @@ def test_an_ia3_adapter_exports_to_its_own_logits(tmp_path, tracking_uri, tiny_m
     with mlflow.start_run():
         info = log_finetuned_model(model, tokenizer, {"base_model": TINY_MODEL_REF, "artifact": "adapter",
                                                       "method": "ia3"})
-    result = export_model(info.model_uri, tmp_path / "ia3", gguf_type="f32", log=False, echo=lambda *_: None)
+    result = export_model(info.model_uri, tmp_path / "ia3", log=False, echo=lambda *_: None)
     merged = _logits(AutoModelForCausalLM.from_pretrained(result.folder).eval(), tokenizer)
     torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
-    from_gguf = AutoModelForCausalLM.from_pretrained(result.gguf_file.parent, gguf_file=result.gguf_file.name,
-                                                     dtype=torch.float32)
-    torch.testing.assert_close(_logits(from_gguf.eval(), tokenizer), merged, rtol=0, atol=1e-6)

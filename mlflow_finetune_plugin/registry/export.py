@@ -1,4 +1,4 @@
-"""`mlflow-finetune export`: a logged fine-tune as a plain model folder (and, for Llama models, a GGUF file).
+"""`mlflow-finetune export`: a logged fine-tune as a plain model folder (and a GGUF file, by llama.cpp's converter).
 
 The folder is a standard transformers layout: `config.json`, `generation_config.json`, safetensors weights,
 `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` (the template the model was trained with). An
@@ -7,8 +7,9 @@ no PEFT, and vLLM and `transformers serve` serve the folder as any hub model. A 
 as they were logged. Prompt and prefix tuning add virtual tokens instead of weight updates: nothing to merge, so
 they are refused.
 
-With `--gguf` the finished folder is also written as one GGUF file (`registry.gguf`), whose support check runs
-before any weights load.
+With `--gguf` the finished folder is also converted into one GGUF file by llama.cpp's `convert_hf_to_gguf.py`
+(`registry.gguf`, found by `registry.llama_cpp`); finding the converter and its support check run before any weights
+load.
 
 The export is logged back as artifacts of the model's source run under `exports/<NAME>-v<VERSION>` (a suffix when
 taken), and the version gets `finetune.export.*` tags naming where it went and what it holds.
@@ -25,6 +26,7 @@ from pathlib import Path
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.registry.gguf import GGUF_TYPES, check_gguf_support, write_gguf
+from mlflow_finetune_plugin.registry.llama_cpp import find_llama_cpp
 
 EXPORT_INFO = "export.json"
 
@@ -38,17 +40,19 @@ class ExportResult:
 
 
 def export_model(model_uri: str, out_dir: str | Path, gguf_type: str | None = None, log: bool = True,
-                 echo=print) -> ExportResult:
+                 echo=print, llama_cpp: str | None = None) -> ExportResult:
     """Export `model_uri` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model) into the new or empty folder
-    `out_dir`; with `gguf_type` (f32, f16) also write `gguf/<NAME>-v<VERSION>.<type>.gguf` in it."""
+    `out_dir`; with `gguf_type` (f32, f16, q8_0) also write `gguf/<NAME>-v<VERSION>.<type>.gguf` in it, converted by
+    the llama.cpp that `llama_cpp` names (a checkout or llama-cpp-python's sdist; None: $LLAMA_CPP_DIR, PATH, cache)."""
     from mlflow_finetune_plugin.registry.versions import resolve_model_uri
 
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise FinetuneError(f"--gguf-type {gguf_type!r}: use one of {', '.join(GGUF_TYPES)}")
+    converter = find_llama_cpp(llama_cpp) if gguf_type else None
     name, version, run_id = resolve_model_uri(model_uri)
     out = _empty_folder(out_dir)
     try:
-        result = _export_into(out, model_uri, name, version, run_id, gguf_type, echo)
+        result = _export_into(out, model_uri, name, version, run_id, gguf_type, converter, echo)
     except BaseException:
         # Nothing half-written is left behind: the folder was new or empty, and is empty again.
         for item in out.iterdir():
@@ -62,7 +66,7 @@ def export_model(model_uri: str, out_dir: str | Path, gguf_type: str | None = No
     return result
 
 
-def _export_into(out: Path, model_uri: str, name, version, run_id, gguf_type, echo) -> ExportResult:
+def _export_into(out: Path, model_uri: str, name, version, run_id, gguf_type, converter, echo) -> ExportResult:
     import mlflow
 
     label = f"{name}-v{version}" if name else "model"
@@ -71,18 +75,19 @@ def _export_into(out: Path, model_uri: str, name, version, run_id, gguf_type, ec
         local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
         config, artifacts = _logged(local, model_uri)
         if gguf_type:  # refuse before any weights load
-            check_gguf_support(_model_config(config, artifacts), artifacts["tokenizer"])
+            check_gguf_support(_model_config(config, artifacts), artifacts["tokenizer"], converter)
         merged = _write_folder(local, config, artifacts, out, echo)
     gguf_file = None
     if gguf_type:
         # In a folder of its own: transformers' GGUF loader mixes in tokenizer files that sit beside the GGUF file.
         (out / "gguf").mkdir()
-        gguf_file = write_gguf(out, out / "gguf" / f"{label}.{gguf_type}.gguf", gguf_type, label,
+        gguf_file = write_gguf(out, out / "gguf" / f"{label}.{gguf_type}.gguf", gguf_type, label, converter,
                                config.get("base_model"), echo)
     info = {"source": f"models:/{name}/{version}" if name else model_uri, "model_uri": model_uri,
             "source_run": run_id, "base_model": config.get("base_model"), "merged": merged,
             "method": config.get("method"), "gguf_type": gguf_type,
-            "gguf_file": gguf_file.relative_to(out).as_posix() if gguf_file else None}
+            "gguf_file": gguf_file.relative_to(out).as_posix() if gguf_file else None,
+            "gguf_converter": str(converter / "convert_hf_to_gguf.py") if gguf_file else None}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return ExportResult(out, gguf_file, merged, None)
 

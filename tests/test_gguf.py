@@ -1,0 +1,259 @@
+"""`mlflow-finetune export --gguf`: llama.cpp's own converter (convert_hf_to_gguf.py, run in a process of its own)
+writes the merged fine-tune as one GGUF file. transformers' GGUF reader loads it back with the same tokenizer, chat
+template and special tokens, and at f32 with the merged model's logits and greedy answers; f16 and q8_0 stay within
+their precision in a half and about a quarter of the size. What the converter cannot convert is refused with its
+reason: an architecture it has no conversion for before any weights load, and its own errors summarised.
+
+The converter comes from $LLAMA_CPP_DIR: a llama.cpp checkout, or the folder holding llama-cpp-python's source
+distribution (`python .ci/fetch_sdist.py llama-cpp-python 0.3.36 DIR`, as .ci/run does, or `pip download --no-deps
+--no-binary :all: llama-cpp-python==0.3.36 -d DIR`).
+Without one these tests skip and say why, except where FINETUNE_REQUIRE_LLAMA_CPP is set (CI): there they fail.
+
+`FAMILIES` is the matrix: a name and a function giving a base model reference (a built-in name, or a folder it
+writes). Where transformers' reader, not the
+file, falls short for a family (checked against llama.cpp's own loader in the same sdist): it ignores `rope_freqs`
+(Llama 3's rope scaling: logits drift, greedy answers held on the tiny model), `<arch>.attention.key_length` (Qwen3
+with a head_dim other than its config's default does not load) and Gemma 3's query_pre_attn_scalar (taken from
+key_length by llama.cpp); llama.cpp itself runs every 6th Gemma 3 layer as global attention, as the real models do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin.cli import main
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.logged_model import log_finetuned_model
+from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF, tiny_model_path
+from mlflow_finetune_plugin.paths import cache_root
+from mlflow_finetune_plugin.registry.export import export_model
+from mlflow_finetune_plugin.registry.llama_cpp import extract_sdist, find_llama_cpp
+from mlflow_finetune_plugin.registry.versions import register
+
+PROMPTS = [
+    [{"role": "user", "content": "How do I reset my password? It has 12 digits, é and ü."}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "What is 2 plus 2?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a joke about   spaces\tand\nnewlines."}],
+]
+
+
+@pytest.fixture(scope="session")
+def llama_cpp() -> Path:
+    try:
+        return find_llama_cpp()
+    except FinetuneError as e:
+        if os.environ.get("FINETUNE_REQUIRE_LLAMA_CPP"):
+            pytest.fail(f"FINETUNE_REQUIRE_LLAMA_CPP is set and llama.cpp's converter is missing: {e}")
+        pytest.skip(f"needs llama.cpp's converter (set LLAMA_CPP_DIR): {e}")
+
+
+def _tiny_qwen2(folder: Path) -> str:
+    """Qwen2 (q/k/v biases, its own split regex as transformers loads its tokenizer) with the tiny model's vocabulary
+    and template."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.1,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+FAMILIES = {"tiny-llama": lambda folder: TINY_MODEL_REF, "qwen2": _tiny_qwen2}
+
+
+def _logged_lora(base_ref: str):
+    """A LoRA on the base `base_ref` whose update is not zero (B starts at zero), logged in a run of its own."""
+    from mlflow_finetune_plugin.config.schema import LoraAdapter
+    from mlflow_finetune_plugin.models.base import resolve_model_path
+    from mlflow_finetune_plugin.train.adapters import lora
+
+    base = resolve_model_path(base_ref)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(1)
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraAdapter(r=4, dropout=0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    with mlflow.start_run():
+        return log_finetuned_model(model.eval(), tokenizer, {"base_model": base_ref, "artifact": "adapter",
+                                                             "method": "lora"})
+
+
+def _load_gguf(path: Path):
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _encoded(tokenizer, messages):
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_merged_lora_of_each_family_converts_to_gguf_that_answers_like_it(family, tmp_path, tracking_uri,
+                                                                           llama_cpp):
+    info = _logged_lora(FAMILIES[family](tmp_path / "base"))
+    result = export_model(info.model_uri, tmp_path / "out", gguf_type="f32", log=False, llama_cpp=str(llama_cpp),
+                          echo=lambda *_: None)
+    merged = AutoModelForCausalLM.from_pretrained(result.folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.folder)
+    from_gguf, gguf_tokenizer = _load_gguf(result.gguf_file)
+
+    assert type(from_gguf) is type(merged)
+    assert gguf_tokenizer.chat_template == tokenizer.chat_template
+    specials = ("bos_token", "eos_token", "pad_token")
+    assert [getattr(gguf_tokenizer, s) for s in specials] == [getattr(tokenizer, s) for s in specials]
+    for messages in PROMPTS:
+        enc = _encoded(tokenizer, messages)
+        assert torch.equal(_encoded(gguf_tokenizer, messages)["input_ids"], enc["input_ids"])
+        with torch.no_grad():
+            torch.testing.assert_close(from_gguf(**enc).logits, merged(**enc).logits, rtol=0, atol=1e-5)
+            answers = [m.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                       for m in (merged, from_gguf)]
+        assert torch.equal(*answers), family
+
+
+def test_the_cli_writes_a_registered_version_as_gguf_logs_it_and_q8_0_quarters_it(tmp_path, tracking_uri,
+                                                                                  llama_cpp, monkeypatch):
+    import gguf
+
+    info = _logged_lora(TINY_MODEL_REF)
+    register(info.model_uri, "bot", {}, "challenger")
+    out = tmp_path / "export"
+    result = CliRunner().invoke(main, ["export", "models:/bot@challenger", "--to", str(out), "--gguf",
+                                       "--llama-cpp", str(llama_cpp)])
+    assert result.exit_code == 0, result.output
+    f16 = out / "gguf" / "bot-v1.f16.gguf"  # --gguf alone: f16
+    assert f"Writing GGUF (f16) to {f16}" in result.output and f"GGUF: {f16}" in result.output
+    export_info = json.loads((out / "export.json").read_text())
+    assert export_info["gguf_file"] == "gguf/bot-v1.f16.gguf"
+    assert export_info["gguf_converter"] == str(llama_cpp / "convert_hf_to_gguf.py")
+    fields = gguf.GGUFReader(f16).fields  # our name for the file, the base model as its lineage
+    assert fields["general.name"].contents() == "bot-v1"
+    assert fields["general.base_model.0.name"].contents() == TINY_MODEL_REF
+
+    version = mlflow.MlflowClient().get_model_version("bot", "1")
+    assert version.tags[tags.EXPORT_GGUF_TYPE] == "f16"
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(version.run_id, "exports/bot-v1/gguf")}
+    assert logged == {"exports/bot-v1/gguf/bot-v1.f16.gguf"}
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    enc = _encoded(AutoTokenizer.from_pretrained(out), PROMPTS[0])
+    with torch.no_grad():
+        expected = merged(**enc).logits
+
+    def error(path: Path) -> float:
+        """The relative error of the file's logits against the merged model's."""
+        with torch.no_grad():
+            return ((_load_gguf(path)[0](**enc).logits - expected).norm() / expected.norm()).item()
+
+    f16_error = error(f16)
+    assert 0 < f16_error < 1e-2
+    f32_bytes = (out / "model.safetensors").stat().st_size
+    assert f16.stat().st_size < 0.6 * f32_bytes
+
+    # q8_0, logged beside the first export. A converter extracted from the sdist is found in the cache unaided.
+    if llama_cpp.parent == cache_root().absolute():
+        monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    q8 = export_model("models:/bot/1", tmp_path / "export8", gguf_type="q8_0", echo=lambda *_: None)
+    assert q8.gguf_file.name == "bot-v1.q8_0.gguf" and q8.artifact_uri.endswith("exports/bot-v1-2")
+    assert json.loads((q8.folder / "export.json").read_text())["gguf_converter"] == export_info["gguf_converter"]
+    assert q8.gguf_file.stat().st_size < 0.35 * f32_bytes
+    assert f16_error < error(q8.gguf_file) < 0.1  # 8-bit blocks: coarser than f16, still the same model
+    assert mlflow.MlflowClient().get_model_version("bot", "1").tags[tags.EXPORT_GGUF_TYPE] == "q8_0"
+
+
+def test_what_the_converter_cannot_convert_is_refused_with_its_reason(tmp_path, tracking_uri, llama_cpp):
+    from tokenizers import normalizers
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    out = tmp_path / "out"
+
+    # An architecture llama.cpp has no conversion for: refused before any weights load, nothing left behind.
+    opt = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=128, word_embed_proj_dim=32))
+    with mlflow.start_run():
+        opt_info = log_finetuned_model(opt, tokenizer, {"base_model": TINY_MODEL_REF, "artifact": "full",
+                                                        "method": "full"})
+    result = CliRunner().invoke(main, ["export", opt_info.model_uri, "--to", str(out), "--gguf-type", "f32",
+                                       "--llama-cpp", str(llama_cpp)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "has no conversion for OPTForCausalLM (model_type 'opt')" in result.output
+    assert "exports without --gguf" in result.output
+    assert not any(out.iterdir())
+
+    # A tokenizer llama.cpp cannot name (it lowercases first, which no llama.cpp pre-tokenizer does): the converter
+    # runs and fails, and its own error comes back, summarised.
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    with mlflow.start_run():
+        llama_info = log_finetuned_model(AutoModelForCausalLM.from_pretrained(tiny_model_path()), tokenizer,
+                                         {"base_model": TINY_MODEL_REF, "artifact": "full", "method": "full"})
+    with pytest.raises(FinetuneError) as refused:
+        export_model(llama_info.model_uri, out, gguf_type="f32", log=False, llama_cpp=str(llama_cpp),
+                     echo=lambda *_: None)
+    message = str(refused.value)
+    assert "NotImplementedError: BPE pre-tokenizer was not recognized" in message
+    assert "a newer llama.cpp may know it" in message and "The converter's last lines:" in message
+    assert not any(out.iterdir())
+
+
+def test_the_converter_is_found_in_a_checkout_on_path_and_taken_safely_from_an_sdist(tmp_path, monkeypatch):
+    """No converter needed: a fake llama.cpp checkout and a fake sdist, to check where export looks and what it
+    extracts (only the converter's files, nothing outside the cache, no links)."""
+    import io
+    import tarfile
+
+    checkout = tmp_path / "llama.cpp"
+    (checkout / "build" / "bin").mkdir(parents=True)
+    (checkout / "convert_hf_to_gguf.py").write_text("")
+    (checkout / "build" / "bin" / "llama-quantize").write_text("")
+    (checkout / "build" / "bin" / "llama-quantize").chmod(0o755)
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    monkeypatch.setenv("MLFLOW_FINETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(checkout / "build" / "bin"))
+    assert find_llama_cpp() == checkout
+    assert find_llama_cpp(str(checkout / "convert_hf_to_gguf.py")) == checkout
+
+    sdist = tmp_path / "dl" / "llama_cpp_python-9.9.9.tar.gz"
+    sdist.parent.mkdir()
+    with tarfile.open(sdist, "w:gz") as tar:
+        def add(name: str, data: bytes = b"x", **kind) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data) if not kind else 0
+            for key, value in kind.items():
+                setattr(info, key, value)
+            tar.addfile(info, io.BytesIO(data) if not kind else None)
+
+        top = "llama_cpp_python-9.9.9/vendor/llama.cpp"
+        add(f"{top}/convert_hf_to_gguf.py", b"# the converter")
+        add(f"{top}/conversion/base.py")
+        add(f"{top}/gguf-py/gguf/__init__.py")
+        add(f"{top}/models/templates/x.jinja")
+        add(f"{top}/models/ggml-vocab-big.gguf")  # test data the converter never reads
+        add(f"{top}/src/llama.cpp")
+        add(f"{top}/conversion/../../../../escape.py")
+        add(f"{top}/conversion/link.py", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    extracted = find_llama_cpp(str(sdist.parent))
+    assert extracted == extract_sdist(sdist) == tmp_path / "cache" / "llama.cpp-from-llama_cpp_python-9.9.9"
+    files = {p.relative_to(extracted).as_posix() for p in extracted.rglob("*") if p.is_file()}
+    assert files == {"convert_hf_to_gguf.py", "conversion/base.py", "gguf-py/gguf/__init__.py",
+                     "models/templates/x.jinja"}
+    assert not (tmp_path / "escape.py").exists() and not list(tmp_path.rglob("escape.py"))
+    assert find_llama_cpp() == extracted  # later: from the cache, unaided
