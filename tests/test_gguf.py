@@ -9,20 +9,24 @@ distribution (`python .ci/fetch_sdist.py llama-cpp-python 0.3.36 DIR`, as .ci/ru
 --no-binary :all: llama-cpp-python==0.3.36 -d DIR`).
 Without one these tests skip and say why, except where FINETUNE_REQUIRE_LLAMA_CPP is set (CI): there they fail.
 
-`FAMILIES` is the matrix: a name and a function giving a base model reference (a built-in name, or a folder it
-writes). Where transformers' reader, not the
-file, falls short for a family (checked against llama.cpp's own loader in the same sdist): it ignores `rope_freqs`
-(Llama 3's rope scaling: logits drift, greedy answers held on the tiny model), `<arch>.attention.key_length` (Qwen3
-with a head_dim other than its config's default does not load) and Gemma 3's query_pre_attn_scalar (taken from
-key_length by llama.cpp); llama.cpp itself runs every 6th Gemma 3 layer as global attention, as the real models do.
+`FAMILIES` is the matrix: the built-in tiny model and the tiny chat families (models/tiny_families.py), each a merged
+LoRA converted at f32. Where transformers' reader, not the file, falls short for a family (checked against llama.cpp's
+own loader in the same sdist), `Readback` says so and gives the reader what it misses: it ignores `rope_freqs` (Llama
+3's rope scaling: logits drift, greedy answers part), `qwen3.attention.key_length` (a Qwen3 head_dim
+other than hidden/heads does not load), Gemma 3's attention scale (llama.cpp takes 1/sqrt(key_length)) and its
+per-layer pattern. llama.cpp runs every 6th Gemma 3 layer as global unless the file lists them, which the export does
+for tiny-gemma3's alternating layers. Mistral v0.3 is stored as a Llama. tiny-phi3.5 is refused with the converter's
+reason: llama.cpp reads a Phi-3 vocabulary from a SentencePiece tokenizer.model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import mlflow
 import pytest
 import torch
@@ -34,6 +38,7 @@ from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import log_finetuned_model
 from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF, tiny_model_path
+from mlflow_finetune_plugin.models.tiny_families import family_model_path, reference
 from mlflow_finetune_plugin.paths import cache_root
 from mlflow_finetune_plugin.registry.export import export_model
 from mlflow_finetune_plugin.registry.llama_cpp import extract_sdist, find_llama_cpp
@@ -57,23 +62,31 @@ def llama_cpp() -> Path:
         pytest.skip(f"needs llama.cpp's converter (set LLAMA_CPP_DIR): {e}")
 
 
-def _tiny_qwen2(folder: Path) -> str:
-    """Qwen2 (q/k/v biases, its own split regex as transformers loads its tokenizer) with the tiny model's vocabulary
-    and template."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.1,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+@dataclass(frozen=True)
+class Readback:
+    """How transformers' GGUF reader loads a family's file back, where the reader (not the file) falls short."""
+    config: tuple[str, ...] = ()  # config values the reader does not read from the file: given from the merged model
+    logits_atol: float = 1e-5
+    loads_as: str | None = None   # the class the reader builds, where llama.cpp stores the family as another
+    metadata: tuple = ()          # (key, value) the file must hold for llama.cpp to run the family right
 
 
-FAMILIES = {"tiny-llama": lambda folder: TINY_MODEL_REF, "qwen2": _tiny_qwen2}
+# The matrix: the built-in tiny model and the tiny chat families (models/tiny_families.py); tiny-phi3.5 is refused
+# (test_what_the_converter_cannot_convert_is_refused_with_its_reason).
+FAMILIES = {
+    TINY_MODEL_REF: Readback(),
+    # The reader ignores rope_freqs (Llama 3's rope scaling, which llama.cpp applies): without it logits drift by
+    # up to 0.07 and greedy answers part after a few tokens.
+    reference("llama3"): Readback(config=("rope_parameters",)),
+    reference("qwen2.5"): Readback(),
+    # The reader ignores qwen3.attention.key_length: a head_dim other than hidden/heads does not load without it.
+    reference("qwen3"): Readback(config=("head_dim",)),
+    # The reader ignores the attention scale (llama.cpp takes 1/sqrt(key_length)) and the per-layer pattern.
+    reference("gemma3"): Readback(config=("query_pre_attn_scalar", "layer_types"),
+                                  metadata=(("gemma3.attention.sliding_window_pattern", [True, False]),)),
+    # llama.cpp stores Mistral v0.3 (no sliding window) as a Llama: the same computation, read back as Llama.
+    reference("mistral"): Readback(loads_as="LlamaForCausalLM"),
+}
 
 
 def _logged_lora(base_ref: str):
@@ -95,8 +108,9 @@ def _logged_lora(base_ref: str):
                                                              "method": "lora"})
 
 
-def _load_gguf(path: Path):
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+def _load_gguf(path: Path, **config):
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 **config).eval()
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
@@ -107,14 +121,18 @@ def _encoded(tokenizer, messages):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_merged_lora_of_each_family_converts_to_gguf_that_answers_like_it(family, tmp_path, tracking_uri,
                                                                            llama_cpp):
-    info = _logged_lora(FAMILIES[family](tmp_path / "base"))
+    readback = FAMILIES[family]
+    info = _logged_lora(family)
     result = export_model(info.model_uri, tmp_path / "out", gguf_type="f32", log=False, llama_cpp=str(llama_cpp),
                           echo=lambda *_: None)
     merged = AutoModelForCausalLM.from_pretrained(result.folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.folder)
-    from_gguf, gguf_tokenizer = _load_gguf(result.gguf_file)
+    from_gguf, gguf_tokenizer = _load_gguf(result.gguf_file,
+                                           **{key: getattr(merged.config, key) for key in readback.config})
 
-    assert type(from_gguf) is type(merged)
+    assert type(from_gguf).__name__ == (readback.loads_as or type(merged).__name__)
+    fields = gguf.GGUFReader(result.gguf_file).fields
+    assert [(key, fields[key].contents()) for key, _ in readback.metadata] == list(readback.metadata)
     assert gguf_tokenizer.chat_template == tokenizer.chat_template
     specials = ("bos_token", "eos_token", "pad_token")
     assert [getattr(gguf_tokenizer, s) for s in specials] == [getattr(tokenizer, s) for s in specials]
@@ -122,7 +140,8 @@ def test_a_merged_lora_of_each_family_converts_to_gguf_that_answers_like_it(fami
         enc = _encoded(tokenizer, messages)
         assert torch.equal(_encoded(gguf_tokenizer, messages)["input_ids"], enc["input_ids"])
         with torch.no_grad():
-            torch.testing.assert_close(from_gguf(**enc).logits, merged(**enc).logits, rtol=0, atol=1e-5)
+            torch.testing.assert_close(from_gguf(**enc).logits, merged(**enc).logits, rtol=0,
+                                       atol=readback.logits_atol)
             answers = [m.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
                        for m in (merged, from_gguf)]
         assert torch.equal(*answers), family
@@ -130,8 +149,6 @@ def test_a_merged_lora_of_each_family_converts_to_gguf_that_answers_like_it(fami
 
 def test_the_cli_writes_a_registered_version_as_gguf_logs_it_and_q8_0_quarters_it(tmp_path, tracking_uri,
                                                                                   llama_cpp, monkeypatch):
-    import gguf
-
     info = _logged_lora(TINY_MODEL_REF)
     register(info.model_uri, "bot", {}, "challenger")
     out = tmp_path / "export"
@@ -210,6 +227,20 @@ def test_what_the_converter_cannot_convert_is_refused_with_its_reason(tmp_path, 
     message = str(refused.value)
     assert "NotImplementedError: BPE pre-tokenizer was not recognized" in message
     assert "a newer llama.cpp may know it" in message and "The converter's last lines:" in message
+    assert not any(out.iterdir())
+
+    # Phi-3.5: llama.cpp converts Phi3ForCausalLM's vocabulary from a SentencePiece tokenizer.model (or as GPT-2's, for
+    # Phi-4's GPT2Tokenizer); tiny-phi3.5's byte-level BPE has neither, and the converter's reason comes back.
+    phi = family_model_path("phi3.5")
+    with mlflow.start_run():
+        phi_info = log_finetuned_model(AutoModelForCausalLM.from_pretrained(phi), AutoTokenizer.from_pretrained(phi),
+                                       {"base_model": reference("phi3.5"), "artifact": "full", "method": "full"})
+    with pytest.raises(FinetuneError) as refused:
+        export_model(phi_info.model_uri, out, gguf_type="f32", log=False, llama_cpp=str(llama_cpp),
+                     echo=lambda *_: None)
+    message = str(refused.value)
+    assert "ValueError: Error: Missing" in message and "tokenizer.model" in message
+    assert "reads a SentencePiece tokenizer.model, and the exported tokenizer has only tokenizer.json" in message
     assert not any(out.iterdir())
 
 

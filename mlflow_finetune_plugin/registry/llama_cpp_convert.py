@@ -11,6 +11,12 @@ its table, but a tokenizer trained or rebuilt locally (the built-in tiny models)
 and the tokenizer's split, as transformers loads it, is the very regex llama.cpp implements under one of the names
 the converter writes, that name is written (with a line saying so). Any other tokenizer keeps the converter's own
 error.
+
+And one thing is written that the converter leaves out: Gemma 3's layer pattern. llama.cpp runs every 6th Gemma 3 layer
+as global attention and the others as sliding, as the released models are built, unless the file lists each layer's
+kind; the converter never lists it. A Gemma 3 whose `layer_types` follow another pattern (a small or pruned one) gets
+the list written (with a line saying so), so that llama.cpp runs each layer as transformers does. A model that
+follows the pattern converts unchanged.
 """
 
 from __future__ import annotations
@@ -36,7 +42,35 @@ def main() -> None:
     owner = _vocab_owner(converter)
     if owner is not None:
         owner.get_vocab_base_pre = _with_fallback(owner.get_vocab_base_pre)
+    gemma3 = _class(converter, "gemma", "Gemma3Model")
+    if gemma3 is not None:
+        gemma3.set_gguf_parameters = _with_layer_pattern(gemma3.set_gguf_parameters)
     converter.main()
+
+
+def _class(converter, module: str, name: str):
+    """The converter's class `name`: in conversion/<module>.py in newer trees, in the script itself in older ones."""
+    try:
+        return getattr(__import__(f"conversion.{module}", fromlist=[name]), name)
+    except (ImportError, AttributeError):
+        return getattr(converter, name, None)
+
+
+def _with_layer_pattern(original, period: int = 6):
+    """Gemma 3's set_gguf_parameters, plus the per-layer sliding-window list where `layer_types` differs from what
+    llama.cpp assumes without one (layer i global when (i + 1) % period == 0: load_swa_pattern(ml, 6))."""
+    def set_gguf_parameters(self) -> None:
+        original(self)
+        kinds = self.hparams.get("layer_types")
+        if not kinds or not self.hparams.get("sliding_window"):
+            return  # no sliding window written: llama.cpp runs every layer global, as transformers does
+        sliding = [kind == "sliding_attention" for kind in kinds]
+        if sliding != [(i + 1) % period != 0 for i in range(len(kinds))]:
+            print(f"{NOTE} this Gemma 3's layers are not llama.cpp's default (every {period}th global): their kinds "
+                  "are written as attention.sliding_window_pattern", file=sys.stderr, flush=True)
+            self.gguf_writer.add_sliding_window_pattern(sliding)
+
+    return set_gguf_parameters
 
 
 def _vocab_owner(converter):
