@@ -372,15 +372,18 @@ def serve_cmd(model_uris, engine, host, port, server_args, dry_run, follow_inter
 @click.option("--device", default=None, help="transformers engine: cpu, cuda, cuda:1 (default: cuda if present).")
 @click.option("--max-lora-rank", default=64, show_default=True, help="vllm engine: largest LoRA rank to serve.")
 @click.option("--experiment", default=None, help="MLflow experiment for votes (default: playground-votes).")
+@FOLLOW_OPTION
 def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_urls, served_models, max_new_tokens,
-                   concurrency, device, max_lora_rank, experiment):
-    """Chat with two registered models side by side (A/B), vote, and promote, in a Gradio page."""
-    from mlflow_finetune_plugin.serving.playground.launch import run_playground
+                   concurrency, device, max_lora_rank, experiment, follow_interval):
+    """Chat with two registered models side by side (A/B), vote, and promote, in a Gradio page (the app of
+    gradio_app/app.py). A model given by alias follows it: after `promote`, new conversations answer with the new
+    version."""
+    from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig, run_playground
 
-    run_playground(model_ref, against, engine=engine, host=host, port=port, auth=auth, blind=blind,
-                   openai_urls=openai_urls, served_models=served_models, max_new_tokens=max_new_tokens,
-                   concurrency=concurrency, device=device, experiment=experiment, max_lora_rank=max_lora_rank,
-                   echo=click.echo)
+    run_playground(PlaygroundConfig(
+        model_ref, against, engine=engine, blind=blind, host=host, port=port, auth=auth, openai_urls=openai_urls,
+        served_models=served_models, max_new_tokens=max_new_tokens, concurrency=concurrency, device=device,
+        experiment=experiment, max_lora_rank=max_lora_rank, follow_interval=follow_interval), echo=click.echo)
 
 
 @main.group("votes")

@@ -207,6 +207,41 @@ def test_the_playground_decodes_as_the_version_was_evaluated_unless_told_otherwi
     engine.close()
 
 
+def test_the_playground_follows_the_alias_and_a_conversation_under_way_keeps_its_version(tracking_uri):
+    """`playground --model bot@champion` (the app of gradio_app/app.py): after the alias moves, new comparisons
+    answer with the new version, while one that had started goes on with the version it started with."""
+    from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig, create_app
+
+    v1, v2 = register_version(seed=0, alias="champion"), register_version(seed=1, alias=None)
+    said = []
+    _, pg = create_app(PlaygroundConfig("bot@champion", follow_interval=3600), echo=said.append)  # looked at below
+    try:
+        assert (pg.default_a, pg.default_b) == ("bot@champion", "bot@champion:base")
+        assert pg.choices()[:2] == [(f"bot @champion (follows the alias; now v{v1})", "bot@champion"),
+                                    ("base of bot @champion (follows the alias; now tiny-llama)", "bot@champion:base")]
+        first = pg.compare("How do I reset my password?", max_new_tokens=16)
+        assert (first["a"]["model"], first["b"]["model"]) == (f"bot/{v1}", f"bot/{v1}:base")
+        # A comparison under way: its sides were resolved when it started.
+        sides = [pg.resolve(key, key).key for key in (pg.default_a, pg.default_b)]
+        under_way = pg.stream(sides, [pg.context("", [], "How do I reset my password?")] * 2, pg.settings(0, 1, 16))
+        next(under_way)
+        mlflow.MlflowClient().set_registered_model_alias("bot", "champion", v2)
+        moves = pg.watch.check()
+        assert [(ref.key, old.version, new.version) for ref, old, new in moves] == [
+            ("bot@champion", v1, v2), ("bot@champion:base", v1, v2)]
+        assert any(f"bot@champion moved from v{v1} to v{v2}: new conversations answer with bot/{v2}" in line
+                   for line in said)
+        *_, (texts, errors) = under_way
+        assert not any(errors) and texts[0].strip() == first["a"]["answer"]
+        after = pg.compare("How do I reset my password?", max_new_tokens=16)
+        assert (after["a"]["model"], after["b"]["model"]) == (f"bot/{v2}", f"bot/{v2}:base")
+        assert after["a"]["answer"] == pg.engine.generate(ModelChoice("bot", v2), MESSAGES, GREEDY) != first["a"]["answer"]
+        assert pg.choices()[0][0] == f"bot @champion (follows the alias; now v{v2})"
+        assert pg.label(pg.default_a) == f"bot v{v2} @champion"
+    finally:
+        pg.close()
+
+
 def test_an_adapter_loaded_first_shares_its_base_with_the_base_side(tracking_uri):
     v1 = register_version(seed=0)
     engine = TransformersEngine(device="cpu")
