@@ -63,3 +63,17 @@ def test_gradio_app_is_a_space_with_the_packages_requirements():
     listed = [line.strip() for line in (REPO / "gradio_app" / "requirements.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
     assert listed == wanted
+
+
+def test_the_readme_is_a_front_door():
+    """At most 150 lines, the two commands first, measurements left to docs/ (every link it gives leads somewhere)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert "mlflow run recipes/support-bot -e lora --backend finetune" in first_block
+    assert "python -m pytest" in first_block
+    targets = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    assert "docs/benchmarks.md" in targets
+    assert [t for t in targets if not (REPO / t).exists()] == []
