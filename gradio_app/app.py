@@ -46,12 +46,14 @@ def settings(argv=None) -> PlaygroundConfig:
     return PlaygroundConfig.from_env(**given)
 
 
-try:
-    config = settings()
-    # Module level: Gradio's reload mode (`gradio gradio_app/app.py`) looks for `demo` in this module.
-    demo, playground = create_app(config)
-except FinetuneError as e:  # a wrong setting or model: say which, without a traceback
-    raise SystemExit(f"gradio_app/app.py: {e}") from None
+# Module level: Gradio's reload mode (`gradio gradio_app/app.py`) looks for `demo` in this module. Not in the engine
+# process the vllm engine spawns, which imports this file again as `__mp_main__`: it must not start a second one.
+if __name__ != "__mp_main__":
+    try:
+        config = settings()
+        demo, playground = create_app(config)
+    except FinetuneError as e:  # a wrong setting or model: say which, without a traceback
+        raise SystemExit(f"gradio_app/app.py: {e}") from None
 
 if __name__ == "__main__":
     try:
