@@ -81,6 +81,7 @@ class AliasWatch:
         self._refused: dict[Followed, str] = {}
         self._last_error: str | None = None
         self._lock = threading.Lock()
+        self._checking = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -101,6 +102,10 @@ class AliasWatch:
 
     def check(self) -> list[tuple[Followed, ModelChoice, ModelChoice]]:
         """Look at the registry once; hand each moved alias to `on_move`. Returns the moves served."""
+        with self._checking:  # the watching thread and a caller (the playground's promotion) never hand one move twice
+            return self._check()
+
+    def _check(self) -> list[tuple[Followed, ModelChoice, ModelChoice]]:
         moves = []
         for ref in list(self._current):
             try:

@@ -226,6 +226,7 @@ class Child:
     process: subprocess.Popen
     url: str
     names: list[str]
+    serving: bool = False  # it has answered and requests go to it: from then on, its death ends `serve`
     retired: bool = False  # stopped on purpose (replaced by a newer version), not a failure
 
 
@@ -245,7 +246,7 @@ class Fleet:
             self.children.append(child)
         return child
 
-    def serving(self, name: str) -> Child | None:
+    def server_of(self, name: str) -> Child | None:
         """The live server that serves `name`."""
         with self._lock:
             return next((c for c in self.children if not c.retired and name in c.names), None)
@@ -256,9 +257,11 @@ class Fleet:
         stop_group(child.process)
 
     def failed(self) -> Child | None:
-        """A server that exited without being asked to."""
+        """A server that was serving and exited without being asked to (one that fails to start is its starter's
+        business: a new version that does not start leaves the old one serving)."""
         with self._lock:
-            return next((c for c in self.children if not c.retired and c.process.poll() is not None), None)
+            return next((c for c in self.children if c.serving and not c.retired and c.process.poll() is not None),
+                        None)
 
     def stop_all(self) -> None:
         self.stopping.set()
@@ -286,6 +289,7 @@ def run_front(fleet: Fleet, routes: Routes, host: str, port: int, resolve=None, 
         started = time.monotonic()
         if not wait_until_answering(first, fleet.stopping.is_set):
             return 0 if stopped_by else (first.process.returncode or 1)
+        first.serving = True
         echo(f"Ready after {time.monotonic() - started:.0f} s: http://{host}:{port}/v1 answers for "
              f"{', '.join(first.names)}")
         sys.stdout.flush()

@@ -292,7 +292,8 @@ class Switcher:
             self.fleet.retire(child)
             raise FinetuneError(f"the server for {served_name(new)} did not start (exit code "
                                 f"{child.process.returncode})")
-        previous = self.fleet.serving(served_name(old))
+        child.serving = True
+        previous = self.fleet.server_of(served_name(old))
         return child.url, cmd.names[0], (lambda: self.fleet.retire(previous)) if previous else None, \
             "its server stops"
 

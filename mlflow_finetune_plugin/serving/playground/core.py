@@ -292,4 +292,6 @@ class Playground:
         if choice.base:
             raise FinetuneError("a base model is not a registered version: pick a version to promote")
         result = promote(choice.name, choice.version, alias=(alias or "").strip().lstrip("@") or None, user=user)
+        if self.watch is not None:  # a side that follows the alias moved: new conversations get it now, not later
+            self.watch.check()
         return result.report()
