@@ -103,6 +103,22 @@ def test_an_alias_is_followed_and_a_move_that_cannot_be_served_keeps_the_old_ver
     assert watch.current(ref) == ModelChoice("bot", v2) and len(said) == 3 and "cannot read the registry" in said[-1]
 
 
+def test_the_gradio_apps_settings_come_from_arguments_then_environment_variables():
+    from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig
+
+    env = {"MLFLOW_FINETUNE_MODEL": "bot@challenger", "MLFLOW_FINETUNE_BLIND": "yes", "GRADIO_SERVER_NAME": "0.0.0.0",
+           "GRADIO_SERVER_PORT": "7861", "MLFLOW_FINETUNE_OPENAI_URL": "http://a/v1 bot/1:base=http://b/v1",
+           "MLFLOW_FINETUNE_FOLLOW_INTERVAL": "2.5", "MLFLOW_FINETUNE_ENGINE": "openai"}
+    config = PlaygroundConfig.from_env(env, engine="vllm", max_lora_rank=8, against=None)
+    assert (config.model, config.against, config.engine, config.blind) == ("bot@challenger", "base", "vllm", True)
+    assert (config.host, config.port, config.follow_interval, config.max_lora_rank) == ("0.0.0.0", 7861, 2.5, 8)
+    assert config.openai_urls == ("http://a/v1", "bot/1:base=http://b/v1")
+    with pytest.raises(FinetuneError, match="MLFLOW_FINETUNE_BLIND='maybe': use 1/true/yes"):
+        PlaygroundConfig.from_env({**env, "MLFLOW_FINETUNE_BLIND": "maybe"})
+    with pytest.raises(FinetuneError, match="which model.*MLFLOW_FINETUNE_MODEL"):
+        PlaygroundConfig.from_env({})
+
+
 def test_settings_are_checked_all_at_once():
     with pytest.raises(FinetuneError) as err:
         Settings(temperature=3.0, top_p=0.0, max_new_tokens=0).checked()

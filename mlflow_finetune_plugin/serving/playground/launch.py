@@ -5,7 +5,7 @@ ones given by alias."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.follow import DEFAULT_INTERVAL_S, Followed
@@ -80,12 +80,14 @@ class PlaygroundConfig:
 
     @classmethod
     def from_env(cls, environ=os.environ, **given) -> PlaygroundConfig:
-        """The settings `given` (None: not given), else from `environ` (ENV_VARS), else the defaults."""
+        """The settings `given` (None: not given), else from `environ` (ENV_VARS; the others have none), else the
+        defaults."""
         values = {}
-        for name, variable in ENV_VARS.items():
+        for name in (f.name for f in fields(cls)):
+            variable = ENV_VARS.get(name)
             if given.get(name) is not None:
                 values[name] = given[name]
-            elif environ.get(variable):
+            elif variable and environ.get(variable):
                 values[name] = _parse_env(name, variable, environ[variable])
         if not values.get("model"):
             raise FinetuneError(f"which model? Give --model NAME@ALIAS or set {ENV_VARS['model']} (e.g. "
