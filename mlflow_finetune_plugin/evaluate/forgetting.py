@@ -117,9 +117,11 @@ def measure(recipe, texts: list[str], model, tokenizer, base_model=None) -> dict
 
 
 def check(recipe, texts: list[str], model, tokenizer, base_model=None) -> dict[str, float]:
-    """Measure, log `eval/forgetting/*` into the active run and print the figures; nothing when `texts` is empty
-    (the check is off)."""
+    """Measure, log `eval/forgetting/*` into the active run, add them to its comparison chart and print the figures;
+    nothing when `texts` is empty (the check is off)."""
+    import mlflow
 
+    from mlflow_finetune_plugin.evaluate.report import log_chart
     from mlflow_finetune_plugin.metrics import format_table
 
     if not texts:
@@ -127,6 +129,9 @@ def check(recipe, texts: list[str], model, tokenizer, base_model=None) -> dict[s
     started = time.perf_counter()
     metrics = measure(recipe, texts, model, tokenizer, base_model)
     log_results({PREFIX + k: v for k, v in metrics.items()})
+    # The evaluation's chart again, now with the ratio the verdict cites beside the contenders' scores.
+    run = mlflow.active_run()
+    log_chart(mlflow.get_run(run.info.run_id).data.metrics)
     rows = [["loss", metrics.get("base_loss"), metrics["tuned_loss"]],
             ["perplexity", metrics.get("base_ppl"), metrics["tuned_ppl"]]]
     ratio = f"; ppl_ratio {metrics['ppl_ratio']:.4f}" if "ppl_ratio" in metrics else ""

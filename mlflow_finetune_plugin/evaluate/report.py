@@ -12,7 +12,7 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.genai_view import log_genai_view
 from mlflow_finetune_plugin.evaluate.verdict import SCORES_FILE, per_example_scores
 from mlflow_finetune_plugin.messages import text_of
-from mlflow_finetune_plugin.metrics import CONTENDERS
+from mlflow_finetune_plugin.metrics import CONTENDERS, FORGETTING_PREFIX
 from mlflow_finetune_plugin.tracking import log_results
 
 # Per-example scores shown in the table (the aggregate of every metric is logged).
@@ -78,34 +78,61 @@ def log_evaluation(result: EvalResult) -> None:
                                       for row, shots in zip(result.rows, result.retrieval_shots)]}, RETRIEVED_FILE)
     # The latest evaluation's, overwritten by the next: what the run's verdict is decided on.
     mlflow.log_dict(per_example_scores(result.rows), SCORES_FILE)
-    mlflow.log_figure(comparison_figure(result.metrics), CHART_FILE)
+    log_chart(result.metrics)
     # Last, and never raising: each example with every contender's answer and scores in MLflow's evaluation view.
     if result.traces:
         log_genai_view(result)
 
 
+def log_chart(metrics: dict[str, float]) -> None:
+    """Log the comparison chart of `metrics` (the run's `eval/*` metrics) into the active run, over an earlier one:
+    the evaluation draws it, and the forgetting check draws it again once the ratio the verdict cites is known."""
+    import mlflow
+
+    mlflow.log_figure(comparison_figure(metrics), CHART_FILE)
+
+
 def comparison_figure(metrics: dict[str, float]):
-    """Grouped bars of the [0, 1] scores and of the reference loss, one colour per contender."""
+    """Grouped bars of the [0, 1] scores and of the reference loss, one colour per contender, and, once measured,
+    the forgetting check: general-text perplexity of the base and the tuned model, their ratio in the title."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     contenders = [c for c in CONTENDERS if any(k.startswith(f"eval/{c}/") for k in metrics)]
     names = [m for m in CHART_METRICS if any(f"eval/{c}/{m}" in metrics for c in contenders)]
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_scores, ax_loss = fig.subplots(1, 2, width_ratios=[4, 1])
+    forgetting = f"{FORGETTING_PREFIX}ppl_ratio" in metrics
+    fig = Figure(figsize=(13 if forgetting else 11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3 if forgetting else 2, width_ratios=[4, 1.6, 1.1][:3 if forgetting else 2])
+    ax_scores, ax_loss = axes[0], axes[1]
     width = 0.8 / max(len(contenders), 1)
     for i, c in enumerate(contenders):
         xs = [j + i * width for j in range(len(names))]
-        bars = ax_scores.bar(xs, [metrics.get(f"eval/{c}/{m}", 0.0) for m in names], width, label=c)
+        bars = ax_scores.bar(xs, [metrics.get(f"eval/{c}/{m}", 0.0) for m in names], width, label=c, color=f"C{i}")
         ax_scores.bar_label(bars, fmt="%.2f", fontsize=7)
-        bars = ax_loss.bar([i], [metrics.get(f"eval/{c}/loss", 0.0)], 0.8, label=c)
+        bars = ax_loss.bar([i], [metrics.get(f"eval/{c}/loss", 0.0)], 0.8, color=f"C{i}")
         ax_loss.bar_label(bars, fmt="%.2f", fontsize=7)
     ax_scores.set_xticks([j + width * (len(contenders) - 1) / 2 for j in range(len(names))], names)
     ax_scores.set_ylim(0, 1)
     ax_scores.set_title("answer quality (higher is better)", fontsize="medium")
     ax_scores.legend()
-    ax_loss.set_xticks(range(len(contenders)), contenders)
+    # Room for four contender names side by side (in a narrow panel they ran into one word).
+    ax_loss.set_xticks(range(len(contenders)), contenders, fontsize="small")
     ax_loss.set_title("loss (lower is better)", fontsize="medium")
+    if forgetting:
+        _forgetting_panel(axes[2], metrics, contenders)
     return fig
+
+
+def _forgetting_panel(ax, metrics: dict[str, float], contenders: list[str]) -> None:
+    """General-text perplexity, base and tuned, in the contenders' colours; the title gives the ratio the verdict
+    cites (above 1: the tuned model finds ordinary text less likely)."""
+    ratio = metrics[f"{FORGETTING_PREFIX}ppl_ratio"]
+    sides = [(side, metrics.get(f"{FORGETTING_PREFIX}{side}_ppl")) for side in ("base", "tuned")]
+    sides = [(side, value) for side, value in sides if value is not None]
+    for i, (side, value) in enumerate(sides):
+        colour = f"C{contenders.index(side)}" if side in contenders else f"C{i}"
+        ax.bar_label(ax.bar([i], [value], 0.8, color=colour), fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(sides)), [side for side, _ in sides])
+    ax.set_title(f"forgetting: x{ratio:.2f}\ngeneral-text perplexity", fontsize="medium")
 
 
 def _render(prompt: list[dict]) -> str:

@@ -10,6 +10,10 @@ serve` loads on the first request; vLLM takes tens of seconds to start). With a 
 a model not served yet may load it into the running server first. A stop signal (SIGTERM, SIGINT, SIGHUP) to `serve`
 ends the front and then that whole group (vLLM's EngineCore included); the child also gets SIGTERM from the kernel if
 `serve` dies without cleaning up.
+
+The front routes by name (`Routes`): a model served by alias is also asked for as `NAME@ALIAS`, and when the alias
+moves (`follow.py`) the route switches to the new version's server or adapter at once, while the requests already
+forwarded finish where they started; `serve` stops the old server once none is left in flight.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request) at run time.
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
@@ -30,15 +35,81 @@ def model_entry(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "mlflow-finetune"}
 
 
-def not_found(model) -> dict:
-    """OpenAI's answer for a model it does not have."""
-    return {"error": {"message": f"The model `{model}` does not exist on this server.",
+def not_found(model, served: list[str] | None = None) -> dict:
+    """OpenAI's answer for a model it does not have (with the names it does have, when known)."""
+    also = f" Served here: {', '.join(served)}." if served else ""
+    return {"error": {"message": f"The model `{model}` does not exist on this server.{also}",
                       "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
 
 
-def build_front(names: list[str], upstream: str, resolve=None):
-    """The front's ASGI app: `names` are the models served (a list it appends to), `upstream` the server's base URL,
-    `resolve(name)` (optional) the load request for a model not served yet, None when there is no such model."""
+class Routes:
+    """What the front serves: each served name's server (its loopback base URL and the name that server knows the
+    model by), the names clients may also use (`NAME@champion` for whichever `NAME-vN` the alias names), and the
+    requests each served name has in flight. Thread-safe: following the registry changes it while requests read it."""
+
+    def __init__(self, names: list[str], upstream: str):
+        self._routes: dict[str, tuple[str, str]] = {n: (upstream, n) for n in names}  # ordered as listed
+        self._aliases: dict[str, str] = {}
+        self._in_flight: dict[str, int] = {}
+        self._changed = threading.Condition()
+        self.default = upstream  # where requests that name no model go (/health, ...)
+
+    def names(self) -> list[str]:
+        with self._changed:
+            return list(self._routes)
+
+    def lookup(self, requested: str) -> tuple[str, str, str] | None:
+        """(served name, upstream URL, the upstream's name for it) for a served name or an alias, else None."""
+        with self._changed:
+            served = self._aliases.get(requested, requested)
+            route = self._routes.get(served)
+            return (served, *route) if route else None
+
+    def aliases(self) -> dict[str, str]:
+        with self._changed:
+            return dict(self._aliases)
+
+    def add(self, name: str, upstream: str, upstream_name: str | None = None) -> None:
+        with self._changed:
+            self._routes[name] = (upstream, upstream_name or name)
+
+    def point(self, alias: str, name: str) -> None:
+        """Requests for `alias` go to served name `name` from now on."""
+        with self._changed:
+            self._aliases[alias] = name
+
+    def switch(self, alias: str, old: str, new: str, upstream: str, upstream_name: str | None = None) -> None:
+        """At once: serve `new` (on `upstream`), point `alias` at it and stop listing `old`. Requests already
+        forwarded to `old` go on where they are."""
+        with self._changed:
+            old_upstream = self._routes.pop(old, (None,))[0]
+            self._routes[new] = (upstream, upstream_name or new)
+            self._aliases[alias] = new
+            if self.default == old_upstream:
+                self.default = upstream
+
+    def begin(self, name: str) -> None:
+        with self._changed:
+            self._in_flight[name] = self._in_flight.get(name, 0) + 1
+
+    def end(self, name: str) -> None:
+        with self._changed:
+            self._in_flight[name] -= 1
+            self._changed.notify_all()
+
+    def in_flight(self, name: str) -> int:
+        with self._changed:
+            return self._in_flight.get(name, 0)
+
+    def wait_drained(self, name: str, timeout: float) -> bool:
+        """Wait until no request for `name` is in flight (True), at most `timeout` seconds (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._in_flight.get(name), timeout=timeout)
+
+
+def build_front(routes: Routes, resolve=None):
+    """The front's ASGI app over `routes`; `resolve(name)` (optional) is the load request for a model not served yet,
+    None when there is no such model."""
     import asyncio
 
     import httpx
@@ -47,17 +118,17 @@ def build_front(names: list[str], upstream: str, resolve=None):
     from starlette.background import BackgroundTask
 
     created = int(time.time())
-    client = httpx.AsyncClient(base_url=upstream, timeout=httpx.Timeout(None, connect=5.0), trust_env=False)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), trust_env=False)
     app = FastAPI(title="mlflow-finetune serve", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_entry(n, created) for n in names]}
+        return {"object": "list", "data": [model_entry(n, created) for n in routes.names()]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str):
-        if model not in names:
-            return JSONResponse(not_found(model), status_code=404)
+        if model not in routes.names():
+            return JSONResponse(not_found(model, routes.names()), status_code=404)
         return model_entry(model, created)
 
     loading = asyncio.Lock()
@@ -67,41 +138,57 @@ def build_front(names: list[str], upstream: str, resolve=None):
         from mlflow_finetune_plugin.errors import FinetuneError
 
         async with loading:  # one load at a time: two first requests for a new version load it once
-            if model in names:
+            if routes.lookup(model):
                 return None
             try:
                 request = await asyncio.to_thread(resolve, model) if resolve else None
             except FinetuneError as e:
                 return JSONResponse(_error(str(e), "invalid_request_error"), status_code=400)
             if request is None:
-                return JSONResponse(not_found(model), status_code=404)
-            answer = await client.post("/v1/load_lora_adapter", json=request)
+                return JSONResponse(not_found(model, routes.names()), status_code=404)
+            answer = await client.post(routes.default + "/v1/load_lora_adapter", json=request)
             if answer.status_code != 200:
                 return JSONResponse(_error(f"the server could not load {model}: {answer.text}", "server_error"),
                                     status_code=502)
-            names.append(model)
+            routes.add(model, routes.default)
             return None
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "OPTIONS"])
     async def forward(path: str, request: Request):
         body = await request.body()
+        served, upstream = None, routes.default
         if request.method == "POST" and "/" + path in _MODEL_ROUTES:
             model = _requested_model(body)
-            if model is not None and model not in names:
-                refused = await load(model)
-                if refused is not None:
-                    return refused
+            if model is not None:
+                if routes.lookup(model) is None:
+                    refused = await load(model)
+                    if refused is not None:
+                        return refused
+                served, upstream, upstream_name = routes.lookup(model)
+                if upstream_name != model:  # an alias (`NAME@champion`): the server knows the version's name
+                    body = _with_model(body, upstream_name)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS | {"host"}}
+        # Counted until the answer has been passed on whole: the server it came from is stopped only after that.
+        if served:
+            routes.begin(served)
         try:
-            upstream_request = client.build_request(request.method, "/" + path, params=request.query_params,
-                                                    headers=headers, content=body)
+            upstream_request = client.build_request(request.method, f"{upstream}/{path}",
+                                                    params=request.query_params, headers=headers, content=body)
             response = await client.send(upstream_request, stream=True)
         except httpx.TransportError as e:
+            if served:
+                routes.end(served)
             return JSONResponse(_error(f"the model server is not answering: {e}", "server_error"), status_code=503)
+
+        async def finish():
+            await response.aclose()
+            if served:
+                routes.end(served)
+
         return StreamingResponse(response.aiter_raw(), status_code=response.status_code,
                                  headers={k: v for k, v in response.headers.items()
                                           if k.lower() not in _HOP_HEADERS | {"date", "server"}},
-                                 background=BackgroundTask(response.aclose))
+                                 background=BackgroundTask(finish))
 
     return app
 
@@ -120,56 +207,115 @@ def _requested_model(body: bytes):
     return data.get("model") if isinstance(data, dict) else None
 
 
+def _with_model(body: bytes, model: str) -> bytes:
+    import json
+
+    return json.dumps({**json.loads(body), "model": model}).encode()
+
+
 def loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_front(child_argv: list[str], names: list[str], host: str, port: int, inner_port: int,
-              cwd: str | None = None, env: dict | None = None, resolve=None, echo=print) -> int:
-    """Start the server (`child_argv`, listening on 127.0.0.1:`inner_port`), wait until every model in `names`
-    answers, then open the front on host:port; return when a stop signal arrives or the server exits, with every
-    child stopped. Returns the exit code for `serve`."""
+@dataclass
+class Child:
+    """A model server behind the front: its process (a process group of its own), loopback URL and model names."""
+
+    process: subprocess.Popen
+    url: str
+    names: list[str]
+    serving: bool = False  # it has answered and requests go to it: from then on, its death ends `serve`
+    retired: bool = False  # stopped on purpose (replaced by a newer version), not a failure
+
+
+class Fleet:
+    """The model servers behind the front: started, one that dies unasked ends `serve`, retired ones stopped."""
+
+    def __init__(self):
+        self.children: list[Child] = []
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def start(self, argv: list[str], port: int, names: list[str], cwd: str | None = None,
+              env: dict | None = None) -> Child:
+        process = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})}, preexec_fn=_child_setup)
+        child = Child(process, f"http://127.0.0.1:{port}", list(names))
+        with self._lock:
+            self.children.append(child)
+        return child
+
+    def server_of(self, name: str) -> Child | None:
+        """The live server that serves `name`."""
+        with self._lock:
+            return next((c for c in self.children if not c.retired and name in c.names), None)
+
+    def retire(self, child: Child) -> None:
+        """Stop `child` on purpose (its process group, as at the end)."""
+        child.retired = True
+        stop_group(child.process)
+
+    def failed(self) -> Child | None:
+        """A server that was serving and exited without being asked to (one that fails to start is its starter's
+        business: a new version that does not start leaves the old one serving)."""
+        with self._lock:
+            return next((c for c in self.children if c.serving and not c.retired and c.process.poll() is not None),
+                        None)
+
+    def stop_all(self) -> None:
+        self.stopping.set()
+        for child in list(self.children):
+            stop_group(child.process)
+
+
+def run_front(fleet: Fleet, routes: Routes, host: str, port: int, resolve=None, on_ready=None, echo=print) -> int:
+    """Wait until every model of the fleet's first server answers, then open the front on host:port and call
+    `on_ready()`; return when a stop signal arrives or a server dies, with every server stopped. Returns the exit
+    code for `serve`."""
     import uvicorn
 
-    upstream = f"http://127.0.0.1:{inner_port}"
-    server = uvicorn.Server(uvicorn.Config(build_front(list(names), upstream, resolve), host=host, port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_front(routes, resolve), host=host, port=port, log_level="warning"))
     stopped_by: list[int] = []
 
     def stop(signum, frame):  # uvicorn handles SIGINT/SIGTERM itself while it serves, then hands them back here
         stopped_by.append(signum)
+        fleet.stopping.set()
         server.handle_exit(signum, frame)
 
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    child = subprocess.Popen(child_argv, cwd=cwd, env={**os.environ, **(env or {})}, preexec_fn=_child_setup)
+    first = fleet.children[0]
     try:
         started = time.monotonic()
-        if not _wait_until_answering(upstream, names, child, lambda: bool(stopped_by)):
-            return 0 if stopped_by else (child.returncode or 1)
-        echo(f"Ready after {time.monotonic() - started:.0f} s: http://{host}:{port}/v1 answers for {', '.join(names)}")
+        if not wait_until_answering(first, fleet.stopping.is_set):
+            return 0 if stopped_by else (first.process.returncode or 1)
+        first.serving = True
+        echo(f"Ready after {time.monotonic() - started:.0f} s: http://{host}:{port}/v1 answers for "
+             f"{', '.join(first.names)}")
         sys.stdout.flush()
-        threading.Thread(target=_exit_with(child, server), daemon=True).start()
+        threading.Thread(target=_exit_when_a_server_dies, args=(fleet, server), daemon=True).start()
+        if on_ready:
+            on_ready()
         server.run()
     finally:
-        stop_group(child)
+        fleet.stop_all()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if stopped_by:
         return 0
-    return child.returncode if child.returncode else 1
+    dead = fleet.failed()
+    return dead.process.returncode if dead and dead.process.returncode else 1
 
 
-def _wait_until_answering(upstream: str, names: list[str], child: subprocess.Popen, stopped) -> bool:
-    """Poll until each model in `names` answers a one-token chat request (True), or the server exits or a stop
-    signal arrives first (False). 4xx answers count as answering: the server is up and says why."""
+def wait_until_answering(child: Child, stopped=lambda: False) -> bool:
+    """Poll until each model of `child` answers a one-token chat request (True), or it exits or `stopped()` first
+    (False). 4xx answers count as answering: the server is up and says why."""
     import httpx
 
-    pending = list(names)
-    with httpx.Client(base_url=upstream, timeout=httpx.Timeout(None, connect=2.0), trust_env=False) as client:
+    pending = list(child.names)
+    with httpx.Client(base_url=child.url, timeout=httpx.Timeout(None, connect=2.0), trust_env=False) as client:
         while pending:
-            if child.poll() is not None or stopped():
+            if child.process.poll() is not None or stopped():
                 return False
             try:
                 answer = client.post("/v1/chat/completions", json={
@@ -183,12 +329,11 @@ def _wait_until_answering(upstream: str, names: list[str], child: subprocess.Pop
     return True
 
 
-def _exit_with(child: subprocess.Popen, server):
-    def watch():
-        child.wait()
-        server.should_exit = True
-
-    return watch
+def _exit_when_a_server_dies(fleet: Fleet, server) -> None:
+    while not fleet.stopping.wait(0.5):  # polling interval; the loop checks the real condition
+        if fleet.failed():
+            server.should_exit = True
+            return
 
 
 def _child_setup() -> None:

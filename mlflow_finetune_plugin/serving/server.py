@@ -20,12 +20,14 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import ModelChoice
 from mlflow_finetune_plugin.serving.choices import LocalModel, local_model, require_vllm_support
+from mlflow_finetune_plugin.serving.follow import DEFAULT_INTERVAL_S
 from mlflow_finetune_plugin.vllm_rules import max_lora_rank
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -192,16 +194,19 @@ _UNMERGEABLE = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_
 
 
 def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 8000, extra: tuple[str, ...] = (),
-          dry_run: bool = False, echo=print) -> ServerCommand:
+          dry_run: bool = False, follow_interval: float = DEFAULT_INTERVAL_S, echo=print) -> ServerCommand:
     """Resolve `refs` from the registry and serve them until a stop signal: the server (vLLM or `transformers
     serve`) as a child on a loopback port, behind the OpenAI-compatible front on host:port (`front.run_front`);
+    a ref given by alias (`NAME@champion`) follows the alias, looked up every `follow_interval` seconds (0: never);
     with `dry_run`, only return the server's command."""
     from mlflow_finetune_plugin.serving.choices import parse_ref
-    from mlflow_finetune_plugin.serving.front import loopback_port
+    from mlflow_finetune_plugin.serving.follow import AliasWatch, followed
+    from mlflow_finetune_plugin.serving.front import Fleet, Routes, loopback_port, run_front
 
-    choices = []
+    choices, follows = [], []
     for ref in refs:
         choices.append(parse_ref(ref, base_of=choices[0] if choices else None))
+        follows.append(followed(ref, base_of=follows[0] if follows else None) if follow_interval > 0 else None)
     # The server listens on loopback only; the front listens on host:port.
     inner_port = loopback_port()
     if engine == "vllm":
@@ -217,6 +222,10 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
         echo(f"Warning: the server listens on {host}, reachable from other machines, with no authentication.")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1"
     echo(f"Serving {', '.join(cmd.names)} at {url} (the port opens once every model answers)")
+    for ref, choice in zip(follows, choices):
+        if ref:
+            echo(f"{served_name(choice)} follows {ref.key} (also asked for as {ref.key}): when the alias moves, the "
+                 f"version it names is served without a restart (registry checked every {follow_interval:g} s)")
     echo(f"Compare in the playground: mlflow-finetune playground --model {refs[0]} --engine openai "
          f"--openai-url {url}")
     echo("$ " + " ".join(cmd.argv))
@@ -227,11 +236,101 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
 
         require_vllm()
     sys.stdout.flush()
-    from mlflow_finetune_plugin.serving.front import run_front
-
+    routes, fleet = Routes(cmd.names, f"http://127.0.0.1:{inner_port}"), Fleet()
     resolve = RuntimeVersions(choices, cmd) if engine == "vllm" else None
-    sys.exit(run_front(cmd.argv, cmd.names, host, port, inner_port, cwd=cmd.cwd, env=cmd.env, resolve=resolve,
-                       echo=echo))
+    watch = AliasWatch(Switcher(engine, routes, fleet, resolve, extra, echo), follow_interval, echo)
+    for ref, choice in zip(follows, choices):
+        if ref:
+            routes.point(ref.key, served_name(choice))
+            watch.follow(ref, choice)
+    fleet.start(cmd.argv, inner_port, cmd.names, cwd=cmd.cwd, env=cmd.env)
+    try:
+        code = run_front(fleet, routes, host, port, resolve=resolve, on_ready=watch.start, echo=echo)
+    finally:
+        watch.stop()
+    sys.exit(code)
+
+
+# How long a replaced version's requests in flight may take before its server is stopped anyway.
+DRAIN_TIMEOUT_S = 600.0
+
+
+class Switcher:
+    """How `serve` moves a followed alias to its new version without a restart (`AliasWatch.on_move`).
+
+    transformers: a second `transformers serve` starts on the new version's merged folder; once it answers, requests
+    for the alias go to it, and the old server stops when its last request in flight has been answered. vLLM: the new
+    version's adapter is loaded into the running server (the checks of a version asked for by name), and the old one
+    unloaded once its requests are done; a base model side keeps the server's own base, which must not change.
+    """
+
+    def __init__(self, engine: str, routes, fleet, resolve, extra: tuple[str, ...], echo=print,
+                 drain_timeout: float = DRAIN_TIMEOUT_S):
+        self.engine, self.routes, self.fleet, self.resolve = engine, routes, fleet, resolve
+        self.extra, self.echo, self.drain_timeout = extra, echo, drain_timeout
+
+    def __call__(self, ref, old: ModelChoice, new: ModelChoice) -> str:
+        old_name, new_name = served_name(old), served_name(new)
+        if self.engine == "transformers":
+            upstream, upstream_name, retire, what = self._start_server(old, new)
+        else:
+            upstream, upstream_name, retire, what = self._load_adapter(ref, old, new)
+        self.routes.switch(ref.key, old_name, new_name, upstream, upstream_name)
+        waiting = self.routes.in_flight(old_name)
+        threading.Thread(target=self._retire, args=(old_name, retire, what), daemon=True,
+                         name=f"retire-{old_name}").start()
+        return (f"now serving {new_name} for {ref.key}; {old_name} finishes its {waiting} request(s) in flight, "
+                f"then {what}")
+
+    def _start_server(self, old: ModelChoice, new: ModelChoice):
+        from mlflow_finetune_plugin.serving.front import loopback_port, wait_until_answering
+
+        port = loopback_port()
+        cmd = transformers_command(new, "127.0.0.1", port, self.extra)  # merges the new version once
+        child = self.fleet.start(cmd.argv, port, cmd.names, cwd=cmd.cwd, env=cmd.env)
+        if not wait_until_answering(child, self.fleet.stopping.is_set):
+            self.fleet.retire(child)
+            raise FinetuneError(f"the server for {served_name(new)} did not start (exit code "
+                                f"{child.process.returncode})")
+        child.serving = True
+        previous = self.fleet.server_of(served_name(old))
+        return child.url, cmd.names[0], (lambda: self.fleet.retire(previous)) if previous else None, \
+            "its server stops"
+
+    def _load_adapter(self, ref, old: ModelChoice, new: ModelChoice):
+        import httpx
+
+        upstream = self.routes.default
+        if ref.base:  # the server's own base model, now named after the new version
+            if local_model(new).base_key() != self.resolve.base_key:
+                raise FinetuneError(f"{new.name} v{new.version} was trained on another base model than this vLLM "
+                                    "server holds: start a new `mlflow-finetune serve` for it")
+            _, upstream, upstream_name = self.routes.lookup(served_name(old))
+            return upstream, upstream_name, None, "its name is no longer listed"
+        request = self.resolve(served_name(new))  # raises FinetuneError saying why vLLM cannot serve it
+        if request is None:
+            raise FinetuneError(f"{new.name} v{new.version} is not a LoRA adapter this vLLM server can load: start "
+                                "a new `mlflow-finetune serve` for it")
+        if self.routes.lookup(served_name(new)) is None:
+            answer = httpx.post(f"{upstream}/v1/load_lora_adapter", json=request, timeout=600, trust_env=False)
+            if answer.status_code != 200:
+                raise FinetuneError(f"vLLM could not load {served_name(new)}: {answer.text}")
+
+        def unload():
+            httpx.post(f"{upstream}/v1/unload_lora_adapter", json={"lora_name": served_name(old)}, timeout=120,
+                       trust_env=False)
+
+        return upstream, served_name(new), unload, "its adapter is unloaded"
+
+    def _retire(self, name: str, retire, what: str) -> None:
+        import time
+
+        drained = self.routes.wait_drained(name, self.drain_timeout)
+        if retire:
+            retire()
+        why = "its last request in flight is answered" if drained else \
+            f"requests still in flight after {self.drain_timeout:.0f} s"
+        self.echo(f"[{time.strftime('%H:%M:%S')}] {name}: {why}; {what}")
 
 
 class RuntimeVersions:

@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.arena.votes import EXPERIMENT, Comparison
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import text_of
@@ -20,18 +21,28 @@ from mlflow_finetune_plugin.serving.base import (
     Settings,
     stream_pair,
 )
+from mlflow_finetune_plugin.serving.follow import AliasWatch, Followed
 
 _KEEP_COMPARISONS = 2000  # votable comparisons kept in memory (the oldest are forgotten first)
 _STREAM_EVERY_S = 0.05    # at most this often a streamed update goes to the page
 
 
 class Playground:
-    """Two registry models answering the same prompts side by side, served by one engine."""
+    """Two registry models answering the same prompts side by side, served by one engine.
 
-    def __init__(self, engine: Engine, model: ModelChoice, against: ModelChoice, experiment: str = EXPERIMENT,
-                 max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP, max_prompt_chars: int = MAX_PROMPT_CHARS,
-                 blind: bool = False):
+    A side given by alias (`Followed`, looked up by `watch`) is the version the alias names now: its picker entry
+    (`NAME@ALIAS`) follows the alias, so after a promotion new conversations answer with the new version, while a
+    conversation under way stays on the version it started with."""
+
+    def __init__(self, engine: Engine, model: ModelChoice | Followed, against: ModelChoice | Followed,
+                 experiment: str = EXPERIMENT, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP,
+                 max_prompt_chars: int = MAX_PROMPT_CHARS, blind: bool = False, watch: AliasWatch | None = None):
         self.engine = engine
+        self.watch = watch
+        for side in (model, against):
+            if isinstance(side, Followed) and (watch is None or side not in watch):
+                raise FinetuneError(f"{side.key} is given by alias: pass the AliasWatch that follows it")
+        self.sides = (model, against)
         self.default_a, self.default_b = model.key, against.key
         self.names = list(dict.fromkeys([model.name, against.name]))
         self.experiment = experiment
@@ -46,30 +57,60 @@ class Playground:
 
     # ------------------------------------------------------------------------------------------- model choices
     def choices(self) -> list[tuple[str, str]]:
-        """(label, key) for every version and base model the pickers may offer, read from the registry now."""
+        """(label, key) for every version and base model the pickers may offer, read from the registry now; a side
+        given by alias first, as an entry that follows it."""
         from mlflow_finetune_plugin.serving.choices import distinct_labels, picker_choices
 
         listed = [c for name in self.names for c in picker_choices(name)]
         keys = {key for _, key in listed}
         # Pickers list one base entry per base model; the base of another version may be a default side.
-        defaults = [(self.label(k), k) for k in dict.fromkeys([self.default_a, self.default_b]) if k not in keys]
-        return distinct_labels(listed + defaults)
+        defaults = [(self.label(side.key), side.key) for side in dict.fromkeys(self.sides)
+                    if isinstance(side, ModelChoice) and side.key not in keys]
+        following = [(self.follow_label(side), side.key) for side in dict.fromkeys(self.sides)
+                     if isinstance(side, Followed)]
+        return following + distinct_labels(listed + defaults)
+
+    def follow_label(self, ref: Followed) -> str:
+        """The picker label of a side given by alias: what it follows, and the version that answers now."""
+        from mlflow_finetune_plugin.registry import versions as registry
+        from mlflow_finetune_plugin.serving.choices import base_name
+
+        now = self.watch.current(ref)
+        if ref.base:
+            base = registry.get_version(now.name, now.version).tags.get(tags.BASE_MODEL)
+            return f"base of {ref.name} @{ref.alias} (follows the alias; now {base_name(base)})"
+        return f"{ref.name} @{ref.alias} (follows the alias; now v{now.version})"
 
     def resolve(self, key: str | None, default: str) -> ModelChoice:
-        """A picker value as a model choice; only registry versions of this playground's models are accepted."""
+        """A picker value as a model choice (a followed alias: the version it names now); only registry versions of
+        this playground's models are accepted."""
         from mlflow_finetune_plugin.registry import versions as registry
 
-        choice = ModelChoice.from_key(key or default)
+        choice = self._choice(key or default)
         if choice.name not in self.names:
             raise FinetuneError(f"{choice.key} is not a model of this playground; pick a version of "
                                 f"{' or '.join(self.names)}")
         registry.get_version(choice.name, choice.version)  # raises, listing what exists, for unknown versions
         return choice
 
+    def _choice(self, key: str) -> ModelChoice:
+        ref = Followed.from_key(key)
+        if ref is None:
+            return ModelChoice.from_key(key)
+        if self.watch is None or ref not in self.watch:
+            raise FinetuneError(f"{key} is not followed by this playground: pick a version (NAME/VERSION)")
+        return self.watch.current(ref)
+
     def label(self, key: str) -> str:
         from mlflow_finetune_plugin.serving.choices import describe
 
-        return describe(ModelChoice.from_key(key))
+        return describe(self._choice(key))
+
+    def close(self) -> None:
+        """Stop following the registry and release the engine."""
+        if self.watch is not None:
+            self.watch.stop()
+        self.engine.close()
 
     def details(self, key_a: str | None, key_b: str | None) -> str:
         """The two picked models in full, as Markdown: their keys, and the whole base model references that their
@@ -251,4 +292,6 @@ class Playground:
         if choice.base:
             raise FinetuneError("a base model is not a registered version: pick a version to promote")
         result = promote(choice.name, choice.version, alias=(alias or "").strip().lstrip("@") or None, user=user)
+        if self.watch is not None:  # a side that follows the alias moved: new conversations get it now, not later
+            self.watch.check()
         return result.report()

@@ -1,10 +1,14 @@
-"""`mlflow-finetune playground`: resolve the two models, start the engine, load them, serve the page."""
+"""`mlflow-finetune playground` and gradio_app/app.py: one configuration (`PlaygroundConfig`, from options or environment
+variables), one way to build the page (`create_app`): resolve the two models, start the engine, load them, follow the
+ones given by alias."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.serving.follow import DEFAULT_INTERVAL_S, Followed
 from mlflow_finetune_plugin.serving.server import LOOPBACK
 
 
@@ -53,34 +57,122 @@ def make_engine(engine: str, model, openai_urls=(), served_models=(), device: st
                            models=parse_pairs(served_models, "--served-model", model.name, model), **kwargs)
 
 
-def run_playground(model_ref: str, against: str = "base", engine: str = "transformers", host: str = "127.0.0.1",
-                   port: int = 7860, auth: str | None = None, blind: bool = False, openai_urls=(),
-                   served_models=(), max_new_tokens: int = 512, concurrency: int | None = None,
-                   device: str | None = None, experiment: str | None = None, max_lora_rank: int = 64,
-                   echo=print) -> None:
-    """Start the playground and serve it until interrupted."""
+@dataclass
+class PlaygroundConfig:
+    """What a playground is started with: `mlflow-finetune playground`'s options, or gradio_app/app.py's arguments
+    and environment variables (`from_env`)."""
+
+    model: str
+    against: str = "base"
+    engine: str = "transformers"
+    blind: bool = False
+    host: str = "127.0.0.1"
+    port: int = 7860
+    auth: str | None = None
+    openai_urls: tuple[str, ...] = ()
+    served_models: tuple[str, ...] = ()
+    max_new_tokens: int = 512
+    concurrency: int | None = None
+    device: str | None = None
+    experiment: str | None = None
+    max_lora_rank: int = 64
+    follow_interval: float = DEFAULT_INTERVAL_S
+
+    @classmethod
+    def from_env(cls, environ=os.environ, **given) -> PlaygroundConfig:
+        """The settings `given` (None: not given), else from `environ` (ENV_VARS; the others have none), else the
+        defaults."""
+        values = {}
+        for name in (f.name for f in fields(cls)):
+            variable = ENV_VARS.get(name)
+            if given.get(name) is not None:
+                values[name] = given[name]
+            elif variable and environ.get(variable):
+                values[name] = _parse_env(name, variable, environ[variable])
+        if not values.get("model"):
+            raise FinetuneError(f"which model? Give --model NAME@ALIAS or set {ENV_VARS['model']} (e.g. "
+                                "support-bot@challenger)")
+        return cls(**values)
+
+
+# Each setting's environment variable (gradio_app/app.py; Gradio's own for the address, as Hugging Face Spaces set).
+ENV_VARS = {"model": "MLFLOW_FINETUNE_MODEL", "against": "MLFLOW_FINETUNE_AGAINST",
+            "engine": "MLFLOW_FINETUNE_ENGINE", "blind": "MLFLOW_FINETUNE_BLIND",
+            "host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT", "auth": "MLFLOW_FINETUNE_PLAYGROUND_AUTH",
+            "openai_urls": "MLFLOW_FINETUNE_OPENAI_URL", "max_new_tokens": "MLFLOW_FINETUNE_MAX_NEW_TOKENS",
+            "device": "MLFLOW_FINETUNE_DEVICE", "experiment": "MLFLOW_FINETUNE_EXPERIMENT",
+            "follow_interval": "MLFLOW_FINETUNE_FOLLOW_INTERVAL"}
+
+
+def _parse_env(name: str, variable: str, text: str):
+    try:
+        if name == "blind":
+            if text.strip().lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError("use 1/true/yes or 0/false/no")
+            return text.strip().lower() in ("1", "true", "yes")
+        if name in ("port", "max_new_tokens"):
+            return int(text)
+        if name == "follow_interval":
+            return float(text)
+    except ValueError as e:
+        raise FinetuneError(f"{variable}={text!r}: {e}") from None
+    return tuple(text.split()) if name == "openai_urls" else text
+
+
+def create_app(config: PlaygroundConfig, echo=print):
+    """The playground page for `config`, as a gr.Blocks: both models resolved (a side given by alias follows it)
+    and loaded; returns (demo, playground). `playground.close()` releases the engine."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from mlflow_finetune_plugin.arena.votes import EXPERIMENT
     from mlflow_finetune_plugin.serving.choices import parse_ref
-
-    credentials = parse_auth(auth)
-    model = parse_ref(model_ref)
-    other = parse_ref(against, default_name=model.name, base_of=model)
-    if host not in LOOPBACK and not credentials:
-        echo(f"Warning: serving on {host} without --auth: anyone who can reach this machine can use the models, "
-             "vote and promote.")
-    eng = make_engine(engine, model, openai_urls, served_models, device, concurrency, max_lora_rank)
-    from mlflow_finetune_plugin.serving.playground.app import build_app, launch
+    from mlflow_finetune_plugin.serving.follow import AliasWatch, followed
+    from mlflow_finetune_plugin.serving.playground.app import build_app
     from mlflow_finetune_plugin.serving.playground.core import Playground
 
+    model = parse_ref(config.model)
+    other = parse_ref(config.against, default_name=model.name, base_of=model)
+    eng = make_engine(config.engine, model, config.openai_urls, config.served_models, config.device,
+                      config.concurrency, config.max_lora_rank)
     echo(f"Loading {model.key} and {other.key} with the {eng.name} engine…")
     for choice in (model, other):  # fail here, with the reason, rather than on the first question
         if eng.name != "openai":
             eng.prepare(choice)
-    pg = Playground(eng, model, other, experiment=experiment or EXPERIMENT, max_new_tokens_cap=max_new_tokens,
-                    blind=blind)
-    demo = build_app(pg)
+    watch = AliasWatch(_loader(eng), config.follow_interval, echo)
+    sides = []
+    for ref, choice in ((config.model, model), (config.against, other)):
+        follows = followed(ref, default_name=model.name, base_of=sides[0] if sides and isinstance(
+            sides[0], Followed) else None) if config.follow_interval > 0 else None
+        sides.append(follows or choice)
+        if follows:
+            watch.follow(follows, choice)
+            echo(f"{follows.key} is followed (registry checked every {config.follow_interval:g} s): after a "
+                 "promotion, new conversations answer with the version it names")
+    pg = Playground(eng, sides[0], sides[1], experiment=config.experiment or EXPERIMENT,
+                    max_new_tokens_cap=config.max_new_tokens, blind=config.blind, watch=watch.start())
+    return build_app(pg), pg
+
+
+def _loader(engine):
+    """What the playground does when a followed alias moves: load the new version ahead of its first question."""
+
+    def on_move(ref, old, new) -> str:
+        if engine.name != "openai":
+            engine.prepare(new)  # raises FinetuneError when it cannot be served: the old version stays
+        return f"new conversations answer with {new.key}; conversations under way stay on {old.key}"
+
+    return on_move
+
+
+def run_playground(config: PlaygroundConfig, echo=print) -> None:
+    """Start the playground and serve it until interrupted."""
+    from mlflow_finetune_plugin.serving.playground.app import launch
+
+    credentials = parse_auth(config.auth)
+    if config.host not in LOOPBACK and not credentials:
+        echo(f"Warning: serving on {config.host} without --auth: anyone who can reach this machine can use the "
+             "models, vote and promote.")
+    demo, pg = create_app(config, echo)
     try:
-        launch(demo, host=host, port=port, auth=credentials, block=True)
+        launch(demo, host=config.host, port=config.port, auth=credentials, block=True)
     finally:
-        eng.close()
+        pg.close()
