@@ -256,15 +256,19 @@ def base_requirements(base_ref: str) -> list[str]:
     (built by the code the model carries) and for hub ids (downloaded by transformers)."""
     import importlib.metadata
 
-    from mlflow_finetune_plugin.models import smollm2
+    from mlflow_finetune_plugin.models import gemma3, smollm2
 
-    if smollm2.is_smollm2(base_ref):
-        return [f"{smollm2.PACKAGE}=={smollm2.package_version()}", f"gguf=={importlib.metadata.version('gguf')}"]
+    # each converted from a GGUF file its package carries
+    for model, is_it in ((smollm2, smollm2.is_smollm2), (gemma3, gemma3.is_gemma3)):
+        if is_it(base_ref):
+            return [f"{model.PACKAGE}=={model.package_version()}", f"gguf=={importlib.metadata.version('gguf')}"]
     return []
 
 
-# What `code/` holds beside the modules: the corpus the tiny base model's tokenizer is trained on.
-CARRIED_DATA = ("assets/tiny_corpus.txt",)
+# What `code/` holds beside the modules: the corpus the tiny models' tokenizers are trained on, and the chat templates
+# the tiny chat families and gemma3 are built with.
+CARRIED_DATA = ("assets/tiny_corpus.txt", *(f"assets/chat_templates/{name}.jinja" for name in
+                                            ("chatml", "llama3", "qwen", "qwen3", "gemma", "mistral", "phi3")))
 
 
 def carried_modules() -> list[Path]:
