@@ -154,6 +154,23 @@ def prompt_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return tokenizer(render(tokenizer, messages, True, **kwargs), add_special_tokens=False)["input_ids"]
 
 
+def reply_ids(tokenizer, prompt: list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """Token ids of `prompt` (with the generation prompt) and of what the model must write to give `reply`: as
+    training trains it, the reply and its end-of-turn token, with whatever the template puts ahead of the reply in
+    the answer (Qwen3's empty `<think></think>` block, which takes room in `max_new_tokens` too)."""
+    prompt_text = render(tokenizer, prompt, add_generation_prompt=True)
+    full_text = render(tokenizer, prompt + [{"role": "assistant", "content": reply}])
+    # Not what the template writes after the end of turn. Templates that render the last turn differently fall back
+    # to the reply + end of turn.
+    end = chat_format(tokenizer).end_of_turn or ((tokenizer.eos_token,) if tokenizer.eos_token else ())
+    completion = (full_text[len(prompt_text):] if full_text.startswith(prompt_text)
+                  else reply + (end[0] if end else ""))
+    cuts = [at + len(t) for t in end if (at := completion.find(t)) >= 0]
+    completion = completion[:min(cuts)] if cuts else completion
+    return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+            tokenizer(completion, add_special_tokens=False)["input_ids"])
+
+
 def clean_answer(text: str) -> str:
     """A generated answer as a user reads it: a leading (empty or not) `<think>` block removed, whitespace trimmed."""
     return _THINK.sub("", text, count=1).strip()
