@@ -7,9 +7,12 @@ lora --backend finetune` (pre-flight, training, evaluation, registration) finish
 trains; the registered version reloads through `mlflow.pyfunc`; the transformers engine and the playground answer;
 `mlflow-finetune export` writes a merged folder that answers as the pyfunc does; and wherever an answer is generated,
 the family's end-of-turn token ends it (forced with `Script`, so it does not depend on what random weights emit). No
-Future/DeprecationWarning comes from our own modules on the way.
+Future/DeprecationWarning comes from our own modules on the way. vLLM serves a family in tests/test_system_prompts.py,
+where a trained model's answers can be checked word for word.
 
 One `mlflow run` per family, started together (two at a time) the first time a test needs them, against one store.
+The tiny model's own runs, versions, serving and export are tested elsewhere (test_integration, test_serving,
+test_export): here it is a row only where that costs little.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -31,6 +33,7 @@ from tests.helpers import REPO, forget_active_experiment, subprocess_env
 from tests.matrix_helpers import (
     CONVERSATION,
     END_OF_TURN,
+    FAMILIES,
     FOLDS_SYSTEM,
     ROWS,
     Script,
@@ -40,8 +43,6 @@ from tests.matrix_helpers import (
     trained_pieces,
     write_chat_project,
 )
-
-pytestmark = pytest.mark.integration
 
 QUESTION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 3 plus 3?"}]
 # One optimizer step, 2 held-out rows, short answers: the run's steps, not the model's quality, are what is tested.
@@ -87,6 +88,19 @@ def test_every_end_of_turn_id_stops_generation(row):
     eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
     assert tokenizer.convert_tokens_to_ids(END_OF_TURN[row]) in stops
     assert {tokenizer.eos_token_id, *eos} <= stops  # Gemma's <eos>, Phi's <|endoftext|> as well as their turn ends
+
+
+@pytest.mark.parametrize("pieces", [["<th", "ink>\n\n</th", "ink>\n\n", "La ", "gare"], ["La", " gare"],
+                                    ["  <think>why</think>", " ", "Hi"], ["<thi"], ["<think>unclosed"], ["<", "b>"],
+                                    ["\n", "Hello"]])
+def test_a_streamed_answer_is_cleaned_as_a_whole_one(pieces):
+    """The serving engines stream; Qwen3's empty reasoning block must not reach the page (pyfunc drops it too)."""
+    from mlflow_finetune_plugin.models.chat_format import clean_answer, clean_stream
+
+    streamed = list(clean_stream(iter(pieces)))
+    assert "".join(streamed).strip() == clean_answer("".join(pieces))
+    # Past the block, pieces stream as they come.
+    assert list(clean_stream(iter(["<think>\n\n</think>\n\n", "La ", "gare"]))) == ["La ", "gare"]
 
 
 # ------------------------------------------------------------------------------------------- one run per family
@@ -140,7 +154,8 @@ def _run_of(row):
     return run
 
 
-@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.integration
+@pytest.mark.parametrize("row", FAMILIES)
 def test_mlflow_run_lora_trains_registers_and_says_what_the_loss_covered(runs, row):
     proc = runs[row]
     output = proc.stdout + proc.stderr
@@ -171,7 +186,8 @@ def pyfuncs(runs):
     return get
 
 
-@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.integration
+@pytest.mark.parametrize("row", FAMILIES)
 def test_the_registered_version_reloads_answers_and_stops_at_the_end_of_turn(pyfuncs, row):
     from mlflow_finetune_plugin.evaluate.contenders import answer_and_score
 
@@ -200,7 +216,8 @@ def engine(store):
     eng.close()
 
 
-@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.integration
+@pytest.mark.parametrize("row", FAMILIES)
 def test_the_transformers_engine_and_the_playground_answer_and_stop(pyfuncs, engine, row):
     from mlflow_finetune_plugin.serving import ModelChoice, Settings
     from mlflow_finetune_plugin.serving.playground import Playground
@@ -219,7 +236,8 @@ def test_the_transformers_engine_and_the_playground_answer_and_stop(pyfuncs, eng
         assert engine.generate(base, QUESTION, Settings(0.0, 1.0, 12)) == script.text
 
 
-@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.integration
+@pytest.mark.parametrize("row", FAMILIES)
 def test_export_merged_answers_as_the_pyfunc_and_its_generation_config_stops(pyfuncs, row, tmp_path):
     import torch
     from click.testing import CliRunner
@@ -265,6 +283,7 @@ def _preference_rows() -> list[dict]:
                                  ("What is your name?", "Je m'appelle Nimbus.", "My name is Nimbus."))]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("row", ROWS)
 def test_dpo_trains_on_the_family(store, row, tmp_path):
     from mlflow_finetune_plugin.config.loading import load_recipe
@@ -288,6 +307,3 @@ def test_dpo_trains_on_the_family(store, row, tmp_path):
     assert any(k.startswith("train/rewards/") for k in dpo.data.metrics), sorted(dpo.data.metrics)
     # DPO's trainer renders the rows itself: the system message reaches it folded where the template would drop it.
     assert dpo.data.tags[tags.SYSTEM_HANDLING].startswith("folded:" if row in FOLDS_SYSTEM else "kept")
-
-
-# ---------------------------------------------------------------------------------------------------------- vLLM

