@@ -103,6 +103,21 @@ def test_a_streamed_answer_is_cleaned_as_a_whole_one(pieces):
     assert list(clean_stream(iter(["<think>\n\n</think>\n\n", "La ", "gare"]))) == ["La ", "gare"]
 
 
+def test_the_pre_flight_counts_the_tokens_an_answer_takes_as_the_template_has_it_written(tmp_path, capsys):
+    """Qwen3 writes an empty <think></think> block ahead of each answer, inside eval.max_new_tokens: a budget that
+    fits the answer alone cuts every Qwen3 answer short (exact_match 0.5 on the system-prompt set at 16 tokens)."""
+    from mlflow_finetune_plugin.backend import resolve_entry_point
+    from mlflow_finetune_plugin.models.base import load_tokenizer
+
+    project = write_chat_project(tmp_path, "budget")
+    budget = max(len(load_tokenizer("tiny-qwen3")(f"That is {4 * i}.")["input_ids"]) for i in (50, 51)) + 1
+    warned = {}
+    for row in ("qwen2.5", "qwen3"):
+        resolve_entry_point(str(project), "lora", {"model": model_name(row), "eval.max_new_tokens": budget})
+        warned[row] = "longer than eval.max_new_tokens" in capsys.readouterr().err
+    assert warned == {"qwen2.5": False, "qwen3": True}
+
+
 # ------------------------------------------------------------------------------------------- one run per family
 
 
