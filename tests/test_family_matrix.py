@@ -118,6 +118,27 @@ def test_the_pre_flight_counts_the_tokens_an_answer_takes_as_the_template_has_it
     assert warned == {"qwen2.5": False, "qwen3": True}
 
 
+@pytest.mark.parametrize("row", ROWS)
+def test_rows_a_template_refuses_are_refused_before_any_run_with_the_fix(row, tmp_path):
+    """Gemma 3's and Mistral's templates raise on turns that do not alternate; the others render them."""
+    from mlflow_finetune_plugin.backend import resolve_entry_point
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Anyone?"},
+             {"role": "assistant", "content": "Yes."}]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(json.dumps({"messages": turns}) + "\n")
+    (tmp_path / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval_split: 0}\n")
+    if row not in ("gemma3", "mistral"):
+        resolve_entry_point(str(tmp_path), "lora", {"model": model_name(row)})
+        return
+    with pytest.raises(FinetuneError) as refused:
+        resolve_entry_point(str(tmp_path), "lora", {"model": model_name(row)})
+    message = str(refused.value)
+    assert f"train.jsonl:1: the chat template of {model_name(row)} rejects this row" in message
+    assert "alternating" in message and "model.chat_template" in message
+
+
 # ------------------------------------------------------------------------------------------- one run per family
 
 
