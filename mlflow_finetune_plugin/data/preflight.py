@@ -15,6 +15,7 @@ from mlflow_finetune_plugin.data.formats import DataError, summarize
 from mlflow_finetune_plugin.data.splits import data_files, load_splits
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import split_conversation
+from mlflow_finetune_plugin.models.chat_format import reply_ids
 
 _FORMAT_HINTS = {**dict.fromkeys(("dpo", "orpo", "simpo"),
                                  "Give rows with prompt, chosen and rejected (or chosen/rejected message lists); "
@@ -95,7 +96,9 @@ def _cut_references(recipe, read, tokenizer) -> list[str]:
             continue
         pairs = [pair for conv in ds["messages"] if (pair := split_conversation(conv)) and pair[0]]
         pairs = pairs[: recipe.eval.max_examples]
-        lengths = [len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in pairs]
+        # The tokens an answer takes as the template has the model write it (Qwen3's empty <think></think> block
+        # first), its end-of-turn token aside
+        lengths = [max(len(reply_ids(tokenizer, prompt, ref)[1]) - 1, 0) for prompt, ref in pairs]
         if over := [n for n in lengths if n > budget]:
             warnings.append(f"{label}: {len(over)} of the {len(lengths)} reference answers scored after training are "
                             f"longer than eval.max_new_tokens {budget} (up to {max(over)} tokens): every contender's "

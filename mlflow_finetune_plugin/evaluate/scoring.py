@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlflow_finetune_plugin.metrics import score
+from mlflow_finetune_plugin.models.chat_format import reply_ids as reference_ids
+
+# `reference_ids`: a prompt and its reference answer as the template tokenizes them, defined in models/chat_format.py
+# with the rest of what a chat template means (and importable from here as before).
 
 # Prompts sharing at least this many leading tokens compute them once (see `score_and_prefill`).
 MIN_SHARED_PREFIX = 16
@@ -144,20 +148,3 @@ def reference_nll(model, tokenizer, prompts: list[list[dict]], references: list[
     with torch.no_grad():
         logps = completion_logps(model, ids, mask, scored)
     return float(-logps.sum()), int(scored.sum())
-
-
-def reference_ids(tokenizer, prompt: list[dict], reference: str) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt (with the generation prompt) and of the reference answer as the template ends it."""
-    from mlflow_finetune_plugin.models.chat_format import chat_format, render
-
-    prompt_text = render(tokenizer, prompt, add_generation_prompt=True)
-    full_text = render(tokenizer, prompt + [{"role": "assistant", "content": reference}])
-    # The completion is what training trains: the reply and its end-of-turn token (not what the template writes
-    # after it). Templates that render the last turn differently fall back to the answer + end of turn.
-    end = chat_format(tokenizer).end_of_turn or ((tokenizer.eos_token,) if tokenizer.eos_token else ())
-    completion = (full_text[len(prompt_text):] if full_text.startswith(prompt_text)
-                  else reference + (end[0] if end else ""))
-    cuts = [at + len(t) for t in end if (at := completion.find(t)) >= 0]
-    completion = completion[:min(cuts)] if cuts else completion
-    return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
-            tokenizer(completion, add_special_tokens=False)["input_ids"])

@@ -23,11 +23,13 @@ Imports nothing heavy: tokenizers are duck-typed (`apply_chat_template`, `conver
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.errors import FinetuneError
 
 _PROBE_SYSTEM, _PROBE_USER, _PROBE_ANSWER = "SYSPROBE7 follow these rules", "USERPROBE7 a question", "ANSPROBE7"
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
 
 
@@ -154,9 +156,53 @@ def prompt_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return tokenizer(render(tokenizer, messages, True, **kwargs), add_special_tokens=False)["input_ids"]
 
 
+def reply_ids(tokenizer, prompt: list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """Token ids of `prompt` (with the generation prompt) and of what the model must write to give `reply`: as
+    training trains it, the reply and its end-of-turn token, with whatever the template puts ahead of the reply in
+    the answer (Qwen3's empty `<think></think>` block, which takes room in `max_new_tokens` too)."""
+    prompt_text = render(tokenizer, prompt, add_generation_prompt=True)
+    full_text = render(tokenizer, prompt + [{"role": "assistant", "content": reply}])
+    # Not what the template writes after the end of turn. Templates that render the last turn differently fall back
+    # to the reply + end of turn.
+    end = chat_format(tokenizer).end_of_turn or ((tokenizer.eos_token,) if tokenizer.eos_token else ())
+    completion = (full_text[len(prompt_text):] if full_text.startswith(prompt_text)
+                  else reply + (end[0] if end else ""))
+    cuts = [at + len(t) for t in end if (at := completion.find(t)) >= 0]
+    completion = completion[:min(cuts)] if cuts else completion
+    return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+            tokenizer(completion, add_special_tokens=False)["input_ids"])
+
+
 def clean_answer(text: str) -> str:
     """A generated answer as a user reads it: a leading (empty or not) `<think>` block removed, whitespace trimmed."""
     return _THINK.sub("", text, count=1).strip()
+
+
+def clean_stream(pieces: Iterable[str]) -> Iterator[str]:
+    """`clean_answer` for an answer that arrives in pieces (the serving engines): the start is held back while it
+    may open a `<think>` block, a block is dropped once it closes (with the whitespace after it), and everything else
+    passes as it comes."""
+    held, state = "", "start"  # start: a block may open; lead: drop the whitespace after one; through: pass on
+    for piece in pieces:
+        if state == "through":
+            yield piece
+            continue
+        held += piece
+        if state == "start":
+            text = held.lstrip()
+            if _THINK_OPEN.startswith(text) or (text.startswith(_THINK_OPEN) and _THINK_CLOSE not in text):
+                continue
+            if not text.startswith(_THINK_OPEN):
+                state, out, held = "through", held, ""
+                yield out
+                continue
+            state, held = "lead", text.split(_THINK_CLOSE, 1)[1]
+        held = held.lstrip()
+        if held:
+            state, out, held = "through", held, ""
+            yield out
+    if state == "start" and held:  # ended inside an unclosed block (or on a prefix of one): as clean_answer keeps it
+        yield held
 
 
 # ---------------------------------------------------------------- stopping

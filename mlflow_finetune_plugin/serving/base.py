@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import text_of
+from mlflow_finetune_plugin.models.chat_format import clean_stream
 
 # Upper bounds the playground enforces whatever a client sends (a browser, gradio_client, a script).
 MAX_NEW_TOKENS_CAP = 1024
@@ -105,7 +106,7 @@ class Engine(ABC):
 
     def generate(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> str:
         """The whole answer at once."""
-        return "".join(self.stream(choice, messages, settings)).strip()
+        return "".join(clean_stream(self.stream(choice, messages, settings))).strip()
 
 
 def plain_messages(messages: list[dict]) -> list[dict]:
@@ -130,7 +131,8 @@ def stream_pair(engine: Engine, jobs: list[tuple[ModelChoice, list[dict]]], sett
 
     def work(index: int, choice: ModelChoice, messages: list[dict]) -> None:
         try:
-            for piece in engine.stream(choice, messages, settings):
+            # As an answer is shown: without a leading (Qwen3's empty) reasoning block, as pyfunc and evaluation
+            for piece in clean_stream(engine.stream(choice, messages, settings)):
                 if piece:
                     out.put((index, piece, None))
             out.put((index, "", None))
