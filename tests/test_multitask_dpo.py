@@ -371,12 +371,12 @@ def _sft_trainer(tmp_path, rows, **overrides):
     return sft.build_trainer(recipe, model, load_tokenizer(), train_ds, None, args, callbacks=[])  # no MLflow run
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False, "chunked"])
 def test_packed_rows_stay_rows_and_give_each_examples_own_loss(tmp_path, fused):
     """sdpa: packed examples stay in rows of max_length (not one flattened row) and the loss of a packed batch is
     the token-weighted loss of its examples run one by one; the token count is the real tokens."""
     trainer = _sft_trainer(tmp_path, chat_rows(12), **{"data.packing": True, "train.fused_lm_head": fused})
-    assert trainer.pack_rows and trainer.fused_lm_head is fused
+    assert trainer.pack_rows and trainer.fused_lm_head == fused
     rows = [trainer.train_dataset[i] for i in range(2)]
     batch = trainer.data_collator(rows)
     n_real = sum(len(r["input_ids"]) for r in rows)
@@ -429,10 +429,9 @@ def test_fused_lm_head_auto_follows_the_device(tmp_path):
     from mlflow_finetune_plugin.train.objectives.sft import fused_lm_head
 
     jsonl(tmp_path / "data" / "train.jsonl", chat_rows(2))
-    assert fused_lm_head(load_recipe(tmp_path)) is torch.cuda.is_available()
-    assert fused_lm_head(load_recipe(tmp_path, overrides={"train.fused_lm_head": True})) is True
-    assert fused_lm_head(load_recipe(tmp_path, overrides={"train.fused_lm_head": False})) is False
-
+    assert fused_lm_head(load_recipe(tmp_path)) == (True if torch.cuda.is_available() else "chunked")
+    for value in (True, False, "chunked"):
+        assert fused_lm_head(load_recipe(tmp_path, overrides={"train.fused_lm_head": value})) == value
 
 
 def test_plain_loss_scores_labelled_positions_only_and_matches_the_models_loss(tmp_path):

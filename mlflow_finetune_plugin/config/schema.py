@@ -350,10 +350,12 @@ class TrainConfig(Section):
                                                   "end of training is the logged model, not a checkpoint.")
     save_total_limit: int = Field(2, gt=0)
     gradient_checkpointing: bool = False
-    fused_lm_head: bool | Literal["auto"] = Field(
-        "auto", description="TRL's fused LM head: the loss from tiles of the LM head, never the whole logits (less "
-                            "memory with big vocabularies), recomputed in the backward pass. auto: on with CUDA; off "
-                            "on CPU, where the model's own loss measured 1.6x faster per step.")
+    fused_lm_head: bool | Literal["auto", "chunked"] = Field(
+        "auto", description="How the SFT loss meets the LM head. true: TRL's fused head (tiles of the vocabulary, "
+                            "recomputed in the backward pass; Triton kernels on CUDA). chunked: the head over chunks "
+                            "of labelled tokens, each chunk's gradient taken at once, never the whole logits. false: "
+                            "the logits of the labelled positions, all at once. auto: true with CUDA, chunked "
+                            "elsewhere.")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="With several processes (torchrun, ray): ddp copies the model to every rank; fsdp "
                            "shards parameters, gradients and optimizer state across ranks (models too big for one).")

@@ -40,19 +40,31 @@ def pair_ids(tokenizer, row: dict) -> dict:
 
 
 def completion_logps(model, input_ids, attention_mask, completion_mask):
-    """Summed log-probability of each row's completion tokens (right-padded rows; labels -100 on prompt and padding)."""
+    """Summed log-probability of each row's completion tokens (right-padded rows; labels -100 on prompt and padding).
+
+    Only the scored positions go through the LM head: in chunks (`models/lm_head.py`) where it is a head that module
+    reproduces, so that no (rows, length, vocabulary) logits are held, else from the model's logits."""
     import torch
+
+    from mlflow_finetune_plugin.models.lm_head import head_of, hidden_states, token_logprobs
 
     device = model.device
     input_ids = input_ids.to(device)
     # The logits at position t predict token t + 1.
     targets = input_ids.masked_fill(completion_mask.to(device) == 0, -100)[:, 1:]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False).logits
-    # Prompt tuning returns logits for its virtual tokens too, ahead of the input's.
-    logits = logits[:, logits.shape[1] - input_ids.shape[1]: -1]
     scored = targets != -100
+    logps = torch.zeros(targets.shape, device=device)
+    head = head_of(model)
+    if head is not None:
+        with hidden_states(model) as captured:
+            model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False)
+        # Prompt tuning's virtual tokens come ahead of the input's.
+        hidden = captured[-1][:, captured[-1].shape[1] - input_ids.shape[1]: -1]
+        logps[scored] = token_logprobs(head, hidden[scored], targets[scored])[0]
+        return logps.sum(dim=1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False).logits
+    logits = logits[:, logits.shape[1] - input_ids.shape[1]: -1]
     # Only the scored positions' logits are upcast: the full (rows, length, vocabulary) tensor in fp32 is large.
-    logps = torch.zeros(targets.shape, device=logits.device)
     logps[scored] = -torch.nn.functional.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
     return logps.sum(dim=1)
 

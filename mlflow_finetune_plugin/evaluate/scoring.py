@@ -8,12 +8,14 @@ The reference loss comes from one of two passes: `reference_nll`, a right-padded
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from mlflow_finetune_plugin.metrics import score
 from mlflow_finetune_plugin.models.chat_format import reply_ids as reference_ids
+from mlflow_finetune_plugin.models.lm_head import head_of, hidden_states, token_logprobs
 
 # `reference_ids`: a prompt and its reference answer as the template tokenizes them, defined in models/chat_format.py
 # with the rest of what a chat template means (and importable from here as before).
@@ -71,7 +73,7 @@ class Prefill:
 def score_and_prefill(model, tokenizer, pairs: list[tuple[list[int], list[int]]]) -> Prefill:
     """One pass over the left-padded prompts followed by the right-padded references (`pairs` of token ids, as
     `reference_ids` gives them, every prompt non-empty): the references' log-probabilities come from that pass (the
-    LM head applied to the reference positions only), and its KV cache, cut back to the prompts, is returned for
+    LM head applied to the reference positions only, in chunks: `models/lm_head.py`), and its KV cache, cut back to the prompts, is returned for
     generation to continue from. Scoring the references apart costs a second pass over the prompts, which for
     few-shot prompts are most of the tokens. The prompts' common start (system prompt, shots) is computed once.
     """
@@ -92,6 +94,7 @@ def score_and_prefill(model, tokenizer, pairs: list[tuple[list[int], list[int]]]
         mask[row, width - len(prompt_ids): width + len(completion_ids)] = 1
         scored[row, width: width + len(completion_ids)] = True
     positions = (len(shared) + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    head = head_of(model)
     with torch.no_grad():
         cache = None
         if shared:
@@ -100,15 +103,22 @@ def score_and_prefill(model, tokenizer, pairs: list[tuple[list[int], list[int]]]
             cache.batch_repeat_interleave(len(pairs))
         mask = torch.cat([torch.ones((len(pairs), len(shared)), dtype=mask.dtype), mask], dim=1)
         ids = torch.cat([torch.tensor([shared] * len(pairs), dtype=ids.dtype).reshape(len(pairs), -1), ids], dim=1)
-        out = model(input_ids=ids[:, len(shared):].to(device), attention_mask=mask.to(device),
-                    position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=ref_width + 1)
+        # The LM head over the reference positions only, chunk by chunk where `lm_head` knows the head: with a
+        # large vocabulary the (rows, reference length, vocabulary) logits would take more memory than the model.
+        with hidden_states(model) if head is not None else contextlib.nullcontext() as captured:
+            out = model(input_ids=ids[:, len(shared):].to(device), attention_mask=mask.to(device),
+                        position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                        logits_to_keep=ref_width + 1)
         total, count = 0.0, int(scored.sum())
         if count:
-            # logits[:, j] (the row's position width - 1 + j) predicts the token at width + j.
-            logits, targets = out.logits[:, :-1], ids[:, len(shared) + width:].to(device)
-            keep = scored[:, width:].to(device)
-            total = float(torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"))
+            # position j of what the head saw (the row's position width - 1 + j) predicts the token at width + j.
+            targets, keep = ids[:, len(shared) + width:].to(device), scored[:, width:].to(device)
+            if head is not None:
+                total = -float(token_logprobs(head, captured[-1][:, :-1][keep], targets[keep])[0].sum())
+            else:
+                logits = out.logits[:, :-1]
+                total = float(torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep],
+                                                                reduction="sum"))
         cache = out.past_key_values
         del out
         cache.crop(-(ref_width + 1))  # the prompts without their last token, which generation feeds in next

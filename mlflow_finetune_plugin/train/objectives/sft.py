@@ -1,7 +1,7 @@
 """Supervised fine-tuning (SFT) with TRL's SFTTrainer: loss on the assistant's tokens of chat-formatted rows.
 
 Packed rows stay rows unless a varlen flash-attention kernel is there to use the padding-free layout, and the loss
-goes through TRL's fused LM head only where `train.fused_lm_head` says so (see `sft_trainer.py`).
+goes through TRL's fused LM head or the chunked one as `train.fused_lm_head` says (see `sft_trainer.py`).
 """
 
 from __future__ import annotations
@@ -160,13 +160,14 @@ def _tag_packing(value: str) -> None:
         mlflow.set_tag(tags.PACKING, value)
 
 
-def fused_lm_head(recipe) -> bool:
-    """`train.fused_lm_head`, with `auto` resolved: TRL's fused LM head on CUDA (memory), the model's loss elsewhere."""
+def fused_lm_head(recipe) -> bool | str:
+    """`train.fused_lm_head`, with `auto` resolved: TRL's fused LM head on CUDA (Triton kernels over the labelled
+    positions), the chunked head elsewhere (TRL's runs as torch ops over every position there: see sft_trainer.py)."""
     if recipe.train.fused_lm_head != "auto":
         return recipe.train.fused_lm_head
     import torch
 
-    return torch.cuda.is_available()
+    return True if torch.cuda.is_available() else "chunked"
 
 
 def _tag_loss(assistant_only: bool, share: float | None) -> None:

@@ -9,17 +9,22 @@ loss is computed. Imported only by `objectives.sft` (it imports TRL).
   which transformers builds a block-diagonal mask per row (batch x max_length^2, like padding to max_length).
 - Replay against forgetting (`data.replay_loss: kl`): each training forward (or one in `replay_every`) also scores
   one row of general text and adds KL(base || tuned) on it, the base being the adapter switched off (`_replay_kl`);
-  `train/task_loss` is the loss without that term.
-- Loss: TRL computes it through a fused, tiled LM head that never materialises the logits and recomputes them in
-  the backward pass, plus entropy and token accuracy from the same tiles. That saves memory with big vocabularies
-  on a GPU (and runs as Triton kernels there); on CPU it measured 0.63x the step speed of the model's own loss.
-  `fused_lm_head=False` computes the model's own loss (transformers' causal-LM cross-entropy: the same value,
-  normalised the same way) from the LM head applied to the labelled positions only. A forward pre-hook on the
-  output embedding keeps the hidden states whose next token is labelled and drops the rest before the
-  `hidden x vocab` matmul, so prompts, system messages and packed neighbours cost no logits, no log-softmax and no
-  backward through either. SmolLM2 (49k vocabulary) on support-bot, about half its tokens labelled: 15 packed
-  steps trained in 65 s instead of 74 s (1.14x) on 2 CPU cores, same losses. Whatever the model does to its logits after the head (soft-capping,
-  scaling) still happens. Token accuracy is logged from those logits; entropy is not logged.
+  `train/task_loss` is the loss without that term. Unless `fused_lm_head` is false, both passes stop before the LM
+  head and the KL is taken over chunks of tokens (`models/lm_head.py`): the two models' logits are never whole.
+- Loss (`fused_lm_head`), the same value and gradients every way (transformers' causal-LM cross-entropy, normalised
+  the same way), the same `num_tokens` and `mean_token_accuracy`:
+  - `True`: TRL's fused, tiled LM head, which never materialises the logits and recomputes them in the backward
+    pass, plus entropy (logged) and token accuracy from the same tiles. On a GPU it runs as Triton kernels over the
+    labelled positions; on CPU as torch ops over every position, slower there than the model's own loss.
+  - `"chunked"`: the model runs up to its LM head, and the head is applied to chunks of the positions whose next
+    token is labelled, each chunk's loss and gradient taken at once (`lm_head.cross_entropy`, Liger's scheme in
+    torch): prompts, system messages and packed neighbours cost no logits, and the logits held at once are one
+    chunk's, whatever the vocabulary. Heads `lm_head.head_of` does not reproduce (a LoRA on the head, logit
+    scaling) take the `False` path.
+  - `False`: a forward pre-hook on the output embedding keeps the hidden states whose next token is labelled and
+    drops the rest before the `hidden x vocab` matmul; the logits of all labelled positions are held at once.
+    Whatever the model does to its logits after the head (soft-capping, scaling) still happens.
+  Figures for each: docs/benchmarks.md. Entropy is logged with `True` only.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch.nn.functional as F
 from transformers import Trainer
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from mlflow_finetune_plugin.models.lm_head import Head, cross_entropy, head_of, hidden_states, kl_divergence
 
 
 @dataclass
@@ -53,7 +60,7 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
 
 
 class FinetuneSFTTrainer(SFTTrainer):
-    def __init__(self, *args, fused_lm_head: bool = True, pack_rows: bool = False,
+    def __init__(self, *args, fused_lm_head: bool | str = True, pack_rows: bool = False,
                  replay_kl: list[list[int]] | None = None, replay_weight: float = 1.0, replay_every: int = 1,
                  **kwargs):
         super().__init__(*args, **kwargs)
@@ -89,16 +96,27 @@ class FinetuneSFTTrainer(SFTTrainer):
     def _replay_kl(self, model) -> torch.Tensor:
         """KL(base || tuned) per token, averaged over the next replay row: how far the tuned model's next-token
         distribution moved from the base model's on general text. The base is the same weights with the adapter
-        switched off (no second copy); its pass needs no gradient."""
+        switched off (no second copy); its pass needs no gradient. Unless `fused_lm_head` is false, both passes stop
+        at the LM head and the KL is taken chunk by chunk (`lm_head.kl_divergence`)."""
         ids = self.replay_kl[self._replay_at % len(self.replay_kl)]
         self._replay_at += 1
         input_ids = torch.tensor([ids], device=self.accelerator.device)
         unwrapped = self.accelerator.unwrap_model(model)
-        with torch.no_grad(), unwrapped.disable_adapter():
-            base = model(input_ids=input_ids, use_cache=False).logits[:, -len(ids):]
-        tuned = model(input_ids=input_ids, use_cache=False).logits[:, -len(ids):]  # prompt tuning prepends tokens
-        base_logp, tuned_logp = F.log_softmax(base.float(), -1), F.log_softmax(tuned.float(), -1)
-        kl = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1).mean()
+        head = head_of(unwrapped) if self.fused_lm_head is not False else None
+        if head is not None:
+            with hidden_states(unwrapped) as captured:
+                with torch.no_grad(), unwrapped.disable_adapter():
+                    model(input_ids=input_ids, use_cache=False)
+                model(input_ids=input_ids, use_cache=False)
+            # prompt tuning prepends tokens to the tuned pass; the base head is the adapter's, trained rows off
+            base, tuned = (h[0, -len(ids):] for h in captured)
+            kl = kl_divergence(head, tuned, head.without_rows(), base) / len(ids)
+        else:
+            with torch.no_grad(), unwrapped.disable_adapter():
+                base = model(input_ids=input_ids, use_cache=False).logits[:, -len(ids):]
+            tuned = model(input_ids=input_ids, use_cache=False).logits[:, -len(ids):]
+            base_logp, tuned_logp = F.log_softmax(base.float(), -1), F.log_softmax(tuned.float(), -1)
+            kl = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1).mean()
         self._metrics["train"]["replay_kl"].append(self._gathered_mean(kl.detach()))
         return kl
 
@@ -107,7 +125,7 @@ class FinetuneSFTTrainer(SFTTrainer):
 
     def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
         real_tokens = inputs.pop("attention_mask").sum() if self.pack_rows else None
-        if self.fused_lm_head:
+        if self.fused_lm_head is True:
             before = self._total_train_tokens
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if real_tokens is not None and model.training:
@@ -115,33 +133,49 @@ class FinetuneSFTTrainer(SFTTrainer):
                 self._total_train_tokens = before + self._gathered(real_tokens) // self._tp_size
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return result
-        return self._plain_loss(model, inputs, return_outputs, num_items_in_batch, real_tokens)
+        return self._own_loss(model, inputs, return_outputs, num_items_in_batch, real_tokens)
 
-    def _plain_loss(self, model, inputs, return_outputs, num_items_in_batch, real_tokens):
+    def _own_loss(self, model, inputs, return_outputs, num_items_in_batch, real_tokens):
+        """transformers' causal-LM loss (sum over labelled next tokens / num_items_in_batch, else their mean):
+        chunked (`models/lm_head.py`), from the labelled positions' logits, or from the model's whole output."""
         mode = "train" if model.training else "eval"
         inputs["use_cache"] = False
-        head = self._output_embedding(model) if model.training and not return_outputs else None
-        if head is None:
+        chunked = self._chunked_head(model) if self.fused_lm_head == "chunked" and not return_outputs else None
+        head = self._output_embedding(model) if model.training and not return_outputs and not chunked else None
+        outputs = None
+        if chunked is not None:
+            total, n_valid, n_correct = self._chunked_loss(model, chunked, inputs)
+        elif head is not None:
+            total, n_valid, n_correct = self._labelled_positions_loss(model, head, inputs)
+        else:
             # transformers' own path: labels go to the model, whose causal-LM loss sums over the labelled tokens
             # and divides by num_items_in_batch (gradient accumulation and DDP handled as for any model).
-            loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+            total, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                                  num_items_in_batch=num_items_in_batch)
             labels = inputs["labels"]
             # Prompt tuning prepends virtual tokens to the logits (not to the labels): score the last positions.
             logits, targets = outputs.logits[:, -labels.size(1):-1], labels[:, 1:]
-        else:
-            loss, logits, targets = self._labelled_positions_loss(model, head, inputs, num_items_in_batch)
-            outputs = None
-        with torch.no_grad():
-            mask = targets != -100
-            correct = (logits.argmax(-1) == targets) & mask
-            n_valid, n_correct = self._gathered(mask.sum()), self._gathered(correct.sum())
+            with torch.no_grad():
+                mask = targets != -100
+                n_valid, n_correct = mask.sum(), ((logits.argmax(-1) == targets) & mask).sum()
+        loss = total if outputs is not None else self._normalised(total, n_valid, num_items_in_batch)
+        n_valid, n_correct = self._gathered(n_valid), self._gathered(n_correct)
         self._metrics[mode]["mean_token_accuracy"].append(n_correct / n_valid if n_valid > 0 else 0.0)
         if mode == "train":
             counted = real_tokens if real_tokens is not None else inputs["attention_mask"].sum()
             self._total_train_tokens += self._gathered(counted) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
+
+    def _normalised(self, total, n_valid, num_items_in_batch):
+        """A summed loss as transformers' causal-LM loss reduces it: / num_items_in_batch, else the mean."""
+        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:
+            return total / n_valid.clamp(min=1)
+        loss = total / num_items_in_batch
+        if self.args.average_tokens_across_devices:
+            # As Trainer.compute_loss does when the model divides by num_items_in_batch across ranks.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
 
     def _output_embedding(self, model):
         """The LM head to restrict to labelled positions, or None where the logits do not line up with the labels
@@ -154,9 +188,28 @@ class FinetuneSFTTrainer(SFTTrainer):
             return None
         return unwrapped.get_output_embeddings()
 
-    def _labelled_positions_loss(self, model, head, inputs, num_items_in_batch):
-        """transformers' causal-LM loss (sum over labelled next tokens / num_items_in_batch, else their mean),
-        with the LM head applied to the positions that predict a labelled token only."""
+    def _chunked_head(self, model) -> Head | None:
+        """The LM head as `lm_head.Head` for the chunked loss, or None where `_output_embedding` has none or the
+        head is one `lm_head.head_of` does not reproduce."""
+        if self._output_embedding(model) is None:
+            return None
+        return head_of(self.accelerator.unwrap_model(model))
+
+    def _chunked_loss(self, model, head, inputs):
+        """(summed cross-entropy of the labelled next tokens, their count, how many were the top prediction), the
+        LM head applied chunk by chunk to the positions that predict a labelled token only."""
+        labels = inputs.pop("labels")
+        with hidden_states(self.accelerator.unwrap_model(model)) as captured:
+            model(**inputs)
+        hidden = _aligned(captured, labels)
+        targets = labels[:, 1:]
+        keep = targets != -100
+        total, n_correct = cross_entropy(head, hidden[:, :-1][keep], targets[keep])
+        return total, keep.sum(), torch.tensor(n_correct, device=keep.device)
+
+    def _labelled_positions_loss(self, model, head, inputs):
+        """(summed cross-entropy of the labelled next tokens, their count, how many were the top prediction), with
+        the LM head applied to the positions that predict a labelled token only."""
         labels = inputs.pop("labels")
         targets = labels[:, 1:]
         keep = targets != -100
@@ -174,14 +227,20 @@ class FinetuneSFTTrainer(SFTTrainer):
         finally:
             hook.remove()
         targets = targets[keep]
-        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:
-            loss = F.cross_entropy(logits.float(), targets)
-        else:
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum") / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
-                # As Trainer.compute_loss does when the model divides by num_items_in_batch across ranks.
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        return loss, logits, targets
+        with torch.no_grad():
+            n_correct = (logits.argmax(-1) == targets).sum()
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), keep.sum(), n_correct
 
     def _gathered(self, value: torch.Tensor) -> int:
         return int(self.accelerator.gather_for_metrics(value.detach()).sum().item())
+
+
+def _aligned(captured: list, labels: torch.Tensor) -> torch.Tensor:
+    """The hidden states of the last forward pass that reached the LM head, [batch, labels' length, hidden]; prompt
+    tuning's virtual tokens, which come first, are left out."""
+    if not captured or captured[-1].dim() != 3 or captured[-1].shape[0] != labels.shape[0] \
+            or captured[-1].shape[1] < labels.shape[1]:
+        shape = tuple(captured[-1].shape) if captured else "none"
+        raise RuntimeError(f"hidden states at the LM head ({shape}) do not line up with labels "
+                           f"{tuple(labels.shape)}; set train.fused_lm_head: false")
+    return captured[-1][:, -labels.shape[1]:]
