@@ -162,12 +162,22 @@ def _tag_packing(value: str) -> None:
 
 def fused_lm_head(recipe) -> bool | str:
     """`train.fused_lm_head`, with `auto` resolved: TRL's fused LM head on CUDA (Triton kernels over the labelled
-    positions), the chunked head elsewhere (TRL's runs as torch ops over every position there: see sft_trainer.py)."""
-    if recipe.train.fused_lm_head != "auto":
-        return recipe.train.fused_lm_head
+    positions), the model's own loss elsewhere. The chunked head (`chunked`, models/lm_head.py: no full logits, for
+    large vocabularies) is asked for by name: its time on smollm2's README run is not measured yet, and it takes each
+    chunk's gradient inside the forward pass, which DDP refuses (several ranks: the model's own loss, said once)."""
+    import os
+    import sys
+
     import torch
 
-    return True if torch.cuda.is_available() else "chunked"
+    value = recipe.train.fused_lm_head
+    if value == "auto":
+        return torch.cuda.is_available()
+    if value == "chunked" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("Note: train.fused_lm_head: chunked is not taken with several ranks (DDP); the model's own loss is",
+              file=sys.stderr)
+        return False
+    return value
 
 
 def _tag_loss(assistant_only: bool, share: float | None) -> None:
