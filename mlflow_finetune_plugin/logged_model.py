@@ -114,7 +114,20 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
 
         model = PeftModel.from_pretrained(load_logged_base(config, dtype), artifacts["adapter"])
     model.to(device).eval()
+    stop_at_every_end_of_turn(model, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config)
+
+
+def stop_at_every_end_of_turn(model, tokenizer) -> None:
+    """Every end-of-turn id into the model's generation config, which a plain `generate`, the exported folder and
+    `vllm serve` stop on: an adapter carries no generation config of its own, and a base model given a chat template
+    (`model.chat_template`) knows only its own eos."""
+    from mlflow_finetune_plugin.models.chat_format import stop_ids
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stops = stop_ids(tokenizer, inner.generation_config)
+    if stops:
+        inner.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
 
 
 def to_conversations(model_input) -> list[list[dict]]:

@@ -119,6 +119,16 @@ def test_a_base_model_learns_its_templates_control_tokens_and_stops_at_the_end_o
     script = Script(tokenizer, "<end_of_turn>")
     with script.forced():
         assert model.predict([{"messages": QUESTION}], params={"max_new_tokens": 12}) == [script.text]
+    # ... and in the exported folder, whose generation config is what `vllm serve`, `transformers serve` and a plain
+    # `generate` stop on.
+    from mlflow_finetune_plugin.models.chat_format import prompt_ids
+    from mlflow_finetune_plugin.registry.export import export_model
+
+    out = export_model("models:/base-gemma/1", tmp_path / "export", log=False, echo=lambda *_: None).folder
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([prompt_ids(tokenizer, QUESTION)])
+    with script.forced(), torch.no_grad():
+        assert merged.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist() == script.ids
 
 
 def test_a_template_whose_tokens_the_base_lacks_adds_them_and_the_model_reloads_grown(base_model, tmp_path,
