@@ -254,6 +254,16 @@ def _requirements() -> list[str]:
             f"torch>={torch_version}", f"transformers=={transformers.__version__}", f"peft=={peft.__version__}"]
 
 
+def _adapter_save_options(model) -> dict:
+    """An adapter that trains token rows (`model.chat_template`'s control tokens: PEFT's trainable_token_indices)
+    saves those rows, and the base grows the added ones again at load (`vocab_size`): not, as PEFT would once the
+    embeddings were resized, the whole embedding and LM head (a 262k-token vocabulary is hundreds of MB)."""
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and any(getattr(c, "trainable_token_indices", None) for c in configs.values()):
+        return {"save_embedding_layers": False}
+    return {}
+
+
 def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tags: dict | None = None):
     """Log the trained model in the active run; returns MLflow's ModelInfo.
 
@@ -269,7 +279,7 @@ def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tag
         tokenizer.save_pretrained(artifacts["tokenizer"])
         key = "adapter" if config["artifact"] == "adapter" else "model"
         artifacts[key] = str(Path(tmp) / key)
-        model.save_pretrained(artifacts[key], safe_serialization=True)
+        model.save_pretrained(artifacts[key], safe_serialization=True, **_adapter_save_options(model))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(MODEL_CODE),
