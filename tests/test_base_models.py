@@ -164,6 +164,12 @@ def test_a_template_whose_tokens_the_base_lacks_adds_them_and_the_model_reloads_
     with safe_open(str(next(local.rglob("adapter_model.safetensors"))), "pt") as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys() if "lora_" not in key}
     assert shapes and all(shape == (2, 64) for shape in shapes.values()), shapes
+    # vLLM's LoRA loader has no token rows: the version says so, and serving refuses it before vLLM is asked.
+    from mlflow_finetune_plugin.vllm_rules import TOKEN_ROWS, adapter_servable
+
+    version = MlflowClient().get_model_version("base-chatml", "1")
+    assert (version.tags[tags.VLLM_COMPATIBLE], version.tags[tags.VLLM_REASON]) == ("false", TOKEN_ROWS)
+    assert adapter_servable(json.loads(next(local.rglob("adapter_config.json")).read_text())) == (False, TOKEN_ROWS)
     # Those rows come from the adapter, not from the resize at load: a second load, under another seed, answers
     # with the same logits.
     torch.manual_seed(1234)
