@@ -122,7 +122,20 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
 
         model = PeftModel.from_pretrained(load_logged_base(config, dtype), artifacts["adapter"])
     model.to(device).eval()
+    stop_at_every_end_of_turn(model, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config)
+
+
+def stop_at_every_end_of_turn(model, tokenizer) -> None:
+    """Every end-of-turn id into the model's generation config, which a plain `generate`, the exported folder and
+    `vllm serve` stop on: an adapter carries no generation config of its own, and a base model given a chat template
+    (`model.chat_template`) knows only its own eos."""
+    from mlflow_finetune_plugin.models.chat_format import stop_ids
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stops = stop_ids(tokenizer, inner.generation_config)
+    if stops:
+        inner.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
 
 
 def to_conversations(model_input) -> list[list[dict]]:
@@ -316,6 +329,16 @@ def _stage_code(tmp: Path) -> Path:
     return dest
 
 
+def _adapter_save_options(model) -> dict:
+    """An adapter that trains token rows (`model.chat_template`'s control tokens: PEFT's trainable_token_indices)
+    saves those rows, and the base grows the added ones again at load (`vocab_size`): not, as PEFT would once the
+    embeddings were resized, the whole embedding and LM head (a 262k-token vocabulary is hundreds of MB)."""
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and any(getattr(c, "trainable_token_indices", None) for c in configs.values()):
+        return {"save_embedding_layers": False}
+    return {}
+
+
 def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tags: dict | None = None):
     """Log the trained model in the active run, with the code it runs and its PyPI requirements; returns MLflow's
     ModelInfo.
@@ -332,7 +355,7 @@ def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tag
         tokenizer.save_pretrained(artifacts["tokenizer"])
         key = "adapter" if config["artifact"] == "adapter" else "model"
         artifacts[key] = str(Path(tmp) / key)
-        model.save_pretrained(artifacts[key], safe_serialization=True)
+        model.save_pretrained(artifacts[key], safe_serialization=True, **_adapter_save_options(model))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(MODEL_CODE),

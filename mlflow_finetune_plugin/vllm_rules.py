@@ -14,6 +14,9 @@ from __future__ import annotations
 # The sizes vLLM's max_lora_rank may take; an adapter's rank may be anything up to it.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 SERVABLE = "LoRA without DoRA or biases, rank within vLLM's largest max_lora_rank"
+# vLLM's LoRA loader has no such weights ("... trainable_tokens_delta is unsupported LoRA weight").
+TOKEN_ROWS = ("vLLM does not serve adapters that train token rows (trainable_token_indices: the control tokens of "
+              "model.chat_template)")
 
 
 def lora_servable(r: int, use_dora: bool = False, bias: str = "none", modules_to_save=None) -> tuple[bool, str]:
@@ -35,6 +38,8 @@ def adapter_servable(adapter_config: dict) -> tuple[bool, str]:
     peft_type = adapter_config.get("peft_type", "?")
     if peft_type != "LORA":
         return False, f"vLLM serves LoRA adapters only; this is a {peft_type} adapter"
+    if adapter_config.get("trainable_token_indices"):
+        return False, TOKEN_ROWS
     return lora_servable(adapter_config.get("r"), bool(adapter_config.get("use_dora")),
                          adapter_config.get("bias", "none"), adapter_config.get("modules_to_save"))
 

@@ -1,11 +1,12 @@
-"""A base model (no chat template of its own) fine-tuned with `model.chat_template` (issue 44, point 4).
+"""Base models (no chat template of their own) fine-tuned with `model.chat_template` (issue 44, point 4).
 
-The base is the tiny Gemma 3 with its template removed and `<eos>` as its only stop token, as google/gemma-3-270m
-comes (tests/test_gemma3.py). Without `model.chat_template` nothing starts; with `gemma`, whose control tokens the
-tokenizer has but a base never learned, those rows train under LoRA (PEFT's trainable_token_indices) and no other
-row moves; with `chatml`, whose tokens it lacks, they are added, the embeddings grow, and the logged model grows the
-same rows again when it reloads. Either way the logged model carries the template, reloads with it, and its end of
-turn ends an answer.
+The bases are tiny family models with their template removed and their eos as their only stop token, as
+google/gemma-3-270m comes (tests/test_gemma3.py). Without `model.chat_template` nothing starts. On the tiny Gemma 3
+(embeddings tied to the LM head) with `gemma`, whose control tokens the tokenizer has but a base never learned, those
+rows train under LoRA (PEFT's trainable_token_indices) and no other row moves. On the tiny Mistral (untied) with
+`chatml`, whose tokens it lacks, they are added, the embeddings and the LM head grow, both train those rows, the
+adapter holds them (not the whole resized matrices), and the logged model grows the same rows again when it reloads.
+Either way the logged model carries the template, reloads with it, and its end of turn ends an answer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -32,22 +34,28 @@ OVERRIDES = {"train.max_steps": 4, "train.batch_size": 2, "train.learning_rate":
              "train.save_steps": 4, "eval.enabled": False}
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    """The tiny Gemma 3 as a base model: no chat template, generation stops on <eos> only."""
+def _base_copy(family: str, folder):
+    """The tiny model of `family` as a base model: no chat template, generation stops on its eos only."""
     from mlflow_finetune_plugin.models.tiny_families import family_model_path
 
-    folder = tmp_path_factory.mktemp("base") / "gemma3-base"
-    shutil.copytree(family_model_path("gemma3"), folder)
+    shutil.copytree(family_model_path(family), folder)
     (folder / "chat_template.jinja").unlink()
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    eos = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
+    eos_id = next(t["id"] for t in eos if t["content"] == config["eos_token"])
     for name in ("config.json", "generation_config.json"):
         config = json.loads((folder / name).read_text())
-        config["eos_token_id"] = 1  # <eos>
+        config["eos_token_id"] = eos_id
         (folder / name).write_text(json.dumps(config, indent=2))
     return folder
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """The tiny Gemma 3 as a base model (its embeddings tied to the LM head)."""
+    return _base_copy("gemma3", tmp_path_factory.mktemp("base") / "gemma3-base")
 
 
 def test_a_base_model_without_a_template_is_refused_before_any_run(base_model, tmp_path, tracking_uri):
@@ -119,14 +127,26 @@ def test_a_base_model_learns_its_templates_control_tokens_and_stops_at_the_end_o
     script = Script(tokenizer, "<end_of_turn>")
     with script.forced():
         assert model.predict([{"messages": QUESTION}], params={"max_new_tokens": 12}) == [script.text]
+    # ... and in the exported folder, whose generation config is what `vllm serve`, `transformers serve` and a plain
+    # `generate` stop on.
+    from mlflow_finetune_plugin.models.chat_format import prompt_ids
+    from mlflow_finetune_plugin.registry.export import export_model
+
+    out = export_model("models:/base-gemma/1", tmp_path / "export", log=False, echo=lambda *_: None).folder
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([prompt_ids(tokenizer, QUESTION)])
+    with script.forced(), torch.no_grad():
+        assert merged.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist() == script.ids
 
 
-def test_a_template_whose_tokens_the_base_lacks_adds_them_and_the_model_reloads_grown(base_model, tmp_path,
-                                                                                       tracking_uri):
+def test_a_template_whose_tokens_the_base_lacks_adds_them_and_the_model_reloads_grown(tmp_path, tracking_uri):
+    from safetensors import safe_open
     from transformers import AutoTokenizer
 
+    from mlflow_finetune_plugin.models.chat_format import prompt_ids
     from mlflow_finetune_plugin.models.chat_templates import bundled_template
 
+    base_model = _base_copy("mistral", tmp_path / "mistral-base")  # its LM head is not tied to the embeddings
     run, model = _fine_tune(base_model, tmp_path, "chatml")
     assert run.info.status == "FINISHED"
     assert run.data.tags[tags.TRAINABLE_TOKENS] == "<|im_start|>, <|im_end|>"
@@ -136,12 +156,27 @@ def test_a_template_whose_tokens_the_base_lacks_adds_them_and_the_model_reloads_
     added = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     vocab = len(AutoTokenizer.from_pretrained(base_model))
     assert len(tokenizer) == loaded.config["vocab_size"] == vocab + 2 and sorted(added) == [vocab, vocab + 1]
-    assert loaded.model.get_base_model().get_input_embeddings().weight.shape[0] == len(tokenizer)
-    # The added rows come from the adapter (trained), not from the resize at load: a second load, under another
-    # seed, has the same rows.
+    assert loaded.model.get_base_model().get_output_embeddings().weight.shape[0] == len(tokenizer)
+    # The added tokens' rows train in the embedding and, untied, in the LM head (the model must learn to write its
+    # end of turn); the adapter holds those rows, not the whole resized matrices.
+    assert loaded.model.peft_config["default"].trainable_token_indices == {"embed_tokens": added, "lm_head": added}
+    local = Path(mlflow.artifacts.download_artifacts("models:/base-chatml/1"))
+    with safe_open(str(next(local.rglob("adapter_model.safetensors"))), "pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys() if "lora_" not in key}
+    assert shapes and all(shape == (2, 64) for shape in shapes.values()), shapes
+    # vLLM's LoRA loader has no token rows: the version says so, and serving refuses it before vLLM is asked.
+    from mlflow_finetune_plugin.vllm_rules import TOKEN_ROWS, adapter_servable
+
+    version = MlflowClient().get_model_version("base-chatml", "1")
+    assert (version.tags[tags.VLLM_COMPATIBLE], version.tags[tags.VLLM_REASON]) == ("false", TOKEN_ROWS)
+    assert adapter_servable(json.loads(next(local.rglob("adapter_config.json")).read_text())) == (False, TOKEN_ROWS)
+    # Those rows come from the adapter, not from the resize at load: a second load, under another seed, answers
+    # with the same logits.
     torch.manual_seed(1234)
     again = mlflow.pyfunc.load_model("models:/base-chatml/1").unwrap_python_model()._loaded
-    assert torch.equal(_embeddings(again.model, vocab + 2)[added], _embeddings(loaded.model, vocab + 2)[added])
+    ids = torch.tensor([prompt_ids(tokenizer, QUESTION)])
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, loaded.model(ids).logits)
     script = Script(tokenizer, "<|im_end|>")
     with script.forced():
         assert model.predict([{"messages": QUESTION}], params={"max_new_tokens": 12}) == [script.text]

@@ -45,7 +45,7 @@ from tests.matrix_helpers import (
 )
 
 QUESTION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 3 plus 3?"}]
-# One optimizer step, 2 held-out rows, short answers: the run's steps, not the model's quality, are what is tested.
+# Two optimizer steps, 2 held-out rows, short answers: the run's steps, not the model's quality, are what is tested.
 RUN_OVERRIDES = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
                  "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1, "eval.traces": False}
 # Our own modules' Future/DeprecationWarnings as Python prints them (`PYTHONWARNINGS=default` shows the latter too).

@@ -26,6 +26,9 @@ def test_adapter_servable_reads_adapter_config_json():
     assert adapter_servable(lora) == lora_servable(8)
     assert adapter_servable({**lora, "use_dora": True}) == lora_servable(8, use_dora=True)
     assert adapter_servable({"peft_type": "IA3"}) == (False, "vLLM serves LoRA adapters only; this is a IA3 adapter")
+    # model.chat_template's control tokens trained beside LoRA: vLLM's LoRA loader has no such weights
+    ok, why = adapter_servable({**lora, "trainable_token_indices": {"embed_tokens": [5], "lm_head": [5]}})
+    assert not ok and "train token rows" in why
 
 
 def test_max_lora_rank_is_the_smallest_supported_rank_that_fits():

@@ -171,11 +171,16 @@ def _write_full_model(local: LocalModel, out: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from mlflow_finetune_plugin.logged_model import load_logged_base, load_logged_model
+    from mlflow_finetune_plugin.logged_model import (
+        load_logged_base,
+        load_logged_model,
+        stop_at_every_end_of_turn,
+    )
 
     c = local.choice
-    if c.base:
+    if c.base:  # served with the version's template: its end of turn stops the base's answers too
         model = load_logged_base(local.config, torch.float32)
+        stop_at_every_end_of_turn(model, AutoTokenizer.from_pretrained(local.tokenizer_dir))
     else:
         model = load_logged_model(local.path, device="cpu").model
         if local.is_adapter:

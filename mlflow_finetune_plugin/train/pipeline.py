@@ -28,7 +28,8 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     adapter, objective = adapter_of(recipe), objective_of(recipe)
     quantization.check_precision(recipe)  # before the data, the model or anything logged
     base_ref = model_reference(recipe.model.name)
-    tags = publish.log_recipe(recipe, run_id, base_ref, adapter.vllm_compatible(recipe.adapter)) if main else {}
+    vllm = templates.vllm_verdict(recipe, adapter.vllm_compatible(recipe.adapter))
+    tags = publish.log_recipe(recipe, run_id, base_ref, vllm) if main else {}
 
     # Data first: a bad file fails here, before minutes go into loading a model.
     data = splits.load_splits(recipe)

@@ -49,6 +49,20 @@ def for_template(recipe, data, tokenizer, main: bool = True):
                                task_evals={k: each(v) for k, v in data.task_evals.items()})
 
 
+def trains_token_rows(recipe) -> bool:
+    """Whether the adapter trains the chosen template's control-token rows beside LoRA (a fresh adapter; see
+    `adapters.attach`)."""
+    return (recipe.adapter.type == "lora" and bool(control_tokens(recipe.model.chat_template))
+            and not recipe.model.init_adapter and not (recipe.data.tasks and recipe.data.adapters == "per_task"))
+
+
+def vllm_verdict(recipe, verdict: tuple[bool, str]) -> tuple[bool, str]:
+    """The adapter's vLLM verdict (`finetune.vllm_compatible`), refused where it trains token rows."""
+    from mlflow_finetune_plugin.vllm_rules import TOKEN_ROWS
+
+    return (False, TOKEN_ROWS) if verdict[0] and trains_token_rows(recipe) else verdict
+
+
 def fit_model(recipe, model, tokenizer, main: bool = True) -> list[int]:
     """Grow the embeddings for added tokens, make every end-of-turn id stop generation; the ids of the chosen
     template's control tokens, to train (empty when no template was chosen)."""

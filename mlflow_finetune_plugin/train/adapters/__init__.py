@@ -35,7 +35,7 @@ def attach(model, recipe, trainable_tokens: list[int] | None = None):
         from peft import get_peft_model
 
         config = module.peft_config(recipe.adapter, model)
-        config.trainable_token_indices = list(trainable_tokens)
+        config.trainable_token_indices = token_rows(model, trainable_tokens)
         return get_peft_model(model, config)
     if recipe.data.tasks and recipe.data.adapters == "per_task":
         from peft import get_peft_model
@@ -52,6 +52,18 @@ def attach(model, recipe, trainable_tokens: list[int] | None = None):
     folder = resolve_adapter(recipe.model.init_adapter)
     print(f"Continuing the adapter {recipe.model.init_adapter}", file=sys.stderr)
     return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+
+
+def token_rows(model, ids) -> list[int] | dict[str, list[int]]:
+    """PEFT's `trainable_token_indices` for these token ids: the input embedding's rows, and the LM head's too where
+    it is not tied to the embedding (Mistral, Phi-3, larger Llamas and Qwens): a token the model must learn to write
+    (its end of turn) needs its output row trained, and an added token's output row starts random."""
+    ids = list(ids)
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or outputs.weight is inputs.weight:
+        return ids  # tied: PEFT trains the shared rows once
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    return {names[id(inputs)]: ids, names[id(outputs)]: ids}
 
 
 def resolve_adapter(ref: str):
