@@ -99,7 +99,7 @@ def head_of(model) -> Head | None:
     active = [] if layer.disable_adapters else list(layer.active_adapters)
     if not active:
         return Head(base.weight, softcap=softcap)
-    if len(active) > 1:
+    if len(active) > 1 or active[0] not in layer.token_indices:
         return None
     rows = torch.tensor(layer.token_indices[active[0]], device=base.weight.device)
     return Head(base.weight, rows=rows, row_weight=layer.trainable_tokens_delta[active[0]], softcap=softcap)
