@@ -186,6 +186,14 @@ def test_the_chunked_sft_loss_is_the_models_own_with_the_same_gradients(tmp_path
     chunked_items, _ = _trainer_loss(trainer, batch, "chunked", num_items_in_batch=items)
     plain_items, _ = _trainer_loss(trainer, batch, False, num_items_in_batch=items)
     assert chunked_items == pytest.approx(plain_items, rel=1e-5) and chunked_items < loss
+    # The evaluation loss during training (no gradient, the model in eval mode) comes from the chunks too.
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.fused_lm_head = "chunked"
+        eval_chunked = trainer.compute_loss(trainer.model, dict(batch)).item()
+        trainer.fused_lm_head = False
+        eval_whole = trainer.compute_loss(trainer.model, dict(batch)).item()
+    assert eval_chunked == pytest.approx(eval_whole, rel=1e-5)
 
 
 def test_the_chunked_loss_under_cpu_bf16_autocast_keeps_the_head_in_fp32(tmp_path, small_chunks):

@@ -25,7 +25,8 @@ from mlflow_finetune_plugin.tracking import log_results
 
 BUNDLED = Path(__file__).parents[1] / "assets" / "forgetting" / "general_text.txt"
 PREFIX = FORGETTING_PREFIX
-# Rows per forward pass: with a large vocabulary the logits, not the model, take the memory.
+# Rows per forward pass. The LM head runs over chunks of tokens (models/lm_head.py), so a large vocabulary adds one
+# chunk of logits, not (rows x length x vocabulary); a head it does not reproduce still gives whole logits.
 BATCH_SIZE = 8
 
 

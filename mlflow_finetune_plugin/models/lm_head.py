@@ -20,7 +20,8 @@ log-probabilities run on a CPU as torch ops, but recompute every tile in the bac
 The head is what `head_of` recognises: a plain `nn.Linear`, or PEFT's trainable-token wrapper around one (a template's
 control tokens trained under LoRA, tied to the embedding or not), whose rows are the base weight's except the
 trained ones. Anything else (LoRA on the LM head, `modules_to_save`, a quantized head, logit scaling other than
-Gemma's soft-capping) gives None, and callers keep the model's own logits. The head computes in its weight's dtype
+Gemma's soft-capping, a head sharded by FSDP, offloaded, or a model split across devices) gives None, and callers
+keep the model's own logits. The head computes in its weight's dtype
 with autocast off, as `models/precision.py` keeps it in fp32 under CPU bf16 autocast; softmax and sums in fp32.
 """
 
@@ -30,9 +31,10 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-# Logits held at once per chunk: 2**25 fp32 values are 128 MiB (128 tokens of Gemma 3, 682 of SmolLM2). The
-# matmul of a chunk reads the whole head weight, so much smaller chunks are bound by memory bandwidth.
-CHUNK_ELEMENTS = 2 ** 25
+# Logits held at once per chunk: 2**26 fp32 values are 256 MiB (256 tokens of Gemma 3, 1365 of SmolLM2). Each
+# chunk's matmuls read the whole head weight, so much smaller chunks are bound by memory bandwidth
+# (docs/benchmarks.md, section 8).
+CHUNK_ELEMENTS = 2 ** 26
 # Config attributes by which some families scale their logits after the head (TRL's fused head lists the same):
 # not reproduced here, so such models keep their own logits.
 SCALED_LOGITS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
@@ -77,11 +79,12 @@ def head_of(model) -> Head | None:
 
     module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = model.config.get_text_config()
-    if module is None or any(getattr(config, name, None) is not None for name in SCALED_LOGITS):
+    if module is None or any(getattr(config, name, None) is not None for name in SCALED_LOGITS) \
+            or len(set(getattr(model, "hf_device_map", {}).values())) > 1:  # split across devices: left as it is
         return None
     softcap = getattr(config, "final_logit_softcapping", None)
     if type(module) is torch.nn.Linear:
-        return Head(module.weight, module.bias, softcap=softcap)
+        return Head(module.weight, module.bias, softcap=softcap) if _plain(module.weight) else None
     try:
         from peft.utils.other import TrainableTokensWrapper
     except ImportError:
@@ -91,15 +94,22 @@ def head_of(model) -> Head | None:
     layer = module.token_adapter
     base = layer.base_layer
     # PEFT's trainable-token head computes F.linear(x, merged weight), without a bias.
-    if type(base) is not torch.nn.Linear or base.bias is not None or layer.merged:
+    if type(base) is not torch.nn.Linear or base.bias is not None or layer.merged or not _plain(base.weight):
         return None
     active = [] if layer.disable_adapters else list(layer.active_adapters)
     if not active:
         return Head(base.weight, softcap=softcap)
-    if len(active) > 1:
+    if len(active) > 1 or active[0] not in layer.token_indices:
         return None
     rows = torch.tensor(layer.token_indices[active[0]], device=base.weight.device)
     return Head(base.weight, rows=rows, row_weight=layer.trainable_tokens_delta[active[0]], softcap=softcap)
+
+
+def _plain(weight) -> bool:
+    """A weight held whole on a real device: not an FSDP shard (DTensor) nor offloaded (meta)."""
+    import torch
+
+    return type(weight.data) is torch.Tensor and weight.device.type != "meta"
 
 
 @contextlib.contextmanager
