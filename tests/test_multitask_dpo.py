@@ -425,13 +425,17 @@ def test_fused_and_plain_loss_agree_and_log_the_same_metrics(tmp_path):
     assert "entropy" in fm and "entropy" not in pm  # the fused head's extra metric
 
 
-def test_fused_lm_head_auto_follows_the_device(tmp_path):
+def test_fused_lm_head_auto_follows_the_device(tmp_path, monkeypatch):
     from mlflow_finetune_plugin.train.objectives.sft import fused_lm_head
 
     jsonl(tmp_path / "data" / "train.jsonl", chat_rows(2))
-    assert fused_lm_head(load_recipe(tmp_path)) is torch.cuda.is_available()  # chunked is opt-in on CPU
+    recipe = load_recipe(tmp_path)
+    assert fused_lm_head(recipe) == (True if torch.cuda.is_available() else "chunked")
     for value in (True, False, "chunked"):
         assert fused_lm_head(load_recipe(tmp_path, overrides={"train.fused_lm_head": value})) == value
+    monkeypatch.setenv("WORLD_SIZE", "2")  # DDP refuses the chunked head's in-forward gradients
+    assert fused_lm_head(recipe) == torch.cuda.is_available()
+    assert fused_lm_head(load_recipe(tmp_path, overrides={"train.fused_lm_head": "chunked"})) is False
 
 
 def test_plain_loss_scores_labelled_positions_only_and_matches_the_models_loss(tmp_path):

@@ -354,8 +354,8 @@ class TrainConfig(Section):
         "auto", description="How the SFT loss meets the LM head. true: TRL's fused head (tiles of the vocabulary, "
                             "recomputed in the backward pass; Triton kernels on CUDA). chunked: the head over chunks "
                             "of labelled tokens, each chunk's gradient taken at once, never the whole logits. false: "
-                            "the logits of the labelled positions, all at once. auto: true with CUDA, false elsewhere "
-                            "(chunked is opt-in; not with several ranks).")
+                            "the logits of the labelled positions, all at once. auto: true with CUDA, chunked elsewhere "
+                            "(false with several ranks: DDP refuses the chunked head's early gradients).")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="With several processes (torchrun, ray): ddp copies the model to every rank; fsdp "
                            "shards parameters, gradients and optimizer state across ranks (models too big for one).")

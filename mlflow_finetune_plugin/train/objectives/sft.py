@@ -162,20 +162,22 @@ def _tag_packing(value: str) -> None:
 
 def fused_lm_head(recipe) -> bool | str:
     """`train.fused_lm_head`, with `auto` resolved: TRL's fused LM head on CUDA (Triton kernels over the labelled
-    positions), the model's own loss elsewhere. The chunked head (`chunked`, models/lm_head.py: no full logits, for
-    large vocabularies) is asked for by name: its time on smollm2's README run is not measured yet, and it takes each
-    chunk's gradient inside the forward pass, which DDP refuses (several ranks: the model's own loss, said once)."""
+    positions); elsewhere the chunked head (models/lm_head.py: no full logits, 0.28x the memory growth of a gemma3
+    step and the same time on smollm2, docs/benchmarks.md section 8). The chunked head takes each chunk's gradient
+    inside the forward pass, which DDP refuses ("Expected to mark a variable ready only once"): with several ranks it
+    gives way to the labelled-positions loss (`auto`: silently; `chunked` asked for by name: said once)."""
     import os
     import sys
 
     import torch
 
     value = recipe.train.fused_lm_head
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if value == "auto":
-        return torch.cuda.is_available()
-    if value == "chunked" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("Note: train.fused_lm_head: chunked is not taken with several ranks (DDP); the model's own loss is",
-              file=sys.stderr)
+        return True if torch.cuda.is_available() else ("chunked" if ranks == 1 else False)
+    if value == "chunked" and ranks > 1:
+        print("Note: train.fused_lm_head: chunked is not taken with several ranks (DDP); the loss is computed from "
+              "the labelled positions' logits", file=sys.stderr)
         return False
     return value
 
