@@ -148,3 +148,17 @@ def test_the_model_card_names_the_gemma_terms(tmp_path, tracking_uri):
     assert "the base was dequantized from a 4-bit GGUF file" in card
     tiny = model_card.build(recipe, run.info.run_id, {"base_model": "builtin:tiny-llama", "artifact": "adapter"})
     assert "Terms of use" not in tiny
+
+
+def test_a_tokenizer_read_wrongly_from_the_gguf_stops_the_conversion(tokenizer):
+    """transformers 5.17's GGUF reader built a tokenizer that split Gemma's words into pieces (seen on the GPU
+    machine: the converted model answered garbage). The conversion checks the ids of a probe sentence first."""
+
+    gemma3._check_tokenizer(tokenizer)  # the converted folder's tokenizer passes
+
+    class Split:
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+    with pytest.raises(FinetuneError, match="read .*tokenizer wrongly.*Upgrade transformers"):
+        gemma3._check_tokenizer(Split())

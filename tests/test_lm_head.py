@@ -196,6 +196,19 @@ def test_the_chunked_sft_loss_is_the_models_own_with_the_same_gradients(tmp_path
     assert eval_chunked == pytest.approx(eval_whole, rel=1e-5)
 
 
+def test_trls_fused_head_gives_way_to_the_chunked_one_where_token_rows_wrap_the_head(tmp_path, small_chunks):
+    """`fused_lm_head: true` (auto on CUDA) with model.chat_template on a base model: PEFT's trainable-token rows wrap
+    the LM head, which has no `.bias` for TRL's fused head to read (found on an H200: every gemma3 run failed with
+    "'TrainableTokensWrapper' object has no attribute 'bias'"). The chunked head, which knows those rows, takes it."""
+    trainer, batch, trainable = _trainer(tmp_path, "tiny-gemma3", "gemma")
+    assert trainable
+    loss, grads = _trainer_loss(trainer, batch, True)
+    assert trainer.fused_lm_head == "chunked"
+    expected, expected_grads = _trainer_loss(trainer, batch, "model")
+    assert loss == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    _assert_same_grads(grads, expected_grads)
+
+
 def test_the_chunked_loss_under_cpu_bf16_autocast_keeps_the_head_in_fp32(tmp_path, small_chunks):
     """Under CPU bf16 autocast (models/precision.py) the chunked head computes in fp32 as the patched head does: the
     same loss and gradients as the labelled positions' logits. (The backward runs outside autocast, as Trainer runs

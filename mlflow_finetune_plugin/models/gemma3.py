@@ -122,6 +122,7 @@ def convert(gguf: Path, out: Path) -> None:
     with parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    _check_tokenizer(tokenizer)
     model = plain_copy(loaded, f"{HUB_ID} (dequantized from Q4_K_M: {PACKAGE}/{name})")
     del loaded
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
@@ -139,6 +140,24 @@ def convert(gguf: Path, out: Path) -> None:
         "file_sha256": sha256_file(gguf), "converted": "dequantized from Q4_K_M to float32 by transformers' GGUF reader",
         "weights_sha256": weights_digest(out), "not": f"the hub's {HUB_ID} weights", "licence": NOTICE,
     }, indent=2))
+
+
+# Gemma 3's own ids for a sentence and a turn (its hub tokenizer's and a correct GGUF conversion's): transformers
+# 5.17's GGUF reader built a tokenizer from this file that split words into pieces ("The capital of France is" went
+# on "a 2016-2017"), so a model converted there answered garbage; 5.19's gives these ids.
+_PROBE = "The capital of France is Paris.\n<start_of_turn>user\nHi<end_of_turn>"
+_PROBE_IDS = [818, 5279, 529, 7001, 563, 9079, 236761, 107, 105, 2364, 107, 10979, 106]
+
+
+def _check_tokenizer(tokenizer) -> None:
+    import transformers
+
+    ids = tokenizer.encode(_PROBE, add_special_tokens=False)
+    if ids != _PROBE_IDS:
+        raise FinetuneError(
+            f"transformers {transformers.__version__} read {GGUF_FILE}'s tokenizer wrongly: {_PROBE!r} became ids "
+            f"{ids[:16]}, Gemma 3's are {_PROBE_IDS}. Nothing was converted. Upgrade transformers (5.19 reads it "
+            "right): pip install -U transformers")
 
 
 def _generation_config(generation_config, eos_id: int, end_of_turn_id: int):

@@ -125,6 +125,10 @@ class FinetuneSFTTrainer(SFTTrainer):
 
     def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
         real_tokens = inputs.pop("attention_mask").sum() if self.pack_rows else None
+        if self.fused_lm_head is True and not self._trl_fuses(model):
+            # TRL's fused head reads lm_head.weight/.bias: PEFT's trainable-token rows (model.chat_template on a
+            # base model) wrap the head and have neither, so the chunked head (which knows those rows) takes it.
+            self.fused_lm_head = "chunked"
         if self.fused_lm_head is True:
             before = self._total_train_tokens
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -187,6 +191,11 @@ class FinetuneSFTTrainer(SFTTrainer):
         if peft_config is not None and peft_config.is_prompt_learning:
             return None
         return unwrapped.get_output_embeddings()
+
+    def _trl_fuses(self, model) -> bool:
+        """Whether TRL's fused LM head can read this model's head: a plain nn.Linear (weight and bias)."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        return type(head) is torch.nn.Linear
 
     def _chunked_head(self, model) -> Head | None:
         """The LM head as `lm_head.Head` for the chunked loss, or None where `_output_embedding` has none or the
