@@ -16,7 +16,7 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 SERVABLE = "LoRA without DoRA or biases, rank within vLLM's largest max_lora_rank"
 # vLLM's LoRA loader has no such weights ("... trainable_tokens_delta is unsupported LoRA weight").
 TOKEN_ROWS = ("vLLM does not serve adapters that train token rows (trainable_token_indices: the control tokens of "
-              "model.chat_template)")
+              "model.chat_template); export it merged, or serve it with the transformers engine")
 
 
 def lora_servable(r: int, use_dora: bool = False, bias: str = "none", modules_to_save=None) -> tuple[bool, str]:

@@ -47,9 +47,6 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     model = load_base_model(recipe.model, **quantization.model_kwargs(recipe.model))
     base_revision = recipe.model.revision or getattr(model.config, "_commit_hash", None)
     trainable = templates.fit_model(recipe, model, tokenizer, main)  # new tokens' rows, every end-of-turn id stops
-    if trainable and main:  # vLLM's multi-LoRA serves no trained embedding rows: merged, or the transformers engine
-        tags.update(lineage_tags(vllm_compatible="false", vllm_reason=templates.NOT_FOR_VLLM))
-        mlflow.set_tags(tags)
     model = attach(quantization.prepare(model, recipe.model), recipe, trainable)
     if main and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()

@@ -18,10 +18,6 @@ from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.models.base import chosen_chat_template, control_tokens
 from mlflow_finetune_plugin.models.chat_format import chat_format, prepared, stop_ids
 
-NOT_FOR_VLLM = ("the adapter trains embedding rows of the chat template's control tokens (trainable_token_indices), "
-                "which vLLM's multi-LoRA does not load; export it merged, or serve it with the transformers engine")
-
-
 def for_template(recipe, data, tokenizer, main: bool = True):
     """`data` (splits.Splits) with system messages folded where the template needs it; one printed line, one tag."""
     import dataclasses
