@@ -256,6 +256,11 @@ def test_lora_variants_and_other_adapters_answer_unmerged(tiny_model_dir):
     assert _mergeable_lora_layers(peft(LoraConfig(r=4, target_modules="all-linear", lora_bias=True))) == []
     assert _mergeable_lora_layers(peft(IA3Config(target_modules=["q_proj"], feedforward_modules=[]))) == []
     assert _mergeable_lora_layers(AutoModelForCausalLM.from_pretrained(tiny_model_dir)) == []
+    # Trained token rows (model.chat_template on a base model) and modules_to_save are switched off with the adapter,
+    # and a merge does not fold them in: the tuned gemma3 then ran on past its end of turn in the run's evaluation.
+    assert _mergeable_lora_layers(peft(LoraConfig(r=4, target_modules="all-linear",
+                                                  trainable_token_indices=[1, 2]))) == []
+    assert _mergeable_lora_layers(peft(LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))) == []
     plain = peft(LoraConfig(r=4, target_modules="all-linear"))
     with lora_merged(plain.eval()) as merged:
         assert merged is plain

@@ -117,7 +117,7 @@ def lora_merged(model):
     unmerge would subtract the update again and leave the base rounded, which the other contenders and the forgetting
     check read).
     Anything else, a GPU (where the copy costs memory), quantized or non-Linear base layers, DoRA and other LoRA
-    variants, LoRA biases or several active adapters, answers unmerged.
+    variants, LoRA biases, trained token rows or modules_to_save, or several active adapters, answers unmerged.
     """
     layers = _mergeable_lora_layers(model)
     if not layers:
@@ -152,6 +152,15 @@ def _mergeable_lora_layers(model) -> list:
     except ImportError:
         return []
     adapter = model.active_adapters[0]
+    # `disable_adapter()` also switches off trained token rows (model.chat_template's control tokens) and
+    # modules_to_save copies, which the merge does not fold in: a base model then never wrote its end of turn (the
+    # tuned gemma3 ran on past it on CPU, while its registered version stopped). Such adapters answer unmerged.
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:
+        return []
+    if any(isinstance(module, AuxiliaryTrainingWrapper) for module in model.modules()):
+        return []
     layers = []
     for module in model.modules():
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
