@@ -34,7 +34,15 @@ OBJECTIVE_FORMATS = {
     "orpo": ("preference",),
     "simpo": ("preference",),
     "grpo": ("prompt_only",),
+    "reward": ("preference",),
+    "kto": ("unpaired_preference", "preference"),  # pairs are unpaired, as TRL does: chosen up, rejected down
 }
+# Objectives that train a sequence-scoring model (the base with a one-number score head instead of its LM head):
+# it scores, it does not generate.
+SCORING = ("reward",)
+# The adapters a scoring model trains with: PEFT's LoRA and IA3 keep the score head trainable (modules_to_save),
+# full trains everything; prefix and prompt tuning prepend positions the head's last-token pooling does not expect.
+SCORING_ADAPTERS = ("lora", "ia3", "full")
 # TRL's experimental ORPO and CPO (SimPO) trainers: no reference model; they score the logits position by position.
 REFERENCE_FREE = ("orpo", "simpo")
 
@@ -110,6 +118,17 @@ def _objective_problems(recipe: Recipe) -> list[str]:
                         "data.replay_loss: lm, or an adapter")
     if recipe.objective == "grpo":
         problems.extend(grpo_problems(recipe))
+    if recipe.objective in SCORING and recipe.adapter.type not in SCORING_ADAPTERS:
+        problems.append(f"adapter.type: {recipe.adapter.type} cannot train a reward model (objective: "
+                        f"{recipe.objective}): the score head reads the last token's hidden state, and "
+                        f"{recipe.adapter.type} tuning prepends virtual positions to every row. Use adapter.type: "
+                        f"{', '.join(SCORING_ADAPTERS)} (-e reward trains LoRA)")
+    if recipe.objective in SCORING and recipe.model.init_adapter:
+        problems.append("model.init_adapter: a reward model starts a fresh adapter and score head; a chat adapter "
+                        "to continue has no score head. Clear model.init_adapter")
+    if recipe.objective == "kto" and recipe.train.batch_size < 2:
+        problems.append(f"train.batch_size ({recipe.train.batch_size}) must be 2 or more with objective: kto: TRL's "
+                        "KTOTrainer estimates its KL term from the other answers of the same batch")
     return problems
 
 
