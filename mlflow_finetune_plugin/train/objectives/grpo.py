@@ -150,7 +150,10 @@ def reward_metrics(rewards, tokenizer, rows, result) -> dict[str, float]:
                  "trainer_state": None, "log_extra": _ignore, "log_metric": _ignore}
         completions = [[{"role": "assistant", "content": a}] for a in answers]
         totals, per_fn = score(rewards, prompts, completions, {**columns, **extra})
-        for key, value in [("reward", mean(totals)), *((f"reward_{fn}", mean(v)) for fn, v in per_fn.items())]:
+        # answer length beside the rewards: a reward model that likes long answers is hacked by longer answers
+        lengths = [float(len(ids)) for ids in extra["completion_ids"]]
+        for key, value in [("reward", mean(totals)), *((f"reward_{fn}", mean(v)) for fn, v in per_fn.items()),
+                           ("answer_tokens", mean(lengths))]:
             if value is not None:
                 metrics[f"eval/{name}/{key}"] = value
         for row, total in zip(result.rows, totals):
