@@ -123,6 +123,10 @@ def _objective_problems(recipe: Recipe) -> list[str]:
                         f"{recipe.objective}): the score head reads the last token's hidden state, and "
                         f"{recipe.adapter.type} tuning prepends virtual positions to every row. Use adapter.type: "
                         f"{', '.join(SCORING_ADAPTERS)} (-e reward trains LoRA)")
+    if recipe.objective in SCORING and recipe.model.quantization != "none":
+        problems.append(f"model.quantization: {recipe.model.quantization} is not supported with objective: "
+                        f"{recipe.objective} yet: on a bitsandbytes base the score head's input and weights come in "
+                        "different dtypes and training stops. Use model.quantization: none")
     if recipe.objective in SCORING and recipe.model.init_adapter:
         problems.append("model.init_adapter: a reward model starts a fresh adapter and score head; a chat adapter "
                         "to continue has no score head. Clear model.init_adapter")
