@@ -11,8 +11,8 @@ from pathlib import Path
 import mlflow
 
 from mlflow_finetune_plugin import tags as tag
-from mlflow_finetune_plugin.config.loading import flat_params, recipe_hash, to_yaml
 from mlflow_finetune_plugin.config.checks import SCORING
+from mlflow_finetune_plugin.config.loading import flat_params, recipe_hash, to_yaml
 from mlflow_finetune_plugin.logged_model import log_finetuned_model
 from mlflow_finetune_plugin.models.precision import compute_precision, measured_for, precision_reason
 from mlflow_finetune_plugin.registry import model_card

@@ -40,7 +40,11 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
     """Answers scored against the desirable answers, then desirable-over-undesirable margins (see the docstring)."""
-    from mlflow_finetune_plugin.evaluate.preferences import preference_margins, preference_metrics, preference_table
+    from mlflow_finetune_plugin.evaluate.preferences import (
+        preference_margins,
+        preference_metrics,
+        preference_table,
+    )
     from mlflow_finetune_plugin.train.objectives import sft
     from mlflow_finetune_plugin.train.objectives.dpo import _starting_policy
 

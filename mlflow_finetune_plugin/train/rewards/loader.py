@@ -30,7 +30,12 @@ from pathlib import Path
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.train.rewards.builtins import BUILTINS, check_builtin_params, json_schema
 from mlflow_finetune_plugin.train.rewards.calling import Reward, wrap
-from mlflow_finetune_plugin.train.rewards.learned import LearnedReward, check_reward_model, is_model_uri, label_of
+from mlflow_finetune_plugin.train.rewards.learned import (
+    LearnedReward,
+    check_reward_model,
+    is_model_uri,
+    label_of,
+)
 
 USER_FILE = "rewards.py"
 # What TRL passes to every reward function besides the data's columns (GRPOTrainer._calculate_rewards).
