@@ -19,6 +19,7 @@ from mlflow_finetune_plugin.backend import resolve_entry_point
 from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.data.check import check_data
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.registry.promotion import promote
 from mlflow_finetune_plugin.train.job import run
 from tests.helpers import FAST_OVERRIDES, jsonl, subprocess_env
 
@@ -65,7 +66,15 @@ def test_votes_to_reward_model_to_grpo(tmp_path, tracking_uri):
     assert {"eval/tuned/pair_accuracy", "eval/base/pair_accuracy", "eval/length/pair_accuracy",
             "eval/n_pairs", "train/loss"} <= set(metrics)
     assert metrics["eval/length/pair_accuracy"] == 1.0  # every chosen answer is the longer one
+    assert metrics["eval/n_pairs"] == FAST_OVERRIDES["eval.max_examples"]  # 4 held out, the first N scored
     assert "pair_accuracy" in training.data.tags[tags.VERDICT]
+    # The recorded default gate is the one a reward model can pass: pair accuracy over the base's margin and the
+    # longer answer (no rougeL, no forgetting), so `promote` checks it instead of refusing for missing metrics.
+    checked = promote("bot-rm", "1")
+    assert [(c.metric, c.against) for c in checked.checks] == [
+        ("pair_accuracy", "base"), ("pair_accuracy", "length"), ("pair_accuracy", "champion")]
+    assert checked.checks[1].other == 1.0 and checked.checks[2].passed  # no champion yet
+    assert checked.promoted == checked.passed
 
     scorer = mlflow.pyfunc.load_model("models:/bot-rm/1")
     scores = scorer.predict(pd.DataFrame({"prompt": ["What is 1 plus 1?", "What is 1 plus 1?"],
@@ -95,6 +104,23 @@ def test_reward_refuses_prefix_tuning_before_a_run(tmp_path):
         resolve_entry_point(str(project), "reward", {"adapter.type": "prefix"})
     assert load_recipe(project, method="reward").registry.name == "bot-rm"
     assert load_recipe(project, method="reward", overrides={"registry.name": "mine"}).registry.name == "mine"
+
+
+def test_reward_gates_default_to_pair_accuracy(tmp_path, capsys):
+    """A reward run gates on what it logs: written gates for the recipe's chat models (rougeL, forgetting) give way
+    with a note; gates naming pair_accuracy, or given with -P, stay; other objectives keep theirs."""
+    project = _reward_project(tmp_path / "rm")
+    (project / "finetune.yaml").write_text(
+        "data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
+        "registry: {name: bot, promote_if: [{metric: rougeL}, {metric: forgetting/ppl_ratio, at_most: 1.5}]}\n")
+    gates = load_recipe(project, method="reward").registry.promote_if
+    assert [(g.metric, g.beats) for g in gates] == [("pair_accuracy", ["base", "length", "champion"])]
+    assert "names no metric a reward model logs" in capsys.readouterr().err
+    assert [g.metric for g in load_recipe(project, method="dpo").registry.promote_if] == ["rougeL",
+                                                                                         "forgetting/ppl_ratio"]
+    given = load_recipe(project, method="reward",
+                        overrides={"registry.promote_if": '[{"metric": "pair_accuracy", "margin": 0.05}]'})
+    assert [(g.metric, g.margin) for g in given.registry.promote_if] == [("pair_accuracy", 0.05)]
 
 
 def test_kto_trains_on_thumbs_and_is_evaluated_like_dpo(tmp_path, tracking_uri):

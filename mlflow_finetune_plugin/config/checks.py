@@ -40,6 +40,11 @@ OBJECTIVE_FORMATS = {
 # Objectives that train a sequence-scoring model (the base with a one-number score head instead of its LM head):
 # it scores, it does not generate.
 SCORING = ("reward",)
+# What a reward run logs for its gates (`train/objectives/reward.py`), and its default gate: held-out pairwise accuracy
+# above the base's own log-prob margin, the longer answer and the current champion. A reward model writes no text, so
+# no gate on rougeL or forgetting (`loading.py` puts these in place of gates written for the recipe's chat models).
+REWARD_METRICS = ("pair_accuracy", "reward_margin", "arena_above")
+REWARD_GATES = ({"metric": "pair_accuracy", "beats": ["base", "length", "champion"]},)
 # The adapters a scoring model trains with: PEFT's LoRA and IA3 keep the score head trainable (modules_to_save),
 # full trains everything; prefix and prompt tuning prepend positions the head's last-token pooling does not expect.
 SCORING_ADAPTERS = ("lora", "ia3", "full")

@@ -7,10 +7,11 @@ trains and saves the head with it (`adapters.scoring_adapter`). Rows are made co
 evaluation and every later scorer (`reward_model.score`: the pyfunc, GRPO's learned reward) render a pair through
 the same chat template.
 
-Evaluation, on the held-out pairs: pairwise accuracy (the share of pairs whose chosen answer scores higher; a tie
-counts half) of the tuned reward model, against two rivals that need no training: the base model's own log-
-probability margin, log p(chosen | prompt) - log p(rejected | prompt) (`base`), and "the longer answer wins"
-(`length`, in tokens). Logged as `eval/<contender>/pair_accuracy`, with per-pair scores for the verdict.
+Evaluation, on the first `eval.max_examples` held-out pairs: pairwise accuracy (the share of pairs whose chosen
+answer scores higher; a tie counts half) of the tuned reward model, against two rivals that need no training: the
+base model's own log-probability margin, log p(chosen | prompt) - log p(rejected | prompt) (`base`), and "the longer
+answer wins" (`length`, in tokens). Logged as `eval/<contender>/pair_accuracy`, with per-pair scores for the verdict;
+the default promotion gate (`config/checks.py: REWARD_GATES`) asks the tuned model to beat both and the champion.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
     from mlflow_finetune_plugin.models.base import load_base_model
     from mlflow_finetune_plugin.reward_model import score
 
-    pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in conversational(eval_ds)]
+    # The first eval.max_examples pairs, as every objective's evaluation scores the first N held-out rows.
+    held_out = eval_ds.select(range(min(len(eval_ds), recipe.eval.max_examples)))
+    pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in conversational(held_out)]
     batch = recipe.train.batch_size
     chosen = score(model, tokenizer, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], batch)
     rejected = score(model, tokenizer, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs], batch)
