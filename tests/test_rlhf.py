@@ -37,16 +37,6 @@ def _reward_project(root: Path) -> Path:
     return root
 
 
-def _prompts_project(root: Path) -> Path:
-    rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}], "answer": str(2 * i)}
-            for i in range(6)]
-    jsonl(root / "data" / "train.jsonl", rows[:4])
-    jsonl(root / "data" / "eval.jsonl", rows[4:])
-    (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
-                                        "grpo: {num_generations: 2, max_completion_length: 8}\n")
-    return root
-
-
 def test_votes_to_reward_model_to_grpo(tmp_path, tracking_uri):
     """`mlflow run DIR -e reward --backend finetune`: a FINISHED run, a version of `<name>-rm` that scores pairs,
     evaluated against the base's log-prob margin and the longer answer; then GRPO with it as a reward, and the
@@ -81,21 +71,51 @@ def test_votes_to_reward_model_to_grpo(tmp_path, tracking_uri):
                                           "answer": ["1 plus 1 is 2.", "No idea."]}))
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores) and scores[0] != scores[1]
 
-    grpo = load_recipe(_prompts_project(tmp_path / "policy"), method="grpo",
-                       overrides={**FAST_OVERRIDES, "grpo.rewards": '["models:/bot-rm/1", "exact_answer"]'})
+    # GRPO on the prompts of the same pairs (their chosen answers the references), the reward model as a reward.
+    grpo = load_recipe(project, method="grpo", overrides={
+        **FAST_OVERRIDES, "registry.name": "policy", "grpo.num_generations": 2, "grpo.max_completion_length": 8,
+        "grpo.rewards": '["models:/bot-rm/1", "exact_answer"]'})
     assert run(grpo) == 0
     policy = client.get_model_version_by_alias("policy", "challenger")
     logged = client.get_run(policy.run_id).data.metrics
     assert "train/rewards/bot-rm_1/mean" in logged
-    assert {"eval/tuned/reward_bot-rm_1", "eval/base/reward_bot-rm_1", "eval/tuned/answer_tokens"} <= set(logged)
+    assert {"eval/tuned/reward_bot-rm_1", "eval/base/reward_bot-rm_1", "eval/tuned/answer_tokens",
+            "eval/base/answer_tokens", "eval/tuned/rougeL", "eval/base/rougeL"} <= set(logged)
+    assert logged["eval/tuned/kl_to_base"] >= 0  # the reward-hacking check beside the rewards
 
     with pytest.raises(FinetuneError, match="is not a reward model: it was trained with objective grpo"):
-        resolve_entry_point(str(tmp_path / "policy"), "grpo", {"grpo.rewards": '["models:/policy/1"]'})
+        resolve_entry_point(str(project), "grpo", {"grpo.rewards": '["models:/policy/1"]',
+                                                   "grpo.max_completion_length": 8})
     from mlflow_finetune_plugin.serving.base import ModelChoice
     from mlflow_finetune_plugin.serving.choices import local_model
 
     with pytest.raises(FinetuneError, match="is a reward model and cannot be served"):
         local_model(ModelChoice("bot-rm", "1"))
+
+
+def test_kl_to_base_is_zero_for_an_untouched_adapter_and_grows_with_the_update(tiny_model_dir):
+    """TRL's GRPO `kl` (k3, per answer token) of the tuned policy's answers against the adapter switched off."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlflow_finetune_plugin.evaluate.policy_kl import answer_kl
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    prompts = [[{"role": "user", "content": "What is 1 plus 1?"}], "Say hi."]
+    answers = ["1 plus 1 is 2.", "Hello there, friend."]
+    kl, per_answer = answer_kl(model, tokenizer, prompts, answers, batch_size=1)
+    assert kl == 0.0 and per_answer == [0.0, 0.0]  # LoRA's B starts at zero: the same model as the base
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5)
+    kl, per_answer = answer_kl(model, tokenizer, prompts, answers, batch_size=2)
+    assert kl > 0 and all(v > 0 for v in per_answer)
+    assert min(per_answer) <= kl <= max(per_answer)  # the token-weighted mean of the answers' means
 
 
 def test_reward_refuses_prefix_tuning_before_a_run(tmp_path):

@@ -33,7 +33,7 @@ OBJECTIVE_FORMATS = {
     "dpo": ("preference",),
     "orpo": ("preference",),
     "simpo": ("preference",),
-    "grpo": ("prompt_only",),
+    "grpo": ("prompt_only", "preference"),  # pairs: their prompts, the chosen answer as the reference
     "reward": ("preference",),
     "kto": ("unpaired_preference", "preference"),  # pairs are unpaired, as TRL does: chosen up, rejected down
 }
