@@ -31,13 +31,13 @@ FAST = FAST_OVERRIDES
 def _rows(objective: str, n: int, offset: int = 0) -> list[dict]:
     """Rows in the format the objective trains on."""
     formats = OBJECTIVE_FORMATS[objective]
+    if "prompt_only" in formats:  # GRPO's own format first (it takes pairs too: tests/test_rlhf.py)
+        return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}], "answer": str(2 * i)}
+                for i in range(offset, offset + n)]
     if "preference" in formats:
         return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
                  "chosen": [{"role": "assistant", "content": f"{2 * i}"}],
                  "rejected": [{"role": "assistant", "content": "I don't know."}]} for i in range(offset, offset + n)]
-    if "prompt_only" in formats:
-        return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}], "answer": str(2 * i)}
-                for i in range(offset, offset + n)]
     return chat_rows(n, offset)
 
 
