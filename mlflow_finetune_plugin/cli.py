@@ -50,7 +50,8 @@ def data_group():
 @data_group.command("check")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "preference"]),
+              type=click.Choice(["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "preference", "prompt_only",
+                                "unpaired_preference"]),
               help="Data format; auto detects it from the first rows.")
 @click.option("--eval", "eval_files", multiple=True, type=click.Path(),
               help="Held-out file: checked too, and for prompts that are also in FILES (train/eval overlap).")
@@ -402,11 +403,15 @@ def votes_group():
 @click.argument("name")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
 @click.option("--experiment", default="playground-votes", show_default=True)
-def votes_export_cmd(name, output, experiment):
-    """Write the votes on NAME with a winner as prompt/chosen/rejected rows (the `dpo` entry point's data)."""
+@click.option("--format", "fmt", type=click.Choice(["preference", "kto"]), default="preference", show_default=True,
+              help="preference: prompt/chosen/rejected pairs of the votes with a winner (-e dpo, -e reward); kto: "
+                   "one prompt/completion/label row per answer of every vote (-e kto).")
+def votes_export_cmd(name, output, experiment, fmt):
+    """Write the votes on NAME as training data: preference pairs (the `dpo` and `reward` entry points' data) or
+    unpaired thumbs-up/down rows (`--format kto`, the `kto` entry point's data)."""
     from mlflow_finetune_plugin.arena.votes import export
 
-    click.echo(export(name, output, experiment).report())
+    click.echo(export(name, output, experiment, fmt=fmt).report())
 
 
 @votes_group.command("summary")

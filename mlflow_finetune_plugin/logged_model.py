@@ -75,13 +75,13 @@ def _artifact_paths(pyfunc_conf: dict) -> dict[str, str]:
     return {name: spec["path"] for name, spec in python_model_conf.items()}
 
 
-def load_logged_base(config: dict, dtype):
+def load_logged_base(config: dict, dtype, scoring: bool = False):
     """The base model a logged model's `model_config` names (`base_model`, `base_revision`), in `dtype`, on the CPU.
 
     Where the config records the base's weights digest (adapters on local or built-in bases), a base on this machine
     with other weights raises FinetuneError: an adapter on the wrong base answers wrongly without any error.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from mlflow_finetune_plugin.models.base import resolve_model_path
 
@@ -95,8 +95,10 @@ def load_logged_base(config: dict, dtype):
                 f"this adapter was trained on (weights digest {actual} != {expected}). Restore that base, or "
                 "retrain the adapter on this one.")
     native_gqa_on_cpu()
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(base_ref), revision=config.get("base_revision"), dtype=dtype, use_safetensors=True)
+    # `scoring`: a reward model's base, under the score head its adapter folder carries (`reward_model.py`)
+    base = (AutoModelForSequenceClassification if scoring else AutoModelForCausalLM).from_pretrained(
+        resolve_model_path(base_ref), revision=config.get("base_revision"), dtype=dtype, use_safetensors=True,
+        **({"num_labels": 1} if scoring else {}))
     # A chosen chat template added tokens in training (`model.chat_template`): the base grows the same rows, which the
     # adapter's trained token rows then fill.
     vocab = config.get("vocab_size")
@@ -284,13 +286,13 @@ CARRIED_DATA = ("assets/tiny_corpus.txt", *(f"assets/chat_templates/{name}.jinja
                                             ("chatml", "llama3", "qwen", "qwen3", "gemma", "mistral", "phi3")))
 
 
-def carried_modules() -> list[Path]:
-    """The package's files this module needs, by reading imports (a lazy one inside a function counts) from this
-    module down, with the `__init__.py` of every package on the way."""
+def carried_modules(root: str = __name__) -> list[Path]:
+    """The package's files module `root` needs, by reading imports (a lazy one inside a function counts) from it
+    down, with the `__init__.py` of every package on the way."""
     package_dir = Path(__file__).parent
     package = package_dir.name
     seen: set[Path] = set()
-    todo = [__name__]
+    todo = [root]
     while todo:
         module = todo.pop()
         path = _module_file(package_dir, module)
@@ -318,11 +320,12 @@ def _module_file(package_dir: Path, module: str) -> Path | None:
     return None
 
 
-def _stage_code(tmp: Path) -> Path:
-    """A copy of the carried modules and data under `tmp/mlflow_finetune_plugin`: what `code_paths` is given."""
+def stage_code(tmp: Path, root: str = __name__) -> Path:
+    """A copy of the modules `root` needs and the carried data under `tmp/mlflow_finetune_plugin`: what
+    `code_paths` is given."""
     package_dir = Path(__file__).parent
     dest = tmp / package_dir.name
-    for path in carried_modules() + [package_dir / name for name in CARRIED_DATA]:
+    for path in carried_modules(root) + [package_dir / name for name in CARRIED_DATA]:
         target = dest / path.relative_to(package_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
@@ -360,7 +363,7 @@ def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tag
             name=name,
             python_model=str(MODEL_CODE),
             artifacts=artifacts,
-            code_paths=[str(_stage_code(Path(tmp) / "code"))],
+            code_paths=[str(stage_code(Path(tmp) / "code"))],
             model_config={k: v for k, v in config.items() if v is not None},
             signature=_signature(int(config.get("num_beams") or 1)),  # the decoding it was evaluated with
             input_example=_input_example(),

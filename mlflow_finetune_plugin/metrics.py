@@ -20,10 +20,10 @@ LOWER_IS_BETTER = ("loss", "perplexity", "misrouted")
 
 # Who answers the held-out prompts: metrics are logged as eval/<contender>/<metric>. base: the base model zero-shot;
 # fewshot: with k random train conversations as shots; retrieval: with the k train conversations most similar to the
-# question (BM25); tuned: the fine-tuned model.
-CONTENDERS = ("base", "fewshot", "retrieval", "tuned")
+# question (BM25); tuned: the fine-tuned model; length: a reward model's rule-of-thumb rival, "the longer answer wins".
+CONTENDERS = ("base", "fewshot", "retrieval", "length", "tuned")
 # The prompt-only alternatives to fine-tuning, cheapest first: what the verdict and the default gates weigh it against.
-ALTERNATIVES = ("base", "fewshot", "retrieval")
+ALTERNATIVES = ("base", "fewshot", "retrieval", "length")
 # Forgetting figures (general-text loss and perplexity, base and tuned) are logged under this prefix.
 FORGETTING_PREFIX = "eval/forgetting/"
 # The verdict (evaluate/verdict.py): the tuned model's margin over the best alternative and its 95% interval, under

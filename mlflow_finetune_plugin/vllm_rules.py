@@ -18,6 +18,10 @@ SERVABLE = "LoRA without DoRA or biases, rank within vLLM's largest max_lora_ran
 TOKEN_ROWS = ("vLLM does not serve adapters that train token rows (trainable_token_indices: the control tokens of "
               "model.chat_template); export it merged, or serve it with the transformers engine")
 
+# A reward model (objective: reward) has a score head in place of the LM head: no engine generates with it.
+REWARD_MODEL = ("a reward model scores (prompt, answer) pairs and writes no text: name it in a GRPO recipe's "
+                "grpo.rewards, or score with mlflow.pyfunc.load_model(URI).predict(...)")
+
 
 def lora_servable(r: int, use_dora: bool = False, bias: str = "none", modules_to_save=None) -> tuple[bool, str]:
     """(whether vLLM serves a LoRA adapter of rank `r` with these options, the reason in words). The reason states

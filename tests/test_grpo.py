@@ -311,8 +311,10 @@ def test_evaluate_scores_every_contender_with_the_rewards(tmp_path, tracking_uri
     with mlflow.start_run() as run:
         grpo.evaluate(recipe, model, tokenizer, train_ds.remove_columns("answer"), eval_ds.remove_columns("answer"))
     metrics = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
-    assert sorted(metrics) == ["eval/base/reward", "eval/base/reward_regex", "eval/n_examples", "eval/tuned/reward",
-                               "eval/tuned/reward_regex"]
+    assert sorted(metrics) == ["eval/base/answer_tokens", "eval/base/reward", "eval/base/reward_regex",
+                               "eval/n_examples", "eval/tuned/answer_tokens", "eval/tuned/kl_to_base",
+                               "eval/tuned/reward", "eval/tuned/reward_regex"]
+    assert metrics["eval/tuned/kl_to_base"] == 0.0  # a fresh LoRA adapter (B = 0) is the base: the check reads 0
 
 
 # ---------------------------------------------------------------- end to end: `-e grpo` as a user runs it

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mlflow_finetune_plugin.backend import resolve_entry_point
-from mlflow_finetune_plugin.config.checks import OBJECTIVE_FORMATS
+from mlflow_finetune_plugin.config.checks import OBJECTIVE_FORMATS, SCORING
 from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.data.splits import load_splits
@@ -31,13 +31,13 @@ FAST = FAST_OVERRIDES
 def _rows(objective: str, n: int, offset: int = 0) -> list[dict]:
     """Rows in the format the objective trains on."""
     formats = OBJECTIVE_FORMATS[objective]
+    if "prompt_only" in formats:  # GRPO's own format first (it takes pairs too: tests/test_rlhf.py)
+        return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}], "answer": str(2 * i)}
+                for i in range(offset, offset + n)]
     if "preference" in formats:
         return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
                  "chosen": [{"role": "assistant", "content": f"{2 * i}"}],
                  "rejected": [{"role": "assistant", "content": "I don't know."}]} for i in range(offset, offset + n)]
-    if "prompt_only" in formats:
-        return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}], "answer": str(2 * i)}
-                for i in range(offset, offset + n)]
     return chat_rows(n, offset)
 
 
@@ -57,9 +57,13 @@ def _project(root: Path, objective: str) -> Path:
 # Combinations refused by design (the recipe check says why); every other one is in the matrix below.
 REFUSED = {("full", "4bit"), ("bottleneck", "4bit")}
 # TRL's experimental pair trainers score logits position by position; prompt tuning's virtual tokens shift them.
+# A reward model's score head reads the last token; prefix and prompt tuning prepend positions, and PEFT's bottleneck
+# tuner has no sequence-classification task (config/checks.py: SCORING_ADAPTERS).
 REFUSED_OBJECTIVES = {("prompt", "orpo"), ("prompt", "simpo")}
+REFUSED_REWARD = {("prefix", "reward"), ("prompt", "reward"), ("bottleneck", "reward")}
 MATRIX = [(a, o, q) for o in NAMES for a in ADAPTERS for q in ("none", "4bit")
-          if (a, q) not in REFUSED and (a, o) not in REFUSED_OBJECTIVES and (q == "none" or a in ("lora", "ia3"))]
+          if (a, q) not in REFUSED and (a, o) not in REFUSED_OBJECTIVES | REFUSED_REWARD
+          and (q == "none" or a in ("lora", "ia3") and o not in SCORING)]
 
 
 @pytest.mark.parametrize("adapter, objective, quant", MATRIX, ids=["-".join(c) for c in MATRIX])
@@ -70,12 +74,14 @@ def test_every_adapter_trains_with_every_objective(adapter, objective, quant, tm
     recipe, _ = resolve_entry_point(str(tmp_path), "main", overrides)  # the pre-flight checks pass, data included
     data = load_splits(recipe)
     torch.manual_seed(0)
-    model = load_base_model(recipe.model, **quantization.model_kwargs(recipe.model))
+    model = load_base_model(recipe.model, scoring=recipe.objective in SCORING, **quantization.model_kwargs(recipe.model))
+    tokenizer = load_tokenizer()
+    model.config.pad_token_id = tokenizer.pad_token_id
     model = attach(quantization.prepare(model, recipe.model), recipe)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable
     args = {**training_arguments(recipe, f"m-{adapter}-{objective}-{quant}", None), "save_strategy": "no"}
-    trainer = objective_of(recipe).build_trainer(recipe, model, load_tokenizer(), data.train, None, args, [])
+    trainer = objective_of(recipe).build_trainer(recipe, model, tokenizer, data.train, None, args, [])
     trainer.train()
     assert trainer.state.global_step == 2
     changed = [n for n, p in trainer.model.named_parameters() if n in trainable and not torch.equal(trainable[n], p)]
@@ -88,9 +94,10 @@ def test_matrix_covers_every_adapter_objective_and_quantization():
     assert set(OBJECTIVE_FORMATS) == set(NAMES)  # every objective says which data it trains on
     # every adapter x objective pair either trains (unquantized) or is refused, never left out silently
     trained = {(a, o) for a, o, q in MATRIX if q == "none"}
-    assert trained | REFUSED_OBJECTIVES == {(a, o) for a in ADAPTERS for o in NAMES}
-    assert not trained & REFUSED_OBJECTIVES
-    assert set(PRESETS) == {"lora", "qlora", "adapter", "prefix", "prompt", "ia3", "full", "multitask", "dpo", "grpo"}
+    assert trained | REFUSED_OBJECTIVES | REFUSED_REWARD == {(a, o) for a in ADAPTERS for o in NAMES}
+    assert not trained & (REFUSED_OBJECTIVES | REFUSED_REWARD)
+    assert set(PRESETS) == {"lora", "qlora", "adapter", "prefix", "prompt", "ia3", "full", "multitask", "dpo", "grpo",
+                            "reward", "kto"}
 
 
 @pytest.mark.parametrize("overrides, method, reason", [
@@ -125,7 +132,7 @@ def test_a_mixture_is_refused_for_preference_and_reward_objectives(tmp_path):
     with pytest.raises(RecipeError, match="continuing an adapter is not supported with data.adapters: per_task"):
         load_recipe(root, overrides={"data.tasks": tasks, "data.adapters": "per_task",
                                      "model.init_adapter": "models:/bot@champion"})
-    for objective in ("dpo", "orpo", "simpo", "grpo"):
+    for objective in ("dpo", "orpo", "simpo", "grpo", "reward", "kto"):
         with pytest.raises(RecipeError, match=f"mixtures train with the sft objective; {objective}"):
             load_recipe(root, overrides={"data.tasks": tasks, "objective": objective})
 

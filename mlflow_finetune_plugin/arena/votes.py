@@ -4,7 +4,8 @@ Each vote is one finished run in the experiment `playground-votes`: tags say whi
 versions were compared and the verdict (searchable, and what the win rates are computed from); params hold the
 generation settings; `vote.json` holds the prompt, both conversations and both answers. `export` turns the votes
 with a winner into prompt/chosen/rejected rows that `mlflow-finetune data check --format preference` and the
-`dpo` entry point take.
+`dpo` and `reward` entry points take, or (`--format kto`) every vote into one thumbs-up/down row per answer, the
+`kto` entry point's unpaired preference data.
 """
 
 from __future__ import annotations
@@ -205,27 +206,68 @@ class ExportResult:
     path: Path
     written: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    what: str = "preference pairs"
 
     def report(self) -> str:
         skipped = "; ".join(f"{n} {why}" for why, n in self.skipped.items())
-        return f"Wrote {self.written} preference pairs to {self.path}" + (f" (skipped {skipped})" if skipped else "")
+        return f"Wrote {self.written} {self.what} to {self.path}" + (f" (skipped {skipped})" if skipped else "")
 
 
-def export(name: str, out: str | Path, experiment: str = EXPERIMENT) -> ExportResult:
-    """Write the votes of `name` that have a winner as chat-form preference rows (JSONL):
-    {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]}."""
-    import mlflow
+# --format kto: which answers of a vote are desirable (KTO's label), per verdict. A tie says both answers are
+# acceptable; "both are bad" says neither is.
+KTO_LABELS = {"a": (True, False), "b": (False, True), "tie": (True, True), "both_bad": (False, False)}
 
-    result = ExportResult(Path(out))
+
+def export(name: str, out: str | Path, experiment: str = EXPERIMENT, fmt: str = "preference") -> ExportResult:
+    """Write the votes of `name` as JSONL: `preference` (the votes with a winner, as chat-form pairs
+    {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]}) or `kto` (every vote, one
+    {"prompt", "completion", "label"} row per answer, labelled by `KTO_LABELS`; an answer given twice to one prompt
+    is written once, and not at all when the votes disagree about it)."""
+    if fmt not in ("preference", "kto"):
+        raise FinetuneError(f"unknown export format {fmt!r}: use preference or kto")
+    result = ExportResult(Path(out), what="preference pairs" if fmt == "preference" else "thumbs-up/down rows")
     rows = []
 
     def skip(why: str) -> None:
         result.skipped[why] = result.skipped.get(why, 0) + 1
 
-    for run in _vote_runs(name, experiment):
-        verdict = run.data.tags.get(tags.VOTE_VERDICT)
+    for verdict, vote in _readable_votes(name, experiment, skip):
+        if fmt == "kto":
+            rows += _kto_rows(vote, verdict, skip)
+            continue
         if verdict not in ("a", "b"):
             skip("ties or both-bad votes (no preference)")
+            continue
+        chosen, rejected = (vote["answer_a"], vote["answer_b"]) if verdict == "a" else (vote["answer_b"],
+                                                                                         vote["answer_a"])
+        if not chosen.strip() or not rejected.strip() or chosen.strip() == rejected.strip():
+            skip("votes with an empty or identical answer")
+            continue
+        rows.append({"prompt": _clean(vote["context_a"]),
+                     "chosen": [{"role": "assistant", "content": chosen}],
+                     "rejected": [{"role": "assistant", "content": rejected}]})
+    if fmt == "kto":
+        rows = _agreed(rows, skip)
+    if not rows:
+        total = sum(result.skipped.values())
+        wanted = "a winner" if fmt == "preference" else "a readable answer"
+        raise FinetuneError(f"no {result.what} for {name!r} in experiment {experiment!r} ({total} votes, none with "
+                            f"{wanted} on a shared prompt): vote in the playground first")
+    result.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(result.path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    result.written = len(rows)
+    return result
+
+
+def _readable_votes(name: str, experiment: str, skip) -> Iterator[tuple[str, dict]]:
+    """(verdict, vote.json) of every vote on a prompt both sides shared."""
+    import mlflow
+
+    for run in _vote_runs(name, experiment):
+        verdict = run.data.tags.get(tags.VOTE_VERDICT)
+        if verdict not in VERDICTS:
             continue
         try:
             vote = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/vote.json")
@@ -236,24 +278,37 @@ def export(name: str, out: str | Path, experiment: str = EXPERIMENT) -> ExportRe
             # Later turns of a conversation: each side answered its own history, so no shared prompt exists.
             skip("votes on turns whose two histories differ")
             continue
-        chosen, rejected = (vote["answer_a"], vote["answer_b"]) if verdict == "a" else (vote["answer_b"],
-                                                                                         vote["answer_a"])
-        if not chosen.strip() or not rejected.strip() or chosen.strip() == rejected.strip():
-            skip("votes with an empty or identical answer")
+        yield verdict, vote
+
+
+def _kto_rows(vote: dict, verdict: str, skip) -> list[dict]:
+    prompt = _clean(vote["context_a"])
+    rows = []
+    for answer, label in zip((vote["answer_a"], vote["answer_b"]), KTO_LABELS[verdict]):
+        if not answer.strip():
+            skip("empty answers")
             continue
-        rows.append({"prompt": _clean(vote["context_a"]),
-                     "chosen": [{"role": "assistant", "content": chosen}],
-                     "rejected": [{"role": "assistant", "content": rejected}]})
-    if not rows:
-        total = sum(result.skipped.values())
-        raise FinetuneError(f"no preference pairs for {name!r} in experiment {experiment!r} ({total} votes, none with "
-                            "a winner on a shared prompt): vote 'A is better' or 'B is better' in the playground")
-    result.path.parent.mkdir(parents=True, exist_ok=True)
-    with open(result.path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    result.written = len(rows)
-    return result
+        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": answer}], "label": label})
+    return rows
+
+
+def _agreed(rows: list[dict], skip) -> list[dict]:
+    """One row per (prompt, answer): duplicates dropped; an answer some votes call desirable and others not is
+    left out (the data check would flag it as a contradiction)."""
+    labels: dict[str, set] = {}
+    for row in rows:
+        labels.setdefault(json.dumps([row["prompt"], row["completion"]], sort_keys=True), set()).add(row["label"])
+    out, seen = [], set()
+    for row in rows:
+        key = json.dumps([row["prompt"], row["completion"]], sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        if len(labels[key]) > 1:
+            skip("answers the votes disagree about")
+            continue
+        out.append(row)
+    return out
 
 
 def _clean(messages: list[dict]) -> list[dict]:

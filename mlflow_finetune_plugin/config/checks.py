@@ -33,8 +33,21 @@ OBJECTIVE_FORMATS = {
     "dpo": ("preference",),
     "orpo": ("preference",),
     "simpo": ("preference",),
-    "grpo": ("prompt_only",),
+    "grpo": ("prompt_only", "preference"),  # pairs: their prompts, the chosen answer as the reference
+    "reward": ("preference",),
+    "kto": ("unpaired_preference", "preference"),  # pairs are unpaired, as TRL does: chosen up, rejected down
 }
+# Objectives that train a sequence-scoring model (the base with a one-number score head instead of its LM head):
+# it scores, it does not generate.
+SCORING = ("reward",)
+# What a reward run logs for its gates (`train/objectives/reward.py`), and its default gate: held-out pairwise accuracy
+# above the base's own log-prob margin, the longer answer and the current champion. A reward model writes no text, so
+# no gate on rougeL or forgetting (`loading.py` puts these in place of gates written for the recipe's chat models).
+REWARD_METRICS = ("pair_accuracy", "reward_margin", "arena_above")
+REWARD_GATES = ({"metric": "pair_accuracy", "beats": ["base", "length", "champion"]},)
+# The adapters a scoring model trains with: PEFT's LoRA and IA3 keep the score head trainable (modules_to_save),
+# full trains everything; prefix and prompt tuning prepend positions the head's last-token pooling does not expect.
+SCORING_ADAPTERS = ("lora", "ia3", "full")
 # TRL's experimental ORPO and CPO (SimPO) trainers: no reference model; they score the logits position by position.
 REFERENCE_FREE = ("orpo", "simpo")
 
@@ -110,6 +123,21 @@ def _objective_problems(recipe: Recipe) -> list[str]:
                         "data.replay_loss: lm, or an adapter")
     if recipe.objective == "grpo":
         problems.extend(grpo_problems(recipe))
+    if recipe.objective in SCORING and recipe.adapter.type not in SCORING_ADAPTERS:
+        problems.append(f"adapter.type: {recipe.adapter.type} cannot train a reward model (objective: "
+                        f"{recipe.objective}): the score head reads the last token's hidden state, and "
+                        f"{recipe.adapter.type} tuning prepends virtual positions to every row. Use adapter.type: "
+                        f"{', '.join(SCORING_ADAPTERS)} (-e reward trains LoRA)")
+    if recipe.objective in SCORING and recipe.model.quantization != "none":
+        problems.append(f"model.quantization: {recipe.model.quantization} is not supported with objective: "
+                        f"{recipe.objective} yet: on a bitsandbytes base the score head's input and weights come in "
+                        "different dtypes and training stops. Use model.quantization: none")
+    if recipe.objective in SCORING and recipe.model.init_adapter:
+        problems.append("model.init_adapter: a reward model starts a fresh adapter and score head; a chat adapter "
+                        "to continue has no score head. Clear model.init_adapter")
+    if recipe.objective == "kto" and recipe.train.batch_size < 2:
+        problems.append(f"train.batch_size ({recipe.train.batch_size}) must be 2 or more with objective: kto: TRL's "
+                        "KTOTrainer estimates its KL term from the other answers of the same batch")
     return problems
 
 

@@ -20,7 +20,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mlflow_finetune_plugin.config import presets
-from mlflow_finetune_plugin.config.checks import NOT_PACKABLE, combination_problems
+from mlflow_finetune_plugin.config.checks import (
+    NOT_PACKABLE,
+    REWARD_GATES,
+    REWARD_METRICS,
+    combination_problems,
+)
 from mlflow_finetune_plugin.config.schema import (
     ADAPTER_CONFIGS,
     HF_PREFIX,
@@ -96,6 +101,7 @@ def load_recipe(project_dir: str | os.PathLike, method: str | None = None,
     presets.fill_preset(merged, method)
     _unpack_for_adapter(raw, over, merged, adapter, recipe_path.name)
     _replay_for_entry_point(raw, over, merged, recipe_path.name)
+    _reward_model_name(over, merged, project_dir)
     names = {new: ".".join(old) for new, old in {**origin, **origin_over}.items()}
     return _validate(merged, project_dir, recipe_path, lines, problems, names)
 
@@ -121,6 +127,31 @@ def _replay_for_entry_point(raw: dict, over: dict, merged: dict, recipe_name: st
         print("Note: data.replay_loss is lm for the full fine-tune: kl compares with the base model, which is the "
               f"adapter switched off, and a full fine-tune has none; {recipe_name} sets kl for adapters.",
               file=sys.stderr)
+
+
+def _reward_model_name(over: dict, merged: dict, project_dir: Path) -> None:
+    """A reward model is registered apart from the chat models of the same recipe (`-e reward` on the dpo recipe):
+    as `<registry.name>-rm`, unless the name was given with -P or already ends in -rm. Otherwise `NAME@challenger`
+    would move to a model that scores instead of chatting.
+    Its promotion gates default to what it logs (REWARD_GATES): gates written for the recipe's chat models, on
+    metrics a reward model never logs (rougeL, forgetting), give way with a note; gates given with -P stay."""
+    if merged.get("objective") != "reward" or not isinstance(merged.get("registry", {}), dict):
+        return
+    given = over.get("registry") if isinstance(over.get("registry"), dict) else {}
+    registry = merged.setdefault("registry", {})
+    name = registry.get("name") or project_dir.name
+    if "name" not in given and isinstance(name, str) and not name.endswith("-rm"):
+        registry["name"] = f"{name}-rm"
+    if "promote_if" in given:
+        return
+    written = registry.get("promote_if")
+    if isinstance(written, list) and any(isinstance(g, dict) and str(g.get("metric", "")).removeprefix("eval/")
+                                         .removeprefix("tuned/") in REWARD_METRICS for g in written):
+        return
+    if written:
+        print(f"Note: registry.promote_if names no metric a reward model logs ({', '.join(REWARD_METRICS)}); a "
+              f"reward run gates on {REWARD_GATES[0]['metric']} instead.", file=sys.stderr)
+    registry["promote_if"] = [dict(g) for g in REWARD_GATES]
 
 
 def _unpack_for_adapter(raw: dict, over: dict, merged: dict, adapter: str | None, recipe_name: str) -> None:

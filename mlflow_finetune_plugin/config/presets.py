@@ -34,6 +34,8 @@ PRESETS = {
     "multitask": Preset("lora", mixture=True),
     "dpo": Preset("lora", objective="dpo"),
     "grpo": Preset("lora", objective="grpo"),
+    "reward": Preset("lora", objective="reward"),
+    "kto": Preset("lora", objective="kto"),
 }
 
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "bias", "layers")

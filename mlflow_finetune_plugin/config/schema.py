@@ -2,7 +2,7 @@
 
 A fine-tune is four choices: the adapter (`adapter:`, one section whose `type` picks lora, ia3, prefix, prompt,
 bottleneck or full), the quantization of the base (`model.quantization`), the objective (`objective:` sft, dpo,
-orpo, simpo or grpo, with `dpo:` / `orpo:` / `simpo:` / `grpo:` for its knobs) and the data (`data:`, one set or a
+orpo, simpo, grpo, reward or kto, each with its own section for its knobs) and the data (`data:`, one set or a
 weighted mixture of `data.tasks`).
 The entry point (`method`) is a preset over them (`presets.py`), and recipes written with the older per-method
 sections (`lora:`, `qlora:`, `multitask:`, ...) are read onto the axes there.
@@ -200,7 +200,8 @@ class GRPOConfig(Section):
     rewards: list[str | dict] = Field(
         default_factory=lambda: ["exact_answer"], min_length=1,
         description="Reward functions, summed with their weights: a built-in (exact_answer, regex, json_schema), a "
-                    "function in the project's rewards.py, or file.py:function; a mapping adds parameters and a "
+                    "function in the project's rewards.py, file.py:function, or a registered reward model "
+                    "(models:/NAME@ALIAS or models:/NAME/VERSION, trained with -e reward); a mapping adds parameters and a "
                     "weight, e.g. {name: regex, pattern: '^\\d+$', weight: 0.5}.")
     num_generations: int = Field(
         8, ge=2, description="Completions sampled per prompt (the group whose mean is the baseline); must divide "
@@ -228,6 +229,24 @@ class GRPOConfig(Section):
         False, description="Leave completions cut at max_completion_length out of the loss (DAPO).")
 
 
+class RewardConfig(Section):
+    """The `reward` objective: TRL's RewardTrainer on preference pairs; trains base + adapter + a score head that
+    gives (prompt, answer) one number (Bradley-Terry: the chosen answer should score above the rejected one)."""
+
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="Pull the scores towards 0 (TRL's center_rewards_coefficient; 0.01 is common), so "
+                                "rewards stay comparable across prompts when GRPO sums them.")
+
+
+class KTOConfig(Section):
+    """The `kto` objective: TRL's KTOTrainer on unpaired desirable/undesirable answers (prompt, completion, label)."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of the desirable answers' loss (raise it when "
+                                                           "they are fewer than the undesirable ones).")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of the undesirable answers' loss.")
+
+
 class DataColumns(Section):
     """Which column of the file holds each field, for files whose fields have other names (LLaMA-Factory's
     `columns` in dataset_info.json): `columns: {prompt: question, completion: answer}`."""
@@ -237,6 +256,7 @@ class DataColumns(Section):
     completion: str | None = None
     chosen: str | None = None
     rejected: str | None = None
+    label: str | None = Field(None, description="unpaired_preference: true for a desirable answer, false if not.")
     system: str | None = Field(None, description="A per-row system prompt (text).")
     tools: str | None = Field(None, description="A per-row list of tools (OpenAI function schemas, or JSON text).")
     instruction: str | None = None
@@ -273,7 +293,7 @@ class DataConfig(Section):
     eval: str | None = Field(None, description="A file, or hf:ORG/NAME[@REVISION]:SPLIT.")
     eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share of train when no eval file is given.")
     format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "preference",
-                    "prompt_only"] = Field("auto", description="auto: detected from each file's own rows, so train and "
+                    "prompt_only", "unpaired_preference"] = Field("auto", description="auto: detected from each file's own rows, so train and "
                                                                "eval may be in different formats.")
     columns: DataColumns | None = Field(None, description="The file's column for each field, where names differ.")
     tags: DataTags | None = Field(None, description="ShareGPT role tags, where they differ from LLaMA-Factory's.")
@@ -431,7 +451,7 @@ class RegistryConfig(Section):
         description="Promotion gates; every one must pass.")
 
 
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "grpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "grpo", "reward", "kto")
 
 
 class Recipe(Section):
@@ -443,6 +463,8 @@ class Recipe(Section):
     orpo: ORPOConfig = ORPOConfig()
     simpo: SimPOConfig = SimPOConfig()
     grpo: GRPOConfig = Field(default_factory=lambda: GRPOConfig())
+    reward: RewardConfig = RewardConfig()
+    kto: KTOConfig = KTOConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()

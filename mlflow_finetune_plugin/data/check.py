@@ -130,7 +130,9 @@ def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=
     good = [(line, rec) for line, rec in records if line not in bad]
     convs = {line: _conversations(rec, report.format, system_prompt, tags) for line, rec in good}
     _duplicates(report, good, convs)
-    if report.format not in ("preference", "prompt_only"):  # prompt-only rows have no answer to contradict
+    if report.format == "unpaired_preference":  # several answers to one prompt is the point; two thumbs is not
+        _label_conflicts(report, good, convs)
+    elif report.format not in ("preference", "prompt_only"):  # prompt-only rows have no answer to contradict
         _contradictions(report, convs)
     report.prompts = [(line, _normalized(_prompt(c[0]))) for line, c in convs.items()]
     if split == "train" and report.rows < FEW_ROWS:
@@ -224,6 +226,27 @@ def _contradictions(report: DataReport, convs) -> None:
                 report.path, lines[0], f"same prompt with {len(by_answer)} different answers on lines "
                                        f"{', '.join(map(str, lines))}: the model cannot learn both; keep one",
                 "warning"))
+
+
+def _label_conflicts(report: DataReport, records, convs) -> None:
+    """Unpaired rows: one answer labelled both desirable and undesirable, and a file with only one kind of label
+    (KTO then learns only to raise or only to lower answers)."""
+    labels: dict[str, dict[bool, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for line, rec in records:
+        labels[_normalized(convs[line][0])][rec["label"]].append(line)
+    for by_label in labels.values():
+        if len(by_label) > 1:
+            report.contradictions += 1
+            up, down = by_label[True], by_label[False]
+            report.warnings.append(DataIssue(
+                report.path, min(up + down), f"the same answer is labelled desirable (line {', '.join(map(str, up))}) "
+                                             f"and undesirable (line {', '.join(map(str, down))}): keep one label",
+                "warning"))
+    seen = {rec["label"] for _, rec in records}
+    if len(seen) == 1 and report.rows >= 2:
+        kind = "desirable (true)" if True in seen else "undesirable (false)"
+        report.warnings.append(DataIssue(report.path, None, f"every label is {kind}: KTO learns from both kinds; "
+                                                            "add answers of the other kind", "warning"))
 
 
 def _conversations(rec: dict, fmt: str, system_prompt: str | None, tags) -> list[list[dict]]:

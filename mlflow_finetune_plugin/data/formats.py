@@ -4,7 +4,8 @@ checks are in `data_validation`, the reader in `data`, the report in `data_check
 chat (OpenAI fine-tuning format: `messages`, per-turn `weight`, `tool_calls`, `tool` turns, a `tools` list),
 sharegpt (`conversations` of {from, value}, LLaMA-Factory's role tags), alpaca, prompt_completion, preference and
 prompt_only (TRL's prompt-only data for GRPO: a `prompt` and no answer to imitate; the row's other columns, such as
-`answer`, are kept for the reward functions). A file's own column names are mapped to these by the reader
+`answer`, are kept for the reward functions) and unpaired_preference (TRL's unpaired preference data for KTO: one
+answer per row, `prompt`, `completion` and a boolean `label`, true for a desirable answer). A file's own column names are mapped to these by the reader
 (`data.columns`); everything after that sees one shape.
 """
 
@@ -16,11 +17,11 @@ from dataclasses import dataclass
 
 from mlflow_finetune_plugin.errors import FinetuneError
 
-FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "preference", "prompt_only")
+FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "preference", "prompt_only", "unpaired_preference")
 ROLES = ("system", "user", "assistant", "tool")
 # The fields `data.columns` can point at another column of the file (LLaMA-Factory's `columns`).
-COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected", "system", "tools", "instruction", "input",
-           "output")
+COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected", "label", "system", "tools", "instruction",
+           "input", "output")
 # ShareGPT role tags, as LLaMA-Factory's dataset_info.json names them (`data.tags` overrides them).
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
@@ -31,7 +32,9 @@ _KEYS = {"chat": (("messages",), "messages (a list of {role, content})"),
          "prompt_completion": (("prompt", "completion"), "prompt, completion (strings or message lists)"),
          "preference": (("chosen", "rejected"), "prompt, chosen, rejected (or chosen/rejected as message lists)"),
          "prompt_only": (("prompt",), "prompt alone (a string or messages ending in a user turn; no completion: "
-                                      "for grpo, other columns such as answer reach the reward functions)")}
+                                      "for grpo, other columns such as answer reach the reward functions)"),
+         "unpaired_preference": (("prompt", "completion", "label"),
+                                 "prompt, completion, label (true: a desirable answer, false: an undesirable one)")}
 # A row with one of these has an answer to learn from: it is not prompt-only data.
 _ANSWER_KEYS = ("completion", "chosen", "rejected")
 _DETECT_ROWS = 200
@@ -107,7 +110,8 @@ def row_formats(rec: dict, tags: dict) -> list[str]:
     """Every format whose keys the row has; a `messages` list of {from, value} turns is ShareGPT, not chat, and a
     prompt with an answer (completion, chosen/rejected) is not prompt-only."""
     found = [f for f, (keys, _) in _KEYS.items() if all(k in rec for k in keys)
-             and not (f == "prompt_only" and any(k in rec for k in _ANSWER_KEYS))]
+             and not (f == "prompt_only" and any(k in rec for k in _ANSWER_KEYS))
+             and not (f == "prompt_completion" and "label" in rec)]
     if "chat" in found and _is_sharegpt_list(rec["messages"], tags):
         found = ["sharegpt" if f == "chat" else f for f in found if f != "sharegpt"]
     return found
@@ -222,6 +226,8 @@ def to_messages(record: dict, fmt: str, system_prompt: str | None = None, tags=N
         messages = row["prompt"] + row["chosen"]
     elif fmt == "prompt_only":
         messages = _turns(record["prompt"], "user")
+    elif fmt == "unpaired_preference":
+        messages = _turns(record["prompt"], "user") + _turns(record["completion"], "assistant")
     else:
         raise DataError([DataIssue("<record>", None, f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")])
     return _with_system(messages, _row_system(record) or system_prompt)
@@ -232,6 +238,17 @@ def prompt_only_row(record: dict, system_prompt: str | None = None) -> dict:
     format gets it) and the row's other columns as they are (they reach the reward functions by name)."""
     extra = {k: v for k, v in record.items() if k not in ("prompt", "system")}
     return {"prompt": to_messages(record, "prompt_only", system_prompt), **extra}
+
+
+def unpaired_row(record: dict, system_prompt: str | None = None, conversational: bool = False) -> dict:
+    """prompt/completion/label as TRL's KTOTrainer takes them: strings, or message lists (when either field is one,
+    with a system prompt, or when asked)."""
+    prompt, completion = record["prompt"], record["completion"]
+    system_prompt = _row_system(record) or system_prompt
+    if conversational or system_prompt or isinstance(prompt, list) or isinstance(completion, list):
+        prompt = _with_system(_turns(prompt, "user"), system_prompt)
+        completion = _turns(completion, "assistant")
+    return {"prompt": prompt, "completion": completion, "label": bool(record["label"])}
 
 
 def _row_system(record: dict) -> str | None:

@@ -17,10 +17,13 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import split_conversation
 from mlflow_finetune_plugin.models.chat_format import reply_ids
 
-_FORMAT_HINTS = {**dict.fromkeys(("dpo", "orpo", "simpo"),
+_FORMAT_HINTS = {**dict.fromkeys(("dpo", "orpo", "simpo", "reward"),
                                  "Give rows with prompt, chosen and rejected (or chosen/rejected message lists); "
                                  "`mlflow-finetune votes export NAME -o prefs.jsonl` writes them from playground "
                                  "votes."),
+                 "kto": "Give rows with prompt, completion and a boolean label (true: desirable), or preference "
+                        "pairs; `mlflow-finetune votes export NAME --format kto -o thumbs.jsonl` writes them from "
+                        "playground votes.",
                  "grpo": "Give rows with a prompt (text or messages) and the columns your reward functions read "
                          "(e.g. answer)."}
 

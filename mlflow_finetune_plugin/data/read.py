@@ -25,6 +25,7 @@ from mlflow_finetune_plugin.data.formats import (  # noqa: F401 - re-exported: t
     resolve_format,
     to_messages,
     tools_of,
+    unpaired_row,
 )
 from mlflow_finetune_plugin.data.validation import validate_records  # noqa: F401 - re-exported
 
@@ -292,6 +293,9 @@ def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, ta
         # one Arrow column cannot hold both strings and message lists: one chat-form row makes them all chat-form
         chat = any(isinstance(rec.get(k), list) for _, rec in records for k in ("prompt", "chosen", "rejected"))
         rows = [preference_row(rec, system_prompt, conversational=chat) for _, rec in records]
+    elif fmt == "unpaired_preference":
+        chat = any(isinstance(rec.get(k), list) for _, rec in records for k in ("prompt", "completion"))
+        rows = [unpaired_row(rec, system_prompt, conversational=chat) for _, rec in records]
     elif fmt == "prompt_only":
         rows = [prompt_only_row(rec, system_prompt) for _, rec in records]
         # Dataset.from_list takes its columns from the first row: every row gets every column (None where absent)

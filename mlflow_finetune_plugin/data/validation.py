@@ -26,7 +26,7 @@ def validate_records(records, fmt, path, tags=None) -> list[DataIssue]:
     tags = sharegpt_tags(tags)
     check = {"chat": _check_chat, "sharegpt": lambda rec: _check_sharegpt(rec, tags), "alpaca": _check_alpaca,
              "prompt_completion": _check_prompt_completion, "preference": _check_preference,
-             "prompt_only": _check_prompt_only}[fmt]
+             "prompt_only": _check_prompt_only, "unpaired_preference": _check_unpaired}[fmt]
     return [DataIssue(str(path), line, msg) for line, rec in records for msg in check(rec) + _check_row_fields(rec)]
 
 
@@ -169,4 +169,16 @@ def _check_prompt_only(rec: dict) -> list[str]:
     if not errors and last is not None and last.get("role") != "user":
         errors.append(f"'prompt' ends with a {last.get('role')!r} message: the model answers the last user turn, so "
                       "end the prompt with a user message")
+    return errors
+
+
+def _check_unpaired(rec: dict) -> list[str]:
+    """One answer and its thumb: prompt and completion as for prompt_completion, and `label` a JSON boolean (a
+    thumbs-up `true` is desirable, `false` undesirable); text such as "yes" or 1 is refused, not guessed."""
+    errors = _check_text_or_messages(rec, "prompt", False) + _check_text_or_messages(rec, "completion", True)
+    label = rec.get("label")
+    if label is None:
+        errors.append("missing 'label': true for a desirable answer, false for an undesirable one")
+    elif not isinstance(label, bool):
+        errors.append(f"'label' must be true (desirable) or false (undesirable), got {json_type(label)} {label!r}")
     return errors

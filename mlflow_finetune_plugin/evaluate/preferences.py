@@ -40,7 +40,14 @@ def pair_ids(tokenizer, row: dict) -> dict:
 
 
 def completion_logps(model, input_ids, attention_mask, completion_mask):
-    """Summed log-probability of each row's completion tokens (right-padded rows; labels -100 on prompt and padding).
+    """Summed log-probability of each row's completion tokens (right-padded rows; labels -100 on prompt and padding)."""
+    logps, _ = token_logps(model, input_ids, attention_mask, completion_mask)
+    return logps.sum(dim=1)
+
+
+def token_logps(model, input_ids, attention_mask, completion_mask):
+    """(log-probability of each next token [rows, length - 1], 0 where not scored; which positions are scored): the
+    completion tokens of right-padded rows.
 
     Only the scored positions go through the LM head: in chunks (`models/lm_head.py`) where it is a head that module
     reproduces, so that no (rows, length, vocabulary) logits are held, else from the model's logits."""
@@ -61,12 +68,12 @@ def completion_logps(model, input_ids, attention_mask, completion_mask):
         # Prompt tuning's virtual tokens come ahead of the input's.
         hidden = captured[-1][:, captured[-1].shape[1] - input_ids.shape[1]: -1]
         logps[scored] = token_logprobs(head, hidden[scored], targets[scored])[0]
-        return logps.sum(dim=1)
+        return logps, scored
     logits = model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False).logits
     logits = logits[:, logits.shape[1] - input_ids.shape[1]: -1]
     # Only the scored positions' logits are upcast: the full (rows, length, vocabulary) tensor in fp32 is large.
     logps[scored] = -torch.nn.functional.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
-    return logps.sum(dim=1)
+    return logps, scored
 
 
 def preference_margins(model, tokenizer, rows, max_length: int | None = None, batch_size: int = 8) -> list[float]:

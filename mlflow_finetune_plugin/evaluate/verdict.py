@@ -35,8 +35,9 @@ MIN_EXAMPLES = VERDICT_MIN_EXAMPLES
 # Per-example scores (the file `report.log_evaluation` writes): contender -> metric -> one value per example.
 SCORES_FILE = "eval/per_example_scores.json"
 # The primary metric when no promotion gate names one with per-example scores: the first of these that was scored.
-PREFERRED = ("rougeL", "reward", "token_f1", "chrf", "exact_match", "json_valid")
-LABELS = {"base": "zero-shot prompting", "fewshot": "few-shot prompting", "retrieval": "retrieval prompting"}
+PREFERRED = ("rougeL", "reward", "pair_accuracy", "token_f1", "chrf", "exact_match", "json_valid")
+LABELS = {"base": "zero-shot prompting", "fewshot": "few-shot prompting", "retrieval": "retrieval prompting",
+          "length": "the longer answer winning"}
 NONE = "none"  # best_alternative when no prompt-only contender was scored
 
 

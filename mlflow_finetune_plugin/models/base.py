@@ -171,9 +171,11 @@ def torch_dtype(precision: str):
     return torch.float32
 
 
-def load_base_model(model_cfg, dtype=None, **kwargs):
-    """Load the base causal LM named by a recipe's `model` section (extra kwargs go to `from_pretrained`)."""
-    from transformers import AutoModelForCausalLM
+def load_base_model(model_cfg, dtype=None, scoring: bool = False, **kwargs):
+    """Load the base causal LM named by a recipe's `model` section (extra kwargs go to `from_pretrained`); with
+    `scoring`, the same weights under a one-number score head instead of the LM head (a reward model to train: the
+    head starts random)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
 
@@ -183,8 +185,10 @@ def load_base_model(model_cfg, dtype=None, **kwargs):
         dtype = torch_dtype(model_cfg.dtype)
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if scoring:
+        kwargs["num_labels"] = 1
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return (AutoModelForSequenceClassification if scoring else AutoModelForCausalLM).from_pretrained(
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=dtype,
             use_safetensors=None if model_cfg.trust_remote_code else True, **kwargs)
     except OSError as e:

@@ -24,6 +24,8 @@ _PURPOSE = {
     "orpo": "prefer the chosen answers of its preference pairs over the rejected ones (ORPO)",
     "simpo": "prefer the chosen answers of its preference pairs over the rejected ones (SimPO)",
     "grpo": "earn the rewards of its reward functions on its prompts (GRPO)",
+    "reward": "score answers as people ranked them: a reward model, higher for the chosen answer of a pair",
+    "kto": "give desirable answers and avoid undesirable ones, from unpaired thumbs up/down (KTO)",
 }
 
 

@@ -21,7 +21,7 @@ from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.registry import versions as registry
 from mlflow_finetune_plugin.serving.base import ModelChoice
-from mlflow_finetune_plugin.vllm_rules import adapter_servable
+from mlflow_finetune_plugin.vllm_rules import REWARD_MODEL, adapter_servable
 
 
 @dataclass
@@ -210,6 +210,9 @@ def local_model(choice: ModelChoice) -> LocalModel:
     from mlflow_finetune_plugin.paths import cache_root
 
     mv = registry.get_version(choice.name, choice.version)
+    if mv.tags.get(tags.OBJECTIVE) == "reward":  # before minutes go into downloading it
+        raise FinetuneError(f"{choice.name} v{choice.version} is a reward model and cannot be served or chatted with: "
+                            f"{REWARD_MODEL}. Serve a chat version instead")
     # Keyed by the logged model too: two tracking servers can both hold a `support-bot` v1.
     digest = hashlib.sha256(str(mv.source).encode()).hexdigest()[:10]
     root = cache_root() / "serving" / "models"

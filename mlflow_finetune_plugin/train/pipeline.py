@@ -10,6 +10,7 @@ import mlflow
 from transformers import set_seed
 
 from mlflow_finetune_plugin import stops, tracking
+from mlflow_finetune_plugin.config.checks import SCORING
 from mlflow_finetune_plugin.data import splits
 from mlflow_finetune_plugin.evaluate import forgetting
 from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
@@ -44,7 +45,8 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     # Adapter weights start random (LoRA's A, prompt embeddings): seeded, a run is repeatable and a resumed run
     # continues the one it resumes. Trainer seeds again, but only once the model exists.
     set_seed(recipe.train.seed)
-    model = load_base_model(recipe.model, **quantization.model_kwargs(recipe.model))
+    scoring = recipe.objective in SCORING  # a reward model: the base under a score head
+    model = load_base_model(recipe.model, scoring=scoring, **quantization.model_kwargs(recipe.model))
     base_revision = recipe.model.revision or getattr(model.config, "_commit_hash", None)
     trainable = templates.fit_model(recipe, model, tokenizer, main)  # new tokens' rows, every end-of-turn id stops
     model = attach(quantization.prepare(model, recipe.model), recipe, trainable)
@@ -87,7 +89,8 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
                 sft.evaluate_tasks(recipe, tuned, tokenizer, data.tasks, data.task_evals, base)
             else:
                 objective.evaluate(recipe, tuned, tokenizer, data.train, data.eval, base)
-            forgetting.check(recipe, general_text, tuned, tokenizer, base)  # general text: base vs tuned
+            if not scoring:  # a reward model writes no text to measure forgetting on
+                forgetting.check(recipe, general_text, tuned, tokenizer, base)  # general text: base vs tuned
         del base
     # Did it pay off against the best prompt-only alternative? Tagged before publishing: the model card says it.
     verdict = conclude(run_id, recipe.registry.promote_if)

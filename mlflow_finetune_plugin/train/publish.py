@@ -11,12 +11,14 @@ from pathlib import Path
 import mlflow
 
 from mlflow_finetune_plugin import tags as tag
+from mlflow_finetune_plugin.config.checks import SCORING
 from mlflow_finetune_plugin.config.loading import flat_params, recipe_hash, to_yaml
 from mlflow_finetune_plugin.logged_model import log_finetuned_model
 from mlflow_finetune_plugin.models.precision import compute_precision, measured_for, precision_reason
 from mlflow_finetune_plugin.registry import model_card
 from mlflow_finetune_plugin.registry.promotion import maybe_auto_promote
 from mlflow_finetune_plugin.registry.versions import register
+from mlflow_finetune_plugin.reward_model import log_reward_model
 from mlflow_finetune_plugin.tags import lineage_tags
 
 
@@ -41,8 +43,10 @@ def log_recipe(recipe, run_id: str, base_ref: str, vllm: tuple[bool, str]) -> di
 
 def log_and_register(recipe, model, tokenizer, config: dict, tags: dict, name: str = "model",
                      registered_name: str | None = None) -> None:
-    """Log the model in the active run and register it (alias, lineage tags, auto-promotion per the recipe)."""
-    info = log_finetuned_model(model, tokenizer, config=config, name=name)
+    """Log the model in the active run and register it (alias, lineage tags, auto-promotion per the recipe); a
+    reward model is logged as a scorer of (prompt, answer) pairs."""
+    log = log_reward_model if recipe.objective in SCORING else log_finetuned_model
+    info = log(model, tokenizer, config=config, name=name)
     mlflow.set_tags(tags)
     registered_name = registered_name or recipe.registry.name
     card = model_card.build(recipe, mlflow.active_run().info.run_id, config, registered_name)

@@ -54,8 +54,11 @@ def trains_token_rows(recipe) -> bool:
 
 def vllm_verdict(recipe, verdict: tuple[bool, str]) -> tuple[bool, str]:
     """The adapter's vLLM verdict (`finetune.vllm_compatible`), refused where it trains token rows."""
-    from mlflow_finetune_plugin.vllm_rules import TOKEN_ROWS
+    from mlflow_finetune_plugin.config.checks import SCORING
+    from mlflow_finetune_plugin.vllm_rules import REWARD_MODEL, TOKEN_ROWS
 
+    if recipe.objective in SCORING:
+        return False, REWARD_MODEL
     return (False, TOKEN_ROWS) if verdict[0] and trains_token_rows(recipe) else verdict
 
 
@@ -69,6 +72,9 @@ def fit_model(recipe, model, tokenizer, main: bool = True) -> list[int]:
         added = getattr(tokenizer, "added_control_tokens", [])
         if main:
             print(f"Chat template: added {', '.join(added)} to the tokenizer; the embeddings grow to {len(tokenizer)}")
+    if not model.can_generate():  # a reward model scores: no generation to stop; its head pools at the last non-pad
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return []
     stops = stop_ids(tokenizer, model.generation_config)
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     if model.generation_config.pad_token_id is None:

@@ -29,7 +29,11 @@ def attach(model, recipe, trainable_tokens: list[int] | None = None):
     (PEFT's `trainable_token_indices`; a chosen chat template's control tokens, `train/templates.py`)."""
     import sys
 
+    from mlflow_finetune_plugin.config.checks import SCORING
+
     module = adapter_of(recipe)
+    if recipe.objective in SCORING:
+        return scoring_adapter(model, recipe)
     if trainable_tokens and recipe.adapter.type == "lora" and not recipe.model.init_adapter \
             and not (recipe.data.tasks and recipe.data.adapters == "per_task"):
         from peft import get_peft_model
@@ -52,6 +56,21 @@ def attach(model, recipe, trainable_tokens: list[int] | None = None):
     folder = resolve_adapter(recipe.model.init_adapter)
     print(f"Continuing the adapter {recipe.model.init_adapter}", file=sys.stderr)
     return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+
+
+def scoring_adapter(model, recipe):
+    """A fresh adapter on a sequence-scoring model (`load_base_model(scoring=True)`): PEFT's sequence-classification
+    task, which trains and saves the randomly initialised score head beside the adapter (`modules_to_save`); a full
+    fine-tune trains it with everything else."""
+    from peft import get_peft_model
+
+    module = adapter_of(recipe)
+    if module.ARTIFACT == "full":
+        return module.apply(model, recipe.adapter)
+    config = module.peft_config(recipe.adapter, model)
+    config.task_type = "SEQ_CLS"
+    config.modules_to_save = [*(config.modules_to_save or []), "score"]
+    return get_peft_model(model, config)
 
 
 def token_rows(model, ids) -> list[int] | dict[str, list[int]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("sft", "dpo", "orpo", "simpo", "grpo")
+NAMES = ("sft", "dpo", "orpo", "simpo", "grpo", "reward", "kto")
 
 
 def objective_of(recipe):

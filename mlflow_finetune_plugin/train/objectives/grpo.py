@@ -1,6 +1,8 @@
 """GRPO: reinforcement fine-tuning with verifiable rewards, with TRL's GRPOTrainer, on any adapter.
 
-Data is prompt-only (`prompt_only`: a prompt, and columns such as `answer` for the reward functions). Each step
+Data is prompt-only (`prompt_only`: a prompt, and columns such as `answer` for the reward functions), or preference
+pairs, whose prompts are taken with the chosen answer as `answer` (`prompts_of`: RLHF on the prompts a reward model
+was trained for, e.g. `-e grpo` on the dpo recipe with `grpo.rewards: [models:/support-bot-dpo-rm@champion]`). Each step
 samples `grpo.num_generations` completions per prompt, scores them with the recipe's reward functions
 (`rewards.py`: built-ins and the project's own), and moves the policy towards the completions that beat their
 group's mean, held near the base model by the KL term (`grpo.beta`). TRL logs the curves: `reward`,
@@ -9,7 +11,8 @@ group's mean, held near the base model by the KL term (`grpo.beta`). TRL logs th
 Choices made here:
 - No evaluation during training: TRL's GRPO evaluation samples num_generations completions per held-out prompt
   and scores them, as costly as that many training steps, while the training curves already score fresh samples
-  every step. The held-out rows are scored once at the end (`evaluate`): greedy answers of base, few-shot and tuned.
+  every step. The held-out rows are scored once at the end (`evaluate`): greedy answers of base, few-shot and tuned,
+  and beside their rewards a reward-hacking check: the tuned answers' length and KL to the base (`policy_kl.py`).
 - Prompts: TRL 1.16's GRPO has no `max_prompt_length` (it never cuts a prompt). A prompt cut on the left would lose
   its system message and instruction, so a prompt longer than `data.max_length - grpo.max_completion_length`
   tokens is left out of training, with a warning that counts them.
@@ -26,6 +29,7 @@ from mlflow_finetune_plugin.train.rewards.calling import mean, score
 from mlflow_finetune_plugin.train.rewards.loader import load_rewards, missing_columns, resolve_rewards
 
 REFERENCE_COLUMN = "answer"  # where rows have it: the reference of the evaluation's text metrics
+PAIR_COLUMNS = {"chosen", "rejected"}
 
 
 def check(recipe) -> list[str]:
@@ -52,7 +56,10 @@ def _file_columns(path, recipe) -> set[str] | None:
     if not path.is_file():
         return None
     records, _ = read_records_lenient(str(path), getattr(recipe.data, "columns", None))
-    return set().union(*(rec.keys() for _, rec in records)) if records else None
+    columns = set().union(*(rec.keys() for _, rec in records)) if records else None
+    if columns and PAIR_COLUMNS <= columns:  # preference pairs: read as prompts with `answer` (`prompts_of`)
+        columns = columns - PAIR_COLUMNS | {REFERENCE_COLUMN}
+    return columns
 
 
 def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):
@@ -63,6 +70,7 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
     from mlflow_finetune_plugin.train.callbacks import DropReferenceAdapter
 
     cfg = recipe.grpo
+    train_ds = prompts_of(train_ds)
     rewards = load_rewards(cfg.rewards, recipe.project_dir)
     problems = missing_columns(rewards, train_ds.column_names)
     if problems:
@@ -85,6 +93,25 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 
     return GRPOTrainer(model=model, reward_funcs=[r.func for r in rewards], args=config, train_dataset=train_ds,
                        eval_dataset=None, processing_class=tokenizer, callbacks=[*callbacks, DropReferenceAdapter()])
+
+
+def prompts_of(ds):
+    """Prompt-only rows as they are; preference pairs as their prompts (messages), with the chosen answer's text as
+    the `answer` the text metrics and rewards such as exact_answer compare with (TRL's GRPOTrainer reads `prompt`)."""
+    from datasets import Dataset
+
+    if ds is None or not PAIR_COLUMNS <= set(ds.column_names):
+        return ds
+    rows = [{"prompt": row["prompt"] if isinstance(row["prompt"], list) else
+             [{"role": "user", "content": row["prompt"]}], REFERENCE_COLUMN: _text(row["chosen"])} for row in ds]
+    return Dataset.from_list(rows)
+
+
+def _text(answer) -> str:
+    """An answer's text: a string, or the content of its assistant messages."""
+    if isinstance(answer, str):
+        return answer
+    return "\n".join(str(m.get("content") or "") for m in answer if m.get("role", "assistant") == "assistant")
 
 
 def _fitting_prompts(ds, tokenizer, limit: int):
@@ -119,6 +146,7 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
     from mlflow_finetune_plugin.evaluate.report import log_evaluation
     from mlflow_finetune_plugin.metrics import comparison_table
 
+    train_ds, eval_ds = prompts_of(train_ds), prompts_of(eval_ds)
     rewards = load_rewards(recipe.grpo.rewards, recipe.project_dir)
     lacking = missing_columns(rewards, eval_ds.column_names)
     if lacking:
@@ -133,6 +161,7 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
               "scored by the reward functions only", file=sys.stderr)
         _drop_text_metrics(result)
     metrics = reward_metrics(rewards, tokenizer, held_out, result)
+    metrics.update(_kl_to_base(model, tokenizer, held_out, result, base_model, recipe.train.batch_size))
     result.metrics.update(metrics)
     log_evaluation(result)
     print(comparison_table(result.metrics))
@@ -150,12 +179,29 @@ def reward_metrics(rewards, tokenizer, rows, result) -> dict[str, float]:
                  "trainer_state": None, "log_extra": _ignore, "log_metric": _ignore}
         completions = [[{"role": "assistant", "content": a}] for a in answers]
         totals, per_fn = score(rewards, prompts, completions, {**columns, **extra})
-        for key, value in [("reward", mean(totals)), *((f"reward_{fn}", mean(v)) for fn, v in per_fn.items())]:
+        # answer length beside the rewards: a reward model that likes long answers is hacked by longer answers
+        lengths = [float(len(ids)) for ids in extra["completion_ids"]]
+        for key, value in [("reward", mean(totals)), *((f"reward_{fn}", mean(v)) for fn, v in per_fn.items()),
+                           ("answer_tokens", mean(lengths))]:
             if value is not None:
                 metrics[f"eval/{name}/{key}"] = value
         for row, total in zip(result.rows, totals):
             row[f"{name}_reward"] = total
     return metrics
+
+
+def _kl_to_base(model, tokenizer, rows, result, base_model, batch_size: int) -> dict[str, float]:
+    """The reward-hacking check beside the rewards: KL per answer token from the base to the tuned policy on its own
+    held-out answers (`evaluate/policy_kl.py`), `eval/tuned/kl_to_base`, and per example in the table."""
+    from mlflow_finetune_plugin.evaluate.policy_kl import answer_kl
+
+    if "tuned" not in result.contenders:
+        return {}
+    kl, per_answer = answer_kl(model, tokenizer, rows["prompt"], [row["tuned_answer"] for row in result.rows],
+                               base_model, batch_size)
+    for row, value in zip(result.rows, per_answer):
+        row["tuned_kl_to_base"] = value
+    return {} if kl is None else {"eval/tuned/kl_to_base": kl}
 
 
 def _ignore(*args, **kwargs) -> None:

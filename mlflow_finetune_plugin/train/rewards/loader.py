@@ -10,6 +10,7 @@ for another file. The recipe names them in `grpo.rewards`:
       - {name: regex, pattern: '^\\d+$', weight: 0.5}  # a mapping: parameters and a weight (default 1)
       - {name: json_schema, schema: {type: object}}
       - {name: checks.py:brevity, weight: 2}
+      - models:/support-bot-rm@champion                # a registered reward model (rewards/learned.py)
 
 The weighted sum of the functions is the reward GRPO maximizes (TRL's `reward_weights`). A built-in's name wins over
 a function of that name in rewards.py; write `rewards.py:NAME` for yours.
@@ -29,6 +30,12 @@ from pathlib import Path
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.train.rewards.builtins import BUILTINS, check_builtin_params, json_schema
 from mlflow_finetune_plugin.train.rewards.calling import Reward, wrap
+from mlflow_finetune_plugin.train.rewards.learned import (
+    LearnedReward,
+    check_reward_model,
+    is_model_uri,
+    label_of,
+)
 
 USER_FILE = "rewards.py"
 # What TRL passes to every reward function besides the data's columns (GRPOTrainer._calculate_rewards).
@@ -57,6 +64,15 @@ def resolve_rewards(specs: list, project_dir: str | Path | None, key: str = "grp
         name, params, weight, problem = _parse_spec(spec, where)
         if problem:
             problems.append(problem)
+            continue
+        if is_model_uri(name):  # a registered reward model: checked in the registry, loaded when GRPO first calls it
+            problem = check_reward_model(name, where) or (f"{where} ({name}): a reward model takes no parameters "
+                                                          f"besides weight; got {', '.join(params)}" if params else None)
+            if problem:
+                problems.append(problem)
+            else:
+                label = _unique(label_of(name), taken)
+                rewards.append(Reward(label, wrap(LearnedReward(name), label, {}), weight, ()))
             continue
         func, problem = _find(name, project, modules, where)
         problem = problem or _check_params(name if func is BUILTINS.get(name) else None, func, params, where)

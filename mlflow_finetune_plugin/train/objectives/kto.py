@@ -1,0 +1,98 @@
+"""KTO: preference tuning on unpaired thumbs-up/down answers (prompt, completion, label) with TRL's KTOTrainer.
+
+Where DPO needs two answers to one prompt and a verdict between them, KTO takes each answer on its own, labelled
+desirable or not: every playground vote counts, ties and "both are bad" included (`votes export --format kto`).
+Preference pairs (the dpo recipe's data) are unpaired first, as TRL does: the chosen answer desirable, the rejected
+one not.
+The reference model is the base (the adapter disabled), as for DPO; TRL estimates KTO's KL term from the other
+answers of the batch, so `train.batch_size` is at least 2 (`config/checks.py`).
+
+Evaluation: the usual one (base, few-shot and tuned answers scored against the desirable answers), then, on every
+held-out prompt with both a desirable and an undesirable answer, how much more likely the starting and the tuned
+policy make the desirable one: `eval/<policy>/pref_margin` and `pref_accuracy`, the numbers DPO logs, so the two
+objectives compare on the same votes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mlflow_finetune_plugin.tracking import log_results
+
+
+def check(recipe) -> list[str]:
+    return []
+
+
+def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):
+    """TRL's KTOTrainer; with a fresh adapter the reference is the base (TRL disables the adapter)."""
+    from trl import KTOConfig, KTOTrainer
+
+    from mlflow_finetune_plugin.train.callbacks import DropReferenceAdapter
+
+    train_ds, eval_ds = unpaired(train_ds), None if eval_ds is None else unpaired(eval_ds)
+    cfg = recipe.kto
+    config = KTOConfig(**args, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                       undesirable_weight=cfg.undesirable_weight, max_length=recipe.data.max_length)
+    return KTOTrainer(model=model, ref_model=None, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer, callbacks=[*callbacks, DropReferenceAdapter()])
+
+
+def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
+    """Answers scored against the desirable answers, then desirable-over-undesirable margins (see the docstring)."""
+    from mlflow_finetune_plugin.evaluate.preferences import (
+        preference_margins,
+        preference_metrics,
+        preference_table,
+    )
+    from mlflow_finetune_plugin.train.objectives import sft
+    from mlflow_finetune_plugin.train.objectives.dpo import _starting_policy
+
+    eval_ds = unpaired(eval_ds)
+    desirable = eval_ds.filter(lambda row: row["label"])
+    if len(desirable):
+        sft.evaluate(recipe, model, tokenizer, unpaired(train_ds).filter(lambda row: row["label"]), desirable,
+                     base_model)
+    pairs = unpaired_to_pairs(eval_ds)
+    if not pairs:
+        print("KTO evaluation: no held-out prompt has both a desirable and an undesirable answer; no margins.",
+              file=sys.stderr)
+        return
+
+    def margins(policy):
+        return preference_margins(policy, tokenizer, pairs, recipe.data.max_length, recipe.train.batch_size)
+
+    if base_model is not None:
+        start = margins(base_model)
+    else:
+        with _starting_policy(model, recipe.model.init_adapter):
+            start = margins(model)
+    tuned = margins(model)
+    if not tuned:
+        return
+    metrics = {**preference_metrics(start, "start"), **preference_metrics(tuned, "tuned")}
+    log_results({**metrics, "eval/n_pairs": float(len(tuned))})
+    print(f"\nHeld-out desirable/undesirable pairs ({len(tuned)}): log p(desirable) - log p(undesirable)")
+    print(preference_table(metrics))
+
+
+def unpaired(ds):
+    """Unpaired rows as they are; preference pairs (`-e kto` on the dpo recipe) as two rows each, the chosen answer
+    desirable and the rejected one not (TRL's `unpair_preference_dataset`)."""
+    from trl.data_utils import unpair_preference_dataset
+
+    return unpair_preference_dataset(ds) if "chosen" in ds.column_names else ds
+
+
+def unpaired_to_pairs(rows) -> list[dict]:
+    """prompt/chosen/rejected pairs from unpaired rows: for each prompt, every desirable answer against every
+    undesirable one (TRL's `unpair_preference_dataset`, backwards)."""
+    import json
+
+    by_prompt: dict[str, dict] = {}
+    for row in rows:
+        entry = by_prompt.setdefault(json.dumps(row["prompt"], sort_keys=True),
+                                     {"prompt": row["prompt"], True: [], False: []})
+        entry[bool(row["label"])].append(row["completion"])
+    return [{"prompt": e["prompt"], "chosen": good, "rejected": bad}
+            for e in by_prompt.values() for good in e[True] for bad in e[False]]
