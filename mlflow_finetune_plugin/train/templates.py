@@ -18,6 +18,7 @@ from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.models.base import chosen_chat_template, control_tokens
 from mlflow_finetune_plugin.models.chat_format import chat_format, prepared, stop_ids
 
+
 def for_template(recipe, data, tokenizer, main: bool = True):
     """`data` (splits.Splits) with system messages folded where the template needs it; one printed line, one tag."""
     import dataclasses
