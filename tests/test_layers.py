@@ -24,7 +24,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("train",),
     ("evaluate",),
     ("registry",),
-    ("chat_model",),  # the file every logged model stores; it imports logged_model
+    ("chat_model", "reward_scorer"),  # the files logged models store; they import logged_model / reward_model
+    ("reward_model",),  # a reward model as an MLflow model, over logged_model's layout and loading
     ("arena", "logged_model"),
     ("data",),
     ("config", "models"),
