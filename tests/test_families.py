@@ -246,6 +246,7 @@ def test_a_misspelled_family_name_gets_the_nearest_one():
 # --- one family through `mlflow run` ----------------------------------------------------------------------------------
 
 @pytest.mark.integration
+@pytest.mark.stress  # tests/test_family_matrix.py runs tiny-qwen3 through `mlflow run` with evaluation and registration
 def test_mlflow_run_trains_a_family_model(tmp_path, tracking_uri):
     from mlflow import MlflowClient
 

@@ -37,6 +37,7 @@ from tests.matrix_helpers import (
     FOLDS_SYSTEM,
     ROWS,
     Script,
+    end_to_end,
     model_name,
     own_warnings,
     registered_name,
@@ -191,7 +192,7 @@ def _run_of(row):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("row", FAMILIES)
+@pytest.mark.parametrize("row", end_to_end(FAMILIES))
 def test_mlflow_run_lora_trains_registers_and_says_what_the_loss_covered(runs, row):
     proc = runs[row]
     output = proc.stdout + proc.stderr
@@ -223,7 +224,7 @@ def pyfuncs(runs):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("row", FAMILIES)
+@pytest.mark.parametrize("row", end_to_end(FAMILIES))
 def test_the_registered_version_reloads_answers_and_stops_at_the_end_of_turn(pyfuncs, row):
     from mlflow_finetune_plugin.evaluate.contenders import answer_and_score
 
@@ -253,7 +254,7 @@ def engine(store):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("row", FAMILIES)
+@pytest.mark.parametrize("row", end_to_end(FAMILIES))
 def test_the_transformers_engine_and_the_playground_answer_and_stop(pyfuncs, engine, row):
     from mlflow_finetune_plugin.serving import ModelChoice, Settings
     from mlflow_finetune_plugin.serving.playground import Playground
@@ -273,7 +274,7 @@ def test_the_transformers_engine_and_the_playground_answer_and_stop(pyfuncs, eng
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("row", FAMILIES)
+@pytest.mark.parametrize("row", end_to_end(FAMILIES))
 def test_export_merged_answers_as_the_pyfunc_and_its_generation_config_stops(pyfuncs, row, tmp_path):
     import torch
     from click.testing import CliRunner
@@ -320,7 +321,7 @@ def _preference_rows() -> list[dict]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.parametrize("row", end_to_end(ROWS))
 def test_dpo_trains_on_the_family(store, row, tmp_path):
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.train.job import run

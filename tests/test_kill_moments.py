@@ -82,8 +82,10 @@ def _submit(proj, tracking_uri, params=None):
 
 
 @pytest.mark.integration
-# Killed while the model is logged: between the other two moments, left to `-m stress` for CI time.
-@pytest.mark.parametrize("moment", ["checkpoint", pytest.param("model", marks=pytest.mark.stress), "register"])
+# Killed while the model is logged or registered: later moments of the same resume path, left to `-m stress` for CI
+# time (tests/test_faults.py kills a run in training and resumes it too).
+@pytest.mark.parametrize("moment", ["checkpoint", pytest.param("model", marks=pytest.mark.stress),
+                                    pytest.param("register", marks=pytest.mark.stress)])
 def test_kill_9_at_the_worst_moment_then_resume_finishes(tmp_path, tracking_uri, monkeypatch, moment):
     proj = write_project(tmp_path / "bot", RECIPE, rows=chat_rows(48))
     hook = tmp_path / "hook"

@@ -112,9 +112,10 @@ def test_two_agents_one_run_one_version_loss_falls(tmp_path, tracking_uri):
 
 
 @pytest.mark.integration
-# Ctrl-C on the second agent goes through the same stop path as on the first (left to `-m stress` for CI time).
+# Ctrl-C on the second agent goes through the same stop path as on the first, and a rank killed on the second node
+# ends the job as tests/test_faults.py's killed rank does on one (both left to `-m stress` for CI time).
 @pytest.mark.parametrize(("agent", "stop"), [("first", "Ctrl-C"), pytest.param("second", "Ctrl-C", marks=pytest.mark.stress),
-                                            ("second", "kill -9 rank")])
+                                            pytest.param("second", "kill -9 rank", marks=pytest.mark.stress)])
 def test_a_stop_or_failure_on_either_agent_ends_the_whole_job(tmp_path, tracking_uri, agent, stop):
     since = time.time()
     first, second, run_id, logs = _start_two_agents(tmp_path, tracking_uri, LONG_RECIPE)

