@@ -342,6 +342,22 @@ def _adapter_save_options(model) -> dict:
     return {}
 
 
+def saved_artifacts(model, tokenizer, config: dict, folder: Path, **save_options) -> tuple[dict, dict]:
+    """The layout every logged model shares: `tokenizer/` and `adapter/` (or a full fine-tune's `model/`) saved under
+    `folder`, and `config` completed with the base's digest (adapters) and the chat template's hash. Returns the
+    completed config and the artifacts mapping for `mlflow.pyfunc.log_model`."""
+    config = dict(config)
+    if config["artifact"] == "adapter":
+        config.setdefault("base_digest", base_digest(config["base_model"]))
+    config["chat_template_hash"] = chat_template_hash(tokenizer)
+    artifacts = {"tokenizer": str(folder / "tokenizer")}
+    tokenizer.save_pretrained(artifacts["tokenizer"])
+    key = "adapter" if config["artifact"] == "adapter" else "model"
+    artifacts[key] = str(folder / key)
+    model.save_pretrained(artifacts[key], safe_serialization=True, **save_options)
+    return config, artifacts
+
+
 def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tags: dict | None = None):
     """Log the trained model in the active run, with the code it runs and its PyPI requirements; returns MLflow's
     ModelInfo.
@@ -349,16 +365,8 @@ def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tag
     `config` must hold `base_model` (a reference from `models.model_reference`) and `artifact` ('adapter'|'full');
     the base's digest is added here.
     """
-    config = dict(config)
-    if config["artifact"] == "adapter":
-        config.setdefault("base_digest", base_digest(config["base_model"]))
-    config["chat_template_hash"] = chat_template_hash(tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = {"tokenizer": str(Path(tmp) / "tokenizer")}
-        tokenizer.save_pretrained(artifacts["tokenizer"])
-        key = "adapter" if config["artifact"] == "adapter" else "model"
-        artifacts[key] = str(Path(tmp) / key)
-        model.save_pretrained(artifacts[key], safe_serialization=True, **_adapter_save_options(model))
+        config, artifacts = saved_artifacts(model, tokenizer, config, Path(tmp), **_adapter_save_options(model))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(MODEL_CODE),

@@ -22,10 +22,9 @@ import pandas as pd
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import (
-    base_digest,
-    chat_template_hash,
     load_logged_base,
     requirements,
+    saved_artifacts,
     stage_code,
 )
 
@@ -130,16 +129,8 @@ def _signature():
 def log_reward_model(model, tokenizer, config: dict, name: str = "model", tags: dict | None = None):
     """Log a trained reward model in the active run; returns MLflow's ModelInfo (`config` as for a chat model:
     `base_model`, `artifact`, `objective: reward`)."""
-    config = dict(config)
-    if config["artifact"] == "adapter":
-        config.setdefault("base_digest", base_digest(config["base_model"]))
-    config["chat_template_hash"] = chat_template_hash(tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = {"tokenizer": str(Path(tmp) / "tokenizer")}
-        tokenizer.save_pretrained(artifacts["tokenizer"])
-        key = "adapter" if config["artifact"] == "adapter" else "model"
-        artifacts[key] = str(Path(tmp) / key)
-        model.save_pretrained(artifacts[key], safe_serialization=True)
+        config, artifacts = saved_artifacts(model, tokenizer, config, Path(tmp))
         example = pd.DataFrame({"prompt": ["How do I reset my password?"], "answer": ["Use the reset link."]})
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(MODEL_CODE), artifacts=artifacts,
