@@ -35,7 +35,10 @@ from tests.helpers import REPO, chat_rows, write_project
 
 # case id -> (entry point, recipe overrides). One row per entry point with its defaults, plus variants: other
 # settings of an adapter, and adapters on a quantized base.
-CASES = {name: (name, {}) for name in PRESETS if name != "grpo"} | {
+# GRPO and the reward model have their own files (tests/test_grpo.py, tests/test_rlhf.py): GRPO samples to train, a
+# reward model is a sequence classifier with a score head, not a causal LM with an adapter.
+OWN_FILES = {"grpo", "reward"}
+CASES = {name: (name, {}) for name in PRESETS if name not in OWN_FILES} | {
     "lora-dora-rslora": ("lora", {"lora.use_dora": True, "lora.use_rslora": True, "lora.r": 8}),
     "lora-top-layers": ("lora", {"lora.layers": 2}),
     "qlora-8bit": ("qlora", {"qlora.bits": 8}),
@@ -69,11 +72,12 @@ TRAINABLE = {
     "full": (r".*", 38),
     "multitask": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
     "dpo": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
+    "kto": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
 }
 # Trained, saved and reloaded: every entry point plus the variants that train differently (keeps the file fast).
-# multitask and dpo train a LoRA adapter; here with the SFT step like the others, their own trainers and data
-# end to end in tests/test_multitask_dpo.py.
-TRAINED = [name for name in PRESETS if name != "grpo"] + ["qlora-8bit", "p_tuning", "ia3-4bit"]
+# multitask, dpo and kto train a LoRA adapter; here with the SFT step like the others, their own trainers and data
+# end to end in tests/test_multitask_dpo.py and tests/test_rlhf.py.
+TRAINED = [name for name in PRESETS if name not in OWN_FILES] + ["qlora-8bit", "p_tuning", "ia3-4bit"]
 # Trained with gradient checkpointing, as their recipes do (prefix tuning refuses it, see below).
 CHECKPOINTING = {"full", "qlora"}
 _PROJECT = {}
@@ -150,7 +154,7 @@ def trained(request, tiny_model_dir, tok, tmp_path_factory):
 
 
 def test_every_entry_point_and_adapter_has_a_row():
-    assert set(PRESETS) - {"grpo"} <= set(CASES) and set(TRAINED) <= set(CASES)
+    assert set(PRESETS) - OWN_FILES <= set(CASES) and set(TRAINED) <= set(CASES)
     assert set(CASES) == set(TRAINABLE), "add the expected trainable parameters of the new case to TRAINABLE"
     assert list(PRESETS)[0] == "lora"
     assert {_config(case)[1].type for case in CASES} == set(ADAPTERS)  # every adapter is in the matrix

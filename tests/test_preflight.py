@@ -35,14 +35,15 @@ def _data_kind(name: str) -> str:
     return detect_format(read_records(recipe.data.train), recipe.data.train)
 
 
-def _refusal(kind: str, entry_point: str) -> str | None:
-    """None where the data allows the entry point; else the message (a regex) that must say why not."""
+def _refusal(kind: str, entry_point: str, batch: int) -> str | None:
+    """None where the data allows the entry point; else the message (a regex) that must say why not. `batch` is the
+    recipe's completions per optimizer step, which GRPO's 8 samples per prompt must divide."""
     preset = PRESETS[entry_point]
     if kind == "mixture":
         return None if preset.objective == "sft" else "mixtures train with the sft objective"
     if preset.mixture:
         return "a mixture needs at least two"
-    if kind in OBJECTIVE_FORMATS[preset.objective]:
+    if kind in OBJECTIVE_FORMATS[preset.objective] and not (preset.objective == "grpo" and batch % 8):
         return None
     if preset.objective == "grpo":  # the reward functions' columns are checked first (or GRPO's batch shape)
         return r"reward 'exact_answer' needs the column answer|grpo\.num_generations \(\d+\) must divide"
@@ -56,9 +57,10 @@ def test_every_entry_point_on_every_bundled_recipe(name, capsys):
     point the recipe's data allows passes, with the preset's adapter and objective; the others are refused saying
     why. `-e prefix` / `-e prompt` on a recipe that packs for LoRA train unpacked, with a note."""
     kind = _data_kind(name)
+    train = load_recipe(REPO / "recipes" / name).train
     allowed = []
     for entry_point, preset in PRESETS.items():
-        refusal = _refusal(kind, entry_point)
+        refusal = _refusal(kind, entry_point, train.batch_size * train.grad_accum)
         if refusal is None:
             recipe, command = resolve_entry_point(str(REPO / "recipes" / name), entry_point, {"model": "tiny"})
             assert command is None and recipe.method == entry_point
