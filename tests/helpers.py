@@ -131,14 +131,20 @@ def job_processes(session: int, run_id: str | None) -> list:
 
 
 def orphans(since: float) -> list:
-    """Processes of this plugin started after `since` whose parent has died (adopted by PID 1)."""
+    """Processes of this plugin started after `since` whose parent has died (adopted by PID 1), and which use this
+    test's tracking store: another test running beside this one (pytest-xdist) has a store of its own."""
     import psutil
 
+    store = os.environ.get("MLFLOW_TRACKING_URI")
     found = []
     for p in psutil.process_iter(["ppid", "cmdline", "create_time", "status"]):
-        if (p.info["ppid"] == 1 and p.info["create_time"] >= since and p.info["status"] != psutil.STATUS_ZOMBIE
-                and "mlflow_finetune_plugin" in " ".join(p.info["cmdline"] or [])):
-            found.append(p)
+        try:
+            if (p.info["ppid"] == 1 and p.info["create_time"] >= since and p.info["status"] != psutil.STATUS_ZOMBIE
+                    and "mlflow_finetune_plugin" in " ".join(p.info["cmdline"] or [])
+                    and (store is None or p.environ().get("MLFLOW_TRACKING_URI") in (store, None))):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            continue
     return found
 
 
