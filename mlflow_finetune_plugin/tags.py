@@ -47,7 +47,7 @@ DATASET_DIGEST = "finetune.dataset_digest"        # digest of the training data 
 DATA_FORMAT = "finetune.data_format"              # the training data's format (chat, alpaca, ...; "+"-joined for mixes)
 TASKS = "finetune.tasks"                          # multitask: "name:weight,..." of the mixture
 TASK = "finetune.task"                            # multitask: the task a per-task version was trained on
-VLLM_COMPATIBLE = "finetune.vllm_compatible"      # "true"/"false": vLLM's multi-LoRA can serve the adapter
+VLLM_COMPATIBLE = "finetune.vllm_compatible"      # "true"/"false": vLLM serves it (as a LoRA, or merged: the reason)
 VLLM_REASON = "finetune.vllm_reason"              # why (not)
 # A checkpoint: on its logged model (`checkpoint-N`, an output of the training run at step N) and on a version
 # registered from it, whose source run is then the run that packaged and evaluated that checkpoint.

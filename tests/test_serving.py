@@ -448,8 +448,10 @@ def test_serve_follows_the_alias_while_a_client_streams_from_the_old_version(tra
             mlflow.MlflowClient().set_registered_model_alias("bot", "champion", v2)  # what `promote` does
             wait_for(lambda: [m.id for m in client.models.list()] == [f"bot-v{v2}"], timeout=300,
                      what="the switch to v2")
-            assert any(f"bot@champion moved from v{v1} to v{v2}" in line and "1 request(s) in flight" in line
-                       for line in log), "".join(log[-30:])
+            # the routes switch first, then the move is logged (and read from the pipe): wait for the line too
+            wait_for(lambda: any(f"bot@champion moved from v{v1} to v{v2}" in line
+                                 and "1 request(s) in flight" in line for line in log),
+                     timeout=30, what=f"the move logged, 1 request in flight; the log: {''.join(log[-30:])}")
             answer = client.chat.completions.create(model="bot@champion", messages=MESSAGES, max_tokens=16,
                                                     temperature=0.0)
             assert answer.model.startswith(f"bot-v{v2}") and answer.choices[0].message.content.strip() == expected[v2]

@@ -21,7 +21,7 @@ from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.registry import versions as registry
 from mlflow_finetune_plugin.serving.base import ModelChoice
-from mlflow_finetune_plugin.vllm_rules import REWARD_MODEL, adapter_servable
+from mlflow_finetune_plugin.vllm_rules import MERGED, REWARD_MODEL, adapter_servable, merges_for_vllm
 
 
 @dataclass
@@ -243,10 +243,19 @@ def local_model(choice: ModelChoice) -> LocalModel:
     return LocalModel(choice, dest, config, artifacts, dict(mv.tags))
 
 
+def vllm_merges(local: LocalModel) -> bool:
+    """Whether vLLM serves this version merged into its base (`merged_folder`), as a model of its own rather than a
+    LoRA request on the base: a LoRA adapter with trained token rows (`vllm_rules.merges_for_vllm`)."""
+    return not local.choice.base and local.is_adapter and merges_for_vllm(local.adapter_config())
+
+
 def vllm_support(local: LocalModel) -> tuple[bool, str]:
-    """Whether vLLM can serve this version, and why not: the version's `finetune.vllm_compatible` tag when training
-    recorded one, else computed from adapter_config.json (LoRA only, no DoRA, no trained biases or extra modules,
-    a rank vLLM's kernels support)."""
+    """Whether vLLM can serve this version, and why not: served merged where only its token rows stand in the way
+    (`vllm_merges`); else the version's `finetune.vllm_compatible` tag when training recorded one, else computed
+    from adapter_config.json (LoRA only, no DoRA, no trained biases or extra modules, a rank vLLM's kernels
+    support)."""
+    if vllm_merges(local):
+        return True, MERGED
     tag = local.tags.get(tags.VLLM_COMPATIBLE)
     if tag in ("true", "false"):
         return tag == "true", local.tags.get(tags.VLLM_REASON, "")
@@ -269,3 +278,63 @@ def require_vllm_support(local: LocalModel) -> None:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def served_name(choice: ModelChoice) -> str:
+    """The model name a server started by `mlflow-finetune serve` gives `choice`: `bot-v3` or `bot-v3-base`."""
+    return f"{choice.name}-v{choice.version}" + ("-base" if choice.base else "")
+
+
+def merged_folder(choice: ModelChoice) -> Path:
+    """A full model folder for `choice` (made once, cached): the adapter merged into the base, the full
+    fine-tune's weights, or (`:base`) the base weights; always with the version's logged tokenizer and chat
+    template. Its name is `served_name(choice)`."""
+    from filelock import FileLock
+
+    from mlflow_finetune_plugin.paths import cache_root
+
+    local = local_model(choice)
+    digest = hashlib.sha256(str(local.path).encode()).hexdigest()[:10]
+    dest = cache_root() / "serving" / "merged" / digest / served_name(choice)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if not (dest / "config.json").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+            try:
+                _write_full_model(local, tmp)
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(tmp, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _write_full_model(local: LocalModel, out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from mlflow_finetune_plugin.logged_model import (
+        load_logged_base,
+        load_logged_model,
+        stop_at_every_end_of_turn,
+    )
+
+    c = local.choice
+    if c.base:  # served with the version's template: its end of turn stops the base's answers too
+        model = load_logged_base(local.config, torch.float32)
+        stop_at_every_end_of_turn(model, AutoTokenizer.from_pretrained(local.tokenizer_dir))
+    else:
+        model = load_logged_model(local.path, device="cpu").model
+        if local.is_adapter:
+            peft_type = local.adapter_config().get("peft_type")
+            if not hasattr(model, "merge_and_unload") or peft_type in _UNMERGEABLE:
+                raise FinetuneError(f"{c.name} v{c.version} is a {peft_type} adapter: it adds virtual tokens rather "
+                                    "than weight updates, so it cannot be merged into a model folder. Compare it "
+                                    f"with the transformers engine: `mlflow-finetune playground --model "
+                                    f"{c.name}/{c.version} --engine transformers`")
+            model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(local.tokenizer_dir).save_pretrained(out)
+
+
+_UNMERGEABLE = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")

@@ -16,26 +16,24 @@ is what the playground's `openai` engine asks for by default.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import ModelChoice
-from mlflow_finetune_plugin.serving.choices import LocalModel, local_model, require_vllm_support
+from mlflow_finetune_plugin.serving.choices import (  # noqa: F401 - served_name, merged_folder: imported from here too
+    LocalModel,
+    local_model,
+    merged_folder,
+    require_vllm_support,
+    served_name,
+    vllm_merges,
+)
 from mlflow_finetune_plugin.serving.follow import DEFAULT_INTERVAL_S
 from mlflow_finetune_plugin.vllm_rules import max_lora_rank
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def served_name(choice: ModelChoice) -> str:
-    """The model name a server started by `mlflow-finetune serve` gives `choice`: `bot-v3` or `bot-v3-base`."""
-    return f"{choice.name}-v{choice.version}" + ("-base" if choice.base else "")
 
 
 @dataclass
@@ -55,15 +53,16 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
     from mlflow_finetune_plugin.models.base import resolve_model_path
 
     locals_ = [local_model(c) for c in choices]
-    full = [m for m in locals_ if not m.choice.base and not m.is_adapter]
+    full = [m for m in locals_ if not m.choice.base and (not m.is_adapter or vllm_merges(m))]
     if full:
         if len(choices) > 1:
-            raise FinetuneError(f"{full[0].choice.key} is a full fine-tune: it is its own model, so serve it alone "
-                                "(one `mlflow-finetune serve` per full fine-tune, each on its own --port)")
+            what = "served merged into its base" if full[0].is_adapter else "a full fine-tune"
+            raise FinetuneError(f"{full[0].choice.key} is {what}: it is its own model, so serve it alone "
+                                "(one `mlflow-finetune serve` per such version, each on its own --port)")
         m = full[0]
         from mlflow_finetune_plugin.serving.vllm_engine import vllm_tokenizer_dir
 
-        folder = str(m.artifacts["model"])
+        folder = str(merged_folder(m.choice) if m.is_adapter else m.artifacts["model"])
         argv = [*VLLM_CLI, "serve", folder, "--tokenizer", str(vllm_tokenizer_dir(m, folder)),
                 "--served-model-name", served_name(m.choice), *_vllm_device_args(extra)]
         return ServerCommand(argv + _common(host, port, extra), names=[served_name(m.choice)])
@@ -139,63 +138,6 @@ def _common(host: str, port: int, extra: tuple[str, ...]) -> list[str]:
 
 def _base_of(choice: ModelChoice) -> ModelChoice:
     return ModelChoice(choice.name, choice.version, base=True)
-
-
-def merged_folder(choice: ModelChoice) -> Path:
-    """A full model folder for `choice` (made once, cached): the adapter merged into the base, the full
-    fine-tune's weights, or (`:base`) the base weights; always with the version's logged tokenizer and chat
-    template. Its name is `served_name(choice)`."""
-    import hashlib
-
-    from filelock import FileLock
-
-    from mlflow_finetune_plugin.paths import cache_root
-
-    local = local_model(choice)
-    digest = hashlib.sha256(str(local.path).encode()).hexdigest()[:10]
-    dest = cache_root() / "serving" / "merged" / digest / served_name(choice)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + ".lock"):
-        if not (dest / "config.json").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-            try:
-                _write_full_model(local, tmp)
-                shutil.rmtree(dest, ignore_errors=True)
-                os.replace(tmp, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def _write_full_model(local: LocalModel, out: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer
-
-    from mlflow_finetune_plugin.logged_model import (
-        load_logged_base,
-        load_logged_model,
-        stop_at_every_end_of_turn,
-    )
-
-    c = local.choice
-    if c.base:  # served with the version's template: its end of turn stops the base's answers too
-        model = load_logged_base(local.config, torch.float32)
-        stop_at_every_end_of_turn(model, AutoTokenizer.from_pretrained(local.tokenizer_dir))
-    else:
-        model = load_logged_model(local.path, device="cpu").model
-        if local.is_adapter:
-            peft_type = local.adapter_config().get("peft_type")
-            if not hasattr(model, "merge_and_unload") or peft_type in _UNMERGEABLE:
-                raise FinetuneError(f"{c.name} v{c.version} is a {peft_type} adapter: it adds virtual tokens rather "
-                                    "than weight updates, so it cannot be merged into a model folder. Compare it "
-                                    f"with the transformers engine: `mlflow-finetune playground --model "
-                                    f"{c.name}/{c.version} --engine transformers`")
-            model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(local.tokenizer_dir).save_pretrained(out)
-
-
-_UNMERGEABLE = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
 
 
 def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 8000, extra: tuple[str, ...] = (),
@@ -346,7 +288,7 @@ class RuntimeVersions:
     def __init__(self, choices: list[ModelChoice], cmd: ServerCommand):
         self.names = {c.name for c in choices}
         self.base_key = local_model(choices[0]).base_key()
-        self.full = any(not c.base and not local_model(c).is_adapter for c in choices)
+        self.full = any(not c.base and (not (m := local_model(c)).is_adapter or vllm_merges(m)) for c in choices)
         argv = cmd.argv
         self.max_rank = int(argv[argv.index("--max-lora-rank") + 1]) if "--max-lora-rank" in argv else 0
 
@@ -363,9 +305,11 @@ class RuntimeVersions:
         except FinetuneError:
             return None
         local = local_model(ModelChoice(name, version))
-        if local.base_key() != self.base_key or not local.is_adapter:
-            raise FinetuneError(f"{name} v{version} is not an adapter on this server's base model: serve it with "
-                                f"its own `mlflow-finetune serve models:/{name}/{version}`")
+        if local.base_key() != self.base_key or not local.is_adapter or vllm_merges(local):
+            what = ("served merged into its base (it trains token rows)" if vllm_merges(local)
+                    else "not an adapter on this server's base model")
+            raise FinetuneError(f"{name} v{version} is {what}: serve it with its own `mlflow-finetune serve "
+                                f"models:/{name}/{version}`")
         require_vllm_support(local)
         rank = int(local.adapter_config().get("r", 0))
         if rank > self.max_rank:

