@@ -15,8 +15,8 @@ from __future__ import annotations
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 SERVABLE = "LoRA without DoRA or biases, rank within vLLM's largest max_lora_rank"
 # vLLM's LoRA loader has no such weights ("... trainable_tokens_delta is unsupported LoRA weight").
-TOKEN_ROWS = ("vLLM does not serve adapters that train token rows (trainable_token_indices: the control tokens of "
-              "model.chat_template); export it merged, or serve it with the transformers engine")
+TOKEN_ROWS = ("vLLM's LoRA loader does not take adapters that train token rows (trainable_token_indices: the control "
+              "tokens of model.chat_template)")
 
 # Served merged instead (serving/choices.vllm_merges): the adapter folded into its base, a model of its own.
 MERGED = ("LoRA with trained token rows (the control tokens of model.chat_template), which vLLM's LoRA loader has "
@@ -46,10 +46,10 @@ def adapter_servable(adapter_config: dict) -> tuple[bool, str]:
     peft_type = adapter_config.get("peft_type", "?")
     if peft_type != "LORA":
         return False, f"vLLM serves LoRA adapters only; this is a {peft_type} adapter"
-    if adapter_config.get("trainable_token_indices"):
-        return False, TOKEN_ROWS
-    return lora_servable(adapter_config.get("r"), bool(adapter_config.get("use_dora")),
-                         adapter_config.get("bias", "none"), adapter_config.get("modules_to_save"))
+    verdict = lora_servable(adapter_config.get("r"), bool(adapter_config.get("use_dora")),
+                            adapter_config.get("bias", "none"), adapter_config.get("modules_to_save"))
+    # token rows last: where the LoRA itself is servable they are the one obstacle, and merging removes it
+    return (False, TOKEN_ROWS) if verdict[0] and adapter_config.get("trainable_token_indices") else verdict
 
 
 def merges_for_vllm(adapter_config: dict) -> bool:

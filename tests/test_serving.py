@@ -449,9 +449,12 @@ def test_serve_follows_the_alias_while_a_client_streams_from_the_old_version(tra
             wait_for(lambda: [m.id for m in client.models.list()] == [f"bot-v{v2}"], timeout=300,
                      what="the switch to v2")
             # the routes switch first, then the move is logged (and read from the pipe): wait for the line too
-            wait_for(lambda: any(f"bot@champion moved from v{v1} to v{v2}" in line
-                                 and "1 request(s) in flight" in line for line in log),
-                     timeout=30, what=f"the move logged, 1 request in flight; the log: {''.join(log[-30:])}")
+            try:
+                wait_for(lambda: any(f"bot@champion moved from v{v1} to v{v2}" in line
+                                     and "1 request(s) in flight" in line for line in log),
+                         timeout=30, what="the move logged with 1 request in flight")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; the log:\n{''.join(log[-30:])}") from None
             answer = client.chat.completions.create(model="bot@champion", messages=MESSAGES, max_tokens=16,
                                                     temperature=0.0)
             assert answer.model.startswith(f"bot-v{v2}") and answer.choices[0].message.content.strip() == expected[v2]

@@ -305,8 +305,9 @@ class RuntimeVersions:
         except FinetuneError:
             return None
         local = local_model(ModelChoice(name, version))
-        if local.base_key() != self.base_key or not local.is_adapter or vllm_merges(local):
-            what = ("served merged into its base (it trains token rows)" if vllm_merges(local)
+        merged = vllm_merges(local)
+        if local.base_key() != self.base_key or not local.is_adapter or merged:
+            what = ("served merged into its base (it trains token rows)" if merged
                     else "not an adapter on this server's base model")
             raise FinetuneError(f"{name} v{version} is {what}: serve it with its own `mlflow-finetune serve "
                                 f"models:/{name}/{version}`")

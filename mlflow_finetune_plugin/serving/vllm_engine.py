@@ -116,8 +116,8 @@ class VLLMEngine(Engine):
         self.gpu_memory_utilization = gpu_memory_utilization
         self.max_model_len = max_model_len
         self.concurrency = concurrency
-        self._held: dict[tuple, _Held] = {}      # weights key (`_weights_key`) -> the AsyncLLM serving them
-        self._loras: dict[str, object] = {}      # choice key -> LoRARequest
+        self._held: dict[tuple, _Held] = {}      # weights key (`_route`) -> the AsyncLLM serving them
+        self._routes: dict[str, tuple] = {}      # choice key -> (weights key, LoRARequest or None)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -138,27 +138,34 @@ class VLLMEngine(Engine):
         first use: one for a base and every LoRA version on it, one for each full fine-tune or merged version."""
         with self._lock:
             local = local_model(choice)
-            lora = local.is_adapter and not choice.base and not vllm_merges(local)
-            if lora:
-                require_vllm_support(local)
-            key = _weights_key(local, lora)
+            if choice.key not in self._routes:  # checked once per version: these read its adapter config
+                self._routes[choice.key] = self._route(local)
+            key, lora = self._routes[choice.key]
             held = self._held.get(key)
             if held is None:
                 if self._held:
                     self._second_engine_allowed(local, key)
                 held = self._held[key] = self._start(local, key)
-            if not lora:
-                return held, None
-            if choice.key not in self._loras:
-                rank = int(local.adapter_config().get("r", 0))
-                if rank > self.max_lora_rank:
-                    raise FinetuneError(f"{choice.key} has LoRA rank {rank}, above this engine's max_lora_rank "
-                                        f"{self.max_lora_rank}: restart with --max-lora-rank {rank}")
-                from vllm.lora.request import LoRARequest
+            return held, lora
 
-                self._loras[choice.key] = LoRARequest(f"{choice.name}-v{choice.version}", next(self._ids),
-                                                      str(local.adapter_dir))
-            return held, self._loras[choice.key]
+    def _route(self, local: LocalModel) -> tuple[tuple, object]:
+        """(which weights an AsyncLLM must hold to serve `local`, its LoRARequest or None): the base model's for the
+        base side and a LoRA version (a request on it, after vLLM's rules and this engine's rank are checked); a full
+        fine-tune's or a merged version's own (`vllm_merges`) for those."""
+        choice = local.choice
+        if not choice.base and (not local.is_adapter or vllm_merges(local)):
+            return ("model", choice.key), None
+        key = ("base", *local.base_key())
+        if choice.base:
+            return key, None
+        require_vllm_support(local)
+        rank = int(local.adapter_config().get("r", 0))
+        if rank > self.max_lora_rank:
+            raise FinetuneError(f"{choice.key} has LoRA rank {rank}, above this engine's max_lora_rank "
+                                f"{self.max_lora_rank}: restart with --max-lora-rank {rank}")
+        from vllm.lora.request import LoRARequest
+
+        return key, LoRARequest(f"{choice.name}-v{choice.version}", next(self._ids), str(local.adapter_dir))
 
     def _second_engine_allowed(self, local: LocalModel, key: tuple) -> None:
         """Other weights than those held need an AsyncLLM of their own: on CPU it starts beside the first (each with
@@ -294,14 +301,6 @@ class _Held:
     local: LocalModel
     tokenizer: object
     generation_config: object
-
-
-def _weights_key(local: LocalModel, lora: bool) -> tuple:
-    """Which weights an AsyncLLM must hold to serve `local`: its base model (the base side, and LoRA versions as
-    requests on it) or, for a full fine-tune or a version served merged, that version's own."""
-    if local.choice.base or lora:
-        return ("base", *local.base_key())
-    return ("model", local.choice.key)
 
 
 def _generation_config(model_path: str):
