@@ -41,6 +41,21 @@ def pytest_configure(config):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The longest files, longest first (docs/benchmarks.md, "The test suite": session 26's per-file times, session 27's
+# slowest tests under two workers). pytest-xdist's `--dist loadfile` hands whole files to the workers in collection
+# order: in alphabetical order the long files near the end (smollm2, sweep, system prompts, vllm) left the last
+# minutes to one worker. Longest first, the short files fill in at the end.
+LONGEST_FIRST = ("test_launchers.py", "test_family_matrix.py", "test_faults.py", "test_objectives.py",
+                 "test_smollm2.py", "test_integration.py", "test_multinode.py", "test_serving.py",
+                 "test_system_prompts.py", "test_base_models.py", "test_sweep.py", "test_playground.py",
+                 "test_gguf.py", "test_kill_moments.py", "test_vllm.py", "test_gemma3.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 def pytest_unconfigure(config):
     # The session's own cache goes with the session (a cache the caller set is theirs to keep).
     cache = getattr(config, "_finetune_cache", None)

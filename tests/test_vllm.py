@@ -100,6 +100,51 @@ def test_the_vllm_engine_answers_like_the_logged_model_and_loads_new_versions_li
         engine.close()
 
 
+CLOSE_SCRIPT = """
+import sys
+from mlflow_finetune_plugin.serving import ModelChoice, Settings, stream_pair
+from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine
+
+def main():
+    engine = VLLMEngine(max_lora_rank=8, max_model_len=512)
+    jobs = [(ModelChoice("bot", sys.argv[1], base=True), MESSAGES), (ModelChoice("bot", sys.argv[1]), MESSAGES)]
+    for _, piece, error in stream_pair(engine, jobs, Settings(0.0, 1.0, 8)):
+        assert error is None, error
+    engine.close()
+    print("closed", flush=True)
+
+MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
+if __name__ == "__main__":  # vLLM starts its engine processes with spawn
+    main()
+"""
+
+
+@pytest.mark.requires_vllm
+@pytest.mark.integration
+@needs_vllm
+def test_the_vllm_engine_closes_without_tracebacks(tracking_uri, tmp_path):
+    """What a playground on vLLM prints when it stops: vLLM's own shutdown, once, and nothing else. Before: an
+    "AsyncLLM output_handler failed ... EngineDeadError" traceback (the engine process stopped while its output task
+    still awaited it), a worker killed at vLLM's 5 s deadline ("leaked shared_memory objects"), and at exit "Exception
+    ignored in AsyncLLM.__del__ ... TypeError" (a second shutdown after module teardown)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    version = register_version(seed=0, r=8)
+    script = tmp_path / "close.py"
+    script.write_text(CLOSE_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), version], env=env, capture_output=True, text=True,
+                          timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "closed" in done.stdout, out[-4000:]
+    for noise in ("Traceback", "Exception ignored", "output_handler failed", "force killing", "leaked shared_memory"):
+        assert noise not in out, out[-4000:]
+    assert "all workers exited gracefully" in out  # vLLM's own line: its worker stopped, not killed
+
+
 @pytest.mark.requires_vllm
 @pytest.mark.integration
 @needs_vllm

@@ -103,6 +103,13 @@ def vllm_tokenizer_dir(local: LocalModel, model_path: str) -> Path:
     return out
 
 
+# Seconds vLLM gives its processes to exit on close before it kills them. Its defaults are 5 s for each: its CPU
+# worker took 4-5 s to exit here, so half the time it was terminated at that edge, and an engine process killed
+# at its deadline leaves "leaked shared_memory objects" behind (a warning at exit).
+WORKER_EXIT_GRACE = "20"
+SHUTDOWN_GRACE = 45.0
+
+
 class VLLMEngine(Engine):
     """Serves registry versions with vLLM (CUDA or CPU): base = no LoRA request, tuned = a LoRARequest."""
 
@@ -205,6 +212,9 @@ class VLLMEngine(Engine):
                                max_loras=self.max_loras, gpu_memory_utilization=self.gpu_memory_utilization,
                                max_model_len=self.max_model_len, trust_remote_code=False, **device)
 
+        # Read by the engine's own process, which inherits this environment.
+        os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", WORKER_EXIT_GRACE)
+
         async def create():
             return AsyncLLM.from_engine_args(args)
 
@@ -279,17 +289,32 @@ class VLLMEngine(Engine):
 
     def close(self) -> None:
         with self._lock:
-            held, self._held = list(self._held.values()), {}
+            held, self._held, self._routes = list(self._held.values()), {}, {}
         for h in held:
-            h.llm.shutdown()
-        if held and self._thread.is_alive():
-            # shutdown() cancels each engine's output task from outside the loop: let the loop run the
-            # cancellations before it stops, or the tasks stay pending and keep their AsyncLLM alive until exit.
-            try:
-                asyncio.run_coroutine_threadsafe(asyncio.sleep(0.1), self._loop).result(timeout=10)
-            except Exception:  # noqa: BLE001 - closing: a loop that cannot settle is stopped all the same
-                pass
+            if self._thread.is_alive():
+                # Its output task first, on the loop it runs on: AsyncLLM.shutdown() stops the engine process while
+                # that task still awaits its output, which logs "AsyncLLM output_handler failed" with an
+                # EngineDeadError traceback on every clean exit.
+                try:
+                    asyncio.run_coroutine_threadsafe(_cancelled(getattr(h.llm, "output_handler", None)),
+                                                     self._loop).result(timeout=10)
+                except Exception:  # noqa: BLE001 - closing: shutdown() cancels it all the same
+                    pass
+            h.llm.shutdown(timeout=SHUTDOWN_GRACE)
+            # AsyncLLM.__del__ calls shutdown() again; at interpreter exit, after module teardown, that second call
+            # fails ("TypeError: 'NoneType' object is not callable") and prints a traceback. It has been shut down.
+            h.llm.shutdown = _shut_down
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+async def _cancelled(task) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _shut_down(timeout: float | None = None) -> None:
+    """An AsyncLLM's shutdown() once it has run."""
 
 
 @dataclass
