@@ -135,7 +135,10 @@ def test_the_vllm_engine_closes_without_tracebacks(tracking_uri, tmp_path):
     version = register_version(seed=0, r=8)
     script = tmp_path / "close.py"
     script.write_text(CLOSE_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # vLLM's own INFO lines, whatever this process holds: importing TRL sets VLLM_LOGGING_LEVEL=ERROR in os.environ
+    # when vLLM is installed (trl/_compat.py), and another test in this worker may have imported it.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "VLLM_LOGGING_LEVEL": "INFO"}
     done = subprocess.run([sys.executable, str(script), version], env=env, capture_output=True, text=True,
                           timeout=600)
     out = done.stdout + done.stderr
