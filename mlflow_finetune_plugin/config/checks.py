@@ -40,6 +40,8 @@ OBJECTIVE_FORMATS = {
 # Objectives that train a sequence-scoring model (the base with a one-number score head instead of its LM head):
 # it scores, it does not generate.
 SCORING = ("reward",)
+# Objectives whose training batches come from the policy's own generation, inside the trainer's step.
+ONLINE = ("grpo",)
 # What a reward run logs for its gates (`train/objectives/reward.py`), and its default gate: held-out pairwise accuracy
 # above the base's own log-prob margin, the longer answer and the current champion. A reward model writes no text, so
 # no gate on rougeL or forgetting (`loading.py` puts these in place of gates written for the recipe's chat models).

@@ -370,6 +370,11 @@ class TrainConfig(Section):
                                                   "end of training is the logged model, not a checkpoint.")
     save_total_limit: int = Field(2, gt=0)
     gradient_checkpointing: bool = False
+    rehearsal: bool = Field(
+        True, description="Before the first step, pass two rows through everything the run does after training (a "
+                          "training step, every contender's answers and scores, the forgetting check, the verdict, "
+                          "the model's save and reload), so that a failure there ends the run before training, not "
+                          "after it.")
     fused_lm_head: bool | Literal["auto", "chunked"] = Field(
         "auto", description="How the SFT loss meets the LM head. true: TRL's fused head (tiles of the vocabulary, "
                             "recomputed in the backward pass; Triton kernels on CUDA). chunked: the head over chunks "

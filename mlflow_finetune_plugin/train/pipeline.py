@@ -10,7 +10,7 @@ import mlflow
 from transformers import set_seed
 
 from mlflow_finetune_plugin import stops, tracking
-from mlflow_finetune_plugin.config.checks import SCORING
+from mlflow_finetune_plugin.config.checks import ONLINE, SCORING
 from mlflow_finetune_plugin.data import splits
 from mlflow_finetune_plugin.evaluate import forgetting
 from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
@@ -19,7 +19,7 @@ from mlflow_finetune_plugin.logged_model import chat_template_hash
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
 from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recipe_autocast_bf16
 from mlflow_finetune_plugin.tags import lineage_tags
-from mlflow_finetune_plugin.train import publish, quantization, resume, templates, trainers
+from mlflow_finetune_plugin.train import publish, quantization, rehearsal, resume, templates, trainers
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach
 from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, MlflowMetrics, TimeLeft
 from mlflow_finetune_plugin.train.objectives import objective_of, sft
@@ -62,14 +62,26 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     # Under CPU bf16 autocast the logits and the LoRA updates stay fp32 (models/precision.py); no-op otherwise.
     autocast = recipe_autocast_bf16(recipe)
     try:
+        per_task = recipe.data.adapters == "per_task" and data.is_mixture
+        if per_task:
+            trainer = None
+        else:
+            evaluated = list(data.task_evals.values()) if data.is_mixture else [data.eval]
+            callbacks = [MlflowMetrics(), CheckpointLogger(), TimeLeft.of(recipe, evaluated)]
+            with fp32_where_it_matters(model, autocast):
+                trainer = objective.build_trainer(recipe, model, tokenizer, data.train, data.eval, args, callbacks)
+                if recipe.train.rehearsal and recipe.objective not in ONLINE:
+                    rehearsal.training_step(trainer)  # GRPO's inputs come from its own generation: its first step
+        if recipe.train.rehearsal and main:
+            rehearsal.after_training(recipe, objective, model, tokenizer, data, general_text,
+                                     lambda: _base_contender(recipe, adapter, tokenizer),
+                                     _model_config(recipe, adapter, data, tokenizer, base_ref, base_revision),
+                                     sft.evaluate_tasks)
         with fp32_where_it_matters(model, autocast):
-            if recipe.data.adapters == "per_task" and data.is_mixture:
+            if per_task:
                 trainers.train_per_task(recipe, objective, model, tokenizer, data.tasks, data.task_evals, args)
                 tuned = model
             else:
-                evaluated = list(data.task_evals.values()) if data.is_mixture else [data.eval]
-                callbacks = [MlflowMetrics(), CheckpointLogger(), TimeLeft.of(recipe, evaluated)]
-                trainer = objective.build_trainer(recipe, model, tokenizer, data.train, data.eval, args, callbacks)
                 trainer.train(resume_from_checkpoint=_checkpoint(recipe, trainer, run_id, main))
                 last_step = trainer.state.global_step  # the evaluation's metrics are logged there: the latest
                 tuned = trainers.unsharded(trainer, recipe, run_id, main) if trainer.is_fsdp_enabled \
@@ -83,7 +95,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     # Base zero-shot, few-shot and with retrieved shots, and tuned, on the held-out rows; a full fine-tune needs the
     # base loaded apart, and only when there is something to evaluate.
     if data.task_evals if data.is_mixture else data.eval is not None:
-        base = load_base_model(recipe.model) if adapter.ARTIFACT == "full" else None
+        base = _base_contender(recipe, adapter, tokenizer)
         with tracking.results_at_step(last_step):
             if data.is_mixture:  # mixtures train with sft only
                 sft.evaluate_tasks(recipe, tuned, tokenizer, data.tasks, data.task_evals, base)
@@ -97,12 +109,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
 
     stops.check()
     tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))
-    # The system prompt goes with the model: the playground pre-fills it, or the model answers out of character.
-    config = {"base_model": base_ref, "base_revision": base_revision, "method": recipe.method,
-              "adapter": recipe.adapter.type, "objective": recipe.objective, "artifact": adapter.ARTIFACT,
-              "system_prompt": trained_system_prompt(data.train, recipe.data.system_prompt),
-              "num_beams": recipe.eval.num_beams if recipe.eval.num_beams > 1 else None,
-              "vocab_size": len(tokenizer) if getattr(tokenizer, "added_control_tokens", None) else None}
+    config = _model_config(recipe, adapter, data, tokenizer, base_ref, base_revision)
     if recipe.data.adapters == "per_task" and data.is_mixture:
         prompts = {name: trained_system_prompt(ds, recipe.data.tasks[name].system_prompt)
                    for name, ds in data.tasks.items()}
@@ -110,6 +117,22 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     else:
         publish.log_and_register(recipe, tuned, tokenizer, config, tags)
     print(f"\nVerdict: {verdict.sentence()}")
+
+
+def _model_config(recipe, adapter, data, tokenizer, base_ref: str, base_revision) -> dict:
+    """The logged model's config. The system prompt goes with the model: the playground pre-fills it, or the model
+    answers out of character."""
+    return {"base_model": base_ref, "base_revision": base_revision, "method": recipe.method,
+            "adapter": recipe.adapter.type, "objective": recipe.objective, "artifact": adapter.ARTIFACT,
+            "system_prompt": trained_system_prompt(data.train, recipe.data.system_prompt),
+            "num_beams": recipe.eval.num_beams if recipe.eval.num_beams > 1 else None,
+            "vocab_size": len(tokenizer) if getattr(tokenizer, "added_control_tokens", None) else None}
+
+
+def _base_contender(recipe, adapter, tokenizer):
+    """The base model the evaluation compares against, where it is not the adapter switched off: a full fine-tune's
+    base, loaded apart."""
+    return load_base_model(recipe.model) if adapter.ARTIFACT == "full" else None
 
 
 def _checkpoint(recipe, trainer, run_id: str, main: bool) -> str | None:
