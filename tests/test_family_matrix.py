@@ -96,7 +96,7 @@ def test_every_end_of_turn_id_stops_generation(row):
                                     ["\n", "Hello"]])
 def test_a_streamed_answer_is_cleaned_as_a_whole_one(pieces):
     """The serving engines stream; Qwen3's empty reasoning block must not reach the page (pyfunc drops it too)."""
-    from mlflow_finetune_plugin.models.chat_format import clean_answer, clean_stream
+    from mlflow_finetune_plugin.models.answers import clean_answer, clean_stream
 
     streamed = list(clean_stream(iter(pieces)))
     assert "".join(streamed).strip() == clean_answer("".join(pieces))
