@@ -14,13 +14,15 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.models.tiny_families import FAMILIES as _FAMILIES
 
-FAMILIES = list(_FAMILIES)  # llama3, qwen2.5, qwen3, gemma3, mistral, phi3.5
+FAMILIES = list(_FAMILIES)  # llama3, qwen2.5, qwen3, gemma3, mistral, phi3.5, gemma4, qwen3.5, qwen3.5-think, gpt-oss
 ROWS = [*FAMILIES, "tiny"]  # the built-in tiny model is the plain ChatML row
-# CI has 45 minutes: the tests that train a family model end to end run three families by default, each with a quirk
+# CI has 45 minutes: the tests that train a family model end to end run five families by default, each with a quirk
 # of its own (Gemma 3: its end of turn is not its eos, and its template folds the system message; Mistral v0.3: the
-# plugin folds it, and its LM head is untied; Qwen3: the think block), the others with `-m stress`. Every family's
-# loss mask, stop ids and refused rows are checked in-process in the default run.
-END_TO_END = ("gemma3", "mistral", "qwen3")
+# plugin folds it, and its LM head is untied; Qwen3: the think block; Qwen3.5: a hybrid cache of linear-attention and
+# full-attention layers, and a generation prompt that closes an empty think block; gpt-oss: a mixture of experts and
+# harmony channels), the others with `-m stress`. Every family's loss mask, stop ids and refused rows are checked
+# in-process in the default run.
+END_TO_END = ("gemma3", "mistral", "qwen3", "qwen3.5", "gpt-oss")
 
 
 def end_to_end(rows) -> list:
@@ -32,7 +34,14 @@ def end_to_end(rows) -> list:
 # The token each family's chat template closes an assistant turn with (written out, not read from the code under
 # test: the real models' templates, as tests/test_families.py checks them).
 END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "gemma3": "<end_of_turn>",
-               "mistral": "</s>", "phi3.5": "<|end|>", "tiny": "<|im_end|>"}
+               "mistral": "</s>", "phi3.5": "<|end|>", "gemma4": "<turn|>", "qwen3.5": "<|im_end|>",
+               "qwen3.5-think": "<|im_end|>", "gpt-oss": "<|return|>", "tiny": "<|im_end|>"}
+# Where an earlier reply ends otherwise (harmony: <|return|> ends the final answer only, <|end|> every other message).
+EARLIER_END_OF_TURN = {"gpt-oss": "<|end|>"}
+# What the model writes ahead of its reply after the generation prompt, in the last turn and in earlier ones: Qwen3's
+# empty think block, the close of the block qwen3_5_think's generation prompt opens, gpt-oss's final channel.
+LAST_LEAD = {"qwen3": "<think>\n\n</think>\n\n", "qwen3.5-think": "\n</think>\n\n", "gpt-oss": "<|channel|>final<|message|>"}
+EARLIER_LEAD = {"gpt-oss": "<|channel|>final<|message|>"}
 # Templates that leave a system message out of a row ending with the answer: it is folded into the first user turn.
 FOLDS_SYSTEM = {"mistral"}
 
