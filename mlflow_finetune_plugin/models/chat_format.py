@@ -60,6 +60,7 @@ class ChatFormat:
     reasoning_key: str | None = None  # the message field the template renders reasoning from (None: it renders none)
     reasoning_open: str = ""  # what it writes before the reasoning ("" where the header opens the block)
     reasoning_close: str = ""  # ... and between the reasoning and the reply
+    refused: str = ""  # why the project cannot train or serve text chats with this template ("" when it can)
 
     @property
     def folds_system(self) -> bool:
@@ -77,7 +78,10 @@ def chat_format(tokenizer) -> ChatFormat:
     key = f"{type(tokenizer).__name__}:{template}"
     if key not in _cache:
         _cache[key] = _probe(tokenizer)
-    return _cache[key]
+    fmt = _cache[key]
+    if fmt.refused:
+        raise FinetuneError(f"model {getattr(tokenizer, 'name_or_path', None)!r}: {fmt.refused}")
+    return fmt
 
 
 def no_template_message(name) -> str:
@@ -100,9 +104,19 @@ def _probe(tokenizer) -> ChatFormat:
     system = {"role": "system", "content": _PROBE_SYSTEM}
     user = {"role": "user", "content": _PROBE_USER}
     answer = {"role": "assistant", "content": _PROBE_ANSWER}
-    last = _end_of_turn(tokenizer, [user, answer])
+    try:
+        plain = _render(tokenizer, [user, answer])
+    except Exception:  # noqa: BLE001 - judged below by what the rows themselves do
+        plain = None
+    if plain is not None and (_PROBE_USER not in plain or _PROBE_ANSWER not in plain):
+        return ChatFormat("kept", refused="its chat template renders no text of a message whose content is a string "
+                                          "(a multimodal template that reads content parts only): training would see "
+                                          "empty turns. Give a text chat template with `model.chat_template`.")
     earlier = _end_of_turn(tokenizer, [user, {"role": "assistant", "content": _PROBE_FIRST}, user, answer],
                            _PROBE_FIRST)
+    # A template that writes nothing after the last reply (GLM-4.5: a turn ends where the next <|user|> starts)
+    # ends it as it ends the earlier ones: the model must learn to write that token, and it stops generation.
+    last = _end_of_turn(tokenizer, [user, answer]) or earlier
     turns = {"end_of_turn": tuple(dict.fromkeys(last + _tool_call_end(tokenizer, user))),
              "turn_ends": tuple(dict.fromkeys(last + earlier)), **_reasoning_markers(tokenizer, user)}
     try:
@@ -287,7 +301,11 @@ def last_turn(tokenizer, prompt: list[dict], reply: dict, **kwargs) -> tuple[str
         prefill, completion = prompt_text[shared:], full[shared:]
         if _THINK_OPEN in prefill and _THINK_CLOSE not in prefill.split(_THINK_OPEN)[-1]:
             completion = f"{reasoning}\n{_THINK_CLOSE}\n\n{completion.lstrip()}"
-    return prompt_text, completion[:_turn_end(completion, 0, _ends(tokenizer), len(completion), content.strip())]
+    ends = _ends(tokenizer)
+    completion = completion[:_turn_end(completion, 0, ends, len(completion), content.strip())]
+    if ends and not completion.endswith(ends):  # the row ends without closing the turn: the model must close it
+        completion = completion.rstrip() + (chat_format(tokenizer).end_of_turn or ends)[0]
+    return prompt_text, completion
 
 
 def reply_ids(tokenizer, prompt: list[dict], reply: str) -> tuple[list[int], list[int]]:
