@@ -29,7 +29,8 @@ END_TO_END = ("gemma3", "mistral", "qwen3", "qwen3.5", "gpt-oss")
 # expected to fail until then, strictly, so that the fix removes the mark.
 WAITS_ON = {
     "qwen3.5": "evaluation's shared prefill repeats/crops the cache, which Gated DeltaNet layers cannot "
-               "(LinearAttentionLayer has no batch_repeat_interleave / does not track past states): evaluate/scoring.py",
+               "(LinearAttentionLayer has no batch_repeat_interleave / does not track past states): "
+               "evaluate/scoring.py",
     "qwen3.5-think": "as qwen3.5: evaluation's cache crop on linear-attention layers (evaluate/scoring.py)",
     "gpt-oss": "after SFT/LoRA, TRL leaves config.output_router_logits on (its MoE aux loss); batched left-padded "
                "generation then fails in load_balancing_loss_func (size mismatch with the attention mask)",
@@ -58,7 +59,8 @@ END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_e
 EARLIER_END_OF_TURN = {"gpt-oss": "<|end|>"}
 # What the model writes ahead of its reply after the generation prompt, in the last turn and in earlier ones: Qwen3's
 # empty think block, the close of the block qwen3_5_think's generation prompt opens, gpt-oss's final channel.
-LAST_LEAD = {"qwen3": "<think>\n\n</think>\n\n", "qwen3.5-think": "\n</think>\n\n", "gpt-oss": "<|channel|>final<|message|>"}
+LAST_LEAD = {"qwen3": "<think>\n\n</think>\n\n", "qwen3.5-think": "\n</think>\n\n",
+             "gpt-oss": "<|channel|>final<|message|>"}
 EARLIER_LEAD = {"gpt-oss": "<|channel|>final<|message|>"}
 # Templates that leave a system message out of a row ending with the answer: it is folded into the first user turn.
 FOLDS_SYSTEM = {"mistral"}

@@ -72,7 +72,8 @@ END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_e
                "mistral": "</s>", "phi3.5": "<|end|>", "gemma4": "<turn|>", "qwen3.5": "<|im_end|>",
                "qwen3.5-think": "<|im_end|>", "gpt-oss": "<|return|>"}
 # What makes the 2026 families what they are, asked of the built model (tests below).
-LAYER_TYPES = {"qwen3.5": ["linear_attention", "full_attention"], "qwen3.5-think": ["linear_attention", "full_attention"],
+LAYER_TYPES = {"qwen3.5": ["linear_attention", "full_attention"],
+               "qwen3.5-think": ["linear_attention", "full_attention"],
                "gemma4": ["sliding_attention", "full_attention"], "gpt-oss": ["sliding_attention", "full_attention"]}
 
 CHAT = [{"role": "system", "content": "Answer in French."},

@@ -86,7 +86,8 @@ def chat_format(tokenizer) -> ChatFormat:
 
 def no_template_message(name) -> str:
     return (f"model {name!r} has no chat template (a base model?). Give it one with the recipe key "
-            "`model.chat_template`: a bundled name (chatml, llama3, qwen, qwen3, gemma, mistral, phi3, gemma4, qwen3_5, qwen3_5_think, gptoss) or a .jinja "
+            "`model.chat_template`: a bundled name (chatml, llama3, qwen, qwen3, gemma, mistral, phi3, gemma4, "
+            "qwen3_5, qwen3_5_think, gptoss) or a .jinja "
             "file, e.g. `-P model.chat_template=chatml`; or pick an instruct/chat model.")
 
 
