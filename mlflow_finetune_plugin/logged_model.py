@@ -169,7 +169,8 @@ def generate(loaded: LoadedModel, messages: list[dict], max_new_tokens=64, tempe
     """One chat answer from a loaded model (greedy when temperature is 0, beam search with num_beams > 1)."""
     import torch
 
-    from mlflow_finetune_plugin.models.chat_format import clean_answer, prompt_ids, stop_ids
+    from mlflow_finetune_plugin.models.answers import answer_text
+    from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 
     tok, model = loaded.tokenizer, loaded.model
     ids = torch.tensor([prompt_ids(tok, messages)], device=model.device)
@@ -179,7 +180,7 @@ def generate(loaded: LoadedModel, messages: list[dict], max_new_tokens=64, tempe
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_new_tokens),
                              pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(tok, model.generation_config),
                              **sampling)
-    return clean_answer(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return answer_text(tok, out[0, ids.shape[1]:].tolist())
 
 
 def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens=64,
@@ -188,7 +189,8 @@ def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], 
     at a time."""
     import torch
 
-    from mlflow_finetune_plugin.models.chat_format import clean_answer, prompt_ids, stop_ids
+    from mlflow_finetune_plugin.models.answers import answer_text
+    from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 
     tok, model = loaded.tokenizer, loaded.model
     encs = [{"input_ids": (ids := prompt_ids(tok, messages)), "attention_mask": [1] * len(ids)}
@@ -201,8 +203,8 @@ def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], 
         out = model.generate(**enc, max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
                              eos_token_id=stop_ids(tok, model.generation_config), do_sample=False,
                              **_beams(num_beams))
-    # Rows that end early are filled with padding, which decoding drops with the other special tokens.
-    return [clean_answer(tok.decode(row, skip_special_tokens=True)) for row in out[:, enc["input_ids"].shape[1]:]]
+    # Rows that end early are filled with padding, after their stop token: answer_text cuts there.
+    return [answer_text(tok, row.tolist()) for row in out[:, enc["input_ids"].shape[1]:]]
 
 
 def _beams(num_beams) -> dict:

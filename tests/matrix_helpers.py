@@ -14,25 +14,54 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.models.tiny_families import FAMILIES as _FAMILIES
 
-FAMILIES = list(_FAMILIES)  # llama3, qwen2.5, qwen3, gemma3, mistral, phi3.5
+FAMILIES = list(_FAMILIES)  # llama3, qwen2.5, qwen3, gemma3, mistral, phi3.5, gemma4, qwen3.5, qwen3.5-think, gpt-oss
 ROWS = [*FAMILIES, "tiny"]  # the built-in tiny model is the plain ChatML row
-# CI has 45 minutes: the tests that train a family model end to end run three families by default, each with a quirk
+# CI has 45 minutes: the tests that train a family model end to end run five families by default, each with a quirk
 # of its own (Gemma 3: its end of turn is not its eos, and its template folds the system message; Mistral v0.3: the
-# plugin folds it, and its LM head is untied; Qwen3: the think block), the others with `-m stress`. Every family's
-# loss mask, stop ids and refused rows are checked in-process in the default run.
-END_TO_END = ("gemma3", "mistral", "qwen3")
+# plugin folds it, and its LM head is untied; Qwen3: the think block; Qwen3.5: a hybrid cache of linear-attention and
+# full-attention layers, and a generation prompt that closes an empty think block; gpt-oss: a mixture of experts and
+# harmony channels), the others with `-m stress`. Every family's loss mask, stop ids and refused rows are checked
+# in-process in the default run.
+END_TO_END = ("gemma3", "mistral", "qwen3", "qwen3.5", "gpt-oss")
 
 
-def end_to_end(rows) -> list:
-    """`rows` as parameters, those outside END_TO_END marked stress."""
+# Rows whose evaluation waits on a fix outside the chat-template code (the model-architecture work of issue 52):
+# expected to fail until then, strictly, so that the fix removes the mark.
+WAITS_ON = {
+    "qwen3.5": "evaluation's shared prefill repeats/crops the cache, which Gated DeltaNet layers cannot "
+               "(LinearAttentionLayer has no batch_repeat_interleave / does not track past states): "
+               "evaluate/scoring.py",
+    "qwen3.5-think": "as qwen3.5: evaluation's cache crop on linear-attention layers (evaluate/scoring.py)",
+    "gpt-oss": "after SFT/LoRA, TRL leaves config.output_router_logits on (its MoE aux loss); batched left-padded "
+               "generation then fails in load_balancing_loss_func (size mismatch with the attention mask)",
+}
+
+
+def end_to_end(rows, evaluates: bool = True) -> list:
+    """`rows` as parameters, those outside END_TO_END marked stress; where the test evaluates a trained model, the
+    rows of WAITS_ON marked as expected failures with their reason."""
     import pytest
 
-    return [row if row in END_TO_END else pytest.param(row, marks=pytest.mark.stress) for row in rows]
+    def marks(row):
+        found = [] if row in END_TO_END else [pytest.mark.stress]
+        if evaluates and row in WAITS_ON:
+            found.append(pytest.mark.xfail(strict=True, reason=f"waits on: {WAITS_ON[row]}"))
+        return found
+
+    return [pytest.param(row, marks=marks(row)) for row in rows]
 
 # The token each family's chat template closes an assistant turn with (written out, not read from the code under
 # test: the real models' templates, as tests/test_families.py checks them).
 END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "gemma3": "<end_of_turn>",
-               "mistral": "</s>", "phi3.5": "<|end|>", "tiny": "<|im_end|>"}
+               "mistral": "</s>", "phi3.5": "<|end|>", "gemma4": "<turn|>", "qwen3.5": "<|im_end|>",
+               "qwen3.5-think": "<|im_end|>", "gpt-oss": "<|return|>", "tiny": "<|im_end|>"}
+# Where an earlier reply ends otherwise (harmony: <|return|> ends the final answer only, <|end|> every other message).
+EARLIER_END_OF_TURN = {"gpt-oss": "<|end|>"}
+# What the model writes ahead of its reply after the generation prompt, in the last turn and in earlier ones: Qwen3's
+# empty think block, the close of the block qwen3_5_think's generation prompt opens, gpt-oss's final channel.
+LAST_LEAD = {"qwen3": "<think>\n\n</think>\n\n", "qwen3.5-think": "\n</think>\n\n",
+             "gpt-oss": "<|channel|>final<|message|>"}
+EARLIER_LEAD = {"gpt-oss": "<|channel|>final<|message|>"}
 # Templates that leave a system message out of a row ending with the answer: it is folded into the first user turn.
 FOLDS_SYSTEM = {"mistral"}
 

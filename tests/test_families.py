@@ -1,9 +1,10 @@
-"""The bundled chat templates and the tiny random models of six chat families (issue 44).
+"""The bundled chat templates and the tiny random models of the chat families (issues 44 and 52).
 
 The expected values below are the real models' own, from their hub files (tokenizer_config.json, config.json,
 generation_config.json of Llama-3.2-1B-Instruct, Qwen2.5-0.5B-Instruct, Qwen3-0.6B, gemma-3-1b-it,
-Mistral-7B-Instruct-v0.3, Phi-3.5-mini-instruct): written out here, not read from the module under test, so that a
-change to the module that drifts from the real models fails.
+Mistral-7B-Instruct-v0.3, Phi-3.5-mini-instruct, gemma-4-*-it, Qwen3.5-0.8B/2B and -4B, gpt-oss-20b; the 2026 ones
+as published copies of those files show them, the hub being out of reach here): written out here, not read from the
+module under test, so that a change to the module that drifts from the real models fails.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ CLASSES = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "gemma", "gemma3.jinja"),
     "mistral": ("MistralConfig", "MistralForCausalLM", "mistral", None),
     "phi3.5": ("Phi3Config", "Phi3ForCausalLM", "phi3", "phi3_5.jinja"),
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", "gemma4", "gemma4_v5.jinja"),
+    "qwen3.5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "qwen3_5", "qwen3_5_nothink.jinja"),
+    "qwen3.5-think": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "qwen3_5_think", "qwen3_5_think.jinja"),
+    "gpt-oss": ("GptOssConfig", "GptOssForCausalLM", "gptoss", "gptoss.jinja"),
 }
 # family: (bos, eos, pad, unk, tokenizer adds bos)
 TOKENS = {
@@ -44,6 +49,10 @@ TOKENS = {
     "gemma3": ("<bos>", "<eos>", "<pad>", "<unk>", True),
     "mistral": ("<s>", "</s>", None, "<unk>", True),
     "phi3.5": ("<s>", "<|endoftext|>", "<|endoftext|>", "<unk>", False),
+    "gemma4": ("<bos>", "<turn|>", "<pad>", "<unk>", True),
+    "qwen3.5": (None, "<|im_end|>", "<|endoftext|>", None, False),
+    "qwen3.5-think": (None, "<|im_end|>", "<|endoftext|>", None, False),
+    "gpt-oss": ("<|startoftext|>", "<|return|>", "<|endoftext|>", None, False),
 }
 # family: generation_config.json eos_token_id, as tokens, in the real file's order
 GENERATION_EOS = {
@@ -53,10 +62,19 @@ GENERATION_EOS = {
     "gemma3": ["<eos>", "<end_of_turn>"],
     "mistral": ["</s>"],
     "phi3.5": ["<|end|>", "<|assistant|>", "<|endoftext|>"],
+    "gemma4": ["<eos>", "<turn|>", "<|tool_response>"],
+    "qwen3.5": ["<|im_end|>", "<|endoftext|>"],
+    "qwen3.5-think": ["<|im_end|>", "<|endoftext|>"],
+    "gpt-oss": ["<|return|>", "<|endoftext|>", "<|call|>"],
 }
 # family: the token that ends an assistant turn in its template
 END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "gemma3": "<end_of_turn>",
-               "mistral": "</s>", "phi3.5": "<|end|>"}
+               "mistral": "</s>", "phi3.5": "<|end|>", "gemma4": "<turn|>", "qwen3.5": "<|im_end|>",
+               "qwen3.5-think": "<|im_end|>", "gpt-oss": "<|return|>"}
+# What makes the 2026 families what they are, asked of the built model (tests below).
+LAYER_TYPES = {"qwen3.5": ["linear_attention", "full_attention"],
+               "qwen3.5-think": ["linear_attention", "full_attention"],
+               "gemma4": ["sliding_attention", "full_attention"], "gpt-oss": ["sliding_attention", "full_attention"]}
 
 CHAT = [{"role": "system", "content": "Answer in French."},
         {"role": "user", "content": "Where is the station?"},
@@ -156,6 +174,34 @@ def test_family_model_has_its_config_and_model_class(built, family):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("family", sorted(LAYER_TYPES))
+def test_the_2026_families_have_their_architectures(built, family):
+    """Qwen3.5: a Gated DeltaNet layer (its cache keeps a convolution and a recurrent state, run here by transformers'
+    torch fallback, without the fla/causal-conv1d kernels) beside full attention; gpt-oss: experts with a router;
+    Gemma 4: a per-layer head_dim that `config.head_dim` refuses."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(built[family])
+    assert config.layer_types == LAYER_TYPES[family]
+    model = AutoModelForCausalLM.from_pretrained(built[family]).eval()
+    names = {type(m).__name__ for m in model.modules()}
+    if family.startswith("qwen3.5"):
+        assert {"Qwen3_5GatedDeltaNet", "Qwen3_5Attention"} <= names, names
+    if family == "gpt-oss":
+        assert (config.num_local_experts, config.num_experts_per_tok) == (4, 2)
+        assert {"GptOssExperts", "GptOssTopKRouter"} <= names, names
+    if family == "gemma4":  # not an AttributeError: getattr(config, "head_dim", None) raises it too
+        with pytest.raises(Exception) as raised:  # noqa: PT011, B017
+            config.head_dim  # noqa: B018 - the access is the test
+        assert type(raised.value).__name__ == "AmbiguousGlobalPerLayerAttributeError"
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():  # cached decoding runs on CPU and gives the logits of the full pass
+        full = model(ids).logits[0, -1]
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.allclose(out.logits[0][0], full, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_tokenizer_has_the_real_special_tokens(tokenizers, family):
     tok = tokenizers[family]
@@ -226,7 +272,8 @@ def test_family_names_are_built_in_models():
     from mlflow_finetune_plugin.models.base import is_builtin, model_reference, resolve_model_path
 
     assert tiny_families.BUILTIN_NAMES == ("tiny-llama3", "tiny-qwen2.5", "tiny-qwen3", "tiny-gemma3",
-                                           "tiny-mistral", "tiny-phi3.5")
+                                           "tiny-mistral", "tiny-phi3.5", "tiny-gemma4", "tiny-qwen3.5",
+                                           "tiny-qwen3.5-think", "tiny-gpt-oss")
     for name in tiny_families.BUILTIN_NAMES:
         assert is_builtin(name) and is_builtin("builtin:" + name)
         assert model_reference(name) == model_reference("builtin:" + name) == "builtin:" + name
@@ -234,6 +281,8 @@ def test_family_names_are_built_in_models():
     path = Path(resolve_model_path("tiny-gemma3"))
     assert path.name == "tiny-gemma3-v1" and (path / "model.safetensors").is_file()
     assert resolve_model_path("builtin:tiny-gemma3") == str(path)
+    assert tiny_families.family_of("tiny-qwen3.5-think") == "qwen3.5-think"
+    assert tiny_families.family_of("builtin:tiny-gpt-oss") == "gpt-oss"
 
 
 def test_a_misspelled_family_name_gets_the_nearest_one():

@@ -31,13 +31,16 @@ ROWS = [{"messages": [{"role": "system", "content": system}, {"role": "user", "c
                       {"role": "assistant", "content": answer}]}
         for question, french, german in QA
         for system, answer in (("Answer in French.", french), ("Answer in German.", german))]
-# max_length fits Llama 3.2's rows (its template writes a date header into every system turn); 24 new tokens fit
-# Qwen3's empty <think></think> block ahead of each answer.
+# max_length fits Llama 3.2's rows (its template writes a date header into every system turn) and gpt-oss's (its
+# harmony system block, about 150 tokens a row); 24 new tokens fit Qwen3's empty <think></think> block ahead of each
+# answer, and gpt-oss's final channel.
 OVERRIDES = {"train.max_steps": 200, "train.batch_size": 8, "train.learning_rate": 5.0e-3, "train.logging_steps": 50,
              "train.save_steps": 1000, "eval.max_examples": 8, "eval.max_new_tokens": 24, "eval.fewshot_k": 0,
              "eval.retrieval_k": 0, "eval.forgetting": False, "eval.traces": False}
-# About 10 s of one CPU thread each, so every family runs.
-FAMILY_ROWS = ["mistral", "gemma3", "llama3", "qwen2.5", "qwen3", "phi3.5"]
+# About 10 s of one CPU thread each for the older families, so every one runs; of the 2026 ones, Qwen3.5 (hybrid
+# cache) and gpt-oss (experts) run by default, Gemma 4 and Qwen3.5's thinking template with `-m stress`.
+FAMILY_ROWS = ["mistral", "gemma3", "llama3", "qwen2.5", "qwen3", "phi3.5", "qwen3.5", "gpt-oss", "gemma4",
+               "qwen3.5-think"]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def trained(store, tmp_path_factory):
             (root / "data").mkdir()
             (root / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
             (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/train.jsonl, "
-                                                f"max_length: 128, packing: false}}\nregistry: {{name: sys-"
+                                                f"max_length: 192, packing: false}}\nregistry: {{name: sys-"
                                                 f"{registered_name(row)}}}\n")
             mlflow.set_experiment(f"sys-{row}")
             cwd = os.getcwd()

@@ -52,9 +52,10 @@ class ModelConfig(Section):
     attn_implementation: str | None = None
     chat_template: str | None = Field(
         None, description="The chat template to train and serve with, over the tokenizer's own: a bundled one by name "
-                          "(chatml, llama3, qwen, qwen3, gemma, mistral, phi3) or a .jinja file (relative to the "
-                          "project). Needed by base models, which have none; its control tokens are added to the "
-                          "tokenizer where missing and get trainable embedding rows (LoRA: trainable_token_indices).")
+                          "(chatml, llama3, qwen, qwen3, gemma, mistral, phi3, gemma4, qwen3_5, qwen3_5_think, gptoss) or "
+                          "a .jinja file (relative to the project). Needed by base models, which have none; its "
+                          "control tokens are added to the tokenizer where missing and get trainable embedding rows "
+                          "(LoRA: trainable_token_indices).")
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Load the frozen base in 4-bit NF4/FP4 (QLoRA) or 8-bit (LLM.int8) through bitsandbytes.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 suits normally distributed weights.")

@@ -27,7 +27,8 @@ from mlflow_finetune_plugin.evaluate.scoring import (
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
 from mlflow_finetune_plugin.metrics import CONTENDERS
-from mlflow_finetune_plugin.models.chat_format import clean_answer, prompt_ids, stop_ids
+from mlflow_finetune_plugin.models.answers import answer_text
+from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 
 
 def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
@@ -233,8 +234,8 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
                                    attention_mask=prefill.attention_mask.to(device), **{_CACHE_KWARG: prefill.cache},
                                    max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
                                    eos_token_id=stop_ids(tok, model.generation_config), do_sample=False)
-    # Rows that end early are filled with padding, which decoding drops with the other special tokens.
-    answers = [clean_answer(tok.decode(row, skip_special_tokens=True)) for row in generated[:, prompt_end:]]
+    # Rows that end early are filled with padding, after their stop token: answer_text cuts there.
+    answers = [answer_text(tok, row.tolist()) for row in generated[:, prompt_end:]]
     return answers, prefill.nll, prefill.n_tokens
 
 

@@ -14,21 +14,34 @@ logged model's `predict`, both serving engines, the playground), so a family's q
   LLaMA-Factory find turn boundaries. No `{% generation %}` markers needed, no list of known templates.
 - **End-of-turn ids.** The token a template closes an assistant turn with (`<|eot_id|>`, `<end_of_turn>`, `<|end|>`,
   `<|im_end|>`, `</s>`), with every eos id the tokenizer and generation config name: all of them stop generation.
-- **Reasoning blocks.** Qwen3-style templates put an empty `<think></think>` ahead of an answer; it is trained (the
-  model must learn to close it) and stripped from answers before they are scored or shown.
+- **Reasoning.** What a template writes around a reply's reasoning (Qwen's `<think>`, gpt-oss's analysis channel,
+  Gemma 4's thought channel), ahead of a reply without any (Qwen3's empty `<think></think>`, gpt-oss's
+  `<|channel|>final<|message|>`), and what its generation prompt writes that a row does not (DeepSeek-R1-distill's
+  `<think>\n`) are found by rendering probes, and the last reply of a row is trained after exactly the prompt the
+  model is given at inference (`last_turn`). A row's reasoning (`reasoning_content`, `thinking` or `reasoning` on the
+  message, or a leading `<think>` block in its content) goes where the template renders it, and is trained there.
+  Answers are read back through the same markers (`answer_text`, `AnswerStream`): the final answer, never channel
+  markup.
+- **Today's date.** Templates that write it (gpt-oss's system block, Llama 3.x's) get a pinned one in every rendering,
+  so a row's tokens and an evaluation do not depend on the day they run.
 
 Imports nothing heavy: tokenizers are duck-typed (`apply_chat_template`, `convert_tokens_to_ids`).
 """
 
 from __future__ import annotations
 
+import datetime
 import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.errors import FinetuneError
 
 _PROBE_SYSTEM, _PROBE_USER, _PROBE_ANSWER = "SYSPROBE7 follow these rules", "USERPROBE7 a question", "ANSPROBE7"
+_PROBE_REASONING, _PROBE_FIRST = "WHYPROBE7", "ANSPROBE3"
+# The message fields templates read a reply's reasoning from: Qwen's and Gemma 4's, gpt-oss's and LFM2.5's, Gemma 4's.
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+# The date every rendering gets, for templates that write today's (`strftime_now`, Llama 3.x's `date_string`).
+PINNED_DATE = datetime.date(2026, 1, 1)
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
 
@@ -41,6 +54,13 @@ class ChatFormat:
     why: str = ""  # one line on why the system message is folded ("" when kept)
     end_of_turn: tuple[str, ...] = field(default_factory=tuple)  # token strings closing an assistant turn
     generation_prompt: bool = True  # whether add_generation_prompt writes anything (an assistant header)
+    turn_ends: tuple[str, ...] = ()  # tokens closing any assistant turn of a row (gpt-oss: <|end|> before the last)
+    prefill: str = ""  # what the generation prompt writes after the assistant header that no row has there
+    lead: str = ""  # what a row has between the assistant header and a reply without reasoning
+    reasoning_key: str | None = None  # the message field the template renders reasoning from (None: it renders none)
+    reasoning_open: str = ""  # what it writes before the reasoning ("" where the header opens the block)
+    reasoning_close: str = ""  # ... and between the reasoning and the reply
+    refused: str = ""  # why the project cannot train or serve text chats with this template ("" when it can)
 
     @property
     def folds_system(self) -> bool:
@@ -58,25 +78,48 @@ def chat_format(tokenizer) -> ChatFormat:
     key = f"{type(tokenizer).__name__}:{template}"
     if key not in _cache:
         _cache[key] = _probe(tokenizer)
-    return _cache[key]
+    fmt = _cache[key]
+    if fmt.refused:
+        raise FinetuneError(f"model {getattr(tokenizer, 'name_or_path', None)!r}: {fmt.refused}")
+    return fmt
 
 
 def no_template_message(name) -> str:
     return (f"model {name!r} has no chat template (a base model?). Give it one with the recipe key "
-            "`model.chat_template`: a bundled name (chatml, llama3, qwen, qwen3, gemma, mistral, phi3) or a .jinja "
+            "`model.chat_template`: a bundled name (chatml, llama3, qwen, qwen3, gemma, mistral, phi3, gemma4, "
+            "qwen3_5, qwen3_5_think, gptoss) or a .jinja "
             "file, e.g. `-P model.chat_template=chatml`; or pick an instruct/chat model.")
 
 
+def _strftime_pinned(fmt: str) -> str:
+    return PINNED_DATE.strftime(fmt)
+
+
 def _render(tokenizer, messages, add_generation_prompt=False, **kwargs) -> str:
+    # strftime_now as a render variable overrides transformers' global of that name.
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **kwargs)
+                                         **{"strftime_now": _strftime_pinned, **kwargs})
 
 
 def _probe(tokenizer) -> ChatFormat:
     system = {"role": "system", "content": _PROBE_SYSTEM}
     user = {"role": "user", "content": _PROBE_USER}
     answer = {"role": "assistant", "content": _PROBE_ANSWER}
-    end_of_turn = _end_of_turn(tokenizer, [user, answer])
+    try:
+        plain = _render(tokenizer, [user, answer])
+    except Exception:  # noqa: BLE001 - judged below by what the rows themselves do
+        plain = None
+    if plain is not None and (_PROBE_USER not in plain or _PROBE_ANSWER not in plain):
+        return ChatFormat("kept", refused="its chat template renders no text of a message whose content is a string "
+                                          "(a multimodal template that reads content parts only): training would see "
+                                          "empty turns. Give a text chat template with `model.chat_template`.")
+    earlier = _end_of_turn(tokenizer, [user, {"role": "assistant", "content": _PROBE_FIRST}, user, answer],
+                           _PROBE_FIRST)
+    # A template that writes nothing after the last reply (GLM-4.5: a turn ends where the next <|user|> starts)
+    # ends it as it ends the earlier ones: the model must learn to write that token, and it stops generation.
+    last = _end_of_turn(tokenizer, [user, answer]) or earlier
+    turns = {"end_of_turn": tuple(dict.fromkeys(last + _tool_call_end(tokenizer, user))),
+             "turn_ends": tuple(dict.fromkeys(last + earlier)), **_reasoning_markers(tokenizer, user)}
     try:
         header = _render(tokenizer, [user], True) != _render(tokenizer, [user])
     except Exception:  # noqa: BLE001
@@ -85,12 +128,68 @@ def _probe(tokenizer) -> ChatFormat:
         row = _render(tokenizer, [system, user, answer])
     except Exception as e:  # noqa: BLE001 - a template that refuses the role raises (jinja's raise_exception)
         return ChatFormat("folded", f"the chat template refuses a system message ({_first_line(e)}): it is folded "
-                                    "into the first user turn", end_of_turn, header)
+                                    "into the first user turn", generation_prompt=header, **turns)
     if _PROBE_SYSTEM not in row:
         return ChatFormat("folded", "the chat template leaves the system message out of a row that ends with the "
                                     "answer (it renders it only before the last user turn): it is folded into the "
-                                    "first user turn, in training and at inference alike", end_of_turn, header)
-    return ChatFormat("kept", "", end_of_turn, header)
+                                    "first user turn, in training and at inference alike", generation_prompt=header,
+                          **turns)
+    return ChatFormat("kept", "", generation_prompt=header, **turns)
+
+
+def _reasoning_markers(tokenizer, user) -> dict:
+    """What the template writes after the assistant header (the part every rendering of the turn shares): the
+    generation prompt's prefill, the lead before a plain reply, and the markers around reasoning, with the field it
+    reads reasoning from."""
+    try:
+        prompt = _render(tokenizer, [user], True)
+        plain = _render(tokenizer, [user, {"role": "assistant", "content": _PROBE_ANSWER}])
+    except Exception:  # noqa: BLE001 - nothing to learn from a template that cannot render a plain exchange
+        return {}
+    found, key = plain, None
+    for name in REASONING_KEYS:
+        try:
+            text = _render(tokenizer, [user, {"role": "assistant", "content": _PROBE_ANSWER,
+                                              name: _PROBE_REASONING}])
+        except Exception:  # noqa: BLE001
+            continue
+        if _PROBE_REASONING in text and _PROBE_ANSWER in text.split(_PROBE_REASONING, 1)[1]:
+            found, key = text, name
+            break
+    header = _common_prefix_len(prompt, plain, found)
+    if _PROBE_ANSWER not in plain[header:]:
+        return {}
+    markers = {"prefill": prompt[header:], "lead": plain[header:plain.index(_PROBE_ANSWER, header)]}
+    if key:
+        why = found.index(_PROBE_REASONING, header)
+        markers.update(reasoning_key=key, reasoning_open=found[header:why],
+                       reasoning_close=found[why + len(_PROBE_REASONING):found.index(_PROBE_ANSWER, why)])
+    return markers
+
+
+def _common_prefix_len(*texts: str) -> int:
+    n = 0
+    for chars in zip(*texts):
+        if any(c != chars[0] for c in chars):
+            break
+        n += 1
+    return n
+
+
+def _tool_call_end(tokenizer, user) -> tuple[str, ...]:
+    """The special token a template ends an assistant tool call with (gpt-oss's <|call|>, Gemma 4's
+    <|tool_response>): the last one of a row that ends with the call."""
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call00001", "type": "function", "function": {"name": "probe_tool", "arguments": {"x": 1}}}]}
+    try:
+        before, text = _render(tokenizer, [user]), _render(tokenizer, [user, call])
+    except Exception:  # noqa: BLE001 - a template without tool calls
+        return ()
+    if not text.startswith(before) or "probe_tool" not in text:
+        return ()
+    rest = text[text.index("probe_tool"):]
+    ends = [(rest.rfind(t), t) for t in _special_strings(tokenizer) if t in rest]
+    return (max(ends)[1],) if ends else ()
 
 
 def _first_line(e: Exception) -> str:
@@ -105,16 +204,16 @@ def _special_strings(tokenizer) -> list[str]:
     return sorted((t for t in found if t), key=len, reverse=True)
 
 
-def _end_of_turn(tokenizer, conversation) -> tuple[str, ...]:
-    """The special token the template writes right after an assistant reply (the first one after it)."""
+def _end_of_turn(tokenizer, conversation, answer: str = _PROBE_ANSWER) -> tuple[str, ...]:
+    """The special token the template writes right after the assistant reply `answer` (the first one after it)."""
     try:
         text = _render(tokenizer, conversation)
     except Exception:  # noqa: BLE001 - a template that cannot render a plain exchange: nothing to learn here
         return ()
-    at = text.rfind(_PROBE_ANSWER)
+    at = text.rfind(answer)
     if at < 0:
         return ()
-    rest = text[at + len(_PROBE_ANSWER):]
+    rest = text[at + len(answer):]
     best = None
     for token in _special_strings(tokenizer):
         i = rest.find(token)
@@ -128,8 +227,12 @@ def _end_of_turn(tokenizer, conversation) -> tuple[str, ...]:
 
 def prepared(tokenizer, messages: list[dict]) -> list[dict]:
     """`messages` as this template must see them: a leading system message folded into the first user turn where
-    the template would drop or refuse it (the same in training and at inference)."""
-    if not messages or messages[0].get("role") != "system" or not chat_format(tokenizer).folds_system:
+    the template would drop or refuse it, and each reply's reasoning on the field the template reads (the same in
+    training and at inference)."""
+    fmt = chat_format(tokenizer)
+    if fmt.reasoning_key:
+        messages = [_reasoning_on(m, fmt.reasoning_key) if m.get("role") == "assistant" else m for m in messages]
+    if not messages or messages[0].get("role") != "system" or not fmt.folds_system:
         return messages
     system, rest = messages[0], list(messages[1:])
     for i, m in enumerate(rest):
@@ -137,6 +240,28 @@ def prepared(tokenizer, messages: list[dict]) -> list[dict]:
             rest[i] = {**m, "content": f"{_text(system.get('content'))}\n\n{_text(m.get('content'))}"}
             return rest
     return [{"role": "user", "content": _text(system.get("content"))}, *rest]
+
+
+def split_reasoning(message: dict) -> tuple[str, str]:
+    """(reasoning, reply) of an assistant message: reasoning from `reasoning_content`, `thinking` or `reasoning`, or
+    a leading `<think>...</think>` block of its content ("" when it has none)."""
+    content = _text(message.get("content"))
+    for key in REASONING_KEYS:
+        if isinstance(message.get(key), str) and message[key].strip():
+            return message[key].strip(), content
+    found = _THINK.match(content)
+    if found:
+        inner = found.group(0).strip()[len(_THINK_OPEN):-len(_THINK_CLOSE)]
+        return inner.strip(), content[found.end():]
+    return "", content
+
+
+def _reasoning_on(message: dict, key: str) -> dict:
+    reasoning, reply = split_reasoning(message)
+    out = {k: v for k, v in message.items() if k not in REASONING_KEYS}
+    if not reasoning:
+        return out if len(out) < len(message) else message
+    return {**out, "content": reply, key: reasoning}
 
 
 def _text(content) -> str:
@@ -156,53 +281,47 @@ def prompt_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return tokenizer(render(tokenizer, messages, True, **kwargs), add_special_tokens=False)["input_ids"]
 
 
+def last_turn(tokenizer, prompt: list[dict], reply: dict, **kwargs) -> tuple[str, str]:
+    """(prompt text, completion text) of a row's last reply, as training trains it and as the model must write it
+    after the generation prompt: the prompt text IS the generation prompt, and the completion runs to the end of
+    the turn. Where the row does not start with the generation prompt: a template whose generation prompt closes an
+    empty think block (Qwen3.5's non-thinking one) gets the reply without its reasoning, as the model answers there;
+    one whose generation prompt opens a think block the row lacks (DeepSeek-R1-distill's `<think>\n`) gets the
+    reasoning (or none) and the block's close ahead of the reply, so that the model answers as it was trained."""
+    prompt, reply = prepared(tokenizer, prompt), prepared(tokenizer, [reply])[0]
+    prompt_text = _render(tokenizer, prompt, True, **kwargs)
+    full = _render(tokenizer, [*prompt, reply], **kwargs)
+    reasoning, content = split_reasoning(reply)
+    if not full.startswith(prompt_text):
+        bare = {k: v for k, v in reply.items() if k not in REASONING_KEYS}
+        full = _render(tokenizer, [*prompt, {**bare, "content": content}], **kwargs)
+    if full.startswith(prompt_text):
+        completion = full[len(prompt_text):]
+    else:
+        shared = _common_prefix_len(prompt_text, full)
+        prefill, completion = prompt_text[shared:], full[shared:]
+        if _THINK_OPEN in prefill and _THINK_CLOSE not in prefill.split(_THINK_OPEN)[-1]:
+            completion = f"{reasoning}\n{_THINK_CLOSE}\n\n{completion.lstrip()}"
+    ends = _ends(tokenizer)
+    completion = completion[:_turn_end(completion, 0, ends, len(completion), content.strip())]
+    if ends and not completion.endswith(ends):  # the row ends without closing the turn: the model must close it
+        completion = completion.rstrip() + (chat_format(tokenizer).end_of_turn or ends)[0]
+    return prompt_text, completion
+
+
 def reply_ids(tokenizer, prompt: list[dict], reply: str) -> tuple[list[int], list[int]]:
     """Token ids of `prompt` (with the generation prompt) and of what the model must write to give `reply`: as
     training trains it, the reply and its end-of-turn token, with whatever the template puts ahead of the reply in
     the answer (Qwen3's empty `<think></think>` block, which takes room in `max_new_tokens` too)."""
-    prompt_text = render(tokenizer, prompt, add_generation_prompt=True)
-    full_text = render(tokenizer, prompt + [{"role": "assistant", "content": reply}])
-    # Not what the template writes after the end of turn. Templates that render the last turn differently fall back
-    # to the reply + end of turn.
-    end = chat_format(tokenizer).end_of_turn or ((tokenizer.eos_token,) if tokenizer.eos_token else ())
-    completion = (full_text[len(prompt_text):] if full_text.startswith(prompt_text)
-                  else reply + (end[0] if end else ""))
-    cuts = [at + len(t) for t in end if (at := completion.find(t)) >= 0]
-    completion = completion[:min(cuts)] if cuts else completion
+    prompt_text, completion = last_turn(tokenizer, prompt, {"role": "assistant", "content": reply})
     return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
             tokenizer(completion, add_special_tokens=False)["input_ids"])
 
 
-def clean_answer(text: str) -> str:
-    """A generated answer as a user reads it: a leading (empty or not) `<think>` block removed, whitespace trimmed."""
-    return _THINK.sub("", text, count=1).strip()
-
-
-def clean_stream(pieces: Iterable[str]) -> Iterator[str]:
-    """`clean_answer` for an answer that arrives in pieces (the serving engines): the start is held back while it
-    may open a `<think>` block, a block is dropped once it closes (with the whitespace after it), and everything else
-    passes as it comes."""
-    held, state = "", "start"  # start: a block may open; lead: drop the whitespace after one; through: pass on
-    for piece in pieces:
-        if state == "through":
-            yield piece
-            continue
-        held += piece
-        if state == "start":
-            text = held.lstrip()
-            if _THINK_OPEN.startswith(text) or (text.startswith(_THINK_OPEN) and _THINK_CLOSE not in text):
-                continue
-            if not text.startswith(_THINK_OPEN):
-                state, out, held = "through", held, ""
-                yield out
-                continue
-            state, held = "lead", text.split(_THINK_CLOSE, 1)[1]
-        held = held.lstrip()
-        if held:
-            state, out, held = "through", held, ""
-            yield out
-    if state == "start" and held:  # ended inside an unclosed block (or on a prefix of one): as clean_answer keeps it
-        yield held
+def _ends(tokenizer) -> tuple[str, ...]:
+    fmt = chat_format(tokenizer)
+    return (tuple(dict.fromkeys(fmt.turn_ends + fmt.end_of_turn))
+            or tuple(t for t in [getattr(tokenizer, "eos_token", None)] if t))
 
 
 # ---------------------------------------------------------------- stopping
@@ -234,9 +353,17 @@ def tokenize_row(tokenizer, messages: list[dict], tools=None, assistant_only: bo
     messages = prepared(tokenizer, messages)
     kwargs = {"tools": tools} if tools else {}
     text = _render(tokenizer, messages, **kwargs)
+    last = None
+    if messages and messages[-1].get("role") == "assistant":
+        # The last reply after exactly the generation prompt (see last_turn); the row's text changes only where
+        # the template renders a row the generation prompt does not start.
+        prompt_text, completion = last_turn(tokenizer, messages[:-1], messages[-1], **kwargs)
+        if not text.startswith(prompt_text + completion):
+            text = prompt_text + completion
+        last = (len(prompt_text), len(prompt_text) + len(completion))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    spans = assistant_spans(tokenizer, messages, text, **kwargs)
+    spans = assistant_spans(tokenizer, messages[:-1] if last else messages, text, **kwargs) + ([last] if last else [])
     weights = [m.get("weight") for m in messages if m.get("role") == "assistant"]
     mask = [0 if assistant_only else 1] * len(ids)
     for (start, end), weight in zip(spans, weights):
@@ -250,13 +377,14 @@ def assistant_spans(tokenizer, messages: list[dict], text: str | None = None, **
     """[start, end) character spans of each assistant turn in the rendered row: from where the generation prompt
     ends to the end of the turn's end-of-turn token (or of the row). FinetuneError when a turn cannot be found."""
     text = _render(tokenizer, messages, **kwargs) if text is None else text
-    end_tokens = chat_format(tokenizer).end_of_turn or tuple(t for t in [getattr(tokenizer, "eos_token", None)] if t)
+    end_tokens = _ends(tokenizer)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         if m.get("role") != "assistant":
             continue
         start = _turn_start(tokenizer, messages, i, text, cursor, kwargs)
-        end = _turn_end(text, start, end_tokens, _next_turn_start(tokenizer, messages, i, text, start, kwargs))
+        end = _turn_end(text, start, end_tokens, _next_turn_start(tokenizer, messages, i, text, start, kwargs),
+                        split_reasoning(m)[1].strip())
         spans.append((start, end))
         cursor = end
     return spans
@@ -305,6 +433,10 @@ def _next_turn_start(tokenizer, messages, i, text, start, kwargs) -> int:
     return len(upto) if text.startswith(upto) and len(upto) > start else len(text)
 
 
-def _turn_end(text: str, start: int, end_tokens, limit: int) -> int:
+def _turn_end(text: str, start: int, end_tokens, limit: int, content: str = "") -> int:
+    """The end of the first end-of-turn token after the turn's reply (after its reasoning: gpt-oss closes an
+    analysis message with <|end|> and the final answer with <|return|>), before `limit`."""
+    after = text.find(content, start) if content else -1
+    start = after + len(content) if 0 <= after < limit else start
     ends = [at + len(token) for token in end_tokens if 0 <= (at := text.find(token, start)) < limit]
     return min(ends) if ends else limit

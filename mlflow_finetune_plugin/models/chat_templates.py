@@ -6,8 +6,9 @@ copy of TRL's (tests/test_families.py checks that they are equal), which TRL in 
 tokenizer_config.json on the hub (its weekly `scripts/check_chat_templates.py`).
 
 Licences: TRL is Apache-2.0. The templates come from the model vendors' repositories, under the models' own terms:
-Qwen2.5 and Qwen3 Apache-2.0, Mistral-7B-Instruct-v0.3 Apache-2.0, Phi-3.5-mini-instruct MIT, Gemma 3 the Gemma
-Terms of Use, Llama 3.2 the Llama 3.2 Community License (both allow redistribution with their notices).
+Qwen2.5, Qwen3 and Qwen3.5 Apache-2.0, Mistral-7B-Instruct-v0.3 Apache-2.0, Phi-3.5-mini-instruct MIT, gpt-oss
+Apache-2.0, Gemma 3 the Gemma Terms of Use, Llama 3.2 the Llama 3.2 Community License (both allow redistribution with
+their notices), Gemma 4 the terms on google/gemma-4-*'s model card (not checked from here: no hub access).
 `assets/chat_templates/README.md` lists them for anyone who ships this package.
 """
 
@@ -22,7 +23,8 @@ from mlflow_finetune_plugin.errors import FinetuneError
 
 KEY = "model.chat_template"
 
-BUNDLED: tuple[str, ...] = ("chatml", "llama3", "qwen", "qwen3", "gemma", "mistral", "phi3")
+BUNDLED: tuple[str, ...] = ("chatml", "llama3", "qwen", "qwen3", "gemma", "mistral", "phi3", "gemma4", "qwen3_5",
+                             "qwen3_5_think", "gptoss")
 
 # Where each file's text was taken from (and what it is the template of).
 ORIGINS: dict[str, str] = {
@@ -42,6 +44,16 @@ ORIGINS: dict[str, str] = {
     # the hub repo.
     "mistral": "mistralai/Mistral-7B-Instruct-v0.3 tokenizer_config.json (Mistral's v3 template), via llama.cpp "
                "tests/test-chat-template.cpp",
+    # TRL keeps five revisions of Gemma 4's template; gemma4_v5 is what google/gemma-4-E2B-it ships now (8995379),
+    # the only one that renders the reasoning of a final assistant turn (so a row's reasoning can be trained).
+    "gemma4": "google/gemma-4-E2B-it chat_template.jinja at 8995379 (the current revision), as TRL 1.16 ships it: "
+              "trl/chat_templates/gemma4_v5.jinja",
+    "qwen3_5": "Qwen/Qwen3.5-0.8B and -2B chat template (thinking off by default), as TRL 1.16 ships it: "
+               "trl/chat_templates/qwen3_5_nothink.jinja",
+    "qwen3_5_think": "Qwen/Qwen3.5-4B and larger chat template (thinking on by default), as TRL 1.16 ships it: "
+                     "trl/chat_templates/qwen3_5_think.jinja",
+    "gptoss": "openai/gpt-oss-20b and -120b chat template (harmony), as TRL 1.16 ships it: "
+              "trl/chat_templates/gptoss.jinja",
 }
 
 
@@ -67,6 +79,12 @@ TEMPLATE_TOKENS: dict[str, TemplateTokens] = {
     "gemma": TemplateTokens("<end_of_turn>", ("<start_of_turn>", "<end_of_turn>")),
     "mistral": TemplateTokens(None, ("[INST]", "[/INST]")),
     "phi3": TemplateTokens("<|end|>", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")),
+    "gemma4": TemplateTokens("<turn|>", ("<|turn>", "<turn|>")),
+    # Both write a think block (empty or not) ahead of the last reply; the generation prompt of `qwen3_5` closes it.
+    "qwen3_5": TemplateTokens("<|im_end|>", ("<|im_start|>", "<|im_end|>", "<think>", "</think>")),
+    "qwen3_5_think": TemplateTokens("<|im_end|>", ("<|im_start|>", "<|im_end|>", "<think>", "</think>")),
+    # Harmony: the final answer ends with <|return|>, earlier messages with <|end|>.
+    "gptoss": TemplateTokens("<|return|>", ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>")),
 }
 
 

@@ -1,5 +1,6 @@
-"""Tiny random models of six chat families: `tiny-llama3`, `tiny-qwen2.5`, `tiny-qwen3`, `tiny-gemma3`,
-`tiny-mistral`, `tiny-phi3.5`.
+"""Tiny random models of the chat families: `tiny-llama3`, `tiny-qwen2.5`, `tiny-qwen3`, `tiny-gemma3`,
+`tiny-mistral`, `tiny-phi3.5`, and those of late 2026: `tiny-gemma4`, `tiny-qwen3.5` (with its thinking variant
+`tiny-qwen3.5-think`) and `tiny-gpt-oss`.
 
 Each is built locally like the built-in tiny model (`tiny.py`: seeded random weights, a byte-level BPE trained on the
 shipped corpus, byte-for-byte reproducible, cached) from its family's own config and model class, and carries what
@@ -8,7 +9,8 @@ unk: none where the real tokenizer has none), the turn tokens, whether the token
 config's and generation config's eos ids, and the family's chat template, verbatim (`chat_templates.py`).
 
 The roles are those of the hub files of Llama-3.2-1B-Instruct, Qwen2.5-0.5B-Instruct, Qwen3-0.6B, gemma-3-1b-it,
-Mistral-7B-Instruct-v0.3 and Phi-3.5-mini-instruct (tokenizer_config.json, config.json, generation_config.json). The
+Mistral-7B-Instruct-v0.3, Phi-3.5-mini-instruct, gemma-4-*-it, Qwen3.5-0.8B/2B (non-thinking template) and -4B and up
+(thinking template), and gpt-oss-20b (tokenizer_config.json, config.json, generation_config.json). The
 special tokens come first in the vocabulary, in the real models' order, so the ids differ from the real ones where
 those sit at the end of a large vocabulary (Llama, Qwen, Phi), and match for Gemma's and Mistral's first ids. The
 generation configs keep the real eos/bos/pad ids but decode greedily, as the tiny model does: the real ones sample.
@@ -43,6 +45,7 @@ class Family:
     add_bos: bool = False         # the tokenizer prepends bos when it encodes text (add_special_tokens=True)
     plain: tuple[str, ...] = ()   # added tokens that are not special (Qwen's <think>): kept by skip_special_tokens
     tokenizer_class: str | None = None  # saved as this class (the real one), where AutoTokenizer forces it anyway
+    split: str | None = None      # the tokenizer's word-split pattern where it is not GPT-2's (Qwen's)
     config: dict = field(default_factory=dict)  # the family's shape: heads, head_dim, rope, tied embeddings
 
 
@@ -53,6 +56,33 @@ _QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _PHI_SPECIAL = ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>",
                 "<|placeholder3|>", "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>",
                 "<|placeholder6|>", "<|user|>")
+
+# Qwen's word split (digits one by one), as in its tokenizer.json and transformers' Qwen2Tokenizer.
+_QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+               r"""\s+(?!\S)|\s+""")
+# Qwen3.5's (its tokenizer's PRETOKENIZE_REGEX): letters may carry combining marks.
+_QWEN3_5_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}|"""
+                  r""" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_QWEN3_PLAIN = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+# Gemma 4's control tokens, in the real vocabulary's order (ids 0-4, 46-52, 98, 100, 101, 105, 106).
+_GEMMA4_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>",
+                   "<|tool_response>", "<tool_response|>", '<|"|>', "<|think|>", "<|channel>", "<channel|>", "<|turn>",
+                   "<turn|>")
+# gpt-oss (o200k_harmony), ids 199998-200012.
+_GPT_OSS_SPECIAL = ("<|startoftext|>", "<|endoftext|>", "<|reserved_200000|>", "<|reserved_200001|>", "<|return|>",
+                    "<|constrain|>", "<|reserved_200004|>", "<|channel|>", "<|start|>", "<|end|>", "<|message|>",
+                    "<|reserved_200009|>", "<|reserved_200010|>", "<|reserved_200011|>", "<|call|>")
+# Qwen3.5: Gated DeltaNet (linear attention, a convolution and a recurrent state in its cache) beside full attention,
+# three to one in the real models; here one of each. The small checkpoints (0.8B, 2B) ship the non-thinking template,
+# 4B and up the thinking one: the same model and tokenizer, two families here.
+_QWEN3_5 = dict(
+    config_class="Qwen3_5TextConfig", model_class="Qwen3_5ForCausalLM", special=_QWEN_SPECIAL, eos="<|im_end|>",
+    pad="<|endoftext|>", tokenizer_class="Qwen3_5Tokenizer", split=_QWEN3_5_SPLIT, plain=_QWEN3_PLAIN,
+    config_eos=("<|im_end|>",), generation_eos=("<|im_end|>", "<|endoftext|>"),
+    config={"num_key_value_heads": 2, "head_dim": 32, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+            "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_conv_kernel_dim": 4,
+            "layer_types": ["linear_attention", "full_attention"], "tie_word_embeddings": True,
+            "max_position_embeddings": 262144})
 
 FAMILIES: dict[str, Family] = {
     # Llama 3.2: no pad token (<|finetune_right_pad_id|> exists but is not the tokenizer's pad), eos <|eot_id|>.
@@ -71,16 +101,15 @@ FAMILIES: dict[str, Family] = {
     "qwen2.5": Family(
         template="qwen", config_class="Qwen2Config", model_class="Qwen2ForCausalLM", special=_QWEN_SPECIAL,
         eos="<|im_end|>", pad="<|endoftext|>", plain=("<tool_call>", "</tool_call>"), tokenizer_class="Qwen2Tokenizer",
-        config_eos=("<|im_end|>",), generation_eos=("<|im_end|>", "<|endoftext|>"),
+        split=_QWEN_SPLIT, config_eos=("<|im_end|>",), generation_eos=("<|im_end|>", "<|endoftext|>"),
         config={"num_key_value_heads": 2, "tie_word_embeddings": True, "max_position_embeddings": 32768,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
     # Qwen3: as Qwen2.5, plus q/k norms and a head_dim that is not hidden/heads (4 x 32 = 128 against 64, as the real
     # 0.6B has 16 x 128 against 1024); <think> and the tool tokens are added tokens that are not special.
     "qwen3": Family(
         template="qwen3", config_class="Qwen3Config", model_class="Qwen3ForCausalLM", special=_QWEN_SPECIAL,
-        eos="<|im_end|>", pad="<|endoftext|>", tokenizer_class="Qwen2Tokenizer",
-        plain=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
-        config_eos=("<|im_end|>",), generation_eos=("<|im_end|>", "<|endoftext|>"),
+        eos="<|im_end|>", pad="<|endoftext|>", tokenizer_class="Qwen2Tokenizer", split=_QWEN_SPLIT,
+        plain=_QWEN3_PLAIN, config_eos=("<|im_end|>",), generation_eos=("<|im_end|>", "<|endoftext|>"),
         config={"num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": True,
                 "max_position_embeddings": 40960,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
@@ -114,11 +143,30 @@ FAMILIES: dict[str, Family] = {
         config_eos=("<|endoftext|>",), generation_eos=("<|end|>", "<|assistant|>", "<|endoftext|>"),
         config={"num_key_value_heads": 4, "tie_word_embeddings": False, "max_position_embeddings": 4096,
                 "original_max_position_embeddings": 4096}),
+    # Gemma 4: eos is <turn|>, the end of a turn (Gemma 3's was <eos>); the generation config stops on <eos>, <turn|>
+    # and <|tool_response>. Reasoning goes in a thought channel (<|channel>thought ... <channel|>). head_dim is a
+    # per-layer attribute: `config.head_dim` raises. No per-layer input embeddings (the E2B/E4B's), a sliding and a
+    # global layer.
+    "gemma4": Family(
+        template="gemma4", config_class="Gemma4TextConfig", model_class="Gemma4ForCausalLM", special=_GEMMA4_SPECIAL,
+        bos="<bos>", eos="<turn|>", pad="<pad>", unk="<unk>", add_bos=True,
+        config_eos=("<eos>", "<turn|>"), generation_eos=("<eos>", "<turn|>", "<|tool_response>"),
+        config={"num_key_value_heads": 1, "head_dim": 16, "sliding_window": 128, "hidden_size_per_layer_input": 0,
+                "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": True,
+                "max_position_embeddings": 131072}),
+    "qwen3.5": Family(template="qwen3_5", **_QWEN3_5),
+    "qwen3.5-think": Family(template="qwen3_5_think", **_QWEN3_5),
+    # gpt-oss: a mixture of experts (here 4 experts, 2 per token; the real 20B has 32 and 4), fused 3-D expert
+    # weights, attention sinks, sliding and full layers, untied embeddings. Harmony format: eos <|return|> ends the
+    # final answer, <|call|> a tool call, <|end|> every other message (not a stop: the final answer follows it).
+    "gpt-oss": Family(
+        template="gptoss", config_class="GptOssConfig", model_class="GptOssForCausalLM", special=_GPT_OSS_SPECIAL,
+        bos="<|startoftext|>", eos="<|return|>", pad="<|endoftext|>",
+        config_eos=("<|return|>",), generation_eos=("<|return|>", "<|endoftext|>", "<|call|>"),
+        config={"num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"],
+                "tie_word_embeddings": False, "max_position_embeddings": 131072}),
 }
-
-# Qwen's word split (digits one by one), as in its tokenizer.json and transformers' Qwen2Tokenizer.
-_QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
-               r"""\s+(?!\S)|\s+""")
 
 BUILTIN_NAMES: tuple[str, ...] = tuple(PREFIX + name for name in FAMILIES)
 
@@ -199,7 +247,7 @@ def build_family_tokenizer(family: str):
     from mlflow_finetune_plugin.models.tiny import train_byte_bpe
 
     spec = FAMILIES[family]
-    backend = train_byte_bpe(list(spec.special), split_regex=_QWEN_SPLIT if spec.tokenizer_class else None)
+    backend = train_byte_bpe(list(spec.special), split_regex=spec.split)
     if spec.plain:
         backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec.plain])
     if spec.add_bos:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import text_of
-from mlflow_finetune_plugin.models.chat_format import clean_stream
+from mlflow_finetune_plugin.models.answers import clean_stream
 
 # Upper bounds the playground enforces whatever a client sends (a browser, gradio_client, a script).
 MAX_NEW_TOKENS_CAP = 1024

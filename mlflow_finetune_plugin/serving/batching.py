@@ -38,13 +38,23 @@ class TokenStreamer:
     wherever decoding more tokens only appends text (byte-level BPE, the built-in models' tokenizers).
     """
 
-    def __init__(self, tokenizer, timeout: float | None = None):
+    def __init__(self, tokenizer, timeout: float | None = None, answer: bool = False):
         self.tokenizer, self.timeout = tokenizer, timeout
         self.ids: list[int] = []
         self.sent = 0              # characters of the decoded answer handed out so far
         self.pieces: queue.Queue = queue.Queue()
+        # answer: the pieces are the answer as a user reads it (models/answers.py: no reasoning, no channel markup)
+        self.answer = None
+        if answer:
+            from mlflow_finetune_plugin.models.answers import AnswerStream
+
+            self.answer = AnswerStream(tokenizer)
 
     def add(self, token: int) -> None:
+        if self.answer is not None:
+            if piece := self.answer.add(token):
+                self.pieces.put(piece)
+            return
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if len(text) > self.sent and not text.endswith("\ufffd"):
@@ -53,8 +63,10 @@ class TokenStreamer:
 
     def end(self, error: BaseException | None = None) -> None:
         """The answer is complete (`error` None) or cut short by `error`: the reader gets the rest, then stops."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if error is None and len(text) > self.sent:
+        if self.answer is not None:
+            if error is None and (piece := self.answer.end()):
+                self.pieces.put(piece)
+        elif error is None and len(text := self.tokenizer.decode(self.ids, skip_special_tokens=True)) > self.sent:
             self.pieces.put(text[self.sent:])
         self.pieces.put(error if error is not None else _END)
 

@@ -240,7 +240,8 @@ class TransformersEngine(Engine):
                                 f"would exceed the model's context of {limit}; clear the chat or lower max new tokens")
         eos = _eos_ids(tokenizer, slot.model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
-        request = Request(prompt, adapter, settings, frozenset(eos), pad, TokenStreamer(tokenizer, timeout=600))
+        request = Request(prompt, adapter, settings, frozenset(eos), pad,
+                          TokenStreamer(tokenizer, timeout=600, answer=True))
         slot.batcher.submit(request)
         try:
             yield from request.streamer

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.models.answers import AnswerStream
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
 from mlflow_finetune_plugin.serving.choices import (
@@ -244,12 +245,19 @@ class VLLMEngine(Engine):
             answers = held.llm.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id,
                                          lora_request=lora)
 
+        # Read from the ids, not vLLM's text (decoded without special tokens): the answer as a user reads it, without
+        # reasoning or channel markup (models/answers.py).
+        reader = AnswerStream(held.tokenizer)
+
         async def run():
             try:
                 async for item in answers:
                     for o in item.outputs[:1]:  # beam search lists its best beams, the best first
-                        if o.text:
-                            out.put(o.text)
+                        for token in o.token_ids:
+                            if piece := reader.add(token):
+                                out.put(piece)
+                if piece := reader.end():
+                    out.put(piece)
                 out.put(_DONE)
             except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
                 out.put(e)
