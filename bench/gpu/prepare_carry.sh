@@ -6,7 +6,7 @@
 # Binary wheels are for ONE Python version, PY_VERSION (default 3.12): the device's is not known beforehand
 # (run_on_device.sh prints it and says so on a mismatch), and pyarrow + pandas alone are ~46 MiB a version, so two
 # versions do not fit the 64 MiB carry. Three wheels are slimmed: bitsandbytes keeps its CPU and CUDA 13 libraries
-# only (the device had torch 2.11.0+cu130), pyarrow drops Flight, Substrait and Gandiva, mlflow its web UI. The
+# only (the device had torch 2.11.0+cu130), pyarrow drops Flight and Gandiva, mlflow its web UI. The
 # wheels are unpacked into one folder with a dist-info declaring the plugin's `mlflow.project_backend` entry point
 # (the plugin's code itself is the repository, on PYTHONPATH), then packed with xz. Prints the sizes.
 #
@@ -26,10 +26,11 @@ PURE="mlflow-skinny mlflow-tracing mlflow trl datasets liger-kernel dill multipr
       cloudpickle opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions
       importlib_metadata zipp databricks-sdk google-auth pyasn1 pyasn1-modules rsa gitpython gitdb smmap
       graphene graphql-core graphql-relay Flask Werkzeug itsdangerous blinker gguf bm25s rouge_score nltk
-      sacrebleu portalocker tabulate colorama python-dateutil six pytz tzdata click docker absl-py"
+      sacrebleu portalocker tabulate colorama python-dateutil six pytz tzdata click docker absl-py
+      requests urllib3 idna certifi charset-normalizer python-dotenv fastapi starlette pycparser"
 # Binary wheels, for PY_VERSION.
 BINARY="protobuf pyarrow pandas xxhash SQLAlchemy greenlet pydantic_core pydantic annotated-types typing-inspection
-        MarkupSafe joblib"
+        MarkupSafe joblib cryptography cffi"
 PLATFORMS="--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64"
 
@@ -42,9 +43,9 @@ import pathlib, re, shutil, sys, zipfile
 
 wheels, site, version = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
 # Members left out (not used by training): other GPUs' bitsandbytes builds, pyarrow's RPC/query-plan/JIT parts and
-# tests, mlflow's web UI and AI gateway.
-DROP = re.compile(r"libbitsandbytes_(cuda(11|12)\d|cuda132|rocm|xpu)|pyarrow/(.*flight|.*substrait|.*gandiva|tests/)"
-                  r"|mlflow/server/js/|mlflow/gateway/|/__pycache__/")
+# tests, mlflow's web UI (pyarrow's lib needs libarrow_substrait; mlflow.genai imports mlflow.gateway).
+DROP = re.compile(r"libbitsandbytes_(cuda(11|12)\d|cuda132|rocm|xpu)|pyarrow/(.*flight|.*gandiva|tests/)"
+                  r"|mlflow/server/js/|/__pycache__/")
 shutil.rmtree(site.parent, ignore_errors=True)
 site.mkdir(parents=True)
 total = 0
