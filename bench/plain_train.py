@@ -5,6 +5,8 @@ sampler seed as the plugin run it is compared with; batches padded to their long
 non-padding tokens through the training loop (counted where TRL counts them), the Trainer's `train_runtime`, and
 the mean loss.
 
+`--liger` is the one-line speed-up a user adds to that script: transformers' `use_liger_kernel=True`.
+
 Precision: fp32; or bf16, which on CPU is autocast over fp32 weights (`TrainingArguments(bf16=True, use_cpu=True)`)
 and on a GPU bf16 weights under autocast.
 
@@ -100,7 +102,7 @@ def train(args) -> dict:
         max_grad_norm=1.0, seed=args.seed, data_seed=args.seed, logging_steps=args.logging_steps,
         logging_first_step=True, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=not on_gpu,
         bf16=bf16, dataloader_num_workers=0, gradient_checkpointing=args.gradient_checkpointing, disable_tqdm=True,
-        remove_unused_columns=False)
+        remove_unused_columns=False, use_liger_kernel=args.liger)
     trainer = CountingTrainer(model=model, args=targs, train_dataset=Rows(),
                               data_collator=pad_collator(tokenizer.pad_token_id))
     metrics = trainer.train().metrics
@@ -125,6 +127,8 @@ def main(argv=None):
     p.add_argument("--logging-steps", type=int, default=5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--liger", action="store_true", help="transformers' `use_liger_kernel=True` (Liger's defaults: "
+                                                        "RMSNorm, RoPE, SwiGLU, fused linear cross-entropy; CUDA).")
     p.add_argument("--output-dir", default="/tmp/mlflow-finetune-bench/plain-out")
     print(json.dumps(train(p.parse_args(argv))))
 

@@ -37,6 +37,7 @@ RECIPE_HASH = "finetune.recipe_hash"              # hash of the resolved recipe 
 SOURCE_RUN = "finetune.source_run"                # the run that trained (and evaluated) it
 PRECISION = "finetune.precision"                  # what training computed in, in words
 PACKING = "finetune.packing"                      # "packed" or "unpacked", and why (data.packing auto's estimate)
+KERNELS = "finetune.kernels"                      # fused training kernels used (train.kernels), and what took the loss
 CHAT_TEMPLATE_HASH = "finetune.chat_template_hash"  # hash of the chat template the model was trained with
 LOSS_ON = "finetune.loss_on"                      # what the loss covered: "assistant" (replies + end of turn) or "all"
 LOSS_SHARE = "finetune.loss_share"                # the share of the training rows' tokens the loss covered

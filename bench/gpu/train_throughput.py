@@ -1,38 +1,53 @@
-"""GPU training: LoRA, QLoRA and full fine-tuning of a ~1B Llama at 2k tokens, plugin vs plain transformers + PEFT.
+"""GPU training throughput: the plugin (train.kernels auto) vs plain transformers + PEFT, with and without Liger.
 
 The model is built from a config with random weights (hidden 2048, 16 layers, 32 heads, intermediate 5632,
 vocabulary 32000: ~1.0B parameters, bf16) and the built-in tiny model's tokenizer and chat template: nothing is
 downloaded. Every row is longer than the sequence length and truncated to it, so every batch is exactly
-batch x seq_len tokens on both sides (packing off). Per method and repetition, in alternating order:
-  plugin  mlflow run PROJECT -e METHOD --backend finetune -P model=DIR (tokens and seconds from the run's metrics)
-  plain   bench/plain_train.py --method METHOD --precision bf16 (transformers Trainer + PEFT / bitsandbytes)
-Reported: tokens/s (non-padding tokens / Trainer `train_runtime`), MFU, peak GPU memory (the most `nvidia-smi`
-reported in use while the side ran, CUDA context included, the same on both sides) and plugin/plain ratios.
-MFU = flops per token x tokens/s / the GPU's dense bf16 peak (`--peak-tflops`); flops per token = 6N + 12LdS for
-full fine-tuning, 4N + 12LdS for LoRA/QLoRA (a frozen weight gets no weight-gradient matmul), N = parameters in
-matmuls (input embedding excluded), L layers, d width, S seq_len.
+batch x seq_len tokens on every side (packing off). Sides, per method (lora, qlora) and repetition, in rotated order:
+  plugin       mlflow run PROJECT -e METHOD --backend finetune (train.kernels and fused_lm_head at auto)
+  plain        bench/plain_train.py --method METHOD --precision bf16 (transformers Trainer + PEFT / bitsandbytes)
+  plain+liger  the same with `use_liger_kernel=True` (Liger's defaults, fused linear cross-entropy included)
+Each side is its own process. Timing is the same on every side (bench/gpu/probe/sitecustomize.py wraps
+`Trainer.training_step`): the first --warmup steps are excluded (start-up, autotuning, allocator warm-up), then
+--timed steps are timed between two `cuda.synchronize()` calls. Reported: tokens/s over that window, the process's
+peak CUDA memory (`max_memory_allocated`), the most `nvidia-smi` showed in use (context included), MFU, and ratios
+to plain. In the first repetition one LoRA step of each side (inside the warm-up) runs under `torch.profiler`: its
+top ops by GPU time go to $OUT/profile-<side>.txt.
 
-    python bench/gpu/train_throughput.py                    # on a GPU (~15-20 min, 3 reps; estimate, never run)
-    python bench/gpu/train_throughput.py --tiny --reps 1    # CPU smoke test: tiny model, seq 128, 10 steps, ~3 min
+Budget (one device call of at most ~9 minutes, two repetitions, 12 sides): 200 timed steps a side would be 12 x
+200 x ~0.2 s = 8 minutes of training alone, before any start-up. So each side trains --warmup 10 + --timed 60 steps
+(+1 to close the window): the issue's 200 steps are cut to 60 timed steps after a 10-step warm-up, the same on every
+side. A global deadline (--deadline-s, from this script's start) skips the sides that no longer fit instead of
+overrunning; a side that fails is recorded with its log's tail and the others go on. Results are appended to
+$OUT/results.jsonl after every side and the table so far is printed.
+
+    python bench/gpu/train_throughput.py                  # on a GPU; bench/gpu/run_on_device.sh runs it there
+    python bench/gpu/train_throughput.py --tiny --reps 1  # CPU smoke test: tiny model, seq 128, a few steps
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 
-METHODS = ("lora", "qlora", "full")
-LR = {"lora": 2e-4, "qlora": 2e-4, "full": 1e-5}
+START = time.monotonic()
+PROBE = Path(__file__).resolve().parent / "probe"
+METHODS = ("lora", "qlora")
+SIDES = ("plugin", "plain", "plain+liger")
+LR = {"lora": 2e-4, "qlora": 2e-4}
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 32,
             "num_key_value_heads": 32, "head_dim": 64, "vocab_size": 32000, "max_position_embeddings": 4096,
             "tie_word_embeddings": False, "initializer_range": 0.02}
@@ -57,6 +72,8 @@ def build_1b(root: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    del model
+    torch.cuda.empty_cache()
     for f in tiny.iterdir():
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens", "generation_config")):
             shutil.copy(f, tmp / f.name)
@@ -70,13 +87,11 @@ def project(work: Path, method: str, args, data: Path) -> Path:
 
     recipe = {"method": method, "data": {"train": str(data), "format": "chat", "max_length": args.seq_len,
                                          "packing": False},
-              "train": {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": LR[method],
-                        "lr_scheduler": "cosine", "warmup_ratio": 0.05, "logging_steps": 5,
-                        "save_steps": args.steps + 1000, "seed": 42,
-                        "gradient_checkpointing": args.gradient_checkpointing},
+              "train": {"max_steps": args.total_steps, "batch_size": args.batch_size, "learning_rate": LR[method],
+                        "lr_scheduler": "cosine", "warmup_ratio": 0.05, "logging_steps": 10,
+                        "save_steps": args.total_steps + 1000, "seed": 42},
               "eval": {"enabled": False}, "registry": {"enabled": False}}
-    if method != "full":
-        recipe[method] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+    recipe[method] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     folder = work / "projects" / f"gpu-{method}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "finetune.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -94,7 +109,7 @@ class GpuMemory:
         return self
 
     def _poll(self):
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(0.5):
             out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i",
                                   "0"], capture_output=True, text=True).stdout.strip()
             if out.isdigit():
@@ -106,21 +121,88 @@ class GpuMemory:
             self._thread.join()
 
 
-def run_side(side: str, method: str, args, model: Path, data: Path, env: dict, work: Path, tag: str) -> dict:
-    with GpuMemory() as mem:
-        if side == "plugin":
-            run = common.mlflow_run({"model": model}, env, work, tag, project=project(work, method, args, data),
-                                    entry=method)
-            r = common.training_figures(run["run_id"])
-            # The logged model (2 GB for a full fine-tune) is not needed: keep the disk free for the next runs.
-            shutil.rmtree(urlparse(common.client().get_run(run["run_id"]).info.artifact_uri).path,
-                          ignore_errors=True)
-        else:
-            r = common.plain_train({"model": model, "data": data, "method": method, "precision": args.precision,
-                                    "max_length": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
-                                    "lr": LR[method], "gradient_checkpointing": args.gradient_checkpointing},
-                                   env, work, tag)
-    return {**r, "peak_mib": mem.peak}
+def side_command(side: str, method: str, args, model: Path, data: Path, work: Path) -> list[str]:
+    if side == "plugin":
+        return [sys.executable, "-m", "mlflow", "run", str(project(work, method, args, data)), "-e", method,
+                "--backend", "finetune", "--env-manager", "local", "-P", f"model={model}"]
+    argv = [sys.executable, str(common.REPO / "bench" / "plain_train.py"), "--output-dir", str(work / "plain-out"),
+            "--model", str(model), "--data", str(data), "--method", method, "--precision", args.precision,
+            "--max-length", str(args.seq_len), "--batch-size", str(args.batch_size), "--steps",
+            str(args.total_steps), "--lr", str(LR[method]), "--logging-steps", "10"]
+    return argv + (["--liger"] if side == "plain+liger" else [])
+
+
+def run_side(side: str, method: str, rep: int, args, model: Path, data: Path, env: dict, work: Path,
+             timeout: float) -> dict:
+    """One side in its own process (its own session, killed whole on timeout): the probe's figures, or why not."""
+    name = f"{method}-{side.replace('+', '-')}-{rep}"
+    probe_file = work / "probe" / f"{name}.json"
+    probe_file.parent.mkdir(parents=True, exist_ok=True)
+    probe_file.unlink(missing_ok=True)
+    profile = rep == 0 and method == "lora" and args.profile_step >= 0
+    side_env = {**env, "BENCH_PROBE": str(probe_file), "BENCH_PROBE_WARMUP": str(args.warmup),
+                "BENCH_PROBE_TIMED": str(args.timed), "BENCH_PROBE_PROFILE": str(args.profile_step),
+                "BENCH_PROBE_PROFILE_OUT": str(args.out / f"profile-{side.replace('+', '-')}.txt") if profile else "",
+                "PYTHONPATH": os.pathsep.join([str(PROBE), env["PYTHONPATH"]])}
+    log_file = args.out / "logs" / f"{name}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    row = {"method": method, "side": side, "rep": rep, "log": str(log_file)}
+    started = time.monotonic()
+    with GpuMemory() as mem, open(log_file, "w") as log:
+        proc = subprocess.Popen(side_command(side, method, args, model, data, work), env=side_env, cwd=work,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            row["error"] = f"killed after {timeout:.0f} s (the deadline)"
+    row.update(wall_s=round(time.monotonic() - started, 1), exit=proc.returncode, nvidia_smi_peak_mib=mem.peak)
+    if probe_file.exists():
+        row.update(json.loads(probe_file.read_text()))
+    elif "error" not in row:
+        tail = log_file.read_text(errors="replace").splitlines()[-15:]
+        row["error"] = f"exit {proc.returncode}, no timing: " + " | ".join(tail)[-1500:]
+    return row
+
+
+def skip_reason(side: str, on_gpu: bool) -> str | None:
+    if side == "plain+liger":
+        if not on_gpu:
+            return "skipped: Liger Kernel runs on CUDA only"
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "skipped: liger-kernel is not installed"
+    return None
+
+
+def report(rows: list[dict], methods, args, config: dict, params: int, on_gpu: bool) -> str:
+    """Median (range) over the repetitions that have figures; ratios to plain are per repetition."""
+    def ok(method, side):
+        return {r["rep"]: r for r in rows if r["method"] == method and r["side"] == side and "tokens_per_s" in r}
+
+    out = []
+    for method in methods:
+        plain = ok(method, "plain")
+        fpt = flops_per_token(method, config, params, args.seq_len)
+        for side in SIDES:
+            runs = ok(method, side)
+            failed = [r.get("error", "") for r in rows if r["method"] == method and r["side"] == side
+                      and "tokens_per_s" not in r]
+            tps = [r["tokens_per_s"] for r in runs.values()]
+            mem = [r.get("peak_allocated_mib") for r in runs.values()]
+            reps = [k for k in runs if k in plain]
+            out.append([method, side, len(runs), common.summary(tps),
+                        common.summary(100 * fpt * t / (args.peak_tflops * 1e12) for t in tps) + " %" if on_gpu
+                        and tps else "-",
+                        common.summary(mem), common.summary(r.get("nvidia_smi_peak_mib") for r in runs.values()),
+                        common.summary(runs[k]["tokens_per_s"] / plain[k]["tokens_per_s"] for k in reps),
+                        common.summary(runs[k]["peak_allocated_mib"] / plain[k]["peak_allocated_mib"] for k in reps
+                                       if runs[k].get("peak_allocated_mib") and plain[k].get("peak_allocated_mib")),
+                        "; ".join(f[:120] for f in failed) or ""])
+    return common.table(["method", "side", "reps", "tokens/s", "MFU", "peak allocated MiB", "nvidia-smi MiB",
+                         "tokens/s / plain", "peak memory / plain", "failed or skipped"], out)
 
 
 def count_params(folder: Path) -> int:
@@ -137,24 +219,34 @@ def count_params(folder: Path) -> int:
 
 
 def flops_per_token(method: str, config: dict, params: int, seq_len: int) -> float:
+    """4N + 12LdS for LoRA/QLoRA (a frozen weight gets no weight-gradient matmul), N = matmul parameters."""
     layers, width = config["num_hidden_layers"], config["hidden_size"]
     matmul_params = params - (0 if config.get("tie_word_embeddings") else config["vocab_size"] * width)
-    return (6 if method == "full" else 4) * matmul_params + 12 * layers * width * seq_len
+    return 4 * matmul_params + 12 * layers * width * seq_len
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: the built-in tiny model, short sequences.")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="Default: 40 (GPU), 10 (--tiny).")
+    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=None, help="Untimed steps first. Default: 10 (GPU), 2 (--tiny).")
+    p.add_argument("--timed", type=int, default=None, help="Timed steps. Default: 60 (GPU), 6 (--tiny).")
+    p.add_argument("--profile-step", type=int, default=None,
+                   help="The warm-up step profiled in the first LoRA repetition (-1: none). Default: 5 (GPU), 1.")
     p.add_argument("--seq-len", type=int, default=None, help="Default: 2048 (GPU), 128 (--tiny).")
     p.add_argument("--batch-size", type=int, default=None, help="Default: 4 (GPU), 2 (--tiny).")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--deadline-s", type=float, default=480.0,
+                   help="Seconds from this script's start after which no side starts and a running one is killed.")
     p.add_argument("--peak-tflops", type=float, default=989.5, help="Dense bf16 peak of the GPU (H100/H200 SXM).")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="Results folder. Default: $OUT, else the workdir.")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
-    args.steps = args.steps or (10 if args.tiny else 40)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 10)
+    args.timed = args.timed if args.timed is not None else (6 if args.tiny else 60)
+    args.profile_step = args.profile_step if args.profile_step is not None else (1 if args.tiny else 5)
+    args.total_steps = args.warmup + args.timed + 1  # the step after the window closes it
     args.seq_len = args.seq_len or (128 if args.tiny else 2048)
     args.batch_size = args.batch_size or (2 if args.tiny else 4)
 
@@ -167,43 +259,55 @@ def main(argv=None):
         sys.exit("No CUDA GPU here: run with --tiny for the CPU smoke test.")
     args.precision = "bf16" if on_gpu else "fp32"
     work, env = common.setup(args.workdir)
+    args.out = Path(args.out or work / "out").resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    common.log(f"building the model ({time.monotonic() - START:.0f} s in)")
     model = Path(tiny_model_path()) if args.tiny else build_1b(work / "models")
     config = json.loads((model / "config.json").read_text())
     params = count_params(model)
-    rows = common.chat_rows(args.batch_size * args.steps + 8, seed=7, mean_words=args.seq_len * 2, sigma=0.01,
-                            max_words=args.seq_len * 3)
+    rows = common.chat_rows(args.batch_size * args.total_steps + 8, seed=7, mean_words=args.seq_len * 2,
+                            sigma=0.01, max_words=args.seq_len * 3)
     data = common.write_jsonl(work / "data" / f"long-{args.seq_len}.jsonl", rows)
     methods = [m for m in args.methods.split(",") if m]
+    sides = [s for s in args.sides.split(",") if s]
+    where = torch.cuda.get_device_name(0) if on_gpu else "CPU smoke test, not a performance result"
+    title = (f"GPU training ({where}): {'tiny' if args.tiny else '~1B Llama'} ({params / 1e6:.1f}M parameters), "
+             f"sequence length {args.seq_len}, batch {args.batch_size}, {args.timed} timed steps after "
+             f"{args.warmup} warm-up steps, {args.precision}, LoRA r=16 all-linear (QLoRA: NF4, double quantization)")
+    common.log(f"model ready ({time.monotonic() - START:.0f} s in); {title}")
 
-    results = {(m, side): [] for m in methods for side in ("plugin", "plain")}
-    for method in methods:
-        for rep in range(args.reps):
-            for side in common.rotated(["plugin", "plain"], rep):
-                common.log(f"{method} rep {rep + 1}/{args.reps}: {side}")
-                r = run_side(side, method, args, model, data, env, work, f"gpu-{method}-{side}-{rep}")
-                common.log(f"  {r['tokens']:.0f} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']:.0f} tokens/s, "
-                           f"peak {r['peak_mib'] or '-'} MiB")
-                results[(method, side)].append(r)
+    done: list[dict] = []
+    took: dict[str, float] = {}  # the last wall time of each (method, side): what the next one will need
+    for rep in range(args.reps):
+        for method in methods:
+            for side in common.rotated(sides, rep):
+                left = args.deadline_s - (time.monotonic() - START)
+                need = took.get(f"{method}/{side}", 30.0)
+                row = {"method": method, "side": side, "rep": rep}
+                if (reason := skip_reason(side, on_gpu)) is not None:
+                    row["error"] = reason
+                elif left < need:
+                    row["error"] = f"skipped: {left:.0f} s left before the deadline, the side needs about {need:.0f}"
+                else:
+                    common.log(f"rep {rep + 1}/{args.reps} {method} {side} ({left:.0f} s left)")
+                    row = run_side(side, method, rep, args, model, data, env, work, timeout=left)
+                    took[f"{method}/{side}"] = row["wall_s"]
+                    common.log(f"  {row.get('tokens_per_s', 0):,.0f} tokens/s, peak "
+                               f"{row.get('peak_allocated_mib') or 0:,.0f} MiB allocated, {row['wall_s']} s wall"
+                               + (f"; {row['error']}" if "error" in row else ""))
+                done.append(row)
+                with open(results, "a") as f:
+                    f.write(json.dumps({**row, "device": where, "title": title}) + "\n")
+                print(report(done, methods, args, config, params, on_gpu), flush=True)
 
-    where = f"{torch.cuda.get_device_name(0)}" if on_gpu else "CPU smoke test, not a performance result"
-    common.header(f"GPU training ({where}): {'tiny' if args.tiny else '~1B Llama'} ({params / 1e6:.1f}M parameters), "
-                  f"sequence length {args.seq_len}, batch {args.batch_size}, {args.steps} steps, {args.precision}, "
-                  f"LoRA/QLoRA r=16 all-linear (QLoRA: NF4, double quantization), {args.reps} reps: median (range)")
-    table = []
-    for method in methods:
-        plugin, plain = results[(method, "plugin")], results[(method, "plain")]
-        for side, runs in (("plain", plain), ("plugin", plugin)):
-            tps = [r["tokens_per_s"] for r in runs]
-            fpt = flops_per_token(method, config, params, args.seq_len)
-            mfu = common.summary(100 * fpt * t / (args.peak_tflops * 1e12) for t in tps) + " %" if on_gpu else "-"
-            table.append([method, side, common.summary(tps), mfu,
-                          common.summary(r["peak_mib"] for r in runs),
-                          "1" if side == "plain" else common.summary(common.ratios(
-                              tps, [r["tokens_per_s"] for r in plain])),
-                          "1" if side == "plain" else common.summary(common.ratios(
-                              [r["peak_mib"] for r in runs], [r["peak_mib"] for r in plain]))])
-    print(common.table(["method", "side", "tokens/s", "MFU", "peak GPU MiB", "plugin / plain tokens/s",
-                        "plugin / plain peak memory"], table))
+    common.header(title)
+    print(report(done, methods, args, config, params, on_gpu))
+    spread = [r["tokens_per_s"] for r in done if r["side"] == "plain" and "tokens_per_s" in r]
+    if len(spread) > 1:
+        print(f"\nplain tokens/s over all methods and reps: {statistics.median(spread):,.0f} median")
+    print(f"\nresults: {results}; profiles: {sorted(p.name for p in args.out.glob('profile-*.txt'))}; "
+          f"{time.monotonic() - START:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -382,6 +382,13 @@ class TrainConfig(Section):
                             "of labelled tokens, each chunk's gradient taken at once, never the whole logits. false: "
                             "the logits of the labelled positions, all at once. auto: true with CUDA, chunked elsewhere "
                             "(false with several ranks: DDP refuses the chunked head's early gradients).")
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="Fused GPU kernels for training. liger: Liger Kernel's Triton kernels (RMSNorm, rotary "
+                            "embedding, SwiGLU; with fused_lm_head auto also its fused linear cross-entropy as the "
+                            "LM head) on CUDA, for the architectures Liger covers; needs `pip install "
+                            "'mlflow-finetune-plugin[gpu]'`. auto: liger where CUDA, liger-kernel and the model's "
+                            "architecture allow, else none (always none on a CPU). none: the model's own layers. "
+                            "Printed and tagged (finetune.kernels).")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="With several processes (torchrun, ray): ddp copies the model to every rank; fsdp "
                            "shards parameters, gradients and optimizer state across ranks (models too big for one).")

@@ -16,6 +16,8 @@ from mlflow_finetune_plugin.evaluate import forgetting
 from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
 from mlflow_finetune_plugin.evaluate.verdict import conclude
 from mlflow_finetune_plugin.logged_model import chat_template_hash
+from mlflow_finetune_plugin import tags as tag_names
+from mlflow_finetune_plugin.models import kernels
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
 from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recipe_autocast_bf16
 from mlflow_finetune_plugin.tags import lineage_tags
@@ -28,6 +30,7 @@ from mlflow_finetune_plugin.train.objectives import objective_of, sft
 def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     adapter, objective = adapter_of(recipe), objective_of(recipe)
     quantization.check_precision(recipe)  # before the data, the model or anything logged
+    kernels.resolve(recipe)  # train.kernels: liger without CUDA or liger-kernel is refused here
     base_ref = model_reference(recipe.model.name)
     vllm = templates.vllm_verdict(recipe, adapter.vllm_compatible(recipe.adapter))
     tags = publish.log_recipe(recipe, run_id, base_ref, vllm) if main else {}
@@ -47,6 +50,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     set_seed(recipe.train.seed)
     scoring = recipe.objective in SCORING  # a reward model: the base under a score head
     model = load_base_model(recipe.model, scoring=scoring, **quantization.model_kwargs(recipe.model))
+    _fused_kernels(recipe, model, main)  # on the base's layers, before an adapter wraps them
     base_revision = recipe.model.revision or getattr(model.config, "_commit_hash", None)
     trainable = templates.fit_model(recipe, model, tokenizer, main)  # new tokens' rows, every end-of-turn id stops
     model = attach(quantization.prepare(model, recipe.model), recipe, trainable)
@@ -133,6 +137,16 @@ def _base_contender(recipe, adapter, tokenizer):
     """The base model the evaluation compares against, where it is not the adapter switched off: a full fine-tune's
     base, loaded apart."""
     return load_base_model(recipe.model) if adapter.ARTIFACT == "full" else None
+
+
+def _fused_kernels(recipe, model, main: bool) -> None:
+    """`train.kernels` (models/kernels.py) on the loaded base, printed and tagged with what takes the SFT loss."""
+    kernel = kernels.resolve(recipe, model.config)
+    kernels.apply_layers(model, kernel)
+    if main:
+        said = kernels.describe(kernel, recipe.objective == "sft" and kernels.takes_lm_head(recipe, kernel))
+        print(f"Kernels: {said}")
+        mlflow.set_tag(tag_names.KERNELS, said)
 
 
 def _checkpoint(recipe, trainer, run_id: str, main: bool) -> str | None:

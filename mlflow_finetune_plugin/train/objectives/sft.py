@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from mlflow_finetune_plugin.config.checks import NOT_PACKABLE
+from mlflow_finetune_plugin.models import kernels
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
                    "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
@@ -50,9 +51,12 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
         train_ds = replay.with_replay(train_ds, rows, recipe.train.seed)
     pack = packing(recipe, tokenizer, train_ds, model.config)
     config = SFTConfig(**args, max_length=recipe.data.max_length, packing=pack)
+    head = fused_lm_head(recipe, model.config)
+    if head == "liger":  # before TRL wraps the model's forward for its own fused head (which then stays unused)
+        kernels.lm_head(model)
     return FinetuneSFTTrainer(
         model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-        callbacks=callbacks, fused_lm_head=fused_lm_head(recipe), pack_rows=pack and not _varlen_attention(recipe),
+        callbacks=callbacks, fused_lm_head=head, pack_rows=pack and not _varlen_attention(recipe),
         replay_kl=kl_rows, replay_weight=recipe.data.replay_weight, replay_every=recipe.data.replay_every)
 
 
@@ -160,9 +164,10 @@ def _tag_packing(value: str) -> None:
         mlflow.set_tag(tags.PACKING, value)
 
 
-def fused_lm_head(recipe) -> bool | str:
-    """`train.fused_lm_head`, with `auto` resolved: TRL's fused LM head on CUDA (Triton kernels over the labelled
-    positions); elsewhere the chunked head (models/lm_head.py: no full logits, 0.28x the memory growth of a gemma3
+def fused_lm_head(recipe, model_config=None) -> bool | str:
+    """`train.fused_lm_head`, with `auto` resolved: Liger's fused linear cross-entropy ("liger") where
+    `train.kernels` puts Liger on this model (models/kernels.py; `model_config` given); else TRL's fused LM head on
+    CUDA (Triton kernels over the labelled positions); elsewhere the chunked head (models/lm_head.py: no full logits, 0.28x the memory growth of a gemma3
     step and the same time on smollm2, docs/benchmarks.md section 8). The chunked head takes each chunk's gradient
     inside the forward pass, which DDP refuses ("Expected to mark a variable ready only once"): with several ranks it
     gives way to the labelled-positions loss (`auto`: silently; `chunked` asked for by name: said once)."""
@@ -173,6 +178,9 @@ def fused_lm_head(recipe) -> bool | str:
 
     value = recipe.train.fused_lm_head
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if value == "auto" and model_config is not None and kernels.takes_lm_head(recipe, kernels.resolve(
+            recipe, model_config)):
+        return "liger"
     if value == "auto":
         return True if torch.cuda.is_available() else ("chunked" if ranks == 1 else False)
     if value == "chunked" and ranks > 1:

@@ -24,6 +24,10 @@ loss is computed. Imported only by `objectives.sft` (it imports TRL).
   - `False`: a forward pre-hook on the output embedding keeps the hidden states whose next token is labelled and
     drops the rest before the `hidden x vocab` matmul; the logits of all labelled positions are held at once.
     Whatever the model does to its logits after the head (soft-capping, scaling) still happens.
+  - `"liger"` (`train.kernels` on Liger with `fused_lm_head: auto`, models/kernels.py): Liger's fused linear
+    cross-entropy, which replaced the model's forward, returns the loss and token accuracy while training; its
+    gradient is taken chunk by chunk in the forward pass (nothing recomputed in the backward). Evaluation and the
+    replay term take the `False` path, whose forward then is Liger's without labels (the logits, as usual).
   Figures for each: docs/benchmarks.md. Entropy is logged with `True` only.
 """
 
@@ -129,6 +133,10 @@ class FinetuneSFTTrainer(SFTTrainer):
             # TRL's fused head reads lm_head.weight/.bias: PEFT's trainable-token rows (model.chat_template on a
             # base model) wrap the head and have neither, so the chunked head (which knows those rows) takes it.
             self.fused_lm_head = "chunked"
+        if self.fused_lm_head == "liger" and model.training and not return_outputs:
+            if self._trl_fuses(model):
+                return self._liger_loss(model, inputs, num_items_in_batch, real_tokens)
+            self.fused_lm_head = "chunked"  # as above: Liger's head reads lm_head.weight too
         if self.fused_lm_head is True:
             before = self._total_train_tokens
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -170,6 +178,20 @@ class FinetuneSFTTrainer(SFTTrainer):
             self._total_train_tokens += self._gathered(counted) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
+
+    def _liger_loss(self, model, inputs, num_items_in_batch, real_tokens):
+        """Liger's fused linear cross-entropy (`train.kernels`, models/kernels.py), which replaced the model's forward:
+        given labels while training it returns the loss, normalised as transformers' own, and the token accuracy,
+        and no logits. Trainer's loss path passes `num_items_in_batch` and scales across ranks as for any model."""
+        inputs = {**inputs, "use_cache": False, "return_token_accuracy": True}
+        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        accuracy = outputs.token_accuracy if outputs.token_accuracy is not None else torch.zeros(())
+        self._metrics["train"]["mean_token_accuracy"].append(self._gathered_mean(accuracy.detach().float()))
+        counted = real_tokens if real_tokens is not None else inputs["attention_mask"].sum()
+        self._total_train_tokens += self._gathered(counted) // self._tp_size
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return loss
 
     def _normalised(self, total, n_valid, num_items_in_batch):
         """A summed loss as transformers' causal-LM loss reduces it: / num_items_in_batch, else the mean."""

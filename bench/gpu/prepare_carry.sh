@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# What the GPU machine lacks, for bench/gpu/run_on_device.sh, packed as .gpu_carry.tar.xz (git-ignored; carried to
+# the device with the run tool's carry=[".gpu_carry.tar.xz"]). The device has torch (CUDA), transformers, peft,
+# accelerate and their dependencies, no network, and none of mlflow, trl, datasets, bitsandbytes, liger-kernel.
+# Versions are this venv's (what the CPU tests ran with).
+# Binary wheels are for ONE Python version, PY_VERSION (default 3.12): the device's is not known beforehand
+# (run_on_device.sh prints it and says so on a mismatch), and pyarrow + pandas alone are ~46 MiB a version, so two
+# versions do not fit the 64 MiB carry. Three wheels are slimmed: bitsandbytes keeps its CPU and CUDA 13 libraries
+# only (the device had torch 2.11.0+cu130), pyarrow drops Flight and Gandiva, mlflow its web UI. The
+# wheels are unpacked into one folder with a dist-info declaring the plugin's `mlflow.project_backend` entry point
+# (the plugin's code itself is the repository, on PYTHONPATH), then packed with xz. Prints the sizes.
+#
+#   bash bench/gpu/prepare_carry.sh                 # from anywhere, with the project's venv active
+#   PY_VERSION=3.11 bash bench/gpu/prepare_carry.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=.gpu_wheels
+PY_VERSION=${PY_VERSION:-3.12}
+rm -rf "$OUT" && mkdir -p "$OUT"
+
+ver() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
+pins() { for p in $1; do v=$(ver "$p" 2>/dev/null) && echo "$p==$v"; done; }
+
+# Pure-Python wheels (one file serves every Python).
+PURE="mlflow-skinny mlflow-tracing mlflow trl datasets liger-kernel dill multiprocess alembic Mako sqlparse cachetools
+      cloudpickle opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions
+      importlib_metadata zipp databricks-sdk google-auth pyasn1 pyasn1-modules rsa gitpython gitdb smmap
+      graphene graphql-core graphql-relay Flask Werkzeug itsdangerous blinker gguf bm25s rouge_score nltk
+      sacrebleu portalocker tabulate colorama python-dateutil six pytz tzdata click docker absl-py
+      requests urllib3 idna certifi charset-normalizer python-dotenv fastapi starlette pycparser"
+# Binary wheels, for PY_VERSION.
+BINARY="protobuf pyarrow pandas xxhash SQLAlchemy greenlet pydantic_core pydantic annotated-types typing-inspection
+        MarkupSafe joblib cryptography cffi"
+PLATFORMS="--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64
+           --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64"
+
+python -m pip download -q --no-deps -d "$OUT" $(pins "$PURE")
+python -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" $PLATFORMS -d "$OUT" \
+  $(pins "$BINARY") "bitsandbytes==$(ver bitsandbytes)"
+
+python - "$OUT" .gpu_carry/site "$(ver mlflow-finetune-plugin)" <<'PY'
+import pathlib, re, shutil, sys, zipfile
+
+wheels, site, version = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+# Members left out (not used by training): other GPUs' bitsandbytes builds, pyarrow's RPC/query-plan/JIT parts and
+# tests, mlflow's web UI (pyarrow's lib needs libarrow_substrait; mlflow.genai imports mlflow.gateway).
+DROP = re.compile(r"libbitsandbytes_(cuda(11|12)\d|cuda132|rocm|xpu)|pyarrow/(.*flight|.*gandiva|tests/)"
+                  r"|mlflow/server/js/|/__pycache__/")
+shutil.rmtree(site.parent, ignore_errors=True)
+site.mkdir(parents=True)
+total = 0
+for whl in sorted(wheels.glob("*.whl")):
+    total += whl.stat().st_size
+    with zipfile.ZipFile(whl) as z:
+        for member in z.infolist():
+            if not DROP.search(member.filename):
+                z.extract(member, site)
+info = site / f"mlflow_finetune_plugin-{version}.dist-info"
+info.mkdir()
+(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: mlflow-finetune-plugin\nVersion: {version}\n")
+(info / "entry_points.txt").write_text(
+    "[mlflow.project_backend]\nfinetune = mlflow_finetune_plugin.backend:FinetuneBackend\n")
+(info / "top_level.txt").write_text("mlflow_finetune_plugin\n")
+print(f"{len(list(wheels.glob('*.whl')))} wheels, {total / 2**20:.1f} MiB as downloaded")
+PY
+rm -f .gpu_carry.tar.xz
+XZ_OPT="-6 -T2" tar -C .gpu_carry -cJf .gpu_carry.tar.xz site
+rm -rf .gpu_carry
+size=$(stat -c %s .gpu_carry.tar.xz)
+echo ".gpu_carry.tar.xz: $((size / 1048576)) MiB, binary wheels for Python $PY_VERSION"
+[ "$size" -lt $((60 * 1048576)) ] || { echo "OVER 60 MiB: leave something out"; exit 1; }
