@@ -12,8 +12,14 @@ from mlflow import MlflowClient
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config.loading import load_recipe
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
-from mlflow_finetune_plugin.models.kernels import KernelChoice, choose, describe, liger_model_types, resolve, \
-    takes_lm_head
+from mlflow_finetune_plugin.models.kernels import (
+    KernelChoice,
+    choose,
+    describe,
+    liger_model_types,
+    resolve,
+    takes_lm_head,
+)
 from tests.helpers import QUICK_RECIPE, chat_rows, write_project
 
 LIGER = frozenset({"llama", "qwen2"})

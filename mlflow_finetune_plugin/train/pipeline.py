@@ -10,13 +10,13 @@ import mlflow
 from transformers import set_seed
 
 from mlflow_finetune_plugin import stops, tracking
+from mlflow_finetune_plugin import tags as tag_names
 from mlflow_finetune_plugin.config.checks import ONLINE, SCORING
 from mlflow_finetune_plugin.data import splits
 from mlflow_finetune_plugin.evaluate import forgetting
 from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
 from mlflow_finetune_plugin.evaluate.verdict import conclude
 from mlflow_finetune_plugin.logged_model import chat_template_hash
-from mlflow_finetune_plugin import tags as tag_names
 from mlflow_finetune_plugin.models import kernels
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
 from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recipe_autocast_bf16

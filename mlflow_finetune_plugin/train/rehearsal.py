@@ -140,7 +140,12 @@ def _save_and_reload(model, tokenizer, config: dict) -> None:
     model's config and every weight's name. The base is not loaded a second time: that would double the memory."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from mlflow_finetune_plugin.logged_model import _adapter_save_options, requirements, saved_artifacts, stage_code
+    from mlflow_finetune_plugin.logged_model import (
+        _adapter_save_options,
+        requirements,
+        saved_artifacts,
+        stage_code,
+    )
 
     with tempfile.TemporaryDirectory(prefix="finetune-rehearsal-") as tmp:
         options = _adapter_save_options(model) if config["artifact"] == "adapter" else {}
