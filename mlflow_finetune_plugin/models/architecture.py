@@ -163,7 +163,8 @@ def fused_expert_parameters(model) -> tuple[str, ...]:
     for module_name, module in model.named_modules():
         if type(module).__module__.startswith("torch.") or isinstance(module, torch.nn.Embedding):
             continue
-        own = module_name.rsplit(".", 1)[-1]
+        # PEFT wraps an adapted parameter's module as `base_layer` (once per parameter): name the module itself
+        own = module_name.replace(".base_layer", "").rsplit(".", 1)[-1]
         for name, param in module.named_parameters(recurse=False):
             if param.dim() == 3 and not own.isdigit():
                 names.append(f"{own}.{name}")

@@ -16,10 +16,11 @@ from mlflow_finetune_plugin.evaluate import forgetting
 from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
 from mlflow_finetune_plugin.evaluate.verdict import conclude
 from mlflow_finetune_plugin.logged_model import chat_template_hash
+from mlflow_finetune_plugin.models.architecture import for_generation
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
 from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recipe_autocast_bf16
 from mlflow_finetune_plugin.tags import lineage_tags
-from mlflow_finetune_plugin.train import publish, quantization, resume, templates, trainers
+from mlflow_finetune_plugin.train import publish, quantization, reach, resume, templates, trainers
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach
 from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, MlflowMetrics, TimeLeft
 from mlflow_finetune_plugin.train.objectives import objective_of, sft
@@ -49,9 +50,9 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     model = load_base_model(recipe.model, scoring=scoring, **quantization.model_kwargs(recipe.model))
     base_revision = recipe.model.revision or getattr(model.config, "_commit_hash", None)
     trainable = templates.fit_model(recipe, model, tokenizer, main)  # new tokens' rows, every end-of-turn id stops
+    starting_rows = templates.added_rows(model, tokenizer)  # what a full fine-tune's base contender starts from
     model = attach(quantization.prepare(model, recipe.model), recipe, trainable)
-    if main and hasattr(model, "print_trainable_parameters"):
-        model.print_trainable_parameters()
+    reach.report(recipe, model, main)  # the share that trains (param, metric), and whether experts do
 
     args = trainers.training_arguments(recipe, run_id, data.eval)
     # Everything alive now (modules, the model) lives until the end: frozen out of the cyclic GC, whose full
@@ -76,6 +77,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
                     else trainer.model
     finally:
         gc.unfreeze()
+    for_generation(tuned)  # TRL left router logits on (mixtures of experts): off to decode, and in the saved config
     if not main:
         return
     stops.check()  # a cancel whose interrupt Python dropped (stops.py) ends the run here, not after publishing
@@ -83,7 +85,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     # Base zero-shot, few-shot and with retrieved shots, and tuned, on the held-out rows; a full fine-tune needs the
     # base loaded apart, and only when there is something to evaluate.
     if data.task_evals if data.is_mixture else data.eval is not None:
-        base = load_base_model(recipe.model) if adapter.ARTIFACT == "full" else None
+        base = templates.comparable_base(recipe, tokenizer, starting_rows) if adapter.ARTIFACT == "full" else None
         with tracking.results_at_step(last_step):
             if data.is_mixture:  # mixtures train with sft only
                 sft.evaluate_tasks(recipe, tuned, tokenizer, data.tasks, data.task_evals, base)

@@ -30,7 +30,18 @@ def peft_config(cfg: LoraAdapter, model=None):
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
         bias=cfg.bias,
+        target_parameters=target_parameters(cfg, model) or None,
     )
+
+
+def target_parameters(cfg: LoraAdapter, model=None) -> list[str]:
+    """`lora.target_parameters`: `auto` gives the model's fused 3-D expert weights (which `all-linear` misses, as no
+    nn.Linear wraps them: `models.architecture.fused_expert_parameters`), a list is taken as written."""
+    from mlflow_finetune_plugin.models.architecture import fused_expert_parameters
+
+    if cfg.target_parameters != "auto":
+        return list(cfg.target_parameters)
+    return list(fused_expert_parameters(model)) if model is not None else []
 
 
 def _top_layers(model, cfg: LoraAdapter) -> tuple[list[str], list[int]]:
