@@ -46,11 +46,18 @@ def _experts_line(recipe, model, experts) -> str:
     config = getattr(model, "active_peft_config", None)
     reached = [p for p in (getattr(config, "target_parameters", None) or []) if p in experts.fused]
     if reached:
+        dropped = (f"; lora.dropout {recipe.adapter.dropout:g} is not applied (PEFT's LoRA on parameters takes none; "
+                   "lora.target_parameters: [] keeps it and leaves the experts out)") if recipe.adapter.dropout else ""
         return (f"Mixture of experts: LoRA reaches the {experts.total} experts through PEFT's target_parameters "
-                f"({', '.join(reached)})")
+                f"({', '.join(reached)}){dropped}")
     return (f"Mixture of experts: the {recipe.adapter.type} adapter trains attention (and the router) only: the "
             f"{experts.total} experts are fused 3-D parameters ({fused}) that no linear layer wraps"
-            + ("; lora.target_parameters: auto adapts them" if recipe.adapter.type == "lora" else ""))
+            + _lora_hint(recipe))
+
+
+def _lora_hint(recipe) -> str:
+    """How a LoRA run would reach the experts."""
+    return "; lora.target_parameters: auto adapts them" if recipe.adapter.type == "lora" else ""
 
 
 def aux_loss_arguments(recipe, model, config_class, generates: bool = False) -> dict:
