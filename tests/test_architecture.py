@@ -31,10 +31,10 @@ def models(tmp_path_factory):
 
 
 def _load(path):
+    from transformers import AutoModelForCausalLM
+
     from mlflow_finetune_plugin.logged_model import LoadedModel
     from mlflow_finetune_plugin.models.base import load_tokenizer
-
-    from transformers import AutoModelForCausalLM
 
     return LoadedModel(AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(str(path)), {})
 
