@@ -8,9 +8,9 @@ cache rows join the others, left-padded and masked). Each row sees exactly its o
 attention come from its mask, as in a left-padded `generate()`.
 
 It needs a plain growing cache (`models.architecture.cache_abilities(model).concat`: every layer a DynamicLayer, no
-sliding window, no recurrent state, no static or quantized cache) and a
-generation config with nothing beyond greedy or temperature/top-p sampling; `steppable` says whether a model
-qualifies, and the engine falls back to one `generate()` per batch when it does not.
+sliding window, no recurrent state, no static or quantized cache) and a generation config with nothing beyond greedy
+or temperature/top-p sampling; `steppable` says whether a model qualifies, and the engine falls back to one
+`generate()` per batch when it does not.
 """
 
 from __future__ import annotations

@@ -79,8 +79,8 @@ def aux_loss_arguments(recipe, model, config_class, generates: bool = False) -> 
         value = f"off: the {recipe.objective} trainer ({config_class.__name__}) adds no load-balancing loss"
         coef = None
     elif generates:
-        value = (f"off: {recipe.objective} decodes with the training model, and transformers' MoE forward cannot "
-                 "return router logits while decoding")
+        value = (f"off: {recipe.objective} decodes with the training model, and transformers' MoE forward fails "
+                 "computing that loss while decoding a padded batch")
         coef = 0.0
     else:
         coef = experts.aux_coef if asked is None else asked
