@@ -42,6 +42,7 @@ from transformers import Trainer
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from mlflow_finetune_plugin.models.architecture import moe_of
 from mlflow_finetune_plugin.models.lm_head import Head, cross_entropy, head_of, hidden_states, kl_divergence
 
 
@@ -69,6 +70,8 @@ class FinetuneSFTTrainer(SFTTrainer):
                  replay_kl: list[list[int]] | None = None, replay_weight: float = 1.0, replay_every: int = 1,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        # a mixture of experts' shape, for the load-balancing loss the chunked paths add (`_router_loss`)
+        self._experts = moe_of(self.model) if self.aux_loss_enabled else None
         self.fused_lm_head = fused_lm_head
         self.pack_rows = pack_rows
         if pack_rows:
@@ -260,9 +263,7 @@ class FinetuneSFTTrainer(SFTTrainer):
         takes it), spread over gradient accumulation as TRL spreads it."""
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-        from mlflow_finetune_plugin.models.architecture import moe_of
-
-        experts = moe_of(self.accelerator.unwrap_model(model))
+        experts = self._experts
         if not router_logits or experts is None:
             return 0.0
         aux = load_balancing_loss_func(router_logits, experts.total, experts.active, mask)
