@@ -28,6 +28,7 @@ import mlflow
 import pandas as pd
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.models.architecture import for_generation
 from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
 
 DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "num_beams": 1}
@@ -125,6 +126,7 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
         model = PeftModel.from_pretrained(load_logged_base(config, dtype), artifacts["adapter"])
     model.to(device).eval()
     stop_at_every_end_of_turn(model, tokenizer)
+    for_generation(model)  # a mixture of experts saved with router logits on cannot decode
     return LoadedModel(model=model, tokenizer=tokenizer, config=config)
 
 

@@ -7,7 +7,9 @@
 # (run_on_device.sh prints it and says so on a mismatch), and pyarrow + pandas alone are ~46 MiB a version, so two
 # versions do not fit the 64 MiB carry. Three wheels are slimmed: bitsandbytes keeps its CPU and CUDA 13 libraries
 # only (the device had torch 2.11.0+cu130), pyarrow drops Flight and Gandiva, mlflow its web UI. The
-# wheels are unpacked into one folder with a dist-info declaring the plugin's `mlflow.project_backend` entry point
+# wheels are unpacked into one folder named site-packages (dill, which datasets hashes with, pickles a module by
+# value unless its path says site-packages or the interpreter's prefix: under another name datasets failed with
+# "Can't pickle <class 'MonthDayNano'>") with a dist-info declaring the plugin's `mlflow.project_backend` entry point
 # (the plugin's code itself is the repository, on PYTHONPATH), then packed with xz. Prints the sizes.
 #
 #   bash bench/gpu/prepare_carry.sh                 # from anywhere, with the project's venv active
@@ -38,7 +40,7 @@ python -m pip download -q --no-deps -d "$OUT" $(pins "$PURE")
 python -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" $PLATFORMS -d "$OUT" \
   $(pins "$BINARY") "bitsandbytes==$(ver bitsandbytes)"
 
-python - "$OUT" .gpu_carry/site "$(ver mlflow-finetune-plugin)" <<'PY'
+python - "$OUT" .gpu_carry/site-packages "$(ver mlflow-finetune-plugin)" <<'PY'
 import pathlib, re, shutil, sys, zipfile
 
 wheels, site, version = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
@@ -64,7 +66,7 @@ info.mkdir()
 print(f"{len(list(wheels.glob('*.whl')))} wheels, {total / 2**20:.1f} MiB as downloaded")
 PY
 rm -f .gpu_carry.tar.xz
-XZ_OPT="-6 -T2" tar -C .gpu_carry -cJf .gpu_carry.tar.xz site
+XZ_OPT="-6 -T2" tar -C .gpu_carry -cJf .gpu_carry.tar.xz site-packages
 rm -rf .gpu_carry
 size=$(stat -c %s .gpu_carry.tar.xz)
 echo ".gpu_carry.tar.xz: $((size / 1048576)) MiB, binary wheels for Python $PY_VERSION"

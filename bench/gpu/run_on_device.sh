@@ -9,8 +9,8 @@ OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 SITE=/tmp/gpu-carry
 start=$(date +%s)
 rm -rf "$SITE" && mkdir -p "$SITE" && tar -C "$SITE" -xJf .gpu_carry.tar.xz || { echo "no .gpu_carry.tar.xz: carry it"; exit 2; }
-export PYTHONPATH="$PWD:$SITE/site${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$SITE/site/bin:$PATH" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD:$SITE/site-packages${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$SITE/site-packages/bin:$PATH" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "unpacked in $(( $(date +%s) - start )) s"
 python - <<'PY' 2>&1 | tee "$OUT/versions.txt"
 import importlib.metadata as md, platform, sys, glob, os

@@ -79,6 +79,10 @@ class LoraAdapter(Section):
     use_dora: bool = False
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
+    target_parameters: Literal["auto"] | list[str] = Field(
+        "auto", description="Parameters LoRA adapts that no linear layer wraps (PEFT's target_parameters), such as "
+                            "a mixture of experts' fused 3-D expert weights. auto: those the model has "
+                            "(gpt-oss: experts.gate_up_proj, experts.down_proj); []: none (attention and router only).")
     layers: int | None = Field(
         None, gt=0, description="Adapt only the top N decoder layers (empty: all). Backpropagation then stops at the "
                                 "lowest adapted layer: on CPU, smollm2 with the top 20 of its 30 layers took 1.50 s a "
@@ -389,6 +393,9 @@ class TrainConfig(Section):
                             "'mlflow-finetune-plugin[gpu]'`. auto: liger where CUDA, liger-kernel and the model's "
                             "architecture allow, else none (always none on a CPU). none: the model's own layers. "
                             "Printed and tagged (finetune.kernels).")
+    router_aux_loss: float | None = Field(
+        None, ge=0, description="Mixtures of experts: weight of the router's load-balancing loss added to the "
+                                "training loss; empty: the model config's own router_aux_loss_coef; 0 turns it off.")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="With several processes (torchrun, ray): ddp copies the model to every rank; fsdp "
                            "shards parameters, gradients and optimizer state across ranks (models too big for one).")

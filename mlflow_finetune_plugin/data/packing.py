@@ -59,20 +59,24 @@ class PackingEstimate:
 def span_from_config(config) -> float:
     """Tokens at which attention per token costs as much as the linear layers, from the model's shape.
 
-    Forward FLOPs per token: 2 x (linear weights, LM head included) for the matmuls, and 4 x layers x
-    (attention width) x L for QK^T and AV over a row of L tokens; the span is their ratio at equal cost, scaled by
-    the measured efficiency of masked attention.
+    Forward FLOPs per token: 2 x (linear weights, LM head included) for the matmuls, and 4 x (attention width) x L
+    per attention layer for QK^T and AV over a row of L tokens; the span is their ratio at equal cost, scaled by
+    the measured efficiency of masked attention. Each layer is read from its own config
+    (`models.architecture.attention_layers`: Gemma 4's layers differ in head_dim); linear-attention layers (Qwen3.5's
+    Gated DeltaNet) add no cost that grows with L, and a mixture of experts runs its active experts' MLPs only.
     """
-    config = getattr(config, "text_config", None) or config
+    from mlflow_finetune_plugin.models.architecture import attention_layers, text_config
+
+    layers = attention_layers(config)
+    config = text_config(config)
     d = config.hidden_size
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     inter = getattr(config, "intermediate_size", None) or 4 * d
-    per_layer = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim + 3 * d * inter
-    linear = layers * per_layer + config.vocab_size * d
-    return ATTENTION_EFFICIENCY * linear / (2 * layers * heads * head_dim)
+    active = next((v for k in ("num_experts_per_tok", "top_k_experts") if (v := getattr(config, k, None))), 1)
+    linear = config.vocab_size * d + sum(
+        2 * d * layer.heads * layer.head_dim + 2 * d * layer.kv_heads * layer.head_dim + 3 * d * inter * active
+        for layer in layers)
+    width = sum(layer.heads * layer.head_dim for layer in layers if layer.attention)
+    return ATTENTION_EFFICIENCY * linear / (2 * width) if width else float("inf")
 
 
 def row_cost(length: int, span: float) -> float:

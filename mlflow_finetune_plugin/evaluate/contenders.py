@@ -28,6 +28,7 @@ from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
 from mlflow_finetune_plugin.metrics import CONTENDERS
 from mlflow_finetune_plugin.models.answers import answer_text
+from mlflow_finetune_plugin.models.architecture import cache_abilities
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 
 
@@ -209,8 +210,9 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
     the `references` with their token count, sharing one pass over the prompts where decoding is greedy.
 
     Generation continues from the KV cache of the pass that scores the references (`scoring.score_and_prefill`).
-    Beam search, and models whose cache cannot be cut back that way (sliding-window layers), take two passes, one to
-    answer and one to score (`scoring.reference_nll`); prefix and prompt tuning answer one prompt at a time.
+    Beam search, and models whose cache cannot be cut back that way (sliding-window or recurrent-state layers:
+    `models.architecture.cache_abilities`), take two passes, one to answer and one to score
+    (`scoring.reference_nll`); prefix and prompt tuning answer one prompt at a time.
     """
     import torch
 
@@ -223,11 +225,12 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
         answers = [generate(loaded, p, max_new_tokens=max_new_tokens, num_beams=num_beams) for p in prompts]
         return answers, *reference_nll(model, tok, prompts, references)
     pairs = [reference_ids(tok, p, r) for p, r in zip(prompts, references)]
-    if num_beams > 1 or not _shares_prefill(model) or not all(p for p, _ in pairs):
+    cache = cache_abilities(model)
+    if num_beams > 1 or not cache.crop or not _shares_prefill(model) or not all(p for p, _ in pairs):
         return (generate_greedy_batch(loaded, prompts, max_new_tokens, num_beams),
                 *reference_nll(model, tok, prompts, references))
     device = model.device
-    prefill = score_and_prefill(model, tok, pairs)
+    prefill = score_and_prefill(model, tok, pairs, share_prefix=cache.repeat)
     prompt_end = prefill.input_ids.shape[1]
     with torch.no_grad():
         generated = model.generate(input_ids=prefill.input_ids.to(device),
@@ -257,13 +260,11 @@ def _virtual_tokens(model) -> bool:
 
 
 def _shares_prefill(model) -> bool:
-    """Whether `answer_and_score` can reuse the scoring pass's cache for generation (see there)."""
+    """Whether `answer_and_score` can reuse the scoring pass's cache for generation (see there), its cache's own
+    abilities apart (`cache_abilities`)."""
     import inspect
 
-    if _virtual_tokens(model):
-        return False
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False) or getattr(config, "sliding_window", None):
+    if _virtual_tokens(model) or getattr(model, "config", None) is None:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters

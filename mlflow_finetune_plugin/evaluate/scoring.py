@@ -70,12 +70,14 @@ class Prefill:
     cache: Any
 
 
-def score_and_prefill(model, tokenizer, pairs: list[tuple[list[int], list[int]]]) -> Prefill:
+def score_and_prefill(model, tokenizer, pairs: list[tuple[list[int], list[int]]], share_prefix: bool = True) -> Prefill:
     """One pass over the left-padded prompts followed by the right-padded references (`pairs` of token ids, as
     `reference_ids` gives them, every prompt non-empty): the references' log-probabilities come from that pass (the
     LM head applied to the reference positions only, in chunks: `models/lm_head.py`), and its KV cache, cut back to the prompts, is returned for
     generation to continue from. Scoring the references apart costs a second pass over the prompts, which for
-    few-shot prompts are most of the tokens. The prompts' common start (system prompt, shots) is computed once.
+    few-shot prompts are most of the tokens. The prompts' common start (system prompt, shots) is computed once,
+    where the cache can repeat it per row (`share_prefix`: `models.architecture.cache_abilities(model).repeat`).
+    The cache must be able to `crop` (the caller checks `cache_abilities(model).crop`).
     """
     import torch
 
@@ -84,7 +86,7 @@ def score_and_prefill(model, tokenizer, pairs: list[tuple[list[int], list[int]]]
     # once, as one row; every row's own part follows it, left-padded there, so each token keeps the position it has
     # unpadded (positions count the real tokens only, as `generate` counts them).
     shared = _common_prefix([p for p, _ in pairs])
-    shared = shared if len(shared) >= MIN_SHARED_PREFIX else []
+    shared = shared if share_prefix and len(shared) >= MIN_SHARED_PREFIX else []
     pairs = [(p[len(shared):], c) for p, c in pairs]
     width, ref_width = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
     ids = torch.full((len(pairs), width + ref_width), tokenizer.pad_token_id)

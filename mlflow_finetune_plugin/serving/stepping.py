@@ -7,9 +7,10 @@ cache rows go, the next step is cheaper) and add the requests that arrived (thei
 cache rows join the others, left-padded and masked). Each row sees exactly its own prompt and tokens: positions and
 attention come from its mask, as in a left-padded `generate()`.
 
-It needs a plain growing cache (every layer a DynamicLayer: no sliding window, no static or quantized cache) and a
-generation config with nothing beyond greedy or temperature/top-p sampling; `steppable` says whether a model
-qualifies, and the engine falls back to one `generate()` per batch when it does not.
+It needs a plain growing cache (`models.architecture.cache_abilities(model).concat`: every layer a DynamicLayer, no
+sliding window, no recurrent state, no static or quantized cache) and a generation config with nothing beyond greedy
+or temperature/top-p sampling; `steppable` says whether a model qualifies, and the engine falls back to one
+`generate()` per batch when it does not.
 """
 
 from __future__ import annotations
@@ -29,17 +30,9 @@ _PLAIN_GENERATION = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": 
 
 def steppable(model) -> bool:
     """Whether `model` (a PreTrainedModel or a PeftModel over one) can be decoded step by step here."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from mlflow_finetune_plugin.models.architecture import cache_abilities
 
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    try:
-        cache = DynamicCache(config=config)
-    except Exception:  # noqa: BLE001 - a config the cache cannot read: let generate() handle it
-        return False
-    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+    if getattr(model, "config", None) is None or not cache_abilities(model).concat:
         return False
     generation = getattr(model, "generation_config", None)
     return all(getattr(generation, key, None) in plain for key, plain in _PLAIN_GENERATION.items())

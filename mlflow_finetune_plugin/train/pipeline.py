@@ -18,10 +18,11 @@ from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
 from mlflow_finetune_plugin.evaluate.verdict import conclude
 from mlflow_finetune_plugin.logged_model import chat_template_hash
 from mlflow_finetune_plugin.models import kernels
+from mlflow_finetune_plugin.models.architecture import for_generation
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
 from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recipe_autocast_bf16
 from mlflow_finetune_plugin.tags import lineage_tags
-from mlflow_finetune_plugin.train import publish, quantization, rehearsal, resume, templates, trainers
+from mlflow_finetune_plugin.train import publish, quantization, reach, rehearsal, resume, templates, trainers
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach
 from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, MlflowMetrics, TimeLeft
 from mlflow_finetune_plugin.train.objectives import objective_of, sft
@@ -53,9 +54,9 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     _fused_kernels(recipe, model, main)  # on the base's layers, before an adapter wraps them
     base_revision = recipe.model.revision or getattr(model.config, "_commit_hash", None)
     trainable = templates.fit_model(recipe, model, tokenizer, main)  # new tokens' rows, every end-of-turn id stops
+    starting_rows = templates.added_rows(model, tokenizer)  # what a full fine-tune's base contender starts from
     model = attach(quantization.prepare(model, recipe.model), recipe, trainable)
-    if main and hasattr(model, "print_trainable_parameters"):
-        model.print_trainable_parameters()
+    reach.report(recipe, model, main)  # the share that trains (param, metric), and whether experts do
 
     args = trainers.training_arguments(recipe, run_id, data.eval)
     # Everything alive now (modules, the model) lives until the end: frozen out of the cyclic GC, whose full
@@ -78,7 +79,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
                     rehearsal.training_step(trainer)  # GRPO's inputs come from its own generation: its first step
         if recipe.train.rehearsal and main:
             rehearsal.after_training(recipe, objective, model, tokenizer, data, general_text,
-                                     lambda: _base_contender(recipe, adapter, tokenizer),
+                                     lambda: _base_contender(recipe, adapter, tokenizer, starting_rows),
                                      _model_config(recipe, adapter, data, tokenizer, base_ref, base_revision),
                                      sft.evaluate_tasks)
         with fp32_where_it_matters(model, autocast):
@@ -92,6 +93,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
                     else trainer.model
     finally:
         gc.unfreeze()
+    for_generation(tuned)  # TRL left router logits on (mixtures of experts): off to decode, and in the saved config
     if not main:
         return
     stops.check()  # a cancel whose interrupt Python dropped (stops.py) ends the run here, not after publishing
@@ -99,7 +101,7 @@ def fine_tune(recipe, run_id: str, main: bool = True) -> None:
     # Base zero-shot, few-shot and with retrieved shots, and tuned, on the held-out rows; a full fine-tune needs the
     # base loaded apart, and only when there is something to evaluate.
     if data.task_evals if data.is_mixture else data.eval is not None:
-        base = _base_contender(recipe, adapter, tokenizer)
+        base = _base_contender(recipe, adapter, tokenizer, starting_rows)
         with tracking.results_at_step(last_step):
             if data.is_mixture:  # mixtures train with sft only
                 sft.evaluate_tasks(recipe, tuned, tokenizer, data.tasks, data.task_evals, base)
@@ -133,10 +135,10 @@ def _model_config(recipe, adapter, data, tokenizer, base_ref: str, base_revision
             "vocab_size": len(tokenizer) if getattr(tokenizer, "added_control_tokens", None) else None}
 
 
-def _base_contender(recipe, adapter, tokenizer):
+def _base_contender(recipe, adapter, tokenizer, starting_rows):
     """The base model the evaluation compares against, where it is not the adapter switched off: a full fine-tune's
-    base, loaded apart."""
-    return load_base_model(recipe.model) if adapter.ARTIFACT == "full" else None
+    base, loaded apart, grown to the token rows the fine-tune started from."""
+    return templates.comparable_base(recipe, tokenizer, starting_rows) if adapter.ARTIFACT == "full" else None
 
 
 def _fused_kernels(recipe, model, main: bool) -> None:

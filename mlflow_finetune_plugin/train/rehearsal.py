@@ -96,7 +96,7 @@ def after_training(recipe, objective, model, tokenizer, data, general_text: list
         parent.info.experiment_id, tags={MLFLOW_PARENT_RUN_ID: parent.info.run_id, MLFLOW_RUN_NAME: "rehearsal"})
     run = mlflow.start_run(run_id=child.info.run_id, nested=True, log_system_metrics=False)
     try:
-        with _quiet():
+        with _quiet(), _decoding(model):
             if evaluated and recipe.eval.enabled:
                 with stage("evaluation"):
                     base = load_base()
@@ -188,6 +188,23 @@ def _check_names(saved: set[str], expected: set[str], what: str) -> None:
     if not saved or unknown:
         raise FinetuneError(f"the saved {what} holds {len(saved)} tensors, {len(unknown)} of them unknown to the "
                             f"model (e.g. {unknown[:3]})")
+
+
+@contextlib.contextmanager
+def _decoding(model):
+    """The model as it decodes after training (router logits off: `architecture.for_generation`), and back as the
+    trainer set it up (TRL switches them on for a mixture of experts' load-balancing loss)."""
+    from mlflow_finetune_plugin.models.architecture import for_generation
+
+    configs = {id(c): c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None}
+    before = {key: getattr(c, "output_router_logits", None) for key, c in configs.items()}
+    for_generation(model)
+    try:
+        yield
+    finally:
+        for key, c in configs.items():
+            if before[key] is not None:
+                c.output_router_logits = before[key]
 
 
 def _devices() -> list:

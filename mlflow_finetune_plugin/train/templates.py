@@ -92,3 +92,43 @@ def fit_model(recipe, model, tokenizer, main: bool = True) -> list[int]:
     if main and mlflow.active_run() is not None:
         mlflow.set_tag(tags.TRAINABLE_TOKENS, ", ".join(wanted) if recipe.adapter.type in ("lora", "full") else "none")
     return ids if recipe.adapter.type == "lora" else []
+
+
+def added_rows(model, tokenizer) -> dict | None:
+    """The embedding rows (input, and output where untied) of the tokens a chosen template added, as the fine-tune
+    starts from them; None when it added none. A full fine-tune's base contender is given the same rows
+    (`comparable_base`), as a LoRA's base (the adapter switched off) has them."""
+    import torch
+
+    added = getattr(tokenizer, "added_control_tokens", None)
+    if not added:
+        return None
+    ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(added)))
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    untied = outputs is not None and outputs.weight is not inputs.weight
+    with torch.no_grad():
+        return {"ids": ids, "input": inputs.weight[ids].detach().clone(),
+                "output": outputs.weight[ids].detach().clone() if untied else None}
+
+
+def comparable_base(recipe, tokenizer, rows: dict | None):
+    """The base model a full fine-tune is compared with, fit to the run's tokenizer as the trained model was: a
+    chosen template's added tokens get embedding rows (those the fine-tune started from, `added_rows`; the original
+    model has none, and its base contender would index past its embeddings), and every end-of-turn id stops it."""
+    import torch
+
+    from mlflow_finetune_plugin.models.architecture import for_generation
+    from mlflow_finetune_plugin.models.base import load_base_model
+
+    base = load_base_model(recipe.model)
+    fit_model(recipe, base, tokenizer, main=False)
+    for_generation(base)
+    if rows is not None:
+        inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
+        with torch.no_grad():
+            inputs.weight[rows["ids"]] = rows["input"].to(inputs.weight.dtype)
+            if rows["output"] is not None and outputs is not None and outputs.weight is not inputs.weight:
+                outputs.weight[rows["ids"]] = rows["output"].to(outputs.weight.dtype)
+        print(f"Base contender: embeddings grown to {len(tokenizer)} rows for the chat template's added tokens "
+              f"({', '.join(tokenizer.added_control_tokens)}), as the fine-tune started from them")
+    return base

@@ -16,6 +16,7 @@ def peft_config(cfg: LoraAdapter, model=None):
     from peft import LoraConfig, TaskType
 
     target_modules, layers = cfg.target_modules, None
+    parameters = target_parameters(cfg, model)
     if cfg.layers is not None:
         if model is None:
             raise ValueError("lora.layers needs the model to count its layers")
@@ -24,13 +25,33 @@ def peft_config(cfg: LoraAdapter, model=None):
         task_type=TaskType.CAUSAL_LM,
         r=cfg.r,
         lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
+        # PEFT's LoRA on a parameter takes no dropout: auto's experts win over it (train/reach.py says so)
+        lora_dropout=0.0 if parameters else cfg.dropout,
         target_modules=target_modules,
         layers_to_transform=layers,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
         bias=cfg.bias,
+        target_parameters=parameters or None,
     )
+
+
+def target_parameters(cfg: LoraAdapter, model=None) -> list[str]:
+    """`lora.target_parameters`: `auto` gives the model's fused 3-D expert weights (which `all-linear` misses, as no
+    nn.Linear wraps them: `models.architecture.fused_expert_parameters`), a list is taken as written. PEFT's LoRA on
+    a parameter takes no dropout: auto then runs without `lora.dropout` (the run says so, `train/reach.py`), and a
+    list next to a dropout is refused."""
+    from mlflow_finetune_plugin.errors import FinetuneError
+    from mlflow_finetune_plugin.models.architecture import fused_expert_parameters
+
+    if cfg.target_parameters != "auto":
+        if cfg.target_parameters and cfg.dropout:
+            raise FinetuneError(f"lora.target_parameters {cfg.target_parameters}: PEFT's LoRA on parameters takes no "
+                                f"dropout, and lora.dropout is {cfg.dropout:g}; set lora.dropout: 0")
+        return list(cfg.target_parameters)
+    if model is None:
+        return []
+    return list(fused_expert_parameters(model))
 
 
 def _top_layers(model, cfg: LoraAdapter) -> tuple[list[str], list[int]]:

@@ -14,6 +14,7 @@ import sys
 
 from mlflow_finetune_plugin.tracking import log_results
 from mlflow_finetune_plugin.train.adapters import resolve_adapter
+from mlflow_finetune_plugin.train.reach import aux_loss_arguments
 
 
 def check(recipe) -> list[str]:
@@ -28,7 +29,7 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 
     cfg = recipe.dpo
     config = DPOConfig(**args, beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing,
-                       max_length=recipe.data.max_length)
+                       max_length=recipe.data.max_length, **aux_loss_arguments(recipe, model, DPOConfig))
 
     return DPOTrainer(model=model, ref_model=None, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer,

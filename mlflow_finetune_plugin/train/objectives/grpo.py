@@ -25,6 +25,7 @@ from __future__ import annotations
 import sys
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.train.reach import aux_loss_arguments
 from mlflow_finetune_plugin.train.rewards.calling import mean, score
 from mlflow_finetune_plugin.train.rewards.loader import load_rewards, missing_columns, resolve_rewards
 
@@ -77,7 +78,7 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
         raise FinetuneError("data.train: " + "; ".join(problems))
     train_ds = _fitting_prompts(train_ds, tokenizer, recipe.data.max_length - cfg.max_completion_length)
     config = GRPOConfig(
-        **{**args, "eval_strategy": "no"},
+        **{**args, "eval_strategy": "no"}, **aux_loss_arguments(recipe, model, GRPOConfig, generates=True),
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta, epsilon=cfg.epsilon,
         num_iterations=cfg.num_iterations, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,

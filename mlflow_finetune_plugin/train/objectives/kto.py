@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 
 from mlflow_finetune_plugin.tracking import log_results
+from mlflow_finetune_plugin.train.reach import aux_loss_arguments
 
 
 def check(recipe) -> list[str]:
@@ -33,7 +34,8 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
     train_ds, eval_ds = unpaired(train_ds), None if eval_ds is None else unpaired(eval_ds)
     cfg = recipe.kto
     config = KTOConfig(**args, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
-                       undesirable_weight=cfg.undesirable_weight, max_length=recipe.data.max_length)
+                       undesirable_weight=cfg.undesirable_weight, max_length=recipe.data.max_length,
+                       **aux_loss_arguments(recipe, model, KTOConfig))
     return KTOTrainer(model=model, ref_model=None, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, callbacks=[*callbacks, DropReferenceAdapter()])
 

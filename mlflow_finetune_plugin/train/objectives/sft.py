@@ -10,6 +10,7 @@ import sys
 
 from mlflow_finetune_plugin.config.checks import NOT_PACKABLE
 from mlflow_finetune_plugin.models import kernels
+from mlflow_finetune_plugin.train.reach import aux_loss_arguments
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
                    "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
@@ -50,7 +51,8 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
         print(replay.describe(n_train, rows, train_ds, replay.replay_path(recipe)))
         train_ds = replay.with_replay(train_ds, rows, recipe.train.seed)
     pack = packing(recipe, tokenizer, train_ds, model.config)
-    config = SFTConfig(**args, max_length=recipe.data.max_length, packing=pack)
+    config = SFTConfig(**args, max_length=recipe.data.max_length, packing=pack,
+                       **aux_loss_arguments(recipe, model, SFTConfig))
     head = fused_lm_head(recipe, model.config)
     if head == "liger":  # before TRL wraps the model's forward for its own fused head (which then stays unused)
         kernels.lm_head(model)
@@ -113,6 +115,19 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
                               data_digest=digest, traces=recipe.eval.traces))
 
 
+def _state_carrying_layers(model_config) -> int:
+    """Layers (linear attention, convolution, Mamba) whose state runs on from one token to the next whatever the
+    position_ids say: packed rows are not exact there without a varlen kernel, which takes the examples' bounds."""
+    from mlflow_finetune_plugin.models.architecture import attention_layers
+
+    if model_config is None:
+        return 0
+    try:
+        return sum(not layer.attention for layer in attention_layers(model_config))
+    except (AttributeError, TypeError):  # a config without the usual layer counts: nothing known to carry state
+        return 0
+
+
 def _varlen_attention(recipe) -> bool:
     return (recipe.model.attn_implementation or "") in FLASH_ATTENTION
 
@@ -130,10 +145,16 @@ def packing(recipe, tokenizer=None, train_ds=None, model_config=None) -> bool:
     never for those.
     """
     safe = recipe.adapter.type not in NOT_PACKABLE and not recipe.model.trust_remote_code
+    carried = _state_carrying_layers(model_config) if not _varlen_attention(recipe) else 0
     if recipe.data.packing != "auto":
         if recipe.data.packing and not safe:
             print("Warning: data.packing=true with trust_remote_code: packed rows may attend across each other if "
                   "the model's own attention ignores position_ids; set data.packing: auto", file=sys.stderr)
+        if recipe.data.packing and carried:
+            print(f"Warning: data.packing=true: the model's {carried} linear-attention/recurrent layer(s) carry their "
+                  "state from one packed example into the next (position_ids separate attention only); set "
+                  "data.packing: auto (unpacked here) or use a varlen kernel (model.attn_implementation)",
+                  file=sys.stderr)
         written = str(recipe.data.packing).lower()
         _tag_packing(f"{'packed' if recipe.data.packing else 'unpacked'} (data.packing: {written})")
         return recipe.data.packing
@@ -143,6 +164,12 @@ def packing(recipe, tokenizer=None, train_ds=None, model_config=None) -> bool:
     if _varlen_attention(recipe):
         _tag_packing(f"packed (data.packing auto: padding-free with {recipe.model.attn_implementation})")
         return True
+    if carried:
+        print(f"data.packing auto does not pack: the model's {carried} linear-attention/recurrent layer(s) would "
+              "carry their state from one packed example into the next")
+        _tag_packing(f"unpacked (data.packing auto: {carried} linear-attention/recurrent layer(s) would carry their "
+                     "state across packed examples)")
+        return False
     if train_ds is None or tokenizer is None or model_config is None:
         return False
     from mlflow_finetune_plugin.data import packing as estimate

@@ -29,6 +29,11 @@ loss is computed. Imported only by `objectives.sft` (it imports TRL).
     gradient is taken chunk by chunk in the forward pass (nothing recomputed in the backward). Evaluation and the
     replay term take the `False` path, whose forward then is Liger's without labels (the logits, as usual).
   Figures for each: docs/benchmarks.md. Entropy is logged with `True` only.
+- Mixtures of experts: the router's load-balancing loss (`train.router_aux_loss`, TRL's `router_aux_loss_coef`) is
+  added on every path. TRL's fused head adds it itself; the chunked and labelled-positions paths call the model
+  without labels, where transformers computes it and leaves it out of the loss, so it is added here, from the
+  router logits of the real tokens only: the padded batch's mask, or the packed rows' (whose mask is removed
+  before the forward pass, so the model alone would count the rows' end padding as tokens).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from transformers import Trainer
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from mlflow_finetune_plugin.models.architecture import moe_of
 from mlflow_finetune_plugin.models.lm_head import Head, cross_entropy, head_of, hidden_states, kl_divergence
 
 
@@ -68,6 +74,8 @@ class FinetuneSFTTrainer(SFTTrainer):
                  replay_kl: list[list[int]] | None = None, replay_weight: float = 1.0, replay_every: int = 1,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        # a mixture of experts' shape, for the load-balancing loss the chunked paths add (`_router_loss`)
+        self._experts = moe_of(self.model) if self.aux_loss_enabled else None
         self.fused_lm_head = fused_lm_head
         self.pack_rows = pack_rows
         if pack_rows:
@@ -128,7 +136,8 @@ class FinetuneSFTTrainer(SFTTrainer):
         return float(self.accelerator.gather_for_metrics(value.reshape(1)).mean().item())
 
     def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
-        real_tokens = inputs.pop("attention_mask").sum() if self.pack_rows else None
+        real_mask = inputs.pop("attention_mask") if self.pack_rows else None
+        real_tokens = real_mask.sum() if real_mask is not None else None
         if self.fused_lm_head is True and not self._trl_fuses(model):
             # TRL's fused head reads lm_head.weight/.bias: PEFT's trainable-token rows (model.chat_template on a
             # base model) wrap the head and have neither, so the chunked head (which knows those rows) takes it.
@@ -145,20 +154,25 @@ class FinetuneSFTTrainer(SFTTrainer):
                 self._total_train_tokens = before + self._gathered(real_tokens) // self._tp_size
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return result
-        return self._own_loss(model, inputs, return_outputs, num_items_in_batch, real_tokens)
+        return self._own_loss(model, inputs, return_outputs, num_items_in_batch, real_mask)
 
-    def _own_loss(self, model, inputs, return_outputs, num_items_in_batch, real_tokens):
+    def _own_loss(self, model, inputs, return_outputs, num_items_in_batch, real_mask):
         """transformers' causal-LM loss (sum over labelled next tokens / num_items_in_batch, else their mean):
         chunked (`models/lm_head.py`), from the labelled positions' logits, or from the model's whole output."""
         mode = "train" if model.training else "eval"
         inputs["use_cache"] = False
         chunked = self._chunked_head(model) if self.fused_lm_head == "chunked" and not return_outputs else None
         head = self._output_embedding(model) if model.training and not return_outputs and not chunked else None
-        outputs = None
+        outputs, routed = None, None
+        # Router logits for the load-balancing loss (the `Trainer.compute_loss` path passes labels: the model adds it)
+        if self.aux_loss_enabled and (chunked is not None or head is not None):
+            inputs["output_router_logits"] = True
+        # the real tokens: the padded batch's mask, the packed rows' (removed from the inputs), or none (no padding)
+        real = inputs.get("attention_mask", real_mask)
         if chunked is not None:
-            total, n_valid, n_correct = self._chunked_loss(model, chunked, inputs)
+            total, n_valid, n_correct, routed = self._chunked_loss(model, chunked, inputs)
         elif head is not None:
-            total, n_valid, n_correct = self._labelled_positions_loss(model, head, inputs)
+            total, n_valid, n_correct, routed = self._labelled_positions_loss(model, head, inputs)
         else:
             # transformers' own path: labels go to the model, whose causal-LM loss sums over the labelled tokens
             # and divides by num_items_in_batch (gradient accumulation and DDP handled as for any model).
@@ -171,10 +185,12 @@ class FinetuneSFTTrainer(SFTTrainer):
                 mask = targets != -100
                 n_valid, n_correct = mask.sum(), ((logits.argmax(-1) == targets) & mask).sum()
         loss = total if outputs is not None else self._normalised(total, n_valid, num_items_in_batch)
+        if routed is not None:
+            loss = loss + self._router_loss(model, routed, real, num_items_in_batch)
         n_valid, n_correct = self._gathered(n_valid), self._gathered(n_correct)
         self._metrics[mode]["mean_token_accuracy"].append(n_correct / n_valid if n_valid > 0 else 0.0)
         if mode == "train":
-            counted = real_tokens if real_tokens is not None else inputs["attention_mask"].sum()
+            counted = real.sum() if real is not None else torch.tensor(inputs["input_ids"].numel())
             self._total_train_tokens += self._gathered(counted) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
@@ -231,12 +247,12 @@ class FinetuneSFTTrainer(SFTTrainer):
         LM head applied chunk by chunk to the positions that predict a labelled token only."""
         labels = inputs.pop("labels")
         with hidden_states(self.accelerator.unwrap_model(model)) as captured:
-            model(**inputs)
+            outputs = model(**inputs)
         hidden = _aligned(captured, labels)
         targets = labels[:, 1:]
         keep = targets != -100
         total, n_correct = cross_entropy(head, hidden[:, :-1][keep], targets[keep])
-        return total, keep.sum(), torch.tensor(n_correct, device=keep.device)
+        return total, keep.sum(), torch.tensor(n_correct, device=keep.device), _router_logits(outputs)
 
     def _labelled_positions_loss(self, model, head, inputs):
         """(summed cross-entropy of the labelled next tokens, their count, how many were the top prediction), with
@@ -254,16 +270,37 @@ class FinetuneSFTTrainer(SFTTrainer):
 
         hook = head.register_forward_pre_hook(labelled_only)
         try:
-            logits = model(**inputs).logits  # [labelled positions, vocab]
+            outputs = model(**inputs)
         finally:
             hook.remove()
+        logits = outputs.logits  # [labelled positions, vocab]
         targets = targets[keep]
         with torch.no_grad():
             n_correct = (logits.argmax(-1) == targets).sum()
-        return F.cross_entropy(logits.float(), targets, reduction="sum"), keep.sum(), n_correct
+        return (F.cross_entropy(logits.float(), targets, reduction="sum"), keep.sum(), n_correct,
+                _router_logits(outputs))
+
+    def _router_loss(self, model, router_logits, mask, num_items_in_batch):
+        """The weighted load-balancing loss over the real tokens' router logits (Mixtral's, as TRL's fused head
+        takes it), spread over gradient accumulation as TRL spreads it."""
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        experts = self._experts
+        if not router_logits or experts is None:
+            return 0.0
+        aux = load_balancing_loss_func(router_logits, experts.total, experts.active, mask)
+        self._metrics["train" if model.training else "eval"]["aux_loss"].append(self._gathered_mean(aux.detach()))
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        return self.router_aux_loss_coef * aux / steps
 
     def _gathered(self, value: torch.Tensor) -> int:
         return int(self.accelerator.gather_for_metrics(value.detach()).sum().item())
+
+
+def _router_logits(outputs) -> tuple | None:
+    """The forward pass's router logits (a tuple, one `[tokens, experts]` tensor per MoE layer), or None."""
+    found = getattr(outputs, "router_logits", None)
+    return found if isinstance(found, tuple) and found else None
 
 
 def _aligned(captured: list, labels: torch.Tensor) -> torch.Tensor:
