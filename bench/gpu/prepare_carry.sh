@@ -29,14 +29,16 @@ PURE="mlflow-skinny mlflow-tracing mlflow trl datasets liger-kernel dill multipr
       importlib_metadata zipp databricks-sdk google-auth pyasn1 pyasn1-modules rsa gitpython gitdb smmap
       graphene graphql-core graphql-relay Flask Werkzeug itsdangerous blinker gguf bm25s rouge_score nltk
       sacrebleu portalocker tabulate colorama python-dateutil six pytz tzdata click docker absl-py
-      requests urllib3 idna certifi charset-normalizer python-dotenv fastapi starlette pycparser"
+      requests urllib3 idna certifi python-dotenv fastapi starlette pycparser"
 # Binary wheels, for PY_VERSION.
 BINARY="protobuf pyarrow pandas xxhash SQLAlchemy greenlet pydantic_core pydantic annotated-types typing-inspection
-        MarkupSafe joblib cryptography cffi"
+        MarkupSafe joblib cryptography cffi charset-normalizer"
 PLATFORMS="--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64"
 
 python -m pip download -q --no-deps -d "$OUT" $(pins "$PURE")
+# liger-kernel is not installed on the CPU machine (its Triton kernels run on GPUs only): its newest release, pinned.
+python -m pip download -q --no-deps -d "$OUT" "liger-kernel==${LIGER_VERSION:-0.8.5}"
 python -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" $PLATFORMS -d "$OUT" \
   $(pins "$BINARY") "bitsandbytes==$(ver bitsandbytes)"
 
