@@ -132,8 +132,18 @@ class FinetuneSFTTrainer(SFTTrainer):
         self._metrics["train"]["replay_kl"].append(self._gathered_mean(kl.detach()))
         return kl
 
-    def _gathered_mean(self, value: torch.Tensor) -> float:
-        return float(self.accelerator.gather_for_metrics(value.reshape(1)).mean().item())
+    def _gathered_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """A per-step metric, kept as a tensor: it becomes a number in `log`, once per logging step (an `.item()`
+        every step makes the CPU wait for the GPU each step, and the next step's kernels start late)."""
+        return self.accelerator.gather_for_metrics(value.detach().reshape(1)).mean()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for metrics in self._metrics.values():
+            for key, values in metrics.items():
+                metrics[key] = [float(v) if torch.is_tensor(v) else v for v in values]
+        if torch.is_tensor(self._total_train_tokens):
+            self._total_train_tokens = int(self._total_train_tokens)
+        super().log(logs, start_time)
 
     def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
         real_mask = inputs.pop("attention_mask") if self.pack_rows else None
@@ -188,7 +198,7 @@ class FinetuneSFTTrainer(SFTTrainer):
         if routed is not None:
             loss = loss + self._router_loss(model, routed, real, num_items_in_batch)
         n_valid, n_correct = self._gathered(n_valid), self._gathered(n_correct)
-        self._metrics[mode]["mean_token_accuracy"].append(n_correct / n_valid if n_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append(n_correct / n_valid.clamp(min=1))
         if mode == "train":
             counted = real.sum() if real is not None else torch.tensor(inputs["input_ids"].numel())
             self._total_train_tokens += self._gathered(counted) // self._tp_size
@@ -293,8 +303,9 @@ class FinetuneSFTTrainer(SFTTrainer):
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
         return self.router_aux_loss_coef * aux / steps
 
-    def _gathered(self, value: torch.Tensor) -> int:
-        return int(self.accelerator.gather_for_metrics(value.detach()).sum().item())
+    def _gathered(self, value: torch.Tensor) -> torch.Tensor:
+        """A count summed over ranks, kept as a tensor (no wait for the GPU: see `_gathered_mean`)."""
+        return self.accelerator.gather_for_metrics(value.detach()).sum()
 
 
 def _router_logits(outputs) -> tuple | None:
