@@ -23,7 +23,7 @@ from pathlib import Path
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.vllm_rules import REMOVE_CPU_VISION
 
-ALTERNATIVE = ("serve it with the transformers engine instead (`mlflow-finetune serve ... --engine transformers`, or "
+ALTERNATIVE = ("Serve it with the transformers engine instead (`mlflow-finetune serve ... --engine transformers`, or "
                "the playground's --engine transformers)")
 
 
@@ -67,7 +67,7 @@ def require_vllm_runs(model_path: str | Path, what: str) -> None:
     """FinetuneError naming vLLM's reason and the alternative when `vllm_refusal` finds one."""
     reason = vllm_refusal(model_path)
     if reason:
-        raise FinetuneError(f"{what} cannot be served by vLLM here: {reason}. {ALTERNATIVE[0].upper()}{ALTERNATIVE[1:]}")
+        raise FinetuneError(f"{what} cannot be served by vLLM here: {reason}. {ALTERNATIVE}")
 
 
 def _cpu_attention_reasons(config: dict, folder: Path) -> list[str]:
