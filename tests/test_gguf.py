@@ -295,3 +295,52 @@ def test_the_converter_is_found_in_a_checkout_on_path_and_taken_safely_from_an_s
                      "models/templates/x.jinja"}
     assert not (tmp_path / "escape.py").exists() and not list(tmp_path.rglob("escape.py"))
     assert find_llama_cpp() == extracted  # later: from the cache, unaided
+
+
+# The 2026 families (issue 52, point 7). transformers' GGUF reader cannot load them back (it maps none of Qwen3.5's
+# Gated DeltaNet tensors and builds no gpt-oss), so the file is checked against the merged folder itself: every weight
+# written at f32 (the parameter counts equal, the embedding exactly), the architecture llama.cpp runs, and the
+# tokenizer read back by transformers (the same ids, chat template and special tokens). Qwen3.5's conversion expects
+# a multi-token prediction head transformers does not keep: converted with --no-mtp. Gemma 4's reads its vocabulary
+# as a byte-fallback BPE (the released tokenizer's kind), which tiny-gemma4's byte-level BPE is not: refused with the
+# converter's reason. The hybrid cache and the experts by default, Gemma 4 and Qwen3.5 thinking with -m stress.
+NEW_FAMILIES = {"qwen3.5": "qwen35", "gpt-oss": "gpt-oss", "qwen3.5-think": "qwen35", "gemma4": None}
+
+
+@pytest.mark.parametrize("family", [f if f in ("qwen3.5", "gpt-oss") else pytest.param(f, marks=pytest.mark.stress)
+                                    for f in NEW_FAMILIES])
+def test_the_2026_families_convert_to_gguf_or_are_refused_with_the_converters_reason(family, tmp_path, tracking_uri,
+                                                                                    llama_cpp):
+    import numpy as np
+    from safetensors.torch import load_file
+
+    info = _logged_lora(reference(family))
+    notes = []
+    if NEW_FAMILIES[family] is None:
+        with pytest.raises(FinetuneError) as refused:
+            export_model(info.model_uri, tmp_path / "out", gguf_type="f32", log=False, llama_cpp=str(llama_cpp),
+                         echo=notes.append)
+        message = str(refused.value)
+        assert "FileNotFoundError: Cannot find Llama BPE tokenizer" in message
+        assert "byte fallback" in message and "exports without --gguf" in message
+        assert not any((tmp_path / "out").iterdir())
+        return
+    result = export_model(info.model_uri, tmp_path / "out", gguf_type="f32", log=False, llama_cpp=str(llama_cpp),
+                          echo=notes.append)
+    assert any("--no-mtp" in n for n in notes) is family.startswith("qwen3.5")
+    reader = gguf.GGUFReader(result.gguf_file)
+    assert reader.fields["general.architecture"].contents() == NEW_FAMILIES[family]
+    weights = load_file(result.folder / "model.safetensors")
+    assert sum(int(np.prod(t.shape)) for t in reader.tensors) == sum(w.numel() for w in weights.values())
+    assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F32}
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    expected = weights["model.embed_tokens.weight"].numpy()
+    assert np.array_equal(np.asarray(embedding.data).reshape(expected.shape), expected)
+
+    tokenizer = AutoTokenizer.from_pretrained(result.folder)
+    read_back = AutoTokenizer.from_pretrained(result.gguf_file.parent, gguf_file=result.gguf_file.name)
+    assert read_back.chat_template == tokenizer.chat_template
+    specials = ("bos_token", "eos_token", "pad_token")
+    assert [getattr(read_back, s) for s in specials] == [getattr(tokenizer, s) for s in specials]
+    for messages in PROMPTS:
+        assert torch.equal(_encoded(read_back, messages)["input_ids"], _encoded(tokenizer, messages)["input_ids"])

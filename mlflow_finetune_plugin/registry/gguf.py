@@ -105,6 +105,10 @@ def _failure(code: int, tail: list[str], llama_cpp: Path) -> str:
     elif re.search(r"Missing .*tokenizer\.model", reason):
         fix = (" This architecture's conversion reads a SentencePiece tokenizer.model, and the exported tokenizer has "
                "only tokenizer.json.")
+    elif "Cannot find Llama BPE tokenizer" in reason:
+        fix = (" This architecture's conversion (Gemma 4's, in llama.cpp 0.3.36) reads the vocabulary as a "
+               "SentencePiece-style BPE with byte fallback (tokenizer.json with `byte_fallback: true`), as the "
+               "released checkpoints ship it; this tokenizer is a byte-level BPE without byte fallback.")
     elif "pre-tokenizer was not recognized" in reason:
         fix = (" llama.cpp names a tokenizer's pre-tokenizer by a hash of its output, and this tokenizer is neither "
                "in its table nor split by a regex llama.cpp implements; a newer llama.cpp may know it (--llama-cpp).")

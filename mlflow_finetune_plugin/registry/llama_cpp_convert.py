@@ -16,7 +16,12 @@ And one thing is written that the converter leaves out: Gemma 3's layer pattern.
 as global attention and the others as sliding, as the released models are built, unless the file lists each layer's
 kind; the converter never lists it. A Gemma 3 whose `layer_types` follow another pattern (a small or pruned one) gets
 the list written (with a line saying so), so that llama.cpp runs each layer as transformers does. A model that
-follows the pattern converts unchanged.
+follows the pattern converts unchanged. (Gemma 4's conversion, a subclass, writes its own list: left alone.)
+
+And one flag is given where a model needs it: `--no-mtp` for an architecture whose conversion expects a multi-token
+prediction head (Qwen3.5's, registered with `supports_mtp_export`) when the folder holds none of its tensors.
+transformers loads such checkpoints without their `mtp.*` weights and saves them so, and without the flag the
+converter stops on a bare `assert self.opt_num_mtp_layers != 0`.
 """
 
 from __future__ import annotations
@@ -44,8 +49,38 @@ def main() -> None:
         owner.get_vocab_base_pre = _with_fallback(owner.get_vocab_base_pre)
     gemma3 = _class(converter, "gemma", "Gemma3Model")
     if gemma3 is not None:
-        gemma3.set_gguf_parameters = _with_layer_pattern(gemma3.set_gguf_parameters)
+        gemma3.set_gguf_parameters = _with_layer_pattern(gemma3.set_gguf_parameters, gemma3)
+    _no_mtp_without_its_tensors(converter, Path(sys.argv[1]))
     converter.main()
+
+
+def _no_mtp_without_its_tensors(converter, model_dir: Path) -> None:
+    """Add `--no-mtp` where the model's conversion expects an MTP head and the folder's weights hold none."""
+    if "--no-mtp" in sys.argv or "--mtp" in sys.argv or "--no-mtp" not in inspect.getsource(converter):
+        return
+    try:
+        hparams = json.loads((model_dir / "config.json").read_text())
+        model_class = converter.get_model_class(hparams["architectures"][0])
+    except Exception:  # noqa: BLE001 - anything unusual: the converter decides, and says why
+        return
+    if not getattr(model_class, "supports_mtp_export", False) or any(
+            ".mtp." in f".{name}" for name in _tensor_names(model_dir)):
+        return
+    print(f"{NOTE} the model has no multi-token prediction (MTP) weights (transformers does not keep them): "
+          "converted with --no-mtp", file=sys.stderr, flush=True)
+    sys.argv.append("--no-mtp")
+
+
+def _tensor_names(model_dir: Path) -> list[str]:
+    """The tensor names of the folder's safetensors files (read from their headers)."""
+    import struct
+
+    names = []
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            names += [k for k in json.loads(f.read(size)) if k != "__metadata__"]
+    return names
 
 
 def _class(converter, module: str, name: str):
@@ -56,11 +91,14 @@ def _class(converter, module: str, name: str):
         return getattr(converter, name, None)
 
 
-def _with_layer_pattern(original, period: int = 6):
+def _with_layer_pattern(original, gemma3, period: int = 6):
     """Gemma 3's set_gguf_parameters, plus the per-layer sliding-window list where `layer_types` differs from what
-    llama.cpp assumes without one (layer i global when (i + 1) % period == 0: load_swa_pattern(ml, 6))."""
+    llama.cpp assumes without one (layer i global when (i + 1) % period == 0: load_swa_pattern(ml, 6)). Subclasses
+    of another architecture (Gemma 4) write their own list after calling it: not a second time here."""
     def set_gguf_parameters(self) -> None:
         original(self)
+        if self.model_arch != gemma3.model_arch:
+            return
         kinds = self.hparams.get("layer_types")
         if not kinds or not self.hparams.get("sliding_window"):
             return  # no sliding window written: llama.cpp runs every layer global, as transformers does

@@ -44,6 +44,7 @@ class ServerCommand:
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
+    model: str | None = None      # the model folder or hub id the server loads (vLLM's checks ask about it)
 
 
 def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int = 8000,
@@ -65,7 +66,7 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
         folder = str(merged_folder(m.choice) if m.is_adapter else m.artifacts["model"])
         argv = [*VLLM_CLI, "serve", folder, "--tokenizer", str(vllm_tokenizer_dir(m, folder)),
                 "--served-model-name", served_name(m.choice), *_vllm_device_args(extra)]
-        return ServerCommand(argv + _common(host, port, extra), names=[served_name(m.choice)])
+        return ServerCommand(argv + _common(host, port, extra), names=[served_name(m.choice)], model=folder)
     bases = {m.base_key() for m in locals_}
     if len(bases) > 1:
         raise FinetuneError("one vLLM server holds one base model, and these versions were trained on different bases "
@@ -89,7 +90,7 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
     if adapters:
         argv += ["--lora-modules", *[f"{served_name(m.choice)}={m.adapter_dir}" for m in adapters]]
     return ServerCommand(argv + _common(host, port, extra), env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
-                         names=base_names + [served_name(m.choice) for m in adapters])
+                         names=base_names + [served_name(m.choice) for m in adapters], model=base_path)
 
 
 # Room for versions registered later (vLLM's own default); a larger rank needs a restart with --max-lora-rank.
@@ -179,9 +180,11 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
     if dry_run:
         return cmd
     if engine == "vllm":
+        from mlflow_finetune_plugin.serving.vllm_checks import require_vllm_runs
         from mlflow_finetune_plugin.serving.vllm_engine import require_vllm
 
         require_vllm()
+        require_vllm_runs(cmd.model, ", ".join(cmd.names))  # before the server starts: vLLM's reason, not its traceback
     sys.stdout.flush()
     routes, fleet = Routes(cmd.names, f"http://127.0.0.1:{inner_port}"), Fleet()
     resolve = RuntimeVersions(choices, cmd) if engine == "vllm" else None

@@ -39,6 +39,7 @@ from mlflow_finetune_plugin.serving.choices import (
     require_vllm_support,
     vllm_merges,
 )
+from mlflow_finetune_plugin.serving.vllm_checks import require_vllm_runs
 from mlflow_finetune_plugin.vllm_rules import REMOVE_CPU_VISION, torchvision_clash
 
 _DONE = object()
@@ -204,6 +205,7 @@ class VLLMEngine(Engine):
             model_path = str(local.artifacts["model"])
         else:
             model_path = resolve_model_path(local.base_ref)
+        require_vllm_runs(model_path, local.choice.key)  # vLLM's own reason now, not a dead engine later
         import torch
 
         device = {} if torch.cuda.is_available() else {"dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE}

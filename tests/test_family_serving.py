@@ -1,0 +1,141 @@
+"""Serving and export of the 2026 families (issue 52, point 7): Gemma 4, Qwen3.5 (Gated DeltaNet linear attention
+beside full attention; its thinking template as a row of its own) and gpt-oss (mixture of experts, harmony channels),
+each as a registered LoRA on its tiny model (random non-zero updates: no `mlflow run`, so these rows do not wait on
+evaluation's fixes, tests/matrix_helpers.WAITS_ON).
+
+Per family: the transformers engine answers as the logged model's pyfunc, alone and in a batch of rows of different
+lengths where tuned and base rows mix (such caches are not stepped: `generate()` runs the batch), the playground's
+comparison answers, and an answer forced through the family's reasoning markup and channels comes out as the final
+answer alone; `mlflow-finetune export` writes a merged folder that answers as the pyfunc does. GGUF export is in
+tests/test_gguf.py, vLLM in tests/test_vllm.py.
+
+By default the hybrid cache (qwen3.5) and the experts (gpt-oss) run; gemma4 and qwen3.5-think with `-m stress`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import mlflow
+import pytest
+
+from mlflow_finetune_plugin.serving import ModelChoice, Settings
+from tests.helpers import register_version
+
+pytestmark = pytest.mark.integration
+
+NEW_FAMILIES = ["qwen3.5", "gpt-oss", "gemma4", "qwen3.5-think"]
+IN_THE_DEFAULT_RUN = {"qwen3.5", "gpt-oss"}
+QUESTION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 3 plus 3?"}]
+LONGER = [{"role": "user", "content": "Hi there, where is the station, and where is the bank? Tell me both."}]
+GREEDY = Settings(0.0, 1.0, 8)
+# What each family's model writes after the generation prompt when it reasons first: the reasoning in the family's
+# own markup, then the final answer "Bonjour" and the token that ends it. What a user reads is "Bonjour".
+REASONED = {
+    "qwen3.5": "Bonjour<|im_end|>",  # the prompt closed an empty think block: the reply follows it
+    "qwen3.5-think": "Let me think.\n</think>\n\nBonjour<|im_end|>",  # the prompt opened <think>\n
+    "gemma4": "<|channel>thought\nLet me think.<channel|>Bonjour<turn|>",
+    "gpt-oss": "<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant<|channel|>final<|message|>"
+               "Bonjour<|return|>",
+}
+
+
+def rows(families):
+    return [f if f in IN_THE_DEFAULT_RUN else pytest.param(f, marks=pytest.mark.stress) for f in families]
+
+
+class Forced:
+    """Every model forward in this process writes `text`'s tokens in order (a fresh prompt starts it over), then
+    filler: one generation at a time, whatever the weights say."""
+
+    def __init__(self, tokenizer, text: str):
+        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.fill = tokenizer(" garbage", add_special_tokens=False)["input_ids"][0]
+        self.position = 0
+
+    def _hook(self, module, args, kwargs, output):
+        import torch
+
+        logits = getattr(output, "logits", None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or not isinstance(ids, torch.Tensor):
+            return None
+        if module.__class__.__name__.startswith("Peft"):  # the PeftModel wraps the causal LM: counted once, inside
+            return None
+        self.position = 0 if ids.shape[1] > 1 else self.position + 1
+        token = self.ids[self.position] if self.position < len(self.ids) else self.fill
+        logits[:, -1, :].fill_(-1e4)
+        logits[:, -1, token] = 1e4
+        return None
+
+    def __enter__(self):
+        import torch
+
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _version(family: str) -> tuple[str, str]:
+    name = "serve-" + family.replace(".", "-")
+    return name, register_version(name=name, seed=0, base=f"tiny-{family}")
+
+
+@pytest.mark.parametrize("family", rows(NEW_FAMILIES))
+def test_the_transformers_engine_and_the_playground_serve_the_family(family, tracking_uri):
+    from mlflow_finetune_plugin.serving.playground import Playground
+    from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
+
+    name, version = _version(family)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    expected = [model.predict([{"messages": m}], params={"max_new_tokens": 8})[0] for m in (QUESTION, LONGER)]
+    engine = TransformersEngine(device="cpu")
+    tuned, base = ModelChoice(name, version), ModelChoice(name, version, base=True)
+    try:
+        assert engine.generate(tuned, QUESTION, GREEDY) == expected[0]
+        # A burst: rows of two lengths (left-padded), tuned and base, in one batch.
+        got, jobs = {}, [("t0", tuned, QUESTION), ("t1", tuned, LONGER), ("b0", base, QUESTION), ("b1", base, LONGER)]
+
+        def ask(key, choice, messages):
+            got[key] = engine.generate(choice, messages, GREEDY)
+
+        threads = [threading.Thread(target=ask, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [got["t0"], got["t1"]] == expected
+        assert got["b0"] == engine.generate(base, QUESTION, GREEDY)
+        slot = engine._routes[tuned.key][0]
+        assert not slot.steppable and max(slot.batcher.sizes) > 1  # sliding or linear-attention caches: generate()
+        result = Playground(engine, tuned, base).compare("What is 3 plus 3?", system_prompt="Answer briefly.",
+                                                         max_new_tokens=8)
+        assert (result["a"]["answer"], result["a"]["error"], result["b"]["error"]) == (expected[0], None, None)
+        # The final answer alone, streamed, on both sides and in the pyfunc, however the family marks reasoning.
+        tokenizer = model.unwrap_python_model()._loaded.tokenizer
+        with Forced(tokenizer, REASONED[family]):
+            assert list(engine.stream(tuned, QUESTION, Settings(0.0, 1.0, 40)))
+            assert engine.generate(tuned, QUESTION, Settings(0.0, 1.0, 40)) == "Bonjour"
+            assert engine.generate(base, QUESTION, Settings(0.0, 1.0, 40)) == "Bonjour"
+            assert model.predict([{"messages": QUESTION}], params={"max_new_tokens": 40}) == ["Bonjour"]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("family", rows(NEW_FAMILIES))
+def test_export_merged_answers_as_the_pyfunc(family, tracking_uri, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlflow_finetune_plugin.logged_model import LoadedModel, generate
+    from mlflow_finetune_plugin.registry.export import export_model
+
+    name, version = _version(family)
+    expected = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(
+        [{"messages": QUESTION}], params={"max_new_tokens": 8})[0]
+    result = export_model(f"models:/{name}/{version}", tmp_path / "out", echo=lambda *_: None)
+    assert result.merged and not (result.folder / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(result.folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.folder)
+    assert generate(LoadedModel(merged, tokenizer, {}), QUESTION, max_new_tokens=8) == expected
