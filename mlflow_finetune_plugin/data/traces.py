@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 
+from mlflow_finetune_plugin.config.schema import TracesConfig, moment_ms
 from mlflow_finetune_plugin.data.formats import DataIssue
 
 TRACES_PREFIX = "traces:"
@@ -25,8 +24,8 @@ TRACES_PREFIX = "traces:"
 READ_FORMATS = ("OpenAI chat completions (inputs.messages, outputs.choices[0].message)",
                 "OpenAI responses (inputs.input, outputs.output)",
                 "messages in, text out (inputs.messages, outputs a string)")
-DEFAULT_FEEDBACK = ("user_feedback", "user_satisfaction", "thumbs_up", "thumbs", "helpful")
-DEFAULT_EXPECTATIONS = ("expected_response", "expected_answer", "corrected_answer")
+DEFAULT_FEEDBACK = tuple(TracesConfig.model_fields["feedback"].default)
+DEFAULT_EXPECTATIONS = tuple(TracesConfig.model_fields["expectations"].default)
 # Why a trace was left out, as the report says it.
 FAILED, NO_CALL, UNKNOWN, EMPTY, CUT, NEGATIVE, UNRATED, UNPAIRED = (  # noqa: E501
     "failed (trace state ERROR)", "no CHAT_MODEL span", "model calls in a message format not read here",
@@ -36,8 +35,6 @@ REPEATED = "prompt sent before"
 _UP = {"yes", "y", "true", "good", "up", "thumbs_up", "thumbsup", "positive", "pass", "correct", "helpful", "1", "+1"}
 _DOWN = {"no", "n", "false", "bad", "down", "thumbs_down", "thumbsdown", "negative", "fail", "incorrect", "unhelpful",
          "0", "-1"}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass(frozen=True)
@@ -78,17 +75,6 @@ def query_of(spec: str, config=None, rows: str = "chat") -> TraceQuery:
         else:
             given.pop(key, None)
     return TraceQuery(experiment=spec[len(TRACES_PREFIX):].strip(), rows=rows, **given)
-
-
-def moment_ms(value: str, now: datetime | None = None) -> int:
-    """Milliseconds since the epoch of an ISO date/time (UTC unless it says) or of a duration ago (`7d`, `12h`)."""
-    if m := _DURATION.match(value):
-        ago = timedelta(seconds=float(m.group(1)) * _SECONDS[m.group(2)])
-        return int(((now or datetime.now(timezone.utc)) - ago).timestamp() * 1000)
-    moment = datetime.fromisoformat(value.strip())
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
 
 
 # ---------------------------------------------------------------- one model call
@@ -297,13 +283,18 @@ class TraceRows:
         return len(self.trace_ids)
 
     def summary(self) -> dict:
-        return {"read": self.read, "used": self.used, "rows": len(self.records),
+        return {"read": self.read, "used": self.used, "rows": len(self.records), "format": self.query.rows,
                 "left_out": sum(self.left_out.values()), "why": dict(self.left_out.most_common())}
 
     def sentence(self) -> str:
-        why = ", ".join(f"{n} {reason}" for reason, n in self.left_out.most_common())
-        return (f"{self.read} trace{'s' if self.read != 1 else ''} read, {self.used} used ({len(self.records)} "
-                f"{self.query.rows} rows), {sum(self.left_out.values())} left out" + (f": {why}" if why else ""))
+        return traces_sentence(self.summary())
+
+
+def traces_sentence(summary: dict) -> str:
+    """`40 traces read, 31 used (31 chat rows), 9 left out: 3 failed (...), ...`"""
+    why = ", ".join(f"{n} {reason}" for reason, n in summary["why"].items())
+    return (f"{summary['read']} trace{'s' if summary['read'] != 1 else ''} read, {summary['used']} used "
+            f"({summary['rows']} {summary['format']} rows), {summary['left_out']} left out" + (f": {why}" if why else ""))
 
 
 def read_traces(query: TraceQuery) -> TraceRows:
