@@ -334,7 +334,7 @@ def read_traces(query: TraceQuery) -> TraceRows:
         calls.append((trace, found))
         unknown += [unknown_shape(s) for s, c in zip(spans, found) if c.problem == UNKNOWN]
     records = _rows(out, calls)
-    if unknown and not records:
+    if unknown and not any(c.answer is not None for _, found in calls for c in found):
         out.issues.append(DataIssue(where, None, f"{len(unknown)} model call{'s' if len(unknown) != 1 else ''} in a "
                                                  f"message format not read here (first: {unknown[0]}); read: "
                                                  + "; ".join(READ_FORMATS)))
