@@ -196,8 +196,8 @@ APP = textwrap.dedent('''
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
 
     @mlflow.trace(name="support_app")
-    def ask(messages, name=model, **kw):
-        out = client.chat.completions.create(model=name, messages=messages, temperature=0.0, **kw)
+    def ask(messages, name=model, temperature=0.0, **kw):
+        out = client.chat.completions.create(model=name, messages=messages, temperature=temperature, **kw)
         return out.choices[0].message.content
 
     def traced(*args, **kw):
@@ -210,10 +210,10 @@ APP = textwrap.dedent('''
     a2, t2 = traced(q2, max_tokens=16, stop=[" "])
     _, corrected = traced([{"role": "user", "content": "Where is my order?"}], max_tokens=16, stop=[" "])
     refund = [{"role": "user", "content": "Can I get a refund?"}]
-    _, down = traced(refund, max_tokens=16, stop=[" "])
-    _, up = traced(refund, max_tokens=16, stop=["ved", "e"])
+    down_answer, down = traced(refund, max_tokens=32, stop=[" "], temperature=1.0)  # sampled: another answer
+    up_answer, up = traced(refund, max_tokens=16, stop=[" "])
     _, cut = traced([{"role": "user", "content": "Tell me a long story."}], max_tokens=3)
-    _, empty = traced(q1, max_tokens=16, stop=[a1])  # the same answer stopped before its first word
+    _, again = traced(q1, max_tokens=16, stop=[" "])  # the same conversation again: in the same row
     _, plain = traced([{"role": "user", "content": "What are your opening hours?"}], max_tokens=16, stop=[" "])
     try:
         ask(q1, name="no-such-model", max_tokens=4)
@@ -226,7 +226,8 @@ APP = textwrap.dedent('''
     mlflow.log_feedback(trace_id=up, name="user_feedback", value=True)
     mlflow.log_feedback(trace_id=plain, name="relevance", value=False)  # an LLM judge's, not a user's
     print(json.dumps({"t1": t1, "t2": t2, "corrected": corrected, "down": down, "up": up, "cut": cut,
-                      "empty": empty, "plain": plain, "failed": failed, "a1": a1}))
+                      "again": again, "plain": plain, "failed": failed, "a1": a1,
+                      "differ": down_answer != up_answer}))
 ''')
 
 
@@ -267,8 +268,8 @@ def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineag
     runner = CliRunner()
     out = runner.invoke(main, ["data", "from-traces", "support-app", "-o", str(tmp_path / "rows.jsonl")])
     assert out.exit_code == 0, out.output
-    assert "9 traces read, 5 used (4 chat rows), 4 left out" in out.output
-    for reason in ("1 negative feedback", "1 empty answer", "1 answer cut off", "1 failed"):
+    assert "9 traces read, 6 used (4 chat rows), 3 left out" in out.output
+    for reason in ("1 negative feedback", "1 answer cut off", "1 failed"):
         assert reason in out.output
     chat = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert chat[0]["messages"][:3] == [{"role": "user", "content": "How do I reset my password?"},
@@ -276,7 +277,7 @@ def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineag
                                        {"role": "user", "content": "And my username?"}]
     assert chat[1]["messages"][-1] == {"role": "assistant", "content": "It ships tomorrow."}
     assert [m["content"] for m in chat[3]["messages"]][0] == "What are your opening hours?"
-    for fmt, n in (("preference", 2), ("unpaired_preference", 4)):
+    for fmt, n in (("preference", 1 + t["differ"]), ("unpaired_preference", 4)):
         out = runner.invoke(main, ["data", "from-traces", "traces:support-app", "--format", fmt, "-o",
                                    str(tmp_path / f"{fmt}.jsonl")])
         assert out.exit_code == 0 and f"({n} {fmt} rows)" in out.output, out.output
@@ -287,7 +288,7 @@ def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineag
            "--experiment-name", "from-traces"] + [a for k, v in overrides.items() for a in ("-P", f"{k}={v}")]
     proc = subprocess.run(cmd, cwd=root, env=subprocess_env(uri), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "Traces (data.train traces:support-app): 9 traces read, 5 used (4 chat rows)" in proc.stderr
+    assert "Traces (data.train traces:support-app): 9 traces read, 6 used (4 chat rows)" in proc.stderr
 
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("from-traces").experiment_id])
@@ -298,10 +299,11 @@ def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineag
     sources = [json.loads(i.dataset.source) for i in (train, held)]
     assert all(i.dataset.source_type == "mlflow_traces" for i in (train, held))
     assert sources[0]["experiment"] == "support-app" and sources[0]["rows"] == "chat"
-    used = {t[k] for k in ("t1", "t2", "corrected", "up", "plain")}
+    used = {t[k] for k in ("t1", "t2", "again", "corrected", "up", "plain")}
     assert set(sources[0]["trace_ids"]) | set(sources[1]["trace_ids"]) == used
     assert not set(sources[0]["trace_ids"]) & set(sources[1]["trace_ids"])  # whole conversations held out
-    assert {t["t1"], t["t2"]} <= set(sources[0]["trace_ids"]) or {t["t1"], t["t2"]} <= set(sources[1]["trace_ids"])
+    conversation = {t["t1"], t["t2"], t["again"]}
+    assert conversation <= set(sources[0]["trace_ids"]) or conversation <= set(sources[1]["trace_ids"])
     for i in (train, held):  # the query and the ids, never the texts
         assert "password" not in i.dataset.source and "tomorrow" not in i.dataset.source
         assert "password" not in (i.dataset.profile or "") and "tomorrow" not in (i.dataset.schema or "")

@@ -440,21 +440,22 @@ def _chat_rows(calls: list[Call], query: TraceQuery) -> list:
     """One row per conversation: a trainable call is left out when a later trainable call extends its messages and
     answer; a corrected or rejected earlier turn stays in the later row's history with weight 0 (its corrected
     answer is a row of its own)."""
-    by_conv = {_key(c.conversation): c for c in calls}
+    by_conv: dict[str, list[Call]] = {}
+    for c in calls:
+        by_conv.setdefault(_key(c.conversation), []).append(c)
     keep = [c for c in calls if _trainable(c, query)]
-    extended = set()
-    for c in keep:
-        for n in range(1, len(c.prompt)):
-            if (earlier := by_conv.get(_key(c.prompt[:n]))) is not None and earlier is not c:
-                extended.add(id(earlier))
-    rows = []
+    extended = {_key(c.prompt[:n]) for c in keep for n in range(1, len(c.prompt))}  # conversations continued
+    rows, seen = [], set()
     for c in sorted(keep, key=lambda c: c.start_ns):
         plain = c.correction is None and c.verdict is not False
-        if id(c) in extended and plain:
-            continue
-        messages, ids = [dict(m) for m in c.prompt], {c.trace_id}
+        if plain and (_key(c.conversation) in extended or _key(c.conversation) in seen):
+            continue  # inside a later row, or the same conversation again (one row each)
+        seen.add(_key(c.conversation))
+        messages = [dict(m) for m in c.prompt]
+        ids = {c.trace_id} | ({d.trace_id for d in by_conv[_key(c.conversation)] if _trainable(d, query)}
+                              if plain else set())
         for n in range(1, len(c.prompt)):
-            if (earlier := by_conv.get(_key(c.prompt[:n]))) is not None:
+            for earlier in by_conv.get(_key(c.prompt[:n]), []):
                 ids.add(earlier.trace_id)
                 if earlier.correction is not None or earlier.verdict is False or earlier.problem:
                     messages[n - 1]["weight"] = 0
@@ -499,7 +500,8 @@ def _preference_rows(calls: list[Call], query: TraceQuery) -> list:
             down.append((c.answer, c))
     rows = []
     for up, down in by_prompt.values():
-        for (chosen, a), (rejected, b) in zip(up, down):
+        down = [(answer, c) for answer, c in down if all(_key([answer]) != _key([u]) for u, _ in up)]
+        for (chosen, a), (rejected, b) in zip(up, down):  # an answer with both verdicts pairs with nothing
             rows.append((_with_tools({"prompt": a.prompt, "chosen": [chosen], "rejected": [rejected]}, a), a.group,
                          sorted({a.trace_id, b.trace_id})))
     return rows
