@@ -113,7 +113,8 @@ def data_from_traces_cmd(experiment, output, fmt, filter_string, since, until, r
     try:
         config = TracesConfig(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
-        raise click.BadParameter("; ".join(f"--{'-'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+        raise click.BadParameter("; ".join(f"--{'-'.join(map(str, err['loc']))}: {err['msg']}"
+                                           for err in e.errors())) from None
     spec = experiment if experiment.startswith(TRACES_PREFIX) else TRACES_PREFIX + experiment
     got = read_traces(query_of(spec, config, fmt))
     if got.issues:

@@ -29,10 +29,10 @@ from mlflow_finetune_plugin.config.checks import (
 from mlflow_finetune_plugin.config.schema import (
     ADAPTER_CONFIGS,
     HF_PREFIX,
-    TRACES_PREFIX,
     OBJECTIVES,
     RECIPE_FILE,
     SHORT_KEYS,
+    TRACES_PREFIX,
     DataConfig,
     DPOConfig,
     IA3Adapter,
