@@ -13,15 +13,14 @@ these sections is `loading.py`; combinations no single key can judge are `checks
 
 from __future__ import annotations
 
-import re
-from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from mlflow_finetune_plugin.config.section import Section
+from mlflow_finetune_plugin.config.traces import TracesConfig
 
 RECIPE_FILE = "finetune.yaml"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 HF_PREFIX = "hf:"  # data.train / data.eval naming a Hugging Face dataset instead of a file
 TRACES_PREFIX = "traces:"  # data.train / data.eval naming an MLflow experiment whose traces are the rows
 
@@ -41,24 +40,6 @@ def general_text_file(value, bundled: str):
     if isinstance(value, str) and not value.endswith((".txt", ".jsonl")):
         raise ValueError(f"expected true ({bundled}), false (off) or a .txt / .jsonl file of general text")
     return value
-
-
-def moment_ms(value: str, now: datetime | None = None) -> int:
-    """Milliseconds since the epoch of an ISO date/time (UTC unless it says) or of a duration ago (`7d`, `12h`)."""
-    if m := _DURATION.match(value):
-        ago = timedelta(seconds=float(m.group(1)) * _SECONDS[m.group(2)])
-        return int(((now or datetime.now(timezone.utc)) - ago).timestamp() * 1000)
-    moment = datetime.fromisoformat(value.strip())
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
-
-
-
-class Section(BaseModel):
-    """A recipe section: unknown keys are errors, values are checked on assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(Section):
@@ -292,42 +273,6 @@ class DataTags(Section):
     observation_tag: str = Field("observation", description="A tool's result (becomes a `tool` message).")
     function_tag: str = Field("function_call", description="The assistant calling a tool (JSON name + arguments).")
     system_tag: str = "system"
-
-
-class TracesConfig(Section):
-    """Which traces `data.train: traces:EXPERIMENT` (and `data.eval`) read, and how their assessments count
-    (docs/traces.md). The rows are made in the format the objective trains on: chat (sft), preference (dpo),
-    unpaired_preference (kto), prompt_only (grpo)."""
-
-    filter: str | None = Field(
-        None, description="MLflow's trace filter string (as mlflow.search_traces takes it), e.g. "
-                          "\"tags.app = 'support' AND trace.status = 'OK'\".")
-    since: str | None = Field(None, description="Traces from this moment on: an ISO date or time (UTC unless it "
-                                                "says), or a duration ago: 7d, 12h, 30m.")
-    until: str | None = Field(None, description="Traces before this moment (the same forms as since).")
-    run_id: str | None = Field(None, description="Only the traces logged under this run.")
-    model_id: str | None = Field(None, description="Only the traces of this logged model (m-...).")
-    feedback: list[str] = Field(
-        ["user_feedback", "user_satisfaction", "thumbs_up", "thumbs", "helpful"],
-        description="Names of the feedback assessments that count as a user's verdict on an answer (true/false, "
-                    "yes/no, thumbs up/down, 1/0); others (e.g. LLM judges) are ignored.")
-    expectations: list[str] = Field(
-        ["expected_response", "expected_answer", "corrected_answer"],
-        description="Names of the expectation assessments whose value is the answer to learn instead of the logged "
-                    "one.")
-    unrated: bool = Field(True, description="Train (sft) on answers nobody gave feedback on too; false: only on "
-                                            "answers with positive feedback or an expectation.")
-
-    @field_validator("since", "until")
-    @classmethod
-    def _moment(cls, value):
-        if value is not None:
-            try:
-                moment_ms(value)
-            except ValueError:
-                raise ValueError("expected an ISO date or time (2026-11-01, 2026-11-01T08:00:00+01:00) or a "
-                                 "duration ago (7d, 12h, 30m)") from None
-        return value
 
 
 class Task(Section):
