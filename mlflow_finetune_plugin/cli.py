@@ -77,6 +77,54 @@ def data_check_cmd(files, fmt, eval_files, columns, tags, model, max_length, str
                        tags=_assignments(tags, "--tag", SHAREGPT_TAGS), strict=strict))
 
 
+@data_group.command("from-traces")
+@click.argument("experiment")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write the rows to.")
+@click.option("--format", "fmt", default="chat", show_default=True,
+              type=click.Choice(["chat", "preference", "unpaired_preference", "prompt_only"]),
+              help="chat: one row per conversation (sft); preference: pairs by feedback (dpo); unpaired_preference: "
+                   "answers labelled by feedback (kto); prompt_only: the prompts (grpo).")
+@click.option("--filter", "filter_string", default=None, help="MLflow trace filter string, like data.traces.filter.")
+@click.option("--since", default=None, help="Traces from this moment: ISO date/time or a duration ago (7d, 12h).")
+@click.option("--until", default=None, help="Traces before this moment (the same forms).")
+@click.option("--run-id", default=None, help="Only the traces logged under this run.")
+@click.option("--model-id", default=None, help="Only the traces of this logged model (m-...).")
+@click.option("--feedback", "feedback", multiple=True, metavar="NAME",
+              help="Feedback name that counts as a user's verdict (repeatable; default: data.traces.feedback's).")
+@click.option("--expectation", "expectations", multiple=True, metavar="NAME",
+              help="Expectation name whose value replaces the answer (repeatable; default: data.traces.expectations').")
+@click.option("--rated-only", is_flag=True, help="chat: only answers with positive feedback or an expectation.")
+def data_from_traces_cmd(experiment, output, fmt, filter_string, since, until, run_id, model_id, feedback,
+                         expectations, rated_only):
+    """Write the rows `data.train: traces:EXPERIMENT` trains on to a JSONL file, to inspect or edit (then train on
+    the file). Traces hold user data: the file holds their texts; keep it where the traces may be kept."""
+    import json
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from mlflow_finetune_plugin.config.schema import TRACES_PREFIX, TracesConfig
+    from mlflow_finetune_plugin.data.formats import DataError
+    from mlflow_finetune_plugin.data.traces import query_of, read_traces
+
+    given = {"filter": filter_string, "since": since, "until": until, "run_id": run_id, "model_id": model_id,
+             "feedback": list(feedback) or None, "expectations": list(expectations) or None,
+             "unrated": not rated_only}
+    try:
+        config = TracesConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        raise click.BadParameter("; ".join(f"--{'-'.join(map(str, err['loc']))}: {err['msg']}"
+                                           for err in e.errors())) from None
+    spec = experiment if experiment.startswith(TRACES_PREFIX) else TRACES_PREFIX + experiment
+    got = read_traces(query_of(spec, config, fmt))
+    if got.issues:
+        raise DataError(got.issues)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for _, rec in got.records)
+    click.echo(f"{got.sentence()}\nWrote {len(got.records)} rows to {output}")
+
+
 def _assignments(values, option: str, valid) -> dict:
     out = {}
     for item in values:

@@ -32,6 +32,7 @@ from mlflow_finetune_plugin.config.schema import (
     OBJECTIVES,
     RECIPE_FILE,
     SHORT_KEYS,
+    TRACES_PREFIX,
     DataConfig,
     DPOConfig,
     IA3Adapter,
@@ -193,7 +194,7 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
         recipe.data.train = recipe.data.eval = None
     for split in ("train", "eval"):
         value = getattr(recipe.data, split)
-        if value and not value.startswith(HF_PREFIX):
+        if value and not value.startswith((HF_PREFIX, TRACES_PREFIX)):
             setattr(recipe.data, split, str((project_dir / value).resolve()))
     for task in recipe.data.tasks.values():
         task.train = str((project_dir / task.train).resolve())
@@ -244,7 +245,11 @@ def _check_paths(raw: dict, project_dir: Path, tasks_key: str = "data.tasks") ->
         for name, task in tasks.items():
             for split in ("train", "eval"):
                 value = task.get(split) if isinstance(task, dict) else None
-                if isinstance(value, str) and value and not (project_dir / value).exists():
+                if isinstance(value, str) and value.startswith(TRACES_PREFIX):
+                    problems.append(f"{tasks_key}.{name}.{split}: traces are read by data.train and data.eval, not "
+                                    "by a task of a mixture; write them to a file first (mlflow-finetune data "
+                                    "from-traces EXPERIMENT -o FILE.jsonl)")
+                elif isinstance(value, str) and value and not (project_dir / value).exists():
                     problems.append(f"{tasks_key}.{name}.{split}: file not found: {value} (looked in {project_dir})")
         splits = {}
     else:
@@ -253,11 +258,18 @@ def _check_paths(raw: dict, project_dir: Path, tasks_key: str = "data.tasks") ->
             problems.append("data.train: no training data given. Set it in finetune.yaml or pass "
                             "-P data=path/to/train.jsonl")
     for split, value in splits.items():
-        if isinstance(value, str) and value.startswith(HF_PREFIX):  # a Hugging Face dataset, loaded by the data check
+        if isinstance(value, str) and value.startswith(TRACES_PREFIX):  # an experiment, looked up by the data check
+            if not value[len(TRACES_PREFIX):].strip():
+                problems.append(f"data.{split}: {value!r} names no experiment; write traces:EXPERIMENT_NAME")
+        elif isinstance(value, str) and value.startswith(HF_PREFIX):  # a Hugging Face dataset, loaded by the data check
             if not value[len(HF_PREFIX):].split(":")[0].split("@")[0].strip():
                 problems.append(f"data.{split}: {value!r} names no dataset; write hf:ORG/NAME or hf:ORG/NAME:SPLIT")
         elif isinstance(value, str) and value and not (project_dir / value).exists():
             problems.append(f"data.{split}: file not found: {value} (looked in {project_dir})")
+    if data.get("traces") is not None and not any(isinstance(v, str) and v.startswith(TRACES_PREFIX)
+                                                   for v in splits.values()):
+        problems.append("data.traces: narrows a traces: source, but neither data.train nor data.eval is one; set "
+                        "data.train: traces:EXPERIMENT (or -P data=traces:EXPERIMENT), or drop data.traces")
     forgetting = raw["eval"].get("forgetting") if isinstance(raw.get("eval"), dict) else None
     if isinstance(forgetting, str) and forgetting and not (project_dir / forgetting).is_file():
         problems.append(f"eval.forgetting: file not found: {forgetting} (looked in {project_dir}); give a .txt or "

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from mlflow_finetune_plugin.config.section import Section
+from mlflow_finetune_plugin.config.traces import TracesConfig
 
 RECIPE_FILE = "finetune.yaml"
 HF_PREFIX = "hf:"  # data.train / data.eval naming a Hugging Face dataset instead of a file
+TRACES_PREFIX = "traces:"  # data.train / data.eval naming an MLflow experiment whose traces are the rows
 
 # Short forms accepted by `-P`, mapped to their dotted recipe keys.
 SHORT_KEYS = {
@@ -36,12 +40,6 @@ def general_text_file(value, bundled: str):
     if isinstance(value, str) and not value.endswith((".txt", ".jsonl")):
         raise ValueError(f"expected true ({bundled}), false (off) or a .txt / .jsonl file of general text")
     return value
-
-
-class Section(BaseModel):
-    """A recipe section: unknown keys are errors, values are checked on assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(Section):
@@ -293,9 +291,12 @@ class Task(Section):
 
 
 class DataConfig(Section):
-    train: str | None = Field("data/train.jsonl", description="A file, or a Hugging Face dataset as "
-                              "hf:ORG/NAME[@REVISION][:SPLIT] (split default: train).")
-    eval: str | None = Field(None, description="A file, or hf:ORG/NAME[@REVISION]:SPLIT.")
+    train: str | None = Field("data/train.jsonl", description="A file, a Hugging Face dataset as "
+                              "hf:ORG/NAME[@REVISION][:SPLIT] (split default: train), or an MLflow experiment's "
+                              "traces as traces:EXPERIMENT (data.traces narrows them).")
+    eval: str | None = Field(None, description="A file, hf:ORG/NAME[@REVISION]:SPLIT, or traces:EXPERIMENT.")
+    traces: TracesConfig | None = Field(None, description="Which traces a traces: source reads, and how feedback "
+                                                          "and expectations count (docs/traces.md).")
     eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share of train when no eval file is given.")
     format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "preference",
                     "prompt_only", "unpaired_preference"] = Field("auto", description="auto: detected from each file's own rows, so train and "

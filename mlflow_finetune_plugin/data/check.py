@@ -21,6 +21,7 @@ from mlflow_finetune_plugin.data.read import (
     tools_of,
     validate_records,
 )
+from mlflow_finetune_plugin.data.traces import TraceQuery, is_traces, query_of, read_traces, traces_sentence
 from mlflow_finetune_plugin.errors import FinetuneError
 
 FEW_ROWS = 50  # below this, few-shot prompting is the first thing to try (the seeds of this project say so)
@@ -45,6 +46,7 @@ class DataReport:
     too_long: int = 0
     cut_share: float | None = None  # share of the answer tokens (all tokens without assistant masks) cut
     eval_overlap: int = 0
+    traces: dict | None = None  # a traces source: traces read, used, left out and why (TraceRows.summary)
     detected: str | None = None  # what the rows look like, whatever was declared
     inferred_from: str | None = None  # the declared format, where the objective's format replaced it
     prompts: list[tuple[int, str]] = field(default_factory=list, repr=False)  # (line, normalized prompt)
@@ -62,7 +64,7 @@ class DataReport:
                 "token_stats": self.token_stats, "duplicates": self.duplicates,
                 "near_duplicates": self.near_duplicates, "contradictions": self.contradictions,
                 "empty_fields": self.empty_fields, "too_long": self.too_long, "cut_share": self.cut_share,
-                "eval_overlap": self.eval_overlap, "errors": [issue(i) for i in self.errors],
+                "eval_overlap": self.eval_overlap, "traces": self.traces, "errors": [issue(i) for i in self.errors],
                 "warnings": [issue(i) for i in self.warnings]}
 
     def render(self) -> str:
@@ -70,6 +72,8 @@ class DataReport:
         lines = [f"{self.path}: {status}, {len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''}",
                  f"  format          {self.format or '?'}",
                  f"  rows            {self.rows}"]
+        if self.traces:
+            lines.append(f"  traces          {traces_sentence(self.traces)}")
         if self.token_stats:
             s = self.token_stats
             lines.append(f"  tokens          min {s['min']}  mean {s['mean']:.1f}  p50 {s['p50']}  p95 {s['p95']}  "
@@ -104,10 +108,14 @@ def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=
     `accepts`: the formats the objective trains on; a declared format outside them gives way to the rows' own
     format when that one is accepted (`inferred_from` says so). `format_key` names the setting in messages.
     """
-    path = str(path)
-    report = DataReport(path=path)
+    report = DataReport(path=str(path))
     columns_key = "--column" if format_key.startswith("--") else format_key.rsplit(".", 1)[0] + ".columns"
-    records, report.errors = read_records_lenient(path, columns, columns_key)
+    if is_traces(path):
+        got = read_traces(path if isinstance(path, TraceQuery) else query_of(path))
+        records, report.errors, report.traces = got.records, got.issues, got.summary()
+    else:
+        records, report.errors = read_records_lenient(path, columns, columns_key)
+    path = str(path)
     report.rows = len(records)
     if not records:
         return report

@@ -13,6 +13,7 @@ from mlflow_finetune_plugin.config.checks import OBJECTIVE_FORMATS
 from mlflow_finetune_plugin.data.check import check_overlap, tokenizer_for_check
 from mlflow_finetune_plugin.data.formats import DataError, summarize
 from mlflow_finetune_plugin.data.splits import data_files, load_splits
+from mlflow_finetune_plugin.data.traces import traces_sentence
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import split_conversation
 from mlflow_finetune_plugin.models.chat_format import reply_ids
@@ -55,7 +56,9 @@ def check_recipe_data(recipe, check_data) -> None:
             accepts=formats, format_key=f"{owner}.format", model_label=recipe.model.name or "tiny")
         if problem := _method_format(recipe, label, path, report, formats):
             errors.append(problem)
-            refused.append(path)
+            refused.append(str(path))
+        if report.traces:  # read, used, left out and why: the traces behind the rows
+            print(f"Traces ({label} {path}): {traces_sentence(report.traces)}", file=sys.stderr)
     for label, report in reports.items():
         train = reports.get(label.rsplit(".", 1)[0] + ".train")
         if label.endswith(".eval") and train is not None:
@@ -70,7 +73,7 @@ def check_recipe_data(recipe, check_data) -> None:
             read = load_splits(recipe)
         except DataError as e:
             errors = summarize(e.issues)
-            refused = [i.path for i in e.issues if i.path in {path for _, path, _, _ in files}]
+            refused = [i.path for i in e.issues if i.path in {str(path) for _, path, _, _ in files}]
     if errors:
         bad = " ".join(dict.fromkeys(refused + [r.path for r in reports.values() if not r.ok]))
         raise FinetuneError(f"{len(errors)} problem{'s' if len(errors) != 1 else ''} in the data; nothing was "
@@ -114,7 +117,7 @@ def _print_formats(files, read: dict) -> None:
     """One line with the format each file is read in, where any of them was detected rather than declared."""
     if any(fmt != read.get(label, fmt) for label, _, fmt, _ in files):
         print("Data formats, detected per file: " + ", ".join(
-            f"{label} {Path(path).name if Path(path).exists() else path}: {read[label]}"
+            f"{label} {Path(str(path)).name if Path(str(path)).exists() else path}: {read[label]}"
             for label, path, _, _ in files if label in read), file=sys.stderr)
 
 

@@ -27,6 +27,7 @@ from mlflow_finetune_plugin.data.formats import (  # noqa: F401 - re-exported: t
     tools_of,
     unpaired_row,
 )
+from mlflow_finetune_plugin.data.traces import TraceQuery, is_traces, query_of, read_traces
 from mlflow_finetune_plugin.data.validation import validate_records  # noqa: F401 - re-exported
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
@@ -64,6 +65,9 @@ def read_records_lenient(path, columns=None, columns_key: str = "data.columns"
 def _read_source(path, lists=_LIST_FIELDS) -> tuple[list[tuple[int, dict]], list[DataIssue]]:
     if is_hf(path):
         return _read_hf(str(path))
+    if is_traces(path):  # `traces:EXPERIMENT`, or its query with the recipe's data.traces
+        got = read_traces(path if isinstance(path, TraceQuery) else query_of(path))
+        return got.records, got.issues
     p, name = Path(path), str(path)
     if not p.exists():
         return [], [DataIssue(name, None, f"file not found (looked in {Path.cwd()}); check the path")]
@@ -273,18 +277,19 @@ def _read_parquet(p: Path, name: str) -> list[tuple[int, dict]]:
 
 
 def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, tags=None, format_key="data.format",
-                          accepts=()):
+                          accepts=(), records=None):
     """(datasets.Dataset, format): a `messages` column (and `tools` where rows have them), prompt/chosen/rejected
     for preference data, or `prompt` (messages) and the rows' other columns for prompt_only data (GRPO).
 
     Reads with `columns` mapped, resolves this file's format (`resolve_format`: auto detects it from these rows;
     `accepts`, the objective's formats), validates every row first and raises DataError listing all problems; row
     order is kept. Messages keep their OpenAI keys (`weight`, `tool_calls`, `tool_call_id`, `name`) for the chat
-    template.
+    template. `records`: rows already read (from traces), named by `path` in messages.
     """
     from datasets import Dataset
 
-    records = read_records(path, columns)
+    if records is None:
+        records = read_records(path, columns)
     fmt, _ = resolve_format(records, fmt, path, tags, format_key, accepts)
     issues = [i for i in validate_records(records, fmt, path, tags) if i.severity == "error"]
     if issues:

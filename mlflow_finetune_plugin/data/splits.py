@@ -17,6 +17,10 @@ from mlflow_finetune_plugin.config.checks import OBJECTIVE_FORMATS
 from mlflow_finetune_plugin.data.formats import DataError, DataIssue
 from mlflow_finetune_plugin.data.read import load_training_dataset
 from mlflow_finetune_plugin.data.replay import read_replay, replay_path
+from mlflow_finetune_plugin.data.traces import TraceQuery, is_traces, query_of, read_traces
+
+# The formats rows made from traces can take, in the order an objective's accepted formats are tried.
+TRACE_ROWS = ("chat", "preference", "unpaired_preference", "prompt_only")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Splits:
     task_evals: dict = field(default_factory=dict)  # a mixture: task -> its held-out rows
     formats: dict = field(default_factory=dict)     # label of each file read (as `data_files`) -> its format
     replay: list = field(default_factory=list)      # data.replay's general texts, mixed in by the sft objective
+    traces: dict = field(default_factory=dict)      # label of a traces source (`data.train`) -> (TraceRows, ids)
 
     @property
     def is_mixture(self) -> bool:
@@ -35,30 +40,75 @@ class Splits:
 
 
 def hold_out(ds, share: float, seed: int):
-    """(train, held-out): the one place a share of the training rows is held out, seeded."""
+    """(train, held-out): the one place a share of a file's training rows is held out, seeded (rows read from
+    traces: `hold_out_groups`)."""
     split = ds.train_test_split(test_size=share, seed=seed)
     return split["train"], split["test"]
 
 
-def _one_set(owner: str, train_path, eval_path, fmt, system_prompt, recipe, columns=None, tags=None):
+def source_of(recipe, value):
+    """A data value as the reader takes it: a file or `hf:` name as written, a `traces:` source as the query of it
+    (with `data.traces`) that makes rows in the format the objective trains on."""
+    if not is_traces(value):
+        return value
+    accepts = OBJECTIVE_FORMATS[recipe.objective]
+    fmt = recipe.data.format
+    rows = fmt if fmt in accepts and fmt in TRACE_ROWS else next(f for f in accepts if f in TRACE_ROWS)
+    return query_of(value, recipe.data.traces, rows)
+
+
+def hold_out_groups(groups: list[str], share: float, seed: int):
+    """(train indices, held-out indices): a seeded share of the groups (conversations) held out whole, so that no
+    conversation has rows on both sides."""
+    import random
+
+    names = sorted(set(groups))
+    if len(names) < 2:
+        raise ValueError(f"{len(names)} conversation{'s' if len(names) != 1 else ''} cannot be split.")
+    random.Random(seed).shuffle(names)
+    held = set(names[: min(len(names) - 1, max(1, round(share * len(names))))])
+    return ([i for i, g in enumerate(groups) if g not in held], [i for i, g in enumerate(groups) if g in held])
+
+
+def _one_set(owner: str, train_path, eval_path, fmt, system_prompt, recipe, columns=None, tags=None, traces=None):
     """(train rows, held-out rows or None, {label: format}) of one set; `owner` is its recipe key (`data`,
     `data.tasks.NAME`). Each file's format is resolved from its own rows: a ShareGPT train file and a chat eval
-    file both read under `format: auto`."""
+    file both read under `format: auto`. A traces source is read once; `traces` gets, per split, what was read and
+    the ids of the traces behind its rows."""
     data = recipe.data
-    formats = {}
+    formats, read = {}, {}
 
     def load(split, path):
+        records = None
+        if isinstance(path, TraceQuery):
+            read[split] = got = read_traces(path)
+            if got.issues:
+                raise DataError(got.issues)
+            records = got.records
         ds, formats[f"{owner}.{split}"] = load_training_dataset(
             path, fmt, system_prompt, columns, tags, format_key=f"{owner}.format",
-            accepts=OBJECTIVE_FORMATS[recipe.objective])
+            accepts=OBJECTIVE_FORMATS[recipe.objective], records=records)
         return ds
 
     train_ds = load("train", train_path)
+    got = read.get("train")
+    train_rows = list(range(len(train_ds)))
     if data.max_rows:
-        train_ds = train_ds.select(range(min(data.max_rows, len(train_ds))))
-    eval_ds = None
+        train_rows = train_rows[: data.max_rows]
+        train_ds = train_ds.select(train_rows)
+    eval_ds, eval_rows = None, []
     if recipe.eval.enabled and eval_path:
         eval_ds = load("eval", eval_path)
+    elif recipe.eval.enabled and data.eval_split > 0 and got is not None:  # whole conversations held out
+        try:
+            kept, eval_rows = hold_out_groups([got.groups[i] for i in train_rows], data.eval_split,
+                                              recipe.train.seed)
+        except ValueError as e:
+            raise DataError([DataIssue(str(train_path), None, f"{owner}.eval_split {data.eval_split}: {e} Give "
+                                                              f"more traces, or an eval source ({owner}.eval)")]
+                            ) from None
+        train_ds, eval_ds = train_ds.select(kept), train_ds.select(eval_rows)
+        eval_rows, train_rows = [train_rows[i] for i in eval_rows], [train_rows[i] for i in kept]
     elif recipe.eval.enabled and data.eval_split > 0:
         try:
             train_ds, eval_ds = hold_out(train_ds, data.eval_split, recipe.train.seed)
@@ -66,6 +116,12 @@ def _one_set(owner: str, train_path, eval_path, fmt, system_prompt, recipe, colu
             raise DataError([DataIssue(str(train_path), None, f"{owner}.eval_split {data.eval_split} of "
                                                               f"{len(train_ds)} rows: {e} Give more rows, or an "
                                                               f"eval file ({owner}.eval)")]) from None
+    if traces is not None and got is not None:
+        traces[f"{owner}.train"] = (got, sorted({t for i in train_rows for t in got.row_traces[i]}))
+        if eval_rows:
+            traces[f"{owner}.eval"] = (got, sorted({t for i in eval_rows for t in got.row_traces[i]}))
+    if traces is not None and "eval" in read:
+        traces[f"{owner}.eval"] = (read["eval"], read["eval"].trace_ids)
     return train_ds, eval_ds, formats
 
 
@@ -75,9 +131,12 @@ def load_splits(recipe) -> Splits:
     refused before a run is created."""
     data = recipe.data
     if not data.tasks:
-        train_ds, eval_ds, formats = _one_set("data", data.train, data.eval, data.format, data.system_prompt, recipe,
-                                              data.columns, data.tags)
-        return Splits(train_ds, eval_ds, formats["data.train"], formats=formats, replay=read_replay(recipe))
+        traces = {}
+        train_ds, eval_ds, formats = _one_set("data", source_of(recipe, data.train), source_of(recipe, data.eval),
+                                              data.format, data.system_prompt, recipe, data.columns, data.tags,
+                                              traces)
+        return Splits(train_ds, eval_ds, formats["data.train"], formats=formats, replay=read_replay(recipe),
+                      traces=traces)
     from datasets import interleave_datasets
 
     trains, evals, formats = {}, {}, {}
@@ -105,7 +164,7 @@ def data_files(recipe) -> list[tuple[str, str, str, str | None]]:
     """(label, path, format, system prompt) of every data file, for the data check before any model loads."""
     data = recipe.data
     if not data.tasks:
-        return [(f"data.{split}", getattr(data, split), data.format, data.system_prompt)
+        return [(f"data.{split}", source_of(recipe, getattr(data, split)), data.format, data.system_prompt)
                 for split in ("train", "eval") if getattr(data, split)]
     return [(f"data.tasks.{name}.{split}", getattr(task, split), task.format, task.system_prompt)
             for name, task in data.tasks.items() for split in ("train", "eval") if getattr(task, split)]
@@ -117,14 +176,19 @@ def log_inputs(recipe, splits: Splits) -> dict:
     import mlflow
 
     from mlflow_finetune_plugin.data.read import mlflow_dataset
+    from mlflow_finetune_plugin.data.traces import log_traces_input
     from mlflow_finetune_plugin.tags import lineage_tags
 
     def log(ds, path, name, context, owner, split, **tags):
         # a held-out share of the train file has the train file's format
         fmt = "text" if split == "replay" else splits.formats.get(f"{owner}.{split}") or splits.formats.get(
             f"{owner}.train")
+        tags = {**tags, **({"format": fmt} if fmt else {})}
+        if f"{owner}.{split}" in splits.traces:  # the query and the trace ids, never the texts
+            got, ids = splits.traces[f"{owner}.{split}"]
+            return log_traces_input(ds, got, ids, name, context, tags)
         logged = mlflow_dataset(ds, path, name=name)
-        mlflow.log_input(logged, context=context, tags={**tags, **({"format": fmt} if fmt else {})})
+        mlflow.log_input(logged, context=context, tags=tags)
         return logged
 
     if splits.replay:  # the replay corpus, a training input of its own
@@ -134,10 +198,12 @@ def log_inputs(recipe, splits: Splits) -> dict:
             share=str(recipe.data.replay_share))
     if not splits.is_mixture:
         train_path = recipe.data.train
-        train_input = log(splits.train, train_path, Path(train_path).stem, "training", "data", "train")
+        train_input = log(splits.train, train_path, _input_name(train_path), "training", "data", "train")
         if splits.eval is not None:
             eval_path = recipe.data.eval or train_path
-            log(splits.eval, eval_path, Path(eval_path).stem, "eval", "data", "eval")
+            log(splits.eval, eval_path, _input_name(eval_path) + ("-eval" if eval_path == train_path and
+                                                                  is_traces(eval_path) else ""),
+                "eval", "data", "eval")
         return lineage_tags(dataset_digest=train_input.digest, data_format=splits.fmt)
     digests = []
     for name, ds in splits.tasks.items():
@@ -148,3 +214,8 @@ def log_inputs(recipe, splits: Splits) -> dict:
     digest = hashlib.sha256(",".join(digests).encode()).hexdigest()[:16]
     return lineage_tags(dataset_digest=digest, data_format=splits.fmt,
                         tasks=",".join(f"{n}:{t.weight:g}" for n, t in recipe.data.tasks.items()))
+
+
+def _input_name(path: str) -> str:
+    """The name of a data input: the file's stem, or `traces-EXPERIMENT`."""
+    return "traces-" + path[len("traces:"):].strip() if is_traces(path) else Path(path).stem
