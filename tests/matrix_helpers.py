@@ -25,30 +25,11 @@ ROWS = [*FAMILIES, "tiny"]  # the built-in tiny model is the plain ChatML row
 END_TO_END = ("gemma3", "mistral", "qwen3", "qwen3.5", "gpt-oss")
 
 
-# Rows whose evaluation waits on a fix outside the chat-template code (the model-architecture work of issue 52):
-# expected to fail until then, strictly, so that the fix removes the mark.
-WAITS_ON = {
-    "qwen3.5": "evaluation's shared prefill repeats/crops the cache, which Gated DeltaNet layers cannot "
-               "(LinearAttentionLayer has no batch_repeat_interleave / does not track past states): "
-               "evaluate/scoring.py",
-    "qwen3.5-think": "as qwen3.5: evaluation's cache crop on linear-attention layers (evaluate/scoring.py)",
-    "gpt-oss": "after SFT/LoRA, TRL leaves config.output_router_logits on (its MoE aux loss); batched left-padded "
-               "generation then fails in load_balancing_loss_func (size mismatch with the attention mask)",
-}
-
-
-def end_to_end(rows, evaluates: bool = True) -> list:
-    """`rows` as parameters, those outside END_TO_END marked stress; where the test evaluates a trained model, the
-    rows of WAITS_ON marked as expected failures with their reason."""
+def end_to_end(rows) -> list:
+    """`rows` as parameters, those outside END_TO_END marked stress."""
     import pytest
 
-    def marks(row):
-        found = [] if row in END_TO_END else [pytest.mark.stress]
-        if evaluates and row in WAITS_ON:
-            found.append(pytest.mark.xfail(strict=True, reason=f"waits on: {WAITS_ON[row]}"))
-        return found
-
-    return [pytest.param(row, marks=marks(row)) for row in rows]
+    return [pytest.param(row, marks=[] if row in END_TO_END else [pytest.mark.stress]) for row in rows]
 
 # The token each family's chat template closes an assistant turn with (written out, not read from the code under
 # test: the real models' templates, as tests/test_families.py checks them).

@@ -325,7 +325,7 @@ def _preference_rows() -> list[dict]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("row", end_to_end(ROWS, evaluates=False))
+@pytest.mark.parametrize("row", end_to_end(ROWS))
 def test_dpo_trains_on_the_family(store, row, tmp_path):
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.train.job import run

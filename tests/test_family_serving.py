@@ -1,7 +1,6 @@
 """Serving and export of the 2026 families (issue 52, point 7): Gemma 4, Qwen3.5 (Gated DeltaNet linear attention
 beside full attention; its thinking template as a row of its own) and gpt-oss (mixture of experts, harmony channels),
-each as a registered LoRA on its tiny model (random non-zero updates: no `mlflow run`, so these rows do not wait on
-evaluation's fixes, tests/matrix_helpers.WAITS_ON).
+each as a registered LoRA on its tiny model (random non-zero updates: no `mlflow run`, which the matrix runs).
 
 Per family: the transformers engine answers as the logged model's pyfunc, alone and in a batch of rows of different
 lengths where tuned and base rows mix (such caches are not stepped: `generate()` runs the batch), the playground's
