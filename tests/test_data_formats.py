@@ -324,8 +324,10 @@ def test_tool_calls_go_through_a_chat_template_that_supports_tools(tmp_path, tok
     text = tokenizer.decode(paris["input_ids"])
     trained = tokenizer.decode([t for t, lab in zip(paris["input_ids"], paris["labels"]) if lab != -100])
     assert '"name": "get_weather"' in text.split("<|im_start|>user")[0]  # the tools list, in the prompt
+    # This template has no generation prompt: after the tool's answer the model writes the assistant header itself
+    # at inference, so the last reply trains it too (the prompt is the same in training and inference).
     assert trained == ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'
-                       "Sunny in Paris, 21 degrees.<|im_end|>")
+                       "<|im_start|>assistant\nSunny in Paris, 21 degrees.<|im_end|>")
 
 
 def test_tool_rows_on_a_template_without_tools_are_errors_with_their_lines(tmp_path, tokenizer):
