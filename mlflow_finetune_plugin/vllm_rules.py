@@ -46,6 +46,10 @@ def adapter_servable(adapter_config: dict) -> tuple[bool, str]:
     peft_type = adapter_config.get("peft_type", "?")
     if peft_type != "LORA":
         return False, f"vLLM serves LoRA adapters only; this is a {peft_type} adapter"
+    if adapter_config.get("target_parameters"):
+        return False, (f"LoRA on parameters ({', '.join(adapter_config['target_parameters'])}: a mixture's fused "
+                       "experts) is PEFT's own format, which vLLM's LoRA loader does not read; serve it with "
+                       "--engine transformers, or export it merged")
     verdict = lora_servable(adapter_config.get("r"), bool(adapter_config.get("use_dora")),
                             adapter_config.get("bias", "none"), adapter_config.get("modules_to_save"))
     # token rows last: where the LoRA itself is servable they are the one obstacle, and merging removes it

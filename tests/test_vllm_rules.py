@@ -29,6 +29,9 @@ def test_adapter_servable_reads_adapter_config_json():
     # model.chat_template's control tokens trained beside LoRA: vLLM's LoRA loader has no such weights
     ok, why = adapter_servable({**lora, "trainable_token_indices": {"embed_tokens": [5], "lm_head": [5]}})
     assert not ok and "train token rows" in why
+    # LoRA on a mixture's fused experts (PEFT's target_parameters, gpt-oss): not a format vLLM's loader reads
+    ok, why = adapter_servable({**lora, "target_parameters": ["mlp.experts.gate_up_proj"]})
+    assert not ok and "mlp.experts.gate_up_proj" in why and "--engine transformers" in why
 
 
 def test_max_lora_rank_is_the_smallest_supported_rank_that_fits():

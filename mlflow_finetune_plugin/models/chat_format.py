@@ -30,8 +30,10 @@ Imports nothing heavy: tokenizers are duck-typed (`apply_chat_template`, `conver
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import re
+import threading
 from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.errors import FinetuneError
@@ -91,14 +93,42 @@ def no_template_message(name) -> str:
             "file, e.g. `-P model.chat_template=chatml`; or pick an instruct/chat model.")
 
 
-def _strftime_pinned(fmt: str) -> str:
-    return PINNED_DATE.strftime(fmt)
+class _PinnedClock(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(PINNED_DATE.year, PINNED_DATE.month, PINNED_DATE.day, tzinfo=tz)
+
+
+_clock_lock, _clock_users, _real_clock = threading.Lock(), 0, None
+
+
+@contextlib.contextmanager
+def pinned_clock():
+    """Templates' `strftime_now` reads PINNED_DATE inside the block. transformers gives templates its own
+    `strftime_now`, which reads `datetime.now()` of its chat-template module; since transformers 5.2x a function
+    passed as a render variable reaches the template as a string, so the module's clock is what can be pinned.
+    Counted, so that overlapping renders in several threads put the real clock back once, at the end."""
+    global _clock_users, _real_clock
+    from transformers.utils import chat_template_utils
+
+    with _clock_lock:
+        if _clock_users == 0:
+            _real_clock = chat_template_utils.datetime
+            chat_template_utils.datetime = _PinnedClock
+        _clock_users += 1
+    try:
+        yield
+    finally:
+        with _clock_lock:
+            _clock_users -= 1
+            if _clock_users == 0:
+                chat_template_utils.datetime = _real_clock
 
 
 def _render(tokenizer, messages, add_generation_prompt=False, **kwargs) -> str:
-    # strftime_now as a render variable overrides transformers' global of that name.
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **{"strftime_now": _strftime_pinned, **kwargs})
+    with pinned_clock():
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
 
 
 def _probe(tokenizer) -> ChatFormat:

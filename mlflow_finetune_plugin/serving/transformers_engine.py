@@ -41,7 +41,8 @@ class _Slot:
     peft_type: str | None         # None for plain models
     prompt_learning: bool = False
     adapters: dict[str, str] = field(default_factory=dict)   # choice key -> adapter name
-    dora: bool = False            # an adapter uses DoRA, which PEFT's mixed-adapter batches refuse
+    dora: bool = False            # an adapter uses DoRA, or LoRA on parameters (target_parameters, a mixture's
+                                  # experts): PEFT's mixed-adapter batches refuse both
     lock: threading.Lock = field(default_factory=threading.Lock)   # held by a running batch, and while loading
     loading: threading.Event = field(default_factory=threading.Event)  # set while a loader waits for the lock
     steppable: bool = False       # continuous batching works on this model (stepping.steppable)
@@ -49,7 +50,8 @@ class _Slot:
     batcher: Batcher | None = None
 
     def mixes_adapters(self) -> bool:
-        """Whether one batch may hold the base side and several adapters (`adapter_names`): LoRA without DoRA."""
+        """Whether one batch may hold the base side and several adapters (`adapter_names`): LoRA without DoRA and
+        without LoRA on parameters (PEFT's ParamWrapper)."""
         return self.peft_type == "LORA" and not self.dora
 
     def group(self, request: Request) -> Hashable:
@@ -152,7 +154,7 @@ class TransformersEngine(Engine):
                 with slot.changing():  # no batch may run while modules are being added
                     slot.model.load_adapter(str(local.adapter_dir), adapter_name=name)
                     slot.model.eval()
-                    slot.dora = slot.dora or bool(cfg.get("use_dora"))
+                    slot.dora = slot.dora or _unmixable(cfg)
                     slot.state = None  # unknown: the next batch puts its adapter state in place in full
                 slot.adapters[choice.key] = name
                 return slot, name, tokenizer
@@ -183,7 +185,7 @@ class TransformersEngine(Engine):
             slot.model.to(self.device).eval()
             slot.peft_type = cfg.get("peft_type")
             slot.prompt_learning = _is_prompt_learning(cfg)
-            slot.dora = bool(cfg.get("use_dora"))
+            slot.dora = _unmixable(cfg)
             slot.state = None
             slot.steppable = not slot.prompt_learning and steppable(slot.model)
         slot.adapters[local.choice.key] = name
@@ -213,7 +215,7 @@ class TransformersEngine(Engine):
             return self._install(_Slot(loaded.model, None, None))
         cfg = local.adapter_config()
         slot = _Slot(loaded.model, local.base_key(), cfg.get("peft_type"), _is_prompt_learning(cfg),
-                     dora=bool(cfg.get("use_dora")))
+                     dora=_unmixable(cfg))
         slot.adapters[local.choice.key] = loaded.model.active_adapter
         slot.state = loaded.model.active_adapter
         return self._install(slot)
@@ -347,3 +349,8 @@ def _context_limit(model) -> int | None:
 
 def _device_of(model):
     return next(model.parameters()).device
+
+
+def _unmixable(adapter_config: dict) -> bool:
+    """An adapter PEFT cannot mix with others in one batch: DoRA, or LoRA on parameters (`target_parameters`)."""
+    return bool(adapter_config.get("use_dora")) or bool(adapter_config.get("target_parameters"))

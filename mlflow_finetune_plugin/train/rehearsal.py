@@ -16,10 +16,12 @@ are written (they hold user data). A failure ends the run FAILED, naming the sta
 from __future__ import annotations
 
 import contextlib
+import copy
 import tempfile
 import time
 from pathlib import Path
 
+from mlflow_finetune_plugin.config.checks import SCORING
 from mlflow_finetune_plugin.errors import FinetuneError
 
 ROWS = 2          # held-out rows and general texts rehearsed
@@ -61,6 +63,10 @@ def training_step(trainer) -> None:
     import torch
 
     model = trainer.model
+    # The trainer's own counters and per-step metrics (TRL's `_metrics`, token counts, the replay schedule) go back
+    # as they were too: the first logged step and the replay's one-in-n steps are those of the training itself.
+    kept = {key: copy.deepcopy(value) for key, value in vars(trainer).items()
+            if key == "_metrics" or (type(value) in (int, float) and key.startswith("_"))}
     with stage("training step"), torch.random.fork_rng(devices=_devices()):
         batch = next(iter(trainer.get_train_dataloader()))
         batch = trainer._prepare_inputs(batch)
@@ -77,6 +83,8 @@ def training_step(trainer) -> None:
             model.zero_grad(set_to_none=True)
             model.train(was_training)
             del batch
+            for key, value in kept.items():
+                setattr(trainer, key, value)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
@@ -112,7 +120,7 @@ def after_training(recipe, objective, model, tokenizer, data, general_text: list
                         evaluate_tasks(small, model, tokenizer, data.tasks, evals, base)
                     else:
                         objective.evaluate(small, model, tokenizer, data.train, _head(data.eval), base)
-                    if general_text:
+                    if general_text and recipe.objective not in SCORING:  # as the pipeline: no text to measure
                         with stage("forgetting check"):
                             forgetting.check(small, general_text[:ROWS], model, tokenizer, base)
                     del base
