@@ -167,6 +167,10 @@ class VLLMEngine(Engine):
         key = ("base", *local.base_key())
         if choice.base:
             return key, None
+        # The base's architecture first: where vLLM cannot run it, no form of the adapter (merged included) serves.
+        from mlflow_finetune_plugin.models.base import resolve_model_path
+
+        require_vllm_runs(resolve_model_path(local.base_ref), choice.key)
         require_vllm_support(local)
         rank = int(local.adapter_config().get("r", 0))
         if rank > self.max_lora_rank:
