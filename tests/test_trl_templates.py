@@ -132,3 +132,21 @@ def test_every_trl_template_trains_replies_stops_and_answers(name):
 
     # Stop ids: the eos and the template's end of turn.
     assert tok.eos_token_id in stops and fmt.end_of_turn, fmt
+
+
+def test_renders_made_outside_chat_format_read_the_pinned_date_during_a_fine_tune():
+    """TRL's DPO, KTO and GRPO trainers render rows and prompts with the tokenizer themselves: `fine_tune` runs under
+    `pinned_clock`, so those renders get the pinned date too (Llama 3.2's header here), and the clock is put back."""
+    import datetime
+
+    from transformers import AutoTokenizer
+
+    from mlflow_finetune_plugin.models.chat_format import PINNED_DATE, pinned_clock
+    from mlflow_finetune_plugin.models.tiny_families import family_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(family_model_path("llama3"))
+    messages = [{"role": "user", "content": "hi"}]
+    pinned, today = PINNED_DATE.strftime("%d %b %Y"), datetime.date.today().strftime("%d %b %Y")
+    with pinned_clock(), pinned_clock():  # nested, as a render inside a fine-tune is
+        assert pinned in tokenizer.apply_chat_template(messages, tokenize=False)
+    assert today in tokenizer.apply_chat_template(messages, tokenize=False)

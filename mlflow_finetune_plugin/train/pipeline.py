@@ -20,6 +20,7 @@ from mlflow_finetune_plugin.logged_model import chat_template_hash
 from mlflow_finetune_plugin.models import kernels
 from mlflow_finetune_plugin.models.architecture import for_generation
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
+from mlflow_finetune_plugin.models.chat_format import pinned_clock
 from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recipe_autocast_bf16
 from mlflow_finetune_plugin.tags import lineage_tags
 from mlflow_finetune_plugin.train import publish, quantization, reach, rehearsal, resume, templates, trainers
@@ -29,6 +30,13 @@ from mlflow_finetune_plugin.train.objectives import objective_of, sft
 
 
 def fine_tune(recipe, run_id: str, main: bool = True) -> None:
+    # Every chat template rendered in this process reads the pinned date (gpt-oss's system block, Llama 3.x's
+    # header): TRL's trainers render rows and prompts themselves (DPO, KTO, GRPO), not through models/chat_format.
+    with pinned_clock():
+        _fine_tune(recipe, run_id, main)
+
+
+def _fine_tune(recipe, run_id: str, main: bool) -> None:
     adapter, objective = adapter_of(recipe), objective_of(recipe)
     quantization.check_precision(recipe)  # before the data, the model or anything logged
     kernels.resolve(recipe)  # train.kernels: liger without CUDA or liger-kernel is refused here
