@@ -31,6 +31,7 @@ EXPECTATION = "expected_response"
 RATING = "user_rating"
 COMMENT = "user_comment"
 RATINGS = range(1, 6)
+SETTLE_S = 30.0  # at most this long feedback waits for the trace it names to end (a stream still answering)
 _KEEP_IDS = 10_000  # completion id -> trace id, for feedback that names the completion (the oldest forgotten first)
 
 
@@ -74,6 +75,7 @@ class Tracer:
         self.echo = echo
         self._models: dict[str, str | None] = {}
         self._ids: OrderedDict[str, str] = OrderedDict()
+        self._open: dict[str, threading.Event] = {}  # traces started and not ended yet: feedback waits for them
         self._lock = threading.Lock()
         self._warned = False
 
@@ -121,6 +123,8 @@ class Tracer:
         if span.trace_id == NO_OP_SPAN_TRACE_ID:  # MLflow could not start it (it logged why) or tracing is off
             self.warn("starting a trace", "MLflow returned a no-op span")
             return None
+        with self._lock:
+            self._open[span.trace_id] = threading.Event()
         return span
 
     def end(self, span, outputs, error: str | None = None) -> None:
@@ -139,6 +143,20 @@ class Tracer:
                         self._ids.popitem(last=False)
         except Exception as e:  # noqa: BLE001
             self.warn("ending a trace", e)
+        finally:
+            with self._lock:
+                ended = self._open.pop(span.trace_id, None)
+            if ended is not None:
+                ended.set()
+
+    def settle(self, trace_id: str | None = None, timeout: float = SETTLE_S) -> None:
+        """Wait until trace `trace_id` (None: every trace now open) has ended: a client may send feedback as soon as
+        it has the answer, a moment before the server ends the answer's trace."""
+        with self._lock:
+            events = [self._open[trace_id]] if trace_id in self._open else [] if trace_id else list(
+                self._open.values())
+        for event in events:
+            event.wait(timeout)
 
     def flush(self) -> None:
         """Wait until the traces ended so far are in the store (they are exported in the background)."""
@@ -152,8 +170,15 @@ class Tracer:
     # ------------------------------------------------------------------------------------------- feedback
     def trace_of(self, given: str) -> str | None:
         """A trace id, or the id of a completion answered here (`chatcmpl-...`), as the trace id."""
+        if given.startswith(("tr-", "trace:/")):
+            return given
         with self._lock:
-            return self._ids.get(given, given if given.startswith("tr-") else None)
+            known = self._ids.get(given)
+        if known is None:
+            self.settle()  # an answer just given: its id is known once its trace has ended
+            with self._lock:
+                known = self._ids.get(given)
+        return known
 
     def log(self, trace_id: str, feedback: Feedback) -> list[dict]:
         """Log `feedback` on trace `trace_id` (one of this tracer's experiment). Raises FinetuneError (unknown
@@ -161,6 +186,7 @@ class Tracer:
         import mlflow
         from mlflow.entities import AssessmentSource
 
+        self.settle(trace_id)
         mlflow.flush_trace_async_logging()  # a trace answered a moment ago may still be on its way to the store
         trace = mlflow.get_trace(trace_id)
         if trace is None or trace.info.experiment_id != self.experiment_id:
