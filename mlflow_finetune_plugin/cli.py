@@ -374,14 +374,12 @@ def export_cmd(model_uri, out_dir, gguf, gguf_type, llama_cpp, no_log):
                + (f"\nLogged as {result.artifact_uri}" if result.artifact_uri else ""))
 
 
-# Shared by `serve` and `playground` (and gradio_app/app.py's MLFLOW_FINETUNE_TRACE).
+# Shared by `serve` and `playground` (and gradio_app/app.py's MLFLOW_FINETUNE_TRACE, ..._FOLLOW_INTERVAL).
 TRACE_OPTION = click.option(
     "--trace", default=None, metavar="EXPERIMENT", envvar="MLFLOW_FINETUNE_TRACE",
-    help="Record each answer as an MLflow trace in EXPERIMENT (created if missing), under the served version's logged "
-         "model, with users' feedback on it: the `traces:EXPERIMENT` data of the next fine-tune. Off by default: "
-         "traces hold your users' prompts and answers (docs/traces.md).")
-
-# Shared by `serve` and `playground` (and gradio_app/app.py's MLFLOW_FINETUNE_FOLLOW_INTERVAL).
+    help="Record each answer as an MLflow trace in EXPERIMENT, under the served version's logged model, with users' "
+         "feedback: the next fine-tune's traces:EXPERIMENT data. Off by default: traces hold your users' prompts and "
+         "answers (docs/traces.md). serve: header x-mlflow-trace-id names an answer's trace, POST /v1/feedback rates it.")
 FOLLOW_OPTION = click.option(
     "--follow-interval", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
     envvar="MLFLOW_FINETUNE_FOLLOW_INTERVAL",
@@ -407,7 +405,6 @@ def serve_cmd(model_uris, engine, host, port, server_args, dry_run, follow_inter
 
     Models are served as NAME-vN (and NAME-vN-base), the names `playground --engine openai` asks for; one given by
     alias is also asked for as NAME@ALIAS, and follows the alias: after `promote` the new version answers.
-    With --trace, answers carry their trace id (header x-mlflow-trace-id) and POST /v1/feedback rates one.
     """
     import shlex
 
@@ -449,8 +446,7 @@ def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_u
     run_playground(PlaygroundConfig(
         model_ref, against, engine=engine, blind=blind, host=host, port=port, auth=auth, openai_urls=openai_urls,
         served_models=served_models, max_new_tokens=max_new_tokens, concurrency=concurrency, device=device,
-        experiment=experiment, max_lora_rank=max_lora_rank, follow_interval=follow_interval, trace=trace),
-        echo=click.echo)
+        experiment=experiment, max_lora_rank=max_lora_rank, follow_interval=follow_interval, trace=trace), click.echo)
 
 
 @main.group("votes")
