@@ -297,6 +297,7 @@ def test_with_tracing_each_answer_is_a_trace_and_a_vote_is_feedback_on_both(app)
     """`playground --trace`: both answers become traces (A under bot v1's logged model), the vote thumbs A up and B
     down, and the `traces:` reader makes the pair a preference row."""
     from mlflow_finetune_plugin.data.traces import query_of, read_traces
+    from mlflow_finetune_plugin.registry.versions import logged_model_id
     from mlflow_finetune_plugin.serving.tracing import FEEDBACK, Tracer
 
     client, pg = app
@@ -309,7 +310,7 @@ def test_with_tracing_each_answer_is_a_trace_and_a_vote_is_feedback_on_both(app)
     traces = [r["a"]["trace_id"], r["b"]["trace_id"]]
     assert all(traces) and voted["traces"] == traces and voted["feedback"] == 2
     a, b = (mlflow.get_trace(t) for t in traces)
-    assert a.info.trace_metadata["mlflow.modelId"] == MlflowClient().get_model_version("bot", "1").model_id
+    assert a.info.trace_metadata["mlflow.modelId"] == logged_model_id(MlflowClient().get_model_version("bot", "1"))
     assert "mlflow.modelId" not in b.info.trace_metadata and b.info.tags["finetune.served.model"] == "bot/1:base"
     assert [(x.name, x.value) for x in a.info.assessments] == [(FEEDBACK, True)]
     assert [(x.name, x.value) for x in b.info.assessments] == [(FEEDBACK, False)]

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.data.traces import DEFAULT_EXPECTATIONS, DEFAULT_FEEDBACK, query_of, read_traces
+from mlflow_finetune_plugin.registry.versions import logged_model_id
 from mlflow_finetune_plugin.serving.tracing import (
     EXPECTATION,
     FEEDBACK,
@@ -101,8 +102,10 @@ def test_served_answers_are_traces_of_the_version_with_feedback_read_back_as_tra
     assert feedback({"trace_id": "tr-0123456789abcdef", "thumbs": "up"}).status_code == 404
 
     # Read back with MLflow: one trace per answer, a CHAT_MODEL span in OpenAI's shape, the version's logged model.
-    model_id = mlflow.MlflowClient().get_model_version("bot", version).model_id
-    assert model_id and model_id.startswith("m-")
+    registered = mlflow.MlflowClient().get_model_version("bot", version)
+    model_id = logged_model_id(registered)
+    assert mlflow.get_logged_model(model_id).source_run_id == registered.run_id
+    assert any(f"data.traces.model_id={model_id}" in line for line in log)  # `serve` says how to select them
     experiment = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
     traces = {t.info.trace_id: t for t in mlflow.search_traces(locations=[experiment], model_id=model_id,
                                                                 return_type="list")}

@@ -189,6 +189,10 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
         echo(f"Tracing: each chat completion is recorded as an MLflow trace in experiment {trace!r} (traces hold "
              f"the users' prompts and answers); answers carry its id in the {TRACE_HEADER} header, and POST "
              f"{url}/feedback rates one")
+        for choice in choices:
+            if (model_id := tracer.model_id(choice)) is not None:
+                echo(f"{served_name(choice)}'s traces name its logged model {model_id}: train on them with "
+                     f"-P data=traces:{trace} -P data.traces.model_id={model_id}")
     if engine == "vllm":
         from mlflow_finetune_plugin.serving.vllm_checks import require_vllm_runs
         from mlflow_finetune_plugin.serving.vllm_engine import require_vllm

@@ -87,9 +87,11 @@ class Tracer:
             self._warned = True
         import mlflow
 
-        self.echo(f"Warning: {what} failed ({type(error).__name__ if isinstance(error, BaseException) else ''}"
-                  f" {str(error).splitlines()[0] if str(error) else ''}); answers are still served, untraced where "
-                  f"the tracking store {mlflow.get_tracking_uri()} fails. Further tracking failures are not shown.")
+        detail = (str(error).splitlines() or [""])[0]
+        if isinstance(error, BaseException):
+            detail = f"{type(error).__name__}: {detail}"
+        self.echo(f"Warning: {what} failed ({detail}); answers are still served, untraced where the tracking store "
+                  f"{mlflow.get_tracking_uri()} fails. Further tracking failures are not shown.")
 
     def model_id(self, choice: ModelChoice | None) -> str | None:
         """The logged model (m-...) of a registered version; None for a base model, or a version registered from a
@@ -99,7 +101,7 @@ class Tracer:
         if choice.key not in self._models:
             from mlflow_finetune_plugin.registry import versions as registry
 
-            self._models[choice.key] = getattr(registry.get_version(choice.name, choice.version), "model_id", None)
+            self._models[choice.key] = registry.logged_model_id(registry.get_version(choice.name, choice.version))
         return self._models[choice.key]
 
     def start(self, choice: ModelChoice | None, asked: str, inputs: dict, extra: dict | None = None):
