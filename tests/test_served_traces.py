@@ -159,3 +159,47 @@ def test_a_failing_tracking_store_leaves_answers_untraced_and_warns_once(trackin
     status, answer = tracer.answer_feedback({"trace_id": "tr-1", "thumbs": "up"})
     assert status == 503 and "the tracking store could not log the feedback" in answer["error"]["message"]
     assert len(said) == 1 and "starting a trace failed" in said[0] and "ConnectionError" in said[0]
+
+
+def test_a_stream_is_joined_into_one_completion_and_a_cut_or_unreadable_one_is_a_failed_trace():
+    import asyncio
+    import json
+
+    from mlflow_finetune_plugin.serving.tracing import TracedRequest, joined_stream
+
+    def sse(*chunks):
+        return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+    call = {"index": 0, "id": "c1", "function": {"name": "order_", "arguments": '{"order"'}}
+    raw = sse({"id": "x", "model": "bot-v1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "It "}}]},
+              {"id": "x", "choices": [{"index": 0, "delta": {"content": "has", "tool_calls": [call]}}]},
+              {"id": "x", "choices": [{"index": 0, "delta": {"tool_calls": [
+                  {"index": 0, "function": {"name": "status", "arguments": ': "7"}'}}]}, "finish_reason": "stop"}]},
+              {"id": "x", "choices": [], "usage": {"completion_tokens": 3}})
+    joined = joined_stream(raw)
+    assert joined["id"] == "x" and joined["usage"] == {"completion_tokens": 3}
+    assert joined["choices"] == [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "It has", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "order_status", "arguments": '{"order": "7"}'}}]}}]
+
+    class Recorder:
+        def end(self, span, outputs, error=None):
+            self.got = (outputs, error)
+
+    def traced(body: bytes, streamed=True, status=200):
+        request = TracedRequest(Recorder(), type("Span", (), {"trace_id": "tr-1"})(), streamed)
+
+        async def passing():
+            async def chunks():
+                yield body
+            return [c async for c in request.watch(chunks(), status)]
+
+        assert asyncio.run(passing()) == [body]  # the bytes pass untouched
+        request.end()
+        return request.tracer.got
+
+    assert traced(raw) == (joined, None)
+    assert "the stream ended before the answer did" in traced(raw.split(b"\n\n")[0])[1]  # cut: no finish_reason
+    assert "no answer could be read" in traced(b"<html>oops</html>", streamed=False)[1]
+    assert "the server answered 400" in traced(b'{"error": "bad"}', streamed=False, status=400)[1]
+    assert "could not be read" in traced(b'data: {"choices": [{"index": 0, "delta": 7}]}\n\n')[1]

@@ -387,6 +387,13 @@ class TracedRequest:
 
     def end(self, error: str | None = None) -> None:
         """End the span with what was answered: the ChatCompletion, the stream joined into one, or the error."""
+        try:
+            outputs, error = self._answer(error)
+        except Exception as e:  # noqa: BLE001 - an answer this cannot read is traced as such, never raised
+            outputs, error = None, f"the answer could not be read ({type(e).__name__}: {e})"
+        self.tracer.end(self.span, outputs, error)
+
+    def _answer(self, error: str | None) -> tuple[dict | None, str | None]:
         outputs = None
         if error is None and self.status is not None and self.status >= 400:
             error = f"the server answered {self.status}: {bytes(self._raw[:500]).decode('utf-8', 'replace')}"
@@ -400,4 +407,4 @@ class TracedRequest:
                 error = "no answer could be read from the server's response"
             elif self.streamed and not all(c.get("finish_reason") for c in choices):
                 error = "the stream ended before the answer did (the client went away, or the server stopped)"
-        self.tracer.end(self.span, outputs, error)
+        return outputs, error
