@@ -10,7 +10,7 @@ MLFLOW_FINETUNE_MODEL in its settings; see README.md.
 
 Settings: --tracking-uri (MLFLOW_TRACKING_URI), --model (MLFLOW_FINETUNE_MODEL), --against (MLFLOW_FINETUNE_AGAINST,
 default base), --engine (MLFLOW_FINETUNE_ENGINE: transformers, vllm, openai), --blind (MLFLOW_FINETUNE_BLIND=1),
---openai-url (MLFLOW_FINETUNE_OPENAI_URL), --device, --experiment, --max-new-tokens, --follow-interval
+--openai-url (MLFLOW_FINETUNE_OPENAI_URL), --device, --experiment, --max-new-tokens, --follow-interval, --trace
 (MLFLOW_FINETUNE_<NAME>), --host and --port (Gradio's GRADIO_SERVER_NAME, GRADIO_SERVER_PORT), login with
 MLFLOW_FINETUNE_PLAYGROUND_AUTH=user:password. Arguments win over environment variables.
 """
@@ -36,6 +36,8 @@ def settings(argv=None) -> PlaygroundConfig:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--max-lora-rank", type=int, help="vllm engine: largest LoRA rank to serve")
     parser.add_argument("--follow-interval", type=float, metavar="SECONDS")
+    parser.add_argument("--trace", metavar="EXPERIMENT", help="record answers as MLflow traces in EXPERIMENT, votes "
+                                                              "as feedback on them (they hold user data; off by default)")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     args = parser.parse_args(argv)

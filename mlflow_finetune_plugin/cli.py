@@ -374,7 +374,12 @@ def export_cmd(model_uri, out_dir, gguf, gguf_type, llama_cpp, no_log):
                + (f"\nLogged as {result.artifact_uri}" if result.artifact_uri else ""))
 
 
-# Shared by `serve` and `playground` (and gradio_app/app.py's MLFLOW_FINETUNE_FOLLOW_INTERVAL).
+# Shared by `serve` and `playground` (and gradio_app/app.py's MLFLOW_FINETUNE_TRACE, ..._FOLLOW_INTERVAL).
+TRACE_OPTION = click.option(
+    "--trace", default=None, metavar="EXPERIMENT", envvar="MLFLOW_FINETUNE_TRACE",
+    help="Record each answer as an MLflow trace in EXPERIMENT, under the served version's logged model, with users' "
+         "feedback: the next fine-tune's traces:EXPERIMENT data. Off by default: traces hold your users' prompts and "
+         "answers (docs/traces.md). serve: header x-mlflow-trace-id names an answer's trace, POST /v1/feedback rates it.")
 FOLLOW_OPTION = click.option(
     "--follow-interval", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
     envvar="MLFLOW_FINETUNE_FOLLOW_INTERVAL",
@@ -394,7 +399,8 @@ FOLLOW_OPTION = click.option(
 @click.option("--server-args", default="", help="Extra flags for the server, e.g. \"--max-model-len 4096\".")
 @click.option("--dry-run", is_flag=True, help="Print the server command and exit.")
 @FOLLOW_OPTION
-def serve_cmd(model_uris, engine, host, port, server_args, dry_run, follow_interval):
+@TRACE_OPTION
+def serve_cmd(model_uris, engine, host, port, server_args, dry_run, follow_interval, trace):
     """Start an OpenAI-compatible server for MODEL_URIS (models:/NAME@ALIAS, NAME/3, NAME/3:base) from the registry.
 
     Models are served as NAME-vN (and NAME-vN-base), the names `playground --engine openai` asks for; one given by
@@ -405,7 +411,7 @@ def serve_cmd(model_uris, engine, host, port, server_args, dry_run, follow_inter
     from mlflow_finetune_plugin.serving.server import serve
 
     serve(list(model_uris), engine, host=host, port=port, extra=tuple(shlex.split(server_args)), dry_run=dry_run,
-          follow_interval=follow_interval, echo=click.echo)
+          follow_interval=follow_interval, echo=click.echo, trace=trace)
 
 
 @main.command("playground")
@@ -429,8 +435,9 @@ def serve_cmd(model_uris, engine, host, port, server_args, dry_run, follow_inter
 @click.option("--max-lora-rank", default=64, show_default=True, help="vllm engine: largest LoRA rank to serve.")
 @click.option("--experiment", default=None, help="MLflow experiment for votes (default: playground-votes).")
 @FOLLOW_OPTION
+@TRACE_OPTION
 def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_urls, served_models, max_new_tokens,
-                   concurrency, device, max_lora_rank, experiment, follow_interval):
+                   concurrency, device, max_lora_rank, experiment, follow_interval, trace):
     """Chat with two registered models side by side (A/B), vote, and promote, in a Gradio page (the app of
     gradio_app/app.py). A model given by alias follows it: after `promote`, new conversations answer with the new
     version."""
@@ -439,7 +446,7 @@ def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_u
     run_playground(PlaygroundConfig(
         model_ref, against, engine=engine, blind=blind, host=host, port=port, auth=auth, openai_urls=openai_urls,
         served_models=served_models, max_new_tokens=max_new_tokens, concurrency=concurrency, device=device,
-        experiment=experiment, max_lora_rank=max_lora_rank, follow_interval=follow_interval), echo=click.echo)
+        experiment=experiment, max_lora_rank=max_lora_rank, follow_interval=follow_interval, trace=trace), click.echo)
 
 
 @main.group("votes")

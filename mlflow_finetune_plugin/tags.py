@@ -103,6 +103,11 @@ VOTE_COMPARISON = "finetune.vote.comparison"      # the comparison id voted on
 VOTE_USER = "finetune.vote.user"                  # the logged-in user, "" without --auth
 VOTE_PROMPT = "finetune.vote.prompt"              # the prompt (first 500 characters)
 
+# --- served traffic (`serve --trace`, `playground --trace`: on each trace) -----------------------------------------
+SERVED_BY = "finetune.served.by"                  # serve | playground
+SERVED_MODEL = "finetune.served.model"            # the model choice that answered (NAME/3 or NAME/3:base)
+SERVED_NAME = "finetune.served.name"              # the name the client asked for (bot-v3, bot@champion)
+
 # --- sweeps (`mlflow-finetune sweep`) ---------------------------------------------------------------------------
 SWEEP_TRIAL = "finetune.sweep.trial"              # on a trial run: its Optuna trial number
 SWEEP_STATE = "finetune.sweep.state"              # on a trial run: complete | pruned | failed

@@ -293,6 +293,33 @@ def test_promote_runs_the_gated_promotion(app):
         client.predict("bot/1:base", api_name="/promote")
 
 
+def test_with_tracing_each_answer_is_a_trace_and_a_vote_is_feedback_on_both(app):
+    """`playground --trace`: both answers become traces (A under bot v1's logged model), the vote thumbs A up and B
+    down, and the `traces:` reader makes the pair a preference row."""
+    from mlflow_finetune_plugin.data.traces import query_of, read_traces
+    from mlflow_finetune_plugin.registry.versions import logged_model_id
+    from mlflow_finetune_plugin.serving.tracing import FEEDBACK, Tracer
+
+    client, pg = app
+    pg.tracer = Tracer("playground-traffic", "playground", print)
+    try:
+        r = client.predict("Can I pay by invoice?", **SHORT, api_name="/compare")
+        voted = client.predict(r["id"], "a", api_name="/vote")
+    finally:
+        pg.tracer = None
+    traces = [r["a"]["trace_id"], r["b"]["trace_id"]]
+    assert all(traces) and voted["traces"] == traces and voted["feedback"] == 2
+    a, b = (mlflow.get_trace(t) for t in traces)
+    assert a.info.trace_metadata["mlflow.modelId"] == logged_model_id(MlflowClient().get_model_version("bot", "1"))
+    assert "mlflow.modelId" not in b.info.trace_metadata and b.info.tags["finetune.served.model"] == "bot/1:base"
+    assert [(x.name, x.value) for x in a.info.assessments] == [(FEEDBACK, True)]
+    assert [(x.name, x.value) for x in b.info.assessments] == [(FEEDBACK, False)]
+    got = read_traces(query_of("traces:playground-traffic", None, "preference"))
+    assert [rec for _, rec in got.records] == [{"prompt": [{"role": "user", "content": "Can I pay by invoice?"}],
+                                                "chosen": [{"role": "assistant", "content": r["a"]["answer"]}],
+                                                "rejected": [{"role": "assistant", "content": r["b"]["answer"]}]}]
+
+
 def test_auth_is_required_when_set_and_the_voter_is_recorded(engine):
     pg = Playground(engine, ModelChoice("bot", "1"), ModelChoice("bot", "1", base=True))
     demo = build_app(pg)

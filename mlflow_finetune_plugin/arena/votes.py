@@ -40,6 +40,7 @@ class Comparison:
     settings: dict
     blind: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    traces: list[str | None] = field(default_factory=list)  # the two answers' trace ids (`playground --trace`), A then B
 
     @property
     def prompt(self) -> str:

@@ -97,6 +97,16 @@ def source_recipe(run_id: str | None) -> dict | None:
             return yaml.safe_load(f) or {}
 
 
+def logged_model_id(version) -> str | None:
+    """The logged model (m-...) a registered version was made from: MLflow 3 registers `models:/<model id>` (the
+    version's own `model_id` field stays empty in a SQL store); None for a version registered from a run's files."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = str(version.source or "")
+    rest = source[len("models:/"):] if source.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest else None
+
+
 def resolve_model_uri(model_uri: str) -> tuple[str | None, str | None, str | None]:
     """(registered name, version, source run id) of `models:/NAME/N`, `models:/NAME@ALIAS`, `models:/<model id>`
     or `runs:/<run id>/path`; name and version are None for unregistered models."""

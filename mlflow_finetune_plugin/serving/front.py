@@ -14,6 +14,9 @@ ends the front and then that whole group (vLLM's EngineCore included); the child
 The front routes by name (`Routes`): a model served by alias is also asked for as `NAME@ALIAS`, and when the alias
 moves (`follow.py`) the route switches to the new version's server or adapter at once, while the requests already
 forwarded finish where they started; `serve` stops the old server once none is left in flight.
+
+With `serve --trace EXPERIMENT`, each chat completion that passes is recorded as an MLflow trace (`tracing.py`),
+its id sent back in the `x-mlflow-trace-id` header, and `POST /v1/feedback` logs a user's verdict on it.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request) at run time.
@@ -107,9 +110,10 @@ class Routes:
             return self._changed.wait_for(lambda: not self._in_flight.get(name), timeout=timeout)
 
 
-def build_front(routes: Routes, resolve=None):
+def build_front(routes: Routes, resolve=None, tracer=None):
     """The front's ASGI app over `routes`; `resolve(name)` (optional) is the load request for a model not served yet,
-    None when there is no such model."""
+    None when there is no such model; with a `tracer` (`serve --trace`), each chat completion is recorded as a trace
+    (`tracing.py`) and `POST /v1/feedback` rates an answer."""
     import asyncio
 
     import httpx
@@ -153,10 +157,25 @@ def build_front(routes: Routes, resolve=None):
             routes.add(model, routes.default)
             return None
 
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        if tracer is None:
+            return JSONResponse(_error("this server records no traces, so it takes no feedback: start it with "
+                                       "`mlflow-finetune serve ... --trace EXPERIMENT`", "invalid_request_error"),
+                                status_code=404)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        status, answer = await asyncio.to_thread(tracer.answer_feedback, body)
+        return JSONResponse(answer, status_code=status)
+
     @app.api_route("/{path:path}", methods=["GET", "POST", "OPTIONS"])
     async def forward(path: str, request: Request):
+        from mlflow_finetune_plugin.serving.tracing import TRACE_HEADER, TracedRequest
+
         body = await request.body()
-        served, upstream = None, routes.default
+        served, upstream, traced = None, routes.default, None
         if request.method == "POST" and "/" + path in _MODEL_ROUTES:
             model = _requested_model(body)
             if model is not None:
@@ -165,9 +184,13 @@ def build_front(routes: Routes, resolve=None):
                     if refused is not None:
                         return refused
                 served, upstream, upstream_name = routes.lookup(model)
+                if tracer is not None and path == "v1/chat/completions":
+                    traced = await asyncio.to_thread(TracedRequest.begin, tracer, served, model, body)
                 if upstream_name != model:  # an alias (`NAME@champion`): the server knows the version's name
                     body = _with_model(body, upstream_name)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS | {"host"}}
+        # A traced answer is read as it passes: asked for uncompressed.
+        dropped = _HOP_HEADERS | {"host"} | ({"accept-encoding"} if traced else set())
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in dropped}
         # Counted until the answer has been passed on whole: the server it came from is stopped only after that.
         if served:
             routes.begin(served)
@@ -178,16 +201,24 @@ def build_front(routes: Routes, resolve=None):
         except httpx.TransportError as e:
             if served:
                 routes.end(served)
+            if traced:
+                await asyncio.to_thread(traced.end, f"the model server is not answering: {e}")
             return JSONResponse(_error(f"the model server is not answering: {e}", "server_error"), status_code=503)
 
         async def finish():
             await response.aclose()
             if served:
                 routes.end(served)
+            if traced:
+                await asyncio.to_thread(traced.end)
 
-        return StreamingResponse(response.aiter_raw(), status_code=response.status_code,
-                                 headers={k: v for k, v in response.headers.items()
-                                          if k.lower() not in _HOP_HEADERS | {"date", "server"}},
+        answer_headers = {k: v for k, v in response.headers.items()
+                          if k.lower() not in _HOP_HEADERS | {"date", "server"}}
+        chunks = response.aiter_raw()
+        if traced:
+            answer_headers[TRACE_HEADER] = traced.trace_id
+            chunks = traced.watch(chunks, response.status_code)
+        return StreamingResponse(chunks, status_code=response.status_code, headers=answer_headers,
                                  background=BackgroundTask(finish))
 
     return app
@@ -269,13 +300,15 @@ class Fleet:
             stop_group(child.process)
 
 
-def run_front(fleet: Fleet, routes: Routes, host: str, port: int, resolve=None, on_ready=None, echo=print) -> int:
+def run_front(fleet: Fleet, routes: Routes, host: str, port: int, resolve=None, on_ready=None, echo=print,
+              tracer=None) -> int:
     """Wait until every model of the fleet's first server answers, then open the front on host:port and call
     `on_ready()`; return when a stop signal arrives or a server dies, with every server stopped. Returns the exit
     code for `serve`."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(build_front(routes, resolve), host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_front(routes, resolve, tracer), host=host, port=port,
+                                           log_level="warning"))
     stopped_by: list[int] = []
 
     def stop(signum, frame):  # uvicorn handles SIGINT/SIGTERM itself while it serves, then hands them back here
@@ -299,6 +332,8 @@ def run_front(fleet: Fleet, routes: Routes, host: str, port: int, resolve=None, 
         server.run()
     finally:
         fleet.stop_all()
+        if tracer is not None:
+            tracer.flush()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if stopped_by:

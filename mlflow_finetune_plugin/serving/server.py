@@ -142,11 +142,13 @@ def _base_of(choice: ModelChoice) -> ModelChoice:
 
 
 def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 8000, extra: tuple[str, ...] = (),
-          dry_run: bool = False, follow_interval: float = DEFAULT_INTERVAL_S, echo=print) -> ServerCommand:
+          dry_run: bool = False, follow_interval: float = DEFAULT_INTERVAL_S, echo=print,
+          trace: str | None = None) -> ServerCommand:
     """Resolve `refs` from the registry and serve them until a stop signal: the server (vLLM or `transformers
     serve`) as a child on a loopback port, behind the OpenAI-compatible front on host:port (`front.run_front`);
     a ref given by alias (`NAME@champion`) follows the alias, looked up every `follow_interval` seconds (0: never);
-    with `dry_run`, only return the server's command."""
+    with `trace`, each chat completion is recorded as a trace in that experiment (`tracing.py`); with `dry_run`,
+    only return the server's command."""
     from mlflow_finetune_plugin.serving.choices import parse_ref
     from mlflow_finetune_plugin.serving.follow import AliasWatch, followed
     from mlflow_finetune_plugin.serving.front import Fleet, Routes, loopback_port, run_front
@@ -179,6 +181,18 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
     echo("$ " + " ".join(cmd.argv))
     if dry_run:
         return cmd
+    tracer = None
+    if trace:
+        from mlflow_finetune_plugin.serving.tracing import TRACE_HEADER, Tracer
+
+        tracer = Tracer(trace, "serve", echo)  # the experiment is made now: a wrong store fails here, not later
+        echo(f"Tracing: each chat completion is recorded as an MLflow trace in experiment {trace!r} (traces hold "
+             f"the users' prompts and answers); answers carry its id in the {TRACE_HEADER} header, and POST "
+             f"{url}/feedback rates one")
+        for choice in choices:
+            if (model_id := tracer.model_id(choice)) is not None:
+                echo(f"{served_name(choice)}'s traces name its logged model {model_id}: train on them with "
+                     f"-P data=traces:{trace} -P data.traces.model_id={model_id}")
     if engine == "vllm":
         from mlflow_finetune_plugin.serving.vllm_checks import require_vllm_runs
         from mlflow_finetune_plugin.serving.vllm_engine import require_vllm
@@ -195,7 +209,7 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
             watch.follow(ref, choice)
     fleet.start(cmd.argv, inner_port, cmd.names, cwd=cmd.cwd, env=cmd.env)
     try:
-        code = run_front(fleet, routes, host, port, resolve=resolve, on_ready=watch.start, echo=echo)
+        code = run_front(fleet, routes, host, port, resolve=resolve, on_ready=watch.start, echo=echo, tracer=tracer)
     finally:
         watch.stop()
     sys.exit(code)

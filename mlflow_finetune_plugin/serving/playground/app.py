@@ -107,8 +107,8 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
                 return [gr.update(value=hists[i], label=labels[i]) for i in range(2)]
 
             yield (*panes(), "", "Answering…", running, None)
-            texts, errors = ["", ""], [None, None]
-            for texts, errors in pg.stream(running, contexts, settings):
+            texts, errors, traces = ["", ""], [None, None], [None, None]
+            for texts, errors in pg.stream(running, contexts, settings, traces):
                 for i in range(2):
                     hists[i][-1] = _answer(texts[i], errors[i])
                 yield (*panes(), "", "Answering…", running, None)
@@ -116,7 +116,7 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
                 failed = " ".join(f"**{_BLIND_LABELS[i]} failed:** {errors[i]}" for i in range(2) if errors[i])
                 yield (*panes(), "", failed, running, None)
                 return
-            comparison = pg.remember(_comparison(pg, running, contexts, texts, settings, is_blind))
+            comparison = pg.remember(_comparison(pg, running, contexts, texts, settings, is_blind, traces))
             yield (*panes(), "", "Which answer is better? Vote below.", running, comparison)
 
         chat_outputs = [chat_a, chat_b, prompt, status, sides, last]
@@ -185,7 +185,7 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
                     blind: bool = False, num_beams: int | None = None) -> dict:
             """Both answers to `prompt` and the comparison id to vote with (model_a/model_b: NAME/VERSION or
             NAME/VERSION:base; empty = the playground's defaults; max_new_tokens empty = 128 or the cap; num_beams
-            empty = the beams model A was evaluated with at temperature 0, else 1)."""
+            empty = the beams model A was evaluated with at temperature 0, else 1); with --trace, each side's trace_id."""
             return _checked(pg.compare, prompt, model_a, model_b, system_prompt, temperature, top_p,
                             max_new_tokens, blind, num_beams)
 
@@ -195,7 +195,8 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
             return _checked(pg.trained_system_prompt, model)[0]
 
         def vote(comparison_id: str, verdict: str, request: gr.Request) -> dict:
-            """Log a vote (a, b, tie, both_bad) on a comparison to MLflow; reveals both models."""
+            """Log a vote (a, b, tie, both_bad) on a comparison to MLflow; reveals both models. With --trace, also
+            thumbs up/down on both answers' traces."""
             return _checked(pg.vote, comparison_id, verdict, _user(request))
 
         def summary() -> list:
@@ -248,11 +249,11 @@ def _answer(text: str, error: str | None) -> dict:
     return {"role": "assistant", "content": text}
 
 
-def _comparison(pg, running, contexts, texts, settings, is_blind):
+def _comparison(pg, running, contexts, texts, settings, is_blind, traces):
     from mlflow_finetune_plugin.arena.votes import Comparison
 
     return Comparison(pg.names[0], running[0], running[1], contexts[0], contexts[1], texts[0].strip(),
-                      texts[1].strip(), settings.as_dict(), bool(is_blind))
+                      texts[1].strip(), settings.as_dict(), bool(is_blind), traces=list(traces))
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, auth: tuple[str, str] | None = None,

@@ -36,9 +36,11 @@ class Playground:
 
     def __init__(self, engine: Engine, model: ModelChoice | Followed, against: ModelChoice | Followed,
                  experiment: str = EXPERIMENT, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP,
-                 max_prompt_chars: int = MAX_PROMPT_CHARS, blind: bool = False, watch: AliasWatch | None = None):
+                 max_prompt_chars: int = MAX_PROMPT_CHARS, blind: bool = False, watch: AliasWatch | None = None,
+                 tracer=None):
         self.engine = engine
         self.watch = watch
+        self.tracer = tracer  # serving.tracing.Tracer: each answer a trace, each vote feedback on both (None: off)
         for side in (model, against):
             if isinstance(side, Followed) and (watch is None or side not in watch):
                 raise FinetuneError(f"{side.key} is given by alias: pass the AliasWatch that follows it")
@@ -203,21 +205,48 @@ class Playground:
             random.shuffle(sides)
         return sides
 
-    def stream(self, sides: list[str], contexts: list[list[dict]], settings: Settings
-               ) -> Iterator[tuple[list[str], list[str | None]]]:
-        """Both answers as they grow (texts, errors), at most every few tens of milliseconds, then once complete."""
+    def stream(self, sides: list[str], contexts: list[list[dict]], settings: Settings,
+               traces: list | None = None) -> Iterator[tuple[list[str], list[str | None]]]:
+        """Both answers as they grow (texts, errors), at most every few tens of milliseconds, then once complete.
+        When the playground traces, `traces` (a list, if given) receives the two answers' trace ids at the start
+        (None for a side whose trace could not be started), and each trace ends with its whole answer."""
         choices = [ModelChoice.from_key(k) for k in sides]
+        spans = [self._start_trace(c, m, settings) for c, m in zip(choices, contexts)] if self.tracer else [None] * 2
+        if traces is not None:
+            traces[:] = [span.trace_id if span is not None else None for span in spans]
         texts, errors = ["", ""], [None, None]
-        last = 0.0
-        for i, piece, error in stream_pair(self.engine, list(zip(choices, contexts)), settings):
-            texts[i] += piece
-            if error:
-                errors[i] = error
-            now = time.monotonic()
-            if now - last >= _STREAM_EVERY_S:
-                last = now
-                yield texts, errors
-        yield texts, errors
+        last, whole = 0.0, False
+        try:
+            for i, piece, error in stream_pair(self.engine, list(zip(choices, contexts)), settings):
+                texts[i] += piece
+                if error:
+                    errors[i] = error
+                now = time.monotonic()
+                if now - last >= _STREAM_EVERY_S:
+                    last = now
+                    yield texts, errors
+            whole = True
+            yield texts, errors
+        finally:
+            for i, span in enumerate(spans):
+                if span is not None:
+                    self._end_trace(span, choices[i], texts[i], errors[i] if whole else
+                                    errors[i] or "the page stopped listening before the answer ended")
+
+    def _start_trace(self, choice: ModelChoice, messages: list[dict], settings: Settings):
+        from mlflow_finetune_plugin.serving.choices import served_name
+
+        inputs = {"model": served_name(choice), "messages": messages, "temperature": settings.temperature,
+                  "top_p": settings.top_p, "max_tokens": settings.max_new_tokens,
+                  **({"num_beams": settings.num_beams} if settings.num_beams > 1 else {})}
+        return self.tracer.start(choice, choice.key, inputs)
+
+    def _end_trace(self, span, choice: ModelChoice, text: str, error: str | None) -> None:
+        from mlflow_finetune_plugin.serving.choices import served_name
+        from mlflow_finetune_plugin.serving.tracing import completion
+
+        # The engines do not say whether an answer stopped at max_new_tokens: finish_reason stays unknown.
+        self.tracer.end(span, completion(text.strip(), served_name(choice)), error)
 
     def remember(self, comparison: Comparison) -> str:
         """Keep a finished comparison so it can be voted on; returns its id."""
@@ -240,15 +269,18 @@ class Playground:
         keys = [self.resolve(model_a, self.default_a).key, self.resolve(model_b, self.default_b).key]
         sides = self.assign(*keys, blind)
         contexts = [self.context(system_prompt, [], prompt)] * 2
-        *_, (texts, errors) = self.stream(sides, contexts, settings)  # the last update holds both whole answers
+        traces = [None, None]
+        # the last update holds both whole answers
+        *_, (texts, errors) = self.stream(sides, contexts, settings, traces)
         answers = [t.strip() for t in texts]
         comparison_id = None
         if not any(errors):
             comparison_id = self.remember(Comparison(self.names[0], sides[0], sides[1], contexts[0], contexts[1],
-                                                     answers[0], answers[1], settings.as_dict(), bool(blind)))
+                                                     answers[0], answers[1], settings.as_dict(), bool(blind),
+                                                     traces=traces))
         return {"id": comparison_id, "blind": bool(blind), "settings": settings.as_dict(),
-                **{side: {"answer": answers[i], "error": errors[i], "model": None if blind else sides[i]}
-                   for i, side in enumerate(("a", "b"))}}
+                **{side: {"answer": answers[i], "error": errors[i], "model": None if blind else sides[i],
+                          "trace_id": traces[i]} for i, side in enumerate(("a", "b"))}}
 
     # ------------------------------------------------------------------------------------------------ voting
     def vote(self, comparison_id: str, verdict: str, user: str | None = None) -> dict:
@@ -271,7 +303,23 @@ class Playground:
             raise
         return {"run_id": run_id, "verdict": verdict, "model_a": comparison.model_a,
                 "model_b": comparison.model_b, "label_a": self.label(comparison.model_a),
-                "label_b": self.label(comparison.model_b)}
+                "label_b": self.label(comparison.model_b), "traces": list(comparison.traces),
+                "feedback": self._vote_feedback(comparison, verdict, run_id, user)}
+
+    def _vote_feedback(self, comparison: Comparison, verdict: str, run_id: str, user: str | None) -> int:
+        """A vote as thumbs on both answers' traces (votes.KTO_LABELS: the winner up, the loser down, a tie both up,
+        both bad both down), under the feedback name a `traces:` source reads; returns how many were logged."""
+        from mlflow_finetune_plugin.arena.votes import KTO_LABELS, VERDICTS
+        from mlflow_finetune_plugin.serving.tracing import Feedback
+
+        if self.tracer is None:
+            return 0
+        logged = 0
+        for trace_id, up in zip(comparison.traces, KTO_LABELS[verdict]):
+            feedback = Feedback(trace_id or "", thumbs=up, comment=f"playground vote: {VERDICTS[verdict]}", user=user,
+                                metadata={"vote_run": run_id, "comparison": comparison.id})
+            logged += bool(self.tracer.log_quietly(trace_id, feedback))
+        return logged
 
     def summary(self) -> list[list]:
         from mlflow_finetune_plugin.arena.votes import summary_rows

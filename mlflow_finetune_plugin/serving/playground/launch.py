@@ -77,6 +77,7 @@ class PlaygroundConfig:
     experiment: str | None = None
     max_lora_rank: int = 64
     follow_interval: float = DEFAULT_INTERVAL_S
+    trace: str | None = None  # the experiment answers are traced in (off: None); traces hold user data
 
     @classmethod
     def from_env(cls, environ=os.environ, **given) -> PlaygroundConfig:
@@ -101,7 +102,7 @@ ENV_VARS = {"model": "MLFLOW_FINETUNE_MODEL", "against": "MLFLOW_FINETUNE_AGAINS
             "host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT", "auth": "MLFLOW_FINETUNE_PLAYGROUND_AUTH",
             "openai_urls": "MLFLOW_FINETUNE_OPENAI_URL", "max_new_tokens": "MLFLOW_FINETUNE_MAX_NEW_TOKENS",
             "device": "MLFLOW_FINETUNE_DEVICE", "experiment": "MLFLOW_FINETUNE_EXPERIMENT",
-            "follow_interval": "MLFLOW_FINETUNE_FOLLOW_INTERVAL"}
+            "follow_interval": "MLFLOW_FINETUNE_FOLLOW_INTERVAL", "trace": "MLFLOW_FINETUNE_TRACE"}
 
 
 def _parse_env(name: str, variable: str, text: str):
@@ -147,8 +148,15 @@ def create_app(config: PlaygroundConfig, echo=print):
             watch.follow(follows, choice)
             echo(f"{follows.key} is followed (registry checked every {config.follow_interval:g} s): after a "
                  "promotion, new conversations answer with the version it names")
+    tracer = None
+    if config.trace:
+        from mlflow_finetune_plugin.serving.tracing import Tracer
+
+        tracer = Tracer(config.trace, "playground", echo)
+        echo(f"Tracing: each answer is recorded as an MLflow trace in experiment {config.trace!r} (traces hold the "
+             "users' prompts and answers); a vote logs feedback on both answers' traces")
     pg = Playground(eng, sides[0], sides[1], experiment=config.experiment or EXPERIMENT,
-                    max_new_tokens_cap=config.max_new_tokens, blind=config.blind, watch=watch.start())
+                    max_new_tokens_cap=config.max_new_tokens, blind=config.blind, watch=watch.start(), tracer=tracer)
     return build_app(pg), pg
 
 
