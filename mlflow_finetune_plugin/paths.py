@@ -58,3 +58,17 @@ def cached_build(name: str, build, complete=("config.json", "model.safetensors",
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def tensor_names(folder: Path, recursive: bool = False) -> list[str]:
+    """The tensor names in a folder's safetensors files (their headers only: no weight is read); with `recursive`,
+    its subfolders' too (a multi-adapter folder keeps one adapter per subfolder)."""
+    import json
+    import struct
+
+    names = []
+    for path in sorted(folder.rglob("*.safetensors") if recursive else folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            names += [k for k in json.loads(f.read(size)) if k != "__metadata__"]
+    return names

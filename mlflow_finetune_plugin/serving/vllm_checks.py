@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import importlib
 import json
-import struct
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.paths import tensor_names
 from mlflow_finetune_plugin.vllm_rules import REMOVE_CPU_VISION
 
 ALTERNATIVE = ("Serve it with the transformers engine instead (`mlflow-finetune serve ... --engine transformers`, or "
@@ -79,7 +79,7 @@ def _cpu_attention_reasons(config: dict, folder: Path) -> list[str]:
     sizes = {config.get(k) for k in ("head_dim", "global_head_dim")} - {None}
     if not sizes and heads and config.get("hidden_size"):
         sizes = {config["hidden_size"] // heads}
-    sinks = any(name.endswith("sinks") for name in _tensor_names(folder))
+    sinks = any(name.endswith("sinks") for name in tensor_names(folder))
     sliding = bool(config.get("sliding_window")) and "sliding_attention" in (config.get("layer_types") or [])
     found = []
     for size in sorted(sizes):
@@ -97,11 +97,3 @@ def _cpu_attention_reasons(config: dict, folder: Path) -> list[str]:
     return found
 
 
-def _tensor_names(folder: Path) -> list[str]:
-    """The weights' names in the folder's safetensors files (their headers only)."""
-    names = []
-    for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            names += [k for k in json.loads(f.read(size)) if k != "__metadata__"]
-    return names

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.config.checks import SCORING
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.paths import tensor_names
 
 ROWS = 2          # held-out rows and general texts rehearsed
 NEW_TOKENS = 4    # answer tokens each contender generates: enough to run generation's loop, cheap on any model
@@ -174,7 +175,8 @@ def _save_and_reload(model, tokenizer, config: dict) -> None:
             _check_adapter(model, Path(artifacts["adapter"]))
         else:
             AutoConfig.from_pretrained(artifacts["model"])
-            _check_names(_saved_names(Path(artifacts["model"])), set(model.state_dict()), "model")
+            saved = set(tensor_names(Path(artifacts["model"]), recursive=True))
+            _check_names(saved, set(model.state_dict()), "model")
 
 
 def _check_adapter(model, folder: Path) -> None:
@@ -183,18 +185,8 @@ def _check_adapter(model, folder: Path) -> None:
     for sub in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
         if (sub / "adapter_config.json").exists():
             PeftConfig.from_pretrained(sub)
-    if not _saved_names(folder):
+    if not tensor_names(folder, recursive=True):
         raise FinetuneError(f"the adapter saved no weights in {folder.name}/")
-
-
-def _saved_names(folder: Path) -> set[str]:
-    from safetensors import safe_open
-
-    names: set[str] = set()
-    for file in folder.rglob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            names.update(f.keys())
-    return names
 
 
 def _check_names(saved: set[str], expected: set[str], what: str) -> None:
