@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.config.schema import Recipe
 
 # adapter.type -> why packed rows do not train correctly with it; every other adapter packs.
@@ -63,7 +64,7 @@ def combination_problems(recipe: Recipe, raw: dict | None = None, tasks_key: str
         problems.extend(_mixture_problems(recipe, raw or {}, tasks_key))
     elif data.adapters != "shared":
         problems.append("data.adapters: per_task needs a mixture (data.tasks with two or more tasks)")
-    return problems + _objective_problems(recipe)
+    return problems + _objective_problems(recipe) + _distill_problems(recipe)
 
 
 def _adapter_problems(recipe: Recipe) -> list[str]:
@@ -165,4 +166,26 @@ def grpo_problems(recipe: Recipe) -> list[str]:
         problems.append(f"grpo.max_completion_length ({cfg.max_completion_length}) leaves no room for the prompt in "
                         f"data.max_length ({recipe.data.max_length}), which holds prompt + completion; raise "
                         "data.max_length or lower grpo.max_completion_length")
+    return problems
+
+
+def _distill_problems(recipe: Recipe) -> list[str]:
+    """A teacher's answers train with the sft objective on one data set; `-e distill` needs a teacher."""
+    distill, problems = recipe.distill, []
+    teacher = distill.teacher if distill is not None else None
+    if PRESETS.get(recipe.method) is not None and PRESETS[recipe.method].distill and not teacher:
+        problems.append("distill.teacher: -e distill needs a teacher to answer the prompts: an OpenAI-compatible "
+                        "server (-P distill.teacher=http://HOST:PORT/v1) or a registered model "
+                        "(-P distill.teacher=models:/NAME@ALIAS)")
+    if not teacher:
+        return problems
+    if recipe.objective != "sft":
+        problems.append(f"distill.teacher: the teacher's answers train with the sft objective; {recipe.objective} "
+                        "trains on other rows. Use -e distill (or objective: sft), or drop distill.teacher")
+    if recipe.data.tasks:
+        problems.append("distill.teacher: a teacher answers one set of prompts (data.train, data.eval), not a "
+                        "mixture (data.tasks)")
+    if distill.loss == "logits":
+        problems.append("distill.loss: logits (a token-level loss against the teacher's distribution) is not "
+                        "supported yet; distill.loss: text trains on the teacher's answers as text, with any teacher")
     return problems

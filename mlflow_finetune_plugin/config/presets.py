@@ -21,6 +21,7 @@ class Preset:
     objective: str = "sft"       # objective
     quantization: str = "none"   # model.quantization
     mixture: bool = False        # needs data.tasks (two or more)
+    distill: bool = False        # needs distill.teacher: the data's prompts answered by a teacher
 
 
 PRESETS = {
@@ -36,6 +37,7 @@ PRESETS = {
     "grpo": Preset("lora", objective="grpo"),
     "reward": Preset("lora", objective="reward"),
     "kto": Preset("lora", objective="kto"),
+    "distill": Preset("lora", distill=True),
 }
 
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "bias", "layers")

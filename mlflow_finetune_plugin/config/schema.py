@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from mlflow_finetune_plugin.config.distill import DistillConfig
 from mlflow_finetune_plugin.config.section import Section
 from mlflow_finetune_plugin.config.traces import TracesConfig
 
@@ -487,6 +488,7 @@ class Recipe(Section):
     reward: RewardConfig = RewardConfig()
     kto: KTOConfig = KTOConfig()
     data: DataConfig = DataConfig()
+    distill: DistillConfig | None = Field(None, description="A teacher answers data.train's prompts (-e distill).")
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()

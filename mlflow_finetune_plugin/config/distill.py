@@ -1,0 +1,57 @@
+"""`distill`: a teacher answers the training prompts before the student trains on its answers (`-e distill`,
+docs/distill.md); the asking itself is `distill/`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from mlflow_finetune_plugin.config.section import Section
+
+MODELS_PREFIX = "models:/"
+
+
+def is_registered(teacher: str) -> bool:
+    """A teacher that is a registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`), run in this process."""
+    return teacher.startswith(MODELS_PREFIX)
+
+
+class DistillConfig(Section):
+    """The teacher that answers the prompts of `data.train` (and `data.eval`): a file of prompts or chats, or
+    `traces:EXPERIMENT`. Its answers are cached (a rerun or a resumed run asks only for prompts not answered yet)
+    and logged with the run as `distill/answers.jsonl`."""
+
+    teacher: str | None = Field(
+        None, description="An OpenAI-compatible server's base URL (http://HOST:PORT/v1), or a registered model run "
+                          "locally: models:/NAME@ALIAS or models:/NAME/VERSION.")
+    model: str | None = Field(None, description="The model name to ask the server for; default: the one model the "
+                                                "server lists at /v1/models.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="The environment variable holding the server's API key "
+                                                           "(read from the environment, never logged); unset: no "
+                                                           "key is sent.")
+    concurrency: int = Field(4, ge=1, description="Requests in flight at once (a registered-model teacher: prompts "
+                                                  "answered per batch).")
+    max_tokens: int = Field(256, gt=0, description="The longest answer asked for; answers cut at this limit "
+                                                   "(finish_reason length) are left out and counted.")
+    temperature: float = Field(0.0, ge=0.0, description="0: greedy (the same prompt, the same answer).")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds one answer may take before the request fails.")
+    loss: Literal["text", "logits"] = Field(
+        "text", description="text: the student learns the teacher's answers as text (any teacher). logits: a "
+                            "token-level loss against the teacher's distribution; not supported yet (refused with "
+                            "the reason).")
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher(cls, value):
+        if value is None:
+            return value
+        value = value.strip()
+        if is_registered(value):
+            rest = value[len(MODELS_PREFIX):]
+            if not rest or ("@" not in rest and "/" not in rest):
+                raise ValueError("a registered teacher is models:/NAME@ALIAS or models:/NAME/VERSION")
+        elif not value.startswith(("http://", "https://")):
+            raise ValueError("expected an OpenAI-compatible base URL (http://HOST:PORT/v1) or a registered model "
+                             "(models:/NAME@ALIAS, models:/NAME/VERSION)")
+        return value
