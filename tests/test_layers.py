@@ -22,6 +22,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("backend",),
     ("serving", "launchers"),
     ("train",),
+    ("distill",),  # a teacher's answers to the prompts, before the student trains (-e distill)
     ("evaluate",),
     ("registry",),
     ("chat_model", "reward_scorer"),  # the files logged models store; they import logged_model / reward_model

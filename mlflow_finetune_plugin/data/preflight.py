@@ -35,6 +35,8 @@ def check_recipe_data(recipe, check_data) -> None:
     the training pipeline reads it with, so whatever training would refuse about the data is refused here, before a
     run exists. Each file's format is resolved from its own rows (`format: auto`, or the objective's format where
     the declared one cannot train); where one was detected, one line says which format each file is read in."""
+    if recipe.distill is not None and recipe.distill.teacher:  # prompts now; the rows are the teacher's answers
+        return check_prompts(recipe)
     formats = OBJECTIVE_FORMATS[recipe.objective]
     data = recipe.data
     if recipe.model.chat_template:  # a bad name or a missing file, refused even where no tokenizer is at hand yet
@@ -88,6 +90,22 @@ def check_recipe_data(recipe, check_data) -> None:
               + "\n  ".join(warnings), file=sys.stderr)
     if why_not and tokenizer is None:
         print(f"Note: token lengths not checked before the run ({why_not}).", file=sys.stderr)
+
+
+def check_prompts(recipe) -> None:
+    """-e distill: data.train (and data.eval) read as prompts for the teacher, every problem listed at once; the
+    teacher is asked once the run starts."""
+    from mlflow_finetune_plugin.data.prompts import prompt_sets
+
+    try:
+        sets = prompt_sets(recipe)
+    except DataError as e:
+        errors = summarize(e.issues)
+        raise FinetuneError(f"{len(errors)} problem{'s' if len(errors) != 1 else ''} in the prompts for the teacher; "
+                            "nothing was started:\n  " + "\n  ".join(errors[:20])) from None
+    for s in sets:
+        print(f"Prompts ({s.label} {s.source}): {len(s.prompts)}, answered by {recipe.distill.teacher} when the run "
+              f"starts{' (' + s.traces + ')' if s.traces else ''}", file=sys.stderr)
 
 
 def _cut_references(recipe, read, tokenizer) -> list[str]:

@@ -9,7 +9,7 @@ import gc
 import mlflow
 from transformers import set_seed
 
-from mlflow_finetune_plugin import stops, tracking
+from mlflow_finetune_plugin import distill, stops, tracking
 from mlflow_finetune_plugin import tags as tag_names
 from mlflow_finetune_plugin.config.checks import ONLINE, SCORING
 from mlflow_finetune_plugin.data import splits
@@ -44,7 +44,10 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     vllm = templates.vllm_verdict(recipe, adapter.vllm_compatible(recipe.adapter))
     tags = publish.log_recipe(recipe, run_id, base_ref, vllm) if main else {}
 
-    # Data first: a bad file fails here, before minutes go into loading a model.
+    # Data first: a bad file fails here, before minutes go into loading a model. A teacher (-e distill) answers the
+    # prompts first, once (rank 0), and its answers are the rows.
+    if recipe.distill is not None and recipe.distill.teacher:
+        recipe = distill.answered(recipe, run_id, main)
     data = splits.load_splits(recipe)
     general_text = forgetting.read_set(recipe)  # eval.forgetting's texts ([] when off)
     if main:

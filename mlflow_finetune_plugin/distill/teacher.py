@@ -1,0 +1,205 @@
+"""The teacher of `-e distill`: an OpenAI-compatible server (`distill.teacher: http://HOST:PORT/v1`), asked over HTTP
+with `distill.concurrency` requests in flight, or a registered model (`models:/NAME@ALIAS`) run in this process,
+`distill.concurrency` prompts per batch. Either gives each prompt's answer as the row key `teacher` holds it."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+from mlflow_finetune_plugin.config.distill import is_registered
+from mlflow_finetune_plugin.errors import FinetuneError
+
+# The message keys an OpenAI-compatible server takes (the rows' own, such as `weight`, stay here).
+_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+_RETRIES = (1.0, 3.0)  # seconds before each retry of a request the server failed (429, 5xx, connection lost)
+
+
+def teacher_of(config):
+    return LocalTeacher(config) if is_registered(config.teacher) else EndpointTeacher(config)
+
+
+def _answer(text: str, model: str, finish_reason, prompt_tokens, completion_tokens, latency_s: float) -> dict:
+    return {"answer": text or "", "model": model, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "latency_s": round(latency_s, 3), "finish_reason": finish_reason}
+
+
+class EndpointTeacher:
+    """An OpenAI-compatible chat-completions server."""
+
+    def __init__(self, config):
+        self.config, self.url = config, config.teacher.rstrip("/")
+        self.model = config.model
+        key = os.environ.get(config.api_key_env)
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.url} ({self.model})" if self.model else self.url
+
+    def _http(self):
+        import httpx
+
+        if self._client is None:
+            self._client = httpx.Client(timeout=self.config.timeout_s, headers=self._headers, trust_env=False,
+                                        limits=httpx.Limits(max_connections=self.config.concurrency))
+        return self._client
+
+    def _down(self, e) -> FinetuneError:
+        return FinetuneError(f"distill.teacher {self.url} does not answer ({type(e).__name__}: {e}); nothing was "
+                             "trained. Start the teacher's server (e.g. `mlflow-finetune serve models:/NAME@ALIAS "
+                             "--port 8000`), or fix -P distill.teacher=URL (an OpenAI-compatible base URL ending "
+                             "in /v1)")
+
+    def start(self) -> None:
+        """Check that the server answers and find the model to ask for, before any prompt is sent."""
+        import httpx
+
+        try:
+            got = self._http().get(f"{self.url}/models", timeout=min(10.0, self.config.timeout_s))
+        except httpx.HTTPError as e:
+            raise self._down(e) from None
+        if got.status_code in (401, 403):
+            raise FinetuneError(f"distill.teacher {self.url} refused the key ({got.status_code}): set the "
+                                f"environment variable {self.config.api_key_env} (distill.api_key_env) to its key")
+        if self.model:
+            return
+        if got.status_code != 200:
+            raise FinetuneError(f"distill.teacher {self.url} answered {got.status_code} at /models ({_detail(got)}); "
+                                "give the OpenAI-compatible base URL (ending in /v1), or the model to ask for with "
+                                "-P distill.model=NAME")
+        names = [m.get("id") for m in (got.json().get("data") or []) if isinstance(m, dict)]
+        if len(names) != 1:
+            raise FinetuneError(f"distill.teacher {self.url} serves {len(names)} models"
+                                f"{' (' + ', '.join(map(str, names[:10])) + ')' if names else ''}: name the one to "
+                                "ask with -P distill.model=NAME")
+        self.model = names[0]
+
+    def ask(self, messages: list[dict], tools=None) -> dict:
+        import httpx
+
+        body = {"model": self.model, "messages": [{k: m[k] for k in _MESSAGE_KEYS if m.get(k) is not None}
+                                                  for m in messages],
+                "max_tokens": self.config.max_tokens, "temperature": self.config.temperature}
+        if tools:
+            body["tools"] = tools
+        for attempt in range(len(_RETRIES) + 1):
+            start = time.perf_counter()
+            try:
+                got = self._http().post(f"{self.url}/chat/completions", json=body)
+            except httpx.HTTPError as e:
+                if attempt < len(_RETRIES):
+                    time.sleep(_RETRIES[attempt])
+                    continue
+                raise self._down(e) from None
+            if got.status_code == 429 or got.status_code >= 500 and attempt < len(_RETRIES):
+                time.sleep(_RETRIES[min(attempt, len(_RETRIES) - 1)])
+                continue
+            if got.status_code != 200:
+                raise FinetuneError(f"distill.teacher {self.url} answered {got.status_code} for model "
+                                    f"{self.model!r}: {_detail(got)}")
+            out = got.json()
+            choice = (out.get("choices") or [{}])[0]
+            usage = out.get("usage") or {}
+            return _answer((choice.get("message") or {}).get("content") or "", self.model,
+                           choice.get("finish_reason"), usage.get("prompt_tokens"), usage.get("completion_tokens"),
+                           time.perf_counter() - start)
+        raise FinetuneError(f"distill.teacher {self.url} kept failing (status {got.status_code}): {_detail(got)}")
+
+    def answers(self, prompts: list) -> Iterator[tuple[object, dict]]:
+        """(prompt, answer) as each arrives, `distill.concurrency` requests in flight; the first error stops the
+        rest (answers given so far were handed out, and are cached)."""
+        with ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="teacher") as pool:
+            waiting = iter(prompts)
+            running = {}
+            for p in waiting:
+                running[pool.submit(self.ask, p.messages, p.tools)] = p
+                if len(running) >= self.config.concurrency:
+                    break
+            try:
+                while running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        prompt = running.pop(future)
+                        yield prompt, future.result()
+                        nxt = next(waiting, None)
+                        if nxt is not None:
+                            running[pool.submit(self.ask, nxt.messages, nxt.tools)] = nxt
+            finally:
+                for future in running:
+                    future.cancel()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+class LocalTeacher:
+    """A registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) loaded here and asked in batches."""
+
+    def __init__(self, config):
+        self.config, self.model, self._loaded = config, config.teacher, None
+
+    @property
+    def label(self) -> str:
+        return self.model
+
+    def start(self) -> None:
+        import mlflow
+
+        from mlflow_finetune_plugin.logged_model import load_logged_model
+
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=self.model)
+        except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a name, alias or version not found
+            raise FinetuneError(f"distill.teacher {self.model}: cannot load it ({str(e).splitlines()[0]}); name a "
+                                "registered version (`mlflow-finetune models NAME` lists them)") from None
+        self._loaded = load_logged_model(local)
+
+    def _batch(self, prompts: list) -> list[dict]:
+        import torch
+
+        from mlflow_finetune_plugin.models.answers import answer_text
+        from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
+
+        tok, model = self._loaded.tokenizer, self._loaded.model
+        start = time.perf_counter()
+        encs = [{"input_ids": (ids := prompt_ids(tok, p.messages)), "attention_mask": [1] * len(ids)}
+                for p in prompts]
+        enc = {k: v.to(model.device) for k, v in tok.pad(encs, padding_side="left", return_tensors="pt").items()}
+        stops = set(stop_ids(tok, model.generation_config))
+        sampling = {"do_sample": True, "temperature": self.config.temperature} if self.config.temperature > 0 \
+            else {"do_sample": False}
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=self.config.max_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=sorted(stops), **sampling)
+        each = (time.perf_counter() - start) / len(prompts)
+        answers = []
+        for enc_one, row in zip(encs, out[:, enc["input_ids"].shape[1]:].tolist()):
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            answers.append(_answer(answer_text(tok, row), self.model, "length" if end is None else "stop",
+                                   len(enc_one["input_ids"]), len(row) if end is None else end + 1, each))
+        return answers
+
+    def answers(self, prompts: list) -> Iterator[tuple[object, dict]]:
+        size = self.config.concurrency
+        for i in range(0, len(prompts), size):
+            batch = prompts[i:i + size]
+            yield from zip(batch, self._batch(batch))
+
+    def close(self) -> None:
+        self._loaded = None
+
+
+def _detail(response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        error = body.get("error")
+        return str(body.get("detail") or (error.get("message") if isinstance(error, dict) else error) or body)[:300]
+    return str(body)[:300]
