@@ -1,0 +1,226 @@
+"""A teacher for prompts without answers (`-e distill`, docs/distill.md): `mlflow-finetune serve` on a tiny registered
+model is the teacher, `mlflow run -e distill --backend finetune` asks it for the answers to a file of prompts and
+trains the tiny student on them. A small proxy in front of the server counts (and, where a test says so, refuses)
+the requests, so the tests see what the teacher was asked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import mlflow
+import pytest
+
+from mlflow_finetune_plugin import paths
+from mlflow_finetune_plugin.data.formats import TEACHER
+from tests.helpers import (
+    FAST_OVERRIDES,
+    cli_process,
+    drain,
+    forget_active_experiment,
+    free_port,
+    register_version,
+    stop,
+    subprocess_env,
+    wait_for_http,
+    write_project,
+)
+
+PROMPTS = ([{"prompt": f"Question {i}: where is order {i}?"} for i in range(4)]
+           + [{"messages": [{"role": "user", "content": f"Can I return item {i}?"}]} for i in range(3)]
+           + [{"messages": [{"role": "user", "content": "How do I reset my password?"},
+                            {"role": "assistant", "content": "Click 'Forgot password'."}]}])
+EVAL = [{"messages": [{"role": "user", "content": f"When do you open on day {i}?"},
+                      {"role": "assistant", "content": "At nine."}]} for i in range(2)]
+RECIPE = ("data:\n  train: data/prompts.jsonl\n  eval: data/eval.jsonl\n  max_length: 64\n  packing: false\n"
+          "distill:\n  max_tokens: 3\n  concurrency: 2\n")
+
+
+class Proxy:
+    """An HTTP proxy in front of the teacher's server: it records the last user message of every chat completion,
+    refuses (400) the prompts in `refuse`, and adds `stop: [" "]` so that the tiny model's answers end (a real teacher
+    ends its own answers; the tiny one writes random tokens)."""
+
+    def __init__(self, target: str):
+        self.target, self.asked, self.refuse = target, [], set()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, status: int, body: bytes):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):  # noqa: N802 - http.server's name
+                got = httpx.get(proxy.target + self.path, timeout=60, trust_env=False)
+                self._send(got.status_code, got.content)
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                asked = body["messages"][-1]["content"]
+                proxy.asked.append(asked)
+                if asked in proxy.refuse:
+                    return self._send(400, b'{"detail": "refused by the test"}')
+                got = httpx.post(proxy.target + self.path, json={**body, "stop": [" "]}, timeout=120,
+                                 trust_env=False)
+                self._send(got.status_code, got.content)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny registered model `teacher` served by `mlflow-finetune serve` behind a counting proxy, on a sqlite
+    store: (store URI, its folder, the proxy)."""
+    root = tmp_path_factory.mktemp("distill")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        forget_active_experiment()
+        register_version(name="teacher", seed=0, alias="champion")
+        port = free_port()
+        server = cli_process("serve", "teacher/1", "--engine", "transformers", "--port", str(port))
+        drain(server)
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/health", server)
+            yield uri, root, Proxy(f"http://127.0.0.1:{port}")
+        finally:
+            stop(server)
+            forget_active_experiment()
+            mlflow.set_tracking_uri(None)
+
+
+def _distill(uri, root, project, experiment, **overrides):
+    params = {**FAST_OVERRIDES, **overrides}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "distill", "--backend", "finetune",
+           "--experiment-name", experiment] + [a for k, v in params.items() for a in ("-P", f"{k}={v}")]
+    proc = subprocess.run(cmd, cwd=root, env=subprocess_env(uri), capture_output=True, text=True, timeout=600)
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              order_by=["attributes.start_time DESC"])
+    return proc, runs[0]
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.integration
+def test_the_student_trains_on_the_teachers_answers_and_a_rerun_asks_nothing_again(teacher, tmp_path):
+    uri, root, proxy = teacher
+    project = write_project(tmp_path / "project", RECIPE, eval_rows=EVAL)
+    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    proxy.asked.clear()
+
+    proc, run = _distill(uri, root, project, "distill", **{"distill.teacher": proxy.url})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert run.info.status == "FINISHED"
+    assert "prompts.jsonl): 8, answered by" in proc.stderr  # checked before the run
+    assert "the student learns only the teacher's text" in proc.stderr
+    # Every prompt asked once: 8 of data.train, 2 of data.eval (their references stay)
+    assert sorted(proxy.asked) == sorted([r["prompt"] for r in PROMPTS[:4]]
+                                         + [r["messages"][0]["content"] for r in PROMPTS[4:]]
+                                         + [r["messages"][0]["content"] for r in EVAL])
+
+    # The cache artifact: every answer with the teacher's model name, tokens and latency
+    logged = _rows(__import__("pathlib").Path(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="distill/answers.jsonl", dst_path=str(tmp_path / "a"))))
+    assert len(logged) == 10 and {r["model"] for r in logged} == {"teacher-v1"}
+    assert all(isinstance(r["latency_s"], float) and r["prompt_tokens"] for r in logged)
+    summary = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/distill/summary.json")
+    train_log = [r for r in logged if r["split"] == "data.train"]
+    usable = [r for r in train_log if r["answer"].strip() and r["finish_reason"] != "length"]
+    assert summary["data.train"]["rows"] == len(usable) and summary["asked"] == 10 and summary["cached"] == 0
+    assert summary["data.train"]["left_out"] == len(train_log) - len(usable)
+    assert f"{summary['data.train']['left_out']} left out" in proc.stderr
+
+    # The rows trained on are the teacher's answers; held-out rows keep their references beside the teacher's
+    rows = _rows(paths.job_dir(run.info.run_id) / "distill" / "train.jsonl")
+    assert [r["messages"][-1]["content"] for r in rows] == [r["answer"] for r in usable]
+    assert all(r[TEACHER]["model"] == "teacher-v1" for r in rows)
+    held = _rows(paths.job_dir(run.info.run_id) / "distill" / "eval.jsonl")
+    assert [r["messages"][-1]["content"] for r in held] == ["At nine.", "At nine."]
+    assert all(set(r[TEACHER]) >= {"answer", "model", "prompt_tokens", "completion_tokens", "latency_s"}
+               for r in held)
+    assert run.data.tags["finetune.distill.teacher"] == f"{proxy.url} (teacher-v1)"
+
+    # A rerun, resuming the first run: every answer comes from the cache, the teacher is not asked again
+    proxy.asked.clear()
+    proc, rerun = _distill(uri, root, project, "distill", **{"distill.teacher": proxy.url,
+                                                              "train.resume": run.info.run_id})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proxy.asked == []
+    assert rerun.data.tags["finetune.distill.answers"] == "10 prompts: 0 asked, 10 from the cache"
+
+
+@pytest.mark.integration
+def test_a_teacher_that_fails_halfway_is_asked_only_for_the_rest_next_time(teacher, tmp_path):
+    uri, root, proxy = teacher
+    prompts = [{"prompt": f"Crash test {i}?"} for i in range(6)]
+    project = write_project(tmp_path / "project", RECIPE.replace("  eval: data/eval.jsonl\n", ""))
+    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    proxy.asked.clear()
+    proxy.refuse = {"Crash test 3?"}
+    try:
+        proc, run = _distill(uri, root, project, "distill-crash",
+                             **{"distill.teacher": proxy.url, "distill.concurrency": 1, "data.eval_split": 0.3})
+    finally:
+        proxy.refuse = set()
+    assert proc.returncode != 0 and run.info.status == "FAILED"
+    assert f"distill.teacher {proxy.url} answered 400" in run.data.tags["finetune.error"]
+    assert proxy.asked == [f"Crash test {i}?" for i in range(4)]  # one at a time, in order, until the refusal
+
+    proxy.asked.clear()
+    proc, run = _distill(uri, root, project, "distill-crash",
+                         **{"distill.teacher": proxy.url, "distill.concurrency": 1, "data.eval_split": 0.3})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proxy.asked == [f"Crash test {i}?" for i in range(3, 6)]  # the answered three came from the cache
+    assert run.data.tags["finetune.distill.answers"] == "6 prompts: 3 asked, 3 from the cache"
+
+
+@pytest.mark.integration
+def test_a_teacher_url_that_does_not_answer_fails_the_run_before_training(teacher, tmp_path):
+    uri, root, _ = teacher
+    project = write_project(tmp_path / "project", RECIPE, eval_rows=EVAL)
+    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    proc, run = _distill(uri, root, project, "distill-down", **{"distill.teacher": url})
+    assert proc.returncode != 0
+    assert run.info.status == "FAILED"
+    assert f"distill.teacher {url} does not answer" in run.data.tags["finetune.error"]
+    assert url in proc.stderr
+    assert not any(k.startswith("train/") for k in run.data.metrics)  # nothing trained
+    assert "Tokenizing" not in proc.stderr
+
+
+@pytest.mark.integration
+def test_a_registered_model_teaches_in_this_process(teacher, tmp_path):
+    uri, root, proxy = teacher
+    project = write_project(tmp_path / "project", RECIPE, eval_rows=EVAL)
+    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    proxy.asked.clear()
+    proc, run = _distill(uri, root, project, "distill-local", **{"distill.teacher": "models:/teacher@champion",
+                                                                 "distill.max_tokens": 2})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proxy.asked == []
+    summary = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/distill/summary.json")
+    assert summary["teacher"] == "models:/teacher@champion" and summary["asked"] == 10
+    rows = _rows(paths.job_dir(run.info.run_id) / "distill" / "train.jsonl")
+    assert rows and all(r[TEACHER]["model"] == "models:/teacher@champion" for r in rows)
+    assert all(r[TEACHER]["finish_reason"] == "stop" and r[TEACHER]["completion_tokens"] <= 2 for r in rows)
+    assert summary["data.train"]["rows"] + summary["data.train"]["left_out"] == 8
