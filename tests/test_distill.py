@@ -37,13 +37,13 @@ PROMPTS = ([{"prompt": f"Question {i}: where is order {i}?"} for i in range(4)]
 EVAL = [{"messages": [{"role": "user", "content": f"When do you open on day {i}?"},
                       {"role": "assistant", "content": "At nine."}]} for i in range(2)]
 RECIPE = ("data:\n  train: data/prompts.jsonl\n  eval: data/eval.jsonl\n  max_length: 64\n  packing: false\n"
-          "distill:\n  max_tokens: 3\n  concurrency: 2\n")
+          "distill:\n  max_tokens: 3\n  concurrency: 2\n  stop: [' ']\n")
+# stop: the tiny teacher writes random tokens; ending at the first space, some of its answers end (finish_reason stop)
 
 
 class Proxy:
-    """An HTTP proxy in front of the teacher's server: it records the last user message of every chat completion,
-    refuses (400) the prompts in `refuse`, and adds `stop: [" "]` so that the tiny model's answers end (a real teacher
-    ends its own answers; the tiny one writes random tokens)."""
+    """An HTTP proxy in front of the teacher's server: it records the last user message of every chat completion and
+    refuses (400) the prompts in `refuse`."""
 
     def __init__(self, target: str):
         self.target, self.asked, self.refuse = target, [], set()
@@ -67,7 +67,7 @@ class Proxy:
                 proxy.asked.append(asked)
                 if asked in proxy.refuse:
                     return self._send(400, b'{"detail": "refused by the test"}')
-                got = httpx.post(proxy.target + self.path, json={**body, "stop": [" "]}, timeout=120,
+                got = httpx.post(proxy.target + self.path, json=body, timeout=120,
                                  trust_env=False)
                 self._send(got.status_code, got.content)
 
@@ -214,13 +214,12 @@ def test_a_registered_model_teaches_in_this_process(teacher, tmp_path):
     project = write_project(tmp_path / "project", RECIPE, eval_rows=EVAL)
     (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
     proxy.asked.clear()
-    proc, run = _distill(uri, root, project, "distill-local", **{"distill.teacher": "models:/teacher@champion",
-                                                                 "distill.max_tokens": 2})
+    proc, run = _distill(uri, root, project, "distill-local", **{"distill.teacher": "models:/teacher@champion"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proxy.asked == []
     summary = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/distill/summary.json")
     assert summary["teacher"] == "models:/teacher@champion" and summary["asked"] == 10
     rows = _rows(paths.job_dir(run.info.run_id) / "distill" / "train.jsonl")
     assert rows and all(r[TEACHER]["model"] == "models:/teacher@champion" for r in rows)
-    assert all(r[TEACHER]["finish_reason"] == "stop" and r[TEACHER]["completion_tokens"] <= 2 for r in rows)
+    assert all(r[TEACHER]["finish_reason"] == "stop" and r[TEACHER]["completion_tokens"] <= 3 for r in rows)
     assert summary["data.train"]["rows"] + summary["data.train"]["left_out"] == 8

@@ -34,6 +34,8 @@ class DistillConfig(Section):
                                                   "answered per batch).")
     max_tokens: int = Field(256, gt=0, description="The longest answer asked for; answers cut at this limit "
                                                    "(finish_reason length) are left out and counted.")
+    stop: list[str] = Field(default_factory=list, description="Stop sequences: an answer ends before the first "
+                                                              "(OpenAI's `stop`).")
     temperature: float = Field(0.0, ge=0.0, description="0: greedy (the same prompt, the same answer).")
     timeout_s: float = Field(120.0, gt=0, description="Seconds one answer may take before the request fails.")
     loss: Literal["text", "logits"] = Field(

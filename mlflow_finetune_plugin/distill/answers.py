@@ -32,7 +32,7 @@ TEXT_ONLY = ("Distillation (distill.loss: text): the student learns only the tea
 
 def cache_key(config) -> str:
     """The teacher and the settings that change its answers: one cache file each."""
-    spec = {k: getattr(config, k) for k in ("teacher", "model", "max_tokens", "temperature")}
+    spec = {k: getattr(config, k) for k in ("teacher", "model", "max_tokens", "temperature", "stop")}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -86,6 +86,7 @@ def answered(recipe, run_id: str, main: bool = True):
 
     files, summary, log = {}, {"teacher": label, "cache_key": cache_key(config), "asked": len(todo),
                                "cached": len(unique) - len(todo), "resumed_answers": reused}, []
+    empty = []
     for s in sets:
         held_out = s.label == "data.eval"
         rows, left_out = [], Counter()
@@ -105,9 +106,9 @@ def answered(recipe, run_id: str, main: bool = True):
             summary[s.label]["traces"] = s.traces
         print(f"Teacher ({s.label} {s.source}): {_sentence(summary[s.label])}", file=sys.stderr)
         if not rows:
-            raise FinetuneError(f"the teacher's answers to all {len(s.prompts)} prompts of {s.label} were left out "
-                                f"({_why(left_out)}); raise distill.max_tokens (now {config.max_tokens}) or check "
-                                f"the teacher ({label})")
+            empty.append(f"the teacher's answers to all {len(s.prompts)} prompts of {s.label} were left out "
+                         f"({_why(left_out)}); raise distill.max_tokens (now {config.max_tokens}) or check the "
+                         f"teacher ({label}): its answers are the run's {ANSWERS_ARTIFACT}")
         files[s.label] = out_dir / f"{s.label.split('.')[1]}.jsonl"
         write_rows(files[s.label], rows)
     write_rows(out_dir / "answers.jsonl", log)
@@ -117,6 +118,8 @@ def answered(recipe, run_id: str, main: bool = True):
     mlflow.set_tags({tag_names.DISTILL_TEACHER: label,
                      tag_names.DISTILL_ANSWERS: f"{len(unique)} prompts: {len(todo)} asked, "
                                                 f"{len(unique) - len(todo)} from the cache"})
+    if empty:
+        raise FinetuneError("; ".join(empty))
     (out_dir / _DONE).write_text(json.dumps({k: str(v) for k, v in files.items()}))
     return _with_rows(recipe, files)
 

@@ -86,6 +86,8 @@ class EndpointTeacher:
                 "max_tokens": self.config.max_tokens, "temperature": self.config.temperature}
         if tools:
             body["tools"] = tools
+        if self.config.stop:
+            body["stop"] = self.config.stop
         for attempt in range(len(_RETRIES) + 1):
             start = time.perf_counter()
             try:
@@ -180,8 +182,13 @@ class LocalTeacher:
         answers = []
         for enc_one, row in zip(encs, out[:, enc["input_ids"].shape[1]:].tolist()):
             end = next((i for i, t in enumerate(row) if t in stops), None)
-            answers.append(_answer(answer_text(tok, row), self.model, "length" if end is None else "stop",
-                                   len(enc_one["input_ids"]), len(row) if end is None else end + 1, each))
+            text, used = answer_text(tok, row), len(row) if end is None else end + 1
+            cut = min((i for i in (text.find(s) for s in self.config.stop) if i >= 0), default=None)
+            if cut is not None:  # a stop sequence ends the answer before it, as a server's `stop` does
+                text, end = text[:cut], cut
+                used = len(tok(text, add_special_tokens=False)["input_ids"])
+            answers.append(_answer(text, self.model, "length" if end is None else "stop",
+                                   len(enc_one["input_ids"]), used, each))
         return answers
 
     def answers(self, prompts: list) -> Iterator[tuple[object, dict]]:
