@@ -35,14 +35,19 @@ def _data_kind(name: str) -> str:
     return detect_format(read_records(recipe.data.train), recipe.data.train)
 
 
-def _refusal(kind: str, entry_point: str, batch: int) -> str | None:
+def _refusal(kind: str, entry_point: str, batch: int, teacher: bool = False) -> str | None:
     """None where the data allows the entry point; else the message (a regex) that must say why not. `batch` is the
-    recipe's completions per optimizer step, which GRPO's 8 samples per prompt must divide."""
+    recipe's completions per optimizer step, which GRPO's 8 samples per prompt must divide. `teacher`: the recipe
+    names one (distill.teacher), whose answers to its prompts any single-set sft entry point trains on."""
     preset = PRESETS[entry_point]
+    if preset.distill and not teacher:
+        return "distill.teacher: -e distill needs a teacher"
     if kind == "mixture":
         return None if preset.objective == "sft" else "mixtures train with the sft objective"
     if preset.mixture:
         return "a mixture needs at least two"
+    if teacher:
+        return None if preset.objective == "sft" else "the teacher's answers train with the sft objective"
     if kind in OBJECTIVE_FORMATS[preset.objective] and not (preset.objective == "grpo" and batch % 8):
         return None
     if preset.objective == "grpo":  # the reward functions' columns are checked first (or GRPO's batch shape)
@@ -57,10 +62,11 @@ def test_every_entry_point_on_every_bundled_recipe(name, capsys):
     point the recipe's data allows passes, with the preset's adapter and objective; the others are refused saying
     why. `-e prefix` / `-e prompt` on a recipe that packs for LoRA train unpacked, with a note."""
     kind = _data_kind(name)
-    train = load_recipe(REPO / "recipes" / name).train
+    own = load_recipe(REPO / "recipes" / name)
+    train, teacher = own.train, bool(own.distill and own.distill.teacher)
     allowed = []
     for entry_point, preset in PRESETS.items():
-        refusal = _refusal(kind, entry_point, train.batch_size * train.grad_accum)
+        refusal = _refusal(kind, entry_point, train.batch_size * train.grad_accum, teacher)
         if refusal is None:
             recipe, command = resolve_entry_point(str(REPO / "recipes" / name), entry_point, {"model": "tiny"})
             assert command is None and recipe.method == entry_point
