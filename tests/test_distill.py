@@ -223,3 +223,77 @@ def test_a_registered_model_teaches_in_this_process(teacher, tmp_path):
     assert rows and all(r[TEACHER]["model"] == "models:/teacher@champion" for r in rows)
     assert all(r[TEACHER]["finish_reason"] == "stop" and r[TEACHER]["completion_tokens"] <= 3 for r in rows)
     assert summary["data.train"]["rows"] + summary["data.train"]["left_out"] == 8
+
+
+# ---------------------------------------------------------------- before any run (no teacher, no model)
+
+
+def test_chat_rows_keep_the_teacher_key_through_the_data_check_and_reading(tmp_path):
+    from mlflow_finetune_plugin.data.check import check_data
+    from mlflow_finetune_plugin.data.read import load_training_dataset
+
+    answer = {"answer": "At nine.", "model": "big", "prompt_tokens": 7, "completion_tokens": None, "latency_s": 0.5,
+              "finish_reason": "stop"}
+    rows = [{"messages": [{"role": "user", "content": f"When do you open on day {i}?"},
+                          {"role": "assistant", "content": "At nine."}], TEACHER: answer} for i in range(3)]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert check_data(path).errors == []
+    ds, fmt = load_training_dataset(str(path))
+    assert fmt == "chat" and ds[0][TEACHER] == answer and ds[2]["messages"][-1]["content"] == "At nine."
+
+
+@pytest.mark.parametrize("overrides, method, says", [
+    ({}, "distill", "distill.teacher: -e distill needs a teacher"),
+    ({"distill.teacher": "ftp://x"}, "distill", "expected an OpenAI-compatible base URL"),
+    ({"distill.teacher": "models:/teacher"}, "distill", "models:/NAME@ALIAS or models:/NAME/VERSION"),
+    ({"distill.teacher": "http://x/v1", "distill.loss": "logits"}, "distill", "distill.loss: logits .* not supported"),
+    ({"distill.teacher": "http://x/v1"}, "dpo", "the teacher's answers train with the sft objective"),
+])
+def test_what_a_distill_recipe_refuses(overrides, method, says):
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.errors import RecipeError
+    from tests.helpers import SUPPORT_BOT
+
+    with pytest.raises(RecipeError, match=says):
+        load_recipe(SUPPORT_BOT, method=method, overrides=overrides)
+
+
+def test_the_prompts_are_checked_before_a_run_exists(tmp_path, capsys):
+    from mlflow_finetune_plugin.backend import resolve_entry_point
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    project = write_project(tmp_path / "project", RECIPE, eval_rows=EVAL)
+    rows = PROMPTS + [{"prompt": ""}, {"messages": [{"role": "assistant", "content": "Hi"}]}, {"question": "?"}]
+    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FinetuneError) as info:
+        resolve_entry_point(str(project), "distill", {"model": "tiny", "distill.teacher": "http://127.0.0.1:9/v1"})
+    said = str(info.value)
+    assert "prompts for the teacher; nothing was started" in said
+    assert "prompts.jsonl:9" in said and "prompts.jsonl:10" in said and "prompts.jsonl:11: not a prompt" in said
+
+    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    recipe, _ = resolve_entry_point(str(project), "distill", {"model": "tiny", "distill.teacher": "http://x:9/v1"})
+    assert recipe.distill.teacher == "http://x:9/v1" and recipe.adapter.type == "lora" and recipe.objective == "sft"
+    assert "prompts.jsonl): 8, answered by http://x:9/v1 when the run starts" in capsys.readouterr().err
+
+
+def test_the_prompt_of_each_kind_of_row():
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.data.prompts import answered_row, read_prompts
+    from tests.helpers import REPO
+
+    recipe = load_recipe(REPO / "recipes" / "distill")
+    got = read_prompts(recipe, "data.train")
+    assert len(got.prompts) == 80 and not got.issues
+    first = got.prompts[0]
+    assert first.messages == [{"role": "system", "content": recipe.data.system_prompt},
+                              {"role": "user", "content": "Are backups encrypted?"}] and first.reference is None
+    held = read_prompts(recipe, "data.eval").prompts[0]
+    assert held.messages[-1]["role"] == "user" and held.reference["role"] == "assistant"
+    answer = {"answer": "Yes.", "model": "m", "prompt_tokens": None, "completion_tokens": None, "latency_s": 0.1,
+              "finish_reason": "stop"}
+    assert answered_row(held, answer, held_out=True)["messages"][-1] == held.reference  # the reference stays
+    assert answered_row(held, answer, held_out=False)["messages"][-1] == {"role": "assistant", "content": "Yes."}
+    assert answered_row(first, {**answer, "finish_reason": "length"}, held_out=False) is None
+    assert answered_row(first, {**answer, "answer": " "}, held_out=False) is None
