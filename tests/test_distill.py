@@ -297,3 +297,31 @@ def test_the_prompt_of_each_kind_of_row():
     assert answered_row(held, answer, held_out=False)["messages"][-1] == {"role": "assistant", "content": "Yes."}
     assert answered_row(first, {**answer, "finish_reason": "length"}, held_out=False) is None
     assert answered_row(first, {**answer, "answer": " "}, held_out=False) is None
+
+
+def test_the_prompts_of_traces_each_once(tracking_uri, tmp_path):
+    from mlflow.entities import SpanType
+
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.data.prompts import read_prompts
+
+    def call(messages, answer):
+        with mlflow.start_span("Completions", span_type=SpanType.CHAT_MODEL) as span:
+            span.set_inputs({"messages": messages, "model": "m"})
+            span.set_outputs({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                           "finish_reason": "stop"}]})
+
+    mlflow.set_experiment("app")
+    for text in ("Where is my order?", "Can I pay by card?", "Where is my order?"):  # one asked twice
+        call([{"role": "user", "content": text}], "A poor answer.")
+    call([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "?")  # ends with the bot
+    mlflow.flush_trace_async_logging()
+    forget_active_experiment()
+    project = write_project(tmp_path / "project", RECIPE.replace("  eval: data/eval.jsonl\n", ""))
+    recipe = load_recipe(project, method="distill", overrides={"data": "traces:app", "distill.teacher": "http://x/v1"})
+    got = read_prompts(recipe, "data.train")
+    assert not got.issues
+    assert [p.messages for p in got.prompts] == [[{"role": "user", "content": "Where is my order?"}],
+                                                 [{"role": "user", "content": "Can I pay by card?"}]]
+    assert all(p.reference is None for p in got.prompts)  # the logged answers are not learned
+    assert got.traces.startswith("4 traces read, 2 used (2 prompt_only rows), 2 left out")

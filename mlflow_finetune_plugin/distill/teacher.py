@@ -113,26 +113,25 @@ class EndpointTeacher:
 
     def answers(self, prompts: list) -> Iterator[tuple[object, dict]]:
         """(prompt, answer) as each arrives, `distill.concurrency` requests in flight; the first error stops the
-        rest (answers given so far were handed out, and are cached)."""
-        with ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="teacher") as pool:
-            waiting = iter(prompts)
-            running = {}
+        rest (answers given so far were handed out, and are cached). A stop (Ctrl-C, cancel) does not wait for the
+        requests in flight: their answers are dropped, and asked again next time."""
+        pool = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="teacher")
+        waiting, running = iter(prompts), {}
+        try:
             for p in waiting:
                 running[pool.submit(self.ask, p.messages, p.tools)] = p
                 if len(running) >= self.config.concurrency:
                     break
-            try:
-                while running:
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        prompt = running.pop(future)
-                        yield prompt, future.result()
-                        nxt = next(waiting, None)
-                        if nxt is not None:
-                            running[pool.submit(self.ask, nxt.messages, nxt.tools)] = nxt
-            finally:
-                for future in running:
-                    future.cancel()
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    prompt = running.pop(future)
+                    yield prompt, future.result()
+                    nxt = next(waiting, None)
+                    if nxt is not None:
+                        running[pool.submit(self.ask, nxt.messages, nxt.tools)] = nxt
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         if self._client is not None:
