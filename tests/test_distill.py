@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import mlflow
@@ -138,7 +139,7 @@ def test_the_student_trains_on_the_teachers_answers_and_a_rerun_asks_nothing_aga
                                          + [r["messages"][0]["content"] for r in EVAL])
 
     # The cache artifact: every answer with the teacher's model name, tokens and latency
-    logged = _rows(__import__("pathlib").Path(mlflow.artifacts.download_artifacts(
+    logged = _rows(Path(mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="distill/answers.jsonl", dst_path=str(tmp_path / "a"))))
     assert len(logged) == 10 and {r["model"] for r in logged} == {"teacher-v1"}
     assert all(isinstance(r["latency_s"], float) and r["prompt_tokens"] for r in logged)

@@ -15,7 +15,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow_finetune_plugin.data.formats import TEACHER, DataError, DataIssue, row_formats, sharegpt_tags, to_messages
+from mlflow_finetune_plugin.data.formats import (
+    TEACHER,
+    DataError,
+    DataIssue,
+    row_formats,
+    sharegpt_tags,
+    to_messages,
+)
 from mlflow_finetune_plugin.data.read import read_records_lenient
 from mlflow_finetune_plugin.data.traces import is_traces, query_of, read_traces
 from mlflow_finetune_plugin.data.validation import validate_records
