@@ -114,14 +114,16 @@ def prompt_sets(recipe) -> list[PromptSet]:
 
 
 def answered_row(prompt: Prompt, answer: dict, held_out: bool) -> dict | None:
-    """The chat row of a prompt and the teacher's answer (`answer`: the TEACHER mapping with finish_reason); None
-    where the answer is empty or cut and there is no reference to keep the row."""
+    """The chat row of a prompt and the teacher's answer (`answer`: the TEACHER mapping with finish_reason), the
+    teacher's answer also the row's unless a held-out row has a reference of its own; None where the answer is empty or
+    cut and there is no reference to keep the row."""
     usable = answer["answer"].strip() and answer.get("finish_reason") != "length"
-    target = prompt.reference if held_out and prompt.reference is not None else \
-        {"role": "assistant", "content": answer["answer"]} if usable else None
+    own = not (held_out and prompt.reference is not None)  # the row's answer is the teacher's own
+    target = prompt.reference if not own else {"role": "assistant", "content": answer["answer"]} if usable else None
     if target is None:
         return None
-    row = {"messages": prompt.messages + [target], TEACHER: answer}
+    # is_reference: scored against itself, the teacher would win by construction (held-out rows without a reference)
+    row = {"messages": prompt.messages + [target], TEACHER: {**answer, "is_reference": own}}
     return {**row, "tools": prompt.tools} if prompt.tools else row
 
 
