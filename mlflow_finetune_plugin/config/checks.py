@@ -187,5 +187,6 @@ def _distill_problems(recipe: Recipe) -> list[str]:
                         "mixture (data.tasks)")
     if distill.loss == "logits":
         problems.append("distill.loss: logits (a token-level loss against the teacher's distribution) is not "
-                        "supported yet; distill.loss: text trains on the teacher's answers as text, with any teacher")
+                        "supported yet (docs/distill.md says why); use distill.loss: text, which trains on the "
+                        "teacher's answers as text, with any teacher")
     return problems
