@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -39,6 +40,7 @@ EVAL = [{"messages": [{"role": "user", "content": f"When do you open on day {i}?
                       {"role": "assistant", "content": "At nine."}]} for i in range(2)]
 RECIPE = ("data:\n  train: data/prompts.jsonl\n  eval: data/eval.jsonl\n  max_length: 64\n  packing: false\n"
           "distill:\n  max_tokens: 3\n  concurrency: 2\n  stop: [' ']\n")
+CLI = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
 # stop: the tiny teacher writes random tokens; ending at the first space, some of its answers end (finish_reason stop)
 
 
@@ -47,7 +49,7 @@ class Proxy:
     refuses (400) the prompts in `refuse`."""
 
     def __init__(self, target: str):
-        self.target, self.asked, self.refuse = target, [], set()
+        self.target, self.asked, self.refuse, self.delay = target, [], set(), 0.0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,6 +70,7 @@ class Proxy:
                 proxy.asked.append(asked)
                 if asked in proxy.refuse:
                     return self._send(400, b'{"detail": "refused by the test"}')
+                time.sleep(proxy.delay)  # a slow teacher
                 got = httpx.post(proxy.target + self.path, json=body, timeout=120,
                                  trust_env=False)
                 self._send(got.status_code, got.content)
@@ -192,6 +195,48 @@ def test_a_teacher_that_fails_halfway_is_asked_only_for_the_rest_next_time(teach
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proxy.asked == [f"Crash test {i}?" for i in range(3, 6)]  # the answered three came from the cache
     assert run.data.tags["finetune.distill.answers"] == "6 prompts: 3 asked, 3 from the cache"
+
+
+@pytest.mark.stress
+@pytest.mark.integration
+def test_a_run_cancelled_while_asking_ends_killed_at_once_and_its_answers_are_kept(teacher, tmp_path):
+    uri, root, proxy = teacher
+    prompts = [{"prompt": f"Cancel test {i}?"} for i in range(8)]
+    project = write_project(tmp_path / "project", RECIPE.replace("  eval: data/eval.jsonl\n", ""))
+    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    overrides = {**FAST_OVERRIDES, "distill.teacher": proxy.url, "distill.concurrency": 1, "data.eval_split": 0.3}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "distill", "--backend", "finetune",
+           "--experiment-name", "distill-cancel", "--backend-config", '{"detach": true}'] + [
+        a for k, v in overrides.items() for a in ("-P", f"{k}={v}")]
+    proxy.asked.clear()
+    proxy.delay = 3.0
+    try:
+        started = subprocess.run(cmd, cwd=root, env=subprocess_env(uri), capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, started.stderr[-3000:]
+        client = mlflow.MlflowClient()
+        (run,) = client.search_runs([client.get_experiment_by_name("distill-cancel").experiment_id])
+        deadline = time.monotonic() + 120
+        while len(proxy.asked) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(proxy.asked) == 2  # the first answered (and cached), the second in flight
+        cancelled = time.monotonic()
+        stopped = subprocess.run([sys.executable, "-c", CLI, "cancel", run.info.run_id],
+                                 env=subprocess_env(uri), capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stderr[-2000:]
+        while client.get_run(run.info.run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.get_run(run.info.run_id).info.status == "KILLED"
+        assert time.monotonic() - cancelled < 20
+    finally:
+        proxy.delay = 0.0
+    before = list(proxy.asked)
+    proxy.asked.clear()
+    proc, rerun = _distill(uri, root, project, "distill-cancel", **{k: v for k, v in overrides.items()
+                                                                    if k not in FAST_OVERRIDES})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # the answers cached before the cancel are not asked again (the one in flight then may have been dropped)
+    done = 8 - len(proxy.asked)
+    assert 1 <= done <= len(before) and proxy.asked == [f"Cancel test {i}?" for i in range(done, 8)]
 
 
 @pytest.mark.integration

@@ -97,19 +97,19 @@ class EndpointTeacher:
                     time.sleep(_RETRIES[attempt])
                     continue
                 raise self._down(e) from None
-            if got.status_code == 429 or got.status_code >= 500 and attempt < len(_RETRIES):
-                time.sleep(_RETRIES[min(attempt, len(_RETRIES) - 1)])
+            if (got.status_code == 429 or got.status_code >= 500) and attempt < len(_RETRIES):
+                time.sleep(_RETRIES[attempt])
                 continue
             if got.status_code != 200:
                 raise FinetuneError(f"distill.teacher {self.url} answered {got.status_code} for model "
-                                    f"{self.model!r}: {_detail(got)}")
+                                    f"{self.model!r}{' (after retries)' if attempt else ''}: {_detail(got)}")
             out = got.json()
             choice = (out.get("choices") or [{}])[0]
             usage = out.get("usage") or {}
             return _answer((choice.get("message") or {}).get("content") or "", self.model,
                            choice.get("finish_reason"), usage.get("prompt_tokens"), usage.get("completion_tokens"),
                            time.perf_counter() - start)
-        raise FinetuneError(f"distill.teacher {self.url} kept failing (status {got.status_code}): {_detail(got)}")
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def answers(self, prompts: list) -> Iterator[tuple[object, dict]]:
         """(prompt, answer) as each arrives, `distill.concurrency` requests in flight; the first error stops the
