@@ -71,6 +71,15 @@ def load_logged_model(local_dir: str | Path, device: str | None = None) -> Loade
     return _load(artifacts, config, device)
 
 
+def logged_tokenizer(local_dir: str | Path):
+    """The tokenizer of a logged fine-tuned model's downloaded folder, without loading the model."""
+    from mlflow.models import Model
+    from transformers import AutoTokenizer
+
+    pyfunc_conf = Model.load(str(Path(local_dir) / "MLmodel")).flavors["python_function"]
+    return AutoTokenizer.from_pretrained(Path(local_dir) / _artifact_paths(pyfunc_conf)["tokenizer"])
+
+
 def _artifact_paths(pyfunc_conf: dict) -> dict[str, str]:
     python_model_conf = pyfunc_conf.get("artifacts", {})
     return {name: spec["path"] for name, spec in python_model_conf.items()}

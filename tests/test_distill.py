@@ -293,7 +293,8 @@ def test_chat_rows_keep_the_teacher_key_through_the_data_check_and_reading(tmp_p
     ({}, "distill", "distill.teacher: -e distill needs a teacher"),
     ({"distill.teacher": "ftp://x"}, "distill", "expected an OpenAI-compatible base URL"),
     ({"distill.teacher": "models:/teacher"}, "distill", "models:/NAME@ALIAS or models:/NAME/VERSION"),
-    ({"distill.teacher": "http://x/v1", "distill.loss": "logits"}, "distill", "distill.loss: logits .* not supported"),
+    ({"distill.teacher": "http://x/v1", "distill.loss": "logits"}, "distill",
+     "distill.loss: logits needs the teacher's token distributions, which a server's API does not give"),
     ({"distill.teacher": "http://x/v1"}, "dpo", "the teacher's answers train with the sft objective"),
 ])
 def test_what_a_distill_recipe_refuses(overrides, method, says):
@@ -373,3 +374,26 @@ def test_the_prompts_of_traces_each_once(tracking_uri, tmp_path):
                                                  [{"role": "user", "content": "Can I pay by card?"}]]
     assert all(p.reference is None for p in got.prompts)  # the logged answers are not learned
     assert got.traces.startswith("4 traces read, 2 used (2 prompt_only rows), 2 left out")
+
+
+@pytest.mark.integration
+def test_a_token_level_loss_against_a_registered_teacher_sharing_the_tokenizer(teacher, tmp_path):
+    uri, root, _ = teacher
+    project = write_project(tmp_path / "project", RECIPE, eval_rows=EVAL)
+    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    logits = {"distill.teacher": "models:/teacher@champion", "distill.loss": "logits", "distill.kl_weight": 0.5}
+    proc, run = _distill(uri, root, project, "distill-logits", **logits)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "KL(teacher || student), weight 0.5" in proc.stderr
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/teacher_kl")
+    assert len(history) == 2 and all(m.value > 0 for m in history)  # 2 steps, the student is not the teacher
+    task = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/task_loss")
+    loss = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert [t.value + 0.5 * k.value for t, k in zip(task, history)] == pytest.approx([v.value for v in loss], abs=2e-3)
+
+    # another family's tokenizer: refused before the student loads
+    proc, run = _distill(uri, root, project, "distill-logits", model="tiny-qwen2.5", **logits)
+    assert proc.returncode != 0 and run.info.status == "FAILED"
+    assert "the tokenizer of models:/teacher@champion is not the student's (tiny-qwen2.5)" in run.data.tags[
+        "finetune.error"]
+    assert not any(k.startswith("train/") for k in run.data.metrics)

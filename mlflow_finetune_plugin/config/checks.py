@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from mlflow_finetune_plugin.config.distill import is_registered
 from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.config.schema import Recipe
 
@@ -185,8 +186,8 @@ def _distill_problems(recipe: Recipe) -> list[str]:
     if recipe.data.tasks:
         problems.append("distill.teacher: a teacher answers one set of prompts (data.train, data.eval), not a "
                         "mixture (data.tasks)")
-    if distill.loss == "logits":
-        problems.append("distill.loss: logits (a token-level loss against the teacher's distribution) is not "
-                        "supported yet (docs/distill.md says why); use distill.loss: text, which trains on the "
-                        "teacher's answers as text, with any teacher")
+    if distill.loss == "logits" and not is_registered(teacher):
+        problems.append("distill.loss: logits needs the teacher's token distributions, which a server's API does not "
+                        "give: name a registered teacher run here (distill.teacher: models:/NAME@ALIAS) sharing the "
+                        "student's tokenizer, or use distill.loss: text")
     return problems

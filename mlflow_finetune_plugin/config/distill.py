@@ -39,9 +39,10 @@ class DistillConfig(Section):
     temperature: float = Field(0.0, ge=0.0, description="0: greedy (the same prompt, the same answer).")
     timeout_s: float = Field(120.0, gt=0, description="Seconds one answer may take before the request fails.")
     loss: Literal["text", "logits"] = Field(
-        "text", description="text: the student learns the teacher's answers as text (any teacher). logits: a "
-                            "token-level loss against the teacher's distribution; not supported yet (refused with "
-                            "the reason).")
+        "text", description="text: the student learns the teacher's answers as text (any teacher). logits: also "
+                            "KL(teacher || student) on every answer token, beside the SFT loss: a registered "
+                            "teacher (run here) sharing the student's tokenizer.")
+    kl_weight: float = Field(1.0, gt=0, description="logits: the weight of the KL term against the SFT loss.")
 
     @field_validator("teacher")
     @classmethod

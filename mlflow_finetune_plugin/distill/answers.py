@@ -20,7 +20,7 @@ from pathlib import Path
 from mlflow_finetune_plugin import paths
 from mlflow_finetune_plugin import tags as tag_names
 from mlflow_finetune_plugin.data.prompts import answered_row, prompt_sets, why_left_out, write_rows
-from mlflow_finetune_plugin.distill.teacher import teacher_of
+from mlflow_finetune_plugin.distill.teacher import same_tokenizer, teacher_of
 from mlflow_finetune_plugin.errors import FinetuneError
 
 ANSWERS_ARTIFACT = "distill/answers.jsonl"
@@ -28,6 +28,8 @@ SUMMARY_ARTIFACT = "distill/summary.json"
 _DONE = "done.json"  # in the job's distill folder: rank 0's rows are written (the other ranks wait for it)
 TEXT_ONLY = ("Distillation (distill.loss: text): the student learns only the teacher's text, its answers as chat "
              "rows; not its token distribution")
+LOGITS = ("Distillation (distill.loss: logits): the student learns the teacher's answers as chat rows, and its token "
+          "distribution on every answer token (KL(teacher || student), weight {weight:g}; train/teacher_kl)")
 
 
 def cache_key(config) -> str:
@@ -79,10 +81,12 @@ def answered(recipe, run_id: str, main: bool = True):
     reused = _answers_of_resumed_run(recipe, cache)
     unique = {p.key: p for s in sets for p in s.prompts}
     todo = [p for key, p in unique.items() if key not in cache.answers]
+    if config.loss == "logits":  # before any answer is asked for, and before the student loads
+        _check_tokenizer(recipe)
     label = config.teacher
     if todo:
         label = _ask(config, todo, cache)
-    print(TEXT_ONLY + ".", file=sys.stderr)
+    print((LOGITS.format(weight=config.kl_weight) if config.loss == "logits" else TEXT_ONLY) + ".", file=sys.stderr)
 
     files, summary, log = {}, {"teacher": label, "cache_key": cache_key(config), "asked": len(todo),
                                "cached": len(unique) - len(todo), "resumed_answers": reused}, []
@@ -122,6 +126,19 @@ def answered(recipe, run_id: str, main: bool = True):
         raise FinetuneError("; ".join(empty))
     (out_dir / _DONE).write_text(json.dumps({k: str(v) for k, v in files.items()}))
     return _with_rows(recipe, files)
+
+
+def _check_tokenizer(recipe) -> None:
+    from mlflow_finetune_plugin.models.base import load_tokenizer
+
+    model = recipe.model
+    student = load_tokenizer(model.name, model.revision, model.trust_remote_code, model.chat_template,
+                             recipe.project_dir)
+    if differs := same_tokenizer(recipe.distill.teacher, student):
+        raise FinetuneError(f"distill.loss: logits compares the teacher's and the student's distributions token by "
+                            f"token, but the tokenizer of {recipe.distill.teacher} is not the student's "
+                            f"({model.name or 'tiny'}): {differs}. Use a student of the teacher's family, or "
+                            "distill.loss: text")
 
 
 def _ask(config, todo: list, cache: AnswerCache) -> str:

@@ -149,16 +149,9 @@ class LocalTeacher:
         return self.model
 
     def start(self) -> None:
-        import mlflow
-
         from mlflow_finetune_plugin.logged_model import load_logged_model
 
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=self.model)
-        except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a name, alias or version not found
-            raise FinetuneError(f"distill.teacher {self.model}: cannot load it ({str(e).splitlines()[0]}); name a "
-                                "registered version (`mlflow-finetune models NAME` lists them)") from None
-        self._loaded = load_logged_model(local)
+        self._loaded = load_logged_model(downloaded(self.model))
 
     def _batch(self, prompts: list) -> list[dict]:
         import torch
@@ -198,6 +191,40 @@ class LocalTeacher:
 
     def close(self) -> None:
         self._loaded = None
+
+
+def downloaded(uri: str) -> str:
+    """The local folder of a registered teacher (`models:/NAME@ALIAS`), downloaded once per process by MLflow."""
+    import mlflow
+
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a name, alias or version not found
+        raise FinetuneError(f"distill.teacher {uri}: cannot load it ({str(e).splitlines()[0]}); name a registered "
+                            "version (`mlflow-finetune models NAME` lists them)") from None
+
+
+def teacher_model(uri: str, device):
+    """The registered teacher as one frozen model on `device` (its adapter merged), for `distill.loss: logits`."""
+    from mlflow_finetune_plugin.logged_model import load_logged_model
+
+    model = load_logged_model(downloaded(uri), device=str(device)).model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.eval().requires_grad_(False)
+
+
+def same_tokenizer(uri: str, student) -> str | None:
+    """None where the registered teacher's tokenizer is the student's (`distill.loss: logits` compares their
+    distributions token by token); else what differs."""
+    from mlflow_finetune_plugin.logged_model import logged_tokenizer
+
+    teacher = logged_tokenizer(downloaded(uri))
+    if teacher.get_vocab() == student.get_vocab():
+        return None
+    ours, theirs = student.get_vocab(), teacher.get_vocab()
+    return (f"{len(theirs)} tokens against the student's {len(ours)}, "
+            f"{sum(1 for t, i in theirs.items() if ours.get(t) != i)} of them with another id or none")
 
 
 def _detail(response) -> str:

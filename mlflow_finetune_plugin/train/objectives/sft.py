@@ -54,12 +54,27 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
     config = SFTConfig(**args, max_length=recipe.data.max_length, packing=pack,
                        **aux_loss_arguments(recipe, model, SFTConfig))
     head = fused_lm_head(recipe, model.config)
+    teacher = _logits_teacher(recipe, model)
+    if teacher is not None:
+        head = False  # the KL term needs the student's logits of the answer tokens: the model's own loss path
     if head == "liger":  # before TRL wraps the model's forward for its own fused head (which then stays unused)
         kernels.lm_head(model)
     return FinetuneSFTTrainer(
         model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         callbacks=callbacks, fused_lm_head=head, pack_rows=pack and not _varlen_attention(recipe),
+        teacher=teacher, teacher_weight=recipe.distill.kl_weight if teacher is not None else 0.0,
         replay_kl=kl_rows, replay_weight=recipe.data.replay_weight, replay_every=recipe.data.replay_every)
+
+
+def _logits_teacher(recipe, model):
+    """`distill.loss: logits`: the registered teacher, frozen beside the student (its tokenizer was checked to be the
+    student's before the student loaded, `distill/answers.py`); None otherwise."""
+    distill = recipe.distill
+    if distill is None or not distill.teacher or distill.loss != "logits":
+        return None
+    from mlflow_finetune_plugin.distill.teacher import teacher_model
+
+    return teacher_model(distill.teacher, model.device)
 
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:

@@ -72,8 +72,10 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
 class FinetuneSFTTrainer(SFTTrainer):
     def __init__(self, *args, fused_lm_head: bool | str = True, pack_rows: bool = False,
                  replay_kl: list[list[int]] | None = None, replay_weight: float = 1.0, replay_every: int = 1,
-                 **kwargs):
+                 teacher=None, teacher_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        # distill.loss: logits: a frozen teacher sharing the tokenizer (`_teacher_loss`)
+        self.teacher, self.teacher_weight = teacher, teacher_weight
         # a mixture of experts' shape, for the load-balancing loss the chunked paths add (`_router_loss`)
         self._experts = moe_of(self.model) if self.aux_loss_enabled else None
         self.fused_lm_head = fused_lm_head
@@ -87,7 +89,10 @@ class FinetuneSFTTrainer(SFTTrainer):
         self._replay_at, self._forwards = 0, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.teacher is not None and model.training:
+            result = self._teacher_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
         if not (self.replay_kl and model.training):
             return result
         # The task's loss was divided by the items of the whole accumulated batch, or Trainer divides it by the
@@ -96,8 +101,9 @@ class FinetuneSFTTrainer(SFTTrainer):
             if self.model_accepts_loss_kwargs and num_items_in_batch is not None else 1
         # train/loss includes the KL term (on one step in replay_every, weighted up): the task's own loss is logged
         # apart, a smooth curve to read learning from
-        task = (result[0] if return_outputs else result).detach() * per_forward
-        self._metrics["train"]["task_loss"].append(self._gathered_mean(task))
+        if self.teacher is None:  # with a teacher, `_teacher_loss` logged the task's own loss
+            task = (result[0] if return_outputs else result).detach() * per_forward
+            self._metrics["train"]["task_loss"].append(self._gathered_mean(task))
         self._forwards += 1
         if (self._forwards - 1) % self.replay_every:
             return result
@@ -131,6 +137,30 @@ class FinetuneSFTTrainer(SFTTrainer):
             kl = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1).mean()
         self._metrics["train"]["replay_kl"].append(self._gathered_mean(kl.detach()))
         return kl
+
+    def _teacher_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The SFT loss plus KL(teacher || student) per answer token (the labelled next tokens), times
+        `teacher_weight` (`distill.loss: logits`); `train/teacher_kl` is the term, `train/task_loss` the SFT loss.
+        The student's logits come from its own forward (the fused and chunked heads never hold them), the teacher's
+        from a pass without gradient on the same rows (packed rows: the same positions, no mask)."""
+        keep = ("input_ids", "position_ids") if self.pack_rows else ("input_ids", "attention_mask", "position_ids")
+        rows, labels = {k: inputs[k] for k in keep if k in inputs}, inputs["labels"]
+        loss, outputs = self._task_loss(model, inputs, True, num_items_in_batch)
+        with torch.no_grad():
+            teacher = self.teacher(**rows, use_cache=False).logits[:, -labels.size(1):-1]
+        student = outputs.logits[:, -labels.size(1):-1]  # prompt tuning prepends positions to the student's
+        mask = labels[:, 1:] != -100
+        teacher_logp = F.log_softmax(teacher[mask].float(), -1)
+        student_logp = F.log_softmax(student[mask].float(), -1)
+        kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean() if mask.any() \
+            else student.sum() * 0.0
+        # scaled as the task loss is under gradient accumulation (see compute_loss)
+        per_forward = self.current_gradient_accumulation_steps \
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None else 1
+        self._metrics["train"]["task_loss"].append(self._gathered_mean(loss.detach() * per_forward))
+        self._metrics["train"]["teacher_kl"].append(self._gathered_mean(kl.detach()))
+        total = loss + self.teacher_weight * kl / per_forward
+        return (total, outputs) if return_outputs else total
 
     def _gathered_mean(self, value: torch.Tensor) -> torch.Tensor:
         """A per-step metric, kept as a tensor: it becomes a number in `log`, once per logging step (an `.item()`
