@@ -11,6 +11,8 @@ loss is computed. Imported only by `objectives.sft` (it imports TRL).
   one row of general text and adds KL(base || tuned) on it, the base being the adapter switched off (`_replay_kl`);
   `train/task_loss` is the loss without that term. Unless `fused_lm_head` is false, both passes stop before the LM
   head and the KL is taken over chunks of tokens (`models/lm_head.py`): the two models' logits are never whole.
+- A teacher (`distill.loss: logits`, `-e distill`): KL(teacher || student) on the answer tokens beside the loss, the
+  frozen teacher run on the same rows; the student's logits come from its own forward (`_teacher_loss`).
 - Loss (`fused_lm_head`), the same value and gradients every way (transformers' causal-LM cross-entropy, normalised
   the same way), the same `num_tokens` and `mean_token_accuracy`:
   - `True`: TRL's fused, tiled LM head, which never materialises the logits and recomputes them in the backward
