@@ -113,7 +113,9 @@ def _distill(uri, root, project, experiment, **overrides):
     params = {**FAST_OVERRIDES, **overrides}
     cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "distill", "--backend", "finetune",
            "--experiment-name", experiment] + [a for k, v in params.items() for a in ("-P", f"{k}={v}")]
-    proc = subprocess.run(cmd, cwd=root, env=subprocess_env(uri), capture_output=True, text=True, timeout=600)
+    # the registry too: mlflow.set_registry_uri (conftest's tracking_uri fixture) leaves MLFLOW_REGISTRY_URI behind
+    env = {**subprocess_env(uri), "MLFLOW_REGISTRY_URI": uri}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                               order_by=["attributes.start_time DESC"])
@@ -211,7 +213,8 @@ def test_a_run_cancelled_while_asking_ends_killed_at_once_and_its_answers_are_ke
     proxy.asked.clear()
     proxy.delay = 3.0
     try:
-        started = subprocess.run(cmd, cwd=root, env=subprocess_env(uri), capture_output=True, text=True, timeout=300)
+        started = subprocess.run(cmd, cwd=root, env={**subprocess_env(uri), "MLFLOW_REGISTRY_URI": uri},
+                                 capture_output=True, text=True, timeout=300)
         assert started.returncode == 0, started.stderr[-3000:]
         client = mlflow.MlflowClient()
         (run,) = client.search_runs([client.get_experiment_by_name("distill-cancel").experiment_id])
