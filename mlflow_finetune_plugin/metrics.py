@@ -37,6 +37,9 @@ AGREEMENT_METRICS = ("exact_match", "token_f1", "rougeL", "chrf")
 AGREES_WITH_TEACHER, AGREES_WITH_EXPECTED = "teacher_", "expected_"
 # The prompt-only alternatives to fine-tuning, cheapest first: what the verdict and the default gates weigh it against.
 ALTERNATIVES = ("base", "fewshot", "retrieval", "length")
+# How the verdict names each alternative.
+ALTERNATIVE_LABELS = {"base": "zero-shot prompting", "fewshot": "few-shot prompting",
+                      "retrieval": "retrieval prompting", "length": "the longer answer winning"}
 # Forgetting figures (general-text loss and perplexity, base and tuned) are logged under this prefix.
 FORGETTING_PREFIX = "eval/forgetting/"
 # The verdict (evaluate/verdict.py): the tuned model's margin over the best alternative and its 95% interval, under

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from mlflow_finetune_plugin.metrics import (
     AGREEMENT_METRICS,
+    ALTERNATIVE_LABELS,
+    ALTERNATIVES,
     AGREES_WITH_EXPECTED,
     AGREES_WITH_TEACHER,
     TEACHER,
@@ -49,14 +51,13 @@ def agreement_metrics(rows: list[dict], contenders: list[str], teachers: list[di
     return out
 
 
-def teacher_sentence(metrics: dict[str, float], scores: dict, metric: str) -> str | None:
+def teacher_sentence(metrics: dict[str, float], scores: dict, metric: str, bootstrap) -> str | None:
     """Whether the student can stand in for the teacher, and at what cost; None without a teacher contender.
 
     With expectations, the student's share of the teacher's score against them and a paired bootstrap of
     (student - teacher) on those rows; without, how well the student agrees with the teacher's answers beside the
-    best prompt-only alternative. Then the tokens, parameters and speed against the teacher's, where known."""
-    from mlflow_finetune_plugin.evaluate.verdict import LABELS, paired_bootstrap
-    from mlflow_finetune_plugin.metrics import ALTERNATIVES
+    best prompt-only alternative. Then the tokens, parameters and speed against the teacher's, where known.
+    `bootstrap`: the verdict's paired bootstrap ((student, teacher) scores -> 95% interval of the difference)."""
 
     def get(c, m):
         return metrics.get(f"eval/{c}/{m}")
@@ -69,12 +70,12 @@ def teacher_sentence(metrics: dict[str, float], scores: dict, metric: str) -> st
     if n_expected and student is not None and teacher is not None:
         kept = f"{student / teacher:.0%}" if teacher else "n/a"
         said = (f"the student keeps {kept} of the teacher's {metric} against the expectations ({student:.2f} vs "
-                f"{teacher:.2f} on {n_expected} rows, {_judgement(scores, metric, paired_bootstrap)})")
+                f"{teacher:.2f} on {n_expected} rows, {_judgement(scores, metric, bootstrap)})")
     else:
         agrees = get("tuned", AGREES_WITH_TEACHER + metric)
         best = max((c for c in ALTERNATIVES if get(c, AGREES_WITH_TEACHER + metric) is not None),
                    key=lambda c: get(c, AGREES_WITH_TEACHER + metric), default=None)
-        rival = f" ({LABELS[best]} of its base: {get(best, AGREES_WITH_TEACHER + metric):.2f})" if best else ""
+        rival = f" ({ALTERNATIVE_LABELS[best]} of its base: {get(best, AGREES_WITH_TEACHER + metric):.2f})" if best else ""
         said = (f"no expectations to judge either by; the student agrees with the teacher's answers at {metric} "
                 f"{agrees:.2f}{rival}")
     return f"Student vs teacher: {said}{_savings(get)}."

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.metrics import (
+    ALTERNATIVE_LABELS,
     ALTERNATIVES,
     CONTENDERS,
     FORGETTING_PREFIX,
@@ -36,8 +37,7 @@ MIN_EXAMPLES = VERDICT_MIN_EXAMPLES
 SCORES_FILE = "eval/per_example_scores.json"
 # The primary metric when no promotion gate names one with per-example scores: the first of these that was scored.
 PREFERRED = ("rougeL", "reward", "pair_accuracy", "token_f1", "chrf", "exact_match", "json_valid")
-LABELS = {"base": "zero-shot prompting", "fewshot": "few-shot prompting", "retrieval": "retrieval prompting",
-          "length": "the longer answer winning"}
+LABELS = ALTERNATIVE_LABELS
 NONE = "none"  # best_alternative when no prompt-only contender was scored
 
 
@@ -166,7 +166,7 @@ def conclude(run_id: str, gates=None, scores: dict | None = None) -> Verdict:
                                                          "eval.enabled: false)")
     else:
         verdict = decide({name: values.get(metric) for name, values in scores.items()}, metric, ratio)
-        verdict.teacher = teacher_sentence(metrics, scores, metric) or ""
+        verdict.teacher = teacher_sentence(metrics, scores, metric, paired_bootstrap) or ""
     verdict.cost = cost_line(metrics) or ""
     for key, value in verdict.as_tags().items():
         client.set_tag(run_id, key, value)
