@@ -83,6 +83,7 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
     With one adapter per task, each task is scored with its own adapter."""
     import hashlib
 
+    from mlflow_finetune_plugin.data.teacher import teachers
     from mlflow_finetune_plugin.evaluate.contenders import conversations, run_evaluation
     from mlflow_finetune_plugin.evaluate.report import EvalResult, log_evaluation
     from mlflow_finetune_plugin.metrics import comparison_table
@@ -93,7 +94,7 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
         if recipe.data.adapters == "per_task":
             model.set_adapter(name)
         result = run_evaluation(model, tokenizer, conversations(ds), conversations(trains[name]), recipe.eval,
-                                base_model=base_model)
+                                base_model=base_model, teachers=teachers(ds))
         print(comparison_table(result.metrics))
         per_task[name] = result.metrics
         merged_rows += [{"task": name, **row} for row in result.rows]
