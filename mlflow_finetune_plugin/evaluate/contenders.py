@@ -15,7 +15,7 @@ import random
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.evaluate.cost import answer_costs, parameter_counts, teacher_costs
+from mlflow_finetune_plugin.evaluate.cost import answer_costs, answer_lengths, parameter_counts
 from mlflow_finetune_plugin.evaluate.report import EvalResult, add_answers, log_evaluation, table_rows
 from mlflow_finetune_plugin.evaluate.retrieval import nearest_shots
 from mlflow_finetune_plugin.evaluate.scoring import (
@@ -25,7 +25,7 @@ from mlflow_finetune_plugin.evaluate.scoring import (
     reference_nll,
     score_and_prefill,
 )
-from mlflow_finetune_plugin.evaluate.teacher import agreement_metrics, complete
+from mlflow_finetune_plugin.evaluate.teacher import agreement_metrics, complete, score_teacher
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
 from mlflow_finetune_plugin.metrics import CONTENDERS, TEACHER
@@ -52,7 +52,8 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
     (`teacher.py`).
     """
     teachers = teachers or [None] * len(eval_conversations)
-    kept = [(pair, t) for conv, t in zip(eval_conversations, teachers) if (pair := split_conversation(conv)) and pair[0]]
+    kept = [(pair, t) for conv, t in zip(eval_conversations, teachers)
+            if (pair := split_conversation(conv)) and pair[0]]
     examples, teachers = [p for p, _ in kept][: cfg.max_examples], [t for _, t in kept][: cfg.max_examples]
     if not examples:
         raise FinetuneError("evaluation: no held-out conversation has a prompt followed by an assistant answer; "
@@ -81,11 +82,8 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
                                if m.get("role") == "assistant")
     params = parameter_counts(model, base_model)
     if complete(teachers):
-        answers = [t["answer"] for t in teachers]
-        totals, per_example = contender_metrics(answers, references, 0.0, 0, cfg, train_answers)
-        totals = {k: v for k, v in totals.items() if k not in ("loss", "perplexity")}  # no log-probabilities
-        metrics.update({f"eval/{TEACHER}/{k}": v for k, v in {**totals, **teacher_costs(teachers, cfg.teacher_params)
-                                                                }.items()})
+        answers, totals, per_example = score_teacher(teachers, references, cfg, train_answers)
+        metrics.update({f"eval/{TEACHER}/{k}": v for k, v in totals.items()})
         add_answers(rows, TEACHER, answers, per_example)
     contenders = [c for c in CONTENDERS if c in runs or c == TEACHER and complete(teachers)]
     for name in [c for c in contenders if c in runs]:
@@ -93,8 +91,7 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
         with context as contender:
             answers, nll, n_tokens, seconds = _answer_all(contender, tokenizer, prompts, references, cfg, name)
         totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg, train_answers)
-        totals.update(answer_costs([_n_tokens(tokenizer, p) for p in prompts],
-                                   [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers],
+        totals.update(answer_costs([_n_tokens(tokenizer, p) for p in prompts], answer_lengths(tokenizer, answers),
                                    seconds, params.get("tuned" if name == "tuned" else "base")))
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
         add_answers(rows, name, answers, per_example)

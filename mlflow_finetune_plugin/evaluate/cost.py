@@ -36,6 +36,11 @@ def _count(named) -> int:
     return sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for _, p in named)
 
 
+def answer_lengths(tokenizer, answers: list[str]) -> list[int]:
+    """Each answer's tokens: its text re-tokenized (the end-of-turn token that ended it is not in the text)."""
+    return [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+
+
 def answer_costs(prompt_tokens: list[int], answer_tokens: list[int], seconds: list[float],
                  params: int | None) -> dict[str, float]:
     """The cost metrics of one contender from its per-answer token counts and seconds (see the module's note)."""

@@ -30,6 +30,20 @@ def complete(teachers: list[dict | None]) -> bool:
     return bool(teachers) and all(t is not None for t in teachers)
 
 
+def score_teacher(teachers: list[dict], references: list[str], cfg, train_answers: frozenset[str]
+                  ) -> tuple[list[str], dict[str, float], dict[str, list[float]]]:
+    """(answers, metric -> value, metric -> per-example values) of the teacher: its logged answers scored as the
+    other contenders' are, without `loss` and `perplexity` (no log-probabilities of the references here), with its
+    cost figures from the rows (`cost.teacher_costs`)."""
+    from mlflow_finetune_plugin.evaluate.cost import teacher_costs
+    from mlflow_finetune_plugin.evaluate.scoring import contender_metrics
+
+    answers = [t["answer"] for t in teachers]
+    totals, per_example = contender_metrics(answers, references, 0.0, 0, cfg, train_answers)
+    totals = {k: v for k, v in totals.items() if k not in ("loss", "perplexity")}
+    return answers, {**totals, **teacher_costs(teachers, cfg.teacher_params)}, per_example
+
+
 def agreement_metrics(rows: list[dict], contenders: list[str], teachers: list[dict],
                       references: list[str]) -> dict[str, float]:
     """Every contender's agreement with the teacher's answers, and, on the rows whose target is an expectation, with
@@ -75,7 +89,8 @@ def teacher_sentence(metrics: dict[str, float], scores: dict, metric: str, boots
         agrees = get("tuned", AGREES_WITH_TEACHER + metric)
         best = max((c for c in ALTERNATIVES if get(c, AGREES_WITH_TEACHER + metric) is not None),
                    key=lambda c: get(c, AGREES_WITH_TEACHER + metric), default=None)
-        rival = f" ({ALTERNATIVE_LABELS[best]} of its base: {get(best, AGREES_WITH_TEACHER + metric):.2f})" if best else ""
+        rival = (f" ({ALTERNATIVE_LABELS[best]} of its base: {get(best, AGREES_WITH_TEACHER + metric):.2f})"
+                 if best else "")
         said = (f"no expectations to judge either by; the student agrees with the teacher's answers at {metric} "
                 f"{agrees:.2f}{rival}")
     return f"Student vs teacher: {said}{_savings(get)}."
