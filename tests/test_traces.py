@@ -281,6 +281,9 @@ def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineag
                                        {"role": "assistant", "content": t["a1"]},
                                        {"role": "user", "content": "And my username?"}]
     assert chat[1]["messages"][-1] == {"role": "assistant", "content": "It ships tomorrow."}
+    # each row keeps what the served model answered and its cost, as the autologged span has them (the teacher)
+    assert chat[1]["teacher"]["answer"] != "It ships tomorrow." and chat[1]["teacher"]["latency_s"] > 0
+    assert all(row["teacher"]["model"].startswith("bot-v") for row in chat), [row["teacher"] for row in chat]
     assert [m["content"] for m in chat[3]["messages"]][0] == "What are your opening hours?"
     for fmt, n in (("preference", 1 + t["differ"]), ("unpaired_preference", 4)):
         out = runner.invoke(main, ["data", "from-traces", "traces:support-app", "--format", fmt, "-o",
@@ -298,6 +301,8 @@ def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineag
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("from-traces").experiment_id])
     assert run.info.status == "FINISHED"
+    # the held-out conversation's logged answers are the teacher contender; the verdict weighs the student against it
+    assert "eval/teacher/rougeL" in run.data.metrics and "Student vs teacher:" in run.data.tags["finetune.verdict"]
     inputs = {i.dataset.name + ":" + next(tag.value for tag in i.tags if tag.key == "mlflow.data.context"): i
               for i in run.inputs.dataset_inputs}
     train, held = inputs["traces-support-app:training"], inputs["traces-support-app-eval:eval"]
