@@ -103,7 +103,7 @@ def _judgement(scores: dict, metric: str, bootstrap) -> str:
                                         (scores.get(TEACHER) or {}).get(metric) or [], mask)
              if e and s is not None and t is not None]
     if len(pairs) < VERDICT_MIN_EXAMPLES:
-        return f"too few to tell whether it can replace the teacher (at least {VERDICT_MIN_EXAMPLES})"
+        return f"too few to tell whether it can replace the teacher: at least {VERDICT_MIN_EXAMPLES} needed"
     low, high = bootstrap([s for s, _ in pairs], [t for _, t in pairs])
     interval = f"95% interval of the difference {low:+.2f} to {high:+.2f}"
     if high < 0:
