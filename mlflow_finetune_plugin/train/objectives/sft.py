@@ -88,7 +88,7 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
     from mlflow_finetune_plugin.evaluate.report import EvalResult, log_evaluation
     from mlflow_finetune_plugin.metrics import comparison_table
 
-    per_task, merged_rows, examples = {}, [], 0
+    per_task, merged_rows, examples, expected = {}, [], 0, 0
     for name, ds in evals.items():
         print(f"\nTask {name}:")
         if recipe.data.adapters == "per_task":
@@ -99,6 +99,7 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
         per_task[name] = result.metrics
         merged_rows += [{"task": name, **row} for row in result.rows]
         examples += int(result.metrics.get("eval/n_examples", 0))
+        expected += int(result.metrics.get("eval/n_expected", 0))  # rows whose target replaced a teacher's answer
     metrics = {}
     for name, task_metrics in per_task.items():
         for key, value in task_metrics.items():
@@ -113,7 +114,8 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
     print("\nAll tasks (mean over tasks):")
     print(comparison_table(overall))
     digest = hashlib.sha256(",".join(sorted(per_task)).encode()).hexdigest()[:12]
-    log_evaluation(EvalResult({**overall, **metrics, "eval/n_examples": examples}, merged_rows,
+    counts = {"eval/n_examples": examples, **({"eval/n_expected": expected} if expected else {})}
+    log_evaluation(EvalResult({**overall, **metrics, **counts}, merged_rows,
                               data_digest=digest, traces=recipe.eval.traces))
 
 
