@@ -198,3 +198,26 @@ def test_a_lora_run_logs_cost_columns_and_trains_past_the_teacher_key(tmp_path, 
     printed = proc.stdout + proc.stderr
     assert "tokens_per_s" in printed and "Cost per answer on this machine:" in printed
     assert "Student vs teacher:" in run.data.tags[VERDICT]
+
+
+def test_the_teacher_sentence_weighs_the_student_on_the_expectation_rows():
+    """The sentence from logged figures alone: a student below the teacher on 12 expectation rows beyond the noise,
+    then one level with it; the savings only where both sides are known."""
+    from mlflow_finetune_plugin.evaluate.teacher import teacher_sentence
+    from mlflow_finetune_plugin.evaluate.verdict import paired_bootstrap
+
+    metrics = {"eval/n_expected": 12, "eval/teacher/expected_rougeL": 0.8, "eval/tuned/expected_rougeL": 0.4,
+               "eval/tuned/prompt_tokens": 40, "eval/tuned/answer_tokens": 20, "eval/tuned/params": 1.4e8,
+               "eval/tuned/tokens_per_s": 40.0, "eval/teacher/prompt_tokens": 200, "eval/teacher/answer_tokens": 60,
+               "eval/teacher/params": 2.8e8, "eval/teacher/tokens_per_s": 20.0}
+    scores = {"teacher": {"rougeL": [0.8] * 12 + [1.0] * 3, "expected": [1.0] * 12 + [0.0] * 3},
+              "tuned": {"rougeL": [0.4] * 12 + [0.3] * 3}}
+    said = teacher_sentence(metrics, scores, "rougeL", paired_bootstrap)
+    assert said.startswith("Student vs teacher: the student keeps 50% of the teacher's rougeL against the "
+                           "expectations (0.40 vs 0.80 on 12 rows, below the teacher beyond the evaluation's noise")
+    assert "60 tokens per answer vs 260" in said and "0.5x the parameters" in said and "2x the tokens/s" in said
+    scores["tuned"]["rougeL"] = [0.7, 0.9] * 6 + [0.3] * 3
+    assert "within the noise of the teacher" in teacher_sentence(metrics, scores, "rougeL", paired_bootstrap)
+    unknown = {k: v for k, v in metrics.items() if not k.startswith("eval/teacher/") or "expected" in k}
+    said = teacher_sentence(unknown, scores, "rougeL", paired_bootstrap)
+    assert "not known: the teacher's token usage, the teacher's parameters" in said and "x the" not in said
