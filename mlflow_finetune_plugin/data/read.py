@@ -27,6 +27,7 @@ from mlflow_finetune_plugin.data.formats import (  # noqa: F401 - re-exported: t
     tools_of,
     unpaired_row,
 )
+from mlflow_finetune_plugin.data.teacher import TEACHER_KEY, teacher_column
 from mlflow_finetune_plugin.data.traces import TraceQuery, is_traces, query_of, read_traces
 from mlflow_finetune_plugin.data.validation import validate_records  # noqa: F401 - re-exported
 
@@ -312,6 +313,8 @@ def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, ta
         tools = [tools_of(rec) for _, rec in records]
         if any(tools):  # TRL hands a row's `tools` (JSON text here: one Arrow type for any schema) to the template
             rows = [{**row, "tools": json.dumps(t) if t else None} for row, t in zip(rows, tools)]
+        if (teachers := teacher_column([rec for _, rec in records])) is not None:  # for evaluation, as JSON text
+            rows = [{**row, TEACHER_KEY: t} for row, t in zip(rows, teachers)]
     try:
         # Tool-call arguments differ from call to call: Arrow stores such values as JSON instead of one struct that
         # would give every call every other call's argument names, as nulls. The same keeps a prompt_only column
