@@ -59,7 +59,7 @@ def main() -> None:
     raw = source_recipe(source_run)
     recipe = Recipe.model_validate(raw)
     cfg = recipe.eval
-    convs = _eval_conversations(None, raw, source_run)
+    convs, _ = _eval_conversations(None, raw, source_run)
     examples = [pair for conv in convs if (pair := split_conversation(conv)) and pair[0]]
     examples = examples[: args.max_examples or cfg.max_examples]
     prompts, references = [p for p, _ in examples], [r for _, r in examples]
@@ -87,7 +87,7 @@ def main() -> None:
                 for name, value in original.items():
                     layer.scaling[name] = value * scale
             started = time.perf_counter()
-            answers, nll, n_tokens = _answer_all(model, tok, prompts, references, cfg, f"s={scale:g}")
+            answers, nll, n_tokens, _ = _answer_all(model, tok, prompts, references, cfg, f"s={scale:g}")
             totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg)
             forgot = forgetting.measure(recipe, texts, model, tok)
             row = {"scale": scale, "rougeL": totals["rougeL"], "exact_match": totals.get("exact_match"),

@@ -279,7 +279,7 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
     if note := misrouted_note(result.metrics):
         click.echo(note)
     click.echo(f"Logged to run {logged_run} ({int(result.metrics['eval/n_examples'])} examples)")
-    click.echo(f"Verdict: {result.verdict.sentence()}")
+    click.echo(f"Verdict: {result.verdict.sentence()}\n{result.verdict.cost}".rstrip())  # cost: cost.cost_line
 
 
 @main.command("promote")

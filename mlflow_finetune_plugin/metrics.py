@@ -16,14 +16,30 @@ TEXT_METRICS = {"exact_match": "exact_match", "token_f1": "token_f1", "rouge1": 
                 "rougeL": "rouge", "chrf": "chrf", "bleu": "bleu"}
 # Where lower is better; every other metric is better higher. `misrouted` (evaluate/scoring.py): the share of answers
 # that are, word for word, the training answer of other questions.
-LOWER_IS_BETTER = ("loss", "perplexity", "misrouted")
+LOWER_IS_BETTER = ("loss", "perplexity", "misrouted", "prompt_tokens", "latency_s", "params")
 
-# Who answers the held-out prompts: metrics are logged as eval/<contender>/<metric>. base: the base model zero-shot;
-# fewshot: with k random train conversations as shots; retrieval: with the k train conversations most similar to the
-# question (BM25); tuned: the fine-tuned model; length: a reward model's rule-of-thumb rival, "the longer answer wins".
-CONTENDERS = ("base", "fewshot", "retrieval", "length", "tuned")
+# Who answers the held-out prompts: metrics are logged as eval/<contender>/<metric>. teacher: the answers the held-out
+# rows carry (their `teacher` key: a larger model's logged answers, not generated here); base: the base model
+# zero-shot; fewshot: with k random train conversations as shots; retrieval: with the k train conversations most
+# similar to the question (BM25); tuned: the fine-tuned model; length: a reward model's rule-of-thumb rival, "the
+# longer answer wins".
+CONTENDERS = ("teacher", "base", "fewshot", "retrieval", "length", "tuned")
+TEACHER = "teacher"
+# What an answer costs, per contender, logged as eval/<contender>/<name> beside the quality metrics and shown under
+# them: mean prompt tokens (the chat template's rendering, shots included) and answer tokens per answer, the median
+# seconds per answer on this machine (evaluate/cost.py says how it is timed), answer tokens per second of generation,
+# and the parameters that answered (tuned: the base's plus the adapter's). A teacher's come from its rows' `teacher`.
+COST_METRICS = ("prompt_tokens", "answer_tokens", "latency_s", "tokens_per_s", "params")
+# With a teacher: every contender's agreement with the teacher's answers (eval/<contender>/teacher_<metric>), and on
+# the rows whose target is an expectation rather than the teacher's answer, with the expectations
+# (eval/<contender>/expected_<metric>, over eval/n_expected rows).
+AGREEMENT_METRICS = ("exact_match", "token_f1", "rougeL", "chrf")
+AGREES_WITH_TEACHER, AGREES_WITH_EXPECTED = "teacher_", "expected_"
 # The prompt-only alternatives to fine-tuning, cheapest first: what the verdict and the default gates weigh it against.
 ALTERNATIVES = ("base", "fewshot", "retrieval", "length")
+# How the verdict names each alternative.
+ALTERNATIVE_LABELS = {"base": "zero-shot prompting", "fewshot": "few-shot prompting",
+                      "retrieval": "retrieval prompting", "length": "the longer answer winning"}
 # Forgetting figures (general-text loss and perplexity, base and tuned) are logged under this prefix.
 FORGETTING_PREFIX = "eval/forgetting/"
 # The verdict (evaluate/verdict.py): the tuned model's margin over the best alternative and its 95% interval, under
@@ -86,13 +102,27 @@ def format_table(headers: list[str], rows: list[list]) -> str:
 
 
 def comparison_table(metrics: dict[str, float]) -> str:
-    """Metrics side by side per contender; `*` marks the best value of each row (none on a tie)."""
+    """Metrics side by side per contender; `*` marks the best value of each quality row (none on a tie). The cost
+    rows (COST_METRICS) follow under a blank line, unmarked: fewer tokens or parameters is not better by itself."""
     contenders = [c for c in CONTENDERS if any(k.startswith(f"eval/{c}/") for k in metrics)]
     names = list(dict.fromkeys(k.split("/", 2)[2] for k in metrics if k.count("/") == 2))
     rows = []
-    for m in names:
+    for m in [m for m in names if m not in COST_METRICS]:
         values = [metrics.get(f"eval/{c}/{m}") for c in contenders]
         known = [v for v in values if v is not None]
         best = (min if lower_is_better(m) else max)(known) if len(set(known)) > 1 else None
         rows.append([m, *(None if v is None else f"{v:.4f}{' *' if v == best else ''}" for v in values)])
+    costs = [m for m in COST_METRICS if m in names]
+    if costs:
+        rows.append([""] * (len(contenders) + 1))
+        rows += [[m, *(cost_cell(m, metrics.get(f"eval/{c}/{m}")) for c in contenders)] for m in costs]
     return format_table(["metric", *contenders], rows)
+
+
+def cost_cell(metric: str, value: float | None) -> str | None:
+    """A cost figure as the table shows it: parameters in millions or billions, seconds to 3 decimals."""
+    if value is None:
+        return None
+    if metric == "params":
+        return f"{value / 1e9:.2f}B" if value >= 1e9 else f"{value / 1e6:.2f}M"
+    return f"{value:.3f}" if metric == "latency_s" else f"{value:.1f}"

@@ -7,6 +7,7 @@ with its load-balancing loss) and Gemma 4 (full-attention layers of another head
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -169,6 +170,27 @@ def test_gpt_oss_lora_trains_its_experts_with_the_router_loss(models, tmp_path, 
     assert 0 < run.data.metrics["trainable_share"] < 1
     assert run.data.metrics["train/aux_loss" if "train/aux_loss" in run.data.metrics else "aux_loss"] > 0
     assert math.isfinite(run.data.metrics["eval/tuned/loss"])  # evaluation decodes after training
+
+
+@pytest.mark.integration
+def test_the_router_loss_counts_the_real_tokens_of_packed_rows_on_every_head(models, tmp_path, tracking_uri):
+    """The first step's load-balancing loss on packed rows is the same whether TRL's fused head (the CUDA default)
+    or the chunked head takes the loss: both over the real tokens only. Before, TRL's fused head took it over the
+    rows' end padding as well (it sees no attention mask on packed rows)."""
+    aux = {}
+    for head in (True, "chunked"):
+        project = write_chat_project(tmp_path / f"aux-{head}", "aux")
+        # rows of unequal length: the packed rows of a batch end in padding
+        rows = [{"messages": [{"role": "user", "content": f"Say {i}."},
+                              {"role": "assistant", "content": " ".join(["word"] * (1 + 12 * i))}]} for i in range(4)]
+        (project / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run = _run(project, tmp_path, "lora", {"model.name": str(models["gpt_oss"]), "data.packing": True,
+                                               "train.fused_lm_head": head, "train.rehearsal": False, "data.max_length": 96,
+                                               **QUICK, "train.max_steps": 1})
+        history = MlflowClient().get_metric_history(run.info.run_id, "train/aux_loss") or \
+            MlflowClient().get_metric_history(run.info.run_id, "aux_loss")
+        aux[head] = history[0].value
+    assert aux[True] == pytest.approx(aux["chunked"], rel=1e-4)
 
 
 @pytest.mark.integration

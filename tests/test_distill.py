@@ -18,7 +18,7 @@ import mlflow
 import pytest
 
 from mlflow_finetune_plugin import paths
-from mlflow_finetune_plugin.data.formats import TEACHER
+from mlflow_finetune_plugin.data.teacher import TEACHER_KEY as TEACHER
 from tests.helpers import (
     FAST_OVERRIDES,
     cli_process,
@@ -344,8 +344,8 @@ def test_the_prompt_of_each_kind_of_row():
     answer = {"answer": "Yes.", "model": "m", "prompt_tokens": None, "completion_tokens": None, "latency_s": 0.1,
               "finish_reason": "stop"}
     assert answered_row(held, answer, held_out=True)["messages"][-1] == held.reference  # the reference stays
-    assert answered_row(held, answer, held_out=True)[TEACHER] == {**answer, "is_reference": False}
-    assert answered_row(first, answer, held_out=True)[TEACHER]["is_reference"] is True  # no reference of its own
+    assert answered_row(held, answer, held_out=True)[TEACHER] == answer
+    assert answered_row(first, answer, held_out=True)["messages"][-1]["content"] == "Yes."  # no reference of its own
     assert answered_row(held, answer, held_out=False)["messages"][-1] == {"role": "assistant", "content": "Yes."}
     assert answered_row(first, {**answer, "finish_reason": "length"}, held_out=False) is None
     assert answered_row(first, {**answer, "answer": " "}, held_out=False) is None

@@ -495,7 +495,8 @@ def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_
     logged = mlflow.MlflowClient().get_run(new_run).data
     assert "eval/tuned/rougeL" in logged.metrics and "eval/retrieval/rougeL" in logged.metrics
     # The verdict is printed last and tagged on the run; 2 examples are too few for a pay-off.
-    assert out.output.strip().splitlines()[-1] == f"Verdict: {logged.tags[VERDICT]}"
+    verdict, cost = out.output.strip().splitlines()[-2:]  # the verdict, then what an answer costs each contender
+    assert verdict == f"Verdict: {logged.tags[VERDICT]}" and cost.startswith("Cost per answer on this machine:")
     assert logged.tags[VERDICT_PAID_OFF] == "false" and "too few to tell" in logged.tags[VERDICT]
     # The recipe's gate names exact_match: the verdict weighs that metric.
     assert logged.tags[VERDICT].startswith("fine-tuning did not pay off: exact_match ")

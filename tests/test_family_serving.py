@@ -138,3 +138,50 @@ def test_export_merged_answers_as_the_pyfunc(family, tracking_uri, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(result.folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.folder)
     assert generate(LoadedModel(merged, tokenizer, {}), QUESTION, max_new_tokens=8) == expected
+
+
+@pytest.mark.parametrize("family", rows(NEW_FAMILIES))
+def test_the_served_copy_reads_the_final_answer_as_predict_does(family, tracking_uri):
+    """The merged copy that `serve --engine transformers` (and `export`) hands to `transformers serve`: its tokenizer
+    reads a reasoned generation as the final answer alone, through transformers' own response parser, with a
+    response template of the project's where transformers has none for the family (gpt-oss, Gemma 4 text)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.cli.serving.utils import get_response_template
+
+    from mlflow_finetune_plugin.serving.choices import merged_folder
+
+    name, version = _version(family)
+    folder = merged_folder(ModelChoice(name, version))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = SimpleNamespace(config=AutoConfig.from_pretrained(folder))
+    template = get_response_template(tokenizer, model)
+    assert template is not None
+    prefix = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(REASONED[family], add_special_tokens=False)["input_ids"]
+    assert tokenizer.parse_response(ids, template, prefix=prefix)["content"].strip() == "Bonjour"
+
+
+@pytest.mark.parametrize("family", rows(["gpt-oss"]))
+def test_serve_transformers_answers_as_predict(family, tracking_uri):
+    """`mlflow-finetune serve --engine transformers` (a `transformers serve` child) answers the openai client as the
+    logged model's `predict` does: the prompt rendered at the pinned date (gpt-oss's system block carries the date;
+    before, the server rendered today's and answered otherwise) and the answer read out of the channels."""
+    import openai
+
+    from tests.helpers import cli_process, free_port, stop, wait_for_http
+
+    name, version = _version(family)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    expected = model.predict([{"messages": QUESTION}], params={"max_new_tokens": 8})[0]
+    port = free_port()
+    proc = cli_process("serve", f"{name}/{version}", "--engine", "transformers", "--port", str(port))
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        answer = client.chat.completions.create(model=f"{name}-v{version}", messages=QUESTION, max_tokens=8,
+                                                temperature=0.0)
+        assert answer.choices[0].message.content.strip() == expected
+    finally:
+        stop(proc)

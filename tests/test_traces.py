@@ -109,8 +109,12 @@ def test_traces_become_rows_of_each_format_and_what_is_left_out_is_counted(track
     # one row per conversation: turn1 and turn2 are inside turn3's row, tools and tool calls kept
     assert chat[0]["messages"][-1] == bot("It has shipped.") and len(chat[0]["messages"]) == 6
     assert chat[0]["tools"] == TOOLS and chat[0]["messages"][3]["tool_calls"][0]["function"]["name"] == "order_status"
-    assert chat[1:] == [{"messages": [user("capital of France?"), bot("Paris")]},
-                        {"messages": [user("2+2?"), bot("4")]}, {"messages": [user("bye"), bot("goodbye")]}]
+    assert [{"messages": r["messages"]} for r in chat[1:]] == [
+        {"messages": [user("capital of France?"), bot("Paris")]}, {"messages": [user("2+2?"), bot("4")]},
+        {"messages": [user("bye"), bot("goodbye")]}]
+    # each chat row keeps the answer the traced model gave (the teacher's: an expectation replaced "Lyon")
+    assert [(r["teacher"]["answer"], r["teacher"]["model"]) for r in chat[1:]] == [
+        ("Lyon", "m"), ("4", "m"), ("goodbye", None)]
     assert got.row_traces[0] == sorted([t["turn1"], t["turn2"], t["turn3"]])
     assert got.summary()["read"] == 11 and got.used == 6 and dict(got.left_out) == {
         "negative feedback": 1, "answer cut off at the length limit (finish_reason length)": 1, "empty answer": 1,
@@ -138,8 +142,9 @@ def test_a_corrected_earlier_turn_is_its_own_row_and_weight_zero_in_the_conversa
     mlflow.flush_trace_async_logging()
     mlflow.log_expectation(trace_id=first, name="expected_response", value="Hello, how can I help?")
     got, chat = rows("chat")
-    assert chat == [{"messages": [user("hi"), bot("Hello, how can I help?")]},
-                    {"messages": [user("hi"), bot("yo", weight=0), user("price?"), bot("10 euros")]}]
+    assert [r["messages"] for r in chat] == [[user("hi"), bot("Hello, how can I help?")],
+                                             [user("hi"), bot("yo", weight=0), user("price?"), bot("10 euros")]]
+    assert [r["teacher"]["answer"] for r in chat] == ["yo", "10 euros"]  # what the traced model answered
     assert got.groups[0] == got.groups[1]  # one conversation: held out together
     groups = ["a", "a", "b", "c", "c", "d"]
     train, held = hold_out_groups(groups, 0.5, seed=1)
@@ -276,6 +281,9 @@ def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineag
                                        {"role": "assistant", "content": t["a1"]},
                                        {"role": "user", "content": "And my username?"}]
     assert chat[1]["messages"][-1] == {"role": "assistant", "content": "It ships tomorrow."}
+    # each row keeps what the served model answered and its cost, as the autologged span has them (the teacher)
+    assert chat[1]["teacher"]["answer"] != "It ships tomorrow." and chat[1]["teacher"]["latency_s"] > 0
+    assert all(row["teacher"]["model"].startswith("bot-v") for row in chat), [row["teacher"] for row in chat]
     assert [m["content"] for m in chat[3]["messages"]][0] == "What are your opening hours?"
     for fmt, n in (("preference", 1 + t["differ"]), ("unpaired_preference", 4)):
         out = runner.invoke(main, ["data", "from-traces", "traces:support-app", "--format", fmt, "-o",
@@ -293,6 +301,8 @@ def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineag
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("from-traces").experiment_id])
     assert run.info.status == "FINISHED"
+    # the held-out conversation's logged answers are the teacher contender; the verdict weighs the student against it
+    assert "eval/teacher/rougeL" in run.data.metrics and "Student vs teacher:" in run.data.tags["finetune.verdict"]
     inputs = {i.dataset.name + ":" + next(tag.value for tag in i.tags if tag.key == "mlflow.data.context"): i
               for i in run.inputs.dataset_inputs}
     train, held = inputs["traces-support-app:training"], inputs["traces-support-app-eval:eval"]

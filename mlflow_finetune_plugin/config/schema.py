@@ -422,6 +422,8 @@ class EvalConfig(Section):
     retrieval_k: int | None = Field(
         None, ge=0, description="Train conversations most similar to each held-out question (BM25 over the user "
                                 "turns) given to the base model as shots; default: fewshot_k; 0 skips that contender.")
+    teacher_params: int | None = Field(None, gt=0, description="Parameters of the teacher whose answers the held-out "
+                                       "rows carry (`teacher`), for the cost columns; unknown when not given.")
     output_format: Literal["text", "json"] = Field(
         "text", description="json: also score `json_valid`, the share of answers that parse (and fit json_schema).")
     json_schema: dict | None = Field(None, description="JSON Schema the answers must conform to (output_format json).")

@@ -19,9 +19,6 @@ from mlflow_finetune_plugin.errors import FinetuneError
 
 FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "preference", "prompt_only", "unpaired_preference")
 ROLES = ("system", "user", "assistant", "tool")
-# A row's teacher answer (`-e distill`): {"answer", "model", "prompt_tokens", "completion_tokens", "latency_s",
-# "finish_reason"}; chat rows keep it beside `messages` (held-out rows: the teacher scored as a contender).
-TEACHER = "teacher"
 # The fields `data.columns` can point at another column of the file (LLaMA-Factory's `columns`).
 COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected", "label", "system", "tools", "instruction",
            "input", "output")

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow_finetune_plugin.data.formats import (
-    TEACHER,
     DataError,
     DataIssue,
     row_formats,
@@ -24,6 +23,7 @@ from mlflow_finetune_plugin.data.formats import (
     to_messages,
 )
 from mlflow_finetune_plugin.data.read import read_records_lenient
+from mlflow_finetune_plugin.data.teacher import TEACHER_KEY
 from mlflow_finetune_plugin.data.traces import is_traces, query_of, read_traces
 from mlflow_finetune_plugin.data.validation import validate_records
 
@@ -114,16 +114,17 @@ def prompt_sets(recipe) -> list[PromptSet]:
 
 
 def answered_row(prompt: Prompt, answer: dict, held_out: bool) -> dict | None:
-    """The chat row of a prompt and the teacher's answer (`answer`: the TEACHER mapping with finish_reason), the
-    teacher's answer also the row's unless a held-out row has a reference of its own; None where the answer is empty or
-    cut and there is no reference to keep the row."""
+    """The chat row of a prompt and the teacher's answer (`answer`: the row key `teacher`, `data/teacher.py`, with
+    finish_reason), the teacher's answer also the row's unless a held-out row has a reference of its own; None where
+    the answer is empty or cut and there is no reference to keep the row."""
     usable = answer["answer"].strip() and answer.get("finish_reason") != "length"
-    own = not (held_out and prompt.reference is not None)  # the row's answer is the teacher's own
+    # A held-out row's own answer stays its target: the evaluation scores every contender, the teacher too, against
+    # it (evaluate/teacher.py tells such rows from those whose target is the teacher's own answer)
+    own = not (held_out and prompt.reference is not None)
     target = prompt.reference if not own else {"role": "assistant", "content": answer["answer"]} if usable else None
     if target is None:
         return None
-    # is_reference: scored against itself, the teacher would win by construction (held-out rows without a reference)
-    row = {"messages": prompt.messages + [target], TEACHER: {**answer, "is_reference": own}}
+    row = {"messages": prompt.messages + [target], TEACHER_KEY: answer}
     return {**row, "tools": prompt.tools} if prompt.tools else row
 
 

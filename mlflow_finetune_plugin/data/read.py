@@ -14,7 +14,6 @@ from pathlib import Path
 from mlflow_finetune_plugin.data.formats import (  # noqa: F401 - re-exported: the data layer's public names
     FORMATS,
     ROLES,
-    TEACHER,
     DataError,
     DataIssue,
     column_map,
@@ -28,6 +27,7 @@ from mlflow_finetune_plugin.data.formats import (  # noqa: F401 - re-exported: t
     tools_of,
     unpaired_row,
 )
+from mlflow_finetune_plugin.data.teacher import TEACHER_KEY, teacher_column
 from mlflow_finetune_plugin.data.traces import TraceQuery, is_traces, query_of, read_traces
 from mlflow_finetune_plugin.data.validation import validate_records  # noqa: F401 - re-exported
 
@@ -313,8 +313,8 @@ def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, ta
         tools = [tools_of(rec) for _, rec in records]
         if any(tools):  # TRL hands a row's `tools` (JSON text here: one Arrow type for any schema) to the template
             rows = [{**row, "tools": json.dumps(t) if t else None} for row, t in zip(rows, tools)]
-        if any(TEACHER in rec for _, rec in records):  # a teacher's answer (-e distill), kept for evaluation
-            rows = [{**row, TEACHER: rec.get(TEACHER)} for row, (_, rec) in zip(rows, records)]
+        if (teachers := teacher_column([rec for _, rec in records])) is not None:  # for evaluation, as JSON text
+            rows = [{**row, TEACHER_KEY: t} for row, t in zip(rows, teachers)]
     try:
         # Tool-call arguments differ from call to call: Arrow stores such values as JSON instead of one struct that
         # would give every call every other call's argument names, as nulls. The same keeps a prompt_only column

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from mlflow_finetune_plugin.messages import text_of
+
 # Why a trace was left out, as the report says it.
 FAILED, NO_CALL, UNKNOWN, EMPTY, CUT, NEGATIVE, UNRATED, UNPAIRED = (
     "failed (trace state ERROR)", "no CHAT_MODEL span", "model calls in a message format not read here",
@@ -29,6 +31,7 @@ class Call:
     verdict: bool | None = None      # feedback: True up, False down, None none
     correction: dict | None = None   # an expectation: the answer to learn instead
     group: str = ""                  # the conversation it belongs to
+    cost: dict | None = None         # model, prompt_tokens, completion_tokens, latency_s (`call_cost`)
 
     @property
     def conversation(self) -> list[dict]:
@@ -37,6 +40,30 @@ class Call:
     @property
     def target(self) -> dict:
         return self.correction or self.answer
+
+
+def call_cost(span, inputs: dict, outputs) -> dict:
+    """What a CHAT_MODEL span says the call cost: the model's name (MLflow's `mlflow.llm.model` attribute, else the
+    call's `model` argument or the response's), its token usage (`mlflow.chat.tokenUsage`, else the response's
+    `usage`; None where neither says) and the span's duration in seconds."""
+    usage = span.get_attribute("mlflow.chat.tokenUsage") or {}
+    given = (outputs.get("usage") if isinstance(outputs, dict) else None) or {}
+    prompt = usage.get("input_tokens", given.get("prompt_tokens", given.get("input_tokens")))
+    completion = usage.get("output_tokens", given.get("completion_tokens", given.get("output_tokens")))
+    model = span.get_attribute("mlflow.llm.model") or inputs.get("model") or (
+        outputs.get("model") if isinstance(outputs, dict) else None)
+    start, end = span.start_time_ns, span.end_time_ns
+    return {"model": model if isinstance(model, str) else None,
+            "prompt_tokens": prompt if isinstance(prompt, int) else None,
+            "completion_tokens": completion if isinstance(completion, int) else None,
+            "latency_s": (end - start) / 1e9 if start and end and end >= start else None}
+
+
+def _teacher(c: Call) -> dict:
+    """The row's `teacher` (data/teacher.py): the logged answer, whatever the row's target (a correction replaces
+    it there), with what the call cost."""
+    return {"answer": text_of(c.answer.get("content")), **(c.cost or {"model": None, "prompt_tokens": None,
+                                                                      "completion_tokens": None, "latency_s": None})}
 
 
 def _key(messages: list[dict]) -> str:
@@ -91,7 +118,8 @@ def _chat_rows(calls: list[Call], query) -> list:
                 ids.add(earlier.trace_id)
                 if earlier.correction is not None or earlier.verdict is False or earlier.problem:
                     messages[n - 1]["weight"] = 0
-        rows.append((_with_tools({"messages": messages + [c.target]}, c), c.group, sorted(ids)))
+        rows.append((_with_tools({"messages": messages + [c.target], "teacher": _teacher(c)}, c), c.group,
+                     sorted(ids)))
     return rows
 
 

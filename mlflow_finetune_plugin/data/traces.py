@@ -29,6 +29,7 @@ from mlflow_finetune_plugin.data.trace_rows import (
     UNPAIRED,
     UNRATED,
     Call,
+    call_cost,
     conversations,
     make_rows,
 )
@@ -185,7 +186,7 @@ def read_call(trace_id: str, span) -> Call:
     if any(m is None for m in prompt) or call.answer is None:
         call.problem = UNKNOWN
         return call
-    call.prompt, call.tools = prompt, tools or None
+    call.prompt, call.tools, call.cost = prompt, tools or None, call_cost(span, inputs, outputs)
     if call.finish_reason == "length":
         call.problem = CUT
     elif not (call.answer.get("content") or "").strip() and not call.answer.get("tool_calls"):

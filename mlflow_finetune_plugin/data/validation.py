@@ -17,6 +17,7 @@ from mlflow_finetune_plugin.data.formats import (
     sharegpt_messages,
     sharegpt_tags,
 )
+from mlflow_finetune_plugin.data.teacher import TEACHER_KEY, check_teacher
 
 
 def validate_records(records, fmt, path, tags=None) -> list[DataIssue]:
@@ -31,12 +32,13 @@ def validate_records(records, fmt, path, tags=None) -> list[DataIssue]:
 
 
 def _check_row_fields(rec: dict) -> list[str]:
-    """The optional per-row columns every format may carry: `system` (text) and `tools`."""
+    """The optional per-row columns every format may carry: `system` (text), `tools` and `teacher`
+    (`data/teacher.py`)."""
     errors = []
     if rec.get("system") is not None and not isinstance(rec["system"], str):
         errors.append(f"'system' must be a string, got {json_type(rec['system'])}")
     _, tools_error = parse_tools(rec.get("tools"))
-    return errors + ([tools_error] if tools_error else [])
+    return errors + ([tools_error] if tools_error else []) + check_teacher(rec.get(TEACHER_KEY))
 
 
 def _check_text(rec: dict, key: str) -> list[str]:

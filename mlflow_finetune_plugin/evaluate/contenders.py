@@ -15,6 +15,7 @@ import random
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.evaluate.cost import answer_costs, answer_lengths, parameter_counts
 from mlflow_finetune_plugin.evaluate.report import EvalResult, add_answers, log_evaluation, table_rows
 from mlflow_finetune_plugin.evaluate.retrieval import nearest_shots
 from mlflow_finetune_plugin.evaluate.scoring import (
@@ -24,9 +25,10 @@ from mlflow_finetune_plugin.evaluate.scoring import (
     reference_nll,
     score_and_prefill,
 )
+from mlflow_finetune_plugin.evaluate.teacher import agreement_metrics, complete, score_teacher
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
-from mlflow_finetune_plugin.metrics import CONTENDERS
+from mlflow_finetune_plugin.metrics import CONTENDERS, TEACHER
 from mlflow_finetune_plugin.models.answers import answer_text
 from mlflow_finetune_plugin.models.architecture import cache_abilities
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
@@ -40,15 +42,19 @@ def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
 
 
 def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train_conversations: list[list[dict]],
-                   cfg, base_model=None) -> EvalResult:
+                   cfg, base_model=None, teachers: list[dict | None] | None = None) -> EvalResult:
     """Score base zero-shot, base few-shot, base with retrieved shots and tuned on the first `cfg.max_examples` eval
-    conversations (greedy).
+    conversations (greedy), with what each answer cost (`cost.py`).
 
     `model` is a PeftModel (the base is the same weights with the adapter disabled) or a full model with
-    `base_model` given; with neither there is no base to compare and only `tuned` is scored.
+    `base_model` given; with neither there is no base to compare and only `tuned` is scored. `teachers`: each eval
+    conversation's `teacher` (data/teacher.py); where every scored one has one, the teacher is scored too
+    (`teacher.py`).
     """
-    examples = [pair for conv in eval_conversations if (pair := split_conversation(conv)) and pair[0]]
-    examples = examples[: cfg.max_examples]
+    teachers = teachers or [None] * len(eval_conversations)
+    kept = [(pair, t) for conv, t in zip(eval_conversations, teachers)
+            if (pair := split_conversation(conv)) and pair[0]]
+    examples, teachers = [p for p, _ in kept][: cfg.max_examples], [t for _, t in kept][: cfg.max_examples]
     if not examples:
         raise FinetuneError("evaluation: no held-out conversation has a prompt followed by an assistant answer; "
                             "each eval row needs at least a user message and the assistant's reply")
@@ -74,14 +80,23 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
     rows = table_rows(examples)
     train_answers = answer_set(text_of(m.get("content")) for conv in train_conversations for m in conv
                                if m.get("role") == "assistant")
-    contenders = [c for c in CONTENDERS if c in runs]
-    for name in contenders:
+    params = parameter_counts(model, base_model)
+    if complete(teachers):
+        answers, totals, per_example = score_teacher(teachers, references, cfg, train_answers)
+        metrics.update({f"eval/{TEACHER}/{k}": v for k, v in totals.items()})
+        add_answers(rows, TEACHER, answers, per_example)
+    contenders = [c for c in CONTENDERS if c in runs or c == TEACHER and complete(teachers)]
+    for name in [c for c in contenders if c in runs]:
         context, prompts = runs[name]
         with context as contender:
-            answers, nll, n_tokens = _answer_all(contender, tokenizer, prompts, references, cfg, name)
+            answers, nll, n_tokens, seconds = _answer_all(contender, tokenizer, prompts, references, cfg, name)
         totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg, train_answers)
+        totals.update(answer_costs([_n_tokens(tokenizer, p) for p in prompts], answer_lengths(tokenizer, answers),
+                                   seconds, params.get("tuned" if name == "tuned" else "base")))
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
         add_answers(rows, name, answers, per_example)
+    if TEACHER in contenders:
+        metrics.update(agreement_metrics(rows, contenders, teachers, references))
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:12]
     return EvalResult(metrics, rows, contenders, shots if "fewshot" in runs else [], digest,
                       retrieved if "retrieval" in runs else [], prompts=[p for p, _ in examples],
@@ -176,7 +191,10 @@ def _mergeable_lora_layers(model) -> list:
 
 
 def _answer_all(model, tokenizer, prompts, references, cfg, name):
-    """Greedy answers to every prompt and the summed NLL of every reference, in batches, with a progress bar."""
+    """Greedy answers to every prompt, the summed NLL of every reference and each answer's seconds (its batch's wall
+    time over the batch's rows: `cost.py`), in batches, with a progress bar."""
+    import time
+
     from tqdm.auto import tqdm
 
     from mlflow_finetune_plugin.logged_model import LoadedModel
@@ -187,21 +205,23 @@ def _answer_all(model, tokenizer, prompts, references, cfg, name):
     # Prompts of similar length share a batch, so little of it is padding. Longest first: a batch size too large
     # for memory fails in the first batch, not the last.
     order = sorted(range(len(prompts)), key=lambda i: -_n_tokens(tokenizer, prompts[i]))
-    answers, nll, n_tokens = [""] * len(prompts), 0.0, 0
+    answers, nll, n_tokens, seconds = [""] * len(prompts), 0.0, 0, [0.0] * len(prompts)
     try:
         with tqdm(total=len(prompts), desc=f"eval {name}", unit="example") as progress:
             for start in range(0, len(order), cfg.batch_size):
                 batch = order[start: start + cfg.batch_size]
+                began = time.perf_counter()
                 batch_answers, total, count = answer_and_score(
                     loaded, [prompts[i] for i in batch], [references[i] for i in batch], cfg.max_new_tokens,
                     cfg.num_beams)
+                spent = (time.perf_counter() - began) / len(batch)  # the answers are text: the device is done
                 for i, answer in zip(batch, batch_answers):
-                    answers[i] = answer
+                    answers[i], seconds[i] = answer, spent
                 nll, n_tokens = nll + total, n_tokens + count
                 progress.update(len(batch))
     finally:
         model.train(was_training)
-    return answers, nll, n_tokens
+    return answers, nll, n_tokens, seconds
 
 
 def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
@@ -319,7 +339,7 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
                                          **{k: v for k, v in overrides.items() if v is not None}})
     except ValueError as e:
         raise FinetuneError(f"evaluation settings: {e}") from None
-    eval_convs = _eval_conversations(data, recipe, source_run)
+    eval_convs, teachers = _eval_conversations(data, recipe, source_run)
     train_path = train_data or data_cfg.get("train")
     train_convs = []
     if (cfg.fewshot_k or retrieval_k(cfg)) and train_path and _exists(train_path):
@@ -332,7 +352,8 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
     base_model = None
     if not hasattr(loaded.model, "disable_adapter") and loaded.config.get("base_model"):
         base_model = load_logged_base(loaded.config, loaded.model.dtype).to(loaded.model.device)
-    result = run_evaluation(loaded.model, loaded.tokenizer, eval_convs, train_convs, cfg, base_model=base_model)
+    result = run_evaluation(loaded.model, loaded.tokenizer, eval_convs, train_convs, cfg, base_model=base_model,
+                            teachers=teachers)
     experiment_id = mlflow.MlflowClient().get_run(source_run).info.experiment_id if source_run and not run_id else None
     label = f"{name} v{version}" if name else model_uri
     with mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
@@ -401,27 +422,36 @@ def trained_system_prompt(rows, configured: str | None = None) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def _eval_conversations(data: str | None, recipe: dict, source_run: str | None) -> list[list[dict]]:
-    """--data, else the source run's eval file, else its held-out split of the train file rebuilt (same seed)."""
+def _eval_conversations(data: str | None, recipe: dict, source_run: str | None
+                        ) -> tuple[list[list[dict]], list[dict | None]]:
+    """(conversations, their `teacher`s): --data, else the source run's eval file, else its held-out split of the
+    train file rebuilt (same seed)."""
+    from mlflow_finetune_plugin.data.read import load_training_dataset
+    from mlflow_finetune_plugin.data.teacher import teachers
+
     data_cfg = recipe.get("data") or {}
-    mapping = {"system_prompt": data_cfg.get("system_prompt"), "columns": data_cfg.get("columns"),
-               "tags": data_cfg.get("tags")}
+    mapping = (data_cfg.get("system_prompt"), data_cfg.get("columns"), data_cfg.get("tags"))
+
+    def read(path):
+        rows, _ = load_training_dataset(path, "auto", *mapping)
+        return conversations(rows), teachers(rows)
+
     if data:
-        return read_conversations(data, **mapping)
+        return read(data)
     recorded = data_cfg.get("eval")
     if recorded and _exists(recorded):
-        return read_conversations(recorded, **mapping)
+        return read(recorded)
     train, split = data_cfg.get("train"), data_cfg.get("eval_split") or 0
     if not recorded and split > 0 and train and _exists(train):
         from datasets import Dataset
 
         from mlflow_finetune_plugin.data.splits import hold_out
 
-        convs = read_conversations(train, **mapping)[: data_cfg.get("max_rows") or None]
+        convs, taught = (column[: data_cfg.get("max_rows") or None] for column in read(train))
         seed = (recipe.get("train") or {}).get("seed", 42)
         # training's own split, on row numbers: the same rows as the run held out
         _, held_out = hold_out(Dataset.from_dict({"i": list(range(len(convs)))}), split, seed)
-        return [convs[i] for i in held_out["i"]]
+        return [convs[i] for i in held_out["i"]], [taught[i] for i in held_out["i"]]
     where = f"run {source_run}" if source_run else "this model"
     raise FinetuneError(f"no eval data: {where} records {recorded or 'no eval file'}"
                         f"{' (not on this machine)' if recorded else ''}. Pass --data path/to/eval.jsonl")

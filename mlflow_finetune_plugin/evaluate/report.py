@@ -108,8 +108,9 @@ def comparison_figure(metrics: dict[str, float]):
         xs = [j + i * width for j in range(len(names))]
         bars = ax_scores.bar(xs, [metrics.get(f"eval/{c}/{m}", 0.0) for m in names], width, label=c, color=f"C{i}")
         ax_scores.bar_label(bars, fmt="%.2f", fontsize=7)
-        bars = ax_loss.bar([i], [metrics.get(f"eval/{c}/loss", 0.0)], 0.8, color=f"C{i}")
-        ax_loss.bar_label(bars, fmt="%.2f", fontsize=7)
+        if f"eval/{c}/loss" in metrics:  # a teacher's logged answers have none: no bar, rather than a 0
+            bars = ax_loss.bar([i], [metrics[f"eval/{c}/loss"]], 0.8, color=f"C{i}")
+            ax_loss.bar_label(bars, fmt="%.2f", fontsize=7)
     ax_scores.set_xticks([j + width * (len(contenders) - 1) / 2 for j in range(len(names))], names)
     ax_scores.set_ylim(0, 1)
     ax_scores.set_title("answer quality (higher is better)", fontsize="medium")

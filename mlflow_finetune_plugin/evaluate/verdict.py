@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.metrics import (
+    ALTERNATIVE_LABELS,
     ALTERNATIVES,
     CONTENDERS,
     FORGETTING_PREFIX,
@@ -36,8 +37,7 @@ MIN_EXAMPLES = VERDICT_MIN_EXAMPLES
 SCORES_FILE = "eval/per_example_scores.json"
 # The primary metric when no promotion gate names one with per-example scores: the first of these that was scored.
 PREFERRED = ("rougeL", "reward", "pair_accuracy", "token_f1", "chrf", "exact_match", "json_valid")
-LABELS = {"base": "zero-shot prompting", "fewshot": "few-shot prompting", "retrieval": "retrieval prompting",
-          "length": "the longer answer winning"}
+LABELS = ALTERNATIVE_LABELS
 NONE = "none"  # best_alternative when no prompt-only contender was scored
 
 
@@ -53,6 +53,8 @@ class Verdict:
     n: int = 0
     ppl_ratio: float | None = None         # eval/forgetting/ppl_ratio, when measured
     reason: str = ""                       # why there is no comparison at all
+    teacher: str = ""                      # with a teacher contender: can the student stand in (teacher.py)?
+    cost: str = ""                         # what an answer costs each contender (cost.cost_line)
 
     @property
     def margin(self) -> float | None:
@@ -62,7 +64,11 @@ class Verdict:
         return self.alternative - self.tuned if lower_is_better(self.metric) else self.tuned - self.alternative
 
     def sentence(self) -> str:
-        """The verdict in one sentence, with the margin and, when measured, the forgetting ratio."""
+        """The verdict in one sentence, with the margin and, when measured, the forgetting ratio; with a teacher, a
+        second sentence on whether the student can stand in for it."""
+        return f"{self._against_alternatives()}. {self.teacher}" if self.teacher else self._against_alternatives()
+
+    def _against_alternatives(self) -> str:
         forgetting = "" if self.ppl_ratio is None else f"; general-text perplexity x{self.ppl_ratio:.2f}"
         if self.margin is None:
             return f"no verdict: {self.reason}{forgetting}"
@@ -147,8 +153,12 @@ def conclude(run_id: str, gates=None, scores: dict | None = None) -> Verdict:
     forgetting ratio; set as its tags and metrics, and returned. With nothing evaluated: "no verdict", not paid off."""
     from mlflow import MlflowClient
 
+    from mlflow_finetune_plugin.evaluate.cost import cost_line
+    from mlflow_finetune_plugin.evaluate.teacher import teacher_sentence
+
     client = MlflowClient()
-    ratio = client.get_run(run_id).data.metrics.get(f"{FORGETTING_PREFIX}ppl_ratio")
+    metrics = client.get_run(run_id).data.metrics
+    ratio = metrics.get(f"{FORGETTING_PREFIX}ppl_ratio")
     scores = scores if scores is not None else _logged_scores(client, run_id)
     metric = primary_metric(gates, scores) if scores else None
     if metric is None:
@@ -156,6 +166,8 @@ def conclude(run_id: str, gates=None, scores: dict | None = None) -> Verdict:
                                                          "eval.enabled: false)")
     else:
         verdict = decide({name: values.get(metric) for name, values in scores.items()}, metric, ratio)
+        verdict.teacher = teacher_sentence(metrics, scores, metric, paired_bootstrap) or ""
+    verdict.cost = cost_line(metrics) or ""
     for key, value in verdict.as_tags().items():
         client.set_tag(run_id, key, value)
     for key, value in verdict.as_metrics().items():

@@ -127,3 +127,53 @@ def _after_markup(text: str, fmt: ChatFormat, final: bool) -> str | None:
     if _THINK_OPEN.startswith(s) and not final:
         return None
     return s
+
+
+def response_template(tokenizer) -> dict | None:
+    """transformers' declarative response template (`tokenizer.response_template`, which `transformers serve` and
+    `tokenizer.parse_response` read) that reads a generation as `answer_text` does: the reasoning between the
+    format's markers as `reasoning_content`, the reply after its lead (gpt-oss's `<|channel|>final<|message|>`) as
+    `content`, ended by any end-of-turn token. None for a format that writes nothing ahead of a reply, where
+    decoding without special tokens already reads it right."""
+    fmt = chat_format(tokenizer)
+    if not fmt.lead and not fmt.reasoning_open:
+        return None
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                              add_generation_prompt=gen) for gen in (False, True)]
+    header = rendered[1][len(rendered[0]):] if rendered[1].startswith(rendered[0]) else ""
+    header = header[: len(header) - len(fmt.prefill)] if fmt.prefill and header.endswith(fmt.prefill) else header
+    if not header.strip():
+        return None  # no anchor to find the answer's start by
+    # The markers without their surrounding whitespace, as `_after_markup` reads them (a model need not write a
+    # template's exact newlines around them).
+    open_, close, lead = fmt.reasoning_open.strip(), fmt.reasoning_close.strip(), fmt.lead.strip()
+    fields = {}
+    if open_ and close:
+        fields["reasoning_content"] = {"open": open_, "close": close, "content": "text"}
+    if lead:
+        # The lead is a region of its own that closes at once: what follows it is the reply (the implicit region).
+        fields["lead"] = {"open": lead, "close_pattern": "", "content": "text"}
+    ends = list(dict.fromkeys((*fmt.end_of_turn, *fmt.turn_ends)))
+    fields["content"] = {"close": ends, "content": "text"}
+    return {"defaults": {"role": "assistant"}, "start_anchor": header, "fields": fields}
+
+
+def add_response_template(tokenizer, model_type: str) -> bool:
+    """Give `tokenizer` the `response_template` above where `transformers serve` would otherwise stream the raw
+    decode (no template of its own, none built into transformers for `model_type`); True when one was added."""
+    if getattr(tokenizer, "response_template", None) is not None:
+        return False
+    try:
+        from transformers.cli.serving.utils import get_response_template
+    except ImportError:  # a transformers whose server parses no responses: the template does no harm
+        get_response_template = None
+    if get_response_template is not None:
+        from types import SimpleNamespace
+
+        if get_response_template(tokenizer, SimpleNamespace(config=SimpleNamespace(model_type=model_type))):
+            return False
+    template = response_template(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    if template is None:
+        return False
+    tokenizer.response_template = template
+    return True

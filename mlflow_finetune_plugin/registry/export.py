@@ -25,6 +25,7 @@ from pathlib import Path
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.models.answers import add_response_template
 from mlflow_finetune_plugin.registry.gguf import GGUF_TYPES, check_gguf_support, write_gguf
 from mlflow_finetune_plugin.registry.llama_cpp import find_llama_cpp
 
@@ -138,7 +139,10 @@ def _write_folder(local: Path, config: dict, artifacts: dict[str, Path], out: Pa
         _refuse_unmergeable(artifacts["adapter"])
         _write_merged(local, config, out, echo)
         merged = True
-    AutoTokenizer.from_pretrained(artifacts["tokenizer"]).save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(artifacts["tokenizer"])
+    # `transformers serve OUT` then reads the final answer out of channel markup (gpt-oss), as predict does
+    add_response_template(tokenizer, json.loads((out / "config.json").read_text()).get("model_type", ""))
+    tokenizer.save_pretrained(out)
     return merged
 
 

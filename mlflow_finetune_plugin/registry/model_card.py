@@ -136,7 +136,8 @@ def _eval_section(metrics: dict) -> str:
     head = (f"On {int(n)} held-out examples" if n else "On the held-out examples") + ": the base model zero-shot, "\
         "with random train examples as shots (fewshot), with the train examples most similar to each question as "\
         "shots (retrieval), and the tuned model (`*` marks the best of each row; lower is better for loss, "\
-        "perplexity and misrouted)."
+        "perplexity and misrouted); under them, what an answer cost each (tokens, median seconds on the machine "\
+        "that evaluated, parameters)."
     other = {k: v for k, v in metrics.items() if k not in table and k.split("/")[-1] not in _TRAINER_BOOKKEEPING
              and (k.count("/") == 2 and k.split("/")[1] in (*CONTENDERS, "start") or k.count("/") == 1)
              and k.startswith("eval/") and k != "eval/n_examples"}

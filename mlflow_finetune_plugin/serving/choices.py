@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.models.answers import add_response_template
 from mlflow_finetune_plugin.registry import versions as registry
 from mlflow_finetune_plugin.serving.base import ModelChoice
 from mlflow_finetune_plugin.vllm_rules import MERGED, REWARD_MODEL, adapter_servable, merges_for_vllm
@@ -285,6 +286,9 @@ def served_name(choice: ModelChoice) -> str:
     return f"{choice.name}-v{choice.version}" + ("-base" if choice.base else "")
 
 
+MERGED_LAYOUT = 2
+
+
 def merged_folder(choice: ModelChoice) -> Path:
     """A full model folder for `choice` (made once, cached): the adapter merged into the base, the full
     fine-tune's weights, or (`:base`) the base weights; always with the version's logged tokenizer and chat
@@ -294,7 +298,8 @@ def merged_folder(choice: ModelChoice) -> Path:
     from mlflow_finetune_plugin.paths import cache_root
 
     local = local_model(choice)
-    digest = hashlib.sha256(str(local.path).encode()).hexdigest()[:10]
+    # MERGED_LAYOUT: folders made before the tokenizer carried its response template are made again
+    digest = hashlib.sha256(f"{local.path}:{MERGED_LAYOUT}".encode()).hexdigest()[:10]
     dest = cache_root() / "serving" / "merged" / digest / served_name(choice)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
@@ -334,7 +339,10 @@ def _write_full_model(local: LocalModel, out: Path) -> None:
                                     f"{c.name}/{c.version} --engine transformers`")
             model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(local.tokenizer_dir).save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(local.tokenizer_dir)
+    # `transformers serve` reads the final answer through it (gpt-oss's channels), as the other engines do
+    add_response_template(tokenizer, model.config.model_type)
+    tokenizer.save_pretrained(out)
 
 
 _UNMERGEABLE = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")

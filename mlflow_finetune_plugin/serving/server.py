@@ -5,7 +5,10 @@
   from one process. A version of a served model registered later is loaded on its first request, without a restart
   (vLLM's runtime LoRA loading).
 - transformers: `transformers serve FOLDER` on a merged copy (adapter folded into the base with PEFT's
-  `merge_and_unload`), because `transformers serve` loads full model folders, not adapters.
+  `merge_and_unload`), because `transformers serve` loads full model folders, not adapters. It runs with the chat
+  templates' clock pinned (`transformers_cli.py`), and the copy's tokenizer carries a response template where the
+  server has none for the model's format (`answers.add_response_template`: gpt-oss's channels), so it answers as
+  the logged model's `predict` does.
 
 Both run as a child behind the OpenAI-compatible front (`front.py`), which opens the port only once every model
 answers, and stops the child's whole process group (vLLM's EngineCore included) on a stop signal.
@@ -126,7 +129,7 @@ def transformers_command(choice: ModelChoice, host: str = "127.0.0.1", port: int
     requests is `served_name(choice)` rather than a long cache path.
     """
     folder = merged_folder(choice)
-    argv = [sys.executable, "-m", "transformers.cli.transformers", "serve", folder.name,
+    argv = [sys.executable, "-m", "mlflow_finetune_plugin.serving.transformers_cli", "serve", folder.name,
             "--host", host, "--port", str(port), *extra]
     # The update check would reach for PyPI at every start; servers are often offline.
     return ServerCommand(argv, cwd=str(folder.parent), env={"HF_HUB_DISABLE_UPDATE_CHECK": "1"},

@@ -134,6 +134,8 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     else:
         publish.log_and_register(recipe, tuned, tokenizer, config, tags)
     print(f"\nVerdict: {verdict.sentence()}")
+    if verdict.cost:
+        print(verdict.cost)
 
 
 def _model_config(recipe, adapter, data, tokenizer, base_ref: str, base_revision) -> dict:

@@ -79,12 +79,13 @@ def _logits_teacher(recipe, model):
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
     """Base zero-shot, base few-shot and tuned on the held-out rows; metrics, table and chart go to the run."""
+    from mlflow_finetune_plugin.data.teacher import teachers
     from mlflow_finetune_plugin.evaluate.contenders import conversations, run_evaluation
     from mlflow_finetune_plugin.evaluate.report import log_evaluation, misrouted_note
     from mlflow_finetune_plugin.metrics import comparison_table
 
     result = run_evaluation(model, tokenizer, conversations(eval_ds), conversations(train_ds), recipe.eval,
-                            base_model=base_model)
+                            base_model=base_model, teachers=teachers(eval_ds))
     log_evaluation(result)
     print(comparison_table(result.metrics))
     if note := misrouted_note(result.metrics):
@@ -97,21 +98,23 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
     With one adapter per task, each task is scored with its own adapter."""
     import hashlib
 
+    from mlflow_finetune_plugin.data.teacher import teachers
     from mlflow_finetune_plugin.evaluate.contenders import conversations, run_evaluation
     from mlflow_finetune_plugin.evaluate.report import EvalResult, log_evaluation
     from mlflow_finetune_plugin.metrics import comparison_table
 
-    per_task, merged_rows, examples = {}, [], 0
+    per_task, merged_rows, examples, expected = {}, [], 0, 0
     for name, ds in evals.items():
         print(f"\nTask {name}:")
         if recipe.data.adapters == "per_task":
             model.set_adapter(name)
         result = run_evaluation(model, tokenizer, conversations(ds), conversations(trains[name]), recipe.eval,
-                                base_model=base_model)
+                                base_model=base_model, teachers=teachers(ds))
         print(comparison_table(result.metrics))
         per_task[name] = result.metrics
         merged_rows += [{"task": name, **row} for row in result.rows]
         examples += int(result.metrics.get("eval/n_examples", 0))
+        expected += int(result.metrics.get("eval/n_expected", 0))  # rows whose target replaced a teacher's answer
     metrics = {}
     for name, task_metrics in per_task.items():
         for key, value in task_metrics.items():
@@ -126,7 +129,8 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
     print("\nAll tasks (mean over tasks):")
     print(comparison_table(overall))
     digest = hashlib.sha256(",".join(sorted(per_task)).encode()).hexdigest()[:12]
-    log_evaluation(EvalResult({**overall, **metrics, "eval/n_examples": examples}, merged_rows,
+    counts = {"eval/n_examples": examples, **({"eval/n_expected": expected} if expected else {})}
+    log_evaluation(EvalResult({**overall, **metrics, **counts}, merged_rows,
                               data_digest=digest, traces=recipe.eval.traces))
 
 

@@ -32,10 +32,11 @@ loss is computed. Imported only by `objectives.sft` (it imports TRL).
     replay term take the `False` path, whose forward then is Liger's without labels (the logits, as usual).
   Figures for each: docs/benchmarks.md. Entropy is logged with `True` only.
 - Mixtures of experts: the router's load-balancing loss (`train.router_aux_loss`, TRL's `router_aux_loss_coef`) is
-  added on every path. TRL's fused head adds it itself; the chunked and labelled-positions paths call the model
-  without labels, where transformers computes it and leaves it out of the loss, so it is added here, from the
-  router logits of the real tokens only: the padded batch's mask, or the packed rows' (whose mask is removed
-  before the forward pass, so the model alone would count the rows' end padding as tokens).
+  added on every path. TRL's fused head adds it itself on padded batches; the chunked and labelled-positions paths
+  call the model without labels, where transformers computes it and leaves it out of the loss, so it is added here,
+  from the router logits of the real tokens only: the padded batch's mask, or the packed rows' (whose mask is
+  removed before the forward pass, so the model, or TRL's fused head, would count the rows' end padding as tokens:
+  on packed rows the fused head's own term is replaced by this one).
 """
 
 from __future__ import annotations
@@ -190,7 +191,10 @@ class FinetuneSFTTrainer(SFTTrainer):
             self.fused_lm_head = "chunked"  # as above: Liger's head reads lm_head.weight too
         if self.fused_lm_head is True:
             before = self._total_train_tokens
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.aux_loss_enabled and real_mask is not None and model.training and not return_outputs:
+                result = self._fused_loss_real_router_tokens(model, inputs, num_items_in_batch, real_mask)
+            else:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if real_tokens is not None and model.training:
                 # Without an attention mask TRL counts one row's length per batch: count the real tokens instead.
                 self._total_train_tokens = before + self._gathered(real_tokens) // self._tp_size
@@ -236,6 +240,23 @@ class FinetuneSFTTrainer(SFTTrainer):
             self._total_train_tokens += self._gathered(counted) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_loss_real_router_tokens(self, model, inputs, num_items_in_batch, real_mask):
+        """TRL's fused head on packed rows of a mixture of experts: TRL's forward takes the load-balancing loss over
+        `attention_mask`, which packed rows do not pass (it would undo the per-example attention), so every row's
+        end padding would count as routed tokens. The router logits are caught at the backbone instead, TRL's own
+        term is left out for this call, and the loss over the real tokens is added (`_router_loss`)."""
+        caught = []
+        backbone = self.accelerator.unwrap_model(model).get_decoder()
+        hook = backbone.register_forward_hook(lambda module, args, out: caught.append(_router_logits(out)))
+        self.aux_loss_enabled = False
+        try:
+            loss = super().compute_loss(model, {**inputs, "output_router_logits": True}, False, num_items_in_batch)
+        finally:
+            self.aux_loss_enabled = True
+            hook.remove()
+        routed = next((r for r in reversed(caught) if r is not None), None)
+        return loss + self._router_loss(model, routed, real_mask, num_items_in_batch)
 
     def _liger_loss(self, model, inputs, num_items_in_batch, real_tokens):
         """Liger's fused linear cross-entropy (`train.kernels`, models/kernels.py), which replaced the model's forward:
