@@ -19,6 +19,7 @@ import pytest
 
 from mlflow_finetune_plugin import paths
 from mlflow_finetune_plugin.data.teacher import TEACHER_KEY as TEACHER
+from mlflow_finetune_plugin.data.teacher import teacher_of
 from tests.helpers import (
     FAST_OVERRIDES,
     cli_process,
@@ -289,7 +290,7 @@ def test_chat_rows_keep_the_teacher_key_through_the_data_check_and_reading(tmp_p
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert check_data(path).errors == []
     ds, fmt = load_training_dataset(str(path))
-    assert fmt == "chat" and ds[0][TEACHER] == answer and ds[2]["messages"][-1]["content"] == "At nine."
+    assert fmt == "chat" and teacher_of(ds[0]) == answer and ds[2]["messages"][-1]["content"] == "At nine."
 
 
 @pytest.mark.parametrize("overrides, method, says", [
