@@ -165,6 +165,7 @@ def test_the_student_trains_on_the_teachers_answers_and_a_rerun_asks_nothing_aga
     assert all(set(r[TEACHER]) >= {"answer", "model", "prompt_tokens", "completion_tokens", "latency_s"}
                for r in held)
     assert run.data.tags["finetune.distill.teacher"] == f"{proxy.url} (teacher-v1)"
+    assert "eval/teacher/rougeL" in run.data.metrics  # the evaluation scored the teacher as a contender
 
     # A rerun, resuming the first run: every answer comes from the cache, the teacher is not asked again
     proxy.asked.clear()
