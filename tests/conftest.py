@@ -73,6 +73,9 @@ def tracking_uri(tmp_path, monkeypatch):
     # A sqlite store puts artifacts in ./mlruns of the working directory: keep them in the test's folder.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # mlflow.set_registry_uri below exports MLFLOW_REGISTRY_URI: set it here too, so that it is undone afterwards
+    # (a later test's subprocesses would otherwise look up models in this test's store)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     forget_active_experiment()
@@ -83,6 +86,7 @@ def tracking_uri(tmp_path, monkeypatch):
         mlflow.end_run()
     forget_active_experiment()
     mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
 
 
 @pytest.fixture(scope="session")
