@@ -39,6 +39,21 @@ def row(metrics: dict, contender: str, label: str) -> list:
     return cells
 
 
+def evaluate_teacher(c, args, name: str, version: str, reviewed: Path, env: dict, work: Path) -> str:
+    """`mlflow-finetune evaluate` of the teacher on the held-out rows, into a run of its own: the run's id."""
+    experiment = c.get_experiment_by_name("distill-bench") or c.get_experiment(c.create_experiment("distill-bench"))
+    teacher_run = c.create_run(experiment.experiment_id, run_name=f"evaluate {args.teacher}").info.run_id
+    evaluated = subprocess.run(
+        [sys.executable, "-c", "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())",
+         "evaluate", f"models:/{name}/{version}", "--data", str(reviewed), "--max-examples", str(args.max_examples),
+         "--fewshot-k", "0", "--retrieval-k", "0", "--run-id", teacher_run], env=env, cwd=work,
+        capture_output=True, text=True)
+    (work / "logs" / "teacher-evaluate.log").write_text(evaluated.stdout + evaluated.stderr)
+    if evaluated.returncode:
+        raise RuntimeError(f"teacher evaluate failed: see {work / 'logs' / 'teacher-evaluate.log'}")
+    return teacher_run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", required=True, help="the production model, NAME/VERSION")
@@ -47,6 +62,8 @@ def main() -> None:
     parser.add_argument("--train-experiment", default="support-app")
     parser.add_argument("--eval-experiment", default="support-app-reviewed")
     parser.add_argument("--max-examples", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=None, help="the student's train.epochs (default: the recipe's 2)")
+    parser.add_argument("--teacher-run", default=None, help="reuse this run's evaluation of the teacher")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     work, env = setup(args.workdir)
@@ -59,22 +76,18 @@ def main() -> None:
               "registry.name": "support-student"}
     if args.teacher_params:
         params["eval.teacher_params"] = args.teacher_params
+    if args.epochs:
+        params["train.epochs"] = args.epochs
     log("training the student on the teacher's traces")
     student = mlflow_run(params, env, work, "student", project=SUPPORT_BOT)
     log(f"student run {student['run_id']}: {student['exited'] - student['launched']:.0f} s; evaluating the teacher")
     started = time.time()
     name, version = args.teacher.split("/")
     c = client()
-    experiment = c.get_experiment_by_name("distill-bench") or c.get_experiment(c.create_experiment("distill-bench"))
-    teacher_run = c.create_run(experiment.experiment_id, run_name=f"evaluate {args.teacher}").info.run_id
-    evaluated = subprocess.run(
-        [sys.executable, "-c", "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())",
-         "evaluate", f"models:/{name}/{version}", "--data", str(reviewed), "--max-examples", str(args.max_examples),
-         "--fewshot-k", "0", "--retrieval-k", "0", "--run-id", teacher_run], env=env, cwd=work,
-        capture_output=True, text=True)
-    (work / "logs" / "teacher-evaluate.log").write_text(evaluated.stdout + evaluated.stderr)
-    if evaluated.returncode:
-        raise RuntimeError(f"teacher evaluate failed: see {work / 'logs' / 'teacher-evaluate.log'}")
+    if args.teacher_run:
+        teacher_run = args.teacher_run
+    else:
+        teacher_run = evaluate_teacher(c, args, name, version, reviewed, env, work)
     teacher_seconds = time.time() - started
 
     s = c.get_run(student["run_id"])
