@@ -52,6 +52,21 @@ def write_project(root: Path, recipe_yaml: str, rows: list[dict] | None = None, 
     return root
 
 
+def use_store(mp, root: Path) -> str:
+    """A module fixture's sqlite tracking + registry store in `root` (its working folder too), set through the
+    MonkeyPatch `mp` for this process and the servers and runs it starts: the store's URI."""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    forget_active_experiment()
+    return uri
+
+
 def chat_rows(n: int, offset: int = 0) -> list[dict]:
     """n small, distinct chat rows."""
     return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},

@@ -29,6 +29,7 @@ from tests.helpers import (
     register_version,
     stop,
     subprocess_env,
+    use_store,
     wait_for_http,
     write_project,
 )
@@ -89,14 +90,8 @@ def teacher(tmp_path_factory):
     """A tiny registered model `teacher` served by `mlflow-finetune serve` behind a counting proxy, on a sqlite
     store: (store URI, its folder, the proxy)."""
     root = tmp_path_factory.mktemp("distill")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        forget_active_experiment()
+        uri = use_store(mp, root)
         register_version(name="teacher", seed=0, alias="champion")
         port = free_port()
         server = cli_process("serve", "teacher/1", "--engine", "transformers", "--port", str(port))
@@ -114,13 +109,21 @@ def _distill(uri, root, project, experiment, **overrides):
     params = {**FAST_OVERRIDES, **overrides}
     cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "distill", "--backend", "finetune",
            "--experiment-name", experiment] + [a for k, v in params.items() for a in ("-P", f"{k}={v}")]
-    # the registry too: mlflow.set_registry_uri (conftest's tracking_uri fixture) leaves MLFLOW_REGISTRY_URI behind
+    # the registry too: set_registry_uri in the fixtures exports MLFLOW_REGISTRY_URI into this process
     env = {**subprocess_env(uri), "MLFLOW_REGISTRY_URI": uri}
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                               order_by=["attributes.start_time DESC"])
     return proc, runs[0]
+
+
+def _project(tmp_path, prompts=PROMPTS, held_out=True):
+    """The recipe's project with `prompts` as data/prompts.jsonl, and EVAL as its held-out rows (or no data.eval)."""
+    recipe = RECIPE if held_out else RECIPE.replace("  eval: data/eval.jsonl\n", "")
+    project = write_project(tmp_path / "project", recipe, eval_rows=EVAL if held_out else None)
+    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    return project
 
 
 def _rows(path) -> list[dict]:
@@ -130,8 +133,7 @@ def _rows(path) -> list[dict]:
 @pytest.mark.integration
 def test_the_student_trains_on_the_teachers_answers_and_a_rerun_asks_nothing_again(teacher, tmp_path):
     uri, root, proxy = teacher
-    project = write_project(tmp_path / "project", RECIPE, eval_rows=EVAL)
-    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    project = _project(tmp_path)
     proxy.asked.clear()
 
     proc, run = _distill(uri, root, project, "distill", **{"distill.teacher": proxy.url})
@@ -180,8 +182,7 @@ def test_the_student_trains_on_the_teachers_answers_and_a_rerun_asks_nothing_aga
 def test_a_teacher_that_fails_halfway_is_asked_only_for_the_rest_next_time(teacher, tmp_path):
     uri, root, proxy = teacher
     prompts = [{"prompt": f"Crash test {i}?"} for i in range(6)]
-    project = write_project(tmp_path / "project", RECIPE.replace("  eval: data/eval.jsonl\n", ""))
-    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    project = _project(tmp_path, prompts, held_out=False)
     proxy.asked.clear()
     proxy.refuse = {"Crash test 3?"}
     try:
@@ -206,8 +207,7 @@ def test_a_teacher_that_fails_halfway_is_asked_only_for_the_rest_next_time(teach
 def test_a_run_cancelled_while_asking_ends_killed_at_once_and_its_answers_are_kept(teacher, tmp_path):
     uri, root, proxy = teacher
     prompts = [{"prompt": f"Cancel test {i}?"} for i in range(8)]
-    project = write_project(tmp_path / "project", RECIPE.replace("  eval: data/eval.jsonl\n", ""))
-    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    project = _project(tmp_path, prompts, held_out=False)
     overrides = {**FAST_OVERRIDES, "distill.teacher": proxy.url, "distill.concurrency": 1, "data.eval_split": 0.3}
     cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "distill", "--backend", "finetune",
            "--experiment-name", "distill-cancel", "--backend-config", '{"detach": true}'] + [
@@ -247,8 +247,7 @@ def test_a_run_cancelled_while_asking_ends_killed_at_once_and_its_answers_are_ke
 @pytest.mark.integration
 def test_a_teacher_url_that_does_not_answer_fails_the_run_before_training(teacher, tmp_path):
     uri, root, _ = teacher
-    project = write_project(tmp_path / "project", RECIPE, eval_rows=EVAL)
-    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    project = _project(tmp_path)
     url = f"http://127.0.0.1:{free_port()}/v1"
     proc, run = _distill(uri, root, project, "distill-down", **{"distill.teacher": url})
     assert proc.returncode != 0
@@ -262,8 +261,7 @@ def test_a_teacher_url_that_does_not_answer_fails_the_run_before_training(teache
 @pytest.mark.integration
 def test_a_registered_model_teaches_in_this_process(teacher, tmp_path):
     uri, root, proxy = teacher
-    project = write_project(tmp_path / "project", RECIPE, eval_rows=EVAL)
-    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    project = _project(tmp_path)
     proxy.asked.clear()
     proc, run = _distill(uri, root, project, "distill-local", **{"distill.teacher": "models:/teacher@champion"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -384,8 +382,7 @@ def test_the_prompts_of_traces_each_once(tracking_uri, tmp_path):
 @pytest.mark.integration
 def test_a_token_level_loss_against_a_registered_teacher_sharing_the_tokenizer(teacher, tmp_path):
     uri, root, _ = teacher
-    project = write_project(tmp_path / "project", RECIPE, eval_rows=EVAL)
-    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    project = _project(tmp_path)
     logits = {"distill.teacher": "models:/teacher@champion", "distill.loss": "logits", "distill.kl_weight": 0.5}
     proc, run = _distill(uri, root, project, "distill-logits", **logits)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -28,6 +28,7 @@ from tests.helpers import (
     free_port,
     register_version,
     stop,
+    use_store,
     wait_for_http,
 )
 
@@ -44,14 +45,8 @@ def user(text):
 def served(tmp_path_factory):
     """bot v1 served by `serve --trace support-traffic` on a sqlite store: (base URL, version, the server's log)."""
     root = tmp_path_factory.mktemp("served-traces")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        forget_active_experiment()
+        use_store(mp, root)
         version = register_version(seed=0)
         port = free_port()
         server = cli_process("serve", f"bot/{version}", "--engine", "transformers", "--port", str(port),
