@@ -33,6 +33,10 @@ def _submit(proj, tracking_uri, params=None, config=None):
 
 
 
+def _error(run_id) -> str:
+    return MlflowClient().get_run(run_id).data.tags.get("finetune.error", "(no finetune.error tag)")
+
+
 def _whole_checkpoints(run_id) -> list[str]:
     return resume.resumable_checkpoints(MlflowClient(), run_id)
 
@@ -67,7 +71,7 @@ def test_sigkill_leaves_failed_run_with_checkpoint_and_resume_matches_uninterrup
     assert last_step < 20, "B was killed after it finished: nothing left to resume"
 
     c = _submit(proj, tracking_uri, params={"resume": b.run_id})
-    assert c.wait() is True
+    assert c.wait() is True, _error(c.run_id)
     run_c = client.get_run(c.run_id)
     assert run_c.data.tags["finetune.resumed_from"] == f"{b.run_id}/checkpoints/checkpoint-{last_step}"
 
@@ -116,7 +120,7 @@ def test_a_rank_killed_under_torchrun_fails_the_run_and_both_ranks_resume_it(tmp
     last_step = max(int(p.rsplit("-", 1)[-1]) for p in _whole_checkpoints(b.run_id))
     c = _submit(proj, tracking_uri, config=torchrun,
                 params={"resume": b.run_id, "train.max_steps": str(last_step + 2)})
-    assert c.wait() is True
+    assert c.wait() is True, _error(c.run_id)
     run_c = MlflowClient().get_run(c.run_id)
     assert run_c.data.tags["finetune.resumed_from"] == f"{b.run_id}/checkpoints/checkpoint-{last_step}"
     steps = [m.step for m in MlflowClient().get_metric_history(c.run_id, "train/loss")]

@@ -174,8 +174,28 @@ def test_a_warm_process_whose_imports_failed_reports_it_only_when_handed_a_run(t
 # ----------------------------------------------------------------------------------------------- torchrun
 
 
+# Rank 1 writes its RNG state 2 s late: the checkpoint copied into the run must hold it all the same.
+SLOW_RANK_1 = """import os
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RUN_ID"):
+    import time
+    from transformers import trainer
+
+    save = trainer.Trainer._save_rng_state
+
+    def late(self, output_dir):
+        time.sleep(2)
+        save(self, output_dir)
+
+    trainer.Trainer._save_rng_state = late
+"""
+
+
 @pytest.mark.integration
-def test_torchrun_two_ranks_one_run_one_version_loss_falls(tmp_path, tracking_uri):
+def test_torchrun_two_ranks_one_run_one_version_loss_falls(tmp_path, tracking_uri, monkeypatch):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_RANK_1)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     proj = write_project(tmp_path / "ddp", QUICK_RECIPE, rows=chat_rows(32))
     submitted = _submit(proj, tracking_uri, config=TORCHRUN)
     assert submitted.wait() is True
@@ -192,6 +212,11 @@ def test_torchrun_two_ranks_one_run_one_version_loss_falls(tmp_path, tracking_ur
     # The ranks split the data (2 ranks x 2 rows a step over 32 rows: an epoch every 8 steps, not 16) and the
     # Trainer all-gathers the loss before logging it (nested_gather(tr_loss).mean() in _maybe_log_save_evaluate).
     assert run.data.metrics["train/epoch"] == pytest.approx(10 * 2 * 2 / 32)
+    # Each rank's RNG state is in the logged checkpoint, whole: rank 0 copies it only once every rank has saved.
+    for step in (5, 10):
+        sizes = {a.path.rsplit("/", 1)[-1]: a.file_size
+                 for a in MlflowClient().list_artifacts(run.info.run_id, f"checkpoints/checkpoint-{step}")}
+        assert sizes.get("rng_state_0.pth") and sizes.get("rng_state_1.pth") == sizes["rng_state_0.pth"], sizes
 
 
 def _training_mlflow_run(tmp_path, tracking_uri, extra_args=()):

@@ -65,6 +65,12 @@ class CheckpointLogger(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank writes its own files (rng_state_<rank>.pth; FSDP shards) and transformers does not wait for
+        # them before this hook: rank 0 would copy a half-written file, and the resume on that rank fail to load it.
+        if args.world_size > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
