@@ -272,6 +272,13 @@ def test_a_registered_model_teaches_in_this_process(teacher, tmp_path):
     assert rows and all(r[TEACHER]["model"] == "models:/teacher@champion" for r in rows)
     assert all(r[TEACHER]["finish_reason"] == "stop" and r[TEACHER]["completion_tokens"] <= 3 for r in rows)
     assert summary["data.train"]["rows"] + summary["data.train"]["left_out"] == 8
+    # A teacher that ran here knows its size: the verdict compares parameters without eval.teacher_params.
+    from mlflow_finetune_plugin.evaluate.cost import parameter_counts
+    from mlflow_finetune_plugin.logged_model import load_logged_model
+
+    size = parameter_counts(load_logged_model(mlflow.artifacts.download_artifacts("models:/teacher/1")).model)["tuned"]
+    assert all(r[TEACHER]["params"] == size for r in rows)
+    assert run.data.metrics["eval/teacher/params"] == size
 
 
 # ---------------------------------------------------------------- before any run (no teacher, no model)

@@ -2,7 +2,11 @@
 (rows written for distillation, and chat rows made of traces: `trace_rows.py`).
 
     {"messages": [...], "teacher": {"answer": str, "model": str, "prompt_tokens": int | None,
-                                    "completion_tokens": int | None, "latency_s": float | None}}
+                                    "completion_tokens": int | None, "latency_s": float | None,
+                                    "params": int | None}}
+
+`params` (the parameters that answered) is known where the teacher ran here (`-e distill` with a registered
+teacher); a server or a trace does not say it, and `eval.teacher_params` gives it instead.
 
 Training ignores it (the rows are trained on their `messages`); the evaluation scores the teacher as a contender of
 its own, its answers as logged (`evaluate/teacher.py`). The row's target is its last assistant message: the
@@ -14,7 +18,7 @@ from __future__ import annotations
 import json
 
 TEACHER_KEY = "teacher"
-_NUMBERS = {"prompt_tokens": int, "completion_tokens": int, "latency_s": (int, float)}
+_NUMBERS = {"prompt_tokens": int, "completion_tokens": int, "latency_s": (int, float), "params": int}
 
 
 def check_teacher(value) -> list[str]:
@@ -22,7 +26,7 @@ def check_teacher(value) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, dict):
-        return [f"'{TEACHER_KEY}' must be an object {{answer, model, prompt_tokens, completion_tokens, latency_s}}, "
+        return [f"'{TEACHER_KEY}' must be an object {{answer, model, prompt_tokens, completion_tokens, latency_s, params}}, "
                 f"got {type(value).__name__}"]
     errors = []
     if not isinstance(value.get("answer"), str):

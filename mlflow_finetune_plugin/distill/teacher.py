@@ -142,7 +142,7 @@ class LocalTeacher:
     """A registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) loaded here and asked in batches."""
 
     def __init__(self, config):
-        self.config, self.model, self._loaded = config, config.teacher, None
+        self.config, self.model, self._loaded, self.params = config, config.teacher, None, None
 
     @property
     def label(self) -> str:
@@ -151,7 +151,10 @@ class LocalTeacher:
     def start(self) -> None:
         from mlflow_finetune_plugin.logged_model import load_logged_model
 
+        from mlflow_finetune_plugin.evaluate.cost import parameter_counts
+
         self._loaded = load_logged_model(downloaded(self.model))
+        self.params = parameter_counts(self._loaded.model)["tuned"]
 
     def _batch(self, prompts: list) -> list[dict]:
         import torch
@@ -179,8 +182,8 @@ class LocalTeacher:
             if cut is not None:  # a stop sequence ends the answer before it, as a server's `stop` does
                 text, end = text[:cut], cut
                 used = len(tok(text, add_special_tokens=False)["input_ids"])
-            answers.append(_answer(text, self.model, "length" if end is None else "stop",
-                                   len(enc_one["input_ids"]), used, each))
+            answers.append({**_answer(text, self.model, "length" if end is None else "stop",
+                                      len(enc_one["input_ids"]), used, each), "params": self.params})
         return answers
 
     def answers(self, prompts: list) -> Iterator[tuple[object, dict]]:

@@ -53,7 +53,8 @@ def answer_costs(prompt_tokens: list[int], answer_tokens: list[int], seconds: li
 
 def teacher_costs(teachers: list[dict], params: int | None = None) -> dict[str, float]:
     """The teacher's cost metrics from its rows' logged figures; a figure no row logged is left out, not guessed.
-    Tokens per second: completion tokens over latency, on the rows that logged both."""
+    Tokens per second: completion tokens over latency, on the rows that logged both. Parameters: `params` (from
+    eval.teacher_params) or else the rows' own."""
     out: dict[str, float] = {}
     for key, name in (("prompt_tokens", "prompt_tokens"), ("completion_tokens", "answer_tokens")):
         values = [t[key] for t in teachers if t.get(key) is not None]
@@ -65,6 +66,7 @@ def teacher_costs(teachers: list[dict], params: int | None = None) -> dict[str, 
     timed = [t for t in teachers if t.get("latency_s") and t.get("completion_tokens") is not None]
     if timed:
         out["tokens_per_s"] = sum(t["completion_tokens"] for t in timed) / sum(t["latency_s"] for t in timed)
+    params = params or next((t["params"] for t in teachers if t.get("params")), None)
     if params:
         out["params"] = float(params)
     return out
