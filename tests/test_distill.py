@@ -105,10 +105,12 @@ def teacher(tmp_path_factory):
             mlflow.set_tracking_uri(None)
 
 
-def _distill(uri, root, project, experiment, **overrides):
+def _distill(uri, root, project, experiment, backend_config=None, **overrides):
     params = {**FAST_OVERRIDES, **overrides}
     cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "distill", "--backend", "finetune",
            "--experiment-name", experiment] + [a for k, v in params.items() for a in ("-P", f"{k}={v}")]
+    if backend_config:
+        cmd += ["--backend-config", json.dumps(backend_config)]
     # the registry too: set_registry_uri in the fixtures exports MLFLOW_REGISTRY_URI into this process
     env = {**subprocess_env(uri), "MLFLOW_REGISTRY_URI": uri}
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
@@ -279,6 +281,24 @@ def test_a_registered_model_teaches_in_this_process(teacher, tmp_path):
     size = parameter_counts(load_logged_model(mlflow.artifacts.download_artifacts("models:/teacher/1")).model)["tuned"]
     assert all(r[TEACHER]["params"] == size for r in rows)
     assert run.data.metrics["eval/teacher/params"] == size
+
+
+@pytest.mark.integration
+def test_under_torchrun_rank_0_asks_the_teacher_once_and_both_ranks_train_on_its_rows(teacher, tmp_path):
+    uri, root, proxy = teacher
+    prompts = [{"prompt": f"Under torchrun, question {i}?"} for i in range(8)]
+    project = _project(tmp_path, prompts=prompts, held_out=False)
+    proxy.asked.clear()
+    proc, run = _distill(uri, root, project, "distill-torchrun", {"launcher": "torchrun", "nproc_per_node": 2},
+                         **{"distill.teacher": proxy.url, "train.max_steps": 4})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert run.info.status == "FINISHED" and run.data.tags["finetune.job.launcher"] == "torchrun"
+    assert sorted(proxy.asked) == sorted(p["prompt"] for p in prompts)  # once each: rank 1 read rank 0's rows
+    rows = _rows(paths.job_dir(run.info.run_id) / "distill" / "train.jsonl")
+    assert rows and all(r[TEACHER]["model"] == "teacher-v1" for r in rows)
+    # Both ranks trained on those rows: 2 ranks x 2 rows a step, so an epoch is half the steps one rank would take.
+    steps_per_epoch = -(-len(rows) // 4)
+    assert run.data.metrics["train/epoch"] == pytest.approx(4 / steps_per_epoch), len(rows)
 
 
 # ---------------------------------------------------------------- before any run (no teacher, no model)
