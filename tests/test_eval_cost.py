@@ -221,3 +221,17 @@ def test_the_teacher_sentence_weighs_the_student_on_the_expectation_rows():
     unknown = {k: v for k, v in metrics.items() if not k.startswith("eval/teacher/") or "expected" in k}
     said = teacher_sentence(unknown, scores, "rougeL", paired_bootstrap)
     assert "not known: the teacher's token usage, the teacher's parameters" in said and "x the" not in said
+
+
+def test_a_teachers_seconds_are_shared_among_the_requests_in_flight_and_its_size_comes_from_its_rows():
+    """-e distill asked a server 4 at a time: each round trip also waited for the other three, so the teacher's
+    seconds per answer are a quarter of it (as a batch's time is shared among its rows); a trace's latency (no
+    concurrency) is its own. A registered teacher's rows carry its parameters; eval.teacher_params wins over them."""
+    from mlflow_finetune_plugin.evaluate.cost import teacher_costs
+
+    asked = [{"answer": "a", "completion_tokens": 10, "latency_s": 4.0, "concurrency": 4, "params": 300}] * 3
+    costs = teacher_costs(asked)
+    assert costs["latency_s"] == 1.0 and costs["tokens_per_s"] == 10.0 and costs["params"] == 300
+    traced = [{"answer": "a", "completion_tokens": 10, "latency_s": 4.0}] * 3
+    assert teacher_costs(traced)["tokens_per_s"] == 2.5 and "params" not in teacher_costs(traced)
+    assert teacher_costs(asked, params=1000)["params"] == 1000

@@ -3,10 +3,12 @@
 
     {"messages": [...], "teacher": {"answer": str, "model": str, "prompt_tokens": int | None,
                                     "completion_tokens": int | None, "latency_s": float | None,
-                                    "params": int | None}}
+                                    "params": int | None, "concurrency": int | None}}
 
 `params` (the parameters that answered) is known where the teacher ran here (`-e distill` with a registered
-teacher); a server or a trace does not say it, and `eval.teacher_params` gives it instead.
+teacher); a server or a trace does not say it, and `eval.teacher_params` gives it instead. `concurrency`: the
+requests `-e distill` kept in flight when it asked a server; `latency_s` is then a round trip that also waited for the
+others (a trace's is one request of the application's, as its user waited for it).
 
 Training ignores it (the rows are trained on their `messages`); the evaluation scores the teacher as a contender of
 its own, its answers as logged (`evaluate/teacher.py`). The row's target is its last assistant message: the
@@ -18,7 +20,8 @@ from __future__ import annotations
 import json
 
 TEACHER_KEY = "teacher"
-_NUMBERS = {"prompt_tokens": int, "completion_tokens": int, "latency_s": (int, float), "params": int}
+_NUMBERS = {"prompt_tokens": int, "completion_tokens": int, "latency_s": (int, float), "params": int,
+            "concurrency": int}
 
 
 def check_teacher(value) -> list[str]:
@@ -26,7 +29,7 @@ def check_teacher(value) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, dict):
-        return [f"'{TEACHER_KEY}' must be an object {{answer, model, prompt_tokens, completion_tokens, latency_s, params}}, "
+        return [f"'{TEACHER_KEY}' must be an object {{answer, model, prompt_tokens, completion_tokens, latency_s, params, concurrency}}, "
                 f"got {type(value).__name__}"]
     errors = []
     if not isinstance(value.get("answer"), str):

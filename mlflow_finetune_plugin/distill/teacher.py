@@ -106,9 +106,12 @@ class EndpointTeacher:
             out = got.json()
             choice = (out.get("choices") or [{}])[0]
             usage = out.get("usage") or {}
-            return _answer((choice.get("message") or {}).get("content") or "", self.model,
-                           choice.get("finish_reason"), usage.get("prompt_tokens"), usage.get("completion_tokens"),
-                           time.perf_counter() - start)
+            # `latency_s` is this request's round trip; with others in flight it also waited for them, so the
+            # evaluation divides it by `concurrency` for the teacher's seconds per answer (evaluate/cost.py)
+            return {**_answer((choice.get("message") or {}).get("content") or "", self.model,
+                              choice.get("finish_reason"), usage.get("prompt_tokens"),
+                              usage.get("completion_tokens"), time.perf_counter() - start),
+                    "concurrency": self.config.concurrency}
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def answers(self, prompts: list) -> Iterator[tuple[object, dict]]:

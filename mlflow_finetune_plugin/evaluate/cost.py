@@ -7,7 +7,8 @@ batch's wall time (the pass over the prompts, which also scores the reference an
 from it, then decoding) divided by the batch's rows; `latency_s` is the median of those, and `tokens_per_s` all
 answer tokens over all those seconds. They are figures of this machine and this batch size, comparable between the
 contenders of one evaluation, not a serving latency. A teacher's come from its rows (`data/teacher.py`): the
-latency its calls were logged with, its own tokenizer's counts.
+latency its calls were logged with (shared among the requests `-e distill` kept in flight), its own tokenizer's
+counts.
 """
 
 from __future__ import annotations
@@ -53,23 +54,29 @@ def answer_costs(prompt_tokens: list[int], answer_tokens: list[int], seconds: li
 
 def teacher_costs(teachers: list[dict], params: int | None = None) -> dict[str, float]:
     """The teacher's cost metrics from its rows' logged figures; a figure no row logged is left out, not guessed.
-    Tokens per second: completion tokens over latency, on the rows that logged both. Parameters: `params` (from
+    Tokens per second: completion tokens over seconds, on the rows that logged both. Parameters: `params` (from
     eval.teacher_params) or else the rows' own."""
     out: dict[str, float] = {}
     for key, name in (("prompt_tokens", "prompt_tokens"), ("completion_tokens", "answer_tokens")):
         values = [t[key] for t in teachers if t.get(key) is not None]
         if values:
             out[name] = _mean(values)
-    latencies = [t["latency_s"] for t in teachers if t.get("latency_s") is not None]
+    latencies = [_seconds(t) for t in teachers if t.get("latency_s") is not None]
     if latencies:
         out["latency_s"] = statistics.median(latencies)
     timed = [t for t in teachers if t.get("latency_s") and t.get("completion_tokens") is not None]
     if timed:
-        out["tokens_per_s"] = sum(t["completion_tokens"] for t in timed) / sum(t["latency_s"] for t in timed)
+        out["tokens_per_s"] = sum(t["completion_tokens"] for t in timed) / sum(_seconds(t) for t in timed)
     params = params or next((t["params"] for t in teachers if t.get("params")), None)
     if params:
         out["params"] = float(params)
     return out
+
+
+def _seconds(teacher: dict) -> float:
+    """A teacher's seconds per answer: its latency, shared among the requests in flight with it (`-e distill` asks
+    `concurrency` at a time), as a contender's batch time is shared among the batch's rows."""
+    return teacher["latency_s"] / max(teacher.get("concurrency") or 1, 1)
 
 
 def cost_line(metrics: dict[str, float]) -> str | None:
