@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -86,9 +88,11 @@ def main() -> None:
     answers = [json.loads(line) for line in artifact("distill/answers.jsonl").splitlines()]
     first_step = min(m.timestamp for m in c.get_metric_history(run.info.run_id, "train/loss")) / 1000
     header("## -e distill: the student trained on a served teacher's answers")
+    wall = re.search(r"\): (\d+) answers in ([\d.]+) s", (work / "logs" / "distill-endpoint.log").read_text())
     print(f"Teacher: {run.data.tags.get('finetune.distill.teacher')}; {summary['asked']} prompts asked, "
-          f"{summary['cached']} from the cache; median {sorted(a['latency_s'] for a in answers)[len(answers) // 2]:.2f} s "
-          f"per answer as the server took them (distill.concurrency in flight)")
+          f"{summary['cached']} from the cache; median round trip "
+          f"{statistics.median(a['latency_s'] for a in answers):.2f} s with {answers[0].get('concurrency')} in flight"
+          + (f"; {wall.group(1)} answers in {float(wall.group(2)):.0f} s of wall time" if wall else ""))
     for split in ("data.train", "data.eval"):
         if split in summary:
             s = summary[split]
