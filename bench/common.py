@@ -194,3 +194,26 @@ def header(what: str) -> None:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def serve(model: str, port: int, env: dict, log_file: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`mlflow-finetune serve MODEL --engine transformers --port PORT [EXTRA]`, returned once /health answers; its
+    output goes to `log_file` (a pipe nobody reads would fill and stop the server)."""
+    import urllib.request
+
+    code = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
+    out = open(log_file, "w")
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", model, "--engine", "transformers", "--port",
+                             str(port), *extra], env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve exited {proc.returncode}: see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(1)
+    proc.terminate()
+    raise RuntimeError(f"serve did not answer in 10 minutes: see {log_file}")

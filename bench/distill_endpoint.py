@@ -19,37 +19,14 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, client, header, log, mlflow_run, setup, table  # noqa: E402
+from common import REPO, client, header, log, mlflow_run, serve, setup, table  # noqa: E402
 from distill_real import COLUMNS, row  # noqa: E402
-
-CLI = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
-
-
-def serve(model: str, port: int, env: dict, work: Path) -> subprocess.Popen:
-    """`mlflow-finetune serve MODEL --engine transformers --port PORT`, once it answers /health."""
-    out = open(work / "logs" / "teacher-serve.log", "w")  # a file: a pipe nobody reads would fill and stop it
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", model, "--engine", "transformers", "--port", str(port)],
-                            env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve exited {proc.returncode}: see {out.name}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(1)
-    proc.terminate()
-    raise RuntimeError("serve did not answer in 10 minutes")
 
 
 def main() -> None:
@@ -63,7 +40,7 @@ def main() -> None:
     work, env = setup(args.workdir)
 
     started = time.time()
-    server = serve(args.teacher, args.port, env, work)
+    server = serve(args.teacher, args.port, env, work / "logs" / "teacher-serve.log")
     log(f"teacher {args.teacher} serving on 127.0.0.1:{args.port} after {time.time() - started:.0f} s")
     params = {"distill.teacher": f"http://127.0.0.1:{args.port}/v1", "registry.name": "support-distilled"}
     if args.teacher_params:

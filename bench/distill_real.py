@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, SUPPORT_BOT, client, header, log, mlflow_run, setup, table  # noqa: E402
+from common import SUPPORT_BOT, client, header, log, mlflow_run, setup, table  # noqa: E402
 
 COLUMNS = [("teacher_rougeL", "agrees with teacher (rougeL)"), ("expected_rougeL", "vs corrections (rougeL)"),
            ("rougeL", "rougeL vs targets"), ("prompt_tokens", "prompt tokens"), ("answer_tokens", "answer tokens"),

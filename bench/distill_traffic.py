@@ -20,10 +20,13 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+REPO = common.REPO
 DATA = REPO / "recipes" / "support-bot" / "data"
 
 
@@ -39,22 +42,9 @@ def questions(path: Path, limit: int | None) -> list[tuple[list[dict], str]]:
 
 
 def serve(model: str, experiment: str, port: int, env: dict) -> subprocess.Popen:
-    code = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
-    args = ["serve", model, "--engine", "transformers", "--trace", experiment, "--port", str(port)]
-    # its output goes to a file: a pipe nobody reads would fill and stop the server
-    log = open(Path(env["FINETUNE_BENCH_WORK"]) / f"serve-{experiment}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve exited {proc.returncode}: see {log.name}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError("serve did not answer in 10 minutes")
+    """The production model's server, every answer traced into `experiment`."""
+    return common.serve(model, port, env, Path(env["FINETUNE_BENCH_WORK"]) / f"serve-{experiment}.log",
+                        ("--trace", experiment))
 
 
 def send(model_name: str, port: int, rows, correct_every: int, max_tokens: int) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -21,9 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, header, setup, table  # noqa: E402
+from common import REPO, header, serve, setup, table  # noqa: E402
 
-CLI = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
 SETTINGS = {"plain": [], "continuous batching": ["--server-args", "--continuous-batching"]}
 
 
@@ -31,18 +29,8 @@ def measure(model: str, extra: list[str], questions: list[str], concurrency: int
             work: Path, name: str) -> dict:
     import httpx
 
-    log = open(work / "logs" / f"serve-{name.replace(' ', '-')}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", model, "--engine", "transformers", "--port",
-                             str(port), *extra], env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    proc = serve(model, port, env, work / "logs" / f"serve-{name.replace(' ', '-')}.log", tuple(extra))
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"serve exited: see {log.name}") from None
-                time.sleep(1)
         served = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models"))["data"][0]["id"]
 
         def ask(question: str) -> tuple[float, str]:

@@ -152,9 +152,8 @@ class LocalTeacher:
         return self.model
 
     def start(self) -> None:
-        from mlflow_finetune_plugin.logged_model import load_logged_model
-
         from mlflow_finetune_plugin.evaluate.cost import parameter_counts
+        from mlflow_finetune_plugin.logged_model import load_logged_model
 
         self._loaded = load_logged_model(downloaded(self.model))
         self.params = parameter_counts(self._loaded.model)["tuned"]
