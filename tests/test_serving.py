@@ -474,7 +474,9 @@ def test_serve_follows_the_alias_while_a_client_streams_from_the_old_version(tra
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         psutil.wait_procs([old_server], timeout=60)
         assert not old_server.is_running()
-        assert any(f"bot-v{v1}: its last request in flight is answered; its server stops" in line for line in log)
+        # the front stops the old server, then says so (read from its pipe by the drain thread): wait for the line
+        wait_for(lambda: any(f"bot-v{v1}: its last request in flight is answered; its server stops" in line
+                             for line in log), timeout=30, what="the old server's stop logged")
         assert proc.poll() is None  # the front went on serving
     finally:
         stop(proc)
