@@ -29,8 +29,7 @@ def check_teacher(value) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, dict):
-        return [f"'{TEACHER_KEY}' must be an object {{answer, model, prompt_tokens, completion_tokens, latency_s, params, concurrency}}, "
-                f"got {type(value).__name__}"]
+        return [f"'{TEACHER_KEY}' must be an object {{answer, model, {', '.join(_NUMBERS)}}}, got {type(value).__name__}"]
     errors = []
     if not isinstance(value.get("answer"), str):
         errors.append(f"'{TEACHER_KEY}.answer' must be a string (the teacher's answer)")

@@ -21,9 +21,11 @@ def teacher_of(config):
     return LocalTeacher(config) if is_registered(config.teacher) else EndpointTeacher(config)
 
 
-def _answer(text: str, model: str, finish_reason, prompt_tokens, completion_tokens, latency_s: float) -> dict:
+def _answer(text: str, model: str, finish_reason, prompt_tokens, completion_tokens, latency_s: float,
+            **known) -> dict:
     return {"answer": text or "", "model": model, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens, "latency_s": round(latency_s, 3), "finish_reason": finish_reason}
+            "completion_tokens": completion_tokens, "latency_s": round(latency_s, 3), "finish_reason": finish_reason,
+            **known}
 
 
 class EndpointTeacher:
@@ -108,10 +110,9 @@ class EndpointTeacher:
             usage = out.get("usage") or {}
             # `latency_s` is this request's round trip; with others in flight it also waited for them, so the
             # evaluation divides it by `concurrency` for the teacher's seconds per answer (evaluate/cost.py)
-            return {**_answer((choice.get("message") or {}).get("content") or "", self.model,
-                              choice.get("finish_reason"), usage.get("prompt_tokens"),
-                              usage.get("completion_tokens"), time.perf_counter() - start),
-                    "concurrency": self.config.concurrency}
+            return _answer((choice.get("message") or {}).get("content") or "", self.model,
+                           choice.get("finish_reason"), usage.get("prompt_tokens"), usage.get("completion_tokens"),
+                           time.perf_counter() - start, concurrency=self.config.concurrency)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def answers(self, prompts: list) -> Iterator[tuple[object, dict]]:
@@ -184,8 +185,8 @@ class LocalTeacher:
             if cut is not None:  # a stop sequence ends the answer before it, as a server's `stop` does
                 text, end = text[:cut], cut
                 used = len(tok(text, add_special_tokens=False)["input_ids"])
-            answers.append({**_answer(text, self.model, "length" if end is None else "stop",
-                                      len(enc_one["input_ids"]), used, each), "params": self.params})
+            answers.append(_answer(text, self.model, "length" if end is None else "stop",
+                                   len(enc_one["input_ids"]), used, each, params=self.params))
         return answers
 
     def answers(self, prompts: list) -> Iterator[tuple[object, dict]]:
