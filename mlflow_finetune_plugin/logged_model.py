@@ -130,9 +130,9 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
         native_gqa_on_cpu()
         model = AutoModelForCausalLM.from_pretrained(artifacts["model"], dtype=dtype, use_safetensors=True)
     else:
-        from peft import PeftModel
+        from mlflow_finetune_plugin.models.peft_targets import load_adapter
 
-        model = PeftModel.from_pretrained(load_logged_base(config, dtype), artifacts["adapter"])
+        model = load_adapter(load_logged_base(config, dtype), artifacts["adapter"])
     model.to(device).eval()
     stop_at_every_end_of_turn(model, tokenizer)
     for_generation(model)  # a mixture of experts saved with router logits on cannot decode

@@ -79,9 +79,9 @@ def load_reward(artifacts: dict[str, Path], config: dict, device: str | None = N
     if config.get("artifact") == "full":
         model = AutoModelForSequenceClassification.from_pretrained(artifacts["model"], use_safetensors=True)
     else:
-        from peft import PeftModel
+        from mlflow_finetune_plugin.models.peft_targets import load_adapter
 
-        model = PeftModel.from_pretrained(load_logged_base(config, torch.float32, scoring=True), artifacts["adapter"])
+        model = load_adapter(load_logged_base(config, torch.float32, scoring=True), artifacts["adapter"])
     # The head pools at the last token that is not padding: the model must know the tokenizer's pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     if hasattr(model, "get_base_model"):

@@ -13,7 +13,7 @@ Three questions that used to be assumptions (every model was a Llama):
   another `head_dim` than its sliding ones, and its config raises on `config.head_dim`.
 - Its experts (`moe_of`): a mixture of experts returns router logits (its config has `output_router_logits`, TRL's
   test too) and may keep its experts as fused 3-D parameters (gpt-oss), which PEFT reaches with `target_parameters`
-  only; `target_modules="all-linear"` adapts attention and the router.
+  only; which of its linear layers are attention, dense or shared-expert MLPs and routers is `models/moe_parts.py`.
 """
 
 from __future__ import annotations
