@@ -150,9 +150,8 @@ def _steps(model, batch, lr: float, autocast_last: bool) -> list[float]:
 
 
 def _lora(base_dir: Path, tokenizer, batch, out: Path) -> str:
-    from peft import PeftModel
-
     from mlflow_finetune_plugin.config.schema import LoraAdapter
+    from mlflow_finetune_plugin.models.peft_targets import load_adapter
     from mlflow_finetune_plugin.train.adapters import lora
 
     model = lora.apply(_load(base_dir), LoraAdapter(dropout=0.0))
@@ -160,7 +159,7 @@ def _lora(base_dir: Path, tokenizer, batch, out: Path) -> str:
     _steps(model, batch, lr=1e-2, autocast_last=True)
     _rehearsal_save(model, tokenizer, {"artifact": "adapter", "base_model": str(base_dir)})
     model.save_pretrained(out, safe_serialization=True)
-    reloaded = PeftModel.from_pretrained(_load(base_dir), out).eval()
+    reloaded = load_adapter(_load(base_dir), out).eval()
     _same_logits(model, reloaded, batch)
     _answer_and_score(model, tokenizer)
     return reached
@@ -210,13 +209,22 @@ def _answer_and_score(model, tokenizer) -> None:
 
 
 def _reached(model) -> str:
-    """The kinds of module LoRA wraps, by their names' last part (q_proj, gate_up_proj, ...)."""
+    """What LoRA wraps: on a mixture of experts each kind of part reached and left out (`models/moe_parts.py`), on
+    other models the wrapped modules' names (q_proj, c_attn, in_proj, ...)."""
     from peft.tuners.lora import LoraLayer
 
-    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                    if isinstance(module, LoraLayer)})
-    parameters = getattr(model.peft_config["default"], "target_parameters", None) or []
-    return ", ".join(names + [f"{p} (parameter)" for p in parameters])
+    from mlflow_finetune_plugin.models.moe_parts import adapted, parts
+
+    found = parts(model.get_base_model())
+    if found:
+        reached = {name.replace("base_model.model.", "", 1) for name in adapted(model)}
+        kinds = {}
+        for part in found:
+            kinds.setdefault(part.kind, [0, 0])[part.name in reached] += 1
+        return "; ".join(f"{kind} {n}/{n + m}" if not m or n else f"{kind} left out"
+                         for kind, (m, n) in kinds.items())
+    return ", ".join(sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, LoraLayer)}))
 
 
 def _first_line(e: BaseException) -> str:

@@ -69,6 +69,7 @@ class Built:
     model: object = None
     config: object = None
     error: str = ""          # why it could not be built (transformers' own error)
+    raised_in: str = ""      # the file the error was raised in
     multimodal: bool = False  # an image-text (or audio) model: the vision issue's, not this table's
 
 
@@ -150,27 +151,37 @@ def build(model_type: str, class_name: str, tokenizer, seed: int = 0) -> Built:
     special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>")}
     ids = torch.randint(10, len(tokenizer) - 10, (2, 24), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, 16:] = 0  # a padded row, as a batch of chat rows has
     for variant in VARIANTS:
         stage = "config"
         try:
             with deadline(BUILD_SECONDS):
                 config = tiny_config(model_type, len(tokenizer), special, variant)
                 stage = "model"
+                with torch.device("meta"):  # counted before it takes memory: a default the shrink missed
+                    size = sum(p.numel() for p in getattr(transformers, class_name)(config).parameters())
+                if size > MAX_PARAMETERS:
+                    raise ValueError(f"the tiny config still makes {size:,} parameters (a size the shrink missed)")
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     model = getattr(transformers, class_name)(config).to(torch.float32)
                 stage = "training step"
-                model(input_ids=ids, labels=ids).loss.backward()
+                model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
                 model.zero_grad(set_to_none=True)
         except Exception as e:  # noqa: BLE001 - transformers' own error is the row's reason
-            built.error = built.error or f"{stage}: {first_line(e)}"
+            if not built.error:
+                built.error, built.raised_in = f"{stage}: {first_line(e)}", _raised_in(e)
+            if isinstance(e, TimeoutError):  # a model of billions of parameters: no variant makes it small
+                break
             continue
         built.model, built.config, built.error = model, config, ""
         break
     return built
 
 
-BUILD_SECONDS = 60
+BUILD_SECONDS = 30
+MAX_PARAMETERS = 20_000_000
 
 
 @contextlib.contextmanager
@@ -191,18 +202,24 @@ def deadline(seconds: int):
 def is_multimodal(model_type: str) -> bool:
     """Whether the architecture takes images or audio: transformers maps it to image-text-to-text too, or its
     config holds an encoder for them beside the text model (its sub-configs)."""
+    from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
         MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
     )
-
-    from transformers import CONFIG_MAPPING
 
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or model_type in MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES:
         return True
     subs = getattr(CONFIG_MAPPING[model_type], "sub_configs", None) or {}
     return any(any(word in key for word in ("vision", "image", "audio", "vq", "speech", "encoder"))
                for key in subs)
+
+
+def _raised_in(e: BaseException) -> str:
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    return frames[-1].filename if frames else ""
 
 
 def first_line(e: BaseException) -> str:

@@ -26,6 +26,8 @@ def peft_config(cfg: LoraAdapter, model=None):
         target_modules, parameters = _expert_targets(cfg, model, moe, parameters)
     elif cfg.layers is not None:
         target_modules, layers = _top_layers(model, cfg)
+    elif target_modules == "all-linear" and model is not None:
+        target_modules = _all_linear_peft_takes(model)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=cfg.r,
@@ -116,15 +118,47 @@ def _layer_count(model, cfg: LoraAdapter) -> int:
 def _top_layers(model, cfg: LoraAdapter) -> tuple[list[str], list[int]]:
     """`lora.layers: N`: the top N decoder layers' indices, and the target modules as names (PEFT takes a layer
     list with named modules only; 'all-linear' becomes every linear layer's name but the output head)."""
-    import torch
 
     total = _layer_count(model, cfg)
     names = cfg.target_modules
     if names == "all-linear":
-        head = model.get_output_embeddings()
-        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                        if isinstance(module, torch.nn.Linear) and module is not head})
+        names = _linear_names(model)
     return ([names] if isinstance(names, str) else list(names)), list(range(total - cfg.layers, total))
+
+
+def _linear_names(model) -> list[str]:
+    """Every linear layer's name (its last part) but the output head's: what PEFT's 'all-linear' takes."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head})
+
+
+def _all_linear_peft_takes(model) -> str | list[str]:
+    """'all-linear', less the layers PEFT refuses to adapt on this model (asked of PEFT's own check: on Mamba-style
+    models it refuses `out_proj`, which the CUDA kernels read as a weight past any LoRA). Printed when any is left
+    out; 'all-linear' itself where PEFT takes them all."""
+    import sys
+
+    from peft import LoraConfig
+    from peft.tuners import tuners_utils
+
+    check = getattr(tuners_utils, "_check_lora_target_modules_mamba", None)
+    if check is None:
+        return "all-linear"
+    names, refused = _linear_names(model), []
+    probe = LoraConfig(target_modules=["probe"])
+    for name in names:
+        try:
+            check(probe, model, name)
+        except ValueError:
+            refused.append(name)
+    if not refused:
+        return "all-linear"
+    print(f"Note: LoRA leaves out {', '.join(refused)}: PEFT refuses them on this architecture "
+          f"({model.config.model_type}); lora.target_modules lists what to adapt", file=sys.stderr)
+    return [name for name in names if name not in refused]
 
 
 def apply(model, cfg: LoraAdapter):
