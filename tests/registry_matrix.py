@@ -154,9 +154,9 @@ def _lora(base_dir: Path, tokenizer, batch, out: Path) -> str:
     from mlflow_finetune_plugin.models.peft_targets import load_adapter
     from mlflow_finetune_plugin.train.adapters import lora
 
-    model = lora.apply(_load(base_dir), LoraAdapter(dropout=0.0))
+    model = lora.apply(_load(base_dir), LoraAdapter())  # the default recipe's adapter
     reached = _reached(model)
-    _steps(model, batch, lr=1e-2, autocast_last=True)
+    _steps(model, batch, lr=3e-3, autocast_last=True)
     _rehearsal_save(model, tokenizer, {"artifact": "adapter", "base_model": str(base_dir)})
     model.save_pretrained(out, safe_serialization=True)
     reloaded = load_adapter(_load(base_dir), out).eval()

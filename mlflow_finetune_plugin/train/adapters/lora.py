@@ -26,8 +26,8 @@ def peft_config(cfg: LoraAdapter, model=None):
         target_modules, parameters = _expert_targets(cfg, model, moe, parameters)
     elif cfg.layers is not None:
         target_modules, layers = _top_layers(model, cfg)
-    elif target_modules == "all-linear" and model is not None:
-        target_modules = _all_linear_peft_takes(model)
+    if model is not None and cfg.target_modules == "all-linear":
+        target_modules = _without_refused(model, target_modules)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=cfg.r,
@@ -135,30 +135,30 @@ def _linear_names(model) -> list[str]:
                    if isinstance(module, torch.nn.Linear) and module is not head})
 
 
-def _all_linear_peft_takes(model) -> str | list[str]:
-    """'all-linear', less the layers PEFT refuses to adapt on this model (asked of PEFT's own check: on Mamba-style
-    models it refuses `out_proj`, which the CUDA kernels read as a weight past any LoRA). Printed when any is left
-    out; 'all-linear' itself where PEFT takes them all."""
+def _without_refused(model, targets):
+    """`all-linear` (or the names it was resolved to) less the layers PEFT refuses to adapt on this model, asked of
+    PEFT's own check (on Mamba-style models it refuses `out_proj`, which the CUDA kernels read as a weight past any
+    LoRA). Printed when any is left out; unchanged where PEFT takes them all."""
     import sys
 
     from peft import LoraConfig
     from peft.tuners import tuners_utils
 
     check = getattr(tuners_utils, "_check_lora_target_modules_mamba", None)
+    names = _linear_names(model) if targets == "all-linear" else list(targets)
     if check is None:
-        return "all-linear"
-    names, refused = _linear_names(model), []
-    probe = LoraConfig(target_modules=["probe"])
+        return targets
+    refused, probe = set(), LoraConfig(target_modules=["probe"])
     for name in names:
         try:
-            check(probe, model, name)
+            check(probe, model, name.rsplit(".", 1)[-1])
         except ValueError:
-            refused.append(name)
+            refused.add(name.rsplit(".", 1)[-1])
     if not refused:
-        return "all-linear"
-    print(f"Note: LoRA leaves out {', '.join(refused)}: PEFT refuses them on this architecture "
+        return targets
+    print(f"Note: LoRA leaves out {', '.join(sorted(refused))}: PEFT refuses them on this architecture "
           f"({model.config.model_type}); lora.target_modules lists what to adapt", file=sys.stderr)
-    return [name for name in names if name not in refused]
+    return [name for name in names if name.rsplit(".", 1)[-1] not in refused]
 
 
 def apply(model, cfg: LoraAdapter):
