@@ -1,7 +1,8 @@
 """Tiny random models of the architectures whose abilities differ from Llama's, built in tests straight from
 transformers' config classes with the project's tiny ChatML tokenizer (models/tiny.py): a hybrid cache (Qwen3.5's
-Gated DeltaNet layers beside full attention), a mixture of experts with fused 3-D expert weights (gpt-oss) and
-per-layer attention shapes (Gemma 4). Small on purpose: hidden 64, 2 layers.
+Gated DeltaNet layers beside full attention), a mixture of experts with fused 3-D expert weights (gpt-oss), one
+whose fused experts transformers saves one tensor per expert (Qwen3-MoE) and per-layer attention shapes (Gemma 4).
+Small on purpose: hidden 64, 2 layers.
 
 The built-in `tiny-qwen3.5`, `tiny-gpt-oss` and `tiny-gemma4` families (models/tiny_families.py) are the polished
 versions with each family's own tokenizer and template; these exercise what the model can do, not its template.
@@ -23,6 +24,11 @@ CONFIGS = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 64,
                  "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": False}),
+    # experts fused in memory, saved in the checkpoint layout (one tensor per expert) by transformers 5's conversion
+    # mapping, and fused again on load: the saved names are not the model's
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "tie_word_embeddings": False}),
     # Gemma 4: sliding layers of one head size, full-attention layers of another (config.head_dim is ambiguous)
     "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM",
                {"head_dim": 16, "global_head_dim": 32, "sliding_window": 64,
