@@ -197,9 +197,12 @@ def _check_full(model, folder: Path, scoring: bool) -> None:
     back on load. What `from_pretrained` reports missing, unexpected or of another shape, and the values it loads,
     are what a user of the logged model gets.
 
-    The reload is a second copy of the weights, in the model's dtype, on the CPU, held only while compared. That is
-    acceptable before a full fine-tune: on the CPU, training itself holds the weights, their gradients and the
-    optimizer state at once; a model that trains on a GPU was loaded on the CPU before the trainer moved it there.
+    Memory: the reload is on the CPU in the model's dtype, the dtype it was saved in, so transformers keeps its
+    tensors as views of the mapped safetensors files: pages of a file the kernel can drop, not memory of the process.
+    Only what it converts (experts fused again) or casts is a copy, at worst one of every weight, held for the
+    comparison and freed at once. Acceptable before a full fine-tune, whose training holds more: the gradients alone
+    are a copy of every weight, beside the optimizer state; a model that trains on a GPU was loaded on the CPU before
+    the trainer moved it there. docs/benchmarks.md has the figures (bench/rehearsal_save_check.py).
     """
     import gc
 
