@@ -2,8 +2,9 @@
 transformers' config classes with the project's tiny ChatML tokenizer (models/tiny.py): a hybrid cache (Qwen3.5's
 Gated DeltaNet layers beside full attention), a mixture of experts with fused 3-D expert weights (gpt-oss) and
 per-layer attention shapes (Gemma 4), and mixtures of experts whose layers mix experts with dense, shared-expert MLPs
-and routers of several shapes (Llama 4, Qwen2-MoE, DeepSeek V3, Qwen3-MoE, Mixtral; transformers saves their fused experts one tensor per expert and fuses them again on
-load, so the saved names are not the model's). Small on purpose: hidden 64, 2 layers.
+and routers of several shapes (Llama 4, Qwen2-MoE, DeepSeek V3, Qwen3-MoE, Mixtral; transformers saves their fused
+experts one tensor per expert and fuses them again on load, so the saved names are not the model's). Small on
+purpose: hidden 64, 2 layers.
 
 The built-in `tiny-qwen3.5`, `tiny-gpt-oss` and `tiny-gemma4` families (models/tiny_families.py) are the polished
 versions with each family's own tokenizer and template; these exercise what the model can do, not its template.
