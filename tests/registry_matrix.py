@@ -157,7 +157,7 @@ def _lora(base_dir: Path, tokenizer, batch, out: Path) -> str:
     model = lora.apply(_load(base_dir), LoraAdapter())  # the default recipe's adapter
     reached = _reached(model)
     _steps(model, batch, lr=3e-3, autocast_last=True)
-    _rehearsal_save(model, tokenizer, {"artifact": "adapter", "base_model": str(base_dir)})
+    _rehearsal_save(model, tokenizer, {"artifact": "adapter", "base_model": str(base_dir), "objective": "sft"})
     model.save_pretrained(out, safe_serialization=True)
     reloaded = load_adapter(_load(base_dir), out).eval()
     _same_logits(model, reloaded, batch)
@@ -168,7 +168,7 @@ def _lora(base_dir: Path, tokenizer, batch, out: Path) -> str:
 def _full(base_dir: Path, tokenizer, batch, out: Path) -> None:
     model = _load(base_dir)
     _steps(model, batch, lr=1e-3, autocast_last=False)
-    _rehearsal_save(model, tokenizer, {"artifact": "model", "base_model": str(base_dir)})
+    _rehearsal_save(model, tokenizer, {"artifact": "model", "base_model": str(base_dir), "objective": "sft"})
     model.save_pretrained(out, safe_serialization=True)
     _same_logits(model, _load(out).eval(), batch)
     _answer_and_score(model, tokenizer)

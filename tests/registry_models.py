@@ -23,7 +23,7 @@ SIZES = {
     "n_inner": 128, "dim_ff": 128, "dff": 128, "d_ff": 128, "dense_intermediate_size": 128, "intermediate_size_mlp": 128,
     "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "decoder_attention_heads": 4, "encoder_attention_heads": 4,
     "num_key_value_heads": 2, "num_kv_heads": 2, "head_dim": 16, "attention_head_dim": 16, "kv_channels": 16,
-    "attention_head_size": 16, "dim_head": 16, "d_head": 16, "rotary_dim": 8,
+    "attention_head_size": 16, "dim_head": 16, "d_head": 16, "rotary_dim": 8, "attention_hidden_size": 64,
     "num_hidden_layers": LAYERS, "n_layer": LAYERS, "num_layers": LAYERS, "decoder_layers": LAYERS,
     "encoder_layers": LAYERS,
     "max_position_embeddings": 512, "n_positions": 512, "n_ctx": 512, "max_seq_len": 512,
