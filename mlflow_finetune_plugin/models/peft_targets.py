@@ -33,6 +33,8 @@ def keep_module_targets() -> None:
         return
 
     def keeping_module_targets(peft_config, model, *args, **kwargs):
+        if made_for_fused_experts(peft_config, model):
+            return None
         targets = getattr(peft_config, "target_modules", None)
         kept = linear_targets(targets, model) if targets and not isinstance(targets, str) else set()
         if kept:
@@ -43,9 +45,34 @@ def keep_module_targets() -> None:
             if kept:
                 peft_config.target_modules = set(peft_config.target_modules or ()) | kept
 
+    convert_weights = conversion.convert_peft_adapter_state_dict_for_transformers
+
+    def keeping_weights(model, peft_config, adapter_state_dict, **kwargs):
+        # The saved weights' names are converted on load as the config is: a shared expert's `gate_proj` LoRA was
+        # renamed as if it were a transformers-4 expert's, and the shared expert loaded with its initial LoRA
+        # instead, silently (the reloaded model's logits differed from the trained model's).
+        if made_for_fused_experts(peft_config, model):
+            return adapter_state_dict
+        return convert_weights(model=model, peft_config=peft_config, adapter_state_dict=adapter_state_dict,
+                               **kwargs)
+
     # PEFT imports the function from this module at each call (tuners_utils.inject_adapter), so this reaches it
     conversion.convert_peft_config_for_transformers = keeping_module_targets
+    conversion.convert_peft_adapter_state_dict_for_transformers = keeping_weights
     _installed = True
+
+
+def made_for_fused_experts(peft_config, model) -> bool:
+    """Whether an adapter was made on transformers 5's layout, so nothing of it is converted: it names fused experts
+    as parameters (transformers 4 had none), or every target is a full name of a linear layer the model has now.
+    Converting such an adapter doubles the experts' rank (gate and up were two LoRAs in 4) and renames the dense
+    and shared-expert MLPs' weights as experts'."""
+    if getattr(peft_config, "target_parameters", None):
+        return True
+    targets = getattr(peft_config, "target_modules", None)
+    if not targets or isinstance(targets, str):
+        return False
+    return linear_targets(targets, model) == set(targets)
 
 
 def linear_targets(targets, model) -> set[str]:
