@@ -50,7 +50,7 @@ def main(only: list[str]) -> None:
     counts = collections.Counter(row.status for row in rows)
     summary = (f"{len(rows)} architectures (transformers {transformers.__version__}, PEFT "
                f"{__import__('peft').__version__}, torch {torch.__version__}, {platform.processor() or 'CPU'}): "
-               + ", ".join(f"{counts[s]} {s}" for s in ("pass", "fail", "not built", "multimodal") if counts[s])
+               + ", ".join(f"{counts[s]} {s}" for s in ("pass", "fail", "transformers", "not built", "multimodal") if counts[s])
                + f"; {time.perf_counter() - started:.0f} s")
     print(summary)
     if not only:
@@ -63,8 +63,9 @@ def _write(rows, summary: str) -> None:
     for row in rows:
         result = {"pass": "trains (lora, full)", "multimodal": "image-text: the vision issue (59)"}.get(row.status)
         if result is None:
+            label = {"transformers": "transformers' own limit", "fail": "**fails**"}.get(row.status, row.status)
             where = f" at {row.stage}" if row.stage else ""
-            result = f"{row.status}{where}: `{row.reason.replace('|', '/')[:160]}`"
+            result = f"{label}{where}: `{row.reason.replace('|', '/')[:160]}`"
         lines.append(f"| `{row.model_type}` | {row.class_name} | {result} | {row.lora.replace('|', '/')} |")
     lines += ["", END]
     text = DOC.read_text()

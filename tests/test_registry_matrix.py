@@ -45,5 +45,7 @@ def test_the_architecture_trains_through_the_projects_path(model_type, class_nam
         assert "/transformers/" in built.raised_in or "/torch/" in built.raised_in, (built.error, built.raised_in)
         return
     row = check(built, tmp_path)
+    if row.status == "transformers":  # the same step fails in transformers alone: the table reports it
+        return
     assert row.status == "pass", f"{model_type} failed at {row.stage}: {row.reason}\n{row.trace}"
     assert row.lora, "LoRA with the default targets reached nothing"
