@@ -19,6 +19,7 @@ LAYERS = 2
 # size 64; experts' own MLPs are half the dense one.
 SIZES = {
     "hidden_size": 64, "d_model": 64, "n_embd": 64, "dim": 64, "embedding_size": 64, "word_embed_proj_dim": 64,
+    "emb_dim": 64, "n_heads": 4,
     "intermediate_size": 128, "ffn_hidden_size": 128, "ffn_dim": 128, "decoder_ffn_dim": 128, "encoder_ffn_dim": 128,
     "n_inner": 128, "dim_ff": 128, "dff": 128, "d_ff": 128, "dense_intermediate_size": 128, "intermediate_size_mlp": 128,
     "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "decoder_attention_heads": 4, "encoder_attention_heads": 4,
@@ -53,10 +54,10 @@ SIZES = {
 # What a config's validation may still refuse in the tiny sizes, tried in turn (transformers says which in its
 # error, in words only): key/value heads equal to the query heads, one expert a token.
 VARIANTS = ({}, {"num_key_value_heads": 4}, {"num_experts_per_tok": 1})
-# Expert counts a config leaves None by default (a dense model) and a checkpoint sets: given, so the tiny model has
-# the experts its real checkpoints have.
-MOE_SIZES = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "top_k_experts",
-             "moe_intermediate_size", "n_shared_experts")
+# Sizes a config leaves None by default and a checkpoint sets: expert counts (None: a dense model), so the tiny model
+# has the experts its real checkpoints have, and a head size some models' code reads without a fallback.
+FILLED_WHEN_NONE = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "top_k_experts",
+                    "moe_intermediate_size", "n_shared_experts", "head_dim")
 # Per-layer lists are cut to LAYERS entries; these hold layer indices instead, and keep those below LAYERS.
 INDEX_LISTS = ("moe_layers", "full_attn_idxs", "hybrid_layer_ids", "attn_layers", "attention_layers",
                "mlp_only_layers", "attn_layer_indices", "no_rope_layers_idx")
@@ -83,7 +84,7 @@ def tiny_config(model_type: str, vocab_size: int, special: dict, variant: dict |
     keep = _kept_layers(values, layers) if layers else []
     overrides = {}
     for key, value in values.items():
-        if key in SIZES and (_is_int(value) or value is None and key in MOE_SIZES):
+        if key in SIZES and (_is_int(value) or value is None and key in FILLED_WHEN_NONE):
             overrides[key] = SIZES[key] if SIZES[key] is not None else vocab_size
         elif key in INDEX_LISTS and isinstance(value, list) and all(_is_int(i) for i in value):
             overrides[key] = [keep.index(i) for i in value if i in keep]

@@ -15,7 +15,10 @@ import pytest
 from tests.registry_models import architectures, is_multimodal
 
 # Architectures transformers trains but the project's path does not yet, and why (docs/models.md says the same).
-KNOWN: dict[str, str] = {}
+KNOWN: dict[str, str] = {
+    "gemma4_unified_assistant": "its config nests another model's config, which the generic shrink does not reach: "
+                                "the tiny model would hold 2.9 billion parameters",
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,9 @@ def test_the_architecture_trains_through_the_projects_path(model_type, class_nam
 
     built = build(model_type, class_name, tokenizer)
     if built.model is None:  # transformers' own limit: the table reports it
-        assert "/transformers/" in built.raised_in or "/torch/" in built.raised_in, (built.error, built.raised_in)
+        # raised inside transformers (its config validation runs in huggingface_hub) or torch, not in our shrink
+        assert any(f"/{package}/" in built.raised_in for package in ("transformers", "huggingface_hub", "torch")), (
+            built.error, built.raised_in)
         return
     row = check(built, tmp_path)
     if row.status == "transformers":  # the same step fails in transformers alone: the table reports it
