@@ -1,0 +1,132 @@
+"""Nothing hangs (issue 58): the GenAI evaluation view inside a run with system metrics on cannot deadlock, and a
+stage that stops moving anyway ends the run FAILED with every thread's stack in error.txt, instead of leaving it
+RUNNING in a process that no SIGTERM stops.
+
+The deadlock, as MLflow 3.17 has it: MLflow's system-metrics thread builds an `MlflowClient` every sample, which,
+with no registry URI set, tries `import pyspark` (absent here, so tried anew each time). The import holds the
+interpreter's import lock while MLflow's `ImportHookFinder` waits for MLflow's import-hook lock. Meanwhile
+`mlflow.genai.evaluate` holds that hook lock while it fires the autologging hook of an imported flavor (torch), which
+imports `mlflow.pytorch` and so waits for the import lock. The scenario below forces the interleaving the reporter
+hit by chance: MLflow's hook, under its lock, waits until the system-metrics thread is blocked on that lock (if it
+ever enters the import system) before it imports.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from mlflow_finetune_plugin import tags
+from tests.helpers import subprocess_env
+
+SCENARIO = '''
+import sys, threading, time
+
+import torch  # noqa: F401 - imported, as in the training process: genai evaluate fires torch's autologging hook
+
+import mlflow
+from mlflow.models.evaluation.utils import trace as eval_autologging
+
+from mlflow_finetune_plugin import heartbeat, tracking
+from mlflow_finetune_plugin.evaluate.genai_view import log_genai_view
+from mlflow_finetune_plugin.evaluate.report import EvalResult
+from mlflow_finetune_plugin.train.watchdog import watching
+
+pin, stall_timeout = sys.argv[1] == "pin", float(sys.argv[2])
+assert "mlflow.pytorch" not in sys.modules  # so that the hook imports it, under MLflow's import-hook lock
+if pin:
+    tracking.pin_registry_uri()  # what job.run does before it starts the run
+
+
+def metrics_thread_waits_for_the_hook_lock() -> bool:
+    thread = next((t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"), None)
+    frame = sys._current_frames().get(thread.ident) if thread else None
+    return frame is not None and "import_hooks" in frame.f_code.co_filename
+
+
+original, waited = eval_autologging.get_autolog_function, []
+
+
+def get_autolog_function(flavor):
+    # MLflow calls this holding its import-hook lock, right before it imports the flavor's module.
+    if not waited:
+        waited.append(True)
+        deadline = time.monotonic() + 3  # the metrics thread samples every 0.1 s
+        while time.monotonic() < deadline and not metrics_thread_waits_for_the_hook_lock():
+            time.sleep(0.01)
+        print("metrics thread blocked on the hook lock:", metrics_thread_waits_for_the_hook_lock(), flush=True)
+    return original(flavor)
+
+
+eval_autologging.get_autolog_function = get_autolog_function
+rows = [{"prompt": f"question {i}", "reference": f"answer {i}", "tuned_answer": f"reply {i}", "tuned_rougeL": 0.5}
+        for i in range(4)]
+mlflow.set_system_metrics_sampling_interval(0.1)
+with mlflow.start_run(log_system_metrics=True) as run:
+    print("run", run.info.run_id, flush=True)
+    with watching(run.info.run_id, stall_timeout):
+        heartbeat.enter("evaluate")
+        log_genai_view(EvalResult({}, rows, ["tuned"]))
+print("view logged", flush=True)
+'''
+
+
+def _scenario(tmp_path, tracking_uri, pin: bool, stall_timeout: float) -> tuple[subprocess.CompletedProcess, str]:
+    script = tmp_path / "scenario.py"
+    script.write_text(SCENARIO)
+    env = subprocess_env(tracking_uri)
+    env.pop("MLFLOW_REGISTRY_URI", None)  # as under `mlflow run`: MLflow resolves the registry URI itself
+    env["OMP_NUM_THREADS"] = "1"
+    # The deadlocked process is ended by the watchdog; the timeout only keeps a broken watchdog from hanging pytest.
+    proc = subprocess.run([sys.executable, str(script), "pin" if pin else "unpinned", str(stall_timeout)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run_line = [line for line in proc.stdout.splitlines() if line.startswith("run ")]
+    assert run_line, proc.stdout + proc.stderr
+    return proc, run_line[0].split()[1]
+
+
+def test_the_genai_view_in_a_run_with_system_metrics_does_not_deadlock(tmp_path, tracking_uri):
+    proc, run_id = _scenario(tmp_path, tracking_uri, pin=True, stall_timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Pinned, the metrics thread never entered the import system, so MLflow's hook imported without waiting on it.
+    assert "metrics thread blocked on the hook lock: False" in proc.stdout
+    assert "view logged" in proc.stdout
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    traces = mlflow.search_traces(locations=[run.info.experiment_id], run_id=run_id, return_type="list")
+    assert len(traces) == 4
+    assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics were on throughout
+
+
+def test_the_watchdog_ends_a_deadlocked_stage_failed_with_every_threads_stack(tmp_path, tracking_uri):
+    proc, run_id = _scenario(tmp_path, tracking_uri, pin=False, stall_timeout=10)
+    out = proc.stdout + proc.stderr
+    # Unpinned, MLflow's two threads deadlock (should a later MLflow not, this scenario no longer reproduces it).
+    assert "metrics thread blocked on the hook lock: True" in proc.stdout, out
+    assert "view logged" not in proc.stdout
+    assert proc.returncode == 1, out
+    assert "Error: stage 'evaluate' made no progress" in proc.stderr
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tags.ERROR].startswith("stage 'evaluate' made no progress for ")
+    assert "train.stall_timeout" in run.data.tags[tags.ERROR]
+    text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
+    stacks = {part.split(" ", 1)[0]: part for part in text.split("\nThread ")[1:]}
+    # Each side of the lock-order inversion, where it waits.
+    assert "import_hooks/__init__.py" in stacks["SystemMetricsMonitor"]
+    assert "_get_active_spark_session" in stacks["SystemMetricsMonitor"]
+    assert "register_post_import_hook" in stacks["MainThread"]
+    assert "genai_view.py" in stacks["MainThread"]
+
+
+@pytest.mark.parametrize("timeout", [0, 3600])
+def test_stall_timeout_is_a_recipe_key(tmp_path, timeout):
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from tests.helpers import chat_rows, write_project
+
+    proj = write_project(tmp_path / "bot", "data: {max_length: 64}\n", rows=chat_rows(4))
+    assert load_recipe(proj, overrides={"train.stall_timeout": str(timeout)}).train.stall_timeout == timeout
