@@ -31,7 +31,7 @@ import torch  # noqa: F401 - imported, as in the training process: genai evaluat
 import mlflow
 from mlflow.models.evaluation.utils import trace as eval_autologging
 
-from mlflow_finetune_plugin import heartbeat, tracking
+from mlflow_finetune_plugin import stops, tracking
 from mlflow_finetune_plugin.evaluate.genai_view import log_genai_view
 from mlflow_finetune_plugin.evaluate.report import EvalResult
 from mlflow_finetune_plugin.train.watchdog import watching
@@ -69,7 +69,7 @@ mlflow.set_system_metrics_sampling_interval(0.1)
 with mlflow.start_run(log_system_metrics=True) as run:
     print("run", run.info.run_id, flush=True)
     with watching(run.info.run_id, stall_timeout):
-        heartbeat.enter("evaluate")
+        stops.enter("evaluate")
         log_genai_view(EvalResult({}, rows, ["tuned"]))
 print("view logged", flush=True)
 '''

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 from transformers import TrainerCallback
 
-from mlflow_finetune_plugin import heartbeat, tags
+from mlflow_finetune_plugin import stops, tags
 
 
 class MlflowMetrics(TrainerCallback):
@@ -43,7 +43,7 @@ class Heartbeat(TrainerCallback):
     """Each training step is progress for the watchdog (`train/watchdog.py`): a run that trains is not stuck."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        heartbeat.beat()
+        stops.beat()
 
 
 class CheckpointLogger(TrainerCallback):

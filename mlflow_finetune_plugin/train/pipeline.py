@@ -9,7 +9,7 @@ import gc
 import mlflow
 from transformers import set_seed
 
-from mlflow_finetune_plugin import distill, heartbeat, stops, tracking
+from mlflow_finetune_plugin import distill, stops, tracking
 from mlflow_finetune_plugin import tags as tag_names
 from mlflow_finetune_plugin.config.checks import ONLINE, SCORING
 from mlflow_finetune_plugin.data import splits
@@ -77,7 +77,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     last_step = 0  # one adapter per task: each task's steps count from 1, its metrics carry the task's name
     # Under CPU bf16 autocast the logits and the LoRA updates stay fp32 (models/precision.py); no-op otherwise.
     autocast = recipe_autocast_bf16(recipe)
-    heartbeat.enter("train")  # watched from here (train/watchdog.py): each step is progress
+    stops.enter("train")  # watched from here (train/watchdog.py): each step is progress
     try:
         per_task = recipe.data.adapters == "per_task" and data.is_mixture
         if per_task:
@@ -112,7 +112,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
 
     # Base zero-shot, few-shot and with retrieved shots, and tuned, on the held-out rows; a full fine-tune needs the
     # base loaded apart, and only when there is something to evaluate.
-    heartbeat.enter("evaluate")  # each batch of answers is progress
+    stops.enter("evaluate")  # each batch of answers is progress
     if data.task_evals if data.is_mixture else data.eval is not None:
         base = _base_contender(recipe, adapter, tokenizer, starting_rows)
         with tracking.results_at_step(last_step):
@@ -123,7 +123,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
             if not scoring:  # a reward model writes no text to measure forgetting on
                 forgetting.check(recipe, general_text, tuned, tokenizer, base)  # general text: base vs tuned
         del base
-    heartbeat.enter("publish")
+    stops.enter("publish")
     # Did it pay off against the best prompt-only alternative? Tagged before publishing: the model card says it.
     verdict = conclude(run_id, recipe.registry.promote_if)
 

@@ -1,5 +1,5 @@
 """The watchdog of the training process: a stage of the pipeline that makes no progress for `train.stall_timeout`
-seconds (no training step, no batch of evaluation answers, no next stage: `heartbeat.py`) ends the run FAILED, with
+seconds (no training step, no batch of evaluation answers, no next stage: `stops.py`) ends the run FAILED, with
 every thread's stack in `error.txt`, and the process exits.
 
 A stuck process is most likely a deadlock between threads (issue 58: MLflow's system-metrics thread and
@@ -28,7 +28,7 @@ import threading
 import traceback
 from pathlib import Path
 
-from mlflow_finetune_plugin import heartbeat, tags
+from mlflow_finetune_plugin import stops, tags
 
 # How long the fresh process may take to import MLflow and mark the run FAILED before this one exits anyway.
 _RECORD_TIMEOUT_S = 300
@@ -36,7 +36,7 @@ _RECORD_TIMEOUT_S = 300
 
 @contextlib.contextmanager
 def watching(run_id: str, timeout: float):
-    """Within: a watched stage (`heartbeat.enter`) idle for `timeout` seconds ends the run FAILED and the process
+    """Within: a watched stage (`stops.enter`) idle for `timeout` seconds ends the run FAILED and the process
     with exit code 1. `timeout` 0 turns the watchdog off."""
     if timeout <= 0:
         yield
@@ -46,7 +46,7 @@ def watching(run_id: str, timeout: float):
     try:
         yield
     finally:
-        heartbeat.enter(None)
+        stops.enter(None)
         dog.stop()
 
 
@@ -65,7 +65,7 @@ class _Watchdog(threading.Thread):
     def run(self) -> None:
         poll = min(self.timeout / 4, 10.0)
         while not self._stopped.wait(poll):
-            stage, idle = heartbeat.current()
+            stage, idle = stops.current()
             if stage is not None and idle > self.timeout:
                 self._fire(stage, idle)
 
