@@ -130,3 +130,24 @@ def test_stall_timeout_is_a_recipe_key(tmp_path, timeout):
 
     proj = write_project(tmp_path / "bot", "data: {max_length: 64}\n", rows=chat_rows(4))
     assert load_recipe(proj, overrides={"train.stall_timeout": str(timeout)}).train.stall_timeout == timeout
+
+
+def test_a_pinned_registry_uri_keeps_mlflow_clients_out_of_the_import_system(tracking_uri, monkeypatch):
+    from mlflow_finetune_plugin.tracking import pin_registry_uri
+
+    class Recorder:  # sees every module lookup that goes through the import system
+        def find_spec(self, name, path, target=None):
+            looked_up.append(name)
+
+    looked_up: list[str] = []
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI")  # as under `mlflow run`
+    mlflow.set_registry_uri(None)
+    monkeypatch.setattr(sys, "meta_path", [Recorder(), *sys.meta_path])
+    MlflowClient()
+    if "pyspark" not in sys.modules:  # absent, it is looked up again by every client, in every thread
+        assert "pyspark" in looked_up
+    pin_registry_uri()
+    assert mlflow.get_registry_uri() == tracking_uri
+    looked_up.clear()
+    MlflowClient()
+    assert looked_up == []
