@@ -13,6 +13,7 @@ ever enters the import system) before it imports.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ from mlflow_finetune_plugin import tags
 from tests.helpers import subprocess_env
 
 SCENARIO = '''
-import sys, threading, time
+import signal, sys, threading, time
 
 import torch  # noqa: F401 - imported, as in the training process: genai evaluate fires torch's autologging hook
 
@@ -34,9 +35,11 @@ from mlflow.models.evaluation.utils import trace as eval_autologging
 from mlflow_finetune_plugin import stops, tracking
 from mlflow_finetune_plugin.evaluate.genai_view import log_genai_view
 from mlflow_finetune_plugin.evaluate.report import EvalResult
-from mlflow_finetune_plugin.train.watchdog import watching
+from mlflow_finetune_plugin.train import watchdog
 
 pin, stall_timeout = sys.argv[1] == "pin", float(sys.argv[2])
+watchdog.SIGNAL_GRACE_S = float(sys.argv[3])
+signal.signal(signal.SIGTERM, stops.record_and_raise)  # as job.run does: SIGTERM cancels
 assert "mlflow.pytorch" not in sys.modules  # so that the hook imports it, under MLflow's import-hook lock
 if pin:
     tracking.pin_registry_uri()  # what job.run does before it starts the run
@@ -59,7 +62,22 @@ def get_autolog_function(flavor):
         while time.monotonic() < deadline and not metrics_thread_waits_for_the_hook_lock():
             time.sleep(0.01)
         print("metrics thread blocked on the hook lock:", metrics_thread_waits_for_the_hook_lock(), flush=True)
+        threading.Thread(target=say_when_main_blocks, args=(threading.get_ident(),), daemon=True).start()
     return original(flavor)
+
+
+def say_when_main_blocks(main: int) -> None:
+    """Print once the main thread sits in the import system, at the same instruction twice 0.2 s apart: blocked
+    (a stop signal sent earlier could still find it running Python code, and stop it the ordinary way)."""
+    seen = None
+    while True:
+        frame = sys._current_frames()[main]
+        now = (frame, frame.f_lasti) if frame.f_code.co_filename.startswith("<frozen importlib") else None
+        if now is not None and now == seen:
+            print("main thread blocked on the import lock", flush=True)
+            return
+        seen = now
+        time.sleep(0.2)
 
 
 eval_autologging.get_autolog_function = get_autolog_function
@@ -68,33 +86,42 @@ rows = [{"prompt": f"question {i}", "reference": f"answer {i}", "tuned_answer": 
 mlflow.set_system_metrics_sampling_interval(0.1)
 with mlflow.start_run(log_system_metrics=True) as run:
     print("run", run.info.run_id, flush=True)
-    with watching(run.info.run_id, stall_timeout):
+    with watchdog.watching(run.info.run_id, stall_timeout):
         stops.enter("evaluate")
         log_genai_view(EvalResult({}, rows, ["tuned"]))
 print("view logged", flush=True)
 '''
 
 
-def _scenario(tmp_path, tracking_uri, pin: bool, stall_timeout: float) -> tuple[subprocess.CompletedProcess, str]:
+def _scenario(tmp_path, tracking_uri, pin: bool, stall_timeout: float, sigterm: bool = False):
+    """Run SCENARIO; with `sigterm`, send SIGTERM once the main thread is blocked. Returns (exit code, stdout,
+    stderr, run id)."""
     script = tmp_path / "scenario.py"
     script.write_text(SCENARIO)
     env = subprocess_env(tracking_uri)
     env.pop("MLFLOW_REGISTRY_URI", None)  # as under `mlflow run`: MLflow resolves the registry URI itself
     env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen([sys.executable, str(script), "pin" if pin else "unpinned", str(stall_timeout), "3"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:  # ends when the process does
+        lines.append(line)
+        if sigterm and line.startswith("main thread blocked on the import lock"):
+            proc.send_signal(signal.SIGTERM)
     # The deadlocked process is ended by the watchdog; the timeout only keeps a broken watchdog from hanging pytest.
-    proc = subprocess.run([sys.executable, str(script), "pin" if pin else "unpinned", str(stall_timeout)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    run_line = [line for line in proc.stdout.splitlines() if line.startswith("run ")]
-    assert run_line, proc.stdout + proc.stderr
-    return proc, run_line[0].split()[1]
+    _, err = proc.communicate(timeout=300)
+    out = "".join(lines)
+    run_line = [line for line in lines if line.startswith("run ")]
+    assert run_line, out + err
+    return proc.returncode, out, err, run_line[0].split()[1]
 
 
 def test_the_genai_view_in_a_run_with_system_metrics_does_not_deadlock(tmp_path, tracking_uri):
-    proc, run_id = _scenario(tmp_path, tracking_uri, pin=True, stall_timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, out, err, run_id = _scenario(tmp_path, tracking_uri, pin=True, stall_timeout=120)
+    assert code == 0, out + err
     # Pinned, the metrics thread never entered the import system, so MLflow's hook imported without waiting on it.
-    assert "metrics thread blocked on the hook lock: False" in proc.stdout
-    assert "view logged" in proc.stdout
+    assert "metrics thread blocked on the hook lock: False" in out
+    assert "view logged" in out
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
     traces = mlflow.search_traces(locations=[run.info.experiment_id], run_id=run_id, return_type="list")
@@ -102,18 +129,7 @@ def test_the_genai_view_in_a_run_with_system_metrics_does_not_deadlock(tmp_path,
     assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics were on throughout
 
 
-def test_the_watchdog_ends_a_deadlocked_stage_failed_with_every_threads_stack(tmp_path, tracking_uri):
-    proc, run_id = _scenario(tmp_path, tracking_uri, pin=False, stall_timeout=10)
-    out = proc.stdout + proc.stderr
-    # Unpinned, MLflow's two threads deadlock (should a later MLflow not, this scenario no longer reproduces it).
-    assert "metrics thread blocked on the hook lock: True" in proc.stdout, out
-    assert "view logged" not in proc.stdout
-    assert proc.returncode == 1, out
-    assert "Error: stage 'evaluate' made no progress" in proc.stderr
-    run = MlflowClient().get_run(run_id)
-    assert run.info.status == "FAILED"
-    assert run.data.tags[tags.ERROR].startswith("stage 'evaluate' made no progress for ")
-    assert "train.stall_timeout" in run.data.tags[tags.ERROR]
+def _assert_stacks_show_the_inversion(run) -> None:
     text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
     stacks = {part.split(" ", 1)[0]: part for part in text.split("\nThread ")[1:]}
     # Each side of the lock-order inversion, where it waits.
@@ -121,6 +137,32 @@ def test_the_watchdog_ends_a_deadlocked_stage_failed_with_every_threads_stack(tm
     assert "_get_active_spark_session" in stacks["SystemMetricsMonitor"]
     assert "register_post_import_hook" in stacks["MainThread"]
     assert "genai_view.py" in stacks["MainThread"]
+
+
+def test_the_watchdog_ends_a_deadlocked_stage_failed_with_every_threads_stack(tmp_path, tracking_uri):
+    code, out, err, run_id = _scenario(tmp_path, tracking_uri, pin=False, stall_timeout=10)
+    # Unpinned, MLflow's two threads deadlock (should a later MLflow not, this scenario no longer reproduces it).
+    assert "metrics thread blocked on the hook lock: True" in out, out + err
+    assert "view logged" not in out
+    assert code == 1, out + err
+    assert "Error: stage 'evaluate' made no progress" in err
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tags.ERROR].startswith("stage 'evaluate' made no progress for ")
+    assert "raise train.stall_timeout" in run.data.tags[tags.ERROR]
+    _assert_stacks_show_the_inversion(run)
+
+
+def test_sigterm_ends_a_deadlocked_process_killed_with_every_threads_stack(tmp_path, tracking_uri):
+    code, out, err, run_id = _scenario(tmp_path, tracking_uri, pin=False, stall_timeout=600, sigterm=True)
+    assert "main thread blocked on the import lock" in out, out + err
+    assert "view logged" not in out
+    assert code == 130, out + err  # long before the stall timeout: the signal's grace (3 s here) ran out
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags[tags.ERROR].startswith("the training process had not stopped 3 s after SIGTERM (stage "
+                                                "'evaluate')")
+    _assert_stacks_show_the_inversion(run)
 
 
 @pytest.mark.parametrize("timeout", [0, 3600])
