@@ -69,7 +69,7 @@ class _Watchdog(threading.Thread):
         self._signalled: tuple[str, float] | None = None  # the stop signal's name, when it came
         # Resolved now, in the main thread: at firing time resolving them may need the very locks that are stuck.
         self._env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-                     "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri(), "MLFLOW_RUN_ID": run_id}
+                     "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
         self._error_file = Path(tempfile.mkdtemp(prefix="finetune-watchdog-")) / "error.txt"
         # Signals reach this thread as bytes on a pipe (`signal.set_wakeup_fd`, written by the interpreter's C
         # handler even while the main thread is blocked); settable from the main thread only.
@@ -109,7 +109,8 @@ class _Watchdog(threading.Thread):
         self._stopped.set()
         if self._pipe:
             signal.set_wakeup_fd(self._previous_wakeup_fd)
-            os.write(self._pipe[1], b"\0")  # wakes the thread at once
+            with contextlib.suppress(BlockingIOError):  # a full pipe wakes the thread just as well
+                os.write(self._pipe[1], b"\0")  # wakes the thread at once
         self.join()
         if self._pipe:
             for fd in self._pipe:
