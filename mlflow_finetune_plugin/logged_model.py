@@ -119,7 +119,7 @@ def load_logged_base(config: dict, dtype, scoring: bool = False):
 
 def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> LoadedModel:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mlflow_finetune_plugin.models.base import torch_dtype
 
@@ -127,16 +127,25 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
     dtype = torch_dtype("auto") if device != "cpu" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(artifacts["tokenizer"])
     if config.get("artifact") == "full":
-        native_gqa_on_cpu()
-        model = AutoModelForCausalLM.from_pretrained(artifacts["model"], dtype=dtype, use_safetensors=True)
+        model = load_full_model(artifacts["model"], dtype)
     else:
-        from peft import PeftModel
+        from mlflow_finetune_plugin.models.peft_targets import load_adapter
 
-        model = PeftModel.from_pretrained(load_logged_base(config, dtype), artifacts["adapter"])
+        model = load_adapter(load_logged_base(config, dtype), artifacts["adapter"])
     model.to(device).eval()
     stop_at_every_end_of_turn(model, tokenizer)
     for_generation(model)  # a mixture of experts saved with router logits on cannot decode
     return LoadedModel(model=model, tokenizer=tokenizer, config=config)
+
+
+def load_full_model(folder: str | Path, dtype, scoring: bool = False, **kwargs):
+    """A full fine-tune's saved `model/` folder as every logged model loads it (`scoring`: a reward model, under its
+    score head); `kwargs` go to `from_pretrained` (the rehearsal asks for its loading report)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    native_gqa_on_cpu()
+    auto = AutoModelForSequenceClassification if scoring else AutoModelForCausalLM
+    return auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, **kwargs)
 
 
 def stop_at_every_end_of_turn(model, tokenizer) -> None:

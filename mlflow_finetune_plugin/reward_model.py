@@ -22,6 +22,7 @@ import pandas as pd
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.logged_model import (
+    load_full_model,
     load_logged_base,
     requirements,
     saved_artifacts,
@@ -72,16 +73,16 @@ def score(model, tokenizer, prompts: list, answers: list, batch_size: int = 8) -
 
 def load_reward(artifacts: dict[str, Path], config: dict, device: str | None = None) -> LoadedReward:
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(artifacts["tokenizer"])
     if config.get("artifact") == "full":
-        model = AutoModelForSequenceClassification.from_pretrained(artifacts["model"], use_safetensors=True)
+        model = load_full_model(artifacts["model"], None, scoring=True)
     else:
-        from peft import PeftModel
+        from mlflow_finetune_plugin.models.peft_targets import load_adapter
 
-        model = PeftModel.from_pretrained(load_logged_base(config, torch.float32, scoring=True), artifacts["adapter"])
+        model = load_adapter(load_logged_base(config, torch.float32, scoring=True), artifacts["adapter"])
     # The head pools at the last token that is not padding: the model must know the tokenizer's pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     if hasattr(model, "get_base_model"):

@@ -60,7 +60,11 @@ def sqlite_path(uri: str | None) -> Path | None:
 
 
 def record_failure(run_id: str, exc: BaseException, status: str = "FAILED") -> None:
-    """Mark the run terminated with `status`, the error as a tag and the traceback as `error.txt`."""
+    """Mark the run terminated with `status`, the error as a tag and the traceback as `error.txt`.
+
+    A FinetuneError's message is the tag and the start of error.txt; where it was raised from another error (a
+    rehearsal stage's, a reward function's), that error's traceback follows in error.txt: the message says what to
+    do, the traceback where it went wrong."""
     from mlflow_finetune_plugin.errors import FinetuneError
 
     client = MlflowClient()
@@ -69,10 +73,17 @@ def record_failure(run_id: str, exc: BaseException, status: str = "FAILED") -> N
         message = "cancelled" + (f" ({exc})" if str(exc) else "")
     try:
         client.set_tag(run_id, tags.ERROR, message[:4900])
-        text = message if isinstance(exc, FinetuneError) else "".join(traceback.format_exception(exc))
+        text = _with_cause(message, exc) if isinstance(exc, FinetuneError) else "".join(traceback.format_exception(exc))
         client.log_text(run_id, text, "error.txt")
     finally:
         client.set_terminated(run_id, status)
+
+
+def _with_cause(message: str, exc: BaseException) -> str:
+    """A FinetuneError's text for error.txt: its message, then the traceback of the error it was raised from."""
+    if exc.__cause__ is None:
+        return message
+    return f"{message}\n\nCaused by:\n{''.join(traceback.format_exception(exc.__cause__))}"
 
 
 # The step the run's results are logged at: the training's last step while the pipeline evaluates

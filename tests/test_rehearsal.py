@@ -8,6 +8,8 @@ test does not depend on a model that still has the bug."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -72,6 +74,9 @@ def test_a_stage_after_training_that_fails_ends_the_run_before_training(tmp_path
     rehearsals = [r for r in _runs(ViewType.ALL) if r.info.run_name == "rehearsal"]
     assert all(r.info.lifecycle_stage == "deleted" and r.info.status != "RUNNING" for r in rehearsals)
     assert "Traceback" not in capsys.readouterr().err
+    # ... but error.txt keeps it: the message, then the traceback of the error the stage met.
+    text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
+    assert text.startswith(error) and "Traceback (most recent call last)" in text and "RuntimeError: " in text
 
 
 def test_the_rehearsal_leaves_training_as_it_would_have_been(tmp_path, tracking_uri, capsys):
@@ -92,3 +97,77 @@ def test_the_rehearsal_leaves_training_as_it_would_have_been(tmp_path, tracking_
     # Its run left nothing visible: one rehearsal run, deleted; the two real runs are the only active ones.
     assert len(_runs()) == 2
     assert [r.info.lifecycle_stage for r in _runs(ViewType.ALL) if r.info.run_name == "rehearsal"] == ["deleted"]
+
+
+def test_a_full_fine_tune_of_experts_saved_in_the_checkpoint_layout_passes_the_save_check(tmp_path, tracking_uri,
+                                                                                         capsys):
+    """Issue 58: transformers 5 saves a Qwen3-MoE's fused experts one tensor per expert and fuses them on load. The
+    rehearsal's save check compared the saved names with the model's and refused every full fine-tune of it; it
+    asks transformers what reloads now."""
+    from transformers import AutoModelForCausalLM
+
+    from mlflow_finetune_plugin.paths import tensor_names
+    from tests.arch_models import build
+
+    base = build("qwen3_moe", tmp_path / "qwen3-moe")
+    saved = set(tensor_names(base))
+    in_memory = set(AutoModelForCausalLM.from_pretrained(base).state_dict())
+    assert saved - in_memory and in_memory - saved  # the layouts differ: what the old check refused
+    proj = write_project(tmp_path / "p", RECIPE, rows=chat_rows(16), eval_rows=chat_rows(4, 100))
+    recipe = load_recipe(proj, method="full", overrides={"model.name": str(base), "train.max_steps": "1"})
+    mlflow.set_experiment(EXPERIMENT)
+
+    assert job.run(recipe) == 0
+
+    (run,) = _runs()
+    assert run.info.status == "FINISHED"
+    assert "Rehearsal before training: 2 rows" in capsys.readouterr().out
+
+
+def _save_goes_wrong(monkeypatch, change):
+    """The model saves as usual, then `change` edits its saved tensors: the save check must notice."""
+    from safetensors.torch import load_file, save_file
+
+    from mlflow_finetune_plugin import logged_model
+
+    real = logged_model.saved_artifacts
+
+    def saved_artifacts(model, tokenizer, config, folder, **options):
+        config, artifacts = real(model, tokenizer, config, folder, **options)
+        (path,) = Path(artifacts.get("adapter") or artifacts["model"]).glob("*.safetensors")
+        tensors = load_file(path)
+        change(tensors)
+        save_file(tensors, path, metadata={"format": "pt"})
+        return config, artifacts
+
+    monkeypatch.setattr(logged_model, "saved_artifacts", saved_artifacts)
+
+
+def _drop_a_query(tensors):
+    del tensors[next(name for name in sorted(tensors) if "q_proj" in name)]
+
+
+def _shift_a_lora_b(tensors):
+    name = next(name for name in sorted(tensors) if "lora_B" in name and "q_proj" in name)
+    tensors[name] = tensors[name] + 1.0
+
+
+@pytest.mark.parametrize("method, change, fault", [("full", _drop_a_query, "1 missing (e.g. ['model.layers.0."),
+                                                   ("lora", _shift_a_lora_b, "1 with other values than the model's")])
+def test_a_model_that_does_not_reload_as_it_was_saved_fails_the_rehearsal(tmp_path, tracking_uri, monkeypatch,
+                                                                         method, change, fault):
+    recipe = load_recipe(write_project(tmp_path / "p", RECIPE, rows=chat_rows(16), eval_rows=chat_rows(4, 100)),
+                         method=method)
+    _save_goes_wrong(monkeypatch, change)
+    mlflow.set_experiment(EXPERIMENT)
+
+    assert job.run(recipe) == 1
+
+    (run,) = _runs()
+    error = run.data.tags[tags.ERROR]
+    assert "failed at reloading the saved model" in error and fault in error and "q_proj" in error, error
+    # The check exists only in the rehearsal: skipping it would not fail the run after training, and it says so.
+    assert "train.rehearsal=false" in error and "end the run after training" not in error
+    assert not MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
+    assert text.startswith(error) and "Traceback (most recent call last)" in text and fault in text.split(error)[1]

@@ -288,7 +288,12 @@ def _shares_prefill(model) -> bool:
     if _virtual_tokens(model) or getattr(model, "config", None) is None:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    # A model that keeps no KV cache (OpenAI GPT, XLNet) has nothing to continue from: asked of its forward and of
+    # transformers (`_supports_default_dynamic_cache`).
+    parameters = inspect.signature(base.forward).parameters
+    supports = getattr(type(base), "_supports_default_dynamic_cache", None)
+    return ("logits_to_keep" in parameters and "use_cache" in parameters
+            and (supports is None or bool(supports())))
 
 
 def _pick_shots(train_conversations, k: int, exclude: set[str]) -> list[list[dict]]:

@@ -13,7 +13,7 @@ Three questions that used to be assumptions (every model was a Llama):
   another `head_dim` than its sliding ones, and its config raises on `config.head_dim`.
 - Its experts (`moe_of`): a mixture of experts returns router logits (its config has `output_router_logits`, TRL's
   test too) and may keep its experts as fused 3-D parameters (gpt-oss), which PEFT reaches with `target_parameters`
-  only; `target_modules="all-linear"` adapts attention and the router.
+  only; which of its linear layers are attention, dense or shared-expert MLPs and routers is `models/moe_parts.py`.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def moe_of(model) -> Experts | None:
     if not router and not fused:
         return None
     active = next((v for k in ("num_experts_per_tok", "top_k_experts", "moe_topk") if (v := _read(config, k))), 1)
-    total = next((v for k in ("num_local_experts", "num_experts", "n_routed_experts") if (v := _read(config, k))), 1)
+    total = expert_count(config) or 1
     return Experts(router, float(_read(config, "router_aux_loss_coef") or 0.0), int(active), int(total), fused)
 
 
@@ -153,12 +153,27 @@ def _config_keys(config) -> set[str]:
     return set(config.to_dict()) | set(vars(config))
 
 
+# Where configs keep their number of experts.
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def expert_count(config) -> int | None:
+    """The number of experts the config gives (None for a dense model)."""
+    config = text_config(config)
+    return next((int(v) for k in _EXPERT_COUNTS if isinstance(v := _read(config, k), int) and v > 1), None)
+
+
 def fused_expert_parameters(model) -> tuple[str, ...]:
     """Parameters of three dimensions held by a module of the model's own code (not a torch layer such as a
-    convolution): experts stored as one `[experts, in, out]` tensor, which no `nn.Linear` wraps. Named by the
-    holding module's name and the parameter's, without the layer index (`experts.gate_up_proj`)."""
+    convolution), one slice per expert: experts stored as one `[experts, in, out]` tensor, which no `nn.Linear`
+    wraps. Named by the holding module's name and the parameter's, without the layer index (`experts.gate_up_proj`).
+    3-D parameters that are no experts' (RWKV's time mixing, XLNet's attention projections) have no expert count
+    for a first dimension, and are not counted."""
     import torch
 
+    experts = expert_count(model.config) if getattr(model, "config", None) is not None else None
+    if experts is None:
+        return ()
     names = []
     for module_name, module in model.named_modules():
         if type(module).__module__.startswith("torch.") or isinstance(module, torch.nn.Embedding):
@@ -166,7 +181,7 @@ def fused_expert_parameters(model) -> tuple[str, ...]:
         # PEFT wraps an adapted parameter's module as `base_layer` (once per parameter): name the module itself
         own = module_name.replace(".base_layer", "").rsplit(".", 1)[-1]
         for name, param in module.named_parameters(recurse=False):
-            if param.dim() == 3 and not own.isdigit():
+            if param.dim() == 3 and param.shape[0] == experts and not own.isdigit():
                 names.append(f"{own}.{name}")
     return tuple(dict.fromkeys(names))
 

@@ -171,6 +171,11 @@ def _computed_in_fp32(forward):
 
 
 def _output_in_fp32(forward):
+    import torch
+
     def upcast_forward(x, *args, **kwargs):
-        return forward(x, *args, **kwargs).float()
+        output = forward(x, *args, **kwargs)
+        # a layer of the model's own code may subclass nn.Linear and answer otherwise (Llama 4's router: a tuple of
+        # scores and logits, when a recipe adapts its weight): its output is left as it is
+        return output.float() if isinstance(output, torch.Tensor) else output
     return upcast_forward

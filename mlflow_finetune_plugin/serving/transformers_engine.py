@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
+from mlflow_finetune_plugin.models.peft_targets import keep_module_targets, load_adapter
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
 from mlflow_finetune_plugin.serving.batching import Batcher, Request, TokenStreamer, row_hook
 from mlflow_finetune_plugin.serving.choices import LocalModel, local_model
@@ -152,6 +153,7 @@ class TransformersEngine(Engine):
             if (slot.peft_type == cfg.get("peft_type") and not slot.prompt_learning
                     and not _is_prompt_learning(cfg)):
                 with slot.changing():  # no batch may run while modules are being added
+                    keep_module_targets()  # a mixture of experts' adapter as saved (models/peft_targets.py)
                     slot.model.load_adapter(str(local.adapter_dir), adapter_name=name)
                     slot.model.eval()
                     slot.dora = slot.dora or _unmixable(cfg)
@@ -178,10 +180,8 @@ class TransformersEngine(Engine):
 
     def _wrap(self, slot: _Slot, local: LocalModel, cfg: dict, name: str) -> None:
         """Turn a plain base slot into a PeftModel slot holding `local`'s adapter (same weights, in place)."""
-        from peft import PeftModel
-
         with slot.changing():
-            slot.model = PeftModel.from_pretrained(slot.model, str(local.adapter_dir), adapter_name=name)
+            slot.model = load_adapter(slot.model, local.adapter_dir, adapter_name=name)
             slot.model.to(self.device).eval()
             slot.peft_type = cfg.get("peft_type")
             slot.prompt_learning = _is_prompt_learning(cfg)

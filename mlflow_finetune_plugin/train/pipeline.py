@@ -67,7 +67,9 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     trainable = templates.fit_model(recipe, model, tokenizer, main)  # new tokens' rows, every end-of-turn id stops
     starting_rows = templates.added_rows(model, tokenizer)  # what a full fine-tune's base contender starts from
     model = attach(quantization.prepare(model, recipe.model), recipe, trainable)
-    reach.report(recipe, model, main)  # the share that trains (param, metric), and whether experts do
+    # the share that trains (param, metric) and, for a mixture of experts, what the adapter reaches: printed now,
+    # tagged once training took its first step (a run failing before then carries no such tag)
+    reached = reach.report(recipe, model, main)
 
     args = trainers.training_arguments(recipe, run_id, data.eval)
     # Everything alive now (modules, the model) lives until the end: frozen out of the cyclic GC, whose full
@@ -84,7 +86,8 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
             trainer = None
         else:
             evaluated = list(data.task_evals.values()) if data.is_mixture else [data.eval]
-            callbacks = [MlflowMetrics(), CheckpointLogger(), TimeLeft.of(recipe, evaluated), Heartbeat()]
+            callbacks = [MlflowMetrics(), CheckpointLogger(), TimeLeft.of(recipe, evaluated),
+                         reach.Reached(reached if main else ""), Heartbeat()]
             with fp32_where_it_matters(model, autocast):
                 trainer = objective.build_trainer(recipe, model, tokenizer, data.train, data.eval, args, callbacks)
                 if recipe.train.rehearsal and recipe.objective not in ONLINE:
@@ -97,6 +100,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
         with fp32_where_it_matters(model, autocast):
             if per_task:
                 trainers.train_per_task(recipe, objective, model, tokenizer, data.tasks, data.task_evals, args)
+                reach.tag(reached if main else "")
                 tuned = model
             else:
                 trainer.train(resume_from_checkpoint=_checkpoint(recipe, trainer, run_id, main))

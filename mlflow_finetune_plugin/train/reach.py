@@ -1,23 +1,30 @@
 """What a fine-tune reaches in the model, said once per run: the share of the parameters that train (a param and a
-metric on every run), whether an adapter reaches a mixture of experts' fused experts, and the weight of the router's
-load-balancing loss. The model's abilities come from `models/architecture.py`; this module applies them to a run.
+metric on every run), what an adapter reaches of a mixture of experts and what it leaves out (attention, dense and
+shared-expert MLPs, experts, routers), and the weight of the router's load-balancing loss. The model's abilities come from `models/architecture.py` and `models/moe_parts.py`; this
+module applies them to a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from collections import Counter
+
+from transformers import TrainerCallback
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.models.architecture import moe_of, trainable_share
+from mlflow_finetune_plugin.models.moe_parts import KINDS, adapted, parts
 
 # What the run logs: the trained parameters, all of them, and the share (metric, 0..1).
 TRAINABLE_PARAM, TOTAL_PARAM, SHARE_METRIC = "trainable_parameters", "total_parameters", "trainable_share"
 
 
-def report(recipe, model, main: bool = True) -> None:
-    """Print and log what trains: the share of the parameters, and for a mixture of experts whether the experts do
-    (`finetune.lora_experts`)."""
+def report(recipe, model, main: bool = True) -> str:
+    """Print and log what trains: the share of the parameters, and for a mixture of experts what the adapter reaches
+    and leaves out, by kind of module. Returns that line ('' for other models): it is tagged
+    (`finetune.lora_experts`) by `Reached` once training has taken its first step, so a run that fails before
+    training carries no tag saying what it trained."""
     import mlflow
 
     trainable, total = trainable_share(model)
@@ -30,34 +37,79 @@ def report(recipe, model, main: bool = True) -> None:
         mlflow.log_metric(SHARE_METRIC, share)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     experts = moe_of(base)
-    if experts is None or not experts.fused:
-        return
-    line = _experts_line(recipe, model, experts)
+    if experts is None:
+        return ""
+    line = experts_line(recipe, model, experts)
     if main:
         print(line)
-    if logging:
+    return line
+
+
+class Reached(TrainerCallback):
+    """Tags what the adapter reaches (`report`'s line) at the end of the first training step: the rehearsal and the
+    trainer's set-up are behind, so the tag describes a run that trained."""
+
+    def __init__(self, line: str):
+        self.line = line
+
+    def on_step_end(self, args, state, control, **kwargs):
+        tag(self.line)
+        self.line = ""
+
+
+def tag(line: str) -> None:
+    """`finetune.lora_experts`: `line` without its 'Mixture of experts: ' lead ('' tags nothing)."""
+    import mlflow
+
+    if line and mlflow.active_run() is not None:
         mlflow.set_tag(tags.LORA_EXPERTS, line.split(": ", 1)[1][:5000])
 
 
-def _experts_line(recipe, model, experts) -> str:
-    fused = ", ".join(experts.fused)
+def experts_line(recipe, model, experts) -> str:
+    """What the adapter reaches of a mixture of experts and what it leaves out, by kind of module (`KINDS`)."""
     if recipe.adapter.type == "full":
-        return f"Mixture of experts: trained with every other weight (full fine-tune; fused experts {fused})"
+        return "Mixture of experts: trained with every other weight (full fine-tune: experts, router and all)"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pieces, reached = parts(base), adapted(base)
+    got, missed = Counter(), Counter()
+    for piece in pieces:
+        (got if piece.name in reached else missed)[piece.kind] += 1
+    kinds = [kind for kind in KINDS if got[kind] or missed[kind]]
+    fused = [piece.name.rsplit(".", 2)[-2] + "." + piece.name.rsplit(".", 1)[-1] for piece in pieces
+             if piece.kind == "experts" and not piece.linear]
+    fused = list(dict.fromkeys(fused))
+    reaches = ", ".join(f"{_count(kind, got[kind], missed[kind])}" for kind in kinds if got[kind]) or "no layer"
+    routers = list(dict.fromkeys(piece.name.rsplit(".", 1)[-1] for piece in pieces
+                                 if piece.kind == "router" and piece.name not in reached))
+    left = "; ".join(f"{_count(kind, missed[kind], got[kind])}{_how(recipe, kind, fused, routers)}" for kind in kinds
+                     if missed[kind])
+    what = "LoRA" if recipe.adapter.type == "lora" else f"the {recipe.adapter.type} adapter"
+    line = f"Mixture of experts ({experts.total} experts): {what} reaches {reaches}"
+    if fused and got["experts"] and not any(p.linear for p in pieces if p.kind == "experts"):
+        line += f" (the experts through PEFT's target_parameters: {', '.join(fused)})"
+    line += f"; leaves out {left}" if left else "; leaves out nothing"
     config = getattr(model, "active_peft_config", None)
-    reached = [p for p in (getattr(config, "target_parameters", None) or []) if p in experts.fused]
-    if reached:
-        dropped = (f"; lora.dropout {recipe.adapter.dropout:g} is not applied (PEFT's LoRA on parameters takes none; "
-                   "lora.target_parameters: [] keeps it and leaves the experts out)") if recipe.adapter.dropout else ""
-        return (f"Mixture of experts: LoRA reaches the {experts.total} experts through PEFT's target_parameters "
-                f"({', '.join(reached)}){dropped}")
-    return (f"Mixture of experts: the {recipe.adapter.type} adapter trains attention (and the router) only: the "
-            f"{experts.total} experts are fused 3-D parameters ({fused}) that no linear layer wraps"
-            + _lora_hint(recipe))
+    if recipe.adapter.type == "lora" and recipe.adapter.dropout and getattr(config, "target_parameters", None):
+        line += (f"; lora.dropout {recipe.adapter.dropout:g} is not applied (PEFT's LoRA on parameters takes none; "
+                 "lora.target_parameters: [] keeps it and leaves the experts out)")
+    return line
 
 
-def _lora_hint(recipe) -> str:
-    """How a LoRA run would reach the experts."""
-    return "; lora.target_parameters: auto adapts them" if recipe.adapter.type == "lora" else ""
+def _count(kind: str, n: int, other: int) -> str:
+    """'attention (8)': modules of that kind, '(4 of 8)' where the other side holds some of them too."""
+    return f"{kind} ({n} of {n + other})" if other else f"{kind} ({n})"
+
+
+def _how(recipe, kind: str, fused: list[str], routers: list[str]) -> str:
+    """How a LoRA run would reach what it left out."""
+    if recipe.adapter.type != "lora":
+        return ""
+    if kind == "router":
+        return f": lora.target_modules [all-linear, {', '.join(routers)}] adds it"
+    if kind == "experts" and fused:
+        return f": fused 3-D parameters ({', '.join(fused)}) that no linear layer wraps; lora.target_parameters: " \
+               "auto adapts them"
+    return ": lora.target_modules: all-linear adapts it"
 
 
 def aux_loss_arguments(recipe, model, config_class, generates: bool = False) -> dict:

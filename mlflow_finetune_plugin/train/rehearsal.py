@@ -23,19 +23,26 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.config.checks import SCORING
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.paths import tensor_names
 
 ROWS = 2          # held-out rows and general texts rehearsed
 NEW_TOKENS = 4    # answer tokens each contender generates: enough to run generation's loop, cheap on any model
 KEY = "train.rehearsal"
 
-# Per stage: what to do besides fixing the cause (the same failure would end the run after training).
+# Per stage: what to do besides fixing the cause, and what skipping the rehearsal would lead to. The stages run the
+# code the run calls after training, so their failure would recur there; the reload of the saved model is the
+# rehearsal's own check (after training the model is logged as it saves, and only its users would meet the fault).
+_AFTER_TRAINING = "the same error would then end the run after training"
 _SKIP = {
-    "training step": "data.packing, model.attn_implementation and train.fused_lm_head change how a step runs",
-    "evaluation": "-P eval.enabled=false trains without the evaluation",
-    "forgetting check": "-P eval.forgetting=false trains without the forgetting check",
-    "verdict": "-P registry.promote_if=[] leaves the verdict to the primary metric",
-    "saving the model": "nothing can be logged or registered until it saves",
+    "training step": ("data.packing, model.attn_implementation and train.fused_lm_head change how a step runs",
+                      "the same error would then end the run at its first training step"),
+    "evaluation": ("-P eval.enabled=false trains without the evaluation", _AFTER_TRAINING),
+    "forgetting check": ("-P eval.forgetting=false trains without the forgetting check", _AFTER_TRAINING),
+    "verdict": ("-P registry.promote_if=[] leaves the verdict to the primary metric", _AFTER_TRAINING),
+    "saving the model": ("nothing can be logged or registered until it saves", _AFTER_TRAINING),
+    "reloading the saved model": (
+        "the model trains but would not load as trained: a fault of saving or loading it in this version of "
+        "transformers or peft, which another version, or an adapter instead of a full fine-tune, may avoid",
+        "the run would then train and log the model as it saves, and whoever loads it would meet the fault"),
 }
 
 
@@ -52,10 +59,10 @@ def stage(name: str):
         raise
     except Exception as e:  # noqa: BLE001 - reported with its stage; the traceback stays in error.txt via __cause__
         cause = str(e) if isinstance(e, FinetuneError) else f"{type(e).__name__}: {e}"
+        todo, skipped = _SKIP[name]
         raise RehearsalFailed(
             f"before training, the rehearsal of what runs after training failed at {name}, on {ROWS} rows: "
-            f"{cause}. Nothing was trained. {_SKIP[name]}; -P {KEY}=false skips the rehearsal (the same error "
-            "would then end the run after training).") from e
+            f"{cause}. Nothing was trained. {todo}; -P {KEY}=false skips the rehearsal ({skipped}).") from e
 
 
 def training_step(trainer) -> None:
@@ -127,8 +134,7 @@ def after_training(recipe, objective, model, tokenizer, data, general_text: list
                     del base
                 with stage("verdict"):
                     conclude(run.info.run_id, recipe.registry.promote_if)
-            with stage("saving the model"):
-                _save_and_reload(model, tokenizer, config)
+            _save_and_reload(model, tokenizer, config)
         mlflow.end_run()
     except BaseException:
         mlflow.end_run("FAILED")
@@ -151,11 +157,9 @@ def _head(ds):
 
 
 def _save_and_reload(model, tokenizer, config: dict) -> None:
-    """Save the model and tokenizer as the logged model does, then read back what was saved: the tokenizer with its
-    chat template, the adapter's config and weights (every saved tensor named as the model names it), or a full
-    model's config and every weight's name. The base is not loaded a second time: that would double the memory."""
-    from transformers import AutoConfig, AutoTokenizer
-
+    """Save the model and tokenizer as the logged model does (with the code and requirements it carries), then read
+    back what was saved: the tokenizer with its chat template, and the adapter or the full model, whose reloaded
+    weights must be the model's own."""
     from mlflow_finetune_plugin.logged_model import (
         _adapter_save_options,
         requirements,
@@ -163,38 +167,109 @@ def _save_and_reload(model, tokenizer, config: dict) -> None:
         stage_code,
     )
 
+    options = _adapter_save_options(model) if config["artifact"] == "adapter" else {}
     with tempfile.TemporaryDirectory(prefix="finetune-rehearsal-") as tmp:
-        options = _adapter_save_options(model) if config["artifact"] == "adapter" else {}
-        full, artifacts = saved_artifacts(model, tokenizer, config, Path(tmp), **options)
-        requirements(full)
-        stage_code(Path(tmp) / "code")
-        reloaded = AutoTokenizer.from_pretrained(artifacts["tokenizer"])
-        if reloaded.chat_template != tokenizer.chat_template:
-            raise FinetuneError("the saved tokenizer reloads with another chat template")
-        if config["artifact"] == "adapter":
-            _check_adapter(model, Path(artifacts["adapter"]))
-        else:
-            AutoConfig.from_pretrained(artifacts["model"])
-            saved = set(tensor_names(Path(artifacts["model"]), recursive=True))
-            _check_names(saved, set(model.state_dict()), "model")
+        with stage("saving the model"):
+            full, artifacts = saved_artifacts(model, tokenizer, config, Path(tmp), **options)
+            requirements(full)
+            stage_code(Path(tmp) / "code")
+        with stage("reloading the saved model"):
+            _check_tokenizer(tokenizer, Path(artifacts["tokenizer"]))
+            if config["artifact"] == "adapter":
+                _check_adapter(model, Path(artifacts["adapter"]), options)
+            else:
+                _check_full(model, Path(artifacts["model"]), scoring=config["objective"] in SCORING)
 
 
-def _check_adapter(model, folder: Path) -> None:
+def _check_tokenizer(tokenizer, folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    if AutoTokenizer.from_pretrained(folder).chat_template != tokenizer.chat_template:
+        raise FinetuneError("the saved tokenizer reloads with another chat template")
+
+
+def _check_full(model, folder: Path, scoring: bool) -> None:
+    """Load the saved `model/` as the logged model loads it, and ask transformers what did not fit; then every
+    weight of the reload must equal the model's.
+
+    The saved tensor names alone say nothing: transformers 5 saves several architectures in their checkpoint layout
+    (one tensor per expert where a mixture of experts fuses them in memory, other modules' names) and converts them
+    back on load. What `from_pretrained` reports missing, unexpected or of another shape, and the values it loads,
+    are what a user of the logged model gets.
+
+    Memory: the reload is on the CPU in the model's dtype, the dtype it was saved in, so transformers keeps its
+    tensors as views of the mapped safetensors files: pages of a file the kernel can drop, not memory of the process.
+    Only what it converts (experts fused again) or casts is a copy, at worst one of every weight, held for the
+    comparison and freed at once. Acceptable before a full fine-tune, whose training holds more: the gradients alone
+    are a copy of every weight, beside the optimizer state; a model that trains on a GPU was loaded on the CPU before
+    the trainer moved it there. docs/benchmarks.md has the figures (bench/rehearsal_save_check.py).
+    """
+    import gc
+
+    import transformers
+
+    from mlflow_finetune_plugin.logged_model import load_full_model
+
+    # ignore_mismatched_sizes: a tensor of another shape is reported in the loading info, not raised mid-load
+    reloaded, info = load_full_model(folder, model.dtype, scoring=scoring, output_loading_info=True,
+                                     ignore_mismatched_sizes=True)
+    try:
+        shapes = [f"{key} (saved {list(saved)}, model {list(expected)})"
+                  for key, saved, expected in info["mismatched_keys"]]
+        faults = [f"{len(keys)} {what} (e.g. {sorted(keys)[:3]})" for what, keys in (
+            ("missing", info["missing_keys"]), ("unexpected", info["unexpected_keys"]),
+            ("of another shape", shapes), ("in error", info["error_msgs"])) if keys]
+        if faults:
+            raise FinetuneError(
+                f"the saved model/ does not reload as {type(model).__name__}: transformers "
+                f"{transformers.__version__} reports its weights {', '.join(faults)}")
+        if type(reloaded) is not type(model):
+            raise FinetuneError(f"the saved model/ reloads as {type(reloaded).__name__}, not as the "
+                                f"{type(model).__name__} it was saved from")
+        _compare(model.state_dict(), reloaded.state_dict(), "model/")
+    finally:
+        del reloaded
+        gc.collect()
+
+
+def _check_adapter(model, folder: Path, options: dict) -> None:
+    """Every adapter of the model reloads as PEFT loads it (its config, then its weights) with the tensors the model
+    saves: `get_peft_model_state_dict`'s, which `set_peft_model_state_dict` puts back. The base is not loaded a
+    second time (that would double the memory): the adapter's tensors are the whole of what was saved."""
     from peft import PeftConfig
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
 
-    for sub in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
-        if (sub / "adapter_config.json").exists():
-            PeftConfig.from_pretrained(sub)
-    if not tensor_names(folder, recursive=True):
-        raise FinetuneError(f"the adapter saved no weights in {folder.name}/")
+    for name, expected_config in model.peft_config.items():
+        # PEFT saves the adapter named "default" at the top of the folder, every other in a subfolder of its name
+        sub = folder if name == "default" else folder / name
+        where = f"{folder.name}/" if name == "default" else f"{folder.name}/{name}/"
+        saved_config = PeftConfig.from_pretrained(sub)
+        if saved_config.peft_type != expected_config.peft_type:
+            raise FinetuneError(f"the adapter in {where} reloads as {saved_config.peft_type}, not "
+                                f"{expected_config.peft_type}")
+        saved = load_peft_weights(str(sub), device="cpu")
+        if not saved:
+            raise FinetuneError(f"the adapter saved no weights in {where}")
+        expected = get_peft_model_state_dict(model, adapter_name=name, **options)
+        _compare(expected, saved, where)
 
 
-def _check_names(saved: set[str], expected: set[str], what: str) -> None:
-    """Every saved weight must be one the model has (tied weights may be saved once)."""
-    unknown = sorted(saved - expected)
-    if not saved or unknown:
-        raise FinetuneError(f"the saved {what} holds {len(saved)} tensors, {len(unknown)} of them unknown to the "
-                            f"model (e.g. {unknown[:3]})")
+def _compare(expected: dict, reloaded: dict, where: str) -> None:
+    """The reloaded tensors are the expected ones, by name, shape and value (compared in the reload's dtype: a
+    module kept in fp32 in a bf16 model may reload cast)."""
+    import torch
+
+    missing = sorted(expected.keys() - reloaded.keys())
+    unknown = sorted(reloaded.keys() - expected.keys())
+    differ = []
+    for key in sorted(expected.keys() & reloaded.keys()):
+        mine, theirs = expected[key], reloaded[key]
+        if mine.shape != theirs.shape or not torch.equal(theirs, mine.detach().to(theirs.device, theirs.dtype)):
+            differ.append(key)
+    faults = [f"{len(keys)} {what} (e.g. {keys[:3]})" for what, keys in (
+        ("missing", missing), ("not in the model", unknown), ("with other values than the model's", differ)) if keys]
+    if faults:
+        raise FinetuneError(f"the weights reloaded from the saved {where} are not the model's: {'; '.join(faults)}")
 
 
 @contextlib.contextmanager

@@ -90,9 +90,9 @@ def unsharded(trainer, recipe, run_id: str, main: bool):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(final)
-    from peft import PeftModel
+    from mlflow_finetune_plugin.models.peft_targets import load_adapter
 
-    return PeftModel.from_pretrained(load_base_model(recipe.model, **quantization.model_kwargs(recipe.model)), final)
+    return load_adapter(load_base_model(recipe.model, **quantization.model_kwargs(recipe.model)), final)
 
 
 def train_per_task(recipe, objective, model, tokenizer, trains: dict, evals: dict, args: dict) -> None:

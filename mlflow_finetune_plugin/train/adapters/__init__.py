@@ -51,11 +51,11 @@ def attach(model, recipe, trainable_tokens: list[int] | None = None):
         return model
     if not recipe.model.init_adapter:
         return module.apply(model, recipe.adapter)
-    from peft import PeftModel
+    from mlflow_finetune_plugin.models.peft_targets import load_adapter
 
     folder = resolve_adapter(recipe.model.init_adapter)
     print(f"Continuing the adapter {recipe.model.init_adapter}", file=sys.stderr)
-    return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    return load_adapter(model, folder, is_trainable=True)
 
 
 def scoring_adapter(model, recipe):

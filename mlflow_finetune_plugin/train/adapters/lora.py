@@ -15,12 +15,19 @@ ARTIFACT = "adapter"
 def peft_config(cfg: LoraAdapter, model=None):
     from peft import LoraConfig, TaskType
 
+    from mlflow_finetune_plugin.models.moe_parts import parts
+
     target_modules, layers = cfg.target_modules, None
     parameters = target_parameters(cfg, model)
-    if cfg.layers is not None:
-        if model is None:
-            raise ValueError("lora.layers needs the model to count its layers")
+    if cfg.layers is not None and model is None:
+        raise ValueError("lora.layers needs the model to count its layers")
+    moe = parts(model) if model is not None else []
+    if moe:
+        target_modules, parameters = _expert_targets(cfg, model, moe, parameters)
+    elif cfg.layers is not None:
         target_modules, layers = _top_layers(model, cfg)
+    if model is not None and cfg.target_modules == "all-linear":
+        target_modules = _without_refused(model, target_modules)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=cfg.r,
@@ -54,11 +61,49 @@ def target_parameters(cfg: LoraAdapter, model=None) -> list[str]:
     return list(fused_expert_parameters(model))
 
 
-def _top_layers(model, cfg: LoraAdapter) -> tuple[list[str], list[int]]:
-    """`lora.layers: N`: the top N decoder layers' indices, and the target modules as names (PEFT takes a layer
-    list with named modules only; 'all-linear' becomes every linear layer's name but the output head)."""
-    import torch
+def _expert_targets(cfg: LoraAdapter, model, moe, parameters: list[str]) -> tuple[list[str], list[str]]:
+    """A mixture of experts' targets as explicit names (`models/moe_parts.py`): `all-linear` is every linear of
+    attention and of the dense and shared-expert MLPs, no router; a list or pattern is matched by PEFT's own rule
+    against the model's parts, and a router it names is adapted through its weight (LoRA cannot wrap a router's
+    forward: Llama 4's returns a tuple). PEFT keeps these names (`models/peft_targets.py`). With `lora.layers` both
+    the modules and the experts' parameters are those of the top layers."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
 
+    from mlflow_finetune_plugin.models.moe_parts import in_layers
+    from mlflow_finetune_plugin.models.peft_targets import keep_module_targets
+
+    keep_module_targets()
+    asked = cfg.target_modules
+    linears = [part for part in moe if part.linear and part.kind != "router"]
+    if asked == "all-linear":
+        matched, unmatched = linears, []
+    else:
+        # a list may hold 'all-linear' beside other names (`[all-linear, router]` adds the routers)
+        named = [t for t in asked if t != "all-linear"] if isinstance(asked, list) else asked
+        matched = [part for part in moe if named and check_target_module_exists(LoraConfig(target_modules=named),
+                                                                                 part.name)]
+        if isinstance(asked, list) and "all-linear" in asked:
+            matched = [*linears, *(part for part in matched if part not in linears)]
+        # names of no part (an output head, a module of the model's own kind) go to PEFT as written: it matches them
+        # or says what it cannot adapt
+        unmatched = [] if isinstance(asked, str) else [
+            t for t in named if not any(check_target_module_exists(LoraConfig(target_modules=[t]), p.name) for p in moe)]
+    modules = [part.name for part in matched if part.linear and part.kind != "router"] + unmatched
+    routers = [f"{part.name}.weight" for part in matched if part.kind == "router"]
+    if cfg.layers is not None:
+        total = _layer_count(model, cfg)
+        top = set(range(total - cfg.layers, total))
+        modules = [name for name in modules if in_layers(name, top)]
+        routers = [name for name in routers if in_layers(name, top)]
+        parameters = [part.name for part in moe if not part.linear and part.kind == "experts"
+                      and in_layers(part.name, top) and any(part.name.endswith("." + p) for p in parameters)]
+    if not modules and isinstance(asked, str) and asked != "all-linear":
+        return asked, parameters + routers  # a pattern that names no part: PEFT's own error says so
+    return modules, parameters + routers
+
+
+def _layer_count(model, cfg: LoraAdapter) -> int:
     from mlflow_finetune_plugin.errors import FinetuneError
 
     total = getattr(model.config, "num_hidden_layers", None)
@@ -67,12 +112,53 @@ def _top_layers(model, cfg: LoraAdapter) -> tuple[list[str], list[int]]:
     if cfg.layers > total:
         raise FinetuneError(f"lora.layers: {cfg.layers} is more than the model's {total} layers; give at most "
                             f"{total}, or remove it to adapt them all")
+    return total
+
+
+def _top_layers(model, cfg: LoraAdapter) -> tuple[list[str], list[int]]:
+    """`lora.layers: N`: the top N decoder layers' indices, and the target modules as names (PEFT takes a layer
+    list with named modules only; 'all-linear' becomes every linear layer's name but the output head)."""
+
+    total = _layer_count(model, cfg)
     names = cfg.target_modules
     if names == "all-linear":
-        head = model.get_output_embeddings()
-        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                        if isinstance(module, torch.nn.Linear) and module is not head})
+        names = _linear_names(model)
     return ([names] if isinstance(names, str) else list(names)), list(range(total - cfg.layers, total))
+
+
+def _linear_names(model) -> list[str]:
+    """Every linear layer's name (its last part) but the output head's: what PEFT's 'all-linear' takes."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head})
+
+
+def _without_refused(model, targets):
+    """`all-linear` (or the names it was resolved to) less the layers PEFT refuses to adapt on this model, asked of
+    PEFT's own check (on Mamba-style models it refuses `out_proj`, which the CUDA kernels read as a weight past any
+    LoRA). Printed when any is left out; unchanged where PEFT takes them all."""
+    import sys
+
+    from peft import LoraConfig
+    from peft.tuners import tuners_utils
+
+    check = getattr(tuners_utils, "_check_lora_target_modules_mamba", None)
+    names = _linear_names(model) if targets == "all-linear" else list(targets)
+    if check is None:
+        return targets
+    refused, probe = set(), LoraConfig(target_modules=["probe"])
+    for name in names:
+        try:
+            check(probe, model, name.rsplit(".", 1)[-1])
+        except ValueError:
+            refused.add(name.rsplit(".", 1)[-1])
+    if not refused:
+        return targets
+    print(f"Note: LoRA leaves out {', '.join(sorted(refused))}: PEFT refuses them on this architecture "
+          f"({model.config.model_type}); lora.target_modules lists what to adapt", file=sys.stderr)
+    return [name for name in names if name.rsplit(".", 1)[-1] not in refused]
 
 
 def apply(model, cfg: LoraAdapter):

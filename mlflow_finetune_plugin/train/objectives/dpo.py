@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from mlflow_finetune_plugin.models.peft_targets import keep_module_targets
 from mlflow_finetune_plugin.tracking import log_results
 from mlflow_finetune_plugin.train.adapters import resolve_adapter
 from mlflow_finetune_plugin.train.reach import aux_loss_arguments
@@ -79,6 +80,7 @@ def _starting_policy(model, init_adapter: str | None):
             yield
         return
     tuned = model.active_adapter
+    keep_module_targets()  # a mixture of experts' adapter loads as it was saved (models/peft_targets.py)
     model.load_adapter(str(resolve_adapter(init_adapter)), adapter_name="start")
     model.set_adapter("start", inference_mode=True)
     try:
