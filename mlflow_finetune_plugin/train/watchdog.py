@@ -70,7 +70,8 @@ class _Watchdog(threading.Thread):
         # Resolved now, in the main thread: at firing time resolving them may need the very locks that are stuck.
         self._env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
                      "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
-        self._error_file = Path(tempfile.mkdtemp(prefix="finetune-watchdog-")) / "error.txt"
+        # Named now (the temporary folder is looked up once), made only if it fires: a run that ends leaves nothing.
+        self._error_file = Path(tempfile.gettempdir()) / f"finetune-watchdog-{run_id}" / "error.txt"
         # Signals reach this thread as bytes on a pipe (`signal.set_wakeup_fd`, written by the interpreter's C
         # handler even while the main thread is blocked); settable from the main thread only.
         self._pipe = os.pipe() if threading.current_thread() is threading.main_thread() else None
@@ -120,6 +121,7 @@ class _Watchdog(threading.Thread):
         message = f"{why}. Every thread's stack is in the run's error.txt; run {self.run_id} ended {status}."
         os.write(2, f"\nError: {message}\n".encode())
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        self._error_file.parent.mkdir(exist_ok=True)
         try:
             self._error_file.write_text(f"{message}\n\n{thread_stacks()}")
         except Exception as e:  # noqa: BLE001 - the run must still end; the stacks went to stderr above
