@@ -6,6 +6,10 @@ test that pressed Ctrl-C at random moments, a cancel landed in a weakref callbac
 on to register its model and end FINISHED; a Ctrl-C landed in a regex object's `__del__` during `mlflow run`'s data
 check and the job started anyway. So the stop is also recorded here, and the pipeline and the backend look at the
 record between their stages: a dropped interrupt still stops the job before it starts or publishes anything.
+
+The other way a training process must stop is when it is stuck: the pipeline says here which stage it is in and
+when that stage last moved on (a training step, a batch of evaluation answers, a new stage), and
+`train/watchdog.py` ends a run whose stage stops moving.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 
 _requested: str | None = None
 
@@ -59,3 +64,27 @@ def record_and_raise(signum, frame) -> None:
     why = f"signal {signal.Signals(signum).name}"
     request(why)
     raise KeyboardInterrupt(why)
+
+
+# The watched stage (None: nothing watched, as before training: data checks, model download and load) and the time
+# of its last progress, for train/watchdog.py.
+_stage: str | None = None
+_last = time.monotonic()
+
+
+def beat() -> None:
+    """The current stage made progress."""
+    global _last
+    _last = time.monotonic()
+
+
+def enter(stage: str | None) -> None:
+    """The pipeline is in `stage` from now on (None: nothing to watch); a new stage counts as progress."""
+    global _stage
+    _stage = stage
+    beat()
+
+
+def current() -> tuple[str | None, float]:
+    """The stage now (None when none is watched) and the seconds since its last progress."""
+    return _stage, time.monotonic() - _last

@@ -36,6 +36,21 @@ def ensure_store(tracking_uri: str | None = None) -> None:
             registry_store(registry_uri)
 
 
+def pin_registry_uri() -> None:
+    """Resolve the model registry's URI once, for the whole process, before any MLflow thread starts.
+
+    Left unresolved, every `MlflowClient()` looks for an active Spark session (`from pyspark.sql import ...`), and
+    without pyspark installed that failed import runs again each time: in MLflow's system-metrics thread once a
+    sample. An import takes the interpreter's import lock, then MLflow's import-hook lock (its `ImportHookFinder`),
+    while `mlflow.genai.evaluate` takes the two the other way round (it fires autologging hooks, which import
+    flavor modules, under the import-hook lock): the run hung there for good once (issue 58). Pinned, a client
+    imports nothing and that thread never enters the import system.
+    """
+    import mlflow
+
+    mlflow.set_registry_uri(mlflow.get_registry_uri())
+
+
 def sqlite_path(uri: str | None) -> Path | None:
     """The database file of a `sqlite:///...` URI; None for any other store (and for in-memory sqlite)."""
     if not uri or not uri.startswith("sqlite:///"):

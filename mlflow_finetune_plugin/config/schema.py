@@ -407,6 +407,7 @@ class TrainConfig(Section):
     system_metrics: bool = Field(True, description="Log CPU, memory, disk, network and (with nvidia-ml-py) GPU use "
                                                    "as system/* metrics of the run (MLflow's system metrics).")
     system_metrics_interval: float = Field(5.0, gt=0, description="Seconds between system metrics samples.")
+    stall_timeout: float = Field(3600.0, ge=0, description="Watchdog: seconds a stage may go without progress; 0: off.")
 
 
 class EvalConfig(Section):

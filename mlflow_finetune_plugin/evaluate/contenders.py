@@ -13,7 +13,7 @@ import hashlib
 import json
 import random
 
-from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin import stops, tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.cost import answer_costs, answer_lengths, parameter_counts
 from mlflow_finetune_plugin.evaluate.report import EvalResult, add_answers, log_evaluation, table_rows
@@ -219,6 +219,7 @@ def _answer_all(model, tokenizer, prompts, references, cfg, name):
                     answers[i], seconds[i] = answer, spent
                 nll, n_tokens = nll + total, n_tokens + count
                 progress.update(len(batch))
+                stops.beat()  # train/watchdog.py: the evaluation moves
     finally:
         model.train(was_training)
     return answers, nll, n_tokens, seconds

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 from transformers import TrainerCallback
 
-from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin import stops, tags
 
 
 class MlflowMetrics(TrainerCallback):
@@ -37,6 +37,13 @@ class MlflowMetrics(TrainerCallback):
             self._last_tokens, self._last_time = tokens, now
         if metrics:
             mlflow.log_metrics(metrics, step=state.global_step)
+
+
+class Heartbeat(TrainerCallback):
+    """Each training step is progress for the watchdog (`train/watchdog.py`): a run that trains is not stuck."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stops.beat()
 
 
 class CheckpointLogger(TrainerCallback):

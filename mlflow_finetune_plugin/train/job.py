@@ -20,9 +20,10 @@ import mlflow
 from mlflow_finetune_plugin import paths, stops, tags
 from mlflow_finetune_plugin.config.schema import Recipe
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.tracking import ensure_store, record_failure
+from mlflow_finetune_plugin.tracking import ensure_store, pin_registry_uri, record_failure
 from mlflow_finetune_plugin.train.pipeline import fine_tune
 from mlflow_finetune_plugin.train.trainers import is_main_process
+from mlflow_finetune_plugin.train.watchdog import watching
 
 
 def run(recipe, run_id: str | None = None) -> int:
@@ -44,10 +45,12 @@ def run(recipe, run_id: str | None = None) -> int:
             print(f"Error: {_peer_error(e)}", file=sys.stderr)
             return 1
     ensure_store()  # `mlflow-finetune train` may be the first process to open a new store
+    pin_registry_uri()  # before the system-metrics thread starts: else it can deadlock genai evaluate (issue 58)
     active = mlflow.start_run(run_id=run_id, log_system_metrics=_system_metrics(recipe.train))
     run_id = active.info.run_id
     try:
-        fine_tune(recipe, run_id)
+        with watching(run_id, recipe.train.stall_timeout):  # a stuck stage ends the run FAILED
+            fine_tune(recipe, run_id)
         stops.check()
     except KeyboardInterrupt as e:
         previous = _ignore_stop_signals()

@@ -25,7 +25,7 @@ from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recip
 from mlflow_finetune_plugin.tags import lineage_tags
 from mlflow_finetune_plugin.train import publish, quantization, reach, rehearsal, resume, templates, trainers
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach
-from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, MlflowMetrics, TimeLeft
+from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, Heartbeat, MlflowMetrics, TimeLeft
 from mlflow_finetune_plugin.train.objectives import objective_of, sft
 
 
@@ -79,6 +79,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     last_step = 0  # one adapter per task: each task's steps count from 1, its metrics carry the task's name
     # Under CPU bf16 autocast the logits and the LoRA updates stay fp32 (models/precision.py); no-op otherwise.
     autocast = recipe_autocast_bf16(recipe)
+    stops.enter("train")  # watched from here (train/watchdog.py): each step is progress
     try:
         per_task = recipe.data.adapters == "per_task" and data.is_mixture
         if per_task:
@@ -86,7 +87,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
         else:
             evaluated = list(data.task_evals.values()) if data.is_mixture else [data.eval]
             callbacks = [MlflowMetrics(), CheckpointLogger(), TimeLeft.of(recipe, evaluated),
-                         reach.Reached(reached if main else "")]
+                         reach.Reached(reached if main else ""), Heartbeat()]
             with fp32_where_it_matters(model, autocast):
                 trainer = objective.build_trainer(recipe, model, tokenizer, data.train, data.eval, args, callbacks)
                 if recipe.train.rehearsal and recipe.objective not in ONLINE:
@@ -115,6 +116,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
 
     # Base zero-shot, few-shot and with retrieved shots, and tuned, on the held-out rows; a full fine-tune needs the
     # base loaded apart, and only when there is something to evaluate.
+    stops.enter("evaluate")  # each batch of answers is progress
     if data.task_evals if data.is_mixture else data.eval is not None:
         base = _base_contender(recipe, adapter, tokenizer, starting_rows)
         with tracking.results_at_step(last_step):
@@ -125,6 +127,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
             if not scoring:  # a reward model writes no text to measure forgetting on
                 forgetting.check(recipe, general_text, tuned, tokenizer, base)  # general text: base vs tuned
         del base
+    stops.enter("publish")
     # Did it pay off against the best prompt-only alternative? Tagged before publishing: the model card says it.
     verdict = conclude(run_id, recipe.registry.promote_if)
 

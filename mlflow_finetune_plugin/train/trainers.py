@@ -98,12 +98,13 @@ def unsharded(trainer, recipe, run_id: str, main: bool):
 def train_per_task(recipe, objective, model, tokenizer, trains: dict, evals: dict, args: dict) -> None:
     """A mixture with `data.adapters: per_task`: each task's adapter (`set_adapter` makes it the one that trains)
     is trained on that task's rows alone, one task after another, by the objective's own trainer."""
-    from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, MlflowMetrics
+    from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, Heartbeat, MlflowMetrics
 
     for name, ds in trains.items():
         print(f"\nTask {name}: training its adapter on {len(ds)} rows")
         model.set_adapter(name)
         task_args = {**args, "output_dir": str(Path(args["output_dir"]) / name)}
         trainer = objective.build_trainer(recipe, model, tokenizer, ds, evals.get(name), task_args,
-                                          [MlflowMetrics(prefix=f"{name}/"), CheckpointLogger(logged_models=False)])
+                                          [MlflowMetrics(prefix=f"{name}/"), CheckpointLogger(logged_models=False),
+                                           Heartbeat()])
         trainer.train()
