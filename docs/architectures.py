@@ -13,7 +13,6 @@ transformers registers"; tests/test_registry_matrix.py runs the same check in CI
 from __future__ import annotations
 
 import collections
-import platform
 import sys
 import tempfile
 import time
@@ -49,12 +48,25 @@ def main(only: list[str]) -> None:
         print(f"{model_type:28s} {row.status:10s} {row.stage} {row.reason[:120]}", flush=True)
     counts = collections.Counter(row.status for row in rows)
     summary = (f"{len(rows)} architectures (transformers {transformers.__version__}, PEFT "
-               f"{__import__('peft').__version__}, torch {torch.__version__}, {platform.processor() or 'CPU'}): "
+               f"{__import__('peft').__version__}, torch {torch.__version__}, {_cpu()}): "
                + ", ".join(f"{counts[s]} {s}" for s in ("pass", "fail", "transformers", "not built", "multimodal") if counts[s])
                + f"; {time.perf_counter() - started:.0f} s")
     print(summary)
     if not only:
         _write(rows, summary)
+
+
+def _cpu() -> str:
+    """The CPU's model name and whether it has native bf16 (figures are named with it: docs/benchmarks.md)."""
+    from mlflow_finetune_plugin.models.precision import BF16_FLAGS, cpu_flags
+
+    name = "CPU"
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {'native bf16' if cpu_flags() & BF16_FLAGS else 'no native bf16'}"
 
 
 def _write(rows, summary: str) -> None:
