@@ -56,6 +56,11 @@ def parts(model) -> list[Part]:
     routers = {name for block, (held, count) in blocks.items() for name in _children(tree, block)
                if name != held and _scores_experts(tree[name], count)}
     slots = {_leaf(block) for block in blocks}
+    # the shared experts' MLP classes: where a model has them, a dense layer's MLP is of one of them (NemotronH's
+    # `mixer` slot holds the experts in some layers, and attention, Mamba or an MLP in the others)
+    shared = {type(tree[name]) for block, (held, _) in blocks.items() for name in _children(tree, block)
+              if name != held and name not in routers and isinstance(tree[name], torch.nn.Module)
+              and any(isinstance(m, torch.nn.Linear) for m in tree[name].modules())}
     layers = {_parent(block) for block in blocks}
     layer_lists = {_parent(layer) for layer in layers if _leaf(layer).isdigit()}
 
@@ -70,7 +75,7 @@ def parts(model) -> list[Part]:
         if not isinstance(module, torch.nn.Linear) or module is head or _under(name, routers):
             continue
         linear = type(module).forward is torch.nn.Linear.forward or not type(module).__module__.startswith(own_code)
-        found.append(Part(name, _kind(name, containers, blocks, slots, layer_lists), linear))
+        found.append(Part(name, _kind(name, tree, containers, blocks, slots, layer_lists, shared), linear))
     return found
 
 
@@ -103,7 +108,7 @@ def in_layers(name: str, layers: set[int]) -> bool:
     return match is not None and int(match["idx"]) in layers
 
 
-def _kind(name, containers, blocks, slots, layer_lists) -> str:
+def _kind(name, tree, containers, blocks, slots, layer_lists, shared) -> str:
     if _under(name, containers):
         return "experts"
     block = next((b for b in blocks if name.startswith(b + ".")), None)
@@ -114,7 +119,8 @@ def _kind(name, containers, blocks, slots, layer_lists) -> str:
         return "other"
     layer = layer_list + "." + name[len(layer_list) + 1:].split(".", 1)[0]
     # the dense layers hold their MLP where the others hold the experts' block (`mlp`, `feed_forward`, ...)
-    return "dense MLP" if any(name.startswith(f"{layer}.{slot}.") for slot in slots) else "attention"
+    slot = next((f"{layer}.{slot}" for slot in slots if name.startswith(f"{layer}.{slot}.")), None)
+    return "dense MLP" if slot is not None and (not shared or type(tree.get(slot)) in shared) else "attention"
 
 
 def _tree(model):
@@ -140,7 +146,10 @@ def _expert_containers(tree: dict, total: int) -> dict[str, int]:
         fused = [p for p in module.named_parameters(recurse=False) if p[1].dim() == 3]
         if fused and not _leaf(name).isdigit():
             found[name] = fused[0][1].shape[0]
+        # a list of experts sits inside a decoder layer (a numbered module above it): the decoder layers' own list
+        # is no experts' list, even where the model has as many layers as experts
         elif isinstance(module, torch.nn.ModuleList) and total > 1 and len(module) == total \
+                and any(part.isdigit() for part in name.split(".")) \
                 and len({type(m) for m in module}) == 1 \
                 and any(isinstance(m, torch.nn.Linear) for m in module[0].modules()):
             found[name] = total
