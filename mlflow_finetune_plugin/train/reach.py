@@ -1,7 +1,7 @@
 """What a fine-tune reaches in the model, said once per run: the share of the parameters that train (a param and a
 metric on every run), what an adapter reaches of a mixture of experts and what it leaves out (attention, dense and
-shared-expert MLPs, experts, routers), and the weight of the router's load-balancing loss. The model's abilities come from `models/architecture.py` and `models/moe_parts.py`; this
-module applies them to a run.
+shared-expert MLPs, experts, routers), and the weight of the router's load-balancing loss. The model's abilities
+come from `models/architecture.py` and `models/moe_parts.py`; this module applies them to a run.
 """
 
 from __future__ import annotations
