@@ -67,6 +67,27 @@ def use_store(mp, root: Path) -> str:
     return uri
 
 
+def train_in_process(project: Path, cwd: Path, overrides: dict, experiment: str, method: str = "lora"):
+    """`project`'s recipe trained in this process (`train.job.run`, as the training process runs it) from `cwd`, in
+    `experiment`: (its exit code, the experiment's one run)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.train.job import run
+
+    mlflow.set_experiment(experiment)
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = run(load_recipe(project, method=method, overrides=overrides))
+    finally:
+        os.chdir(before)
+    client = MlflowClient()
+    (finished,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return code, finished
+
+
 def chat_rows(n: int, offset: int = 0) -> list[dict]:
     """n small, distinct chat rows."""
     return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},

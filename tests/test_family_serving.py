@@ -19,7 +19,7 @@ import mlflow
 import pytest
 
 from mlflow_finetune_plugin.serving import ModelChoice, Settings
-from tests.helpers import register_version
+from tests.helpers import register_version, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -114,6 +114,9 @@ def test_the_transformers_engine_and_the_playground_serve_the_family(family, tra
         assert (result["a"]["answer"], result["a"]["error"], result["b"]["error"]) == (expected[0], None, None)
         # The final answer alone, streamed, on both sides and in the pyfunc, however the family marks reasoning.
         tokenizer = model.unwrap_python_model()._loaded.tokenizer
+        # Forced counts every forward in the process: the comparison's batch may still be stepping after both its
+        # answers ended (a row that ends early is finished before its batch), so start from an idle engine.
+        wait_for(lambda: not slot.batcher._running and not slot.batcher._waiting, timeout=60, what="an idle engine")
         with Forced(tokenizer, REASONED[family]):
             assert list(engine.stream(tuned, QUESTION, Settings(0.0, 1.0, 40)))
             assert engine.generate(tuned, QUESTION, Settings(0.0, 1.0, 40)) == "Bonjour"

@@ -3,11 +3,7 @@ Liger's kernels themselves run on CUDA only (bench/gpu/train_throughput.py measu
 
 from __future__ import annotations
 
-import os
-
-import mlflow
 import pytest
-from mlflow import MlflowClient
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config.loading import load_recipe
@@ -20,7 +16,7 @@ from mlflow_finetune_plugin.models.kernels import (
     resolve,
     takes_lm_head,
 )
-from tests.helpers import QUICK_RECIPE, chat_rows, write_project
+from tests.helpers import QUICK_RECIPE, chat_rows, train_in_process, write_project
 
 LIGER = frozenset({"llama", "qwen2"})
 
@@ -85,18 +81,7 @@ def test_liger_s_own_table_covers_the_tiny_llama():
 
 
 def _run(project, tmp_path, overrides):
-    from mlflow_finetune_plugin.train.job import run
-
-    mlflow.set_experiment("kernels")
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        code = run(load_recipe(project, method="lora", overrides=overrides))
-    finally:
-        os.chdir(cwd)
-    client = MlflowClient()
-    (finished,) = client.search_runs([client.get_experiment_by_name("kernels").experiment_id])
-    return code, finished
+    return train_in_process(project, tmp_path, overrides, "kernels")
 
 
 def test_a_cpu_run_says_no_kernels_in_its_tag_and_output(tmp_path, tracking_uri, capfd):

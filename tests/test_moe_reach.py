@@ -10,17 +10,15 @@ families PEFT 0.21 converts transformers-4 targets on (models/peft_targets.py).
 
 from __future__ import annotations
 
-import os
 import types
 from collections import Counter
 
-import mlflow
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from mlflow_finetune_plugin import tags
 from tests.arch_models import build, model_of
+from tests.helpers import train_in_process
 from tests.matrix_helpers import write_chat_project
 
 # kind of module -> how many a tiny model holds (2 layers); fused experts count their parameters (gate_up, down)
@@ -167,19 +165,7 @@ QUICK = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, 
 
 
 def _run(project, root, overrides) -> tuple[int, object]:
-    from mlflow_finetune_plugin.config.loading import load_recipe
-    from mlflow_finetune_plugin.train.job import run
-
-    mlflow.set_experiment(project.name)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        code = run(load_recipe(project, method="lora", overrides=overrides))
-    finally:
-        os.chdir(cwd)
-    client = MlflowClient()
-    (finished,) = client.search_runs([client.get_experiment_by_name(project.name).experiment_id])
-    return code, finished
+    return train_in_process(project, root, overrides, project.name)
 
 
 @pytest.mark.integration
