@@ -4,8 +4,10 @@ experts where it has experts, the project's tiny byte-level tokenizer's vocabula
 
 The shrinking is generic: the config class's defaults are read, every size it has is made small, every per-layer
 list is cut to two layers keeping both kinds where there are two (a hybrid keeps one linear-attention and one
-attention layer, a mixture of experts one dense and one sparse layer), and the model is built by transformers. No
-family is named here: a new architecture in the next transformers release goes through the same code.
+attention layer, a mixture of experts one dense and one sparse layer), and the model is built by transformers. A
+model is kept only when transformers alone can run a training step on it (a forward with labels on a padded batch,
+a backward); where its validation refuses the tiny sizes, a few variants are tried (`VARIANTS`). No family is named
+here: a new architecture in the next transformers release goes through the same code.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ VARIANTS = ({}, {"num_key_value_heads": 4}, {"num_experts_per_tok": 1})
 # has the experts its real checkpoints have, and a head size some models' code reads without a fallback.
 FILLED_WHEN_NONE = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "top_k_experts",
                     "moe_intermediate_size", "n_shared_experts", "head_dim")
-# Per-layer lists are cut to LAYERS entries; these hold layer indices instead, and keep those below LAYERS.
+# Per-layer lists are cut to the kept layers; these hold layer indices instead, and keep the kept ones, renumbered.
 INDEX_LISTS = ("moe_layers", "full_attn_idxs", "hybrid_layer_ids", "attn_layers", "attention_layers",
                "mlp_only_layers", "attn_layer_indices", "no_rope_layers_idx")
 
