@@ -310,3 +310,21 @@ def test_mlflow_run_trains_a_family_model(tmp_path, tracking_uri):
     assert run.info.status == "FINISHED"
     assert run.data.tags[tags.BASE_MODEL] == "builtin:tiny-qwen3"
     assert run.data.metrics["train/loss"] > 0
+
+
+def test_a_template_probed_with_a_tokenizer_lacking_its_tokens_does_not_answer_for_one_that_has_them():
+    """The probe is cached per template: a tokenizer of the same class without the template's special tokens (a base
+    model before `model.chat_template` adds them) probed first left gpt-oss's real tokenizer, later in the same
+    process, with no end-of-turn token, and its answers came out empty (CI, issue 58)."""
+    from mlflow_finetune_plugin.models.base import load_tokenizer
+    from mlflow_finetune_plugin.models.chat_format import chat_format, stop_ids
+    from mlflow_finetune_plugin.models.tiny import _build_tokenizer
+    from mlflow_finetune_plugin.models.tiny_families import family_model_path
+
+    real = load_tokenizer(str(family_model_path("gpt-oss")))
+    lacking = _build_tokenizer()
+    lacking.chat_template = real.chat_template
+    assert type(lacking) is type(real)
+    assert chat_format(lacking).end_of_turn == ()  # its <|return|> is no token of this vocabulary
+    assert chat_format(real).end_of_turn == ("<|return|>", "<|call|>")
+    assert real.convert_tokens_to_ids("<|return|>") in stop_ids(real)

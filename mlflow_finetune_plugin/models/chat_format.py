@@ -77,7 +77,11 @@ def chat_format(tokenizer) -> ChatFormat:
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or not template:
         raise FinetuneError(no_template_message(getattr(tokenizer, "name_or_path", None)))
-    key = f"{type(tokenizer).__name__}:{template}"
+    # The probe's answers depend on the vocabulary too (which strings are single special tokens): a template probed
+    # with a tokenizer that lacked its tokens (a base model before `model.chat_template` adds them) must not answer
+    # for one that has them, in the same process.
+    added = getattr(tokenizer, "get_added_vocab", None)
+    key = (f"{type(tokenizer).__name__}:{len(tokenizer)}:{sorted(added().items()) if added else ''}:{template}")
     if key not in _cache:
         _cache[key] = _probe(tokenizer)
     fmt = _cache[key]
