@@ -80,8 +80,10 @@ def chat_format(tokenizer) -> ChatFormat:
     # The probe's answers depend on the vocabulary too (which strings are single special tokens): a template probed
     # with a tokenizer that lacked its tokens (a base model before `model.chat_template` adds them) must not answer
     # for one that has them, in the same process.
-    added = getattr(tokenizer, "get_added_vocab", None)
-    key = (f"{type(tokenizer).__name__}:{len(tokenizer)}:{sorted(added().items()) if added else ''}:{template}")
+    # (the size and the special tokens: cheap to read on every call, unlike the whole added vocabulary, which a
+    # converted 262k-token vocabulary may hold entirely)
+    specials = getattr(tokenizer, "all_special_tokens", ())
+    key = f"{type(tokenizer).__name__}:{len(tokenizer)}:{sorted(specials)}:{template}"
     if key not in _cache:
         _cache[key] = _probe(tokenizer)
     fmt = _cache[key]
