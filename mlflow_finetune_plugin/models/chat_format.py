@@ -82,8 +82,9 @@ def chat_format(tokenizer) -> ChatFormat:
     # for one that has them, in the same process.
     # (the size and the special tokens: cheap to read on every call, unlike the whole added vocabulary, which a
     # converted 262k-token vocabulary may hold entirely)
-    specials = getattr(tokenizer, "all_special_tokens", ())
-    key = f"{type(tokenizer).__name__}:{len(tokenizer)}:{sorted(specials)}:{template}"
+    specials = getattr(tokenizer, "all_special_tokens", None) or ()
+    size = len(tokenizer) if hasattr(type(tokenizer), "__len__") else getattr(tokenizer, "vocab_size", None)
+    key = f"{type(tokenizer).__qualname__}:{size}:{sorted(specials)}:{template}"
     if key not in _cache:
         _cache[key] = _probe(tokenizer)
     fmt = _cache[key]
