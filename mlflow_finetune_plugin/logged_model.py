@@ -77,7 +77,7 @@ def logged_tokenizer(local_dir: str | Path):
     from mlflow.models import Model
 
     pyfunc_conf = Model.load(str(Path(local_dir) / "MLmodel")).flavors["python_function"]
-    return _logged_tokenizer(Path(local_dir) / _artifact_paths(pyfunc_conf)["tokenizer"])
+    return saved_tokenizer(Path(local_dir) / _artifact_paths(pyfunc_conf)["tokenizer"])
 
 
 def _artifact_paths(pyfunc_conf: dict) -> dict[str, str]:
@@ -123,7 +123,7 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype("auto") if device != "cpu" else torch.float32
-    tokenizer = _logged_tokenizer(artifacts["tokenizer"])
+    tokenizer = saved_tokenizer(artifacts["tokenizer"])
     if config.get("artifact") == "full":
         model = load_full_model(artifacts["model"], dtype)
     else:
@@ -136,7 +136,7 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
     return LoadedModel(model=model, tokenizer=tokenizer, config=config)
 
 
-def _logged_tokenizer(folder: Path):
+def saved_tokenizer(folder: Path):
     """The saved tokenizer; a vision-language model's folder holds its processor, which goes with the tokenizer."""
     from transformers import AutoTokenizer
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import text_of
 from mlflow_finetune_plugin.models.answers import clean_stream
+from mlflow_finetune_plugin.models.image_inputs import is_image_part
 
 # Upper bounds the playground enforces whatever a client sends (a browser, gradio_client, a script).
 MAX_NEW_TOKENS_CAP = 1024
@@ -109,15 +110,22 @@ class Engine(ABC):
         return "".join(clean_stream(self.stream(choice, messages, settings))).strip()
 
 
-def plain_messages(messages: list[dict]) -> list[dict]:
-    """Messages with text-only content and only the roles chat templates know."""
+def plain_messages(messages: list[dict], keep_images: bool = False) -> list[dict]:
+    """Messages with text-only content and only the roles chat templates know; with `keep_images`, a message with
+    image parts keeps them, beside its text as one text part."""
     out = []
     for m in messages:
         role = m.get("role")
         if role not in ("system", "user", "assistant"):
             raise FinetuneError(f"message role {role!r} is not system, user or assistant")
-        out.append({"role": role, "content": text_of(m.get("content"))})
+        content = m.get("content")
+        if keep_images and isinstance(content, list) and any(is_image_part(p) for p in content):
+            parts = [p if is_image_part(p) else {"type": "text", "text": text_of(p)} for p in content]
+            out.append({"role": role, "content": [p for p in parts if is_image_part(p) or p["text"]]})
+        else:
+            out.append({"role": role, "content": text_of(content)})
     return out
+
 
 
 def stream_pair(engine: Engine, jobs: list[tuple[ModelChoice, list[dict]]], settings: Settings,

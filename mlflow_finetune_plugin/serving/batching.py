@@ -98,6 +98,8 @@ class Request:
     reason: BaseException | None = None   # why it was cancelled: what its reader gets, if still reading
     done: bool = False            # set by the scheduler thread only
     produced: int = 0             # new tokens so far (scheduler thread)
+    inputs: dict | None = None    # a prompt with images: the processor's other inputs (pixel values, ...); such a
+                                  # request runs alone, through generate()
 
     def cancel(self, reason: BaseException | None = None) -> None:
         """Stop this request: a waiting one is dropped, a running row stops at its next token."""

@@ -323,6 +323,7 @@ def _write_full_model(local: LocalModel, out: Path) -> None:
         load_logged_model,
         stop_at_every_end_of_turn,
     )
+    from mlflow_finetune_plugin.models.vision import has_processor_files
 
     c = local.choice
     if c.base:  # served with the version's template: its end of turn stops the base's answers too
@@ -339,6 +340,8 @@ def _write_full_model(local: LocalModel, out: Path) -> None:
                                     f"{c.name}/{c.version} --engine transformers`")
             model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
+    if has_processor_files(local.tokenizer_dir):  # a vision-language model: its processor goes with the weights
+        shutil.copytree(local.tokenizer_dir, out, dirs_exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(local.tokenizer_dir)
     # `transformers serve` reads the final answer through it (gpt-oss's channels), as the other engines do
     add_response_template(tokenizer, model.config.model_type)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
+from mlflow_finetune_plugin.models.image_inputs import has_image_parts, prompt_inputs, read_image, with_placeholders
+from mlflow_finetune_plugin.models.vision import processor_of
 from mlflow_finetune_plugin.models.peft_targets import keep_module_targets, load_adapter
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
 from mlflow_finetune_plugin.serving.batching import Batcher, Request, TokenStreamer, row_hook
@@ -59,6 +61,8 @@ class _Slot:
         """Which requests may share a batch: one adapter state unless the model mixes them, and the same sampling
         (a stepped batch ends each row at its own max_new_tokens and end-of-turn ids; `generate()` needs them
         shared too)."""
+        if request.inputs is not None:  # images: a batch of its own (pixel inputs are not padded together here)
+            return "images", id(request)
         state = "" if self.peft_type is None or self.mixes_adapters() else request.adapter
         settings = request.settings
         if self.steppable and settings.num_beams == 1:
@@ -168,14 +172,14 @@ class TransformersEngine(Engine):
         base with one chat template, share it (a fast tokenizer of a 49k vocabulary is ~12 MiB)."""
         import hashlib
 
-        from transformers import AutoTokenizer
+        from mlflow_finetune_plugin.logged_model import saved_tokenizer
 
         digest = hashlib.sha256()
         for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
             digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
         key = digest.hexdigest()
-        if key not in self._tokenizers:
-            self._tokenizers[key] = AutoTokenizer.from_pretrained(folder)
+        if key not in self._tokenizers:  # a vision-language model's comes with its processor (models/vision.py)
+            self._tokenizers[key] = saved_tokenizer(folder)
         return self._tokenizers[key]
 
     def _wrap(self, slot: _Slot, local: LocalModel, cfg: dict, name: str) -> None:
@@ -235,7 +239,7 @@ class TransformersEngine(Engine):
         slot, adapter, tokenizer = self._route(choice)
         if adapter is None:  # the base side: adapter layers off for this row (another request may put an adapter
             adapter = _BASE  # on this slot meanwhile, so the slot is asked per batch, not now)
-        prompt = prompt_ids(tokenizer, plain_messages(messages))
+        prompt, inputs = _prompt(tokenizer, messages)
         limit = _context_limit(slot.model)
         if limit and len(prompt) + settings.max_new_tokens > limit:
             raise FinetuneError(f"the conversation is {len(prompt)} tokens and {settings.max_new_tokens} new tokens "
@@ -243,7 +247,7 @@ class TransformersEngine(Engine):
         eos = _eos_ids(tokenizer, slot.model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
         request = Request(prompt, adapter, settings, frozenset(eos), pad,
-                          TokenStreamer(tokenizer, timeout=600, answer=True))
+                          TokenStreamer(tokenizer, timeout=600, answer=True), inputs=inputs)
         slot.batcher.submit(request)
         try:
             yield from request.streamer
@@ -256,7 +260,7 @@ class TransformersEngine(Engine):
         """A Stepper for `batch` (continuous batching), holding the slot's lock until it closes; None where the
         model needs `generate()` (prompt learning adds virtual tokens there; see stepping.steppable) or the batch
         searches beams."""
-        if not slot.steppable or batch[0].settings.num_beams > 1:
+        if not slot.steppable or batch[0].settings.num_beams > 1 or batch[0].inputs is not None:
             return None
         import torch
 
@@ -308,6 +312,8 @@ class TransformersEngine(Engine):
             elif slot.prompt_learning and first.adapter == _BASE:  # prompt learning adds its virtual tokens in
                 target = slot.model.get_base_model()                 # PeftModel.generate: the base calls past it
             device = _device_of(target)
+            if first.inputs is not None:  # a prompt with images, alone in its batch
+                extra.update({k: v.to(device) for k, v in first.inputs.items()})
             out = target.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   max_new_tokens=settings.max_new_tokens, eos_token_id=sorted(first.eos) or None,
                                   pad_token_id=first.pad_id, stopping_criteria=StoppingCriteriaList(hooks),
@@ -326,6 +332,17 @@ class TransformersEngine(Engine):
         self._routes.clear()
         self._slots.clear()
         self._tokenizers.clear()
+
+
+def _prompt(tokenizer, messages: list[dict]) -> tuple[list[int], dict | None]:
+    """The prompt's token ids, and for a vision-language model given images, the processor's other inputs (the
+    images read from the messages' image parts: data URLs, paths, OpenAI `image_url` parts)."""
+    processor = processor_of(tokenizer)
+    if processor is None or not has_image_parts(messages):
+        return prompt_ids(tokenizer, plain_messages(messages)), None
+    placed, refs = with_placeholders(plain_messages(messages, keep_images=True))
+    enc = prompt_inputs(processor, tokenizer, [placed], [[read_image(ref) for ref in refs]])
+    return enc["input_ids"][0].tolist(), {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
 
 
 def _adapter_name(choice: ModelChoice) -> str:
