@@ -266,6 +266,8 @@ class DataColumns(Section):
     instruction: str | None = None
     input: str | None = None
     output: str | None = None
+    images: str | None = Field(None, description="The row's images (paths, URLs or data URLs), one per image "
+                                                 "placeholder or <image> marker, in order.")
 
 
 class DataTags(Section):
