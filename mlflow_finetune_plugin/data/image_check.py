@@ -51,7 +51,8 @@ def check_images(path: str, rows: list[tuple[int, list[str], list[str]]]) -> tup
         for ref, at in zip(refs, wheres):
             if is_url(ref):
                 stats["urls"] += 1
-                issues.append(DataIssue(path, line, f"{at}: {ref} is not checked offline", "warning",
+                issues.append(DataIssue(path, line, f"{at}: {ref} is not checked offline (the collator fetches it "
+                                                    "at training)", "warning",
                                         group="images given as http(s) URLs are not checked offline: the collator "
                                               "fetches them at training; check they can be reached from there, or "
                                               "download them and give their paths"))
@@ -67,7 +68,8 @@ def check_images(path: str, rows: list[tuple[int, list[str], list[str]]]) -> tup
             w, h = seen[ref]
             sizes.append((w, h))
             if max(w, h) > LARGE_SIDE:
-                issues.append(DataIssue(path, line, f"{at}: {w}×{h} px", "warning",
+                issues.append(DataIssue(path, line, f"{at}: {w}×{h} px, more than {LARGE_SIDE} on a side: resized "
+                                                    "to the processor's limits at training", "warning",
                                         group=f"images larger than {LARGE_SIDE} px on a side: resized to the "
                                               "processor's limits at training (downscale them to save memory and "
                                               "time)"))
