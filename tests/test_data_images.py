@@ -347,3 +347,25 @@ def test_parquet_written_by_pyarrow_with_image_bytes(tmp_path):
     ds = load(tmp_path / "t.parquet")
     assert ds["images"] == [["data:image/png;base64," + base64.b64encode(raw).decode()], []]
     assert ds[1]["messages"] == [{"role": "user", "content": [text("Hi")]}, answer("Hello")]
+
+
+def test_a_mixture_of_a_task_with_images_and_a_text_task(tmp_path):
+    """The text-only task takes the image form (text parts, `images` []) so that the tasks interleave."""
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.data.splits import load_splits
+    from tests.helpers import chat_rows
+
+    png(tmp_path / "data" / "a.png")
+    jsonl(tmp_path / "data" / "pictures.jsonl", [_vqa(content=[IMG, text(f"Colour {i}?")]) for i in range(8)])
+    jsonl(tmp_path / "data" / "words.jsonl", chat_rows(8))
+    (tmp_path / "finetune.yaml").write_text("method: multitask\ndata:\n  max_length: 64\n  tasks:\n"
+                                            "    pictures: {train: data/pictures.jsonl}\n"
+                                            "    words: {train: data/words.jsonl}\n")
+    splits = load_splits(load_recipe(tmp_path, overrides={"model": "tiny"}))
+    assert "images" not in splits.tasks["words"].column_names  # each task as read, for its record in the run
+    rows = splits.train.to_list()
+    assert {len(r["images"]) for r in rows} == {0, 1} and all(isinstance(m["content"], list) for r in rows
+                                                               for m in r["messages"])
+    words = next(r for r in rows if not r["images"])
+    assert words["messages"][0]["content"] == [text(words["messages"][0]["content"][0]["text"])]
+

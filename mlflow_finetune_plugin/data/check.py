@@ -311,8 +311,11 @@ def model_takes_images(name: str, revision: str | None = None, trust_remote_code
 
         if family := tiny_families.family_of(name):  # its config class says it; the model is not built to ask
             return getattr(transformers, tiny_families.FAMILIES[family].config_class).model_type in VLMS
-        config = transformers.AutoConfig.from_pretrained(resolve_model_path(name), revision=revision,
-                                                         trust_remote_code=trust_remote_code)
+        path, kwargs = resolve_model_path(name), {"revision": revision, "trust_remote_code": trust_remote_code}
+        try:  # the cached config first: offline, asking the hub retries for half a minute before using the cache
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+        except OSError:
+            config = transformers.AutoConfig.from_pretrained(path, **kwargs)
     except Exception:  # noqa: BLE001 - no config at hand (offline hub, a bad name): the caller says so
         return None
     return config.model_type in VLMS or getattr(config, "vision_config", None) is not None

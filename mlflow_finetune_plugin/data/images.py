@@ -377,3 +377,17 @@ def with_references(conversations: list[list[dict]], refs: list[str]) -> list[li
                                       for p in m["content"]]}
                     if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in messages])
     return out
+
+
+def in_image_form(ds, like):
+    """A text-only dataset in the canonical form of `like`, a dataset with images (its features): contents as text
+    parts, `images` []; so that a mixture's tasks with and without images interleave (one Arrow type per column).
+    Raises what datasets raises where the rows differ otherwise (other columns, other message keys)."""
+    from datasets import Dataset
+
+    fields = [f for f in ("messages", "prompt", "completion", "chosen", "rejected") if f in ds.column_names]
+    rows = [{**row, "images": [], **{f: [{**m, "content": [_text(m["content"])]}
+                                         if isinstance(m, dict) and isinstance(m.get("content"), str) else m
+                                         for m in row[f]] for f in fields if isinstance(row[f], list)}}
+            for row in ds.to_list()]
+    return Dataset.from_list(rows, features=like.features)
