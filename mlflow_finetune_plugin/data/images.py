@@ -65,8 +65,9 @@ def has_images(ds_or_rows) -> bool:
     """Whether a datasets.Dataset (its `images`/`image` column) or rows (records, (line, record) pairs or canonical
     rows) hold any image."""
     names = getattr(ds_or_rows, "column_names", None)
-    if names is not None:
-        return any(name in names and any(v not in (None, [], "") for v in ds_or_rows[name]) for name in IMAGE_COLUMNS)
+    if names is not None:  # read as Arrow: an Image feature is not decoded just to be counted
+        columns = [ds_or_rows.with_format("arrow")[name].to_pylist() for name in IMAGE_COLUMNS if name in names]
+        return any(v not in (None, [], "") for column in columns for v in column)
     for row in ds_or_rows:
         rec = row[1] if isinstance(row, tuple) else row
         if column_images(rec)[1] or any(_image_parts(rec.get(f)) for f in _RAW_FIELDS):
