@@ -124,6 +124,15 @@ def test_sharegpt_image_markers(tmp_path):
     assert ds[0]["messages"] == [{"role": "user", "content": [IMG, text("Which is larger, this or "), IMG,
                                                              text("?")]}, answer("The first.")]
     assert ds[0]["images"] == [str(tmp_path / "img" / "1.png"), str(tmp_path / "img" / "2.png")]
+    # LLaMA-Factory's own demo (mllm_demo.json): `messages` of {role, content} with markers; and alpaca rows
+    rows = [{"messages": [{"content": "<image>Who are they?", "role": "user"},
+                          {"content": "Two players.", "role": "assistant"}], "images": ["img/1.png"]}]
+    ds, fmt = load_training_dataset(jsonl(tmp_path / "demo.jsonl", rows))
+    assert fmt == "chat" and ds[0]["messages"][0]["content"] == [IMG, text("Who are they?")]
+    rows = [{"instruction": "Describe <image>", "output": "A square.", "images": ["img/2.png"]}]
+    ds, fmt = load_training_dataset(jsonl(tmp_path / "alpaca.jsonl", rows))
+    assert fmt == "alpaca" and ds[0]["messages"][0]["content"] == [text("Describe "), IMG]
+    assert ds[0]["images"] == [str(tmp_path / "img" / "2.png")]
 
 
 def test_relative_paths_are_read_from_the_data_files_folder(tmp_path, monkeypatch):
@@ -369,3 +378,23 @@ def test_a_mixture_of_a_task_with_images_and_a_text_task(tmp_path):
     words = next(r for r in rows if not r["images"])
     assert words["messages"][0]["content"] == [text(words["messages"][0]["content"][0]["text"])]
 
+
+
+def test_preflight_passes_images_for_a_vision_language_model(tmp_path, capsys):
+    """A model whose config is an image-text-to-text one (a LLaVA config alone: no tokenizer at hand, so lengths are
+    left to training): the images pass, the rows read as training reads them, and a note says what token lengths
+    leave out."""
+    from transformers import LlavaConfig
+
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.data.check import check_data as check
+    from mlflow_finetune_plugin.data.preflight import check_recipe_data
+
+    LlavaConfig().save_pretrained(tmp_path / "llava")
+    png(tmp_path / "data" / "a.png")
+    jsonl(tmp_path / "data" / "train.jsonl", [_vqa(content=[IMG, text(f"Colour {i}?")]) for i in range(6)])
+    (tmp_path / "finetune.yaml").write_text("data:\n  train: data/train.jsonl\n  eval_split: 0\neval:\n"
+                                            "  enabled: false\n")
+    check_recipe_data(load_recipe(tmp_path, overrides={"model": str(tmp_path / "llava")}), check)
+    assert ("Note: rows with images (data.train 6): token lengths count their text only; their image tokens come "
+            "on top, and are counted when the processor is known.") in capsys.readouterr().err

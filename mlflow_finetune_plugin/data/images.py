@@ -301,11 +301,11 @@ def canonical_row(row: dict, fields, column: list, base: Path, markers: bool = F
         first = next(((f, i) for f in fields if isinstance(out.get(f), list) for i, m in enumerate(out[f])
                       if isinstance(m, dict) and m.get("role") == "user"), None)
         if first is None:
-            problems.append(f"{len(column)} image(s) in '{column_name}' but no user message to put them in")
-        else:
-            f, i = first
-            out[f][i] = {**out[f][i], "content": [dict(PLACEHOLDER) for _ in column] + (out[f][i]["content"] or [])}
-            slots = [(f"{f}[{i}].content", _COLUMN, False) for _ in column]
+            return out, [], problems + [f"{len(column)} image(s) in '{column_name}' but no user message to put "
+                                        "them in: add a {\"type\": \"image\"} placeholder where each goes"]
+        f, i = first
+        out[f][i] = {**out[f][i], "content": [dict(PLACEHOLDER) for _ in column] + (out[f][i]["content"] or [])}
+        slots = [(f"{f}[{i}].content", _COLUMN, False) for _ in column]
     bare = sum(value is _COLUMN for _, value, _ in slots)
     if bare != len(column):
         problems.append(_count_problem(bare, len(column), column_name))

@@ -93,7 +93,7 @@ def check_recipe_data(recipe, check_data) -> None:
     if why_not and tokenizer is None:
         print(f"Note: token lengths not checked before the run ({why_not}).", file=sys.stderr)
     if pictured := [f"{label} {r.images['rows']}" for label, r in reports.items() if r.images and r.images["rows"]]:
-        print(f"Note: rows with images ({', '.join(pictured)}): their token lengths above are text only; their "
+        print(f"Note: rows with images ({', '.join(pictured)}): token lengths count their text only; their "
               "image tokens come on top, and are counted when the processor is known.", file=sys.stderr)
 
 
