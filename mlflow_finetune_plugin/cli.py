@@ -61,16 +61,14 @@ def data_group():
 @click.option("--tag", "tags", multiple=True, metavar="TAG=VALUE",
               help="ShareGPT role tag (role_tag, content_tag, user_tag, assistant_tag, observation_tag, function_tag, "
                    "system_tag), like data.tags in finetune.yaml. Repeatable.")
-@click.option("--model", default=None, help="Tokenizer for lengths and tool support (hub id or path), and the model "
-                                            "asked whether it reads images where rows have any; default: the tiny "
-                                            "model's tokenizer, and images not checked against a model.")
+@click.option("--model", default=None, help="Tokenizer for lengths and tool support (hub id or path), and asked if "
+                                            "it reads images where rows have any; default: tiny's, not asked.")
 @click.option("--max-length", default=1024, show_default=True, help="Rows longer than this many tokens are flagged.")
 @click.option("--strict", is_flag=True, help="Warnings count as errors (exit 1), like data.strict in finetune.yaml.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def data_check_cmd(files, fmt, eval_files, columns, tags, model, max_length, strict, as_json):
     """Check data FILES (JSONL, JSON, CSV, parquet, or hf:ORG/NAME[:SPLIT]): format, lengths, duplicates and
-    near-duplicates, contradictions, train/eval overlap, tool support, images (each opened; counts and sizes),
-    errors by line."""
+    near-duplicates, contradictions, train/eval overlap, tool support, images (each opened), errors by line."""
     from mlflow_finetune_plugin.data.check import run_check
     from mlflow_finetune_plugin.data.formats import COLUMNS, SHAREGPT_TAGS
 
