@@ -57,18 +57,18 @@ def data_group():
               help="Held-out file: checked too, and for prompts that are also in FILES (train/eval overlap).")
 @click.option("--column", "columns", multiple=True, metavar="FIELD=COLUMN",
               help="The file's column for a field (messages, prompt, completion, chosen, rejected, system, tools, "
-                   "instruction, input, output), like data.columns in finetune.yaml. Repeatable.")
+                   "instruction, input, output, images), like data.columns in finetune.yaml. Repeatable.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG=VALUE",
               help="ShareGPT role tag (role_tag, content_tag, user_tag, assistant_tag, observation_tag, function_tag, "
                    "system_tag), like data.tags in finetune.yaml. Repeatable.")
-@click.option("--model", default=None, help="Tokenizer for lengths and tool support (hub id or path); default: the "
-                                            "tiny model.")
+@click.option("--model", default=None, help="Tokenizer for lengths and tool support (hub id or path), and asked if "
+                                            "it reads images where rows have any; default: tiny's, not asked.")
 @click.option("--max-length", default=1024, show_default=True, help="Rows longer than this many tokens are flagged.")
 @click.option("--strict", is_flag=True, help="Warnings count as errors (exit 1), like data.strict in finetune.yaml.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def data_check_cmd(files, fmt, eval_files, columns, tags, model, max_length, strict, as_json):
     """Check data FILES (JSONL, JSON, CSV, parquet, or hf:ORG/NAME[:SPLIT]): format, lengths, duplicates and
-    near-duplicates, contradictions, train/eval overlap, tool support, errors by line."""
+    near-duplicates, contradictions, train/eval overlap, tool support, images (each opened), errors by line."""
     from mlflow_finetune_plugin.data.check import run_check
     from mlflow_finetune_plugin.data.formats import COLUMNS, SHAREGPT_TAGS
 

@@ -22,3 +22,24 @@ def text_of(content) -> str:
     if isinstance(content, dict):
         return str(content.get("text") or "")
     return "".join(text_of(part) for part in content)
+
+
+# The part types that hold an image: the canonical placeholder and transformers' parts ("image"), OpenAI's chat parts
+# ("image_url") and its Responses API parts ("input_image").
+IMAGE_PART_TYPES = ("image", "image_url", "input_image")
+
+
+def image_count(content) -> int:
+    """How many image parts a message's content holds (0 for a string or None)."""
+    if isinstance(content, dict):
+        return int(content.get("type") in IMAGE_PART_TYPES)
+    if isinstance(content, list):
+        return sum(image_count(part) for part in content if isinstance(part, dict))
+    return 0
+
+
+def text_messages(messages: list[dict]) -> list[dict]:
+    """The messages with each list-of-parts content as its text (image parts dropped): what a text-only tokenizer's
+    chat template renders, for counting text tokens."""
+    return [{**m, "content": text_of(m["content"])} if isinstance(m, dict) and isinstance(m.get("content"), list)
+            else m for m in messages]

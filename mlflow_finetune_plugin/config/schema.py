@@ -256,8 +256,7 @@ class KTOConfig(Section):
 
 
 class DataColumns(Section):
-    """Which column of the file holds each field, for files whose fields have other names (LLaMA-Factory's
-    `columns` in dataset_info.json): `columns: {prompt: question, completion: answer}`."""
+    """The file's column for each field, where names differ (LLaMA-Factory's `columns`): `{prompt: question}`."""
 
     messages: str | None = Field(None, description="The conversation: chat messages, or ShareGPT turns.")
     prompt: str | None = None
@@ -270,6 +269,7 @@ class DataColumns(Section):
     instruction: str | None = None
     input: str | None = None
     output: str | None = None
+    images: str | None = Field(None, description="The row's images: one per image placeholder, in order.")
 
 
 class DataTags(Section):

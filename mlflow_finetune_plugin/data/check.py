@@ -11,6 +11,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.data.formats import detect_format, sharegpt_tags, summarize
+from mlflow_finetune_plugin.data.image_check import check_image_rows, render_images, text_model_issue
+from mlflow_finetune_plugin.data.images import has_images
 from mlflow_finetune_plugin.data.read import (
     DataError,
     DataIssue,
@@ -23,6 +25,7 @@ from mlflow_finetune_plugin.data.read import (
 )
 from mlflow_finetune_plugin.data.traces import TraceQuery, is_traces, query_of, read_traces, traces_sentence
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.messages import text_messages
 
 FEW_ROWS = 50  # below this, few-shot prompting is the first thing to try (the seeds of this project say so)
 _SHOWN = 100  # lines listed per section in the text report; --json has every row
@@ -49,6 +52,7 @@ class DataReport:
     traces: dict | None = None  # a traces source: traces read, used, left out and why (TraceRows.summary)
     detected: str | None = None  # what the rows look like, whatever was declared
     inferred_from: str | None = None  # the declared format, where the objective's format replaced it
+    images: dict | None = None  # rows with images, images, URLs (not checked), sizes: image_check.check_images
     prompts: list[tuple[int, str]] = field(default_factory=list, repr=False)  # (line, normalized prompt)
 
     @property
@@ -64,7 +68,8 @@ class DataReport:
                 "token_stats": self.token_stats, "duplicates": self.duplicates,
                 "near_duplicates": self.near_duplicates, "contradictions": self.contradictions,
                 "empty_fields": self.empty_fields, "too_long": self.too_long, "cut_share": self.cut_share,
-                "eval_overlap": self.eval_overlap, "traces": self.traces, "errors": [issue(i) for i in self.errors],
+                "eval_overlap": self.eval_overlap, "traces": self.traces, "images": self.images,
+                "errors": [issue(i) for i in self.errors],
                 "warnings": [issue(i) for i in self.warnings]}
 
     def render(self) -> str:
@@ -77,7 +82,9 @@ class DataReport:
         if self.token_stats:
             s = self.token_stats
             lines.append(f"  tokens          min {s['min']}  mean {s['mean']:.1f}  p50 {s['p50']}  p95 {s['p95']}  "
-                         f"max {s['max']}")
+                         f"max {s['max']}{'  (text only)' if self.images and self.images['rows'] else ''}")
+        if self.images:
+            lines += render_images(self.images)
         cut = f" ({self.cut_share:.1%} of the answer tokens cut)" if self.too_long and self.cut_share else ""
         lines += [f"  duplicates      {self.duplicates}",
                   f"  near-duplicates {self.near_duplicates}",
@@ -102,11 +109,13 @@ class DataReport:
 
 
 def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=None, columns=None, tags=None,
-               split="train", accepts=None, format_key="--format", model_label=None) -> DataReport:
+               split="train", accepts=None, format_key="--format", model_label=None, model=None, model_revision=None,
+               trust_remote_code=False) -> DataReport:
     """Everything wrong (errors) or suspicious (warnings) in one data file, by line; never raises for bad data.
 
     `accepts`: the formats the objective trains on; a declared format outside them gives way to the rows' own
     format when that one is accepted (`inferred_from` says so). `format_key` names the setting in messages.
+    `model`: the model the data is for, asked whether it reads images where the rows have any (None: not asked).
     """
     report = DataReport(path=str(path))
     columns_key = "--column" if format_key.startswith("--") else format_key.rsplit(".", 1)[0] + ".columns"
@@ -136,7 +145,11 @@ def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=
     report.empty_fields = sum(any(m in i.message for m in _EMPTY_MARKERS) for i in row_errors)
     bad = {i.line for i in report.errors}
     good = [(line, rec) for line, rec in records if line not in bad]
-    convs = {line: _conversations(rec, report.format, system_prompt, tags) for line, rec in good}
+    if has_images(good):
+        good, convs = _images(report, good, system_prompt, tags, format_key,
+                              model and (model, model_revision, trust_remote_code))
+    else:
+        convs = {line: _conversations(rec, report.format, system_prompt, tags) for line, rec in good}
     _duplicates(report, good, convs)
     if report.format == "unpaired_preference":  # several answers to one prompt is the point; two thumbs is not
         _label_conflicts(report, good, convs)
@@ -258,10 +271,54 @@ def _label_conflicts(report: DataReport, records, convs) -> None:
 
 
 def _conversations(rec: dict, fmt: str, system_prompt: str | None, tags) -> list[list[dict]]:
+    """The row's conversations (two for a preference pair), text given as parts read as strings, as training does."""
     if fmt != "preference":
-        return [to_messages(rec, fmt, system_prompt, tags)]
+        return [text_messages(to_messages(rec, fmt, system_prompt, tags))]
     row = preference_row(rec, system_prompt, conversational=True)
-    return [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+    return [text_messages(row["prompt"] + row["chosen"]), text_messages(row["prompt"] + row["rejected"])]
+
+
+# ---------------------------------------------------------------- images
+
+
+def _images(report: DataReport, records, system_prompt, tags, format_key: str, model) -> tuple[list, dict]:
+    """Rows with images checked (`image_check`) and, where a model is named, whether it reads images; the rows left
+    to check and their conversations."""
+    found = check_image_rows(report.path, report.format, records, system_prompt, tags)
+    report.images = found.stats
+    report.errors += [i for i in found.issues if i.severity == "error"]
+    report.warnings += [i for i in found.issues if i.severity != "error"]
+    if model and found.first_line is not None:
+        key = "--model" if format_key.startswith("--") else "model.name"
+        if issue := text_model_issue(report.path, found, model[0], model_takes_images(*model), key):
+            (report.errors if issue.severity == "error" else report.warnings).append(issue)
+    return found.records, found.conversations
+
+
+def model_takes_images(name: str, revision: str | None = None, trust_remote_code: bool = False) -> bool | None:
+    """Whether the model `name` reads images: its config's model type is one transformers maps to an image-text-to-
+    text model (a custom-code one: its config has a vision part); False for the built-in text models; None where the
+    config cannot be read, and nothing is guessed. The one place this is asked, so that
+    `models.vision.takes_images(config)` can take it over."""
+    from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families
+    from mlflow_finetune_plugin.models.base import is_tiny, resolve_model_path
+
+    if is_tiny(name) or smollm2.is_smollm2(name) or gemma3.is_gemma3(name):
+        return False
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as VLMS
+
+        if family := tiny_families.family_of(name):  # its config class says it; the model is not built to ask
+            return getattr(transformers, tiny_families.FAMILIES[family].config_class).model_type in VLMS
+        path, kwargs = resolve_model_path(name), {"revision": revision, "trust_remote_code": trust_remote_code}
+        try:  # the cached config first: offline, asking the hub retries for half a minute before using the cache
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+        except OSError:
+            config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+    except Exception:  # noqa: BLE001 - no config at hand (offline hub, a bad name): the caller says so
+        return None
+    return config.model_type in VLMS or getattr(config, "vision_config", None) is not None
 
 
 # ---------------------------------------------------------------- with a tokenizer
@@ -296,9 +353,10 @@ def _lengths(report: DataReport, records, convs, tokenizer, max_length, model_la
     lengths, cut, answer_total, answer_lost = [], [], 0, 0
     for line, rec in records:
         tools = tools_of(rec)
+        texts = [text_messages(conv) for conv in convs[line]]  # image tokens need the processor: text only here
         try:
-            counted = [_count(tokenizer, conv, tools) for conv in convs[line]]
-            missing = sorted({n for conv in convs[line] for n in _unrendered(tokenizer, conv, tools)})
+            counted = [_count(tokenizer, conv, tools) for conv in texts]
+            missing = sorted({n for conv in texts for n in _unrendered(tokenizer, conv, tools)})
         except Exception as e:  # noqa: BLE001 - a template that raises on this row would fail training the same way
             report.errors.append(DataIssue(report.path, line, _rejected(e, model)))
             continue
@@ -318,7 +376,7 @@ def _lengths(report: DataReport, records, convs, tokenizer, max_length, model_la
             cut.append(DataIssue(report.path, line, f"{n} tokens, more than max_length {max_length}: "
                                                     f"{n - max_length} cut, {lost} of them in answers", "warning"))
     if cut:
-        what = "answer tokens"
+        what = "answer tokens" + (" (text only: image tokens come on top)" if report.images else "")
         report.cut_share = answer_lost / answer_total if answer_total else 0.0
         for issue in cut:
             issue.group = (f"longer than max_length {max_length}: the ends are cut, {answer_lost} of the "
@@ -388,7 +446,7 @@ def run_check(files: list[str], fmt="auto", model=None, max_length=1024, as_json
 
     def check(path, split):
         return check_data(path, fmt=fmt, tokenizer=tokenizer, max_length=max_length, columns=columns, tags=tags,
-                          split=split, model_label=label)
+                          split=split, model_label=label, model=model)
 
     reports = [check(f, "train") for f in files]
     held_out = [check(f, "eval") for f in eval_files]

@@ -21,7 +21,7 @@ FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "preference", "pro
 ROLES = ("system", "user", "assistant", "tool")
 # The fields `data.columns` can point at another column of the file (LLaMA-Factory's `columns`).
 COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected", "label", "system", "tools", "instruction",
-           "input", "output")
+           "input", "output", "images")
 # ShareGPT role tags, as LLaMA-Factory's dataset_info.json names them (`data.tags` overrides them).
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
@@ -398,7 +398,7 @@ def map_columns(records, columns, path, key: str = "data.columns") -> tuple[list
     """Rows with the file's columns renamed to the fields they hold (`columns`: {field: column of the file}).
 
     A column no row has is one error naming it and the columns that exist; a column some rows lack is an error on
-    those rows (the optional `system`, `tools` and `input` may be absent from some).
+    those rows (the optional `system`, `tools`, `input` and `images` may be absent from some).
     """
     given = column_map(columns)
     if not given or not records:
@@ -419,7 +419,7 @@ def map_columns(records, columns, path, key: str = "data.columns") -> tuple[list
         for field, col in given.items():
             if col in rec:
                 rec[field] = rec.pop(col)
-            elif field not in ("system", "tools", "input"):
+            elif field not in ("system", "tools", "input", "images"):
                 issues.append(DataIssue(name, line, f"missing column {col!r} ({key}.{field})"))
         out.append((line, rec))
     return out, issues

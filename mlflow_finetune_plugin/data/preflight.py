@@ -15,7 +15,7 @@ from mlflow_finetune_plugin.data.formats import DataError, summarize
 from mlflow_finetune_plugin.data.splits import data_files, load_splits
 from mlflow_finetune_plugin.data.traces import traces_sentence
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.messages import split_conversation
+from mlflow_finetune_plugin.messages import split_conversation, text_messages
 from mlflow_finetune_plugin.models.chat_format import reply_ids
 
 _FORMAT_HINTS = {**dict.fromkeys(("dpo", "orpo", "simpo", "reward"),
@@ -55,7 +55,9 @@ def check_recipe_data(recipe, check_data) -> None:
         owner, split = label.rsplit(".", 1)
         reports[label] = report = check(
             path, fmt=fmt, tokenizer=tokenizer, max_length=data.max_length, system_prompt=system_prompt, split=split,
-            accepts=formats, format_key=f"{owner}.format", model_label=recipe.model.name or "tiny")
+            accepts=formats, format_key=f"{owner}.format", model_label=recipe.model.name or "tiny",
+            model=recipe.model.name or "tiny", model_revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code)
         if problem := _method_format(recipe, label, path, report, formats):
             errors.append(problem)
             refused.append(str(path))
@@ -90,6 +92,9 @@ def check_recipe_data(recipe, check_data) -> None:
               + "\n  ".join(warnings), file=sys.stderr)
     if why_not and tokenizer is None:
         print(f"Note: token lengths not checked before the run ({why_not}).", file=sys.stderr)
+    if pictured := [f"{label} {r.images['rows']}" for label, r in reports.items() if r.images and r.images["rows"]]:
+        print(f"Note: rows with images ({', '.join(pictured)}): token lengths count their text only; their "
+              "image tokens come on top, and are counted when the processor is known.", file=sys.stderr)
 
 
 def check_prompts(recipe) -> None:
@@ -118,7 +123,8 @@ def _cut_references(recipe, read, tokenizer) -> list[str]:
     for label, ds in sets.items():
         if ds is None or "messages" not in ds.column_names:
             continue
-        pairs = [pair for conv in ds["messages"] if (pair := split_conversation(conv)) and pair[0]]
+        # image parts read as text: only the reference answer's length matters here
+        pairs = [pair for conv in ds["messages"] if (pair := split_conversation(text_messages(conv))) and pair[0]]
         pairs = pairs[: recipe.eval.max_examples]
         # The tokens an answer takes as the template has the model write it (Qwen3's empty <think></think> block
         # first), its end-of-turn token aside

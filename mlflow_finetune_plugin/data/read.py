@@ -27,6 +27,7 @@ from mlflow_finetune_plugin.data.formats import (  # noqa: F401 - re-exported: t
     tools_of,
     unpaired_row,
 )
+from mlflow_finetune_plugin.data.images import canonical_rows, has_images, text_contents
 from mlflow_finetune_plugin.data.teacher import TEACHER_KEY, teacher_column
 from mlflow_finetune_plugin.data.traces import TraceQuery, is_traces, query_of, read_traces
 from mlflow_finetune_plugin.data.validation import validate_records  # noqa: F401 - re-exported
@@ -34,7 +35,7 @@ from mlflow_finetune_plugin.data.validation import validate_records  # noqa: F40
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 HF_PREFIX = "hf:"
 # Fields whose value may be a list: a CSV cell can only hold text, so lists arrive there as JSON arrays.
-_LIST_FIELDS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected", "tools")
+_LIST_FIELDS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected", "tools", "images")
 _BLANK = re.compile(r"[ \t\r\n]*")
 _json_type = json_type
 
@@ -280,7 +281,8 @@ def _read_parquet(p: Path, name: str) -> list[tuple[int, dict]]:
 def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, tags=None, format_key="data.format",
                           accepts=(), records=None):
     """(datasets.Dataset, format): a `messages` column (and `tools` where rows have them), prompt/chosen/rejected
-    for preference data, or `prompt` (messages) and the rows' other columns for prompt_only data (GRPO).
+    for preference data, or `prompt` (messages) and the rows' other columns for prompt_only data (GRPO); with
+    images, message contents as parts and an `images` column (`data/images.py` describes the form).
 
     Reads with `columns` mapped, resolves this file's format (`resolve_format`: auto detects it from these rows;
     `accepts`, the objective's formats), validates every row first and raises DataError listing all problems; row
@@ -295,19 +297,41 @@ def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, ta
     issues = [i for i in validate_records(records, fmt, path, tags) if i.severity == "error"]
     if issues:
         raise DataError(issues)
+    rows, _, issues = training_rows(records, fmt, path, system_prompt, tags)
+    if issues:
+        raise DataError(issues)
+    try:
+        # Tool-call arguments differ from call to call: Arrow stores such values as JSON instead of one struct that
+        # would give every call every other call's argument names, as nulls. The same keeps a prompt_only column
+        # whose values differ in type or shape (a JSON schema per row, answers as numbers and text) as written, and
+        # content parts as written ({"type": "image"} beside {"type": "text", "text": ...}).
+        return Dataset.from_list(rows, on_mixed_types="use_json"), fmt
+    except (TypeError, ValueError) as e:  # pyarrow's ArrowInvalid/ArrowTypeError subclass these
+        raise DataError([DataIssue(str(path), None, f"rows do not share one structure ({e}); give every message "
+                                                    "the same keys with the same value types")]) from None
+
+
+# The message fields of each format's rows, and those images may stand in (None: all of them).
+_FIELDS = {"preference": (("prompt", "chosen", "rejected"), ("prompt",)),
+           "unpaired_preference": (("prompt", "completion"), ("prompt",)), "prompt_only": (("prompt",), None)}
+
+
+def training_rows(records, fmt: str, path, system_prompt=None, tags=None
+                  ) -> tuple[list[dict], list[list[str]], list[DataIssue]]:
+    """(the rows training reads, one per valid record in order; where each row's images were written; the image
+    problems by line). With any image in the data, every row's messages are parts and it has `images`."""
+    images = has_images(records)
     if fmt == "preference":
-        # one Arrow column cannot hold both strings and message lists: one chat-form row makes them all chat-form
-        chat = any(isinstance(rec.get(k), list) for _, rec in records for k in ("prompt", "chosen", "rejected"))
+        # one Arrow column cannot hold both strings and message lists: one chat-form row makes them all chat-form,
+        # and placeholders need messages
+        chat = images or any(isinstance(rec.get(k), list) for _, rec in records for k in ("prompt", "chosen",
+                                                                                          "rejected"))
         rows = [preference_row(rec, system_prompt, conversational=chat) for _, rec in records]
     elif fmt == "unpaired_preference":
-        chat = any(isinstance(rec.get(k), list) for _, rec in records for k in ("prompt", "completion"))
+        chat = images or any(isinstance(rec.get(k), list) for _, rec in records for k in ("prompt", "completion"))
         rows = [unpaired_row(rec, system_prompt, conversational=chat) for _, rec in records]
     elif fmt == "prompt_only":
         rows = [prompt_only_row(rec, system_prompt) for _, rec in records]
-        # Dataset.from_list takes its columns from the first row: every row gets every column (None where absent)
-        names = list(dict.fromkeys(k for row in rows for k in row))
-        rows = [{k: row.get(k) for k in names} for row in rows]
-        _numbers_among_text_as_text(rows, names)
     else:
         rows = [{"messages": to_messages(rec, fmt, system_prompt, tags)} for _, rec in records]
         tools = [tools_of(rec) for _, rec in records]
@@ -315,14 +339,29 @@ def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, ta
             rows = [{**row, "tools": json.dumps(t) if t else None} for row, t in zip(rows, tools)]
         if (teachers := teacher_column([rec for _, rec in records])) is not None:  # for evaluation, as JSON text
             rows = [{**row, TEACHER_KEY: t} for row, t in zip(rows, teachers)]
-    try:
-        # Tool-call arguments differ from call to call: Arrow stores such values as JSON instead of one struct that
-        # would give every call every other call's argument names, as nulls. The same keeps a prompt_only column
-        # whose values differ in type or shape (a JSON schema per row, answers as numbers and text) as written.
-        return Dataset.from_list(rows, on_mixed_types="use_json"), fmt
-    except (TypeError, ValueError) as e:  # pyarrow's ArrowInvalid/ArrowTypeError subclass these
-        raise DataError([DataIssue(str(path), None, f"rows do not share one structure ({e}); give every message "
-                                                    "the same keys with the same value types")]) from None
+    fields, image_fields = _FIELDS.get(fmt, (("messages",), None))
+    wheres, issues = [[] for _ in rows], []
+    if images:
+        rows, wheres, issues = canonical_rows(rows, records, path, fields, data_folder(path), image_fields)
+    else:
+        rows = [text_contents(row, fields) for row in rows]
+    if fmt == "prompt_only":
+        # Dataset.from_list takes its columns from the first row: every row gets every column (None where absent)
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        rows = [{k: row.get(k) for k in names} for row in rows]
+        _numbers_among_text_as_text(rows, names)
+    return rows, wheres, issues
+
+
+def data_folder(path) -> Path:
+    """The folder relative image paths are read from: the data file's, a local `hf:` dataset folder, else the
+    working folder (a hub dataset, rows from traces)."""
+    if is_hf(path):
+        local = Path(parse_hf(path)[0]).expanduser()
+        return local.absolute() if local.is_dir() else Path.cwd()
+    if isinstance(path, (str, Path)) and not is_traces(path) and Path(path).suffix:
+        return Path(path).expanduser().absolute().parent
+    return Path.cwd()
 
 
 def _numbers_among_text_as_text(rows: list[dict], names: list[str]) -> None:

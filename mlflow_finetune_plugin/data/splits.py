@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.config.checks import OBJECTIVE_FORMATS
 from mlflow_finetune_plugin.data.formats import DataError, DataIssue
+from mlflow_finetune_plugin.data.images import has_images, in_image_form
 from mlflow_finetune_plugin.data.read import load_training_dataset
 from mlflow_finetune_plugin.data.replay import read_replay, replay_path
 from mlflow_finetune_plugin.data.traces import TraceQuery, is_traces, query_of, read_traces
@@ -148,10 +149,13 @@ def load_splits(recipe) -> Splits:
             evals[name] = task_eval
     total = sum(t.weight for t in data.tasks.values())
     try:
-        mixed = interleave_datasets(list(trains.values()), probabilities=[t.weight / total for t in
-                                                                          data.tasks.values()],
+        parts = list(trains.values())
+        if like := next((ds for ds in parts if has_images(ds)), None):  # text-only tasks take the image form
+            parts = [ds if has_images(ds) else in_image_form(ds, like) for ds in parts]
+        mixed = interleave_datasets(parts, probabilities=[t.weight / total for t in data.tasks.values()],
                                     seed=recipe.train.seed, stopping_strategy=data.stopping)
-    except ValueError as e:  # datasets: the tasks' columns do not align (e.g. per-turn weights in one task only)
+    except (ValueError, TypeError, KeyError) as e:  # datasets: the tasks' columns do not align (e.g. per-turn
+        # weights in one task only; other columns beside images in one task)
         files = ", ".join(task.train for task in data.tasks.values())
         raise DataError([DataIssue(files, None, f"the tasks' rows cannot be mixed ({str(e).splitlines()[0]}); give "
                                                 "every task's messages the same keys (e.g. `weight` on all of them "

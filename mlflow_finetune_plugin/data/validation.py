@@ -17,7 +17,9 @@ from mlflow_finetune_plugin.data.formats import (
     sharegpt_messages,
     sharegpt_tags,
 )
+from mlflow_finetune_plugin.data.images import part_problem
 from mlflow_finetune_plugin.data.teacher import TEACHER_KEY, check_teacher
+from mlflow_finetune_plugin.messages import image_count, text_of
 
 
 def validate_records(records, fmt, path, tags=None) -> list[DataIssue]:
@@ -108,6 +110,10 @@ def _check_message(m: dict, where: str, content_key: str) -> list[str]:
                       f"{where}: unknown role {role!r} (valid: {', '.join(ROLES)})")
     if content is None and not (role == "assistant" and calls):
         errors.append(f"{where}: missing '{content_key}'")
+    elif isinstance(content, list):  # parts: text and images (`data/images.py` reads every form)
+        errors += [f"{where}.{content_key}[{j}]: {p}" for j, part in enumerate(content) if (p := part_problem(part))]
+        if not errors and not image_count(content) and not text_of(content).strip() and not calls:
+            errors.append(f"{where} ({role}): empty {content_key}")
     elif content is not None and not isinstance(content, str):
         errors.append(f"{where}: {content_key} must be a string, got {json_type(content)}")
     elif isinstance(content, str) and not content.strip() and not calls:
