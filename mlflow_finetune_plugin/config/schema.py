@@ -78,10 +78,7 @@ class LoraAdapter(Section):
     use_dora: bool = False
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
-    vision: bool = Field(
-        False, description="A vision-language model: with all-linear, adapt the vision tower and projector too (off: "
-                           "the language model only, as LLaMA-Factory does; vLLM serves LoRA on the language model "
-                           "only).")
+    vision: bool = Field(False, description="A VLM's tower and projector adapted too (all-linear); vLLM won't serve them.")
     target_parameters: Literal["auto"] | list[str] = Field(
         "auto", description="Parameters LoRA adapts that no linear layer wraps (PEFT's target_parameters), such as "
                             "a mixture of experts' fused 3-D expert weights. auto: those the model has "
@@ -250,8 +247,7 @@ class KTOConfig(Section):
     """The `kto` objective: TRL's KTOTrainer on unpaired desirable/undesirable answers (prompt, completion, label)."""
 
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
-    desirable_weight: float = Field(1.0, gt=0, description="Weight of the desirable answers' loss (raise it when "
-                                                           "they are fewer than the undesirable ones).")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of the desirable answers' loss (raise if fewer).")
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of the undesirable answers' loss.")
 
 
@@ -269,7 +265,7 @@ class DataColumns(Section):
     instruction: str | None = None
     input: str | None = None
     output: str | None = None
-    images: str | None = Field(None, description="The row's images: one per image placeholder, in order.")
+    images: str | None = None  # one image per placeholder, in order
 
 
 class DataTags(Section):

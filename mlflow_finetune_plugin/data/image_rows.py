@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import json
 
+from mlflow_finetune_plugin.data.images import load_image
 from mlflow_finetune_plugin.models.image_inputs import aligned_labels
 
 IMAGES = "images"  # the column of image references, one per `{"type": "image"}` placeholder, in order
 
 
-def has_images(dataset) -> bool:
-    """Whether a dataset (or a list of rows) has any image."""
-    if dataset is None:
-        return False
-    if hasattr(dataset, "column_names"):
-        return IMAGES in dataset.column_names and any(dataset[IMAGES])
-    return any(row.get(IMAGES) for row in dataset)
-
-
 def row_images(row: dict) -> list:
     """A row's images as PIL images (references read from disk or data URLs)."""
-    from mlflow_finetune_plugin.models.image_inputs import read_image
-
-    return [read_image(ref) for ref in row.get(IMAGES) or []]
+    return [load_image(ref) for ref in row.get(IMAGES) or []]
 
 
 class VisionCollator:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from mlflow_finetune_plugin.config.checks import NOT_PACKABLE
-from mlflow_finetune_plugin.data.image_rows import has_images
+from mlflow_finetune_plugin.data.images import has_images
 from mlflow_finetune_plugin.models import kernels
 from mlflow_finetune_plugin.train.reach import aux_loss_arguments
 
