@@ -191,6 +191,11 @@ def build_vision_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(transformers, spec.model_class)(config).to(torch.float32)
+        # A projection the family's init leaves at zero (Gemma 3's, a trained weight in the real model) would pass
+        # no image to a random base, and no gradient back to its tower: drawn like the text weights instead.
+        for weight in model.parameters():
+            if weight.dim() > 1 and not weight.any():
+                torch.nn.init.normal_(weight, std=_TEXT["initializer_range"])
     model.generation_config = transformers.GenerationConfig(
         bos_token_id=text["bos_token_id"], eos_token_id=ids(spec.generation_eos), pad_token_id=text["pad_token_id"],
         do_sample=False, max_new_tokens=64)

@@ -62,26 +62,28 @@ def load_processor(path_or_id: str | os.PathLike, revision: str | None = None, t
     path = resolve_model_path(str(path_or_id))
     try:
         return AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except ImportError as e:
+    except (ImportError, ValueError) as e:  # transformers says "requires the Torchvision library" or "Missing ..."
         if "torchvision" not in str(e).lower():
             raise
-        needs = str(e).strip().splitlines()[0]
+        needs = _first_line(e)
     except OSError as e:
         # a folder saved without a video processor's settings, by a processor built without one
         if not str(e).startswith("Can't load video processor"):
             raise FinetuneError(_not_found(path_or_id, e)) from None
-        needs = str(e).strip().splitlines()[0]
+        needs = _first_line(e)
     cls = _processor_class(path, revision, trust_remote_code)
-    fix = ("install a torchvision built for this torch (the CPU wheel of the same release, e.g. `pip install "
-           "torchvision --index-url https://download.pytorch.org/whl/cpu`), or use a model whose processor works "
-           "with PIL images alone")
+    fix = ("install the torchvision built for this torch (for a CPU torch, the CPU wheel of the matching release: "
+           "`pip install torchvision --index-url https://download.pytorch.org/whl/cpu`), or fine-tune a model whose "
+           "processor works with PIL images alone")
     if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
-        raise FinetuneError(f"cannot load the processor of {path_or_id!r}: {needs}. To fix: {fix}.")
+        raise FinetuneError(f"cannot load the processor of {str(path_or_id)!r}: {needs}\nTo fix: {fix}.")
     try:
         processor = without_video(cls).from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except ImportError as e:  # its image processor needs torchvision too (it has no PIL one: LFM2-VL)
-        raise FinetuneError(f"cannot load the processor of {path_or_id!r}: {needs}, and without its video processor: "
-                            f"{str(e).strip().splitlines()[0]}. To fix: {fix}.") from None
+    except (ImportError, ValueError) as e:  # its image processor needs torchvision too (it has no PIL one)
+        if "torchvision" not in str(e).lower():
+            raise
+        raise FinetuneError(f"cannot load the processor of {str(path_or_id)!r}, with or without its video processor: "
+                            f"{_first_line(e)}\nTo fix: {fix}.") from None
     print(f"{path_or_id}: {cls.__name__}'s video processor needs torchvision, which is not installed: loaded its "
           "tokenizer and PIL image processor without it (images work, videos are refused)")
     return processor
@@ -140,16 +142,28 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def _lacks_video(processor) -> bool:
     """Whether `processor` is of a class built by `without_video`."""
     return type(processor) in _without_video_classes.values()
 
 
 def _processor_class(path: str, revision: str | None, trust_remote_code: bool) -> type | None:
-    """The processor class transformers maps the model's config to (None for a model type it does not know)."""
+    """The processor class a folder names (as AutoProcessor reads it: processor_config.json, then the older files),
+    else the one transformers maps the model's config to; None where neither says."""
+    import json
+
     from transformers import AutoConfig
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+    from transformers.utils import cached_file
 
+    for file in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        found = cached_file(path, file, revision=revision, _raise_exceptions_for_missing_entries=False)
+        if found and (name := json.loads(open(found, encoding="utf-8").read()).get("processor_class")):
+            return processor_class_from_name(name)
     config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
     return processor_class_from_name(name) if name else None
