@@ -140,6 +140,8 @@ def test_lora_targets_the_language_model_unless_asked(family, loaded):
         prefix = "base_model.model."
         return {n[len(prefix):-len(".lora_A")] for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
 
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert vision.vision_modules(wrapped) == ["base_model.model." + name for name in (tower, *projectors)]
     text_only = adapted(False)
     assert not any(n == p or n.startswith(p + ".") for n in text_only for p in (tower, *projectors))
     assert all(n.startswith(language[0] + ".") for n in text_only)
@@ -152,6 +154,37 @@ def test_lora_targets_the_language_model_unless_asked(family, loaded):
     all_linear = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules="all-linear"))
     assert with_vision == {n[len("base_model.model."):-len(".lora_A")] for n, _ in all_linear.named_modules()
                            if n.endswith(".lora_A")}
+
+
+@pytest.mark.parametrize("name, trl_file", [("smolvlm", "smolvlm.jinja"), ("qwen2_vl", "qwen2_5_vl.jinja")])
+def test_vision_template_is_trls_file_byte_for_byte(name, trl_file):
+    import trl
+
+    from mlflow_finetune_plugin.models.chat_templates import VISION, VISION_ORIGINS, vision_template
+
+    assert set(VISION) == set(VISION_ORIGINS)
+    assert vision_template(name).encode() == (Path(trl.__file__).parent / "chat_templates" / trl_file).read_bytes()
+
+
+def test_llava_template_is_llava_1_5s():
+    from mlflow_finetune_plugin.models.chat_templates import vision_template
+
+    # as transformers' tests/models/llava/test_processing_llava.py quotes llava-hf/llava-1.5-7b-hf's
+    assert vision_template("llava") == (
+        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+        "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+        "'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+        "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
+        "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_takes_images_asks_transformers():
+    from transformers import Gemma3Config, Gemma3TextConfig, LlamaConfig, LlavaConfig, Qwen3_5TextConfig
+
+    assert vision.takes_images(Gemma3Config()) and vision.takes_images(LlavaConfig())
+    assert not any(vision.takes_images(c()) for c in (Gemma3TextConfig, LlamaConfig, Qwen3_5TextConfig))
 
 
 def test_takes_images_is_false_for_a_text_model():

@@ -103,7 +103,7 @@ FAMILIES: dict[str, VisionFamily] = {
         template="smolvlm", config_class="Idefics3Config", model_class="Idefics3ForConditionalGeneration",
         special=("<|endoftext|>", "<|im_start|>", "<|im_end|>", *_IDEFICS3_ADDED), bos="<|im_start|>",
         eos="<end_of_utterance>", pad="<|im_end|>", unk="<|endoftext|>",
-        config_eos=("<|im_end|>",), generation_eos=("<end_of_utterance>",),
+        config_eos=("<end_of_utterance>",), generation_eos=("<end_of_utterance>",),
         named={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
                "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
         text={"model_type": "llama", "num_key_value_heads": 4, "max_position_embeddings": 16384,

@@ -198,23 +198,27 @@ def lora_target_modules(model, vision: bool = False) -> list[str]:
 
 
 def _parts(model) -> tuple[str, list[str], list[str]]:
-    """(vision tower, projectors, language model) module names of a vision-language model."""
-    tower = model.get_encoder(modality="image")
-    decoder = model.get_decoder()
-    base = model.base_model
-    if tower in (model, base) or decoder in (model, base):
+    """(vision tower, projectors, language model) module names of a vision-language model (or of a PeftModel of
+    one: the names are those of the model given)."""
+    tower = _name_of(model, model.get_encoder(modality="image"))
+    decoder = _name_of(model, model.get_decoder())
+    # transformers answers the model itself, or the module holding both, where it finds no tower
+    if not tower or not decoder or _under(decoder, [tower]) or _under(tower, [decoder]):
         raise FinetuneError(
             f"{type(model).__name__} has no vision tower and language model that transformers can find "
             "(`get_encoder(modality='image')`, `get_decoder()`): it is not a vision-language model, or one this "
             "version of transformers does not lay out so; load it with load_vision_model, or train its language "
             "model as a text model.")
-    # The projector: what the base model holds beside the tower and the decoder, where it has weights.
-    projectors = [module for child_name, module in base.named_children()
-                  if module is not tower and module is not decoder and any(True for _ in module.parameters())]
-    language = [_name_of(model, decoder)]
+    # The projector: what the module holding the decoder holds beside it and the tower, where it has weights.
+    parent = decoder.rpartition(".")[0]
+    projectors = [f"{parent}.{name}" if parent else name
+                  for name, child in model.get_submodule(parent).named_children()
+                  if any(True for _ in child.parameters())]
+    projectors = [p for p in projectors if p != decoder and not _under(tower, [p]) and not _under(p, [tower])]
+    language = [decoder]
     if (head := model.get_output_embeddings()) is not None:
         language.append(_name_of(model, head))
-    return _name_of(model, tower), [_name_of(model, m) for m in projectors], language
+    return tower, projectors, language
 
 
 def _name_of(model, module) -> str | None:
