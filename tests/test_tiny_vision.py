@@ -68,7 +68,12 @@ def loaded():
     import torch
 
     torch.manual_seed(0)
-    return {f: (vision.load_vision_model(f"tiny-{f}"), vision.load_processor(f"tiny-{f}")) for f in FAMILIES}
+    return {f: _load(f) for f in FAMILIES}
+
+
+def _load(family):
+    path = resolve_model_path(f"tiny-{family}")
+    return vision.load_vision_model(path), vision.load_processor(path)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -187,6 +192,12 @@ def test_takes_images_asks_transformers():
     assert not any(vision.takes_images(c()) for c in (Gemma3TextConfig, LlamaConfig, Qwen3_5TextConfig))
 
 
+@pytest.mark.parametrize("load", [vision.load_vision_model, vision.load_processor])
+def test_a_missing_model_says_what_to_give(load, tmp_path):
+    with pytest.raises(FinetuneError, match="local folder made with save_pretrained"):
+        load(tmp_path / "missing")
+
+
 def test_takes_images_is_false_for_a_text_model():
     from transformers import AutoConfig
 
@@ -258,7 +269,7 @@ def test_learns_an_image_only_task(family):
     answering each right greedily means the language model reads the vision tower through the projector."""
     import torch
 
-    model, processor = vision.load_vision_model(f"tiny-{family}"), vision.load_processor(f"tiny-{family}")
+    model, processor = _load(family)
     rows = [(_image(rgb), answer) for rgb, answer in COLOURS]
     prompt = processor.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                            tokenize=False)

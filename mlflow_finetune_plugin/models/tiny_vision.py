@@ -16,28 +16,33 @@ Where each family's parts come from (no hub access here; what could be read is n
   Tokens: the Llama tokenizer's <unk> <s> </s>, then <image> and <pad> (ids 32000, 32001 there: added after the
   vocabulary); bos added by the tokenizer. Processor: CLIP's image processor (resize, centre crop, CLIP mean/std),
   patch 14, `vision_feature_select_strategy="default"` with one additional (CLS) token, as its processor_config.json.
+  The features are the tower's second-to-last layer's (`vision_feature_layer=-2`): its last layer gets no gradient.
+  LLaVA-1.5's template ends a reply with a space, no eos: a model trained on its rendering does not learn to stop.
 - tiny-smolvlm: HuggingFaceTB/SmolVLM-Instruct (SmolVLM v1: Idefics3 over SmolLM2). Template: SmolVLM's, as TRL 1.16
   ships it (trl/chat_templates/smolvlm.jinja; TRL checks it against HuggingFaceTB/SmolVLM2-2.2B-Instruct, which
   ships the same text). Tokens: SmolLM2's <|endoftext|> <|im_start|> <|im_end|>, then the added image tokens in the
   hub tokenizer's order (<global-img>, <row_1_col_1>..<row_6_col_6>, <fake_token_around_image>, <image>,
   <end_of_utterance>) and roles (bos <|im_start|>, eos <end_of_utterance>, pad <|im_end|>, unk <|endoftext|>), as
-  transformers' Idefics3Processor names them and a reconstruction of SmolVLM2's tokenizer_config.json shows them.
+  transformers' Idefics3Processor names them and a reconstruction of SmolVLM2's tokenizer_config.json shows them;
+  the config's and generation config's eos is <end_of_utterance> too, the template's end of a turn.
   Processor: the image split into tiles plus a global image, each as <fake_token_around_image><row_i_col_j> and its
   image tokens (here a 2 x 2 grid of 56 px tiles, 4 tokens each after the pixel shuffle).
 - tiny-gemma3-vision: google/gemma-3-4b-it. Template: Gemma 3's (the bundled `gemma`, TRL's gemma3.jinja, checked
   by TRL against gemma-3-4b-it). Tokens: tiny-gemma3's, plus <image_soft_token> (boi/eoi/image tokens named on the
   tokenizer as the hub's tokenizer_config.json does); the processor writes "\\n\\n<start_of_image>" + image tokens +
-  "<end_of_image>\\n\\n" and returns `token_type_ids` (1 on image tokens: Gemma 3 attends to an image's tokens both
-  ways while training). SigLIP tower, pooled to `mm_tokens_per_image` tokens.
+  "<end_of_image>\\n\\n" and returns `token_type_ids` (1 on image tokens: with them an image's tokens attend to each
+  other both ways, without them the mask is causal throughout). SigLIP tower, pooled to `mm_tokens_per_image` tokens;
+  its projection, which transformers initializes to zero, is drawn at random here (a zero one passes no image on).
 - tiny-qwen2-vl: Qwen/Qwen2-VL-2B-Instruct. Template: Qwen2.5-VL's, as TRL 1.16 ships it (qwen2_5_vl.jinja, "also
   matches Qwen2-VL, which ships a byte-identical template"). Tokens: Qwen2's special tokens in the hub's order
   (<|endoftext|> .. <|video_pad|>), eos <|im_end|>, pad <|endoftext|>, no bos; Qwen's word split. The processor is
   Qwen2VLProcessor with the PIL Qwen2VLImageProcessor and NO video processor (`vision.without_video`): it saves with
-  `save_pretrained` under the real class name, so a machine with torchvision loads it with `AutoProcessor` as the
-  real processor (its video processor then built from defaults); here `vision.load_processor` falls back to the
-  same class without video.
+  `save_pretrained` under the real class name, with the image processor's settings repeated as the video
+  processor's (where an older hub folder's preprocessor_config.json gives transformers them), so that a machine with
+  torchvision should load it with `AutoProcessor` as the real processor (not tried: no torchvision here); here
+  `vision.load_processor` falls back to the same class without video.
 
-Sizes are tiny (hidden 64, 2 text layers, 2 vision layers of width 32, 56 px images in 14 px patches, 4 to 16 image
+Sizes are tiny (hidden 64, 2 text layers, 2 vision layers of width 32, 56 px images in 14 px patches, 4 to 20 image
 tokens per image), so a training step on a few rows takes a fraction of a second on one thread.
 """
 

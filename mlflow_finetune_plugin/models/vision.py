@@ -7,12 +7,13 @@
   torchvision cannot be installed beside torch+cpu here (PyPI's is a CUDA build that fails to import). Where
   `AutoProcessor` fails for that reason, the processor is built without its video processor (`without_video`): its
   PIL image processor and tokenizer work, and it refuses videos. A processor without video saves with
-  `save_pretrained` under its real class name, so a machine with torchvision loads the folder as the real processor.
+  `save_pretrained` under its real class name, with its image processor's settings for the video processor, so that a
+  machine with torchvision can load the folder as the real processor (not tried: torchvision is not installable here).
 - `load_vision_model`: `AutoModelForImageTextToText`.
 - `vision_modules` / `language_model_modules` / `lora_target_modules`: where the vision tower and the projector end
   and the language model begins, found from the model's structure (transformers' own `get_encoder(modality="image")`
-  and `get_decoder()`, the projector being what the base model holds beside them), so LoRA adapts the language model
-  only unless asked (LLaMA-Factory freezes tower and projector by default; PEFT's `all-linear` takes them all).
+  and `get_decoder()`, the projector being what the decoder's parent holds beside them), so LoRA adapts the language
+  model only unless asked (LLaMA-Factory freezes tower and projector by default; PEFT's `all-linear` takes them all).
 """
 
 from __future__ import annotations
@@ -35,31 +36,28 @@ def takes_images(config) -> bool:
 
 
 def load_vision_model(path: str | os.PathLike, dtype=None, **kwargs):
-    """The image-text-to-text model at `path` (a folder, a hub id, or a built-in name such as `tiny-llava`); extra
-    kwargs go to `from_pretrained`."""
+    """The image-text-to-text model at `path` (a folder or a hub id; a built-in model's folder is
+    `models.base.resolve_model_path(name)`); extra kwargs go to `from_pretrained`."""
     from transformers import AutoModelForImageTextToText
 
     from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
-    from mlflow_finetune_plugin.models.base import _not_found, resolve_model_path
 
     native_gqa_on_cpu()
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        return AutoModelForImageTextToText.from_pretrained(resolve_model_path(str(path)), **kwargs)
+        return AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
     except OSError as e:
         raise FinetuneError(_not_found(path, e)) from None
 
 
 def load_processor(path_or_id: str | os.PathLike, revision: str | None = None, trust_remote_code: bool = False):
-    """The processor of a vision model (folder, hub id or built-in name). Where `AutoProcessor` fails because the
+    """The processor of a vision model (a folder or a hub id). Where `AutoProcessor` fails because the
     processor's video processor needs torchvision, the same processor class is built without a video processor
     (one line says so); a processor that cannot do without one raises a FinetuneError that says what to do."""
     from transformers import AutoProcessor
 
-    from mlflow_finetune_plugin.models.base import _not_found, resolve_model_path
-
-    path = resolve_model_path(str(path_or_id))
+    path = str(path_or_id)
     try:
         return AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (ImportError, ValueError) as e:  # transformers says "requires the Torchvision library" or "Missing ..."
@@ -90,9 +88,9 @@ def load_processor(path_or_id: str | os.PathLike, revision: str | None = None, t
 
 
 def save_processor(processor, out_dir: str | os.PathLike) -> None:
-    """Save a processor (tokenizer, image processor, chat template) so that `load_processor` reloads it; a processor
-    built without its video processor is saved under its real class name, so that where torchvision is installed
-    `AutoProcessor` loads the folder as the real processor."""
+    """Save a processor (tokenizer, image processor, chat template) so that `load_processor` reloads it. A processor
+    built without its video processor (`without_video`) is saved under its real class name, with settings for the video
+    processor, so that where torchvision is installed `AutoProcessor` can build the real processor from the folder."""
     import json
     from pathlib import Path
 
@@ -140,6 +138,13 @@ def __getattr__(name: str):
 
         return without_video(getattr(transformers, name[:-len(_WITHOUT_VIDEO)]))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _not_found(name, err) -> str:
+    return (f"could not load {str(name)!r}: {err}\nGive a hub id you can reach (check HF_TOKEN for gated models, "
+            "HF_HUB_OFFLINE for offline machines) or a local folder made with save_pretrained; a built-in model by "
+            "its folder (`models.base.resolve_model_path`: tiny-llava, tiny-smolvlm, tiny-gemma3-vision, "
+            "tiny-qwen2-vl).")
 
 
 def _first_line(err: BaseException) -> str:
