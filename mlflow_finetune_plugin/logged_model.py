@@ -30,6 +30,7 @@ import pandas as pd
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.architecture import for_generation
 from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
+from mlflow_finetune_plugin.models.vision import processor_of, save_processor
 
 DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "num_beams": 1}
 
@@ -74,10 +75,9 @@ def load_logged_model(local_dir: str | Path, device: str | None = None) -> Loade
 def logged_tokenizer(local_dir: str | Path):
     """The tokenizer of a logged fine-tuned model's downloaded folder, without loading the model."""
     from mlflow.models import Model
-    from transformers import AutoTokenizer
 
     pyfunc_conf = Model.load(str(Path(local_dir) / "MLmodel")).flavors["python_function"]
-    return AutoTokenizer.from_pretrained(Path(local_dir) / _artifact_paths(pyfunc_conf)["tokenizer"])
+    return _logged_tokenizer(Path(local_dir) / _artifact_paths(pyfunc_conf)["tokenizer"])
 
 
 def _artifact_paths(pyfunc_conf: dict) -> dict[str, str]:
@@ -91,8 +91,6 @@ def load_logged_base(config: dict, dtype, scoring: bool = False):
     Where the config records the base's weights digest (adapters on local or built-in bases), a base on this machine
     with other weights raises FinetuneError: an adapter on the wrong base answers wrongly without any error.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     from mlflow_finetune_plugin.models.base import resolve_model_path
 
     base_ref = config["base_model"]
@@ -106,8 +104,9 @@ def load_logged_base(config: dict, dtype, scoring: bool = False):
                 "retrain the adapter on this one.")
     native_gqa_on_cpu()
     # `scoring`: a reward model's base, under the score head its adapter folder carries (`reward_model.py`)
-    base = (AutoModelForSequenceClassification if scoring else AutoModelForCausalLM).from_pretrained(
-        resolve_model_path(base_ref), revision=config.get("base_revision"), dtype=dtype, use_safetensors=True,
+    path = resolve_model_path(base_ref)
+    base = _causal_lm_class(path, scoring, config.get("base_revision")).from_pretrained(
+        path, revision=config.get("base_revision"), dtype=dtype, use_safetensors=True,
         **({"num_labels": 1} if scoring else {}))
     # A chosen chat template added tokens in training (`model.chat_template`): the base grows the same rows, which the
     # adapter's trained token rows then fill.
@@ -119,13 +118,12 @@ def load_logged_base(config: dict, dtype, scoring: bool = False):
 
 def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> LoadedModel:
     import torch
-    from transformers import AutoTokenizer
 
     from mlflow_finetune_plugin.models.base import torch_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype("auto") if device != "cpu" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(artifacts["tokenizer"])
+    tokenizer = _logged_tokenizer(artifacts["tokenizer"])
     if config.get("artifact") == "full":
         model = load_full_model(artifacts["model"], dtype)
     else:
@@ -138,13 +136,40 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
     return LoadedModel(model=model, tokenizer=tokenizer, config=config)
 
 
+def _logged_tokenizer(folder: Path):
+    """The saved tokenizer; a vision-language model's folder holds its processor, which goes with the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from mlflow_finetune_plugin.models import vision
+
+    if vision.has_processor_files(folder):
+        processor = vision.load_processor(str(folder))
+        vision.attach_processor(processor.tokenizer, processor)
+        if not getattr(processor.tokenizer, "chat_template", None):
+            processor.tokenizer.chat_template = processor.chat_template
+        return processor.tokenizer
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _causal_lm_class(folder_or_ref, scoring: bool = False, revision=None):
+    """The auto class a saved or base model loads with: a score head, a vision-language model with its vision
+    tower (asked of its config), or a causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, \
+        AutoModelForSequenceClassification
+
+    from mlflow_finetune_plugin.models.vision import takes_images
+
+    if scoring:
+        return AutoModelForSequenceClassification
+    config = AutoConfig.from_pretrained(folder_or_ref, revision=revision)
+    return AutoModelForImageTextToText if takes_images(config) else AutoModelForCausalLM
+
+
 def load_full_model(folder: str | Path, dtype, scoring: bool = False, **kwargs):
     """A full fine-tune's saved `model/` folder as every logged model loads it (`scoring`: a reward model, under its
     score head); `kwargs` go to `from_pretrained` (the rehearsal asks for its loading report)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     native_gqa_on_cpu()
-    auto = AutoModelForSequenceClassification if scoring else AutoModelForCausalLM
+    auto = _causal_lm_class(folder, scoring)
     return auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, **kwargs)
 
 
@@ -193,6 +218,8 @@ def generate(loaded: LoadedModel, messages: list[dict], max_new_tokens=64, tempe
     from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 
     tok, model = loaded.tokenizer, loaded.model
+    if processor_of(tok) is not None:
+        return _generate_with_images(loaded, [messages], max_new_tokens, temperature, top_p, num_beams)[0]
     ids = torch.tensor([prompt_ids(tok, messages)], device=model.device)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False, **_beams(num_beams)}
@@ -213,6 +240,8 @@ def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], 
     from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 
     tok, model = loaded.tokenizer, loaded.model
+    if processor_of(tok) is not None:
+        return _generate_with_images(loaded, conversations, max_new_tokens, 0.0, 1.0, num_beams)
     encs = [{"input_ids": (ids := prompt_ids(tok, messages)), "attention_mask": [1] * len(ids)}
             for messages in conversations]
     # Left padding: every row's next token comes right after its prompt (generate derives the positions from the
@@ -225,6 +254,19 @@ def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], 
                              **_beams(num_beams))
     # Rows that end early are filled with padding, after their stop token: answer_text cuts there.
     return [answer_text(tok, row.tolist()) for row in out[:, enc["input_ids"].shape[1]:]]
+
+
+def _generate_with_images(loaded: LoadedModel, conversations, max_new_tokens, temperature, top_p, num_beams):
+    """Answers of a vision-language model: each conversation's images read from its image parts (paths, data URLs,
+    OpenAI `image_url` parts) and given to the processor with the rendered prompts, as one left-padded batch."""
+    from mlflow_finetune_plugin.models import image_inputs
+
+    placed = [image_inputs.with_placeholders(messages) for messages in conversations]
+    images = [[image_inputs.read_image(ref) for ref in refs] for _, refs in placed]
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    return image_inputs.generate_answers(loaded.model, loaded.tokenizer, processor_of(loaded.tokenizer),
+                                         [m for m, _ in placed], images, max_new_tokens,
+                                         1 if sampling else int(num_beams or 1), **sampling)
 
 
 def _beams(num_beams) -> dict:
@@ -250,11 +292,12 @@ class FinetunedChatModel(mlflow.pyfunc.PythonModel):
         return [generate(self._loaded, conv, **settings) for conv in to_conversations(model_input)]
 
 
-def _signature(num_beams: int = 1):
+def _signature(num_beams: int = 1, takes_images: bool = False):
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
-    message = Object([Property("role", "string"), Property("content", "string")])
+    # a vision-language model's messages hold text or a list of parts (text, OpenAI image_url, image)
+    message = Object([Property("role", "string"), Property("content", AnyType() if takes_images else "string")])
     return ModelSignature(
         inputs=Schema([ColSpec(Array(message), "messages")]),
         outputs=Schema([ColSpec("string")]),
@@ -284,6 +327,10 @@ def requirements(config: dict) -> list[str]:
     torch_version = torch.__version__.split("+")[0]  # the local build tag (+cpu) is no PyPI version
     reqs = [f"mlflow>={mlflow.__version__.split('.')[0]}.0", f"torch>={torch_version}",
             f"transformers=={transformers.__version__}", f"peft=={peft.__version__}", "filelock"]
+    if config.get("takes_images"):  # its processor reads images with PIL
+        import PIL
+
+        reqs.append(f"pillow>={PIL.__version__}")
     return reqs + (base_requirements(config["base_model"]) if config["artifact"] == "adapter" else [])
 
 
@@ -373,6 +420,10 @@ def saved_artifacts(model, tokenizer, config: dict, folder: Path, **save_options
         config.setdefault("base_digest", base_digest(config["base_model"]))
     config["chat_template_hash"] = chat_template_hash(tokenizer)
     artifacts = {"tokenizer": str(folder / "tokenizer")}
+    processor = processor_of(tokenizer)
+    if processor is not None:  # a vision-language model: its processor (image settings, tokenizer, template)
+        config["takes_images"] = True
+        save_processor(processor, artifacts["tokenizer"])
     tokenizer.save_pretrained(artifacts["tokenizer"])
     key = "adapter" if config["artifact"] == "adapter" else "model"
     artifacts[key] = str(folder / key)
@@ -395,7 +446,7 @@ def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tag
             artifacts=artifacts,
             code_paths=[str(stage_code(Path(tmp) / "code"))],
             model_config={k: v for k, v in config.items() if v is not None},
-            signature=_signature(int(config.get("num_beams") or 1)),  # the decoding it was evaluated with
+            signature=_signature(int(config.get("num_beams") or 1), bool(config.get("takes_images"))),
             input_example=_input_example(),
             pip_requirements=requirements(config),
             tags=tags,

@@ -78,6 +78,10 @@ class LoraAdapter(Section):
     use_dora: bool = False
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
+    vision: bool = Field(
+        False, description="A vision-language model: with all-linear, adapt the vision tower and projector too (off: "
+                           "the language model only, as LLaMA-Factory does; vLLM serves LoRA on the language model "
+                           "only).")
     target_parameters: Literal["auto"] | list[str] = Field(
         "auto", description="Parameters LoRA adapts that no linear layer wraps (PEFT's target_parameters), such as "
                             "a mixture of experts' fused 3-D expert weights. auto: those the model has "

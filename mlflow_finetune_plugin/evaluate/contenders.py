@@ -28,10 +28,13 @@ from mlflow_finetune_plugin.evaluate.scoring import (
 from mlflow_finetune_plugin.evaluate.teacher import agreement_metrics, complete, score_teacher
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
+from mlflow_finetune_plugin.data.image_rows import IMAGES
 from mlflow_finetune_plugin.metrics import CONTENDERS, TEACHER
 from mlflow_finetune_plugin.models.answers import answer_text
 from mlflow_finetune_plugin.models.architecture import cache_abilities
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
+from mlflow_finetune_plugin.models.image_inputs import with_images
+from mlflow_finetune_plugin.models.vision import processor_of
 
 
 def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
@@ -240,6 +243,8 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
     from mlflow_finetune_plugin.logged_model import generate, generate_greedy_batch
 
     model, tok = loaded.model, loaded.tokenizer
+    if processor_of(tok) is not None:  # a vision-language model: prompts and references through its processor
+        return _answer_and_score_images(model, tok, prompts, references, max_new_tokens, num_beams)
     if _virtual_tokens(model):
         # Left padding would sit between the virtual tokens and the prompt and shift their distance (the answers
         # then differ from unpadded ones): one prompt at a time.
@@ -261,6 +266,18 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
     # Rows that end early are filled with padding, after their stop token: answer_text cuts there.
     answers = [answer_text(tok, row.tolist()) for row in generated[:, prompt_end:]]
     return answers, prefill.nll, prefill.n_tokens
+
+
+def _answer_and_score_images(model, tok, prompts, references, max_new_tokens: int, num_beams: int):
+    """`answer_and_score` for a vision-language model: each prompt's images read from its image parts."""
+    from mlflow_finetune_plugin.models import image_inputs
+
+    processor = processor_of(tok)
+    placed = [image_inputs.with_placeholders(p) for p in prompts]
+    messages = [m for m, _ in placed]
+    images = [[image_inputs.read_image(ref) for ref in refs] for _, refs in placed]
+    answers = image_inputs.generate_answers(model, tok, processor, messages, images, max_new_tokens, num_beams)
+    return answers, *image_inputs.reference_nll(model, tok, processor, messages, images, references)
 
 
 def _cache_kwarg() -> str:
@@ -411,7 +428,9 @@ def conversations(rows) -> list[list[dict]]:
         if not found:
             raise FinetuneError(f"row {i}: expected a chat row ({{'messages': [...]}}) or a row of another training "
                                 f"format; the keys of each: {expected_keys()}")
-        out.append(to_messages(row, next((f for f in _ROW_FORMAT_ORDER if f in found), found[0])))
+        messages = to_messages(row, next((f for f in _ROW_FORMAT_ORDER if f in found), found[0]))
+        # a row's images go into its image parts: the conversation carries them (as a few-shot prompt's shots do)
+        out.append(with_images(messages, row.get(IMAGES)) if row.get(IMAGES) else messages)
     return out
 
 

@@ -93,7 +93,15 @@ def load_tokenizer(name: str | None = None, revision: str | None = None, trust_r
             AutoTokenizer = _tokenizer_class(path)
         else:
             from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        processor = _vision_processor(name, path, revision, trust_remote_code)
+        if processor is not None:
+            # A vision-language model: its processor's tokenizer is the tokenizer, and the processor goes with it
+            # (models/vision.py) to whatever must turn images into the model's inputs.
+            tok = processor.tokenizer
+            if not getattr(tok, "chat_template", None):
+                tok.chat_template = getattr(processor, "chat_template", None)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise FinetuneError(_not_found(name, e)) from None
     if chat_template:
@@ -105,6 +113,27 @@ def load_tokenizer(name: str | None = None, revision: str | None = None, trust_r
 
         raise FinetuneError(no_template_message(name))
     return tok
+
+
+def _vision_processor(name, path: str, revision, trust_remote_code: bool):
+    """The processor of a vision-language model (attached to its tokenizer), else None. A folder says so by its
+    processor files; a hub model by its config (asked only for models this project did not write)."""
+    from mlflow_finetune_plugin.models import vision
+
+    if is_builtin(name) or _is_builtin_folder(path) or Path(path).is_dir():
+        if not vision.has_processor_files(path):
+            return None
+    elif not vision.takes_images(_config(path, revision, trust_remote_code)):
+        return None
+    processor = vision.load_processor(path, revision=revision, trust_remote_code=trust_remote_code)
+    vision.attach_processor(processor.tokenizer, processor)
+    return processor
+
+
+def _config(path: str, revision=None, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
 
 
 def set_chat_template(tok, value: str, base_dir=None) -> list[str]:
@@ -182,9 +211,10 @@ def load_base_model(model_cfg, dtype=None, scoring: bool = False, **kwargs):
     """Load the base causal LM named by a recipe's `model` section (extra kwargs go to `from_pretrained`); with
     `scoring`, the same weights under a one-number score head instead of the LM head (a reward model to train: the
     head starts random)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
+    from mlflow_finetune_plugin.models.vision import takes_images
 
     native_gqa_on_cpu()
     path = resolve_model_path(model_cfg.name)
@@ -195,7 +225,12 @@ def load_base_model(model_cfg, dtype=None, scoring: bool = False, **kwargs):
     if scoring:
         kwargs["num_labels"] = 1
     try:
-        return (AutoModelForSequenceClassification if scoring else AutoModelForCausalLM).from_pretrained(
+        if scoring:
+            auto = AutoModelForSequenceClassification
+        else:  # a vision-language model keeps its vision tower: it takes images after a text-only fine-tune too
+            vlm = takes_images(_config(path, model_cfg.revision, model_cfg.trust_remote_code))
+            auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+        return auto.from_pretrained(
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=dtype,
             use_safetensors=None if model_cfg.trust_remote_code else True, **kwargs)
     except OSError as e:

@@ -387,6 +387,15 @@ def tokenize_row(tokenizer, messages: list[dict], tools=None, assistant_only: bo
     With `assistant_only`, exactly each assistant reply and its end-of-turn token are trained, except turns with
     `"weight": 0`; without it every token is trained except those of weight-0 turns.
     """
+    text, spans = trained_spans(tokenizer, messages, tools)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    return {"input_ids": ids, "assistant_masks": span_mask(enc["offset_mapping"], spans, assistant_only)}
+
+
+def trained_spans(tokenizer, messages: list[dict], tools=None) -> tuple[str, list[tuple[int, int, object]]]:
+    """(the row's text as training tokenizes it, [start, end, weight] of each assistant turn in it): the text and
+    turns `tokenize_row` masks, for a caller that tokenizes the text itself (a processor that expands images)."""
     messages = prepared(tokenizer, messages)
     kwargs = {"tools": tools} if tools else {}
     text = _render(tokenizer, messages, **kwargs)
@@ -398,16 +407,20 @@ def tokenize_row(tokenizer, messages: list[dict], tools=None, assistant_only: bo
         if not text.startswith(prompt_text + completion):
             text = prompt_text + completion
         last = (len(prompt_text), len(prompt_text) + len(completion))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     spans = assistant_spans(tokenizer, messages[:-1] if last else messages, text, **kwargs) + ([last] if last else [])
     weights = [m.get("weight") for m in messages if m.get("role") == "assistant"]
-    mask = [0 if assistant_only else 1] * len(ids)
-    for (start, end), weight in zip(spans, weights):
+    return text, [(start, end, weight) for (start, end), weight in zip(spans, weights)]
+
+
+def span_mask(offsets, spans, assistant_only: bool = True) -> list[int]:
+    """1 for each token (by its character `offsets`) inside a trained span (weight-0 turns: 0); the rest 0, or 1
+    without `assistant_only`."""
+    mask = [0 if assistant_only else 1] * len(offsets)
+    for start, end, weight in spans:
         for t, (a, b) in enumerate(offsets):
             if b > start and a < end:  # the token overlaps the turn
                 mask[t] = 0 if weight == 0 else 1
-    return {"input_ids": ids, "assistant_masks": mask}
+    return mask
 
 
 def assistant_spans(tokenizer, messages: list[dict], text: str | None = None, **kwargs) -> list[tuple[int, int]]:

@@ -1,7 +1,9 @@
 """What a vision-language model is, asked of transformers and of the model itself: the one module that knows.
 
-- `takes_images(config)`: whether a model generates text from images, by whether transformers maps its config class
-  to an image-text-to-text model (`MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING`). No family is named here.
+- `takes_images(config)`: whether a model generates text from images, by whether transformers maps its config to an
+  image-text-to-text model and the config has a vision tower's. No family is named here.
+- `processor_of(tokenizer)`: the processor goes with the tokenizer: every stage already passes the tokenizer, and the
+  few that must turn images into inputs (training's collator, evaluation, the logged model, serving) ask for it.
 - `load_processor` / `save_processor`: the processor (tokenizer, image processor, chat template). Many processors
   (Qwen2/2.5/3-VL, Qwen3.5, Gemma 4, SmolVLM2, InternVL, GLM-4V) build a video processor that needs torchvision, and
   torchvision cannot be installed beside torch+cpu here (PyPI's is a CUDA build that fails to import). Where
@@ -20,19 +22,42 @@ from __future__ import annotations
 
 import inspect
 import os
+import weakref
+from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 
 _WITHOUT_VIDEO = "WithoutVideo"
 _without_video_classes: dict[type, type] = {}
+_PROCESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 def takes_images(config) -> bool:
-    """Whether the model of `config` (a config, or a model carrying one) takes images beside text."""
-    from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    """Whether the model of `config` (a config, or a model carrying one) takes images: transformers maps its config
+    to an image-text-to-text model, and it has a vision tower's config."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     config = getattr(config, "config", config)
-    return type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    return getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES \
+        and getattr(config, "vision_config", None) is not None
+
+
+def has_processor_files(folder) -> bool:
+    """Whether a saved model folder holds a processor (an image processor's or a processor's config)."""
+    return any((Path(folder) / name).is_file() for name in _PROCESSOR_FILES)
+
+
+def attach_processor(tokenizer, processor) -> None:
+    _PROCESSORS[tokenizer] = processor
+
+
+def processor_of(tokenizer):
+    """The processor a vision-language model's tokenizer came with; None for a text model's tokenizer."""
+    try:
+        return _PROCESSORS.get(tokenizer)
+    except TypeError:  # not weak-referenceable: no processor was attached to it
+        return None
 
 
 def load_vision_model(path: str | os.PathLike, dtype=None, **kwargs):
@@ -92,7 +117,6 @@ def save_processor(processor, out_dir: str | os.PathLike) -> None:
     built without its video processor (`without_video`) is saved under its real class name, with settings for the video
     processor, so that where torchvision is installed `AutoProcessor` can build the real processor from the folder."""
     import json
-    from pathlib import Path
 
     processor.save_pretrained(str(out_dir))
     if not _lacks_video(processor):

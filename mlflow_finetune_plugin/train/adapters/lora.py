@@ -16,6 +16,7 @@ def peft_config(cfg: LoraAdapter, model=None):
     from peft import LoraConfig, TaskType
 
     from mlflow_finetune_plugin.models.moe_parts import parts
+    from mlflow_finetune_plugin.models.vision import lora_target_modules, takes_images
 
     target_modules, layers = cfg.target_modules, None
     parameters = target_parameters(cfg, model)
@@ -26,7 +27,10 @@ def peft_config(cfg: LoraAdapter, model=None):
         target_modules, parameters = _expert_targets(cfg, model, moe, parameters)
     elif cfg.layers is not None:
         target_modules, layers = _top_layers(model, cfg)
-    if model is not None and cfg.target_modules == "all-linear":
+    if model is not None and cfg.target_modules == "all-linear" and takes_images(model.config):
+        # a vision-language model: the language model's layers (and the tower's with lora.vision)
+        target_modules = lora_target_modules(model, cfg.vision)
+    elif model is not None and cfg.target_modules == "all-linear":
         target_modules = _without_refused(model, target_modules)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from mlflow_finetune_plugin.config.checks import NOT_PACKABLE
+from mlflow_finetune_plugin.data.image_rows import has_images
 from mlflow_finetune_plugin.models import kernels
 from mlflow_finetune_plugin.train.reach import aux_loss_arguments
 
@@ -29,6 +30,8 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
     from mlflow_finetune_plugin.data.loss_masks import trained_share, with_turn_weights
     from mlflow_finetune_plugin.train.objectives.sft_trainer import FinetuneSFTTrainer
 
+    if has_images(train_ds):
+        return _vision_trainer(recipe, model, tokenizer, train_ds, eval_ds, args, callbacks)
     texts = replay.read_replay(recipe)
     kl_rows = []
     if texts and recipe.data.replay_loss == "kl":  # scored beside the training rows by the trainer, not among them
@@ -64,6 +67,33 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
         callbacks=callbacks, fused_lm_head=head, pack_rows=pack and not _varlen_attention(recipe),
         teacher=teacher, teacher_weight=recipe.distill.kl_weight if teacher is not None else 0.0,
         replay_kl=kl_rows, replay_weight=recipe.data.replay_weight, replay_every=recipe.data.replay_every)
+
+
+def _vision_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):
+    """SFT on rows with images: each batch processed as it is drawn (`data/image_rows.py`: the processor's inputs,
+    labels on the assistant's tokens only), never packed, the loss through the model's own head."""
+    from trl import SFTConfig
+
+    from mlflow_finetune_plugin.data.image_rows import VisionCollator
+    from mlflow_finetune_plugin.models.vision import processor_of
+    from mlflow_finetune_plugin.train.objectives.sft_trainer import FinetuneSFTTrainer
+
+    if recipe.data.packing is True:
+        print("data.packing: rows with images are not packed (each image's tokens belong to its own row)")
+    _tag_packing("unpacked (rows with images)")
+    processor = processor_of(tokenizer)
+    collator = VisionCollator(processor, tokenizer, recipe.data.assistant_only_loss, recipe.data.max_length)
+    # Every row through the processor once before the first step: a row too long with its image tokens, or an
+    # image the processor cannot take, fails here with its row number, not mid-training.
+    _tag_loss(recipe.data.assistant_only_loss, collator.check(train_ds, "data.train"))
+    if eval_ds is not None:
+        collator.check(eval_ds, "data.eval")
+    config = SFTConfig(**{**args, "remove_unused_columns": False}, max_length=recipe.data.max_length,
+                       packing=False, dataset_kwargs={"skip_prepare_dataset": True},
+                       **aux_loss_arguments(recipe, model, SFTConfig))
+    return FinetuneSFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=processor, data_collator=collator, callbacks=callbacks,
+                              fused_lm_head=False)
 
 
 def _logits_teacher(recipe, model):
