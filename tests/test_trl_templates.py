@@ -27,11 +27,8 @@ BOS, EOS = "<|tplbos|>", "<|tpleos|>"
 # Templates the project cannot train on, each with the reason; their check must fail loudly (a FinetuneError with
 # what to do, or the template's own error), never pass with a wrong mask.
 REFUSED: dict[str, str] = {
-    # Vision-language templates that read a message's content as a list of parts ({"type": "text", "text": ...}):
-    # given the string content every text dataset and chat client sends, they render empty turns (Idefics3,
-    # SmolVLM) or raise (Llava-Next). Refused by the probe before any run, with the fix (a text template).
-    "idefics3": "renders no text of a message whose content is a string",
-    "smolvlm": "renders no text of a message whose content is a string",
+    # Vision-language templates that read a message's content as a list of parts ({"type": "text", "text": ...})
+    # are given string contents as one text part (Idefics3, SmolVLM: they train); Llava-Next's raises on parts too.
     "llava_next": "has no attribute 'text'",
 }
 

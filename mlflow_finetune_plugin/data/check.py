@@ -299,18 +299,18 @@ def model_takes_images(name: str, revision: str | None = None, trust_remote_code
     """Whether the model `name` reads images: its config's model type is one transformers maps to an image-text-to-
     text model (a custom-code one: its config has a vision part); False for the built-in text models; None where the
     config cannot be read, and nothing is guessed. The one place this is asked, so that
-    `models.vision.takes_images(config)` can take it over."""
-    from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families
+    `models.vision.takes_images(config)` answers."""
+    from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families, tiny_vision
     from mlflow_finetune_plugin.models.base import is_tiny, resolve_model_path
+    from mlflow_finetune_plugin.models.vision import takes_images
 
-    if is_tiny(name) or smollm2.is_smollm2(name) or gemma3.is_gemma3(name):
+    if is_tiny(name) or smollm2.is_smollm2(name) or gemma3.is_gemma3(name) or tiny_families.family_of(name):
         return False
+    if tiny_vision.family_of(name):  # built on first use: not built here only to be asked
+        return True
     try:
         import transformers
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as VLMS
 
-        if family := tiny_families.family_of(name):  # its config class says it; the model is not built to ask
-            return getattr(transformers, tiny_families.FAMILIES[family].config_class).model_type in VLMS
         path, kwargs = resolve_model_path(name), {"revision": revision, "trust_remote_code": trust_remote_code}
         try:  # the cached config first: offline, asking the hub retries for half a minute before using the cache
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
@@ -318,7 +318,7 @@ def model_takes_images(name: str, revision: str | None = None, trust_remote_code
             config = transformers.AutoConfig.from_pretrained(path, **kwargs)
     except Exception:  # noqa: BLE001 - no config at hand (offline hub, a bad name): the caller says so
         return None
-    return config.model_type in VLMS or getattr(config, "vision_config", None) is not None
+    return takes_images(config)
 
 
 # ---------------------------------------------------------------- with a tokenizer

@@ -132,7 +132,15 @@ def pinned_clock():
                 chat_template_utils.datetime = _real_clock
 
 
+# Templates that read content parts only (the vision-language models' own: LLaVA-1.5's, SmolVLM's): every string
+# content is given to them as one text part, as TRL's `prepare_multimodal_messages` does.
+_PARTS_ONLY: set[str] = set()
+
+
 def _render(tokenizer, messages, add_generation_prompt=False, **kwargs) -> str:
+    if getattr(tokenizer, "chat_template", None) in _PARTS_ONLY:
+        messages = [{**m, "content": [{"type": "text", "text": m["content"]}]}
+                    if isinstance(m.get("content"), str) else m for m in messages]
     with pinned_clock():
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              **kwargs)
@@ -146,6 +154,8 @@ def _probe(tokenizer) -> ChatFormat:
         plain = _render(tokenizer, [user, answer])
     except Exception:  # noqa: BLE001 - judged below by what the rows themselves do
         plain = None
+    if plain is not None and (_PROBE_USER not in plain or _PROBE_ANSWER not in plain):
+        plain = _parts_only(tokenizer, [user, answer])
     if plain is not None and (_PROBE_USER not in plain or _PROBE_ANSWER not in plain):
         return ChatFormat("kept", refused="its chat template renders no text of a message whose content is a string "
                                           "(a multimodal template that reads content parts only): training would see "
@@ -172,6 +182,19 @@ def _probe(tokenizer) -> ChatFormat:
                                     "first user turn, in training and at inference alike", generation_prompt=header,
                           **turns)
     return ChatFormat("kept", "", generation_prompt=header, **turns)
+
+
+def _parts_only(tokenizer, messages) -> str | None:
+    """The row rendered with its contents as text parts, where the template renders those (and is then rendered
+    that way from here on); None where it does not."""
+    _PARTS_ONLY.add(tokenizer.chat_template)
+    try:
+        text = _render(tokenizer, messages)
+    except Exception:  # noqa: BLE001 - a template that refuses parts too: refused below
+        text = None
+    if text is None or any(m["content"] not in text for m in messages):
+        _PARTS_ONLY.discard(tokenizer.chat_template)
+    return text
 
 
 def _reasoning_markers(tokenizer, user) -> dict:
@@ -274,7 +297,12 @@ def prepared(tokenizer, messages: list[dict]) -> list[dict]:
     system, rest = messages[0], list(messages[1:])
     for i, m in enumerate(rest):
         if m.get("role") == "user":
-            rest[i] = {**m, "content": f"{_text(system.get('content'))}\n\n{_text(m.get('content'))}"}
+            content = m.get("content")
+            if isinstance(content, list):  # parts (images among them): the system text goes first, as a part
+                content = [{"type": "text", "text": f"{_text(system.get('content'))}\n\n"}, *content]
+            else:
+                content = f"{_text(system.get('content'))}\n\n{_text(content)}"
+            rest[i] = {**m, "content": content}
             return rest
     return [{"role": "user", "content": _text(system.get("content"))}, *rest]
 
