@@ -7,6 +7,11 @@ masked there, tokenized by the tokenizer alone, and the processor's expanded ids
 (`difflib`: the expansion only inserts tokens, so every text token finds its place). Image tokens never train.
 
 Images are read per batch (as TRL's vision collator does): a dataset holds references, not pixels.
+
+Preference rows with images (DPO, KTO) go through TRL's own vision collators (`DataCollatorForVisionPreference`,
+`DataCollatorForVisionUnpairedPreference`), which render prompt and answers with the processor's chat template and
+take the images from the rows' `images` column: `with_loaded_images` gives them PIL images, read as each batch is
+drawn, and `check_preference_rows` passes every row through the collator once before training.
 """
 
 from __future__ import annotations
@@ -22,6 +27,61 @@ IMAGES = "images"  # the column of image references, one per `{"type": "image"}`
 def row_images(row: dict) -> list:
     """A row's images as PIL images (references read from disk or data URLs)."""
     return [load_image(ref) for ref in row.get(IMAGES) or []]
+
+
+def with_loaded_images(dataset):
+    """`dataset` whose `images` column reads as PIL images, loaded as each batch is drawn (`datasets`'
+    `with_transform`; the stored column keeps its references). TRL's vision collators hand the column to the
+    processor as it is: references it would read itself only where they are local paths, and with its own errors."""
+
+    def load(batch: dict) -> dict:
+        return {**batch, IMAGES: [[load_image(ref) for ref in refs or []] for refs in batch[IMAGES]]}
+
+    return dataset.with_transform(load)
+
+
+def checked_preference_rows(collator, max_length: int | None, train_ds, eval_ds) -> tuple:
+    """(train, eval) preference rows with their images loaded per batch (`with_loaded_images`), every row checked
+    (`check_preference_rows`) by `collator`, TRL's vision collator built without a `max_length`."""
+    checked = []
+    for name, ds in (("data.train", train_ds), ("data.eval", eval_ds)):
+        if ds is not None:
+            ds = with_loaded_images(ds)
+            check_preference_rows(collator, ds, max_length, name)
+        checked.append(ds)
+    return tuple(checked)
+
+
+def check_preference_rows(collator, dataset, max_length: int | None, name: str, batch: int = 8) -> None:
+    """Every row of `dataset` (images loaded: `with_loaded_images`) through TRL's vision `collator` (built without
+    `max_length`) once, before training: FinetuneError naming each row whose sequence with its image tokens is longer
+    than `max_length` (TRL would cut it: through the image tokens, which fails mid-training, or through the answer,
+    silently), or the row where the processor fails (an image it cannot take, placeholders and images that differ)."""
+    from tqdm.auto import tqdm
+
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    too_long = []
+    for start in tqdm(range(0, len(dataset), batch), desc=f"Checking {name} rows with their images",
+                      disable=len(dataset) <= 4 * batch):
+        rows = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
+        try:
+            out = collator(rows)
+        except Exception:  # noqa: BLE001 - find the row: one at a time
+            for i in range(len(rows)):
+                try:
+                    collator([dataset[start + i]])  # the collator rewrote the rows it was given: read them again
+                except Exception as e:  # noqa: BLE001 - any failure here would stop training the same way
+                    raise FinetuneError(f"{name} row {start + i + 1}: {e}") from e
+            raise
+        # one sequence per row, or per answer (DPO: every chosen answer's, then every rejected one's)
+        lengths = out["attention_mask"].sum(dim=1).reshape(-1, len(rows)).max(dim=0).values.tolist()
+        too_long += [(start + i + 1, n) for i, n in enumerate(lengths) if max_length and n > max_length]
+    if too_long:
+        shown = ", ".join(f"row {row} ({n} tokens)" for row, n in too_long[:5])
+        more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
+        raise FinetuneError(f"{name}: {len(too_long)} row(s) longer than data.max_length {max_length} with their "
+                            f"image tokens: {shown}{more}. Raise data.max_length, or drop or shorten those rows.")
 
 
 class VisionCollator:

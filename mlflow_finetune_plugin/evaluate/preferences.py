@@ -5,6 +5,8 @@ with prompt and completions tokenized, truncated and padded as TRL's DPOTrainer 
 trains on). TRL's own `rewards/margins` and `rewards/accuracies` are relative to the reference model
 (beta * (log p_policy - log p_ref)); these are absolute, so a starting policy and a tuned one can be compared.
 Logged as `eval/<policy>/pref_margin` (mean margin) and `eval/<policy>/pref_accuracy` (share of pairs with margin > 0).
+Pairs with images (an `images` column) are scored with them, through TRL's `DataCollatorForVisionPreference` and the
+model's processor, as DPO trains on them.
 """
 
 from __future__ import annotations
@@ -39,15 +41,16 @@ def pair_ids(tokenizer, row: dict) -> dict:
     return {"prompt_ids": prompt[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
 
 
-def completion_logps(model, input_ids, attention_mask, completion_mask):
-    """Summed log-probability of each row's completion tokens (right-padded rows; labels -100 on prompt and padding)."""
-    logps, _ = token_logps(model, input_ids, attention_mask, completion_mask)
+def completion_logps(model, input_ids, attention_mask, completion_mask, **inputs):
+    """Summed log-probability of each row's completion tokens (right-padded rows; labels -100 on prompt and padding).
+    `inputs`: the model's other inputs (a processor's pixel values, token type ids, image sizes)."""
+    logps, _ = token_logps(model, input_ids, attention_mask, completion_mask, **inputs)
     return logps.sum(dim=1)
 
 
-def token_logps(model, input_ids, attention_mask, completion_mask):
+def token_logps(model, input_ids, attention_mask, completion_mask, **inputs):
     """(log-probability of each next token [rows, length - 1], 0 where not scored; which positions are scored): the
-    completion tokens of right-padded rows.
+    completion tokens of right-padded rows; `inputs` go to the model beside them.
 
     Only the scored positions go through the LM head: in chunks (`models/lm_head.py`) where it is a head that module
     reproduces, so that no (rows, length, vocabulary) logits are held, else from the model's logits."""
@@ -57,6 +60,7 @@ def token_logps(model, input_ids, attention_mask, completion_mask):
 
     device = model.device
     input_ids = input_ids.to(device)
+    inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
     # The logits at position t predict token t + 1.
     targets = input_ids.masked_fill(completion_mask.to(device) == 0, -100)[:, 1:]
     scored = targets != -100
@@ -64,12 +68,12 @@ def token_logps(model, input_ids, attention_mask, completion_mask):
     head = head_of(model)
     if head is not None:
         with hidden_states(model) as captured:
-            model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False)
+            model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False, **inputs)
         # Prompt tuning's virtual tokens come ahead of the input's.
         hidden = captured[-1][:, captured[-1].shape[1] - input_ids.shape[1]: -1]
         logps[scored] = token_logprobs(head, hidden[scored], targets[scored])[0]
         return logps, scored
-    logits = model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False, **inputs).logits
     logits = logits[:, logits.shape[1] - input_ids.shape[1]: -1]
     # Only the scored positions' logits are upcast: the full (rows, length, vocabulary) tensor in fp32 is large.
     logps[scored] = -torch.nn.functional.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
@@ -83,26 +87,45 @@ def preference_margins(model, tokenizer, rows, max_length: int | None = None, ba
     would remain to score).
     """
     import torch
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    examples = [pair_ids(tokenizer, row) for row in rows]
-    if max_length:
-        examples = [e for e in examples if len(e["prompt_ids"]) < max_length]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate = DataCollatorForPreference(pad_token_id=pad, max_length=max_length)
+    collate, examples = _collator(tokenizer, rows, max_length)
     margins: list[float] = []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
-                batch = collate(examples[start:start + batch_size])  # chosen rows first, then rejected
-                logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+                batch = dict(collate(examples[start:start + batch_size]))  # chosen rows first, then rejected
+                logps = completion_logps(model, batch.pop("input_ids"), batch.pop("attention_mask"),
+                                         batch.pop("completion_mask"), **batch)
                 chosen, rejected = logps.chunk(2)
                 margins += (chosen - rejected).tolist()
     finally:
         model.train(was_training)
     return margins
+
+
+def _collator(tokenizer, rows, max_length: int | None):
+    """(TRL's preference collator, the examples it takes) for `rows`: token ids for text pairs; for pairs with
+    images, the rows themselves with their images read, for the vision collator to render and process with the
+    tokenizer's processor (`models.vision.processor_of`)."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference, DataCollatorForVisionPreference
+
+    from mlflow_finetune_plugin.data.image_rows import IMAGES, row_images
+
+    rows = list(rows)
+    if any(row.get(IMAGES) for row in rows):
+        from mlflow_finetune_plugin.models.vision import processor_of
+
+        # the rows as the collator takes them: fresh dicts (it rewrites them), images as PIL images
+        examples = [{**{k: row[k] for k in ("prompt", "chosen", "rejected")}, IMAGES: row_images(row)}
+                    for row in rows]
+        return DataCollatorForVisionPreference(processor=processor_of(tokenizer), max_length=max_length), examples
+    examples = [pair_ids(tokenizer, row) for row in rows]
+    if max_length:
+        examples = [e for e in examples if len(e["prompt_ids"]) < max_length]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return DataCollatorForPreference(pad_token_id=pad, max_length=max_length), examples
 
 
 def preference_metrics(margins: list[float], policy: str) -> dict[str, float]:

@@ -4,7 +4,11 @@ A fresh adapter's reference model is the base (the adapter disabled); continuing
 models:/support-bot@champion`, e.g. the SFT version being improved) keeps training it, and a frozen copy of it is
 the reference, as TRL does for a pretrained adapter. Evaluation adds, to the answers scored against the chosen
 ones, how much more likely the starting and the tuned policy make the chosen answer than the rejected one on the
-held-out pairs (`preference_eval.py`). The reference-free objectives (`orpo`, `simpo`) evaluate the same way.
+held-out pairs (`evaluate/preferences.py`). The reference-free objectives (`orpo`, `simpo`) evaluate the same way.
+
+Rows with images (a vision-language model) go TRL's vision way: the processor is the trainer's processing class,
+TRL's `DataCollatorForVisionPreference` renders and processes each batch as it is drawn, and the rows' images are
+read then (`data/image_rows.py`); the held-out pairs are scored through the same collator.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from mlflow_finetune_plugin.data.images import has_images
 from mlflow_finetune_plugin.models.peft_targets import keep_module_targets
 from mlflow_finetune_plugin.tracking import log_results
 from mlflow_finetune_plugin.train.adapters import resolve_adapter
@@ -31,16 +36,32 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
     cfg = recipe.dpo
     config = DPOConfig(**args, beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing,
                        max_length=recipe.data.max_length, **aux_loss_arguments(recipe, model, DPOConfig))
-
+    processing_class = tokenizer
+    if has_images(train_ds):
+        processing_class, train_ds, eval_ds = _with_images(recipe, tokenizer, train_ds, eval_ds)
     return DPOTrainer(model=model, ref_model=None, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer,
+                      processing_class=processing_class,
                       callbacks=[*callbacks, DropReferenceAdapter()])
+
+
+def _with_images(recipe, tokenizer, train_ds, eval_ds):
+    """(the processor, train and eval rows with their images read per batch and every row checked once): TRL takes
+    the processor as the processing class, sees the `images` column and collates with its vision collator."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from mlflow_finetune_plugin.data.image_rows import checked_preference_rows
+    from mlflow_finetune_plugin.models.vision import processor_of
+
+    processor = processor_of(tokenizer)
+    collator = DataCollatorForVisionPreference(processor=processor)
+    return processor, *checked_preference_rows(collator, recipe.data.max_length, train_ds, eval_ds)
 
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
     """The usual evaluation (base, few-shot and tuned answers against the chosen ones), then the chosen-over-rejected
     log-prob margin and accuracy of the starting and the tuned policy on every held-out pair."""
 
+    from mlflow_finetune_plugin.data.image_rows import IMAGES
     from mlflow_finetune_plugin.evaluate.preferences import (
         preference_margins,
         preference_metrics,
@@ -50,7 +71,7 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
 
     sft.evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model)
 
-    pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in eval_ds]
+    pairs = [{k: row[k] for k in ("prompt", "chosen", "rejected", IMAGES) if k in row} for row in eval_ds]
 
     def margins():  # batches of train.batch_size pairs, as TRL's own evaluation runs them
         return preference_margins(model, tokenizer, pairs, recipe.data.max_length, recipe.train.batch_size)

@@ -11,12 +11,16 @@ Evaluation: the usual one (base, few-shot and tuned answers scored against the d
 held-out prompt with both a desirable and an undesirable answer, how much more likely the starting and the tuned
 policy make the desirable one: `eval/<policy>/pref_margin` and `pref_accuracy`, the numbers DPO logs, so the two
 objectives compare on the same votes.
+
+Rows with images go TRL's vision way, as for DPO (`dpo.py`): the processor as the processing class, TRL's
+`DataCollatorForVisionUnpairedPreference` on each batch, the images read as batches are drawn (`data/image_rows.py`).
 """
 
 from __future__ import annotations
 
 import sys
 
+from mlflow_finetune_plugin.data.images import has_images
 from mlflow_finetune_plugin.tracking import log_results
 from mlflow_finetune_plugin.train.reach import aux_loss_arguments
 
@@ -36,8 +40,24 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
     config = KTOConfig(**args, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                        undesirable_weight=cfg.undesirable_weight, max_length=recipe.data.max_length,
                        **aux_loss_arguments(recipe, model, KTOConfig))
+    processing_class = tokenizer
+    if has_images(train_ds):
+        processing_class, train_ds, eval_ds = _with_images(recipe, tokenizer, train_ds, eval_ds)
     return KTOTrainer(model=model, ref_model=None, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, callbacks=[*callbacks, DropReferenceAdapter()])
+                      processing_class=processing_class, callbacks=[*callbacks, DropReferenceAdapter()])
+
+
+def _with_images(recipe, tokenizer, train_ds, eval_ds):
+    """(the processor, train and eval rows with their images read per batch and every row checked once), as
+    `dpo._with_images`, with TRL's unpaired vision collator."""
+    from trl.trainer.kto_trainer import DataCollatorForVisionUnpairedPreference
+
+    from mlflow_finetune_plugin.data.image_rows import checked_preference_rows
+    from mlflow_finetune_plugin.models.vision import processor_of
+
+    processor = processor_of(tokenizer)
+    collator = DataCollatorForVisionUnpairedPreference(processor=processor, calculate_kl=False)
+    return processor, *checked_preference_rows(collator, recipe.data.max_length, train_ds, eval_ds)
 
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
@@ -87,14 +107,18 @@ def unpaired(ds):
 
 
 def unpaired_to_pairs(rows) -> list[dict]:
-    """prompt/chosen/rejected pairs from unpaired rows: for each prompt, every desirable answer against every
-    undesirable one (TRL's `unpair_preference_dataset`, backwards)."""
+    """prompt/chosen/rejected pairs from unpaired rows: for each prompt (with its images: one question asked of
+    different images is as many prompts), every desirable answer against every undesirable one (TRL's
+    `unpair_preference_dataset`, backwards)."""
     import json
+
+    from mlflow_finetune_plugin.data.image_rows import IMAGES
 
     by_prompt: dict[str, dict] = {}
     for row in rows:
-        entry = by_prompt.setdefault(json.dumps(row["prompt"], sort_keys=True),
-                                     {"prompt": row["prompt"], True: [], False: []})
+        images = {IMAGES: row[IMAGES]} if IMAGES in row else {}
+        entry = by_prompt.setdefault(json.dumps([row["prompt"], images], sort_keys=True),
+                                     {"prompt": row["prompt"], "images": images, True: [], False: []})
         entry[bool(row["label"])].append(row["completion"])
-    return [{"prompt": e["prompt"], "chosen": good, "rejected": bad}
+    return [{"prompt": e["prompt"], "chosen": good, "rejected": bad, **e["images"]}
             for e in by_prompt.values() for good in e[True] for bad in e[False]]
