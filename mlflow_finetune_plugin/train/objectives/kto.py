@@ -35,7 +35,11 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 
     from mlflow_finetune_plugin.train.callbacks import DropReferenceAdapter
 
-    train_ds, eval_ds = unpaired(train_ds), None if eval_ds is None else unpaired(eval_ds)
+    # KTO walks its rows in order (TRL's `train_sampling_strategy: sequential`: each row's KL completion is its
+    # neighbour's), and unpaired pairs come all desirable, then all undesirable: one seeded shuffle mixes the labels
+    # within each batch, in an order that stays fixed.
+    train_ds = unpaired(train_ds).shuffle(seed=recipe.train.seed)
+    eval_ds = None if eval_ds is None else unpaired(eval_ds)
     cfg = recipe.kto
     config = KTOConfig(**args, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                        undesirable_weight=cfg.undesirable_weight, max_length=recipe.data.max_length,
