@@ -64,18 +64,18 @@ def check_preference_rows(collator, dataset, max_length: int | None, name: str, 
     too_long = []
     for start in tqdm(range(0, len(dataset), batch), desc=f"Checking {name} rows with their images",
                       disable=len(dataset) <= 4 * batch):
-        rows = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
+        end = min(start + batch, len(dataset))
         try:
-            out = collator(rows)
+            out = collator([dataset[i] for i in range(start, end)])  # reading a row reads its images
         except Exception:  # noqa: BLE001 - find the row: one at a time
-            for i in range(len(rows)):
+            for i in range(start, end):
                 try:
-                    collator([dataset[start + i]])  # the collator rewrote the rows it was given: read them again
+                    collator([dataset[i]])
                 except Exception as e:  # noqa: BLE001 - any failure here would stop training the same way
-                    raise FinetuneError(f"{name} row {start + i + 1}: {e}") from e
+                    raise FinetuneError(f"{name} row {i + 1}: {e}") from e
             raise
         # one sequence per row, or per answer (DPO: every chosen answer's, then every rejected one's)
-        lengths = out["attention_mask"].sum(dim=1).reshape(-1, len(rows)).max(dim=0).values.tolist()
+        lengths = out["attention_mask"].sum(dim=1).reshape(-1, end - start).max(dim=0).values.tolist()
         too_long += [(start + i + 1, n) for i, n in enumerate(lengths) if max_length and n > max_length]
     if too_long:
         shown = ", ".join(f"row {row} ({n} tokens)" for row, n in too_long[:5])
