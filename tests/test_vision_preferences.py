@@ -165,3 +165,11 @@ def test_rows_too_long_with_their_image_tokens_are_refused_before_training(llava
     missing = _pairs("train").map(lambda row: {"images": ["/nowhere/red.png"]})
     with pytest.raises(FinetuneError, match="data.train row 1: image not found: /nowhere/red.png"):
         checked_preference_rows(collator, 256, missing, None)
+
+
+@pytest.mark.integration
+def test_image_pairs_for_a_text_model_say_what_to_do(tmp_path, tracking_uri, capsys):
+    code, run = train_in_process(RECIPE, tmp_path, {**QUICK, "model.name": "tiny"}, "vision-text", method="dpo")
+    assert (code, run.info.status) == (1, "FAILED")
+    assert "the training data has images, but tiny reads text only: name a vision-language model with model.name" \
+        in capsys.readouterr().err

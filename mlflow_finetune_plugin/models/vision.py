@@ -3,7 +3,8 @@
 - `takes_images(config)`: whether a model generates text from images, by whether transformers maps its config to an
   image-text-to-text model and the config has a vision tower's. No family is named here.
 - `processor_of(tokenizer)`: the processor goes with the tokenizer: every stage already passes the tokenizer, and the
-  few that must turn images into inputs (training's collator, evaluation, the logged model, serving) ask for it.
+  few that must turn images into inputs (training's collator, evaluation, the logged model, serving) ask for it;
+  training asks `processor_for_images`, which refuses a text model given rows with images.
 - `load_processor` / `save_processor`: the processor (tokenizer, image processor, chat template). Many processors
   (Qwen2/2.5/3-VL, Qwen3.5, Gemma 4, SmolVLM2, InternVL, GLM-4V) build a video processor that needs torchvision, and
   torchvision cannot be installed beside torch+cpu here (PyPI's is a CUDA build that fails to import). Where
@@ -58,6 +59,17 @@ def processor_of(tokenizer):
         return _PROCESSORS.get(tokenizer)
     except TypeError:  # not weak-referenceable: no processor was attached to it
         return None
+
+
+def processor_for_images(tokenizer, model_name: str | None):
+    """The processor that turns training rows' images into the model's inputs (`processor_of(tokenizer)`); a
+    FinetuneError naming model.name where the model reads text only."""
+    processor = processor_of(tokenizer)
+    if processor is None:
+        raise FinetuneError(f"the training data has images, but {model_name} reads text only: name a vision-language "
+                            "model with model.name (one whose processor takes images: SmolVLM, Qwen2-VL, LLaVA, "
+                            "Gemma 3 4B and up, ...), or leave the images out")
+    return processor
 
 
 def load_vision_model(path: str | os.PathLike, dtype=None, **kwargs):

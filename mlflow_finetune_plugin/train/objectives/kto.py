@@ -57,9 +57,9 @@ def _with_images(recipe, tokenizer, train_ds, eval_ds):
     from trl.trainer.kto_trainer import DataCollatorForVisionUnpairedPreference
 
     from mlflow_finetune_plugin.data.image_rows import checked_preference_rows
-    from mlflow_finetune_plugin.models.vision import processor_of
+    from mlflow_finetune_plugin.models.vision import processor_for_images
 
-    processor = processor_of(tokenizer)
+    processor = processor_for_images(tokenizer, recipe.model.name)
     collator = DataCollatorForVisionUnpairedPreference(processor=processor, calculate_kl=False)
     return processor, *checked_preference_rows(collator, recipe.data.max_length, train_ds, eval_ds)
 

@@ -75,13 +75,13 @@ def _vision_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, cal
     from trl import SFTConfig
 
     from mlflow_finetune_plugin.data.image_rows import VisionCollator
-    from mlflow_finetune_plugin.models.vision import processor_of
+    from mlflow_finetune_plugin.models.vision import processor_for_images
     from mlflow_finetune_plugin.train.objectives.sft_trainer import FinetuneSFTTrainer
 
     if recipe.data.packing is True:
         print("data.packing: rows with images are not packed (each image's tokens belong to its own row)")
     _tag_packing("unpacked (rows with images)")
-    processor = processor_of(tokenizer)
+    processor = processor_for_images(tokenizer, recipe.model.name)
     collator = VisionCollator(processor, tokenizer, recipe.data.assistant_only_loss, recipe.data.max_length)
     # Every row through the processor once before the first step: a row too long with its image tokens, or an
     # image the processor cannot take, fails here with its row number, not mid-training.
