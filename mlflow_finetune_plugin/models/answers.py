@@ -136,8 +136,8 @@ def response_template(tokenizer) -> dict | None:
     `content`, ended by any end-of-turn token. None for a format that writes nothing ahead of a reply, where
     decoding without special tokens already reads it right."""
     fmt = chat_format(tokenizer)
-    if not fmt.lead and not fmt.reasoning_open:
-        return None
+    if not fmt.lead.strip() and not fmt.reasoning_open.strip():
+        return None  # nothing but whitespace ahead of a reply (LLaVA-1.5's " "): a plain decode reads it
     rendered = [tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
                                               add_generation_prompt=gen) for gen in (False, True)]
     header = rendered[1][len(rendered[0]):] if rendered[1].startswith(rendered[0]) else ""
@@ -153,7 +153,8 @@ def response_template(tokenizer) -> dict | None:
     if lead:
         # The lead is a region of its own that closes at once: what follows it is the reply (the implicit region).
         fields["lead"] = {"open": lead, "close_pattern": "", "content": "text"}
-    ends = list(dict.fromkeys((*fmt.end_of_turn, *fmt.turn_ends)))
+    # a template that closes no turn (LLaVA-1.5) was trained to end its replies with eos (chat_format.last_turn)
+    ends = list(dict.fromkeys((*fmt.end_of_turn, *fmt.turn_ends))) or [t for t in [tokenizer.eos_token] if t]
     fields["content"] = {"close": ends, "content": "text"}
     return {"defaults": {"role": "assistant"}, "start_anchor": header, "fields": fields}
 

@@ -286,7 +286,7 @@ def served_name(choice: ModelChoice) -> str:
     return f"{choice.name}-v{choice.version}" + ("-base" if choice.base else "")
 
 
-MERGED_LAYOUT = 2
+MERGED_LAYOUT = 3
 
 
 def merged_folder(choice: ModelChoice) -> Path:
