@@ -8,6 +8,7 @@ families (LLaVA, SmolVLM's Idefics3, Gemma 3), built locally from their config c
 from __future__ import annotations
 
 import base64
+import json
 import io
 import shutil
 import subprocess
@@ -165,3 +166,74 @@ def test_images_for_a_text_only_model_are_refused_before_any_run(tmp_path, track
     assert "but tiny reads text only: name a vision-language model with model.name" in proc.stderr, proc.stderr[-3000:]
     experiment = MlflowClient().get_experiment_by_name("vision-text-model")
     assert experiment is None or MlflowClient().search_runs([experiment.experiment_id]) == []
+
+
+@pytest.fixture
+def tuned_llava(tmp_path, tracking_uri):
+    """vision-colors on the tiny LLaVA, registered (`vision-colors@challenger`)."""
+    code, run = train_in_process(_project(tmp_path), tmp_path, {"model.name": "tiny-llava", "epochs": 12},
+                                 "vision-serve")
+    assert code == 0 and _metrics(run)["eval/tuned/exact_match"] >= 0.9
+    return tracking_uri
+
+
+@pytest.mark.integration
+def test_serve_answers_image_requests_of_the_openai_client_streamed_or_not(tuned_llava):
+    import openai
+
+    from tests.helpers import cli_process, free_port, stop, wait_for_http
+
+    port = free_port()
+    proc = cli_process("serve", "vision-colors@challenger", "--engine", "transformers", "--port", str(port))
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        (name,) = [m.id for m in client.models.list()]
+        for colour, expected in ((RED, "red"), (BLUE, "blue")):
+            answer = client.chat.completions.create(model=name, messages=_ask(_data_url(colour)), max_tokens=6,
+                                                    temperature=0.0)
+            assert answer.choices[0].message.content.strip() == expected
+            stream = client.chat.completions.create(model=name, messages=_ask(_data_url(colour)), max_tokens=6,
+                                                    temperature=0.0, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip() == expected
+    finally:
+        stop(proc)
+
+
+@pytest.mark.integration
+def test_a_vlm_version_answers_images_without_the_plugin_and_through_mlflow_models_serve(tuned_llava, tmp_path):
+    """The version deploys the MLflow way (tests/test_deploy.py): in an environment with the model's requirements and
+    no plugin, pyfunc and `mlflow models serve`'s /invocations answer a message with an image part."""
+    import os
+    import signal
+    import urllib.request
+
+    from tests.helpers import free_port, wait_for_http
+    from tests.test_deploy import DEPLOY_STACK, _plain_env, make_plain_env
+
+    plain_bin = make_plain_env(tmp_path / "venv", (*DEPLOY_STACK, "pillow"))
+    env = _plain_env(plain_bin, tuned_llava, tmp_path / "fresh-cache")
+    script = ("import json, sys, mlflow, importlib.util\n"
+              "assert not importlib.util.find_spec('mlflow_finetune_plugin') or 'code' in "
+              "importlib.util.find_spec('mlflow_finetune_plugin').origin\n"
+              "m = mlflow.pyfunc.load_model('models:/vision-colors@challenger')\n"
+              "print(json.dumps(m.predict([{'messages': json.loads(sys.argv[1])}], params={'max_new_tokens': 6})))")
+    proc = subprocess.run([str(plain_bin / "python"), "-c", script, json.dumps(_ask(_data_url(BLUE)))], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["blue"]
+
+    port = free_port()
+    server = subprocess.Popen([str(plain_bin / "mlflow"), "models", "serve", "-m", "models:/vision-colors@challenger",
+                               "--env-manager", "local", "--port", str(port)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=300)
+        body = {"dataframe_records": [{"messages": _ask(_data_url(RED))}], "params": {"max_new_tokens": 6}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            assert json.loads(answer.read())["predictions"] == ["red"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
