@@ -21,11 +21,20 @@ from mlflow import MlflowClient
 from mlflow_finetune_plugin.arena.votes import VOTE_FILE
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.data.read import load_training_dataset
+from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving import ModelChoice
+from mlflow_finetune_plugin.serving.base import Engine
 from mlflow_finetune_plugin.serving.playground import Playground, build_app, launch
 from mlflow_finetune_plugin.serving.playground.images import image_folder
 from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
-from tests.helpers import REPO, forget_active_experiment, free_port, register_version, train_in_process, use_store
+from tests.helpers import (
+    REPO,
+    forget_active_experiment,
+    free_port,
+    register_version,
+    train_in_process,
+    use_store,
+)
 from tests.test_playground import _chromium
 
 pytestmark = pytest.mark.integration
@@ -147,6 +156,20 @@ def test_a_text_model_given_an_image_says_so(app, tmp_path):
     # Text still goes to both, text model included.
     r = client.predict(QUESTION, TUNED, TEXT, **SHORT, api_name="/compare")
     assert r["a"]["answer"] and r["b"]["answer"] and r["id"]
+
+
+def test_an_engine_that_sends_text_only_refuses_images(store):
+    class TextOnly(Engine):  # what the vllm and openai engines are: they send the models text only
+        name = "openai"
+
+        def stream(self, choice, messages, settings):
+            yield "text"
+
+    pg = Playground(TextOnly(), ModelChoice("vision-colors", "1"), ModelChoice("vision-colors", "1", base=True))
+    with pytest.raises(FinetuneError, match="the openai engine sends the models text only: start the playground "
+                                            "with --engine transformers"):
+        pg.compare(QUESTION, images=[str(RED)])
+    assert pg.compare(QUESTION)["a"]["answer"] == "text"
 
 
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
