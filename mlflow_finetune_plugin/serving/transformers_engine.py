@@ -104,6 +104,7 @@ class TransformersEngine(Engine):
     """Serves registry versions with transformers + PEFT on CPU or one GPU."""
 
     name = "transformers"
+    takes_images = True  # a vision-language model's processor reads the image parts (`_prompt`)
 
     def __init__(self, device: str | None = None, concurrency: int = 16, max_batch: int = 32):
         import torch
