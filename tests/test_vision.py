@@ -135,9 +135,12 @@ def test_a_row_too_long_with_its_image_tokens_is_refused_before_training_with_it
         collator.check(Dataset.from_list(_rows(2)), "data.train")
 
 
-def test_a_full_fine_tune_with_images_logs_a_model_that_answers_images(tmp_path, tracking_uri):
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_full_and_qlora_with_images_log_a_model_that_answers_images(method, tmp_path, tracking_uri):
+    """-e full trains every weight; -e qlora loads the language model in 4 bits, the tower and projector in full
+    precision (models/vision.unquantized_modules)."""
     code, run = train_in_process(_project(tmp_path), tmp_path, {"model.name": "tiny-llava", "epochs": 6},
-                                 "vision-full", method="full")
+                                 f"vision-{method}", method=method)
     assert code == 0 and run.info.status == "FINISHED"
     assert _metrics(run)["eval/tuned/exact_match"] >= 0.9
     model = mlflow.pyfunc.load_model("models:/vision-colors@challenger")
