@@ -69,6 +69,14 @@ def test_mlflow_run_trains_a_vlm_on_images_and_the_version_answers_images(tmp_pa
     assert metrics["eval/tuned/exact_match"] >= 0.9, metrics
     assert metrics["eval/base/exact_match"] <= 0.25 and metrics["eval/fewshot/exact_match"] <= 0.25, metrics
     assert run.data.tags["finetune.loss_on"] == "assistant"
+    # The per-example table names each prompt's image; MLflow's evaluation view shows it (kept as an attachment).
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                artifact_path="eval/examples.json")).read_text())
+    images = [row[table["columns"].index("images")] for row in table["data"]]
+    assert len(images) == 24 and all(Path(i).name.startswith("eval-") for i in images)
+    trace = mlflow.search_traces(locations=[run.info.experiment_id], return_type="list", max_results=1)[0]
+    (image_part, _) = trace.data.request and json.loads(trace.data.request)["messages"][0]["content"]
+    assert image_part["image_url"]["url"].startswith("mlflow-attachment://")
 
     version = client.get_model_version_by_alias("vision-colors", "challenger")
     model = mlflow.pyfunc.load_model("models:/vision-colors@challenger")
