@@ -75,7 +75,7 @@ def test_mlflow_run_trains_a_vlm_on_images_and_the_version_answers_images(tmp_pa
     images = [row[table["columns"].index("images")] for row in table["data"]]
     assert len(images) == 24 and all(Path(i).name.startswith("eval-") for i in images)
     trace = mlflow.search_traces(locations=[run.info.experiment_id], return_type="list", max_results=1)[0]
-    (image_part, _) = trace.data.request and json.loads(trace.data.request)["messages"][0]["content"]
+    image_part = json.loads(trace.data.request)["messages"][0]["content"][0]
     assert image_part["image_url"]["url"].startswith("mlflow-attachment://")
 
     version = client.get_model_version_by_alias("vision-colors", "challenger")
