@@ -147,6 +147,8 @@ def response_template(tokenizer) -> dict | None:
     # The markers without their surrounding whitespace, as `_after_markup` reads them (a model need not write a
     # template's exact newlines around them).
     open_, close, lead = fmt.reasoning_open.strip(), fmt.reasoning_close.strip(), fmt.lead.strip()
+    if not (open_ and close) and not lead:
+        return None  # only whitespace ahead of the reply (LLaVA-1.5's ' '), no end-of-turn to close it by
     fields = {}
     if open_ and close:
         fields["reasoning_content"] = {"open": open_, "close": close, "content": "text"}
