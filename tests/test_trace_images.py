@@ -231,13 +231,14 @@ def test_image_references_as_rows_hold_them():
 
 @pytest.fixture(scope="module")
 def vision_version(tmp_path_factory):
-    """recipes/vision-colors trained 5 steps on the built-in tiny LLaVA and registered (vision-colors/1), in a
-    sqlite store of its own: (store folder, version)."""
+    """recipes/vision-colors trained on the built-in tiny LLaVA and registered (vision-colors/1), in a sqlite store of
+    its own: (store folder, version). 60 steps (5 s): enough to end its answer (finish_reason stop, not cut at
+    max_tokens, which no chat row is made of), not to read the colour."""
     root = tmp_path_factory.mktemp("vision-traces")
     with pytest.MonkeyPatch.context() as mp:
         use_store(mp, root)
         code, run = train_in_process(REPO / "recipes" / "vision-colors", root,
-                                     {"train.max_steps": 5, "eval.enabled": False}, "vision-colors")
+                                     {"train.max_steps": 60, "eval.enabled": False}, "vision-colors")
         assert code == 0 and run.info.status == "FINISHED"
         (version,) = mlflow.MlflowClient().search_model_versions("name='vision-colors'")
         yield root, version.version
@@ -264,8 +265,9 @@ def test_a_served_vision_model_traces_image_requests_read_back_with_their_images
         traced = {}
         for name, raw in images.items():
             reply = client.chat.completions.with_raw_response.create(
-                model=f"vision-colors-v{version}", messages=[asking(raw)], max_tokens=4, temperature=0.0)
-            assert reply.parse().choices[0].message.content is not None
+                model=f"vision-colors-v{version}", messages=[asking(raw)], max_tokens=8, temperature=0.0)
+            choice = reply.parse().choices[0]
+            assert choice.finish_reason == "stop", choice
             traced[name] = reply.headers["x-mlflow-trace-id"]
         said = httpx.post(f"http://127.0.0.1:{port}/v1/feedback", json={
             "trace_id": traced["eval-002-blue-circle.png"], "thumbs": "down", "correction": "blue"},
