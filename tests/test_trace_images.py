@@ -291,3 +291,16 @@ def test_a_served_vision_model_traces_image_requests_read_back_with_their_images
     assert by_trace[traced["eval-002-blue-circle.png"]]["messages"][-1] == {"role": "assistant", "content": "blue"}
     ds, _ = load_training_dataset("traces:vision-traffic", records=got.records)
     assert [len(i) for i in ds["images"]] == [1, 1]
+
+
+def test_a_template_with_nothing_closing_the_reply_gets_no_response_template():
+    """LLaVA-1.5's template ends no turn: a response template would need a close literal transformers can use, so
+    none is given and `transformers serve` reads the raw decode (with one, it answered 500 to every request)."""
+    from transformers import AutoTokenizer
+
+    from mlflow_finetune_plugin.models.answers import response_template
+    from mlflow_finetune_plugin.models.base import resolve_model_path
+
+    assert response_template(AutoTokenizer.from_pretrained(resolve_model_path("tiny-llava"))) is None
+    smolvlm = response_template(AutoTokenizer.from_pretrained(resolve_model_path("tiny-smolvlm")))
+    assert smolvlm["fields"]["content"]["close"] == ["<end_of_utterance>"]
