@@ -292,6 +292,15 @@ def test_a_served_vision_model_traces_image_requests_read_back_with_their_images
     ds, _ = load_training_dataset("traces:vision-traffic", records=got.records)
     assert [len(i) for i in ds["images"]] == [1, 1]
 
+    # and the next fine-tune trains on them
+    code, run = train_in_process(REPO / "recipes" / "vision-colors", root, {
+        "data": "traces:vision-traffic", "train.max_steps": 2, "eval.enabled": False, "registry.enabled": False},
+        "from-vision-traffic")
+    assert code == 0 and run.info.status == "FINISHED" and "train/loss" in run.data.metrics
+    (source,) = [json.loads(i.dataset.source) for i in run.inputs.dataset_inputs
+                 if i.dataset.source_type == "mlflow_traces"]
+    assert sorted(source["trace_ids"]) == sorted(traced.values())  # the ids, not the images
+
 
 def test_a_template_with_nothing_closing_the_reply_gets_no_response_template():
     """LLaVA-1.5's template ends no turn: a response template would need a close literal transformers can use, so
