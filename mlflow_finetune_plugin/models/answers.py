@@ -136,8 +136,8 @@ def response_template(tokenizer) -> dict | None:
     `content`, ended by any end-of-turn token. None for a format that writes nothing ahead of a reply, where
     decoding without special tokens already reads it right."""
     fmt = chat_format(tokenizer)
-    if not fmt.lead.strip() and not fmt.reasoning_open.strip():
-        return None  # nothing but whitespace ahead of a reply (LLaVA-1.5's " "): a plain decode reads it
+    if not fmt.lead and not fmt.reasoning_open:
+        return None
     rendered = [tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
                                               add_generation_prompt=gen) for gen in (False, True)]
     header = rendered[1][len(rendered[0]):] if rendered[1].startswith(rendered[0]) else ""
@@ -147,14 +147,15 @@ def response_template(tokenizer) -> dict | None:
     # The markers without their surrounding whitespace, as `_after_markup` reads them (a model need not write a
     # template's exact newlines around them).
     open_, close, lead = fmt.reasoning_open.strip(), fmt.reasoning_close.strip(), fmt.lead.strip()
+    ends = list(dict.fromkeys((*fmt.end_of_turn, *fmt.turn_ends)))
+    if not ends:  # nothing closes the reply (LLaVA-1.5's template): transformers refuses a field with no close
+        return None
     fields = {}
     if open_ and close:
         fields["reasoning_content"] = {"open": open_, "close": close, "content": "text"}
     if lead:
         # The lead is a region of its own that closes at once: what follows it is the reply (the implicit region).
         fields["lead"] = {"open": lead, "close_pattern": "", "content": "text"}
-    # a template that closes no turn (LLaVA-1.5) was trained to end its replies with eos (chat_format.last_turn)
-    ends = list(dict.fromkeys((*fmt.end_of_turn, *fmt.turn_ends))) or [t for t in [tokenizer.eos_token] if t]
     fields["content"] = {"close": ends, "content": "text"}
     return {"defaults": {"role": "assistant"}, "start_anchor": header, "fields": fields}
 
