@@ -154,8 +154,12 @@ def saved_tokenizer(folder: Path):
 def _causal_lm_class(folder_or_ref, scoring: bool = False, revision=None):
     """The auto class a saved or base model loads with: a score head, a vision-language model with its vision
     tower (asked of its config), or a causal LM."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, \
-        AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForSequenceClassification,
+    )
 
     from mlflow_finetune_plugin.models.vision import takes_images
 

@@ -8,8 +8,8 @@ families (LLaVA, SmolVLM's Idefics3, Gemma 3), built locally from their config c
 from __future__ import annotations
 
 import base64
-import json
 import io
+import json
 import shutil
 import subprocess
 import sys

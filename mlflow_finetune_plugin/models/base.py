@@ -211,7 +211,11 @@ def load_base_model(model_cfg, dtype=None, scoring: bool = False, **kwargs):
     """Load the base causal LM named by a recipe's `model` section (extra kwargs go to `from_pretrained`); with
     `scoring`, the same weights under a one-number score head instead of the LM head (a reward model to train: the
     head starts random)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForSequenceClassification,
+    )
 
     from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
     from mlflow_finetune_plugin.models.vision import takes_images, unquantized_modules
