@@ -154,8 +154,12 @@ def saved_tokenizer(folder: Path):
 def _causal_lm_class(folder_or_ref, scoring: bool = False, revision=None):
     """The auto class a saved or base model loads with: a score head, a vision-language model with its vision
     tower (asked of its config), or a causal LM."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, \
-        AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForSequenceClassification,
+    )
 
     from mlflow_finetune_plugin.models.vision import takes_images
 
@@ -349,10 +353,10 @@ def base_requirements(base_ref: str) -> list[str]:
     return []
 
 
-# What `code/` holds beside the modules: the corpus the tiny models' tokenizers are trained on, and the chat templates
-# the tiny chat families and gemma3 are built with.
-CARRIED_DATA = ("assets/tiny_corpus.txt", *(f"assets/chat_templates/{name}.jinja" for name in
-                                            ("chatml", "llama3", "qwen", "qwen3", "gemma", "mistral", "phi3")))
+# What `code/` holds beside the modules: the corpus the tiny models' tokenizers are trained on, and the bundled chat
+# templates the tiny chat and vision families and gemma3 are built with.
+CARRIED_DATA = ("assets/tiny_corpus.txt", *sorted(f"assets/chat_templates/{p.name}" for p in
+                                                   (Path(__file__).parent / "assets" / "chat_templates").glob("*.jinja")))
 
 
 def carried_modules(root: str = __name__) -> list[Path]:

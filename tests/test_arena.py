@@ -1,5 +1,6 @@
 """Arena ratings: the Bradley-Terry math against cases with a closed form, ties, determinism and "too few votes";
-ratings from votes logged to a real sqlite MLflow store; the `arena_above` promotion gate passing and refusing."""
+ratings from votes logged to a real sqlite MLflow store; the `arena_above` promotion gate passing and refusing; a
+vote's images kept in its run and exported beside the rows."""
 
 from __future__ import annotations
 
@@ -147,3 +148,38 @@ def test_the_arena_gate_refuses_on_too_few_votes_and_passes_when_the_intervals_p
         promote(MODEL_NAME, v1, "champion", [parse_gate("arena_above:fewshot")])
     with pytest.raises(FinetuneError, match="expected arena_above:BEATS"):
         parse_gate("arena_above")
+
+
+def test_a_vote_keeps_its_images_and_the_export_brings_them_beside_the_rows(tracking_uri, tmp_path):
+    """A vote logs the images its prompt showed to its own run; `export` downloads them next to the JSONL (the
+    playground's copy is gone by then) and leaves out a row whose image cannot be fetched."""
+    import json
+
+    from PIL import Image
+
+    from mlflow_finetune_plugin.arena.votes import VOTE_FILE, export
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (8, 8), "red").save(image)
+
+    def asked(url: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What colour is it?"}]}]
+
+    log_vote(Comparison(MODEL_NAME, "bot/1", "bot/1:base", asked(str(image)), asked(str(image)), "red", "blue", {}),
+             "a")
+    log_vote(Comparison(MODEL_NAME, "bot/1", "bot/1:base", asked("runs:/0123abcd/images/gone.png"),
+                        asked("runs:/0123abcd/images/gone.png"), "red", "blue", {}), "a")
+    run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("playground-votes").experiment_id],
+                                     order_by=["attributes.start_time ASC"])[0]
+    assert run.data.tags["finetune.vote.prompt"] == "What colour is it?"
+    logged = json.loads(open(MlflowClient().download_artifacts(run.info.run_id, VOTE_FILE, str(tmp_path))).read())
+    assert logged["context_a"] == asked(f"runs:/{run.info.run_id}/images/red.png")
+    image_bytes = image.read_bytes()
+    image.unlink()  # the playground's copy is gone: the export reads the vote's own
+
+    result = export(MODEL_NAME, tmp_path / "out" / "prefs.jsonl")
+    assert result.written == 1 and result.skipped == {"rows whose images could not be fetched": 1}
+    (row,) = [json.loads(line) for line in (tmp_path / "out" / "prefs.jsonl").read_text().splitlines()]
+    assert row["prompt"] == asked("images/red.png")
+    assert (tmp_path / "out" / "images" / "red.png").read_bytes() == image_bytes

@@ -138,7 +138,7 @@ def test_renders_made_outside_chat_format_read_the_pinned_date_during_a_fine_tun
 
     from transformers import AutoTokenizer
 
-    from mlflow_finetune_plugin.models.chat_format import PINNED_DATE, pinned_clock
+    from mlflow_finetune_plugin.models.template_clock import PINNED_DATE, pinned_clock
     from mlflow_finetune_plugin.models.tiny_families import family_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(family_model_path("llama3"))

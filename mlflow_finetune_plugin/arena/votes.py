@@ -2,15 +2,19 @@
 
 Each vote is one finished run in the experiment `playground-votes`: tags say which registered model and which two
 versions were compared and the verdict (searchable, and what the win rates are computed from); params hold the
-generation settings; `vote.json` holds the prompt, both conversations and both answers. `export` turns the votes
+generation settings; `vote.json` holds the prompt, both conversations and both answers. Images shown to the models
+are logged under the run's `images/` and referred to in `vote.json` as OpenAI `image_url` parts holding their
+`runs:/RUN/images/SHA256.EXT` URIs: the vote keeps them wherever the tracking server is. `export` turns the votes
 with a winner into prompt/chosen/rejected rows that `mlflow-finetune data check --format preference` and the
 `dpo` and `reward` entry points take, or (`--format kto`) every vote into one thumbs-up/down row per answer, the
-`kto` entry point's unpaired preference data.
+`kto` entry point's unpaired preference data; their images are downloaded into an `images/` folder beside the
+output file, and the rows refer to them by relative path (`data/images.py` reads them from the file's folder).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -19,8 +23,11 @@ from pathlib import Path
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.arena import ratings as arena
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.messages import text_of
 
 EXPERIMENT = "playground-votes"
+VOTE_FILE = "vote.json"   # a vote run's record: both conversations and answers
+VOTE_IMAGES = "images"    # a vote run's images, and the folder beside an export that holds them
 VERDICTS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 # What a verdict says in the arena ratings: as in Chatbot Arena, "both bad" is a tie, half a win each way.
 OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
@@ -45,7 +52,7 @@ class Comparison:
     @property
     def prompt(self) -> str:
         users = [m["content"] for m in self.context_a if m.get("role") == "user"]
-        return users[-1] if users else ""
+        return text_of(users[-1]) if users else ""
 
 
 def normalize_verdict(verdict: str) -> str:
@@ -87,7 +94,9 @@ def log_vote(comparison: Comparison, verdict: str, user: str | None = None, expe
     run_id = run.info.run_id
     try:
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(c.settings.items())])
-        client.log_dict(run_id, {**asdict(c), "verdict": verdict, "user": user}, "vote.json")
+        logged = _with_logged_images(client, run_id, [c.context_a, c.context_b])
+        record = {**asdict(c), "context_a": logged[0], "context_b": logged[1], "verdict": verdict, "user": user}
+        client.log_dict(run_id, record, VOTE_FILE)
     except Exception:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -247,6 +256,7 @@ def export(name: str, out: str | Path, experiment: str = EXPERIMENT, fmt: str = 
         rows.append({"prompt": _clean(vote["context_a"]),
                      "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": rejected}]})
+    rows = _with_local_images(rows, result.path.parent, skip)
     if fmt == "kto":
         rows = _agreed(rows, skip)
     if not rows:
@@ -271,7 +281,7 @@ def _readable_votes(name: str, experiment: str, skip) -> Iterator[tuple[str, dic
         if verdict not in VERDICTS:
             continue
         try:
-            vote = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/vote.json")
+            vote = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{VOTE_FILE}")
         except Exception:  # noqa: BLE001 - one unreadable vote must not stop the export
             skip("votes whose vote.json could not be read")
             continue
@@ -310,6 +320,69 @@ def _agreed(rows: list[dict], skip) -> list[dict]:
             continue
         out.append(row)
     return out
+
+
+def _with_logged_images(client, run_id: str, conversations: list[list[dict]]) -> list[list[dict]]:
+    """The conversations with each local image (an `image_url` part holding a file path: the playground's stored
+    copies, named by content) logged under the run's VOTE_IMAGES once and referred to by its `runs:/` URI; data URLs
+    and http(s) URLs stay as they are."""
+    uris: dict[str, str] = {}
+
+    def logged(url: str) -> str:
+        if url not in uris:
+            if _is_inline(url) or not Path(url).is_file():
+                return url
+            client.log_artifact(run_id, url, VOTE_IMAGES)
+            uris[url] = f"runs:/{run_id}/{VOTE_IMAGES}/{Path(url).name}"
+        return uris[url]
+
+    return [_images_mapped(messages, logged) for messages in conversations]
+
+
+def _with_local_images(rows: list[dict], folder: Path, skip) -> list[dict]:
+    """The rows with each image of their prompt downloaded (from its vote's run; once per image) into
+    `folder`/VOTE_IMAGES and referred to by its path relative to `folder`, the export's own folder: the file and its
+    images move together. A row whose image cannot be fetched is left out."""
+    import mlflow
+
+    local: dict[str, str] = {}
+
+    def fetched(url: str) -> str:
+        if _is_inline(url):
+            return url
+        if url not in local:
+            target = folder / VOTE_IMAGES
+            target.mkdir(parents=True, exist_ok=True)
+            if Path(url).is_file():  # a path on this machine
+                path = Path(shutil.copy2(url, target / Path(url).name))
+            else:
+                path = Path(mlflow.artifacts.download_artifacts(artifact_uri=url, dst_path=str(target)))
+            local[url] = f"{VOTE_IMAGES}/{path.name}"
+        return local[url]
+
+    out = []
+    for row in rows:
+        try:
+            out.append({**row, "prompt": _images_mapped(row["prompt"], fetched)})
+        except Exception:  # noqa: BLE001 - any store or file error: that row goes, the others stay
+            skip("rows whose images could not be fetched")
+    return out
+
+
+def _images_mapped(messages: list[dict], fn) -> list[dict]:
+    """`messages` with the URL of every OpenAI `image_url` part replaced by fn(URL)."""
+    def part(p):
+        if isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict):
+            return {**p, "image_url": {**p["image_url"], "url": fn(p["image_url"]["url"])}}
+        return p
+
+    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+            for m in messages]
+
+
+def _is_inline(url: str) -> bool:
+    """A data URL or an http(s) URL: a reference that needs no file of its own."""
+    return url[:8].lower().startswith(("data:", "http://", "https://"))
 
 
 def _clean(messages: list[dict]) -> list[dict]:

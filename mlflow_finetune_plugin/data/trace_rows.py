@@ -14,6 +14,7 @@ FAILED, NO_CALL, UNKNOWN, EMPTY, CUT, NEGATIVE, UNRATED, UNPAIRED = (
     "empty answer", "answer cut off at the length limit (finish_reason length)", "negative feedback",
     "no feedback", "no answer of the opposite feedback to the same prompt")
 REPEATED = "prompt sent before"
+IMAGE = "an image the trace does not hold (its attachment missing, or a file path)"
 
 
 @dataclass
@@ -172,7 +173,7 @@ def _prompt_rows(calls: list[Call], query) -> list:
     seen, rows = set(), []
     for c in sorted(calls, key=lambda c: c.start_ns):
         key = _key(c.prompt)
-        if c.problem in (FAILED, UNKNOWN) or key in seen or not c.prompt or c.prompt[-1]["role"] != "user":
+        if c.problem in (FAILED, UNKNOWN, IMAGE) or key in seen or not c.prompt or c.prompt[-1]["role"] != "user":
             continue
         seen.add(key)
         rows.append((_with_tools({"prompt": c.prompt}, c), c.group, [c.trace_id]))

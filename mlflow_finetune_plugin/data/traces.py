@@ -5,8 +5,9 @@ One row per conversation: a call whose messages extend an earlier call's message
 expectation on a trace (`data.traces.expectations`) is the answer to learn instead of the logged one; feedback
 (`data.traces.feedback`) keeps a thumbs-down answer out of supervised rows, labels `unpaired_preference` rows (kto),
 and pairs two answers to one prompt into `preference` rows (dpo). Failed traces, empty answers and answers cut at
-the length limit are left out and counted. Traces hold user data: nothing here writes them anywhere; the rows live
-in the training process (and in the file `data from-traces -o` writes, where asked for).
+the length limit are left out and counted. A user's images come back as data URLs (`trace_images.py`), which
+`data.read` reads into the canonical image rows. Traces hold user data: nothing here writes them anywhere; the rows
+live in the training process (and in the file `data from-traces -o` writes, where asked for).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.config.traces import TracesConfig, moment_ms
 from mlflow_finetune_plugin.data.formats import DataIssue
+from mlflow_finetune_plugin.data.trace_images import NoImage, content_parts, has_image, with_images
 from mlflow_finetune_plugin.data.trace_rows import (
     CUT,
     EMPTY,
     FAILED,
+    IMAGE,
     NEGATIVE,
     NO_CALL,
     REPEATED,
@@ -100,12 +103,21 @@ def _text(content) -> str | None:
     return None
 
 
+def _content(content, role: str):
+    """A message's content as the formats carry it: text, or (a user's message with images) OpenAI chat parts whose
+    images are as traced (`trace_images.with_images` reads them back); None for what neither holds (audio)."""
+    text = _text(content)
+    if text is not None or content is None or role != "user" or not isinstance(content, list):
+        return text
+    return content_parts(content)
+
+
 def _message(m) -> dict | None:
     """An OpenAI chat message in the project's chat format; None where it holds what the formats do not carry."""
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         return None
     role = "system" if m["role"] == "developer" else m["role"]
-    content = _text(m.get("content"))
+    content = _content(m.get("content"), role)
     if role not in ("system", "user", "assistant", "tool") or content is None and m.get("content") is not None:
         return None
     out = {"role": role, "content": content}
@@ -192,6 +204,17 @@ def read_call(trace_id: str, span) -> Call:
     elif not (call.answer.get("content") or "").strip() and not call.answer.get("tool_calls"):
         call.problem = EMPTY
     return call
+
+
+def _read_images(call: Call, trace_info) -> None:
+    """The call's images as data URLs (its attachments read back); a call with an image the trace does not hold
+    makes no row (its reason counted)."""
+    if call.problem in (FAILED, UNKNOWN) or not has_image(call.prompt):
+        return
+    try:
+        call.prompt = with_images(call.prompt, trace_info)
+    except NoImage:
+        call.problem = IMAGE
 
 
 def unknown_shape(span) -> str:
@@ -311,6 +334,8 @@ def read_traces(query: TraceQuery) -> TraceRows:
     for trace in traces:
         spans = [s for s in trace.data.spans if str(s.span_type) == "CHAT_MODEL"]
         found = sorted((read_call(trace.info.trace_id, s) for s in spans), key=lambda c: c.start_ns)
+        for c in found:
+            _read_images(c, trace.info)
         assess([c for c in found if c.answer is not None], trace.info.assessments, query)
         if str(trace.info.state).endswith("ERROR"):
             for c in found:
@@ -381,7 +406,7 @@ def _rows(out: TraceRows, traced: list) -> list:
         reasons = [c.problem for c in found if c.problem]
         rated = [c for c in found if c.verdict is False]
         reason = (NO_CALL if not found else FAILED if FAILED in reasons else UNKNOWN if UNKNOWN in reasons
-                  else REPEATED if query.rows == "prompt_only"
+                  else IMAGE if IMAGE in reasons else REPEATED if query.rows == "prompt_only"
                   else reasons[0] if reasons else NEGATIVE if rated and query.rows == "chat"
                   else UNRATED if query.rows != "chat" and not any(c.verdict is not None or c.correction for c in found)
                   else UNPAIRED if query.rows == "preference" else UNRATED)

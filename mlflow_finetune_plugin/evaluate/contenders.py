@@ -14,6 +14,7 @@ import json
 import random
 
 from mlflow_finetune_plugin import stops, tags
+from mlflow_finetune_plugin.data.image_rows import IMAGES
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.cost import answer_costs, answer_lengths, parameter_counts
 from mlflow_finetune_plugin.evaluate.report import EvalResult, add_answers, log_evaluation, table_rows
@@ -28,7 +29,6 @@ from mlflow_finetune_plugin.evaluate.scoring import (
 from mlflow_finetune_plugin.evaluate.teacher import agreement_metrics, complete, score_teacher
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
-from mlflow_finetune_plugin.data.image_rows import IMAGES
 from mlflow_finetune_plugin.metrics import CONTENDERS, TEACHER
 from mlflow_finetune_plugin.models.answers import answer_text
 from mlflow_finetune_plugin.models.architecture import cache_abilities

@@ -44,9 +44,31 @@ def view_rows(result) -> list[dict]:
     rows = []
     for i, row in enumerate(result.rows):
         messages = result.prompts[i] if i < len(result.prompts) else _messages(row)
-        rows.append({"inputs": {"messages": messages}, "outputs": row.get("tuned_answer", ""),
+        rows.append({"inputs": {"messages": _viewable(messages)}, "outputs": row.get("tuned_answer", ""),
                      "expectations": {"expected_response": row["reference"]}})
     return rows
+
+
+def _viewable(messages: list[dict], side: int = 256) -> list[dict]:
+    """The messages as MLflow's trace view renders them: each image part an OpenAI `image_url` part holding the
+    image (a PNG data URL, at most `side` px on a side: the view shows it, the trace stays small)."""
+    import base64
+    import io
+
+    from mlflow_finetune_plugin.models.image_inputs import is_image_part, part_reference, read_image
+
+    def part(p):
+        if not is_image_part(p) or part_reference(p) is None:
+            return p
+        image = read_image(part_reference(p))
+        image.thumbnail((side, side))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return {"type": "image_url",
+                "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+
+    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+            for m in messages]
 
 
 def view_scorers(result) -> list:

@@ -37,8 +37,21 @@ class EvalResult:
 
 def table_rows(examples: list[tuple[list[dict], str]]) -> list[dict]:
     """The per-example table's rows for (prompt, reference) pairs, before any contender's answers."""
-    return [{"system": "\n".join(text_of(m["content"]) for m in p if m.get("role") == "system"),
+    rows = [{"system": "\n".join(text_of(m["content"]) for m in p if m.get("role") == "system"),
              "prompt": _render(p), "reference": ref} for p, ref in examples]
+    images = [_image_refs(p) for p, _ in examples]
+    if any(images):  # the prompt's images, by reference (a path, or a data URL cut short), in order
+        for row, refs in zip(rows, images):
+            row["images"] = "\n".join(refs)
+    return rows
+
+
+def _image_refs(messages: list[dict]) -> list[str]:
+    from mlflow_finetune_plugin.models.image_inputs import is_image_part, part_reference
+
+    refs = [str(part_reference(p)) for m in messages if isinstance(m.get("content"), list)
+            for p in m["content"] if is_image_part(p) and part_reference(p) is not None]
+    return [r if not r.startswith("data:") or len(r) < 80 else r[:40] + "..." for r in refs]
 
 
 def add_answers(rows: list[dict], name: str, answers: list[str], per_example: dict[str, list[float]]) -> None:

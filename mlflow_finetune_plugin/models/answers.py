@@ -147,13 +147,15 @@ def response_template(tokenizer) -> dict | None:
     # The markers without their surrounding whitespace, as `_after_markup` reads them (a model need not write a
     # template's exact newlines around them).
     open_, close, lead = fmt.reasoning_open.strip(), fmt.reasoning_close.strip(), fmt.lead.strip()
+    ends = list(dict.fromkeys((*fmt.end_of_turn, *fmt.turn_ends)))
+    if not ends:  # nothing closes the reply (LLaVA-1.5's template): transformers refuses a field with no close
+        return None
     fields = {}
     if open_ and close:
         fields["reasoning_content"] = {"open": open_, "close": close, "content": "text"}
     if lead:
         # The lead is a region of its own that closes at once: what follows it is the reply (the implicit region).
         fields["lead"] = {"open": lead, "close_pattern": "", "content": "text"}
-    ends = list(dict.fromkeys((*fmt.end_of_turn, *fmt.turn_ends)))
     fields["content"] = {"close": ends, "content": "text"}
     return {"defaults": {"role": "assistant"}, "start_anchor": header, "fields": fields}
 

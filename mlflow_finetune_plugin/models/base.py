@@ -211,10 +211,14 @@ def load_base_model(model_cfg, dtype=None, scoring: bool = False, **kwargs):
     """Load the base causal LM named by a recipe's `model` section (extra kwargs go to `from_pretrained`); with
     `scoring`, the same weights under a one-number score head instead of the LM head (a reward model to train: the
     head starts random)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForSequenceClassification,
+    )
 
     from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
-    from mlflow_finetune_plugin.models.vision import takes_images
+    from mlflow_finetune_plugin.models.vision import takes_images, unquantized_modules
 
     native_gqa_on_cpu()
     path = resolve_model_path(model_cfg.name)
@@ -228,8 +232,10 @@ def load_base_model(model_cfg, dtype=None, scoring: bool = False, **kwargs):
         if scoring:
             auto = AutoModelForSequenceClassification
         else:  # a vision-language model keeps its vision tower: it takes images after a text-only fine-tune too
-            vlm = takes_images(_config(path, model_cfg.revision, model_cfg.trust_remote_code))
-            auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+            config = _config(path, model_cfg.revision, model_cfg.trust_remote_code)
+            auto = AutoModelForImageTextToText if takes_images(config) else AutoModelForCausalLM
+            if auto is AutoModelForImageTextToText and kwargs.get("quantization_config") is not None:
+                kwargs["quantization_config"].llm_int8_skip_modules = unquantized_modules(config)
         return auto.from_pretrained(
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=dtype,
             use_safetensors=None if model_cfg.trust_remote_code else True, **kwargs)

@@ -23,27 +23,23 @@ logged model's `predict`, both serving engines, the playground), so a family's q
   Answers are read back through the same markers (`answer_text`, `AnswerStream`): the final answer, never channel
   markup.
 - **Today's date.** Templates that write it (gpt-oss's system block, Llama 3.x's) get a pinned one in every rendering,
-  so a row's tokens and an evaluation do not depend on the day they run.
+  so a row's tokens and an evaluation do not depend on the day they run (`template_clock.py`).
 
 Imports nothing heavy: tokenizers are duck-typed (`apply_chat_template`, `convert_tokens_to_ids`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import re
-import threading
 from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.models.template_clock import pinned_clock
 
 _PROBE_SYSTEM, _PROBE_USER, _PROBE_ANSWER = "SYSPROBE7 follow these rules", "USERPROBE7 a question", "ANSPROBE7"
 _PROBE_REASONING, _PROBE_FIRST = "WHYPROBE7", "ANSPROBE3"
 # The message fields templates read a reply's reasoning from: Qwen's and Gemma 4's, gpt-oss's and LFM2.5's, Gemma 4's.
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
-# The date every rendering gets, for templates that write today's (`strftime_now`, Llama 3.x's `date_string`).
-PINNED_DATE = datetime.date(2026, 1, 1)
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
 
@@ -98,38 +94,6 @@ def no_template_message(name) -> str:
             "`model.chat_template`: a bundled name (chatml, llama3, qwen, qwen3, gemma, mistral, phi3, gemma4, "
             "qwen3_5, qwen3_5_think, gptoss) or a .jinja "
             "file, e.g. `-P model.chat_template=chatml`; or pick an instruct/chat model.")
-
-
-class _PinnedClock(datetime.datetime):
-    @classmethod
-    def now(cls, tz=None):
-        return cls(PINNED_DATE.year, PINNED_DATE.month, PINNED_DATE.day, tzinfo=tz)
-
-
-_clock_lock, _clock_users, _real_clock = threading.Lock(), 0, None
-
-
-@contextlib.contextmanager
-def pinned_clock():
-    """Templates' `strftime_now` reads PINNED_DATE inside the block. transformers gives templates its own
-    `strftime_now`, which reads `datetime.now()` of its chat-template module; since transformers 5.2x a function
-    passed as a render variable reaches the template as a string, so the module's clock is what can be pinned.
-    Counted, so that overlapping renders in several threads put the real clock back once, at the end."""
-    global _clock_users, _real_clock
-    from transformers.utils import chat_template_utils
-
-    with _clock_lock:
-        if _clock_users == 0:
-            _real_clock = chat_template_utils.datetime
-            chat_template_utils.datetime = _PinnedClock
-        _clock_users += 1
-    try:
-        yield
-    finally:
-        with _clock_lock:
-            _clock_users -= 1
-            if _clock_users == 0:
-                chat_template_utils.datetime = _real_clock
 
 
 # Templates that read content parts only (the vision-language models' own: LLaVA-1.5's, SmolVLM's): every string

@@ -268,3 +268,15 @@ def _name_of(model, module) -> str | None:
 
 def _under(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def unquantized_modules(config) -> list[str]:
+    """What stays in full precision when a vision-language model's base loads in 4 or 8 bits: the vision tower, the
+    projector and the output layer (LLaMA-Factory and Unsloth quantize the language model only; bitsandbytes'
+    CPU kernels also fail on a tiny tower's narrow layers). Found on a model built on the meta device."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return [*vision_modules(model), _name_of(model, model.get_output_embeddings())]

@@ -91,6 +91,8 @@ class Engine(ABC):
     name: str = "engine"
     # How many requests the playground lets run at once (gradio's default_concurrency_limit).
     concurrency: int = 4
+    # Whether stream() gives a vision-language model the messages' image parts (the others send text only).
+    takes_images: bool = False
 
     @abstractmethod
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:

@@ -185,14 +185,30 @@ def trained_system_prompt(choice: ModelChoice) -> tuple[str, str]:
 def logged_num_beams(choice: ModelChoice) -> int:
     """The beams version `choice` (or, for `:base`, the version it names) was evaluated with (`eval.num_beams`,
     logged in its model_config): the decoding its figures describe. 1 when it logged none or cannot be read."""
+    try:
+        return max(1, int(_logged_config(choice).get("num_beams") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def takes_images(choice: ModelChoice) -> bool:
+    """Whether version `choice` (or, for `:base`, its base model) is a vision-language model: its logged model_config
+    says `takes_images` (logged_model.saved_artifacts records it where the tokenizer carries a processor). False when
+    the version's model cannot be read."""
+    return bool(_logged_config(choice).get("takes_images"))
+
+
+def _logged_config(choice: ModelChoice) -> dict:
+    """The model_config version `choice` was logged with, read from its MLmodel file only (not the weights: the openai
+    engine never downloads them); {} when it cannot be read."""
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    try:  # the MLmodel file only, not the weights
+    try:
         config = Model.load(f"models:/{choice.name}/{choice.version}").flavors.get("python_function", {})
-        return max(1, int((config.get("config") or {}).get("num_beams") or 1))
-    except (MlflowException, OSError, TypeError, ValueError):
-        return 1
+    except (MlflowException, OSError):
+        return {}
+    return dict(config.get("config") or {})
 
 
 def _section(data, *keys: str) -> dict:
@@ -286,7 +302,7 @@ def served_name(choice: ModelChoice) -> str:
     return f"{choice.name}-v{choice.version}" + ("-base" if choice.base else "")
 
 
-MERGED_LAYOUT = 2
+MERGED_LAYOUT = 3
 
 
 def merged_folder(choice: ModelChoice) -> Path:

@@ -23,9 +23,14 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
-from mlflow_finetune_plugin.models.image_inputs import has_image_parts, prompt_inputs, read_image, with_placeholders
-from mlflow_finetune_plugin.models.vision import processor_of
+from mlflow_finetune_plugin.models.image_inputs import (
+    has_image_parts,
+    prompt_inputs,
+    read_image,
+    with_placeholders,
+)
 from mlflow_finetune_plugin.models.peft_targets import keep_module_targets, load_adapter
+from mlflow_finetune_plugin.models.vision import processor_of
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
 from mlflow_finetune_plugin.serving.batching import Batcher, Request, TokenStreamer, row_hook
 from mlflow_finetune_plugin.serving.choices import LocalModel, local_model
@@ -104,6 +109,7 @@ class TransformersEngine(Engine):
     """Serves registry versions with transformers + PEFT on CPU or one GPU."""
 
     name = "transformers"
+    takes_images = True  # a vision-language model's processor reads the image parts (`_prompt`)
 
     def __init__(self, device: str | None = None, concurrency: int = 16, max_batch: int = 32):
         import torch

@@ -20,8 +20,8 @@ from mlflow_finetune_plugin.logged_model import chat_template_hash
 from mlflow_finetune_plugin.models import kernels
 from mlflow_finetune_plugin.models.architecture import for_generation
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
-from mlflow_finetune_plugin.models.chat_format import pinned_clock
 from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recipe_autocast_bf16
+from mlflow_finetune_plugin.models.template_clock import pinned_clock
 from mlflow_finetune_plugin.tags import lineage_tags
 from mlflow_finetune_plugin.train import publish, quantization, reach, rehearsal, resume, templates, trainers
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach

@@ -1,16 +1,18 @@
-"""The A/B playground page: two chats streaming side by side from one prompt box, blind votes, a leaderboard of arena
-ratings, win rates, promotion, and scriptable endpoints (`compare`, `system_prompt`, `vote`, `leaderboard`, `summary`,
-`promote`) for gradio_client."""
+"""The A/B playground page: two chats streaming side by side from one prompt box (text, and images for
+vision-language models), blind votes, a leaderboard of arena ratings, win rates, promotion, and scriptable endpoints
+(`compare`, `system_prompt`, `vote`, `leaderboard`, `summary`, `promote`) for gradio_client."""
 
 from __future__ import annotations
 
 import gradio as gr
+from gradio.data_classes import FileData
 
 from mlflow_finetune_plugin.arena.ratings import MIN_VOTES
 from mlflow_finetune_plugin.arena.votes import LEADERBOARD_HEADERS, SUMMARY_HEADERS, VERDICTS
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import MAX_BEAMS
 from mlflow_finetune_plugin.serving.playground.core import Playground
+from mlflow_finetune_plugin.serving.playground.images import MAX_IMAGE_BYTES, pane_files, store_images
 
 _BLIND_LABELS = ("Model A", "Model B")
 _CSS = "#chat-a, #chat-b {min-height: 320px}"
@@ -65,8 +67,10 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
             chat_a = gr.Chatbot(label=_label(pg, pg.default_a, pg.blind_default, 0), elem_id="chat-a", height=380)
             chat_b = gr.Chatbot(label=_label(pg, pg.default_b, pg.blind_default, 1), elem_id="chat-b", height=380)
         with gr.Row():
-            prompt = gr.Textbox(placeholder="Ask both models…", show_label=False, lines=1, scale=6,
-                                max_length=pg.max_prompt_chars, elem_id="prompt")
+            # Images go to both sides with the text; a text model refuses them in the status line (check_images).
+            prompt = gr.MultimodalTextbox(placeholder="Ask both models… (vision-language models: attach images)",
+                                          show_label=False, lines=1, scale=6, elem_id="prompt", sources=["upload"],
+                                          file_types=["image"], file_count="multiple", submit_btn=False)
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             clear = gr.Button("New conversation", scale=1, elem_id="clear")
         status = gr.Markdown(elem_id="status")
@@ -91,15 +95,24 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
             promote_out = gr.Markdown(elem_id="promote-out")
 
         # ---- chatting
-        def on_send(text, hist_a, hist_b, key_a, key_b, system_prompt, temp, p, max_tokens, is_blind, running,
+        def on_send(message, hist_a, hist_b, key_a, key_b, system_prompt, temp, p, max_tokens, is_blind, running,
                     num_beams):
-            _checked(pg.check_text, text, system_prompt)
-            settings = _checked(pg.settings, temp, p, max_tokens, num_beams)
-            if running is None or not (hist_a or hist_b):
-                running = pg.assign(_checked(pg.resolve, key_a, pg.default_a).key,
-                                    _checked(pg.resolve, key_b, pg.default_b).key, bool(is_blind))
-            contexts = [pg.context(system_prompt, hist, text) for hist in (hist_a, hist_b)]
-            hists = [[*(_plain(h)), {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+            text, files = (message or {}).get("text") or "", (message or {}).get("files") or []
+            try:  # input the models cannot take: said in the status line, the prompt kept to fix
+                pg.check_text(text, system_prompt)
+                settings = pg.settings(temp, p, max_tokens, num_beams)
+                if running is None or not (hist_a or hist_b):
+                    running = pg.assign(pg.resolve(key_a, pg.default_a).key, pg.resolve(key_b, pg.default_b).key,
+                                        bool(is_blind))
+                pg.check_images(running, files)
+                images = store_images(files)
+            except FinetuneError as e:
+                yield gr.update(), gr.update(), gr.update(), f"**Not sent:** {e}", gr.update(), gr.update()
+                return
+            contexts = [pg.context(system_prompt, hist, text, images) for hist in (hist_a, hist_b)]
+            # The panes show the uploads (Gradio serves its own upload folder); the models read the stored copies.
+            shown = [*({"path": f} for f in files), text] if files else text
+            hists = [[*(_plain(h)), {"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
                      for h in (hist_a, hist_b)]
             labels = [_label(pg, running[i], is_blind, i) for i in range(2)]
 
@@ -182,12 +195,15 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
         # ---- scriptable endpoints (one call each: gradio_client does not run .then() chains)
         def compare(prompt: str, model_a: str = "", model_b: str = "", system_prompt: str = "",
                     temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int | None = None,
-                    blind: bool = False, num_beams: int | None = None) -> dict:
+                    blind: bool = False, num_beams: int | None = None,
+                    images: list[FileData | str] | None = None) -> dict:
             """Both answers to `prompt` and the comparison id to vote with (model_a/model_b: NAME/VERSION or
             NAME/VERSION:base; empty = the playground's defaults; max_new_tokens empty = 128 or the cap; num_beams
-            empty = the beams model A was evaluated with at temperature 0, else 1); with --trace, each side's trace_id."""
-            return _checked(pg.compare, prompt, model_a, model_b, system_prompt, temperature, top_p,
-                            max_new_tokens, blind, num_beams)
+            empty = the beams model A was evaluated with at temperature 0, else 1); with --trace, each side's trace_id.
+            images: shown to both sides before the prompt (vision-language models only), as files
+            (gradio_client.handle_file(PATH)) or image data URLs (data:image/png;base64,...)."""
+            return _checked(lambda: pg.compare(prompt, model_a, model_b, system_prompt, temperature, top_p,
+                                               max_new_tokens, blind, num_beams, _image_sources(images)))
 
         def system_prompt(model: str = "") -> str:
             """The system prompt `model` (NAME/VERSION; empty = model A) was trained with, "" if none: what the page
@@ -226,6 +242,26 @@ def _label(pg: Playground, key: str | None, blind: bool, index: int) -> str:
         return _BLIND_LABELS[index]
 
 
+def _image_sources(images) -> list[str]:
+    """The `compare` endpoint's images as what `store_image` reads: files uploaded through Gradio (FileData, which
+    Gradio checked are in its upload folder) as their paths, data URLs as they are. Anything else is refused: a
+    client names no file on this machine."""
+    from gradio.utils import get_upload_folder, is_in_or_equal
+
+    sources = []
+    for item in images or []:
+        if isinstance(item, dict) and isinstance(item.get("path"), str) and is_in_or_equal(item["path"],
+                                                                                          get_upload_folder()):
+            sources.append(item["path"])
+        elif isinstance(item, str) and item[:11].lower() == "data:image/":
+            sources.append(item)
+        else:
+            shown = str(item if not isinstance(item, dict) else item.get("path"))[:60]
+            raise FinetuneError(f"images: {shown!r} is neither an uploaded file nor an image data URL: send files "
+                                "with gradio_client.handle_file(PATH), or data:image/png;base64,... strings")
+    return sources
+
+
 def _board_note(rows) -> str:
     """What the leaderboard says under an empty table (rows: a list, or the page's DataFrame): how to fill it."""
     return EMPTY_LEADERBOARD if rows is None or len(rows) == 0 else ""
@@ -236,7 +272,11 @@ def _plain(history) -> list[dict]:
     their metadata, which keeps them out of what the models are sent next turn."""
     from mlflow_finetune_plugin.messages import text_of
 
-    return [{"role": m["role"], "content": text_of(m.get("content")),
+    def shown(content):  # a user message's images stay in the pane, before its text
+        files = pane_files(content)
+        return [*({"path": f} for f in files), text_of(content)] if files else text_of(content)
+
+    return [{"role": m["role"], "content": shown(m.get("content")),
              **({"metadata": m["metadata"]} if (m.get("metadata") or {}).get("title") else {})}
             for m in history or [] if m.get("role") in ("user", "assistant")]
 
@@ -260,4 +300,5 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, au
            block: bool = True, quiet: bool = False):
     """Serve the page on host:port (127.0.0.1 unless asked otherwise); returns gradio's (app, local_url, share_url)."""
     return demo.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=not block,
-                       show_error=True, quiet=quiet, share=False, css=_CSS, footer_links=["api"])
+                       show_error=True, quiet=quiet, share=False, css=_CSS, footer_links=["api"],
+                       max_file_size=MAX_IMAGE_BYTES)  # uploads are images: larger ones are refused as they arrive

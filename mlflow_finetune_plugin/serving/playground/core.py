@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.arena.votes import EXPERIMENT, Comparison
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.messages import text_of
 from mlflow_finetune_plugin.serving.base import (
     MAX_NEW_TOKENS_CAP,
     MAX_PROMPT_CHARS,
@@ -22,6 +21,7 @@ from mlflow_finetune_plugin.serving.base import (
     stream_pair,
 )
 from mlflow_finetune_plugin.serving.follow import AliasWatch, Followed
+from mlflow_finetune_plugin.serving.playground.images import from_pane, store_images, user_message
 
 _KEEP_COMPARISONS = 2000  # votable comparisons kept in memory (the oldest are forgotten first)
 _STREAM_EVERY_S = 0.05    # at most this often a streamed update goes to the page
@@ -56,6 +56,7 @@ class Playground:
         self._lock = threading.Lock()
         self._system_prompts: dict[str, tuple[str, str]] = {}  # key -> (trained system prompt, where it was found)
         self._beams: dict[str, int] = {}  # key -> the beams its evaluation used (logged num_beams)
+        self._vision: dict[str, bool] = {}  # key -> whether it takes images (its logged model_config says)
 
     # ------------------------------------------------------------------------------------------- model choices
     def choices(self) -> list[tuple[str, str]]:
@@ -188,14 +189,39 @@ class Playground:
                 raise FinetuneError(f"the {what} is {len(text)} characters; the playground takes at most "
                                     f"{self.max_prompt_chars}")
 
+    def check_images(self, sides: list[str], images) -> None:
+        """Refuse images for a side that cannot see them (a text model, or an engine that sends text only): both
+        sides answer the same message, or the comparison says nothing."""
+        if not images:
+            return
+        if not self.engine.takes_images:
+            raise FinetuneError(f"the {self.engine.name} engine sends the models text only: start the playground with "
+                                "--engine transformers to compare answers to images, or send text only")
+        blind = [key for key in dict.fromkeys(sides) if not self.takes_images(key)]
+        if blind:
+            names = " and ".join(self.label(key) for key in blind)
+            raise FinetuneError(f"{names} {'does' if len(blind) == 1 else 'do'} not take images: pick vision-language "
+                                "models on both sides (versions fine-tuned from an image-text model), or send the "
+                                "question without the image")
+
+    def takes_images(self, key: str) -> bool:
+        """Whether model `key` is a vision-language model (its logged model_config says so)."""
+        from mlflow_finetune_plugin.serving.choices import takes_images
+
+        choice = self._choice(key)
+        if choice.key not in self._vision:
+            self._vision[choice.key] = takes_images(choice)
+        return self._vision[choice.key]
+
     @staticmethod
-    def context(system_prompt: str, history: list[dict] | None, prompt: str) -> list[dict]:
-        """The messages one side answers: system prompt, that side's earlier turns, the new prompt."""
+    def context(system_prompt: str, history: list[dict] | None, prompt: str, images: list[str] = ()) -> list[dict]:
+        """The messages one side answers: system prompt, that side's earlier turns (a pane's images stored again, by
+        content: the same copies), the new prompt with `images` (stored paths: `images.store_images`)."""
         messages = [{"role": "system", "content": system_prompt}] if (system_prompt or "").strip() else []
         for m in history or []:
             if m.get("role") in ("user", "assistant") and not (m.get("metadata") or {}).get("title"):
-                messages.append({"role": m["role"], "content": text_of(m.get("content"))})
-        return messages + [{"role": "user", "content": prompt}]
+                messages.append(from_pane(m))
+        return messages + [user_message(prompt, list(images))]
 
     @staticmethod
     def assign(key_a: str, key_b: str, blind: bool) -> list[str]:
@@ -258,17 +284,19 @@ class Playground:
 
     def compare(self, prompt: str, model_a: str = "", model_b: str = "", system_prompt: str = "",
                 temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int | None = None,
-                blind: bool = False, num_beams: int | None = None) -> dict:
+                blind: bool = False, num_beams: int | None = None, images=None) -> dict:
         """One whole comparison: both answers, and the id to vote with. A model failing is reported in its side's
         `error`, not raised; invalid input raises FinetuneError. `num_beams` empty: greedy, or the beams model A
-        was evaluated with when temperature is 0."""
+        was evaluated with when temperature is 0. `images`: local image files or image data URLs, shown to both
+        sides with the prompt (stored first: `images.store_image`)."""
         self.check_text(prompt, system_prompt)
         if not num_beams:
             num_beams = self.default_num_beams(model_a) if float(temperature) == 0 else 1
         settings = self.settings(temperature, top_p, max_new_tokens or self.default_max_new_tokens, num_beams)
         keys = [self.resolve(model_a, self.default_a).key, self.resolve(model_b, self.default_b).key]
+        self.check_images(keys, images)
         sides = self.assign(*keys, blind)
-        contexts = [self.context(system_prompt, [], prompt)] * 2
+        contexts = [self.context(system_prompt, [], prompt, store_images(images))] * 2
         traces = [None, None]
         # the last update holds both whole answers
         *_, (texts, errors) = self.stream(sides, contexts, settings, traces)
