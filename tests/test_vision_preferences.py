@@ -120,10 +120,8 @@ def test_tuned_model_prefers_the_right_colour_on_held_out_images(method, epochs,
 
 @pytest.fixture(scope="module")
 def llava():
-    from mlflow_finetune_plugin.models.base import load_tokenizer
+    from mlflow_finetune_plugin.models.base import load_tokenizer, resolve_model_path
     from mlflow_finetune_plugin.models.vision import load_vision_model
-
-    from mlflow_finetune_plugin.models.base import resolve_model_path
 
     tokenizer = load_tokenizer("tiny-llava")
     return load_vision_model(resolve_model_path("tiny-llava")), tokenizer
