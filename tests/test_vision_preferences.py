@@ -171,3 +171,21 @@ def test_image_pairs_for_a_text_model_say_what_to_do(tmp_path, tracking_uri, cap
     assert (code, run.info.status) == (1, "FAILED")
     assert "the training data has images, but tiny reads text only: name a vision-language model with model.name" \
         in capsys.readouterr().err
+
+
+def test_a_recipes_chat_template_is_the_one_trls_vision_collator_renders(llava, tmp_path):
+    """`model.chat_template` replaces the tokenizer's template, and the processor's with it: TRL's vision collators
+    render with the processor's."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from mlflow_finetune_plugin.data.image_rows import with_loaded_images
+    from mlflow_finetune_plugin.models.base import load_tokenizer
+    from mlflow_finetune_plugin.models.vision import processor_of
+
+    _, tokenizer = llava
+    (tmp_path / "marked.jinja").write_text("MARKED " + tokenizer.chat_template)
+    marked = load_tokenizer("tiny-llava", chat_template="marked.jinja", base_dir=tmp_path)
+    processor = processor_of(marked)
+    assert processor.chat_template == marked.chat_template != tokenizer.chat_template
+    batch = DataCollatorForVisionPreference(processor=processor)([with_loaded_images(_pairs())[0]])
+    assert marked.decode(batch["input_ids"][0]).lstrip(marked.pad_token or "").startswith("MARKED")

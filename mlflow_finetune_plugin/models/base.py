@@ -106,6 +106,8 @@ def load_tokenizer(name: str | None = None, revision: str | None = None, trust_r
         raise FinetuneError(_not_found(name, e)) from None
     if chat_template:
         set_chat_template(tok, chat_template, base_dir)
+        if processor is not None:  # TRL's vision collators (DPO, KTO) render with the processor's template
+            processor.chat_template = tok.chat_template
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
