@@ -23,7 +23,13 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.answers import add_response_template
 from mlflow_finetune_plugin.registry import versions as registry
 from mlflow_finetune_plugin.serving.base import ModelChoice
-from mlflow_finetune_plugin.vllm_rules import MERGED, MERGED_VISION, REWARD_MODEL, adapter_servable, merges_for_vllm
+from mlflow_finetune_plugin.vllm_rules import (
+    MERGED,
+    MERGED_VISION,
+    REWARD_MODEL,
+    adapter_servable,
+    merges_for_vllm,
+)
 
 
 @dataclass

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.answers import AnswerStream
-from mlflow_finetune_plugin.models.image_inputs import has_image_parts, read_image, with_placeholders
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
+from mlflow_finetune_plugin.models.image_inputs import has_image_parts, read_image, with_placeholders
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
 from mlflow_finetune_plugin.serving.choices import (
     LocalModel,
