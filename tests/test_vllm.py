@@ -392,7 +392,7 @@ def test_a_vlm_lora_on_the_vision_tower_is_served_merged_and_answers_like_the_lo
 
     _train_colours(tmp_path, {"lora.vision": True}, "vision-colors")
     tuned = ModelChoice("vision-colors", "1")
-    assert "served merged" in vllm_support(local_model(tuned))[1]
+    assert "vLLM serves it merged into its base" in vllm_support(local_model(tuned))[1]
     questions = _colour_questions(6)
     reference = TransformersEngine(device="cpu")
     engine = VLLMEngine(max_model_len=1024)
