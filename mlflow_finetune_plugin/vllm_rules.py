@@ -22,6 +22,13 @@ TOKEN_ROWS = ("vLLM's LoRA loader does not take adapters that train token rows (
 MERGED = ("LoRA with trained token rows (the control tokens of model.chat_template), which vLLM's LoRA loader has "
           "no weights for: vLLM serves it merged into its base, as a model of its own")
 
+# vLLM applies LoRA to a vision-language model's language model only: the LoRA of its vision tower and projector
+# (lora.vision) is dropped with a warning ("no matching PunicaWrapper is found; ... will be ignored"), and the model
+# would answer unlike the logged one. Merged, the tower's update is in the weights vLLM loads.
+MERGED_VISION = ("LoRA that also adapts the vision tower and projector (lora.vision), which vLLM leaves out of a LoRA "
+                 "request (it adapts the language model only): vLLM serves it merged into its base, as a model of "
+                 "its own")
+
 # A reward model (objective: reward) has a score head in place of the LM head: no engine generates with it.
 REWARD_MODEL = ("a reward model scores (prompt, answer) pairs and writes no text: name it in a GRPO recipe's "
                 "grpo.rewards, or score with mlflow.pyfunc.load_model(URI).predict(...)")

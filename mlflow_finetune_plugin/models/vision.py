@@ -274,9 +274,18 @@ def unquantized_modules(config) -> list[str]:
     """What stays in full precision when a vision-language model's base loads in 4 or 8 bits: the vision tower, the
     projector and the output layer (LLaMA-Factory and Unsloth quantize the language model only; bitsandbytes'
     CPU kernels also fail on a tiny tower's narrow layers). Found on a model built on the meta device."""
+    model = _meta_model(config)
+    return [*vision_modules(model), _name_of(model, model.get_output_embeddings())]
+
+
+def config_vision_modules(config) -> list[str]:
+    """`vision_modules` of the model `config` describes (no weights: built on the meta device)."""
+    return vision_modules(_meta_model(config))
+
+
+def _meta_model(config):
     import torch
     from transformers import AutoModelForImageTextToText
 
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
-    return [*vision_modules(model), _name_of(model, model.get_output_embeddings())]
+        return AutoModelForImageTextToText.from_config(config)

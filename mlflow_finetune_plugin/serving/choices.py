@@ -7,6 +7,7 @@ are.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,7 +23,13 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.answers import add_response_template
 from mlflow_finetune_plugin.registry import versions as registry
 from mlflow_finetune_plugin.serving.base import ModelChoice
-from mlflow_finetune_plugin.vllm_rules import MERGED, REWARD_MODEL, adapter_servable, merges_for_vllm
+from mlflow_finetune_plugin.vllm_rules import (
+    MERGED,
+    MERGED_VISION,
+    REWARD_MODEL,
+    adapter_servable,
+    merges_for_vllm,
+)
 
 
 @dataclass
@@ -262,8 +269,43 @@ def local_model(choice: ModelChoice) -> LocalModel:
 
 def vllm_merges(local: LocalModel) -> bool:
     """Whether vLLM serves this version merged into its base (`merged_folder`), as a model of its own rather than a
-    LoRA request on the base: a LoRA adapter with trained token rows (`vllm_rules.merges_for_vllm`)."""
-    return not local.choice.base and local.is_adapter and merges_for_vllm(local.adapter_config())
+    LoRA request on the base (`vllm_merge_reason` says why)."""
+    return vllm_merge_reason(local) is not None
+
+
+def vllm_merge_reason(local: LocalModel) -> str | None:
+    """Why vLLM serves this version merged into its base, else None: a LoRA adapter with trained token rows
+    (`vllm_rules.merges_for_vllm`), or one with weights in a vision-language model's vision tower or projector,
+    which vLLM leaves out of a LoRA request (`adapts_vision`)."""
+    if local.choice.base or not local.is_adapter:
+        return None
+    config = local.adapter_config()
+    if merges_for_vllm(config):
+        return MERGED
+    return MERGED_VISION if adapter_servable(config)[0] and adapts_vision(local) else None
+
+
+def adapts_vision(local: LocalModel) -> bool:
+    """Whether a vision-language version's adapter has weights in its base's vision tower or projector (asked of the
+    base's layout: `models.vision.vision_modules`)."""
+    from mlflow_finetune_plugin.paths import tensor_names
+
+    if not local.is_adapter or not local.config.get("takes_images"):
+        return False
+    prefixes = _vision_modules(local.base_ref, local.config.get("base_revision"))
+    # PEFT saves `base_model.model.<module>.lora_A.weight`
+    names = [n.removeprefix("base_model.model.") for n in tensor_names(local.adapter_dir)]
+    return any(n.startswith(p + ".") for n in names for p in prefixes)
+
+
+@functools.lru_cache(maxsize=8)
+def _vision_modules(base_ref: str, revision: str | None) -> tuple[str, ...]:
+    from transformers import AutoConfig
+
+    from mlflow_finetune_plugin.models.base import resolve_model_path
+    from mlflow_finetune_plugin.models.vision import config_vision_modules
+
+    return tuple(config_vision_modules(AutoConfig.from_pretrained(resolve_model_path(base_ref), revision=revision)))
 
 
 def vllm_support(local: LocalModel) -> tuple[bool, str]:
@@ -271,8 +313,8 @@ def vllm_support(local: LocalModel) -> tuple[bool, str]:
     (`vllm_merges`); else the version's `finetune.vllm_compatible` tag when training recorded one, else computed
     from adapter_config.json (LoRA only, no DoRA, no trained biases or extra modules, a rank vLLM's kernels
     support)."""
-    if vllm_merges(local):
-        return True, MERGED
+    if reason := vllm_merge_reason(local):
+        return True, reason
     tag = local.tags.get(tags.VLLM_COMPATIBLE)
     if tag in ("true", "false"):
         return tag == "true", local.tags.get(tags.VLLM_REASON, "")

@@ -87,7 +87,10 @@ class _Slot:
     def put_in_place(self, first: Request) -> bool:
         """Set the adapter state for a batch led by `first` (under the lock): True when the rows name their
         adapters (`adapter_names`, a mixed LoRA batch), False when the whole batch runs `first`'s state."""
-        mixed = bool(self.peft_type) and self.mixes_adapters()
+        # A prompt with images is a batch of its own, run in its adapter's state: PEFT's per-row `adapter_names` would
+        # meet a vision tower's LoRA (lora.vision) with the image's tiles as rows ("Length of `adapter_names` should be
+        # the same as the number of inputs, but got 1 and 5").
+        mixed = bool(self.peft_type) and self.mixes_adapters() and first.inputs is None
         self.switch_to(_MIXED if mixed else first.adapter)
         return mixed
 

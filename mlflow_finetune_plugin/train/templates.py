@@ -54,14 +54,18 @@ def trains_token_rows(recipe) -> bool:
 
 
 def vllm_verdict(recipe, verdict: tuple[bool, str]) -> tuple[bool, str]:
-    """The adapter's vLLM verdict (`finetune.vllm_compatible`): a LoRA adapter that trains token rows is served
-    merged into its base (vllm_rules.MERGED), which vLLM's LoRA loader cannot take as an adapter."""
+    """The adapter's vLLM verdict (`finetune.vllm_compatible`): a LoRA adapter that trains token rows, or a vision
+    tower (lora.vision), is served merged into its base (vllm_rules.MERGED, MERGED_VISION): vLLM's LoRA loader
+    cannot take the one, and leaves the other out."""
     from mlflow_finetune_plugin.config.checks import SCORING
-    from mlflow_finetune_plugin.vllm_rules import MERGED, REWARD_MODEL
+    from mlflow_finetune_plugin.vllm_rules import MERGED, MERGED_VISION, REWARD_MODEL
 
     if recipe.objective in SCORING:
         return False, REWARD_MODEL
-    return (True, MERGED) if verdict[0] and trains_token_rows(recipe) else verdict
+    if verdict[0] and trains_token_rows(recipe):
+        return True, MERGED
+    vision = recipe.adapter.type == "lora" and recipe.adapter.vision
+    return (True, MERGED_VISION) if verdict[0] and vision else verdict
 
 
 def fit_model(recipe, model, tokenizer, main: bool = True) -> list[int]:
