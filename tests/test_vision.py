@@ -248,3 +248,26 @@ def test_a_vlm_version_answers_images_without_the_plugin_and_through_mlflow_mode
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_a_vlm_version_exports_merged_with_its_processor(tuned_llava, tmp_path):
+    """`mlflow-finetune export`: the adapter merged into the base, with the processor, loads in plain transformers
+    and answers the image as the version does."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mlflow_finetune_plugin.models.image_inputs import read_image
+    from mlflow_finetune_plugin.registry.export import export_model
+
+    out = tmp_path / "export"
+    export_model("models:/vision-colors@challenger", out, log=False)
+    processor = AutoProcessor.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": QUESTION}]}],
+                                         add_generation_prompt=True)
+    inputs = processor(text=[text], images=[[read_image(_data_url(RED))]], return_tensors="pt")
+    with torch.no_grad():
+        out_ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    answer = processor.tokenizer.decode(out_ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer.strip() == "red"

@@ -130,6 +130,8 @@ def _write_folder(local: Path, config: dict, artifacts: dict[str, Path], out: Pa
     """Write the full model folder; True when an adapter was merged."""
     from transformers import AutoTokenizer
 
+    from mlflow_finetune_plugin.models.vision import has_processor_files
+
     if "model" in artifacts:
         echo("Full fine-tune: copying its weights as logged")
         for item in artifacts["model"].iterdir():
@@ -139,6 +141,8 @@ def _write_folder(local: Path, config: dict, artifacts: dict[str, Path], out: Pa
         _refuse_unmergeable(artifacts["adapter"])
         _write_merged(local, config, out, echo)
         merged = True
+    if has_processor_files(artifacts["tokenizer"]):  # a vision-language model: its processor goes with the weights
+        shutil.copytree(artifacts["tokenizer"], out, dirs_exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(artifacts["tokenizer"])
     # `transformers serve OUT` then reads the final answer out of channel markup (gpt-oss), as predict does
     add_response_template(tokenizer, json.loads((out / "config.json").read_text()).get("model_type", ""))
