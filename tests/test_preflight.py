@@ -56,6 +56,13 @@ def _refusal(kind: str, entry_point: str, batch: int, teacher: bool = False) -> 
     return rf"data\.train is {kind} data, but the `{entry_point}` method trains on .*{last} rows"
 
 
+def _tiny_model(recipe) -> str:
+    """The tiny model a recipe's data suits: its own tiny vision-language model where its rows have images."""
+    from mlflow_finetune_plugin.models import tiny_vision
+
+    return recipe.model.name if tiny_vision.family_of(recipe.model.name) else "tiny"
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_entry_point_on_every_bundled_recipe(name, capsys):
     """What `mlflow run recipes/NAME -e EP --backend finetune -P model=tiny` checks before a run exists: every entry
@@ -64,18 +71,19 @@ def test_every_entry_point_on_every_bundled_recipe(name, capsys):
     kind = _data_kind(name)
     own = load_recipe(REPO / "recipes" / name)
     train, teacher = own.train, bool(own.distill and own.distill.teacher)
+    tiny = {"model": _tiny_model(own)}
     allowed = []
     for entry_point, preset in PRESETS.items():
         refusal = _refusal(kind, entry_point, train.batch_size * train.grad_accum, teacher)
         if refusal is None:
-            recipe, command = resolve_entry_point(str(REPO / "recipes" / name), entry_point, {"model": "tiny"})
+            recipe, command = resolve_entry_point(str(REPO / "recipes" / name), entry_point, tiny)
             assert command is None and recipe.method == entry_point
             assert (recipe.adapter.type, recipe.objective) == (preset.adapter, preset.objective)
             assert recipe.data.packing is not True or recipe.adapter.type not in ("prefix", "prompt")
             allowed.append(entry_point)
             continue
         with pytest.raises((RecipeError, FinetuneError)) as info:
-            resolve_entry_point(str(REPO / "recipes" / name), entry_point, {"model": "tiny"})
+            resolve_entry_point(str(REPO / "recipes" / name), entry_point, tiny)
         assert re.search(refusal, str(info.value)), f"-e {entry_point} on {name}: {info.value}"
     # each recipe runs with its own entry point, and every chat recipe with every single-set sft one
     assert load_recipe(REPO / "recipes" / name).method in allowed
@@ -116,7 +124,7 @@ def test_mlproject_entry_points_run_a_preset_that_passes(capsys):
             recipe, command = resolve_entry_point(str(mlproject.parent), entry_point, {})
             method = re.search(r"--method (\w+)", command).group(1)
             assert recipe is None and method in PRESETS
-            resolve_entry_point(str(mlproject.parent), method, {"model": "tiny"})
+            resolve_entry_point(str(mlproject.parent), method, {"model": _tiny_model(load_recipe(mlproject.parent))})
             checked += 1
     assert checked  # support-bot's `main`
 
