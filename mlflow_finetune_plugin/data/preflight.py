@@ -71,6 +71,9 @@ def check_recipe_data(recipe, check_data) -> None:
             report.make_strict()
         errors += summarize(report.errors)
         warnings += summarize(report.warnings)
+    if recipe.adapter.type in _NO_IMAGES and any(r.images and r.images["rows"] for r in reports.values()):
+        errors.append(f"-e {recipe.method}: the {recipe.adapter.type} adapter does not train on rows with images "
+                      f"({_NO_IMAGES[recipe.adapter.type]}); use -e lora, -e qlora, -e full or -e adapter")
     read = None
     if not errors:
         try:
@@ -95,6 +98,14 @@ def check_recipe_data(recipe, check_data) -> None:
     if pictured := [f"{label} {r.images['rows']}" for label, r in reports.items() if r.images and r.images["rows"]]:
         print(f"Note: rows with images ({', '.join(pictured)}): token lengths count their text only; their "
               "image tokens come on top, and are counted when the processor is known.", file=sys.stderr)
+
+
+# Adapters that fail on a vision-language model's rows with images, and why (tried on the tiny VLMs, PEFT 0.21).
+_NO_IMAGES = {
+    "prefix": "PEFT's prefix tuning reads the text model's shape from the top-level config, which a VLM nests",
+    "prompt": "the virtual tokens shift the image tokens out of the place the processor put them",
+    "ia3": "PEFT has no default target modules for a vision-language model",
+}
 
 
 def check_prompts(recipe) -> None:
