@@ -173,10 +173,16 @@ BUILTIN_NAMES: tuple[str, ...] = tuple(PREFIX + name for name in FAMILIES)
 
 def family_of(name: str | None) -> str | None:
     """The family a built-in name or reference names (`tiny-qwen3`, `builtin:tiny-qwen3` -> `qwen3`), else None."""
+    return named_family(name, FAMILIES)
+
+
+def named_family(name: str | None, families) -> str | None:
+    """The one of `families` that `tiny-<family>` or `builtin:tiny-<family>` names, else None (also for the tiny
+    vision families, `tiny_vision.py`)."""
     if not name:
         return None
     for prefix in (REF_PREFIX, PREFIX):
-        if name.startswith(prefix) and name[len(prefix):] in FAMILIES:
+        if name.startswith(prefix) and name[len(prefix):] in families:
             return name[len(prefix):]
     return None
 

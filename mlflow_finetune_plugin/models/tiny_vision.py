@@ -53,7 +53,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow_finetune_plugin.models.tiny_families import _QWEN_SPLIT, PREFIX, REF_PREFIX
+from mlflow_finetune_plugin.models.tiny_families import _QWEN_SPLIT, PREFIX, REF_PREFIX, named_family
 
 # Bump when anything below changes what a build produces, so old caches are not reused.
 _BUILD_VERSION = "v2"
@@ -150,12 +150,7 @@ BUILTIN_NAMES: tuple[str, ...] = tuple(PREFIX + name for name in FAMILIES)
 
 def family_of(name: str | None) -> str | None:
     """The family a built-in name or reference names (`tiny-llava`, `builtin:tiny-llava` -> `llava`), else None."""
-    if not name:
-        return None
-    for prefix in (REF_PREFIX, PREFIX):
-        if name.startswith(prefix) and name[len(prefix):] in FAMILIES:
-            return name[len(prefix):]
-    return None
+    return named_family(name, FAMILIES)
 
 
 def reference(family: str) -> str:
