@@ -114,3 +114,72 @@ def test_an_explicit_liger_on_a_cpu_fails_the_run_before_the_model_loads(tmp_pat
     error = finished.data.tags[tags.ERROR]
     assert "train.kernels: liger needs a CUDA GPU" in error and "train.kernels: auto" in error
     assert tags.KERNELS not in finished.data.tags
+
+
+def _lora_tiny(dropout: float):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mlflow_finetune_plugin.models.tiny import tiny_model_path
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+    for name, p in model.named_parameters():  # B starts at zero: give it values so its path changes the loss
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _step(model, autocast: bool):
+    """The loss, every LoRA gradient and the number of dtype copies (`aten._to_copy`) of one forward+backward."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                Copies.count += 1
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.arange(3, 35).reshape(2, 16)
+    model.zero_grad()
+    torch.manual_seed(1)  # the same dropout masks on both sides
+    with Copies(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, Copies.count
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_layers_skip_peft_s_input_casts_under_autocast_with_the_same_numbers(dropout):
+    """Without dropout the numbers are the same bit for bit; with it, CPU's bf16 dropout rounds the scaled input once
+    more than fp32's (the masks are the same), so they agree to bf16 rounding."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from mlflow_finetune_plugin.train.adapters.lora import no_casts_under_autocast
+
+    def same(a, b):
+        return torch.equal(a, b) if dropout == 0 else torch.allclose(a, b, rtol=2e-2, atol=2e-3)
+
+    def same_grads(a, b):
+        if dropout == 0:
+            return all(torch.equal(a[n], b[n]) for n in a)
+        flat_a, flat_b = torch.cat([g.flatten() for g in a.values()]), torch.cat([g.flatten() for g in b.values()])
+        return torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0) > 0.99
+
+    plain, hooked = _lora_tiny(dropout), _lora_tiny(dropout)
+    assert no_casts_under_autocast(hooked) == sum(isinstance(m, LoraLayer) for m in hooked.modules()) > 0
+    loss, grads, copies = _step(plain, autocast=True)
+    loss_h, grads_h, copies_h = _step(hooked, autocast=True)
+    assert same(loss, loss_h) and grads.keys() == grads_h.keys() and same_grads(grads, grads_h)
+    assert copies_h < copies  # the bf16 -> fp32 -> bf16 round trips are gone
+    # without autocast PEFT's cast is needed (fp32 adapter on a bf16 base) and stays on: the same numbers exactly
+    loss, grads, _ = _step(plain, autocast=False)
+    loss_h, grads_h, _ = _step(hooked, autocast=False)
+    assert torch.equal(loss, loss_h) and all(torch.equal(grads[n], grads_h[n]) for n in grads)

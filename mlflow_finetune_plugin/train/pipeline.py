@@ -24,7 +24,7 @@ from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recip
 from mlflow_finetune_plugin.models.template_clock import pinned_clock
 from mlflow_finetune_plugin.tags import lineage_tags
 from mlflow_finetune_plugin.train import publish, quantization, reach, rehearsal, resume, templates, trainers
-from mlflow_finetune_plugin.train.adapters import adapter_of, attach
+from mlflow_finetune_plugin.train.adapters import adapter_of, attach, lora
 from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, Heartbeat, MlflowMetrics, TimeLeft
 from mlflow_finetune_plugin.train.objectives import objective_of, sft
 
@@ -67,6 +67,8 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     trainable = templates.fit_model(recipe, model, tokenizer, main)  # new tokens' rows, every end-of-turn id stops
     starting_rows = templates.added_rows(model, tokenizer)  # what a full fine-tune's base contender starts from
     model = attach(quantization.prepare(model, recipe.model), recipe, trainable)
+    if recipe.adapter.type == "lora":
+        lora.no_casts_under_autocast(model)  # PEFT's input casts, a no-op round trip under autocast
     # the share that trains (param, metric) and, for a mixture of experts, what the adapter reaches: printed now,
     # tagged once training took its first step (a run failing before then carries no such tag)
     reached = reach.report(recipe, model, main)

@@ -175,3 +175,29 @@ def vllm_compatible(cfg: LoraAdapter) -> tuple[bool, str]:
     """Whether vLLM's multi-LoRA serving accepts this adapter, with the reason when it does not."""
     ok, reason = lora_servable(cfg.r, cfg.use_dora, cfg.bias)
     return ok, reason if ok else f"{reason}; merge the adapter or use the transformers engine"
+
+
+def no_casts_under_autocast(model) -> int:
+    """Let each plain LoRA layer skip PEFT's cast of its input to the adapter's dtype while autocast is on; returns
+    how many layers got the hook.
+
+    PEFT keeps LoRA weights in fp32 on a bf16 base and casts every LoRA layer's input to fp32 before `lora_A`; under
+    autocast `lora_A` then casts it back to bf16 for its matmul. The round trip is exact (bf16 -> fp32 -> bf16), so
+    without dropout skipping it changes no number (with dropout the masks are the same, and CPU's bf16 dropout rounds
+    the scaled input once more: tests/test_kernels.py). It cost two full-size copies per LoRA layer per pass and kept a second bf16 copy of every layer's input for the backward
+    pass: `aten::copy_` was 21% of a LoRA step's GPU time on an H200 (docs/benchmarks.md section 7). PEFT's own 4-bit
+    LoRA layers already skip the cast under autocast (`requires_conversion = not torch.is_autocast_enabled()`); this
+    does the same for the others. Outside autocast (evaluation, generation, a CPU fp32 run) the cast stays. Layers
+    with a variant (DoRA) keep PEFT's behaviour."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    def before_forward(layer, args):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        layer.cast_input_dtype_enabled = (x is None or bool(layer.lora_variant)
+                                          or not torch.is_autocast_enabled(x.device.type))
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "cast_input_dtype_enabled")]
+    for layer in layers:
+        layer.register_forward_pre_hook(before_forward)
+    return len(layers)
