@@ -121,10 +121,11 @@ def _distill(uri, root, project, experiment, backend_config=None, **overrides):
     return proc, runs[0]
 
 
-def _project(tmp_path, prompts=PROMPTS, held_out=True):
-    """The recipe's project with `prompts` as data/prompts.jsonl, and EVAL as its held-out rows (or no data.eval)."""
+def _project(tmp_path, prompts=PROMPTS, held_out=True, eval_rows=EVAL):
+    """The recipe's project with `prompts` as data/prompts.jsonl, and `eval_rows` as its held-out rows (or no
+    data.eval)."""
     recipe = RECIPE if held_out else RECIPE.replace("  eval: data/eval.jsonl\n", "")
-    project = write_project(tmp_path / "project", recipe, eval_rows=EVAL if held_out else None)
+    project = write_project(tmp_path / "project", recipe, eval_rows=eval_rows if held_out else None)
     (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
     return project
 
@@ -514,14 +515,16 @@ def test_the_count_and_the_tokens_are_said_before_the_first_request(capsys):
 def test_a_limited_run_asks_the_teacher_for_the_rows_it_uses_and_a_larger_one_only_for_the_rest(teacher, tmp_path):
     uri, root, proxy = teacher
     prompts = [{"prompt": f"Budget question {i}?"} for i in range(8)]
-    project = _project(tmp_path, prompts)
+    held_out = [{"messages": [{"role": "user", "content": f"Budget: when do you open on day {i}?"},
+                              {"role": "assistant", "content": "At nine."}]} for i in range(2)]
+    project = _project(tmp_path, prompts, eval_rows=held_out)
     limited = {"distill.teacher": proxy.url, "data.max_rows": 3, "eval.max_examples": 1}
     proxy.asked.clear()
     proc, run = _distill(uri, root, project, "distill-budget", **limited)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # 3 training prompts and 1 held-out one: as many requests as rows used
     assert sorted(proxy.asked) == sorted([f"Budget question {i}?" for i in range(3)]
-                                         + [EVAL[0]["messages"][0]["content"]])
+                                         + ["Budget: when do you open on day 0?"])
     said = proc.stderr
     assert said.index("the run uses 4 of the 10 prompts") < said.index("Teacher answers")
     assert "4 to ask, 0 cached: about " in said and "at most 12 answer tokens (4 x distill.max_tokens 3)" in said
