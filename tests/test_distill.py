@@ -212,7 +212,8 @@ def test_a_run_cancelled_while_asking_ends_killed_at_once_and_its_answers_are_ke
     uri, root, proxy = teacher
     prompts = [{"prompt": f"Cancel test {i}?"} for i in range(8)]
     project = _project(tmp_path, prompts, held_out=False)
-    overrides = {**FAST_OVERRIDES, "distill.teacher": proxy.url, "distill.concurrency": 1, "data.eval_split": 0.3}
+    # 2 of the 8 held out, both scored (eval.max_examples 2): every prompt is used, and asked
+    overrides = {**FAST_OVERRIDES, "distill.teacher": proxy.url, "distill.concurrency": 1, "data.eval_split": 0.25}
     cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "distill", "--backend", "finetune",
            "--experiment-name", "distill-cancel", "--backend-config", '{"detach": true}'] + [
         a for k, v in overrides.items() for a in ("-P", f"{k}={v}")]
@@ -531,6 +532,7 @@ def test_a_limited_run_asks_the_teacher_for_the_rows_it_uses_and_a_larger_one_on
     summary = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/distill/summary.json")
     assert summary["asked"] == 4 and summary["plan"]["prompts_read"] == 10 and summary["plan"]["prompt_tokens"] > 0
     assert summary["data.eval"]["unasked"] == 1
+    assert "1 prompt, 2 chat rows, 0 left out; 1 more held out with their references, not asked" in said
     held = _rows(paths.job_dir(run.info.run_id) / "distill" / "eval.jsonl")
     assert [r["messages"][-1]["content"] for r in held] == ["At nine.", "At nine."]  # the unasked one stays held out
     assert TEACHER in held[0] and TEACHER not in held[1]

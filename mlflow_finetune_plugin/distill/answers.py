@@ -214,6 +214,9 @@ def _why(left_out: Counter) -> str:
 
 
 def _sentence(s: dict) -> str:
-    """`12 prompts, 10 chat rows, 2 left out: 1 empty answer, 1 answer cut off ...`"""
+    """`12 prompts, 10 chat rows, 2 left out: 1 empty answer, 1 answer cut off ...`; the chat rows include the
+    held-out rows kept unasked with their references."""
     return (f"{s['prompts']} prompt{'s' if s['prompts'] != 1 else ''}, {s['rows']} chat rows, {s['left_out']} left out"
-            + (f": {_why(Counter(s['why']))}" if s["why"] else "") + (f" ({s['traces']})" if s.get("traces") else ""))
+            + (f": {_why(Counter(s['why']))}" if s["why"] else "")
+            + (f"; {s['unasked']} more held out with their references, not asked" if s.get("unasked") else "")
+            + (f" ({s['traces']})" if s.get("traces") else ""))
