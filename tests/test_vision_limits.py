@@ -146,19 +146,21 @@ def test_the_run_says_once_how_many_images_were_resized_and_to_what(tmp_path, ca
 
 
 def test_a_training_run_prints_the_resized_images_once(tmp_path, tracking_uri):
-    """The recipe's 64 px images against tiny-llava's 56 px: the run says it once, before its first step."""
+    """The recipe's 64 px images against tiny-llava's 56 px: the run says it once, before its first step (the 96
+    training rows: with eval.enabled false no held-out rows are checked)."""
+    import contextlib
+
     from tests.helpers import train_in_process
 
     project = Path(shutil.copytree(RECIPE, tmp_path / "vision-colors"))
     log = tmp_path / "out.txt"
-    import contextlib
 
     with open(log, "w") as out, contextlib.redirect_stdout(out):
         code, run = train_in_process(project, tmp_path, {"train.max_steps": "1", "eval.enabled": "false"},
                                      "vision-resized")
     assert code == 0, log.read_text()
     said = [line for line in log.read_text().splitlines() if "larger than the processor's size" in line]
-    assert said == ["120 of 120 images are larger than the processor's size: resized down to 56 px on the short side "
+    assert said == ["96 of 96 images are larger than the processor's size: resized down to 56 px on the short side "
                     "before they reach the model (downscale them beforehand to save reading time)"], said
 
 
