@@ -112,14 +112,19 @@ def test_data_check_without_a_vision_model_says_image_tokens_are_not_counted(tmp
 # ---------------------------------------------------------------- images larger than the processor's size
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_resize_limit_is_read_from_the_processor(family):
+@pytest.mark.parametrize(("family", "text", "larger", "not_larger"), [
+    ("tiny-llava", "56 px on the short side, then cropped to 56×56 px", (57, 300), (56, 300)),
+    ("tiny-smolvlm", "112 px on the long side", (113, 10), (112, 112)),
+    ("tiny-gemma3-vision", "56×56 px", (57, 56), (56, 56)),
+    ("tiny-qwen2-vl", "at most 3136 pixels (about 56×56 px)", (57, 56), (112, 28)),
+])
+def test_resize_limit_is_read_from_the_processors_settings(family, text, larger, not_larger):
+    """CLIP's shortest edge and crop, Idefics3's longest edge, Gemma 3's fixed size, Qwen2-VL's pixel count."""
     from mlflow_finetune_plugin.models.image_limits import resize_limit
     from mlflow_finetune_plugin.models.vision import processor_of
 
     limit = resize_limit(processor_of(_tokenizer(family)))
-    assert limit is not None and limit.text
-    assert limit.larger(4000, 3000) and not limit.larger(8, 8)
+    assert limit.text == text and limit.larger(*larger) and not limit.larger(*not_larger)
 
 
 def test_the_run_says_once_how_many_images_were_resized_and_to_what(tmp_path, capsys):
@@ -141,8 +146,8 @@ def test_the_run_says_once_how_many_images_were_resized_and_to_what(tmp_path, ca
     collator.check(Dataset.from_list(rows), "data.train")
     assert collator.sizes.larger() == (2, 3)
     assert collator.sizes.note() == ("2 of 3 images are larger than the processor's size: resized down to 56 px on the "
-                                     "short side before they reach the model (downscale them beforehand to save "
-                                     "reading time)")
+                                     "short side, then cropped to 56×56 px before they reach the model (downscale "
+                                     "them beforehand to save reading time)")
 
 
 def test_a_training_run_prints_the_resized_images_once(tmp_path, tracking_uri):
@@ -160,8 +165,9 @@ def test_a_training_run_prints_the_resized_images_once(tmp_path, tracking_uri):
                                      "vision-resized")
     assert code == 0, log.read_text()
     said = [line for line in log.read_text().splitlines() if "larger than the processor's size" in line]
-    assert said == ["96 of 96 images are larger than the processor's size: resized down to 56 px on the short side "
-                    "before they reach the model (downscale them beforehand to save reading time)"], said
+    assert said == ["96 of 96 images are larger than the processor's size: resized down to 56 px on the short side, "
+                    "then cropped to 56×56 px before they reach the model (downscale them beforehand to save reading "
+                    "time)"], said
 
 
 # ---------------------------------------------------------------- several images in one prompt

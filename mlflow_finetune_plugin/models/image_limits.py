@@ -56,7 +56,11 @@ def resize_limit(processor) -> ResizeLimit | None:
     if get("longest_edge"):
         return ResizeLimit(f"{get('longest_edge')} px on the long side", "long", edge=get("longest_edge"))
     if get("shortest_edge"):
-        return ResizeLimit(f"{get('shortest_edge')} px on the short side", "short", edge=get("shortest_edge"))
+        crop = getattr(images, "crop_size", None) if getattr(images, "do_center_crop", False) else None
+        crop = crop if isinstance(crop, dict) else vars(crop) if crop is not None else {}
+        then = f", then cropped to {crop['width']}×{crop['height']} px" if crop.get("width") and crop.get("height") \
+            else ""
+        return ResizeLimit(f"{get('shortest_edge')} px on the short side{then}", "short", edge=get("shortest_edge"))
     return None
 
 
