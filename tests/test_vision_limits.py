@@ -79,9 +79,10 @@ def test_data_check_counts_image_tokens_as_the_pre_run_check_does_and_refuses_lo
     assert not any("cut" in w["message"] for w in report["warnings"])  # refused, not cut
 
 
-def test_data_check_counts_preference_rows_with_trls_collator():
+def test_data_check_counts_preference_rows_with_trls_collator(capsys):
     from mlflow_finetune_plugin.data.image_rows import (
         check_preference_rows,
+        checked_preference_rows,
         preference_collator,
         with_loaded_images,
     )
@@ -101,6 +102,8 @@ def test_data_check_counts_preference_rows_with_trls_collator():
     collator = preference_collator(processor_of(_tokenizer("tiny-llava")), "preference")
     with pytest.raises(FinetuneError, match=rf"data.train: {len(report['errors'])} row\(s\) longer than "):
         check_preference_rows(collator, with_loaded_images(ds), longest - 1, "data.train")
+    checked_preference_rows(collator, longest, ds, None)  # DPO's and KTO's pre-run check: fits, says the sizes once
+    assert capsys.readouterr().out.count("96 of 96 images are larger than the processor's size") == 1
 
 
 def test_data_check_without_a_vision_model_says_image_tokens_are_not_counted(tmp_path):

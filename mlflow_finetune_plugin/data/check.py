@@ -372,7 +372,7 @@ def _unrendered(tokenizer, messages: list[dict], tools) -> list[str]:
 
 def _lengths(report: DataReport, records, convs, tokenizer, max_length, model_label, with_images) -> None:
     """Token counts and cut rows; `with_images`: line -> tokens with its image tokens (None: refused), counted and
-    refused when too long by `image_check.image_tokens`."""
+    refused when too long by `image_check.count_image_tokens`."""
     model = model_label or getattr(tokenizer, "name_or_path", None) or "this tokenizer"
     lengths, cut, answer_total, answer_lost = [], [], 0, 0
     for line, rec in records:
@@ -394,7 +394,7 @@ def _lengths(report: DataReport, records, convs, tokenizer, max_length, model_la
         if line in with_images:  # refused, not cut, when too long: an error there
             if with_images[line] is None:
                 continue
-            n, mask = with_images[line], mask[:0]
+            n, mask = with_images[line], []  # the answer tokens a cut would lose: none, it is refused
         lengths.append(n)
         answer_total += sum(mask)
         lost = sum(mask[max_length:])

@@ -12,6 +12,10 @@ Preference rows with images (DPO, KTO) go through TRL's own vision collators (`D
 `DataCollatorForVisionUnpairedPreference`), which render prompt and answers with the processor's chat template and
 take the images from the rows' `images` column: `with_loaded_images` gives them PIL images, read as each batch is
 drawn, and `check_preference_rows` passes every row through the collator once before training.
+
+Both pre-run checks walk the rows with `collated`, and so does `mlflow-finetune data check --model`
+(`image_token_lengths`), so the data check counts a row's image tokens as the run does. The images read on the way are
+measured against the processor's size (`ImageSizes`): the run says once how many it scales down, and to what.
 """
 
 from __future__ import annotations

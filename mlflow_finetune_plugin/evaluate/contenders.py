@@ -1,7 +1,8 @@
 """Who answers in an evaluation of a fine-tune: the alternatives a user has, the base model zero-shot, the base model
 few-shot (k random train conversations in the prompt), the base model with retrieved shots (the k train conversations
 most similar to each question, `retrieval.py`) and the tuned model, each answering the held-out prompts greedily;
-also where those prompts come from when a logged model is evaluated again.
+also where those prompts come from when a logged model is evaluated again. The shots, and whether they keep their
+images: `shots.py`.
 
 Their answers are turned into figures by `scoring.py`, logged by `report.py` and weighed by `verdict.py`.
 """
