@@ -1,7 +1,8 @@
 """Who answers in an evaluation of a fine-tune: the alternatives a user has, the base model zero-shot, the base model
 few-shot (k random train conversations in the prompt), the base model with retrieved shots (the k train conversations
 most similar to each question, `retrieval.py`) and the tuned model, each answering the held-out prompts greedily;
-also where those prompts come from when a logged model is evaluated again.
+also where those prompts come from when a logged model is evaluated again. The shots, and whether they keep their
+images: `shots.py`.
 
 Their answers are turned into figures by `scoring.py`, logged by `report.py` and weighed by `verdict.py`.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import random
 
 from mlflow_finetune_plugin import stops, tags
 from mlflow_finetune_plugin.data.image_rows import IMAGES
@@ -26,22 +26,22 @@ from mlflow_finetune_plugin.evaluate.scoring import (
     reference_nll,
     score_and_prefill,
 )
+from mlflow_finetune_plugin.evaluate.shots import (
+    fewshot_prompt,
+    fit,
+    pick_shots,
+    prompt_length,
+    shots_for_model,
+)
 from mlflow_finetune_plugin.evaluate.teacher import agreement_metrics, complete, score_teacher
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
 from mlflow_finetune_plugin.metrics import CONTENDERS, TEACHER
 from mlflow_finetune_plugin.models.answers import answer_text
 from mlflow_finetune_plugin.models.architecture import cache_abilities
-from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
+from mlflow_finetune_plugin.models.chat_format import stop_ids
 from mlflow_finetune_plugin.models.image_inputs import with_images
 from mlflow_finetune_plugin.models.vision import processor_of
-
-
-def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
-    """The prompt with `shots` (whole conversations) as earlier turns, after the prompt's system message(s)."""
-    system = [m for m in prompt if m.get("role") == "system"]
-    turns = [m for shot in shots for m in shot if m.get("role") != "system"]
-    return system + turns + [m for m in prompt if m.get("role") != "system"]
 
 
 def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train_conversations: list[list[dict]],
@@ -64,19 +64,20 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
     base = _base_context(model, base_model)
     if base is None:
         print("Evaluation: a full model without its base model given; scoring the tuned model only.")
-    shots = _pick_shots(train_conversations, cfg.fewshot_k, {json.dumps(p) for p, _ in examples})
+    shots = pick_shots(train_conversations, cfg.fewshot_k, {json.dumps(p) for p, _ in examples})
     limit = _context_limit(model, tokenizer) - cfg.max_new_tokens
     runs = {"tuned": (lora_merged(model), [p for p, _ in examples])}
     retrieved: list[list[list[dict]]] = []
     if base is not None:
         runs["base"] = (base, [p for p, _ in examples])
+        retrieved = nearest_shots(train_conversations, [p for p, _ in examples], retrieval_k(cfg))
+        shots, retrieved = shots_for_model(tokenizer, shots, retrieved)  # a VLM taking one image: shots' text only
         if shots:
             runs["fewshot"] = (_base_context(model, base_model),
-                               [_fit(tokenizer, fewshot_prompt(p, shots), p, shots, limit) for p, _ in examples])
-        retrieved = nearest_shots(train_conversations, [p for p, _ in examples], retrieval_k(cfg))
+                               [fit(tokenizer, fewshot_prompt(p, shots), p, shots, limit) for p, _ in examples])
         if any(retrieved):
             runs["retrieval"] = (_base_context(model, base_model),
-                                 [_fit(tokenizer, fewshot_prompt(p, s), p, s, limit)
+                                 [fit(tokenizer, fewshot_prompt(p, s), p, s, limit)
                                   for (p, _), s in zip(examples, retrieved)])
     references = [ref for _, ref in examples]
     metrics: dict[str, float] = {"eval/n_examples": float(len(examples))}
@@ -94,8 +95,9 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
         with context as contender:
             answers, nll, n_tokens, seconds = _answer_all(contender, tokenizer, prompts, references, cfg, name)
         totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg, train_answers)
-        totals.update(answer_costs([_n_tokens(tokenizer, p) for p in prompts], answer_lengths(tokenizer, answers),
-                                   seconds, params.get("tuned" if name == "tuned" else "base")))
+        totals.update(answer_costs([prompt_length(tokenizer, p) for p in prompts],
+                                   answer_lengths(tokenizer, answers), seconds,
+                                   params.get("tuned" if name == "tuned" else "base")))
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
         add_answers(rows, name, answers, per_example)
     if TEACHER in contenders:
@@ -207,7 +209,7 @@ def _answer_all(model, tokenizer, prompts, references, cfg, name):
     loaded = LoadedModel(model, tokenizer, {})
     # Prompts of similar length share a batch, so little of it is padding. Longest first: a batch size too large
     # for memory fails in the first batch, not the last.
-    order = sorted(range(len(prompts)), key=lambda i: -_n_tokens(tokenizer, prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: -prompt_length(tokenizer, prompts[i]))
     answers, nll, n_tokens, seconds = [""] * len(prompts), 0.0, 0, [0.0] * len(prompts)
     try:
         with tqdm(total=len(prompts), desc=f"eval {name}", unit="example") as progress:
@@ -311,27 +313,6 @@ def _shares_prefill(model) -> bool:
     supports = getattr(type(base), "_supports_default_dynamic_cache", None)
     return ("logits_to_keep" in parameters and "use_cache" in parameters
             and (supports is None or bool(supports())))
-
-
-def _pick_shots(train_conversations, k: int, exclude: set[str]) -> list[list[dict]]:
-    """k train conversations (seeded, so every run of a recipe sees the same), none equal to an eval prompt."""
-    if k <= 0:
-        return []
-    pool = [conv for conv in train_conversations
-            if (pair := split_conversation(conv)) and pair[0] and json.dumps(pair[0]) not in exclude]
-    return random.Random(0).sample(pool, min(k, len(pool)))
-
-
-def _fit(tokenizer, messages, prompt, shots, limit: int) -> list[dict]:
-    """Drop shots until the few-shot prompt leaves room for the answer in the model's context."""
-    while shots and _n_tokens(tokenizer, messages) > limit:
-        shots = shots[:-1]
-        messages = fewshot_prompt(prompt, shots)
-    return messages
-
-
-def _n_tokens(tokenizer, messages) -> int:
-    return len(prompt_ids(tokenizer, messages))
 
 
 def _context_limit(model, tokenizer) -> int:
