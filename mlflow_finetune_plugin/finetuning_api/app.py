@@ -196,6 +196,7 @@ def run_api(settings: Settings, host: str = "127.0.0.1", port: int = 8000, api_k
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     store, files = JobStore(settings.state_dir), FileStore(max_bytes=max_upload_mb << 20)
     files.experiment_id()  # a wrong tracking store fails here, at start
+    FileStore(settings.experiment).experiment_id()  # the runs' experiment, its artifacts beside the files
     runner = Runner(store, files, settings)
     fleet = Fleet()
     front = build_front(Routes([], ""), start=fine_tuned_starter(store, fleet))

@@ -31,6 +31,21 @@ _STARTED = re.compile(r"=== Run ([0-9a-f]{32}) started")
 POLL_S = 1.0  # how often jobs are looked at: a status changes within this long
 
 
+def store_env() -> dict:
+    """The server's tracking and registry store for `mlflow run`, which starts in the job's folder: a relative
+    sqlite path (MLflow's default `sqlite:///mlflow.db`) made absolute, so the job uses the server's store."""
+    import mlflow
+
+    env = {}
+    for key, uri in (("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri()), ("MLFLOW_REGISTRY_URI",
+                                                                         mlflow.get_registry_uri())):
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        if uri:
+            env[key] = uri
+    return env
+
+
 class Runner:
     def __init__(self, store: JobStore, files: FileStore, settings: Settings):
         self.store, self.files, self.settings = store, files, settings
@@ -105,7 +120,7 @@ class Runner:
         log = folder / f"launch-{len(job['_internal']['runs']) + 1}.log"
         with open(log, "w") as out:
             done = subprocess.run(self.command(job), stdout=out, stderr=subprocess.STDOUT, cwd=folder,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL)
+                                  env={**os.environ, **store_env(), "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL)
         text = log.read_text(errors="replace")
         found = _STARTED.search(text)
         if done.returncode != 0 or not found:
