@@ -254,10 +254,18 @@ def _resolve_hyperparameters(project: Path, recipe: dict, kind: str, hyper: dict
         try:
             return load_recipe(project, method=entry_point, overrides=dict(settings.overrides))
         except FinetuneError as e:
-            raise APIError(400, f"the job's recipe is refused: {e}", code="invalid_hyperparameters",
+            message = str(e).replace(str(project / "finetune.yaml"), "the job's recipe")
+            raise APIError(400, message, code="invalid_hyperparameters",
                            param=f"method.{kind}.hyperparameters") from None
 
     defaults = load()
+    if kind == "reinforcement":  # OpenAI has no num_generations: the largest that fits the batch, up to the default
+        batch = defaults.train.batch_size
+        if hyper.get("batch_size", "auto") != "auto" and "train.batch_size" not in settings.overrides:
+            batch = hyper["batch_size"]
+        fits = [n for n in range(2, defaults.grpo.num_generations + 1) if batch * defaults.train.grad_accum % n == 0]
+        if fits:
+            recipe["grpo"]["num_generations"] = fits[-1]
     for key, value in hyper.items():
         if value == "auto":
             continue
