@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 
 API_KEY = "sk-local-test"
 # Every job: batches of 2, a loss and a checkpoint every 2 steps, a small evaluation.
-SERVER_OVERRIDES = {"train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2, "data.max_length": 64,
+SERVER_OVERRIDES = {"train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2, "data.max_length": 64, "data.packing": False,
                     "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1, "eval.traces": False}
 
 
