@@ -258,14 +258,9 @@ def _resolve_hyperparameters(project: Path, recipe: dict, kind: str, hyper: dict
             raise APIError(400, message, code="invalid_hyperparameters",
                            param=f"method.{kind}.hyperparameters") from None
 
+    if kind == "reinforcement":
+        _fit_generations(recipe, hyper, settings)
     defaults = load()
-    if kind == "reinforcement":  # OpenAI has no num_generations: the largest that fits the batch, up to the default
-        batch = defaults.train.batch_size
-        if hyper.get("batch_size", "auto") != "auto" and "train.batch_size" not in settings.overrides:
-            batch = hyper["batch_size"]
-        fits = [n for n in range(2, defaults.grpo.num_generations + 1) if batch * defaults.train.grad_accum % n == 0]
-        if fits:
-            recipe["grpo"]["num_generations"] = fits[-1]
     for key, value in hyper.items():
         if value == "auto":
             continue
@@ -281,6 +276,19 @@ def _resolve_hyperparameters(project: Path, recipe: dict, kind: str, hyper: dict
     if kind in BETA:
         out["beta"] = getattr(loaded, BETA[kind].split(".")[0]).beta
     return out
+
+
+def _fit_generations(recipe: dict, hyper: dict, settings: Settings) -> None:
+    """OpenAI has no num_generations, and GRPO needs it to divide the completions of a step: the largest that does,
+    up to the recipe's default (a batch no number from 2 divides is left for the recipe check to refuse)."""
+    from mlflow_finetune_plugin.config.schema import GRPOConfig, TrainConfig
+
+    batch = hyper.get("batch_size", "auto")
+    batch = settings.overrides.get("train.batch_size", TrainConfig().batch_size if batch == "auto" else batch)
+    steps = int(batch) * int(settings.overrides.get("train.grad_accum", 1))
+    fits = [n for n in range(2, GRPOConfig().num_generations + 1) if steps % n == 0]
+    if fits:
+        recipe["grpo"]["num_generations"] = fits[-1]
 
 
 def _method_out(kind: str, method: dict, resolved: dict) -> dict:
