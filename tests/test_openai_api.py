@@ -272,8 +272,9 @@ def test_graders_map_onto_a_reward_function(tmp_path):
     exact = {"type": "string_check", "name": "exact", "input": "{{ sample.output_text }}",
              "reference": "{{item.answer}}", "operation": "eq"}
     check_grader(exact, item, allow_python=False, timeout=5)
-    write_rewards(tmp_path, exact, timeout=5)
+    write_rewards(tmp_path, exact, timeout=5, columns=["answer", "other"])
     (reward,) = load_rewards([REWARD_NAME], tmp_path)
+    assert reward.columns == ("answer",)  # named, so training keeps the column the grader reads
     completions = [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]]
     assert reward.func(prompts=["q", "q"], completions=completions, answer=["4", "4"]) == [1.0, 0.0]
 
@@ -286,7 +287,7 @@ def test_graders_map_onto_a_reward_function(tmp_path):
     python = {"type": "python", "source": "def grade(sample, item):\n    return float(sample['output_text'] == "
                                           "item['answer'])\n"}
     check_grader(python, item, allow_python=True, timeout=5)
-    write_rewards(tmp_path, python, timeout=5)
+    write_rewards(tmp_path, python, timeout=5, columns=["answer"])
     (reward,) = load_rewards([REWARD_NAME], tmp_path)
     assert reward.func(prompts=["q", "q"], completions=completions, answer=["4", "4"]) == [1.0, 0.0]
     forever = {"type": "python", "source": "def grade(sample, item):\n    while True:\n        pass\n"}

@@ -104,9 +104,10 @@ def _text(completion) -> str:
     return "" if completion is None else str(completion)
 
 
-def openai_grader(prompts, completions, **kwargs) -> list:
-    """The reward: GRADER's score of each completion (`sample.output_text`) against its row (`item`); None for
-    every completion of a batch the python grader could not score (printed to stderr)."""
+def grade_batch(prompts, completions, **kwargs) -> list:
+    """The reward: GRADER's score of each completion (`sample.output_text`) against its row (`item`: the columns
+    passed); None for every completion of a batch the python grader could not score (printed to stderr). The job's
+    rewards.py ends with `openai_grader`, which names the columns the grader reads, so that training keeps them."""
     n = len(completions)
     columns = {k: v for k, v in kwargs.items() if k not in _TRL and isinstance(v, list) and len(v) == n}
     items = [{k: v[i] for k, v in columns.items()} for i in range(n)]

@@ -5,6 +5,7 @@ training row; the others are refused with the reason."""
 from __future__ import annotations
 
 import json
+import keyword
 from pathlib import Path
 
 from mlflow_finetune_plugin.finetuning_api import grader_runtime as runtime
@@ -75,9 +76,25 @@ def check_grader(grader, item: dict, allow_python: bool, timeout: float) -> dict
     return grader
 
 
-def write_rewards(project: Path, grader: dict, timeout: float) -> None:
-    """The job's rewards.py: the grader runtime with this grader and time limit."""
+def columns_read(grader: dict, columns: list[str]) -> list[str]:
+    """The row keys the grader reads: those its templates name, or (python) every key of the rows that can be a
+    Python parameter name."""
+    if grader["type"] == "python":
+        return [c for c in columns if c.isidentifier() and not keyword.iskeyword(c) and c not in runtime._TRL]
+    named = {name.split(".")[0] for key in ("input", "reference")
+             for root, name in runtime._TEMPLATE.findall(grader[key]) if root == "item"}
+    return sorted(named)
+
+
+def write_rewards(project: Path, grader: dict, timeout: float, columns: list[str]) -> None:
+    """The job's rewards.py: the grader runtime with this grader and time limit, and `openai_grader` taking the
+    columns it reads by name (training keeps only the columns its reward functions name)."""
     source = Path(runtime.__file__).read_text(encoding="utf-8")
     source = source.replace("GRADER: dict = {}", f"GRADER: dict = json.loads({json.dumps(json.dumps(grader))})", 1)
     source = source.replace("PYTHON_TIMEOUT_S = 10.0", f"PYTHON_TIMEOUT_S = {float(timeout)!r}", 1)
+    names = columns_read(grader, columns)
+    params = "".join(f"{n}, " for n in names)
+    passed = "".join(f"{n}={n}, " for n in names)
+    source += (f"\n\ndef {REWARD_NAME}(prompts, completions, {params}**kwargs) -> list:\n"
+               f"    return grade_batch(prompts, completions, {passed}**kwargs)\n")
     (project / "rewards.py").write_text(source, encoding="utf-8")

@@ -205,7 +205,7 @@ def create_job(body, files: FileStore, store: JobStore, settings: Settings) -> d
                          if line.strip())
             item = {k: v for k, v in first.items() if k != "prompt"}
             graders.check_grader(grader, item, settings.allow_python_graders, settings.python_timeout)
-            graders.write_rewards(project, grader, settings.python_timeout)
+            graders.write_rewards(project, grader, settings.python_timeout, columns)
         resolved = _resolve_hyperparameters(project, recipe, kind, hyper, settings)
     except BaseException:
         import shutil

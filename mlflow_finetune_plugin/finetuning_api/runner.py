@@ -46,6 +46,17 @@ def store_env() -> dict:
     return env
 
 
+def _die_with_parent() -> None:
+    """In `mlflow run`, before exec: SIGTERM when the server dies, so no launch goes on unrecorded (the job it
+    starts runs in a session of its own and is not touched)."""
+    import signal
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Runner:
     def __init__(self, store: JobStore, files: FileStore, settings: Settings):
         self.store, self.files, self.settings = store, files, settings
@@ -118,12 +129,18 @@ class Runner:
     def _launch(self, job: dict) -> None:
         folder = self.store.folder(job["id"])
         log = folder / f"launch-{len(job['_internal']['runs']) + 1}.log"
-        with open(log, "w") as out:
-            done = subprocess.run(self.command(job), stdout=out, stderr=subprocess.STDOUT, cwd=folder,
-                                  env={**os.environ, **store_env(), "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL)
+        # A server stopped while `mlflow run` started this job: the job started if the log says so (the launch
+        # itself dies with the server, see _die_with_parent, so a log without a run id is a launch that never was).
+        found = _STARTED.search(log.read_text(errors="replace")) if log.exists() else None
+        code = 0
+        if not found:
+            with open(log, "w") as out:
+                code = subprocess.run(self.command(job), stdout=out, stderr=subprocess.STDOUT, cwd=folder,
+                                      env={**os.environ, **store_env(), "PYTHONUNBUFFERED": "1"},
+                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent).returncode
         text = log.read_text(errors="replace")
         found = _STARTED.search(text)
-        if done.returncode != 0 or not found:
+        if code != 0 or not found:
             lines = [ln for ln in text.splitlines() if ln.strip()]
             reason = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
             return self._fail(job["id"], "launch_failed", f"`mlflow run` did not start the job: {reason.strip()}")
