@@ -268,6 +268,7 @@ def test_graders_map_onto_a_reward_function(tmp_path):
     from mlflow_finetune_plugin.finetuning_api.shapes import APIError
     from mlflow_finetune_plugin.train.rewards.loader import load_rewards
 
+    np = pytest.importorskip("numpy")
     item = {"answer": "4"}
     exact = {"type": "string_check", "name": "exact", "input": "{{ sample.output_text }}",
              "reference": "{{item.answer}}", "operation": "eq"}
@@ -290,6 +291,7 @@ def test_graders_map_onto_a_reward_function(tmp_path):
     write_rewards(tmp_path, python, timeout=5, columns=["answer"])
     (reward,) = load_rewards([REWARD_NAME], tmp_path)
     assert reward.func(prompts=["q", "q"], completions=completions, answer=["4", "4"]) == [1.0, 0.0]
+    assert reward.func(prompts=["q", "q"], completions=completions, answer=np.array(["4", "4"])) == [1.0, 0.0]
     forever = {"type": "python", "source": "def grade(sample, item):\n    while True:\n        pass\n"}
     with pytest.raises(APIError, match="past its 1 s limit"):
         check_grader(forever, item, allow_python=True, timeout=1)

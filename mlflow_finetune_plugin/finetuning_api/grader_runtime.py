@@ -104,12 +104,19 @@ def _text(completion) -> str:
     return "" if completion is None else str(completion)
 
 
+def _column(value, n: int) -> list | None:
+    """A column's values, one per completion (TRL passes lists; the evaluation may pass arrays), else None."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__") or len(value) != n:
+        return None
+    return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
 def grade_batch(prompts, completions, **kwargs) -> list:
     """The reward: GRADER's score of each completion (`sample.output_text`) against its row (`item`: the columns
     passed); None for every completion of a batch the python grader could not score (printed to stderr). The job's
     rewards.py ends with `openai_grader`, which names the columns the grader reads, so that training keeps them."""
     n = len(completions)
-    columns = {k: v for k, v in kwargs.items() if k not in _TRL and isinstance(v, list) and len(v) == n}
+    columns = {k: c for k, v in kwargs.items() if k not in _TRL and (c := _column(v, n)) is not None}
     items = [{k: v[i] for k, v in columns.items()} for i in range(n)]
     samples = [{"output_text": _text(c)} for c in completions]
     try:
