@@ -195,11 +195,18 @@ def test_pause_resume_cancel_and_a_restart_while_running(server, tmp_path):
     _wait_status(client, job.id, ("running",))
     wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, timeout=120, what="a checkpoint",
              interval=1.0)
+    waiting = client.fine_tuning.jobs.create(model="tiny", training_file=train.id)  # --max-jobs 1: it queues
+    _wait_status(client, waiting.id, ("queued",))
 
     server.stop()  # the run is detached: it goes on, and the restarted server follows it
     server.start()
     client = server.client()
     assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    assert client.fine_tuning.jobs.retrieve(waiting.id).status == "queued"
+    assert client.fine_tuning.jobs.cancel(waiting.id).status == "cancelled"  # never started: no run
+    newest = client.fine_tuning.jobs.list(limit=1)
+    assert newest.data[0].id == waiting.id and newest.has_more
+    assert client.fine_tuning.jobs.list(after=waiting.id, limit=1).data[0].id == job.id
     first_run = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("openai-fine-tuning").experiment_id],
         filter_string=f"tags.`{tags.OPENAI_JOB}` = '{job.id}'")[0].info.run_id
@@ -212,6 +219,9 @@ def test_pause_resume_cancel_and_a_restart_while_running(server, tmp_path):
     runs = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("openai-fine-tuning").experiment_id],
         filter_string=f"tags.`{tags.OPENAI_JOB}` = '{job.id}'")
+    assert not [r for r in MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("openai-fine-tuning").experiment_id],
+        filter_string=f"tags.`{tags.OPENAI_JOB}` = '{waiting.id}'")]
     resumed = next(r for r in runs if r.info.run_id != first_run)
     wait_for(lambda: tags.RESUMED_FROM in MlflowClient().get_run(resumed.info.run_id).data.tags, timeout=120,
              what="the resumed run to load the checkpoint", interval=1.0)
