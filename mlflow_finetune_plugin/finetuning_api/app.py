@@ -76,6 +76,10 @@ def build_app(service: Service, api_key: str | None, front=None):
 
     @app.post("/v1/files")
     async def upload(request: Request):
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > files.max_bytes + _CHUNK:  # refused before it is read
+            raise APIError(413, f"the upload is {declared} bytes, above this server's limit of {files.max_bytes} "
+                                "bytes (--max-upload-mb)", code="file_too_large", param="file")
         form = await request.form(max_part_size=files.max_bytes + 1)
         given, purpose = form.get("file"), form.get("purpose")
         if given is None or not hasattr(given, "read"):
