@@ -102,6 +102,8 @@ class Runner:
             return self._fail(job["id"], "invalid_request", str(e), None)
 
         def queued(j):
+            if j["status"] != "validating_files":  # cancelled meanwhile
+                return
             j["status"] = "queued"
             add_event(j, "Validated training file: " + j["training_file"])
         self.store.update(job["id"], queued)
@@ -201,6 +203,8 @@ class Runner:
         tokens = progress.trained_tokens(runs)
 
         def succeeded(j):
+            if j["status"] != "running":
+                return
             j.update(status="succeeded", fine_tuned_model=model, finished_at=int(time.time()),
                      result_files=[csv_file["id"]], trained_tokens=tokens)
             add_event(j, f"New fine-tuned model created: {model}" if model else
@@ -210,6 +214,8 @@ class Runner:
 
     def _fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
         def failed(j):
+            if j["status"] in TERMINAL:  # cancelled meanwhile: that stands
+                return
             j.update(status="failed", finished_at=int(time.time()),
                      error={"code": code, "message": message, "param": param})
             add_event(j, f"Fine-tuning job failed: {message}", "error")
