@@ -232,19 +232,20 @@ class Runner:
         if pause and job["status"] != "running":
             raise APIError(400, f"job {job_id} is {job['status']}: only a running job can be paused (it resumes "
                                 "from its last checkpoint)", code="invalid_pause", param="fine_tuning_job_id")
-        running = job["status"] == "running"
-        self.store.update(job_id, lambda j: j["_internal"].update(pause=pause))
-        if running:
-            self._stop_run(job["_internal"]["runs"][-1])
-
+        # The status first: the runner then leaves the job alone, and reads no KILLED run as a cancel of its own.
         def stopped(j):
+            j["_internal"]["pause"] = pause
             if pause:
                 j["status"] = "paused"
                 add_event(j, "Fine-tuning job paused; resume it to go on from its last checkpoint")
             else:
                 j.update(status="cancelled", finished_at=int(time.time()))
                 add_event(j, "Fine-tuning job cancelled")
-        return self.store.update(job_id, stopped)
+        running = job["status"] == "running"
+        job = self.store.update(job_id, stopped)
+        if running:
+            self._stop_run(job["_internal"]["runs"][-1])
+        return job
 
     def resume(self, job_id: str) -> dict:
         job = self.store.get(job_id)
