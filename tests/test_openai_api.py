@@ -181,6 +181,7 @@ def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
                                             messages=[{"role": "user", "content": "What is 2 plus 2?"}])
     assert answer.choices[0].message.role == "assistant"
     assert done.fine_tuned_model in [m.id for m in client.models.list().data]
+    assert client.models.retrieve(done.fine_tuned_model).owned_by == "mlflow-finetune"
 
 
 def test_pause_resume_cancel_and_a_restart_while_running(server, tmp_path):

@@ -9,7 +9,6 @@ the same server.
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request) at run time.
 import hmac
 import json
-import time
 from dataclasses import dataclass
 
 from mlflow_finetune_plugin.errors import FinetuneError
@@ -151,12 +150,25 @@ def build_app(service: Service, api_key: str | None, front=None):
         job = store.get(job_id)
         return page(progress.checkpoints(job_id, job["_internal"]["runs"]), after, _limit(limit), default_limit=10)
 
+    def fine_tuned() -> dict:
+        return {j["fine_tuned_model"]: {"id": j["fine_tuned_model"], "object": "model", "created": j["finished_at"],
+                                        "owned_by": "mlflow-finetune"} for j in store.all() if j["fine_tuned_model"]}
+
     @app.get("/v1/models")
     def models():
-        created = int(time.time())
-        names = [j["fine_tuned_model"] for j in store.all() if j["fine_tuned_model"]]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": created,
-                                            "owned_by": "mlflow-finetune"} for n in names]}
+        return {"object": "list", "data": list(fine_tuned().values())}
+
+    @app.get("/v1/models/{model}")
+    def model(model: str):
+        found = fine_tuned().get(model)
+        if found is None:
+            raise APIError(404, f"The model `{model}` does not exist on this server.", code="model_not_found",
+                           param="model")
+        return found
+
+    @app.get("/{path:path}")
+    def unknown(path: str):  # the front forwards model requests (POST) only: no GET reaches it
+        raise APIError(404, f"Unknown request URL: GET /{path}.", code="unknown_url")
 
     if front is not None:
         app.mount("/", front)
