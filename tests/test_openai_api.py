@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 
 API_KEY = "sk-local-test"
 # Every job: batches of 2, a loss and a checkpoint every 2 steps, a small evaluation.
-SERVER_OVERRIDES = {"train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2, "data.max_length": 64, "data.packing": False,
+SERVER_OVERRIDES = {"train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2, "data.max_length": 128, "data.packing": False,
                     "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1, "eval.traces": False}
 
 
@@ -91,6 +91,7 @@ def _wait_status(client, job_id: str, statuses, timeout=240):
     return found["job"]
 
 
+@pytest.mark.integration
 def test_refusals_are_openai_shaped_and_start_nothing(server, tmp_path):
     client = server.client()
     good = _upload(client, tmp_path / "train.jsonl", chat_rows(12))
@@ -138,6 +139,7 @@ def test_refusals_are_openai_shaped_and_start_nothing(server, tmp_path):
     assert not list((server.root / "state" / "jobs").iterdir())
 
 
+@pytest.mark.integration
 def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
     from mlflow import MlflowClient
 
@@ -184,6 +186,7 @@ def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
     assert client.models.retrieve(done.fine_tuned_model).owned_by == "mlflow-finetune"
 
 
+@pytest.mark.integration
 def test_pause_resume_cancel_and_a_restart_while_running(server, tmp_path):
     from mlflow import MlflowClient
 
@@ -196,17 +199,33 @@ def test_pause_resume_cancel_and_a_restart_while_running(server, tmp_path):
     _wait_status(client, job.id, ("running",))
     wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, timeout=120, what="a checkpoint",
              interval=1.0)
-    waiting = client.fine_tuning.jobs.create(model="tiny", training_file=train.id)  # --max-jobs 1: it queues
-    _wait_status(client, waiting.id, ("queued",))
+    # --max-jobs 1: these queue once the backend's own checks (validating_files) pass: DPO and reinforcement rows
+    # as `-e dpo` and `-e grpo` (with the grader as its reward function) take them
+    waiting = client.fine_tuning.jobs.create(model="tiny", training_file=train.id)
+    dpo = _upload(client, tmp_path / "dpo.jsonl", [
+        {"input": {"messages": r["messages"][:1]}, "preferred_output": r["messages"][1:],
+         "non_preferred_output": [{"role": "assistant", "content": "No idea."}]} for r in chat_rows(12)])
+    rft = _upload(client, tmp_path / "rft.jsonl", [
+        {"messages": r["messages"][:1], "answer": r["messages"][1]["content"]} for r in chat_rows(12)])
+    others = [client.fine_tuning.jobs.create(model="tiny", training_file=dpo.id, method={
+                  "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}),
+              client.fine_tuning.jobs.create(model="tiny", training_file=rft.id, method={
+                  "type": "reinforcement", "reinforcement": {"grader": {
+                      "type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+                      "evaluation_metric": "rouge_l"}}})]
+    assert others[0].method.dpo.hyperparameters.beta == 0.2
+    for queued in (waiting, *others):
+        assert _wait_status(client, queued.id, ("queued", "failed")).status == "queued"
 
     server.stop()  # the run is detached: it goes on, and the restarted server follows it
     server.start()
     client = server.client()
     assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
     assert client.fine_tuning.jobs.retrieve(waiting.id).status == "queued"
-    assert client.fine_tuning.jobs.cancel(waiting.id).status == "cancelled"  # never started: no run
+    for queued in (waiting, *others):
+        assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"  # never started: no run
     newest = client.fine_tuning.jobs.list(limit=1)
-    assert newest.data[0].id == waiting.id and newest.has_more
+    assert newest.data[0].id == others[-1].id and newest.has_more
     assert client.fine_tuning.jobs.list(after=waiting.id, limit=1).data[0].id == job.id
     first_run = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("openai-fine-tuning").experiment_id],
@@ -220,9 +239,10 @@ def test_pause_resume_cancel_and_a_restart_while_running(server, tmp_path):
     runs = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("openai-fine-tuning").experiment_id],
         filter_string=f"tags.`{tags.OPENAI_JOB}` = '{job.id}'")
-    assert not [r for r in MlflowClient().search_runs(
-        [MlflowClient().get_experiment_by_name("openai-fine-tuning").experiment_id],
-        filter_string=f"tags.`{tags.OPENAI_JOB}` = '{waiting.id}'")]
+    for queued in (waiting, *others):
+        assert not MlflowClient().search_runs(
+            [MlflowClient().get_experiment_by_name("openai-fine-tuning").experiment_id],
+            filter_string=f"tags.`{tags.OPENAI_JOB}` = '{queued.id}'")
     resumed = next(r for r in runs if r.info.run_id != first_run)
     wait_for(lambda: tags.RESUMED_FROM in MlflowClient().get_run(resumed.info.run_id).data.tags, timeout=120,
              what="the resumed run to load the checkpoint", interval=1.0)
