@@ -212,20 +212,24 @@ def create_job(body, files: FileStore, store: JobStore, settings: Settings) -> d
 
         shutil.rmtree(store.folder(job_id), ignore_errors=True)
         raise
-    now = time.time()
-    job = {"id": job_id, "object": "fine_tuning.job", "created_at": int(now), "model": body["model"],
-           "status": "validating_files", "fine_tuned_model": None, "finished_at": None,
-           "hyperparameters": {k: v for k, v in resolved.items() if k not in ("beta", "seed")}, "method": _method_out(kind, method,
-                                                                                                       resolved),
-           "training_file": body["training_file"], "validation_file": valid, "result_files": [],
-           "trained_tokens": None, "seed": seed if seed is not None else resolved["seed"], "estimated_finish": None,
-           "error": None, "metadata": metadata, "organization_id": "org-local", "user_provided_suffix": suffix,
-           "integrations": [],
-           "_internal": {"created": now, "entry_point": rows.METHODS[kind][0], "project": str(project),
-                         "registered_model": recipe["registry"]["name"], "runs": [], "events": [],
-                         "pause": False, "resume_from": None, "columns": columns}}
+    job = _record(job_id, body, kind, method, resolved, suffix, seed, metadata)
+    job["_internal"].update(entry_point=rows.METHODS[kind][0], project=str(project), columns=columns,
+                            registered_model=recipe["registry"]["name"])
     add_event(job, f"Created fine-tuning job: {job_id}")
     return store.save(job)
+
+
+def _record(job_id: str, body: dict, kind: str, method: dict, resolved: dict, suffix, seed, metadata) -> dict:
+    """The job as OpenAI shapes it, and what only the server reads (`_internal`: runs, events, pause, resume)."""
+    now = time.time()
+    return {"id": job_id, "object": "fine_tuning.job", "created_at": int(now), "model": body["model"],
+            "status": "validating_files", "fine_tuned_model": None, "finished_at": None,
+            "hyperparameters": {k: v for k, v in resolved.items() if k not in ("beta", "seed")},
+            "method": _method_out(kind, method, resolved), "training_file": body["training_file"],
+            "validation_file": body.get("validation_file"), "result_files": [], "trained_tokens": None,
+            "seed": seed if seed is not None else resolved["seed"], "estimated_finish": None, "error": None,
+            "metadata": metadata, "organization_id": "org-local", "user_provided_suffix": suffix, "integrations": [],
+            "_internal": {"created": now, "runs": [], "events": [], "pause": False, "resume_from": None}}
 
 
 def _recipe(model: str, kind: str, has_eval: bool, name: str, seed: int | None) -> dict:
