@@ -140,6 +140,23 @@ def test_refusals_are_openai_shaped_and_start_nothing(server, tmp_path):
 
 
 @pytest.mark.integration
+def test_a_row_the_models_template_cannot_render_fails_the_job_in_validating_files(server, tmp_path):
+    from tests.test_data_formats import tool_row
+
+    client = server.client()
+    rows = chat_rows(11)
+    rows.insert(2, tool_row("Paris"))  # the tiny model's template renders no tools: only its tokenizer can tell
+    tools = _upload(client, tmp_path / "tools.jsonl", rows)
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=tools.id)
+    failed = _wait_status(client, job.id, ("failed", "queued", "running"), timeout=120)
+    assert failed.status == "failed" and failed.error.code == "invalid_training_file"
+    assert failed.error.param == "training_file"
+    assert "tools.jsonl:3: tool calls or tools (get_weather) that the chat template of tiny does not render" in \
+        failed.error.message
+    assert not failed.error.message.count("/data/train.jsonl")  # the uploaded file's name, not the job's copy
+
+
+@pytest.mark.integration
 def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
     from mlflow import MlflowClient
 

@@ -96,10 +96,14 @@ class Runner:
         inner = job["_internal"]
         try:
             resolve_entry_point(inner["project"], inner["entry_point"], dict(self.settings.overrides))
-        except DataError as e:
-            return self._fail(job["id"], "invalid_training_file", self._named(job, str(e)), "training_file")
         except Exception as e:  # noqa: BLE001 - the backend's checks word every problem; the job carries it
-            return self._fail(job["id"], "invalid_request", str(e), None)
+            message, data = str(e), f"{inner['project']}/data/"
+            if data + "train.jsonl" in message or isinstance(e, DataError):
+                return self._fail(job["id"], "invalid_training_file", self._named(job, message), "training_file")
+            if data + "validation.jsonl" in message:
+                return self._fail(job["id"], "invalid_validation_file", self._named(job, message),
+                                  "validation_file")
+            return self._fail(job["id"], "invalid_request", message, None)
 
         def queued(j):
             if j["status"] != "validating_files":  # cancelled meanwhile
