@@ -7,6 +7,7 @@ import sys
 import click
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.finetuning_api.command import openai_api_cmd
 
 
 class _FriendlyGroup(click.Group):
@@ -38,8 +39,7 @@ def tiny_model_cmd(directory, seed):
     """Build the built-in tiny Llama model (and its locally trained tokenizer) into DIRECTORY."""
     from mlflow_finetune_plugin.models.tiny import build_tiny_model
 
-    path = build_tiny_model(directory, seed=seed)
-    click.echo(f"Tiny model written to {path}")
+    click.echo(f"Tiny model written to {build_tiny_model(directory, seed=seed)}")
 
 
 @main.group("data")
@@ -160,11 +160,8 @@ def _pairs(values, extra_args) -> dict:
 @click.option("-P", "params", multiple=True, help="Recipe override, dotted key: -P train.max_steps=20")
 @click.pass_context
 def train_cmd(ctx, project, method, params):
-    """Fine-tune PROJECT (a folder with finetune.yaml) in this process.
-
-    Inside `mlflow run` (local backend) it trains in the run MLflow created; otherwise it starts a new run.
-    Prefer `mlflow run PROJECT -e METHOD --backend finetune`, which also validates before starting a run.
-    """
+    """Fine-tune PROJECT (a folder with finetune.yaml) in this process: inside `mlflow run` (local backend) in the run
+    MLflow created, else in a new run. Prefer `mlflow run PROJECT -e METHOD --backend finetune` (it validates first)."""
     from mlflow_finetune_plugin.backend import check_combination
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.data.check import check_data
@@ -447,6 +444,9 @@ def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_u
         model_ref, against, engine=engine, blind=blind, host=host, port=port, auth=auth, openai_urls=openai_urls,
         served_models=served_models, max_new_tokens=max_new_tokens, concurrency=concurrency, device=device,
         experiment=experiment, max_lora_rank=max_lora_rank, follow_interval=follow_interval, trace=trace), click.echo)
+
+
+main.add_command(openai_api_cmd)  # the command lives beside the API (finetuning_api/command.py)
 
 
 @main.group("votes")

@@ -110,6 +110,15 @@ SERVED_BY = "finetune.served.by"                  # serve | playground
 SERVED_MODEL = "finetune.served.model"            # the model choice that answered (NAME/3 or NAME/3:base)
 SERVED_NAME = "finetune.served.name"              # the name the client asked for (bot-v3, bot@champion)
 
+# --- the OpenAI fine-tuning API (`mlflow-finetune openai-api`) --------------------------------------------------
+FILE_PURPOSE = "finetune.file.purpose"            # on a file's run (experiment `openai-files`): fine-tune, ...
+FILE_NAME = "finetune.file.filename"              # the file name the client gave (shown, never used as a path)
+FILE_BYTES = "finetune.file.bytes"                # its size
+FILE_ARTIFACT = "finetune.file.artifact"          # its path among the run's artifacts
+OPENAI_JOB = "finetune.openai.job_id"             # on a job's training run: the fine-tuning job (ftjob-...)
+OPENAI_SUFFIX = "finetune.openai.suffix"          # the job's suffix
+OPENAI_METADATA = "finetune.openai.metadata"      # the job's metadata, as JSON
+
 # --- sweeps (`mlflow-finetune sweep`) ---------------------------------------------------------------------------
 SWEEP_TRIAL = "finetune.sweep.trial"              # on a trial run: its Optuna trial number
 SWEEP_STATE = "finetune.sweep.state"              # on a trial run: complete | pruned | failed

@@ -46,7 +46,7 @@ def pytest_configure(config):
 # order: in alphabetical order the long files near the end (smollm2, sweep, system prompts, vllm) left the last
 # minutes to one worker. Longest first, the short files fill in at the end.
 LONGEST_FIRST = ("test_launchers.py", "test_vision.py", "test_family_matrix.py", "test_vision_preferences.py", "test_faults.py", "test_objectives.py",
-                 "test_smollm2.py", "test_integration.py", "test_multinode.py", "test_serving.py",
+                 "test_smollm2.py", "test_integration.py", "test_multinode.py", "test_serving.py", "test_openai_api.py",
                  "test_system_prompts.py", "test_base_models.py", "test_sweep.py", "test_playground.py",
                  "test_gguf.py", "test_kill_moments.py", "test_vllm.py", "test_gemma3.py")
 

@@ -18,7 +18,7 @@ PACKAGES = (ROOT,)
 # floor outside its package, nothing above. Names are relative to mlflow_finetune_plugin.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("cli",),
-    ("sweep",),
+    ("sweep", "finetuning_api"),  # finetuning_api: OpenAI's jobs API runs `mlflow run` and serves the results
     ("backend",),
     ("serving", "launchers"),
     ("train",),

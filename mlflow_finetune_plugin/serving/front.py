@@ -110,10 +110,12 @@ class Routes:
             return self._changed.wait_for(lambda: not self._in_flight.get(name), timeout=timeout)
 
 
-def build_front(routes: Routes, resolve=None, tracer=None):
+def build_front(routes: Routes, resolve=None, tracer=None, start=None):
     """The front's ASGI app over `routes`; `resolve(name)` (optional) is the load request for a model not served yet,
-    None when there is no such model; with a `tracer` (`serve --trace`), each chat completion is recorded as a trace
-    (`tracing.py`) and `POST /v1/feedback` rates an answer."""
+    None when there is no such model; `start(name)` (optional, instead) starts a server for such a model and returns
+    (its URL, its name for the model), or None (the fine-tuning API: versions trained after the server started);
+    with a `tracer` (`serve --trace`), each chat completion is recorded as a trace (`tracing.py`) and
+    `POST /v1/feedback` rates an answer."""
     import asyncio
 
     import httpx
@@ -145,6 +147,12 @@ def build_front(routes: Routes, resolve=None, tracer=None):
             if routes.lookup(model):
                 return None
             try:
+                if start is not None:
+                    started = await asyncio.to_thread(start, model)
+                    if started is None:
+                        return JSONResponse(not_found(model, routes.names()), status_code=404)
+                    routes.add(model, *started)
+                    return None
                 request = await asyncio.to_thread(resolve, model) if resolve else None
             except FinetuneError as e:
                 return JSONResponse(_error(str(e), "invalid_request_error"), status_code=400)
