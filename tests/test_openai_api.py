@@ -175,7 +175,7 @@ def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
     assert job.method.supervised.hyperparameters.n_epochs == 1
     done = _wait_status(client, job.id, ("succeeded", "failed", "cancelled"))
     assert done.status == "succeeded", done.error
-    assert done.fine_tuned_model == "ft-tiny-adder-v1" and done.trained_tokens > 0 and done.finished_at
+    assert done.fine_tuned_model == "ft:ft-tiny-adder-v1" and done.trained_tokens > 0 and done.finished_at
 
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert [e.message for e in events][0] == "The job has successfully completed"
@@ -202,6 +202,30 @@ def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
     assert done.fine_tuned_model in [m.id for m in client.models.list().data]
     assert client.models.retrieve(done.fine_tuned_model).owned_by == "mlflow-finetune"
 
+
+
+@pytest.mark.integration
+def test_dspy_fine_tunes_a_local_model_through_the_server_and_its_lm_answers(server, tmp_path, monkeypatch):
+    """DSPy's OpenAI provider (what `BootstrapFinetune` calls through `lm.finetune`) against this server, as a DSPy
+    user points it: the module-level `openai` client at the server. The LM it returns answers through litellm."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm's price table from its wheel, not GitHub
+    monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "dspy-cache"))
+    monkeypatch.setenv("DSPY_FINETUNEDIR", str(tmp_path / "dspy-finetune"))
+    url = f"http://127.0.0.1:{server.port}/v1"
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setattr(openai, "_client", None)  # the module-level client is made from them on first use
+    import dspy
+    from dspy.clients.utils_finetune import TrainDataFormat
+
+    # custom_llm_provider: litellm routes only `ft:gpt-*` models to OpenAI by name, and the tuned LM keeps these kwargs
+    lm = dspy.LM("openai/tiny", api_base=url, api_key=API_KEY, custom_llm_provider="openai", max_tokens=4, cache=False)
+    job = lm.finetune(chat_rows(12), TrainDataFormat.CHAT, train_kwargs={"n_epochs": 1})
+    tuned = job.result(timeout=300)
+    assert isinstance(tuned, dspy.LM), tuned  # an exception from the provider is returned as the result
+    assert tuned.model.startswith("ft:ft-tiny-v")
+    (answer,) = tuned(messages=[{"role": "user", "content": "What is 2 plus 2?"}])
+    assert isinstance(answer, str)
 
 @pytest.mark.integration
 def test_pause_resume_cancel_and_a_restart_while_running(server, tmp_path):

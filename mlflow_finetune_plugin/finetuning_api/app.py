@@ -182,10 +182,10 @@ def fine_tuned_starter(store: JobStore, fleet):
     from mlflow_finetune_plugin.serving.server import transformers_command
 
     def start(model: str):
-        job = next((j for j in store.all() if j["fine_tuned_model"] == model), None)
+        job = next((j for j in store.all() if j["fine_tuned_model"] in (model, progress.FT + model)), None)
         if job is None:
             return None
-        name, _, version = model.rpartition("-v")
+        name, _, version = job["fine_tuned_model"].removeprefix(progress.FT).rpartition("-v")
         port = loopback_port()
         cmd = transformers_command(ModelChoice(name, version), "127.0.0.1", port)
         child = fleet.start(cmd.argv, port, cmd.names, cwd=cmd.cwd, env=cmd.env)

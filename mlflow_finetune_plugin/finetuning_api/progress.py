@@ -85,11 +85,16 @@ def trained_tokens(runs: list[str]) -> int | None:
     return int(next(c for c in reversed(counts) if c)[-1].value)
 
 
+FT = "ft:"
+
+
 def fine_tuned_model(run_id: str) -> str | None:
-    """`NAME-vN` of the version the run registered, None when it registered none."""
+    """`ft:NAME-vN` for the version the run registered (None when it registered none): `NAME-vN` as `serve` names
+    it, behind OpenAI's `ft:` mark of a fine-tuned model, which clients route by (litellm sends an `ft:` model to the
+    OpenAI provider, so DSPy's fine-tuned LM answers through this server)."""
     from mlflow_finetune_plugin.serving.base import ModelChoice
     from mlflow_finetune_plugin.serving.choices import served_name
 
     run_tags = _client().get_run(run_id).data.tags
     name, version = run_tags.get(tags.REGISTERED_MODEL), run_tags.get(tags.REGISTERED_VERSION)
-    return served_name(ModelChoice(name, version)) if name and version else None
+    return FT + served_name(ModelChoice(name, version)) if name and version else None
