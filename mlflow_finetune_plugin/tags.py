@@ -77,6 +77,9 @@ EVALUATED_VERSION = "finetune.evaluated_version"  # its version number
 VERDICT = "finetune.verdict"                      # one sentence: the margin over that alternative, the forgetting
 VERDICT_BEST_ALTERNATIVE = "finetune.verdict.best_alternative"  # base | fewshot | retrieval (none: none scored)
 VERDICT_PAID_OFF = "finetune.verdict.paid_off"    # "true" only when the bootstrap interval of the margin is above 0
+# "true" when the optimized prompt ties or beats the tuned model (set only where the optimized contender was scored)
+VERDICT_KEEP_PROMPT = "finetune.verdict.keep_prompt"
+EVAL_CONTENDERS = "finetune.eval.contenders"       # the contenders scored, and why the others were not
 
 # --- promotion (on the version the alias moved to) ----------------------------------------------------------------
 PROMOTED_ALIAS = "finetune.promoted_alias"        # the alias moved to this version
