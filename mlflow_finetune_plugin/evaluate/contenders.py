@@ -152,12 +152,12 @@ def _search(model, base_model, tokenizer, train, questions, cfg, limit, proposer
     """The optimized contender's prompt search with the base model, at the pace the contenders so far answered."""
     from mlflow_finetune_plugin.evaluate import prompt_search
 
-    paces = [metrics[f"eval/{c}/latency_s"] for c in ("retrieval", "fewshot", "base") if f"eval/{c}/latency_s" in metrics]
-    split = prompt_search.dev_split(train, cfg.optimize.dev_rows)
+    paces = [metrics[f"eval/{c}/latency_s"] for c in ("retrieval", "fewshot", "base")
+             if f"eval/{c}/latency_s" in metrics]
     # the proposer sees train rows only, and only those the search will not score on
-    instructions = prompt_search.instruction_sources(split[0], cfg, proposer) if not isinstance(split, str) else []
     found = prompt_search.search(lambda: _base_context(model, base_model), tokenizer, train, len(questions), cfg,
-                                 limit, instructions, paces[0] if paces else None)
+                                 limit, lambda pool: prompt_search.instruction_sources(pool, cfg, proposer),
+                                 paces[0] if paces else None)
     print(f"Prompt search: {found.reason}" + (f": {prompt_search.describe(found.winner)}." if found.winner else "."))
     return found
 

@@ -134,10 +134,12 @@ def fitted(shots: list[Candidate], instructions: list[Candidate], budget: int) -
 
 
 def search(model_context, tokenizer, train: list[list[dict]], n_heldout: int, cfg, limit: int,
-           instructions: list[str], seconds_per_answer: float | None = None) -> Search:
+           instructions, seconds_per_answer: float | None = None) -> Search:
     """Score the candidates that fit the budget on a dev split of `train` with the base model (`model_context`: a
     callable giving a fresh context for it), and return the best; skipped, with the reason, when the rows or the
-    budget do not allow a search. Prints the estimate first, then one progress bar."""
+    budget do not allow a search. `instructions`: a list, or a callable given the train rows outside the dev split
+    (asked only once the budget fits a search: a proposer is not called for nothing). Prints the estimate first,
+    then one progress bar."""
     from tqdm.auto import tqdm
 
     opt, k = cfg.optimize, cfg.fewshot_k
@@ -147,15 +149,18 @@ def search(model_context, tokenizer, train: list[list[dict]], n_heldout: int, cf
         return Search(None, split)
     pool, dev = split
     fits = int(opt.budget * n_heldout) // len(dev)
+    if callable(instructions):
+        instructions = instructions(pool) if fits >= 2 else []
     shots, told = candidates(pool, k, k_retrieved, opt.shot_sets, instructions)
     shots, told = fitted(shots, told, fits)
     if len(shots) + len(told) < 2:
-        return Search(None, f"the budget fits {fits} candidate{'s' * (fits != 1)} (eval.optimize.budget "
+        return Search(None, f"the budget fits {_count(fits, 'candidate')} (eval.optimize.budget "
                             f"{opt.budget:g} x {n_heldout} held-out rows / {len(dev)} dev rows); 2 are needed to "
                             "search: raise eval.optimize.budget", dev_rows=len(dev))
     total = (len(shots) + len(told)) * len(dev)
     when = f", about {total * seconds_per_answer:.1f} s at the contenders' pace" if seconds_per_answer else ""
-    print(f"Prompt search: {len(shots)} shot sets then {len(told)} instructions x {len(dev)} dev rows from train = "
+    print(f"Prompt search: {_count(len(shots), 'shot set')} then {_count(len(told), 'instruction')} x {len(dev)} "
+          f"dev rows from train = "
           f"{total} answers ({total / max(n_heldout, 1):.2f} of one contender pass){when}.")
     questions, references = zip(*(split_conversation(conv) for conv in dev))
     questions, references = list(questions), list(references)
@@ -182,6 +187,10 @@ def search(model_context, tokenizer, train: list[list[dict]], n_heldout: int, cf
                 best, best_value = candidate, scores[-1][1]
     return Search(best, f"best of {len(scores)} on {len(dev)} dev rows: {best.label} ({opt.metric} "
                         f"{best_value:.3f})", scores, len(dev), total, spent)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
 
 
 def instruction_sources(train: list[list[dict]], cfg, proposer) -> list[str]:

@@ -57,14 +57,25 @@ def proposer_of(eval_cfg, distill=None) -> Proposer | None:
     return None
 
 
+def reachable(proposer: Proposer) -> None:
+    """Raise, before anything trains, when a proposer the recipe names does not answer at /models."""
+    import httpx
+
+    try:
+        with httpx.Client(timeout=10.0, headers=_headers(proposer), trust_env=False) as http:
+            http.get(f"{proposer.url}/models").raise_for_status()
+    except httpx.HTTPError as e:
+        raise FinetuneError(f"eval.optimize.proposer {proposer.url} does not answer ({type(e).__name__}: {e}); "
+                            "nothing was trained. Start it, fix -P eval.optimize.proposer=URL (an OpenAI-compatible "
+                            "base URL ending in /v1), or leave it out to take instructions from the rows") from None
+
+
 def propose(proposer: Proposer, train: list[list[dict]], n: int) -> list[str]:
     """Up to `n` instructions from `proposer`; [] (said) when an inherited proposer does not answer."""
     import httpx
 
-    key = os.environ.get(proposer.api_key_env)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with httpx.Client(timeout=TIMEOUT_S, headers=headers, trust_env=False) as http:
+        with httpx.Client(timeout=TIMEOUT_S, headers=_headers(proposer), trust_env=False) as http:
             model = proposer.model or _only_model(http, proposer.url)
             got = http.post(f"{proposer.url}/chat/completions",
                             json={"model": model, "temperature": 0.7, "max_tokens": 120 * n,
@@ -92,6 +103,11 @@ def parse_instructions(text: str) -> list[str]:
         if len(line.split()) >= 3 and line not in out:
             out.append(line[:MAX_CHARS])
     return out
+
+
+def _headers(proposer: Proposer) -> dict:
+    key = os.environ.get(proposer.api_key_env)  # read from the environment, never logged
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _only_model(http, url: str) -> str:
