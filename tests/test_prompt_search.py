@@ -22,7 +22,13 @@ from mlflow_finetune_plugin.config.schema import EvalConfig, LoraAdapter
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate import prompt_search
 from mlflow_finetune_plugin.evaluate.contenders import run_evaluation
-from mlflow_finetune_plugin.evaluate.proposer import Proposer, parse_instructions, propose, proposer_of, reachable
+from mlflow_finetune_plugin.evaluate.proposer import (
+    Proposer,
+    parse_instructions,
+    propose,
+    proposer_of,
+    reachable,
+)
 from mlflow_finetune_plugin.evaluate.verdict import MIN_EXAMPLES, decide
 from mlflow_finetune_plugin.messages import split_conversation
 from mlflow_finetune_plugin.metrics import score
