@@ -100,7 +100,7 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
         metrics.update({f"eval/{TEACHER}/{k}": v for k, v in totals.items()})
         add_answers(rows, TEACHER, answers, per_example)
     contenders = [c for c in CONTENDERS if c in runs or c == TEACHER and complete(teachers)]
-    searched = None
+    searched, answered = None, {}  # answered: the base model's answers by its prompts
     for name in [c for c in contenders if c in runs]:
         if name == OPTIMIZED:
             searched = _search(model, base_model, tokenizer, train_conversations, questions, cfg, limit, proposer,
@@ -114,8 +114,13 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
                                searched.winner.prompts(questions, train_conversations, retrieval_k(cfg), tokenizer,
                                                        limit))
         context, prompts = runs[name]
-        with context as contender:
-            answers, nll, n_tokens, seconds = answer_all(contender, tokenizer, prompts, references, cfg, name)
+        same = json.dumps(prompts) if name != "tuned" else None
+        if same in answered:  # the optimized prompt that is another contender's: the same answers, not redone
+            answers, nll, n_tokens, seconds = answered[same]
+        else:
+            with context as contender:
+                answers, nll, n_tokens, seconds = answer_all(contender, tokenizer, prompts, references, cfg, name)
+            answered[same] = answers, nll, n_tokens, seconds
         totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg, train_answers)
         totals.update(answer_costs([count_tokens(tokenizer, p) for p in prompts], answer_lengths(tokenizer, answers),
                                    seconds, params.get("tuned" if name == "tuned" else "base")))
