@@ -278,3 +278,43 @@ def test_fine_tuning_must_beat_the_optimized_prompt_and_a_tie_says_keep_the_prom
     # without the optimized contender there is no such tag
     assert tags.VERDICT_KEEP_PROMPT not in decide({k: v for k, v in scores.items() if k != "optimized"},
                                                   "rougeL").as_tags()
+
+
+# --- the prompt kept: Prompt Registry ------------------------------------------------------------------------------
+
+
+def test_the_optimized_prompt_is_registered_as_a_candidate_and_promoted_only_through_the_gates(tracking_uri):
+    import mlflow
+
+    from mlflow_finetune_plugin.config.schema import RegistryConfig
+    from mlflow_finetune_plugin.registry import prompts
+
+    shot = [{"role": "system", "content": "ignored"}, {"role": "user", "content": "What is 1 plus 1?"},
+            {"role": "assistant", "content": "1 plus 1 is 2."}]
+    record = {"instruction": "Answer with the sum.", "shots": [shot], "retrieved_shots": False, "reason": "best"}
+    gates = [RegistryConfig.Gate(metric="rougeL"), RegistryConfig.Gate(metric="forgetting/ppl_ratio", at_most=1.2)]
+
+    def run_with(optimized: float) -> str:
+        with mlflow.start_run() as run:
+            mlflow.log_metrics({"eval/base/rougeL": 0.2, "eval/fewshot/rougeL": 0.3, "eval/retrieval/rougeL": 0.4,
+                                "eval/optimized/rougeL": optimized, "eval/tuned/rougeL": 0.9})
+        return run.info.run_id
+
+    first = prompts.register_optimized("bot", record, run_with(0.5), "builtin:tiny-llama", model_version=1)
+    loaded = mlflow.genai.load_prompt("prompts:/bot-prompt@candidate")
+    assert loaded.version == first.version == 1
+    assert loaded.template == [{"role": "system", "content": "Answer with the sum."}, *shot[1:],
+                               {"role": "user", "content": "{{question}}"}]
+    assert loaded.tags[tags.PROMPT_MODEL_VERSION] == "bot/1" and loaded.tags[tags.PROMPT_SHOTS] == "1"
+    moved, report = prompts.promote_prompt("bot", 1, gates)  # beats base, fewshot, retrieval; no champion yet
+    assert moved and "no @champion yet" in report and "ppl_ratio" not in report  # forgetting: about weights
+    assert mlflow.genai.load_prompt("prompts:/bot-prompt@champion").version == 1
+    # a worse prompt is a candidate, never the champion
+    prompts.register_optimized("bot", record, run_with(0.45), "builtin:tiny-llama")
+    moved, report = prompts.promote_prompt("bot", 2, gates)
+    assert not moved and "FAIL" in report and mlflow.genai.load_prompt("prompts:/bot-prompt@champion").version == 1
+    assert mlflow.genai.load_prompt("prompts:/bot-prompt@candidate").version == 2
+    # served: the client's messages with the instruction and the shot
+    asked = [{"role": "system", "content": "You help."}, {"role": "user", "content": "What is 5 plus 5?"}]
+    assert prompts.apply_prompt(asked, loaded.template) == [
+        {"role": "system", "content": "You help.\n\nAnswer with the sum."}, *shot[1:], asked[1]]

@@ -13,17 +13,11 @@ import contextlib
 
 from mlflow_finetune_plugin import stops
 from mlflow_finetune_plugin.evaluate.scoring import reference_ids, reference_nll, score_and_prefill
+from mlflow_finetune_plugin.messages import fewshot_prompt  # noqa: F401 (imported from here too)
 from mlflow_finetune_plugin.models.answers import answer_text
 from mlflow_finetune_plugin.models.architecture import cache_abilities
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 from mlflow_finetune_plugin.models.vision import processor_of
-
-
-def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
-    """The prompt with `shots` (whole conversations) as earlier turns, after the prompt's system message(s)."""
-    system = [m for m in prompt if m.get("role") == "system"]
-    turns = [m for shot in shots for m in shot if m.get("role") != "system"]
-    return system + turns + [m for m in prompt if m.get("role") != "system"]
 
 
 @contextlib.contextmanager

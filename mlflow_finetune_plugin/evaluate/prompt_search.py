@@ -19,9 +19,9 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
-from mlflow_finetune_plugin.evaluate.answering import answer_all, fewshot_prompt, fit_shots
+from mlflow_finetune_plugin.evaluate.answering import answer_all, fit_shots
 from mlflow_finetune_plugin.evaluate.retrieval import nearest_shots, user_text
-from mlflow_finetune_plugin.messages import split_conversation
+from mlflow_finetune_plugin.messages import fewshot_prompt, split_conversation, with_instruction
 from mlflow_finetune_plugin.metrics import score
 
 MIN_DEV_ROWS = 4  # fewer dev rows than this cannot tell two prompts apart
@@ -63,19 +63,6 @@ class Search:
     dev_rows: int = 0
     answers: int = 0
     seconds: float = 0.0
-
-
-def with_instruction(prompt: list[dict], instruction: str | None) -> list[dict]:
-    """`prompt` with `instruction` after its system message's text (a system message of its own where it has none)."""
-    if not instruction:
-        return prompt
-    for i, message in enumerate(prompt):
-        if message.get("role") == "system":
-            content = message.get("content")
-            joined = (f"{content}\n\n{instruction}" if isinstance(content, str)
-                      else [*(content or []), {"type": "text", "text": f"\n\n{instruction}"}])
-            return [*prompt[:i], {**message, "content": joined}, *prompt[i + 1:]]
-    return [{"role": "system", "content": instruction}, *prompt]
 
 
 def dev_split(train: list[list[dict]], dev_rows: int) -> tuple[list[list[dict]], list[list[dict]]] | str:
