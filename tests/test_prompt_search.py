@@ -318,3 +318,61 @@ def test_the_optimized_prompt_is_registered_as_a_candidate_and_promoted_only_thr
     asked = [{"role": "system", "content": "You help."}, {"role": "user", "content": "What is 5 plus 5?"}]
     assert prompts.apply_prompt(asked, loaded.template) == [
         {"role": "system", "content": "You help.\n\nAnswer with the sum."}, *shot[1:], asked[1]]
+
+
+def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prompt(tracking_uri):
+    """The front's route for `serve --prompt`: the request reaches the base model's server with the prompt applied,
+    under the prompt's own name and its alias (no model server started: a loopback stand-in records the request)."""
+    import mlflow
+    from starlette.testclient import TestClient
+
+    from mlflow_finetune_plugin.registry import prompts
+    from mlflow_finetune_plugin.serving.front import Routes, build_front
+    from mlflow_finetune_plugin.serving.server import _prompt_base
+
+    shot = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "1 plus 1 is 2."}]
+    with mlflow.start_run() as run:
+        pass
+    prompts.register_optimized("bot", {"instruction": "Answer with the sum.", "shots": [shot]}, run.info.run_id,
+                               "builtin:tiny-llama", model_version=1)
+    mlflow.genai.set_prompt_alias("bot-prompt", "champion", 1)
+    prompts.register_optimized("orphan", {"instruction": "x"}, run.info.run_id, "builtin:tiny-llama")
+    with pytest.raises(FinetuneError, match="names no model version"):
+        _prompt_base("prompts:/orphan-prompt@candidate", [], "transformers")
+    with pytest.raises(FinetuneError, match="one model per server"):
+        _prompt_base("prompts:/bot-prompt@champion", ["bot/1"], "transformers")
+    served, base = _prompt_base("prompts:/bot-prompt@champion", [], "transformers")
+    assert base == "bot/1:base" and served.name == "bot-prompt-v1" and served.alias_key == "bot-prompt@champion"
+
+    received = []
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "10"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        routes = Routes(["bot-v1-base"], f"http://127.0.0.1:{server.server_address[1]}")
+        routes.add_prompt(served.name, "bot-v1-base", served.rewrite)
+        routes.point(served.alias_key, served.name)
+        with TestClient(build_front(routes)) as client:
+            assert "bot-prompt-v1" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+            asked = [{"role": "user", "content": "What is 5 plus 5?"}]
+            for name in ("bot-prompt@champion", "bot-v1-base"):
+                got = client.post("/v1/chat/completions", json={"model": name, "messages": asked})
+                assert got.status_code == 200 and got.json()["choices"][0]["message"]["content"] == "10"
+    finally:
+        server.shutdown()
+    assert received[0] == {"model": "bot-v1-base", "messages": [
+        {"role": "system", "content": "Answer with the sum."}, *shot, asked[0]]}
+    assert received[1] == {"model": "bot-v1-base", "messages": asked}  # the base itself: unchanged

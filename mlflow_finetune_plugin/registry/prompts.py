@@ -69,6 +69,44 @@ def register_optimized(model_name: str, record: dict, run_id: str, base_model: s
 
 
 @dataclass
+class ServedPrompt:
+    """A registered prompt as `serve --prompt` serves it: under `name` (and `alias_key`, when given by alias), on
+    the base model of `model_version`."""
+
+    name: str
+    template: list
+    model_version: str | None
+    alias_key: str | None = None
+
+    def rewrite(self, body: bytes) -> bytes:
+        """A chat request with the prompt applied to its messages (other requests as they are)."""
+        import json
+
+        request = json.loads(body or b"{}")
+        if isinstance(request, dict) and isinstance(request.get("messages"), list):
+            request["messages"] = apply_prompt(request["messages"], self.template)
+        return json.dumps(request).encode()
+
+
+def served_prompt(uri: str) -> ServedPrompt:
+    """`prompts:/NAME-prompt@ALIAS` or `prompts:/NAME-prompt/N` from the registry, as `serve --prompt` serves it."""
+    import mlflow
+
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    text = uri if uri.startswith(PREFIX) else PREFIX + uri
+    try:
+        version = mlflow.genai.load_prompt(text, link_to_model=False)
+    except Exception as e:  # MLflow raises its own errors for unknown names, versions and aliases
+        raise FinetuneError(f"--prompt {uri}: {e}. Registered prompts: a run that scored the optimized contender "
+                            "registers NAME-prompt (alias candidate)") from None
+    alias = text.split("@", 1)[1] if "@" in text else None
+    return ServedPrompt(f"{version.name}-v{version.version}", version.template,
+                        version.tags.get(tags.PROMPT_MODEL_VERSION),
+                        f"{version.name}@{alias}" if alias else None)
+
+
+@dataclass
 class PromptCheck:
     metric: str
     against: str
