@@ -376,3 +376,33 @@ def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prom
     assert received[0] == {"model": "bot-v1-base", "messages": [
         {"role": "system", "content": "Answer with the sum."}, *shot, asked[0]]}
     assert received[1] == {"model": "bot-v1-base", "messages": asked}  # the base itself: unchanged
+
+
+# --- -e optimize-prompt: the prompt search as a run of its own -----------------------------------------------------
+
+
+def test_optimize_prompt_trains_nothing_and_registers_the_prompt(tmp_path, tracking_uri, capsys):
+    import mlflow
+
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.errors import RecipeError
+    from mlflow_finetune_plugin.train import job
+    from tests.helpers import write_project
+
+    proj = write_project(tmp_path / "adder", "data: {max_length: 64, eval: data/eval.jsonl}\n", rows=chat_rows(20),
+                         eval_rows=chat_rows(10, offset=100))
+    overrides = {"eval.max_examples": 10, "eval.max_new_tokens": 4, "eval.traces": False, "eval.forgetting": False,
+                 "eval.optimize.dev_rows": 4, "registry.auto_promote": True}
+    mlflow.set_experiment("prompt-only")
+    assert job.run(load_recipe(proj, method="optimize-prompt", overrides=overrides)) == 0
+    run = mlflow.search_runs(output_format="list")[0]
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED" and "eval/optimized/rougeL" in metrics
+    assert not any(k.startswith(("eval/tuned/", "train/")) for k in metrics)  # nothing trained, no tuned model
+    assert mlflow.MlflowClient().search_registered_models() == []  # no model version: a prompt
+    assert run.data.tags[tags.REGISTERED_PROMPT] == "prompts:/adder-prompt/1"
+    assert mlflow.genai.load_prompt("prompts:/adder-prompt@candidate").version == 1
+    out = capsys.readouterr().out
+    assert "Contenders: scored base, fewshot, retrieval, optimized" in out and "Promotion of adder-prompt v1" in out
+    with pytest.raises(RecipeError, match="optimize-prompt is the prompt search"):
+        load_recipe(proj, method="optimize-prompt", overrides={"eval.contenders": ["base"]})

@@ -46,7 +46,8 @@ from mlflow_finetune_plugin.models.image_inputs import with_images
 
 
 def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train_conversations: list[list[dict]],
-                   cfg, base_model=None, teachers: list[dict | None] | None = None, proposer=None) -> EvalResult:
+                   cfg, base_model=None, teachers: list[dict | None] | None = None, proposer=None,
+                   tuned: bool = True) -> EvalResult:
     """Score the prompt-only contenders of `cfg.contenders` (base zero-shot, base few-shot, base with retrieved
     shots, the optimized prompt: `prompt_search.py`) and tuned on the first `cfg.max_examples` eval conversations
     (greedy), with what each answer cost (`cost.py`); which ran, and why the others did not, is printed and kept
@@ -56,6 +57,7 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
     `base_model` given; with neither there is no base to compare and only `tuned` is scored. `teachers`: each eval
     conversation's `teacher` (data/teacher.py); where every scored one has one, the teacher is scored too
     (`teacher.py`). `proposer`: who writes instructions for the prompt search (`proposer.proposer_of`).
+    `tuned=False` (`-e optimize-prompt`, no weights trained): `model` is the base, and only prompts are scored.
     """
     teachers = teachers or [None] * len(eval_conversations)
     kept = [(pair, t) for conv, t in zip(eval_conversations, teachers)
@@ -67,7 +69,7 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
     questions = [p for p, _ in examples]
     base = _base_context(model, base_model)
     limit = context_limit(model, tokenizer) - cfg.max_new_tokens
-    runs = {"tuned": (lora_merged(model), questions)}
+    runs = {"tuned": (lora_merged(model), questions)} if tuned else {}
     notes = _notes(cfg, base is not None, train_conversations)
     shots = _pick_shots(train_conversations, cfg.fewshot_k, {json.dumps(p) for p in questions}) \
         if "fewshot" not in notes else []
