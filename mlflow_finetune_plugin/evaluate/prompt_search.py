@@ -147,8 +147,7 @@ def search(model_context, tokenizer, train: list[list[dict]], n_heldout: int, cf
     total = (len(shots) + len(told)) * len(dev)
     when = f", about {total * seconds_per_answer:.1f} s at the contenders' pace" if seconds_per_answer else ""
     print(f"Prompt search: {_count(len(shots), 'shot set')} then {_count(len(told), 'instruction')} x {len(dev)} "
-          f"dev rows from train = "
-          f"{total} answers ({total / max(n_heldout, 1):.2f} of one contender pass){when}.")
+          f"dev rows from train = {total} answers ({total / max(n_heldout, 1):.2f} of one contender pass){when}.")
     questions, references = zip(*(split_conversation(conv) for conv in dev))
     questions, references = list(questions), list(references)
     scores: list[tuple[str, float]] = []
@@ -181,13 +180,14 @@ def _count(n: int, what: str) -> str:
 
 
 def instruction_sources(train: list[list[dict]], cfg, proposer) -> list[str]:
-    """The instructions to try: a proposer's (`proposer.Proposer`, or None) where one answers, else the rows' own."""
+    """The instructions to try, in order: a proposer's (`proposer.Proposer`, or None) where one answers, then the
+    rows' own."""
     rows = row_instructions(train)
     if proposer is None or cfg.optimize.instructions == 0:
         return rows
     from mlflow_finetune_plugin.evaluate.proposer import propose
 
-    return propose(proposer, train, cfg.optimize.instructions) or rows
+    return propose(proposer, train, cfg.optimize.instructions) + rows
 
 
 def describe(candidate: Candidate) -> str:

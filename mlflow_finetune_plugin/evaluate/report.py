@@ -93,8 +93,9 @@ def log_evaluation(result: EvalResult) -> None:
     if result.retrieval_shots:
         mlflow.log_dict({"examples": [{"prompt": row["prompt"], "shots": shots}
                                       for row, shots in zip(result.rows, result.retrieval_shots)]}, RETRIEVED_FILE)
-    mlflow.log_dict({"scored": result.contenders, "not_scored": result.notes}, CONTENDERS_FILE)
-    mlflow.set_tag(tags.EVAL_CONTENDERS, contenders_line(result.contenders, result.notes)[:5000])
+    if result.contenders:  # a mixture's merged result has none of its own (each task printed its own line)
+        mlflow.log_dict({"scored": result.contenders, "not_scored": result.notes}, CONTENDERS_FILE)
+        mlflow.set_tag(tags.EVAL_CONTENDERS, contenders_line(result.contenders, result.notes)[:5000])
     if result.search is not None and result.search.winner is not None:
         mlflow.log_dict(optimized_record(result.search), OPTIMIZED_FILE)
     # The latest evaluation's, overwritten by the next: what the run's verdict is decided on.
