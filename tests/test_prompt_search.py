@@ -280,6 +280,29 @@ def test_fine_tuning_must_beat_the_optimized_prompt_and_a_tie_says_keep_the_prom
                                                   "rougeL").as_tags()
 
 
+def test_a_run_whose_optimized_prompt_ties_says_keep_the_prompt_with_each_ones_cost(tracking_uri):
+    """What `-e lora` prints last when the optimized prompt already does as well: conclude() on logged scores."""
+    import mlflow
+
+    from mlflow_finetune_plugin.evaluate.verdict import conclude
+
+    half = [" ".join(r.split()[:2]) for r in REFS]
+    scores = {"base": _rougeL(["No idea."] * len(REFS)), "retrieval": _rougeL(half), "tuned": _rougeL(REFS),
+              "optimized": _rougeL(REFS[:11] + half[11:])}
+    with mlflow.start_run() as run:
+        mlflow.log_dict({c: {"rougeL": v} for c, v in scores.items()}, "eval/per_example_scores.json")
+        mlflow.log_metrics({"eval/optimized/prompt_tokens": 96.0, "eval/tuned/prompt_tokens": 16.0,
+                            "eval/base/prompt_tokens": 16.0, "eval/base/latency_s": 0.01,
+                            "eval/optimized/latency_s": 0.021, "eval/tuned/latency_s": 0.011})
+    verdict = conclude(run.info.run_id)
+    logged = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
+    assert logged[tags.VERDICT_KEEP_PROMPT] == "true" and logged[tags.VERDICT_PAID_OFF] == "false"
+    assert logged[tags.VERDICT] == verdict.sentence()
+    assert verdict.sentence().endswith("at 96 prompt tokens an answer against the tuned model's 16, 0.021 s against "
+                                       "0.011 s")
+    assert "optimized +80" in verdict.cost  # the cost line: prompt tokens over zero-shot's
+
+
 # --- the prompt kept: Prompt Registry ------------------------------------------------------------------------------
 
 
