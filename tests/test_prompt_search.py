@@ -329,13 +329,20 @@ def test_the_optimized_prompt_is_registered_as_a_candidate_and_promoted_only_thr
     assert loaded.template == [{"role": "system", "content": "Answer with the sum."}, *shot[1:],
                                {"role": "user", "content": "{{question}}"}]
     assert loaded.tags[tags.PROMPT_MODEL_VERSION] == "bot/1" and loaded.tags[tags.PROMPT_SHOTS] == "1"
-    moved, report = prompts.promote_prompt("bot", 1, gates)  # beats base, fewshot, retrieval; no champion yet
-    assert moved and "no @champion yet" in report and "ppl_ratio" not in report  # forgetting: about weights
+    first = prompts.promote_prompt("bot", 1, gates, "champion")  # beats base, fewshot, retrieval; no champion yet
+    report = first.report()
+    assert first.promoted and "no @champion yet" in report and "ppl_ratio" not in report  # forgetting: weights'
     assert mlflow.genai.load_prompt("prompts:/bot-prompt@champion").version == 1
-    # a worse prompt is a candidate, never the champion
+    # a worse prompt is a candidate, never the champion; `mlflow-finetune promote NAME-prompt` is the same check,
+    # with the gates of the recipe its run recorded (none here: the default, rougeL)
     prompts.register_optimized("bot", record, run_with(0.45), "builtin:tiny-llama")
-    moved, report = prompts.promote_prompt("bot", 2, gates)
-    assert not moved and "FAIL" in report and mlflow.genai.load_prompt("prompts:/bot-prompt@champion").version == 1
+    from click.testing import CliRunner
+
+    from mlflow_finetune_plugin.cli import main
+
+    out = CliRunner().invoke(main, ["promote", "bot-prompt", "--version", "@candidate"])
+    assert out.exit_code == 1 and "FAIL" in out.output and "stays on v1" in out.output
+    assert mlflow.genai.load_prompt("prompts:/bot-prompt@champion").version == 1
     assert mlflow.genai.load_prompt("prompts:/bot-prompt@candidate").version == 2
     # served: the client's messages with the instruction and the shot
     asked = [{"role": "system", "content": "You help."}, {"role": "user", "content": "What is 5 plus 5?"}]

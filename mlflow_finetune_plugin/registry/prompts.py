@@ -156,21 +156,75 @@ def check_prompt_gates(model_name: str, version, gates, alias: str) -> list[Prom
     return checks
 
 
-def promote_prompt(model_name: str, version, gates, alias: str = "champion") -> tuple[bool, str]:
-    """Move `alias` of `<model_name>-prompt` to `version` when its gates pass; (moved, what was checked)."""
+@dataclass
+class PromptPromotion:
+    """What `promote_prompt` did, shaped as `promotion.PromotionResult` is read by `mlflow-finetune promote`."""
+
+    name: str
+    version: str
+    alias: str
+    promoted: bool
+    previous: str | None
+    text: str
+
+    def report(self) -> str:
+        return self.text
+
+
+def promote_prompt(model_name: str, version, gates=None, alias: str | None = None,
+                   force: bool = False) -> PromptPromotion:
+    """Move `alias` of `<model_name>-prompt` to `version` (a number or `@ALIAS`) when its gates pass (`force`: even
+    when not); gates and alias default to the recipe of the prompt's source run (`registry.promote_if`,
+    `registry.champion_alias`)."""
     import mlflow
 
     from mlflow_finetune_plugin.metrics import format_table
 
+    name = prompt_name(model_name)
+    version = str(_alias_holder(name, version[1:]).version if str(version).startswith("@") else version)
+    if gates is None or alias is None:
+        recorded_gates, recorded_alias = _recorded(name, version)
+        gates, alias = recorded_gates if gates is None else gates, alias or recorded_alias
+    holder = _alias_holder(name, alias)
+    previous = str(holder.version) if holder else None
     checks = check_prompt_gates(model_name, version, gates, alias)
-    moved = all(c.passed for c in checks) and bool(checks)
+    moved = previous != version and (force or (all(c.passed for c in checks) and bool(checks)))
     if moved:
-        mlflow.genai.set_prompt_alias(prompt_name(model_name), alias, int(version))
+        mlflow.genai.set_prompt_alias(name, alias, int(version))
     table = format_table(["metric", "against", "prompt", "other", "result", "note"],
                          [[c.metric, c.against, c.prompt, c.other, "pass" if c.passed else "FAIL", c.note]
                           for c in checks]) if checks else "no gates that apply to a prompt"
-    outcome = f"=> @{alias} -> v{version}" if moved else f"=> gates failed: @{alias} stays where it was"
-    return moved, f"Promotion of {prompt_name(model_name)} v{version} to @{alias}\n{table}\n{outcome}"
+    outcome = (f"=> v{version} already holds @{alias}" if previous == version else
+               f"=> @{alias} -> v{version}{' (forced)' if force else ''}" if moved else
+               f"=> gates failed: @{alias} stays on {'v' + previous if previous else 'nobody'}")
+    return PromptPromotion(name, version, alias, moved, previous,
+                           f"Promotion of {name} v{version} to @{alias}\n{table}\n{outcome}")
+
+
+def _recorded(name: str, version: str) -> tuple[list, str]:
+    """(gates, champion alias) of the recipe the prompt's source run recorded; the defaults where it has none."""
+    from mlflow_finetune_plugin.config.schema import RegistryConfig
+    from mlflow_finetune_plugin.registry.versions import source_recipe
+
+    section = (source_recipe(_version(name, version).tags.get(tags.PROMPT_SOURCE_RUN)) or {}).get("registry") or {}
+    try:
+        config = RegistryConfig.model_validate({k: v for k, v in section.items() if k in RegistryConfig.model_fields})
+    except ValueError:
+        config = RegistryConfig()
+    return config.promote_if, config.champion_alias
+
+
+def is_prompt(name: str) -> bool:
+    """`name` is a registered optimized prompt (`<model>-prompt` in the Prompt Registry)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not name.endswith(SUFFIX):
+        return False
+    try:
+        return MlflowClient().get_prompt(name) is not None
+    except MlflowException:
+        return False
 
 
 def _version(name: str, version):

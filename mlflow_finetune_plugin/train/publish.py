@@ -79,7 +79,7 @@ def publish_prompt(recipe, registered_name: str, base_ref: str, model_version=No
     print(f"Registered the optimized prompt as {uri} (alias @{prompts.CANDIDATE})")
     if recipe.registry.auto_promote and recipe.registry.promote_if:
         print(prompts.promote_prompt(registered_name, version.version, recipe.registry.promote_if,
-                                     recipe.registry.champion_alias)[1])
+                                     recipe.registry.champion_alias).report())
     return version
 
 
