@@ -1,7 +1,9 @@
 """Who answers in an evaluation of a fine-tune: the alternatives a user has, the base model zero-shot, the base model
 few-shot (k random train conversations in the prompt), the base model with retrieved shots (the k train conversations
-most similar to each question, `retrieval.py`) and the tuned model, each answering the held-out prompts greedily;
-also where those prompts come from when a logged model is evaluated again.
+most similar to each question, `retrieval.py`), the base model with the optimized prompt (instruction and shots a
+search on a dev split of the train rows found best, `prompt_search.py`) and the tuned model, each answering the
+held-out prompts greedily through `answering.py`; also where those prompts come from when a logged model is evaluated
+again.
 
 Their answers are turned into figures by `scoring.py`, logged by `report.py` and weighed by `verdict.py`.
 """
@@ -102,7 +104,7 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
         metrics.update({f"eval/{TEACHER}/{k}": v for k, v in totals.items()})
         add_answers(rows, TEACHER, answers, per_example)
     contenders = [c for c in CONTENDERS if c in runs or c == TEACHER and complete(teachers)]
-    searched, answered = None, {}  # answered: the base model's answers by its prompts
+    searched, answered = None, {}
     for name in [c for c in contenders if c in runs]:
         if name == OPTIMIZED:
             searched = _search(model, base_model, tokenizer, train_conversations, questions, cfg, limit, proposer,
@@ -116,7 +118,7 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
                                searched.winner.prompts(questions, train_conversations, retrieval_k(cfg), tokenizer,
                                                        limit))
         context, prompts = runs[name]
-        same = json.dumps(prompts) if name != "tuned" else None
+        same = name if name == "tuned" else json.dumps(prompts)  # the base model's prompts, or the tuned model
         if same in answered:  # the optimized prompt that is another contender's: the same answers, not redone
             answers, nll, n_tokens, seconds = answered[same]
         else:
