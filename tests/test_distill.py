@@ -6,6 +6,7 @@ the requests, so the tests see what the teacher was asked."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -120,10 +121,11 @@ def _distill(uri, root, project, experiment, backend_config=None, **overrides):
     return proc, runs[0]
 
 
-def _project(tmp_path, prompts=PROMPTS, held_out=True):
-    """The recipe's project with `prompts` as data/prompts.jsonl, and EVAL as its held-out rows (or no data.eval)."""
+def _project(tmp_path, prompts=PROMPTS, held_out=True, eval_rows=EVAL):
+    """The recipe's project with `prompts` as data/prompts.jsonl, and `eval_rows` as its held-out rows (or no
+    data.eval)."""
     recipe = RECIPE if held_out else RECIPE.replace("  eval: data/eval.jsonl\n", "")
-    project = write_project(tmp_path / "project", recipe, eval_rows=EVAL if held_out else None)
+    project = write_project(tmp_path / "project", recipe, eval_rows=eval_rows if held_out else None)
     (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
     return project
 
@@ -210,7 +212,8 @@ def test_a_run_cancelled_while_asking_ends_killed_at_once_and_its_answers_are_ke
     uri, root, proxy = teacher
     prompts = [{"prompt": f"Cancel test {i}?"} for i in range(8)]
     project = _project(tmp_path, prompts, held_out=False)
-    overrides = {**FAST_OVERRIDES, "distill.teacher": proxy.url, "distill.concurrency": 1, "data.eval_split": 0.3}
+    # 2 of the 8 held out, both scored (eval.max_examples 2): every prompt is used, and asked
+    overrides = {**FAST_OVERRIDES, "distill.teacher": proxy.url, "distill.concurrency": 1, "data.eval_split": 0.25}
     cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "distill", "--backend", "finetune",
            "--experiment-name", "distill-cancel", "--backend-config", '{"detach": true}'] + [
         a for k, v in overrides.items() for a in ("-P", f"{k}={v}")]
@@ -426,3 +429,124 @@ def test_a_token_level_loss_against_a_registered_teacher_sharing_the_tokenizer(t
     assert "the tokenizer of models:/teacher@champion is not the student's (tiny-qwen2.5)" in run.data.tags[
         "finetune.error"]
     assert not any(k.startswith("train/") for k in run.data.metrics)
+
+
+# ---------------------------------------------------------------- only the prompts the run uses are asked
+
+
+def _support_bot(**overrides):
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from tests.helpers import SUPPORT_BOT
+
+    return load_recipe(SUPPORT_BOT, method="distill", overrides={"model": "tiny", "distill.teacher": "http://x/v1",
+                                                                 **overrides})
+
+
+def test_the_teacher_is_asked_only_for_the_prompts_the_run_uses():
+    from mlflow_finetune_plugin.data.prompts import prompt_sets, used_prompts
+
+    # The new user's command on the support-bot data: 419 + 60 prompts read, 16 + 4 used
+    recipe = _support_bot(**{"data.max_rows": 16, "eval.max_examples": 4})
+    read = prompt_sets(recipe)
+    assert [len(s.prompts) for s in read] == [419, 60]
+    (train, held), notes = used_prompts(recipe, read)
+    assert train.prompts == read[0].prompts[:16] and held.prompts == read[1].prompts[:4]
+    assert held.unasked == read[1].prompts[4:]  # kept with their references (the eval loss), not asked
+    assert notes == ["data.max_rows 16: 403 training prompts not asked", "eval.max_examples 4: 56 held-out prompts "
+                     "not asked, 56 of them kept with their reference answers for the eval loss"]
+
+    # distill.max_prompts: the held-out prompts first, the training prompts up to the cap
+    (train, held), notes = used_prompts(_support_bot(**{"eval.max_examples": 4, "distill.max_prompts": 30}), read)
+    assert (len(train.prompts), len(held.prompts)) == (26, 4) and notes[-1].startswith("distill.max_prompts 30")
+
+    # data.eval_split: the seeded share of the (capped) training prompts; its first eval.max_examples asked, with the
+    # teacher's answers as their targets
+    recipe = _support_bot(**{"data.eval": None, "data.eval_split": 0.2, "eval.max_examples": 4,
+                             "distill.max_prompts": 50})
+    (train, held), notes = used_prompts(recipe, prompt_sets(recipe))
+    assert (len(train.prompts), len(held.prompts)) == (40, 4) and not held.keeps_references
+    assert not {p.key for p in train.prompts} & {p.key for p in held.prompts}
+    assert "eval.max_examples 4: 6 prompts of the data.eval_split share not asked" in notes
+
+    # eval off: data.eval is not asked at all
+    (train,), notes = used_prompts(_support_bot(**{"eval.enabled": False}), read)
+    assert len(train.prompts) == 419 and notes == ["eval.enabled false: the 60 prompts of data.eval not asked"]
+
+
+@pytest.mark.parametrize("value, says", [
+    (0, "distill.max_prompts: Input should be greater than 0"),
+    ("lots", "distill.max_prompts: Input should be a valid integer"),
+    (4, "distill.max_prompts 4 leaves no training prompt: the held-out set takes 4 (eval.max_examples 4)"),
+])
+def test_a_bad_prompt_cap_is_refused_before_a_run_exists(value, says):
+    from mlflow_finetune_plugin.backend import resolve_entry_point
+    from tests.helpers import SUPPORT_BOT
+
+    with pytest.raises(Exception, match=re.escape(says)):
+        resolve_entry_point(str(SUPPORT_BOT), "distill", {"model": "tiny", "distill.teacher": "http://x/v1",
+                                                          "eval.max_examples": 4, "distill.max_prompts": value})
+
+
+def test_the_count_and_the_tokens_are_said_before_the_first_request(capsys):
+    from mlflow_finetune_plugin.data.prompts import prompt_sets, used_prompts
+    from mlflow_finetune_plugin.distill.estimate import planned, prompt_tokens
+    from mlflow_finetune_plugin.models.base import load_tokenizer
+    from mlflow_finetune_plugin.models.chat_format import prompt_ids
+
+    recipe = _support_bot(**{"data.max_rows": 16, "eval.max_examples": 4, "distill.max_tokens": 100})
+    sets, notes = used_prompts(recipe, prompt_sets(recipe))
+    todo = [p for s in sets for p in s.prompts][2:]  # two of them cached
+    plan = planned(recipe, 479, 20, todo, notes)
+    tok = load_tokenizer("tiny")
+    assert plan["prompt_tokens"] == sum(len(prompt_ids(tok, p.messages)) for p in todo) > 0
+    assert plan["answer_tokens_at_most"] == 1800 and (plan["to_ask"], plan["cached"]) == (18, 2)
+    said = capsys.readouterr().err
+    assert "Teacher http://x/v1: the run uses 20 of the 479 prompts (data.max_rows 16: " in said
+    assert (f"18 to ask, 2 cached: about {plan['prompt_tokens']:,} prompt tokens (the student's tokenizer, tiny; the "
+            "teacher's may count differently) and at most 1,800 answer tokens (18 x distill.max_tokens 100)") in said
+
+    # a tokenizer that cannot be loaded: about 4 characters a token, said so
+    broken = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": "/nowhere/model"})})
+    tokens, how = prompt_tokens(broken, todo)
+    assert tokens == -(-sum(len(m["content"]) for p in todo for m in p.messages) // 4)
+    assert how.startswith("approximated as 4 characters a token")
+
+
+@pytest.mark.integration
+def test_a_limited_run_asks_the_teacher_for_the_rows_it_uses_and_a_larger_one_only_for_the_rest(teacher, tmp_path):
+    uri, root, proxy = teacher
+    prompts = [{"prompt": f"Budget question {i}?"} for i in range(8)]
+    held_out = [{"messages": [{"role": "user", "content": f"Budget: when do you open on day {i}?"},
+                              {"role": "assistant", "content": "At nine."}]} for i in range(2)]
+    project = _project(tmp_path, prompts, eval_rows=held_out)
+    limited = {"distill.teacher": proxy.url, "data.max_rows": 3, "eval.max_examples": 1}
+    proxy.asked.clear()
+    proc, run = _distill(uri, root, project, "distill-budget", **limited)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # 3 training prompts and 1 held-out one: as many requests as rows used
+    assert sorted(proxy.asked) == sorted([f"Budget question {i}?" for i in range(3)]
+                                         + ["Budget: when do you open on day 0?"])
+    said = proc.stderr
+    assert said.index("the run uses 4 of the 10 prompts") < said.index("Teacher answers")
+    assert "4 to ask, 0 cached: about " in said and "at most 12 answer tokens (4 x distill.max_tokens 3)" in said
+    summary = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/distill/summary.json")
+    assert summary["asked"] == 4 and summary["plan"]["prompts_read"] == 10 and summary["plan"]["prompt_tokens"] > 0
+    assert summary["data.eval"]["unasked"] == 1
+    assert "1 prompt, 2 chat rows, 0 left out; 1 more held out with their references, not asked" in said
+    held = _rows(paths.job_dir(run.info.run_id) / "distill" / "eval.jsonl")
+    assert [r["messages"][-1]["content"] for r in held] == ["At nine.", "At nine."]  # the unasked one stays held out
+    assert TEACHER in held[0] and TEACHER not in held[1]
+    assert "eval/teacher/rougeL" in run.data.metrics
+
+    # More rows: only the prompts not answered yet are asked; a cap of 4 asks nothing new
+    proxy.asked.clear()
+    proc, run = _distill(uri, root, project, "distill-budget", **{**limited, "data.max_rows": 5})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(proxy.asked) == ["Budget question 3?", "Budget question 4?"]
+    assert run.data.tags["finetune.distill.answers"] == "6 prompts: 2 asked, 4 from the cache"
+    proxy.asked.clear()
+    proc, run = _distill(uri, root, project, "distill-budget", **{**limited, "data.max_rows": 8,
+                                                                   "distill.max_prompts": 4})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proxy.asked == [] and "every answer is cached: the teacher is not asked" in proc.stderr
+    assert run.data.tags["finetune.distill.answers"] == "4 prompts: 0 asked, 4 from the cache"

@@ -43,6 +43,11 @@ class DistillConfig(Section):
                             "KL(teacher || student) on every answer token, beside the SFT loss: a registered "
                             "teacher (run here) sharing the student's tokenizer.")
     kl_weight: float = Field(1.0, gt=0, description="logits: the weight of the KL term against the SFT loss.")
+    max_prompts: int | None = Field(
+        None, gt=0, description="The most prompts the run asks the teacher for (a paid teacher is paid per token): "
+                                "the held-out prompts first (at most eval.max_examples), then the first training "
+                                "prompts up to the cap. Empty: every prompt the run uses (after data.max_rows, "
+                                "eval.max_examples and data.eval_split).")
 
     @field_validator("teacher")
     @classmethod

@@ -11,7 +11,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.data.formats import detect_format, sharegpt_tags, summarize
-from mlflow_finetune_plugin.data.image_check import check_image_rows, render_images, text_model_issue
+from mlflow_finetune_plugin.data.image_check import (
+    check_image_rows,
+    count_image_tokens,
+    render_images,
+    text_model_issue,
+)
 from mlflow_finetune_plugin.data.images import has_images
 from mlflow_finetune_plugin.data.read import (
     DataError,
@@ -26,6 +31,7 @@ from mlflow_finetune_plugin.data.read import (
 from mlflow_finetune_plugin.data.traces import TraceQuery, is_traces, query_of, read_traces, traces_sentence
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import text_messages
+from mlflow_finetune_plugin.models.vision import processor_of
 
 FEW_ROWS = 50  # below this, few-shot prompting is the first thing to try (the seeds of this project say so)
 _SHOWN = 100  # lines listed per section in the text report; --json has every row
@@ -82,7 +88,7 @@ class DataReport:
         if self.token_stats:
             s = self.token_stats
             lines.append(f"  tokens          min {s['min']}  mean {s['mean']:.1f}  p50 {s['p50']}  p95 {s['p95']}  "
-                         f"max {s['max']}{'  (text only)' if self.images and self.images['rows'] else ''}")
+                         f"max {s['max']}{_tokens_note(self.images)}")
         if self.images:
             lines += render_images(self.images)
         cut = f" ({self.cut_share:.1%} of the answer tokens cut)" if self.too_long and self.cut_share else ""
@@ -110,12 +116,14 @@ class DataReport:
 
 def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=None, columns=None, tags=None,
                split="train", accepts=None, format_key="--format", model_label=None, model=None, model_revision=None,
-               trust_remote_code=False) -> DataReport:
+               trust_remote_code=False, image_tokens=False) -> DataReport:
     """Everything wrong (errors) or suspicious (warnings) in one data file, by line; never raises for bad data.
 
     `accepts`: the formats the objective trains on; a declared format outside them gives way to the rows' own
     format when that one is accepted (`inferred_from` says so). `format_key` names the setting in messages.
     `model`: the model the data is for, asked whether it reads images where the rows have any (None: not asked).
+    `image_tokens`: rows with images are counted with their image tokens where `tokenizer` is a vision-language
+    model's (its processor, no weights), and refused when too long, as training refuses them before its first step.
     """
     report = DataReport(path=str(path))
     columns_key = "--column" if format_key.startswith("--") else format_key.rsplit(".", 1)[0] + ".columns"
@@ -145,9 +153,17 @@ def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=
     report.empty_fields = sum(any(m in i.message for m in _EMPTY_MARKERS) for i in row_errors)
     bad = {i.line for i in report.errors}
     good = [(line, rec) for line, rec in records if line not in bad]
+    counted = {}
     if has_images(good):
-        good, convs = _images(report, good, system_prompt, tags, format_key,
-                              model and (model, model_revision, trust_remote_code))
+        found = _images(report, good, system_prompt, tags, format_key,
+                        model and (model, model_revision, trust_remote_code))
+        good, convs = found.records, found.conversations
+        if image_tokens and tokenizer is not None and processor_of(tokenizer) is not None \
+                and report.format != "prompt_only":
+            bad = {i.line for i in report.errors}
+            counted, issues = count_image_tokens(report.path, found, [ln for ln, _ in good if ln not in bad],
+                                                 report.format, tokenizer, max_length, model_label or model)
+            report.errors += issues
     else:
         convs = {line: _conversations(rec, report.format, system_prompt, tags) for line, rec in good}
     _duplicates(report, good, convs)
@@ -159,10 +175,16 @@ def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=
     if split == "train" and report.rows < FEW_ROWS:
         report.warnings.append(DataIssue(path, None, _few_rows(report.rows), "warning"))
     if tokenizer is not None and good:
-        _lengths(report, good, convs, tokenizer, max_length, model_label)
+        _lengths(report, good, convs, tokenizer, max_length, model_label, counted)
     report.errors.sort(key=lambda i: (i.line is not None, i.line or 0))
     report.warnings.sort(key=lambda i: (i.line is not None, i.line or 0))
     return report
+
+
+def _tokens_note(images: dict | None) -> str:
+    if not images or not images["rows"]:
+        return ""
+    return "  (with image tokens)" if images.get("image_tokens") else "  (text only)"
 
 
 def _few_rows(n: int) -> str:
@@ -281,9 +303,9 @@ def _conversations(rec: dict, fmt: str, system_prompt: str | None, tags) -> list
 # ---------------------------------------------------------------- images
 
 
-def _images(report: DataReport, records, system_prompt, tags, format_key: str, model) -> tuple[list, dict]:
-    """Rows with images checked (`image_check`) and, where a model is named, whether it reads images; the rows left
-    to check and their conversations."""
+def _images(report: DataReport, records, system_prompt, tags, format_key: str, model):
+    """Rows with images checked (`image_check`) and, where a model is named, whether it reads images: what was found
+    (the rows left to check, their conversations, their canonical rows)."""
     found = check_image_rows(report.path, report.format, records, system_prompt, tags)
     report.images = found.stats
     report.errors += [i for i in found.issues if i.severity == "error"]
@@ -292,7 +314,7 @@ def _images(report: DataReport, records, system_prompt, tags, format_key: str, m
         key = "--model" if format_key.startswith("--") else "model.name"
         if issue := text_model_issue(report.path, found, model[0], model_takes_images(*model), key):
             (report.errors if issue.severity == "error" else report.warnings).append(issue)
-    return found.records, found.conversations
+    return found
 
 
 def model_takes_images(name: str, revision: str | None = None, trust_remote_code: bool = False) -> bool | None:
@@ -348,7 +370,9 @@ def _unrendered(tokenizer, messages: list[dict], tools) -> list[str]:
     return sorted({n for n in names if n not in text})
 
 
-def _lengths(report: DataReport, records, convs, tokenizer, max_length, model_label) -> None:
+def _lengths(report: DataReport, records, convs, tokenizer, max_length, model_label, with_images) -> None:
+    """Token counts and cut rows; `with_images`: line -> tokens with its image tokens (None: refused), counted and
+    refused when too long by `image_check.count_image_tokens`."""
     model = model_label or getattr(tokenizer, "name_or_path", None) or "this tokenizer"
     lengths, cut, answer_total, answer_lost = [], [], 0, 0
     for line, rec in records:
@@ -367,16 +391,21 @@ def _lengths(report: DataReport, records, convs, tokenizer, max_length, model_la
                                                                         f"chat template of {model} does not render: "
                                                                         f"{_NO_TOOLS}"))
         n, mask = max(counted, key=lambda c: c[0])
+        if line in with_images:  # refused, not cut, when too long: an error there
+            if with_images[line] is None:
+                continue
+            n, mask = with_images[line], []  # the answer tokens a cut would lose: none, it is refused
         lengths.append(n)
         answer_total += sum(mask)
         lost = sum(mask[max_length:])
         answer_lost += lost
-        if n > max_length:
+        if n > max_length and line not in with_images:
             report.too_long += 1
             cut.append(DataIssue(report.path, line, f"{n} tokens, more than max_length {max_length}: "
                                                     f"{n - max_length} cut, {lost} of them in answers", "warning"))
     if cut:
-        what = "answer tokens" + (" (text only: image tokens come on top)" if report.images else "")
+        what = "answer tokens" + (" (text only: image tokens come on top)" if report.images
+                                  and not report.images.get("image_tokens") else "")
         report.cut_share = answer_lost / answer_total if answer_total else 0.0
         for issue in cut:
             issue.group = (f"longer than max_length {max_length}: the ends are cut, {answer_lost} of the "
@@ -446,7 +475,7 @@ def run_check(files: list[str], fmt="auto", model=None, max_length=1024, as_json
 
     def check(path, split):
         return check_data(path, fmt=fmt, tokenizer=tokenizer, max_length=max_length, columns=columns, tags=tags,
-                          split=split, model_label=label, model=model)
+                          split=split, model_label=label, model=model, image_tokens=True)
 
     reports = [check(f, "train") for f in files]
     held_out = [check(f, "eval") for f in eval_files]

@@ -22,6 +22,7 @@ class ImageRows:
     records: list = field(default_factory=list)       # the (line, record) pairs whose images could be read in
     conversations: dict = field(default_factory=dict)  # line -> its conversations, placeholders holding their image
     first_line: int | None = None                     # the first row with an image
+    rows: dict = field(default_factory=dict)          # line -> its row in the canonical form, as training reads it
 
 
 def check_image_rows(path: str, fmt: str, records, system_prompt=None, tags=None) -> ImageRows:
@@ -38,7 +39,8 @@ def check_image_rows(path: str, fmt: str, records, system_prompt=None, tags=None
         # a preference pair is two conversations, each the prompt and one answer
         convs[line] = [filled[0] + filled[1], filled[0] + filled[2]] if len(filled) == 3 else [sum(filled, [])]
     first = next((line for line, _, row, _ in kept if row["images"]), None)
-    return ImageRows(stats, issues + found, [(line, rec) for line, rec, _, _ in kept], convs, first)
+    return ImageRows(stats, issues + found, [(line, rec) for line, rec, _, _ in kept], convs, first,
+                     {line: row for line, _, row, _ in kept})
 
 
 def check_images(path: str, rows: list[tuple[int, list[str], list[str]]]) -> tuple[dict, list[DataIssue]]:
@@ -94,6 +96,35 @@ def text_model_issue(path: str, found: ImageRows, model: str, takes: bool | None
                      "SmolVLM, Qwen2-VL, LLaVA, Gemma 3 4B and up, ...), or leave the images out")
 
 
+def count_image_tokens(path: str, found: ImageRows, lines: list[int], fmt: str, tokenizer, max_length: int,
+                 model: str) -> tuple[dict, list[DataIssue]]:
+    """(line -> tokens with its image tokens, None where refused; errors) for the rows on `lines`, counted by the
+    processor attached to `tokenizer` through the collator training checks its rows with before the first step
+    (`image_rows.image_token_lengths`): a row longer than `max_length` is refused there, never cut. The stats say the
+    counts include image tokens, and how many images the processor scales down."""
+    from mlflow_finetune_plugin.data.image_rows import image_token_lengths
+    from mlflow_finetune_plugin.models.vision import processor_of
+
+    rows = [found.rows[line] for line in lines]
+    lengths, sizes = image_token_lengths(processor_of(tokenizer), tokenizer, fmt, rows)
+    counted, issues = {}, []
+    for line, n in zip(lines, lengths):
+        counted[line] = n if isinstance(n, int) else None
+        if not isinstance(n, int):
+            why = (str(n).splitlines() or [type(n).__name__])[0][:200]
+            issues.append(DataIssue(path, line, f"the processor of {model} refuses this row ({why}): training would "
+                                                "stop on it; fix its images or placeholders, or drop the row"))
+        elif max_length and n > max_length:
+            issues.append(DataIssue(path, line, f"{n} tokens with its image tokens, more than max_length {max_length}: "
+                                                "training refuses it; raise data.max_length, or shorten the row",
+                                    group=f"longer than max_length {max_length} with their image tokens ({model}'s "
+                                          "processor): training refuses them before its first step (rows are never "
+                                          "cut through their image tokens or their answer); raise data.max_length "
+                                          "(--max-length), or drop or shorten these rows"))
+    found.stats.update(image_tokens=model, resized=sizes.note())
+    return counted, issues
+
+
 def render_images(stats: dict) -> list[str]:
     """The report's lines on images: counts, sizes, and what the token counts leave out."""
     sizes = (f", widths {stats['min_width']}-{stats['max_width']} px, heights {stats['min_height']}-"
@@ -101,7 +132,13 @@ def render_images(stats: dict) -> list[str]:
     urls = f", {stats['urls']} http(s) URLs not checked offline" if stats["urls"] else ""
     rows = stats["rows"]
     lines = [f"  images          {stats['total']} in {rows} row{'s' if rows != 1 else ''}{sizes}{urls}"]
-    if rows:
+    if rows and stats.get("image_tokens"):
+        lines.append(f"  image tokens    counted with the processor of {stats['image_tokens']}, as training counts "
+                     "them before its first step")
+        if stats.get("resized"):
+            lines.append(f"  image sizes     {stats['resized']}")
+    elif rows:
         lines.append(f"  image tokens    {rows} row{'s have' if rows != 1 else ' has'} images: their image tokens "
-                     "come on top of the text tokens counted here, and are counted when the processor is known")
+                     "come on top of the text tokens counted here, and are counted when the processor is known "
+                     "(`mlflow-finetune data check --model` a vision-language model)")
     return lines

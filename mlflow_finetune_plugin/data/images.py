@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlparse
 from mlflow_finetune_plugin.data.formats import DataIssue, json_type
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import image_count, text_of
+from mlflow_finetune_plugin.models.image_inputs import open_image, read_image
 
 IMAGE_COLUMNS = ("images", "image")  # TRL reads either; LLaMA-Factory's column is `images`
 MARKER = "<image>"  # LLaMA-Factory / ShareGPT: where an image stands in a message's text
@@ -177,40 +178,24 @@ def _pil_url(im) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _open(ref: str):
-    from PIL import Image
-
-    if ref.startswith("data:"):
-        return Image.open(io.BytesIO(_b64decode(ref.split(",", 1)[1])))
-    if is_url(ref):
-        import urllib.request
-
-        with urllib.request.urlopen(ref, timeout=30) as response:  # noqa: S310 - http(s) only, checked above
-            return Image.open(io.BytesIO(response.read()))
-    return Image.open(ref)
-
-
 def load_image(ref):
-    """The image a canonical reference names (path, data URL or http(s) URL) as an RGB PIL image; FinetuneError
-    naming the reference when it is missing or cannot be decoded. A PIL image is returned converted."""
-    if type(ref).__module__.startswith("PIL."):
-        return ref.convert("RGB")
+    """The image a canonical reference names (path, data URL or http(s) URL) as an RGB PIL image
+    (`models.image_inputs.read_image`); FinetuneError naming the reference, and what to do, when it is missing or
+    cannot be decoded. A PIL image is returned converted."""
     try:
-        im = _open(ref)
-        im.load()
+        return read_image(ref)
     except FileNotFoundError:
         raise FinetuneError(f"image not found: {ref}; fix the path in the data, or put the image there") from None
-    except Exception as e:  # noqa: BLE001 - PIL, base64 and urllib raise many types for one answer: unusable
-        raise FinetuneError(f"cannot load the image {short(str(ref))}: {_why(e)}; re-save it as PNG or JPEG, or "
-                            "drop its row (`mlflow-finetune data check FILE` lists every such image)") from None
-    return im.convert("RGB")
+    except ValueError as e:
+        raise FinetuneError(f"cannot load the image {short(str(ref))}: {_why(e.__cause__ or e)}; re-save it as PNG or "
+                            "JPEG, or drop its row (`mlflow-finetune data check FILE` lists every such image)") from None
 
 
 def image_size(ref: str) -> tuple[int, int]:
     """(width, height) of a local or data-URL image, read to its end so a truncated or corrupt file is caught;
     ImageProblem says why it cannot be used."""
     try:
-        with _open(ref) as im:
+        with open_image(ref) as im:
             size = im.size
             im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))  # JPEG: decode at 1/8 scale, whole file
             im.load()

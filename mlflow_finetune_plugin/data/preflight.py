@@ -111,7 +111,7 @@ _NO_IMAGES = {
 def check_prompts(recipe) -> None:
     """-e distill: data.train (and data.eval) read as prompts for the teacher, every problem listed at once; the
     teacher is asked once the run starts."""
-    from mlflow_finetune_plugin.data.prompts import prompt_sets
+    from mlflow_finetune_plugin.data.prompts import prompt_sets, used_prompts
 
     try:
         sets = prompt_sets(recipe)
@@ -122,6 +122,10 @@ def check_prompts(recipe) -> None:
     for s in sets:
         print(f"Prompts ({s.label} {s.source}): {len(s.prompts)}, answered by {recipe.distill.teacher} when the run "
               f"starts{' (' + s.traces + ')' if s.traces else ''}", file=sys.stderr)
+    used, notes = used_prompts(recipe, sets)  # a cap that leaves no training prompt is refused here
+    if notes:
+        print(f"Prompts: the run uses {len({p.key for s in used for p in s.prompts})} of them ({'; '.join(notes)})",
+              file=sys.stderr)
 
 
 def _cut_references(recipe, read, tokenizer) -> list[str]:

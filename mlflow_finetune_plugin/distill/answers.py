@@ -19,7 +19,15 @@ from pathlib import Path
 
 from mlflow_finetune_plugin import paths
 from mlflow_finetune_plugin import tags as tag_names
-from mlflow_finetune_plugin.data.prompts import answered_row, prompt_sets, why_left_out, write_rows
+from mlflow_finetune_plugin.data.prompts import (
+    answered_row,
+    prompt_sets,
+    reference_row,
+    used_prompts,
+    why_left_out,
+    write_rows,
+)
+from mlflow_finetune_plugin.distill.estimate import planned
 from mlflow_finetune_plugin.distill.teacher import same_tokenizer, teacher_of
 from mlflow_finetune_plugin.errors import FinetuneError
 
@@ -76,23 +84,26 @@ def answered(recipe, run_id: str, main: bool = True):
     import mlflow
 
     config = recipe.distill
-    sets = prompt_sets(recipe)
+    read = prompt_sets(recipe)
+    sets, notes = used_prompts(recipe, read)  # only what the run uses is asked: a hosted teacher is paid per token
     cache = AnswerCache(paths.cache_root() / "distill" / f"{cache_key(config)}.jsonl")
     reused = _answers_of_resumed_run(recipe, cache)
+    order = {p.key: i for i, p in reversed(list(enumerate(p for s in read for p in s.prompts)))}
     unique = {p.key: p for s in sets for p in s.prompts}
-    todo = [p for key, p in unique.items() if key not in cache.answers]
+    todo = sorted((p for key, p in unique.items() if key not in cache.answers), key=lambda p: order[p.key])
     if config.loss == "logits":  # before any answer is asked for, and before the student loads
         _check_tokenizer(recipe)
+    plan = planned(recipe, sum(len(s.prompts) for s in read), len(unique), todo, notes)
     label = config.teacher
     if todo:
         label = _ask(config, todo, cache)
     print((LOGITS.format(weight=config.kl_weight) if config.loss == "logits" else TEXT_ONLY) + ".", file=sys.stderr)
 
     files, summary, log = {}, {"teacher": label, "cache_key": cache_key(config), "asked": len(todo),
-                               "cached": len(unique) - len(todo), "resumed_answers": reused}, []
+                               "cached": len(unique) - len(todo), "resumed_answers": reused, "plan": plan}, []
     empty = []
     for s in sets:
-        held_out = s.label == "data.eval"
+        held_out = s.keeps_references
         rows, left_out = [], Counter()
         for p in s.prompts:
             answer = cache.answers[p.key]
@@ -104,8 +115,9 @@ def answered(recipe, run_id: str, main: bool = True):
                 rows.append(row)
             log.append({"split": s.label, "line": p.line, "key": p.key, "prompt": p.messages, **answer,
                         "left_out": reason if row is None else None})
+        rows += [reference_row(p) for p in s.unasked]  # held out with their own answers, for the eval loss
         summary[s.label] = {"prompts": len(s.prompts), "rows": len(rows), "left_out": sum(left_out.values()),
-                            "why": dict(left_out.most_common())}
+                            "why": dict(left_out.most_common()), "unasked": len(s.unasked)}
         if s.traces:
             summary[s.label]["traces"] = s.traces
         print(f"Teacher ({s.label} {s.source}): {_sentence(summary[s.label])}", file=sys.stderr)
@@ -193,7 +205,7 @@ def _rank0_rows(recipe, out_dir: Path):
 def _with_rows(recipe, files: dict):
     data = recipe.data.model_copy(update={
         "train": str(files["data.train"]), "eval": str(files["data.eval"]) if "data.eval" in files else None,
-        "format": "chat", "columns": None, "tags": None, "traces": None})
+        "eval_split": 0.0, "format": "chat", "columns": None, "tags": None, "traces": None})
     return recipe.model_copy(update={"data": data})
 
 
@@ -202,6 +214,9 @@ def _why(left_out: Counter) -> str:
 
 
 def _sentence(s: dict) -> str:
-    """`12 prompts, 10 chat rows, 2 left out: 1 empty answer, 1 answer cut off ...`"""
+    """`12 prompts, 10 chat rows, 2 left out: 1 empty answer, 1 answer cut off ...`; the chat rows include the
+    held-out rows kept unasked with their references."""
     return (f"{s['prompts']} prompt{'s' if s['prompts'] != 1 else ''}, {s['rows']} chat rows, {s['left_out']} left out"
-            + (f": {_why(Counter(s['why']))}" if s["why"] else "") + (f" ({s['traces']})" if s.get("traces") else ""))
+            + (f": {_why(Counter(s['why']))}" if s["why"] else "")
+            + (f"; {s['unasked']} more held out with their references, not asked" if s.get("unasked") else "")
+            + (f" ({s['traces']})" if s.get("traces") else ""))

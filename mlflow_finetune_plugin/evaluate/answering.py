@@ -1,7 +1,6 @@
 """How a contender answers: greedy (or beam) answers to chat prompts in left-padded batches, scored against the
 reference answers in the same pass where the model allows (`answer_and_score`), with a progress bar and each answer's
-seconds (`answer_all`); the tuned LoRA merged while it answers (`lora_merged`); and the few-shot prompt layout with its
-fit into the model's context (`fewshot_prompt`, `fit_shots`).
+seconds (`answer_all`); and the tuned LoRA merged while it answers (`lora_merged`). The shots: `shots.py`.
 
 Every contender (`contenders.py`) and the prompt search (`prompt_search.py`) answer through here, so their figures
 are comparable.
@@ -13,10 +12,10 @@ import contextlib
 
 from mlflow_finetune_plugin import stops
 from mlflow_finetune_plugin.evaluate.scoring import reference_ids, reference_nll, score_and_prefill
-from mlflow_finetune_plugin.messages import fewshot_prompt  # noqa: F401 (imported from here too)
+from mlflow_finetune_plugin.evaluate.shots import prompt_length
 from mlflow_finetune_plugin.models.answers import answer_text
 from mlflow_finetune_plugin.models.architecture import cache_abilities
-from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
+from mlflow_finetune_plugin.models.chat_format import stop_ids
 from mlflow_finetune_plugin.models.vision import processor_of
 
 
@@ -101,7 +100,7 @@ def answer_all(model, tokenizer, prompts, references, cfg, name, progress=None):
     loaded = LoadedModel(model, tokenizer, {})
     # Prompts of similar length share a batch, so little of it is padding. Longest first: a batch size too large
     # for memory fails in the first batch, not the last.
-    order = sorted(range(len(prompts)), key=lambda i: -n_tokens(tokenizer, prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: -prompt_length(tokenizer, prompts[i]))
     answers, nll, counted, seconds = [""] * len(prompts), 0.0, 0, [0.0] * len(prompts)
     bar = tqdm(total=len(prompts), desc=f"eval {name}", unit="example") if progress is None else None
     try:
@@ -207,18 +206,6 @@ def _shares_prefill(model) -> bool:
     supports = getattr(type(base), "_supports_default_dynamic_cache", None)
     return ("logits_to_keep" in parameters and "use_cache" in parameters
             and (supports is None or bool(supports())))
-
-
-def fit_shots(tokenizer, messages, prompt, shots, limit: int) -> list[dict]:
-    """Drop shots until the few-shot prompt leaves room for the answer in the model's context."""
-    while shots and n_tokens(tokenizer, messages) > limit:
-        shots = shots[:-1]
-        messages = fewshot_prompt(prompt, shots)
-    return messages
-
-
-def n_tokens(tokenizer, messages) -> int:
-    return len(prompt_ids(tokenizer, messages))
 
 
 def context_limit(model, tokenizer) -> int:

@@ -3,7 +3,7 @@ few-shot (k random train conversations in the prompt), the base model with retri
 most similar to each question, `retrieval.py`), the base model with the optimized prompt (instruction and shots a
 search on a dev split of the train rows found best, `prompt_search.py`) and the tuned model, each answering the
 held-out prompts greedily through `answering.py`; also where those prompts come from when a logged model is evaluated
-again.
+again. The shots, and whether they keep their images: `shots.py`.
 
 Their answers are turned into figures by `scoring.py`, logged by `report.py` and weighed by `verdict.py`.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import random
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config.evaluation import PROMPT_CONTENDERS
@@ -25,11 +24,8 @@ from mlflow_finetune_plugin.evaluate.answering import (  # noqa: F401 (answer_an
     answer_all,
     answer_and_score,
     context_limit,
-    fewshot_prompt,
-    fit_shots,
     lora_merged,
 )
-from mlflow_finetune_plugin.evaluate.answering import n_tokens as count_tokens
 from mlflow_finetune_plugin.evaluate.cost import answer_costs, answer_lengths, parameter_counts
 from mlflow_finetune_plugin.evaluate.report import (
     EvalResult,
@@ -40,6 +36,13 @@ from mlflow_finetune_plugin.evaluate.report import (
 )
 from mlflow_finetune_plugin.evaluate.retrieval import nearest_shots
 from mlflow_finetune_plugin.evaluate.scoring import answer_set, contender_metrics
+from mlflow_finetune_plugin.evaluate.shots import (
+    fewshot_prompt,
+    fit,
+    pick_shots,
+    prompt_length,
+    shots_for_model,
+)
 from mlflow_finetune_plugin.evaluate.teacher import agreement_metrics, complete, score_teacher
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
@@ -73,20 +76,21 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
     limit = context_limit(model, tokenizer) - cfg.max_new_tokens
     runs = {"tuned": (lora_merged(model), questions)} if tuned else {}
     notes = _notes(cfg, base is not None, train_conversations)
-    shots = _pick_shots(train_conversations, cfg.fewshot_k, {json.dumps(p) for p in questions}) \
+    shots = pick_shots(train_conversations, cfg.fewshot_k, {json.dumps(p) for p in questions}) \
         if "fewshot" not in notes else []
     retrieved: list[list[list[dict]]] = []
     if base is not None:
         if "base" not in notes:
             runs["base"] = (base, questions)
-        if shots:
-            runs["fewshot"] = (_base_context(model, base_model),
-                               [fit_shots(tokenizer, fewshot_prompt(p, shots), p, shots, limit) for p in questions])
         if "retrieval" not in notes:
             retrieved = nearest_shots(train_conversations, questions, retrieval_k(cfg))
+        shots, retrieved = shots_for_model(tokenizer, shots, retrieved)  # a VLM taking one image: shots' text only
+        if shots:
+            runs["fewshot"] = (_base_context(model, base_model),
+                               [fit(tokenizer, fewshot_prompt(p, shots), p, shots, limit) for p in questions])
         if any(retrieved):
             runs["retrieval"] = (_base_context(model, base_model),
-                                 [fit_shots(tokenizer, fewshot_prompt(p, s), p, s, limit)
+                                 [fit(tokenizer, fewshot_prompt(p, s), p, s, limit)
                                   for p, s in zip(questions, retrieved)])
         if OPTIMIZED not in notes:
             runs[OPTIMIZED] = (None, None)  # its prompts once the search has run, after the others (their pace)
@@ -126,8 +130,9 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
                 answers, nll, n_tokens, seconds = answer_all(contender, tokenizer, prompts, references, cfg, name)
             answered[same] = answers, nll, n_tokens, seconds
         totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg, train_answers)
-        totals.update(answer_costs([count_tokens(tokenizer, p) for p in prompts], answer_lengths(tokenizer, answers),
-                                   seconds, params.get("tuned" if name == "tuned" else "base")))
+        totals.update(answer_costs([prompt_length(tokenizer, p) for p in prompts],
+                                   answer_lengths(tokenizer, answers), seconds,
+                                   params.get("tuned" if name == "tuned" else "base")))
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
         add_answers(rows, name, answers, per_example)
     if TEACHER in contenders:
@@ -189,15 +194,6 @@ def _base_context(model, base_model):
 def _adapter_disabled(model):
     with model.disable_adapter():
         yield model
-
-
-def _pick_shots(train_conversations, k: int, exclude: set[str]) -> list[list[dict]]:
-    """k train conversations (seeded, so every run of a recipe sees the same), none equal to an eval prompt."""
-    if k <= 0:
-        return []
-    pool = [conv for conv in train_conversations
-            if (pair := split_conversation(conv)) and pair[0] and json.dumps(pair[0]) not in exclude]
-    return random.Random(0).sample(pool, min(k, len(pool)))
 
 
 def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str | None = None,

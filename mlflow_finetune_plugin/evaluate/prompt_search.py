@@ -19,8 +19,9 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
-from mlflow_finetune_plugin.evaluate.answering import answer_all, fit_shots
+from mlflow_finetune_plugin.evaluate.answering import answer_all
 from mlflow_finetune_plugin.evaluate.retrieval import nearest_shots, user_text
+from mlflow_finetune_plugin.evaluate.shots import fit, shots_for_model
 from mlflow_finetune_plugin.messages import fewshot_prompt, split_conversation, with_instruction
 from mlflow_finetune_plugin.metrics import score
 
@@ -42,10 +43,11 @@ class Candidate:
                 limit: int) -> list[list[dict]]:
         """The held-out (or dev) `questions` as this candidate asks them, shots drawn from `train`."""
         shot_sets = nearest_shots(train, questions, k) if self.retrieved else [self.shots] * len(questions)
+        _, shot_sets = shots_for_model(tokenizer, [], shot_sets)  # a VLM taking one image: the shots' text only
         out = []
         for question, shots in zip(questions, shot_sets):
             asked = with_instruction(question, self.instruction)
-            out.append(fit_shots(tokenizer, fewshot_prompt(asked, shots), asked, shots, limit))
+            out.append(fit(tokenizer, fewshot_prompt(asked, shots), asked, shots, limit))
         return out
 
     def as_dict(self) -> dict:

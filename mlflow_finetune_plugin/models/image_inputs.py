@@ -154,31 +154,35 @@ def reference_nll(model, tokenizer, processor, prompts: list[list[dict]], images
     return total, count
 
 
-def read_image(ref):
-    """A PIL image (RGB) from an image reference: a PIL image, a local path (or `file://` URL), a `data:` URL, or an
-    `http(s)://` URL (fetched). FileNotFoundError / ValueError (undecodable) name the reference."""
+def open_image(ref: str):
+    """The image a reference names, opened but not decoded (PIL reads its header only): a local path (or `file://`
+    URL), a `data:` URL, or an `http(s)://` URL (fetched). What PIL, base64 and urllib raise goes through."""
     import base64
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    if ref.startswith("data:"):
+        return Image.open(io.BytesIO(base64.b64decode("".join(ref.split(",", 1)[1].split()))))
+    if ref[:8].lower().startswith(("http://", "https:/")):
+        import urllib.request
+
+        with urllib.request.urlopen(ref, timeout=30) as response:  # noqa: S310 - the user's own image URL
+            return Image.open(io.BytesIO(response.read()))
+    return Image.open(ref[len("file://"):] if ref.startswith("file://") else ref)
+
+
+def read_image(ref):
+    """A PIL image (RGB) from an image reference: a PIL image, or what `open_image` opens, decoded whole.
+    FileNotFoundError / ValueError (undecodable, its cause the library's error) name the reference."""
     if hasattr(ref, "convert"):
         return ref.convert("RGB")
     ref = str(ref)
     shown = ref if len(ref) < 80 else ref[:60] + "..."
     try:
-        if ref.startswith("data:"):
-            raw = io.BytesIO(base64.b64decode(ref.split(",", 1)[1]))
-        elif ref.startswith(("http://", "https://")):
-            import urllib.request
-
-            with urllib.request.urlopen(ref, timeout=30) as response:  # noqa: S310 - the user's own image URL
-                raw = io.BytesIO(response.read())
-        else:
-            raw = ref[len("file://"):] if ref.startswith("file://") else ref
-        with Image.open(raw) as image:
+        with open_image(ref) as image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image {shown!r} not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"image {shown!r} cannot be decoded ({e})") from None
+    except Exception as e:  # noqa: BLE001 - PIL, base64 and urllib raise many types for one answer: unusable
+        raise ValueError(f"image {shown!r} cannot be decoded ({e})") from e

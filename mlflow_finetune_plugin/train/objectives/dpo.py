@@ -47,13 +47,11 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 def _with_images(recipe, tokenizer, train_ds, eval_ds):
     """(the processor, train and eval rows with their images read per batch and every row checked once): TRL takes
     the processor as the processing class, sees the `images` column and collates with its vision collator."""
-    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
-
-    from mlflow_finetune_plugin.data.image_rows import checked_preference_rows
+    from mlflow_finetune_plugin.data.image_rows import checked_preference_rows, preference_collator
     from mlflow_finetune_plugin.models.vision import processor_for_images
 
     processor = processor_for_images(tokenizer, recipe.model.name)
-    collator = DataCollatorForVisionPreference(processor=processor)
+    collator = preference_collator(processor, "preference")
     return processor, *checked_preference_rows(collator, recipe.data.max_length, train_ds, eval_ds)
 
 

@@ -54,13 +54,11 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 def _with_images(recipe, tokenizer, train_ds, eval_ds):
     """(the processor, train and eval rows with their images read per batch and every row checked once), as
     `dpo._with_images`, with TRL's unpaired vision collator."""
-    from trl.trainer.kto_trainer import DataCollatorForVisionUnpairedPreference
-
-    from mlflow_finetune_plugin.data.image_rows import checked_preference_rows
+    from mlflow_finetune_plugin.data.image_rows import checked_preference_rows, preference_collator
     from mlflow_finetune_plugin.models.vision import processor_for_images
 
     processor = processor_for_images(tokenizer, recipe.model.name)
-    collator = DataCollatorForVisionUnpairedPreference(processor=processor, calculate_kl=False)
+    collator = preference_collator(processor, "unpaired_preference")
     return processor, *checked_preference_rows(collator, recipe.data.max_length, train_ds, eval_ds)
 
 

@@ -88,6 +88,8 @@ def _vision_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, cal
     _tag_loss(recipe.data.assistant_only_loss, collator.check(train_ds, "data.train"))
     if eval_ds is not None:
         collator.check(eval_ds, "data.eval")
+    if note := collator.sizes.note():
+        print(note)
     config = SFTConfig(**{**args, "remove_unused_columns": False}, max_length=recipe.data.max_length,
                        packing=False, dataset_kwargs={"skip_prepare_dataset": True},
                        **aux_loss_arguments(recipe, model, SFTConfig))
