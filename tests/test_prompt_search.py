@@ -240,7 +240,7 @@ def test_a_proposer_that_does_not_answer_fails_when_named_and_falls_back_when_in
     assert named.required and not inherited.required and inherited.model == "t"
     assert proposer_of(EvalConfig(), DistillConfig(teacher="models:/big@champion")) is None
     assert proposer_of(EvalConfig()) is None
-    with pytest.raises(ValueError, match="OpenAI-compatible base URL"):
+    with pytest.raises(ValueError, match="use an OpenAI-compatible base URL"):
         EvalConfig(optimize={"proposer": "models:/big@champion"})
 
 

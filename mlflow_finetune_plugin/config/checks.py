@@ -199,12 +199,12 @@ def _prompt_only_problems(recipe: Recipe) -> list[str]:
         return []
     problems = []
     if not recipe.eval.enabled or "optimized" not in recipe.eval.contenders:
-        problems.append("eval: -e optimize-prompt is the prompt search: keep eval.enabled true and optimized in "
+        problems.append("eval: -e optimize-prompt is the prompt search: set eval.enabled: true and add optimized to "
                         "eval.contenders")
     if recipe.data.tasks:
-        problems.append("data.tasks: -e optimize-prompt searches a prompt for one data set (data.train), not a "
+        problems.append("data.tasks: -e optimize-prompt searches a prompt for one data set: give data.train, not a "
                         "mixture")
     if recipe.objective != "sft" or recipe.distill is not None and recipe.distill.teacher:
-        problems.append("objective: -e optimize-prompt trains no weights: drop objective and distill.teacher "
-                        "(distill.teacher as a proposer: eval.optimize.proposer)")
+        problems.append("objective: -e optimize-prompt trains no weights: use objective sft without distill.teacher "
+                        "(a teacher that writes instructions: set eval.optimize.proposer to its URL)")
     return problems

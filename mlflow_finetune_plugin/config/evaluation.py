@@ -45,8 +45,8 @@ class OptimizeConfig(Section):
     @classmethod
     def _proposer(cls, value):
         if value is not None and (is_registered(value) or not value.startswith(("http://", "https://"))):
-            raise ValueError("expected an OpenAI-compatible base URL (http://HOST:PORT/v1); serve a registered model "
-                             "with `mlflow-finetune serve` and name its URL")
+            raise ValueError("use an OpenAI-compatible base URL (http://HOST:PORT/v1); for a registered model, serve "
+                             "it with `mlflow-finetune serve` and give its URL")
         return value
 
 
