@@ -153,6 +153,10 @@ def check_combination(recipe) -> None:
     problems = objective_of(recipe).check(recipe)
     if problems:
         raise RecipeError(problems, "finetune.yaml")
+    if recipe.eval.enabled and "optimized" in recipe.eval.contenders and recipe.eval.optimize.proposer:
+        from mlflow_finetune_plugin.evaluate.proposer import proposer_of, reachable
+
+        reachable(proposer_of(recipe.eval, recipe.distill))  # a proposer the recipe names answers, or nothing trains
 
 
 def _mlproject_entry_point(work_dir: str, entry_point: str):

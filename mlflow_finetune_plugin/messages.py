@@ -43,3 +43,23 @@ def text_messages(messages: list[dict]) -> list[dict]:
     chat template renders, for counting text tokens."""
     return [{**m, "content": text_of(m["content"])} if isinstance(m, dict) and isinstance(m.get("content"), list)
             else m for m in messages]
+
+
+def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
+    """The prompt with `shots` (whole conversations) as earlier turns, after the prompt's system message(s)."""
+    system = [m for m in prompt if m.get("role") == "system"]
+    turns = [m for shot in shots for m in shot if m.get("role") != "system"]
+    return system + turns + [m for m in prompt if m.get("role") != "system"]
+
+
+def with_instruction(prompt: list[dict], instruction: str | None) -> list[dict]:
+    """`prompt` with `instruction` after its system message's text (a system message of its own where it has none)."""
+    if not instruction:
+        return prompt
+    for i, message in enumerate(prompt):
+        if message.get("role") == "system":
+            content = message.get("content")
+            joined = (f"{content}\n\n{instruction}" if isinstance(content, str)
+                      else [*(content or []), {"type": "text", "text": f"\n\n{instruction}"}])
+            return [*prompt[:i], {**message, "content": joined}, *prompt[i + 1:]]
+    return [{"role": "system", "content": instruction}, *prompt]

@@ -21,9 +21,11 @@ LOWER_IS_BETTER = ("loss", "perplexity", "misrouted", "prompt_tokens", "latency_
 # Who answers the held-out prompts: metrics are logged as eval/<contender>/<metric>. teacher: the answers the held-out
 # rows carry (their `teacher` key: a larger model's logged answers, not generated here); base: the base model
 # zero-shot; fewshot: with k random train conversations as shots; retrieval: with the k train conversations most
-# similar to the question (BM25); tuned: the fine-tuned model; length: a reward model's rule-of-thumb rival, "the
+# similar to the question (BM25); optimized: the instruction and shots a search on a dev split of the train rows
+# found best (evaluate/prompt_search.py); tuned: the fine-tuned model; length: a reward model's rule-of-thumb rival, "the
 # longer answer wins".
-CONTENDERS = ("teacher", "base", "fewshot", "retrieval", "length", "tuned")
+CONTENDERS = ("teacher", "base", "fewshot", "retrieval", "optimized", "length", "tuned")
+OPTIMIZED = "optimized"
 TEACHER = "teacher"
 # What an answer costs, per contender, logged as eval/<contender>/<name> beside the quality metrics and shown under
 # them: mean prompt tokens (the chat template's rendering, shots included) and answer tokens per answer, the median
@@ -36,10 +38,11 @@ COST_METRICS = ("prompt_tokens", "answer_tokens", "latency_s", "tokens_per_s", "
 AGREEMENT_METRICS = ("exact_match", "token_f1", "rougeL", "chrf")
 AGREES_WITH_TEACHER, AGREES_WITH_EXPECTED = "teacher_", "expected_"
 # The prompt-only alternatives to fine-tuning, cheapest first: what the verdict and the default gates weigh it against.
-ALTERNATIVES = ("base", "fewshot", "retrieval", "length")
+ALTERNATIVES = ("base", "fewshot", "retrieval", "optimized", "length")
 # How the verdict names each alternative.
 ALTERNATIVE_LABELS = {"base": "zero-shot prompting", "fewshot": "few-shot prompting",
-                      "retrieval": "retrieval prompting", "length": "the longer answer winning"}
+                      "retrieval": "retrieval prompting",
+                      "optimized": "the optimized prompt", "length": "the longer answer winning"}
 # Forgetting figures (general-text loss and perplexity, base and tuned) are logged under this prefix.
 FORGETTING_PREFIX = "eval/forgetting/"
 # The verdict (evaluate/verdict.py): the tuned model's margin over the best alternative and its 95% interval, under

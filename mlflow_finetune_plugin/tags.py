@@ -77,6 +77,16 @@ EVALUATED_VERSION = "finetune.evaluated_version"  # its version number
 VERDICT = "finetune.verdict"                      # one sentence: the margin over that alternative, the forgetting
 VERDICT_BEST_ALTERNATIVE = "finetune.verdict.best_alternative"  # base | fewshot | retrieval (none: none scored)
 VERDICT_PAID_OFF = "finetune.verdict.paid_off"    # "true" only when the bootstrap interval of the margin is above 0
+# "true" when the optimized prompt ties or beats the tuned model (set only where the optimized contender was scored)
+VERDICT_KEEP_PROMPT = "finetune.verdict.keep_prompt"
+EVAL_CONTENDERS = "finetune.eval.contenders"       # the contenders scored, and why the others were not
+# A registered optimized prompt's version (registry/prompts.py): its run, its base model, the model version registered
+# beside it, and its shots (a count, or retrieved ones that the prompt does not keep). On the run: the prompt's version.
+PROMPT_SOURCE_RUN = "finetune.prompt.source_run"
+PROMPT_BASE_MODEL = "finetune.prompt.base_model"
+PROMPT_MODEL_VERSION = "finetune.prompt.model_version"
+PROMPT_SHOTS = "finetune.prompt.shots"
+REGISTERED_PROMPT = "finetune.registered_prompt"  # prompts:/NAME-prompt/N
 
 # --- promotion (on the version the alias moved to) ----------------------------------------------------------------
 PROMOTED_ALIAS = "finetune.promoted_alias"        # the alias moved to this version

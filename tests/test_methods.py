@@ -37,7 +37,8 @@ from tests.helpers import REPO, chat_rows, write_project
 # settings of an adapter, and adapters on a quantized base.
 # GRPO and the reward model have their own files (tests/test_grpo.py, tests/test_rlhf.py): GRPO samples to train, a
 # reward model is a sequence classifier with a score head, not a causal LM with an adapter.
-OWN_FILES = {"grpo", "reward", "distill"}  # distill: a teacher answers first (tests/test_distill.py)
+# distill: a teacher answers first (tests/test_distill.py); optimize-prompt trains nothing (tests/test_prompt_search.py)
+OWN_FILES = {"grpo", "reward", "distill", "optimize-prompt"}
 CASES = {name: (name, {}) for name in PRESETS if name not in OWN_FILES} | {
     "lora-dora-rslora": ("lora", {"lora.use_dora": True, "lora.use_rslora": True, "lora.r": 8}),
     "lora-top-layers": ("lora", {"lora.layers": 2}),

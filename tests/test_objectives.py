@@ -97,7 +97,7 @@ def test_matrix_covers_every_adapter_objective_and_quantization():
     assert trained | REFUSED_OBJECTIVES | REFUSED_REWARD == {(a, o) for a in ADAPTERS for o in NAMES}
     assert not trained & (REFUSED_OBJECTIVES | REFUSED_REWARD)
     assert set(PRESETS) == {"lora", "qlora", "adapter", "prefix", "prompt", "ia3", "full", "multitask", "dpo", "grpo",
-                            "reward", "kto", "distill"}
+                            "reward", "kto", "distill", "optimize-prompt"}
 
 
 @pytest.mark.parametrize("overrides, method, reason", [

@@ -45,6 +45,9 @@ def _refusal(kind: str, entry_point: str, batch: int, teacher: bool = False, ima
         return rf"-e {entry_point}: the {preset.adapter} adapter does not train on rows with images"
     if preset.distill and not teacher:
         return "distill.teacher: -e distill needs a teacher"
+    if not preset.trains and (kind == "mixture" or teacher):  # -e optimize-prompt: a prompt for one data set
+        return "optimize-prompt searches a prompt for one data set" if kind == "mixture" else \
+            "-e optimize-prompt trains no weights"
     if kind == "mixture":
         return None if preset.objective == "sft" else "mixtures train with the sft objective"
     if preset.mixture:

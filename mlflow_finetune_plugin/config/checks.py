@@ -65,7 +65,7 @@ def combination_problems(recipe: Recipe, raw: dict | None = None, tasks_key: str
         problems.extend(_mixture_problems(recipe, raw or {}, tasks_key))
     elif data.adapters != "shared":
         problems.append("data.adapters: per_task needs a mixture (data.tasks with two or more tasks)")
-    return problems + _objective_problems(recipe) + _distill_problems(recipe)
+    return problems + _objective_problems(recipe) + _distill_problems(recipe) + _prompt_only_problems(recipe)
 
 
 def _adapter_problems(recipe: Recipe) -> list[str]:
@@ -190,4 +190,21 @@ def _distill_problems(recipe: Recipe) -> list[str]:
         problems.append("distill.loss: logits needs the teacher's token distributions, which a server's API does not "
                         "give: name a registered teacher run here (distill.teacher: models:/NAME@ALIAS) sharing the "
                         "student's tokenizer, or use distill.loss: text")
+    return problems
+
+
+def _prompt_only_problems(recipe: Recipe) -> list[str]:
+    """`-e optimize-prompt` trains nothing: it needs the prompt search on, held-out rows and one data set."""
+    if PRESETS.get(recipe.method) is None or PRESETS[recipe.method].trains:
+        return []
+    problems = []
+    if not recipe.eval.enabled or "optimized" not in recipe.eval.contenders:
+        problems.append("eval: -e optimize-prompt is the prompt search: set eval.enabled: true and add optimized to "
+                        "eval.contenders")
+    if recipe.data.tasks:
+        problems.append("data.tasks: -e optimize-prompt searches a prompt for one data set: give data.train, not a "
+                        "mixture")
+    if recipe.objective != "sft" or recipe.distill is not None and recipe.distill.teacher:
+        problems.append("objective: -e optimize-prompt trains no weights: use objective sft without distill.teacher "
+                        "(a teacher that writes instructions: set eval.optimize.proposer to its URL)")
     return problems

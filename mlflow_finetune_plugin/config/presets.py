@@ -22,6 +22,7 @@ class Preset:
     quantization: str = "none"   # model.quantization
     mixture: bool = False        # needs data.tasks (two or more)
     distill: bool = False        # needs distill.teacher: the data's prompts answered by a teacher
+    trains: bool = True          # False: no weights change (-e optimize-prompt: the prompt search only)
 
 
 PRESETS = {
@@ -38,6 +39,7 @@ PRESETS = {
     "reward": Preset("lora", objective="reward"),
     "kto": Preset("lora", objective="kto"),
     "distill": Preset("lora", distill=True),
+    "optimize-prompt": Preset("lora", trains=False),
 }
 
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "bias", "layers")

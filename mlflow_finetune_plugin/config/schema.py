@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mlflow_finetune_plugin.config.distill import DistillConfig
+from mlflow_finetune_plugin.config.evaluation import EvalConfig, general_text_file
 from mlflow_finetune_plugin.config.section import Section
 from mlflow_finetune_plugin.config.traces import TracesConfig
 
@@ -34,13 +35,6 @@ SHORT_KEYS = {
     "registered_model": "registry.name",
     "resume": "train.resume",
 }
-
-
-def general_text_file(value, bundled: str):
-    """A key that names general text (`data.replay`, `eval.forgetting`): true, false, or a .txt / .jsonl file."""
-    if isinstance(value, str) and not value.endswith((".txt", ".jsonl")):
-        raise ValueError(f"expected true ({bundled}), false (off) or a .txt / .jsonl file of general text")
-    return value
 
 
 class ModelConfig(Section):
@@ -410,35 +404,6 @@ class TrainConfig(Section):
     stall_timeout: float = Field(3600.0, ge=0, description="Watchdog: seconds a stage may go without progress; 0: off.")
 
 
-class EvalConfig(Section):
-    enabled: bool = True
-    max_examples: int = Field(50, gt=0, description="Held-out rows scored after training (the first N).")
-    max_new_tokens: int = Field(64, gt=0)
-    num_beams: int = Field(1, ge=1, description="Beam search in every contender's answers (1: greedy). Recorded as the "
-                                                "logged model's default `num_beams` for pyfunc predictions.")
-    batch_size: int = Field(32, gt=0, description="Prompts generated and scored together; lower it if memory runs out.")
-    fewshot_k: int = Field(3, ge=0, description="Train examples in the few-shot prompt; 0 skips that contender.")
-    traces: bool = Field(True, description="Log each held-out example with every contender's answer and scores "
-                         "as a trace (mlflow.genai.evaluate: MLflow's evaluation view); about 0.3 s a row.")
-    retrieval_k: int | None = Field(
-        None, ge=0, description="Train conversations most similar to each held-out question (BM25 over the user "
-                                "turns) given to the base model as shots; default: fewshot_k; 0 skips that contender.")
-    teacher_params: int | None = Field(None, gt=0, description="Parameters of the teacher whose answers the held-out "
-                                       "rows carry (`teacher`), for the cost columns; unknown when not given.")
-    output_format: Literal["text", "json"] = Field(
-        "text", description="json: also score `json_valid`, the share of answers that parse (and fit json_schema).")
-    json_schema: dict | None = Field(None, description="JSON Schema the answers must conform to (output_format json).")
-    forgetting: bool | str = Field(
-        True, description="Loss and perplexity of the base and the tuned model on general text the run did not train "
-                          "on (eval/forgetting/*): true: the set bundled with the package; a .txt (paragraphs "
-                          "split by blank lines) or .jsonl ({\"text\": ...} rows) file of your own; false: off.")
-
-    @field_validator("forgetting")
-    @classmethod
-    def _forgetting_file(cls, value):
-        return general_text_file(value, "the bundled set")
-
-
 class RegistryConfig(Section):
     class Gate(Section):
         """One promotion gate: the tuned model must beat every contender in `beats` on `metric` by `margin`."""
@@ -446,7 +411,7 @@ class RegistryConfig(Section):
         metric: str = Field(description="Metric name without prefix: rougeL, token_f1, exact_match, loss, ...")
         beats: list[str] = Field(
             ["base", "fewshot", "retrieval", "champion"],
-            description="base | fewshot | retrieval (same run), champion (holder of the alias being moved), @alias, "
+            description="base | fewshot | retrieval | optimized (same run), champion (holder of the alias being moved), @alias, "
                         "or a version.")
         margin: float = Field(0.0, ge=0, description="Absolute improvement required (0: not worse).")
         mode: Literal["max", "min"] | None = Field(None, description="Default: min for loss/perplexity, else max.")

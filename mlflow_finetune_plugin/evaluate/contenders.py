@@ -1,8 +1,9 @@
 """Who answers in an evaluation of a fine-tune: the alternatives a user has, the base model zero-shot, the base model
 few-shot (k random train conversations in the prompt), the base model with retrieved shots (the k train conversations
-most similar to each question, `retrieval.py`) and the tuned model, each answering the held-out prompts greedily;
-also where those prompts come from when a logged model is evaluated again. The shots, and whether they keep their
-images: `shots.py`.
+most similar to each question, `retrieval.py`), the base model with the optimized prompt (instruction and shots a
+search on a dev split of the train rows found best, `prompt_search.py`) and the tuned model, each answering the
+held-out prompts greedily through `answering.py`; also where those prompts come from when a logged model is evaluated
+again. The shots, and whether they keep their images: `shots.py`.
 
 Their answers are turned into figures by `scoring.py`, logged by `report.py` and weighed by `verdict.py`.
 """
@@ -13,19 +14,28 @@ import contextlib
 import hashlib
 import json
 
-from mlflow_finetune_plugin import stops, tags
+from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin.config.evaluation import PROMPT_CONTENDERS
 from mlflow_finetune_plugin.data.image_rows import IMAGES
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.evaluate.cost import answer_costs, answer_lengths, parameter_counts
-from mlflow_finetune_plugin.evaluate.report import EvalResult, add_answers, log_evaluation, table_rows
-from mlflow_finetune_plugin.evaluate.retrieval import nearest_shots
-from mlflow_finetune_plugin.evaluate.scoring import (
-    answer_set,
-    contender_metrics,
-    reference_ids,
-    reference_nll,
-    score_and_prefill,
+from mlflow_finetune_plugin.evaluate.answering import (  # noqa: F401 (answer_and_score, lora_merged: public here too)
+    _mergeable_lora_layers,
+    _shares_prefill,
+    answer_all,
+    answer_and_score,
+    context_limit,
+    lora_merged,
 )
+from mlflow_finetune_plugin.evaluate.cost import answer_costs, answer_lengths, parameter_counts
+from mlflow_finetune_plugin.evaluate.report import (
+    EvalResult,
+    add_answers,
+    contenders_line,
+    log_evaluation,
+    table_rows,
+)
+from mlflow_finetune_plugin.evaluate.retrieval import nearest_shots
+from mlflow_finetune_plugin.evaluate.scoring import answer_set, contender_metrics
 from mlflow_finetune_plugin.evaluate.shots import (
     fewshot_prompt,
     fit,
@@ -36,23 +46,23 @@ from mlflow_finetune_plugin.evaluate.shots import (
 from mlflow_finetune_plugin.evaluate.teacher import agreement_metrics, complete, score_teacher
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
-from mlflow_finetune_plugin.metrics import CONTENDERS, TEACHER
-from mlflow_finetune_plugin.models.answers import answer_text
-from mlflow_finetune_plugin.models.architecture import cache_abilities
-from mlflow_finetune_plugin.models.chat_format import stop_ids
+from mlflow_finetune_plugin.metrics import CONTENDERS, OPTIMIZED, TEACHER
 from mlflow_finetune_plugin.models.image_inputs import with_images
-from mlflow_finetune_plugin.models.vision import processor_of
 
 
 def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train_conversations: list[list[dict]],
-                   cfg, base_model=None, teachers: list[dict | None] | None = None) -> EvalResult:
-    """Score base zero-shot, base few-shot, base with retrieved shots and tuned on the first `cfg.max_examples` eval
-    conversations (greedy), with what each answer cost (`cost.py`).
+                   cfg, base_model=None, teachers: list[dict | None] | None = None, proposer=None,
+                   tuned: bool = True) -> EvalResult:
+    """Score the prompt-only contenders of `cfg.contenders` (base zero-shot, base few-shot, base with retrieved
+    shots, the optimized prompt: `prompt_search.py`) and tuned on the first `cfg.max_examples` eval conversations
+    (greedy), with what each answer cost (`cost.py`); which ran, and why the others did not, is printed and kept
+    (`EvalResult.notes`).
 
     `model` is a PeftModel (the base is the same weights with the adapter disabled) or a full model with
     `base_model` given; with neither there is no base to compare and only `tuned` is scored. `teachers`: each eval
     conversation's `teacher` (data/teacher.py); where every scored one has one, the teacher is scored too
-    (`teacher.py`).
+    (`teacher.py`). `proposer`: who writes instructions for the prompt search (`proposer.proposer_of`).
+    `tuned=False` (`-e optimize-prompt`, no weights trained): `model` is the base, and only prompts are scored.
     """
     teachers = teachers or [None] * len(eval_conversations)
     kept = [(pair, t) for conv, t in zip(eval_conversations, teachers)
@@ -61,24 +71,32 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
     if not examples:
         raise FinetuneError("evaluation: no held-out conversation has a prompt followed by an assistant answer; "
                             "each eval row needs at least a user message and the assistant's reply")
+    questions = [p for p, _ in examples]
     base = _base_context(model, base_model)
-    if base is None:
-        print("Evaluation: a full model without its base model given; scoring the tuned model only.")
-    shots = pick_shots(train_conversations, cfg.fewshot_k, {json.dumps(p) for p, _ in examples})
-    limit = _context_limit(model, tokenizer) - cfg.max_new_tokens
-    runs = {"tuned": (lora_merged(model), [p for p, _ in examples])}
+    limit = context_limit(model, tokenizer) - cfg.max_new_tokens
+    runs = {"tuned": (lora_merged(model), questions)} if tuned else {}
+    notes = _notes(cfg, base is not None, train_conversations)
+    shots = pick_shots(train_conversations, cfg.fewshot_k, {json.dumps(p) for p in questions}) \
+        if "fewshot" not in notes else []
     retrieved: list[list[list[dict]]] = []
     if base is not None:
-        runs["base"] = (base, [p for p, _ in examples])
-        retrieved = nearest_shots(train_conversations, [p for p, _ in examples], retrieval_k(cfg))
+        if "base" not in notes:
+            runs["base"] = (base, questions)
+        if "retrieval" not in notes:
+            retrieved = nearest_shots(train_conversations, questions, retrieval_k(cfg))
         shots, retrieved = shots_for_model(tokenizer, shots, retrieved)  # a VLM taking one image: shots' text only
         if shots:
             runs["fewshot"] = (_base_context(model, base_model),
-                               [fit(tokenizer, fewshot_prompt(p, shots), p, shots, limit) for p, _ in examples])
+                               [fit(tokenizer, fewshot_prompt(p, shots), p, shots, limit) for p in questions])
         if any(retrieved):
             runs["retrieval"] = (_base_context(model, base_model),
                                  [fit(tokenizer, fewshot_prompt(p, s), p, s, limit)
-                                  for (p, _), s in zip(examples, retrieved)])
+                                  for p, s in zip(questions, retrieved)])
+        if OPTIMIZED not in notes:
+            runs[OPTIMIZED] = (None, None)  # its prompts once the search has run, after the others (their pace)
+    # printed: what the recipe did not itself switch off (the tag and eval/contenders.json keep every reason)
+    unasked = {c: why for c, why in notes.items() if not why.startswith(SWITCHED_OFF)}
+    print(f"Contenders: {contenders_line([c for c in CONTENDERS if c in runs], unasked)}")
     references = [ref for _, ref in examples]
     metrics: dict[str, float] = {"eval/n_examples": float(len(examples))}
     rows = table_rows(examples)
@@ -90,10 +108,27 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
         metrics.update({f"eval/{TEACHER}/{k}": v for k, v in totals.items()})
         add_answers(rows, TEACHER, answers, per_example)
     contenders = [c for c in CONTENDERS if c in runs or c == TEACHER and complete(teachers)]
+    searched, answered = None, {}
     for name in [c for c in contenders if c in runs]:
+        if name == OPTIMIZED:
+            searched = _search(model, base_model, tokenizer, train_conversations, questions, cfg, limit, proposer,
+                               metrics)
+            if searched.winner is None:
+                notes[OPTIMIZED] = searched.reason
+                contenders.remove(OPTIMIZED)
+                print(f"Contenders: not {OPTIMIZED}: {searched.reason}")
+                continue
+            runs[OPTIMIZED] = (_base_context(model, base_model),
+                               searched.winner.prompts(questions, train_conversations, retrieval_k(cfg), tokenizer,
+                                                       limit))
         context, prompts = runs[name]
-        with context as contender:
-            answers, nll, n_tokens, seconds = _answer_all(contender, tokenizer, prompts, references, cfg, name)
+        same = name if name == "tuned" else json.dumps(prompts)  # the base model's prompts, or the tuned model
+        if same in answered:  # the optimized prompt that is another contender's: the same answers, not redone
+            answers, nll, n_tokens, seconds = answered[same]
+        else:
+            with context as contender:
+                answers, nll, n_tokens, seconds = answer_all(contender, tokenizer, prompts, references, cfg, name)
+            answered[same] = answers, nll, n_tokens, seconds
         totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg, train_answers)
         totals.update(answer_costs([prompt_length(tokenizer, p) for p in prompts],
                                    answer_lengths(tokenizer, answers), seconds,
@@ -104,8 +139,41 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
         metrics.update(agreement_metrics(rows, contenders, teachers, references))
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:12]
     return EvalResult(metrics, rows, contenders, shots if "fewshot" in runs else [], digest,
-                      retrieved if "retrieval" in runs else [], prompts=[p for p, _ in examples],
-                      traces=cfg.traces)
+                      retrieved if "retrieval" in runs else [], prompts=questions, traces=cfg.traces, notes=notes,
+                      search=searched)
+
+
+SWITCHED_OFF = ("eval.", "left out by eval.")  # the reasons that are the recipe's own settings
+
+
+def _notes(cfg, has_base: bool, train: list) -> dict[str, str]:
+    """contender -> why it is not scored, for each prompt-only contender that is not."""
+    if not has_base:
+        print("Evaluation: a full model without its base model given; scoring the tuned model only.")
+        return {c: "no base model to prompt (a full model without its base given)" for c in PROMPT_CONTENDERS}
+    notes = {c: "left out by eval.contenders" for c in PROMPT_CONTENDERS if c not in cfg.contenders}
+    if "fewshot" not in notes and cfg.fewshot_k == 0:
+        notes["fewshot"] = "eval.fewshot_k is 0"
+    if "retrieval" not in notes and retrieval_k(cfg) == 0:
+        notes["retrieval"] = "eval.retrieval_k is 0"
+    for name in ("fewshot", "retrieval", OPTIMIZED):
+        if name not in notes and not train:
+            notes[name] = "no train rows to draw shots from"
+    return notes
+
+
+def _search(model, base_model, tokenizer, train, questions, cfg, limit, proposer, metrics):
+    """The optimized contender's prompt search with the base model, at the pace the contenders so far answered."""
+    from mlflow_finetune_plugin.evaluate import prompt_search
+
+    paces = [metrics[f"eval/{c}/latency_s"] for c in ("retrieval", "fewshot", "base")
+             if f"eval/{c}/latency_s" in metrics]
+    # the proposer sees train rows only, and only those the search will not score on
+    found = prompt_search.search(lambda: _base_context(model, base_model), tokenizer, train, len(questions), cfg,
+                                 limit, lambda pool: prompt_search.instruction_sources(pool, cfg, proposer),
+                                 paces[0] if paces else None)
+    print(f"Prompt search: {found.reason}" + (f": {prompt_search.describe(found.winner)}." if found.winner else "."))
+    return found
 
 
 def retrieval_k(cfg) -> int:
@@ -126,199 +194,6 @@ def _base_context(model, base_model):
 def _adapter_disabled(model):
     with model.disable_adapter():
         yield model
-
-
-@contextlib.contextmanager
-def lora_merged(model):
-    """The tuned model to answer with, its LoRA updates folded into the base weights while it answers on the CPU.
-
-    Unmerged, every adapted layer computes its base matmul plus two small LoRA ones at each decoding step; merged, one
-    (the tuned contender's 30 answers on smollm2: 11.0-11.2 s against 12.1-12.7 s, the same answers). The base weights
-    are not changed in place: each adapted layer's weight is swapped for `W + scaling * B @ A` (`get_delta_weight`, as
-    PEFT merges) with the adapter switched off, and the original tensor put back afterwards, bit for bit (PEFT's
-    unmerge would subtract the update again and leave the base rounded, which the other contenders and the forgetting
-    check read).
-    Anything else, a GPU (where the copy costs memory), quantized or non-Linear base layers, DoRA and other LoRA
-    variants, LoRA biases, trained token rows or modules_to_save, or several active adapters, answers unmerged.
-    """
-    layers = _mergeable_lora_layers(model)
-    if not layers:
-        yield model
-        return
-    import torch
-
-    swapped = []
-    try:
-        with torch.no_grad():
-            for layer, adapter in layers:
-                weight = layer.get_base_layer().weight
-                swapped.append((weight, weight.data))
-                weight.data = weight.data + layer.get_delta_weight(adapter).to(weight.dtype)
-        with model.disable_adapter():
-            yield model
-    finally:
-        for weight, original in swapped:
-            weight.data = original
-
-
-def _mergeable_lora_layers(model) -> list:
-    """(LoRA layer, adapter) pairs for `lora_merged`, or [] when the model does not qualify (see there)."""
-    import torch
-
-    if not hasattr(model, "disable_adapter") or getattr(model, "active_peft_config", None) is None:
-        return []
-    if model.active_peft_config.peft_type != "LORA" or len(getattr(model, "active_adapters", [])) != 1:
-        return []
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return []
-    adapter = model.active_adapters[0]
-    # `disable_adapter()` also switches off trained token rows (model.chat_template's control tokens) and
-    # modules_to_save copies, which the merge does not fold in: a base model then never wrote its end of turn (the
-    # tuned gemma3 ran on past it on CPU, while its registered version stopped). Such adapters answer unmerged.
-    try:
-        from peft.utils.other import AuxiliaryTrainingWrapper
-    except ImportError:
-        return []
-    if any(isinstance(module, AuxiliaryTrainingWrapper) for module in model.modules()):
-        return []
-    layers = []
-    for module in model.modules():
-        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
-            continue
-        base = module.get_base_layer()
-        if (type(base) is not torch.nn.Linear or base.weight.device.type != "cpu" or module.merged
-                or module.lora_variant.get(adapter) is not None or module.lora_bias.get(adapter)):
-            return []
-        layers.append((module, adapter))
-    return layers
-
-
-def _answer_all(model, tokenizer, prompts, references, cfg, name):
-    """Greedy answers to every prompt, the summed NLL of every reference and each answer's seconds (its batch's wall
-    time over the batch's rows: `cost.py`), in batches, with a progress bar."""
-    import time
-
-    from tqdm.auto import tqdm
-
-    from mlflow_finetune_plugin.logged_model import LoadedModel
-
-    was_training = model.training
-    model.eval()
-    loaded = LoadedModel(model, tokenizer, {})
-    # Prompts of similar length share a batch, so little of it is padding. Longest first: a batch size too large
-    # for memory fails in the first batch, not the last.
-    order = sorted(range(len(prompts)), key=lambda i: -prompt_length(tokenizer, prompts[i]))
-    answers, nll, n_tokens, seconds = [""] * len(prompts), 0.0, 0, [0.0] * len(prompts)
-    try:
-        with tqdm(total=len(prompts), desc=f"eval {name}", unit="example") as progress:
-            for start in range(0, len(order), cfg.batch_size):
-                batch = order[start: start + cfg.batch_size]
-                began = time.perf_counter()
-                batch_answers, total, count = answer_and_score(
-                    loaded, [prompts[i] for i in batch], [references[i] for i in batch], cfg.max_new_tokens,
-                    cfg.num_beams)
-                spent = (time.perf_counter() - began) / len(batch)  # the answers are text: the device is done
-                for i, answer in zip(batch, batch_answers):
-                    answers[i], seconds[i] = answer, spent
-                nll, n_tokens = nll + total, n_tokens + count
-                progress.update(len(batch))
-                stops.beat()  # train/watchdog.py: the evaluation moves
-    finally:
-        model.train(was_training)
-    return answers, nll, n_tokens, seconds
-
-
-def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
-                     max_new_tokens: int, num_beams: int = 1) -> tuple[list[str], float, int]:
-    """Greedy (or beam-search) answers to `prompts` (as `generate_greedy_batch` gives them) and the summed NLL of
-    the `references` with their token count, sharing one pass over the prompts where decoding is greedy.
-
-    Generation continues from the KV cache of the pass that scores the references (`scoring.score_and_prefill`).
-    Beam search, and models whose cache cannot be cut back that way (sliding-window or recurrent-state layers:
-    `models.architecture.cache_abilities`), take two passes, one to answer and one to score
-    (`scoring.reference_nll`); prefix and prompt tuning answer one prompt at a time.
-    """
-    import torch
-
-    from mlflow_finetune_plugin.logged_model import generate, generate_greedy_batch
-
-    model, tok = loaded.model, loaded.tokenizer
-    if processor_of(tok) is not None:  # a vision-language model: prompts and references through its processor
-        return _answer_and_score_images(model, tok, prompts, references, max_new_tokens, num_beams)
-    if _virtual_tokens(model):
-        # Left padding would sit between the virtual tokens and the prompt and shift their distance (the answers
-        # then differ from unpadded ones): one prompt at a time.
-        answers = [generate(loaded, p, max_new_tokens=max_new_tokens, num_beams=num_beams) for p in prompts]
-        return answers, *reference_nll(model, tok, prompts, references)
-    pairs = [reference_ids(tok, p, r) for p, r in zip(prompts, references)]
-    cache = cache_abilities(model)
-    if num_beams > 1 or not cache.crop or not _shares_prefill(model) or not all(p for p, _ in pairs):
-        return (generate_greedy_batch(loaded, prompts, max_new_tokens, num_beams),
-                *reference_nll(model, tok, prompts, references))
-    device = model.device
-    prefill = score_and_prefill(model, tok, pairs, share_prefix=cache.repeat)
-    prompt_end = prefill.input_ids.shape[1]
-    with torch.no_grad():
-        generated = model.generate(input_ids=prefill.input_ids.to(device),
-                                   attention_mask=prefill.attention_mask.to(device), **{_CACHE_KWARG: prefill.cache},
-                                   max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
-                                   eos_token_id=stop_ids(tok, model.generation_config), do_sample=False)
-    # Rows that end early are filled with padding, after their stop token: answer_text cuts there.
-    answers = [answer_text(tok, row.tolist()) for row in generated[:, prompt_end:]]
-    return answers, prefill.nll, prefill.n_tokens
-
-
-def _answer_and_score_images(model, tok, prompts, references, max_new_tokens: int, num_beams: int):
-    """`answer_and_score` for a vision-language model: each prompt's images read from its image parts."""
-    from mlflow_finetune_plugin.models import image_inputs
-
-    processor = processor_of(tok)
-    placed = [image_inputs.with_placeholders(p) for p in prompts]
-    messages = [m for m, _ in placed]
-    images = [[image_inputs.read_image(ref) for ref in refs] for _, refs in placed]
-    answers = image_inputs.generate_answers(model, tok, processor, messages, images, max_new_tokens, num_beams)
-    return answers, *image_inputs.reference_nll(model, tok, processor, messages, images, references)
-
-
-def _cache_kwarg() -> str:
-    """generate()'s name for a KV cache to continue from: `cache` from transformers 5.2x (where `past_key_values`
-    is deprecated, to go in 5.40), `past_key_values` before."""
-    from transformers.generation import utils
-
-    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
-
-
-_CACHE_KWARG = _cache_kwarg()
-
-
-def _virtual_tokens(model) -> bool:
-    """Prefix and prompt tuning: trained virtual tokens ahead of every input (in the KV cache, or the embeddings)."""
-    peft_config = getattr(model, "active_peft_config", None)
-    return peft_config is not None and peft_config.is_prompt_learning
-
-
-def _shares_prefill(model) -> bool:
-    """Whether `answer_and_score` can reuse the scoring pass's cache for generation (see there), its cache's own
-    abilities apart (`cache_abilities`)."""
-    import inspect
-
-    if _virtual_tokens(model) or getattr(model, "config", None) is None:
-        return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # A model that keeps no KV cache (OpenAI GPT, XLNet) has nothing to continue from: asked of its forward and of
-    # transformers (`_supports_default_dynamic_cache`).
-    parameters = inspect.signature(base.forward).parameters
-    supports = getattr(type(base), "_supports_default_dynamic_cache", None)
-    return ("logits_to_keep" in parameters and "use_cache" in parameters
-            and (supports is None or bool(supports())))
-
-
-def _context_limit(model, tokenizer) -> int:
-    config = getattr(model, "config", None)
-    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    return min((n for n in limits if isinstance(n, int) and 0 < n < 10**8), default=4096)
 
 
 def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str | None = None,

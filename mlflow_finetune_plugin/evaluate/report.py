@@ -20,6 +20,8 @@ TABLE_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "json_valid", "mis
 CHART_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "bleu", "json_valid")
 TABLE_FILE, CHART_FILE, SHOTS_FILE = "eval/examples.json", "eval/comparison.png", "eval/fewshot_examples.json"
 RETRIEVED_FILE = "eval/retrieval_examples.json"
+# Which prompt-only contenders were not scored and why; the optimized contender's prompt and its search.
+CONTENDERS_FILE, OPTIMIZED_FILE = "eval/contenders.json", "eval/optimized_prompt.json"
 
 
 @dataclass
@@ -33,6 +35,8 @@ class EvalResult:
     verdict: object = None                     # verdict.Verdict, once `verdict.conclude` weighed the result
     prompts: list[list[dict]] = field(default_factory=list)  # per example, its chat messages (the rows render them)
     traces: bool = True                        # eval.traces: log the rows in MLflow's evaluation view
+    notes: dict[str, str] = field(default_factory=dict)  # prompt-only contender -> why it was not scored
+    search: object = None                      # prompt_search.Search of the optimized contender, when it ran
 
 
 def table_rows(examples: list[tuple[list[dict], str]]) -> list[dict]:
@@ -89,12 +93,30 @@ def log_evaluation(result: EvalResult) -> None:
     if result.retrieval_shots:
         mlflow.log_dict({"examples": [{"prompt": row["prompt"], "shots": shots}
                                       for row, shots in zip(result.rows, result.retrieval_shots)]}, RETRIEVED_FILE)
+    if result.contenders:  # a mixture's merged result has none of its own (each task printed its own line)
+        mlflow.log_dict({"scored": result.contenders, "not_scored": result.notes}, CONTENDERS_FILE)
+        mlflow.set_tag(tags.EVAL_CONTENDERS, contenders_line(result.contenders, result.notes)[:5000])
+    if result.search is not None and result.search.winner is not None:
+        mlflow.log_dict(optimized_record(result.search), OPTIMIZED_FILE)
     # The latest evaluation's, overwritten by the next: what the run's verdict is decided on.
     mlflow.log_dict(per_example_scores(result.rows), SCORES_FILE)
     log_chart(result.metrics)
     # Last, and never raising: each example with every contender's answer and scores in MLflow's evaluation view.
     if result.traces:
         log_genai_view(result)
+
+
+def contenders_line(contenders: list[str], notes: dict[str, str]) -> str:
+    """Who was scored and why the others were not, in a line (printed, and the `finetune.eval.contenders` tag)."""
+    left_out = "".join(f"; not {name}: {why}" for name, why in notes.items())
+    return f"scored {', '.join(contenders)}{left_out}"
+
+
+def optimized_record(search) -> dict:
+    """The optimized contender's prompt and how it was found, as `OPTIMIZED_FILE` keeps it (and the Prompt Registry
+    registers it: registry/prompts.py)."""
+    return {**search.winner.as_dict(), "dev_rows": search.dev_rows, "answers": search.answers,
+            "seconds": round(search.seconds, 3), "dev_scores": dict(search.scores), "reason": search.reason}
 
 
 def log_chart(metrics: dict[str, float]) -> None:

@@ -11,16 +11,9 @@ from __future__ import annotations
 import json
 import random
 
-from mlflow_finetune_plugin.messages import split_conversation
+from mlflow_finetune_plugin.messages import fewshot_prompt, split_conversation
 from mlflow_finetune_plugin.models.chat_format import prompt_ids
 from mlflow_finetune_plugin.models.image_inputs import has_image_parts, is_image_part
-
-
-def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
-    """The prompt with `shots` (whole conversations) as earlier turns, after the prompt's system message(s)."""
-    system = [m for m in prompt if m.get("role") == "system"]
-    turns = [m for shot in shots for m in shot if m.get("role") != "system"]
-    return system + turns + [m for m in prompt if m.get("role") != "system"]
 
 
 def pick_shots(train_conversations, k: int, exclude: set[str]) -> list[list[dict]]:

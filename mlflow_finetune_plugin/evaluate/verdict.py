@@ -1,14 +1,17 @@
 """The verdict of a run: did fine-tuning pay off against the best thing a user could have done without it?
 
 The alternatives are the prompt-only contenders (`metrics.ALTERNATIVES`: the base model zero-shot, with random shots,
-with retrieved shots). The best of them on the primary metric is weighed against the tuned model on the same held-out
+with retrieved shots, with the optimized prompt a search on the train rows found: `prompt_search.py`). The best of them on the primary metric is weighed against the tuned model on the same held-out
 examples, pair by pair. Fine-tuning *paid off* only when the tuned model beats it by more than the evaluation's own
 noise: a paired bootstrap (the held-out examples resampled with replacement, `RESAMPLES` times, seeded) gives a 95%
 interval of the mean per-example difference (tuned - alternative), and its lower bound must be above 0, on at least
 `MIN_EXAMPLES` examples. A run that barely trained answers much as its base does: the differences centre on 0, the
 interval straddles it, and it is not called a pay-off.
 
-The verdict is three run tags (`tags.VERDICT*`), three metrics (`eval/verdict/margin`, `margin_low`, `margin_high`),
+When the optimized prompt was scored and the tuned model does not beat it beyond the noise (on at least
+`MIN_EXAMPLES` examples), the verdict says to keep the prompt, with what an answer costs each (`keep_prompt`).
+
+The verdict is three run tags (four with the optimized prompt) (`tags.VERDICT*`), three metrics (`eval/verdict/margin`, `margin_low`, `margin_high`),
 a section of the model card, and the last thing a run prints.
 """
 
@@ -22,6 +25,7 @@ from mlflow_finetune_plugin.metrics import (
     ALTERNATIVES,
     CONTENDERS,
     FORGETTING_PREFIX,
+    OPTIMIZED,
     VERDICT_MIN_EXAMPLES,
     VERDICT_PREFIX,
     VERDICT_RESAMPLES,
@@ -55,6 +59,16 @@ class Verdict:
     reason: str = ""                       # why there is no comparison at all
     teacher: str = ""                      # with a teacher contender: can the student stand in (teacher.py)?
     cost: str = ""                         # what an answer costs each contender (cost.cost_line)
+    prompt: float | None = None            # the optimized prompt's mean, when it was scored
+    prompt_low: float | None = None        # 95% interval of the mean (tuned - optimized), better direction
+    prompt_high: float | None = None
+    prompt_cost: str = ""                  # its prompt tokens and latency against the tuned model's
+
+    @property
+    def keep_prompt(self) -> bool:
+        """The optimized prompt ties or beats the tuned model: the tuned model is not better beyond the noise."""
+        return (not self.paid_off and self.prompt_low is not None and self.n >= MIN_EXAMPLES
+                and self.prompt_low <= 0)
 
     @property
     def margin(self) -> float | None:
@@ -66,7 +80,18 @@ class Verdict:
     def sentence(self) -> str:
         """The verdict in one sentence, with the margin and, when measured, the forgetting ratio; with a teacher, a
         second sentence on whether the student can stand in for it."""
-        return f"{self._against_alternatives()}. {self.teacher}" if self.teacher else self._against_alternatives()
+        first = self._against_alternatives()
+        if self.keep_prompt:
+            first += f"; {self.prompt_sentence()}"
+        return f"{first}. {self.teacher}" if self.teacher else first
+
+    def prompt_sentence(self) -> str:
+        """`keep the prompt: ...`: the optimized prompt against the tuned model, and what an answer costs each."""
+        wins = self.prompt_high is not None and self.prompt_high < 0
+        how = "beats" if wins else "ties"
+        return (f"keep the prompt: the optimized prompt {how} the tuned model ({self.metric} {self.prompt:.2f} vs "
+                f"{self.tuned:.2f}; 95% interval of tuned - prompt {self.prompt_low:+.2f} to {self.prompt_high:+.2f})"
+                f"{', ' + self.prompt_cost if self.prompt_cost else ''}")
 
     def _against_alternatives(self) -> str:
         forgetting = "" if self.ppl_ratio is None else f"; general-text perplexity x{self.ppl_ratio:.2f}"
@@ -83,8 +108,11 @@ class Verdict:
         return f"fine-tuning did not pay off: {versus}, {why}{forgetting}"
 
     def as_tags(self) -> dict[str, str]:
-        return {tags.VERDICT: self.sentence(), tags.VERDICT_BEST_ALTERNATIVE: self.best_alternative,
-                tags.VERDICT_PAID_OFF: str(self.paid_off).lower()}
+        out = {tags.VERDICT: self.sentence(), tags.VERDICT_BEST_ALTERNATIVE: self.best_alternative,
+               tags.VERDICT_PAID_OFF: str(self.paid_off).lower()}
+        if self.prompt_low is not None:
+            out[tags.VERDICT_KEEP_PROMPT] = str(self.keep_prompt).lower()
+        return out
 
     def as_metrics(self) -> dict[str, float]:
         values = {"margin": self.margin, "margin_low": self.low, "margin_high": self.high}
@@ -123,8 +151,14 @@ def decide(scores: dict[str, list[float | None]], metric: str, ppl_ratio: float 
     best = max(paired, key=lambda name: sign * _mean([o for _, o in paired[name]]))
     pairs = paired[best]
     low, high = paired_bootstrap([sign * t for t, _ in pairs], [sign * o for _, o in pairs])
-    return Verdict(len(pairs) >= MIN_EXAMPLES and low > 0, best, metric, _mean([t for t, _ in pairs]),
-                   _mean([o for _, o in pairs]), low, high, len(pairs), ppl_ratio)
+    verdict = Verdict(len(pairs) >= MIN_EXAMPLES and low > 0, best, metric, _mean([t for t, _ in pairs]),
+                      _mean([o for _, o in pairs]), low, high, len(pairs), ppl_ratio)
+    if OPTIMIZED in paired:  # keep the prompt? (Verdict.keep_prompt)
+        prompt_pairs = paired[OPTIMIZED]
+        verdict.prompt = _mean([o for _, o in prompt_pairs])
+        verdict.prompt_low, verdict.prompt_high = paired_bootstrap([sign * t for t, _ in prompt_pairs],
+                                                                   [sign * o for _, o in prompt_pairs])
+    return verdict
 
 
 def primary_metric(gates, scores: dict[str, dict[str, list]]) -> str | None:
@@ -168,11 +202,26 @@ def conclude(run_id: str, gates=None, scores: dict | None = None) -> Verdict:
         verdict = decide({name: values.get(metric) for name, values in scores.items()}, metric, ratio)
         verdict.teacher = teacher_sentence(metrics, scores, metric, paired_bootstrap) or ""
     verdict.cost = cost_line(metrics) or ""
+    verdict.prompt_cost = prompt_cost(metrics)
     for key, value in verdict.as_tags().items():
         client.set_tag(run_id, key, value)
     for key, value in verdict.as_metrics().items():
         client.log_metric(run_id, key, value)
     return verdict
+
+
+def prompt_cost(metrics: dict[str, float]) -> str:
+    """The optimized prompt's prompt tokens and seconds per answer against the tuned model's ('' when not timed)."""
+    def get(contender, name):
+        return metrics.get(f"eval/{contender}/{name}")
+
+    if get(OPTIMIZED, "prompt_tokens") is None or get("tuned", "prompt_tokens") is None:
+        return ""
+    said = (f"at {get(OPTIMIZED, 'prompt_tokens'):.0f} prompt tokens an answer against the tuned model's "
+            f"{get('tuned', 'prompt_tokens'):.0f}")
+    if get(OPTIMIZED, "latency_s") is not None and get("tuned", "latency_s") is not None:
+        said += f", {get(OPTIMIZED, 'latency_s'):.3f} s against {get('tuned', 'latency_s'):.3f} s"
+    return said
 
 
 def _logged_scores(client, run_id: str) -> dict:

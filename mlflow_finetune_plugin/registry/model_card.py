@@ -135,7 +135,8 @@ def _eval_section(metrics: dict) -> str:
     n = metrics.get("eval/n_examples")
     head = (f"On {int(n)} held-out examples" if n else "On the held-out examples") + ": the base model zero-shot, "\
         "with random train examples as shots (fewshot), with the train examples most similar to each question as "\
-        "shots (retrieval), and the tuned model (`*` marks the best of each row; lower is better for loss, "\
+        "shots (retrieval), with the instruction and shots a search on a dev split of the train rows found best "\
+        "(optimized, where it ran), and the tuned model (`*` marks the best of each row; lower is better for loss, "\
         "perplexity and misrouted); under them, what an answer cost each (tokens, median seconds on the machine "\
         "that evaluated, parameters)."
     other = {k: v for k, v in metrics.items() if k not in table and k.split("/")[-1] not in _TRAINER_BOOKKEEPING

@@ -22,6 +22,7 @@ from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config.schema import RegistryConfig
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.metrics import ALTERNATIVES, format_table, lower_is_better
+from mlflow_finetune_plugin.registry import prompts
 from mlflow_finetune_plugin.registry import versions as registry
 
 Gate = RegistryConfig.Gate
@@ -170,6 +171,8 @@ def promote(name: str, version: str, alias: str | None = None, gates: list[Gate]
     """
     if force and not (reason or "").strip():
         raise FinetuneError("--force needs --reason TEXT: say why the gates are overridden (it is recorded)")
+    if prompts.is_prompt(name):  # an optimized prompt (registry/prompts.py)
+        return prompts.promote_prompt(name.removesuffix(prompts.SUFFIX), version, gates, alias, force)
     mv = registry.get_version(name, version)
     if gates is None or alias is None:
         recorded_gates, recorded_alias = recipe_gates(name, mv.version)

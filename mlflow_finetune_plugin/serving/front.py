@@ -53,6 +53,7 @@ class Routes:
     def __init__(self, names: list[str], upstream: str):
         self._routes: dict[str, tuple[str, str]] = {n: (upstream, n) for n in names}  # ordered as listed
         self._aliases: dict[str, str] = {}
+        self._rewrites: dict[str, object] = {}  # served name -> its request's rewrite (a registered prompt)
         self._in_flight: dict[str, int] = {}
         self._changed = threading.Condition()
         self.default = upstream  # where requests that name no model go (/health, ...)
@@ -75,6 +76,17 @@ class Routes:
     def add(self, name: str, upstream: str, upstream_name: str | None = None) -> None:
         with self._changed:
             self._routes[name] = (upstream, upstream_name or name)
+
+    def add_prompt(self, name: str, model: str, rewrite) -> None:
+        """Serve `name` as served model `model` asked with a prompt: `rewrite(request)` gives the request it sends
+        (`serve --prompt`: the registered prompt applied to the client's messages)."""
+        with self._changed:
+            self._routes[name] = self._routes[model]
+            self._rewrites[name] = rewrite
+
+    def rewrite_of(self, name: str):
+        with self._changed:
+            return self._rewrites.get(name)
 
     def point(self, alias: str, name: str) -> None:
         """Requests for `alias` go to served name `name` from now on."""
@@ -194,6 +206,8 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
                 served, upstream, upstream_name = routes.lookup(model)
                 if tracer is not None and path == "v1/chat/completions":
                     traced = await asyncio.to_thread(TracedRequest.begin, tracer, served, model, body)
+                if (rewrite := routes.rewrite_of(served)) is not None:
+                    body = rewrite(body)
                 if upstream_name != model:  # an alias (`NAME@champion`): the server knows the version's name
                     body = _with_model(body, upstream_name)
         # A traced answer is read as it passes: asked for uncompressed.

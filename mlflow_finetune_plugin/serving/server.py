@@ -146,16 +146,22 @@ def _base_of(choice: ModelChoice) -> ModelChoice:
 
 def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 8000, extra: tuple[str, ...] = (),
           dry_run: bool = False, follow_interval: float = DEFAULT_INTERVAL_S, echo=print,
-          trace: str | None = None) -> ServerCommand:
+          trace: str | None = None, prompt: str | None = None) -> ServerCommand:
     """Resolve `refs` from the registry and serve them until a stop signal: the server (vLLM or `transformers
     serve`) as a child on a loopback port, behind the OpenAI-compatible front on host:port (`front.run_front`);
     a ref given by alias (`NAME@champion`) follows the alias, looked up every `follow_interval` seconds (0: never);
     with `trace`, each chat completion is recorded as a trace in that experiment (`tracing.py`); with `dry_run`,
-    only return the server's command."""
+    only return the server's command. With `prompt` (`prompts:/NAME-prompt@champion`), the base model of the model
+    version the prompt was registered beside also answers as NAME-prompt-vN, asked with that prompt
+    (`registry/prompts.py`); without `refs`, that base is the one model served."""
     from mlflow_finetune_plugin.serving.choices import parse_ref
     from mlflow_finetune_plugin.serving.follow import AliasWatch, followed
     from mlflow_finetune_plugin.serving.front import Fleet, Routes, loopback_port, run_front
 
+    if not refs and not prompt:
+        raise FinetuneError("serve: give MODEL_URIS (models:/NAME@ALIAS, NAME/3, NAME/3:base), --prompt, or both")
+    asked = _prompt_base(prompt, refs, engine) if prompt else None
+    refs = list(refs) + ([asked[1]] if asked and asked[1] not in refs else [])
     choices, follows = [], []
     for ref in refs:
         choices.append(parse_ref(ref, base_of=choices[0] if choices else None))
@@ -175,6 +181,9 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
         echo(f"Warning: the server listens on {host}, reachable from other machines, with no authentication.")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1"
     echo(f"Serving {', '.join(cmd.names)} at {url} (the port opens once every model answers)")
+    if asked:
+        echo(f"{asked[0].name}{f' (also asked for as {asked[0].alias_key})' if asked[0].alias_key else ''}: "
+             f"{served_name(parse_ref(asked[1]))} asked with the registered prompt {prompt}")
     for ref, choice in zip(follows, choices):
         if ref:
             echo(f"{served_name(choice)} follows {ref.key} (also asked for as {ref.key}): when the alias moves, the "
@@ -210,12 +219,31 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
         if ref:
             routes.point(ref.key, served_name(choice))
             watch.follow(ref, choice)
+    if asked:
+        routes.add_prompt(asked[0].name, served_name(parse_ref(asked[1])), asked[0].rewrite)
+        if asked[0].alias_key:
+            routes.point(asked[0].alias_key, asked[0].name)
     fleet.start(cmd.argv, inner_port, cmd.names, cwd=cmd.cwd, env=cmd.env)
     try:
         code = run_front(fleet, routes, host, port, resolve=resolve, on_ready=watch.start, echo=echo, tracer=tracer)
     finally:
         watch.stop()
     sys.exit(code)
+
+
+def _prompt_base(prompt: str, refs: list[str], engine: str):
+    """(the served prompt, the ref of the base model it asks: `NAME/N:base`) for `serve --prompt`."""
+    from mlflow_finetune_plugin.registry.prompts import served_prompt
+
+    served = served_prompt(prompt)
+    if not served.model_version:
+        raise FinetuneError(f"--prompt {prompt}: the prompt names no model version whose base it asks (registered "
+                            "without registry.enabled?)")
+    base = f"{served.model_version}:base"
+    if refs and engine == "transformers":
+        raise FinetuneError("`transformers serve` serves one model per server: with --prompt give no MODEL_URI (the "
+                            f"prompt's base, {base}, is served), or use --engine vllm")
+    return served, base
 
 
 # How long a replaced version's requests in flight may take before its server is stopped anyway.

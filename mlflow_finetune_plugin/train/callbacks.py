@@ -181,8 +181,9 @@ class TimeLeft(TrainerCallback):
     GENERATED_TOKEN_COST = 3.0
 
     def __init__(self, eval_rows: int = 0, contenders: int = 0, max_new_tokens: int = 0,
-                 tokens_per_step: float = 0.0):
+                 tokens_per_step: float = 0.0, search_passes: float = 0.0):
         self.eval_rows, self.contenders, self.max_new_tokens = eval_rows, contenders, max_new_tokens
+        self.search_passes = search_passes  # the prompt search, in contender passes
         self.tokens_per_step = tokens_per_step  # an upper bound, until the trainer logs its own count
         self._start: tuple[int, float] | None = None
         self._printed = False
@@ -190,14 +191,19 @@ class TimeLeft(TrainerCallback):
     @classmethod
     def of(cls, recipe, eval_sets: list) -> TimeLeft:
         """For a run that evaluates `eval_sets` after training (its held-out sets; none when it evaluates nothing):
+        the tuned model and the prompt-only contenders of eval.contenders answer the first eval.max_examples of each:
         base zero-shot, few-shot when eval.fewshot_k > 0, retrieval when its k (eval.retrieval_k, else fewshot_k) > 0,
-        and tuned answer the first eval.max_examples of each."""
+        and the optimized prompt, whose search costs eval.optimize.budget passes more."""
         e, t = recipe.eval, recipe.train
         rows = sum(min(len(ds), e.max_examples) for ds in eval_sets if ds is not None)
         retrieval = (e.fewshot_k if e.retrieval_k is None else e.retrieval_k) > 0
+        # the search runs where its budget fits 2 candidates (evaluate/prompt_search.py)
+        searched = "optimized" in e.contenders and int(e.optimize.budget * rows) // e.optimize.dev_rows >= 2
+        contenders = (1 + ("base" in e.contenders) + (e.fewshot_k > 0 and "fewshot" in e.contenders)
+                      + (retrieval and "retrieval" in e.contenders) + searched)
         # beam search: num_beams sequences a question (the beams' shared prompt is a small part of the cost)
-        return cls(rows, 2 + (e.fewshot_k > 0) + retrieval, e.max_new_tokens * e.num_beams,
-                   t.batch_size * t.grad_accum * recipe.data.max_length)
+        return cls(rows, contenders, e.max_new_tokens * e.num_beams,
+                   t.batch_size * t.grad_accum * recipe.data.max_length, e.optimize.budget if searched else 0.0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         tokens = (logs or {}).get("num_tokens")  # TRL's count of the tokens trained so far, all processes
@@ -224,9 +230,10 @@ class TimeLeft(TrainerCallback):
         line = f"{steps_left} steps at {step_seconds:.2g} s/step ≈ {_duration(training, 1)} of training"
         evaluation = 0.0
         if self.eval_rows:
-            generated = self.eval_rows * self.contenders * self.max_new_tokens
+            generated = self.eval_rows * (self.contenders + self.search_passes) * self.max_new_tokens
             evaluation = generated * self.GENERATED_TOKEN_COST * step_seconds / max(self.tokens_per_step, 1.0)
-            line += (f"; then evaluation of {self.eval_rows} held-out questions x {self.contenders} contenders, "
+            search = f" and a prompt search of {self.search_passes:g} passes" if self.search_passes else ""
+            line += (f"; then evaluation of {self.eval_rows} held-out questions x {self.contenders} contenders{search}, "
                      f"~{_duration(evaluation)}, estimated")
         return f"=== about {_duration(training + evaluation)} left ({line}) ==="
 

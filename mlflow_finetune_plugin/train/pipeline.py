@@ -12,6 +12,7 @@ from transformers import set_seed
 from mlflow_finetune_plugin import distill, stops, tracking
 from mlflow_finetune_plugin import tags as tag_names
 from mlflow_finetune_plugin.config.checks import ONLINE, SCORING
+from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.data import splits
 from mlflow_finetune_plugin.evaluate import forgetting
 from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
@@ -27,9 +28,12 @@ from mlflow_finetune_plugin.train import publish, quantization, reach, rehearsal
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach, lora
 from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, Heartbeat, MlflowMetrics, TimeLeft
 from mlflow_finetune_plugin.train.objectives import objective_of, sft
+from mlflow_finetune_plugin.train.prompt_only import optimize_prompt
 
 
 def fine_tune(recipe, run_id: str, main: bool = True) -> None:
+    if not PRESETS[recipe.method].trains:  # -e optimize-prompt: the prompt search alone
+        return optimize_prompt(recipe, run_id, main)
     # Every chat template rendered in this process reads the pinned date (gpt-oss's system block, Llama 3.x's
     # header): TRL's trainers render rows and prompts themselves (DPO, KTO, GRPO), not through models/chat_format.
     with pinned_clock():

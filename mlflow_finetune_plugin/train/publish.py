@@ -58,6 +58,29 @@ def log_and_register(recipe, model, tokenizer, config: dict, tags: dict, name: s
         alias = f" (alias @{recipe.registry.alias})" if recipe.registry.alias else ""
         print(f"Registered {registered_name} version {version.version}{alias}")
         maybe_auto_promote(registered_name, version.version, recipe)
+        publish_prompt(recipe, registered_name, config.get("base_model") or "", version.version)
+
+
+def publish_prompt(recipe, registered_name: str, base_ref: str, model_version=None):
+    """The run's optimized prompt (`eval/optimized_prompt.json`, where the search ran) as a new version of
+    `<registered_name>-prompt` with alias `candidate`; `champion` through the recipe's gates when
+    `registry.auto_promote` is on (registry/prompts.py). Returns the prompt version, or None when there is none."""
+    from mlflow_finetune_plugin.evaluate.report import OPTIMIZED_FILE
+    from mlflow_finetune_plugin.registry import prompts
+
+    run_id = mlflow.active_run().info.run_id
+    folder = OPTIMIZED_FILE.rpartition("/")[0]
+    if OPTIMIZED_FILE not in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}:
+        return None
+    record = mlflow.artifacts.load_dict(f"runs:/{run_id}/{OPTIMIZED_FILE}")
+    version = prompts.register_optimized(registered_name, record, run_id, base_ref, model_version)
+    uri = f"{prompts.PREFIX}{prompts.prompt_name(registered_name)}/{version.version}"
+    mlflow.set_tag(tag.REGISTERED_PROMPT, uri)
+    print(f"Registered the optimized prompt as {uri} (alias @{prompts.CANDIDATE})")
+    if recipe.registry.auto_promote and recipe.registry.promote_if:
+        print(prompts.promote_prompt(registered_name, version.version, recipe.registry.promote_if,
+                                     recipe.registry.champion_alias).report())
+    return version
 
 
 def log_per_task(recipe, model, tokenizer, config: dict, tags: dict, system_prompts: dict) -> None:

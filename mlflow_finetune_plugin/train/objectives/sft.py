@@ -113,11 +113,13 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
     """Base zero-shot, base few-shot and tuned on the held-out rows; metrics, table and chart go to the run."""
     from mlflow_finetune_plugin.data.teacher import teachers
     from mlflow_finetune_plugin.evaluate.contenders import conversations, run_evaluation
+    from mlflow_finetune_plugin.evaluate.proposer import proposer_of
     from mlflow_finetune_plugin.evaluate.report import log_evaluation, misrouted_note
     from mlflow_finetune_plugin.metrics import comparison_table
 
     result = run_evaluation(model, tokenizer, conversations(eval_ds), conversations(train_ds), recipe.eval,
-                            base_model=base_model, teachers=teachers(eval_ds))
+                            base_model=base_model, teachers=teachers(eval_ds),
+                            proposer=proposer_of(recipe.eval, recipe.distill))
     log_evaluation(result)
     print(comparison_table(result.metrics))
     if note := misrouted_note(result.metrics):
