@@ -6,7 +6,9 @@ OpenAI-shaped refusals with nothing started. DPO and reinforcement rows and the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -204,7 +206,10 @@ def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
 
 
 
+@pytest.mark.requires_dspy
 @pytest.mark.integration
+@pytest.mark.skipif(importlib.util.find_spec("dspy") is None and not os.environ.get("FINETUNE_REQUIRE_DSPY"),
+                    reason="dspy is not installed (pip install -e '.[dspy]'); CI runs it in the vLLM environment")
 def test_dspy_fine_tunes_a_local_model_through_the_server_and_its_lm_answers(server, tmp_path, monkeypatch):
     """DSPy's OpenAI provider (what `BootstrapFinetune` calls through `lm.finetune`) against this server, as a DSPy
     user points it: the module-level `openai` client at the server. The LM it returns answers through litellm."""
@@ -226,6 +231,34 @@ def test_dspy_fine_tunes_a_local_model_through_the_server_and_its_lm_answers(ser
     assert tuned.model.startswith("ft:ft-tiny-v")
     (answer,) = tuned(messages=[{"role": "user", "content": "What is 2 plus 2?"}])
     assert isinstance(answer, str)
+
+
+@pytest.mark.integration
+def test_dpo_and_reinforcement_jobs_train_to_a_registered_model(server, tmp_path):
+    """`method: dpo` runs `-e dpo` on OpenAI's preference rows, `method: reinforcement` runs `-e grpo` with the grader
+    as its reward function; each ends in a registered version the server answers."""
+    client = server.client()
+    dpo = _upload(client, tmp_path / "dpo.jsonl", [
+        {"input": {"messages": r["messages"][:1]}, "preferred_output": r["messages"][1:],
+         "non_preferred_output": [{"role": "assistant", "content": "No idea."}]} for r in chat_rows(12)])
+    rft = _upload(client, tmp_path / "rft.jsonl", [
+        {"messages": r["messages"][:1], "answer": r["messages"][1]["content"]} for r in chat_rows(12)])
+    jobs = [client.fine_tuning.jobs.create(model="tiny", training_file=dpo.id, suffix="dpo", method={
+                "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1}}}),
+            client.fine_tuning.jobs.create(model="tiny", training_file=rft.id, suffix="rft", method={
+                "type": "reinforcement", "reinforcement": {"hyperparameters": {"n_epochs": 1}, "grader": {
+                    "type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+                    "evaluation_metric": "rouge_l"}}})]
+    for job, name in zip(jobs, ("ft:ft-tiny-dpo-v1", "ft:ft-tiny-rft-v1")):
+        done = _wait_status(client, job.id, ("succeeded", "failed", "cancelled"), timeout=480)
+        assert done.status == "succeeded", done.error
+        assert done.fine_tuned_model == name and done.result_files
+        events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+        assert any(e.type == "metrics" for e in events)
+    answer = client.chat.completions.create(model="ft:ft-tiny-dpo-v1", max_tokens=4,
+                                            messages=[{"role": "user", "content": "What is 2 plus 2?"}])
+    assert answer.choices[0].message.role == "assistant"
+
 
 @pytest.mark.integration
 def test_pause_resume_cancel_and_a_restart_while_running(server, tmp_path):
