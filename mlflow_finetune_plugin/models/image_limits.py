@@ -16,6 +16,8 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+from mlflow_finetune_plugin.models.vision import first_line
+
 _SEVERAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -90,14 +92,12 @@ def _ask_several(processor, tokenizer) -> str | None:
     try:
         text = render(tokenizer, messages, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - the template's own refusal (raise_exception) is the answer
-        return f"its chat template refuses two images in one conversation ({_first_line(e)})"
+        return f"its chat template refuses two images in one conversation ({first_line(e, 200)})"
     image = Image.new("RGB", (64, 64), (128, 128, 128))
     try:
         processor(text=[text], images=[[image, image.copy()]], return_tensors="pt", add_special_tokens=False)
     except Exception as e:  # noqa: BLE001 - the processor's own refusal is the answer
-        return f"its processor refuses two images in one prompt ({_first_line(e)})"
+        return f"its processor refuses two images in one prompt ({first_line(e, 200)})"
     return None
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

@@ -100,12 +100,12 @@ def load_processor(path_or_id: str | os.PathLike, revision: str | None = None, t
     except (ImportError, ValueError) as e:  # transformers says "requires the Torchvision library" or "Missing ..."
         if "torchvision" not in str(e).lower():
             raise
-        needs = _first_line(e)
+        needs = first_line(e)
     except OSError as e:
         # a folder saved without a video processor's settings, by a processor built without one
         if not str(e).startswith("Can't load video processor"):
             raise FinetuneError(_not_found(path_or_id, e)) from None
-        needs = _first_line(e)
+        needs = first_line(e)
     cls = _processor_class(path, revision, trust_remote_code)
     fix = ("install the torchvision built for this torch (for a CPU torch, the CPU wheel of the matching release: "
            "`pip install torchvision --index-url https://download.pytorch.org/whl/cpu`), or fine-tune a model whose "
@@ -118,7 +118,7 @@ def load_processor(path_or_id: str | os.PathLike, revision: str | None = None, t
         if "torchvision" not in str(e).lower():
             raise
         raise FinetuneError(f"cannot load the processor of {str(path_or_id)!r}, with or without its video processor: "
-                            f"{_first_line(e)}\nTo fix: {fix}.") from None
+                            f"{first_line(e)}\nTo fix: {fix}.") from None
     print(f"{path_or_id}: {cls.__name__}'s video processor needs torchvision, which is not installed: loaded its "
           "tokenizer and PIL image processor without it (images work, videos are refused)")
     return processor
@@ -183,8 +183,9 @@ def _not_found(name, err) -> str:
             "tiny-qwen2-vl).")
 
 
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """An exception's first line (its type's name where it says nothing), cut to `limit` characters."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
 
 
 def _lacks_video(processor) -> bool:
