@@ -284,11 +284,11 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
 @click.option("--version", "version", required=True, help="Version to promote (a number, or @ALIAS).")
 @click.option("--alias", default=None, help="Alias to move; default: the recipe's registry.champion_alias (champion).")
 @click.option("--gate", "gates", multiple=True, metavar="METRIC[:MARGIN[:BEATS]]",
-              help="Replaces the recipe's registry.promote_if. BEATS is a comma list of base, fewshot, champion, "
-                   "@ALIAS or version numbers (default base,fewshot,retrieval,champion); MARGIN is absolute (default 0); "
-                   "lower is better for loss, perplexity and misrouted. Limits: METRIC<=VALUE or METRIC>=VALUE. Votes: "
-                   "arena_above:champion (Bradley-Terry interval above it). Repeatable: every gate must pass. "
-                   "E.g. --gate rougeL:0.01 --gate loss:0:base --gate 'forgetting/ppl_ratio<=1.2'")
+              help="Replaces the recipe's registry.promote_if. BEATS: base, fewshot, retrieval, optimized, champion, "
+                   "@ALIAS or versions, comma-separated (default: all five, passing over one its run did not score); "
+                   "MARGIN is absolute (default 0); lower is better for loss, perplexity and misrouted. Limits: "
+                   "METRIC<=VALUE or METRIC>=VALUE. Votes: arena_above:champion (Bradley-Terry interval above it). "
+                   "Repeatable: every gate must pass. E.g. --gate rougeL:0.01 --gate 'forgetting/ppl_ratio<=1.2'")
 @click.option("--force", is_flag=True, help="Move the alias even if gates fail or metrics are missing.")
 @click.option("--reason", default=None, help="Why the gates are overridden; required with --force, recorded.")
 def promote_cmd(name, version, alias, gates, force, reason):

@@ -276,9 +276,10 @@ def register_version(name: str = "bot", seed: int = 0, alias: str | None = "chal
 
 
 def register_eval_version(tuned: dict, base: dict | None = None, fewshot: dict | None = None,
-                          recipe: dict | None = None, lineage: bool = True, retrieval: dict | None = None) -> str:
-    """A run with eval metrics (and optionally a recipe.yaml), registered as a new version of MODEL_NAME; no model
-    behind it (promotion reads only the metrics and tags)."""
+                          recipe: dict | None = None, lineage: bool = True, retrieval: dict | None = None,
+                          optimized: dict | None = None, run_tags: dict | None = None) -> str:
+    """A run with eval metrics (and optionally a recipe.yaml and run tags), registered as a new version of
+    MODEL_NAME; no model behind it (promotion reads only the metrics and tags)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -287,8 +288,9 @@ def register_eval_version(tuned: dict, base: dict | None = None, fewshot: dict |
     client = MlflowClient()
     with mlflow.start_run() as run:
         for contender, values in (("tuned", tuned), ("base", base or {}), ("fewshot", fewshot or {}),
-                                  ("retrieval", retrieval or {})):
+                                  ("retrieval", retrieval or {}), ("optimized", optimized or {})):
             mlflow.log_metrics({f"eval/{contender}/{k}": v for k, v in values.items()})
+        mlflow.set_tags(run_tags or {})
         if recipe is not None:
             mlflow.log_dict(recipe, "recipe.yaml")
     tags = lineage_tags(method="lora", base_model="builtin:tiny-llama", dataset_digest="d", recipe_hash="r",

@@ -22,19 +22,47 @@ ROUGE = [Gate(metric="rougeL", beats=["base", "fewshot", "champion"], margin=0.0
 
 
 def test_the_default_gates_ask_the_tuned_model_to_beat_retrieval_too(tracking_uri):
-    assert RegistryConfig().promote_if[0].beats == ["base", "fewshot", "retrieval", "champion"]
-    # Beats zero-shot and random shots, loses to retrieved shots: the alias stays.
+    assert RegistryConfig().promote_if[0].beats == ["base", "fewshot", "retrieval", "optimized", "champion"]
+    # Beats zero-shot and random shots, loses to retrieved shots: the alias stays. (Its run predates the prompt
+    # search: the default gate passes over the optimized prompt and says so.)
     v = register_eval_version({"rougeL": 0.5}, retrieval={"rougeL": 0.6}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
     result = promote(MODEL_NAME, v)
     assert not result.promoted and champion_version() is None
     assert [(c.against, c.passed) for c in result.checks] == [("base", True), ("fewshot", True),
-                                                               ("retrieval", False), ("champion", True)]
+                                                               ("retrieval", False), ("optimized", True),
+                                                               ("champion", True)]
+    assert result.checks[3].note == "not scored in its run: its run did not run the prompt search"
     v2 = register_eval_version({"rougeL": 0.7}, retrieval={"rougeL": 0.6}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
     assert promote(MODEL_NAME, v2).promoted and champion_version() == v2
     # Without retrieval metrics (e.g. eval.retrieval_k: 0) the default gate cannot be checked.
     v3 = register_eval_version({"rougeL": 0.9}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
     with pytest.raises(FinetuneError, match="missing metric eval/retrieval/rougeL"):
         promote(MODEL_NAME, v3)
+
+
+def test_the_default_gate_asks_the_tuned_model_to_beat_the_optimized_prompt_when_its_run_scored_one(tracking_uri):
+    others = {"base": {"rougeL": 0.2}, "fewshot": {"rougeL": 0.3}, "retrieval": {"rougeL": 0.4}}
+    # The optimized prompt scored above the tuned model: the default gate fails on it.
+    v = register_eval_version({"rougeL": 0.5}, optimized={"rougeL": 0.55}, **others)
+    result = promote(MODEL_NAME, v)
+    assert not result.promoted and [(c.against, c.passed) for c in result.checks if not c.passed] == [
+        ("optimized", False)]
+    # A run that skipped the search says why (its contenders tag): the default gate passes over it with that reason,
+    # and a gate that names `optimized` itself refuses to decide without it.
+    why = "too few train rows for a dev split: 5 with an answer, at least 8 needed; raise it"
+    skipped = register_eval_version({"rougeL": 0.5}, **others, run_tags={
+        "finetune.eval.contenders": f"scored base, fewshot, retrieval, tuned; not optimized: {why}"})
+    result = promote(MODEL_NAME, skipped)
+    assert result.promoted and f"not scored in its run: {why}" in result.report()
+    with pytest.raises(FinetuneError, match="missing metric eval/optimized/rougeL"):
+        promote(MODEL_NAME, skipped, "other", [Gate(metric="rougeL", beats=["optimized"])])
+    # Few-shot switched off (eval.fewshot_k: 0): passed over the same way, by the default gate only.
+    no_shots = register_eval_version({"rougeL": 0.6}, base={"rougeL": 0.2}, retrieval={"rougeL": 0.4}, run_tags={
+        "finetune.eval.contenders": "scored base, retrieval, tuned; not fewshot: eval.fewshot_k is 0; "
+                                    "not optimized: left out by eval.contenders"})
+    result = promote(MODEL_NAME, no_shots)
+    assert result.promoted and [c.note for c in result.checks if c.against in ("fewshot", "optimized")] == [
+        "not scored in its run: eval.fewshot_k is 0", "not scored in its run: left out by eval.contenders"]
 
 
 def test_gates_pass_and_the_alias_moves_with_no_champion_yet(tracking_uri):
@@ -105,7 +133,7 @@ def test_gates_come_from_the_recipe_of_the_source_run(tracking_uri):
 
 def test_parse_gate():
     assert parse_gate("rougeL:0.01") == Gate(metric="rougeL", margin=0.01)
-    assert parse_gate("loss").beats == ["base", "fewshot", "retrieval", "champion"]
+    assert parse_gate("loss").beats == ["base", "fewshot", "retrieval", "optimized", "champion"]
     assert parse_gate("token_f1:0:base,@prod,3").beats == ["base", "@prod", "3"]
     for bad in ("", "rougeL:x", "a:1:b:c", "rougeL:-1"):
         with pytest.raises(FinetuneError, match="--gate"):

@@ -366,9 +366,19 @@ def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prom
     prompts.register_optimized("bot", {"instruction": "Answer with the sum.", "shots": [shot]}, run.info.run_id,
                                "builtin:tiny-llama", model_version=1)
     mlflow.genai.set_prompt_alias("bot-prompt", "champion", 1)
-    prompts.register_optimized("orphan", {"instruction": "x"}, run.info.run_id, "builtin:tiny-llama")
-    with pytest.raises(FinetuneError, match="names no model version"):
+    # A prompt of -e optimize-prompt is beside no model version: the base side of the newest version of its name
+    # trained on its base model with its run's chat template answers it; with none, the refusal says what to do.
+    with mlflow.start_run(tags={tags.CHAT_TEMPLATE_HASH: "c"}) as prompt_run:
+        pass
+    prompts.register_optimized("orphan", {"instruction": "x"}, prompt_run.info.run_id, "builtin:tiny-llama")
+    with pytest.raises(FinetuneError, match="none of that name is trained on it: register one"):
         _prompt_base("prompts:/orphan-prompt@candidate", [], "transformers")
+    client = mlflow.MlflowClient()
+    client.create_registered_model("orphan")
+    for base_model, template in (("builtin:tiny-llama", "c"), ("builtin:tiny-llama", "other"), ("builtin:x", "c")):
+        client.create_model_version("orphan", "runs:/r/model", tags={tags.BASE_MODEL: base_model,
+                                                                      tags.CHAT_TEMPLATE_HASH: template})
+    assert _prompt_base("prompts:/orphan-prompt@candidate", [], "transformers")[1] == "orphan/1:base"
     with pytest.raises(FinetuneError, match="one model per server"):
         _prompt_base("prompts:/bot-prompt@champion", ["bot/1"], "transformers")
     served, base = _prompt_base("prompts:/bot-prompt@champion", [], "transformers")

@@ -3,7 +3,9 @@
 Gates (`registry.promote_if` in the recipe, or `--gate` on the command line) compare the version's
 `eval/tuned/<metric>` with the prompt-only alternatives of its own source run (`eval/base/<metric>`,
 `eval/fewshot/<metric>`, `eval/retrieval/<metric>`), and with the current champion's `eval/tuned/<metric>` from the
-champion's source run. The default gate asks the tuned model to beat all three alternatives and the champion. The `arena_above` gate compares arena
+champion's source run. The default gate asks the tuned model to beat every prompt-only alternative its run scored
+(zero-shot, few-shot, retrieval, the optimized prompt; one the run did not score is passed over with the run's reason)
+and the champion. The `arena_above` gate compares arena
 ratings from the playground's votes instead: the version's 95% interval must lie above the other's. `--force` moves
 the alias anyway and records who did it, when and why on the version.
 """
@@ -69,7 +71,7 @@ class PromotionResult:
 
 
 def parse_gate(text: str) -> Gate:
-    """`METRIC[:MARGIN[:BEATS]]`, BEATS comma-separated (default base,fewshot,retrieval,champion): `rougeL:0.01`,
+    """`METRIC[:MARGIN[:BEATS]]`, BEATS comma-separated (default base,fewshot,retrieval,optimized,champion): `rougeL:0.01`,
     `loss`, `token_f1:0:base,champion`. Lower is better for loss, perplexity and misrouted. Arena ratings from playground votes:
     `arena_above:BEATS[:MARGIN]`, e.g. `arena_above:champion`, `arena_above:base,champion:25` (MARGIN in Elo points).
     A limit on the version's own metric: `forgetting/ppl_ratio<=1.2`, `rougeL>=0.3` (see `limit_key`)."""
@@ -140,6 +142,7 @@ def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple
     own_run = registry.source_run_id(mv)
     own = registry.run_metrics(own_run)
     checks, missing = [], []
+    unscored = not_scored(own_run)
     for gate in gates:
         if gate.metric == ARENA_GATE:
             checks += _arena_checks(name, mv, gate, alias)
@@ -152,6 +155,12 @@ def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple
         if tuned is None:
             missing.append(f"eval/tuned/{gate.metric} in run {own_run} (v{mv.version})")
         for against in gate.beats:
+            why = unscored.get(against) or (against == "optimized" and "its run did not run the prompt search")
+            if "beats" not in gate.model_fields_set and why and f"eval/{against}/{gate.metric}" not in own:
+                # a default gate passes over a contender its run did not score, and says why
+                checks.append(GateCheck(gate.metric, against, mode, gate.margin, tuned, None, True,
+                                        f"not scored in its run: {why}"))
+                continue
             other, note = _other_value(name, mv, against, alias, gate.metric, own, missing)
             passed = note.startswith("pass") or (
                 tuned is not None and other is not None
@@ -225,6 +234,13 @@ def maybe_auto_promote(name: str, version: str, recipe) -> PromotionResult | Non
     return result
 
 
+def not_scored(run_id: str | None) -> dict[str, str]:
+    """contender -> why the run did not score it, from its `finetune.eval.contenders` tag (`report.contenders_line`:
+    `scored a, b; not c: why; not d: why`)."""
+    line = _run_tag(run_id, tags.EVAL_CONTENDERS) or ""
+    return {m.group(1): m.group(2) for m in re.finditer(r"; not (\w+): (.*?)(?=; not \w+: |$)", line)}
+
+
 def _other_value(name, mv, against: str, alias: str, metric: str, own: dict, missing: list) -> tuple:
     """(value to beat, note); a note starting with 'pass' decides the check without a value."""
     if against in SAME_RUN:
@@ -234,7 +250,7 @@ def _other_value(name, mv, against: str, alias: str, metric: str, own: dict, mis
         return own.get(key), ""
     ref = "@" + alias if against == "champion" else against
     if not (ref.startswith("@") or ref.lstrip("vV").isdigit()):
-        raise FinetuneError(f"gate on {metric}: cannot beat {against!r}; use base, fewshot, retrieval, champion, "
+        raise FinetuneError(f"gate on {metric}: cannot beat {against!r}; use base, fewshot, retrieval, optimized, champion, "
                             "@ALIAS or a version number")
     other = registry.alias_holder(name, ref[1:]) if ref.startswith("@") else registry.get_version(name, ref)
     if other is None:

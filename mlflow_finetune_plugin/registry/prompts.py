@@ -77,6 +77,8 @@ class ServedPrompt:
     template: list
     model_version: str | None
     alias_key: str | None = None
+    base_model: str | None = None
+    source_run: str | None = None
 
     def rewrite(self, body: bytes) -> bytes:
         """A chat request with the prompt applied to its messages (other requests as they are)."""
@@ -103,7 +105,35 @@ def served_prompt(uri: str) -> ServedPrompt:
     alias = text.split("@", 1)[1] if "@" in text else None
     return ServedPrompt(f"{version.name}-v{version.version}", version.template,
                         version.tags.get(tags.PROMPT_MODEL_VERSION),
-                        f"{version.name}@{alias}" if alias else None)
+                        f"{version.name}@{alias}" if alias else None,
+                        version.tags.get(tags.PROMPT_BASE_MODEL), version.tags.get(tags.PROMPT_SOURCE_RUN))
+
+
+def version_on_base(prompt: ServedPrompt) -> str | None:
+    """`NAME/N` whose base model answers a prompt registered beside no model version (`-e optimize-prompt`): the
+    newest version of the same registered name trained on the prompt's base model, with the chat template of the
+    prompt's run where both recorded one (its `:base` side is that base model asked through that template); None
+    when there is none."""
+    from mlflow import MlflowClient
+
+    from mlflow_finetune_plugin.registry.versions import source_run_id
+
+    client = MlflowClient()
+    name = prompt.name.rpartition("-v")[0].removesuffix(SUFFIX)
+    try:
+        template = client.get_run(prompt.source_run).data.tags.get(tags.CHAT_TEMPLATE_HASH) if prompt.source_run \
+            else None
+    except Exception:  # a deleted source run: match on the base model alone
+        template = None
+    for version in sorted(client.search_model_versions(f"name = '{name}'", max_results=10_000),
+                          key=lambda v: -int(v.version)):
+        run_template = version.tags.get(tags.CHAT_TEMPLATE_HASH)
+        if run_template is None and (run := source_run_id(version)):
+            run_template = client.get_run(run).data.tags.get(tags.CHAT_TEMPLATE_HASH)
+        if version.tags.get(tags.BASE_MODEL) == prompt.base_model and (
+                template is None or run_template in (None, template)):
+            return f"{name}/{version.version}"
+    return None
 
 
 @dataclass

@@ -233,13 +233,16 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
 
 def _prompt_base(prompt: str, refs: list[str], engine: str):
     """(the served prompt, the ref of the base model it asks: `NAME/N:base`) for `serve --prompt`."""
-    from mlflow_finetune_plugin.registry.prompts import served_prompt
+    from mlflow_finetune_plugin.registry.prompts import served_prompt, version_on_base
 
     served = served_prompt(prompt)
-    if not served.model_version:
-        raise FinetuneError(f"--prompt {prompt}: the prompt names no model version whose base it asks (registered "
-                            "without registry.enabled?)")
-    base = f"{served.model_version}:base"
+    beside = served.model_version or version_on_base(served)
+    if not beside:
+        raise FinetuneError(f"--prompt {prompt}: its base model ({served.base_model or 'not recorded'}) is served "
+                            "as the base side of a registered version, and none of that name is trained on it: "
+                            "register one (`mlflow run RECIPE -e lora` with the same registry.name and model), or "
+                            "serve a prompt registered beside a model version")
+    base = f"{beside}:base"
     if refs and engine == "transformers":
         raise FinetuneError("`transformers serve` serves one model per server: with --prompt give no MODEL_URI (the "
                             f"prompt's base, {base}, is served), or use --engine vllm")

@@ -8,8 +8,10 @@ from __future__ import annotations
 import mlflow
 
 from mlflow_finetune_plugin import stops
+from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.data import splits
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.logged_model import chat_template_hash
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
 from mlflow_finetune_plugin.models.template_clock import pinned_clock
 from mlflow_finetune_plugin.train import publish, templates
@@ -36,6 +38,8 @@ def optimize_prompt(recipe, run_id: str, main: bool = True) -> None:
         tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code,
                                    recipe.model.chat_template, recipe.project_dir)
         data = templates.for_template(recipe, data, tokenizer, main)
+        # What `serve --prompt` matches a version's base side on (registry/prompts.version_on_base)
+        mlflow.set_tag(tag.CHAT_TEMPLATE_HASH, chat_template_hash(tokenizer))
         model = load_base_model(recipe.model).eval()
         stops.enter("evaluate")
         result = run_evaluation(model, tokenizer, conversations(data.eval), conversations(data.train), recipe.eval,
