@@ -381,8 +381,7 @@ FOLLOW_OPTION = click.option(
     "--follow-interval", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
     envvar="MLFLOW_FINETUNE_FOLLOW_INTERVAL",
     help="How often to look up models given by alias (NAME@champion) in the registry: when the alias moves, the "
-         "new version answers without a restart (requests under way finish on theirs). 0: keep the version found "
-         "at start.")
+         "new version answers without a restart (requests under way finish on theirs). 0: keep the one at start.")
 
 
 @main.command("serve")
@@ -414,7 +413,8 @@ def serve_cmd(model_uris, prompt, engine, host, port, server_args, dry_run, foll
 @main.command("playground")
 @click.option("--model", "model_ref", required=True, help="NAME@ALIAS, NAME/VERSION or models:/NAME@ALIAS.")
 @click.option("--against", default="base", show_default=True,
-              help="The other side: base (the model's base), NAME@champion, NAME/VERSION.")
+              help="The other side: base (the model's base), NAME@champion, NAME/VERSION, or "
+                   "prompts:/NAME-prompt@ALIAS (a base model asked with the registered optimized prompt).")
 @click.option("--engine", type=click.Choice(["transformers", "vllm", "openai"]), default="transformers",
               show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)

@@ -86,6 +86,8 @@ PROMPT_SOURCE_RUN = "finetune.prompt.source_run"
 PROMPT_BASE_MODEL = "finetune.prompt.base_model"
 PROMPT_MODEL_VERSION = "finetune.prompt.model_version"
 PROMPT_SHOTS = "finetune.prompt.shots"
+PROMPT_SHOT_POOL = "finetune.prompt.shot_pool"    # retrieved shots: the run artifact they are drawn from
+PROMPT_RETRIEVAL_K = "finetune.prompt.retrieval_k"  # retrieved shots: how many per question
 REGISTERED_PROMPT = "finetune.registered_prompt"  # prompts:/NAME-prompt/N
 
 # --- promotion (on the version the alias moved to) ----------------------------------------------------------------

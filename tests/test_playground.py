@@ -496,3 +496,43 @@ def test_voting_is_safe_from_many_threads(app):
         t.join()
     assert len(_vote_runs()) == before + 6
     assert len(errors) == 6 and all("has a vote already" in str(e) for e in errors)
+
+
+def test_a_registered_prompt_is_a_side_answered_by_the_base_model_asked_with_it(store):
+    """`playground --against prompts:/bot-prompt@candidate`: side B is bot v1's base model asked with the registered
+    optimized prompt (its answer is exactly that model's greedy answer to the rewritten messages), picked, voted on
+    and promoted under its own key, with the user's own messages kept in the vote."""
+    from mlflow_finetune_plugin.registry import prompts
+    from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig, create_app
+
+    shot = [{"role": "user", "content": "Can I export my notes?"}, {"role": "assistant", "content": "Yes, as PDF."}]
+    with mlflow.start_run() as run:
+        mlflow.log_metrics({"eval/base/rougeL": 0.2, "eval/fewshot/rougeL": 0.3, "eval/retrieval/rougeL": 0.35,
+                            "eval/optimized/rougeL": 0.45})
+    record = {"instruction": "Answer in one short sentence.", "shots": [shot]}
+    prompts.register_optimized("bot", record, run.info.run_id, "builtin:tiny-llama", model_version=1)
+    demo, pg = create_app(PlaygroundConfig(model="bot/1", against="prompts:/bot-prompt@candidate",
+                                           follow_interval=0, experiment="prompt-votes"), echo=lambda *_: None)
+    try:
+        _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), block=False, quiet=True)
+        client = Client(url, verbose=False)
+        assert ("prompts:/bot-prompt/1" in [key for _, key in pg.choices()]
+                and pg.label("prompts:/bot-prompt/1").startswith("prompt bot-prompt v1 on "))
+        r = client.predict(PROMPT, **SHORT, api_name="/compare")
+        assert (r["a"]["model"], r["b"]["model"]) == ("bot/1", "prompts:/bot-prompt/1") and not r["b"]["error"]
+        asked = [{"role": "user", "content": PROMPT}]
+        settings, base = Settings(0.0, 1.0, 12), ModelChoice("bot", "1", base=True)
+        with_prompt = prompts.apply_prompt(asked, mlflow.genai.load_prompt("prompts:/bot-prompt/1").template)
+        assert with_prompt[0] == {"role": "system", "content": "Answer in one short sentence."}
+        assert r["b"]["answer"] == pg.engine.generate(base, with_prompt, settings)
+        assert r["b"]["answer"] != pg.engine.generate(base, asked, settings)  # the prompt changed the answer
+        voted = client.predict(r["id"], "b", api_name="/vote")
+        assert voted["model_b"] == "prompts:/bot-prompt/1" and voted["label_b"].startswith("prompt bot-prompt v1")
+        logged = mlflow.artifacts.load_dict(f"{MlflowClient().get_run(voted['run_id']).info.artifact_uri}/vote.json")
+        assert logged["context_b"] == asked  # the conversation as the user asked it: preference data
+        assert pg.trained_system_prompt("prompts:/bot-prompt/1") == ("", "")
+        report = pg.promote("prompts:/bot-prompt/1")  # the prompt's own gates: beats base, fewshot, retrieval
+        assert "Promotion of bot-prompt v1 to @champion" in report and "=> @champion -> v1" in report
+    finally:
+        demo.close()
+        pg.close()

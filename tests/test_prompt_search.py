@@ -358,6 +358,7 @@ def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prom
 
     from mlflow_finetune_plugin.registry import prompts
     from mlflow_finetune_plugin.serving.front import Routes, build_front
+    from mlflow_finetune_plugin.serving.prompted import rewriter
     from mlflow_finetune_plugin.serving.server import _prompt_base
 
     shot = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "1 plus 1 is 2."}]
@@ -403,7 +404,7 @@ def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prom
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         routes = Routes(["bot-v1-base"], f"http://127.0.0.1:{server.server_address[1]}")
-        routes.add_prompt(served.name, "bot-v1-base", served.rewrite)
+        routes.add_prompt(served.name, "bot-v1-base", rewriter(served))
         routes.point(served.alias_key, served.name)
         with TestClient(build_front(routes)) as client:
             assert "bot-prompt-v1" in [m["id"] for m in client.get("/v1/models").json()["data"]]
@@ -416,6 +417,50 @@ def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prom
     assert received[0] == {"model": "bot-v1-base", "messages": [
         {"role": "system", "content": "Answer with the sum."}, *shot, asked[0]]}
     assert received[1] == {"model": "bot-v1-base", "messages": asked}  # the base itself: unchanged
+
+
+def test_a_retrieved_shot_winner_keeps_its_pool_and_is_served_retrieving_from_it(tracking_uri):
+    """A winner whose shots were the nearest train conversations per question: its run logs that pool, the
+    registered prompt names it, and serving asks each request with the k nearest of it (as the evaluation scored it);
+    rows read from traces are not copied, and the prompt says it keeps its instruction only."""
+    import mlflow
+    from datasets import Dataset
+
+    from mlflow_finetune_plugin.evaluate.report import keep_shot_pool, optimized_record
+    from mlflow_finetune_plugin.registry import prompts
+    from mlflow_finetune_plugin.serving.prompted import asked
+
+    topics = ["reset my password", "download an invoice", "export notes", "delete my account", "change the email",
+              "share a notebook", "restore a backup", "cancel the subscription", "add a teammate", "print a page",
+              "enable dark mode", "sync offline"]
+    pool = [[{"role": "user", "content": f"How do I {t}?"}, {"role": "assistant", "content": f"To {t}, open Settings."}]
+            for t in topics]
+    search = prompt_search.Search(prompt_search.Candidate("instruction 1 + 2 retrieved shots", "Be brief.",
+                                                          retrieved=True), "best", pool=pool, k=2)
+    with mlflow.start_run() as run:
+        record = {**optimized_record(search), **keep_shot_pool(run.info.run_id, search.pool)}
+    assert record["retrieval_k"] == 2 and record["shot_pool_rows"] == 12
+    version = prompts.register_optimized("bot", record, run.info.run_id, "builtin:tiny-llama", model_version=1)
+    assert version.tags[tags.PROMPT_SHOTS] == "retrieved: the 2 nearest of 12 train conversations"
+    served = prompts.served_prompt("prompts:/bot-prompt/1")
+    assert served.pool == pool and served.k == 2
+    question = [{"role": "user", "content": "Where can I cancel my subscription?"}]
+    got = asked(question, served)
+    assert got[0] == {"role": "system", "content": "Be brief."} and got[-1] == question[0]
+    assert got[1:-1][:2] == pool[7]  # the nearest train conversation first, as nearest_shots orders them
+    assert len(got) == 1 + 2 * 2 + 1
+
+    # train rows from traces: never copied; the prompt keeps its instruction and says so
+    with mlflow.start_run() as traced:
+        dataset = mlflow.data.from_huggingface(Dataset.from_dict({"x": [1]}), name="traces")
+        mlflow.log_input(dataset, context="training", tags={"source": "traces"})
+        kept = keep_shot_pool(traced.info.run_id, pool)
+    assert kept["shot_pool"] is None and "traces are not copied" in kept["shot_pool_note"]
+    assert not mlflow.MlflowClient().list_artifacts(traced.info.run_id, "eval")
+    version = prompts.register_optimized("bot", {**optimized_record(search), **kept}, traced.info.run_id,
+                                         "builtin:tiny-llama")
+    assert version.tags[tags.PROMPT_SHOTS].startswith("retrieved (not kept: instruction only; train rows read from")
+    assert prompts.served_prompt(f"prompts:/bot-prompt/{version.version}").pool == []
 
 
 # --- -e optimize-prompt: the prompt search as a run of its own -----------------------------------------------------

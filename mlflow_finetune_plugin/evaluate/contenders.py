@@ -173,6 +173,8 @@ def _search(model, base_model, tokenizer, train, questions, cfg, limit, proposer
                                  limit, lambda pool: prompt_search.instruction_sources(pool, cfg, proposer),
                                  paces[0] if paces else None)
     print(f"Prompt search: {found.reason}" + (f": {prompt_search.describe(found.winner)}." if found.winner else "."))
+    if found.winner is not None and found.winner.retrieved:  # held-out rows draw shots from every train row
+        found.pool, found.k = list(train), retrieval_k(cfg)
     return found
 
 

@@ -65,6 +65,8 @@ class Search:
     dev_rows: int = 0
     answers: int = 0
     seconds: float = 0.0
+    pool: list[list[dict]] = field(default_factory=list)  # a retrieved-shot winner's: the rows it draws from
+    k: int = 0                                            # and how many per question
 
 
 def dev_split(train: list[list[dict]], dev_rows: int) -> tuple[list[list[dict]], list[list[dict]]] | str:

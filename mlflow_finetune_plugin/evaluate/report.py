@@ -22,6 +22,8 @@ TABLE_FILE, CHART_FILE, SHOTS_FILE = "eval/examples.json", "eval/comparison.png"
 RETRIEVED_FILE = "eval/retrieval_examples.json"
 # Which prompt-only contenders were not scored and why; the optimized contender's prompt and its search.
 CONTENDERS_FILE, OPTIMIZED_FILE = "eval/contenders.json", "eval/optimized_prompt.json"
+# A retrieved-shot winner's shot pool (the train conversations it draws from), kept for the registered prompt.
+SHOT_POOL_FILE = "eval/optimized_shot_pool.jsonl"
 
 
 @dataclass
@@ -97,7 +99,10 @@ def log_evaluation(result: EvalResult) -> None:
         mlflow.log_dict({"scored": result.contenders, "not_scored": result.notes}, CONTENDERS_FILE)
         mlflow.set_tag(tags.EVAL_CONTENDERS, contenders_line(result.contenders, result.notes)[:5000])
     if result.search is not None and result.search.winner is not None:
-        mlflow.log_dict(optimized_record(result.search), OPTIMIZED_FILE)
+        record = optimized_record(result.search)
+        if result.search.pool:
+            record.update(keep_shot_pool(run.info.run_id, result.search.pool))
+        mlflow.log_dict(record, OPTIMIZED_FILE)
     # The latest evaluation's, overwritten by the next: what the run's verdict is decided on.
     mlflow.log_dict(per_example_scores(result.rows), SCORES_FILE)
     log_chart(result.metrics)
@@ -112,10 +117,28 @@ def contenders_line(contenders: list[str], notes: dict[str, str]) -> str:
     return f"scored {', '.join(contenders)}{left_out}"
 
 
+def keep_shot_pool(run_id: str, pool: list[list[dict]]) -> dict:
+    """Log a retrieved-shot winner's pool as `SHOT_POOL_FILE` (one conversation a line), so the registered prompt
+    retrieves from the rows it was measured with; returns what the prompt's record says of it. Rows read from MLflow
+    traces are not copied (traces hold users' data): the prompt then keeps its instruction only, and says why."""
+    import json
+
+    import mlflow
+
+    inputs = mlflow.MlflowClient().get_run(run_id).inputs
+    given = [{t.key: t.value for t in d.tags} for d in (inputs.dataset_inputs or [])]
+    if any(t.get("source") == "traces" and t.get("mlflow.data.context") != "eval" for t in given):
+        return {"shot_pool": None, "shot_pool_note": "train rows read from traces are not copied into the run: "
+                                                     "the registered prompt keeps its instruction only"}
+    mlflow.log_text("".join(json.dumps(conv) + "\n" for conv in pool), SHOT_POOL_FILE)
+    return {"shot_pool": f"runs:/{run_id}/{SHOT_POOL_FILE}", "shot_pool_rows": len(pool)}
+
+
 def optimized_record(search) -> dict:
     """The optimized contender's prompt and how it was found, as `OPTIMIZED_FILE` keeps it (and the Prompt Registry
     registers it: registry/prompts.py)."""
-    return {**search.winner.as_dict(), "dev_rows": search.dev_rows, "answers": search.answers,
+    return {**search.winner.as_dict(), **({"retrieval_k": search.k} if search.winner.retrieved else {}),
+            "dev_rows": search.dev_rows, "answers": search.answers,
             "seconds": round(search.seconds, 3), "dev_scores": dict(search.scores), "reason": search.reason}
 
 

@@ -7,14 +7,17 @@ as turns, the question as `{{question}}`), tagged with the run and the base mode
 prompt's own scores (`eval/optimized/<metric>` of its run): against base, fewshot and retrieval of the same run and
 against the champion prompt's run. Limits on forgetting (a metric with `/`) do not apply: a prompt changes no weight.
 
-`apply_prompt` is what serving does with it: the client's messages with the instruction after their system message and
-the shots before their turns. A winner with retrieved shots keeps only its instruction here (the shots were chosen per
-question from the train rows, which a prompt does not carry), and says so in its tags.
+`apply_prompt` is what serving does with a prompt of fixed shots: the client's messages with the instruction after
+their system message and the shots before their turns. A winner with retrieved shots registers its instruction, and
+its tags name the shot pool its run logged (`finetune.prompt.shot_pool`, `eval/optimized_shot_pool.jsonl`: the train
+conversations it drew from) and how many it takes; `served_prompt` loads that pool, and serving retrieves from it per
+request (`serving/prompted.py`). Where the run could not keep a pool (train rows read from traces are not copied),
+the prompt keeps its instruction only and its tags say so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.messages import fewshot_prompt, with_instruction
@@ -56,9 +59,15 @@ def register_optimized(model_name: str, record: dict, run_id: str, base_model: s
     import mlflow
     from mlflow import MlflowClient
 
+    pool = record.get("shot_pool")
     version_tags = {tags.PROMPT_SOURCE_RUN: run_id, tags.PROMPT_BASE_MODEL: base_model,
-                    tags.PROMPT_SHOTS: "retrieved (not kept: instruction only)" if record.get("retrieved_shots")
-                    else str(len(record.get("shots") or []))}
+                    tags.PROMPT_SHOTS: str(len(record.get("shots") or []))}
+    if record.get("retrieved_shots"):
+        version_tags[tags.PROMPT_SHOTS] = (
+            f"retrieved: the {record.get('retrieval_k')} nearest of {record.get('shot_pool_rows')} train "
+            "conversations" if pool else f"retrieved (not kept: instruction only; {record.get('shot_pool_note')})")
+    if pool:
+        version_tags.update({tags.PROMPT_SHOT_POOL: pool, tags.PROMPT_RETRIEVAL_K: str(record.get("retrieval_k"))})
     if model_version is not None:
         version_tags[tags.PROMPT_MODEL_VERSION] = f"{model_name}/{model_version}"
     version = mlflow.genai.register_prompt(prompt_name(model_name), template_of(record),
@@ -79,22 +88,19 @@ class ServedPrompt:
     alias_key: str | None = None
     base_model: str | None = None
     source_run: str | None = None
-
-    def rewrite(self, body: bytes) -> bytes:
-        """A chat request with the prompt applied to its messages (other requests as they are)."""
-        import json
-
-        request = json.loads(body or b"{}")
-        if isinstance(request, dict) and isinstance(request.get("messages"), list):
-            request["messages"] = apply_prompt(request["messages"], self.template)
-        return json.dumps(request).encode()
+    pool: list = field(default_factory=list)  # retrieved shots: the train conversations they are drawn from
+    k: int = 0                                # and how many per question
 
 
 def served_prompt(uri: str) -> ServedPrompt:
-    """`prompts:/NAME-prompt@ALIAS` or `prompts:/NAME-prompt/N` from the registry, as `serve --prompt` serves it."""
+    """`prompts:/NAME-prompt@ALIAS` or `prompts:/NAME-prompt/N` from the registry, as `serve --prompt` serves it
+    (with its shot pool, for a prompt whose shots are retrieved)."""
+    import json
+
     import mlflow
 
     from mlflow_finetune_plugin.errors import FinetuneError
+    from mlflow_finetune_plugin.models.vision import first_line
 
     text = uri if uri.startswith(PREFIX) else PREFIX + uri
     try:
@@ -103,10 +109,34 @@ def served_prompt(uri: str) -> ServedPrompt:
         raise FinetuneError(f"--prompt {uri}: {e}. Registered prompts: a run that scored the optimized contender "
                             "registers NAME-prompt (alias candidate)") from None
     alias = text.split("@", 1)[1] if "@" in text else None
+    pool = []
+    if version.tags.get(tags.PROMPT_SHOT_POOL):
+        try:
+            pool = [json.loads(line) for line in mlflow.artifacts.load_text(
+                version.tags[tags.PROMPT_SHOT_POOL]).splitlines() if line.strip()]
+        except Exception as e:  # a deleted run or artifact: the prompt cannot be asked as it was measured
+            raise FinetuneError(f"--prompt {uri}: its retrieved shots come from {version.tags[tags.PROMPT_SHOT_POOL]}"
+                                f", which cannot be read ({first_line(e)}); restore the run, or serve another "
+                                "version of the prompt") from None
     return ServedPrompt(f"{version.name}-v{version.version}", version.template,
                         version.tags.get(tags.PROMPT_MODEL_VERSION),
                         f"{version.name}@{alias}" if alias else None,
-                        version.tags.get(tags.PROMPT_BASE_MODEL), version.tags.get(tags.PROMPT_SOURCE_RUN))
+                        version.tags.get(tags.PROMPT_BASE_MODEL), version.tags.get(tags.PROMPT_SOURCE_RUN),
+                        pool, int(version.tags.get(tags.PROMPT_RETRIEVAL_K) or 0))
+
+
+def base_version(prompt: ServedPrompt, uri: str) -> str:
+    """`NAME/N`, the version whose base side answers `prompt` (given as `uri`): the one it was registered beside, else
+    `version_on_base`; raises FinetuneError with the fix where there is none."""
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    beside = prompt.model_version or version_on_base(prompt)
+    if not beside:
+        raise FinetuneError(f"{uri}: its base model ({prompt.base_model or 'not recorded'}) is served as the base "
+                            "side of a registered version, and none of that name is trained on it: register one "
+                            "(`mlflow run RECIPE -e lora` with the same registry.name and model), or use a prompt "
+                            "registered beside a model version")
+    return beside
 
 
 def version_on_base(prompt: ServedPrompt) -> str | None:

@@ -220,7 +220,9 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
             routes.point(ref.key, served_name(choice))
             watch.follow(ref, choice)
     if asked:
-        routes.add_prompt(asked[0].name, served_name(parse_ref(asked[1])), asked[0].rewrite)
+        from mlflow_finetune_plugin.serving.prompted import rewriter
+
+        routes.add_prompt(asked[0].name, served_name(parse_ref(asked[1])), rewriter(asked[0]))
         if asked[0].alias_key:
             routes.point(asked[0].alias_key, asked[0].name)
     fleet.start(cmd.argv, inner_port, cmd.names, cwd=cmd.cwd, env=cmd.env)
@@ -233,16 +235,10 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
 
 def _prompt_base(prompt: str, refs: list[str], engine: str):
     """(the served prompt, the ref of the base model it asks: `NAME/N:base`) for `serve --prompt`."""
-    from mlflow_finetune_plugin.registry.prompts import served_prompt, version_on_base
+    from mlflow_finetune_plugin.registry.prompts import base_version, served_prompt
 
     served = served_prompt(prompt)
-    beside = served.model_version or version_on_base(served)
-    if not beside:
-        raise FinetuneError(f"--prompt {prompt}: its base model ({served.base_model or 'not recorded'}) is served "
-                            "as the base side of a registered version, and none of that name is trained on it: "
-                            "register one (`mlflow run RECIPE -e lora` with the same registry.name and model), or "
-                            "serve a prompt registered beside a model version")
-    base = f"{beside}:base"
+    base = f"{base_version(served, '--prompt ' + prompt)}:base"
     if refs and engine == "transformers":
         raise FinetuneError("`transformers serve` serves one model per server: with --prompt give no MODEL_URI (the "
                             f"prompt's base, {base}, is served), or use --engine vllm")

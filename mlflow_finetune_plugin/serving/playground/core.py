@@ -8,6 +8,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.arena.votes import EXPERIMENT, Comparison
@@ -23,6 +24,37 @@ from mlflow_finetune_plugin.serving.base import (
 from mlflow_finetune_plugin.serving.follow import AliasWatch, Followed
 from mlflow_finetune_plugin.serving.playground.images import from_pane, store_images, user_message
 
+
+@dataclass(frozen=True)
+class PromptSide:
+    """A registered optimized prompt as a playground side (`--against prompts:/NAME-prompt@ALIAS`): the base model
+    `model` (a version's `:base`) asked with the prompt (`registry/prompts.apply_prompt`), fixed at start. Its key,
+    `prompts:/NAME-prompt/V`, names it in the pickers and in the votes; a vote keeps the user's own messages, so the
+    preference data it makes is the conversation as asked."""
+
+    key: str
+    model: ModelChoice
+    prompt: object = field(default=None, compare=False)  # registry.prompts.ServedPrompt: not hashed
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @classmethod
+    def from_registry(cls, uri: str) -> PromptSide:
+        from mlflow_finetune_plugin.registry.prompts import base_version, served_prompt
+        from mlflow_finetune_plugin.serving.choices import parse_ref
+
+        served = served_prompt(uri)
+        name, _, version = served.name.rpartition("-v")
+        return cls(f"prompts:/{name}/{version}", parse_ref(f"{base_version(served, uri)}:base"), served)
+
+    def asked(self, messages: list[dict]) -> list[dict]:
+        from mlflow_finetune_plugin.serving.prompted import asked
+
+        return asked(messages, self.prompt)
+
+
 _KEEP_COMPARISONS = 2000  # votable comparisons kept in memory (the oldest are forgotten first)
 _STREAM_EVERY_S = 0.05    # at most this often a streamed update goes to the page
 
@@ -34,7 +66,7 @@ class Playground:
     (`NAME@ALIAS`) follows the alias, so after a promotion new conversations answer with the new version, while a
     conversation under way stays on the version it started with."""
 
-    def __init__(self, engine: Engine, model: ModelChoice | Followed, against: ModelChoice | Followed,
+    def __init__(self, engine: Engine, model: ModelChoice | Followed, against: ModelChoice | Followed | PromptSide,
                  experiment: str = EXPERIMENT, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP,
                  max_prompt_chars: int = MAX_PROMPT_CHARS, blind: bool = False, watch: AliasWatch | None = None,
                  tracer=None):
@@ -45,6 +77,7 @@ class Playground:
             if isinstance(side, Followed) and (watch is None or side not in watch):
                 raise FinetuneError(f"{side.key} is given by alias: pass the AliasWatch that follows it")
         self.sides = (model, against)
+        self.prompt_sides = {side.key: side for side in self.sides if isinstance(side, PromptSide)}
         self.default_a, self.default_b = model.key, against.key
         self.names = list(dict.fromkeys([model.name, against.name]))
         self.experiment = experiment
@@ -71,7 +104,8 @@ class Playground:
                     if isinstance(side, ModelChoice) and side.key not in keys]
         following = [(self.follow_label(side), side.key) for side in dict.fromkeys(self.sides)
                      if isinstance(side, Followed)]
-        return following + distinct_labels(listed + defaults)
+        prompted = [(self.label(key), key) for key in self.prompt_sides]
+        return following + prompted + distinct_labels(listed + defaults)
 
     def follow_label(self, ref: Followed) -> str:
         """The picker label of a side given by alias: what it follows, and the version that answers now."""
@@ -89,6 +123,8 @@ class Playground:
         this playground's models are accepted."""
         from mlflow_finetune_plugin.registry import versions as registry
 
+        if (key or default) in self.prompt_sides:
+            return self.prompt_sides[key or default]
         choice = self._choice(key or default)
         if choice.name not in self.names:
             raise FinetuneError(f"{choice.key} is not a model of this playground; pick a version of "
@@ -97,6 +133,9 @@ class Playground:
         return choice
 
     def _choice(self, key: str) -> ModelChoice:
+        """The model that answers for picker value `key` (a prompt side: its base model)."""
+        if key in self.prompt_sides:
+            return self.prompt_sides[key].model
         ref = Followed.from_key(key)
         if ref is None:
             return ModelChoice.from_key(key)
@@ -107,6 +146,9 @@ class Playground:
     def label(self, key: str) -> str:
         from mlflow_finetune_plugin.serving.choices import describe
 
+        if key in self.prompt_sides:
+            name, _, version = key.removeprefix("prompts:/").rpartition("/")
+            return f"prompt {name} v{version} on {describe(self._choice(key))}"
         return describe(self._choice(key))
 
     def close(self) -> None:
@@ -126,6 +168,10 @@ class Playground:
                 choice = self.resolve(key, default)
             except FinetuneError:  # an unknown pick: sending reports it
                 continue
+            if isinstance(choice, PromptSide):
+                lines.append(f"- **Model {side}** `{choice.key}`: the registered optimized prompt (its instruction "
+                             f"after your system prompt, its shots before your turns) on {details(choice.model)}")
+                continue
             lines.append(f"- **Model {side}** `{choice.key}`: {details(choice)}")
         return "\n".join(lines)
 
@@ -136,6 +182,8 @@ class Playground:
         from mlflow_finetune_plugin.serving.choices import trained_system_prompt
 
         choice = self.resolve(key, self.default_a)
+        if isinstance(choice, PromptSide):  # the prompt brings its own instruction
+            return "", ""
         if choice.key not in self._system_prompts:  # a version's model and run do not change: read them once
             self._system_prompts[choice.key] = trained_system_prompt(choice)
         return self._system_prompts[choice.key]
@@ -176,6 +224,7 @@ class Playground:
             choice = self.resolve(key, self.default_a)
         except FinetuneError:
             return 1
+        choice = choice.model if isinstance(choice, PromptSide) else choice
         if choice.key not in self._beams:
             self._beams[choice.key] = logged_num_beams(choice)
         return self._beams[choice.key]
@@ -236,7 +285,8 @@ class Playground:
         """Both answers as they grow (texts, errors), at most every few tens of milliseconds, then once complete.
         When the playground traces, `traces` (a list, if given) receives the two answers' trace ids at the start
         (None for a side whose trace could not be started), and each trace ends with its whole answer."""
-        choices = [ModelChoice.from_key(k) for k in sides]
+        choices = [self._choice(k) if k in self.prompt_sides else ModelChoice.from_key(k) for k in sides]
+        contexts = [self.prompt_sides[k].asked(c) if k in self.prompt_sides else c for k, c in zip(sides, contexts)]
         spans = [self._start_trace(c, m, settings) for c, m in zip(choices, contexts)] if self.tracer else [None] * 2
         if traces is not None:
             traces[:] = [span.trace_id if span is not None else None for span in spans]
@@ -365,6 +415,9 @@ class Playground:
         from mlflow_finetune_plugin.registry.promotion import promote
 
         choice = self.resolve(version_key, self.default_a)
+        if isinstance(choice, PromptSide):  # the prompt's own gates (registry/prompts.promote_prompt)
+            name, _, version = choice.key.removeprefix("prompts:/").rpartition("/")
+            return promote(name, version, alias=(alias or "").strip().lstrip("@") or None, user=user).report()
         if choice.base:
             raise FinetuneError("a base model is not a registered version: pick a version to promote")
         result = promote(choice.name, choice.version, alias=(alias or "").strip().lstrip("@") or None, user=user)

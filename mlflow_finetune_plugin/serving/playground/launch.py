@@ -128,21 +128,27 @@ def create_app(config: PlaygroundConfig, echo=print):
     from mlflow_finetune_plugin.serving.choices import parse_ref
     from mlflow_finetune_plugin.serving.follow import AliasWatch, followed
     from mlflow_finetune_plugin.serving.playground.app import build_app
-    from mlflow_finetune_plugin.serving.playground.core import Playground
+    from mlflow_finetune_plugin.serving.playground.core import Playground, PromptSide
 
     model = parse_ref(config.model)
-    other = parse_ref(config.against, default_name=model.name, base_of=model)
+    prompted = config.against.strip().startswith("prompts:/")
+    other = PromptSide.from_registry(config.against.strip()) if prompted else parse_ref(
+        config.against, default_name=model.name, base_of=model)
     eng = make_engine(config.engine, model, config.openai_urls, config.served_models, config.device,
                       config.concurrency, config.max_lora_rank)
     echo(f"Loading {model.key} and {other.key} with the {eng.name} engine…")
-    for choice in (model, other):  # fail here, with the reason, rather than on the first question
+    if prompted:
+        echo(f"{other.key} ({config.against.strip()}, fixed at start): {other.model.key} asked with the registered "
+             "prompt")
+    for choice in (model, other.model if prompted else other):  # fail here, with the reason, not on a question
         if eng.name != "openai":
             eng.prepare(choice)
     watch = AliasWatch(_loader(eng), config.follow_interval, echo)
     sides = []
     for ref, choice in ((config.model, model), (config.against, other)):
+        may_follow = config.follow_interval > 0 and not isinstance(choice, PromptSide)  # a prompt is fixed at start
         follows = followed(ref, default_name=model.name, base_of=sides[0] if sides and isinstance(
-            sides[0], Followed) else None) if config.follow_interval > 0 else None
+            sides[0], Followed) else None) if may_follow else None
         sides.append(follows or choice)
         if follows:
             watch.follow(follows, choice)
