@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.template_clock import pinned_clock
+from mlflow_finetune_plugin.models.vision import first_line
 
 _PROBE_SYSTEM, _PROBE_USER, _PROBE_ANSWER = "SYSPROBE7 follow these rules", "USERPROBE7 a question", "ANSPROBE7"
 _PROBE_REASONING, _PROBE_FIRST = "WHYPROBE7", "ANSPROBE3"
@@ -138,7 +139,7 @@ def _probe(tokenizer) -> ChatFormat:
     try:
         row = _render(tokenizer, [system, user, answer])
     except Exception as e:  # noqa: BLE001 - a template that refuses the role raises (jinja's raise_exception)
-        return ChatFormat("folded", f"the chat template refuses a system message ({_first_line(e)}): it is folded "
+        return ChatFormat("folded", f"the chat template refuses a system message ({first_line(e, 160)}): it is folded "
                                     "into the first user turn", generation_prompt=header, **turns)
     if _PROBE_SYSTEM not in row:
         return ChatFormat("folded", "the chat template leaves the system message out of a row that ends with the "
@@ -214,10 +215,6 @@ def _tool_call_end(tokenizer, user) -> tuple[str, ...]:
     rest = text[text.index("probe_tool"):]
     ends = [(rest.rfind(t), t) for t in _special_strings(tokenizer) if t in rest]
     return (max(ends)[1],) if ends else ()
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:160]
 
 
 def _special_strings(tokenizer) -> list[str]:
