@@ -109,6 +109,19 @@ def test_the_search_picks_the_best_candidate_on_the_dev_rows(monkeypatch, capsys
     out = capsys.readouterr().out
     assert "Prompt search: 4 shot sets then 2 instructions x 4 dev rows from train = 24 answers (0.60 of one " \
            "contender pass), about 0.2 s at the contenders' pace." in out
+    # the one-standard-error rule: a gain on one dev row of four is within the noise, so the simpler candidate stays;
+    # the same gain on every row is not
+    assert prompt_search.gain([0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.9]) <= prompt_search.EPS
+    assert prompt_search.gain([0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.9, 0.9]) > prompt_search.EPS
+
+    def one_row_better(model, tokenizer, prompts, references, cfg, name, progress=None):
+        progress.update(len(prompts))
+        return ["no"] * 3 + [references[3] if "retrieved" in name else "no"], 0.0, 0, [0.0] * 4
+
+    monkeypatch.setattr(prompt_search, "answer_all", one_row_better)
+    noisy = prompt_search.search(lambda: _nothing(), tok, _convs(12), 40, cfg, 4096, ["Be brief."])
+    assert noisy.winner.label == "no shots" and dict(noisy.scores)["2 retrieved shots"] == 0.25
+    assert noisy.reason.endswith("2 retrieved shots scored higher, within one standard error)")
     # a tie keeps the earlier (cheaper) candidate; a budget of one candidate is no search
     monkeypatch.setattr(prompt_search, "answer_all", lambda *a, progress=None, **k: (["no"] * 4, 0.0, 0, [0.0] * 4))
     assert prompt_search.search(lambda: _nothing(), tok, _convs(12), 40, cfg, 4096, []).winner.label == "no shots"
