@@ -258,7 +258,7 @@ def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, param
               "each question; default: the few-shot k; 0 skips retrieval.")
 def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_tokens, num_beams, fewshot_k, retrieval_k):
     """Score MODEL_URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model) against its base model,
-    zero-shot, few-shot and with retrieved shots: logs eval/<contender>/<metric>, a per-example table and a chart,
+    zero-shot, few-shot, with retrieved shots and with the optimized prompt: logs eval/<contender>/<metric>, a per-example table and a chart,
     prints the table, then the verdict (also tagged on the run): did it beat the best of them beyond the noise?
 
     Promotion reads metrics from a version's source run: to (re)score a version for `promote`, pass that run

@@ -75,11 +75,13 @@ def test_instructions_go_after_the_system_prompt_and_come_from_the_rows():
 
 def test_the_budget_decides_how_many_candidates_are_scored():
     shots, told = prompt_search.candidates(_convs(12), k=2, k_retrieved=2, shot_sets=2, instructions=["a b c"] * 2)
-    assert [c.label for c in shots] == ["no shots", "2 retrieved shots", "random shots 1", "random shots 2"]
-    assert [len(c.shots) for c in shots] == [0, 0, 2, 2] and shots[1].retrieved
+    assert [c.label for c in shots] == ["no shots", "random shots 1", "random shots 2", "2 retrieved shots"]
+    assert [len(c.shots) for c in shots] == [0, 2, 2, 0] and shots[3].retrieved  # simplest first
     assert [len(x) for x in prompt_search.fitted(shots, told, 6)] == [4, 2]
-    assert [len(x) for x in prompt_search.fitted(shots, told, 3)] == [2, 1]  # an instruction keeps a place
-    assert [len(x) for x in prompt_search.fitted(shots, [], 3)] == [3, 0]
+    tight, one = prompt_search.fitted(shots, told, 3)  # an instruction keeps a place; retrieval before random sets
+    assert [c.label for c in tight] == ["no shots", "2 retrieved shots"] and len(one) == 1
+    assert [c.label for c in prompt_search.fitted(shots, [], 3)[0]] == ["no shots", "random shots 1",
+                                                                       "2 retrieved shots"]
 
 
 # --- the search --------------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def test_the_search_picks_the_best_candidate_on_the_dev_rows(monkeypatch, capsys
     found = prompt_search.search(lambda: _nothing(), tok, _convs(12), 40, cfg, 4096,
                                  ["Answer plainly please.", "GOOD answers only please."], 0.01)
     labels = [label for label, _ in found.scores]
-    assert labels == ["no shots", "2 retrieved shots", "random shots 1", "random shots 2",
+    assert labels == ["no shots", "random shots 1", "random shots 2", "2 retrieved shots",
                       "instruction 1 + 2 retrieved shots", "instruction 2 + 2 retrieved shots"]
     assert found.winner.instruction == "GOOD answers only please." and found.winner.retrieved
     assert found.scores[-1][1] == 1.0 and found.answers == 6 * 4 and found.dev_rows == 4
