@@ -1,9 +1,8 @@
 """Write the review-sentiment dataset: data/train.jsonl and data/eval.jsonl (OpenAI chat fine-tuning format).
 
-A task where prompting should be enough: the sentiment of a short product review, answered with one word,
-`positive` or `negative`. A chat model already knows what a glowing or an angry review reads like; what it does not
-know unprompted is the answer's format (one lower-case word, no explanation). So the optimized prompt (an
-instruction and a few shots) should match a fine-tune here, and the run's verdict should say "keep the prompt".
+The sentiment of a short product review, answered with one word, `positive` or `negative`. A chat model knows what
+a glowing or an angry review reads like; what it does not know unprompted is the answer's format (one lower-case word,
+no explanation). Expected to be a task where a prompt matches a fine-tune; on smollm2 it is not (finetune.yaml).
 
 Reviews are built from sentence parts; the held-out reviews use products and sentences that no train review uses, so
 the evaluation asks about sentiment, not about memorized phrases.
