@@ -396,5 +396,5 @@ def test_preflight_passes_images_for_a_vision_language_model(tmp_path, capsys):
     (tmp_path / "finetune.yaml").write_text("data:\n  train: data/train.jsonl\n  eval_split: 0\neval:\n"
                                             "  enabled: false\n")
     check_recipe_data(load_recipe(tmp_path, overrides={"model": str(tmp_path / "llava")}), check)
-    assert ("Note: rows with images (data.train 6): token lengths count their text only; their image tokens come "
-            "on top, and are counted when the processor is known.") in capsys.readouterr().err
+    assert ("Note: rows with images (data.train 6): token lengths count their text only (the model's processor was "
+            "not at hand); their image tokens are counted before the first step.") in capsys.readouterr().err

@@ -241,3 +241,44 @@ def test_fewshot_and_retrieval_shots_keep_their_images_only_where_the_model_take
     else:
         assert not any(has_image_parts(s) for s in shots) and said
         assert all(s[-1]["content"] for s in shots)  # each shot keeps its answer
+
+
+def test_shot_trimming_counts_each_shots_image_tokens():
+    """The few-shot prompt must leave room for the answer: a vision-language model's shots are counted with their
+    images' tokens (the processor's expansion), so shots whose text fits but whose images do not are dropped."""
+    from mlflow_finetune_plugin.data.read import load_training_dataset
+    from mlflow_finetune_plugin.evaluate.contenders import conversations
+    from mlflow_finetune_plugin.evaluate.shots import fit, prompt_length
+    from mlflow_finetune_plugin.messages import fewshot_prompt, split_conversation
+    from mlflow_finetune_plugin.models.chat_format import prompt_ids
+
+    tok = _tokenizer("tiny-llava")
+    train, _ = load_training_dataset(str(RECIPE / "data" / "train.jsonl"))
+    convs = conversations(train.select(range(3)))
+    question, shots = split_conversation(convs[0])[0], convs[1:3]
+    full = fewshot_prompt(question, shots)
+    text_tokens, model_tokens = len(prompt_ids(tok, full)), prompt_length(tok, full)
+    per_image = (model_tokens - text_tokens) // 3  # the question's image and one per shot
+    assert per_image > 10 and model_tokens - text_tokens == 3 * per_image
+    assert prompt_length(tok, question) == len(prompt_ids(tok, question)) + per_image
+    # room for the text of both shots (a text-only count keeps them), not for their images: shots go until it fits
+    limit = text_tokens + per_image
+    kept = fit(tok, full, question, shots, limit)
+    assert kept in (fewshot_prompt(question, shots[:1]), question) and prompt_length(tok, kept) <= limit
+    assert fit(tok, full, question, shots, prompt_length(tok, question)) == question
+
+
+def test_the_pre_run_check_refuses_rows_too_long_with_their_image_tokens_before_any_run(tmp_path):
+    """`mlflow run` on a vision-language model's recipe: its data is counted with the processor's image tokens before
+    any run exists (no weights loaded), so a max_length the text fits but the images do not is refused there."""
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.data.check import check_data
+    from mlflow_finetune_plugin.data.preflight import check_recipe_data
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    shutil.copytree(RECIPE, tmp_path / "recipe")
+    code, [report] = _check(str(RECIPE / "data" / "train.jsonl"), "--model", "tiny-llava", "--max-length", "1024")
+    limit = report["token_stats"]["max"] - 1
+    check_recipe_data(load_recipe(tmp_path / "recipe"), check_data)  # fits at the recipe's max_length
+    with pytest.raises(FinetuneError, match=f"longer than max_length {limit} with their image tokens \\(tiny-llava"):
+        check_recipe_data(load_recipe(tmp_path / "recipe", overrides={"data.max_length": limit}), check_data)

@@ -1,5 +1,6 @@
 """The data preflight of a run: every data file of the recipe checked row by row, in the format its objective trains
-on, then read exactly as training reads it, before any model loads (`mlflow run --backend finetune` and
+on (a vision-language model's rows counted with their image tokens, by its processor), then read exactly as training
+reads it, before any model loads (`mlflow run --backend finetune` and
 `mlflow-finetune train` run it after the recipe loads). Errors stop the run, listed at once, before a run exists;
 warnings are printed as advice."""
 
@@ -57,7 +58,7 @@ def check_recipe_data(recipe, check_data) -> None:
             path, fmt=fmt, tokenizer=tokenizer, max_length=data.max_length, system_prompt=system_prompt, split=split,
             accepts=formats, format_key=f"{owner}.format", model_label=recipe.model.name or "tiny",
             model=recipe.model.name or "tiny", model_revision=recipe.model.revision,
-            trust_remote_code=recipe.model.trust_remote_code)
+            trust_remote_code=recipe.model.trust_remote_code, image_tokens=True)
         if problem := _method_format(recipe, label, path, report, formats):
             errors.append(problem)
             refused.append(str(path))
@@ -95,9 +96,10 @@ def check_recipe_data(recipe, check_data) -> None:
               + "\n  ".join(warnings), file=sys.stderr)
     if why_not and tokenizer is None:
         print(f"Note: token lengths not checked before the run ({why_not}).", file=sys.stderr)
-    if pictured := [f"{label} {r.images['rows']}" for label, r in reports.items() if r.images and r.images["rows"]]:
-        print(f"Note: rows with images ({', '.join(pictured)}): token lengths count their text only; their "
-              "image tokens come on top, and are counted when the processor is known.", file=sys.stderr)
+    if pictured := [f"{label} {r.images['rows']}" for label, r in reports.items()
+                    if r.images and r.images["rows"] and not r.images.get("image_tokens")]:
+        print(f"Note: rows with images ({', '.join(pictured)}): token lengths count their text only (the model's "
+              "processor was not at hand); their image tokens are counted before the first step.", file=sys.stderr)
 
 
 # Adapters that fail on a vision-language model's rows with images, and why (tried on the tiny VLMs, PEFT 0.21).

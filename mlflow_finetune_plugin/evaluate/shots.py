@@ -1,5 +1,6 @@
-"""The shots of the few-shot and retrieval contenders: which train conversations, how many fit the model's context,
-and whether they keep their images.
+"""The shots of the few-shot and retrieval contenders: which train conversations, how many fit the model's context
+(a vision-language model's images counted as the image tokens its processor makes of them), and whether they keep
+their images.
 
 A vision-language model whose chat template or processor refuses several images in one prompt
 (`models.image_limits.several_images`) gets its shots without their images: each shot's text stays (the question and
@@ -34,7 +35,18 @@ def fit(tokenizer, messages, prompt, shots, limit: int) -> list[dict]:
 
 
 def prompt_length(tokenizer, messages) -> int:
-    return len(prompt_ids(tokenizer, messages))
+    """The prompt's tokens as the model reads them: for a vision-language model's prompt with images, the processor's
+    ids, each image expanded to its image tokens (a shot's image costs as much context as the question's)."""
+    if not has_image_parts(messages):
+        return len(prompt_ids(tokenizer, messages))
+    from mlflow_finetune_plugin.models.image_inputs import prompt_inputs, read_image, with_placeholders
+    from mlflow_finetune_plugin.models.vision import processor_of
+
+    processor = processor_of(tokenizer)
+    if processor is None:
+        return len(prompt_ids(tokenizer, messages))
+    placed, refs = with_placeholders(messages)
+    return int(prompt_inputs(processor, tokenizer, [placed], [[read_image(r) for r in refs]])["input_ids"].shape[1])
 
 
 def shots_for_model(tokenizer, shots: list[list[dict]], retrieved: list[list[list[dict]]]) -> tuple[list, list]:
