@@ -249,24 +249,32 @@ REFUSED = {"gemma4": r"head_size not supported \(head_dim 16",
 @pytest.mark.integration
 @needs_vllm
 def test_vllm_refuses_the_2026_families_it_cannot_run_with_its_reason_before_starting(tracking_uri):
+    cases = []
+    for family, reason in REFUSED.items():
+        name = "vllm-" + family.replace(".", "-")
+        cases.append((name, register_version(name=name, seed=0, base=f"tiny-{family}"),
+                      f"(?s)cannot be served by vLLM here: .*{reason}.*--engine transformers"))
+    _refused_before_any_engine_starts(cases, f"{cases[-1][0]}/{cases[-1][1]}", "cannot be served by vLLM here")
+
+
+def _refused_before_any_engine_starts(cases: list[tuple[str, str, str]], serve_ref: str, says: str) -> None:
+    """Each (name, version, pattern): both sides (the version, its base) refused by the engine with `pattern`, and no
+    engine started; then `mlflow-finetune serve SERVE_REF --engine vllm` exits 1 saying `says` and the alternative,
+    without a traceback."""
     from click.testing import CliRunner
 
     from mlflow_finetune_plugin.cli import main
 
     engine = VLLMEngine(max_model_len=512)
     try:
-        for family, reason in REFUSED.items():
-            name = "vllm-" + family.replace(".", "-")
-            version = register_version(name=name, seed=0, base=f"tiny-{family}")
+        for name, version, pattern in cases:
             for choice in (ModelChoice(name, version, base=True), ModelChoice(name, version)):
-                with pytest.raises(FinetuneError, match=f"(?s)cannot be served by vLLM here: .*{reason}.*"
-                                                        "--engine transformers"):
+                with pytest.raises(FinetuneError, match=pattern):
                     engine.prepare(choice)
             assert not engine._held  # no engine was started
-        refused = CliRunner().invoke(main, ["serve", f"{name}/{version}", "--engine", "vllm", "--port",
-                                            str(free_port())])
+        refused = CliRunner().invoke(main, ["serve", serve_ref, "--engine", "vllm", "--port", str(free_port())])
         assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
-        assert "cannot be served by vLLM here" in refused.output and "--engine transformers" in refused.output
+        assert says in refused.output and "--engine transformers" in refused.output
     finally:
         engine.close()
 
@@ -430,24 +438,7 @@ def _register_vision_version(name: str, base: str) -> str:
 @pytest.mark.integration
 @needs_vllm
 def test_vllm_refuses_the_vision_language_families_it_cannot_run_here_with_its_reason_before_starting(tracking_uri):
-    from click.testing import CliRunner
-
-    from mlflow_finetune_plugin.cli import main
-
-    engine = VLLMEngine(max_model_len=512)
-    try:
-        for base, arch in REFUSED_VISION.items():
-            name = "vllm-" + base
-            version = _register_vision_version(name, base)
-            for choice in (ModelChoice(name, version, base=True), ModelChoice(name, version)):
-                with pytest.raises(FinetuneError, match=f"(?s)cannot be served by vLLM here: vLLM's {arch} .*does not "
-                                                        "import here: ModuleNotFoundError: No module named "
-                                                        "'torchvision'.*--engine transformers"):
-                    engine.prepare(choice)
-            assert not engine._held  # no engine was started
-        refused = CliRunner().invoke(main, ["serve", f"{name}@challenger", "--engine", "vllm", "--port",
-                                            str(free_port())])
-        assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
-        assert "No module named 'torchvision'" in refused.output and "--engine transformers" in refused.output
-    finally:
-        engine.close()
+    cases = [("vllm-" + base, _register_vision_version("vllm-" + base, base),
+              f"(?s)cannot be served by vLLM here: vLLM's {arch} .*does not import here: ModuleNotFoundError: No "
+              "module named 'torchvision'.*--engine transformers") for base, arch in REFUSED_VISION.items()]
+    _refused_before_any_engine_starts(cases, f"{cases[-1][0]}@challenger", "No module named 'torchvision'")
