@@ -234,6 +234,13 @@ def test_fewshot_and_retrieval_shots_keep_their_images_only_where_the_model_take
                               for p in conv[0]["content"]]
     result = run_evaluation(model, tok, conversations(held_out), shots, cfg, base_model=model)
     assert {"fewshot", "retrieval", "base", "tuned"} <= set(result.contenders)
+    # the cost columns count each prompt's image tokens, as the processor expands them, not its text alone
+    from mlflow_finetune_plugin.messages import split_conversation
+    from mlflow_finetune_plugin.models.chat_format import prompt_ids
+
+    questions = [split_conversation(c)[0] for c in conversations(held_out)[:2]]
+    text_only = sum(len(prompt_ids(tok, q)) for q in questions) / 2
+    assert result.metrics["eval/base/prompt_tokens"] > text_only + 10
     shots = result.fewshot_examples + [s for r in result.retrieval_shots for s in r]
     said = "the shots go without their images" in capsys.readouterr().out
     if template is None:
