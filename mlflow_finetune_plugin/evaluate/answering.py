@@ -12,10 +12,9 @@ import contextlib
 
 from mlflow_finetune_plugin import stops
 from mlflow_finetune_plugin.evaluate.scoring import reference_ids, reference_nll, score_and_prefill
-from mlflow_finetune_plugin.evaluate.shots import prompt_length
 from mlflow_finetune_plugin.models.answers import answer_text
 from mlflow_finetune_plugin.models.architecture import cache_abilities
-from mlflow_finetune_plugin.models.chat_format import stop_ids
+from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 from mlflow_finetune_plugin.models.vision import processor_of
 
 
@@ -99,8 +98,9 @@ def answer_all(model, tokenizer, prompts, references, cfg, name, progress=None):
     model.eval()
     loaded = LoadedModel(model, tokenizer, {})
     # Prompts of similar length share a batch, so little of it is padding. Longest first: a batch size too large
-    # for memory fails in the first batch, not the last.
-    order = sorted(range(len(prompts)), key=lambda i: -prompt_length(tokenizer, prompts[i]))
+    # for memory fails in the first batch, not the last. Text tokens only: a VLM prompt's image tokens would cost a
+    # pass of its images through the processor just to order them.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids(tokenizer, prompts[i])))
     answers, nll, counted, seconds = [""] * len(prompts), 0.0, 0, [0.0] * len(prompts)
     bar = tqdm(total=len(prompts), desc=f"eval {name}", unit="example") if progress is None else None
     try:

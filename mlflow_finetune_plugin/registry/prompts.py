@@ -47,11 +47,11 @@ def parts_of(template) -> tuple[str | None, list[list[dict]]]:
     return instruction or None, [turns] if turns else []
 
 
-def apply_prompt(messages: list[dict], template) -> list[dict]:
+def apply_prompt(messages: list[dict], template, shots: list[list[dict]] | None = None) -> list[dict]:
     """The client's `messages` asked with the registered prompt: its instruction after their system message, its
-    shots before their turns."""
-    instruction, shots = parts_of(template)
-    return fewshot_prompt(with_instruction(messages, instruction), shots)
+    shots (or `shots`, retrieved for these messages) before their turns."""
+    instruction, own = parts_of(template)
+    return fewshot_prompt(with_instruction(messages, instruction), own if shots is None else shots)
 
 
 def register_optimized(model_name: str, record: dict, run_id: str, base_model: str, model_version=None):
@@ -79,10 +79,11 @@ def register_optimized(model_name: str, record: dict, run_id: str, base_model: s
 
 @dataclass
 class ServedPrompt:
-    """A registered prompt as `serve --prompt` serves it: under `name` (and `alias_key`, when given by alias), on
-    the base model of `model_version`."""
+    """A registered prompt as `serve --prompt` serves it: version `version` of `prompt_name`, under `name` (and
+    `alias_key`, when given by alias), on the base model of `model_version`."""
 
-    name: str
+    prompt_name: str
+    version: str
     template: list
     model_version: str | None
     alias_key: str | None = None
@@ -90,6 +91,11 @@ class ServedPrompt:
     source_run: str | None = None
     pool: list = field(default_factory=list)  # retrieved shots: the train conversations they are drawn from
     k: int = 0                                # and how many per question
+
+    @property
+    def name(self) -> str:
+        """The served model name: `NAME-prompt-vN`."""
+        return f"{self.prompt_name}-v{self.version}"
 
 
 def served_prompt(uri: str) -> ServedPrompt:
@@ -118,7 +124,7 @@ def served_prompt(uri: str) -> ServedPrompt:
             raise FinetuneError(f"--prompt {uri}: its retrieved shots come from {version.tags[tags.PROMPT_SHOT_POOL]}"
                                 f", which cannot be read ({first_line(e)}); restore the run, or serve another "
                                 "version of the prompt") from None
-    return ServedPrompt(f"{version.name}-v{version.version}", version.template,
+    return ServedPrompt(version.name, str(version.version), version.template,
                         version.tags.get(tags.PROMPT_MODEL_VERSION),
                         f"{version.name}@{alias}" if alias else None,
                         version.tags.get(tags.PROMPT_BASE_MODEL), version.tags.get(tags.PROMPT_SOURCE_RUN),
@@ -149,7 +155,7 @@ def version_on_base(prompt: ServedPrompt) -> str | None:
     from mlflow_finetune_plugin.registry.versions import source_run_id
 
     client = MlflowClient()
-    name = prompt.name.rpartition("-v")[0].removesuffix(SUFFIX)
+    name = prompt.prompt_name.removesuffix(SUFFIX)
     try:
         template = client.get_run(prompt.source_run).data.tags.get(tags.CHAT_TEMPLATE_HASH) if prompt.source_run \
             else None

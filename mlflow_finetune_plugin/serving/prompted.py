@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 
 from mlflow_finetune_plugin.evaluate.retrieval import nearest_shots
-from mlflow_finetune_plugin.messages import fewshot_prompt, with_instruction
-from mlflow_finetune_plugin.registry.prompts import ServedPrompt, parts_of
+from mlflow_finetune_plugin.registry.prompts import ServedPrompt, apply_prompt
 
 
 def asked(messages: list[dict], prompt: ServedPrompt) -> list[dict]:
     """`messages` as the base model is asked them with `prompt`."""
-    instruction, shots = parts_of(prompt.template)
-    if prompt.pool and prompt.k > 0:
-        shots = nearest_shots(prompt.pool, [messages], prompt.k)[0]
-    return fewshot_prompt(with_instruction(messages, instruction), shots)
+    retrieved = nearest_shots(prompt.pool, [messages], prompt.k)[0] if prompt.pool and prompt.k > 0 else None
+    return apply_prompt(messages, prompt.template, retrieved)
 
 
 def rewriter(prompt: ServedPrompt):

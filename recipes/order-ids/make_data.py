@@ -10,12 +10,15 @@ Deterministic (seeded); run by hand from anywhere:  python recipes/order-ids/mak
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import random
 import string
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("qa_data", HERE.parent / "_qa_data.py")
+qa_data = importlib.util.module_from_spec(_spec)  # its `write`, shared with the other recipes' data scripts
+_spec.loader.exec_module(qa_data)
 SYSTEM_PROMPT = "You read customer emails for an online shop and find the order number they are about."
 
 TEMPLATES = [
@@ -77,11 +80,7 @@ def main() -> None:
     rng = random.Random(61)
     templates = rng.sample(TEMPLATES, len(TEMPLATES))
     train, held_out = rows(rng, 200, templates[:20]), rows(rng, 60, templates[20:])
-    (HERE / "data").mkdir(exist_ok=True)
-    for name, data in (("train", train), ("eval", held_out)):
-        with open(HERE / "data" / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in data)
-        print(f"data/{name}.jsonl: {len(data)} rows")
+    qa_data.write(HERE / "data", train, held_out)
 
 
 if __name__ == "__main__":

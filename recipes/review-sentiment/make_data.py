@@ -12,11 +12,14 @@ Deterministic (seeded); run by hand from anywhere:  python recipes/review-sentim
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("qa_data", HERE.parent / "_qa_data.py")
+qa_data = importlib.util.module_from_spec(_spec)  # its `write`, shared with the other recipes' data scripts
+_spec.loader.exec_module(qa_data)
 SYSTEM_PROMPT = "You label the sentiment of customer reviews for an online shop."
 
 PRODUCTS = ["kettle", "backpack", "desk lamp", "phone case", "blender", "rain jacket", "office chair", "headphones",
@@ -92,11 +95,7 @@ def main() -> None:
     for row in held_out:  # a held-out review that is also a train review would test memory, not sentiment
         if row["messages"][1]["content"] not in seen:
             unique.append(row)
-    (HERE / "data").mkdir(exist_ok=True)
-    for name, data in (("train", train), ("eval", unique)):
-        with open(HERE / "data" / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in data)
-        print(f"data/{name}.jsonl: {len(data)} rows")
+    qa_data.write(HERE / "data", train, unique)
 
 
 if __name__ == "__main__":

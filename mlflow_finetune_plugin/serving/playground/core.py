@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.arena.votes import EXPERIMENT, Comparison
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.registry.prompts import ServedPrompt
 from mlflow_finetune_plugin.serving.base import (
     MAX_NEW_TOKENS_CAP,
     MAX_PROMPT_CHARS,
@@ -34,7 +35,7 @@ class PromptSide:
 
     key: str
     model: ModelChoice
-    prompt: object = field(default=None, compare=False)  # registry.prompts.ServedPrompt: not hashed
+    prompt: ServedPrompt = field(default=None, compare=False)  # not hashed: it holds lists
 
     @property
     def name(self) -> str:
@@ -46,8 +47,8 @@ class PromptSide:
         from mlflow_finetune_plugin.serving.choices import parse_ref
 
         served = served_prompt(uri)
-        name, _, version = served.name.rpartition("-v")
-        return cls(f"prompts:/{name}/{version}", parse_ref(f"{base_version(served, uri)}:base"), served)
+        return cls(f"prompts:/{served.prompt_name}/{served.version}", parse_ref(f"{base_version(served, uri)}:base"),
+                   served)
 
     def asked(self, messages: list[dict]) -> list[dict]:
         from mlflow_finetune_plugin.serving.prompted import asked
@@ -147,8 +148,8 @@ class Playground:
         from mlflow_finetune_plugin.serving.choices import describe
 
         if key in self.prompt_sides:
-            name, _, version = key.removeprefix("prompts:/").rpartition("/")
-            return f"prompt {name} v{version} on {describe(self._choice(key))}"
+            prompt = self.prompt_sides[key].prompt
+            return f"prompt {prompt.prompt_name} v{prompt.version} on {describe(self._choice(key))}"
         return describe(self._choice(key))
 
     def close(self) -> None:
@@ -416,8 +417,8 @@ class Playground:
 
         choice = self.resolve(version_key, self.default_a)
         if isinstance(choice, PromptSide):  # the prompt's own gates (registry/prompts.promote_prompt)
-            name, _, version = choice.key.removeprefix("prompts:/").rpartition("/")
-            return promote(name, version, alias=(alias or "").strip().lstrip("@") or None, user=user).report()
+            return promote(choice.prompt.prompt_name, choice.prompt.version,
+                           alias=(alias or "").strip().lstrip("@") or None, user=user).report()
         if choice.base:
             raise FinetuneError("a base model is not a registered version: pick a version to promote")
         result = promote(choice.name, choice.version, alias=(alias or "").strip().lstrip("@") or None, user=user)
