@@ -8,6 +8,7 @@ import click
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.finetuning_api.command import openai_api_cmd
+from mlflow_finetune_plugin.monitor.command import monitor_cmd
 
 
 class _FriendlyGroup(click.Group):
@@ -143,8 +144,7 @@ def _pairs(values, extra_args) -> dict:
     for item in values:
         if "=" not in item:
             raise click.BadParameter(f"{item!r} is not key=value (e.g. -P train.max_steps=20)", param_hint="-P")
-        key, value = item.split("=", 1)
-        out[key] = value
+        out.update([item.split("=", 1)])
     args = list(extra_args)
     while args:
         key = args.pop(0)
@@ -372,16 +372,15 @@ def export_cmd(model_uri, out_dir, gguf, gguf_type, llama_cpp, no_log):
 
 
 # Shared by `serve` and `playground` (and gradio_app/app.py's MLFLOW_FINETUNE_TRACE, ..._FOLLOW_INTERVAL).
-TRACE_OPTION = click.option(
-    "--trace", default=None, metavar="EXPERIMENT", envvar="MLFLOW_FINETUNE_TRACE",
+TRACE_OPTION = click.option("--trace", default=None, metavar="EXPERIMENT", envvar="MLFLOW_FINETUNE_TRACE",
     help="Record each answer as an MLflow trace in EXPERIMENT, under the served version's logged model, with users' "
          "feedback: the next fine-tune's traces:EXPERIMENT data. Off by default: traces hold your users' prompts and "
          "answers (docs/traces.md). serve: header x-mlflow-trace-id names an answer's trace, POST /v1/feedback rates it.")
 FOLLOW_OPTION = click.option(
     "--follow-interval", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
-    envvar="MLFLOW_FINETUNE_FOLLOW_INTERVAL",
-    help="How often to look up models given by alias (NAME@champion) in the registry: when the alias moves, the "
-         "new version answers without a restart (requests under way finish on theirs). 0: keep the one at start.")
+    envvar="MLFLOW_FINETUNE_FOLLOW_INTERVAL", help="How often to look up models given by alias (NAME@champion) in the "
+    "registry: when the alias moves, the new version answers without a restart (requests under way finish on theirs). "
+    "0: keep the one at start.")
 
 
 @main.command("serve")
@@ -446,7 +445,8 @@ def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_u
         experiment=experiment, max_lora_rank=max_lora_rank, follow_interval=follow_interval, trace=trace), click.echo)
 
 
-main.add_command(openai_api_cmd)  # the command lives beside the API (finetuning_api/command.py)
+for _command in (openai_api_cmd, monitor_cmd):  # each lives beside its work (finetuning_api/, monitor/)
+    main.add_command(_command)
 
 
 @main.group("votes")

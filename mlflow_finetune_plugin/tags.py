@@ -122,6 +122,12 @@ SERVED_BY = "finetune.served.by"                  # serve | playground
 SERVED_MODEL = "finetune.served.model"            # the model choice that answered (NAME/3 or NAME/3:base)
 SERVED_NAME = "finetune.served.name"              # the name the client asked for (bot-v3, bot@champion)
 
+# --- monitoring (`mlflow-finetune monitor`: on the monitoring run of a registered model) ---------------------------
+MONITOR_MODEL = "finetune.monitor.model"          # the registered model whose served traffic the run sums
+MONITOR_WINDOW = "finetune.monitor.window"        # the window length of its metrics (1h, 1d, ...)
+MONITOR_ALERTS = "finetune.monitor.alerts"        # the alerts of its last pass: `v3 novel_share 0.62 (<= 0.3) at ...`
+MONITOR_RETRAINED_FROM = "finetune.monitor.retrained_from"  # on a --retrain run: the traces it learned from (count)
+
 # --- the OpenAI fine-tuning API (`mlflow-finetune openai-api`) --------------------------------------------------
 FILE_PURPOSE = "finetune.file.purpose"            # on a file's run (experiment `openai-files`): fine-tune, ...
 FILE_NAME = "finetune.file.filename"              # the file name the client gave (shown, never used as a path)

@@ -13,12 +13,14 @@ these sections is `loading.py`; combinations no single key can judge are `checks
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from mlflow_finetune_plugin.config.distill import DistillConfig
 from mlflow_finetune_plugin.config.evaluation import EvalConfig, general_text_file
+from mlflow_finetune_plugin.config.gates import Gate
+from mlflow_finetune_plugin.config.monitor import MonitorConfig
 from mlflow_finetune_plugin.config.section import Section
 from mlflow_finetune_plugin.config.traces import TracesConfig
 
@@ -405,32 +407,7 @@ class TrainConfig(Section):
 
 
 class RegistryConfig(Section):
-    class Gate(Section):
-        """One promotion gate: the tuned model must beat every contender in `beats` on `metric` by `margin`."""
-
-        metric: str = Field(description="Metric name without prefix: rougeL, token_f1, exact_match, loss, ...")
-        beats: list[str] = Field(
-            ["base", "fewshot", "retrieval", "optimized", "champion"],
-            description="base | fewshot | retrieval | optimized (same run), champion (holder of the alias being moved), @alias, "
-                        "or a version. Left at its default, a prompt-only contender the run did not score (switched "
-                        "off, or skipped with a reason) is passed over with a note; named here, it must be scored.")
-        margin: float = Field(0.0, ge=0, description="Absolute improvement required (0: not worse).")
-        mode: Literal["max", "min"] | None = Field(None, description="Default: min for loss/perplexity, else max.")
-        at_most: float | None = Field(
-            None, description="A limit instead of a comparison: the version's own metric must be <= this, e.g. "
-                              "{metric: forgetting/ppl_ratio, at_most: 1.2}. A metric with a `/` is "
-                              "eval/<metric>, one without is the tuned model's eval/tuned/<metric>.")
-        at_least: float | None = Field(None, description="A limit: the version's own metric must be >= this.")
-
-        @model_validator(mode="before")
-        @classmethod
-        def _limit_compares_with_nothing(cls, data):
-            if isinstance(data, dict) and (data.get("at_most") is not None or data.get("at_least") is not None):
-                if data.get("beats"):
-                    raise ValueError("a gate with at_most/at_least checks a limit and beats nothing; drop `beats` "
-                                     "(or write the comparison as a gate of its own)")
-                data = {**data, "beats": []}
-            return data
+    Gate: ClassVar[type[Gate]] = Gate  # config/gates.py: the gate syntax, shared with `monitor.gates`
 
     name: str | None = Field(None, description="Registered model name; default: the project folder's name.")
     enabled: bool = Field(True, description="Register the logged model; false only logs it in the run.")
@@ -461,6 +438,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
+    monitor: MonitorConfig = Field(MonitorConfig(), description="Served traffic after promotion (`mlflow-finetune monitor`).")
     # Not user keys: filled in by load_recipe so the resolved recipe stands alone.
     project_dir: str | None = None
 

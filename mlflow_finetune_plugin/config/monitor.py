@@ -1,0 +1,67 @@
+"""`monitor`: how `mlflow-finetune monitor NAME` reads a served version's traffic, and when a window is an alert
+(docs/monitoring.md). The reading and scoring are `monitor/`; this is the recipe section the version's run recorded."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator
+
+from mlflow_finetune_plugin.config.gates import Gate
+from mlflow_finetune_plugin.config.section import Section
+
+WINDOW = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
+WINDOW_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+# What a window reports (monitor/windows.py computes them), each a metric a monitor gate can limit.
+WINDOW_METRICS = ("requests", "error_share", "latency_p50", "latency_p95", "prompt_tokens", "completion_tokens",
+                  "cut_share", "feedback", "thumbs_down_share", "corrections", "novel_share", "input_chars",
+                  "other_language_share", "json_valid", "judge_pass")
+
+
+def window_seconds(value: str) -> int:
+    """`1h`, `1d`, `15m`, `1w` in seconds; raises ValueError for anything else."""
+    m = WINDOW.match(value or "")
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError(f"window {value!r}: expected a whole number of minutes, hours, days or weeks: 15m, 1h, 1d, "
+                         "1w")
+    return int(m.group(1)) * WINDOW_SECONDS[m.group(2)]
+
+
+def _default_gates() -> list[Gate]:
+    return [Gate(metric="novel_share", at_most=0.3), Gate(metric="thumbs_down_share", at_most=0.3),
+            Gate(metric="error_share", at_most=0.05), Gate(metric="cut_share", at_most=0.2)]
+
+
+class MonitorConfig(Section):
+    """Served traffic after promotion: what one window is, how far a request must be from the training data to
+    count as new, and the limits that make a window an alert."""
+
+    window: str = Field("1d", description="The length of one window of traffic: 15m, 1h, 1d, 1w (windows start "
+                                          "at whole multiples of it, in UTC).")
+    min_requests: int = Field(20, ge=1, description="Windows with fewer requests of a version are shown but never "
+                                                    "an alert: a share of a handful of requests is noise.")
+    novelty_quantile: float = Field(
+        0.05, gt=0, lt=0.5, description="A request is new (far from the training rows) when its BM25 similarity to "
+                                        "the nearest training question is below this quantile of the training "
+                                        "questions' own similarity to their nearest neighbour.")
+    gates: list[Gate] = Field(
+        default_factory=_default_gates,
+        description="Limits on a window's metrics, in the promotion gates' syntax with at_most / at_least "
+                    f"(metrics: {', '.join(WINDOW_METRICS)}, or a quality metric against the users' corrections: "
+                    "rougeL, token_f1, exact_match, chrf, json_valid). A window over a limit is an alert: "
+                    "`monitor` names it and exits 3.")
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value):
+        window_seconds(value)
+        return value
+
+    @field_validator("gates")
+    @classmethod
+    def _limits_only(cls, gates):
+        for gate in gates:
+            if gate.at_most is None and gate.at_least is None:
+                raise ValueError(f"gate on {gate.metric}: a monitor gate is a limit (at_most or at_least); a window "
+                                 "has no contender to beat")
+        return gates

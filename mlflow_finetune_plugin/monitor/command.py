@@ -1,0 +1,53 @@
+"""The `mlflow-finetune monitor` command (cli.py adds it)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an error, 2 a usage error)
+
+
+@click.command("monitor")
+@click.argument("name")
+@click.option("--experiment", "-x", "experiments", multiple=True, metavar="EXPERIMENT",
+              help="Experiment the traffic is traced to (`serve --trace EXPERIMENT`); repeatable. Default: every "
+                   "experiment in the store.")
+@click.option("--window", default=None, help="Window length: 15m, 1h, 1d, 1w. Default: the recipe's monitor.window "
+                                             "(1d).")
+@click.option("--since", default=None, help="Traffic from this moment: an ISO date/time or a duration ago (7d, 12h).")
+@click.option("--until", default=None, help="Traffic before this moment (the same forms).")
+@click.option("--gate", "gates", multiple=True, metavar="METRIC<=X|METRIC>=X",
+              help="A limit on a window's metric, replacing the recipe's monitor.gates; repeatable. "
+                   "E.g. --gate novel_share<=0.3 --gate thumbs_down_share<=0.2")
+@click.option("--examples", is_flag=True, help="Show the requests' texts beside the trace ids of alerts and new "
+                                               "topics (traces hold user data: off by default).")
+@click.option("--no-log", is_flag=True, help="Only print: log no metrics or chart to the monitoring run.")
+def monitor_cmd(name, experiments, window, since, until, gates, examples, no_log):
+    """How the served versions of registered model NAME are doing, per time window: requests, errors, latency,
+    tokens, answers cut at the length limit, feedback and thumbs-down, quality against users' corrections, and drift
+    (requests far from the training questions, new topics, length and language). A window over a monitor gate is
+    an alert: named, with example traces, and the command exits 3 (docs/monitoring.md)."""
+    from mlflow_finetune_plugin.config.monitor import window_seconds
+    from mlflow_finetune_plugin.errors import FinetuneError
+    from mlflow_finetune_plugin.monitor import report as out
+    from mlflow_finetune_plugin.monitor.watch import watch
+    from mlflow_finetune_plugin.registry.promotion import parse_gate
+
+    if window is not None:
+        try:
+            window_seconds(window)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--window") from None
+    limits = [parse_gate(g) for g in gates] if gates else None
+    for gate, given in zip(limits or [], gates):
+        if gate.at_most is None and gate.at_least is None:
+            raise FinetuneError(f"--gate {given}: a monitor gate is a limit, METRIC<=X or METRIC>=X "
+                                "(e.g. novel_share<=0.3)")
+    report = watch(name, experiments, window, since, until, limits)
+    click.echo(out.text(report, examples))
+    if not no_log and (run_id := out.log(report)):
+        click.echo(f"\nLogged to the monitoring run {run_id} (metrics {out.PREFIX}vN/..., chart {out.CHART_FILE}).")
+    if report.alerts:
+        sys.exit(ALERT_EXIT)

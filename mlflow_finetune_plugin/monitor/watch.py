@@ -1,0 +1,132 @@
+"""`mlflow-finetune monitor NAME`, top to bottom: read the served traffic of NAME's versions, sum it per window and
+version, measure drift against each version's training questions, and check every window against the gates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlflow_finetune_plugin.config.gates import Gate
+from mlflow_finetune_plugin.config.monitor import window_seconds
+from mlflow_finetune_plugin.monitor import drift
+from mlflow_finetune_plugin.monitor.lineage import Lineage, lineage
+from mlflow_finetune_plugin.monitor.traffic import Request, experiment_ids, read_requests
+from mlflow_finetune_plugin.monitor.windows import Window, corrected_quality, group, summarize
+
+EXAMPLES = 3  # trace ids (or texts, with --examples) shown per alert and per topic
+
+
+@dataclass
+class Alert:
+    window: Window
+    metric: str
+    value: float
+    limit: str                      # `<= 0.3`
+    trace_ids: list[str]
+
+
+@dataclass
+class TopicReport:
+    served: str
+    topic: drift.Topic
+    trace_ids: list[str]
+    texts: list[str]                # shown only with --examples
+
+
+@dataclass
+class Report:
+    name: str
+    window: str
+    requests: list[Request]
+    windows: list[Window] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    topics: list[TopicReport] = field(default_factory=list)
+    lineages: dict[str, Lineage] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    experiment_ids: list[str] = field(default_factory=list)
+
+
+def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = None, since: str | None = None,
+          until: str | None = None, gates: list[Gate] | None = None) -> Report:
+    """The monitoring report of `name`'s served versions (no logging, no printing)."""
+    ids = experiment_ids(experiments)
+    requests = read_requests(name, ids, since, until)
+    versions = sorted({r.served.split(":")[0] for r in requests}, key=int)
+    lineages = {v: lineage(name, v) for v in versions}
+    newest = lineages[versions[-1]] if versions else None
+    window = window or (newest.monitor.window if newest else "1d")
+    report = Report(name, window, requests, lineages=lineages, experiment_ids=ids)
+    if not requests:
+        report.notes.append(f"no traced requests to a version of {name} in {len(ids)} experiment(s)"
+                            + (f" between {since or 'the start'} and {until or 'now'}" if since or until else "")
+                            + ": serve it with `mlflow-finetune serve NAME@champion --trace EXPERIMENT`")
+        return report
+    new, novelty = _novelty(requests, lineages, report.notes)
+    languages = [drift.language_of(r.question) for r in requests]
+    for (start, served), index in group(requests, window_seconds(window)).items():
+        own = lineages[served.split(":")[0]]
+        main_language = novelty[served.split(":")[0]].language if novelty.get(served.split(":")[0]) else None
+        w = Window(start, window_seconds(window), served)
+        w.metrics, w.examples = summarize(requests, index, new, languages, main_language)
+        w.metrics.update(corrected_quality(requests, index, own.structured, own.json_schema))
+        report.windows.append(w)
+    for w in report.windows:
+        own = lineages[w.served.split(":")[0]]
+        report.alerts += check(w, gates if gates is not None else own.monitor.gates, own.monitor.min_requests)
+    report.topics = _topics(requests, new)
+    return report
+
+
+def check(w: Window, gates: list[Gate], min_requests: int) -> list[Alert]:
+    """The gates `w` breaks; none for a window with fewer than `min_requests` requests."""
+    if w.metrics.get("requests", 0) < min_requests:
+        return []
+    alerts = []
+    for gate in gates:
+        value = w.metrics.get(gate.metric)
+        if value is None:
+            continue
+        broken = [f"{op} {bound:g}" for op, bound in (("<=", gate.at_most), (">=", gate.at_least))
+                  if bound is not None and (value > bound + 1e-12 if op == "<=" else value < bound - 1e-12)]
+        if broken:
+            alerts.append(Alert(w, gate.metric, value, broken[0], w.examples.get(gate.metric, [])[:EXAMPLES]))
+    return alerts
+
+
+def _novelty(requests: list[Request], lineages: dict[str, Lineage], notes: list[str]):
+    """Per request: is it new to the training questions of the version that answered it (None where no version's
+    training questions could be read); and each version's calibrated index."""
+    novelty: dict[str, drift.Novelty | None] = {}
+    for version, own in lineages.items():
+        novelty[version] = drift.calibrate(own.questions, own.monitor.novelty_quantile) if own.questions else None
+        if novelty[version] is None:
+            why = own.missing or f"{len(own.questions)} training questions, fewer than {drift.MIN_TRAIN}"
+            notes.append(f"v{version}: drift not measured ({why})")
+    if not any(novelty.values()):
+        return None, novelty
+    new = [False] * len(requests)
+    for version, index in _by_version(requests).items():
+        if novelty.get(version) is not None:
+            for i, is_new in zip(index, novelty[version].is_new([requests[i].question for i in index])):
+                new[i] = is_new
+    return new, novelty
+
+
+def _by_version(requests: list[Request]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        out.setdefault(r.served.split(":")[0], []).append(i)
+    return out
+
+
+def _topics(requests: list[Request], new: list[bool] | None) -> list[TopicReport]:
+    """The largest topics among each version's new requests."""
+    if new is None:
+        return []
+    out = []
+    for version, index in _by_version(requests).items():
+        fresh = [i for i in index if new[i]]
+        for topic in drift.topics([requests[i].question for i in fresh]):
+            members = [fresh[j] for j in topic.members]
+            out.append(TopicReport(version, topic, [requests[i].trace_id for i in members[:EXAMPLES]],
+                                   [requests[i].question for i in members[:EXAMPLES]]))
+    return out
