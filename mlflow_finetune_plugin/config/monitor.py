@@ -10,8 +10,8 @@ from pydantic import Field, field_validator
 from mlflow_finetune_plugin.config.gates import Gate
 from mlflow_finetune_plugin.config.section import Section
 
-WINDOW = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
-WINDOW_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+WINDOW = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+WINDOW_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # What a window reports (monitor/windows.py computes them), each a metric a monitor gate can limit.
 WINDOW_METRICS = ("requests", "error_share", "latency_p50", "latency_p95", "prompt_tokens", "completion_tokens",
                   "cut_share", "feedback", "thumbs_down_share", "corrections", "novel_share", "input_chars",
@@ -19,11 +19,11 @@ WINDOW_METRICS = ("requests", "error_share", "latency_p50", "latency_p95", "prom
 
 
 def window_seconds(value: str) -> int:
-    """`1h`, `1d`, `15m`, `1w` in seconds; raises ValueError for anything else."""
+    """`1h`, `1d`, `15m`, `1w` (or `30s`) in seconds; raises ValueError for anything else."""
     m = WINDOW.match(value or "")
     if not m or int(m.group(1)) <= 0:
-        raise ValueError(f"window {value!r}: expected a whole number of minutes, hours, days or weeks: 15m, 1h, 1d, "
-                         "1w")
+        raise ValueError(f"window {value!r}: expected a whole number of seconds, minutes, hours, days or weeks: "
+                         "30s, 15m, 1h, 1d, 1w")
     return int(m.group(1)) * WINDOW_SECONDS[m.group(2)]
 
 

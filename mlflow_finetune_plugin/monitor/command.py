@@ -21,10 +21,13 @@ ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an e
 @click.option("--gate", "gates", multiple=True, metavar="METRIC<=X|METRIC>=X",
               help="A limit on a window's metric, replacing the recipe's monitor.gates; repeatable. "
                    "E.g. --gate novel_share<=0.3 --gate thumbs_down_share<=0.2")
+@click.option("--min-requests", type=click.IntRange(min=1), default=None,
+              help="Windows with fewer requests of a version are never an alert. Default: the recipe's "
+                   "monitor.min_requests (20).")
 @click.option("--examples", is_flag=True, help="Show the requests' texts beside the trace ids of alerts and new "
                                                "topics (traces hold user data: off by default).")
 @click.option("--no-log", is_flag=True, help="Only print: log no metrics or chart to the monitoring run.")
-def monitor_cmd(name, experiments, window, since, until, gates, examples, no_log):
+def monitor_cmd(name, experiments, window, since, until, gates, min_requests, examples, no_log):
     """How the served versions of registered model NAME are doing, per time window: requests, errors, latency,
     tokens, answers cut at the length limit, feedback and thumbs-down, quality against users' corrections, and drift
     (requests far from the training questions, new topics, length and language). A window over a monitor gate is
@@ -45,7 +48,7 @@ def monitor_cmd(name, experiments, window, since, until, gates, examples, no_log
         if gate.at_most is None and gate.at_least is None:
             raise FinetuneError(f"--gate {given}: a monitor gate is a limit, METRIC<=X or METRIC>=X "
                                 "(e.g. novel_share<=0.3)")
-    report = watch(name, experiments, window, since, until, limits)
+    report = watch(name, experiments, window, since, until, limits, min_requests)
     click.echo(out.text(report, examples))
     if not no_log and (run_id := out.log(report)):
         click.echo(f"\nLogged to the monitoring run {run_id} (metrics {out.PREFIX}vN/..., chart {out.CHART_FILE}).")

@@ -33,7 +33,7 @@ def text(report: Report, examples: bool = False) -> str:
     lines += [f"  note: {n}" for n in report.notes]
     shown = [(key, head) for key, head in COLUMNS if any(key in w.metrics for w in report.windows)]
     alerted = {(id(a.window), a.metric) for a in report.alerts}
-    rows = [[when(w.start_s), w.label, *(_cell(w.metrics.get(k), (id(w), k) in alerted) for k, _ in shown)]
+    rows = [[when(w.start_s), w.label, *(_cell(k, w.metrics.get(k), (id(w), k) in alerted) for k, _ in shown)]
             for w in report.windows]
     if rows:
         lines += ["", format_table(["window", "version", *(h for _, h in shown)], rows)]
@@ -43,7 +43,8 @@ def text(report: Report, examples: bool = False) -> str:
             lines.append(f"  v{t.served}: {t.topic.size} requests about {', '.join(t.topic.words) or '?'}: "
                          + ("; ".join(repr(x) for x in t.texts) if examples else ", ".join(t.trace_ids)))
     if report.alerts:
-        lines += ["", f"ALERT: {len(report.alerts)} window(s) over a monitor gate:"]
+        windows = len({id(a.window) for a in report.alerts})
+        lines += ["", f"ALERT: {len(report.alerts)} alert(s) in {windows} window(s) over a monitor gate:"]
         for a in report.alerts:
             shown_ids = _examples(report, a.trace_ids) if examples else ", ".join(a.trace_ids)
             lines.append(f"  {a.window.label} {when(a.window.start_s)}: {a.metric} {a.value:.3f} (limit {a.limit})"
@@ -53,10 +54,13 @@ def text(report: Report, examples: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _cell(value, alert: bool):
+COUNTS = ("requests", "feedback", "corrections")
+
+
+def _cell(metric: str, value, alert: bool):
     if value is None:
         return None
-    shown = f"{value:.0f}" if float(value).is_integer() and value >= 1 else f"{value:.3f}"
+    shown = f"{value:.0f}" if metric in COUNTS else f"{value:.1f}" if value >= 10 else f"{value:.3f}"
     return shown + (" !" if alert else "")
 
 

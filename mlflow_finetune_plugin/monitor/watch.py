@@ -46,7 +46,7 @@ class Report:
 
 
 def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = None, since: str | None = None,
-          until: str | None = None, gates: list[Gate] | None = None) -> Report:
+          until: str | None = None, gates: list[Gate] | None = None, min_requests: int | None = None) -> Report:
     """The monitoring report of `name`'s served versions (no logging, no printing)."""
     ids = experiment_ids(experiments)
     requests = read_requests(name, ids, since, until)
@@ -71,7 +71,8 @@ def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = Non
         report.windows.append(w)
     for w in report.windows:
         own = lineages[w.served.split(":")[0]]
-        report.alerts += check(w, gates if gates is not None else own.monitor.gates, own.monitor.min_requests)
+        report.alerts += check(w, gates if gates is not None else own.monitor.gates,
+                               min_requests or own.monitor.min_requests)
     report.topics = _topics(requests, new)
     return report
 
