@@ -18,7 +18,8 @@ PACKAGES = (ROOT,)
 # floor outside its package, nothing above. Names are relative to mlflow_finetune_plugin.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("cli",),
-    ("sweep", "finetuning_api"),  # finetuning_api: OpenAI's jobs API runs `mlflow run` and serves the results
+    ("sweep", "finetuning_api", "monitor"),  # finetuning_api: OpenAI's jobs API runs `mlflow run` and serves the results;
+    # monitor: served traffic read back, and --retrain runs `mlflow run`
     ("backend",),
     ("serving", "launchers"),
     ("train",),

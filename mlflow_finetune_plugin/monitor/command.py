@@ -27,7 +27,13 @@ ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an e
 @click.option("--examples", is_flag=True, help="Show the requests' texts beside the trace ids of alerts and new "
                                                "topics (traces hold user data: off by default).")
 @click.option("--no-log", is_flag=True, help="Only print: log no metrics or chart to the monitoring run.")
-def monitor_cmd(name, experiments, window, since, until, gates, min_requests, examples, no_log):
+@click.option("--retrain", is_flag=True, help="Then train the next version on the champion's training data plus "
+              "its traffic's corrected and thumbs-up answers (and a distill.teacher's answers to drifted requests), "
+              "and promote it only if it beats the champion on held-out traffic and passes the recipe's gates.")
+@click.option("-P", "params", multiple=True, metavar="KEY=VALUE", help="Recipe override for the --retrain run.")
+@click.option("--backend-config", "-b", default=None, metavar="JSON", help="The --retrain run's backend config.")
+def monitor_cmd(name, experiments, window, since, until, gates, min_requests, examples, no_log, retrain, params,
+                backend_config):
     """How the served versions of registered model NAME are doing, per time window: requests, errors, latency,
     tokens, answers cut at the length limit, feedback and thumbs-down, quality against users' corrections, and drift
     (requests far from the training questions, new topics, length and language). A window over a monitor gate is
@@ -52,5 +58,12 @@ def monitor_cmd(name, experiments, window, since, until, gates, min_requests, ex
     click.echo(out.text(report, examples))
     if not no_log and (run_id := out.log(report)):
         click.echo(f"\nLogged to the monitoring run {run_id} (metrics {out.PREFIX}vN/..., chart {out.CHART_FILE}).")
+    if retrain:
+        import json
+
+        from mlflow_finetune_plugin.monitor.retrain import retrain as train_next
+
+        overrides = dict(p.split("=", 1) for p in params if "=" in p)
+        train_next(report, name, overrides, json.loads(backend_config) if backend_config else None, click.echo)
     if report.alerts:
         sys.exit(ALERT_EXIT)

@@ -43,6 +43,7 @@ class Report:
     lineages: dict[str, Lineage] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     experiment_ids: list[str] = field(default_factory=list)
+    new_ids: set[str] = field(default_factory=set)  # requests far from their version's training questions
 
 
 def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = None, since: str | None = None,
@@ -61,6 +62,7 @@ def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = Non
                             + ": serve it with `mlflow-finetune serve NAME@champion --trace EXPERIMENT`")
         return report
     new, novelty = _novelty(requests, lineages, report.notes)
+    report.new_ids = {r.trace_id for r, is_new in zip(requests, new or []) if is_new}
     languages = [drift.language_of(r.question) for r in requests]
     for (start, served), index in group(requests, window_seconds(window)).items():
         own = lineages[served.split(":")[0]]
