@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from mlflow_finetune_plugin.config.gates import Gate
 from mlflow_finetune_plugin.config.monitor import window_seconds
 from mlflow_finetune_plugin.monitor import drift
+from mlflow_finetune_plugin.monitor.judge import judged
 from mlflow_finetune_plugin.monitor.lineage import Lineage, lineage
 from mlflow_finetune_plugin.monitor.traffic import Request, experiment_ids, read_requests
 from mlflow_finetune_plugin.monitor.windows import Window, corrected_quality, group, summarize
@@ -47,8 +48,10 @@ class Report:
 
 
 def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = None, since: str | None = None,
-          until: str | None = None, gates: list[Gate] | None = None, min_requests: int | None = None) -> Report:
-    """The monitoring report of `name`'s served versions (no logging, no printing)."""
+          until: str | None = None, gates: list[Gate] | None = None, min_requests: int | None = None,
+          judge: str | None = None) -> Report:
+    """The monitoring report of `name`'s served versions (no logging, no printing); `judge` (a gateway endpoint,
+    an OpenAI-compatible URL or a registered model, monitor/judge.py) adds each window's judge pass rate."""
     ids = experiment_ids(experiments)
     requests = read_requests(name, ids, since, until)
     versions = sorted({r.served.split(":")[0] for r in requests}, key=int)
@@ -64,11 +67,12 @@ def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = Non
     new, novelty = _novelty(requests, lineages, report.notes)
     report.new_ids = {r.trace_id for r, is_new in zip(requests, new or []) if is_new}
     languages = [drift.language_of(r.question) for r in requests]
+    passes = judged(requests, judge) if judge else None
     for (start, served), index in group(requests, window_seconds(window)).items():
         own = lineages[served.split(":")[0]]
         main_language = novelty[served.split(":")[0]].language if novelty.get(served.split(":")[0]) else None
         w = Window(start, window_seconds(window), served)
-        w.metrics, w.examples = summarize(requests, index, new, languages, main_language)
+        w.metrics, w.examples = summarize(requests, index, new, languages, main_language, passes)
         w.metrics.update(corrected_quality(requests, index, own.structured, own.json_schema))
         report.windows.append(w)
     for w in report.windows:

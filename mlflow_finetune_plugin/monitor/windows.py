@@ -34,8 +34,10 @@ def group(requests: list[Request], seconds: int) -> dict[tuple[int, str], list[i
 
 
 def summarize(requests: list[Request], index: list[int], new: list[bool] | None, languages: list[str | None],
-              main_language: str | None) -> tuple[dict[str, float], dict[str, list[str]]]:
-    """The figures of the requests at `index`: (metrics, metric -> the trace ids behind a share)."""
+              main_language: str | None, passes: dict[str, bool] | None = None
+              ) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """The figures of the requests at `index`: (metrics, metric -> the trace ids behind a share). `passes`: the
+    judge's verdict per trace id (judge_pass: the share of judged answers that pass)."""
     import numpy as np
 
     rs = [requests[i] for i in index]
@@ -62,6 +64,10 @@ def summarize(requests: list[Request], index: list[int], new: list[bool] | None,
     if told and main_language:
         m["other_language_share"] = sum(lang != main_language for _, lang in told) / len(told)
         examples["other_language_share"] = [requests[i].trace_id for i, lang in told if lang != main_language]
+    judged = [requests[i].trace_id for i in index if passes and requests[i].trace_id in passes]
+    if judged:
+        m["judge_pass"] = sum(passes[t] for t in judged) / len(judged)
+        examples["judge_pass"] = [t for t in judged if not passes[t]]
     return m, examples
 
 
