@@ -27,10 +27,8 @@ from tests.helpers import (
     drain,
     forget_active_experiment,
     free_port,
-    mlflow_server,
     register_version,
     stop,
-    use_server_store,
     wait_for_http,
 )
 
@@ -95,6 +93,8 @@ def traffic(tmp_path_factory):
     `mlflow server`; three phases of traffic sent by the openai client. Yields (uri, phases: name -> trace ids)."""
     import httpx
     import openai
+
+    from tests.helpers import mlflow_server, use_server_store
 
     root = tmp_path_factory.mktemp("monitor")
     with mlflow_server(root / "server") as uri, pytest.MonkeyPatch.context() as mp:
@@ -203,3 +203,73 @@ def test_monitor_shows_drift_and_disliked_answers_in_their_windows_and_exits_on_
     again = _monitor("bot", "-x", "traffic", "--window", WINDOW, "--min-requests", "4", *gates)
     assert again.returncode == 3
     assert len(client.get_metric_history(run.info.run_id, f"{PREFIX}v1/novel_share")) <= len(history) + 1
+
+
+# ------------------------------------------------------------------------------------------- closing the loop
+
+REFUND = "Refunds take 30 days."
+REFUND_QUESTIONS = ["How long do refunds take?", "When will I get my refund?", "How many days for a refund?",
+                    "Refund time?", "How long until my money is back?", "When does the refund arrive?",
+                    "How long is the refund process?", "Refund, how long does it take?"]
+SHOP_RECIPE = """\
+model: {name: tiny}
+data: {train: data/train.jsonl, eval: data/eval.jsonl}
+train: {max_steps: 10, learning_rate: 0.003, batch_size: 4, save_steps: 1000}
+eval: {max_examples: 4, max_new_tokens: 12, contenders: [base], forgetting: false, traces: false}
+registry:
+  name: shop
+  promote_if: [{metric: loss, at_most: 1000}]
+"""
+
+
+@pytest.mark.integration
+def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(tracking_uri, tmp_path):
+    """v1 serves refund questions; users correct every answer (and rate two others down without a correction).
+    `monitor --retrain` trains v2 on v1's rows plus the corrections, holds two corrections out, compares v2 with the
+    champion on them, and promotes it through the recipe's gates; v2 answers a corrected question as corrected."""
+    import httpx
+    import openai
+
+    from mlflow_finetune_plugin.monitor.retrain import TRACES_FILE
+    from tests.helpers import chat_rows, subprocess_env, write_project
+
+    project = write_project(tmp_path / "shop", SHOP_RECIPE, chat_rows(8), chat_rows(4, offset=50))
+    trained = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "-e", "full", "--backend",
+                              "finetune", "--experiment-name", "shop"], cwd=tmp_path,
+                             env=subprocess_env(tracking_uri), capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("shop", "champion", "1")
+
+    port = free_port()
+    server = cli_process("serve", "shop@champion", "--engine", "transformers", "--port", str(port),
+                         "--trace", "shop-traffic")
+    drain(server)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", server)
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        for text, correction in [*((q, REFUND) for q in REFUND_QUESTIONS), ("Hello?", None), ("Bye?", None)]:
+            raw = api.chat.completions.with_raw_response.create(
+                model="shop@champion", messages=[{"role": "user", "content": text}], max_tokens=8, temperature=0.0)
+            body = {"trace_id": raw.headers["x-mlflow-trace-id"], "thumbs": "down"}
+            if correction:
+                body["correction"] = correction
+            httpx.post(f"http://127.0.0.1:{port}/v1/feedback", json=body, timeout=60).raise_for_status()
+    finally:
+        stop(server)
+
+    done = _monitor("shop", "-x", "shop-traffic", "--retrain", "-P", "train.max_steps=60")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "6 rows to train on, 2 held out" in done.stdout and "2 rated down with no correction" in done.stdout
+    assert "held-out traffic rows" in done.stdout and "Promotion of shop v2 to @champion" in done.stdout
+    assert str(client.get_registered_model("shop").aliases["champion"]) == "2", done.stdout[-2000:]
+
+    v2 = client.get_model_version("shop", "2")
+    run_id = v2.tags.get("finetune.source_run") or v2.run_id
+    assert client.get_run(run_id).data.tags["finetune.monitor.retrained_from"] == "6 traces of v1"
+    lineage = mlflow.artifacts.load_dict(f"runs:/{run_id}/{TRACES_FILE}")
+    assert len(lineage["trained_on"]) == 6 and len(lineage["held_out"]) == 2
+    model = mlflow.pyfunc.load_model("models:/shop/2")
+    (answer,) = model.predict([{"messages": [{"role": "user", "content": REFUND_QUESTIONS[0]}]}],
+                              params={"max_new_tokens": 12})
+    assert answer.strip() == REFUND, answer

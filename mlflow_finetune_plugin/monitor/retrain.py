@@ -190,8 +190,12 @@ def _better_on_traffic(name: str, new: str, old: str, project: Path, own, echo) 
     if not held_out.read_text().strip():
         echo("No traffic rows held out (fewer than 4 rows): the new version is gated on the old held-out set only.")
         return True
-    gates = (own.recipe.get("registry") or {}).get("promote_if") or [{"metric": "rougeL"}]
-    metric = gates[0].get("metric", "rougeL")
+    from mlflow_finetune_plugin.metrics import lower_is_better
+
+    gates = (own.recipe.get("registry") or {}).get("promote_if") or []
+    # the recipe's first comparison (a limit compares with nothing), else rougeL
+    metric = next((g["metric"] for g in gates if g.get("at_most") is None and g.get("at_least") is None
+                   and g.get("metric") != "arena_above"), "rougeL")
     scores = {}
     for version in (new, old):
         result, _ = evaluate_model_uri(f"models:/{name}/{version}", data=str(held_out), contenders=[],
@@ -199,7 +203,8 @@ def _better_on_traffic(name: str, new: str, old: str, project: Path, own, echo) 
         scores[version] = result.metrics.get(f"eval/tuned/{metric}")
     echo(f"On {len(held_out.read_text().splitlines())} held-out traffic rows, {metric}: v{new} {scores[new]:.4f}, "
          f"v{old} {scores[old]:.4f}")
-    if scores[new] is None or scores[old] is None or scores[new] < scores[old]:
+    worse = scores[new] > scores[old] if lower_is_better(metric) else scores[new] < scores[old]
+    if scores[new] is None or scores[old] is None or worse:
         echo(f"=> not promoted: v{new} is worse than v{old} on the held-out traffic")
         return False
     return True
