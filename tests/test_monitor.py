@@ -27,8 +27,10 @@ from tests.helpers import (
     drain,
     forget_active_experiment,
     free_port,
+    mlflow_server,
     register_version,
     stop,
+    use_server_store,
     wait_for_http,
 )
 
@@ -93,8 +95,6 @@ def traffic(tmp_path_factory):
     `mlflow server`; three phases of traffic sent by the openai client. Yields (uri, phases: name -> trace ids)."""
     import httpx
     import openai
-
-    from tests.helpers import mlflow_server, use_server_store
 
     root = tmp_path_factory.mktemp("monitor")
     with mlflow_server(root / "server") as uri, pytest.MonkeyPatch.context() as mp:
