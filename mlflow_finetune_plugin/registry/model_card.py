@@ -79,6 +79,20 @@ def description(card: str) -> str:
     return short if len(short) <= MAX_DESCRIPTION else short[: MAX_DESCRIPTION - len(note) - 4] + " ..." + note
 
 
+def with_section(card: str, heading: str, section: str) -> str:
+    """`card` with `section` (which starts with `heading`) in place of its section under `heading`, or, where it has
+    none, inserted before the resolved recipe (appended where there is no recipe either)."""
+    if f"\n{heading}\n" in f"\n{card}":
+        before, _, after = f"\n{card}".partition(f"\n{heading}\n")
+        rest = after.split("\n## ", 1)
+        tail = f"\n\n## {rest[1]}" if len(rest) > 1 else "\n"
+        return (before.strip("\n") + "\n\n" + section + tail).lstrip("\n")
+    if f"\n\n{RECIPE_HEADING}" in card:
+        head, _, recipe = card.partition(f"\n\n{RECIPE_HEADING}")
+        return f"{head}\n\n{section}\n\n{RECIPE_HEADING}{recipe}"
+    return f"{card.rstrip()}\n\n{section}\n"
+
+
 def _model_section(recipe, config: dict, run_tags: dict) -> str:
     from mlflow_finetune_plugin import tags
     from mlflow_finetune_plugin.config.loading import resolved_dict
@@ -98,7 +112,7 @@ def _model_section(recipe, config: dict, run_tags: dict) -> str:
     terms = base_terms(config["base_model"])
     if terms:
         rows.insert(1, ("Terms of use", terms))
-    return "## Model\n\n" + _table(["", ""], rows)
+    return "## Model\n\n" + markdown_table(["", ""], rows)
 
 
 def _dataset(d) -> dict:
@@ -119,7 +133,7 @@ def _data_section(datasets: list[dict]) -> str:
     if not datasets:
         return "## Data\n\nNo dataset inputs were logged with the run."
     rows = [(d["context"], d["name"], d["rows"], f"`{d['digest']}`", f"`{d['source']}`") for d in datasets]
-    return "## Data\n\n" + _table(["split", "name", "rows", "digest", "source"], rows)
+    return "## Data\n\n" + markdown_table(["split", "name", "rows", "digest", "source"], rows)
 
 
 def _eval_section(metrics: dict) -> str:
@@ -142,7 +156,8 @@ def _eval_section(metrics: dict) -> str:
     other = {k: v for k, v in metrics.items() if k not in table and k.split("/")[-1] not in _TRAINER_BOOKKEEPING
              and (k.count("/") == 2 and k.split("/")[1] in (*CONTENDERS, "start") or k.count("/") == 1)
              and k.startswith("eval/") and k != "eval/n_examples"}
-    more = ("\n\nOther evaluation figures:\n\n" + _table(["metric", "value"], sorted(other.items()))) if other else ""
+    more = ("\n\nOther evaluation figures:\n\n" + markdown_table(["metric", "value"], sorted(other.items()))
+            if other else "")
     return f"## Evaluation\n\n{head}\n\n```\n{comparison_table(table)}\n```{more}"
 
 
@@ -178,12 +193,12 @@ def _forgetting_section(recipe, metrics: dict) -> str:
     ratio = figures.get("ppl_ratio")
     text = (f"Loss and perplexity on general text the model was not tuned on ({source}, "
             f"{int(figures.get('n_tokens', 0))} tokens), before and after tuning:\n\n"
-            + _table(["", "base", "tuned"], rows))
+            + markdown_table(["", "base", "tuned"], rows))
     if ratio is not None:
         text += f"\n\nPerplexity ratio tuned / base: **{ratio:.3f}** (`eval/forgetting/ppl_ratio`)."
     per_task = sorted((k, v) for k, v in figures.items() if "/" in k)
     if per_task:
-        text += "\n\nPer task adapter:\n\n" + _table(["metric", "value"], per_task)
+        text += "\n\nPer task adapter:\n\n" + markdown_table(["metric", "value"], per_task)
     return "## Forgetting\n\n" + text
 
 
@@ -234,7 +249,7 @@ def _quote(text: str) -> str:
     return f"\"{one_line[:300]}{'...' if len(one_line) > 300 else ''}\"."
 
 
-def _table(headers: list[str], rows) -> str:
+def markdown_table(headers: list[str], rows) -> str:
     """A Markdown table; floats with 4 decimals, None as '-'."""
     def cell(v):
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")
