@@ -86,10 +86,15 @@ def _mergeable_lora_layers(model) -> list:
 
 
 def answer_all(model, tokenizer, prompts, references, cfg, name, progress=None):
-    """Greedy answers to every prompt, how each ended (`models.answers.ending`: on a stop id, or cut at
-    max_new_tokens; None where the model does not tell), the summed NLL of every reference and each answer's seconds
-    (its batch's wall time over the batch's rows: `cost.py`), in batches, with a progress bar of its own or moving
-    `progress`."""
+    """Greedy answers to every prompt, the summed NLL of every reference and each answer's seconds (its batch's wall
+    time over the batch's rows: `cost.py`), in batches, with a progress bar of its own or moving `progress`."""
+    answers, _, nll, counted, seconds = answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress)
+    return answers, nll, counted, seconds
+
+
+def answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress=None):
+    """`answer_all` with how each answer ended (`models.answers.ending`: on a stop id, or cut at max_new_tokens; None
+    where the model does not tell), second: (answers, endings, nll, counted, seconds)."""
     import time
 
     from tqdm.auto import tqdm

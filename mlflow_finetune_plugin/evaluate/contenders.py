@@ -21,7 +21,7 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.answering import (  # noqa: F401 (answer_and_score, lora_merged: public here too)
     _mergeable_lora_layers,
     _shares_prefill,
-    answer_all,
+    answer_all_ended,
     answer_and_score,
     context_limit,
     lora_merged,
@@ -128,7 +128,7 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
             answers, endings, nll, n_tokens, seconds = answered[same]
         else:
             with context as contender:
-                answered[same] = answer_all(contender, tokenizer, prompts, references, cfg, name)
+                answered[same] = answer_all_ended(contender, tokenizer, prompts, references, cfg, name)
             answers, endings, nll, n_tokens, seconds = answered[same]
         totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg, train_answers)
         totals.update(answer_costs([prompt_length(tokenizer, p) for p in prompts],

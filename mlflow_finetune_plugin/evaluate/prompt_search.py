@@ -174,8 +174,8 @@ def search(model_context, tokenizer, train: list[list[dict]], n_heldout: int, cf
         nonlocal spent
         prompts = candidate.prompts(questions, pool, k_retrieved, tokenizer, limit)
         with model_context() as model:
-            answers, _, _, _, seconds = answer_all(model, tokenizer, prompts, references, cfg, candidate.label,
-                                                   progress=progress)
+            answers, _, _, seconds = answer_all(model, tokenizer, prompts, references, cfg, candidate.label,
+                                                progress=progress)
         spent += sum(seconds)
         per_row[candidate.label] = [float(v) for v in score(answers, references)[1][opt.metric]]
         scores.append((candidate.label, statistics.fmean(per_row[candidate.label])))

@@ -15,6 +15,7 @@ CARD_FILE = "README.md"
 MAX_DESCRIPTION = 5000
 SMALL_DATA_ROWS = 1000  # below this, the card says the model saw little data
 RECIPE_HEADING = "## Resolved recipe"
+CUT_NOTE = "(The resolved recipe and the full card:"  # ends a description the recipe was left out of
 # What the trainer's evaluation during training logs beside its loss: timings, not results.
 _TRAINER_BOOKKEEPING = ("runtime", "samples_per_second", "steps_per_second", "num_tokens", "epoch")
 
@@ -74,22 +75,24 @@ def description(card: str) -> str:
     """The card, fitted to the registry's description column: without the recipe if need be, then cut."""
     if len(card) <= MAX_DESCRIPTION:
         return card
-    note = f"\n\n(The resolved recipe and the full card: `{CARD_FILE}` in the model's artifacts.)\n"
-    short = card.split(f"\n\n{RECIPE_HEADING}", 1)[0] + note
+    note = f"\n\n{CUT_NOTE} `{CARD_FILE}` in the model's artifacts.)\n"
+    short = card.split(f"\n\n{RECIPE_HEADING}", 1)[0].split(f"\n\n{CUT_NOTE}", 1)[0] + note  # one note at most
     return short if len(short) <= MAX_DESCRIPTION else short[: MAX_DESCRIPTION - len(note) - 4] + " ..." + note
 
 
 def with_section(card: str, heading: str, section: str) -> str:
     """`card` with `section` (which starts with `heading`) in place of its section under `heading`, or, where it has
-    none, inserted before the resolved recipe (appended where there is no recipe either)."""
+    none, inserted before the resolved recipe (or the note that stands for it in a shortened description; appended
+    where there is neither)."""
     if f"\n{heading}\n" in f"\n{card}":
         before, _, after = f"\n{card}".partition(f"\n{heading}\n")
-        rest = after.split("\n## ", 1)
-        tail = f"\n\n## {rest[1]}" if len(rest) > 1 else "\n"
-        return (before.strip("\n") + "\n\n" + section + tail).lstrip("\n")
-    if f"\n\n{RECIPE_HEADING}" in card:
-        head, _, recipe = card.partition(f"\n\n{RECIPE_HEADING}")
-        return f"{head}\n\n{section}\n\n{RECIPE_HEADING}{recipe}"
+        cuts = [at for end in ("\n## ", f"\n{CUT_NOTE}") if (at := after.find(end)) >= 0]  # where the old one ends
+        tail = "\n\n" + after[min(cuts):].lstrip("\n") if cuts else "\n"
+        return before.strip("\n") + "\n\n" + section + tail
+    for end in (f"\n\n{RECIPE_HEADING}", f"\n\n{CUT_NOTE}"):
+        if end in card:
+            head, _, rest = card.partition(end)
+            return f"{head}\n\n{section}{end}{rest}"
     return f"{card.rstrip()}\n\n{section}\n"
 
 

@@ -17,7 +17,14 @@ on; `promote_checked` is `registry.promotion.promote` with this check wired in (
 from __future__ import annotations
 
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.evaluate.parity import RAN_ON, Served, compare, not_checked, recorded, served_ending
+from mlflow_finetune_plugin.evaluate.parity import (
+    RAN_ON,
+    Served,
+    compare,
+    not_checked,
+    recorded,
+    served_ending,
+)
 from mlflow_finetune_plugin.models.answers import LENGTH, STOP, answer_text, clean_answer
 from mlflow_finetune_plugin.models.image_inputs import has_image_parts
 from mlflow_finetune_plugin.registry import versions as registry
@@ -82,7 +89,8 @@ def answer_with_transformers(choice: ModelChoice, prompts: list[list[dict]], set
     eos = config.eos_token_id
     stops = [t for t in (eos if isinstance(eos, (list, tuple)) else [eos]) if isinstance(t, int)]
     evaluated_stops = _ids_of(tokenizer, settings.get("stop_tokens") or [])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+    if config.pad_token_id is None:  # a batch needs one, where the server generates one request at a time
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
     with pinned_clock():
         encoded = [tokenizer.apply_chat_template(plain_messages(m), add_generation_prompt=True, tokenize=True,
                                                  return_dict=True)["input_ids"] for m in prompts]
@@ -90,12 +98,14 @@ def answer_with_transformers(choice: ModelChoice, prompts: list[list[dict]], set
     size = int(settings.get("batch_size") or 8)
     for start in range(0, len(encoded), size):
         batch = encoded[start: start + size]
-        enc = tokenizer.pad([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in batch],
-                            padding_side="left", return_tensors="pt")
+        width = max(len(ids) for ids in batch)
+        # Left padding, masked: each row's positions and attention are those of its prompt alone.
+        ids = torch.tensor([[config.pad_token_id] * (width - len(r)) + list(r) for r in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch], device=device)
         with torch.no_grad():
-            generated = model.generate(**{k: v.to(device) for k, v in enc.items()}, generation_config=config,
-                                       pad_token_id=pad, tokenizer=tokenizer)
-        for row in generated[:, enc["input_ids"].shape[1]:].tolist():
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                       tokenizer=tokenizer)
+        for row in generated[:, width:].tolist():
             row = _through_stop(row, stops)
             out.append(Served(_served_text(tokenizer, row), served_ending(row, stops, evaluated_stops)))
     return out
