@@ -29,11 +29,12 @@ from mlflow_finetune_plugin.models.tiny import chatml_template
 from mlflow_finetune_plugin.registry import model_card
 from mlflow_finetune_plugin.registry import versions as registry
 from mlflow_finetune_plugin.registry.parity import HEADING
-from mlflow_finetune_plugin.registry.promotion import promote
+from mlflow_finetune_plugin.registry.promotion import parse_gate, promote
 from mlflow_finetune_plugin.serving import parity
 from mlflow_finetune_plugin.serving.base import ModelChoice
 from mlflow_finetune_plugin.serving.vllm_engine import vllm_available
 from tests.helpers import (
+    FAST_OVERRIDES,
     MODEL_NAME,
     champion_version,
     chat_rows,
@@ -105,6 +106,28 @@ def test_a_version_served_as_evaluated_passes_and_its_tags_and_card_say_so(tmp_p
 
     record_parity(MODEL_NAME, version, record)
     assert MlflowClient().get_model_version(MODEL_NAME, version).description.count(HEADING) == 1
+
+
+def test_a_trained_version_is_served_as_its_run_evaluated_it(tmp_path, tracking_uri):
+    """The whole path: a LoRA trained and evaluated by `mlflow run` (the tuned model answering with its adapter
+    folded in while it answers), registered with its card, then promoted: the merged copy `serve` loads answers the
+    held-out prompts as the evaluation recorded them."""
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.train.job import run
+
+    root = tmp_path / "adder"
+    jsonl(root / "data" / "train.jsonl", chat_rows(8))
+    jsonl(root / "data" / "eval.jsonl", chat_rows(4, 50))
+    (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
+                                        "adapter: {type: lora, r: 4}\n")
+    assert run(load_recipe(root, overrides={**FAST_OVERRIDES, "eval.max_examples": 4, "eval.max_new_tokens": 8})) == 0
+    record = tuned_record(registry.source_run_id(registry.get_version("adder", "1")))
+    assert len(record["rows"]) == 4 and record["settings"]["max_new_tokens"] == 8
+    result = parity.promote_checked("adder", "1", gates=[parse_gate(PASS_GATE)])
+    assert result.promoted and result.parity.status == "passed", result.report()
+    assert result.parity.rows == 4 and result.parity.same_text == 4
+    card = MlflowClient().get_model_version("adder", "1").description
+    assert f"{HEADING}\n\n**passed: served as evaluated by transformers" in card
 
 
 def test_a_changed_chat_template_fails_parity_with_the_rows_that_differ_and_the_champion_stays(tmp_path,
