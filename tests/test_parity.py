@@ -198,6 +198,17 @@ def test_an_older_run_with_only_its_table_compares_scores_and_says_what_it_could
     assert "endings were not recorded, so only the score is compared" in checked.note
 
 
+def test_a_per_task_version_is_asked_its_own_tasks_rows(tmp_path, tracking_uri):
+    version, run_id = evaluated_version(tmp_path)
+    record = tuned_record(run_id)
+    for i, row in enumerate(record["rows"]):  # a mixture's record: each row names its task
+        row["task"] = "sums" if i < 3 else "other"
+    MlflowClient().log_dict(run_id, record, TUNED_FILE)
+    MlflowClient().set_model_version_tag(MODEL_NAME, version, tags.TASK, "sums")
+    checked = parity.check(MODEL_NAME, version, "transformers")
+    assert checked.status == "passed" and checked.rows == 3 and checked.same_text == 3
+
+
 def test_versions_without_recorded_answers_pass_over_and_parity_off_needs_a_reason(tracking_uri):
     v = register_eval_version({"rougeL": 0.5}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3},
                               retrieval={"rougeL": 0.4})

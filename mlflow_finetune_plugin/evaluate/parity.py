@@ -57,27 +57,32 @@ def served_ending(ids: list[int], served_stops, evaluated_stops) -> str:
     return STOP if end < len(ids) else LENGTH
 
 
-def recorded(client, run_id: str | None) -> tuple[Recorded | None, str]:
-    """(the record of the tuned answers in run `run_id`, "") or (None, why there is none)."""
+def recorded(client, run_id: str | None, task: str | None = None) -> tuple[Recorded | None, str]:
+    """(the record of the tuned answers in run `run_id`, "") or (None, why there is none). `task`: a mixture's
+    per-task version, whose adapter answered that task's rows only."""
     if not run_id:
         return None, "the version names no source run (no finetune.source_run tag)"
     listed = {a.path for a in client.list_artifacts(run_id, "eval")}
     if TUNED_FILE in listed:
         data = _artifact(client, run_id, TUNED_FILE)
-        return Recorded(data["rows"], data.get("settings") or {}), ""
+        rows = [r for r in data["rows"] if task is None or r.get("task") == task]
+        if rows:
+            return Recorded(rows, data.get("settings") or {}), ""
+        return None, f"its run {run_id} recorded no held-out answers of task {task!r}"
     if TABLE_FILE in listed:
-        return _from_table(client, run_id)
+        return _from_table(client, run_id, task)
     return None, (f"its run {run_id} recorded no held-out answers ({TUNED_FILE}): it was not evaluated, or by "
                   "another tool")
 
 
-def _from_table(client, run_id: str) -> tuple[Recorded | None, str]:
+def _from_table(client, run_id: str, task: str | None) -> tuple[Recorded | None, str]:
     """An older run's per-example table: its single-turn rows rebuilt as messages, settings from its recipe."""
     from mlflow_finetune_plugin.config.schema import EvalConfig
     from mlflow_finetune_plugin.registry.versions import source_recipe
 
     table = _artifact(client, run_id, TABLE_FILE)
     rows = [dict(zip(table["columns"], values)) for values in table["data"]]
+    rows = [r for r in rows if task is None or r.get("task") == task]
     # a multi-turn prompt is rendered as "role: text" lines, which cannot be turned back into messages reliably
     single = [r for r in rows if r.get("tuned_answer") is not None and not str(r["prompt"]).startswith("user: ")]
     if not single:

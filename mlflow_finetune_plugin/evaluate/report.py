@@ -124,10 +124,11 @@ def log_evaluation(result: EvalResult) -> None:
 
 def tuned_record(result: EvalResult) -> dict:
     """TUNED_FILE's content: the generation settings, and per held-out row its prompt's messages, the reference, the
-    tuned answer and how it ended."""
+    tuned answer and how it ended (and a mixture's task)."""
     return {"settings": result.generation,
             "rows": [{"messages": messages, "reference": row["reference"], "answer": row["tuned_answer"],
-                      "ending": row.get("tuned_ending")} for messages, row in zip(result.prompts, result.rows)]}
+                      "ending": row.get("tuned_ending"), **({"task": row["task"]} if "task" in row else {})}
+                     for messages, row in zip(result.prompts, result.rows)]}
 
 
 def contenders_line(contenders: list[str], notes: dict[str, str]) -> str:

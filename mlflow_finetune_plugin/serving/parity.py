@@ -16,6 +16,7 @@ on; `promote_checked` is `registry.promotion.promote` with this check wired in (
 
 from __future__ import annotations
 
+from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.parity import (
     RAN_ON,
@@ -26,38 +27,35 @@ from mlflow_finetune_plugin.evaluate.parity import (
     served_ending,
 )
 from mlflow_finetune_plugin.models.answers import LENGTH, STOP, answer_text, clean_answer
-from mlflow_finetune_plugin.models.image_inputs import has_image_parts
 from mlflow_finetune_plugin.registry import versions as registry
 from mlflow_finetune_plugin.registry.parity import ENGINES, FAILED, Parity
 from mlflow_finetune_plugin.serving.base import ModelChoice, plain_messages
-from mlflow_finetune_plugin.serving.choices import local_model, merged_folder, vllm_merges
+from mlflow_finetune_plugin.serving.choices import local_model, merged_folder, takes_images, vllm_merges
 
 
 def check(name: str, version: str, engine: str, gates=None) -> Parity:
     """Answer version `version` of `name`'s recorded held-out prompts with `engine` and compare with its evaluation.
-    Not checked (with why) where its run recorded no tuned answers or only prompts with images; failed where the
-    engine cannot serve it at all."""
+    Not checked (with why) where its run recorded no tuned answers, or for a vision-language model; failed where the
+    engine cannot serve it at all (prefix and prompt tuning cannot be merged for `serve --engine transformers`)."""
     from mlflow import MlflowClient
 
     if engine not in ENGINES:
         raise FinetuneError(f"parity engine {engine!r}: use {', '.join(ENGINES)} (or off, with a reason)")
     mv = registry.get_version(name, version)
-    record, why = recorded(MlflowClient(), registry.source_run_id(mv))
+    record, why = recorded(MlflowClient(), registry.source_run_id(mv), mv.tags.get(tags.TASK))
     if record is None:
         return not_checked(f"{why}; evaluate it into its source run (`mlflow-finetune evaluate models:/{name}/"
                            f"{mv.version} --run-id RUN`) to check it", engine)
-    with_images = [r for r in record.rows if has_image_parts(r["messages"])]
-    if with_images:  # the served request would carry the images as data URLs; not repeated here yet
-        record.rows = [r for r in record.rows if not has_image_parts(r["messages"])]
-        record.note = "; ".join(x for x in (record.note, f"{len(with_images)} rows with images left out") if x)
-        if not record.rows:
-            return not_checked("every held-out prompt has images, which parity does not send yet", engine)
     choice = ModelChoice(mv.name, str(mv.version))
+    if takes_images(choice):
+        return not_checked("a vision-language model: parity does not send images, nor serve it through its "
+                           "processor, yet", engine)
     answer = answer_with_transformers if engine == "transformers" else answer_with_vllm
     try:
         served = answer(choice, [r["messages"] for r in record.rows], record.settings)
     except FinetuneError as e:
-        return Parity(FAILED, engine, note=f"the {engine} engine cannot serve it: {e}")
+        return Parity(FAILED, engine, note=f"`serve --engine {engine}` cannot serve it: {e} (served another way: "
+                                           "promote with --parity off --reason TEXT)")
     return compare(record, served, engine, gates)
 
 
