@@ -241,8 +241,9 @@ def _served_parity(name: str, version: str, gates, engine: str, check, why_off: 
     if engine == OFF:
         return Parity(SKIPPED, note=why_off or "")
     if check is None:
-        return Parity(NOT_CHECKED, engine, note="promoted where no serving engine is loaded (auto_promote at the "
-                      f"end of training); `mlflow-finetune promote {name} --version {version}` checks it")
+        return Parity(NOT_CHECKED, engine, note="promoted where no serving engine is loaded (auto_promote at the end "
+                      f"of training, or a caller of promote() without check_parity); `mlflow-finetune promote {name} "
+                      f"--version {version}` checks it")
     return check(name, version, engine, gates)
 
 
