@@ -261,17 +261,15 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
     zero-shot, few-shot, with retrieved shots and with the optimized prompt: logs eval/<contender>/<metric>, a per-example table and a chart,
     prints the table, then the verdict (also tagged on the run): did it beat the best of them beyond the noise?
 
-    Promotion reads metrics from a version's source run: to (re)score a version for `promote`, pass that run
-    as --run-id.
-    """
+    Promotion reads metrics (and, for serving parity, the tuned answers) from a version's source run: to (re)score
+    a version for `promote`, pass that run as --run-id."""
     from mlflow_finetune_plugin.evaluate.contenders import evaluate_model_uri
     from mlflow_finetune_plugin.evaluate.report import misrouted_note
     from mlflow_finetune_plugin.metrics import comparison_table
 
     result, logged_run = evaluate_model_uri(model_uri, data=data, train_data=train_data, run_id=run_id,
                                             max_examples=max_examples, max_new_tokens=max_new_tokens,
-                                            num_beams=num_beams,
-                                            fewshot_k=fewshot_k, retrieval_k=retrieval_k)
+                                            num_beams=num_beams, fewshot_k=fewshot_k, retrieval_k=retrieval_k)
     click.echo(comparison_table(result.metrics))
     if note := misrouted_note(result.metrics):
         click.echo(note)
@@ -290,17 +288,18 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
                    "METRIC<=VALUE or METRIC>=VALUE. Votes: arena_above:champion (Bradley-Terry interval above it). "
                    "Repeatable: every gate must pass. E.g. --gate rougeL:0.01 --gate 'forgetting/ppl_ratio<=1.2'")
 @click.option("--force", is_flag=True, help="Move the alias even if gates fail or metrics are missing.")
-@click.option("--reason", default=None, help="Why the gates are overridden; required with --force, recorded.")
-def promote_cmd(name, version, alias, gates, force, reason):
-    """Move the champion alias of model NAME to --version when it passes the promotion gates.
+@click.option("--reason", default=None, help="Why the gates are overridden or parity is off; required then, recorded.")
+@click.option("--parity", type=click.Choice(["transformers", "vllm", "off"]), default=None,
+              help="Serving parity before @champion moves: the engine that answers the held-out prompts, or off "
+                   "(needs --reason); default: the recipe's registry.parity (transformers).")
+def promote_cmd(name, version, alias, gates, force, reason, parity):
+    """Move the champion alias of NAME to --version when it passes the gates (default: the recipe's promote_if) and
+    serving parity (served answers match its evaluation). Prints the comparison; exits 1 when the alias stays."""
+    from mlflow_finetune_plugin.registry.promotion import parse_gate
+    from mlflow_finetune_plugin.serving.parity import promote_checked
 
-    Gates default to `registry.promote_if` in the recipe.yaml of the version's source run. Prints the comparison
-    and exits 1 when the alias stays. --force records who forced it, when and why as version tags.
-    """
-    from mlflow_finetune_plugin.registry.promotion import parse_gate, promote
-
-    result = promote(name, version, alias=alias, gates=[parse_gate(g) for g in gates] if gates else None,
-                     force=force, reason=reason)
+    result = promote_checked(name, version, alias=alias, gates=[parse_gate(g) for g in gates] if gates else None,
+                             force=force, reason=reason, parity=parity)
     click.echo(result.report())
     if not (result.promoted or result.previous == result.version):
         sys.exit(1)

@@ -238,14 +238,24 @@ def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], 
                           num_beams=1) -> list[str]:
     """Greedy (or beam search) chat answers to several conversations as one batch: the answers `generate` gives one
     at a time."""
+    from mlflow_finetune_plugin.models.answers import answer_text
+
+    if processor_of(loaded.tokenizer) is not None:
+        return _generate_with_images(loaded, conversations, max_new_tokens, 0.0, 1.0, num_beams)
+    # Rows that end early are filled with padding, after their stop token: answer_text cuts there.
+    return [answer_text(loaded.tokenizer, row) for row in generated_ids(loaded, conversations, max_new_tokens,
+                                                                        num_beams)]
+
+
+def generated_ids(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens=64,
+                  num_beams=1) -> list[list[int]]:
+    """The ids `generate_greedy_batch` reads its answers from (text-only models): each row's generated ids after its
+    prompt, padded after its stop id where it ended early (`models.answers.ending` tells how it ended)."""
     import torch
 
-    from mlflow_finetune_plugin.models.answers import answer_text
     from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 
     tok, model = loaded.tokenizer, loaded.model
-    if processor_of(tok) is not None:
-        return _generate_with_images(loaded, conversations, max_new_tokens, 0.0, 1.0, num_beams)
     encs = [{"input_ids": (ids := prompt_ids(tok, messages)), "attention_mask": [1] * len(ids)}
             for messages in conversations]
     # Left padding: every row's next token comes right after its prompt (generate derives the positions from the
@@ -256,8 +266,7 @@ def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], 
         out = model.generate(**enc, max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
                              eos_token_id=stop_ids(tok, model.generation_config), do_sample=False,
                              **_beams(num_beams))
-    # Rows that end early are filled with padding, after their stop token: answer_text cuts there.
-    return [answer_text(tok, row.tolist()) for row in out[:, enc["input_ids"].shape[1]:]]
+    return [row.tolist() for row in out[:, enc["input_ids"].shape[1]:]]
 
 
 def _generate_with_images(loaded: LoadedModel, conversations, max_new_tokens, temperature, top_p, num_beams):

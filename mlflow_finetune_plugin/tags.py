@@ -100,6 +100,18 @@ FORCED_AT = "finetune.forced_at"                  # when
 FORCED_REASON = "finetune.forced_reason"          # the --reason given
 FORCED_GATES_FAILED = "finetune.forced_gates_failed"  # the gates that failed ("none" if none did)
 
+# Serving parity (registry/parity.py): before the champion alias moves, the version's held-out prompts answered by the
+# engine it will be served on, against its evaluation's answers (on the version, set at each check)
+PARITY = "finetune.parity"                        # the outcome in one sentence, with the rows that end otherwise
+PARITY_STATUS = "finetune.parity.status"          # passed | failed | not checked | skipped
+PARITY_ENGINE = "finetune.parity.engine"          # transformers (the merged copy `serve` loads) | vllm
+PARITY_ROWS = "finetune.parity.rows"              # held-out rows answered and compared
+PARITY_ROWS_DIFFERING = "finetune.parity.rows_differing"  # of them, rows whose served answer ended otherwise
+PARITY_METRIC = "finetune.parity.metric"          # the metric weighed (the gates' primary metric)
+PARITY_SCORE_SERVED = "finetune.parity.score_served"  # its mean over the served answers
+PARITY_SCORE_EVALUATED = "finetune.parity.score_evaluated"  # and over the evaluated answers
+PARITY_CHECKED_AT = "finetune.parity.checked_at"  # when (UTC, ISO 8601)
+
 # --- export (`mlflow-finetune export`: on the version exported; on the source run for a runs:/ model) ------------
 EXPORT_URI = "finetune.export.uri"                # the latest export's artifacts: runs:/<source run>/exports/<folder>
 EXPORT_SOURCE = "finetune.export.source"          # the version exported, resolved (models:/NAME/VERSION)

@@ -321,10 +321,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 def register_version(name: str = "bot", seed: int = 0, alias: str | None = "challenger", r: int = 8,
                      use_dora: bool = False, metrics: dict | None = None, base: str = "tiny",
-                     config: dict | None = None) -> str:
+                     config: dict | None = None, chat_template: str | None = None,
+                     source_run: str | None = None) -> str:
     """A registered LoRA version on the tiny model (or `base="smollm2"`) with random (non-zero) updates, so the
     adapter changes the answers; `metrics` are logged in its source run (what promotion reads); `config` adds to its
-    model_config (e.g. the num_beams its evaluation used). Returns the version number."""
+    model_config (e.g. the num_beams its evaluation used); `chat_template` replaces its tokenizer's; `source_run`
+    names another run as the one that trained and evaluated it. Returns the version number."""
     import mlflow
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -345,13 +347,15 @@ def register_version(name: str = "bot", seed: int = 0, alias: str | None = "chal
             if "lora_B" in param_name:
                 param.normal_(0, 0.5 if base == "tiny" else 0.02)  # smollm2: changed answers that still read
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     with mlflow.start_run() as run:
         mlflow.log_metrics(metrics or {})
         info = log_finetuned_model(model.eval(), tokenizer,
                                    {"base_model": reference, "artifact": "adapter", "method": "lora",
                                     **(config or {})})
     tags = lineage_tags(method="lora", base_model=reference, dataset_digest="d", recipe_hash="r",
-                        chat_template_hash="c", source_run=run.info.run_id)
+                        chat_template_hash="c", source_run=source_run or run.info.run_id)
     return str(register(info.model_uri, name, tags, alias).version)
 
 

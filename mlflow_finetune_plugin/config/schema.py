@@ -417,6 +417,11 @@ class RegistryConfig(Section):
     promote_if: list[Gate] = Field(
         default_factory=lambda: [RegistryConfig.Gate(metric="rougeL")],
         description="Promotion gates; every one must pass.")
+    parity: Literal["transformers", "vllm", "off"] = Field(
+        "transformers", description="Serving parity, checked before the champion alias moves: the held-out prompts "
+                                    "answered by this engine as `mlflow-finetune serve` runs it must match the "
+                                    "evaluation (score within the bootstrap's noise, endings row by row); off skips "
+                                    "it (recorded on the version).")
 
 
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "grpo", "reward", "kto")

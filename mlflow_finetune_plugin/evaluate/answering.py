@@ -12,7 +12,7 @@ import contextlib
 
 from mlflow_finetune_plugin import stops
 from mlflow_finetune_plugin.evaluate.scoring import reference_ids, reference_nll, score_and_prefill
-from mlflow_finetune_plugin.models.answers import answer_text
+from mlflow_finetune_plugin.models.answers import answer_text, ending
 from mlflow_finetune_plugin.models.architecture import cache_abilities
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 from mlflow_finetune_plugin.models.vision import processor_of
@@ -88,6 +88,13 @@ def _mergeable_lora_layers(model) -> list:
 def answer_all(model, tokenizer, prompts, references, cfg, name, progress=None):
     """Greedy answers to every prompt, the summed NLL of every reference and each answer's seconds (its batch's wall
     time over the batch's rows: `cost.py`), in batches, with a progress bar of its own or moving `progress`."""
+    answers, _, nll, counted, seconds = answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress)
+    return answers, nll, counted, seconds
+
+
+def answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress=None):
+    """`answer_all` with how each answer ended (`models.answers.ending`: on a stop id, or cut at max_new_tokens; None
+    where the model does not tell), second: (answers, endings, nll, counted, seconds)."""
     import time
 
     from tqdm.auto import tqdm
@@ -102,17 +109,18 @@ def answer_all(model, tokenizer, prompts, references, cfg, name, progress=None):
     # pass of its images through the processor just to order them.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids(tokenizer, prompts[i])))
     answers, nll, counted, seconds = [""] * len(prompts), 0.0, 0, [0.0] * len(prompts)
+    endings: list[str | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=f"eval {name}", unit="example") if progress is None else None
     try:
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start: start + cfg.batch_size]
             began = time.perf_counter()
-            batch_answers, total, count = answer_and_score(
+            batch_answers, batch_endings, total, count = answer_score_and_end(
                 loaded, [prompts[i] for i in batch], [references[i] for i in batch], cfg.max_new_tokens,
                 cfg.num_beams)
             spent = (time.perf_counter() - began) / len(batch)  # the answers are text: the device is done
-            for i, answer in zip(batch, batch_answers):
-                answers[i], seconds[i] = answer, spent
+            for i, answer, how in zip(batch, batch_answers, batch_endings):
+                answers[i], endings[i], seconds[i] = answer, how, spent
             nll, counted = nll + total, counted + count
             (bar or progress).update(len(batch))
             stops.beat()  # train/watchdog.py: the evaluation moves
@@ -120,13 +128,21 @@ def answer_all(model, tokenizer, prompts, references, cfg, name, progress=None):
         model.train(was_training)
         if bar is not None:
             bar.close()
-    return answers, nll, counted, seconds
+    return answers, endings, nll, counted, seconds
 
 
 def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
                      max_new_tokens: int, num_beams: int = 1) -> tuple[list[str], float, int]:
-    """Greedy (or beam-search) answers to `prompts` (as `generate_greedy_batch` gives them) and the summed NLL of
-    the `references` with their token count, sharing one pass over the prompts where decoding is greedy.
+    """`answer_score_and_end` without the endings: (answers, summed reference NLL, its token count)."""
+    answers, _, nll, n_tokens = answer_score_and_end(loaded, prompts, references, max_new_tokens, num_beams)
+    return answers, nll, n_tokens
+
+
+def answer_score_and_end(loaded, prompts: list[list[dict]], references: list[str], max_new_tokens: int,
+                         num_beams: int = 1) -> tuple[list[str], list[str | None], float, int]:
+    """Greedy (or beam-search) answers to `prompts` (as `generate_greedy_batch` gives them), how each ended
+    (`models.answers.ending`; None for a vision-language model, whose processor hands back text) and the summed NLL
+    of the `references` with their token count, sharing one pass over the prompts where decoding is greedy.
 
     Generation continues from the KV cache of the pass that scores the references (`scoring.score_and_prefill`).
     Beam search, and models whose cache cannot be cut back that way (sliding-window or recurrent-state layers:
@@ -135,20 +151,22 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
     """
     import torch
 
-    from mlflow_finetune_plugin.logged_model import generate, generate_greedy_batch
+    from mlflow_finetune_plugin.logged_model import generated_ids
 
     model, tok = loaded.model, loaded.tokenizer
     if processor_of(tok) is not None:  # a vision-language model: prompts and references through its processor
-        return _answer_and_score_images(model, tok, prompts, references, max_new_tokens, num_beams)
-    if _virtual_tokens(model):
-        # Left padding would sit between the virtual tokens and the prompt and shift their distance (the answers
-        # then differ from unpadded ones): one prompt at a time.
-        answers = [generate(loaded, p, max_new_tokens=max_new_tokens, num_beams=num_beams) for p in prompts]
-        return answers, *reference_nll(model, tok, prompts, references)
+        answers, nll, n_tokens = _answer_and_score_images(model, tok, prompts, references, max_new_tokens, num_beams)
+        return answers, [None] * len(answers), nll, n_tokens
+    stopping = stop_ids(tok, model.generation_config)
     pairs = [reference_ids(tok, p, r) for p, r in zip(prompts, references)]
     cache = cache_abilities(model)
-    if num_beams > 1 or not cache.crop or not _shares_prefill(model) or not all(p for p, _ in pairs):
-        return (generate_greedy_batch(loaded, prompts, max_new_tokens, num_beams),
+    if (_virtual_tokens(model) or num_beams > 1 or not cache.crop or not _shares_prefill(model)
+            or not all(p for p, _ in pairs)):
+        # Prefix and prompt tuning: left padding would sit between the virtual tokens and the prompt and shift their
+        # distance (the answers then differ from unpadded ones): one prompt at a time.
+        rows = ([generated_ids(loaded, [p], max_new_tokens, num_beams)[0] for p in prompts]
+                if _virtual_tokens(model) else generated_ids(loaded, prompts, max_new_tokens, num_beams))
+        return ([answer_text(tok, row) for row in rows], [ending(row, stopping) for row in rows],
                 *reference_nll(model, tok, prompts, references))
     device = model.device
     prefill = score_and_prefill(model, tok, pairs, share_prefix=cache.repeat)
@@ -157,10 +175,11 @@ def answer_and_score(loaded, prompts: list[list[dict]], references: list[str],
         generated = model.generate(input_ids=prefill.input_ids.to(device),
                                    attention_mask=prefill.attention_mask.to(device), **{_CACHE_KWARG: prefill.cache},
                                    max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
-                                   eos_token_id=stop_ids(tok, model.generation_config), do_sample=False)
+                                   eos_token_id=stopping, do_sample=False)
     # Rows that end early are filled with padding, after their stop token: answer_text cuts there.
-    answers = [answer_text(tok, row.tolist()) for row in generated[:, prompt_end:]]
-    return answers, prefill.nll, prefill.n_tokens
+    rows = [row.tolist() for row in generated[:, prompt_end:]]
+    return ([answer_text(tok, row) for row in rows], [ending(row, stopping) for row in rows], prefill.nll,
+            prefill.n_tokens)
 
 
 def _answer_and_score_images(model, tok, prompts, references, max_new_tokens: int, num_beams: int):

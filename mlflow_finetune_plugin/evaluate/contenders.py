@@ -21,7 +21,7 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.answering import (  # noqa: F401 (answer_and_score, lora_merged: public here too)
     _mergeable_lora_layers,
     _shares_prefill,
-    answer_all,
+    answer_all_ended,
     answer_and_score,
     context_limit,
     lora_merged,
@@ -47,6 +47,7 @@ from mlflow_finetune_plugin.evaluate.teacher import agreement_metrics, complete,
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
 from mlflow_finetune_plugin.metrics import CONTENDERS, OPTIMIZED, TEACHER
+from mlflow_finetune_plugin.models.chat_format import stop_ids
 from mlflow_finetune_plugin.models.image_inputs import with_images
 
 
@@ -124,23 +125,31 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
         context, prompts = runs[name]
         same = name if name == "tuned" else json.dumps(prompts)  # the base model's prompts, or the tuned model
         if same in answered:  # the optimized prompt that is another contender's: the same answers, not redone
-            answers, nll, n_tokens, seconds = answered[same]
+            answers, endings, nll, n_tokens, seconds = answered[same]
         else:
             with context as contender:
-                answers, nll, n_tokens, seconds = answer_all(contender, tokenizer, prompts, references, cfg, name)
-            answered[same] = answers, nll, n_tokens, seconds
+                answered[same] = answer_all_ended(contender, tokenizer, prompts, references, cfg, name)
+            answers, endings, nll, n_tokens, seconds = answered[same]
         totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg, train_answers)
         totals.update(answer_costs([prompt_length(tokenizer, p) for p in prompts],
                                    answer_lengths(tokenizer, answers), seconds,
                                    params.get("tuned" if name == "tuned" else "base")))
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
-        add_answers(rows, name, answers, per_example)
+        add_answers(rows, name, answers, per_example, endings if name == "tuned" else None)
     if TEACHER in contenders:
         metrics.update(agreement_metrics(rows, contenders, teachers, references))
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:12]
     return EvalResult(metrics, rows, contenders, shots if "fewshot" in runs else [], digest,
                       retrieved if "retrieval" in runs else [], prompts=questions, traces=cfg.traces, notes=notes,
-                      search=searched)
+                      search=searched, generation=generation_settings(cfg, model, tokenizer))
+
+
+def generation_settings(cfg, model, tokenizer) -> dict:
+    """How the tuned model answered: what serving must repeat for its answers to match (`report.TUNED_FILE`)."""
+    stopping = stop_ids(tokenizer, getattr(model, "generation_config", None))
+    return {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "batch_size": cfg.batch_size,
+            "output_format": cfg.output_format, "json_schema": cfg.json_schema,
+            "stop_tokens": tokenizer.convert_ids_to_tokens(stopping)}
 
 
 SWITCHED_OFF = ("eval.", "left out by eval.")  # the reasons that are the recipe's own settings

@@ -24,6 +24,10 @@ RETRIEVED_FILE = "eval/retrieval_examples.json"
 CONTENDERS_FILE, OPTIMIZED_FILE = "eval/contenders.json", "eval/optimized_prompt.json"
 # A retrieved-shot winner's shot pool (the train conversations it draws from), kept for the registered prompt.
 SHOT_POOL_FILE = "eval/optimized_shot_pool.jsonl"
+# The tuned model's answers as generated: each held-out prompt's messages, its reference, the answer and how it ended,
+# and the generation settings; the latest evaluation's, overwritten by the next. Promotion asks the served model the
+# same prompts and compares (serving/parity.py).
+TUNED_FILE = "eval/tuned_answers.json"
 
 
 @dataclass
@@ -39,6 +43,7 @@ class EvalResult:
     traces: bool = True                        # eval.traces: log the rows in MLflow's evaluation view
     notes: dict[str, str] = field(default_factory=dict)  # prompt-only contender -> why it was not scored
     search: object = None                      # prompt_search.Search of the optimized contender, when it ran
+    generation: dict = field(default_factory=dict)  # how the tuned model answered (contenders.generation_settings)
 
 
 def table_rows(examples: list[tuple[list[dict], str]]) -> list[dict]:
@@ -60,10 +65,14 @@ def _image_refs(messages: list[dict]) -> list[str]:
     return [r if not r.startswith("data:") or len(r) < 80 else r[:40] + "..." for r in refs]
 
 
-def add_answers(rows: list[dict], name: str, answers: list[str], per_example: dict[str, list[float]]) -> None:
-    """Contender `name`'s answers and their per-example scores (those of TABLE_METRICS) as columns of `rows`."""
+def add_answers(rows: list[dict], name: str, answers: list[str], per_example: dict[str, list[float]],
+                endings: list[str | None] | None = None) -> None:
+    """Contender `name`'s answers and their per-example scores (those of TABLE_METRICS) as columns of `rows`; with
+    `endings`, how each answer ended (`<name>_ending`: stop, or length where max_new_tokens cut it)."""
     for i, row in enumerate(rows):
         row[f"{name}_answer"] = answers[i]
+        if endings is not None:
+            row[f"{name}_ending"] = endings[i]
         row.update({f"{name}_{m}": per_example[m][i] for m in TABLE_METRICS if m in per_example})
 
 
@@ -105,10 +114,21 @@ def log_evaluation(result: EvalResult) -> None:
         mlflow.log_dict(record, OPTIMIZED_FILE)
     # The latest evaluation's, overwritten by the next: what the run's verdict is decided on.
     mlflow.log_dict(per_example_scores(result.rows), SCORES_FILE)
+    if result.prompts and result.rows and "tuned_answer" in result.rows[0]:
+        mlflow.log_dict(tuned_record(result), TUNED_FILE)
     log_chart(result.metrics)
     # Last, and never raising: each example with every contender's answer and scores in MLflow's evaluation view.
     if result.traces:
         log_genai_view(result)
+
+
+def tuned_record(result: EvalResult) -> dict:
+    """TUNED_FILE's content: the generation settings, and per held-out row its prompt's messages, the reference, the
+    tuned answer and how it ended (and a mixture's task)."""
+    return {"settings": result.generation,
+            "rows": [{"messages": messages, "reference": row["reference"], "answer": row["tuned_answer"],
+                      "ending": row.get("tuned_ending"), **({"task": row["task"]} if "task" in row else {})}
+                     for messages, row in zip(result.prompts, result.rows)]}
 
 
 def contenders_line(contenders: list[str], notes: dict[str, str]) -> str:

@@ -54,6 +54,17 @@ def clean_stream(pieces: Iterable[str]) -> Iterator[str]:
         yield held
 
 
+# How a generated answer ended (the evaluation records it per row; `serving` parity compares it with the served one).
+STOP, LENGTH = "stop", "length"   # on a stop id; cut at max_new_tokens without one
+
+
+def ending(ids, stops) -> str:
+    """STOP when the generated `ids` hold one of the `stops` ids (rows that end early are padded after it), else
+    LENGTH: the answer ran to max_new_tokens and was cut there."""
+    stops = set(stops)
+    return STOP if any(int(t) in stops for t in ids) else LENGTH
+
+
 def answer_text(tokenizer, ids) -> str:
     """The answer in generated `ids` (what follows the generation prompt), as a user reads it."""
     return _Reader(tokenizer).answer(list(ids), final=True)

@@ -15,6 +15,7 @@ CARD_FILE = "README.md"
 MAX_DESCRIPTION = 5000
 SMALL_DATA_ROWS = 1000  # below this, the card says the model saw little data
 RECIPE_HEADING = "## Resolved recipe"
+CUT_NOTE = "(The resolved recipe and the full card:"  # ends a description the recipe was left out of
 # What the trainer's evaluation during training logs beside its loss: timings, not results.
 _TRAINER_BOOKKEEPING = ("runtime", "samples_per_second", "steps_per_second", "num_tokens", "epoch")
 
@@ -74,9 +75,25 @@ def description(card: str) -> str:
     """The card, fitted to the registry's description column: without the recipe if need be, then cut."""
     if len(card) <= MAX_DESCRIPTION:
         return card
-    note = f"\n\n(The resolved recipe and the full card: `{CARD_FILE}` in the model's artifacts.)\n"
-    short = card.split(f"\n\n{RECIPE_HEADING}", 1)[0] + note
+    note = f"\n\n{CUT_NOTE} `{CARD_FILE}` in the model's artifacts.)\n"
+    short = card.split(f"\n\n{RECIPE_HEADING}", 1)[0].split(f"\n\n{CUT_NOTE}", 1)[0] + note  # one note at most
     return short if len(short) <= MAX_DESCRIPTION else short[: MAX_DESCRIPTION - len(note) - 4] + " ..." + note
+
+
+def with_section(card: str, heading: str, section: str) -> str:
+    """`card` with `section` (which starts with `heading`) in place of its section under `heading`, or, where it has
+    none, inserted before the resolved recipe (or the note that stands for it in a shortened description; appended
+    where there is neither)."""
+    if f"\n{heading}\n" in f"\n{card}":
+        before, _, after = f"\n{card}".partition(f"\n{heading}\n")
+        cuts = [at for end in ("\n## ", f"\n{CUT_NOTE}") if (at := after.find(end)) >= 0]  # where the old one ends
+        tail = "\n\n" + after[min(cuts):].lstrip("\n") if cuts else "\n"
+        return before.strip("\n") + "\n\n" + section + tail
+    for end in (f"\n\n{RECIPE_HEADING}", f"\n\n{CUT_NOTE}"):
+        if end in card:
+            head, _, rest = card.partition(end)
+            return f"{head}\n\n{section}{end}{rest}"
+    return f"{card.rstrip()}\n\n{section}\n"
 
 
 def _model_section(recipe, config: dict, run_tags: dict) -> str:
@@ -98,7 +115,7 @@ def _model_section(recipe, config: dict, run_tags: dict) -> str:
     terms = base_terms(config["base_model"])
     if terms:
         rows.insert(1, ("Terms of use", terms))
-    return "## Model\n\n" + _table(["", ""], rows)
+    return "## Model\n\n" + markdown_table(["", ""], rows)
 
 
 def _dataset(d) -> dict:
@@ -119,7 +136,7 @@ def _data_section(datasets: list[dict]) -> str:
     if not datasets:
         return "## Data\n\nNo dataset inputs were logged with the run."
     rows = [(d["context"], d["name"], d["rows"], f"`{d['digest']}`", f"`{d['source']}`") for d in datasets]
-    return "## Data\n\n" + _table(["split", "name", "rows", "digest", "source"], rows)
+    return "## Data\n\n" + markdown_table(["split", "name", "rows", "digest", "source"], rows)
 
 
 def _eval_section(metrics: dict) -> str:
@@ -142,7 +159,8 @@ def _eval_section(metrics: dict) -> str:
     other = {k: v for k, v in metrics.items() if k not in table and k.split("/")[-1] not in _TRAINER_BOOKKEEPING
              and (k.count("/") == 2 and k.split("/")[1] in (*CONTENDERS, "start") or k.count("/") == 1)
              and k.startswith("eval/") and k != "eval/n_examples"}
-    more = ("\n\nOther evaluation figures:\n\n" + _table(["metric", "value"], sorted(other.items()))) if other else ""
+    more = ("\n\nOther evaluation figures:\n\n" + markdown_table(["metric", "value"], sorted(other.items()))
+            if other else "")
     return f"## Evaluation\n\n{head}\n\n```\n{comparison_table(table)}\n```{more}"
 
 
@@ -178,12 +196,12 @@ def _forgetting_section(recipe, metrics: dict) -> str:
     ratio = figures.get("ppl_ratio")
     text = (f"Loss and perplexity on general text the model was not tuned on ({source}, "
             f"{int(figures.get('n_tokens', 0))} tokens), before and after tuning:\n\n"
-            + _table(["", "base", "tuned"], rows))
+            + markdown_table(["", "base", "tuned"], rows))
     if ratio is not None:
         text += f"\n\nPerplexity ratio tuned / base: **{ratio:.3f}** (`eval/forgetting/ppl_ratio`)."
     per_task = sorted((k, v) for k, v in figures.items() if "/" in k)
     if per_task:
-        text += "\n\nPer task adapter:\n\n" + _table(["metric", "value"], per_task)
+        text += "\n\nPer task adapter:\n\n" + markdown_table(["metric", "value"], per_task)
     return "## Forgetting\n\n" + text
 
 
@@ -234,7 +252,7 @@ def _quote(text: str) -> str:
     return f"\"{one_line[:300]}{'...' if len(one_line) > 300 else ''}\"."
 
 
-def _table(headers: list[str], rows) -> str:
+def markdown_table(headers: list[str], rows) -> str:
     """A Markdown table; floats with 4 decimals, None as '-'."""
     def cell(v):
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")

@@ -8,6 +8,11 @@ champion's source run. The default gate asks the tuned model to beat every promp
 and the champion. The `arena_above` gate compares arena
 ratings from the playground's votes instead: the version's 95% interval must lie above the other's. `--force` moves
 the alias anyway and records who did it, when and why on the version.
+
+Before the champion alias moves, serving parity is a gate too (`registry.parity` in the recipe, `--parity`): the
+version's held-out prompts answered by the engine it will be served on must match its evaluation (`parity.py`; the
+check itself is the serving layer's, handed in as `check_parity`). A version whose run recorded no answers is passed
+over with the reason, as the default gates pass over an unscored contender; `off` skips it, with the reason recorded.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.metrics import ALTERNATIVES, format_table, lower_is_better
 from mlflow_finetune_plugin.registry import prompts
 from mlflow_finetune_plugin.registry import versions as registry
+from mlflow_finetune_plugin.registry.parity import NOT_CHECKED, OFF, SKIPPED, Parity
+from mlflow_finetune_plugin.registry.parity import record as record_parity
 
 Gate = RegistryConfig.Gate
 SAME_RUN = ALTERNATIVES  # contenders scored in the version's own source run
@@ -54,10 +61,11 @@ class PromotionResult:
     forced: bool = False
     previous: str | None = None     # the version that held the alias before
     message: str = ""
+    parity: Parity | None = None    # serving parity, checked before the champion alias moves
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(c.passed for c in self.checks) and (self.parity is None or self.parity.passed)
 
     def report(self) -> str:
         """The comparison and the outcome, as printed by `mlflow-finetune promote`."""
@@ -67,7 +75,8 @@ class PromotionResult:
                  "pass" if c.passed else "FAIL", c.note] for c in self.checks]
         table = format_table(["metric", "against", "mode", "margin", "tuned", "other", "result", "note"],
                                       rows) if rows else "no gates"
-        return "\n".join(x for x in (head, table, self.message) if x)
+        parity = self.parity.report() if self.parity else ""
+        return "\n".join(x for x in (head, table, parity, self.message) if x)
 
 
 def parse_gate(text: str) -> Gate:
@@ -127,13 +136,18 @@ def _limit_check(gate: Gate, own: dict, own_run: str | None, mv, missing: list) 
 
 def recipe_gates(name: str, version: str) -> tuple[list[Gate], str]:
     """The gates and champion alias in the recipe.yaml of the version's source run (defaults if it has none)."""
+    cfg = recipe_registry(name, version)
+    return cfg.promote_if, cfg.champion_alias
+
+
+def recipe_registry(name: str, version: str) -> RegistryConfig:
+    """The `registry` section of the recipe.yaml of the version's source run (defaults if it has none)."""
     run_id = registry.source_run_id(registry.get_version(name, version))
     section = (registry.source_recipe(run_id) or {}).get("registry") or {}
     try:
-        cfg = RegistryConfig.model_validate({k: v for k, v in section.items() if k in RegistryConfig.model_fields})
+        return RegistryConfig.model_validate({k: v for k, v in section.items() if k in RegistryConfig.model_fields})
     except ValueError as e:
         raise FinetuneError(f"registry section of the recipe of run {run_id}: {e}") from None
-    return cfg.promote_if, cfg.champion_alias
 
 
 def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple[list[GateCheck], list[str]]:
@@ -173,20 +187,27 @@ def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple
 
 
 def promote(name: str, version: str, alias: str | None = None, gates: list[Gate] | None = None,
-            force: bool = False, reason: str | None = None, user: str | None = None) -> PromotionResult:
+            force: bool = False, reason: str | None = None, user: str | None = None, parity: str | None = None,
+            check_parity=None) -> PromotionResult:
     """Move `alias` (default: the recipe's champion alias) to `version` when every gate passes, or when forced.
 
+    Moving the champion alias, serving parity is checked too: `parity` is the engine (transformers, vllm) or `off`
+    (needs `reason`), default the recipe's `registry.parity`; `check_parity(name, version, engine, gates)` answers
+    with the engine and returns a `parity.Parity` (`serving/parity.check`). Without one (auto_promote in the training
+    process) parity is not checked, and the version's tags say so.
     Refuses (FinetuneError) when the version lacks lineage tags or metrics a gate needs, unless forced.
     """
     if force and not (reason or "").strip():
         raise FinetuneError("--force needs --reason TEXT: say why the gates are overridden (it is recorded)")
+    if parity == OFF and not (reason or "").strip():
+        raise FinetuneError("--parity off needs --reason TEXT: say why the served answers are not checked against "
+                            "the evaluation (it is recorded)")
     if prompts.is_prompt(name):  # an optimized prompt (registry/prompts.py)
         return prompts.promote_prompt(name.removesuffix(prompts.SUFFIX), version, gates, alias, force)
     mv = registry.get_version(name, version)
-    if gates is None or alias is None:
-        recorded_gates, recorded_alias = recipe_gates(name, mv.version)
-        alias = alias or recorded_alias
-        gates = recorded_gates if gates is None else gates
+    cfg = recipe_registry(name, mv.version)
+    alias = alias or cfg.champion_alias
+    gates = cfg.promote_if if gates is None else gates
     previous = registry.alias_holder(name, alias)
     version = str(mv.version)  # stores answer int or str
     result = PromotionResult(name, version, alias, forced=force,
@@ -202,6 +223,11 @@ def promote(name: str, version: str, alias: str | None = None, gates: list[Gate]
     if result.previous == version:
         result.message = f"=> v{mv.version} already holds @{alias}; nothing to move"
         return result
+    if alias == cfg.champion_alias and (result.passed or force):  # a champion that will not move: nothing to serve
+        result.parity = _served_parity(name, version, gates, parity or cfg.parity, check_parity,
+                                       reason if parity == OFF else f"registry.parity is off in the recipe of run "
+                                                                     f"{registry.source_run_id(mv)}")
+        record_parity(name, version, result.parity)
     if not (result.passed or force):
         result.message = f"=> gates failed: @{alias} stays on {_v(result.previous)}"
         return result
@@ -209,8 +235,21 @@ def promote(name: str, version: str, alias: str | None = None, gates: list[Gate]
     return result
 
 
-def maybe_auto_promote(name: str, version: str, recipe) -> PromotionResult | None:
+def _served_parity(name: str, version: str, gates, engine: str, check, why_off: str | None) -> Parity:
+    """Serving parity for moving the champion alias: skipped (`off`, with `why_off`), not checked where no check
+    was handed in, else `check`'s outcome."""
+    if engine == OFF:
+        return Parity(SKIPPED, note=why_off or "")
+    if check is None:
+        return Parity(NOT_CHECKED, engine, note="promoted where no serving engine is loaded (auto_promote at the end "
+                      f"of training, or a caller of promote() without check_parity); `mlflow-finetune promote {name} "
+                      f"--version {version}` checks it")
+    return check(name, version, engine, gates)
+
+
+def maybe_auto_promote(name: str, version: str, recipe, check_parity=None) -> PromotionResult | None:
     """At the end of a run: promote with the recipe's gates when `registry.auto_promote` is on; None when off.
+    `check_parity`: see `promote` (a sweep hands in the serving layer's; the training process has none).
 
     Never raises for a refusal: the run's work is done, the refusal is printed and returned.
     """
@@ -225,7 +264,8 @@ def maybe_auto_promote(name: str, version: str, recipe) -> PromotionResult | Non
                           "(auto-promoting without any would move the champion on every run)")
     else:
         try:
-            result = promote(name, str(version), cfg.champion_alias, cfg.promote_if, user=f"{_user()} (auto_promote)")
+            result = promote(name, str(version), cfg.champion_alias, cfg.promote_if, user=f"{_user()} (auto_promote)",
+                             check_parity=check_parity)
         except FinetuneError as e:
             result.message = f"=> not promoted: {e}"
     print(result.report())
@@ -310,7 +350,8 @@ def _move_alias(name: str, version: str, alias: str, result: PromotionResult, re
     record = {tags.PROMOTED_ALIAS: alias, tags.PROMOTED_BY: who, tags.PROMOTED_AT: when,
               tags.PROMOTED_FROM: result.previous or ""}
     if result.forced:
-        failed = [f"{c.metric} vs {c.against}" for c in result.checks if not c.passed]
+        failed = [f"{c.metric} vs {c.against}" for c in result.checks if not c.passed] + (
+            ["serving parity"] if result.parity and not result.parity.passed else [])
         record.update({tags.FORCED_BY: who, tags.FORCED_AT: when, tags.FORCED_REASON: reason,
                        tags.FORCED_GATES_FAILED: "; ".join(failed) or "none"})
     for key, value in record.items():

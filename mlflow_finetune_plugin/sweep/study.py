@@ -309,6 +309,7 @@ class _Sweep:
         from mlflow_finetune_plugin.config.loading import load_recipe
         from mlflow_finetune_plugin.registry.promotion import maybe_auto_promote
         from mlflow_finetune_plugin.registry.versions import register
+        from mlflow_finetune_plugin.serving import parity
 
         run_id = record["run_id"]
         recipe = load_recipe(self.project, method=self.entry_point, overrides={
@@ -329,7 +330,7 @@ class _Sweep:
             self.client.set_tag(run_id, tags.REGISTERED_MODEL, name)
             self.client.set_tag(run_id, tags.REGISTERED_VERSION, str(version.version))
             self.result.registered.append((name, str(version.version)))
-            promoted = maybe_auto_promote(name, version.version, recipe)
+            promoted = maybe_auto_promote(name, version.version, recipe, check_parity=parity.check)
             if promoted is not None:
                 self.client.set_tag(run_id, tags.AUTO_PROMOTED, str(promoted.promoted).lower())
 

@@ -412,8 +412,9 @@ class Playground:
         return leaderboard_rows(ratings([v for name in self.names for v in read_votes(name, self.experiment)]))
 
     def promote(self, version_key: str, alias: str = "", user: str | None = None) -> str:
-        """The CLI's gated promotion (`mlflow-finetune promote`, the recipe's gates) of a picked version."""
-        from mlflow_finetune_plugin.registry.promotion import promote
+        """The CLI's gated promotion (`mlflow-finetune promote`: the recipe's gates and, for the champion, serving
+        parity) of a picked version."""
+        from mlflow_finetune_plugin.serving.parity import promote_checked as promote
 
         choice = self.resolve(version_key, self.default_a)
         if isinstance(choice, PromptSide):  # the prompt's own gates (registry/prompts.promote_prompt)

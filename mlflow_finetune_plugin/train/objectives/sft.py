@@ -137,7 +137,7 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
     from mlflow_finetune_plugin.evaluate.report import EvalResult, log_evaluation
     from mlflow_finetune_plugin.metrics import comparison_table
 
-    per_task, merged_rows, examples, expected = {}, [], 0, 0
+    per_task, merged_rows, examples, expected, prompts, generation = {}, [], 0, 0, [], {}
     for name, ds in evals.items():
         print(f"\nTask {name}:")
         if recipe.data.adapters == "per_task":
@@ -147,6 +147,7 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
         print(comparison_table(result.metrics))
         per_task[name] = result.metrics
         merged_rows += [{"task": name, **row} for row in result.rows]
+        prompts, generation = prompts + result.prompts, result.generation  # the tuned answers' record (parity)
         examples += int(result.metrics.get("eval/n_examples", 0))
         expected += int(result.metrics.get("eval/n_expected", 0))  # rows whose target replaced a teacher's answer
     metrics = {}
@@ -164,8 +165,8 @@ def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_mod
     print(comparison_table(overall))
     digest = hashlib.sha256(",".join(sorted(per_task)).encode()).hexdigest()[:12]
     counts = {"eval/n_examples": examples, **({"eval/n_expected": expected} if expected else {})}
-    log_evaluation(EvalResult({**overall, **metrics, **counts}, merged_rows,
-                              data_digest=digest, traces=recipe.eval.traces))
+    log_evaluation(EvalResult({**overall, **metrics, **counts}, merged_rows, data_digest=digest,
+                              traces=recipe.eval.traces, prompts=prompts, generation=generation))
 
 
 def _state_carrying_layers(model_config) -> int:
