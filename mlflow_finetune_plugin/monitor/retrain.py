@@ -145,6 +145,7 @@ def retrain(report: Report, name: str, params: dict | None = None, backend_confi
 
     from mlflow_finetune_plugin.registry import versions as registry
     from mlflow_finetune_plugin.registry.promotion import promote, recipe_gates
+    from mlflow_finetune_plugin.serving import parity
 
     served = sorted({r.served for r in report.requests if ":" not in r.served}, key=int)
     if not served:
@@ -168,7 +169,7 @@ def retrain(report: Report, name: str, params: dict | None = None, backend_confi
               if v.run_id == submitted.run_id or v.tags.get(tags.SOURCE_RUN) == submitted.run_id]
     if not _better_on_traffic(name, str(new.version), version, project, own, echo):
         return None
-    result = promote(name, str(new.version), alias)
+    result = promote(name, str(new.version), alias, check_parity=parity.check)  # served as evaluated, too
     echo(result.report())
     return result
 
