@@ -30,8 +30,12 @@ class Lineage:
 
 
 def lineage(name: str, version: str) -> Lineage:
-    """The lineage of `name` v`version`; a source that cannot be read is said in `missing`, never raised."""
-    mv = registry.get_version(name, version)
+    """The lineage of `name` v`version`; a source that cannot be read is said in `missing`, never raised (a version
+    deleted since it served keeps its traffic in the report)."""
+    try:
+        mv = registry.get_version(name, version)
+    except FinetuneError as e:
+        return Lineage(version, None, missing=str(e).splitlines()[0])
     run_id = registry.source_run_id(mv)
     recipe = registry.source_recipe(run_id) or {}
     try:
