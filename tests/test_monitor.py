@@ -273,3 +273,65 @@ def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(
     (answer,) = model.predict([{"messages": [{"role": "user", "content": REFUND_QUESTIONS[0]}]}],
                               params={"max_new_tokens": 12})
     assert answer.strip() == REFUND, answer
+
+
+# ------------------------------------------------------------------------------------- windows and rows, offline
+
+
+def _request(i, served="1", **given):
+    from mlflow_finetune_plugin.monitor.traffic import Request
+
+    values = {"trace_id": f"tr-{i}", "time_ms": 1_800_000_000_000 + i * 1000, "served": served, "ok": True,
+              "latency_s": 0.5, "prompt_tokens": 10, "completion_tokens": 5, "cut": False,
+              "question": f"question {i}", "answer": '{"ok": true}',
+              "prompt": [{"role": "user", "content": f"question {i}"}]}
+    return Request(**{**values, **given})
+
+
+def test_a_window_sums_its_requests_and_scores_answers_against_corrections_and_the_json_format():
+    from mlflow_finetune_plugin.monitor.windows import corrected_quality, group, summarize
+
+    requests = [_request(0, verdict=False, correction='{"ok": true}'), _request(1, verdict=True),
+                _request(2, ok=False, answer=""), _request(3, cut=True, answer="{"), _request(4, served="1:base")]
+    windows = group(requests, 3600)
+    assert [key[1] for key in windows] == ["1", "1:base"] and windows[next(iter(windows))] == [0, 1, 2, 3]
+    metrics, examples = summarize(requests, [0, 1, 2, 3], [False, True, False, False, False], [None] * 5, "en")
+    assert metrics["requests"] == 4 and metrics["error_share"] == 0.25 and metrics["cut_share"] == 1 / 3
+    assert metrics["thumbs_down_share"] == 0.5 and metrics["novel_share"] == 0.25
+    assert examples["error_share"] == ["tr-2"] and examples["novel_share"] == ["tr-1"]
+    quality = corrected_quality(requests, [0, 1, 2, 3], structured=True)
+    assert quality["corrections"] == 1 and quality["exact_match"] == 1.0
+    assert quality["json_valid"] == 2 / 3  # the failed request is not scored; "{" does not parse
+
+
+class _Teacher:
+    """Stands in for a distill teacher (an OpenAI-compatible server): answers each prompt with its question."""
+
+    def start(self):
+        pass
+
+    def answers(self, prompts):
+        for p in prompts:
+            yield p, {"answer": "About " + p.messages[-1]["content"], "finish_reason": "stop"}
+
+    def close(self):
+        pass
+
+
+def test_the_next_runs_rows_are_corrections_thumbs_up_and_a_teachers_answers_to_drifted_requests():
+    from mlflow_finetune_plugin.monitor.retrain import traffic_rows
+    from mlflow_finetune_plugin.monitor.watch import Report
+
+    requests = [_request(0, verdict=False, correction="fixed"), _request(1, verdict=True),
+                _request(2, verdict=False), _request(3), _request(4), _request(5, verdict=True, cut=True),
+                _request(6, served="2", verdict=True)]
+    report = Report("bot", "1d", requests)
+    without = traffic_rows(report, "1", new={"tr-4"})
+    assert [r["messages"][-1]["content"] for r in without.rows] == ["fixed", '{"ok": true}']
+    assert without.left_out == {"rated down with no correction": 1, "not rated (their answers are the model's own)": 1,
+                                "rated up but cut at the length limit": 1,
+                                "far from the training data, and no distill.teacher to answer them": 1}
+    taught = traffic_rows(report, "1", new={"tr-4"}, teacher=_Teacher())
+    assert taught.rows[-1]["messages"][-1]["content"] == "About question 4" and taught.trace_ids[-1] == "tr-4"
+    many = traffic_rows(Report("bot", "1d", [_request(i, verdict=True) for i in range(8)]), "1", new=set())
+    assert len(many.rows) == 6 and len(many.held_out) == 2 and not set(many.trace_ids) & set(many.held_out_ids)

@@ -51,8 +51,8 @@ def traffic_rows(report: Report, version: str, new: set[str], teacher=None, hold
             continue
         if r.correction:
             target, why = r.correction, None
-        elif r.verdict is True and not r.cut:
-            target, why = r.answer, None
+        elif r.verdict is True:
+            target, why = (None, "rated up but cut at the length limit") if r.cut else (r.answer, None)
         elif r.verdict is False:
             target, why = None, "rated down with no correction"
         elif r.trace_id in new:

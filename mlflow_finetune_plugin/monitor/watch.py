@@ -45,6 +45,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     experiment_ids: list[str] = field(default_factory=list)
     new_ids: set[str] = field(default_factory=set)  # requests far from their version's training questions
+    novelty: dict[str, drift.Novelty | None] = field(default_factory=dict)  # each version's calibrated index
 
 
 def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = None, since: str | None = None,
@@ -65,6 +66,7 @@ def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = Non
                             + ": serve it with `mlflow-finetune serve NAME@champion --trace EXPERIMENT`")
         return report
     new, novelty = _novelty(requests, lineages, report.notes)
+    report.novelty = novelty
     report.new_ids = {r.trace_id for r, is_new in zip(requests, new or []) if is_new}
     languages = [drift.language_of(r.question) for r in requests]
     passes = judged(requests, judge) if judge else None
