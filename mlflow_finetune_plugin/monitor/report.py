@@ -132,6 +132,7 @@ def chart(report: Report):
                 ax.scatter([datetime.datetime.fromtimestamp(a.window.start_s, datetime.timezone.utc)], [a.value],
                            s=160, facecolors="none", edgecolors="red", zorder=3)
         ax.set_title(metric)
+        ax.set_ylim(bottom=0)
         ax.tick_params(axis="x", labelrotation=30)
     axes[0][0].legend()
     fig.suptitle(f"{report.name}: served traffic per {report.window} window (red: alert)")
