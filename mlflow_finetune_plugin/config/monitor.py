@@ -44,6 +44,9 @@ class MonitorConfig(Section):
         0.05, gt=0, lt=0.5, description="A request is new (far from the training rows) when its BM25 similarity to "
                                         "the nearest training question is below this quantile of the training "
                                         "questions' own similarity to their nearest neighbour.")
+    embedding: str | None = Field(
+        None, description="A sentence-transformers model (hub id or folder) whose embeddings measure how far a request "
+                          "is from the training questions, instead of BM25 (pip install sentence-transformers).")
     gates: list[Gate] = Field(
         default_factory=_default_gates,
         description="Limits on a window's metrics, in the promotion gates' syntax with at_most / at_least "

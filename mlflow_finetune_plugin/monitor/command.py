@@ -26,6 +26,9 @@ ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an e
                    "monitor.min_requests (20).")
 @click.option("--examples", is_flag=True, help="Show the requests' texts beside the trace ids of alerts and new "
                                                "topics (traces hold user data: off by default).")
+@click.option("--embedding", default=None, metavar="MODEL",
+              help="A sentence-transformers model (hub id or folder) to measure drift with, instead of BM25. "
+                   "Default: the recipe's monitor.embedding.")
 @click.option("--judge", default=None, metavar="MODEL",
               help="An LLM judge's pass rate per window, through MLflow's judges (docs/monitoring.md).")
 @click.option("--no-log", is_flag=True, help="Only print: log no metrics or chart to the monitoring run.")
@@ -34,8 +37,8 @@ ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an e
               "and promote it only if it beats the champion on held-out traffic and passes the recipe's gates.")
 @click.option("-P", "params", multiple=True, metavar="KEY=VALUE", help="Recipe override for the --retrain run.")
 @click.option("--backend-config", "-b", default=None, metavar="JSON", help="The --retrain run's backend config.")
-def monitor_cmd(name, experiments, window, since, until, gates, min_requests, examples, judge, no_log, retrain,
-                params, backend_config):
+def monitor_cmd(name, experiments, window, since, until, gates, min_requests, examples, embedding, judge, no_log,
+                retrain, params, backend_config):
     """How the served versions of registered model NAME are doing, per time window: requests, errors, latency,
     tokens, answers cut at the length limit, feedback and thumbs-down, quality against users' corrections, and drift
     (requests far from the training questions, new topics, length and language). A window over a monitor gate is
@@ -56,7 +59,7 @@ def monitor_cmd(name, experiments, window, since, until, gates, min_requests, ex
         if gate.at_most is None and gate.at_least is None:
             raise FinetuneError(f"--gate {given}: a monitor gate is a limit, METRIC<=X or METRIC>=X "
                                 "(e.g. novel_share<=0.3)")
-    report = watch(name, experiments, window, since, until, limits, min_requests, judge)
+    report = watch(name, experiments, window, since, until, limits, min_requests, judge, embedding)
     click.echo(out.text(report, examples))
     if not no_log and (run_id := out.log(report)):
         click.echo(f"\nLogged to the monitoring run {run_id} (metrics {out.PREFIX}vN/..., chart {out.CHART_FILE}).")

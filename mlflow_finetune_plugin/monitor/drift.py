@@ -5,7 +5,8 @@ the request would get against itself (its own words weighed by the training data
 never has at the highest idf): the share of what the request says that the nearest training question matches. A
 request is *new* when that share is lower than all but `monitor.novelty_quantile` of the training questions reach
 against their own nearest neighbour (each left out in turn): the training data calibrates what "near" means for its
-own vocabulary. New
+own vocabulary. With `monitor.embedding` (a sentence-transformers model), the similarity is the cosine of sentence
+embeddings instead, calibrated the same way. New
 requests are grouped (TF-IDF, average-linkage clustering on cosine distance) into topics the training data does not
 cover, each named by its top words. Length and language (py3langid, on questions of three words or more) are
 compared with the training questions too.
@@ -17,10 +18,78 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from mlflow_finetune_plugin.errors import FinetuneError
+
 MIN_TRAIN = 10          # fewer training questions calibrate nothing
 CLUSTER_SAMPLE = 2000   # new requests clustered at most (a random, seeded sample above it)
 CLUSTER_DISTANCE = 0.8  # cosine distance under which two groups of new requests merge
 MIN_WORDS_FOR_LANGUAGE = 3
+
+
+class Lexical:
+    """BM25 over the training questions (bm25s), each score divided by the text's score against itself."""
+
+    def __init__(self, tokens: list[list[str]]):
+        import bm25s
+        import numpy as np
+
+        self.retriever = bm25s.BM25()
+        self.retriever.index(tokens, show_progress=False)
+        n, df = len(tokens), Counter(w for t in tokens for w in set(t))
+        self.idf = {w: math.log(1 + (n - d + 0.5) / (d + 0.5)) for w, d in df.items()}
+        self.unseen_idf = math.log(1 + (n + 0.5) / 0.5)  # a word no training question has
+        self.mean_words = float(np.mean([len(t) for t in tokens]))
+        # Each question's nearest *other* question: the best of the top two that is not itself.
+        found, scores = self.retriever.retrieve(tokens, k=2, show_progress=False, n_threads=1)
+        nearest = np.where(found[:, 0] == np.arange(n), scores[:, 1], scores[:, 0])
+        self.own = nearest / np.array([self.own_score(t) for t in tokens])
+
+    def scores(self, texts: list[str]):
+        import numpy as np
+
+        tokens = _tokens(texts)
+        out = np.zeros(len(texts))
+        asked = [i for i, t in enumerate(tokens) if t]
+        if asked:
+            _, scores = self.retriever.retrieve([tokens[i] for i in asked], k=1, show_progress=False, n_threads=1)
+            out[asked] = scores[:, 0] / np.array([self.own_score(tokens[i]) for i in asked])
+        return out
+
+    def own_score(self, words: list[str]) -> float:
+        """BM25 of `words` against themselves as a document (bm25s' Lucene formula and defaults)."""
+        k1, b = 1.5, 0.75
+        norm = k1 * (1 - b + b * len(words) / self.mean_words)
+        return sum(self.idf.get(w, self.unseen_idf) * n * (k1 + 1) / (n + norm) for w, n in Counter(words).items())
+
+
+class Semantic:
+    """Cosine similarity of sentence embeddings (sentence-transformers) to the nearest training question."""
+
+    BATCH = 64
+
+    def __init__(self, questions: list[str], model: str):
+        import numpy as np
+
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise FinetuneError(f"monitor.embedding {model}: install sentence-transformers (pip install "
+                                "sentence-transformers), or leave monitor.embedding empty for BM25") from None
+        try:
+            self.model = SentenceTransformer(model, device="cpu")
+        except (OSError, ValueError) as e:
+            raise FinetuneError(f"monitor.embedding {model}: cannot load it ({str(e).splitlines()[0]}); give a "
+                                "sentence-transformers model folder or hub id") from None
+        self.train = self._embed(questions)
+        similar = self.train @ self.train.T
+        np.fill_diagonal(similar, -np.inf)
+        self.own = similar.max(axis=1)
+
+    def _embed(self, texts: list[str]):
+        return self.model.encode(texts, batch_size=self.BATCH, normalize_embeddings=True, show_progress_bar=False)
+
+    def scores(self, texts: list[str]):
+        return (self._embed(texts) @ self.train.T).max(axis=1)
 
 
 @dataclass
@@ -28,33 +97,15 @@ class Novelty:
     """The training questions indexed, with the similarity under which a request counts as new."""
 
     questions: list[str]
+    index: Lexical | Semantic
     threshold: float
-    retriever: object
-    idf: dict[str, float]
-    unseen_idf: float                    # the idf of a word no training question has
-    mean_words: float
     language: str | None                 # the training questions' main language
     mean_chars: float
+    method: str = "bm25"
 
     def scores(self, texts: list[str]) -> list[float]:
-        """Each text's BM25 similarity to its nearest training question (0 for a text with no indexed word)."""
-        import numpy as np
-
-        if not texts:
-            return []
-        tokens = _tokens(texts)
-        out = np.zeros(len(texts))
-        asked = [i for i, t in enumerate(tokens) if t]
-        if asked:
-            _, scores = self.retriever.retrieve([tokens[i] for i in asked], k=1, show_progress=False, n_threads=1)
-            out[asked] = scores[:, 0] / np.array([self.own_score(tokens[i]) for i in asked])
-        return out.tolist()
-
-    def own_score(self, words: list[str]) -> float:
-        """BM25 of `words` against themselves as a document (bm25s' Lucene formula and defaults)."""
-        k1, b = 1.5, 0.75
-        norm = k1 * (1 - b + b * len(words) / self.mean_words)
-        return sum(self.idf.get(w, self.unseen_idf) * n * (k1 + 1) / (n + norm) for w, n in Counter(words).items())
+        """Each text's similarity to its nearest training question."""
+        return self.index.scores(texts).tolist() if texts else []
 
     def is_new(self, texts: list[str]) -> list[bool]:
         return [s < self.threshold for s in self.scores(texts)]
@@ -69,30 +120,21 @@ class Topic:
     members: list[int] = field(default_factory=list)
 
 
-def calibrate(questions: list[str], quantile: float) -> Novelty | None:
-    """The index of `questions` and its threshold; None for fewer than MIN_TRAIN questions with words."""
-    import bm25s
+def calibrate(questions: list[str], quantile: float, embedding: str | None = None) -> Novelty | None:
+    """The index of `questions` (BM25, or the sentence-transformers model `embedding`) and its threshold; None for
+    fewer than MIN_TRAIN questions with words."""
     import numpy as np
 
     questions = [q for q in questions if q.strip()]
     tokens = _tokens(questions)
     kept = [q for q, t in zip(questions, tokens) if t]
-    tokens = [t for t in tokens if t]
     if len(kept) < MIN_TRAIN:
         return None
-    retriever = bm25s.BM25()
-    retriever.index(tokens, show_progress=False)
-    n, df = len(tokens), Counter(w for t in tokens for w in set(t))
-    idf = {w: math.log(1 + (n - d + 0.5) / (d + 0.5)) for w, d in df.items()}
-    novelty = Novelty(kept, 0.0, retriever, idf, math.log(1 + (n + 0.5) / 0.5), float(np.mean([len(t) for t in tokens])),
-                      main_language(kept), float(np.mean([len(q) for q in kept])))
-    # Each question's nearest *other* question: the best of the top two that is not itself.
-    found, scores = retriever.retrieve(tokens, k=2, show_progress=False, n_threads=1)
-    nearest = np.where(found[:, 0] == np.arange(n), scores[:, 1], scores[:, 0])
-    nearest = nearest / np.array([novelty.own_score(t) for t in tokens])
-    # A floor above zero: a request sharing no word with the training questions is new whatever the quantile says.
-    novelty.threshold = max(float(np.quantile(nearest, quantile)), 1e-9)
-    return novelty
+    index = Semantic(kept, embedding) if embedding else Lexical([t for t in tokens if t])
+    # A floor above zero: a request sharing nothing with the training questions is new whatever the quantile says.
+    threshold = max(float(np.quantile(index.own, quantile)), 1e-9)
+    return Novelty(kept, index, threshold, main_language(kept), float(np.mean([len(q) for q in kept])),
+                   embedding or "bm25")
 
 
 def language_of(text: str) -> str | None:

@@ -30,7 +30,8 @@ def text(report: Report, examples: bool = False) -> str:
     for version, own in sorted(report.lineages.items(), key=lambda kv: int(kv[0])):
         if own.questions:
             novelty = report.novelty.get(version)
-            about = f"mean {novelty.mean_chars:.0f} chars, mostly {novelty.language or '?'}; " if novelty else ""
+            about = (f"mean {novelty.mean_chars:.0f} chars, mostly {novelty.language or '?'}, drift by "
+                     f"{novelty.method}; ") if novelty else ""
             lines.append(f"  v{version} trained on {len(own.questions)} questions ({about}{', '.join(own.sources)})")
     lines += [f"  note: {n}" for n in report.notes]
     shown = [(key, head) for key, head in COLUMNS if any(key in w.metrics for w in report.windows)]

@@ -50,9 +50,10 @@ class Report:
 
 def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = None, since: str | None = None,
           until: str | None = None, gates: list[Gate] | None = None, min_requests: int | None = None,
-          judge: str | None = None) -> Report:
+          judge: str | None = None, embedding: str | None = None) -> Report:
     """The monitoring report of `name`'s served versions (no logging, no printing); `judge` (a gateway endpoint,
-    an OpenAI-compatible URL or a registered model, monitor/judge.py) adds each window's judge pass rate."""
+    an OpenAI-compatible URL or a registered model, monitor/judge.py) adds each window's judge pass rate; `embedding`
+    (a sentence-transformers model) measures drift instead of BM25, over the recipe's monitor.embedding."""
     ids = experiment_ids(experiments)
     requests = read_requests(name, ids, since, until)
     versions = sorted({r.served.split(":")[0] for r in requests}, key=int)
@@ -65,7 +66,7 @@ def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = Non
                             + (f" between {since or 'the start'} and {until or 'now'}" if since or until else "")
                             + ": serve it with `mlflow-finetune serve NAME@champion --trace EXPERIMENT`")
         return report
-    new, novelty = _novelty(requests, lineages, report.notes)
+    new, novelty = _novelty(requests, lineages, report.notes, embedding)
     report.novelty = novelty
     report.new_ids = {r.trace_id for r, is_new in zip(requests, new or []) if is_new}
     languages = [drift.language_of(r.question) for r in requests]
@@ -101,12 +102,13 @@ def check(w: Window, gates: list[Gate], min_requests: int) -> list[Alert]:
     return alerts
 
 
-def _novelty(requests: list[Request], lineages: dict[str, Lineage], notes: list[str]):
+def _novelty(requests: list[Request], lineages: dict[str, Lineage], notes: list[str], embedding: str | None):
     """Per request: is it new to the training questions of the version that answered it (None where no version's
     training questions could be read); and each version's calibrated index."""
     novelty: dict[str, drift.Novelty | None] = {}
     for version, own in lineages.items():
-        novelty[version] = drift.calibrate(own.questions, own.monitor.novelty_quantile) if own.questions else None
+        model = embedding or own.monitor.embedding
+        novelty[version] = drift.calibrate(own.questions, own.monitor.novelty_quantile, model) if own.questions else None
         if novelty[version] is None:
             why = own.missing or f"{len(own.questions)} training questions, fewer than {drift.MIN_TRAIN}"
             notes.append(f"v{version}: drift not measured ({why})")
