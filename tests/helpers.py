@@ -7,13 +7,16 @@ the helpers that need them: a light test file does not pay for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +63,21 @@ def use_store(mp, root: Path) -> str:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mp.chdir(root)
     mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    forget_active_experiment()
+    return uri
+
+
+def use_server_store(mp, uri: str, root: Path) -> str:
+    """As `use_store`, for a tracking server at `uri` (see `mlflow_server`): tracking and registry at `uri` for this
+    process and the runs and servers it starts, set through the MonkeyPatch `mp`; `root` is the working folder."""
+    import mlflow
+
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("MLFLOW_REGISTRY_URI", uri)
     mp.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -201,6 +219,68 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> N
         except OSError:
             time.sleep(0.25)  # polling interval, not synchronization: the loop checks the real condition
     pytest.fail(f"{url} did not answer within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, *, jobs: bool = False) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1, as teams run it: a sqlite database `root/server.db` behind it and
+    artifacts proxied (`mlflow-artifacts:` URIs) into `root/artifacts`, one worker. Yields its URI
+    (`http://127.0.0.1:PORT`) once `/health` answers; stops it and every process it started (uvicorn, the job
+    runner) afterwards. Its log is `root/server.log`.
+
+    `jobs=True` keeps the server's job runner (huey consumers: online scoring of arriving traces); off by default,
+    since it starts half a dozen processes that would share the test's cores for nothing."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if jobs else "false"}
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(var, None)  # the server's stores are its flags, not the test's client settings
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    with open(root / "server.log", "w") as log:
+        # A session of its own: stopping it reaches uvicorn and the job runner, which outlive a killed parent.
+        server = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(f"{uri}/health"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                tail = (root / "server.log").read_text()[-4000:]
+                pytest.fail(f"mlflow server did not start (exit {server.poll()}):\n{tail}")
+            time.sleep(0.25)  # polling interval: the loop checks the real condition
+        yield uri
+    finally:
+        _stop_session(server)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    """SIGTERM to `proc`'s process group (it leads one), SIGKILL to what is left 20 s later."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the group outlives its leader while children finish shutting down
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def cli_process(*args: str) -> subprocess.Popen:
