@@ -29,7 +29,13 @@ from mlflow_finetune_plugin.monitor.traffic import read_requests
 from mlflow_finetune_plugin.monitor.watch import watch
 from mlflow_finetune_plugin.serving.base import ModelChoice
 from mlflow_finetune_plugin.serving.tracing import Tracer, completion
-from tests.helpers import forget_active_experiment, mlflow_server, register_version, use_server_store, use_store
+from tests.helpers import (
+    forget_active_experiment,
+    mlflow_server,
+    register_version,
+    use_server_store,
+    use_store,
+)
 
 KEYWORD = "refund"
 NO_JSON = "#garbled"  # an answer holding this gets a reply that is not the judge's JSON verdict

@@ -71,12 +71,7 @@ def endpoint_for(url: str, model: str) -> str:
     name = endpoint_name(url, model)
     store = _store()
     try:
-        secret = _get_or_create(lambda: store.get_secret_info(secret_name=name), lambda: store.create_gateway_secret(
-            secret_name=name, secret_value={"api_key": os.environ.get(KEY_ENV) or "unused"}, provider="openai",
-            auth_config={"api_base": url}))
-        definition = _get_or_create(lambda: store.get_gateway_model_definition(name=name),
-                                    lambda: store.create_gateway_model_definition(
-                                        name=name, secret_id=secret.secret_id, provider="openai", model_name=model))
+        definition = _definition(store, name, _secret(store, name, url).secret_id, model)
         _get_or_create(lambda: store.get_gateway_endpoint(name=name), lambda: store.create_gateway_endpoint(
             name=name, model_configs=[GatewayEndpointModelConfig(
                 model_definition_id=definition.model_definition_id, linkage_type=GatewayModelLinkageType.PRIMARY)],
@@ -94,6 +89,23 @@ def endpoint_name(url: str, model: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", model).strip("-")[:40] or "model"
     digest = hashlib.sha256(f"{url}\n{model}".encode()).hexdigest()[:8]
     return f"{PREFIX}-{slug}-{digest}"
+
+
+# Over REST, secrets and model definitions are read by id only: they are found by name in their lists.
+
+
+def _secret(store, name: str, url: str):
+    found = next((x for x in store.list_secret_infos(provider="openai") if x.secret_name == name), None)
+    return found or store.create_gateway_secret(
+        secret_name=name, secret_value={"api_key": os.environ.get(KEY_ENV) or "unused"}, provider="openai",
+        auth_config={"api_base": url})
+
+
+def _definition(store, name: str, secret_id: str, model: str):
+    found = next((d for d in store.list_gateway_model_definitions(provider="openai", secret_id=secret_id)
+                  if d.name == name), None)
+    return found or store.create_gateway_model_definition(name=name, secret_id=secret_id, provider="openai",
+                                                          model_name=model)
 
 
 def _get_or_create(get, create):
