@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.monitor import online
+from mlflow_finetune_plugin.monitor import gateway, online
 from mlflow_finetune_plugin.monitor.judge import judge_name, judged, spec_of
 from mlflow_finetune_plugin.monitor.traffic import read_requests
 from mlflow_finetune_plugin.monitor.watch import watch
@@ -231,6 +231,10 @@ def test_online_judge_on_the_server_agrees_with_the_judge_on_demand_and_stops(se
     assert verdicts == {t: t in first[:3] + second[2:3] for t in first + second}, verdicts
     from_server = watch("bot", ("traffic",), WINDOW)
     assert _judge_pass(from_server) == _judge_pass(on_demand)
+    # On demand through that gateway endpoint too (MLflow's client calls the server's gateway: no litellm here).
+    endpoint = "gateway:/" + gateway.endpoint_name(keyword_judge.url, KeywordJudge.MODEL)
+    through_gateway = watch("bot", ("traffic",), WINDOW, judge=spec_of(endpoint), store_judgments=False)
+    assert _judge_pass(through_gateway) == _judge_pass(on_demand)
     assert any(f"the verdicts {judge_name('bot')} stored on 8 of 8 traces" in n for n in from_server.notes)
 
     # The command on demand shows the judge column and stores its verdicts beside the online ones.
@@ -265,6 +269,11 @@ def test_mlflow_runs_only_gateway_judges_online(server, keyword_judge):
     with pytest.raises(MlflowException, match=refusal):
         answer_is_short.register(experiment_id=experiment_id).start(experiment_id=experiment_id,
                                                                     sampling_config=sampling)
+    endpoint = "gateway:/" + gateway.endpoint_for(keyword_judge.url, KeywordJudge.MODEL)
+    graded = spec_of(endpoint, instructions="Does {{ outputs }} match {{ expectations }}?")
+    with pytest.raises(FinetuneError, match="requires expectations, but scorers with expectations are not currently "
+                                            "supported for automatic evaluation"):
+        online.start("graded", [experiment_id], graded)
     refused = CliRunner().invoke(main, ["monitor", "bot", "-x", "traffic", "--start", "--judge", "openai:/gpt-4o-mini"])
     assert refused.exit_code == 1 and refusal in refused.output
     no_endpoint = CliRunner().invoke(main, ["monitor", "bot", "-x", "traffic", "--judge", "gateway:/nowhere"])
