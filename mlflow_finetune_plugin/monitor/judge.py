@@ -139,6 +139,7 @@ def judged(requests: list, judge: JudgeSpec | str, *, name: str, notes: list[str
     scorer = build(spec, name)
     out: dict[str, bool] = {}
     left: Counter = Counter()
+    unstored = 0
     with _openai_key(spec):
         for r in requests:
             if not r.ok:
@@ -156,9 +157,9 @@ def judged(requests: list, judge: JudgeSpec | str, *, name: str, notes: list[str
                 continue
             out[r.trace_id] = verdict
             if store and not _stored(trace, feedback):
-                left["judged, but the verdict could not be stored on the trace"] += 1
+                unstored += 1
     if notes is not None:
-        notes.append(_summary(spec, len(out), left))
+        notes.append(_summary(spec, len(out), left, unstored))
     if not out and left and set(left) != {"the request failed"}:
         raise FinetuneError(f"--judge {spec.label}: no answer could be judged ({_counts(left)}); the judge must "
                             "reply with the JSON verdict MLflow's judges ask for ({\"result\": true|false, "
@@ -234,9 +235,10 @@ def stored(requests: list, name: str, notes: list[str]) -> dict[str, bool] | Non
     return got or None
 
 
-def _summary(spec: JudgeSpec, n: int, left: Counter) -> str:
+def _summary(spec: JudgeSpec, n: int, left: Counter, unstored: int) -> str:
     said = f"judge_pass: {n} answers judged by {spec.label} on demand"
-    return said + (f"; left out: {_counts(left)}" if left else "")
+    said += f"; left out: {_counts(left)}" if left else ""
+    return said + (f"; {unstored} verdicts could not be stored on their traces" if unstored else "")
 
 
 def _counts(left: Counter) -> str:
