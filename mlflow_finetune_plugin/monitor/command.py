@@ -30,22 +30,38 @@ ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an e
               help="A sentence-transformers model (hub id or folder) to measure drift with, instead of BM25. "
                    "Default: the recipe's monitor.embedding.")
 @click.option("--judge", default=None, metavar="MODEL",
-              help="An LLM judge's pass rate per window, through MLflow's judges (docs/monitoring.md).")
+              help="An LLM judge's pass rate per window (judge_pass), through MLflow's judges: gateway:/ENDPOINT "
+                   "(the tracking server's AI Gateway) or an OpenAI-compatible URL http://HOST:PORT/v1. Each verdict "
+                   "is stored on its trace (docs/monitoring.md).")
+@click.option("--judge-model", default=None, metavar="NAME",
+              help="The model to ask for at the --judge URL. Default: the first its /models lists.")
+@click.option("--judge-instructions", default=None, metavar="TEXT",
+              help="The judge's criteria, naming {{ inputs }} (the request) and {{ outputs }} (the answer); it "
+                   "returns true or false. Default: does the answer respond to the request, correct, on topic, "
+                   "complete.")
+@click.option("--start", "start_online", is_flag=True,
+              help="Register the --judge on the traffic experiments, where `mlflow server` judges new traces as "
+                   "they arrive (online); then `monitor NAME` shows its judge_pass.")
+@click.option("--stop", "stop_online", is_flag=True, help="Stop and remove the online judge of NAME.")
+@click.option("--sample-rate", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="With --start: the share of NAME's new traces the online judge judges.")
 @click.option("--no-log", is_flag=True, help="Only print: log no metrics or chart to the monitoring run.")
 @click.option("--retrain", is_flag=True, help="Then train the next version on the champion's training data plus "
               "its traffic's corrected and thumbs-up answers (and a distill.teacher's answers to drifted requests), "
               "and promote it only if it beats the champion on held-out traffic and passes the recipe's gates.")
 @click.option("-P", "params", multiple=True, metavar="KEY=VALUE", help="Recipe override for the --retrain run.")
 @click.option("--backend-config", "-b", default=None, metavar="JSON", help="The --retrain run's backend config.")
-def monitor_cmd(name, experiments, window, since, until, gates, min_requests, examples, embedding, judge, no_log,
-                retrain, params, backend_config):
+def monitor_cmd(name, experiments, window, since, until, gates, min_requests, examples, embedding, judge, judge_model,
+                judge_instructions, start_online, stop_online, sample_rate, no_log, retrain, params, backend_config):
     """How the served versions of registered model NAME are doing, per time window: requests, errors, latency,
     tokens, answers cut at the length limit, feedback and thumbs-down, quality against users' corrections, and drift
     (requests far from the training questions, new topics, length and language). A window over a monitor gate is
     an alert: named, with example traces, and the command exits 3 (docs/monitoring.md)."""
     from mlflow_finetune_plugin.config.monitor import window_seconds
     from mlflow_finetune_plugin.errors import FinetuneError
+    from mlflow_finetune_plugin.monitor import online
     from mlflow_finetune_plugin.monitor import report as out
+    from mlflow_finetune_plugin.monitor.judge import spec_of
     from mlflow_finetune_plugin.monitor.watch import watch
     from mlflow_finetune_plugin.registry.promotion import parse_gate
 
@@ -59,7 +75,16 @@ def monitor_cmd(name, experiments, window, since, until, gates, min_requests, ex
         if gate.at_most is None and gate.at_least is None:
             raise FinetuneError(f"--gate {given}: a monitor gate is a limit, METRIC<=X or METRIC>=X "
                                 "(e.g. novel_share<=0.3)")
-    report = watch(name, experiments, window, since, until, limits, min_requests, judge, embedding)
+    if start_online and stop_online:
+        raise click.UsageError("--start and --stop: give one")
+    if (judge_model or judge_instructions) and not judge:
+        raise FinetuneError("--judge-model and --judge-instructions describe a --judge MODEL: give it")
+    spec = spec_of(judge, judge_model, judge_instructions) if judge else None
+    if start_online or stop_online:  # registering or removing the online judge is the whole command
+        click.echo("\n".join(online.command(name, experiments, spec, start_online, sample_rate)))
+        return
+    report = watch(name, experiments, window, since, until, limits, min_requests, spec, store_judgments=not no_log,
+                   embedding=embedding)
     click.echo(out.text(report, examples))
     if not no_log and (run_id := out.log(report)):
         click.echo(f"\nLogged to the monitoring run {run_id} (metrics {out.PREFIX}vN/..., chart {out.CHART_FILE}).")

@@ -19,6 +19,7 @@ from mlflow_finetune_plugin.data.traces import (
 )
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import text_of
+from mlflow_finetune_plugin.monitor.judge import verdict_of
 
 PAGE = 500  # traces fetched per call: a page of spans stays a few MB
 
@@ -41,6 +42,7 @@ class Request:
     correction: str | None = None    # the answer a user gave instead
     prompt: list | None = None       # the request's messages (kept for --retrain's rows)
     experiment_id: str | None = None
+    judge: bool | None = None        # the latest verdict of NAME's LLM judge stored on the trace (monitor/judge.py)
 
 
 def experiment_ids(experiments: tuple[str, ...] | list[str]) -> list[str]:
@@ -67,7 +69,7 @@ def read_requests(name: str, experiments: list[str], since: str | None = None, u
     """Every traced request to a version of `name` (or its base side) in `experiments`, oldest first."""
     from mlflow import MlflowClient
 
-    clauses = [f"tag.`{tags.SERVED_MODEL}` LIKE '{_quoted(name)}/%'"]
+    clauses = [served_clause(name)]
     if since:
         clauses.append(f"trace.timestamp_ms >= {moment_ms(since)}")
     if until:
@@ -83,6 +85,12 @@ def read_requests(name: str, experiments: list[str], since: str | None = None, u
         if not token:
             break
     return sorted(out, key=lambda r: r.time_ms)
+
+
+def served_clause(name: str) -> str:
+    """The trace filter selecting the traces of `name`'s versions (and their base sides); LIKE's `_` matches any
+    one character, so readers check the tag again."""
+    return f"tag.`{tags.SERVED_MODEL}` LIKE '{_quoted(name)}/%'"
 
 
 def _quoted(text: str) -> str:
@@ -109,4 +117,5 @@ def _request(trace, name: str, query: TraceQuery) -> Request | None:
     return Request(trace.info.trace_id, trace.info.request_time, served[len(name) + 1:], not failed, latency,
                    cost.get("prompt_tokens"), cost.get("completion_tokens"), call.finish_reason == "length",
                    question or "", text_of(call.answer.get("content")) if call.answer else "", call.verdict,
-                   correction, call.prompt or None, trace.info.experiment_id)
+                   correction, call.prompt or None, trace.info.experiment_id,
+                   verdict_of(trace.info.assessments, name))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from mlflow_finetune_plugin.config.gates import Gate
 from mlflow_finetune_plugin.config.monitor import window_seconds
 from mlflow_finetune_plugin.monitor import drift
-from mlflow_finetune_plugin.monitor.judge import judged
+from mlflow_finetune_plugin.monitor.judge import JudgeSpec, judged, stored
 from mlflow_finetune_plugin.monitor.lineage import Lineage, lineage
 from mlflow_finetune_plugin.monitor.traffic import Request, experiment_ids, read_requests
 from mlflow_finetune_plugin.monitor.windows import Window, corrected_quality, group, summarize
@@ -50,10 +50,12 @@ class Report:
 
 def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = None, since: str | None = None,
           until: str | None = None, gates: list[Gate] | None = None, min_requests: int | None = None,
-          judge: str | None = None, embedding: str | None = None) -> Report:
-    """The monitoring report of `name`'s served versions (no logging, no printing); `judge` (a gateway endpoint,
-    an OpenAI-compatible URL or a registered model, monitor/judge.py) adds each window's judge pass rate; `embedding`
-    (a sentence-transformers model) measures drift instead of BM25, over the recipe's monitor.embedding."""
+          judge: JudgeSpec | str | None = None, store_judgments: bool = True, embedding: str | None = None) -> Report:
+    """The monitoring report of `name`'s served versions (no logging, no printing); `judge` (a gateway endpoint or
+    an OpenAI-compatible URL, monitor/judge.py) judges each answer for each window's judge pass rate, its verdicts
+    stored on the traces unless `store_judgments` is False; without it, the verdicts already stored there (the
+    online judge's, monitor/online.py) make the pass rate. `embedding` (a sentence-transformers model) measures drift
+    instead of BM25, over the recipe's monitor.embedding."""
     ids = experiment_ids(experiments)
     requests = read_requests(name, ids, since, until)
     versions = sorted({r.served.split(":")[0] for r in requests}, key=int)
@@ -70,7 +72,8 @@ def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = Non
     report.novelty = novelty
     report.new_ids = {r.trace_id for r, is_new in zip(requests, new or []) if is_new}
     languages = [drift.language_of(r.question) for r in requests]
-    passes = judged(requests, judge) if judge else None
+    passes = (judged(requests, judge, name=name, notes=report.notes, store=store_judgments) if judge
+              else stored(requests, name, report.notes))
     for (start, served), index in group(requests, window_seconds(window)).items():
         own = lineages[served.split(":")[0]]
         main_language = novelty[served.split(":")[0]].language if novelty.get(served.split(":")[0]) else None
