@@ -142,6 +142,16 @@ def subprocess_env(tracking_uri: str) -> dict:
     return env
 
 
+def send_json(handler, body: dict) -> None:
+    """Answer a `http.server` request with `body` as JSON (200): the loopback servers tests stand up."""
+    data = json.dumps(body).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -33,6 +33,7 @@ from tests.helpers import (
     forget_active_experiment,
     mlflow_server,
     register_version,
+    send_json,
     use_server_store,
     use_store,
 )
@@ -59,12 +60,7 @@ class KeywordJudge:
                 pass
 
             def _send(self, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, body)
 
             def do_GET(self):
                 self._send({"object": "list", "data": [{"id": KeywordJudge.MODEL, "object": "model"}]})

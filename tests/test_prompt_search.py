@@ -33,7 +33,7 @@ from mlflow_finetune_plugin.evaluate.verdict import MIN_EXAMPLES, decide
 from mlflow_finetune_plugin.messages import split_conversation
 from mlflow_finetune_plugin.metrics import score
 from mlflow_finetune_plugin.train.adapters import lora
-from tests.helpers import chat_rows
+from tests.helpers import chat_rows, send_json
 
 
 def _convs(n: int, offset: int = 0) -> list[list[dict]]:
@@ -204,12 +204,7 @@ class FakeProposer:
 
         class Handler(BaseHTTPRequestHandler):
             def _send(self, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, body)
 
             def do_GET(self):  # noqa: N802 - http.server's name
                 self._send({"object": "list", "data": [{"id": "big-model"}]})
