@@ -76,6 +76,8 @@ def test_monitor_gates_are_limits_in_the_promotion_gates_syntax():
     assert cfg.monitor.gates[0].at_most == 0.2 and window_seconds(cfg.monitor.window) == 3600
     with pytest.raises(ValueError, match="a monitor gate is a limit"):
         MonitorConfig.model_validate({"gates": [{"metric": "rougeL"}]})
+    with pytest.raises(ValueError, match="did you mean novel_share"):
+        MonitorConfig.model_validate({"gates": [{"metric": "novelty_share", "at_most": 0.2}]})
     with pytest.raises(ValueError, match="30s, 15m, 1h, 1d, 1w"):
         MonitorConfig.model_validate({"window": "fortnight"})
 

@@ -16,6 +16,18 @@ WINDOW_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 WINDOW_METRICS = ("requests", "error_share", "latency_p50", "latency_p95", "prompt_tokens", "completion_tokens",
                   "cut_share", "feedback", "thumbs_down_share", "corrections", "novel_share", "input_chars",
                   "other_language_share", "json_valid", "judge_pass")
+QUALITY_METRICS = ("rougeL", "token_f1", "exact_match", "chrf")  # of corrected answers, against the corrections
+
+
+def check_gate_metric(metric: str) -> None:
+    """Raise ValueError naming the window metrics (and the nearest) when `metric` is not one of them."""
+    import difflib
+
+    known = WINDOW_METRICS + QUALITY_METRICS
+    if metric not in known:
+        near = difflib.get_close_matches(metric, known, n=1)
+        raise ValueError(f"no window metric {metric!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                         + f"; a monitor gate limits one of: {', '.join(known)}")
 
 
 def window_seconds(value: str) -> int:
@@ -64,6 +76,7 @@ class MonitorConfig(Section):
     @classmethod
     def _limits_only(cls, gates):
         for gate in gates:
+            check_gate_metric(gate.metric)
             if gate.at_most is None and gate.at_least is None:
                 raise ValueError(f"gate on {gate.metric}: a monitor gate is a limit (at_most or at_least); a window "
                                  "has no contender to beat")

@@ -57,7 +57,7 @@ def monitor_cmd(name, experiments, window, since, until, gates, min_requests, ex
     tokens, answers cut at the length limit, feedback and thumbs-down, quality against users' corrections, and drift
     (requests far from the training questions, new topics, length and language). A window over a monitor gate is
     an alert: named, with example traces, and the command exits 3 (docs/monitoring.md)."""
-    from mlflow_finetune_plugin.config.monitor import window_seconds
+    from mlflow_finetune_plugin.config.monitor import check_gate_metric, window_seconds
     from mlflow_finetune_plugin.errors import FinetuneError
     from mlflow_finetune_plugin.monitor import online
     from mlflow_finetune_plugin.monitor import report as out
@@ -72,6 +72,10 @@ def monitor_cmd(name, experiments, window, since, until, gates, min_requests, ex
             raise click.BadParameter(str(e), param_hint="--window") from None
     limits = [parse_gate(g) for g in gates] if gates else None
     for gate, given in zip(limits or [], gates):
+        try:
+            check_gate_metric(gate.metric)
+        except ValueError as e:
+            raise FinetuneError(f"--gate {given}: {e}") from None
         if gate.at_most is None and gate.at_least is None:
             raise FinetuneError(f"--gate {given}: a monitor gate is a limit, METRIC<=X or METRIC>=X "
                                 "(e.g. novel_share<=0.3)")
