@@ -227,7 +227,8 @@ def test_versions_without_recorded_answers_pass_over_and_parity_off_needs_a_reas
     result = promote(MODEL_NAME, v2, parity="off", reason="served by a partner's stack", check_parity=parity.check)
     assert result.promoted and "Serving parity: skipped: served by a partner's stack" in result.report()
     assert MlflowClient().get_model_version(MODEL_NAME, v2).tags[tags.PARITY_STATUS] == "skipped"
-    # Without a check handed in (auto_promote in the training process): not checked, and it says where to check.
+    # Without a check handed in (promote() called from code that loads no serving engine): not checked, and it
+    # says where to check (auto_promote at the end of training runs `mlflow-finetune promote` instead: test_forgetting).
     v3 = register_eval_version({"rougeL": 0.7}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3},
                                retrieval={"rougeL": 0.4})
     result = promote(MODEL_NAME, v3)

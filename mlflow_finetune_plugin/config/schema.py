@@ -413,7 +413,8 @@ class RegistryConfig(Section):
     enabled: bool = Field(True, description="Register the logged model; false only logs it in the run.")
     alias: str | None = "challenger"
     champion_alias: str = Field("champion", description="The alias `mlflow-finetune promote` moves.")
-    auto_promote: bool = Field(False, description="Move the champion alias at the end of a run whose gates pass.")
+    auto_promote: bool = Field(False, description="Move the champion alias at the end of a run whose gates (and serving "
+                                                  "parity) pass.")
     promote_if: list[Gate] = Field(
         default_factory=lambda: [RegistryConfig.Gate(metric="rougeL")],
         description="Promotion gates; every one must pass.")

@@ -57,8 +57,27 @@ def log_and_register(recipe, model, tokenizer, config: dict, tags: dict, name: s
         mlflow.set_tags({tag.REGISTERED_MODEL: registered_name, tag.REGISTERED_VERSION: version.version})
         alias = f" (alias @{recipe.registry.alias})" if recipe.registry.alias else ""
         print(f"Registered {registered_name} version {version.version}{alias}")
-        maybe_auto_promote(registered_name, version.version, recipe)
+        auto_promote(registered_name, version.version, recipe)
         publish_prompt(recipe, registered_name, config.get("base_model") or "", version.version)
+
+
+def auto_promote(name: str, version, recipe) -> None:
+    """`registry.auto_promote`: the recipe's gates, and serving parity before the champion alias moves. Parity answers
+    with the serving engine, which the training process never loads (docs/design.md: train/ imports no serving
+    code), so where it applies the promotion is `mlflow-finetune promote` in a process of its own, as a user would
+    run it; its report is printed here and its outcome tagged on the run."""
+    import subprocess
+
+    cfg = recipe.registry
+    if not cfg.auto_promote or not cfg.promote_if or cfg.parity == "off":
+        maybe_auto_promote(name, version, recipe)  # off, refused for want of gates, or no parity to check
+        return
+    code = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", code, "promote", name, "--version", str(version), "--alias",
+                           cfg.champion_alias], capture_output=True, text=True)
+    print(done.stdout.rstrip() or done.stderr.strip()[-3000:])
+    holder = mlflow.MlflowClient().get_registered_model(name).aliases.get(cfg.champion_alias)
+    mlflow.set_tag(tag.AUTO_PROMOTED, str(str(holder) == str(version)).lower())
 
 
 def publish_prompt(recipe, registered_name: str, base_ref: str, model_version=None):
