@@ -3,6 +3,7 @@ in the run, registered, aliased, and promoted when its gates pass."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -73,8 +74,10 @@ def auto_promote(name: str, version, recipe) -> None:
         maybe_auto_promote(name, version, recipe)  # off, refused for want of gates, or no parity to check
         return
     code = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env.update(MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), MLFLOW_REGISTRY_URI=mlflow.get_registry_uri())
     done = subprocess.run([sys.executable, "-c", code, "promote", name, "--version", str(version), "--alias",
-                           cfg.champion_alias], capture_output=True, text=True)
+                           cfg.champion_alias], capture_output=True, text=True, env=env)
     print(done.stdout.rstrip() or done.stderr.strip()[-3000:])
     holder = mlflow.MlflowClient().get_registered_model(name).aliases.get(cfg.champion_alias)
     mlflow.set_tag(tag.AUTO_PROMOTED, str(str(holder) == str(version)).lower())
