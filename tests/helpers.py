@@ -58,21 +58,13 @@ def write_project(root: Path, recipe_yaml: str, rows: list[dict] | None = None, 
 def use_store(mp, root: Path) -> str:
     """A module fixture's sqlite tracking + registry store in `root` (its working folder too), set through the
     MonkeyPatch `mp` for this process and the servers and runs it starts: the store's URI."""
-    import mlflow
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mp.chdir(root)
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.delenv("MLFLOW_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    forget_active_experiment()
-    return uri
+    return use_server_store(mp, f"sqlite:///{root / 'mlflow.db'}", root)
 
 
 def use_server_store(mp, uri: str, root: Path) -> str:
-    """As `use_store`, for a tracking server at `uri` (see `mlflow_server`): tracking and registry at `uri` for this
-    process and the runs and servers it starts, set through the MonkeyPatch `mp`; `root` is the working folder."""
+    """Tracking and registry at `uri` (a sqlite store, or a tracking server: see `mlflow_server`) for this process and
+    the runs and servers it starts, set through the MonkeyPatch `mp` (undone with it); `root` is the working folder.
+    Returns `uri`."""
     import mlflow
 
     mp.chdir(root)

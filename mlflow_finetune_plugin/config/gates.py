@@ -27,6 +27,15 @@ class Gate(Section):
                           "eval/<metric>, one without is the tuned model's eval/tuned/<metric>.")
     at_least: float | None = Field(None, description="A limit: the version's own metric must be >= this.")
 
+    @property
+    def limits(self) -> list[tuple[str, float]]:
+        """The limits of a limit gate, as (`<=` | `>=`, bound); empty for a comparison."""
+        return [(op, b) for op, b in (("<=", self.at_most), (">=", self.at_least)) if b is not None]
+
+    def broken_limits(self, value: float) -> list[tuple[str, float]]:
+        """The limits `value` breaks (a rounding error's worth of slack)."""
+        return [(op, b) for op, b in self.limits if (value > b + 1e-12 if op == "<=" else value < b - 1e-12)]
+
     @model_validator(mode="before")
     @classmethod
     def _limit_compares_with_nothing(cls, data):

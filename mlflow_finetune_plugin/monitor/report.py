@@ -84,11 +84,12 @@ def log(report: Report) -> str | None:
     client = MlflowClient()
     experiment = report.requests[0].experiment_id or report.experiment_ids[0]
     run_id = _monitoring_run(client, experiment, report.name)
-    metrics = []
+    metrics, last = [], {}
     for w in report.windows:
-        logged = client.get_metric_history(run_id, f"{PREFIX}{w.label}/requests")
-        last = max((m.step for m in logged), default=-1)
-        if w.start_s < last:  # windows logged by an earlier pass stay as they were; the last one may have grown
+        if w.label not in last:
+            logged = client.get_metric_history(run_id, f"{PREFIX}{w.label}/requests")
+            last[w.label] = max((m.step for m in logged), default=-1)
+        if w.start_s < last[w.label]:  # windows logged by an earlier pass stay as they were; the last one may have grown
             continue
         alerts = sum(1 for a in report.alerts if a.window is w)
         for key, value in {**w.metrics, "alerts": float(alerts)}.items():

@@ -21,6 +21,7 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.monitor.watch import Report
 
 TRACES_FILE = "monitor/retrain_traces.json"
+HELD_OUT_FILE = "traffic_eval.jsonl"  # in the project's data/: the traffic rows both versions answer
 NOT_USER_KEYS = ("project_dir",)
 Prompt = namedtuple("Prompt", "messages tools trace_id")  # what a distill teacher's `answers` reads
 
@@ -109,7 +110,7 @@ def write_project(retrain: Retrain, recipe: dict, sources: list[str], name: str)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         for row in retrain.rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with open(folder / "data" / "traffic_eval.jsonl", "w", encoding="utf-8") as f:
+    with open(folder / "data" / HELD_OUT_FILE, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in retrain.held_out)
     data["train"] = "data/train.jsonl"
     data["format"] = "auto" if len(sources) != 1 else data.get("format", "auto")
@@ -147,7 +148,7 @@ def retrain(report: Report, name: str, params: dict | None = None, backend_confi
     from mlflow_finetune_plugin.registry.promotion import promote, recipe_gates
     from mlflow_finetune_plugin.serving import parity
 
-    served = sorted({r.served for r in report.requests if ":" not in r.served}, key=int)
+    served = sorted({r.version for r in report.requests if not r.base}, key=int)
     if not served:
         raise FinetuneError(f"--retrain: no traffic of a version of {name} to learn from")
     _, alias = recipe_gates(name, served[-1])
@@ -167,7 +168,7 @@ def retrain(report: Report, name: str, params: dict | None = None, backend_confi
     record_lineage(submitted.run_id, rows)
     (new,) = [v for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
               if v.run_id == submitted.run_id or v.tags.get(tags.SOURCE_RUN) == submitted.run_id]
-    if not _better_on_traffic(name, str(new.version), version, project, own, echo):
+    if not _better_on_traffic(name, str(new.version), version, rows, own, echo):
         return None
     result = promote(name, str(new.version), alias, check_parity=parity.check)  # served as evaluated, too
     echo(result.report())
@@ -182,30 +183,29 @@ def _teacher(recipe: dict):
     return teacher_of(DistillConfig.model_validate(given)) if given and given.get("teacher") else None
 
 
-def _better_on_traffic(name: str, new: str, old: str, project: Path, own, echo) -> bool:
+def _better_on_traffic(name: str, new: str, old: str, rows: Retrain, own, echo) -> bool:
     """Both versions answer the held-out traffic (no prompt-only contenders): is the new one at least as good on
-    the recipe's first gate metric?"""
+    the recipe's first comparing gate metric?"""
     from mlflow_finetune_plugin.evaluate.contenders import evaluate_model_uri
+    from mlflow_finetune_plugin.metrics import lower_is_better
+    from mlflow_finetune_plugin.registry.promotion import ARENA_GATE
 
-    held_out = project / "data" / "traffic_eval.jsonl"
-    if not held_out.read_text().strip():
+    if not rows.held_out:
         echo("No traffic rows held out (fewer than 4 rows): the new version is gated on the old held-out set only.")
         return True
-    from mlflow_finetune_plugin.metrics import lower_is_better
-
     gates = (own.recipe.get("registry") or {}).get("promote_if") or []
     # the recipe's first comparison (a limit compares with nothing), else rougeL
     metric = next((g["metric"] for g in gates if g.get("at_most") is None and g.get("at_least") is None
-                   and g.get("metric") != "arena_above"), "rougeL")
+                   and g.get("metric") != ARENA_GATE), "rougeL")
     scores = {}
     for version in (new, old):
-        result, _ = evaluate_model_uri(f"models:/{name}/{version}", data=str(held_out), contenders=[],
-                                       forgetting=False, traces=False)
+        result, _ = evaluate_model_uri(f"models:/{name}/{version}", data=str(rows.project / "data" / HELD_OUT_FILE),
+                                       contenders=[], forgetting=False, traces=False)
         scores[version] = result.metrics.get(f"eval/tuned/{metric}")
-    echo(f"On {len(held_out.read_text().splitlines())} held-out traffic rows, {metric}: v{new} {scores[new]:.4f}, "
-         f"v{old} {scores[old]:.4f}")
-    worse = scores[new] > scores[old] if lower_is_better(metric) else scores[new] < scores[old]
-    if scores[new] is None or scores[old] is None or worse:
-        echo(f"=> not promoted: v{new} is worse than v{old} on the held-out traffic")
+    echo(f"On {len(rows.held_out)} held-out traffic rows, {metric}: " + ", ".join(
+        f"v{v} {'-' if scores[v] is None else f'{scores[v]:.4f}'}" for v in (new, old)))
+    if scores[new] is None or scores[old] is None or (
+            scores[new] > scores[old] if lower_is_better(metric) else scores[new] < scores[old]):
+        echo(f"=> not promoted: v{new} is worse than v{old} on the held-out traffic (or {metric} was not scored)")
         return False
     return True

@@ -44,6 +44,15 @@ class Request:
     experiment_id: str | None = None
     judge: bool | None = None        # the latest verdict of NAME's LLM judge stored on the trace (monitor/judge.py)
 
+    @property
+    def version(self) -> str:
+        """The registered version behind the answer (`3` for both `3` and its base side `3:base`)."""
+        return self.served.split(":")[0]
+
+    @property
+    def base(self) -> bool:
+        return self.served.endswith(":base")
+
 
 def experiment_ids(experiments: tuple[str, ...] | list[str]) -> list[str]:
     """The ids of the named experiments (names or ids); every experiment in the store when none is named. Raises

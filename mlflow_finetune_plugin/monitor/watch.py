@@ -58,7 +58,7 @@ def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = Non
     instead of BM25, over the recipe's monitor.embedding."""
     ids = experiment_ids(experiments)
     requests = read_requests(name, ids, since, until)
-    versions = sorted({r.served.split(":")[0] for r in requests}, key=int)
+    versions = sorted({r.version for r in requests}, key=int)
     lineages = {v: lineage(name, v) for v in versions}
     newest = lineages[versions[-1]] if versions else None
     window = window or (newest.monitor.window if newest else "1d")
@@ -74,15 +74,14 @@ def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = Non
     languages = [drift.language_of(r.question) for r in requests]
     passes = (judged(requests, judge, name=name, notes=report.notes, store=store_judgments) if judge
               else stored(requests, name, report.notes))
-    for (start, served), index in group(requests, window_seconds(window)).items():
-        own = lineages[served.split(":")[0]]
-        main_language = novelty[served.split(":")[0]].language if novelty.get(served.split(":")[0]) else None
-        w = Window(start, window_seconds(window), served)
+    seconds = window_seconds(window)
+    for (start, served), index in group(requests, seconds).items():
+        own = lineages[requests[index[0]].version]
+        main_language = novelty[own.version].language if novelty.get(own.version) else None
+        w = Window(start, seconds, served)
         w.metrics, w.examples = summarize(requests, index, new, languages, main_language, passes)
         w.metrics.update(corrected_quality(requests, index, own.structured, own.json_schema))
         report.windows.append(w)
-    for w in report.windows:
-        own = lineages[w.served.split(":")[0]]
         report.alerts += check(w, gates if gates is not None else own.monitor.gates,
                                min_requests or own.monitor.min_requests)
     report.topics = _topics(requests, new)
@@ -98,10 +97,9 @@ def check(w: Window, gates: list[Gate], min_requests: int) -> list[Alert]:
         value = w.metrics.get(gate.metric)
         if value is None:
             continue
-        broken = [f"{op} {bound:g}" for op, bound in (("<=", gate.at_most), (">=", gate.at_least))
-                  if bound is not None and (value > bound + 1e-12 if op == "<=" else value < bound - 1e-12)]
-        if broken:
-            alerts.append(Alert(w, gate.metric, value, broken[0], w.examples.get(gate.metric, [])[:EXAMPLES]))
+        if broken := gate.broken_limits(value):
+            op, bound = broken[0]
+            alerts.append(Alert(w, gate.metric, value, f"{op} {bound:g}", w.examples.get(gate.metric, [])[:EXAMPLES]))
     return alerts
 
 
@@ -128,7 +126,7 @@ def _novelty(requests: list[Request], lineages: dict[str, Lineage], notes: list[
 def _by_version(requests: list[Request]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for i, r in enumerate(requests):
-        out.setdefault(r.served.split(":")[0], []).append(i)
+        out.setdefault(r.version, []).append(i)
     return out
 
 

@@ -127,8 +127,8 @@ def _limit_check(gate: Gate, own: dict, own_run: str | None, mv, missing: list) 
     value = own.get(key)
     if value is None:
         missing.append(f"{key} in run {own_run} (v{mv.version})")
-    bounds = [(op, bound) for op, bound in (("<=", gate.at_most), (">=", gate.at_least)) if bound is not None]
-    passed = value is not None and all(value <= b + 1e-12 if op == "<=" else value >= b - 1e-12 for op, b in bounds)
+    bounds = gate.limits
+    passed = value is not None and not gate.broken_limits(value)
     return GateCheck(gate.metric, " and ".join(f"{op} {b:g}" for op, b in bounds),
                      "min" if gate.at_most is not None else "max", 0.0, value, bounds[0][1], passed,
                      "" if value is not None else "metric missing")
