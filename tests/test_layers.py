@@ -32,7 +32,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("config", "models"),
     ("tracking",),  # MLflow logging helpers over the tag names
-    ("errors", "tags", "paths", "messages", "stops", "metrics", "vllm_rules", "assets"),
+    ("errors", "tags", "paths", "messages", "stops", "metrics", "vllm_rules", "retriever", "assets"),
 )
 # The package's own __init__ (the version) sits below every floor.
 TRAINING = (f"{ROOT}.train",)

@@ -17,10 +17,9 @@ def is_registered(teacher: str) -> bool:
     return teacher.startswith(MODELS_PREFIX)
 
 
-class DistillConfig(Section):
-    """The teacher that answers the prompts of `data.train` (and `data.eval`): a file of prompts or chats, or
-    `traces:EXPERIMENT`. Its answers are cached (a rerun or a resumed run asks only for prompts not answered yet)
-    and logged with the run as `distill/answers.jsonl`."""
+class TeacherConfig(Section):
+    """A teacher model and how it is asked: an OpenAI-compatible server, or a registered model run here. Shared by
+    `distill:` (it answers prompts) and `questions:` (it writes questions from documents)."""
 
     teacher: str | None = Field(
         None, description="An OpenAI-compatible server's base URL (http://HOST:PORT/v1), or a registered model run "
@@ -38,17 +37,6 @@ class DistillConfig(Section):
                                                               "(OpenAI's `stop`).")
     temperature: float = Field(0.0, ge=0.0, description="0: greedy (the same prompt, the same answer).")
     timeout_s: float = Field(120.0, gt=0, description="Seconds one answer may take before the request fails.")
-    loss: Literal["text", "logits"] = Field(
-        "text", description="text: the student learns the teacher's answers as text (any teacher). logits: also "
-                            "KL(teacher || student) on every answer token, beside the SFT loss: a registered "
-                            "teacher (run here) sharing the student's tokenizer.")
-    kl_weight: float = Field(1.0, gt=0, description="logits: the weight of the KL term against the SFT loss.")
-    max_prompts: int | None = Field(
-        None, gt=0, description="The most prompts the run asks the teacher for (a paid teacher is paid per token): "
-                                "the held-out prompts first (at most eval.max_examples), then the first training "
-                                "prompts up to the cap. Empty: every prompt the run uses (after data.max_rows, "
-                                "eval.max_examples and data.eval_split).")
-
     @field_validator("teacher")
     @classmethod
     def _teacher(cls, value):
@@ -63,3 +51,20 @@ class DistillConfig(Section):
             raise ValueError("expected an OpenAI-compatible base URL (http://HOST:PORT/v1) or a registered model "
                              "(models:/NAME@ALIAS, models:/NAME/VERSION)")
         return value
+
+
+class DistillConfig(TeacherConfig):
+    """The teacher that answers the prompts of `data.train` (and `data.eval`): a file of prompts or chats, or
+    `traces:EXPERIMENT`. Its answers are cached (a rerun or a resumed run asks only for prompts not answered yet)
+    and logged with the run as `distill/answers.jsonl`."""
+
+    loss: Literal["text", "logits"] = Field(
+        "text", description="text: the student learns the teacher's answers as text (any teacher). logits: also "
+                            "KL(teacher || student) on every answer token, beside the SFT loss: a registered "
+                            "teacher (run here) sharing the student's tokenizer.")
+    kl_weight: float = Field(1.0, gt=0, description="logits: the weight of the KL term against the SFT loss.")
+    max_prompts: int | None = Field(
+        None, gt=0, description="The most prompts the run asks the teacher for (a paid teacher is paid per token): "
+                                "the held-out prompts first (at most eval.max_examples), then the first training "
+                                "prompts up to the cap. Empty: every prompt the run uses (after data.max_rows, "
+                                "eval.max_examples and data.eval_split).")

@@ -18,6 +18,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mlflow_finetune_plugin.config.distill import DistillConfig
+from mlflow_finetune_plugin.config.documents import QuestionsConfig, RetrievalConfig
 from mlflow_finetune_plugin.config.evaluation import EvalConfig, general_text_file
 from mlflow_finetune_plugin.config.gates import Gate
 from mlflow_finetune_plugin.config.monitor import MonitorConfig
@@ -295,6 +296,16 @@ class DataConfig(Section):
     traces: TracesConfig | None = Field(None, description="Which traces a traces: source reads, and how feedback "
                                                           "and expectations count (docs/traces.md).")
     eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share of train when no eval file is given.")
+    documents: str | None = Field(
+        None, description="A folder or glob of documents (Markdown, text, HTML, PDF), relative to the project: "
+                          "chunked, retrieved from (`retrieval:`), and the source of question rows "
+                          "(`questions:`) where data.train gives none (docs/documents.md).")
+    documents_holdout: list[str] | float = Field(
+        default_factory=list, description="Whole documents kept out of training, whose questions are the unseen "
+                                          "held-out set: paths or globs relative to data.documents, or a share "
+                                          "(0-1) of the documents picked by train.seed.")
+    chunk_tokens: int = Field(256, ge=16, description="The longest chunk, in tokens of the model's tokenizer; "
+                                                      "documents split along headings and paragraphs first.")
     format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "preference",
                     "prompt_only", "unpaired_preference"] = Field("auto", description="auto: detected from each file's own rows, so train and "
                                                                "eval may be in different formats.")
@@ -441,6 +452,9 @@ class Recipe(Section):
     kto: KTOConfig = KTOConfig()
     data: DataConfig = DataConfig()
     distill: DistillConfig | None = Field(None, description="A teacher answers data.train's prompts (-e distill).")
+    retrieval: RetrievalConfig = Field(RetrievalConfig(), description="Retrieval over data.documents' chunks.")
+    questions: QuestionsConfig | None = Field(
+        None, description="A teacher writes question rows from data.documents' chunks (docs/documents.md).")
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
