@@ -24,7 +24,14 @@ LOWER_IS_BETTER = ("loss", "perplexity", "misrouted", "prompt_tokens", "latency_
 # similar to the question (BM25); optimized: the instruction and shots a search on a dev split of the train rows
 # found best (evaluate/prompt_search.py); tuned: the fine-tuned model; length: a reward model's rule-of-thumb rival, "the
 # longer answer wins".
-CONTENDERS = ("teacher", "base", "fewshot", "retrieval", "optimized", "length", "tuned")
+# rag: the base model with the chunks of data.documents most similar to the question in its prompt; tuned-rag: the
+# tuned model with them (documents recipes: evaluate/documents.py).
+CONTENDERS = ("teacher", "base", "fewshot", "retrieval", "rag", "optimized", "length", "tuned", "tuned-rag")
+RAG, TUNED_RAG = "rag", "tuned-rag"
+# A documents recipe's second held-out set, questions on documents that never trained: eval/unseen/<contender>/<m>.
+UNSEEN_PREFIX = "eval/unseen/"
+# How often the chunk holding the answer was among the k retrieved: eval/rag/recall_at_k (and under UNSEEN_PREFIX).
+RECALL = "recall_at_k"
 OPTIMIZED = "optimized"
 TEACHER = "teacher"
 # What an answer costs, per contender, logged as eval/<contender>/<name> beside the quality metrics and shown under
@@ -38,10 +45,10 @@ COST_METRICS = ("prompt_tokens", "answer_tokens", "latency_s", "tokens_per_s", "
 AGREEMENT_METRICS = ("exact_match", "token_f1", "rougeL", "chrf")
 AGREES_WITH_TEACHER, AGREES_WITH_EXPECTED = "teacher_", "expected_"
 # The prompt-only alternatives to fine-tuning, cheapest first: what the verdict and the default gates weigh it against.
-ALTERNATIVES = ("base", "fewshot", "retrieval", "optimized", "length")
+ALTERNATIVES = ("base", "fewshot", "retrieval", "rag", "optimized", "length")
 # How the verdict names each alternative.
 ALTERNATIVE_LABELS = {"base": "zero-shot prompting", "fewshot": "few-shot prompting",
-                      "retrieval": "retrieval prompting",
+                      "retrieval": "retrieval prompting", "rag": "RAG over the documents",
                       "optimized": "the optimized prompt", "length": "the longer answer winning"}
 # Forgetting figures (general-text loss and perplexity, base and tuned) are logged under this prefix.
 FORGETTING_PREFIX = "eval/forgetting/"

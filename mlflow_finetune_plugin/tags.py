@@ -79,6 +79,8 @@ VERDICT_BEST_ALTERNATIVE = "finetune.verdict.best_alternative"  # base | fewshot
 VERDICT_PAID_OFF = "finetune.verdict.paid_off"    # "true" only when the bootstrap interval of the margin is above 0
 # "true" when the optimized prompt ties or beats the tuned model (set only where the optimized contender was scored)
 VERDICT_KEEP_PROMPT = "finetune.verdict.keep_prompt"
+VERDICT_DEPLOY = "finetune.verdict.deploy"        # documents recipes: base | rag | tuned | tuned-rag, what to deploy
+DOCUMENTS_DIGEST = "finetune.documents.digest"    # the digest of the chunks of data.documents a run used
 EVAL_CONTENDERS = "finetune.eval.contenders"       # the contenders scored, and why the others were not
 # A registered optimized prompt's version (registry/prompts.py): its run, its base model, the model version registered
 # beside it, and its shots (a count, or retrieved ones that the prompt does not keep). On the run: the prompt's version.

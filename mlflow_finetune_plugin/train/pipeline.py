@@ -16,6 +16,7 @@ from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.data import splits
 from mlflow_finetune_plugin.evaluate import forgetting
 from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
+from mlflow_finetune_plugin.evaluate.deploy import conclude_documents
 from mlflow_finetune_plugin.evaluate.verdict import conclude
 from mlflow_finetune_plugin.logged_model import chat_template_hash
 from mlflow_finetune_plugin.models import kernels
@@ -24,7 +25,16 @@ from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, 
 from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recipe_autocast_bf16
 from mlflow_finetune_plugin.models.template_clock import pinned_clock
 from mlflow_finetune_plugin.tags import lineage_tags
-from mlflow_finetune_plugin.train import publish, quantization, reach, rehearsal, resume, templates, trainers
+from mlflow_finetune_plugin.train import (
+    documents,
+    publish,
+    quantization,
+    reach,
+    rehearsal,
+    resume,
+    templates,
+    trainers,
+)
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach, lora
 from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, Heartbeat, MlflowMetrics, TimeLeft
 from mlflow_finetune_plugin.train.objectives import objective_of, sft
@@ -52,14 +62,19 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     # prompts first, once (rank 0), and its answers are the rows.
     if recipe.distill is not None and recipe.distill.teacher:
         recipe = distill.answered(recipe, run_id, main)
-    data = splits.load_splits(recipe)
+    # A documents recipe's rows need the tokenizer (chunk sizes): they are made once it is loaded.
+    data = None if recipe.data.documents else splits.load_splits(recipe)
     general_text = forgetting.read_set(recipe)  # eval.forgetting's texts ([] when off)
     if main:
-        tags.update(splits.log_inputs(recipe, data))
+        if data is not None:
+            tags.update(splits.log_inputs(recipe, data))
         mlflow.set_tags(tags)
 
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code,
                                recipe.model.chat_template, recipe.project_dir)
+    prepared = documents.prepare(recipe, tokenizer, run_id, main) if recipe.data.documents else None
+    if prepared is not None:
+        data = prepared.splits
     data = templates.for_template(recipe, data, tokenizer, main)  # system handling, told once
     # Adapter weights start random (LoRA's A, prompt embeddings): seeded, a run is repeatable and a resumed run
     # continues the one it resumes. Trainer seeds again, but only once the model exists.
@@ -123,10 +138,13 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     # Base zero-shot, few-shot and with retrieved shots, and tuned, on the held-out rows; a full fine-tune needs the
     # base loaded apart, and only when there is something to evaluate.
     stops.enter("evaluate")  # each batch of answers is progress
-    if data.task_evals if data.is_mixture else data.eval is not None:
+    scored = None
+    if prepared is not None or (data.task_evals if data.is_mixture else data.eval is not None):
         base = _base_contender(recipe, adapter, tokenizer, starting_rows)
         with tracking.results_at_step(last_step):
-            if data.is_mixture:  # mixtures train with sft only
+            if prepared is not None:  # zero-shot, RAG, tuned, tuned + RAG on known and unseen documents
+                scored = _evaluate_documents(recipe, tuned, tokenizer, prepared, base)
+            elif data.is_mixture:  # mixtures train with sft only
                 sft.evaluate_tasks(recipe, tuned, tokenizer, data.tasks, data.task_evals, base)
             else:
                 objective.evaluate(recipe, tuned, tokenizer, data.train, data.eval, base)
@@ -135,7 +153,8 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
         del base
     stops.enter("publish")
     # Did it pay off against the best prompt-only alternative? Tagged before publishing: the model card says it.
-    verdict = conclude(run_id, recipe.registry.promote_if)
+    verdict = conclude(run_id, recipe.registry.promote_if) if prepared is None else \
+        conclude_documents(run_id, scored or {}, recipe.retrieval.k, recipe.registry.promote_if)
 
     stops.check()
     tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))
@@ -145,10 +164,23 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
                    for name, ds in data.tasks.items()}
         publish.log_per_task(recipe, tuned, tokenizer, config, tags, prompts)
     else:
-        publish.log_and_register(recipe, tuned, tokenizer, config, tags)
+        publish.log_and_register(recipe, tuned, tokenizer, config, tags,
+                                 retriever=prepared.retriever if prepared and recipe.retrieval.raft else None)
     print(f"\nVerdict: {verdict.sentence()}")
     if verdict.cost:
         print(verdict.cost)
+
+
+def _evaluate_documents(recipe, tuned, tokenizer, prepared, base) -> dict:
+    """The documents recipe's four contenders on its two held-out sets; the per-example scores the verdict weighs."""
+    from mlflow_finetune_plugin.data.document_rows import KNOWN, UNSEEN
+    from mlflow_finetune_plugin.evaluate.documents import evaluate_documents
+    from mlflow_finetune_plugin.evaluate.verdict import per_example_scores
+
+    results = evaluate_documents(recipe.eval, tuned, tokenizer, {KNOWN: prepared.sets.known,
+                                                                 UNSEEN: prepared.sets.unseen},
+                                 prepared.retriever, base, served_with_retrieval=recipe.retrieval.raft)
+    return {name: per_example_scores(result.rows) for name, result in results.items()}
 
 
 def _model_config(recipe, adapter, data, tokenizer, base_ref: str, base_revision) -> dict:

@@ -43,11 +43,15 @@ def log_recipe(recipe, run_id: str, base_ref: str, vllm: tuple[bool, str]) -> di
 
 
 def log_and_register(recipe, model, tokenizer, config: dict, tags: dict, name: str = "model",
-                     registered_name: str | None = None) -> None:
+                     registered_name: str | None = None, retriever=None) -> None:
     """Log the model in the active run and register it (alias, lineage tags, auto-promotion per the recipe); a
-    reward model is logged as a scorer of (prompt, answer) pairs."""
-    log = log_reward_model if recipe.objective in SCORING else log_finetuned_model
-    info = log(model, tokenizer, config=config, name=name)
+    reward model is logged as a scorer of (prompt, answer) pairs. A model trained with retrieval carries its
+    `retriever` (chunks and settings) and retrieves when it answers."""
+    if recipe.objective in SCORING:
+        info = log_reward_model(model, tokenizer, config=config, name=name)
+    else:
+        info = log_finetuned_model(model, tokenizer, config=config, name=name,
+                                   **({"retriever": retriever} if retriever is not None else {}))
     mlflow.set_tags(tags)
     registered_name = registered_name or recipe.registry.name
     card = model_card.build(recipe, mlflow.active_run().info.run_id, config, registered_name)

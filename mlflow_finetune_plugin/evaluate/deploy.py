@@ -1,0 +1,196 @@
+"""The verdict of a documents recipe: prompting, RAG, fine-tuning, or both? (`documents.py` scores them.)
+
+On each held-out set (questions on known documents, on unseen documents), the best contender on the primary metric
+is weighed against each other one pair by pair, with the paired bootstrap of `verdict.py`: it *beats* another when
+the 95% interval of the difference lies above 0, and *ties* it otherwise. What to deploy is the cheapest contender
+per answer that no other beats beyond the noise on any scored set, in this order: zero-shot (no training, no
+context), the tuned model alone (no context), RAG (the chunks in every prompt), the tuned model with RAG. When every
+contender is beaten somewhere, the best on known documents is named. The verdict says why, with what an answer costs
+(prompt tokens with the retrieved chunks against none, latency) and how often retrieval found the chunk holding the
+answer (recall@k).
+
+It is set as the run's verdict tags (`finetune.verdict`, `.paid_off`: fine-tuning is part of what to deploy,
+`.best_alternative`: the better of zero-shot and RAG, `.deploy`) and metrics (`eval/verdict/margin*`: what to
+deploy over the best prompt-only contender on known documents).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin.data.document_rows import KNOWN, UNSEEN
+from mlflow_finetune_plugin.evaluate.verdict import MIN_EXAMPLES, paired_bootstrap, primary_metric
+from mlflow_finetune_plugin.metrics import (
+    RAG,
+    RECALL,
+    TUNED_RAG,
+    UNSEEN_PREFIX,
+    VERDICT_PREFIX,
+    lower_is_better,
+)
+
+# Cheapest per answer first.
+ORDER = ("base", "tuned", RAG, TUNED_RAG)
+LABELS = {"base": "zero-shot", "tuned": "the tuned model alone", RAG: "RAG on the base model",
+          TUNED_RAG: "the tuned model with RAG"}
+
+
+@dataclass
+class Comparison:
+    other: str
+    mean: float
+    low: float        # 95% interval of (best - other), in the metric's better direction
+    high: float
+
+    @property
+    def beaten(self) -> bool:
+        return self.low > 0
+
+
+@dataclass
+class SetVerdict:
+    name: str
+    n: int
+    best: str
+    means: dict[str, float]
+    comparisons: list[Comparison]
+
+    def sentence(self, metric: str) -> str:
+        parts = []
+        for c in self.comparisons:
+            how = "beats" if c.beaten else "ties"
+            parts.append(f"{how} {LABELS[c.other]} ({c.mean:.2f}; {c.low:+.2f} to {c.high:+.2f})")
+        return (f"on {self.name} documents ({self.n} questions), {LABELS[self.best]} scores {metric} "
+                f"{self.means[self.best]:.2f} and " + ", ".join(parts))
+
+    def beaten(self, contender: str) -> bool:
+        return any(c.other == contender and c.beaten for c in self.comparisons)
+
+
+@dataclass
+class DocumentsVerdict:
+    deploy: str | None
+    metric: str = ""
+    sets: list[SetVerdict] = field(default_factory=list)
+    why: str = ""
+    cost: str = ""
+    reason: str = ""              # why there is no verdict
+    margin: tuple[float, float, float] | None = None  # deploy - best prompt-only on known: mean, low, high
+
+    @property
+    def paid_off(self) -> bool:
+        return self.deploy in ("tuned", TUNED_RAG)
+
+    def sentence(self) -> str:
+        if self.deploy is None:
+            return f"no verdict: {self.reason}"
+        said = "; ".join(s.sentence(self.metric) for s in self.sets)
+        return f"deploy {LABELS[self.deploy]} ({self.deploy}): {self.why}. {said[0].upper()}{said[1:]}" \
+               "  (95% intervals of the best minus each)"
+
+    def as_tags(self) -> dict[str, str]:
+        known = next((s for s in self.sets if s.name == KNOWN), None)
+        alternative = max(("base", RAG), key=lambda c: known.means.get(c, float("-inf"))) if known else "none"
+        return {tags.VERDICT: self.sentence(), tags.VERDICT_PAID_OFF: str(self.paid_off).lower(),
+                tags.VERDICT_BEST_ALTERNATIVE: alternative, tags.VERDICT_DEPLOY: self.deploy or "none"}
+
+    def as_metrics(self) -> dict[str, float]:
+        if self.margin is None:
+            return {}
+        return dict(zip((f"{VERDICT_PREFIX}margin", f"{VERDICT_PREFIX}margin_low", f"{VERDICT_PREFIX}margin_high"),
+                        self.margin))
+
+
+def weigh_set(name: str, scores: dict[str, list[float | None]], metric: str) -> SetVerdict | None:
+    """The best contender of one set and how it compares with each other (None when fewer than two were scored)."""
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    scored = {c: v for c in ORDER if (v := scores.get(c))}
+    if len(scored) < 2:
+        return None
+    means = {c: _mean([x for x in v if x is not None]) for c, v in scored.items()}
+    # ties on the mean go to the cheaper contender (ORDER)
+    best = max(scored, key=lambda c: (sign * means[c], -ORDER.index(c)))
+    comparisons = []
+    for other in [c for c in scored if c != best]:
+        pairs = [(b, o) for b, o in zip(scored[best], scored[other]) if b is not None and o is not None]
+        low, high = paired_bootstrap([sign * b for b, _ in pairs], [sign * o for _, o in pairs])
+        if len(pairs) < MIN_EXAMPLES:
+            low = min(low, 0.0)  # too few to tell: never called beaten
+        comparisons.append(Comparison(other, means[other], low, high))
+    return SetVerdict(name, len(next(iter(scored.values()))), best, means, comparisons)
+
+
+def decide(per_set: dict[str, dict[str, dict[str, list]]], gates=None) -> DocumentsVerdict:
+    """The verdict from per-example scores: set name -> contender -> metric -> values."""
+    known = per_set.get(KNOWN) or next(iter(per_set.values()), {})
+    metric = primary_metric(gates, known) if known else None
+    if metric is None:
+        return DocumentsVerdict(None, reason="no held-out question was scored")
+    sets = [v for name in (KNOWN, UNSEEN) if name in per_set
+            and (v := weigh_set(name, {c: m.get(metric) for c, m in per_set[name].items()}, metric))]
+    if not sets:
+        return DocumentsVerdict(None, metric, reason="fewer than two contenders were scored")
+    standing = [c for c in ORDER if all(c in s.means and not s.beaten(c) for s in sets)]
+    if standing:
+        deploy = standing[0]
+        cheaper = [c for c in ORDER[: ORDER.index(deploy)] if any(c in s.means for s in sets)]
+        why = "no other contender beats it beyond the noise on " + ("either set" if len(sets) > 1 else "the set")
+        if cheaper:
+            losing = [f"{c} on {s.name} documents" for c in cheaper for s in sets if s.beaten(c)]
+            why += f", and each cheaper one is beaten ({', '.join(losing)})"
+    else:
+        deploy = sets[0].best
+        why = f"it is the best on {sets[0].name} documents, and every contender is beaten on some set"
+    return DocumentsVerdict(deploy, metric, sets, why, margin=_margin(deploy, per_set.get(KNOWN), metric))
+
+
+def _margin(deploy: str, scores: dict | None, metric: str) -> tuple[float, float, float] | None:
+    """`deploy` minus the better prompt-only contender (zero-shot or RAG) on known documents, better direction."""
+    if not scores or deploy in ("base", RAG):
+        return None
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    prompt_only = [c for c in ("base", RAG) if (scores.get(c) or {}).get(metric)]
+    if not prompt_only or not (scores.get(deploy) or {}).get(metric):
+        return None
+    best = max(prompt_only, key=lambda c: sign * _mean([x for x in scores[c][metric] if x is not None]))
+    pairs = [(d, o) for d, o in zip(scores[deploy][metric], scores[best][metric]) if d is not None and o is not None]
+    low, high = paired_bootstrap([sign * d for d, _ in pairs], [sign * o for _, o in pairs])
+    return sign * (_mean([d for d, _ in pairs]) - _mean([o for _, o in pairs])), low, high
+
+
+def cost_sentence(metrics: dict[str, float], k: int) -> str:
+    """What an answer costs with retrieval against without, and how often retrieval found the answer's chunk."""
+    def get(name, contender, prefix="eval/"):
+        return metrics.get(f"{prefix}{contender}/{name}")
+
+    parts = []
+    if get("prompt_tokens", TUNED_RAG) is not None and get("prompt_tokens", "tuned") is not None:
+        parts.append(f"with retrieval an answer reads {get('prompt_tokens', TUNED_RAG):.0f} prompt tokens against "
+                     f"{get('prompt_tokens', 'tuned'):.0f} without")
+    if get("latency_s", TUNED_RAG) is not None and get("latency_s", "tuned") is not None:
+        parts.append(f"median latency {get('latency_s', TUNED_RAG):.3f} s against {get('latency_s', 'tuned'):.3f} s "
+                     "on this machine")
+    recalls = [(where, value) for where, prefix in ((KNOWN, "eval/"), (UNSEEN, UNSEEN_PREFIX))
+               if (value := get(RECALL, RAG, prefix)) is not None]
+    if recalls:
+        parts.append(f"retrieval recall@{k} " + ", ".join(f"{v:.2f} on {w} documents" for w, v in recalls))
+    return ("Cost per answer: " + "; ".join(parts) + ".") if parts else ""
+
+
+def conclude_documents(run_id: str, per_set: dict, k: int, gates=None) -> DocumentsVerdict:
+    """Decide, set the run's verdict tags and metrics, and return the verdict."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    verdict = decide(per_set, gates)
+    verdict.cost = cost_sentence(client.get_run(run_id).data.metrics, k)
+    for key, value in verdict.as_tags().items():
+        client.set_tag(run_id, key, value[:5000])
+    for key, value in verdict.as_metrics().items():
+        client.log_metric(run_id, key, value)
+    return verdict
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
