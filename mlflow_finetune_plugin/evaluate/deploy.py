@@ -137,8 +137,9 @@ def decide(per_set: dict[str, dict[str, dict[str, list]]], gates=None) -> Docume
         cheaper = [c for c in ORDER[: ORDER.index(deploy)] if any(c in s.means for s in sets)]
         why = "no other contender beats it beyond the noise on " + ("either set" if len(sets) > 1 else "the set")
         if cheaper:
-            losing = [f"{c} on {s.name} documents" for c in cheaper for s in sets if s.beaten(c)]
-            why += f", and each cheaper one is beaten ({', '.join(losing)})"
+            losing = [f"{LABELS[c]} on {' and '.join(s.name for s in sets if s.beaten(c))} documents"
+                      for c in cheaper]
+            why += f", and each cheaper one is beaten: {'; '.join(losing)}"
     else:
         deploy = sets[0].best
         why = f"it is the best on {sets[0].name} documents, and every contender is beaten on some set"

@@ -117,7 +117,8 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
             rehearsal.after_training(recipe, objective, model, tokenizer, data, general_text,
                                      lambda: _base_contender(recipe, adapter, tokenizer, starting_rows),
                                      _model_config(recipe, adapter, data, tokenizer, base_ref, base_revision),
-                                     sft.evaluate_tasks)
+                                     sft.evaluate_tasks, prepared and (lambda small, m, t, b: _evaluate_documents(
+                                         small, m, t, prepared, b)))
         with fp32_where_it_matters(model, autocast):
             if per_task:
                 trainers.train_per_task(recipe, objective, model, tokenizer, data.tasks, data.task_evals, args)

@@ -98,19 +98,22 @@ def training_step(trainer) -> None:
 
 
 def after_training(recipe, objective, model, tokenizer, data, general_text: list[str], load_base, config: dict,
-                   evaluate_tasks=None) -> None:
+                   evaluate_tasks=None, evaluate_documents=None) -> None:
     """Evaluation, forgetting check, verdict and model save of the run, on `ROWS` rows, in a throwaway nested run.
 
     `load_base` loads the base contender the way the pipeline does after training (None when the adapter's own
-    disabled state is the base); `config` is the logged model's config; `evaluate_tasks` scores a mixture."""
+    disabled state is the base); `config` is the logged model's config; `evaluate_tasks` scores a mixture, `evaluate_documents(recipe, model, tokenizer, base)` a documents recipe's
+    sets (returning their per-example scores)."""
     import mlflow
 
     from mlflow_finetune_plugin.evaluate import forgetting
+    from mlflow_finetune_plugin.evaluate.deploy import conclude_documents
     from mlflow_finetune_plugin.evaluate.verdict import conclude
 
     started = time.perf_counter()
     small = _small(recipe)
-    evaluated = data.task_evals if data.is_mixture else data.eval
+    evaluated = evaluate_documents is not None or (data.task_evals if data.is_mixture else data.eval)
+    scored = None
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     parent = mlflow.active_run()
@@ -123,7 +126,9 @@ def after_training(recipe, objective, model, tokenizer, data, general_text: list
             if evaluated and recipe.eval.enabled:
                 with stage("evaluation"):
                     base = load_base()
-                    if data.is_mixture:
+                    if evaluate_documents is not None:
+                        scored = evaluate_documents(small, model, tokenizer, base)
+                    elif data.is_mixture:
                         evals = {name: _head(ds) for name, ds in data.task_evals.items()}
                         evaluate_tasks(small, model, tokenizer, data.tasks, evals, base)
                     else:
@@ -133,7 +138,10 @@ def after_training(recipe, objective, model, tokenizer, data, general_text: list
                             forgetting.check(small, general_text[:ROWS], model, tokenizer, base)
                     del base
                 with stage("verdict"):
-                    conclude(run.info.run_id, recipe.registry.promote_if)
+                    if scored is None:
+                        conclude(run.info.run_id, recipe.registry.promote_if)
+                    else:
+                        conclude_documents(run.info.run_id, scored, recipe.retrieval.k, recipe.registry.promote_if)
             _save_and_reload(model, tokenizer, config)
         mlflow.end_run()
     except BaseException:
