@@ -1,0 +1,113 @@
+"""A fine-tune that starts from documents, as a user runs it: `mlflow run DIR --backend finetune` on a folder of
+documents and question rows naming their source, one document held out (docs/documents.md). The tiny model's
+answers are noise; what is checked is that every part runs and records what it says: the documents as an input,
+the RAFT rows, the four contenders on both held-out sets with retrieval's recall, the verdict on what to deploy, and
+the logged model that carries its chunks and retrieves when it answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from tests.helpers import FAST_OVERRIDES, subprocess_env, use_store
+
+DOCS = {
+    "returns.md": "# Returns\n\nRefunds are issued within 17 business days.\n\n## Receipts\n\n"
+                  "Every return needs the receipt code RX-4471.\n",
+    "warranty.txt": "The warranty on the Velmo kettle lasts 29 months.\n\nRepairs go to the Dunmore workshop.\n",
+    "offices.md": "# Offices\n\nThe Quarnby office opens at 7:40 on weekdays.\n\nParking at Quarnby costs 3 tokens.\n",
+}
+FACTS = [("returns.md", "When are refunds issued?", "How long until I get my refund?",
+          "Refunds are issued within 17 business days."),
+         ("returns.md", "What does a return need?", "Which code must come with a return?",
+          "Every return needs the receipt code RX-4471."),
+         ("warranty.txt", "How long is the kettle warranty?", "For how many months is the kettle covered?",
+          "The warranty on the Velmo kettle lasts 29 months."),
+         ("warranty.txt", "Where do repairs go?", "Which workshop does repairs?", "Repairs go to the Dunmore workshop."),
+         ("offices.md", "When does the Quarnby office open?", "What time does Quarnby open?",
+          "The Quarnby office opens at 7:40 on weekdays."),
+         ("offices.md", "What does parking cost at Quarnby?", "How much is Quarnby parking?",
+          "Parking at Quarnby costs 3 tokens.")]
+RECIPE = """data:
+  train: data/train.jsonl
+  eval: data/eval.jsonl
+  documents: docs/
+  documents_holdout: [offices.md]
+  chunk_tokens: 32
+  max_length: 256
+  packing: false
+retrieval:
+  k: 2
+"""
+
+
+def chat(question, answer, source):
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "source": source, "quote": answer}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("documents")
+    project = root / "project"
+    (project / "docs").mkdir(parents=True)
+    (project / "data").mkdir()
+    for name, text in DOCS.items():
+        (project / "docs" / name).write_text(text)
+    (project / "finetune.yaml").write_text(RECIPE)
+    train = [chat(q, a, s) for s, q, _, a in FACTS]
+    held = [chat(q2, a, s) for s, _, q2, a in FACTS if s != "offices.md"]
+    (project / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (project / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    mp = pytest.MonkeyPatch()
+    uri = use_store(mp, root)
+    overrides = {**FAST_OVERRIDES, "eval.max_examples": 4, "eval.fewshot_k": 0}
+    args = [a for k, v in overrides.items() for a in ("-P", f"{k}={v}")]
+    done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "-e", "lora", "--backend", "finetune",
+                           "--experiment-name", "documents", *args], cwd=root, env=subprocess_env(uri),
+                          capture_output=True, text=True, timeout=900)
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("documents").experiment_id])
+    yield done, [r for r in runs if r.data.tags.get("mlflow.runName") != "rehearsal"][0]
+    mp.undo()
+
+
+def test_a_documents_run_scores_four_contenders_on_known_and_unseen_documents(run):
+    done, finished = run
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert finished.info.status == "FINISHED"
+    assert "3 documents, " in out or "3 files" in out  # the documents' report, printed before training
+    assert "Documents: 4 training questions, 2 held out on known documents, 2 on unseen documents; " \
+           "1 of 3 documents held out; RAFT training rows:" in out
+    metrics = finished.data.metrics
+    for contender in ("base", "rag", "tuned", "tuned-rag"):
+        assert f"eval/{contender}/rougeL" in metrics and f"eval/unseen/{contender}/rougeL" in metrics
+    # retrieval's recall is measured, not assumed: the chunk holding each answer among the 2 retrieved
+    assert 0.0 <= metrics["eval/rag/recall_at_k"] <= 1.0 and "eval/unseen/rag/recall_at_k" in metrics
+    assert metrics["eval/rag/prompt_tokens"] > metrics["eval/base/prompt_tokens"]
+    tags = finished.data.tags
+    assert tags["finetune.verdict.deploy"] in ("base", "rag", "tuned", "tuned-rag")
+    assert tags["finetune.verdict"].startswith(("deploy ", "no verdict"))
+    assert "Verdict: " in out and "Cost per answer: with retrieval an answer reads" in out
+    names = {d.dataset.name for d in finished.inputs.dataset_inputs}
+    assert {"documents", "documents-train", "documents-known"} <= names
+
+
+def test_the_logged_model_carries_its_chunks_and_retrieves(run):
+    _, finished = run
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(finished.info.run_id, "documents")}
+    assert "documents/sets.json" in artifacts
+    (model,) = mlflow.search_logged_models(experiment_ids=[finished.info.experiment_id], output_format="list",
+                                           filter_string=f"source_run_id = '{finished.info.run_id}'")
+    local = mlflow.artifacts.download_artifacts(model.artifact_location)
+    from pathlib import Path
+
+    chunks = (Path(local) / "artifacts" / "retrieval" / "chunks.jsonl").read_text().splitlines()
+    assert {json.loads(c)["source"] for c in chunks} == set(DOCS)  # held-out documents are retrieved from too
+    assert "bm25s" in (Path(local) / "requirements.txt").read_text()
