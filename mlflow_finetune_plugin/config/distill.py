@@ -3,7 +3,7 @@ docs/distill.md); the asking itself is `distill/`."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -21,6 +21,8 @@ class TeacherConfig(Section):
     """A teacher model and how it is asked: an OpenAI-compatible server, or a registered model run here. Shared by
     `distill:` (it answers prompts) and `questions:` (it writes questions from documents)."""
 
+    # The recipe section it is read from: the teacher's errors name its keys there (`distill.teacher`, ...).
+    SECTION: ClassVar[str] = "distill"
     teacher: str | None = Field(
         None, description="An OpenAI-compatible server's base URL (http://HOST:PORT/v1), or a registered model run "
                           "locally: models:/NAME@ALIAS or models:/NAME/VERSION.")
@@ -37,6 +39,7 @@ class TeacherConfig(Section):
                                                               "(OpenAI's `stop`).")
     temperature: float = Field(0.0, ge=0.0, description="0: greedy (the same prompt, the same answer).")
     timeout_s: float = Field(120.0, gt=0, description="Seconds one answer may take before the request fails.")
+
     @field_validator("teacher")
     @classmethod
     def _teacher(cls, value):

@@ -4,6 +4,8 @@ chunks where the user has none (`questions:`)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from mlflow_finetune_plugin.config.distill import TeacherConfig
@@ -37,6 +39,7 @@ class QuestionsConfig(TeacherConfig):
     """A teacher that writes question-answer rows from the chunks of `data.documents`, asked once per chunk; each
     answer must quote its chunk, and rows whose quote is not in it are dropped and counted."""
 
+    SECTION: ClassVar[str] = "questions"
     per_chunk: int = Field(3, ge=1, description="Questions asked for per chunk.")
     max_chunks: int | None = Field(
         None, gt=0, description="The most chunks the teacher is asked about (a paid teacher is paid per token); "

@@ -96,7 +96,7 @@ def answered(recipe, run_id: str, main: bool = True):
     plan = planned(recipe, sum(len(s.prompts) for s in read), len(unique), todo, notes)
     label = config.teacher
     if todo:
-        label = _ask(config, todo, cache)
+        label = ask(config, todo, cache)
     print((LOGITS.format(weight=config.kl_weight) if config.loss == "logits" else TEXT_ONLY) + ".", file=sys.stderr)
 
     files, summary, log = {}, {"teacher": label, "cache_key": cache_key(config), "asked": len(todo),
@@ -153,23 +153,30 @@ def _check_tokenizer(recipe) -> None:
                             "distill.loss: text")
 
 
-def _ask(config, todo: list, cache: AnswerCache) -> str:
-    """Ask the teacher for `todo`'s answers (a progress bar with the time left), caching each as it arrives."""
+def ask(config, todo: list, cache: AnswerCache, noun: tuple[str, str] = ("answer", "answers"), unit: str = "prompt",
+        failed: dict | None = None) -> str:
+    """Ask the teacher for `todo`'s answers (each has `.key`, `.messages`, `.tools`; a progress bar with the time
+    left), caching each as it arrives; returns the teacher's label. A teacher that is down raises before any prompt
+    is sent. Without `failed`, the first failed request stops the rest; with it, each failed request's error goes
+    there by key (it is not cached: a rerun asks it again) and the others go on."""
     from tqdm.auto import tqdm
 
     teacher = teacher_of(config)
     teacher.start()  # the server answers and names its model, or this fails before any prompt is sent
-    print(f"Teacher {teacher.label}: asking for {len(todo)} answer{'s' if len(todo) != 1 else ''} "
+    print(f"Teacher {teacher.label}: asking for {len(todo)} {noun[len(todo) != 1]} "
           f"({config.concurrency} at a time)", file=sys.stderr)
     start = time.perf_counter()
     try:
-        with tqdm(total=len(todo), desc="Teacher answers", unit="prompt", file=sys.stderr, mininterval=1.0) as bar:
-            for prompt, answer in teacher.answers(todo):
-                cache.put(prompt.key, answer)
+        with tqdm(total=len(todo), desc=f"Teacher {noun[1]}", unit=unit, file=sys.stderr, mininterval=1.0) as bar:
+            for prompt, answer in teacher.answers(todo, keep_going=failed is not None):
+                if "error" in answer:
+                    failed[prompt.key] = answer["error"]
+                else:
+                    cache.put(prompt.key, answer)
                 bar.update(1)
     finally:
         teacher.close()
-    print(f"Teacher {teacher.label}: {len(todo)} answers in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(f"Teacher {teacher.label}: {len(todo)} {noun[1]} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return teacher.label
 
 

@@ -12,6 +12,7 @@ import sys
 # Where the student's tokenizer cannot be loaded or cannot render a prompt: the usual rule of thumb for English text
 # and BPE vocabularies, said as such beside the figure.
 _CHARS_PER_TOKEN = 4
+APPROXIMATED = f"approximated as {_CHARS_PER_TOKEN} characters a token"
 
 
 def planned(recipe, read: int, used: int, todo: list, notes: list[str]) -> dict:
@@ -53,10 +54,14 @@ def prompt_tokens(recipe, prompts: list) -> tuple[int, str]:
         return (sum(len(prompt_ids(tok, p.messages)) for p in prompts),
                 f"the student's tokenizer, {model.name or 'tiny'}; the teacher's may count differently")
     except Exception as e:  # noqa: BLE001 - an estimate: any tokenizer or template failure falls back to characters
-        chars = sum(len(_text(m.get("content"))) for p in prompts for m in p.messages)
-        return (-(-chars // _CHARS_PER_TOKEN),
-                f"approximated as {_CHARS_PER_TOKEN} characters a token: the student's tokenizer could not count "
-                f"them ({type(e).__name__})")
+        return (approximate_tokens(p.messages for p in prompts),
+                f"{APPROXIMATED}: the student's tokenizer could not count them ({type(e).__name__})")
+
+
+def approximate_tokens(conversations) -> int:
+    """About one token per 4 characters of the messages' text, over an iterable of message lists."""
+    chars = sum(len(_text(m.get("content"))) for messages in conversations for m in messages)
+    return -(-chars // _CHARS_PER_TOKEN)
 
 
 def _text(content) -> str:

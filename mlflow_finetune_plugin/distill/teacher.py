@@ -1,6 +1,7 @@
-"""The teacher of `-e distill`: an OpenAI-compatible server (`distill.teacher: http://HOST:PORT/v1`), asked over HTTP
-with `distill.concurrency` requests in flight, or a registered model (`models:/NAME@ALIAS`) run in this process,
-`distill.concurrency` prompts per batch. Either gives each prompt's answer as the row key `teacher` holds it."""
+"""The teacher of `-e distill` (and of `questions:`): an OpenAI-compatible server (`distill.teacher:
+http://HOST:PORT/v1`), asked over HTTP with `distill.concurrency` requests in flight, or a registered model
+(`models:/NAME@ALIAS`) run in this process, `distill.concurrency` prompts per batch. Either gives each prompt's answer
+as the row key `teacher` holds it. Errors name the keys of the section the teacher was read from (`config.SECTION`)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class EndpointTeacher:
 
     def __init__(self, config):
         self.config, self.url = config, config.teacher.rstrip("/")
-        self.model = config.model
+        self.model, self.section = config.model, config.SECTION
         key = os.environ.get(config.api_key_env)
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = None
@@ -51,10 +52,10 @@ class EndpointTeacher:
         return self._client
 
     def _down(self, e) -> FinetuneError:
-        return FinetuneError(f"distill.teacher {self.url} does not answer ({type(e).__name__}: {e}); nothing was "
-                             "trained. Start the teacher's server (e.g. `mlflow-finetune serve models:/NAME@ALIAS "
-                             "--port 8000`), or fix -P distill.teacher=URL (an OpenAI-compatible base URL ending "
-                             "in /v1)")
+        return FinetuneError(f"{self.section}.teacher {self.url} does not answer ({type(e).__name__}: {e}); nothing "
+                             "was trained. Start the teacher's server (e.g. `mlflow-finetune serve models:/NAME@ALIAS "
+                             f"--port 8000`), or fix -P {self.section}.teacher=URL (an OpenAI-compatible base URL "
+                             "ending in /v1)")
 
     def start(self) -> None:
         """Check that the server answers and find the model to ask for, before any prompt is sent."""
@@ -65,19 +66,20 @@ class EndpointTeacher:
         except httpx.HTTPError as e:
             raise self._down(e) from None
         if got.status_code in (401, 403):
-            raise FinetuneError(f"distill.teacher {self.url} refused the key ({got.status_code}): set the "
-                                f"environment variable {self.config.api_key_env} (distill.api_key_env) to its key")
+            raise FinetuneError(f"{self.section}.teacher {self.url} refused the key ({got.status_code}): set the "
+                                f"environment variable {self.config.api_key_env} ({self.section}.api_key_env) to its "
+                                "key")
         if self.model:
             return
         if got.status_code != 200:
-            raise FinetuneError(f"distill.teacher {self.url} answered {got.status_code} at /models ({_detail(got)}); "
-                                "give the OpenAI-compatible base URL (ending in /v1), or the model to ask for with "
-                                "-P distill.model=NAME")
+            raise FinetuneError(f"{self.section}.teacher {self.url} answered {got.status_code} at /models "
+                                f"({_detail(got)}); give the OpenAI-compatible base URL (ending in /v1), or the model to ask for with "
+                                f"-P {self.section}.model=NAME")
         names = [m.get("id") for m in (got.json().get("data") or []) if isinstance(m, dict)]
         if len(names) != 1:
-            raise FinetuneError(f"distill.teacher {self.url} serves {len(names)} models"
+            raise FinetuneError(f"{self.section}.teacher {self.url} serves {len(names)} models"
                                 f"{' (' + ', '.join(map(str, names[:10])) + ')' if names else ''}: name the one to "
-                                "ask with -P distill.model=NAME")
+                                f"ask with -P {self.section}.model=NAME")
         self.model = names[0]
 
     def ask(self, messages: list[dict], tools=None) -> dict:
@@ -103,7 +105,7 @@ class EndpointTeacher:
                 time.sleep(_RETRIES[attempt])
                 continue
             if got.status_code != 200:
-                raise FinetuneError(f"distill.teacher {self.url} answered {got.status_code} for model "
+                raise FinetuneError(f"{self.section}.teacher {self.url} answered {got.status_code} for model "
                                     f"{self.model!r}{' (after retries)' if attempt else ''}: {_detail(got)}")
             out = got.json()
             choice = (out.get("choices") or [{}])[0]
@@ -115,10 +117,11 @@ class EndpointTeacher:
                            time.perf_counter() - start, concurrency=self.config.concurrency)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def answers(self, prompts: list) -> Iterator[tuple[object, dict]]:
+    def answers(self, prompts: list, keep_going: bool = False) -> Iterator[tuple[object, dict]]:
         """(prompt, answer) as each arrives, `distill.concurrency` requests in flight; the first error stops the
-        rest (answers given so far were handed out, and are cached). A stop (Ctrl-C, cancel) does not wait for the
-        requests in flight: their answers are dropped, and asked again next time."""
+        rest (answers given so far were handed out, and are cached), or with `keep_going` comes as that prompt's
+        `{"error": why}` and the others go on. A stop (Ctrl-C, cancel) does not wait for the requests in flight:
+        their answers are dropped, and asked again next time."""
         pool = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="teacher")
         waiting, running = iter(prompts), {}
         try:
@@ -130,7 +133,7 @@ class EndpointTeacher:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     prompt = running.pop(future)
-                    yield prompt, future.result()
+                    yield prompt, _result(future, keep_going)
                     nxt = next(waiting, None)
                     if nxt is not None:
                         running[pool.submit(self.ask, nxt.messages, nxt.tools)] = nxt
@@ -156,7 +159,7 @@ class LocalTeacher:
         from mlflow_finetune_plugin.evaluate.cost import parameter_counts
         from mlflow_finetune_plugin.logged_model import load_logged_model
 
-        self._loaded = load_logged_model(downloaded(self.model))
+        self._loaded = load_logged_model(downloaded(self.model, self.config.SECTION))
         self.params = parameter_counts(self._loaded.model)["tuned"]
 
     def _batch(self, prompts: list) -> list[dict]:
@@ -189,24 +192,40 @@ class LocalTeacher:
                                    len(enc_one["input_ids"]), used, each, params=self.params))
         return answers
 
-    def answers(self, prompts: list) -> Iterator[tuple[object, dict]]:
+    def answers(self, prompts: list, keep_going: bool = False) -> Iterator[tuple[object, dict]]:
         size = self.config.concurrency
         for i in range(0, len(prompts), size):
             batch = prompts[i:i + size]
-            yield from zip(batch, self._batch(batch))
+            try:
+                answers = self._batch(batch)
+            except Exception as e:  # noqa: BLE001 - keep_going: the batch's prompts are counted as failed
+                if not keep_going:
+                    raise
+                answers = [{"error": f"{type(e).__name__}: {e}"}] * len(batch)
+            yield from zip(batch, answers)
 
     def close(self) -> None:
         self._loaded = None
 
 
-def downloaded(uri: str) -> str:
+def _result(future, keep_going: bool) -> dict:
+    """A request's answer; with `keep_going`, a request the server failed is `{"error": why}` instead of raising."""
+    try:
+        return future.result()
+    except FinetuneError as e:
+        if not keep_going:
+            raise
+        return {"error": str(e)}
+
+
+def downloaded(uri: str, section: str = "distill") -> str:
     """The local folder of a registered teacher (`models:/NAME@ALIAS`), downloaded once per process by MLflow."""
     import mlflow
 
     try:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a name, alias or version not found
-        raise FinetuneError(f"distill.teacher {uri}: cannot load it ({str(e).splitlines()[0]}); name a registered "
+        raise FinetuneError(f"{section}.teacher {uri}: cannot load it ({str(e).splitlines()[0]}); name a registered "
                             "version (`mlflow-finetune models NAME` lists them)") from None
 
 
