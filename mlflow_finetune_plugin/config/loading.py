@@ -254,9 +254,11 @@ def _check_paths(raw: dict, project_dir: Path, tasks_key: str = "data.tasks") ->
         splits = {}
     else:
         splits = {"train": data.get("train", DataConfig().train), "eval": data.get("eval")}
-        if not splits["train"]:
+        teacher = isinstance(raw.get("questions"), dict) and raw["questions"].get("teacher")
+        if not splits["train"] and not (data.get("documents") and teacher):  # a teacher writes the questions
             problems.append("data.train: no training data given. Set it in finetune.yaml or pass "
-                            "-P data=path/to/train.jsonl")
+                            "-P data=path/to/train.jsonl" + (" (or a questions.teacher to write question rows from "
+                                                             "data.documents)" if data.get("documents") else ""))
     for split, value in splits.items():
         if isinstance(value, str) and value.startswith(TRACES_PREFIX):  # an experiment, looked up by the data check
             if not value[len(TRACES_PREFIX):].strip():
