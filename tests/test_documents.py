@@ -52,7 +52,7 @@ PAGE = """<html><head><title>Shop</title><style>p { color: red }</style></head>
 <p>
   We ship &amp; deliver.</p>
 <script>var hidden = "not text";</script>
-<div>Parcels <b>leave</b> daily.</div>
+<div>Parcels <b>leave</b><br>daily.</div>
 <h2>Abroad</h2>
 <ul><li>Europe</li><li>Asia</li></ul>
 </body></html>

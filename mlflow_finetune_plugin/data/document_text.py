@@ -106,7 +106,9 @@ class _HtmlText(HTMLParser):
         self.heading: int | None = None  # the level of the heading being read
 
     def handle_starttag(self, tag, attrs):
-        if tag in self.SKIP:
+        if tag == "br":  # a line break inside a paragraph: a space between its words
+            self.parts.append(" ")
+        elif tag in self.SKIP:
             self.skipping += 1
         elif tag in self.HEADINGS or tag in self.BLOCK:
             self._flush()
