@@ -49,7 +49,7 @@ def data_group():
 
 
 @data_group.command("check")
-@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.argument("files", nargs=-1, type=click.Path())
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "preference", "prompt_only",
                                 "unpaired_preference"]),
@@ -67,12 +67,18 @@ def data_group():
 @click.option("--max-length", default=1024, show_default=True, help="Rows longer than this many tokens are flagged.")
 @click.option("--strict", is_flag=True, help="Warnings count as errors (exit 1), like data.strict in finetune.yaml.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def data_check_cmd(files, fmt, eval_files, columns, tags, model, max_length, strict, as_json):
+@click.option("--documents", metavar="PATH", help="Instead of FILES: a folder or glob of documents (data.documents).")
+@click.option("--chunk-tokens", default=256, show_default=True, help="--documents: the longest chunk, in tokens.")
+def data_check_cmd(files, fmt, eval_files, columns, tags, model, max_length, strict, as_json, documents,
+                   chunk_tokens):
     """Check data FILES (JSONL, JSON, CSV, parquet, or hf:ORG/NAME[:SPLIT]): format, lengths, duplicates and
     near-duplicates, contradictions, train/eval overlap, tool support, images (each opened), errors by line."""
     from mlflow_finetune_plugin.data.check import run_check
+    from mlflow_finetune_plugin.data.documents import run_documents_check
     from mlflow_finetune_plugin.data.formats import COLUMNS, SHAREGPT_TAGS
 
+    if documents or not files:  # --documents PATH: chunks, empty, duplicate and unreadable files (data/documents.py)
+        sys.exit(run_documents_check(documents, chunk_tokens, model, strict, as_json))
     sys.exit(run_check(list(files), fmt=fmt, model=model, max_length=max_length, as_json=as_json,
                        eval_files=list(eval_files), columns=_assignments(columns, "--column", COLUMNS),
                        tags=_assignments(tags, "--tag", SHAREGPT_TAGS), strict=strict))
@@ -477,23 +483,16 @@ def votes_export_cmd(name, output, experiment, fmt):
               help="Votes a version needs before its rating may separate it from another.")
 def votes_summary_cmd(name, experiment, rounds, seed, min_votes):
     """Arena ratings (Bradley-Terry, 95% intervals) of the versions of NAME, and win rates per pair."""
-    from mlflow_finetune_plugin.arena.votes import (
-        LEADERBOARD_HEADERS,
-        PAIR_HEADERS,
-        leaderboard_rows,
-        pair_rows,
-        ratings,
-        read_votes,
-    )
+    from mlflow_finetune_plugin.arena import votes as arena
     from mlflow_finetune_plugin.metrics import format_table
 
-    votes = read_votes(name, experiment)
+    votes = arena.read_votes(name, experiment)
     if not votes:
         click.echo(f"No votes on {name!r} in {experiment!r} yet.")
         return
-    board = ratings(votes, rounds=rounds, seed=seed, min_votes=min_votes)
+    board = arena.ratings(votes, rounds=rounds, seed=seed, min_votes=min_votes)
     click.echo(f"Ratings (Bradley-Terry on the Elo scale, 1000 = the average of these; 95% intervals from {rounds} "
                f"bootstrap rounds, seed {seed}; a tie or 'both bad' is half a win each way)\n"
-               + format_table(LEADERBOARD_HEADERS, leaderboard_rows(board))
+               + format_table(arena.LEADERBOARD_HEADERS, arena.leaderboard_rows(board))
                + "\n\nPairs (win rate: wins + half the ties, of the votes that are not 'both bad')\n"
-               + format_table(PAIR_HEADERS, pair_rows(votes, board)))
+               + format_table(arena.PAIR_HEADERS, arena.pair_rows(votes, board)))

@@ -13,6 +13,10 @@ from mlflow_finetune_plugin.config.section import Section
 
 # The document files `data.documents` reads, by suffix.
 DOCUMENT_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".html", ".htm", ".pdf")
+# What to do when data.documents is set and data.train holds no question rows (recipe loading and the preflight).
+NO_QUESTIONS = ("data.documents gives the documents, but nothing gives the questions: give data.train question rows "
+                "(with `source` keys naming the document each answer comes from), or a questions.teacher to write "
+                "them from the chunks (docs/documents.md)")
 
 
 class RetrievalConfig(Section):

@@ -26,6 +26,7 @@ from mlflow_finetune_plugin.config.checks import (
     REWARD_METRICS,
     combination_problems,
 )
+from mlflow_finetune_plugin.config.documents import NO_QUESTIONS
 from mlflow_finetune_plugin.config.schema import (
     ADAPTER_CONFIGS,
     HF_PREFIX,
@@ -254,11 +255,17 @@ def _check_paths(raw: dict, project_dir: Path, tasks_key: str = "data.tasks") ->
         splits = {}
     else:
         splits = {"train": data.get("train", DataConfig().train), "eval": data.get("eval")}
-        teacher = isinstance(raw.get("questions"), dict) and raw["questions"].get("teacher")
-        if not splits["train"] and not (data.get("documents") and teacher):  # a teacher writes the questions
+        train = splits["train"]
+        if data.get("documents") and (not train or isinstance(train, str) and not train.startswith(
+                (HF_PREFIX, TRACES_PREFIX)) and not (project_dir / train).exists()):
+            del splits["train"]  # no question rows: fine where a questions.teacher writes them from the documents
+            questions = raw.get("questions") if isinstance(raw.get("questions"), dict) else {}
+            if not questions.get("teacher"):
+                given = f"file not found: {train} (looked in {project_dir})" if train else "not given"
+                problems.append(f"data.train: {given}. {NO_QUESTIONS}")
+        elif not train:
             problems.append("data.train: no training data given. Set it in finetune.yaml or pass "
-                            "-P data=path/to/train.jsonl" + (" (or a questions.teacher to write question rows from "
-                                                             "data.documents)" if data.get("documents") else ""))
+                            "-P data=path/to/train.jsonl")
     for split, value in splits.items():
         if isinstance(value, str) and value.startswith(TRACES_PREFIX):  # an experiment, looked up by the data check
             if not value[len(TRACES_PREFIX):].strip():

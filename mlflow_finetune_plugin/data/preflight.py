@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 from mlflow_finetune_plugin.config.checks import OBJECTIVE_FORMATS
+from mlflow_finetune_plugin.config.documents import NO_QUESTIONS
 from mlflow_finetune_plugin.data.check import check_overlap, tokenizer_for_check
 from mlflow_finetune_plugin.data.formats import DataError, summarize
+from mlflow_finetune_plugin.data.read import is_hf
 from mlflow_finetune_plugin.data.splits import data_files, load_splits
-from mlflow_finetune_plugin.data.traces import traces_sentence
+from mlflow_finetune_plugin.data.traces import is_traces, traces_sentence
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import split_conversation, text_messages
 from mlflow_finetune_plugin.models.chat_format import reply_ids
@@ -36,6 +38,8 @@ def check_recipe_data(recipe, check_data) -> None:
     the training pipeline reads it with, so whatever training would refuse about the data is refused here, before a
     run exists. Each file's format is resolved from its own rows (`format: auto`, or the objective's format where
     the declared one cannot train); where one was detected, one line says which format each file is read in."""
+    if recipe.data.documents and not check_documents(recipe):
+        return  # no question rows yet: questions.teacher writes them from the chunks once the run starts
     if recipe.distill is not None and recipe.distill.teacher:  # prompts now; the rows are the teacher's answers
         return check_prompts(recipe)
     formats = OBJECTIVE_FORMATS[recipe.objective]
@@ -108,6 +112,39 @@ _NO_IMAGES = {
     "prompt": "the virtual tokens shift the image tokens out of the place the processor put them",
     "ia3": "PEFT has no default target modules for a vision-language model",
 }
+
+
+def check_documents(recipe) -> bool:
+    """data.documents read and chunked as training reads them (tokens estimated: no tokenizer needed here), the
+    report's summary line printed; raises when no chunk is read, when data.documents_holdout is bad, with
+    data.strict when a file is unreadable or empty, and when no question rows are given and no questions.teacher
+    writes them. True when data.train holds rows to check too."""
+    from mlflow_finetune_plugin.data.documents import holdout_files, read_documents
+
+    data = recipe.data
+    documents = read_documents(data.documents, _project_dir(recipe), chunk_tokens=data.chunk_tokens)
+    report = documents.report
+    print(report.summary(), file=sys.stderr)
+    if data.documents_holdout:
+        holdout_files(documents.files, data.documents_holdout, recipe.train.seed)
+    problems = [f"{Path(documents.root) / path}: {reason}" for path, reason in report.unreadable] + \
+               [f"{Path(documents.root) / path}: empty (no text)" for path in report.empty]
+    if problems and data.strict:
+        raise FinetuneError(f"data.documents: {len(problems)} file{'s' if len(problems) != 1 else ''} not read "
+                            "(data.strict); nothing was started:\n  " + "\n  ".join(problems)
+                            + "\nFix or remove them, or set data.strict: false to go on with the others.")
+    if problems:
+        print("Documents not read (`data.strict: true` makes them errors):\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+    train = data.train
+    if train and (is_hf(train) or is_traces(train) or Path(train).exists()):
+        return True
+    teacher = recipe.questions.teacher if recipe.questions is not None else None
+    if not teacher:
+        raise FinetuneError(f"data.train: {f'file not found: {train}' if train else 'not given'}. {NO_QUESTIONS}")
+    print(f"Questions: written from the chunks by questions.teacher ({teacher}) when the run starts.",
+          file=sys.stderr)
+    return False
 
 
 def check_prompts(recipe) -> None:
