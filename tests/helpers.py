@@ -324,11 +324,12 @@ def stop(proc: subprocess.Popen) -> None:
 def register_version(name: str = "bot", seed: int = 0, alias: str | None = "challenger", r: int = 8,
                      use_dora: bool = False, metrics: dict | None = None, base: str = "tiny",
                      config: dict | None = None, chat_template: str | None = None,
-                     source_run: str | None = None) -> str:
+                     source_run: str | None = None, retriever=None) -> str:
     """A registered LoRA version on the tiny model (or `base="smollm2"`) with random (non-zero) updates, so the
     adapter changes the answers; `metrics` are logged in its source run (what promotion reads); `config` adds to its
     model_config (e.g. the num_beams its evaluation used); `chat_template` replaces its tokenizer's; `source_run`
-    names another run as the one that trained and evaluated it. Returns the version number."""
+    names another run as the one that trained and evaluated it; `retriever` (a `retriever.Retriever`) makes it a
+    version that retrieves. Returns the version number."""
     import mlflow
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -355,7 +356,7 @@ def register_version(name: str = "bot", seed: int = 0, alias: str | None = "chal
         mlflow.log_metrics(metrics or {})
         info = log_finetuned_model(model.eval(), tokenizer,
                                    {"base_model": reference, "artifact": "adapter", "method": "lora",
-                                    **(config or {})})
+                                    **(config or {})}, retriever=retriever)
     tags = lineage_tags(method="lora", base_model=reference, dataset_digest="d", recipe_hash="r",
                         chat_template_hash="c", source_run=source_run or run.info.run_id)
     return str(register(info.model_uri, name, tags, alias).version)

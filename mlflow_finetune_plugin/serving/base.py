@@ -93,6 +93,9 @@ class Engine(ABC):
     concurrency: int = 4
     # Whether stream() gives a vision-language model the messages' image parts (the others send text only).
     takes_images: bool = False
+    # Whether the server behind it asks a version trained with retrieval with its chunks itself (`serve` does:
+    # `retrieving.py`), so the playground does not retrieve for it again.
+    retrieves_itself: bool = False
 
     @abstractmethod
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:

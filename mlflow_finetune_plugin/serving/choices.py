@@ -205,6 +205,24 @@ def takes_images(choice: ModelChoice) -> bool:
     return bool(_logged_config(choice).get("takes_images"))
 
 
+def retriever_of(choice: ModelChoice):
+    """The `retriever.Retriever` version `choice` was trained with (its logged model's `retrieval` artifact), loaded
+    once per downloaded version; None for a base model and for a version that does not retrieve."""
+    if choice.base or not _logged_config(choice).get("retrieval"):
+        return None
+    from mlflow_finetune_plugin.retriever import RETRIEVAL_DIR
+
+    folder = local_model(choice).artifacts.get(RETRIEVAL_DIR)
+    return _retriever(str(folder)) if folder else None
+
+
+@functools.lru_cache(maxsize=16)
+def _retriever(folder: str):
+    from mlflow_finetune_plugin.retriever import Retriever
+
+    return Retriever.load(folder)
+
+
 def _logged_config(choice: ModelChoice) -> dict:
     """The model_config version `choice` was logged with, read from its MLmodel file only (not the weights: the openai
     engine never downloads them); {} when it cannot be read."""

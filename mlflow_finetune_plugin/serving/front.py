@@ -48,12 +48,17 @@ def not_found(model, served: list[str] | None = None) -> dict:
 class Routes:
     """What the front serves: each served name's server (its loopback base URL and the name that server knows the
     model by), the names clients may also use (`NAME@champion` for whichever `NAME-vN` the alias names), and the
-    requests each served name has in flight. Thread-safe: following the registry changes it while requests read it."""
+    requests each served name has in flight. Thread-safe: following the registry changes it while requests read it.
 
-    def __init__(self, names: list[str], upstream: str):
+    A served name may have a rewrite, `rewrite(request body, its trace's span or None)` -> the body sent on: a
+    registered prompt's (`add_prompt`), or what `rewrite_for(name)` gives, asked once per name (a version that
+    retrieves: `retrieving.rewrite_for`), whether the name was served from the start, loaded later or followed."""
+
+    def __init__(self, names: list[str], upstream: str, rewrite_for=None):
         self._routes: dict[str, tuple[str, str]] = {n: (upstream, n) for n in names}  # ordered as listed
         self._aliases: dict[str, str] = {}
-        self._rewrites: dict[str, object] = {}  # served name -> its request's rewrite (a registered prompt)
+        self._rewrites: dict[str, object] = {}  # served name -> its request's rewrite, or None
+        self._rewrite_for = rewrite_for
         self._in_flight: dict[str, int] = {}
         self._changed = threading.Condition()
         self.default = upstream  # where requests that name no model go (/health, ...)
@@ -86,7 +91,11 @@ class Routes:
 
     def rewrite_of(self, name: str):
         with self._changed:
-            return self._rewrites.get(name)
+            if name in self._rewrites or self._rewrite_for is None:
+                return self._rewrites.get(name)
+        rewrite = self._rewrite_for(name)  # outside the lock: it may read the registry
+        with self._changed:
+            return self._rewrites.setdefault(name, rewrite)
 
     def point(self, alias: str, name: str) -> None:
         """Requests for `alias` go to served name `name` from now on."""
@@ -206,8 +215,8 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
                 served, upstream, upstream_name = routes.lookup(model)
                 if tracer is not None and path == "v1/chat/completions":
                     traced = await asyncio.to_thread(TracedRequest.begin, tracer, served, model, body)
-                if (rewrite := routes.rewrite_of(served)) is not None:
-                    body = rewrite(body)
+                if (rewrite := await asyncio.to_thread(routes.rewrite_of, served)) is not None:
+                    body = await asyncio.to_thread(rewrite, body, traced.span if traced else None)
                 if upstream_name != model:  # an alias (`NAME@champion`): the server knows the version's name
                     body = _with_model(body, upstream_name)
         # A traced answer is read as it passes: asked for uncompressed.

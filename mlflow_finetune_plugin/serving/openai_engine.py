@@ -20,6 +20,7 @@ class OpenAIEngine(Engine):
     """Streams chat completions from OpenAI-compatible endpoints."""
 
     name = "openai"
+    retrieves_itself = True  # its server is `mlflow-finetune serve`, which retrieves per request (retrieving.py)
 
     def __init__(self, base_url: str | None = None, urls: dict[str, str] | None = None,
                  models: dict[str, str] | None = None, api_key: str | None = None, concurrency: int = 8,

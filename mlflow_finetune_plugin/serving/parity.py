@@ -10,6 +10,9 @@
   where vLLM serves it merged), the same tokenizer folder, `LLM.chat` rendering the template, the model's
   generation-config defaults, greedy.
 
+A version trained with retrieval is asked as `serve` asks it, each prompt with the chunks its retriever finds
+(`served_prompts`).
+
 `check` answers, compares (`evaluate/parity.compare`) and returns the `registry.parity.Parity` that `promote` gates
 on; `promote_checked` is `registry.promotion.promote` with this check wired in (`mlflow-finetune promote`, sweeps).
 """
@@ -30,7 +33,14 @@ from mlflow_finetune_plugin.models.answers import LENGTH, STOP, answer_text, cle
 from mlflow_finetune_plugin.registry import versions as registry
 from mlflow_finetune_plugin.registry.parity import ENGINES, FAILED, Parity
 from mlflow_finetune_plugin.serving.base import ModelChoice, plain_messages
-from mlflow_finetune_plugin.serving.choices import local_model, merged_folder, takes_images, vllm_merges
+from mlflow_finetune_plugin.serving.choices import (
+    local_model,
+    merged_folder,
+    retriever_of,
+    takes_images,
+    vllm_merges,
+)
+from mlflow_finetune_plugin.serving.retrieving import asked
 
 
 def check(name: str, version: str, engine: str, gates=None) -> Parity:
@@ -52,11 +62,19 @@ def check(name: str, version: str, engine: str, gates=None) -> Parity:
                            "processor, yet", engine)
     answer = answer_with_transformers if engine == "transformers" else answer_with_vllm
     try:
-        served = answer(choice, [r["messages"] for r in record.rows], record.settings)
+        served = answer(choice, served_prompts(choice, [r["messages"] for r in record.rows]), record.settings)
     except FinetuneError as e:
         return Parity(FAILED, engine, note=f"`serve --engine {engine}` cannot serve it: {e} (served another way: "
                                            "promote with --parity off --reason TEXT)")
     return compare(record, served, engine, gates)
+
+
+def served_prompts(choice: ModelChoice, prompts: list[list[dict]]) -> list[list[dict]]:
+    """The prompts as `serve` sends them on to the engine: for a version trained with retrieval, with the chunks it
+    retrieves (`retrieving.asked`, the front's own rewrite; a recorded prompt that carries its chunks already is
+    sent as it is)."""
+    retriever = retriever_of(choice)
+    return [asked(retriever, messages) for messages in prompts]
 
 
 def promote_checked(name: str, version: str, alias: str | None = None, gates=None, force: bool = False,

@@ -21,9 +21,9 @@ def asked(messages: list[dict], prompt: ServedPrompt) -> list[dict]:
 
 def rewriter(prompt: ServedPrompt):
     """What the front does to a request for the prompt's name: a chat request with `asked` messages (other requests
-    as they are)."""
+    as they are); the request's span (`span`) is not needed."""
 
-    def rewrite(body: bytes) -> bytes:
+    def rewrite(body: bytes, span=None) -> bytes:
         request = json.loads(body or b"{}")
         if isinstance(request, dict) and isinstance(request.get("messages"), list):
             request["messages"] = asked(request["messages"], prompt)

@@ -157,6 +157,7 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
     from mlflow_finetune_plugin.serving.choices import parse_ref
     from mlflow_finetune_plugin.serving.follow import AliasWatch, followed
     from mlflow_finetune_plugin.serving.front import Fleet, Routes, loopback_port, run_front
+    from mlflow_finetune_plugin.serving.retrieving import rewrite_for
 
     if not refs and not prompt:
         raise FinetuneError("serve: give MODEL_URIS (models:/NAME@ALIAS, NAME/3, NAME/3:base), --prompt, or both")
@@ -212,7 +213,8 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
         require_vllm()
         require_vllm_runs(cmd.model, ", ".join(cmd.names))  # before the server starts: vLLM's reason, not its traceback
     sys.stdout.flush()
-    routes, fleet = Routes(cmd.names, f"http://127.0.0.1:{inner_port}"), Fleet()
+    routes, fleet = Routes(cmd.names, f"http://127.0.0.1:{inner_port}", rewrite_for=rewrite_for), Fleet()
+    _tell_retrieval(routes, choices, echo)
     resolve = RuntimeVersions(choices, cmd) if engine == "vllm" else None
     watch = AliasWatch(Switcher(engine, routes, fleet, resolve, extra, echo), follow_interval, echo)
     for ref, choice in zip(follows, choices):
@@ -231,6 +233,18 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
     finally:
         watch.stop()
     sys.exit(code)
+
+
+def _tell_retrieval(routes, choices: list[ModelChoice], echo) -> None:
+    """Load the retriever of each served version that retrieves (before the port opens), and say what it does."""
+    from mlflow_finetune_plugin.serving.choices import retriever_of
+
+    for choice in choices:
+        if routes.rewrite_of(served_name(choice)) is not None:
+            retriever = retriever_of(choice)
+            echo(f"{served_name(choice)} retrieves: each chat request is asked with the {retriever.k} chunks "
+                 f"({retriever.kind}) nearest its last user turn, of the {len(retriever.chunks)} its logged model "
+                 "carries")
 
 
 def _prompt_base(prompt: str, refs: list[str], engine: str):

@@ -91,6 +91,7 @@ class Playground:
         self._system_prompts: dict[str, tuple[str, str]] = {}  # key -> (trained system prompt, where it was found)
         self._beams: dict[str, int] = {}  # key -> the beams its evaluation used (logged num_beams)
         self._vision: dict[str, bool] = {}  # key -> whether it takes images (its logged model_config says)
+        self._retrievers: dict[str, object] = {}  # key -> its retriever.Retriever (None: it does not retrieve)
 
     # ------------------------------------------------------------------------------------------- model choices
     def choices(self) -> list[tuple[str, str]]:
@@ -289,6 +290,7 @@ class Playground:
         choices = [self._choice(k) if k in self.prompt_sides else ModelChoice.from_key(k) for k in sides]
         contexts = [self.prompt_sides[k].asked(c) if k in self.prompt_sides else c for k, c in zip(sides, contexts)]
         spans = [self._start_trace(c, m, settings) for c, m in zip(choices, contexts)] if self.tracer else [None] * 2
+        contexts = [self._retrieved(c, m, span) for c, m, span in zip(choices, contexts, spans)]
         if traces is not None:
             traces[:] = [span.trace_id if span is not None else None for span in spans]
         texts, errors = ["", ""], [None, None]
@@ -309,6 +311,18 @@ class Playground:
                 if span is not None:
                     self._end_trace(span, choices[i], texts[i], errors[i] if whole else
                                     errors[i] or "the page stopped listening before the answer ended")
+
+    def _retrieved(self, choice: ModelChoice, messages: list[dict], span) -> list[dict]:
+        """A version trained with retrieval is asked with the chunks it retrieves, as `serve` asks it (the search a
+        RETRIEVER span in the side's trace); the openai engine's server, `serve`, retrieves for it itself."""
+        from mlflow_finetune_plugin.serving.choices import retriever_of
+        from mlflow_finetune_plugin.serving.retrieving import asked
+
+        if self.engine.retrieves_itself:
+            return messages
+        if choice.key not in self._retrievers:  # read from the version's logged model once
+            self._retrievers[choice.key] = retriever_of(choice)
+        return asked(self._retrievers[choice.key], messages, span)
 
     def _start_trace(self, choice: ModelChoice, messages: list[dict], settings: Settings):
         from mlflow_finetune_plugin.serving.choices import served_name
