@@ -81,9 +81,11 @@ def test_a_documents_run_scores_four_contenders_on_known_and_unseen_documents(ru
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert finished.info.status == "FINISHED"
-    assert "3 documents, " in out or "3 files" in out  # the documents' report, printed before training
-    assert "Documents: 4 training questions, 2 held out on known documents, 2 on unseen documents; " \
-           "1 of 3 documents held out; RAFT training rows:" in out
+    assert "3 files read, 6 chunks" in out  # the documents' report, printed before training
+    assert "Documents: 2 data.train rows are on held-out documents" in out
+    assert "Documents: 4 training questions, 4 held out on known documents, 2 on unseen documents; " \
+           "1 of 3 documents held out; RAFT training rows: " in out
+    assert "Retrieval: the chunk holding the answer was among the 2 retrieved for " in out
     metrics = finished.data.metrics
     for contender in ("base", "rag", "tuned", "tuned-rag"):
         assert f"eval/{contender}/rougeL" in metrics and f"eval/unseen/{contender}/rougeL" in metrics
