@@ -16,8 +16,17 @@ from mlflow.entities import SpanType
 
 from mlflow_finetune_plugin.logged_model import requirements
 from mlflow_finetune_plugin.retriever import CONTEXT_HEADER, Retriever
-from tests.helpers import cli_process, drain, forget_active_experiment, free_port, register_version, stop, use_store
-from tests.helpers import wait_for_http
+from mlflow_finetune_plugin.serving.base import Engine, ModelChoice
+from tests.helpers import (
+    cli_process,
+    drain,
+    forget_active_experiment,
+    free_port,
+    register_version,
+    stop,
+    use_store,
+    wait_for_http,
+)
 
 EXPERIMENT = "retrieving-traffic"
 CHUNKS = [
@@ -156,3 +165,51 @@ def test_serve_retrieves_for_the_version_and_traces_the_chunks_but_not_for_its_b
     assert sent["content"].startswith(CONTEXT_HEADER) and CHUNKS[0]["text"] in sent["content"]
     assert sent["content"].endswith("Question: When are refunds paid?")
     assert rewrite_for(f"{name}-base") is None
+
+
+class _Recording(Engine):
+    """Answers "ok", keeping the messages each model choice was asked."""
+
+    name = "recording"
+
+    def __init__(self, retrieves_itself: bool = False):
+        self.asked: dict[str, list[dict]] = {}
+        self.retrieves_itself = retrieves_itself
+
+    def stream(self, choice, messages, settings):
+        self.asked[choice.key] = messages
+        yield "ok"
+
+
+def test_the_playground_asks_a_retrieving_side_with_its_chunks_and_traces_them(store):
+    from mlflow_finetune_plugin.serving.playground import Playground
+    from mlflow_finetune_plugin.serving.tracing import Tracer
+
+    _, version = store
+    engine = _Recording()
+    version_key, base_key = f"bot/{version}", f"bot/{version}:base"
+    pg = Playground(engine, ModelChoice("bot", version), ModelChoice("bot", version, base=True),
+                    tracer=Tracer(EXPERIMENT, "playground"))
+    result = pg.compare(QUESTION[0]["content"], max_new_tokens=4)
+    (asked,) = engine.asked[version_key]
+    assert asked["content"].startswith(CONTEXT_HEADER) and CHUNKS[0]["text"] in asked["content"]
+    assert engine.asked[base_key] == QUESTION  # the base model is asked the question alone
+    (span,) = _retriever_spans(result["a"]["trace_id"])
+    assert [d["id"] for d in span.outputs] == ["refunds.md#0"]
+    assert not _retriever_spans(result["b"]["trace_id"])
+
+    # An engine whose server is `serve` (openai) leaves the retrieval to it.
+    remote = _Recording(retrieves_itself=True)
+    Playground(remote, ModelChoice("bot", version), ModelChoice("bot", version, base=True)).compare(
+        QUESTION[0]["content"], max_new_tokens=4)
+    assert remote.asked[version_key] == QUESTION
+
+
+def test_parity_sends_the_held_out_prompts_as_serve_does(store):
+    from mlflow_finetune_plugin.serving.parity import served_prompts
+
+    _, version = store
+    (sent,) = served_prompts(ModelChoice("bot", version), [QUESTION])
+    assert CHUNKS[0]["text"] in sent[-1]["content"]
+    assert served_prompts(ModelChoice("bot", version), [sent]) == [sent]  # recorded with its chunks: as it is
+    assert served_prompts(ModelChoice("bot", version, base=True), [QUESTION]) == [QUESTION]

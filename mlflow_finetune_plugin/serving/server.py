@@ -13,6 +13,9 @@
 Both run as a child behind the OpenAI-compatible front (`front.py`), which opens the port only once every model
 answers, and stops the child's whole process group (vLLM's EngineCore included) on a stop signal.
 
+A version trained with retrieval is asked each chat request with the chunks its logged model carries (`retrieving.py`,
+the front's rewrite for its name).
+
 Every model is served under the name `served_name(choice)` (`bot-v3`, or `bot-v3-base` for its base model), which
 is what the playground's `openai` engine asks for by default.
 """

@@ -1,6 +1,7 @@
 """Served traffic as MLflow traces (`serve --trace EXPERIMENT`, `playground --trace EXPERIMENT`), and feedback on it.
 
-Each answered chat completion is one trace with one CHAT_MODEL span, in the shape `mlflow.openai.autolog()` records
+Each answered chat completion is one trace with one CHAT_MODEL span (a version that retrieves: with a RETRIEVER child
+holding the chunks, `retrieving.py`), in the shape `mlflow.openai.autolog()` records
 and `data/traces.py` reads: inputs the request (`messages` in OpenAI's format, `model`, the settings sent), outputs the
 ChatCompletion (a streamed answer joined into one). The trace names the served version's logged model (MLflow 3's
 `m-...` id of the registered version, the `mlflow.modelId` metadata that `search_traces(model_id=)` and
