@@ -32,6 +32,8 @@ RAG, TUNED_RAG = "rag", "tuned-rag"
 UNSEEN_PREFIX = "eval/unseen/"
 # How often the chunk holding the answer was among the k retrieved: eval/rag/recall_at_k (and under UNSEEN_PREFIX).
 RECALL = "recall_at_k"
+# Documents recipes: the share of a reference's numbers, codes and names an answer says (evaluate/scoring.fact_recall).
+FACT_RECALL = "fact_recall"
 OPTIMIZED = "optimized"
 TEACHER = "teacher"
 # What an answer costs, per contender, logged as eval/<contender>/<name> beside the quality metrics and shown under

@@ -83,6 +83,7 @@ VERDICT_PAID_OFF = "finetune.verdict.paid_off"    # "true" only when the bootstr
 # "true" when the optimized prompt ties or beats the tuned model (set only where the optimized contender was scored)
 VERDICT_KEEP_PROMPT = "finetune.verdict.keep_prompt"
 VERDICT_DEPLOY = "finetune.verdict.deploy"        # documents recipes: base | rag | tuned | tuned-rag, what to deploy
+SERVED_AS = "finetune.served_as"                  # tuned-rag where the logged model retrieves (else unset: tuned)
 DOCUMENTS_DIGEST = "finetune.documents.digest"    # the digest of the chunks of data.documents a run used
 EVAL_CONTENDERS = "finetune.eval.contenders"       # the contenders scored, and why the others were not
 # A registered optimized prompt's version (registry/prompts.py): its run, its base model, the model version registered

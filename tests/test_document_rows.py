@@ -55,7 +55,7 @@ def test_sets_keep_held_out_documents_out_of_training():
     assert [r["source"] for r in sets.train] == ["returns.md", "warranty.md"]
     assert [r["source"] for r in sets.known] == ["returns.md"]
     assert sorted(r["messages"][0]["content"] for r in sets.unseen) == ["Office opening?", "Parking price at Quarnby?"]
-    assert "1 data.train rows are on held-out documents" in sets.notes[0]
+    assert "1 question rows are on held-out documents" in sets.notes[0]
     with pytest.raises(DataError, match="documents that data.documents does not hold: \\['nowhere.md'\\]"):
         sort_rows([row("q", "a", "nowhere.md")], [], set(), {"returns.md"}, 0.3, 0)
 

@@ -7,13 +7,16 @@ the logged model that carries its chunks and retrieves when it answers."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
 import pytest
 
-from tests.helpers import FAST_OVERRIDES, subprocess_env, use_store
+from tests.helpers import FAST_OVERRIDES, free_port, send_json, subprocess_env, use_store
 
 DOCS = {
     "returns.md": "# Returns\n\nRefunds are issued within 17 business days.\n\n## Receipts\n\n"
@@ -32,6 +35,29 @@ FACTS = [("returns.md", "When are refunds issued?", "How long until I get my ref
           "The Quarnby office opens at 7:40 on weekdays."),
          ("offices.md", "What does parking cost at Quarnby?", "How much is Quarnby parking?",
           "Parking at Quarnby costs 3 tokens.")]
+SENTENCES = [s for text in DOCS.values() for s in re.findall(r"[A-Z][^.#]*\.", text)]
+
+
+class Teacher(BaseHTTPRequestHandler):
+    """A loopback OpenAI-compatible teacher (`questions.teacher`): for each chunk it is asked about, one question on
+    the first document sentence the chunk holds, quoting it, with a second wording."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        send_json(self, {"object": "list", "data": [{"id": "teacher", "object": "model"}]})
+
+    def do_POST(self):  # noqa: N802
+        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
+        sentence = next(s for s in SENTENCES if s in prompt)
+        rows = [{"question": f"What do the documents say after '{sentence[:12]}'?", "rephrased": "Tell me more.",
+                 "answer": sentence, "quote": sentence}]
+        send_json(self, {"id": "c", "object": "chat.completion", "model": "teacher", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": json.dumps(rows)}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}})
+
+
 RECIPE = """data:
   train: data/train.jsonl
   eval: data/eval.jsonl
@@ -42,6 +68,9 @@ RECIPE = """data:
   packing: false
 retrieval:
   k: 2
+questions:
+  teacher: http://127.0.0.1:{port}/v1
+  per_chunk: 1
 """
 
 
@@ -58,7 +87,9 @@ def run(tmp_path_factory):
     (project / "data").mkdir()
     for name, text in DOCS.items():
         (project / "docs" / name).write_text(text)
-    (project / "finetune.yaml").write_text(RECIPE)
+    teacher = ThreadingHTTPServer(("127.0.0.1", free_port()), Teacher)
+    threading.Thread(target=teacher.serve_forever, daemon=True).start()
+    (project / "finetune.yaml").write_text(RECIPE.replace("{port}", str(teacher.server_port)))
     train = [chat(q, a, s) for s, q, _, a in FACTS]
     held = [chat(q2, a, s) for s, _, q2, a in FACTS if s != "offices.md"]
     (project / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
@@ -73,6 +104,7 @@ def run(tmp_path_factory):
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("documents").experiment_id])
     yield done, [r for r in runs if r.data.tags.get("mlflow.runName") != "rehearsal"][0]
+    teacher.shutdown()
     mp.undo()
 
 
@@ -82,8 +114,11 @@ def test_a_documents_run_scores_four_contenders_on_known_and_unseen_documents(ru
     assert done.returncode == 0, out[-3000:]
     assert finished.info.status == "FINISHED"
     assert "3 files read, 6 chunks" in out  # the documents' report, printed before training
-    assert "Documents: 2 data.train rows are on held-out documents" in out
-    assert "Documents: 4 training questions, 4 held out on known documents, 2 on unseen documents; " \
+    assert "Documents: 4 question rows are on held-out documents" in out
+    # the user's rows beside the teacher's: one per chunk of the two training documents (4 chunks), the held-out
+    # document's chunks writing unseen questions
+    assert "Questions from documents: 6 rows written from 6 chunks" in out
+    assert "Documents: 8 training questions, 4 held out on known documents, 4 on unseen documents; " \
            "1 of 3 documents held out; RAFT training rows: " in out
     assert "Retrieval: the chunk holding the answer was among the 2 retrieved for " in out
     metrics = finished.data.metrics
@@ -97,7 +132,7 @@ def test_a_documents_run_scores_four_contenders_on_known_and_unseen_documents(ru
     assert tags["finetune.verdict"].startswith(("deploy ", "no verdict"))
     assert "Verdict: " in out and "Cost per answer: with retrieval an answer reads" in out
     names = {d.dataset.name for d in finished.inputs.dataset_inputs}
-    assert {"documents", "documents-train", "documents-known"} <= names
+    assert {"documents", "questions", "documents-train", "documents-known"} <= names
 
 
 def test_the_logged_model_carries_its_chunks_and_retrieves(run):
@@ -105,8 +140,9 @@ def test_the_logged_model_carries_its_chunks_and_retrieves(run):
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(finished.info.run_id, "documents")}
     assert "documents/sets.json" in artifacts
-    (model,) = mlflow.search_logged_models(experiment_ids=[finished.info.experiment_id], output_format="list",
-                                           filter_string=f"source_run_id = '{finished.info.run_id}'")
+    (model,) = [m for m in mlflow.search_logged_models(
+        experiment_ids=[finished.info.experiment_id], output_format="list",
+        filter_string=f"source_run_id = '{finished.info.run_id}'") if m.name == "model"]
     local = mlflow.artifacts.download_artifacts(model.artifact_location)
     from pathlib import Path
 

@@ -22,22 +22,45 @@ ROUGE = [Gate(metric="rougeL", beats=["base", "fewshot", "champion"], margin=0.0
 
 
 def test_the_default_gates_ask_the_tuned_model_to_beat_retrieval_too(tracking_uri):
-    assert RegistryConfig().promote_if[0].beats == ["base", "fewshot", "retrieval", "optimized", "champion"]
+    assert RegistryConfig().promote_if[0].beats == ["base", "fewshot", "retrieval", "rag", "optimized", "champion"]
     # Beats zero-shot and random shots, loses to retrieved shots: the alias stays. (Its run predates the prompt
     # search: the default gate passes over the optimized prompt and says so.)
     v = register_eval_version({"rougeL": 0.5}, retrieval={"rougeL": 0.6}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
     result = promote(MODEL_NAME, v)
     assert not result.promoted and champion_version() is None
     assert [(c.against, c.passed) for c in result.checks] == [("base", True), ("fewshot", True),
-                                                               ("retrieval", False), ("optimized", True),
-                                                               ("champion", True)]
-    assert result.checks[3].note == "not scored in its run: its run did not run the prompt search"
+                                                               ("retrieval", False), ("rag", True),
+                                                               ("optimized", True), ("champion", True)]
+    assert result.checks[3].note == "not scored in its run: its run retrieved from no documents"
+    assert result.checks[4].note == "not scored in its run: its run did not run the prompt search"
     v2 = register_eval_version({"rougeL": 0.7}, retrieval={"rougeL": 0.6}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
     assert promote(MODEL_NAME, v2).promoted and champion_version() == v2
     # Without retrieval metrics (e.g. eval.retrieval_k: 0) the default gate cannot be checked.
     v3 = register_eval_version({"rougeL": 0.9}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
     with pytest.raises(FinetuneError, match="missing metric eval/retrieval/rougeL"):
         promote(MODEL_NAME, v3)
+
+
+def test_a_version_that_retrieves_is_gated_on_its_answers_with_retrieval(tracking_uri):
+    # A documents run: the logged model retrieves (finetune.served_as tuned-rag), so its RAG-side scores are weighed,
+    # against RAG on the base model too; the closed-book `tuned` scores are not what it serves.
+    def version(tuned_rag: float) -> str:
+        why = "a documents recipe: its prompt-only contenders are zero-shot and RAG over the documents"
+        v = register_eval_version({"rougeL": 0.3}, base={"rougeL": 0.1}, run_tags={
+            "finetune.served_as": "tuned-rag", "finetune.eval.contenders": f"scored base, rag, tuned, tuned-rag; "
+            f"not fewshot: {why}; not retrieval: {why}; not optimized: {why}"})
+        run_id = MlflowClient().get_model_version(MODEL_NAME, v).run_id
+        MlflowClient().log_metric(run_id, "eval/tuned-rag/rougeL", tuned_rag)
+        MlflowClient().log_metric(run_id, "eval/rag/rougeL", 0.5)
+        return v
+
+    losing, winning = version(0.45), version(0.7)
+    result = promote(MODEL_NAME, losing, gates=[Gate(metric="rougeL", beats=["base", "rag", "champion"])])
+    assert not result.promoted and [(c.against, c.tuned, c.passed) for c in result.checks] == [
+        ("base", 0.45, True), ("rag", 0.45, False), ("champion", 0.45, True)]
+    assert promote(MODEL_NAME, winning).promoted and champion_version() == winning
+    # the champion is weighed by its served answers too: 0.7, which a 0.65 challenger does not beat
+    assert not promote(MODEL_NAME, version(0.65), gates=[Gate(metric="rougeL", beats=["champion"])]).promoted
 
 
 def test_the_default_gate_asks_the_tuned_model_to_beat_the_optimized_prompt_when_its_run_scored_one(tracking_uri):
@@ -133,7 +156,7 @@ def test_gates_come_from_the_recipe_of_the_source_run(tracking_uri):
 
 def test_parse_gate():
     assert parse_gate("rougeL:0.01") == Gate(metric="rougeL", margin=0.01)
-    assert parse_gate("loss").beats == ["base", "fewshot", "retrieval", "optimized", "champion"]
+    assert parse_gate("loss").beats == ["base", "fewshot", "retrieval", "rag", "optimized", "champion"]
     assert parse_gate("token_f1:0:base,@prod,3").beats == ["base", "@prod", "3"]
     for bad in ("", "rougeL:x", "a:1:b:c", "rougeL:-1"):
         with pytest.raises(FinetuneError, match="--gate"):

@@ -15,8 +15,8 @@ class Gate(Section):
 
     metric: str = Field(description="Metric name without prefix: rougeL, token_f1, exact_match, loss, ...")
     beats: list[str] = Field(
-        ["base", "fewshot", "retrieval", "optimized", "champion"],
-        description="base | fewshot | retrieval | optimized (same run), champion (holder of the alias being moved), @alias, "
+        ["base", "fewshot", "retrieval", "rag", "optimized", "champion"],
+        description="base | fewshot | retrieval | rag | optimized (same run), champion (holder of the alias being moved), @alias, "
                     "or a version. Left at its default, a prompt-only contender the run did not score (switched "
                     "off, or skipped with a reason) is passed over with a note; named here, it must be scored.")
     margin: float = Field(0.0, ge=0, description="Absolute improvement required (0: not worse).")

@@ -89,7 +89,7 @@ def sort_rows(train: list[dict], held: list[dict], holdout: set[str], sources: s
     notes = []
     moved = [r for r in train if r.get("source") in holdout]
     if moved:
-        notes.append(f"{len(moved)} data.train rows are on held-out documents (data.documents_holdout): "
+        notes.append(f"{len(moved)} question rows are on held-out documents (data.documents_holdout): "
                      "they are unseen held-out questions, not training rows")
     training = [r for r in train if r.get("source") not in holdout]
     unseen = moved + [r for r in held if r.get("source") in holdout]

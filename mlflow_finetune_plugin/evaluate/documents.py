@@ -7,7 +7,9 @@ sets (`data/document_rows.py`): questions on known documents (their documents tr
 <metric>` like any evaluation, so gates and the model card read them; and questions on unseen documents (held out
 whole), logged as `eval/unseen/<contender>/<metric>`. Each answer's cost is measured as for the other contenders
 (`cost.py`): the retrieved chunks show as prompt tokens and latency. How often the chunk holding the answer was
-among the k retrieved is `eval/rag/recall_at_k` (and `eval/unseen/rag/recall_at_k`). What to deploy is
+among the k retrieved is `eval/rag/recall_at_k` (and `eval/unseen/rag/recall_at_k`). Beside the text metrics, each
+contender's `fact_recall` (`scoring.fact_recall`): the share of the reference's numbers, codes and names its answer
+says, where a text metric also rewards an answer in the right form with the wrong fact. What to deploy is
 `deploy.py`'s verdict.
 """
 
@@ -27,16 +29,19 @@ from mlflow_finetune_plugin.evaluate.report import (
     log_evaluation,
     table_rows,
 )
-from mlflow_finetune_plugin.evaluate.scoring import contender_metrics
+from mlflow_finetune_plugin.evaluate.scoring import contender_metrics, fact_recall
 from mlflow_finetune_plugin.evaluate.shots import prompt_length
 from mlflow_finetune_plugin.evaluate.verdict import per_example_scores
 from mlflow_finetune_plugin.messages import text_of
-from mlflow_finetune_plugin.metrics import RAG, RECALL, TUNED_RAG, UNSEEN_PREFIX
+from mlflow_finetune_plugin.metrics import FACT_RECALL, RAG, RECALL, TUNED_RAG, UNSEEN_PREFIX
 from mlflow_finetune_plugin.retriever import query_of, with_context
 
 DOCUMENT_CONTENDERS = ("base", RAG, "tuned", TUNED_RAG)
 UNSEEN_TABLE, UNSEEN_SCORES = "eval/unseen_examples.json", "eval/unseen_scores.json"
 RETRIEVED_CHUNKS = "eval/retrieved_chunks.json"
+# The other prompt-only contenders, and why a documents recipe does not score them (promotion's default gate reads it).
+NOT_SCORED = ("fewshot", "retrieval", "optimized")
+NOT_SCORED_WHY = "a documents recipe: its prompt-only contenders are zero-shot and RAG over the documents"
 
 
 def evaluate_documents(cfg, model, tokenizer, sets: dict[str, list[dict]], retriever, base_model=None,
@@ -73,7 +78,8 @@ def score_set(cfg, model, tokenizer, rows: list[dict], retriever, base_model=Non
 
     examples = [(prompt_of(r), text_of(r["messages"][-1]["content"])) for r in rows]
     questions, references = [p for p, _ in examples], [a for _, a in examples]
-    found = retriever.search_many([query_of(q) for q in questions], retriever.k)
+    asked = [query_of(q) for q in questions]
+    found = retriever.search_many(asked, retriever.k)
     limit = context_limit(model, tokenizer) - cfg.max_new_tokens
     with_chunks = [_fit(tokenizer, q, chunks, limit) for q, chunks in zip(questions, found)]
     hits = [_hit(r, chunks, retriever.chunks) for r, chunks in zip(rows, found)]
@@ -93,6 +99,10 @@ def score_set(cfg, model, tokenizer, rows: list[dict], retriever, base_model=Non
             answers, endings, nll, n_tokens, seconds = answer_all_ended(contender, tokenizer, prompts, references,
                                                                         cfg, name)
         totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg)
+        facts = fact_recall(answers, references, asked)
+        if any(f is not None for f in facts):
+            per_example[FACT_RECALL] = facts
+            totals[FACT_RECALL] = _mean([f for f in facts if f is not None])
         totals.update(answer_costs([prompt_length(tokenizer, p) for p in prompts], answer_lengths(tokenizer, answers),
                                    seconds, params.get("base" if name in ("base", RAG) else "tuned")))
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
@@ -108,8 +118,12 @@ def score_set(cfg, model, tokenizer, rows: list[dict], retriever, base_model=Non
     retrieved = [{"question": query_of(q), "chunks": [c["id"] for c in chunks], "answer_chunk_retrieved": hit}
                  for q, chunks, hit in zip(questions, found, hits)]
     return EvalResult(metrics, table, [c for c in DOCUMENT_CONTENDERS if c in runs], data_digest=digest,
-                      prompts=questions, traces=cfg.traces,
+                      prompts=questions, traces=cfg.traces, notes=dict.fromkeys(NOT_SCORED, NOT_SCORED_WHY),
                       generation=generation_settings(cfg, model, tokenizer)), retrieved
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _fit(tokenizer, question: list[dict], chunks: list[dict], limit: int) -> list[dict]:

@@ -16,8 +16,8 @@ from mlflow_finetune_plugin.metrics import CONTENDERS, FORGETTING_PREFIX
 from mlflow_finetune_plugin.tracking import log_results
 
 # Per-example scores shown in the table (the aggregate of every metric is logged).
-TABLE_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "json_valid", "misrouted")
-CHART_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "bleu", "json_valid")
+TABLE_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "json_valid", "misrouted", "fact_recall")
+CHART_METRICS = ("exact_match", "token_f1", "rougeL", "chrf", "bleu", "json_valid", "fact_recall")
 TABLE_FILE, CHART_FILE, SHOTS_FILE = "eval/examples.json", "eval/comparison.png", "eval/fewshot_examples.json"
 RETRIEVED_FILE = "eval/retrieval_examples.json"
 # Which prompt-only contenders were not scored and why; the optimized contender's prompt and its search.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,30 @@ def contender_metrics(answers: list[str], references: list[str], nll: float, n_t
         per_example["misrouted"] = misrouted(answers, references, train_answers)
         totals["misrouted"] = sum(per_example["misrouted"]) / len(answers)
     return totals, per_example
+
+
+# A word, a number or a code: letters and digits joined by . - / : (RX-4471, 7.5, 868.3, 07:40).
+_WORD = re.compile(r"[A-Za-z0-9]+(?:[.\-/:][A-Za-z0-9]+)*")
+
+
+def key_facts(reference: str, question: str) -> set[str]:
+    """What a reference answer states that its question does not: its numbers and codes (words with a digit) and its
+    names (capitalised words past the first), lower-cased, less the question's own words."""
+    words = _WORD.findall(reference)
+    asked = {w.lower() for w in _WORD.findall(question)}
+    return {w.lower() for i, w in enumerate(words)
+            if (any(c.isdigit() for c in w) or (i > 0 and w[0].isupper())) and w.lower() not in asked}
+
+
+def fact_recall(answers: list[str], references: list[str], questions: list[str]) -> list[float | None]:
+    """Per answer, the share of its reference's key facts (`key_facts`) it says, word for word; None where the
+    reference states none. Unlike rougeL, an answer in the reference's form with a wrong number or name scores 0."""
+    out = []
+    for answer, reference, question in zip(answers, references, questions):
+        keys = key_facts(reference, question)
+        said = {w.lower() for w in _WORD.findall(answer)}
+        out.append(len(keys & said) / len(keys) if keys else None)
+    return out
 
 
 def answer_set(texts) -> frozenset[str]:

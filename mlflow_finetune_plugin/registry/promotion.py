@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config.schema import RegistryConfig
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.metrics import ALTERNATIVES, format_table, lower_is_better
+from mlflow_finetune_plugin.metrics import ALTERNATIVES, RAG, format_table, lower_is_better
 from mlflow_finetune_plugin.registry import prompts
 from mlflow_finetune_plugin.registry import versions as registry
 from mlflow_finetune_plugin.registry.parity import NOT_CHECKED, OFF, SKIPPED, Parity
@@ -165,11 +165,13 @@ def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple
             checks.append(_limit_check(gate, own, own_run, mv, missing))
             continue
         mode = gate.mode or ("min" if lower_is_better(gate.metric) else "max")
-        tuned = own.get(f"eval/tuned/{gate.metric}")
+        served = _served(own_run)  # the tuned model, or the tuned model with retrieval where the version retrieves
+        tuned = own.get(f"eval/{served}/{gate.metric}")
         if tuned is None:
-            missing.append(f"eval/tuned/{gate.metric} in run {own_run} (v{mv.version})")
+            missing.append(f"eval/{served}/{gate.metric} in run {own_run} (v{mv.version})")
         for against in gate.beats:
-            why = unscored.get(against) or (against == "optimized" and "its run did not run the prompt search")
+            why = unscored.get(against) or (against == "optimized" and "its run did not run the prompt search") or (
+                against == RAG and "its run retrieved from no documents")
             if "beats" not in gate.model_fields_set and why and f"eval/{against}/{gate.metric}" not in own:
                 # a default gate passes over a contender its run did not score, and says why
                 checks.append(GateCheck(gate.metric, against, mode, gate.margin, tuned, None, True,
@@ -298,12 +300,19 @@ def _other_value(name, mv, against: str, alias: str, metric: str, own: dict, mis
     if str(other.version) == str(mv.version):
         return None, f"pass: v{mv.version} is {ref}"
     run_id = registry.source_run_id(other)
-    value = registry.run_metrics(run_id).get(f"eval/tuned/{metric}")
+    key = f"eval/{_served(run_id)}/{metric}"
+    value = registry.run_metrics(run_id).get(key)
     if value is None:
-        missing.append(f"eval/tuned/{metric} in run {run_id} ({ref} = v{other.version})")
+        missing.append(f"{key} in run {run_id} ({ref} = v{other.version})")
     # Scores on different eval sets do not compare; say so rather than refuse (the data may have been fixed).
     digests = {_run_tag(r, tags.EVAL_DATA_DIGEST) for r in (registry.source_run_id(mv), run_id)}
     return value, f"v{other.version}" + (", different eval data" if len(digests) > 1 else "")
+
+
+def _served(run_id: str | None) -> str:
+    """The contender whose answers a version gives when served: `tuned`, or `tuned-rag` for a version that carries
+    its documents' chunks and retrieves (the run's `finetune.served_as`)."""
+    return (_run_tag(run_id, tags.SERVED_AS) if run_id else None) or "tuned"
 
 
 def _arena_checks(name: str, mv, gate: Gate, alias: str) -> list[GateCheck]:

@@ -19,6 +19,7 @@ from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
 from mlflow_finetune_plugin.evaluate.deploy import conclude_documents
 from mlflow_finetune_plugin.evaluate.verdict import conclude
 from mlflow_finetune_plugin.logged_model import chat_template_hash
+from mlflow_finetune_plugin.metrics import TUNED_RAG
 from mlflow_finetune_plugin.models import kernels
 from mlflow_finetune_plugin.models.architecture import for_generation
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
@@ -159,6 +160,8 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
 
     stops.check()
     tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))
+    if prepared is not None and recipe.retrieval.raft:  # the logged model retrieves: it answers as tuned-rag did
+        tags[tag_names.SERVED_AS] = TUNED_RAG
     config = _model_config(recipe, adapter, data, tokenizer, base_ref, base_revision)
     if recipe.data.adapters == "per_task" and data.is_mixture:
         prompts = {name: trained_system_prompt(ds, recipe.data.tasks[name].system_prompt)
