@@ -107,6 +107,7 @@ def test_deploy_the_cheapest_contender_no_other_beats():
     assert "each cheaper one is beaten: zero-shot on known and unseen documents; the tuned model alone on known and unseen documents; RAG on the base model on known documents" in said
     assert "on unseen documents (30 questions), RAG on the base model scores rougeL 0.55 and beats zero-shot" in said
     assert "ties the tuned model with RAG (0.55; +0.00 to +0.00)" in said
+    assert "; with retrieval, RAG on the base model beats the tuned model alone (0.55 against 0.15; " in said
     assert verdict.as_tags()["finetune.verdict.deploy"] == "tuned-rag"
     assert verdict.as_tags()["finetune.verdict.best_alternative"] == "rag"
     mean, low, high = verdict.margin

@@ -149,3 +149,21 @@ def test_the_logged_model_carries_its_chunks_and_retrieves(run):
     chunks = (Path(local) / "artifacts" / "retrieval" / "chunks.jsonl").read_text().splitlines()
     assert {json.loads(c)["source"] for c in chunks} == set(DOCS)  # held-out documents are retrieved from too
     assert "bm25s" in (Path(local) / "requirements.txt").read_text()
+
+
+def test_evaluate_scores_a_retrieving_version_as_its_run_did(run):
+    from click.testing import CliRunner
+
+    from mlflow_finetune_plugin.cli import main
+
+    _, finished = run
+    got = CliRunner().invoke(main, ["evaluate", "models:/project/1", "--max-new-tokens", "4"])
+    assert got.exit_code == 0, got.output
+    assert "Verdict: deploy " in got.output and "Cost per answer: with retrieval" in got.output
+    (evaluation,) = [r for r in mlflow.MlflowClient().search_runs([finished.info.experiment_id])
+                     if r.data.tags.get("finetune.evaluated_model") == "models:/project/1"]
+    metrics = evaluation.data.metrics
+    # the same sets as the training run: known rows from its data.eval, unseen ones from what it logged
+    assert metrics["eval/n_examples"] == 4 and metrics["eval/unseen/n_examples"] == 4
+    assert "eval/tuned-rag/rougeL" in metrics and "eval/unseen/rag/recall_at_k" in metrics
+    assert evaluation.data.tags["finetune.verdict.deploy"] in ("base", "rag", "tuned", "tuned-rag")

@@ -231,3 +231,26 @@ def context_limit(model, tokenizer) -> int:
     config = getattr(model, "config", None)
     limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     return min((n for n in limits if isinstance(n, int) and 0 < n < 10**8), default=4096)
+
+
+def generation_settings(cfg, model, tokenizer) -> dict:
+    """How the tuned model answered: what serving must repeat for its answers to match (`report.TUNED_FILE`)."""
+    stopping = stop_ids(tokenizer, getattr(model, "generation_config", None))
+    return {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "batch_size": cfg.batch_size,
+            "output_format": cfg.output_format, "json_schema": cfg.json_schema,
+            "stop_tokens": tokenizer.convert_ids_to_tokens(stopping)}
+
+
+def _base_context(model, base_model):
+    """A context giving the base model, or None when there is none to compare against."""
+    if base_model is not None:
+        return contextlib.nullcontext(base_model)
+    if hasattr(model, "disable_adapter"):
+        return _adapter_disabled(model)
+    return None
+
+
+@contextlib.contextmanager
+def _adapter_disabled(model):
+    with model.disable_adapter():
+        yield model

@@ -10,7 +10,6 @@ Their answers are turned into figures by `scoring.py`, logged by `report.py` and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 
@@ -19,11 +18,13 @@ from mlflow_finetune_plugin.config.evaluation import PROMPT_CONTENDERS
 from mlflow_finetune_plugin.data.image_rows import IMAGES
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.answering import (  # noqa: F401 (answer_and_score, lora_merged: public here too)
+    _base_context,
     _mergeable_lora_layers,
     _shares_prefill,
     answer_all_ended,
     answer_and_score,
     context_limit,
+    generation_settings,
     lora_merged,
 )
 from mlflow_finetune_plugin.evaluate.cost import answer_costs, answer_lengths, parameter_counts
@@ -47,7 +48,6 @@ from mlflow_finetune_plugin.evaluate.teacher import agreement_metrics, complete,
 from mlflow_finetune_plugin.evaluate.verdict import conclude, per_example_scores
 from mlflow_finetune_plugin.messages import split_conversation, text_of
 from mlflow_finetune_plugin.metrics import CONTENDERS, OPTIMIZED, TEACHER
-from mlflow_finetune_plugin.models.chat_format import stop_ids
 from mlflow_finetune_plugin.models.image_inputs import with_images
 
 
@@ -144,14 +144,6 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
                       search=searched, generation=generation_settings(cfg, model, tokenizer))
 
 
-def generation_settings(cfg, model, tokenizer) -> dict:
-    """How the tuned model answered: what serving must repeat for its answers to match (`report.TUNED_FILE`)."""
-    stopping = stop_ids(tokenizer, getattr(model, "generation_config", None))
-    return {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "batch_size": cfg.batch_size,
-            "output_format": cfg.output_format, "json_schema": cfg.json_schema,
-            "stop_tokens": tokenizer.convert_ids_to_tokens(stopping)}
-
-
 SWITCHED_OFF = ("eval.", "left out by eval.")  # the reasons that are the recipe's own settings
 
 
@@ -192,21 +184,6 @@ def retrieval_k(cfg) -> int:
     return cfg.fewshot_k if cfg.retrieval_k is None else cfg.retrieval_k
 
 
-def _base_context(model, base_model):
-    """A context giving the base model, or None when there is none to compare against."""
-    if base_model is not None:
-        return contextlib.nullcontext(base_model)
-    if hasattr(model, "disable_adapter"):
-        return _adapter_disabled(model)
-    return None
-
-
-@contextlib.contextmanager
-def _adapter_disabled(model):
-    with model.disable_adapter():
-        yield model
-
-
 def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str | None = None,
                        run_id: str | None = None, **overrides) -> tuple[EvalResult, str]:
     """Evaluate a logged model (e.g. `models:/support-bot@challenger`) and log into `run_id` or a new run.
@@ -218,7 +195,7 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
     import mlflow
 
     from mlflow_finetune_plugin.config.schema import EvalConfig
-    from mlflow_finetune_plugin.logged_model import load_logged_base, load_logged_model
+    from mlflow_finetune_plugin.logged_model import load_logged_model
     from mlflow_finetune_plugin.registry.versions import resolve_model_uri, source_recipe
 
     name, version, source_run = resolve_model_uri(model_uri)
@@ -229,6 +206,10 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
                                          **{k: v for k, v in overrides.items() if v is not None}})
     except ValueError as e:
         raise FinetuneError(f"evaluation settings: {e}") from None
+    loaded = load_logged_model(mlflow.artifacts.download_artifacts(model_uri))
+    if loaded.retriever is not None and data_cfg.get("documents"):  # a documents recipe's version, which retrieves
+        return _evaluate_documents_version(loaded, cfg, recipe, source_run, data, run_id, f"{name} v{version}"
+                                           if name else model_uri, model_uri, name, version)
     eval_convs, teachers = _eval_conversations(data, recipe, source_run)
     train_path = train_data or data_cfg.get("train")
     train_convs = []
@@ -238,10 +219,7 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
     elif cfg.fewshot_k or retrieval_k(cfg):
         print(f"No train data for few-shot or retrieved examples ({train_path or 'none recorded'}); pass --train "
               "FILE. Skipping the few-shot and retrieval contenders.")
-    loaded = load_logged_model(mlflow.artifacts.download_artifacts(model_uri))
-    base_model = None
-    if not hasattr(loaded.model, "disable_adapter") and loaded.config.get("base_model"):
-        base_model = load_logged_base(loaded.config, loaded.model.dtype).to(loaded.model.device)
+    base_model = _logged_base(loaded)
     result = run_evaluation(loaded.model, loaded.tokenizer, eval_convs, train_convs, cfg, base_model=base_model,
                             teachers=teachers)
     experiment_id = mlflow.MlflowClient().get_run(source_run).info.experiment_id if source_run and not run_id else None
@@ -252,6 +230,40 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
             {tags.EVALUATED_NAME: name, tags.EVALUATED_VERSION: version} if name else {})})
         log_evaluation(result)
         result.verdict = conclude(run.info.run_id, _recorded_gates(recipe), per_example_scores(result.rows))
+    return result, run.info.run_id
+
+
+def _logged_base(loaded):
+    """A full fine-tune's base model, loaded apart (an adapter's is the adapter switched off): None for adapters."""
+    from mlflow_finetune_plugin.logged_model import load_logged_base
+
+    if not hasattr(loaded.model, "disable_adapter") and loaded.config.get("base_model"):
+        return load_logged_base(loaded.config, loaded.model.dtype).to(loaded.model.device)
+    return None
+
+
+def _evaluate_documents_version(loaded, cfg, recipe: dict, source_run, data, run_id, label, model_uri, name,
+                                version):
+    """A version that retrieves, scored as its documents run scored it (`documents.py`): zero-shot, RAG, tuned and
+    tuned with RAG on the known and unseen documents' questions, with the chunks it carries; the verdict on what to
+    deploy (`deploy.py`) set on the run. Returns the known documents' result (the unseen's when there is none)."""
+    import mlflow
+
+    from mlflow_finetune_plugin.evaluate.deploy import conclude_documents
+    from mlflow_finetune_plugin.evaluate.documents import evaluate_documents, recorded_sets
+
+    sets = recorded_sets(source_run, data, recipe)
+    base_model = _logged_base(loaded)
+    experiment_id = mlflow.MlflowClient().get_run(source_run).info.experiment_id if source_run and not run_id else None
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
+                          run_name=None if run_id else f"eval {label}") as run:
+        mlflow.set_tags({tags.EVALUATED_MODEL: model_uri, **(
+            {tags.EVALUATED_NAME: name, tags.EVALUATED_VERSION: version} if name else {})})
+        results = evaluate_documents(cfg, loaded.model, loaded.tokenizer, sets, loaded.retriever, base_model,
+                                     served_with_retrieval=True)
+        result = results.get("known") or next(iter(results.values()))
+        result.verdict = conclude_documents(run.info.run_id, {n: per_example_scores(r.rows) for n, r in results.items()},
+                                            loaded.retriever.k, _recorded_gates(recipe))
     return result, run.info.run_id
 
 

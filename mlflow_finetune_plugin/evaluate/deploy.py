@@ -55,14 +55,22 @@ class SetVerdict:
     best: str
     means: dict[str, float]
     comparisons: list[Comparison]
+    # each retrieving contender against the tuned model alone (retrieving - tuned): does retrieval answer what the
+    # weights do not know? Said for the unseen documents, where only retrieval can.
+    retrieval: list[Comparison] = field(default_factory=list)
 
     def sentence(self, metric: str) -> str:
         parts = []
         for c in self.comparisons:
             how = "beats" if c.beaten else "ties"
             parts.append(f"{how} {LABELS[c.other]} ({c.mean:.2f}; {c.low:+.2f} to {c.high:+.2f})")
-        return (f"on {self.name} documents ({self.n} questions), {LABELS[self.best]} scores {metric} "
+        said = (f"on {self.name} documents ({self.n} questions), {LABELS[self.best]} scores {metric} "
                 f"{self.means[self.best]:.2f} and " + ", ".join(parts))
+        if self.name == UNSEEN and self.retrieval:
+            said += "; with retrieval, " + ", ".join(
+                f"{LABELS[c.other]} {'beats' if c.beaten else 'ties'} the tuned model alone ({c.mean:.2f} against "
+                f"{self.means['tuned']:.2f}; {c.low:+.2f} to {c.high:+.2f})" for c in self.retrieval)
+        return said
 
     def beaten(self, contender: str) -> bool:
         return any(c.other == contender and c.beaten for c in self.comparisons)
@@ -112,13 +120,19 @@ def weigh_set(name: str, scores: dict[str, list[float | None]], metric: str) -> 
     # ties on the mean go to the cheaper contender (ORDER)
     best = max(scored, key=lambda c: (sign * means[c], -ORDER.index(c)))
     comparisons = []
-    for other in [c for c in scored if c != best]:
-        pairs = [(b, o) for b, o in zip(scored[best], scored[other]) if b is not None and o is not None]
-        low, high = paired_bootstrap([sign * b for b, _ in pairs], [sign * o for _, o in pairs])
-        if len(pairs) < MIN_EXAMPLES:
-            low = min(low, 0.0)  # too few to tell: never called beaten
-        comparisons.append(Comparison(other, means[other], low, high))
-    return SetVerdict(name, len(next(iter(scored.values()))), best, means, comparisons)
+    for other in [c for c in scored if c != best]:  # too few pairs to tell: never called beaten
+        found = _compared(scored[best], scored[other], sign, other, means[other])
+        comparisons.append(found)
+    against_tuned = [_compared(scored[c], scored["tuned"], sign, c, means[c]) for c in (RAG, TUNED_RAG)
+                     if c in scored and "tuned" in scored]
+    return SetVerdict(name, len(next(iter(scored.values()))), best, means, comparisons, against_tuned)
+
+
+def _compared(these: list, those: list, sign: float, name: str, mean: float) -> Comparison:
+    """`name` (scores `these`) against `those`: the 95% interval of these - those, better direction."""
+    pairs = [(a, b) for a, b in zip(these, those) if a is not None and b is not None]
+    low, high = paired_bootstrap([sign * a for a, _ in pairs], [sign * b for _, b in pairs])
+    return Comparison(name, mean, min(low, 0.0) if len(pairs) < MIN_EXAMPLES else low, high)
 
 
 def decide(per_set: dict[str, dict[str, dict[str, list]]], gates=None) -> DocumentsVerdict:

@@ -15,12 +15,18 @@ says, where a text metric also rewards an answer in the right form with the wron
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
 from mlflow_finetune_plugin.data.document_rows import KNOWN, UNSEEN, oracle_ids, prompt_of
-from mlflow_finetune_plugin.evaluate.answering import answer_all_ended, context_limit, lora_merged
-from mlflow_finetune_plugin.evaluate.contenders import _base_context, generation_settings
+from mlflow_finetune_plugin.evaluate.answering import (
+    _base_context,
+    answer_all_ended,
+    context_limit,
+    generation_settings,
+    lora_merged,
+)
 from mlflow_finetune_plugin.evaluate.cost import answer_costs, answer_lengths, parameter_counts
 from mlflow_finetune_plugin.evaluate.report import (
     TUNED_FILE,
@@ -120,6 +126,32 @@ def score_set(cfg, model, tokenizer, rows: list[dict], retriever, base_model=Non
     return EvalResult(metrics, table, [c for c in DOCUMENT_CONTENDERS if c in runs], data_digest=digest,
                       prompts=questions, traces=cfg.traces, notes=dict.fromkeys(NOT_SCORED, NOT_SCORED_WHY),
                       generation=generation_settings(cfg, model, tokenizer)), retrieved
+
+
+def recorded_sets(source_run: str | None, data: str | None, recipe: dict) -> dict[str, list[dict]]:
+    """The held-out sets of a documents run, to score one of its versions again: questions on known documents from
+    `data` (else the recipe's data.eval), less those on the documents the run held out (`documents/sets.json`); the
+    unseen documents' questions the run logged, and those of `data` on held-out documents."""
+    import mlflow
+
+    from mlflow_finetune_plugin.data.document_rows import question_rows
+    from mlflow_finetune_plugin.errors import FinetuneError
+
+    data_cfg = recipe.get("data") or {}
+    recorded, unseen = {}, []
+    if source_run:
+        with contextlib.suppress(Exception):  # a run that predates the file: no held-out documents known
+            recorded = mlflow.artifacts.load_dict(f"runs:/{source_run}/documents/sets.json")
+        with contextlib.suppress(Exception):
+            text = mlflow.artifacts.load_text(f"runs:/{source_run}/documents/unseen_questions.jsonl")
+            unseen = [json.loads(line) for line in text.splitlines() if line.strip()]
+    held = set(recorded.get("held_out_documents") or [])
+    path = data or data_cfg.get("eval")
+    if not path and not unseen:
+        raise FinetuneError("no held-out questions: pass --data FILE (question rows with `source` keys)")
+    rows = question_rows(path, data_cfg.get("system_prompt")) if path else []
+    known = [r for r in rows if r.get("source") not in held]
+    return {KNOWN: known, UNSEEN: unseen + [r for r in rows if r.get("source") in held and r not in unseen]}
 
 
 def _mean(values: list[float]) -> float:

@@ -89,7 +89,7 @@ def _ppl(loss: float) -> float:
 
 def measure(recipe, texts: list[str], model, tokenizer, base_model=None) -> dict[str, float]:
     """The forgetting figures (metric name without `eval/forgetting/` -> value) of `model` against its base."""
-    from mlflow_finetune_plugin.evaluate.contenders import _base_context
+    from mlflow_finetune_plugin.evaluate.answering import _base_context
 
     def loss(m) -> float:
         total, n = text_nll(m, tokenizer, texts, recipe.data.max_length)
