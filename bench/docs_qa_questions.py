@@ -15,6 +15,7 @@ with model.chat_template would make it answer, but not as an instruction-tuned m
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -31,9 +32,13 @@ DOCS = REPO / "recipes" / "docs-qa" / "docs"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--folder", default=None, help="a model folder to serve instead (e.g. gemma3 with a chat "
+                                                         "template added)")
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--per-chunk", type=int, default=3)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--max-tokens", type=int, default=384)
+    parser.add_argument("--show", type=int, default=2, help="print the first N replies as the teacher wrote them")
     args = parser.parse_args()
     common.header("Questions written from the docs-qa documents by a built-in teacher, verified by their quotes")
 
@@ -44,7 +49,7 @@ def main() -> None:
     from mlflow_finetune_plugin.distill.questions import questions_from_chunks
     from mlflow_finetune_plugin.models.base import resolve_model_path
 
-    folder = Path(resolve_model_path(args.model))
+    folder = Path(args.folder or resolve_model_path(args.model))
     documents = read_documents(str(DOCS), None, AutoTokenizer.from_pretrained(folder), 160)
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow_finetune_plugin.serving.transformers_cli", "serve", folder.name, "--host",
@@ -54,10 +59,12 @@ def main() -> None:
     try:
         _wait(f"http://127.0.0.1:{args.port}/v1/models", server)
         config = QuestionsConfig(teacher=f"http://127.0.0.1:{args.port}/v1", model=folder.name,
-                                 per_chunk=args.per_chunk, max_chunks=args.chunks, concurrency=4, max_tokens=384)
+                                 per_chunk=args.per_chunk, max_chunks=args.chunks, concurrency=4,
+                                 max_tokens=args.max_tokens)
         began = time.perf_counter()
         with tempfile.TemporaryDirectory() as cache:
             rows, summary = questions_from_chunks(config, documents.chunks, Path(cache))
+            replies = [json.loads(line) for f in Path(cache).glob("*.jsonl") for line in f.read_text().splitlines()]
         seconds = time.perf_counter() - began
     finally:
         server.terminate()
@@ -71,6 +78,8 @@ def main() -> None:
              ["with a second wording", sum(1 for r in rows if r.get("rephrased"))],
              ["seconds", f"{seconds:.0f}"]]
     print(common.table(["", "value"], table))
+    for reply in replies[: args.show]:
+        print(f"\n{reply['key'].split('|')[0]} ({reply.get('finish_reason')}):\n{reply['answer'][:600]}")
     for row in rows[:5]:
         print(f"  {row['chunk']}: Q: {row['messages'][0]['content']!r} A: {row['messages'][1]['content']!r}")
 
