@@ -35,12 +35,18 @@ def _data_kind(name: str) -> str:
     return detect_format(read_records(recipe.data.train), recipe.data.train)
 
 
-def _refusal(kind: str, entry_point: str, batch: int, teacher: bool = False, images: bool = False) -> str | None:
+def _refusal(kind: str, entry_point: str, batch: int, teacher: bool = False, images: bool = False,
+             documents: bool = False) -> str | None:
     """None where the data allows the entry point; else the message (a regex) that must say why not. `batch` is the
     recipe's completions per optimizer step, which GRPO's 8 samples per prompt must divide. `teacher`: the recipe
     names one (distill.teacher), whose answers to its prompts any single-set sft entry point trains on. `images`: its
-    rows have images, which prefix, prompt and IA3 adapters do not train on."""
+    rows have images, which prefix, prompt and IA3 adapters do not train on. `documents`: it reads data.documents,
+    whose question rows train with sft."""
     preset = PRESETS[entry_point]
+    if documents and not preset.trains:
+        return f"data.documents: -e {entry_point} trains no weights"
+    if documents and preset.objective != "sft":
+        return "data.documents: question rows from documents train with the sft objective"
     if images and preset.adapter in ("prefix", "prompt", "ia3") and kind in OBJECTIVE_FORMATS[preset.objective]:
         return rf"-e {entry_point}: the {preset.adapter} adapter does not train on rows with images"
     if preset.distill and not teacher:
@@ -81,7 +87,8 @@ def test_every_entry_point_on_every_bundled_recipe(name, capsys):
     images = tiny["model"] != "tiny"
     allowed = []
     for entry_point, preset in PRESETS.items():
-        refusal = _refusal(kind, entry_point, train.batch_size * train.grad_accum, teacher, images)
+        refusal = _refusal(kind, entry_point, train.batch_size * train.grad_accum, teacher, images,
+                           bool(own.data.documents))
         if refusal is None:
             recipe, command = resolve_entry_point(str(REPO / "recipes" / name), entry_point, tiny)
             assert command is None and recipe.method == entry_point

@@ -65,7 +65,29 @@ def combination_problems(recipe: Recipe, raw: dict | None = None, tasks_key: str
         problems.extend(_mixture_problems(recipe, raw or {}, tasks_key))
     elif data.adapters != "shared":
         problems.append("data.adapters: per_task needs a mixture (data.tasks with two or more tasks)")
-    return problems + _objective_problems(recipe) + _distill_problems(recipe) + _prompt_only_problems(recipe)
+    return (problems + _objective_problems(recipe) + _distill_problems(recipe) + _prompt_only_problems(recipe)
+            + _documents_problems(recipe))
+
+
+def _documents_problems(recipe: Recipe) -> list[str]:
+    """A documents recipe trains question rows (RAFT-style) with the sft objective, as one data set."""
+    if not recipe.data.documents:
+        return []
+    preset = PRESETS.get(recipe.method)
+    if preset is not None and not preset.trains:
+        return [f"data.documents: -e {recipe.method} trains no weights, and a documents recipe's prompt-only "
+                "contenders are zero-shot and RAG, scored by any training entry point (-e lora); drop "
+                "data.documents to search a prompt over the question rows"]
+    problems = []
+    if recipe.objective != "sft":
+        problems.append(f"data.documents: question rows from documents train with the sft objective; "
+                        f"{recipe.objective} trains on other rows (use -e lora, or drop data.documents)")
+    if recipe.data.tasks:
+        problems.append("data.documents: a documents recipe is one set of question rows, not a mixture of data.tasks")
+    if recipe.distill is not None and recipe.distill.teacher:
+        problems.append("data.documents: a teacher writes questions from documents with questions.teacher, not "
+                        "distill.teacher (which answers prompts)")
+    return problems
 
 
 def _adapter_problems(recipe: Recipe) -> list[str]:
