@@ -128,6 +128,9 @@ def test_a_documents_run_scores_four_contenders_on_known_and_unseen_documents(ru
     assert 0.0 <= metrics["eval/rag/recall_at_k"] <= 1.0 and "eval/unseen/rag/recall_at_k" in metrics
     assert metrics["eval/rag/prompt_tokens"] > metrics["eval/base/prompt_tokens"]
     tags = finished.data.tags
+    assert tags["finetune.served_as"] == "tuned-rag" and tags["finetune.data_format"] == "chat"
+    assert tags["finetune.dataset_digest"] == next(d.dataset.digest for d in finished.inputs.dataset_inputs
+                                                   if d.dataset.name == "documents-train")
     assert tags["finetune.verdict.deploy"] in ("base", "rag", "tuned", "tuned-rag")
     assert tags["finetune.verdict"].startswith(("deploy ", "no verdict"))
     assert "Verdict: " in out and "Cost per answer: with retrieval an answer reads" in out
@@ -167,3 +170,16 @@ def test_evaluate_scores_a_retrieving_version_as_its_run_did(run):
     assert metrics["eval/n_examples"] == 4 and metrics["eval/unseen/n_examples"] == 4
     assert "eval/tuned-rag/rougeL" in metrics and "eval/unseen/rag/recall_at_k" in metrics
     assert evaluation.data.tags["finetune.verdict.deploy"] in ("base", "rag", "tuned", "tuned-rag")
+
+
+def test_promote_checks_a_retrieving_version_by_its_answers_with_retrieval(run):
+    from click.testing import CliRunner
+
+    from mlflow_finetune_plugin.cli import main
+
+    got = CliRunner().invoke(main, ["promote", "project", "--version", "1"])
+    # the gates can be checked (lineage, the contenders a documents run does not score said why), on tuned-rag's
+    # scores, and serving parity asks the version with its chunks as `serve` would
+    assert "cannot check the gates" not in got.output, got.output
+    assert "tuned-rag" in got.output or "not scored in its run: a documents recipe" in got.output, got.output
+    assert "parity" in got.output.lower(), got.output

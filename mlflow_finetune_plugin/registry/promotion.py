@@ -172,7 +172,7 @@ def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple
         for against in gate.beats:
             why = unscored.get(against) or (against == "optimized" and "its run did not run the prompt search") or (
                 against == RAG and "its run retrieved from no documents")
-            if "beats" not in gate.model_fields_set and why and f"eval/{against}/{gate.metric}" not in own:
+            if _default_beats(gate) and why and f"eval/{against}/{gate.metric}" not in own:
                 # a default gate passes over a contender its run did not score, and says why
                 checks.append(GateCheck(gate.metric, against, mode, gate.margin, tuned, None, True,
                                         f"not scored in its run: {why}"))
@@ -307,6 +307,13 @@ def _other_value(name, mv, against: str, alias: str, metric: str, own: dict, mis
     # Scores on different eval sets do not compare; say so rather than refuse (the data may have been fixed).
     digests = {_run_tag(r, tags.EVAL_DATA_DIGEST) for r in (registry.source_run_id(mv), run_id)}
     return value, f"v{other.version}" + (", different eval data" if len(digests) > 1 else "")
+
+
+def _default_beats(gate: Gate) -> bool:
+    """The gate compares with the default contenders: not given, or given as the default list (a run's recipe.yaml
+    writes the resolved recipe, defaults spelled out; the list before `rag` joined it too)."""
+    default = Gate.model_fields["beats"].default
+    return "beats" not in gate.model_fields_set or gate.beats in (default, [c for c in default if c != RAG])
 
 
 def _served(run_id: str | None) -> str:

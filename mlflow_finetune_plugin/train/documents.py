@@ -7,13 +7,14 @@ and `evaluate/deploy.py` says what to deploy; the retriever goes with the logged
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow_finetune_plugin import tags as tag_names
 from mlflow_finetune_plugin.data.document_rows import DocumentSets, question_rows, raft_rows, sort_rows
 from mlflow_finetune_plugin.data.splits import Splits
 from mlflow_finetune_plugin.retriever import Retriever
+from mlflow_finetune_plugin.tags import lineage_tags
 
 # The held-out share of teacher-written questions (in their second wording) when data.eval_split does not say.
 DEFAULT_KNOWN_SHARE = 0.3
@@ -26,6 +27,7 @@ class Prepared:
     retriever: Retriever
     digest: str
     raft: dict
+    lineage: dict = field(default_factory=dict)  # the lineage tags of the data (rank 0; splits.log_inputs' for files)
 
 
 def prepare(recipe, tokenizer, run_id: str, main: bool = True) -> Prepared:
@@ -67,7 +69,7 @@ def prepare(recipe, tokenizer, run_id: str, main: bool = True) -> Prepared:
     known = Dataset.from_list([{"messages": r["messages"]} for r in sets.known]) if sets.known else None
     prepared = Prepared(Splits(Dataset.from_list(rows), known, "chat"), sets, retriever, documents.digest, raft)
     if main:
-        _log(recipe, documents, prepared, held)
+        prepared.lineage = _log(recipe, documents, prepared, held)
     return prepared
 
 
@@ -94,8 +96,9 @@ def _raft_line(raft: dict, cfg) -> str:
     return said + "."
 
 
-def _log(recipe, documents, prepared: Prepared, held: set[str]) -> None:
-    """The documents and the rows as the run's inputs; the held-out documents and the RAFT counts as a file."""
+def _log(recipe, documents, prepared: Prepared, held: set[str]) -> dict:
+    """The documents and the rows as the run's inputs; the held-out documents and the RAFT counts as a file. Returns
+    the lineage tags: the training rows' digest (they are made from the documents and the questions), format chat."""
     import mlflow
     import mlflow.data
     import pandas as pd
@@ -110,9 +113,12 @@ def _log(recipe, documents, prepared: Prepared, held: set[str]) -> None:
                      "notes": sets.notes}, "documents/sets.json")
     mlflow.log_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sets.unseen),
                     "documents/unseen_questions.jsonl")
+    digests = {}
     for name, ds, context in (("documents-train", prepared.splits.train, "training"),
                               ("documents-known", prepared.splits.eval, "eval")):
         if ds is not None:
             frame = pd.DataFrame({"messages": [json.dumps(m, ensure_ascii=False) for m in ds["messages"]]})
-            mlflow.log_input(mlflow.data.from_pandas(frame, source=str(documents.root), name=name),
-                             context=context, tags={"documents_digest": documents.digest})
+            dataset = mlflow.data.from_pandas(frame, source=str(documents.root), name=name)
+            mlflow.log_input(dataset, context=context, tags={"documents_digest": documents.digest})
+            digests[context] = dataset.digest
+    return lineage_tags(dataset_digest=digests["training"], data_format="chat")

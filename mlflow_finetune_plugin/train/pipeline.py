@@ -76,6 +76,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     prepared = documents.prepare(recipe, tokenizer, run_id, main) if recipe.data.documents else None
     if prepared is not None:
         data = prepared.splits
+        tags.update(prepared.lineage)
     data = templates.for_template(recipe, data, tokenizer, main)  # system handling, told once
     # Adapter weights start random (LoRA's A, prompt embeddings): seeded, a run is repeatable and a resumed run
     # continues the one it resumes. Trainer seeds again, but only once the model exists.
