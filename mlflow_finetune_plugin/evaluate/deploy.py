@@ -94,8 +94,10 @@ class DocumentsVerdict:
         if self.deploy is None:
             return f"no verdict: {self.reason}"
         said = "; ".join(s.sentence(self.metric) for s in self.sets)
+        against = ", and of each retrieving contender minus the tuned model alone" if any(
+            s.retrieval and s.name == UNSEEN for s in self.sets) else ""
         return f"deploy {LABELS[self.deploy]} ({self.deploy}): {self.why}. {said[0].upper()}{said[1:]}" \
-               "  (95% intervals of the best minus each)"
+               f" (95% intervals of the best minus each{against})"
 
     def as_tags(self) -> dict[str, str]:
         known = next((s for s in self.sets if s.name == KNOWN), None)
