@@ -101,9 +101,14 @@ def sort_rows(train: list[dict], held: list[dict], holdout: set[str], sources: s
     return DocumentSets(training, known, unseen, notes)
 
 
+def _last_user(messages: list[dict]) -> int:
+    """The index of the last user turn: the question a row asks."""
+    return max(i for i, m in enumerate(messages) if m["role"] == "user")
+
+
 def _reworded(row: dict) -> dict:
     messages = [dict(m) for m in row["messages"]]
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    last_user = _last_user(messages)
     messages[last_user]["content"] = row["rephrased"]
     return {**row, "messages": messages}
 
@@ -111,7 +116,7 @@ def _reworded(row: dict) -> dict:
 def prompt_of(row: dict) -> list[dict]:
     """The row's messages up to its last user turn: what is asked."""
     messages = row["messages"]
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    last_user = _last_user(messages)
     return messages[: last_user + 1]
 
 
@@ -149,5 +154,5 @@ def raft_rows(rows: list[dict], retriever, chunks: list[dict], oracle_share: flo
 
 
 def _with_chunks(messages: list[dict], chunks: list[dict]) -> list[dict]:
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    last_user = _last_user(messages)
     return with_context(messages[: last_user + 1], chunks) + messages[last_user + 1:]
