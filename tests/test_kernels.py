@@ -183,3 +183,49 @@ def test_lora_layers_skip_peft_s_input_casts_under_autocast_with_the_same_number
     loss, grads, _ = _step(plain, autocast=False)
     loss_h, grads_h, _ = _step(hooked, autocast=False)
     assert torch.equal(loss, loss_h) and all(torch.equal(grads[n], grads_h[n]) for n in grads)
+
+
+def test_torch_compile_compiles_each_decoder_layer_with_the_same_numbers_and_undoes_it():
+    """`train.torch_compile`: the layers the model names in
+    `_no_split_modules` run through torch.compile (a counting backend here; inductor on a run), with the loss and
+    gradients of the eager model, and run eagerly again once uncompiled (evaluation's changing shapes)."""
+    import torch
+
+    from mlflow_finetune_plugin.models.kernels import compile_layers, decoder_layers, uncompile_layers
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(model):  # not _step: dynamo does not trace under its dispatch mode
+        ids = torch.arange(3, 35).reshape(2, 16)
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    eager, compiled = _lora_tiny(0.0).float(), _lora_tiny(0.0).float()
+    layers = decoder_layers(compiled)
+    assert [type(layer).__name__ for layer in layers] == ["LlamaDecoderLayer"] * compiled.config.num_hidden_layers
+    assert compile_layers(compiled, backend=counting) == len(layers)
+    loss, grads = step(eager)
+    loss_c, grads_c = step(compiled)
+    assert graphs, "the decoder layers did not go through torch.compile"
+    assert torch.allclose(loss, loss_c) and grads.keys() == grads_c.keys()
+    assert all(torch.allclose(grads[n], grads_c[n], atol=1e-6) for n in grads)
+    uncompile_layers(compiled)
+    seen = len(graphs)
+    step(compiled)
+    assert len(graphs) == seen and all(layer._compiled_call_impl is None for layer in layers)
+
+
+def test_torch_compile_refuses_a_model_that_names_no_decoder_layer():
+    import torch
+
+    from mlflow_finetune_plugin.models.kernels import compile_layers
+
+    with pytest.raises(FinetuneError, match="train.torch_compile: Sequential names no decoder layer.*false"):
+        compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

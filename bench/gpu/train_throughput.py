@@ -5,6 +5,7 @@ vocabulary 32000: ~1.0B parameters, bf16) and the built-in tiny model's tokenize
 downloaded. Every row is longer than the sequence length and truncated to it, so every batch is exactly
 batch x seq_len tokens on every side (packing off). Sides, per method (lora, qlora) and repetition, in rotated order:
   plugin       mlflow run PROJECT -e METHOD --backend finetune (train.kernels and fused_lm_head at auto)
+  plugin+compile  the same with train.torch_compile: true (each decoder layer under torch.compile)
   plain        bench/plain_train.py --method METHOD --precision bf16 (transformers Trainer + PEFT / bitsandbytes)
   plain+liger  the same with `use_liger_kernel=True` (Liger's defaults, fused linear cross-entropy included)
 Each side is its own process. Timing is the same on every side (bench/gpu/probe/sitecustomize.py wraps
@@ -46,7 +47,7 @@ import common  # noqa: E402
 START = time.monotonic()
 PROBE = Path(__file__).resolve().parent / "probe"
 METHODS = ("lora", "qlora")
-SIDES = ("plugin", "plain", "plain+liger")
+SIDES = ("plugin", "plugin+compile", "plain", "plain+liger")
 LR = {"lora": 2e-4, "qlora": 2e-4}
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 32,
             "num_key_value_heads": 32, "head_dim": 64, "vocab_size": 32000, "max_position_embeddings": 4096,
@@ -81,7 +82,7 @@ def build_1b(root: Path) -> Path:
     return out
 
 
-def project(work: Path, method: str, args, data: Path) -> Path:
+def project(work: Path, method: str, args, data: Path, compiled: bool = False) -> Path:
     """The plugin side's project folder: a finetune.yaml with the same settings as the plain side's arguments."""
     import yaml
 
@@ -89,10 +90,10 @@ def project(work: Path, method: str, args, data: Path) -> Path:
                                          "packing": False},
               "train": {"max_steps": args.total_steps, "batch_size": args.batch_size, "learning_rate": LR[method],
                         "lr_scheduler": "cosine", "warmup_ratio": 0.05, "logging_steps": 10,
-                        "save_steps": args.total_steps + 1000, "seed": 42},
+                        "save_steps": args.total_steps + 1000, "seed": 42, "torch_compile": compiled},
               "eval": {"enabled": False}, "registry": {"enabled": False}}
     recipe[method] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
-    folder = work / "projects" / f"gpu-{method}"
+    folder = work / "projects" / f"gpu-{method}{'-compile' if compiled else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "finetune.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return folder
@@ -122,8 +123,9 @@ class GpuMemory:
 
 
 def side_command(side: str, method: str, args, model: Path, data: Path, work: Path) -> list[str]:
-    if side == "plugin":
-        return [sys.executable, "-m", "mlflow", "run", str(project(work, method, args, data)), "-e", method,
+    if side.startswith("plugin"):
+        folder = project(work, method, args, data, compiled=side == "plugin+compile")
+        return [sys.executable, "-m", "mlflow", "run", str(folder), "-e", method,
                 "--backend", "finetune", "--env-manager", "local", "-P", f"model={model}"]
     argv = [sys.executable, str(common.REPO / "bench" / "plain_train.py"), "--output-dir", str(work / "plain-out"),
             "--model", str(model), "--data", str(data), "--method", method, "--precision", args.precision,

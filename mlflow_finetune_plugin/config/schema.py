@@ -402,6 +402,12 @@ class TrainConfig(Section):
                             "'mlflow-finetune-plugin[gpu]'`. auto: liger where CUDA, liger-kernel and the model's "
                             "architecture allow, else none (always none on a CPU). none: the model's own layers. "
                             "Printed and tagged (finetune.kernels).")
+    torch_compile: bool = Field(
+        False, description="torch.compile each decoder layer while training (the model's own `_no_split_modules` "
+                           "class, as torchtune compiles per layer): the identical layers share one compiled graph, "
+                           "so compile time does not grow with depth; the LM head and loss stay as they are. The "
+                           "first steps compile (tens of seconds); evaluation and saving run the layers uncompiled. "
+                           "Printed and tagged (finetune.kernels).")
     router_aux_loss: float | None = Field(
         None, ge=0, description="Mixtures of experts: weight of the router's load-balancing loss added to the "
                                 "training loss; empty: the model config's own router_aux_loss_coef; 0 turns it off.")

@@ -125,3 +125,36 @@ def describe(choice: KernelChoice, liger_head: bool) -> str:
 
     head = "fused_linear_cross_entropy" if liger_head else "LM head per train.fused_lm_head"
     return f"liger {md.version('liger-kernel')}: {', '.join(LAYER_KERNELS)}, {head} ({choice.reason})"
+
+
+def decoder_layers(model) -> list:
+    """The model's repeated blocks: modules whose class the model names in `_no_split_modules` (what it keeps whole
+    across devices, i.e. its decoder layer), outermost ones only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers, inside = [], set()
+    for module in base.modules():
+        if id(module) in inside:
+            continue
+        if type(module).__name__ in names:
+            layers.append(module)
+            inside.update(id(m) for m in module.modules())
+    return layers
+
+
+def compile_layers(model, backend="inductor") -> int:
+    """`train.torch_compile`: each decoder layer compiled in place (`nn.Module.compile`, its state dict unchanged);
+    returns how many. `uncompile_layers` undoes it. `backend` is torch.compile's."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise FinetuneError(f"train.torch_compile: {type(model).__name__} names no decoder layer class "
+                            "(`_no_split_modules`), so there is nothing to compile per layer. Set "
+                            "train.torch_compile: false.")
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
+
+
+def uncompile_layers(model) -> None:
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None

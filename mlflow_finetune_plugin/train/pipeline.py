@@ -121,6 +121,8 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
                                      _model_config(recipe, adapter, data, tokenizer, base_ref, base_revision),
                                      sft.evaluate_tasks, prepared and (lambda small, m, t, b: _evaluate_documents(
                                          small, m, t, prepared, b)))
+        if recipe.train.torch_compile:  # after the rehearsal's step: its shapes are not the training's
+            print(f"torch.compile: {kernels.compile_layers(model)} decoder layers (compiled in the first steps)")
         with fp32_where_it_matters(model, autocast):
             if per_task:
                 trainers.train_per_task(recipe, objective, model, tokenizer, data.tasks, data.task_evals, args)
@@ -133,6 +135,8 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
                     else trainer.model
     finally:
         gc.unfreeze()
+        if recipe.train.torch_compile:  # generation's shapes change every token: evaluation runs them as they were
+            kernels.uncompile_layers(model)
     for_generation(tuned)  # TRL left router logits on (mixtures of experts): off to decode, and in the saved config
     if not main:
         return
@@ -210,6 +214,7 @@ def _fused_kernels(recipe, model, main: bool) -> None:
     kernels.apply_layers(model, kernel)
     if main:
         said = kernels.describe(kernel, recipe.objective == "sft" and kernels.takes_lm_head(recipe, kernel))
+        said += "; torch.compile per decoder layer" if recipe.train.torch_compile else ""
         print(f"Kernels: {said}")
         mlflow.set_tag(tag_names.KERNELS, said)
 
