@@ -18,6 +18,7 @@ PACKAGES = (ROOT,)
 # floor outside its package, nothing above. Names are relative to mlflow_finetune_plugin.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("cli",),
+    ("studio",),  # the Train page: starts `mlflow run` like finetuning_api's runner, judges and chats like the rest
     ("sweep", "finetuning_api", "monitor"),  # finetuning_api: OpenAI's jobs API runs `mlflow run` and serves the results;
     # monitor: served traffic read back, and --retrain runs `mlflow run`
     ("backend",),
