@@ -9,6 +9,7 @@ import click
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.finetuning_api.command import openai_api_cmd
 from mlflow_finetune_plugin.monitor.command import monitor_cmd
+from mlflow_finetune_plugin.studio.command import studio_cmd
 
 
 class _FriendlyGroup(click.Group):
@@ -450,7 +451,7 @@ def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_u
         experiment=experiment, max_lora_rank=max_lora_rank, follow_interval=follow_interval, trace=trace), click.echo)
 
 
-for _command in (openai_api_cmd, monitor_cmd):  # each lives beside its work (finetuning_api/, monitor/)
+for _command in (openai_api_cmd, monitor_cmd, studio_cmd):  # each beside its work (finetuning_api/, monitor/, studio/)
     main.add_command(_command)
 
 

@@ -1,0 +1,468 @@
+"""The studio page (gr.Blocks): Train (project or uploads, model, entry point, the recipe's keys, the check, the
+command line and finetune.yaml it amounts to, Start), Runs (live charts, log, Stop/Resume, then the verdict against
+every prompt-only contender, the answers, Chat and Promote) and History (the runs, two compared)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gradio as gr
+
+from mlflow_finetune_plugin.errors import FinetuneError
+
+KEY_HEADERS = ["key", "value", "default", "type", "help"]
+CHARTS = (("loss", "Training loss"), ("eval_loss", "Eval loss"), ("learning_rate", "Learning rate"),
+          ("grad_norm", "Grad norm"))
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+_CSS = "#start button, #start {min-width: 8em}"
+
+
+def _checked(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except FinetuneError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+
+
+def _user_error(e: Exception) -> str:
+    return f"**Not done:** {e}"
+
+
+def _key_rows(fields) -> list[list]:
+    return [[f.key, _text(f.default), _text(f.default), f.kind + (f" ({', '.join(f.choices)})" if f.choices else ""),
+             f.help] for f in fields]
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def overrides_of(rows, model: str | None, model_default: str | None) -> dict[str, str]:
+    """The keys whose value differs from its default (the -P of the command line), and the model when changed."""
+    out = {}
+    for row in _rows(rows):
+        key, value, default = (str(c) if c is not None else "" for c in row[:3])
+        if key and value.strip() != default.strip() and key != "model.name":
+            out[key] = value.strip()
+    if model and model.strip() and model.strip() != (model_default or ""):
+        out["model.name"] = model.strip()
+    return out
+
+
+def _rows(table) -> list[list]:
+    if table is None:
+        return []
+    if hasattr(table, "values"):  # a pandas DataFrame
+        return table.values.tolist()
+    return [list(r) for r in table]
+
+
+def _plot_frame(points, name: str):
+    import pandas as pd
+
+    return pd.DataFrame({"step": [p[0] for p in points], "value": [p[1] for p in points],
+                         "series": [name] * len(points)})
+
+
+def _records(items) -> tuple[list[str], list[list]]:
+    rows = [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else dict(i) for i in items]
+    headers = list(rows[0]) if rows else []
+    return headers, [[_text(r.get(h)) for h in headers] for r in rows]
+
+
+def _job_label(job) -> str:
+    run = f" · run {job.run_id[:8]}" if job.run_id else ""
+    return f"{job.state} · {job.project.name if hasattr(job.project, 'name') else job.project} · -e " \
+           f"{job.entry_point}{run} · {job.id[:8]}"
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def status_line(p) -> str:
+    """One line: where the run is (step, epoch, ETA, tokens/s, memory)."""
+    parts = [f"**{p.status}**"]
+    if p.step is not None:
+        parts.append(f"step {p.step}" + (f"/{p.max_steps}" if p.max_steps else ""))
+    if p.epoch is not None:
+        parts.append(f"epoch {p.epoch:.2f}")
+    if p.eta_s is not None and p.status == "RUNNING":
+        parts.append(f"ETA {_duration(p.eta_s)}")
+    if p.tokens_per_s:
+        parts.append(f"{p.tokens_per_s:,.0f} tokens/s")
+    for name, value in (p.system or {}).items():
+        parts.append(f"{name} {value:,.1f}" if isinstance(value, float) else f"{name} {value}")
+    return " · ".join(parts)
+
+
+def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
+    from mlflow_finetune_plugin.studio import checks, history, watch
+    from mlflow_finetune_plugin.studio.recipe_form import (
+        command_line,
+        effective_yaml,
+        model_choices,
+        recipe_fields,
+        shell_line,
+    )
+
+    def project_options():
+        return [(p.name + ("" if p.bundled else f" ({p.path})"), str(p.path)) for p in studio.projects()]
+
+    def fields_for(project: str, entry: str | None):
+        path = studio.project(project)
+        fields = recipe_fields(path, entry)
+        model_default = next((_text(f.default) for f in fields if f.key == "model.name"), "")
+        return path, fields, model_default
+
+    first = next(iter(project_options()), (None, None))[1]
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {title}\nFine-tune as `mlflow run --backend finetune` does it, from this page: every run is "
+                    "an ordinary MLflow run, judged against prompting, chatted with, promoted through the gates.")
+        checked = gr.State(None)       # the inputs the last passing check saw: Start runs exactly those
+        model_default = gr.State("")
+        upload_dir = gr.State(None)
+        with gr.Tabs(elem_id="tabs") as tabs:
+            # ---------------------------------------------------------------- Train
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                with gr.Row():
+                    project = gr.Dropdown(project_options(), value=first, label="Project (a recipe or a folder)",
+                                          elem_id="project", scale=3)
+                    entry = gr.Dropdown([], label="Entry point (method)", elem_id="entry", scale=1)
+                    model = gr.Dropdown(_checked(model_choices), label="Model (built-in, registered version, "
+                                        "hub id or local folder)", allow_custom_value=True, elem_id="model",
+                                        scale=3)
+                with gr.Accordion("Or upload your data (JSONL, CSV, Parquet; images beside the rows that name "
+                                  "them)", open=False, elem_id="upload-box"):
+                    uploads = gr.File(file_count="multiple", label="Data files", elem_id="uploads")
+                    with gr.Row():
+                        train_pick = gr.Dropdown([], label="Training file", elem_id="train-file")
+                        eval_pick = gr.Dropdown([], label="Held-out file (optional)", elem_id="eval-file")
+                    upload_note = gr.Markdown(elem_id="upload-note")
+                with gr.Accordion("Recipe keys (edit the value column; the rest is the schema's default and help)",
+                                  open=False, elem_id="keys-box"):
+                    keys = gr.Dataframe(headers=KEY_HEADERS, datatype=["str"] * 5, interactive=True,
+                                        static_columns=[0, 2, 3, 4], wrap=True, max_height=460, elem_id="keys")
+                with gr.Row():
+                    check_btn = gr.Button("Check", variant="secondary", elem_id="check")
+                    start_btn = gr.Button("Start", variant="primary", interactive=False, elem_id="start")
+                check_out = gr.Markdown("Check the recipe and the data before starting.", elem_id="check-out")
+                with gr.Accordion("The same run from a terminal", open=False, elem_id="terminal-box"):
+                    command = gr.Code(language="shell", label="mlflow run", elem_id="command", interactive=False)
+                    recipe_yaml = gr.Code(language="yaml", label="finetune.yaml it amounts to", elem_id="yaml",
+                                          interactive=False)
+                start_out = gr.Markdown(elem_id="start-out")
+                queue_table = gr.Dataframe(headers=["job", "state", "project", "entry point", "run"],
+                                           interactive=False, label="Queue (one run at a time by default)",
+                                           elem_id="queue")
+            # ---------------------------------------------------------------- Runs
+            with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+                with gr.Row():
+                    run_pick = gr.Dropdown([], label="Run", elem_id="run-pick", scale=4)
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
+                    resume_btn = gr.Button("Resume", elem_id="resume", scale=1)
+                status = gr.Markdown(elem_id="status")
+                with gr.Row():
+                    plots = {name: gr.LinePlot(x="step", y="value", title=label, label=label, height=220,
+                                               elem_id=f"plot-{name.replace('_', '-')}")
+                             for name, label in CHARTS[:2]}
+                with gr.Row():
+                    plots.update({name: gr.LinePlot(x="step", y="value", title=label, label=label, height=220,
+                                                    elem_id=f"plot-{name.replace('_', '-')}")
+                                  for name, label in CHARTS[2:]})
+                points = gr.Markdown(elem_id="points")
+                with gr.Accordion("Log (the last lines)", open=False):
+                    log = gr.Code(label="log", elem_id="log", interactive=False)
+                judged = gr.Markdown(elem_id="judgement")
+                examples = gr.Dataframe(interactive=False, label="Answers per example", wrap=True, max_height=360,
+                                        elem_id="examples")
+                with gr.Accordion("Chat with it (the A/B playground) and promote it", open=True):
+                    with gr.Row():
+                        against = gr.Radio(["base", "champion"], value="base", label="Against", elem_id="against")
+                        blind = gr.Checkbox(label="Blind", elem_id="chat-blind")
+                        chat_btn = gr.Button("Chat", elem_id="chat")
+                    chat_out = gr.Markdown(elem_id="chat-out")
+                    with gr.Row():
+                        force = gr.Checkbox(label="Force past failing gates", elem_id="force")
+                        reason = gr.Textbox(label="Reason (required with force)", elem_id="reason")
+                        promote_btn = gr.Button("Promote", elem_id="promote")
+                    promote_out = gr.Markdown(elem_id="promote-out")
+                timer = gr.Timer(2.0)
+            # ---------------------------------------------------------------- History
+            with gr.Tab("History", id="history", elem_id="tab-history"):
+                refresh = gr.Button("Refresh", size="sm", elem_id="history-refresh")
+                runs_table = gr.Dataframe(interactive=False, wrap=True, elem_id="history-runs")
+                with gr.Row():
+                    cmp_a = gr.Dropdown([], label="Run A", elem_id="cmp-a")
+                    cmp_b = gr.Dropdown([], label="Run B", elem_id="cmp-b")
+                    compare_btn = gr.Button("Compare", elem_id="compare")
+                diff = gr.Dataframe(interactive=False, label="Settings that differ", elem_id="diff")
+                metrics = gr.Dataframe(interactive=False, label="Metrics", elem_id="cmp-metrics")
+                cmp_plot = gr.LinePlot(x="step", y="value", color="series", title="Training loss", height=260,
+                                       elem_id="cmp-plot")
+
+        # ---- Train: the form
+        def on_project(project_value, entry_value):
+            try:
+                path, fields, default_model = fields_for(project_value, None)
+            except FinetuneError as e:
+                return (gr.update(), gr.update(), gr.update(), "", _user_error(e), gr.update(interactive=False),
+                        None)
+            points = [p for p in studio.projects() if str(p.path) == str(path)]
+            entries = points[0].entry_points if points else []
+            method = next((_text(f.default) for f in fields if f.key == "method"), None)
+            chosen = entry_value if entry_value in entries else (method if method in entries else
+                                                                 (entries[0] if entries else None))
+            if chosen and chosen != method:
+                path, fields, default_model = fields_for(project_value, chosen)
+            return (gr.update(choices=entries, value=chosen), gr.update(value=default_model), _key_rows(fields),
+                    default_model, "Check the recipe and the data before starting.", gr.update(interactive=False),
+                    None)
+
+        project_outputs = [entry, model, keys, model_default, check_out, start_btn, checked]
+        project.change(on_project, [project, entry], project_outputs, api_visibility="private")
+        demo.load(on_project, [project, entry], project_outputs, api_visibility="private")
+
+        def on_entry(project_value, entry_value):
+            try:
+                _, fields, default_model = fields_for(project_value, entry_value)
+            except FinetuneError as e:
+                return gr.update(), gr.update(), _user_error(e), gr.update(interactive=False), None
+            return _key_rows(fields), default_model, "Check the recipe and the data before starting.", \
+                gr.update(interactive=False), None
+
+        entry.input(on_entry, [project, entry], [keys, model_default, check_out, start_btn, checked],
+                    api_visibility="private")
+
+        def invalidate():
+            return gr.update(interactive=False), None
+
+        for trigger in (keys.input, model.input, model.change):
+            trigger(invalidate, None, [start_btn, checked], api_visibility="private", queue=False)
+
+        # ---- Train: uploads
+        def on_upload(files, project_value):
+            if not files:
+                return gr.update(), gr.update(), gr.update(), None, ""
+            try:
+                folder = studio.workspace.save_uploads([_path(f) for f in files])
+            except FinetuneError as e:
+                return gr.update(), gr.update(), gr.update(), None, _user_error(e)
+            data = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
+            if not data:
+                return gr.update(), gr.update(), gr.update(), str(folder), _user_error(
+                    "none of the files is a data file (.jsonl, .json, .csv, .parquet)")
+            made = _made_project(folder, project_value, data[0], None)
+            if isinstance(made, str):
+                return gr.update(), gr.update(), gr.update(), str(folder), made
+            return (gr.update(choices=data, value=data[0]), gr.update(choices=["", *data], value=""),
+                    gr.update(choices=project_options(), value=str(made)), str(folder),
+                    f"Uploaded {len(data)} data file(s) into a new project: {made.name} (based on "
+                    f"{studio.project(project_value).name if project_value else 'the first recipe'}).")
+
+        def _made_project(folder, base_value, train, eval_file):
+            try:
+                base = studio.project(base_value)
+                if (base.parent == studio.workspace.root / "projects") and (base / ".base").is_file():
+                    base = studio.project((base / ".base").read_text().strip())
+                made = studio.workspace.project_from_uploads(folder, base, train, eval_file or None)
+                (made / ".base").write_text(str(base))
+                return made
+            except FinetuneError as e:
+                return _user_error(e)
+
+        uploads.upload(on_upload, [uploads, project], [train_pick, eval_pick, project, upload_dir, upload_note],
+                       api_visibility="private")
+
+        def on_pick(train, eval_file, folder, project_value):
+            if not folder or not train:
+                return gr.update(), ""
+            made = _made_project(studio.workspace.resolve(folder), project_value, train, eval_file)
+            if isinstance(made, str):
+                return gr.update(), made
+            return gr.update(choices=project_options(), value=str(made)), f"Project {made.name}: trains on {train}" \
+                + (f", holds out {eval_file}" if eval_file else "") + "."
+
+        for trigger in (train_pick.input, eval_pick.input):
+            trigger(on_pick, [train_pick, eval_pick, upload_dir, project], [project, upload_note],
+                    api_visibility="private")
+
+        # ---- Train: check, start
+        def on_check(project_value, entry_value, model_value, rows, default_model):
+            try:
+                path = studio.project(project_value)
+                overrides = studio.safe_overrides(path, overrides_of(rows, model_value, default_model))
+                result = checks.check(path, entry_value, overrides)
+                argv = command_line(path, entry_value, overrides, studio.config.backend_config or None,
+                                    studio.config.experiment)
+                text = effective_yaml(path, entry_value, overrides) if result.recipe_ok else \
+                    "# the recipe does not validate: see the problems above"
+            except FinetuneError as e:
+                return _user_error(e), "", "", gr.update(interactive=False), None
+            signature = [str(path), entry_value, overrides] if result.ok else None
+            return (result.as_markdown(), shell_line(argv), text, gr.update(interactive=result.ok), signature)
+
+        check_btn.click(on_check, [project, entry, model, keys, model_default],
+                        [check_out, command, recipe_yaml, start_btn, checked], api_name="check",
+                        concurrency_limit=2)
+
+        def on_start(signature):
+            if not signature:
+                return _user_error("check first: Start runs what the last passing check saw"), \
+                    gr.update(interactive=False), gr.update()
+            path, entry_value, overrides = signature
+            job = _checked(studio.launcher.submit, studio.project(path), entry_value, overrides,
+                           studio.config.experiment)
+            return (f"Queued as job `{job.id}`: `{shell_line(job.argv)}`. Follow it on the Runs tab.",
+                    gr.update(interactive=False), gr.update(choices=_run_choices(), value=job.id))
+
+        start_btn.click(on_start, [checked], [start_out, start_btn, run_pick], api_name="start",
+                        concurrency_limit=1)
+
+        # ---- Runs: watch
+        def _run_choices():
+            return [(_job_label(j), j.id) for j in studio.launcher.jobs()]
+
+        def _job(job_id):
+            return next((j for j in studio.launcher.jobs() if j.id == job_id), None)
+
+        judgements: dict[str, object] = {}
+
+        def on_tick(job_id, known):
+            choices = _run_choices()
+            pick = gr.update(choices=choices) if choices != known else gr.update()
+            queue_rows = [[j.id[:8], j.state, getattr(j.project, "name", j.project), j.entry_point,
+                           j.run_id or ""] for j in studio.launcher.jobs()]
+            job = _job(job_id) if job_id else None
+            if job is None:
+                return (pick, choices, queue_rows, "Pick a run.", *[gr.update()] * len(plots), "", "",
+                        gr.update(), gr.update())
+            if not job.run_id:
+                note = f"**{job.state}**" + (f": {job.error}" if job.error else " (waiting for its turn)")
+                return (pick, choices, queue_rows, note, *[gr.update()] * len(plots), "", "", gr.update(),
+                        gr.update())
+            p = watch.progress(job.run_id)
+            frames = [_plot_frame(p.charts.get(name, []), name) for name in plots]
+            counts = ", ".join(f"{name}: {len(p.charts.get(name, []))} points" for name in plots)
+            line = status_line(p) + (f"\n\n**Failed:** {p.error}" if p.error else "")
+            verdict, rows = gr.update(), gr.update()
+            if p.status == "FINISHED":
+                if job.run_id not in judgements:
+                    judgements[job.run_id] = watch.judgement(job.run_id)
+                j = judgements[job.run_id]
+                verdict = j.as_markdown()
+                headers, values = _records(j.examples)
+                rows = gr.update(value=values, headers=headers) if headers else gr.update()
+            return (pick, choices, queue_rows, line, *frames, counts, p.log_tail or "", verdict, rows)
+
+        known_choices = gr.State([])
+        tick_outputs = [run_pick, known_choices, queue_table, status, *plots.values(), points, log, judged,
+                        examples]
+        timer.tick(on_tick, [run_pick, known_choices], tick_outputs, api_visibility="private",
+                   concurrency_limit=None, show_progress="hidden")
+        run_pick.change(on_tick, [run_pick, known_choices], tick_outputs, api_visibility="private")
+
+        def on_stop(job_id):
+            job = _job(job_id)
+            if job is None:
+                return "Pick a run."
+            _checked(studio.launcher.stop, job.id)
+            return f"Stopping job `{job.id[:8]}`" + (f" (run {job.run_id}): it ends KILLED, its checkpoints kept."
+                                                    if job.run_id else ": it leaves the queue.")
+
+        stop_btn.click(on_stop, [run_pick], [chat_out], api_name="stop")
+
+        def on_resume(job_id):
+            job = _job(job_id)
+            if job is None or not job.run_id:
+                return "Pick a run that started.", gr.update()
+            new = _checked(studio.launcher.resume, job.run_id)
+            return f"Resuming run {job.run_id} from its last checkpoint as job `{new.id[:8]}`.", \
+                gr.update(choices=_run_choices(), value=new.id)
+
+        resume_btn.click(on_resume, [run_pick], [chat_out, run_pick], api_name="resume")
+
+        # ---- Runs: chat and promote
+        def _model_of(job_id) -> str:
+            job = _job(job_id)
+            if job is None or not job.run_id:
+                raise FinetuneError("pick a finished run")
+            j = judgements.get(job.run_id) or watch.judgement(job.run_id)
+            if not j.model:
+                raise FinetuneError(f"run {job.run_id} registered no model (registry.enabled false, or it did not "
+                                    "finish)")
+            return j.model
+
+        def on_chat(job_id, side, is_blind, request: gr.Request):
+            try:
+                uri = _model_of(job_id)
+                ref = uri.removeprefix("models:/")
+                other = "base" if side == "base" else f"{ref.split('/')[0]}@champion"
+                port = studio.chats.open(ref, other, bool(is_blind))
+            except FinetuneError as e:
+                return _user_error(e)
+            host = (request.headers.get("host", "") if request else "").rsplit(":", 1)[0] or "127.0.0.1"
+            url = f"http://{host}:{port}/"
+            return f"The A/B playground on **{ref}** against **{other}**{' (blind)' if is_blind else ''}: " \
+                   f"[open it]({url}) <span id='chat-url'>{url}</span>"
+
+        chat_btn.click(on_chat, [run_pick, against, blind], [chat_out], api_name="chat", concurrency_limit=1)
+
+        def on_promote(job_id, is_forced, why):
+            try:
+                result = watch.promote(_model_of(job_id), force=bool(is_forced), reason=why or None)
+            except FinetuneError as e:
+                return _user_error(e)
+            return getattr(result, "text", None) or str(result)
+
+        promote_btn.click(on_promote, [run_pick, force, reason], [promote_out], api_name="promote",
+                          concurrency_limit=1)
+
+        # ---- History
+        def on_refresh():
+            summaries = history.runs()
+            headers, rows = _records(summaries)
+            ids = [(f"{getattr(s, 'name', '') or s.run_id[:8]} · {s.run_id[:8]}", s.run_id) for s in summaries]
+            return gr.update(value=rows, headers=headers), gr.update(choices=ids), gr.update(choices=ids)
+
+        refresh.click(on_refresh, None, [runs_table, cmp_a, cmp_b], api_name="history")
+        tabs.select(on_refresh, None, [runs_table, cmp_a, cmp_b], api_visibility="private")
+
+        def on_compare(a, b):
+            if not a or not b:
+                return gr.update(), gr.update(), gr.update()
+            c = _checked(history.compare, a, b)
+            diff_rows = [[k, _text(v[0]), _text(v[1])] for k, v in c.params.items()]
+            metric_rows = [[k, _text(v[0]), _text(v[1])] for k, v in c.metrics.items()]
+            import pandas as pd
+
+            frames = [_plot_frame(c.charts[i].get("loss", []), f"{'AB'[i]}: {run[:8]}")
+                      for i, run in enumerate((a, b))]
+            return (gr.update(value=diff_rows, headers=["key", "A", "B"]),
+                    gr.update(value=metric_rows, headers=["metric", "A", "B"]), pd.concat(frames))
+
+        compare_btn.click(on_compare, [cmp_a, cmp_b], [diff, metrics, cmp_plot], api_name="compare")
+    demo.queue(default_concurrency_limit=4, max_size=64)
+    return demo
+
+
+def _path(f) -> object:
+    from pathlib import Path
+
+    return Path(f if isinstance(f, str) else getattr(f, "name", None) or f["path"])
+
+
+def launch(demo: gr.Blocks, config, auth, block: bool = True, quiet: bool = False):
+    """Serve the page on the configured address (loopback unless asked); uploads over the limit are refused as they
+    arrive."""
+    return demo.launch(server_name=config.host, server_port=config.port, auth=auth, prevent_thread_lock=not block,
+                       show_error=True, quiet=quiet, share=False, css=_CSS, footer_links=["api"],
+                       max_file_size=config.max_upload_bytes)
