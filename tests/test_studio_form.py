@@ -18,6 +18,7 @@ from mlflow_finetune_plugin.studio import reference
 from mlflow_finetune_plugin.studio.checks import check
 from mlflow_finetune_plugin.studio.files import Workspace
 from mlflow_finetune_plugin.studio.recipe_form import (
+    changed_overrides,
     command_line,
     effective_yaml,
     expand_model,
@@ -123,6 +124,22 @@ def test_command_line_and_effective_yaml_give_the_recipe_the_overrides_give(tmp_
     again = resolved_dict(load_recipe(copy, entry))
     assert {k: v for k, v in again.items() if k != "project_dir"} == \
         {k: v for k, v in expected.items() if k != "project_dir"}
+
+
+def test_the_pages_values_become_the_overrides_that_change_something():
+    fields = recipe_fields(SUPPORT_BOT, "lora")
+    values = {f.key: f.default for f in fields}  # the page as it opens: nothing to pass
+    assert changed_overrides(fields, values) == {}
+    values.update({"train.learning_rate": "4e-3", "adapter.r": 8, "data.packing": "false", "model.name": "tiny",
+                   "adapter.target_modules": ["q_proj", "v_proj"], "data.eval": "", "train.resume": "",
+                   "eval.contenders": "[base, fewshot]", "train.seed": "42"})
+    overrides = changed_overrides(fields, values)
+    assert overrides == {"adapter.r": "8", "data.packing": "false", "model.name": "tiny",
+                         "adapter.target_modules": "[q_proj, v_proj]", "data.eval": "null",
+                         "eval.contenders": "[base, fewshot]"}
+    recipe = load_recipe(SUPPORT_BOT, "lora", overrides)
+    assert (recipe.adapter.target_modules, recipe.data.eval, recipe.eval.contenders) == \
+        (["q_proj", "v_proj"], None, ["base", "fewshot"])
 
 
 def _broken_project(root: Path) -> Path:
@@ -255,6 +272,7 @@ def test_uploads_become_a_project_the_loader_accepts(tmp_path):
     assert recipe.data.train == str(project / "data" / "mine.jsonl")
     assert recipe.data.eval == str(project / "data" / "held.jsonl")
     assert recipe.adapter.r == 16 and recipe.train.learning_rate == 0.004  # the base project's recipe
+    assert recipe.registry.name == "support-bot-mine"  # not the base's registered model
     alone = workspace.project_from_uploads(uploads, SUPPORT_BOT, "mine.jsonl", None)
     recipe = load_recipe(alone, "lora")
     assert recipe.data.eval is None and recipe.data.eval_split == 0.1

@@ -61,7 +61,7 @@ class CheckResult:
                       f"{_cell(p.fix)} |" for p in self.problems]
             lines.append("")
         if self.rows:
-            data = [f"- `{label}`: {n} rows" + (f", {self.formats[label]}" if label in self.formats else "")
+            data = [f"- `{label}`: {n} row{'s' if n != 1 else ''}" + (f", {self.formats[label]}" if label in self.formats else "")
                     for label, n in self.rows.items()]
             lines += ["**Data**", "", *data]
         if self.token_lengths:
@@ -94,8 +94,8 @@ def check(project_dir, entry_point: str, overrides: dict) -> CheckResult:
     try:
         overrides = expand_model(overrides)
     except FinetuneError as e:
-        result.problems.append(Problem("model.name", str(e), "pick a model from the list, or type a hub id or a "
-                                                             "local folder", key="model.name"))
+        message = str(e).removeprefix("model.name: ")
+        result.problems.append(Problem("model.name", message, recipe_fix(message, "model.name"), key="model.name"))
         return result
     reports: list = []
 

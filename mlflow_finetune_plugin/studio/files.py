@@ -5,6 +5,7 @@ the workspace, the bundled recipes and the folders the app was started with is r
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import time
@@ -131,13 +132,14 @@ class Workspace:
     # ------------------------------------------------------------------------------------------- projects
 
     def project_from_uploads(self, upload_dir: Path, base_project: Path, train_file: str,
-                             eval_file: str | None) -> Path:
+                             eval_file: str | None, name: str | None = None) -> Path:
         """A new project root/projects/<id>/: the base project's finetune.yaml with data.train (and data.eval)
         pointing at the uploaded files, copied with everything uploaded beside them into its data/ folder. The
         base's other relative paths (replay and forgetting text, documents, a chat template file) are made absolute,
         its rewards.py copied, so the new folder is an ordinary project that `mlflow run` takes as it is.
         Without an eval file, data.eval is cleared and a tenth of the training rows is held out where the base
-        held out none (the evaluation needs held-out rows)."""
+        held out none (the evaluation needs held-out rows). Its versions are registered as `name` (default:
+        BASE-TRAINSTEM), never under the base project's own registered model."""
         uploads = self.resolve(upload_dir)
         if not uploads.is_relative_to(self.root / "uploads") or not uploads.is_dir():
             raise FinetuneError(f"{upload_dir}: not a folder of uploads of this workspace ({self.root / 'uploads'})")
@@ -149,15 +151,17 @@ class Workspace:
         if data.get("tasks") or isinstance(raw.get("multitask"), dict) and raw["multitask"].get("tasks"):
             raise FinetuneError(f"{base.name} trains a mixture of tasks (data.tasks); pick a project with one data "
                                 "set as the base for uploaded files")
-        for label, name in (("training", train_file), ("eval", eval_file)):
-            if name is not None and not (uploads / self._upload_name(name)).is_file():
-                raise FinetuneError(f"{name}: no {label} file of that name among the uploads "
+        for label, chosen in (("training", train_file), ("eval", eval_file)):
+            if chosen is not None and not (uploads / self._upload_name(chosen)).is_file():
+                raise FinetuneError(f"{chosen}: no {label} file of that name among the uploads "
                                     f"({', '.join(sorted(p.name for p in uploads.iterdir()))})")
         _absolute_paths(raw, base)
         data["train"] = f"data/{train_file}"
         data["eval"] = f"data/{eval_file}" if eval_file else None
         if not eval_file and not data.get("eval_split"):
             data["eval_split"] = 0.1
+        registry = raw["registry"] if isinstance(raw.get("registry"), dict) else raw.setdefault("registry", {})
+        registry["name"] = re.sub(r"[^A-Za-z0-9._-]+", "-", name or f"{base.name}-{Path(train_file).stem}").strip("-.")
         project = self.root / "projects" / _new_id()
         shutil.copytree(uploads, project / "data", symlinks=True)
         for name in _PROJECT_CODE:

@@ -21,7 +21,7 @@ _NOT_FOUND = re.compile(r"file not found: (.+?) \(looked in (.+?)\)")
 
 def stated_fix(message: str) -> str | None:
     """The fix the message itself states: from the first clause after the first that starts with a fix's verb."""
-    for match in re.finditer(r"(?:[.;:]\s+|,\s+(?=or\s|and\s)|\(\s*)", message):
+    for match in re.finditer(r"(?:[.;:]\s+|,\s+(?=or\s|and\s)|\(\s*|\bIf [^,.;]+,\s+)", message):
         rest = message[match.end():]
         rest = re.sub(r"^(?:or|and)\s+", "", rest)
         word = rest.split(" ", 1)[0].lower().rstrip(",:")

@@ -256,24 +256,32 @@ def model_choices(client=None, limit: int = 50) -> list[tuple[str, str]]:
                           (gemma3, "gemma3: google/gemma-3-270m, a base model (Gemma Terms of Use)")):
         installed = find_spec(module.MODULE) is not None
         out.append((label + ("" if installed else f" (not installed: {module.INSTALL})"), module.NAME))
-    for version in _registered_versions(client, limit):
+    versions, aliases = _registered_versions(client, limit)
+    for version in versions:
         base = version.tags[tags.BASE_MODEL]
-        aliases = "".join(f" @{a}" for a in getattr(version, "aliases", None) or [])
-        out.append((f"{version.name} v{version.version}{aliases}: continue its LoRA adapter (base {base})",
+        named = "".join(f" @{a}" for a in aliases.get((version.name, str(version.version)), []))
+        out.append((f"{version.name} v{version.version}{named}: continue its LoRA adapter (base {base})",
                     f"{MODELS_PREFIX}{version.name}/{version.version}"))
     return out
 
 
-def _registered_versions(client, limit: int) -> list:
+def _registered_versions(client, limit: int) -> tuple[list, dict]:
+    """(the newest continuable versions, {(name, version): [aliases]}); the aliases are read per registered model,
+    as a search of versions leaves them out."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = client or MlflowClient()
     try:
         found = client.search_model_versions(max_results=limit, order_by=["creation_timestamp DESC"])
+        versions = [v for v in found if _continuable(v.tags) is None]
+        aliases: dict[tuple[str, str], list[str]] = {}
+        for name in dict.fromkeys(v.name for v in versions):
+            for alias, number in client.get_registered_model(name).aliases.items():
+                aliases.setdefault((name, str(number)), []).append(alias)
     except MlflowException:  # a store without a registry: the built-in models are still there to pick
-        return []
-    return [v for v in found if _continuable(v.tags) is None]
+        return [], {}
+    return versions, aliases
 
 
 def _continuable(version_tags: dict) -> str | None:
@@ -346,7 +354,7 @@ def command_line(project_dir, entry_point: str, overrides: dict, backend_config:
     if experiment:
         argv += ["--experiment-name", experiment]
     for key, value in params.items():
-        argv += ["-P", f"{key}={_param(value)}"]
+        argv += ["-P", f"{key}={to_param(value)}"]
     return argv
 
 
@@ -379,11 +387,46 @@ def _resolved(project_dir, entry_point, overrides) -> dict | None:
         return None
 
 
-def _param(value) -> str:
-    """A `-P` value as the loader reads it back (YAML): strings as given, other values in YAML's flow style."""
+def to_param(value) -> str:
+    """A `-P` value as the loader reads it back (YAML): strings as given, None as null, other values in YAML's flow
+    style (true, 0.001, [q_proj, v_proj], {metric: rougeL})."""
     if isinstance(value, str):
         return value
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...")
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
+
+
+def changed_overrides(fields: list[FormField], values: dict) -> dict[str, str]:
+    """The page's values as `-P` overrides, only those that differ from their field's default: a widget's value as
+    it comes (a number, a bool, a list, the text of a text box, one of a choice's strings); an emptied text box is
+    the key unset (null). Keys without a field (typed by hand) are kept as given."""
+    by_key = {f.key: f for f in fields}
+    out = {}
+    for key, value in values.items():
+        field_ = by_key.get(key)
+        if field_ is None:
+            out[key] = to_param(value)
+            continue
+        if isinstance(value, str) and field_.kind not in ("choice", "str"):
+            value = _typed(value)
+        if field_.kind == "str" and value == "":
+            value = None
+        if value != field_.default and not (field_.kind == "float" and _same_number(value, field_.default)):
+            out[key] = to_param(value)
+    return out
+
+
+def _typed(text: str):
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def _same_number(a, b) -> bool:
+    try:
+        return a is not None and b is not None and float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
 
 
 def effective_yaml(project_dir, entry_point: str, overrides: dict) -> str:
