@@ -79,7 +79,10 @@ def _cell(text: str) -> str:
 
 def check(project_dir, entry_point: str, overrides: dict) -> CheckResult:
     """Everything `mlflow run PROJECT -e ENTRY --backend finetune -P ...` would refuse or warn about before a run
-    exists, as a CheckResult. The recipe's problems come first; the data is checked once the recipe loads."""
+    exists, as a CheckResult. The recipe's problems come first; the data is checked once the recipe loads.
+    It reads what the project and the overrides name: the page passes them through `Workspace.check_request` first.
+    The first call in a process imports the training code the objectives' checks need (seconds); later ones are
+    quick."""
     from mlflow_finetune_plugin.backend import check_combination
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.data.check import check_data
