@@ -29,25 +29,23 @@ def _user_error(e: Exception) -> str:
 
 
 def _key_rows(fields) -> list[list]:
-    return [[f.key, _text(f.default), _text(f.default), f.kind + (f" ({', '.join(f.choices)})" if f.choices else ""),
-             f.help] for f in fields]
+    """The table's rows: every key but the model (its own picker), value = default until edited."""
+    return [[f.key, _text(f.default), _text(f.default), f.accepts or f.kind + (
+        f" ({', '.join(f.choices)})" if f.choices else ""), f.help] for f in fields if f.key != "model.name"]
 
 
 def _text(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    from mlflow_finetune_plugin.studio.recipe_form import to_param
+
+    return "" if value is None else to_param(value)
 
 
-def overrides_of(rows, model: str | None, model_default: str | None) -> dict[str, str]:
-    """The keys whose value differs from its default (the -P of the command line), and the model when changed."""
-    out = {}
-    for row in _rows(rows):
-        key, value, default = (str(c) if c is not None else "" for c in row[:3])
-        if key and value.strip() != default.strip() and key != "model.name":
-            out[key] = value.strip()
+def overrides_of(fields, rows, model: str | None, model_default: str | None) -> dict[str, str]:
+    """The keys whose value the table changed (the -P of the command line), and the model when changed."""
+    from mlflow_finetune_plugin.studio.recipe_form import changed_overrides
+
+    values = {str(r[0]): "" if r[1] is None else str(r[1]) for r in _rows(rows) if r and r[0]}
+    out = changed_overrides(fields, values)
     if model and model.strip() and model.strip() != (model_default or ""):
         out["model.name"] = model.strip()
     return out
@@ -107,6 +105,7 @@ def status_line(p) -> str:
 def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
     from mlflow_finetune_plugin.studio import checks, history, watch
     from mlflow_finetune_plugin.studio.recipe_form import (
+        MODEL_HINT,
         command_line,
         effective_yaml,
         model_choices,
@@ -137,9 +136,8 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
                     project = gr.Dropdown(project_options(), value=first, label="Project (a recipe or a folder)",
                                           elem_id="project", scale=3)
                     entry = gr.Dropdown([], label="Entry point (method)", elem_id="entry", scale=1)
-                    model = gr.Dropdown(_checked(model_choices), label="Model (built-in, registered version, "
-                                        "hub id or local folder)", allow_custom_value=True, elem_id="model",
-                                        scale=3)
+                    model = gr.Dropdown(_checked(model_choices), label="Model", info=MODEL_HINT,
+                                        allow_custom_value=True, elem_id="model", scale=3)
                 with gr.Accordion("Or upload your data (JSONL, CSV, Parquet; images beside the rows that name "
                                   "them)", open=False, elem_id="upload-box"):
                     uploads = gr.File(file_count="multiple", label="Data files", elem_id="uploads")
@@ -298,8 +296,9 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
         # ---- Train: check, start
         def on_check(project_value, entry_value, model_value, rows, default_model):
             try:
-                path = studio.project(project_value)
-                overrides = studio.safe_overrides(path, overrides_of(rows, model_value, default_model))
+                path, fields, _ = fields_for(project_value, entry_value)
+                overrides = overrides_of(fields, rows, model_value, default_model)
+                path = studio.workspace.check_request(path, overrides)
                 result = checks.check(path, entry_value, overrides)
                 argv = command_line(path, entry_value, overrides, studio.config.backend_config or None,
                                     studio.config.experiment)

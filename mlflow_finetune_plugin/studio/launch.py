@@ -5,15 +5,12 @@ the studio was started with."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-# Values a recipe key may hold that name no file: registry and prompt URIs, URLs, hub ids (org/name).
-_NOT_A_PATH = re.compile(r"^(models|prompts|runs|https?)://?|^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -70,32 +67,14 @@ class Studio:
         """The bundled recipes, the projects under --project-dir, and the ones made from uploads."""
         from mlflow_finetune_plugin.studio.recipe_form import project_choices
 
-        return project_choices(extra_roots=(*self.workspace.allowed_roots, self.workspace.root / "projects"))
+        return project_choices(extra_roots=(*self.config.project_dirs, self.workspace.root / "projects"))
 
     def project(self, value: str) -> Path:
         """A project folder a request named, refused outside the allowed folders."""
         if not value:
             raise FinetuneError("pick a project (a bundled recipe, a folder given with --project-dir, or upload "
                                 "data files)")
-        path = self.workspace.resolve(Path(value))
-        if not (path / "finetune.yaml").is_file():
-            raise FinetuneError(f"{path} has no finetune.yaml: pick a project from the list")
-        return path
-
-    def safe_overrides(self, project: Path, overrides: dict[str, str]) -> dict[str, str]:
-        """Overrides as given, each value that names a file checked to lie under the allowed folders (relative
-        ones from the project, as the recipe reads them)."""
-        for key, value in overrides.items():
-            text = str(value).strip()
-            if not text or _NOT_A_PATH.match(text) or ("/" not in text and "\\" not in text
-                                                       and not text.startswith(("~", "."))):
-                continue
-            path = Path(text).expanduser()
-            try:
-                self.workspace.resolve(path if path.is_absolute() else project / path)
-            except FinetuneError as e:
-                raise FinetuneError(f"{key}={text}: {e}") from None
-        return overrides
+        return self.workspace.check_request(value, {})
 
 
 def run_studio(config: StudioConfig, echo=print) -> None:
