@@ -5,6 +5,7 @@ every prompt-only contender, the answers, Chat and Promote) and History (the run
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import gradio as gr
 
@@ -73,9 +74,10 @@ def _records(items) -> tuple[list[str], list[list]]:
 
 
 def _job_label(job) -> str:
+    from pathlib import Path
+
     run = f" · run {job.run_id[:8]}" if job.run_id else ""
-    return f"{job.state} · {job.project.name if hasattr(job.project, 'name') else job.project} · -e " \
-           f"{job.entry_point}{run} · {job.id[:8]}"
+    return f"{job.state} · {Path(job.project).name} · -e {job.entry_point}{run} · {job.id[:8]}"
 
 
 def _duration(seconds) -> str:
@@ -258,10 +260,11 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
             if not data:
                 return gr.update(), gr.update(), gr.update(), str(folder), _user_error(
                     "none of the files is a data file (.jsonl, .json, .csv, .parquet)")
-            made = _made_project(folder, project_value, data[0], None)
+            train, held_out = guess_files(data)
+            made = _made_project(folder, project_value, train, held_out)
             if isinstance(made, str):
                 return gr.update(), gr.update(), gr.update(), str(folder), made
-            return (gr.update(choices=data, value=data[0]), gr.update(choices=["", *data], value=""),
+            return (gr.update(choices=data, value=train), gr.update(choices=["", *data], value=held_out or ""),
                     gr.update(choices=project_options(), value=str(made)), str(folder),
                     f"Uploaded {len(data)} data file(s) into a new project: {made.name} (based on "
                     f"{studio.project(project_value).name if project_value else 'the first recipe'}).")
@@ -338,8 +341,8 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
         def on_tick(job_id, known):
             choices = _run_choices()
             pick = gr.update(choices=choices) if choices != known else gr.update()
-            queue_rows = [[j.id[:8], j.state, getattr(j.project, "name", j.project), j.entry_point,
-                           j.run_id or ""] for j in studio.launcher.jobs()]
+            queue_rows = [[j.id[:8], j.state, Path(j.project).name, j.entry_point, j.run_id or ""]
+                          for j in studio.launcher.jobs()]
             job = _job(job_id) if job_id else None
             if job is None:
                 return (pick, choices, queue_rows, "Pick a run.", *[gr.update()] * len(plots), "", "",
@@ -420,7 +423,7 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
                 result = watch.promote(_model_of(job_id), force=bool(is_forced), reason=why or None)
             except FinetuneError as e:
                 return _user_error(e)
-            return getattr(result, "text", None) or str(result)
+            return f"```\n{result.report()}\n```"
 
         promote_btn.click(on_promote, [run_pick, force, reason], [promote_out], api_name="promote",
                           concurrency_limit=1)
@@ -443,8 +446,8 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
             metric_rows = [[k, _text(v[0]), _text(v[1])] for k, v in c.metrics.items()]
             import pandas as pd
 
-            frames = [_plot_frame(c.charts[i].get("loss", []), f"{'AB'[i]}: {run[:8]}")
-                      for i, run in enumerate((a, b))]
+            series = c.charts.get("loss", ([], []))
+            frames = [_plot_frame(series[i], f"{'AB'[i]}: {run[:8]}") for i, run in enumerate((a, b))]
             return (gr.update(value=diff_rows, headers=["key", "A", "B"]),
                     gr.update(value=metric_rows, headers=["metric", "A", "B"]), pd.concat(frames))
 
@@ -453,9 +456,18 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
     return demo
 
 
-def _path(f) -> object:
-    from pathlib import Path
+def guess_files(names: list[str]) -> tuple[str, str | None]:
+    """The training file and the held-out one among uploaded data files, by their names (train*, eval/test/valid*);
+    the page lets the user pick others."""
+    def named(*words):
+        return next((n for n in names if any(w in n.lower() for w in words)), None)
 
+    held_out = named("eval", "test", "valid", "dev")
+    train = named("train") or next((n for n in names if n != held_out), names[0])
+    return train, held_out if held_out != train else None
+
+
+def _path(f) -> object:
     return Path(f if isinstance(f, str) else getattr(f, "name", None) or f["path"])
 
 
