@@ -39,6 +39,7 @@ BUSY = ("starting", "running")  # the jobs that hold one of the max_parallel slo
 ENDS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}  # MLflow's run status -> the job's state
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 LAUNCH_LOG = "launch.log"
+CANCEL_TIMEOUT_S = 180  # `cancel` gives the job 30 s to end its run before it is killed (launchers/local.py)
 _CLI = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
 _LAUNCHING: set[str] = set()  # the jobs this process is launching now, whichever Launcher of it
 
@@ -108,7 +109,7 @@ class Launcher:
         self.env = store_env(tracking_uri, tracking_uri)
         self.tracking_uri = self.env.get("MLFLOW_TRACKING_URI")
         self.cwd = os.getcwd()
-        self._client_ = None
+        self._client = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -183,11 +184,11 @@ class Launcher:
             raise FinetuneError(f"{run_id!r} is not a run this page started (no job in {self.records.root} has it): "
                                 f"resume it with `mlflow run PROJECT -e ENTRY --backend finetune -P train.resume="
                                 f"{run_id}`")
-        status = self._client().get_run(run_id).info.status
+        status = self.client.get_run(run_id).info.status
         if status not in ENDS:
             raise FinetuneError(f"run {run_id} is {status}: stop it first (its last checkpoint is where the resumed "
                                 "run starts)")
-        if not resumable_checkpoints(self._client(), run_id):
+        if not resumable_checkpoints(self.client, run_id):
             every = record["params"].get("train.save_steps", "train.save_steps")
             raise FinetuneError(f"run {run_id} logged no complete checkpoint (one is saved every {every} steps): "
                                 "there is nothing to resume from; submit the job again instead")
@@ -266,7 +267,7 @@ class Launcher:
 
     def _started(self, job_id: str, run_id: str) -> None:
         try:
-            self._client().set_tag(run_id, tags.STUDIO_JOB, job_id)
+            self.client.set_tag(run_id, tags.STUDIO_JOB, job_id)
         except Exception as e:  # noqa: BLE001 - the job runs; the tag only links the run back to the page
             print(f"studio launcher: could not tag run {run_id}: {e}", file=sys.stderr)
 
@@ -292,7 +293,7 @@ class Launcher:
         from mlflow.exceptions import MlflowException
 
         try:
-            run = self._client().get_run(record["run_id"])
+            run = self.client.get_run(record["run_id"])
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
@@ -334,19 +335,25 @@ class Launcher:
 
     def _cancel(self, run_id: str) -> None:
         """`mlflow-finetune cancel RUN_ID` against this launcher's store: the run ends KILLED."""
-        done = subprocess.run([sys.executable, "-c", _CLI, "cancel", run_id], env={**os.environ, **self.env},
-                              cwd=self.cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        try:
+            done = subprocess.run([sys.executable, "-c", _CLI, "cancel", run_id], env={**os.environ, **self.env},
+                                  cwd=self.cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  timeout=CANCEL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise FinetuneError(f"stopping run {run_id} took over {CANCEL_TIMEOUT_S} s; see `mlflow-finetune cancel "
+                                f"{run_id}`") from None
         if done.returncode != 0:
             lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
             raise FinetuneError(f"could not stop run {run_id}: {lines[-1] if lines else done.returncode}")
 
-    def _client(self):
-        if self._client_ is None:
+    @property
+    def client(self):
+        """An MlflowClient of the launcher's store (hand it to watch.progress, history.runs, ...)."""
+        if self._client is None:
             from mlflow import MlflowClient
 
-            self._client_ = MlflowClient(self.env.get("MLFLOW_TRACKING_URI"), self.env.get("MLFLOW_REGISTRY_URI"))
-        return self._client_
-
+            self._client = MlflowClient(self.env.get("MLFLOW_TRACKING_URI"), self.env.get("MLFLOW_REGISTRY_URI"))
+        return self._client
 
 def _being_launched(record: dict) -> bool:
     """A starting job whose `mlflow run` is under way: in this process, or in another one that still lives."""
