@@ -158,6 +158,9 @@ OPENAI_JOB = "finetune.openai.job_id"             # on a job's training run: the
 OPENAI_SUFFIX = "finetune.openai.suffix"          # the job's suffix
 OPENAI_METADATA = "finetune.openai.metadata"      # the job's metadata, as JSON
 
+# --- the Train page (`mlflow-finetune studio`: studio/runs.py) ------------------------------------------------
+STUDIO_JOB = "finetune.studio.job_id"             # on a run the page started: its job (job-...) there
+
 # --- sweeps (`mlflow-finetune sweep`) ---------------------------------------------------------------------------
 SWEEP_TRIAL = "finetune.sweep.trial"              # on a trial run: its Optuna trial number
 SWEEP_STATE = "finetune.sweep.state"              # on a trial run: complete | pruned | failed
