@@ -266,7 +266,7 @@ def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, param
 def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_tokens, num_beams, fewshot_k, retrieval_k):
     """Score MODEL_URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model) against its base model,
     zero-shot, few-shot, with retrieved shots and with the optimized prompt: logs eval/<contender>/<metric>, a per-example table and a chart,
-    prints the table, then the verdict (also tagged on the run): did it beat the best of them beyond the noise?
+    prints the table, then the verdict (also tagged on the run): did it beat the best beyond noise, by eval.min_gain?
 
     Promotion reads metrics (and, for serving parity, the tuned answers) from a version's source run: to (re)score
     a version for `promote`, pass that run as --run-id."""
@@ -290,8 +290,9 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
 @click.option("--alias", default=None, help="Alias to move; default: the recipe's registry.champion_alias (champion).")
 @click.option("--gate", "gates", multiple=True, metavar="METRIC[:MARGIN[:BEATS]]",
               help="Replaces the recipe's registry.promote_if. BEATS: base, fewshot, retrieval, optimized, champion, "
-                   "@ALIAS or versions, comma-separated (default: all five, passing over one its run did not score); "
-                   "MARGIN is absolute (default 0); lower is better for loss, perplexity and misrouted. Limits: "
+                   "@ALIAS or versions, comma-separated (default: all five, passing over one its run did not score, "
+                   "and its run's verdict must say paid off); MARGIN is absolute (default 0); lower is better for "
+                   "loss, perplexity and misrouted. Limits: "
                    "METRIC<=VALUE or METRIC>=VALUE. Votes: arena_above:champion (Bradley-Terry interval above it). "
                    "Repeatable: every gate must pass. E.g. --gate rougeL:0.01 --gate 'forgetting/ppl_ratio<=1.2'")
 @click.option("--force", is_flag=True, help="Move the alias even if gates fail or metrics are missing.")

@@ -60,6 +60,12 @@ FORGETTING_PREFIX = "eval/forgetting/"
 VERDICT_PREFIX = "eval/verdict/"
 VERDICT_RESAMPLES = 1000
 VERDICT_MIN_EXAMPLES = 10
+# The least gain over the best prompt-only contender that counts as a pay-off (`eval.min_gain`'s default), on the
+# 0-1 scale of the metrics in UNIT_SCALE; docs/methods.md gives the measurements it was chosen by.
+DEFAULT_MIN_GAIN = 0.05
+# Metrics scored between 0 and 1 per example; any other (`reward`: the weighted sum of a recipe's reward functions)
+# has no fixed scale, and `eval.min_gain` reads as a share of the range its per-example scores span.
+UNIT_SCALE = (*TEXT_METRICS, "json_valid", "misrouted", FACT_RECALL, "pair_accuracy", RECALL)
 
 
 def metric_path(module: str) -> str:
@@ -98,6 +104,11 @@ def score(predictions: list[str], references: list[str], json_schema: dict | Non
 
 def lower_is_better(metric: str) -> bool:
     return metric in LOWER_IS_BETTER
+
+
+def on_unit_scale(metric: str) -> bool:
+    """Is `metric` scored between 0 and 1 per example (agreement with a teacher or expectations too)?"""
+    return metric.removeprefix(AGREES_WITH_TEACHER).removeprefix(AGREES_WITH_EXPECTED) in UNIT_SCALE
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:

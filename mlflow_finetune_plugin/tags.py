@@ -79,10 +79,13 @@ EVALUATED_VERSION = "finetune.evaluated_version"  # its version number
 # The verdict: did fine-tuning pay off against the best prompt-only alternative? (evaluate/verdict.py)
 VERDICT = "finetune.verdict"                      # one sentence: the margin over that alternative, the forgetting
 VERDICT_BEST_ALTERNATIVE = "finetune.verdict.best_alternative"  # base | fewshot | retrieval (none: none scored)
-VERDICT_PAID_OFF = "finetune.verdict.paid_off"    # "true" only when the bootstrap interval of the margin is above 0
+# "true" only when the bootstrap interval of the margin is above 0 and the margin is at least eval.min_gain
+VERDICT_PAID_OFF = "finetune.verdict.paid_off"
 # "true" when the optimized prompt ties or beats the tuned model (set only where the optimized contender was scored)
 VERDICT_KEEP_PROMPT = "finetune.verdict.keep_prompt"
-VERDICT_DEPLOY = "finetune.verdict.deploy"        # documents recipes: base | rag | tuned | tuned-rag, what to deploy
+# What to deploy: tuned when it paid off, else the prompt-only contender to keep (base | fewshot | retrieval |
+# optimized; none: too few examples to tell); documents recipes: base | rag | tuned | tuned-rag
+VERDICT_DEPLOY = "finetune.verdict.deploy"
 SERVED_AS = "finetune.served_as"                  # tuned-rag where the logged model retrieves (else unset: tuned)
 DOCUMENTS_DIGEST = "finetune.documents.digest"    # the digest of the chunks of data.documents a run used
 EVAL_CONTENDERS = "finetune.eval.contenders"       # the contenders scored, and why the others were not
@@ -154,6 +157,9 @@ FILE_ARTIFACT = "finetune.file.artifact"          # its path among the run's art
 OPENAI_JOB = "finetune.openai.job_id"             # on a job's training run: the fine-tuning job (ftjob-...)
 OPENAI_SUFFIX = "finetune.openai.suffix"          # the job's suffix
 OPENAI_METADATA = "finetune.openai.metadata"      # the job's metadata, as JSON
+
+# --- the Train page (`mlflow-finetune studio`: studio/runs.py) ------------------------------------------------
+STUDIO_JOB = "finetune.studio.job_id"             # on a run the page started: its job (job-...) there
 
 # --- sweeps (`mlflow-finetune sweep`) ---------------------------------------------------------------------------
 SWEEP_TRIAL = "finetune.sweep.trial"              # on a trial run: its Optuna trial number

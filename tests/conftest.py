@@ -47,6 +47,7 @@ def pytest_configure(config):
 # minutes to one worker. Longest first, the short files fill in at the end.
 LONGEST_FIRST = ("test_launchers.py", "test_vision.py", "test_family_matrix.py", "test_vision_preferences.py", "test_faults.py", "test_objectives.py",
                  "test_smollm2.py", "test_integration.py", "test_multinode.py", "test_serving.py", "test_openai_api.py",
+                 "test_studio_runs.py",
                  "test_system_prompts.py", "test_base_models.py", "test_sweep.py", "test_playground.py",
                  "test_gguf.py", "test_kill_moments.py", "test_vllm.py", "test_gemma3.py", "test_monitor.py",
                  "test_tracking_server.py", "test_served_retrieval.py", "test_documents_run.py")

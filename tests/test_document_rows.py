@@ -119,3 +119,22 @@ def test_rag_alone_when_fine_tuning_adds_nothing_beyond_noise():
     same = [0.5, 0.7] * (n // 2)
     verdict = decide({"known": scores(base=[0.1] * n, rag=same, tuned=[0.2] * n, **{"tuned-rag": same[::-1]})})
     assert verdict.deploy == "rag" and not verdict.paid_off and verdict.margin is None
+
+
+def test_a_gain_under_eval_min_gain_is_a_tie_and_the_cheaper_contender_is_deployed():
+    # The tuned model with RAG answers a little better than RAG on every question: beyond the noise, by 0.03.
+    n = 20
+    rag = [0.5, 0.6] * (n // 2)
+    known = scores(base=[0.1] * n, rag=rag, tuned=[0.2] * n, **{"tuned-rag": [v + 0.03 for v in rag]})
+    noise_only = decide({"known": known}, min_gain=0)
+    assert noise_only.deploy == "tuned-rag" and noise_only.paid_off
+    verdict = decide({"known": known})  # eval.min_gain's default, 0.05 on a 0-1 metric
+    assert verdict.deploy == "rag" and not verdict.paid_off and verdict.min_gain == 0.05
+    said = verdict.sentence()
+    assert said.startswith("deploy RAG on the base model (rag): no other contender beats it beyond the noise by "
+                           "eval.min_gain on the set")
+    assert "ties RAG on the base model (0.55; +0.03 to +0.03)" in said
+    assert said.endswith("one beats another when the interval is above 0 and the gain at least 0.05, eval.min_gain)")
+    # A larger gain is still a win; a mapping names the metric.
+    assert decide({"known": {**known, **scores(**{"tuned-rag": [v + 0.2 for v in rag]})}}).paid_off
+    assert decide({"known": known}, min_gain={"rougeL": 0.01}).deploy == "tuned-rag"

@@ -179,7 +179,14 @@ def test_promote_checks_a_retrieving_version_by_its_answers_with_retrieval(run):
 
     got = CliRunner().invoke(main, ["promote", "project", "--version", "1"])
     # the gates can be checked (lineage, the contenders a documents run does not score said why), on tuned-rag's
-    # scores, and serving parity asks the version with its chunks as `serve` would
+    # scores; the default gate follows the run's verdict on what to deploy, which a tiny run does not earn
     assert "cannot check the gates" not in got.output, got.output
     assert "tuned-rag" in got.output or "not scored in its run: a documents recipe" in got.output, got.output
+    deploy = mlflow.MlflowClient().get_run(run[1].info.run_id).data.tags["finetune.verdict.deploy"]
+    if deploy not in ("tuned", "tuned-rag"):
+        verdict_row = next(line for line in got.output.splitlines() if " verdict " in line)
+        assert "FAIL" in verdict_row and "not paid off" in verdict_row and got.exit_code == 1, got.output
+        got = CliRunner().invoke(main, ["promote", "project", "--version", "1", "--force", "--reason",
+                                        "a tiny run: parity is what is checked here"])
+    # serving parity asks the version with its chunks as `serve` would
     assert "parity" in got.output.lower(), got.output

@@ -30,15 +30,57 @@ def test_the_default_gates_ask_the_tuned_model_to_beat_retrieval_too(tracking_ur
     assert not result.promoted and champion_version() is None
     assert [(c.against, c.passed) for c in result.checks] == [("base", True), ("fewshot", True),
                                                                ("retrieval", False), ("rag", True),
-                                                               ("optimized", True), ("champion", True)]
+                                                               ("optimized", True), ("champion", True),
+                                                               ("verdict", True)]
     assert result.checks[3].note == "not scored in its run: its run retrieved from no documents"
     assert result.checks[4].note == "not scored in its run: its run did not run the prompt search"
+    assert result.checks[6].note == "no verdict recorded in its run"  # a run from before verdicts: passed over
     v2 = register_eval_version({"rougeL": 0.7}, retrieval={"rougeL": 0.6}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
     assert promote(MODEL_NAME, v2).promoted and champion_version() == v2
     # Without retrieval metrics (e.g. eval.retrieval_k: 0) the default gate cannot be checked.
     v3 = register_eval_version({"rougeL": 0.9}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3})
     with pytest.raises(FinetuneError, match="missing metric eval/retrieval/rougeL"):
         promote(MODEL_NAME, v3)
+
+
+def _verdict_tags(paid_off: bool, best: str = "retrieval") -> dict:
+    """A run's verdict tags as `verdict.conclude` sets them."""
+    return {"finetune.verdict": f"fine-tuning {'paid off' if paid_off else 'did not pay off'}: ...",
+            "finetune.verdict.paid_off": str(paid_off).lower(), "finetune.verdict.best_alternative": best}
+
+
+def test_the_default_gate_follows_the_verdict_and_only_force_overrides_it(tracking_uri):
+    # Above every prompt-only contender, so every comparison passes; but its run's verdict did not call it a pay-off
+    # (the gain under eval.min_gain): it stays on @challenger.
+    others = {"base": {"rougeL": 0.014}, "fewshot": {"rougeL": 0.015}, "retrieval": {"rougeL": 0.013}}
+    v = register_eval_version({"rougeL": 0.041}, **others, run_tags=_verdict_tags(False, "fewshot"))
+    run_id = MlflowClient().get_model_version(MODEL_NAME, v).run_id
+    for key, value in {"margin": 0.0257, "margin_low": 0.0108, "margin_high": 0.0398, "min_gain": 0.05}.items():
+        MlflowClient().log_metric(run_id, f"eval/verdict/{key}", value)
+    result = promote(MODEL_NAME, v)
+    assert not result.promoted and champion_version() is None
+    assert [(c.against, c.passed) for c in result.checks if not c.passed] == [("verdict", False)]
+    verdict = result.checks[-1]
+    assert (verdict.margin, verdict.tuned, verdict.other) == (0.05, 0.041, 0.015)
+    assert verdict.note == ("not paid off over fewshot: margin +0.026, 95% interval +0.011 to +0.040, "
+                            "eval.min_gain 0.05")
+    assert "gates failed: @champion stays on nobody" in result.report()
+    forced = promote(MODEL_NAME, v, force=True, reason="a demo of the pipeline", user="alice")
+    assert forced.promoted and champion_version() == v
+    assert MlflowClient().get_model_version(MODEL_NAME, v).tags["finetune.forced_gates_failed"] == "rougeL vs verdict"
+    # A verdict of paid off passes it; a gate that names its own contenders is the user's word, without the verdict.
+    paid = register_eval_version({"rougeL": 0.9}, **others, run_tags=_verdict_tags(True))
+    assert promote(MODEL_NAME, paid).promoted and champion_version() == paid
+    named = register_eval_version({"rougeL": 0.95}, **others, run_tags=_verdict_tags(False))
+    assert promote(MODEL_NAME, named, gates=[Gate(metric="rougeL", beats=["base", "champion"])]).promoted
+    # A run with no comparison to make (no prompt-only contender scored) is passed over, with the verdict's reason.
+    alone = register_eval_version({"rougeL": 0.99}, run_tags={
+        **_verdict_tags(False, "none"), "finetune.verdict": "no verdict: no prompt-only alternative was scored",
+        "finetune.eval.contenders": "scored tuned; not base: a full fine-tune; not fewshot: a full fine-tune; "
+                                    "not retrieval: a full fine-tune; not optimized: a full fine-tune"})
+    result = promote(MODEL_NAME, alone)
+    assert result.promoted, result.report()
+    assert result.checks[-1].note == "passed over: no verdict: no prompt-only alternative was scored"
 
 
 def test_a_version_that_retrieves_is_gated_on_its_answers_with_retrieval(tracking_uri):

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from mlflow_finetune_plugin.config.distill import is_registered
 from mlflow_finetune_plugin.config.section import Section
+from mlflow_finetune_plugin.metrics import DEFAULT_MIN_GAIN
 
 # The prompt-only contenders a recipe can switch (`eval.contenders`); the tuned model is always scored.
 PROMPT_CONTENDERS = ("base", "fewshot", "retrieval", "optimized")
@@ -72,10 +73,27 @@ class EvalConfig(Section):
     output_format: Literal["text", "json"] = Field(
         "text", description="json: also score `json_valid`, the share of answers that parse (and fit json_schema).")
     json_schema: dict | None = Field(None, description="JSON Schema the answers must conform to (output_format json).")
+    min_gain: float | dict[str, float] = Field(
+        DEFAULT_MIN_GAIN, description="The least gain over the best prompt-only contender that counts as fine-tuning "
+                                      "paying off (beside the bootstrap's interval above 0): a number, on a 0-1 "
+                                      "metric in its units (rougeL, exact_match, ...), on any other (reward) a share "
+                                      "of the range its scores span; or {metric: gain} in each metric's own units.")
     forgetting: bool | str = Field(
         True, description="Loss and perplexity of the base and the tuned model on general text the run did not train "
                           "on (eval/forgetting/*): true: the set bundled with the package; a .txt (paragraphs "
                           "split by blank lines) or .jsonl ({\"text\": ...} rows) file of your own; false: off.")
+
+    @field_validator("min_gain", mode="before")
+    @classmethod
+    def _gain(cls, value):
+        gains = list(value.values()) if isinstance(value, dict) else [value]
+        if isinstance(value, dict) and not value:
+            raise ValueError("give a number (e.g. 0.05) or {metric: gain} naming at least one metric")
+        if any(isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0 for g in gains):
+            raise ValueError(f"expected a number >= 0 (e.g. 0.05; 0: any gain beyond the noise pays off) or "
+                             f"{{metric: number >= 0}}, got {value!r}; a gain is a difference in the metric's "
+                             "better direction")
+        return value
 
     @field_validator("forgetting")
     @classmethod

@@ -229,7 +229,8 @@ def evaluate_model_uri(model_uri: str, data: str | None = None, train_data: str 
         mlflow.set_tags({tags.EVALUATED_MODEL: model_uri, **(
             {tags.EVALUATED_NAME: name, tags.EVALUATED_VERSION: version} if name else {})})
         log_evaluation(result)
-        result.verdict = conclude(run.info.run_id, _recorded_gates(recipe), per_example_scores(result.rows))
+        result.verdict = conclude(run.info.run_id, _recorded_gates(recipe), per_example_scores(result.rows),
+                                  cfg.min_gain)
     return result, run.info.run_id
 
 
@@ -263,7 +264,7 @@ def _evaluate_documents_version(loaded, cfg, recipe: dict, source_run, data, run
                                      served_with_retrieval=True)
         result = results.get("known") or next(iter(results.values()))
         result.verdict = conclude_documents(run.info.run_id, {n: per_example_scores(r.rows) for n, r in results.items()},
-                                            loaded.retriever.k, _recorded_gates(recipe))
+                                            loaded.retriever.k, _recorded_gates(recipe), cfg.min_gain)
     return result, run.info.run_id
 
 

@@ -2,16 +2,16 @@
 
 On each held-out set (questions on known documents, on unseen documents), the best contender on the primary metric
 is weighed against each other one pair by pair, with the paired bootstrap of `verdict.py`: it *beats* another when
-the 95% interval of the difference lies above 0, and *ties* it otherwise. What to deploy is the cheapest contender
-per answer that no other beats beyond the noise on any scored set, in this order: zero-shot (no training, no
-context), the tuned model alone (no context), RAG (the chunks in every prompt), the tuned model with RAG. When every
-contender is beaten somewhere, the best on known documents is named. The verdict says why, with what an answer costs
+the 95% interval of the difference lies above 0 and the mean difference is at least `eval.min_gain` (the verdict's
+rule, `verdict.min_gain_for`), and *ties* it otherwise. What to deploy is the cheapest contender per answer that no
+other beats on any scored set, in this order: zero-shot (no training, no context), the tuned model alone (no
+context), RAG (the chunks in every prompt), the tuned model with RAG. When every contender is beaten somewhere, the best on known documents is named. The verdict says why, with what an answer costs
 (prompt tokens with the retrieved chunks against none, latency) and how often retrieval found the chunk holding the
 answer (recall@k).
 
 It is set as the run's verdict tags (`finetune.verdict`, `.paid_off`: fine-tuning is part of what to deploy,
 `.best_alternative`: the better of zero-shot and RAG, `.deploy`) and metrics (`eval/verdict/margin*`: what to
-deploy over the best prompt-only contender on known documents).
+deploy over the best prompt-only contender on known documents; `eval/verdict/min_gain`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.data.document_rows import KNOWN, UNSEEN
-from mlflow_finetune_plugin.evaluate.verdict import MIN_EXAMPLES, paired_bootstrap, primary_metric
+from mlflow_finetune_plugin.evaluate.verdict import (
+    MIN_EXAMPLES,
+    min_gain_for,
+    paired_bootstrap,
+    primary_metric,
+)
 from mlflow_finetune_plugin.metrics import (
     RAG,
     RECALL,
@@ -42,10 +47,12 @@ class Comparison:
     mean: float
     low: float        # 95% interval of (best - other), in the metric's better direction
     high: float
+    gain: float = 0.0      # the mean of (best - other), better direction
+    min_gain: float = 0.0  # the least gain that counts (eval.min_gain, in the metric's units)
 
     @property
     def beaten(self) -> bool:
-        return self.low > 0
+        return self.low > 0 and self.gain >= self.min_gain - 1e-12
 
 
 @dataclass
@@ -85,6 +92,7 @@ class DocumentsVerdict:
     cost: str = ""
     reason: str = ""              # why there is no verdict
     margin: tuple[float, float, float] | None = None  # deploy - best prompt-only on known: mean, low, high
+    min_gain: float = 0.0         # the least gain that counts on known documents (eval.min_gain)
 
     @property
     def paid_off(self) -> bool:
@@ -97,7 +105,8 @@ class DocumentsVerdict:
         against = ", and of each retrieving contender minus the tuned model alone" if any(
             s.retrieval and s.name == UNSEEN for s in self.sets) else ""
         return f"deploy {LABELS[self.deploy]} ({self.deploy}): {self.why}. {said[0].upper()}{said[1:]}" \
-               f" (95% intervals of the best minus each{against})"
+               f" (95% intervals of the best minus each{against}; one beats another when the interval is above 0 " \
+               f"and the gain at least {self.min_gain:.2f}, eval.min_gain)"
 
     def as_tags(self) -> dict[str, str]:
         known = next((s for s in self.sets if s.name == KNOWN), None)
@@ -108,50 +117,56 @@ class DocumentsVerdict:
     def as_metrics(self) -> dict[str, float]:
         if self.margin is None:
             return {}
-        return dict(zip((f"{VERDICT_PREFIX}margin", f"{VERDICT_PREFIX}margin_low", f"{VERDICT_PREFIX}margin_high"),
-                        self.margin))
+        return {**dict(zip((f"{VERDICT_PREFIX}margin", f"{VERDICT_PREFIX}margin_low",
+                            f"{VERDICT_PREFIX}margin_high"), self.margin)), f"{VERDICT_PREFIX}min_gain": self.min_gain}
 
 
-def weigh_set(name: str, scores: dict[str, list[float | None]], metric: str) -> SetVerdict | None:
-    """The best contender of one set and how it compares with each other (None when fewer than two were scored)."""
+def weigh_set(name: str, scores: dict[str, list[float | None]], metric: str,
+              min_gain: float | dict | None = None) -> SetVerdict | None:
+    """The best contender of one set and how it compares with each other (None when fewer than two were scored);
+    `min_gain`: `eval.min_gain`."""
     sign = -1.0 if lower_is_better(metric) else 1.0
     scored = {c: v for c in ORDER if (v := scores.get(c))}
     if len(scored) < 2:
         return None
+    gain = min_gain_for(metric, min_gain, scored)
     means = {c: _mean([x for x in v if x is not None]) for c, v in scored.items()}
     # ties on the mean go to the cheaper contender (ORDER)
     best = max(scored, key=lambda c: (sign * means[c], -ORDER.index(c)))
     comparisons = []
     for other in [c for c in scored if c != best]:  # too few pairs to tell: never called beaten
-        found = _compared(scored[best], scored[other], sign, other, means[other])
+        found = _compared(scored[best], scored[other], sign, other, means[other], gain)
         comparisons.append(found)
-    against_tuned = [_compared(scored[c], scored["tuned"], sign, c, means[c]) for c in (RAG, TUNED_RAG)
+    against_tuned = [_compared(scored[c], scored["tuned"], sign, c, means[c], gain) for c in (RAG, TUNED_RAG)
                      if c in scored and "tuned" in scored]
     return SetVerdict(name, len(next(iter(scored.values()))), best, means, comparisons, against_tuned)
 
 
-def _compared(these: list, those: list, sign: float, name: str, mean: float) -> Comparison:
-    """`name` (scores `these`) against `those`: the 95% interval of these - those, better direction."""
+def _compared(these: list, those: list, sign: float, name: str, mean: float, min_gain: float) -> Comparison:
+    """`name` (scores `these`) against `those`: the 95% interval of these - those and its mean, better direction."""
     pairs = [(a, b) for a, b in zip(these, those) if a is not None and b is not None]
     low, high = paired_bootstrap([sign * a for a, _ in pairs], [sign * b for _, b in pairs])
-    return Comparison(name, mean, min(low, 0.0) if len(pairs) < MIN_EXAMPLES else low, high)
+    gain = sign * _mean([a - b for a, b in pairs])
+    return Comparison(name, mean, min(low, 0.0) if len(pairs) < MIN_EXAMPLES else low, high, gain, min_gain)
 
 
-def decide(per_set: dict[str, dict[str, dict[str, list]]], gates=None) -> DocumentsVerdict:
-    """The verdict from per-example scores: set name -> contender -> metric -> values."""
+def decide(per_set: dict[str, dict[str, dict[str, list]]], gates=None,
+           min_gain: float | dict | None = None) -> DocumentsVerdict:
+    """The verdict from per-example scores: set name -> contender -> metric -> values; `min_gain`: eval.min_gain."""
     known = per_set.get(KNOWN) or next(iter(per_set.values()), {})
     metric = primary_metric(gates, known) if known else None
     if metric is None:
         return DocumentsVerdict(None, reason="no held-out question was scored")
     sets = [v for name in (KNOWN, UNSEEN) if name in per_set
-            and (v := weigh_set(name, {c: m.get(metric) for c, m in per_set[name].items()}, metric))]
+            and (v := weigh_set(name, {c: m.get(metric) for c, m in per_set[name].items()}, metric, min_gain))]
     if not sets:
         return DocumentsVerdict(None, metric, reason="fewer than two contenders were scored")
     standing = [c for c in ORDER if all(c in s.means and not s.beaten(c) for s in sets)]
     if standing:
         deploy = standing[0]
         cheaper = [c for c in ORDER[: ORDER.index(deploy)] if any(c in s.means for s in sets)]
-        why = "no other contender beats it beyond the noise on " + ("either set" if len(sets) > 1 else "the set")
+        why = ("no other contender beats it beyond the noise by eval.min_gain on "
+               + ("either set" if len(sets) > 1 else "the set"))
         if cheaper:
             losing = [f"{LABELS[c]} on {' and '.join(s.name for s in sets if s.beaten(c))} documents"
                       for c in cheaper]
@@ -159,7 +174,9 @@ def decide(per_set: dict[str, dict[str, dict[str, list]]], gates=None) -> Docume
     else:
         deploy = sets[0].best
         why = f"it is the best on {sets[0].name} documents, and every contender is beaten on some set"
-    return DocumentsVerdict(deploy, metric, sets, why, margin=_margin(deploy, per_set.get(KNOWN), metric))
+    gain = next((c.min_gain for s in sets for c in s.comparisons), 0.0)  # the first set's: known documents
+    return DocumentsVerdict(deploy, metric, sets, why, margin=_margin(deploy, per_set.get(KNOWN), metric),
+                            min_gain=gain)
 
 
 def _margin(deploy: str, scores: dict | None, metric: str) -> tuple[float, float, float] | None:
@@ -195,12 +212,13 @@ def cost_sentence(metrics: dict[str, float], k: int) -> str:
     return ("Cost per answer: " + "; ".join(parts) + ".") if parts else ""
 
 
-def conclude_documents(run_id: str, per_set: dict, k: int, gates=None) -> DocumentsVerdict:
-    """Decide, set the run's verdict tags and metrics, and return the verdict."""
+def conclude_documents(run_id: str, per_set: dict, k: int, gates=None,
+                       min_gain: float | dict | None = None) -> DocumentsVerdict:
+    """Decide, set the run's verdict tags and metrics, and return the verdict; `min_gain`: eval.min_gain."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    verdict = decide(per_set, gates)
+    verdict = decide(per_set, gates, min_gain)
     verdict.cost = cost_sentence(client.get_run(run_id).data.metrics, k)
     for key, value in verdict.as_tags().items():
         client.set_tag(run_id, key, value[:5000])

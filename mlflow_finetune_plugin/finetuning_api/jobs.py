@@ -44,23 +44,34 @@ class Settings:
 
 
 class JobStore:
-    """The job records of one state folder. Thread-safe within the server."""
+    """The job records of one state folder (`<state_dir>/jobs/<id>/job.json`, each written whole). Thread-safe
+    within the server; `lock` may be one that other processes take too (studio's launcher passes a file lock)."""
 
-    def __init__(self, state_dir: Path):
+    ID = re.compile(r"ftjob-[0-9a-f]{24}")  # a job id, and the name of its folder
+
+    def __init__(self, state_dir: Path, lock=None):
         self.root = Path(state_dir) / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.lock = threading.RLock()
+        self.lock = lock if lock is not None else threading.RLock()
+
+    def unknown(self, job_id: str) -> Exception:
+        """The error for an id that names no job."""
+        return not_found("fine-tuning job", job_id, "fine_tuning_job_id")
+
+    @staticmethod
+    def created(job: dict) -> float:
+        return job["_internal"]["created"]
 
     def folder(self, job_id: str) -> Path:
-        if not re.fullmatch(r"ftjob-[0-9a-f]{24}", job_id or ""):
-            raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
+        if not self.ID.fullmatch(job_id or ""):
+            raise self.unknown(job_id)
         return self.root / job_id
 
     def get(self, job_id: str) -> dict:
         path = self.folder(job_id) / "job.json"
         with self.lock:
             if not path.is_file():
-                raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
+                raise self.unknown(job_id)
             return json.loads(path.read_text())
 
     def save(self, job: dict) -> dict:
@@ -82,8 +93,8 @@ class JobStore:
     def all(self) -> list[dict]:
         """Every job, newest first."""
         with self.lock:
-            jobs = [json.loads(p.read_text()) for p in self.root.glob("ftjob-*/job.json")]
-        return sorted(jobs, key=lambda j: j["_internal"]["created"], reverse=True)
+            jobs = [json.loads(p.read_text()) for p in self.root.glob("*/job.json") if self.ID.fullmatch(p.parent.name)]
+        return sorted(jobs, key=self.created, reverse=True)
 
 
 def public(job: dict) -> dict:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.finetuning_api import progress
@@ -28,22 +29,65 @@ from mlflow_finetune_plugin.finetuning_api.jobs import TERMINAL, JobStore, Setti
 from mlflow_finetune_plugin.finetuning_api.shapes import APIError
 
 _STARTED = re.compile(r"=== Run ([0-9a-f]{32}) started")
+_CLI_ERROR = re.compile(r"ERROR mlflow\.cli: === (.*?) ===$", re.S | re.M)
 POLL_S = 1.0  # how often jobs are looked at: a status changes within this long
 
 
-def store_env() -> dict:
-    """The server's tracking and registry store for `mlflow run`, which starts in the job's folder: a relative
-    sqlite path (MLflow's default `sqlite:///mlflow.db`) made absolute, so the job uses the server's store."""
+def store_env(tracking_uri: str | None = None, registry_uri: str | None = None) -> dict:
+    """The tracking and registry store (default: this process's) for `mlflow run`, which may start in another folder:
+    a relative sqlite path (MLflow's default `sqlite:///mlflow.db`) made absolute, so the job uses the same store."""
     import mlflow
 
     env = {}
-    for key, uri in (("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri()), ("MLFLOW_REGISTRY_URI",
-                                                                         mlflow.get_registry_uri())):
+    for key, uri in (("MLFLOW_TRACKING_URI", tracking_uri or mlflow.get_tracking_uri()),
+                     ("MLFLOW_REGISTRY_URI", registry_uri or mlflow.get_registry_uri())):
         if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
         if uri:
             env[key] = uri
     return env
+
+
+def mlflow_run_command(project: str, entry_point: str, params: dict, backend_config: dict,
+                       experiment: str | None = None) -> list[str]:
+    """`mlflow run PROJECT -e ENTRY --backend finetune` with `backend_config` and `"detach": true` (the launcher's
+    job goes on by itself, its run in the tracking store), `-P key=value` for each of `params`."""
+    argv = [sys.executable, "-m", "mlflow", "run", str(project), "-e", entry_point, "--backend", "finetune"]
+    if experiment:
+        argv += ["--experiment-name", experiment]
+    argv += ["--backend-config", json.dumps({**backend_config, "detach": True})]
+    for key, value in params.items():
+        argv += ["-P", f"{key}={value}"]
+    return argv
+
+
+def launch(argv: list[str], log: Path, cwd, env: dict | None = None) -> tuple[str | None, str]:
+    """Run `argv` (a detached `mlflow run`, `mlflow_run_command`) from `cwd` with its output in `log`: (the run id it
+    started, "") or (None, the reason it started none). A log from an earlier launch that already names its run is
+    that launch's outcome: it is not run again (a launcher stopped while `mlflow run` started the job: the launch
+    itself dies with it, see _die_with_parent, so a log without a run id is a launch that never was)."""
+    code = 0
+    if not logged_run(log):
+        with open(log, "w") as out:
+            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                  env={**os.environ, **(env or store_env()), "PYTHONUNBUFFERED": "1"},
+                                  stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent).returncode
+    text = log.read_text(errors="replace")
+    found = _STARTED.search(text)
+    if code == 0 and found:
+        return found.group(1), ""
+    refused = _CLI_ERROR.findall(text)  # the backend's refusal, as MLflow's CLI prints it (over several lines)
+    if refused:
+        return None, refused[-1].strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    reason = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+    return None, reason.strip() or f"`mlflow run` exited with {code}"
+
+
+def logged_run(log: Path) -> str | None:
+    """The run id a launch's log names (`=== Run <id> started`), or None: no log, or no run started (yet)."""
+    found = _STARTED.search(log.read_text(errors="replace")) if log.exists() else None
+    return found.group(1) if found else None
 
 
 def _die_with_parent() -> None:
@@ -125,32 +169,14 @@ class Runner:
         params = dict(self.settings.overrides)
         if inner["resume_from"]:
             params["train.resume"] = inner["resume_from"]
-        argv = [sys.executable, "-m", "mlflow", "run", inner["project"], "-e", inner["entry_point"],
-                "--backend", "finetune", "--experiment-name", self.settings.experiment,
-                "--backend-config", json.dumps({**self.settings.backend_config, "detach": True})]
-        for key, value in params.items():
-            argv += ["-P", f"{key}={value}"]
-        return argv
+        return mlflow_run_command(inner["project"], inner["entry_point"], params, self.settings.backend_config,
+                                  self.settings.experiment)
 
     def _launch(self, job: dict) -> None:
         folder = self.store.folder(job["id"])
-        log = folder / f"launch-{len(job['_internal']['runs']) + 1}.log"
-        # A server stopped while `mlflow run` started this job: the job started if the log says so (the launch
-        # itself dies with the server, see _die_with_parent, so a log without a run id is a launch that never was).
-        found = _STARTED.search(log.read_text(errors="replace")) if log.exists() else None
-        code = 0
-        if not found:
-            with open(log, "w") as out:
-                code = subprocess.run(self.command(job), stdout=out, stderr=subprocess.STDOUT, cwd=folder,
-                                      env={**os.environ, **store_env(), "PYTHONUNBUFFERED": "1"},
-                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent).returncode
-        text = log.read_text(errors="replace")
-        found = _STARTED.search(text)
-        if code != 0 or not found:
-            lines = [ln for ln in text.splitlines() if ln.strip()]
-            reason = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
-            return self._fail(job["id"], "launch_failed", f"`mlflow run` did not start the job: {reason.strip()}")
-        run_id = found.group(1)
+        run_id, reason = launch(self.command(job), folder / f"launch-{len(job['_internal']['runs']) + 1}.log", folder)
+        if run_id is None:
+            return self._fail(job["id"], "launch_failed", f"`mlflow run` did not start the job: {reason}")
         self._tag(run_id, job)
 
         def running(j):

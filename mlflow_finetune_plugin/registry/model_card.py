@@ -175,11 +175,14 @@ def _verdict_section(run_tags: dict, metrics: dict) -> str:
         return "## Verdict\n\nNone recorded: the run ended before its evaluation was weighed."
     text = f"**{sentence[0].upper()}{sentence[1:]}.**"
     low, high = metrics.get(f"{VERDICT_PREFIX}margin_low"), metrics.get(f"{VERDICT_PREFIX}margin_high")
+    gain = metrics.get(f"{VERDICT_PREFIX}min_gain")
     if low is not None and high is not None:
+        least = "" if gain is None else f" and the margin is at least {gain:g} (`eval.min_gain`)"
         text += (f"\n\nThe best prompt-only alternative was `{run_tags.get(tags.VERDICT_BEST_ALTERNATIVE)}`. "
                  f"The 95% interval of the tuned model's margin over it is {low:+.4f} to {high:+.4f} (a paired "
                  f"bootstrap over the held-out examples, {VERDICT_RESAMPLES} resamples); fine-tuning counts as "
-                 f"paying off only when the whole interval is above 0, on at least {VERDICT_MIN_EXAMPLES} examples.")
+                 f"paying off only when the whole interval is above 0{least}, on at least {VERDICT_MIN_EXAMPLES} "
+                 "examples.")
     return "## Verdict\n\n" + text
 
 

@@ -5,7 +5,8 @@ Gates (`registry.promote_if` in the recipe, or `--gate` on the command line) com
 `eval/fewshot/<metric>`, `eval/retrieval/<metric>`), and with the current champion's `eval/tuned/<metric>` from the
 champion's source run. The default gate asks the tuned model to beat every prompt-only alternative its run scored
 (zero-shot, few-shot, retrieval, the optimized prompt; one the run did not score is passed over with the run's reason)
-and the champion. The `arena_above` gate compares arena
+and the champion, and follows the run's verdict (`evaluate/verdict.py`): a version whose run the verdict does not call
+a pay-off (beyond the noise and by `eval.min_gain`) fails it and stays where it is. The `arena_above` gate compares arena
 ratings from the playground's votes instead: the version's 95% interval must lie above the other's. `--force` moves
 the alias anyway and records who did it, when and why on the version.
 
@@ -28,7 +29,7 @@ from mlflow import MlflowClient
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config.schema import RegistryConfig
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.metrics import ALTERNATIVES, RAG, format_table, lower_is_better
+from mlflow_finetune_plugin.metrics import ALTERNATIVES, RAG, VERDICT_PREFIX, format_table, lower_is_better
 from mlflow_finetune_plugin.registry import prompts
 from mlflow_finetune_plugin.registry import versions as registry
 from mlflow_finetune_plugin.registry.parity import NOT_CHECKED, OFF, SKIPPED, Parity
@@ -157,6 +158,7 @@ def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple
     own = registry.run_metrics(own_run)
     checks, missing = [], []
     unscored = not_scored(own_run)
+    verdict_asked = False  # the default comparison gate follows the verdict, once per promotion
     for gate in gates:
         if gate.metric == ARENA_GATE:
             checks += _arena_checks(name, mv, gate, alias)
@@ -185,7 +187,29 @@ def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple
                 note = ", ".join(x for x in (note, "metric missing") if x)
             checks.append(GateCheck(gate.metric, against, mode, gate.margin, tuned, other, passed,
                                     note.removeprefix("pass: ")))
+        if _default_beats(gate) and not verdict_asked:
+            verdict_asked = True
+            checks.append(_verdict_check(own_run, own, gate.metric, mode, tuned))
     return checks, missing
+
+
+def _verdict_check(run_id: str | None, own: dict, metric: str, mode: str, tuned: float | None) -> GateCheck:
+    """The run's verdict as a gate: passes when it called fine-tuning a pay-off; a run with no verdict (evaluated
+    before verdicts existed) or no comparison to make (no prompt-only contender scored) is passed over, with why."""
+    run_tags = MlflowClient().get_run(run_id).data.tags if run_id else {}
+    paid, best = run_tags.get(tags.VERDICT_PAID_OFF), run_tags.get(tags.VERDICT_BEST_ALTERNATIVE) or "none"
+    gain = own.get(f"{VERDICT_PREFIX}min_gain", 0.0)
+    other = own.get(f"eval/{best}/{metric}")
+    if paid is None:
+        return GateCheck(metric, "verdict", mode, gain, tuned, other, True, "no verdict recorded in its run")
+    if paid != "true" and best == "none":
+        return GateCheck(metric, "verdict", mode, gain, tuned, other, True,
+                         f"passed over: {run_tags.get(tags.VERDICT, 'no verdict')[:160]}")
+    figures = [own.get(f"{VERDICT_PREFIX}{k}") for k in ("margin", "margin_low", "margin_high")]
+    said = "" if None in figures else (f": margin {figures[0]:+.3f}, 95% interval {figures[1]:+.3f} to "
+                                       f"{figures[2]:+.3f}, eval.min_gain {gain:g}")
+    return GateCheck(metric, "verdict", mode, gain, tuned, other, paid == "true",
+                     f"{'paid off' if paid == 'true' else 'not paid off'} over {best}{said}")
 
 
 def promote(name: str, version: str, alias: str | None = None, gates: list[Gate] | None = None,

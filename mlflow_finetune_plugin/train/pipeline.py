@@ -160,8 +160,10 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
         del base
     stops.enter("publish")
     # Did it pay off against the best prompt-only alternative? Tagged before publishing: the model card says it.
-    verdict = conclude(run_id, recipe.registry.promote_if) if prepared is None else \
-        conclude_documents(run_id, scored or {}, recipe.retrieval.k, recipe.registry.promote_if)
+    registered = recipe.registry.name if recipe.registry.enabled else None  # its optimized prompt's name
+    verdict = conclude(run_id, recipe.registry.promote_if, min_gain=recipe.eval.min_gain, registered=registered) \
+        if prepared is None else conclude_documents(run_id, scored or {}, recipe.retrieval.k,
+                                                    recipe.registry.promote_if, recipe.eval.min_gain)
 
     stops.check()
     tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))

@@ -1,0 +1,384 @@
+"""The Train page's runs: ordinary `mlflow run PROJECT -e ENTRY --backend finetune` runs, detached, queued, and started
+one at a time (or `max_parallel` at once) in the order they were submitted.
+
+The command and its launch are finetuning_api's (`runner.mlflow_run_command`, `runner.launch`): what a user types,
+with `"detach": true` added to the backend config, so a run goes on when the page closes. Stopping a run is
+`mlflow-finetune cancel RUN_ID` (the run ends KILLED, its logged checkpoints kept); resuming one is a new job with
+`-P train.resume=RUN_ID` (it continues from that run's last checkpoint).
+
+Each job is a record on disk, `<state_dir>/jobs/<job id>/job.json`, beside `launch.log` (the output of `mlflow run`);
+what became of its run is read from the tracking store. A new Launcher on the same folder (the app restarted) shows
+every job where it is and takes the queue over; Launchers sharing a folder take turns under a file lock, so a job is
+launched once.
+
+    queued -> starting (`mlflow run` checks the recipe and data, creates the run, starts its job)
+           -> running (the run id is known) -> finished | failed | killed (how the run ended)
+    queued or starting -> killed (stopped before it ran);  starting -> failed (`mlflow run` started no run: its reason)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.finetuning_api.jobs import JobStore
+from mlflow_finetune_plugin.finetuning_api.runner import launch, logged_run, mlflow_run_command, store_env
+
+STATES = ("queued", "starting", "running", "finished", "failed", "killed")
+ENDED = ("finished", "failed", "killed")
+BUSY = ("starting", "running")  # the jobs that hold one of the max_parallel slots
+ENDS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}  # MLflow's run status -> the job's state
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+LAUNCH_LOG = "launch.log"
+CANCEL_TIMEOUT_S = 180  # `cancel` gives the job 30 s to end its run before it is killed (launchers/local.py)
+_CLI = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
+_LAUNCHING: set[str] = set()  # the jobs this process is launching now, whichever Launcher of it
+
+
+@dataclass
+class Job:
+    id: str
+    project: str                 # the project folder, absolute
+    entry_point: str
+    params: dict[str, str]       # the -P overrides
+    state: str                   # one of STATES
+    run_id: str | None
+    argv: list[str]              # the exact `mlflow run` command
+    created: float               # time.time() at submit
+    error: str | None = None     # why it failed (the run's error, or `mlflow run`'s reason)
+    experiment: str | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+
+def _job(record: dict) -> Job:
+    return Job(**{f.name: record.get(f.name) for f in fields(Job)})
+
+
+class _Records(JobStore):
+    """finetuning_api's job records, with the page's ids and a file lock that Launchers in other processes take too."""
+
+    ID = re.compile(r"job-[0-9a-f]{12}")
+
+    def __init__(self, state_dir: Path):
+        from filelock import FileLock
+
+        (Path(state_dir) / "jobs").mkdir(parents=True, exist_ok=True)
+        super().__init__(state_dir, lock=FileLock(str(Path(state_dir) / "jobs" / ".lock")))
+
+    def unknown(self, job_id: str) -> Exception:
+        return FinetuneError(f"no job {job_id!r} in {self.root}")
+
+    @staticmethod
+    def created(job: dict) -> float:
+        return job["created"]
+
+
+class Launcher:
+    """Starts, queues, follows, stops and resumes the page's runs; `start()` its thread, `close()` it at the end.
+
+    backend_config: `mlflow run --backend-config` (launcher, nproc_per_node, ...), `"detach": true` added.
+    tracking_uri: the tracking and registry store the runs go to; default this process's (a relative sqlite path made
+    absolute). `mlflow run` starts in this process's working folder, as when a user types it there.
+    """
+
+    poll_s = 1.0  # how often the thread looks at the jobs: a run's end shows within this long
+
+    def __init__(self, state_dir: Path, backend_config: dict | None = None, max_parallel: int = 1,
+                 tracking_uri: str | None = None):
+        if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1:
+            raise FinetuneError(f"max_parallel must be a whole number >= 1 (got {max_parallel!r})")
+        if not isinstance(backend_config or {}, dict):
+            raise FinetuneError(f"backend_config must be a dict such as {{\"launcher\": \"torchrun\"}} "
+                                f"(got {backend_config!r})")
+        self.state_dir = Path(state_dir).expanduser().resolve()
+        self.records = _Records(self.state_dir)
+        self.backend_config = dict(backend_config or {})
+        self.max_parallel = max_parallel
+        self.env = store_env(tracking_uri, tracking_uri)
+        self.tracking_uri = self.env.get("MLFLOW_TRACKING_URI")
+        self.cwd = os.getcwd()
+        self._client = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- what the page asks for -----------------------------------------------------------------------------------
+
+    def submit(self, project_dir, entry_point: str, params: dict[str, str] | None = None,
+               experiment: str | None = None) -> Job:
+        """Queue `mlflow run PROJECT_DIR -e ENTRY_POINT --backend finetune -P k=v ...` (in `experiment`, else MLflow's
+        default experiment); it starts when a slot is free and every job submitted before it has started."""
+        project = Path(project_dir).expanduser().resolve()
+        if not project.is_dir():
+            raise FinetuneError(f"project folder {project_dir} does not exist: give the folder that holds "
+                                "finetune.yaml (and its data)")
+        if not isinstance(entry_point, str) or not entry_point.strip():
+            raise FinetuneError("entry_point is empty: give one of the backend's (lora, qlora, full, dpo, ...) or one "
+                                "of the project's MLproject")
+        params = _params(params or {})
+        job = Job(id=f"job-{uuid.uuid4().hex[:12]}", project=str(project), entry_point=entry_point.strip(),
+                  params=params, state="queued", run_id=None, created=time.time(), experiment=experiment or None,
+                  argv=mlflow_run_command(str(project), entry_point.strip(), params, self.backend_config,
+                                          experiment or None))
+        self.records.save(asdict(job))
+        return job
+
+    def jobs(self) -> list[Job]:
+        """Every job of the state folder, newest first, each where it is now (a run's end read from the store)."""
+        for record in self.records.all():
+            self._refresh(record)
+        return [_job(r) for r in self.records.all()]
+
+    def job(self, job_or_run_id: str) -> Job:
+        """One job, by its id or by the id of the run it started."""
+        record = self._find(job_or_run_id)
+        if record is None:
+            raise FinetuneError(f"no job in {self.records.root} started run {job_or_run_id}")
+        return _job(self._refresh(record))
+
+    def log(self, job_id: str) -> str:
+        """The output of the job's `mlflow run` (the checks, and why it started no run); the run's own log is
+        `watch.progress(run_id).log_tail`."""
+        path = self.records.folder(job_id) / LAUNCH_LOG
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, job_or_run_id: str) -> Job | None:
+        """A queued job is dropped (it never runs: state killed, no run); a running run ends KILLED as
+        `mlflow-finetune cancel` ends it, its logged checkpoints kept (resume it with `resume(run_id)`). A run this
+        page did not start is cancelled all the same (returns None). An ended job is returned as it is."""
+        record = self._find(job_or_run_id)
+        if record is None:  # a run id no job here started
+            self._cancel(job_or_run_id)
+            return None
+        record = self._refresh(record)
+        if record["state"] in ("queued", "starting"):
+            def dropped(r):
+                if r["state"] == "queued":
+                    r.update(state="killed", error="stopped before it started: no run was created")
+                elif r["state"] == "starting":  # the launch goes on; its run is cancelled once it exists (_launch)
+                    r.update(state="killed", error="stopped while `mlflow run` started it")
+            record = self.records.update(record["id"], dropped)
+        if record["state"] == "running":
+            self._cancel(record["run_id"])
+            record = self._follow(record)
+        return _job(record)
+
+    def resume(self, run_id: str) -> Job:
+        """A new queued job: the run's project, entry point and params, and `train.resume=RUN_ID`, so it continues
+        from that run's last complete checkpoint."""
+        from mlflow_finetune_plugin.train.resume import resumable_checkpoints
+
+        record = self._find(run_id) if RUN_ID.fullmatch(run_id or "") else None
+        if record is None:
+            raise FinetuneError(f"{run_id!r} is not a run this page started (no job in {self.records.root} has it): "
+                                f"resume it with `mlflow run PROJECT -e ENTRY --backend finetune -P train.resume="
+                                f"{run_id}`")
+        status = self.client.get_run(run_id).info.status
+        if status not in ENDS:
+            raise FinetuneError(f"run {run_id} is {status}: stop it first (its last checkpoint is where the resumed "
+                                "run starts)")
+        if not resumable_checkpoints(self.client, run_id):
+            every = record["params"].get("train.save_steps", "train.save_steps")
+            raise FinetuneError(f"run {run_id} logged no complete checkpoint (one is saved every {every} steps): "
+                                "there is nothing to resume from; submit the job again instead")
+        params = {k: v for k, v in record["params"].items() if k not in ("train.resume", "resume")}
+        return self.submit(record["project"], record["entry_point"], {**params, "train.resume": run_id},
+                           record["experiment"])
+
+    # --- the thread ----------------------------------------------------------------------------------------------
+
+    def start(self) -> Launcher:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="studio-launcher")
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Stop the thread (a launch under way finishes first; runs go on)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> Launcher:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a store that does not answer now may answer at the next pass
+                print(f"studio launcher: {type(e).__name__}: {e}", file=sys.stderr)
+            self._stopping.wait(self.poll_s)
+
+    def step(self) -> None:
+        """One pass: the runs' ends read from the store, then the oldest queued jobs started while slots are free."""
+        for record in self.records.all():
+            self._refresh(record)
+        while not self._stopping.is_set() and (record := self._claim()) is not None:
+            self._launch(record)
+
+    def _claim(self) -> dict | None:
+        """The oldest queued job, marked starting by this process, when a slot is free; None otherwise."""
+        import psutil
+
+        with self.records.lock:
+            records = self.records.all()
+            queued = [r for r in records if r["state"] == "queued"]
+            if not queued or sum(r["state"] in BUSY for r in records) >= self.max_parallel:
+                return None
+            record = queued[-1]
+            record.update(state="starting", launcher={"pid": os.getpid(), "since": psutil.Process().create_time()})
+            _LAUNCHING.add(record["id"])
+            return self.records.save(record)
+
+    def _launch(self, record: dict) -> None:
+        try:
+            try:
+                run_id, reason = launch(record["argv"], self.records.folder(record["id"]) / LAUNCH_LOG, self.cwd,
+                                        self.env)
+            except Exception as e:  # noqa: BLE001 - e.g. an OSError starting `mlflow run`: the job's error
+                run_id, reason = None, f"{type(e).__name__}: {e}"
+            if run_id is None:
+                def failed(r):
+                    if r["state"] == "starting":
+                        r.update(state="failed", error=f"`mlflow run` started no run: {reason}")
+                    r.pop("launcher", None)
+                self.records.update(record["id"], failed)
+                return
+            self._started(record["id"], run_id)
+        finally:
+            _LAUNCHING.discard(record["id"])
+
+    def _started(self, job_id: str, run_id: str) -> None:
+        try:
+            self.client.set_tag(run_id, tags.STUDIO_JOB, job_id)
+        except Exception as e:  # noqa: BLE001 - the job runs; the tag only links the run back to the page
+            print(f"studio launcher: could not tag run {run_id}: {e}", file=sys.stderr)
+
+        def running(r):
+            r["run_id"] = run_id
+            r.pop("launcher", None)
+            if r["state"] == "starting":
+                r["state"] = "running"
+        if self.records.update(job_id, running)["state"] == "killed":  # stopped while it started
+            self._cancel(run_id)
+
+    # --- reading a job's state ---------------------------------------------------------------------------------------
+
+    def _refresh(self, record: dict) -> dict:
+        if record["state"] == "running":
+            return self._follow(record)
+        if record["state"] == "starting" and not _being_launched(record):
+            return self._recover(record)
+        return record
+
+    def _follow(self, record: dict) -> dict:
+        """The job's state from its run's status, once the run has ended."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(record["run_id"])
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return self.records.update(record["id"], lambda r: r.update(
+                state="failed", error=f"run {record['run_id']} is not in the tracking store {self.tracking_uri}"))
+        state = ENDS.get(run.info.status)
+        if state is None:
+            return record
+        error = None
+        if state == "failed":
+            error = run.data.tags.get(tags.ERROR, "").strip().splitlines()[:1] or [f"the run ended {run.info.status}"]
+            error = error[0]
+
+        def ended(r):
+            if r["state"] == "running":
+                r.update(state=state, error=error)
+        return self.records.update(record["id"], ended)
+
+    def _recover(self, record: dict) -> dict:
+        """A job left starting by a launcher that is gone: running if its `mlflow run` started the run, else queued
+        again (that launch died with its launcher before it created a run)."""
+        run_id = logged_run(self.records.folder(record["id"]) / LAUNCH_LOG)
+        if run_id:
+            self._started(record["id"], run_id)
+            return self.records.get(record["id"])
+
+        def requeued(r):
+            if r["state"] == "starting" and not _being_launched(r):
+                r["state"] = "queued"
+                r.pop("launcher", None)
+        return self.records.update(record["id"], requeued)
+
+    def _find(self, key: str) -> dict | None:
+        if _Records.ID.fullmatch(key or ""):
+            return self.records.get(key)
+        if RUN_ID.fullmatch(key or ""):
+            return next((r for r in self.records.all() if r["run_id"] == key), None)
+        raise FinetuneError(f"{key!r} is neither a job id (job-...) nor a run id (32 hex digits)")
+
+    def _cancel(self, run_id: str) -> None:
+        """`mlflow-finetune cancel RUN_ID` against this launcher's store: the run ends KILLED."""
+        try:
+            done = subprocess.run([sys.executable, "-c", _CLI, "cancel", run_id], env={**os.environ, **self.env},
+                                  cwd=self.cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  timeout=CANCEL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise FinetuneError(f"stopping run {run_id} took over {CANCEL_TIMEOUT_S} s; see `mlflow-finetune cancel "
+                                f"{run_id}`") from None
+        if done.returncode != 0:
+            lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+            raise FinetuneError(f"could not stop run {run_id}: {lines[-1] if lines else done.returncode}")
+
+    @property
+    def client(self):
+        """An MlflowClient of the launcher's store (hand it to watch.progress, history.runs, ...)."""
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(self.env.get("MLFLOW_TRACKING_URI"), self.env.get("MLFLOW_REGISTRY_URI"))
+        return self._client
+
+def _being_launched(record: dict) -> bool:
+    """A starting job whose `mlflow run` is under way: in this process, or in another one that still lives."""
+    import psutil
+
+    if record["id"] in _LAUNCHING:
+        return True
+    who = record.get("launcher") or {}
+    if not who or who.get("pid") == os.getpid():
+        return False
+    try:
+        return abs(psutil.Process(who["pid"]).create_time() - who["since"]) < 1.0  # that process, not a reused pid
+    except psutil.Error:
+        return False
+
+
+def _params(params: dict) -> dict[str, str]:
+    if not isinstance(params, dict):
+        raise FinetuneError(f"params must map recipe keys to values, e.g. {{\"train.max_steps\": \"20\"}} "
+                            f"(got {type(params).__name__})")
+    out = {}
+    for key, value in params.items():
+        if not isinstance(key, str) or not key.strip() or "=" in key or any(c.isspace() for c in key.strip()):
+            raise FinetuneError(f"param {key!r}: a recipe key by its dotted path, e.g. train.learning_rate")
+        if value is None:
+            raise FinetuneError(f"param {key}: no value; give one, or leave the key out for the recipe's own")
+        out[key.strip()] = str(value).lower() if isinstance(value, bool) else str(value)
+    return out
