@@ -1,0 +1,137 @@
+"""`mlflow-finetune studio` (issue 68): the Train page as a user drives it, in headless Chromium, on the tiny model:
+upload a file with a broken line and see the line, fix it and start, watch the chart gain points, stop and resume,
+see the verdict, chat, promote. Plus what keeps the page safe to expose (a login above loopback, the path gate)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.studio.launch import StudioConfig, credentials
+from tests.helpers import chat_rows, free_port, stop, wait_for_http, write_project
+
+# A project of the user's: the tiny model, long enough to be stopped while it trains, a short evaluation.
+RECIPE = ("model:\n  name: tiny\n"
+          "data:\n  max_length: 64\n  packing: false\n"
+          "train:\n  max_steps: 600\n  batch_size: 2\n  learning_rate: 5.0e-3\n  logging_steps: 1\n"
+          "  save_steps: 10\n"
+          "eval:\n  max_examples: 4\n  max_new_tokens: 8\n  fewshot_k: 1\n")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_above_loopback_the_studio_needs_a_login():
+    with pytest.raises(FinetuneError, match="needs a login.*--auth USER:PASSWORD"):
+        credentials(StudioConfig(host="0.0.0.0"))
+    assert credentials(StudioConfig(host="0.0.0.0", auth="alice:s3cret")) == ("alice", "s3cret")
+    assert credentials(StudioConfig()) is None  # loopback: no login needed
+
+
+def _studio(tmp_path, port: int) -> subprocess.Popen:
+    """`mlflow-finetune studio` as a user starts it, with the folder of their projects."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "studio", "--port", str(port),
+         "--project-dir", str(tmp_path / "projects"), "--workdir", str(tmp_path / "studio")],
+        cwd=tmp_path, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
+def test_the_train_page_in_a_browser(tracking_uri, tmp_path):
+    from mlflow import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    write_project(tmp_path / "projects" / "mybot", RECIPE)
+    rows = chat_rows(24)
+    broken = [json.dumps(r) for r in rows]
+    broken[2] = broken[2][:-5]  # line 3 cut short: not JSON
+    uploads = tmp_path / "mine"
+    uploads.mkdir()
+    (uploads / "train.jsonl").write_text("\n".join(broken) + "\n")
+    (uploads / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_rows(4, 30)))
+    port = free_port()
+    proc = _studio(tmp_path, port)
+    url = f"http://127.0.0.1:{port}/"
+
+    def text(page, selector: str) -> str:
+        return page.locator(selector).inner_text()
+
+    def wait_text(page, selector: str, needle: str, timeout: float = 120_000):
+        page.wait_for_function(f"(document.querySelector({json.dumps(selector)}) || {{innerText: ''}})"
+                               f".innerText.includes({json.dumps(needle)})", timeout=timeout)
+
+    try:
+        wait_for_http(url, proc, timeout=180)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"], headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(url)
+            page.wait_for_selector("#project")
+            # The user's project, then their own data uploaded on top of it: the broken line is named.
+            page.locator("#project input").fill("mybot")
+            page.get_by_role("option", name="mybot").first.click()
+            wait_text(page, "#keys", "train.learning_rate")
+            page.locator("#upload-box").get_by_text("Or upload your data").click()
+            page.locator("#uploads input[type=file]").set_input_files([str(uploads / "train.jsonl"),
+                                                                      str(uploads / "eval.jsonl")])
+            wait_text(page, "#upload-note", "new project")
+            page.locator("#check").click()
+            wait_text(page, "#check-out", "train.jsonl:3")
+            assert page.locator("#start").is_disabled()
+            # Fixed and uploaded again: the check passes and says what it found; Start opens.
+            (uploads / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            page.locator("#uploads input[type=file]").set_input_files([str(uploads / "train.jsonl"),
+                                                                      str(uploads / "eval.jsonl")])
+            wait_text(page, "#upload-note", "new project")
+            page.locator("#check").click()
+            page.wait_for_function("!document.querySelector('#start').disabled", timeout=120_000)
+            page.locator("#terminal-box").get_by_text("The same run from a terminal").click()
+            assert "mlflow run" in text(page, "#command") and "--backend finetune" in text(page, "#command")
+            assert "learning_rate" in text(page, "#yaml")
+            page.locator("#start").click()
+            wait_text(page, "#start-out", "Queued as job")
+            # Watched live: the chart gains points, then Stop ends the run KILLED.
+            page.locator("#tab-runs-button, button:has-text('Runs')").first.click()
+            page.wait_for_function("/loss: ([2-9]|\\d\\d+) points/.test(document.querySelector('#points').innerText)",
+                                   timeout=300_000)
+            page.locator("#stop").click()
+            wait_text(page, "#status", "KILLED", timeout=120_000)
+            page.locator("#resume").click()
+            wait_text(page, "#chat-out", "Resuming run")
+            wait_text(page, "#status", "FINISHED", timeout=600_000)
+            wait_text(page, "#judgement", "erdict", timeout=120_000)
+            # Chat: the A/B playground on this version against its base, in a page of its own.
+            page.locator("#chat").click()
+            wait_text(page, "#chat-out", "A/B playground", timeout=300_000)
+            chat_url = page.locator("#chat-url").inner_text().strip()
+            chat = browser.new_page()
+            chat.goto(chat_url)
+            chat.wait_for_selector("#chat-b")
+            chat.locator("#prompt textarea").fill("How do I reset my password?")
+            chat.locator("#send").click()
+            chat.wait_for_function("document.querySelector('#status').innerText.includes('Vote below')",
+                                   timeout=300_000)
+            # Promote through the gates: the page says what each gate found.
+            page.locator("#promote").click()
+            page.wait_for_function("document.querySelector('#promote-out').innerText.trim().length > 0",
+                                   timeout=120_000)
+            promoted = text(page, "#promote-out")
+            shot = tmp_path / "studio.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        assert "gate" in promoted.lower() or "champion" in promoted.lower(), promoted
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        runs = MlflowClient().search_runs(
+            [e.experiment_id for e in MlflowClient().search_experiments()], order_by=["attributes.start_time"])
+        statuses = [r.info.status for r in runs if r.data.tags.get("mlflow.runName") != "rehearsal"]
+        assert "KILLED" in statuses and "FINISHED" in statuses
+    finally:
+        stop(proc)
