@@ -83,7 +83,7 @@ class Routes:
         with self._changed:
             self._routes[name] = (upstream, upstream_name or name)
 
-    def add_prompt(self, name: str, model: str, rewrite, uri: str = "") -> None:
+    def add_prompt(self, name: str, model: str, rewrite, uri: str) -> None:
         """Serve `name` as served model `model` asked with a prompt: `rewrite(request)` gives the request it sends
         (`serve --prompt`: the registered prompt `uri` applied to the client's messages). Its answers say `name`."""
         with self._changed:

@@ -189,7 +189,15 @@ def _empty_store() -> Path:
     from mlflow_finetune_plugin.paths import cached_build
 
     def build(out: Path) -> None:
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / STORE}").search_experiments()
+        import logging
+
+        said = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables": not the run's
+        level = said.level
+        said.setLevel(logging.WARNING)
+        try:
+            mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / STORE}").search_experiments()
+        finally:
+            said.setLevel(level)
 
     return cached_build(f"rehearsal-store-mlflow-{mlflow.__version__}", build, complete=(STORE,)) / STORE
 
@@ -380,5 +388,5 @@ def _reactivate(parent) -> None:
     import mlflow
 
     active = mlflow.active_run()
-    if active is None or active.info.run_id != parent.info.run_id:
+    if parent is not None and (active is None or active.info.run_id != parent.info.run_id):
         mlflow.start_run(run_id=parent.info.run_id)
