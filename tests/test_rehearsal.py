@@ -70,9 +70,9 @@ def test_a_stage_after_training_that_fails_ends_the_run_before_training(tmp_path
     assert f"failed at {where}" in error and "Nothing was trained" in error and "train.rehearsal=false" in error, error
     assert not MlflowClient().get_metric_history(run.info.run_id, "train/loss")  # no training step was taken
     assert tags.REGISTERED_VERSION not in run.data.tags
-    # The rehearsal's own run is gone (deleted, never left running), and the parent was not touched by it.
-    rehearsals = [r for r in _runs(ViewType.ALL) if r.info.run_name == "rehearsal"]
-    assert all(r.info.lifecycle_stage == "deleted" and r.info.status != "RUNNING" for r in rehearsals)
+    # The rehearsal left no run of its own, not even a deleted one: the run says where it failed.
+    assert [r.info.run_id for r in _runs(ViewType.ALL)] == [run.info.run_id]
+    assert run.data.tags[tags.REHEARSAL] == f"failed at {where} (the run's error says why)"
     assert "Traceback" not in capsys.readouterr().err
     # ... but error.txt keeps it: the message, then the traceback of the error the stage met.
     text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
@@ -94,9 +94,22 @@ def test_the_rehearsal_leaves_training_as_it_would_have_been(tmp_path, tracking_
         said = capsys.readouterr().out
         assert ("Rehearsal before training: 2 rows" in said) is rehearse
     assert len(losses[True]) == 4 and losses[True] == losses[False]
-    # Its run left nothing visible: one rehearsal run, deleted; the two real runs are the only active ones.
-    assert len(_runs()) == 2
-    assert [r.info.lifecycle_stage for r in _runs(ViewType.ALL) if r.info.run_name == "rehearsal"] == ["deleted"]
+    # A rehearsal is not a result (issue 69): the store holds the two fine-tunes and nothing else, not even a
+    # deleted run or an experiment of its own; the newest finished run, and the best by tuned rougeL, is a
+    # fine-tune, whose metrics are its own evaluation's alone; it keeps the rehearsal's outcome as a tag.
+    client = MlflowClient()
+    plain, rehearsed = _runs(ViewType.ALL)  # newest first
+    assert [e.name for e in client.search_experiments(ViewType.ALL)] == [EXPERIMENT, "Default"]
+    for query in ({"filter_string": "attributes.status = 'FINISHED'", "order_by": ["attributes.start_time DESC"]},
+                  {"order_by": ["metrics.`eval/tuned/rougeL` DESC"]}):
+        found = client.search_runs([plain.info.experiment_id], run_view_type=ViewType.ALL, **query)
+        assert {r.info.run_id for r in found} == {plain.info.run_id, rehearsed.info.run_id}
+    assert [m.step for m in client.get_metric_history(rehearsed.info.run_id, "eval/tuned/rougeL")] == [4]
+    assert [m.step for m in client.get_metric_history(rehearsed.info.run_id, "eval/base/rougeL")] == [4]
+    assert rehearsed.data.tags[tags.REHEARSAL].startswith("passed in ")
+    assert rehearsed.data.tags[tags.REHEARSAL].endswith(
+        " s (2 rows through evaluation, forgetting check, verdict, the model's save and reload)")
+    assert tags.REHEARSAL not in plain.data.tags and tags.VERDICT in rehearsed.data.tags
 
 
 def test_a_full_fine_tune_of_experts_saved_in_the_checkpoint_layout_passes_the_save_check(tmp_path, tracking_uri,

@@ -15,7 +15,9 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
+from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.cli import main
 from mlflow_finetune_plugin.registry.promotion import parse_gate, promote
 from mlflow_finetune_plugin.registry.versions import logged_model_id
@@ -90,6 +92,12 @@ def test_a_run_over_http_finishes_registers_and_keeps_its_artifacts_behind_the_s
     assert "Evaluation view: 2 examples logged as MLflow traces" in output  # no warning: the traces reached it
     assert len(mlflow.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id,
                                     return_type="list")) == 2
+    # The rehearsal before training left no run on the server, not even a deleted one (issue 69): the run keeps its
+    # outcome, and its metrics are the run's own evaluation's.
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id], run_view_type=ViewType.ALL)] == [
+        run.info.run_id]
+    assert run.data.tags[tags.REHEARSAL].startswith("passed in ")
+    assert len(client.get_metric_history(run.info.run_id, "eval/tuned/rougeL")) == 1
 
     # Artifacts go through the server into its destination: the run's, the checkpoints, the logged model.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")

@@ -380,8 +380,10 @@ class TrainConfig(Section):
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(100, gt=0, description="Checkpoint (logged to the run for resume, and as a logged model "
-                                                  "`checkpoint-N` with the eval loss at that step) every N steps; the "
-                                                  "end of training is the logged model, not a checkpoint.")
+                                                  "`checkpoint-N` with the eval loss at that step) every N steps, and "
+                                                  "at the last step.")
+    save_last_epochs: int = Field(0, ge=0, description="Also a checkpoint at the end of each of the last N epochs, "
+                                                       "whatever save_steps is (`openai-api` jobs: 3, as OpenAI keeps).")
     save_total_limit: int = Field(2, gt=0)
     gradient_checkpointing: bool = False
     rehearsal: bool = Field(

@@ -11,6 +11,7 @@
 - runner.py: the thread that moves jobs along (validating_files -> queued -> running -> succeeded | failed |
   cancelled): one `mlflow run -e ... --backend finetune` per job, detached, so a server restart loses nothing.
 - progress.py: what a job's MLflow run says: events, checkpoints, the metrics CSV, the fine-tuned model.
-- app.py: the HTTP routes, the API key, OpenAI-shaped errors; chat requests go to `serving/front.py`.
+- app.py: the HTTP routes, the API key, OpenAI-shaped errors; chat requests go to `serving/front.py`, which starts
+  a server for a fine-tuned model or a base model the server fine-tunes (`serving/bases.py`) on its first request.
 - shapes.py: OpenAI's error and list shapes; command.py: the `openai-api` command.
 """

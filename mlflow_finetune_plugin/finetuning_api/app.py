@@ -1,20 +1,30 @@
 """`mlflow-finetune openai-api`: the routes of OpenAI's files and fine-tuning jobs API, the API key, and chat with
-the fine-tuned models.
+the fine-tuned models and the base models they are fine-tuned from.
 
 A fine-tuned model (`NAME-vN`) is served on its first chat request as `serve` serves a version (`transformers serve`
 on a merged copy, behind `serving/front.py`), so the `fine_tuned_model` of a job answers at /v1/chat/completions of
-the same server.
+the same server; so does a base model the server fine-tunes (`smollm2`, `tiny`, a --model), as its jobs train it
+(`serving/bases.py`): base and tuned compared through one endpoint.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request) at run time.
 import hmac
 import json
+import time
 from dataclasses import dataclass
 
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.finetuning_api import progress
 from mlflow_finetune_plugin.finetuning_api.files import MAX_UPLOAD_MB, FileStore
-from mlflow_finetune_plugin.finetuning_api.jobs import JobStore, Settings, create_job, public
+from mlflow_finetune_plugin.finetuning_api.jobs import (
+    JobStore,
+    Settings,
+    base_models,
+    base_section,
+    create_job,
+    fine_tunes,
+    public,
+)
 from mlflow_finetune_plugin.finetuning_api.runner import Runner
 from mlflow_finetune_plugin.finetuning_api.shapes import APIError, page
 
@@ -150,17 +160,24 @@ def build_app(service: Service, api_key: str | None, front=None):
         job = store.get(job_id)
         return page(progress.checkpoints(job_id, job["_internal"]["runs"]), after, _limit(limit), default_limit=10)
 
-    def fine_tuned() -> dict:
-        return {j["fine_tuned_model"]: {"id": j["fine_tuned_model"], "object": "model", "created": j["finished_at"],
-                                        "owned_by": "mlflow-finetune"} for j in store.all() if j["fine_tuned_model"]}
+    started = int(time.time())
+
+    def served() -> dict:
+        """The fine-tuned models (newest first), then the base models this server fine-tunes (as OpenAI lists its
+        base models: owned by `system`)."""
+        tuned = {j["fine_tuned_model"]: {"id": j["fine_tuned_model"], "object": "model", "created": j["finished_at"],
+                                         "owned_by": "mlflow-finetune"} for j in store.all() if j["fine_tuned_model"]}
+        bases = {m: {"id": m, "object": "model", "created": started, "owned_by": "system"}
+                 for m in base_models(service.settings) if m not in tuned}
+        return {**tuned, **bases}
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": list(fine_tuned().values())}
+        return {"object": "list", "data": list(served().values())}
 
-    @app.get("/v1/models/{model}")
+    @app.get("/v1/models/{model:path}")
     def model(model: str):
-        found = fine_tuned().get(model)
+        found = served().get(model)
         if found is None:
             raise APIError(404, f"The model `{model}` does not exist on this server.", code="model_not_found",
                            param="model")
@@ -175,19 +192,24 @@ def build_app(service: Service, api_key: str | None, front=None):
     return app
 
 
-def fine_tuned_starter(store: JobStore, fleet):
-    """`start(name)` for the front: a `transformers serve` child for a job's fine-tuned model, once it answers."""
+def model_starter(store: JobStore, fleet, settings: Settings):
+    """`start(name)` for the front: a `transformers serve` child for a job's fine-tuned model, or for a base model
+    this server fine-tunes (as its jobs train it: `serving/bases.py`), once it answers; None for other names."""
     from mlflow_finetune_plugin.serving.base import ModelChoice
+    from mlflow_finetune_plugin.serving.bases import served_base
     from mlflow_finetune_plugin.serving.front import loopback_port, wait_until_answering
-    from mlflow_finetune_plugin.serving.server import transformers_command
+    from mlflow_finetune_plugin.serving.server import folder_command, transformers_command
 
     def start(model: str):
         job = next((j for j in store.all() if j["fine_tuned_model"] in (model, progress.FT + model)), None)
-        if job is None:
-            return None
-        name, _, version = job["fine_tuned_model"].removeprefix(progress.FT).rpartition("-v")
         port = loopback_port()
-        cmd = transformers_command(ModelChoice(name, version), "127.0.0.1", port)
+        if job is not None:
+            name, _, version = job["fine_tuned_model"].removeprefix(progress.FT).rpartition("-v")
+            cmd = transformers_command(ModelChoice(name, version), "127.0.0.1", port)
+        elif fine_tunes(model, settings):
+            cmd = folder_command(served_base(base_section(model, settings)), "127.0.0.1", port)
+        else:
+            return None
         child = fleet.start(cmd.argv, port, cmd.names, cwd=cmd.cwd, env=cmd.env)
         if not wait_until_answering(child, fleet.stopping.is_set):
             fleet.retire(child)
@@ -215,7 +237,7 @@ def run_api(settings: Settings, host: str = "127.0.0.1", port: int = 8000, api_k
     FileStore(settings.experiment).experiment_id()  # the runs' experiment, its artifacts beside the files
     runner = Runner(store, files, settings)
     fleet = Fleet()
-    front = build_front(Routes([], ""), start=fine_tuned_starter(store, fleet))
+    front = build_front(Routes([], ""), start=model_starter(store, fleet, settings))
     app = build_app(Service(store, files, runner, settings), api_key, front)
     echo(f"OpenAI fine-tuning API at http://{host}:{port}/v1 (files in experiment {files.experiment!r}, runs in "
          f"{settings.experiment!r}, job records in {settings.state_dir}); fine-tuned models answer at "

@@ -21,7 +21,8 @@ import click
 @click.option("-P", "params", multiple=True, metavar="KEY=VALUE",
               help="Recipe override for every job (it wins over the job's hyperparameters): -P train.max_steps=50")
 @click.option("--model", "models", multiple=True, metavar="NAME",
-              help="A base model jobs may name besides the built-in ones (hub id or folder); repeatable.")
+              help="A base model jobs may name besides the built-in ones (hub id or folder), also answered at "
+                   "/v1/chat/completions; repeatable.")
 @click.option("--allow-python-graders", is_flag=True,
               help="Run `python` graders' source (in a subprocess with a time limit). Off: refused.")
 @click.option("--python-grader-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
@@ -32,7 +33,8 @@ def openai_api_cmd(host, port, api_key, state_dir, experiment, backend_config, m
                    allow_python_graders, python_grader_timeout, max_upload_mb):
     """OpenAI's fine-tuning API over this backend: client.files and client.fine_tuning.jobs (create, retrieve,
     list, cancel, pause, resume, list_events, checkpoints) run `mlflow run -e lora|dpo|grpo --backend finetune`,
-    and each job's fine_tuned_model answers at /v1/chat/completions (docs/openai.md)."""
+    and each job's fine_tuned_model answers at /v1/chat/completions, beside the base models it fine-tunes
+    (docs/openai.md)."""
     import json
     from pathlib import Path
 

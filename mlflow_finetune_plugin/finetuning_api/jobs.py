@@ -26,6 +26,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 HYPERPARAMETERS = {"n_epochs": "train.epochs", "batch_size": "train.batch_size",
                    "learning_rate_multiplier": "train.learning_rate"}
 BETA = {"dpo": "dpo.beta", "reinforcement": "grpo.beta"}
+KEPT_EPOCHS = 3  # OpenAI keeps a checkpoint at the end of each of a job's last three epochs
 _NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -143,12 +144,41 @@ def _method(body: dict) -> tuple[str, dict, dict]:
     return kind, method, _hyperparameters(method, kind)
 
 
-def _check_model(model, settings: Settings) -> None:
+def fine_tunes(model: str, settings: Settings) -> bool:
+    """Whether this server fine-tunes (and answers as a base) `model`: a built-in model, or one given with --model."""
     from mlflow_finetune_plugin.models.base import is_builtin
 
+    return model in settings.models or is_builtin(model)
+
+
+def base_models(settings: Settings) -> list[str]:
+    """The base models this server lists: those given with --model, then the built-in ones this machine has (tiny and
+    the tiny families always; smollm2 and gemma3 where their packages are installed)."""
+    import importlib.util
+
+    from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families, tiny_vision
+
+    installed = [m.NAME for m in (smollm2, gemma3) if importlib.util.find_spec(m.MODULE) is not None]
+    return list(dict.fromkeys([*settings.models, *installed, "tiny", *tiny_families.BUILTIN_NAMES,
+                               *tiny_vision.BUILTIN_NAMES]))
+
+
+def base_section(model: str, settings: Settings):
+    """The `model:` section a job on `model` trains with (the server's -P model.* overrides applied): how the base
+    is served beside its fine-tunes."""
+    import yaml
+
+    from mlflow_finetune_plugin.config.schema import ModelConfig
+
+    given = {k[len("model."):]: yaml.safe_load(v) if isinstance(v, str) and v.strip() else v
+             for k, v in settings.overrides.items() if k.startswith("model.")}
+    return ModelConfig.model_validate({**given, "name": model})
+
+
+def _check_model(model, settings: Settings) -> None:
     if not isinstance(model, str) or not model:
         raise APIError(400, "model is required: the base model to fine-tune", code="missing_model", param="model")
-    if model not in settings.models and not is_builtin(model):
+    if not fine_tunes(model, settings):
         allowed = ", ".join([*settings.models, "smollm2", "gemma3", "tiny", "tiny-<family>"])
         raise APIError(404, f"The model `{model}` does not exist or is not available for fine-tuning on this "
                             f"server (it fine-tunes: {allowed}; the operator adds others with --model).",
@@ -247,8 +277,11 @@ def _recipe(model: str, kind: str, has_eval: bool, name: str, seed: int | None) 
     data = {"train": "data/train.jsonl", "format": rows.METHODS[kind][1]}
     if has_eval:
         data["eval"] = "data/validation.jsonl"
+    # As OpenAI reports a job: its training loss at every step, a checkpoint at the end of each of its last three
+    # epochs (the last step is always one).
+    train = {"logging_steps": 1, "save_last_epochs": KEPT_EPOCHS, **({} if seed is None else {"seed": seed})}
     recipe = {"method": rows.METHODS[kind][0], "model": {"name": model}, "data": data, "registry": {"name": name},
-              "train": {} if seed is None else {"seed": seed}}
+              "train": train}
     if kind == "reinforcement":
         recipe["grpo"] = {"rewards": [graders.REWARD_NAME]}
     return recipe

@@ -14,6 +14,9 @@ TOKENS = "train/num_tokens"
 # CSV column -> the run's metric
 CSV_COLUMNS = {"train_loss": LOSS, "train_mean_token_accuracy": "train/mean_token_accuracy",
                "learning_rate": "train/learning_rate", "valid_loss": "eval/tuned/loss"}
+# a checkpoint's metrics as OpenAI names them -> the run's metric
+CHECKPOINT_METRICS = {"train_loss": LOSS, "train_mean_token_accuracy": "train/mean_token_accuracy",
+                      "valid_loss": "eval/tuned/loss", "valid_mean_token_accuracy": "eval/tuned/mean_token_accuracy"}
 
 
 def _client():
@@ -42,19 +45,22 @@ def metric_events(job_id: str, runs: list[str]) -> list[dict]:
 
 
 def checkpoints(job_id: str, runs: list[str]) -> list[dict]:
-    """The checkpoints of the job's runs, newest first: the logged model `checkpoint-N` of each save step (register
-    one with `mlflow-finetune models NAME --register-checkpoint MODEL_ID`)."""
+    """The checkpoints of the job's runs, newest first: the logged model `checkpoint-N` of each saved step (the end
+    of each of the last three epochs and the last step, and every train.save_steps; register one with
+    `mlflow-finetune models NAME --register-checkpoint MODEL_ID`), with OpenAI's metrics at that step: the training
+    ones as last logged by then, the validation ones where the run evaluated at that very step."""
     from mlflow_finetune_plugin.registry.versions import checkpoint_models
 
     out = []
     for run_id in runs:
-        losses = {m.step: m.value for m in history(run_id, LOSS)}
+        logged = {name: {m.step: m.value for m in history(run_id, metric)} for name, metric in CHECKPOINT_METRICS.items()}
         for model in checkpoint_models(run_id):
             step = int(model.tags[tags.CHECKPOINT_STEP])
-            known = [s for s in losses if s <= step]
             metrics = {"step": step}
-            if known:
-                metrics["train_loss"] = losses[max(known)]
+            for name, values in logged.items():
+                known = [s for s in values if s <= step] if name.startswith("train_") else [s for s in values if s == step]
+                if known:
+                    metrics[name] = values[max(known)]
             out.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{model.model_id}",
                         "created_at": int(model.creation_timestamp / 1000), "fine_tuning_job_id": job_id,
                         "fine_tuned_model_checkpoint": model.model_id, "step_number": step, "metrics": metrics})

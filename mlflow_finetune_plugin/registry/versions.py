@@ -194,8 +194,8 @@ def checkpoints_table(run_id: str, metrics: list[str]) -> str:
 
     found = checkpoint_models(run_id)
     if not found:
-        raise FinetuneError(f"run {run_id} has no checkpoint models: it saved no checkpoint (train.save_steps not "
-                            "below its steps), or it ran before checkpoints became logged models")
+        raise FinetuneError(f"run {run_id} has no checkpoint models: it stopped before its first checkpoint, or it "
+                            "ran before checkpoints became logged models")
     key, sign = f"eval/tuned/{metrics[0]}", 1 if lower_is_better(metrics[0]) else -1
     rows = [({m.key: m.value for m in sorted(model.metrics or [], key=lambda m: m.timestamp)}, model)
             for model in found]

@@ -58,6 +58,7 @@ class Routes:
         self._routes: dict[str, tuple[str, str]] = {n: (upstream, n) for n in names}  # ordered as listed
         self._aliases: dict[str, str] = {}
         self._rewrites: dict[str, object] = {}  # served name -> its request's rewrite, or None
+        self._prompts: dict[str, tuple[str, str]] = {}  # a prompt's served name -> (its model's, the prompt's URI)
         self._rewrite_for = rewrite_for
         self._in_flight: dict[str, int] = {}
         self._changed = threading.Condition()
@@ -82,12 +83,18 @@ class Routes:
         with self._changed:
             self._routes[name] = (upstream, upstream_name or name)
 
-    def add_prompt(self, name: str, model: str, rewrite) -> None:
+    def add_prompt(self, name: str, model: str, rewrite, uri: str) -> None:
         """Serve `name` as served model `model` asked with a prompt: `rewrite(request)` gives the request it sends
-        (`serve --prompt`: the registered prompt applied to the client's messages)."""
+        (`serve --prompt`: the registered prompt `uri` applied to the client's messages). Its answers say `name`."""
         with self._changed:
             self._routes[name] = self._routes[model]
             self._rewrites[name] = rewrite
+            self._prompts[name] = (model, uri)
+
+    def prompt_of(self, name: str) -> tuple[str, str] | None:
+        """(the served name of the model that answers, the prompt's URI) for a prompt's served name, else None."""
+        with self._changed:
+            return self._prompts.get(name)
 
     def rewrite_of(self, name: str):
         with self._changed:
@@ -214,13 +221,17 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
                         return refused
                 served, upstream, upstream_name = routes.lookup(model)
                 if tracer is not None and path == "v1/chat/completions":
-                    traced = await asyncio.to_thread(TracedRequest.begin, tracer, served, model, body)
+                    traced = await asyncio.to_thread(TracedRequest.begin, tracer, served, model, body,
+                                                     routes.prompt_of(served))
                 if (rewrite := await asyncio.to_thread(routes.rewrite_of, served)) is not None:
                     body = await asyncio.to_thread(rewrite, body, traced.span if traced else None)
                 if upstream_name != model:  # an alias (`NAME@champion`): the server knows the version's name
                     body = _with_model(body, upstream_name)
-        # A traced answer is read as it passes: asked for uncompressed.
-        dropped = _HOP_HEADERS | {"host"} | ({"accept-encoding"} if traced else set())
+        # The server knows the model by another name (a prompt's base, a fine-tune without OpenAI's `ft:`): the
+        # answer is given the served name, as the client asked for it.
+        renamed = served if served and served != upstream_name else None
+        # A traced or renamed answer is read as it passes: asked for uncompressed.
+        dropped = _HOP_HEADERS | {"host"} | ({"accept-encoding"} if traced or renamed else set())
         headers = {k: v for k, v in request.headers.items() if k.lower() not in dropped}
         # Counted until the answer has been passed on whole: the server it came from is stopped only after that.
         if served:
@@ -246,6 +257,8 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
         answer_headers = {k: v for k, v in response.headers.items()
                           if k.lower() not in _HOP_HEADERS | {"date", "server"}}
         chunks = response.aiter_raw()
+        if renamed:
+            chunks = _renamed(chunks, renamed, "text/event-stream" in response.headers.get("content-type", ""))
         if traced:
             answer_headers[TRACE_HEADER] = traced.trace_id
             chunks = traced.watch(chunks, response.status_code)
@@ -273,6 +286,38 @@ def _with_model(body: bytes, model: str) -> bytes:
     import json
 
     return json.dumps({**json.loads(body), "model": model}).encode()
+
+
+async def _renamed(chunks, name: str, stream: bool):
+    """The answer's bytes with the `model` it names said as `name`: each `data:` line of a stream as it passes, a
+    whole answer once read (an error, which names no model, as it is)."""
+    if not stream:
+        yield _named(b"".join([chunk async for chunk in chunks]), name)
+        return
+    pending = b""
+    async for chunk in chunks:
+        *lines, pending = (pending + chunk).split(b"\n")
+        if lines:
+            yield b"".join(_named_line(line, name) + b"\n" for line in lines)
+    if pending:
+        yield _named_line(pending, name)
+
+
+def _named_line(line: bytes, name: str) -> bytes:
+    data = line[5:].strip() if line.startswith(b"data:") else b"[DONE]"
+    return line if data == b"[DONE]" else b"data: " + _named(data, name)
+
+
+def _named(body: bytes, name: str) -> bytes:
+    import json
+
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(answer, dict) or "model" not in answer:
+        return body
+    return json.dumps({**answer, "model": name}).encode()
 
 
 def loopback_port() -> int:

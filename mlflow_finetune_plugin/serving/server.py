@@ -131,12 +131,20 @@ def transformers_command(choice: ModelChoice, host: str = "127.0.0.1", port: int
     The server runs in the folder's parent and is given the folder's relative name, so the model's name in
     requests is `served_name(choice)` rather than a long cache path.
     """
-    folder = merged_folder(choice)
-    argv = [sys.executable, "-m", "mlflow_finetune_plugin.serving.transformers_cli", "serve", folder.name,
+    return folder_command(merged_folder(choice), host, port, extra)
+
+
+def folder_command(folder, host: str = "127.0.0.1", port: int = 8000, extra: tuple[str, ...] = ()) -> ServerCommand:
+    """`transformers serve` pinned to a model folder (run in its parent: requests name the folder's name), or to a
+    hub id as it is (a str that is no folder)."""
+    from pathlib import Path
+
+    local = Path(folder)
+    name, cwd = (local.name, str(local.parent)) if local.is_dir() else (str(folder), None)
+    argv = [sys.executable, "-m", "mlflow_finetune_plugin.serving.transformers_cli", "serve", name,
             "--host", host, "--port", str(port), *extra]
     # The update check would reach for PyPI at every start; servers are often offline.
-    return ServerCommand(argv, cwd=str(folder.parent), env={"HF_HUB_DISABLE_UPDATE_CHECK": "1"},
-                         names=[folder.name])
+    return ServerCommand(argv, cwd=cwd, env={"HF_HUB_DISABLE_UPDATE_CHECK": "1"}, names=[name])
 
 
 def _common(host: str, port: int, extra: tuple[str, ...]) -> list[str]:
@@ -227,7 +235,8 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
     if asked:
         from mlflow_finetune_plugin.serving.prompted import rewriter
 
-        routes.add_prompt(asked[0].name, served_name(parse_ref(asked[1])), rewriter(asked[0]))
+        routes.add_prompt(asked[0].name, served_name(parse_ref(asked[1])), rewriter(asked[0]),
+                          f"prompts:/{asked[0].prompt_name}/{asked[0].version}")
         if asked[0].alias_key:
             routes.point(asked[0].alias_key, asked[0].name)
     fleet.start(cmd.argv, inner_port, cmd.names, cwd=cmd.cwd, env=cmd.env)

@@ -370,14 +370,18 @@ class TracedRequest:
         self._raw = bytearray()
 
     @classmethod
-    def begin(cls, tracer: Tracer, served: str, asked: str, body: bytes) -> TracedRequest | None:
+    def begin(cls, tracer: Tracer, served: str, asked: str, body: bytes,
+              prompt: tuple[str, str] | None = None) -> TracedRequest | None:
+        """The span of a request for served name `served` (asked as `asked`); a served prompt's (`prompt`: the served
+        name of the model it asks, the prompt's URI) names that model as the one that answered, and the prompt."""
         try:
             request = json.loads(body)
         except ValueError:
             return None
         if not isinstance(request, dict):
             return None
-        span = tracer.start(served_choice(served), asked, request)
+        extra = {tags.SERVED_PROMPT: prompt[1]} if prompt else None
+        span = tracer.start(served_choice(prompt[0] if prompt else served), asked, request, extra)
         return cls(tracer, span, bool(request.get("stream"))) if span is not None else None
 
     async def watch(self, chunks, status: int):

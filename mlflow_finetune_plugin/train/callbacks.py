@@ -50,28 +50,37 @@ class CheckpointLogger(TrainerCallback):
     """Copy each saved checkpoint into the run's artifacts (`checkpoints/checkpoint-N`), so a run can be resumed
     from any machine that reaches the tracking server, and make it an MLflow logged model (`log_checkpoint_model`).
 
-    Checkpoints come every `save_steps` only: transformers also saves after the last step, but the run logs the
-    final model itself, so that extra checkpoint would only cost time and disk (for a full fine-tune, the whole
-    model and optimizer state once more). Likewise transformers evaluates after the last step; the run then
-    evaluates the final model itself (base / few-shot / tuned, `eval/tuned/loss` included), so that extra pass
-    would only cost time and log a second, differently computed `eval/tuned/loss`.
+    Checkpoints come every `save_steps`, at the last step (transformers saves there whatever `save_steps` says: a run
+    keeps its final state as a checkpoint too, so it can be resumed, listed and registered like the others), and,
+    with `last_epochs` (`train.save_last_epochs`), at the end of each of the last that many epochs, as OpenAI keeps a
+    job's checkpoints. A step is saved once, whichever of these asks for it. transformers also evaluates after the
+    last step; the run then evaluates the final model itself (base / few-shot / tuned, `eval/tuned/loss` included),
+    so that extra pass would only cost time and log a second, differently computed `eval/tuned/loss`.
     """
 
-    def __init__(self, logged_models: bool = True):
+    def __init__(self, logged_models: bool = True, last_epochs: int = 0):
         # One adapter per task trains task after task with steps counted from 1 each time: their checkpoints share
         # folder names, so none of them is a model of its own.
         self.logged_models = logged_models
+        self.last_epochs = last_epochs
+        self._saved_step: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_training_stop and control.should_save and state.save_steps \
-                and state.global_step % state.save_steps:
-            control.should_save = False
         if control.should_training_stop and control.should_evaluate and state.eval_steps \
                 and state.global_step % state.eval_steps:
             control.should_evaluate = False
         return control
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # state.epoch is the count of epochs done here; a run that max_steps stopped mid-epoch saved its last step
+        # already, at the step's end.
+        if self.last_epochs and state.global_step != self._saved_step \
+                and round(state.epoch or 0) > state.num_train_epochs - self.last_epochs:
+            control.should_save = True
+        return control
+
     def on_save(self, args, state, control, **kwargs):
+        self._saved_step = state.global_step
         # Every rank writes its own files (rng_state_<rank>.pth; FSDP shards) and transformers does not wait for
         # them before this hook: rank 0 would copy a half-written file, and the resume on that rank fail to load it.
         if args.world_size > 1:

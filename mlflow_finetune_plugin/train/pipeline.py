@@ -109,7 +109,8 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
             trainer = None
         else:
             evaluated = list(data.task_evals.values()) if data.is_mixture else [data.eval]
-            callbacks = [MlflowMetrics(), CheckpointLogger(), TimeLeft.of(recipe, evaluated),
+            callbacks = [MlflowMetrics(), CheckpointLogger(last_epochs=recipe.train.save_last_epochs),
+                         TimeLeft.of(recipe, evaluated),
                          reach.Reached(reached if main else ""), Heartbeat()]
             with fp32_where_it_matters(model, autocast):
                 trainer = objective.build_trainer(recipe, model, tokenizer, data.train, data.eval, args, callbacks)

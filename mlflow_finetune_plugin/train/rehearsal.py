@@ -8,19 +8,24 @@ training, the forgetting check, the verdict, and the save of the model with its 
 saved. The training step itself is tried by the trainer: one forward and backward pass on a batch of its own data,
 gradients dropped, random state restored.
 
-What the rehearsal logs goes to a nested run that is deleted afterwards (its results are nobody's), and no traces
-are written (they hold user data). A failure ends the run FAILED, naming the stage and the way to skip it
-(`train.rehearsal: false`), before any training.
+What the stages log (two rows' metrics, tables, a verdict) goes to a tracking store of its own in a temporary folder,
+deleted afterwards: it is nobody's result, so nothing of it reaches the user's store, where a run or a metric of it
+would be found by whoever looks for the newest run or sorts runs by a score. No traces are written (they hold user
+data). The run itself keeps the outcome as its tag `finetune.rehearsal` ("passed in 2.3 s (...)" or "failed at
+evaluation"). A failure ends the run FAILED, naming the stage and the way to skip it (`train.rehearsal: false`),
+before any training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config.checks import SCORING
 from mlflow_finetune_plugin.errors import FinetuneError
 
@@ -49,6 +54,10 @@ _SKIP = {
 class RehearsalFailed(FinetuneError):
     """A stage that runs after training failed on two rows before training."""
 
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage
+
 
 @contextlib.contextmanager
 def stage(name: str):
@@ -62,7 +71,7 @@ def stage(name: str):
         todo, skipped = _SKIP[name]
         raise RehearsalFailed(
             f"before training, the rehearsal of what runs after training failed at {name}, on {ROWS} rows: "
-            f"{cause}. Nothing was trained. {todo}; -P {KEY}=false skips the rehearsal ({skipped}).") from e
+            f"{cause}. Nothing was trained. {todo}; -P {KEY}=false skips the rehearsal ({skipped}).", name) from e
 
 
 def training_step(trainer) -> None:
@@ -75,7 +84,8 @@ def training_step(trainer) -> None:
     # as they were too: the first logged step and the replay's one-in-n steps are those of the training itself.
     kept = {key: copy.deepcopy(value) for key, value in vars(trainer).items()
             if key == "_metrics" or (type(value) in (int, float) and key.startswith("_"))}
-    with stage("training step"), torch.random.fork_rng(devices=_devices()):
+    with _outcome_on_failure(trainer.is_world_process_zero()), stage("training step"), \
+            torch.random.fork_rng(devices=_devices()):
         batch = next(iter(trainer.get_train_dataloader()))
         batch = trainer._prepare_inputs(batch)
         was_training = model.training
@@ -99,13 +109,12 @@ def training_step(trainer) -> None:
 
 def after_training(recipe, objective, model, tokenizer, data, general_text: list[str], load_base, config: dict,
                    evaluate_tasks=None, evaluate_documents=None) -> None:
-    """Evaluation, forgetting check, verdict and model save of the run, on `ROWS` rows, in a throwaway nested run.
+    """Evaluation, forgetting check, verdict and model save of the run, on `ROWS` rows, logged to a throwaway store
+    (`_throwaway_run`); the outcome is tagged on the run.
 
     `load_base` loads the base contender the way the pipeline does after training (None when the adapter's own
     disabled state is the base); `config` is the logged model's config; `evaluate_tasks` scores a mixture, `evaluate_documents(recipe, model, tokenizer, base)` a documents recipe's
     sets (returning their per-example scores)."""
-    import mlflow
-
     from mlflow_finetune_plugin.evaluate import forgetting
     from mlflow_finetune_plugin.evaluate.deploy import conclude_documents
     from mlflow_finetune_plugin.evaluate.verdict import conclude
@@ -114,44 +123,101 @@ def after_training(recipe, objective, model, tokenizer, data, general_text: list
     small = _small(recipe)
     evaluated = evaluate_documents is not None or (data.task_evals if data.is_mixture else data.eval)
     scored = None
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+    ran = []
+    with _outcome_on_failure(True), _throwaway_run() as run_id, _quiet(), _decoding(model):
+        if evaluated and recipe.eval.enabled:
+            with stage("evaluation"):
+                base = load_base()
+                if evaluate_documents is not None:
+                    scored = evaluate_documents(small, model, tokenizer, base)
+                elif data.is_mixture:
+                    evals = {name: _head(ds) for name, ds in data.task_evals.items()}
+                    evaluate_tasks(small, model, tokenizer, data.tasks, evals, base)
+                else:
+                    objective.evaluate(small, model, tokenizer, data.train, _head(data.eval), base)
+                ran.append("evaluation")
+                if general_text and recipe.objective not in SCORING:  # as the pipeline: no text to measure
+                    with stage("forgetting check"):
+                        forgetting.check(small, general_text[:ROWS], model, tokenizer, base)
+                    ran.append("forgetting check")
+                del base
+            with stage("verdict"):
+                if scored is None:
+                    conclude(run_id, recipe.registry.promote_if)
+                else:
+                    conclude_documents(run_id, scored, recipe.retrieval.k, recipe.registry.promote_if)
+            ran.append("verdict")
+        _save_and_reload(model, tokenizer, config)
+        ran.append("the model's save and reload")
+    seconds = time.perf_counter() - started
+    _record(f"passed in {seconds:.1f} s ({ROWS} rows through {', '.join(ran)})")
+    print(f"Rehearsal before training: {ROWS} rows through {', '.join(ran)} passed ({seconds:.1f} s).")
 
-    parent = mlflow.active_run()
-    # Created by id: start_run without one would take MLFLOW_RUN_ID from the environment, the parent itself.
-    child = mlflow.MlflowClient().create_run(
-        parent.info.experiment_id, tags={MLFLOW_PARENT_RUN_ID: parent.info.run_id, MLFLOW_RUN_NAME: "rehearsal"})
-    run = mlflow.start_run(run_id=child.info.run_id, nested=True, log_system_metrics=False)
+
+@contextlib.contextmanager
+def _throwaway_run():
+    """A run, active (nested under the run's own) in a tracking store of its own in a temporary folder, gone
+    afterwards with all it logged; the run's store and its run active again after it, whatever happened. Yields its
+    run id. The store is a copy of an empty one made once per cache (a new store's schema migrations take a second)."""
+    import mlflow
+
+    parent, uri = mlflow.active_run(), mlflow.get_tracking_uri()
+    with tempfile.TemporaryDirectory(prefix="finetune-rehearsal-") as tmp:
+        shutil.copy(_empty_store(), Path(tmp) / STORE)
+        mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / STORE}")
+        try:
+            client = mlflow.MlflowClient()
+            experiment = client.create_experiment("rehearsal", artifact_location=str(Path(tmp) / "artifacts"))
+            run = client.create_run(experiment)
+            mlflow.start_run(run_id=run.info.run_id, nested=True, log_system_metrics=False)
+            try:
+                yield run.info.run_id
+            finally:
+                mlflow.end_run()
+        finally:
+            mlflow.set_tracking_uri(uri)
+            _reactivate(parent)
+
+
+STORE = "mlflow.db"
+
+
+def _empty_store() -> Path:
+    """An empty sqlite tracking store of this MLflow version, made once in the cache."""
+    import mlflow
+
+    from mlflow_finetune_plugin.paths import cached_build
+
+    def build(out: Path) -> None:
+        import logging
+
+        said = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables": not the run's
+        level = said.level
+        said.setLevel(logging.WARNING)
+        try:
+            mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / STORE}").search_experiments()
+        finally:
+            said.setLevel(level)
+
+    return cached_build(f"rehearsal-store-mlflow-{mlflow.__version__}", build, complete=(STORE,)) / STORE
+
+
+@contextlib.contextmanager
+def _outcome_on_failure(main: bool):
+    """A stage's failure is tagged on the run (`finetune.rehearsal`: failed at STAGE) by the main process."""
     try:
-        with _quiet(), _decoding(model):
-            if evaluated and recipe.eval.enabled:
-                with stage("evaluation"):
-                    base = load_base()
-                    if evaluate_documents is not None:
-                        scored = evaluate_documents(small, model, tokenizer, base)
-                    elif data.is_mixture:
-                        evals = {name: _head(ds) for name, ds in data.task_evals.items()}
-                        evaluate_tasks(small, model, tokenizer, data.tasks, evals, base)
-                    else:
-                        objective.evaluate(small, model, tokenizer, data.train, _head(data.eval), base)
-                    if general_text and recipe.objective not in SCORING:  # as the pipeline: no text to measure
-                        with stage("forgetting check"):
-                            forgetting.check(small, general_text[:ROWS], model, tokenizer, base)
-                    del base
-                with stage("verdict"):
-                    if scored is None:
-                        conclude(run.info.run_id, recipe.registry.promote_if)
-                    else:
-                        conclude_documents(run.info.run_id, scored, recipe.retrieval.k, recipe.registry.promote_if)
-            _save_and_reload(model, tokenizer, config)
-        mlflow.end_run()
-    except BaseException:
-        mlflow.end_run("FAILED")
+        yield
+    except RehearsalFailed as e:
+        if main:
+            _record(f"failed at {e.stage} (the run's error says why)")
         raise
-    finally:
-        mlflow.MlflowClient().delete_run(run.info.run_id)
-        _reactivate(parent)
-    print(f"Rehearsal before training: {ROWS} rows through evaluation, forgetting check, verdict and the model's "
-          f"save and reload passed ({time.perf_counter() - started:.1f} s).")
+
+
+def _record(outcome: str) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tag(tags.REHEARSAL, outcome)
 
 
 def _small(recipe):
@@ -322,5 +388,5 @@ def _reactivate(parent) -> None:
     import mlflow
 
     active = mlflow.active_run()
-    if active is None or active.info.run_id != parent.info.run_id:
+    if parent is not None and (active is None or active.info.run_id != parent.info.run_id):
         mlflow.start_run(run_id=parent.info.run_id)

@@ -105,6 +105,8 @@ def train_per_task(recipe, objective, model, tokenizer, trains: dict, evals: dic
         model.set_adapter(name)
         task_args = {**args, "output_dir": str(Path(args["output_dir"]) / name)}
         trainer = objective.build_trainer(recipe, model, tokenizer, ds, evals.get(name), task_args,
-                                          [MlflowMetrics(prefix=f"{name}/"), CheckpointLogger(logged_models=False),
+                                          [MlflowMetrics(prefix=f"{name}/"),
+                                           CheckpointLogger(logged_models=False,
+                                                            last_epochs=recipe.train.save_last_epochs),
                                            Heartbeat()])
         trainer.train()
