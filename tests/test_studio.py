@@ -78,11 +78,12 @@ def test_the_train_page_in_a_browser(tracking_uri, tmp_path):
             # The user's project, then their own data uploaded on top of it: the broken line is named.
             page.locator("#project input").fill("mybot")
             page.get_by_role("option", name="mybot").first.click()
-            wait_text(page, "#keys", "train.learning_rate")
+            page.wait_for_function("document.querySelector('#entry input').value === 'lora'", timeout=60_000)
             page.locator("#upload-box").get_by_text("Or upload your data").click()
             page.locator("#uploads input[type=file]").set_input_files([str(uploads / "train.jsonl"),
                                                                       str(uploads / "eval.jsonl")])
             wait_text(page, "#upload-note", "new project")
+            first_note = text(page, "#upload-note")
             page.locator("#check").click()
             wait_text(page, "#check-out", "train.jsonl:3")
             assert page.locator("#start").is_disabled()
@@ -90,8 +91,10 @@ def test_the_train_page_in_a_browser(tracking_uri, tmp_path):
             (uploads / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             page.locator("#uploads input[type=file]").set_input_files([str(uploads / "train.jsonl"),
                                                                       str(uploads / "eval.jsonl")])
-            wait_text(page, "#upload-note", "new project")
+            page.wait_for_function(f"document.querySelector('#upload-note').innerText !== {json.dumps(first_note)}",
+                                   timeout=60_000)
             page.locator("#check").click()
+            wait_text(page, "#check-out", "few-shot")  # under 50 rows: the advice to try prompting first
             page.wait_for_function("!document.querySelector('#start').disabled", timeout=120_000)
             page.locator("#terminal-box").get_by_text("The same run from a terminal").click()
             assert "mlflow run" in text(page, "#command") and "--backend finetune" in text(page, "#command")
@@ -99,7 +102,7 @@ def test_the_train_page_in_a_browser(tracking_uri, tmp_path):
             page.locator("#start").click()
             wait_text(page, "#start-out", "Queued as job")
             # Watched live: the chart gains points, then Stop ends the run KILLED.
-            page.locator("#tab-runs-button, button:has-text('Runs')").first.click()
+            page.locator("#tab-runs-button").click()
             page.wait_for_function("/loss: ([2-9]|\\d\\d+) points/.test(document.querySelector('#points').innerText)",
                                    timeout=300_000)
             page.locator("#stop").click()

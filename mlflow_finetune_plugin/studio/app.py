@@ -12,6 +12,9 @@ import gradio as gr
 from mlflow_finetune_plugin.errors import FinetuneError
 
 KEY_HEADERS = ["key", "value", "default", "type", "help"]
+HISTORY_HEADERS = ["run", "id", "method", "model", "settings", "status", "verdict", "started", "took"]
+# MLflow's system metrics shown in the status line: (label, unit)
+SYSTEM = {"cpu_utilization_percentage": ("CPU", "%"), "system_memory_usage_megabytes": ("memory", " MB")}
 CHARTS = (("loss", "Training loss"), ("eval_loss", "Eval loss"), ("learning_rate", "Learning rate"),
           ("grad_norm", "Grad norm"))
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -99,9 +102,25 @@ def status_line(p) -> str:
         parts.append(f"ETA {_duration(p.eta_s)}")
     if p.tokens_per_s:
         parts.append(f"{p.tokens_per_s:,.0f} tokens/s")
-    for name, value in (p.system or {}).items():
-        parts.append(f"{name} {value:,.1f}" if isinstance(value, float) else f"{name} {value}")
+    system = p.system or {}
+    for name, (label, unit) in SYSTEM.items():
+        if isinstance(system.get(name), (int, float)):
+            parts.append(f"{label} {system[name]:,.0f}{unit}")
+    gpu = [v for k, v in system.items() if k.startswith("gpu_") and k.endswith("memory_usage_megabytes")]
+    if gpu:
+        parts.append(f"GPU memory {sum(gpu):,.0f} MB")
     return " · ".join(parts)
+
+
+def history_rows(summaries) -> list[list]:
+    import time
+
+    def started(t):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+    return [[s.name, s.run_id[:8], s.method or "-", s.model or "-",
+             ", ".join(f"{k} {v}" for k, v in (s.settings or {}).items()), s.status, s.verdict or "-",
+             started(s.start_time), _duration(s.duration_s)] for s in summaries]
 
 
 def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
@@ -199,18 +218,21 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
             # ---------------------------------------------------------------- History
             with gr.Tab("History", id="history", elem_id="tab-history"):
                 refresh = gr.Button("Refresh", size="sm", elem_id="history-refresh")
-                runs_table = gr.Dataframe(interactive=False, wrap=True, elem_id="history-runs")
+                runs_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True,
+                                          elem_id="history-runs")
                 with gr.Row():
                     cmp_a = gr.Dropdown([], label="Run A", elem_id="cmp-a")
                     cmp_b = gr.Dropdown([], label="Run B", elem_id="cmp-b")
                     compare_btn = gr.Button("Compare", elem_id="compare")
-                diff = gr.Dataframe(interactive=False, label="Settings that differ", elem_id="diff")
-                metrics = gr.Dataframe(interactive=False, label="Metrics", elem_id="cmp-metrics")
+                diff = gr.Dataframe(headers=["key", "A", "B"], interactive=False, label="Settings that differ",
+                                    elem_id="diff")
+                metrics = gr.Dataframe(headers=["metric", "A", "B"], interactive=False, label="Metrics",
+                                       elem_id="cmp-metrics")
                 cmp_plot = gr.LinePlot(x="step", y="value", color="series", title="Training loss", height=260,
                                        elem_id="cmp-plot")
 
         # ---- Train: the form
-        def on_project(project_value, entry_value):
+        def on_project(project_value, _entry_value):
             try:
                 path, fields, default_model = fields_for(project_value, None)
             except FinetuneError as e:
@@ -218,10 +240,8 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
                         None)
             points = [p for p in studio.projects() if str(p.path) == str(path)]
             entries = points[0].entry_points if points else []
-            method = next((_text(f.default) for f in fields if f.key == "method"), None)
-            chosen = entry_value if entry_value in entries else (method if method in entries else
-                                                                 (entries[0] if entries else None))
-            if chosen and chosen != method:
+            chosen = entries[0] if entries else None  # the recipe's own method: a new project starts on it
+            if chosen:
                 path, fields, default_model = fields_for(project_value, chosen)
             return (gr.update(choices=entries, value=chosen), gr.update(value=default_model), _key_rows(fields),
                     default_model, "Check the recipe and the data before starting.", gr.update(interactive=False),
@@ -252,8 +272,11 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
         def on_upload(files, project_value):
             if not files:
                 return gr.update(), gr.update(), gr.update(), None, ""
+            latest = {}  # the file box keeps earlier uploads: a file uploaded again (fixed) replaces its namesake
+            for f in files:
+                latest[_path(f).name.lower()] = _path(f)
             try:
-                folder = studio.workspace.save_uploads([_path(f) for f in files])
+                folder = studio.workspace.save_uploads(list(latest.values()))
             except FinetuneError as e:
                 return gr.update(), gr.update(), gr.update(), None, _user_error(e)
             data = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
@@ -431,9 +454,8 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
         # ---- History
         def on_refresh():
             summaries = history.runs()
-            headers, rows = _records(summaries)
-            ids = [(f"{getattr(s, 'name', '') or s.run_id[:8]} · {s.run_id[:8]}", s.run_id) for s in summaries]
-            return gr.update(value=rows, headers=headers), gr.update(choices=ids), gr.update(choices=ids)
+            ids = [(f"{s.name or s.run_id[:8]} · {s.run_id[:8]}", s.run_id) for s in summaries]
+            return history_rows(summaries), gr.update(choices=ids), gr.update(choices=ids)
 
         refresh.click(on_refresh, None, [runs_table, cmp_a, cmp_b], api_name="history")
         tabs.select(on_refresh, None, [runs_table, cmp_a, cmp_b], api_visibility="private")
@@ -442,14 +464,13 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
             if not a or not b:
                 return gr.update(), gr.update(), gr.update()
             c = _checked(history.compare, a, b)
-            diff_rows = [[k, _text(v[0]), _text(v[1])] for k, v in c.params.items()]
+            diff_rows = [[k, _text(v[0]), _text(v[1])] for k, v in {**c.params, **c.only_one}.items()]
             metric_rows = [[k, _text(v[0]), _text(v[1])] for k, v in c.metrics.items()]
             import pandas as pd
 
             series = c.charts.get("loss", ([], []))
             frames = [_plot_frame(series[i], f"{'AB'[i]}: {run[:8]}") for i, run in enumerate((a, b))]
-            return (gr.update(value=diff_rows, headers=["key", "A", "B"]),
-                    gr.update(value=metric_rows, headers=["metric", "A", "B"]), pd.concat(frames))
+            return diff_rows, metric_rows, pd.concat(frames)
 
         compare_btn.click(on_compare, [cmp_a, cmp_b], [diff, metrics, cmp_plot], api_name="compare")
     demo.queue(default_concurrency_limit=4, max_size=64)

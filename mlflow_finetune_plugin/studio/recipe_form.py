@@ -406,7 +406,10 @@ def changed_overrides(fields: list[FormField], values: dict) -> dict[str, str]:
         if field_ is None:
             out[key] = to_param(value)
             continue
-        if isinstance(value, str) and field_.kind not in ("choice", "str"):
+        # a text box of a key whose value may be text or not (`bool | str`, e.g. data.replay) holding a default
+        # that is not text: read as the loader reads -P values
+        if isinstance(value, str) and (field_.kind not in ("choice", "str") or
+                                       field_.default is not None and not isinstance(field_.default, str)):
             value = _typed(value)
         if field_.kind == "str" and value == "":
             value = None
