@@ -21,7 +21,7 @@ RECIPE = ("model:\n  name: tiny\n"
           "data:\n  max_length: 64\n  packing: false\n"
           "train:\n  max_steps: 600\n  batch_size: 2\n  learning_rate: 5.0e-3\n  logging_steps: 1\n"
           "  save_steps: 10\n"
-          "eval:\n  max_examples: 4\n  max_new_tokens: 8\n  fewshot_k: 1\n")
+          "eval:\n  max_examples: 4\n  max_new_tokens: 12\n  fewshot_k: 1\n")
 
 
 def _chromium() -> str | None:
@@ -61,80 +61,105 @@ def test_the_train_page_in_a_browser(tracking_uri, tmp_path):
     proc = _studio(tmp_path, port)
     url = f"http://127.0.0.1:{port}/"
 
-    def text(page, selector: str) -> str:
-        return page.locator(selector).inner_text()
-
-    def wait_text(page, selector: str, needle: str, timeout: float = 120_000):
-        page.wait_for_function(f"(document.querySelector({json.dumps(selector)}) || {{innerText: ''}})"
-                               f".innerText.includes({json.dumps(needle)})", timeout=timeout)
-
     try:
         wait_for_http(url, proc, timeout=180)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"], headless=True)
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            page.goto(url)
-            page.wait_for_selector("#project")
-            # The user's project, then their own data uploaded on top of it: the broken line is named.
-            page.locator("#project input").fill("mybot")
-            page.get_by_role("option", name="mybot").first.click()
-            page.wait_for_function("document.querySelector('#entry input').value === 'lora'", timeout=60_000)
-            page.locator("#upload-box").get_by_text("Or upload your data").click()
-            page.locator("#uploads input[type=file]").set_input_files([str(uploads / "train.jsonl"),
-                                                                      str(uploads / "eval.jsonl")])
-            wait_text(page, "#upload-note", "new project")
-            first_note = text(page, "#upload-note")
-            page.locator("#check").click()
-            wait_text(page, "#check-out", "train.jsonl:3")
-            assert page.locator("#start").is_disabled()
-            # Fixed and uploaded again: the check passes and says what it found; Start opens.
-            (uploads / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            page.locator("#uploads input[type=file]").set_input_files([str(uploads / "train.jsonl"),
-                                                                      str(uploads / "eval.jsonl")])
-            page.wait_for_function(f"document.querySelector('#upload-note').innerText !== {json.dumps(first_note)}",
-                                   timeout=60_000)
-            page.locator("#check").click()
-            wait_text(page, "#check-out", "few-shot")  # under 50 rows: the advice to try prompting first
-            page.wait_for_function("!document.querySelector('#start').disabled", timeout=120_000)
-            page.locator("#terminal-box").get_by_text("The same run from a terminal").click()
-            assert "mlflow run" in text(page, "#command") and "--backend finetune" in text(page, "#command")
-            assert "learning_rate" in text(page, "#yaml")
-            page.locator("#start").click()
-            wait_text(page, "#start-out", "Queued as job")
-            # Watched live: the chart gains points, then Stop ends the run KILLED.
-            page.locator("#tab-runs-button").click()
-            page.wait_for_function("/loss: ([2-9]|\\d\\d+) points/.test(document.querySelector('#points').innerText)",
-                                   timeout=300_000)
-            page.locator("#stop").click()
-            wait_text(page, "#status", "KILLED", timeout=120_000)
-            page.locator("#resume").click()
-            wait_text(page, "#chat-out", "Resuming run")
-            wait_text(page, "#status", "FINISHED", timeout=600_000)
-            wait_text(page, "#judgement", "erdict", timeout=120_000)
-            # Chat: the A/B playground on this version against its base, in a page of its own.
-            page.locator("#chat").click()
-            wait_text(page, "#chat-out", "A/B playground", timeout=300_000)
-            chat_url = page.locator("#chat-url").inner_text().strip()
-            chat = browser.new_page()
-            chat.goto(chat_url)
-            chat.wait_for_selector("#chat-b")
-            chat.locator("#prompt textarea").fill("How do I reset my password?")
-            chat.locator("#send").click()
-            chat.wait_for_function("document.querySelector('#status').innerText.includes('Vote below')",
-                                   timeout=300_000)
-            # Promote through the gates: the page says what each gate found.
-            page.locator("#promote").click()
-            page.wait_for_function("document.querySelector('#promote-out').innerText.trim().length > 0",
-                                   timeout=120_000)
-            promoted = text(page, "#promote-out")
+            try:
+                promoted = _drive(page, browser, url, uploads, rows)
+            except Exception:
+                page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+                print({s: page.locator(s).inner_text()[:600] for s in ("#project", "#entry input", "#upload-note",
+                       "#check-out", "#start-out", "#status", "#points", "#judgement", "#chat-out", "#promote-out")
+                       if page.locator(s).count()})
+                raise
             shot = tmp_path / "studio.png"
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
-        assert "gate" in promoted.lower() or "champion" in promoted.lower(), promoted
+        # 4 held-out rows are too few for a verdict that fine-tuning paid off: the verdict's gate holds the alias
+        assert "Promotion of mybot-train v1 to @champion" in promoted and "verdict" in promoted, promoted
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         runs = MlflowClient().search_runs(
             [e.experiment_id for e in MlflowClient().search_experiments()], order_by=["attributes.start_time"])
-        statuses = [r.info.status for r in runs if r.data.tags.get("mlflow.runName") != "rehearsal"]
+        statuses = [r.info.status for r in runs]
         assert "KILLED" in statuses and "FINISHED" in statuses
     finally:
         stop(proc)
+
+
+def text(page, selector: str) -> str:
+    return page.locator(selector).inner_text()
+
+
+def wait_text(page, selector: str, needle: str, timeout: float = 120_000):
+    page.wait_for_function(f"(document.querySelector({json.dumps(selector)}) || {{innerText: ''}})"
+                           f".innerText.includes({json.dumps(needle)})", timeout=timeout)
+
+
+def _settled(page):
+    """The page has picked the uploaded files and loaded the new project's keys."""
+    page.wait_for_function("document.querySelector('#train-file input').value === 'train.jsonl' && "
+                           "document.querySelector('#eval-file input').value === 'eval.jsonl' && "
+                           "document.querySelector('#entry input').value === 'lora' && "
+                           "document.querySelector('#check-out').innerText.startsWith('Check the recipe')",
+                           timeout=60_000)
+
+
+def _drive(page, browser, url, uploads, rows) -> str:
+    """The user's path through the page; returns what the promotion said."""
+    page.goto(url)
+    page.wait_for_selector("#project")
+    # The user's project, then their own data uploaded on top of it: the broken line is named.
+    page.locator("#project input").fill("mybot")
+    page.get_by_role("option", name="mybot").first.click()
+    page.wait_for_function("document.querySelector('#entry input').value === 'lora'", timeout=60_000)
+    page.locator("#upload-box").get_by_text("Or upload your data").click()
+    page.locator("#uploads input[type=file]").set_input_files([str(uploads / "train.jsonl"),
+                                                              str(uploads / "eval.jsonl")])
+    wait_text(page, "#upload-note", "eval.jsonl, train.jsonl into a new project")
+    _settled(page)
+    first_note = text(page, "#upload-note")
+    page.locator("#check").click()
+    wait_text(page, "#check-out", "train.jsonl:3")
+    assert page.locator("#start").is_disabled()
+    # Fixed and uploaded again: the check passes and says what it found; Start opens.
+    (uploads / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page.locator("#uploads input[type=file]").set_input_files([str(uploads / "train.jsonl"),
+                                                              str(uploads / "eval.jsonl")])
+    page.wait_for_function(f"document.querySelector('#upload-note').innerText !== {json.dumps(first_note)}",
+                           timeout=60_000)
+    _settled(page)
+    page.locator("#check").click()
+    wait_text(page, "#check-out", "few-shot")  # under 50 rows: the advice to try prompting first
+    page.wait_for_function("!document.querySelector('#start').disabled", timeout=120_000)
+    page.locator("#terminal-box").get_by_text("The same run from a terminal").click()
+    assert "mlflow run" in text(page, "#command") and "--backend finetune" in text(page, "#command")
+    assert "method: lora" in text(page, "#yaml")
+    page.locator("#start").click()
+    wait_text(page, "#start-out", "Queued as job")
+    # Watched live: the chart gains points, then Stop ends the run KILLED.
+    page.locator("#tab-runs-button").click()
+    page.wait_for_function("/loss: ([2-9]|\\d\\d+) points/.test(document.querySelector('#points').innerText)",
+                           timeout=300_000)
+    page.locator("#stop").click()
+    wait_text(page, "#status", "KILLED", timeout=120_000)
+    page.locator("#resume").click()
+    wait_text(page, "#chat-out", "Resuming run")
+    wait_text(page, "#status", "FINISHED", timeout=600_000)
+    wait_text(page, "#judgement", "erdict", timeout=120_000)
+    # Chat: the A/B playground on this version against its base, in a page of its own.
+    page.locator("#chat").click()
+    wait_text(page, "#chat-out", "A/B playground", timeout=300_000)
+    chat_url = page.locator("#chat-url").inner_text().strip()
+    chat = browser.new_page()
+    chat.goto(chat_url)
+    chat.wait_for_selector("#chat-b")
+    chat.locator("#prompt textarea").fill("How do I reset my password?")
+    chat.locator("#send").click()
+    chat.wait_for_function("document.querySelector('#status').innerText.includes('Vote below')",
+                           timeout=300_000)
+    # Promote through the gates: the page says what each gate found.
+    page.locator("#promote").click()
+    wait_text(page, "#promote-out", "Promotion of")
+    return text(page, "#promote-out")

@@ -269,12 +269,15 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
             trigger(invalidate, None, [start_btn, checked], api_visibility="private", queue=False)
 
         # ---- Train: uploads
-        def on_upload(files, project_value):
+        def on_upload(files, project_value, last):
             if not files:
-                return gr.update(), gr.update(), gr.update(), None, ""
+                return gr.update(), gr.update(), gr.update(), None, "", None
             latest = {}  # the file box keeps earlier uploads: a file uploaded again (fixed) replaces its namesake
             for f in files:
                 latest[_path(f).name.lower()] = _path(f)
+            signature = sorted(str(p) for p in latest.values())
+            if signature == last:  # the same files announced again (the box fires once per finished file)
+                return gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), last
             try:
                 folder = studio.workspace.save_uploads(list(latest.values()))
             except FinetuneError as e:
@@ -282,29 +285,35 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
             data = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
             if not data:
                 return gr.update(), gr.update(), gr.update(), str(folder), _user_error(
-                    "none of the files is a data file (.jsonl, .json, .csv, .parquet)")
+                    "none of the files is a data file (.jsonl, .json, .csv, .parquet)"), signature
             train, held_out = guess_files(data)
             made = _made_project(folder, project_value, train, held_out)
             if isinstance(made, str):
-                return gr.update(), gr.update(), gr.update(), str(folder), made
+                return gr.update(), gr.update(), gr.update(), str(folder), made, signature
             return (gr.update(choices=data, value=train), gr.update(choices=["", *data], value=held_out or ""),
                     gr.update(choices=project_options(), value=str(made)), str(folder),
-                    f"Uploaded {len(data)} data file(s) into a new project: {made.name} (based on "
-                    f"{studio.project(project_value).name if project_value else 'the first recipe'}).")
+                    f"Uploaded {', '.join(data)} into a new project: {made.name} (based on "
+                    f"{_base_of(made).name}).", signature)
+
+        def _base_of(project: Path) -> Path:
+            """A project made from uploads stands for its base recipe: new uploads start from that base again."""
+            if project.parent == studio.workspace.root / "projects" and (project / ".base").is_file():
+                return studio.project((project / ".base").read_text().strip())
+            return project
 
         def _made_project(folder, base_value, train, eval_file):
             try:
-                base = studio.project(base_value)
-                if (base.parent == studio.workspace.root / "projects") and (base / ".base").is_file():
-                    base = studio.project((base / ".base").read_text().strip())
+                base = _base_of(studio.project(base_value))
                 made = studio.workspace.project_from_uploads(folder, base, train, eval_file or None)
                 (made / ".base").write_text(str(base))
                 return made
             except FinetuneError as e:
                 return _user_error(e)
 
-        uploads.upload(on_upload, [uploads, project], [train_pick, eval_pick, project, upload_dir, upload_note],
-                       api_visibility="private")
+        uploaded = gr.State(None)  # the files of the last upload handled
+        uploads.upload(on_upload, [uploads, project, uploaded],
+                       [train_pick, eval_pick, project, upload_dir, upload_note, uploaded], api_visibility="private",
+                       concurrency_limit=1)
 
         def on_pick(train, eval_file, folder, project_value):
             if not folder or not train:
