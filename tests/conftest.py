@@ -50,7 +50,7 @@ LONGEST_FIRST = ("test_launchers.py", "test_vision.py", "test_family_matrix.py",
                  "test_studio_runs.py",
                  "test_system_prompts.py", "test_base_models.py", "test_sweep.py", "test_playground.py",
                  "test_gguf.py", "test_kill_moments.py", "test_vllm.py", "test_gemma3.py", "test_monitor.py",
-                 "test_tracking_server.py", "test_served_retrieval.py", "test_documents_run.py")
+                 "test_tracking_server.py", "test_served_retrieval.py", "test_documents_run.py", "test_studio.py")
 
 
 def pytest_collection_modifyitems(config, items):
