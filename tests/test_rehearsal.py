@@ -82,6 +82,9 @@ def test_a_stage_after_training_that_fails_ends_the_run_before_training(tmp_path
 def test_the_rehearsal_leaves_training_as_it_would_have_been(tmp_path, tracking_uri, capsys):
     """Same losses step by step with and without it: it takes no optimizer step and restores the random state."""
     proj = write_project(tmp_path / "p", RECIPE, rows=chat_rows(16), eval_rows=chat_rows(4, 100))
+    # The experiment set is not the store's first one (ids 2, 3, 4...): the rehearsal's own store numbers its
+    # experiment 1, and start_run refuses a run of another experiment id than set_experiment's (a full test session).
+    earlier = [mlflow.create_experiment(f"earlier-{i}") for i in range(2)]
     mlflow.set_experiment(EXPERIMENT)
     losses = {}
     for rehearse in (True, False):
@@ -99,7 +102,8 @@ def test_the_rehearsal_leaves_training_as_it_would_have_been(tmp_path, tracking_
     # fine-tune, whose metrics are its own evaluation's alone; it keeps the rehearsal's outcome as a tag.
     client = MlflowClient()
     plain, rehearsed = _runs(ViewType.ALL)  # newest first
-    assert [e.name for e in client.search_experiments(ViewType.ALL)] == [EXPERIMENT, "Default"]
+    assert sorted(e.name for e in client.search_experiments(ViewType.ALL)) == sorted(
+        [EXPERIMENT, "Default", *(client.get_experiment(e).name for e in earlier)])
     for query in ({"filter_string": "attributes.status = 'FINISHED'", "order_by": ["attributes.start_time DESC"]},
                   {"order_by": ["metrics.`eval/tuned/rougeL` DESC"]}):
         found = client.search_runs([plain.info.experiment_id], run_view_type=ViewType.ALL, **query)

@@ -160,11 +160,16 @@ def _throwaway_run():
     afterwards with all it logged; the run's store and its run active again after it, whatever happened. Yields its
     run id. The store is a copy of an empty one made once per cache (a new store's schema migrations take a second)."""
     import mlflow
+    from mlflow.tracking import fluent
 
     parent, uri = mlflow.active_run(), mlflow.get_tracking_uri()
+    # A process that called set_experiment (a notebook, a test) has an active experiment of the run's store, which
+    # start_run refuses to match against this store's run ("active experiment ID does not match"): set aside here.
+    chosen = fluent._active_experiment_id
     with tempfile.TemporaryDirectory(prefix="finetune-rehearsal-") as tmp:
         shutil.copy(_empty_store(), Path(tmp) / STORE)
         mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / STORE}")
+        fluent._active_experiment_id = None
         try:
             client = mlflow.MlflowClient()
             experiment = client.create_experiment("rehearsal", artifact_location=str(Path(tmp) / "artifacts"))
@@ -176,6 +181,7 @@ def _throwaway_run():
                 mlflow.end_run()
         finally:
             mlflow.set_tracking_uri(uri)
+            fluent._active_experiment_id = chosen
             _reactivate(parent)
 
 
