@@ -4,20 +4,28 @@ every prompt-only contender, the answers, Chat and Promote) and History (the run
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import gradio as gr
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.studio.views import (
+    CHARTS,
+    DATA_SUFFIXES,
+    HISTORY_HEADERS,
+    KEY_HEADERS,
+    guess_files,
+    history_rows,
+    job_label,
+    key_rows,
+    overrides_of,
+    plot_frame,
+    records,
+    status_line,
+    text,
+    upload_path,
+)
 
-KEY_HEADERS = ["key", "value", "default", "type", "help"]
-HISTORY_HEADERS = ["run", "id", "method", "model", "settings", "status", "verdict", "started", "took"]
-# MLflow's system metrics shown in the status line: (label, unit)
-SYSTEM = {"cpu_utilization_percentage": ("CPU", "%"), "system_memory_usage_megabytes": ("memory", " MB")}
-CHARTS = (("loss", "Training loss"), ("eval_loss", "Eval loss"), ("learning_rate", "Learning rate"),
-          ("grad_norm", "Grad norm"))
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 _CSS = "#start button, #start {min-width: 8em}"
 
 
@@ -30,97 +38,6 @@ def _checked(fn, *args, **kwargs):
 
 def _user_error(e: Exception) -> str:
     return f"**Not done:** {e}"
-
-
-def _key_rows(fields) -> list[list]:
-    """The table's rows: every key but the model (its own picker), value = default until edited."""
-    return [[f.key, _text(f.default), _text(f.default), f.accepts or f.kind + (
-        f" ({', '.join(f.choices)})" if f.choices else ""), f.help] for f in fields if f.key != "model.name"]
-
-
-def _text(value) -> str:
-    from mlflow_finetune_plugin.studio.recipe_form import to_param
-
-    return "" if value is None else to_param(value)
-
-
-def overrides_of(fields, rows, model: str | None, model_default: str | None) -> dict[str, str]:
-    """The keys whose value the table changed (the -P of the command line), and the model when changed."""
-    from mlflow_finetune_plugin.studio.recipe_form import changed_overrides
-
-    values = {str(r[0]): "" if r[1] is None else str(r[1]) for r in _rows(rows) if r and r[0]}
-    out = changed_overrides(fields, values)
-    if model and model.strip() and model.strip() != (model_default or ""):
-        out["model.name"] = model.strip()
-    return out
-
-
-def _rows(table) -> list[list]:
-    if table is None:
-        return []
-    if hasattr(table, "values"):  # a pandas DataFrame
-        return table.values.tolist()
-    return [list(r) for r in table]
-
-
-def _plot_frame(points, name: str):
-    import pandas as pd
-
-    return pd.DataFrame({"step": [p[0] for p in points], "value": [p[1] for p in points],
-                         "series": [name] * len(points)})
-
-
-def _records(items) -> tuple[list[str], list[list]]:
-    rows = [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else dict(i) for i in items]
-    headers = list(rows[0]) if rows else []
-    return headers, [[_text(r.get(h)) for h in headers] for r in rows]
-
-
-def _job_label(job) -> str:
-    from pathlib import Path
-
-    run = f" · run {job.run_id[:8]}" if job.run_id else ""
-    return f"{job.state} · {Path(job.project).name} · -e {job.entry_point}{run} · {job.id[:8]}"
-
-
-def _duration(seconds) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def status_line(p) -> str:
-    """One line: where the run is (step, epoch, ETA, tokens/s, memory)."""
-    parts = [f"**{p.status}**"]
-    if p.step is not None:
-        parts.append(f"step {p.step}" + (f"/{p.max_steps}" if p.max_steps else ""))
-    if p.epoch is not None:
-        parts.append(f"epoch {p.epoch:.2f}")
-    if p.eta_s is not None and p.status == "RUNNING":
-        parts.append(f"ETA {_duration(p.eta_s)}")
-    if p.tokens_per_s:
-        parts.append(f"{p.tokens_per_s:,.0f} tokens/s")
-    system = p.system or {}
-    for name, (label, unit) in SYSTEM.items():
-        if isinstance(system.get(name), (int, float)):
-            parts.append(f"{label} {system[name]:,.0f}{unit}")
-    gpu = [v for k, v in system.items() if k.startswith("gpu_") and k.endswith("memory_usage_megabytes")]
-    if gpu:
-        parts.append(f"GPU memory {sum(gpu):,.0f} MB")
-    return " · ".join(parts)
-
-
-def history_rows(summaries) -> list[list]:
-    import time
-
-    def started(t):
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
-
-    return [[s.name, s.run_id[:8], s.method or "-", s.model or "-",
-             ", ".join(f"{k} {v}" for k, v in (s.settings or {}).items()), s.status, s.verdict or "-",
-             started(s.start_time), _duration(s.duration_s)] for s in summaries]
 
 
 def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
@@ -140,7 +57,7 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
     def fields_for(project: str, entry: str | None):
         path = studio.project(project)
         fields = recipe_fields(path, entry)
-        model_default = next((_text(f.default) for f in fields if f.key == "model.name"), "")
+        model_default = next((text(f.default) for f in fields if f.key == "model.name"), "")
         return path, fields, model_default
 
     first = next(iter(project_options()), (None, None))[1]
@@ -243,7 +160,7 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
             chosen = entries[0] if entries else None  # the recipe's own method: a new project starts on it
             if chosen:
                 path, fields, default_model = fields_for(project_value, chosen)
-            return (gr.update(choices=entries, value=chosen), gr.update(value=default_model), _key_rows(fields),
+            return (gr.update(choices=entries, value=chosen), gr.update(value=default_model), key_rows(fields),
                     default_model, "Check the recipe and the data before starting.", gr.update(interactive=False),
                     None)
 
@@ -256,7 +173,7 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
                 _, fields, default_model = fields_for(project_value, entry_value)
             except FinetuneError as e:
                 return gr.update(), gr.update(), _user_error(e), gr.update(interactive=False), None
-            return _key_rows(fields), default_model, "Check the recipe and the data before starting.", \
+            return key_rows(fields), default_model, "Check the recipe and the data before starting.", \
                 gr.update(interactive=False), None
 
         entry.input(on_entry, [project, entry], [keys, model_default, check_out, start_btn, checked],
@@ -274,7 +191,7 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
                 return gr.update(), gr.update(), gr.update(), None, "", None
             latest = {}  # the file box keeps earlier uploads: a file uploaded again (fixed) replaces its namesake
             for f in files:
-                latest[_path(f).name.lower()] = _path(f)
+                latest[upload_path(f).name.lower()] = upload_path(f)
             signature = sorted(str(p) for p in latest.values())
             if signature == last:  # the same files announced again (the box fires once per finished file)
                 return gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), last
@@ -363,7 +280,7 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
 
         # ---- Runs: watch
         def _run_choices():
-            return [(_job_label(j), j.id) for j in studio.launcher.jobs()]
+            return [(job_label(j), j.id) for j in studio.launcher.jobs()]
 
         def _job(job_id):
             return next((j for j in studio.launcher.jobs() if j.id == job_id), None)
@@ -384,7 +301,7 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
                 return (pick, choices, queue_rows, note, *[gr.update()] * len(plots), "", "", gr.update(),
                         gr.update())
             p = watch.progress(job.run_id)
-            frames = [_plot_frame(p.charts.get(name, []), name) for name in plots]
+            frames = [plot_frame(p.charts.get(name, []), name) for name in plots]
             counts = ", ".join(f"{name}: {len(p.charts.get(name, []))} points" for name in plots)
             line = status_line(p) + (f"\n\n**Failed:** {p.error}" if p.error else "")
             verdict, rows = gr.update(), gr.update()
@@ -393,7 +310,7 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
                     judgements[job.run_id] = watch.judgement(job.run_id)
                 j = judgements[job.run_id]
                 verdict = j.as_markdown()
-                headers, values = _records(j.examples)
+                headers, values = records(j.examples)
                 rows = gr.update(value=values, headers=headers) if headers else gr.update()
             return (pick, choices, queue_rows, line, *frames, counts, p.log_tail or "", verdict, rows)
 
@@ -473,32 +390,17 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
             if not a or not b:
                 return gr.update(), gr.update(), gr.update()
             c = _checked(history.compare, a, b)
-            diff_rows = [[k, _text(v[0]), _text(v[1])] for k, v in {**c.params, **c.only_one}.items()]
-            metric_rows = [[k, _text(v[0]), _text(v[1])] for k, v in c.metrics.items()]
+            diff_rows = [[k, text(v[0]), text(v[1])] for k, v in {**c.params, **c.only_one}.items()]
+            metric_rows = [[k, text(v[0]), text(v[1])] for k, v in c.metrics.items()]
             import pandas as pd
 
             series = c.charts.get("loss", ([], []))
-            frames = [_plot_frame(series[i], f"{'AB'[i]}: {run[:8]}") for i, run in enumerate((a, b))]
+            frames = [plot_frame(series[i], f"{'AB'[i]}: {run[:8]}") for i, run in enumerate((a, b))]
             return diff_rows, metric_rows, pd.concat(frames)
 
         compare_btn.click(on_compare, [cmp_a, cmp_b], [diff, metrics, cmp_plot], api_name="compare")
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo
-
-
-def guess_files(names: list[str]) -> tuple[str, str | None]:
-    """The training file and the held-out one among uploaded data files, by their names (train*, eval/test/valid*);
-    the page lets the user pick others."""
-    def named(*words):
-        return next((n for n in names if any(w in n.lower() for w in words)), None)
-
-    held_out = named("eval", "test", "valid", "dev")
-    train = named("train") or next((n for n in names if n != held_out), names[0])
-    return train, held_out if held_out != train else None
-
-
-def _path(f) -> object:
-    return Path(f if isinstance(f, str) else getattr(f, "name", None) or f["path"])
 
 
 def launch(demo: gr.Blocks, config, auth, block: bool = True, quiet: bool = False):
