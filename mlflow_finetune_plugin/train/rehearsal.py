@@ -173,7 +173,7 @@ def _throwaway_run():
         try:
             client = mlflow.MlflowClient()
             experiment = client.create_experiment("rehearsal", artifact_location=str(Path(tmp) / "artifacts"))
-            run = client.create_run(experiment)
+            run = client.create_run(experiment, run_name="rehearsal")  # no random name: rank 0's `random` untouched
             mlflow.start_run(run_id=run.info.run_id, nested=True, log_system_metrics=False)
             try:
                 yield run.info.run_id
