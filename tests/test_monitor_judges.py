@@ -198,7 +198,10 @@ def _online_verdicts(experiment_id: str, ids: list[str], timeout: float) -> dict
         time.sleep(2)  # polling interval: the loop checks the real condition
 
 
+# -m stress since the studio's tests joined CI (93 s of its 45 minutes): test_mlflow_runs_only_gateway_judges_online
+# judges on the same server, and the on-demand tests score the same judge.
 @pytest.mark.integration
+@pytest.mark.stress
 def test_online_judge_on_the_server_agrees_with_the_judge_on_demand_and_stops(server, keyword_judge):
     tracer = Tracer("traffic", by="serve")  # `serve --trace traffic` makes the experiment at start-up
     started = _monitor("bot", "-x", "traffic", "--start", "--judge", keyword_judge.url)

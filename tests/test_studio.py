@@ -16,11 +16,11 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.studio.launch import StudioConfig, credentials
 from tests.helpers import chat_rows, free_port, stop, wait_for_http, write_project
 
-# A project of the user's: the tiny model, long enough to be stopped while it trains, a short evaluation.
+# A project of the user's: the tiny model, a short evaluation.
 RECIPE = ("model:\n  name: tiny\n"
           "data:\n  max_length: 64\n  packing: false\n"
-          "train:\n  max_steps: 600\n  batch_size: 2\n  learning_rate: 5.0e-3\n  logging_steps: 1\n"
-          "  save_steps: 10\n"
+          "train:\n  max_steps: 80\n  batch_size: 2\n  learning_rate: 5.0e-3\n  logging_steps: 1\n"
+          "  save_steps: 5\n"
           "eval:\n  max_examples: 4\n  max_new_tokens: 12\n  fewshot_k: 1\n")
 
 
@@ -35,13 +35,34 @@ def test_above_loopback_the_studio_needs_a_login():
     assert credentials(StudioConfig()) is None  # loopback: no login needed
 
 
+# Every training step of the runs the page starts takes a tenth of a second more (the tiny model's take a few
+# milliseconds): a user's model is slow enough to be stopped while it trains, and 80 steps stay 80.
+SLOW_STEPS = """import os
+if os.environ.get("MLFLOW_RUN_ID"):  # the training process (the backend gives it its run), no other
+    import time
+    from transformers import trainer
+
+    step = trainer.Trainer.training_step
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.1)
+        return step(self, *args, **kwargs)
+
+    trainer.Trainer.training_step = slow
+"""
+
+
 def _studio(tmp_path, port: int) -> subprocess.Popen:
     """`mlflow-finetune studio` as a user starts it, with the folder of their projects."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_STEPS)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen(
         [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "studio", "--port", str(port),
          "--project-dir", str(tmp_path / "projects"), "--workdir", str(tmp_path / "studio")],
-        cwd=tmp_path, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+        cwd=tmp_path, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": path},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")

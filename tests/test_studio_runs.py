@@ -8,6 +8,7 @@ MLproject entry point that fails at once (a failed run without the seconds a tra
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -19,19 +20,20 @@ from tests.helpers import (
     wait_for,
     write_project,
 )
+from tests.test_studio import SLOW_STEPS
 
-# Long enough to be stopped after its first checkpoint (step 25) and before its end; 4 held-out rows.
+# Stopped after its first checkpoint (step 10) and before its end (each step slowed: SLOW_STEPS); 4 held-out rows.
 RECIPE = """\
 data:
   eval: data/eval.jsonl
   max_length: 64
   packing: false
 train:
-  max_steps: 400
+  max_steps: 80
   batch_size: 2
   learning_rate: 5.0e-3
   logging_steps: 5
-  save_steps: 25
+  save_steps: 10
   system_metrics_interval: 1
 eval:
   max_examples: 4
@@ -58,7 +60,7 @@ def _launcher(state, **kwargs):
 
 
 @pytest.mark.integration
-def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp_path):
+def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from mlflow_finetune_plugin import tags
@@ -67,6 +69,10 @@ def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp
     from mlflow_finetune_plugin.train.resume import resumable_checkpoints
 
     client = MlflowClient()
+    hook = tmp_path / "hook"  # each training step a tenth of a second longer: stopped while it trains, 80 steps
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_STEPS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     project = write_project(tmp_path / "bot", RECIPE, chat_rows(24), chat_rows(4, 100))
     (project / "MLproject").write_text(MLPROJECT)
     state = tmp_path / "studio"
@@ -107,7 +113,7 @@ def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp
     assert [(j.id, j.state, j.run_id) for j in second.jobs()] == [(job.id, "running", run_id),
                                                                    (doomed.id, "failed", doomed.run_id)]
     live = watch.progress(run_id)
-    assert live.status == "RUNNING" and 0 < live.step < live.max_steps == 400 and live.epoch > 0
+    assert live.status == "RUNNING" and 0 < live.step < live.max_steps == 80 and live.epoch > 0
     assert live.charts["learning_rate"] and live.charts["grad_norm"] and live.tokens_per_s > 0
     assert live.log_tail and live.error is None
 
@@ -118,7 +124,7 @@ def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp
     assert client.get_run(run_id).info.status == "KILLED"
     checkpoints = resumable_checkpoints(client, run_id)
     kept = max(int(c.rsplit("-", 1)[1]) for c in checkpoints)
-    assert watch.progress(run_id).step < 400
+    assert watch.progress(run_id).step < 80
 
     resumed = second.resume(run_id)
     assert resumed.state == "queued" and resumed.params == {"train.logging_steps": "5", "train.resume": run_id}
@@ -127,7 +133,7 @@ def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp
     resumed = second.job(resumed.id)
     assert resumed.state == "finished", (resumed, second.log(resumed.id)[-2000:])
     done = watch.progress(resumed.run_id)
-    assert done.status == "FINISHED" and done.step == 400 and done.eta_s is None
+    assert done.status == "FINISHED" and done.step == 80 and done.eta_s is None
     assert done.charts["loss"][0][0] > kept and done.charts["eval_loss"]  # it went on from the checkpoint
     assert client.get_run(resumed.run_id).data.tags[tags.RESUMED_FROM].startswith(run_id)
     assert "cpu_utilization_percentage" in done.system and "Verdict: " in done.log_tail
@@ -147,7 +153,7 @@ def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp
     assert [listed[r].status for r in (doomed.run_id, run_id, resumed.run_id)] == ["FAILED", "KILLED", "FINISHED"]
     final = listed[resumed.run_id]
     assert final.method == "lora" and final.model == "builtin:tiny-llama" and final.job == resumed.id
-    assert final.settings["lr"] == "0.005" and final.settings["steps"] == "400" and "epochs" not in final.settings
+    assert final.settings["lr"] == "0.005" and final.settings["steps"] == "80" and "epochs" not in final.settings
     assert final.verdict == judged.verdict and final.registered == judged.model and final.duration_s > 0
     assert final.resumed_from.startswith(run_id) and listed[doomed.run_id].method == "broken"
 
