@@ -165,8 +165,11 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
                     None)
 
         project_outputs = [entry, model, keys, model_default, check_out, start_btn, checked]
-        project.change(on_project, [project, entry], project_outputs, api_visibility="private")
-        demo.load(on_project, [project, entry], project_outputs, api_visibility="private")
+        # The form's events run one at a time, in order ("form"): a slower earlier one (the page's first load) must
+        # not land after a later one and leave the keys of another project under this one's name.
+        form = {"concurrency_id": "form", "concurrency_limit": 1, "trigger_mode": "always_last"}
+        project.change(on_project, [project, entry], project_outputs, api_visibility="private", **form)
+        demo.load(on_project, [project, entry], project_outputs, api_visibility="private", **form)
 
         def on_entry(project_value, entry_value):
             try:
@@ -176,7 +179,7 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
             return key_rows(fields), default_model, "Check the recipe and the data before starting.", \
                 gr.update(interactive=False), None
 
-        entry.input(on_entry, [project, entry], [keys, model_default, check_out, start_btn, checked],
+        entry.input(on_entry, [project, entry], [keys, model_default, check_out, start_btn, checked], **form,
                     api_visibility="private")
 
         def invalidate():
