@@ -338,7 +338,10 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
             job = _job(job_id)
             if job is None or not job.run_id:
                 return "Pick a run that started.", gr.update()
-            new = _checked(studio.launcher.resume, job.run_id)
+            try:  # said where the user looks (a run stopped before its first whole checkpoint cannot resume)
+                new = studio.launcher.resume(job.run_id)
+            except FinetuneError as e:
+                return _user_error(e), gr.update()
             return f"Resuming run {job.run_id} from its last checkpoint as job `{new.id[:8]}`.", \
                 gr.update(choices=_run_choices(), value=new.id)
 
