@@ -62,7 +62,7 @@ def load_recipe(project_dir: str | os.PathLike, method: str | None = None,
         try:
             text = recipe_path.read_text(encoding="utf-8")
             raw = yaml.safe_load(text) or {}
-            lines = _key_lines(text)
+            lines = key_lines(text)
         except UnicodeDecodeError as e:
             raise RecipeError([f"not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8"],
                               str(recipe_path)) from None
@@ -347,7 +347,7 @@ def _nearest_line(loc: tuple, lines: dict) -> int | str | None:
     return None
 
 
-def _key_lines(text: str) -> dict[tuple, int]:
+def key_lines(text: str) -> dict[tuple, int]:
     """Map each key path in the YAML document to its 1-based line, so errors can point at the file."""
     out: dict[tuple, int] = {}
 

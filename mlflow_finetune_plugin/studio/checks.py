@@ -10,9 +10,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from mlflow_finetune_plugin.config import presets
+from mlflow_finetune_plugin.config.loading import key_lines
 from mlflow_finetune_plugin.config.schema import RECIPE_FILE, SHORT_KEYS
 from mlflow_finetune_plugin.data.check import FEW_ROWS
 from mlflow_finetune_plugin.data.formats import summarize
@@ -159,24 +158,12 @@ def _recipe_problems(error: RecipeError, project: Path, overrides: dict) -> list
 
 
 def _written_lines(path: Path) -> dict[str, int]:
-    """{dotted key: line} of the keys written in the recipe file."""
-    out: dict[str, int] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = f"{prefix}{key_node.value}"
-                out[key] = key_node.start_mark.line + 1
-                walk(value_node, key + ".")
-
+    """{dotted key: line} of the keys written in the recipe file (the loader's own `key_lines`)."""
     try:
-        walk(yaml.compose(path.read_text(encoding="utf-8")), "")
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        pass
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- the data
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return {".".join(key): line for key, line in key_lines(text).items()}
 
 
 def _data_result(result: CheckResult, recipe, reports: list, project: Path, refused: str | None,
