@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow_finetune_plugin.errors import FinetuneError
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+from mlflow_finetune_plugin.serving.server import LOOPBACK
 
 
 @dataclass
