@@ -282,20 +282,20 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
                         concurrency_limit=1)
 
         # ---- Runs: watch
-        def _run_choices():
-            return [(job_label(j), j.id) for j in studio.launcher.jobs()]
+        def _run_choices(jobs=None):
+            return [(job_label(j), j.id) for j in (studio.launcher.jobs() if jobs is None else jobs)]
 
-        def _job(job_id):
-            return next((j for j in studio.launcher.jobs() if j.id == job_id), None)
+        def _job(job_id, jobs=None):
+            return next((j for j in (studio.launcher.jobs() if jobs is None else jobs) if j.id == job_id), None)
 
         judgements: dict[str, object] = {}
 
         def on_tick(job_id, known):
-            choices = _run_choices()
+            jobs = studio.launcher.jobs()  # the job records, read once a tick
+            choices = _run_choices(jobs)
             pick = gr.update(choices=choices) if choices != known else gr.update()
-            queue_rows = [[j.id[:8], j.state, Path(j.project).name, j.entry_point, j.run_id or ""]
-                          for j in studio.launcher.jobs()]
-            job = _job(job_id) if job_id else None
+            queue_rows = [[j.id[:8], j.state, Path(j.project).name, j.entry_point, j.run_id or ""] for j in jobs]
+            job = _job(job_id, jobs) if job_id else None
             if job is None:
                 return (pick, choices, queue_rows, "Pick a run.", *[gr.update()] * len(plots), "", "",
                         gr.update(), gr.update())
