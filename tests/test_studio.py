@@ -113,7 +113,7 @@ def text(page, selector: str) -> str:
     return page.locator(selector).inner_text()
 
 
-def wait_text(page, selector: str, needle: str, timeout: float = 120_000):
+def wait_text(page, selector: str, needle: str, timeout: float = 300_000):
     page.wait_for_function(f"(document.querySelector({json.dumps(selector)}) || {{innerText: ''}})"
                            f".innerText.includes({json.dumps(needle)})", timeout=timeout)
 
@@ -124,7 +124,7 @@ def _settled(page):
                            "document.querySelector('#eval-file input').value === 'eval.jsonl' && "
                            "document.querySelector('#entry input').value === 'lora' && "
                            "document.querySelector('#check-out').innerText.startsWith('Check the recipe')",
-                           timeout=60_000)
+                           timeout=300_000)
 
 
 def _drive(page, browser, url, uploads, rows) -> str:
@@ -134,7 +134,7 @@ def _drive(page, browser, url, uploads, rows) -> str:
     # The user's project, then their own data uploaded on top of it: the broken line is named.
     page.locator("#project input").fill("mybot")
     page.get_by_role("option", name="mybot").first.click()
-    page.wait_for_function("document.querySelector('#entry input').value === 'lora'", timeout=60_000)
+    page.wait_for_function("document.querySelector('#entry input').value === 'lora'", timeout=300_000)
     page.locator("#upload-box").get_by_text("Or upload your data").click()
     page.locator("#uploads input[type=file]").set_input_files([str(uploads / "train.jsonl"),
                                                               str(uploads / "eval.jsonl")])
@@ -149,11 +149,11 @@ def _drive(page, browser, url, uploads, rows) -> str:
     page.locator("#uploads input[type=file]").set_input_files([str(uploads / "train.jsonl"),
                                                               str(uploads / "eval.jsonl")])
     page.wait_for_function(f"document.querySelector('#upload-note').innerText !== {json.dumps(first_note)}",
-                           timeout=60_000)
+                           timeout=300_000)
     _settled(page)
     page.locator("#check").click()
     wait_text(page, "#check-out", "few-shot")  # under 50 rows: the advice to try prompting first
-    page.wait_for_function("!document.querySelector('#start').disabled", timeout=120_000)
+    page.wait_for_function("!document.querySelector('#start').disabled", timeout=300_000)
     page.locator("#terminal-box").get_by_text("The same run from a terminal").click()
     assert "mlflow run" in text(page, "#command") and "--backend finetune" in text(page, "#command")
     assert "method: lora" in text(page, "#yaml")
@@ -164,11 +164,11 @@ def _drive(page, browser, url, uploads, rows) -> str:
     page.wait_for_function("/loss: ([2-9]|\\d\\d+) points/.test(document.querySelector('#points').innerText)",
                            timeout=300_000)
     page.locator("#stop").click()
-    wait_text(page, "#status", "KILLED", timeout=120_000)
+    wait_text(page, "#status", "KILLED", timeout=300_000)
     page.locator("#resume").click()
     wait_text(page, "#chat-out", "Resuming run")
     wait_text(page, "#status", "FINISHED", timeout=600_000)
-    wait_text(page, "#judgement", "erdict", timeout=120_000)
+    wait_text(page, "#judgement", "erdict", timeout=300_000)
     # Chat: the A/B playground on this version against its base, in a page of its own.
     page.locator("#chat").click()
     wait_text(page, "#chat-out", "A/B playground", timeout=300_000)
