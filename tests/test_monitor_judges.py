@@ -276,7 +276,7 @@ def test_mlflow_runs_only_gateway_judges_online(server, keyword_judge):
     refused = CliRunner().invoke(main, ["monitor", "bot", "-x", "traffic", "--start", "--judge", "openai:/gpt-4o-mini"])
     assert refused.exit_code == 1 and refusal in refused.output
     no_endpoint = CliRunner().invoke(main, ["monitor", "bot", "-x", "traffic", "--judge", "gateway:/nowhere"])
-    assert no_endpoint.exit_code == 1 and "has no gateway endpoint 'nowhere'" in no_endpoint.output
+    assert no_endpoint.exit_code == 1 and "has no gateway endpoint 'nowhere'" in no_endpoint.output, no_endpoint.output
 
 
 @mlflow.genai.scorers.scorer

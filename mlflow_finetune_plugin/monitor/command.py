@@ -61,7 +61,7 @@ def monitor_cmd(name, experiments, window, since, until, gates, min_requests, ex
     from mlflow_finetune_plugin.errors import FinetuneError
     from mlflow_finetune_plugin.monitor import online
     from mlflow_finetune_plugin.monitor import report as out
-    from mlflow_finetune_plugin.monitor.judge import spec_of
+    from mlflow_finetune_plugin.monitor.judge import ready, spec_of
     from mlflow_finetune_plugin.monitor.watch import watch
     from mlflow_finetune_plugin.registry.promotion import parse_gate
 
@@ -84,6 +84,8 @@ def monitor_cmd(name, experiments, window, since, until, gates, min_requests, ex
     if (judge_model or judge_instructions) and not judge:
         raise FinetuneError("--judge-model and --judge-instructions describe a --judge MODEL: give it")
     spec = spec_of(judge, judge_model, judge_instructions) if judge else None
+    if spec and not stop_online:  # a judge that cannot answer is refused before any traffic is read, even none
+        spec = ready(spec)
     if start_online or stop_online:  # registering or removing the online judge is the whole command
         click.echo("\n".join(online.command(name, experiments, spec, start_online, sample_rate)))
         return
