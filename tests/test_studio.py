@@ -163,6 +163,7 @@ def _drive(page, browser, url, uploads, rows) -> str:
     page.locator("#tab-runs-button").click()
     page.wait_for_function("/loss: ([2-9]|\\d\\d+) points/.test(document.querySelector('#points').innerText)",
                            timeout=300_000)
+    wait_text(page, "#status", "checkpoint at step")  # stopped after a checkpoint landed: Resume starts there
     page.locator("#stop").click()
     wait_text(page, "#status", "KILLED", timeout=300_000)
     page.locator("#resume").click()

@@ -64,7 +64,7 @@ def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp
     from mlflow import MlflowClient
 
     from mlflow_finetune_plugin import tags
-    from mlflow_finetune_plugin.studio import history, watch
+    from mlflow_finetune_plugin.studio import history, views, watch
     from mlflow_finetune_plugin.studio.runs import ENDED
     from mlflow_finetune_plugin.train.resume import resumable_checkpoints
 
@@ -124,7 +124,9 @@ def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp
     assert client.get_run(run_id).info.status == "KILLED"
     checkpoints = resumable_checkpoints(client, run_id)
     kept = max(int(c.rsplit("-", 1)[1]) for c in checkpoints)
-    assert watch.progress(run_id).step < 80
+    halted = watch.progress(run_id)
+    assert halted.step < 80 and halted.checkpoint == kept  # the page says where Resume starts
+    assert f"checkpoint at step {kept}" in views.status_line(halted)
 
     resumed = second.resume(run_id)
     assert resumed.state == "queued" and resumed.params == {"train.logging_steps": "5", "train.resume": run_id}

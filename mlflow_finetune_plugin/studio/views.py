@@ -79,7 +79,7 @@ def duration(seconds) -> str:
 
 
 def status_line(p) -> str:
-    """One line: where the run is (step, epoch, ETA, tokens/s, memory)."""
+    """One line: where the run is (step, epoch, ETA, tokens/s, the last checkpoint, memory)."""
     parts = [f"**{p.status}**"]
     if p.step is not None:
         parts.append(f"step {p.step}" + (f"/{p.max_steps}" if p.max_steps else ""))
@@ -89,6 +89,8 @@ def status_line(p) -> str:
         parts.append(f"ETA {duration(p.eta_s)}")
     if p.tokens_per_s:
         parts.append(f"{p.tokens_per_s:,.0f} tokens/s")
+    if p.status in ("RUNNING", "KILLED", "FAILED"):  # where Resume would start
+        parts.append(f"checkpoint at step {p.checkpoint}" if p.checkpoint is not None else "no checkpoint yet")
     system = p.system or {}
     for name, (label, unit) in SYSTEM.items():
         if isinstance(system.get(name), (int, float)):

@@ -49,6 +49,7 @@ class Progress:
     system: dict[str, float]                     # latest system/* metrics: cpu_utilization_percentage, ...
     log_tail: str                                # the last LOG_LINES lines of the job's log, where it is on this machine
     error: str | None                            # a failed run's error
+    checkpoint: int | None = None                # the step of the last whole checkpoint logged (Resume starts there)
 
 
 @dataclass
@@ -120,7 +121,14 @@ def progress(run_id: str, client=None) -> Progress:
                     eta_s=_eta(client, run_id, step, max_steps) if status == "RUNNING" else None,
                     tokens_per_s=latest.get(TOKENS_PER_S), charts=charts,
                     system={k.removeprefix(SYSTEM_PREFIX): v for k, v in latest.items() if k.startswith(SYSTEM_PREFIX)},
-                    log_tail=log_tail(run_id), error=run_error(client, run) if status == "FAILED" else None)
+                    log_tail=log_tail(run_id), error=run_error(client, run) if status == "FAILED" else None,
+                    checkpoint=_checkpoint_step(run.data.tags.get(tags.LAST_CHECKPOINT)))
+
+
+def _checkpoint_step(folder: str | None) -> int | None:
+    """checkpoints/checkpoint-40 -> 40: the run tags each checkpoint once it is wholly logged (train/resume.py)."""
+    tail = (folder or "").rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
 
 
 def _history(client, run_id: str, metric: str) -> list[tuple[int, float]]:
