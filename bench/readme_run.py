@@ -7,7 +7,7 @@
 `record` runs `mlflow run recipes/support-bot -e lora --backend finetune` as README command 1 does (the first seed
 without -P, the recipe as it ships; the others with -P train.seed=N), each into a fresh sqlite store, and keeps per
 run: the evaluation table it printed, its verdict and cost lines, the logged `eval/*` figures, the wall time, and the
-CPU. It checks that the table rebuilt from the logged figures is the one the command printed. `write` puts the first
+CPU. It checks that the printed table's rougeL and exact-match cells are the figures the run logged. `write` puts the first
 seed's printed block in README.md between the `readme-run` markers, with the spread over the seeds (mean, lowest,
 highest). tests/test_readme_run.py fails when README.md's block is not what `write` makes of the record: a figure
 pasted by hand, or a record with no README to match, fails CI.
@@ -31,31 +31,53 @@ BEGIN, END = "<!-- readme-run: bench/readme_run.py write -->", "<!-- /readme-run
 SPREAD = ("rougeL", "exact_match")  # the spread line's metrics, tuned and the best prompt-only contender
 
 
+ROW = re.compile(r"^[A-Za-z][\w/.-]*(?:  +\S+(?: \*)?)+$")  # a table row: a metric, then a cell per contender
+
+
 def eval_figures(metrics: dict) -> dict:
-    """The run's `eval/CONTENDER/METRIC` figures: what the command's table shows."""
+    """The run's logged quality figures the README quotes: `eval/CONTENDER/METRIC` for rougeL and exact match."""
     from mlflow_finetune_plugin.metrics import CONTENDERS
 
-    return {k: v for k, v in sorted(metrics.items()) if k.count("/") == 2 and k.split("/")[1] in CONTENDERS
-            and k.startswith("eval/")}
+    return {k: v for k, v in sorted(metrics.items()) if k.count("/") == 2 and k.startswith("eval/")
+            and k.split("/")[1] in CONTENDERS and k.split("/")[2] in SPREAD}
 
 
-def table(figures: dict) -> str:
-    """The table the command prints, from the figures it logged (the same function prints it)."""
-    from mlflow_finetune_plugin.metrics import comparison_table
-
-    return comparison_table(figures)
+def table_cells(printed: str) -> dict:
+    """(metric, contender) -> the cell's text (`0.8332 *` is 0.8332) of the evaluation table in `printed`."""
+    lines = printed.splitlines()
+    contenders = lines[0].split()[1:]
+    out = {}
+    for line in lines[2:]:
+        if not ROW.match(line):
+            break
+        name, *cells = re.split(r"  +", line.strip())
+        out.update({(name, c): cell.removesuffix(" *") for c, cell in zip(contenders, cells)})
+    return out
 
 
 def printed_block(log: str, figures: dict) -> str:
-    """The table as the command printed it, and its verdict and cost lines; raises when the table rebuilt from the
-    logged figures is not in the output (the record would then not be what the command prints)."""
-    rebuilt = table(figures)
-    if rebuilt not in log:
-        raise SystemExit(f"the table rebuilt from the run's eval/* metrics is not in the command's output:\n{rebuilt}")
+    """The evaluation table as the command printed it (the last one in its output), then its verdict and cost
+    lines. Raises when the table's cells are not the figures the run logged."""
+    lines = log.splitlines()
+    heads = [i for i, line in enumerate(lines) if re.match(r"^metric  +base  ", line)]
+    if not heads:
+        raise SystemExit("the command printed no evaluation table (a `metric  base ...` header)")
+    i = j = heads[-1]
+    j += 2  # the header and its dashes
+    while j < len(lines) and (ROW.match(lines[j]) or (not lines[j].strip() and j + 1 < len(lines)
+                                                       and ROW.match(lines[j + 1]))):
+        j += 1
     verdict = re.search(r"^Verdict: .*(?:\n(?!\n|=|🏃|🧪|\d{4}/).+)?", log, re.M)
     if not verdict:
         raise SystemExit("the command printed no `Verdict:` line")
-    return f"{rebuilt}\n\n{verdict.group(0).rstrip()}"
+    block = "\n".join(lines[i:j]).rstrip() + "\n\n" + verdict.group(0).rstrip()
+    cells = table_cells(block)
+    for key, value in figures.items():
+        _, contender, metric = key.split("/")
+        if cells.get((metric, contender)) != f"{value:.4f}":
+            raise SystemExit(f"the printed table shows {cells.get((metric, contender))} for {key}, the run logged "
+                             f"{value:.4f}")
+    return block
 
 
 def best_alternative(figures: dict, metric: str) -> tuple[str, float] | None:

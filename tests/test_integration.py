@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from bench import readme_run
 from tests.helpers import SUPPORT_BOT
 
 pytestmark = pytest.mark.integration
@@ -49,6 +50,10 @@ def test_mlflow_run_lora_backend_finetune(tmp_path, tracking_uri):
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
     assert "train/tokens_per_second" in run.data.metrics
     assert run.data.metrics["eval/tuned/loss"] < run.data.metrics["eval/base/loss"]
+    # The README's block is made from what the command prints (bench/readme_run.py): the table rebuilt from the
+    # logged eval/* figures is the one printed, and the verdict line follows it.
+    block = readme_run.printed_block(proc.stdout + proc.stderr, readme_run.eval_figures(run.data.metrics))
+    assert block.startswith("metric ") and "rougeL" in block and "\n\nVerdict: " in block
 
     # Dataset inputs, resolved recipe, checkpoints.
     contexts = {t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}

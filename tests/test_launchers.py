@@ -254,6 +254,9 @@ def _stop(proc, log, signum) -> str:
     return log.read_text()
 
 
+# -m stress: Ctrl-C on a torchrun job is covered by tests/test_multinode.py's [first-Ctrl-C] (every rank of both
+# agents gone, the run KILLED); this is the single-agent case.
+@pytest.mark.stress
 @pytest.mark.integration
 def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, tracking_uri):
     proc, log, run_id = _training_mlflow_run(tmp_path, tracking_uri, ["--backend-config", json.dumps(TORCHRUN)])

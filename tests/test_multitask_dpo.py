@@ -199,23 +199,6 @@ def _register_sft_adapter(tiny_model_dir) -> None:
     mlflow.register_model(info.model_uri, "sft")
 
 
-def test_dpo_continues_a_registered_lora_adapter_and_logs_only_it(tmp_path, tracking_uri, tiny_model_dir):
-    from safetensors.torch import load_file
-
-    _register_sft_adapter(tiny_model_dir)
-    start = load_file(Path(mlflow.artifacts.download_artifacts("models:/sft/1")) / "artifacts" / "adapter"
-                      / "adapter_model.safetensors")
-
-    recipe = load_recipe(_dpo_project(tmp_path / "prefs2"),
-                         overrides={**FAST, "dpo.init_adapter": "models:/sft/1", "eval.enabled": False})
-    assert run(recipe) == 0
-    final_dir = Path(mlflow.artifacts.download_artifacts("models:/prefs2@challenger")) / "artifacts" / "adapter"
-    assert not (final_dir / "ref").exists(), "TRL's frozen reference copy must not be logged"
-    final = load_file(final_dir / "adapter_model.safetensors")
-    assert set(final) == set(start)  # the same adapter (q_proj/v_proj, r=8), not a fresh one
-    assert any(not torch.equal(final[k], start[k]) for k in start)  # and it trained
-
-
 def _yes_no_rows(n: int, offset: int = 0) -> list[dict]:
     """An easy preference to learn: the same chosen and the same rejected answer whatever the question. The chosen
     answer is the longer one, so its summed log-prob starts out below the rejected one's."""
@@ -246,8 +229,10 @@ def test_dpo_logs_the_held_out_preference_margin_of_the_start_and_the_tuned_poli
     assert "eval/base/rougeL" in m and "eval/tuned/rewards/accuracies" in m  # the other evaluations still run
 
 
-def test_dpo_on_a_registered_adapter_measures_the_start_on_that_adapter(tmp_path, tracking_uri, tiny_model_dir):
+def test_dpo_continues_a_registered_adapter_from_its_start_and_logs_only_it(tmp_path, tracking_uri,
+                                                                            tiny_model_dir):
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from mlflow_finetune_plugin.data.read import load_training_dataset
@@ -255,11 +240,12 @@ def test_dpo_on_a_registered_adapter_measures_the_start_on_that_adapter(tmp_path
     from mlflow_finetune_plugin.models.base import load_tokenizer
 
     _register_sft_adapter(tiny_model_dir)
+    adapter_dir = Path(mlflow.artifacts.download_artifacts("models:/sft/1")) / "artifacts" / "adapter"
+    start = load_file(adapter_dir / "adapter_model.safetensors")
     root = _dpo_project(tmp_path / "prefs3")
     assert run(load_recipe(root, overrides={**FAST, "dpo.init_adapter": "models:/sft/1"})) == 0
     version = mlflow.MlflowClient().get_model_version_by_alias("prefs3", "challenger")
     logged = mlflow.MlflowClient().get_run(version.run_id).data.metrics
-    adapter_dir = Path(mlflow.artifacts.download_artifacts("models:/sft/1")) / "artifacts" / "adapter"
     sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dir))
     pairs = list(load_training_dataset(str(root / "data" / "eval.jsonl"), "preference")[0])
     expected = preference_metrics(preference_margins(sft, load_tokenizer(), pairs, 64), "start")
@@ -269,7 +255,11 @@ def test_dpo_on_a_registered_adapter_measures_the_start_on_that_adapter(tmp_path
         base = preference_margins(sft, load_tokenizer(), pairs, 64)
     assert base != pytest.approx(preference_margins(sft, load_tokenizer(), pairs, 64), abs=1e-3)
     final_dir = Path(mlflow.artifacts.download_artifacts("models:/prefs3@challenger")) / "artifacts" / "adapter"
-    assert not (final_dir / "start").exists() and not (final_dir / "ref").exists()
+    assert not (final_dir / "start").exists(), "the start's frozen copy must not be logged"
+    assert not (final_dir / "ref").exists(), "TRL's frozen reference copy must not be logged"
+    final = load_file(final_dir / "adapter_model.safetensors")
+    assert set(final) == set(start)  # it continued the same adapter (q_proj/v_proj, r=8), not a fresh one
+    assert any(not torch.equal(final[k], start[k]) for k in start)  # and it trained
 
 
 def _logp_one_at_a_time(model, tokenizer, prompt: list[dict], answer: list[dict]) -> float:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from mlflow_finetune_plugin.errors import FinetuneError
@@ -105,6 +106,12 @@ def test_the_train_page_in_a_browser(tracking_uri, tmp_path):
             [e.experiment_id for e in MlflowClient().search_experiments()], order_by=["attributes.start_time"])
         statuses = [r.info.status for r in runs]
         assert "KILLED" in statuses and "FINISHED" in statuses
+        # A stop signal to the studio stops the chat's playground with it: nothing is left serving
+        chats = [c for c in psutil.Process(proc.pid).children(recursive=True) if "playground" in c.cmdline()]
+        assert chats
+        stop(proc)
+        _, alive = psutil.wait_procs(chats, timeout=30)
+        assert not alive, [c.cmdline() for c in alive]
     finally:
         stop(proc)
 

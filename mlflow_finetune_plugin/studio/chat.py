@@ -53,8 +53,10 @@ class Chats:
         if self.auth:  # in the environment, not the command line (other users can read a process's arguments)
             env["MLFLOW_FINETUNE_PLAYGROUND_AUTH"] = self.auth
         self._log.clear()
+        # a session of its own: `close` stops it and whatever it started as one group
         self.proc = subprocess.Popen(self.argv(model, against, blind, port), env=env, cwd=self.workdir,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     start_new_session=True)
         Thread(target=self._read, args=(self.proc,), daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -79,11 +81,9 @@ class Chats:
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            from mlflow_finetune_plugin.serving.front import stop_group
+
+            stop_group(self.proc, timeout=20)
         self.proc, self.port, self.opened = None, None, None
 
 

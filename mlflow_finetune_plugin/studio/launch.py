@@ -79,9 +79,15 @@ class Studio:
 def run_studio(config: StudioConfig, echo=print) -> None:
     """Start the studio and serve it until interrupted; runs it started go on after it stops."""
     import os
+    import signal
 
     from mlflow_finetune_plugin.studio.app import build, launch
 
+    def interrupt(signum, frame):  # a stop signal ends the page as Ctrl-C does: the chat child is stopped with it
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = credentials(config)
     studio = Studio(config).start()
