@@ -1,4 +1,5 @@
-"""`-e distill` asking a served teacher, measured on the real models (issue 53, point 2; docs/benchmarks.md section 10).
+"""`-e distill` asking a served teacher, measured on the real models (issue 53, point 2; docs/benchmarks-history.md
+section 10).
 
 The registered "production" model (the gemma3 support bot) is served with `mlflow-finetune serve --engine
 transformers` on 127.0.0.1, and the copyable recipe runs as a user would run it:

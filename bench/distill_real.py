@@ -1,4 +1,5 @@
-"""A small model from a larger one's production traffic, measured (issue 53, point 6; docs/benchmarks.md section 10).
+"""A small model from a larger one's production traffic, measured (issue 53, point 6; docs/benchmarks.md,
+"A smaller model from a larger one's traffic").
 
 After `bench/distill_traffic.py` has recorded a registered "production" model's answers as traces (train questions in
 one experiment, held-out questions with every second answer corrected in another), this

@@ -1,4 +1,5 @@
-"""Production traffic for the distillation measurement (issue 53, point 6; docs/benchmarks.md section 10).
+"""Production traffic for the distillation measurement (issue 53, point 6; docs/benchmarks.md, "A smaller model
+from a larger one's traffic").
 
 A registered "production" model answers the support-bot questions as an application would send them: through
 `mlflow-finetune serve --engine transformers --trace EXPERIMENT` and the real `openai` client, one request at a time,

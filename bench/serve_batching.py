@@ -1,5 +1,5 @@
 """`mlflow-finetune serve --engine transformers` with and without transformers' continuous batching, asked as
-`-e distill` asks a teacher: N support questions, C requests in flight (docs/benchmarks.md section 10).
+`-e distill` asks a teacher: N support questions, C requests in flight (docs/benchmarks-history.md section 10).
 
     python bench/serve_batching.py --model support-teacher/1 --workdir /tmp/distill
 

@@ -41,10 +41,10 @@ def pytest_configure(config):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-# The longest files, longest first (docs/benchmarks.md, "The test suite": session 26's per-file times, session 27's
-# slowest tests under two workers). pytest-xdist's `--dist loadfile` hands whole files to the workers in collection
-# order: in alphabetical order the long files near the end (smollm2, sweep, system prompts, vllm) left the last
-# minutes to one worker. Longest first, the short files fill in at the end.
+# The longest files, longest first (docs/benchmarks-history.md, "The test suite": session 26's per-file times, session
+# 27's slowest tests under two workers). pytest-xdist's `--dist loadfile` hands whole files to the workers in collection
+# order: in alphabetical order the long files near the end (smollm2, sweep, system prompts, vllm) left the last minutes
+# to one worker. Longest first, the short files fill in at the end.
 LONGEST_FIRST = ("test_launchers.py", "test_vision.py", "test_family_matrix.py", "test_vision_preferences.py", "test_faults.py", "test_objectives.py",
                  "test_smollm2.py", "test_integration.py", "test_multinode.py", "test_serving.py", "test_openai_api.py",
                  "test_studio_runs.py",

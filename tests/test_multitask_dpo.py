@@ -318,7 +318,7 @@ def test_packing_auto_is_on_where_exact_and_fast_and_packed_rows_do_not_see_each
     jsonl(tmp_path / "data" / "train.jsonl", chat_rows(4))
     flash = {"model.attn_implementation": "flash_attention_2"}
     assert packing(load_recipe(tmp_path, overrides=flash)) is True
-    assert packing(load_recipe(tmp_path)) is False  # sdpa: exact, pays on some data only (docs/benchmarks.md 1b)
+    assert packing(load_recipe(tmp_path)) is False  # sdpa: exact, pays on some data only (docs/benchmarks-history.md 1b)
     assert packing(load_recipe(tmp_path, method="prefix", overrides=flash)) is False
     assert packing(load_recipe(tmp_path, method="prompt", overrides=flash)) is False
     assert packing(load_recipe(tmp_path, overrides={**flash, "model.trust_remote_code": True})) is False

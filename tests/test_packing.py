@@ -1,5 +1,5 @@
-"""`data.packing: auto` decided from the tokenized rows (data/packing.py): the estimate on lengths whose answer is
-known from docs/benchmarks.md 1b, the decision on the tiny model and on the bundled recipes, and what a run shows."""
+"""`data.packing: auto` decided from the tokenized rows (data/packing.py): the estimate on lengths whose answer is known
+from docs/benchmarks-history.md 1b, the decision on the tiny model and on the bundled recipes, and what a run shows."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def lognormal_lengths(n: int, sigma: float, cap: int, seed: int = 0) -> list[int
 
 
 def test_the_estimate_packs_mixed_lengths_and_not_similar_lengths_in_long_rows():
-    """The cases docs/benchmarks.md 1b measured (median 100 tokens, batches of 8): mixed lengths packed were 1.5-2.2x
-    as fast; similar lengths packed into rows of 1024 were 0.47x. The estimate must agree on both sides."""
+    """The cases docs/benchmarks-history.md 1b measured (median 100 tokens, batches of 8): mixed lengths packed were
+    1.5-2.2x as fast; similar lengths packed into rows of 1024 were 0.47x. The estimate must agree on both sides."""
     span = 350.0  # the tiny model's measured span on CPU (bench/attention_cost.py)
     mixed = est.estimate(lognormal_lengths(400, 0.8, 512), 512, 8, span, seed=0)
     assert mixed.pack and mixed.speedup > 1.3

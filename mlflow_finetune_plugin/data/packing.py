@@ -4,13 +4,13 @@ batches of the same examples.
 Packing is exact here (`position_ids` restart at each example, attention stays within it), so the question is only
 speed. Without a varlen flash-attention kernel every packed row pays attention over its whole length, while padded
 batches pay for their padding: which one wins depends on the spread of the lengths and on `data.max_length` together
-(docs/benchmarks.md, 1b: 2.21x faster packed on mixed lengths at 512 tokens, 0.47x on similar lengths at 1024).
+(docs/benchmarks-history.md, 1b: 2.21x faster packed on mixed lengths at 512 tokens, 0.47x on similar lengths at 1024).
 
 The estimate: a row of L tokens costs `L * (1 + L / span)`, linear layers plus attention, where `span` is the length
 at which a token's attention costs as much as its linear layers, and every step (one forward and backward pass)
 costs `PASS_TOKENS` more. `span_from_config` derives the span from the model's shape (the ratio of the two FLOP
 counts) times `ATTENTION_EFFICIENCY`: masked SDPA runs far below the matmuls' speed. Both constants were fitted on
-smollm2 on CPU (`bench/attention_cost.py`, docs/benchmarks.md 1c: a pass of L tokens took 356 ms + 2.27 ms x L
+smollm2 on CPU (`bench/attention_cost.py`, docs/benchmarks-history.md 1c: a pass of L tokens took 356 ms + 2.27 ms x L
 + 0.0053 ms x L^2: span 427 tokens, 3,891 x 0.11 = 428 from the shape). One epoch is then costed both ways over
 (a sample of) the tokenized rows: padded, the rows shuffled into batches of `train.batch_size`, each padded to its
 longest; packed, TRL's best-fit-decreasing packing into rows of up to `max_length`, batched the same way. Auto packs
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 SAMPLE = 2000
 MARGIN = 1.1
-# Fitted on smollm2, CPU, SDPA, LoRA (bench/attention_cost.py; docs/benchmarks.md 1c): measured span / FLOP-ratio
-# span, and the fixed cost of a pass in tokens' worth (356 ms / 2.27 ms a token).
+# Fitted on smollm2, CPU, SDPA, LoRA (bench/attention_cost.py; docs/benchmarks-history.md 1c): measured span /
+# FLOP-ratio span, and the fixed cost of a pass in tokens' worth (356 ms / 2.27 ms a token).
 ATTENTION_EFFICIENCY = 0.11
 PASS_TOKENS = 150
 

@@ -5,14 +5,14 @@ rows. Candidates are an instruction (none, ones written from the rows' own figur
 through the same batched generation (`answering.answer_all`) and metric as every other contender. The best on the dev
 rows then answers the held-out rows like any contender.
 
-A few dev rows are noisy, so the choice follows the one-standard-error rule of model selection: the simplest
-candidate (the earliest: no shots, then random sets, then retrieved shots) whose dev score is within one standard error of
-the best one's, the error of the mean paired difference over the dev rows; an instruction replaces the shot set only
-when it gains more than that. (On gemma3's support bot a plain "higher mean" took an instruction that was +0.02 on 8
-dev rows and -0.05 on the 30 held-out ones: docs/benchmarks.md.) Fixed shots count as simpler than retrieved ones (one
-prompt for every request, whose start batches share; no index to keep): on recipes/order-ids both scored 1.0 on the
-dev rows, which share the train rows' sentence templates, and on the held-out rows' unseen templates the retrieved
-shots scored 0.68 against random shots' 0.98.
+A few dev rows are noisy, so the choice follows the one-standard-error rule of model selection: the simplest candidate
+(the earliest: no shots, then random sets, then retrieved shots) whose dev score is within one standard error of the
+best one's, the error of the mean paired difference over the dev rows; an instruction replaces the shot set only when it
+gains more than that. (On gemma3's support bot a plain "higher mean" took an instruction that was +0.02 on 8 dev rows
+and -0.05 on the 30 held-out ones: docs/benchmarks-history.md, 3c.) Fixed shots count as simpler than retrieved ones
+(one prompt for every request, whose start batches share; no index to keep): on recipes/order-ids both scored 1.0 on the
+dev rows, which share the train rows' sentence templates, and on the held-out rows' unseen templates the retrieved shots
+scored 0.68 against random shots' 0.98.
 
 The cost is bounded: at most `eval.optimize.budget` x the held-out rows answers (1.0: one more contender pass), so
 budget x held-out rows / dev rows candidates. The search is a coordinate search, as DSPy's optimizers walk it: shot

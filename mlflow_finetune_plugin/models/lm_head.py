@@ -33,7 +33,7 @@ from typing import Any
 
 # Logits held at once per chunk: 2**26 fp32 values are 256 MiB (256 tokens of Gemma 3, 1365 of SmolLM2). Each
 # chunk's matmuls read the whole head weight, so much smaller chunks are bound by memory bandwidth
-# (docs/benchmarks.md, section 8).
+# (docs/benchmarks-history.md, section 8).
 CHUNK_ELEMENTS = 2 ** 26
 # Config attributes by which some families scale their logits after the head (TRL's fused head lists the same):
 # not reproduced here, so such models keep their own logits.

@@ -14,7 +14,7 @@ import functools
 import time
 
 # bf16 matmuls must run this much faster than fp32 for autocast to pay in a whole step: matmuls are two thirds of a
-# LoRA step on smollm2, and autocast adds casts; a bare 2.4x made a step 1.43x (docs/benchmarks.md).
+# LoRA step on smollm2, and autocast adds casts; a bare 2.4x made a step 1.43x (docs/benchmarks.md, "CPUs seen so far").
 MIN_MATMUL_SPEEDUP = 1.6
 # CPU flags (x86 /proc/cpuinfo "flags", Arm "Features") of native bf16 arithmetic; without one, bf16 is emulated.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
@@ -129,7 +129,7 @@ def fp32_where_it_matters(model, enabled: bool):
 
     Plain autocast rounded both to bf16 (8 bits of mantissa: a logit near 20 moves in steps of 0.125, and a LoRA
     update well below its base output is rounded with it) and cost support-bot 0.11-0.14 rougeL against fp32
-    (docs/benchmarks.md). Put back as they were on exit; with `enabled` false nothing changes.
+    (docs/benchmarks-history.md, section 6). Put back as they were on exit; with `enabled` false nothing changes.
     """
     if not enabled:
         yield

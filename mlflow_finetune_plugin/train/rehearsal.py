@@ -282,7 +282,7 @@ def _check_full(model, folder: Path, scoring: bool) -> None:
     Only what it converts (experts fused again) or casts is a copy, at worst one of every weight, held for the
     comparison and freed at once. Acceptable before a full fine-tune, whose training holds more: the gradients alone
     are a copy of every weight, beside the optimizer state; a model that trains on a GPU was loaded on the CPU before
-    the trainer moved it there. docs/benchmarks.md has the figures (bench/rehearsal_save_check.py).
+    the trainer moved it there. docs/benchmarks-history.md has the figures (bench/rehearsal_save_check.py).
     """
     import gc
 

@@ -185,7 +185,7 @@ def no_casts_under_autocast(model) -> int:
     autocast `lora_A` then casts it back to bf16 for its matmul. The round trip is exact (bf16 -> fp32 -> bf16), so
     without dropout skipping it changes no number (with dropout the masks are the same, and CPU's bf16 dropout rounds
     the scaled input once more: tests/test_kernels.py). It cost two full-size copies per LoRA layer per pass and kept a second bf16 copy of every layer's input for the backward
-    pass: `aten::copy_` was 21% of a LoRA step's GPU time on an H200 (docs/benchmarks.md section 7). PEFT's own 4-bit
+    pass: `aten::copy_` was 21% of a LoRA step's GPU time on an H200 (docs/benchmarks-history.md, 7a). PEFT's own 4-bit
     LoRA layers already skip the cast under autocast (`requires_conversion = not torch.is_autocast_enabled()`); this
     does the same for the others. Outside autocast (evaluation, generation, a CPU fp32 run) the cast stays. Layers
     with a variant (DoRA) keep PEFT's behaviour."""

@@ -249,7 +249,7 @@ def fused_lm_head(recipe, model_config=None) -> bool | str:
     """`train.fused_lm_head`, with `auto` resolved: Liger's fused linear cross-entropy ("liger") where
     `train.kernels` puts Liger on this model (models/kernels.py; `model_config` given); else TRL's fused LM head on
     CUDA (Triton kernels over the labelled positions); elsewhere the chunked head (models/lm_head.py: no full logits, 0.28x the memory growth of a gemma3
-    step and the same time on smollm2, docs/benchmarks.md section 8). The chunked head takes each chunk's gradient
+    step and the same time on smollm2, docs/benchmarks.md, "Large vocabularies"). The chunked head takes each chunk's gradient
     inside the forward pass, which DDP refuses ("Expected to mark a variable ready only once"): with several ranks it
     gives way to the labelled-positions loss (`auto`: silently; `chunked` asked for by name: said once)."""
     import os

@@ -30,7 +30,7 @@ loss is computed. Imported only by `objectives.sft` (it imports TRL).
     cross-entropy, which replaced the model's forward, returns the loss and token accuracy while training; its
     gradient is taken chunk by chunk in the forward pass (nothing recomputed in the backward). Evaluation and the
     replay term take the `False` path, whose forward then is Liger's without labels (the logits, as usual).
-  Figures for each: docs/benchmarks.md. Entropy is logged with `True` only.
+  Figures for each: docs/benchmarks.md, "Large vocabularies", and its history. Entropy is logged with `True` only.
 - Mixtures of experts: the router's load-balancing loss (`train.router_aux_loss`, TRL's `router_aux_loss_coef`) is
   added on every path. TRL's fused head adds it itself on padded batches; the chunked and labelled-positions paths
   call the model without labels, where transformers computes it and leaves it out of the loss, so it is added here,
