@@ -46,8 +46,9 @@ Not the same in the two tools (each is the tool's own way, left as it is):
   and registers the model in MLflow: in its wall time and peak RSS, not in s/step or tokens/s.
 - The libraries: LLaMA-Factory's pins against the project's transformers, peft and trl (both printed).
 
-    python bench/peer_llamafactory.py                             # 2 epochs each, 1 rep: ~25-35 min on 2 cores
-    python bench/peer_llamafactory.py --steps 3 --examples 4      # smoke test, ~4 min (+ ~4 min the first time)
+    python bench/peer_llamafactory.py             # 2 epochs each (142 steps), 1 rep: ~25-30 min on 2 cores without
+                                                  # native bf16 (less with AMX); + ~4 min making the venv the first time
+    python bench/peer_llamafactory.py --steps 3 --examples 4      # smoke test, ~1.5 min
 """
 
 from __future__ import annotations
