@@ -29,6 +29,7 @@ RECORD = REPO / "docs" / "readme_run.json"
 README = REPO / "README.md"
 BEGIN, END = "<!-- readme-run: bench/readme_run.py write -->", "<!-- /readme-run -->"
 SPREAD = ("rougeL", "exact_match")  # the spread line's metrics, tuned and the best prompt-only contender
+SHOWN = ("exact_match", "rougeL", "loss", "misrouted", "prompt_tokens", "latency_s")  # the table's rows in README
 
 
 ROW = re.compile(r"^[A-Za-z][\w/.-]*(?:  +\S+(?: \*)?)+$")  # a table row: a metric, then a cell per contender
@@ -105,6 +106,15 @@ def spread(runs: list[dict]) -> str:
     return f"Over train.seed {seeds}: mean (lowest-highest)\n" + "\n".join(lines)
 
 
+def shown(printed: str) -> str:
+    """The printed block as the README shows it: the table's header and its rows of SHOWN, verbatim, `...` for the
+    rows left out, then the verdict."""
+    table, verdict = printed.split("\n\nVerdict: ", 1)
+    lines = table.splitlines()
+    rows = [line for line in lines[2:] if line.split("  ")[0] in SHOWN]
+    return "\n".join(lines[:2] + rows + ["..."]) + "\nVerdict: " + verdict
+
+
 def render(record: dict) -> str:
     """The README's block: where and when, the first seed's printed table and verdict, the spread over the seeds."""
     runs = record["runs"]
@@ -116,7 +126,7 @@ def render(record: dict) -> str:
         f"{len(runs)}):",
         "",
         "```",
-        first["printed"],
+        shown(first["printed"]),
         "",
         spread(runs),
         "```",
