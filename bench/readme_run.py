@@ -124,7 +124,6 @@ def render(record: dict) -> str:
         BEGIN,
         f"What it printed on {record['date']} ({record['cpu']}; {minutes:.1f} min a run, the median of "
         f"{len(runs)}):",
-        "",
         "```",
         shown(first["printed"]),
         "",
@@ -143,6 +142,7 @@ def readme_block(text: str) -> str | None:
 def cpu_name() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "CPU")
+    name = re.sub(r"\((R|TM|tm)\)", "", name)
     flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
     native = "AVX-512 BF16" if "avx512_bf16" in flags else "AVX-512, no BF16" if "avx512f" in flags else "AVX2"
     import os
