@@ -17,6 +17,7 @@ REGISTERED_MODEL = "finetune.registered_model"    # registered model the run's (
 REGISTERED_VERSION = "finetune.registered_version"  # that version's number
 AUTO_PROMOTED = "finetune.auto_promoted"          # "true"/"false": registry.auto_promote moved the champion alias
 REHEARSAL = "finetune.rehearsal"                  # the rehearsal before training: "passed in 2.3 s (...)" or "failed at X"
+THREADS = "finetune.threads"                      # the threads training took, and why (runtime/threads.py)
 
 # Where the run's job runs, so `mlflow-finetune cancel RUN_ID` finds it from any machine.
 JOB_LAUNCHER = "finetune.job.launcher"            # local | torchrun | ray

@@ -33,7 +33,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("config", "models"),
     ("tracking",),  # MLflow logging helpers over the tag names
-    ("errors", "tags", "paths", "messages", "stops", "metrics", "vllm_rules", "retriever", "assets"),
+    ("errors", "tags", "paths", "messages", "stops", "metrics", "vllm_rules", "retriever", "assets",
+     "runtime"),
 )
 # The package's own __init__ (the version) sits below every floor.
 TRAINING = (f"{ROOT}.train",)

@@ -423,6 +423,8 @@ class TrainConfig(Section):
                                                    "as system/* metrics of the run (MLflow's system metrics).")
     system_metrics_interval: float = Field(5.0, gt=0, description="Seconds between system metrics samples.")
     stall_timeout: float = Field(3600.0, ge=0, description="Watchdog: seconds a stage may go without progress; 0: off.")
+    threads: int | None = Field(None, gt=0, description="torch threads of the training process; empty: its share of the "
+                                                        "cores, among this project's other heavy processes here.")
 
 
 class RegistryConfig(Section):
