@@ -16,6 +16,7 @@ from mlflow_finetune_plugin.models.answers import answer_text, ending
 from mlflow_finetune_plugin.models.architecture import cache_abilities
 from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
 from mlflow_finetune_plugin.models.vision import processor_of
+from mlflow_finetune_plugin.runtime import threads
 
 
 @contextlib.contextmanager
@@ -124,6 +125,7 @@ def answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress=
             nll, counted = nll + total, counted + count
             (bar or progress).update(len(batch))
             stops.beat()  # train/watchdog.py: the evaluation moves
+            threads.refit()  # another heavy process of the project started or ended: take the new share of cores
     finally:
         model.train(was_training)
         if bar is not None:

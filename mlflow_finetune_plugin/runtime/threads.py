@@ -149,6 +149,15 @@ def start(requested: int | None = None, what: str = "training") -> ThreadPlan:
     return chosen
 
 
+def stop() -> None:
+    """This process is no longer a heavy one (a run ended in a process that goes on: tests, `mlflow-finetune
+    train` from Python): its claim goes, and `refit` does nothing."""
+    global _share
+    if _share is not None:
+        registry.release()
+        _share = None
+
+
 def refit() -> ThreadPlan | None:
     """In a process that `start`ed: count the other heavy processes again (at most every CHECK_EVERY_S) and take
     this process's new share; prints one line and returns the new plan when the count changed, else None. Call it

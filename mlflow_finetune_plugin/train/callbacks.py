@@ -10,6 +10,7 @@ import mlflow
 from transformers import TrainerCallback
 
 from mlflow_finetune_plugin import stops, tags
+from mlflow_finetune_plugin.runtime import threads
 
 
 class MlflowMetrics(TrainerCallback):
@@ -40,10 +41,15 @@ class MlflowMetrics(TrainerCallback):
 
 
 class Heartbeat(TrainerCallback):
-    """Each training step is progress for the watchdog (`train/watchdog.py`): a run that trains is not stuck."""
+    """Each training step is progress for the watchdog (`train/watchdog.py`): a run that trains is not stuck. It is
+    also where the process takes its new share of the cores when another heavy process of the project started or
+    ended (`runtime/threads.py`)."""
 
     def on_step_end(self, args, state, control, **kwargs):
         stops.beat()
+        changed = threads.refit()
+        if changed is not None and state.is_world_process_zero:
+            mlflow.set_tag(tags.THREADS, f"{changed.describe()}, from step {state.global_step}")
 
 
 class CheckpointLogger(TrainerCallback):

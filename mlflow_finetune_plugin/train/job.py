@@ -20,6 +20,7 @@ import mlflow
 from mlflow_finetune_plugin import paths, stops, tags
 from mlflow_finetune_plugin.config.schema import Recipe
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.runtime import threads
 from mlflow_finetune_plugin.tracking import ensure_store, pin_registry_uri, record_failure
 from mlflow_finetune_plugin.train.pipeline import fine_tune
 from mlflow_finetune_plugin.train.trainers import is_main_process
@@ -29,8 +30,19 @@ from mlflow_finetune_plugin.train.watchdog import watching
 def run(recipe, run_id: str | None = None) -> int:
     """Train inside an MLflow run and end it with the right status; returns a process exit code.
 
-    Under torchrun only rank 0 talks to MLflow; the other ranks train and exit.
+    Under torchrun only rank 0 talks to MLflow; the other ranks train and exit. While it runs, the process is one
+    of the project's heavy processes on this machine, with its share of the cores (`runtime/threads.py`).
     """
+    chosen = threads.start(recipe.train.threads, "training")
+    if chosen.busy_note and is_main_process():
+        print(chosen.busy_note, file=sys.stderr, flush=True)
+    try:
+        return _run(recipe, run_id, chosen)
+    finally:
+        threads.stop()
+
+
+def _run(recipe, run_id: str | None, chosen) -> int:
     stops.reset()
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     if not is_main_process():
@@ -49,6 +61,7 @@ def run(recipe, run_id: str | None = None) -> int:
     active = mlflow.start_run(run_id=run_id, log_system_metrics=_system_metrics(recipe.train))
     run_id = active.info.run_id
     try:
+        mlflow.set_tag(tags.THREADS, chosen.describe())
         with watching(run_id, recipe.train.stall_timeout):  # a stuck stage ends the run FAILED
             fine_tune(recipe, run_id)
         stops.check()
