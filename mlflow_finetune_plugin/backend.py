@@ -25,6 +25,7 @@ from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS, local
+from mlflow_finetune_plugin.runtime import threads
 from mlflow_finetune_plugin.vllm_rules import torchvision_clash
 
 CONFIG_KEYS = {
@@ -59,6 +60,8 @@ class FinetuneBackend(AbstractBackend):
         detach = bool(config.get("detach", False))
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_ID": str(experiment_id),
                "PYTHONUNBUFFERED": "1"}
+        if launcher is not LAUNCHERS["ray"]:  # training runs on this machine: its share of the cores from the start
+            env.update(threads.child_env(threads.plan(None, "training")))
         # A local training process starts importing now, while the checks below run (launchers/local.py)
         warm = local.start_warm(env, os.getcwd()) if launcher is local and not detach else None
         try:

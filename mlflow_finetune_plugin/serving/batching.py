@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.runtime import threads
 
 _END = object()  # a request's queue sentinel: the answer is complete
 
@@ -228,6 +229,7 @@ class Batcher:
         while (batch := self._next_batch()) is not None:
             if not batch:
                 continue
+            threads.refit()  # a process that `threads.start`ed (the playground) takes its share of the cores now
             error = None
             try:
                 stepper = self.start(batch)

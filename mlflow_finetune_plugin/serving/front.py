@@ -29,6 +29,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from mlflow_finetune_plugin.runtime import claims, threads
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
@@ -347,7 +349,12 @@ class Fleet:
 
     def start(self, argv: list[str], port: int, names: list[str], cwd: str | None = None,
               env: dict | None = None) -> Child:
-        process = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})}, preexec_fn=_child_setup)
+        chosen = threads.plan(None, "serve engine")  # its share of the cores beside the project's other processes
+        if chosen.busy_note:
+            print(chosen.busy_note, file=sys.stderr, flush=True)
+        process = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **threads.child_env(chosen), **(env or {})},
+                                   preexec_fn=_child_setup)
+        claims.claim(chosen.intra, "serve engine", pid=process.pid)
         child = Child(process, f"http://127.0.0.1:{port}", list(names))
         with self._lock:
             self.children.append(child)

@@ -5,9 +5,11 @@ ones given by alias."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, fields
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.runtime import threads
 from mlflow_finetune_plugin.serving.follow import DEFAULT_INTERVAL_S, Followed
 from mlflow_finetune_plugin.serving.server import LOOPBACK
 
@@ -44,6 +46,9 @@ def make_engine(engine: str, model, openai_urls=(), served_models=(), device: st
         raise FinetuneError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
     kwargs = {} if concurrency is None else {"concurrency": concurrency}
     if engine == "transformers":  # its default lets 16 comparisons in at once: they share batched generates
+        chosen = threads.start(None, "playground")  # this process generates: its share of the machine's cores
+        if chosen.busy_note:
+            print(chosen.busy_note, file=sys.stderr, flush=True)
         return ENGINES[engine](device=device, **kwargs)
     if engine == "vllm":
         return ENGINES[engine](max_lora_rank=max_lora_rank, **kwargs)
