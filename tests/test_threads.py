@@ -174,3 +174,62 @@ def test_cores_count_the_affinity_in_physical_cores_and_a_cgroup_quota(tmp_path)
     (cgroup / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     (cgroup / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert cgroup_quota(cgroup, own) is None
+
+
+def test_serves_engines_start_with_their_share_and_are_claimed(folder, monkeypatch, capfd):
+    from mlflow_finetune_plugin.serving.front import Fleet, stop_group
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(threads, "usable", lambda: TWO)
+    monkeypatch.setattr(threads, "load_average", lambda: 0.0)
+    code = ("import os, sys, time; print('env', os.environ.get('OMP_NUM_THREADS'), os.environ.get('OMP_WAIT_POLICY'),"
+            " flush=True); time.sleep(60)")
+    fleet = Fleet()
+    first = fleet.start([sys.executable, "-c", code], 1, ["a"])
+    second = fleet.start([sys.executable, "-c", code], 2, ["b"])
+    try:
+        assert {c.pid for c in claims.others()} == {first.process.pid, second.process.pid}
+        out, err = "", ""
+        for _ in range(100):
+            got = capfd.readouterr()
+            out, err = out + got.out, err + got.err
+            if out.count("env ") == 2:
+                break
+            __import__("time").sleep(0.1)
+        assert sorted(line for line in out.splitlines() if line.startswith("env ")) == ["env 1 PASSIVE", "env 2 None"]
+        assert "This machine is already busy: 1 other heavy process" in err
+    finally:
+        for child in (first, second):
+            stop_group(child.process)
+    assert claims.others() == []
+
+
+@pytest.mark.integration
+def test_a_run_beside_another_heavy_process_takes_its_share_and_says_so(tmp_path, tracking_uri, sleeper):
+    """`mlflow run` on the tiny model while another heavy process of the project holds the cores: the backend starts
+    the job with its share and a passive OpenMP wait, the job tags what it took and prints the one line."""
+    from mlflow import MlflowClient
+
+    from mlflow_finetune_plugin import tags
+    from mlflow_finetune_plugin.runtime.cores import usable
+    from tests.helpers import SUPPORT_BOT
+
+    runtime = tmp_path / "runtime"
+    where = runtime / "mlflow-finetune" / "threads"
+    where.mkdir(parents=True, mode=0o700)
+    claims.claim(2, "training", pid=sleeper.pid, where=where)
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("OMP_")}
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, XDG_RUNTIME_DIR=str(runtime))
+    cmd = [sys.executable, "-m", "mlflow", "run", str(SUPPORT_BOT), "-e", "lora", "--backend", "finetune",
+           "-P", "model=tiny", "-P", "max_steps=2", "-P", "eval.enabled=false", "-P", "registry.enabled=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    share = max(1, usable().count // 2)
+    assert f"This machine is already busy: 1 other heavy process of this project run on its {usable().count} " \
+           f"cores (pid {sleeper.pid}: training, 2 threads). This training takes {share} intra-op" in proc.stderr
+    (run,) = MlflowClient().search_runs(["0"])
+    said = run.data.tags[tags.THREADS]
+    assert said.startswith(f"{share} intra-op / 1 inter-op thread, OpenMP waits passive (")
+    assert "shared with 1 other heavy process of this project" in said
+    assert list(where.glob("*.json")) == [where / f"{sleeper.pid}.json"]  # the job's own claim went with it
