@@ -226,7 +226,7 @@ def test_a_run_beside_another_heavy_process_takes_its_share_and_says_so(tmp_path
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     share = max(1, usable().count // 2)
-    assert f"This machine is already busy: 1 other heavy process of this project run on its {usable().count} " \
+    assert f"This machine is already busy: 1 other heavy process of this project runs on its {usable().count} " \
            f"cores (pid {sleeper.pid}: training, 2 threads). This training takes {share} intra-op" in proc.stderr
     (run,) = MlflowClient().search_runs(["0"])
     said = run.data.tags[tags.THREADS]

@@ -76,7 +76,8 @@ def plan(requested: int | None = None, what: str = "training", env=None, cores: 
     chosen = ThreadPlan(intra, INTEROP, wait, source, reason)
     note = None
     if others:
-        note = f"This machine is already busy: {_processes(others)} of this project run on its {cores.count} " \
+        note = f"This machine is already busy: {_processes(others)} of this project " \
+               f"{'runs' if len(others) == 1 else 'run'} on its {cores.count} " \
                f"cores ({'; '.join(map(str, others))}). This {what} takes {chosen.describe()}."
     elif busy_load:
         note = f"This machine is already busy: load average {load:.1f} on {cores.count} cores, from processes " \
