@@ -49,7 +49,7 @@ def plugin_run(args, env, work, tag: str) -> dict:
     from mlflow_finetune_plugin import tags
 
     threads = common.client().get_run(run["run_id"]).data.tags.get(tags.THREADS, "-")
-    return {**figures, "step_s": figures["seconds"] / args.steps, "threads": threads}
+    return {**figures, "step_s": figures["seconds"] / args.steps, "threads": threads.split(" (")[0]}
 
 
 def plain_run(args, model_dir: str, env, work, tag: str) -> dict:

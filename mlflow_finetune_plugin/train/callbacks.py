@@ -47,9 +47,13 @@ class Heartbeat(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         stops.beat()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Before the step, so that the first one already runs with the share: two runs started together each
+        # planned before the other had registered.
         changed = threads.refit()
         if changed is not None and state.is_world_process_zero:
-            mlflow.set_tag(tags.THREADS, f"{changed.describe()}, from step {state.global_step}")
+            mlflow.set_tag(tags.THREADS, f"{changed.describe()}, from step {state.global_step + 1}")
 
 
 class CheckpointLogger(TrainerCallback):
