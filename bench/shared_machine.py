@@ -18,6 +18,9 @@ against serve alone. Goal (issue 70): each of two plugin runs at no worse than 2
 
     python bench/shared_machine.py                           # 10 steps of 8 rows, 2 reps: ~25 min on 2 cores
     python bench/shared_machine.py --steps 2 --batch-size 2 --reps 1 --requests 4 --max-tokens 8   # smoke test
+
+The smoke test checks the script, not the machine: 2 steps are over before a second run re-counts (every 2 s) and
+before a burst of requests can be answered within the run's training loop, so its beside-serve row stays empty.
 """
 
 from __future__ import annotations
