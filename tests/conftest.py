@@ -41,16 +41,20 @@ def pytest_configure(config):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-# The longest files, longest first (docs/benchmarks-history.md, "The test suite": session 26's per-file times, session
-# 27's slowest tests under two workers). pytest-xdist's `--dist loadfile` hands whole files to the workers in collection
-# order: in alphabetical order the long files near the end (smollm2, sweep, system prompts, vllm) left the last minutes
-# to one worker. Longest first, the short files fill in at the end.
-LONGEST_FIRST = ("test_launchers.py", "test_vision.py", "test_family_matrix.py", "test_vision_preferences.py", "test_faults.py", "test_objectives.py",
-                 "test_smollm2.py", "test_integration.py", "test_multinode.py", "test_serving.py", "test_openai_api.py",
-                 "test_studio_runs.py",
-                 "test_system_prompts.py", "test_base_models.py", "test_sweep.py", "test_playground.py",
-                 "test_gguf.py", "test_kill_moments.py", "test_vllm.py", "test_gemma3.py", "test_monitor.py",
-                 "test_tracking_server.py", "test_served_retrieval.py", "test_documents_run.py", "test_studio.py")
+# The longest files, longest first (their per-file times in the full suite of 2026-11-28, two workers, after that
+# session's trims; earlier orders: docs/benchmarks-history.md, "The test suite"). pytest-xdist's `--dist loadfile` hands
+# whole files to the workers in collection order: in alphabetical order a long file near the end (the distill and
+# registry-matrix files were not on this list and ran late) leaves the last minutes to one worker. Longest first, the
+# short files fill in at the end.
+LONGEST_FIRST = ("test_vision.py", "test_registry_matrix.py", "test_distill.py", "test_monitor.py", "test_launchers.py",
+                 "test_openai_api.py", "test_serving.py", "test_family_matrix.py", "test_multitask_dpo.py",
+                 "test_objectives.py", "test_studio.py", "test_smollm2.py", "test_preflight.py", "test_studio_runs.py",
+                 "test_faults.py", "test_system_prompts.py", "test_sweep.py", "test_tracking_server.py",
+                 "test_multinode.py", "test_integration.py", "test_rehearsal.py", "test_vision_preferences.py",
+                 "test_traces.py", "test_backend.py", "test_architecture.py", "test_playground.py",
+                 "test_trace_images.py", "test_watchdog.py", "test_served_retrieval.py", "test_rlhf.py",
+                 "test_base_models.py", "test_gguf.py", "test_kill_moments.py", "test_gemma3.py",
+                 "test_documents_run.py", "test_vllm.py")
 
 
 def pytest_collection_modifyitems(config, items):
