@@ -47,7 +47,8 @@ def main() -> None:
 
     from mlflow_finetune_plugin.config.schema import Recipe
     from mlflow_finetune_plugin.evaluate import forgetting
-    from mlflow_finetune_plugin.evaluate.contenders import _answer_all, _eval_conversations
+    from mlflow_finetune_plugin.evaluate.answering import answer_all
+    from mlflow_finetune_plugin.evaluate.contenders import _eval_conversations
     from mlflow_finetune_plugin.evaluate.scoring import contender_metrics
     from mlflow_finetune_plugin.evaluate.verdict import paired_bootstrap
     from mlflow_finetune_plugin.logged_model import load_logged_model
@@ -87,7 +88,7 @@ def main() -> None:
                 for name, value in original.items():
                     layer.scaling[name] = value * scale
             started = time.perf_counter()
-            answers, nll, n_tokens, _ = _answer_all(model, tok, prompts, references, cfg, f"s={scale:g}")
+            answers, nll, n_tokens, _ = answer_all(model, tok, prompts, references, cfg, f"s={scale:g}")
             totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg)
             forgot = forgetting.measure(recipe, texts, model, tok)
             row = {"scale": scale, "rougeL": totals["rougeL"], "exact_match": totals.get("exact_match"),
