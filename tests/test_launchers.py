@@ -190,6 +190,10 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RUN_ID"):
 """
 
 
+# -m stress: two ranks to one run and one version are covered by tests/test_multinode.py's two agents (one run, one
+# version, the loss falls, the epoch counted over both ranks) and tests/test_faults.py's killed rank (both ranks resume
+# and train to the end); this adds the single-agent rng states per rank.
+@pytest.mark.stress
 @pytest.mark.integration
 def test_torchrun_two_ranks_one_run_one_version_loss_falls(tmp_path, tracking_uri, monkeypatch):
     hook = tmp_path / "hook"
