@@ -314,10 +314,9 @@ def score_adapter(model_dir: str, adapter: Path, recipe, prompts, references, na
 
 
 def cpu_line() -> str:
-    flags: set[str] = set()
-    if Path("/proc/cpuinfo").exists():
-        line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-        flags = set(line.split(":", 1)[-1].split())
+    from mlflow_finetune_plugin.models.precision import cpu_flags
+
+    flags = cpu_flags()
     has = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
     return f"CPU flags: {has} (bf16 matmuls run natively only with them; without, bf16 is emulated and slower)."
 

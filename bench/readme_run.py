@@ -140,13 +140,15 @@ def readme_block(text: str) -> str | None:
 
 
 def cpu_name() -> str:
+    import os
+
+    from mlflow_finetune_plugin.models.precision import cpu_flags
+
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "CPU")
     name = re.sub(r"\((R|TM|tm)\)", "", name)
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    flags = cpu_flags()
     native = "AVX-512 BF16" if "avx512_bf16" in flags else "AVX-512, no BF16" if "avx512f" in flags else "AVX2"
-    import os
-
     return f"{name}, {native}, {os.cpu_count()} cores"
 
 
