@@ -134,8 +134,18 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--port", type=int, default=8794)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--sides", default=",".join(SIDES),
+                   help="comma-separated subset of: " + ", ".join(SIDES) + " (each x2 side runs with its alone side)")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown:
+        p.error(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+    for pair in (("plugin x2", "plugin alone"), ("plain x2", "plain alone"), ("run beside serve", "plugin alone"),
+                 ("run beside serve", "serve alone")):
+        if pair[0] in sides and pair[1] not in sides:
+            sides.append(pair[1])
 
     from mlflow_finetune_plugin.models.base import resolve_model_path
     from mlflow_finetune_plugin.tracking import ensure_store
@@ -145,10 +155,12 @@ def main(argv=None):
         env.pop(name, None)
     ensure_store(env["MLFLOW_TRACKING_URI"])  # before two runs open it at once
     model_dir = resolve_model_path(args.model)
-    version = common.registered_version("shared-bot", env, work, args.model)
-    results = {side: [] for side in SIDES}  # side -> per rep: list of figures (one per process or burst)
+    version = common.registered_version("shared-bot", env, work, args.model) \
+        if {"serve alone", "run beside serve"} & set(sides) else None
+    sides = [s for s in SIDES if s in sides]
+    results = {side: [] for side in sides}  # side -> per rep: list of figures (one per process or burst)
     for rep in range(args.reps):
-        for side in common.rotated(list(SIDES), rep):
+        for side in common.rotated(sides, rep):
             common.log(f"rep {rep + 1}/{args.reps}: {side}")
             tag = f"shared-{side.replace(' ', '-')}-{rep}"
             if side == "plugin alone":
@@ -173,6 +185,8 @@ def report(args, results: dict) -> None:
                   f"{args.reps} reps: median (range)")
     rows = []
     for side, alone in (("plugin x2", "plugin alone"), ("plain x2", "plain alone")):
+        if side not in results:
+            continue
         base = [r[0]["step_s"] for r in results[alone]]
         rows.append([alone, common.summary(base), common.summary(r[0]["tokens_per_s"] for r in results[alone]),
                      "1", results[alone][0][0]["threads"]])
@@ -181,6 +195,9 @@ def report(args, results: dict) -> None:
             rows.append([f"{side}, process {i + 1}", common.summary(steps),
                          common.summary(r[i]["tokens_per_s"] for r in results[side]),
                          common.summary(common.ratios(steps, base)), results[side][0][i]["threads"]])
+    if "run beside serve" not in results:
+        print(common.table(["training process", "s/step", "tokens/s", "x alone (goal <= 2.2)", "threads"], rows))
+        return
     beside = [r[0]["step_s"] for r in results["run beside serve"]]
     alone = [r[0]["step_s"] for r in results["plugin alone"]]
     rows.append(["run beside serve", common.summary(beside),
