@@ -3,20 +3,21 @@
 Default settings, no thread variable set (OMP_NUM_THREADS, OMP_WAIT_POLICY and MKL_NUM_THREADS are removed from every
 child's environment): what a user gets. Per repetition, in rotated order:
 
-  plugin alone        one `mlflow run recipes/support-bot -e lora --backend finetune -P model=smollm2 ...`
+  plugin alone        one `mlflow run recipes/support-bot -e lora --backend finetune -P model=smollm2 ...`, --steps
   plugin x2           two of the same started together, on the same data and settings
-  plain alone         bench/plain_train.py (transformers Trainer + PEFT, no plugin), the same batches
+  plain alone         bench/plain_train.py (transformers Trainer + PEFT, no plugin), the same batches, --plain-steps
   plain x2            two of those started together
   serve alone         `mlflow-finetune serve` (transformers) answering 16 requests at once, nothing else running
-  run beside serve    one plugin run, while serve answers bursts of 16 requests from its first training step to its
-                      end
+  run beside serve    one plugin run of --beside-steps, while serve answers bursts of 16 requests from its first
+                      training step to its end (only bursts answered wholly while it trained are counted)
 
 Figures: seconds per step and tokens/s of each training process (the plugin's from what its run logged, plain's
 from the Trainer), each against the same side alone; the answers' median round trip and the burst's wall time
 against serve alone. Goal (issue 70): each of two plugin runs at no worse than 2.2x its time alone. The plugin runs'
 `finetune.threads` tag says what each took.
 
-    python bench/shared_machine.py                           # 10 steps of 8 rows, 2 reps: ~25 min on 2 cores
+    python bench/shared_machine.py                           # 30 steps of 8 rows, 2 reps: ~50 min on 2 cores
+    python bench/shared_machine.py --sides "plugin x2,run beside serve"     # the plugin's sides only: ~35 min
     python bench/shared_machine.py --steps 2 --batch-size 2 --reps 1 --requests 4 --max-tokens 8   # smoke test
 
 The smoke test checks the script, not the machine: 2 steps are over before a second run re-counts (every 2 s) and
@@ -42,26 +43,27 @@ QUESTIONS = ["How do I reset my password?", "Can I change my plan mid-month?", "
              "How do I delete my account?"]
 
 
-def plugin_run(args, env, work, tag: str) -> dict:
-    params = {"model": args.model, "max_steps": args.steps, "train.batch_size": args.batch_size,
+def plugin_run(args, env, work, tag: str, steps: int | None = None) -> dict:
+    steps = steps or args.steps
+    params = {"model": args.model, "max_steps": steps, "train.batch_size": args.batch_size,
               "data.max_length": args.max_length, "data.packing": "false", "train.logging_steps": 1,
-              "train.save_steps": args.steps + 1000, "train.seed": 42, "eval.enabled": "false",
+              "train.save_steps": steps + 1000, "train.seed": 42, "eval.enabled": "false",
               "registry.enabled": "false"}
     run = common.mlflow_run(params, env, work, tag)
     figures = common.training_figures(run["run_id"])
     from mlflow_finetune_plugin import tags
 
     threads = common.client().get_run(run["run_id"]).data.tags.get(tags.THREADS, "-")
-    return {**figures, "step_s": figures["seconds"] / args.steps, "threads": threads.split(" (")[0]}
+    return {**figures, "step_s": figures["seconds"] / steps, "threads": threads.split(" (")[0]}
 
 
 def plain_run(args, model_dir: str, env, work, tag: str) -> dict:
     argv = [common.REPO / "bench" / "plain_train.py", "--model", model_dir, "--data",
             common.SUPPORT_BOT / "data" / "train.jsonl", "--precision", args.plain_precision, "--max-length",
-            args.max_length, "--batch-size", args.batch_size, "--steps", args.steps, "--output-dir",
+            args.max_length, "--batch-size", args.batch_size, "--steps", args.plain_steps, "--output-dir",
             work / f"plain-out-{tag}"]
     figures = common.run_json(argv, env, work, tag)
-    return {**figures, "step_s": figures["seconds"] / args.steps, "threads": "torch's default"}
+    return {**figures, "step_s": figures["seconds"] / args.plain_steps, "threads": "torch's default"}
 
 
 def together(job, n: int = 2) -> list[dict]:
@@ -113,7 +115,7 @@ def serve_side(side: str, args, version: str, env, work, tag: str) -> list[dict]
         asker = threading.Thread(target=keep_asking, daemon=True)
         asker.start()
         try:
-            run = plugin_run(args, env, work, tag)
+            run = plugin_run(args, env, work, tag, args.beside_steps or 2 * args.steps)
         finally:
             done.set()
             asker.join(timeout=900)
@@ -126,7 +128,14 @@ def serve_side(side: str, args, version: str, env, work, tag: str) -> list[dict]
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", help="smollm2 (the real built-in model) or tiny.")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=30, help="Steps of each plugin run (30: two runs started together "
+                   "overlap for most of their training; with 10 they overlapped only in part).")
+    p.add_argument("--plain-steps", type=int, default=10, help="Steps of each plain run (they do not re-count their "
+                   "threads, so two overlap from the start; two at once run about 9x slower than one).")
+    p.add_argument("--beside-steps", type=int, default=None,
+                   help="Steps of the run beside serve (default: twice --steps): long enough for whole bursts of "
+                        "answers to land while it trains (a burst beside training takes several times its time "
+                        "alone).")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--plain-precision", default="fp32", choices=["fp32", "bf16"])
@@ -200,7 +209,7 @@ def report(args, results: dict) -> None:
         return
     beside = [r[0]["step_s"] for r in results["run beside serve"]]
     alone = [r[0]["step_s"] for r in results["plugin alone"]]
-    rows.append(["run beside serve", common.summary(beside),
+    rows.append([f"run beside serve ({args.beside_steps or 2 * args.steps} steps)", common.summary(beside),
                  common.summary(r[0]["tokens_per_s"] for r in results["run beside serve"]),
                  common.summary(common.ratios(beside, alone)), results["run beside serve"][0][0]["threads"]])
     print(common.table(["training process", "s/step", "tokens/s", "x alone (goal <= 2.2)", "threads"], rows))

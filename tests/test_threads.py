@@ -38,6 +38,10 @@ def test_alone_a_process_takes_every_core_and_openmps_default_wait():
     alone = plan(None, env={}, cores=TWO, others=[], load=0.5)
     assert (alone.intra, alone.interop, alone.wait_policy, alone.source) == (2, 1, None, "auto")
     assert "no other heavy process" in alone.reason and alone.busy_note is None
+    fixed = plan(None, env={}, cores=TWO, others=[], load=0.5, fixed=True)  # one that cannot re-count
+    assert (fixed.intra, fixed.wait_policy) == (2, "PASSIVE")
+    assert plan(None, env={"OMP_WAIT_POLICY": "ACTIVE"}, cores=TWO, others=[], load=0.5,
+                fixed=True).wait_policy == "ACTIVE"  # the user's own choice stays
 
 
 def test_two_live_claims_split_the_cores_and_the_new_process_waits_passively(folder, sleeper):
@@ -197,7 +201,10 @@ def test_serves_engines_start_with_their_share_and_are_claimed(folder, monkeypat
             if out.count("env ") == 2:
                 break
             __import__("time").sleep(0.1)
-        assert sorted(line for line in out.splitlines() if line.startswith("env ")) == ["env 1 PASSIVE", "env 2 None"]
+        # the first started alone and takes both cores, but waits passively too: it never re-counts, and a run
+        # started beside it later would meet its spinning threads
+        assert sorted(line for line in out.splitlines() if line.startswith("env ")) == ["env 1 PASSIVE",
+                                                                                          "env 2 PASSIVE"]
         assert "This machine is already busy: 1 other heavy process" in err
     finally:
         for child in (first, second):

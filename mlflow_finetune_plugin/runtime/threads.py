@@ -51,11 +51,15 @@ _READ = object()
 
 
 def plan(requested: int | None = None, what: str = "training", env=None, cores: Cores | None = None,
-         others: list[registry.Claim] | None = None, load=_READ, running: bool = False) -> ThreadPlan:
+         others: list[registry.Claim] | None = None, load=_READ, running: bool = False,
+         fixed: bool = False) -> ThreadPlan:
     """The threads for a process doing `what`: `requested` (train.threads) if given, else the user's
     OMP_NUM_THREADS, else this process's share of the usable cores among the live claims of other processes.
     `running`: the plan of this process itself, whose OpenMP runtime has loaded already, so its waiting policy is
-    the environment's; else the policy for a process about to start."""
+    the environment's; else the policy for a process about to start. `fixed`: that process cannot re-count (another
+    tool's server, `transformers serve`), so it waits passively even when it starts alone: a run started beside it
+    later would otherwise meet its spinning threads (a served burst took 5.35x its time alone beside a training run,
+    and passive waiting cost it nothing alone: docs/benchmarks.md, "Two jobs on one machine")."""
     env = os.environ if env is None else env
     cores = cores or usable()
     others = registry.others() if others is None else others
@@ -72,7 +76,7 @@ def plan(requested: int | None = None, what: str = "training", env=None, cores: 
     # Counting the processes being started now: this one's own load is at most 1.
     busy_load = load is not None and not others and load > cores.count
     shared = bool(others) or busy_load or intra + sum(c.threads for c in others) > cores.count
-    wait = env.get("OMP_WAIT_POLICY") or (None if running or not shared else "PASSIVE")
+    wait = env.get("OMP_WAIT_POLICY") or (None if running or not (shared or fixed) else "PASSIVE")
     chosen = ThreadPlan(intra, INTEROP, wait, source, reason)
     note = None
     if others:

@@ -349,7 +349,8 @@ class Fleet:
 
     def start(self, argv: list[str], port: int, names: list[str], cwd: str | None = None,
               env: dict | None = None) -> Child:
-        chosen = threads.plan(None, "serve engine")  # its share of the cores beside the project's other processes
+        # its share of the cores beside the project's other processes; it never re-counts: it waits passively
+        chosen = threads.plan(None, "serve engine", fixed=True)
         if chosen.busy_note:
             print(chosen.busy_note, file=sys.stderr, flush=True)
         process = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **threads.child_env(chosen), **(env or {})},
