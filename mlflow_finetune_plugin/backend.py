@@ -25,7 +25,7 @@ from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS, local
-from mlflow_finetune_plugin.runtime import threads
+from mlflow_finetune_plugin.runtime import allocator, threads
 from mlflow_finetune_plugin.vllm_rules import torchvision_clash
 
 CONFIG_KEYS = {
@@ -62,6 +62,7 @@ class FinetuneBackend(AbstractBackend):
                "PYTHONUNBUFFERED": "1"}
         if launcher is not LAUNCHERS["ray"]:  # training runs on this machine: its share of the cores from the start
             env.update(threads.child_env(threads.plan(None, "training")))
+            env.update(allocator.child_env(env))  # and tcmalloc where installed (runtime/allocator.py)
         # A local training process starts importing now, while the checks below run (launchers/local.py)
         warm = local.start_warm(env, os.getcwd()) if launcher is local and not detach else None
         try:

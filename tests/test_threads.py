@@ -240,3 +240,8 @@ def test_a_run_beside_another_heavy_process_takes_its_share_and_says_so(tmp_path
     assert said.startswith(f"{share} intra-op / 1 inter-op thread, OpenMP waits passive (")
     assert "shared with 1 other heavy process of this project" in said
     assert list(where.glob("*.json")) == [where / f"{sleeper.pid}.json"]  # the job's own claim went with it
+    # the backend started the job on tcmalloc where it is installed (runtime/allocator.py), and the job says which
+    from mlflow_finetune_plugin.runtime import allocator
+
+    assert ("Memory allocator: tcmalloc" if allocator.tcmalloc() else
+            "Memory allocator: the C library's malloc; installing tcmalloc") in proc.stdout + proc.stderr

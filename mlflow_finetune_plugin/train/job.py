@@ -20,7 +20,7 @@ import mlflow
 from mlflow_finetune_plugin import paths, stops, tags
 from mlflow_finetune_plugin.config.schema import Recipe
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.runtime import threads
+from mlflow_finetune_plugin.runtime import allocator, threads
 from mlflow_finetune_plugin.tracking import ensure_store, pin_registry_uri, record_failure
 from mlflow_finetune_plugin.train.pipeline import fine_tune
 from mlflow_finetune_plugin.train.trainers import is_main_process
@@ -36,6 +36,8 @@ def run(recipe, run_id: str | None = None) -> int:
     chosen = threads.start(recipe.train.threads, "training")
     if chosen.busy_note and is_main_process():
         print(chosen.busy_note, file=sys.stderr, flush=True)
+    if is_main_process():
+        print(allocator.describe(), flush=True)
     try:
         return _run(recipe, run_id, chosen)
     finally:
