@@ -11,7 +11,7 @@ halves the first one's threads, and the first gets them back when the second end
 `train.threads` in the recipe, or the user's own OMP_NUM_THREADS, fixes the count instead. OpenMP's waiting policy
 is read once, when the OpenMP runtime loads (with torch), so only a launcher can choose it: `child_env` asks
 processes that start on a shared machine to wait passively (sleep at once instead of spinning), and leaves OpenMP's
-default to a process that starts alone.
+default to a process that starts alone, unless that process cannot re-count (`fixed`: serve's engines).
 """
 
 from __future__ import annotations
