@@ -204,15 +204,15 @@ def report(args, results: dict) -> None:
             rows.append([f"{side}, process {i + 1}", common.summary(steps),
                          common.summary(r[i]["tokens_per_s"] for r in results[side]),
                          common.summary(common.ratios(steps, base)), results[side][0][i]["threads"]])
-    if "run beside serve" not in results:
-        print(common.table(["training process", "s/step", "tokens/s", "x alone (goal <= 2.2)", "threads"], rows))
-        return
-    beside = [r[0]["step_s"] for r in results["run beside serve"]]
-    alone = [r[0]["step_s"] for r in results["plugin alone"]]
-    rows.append([f"run beside serve ({args.beside_steps or 2 * args.steps} steps)", common.summary(beside),
-                 common.summary(r[0]["tokens_per_s"] for r in results["run beside serve"]),
-                 common.summary(common.ratios(beside, alone)), results["run beside serve"][0][0]["threads"]])
+    if "run beside serve" in results:
+        beside = [r[0]["step_s"] for r in results["run beside serve"]]
+        alone = [r[0]["step_s"] for r in results["plugin alone"]]
+        rows.append([f"run beside serve ({args.beside_steps or 2 * args.steps} steps)", common.summary(beside),
+                     common.summary(r[0]["tokens_per_s"] for r in results["run beside serve"]),
+                     common.summary(common.ratios(beside, alone)), results["run beside serve"][0][0]["threads"]])
     print(common.table(["training process", "s/step", "tokens/s", "x alone (goal <= 2.2)", "threads"], rows))
+    if "run beside serve" not in results:
+        return
     print()
     served = [r[0] for r in results["serve alone"]]
     bursts = [statistics.median(b["trip"] for b in r[1:]) if len(r) > 1 else None

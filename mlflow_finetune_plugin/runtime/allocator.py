@@ -28,6 +28,11 @@ KNOWN = ("tcmalloc", "jemalloc", "mimalloc")
 # tcmalloc reports every allocation above 1 GiB on stderr ("tcmalloc: large alloc"): a large vocabulary's logits
 # reach that, and the report is noise in a run's log.
 QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2 ** 40)}
+SYSTEM = "the C library's malloc"
+
+
+def _system_asked(env) -> bool:
+    return env.get(SETTING, "").lower() == "system"
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,7 +52,7 @@ def child_env(env=None) -> dict[str, str]:
     """The environment entries that start a training process on tcmalloc ({} where it stays on the C library's)."""
     env = os.environ if env is None else env
     preload = env.get("LD_PRELOAD", "")
-    if env.get(SETTING, "").lower() == "system" or any(name in preload for name in KNOWN):
+    if _system_asked(env) or any(name in preload for name in KNOWN):
         return {}
     found = tcmalloc()
     if found is None:
@@ -61,19 +66,16 @@ def in_use() -> str:
         with open("/proc/self/maps", encoding="utf-8") as f:
             maps = f.read()
     except OSError:
-        return "the C library's malloc"
-    for name in KNOWN:
-        if f"lib{name}" in maps:
-            return name
-    return "the C library's malloc"
+        return SYSTEM
+    return next((name for name in KNOWN if f"lib{name}" in maps), SYSTEM)
 
 
 def describe() -> str:
     """One line for the run's log: the allocator, and how to get tcmalloc where the C library's is used."""
     used = in_use()
-    if used != "the C library's malloc":
+    if used != SYSTEM:
         return f"Memory allocator: {used}"
-    if os.environ.get(SETTING, "").lower() == "system":
+    if _system_asked(os.environ):
         return f"Memory allocator: {used} ({SETTING}=system)"
     if tcmalloc():
         return f"Memory allocator: {used} (tcmalloc is installed: training started by `mlflow run` preloads it)"
