@@ -111,7 +111,9 @@ def test_a_version_served_as_evaluated_passes_and_its_tags_and_card_say_so(tmp_p
 def test_a_trained_version_is_served_as_its_run_evaluated_it(tmp_path, tracking_uri):
     """The whole path: a LoRA trained and evaluated by `mlflow run` (the tuned model answering with its adapter
     folded in while it answers), registered with its card, then promoted: the merged copy `serve` loads answers the
-    held-out prompts as the evaluation recorded them."""
+    held-out prompts as the evaluation recorded them. Trained under CPU bf16 autocast, on every CPU: the trainer's
+    autocast wrapper must not stay on the tuned model's forward through its evaluation (it did: 3 of 4 answers the
+    same on an AVX-512 BF16 CPU, where `auto` picks autocast)."""
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.train.job import run
 
@@ -120,7 +122,8 @@ def test_a_trained_version_is_served_as_its_run_evaluated_it(tmp_path, tracking_
     jsonl(root / "data" / "eval.jsonl", chat_rows(4, 50))
     (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
                                         "adapter: {type: lora, r: 4}\n")
-    assert run(load_recipe(root, overrides={**FAST_OVERRIDES, "eval.max_examples": 4, "eval.max_new_tokens": 8})) == 0
+    assert run(load_recipe(root, overrides={**FAST_OVERRIDES, "eval.max_examples": 4, "eval.max_new_tokens": 8,
+                                            "train.precision": "bf16"})) == 0
     record = tuned_record(registry.source_run_id(registry.get_version("adder", "1")))
     assert len(record["rows"]) == 4 and record["settings"]["max_new_tokens"] == 8
     result = parity.promote_checked("adder", "1", gates=[parse_gate(PASS_GATE)])

@@ -133,7 +133,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
                 trainer.train(resume_from_checkpoint=_checkpoint(recipe, trainer, run_id, main))
                 last_step = trainer.state.global_step  # the evaluation's metrics are logged there: the latest
                 tuned = trainers.unsharded(trainer, recipe, run_id, main) if trainer.is_fsdp_enabled \
-                    else trainer.model
+                    else trainers.trained(trainer)
     finally:
         gc.unfreeze()
         if recipe.train.torch_compile:  # generation's shapes change every token: evaluation runs them as they were
