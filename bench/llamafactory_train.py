@@ -20,6 +20,12 @@ import json
 import sys
 
 
+def peak_rss() -> int:
+    """This process's peak resident set so far (VmHWM), in bytes."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def main() -> None:
     config = sys.argv[1]
     from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask
@@ -40,7 +46,8 @@ def main() -> None:
     def recorded_train(self, *args, **kwargs):
         result = train(self, *args, **kwargs)
         figures.update(seconds=result.metrics["train_runtime"], loss=result.metrics.get("train_loss"),
-                       steps=self.state.global_step, packed_rows=len(self.train_dataset))
+                       steps=self.state.global_step, packed_rows=len(self.train_dataset),
+                       train_peak_rss=peak_rss())  # as the project's train/peak_rss_gib: VmHWM at the end
         return result
 
     SFTDataCollatorWith4DAttentionMask.__call__ = counting_collate

@@ -16,9 +16,11 @@ both tools).
 
 Figures, each tool measured the same way: steps; s/step = the Trainer's `train_runtime` / steps; tokens/s = the
 non-padding tokens of the training batches (the real tokens of each packed row, prompts included: TRL's count for the
-project, the same count taken in LLaMA-Factory's collator) / `train_runtime`; peak RSS of the training stage = the
-largest resident set of any process of the training command, which evaluates nothing (Linux VmHWM polled, and
-wait4's ru_maxrss); the command's wall time (start-up, data, model load, training, saving). Then rougeL and exact
+project, the same count taken in LLaMA-Factory's collator) / `train_runtime`; peak RSS of training = the training
+process's VmHWM when training ends (everything before it included: imports, data, model, the project's rehearsal;
+the project's `train/peak_rss_gib`, the same read in LLaMA-Factory's process); peak RSS of the command = the largest
+resident set of any process of the training command, which evaluates nothing but saves, logs and registers (VmHWM
+polled, and wait4's ru_maxrss); the command's wall time (start-up, data, model load, training, saving). Then rougeL and exact
 match of both adapters on the same held-out rows (the first eval.max_examples of the recipe's eval file) through the
 project's evaluation code, in this process: the same base in fp32, the adapter loaded with PEFT and merged while
 answering, greedy answers of up to eval.max_new_tokens tokens in batches, the project's shipped metric modules.
@@ -265,7 +267,9 @@ def run_project(args, env: dict, work: Path, tag: str) -> dict:
     version = client.search_model_versions(f"name='{REGISTERED}' and run_id='{run_id}'")[0]
     folder = Path(mlflow.artifacts.download_artifacts(f"models:/{REGISTERED}/{version.version}",
                                                       dst_path=str(work / "project" / tag)))
+    peak = client.get_metric_history(run_id, "train/peak_rss_gib")[-1].value * 2**30
     return {**figures, **run, "steps": steps, "packed_rows": int(packed.group(2)) if packed else None,
+            "train_peak_rss": peak,
             "adapter": adapter_folder(folder), "note": client.get_run(run_id).data.tags.get(tags.PACKING, "")}
 
 
@@ -330,7 +334,8 @@ def report(args, results: dict, versions: dict, recipe) -> None:
     print("LLaMA-Factory's environment: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")
     cols = [("steps", "steps"), ("packed rows / epoch", "packed_rows"), ("s/step", "s_per_step"),
             ("tokens/s (non-padding)", "tokens_per_s"), ("non-padding tokens", "tokens"),
-            ("peak RSS, training stage (GiB)", "peak_gib"), ("command wall (s)", "wall"), ("rougeL", "rougeL"),
+            ("peak RSS, training (GiB)", "train_peak_gib"), ("peak RSS, command (GiB)", "peak_gib"),
+            ("command wall (s)", "wall"), ("rougeL", "rougeL"),
             ("exact", "exact")]
     rows = [[side, *(common.summary(r.get(key) for r in results[side]) for _, key in cols)] for side in SIDES]
     project, peer = results["project"], results["LLaMA-Factory"]
@@ -372,9 +377,11 @@ def main(argv=None):
             tag = f"peer-{'llamafactory' if side == 'LLaMA-Factory' else 'project'}-{rep}"
             r = (run_llamafactory(recipe, model_dir, args, env, work, tag) if side == "LLaMA-Factory"
                  else run_project(args, env, work, tag))
-            r.update(s_per_step=r["seconds"] / r["steps"], peak_gib=r["peak_rss"] / 2**30)
+            r.update(s_per_step=r["seconds"] / r["steps"], peak_gib=r["peak_rss"] / 2**30,
+                     train_peak_gib=r["train_peak_rss"] / 2**30)
             common.log(f"  {r['steps']} steps, {r['tokens']:.0f} tokens in {r['seconds']:.1f} s = "
-                       f"{r['tokens_per_s']:.0f} tokens/s; peak RSS {r['peak_gib']:.2f} GiB; wall {r['wall']:.0f} s")
+                       f"{r['tokens_per_s']:.0f} tokens/s; peak RSS {r['train_peak_gib']:.2f} GiB training, "
+                       f"{r['peak_gib']:.2f} GiB the command; wall {r['wall']:.0f} s")
             r.update(score_adapter(model_dir, r["adapter"], recipe, prompts, references, side))
             common.log(f"  rougeL {r['rougeL']:.3f}, exact {r['exact']:.3f} on {len(prompts)} held-out rows")
             results[side].append(r)

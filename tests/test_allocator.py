@@ -53,3 +53,12 @@ def test_a_process_started_with_the_env_runs_on_it():
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                            check=True)
     assert plain.stdout.strip() == "the C library's malloc"
+
+
+def test_the_peak_resident_set_counts_memory_the_process_touched_and_freed():
+    with open("/proc/self/status", encoding="utf-8") as f:
+        resident = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    block = bytearray(256 * 2**20)  # calloc'd: its pages become resident as they are written
+    block[::4096] = b"x" * len(block[::4096])
+    del block
+    assert allocator.peak_rss_bytes() >= resident + 250 * 2**20

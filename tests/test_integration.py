@@ -49,6 +49,9 @@ def test_mlflow_run_lora_backend_finetune(tmp_path, tracking_uri):
     assert len(losses) >= 5
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
     assert "train/tokens_per_second" in run.data.metrics
+    # The training stage's peak memory (the process's high-water mark when training ends), logged and printed.
+    assert 0.1 < run.data.metrics["train/peak_rss_gib"] < 24
+    assert "Training done: this process's peak memory so far " in proc.stdout + proc.stderr
     assert run.data.metrics["eval/tuned/loss"] < run.data.metrics["eval/base/loss"]
     # The README's block is made from what the command prints (bench/readme_run.py): the table rebuilt from the
     # logged eval/* figures is the one printed, and the verdict line follows it.

@@ -169,6 +169,64 @@ def test_guards_put_the_modules_back_and_do_nothing_when_off():
     assert torch.equal(model(input_ids=ids).logits, before)
 
 
+def test_frozen_weights_in_bf16_train_the_same_numbers_and_come_back_bit_for_bit(tmp_path):
+    """The frozen base weights held in bf16 under autocast: the loss and the LoRA gradients are autocast's over fp32
+    weights (autocast rounds the same way), the fp32 weights come back exactly, the head and the trainable weights
+    never change dtype, and the spill file is gone."""
+    model = _tiny_lora_model()
+    ids = torch.randint(0, 128, (2, 8))
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def step():
+        model.zero_grad()
+        with precision.fp32_where_it_matters(model, True), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = step()
+    with precision.frozen_weights_in_bf16(model, True, tmp_path):
+        held = {n: p.dtype for n, p in model.named_parameters()}
+        assert held["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+        assert all(held[n] == torch.float32 for n in held if "lora_" in n or "embed" in n or "lm_head" in n)
+        assert list(tmp_path.iterdir())
+        loss_bf16, grads_bf16 = step()
+    assert torch.equal(loss, loss_bf16)
+    assert all(torch.equal(grads[n], grads_bf16[n]) for n in grads)
+    assert all(p.dtype == torch.float32 and torch.equal(p, originals[n]) for n, p in model.named_parameters())
+    assert not list(tmp_path.iterdir())
+    with precision.frozen_weights_in_bf16(model, False, tmp_path):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_frozen_weights_in_bf16_let_go_of_the_checkpoint_mapping_and_take_it_back_after(tmp_path):
+    """A model loaded from safetensors holds its fp32 weights in a private mapping of the file (paged into the
+    process's memory by the first step). Under the lever nothing refers to it any more, so it is unmapped: that is
+    where the memory comes from. Afterwards the fp32 weights are back, the model answers as before."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    _tiny_lora_model().get_base_model().save_pretrained(tmp_path / "base", safe_serialization=True)
+    checkpoint = str(tmp_path / "base" / "model.safetensors")
+
+    def mapped() -> bool:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            return checkpoint in f.read()
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(0, 128, (2, 8))
+    before = model(input_ids=ids).logits.detach()
+    if not mapped():
+        pytest.skip("this safetensors/transformers loads into memory rather than mapping the file")
+    with precision.frozen_weights_in_bf16(model, True, tmp_path / "spill"):
+        import gc
+
+        gc.collect()
+        assert not mapped()
+    assert torch.equal(model(input_ids=ids).logits.detach(), before)
+
+
 def test_forced_bf16_on_a_quantized_base_fails_the_run_naming_the_fix(tmp_path, tracking_uri, monkeypatch):
     """`train.precision: bf16` on a CPU with a 4-bit base: bitsandbytes' CPU layers cannot train under autocast (torch
     raised "expected m1 and m2 to have the same dtype" mid-run). Refused before the model loads, the run FAILED with

@@ -179,3 +179,57 @@ def _output_in_fp32(forward):
         # scores and logits, when a recipe adapts its weight): its output is left as it is
         return output.float() if isinstance(output, torch.Tensor) else output
     return upcast_forward
+
+
+@contextlib.contextmanager
+def frozen_weights_in_bf16(model, enabled: bool, spill_dir):
+    """While training under CPU bf16 autocast, hold the frozen weights of the LoRA layers' base `nn.Linear`s in bf16
+    instead of fp32, and put the fp32 weights back afterwards, bit for bit.
+
+    Autocast casts an fp32 weight to bf16 in every forward pass and keeps the copy for the backward pass (a frozen
+    weight is not in its cast cache). Held in bf16, the weight is the copy autocast would have made (round to nearest
+    even either way): the step computes the same numbers, without the copies. Memory, smollm2: the fp32 weights
+    (0.51 GB, a private mapping of the checkpoint file, paged in by the first step) give way to 0.20 GB of bf16 ones
+    and a 0.11 GB copy of the embeddings; the mapping goes once nothing refers to it, so the other fp32 tensors
+    (embeddings, norms) are copied out of it here. And a step no longer keeps 0.20 GB of casts for its backward.
+    The fp32 weights wait in a raw file in `spill_dir` (written weight by weight, read back once), so that what is
+    evaluated, logged and served after training is the fp32 base with the adapter, as before. The LM head and the
+    embeddings stay fp32 (`fp32_where_it_matters` computes the head in fp32); so does every trainable weight.
+    With `enabled` false nothing changes."""
+    if not enabled:
+        yield
+        return
+    import os
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    shared = {id(p) for get in ("get_input_embeddings", "get_output_embeddings")
+              for m in [getattr(model, get, lambda: None)()] if m is not None for p in m.parameters()}
+    layers = [layer.get_base_layer() for layer in model.modules() if isinstance(layer, LoraLayer)]
+    layers = [base for base in layers if isinstance(base, torch.nn.Linear) and base.weight.dtype == torch.float32
+              and not base.weight.requires_grad and id(base.weight) not in shared]
+    if not layers:
+        yield
+        return
+    path = Path(spill_dir) / f"frozen-fp32-rank{os.environ.get('RANK', '0')}.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # raw fp32 in this machine's byte order, one weight after another
+        for base in layers:
+            f.write(base.weight.data.contiguous().numpy().tobytes())
+            base.weight.data = base.weight.data.to(torch.bfloat16)
+    held = {id(base.weight) for base in layers}
+    for tensor in (*model.parameters(), *model.buffers()):  # out of the checkpoint's mapping, so that it goes
+        if id(tensor) not in held and not tensor.requires_grad and tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
+    try:
+        yield
+    finally:
+        with open(path, "rb") as f:
+            for base in layers:
+                shape = base.weight.shape
+                data = np.fromfile(f, dtype=np.float32, count=base.weight.numel())
+                base.weight.data = torch.from_numpy(data).reshape(shape)
+        path.unlink(missing_ok=True)

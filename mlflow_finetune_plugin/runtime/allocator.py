@@ -81,3 +81,21 @@ def describe() -> str:
         return f"Memory allocator: {used} (tcmalloc is installed: training started by `mlflow run` preloads it)"
     return (f"Memory allocator: {used}; installing tcmalloc (Debian/Ubuntu: libtcmalloc-minimal4) makes CPU training "
             "faster and leaner (docs/scaling.md)")
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set so far (Linux VmHWM; elsewhere getrusage's ru_maxrss), in bytes; None where
+    neither is available. What the allocator keeps counts: it is memory the machine gave the process."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux and the BSDs

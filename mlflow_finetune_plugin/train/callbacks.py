@@ -10,7 +10,7 @@ import mlflow
 from transformers import TrainerCallback
 
 from mlflow_finetune_plugin import stops, tags
-from mlflow_finetune_plugin.runtime import threads
+from mlflow_finetune_plugin.runtime import allocator, threads
 
 
 class MlflowMetrics(TrainerCallback):
@@ -38,6 +38,16 @@ class MlflowMetrics(TrainerCallback):
             self._last_tokens, self._last_time = tokens, now
         if metrics:
             mlflow.log_metrics(metrics, step=state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """The training process's peak memory so far (`train/peak_rss_gib`): the training stage's, before the
+        evaluation and the logging, which the command's peak adds to."""
+        peak = allocator.peak_rss_bytes()
+        if not state.is_world_process_zero or peak is None:
+            return
+        mlflow.log_metric(f"train/{self.prefix}peak_rss_gib", peak / 2**30, step=state.global_step)
+        print(f"Training {'of ' + self.prefix.rstrip('/') + ' ' if self.prefix else ''}done: this process's "
+              f"peak memory so far {peak / 2**30:.2f} GiB ({allocator.in_use()})")
 
 
 class Heartbeat(TrainerCallback):

@@ -9,7 +9,7 @@ import gc
 import mlflow
 from transformers import set_seed
 
-from mlflow_finetune_plugin import distill, stops, tracking
+from mlflow_finetune_plugin import distill, paths, stops, tracking
 from mlflow_finetune_plugin import tags as tag_names
 from mlflow_finetune_plugin.config.checks import ONLINE, SCORING
 from mlflow_finetune_plugin.config.presets import PRESETS
@@ -23,7 +23,12 @@ from mlflow_finetune_plugin.metrics import TUNED_RAG
 from mlflow_finetune_plugin.models import kernels
 from mlflow_finetune_plugin.models.architecture import for_generation
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer, model_reference
-from mlflow_finetune_plugin.models.precision import fp32_where_it_matters, recipe_autocast_bf16
+from mlflow_finetune_plugin.models.precision import (
+    fp32_where_it_matters,
+    frozen_weights_in_bf16,
+    measured_for,
+    recipe_autocast_bf16,
+)
 from mlflow_finetune_plugin.models.template_clock import pinned_clock
 from mlflow_finetune_plugin.tags import lineage_tags
 from mlflow_finetune_plugin.train import (
@@ -124,7 +129,10 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
                                          small, m, t, prepared, b)))
         if recipe.train.torch_compile:  # after the rehearsal's step: its shapes are not the training's
             print(f"torch.compile: {kernels.compile_layers(model)} decoder layers (compiled in the first steps)")
-        with fp32_where_it_matters(model, autocast):
+        # The frozen base weights in bf16 while training (the same numbers under autocast, 0.4 GB less at the peak on
+        # smollm2), the fp32 ones back after it (models/precision.py)
+        with frozen_weights_in_bf16(model, autocast and measured_for(recipe), paths.job_dir(run_id)), \
+                fp32_where_it_matters(model, autocast):
             if per_task:
                 trainers.train_per_task(recipe, objective, model, tokenizer, data.tasks, data.task_evals, args)
                 reach.tag(reached if main else "")
