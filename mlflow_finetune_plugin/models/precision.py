@@ -211,6 +211,7 @@ def frozen_weights_in_bf16(model, enabled: bool, spill_dir):
     layers = [layer.get_base_layer() for layer in model.modules() if isinstance(layer, LoraLayer)]
     layers = [base for base in layers if isinstance(base, torch.nn.Linear) and base.weight.dtype == torch.float32
               and not base.weight.requires_grad and id(base.weight) not in shared]
+    layers = list({id(base.weight): base for base in layers}.values())  # a weight two layers share: spilled once
     if not layers:
         yield
         return
