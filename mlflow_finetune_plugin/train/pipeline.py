@@ -5,6 +5,7 @@ torchrun every rank runs it and only rank 0 (`main`) talks to MLflow."""
 from __future__ import annotations
 
 import gc
+import os
 
 import mlflow
 from transformers import set_seed
@@ -130,8 +131,10 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
         if recipe.train.torch_compile:  # after the rehearsal's step: its shapes are not the training's
             print(f"torch.compile: {kernels.compile_layers(model)} decoder layers (compiled in the first steps)")
         # The frozen base weights in bf16 while training (the same numbers under autocast, 0.4 GB less at the peak on
-        # smollm2), the fp32 ones back after it (models/precision.py)
-        with frozen_weights_in_bf16(model, autocast and measured_for(recipe), paths.job_dir(run_id)), \
+        # smollm2), the fp32 ones back after it (models/precision.py). One process only: each rank measures its CPU
+        # for `auto` and may choose apart under load, and DDP's start-up sync of the weights then hung on their dtypes.
+        alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+        with frozen_weights_in_bf16(model, autocast and measured_for(recipe) and alone, paths.job_dir(run_id)), \
                 fp32_where_it_matters(model, autocast):
             if per_task:
                 trainers.train_per_task(recipe, objective, model, tokenizer, data.tasks, data.task_evals, args)

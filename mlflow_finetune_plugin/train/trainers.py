@@ -119,4 +119,5 @@ def train_per_task(recipe, objective, model, tokenizer, trains: dict, evals: dic
                                                             last_epochs=recipe.train.save_last_epochs),
                                            Heartbeat()])
         trainer.train()
-        trained(trainer)
+    # Not between tasks: the next task's trainer finds the model prepared already and leaves its forward as it is
+    trained(trainer)
