@@ -120,9 +120,20 @@ def setup_venv(force: bool, log_file: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- the recipe, in LLaMA-Factory's terms
 
 
+def llamafactory_dataset(rows: list[dict], data_dir: Path) -> str:
+    """Chat rows as a LLaMA-Factory dataset in `data_dir` (sharegpt format, OpenAI-style role/content tags; the
+    system message leads each row); its name, for the YAML's `dataset` (with `dataset_dir: data_dir`)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    common.write_jsonl(data_dir / f"{DATASET}.jsonl", [{"messages": row["messages"]} for row in rows])
+    (data_dir / "dataset_info.json").write_text(json.dumps({DATASET: {
+        "file_name": f"{DATASET}.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                 "system_tag": "system"}}}, indent=2))
+    return DATASET
+
+
 def llamafactory_config(recipe, model_dir: str, args, folder: Path) -> Path:
-    """The recipe's train rows as a LLaMA-Factory dataset (sharegpt format, OpenAI-style role/content tags; the
-    system message leads each row) and its training YAML; the YAML's path."""
+    """The recipe's train rows as a LLaMA-Factory dataset and its training YAML; the YAML's path."""
     import yaml
 
     if recipe.adapter.type != "lora" or recipe.model.quantization != "none" or recipe.data.format != "chat":
@@ -131,14 +142,9 @@ def llamafactory_config(recipe, model_dir: str, args, folder: Path) -> Path:
     targets = lora.target_modules
     target = "all" if targets == "all-linear" else ",".join([targets] if isinstance(targets, str) else targets)
     data_dir = folder / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in Path(recipe.data.train).read_text(encoding="utf-8").splitlines()
             if line.strip()]
-    common.write_jsonl(data_dir / f"{DATASET}.jsonl", [{"messages": row["messages"]} for row in rows])
-    (data_dir / "dataset_info.json").write_text(json.dumps({DATASET: {
-        "file_name": f"{DATASET}.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-                 "system_tag": "system"}}}, indent=2))
+    llamafactory_dataset(rows, data_dir)
     t, pack = recipe.train, recipe.data.packing is not False
     config = {
         "model_name_or_path": model_dir, "trust_remote_code": recipe.model.trust_remote_code,

@@ -12,8 +12,16 @@
 # "Can't pickle <class 'MonthDayNano'>") with a dist-info declaring the plugin's `mlflow.project_backend` entry point
 # (the plugin's code itself is the repository, on PYTHONPATH), then packed with xz. Prints the sizes.
 #
+# LLAMAFACTORY=1 adds LLaMA-Factory 0.9.5 and the libraries it pins (transformers, peft, trl, datasets, accelerate,
+# ...: pure-Python wheels) in a folder of their own, lf/site-packages, for train_throughput.py's llamafactory sides
+# (run_on_device.sh puts it on $BENCH_LF_SITE), with the tokenizers transformers 5.6 accepts; the rest it needs
+# (torch, pyarrow, pandas, huggingface_hub) the device has.
+# BITSANDBYTES=0 leaves bitsandbytes out (QLoRA only; 41 MiB as downloaded) and PANDAS=0 pandas (the device's own is
+# used, 11 MiB packed): the room LLaMA-Factory's wheels need beside the repository in one 64 MiB carry.
+#
 #   bash bench/gpu/prepare_carry.sh                 # from anywhere, with the project's venv active
 #   PY_VERSION=3.11 bash bench/gpu/prepare_carry.sh
+#   LLAMAFACTORY=1 BITSANDBYTES=0 PANDAS=0 bash bench/gpu/prepare_carry.sh     # LoRA sides and LLaMA-Factory's
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=.gpu_wheels
@@ -39,8 +47,16 @@ PLATFORMS="--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --pl
 python -m pip download -q --no-deps -d "$OUT" $(pins "$PURE")
 # liger-kernel is not installed on the CPU machine (its Triton kernels run on GPUs only): its newest release, pinned.
 python -m pip download -q --no-deps -d "$OUT" "liger-kernel==${LIGER_VERSION:-0.8.5}"
+BNB=$([ "${BITSANDBYTES:-1}" = 0 ] || echo "bitsandbytes==$(ver bitsandbytes)")
+[ "${PANDAS:-1}" = 0 ] && BINARY=${BINARY/pandas /}
 python -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" $PLATFORMS -d "$OUT" \
-  $(pins "$BINARY") "bitsandbytes==$(ver bitsandbytes)"
+  $(pins "$BINARY") $BNB
+# LLaMA-Factory's own pins (its installed set on the CPU machine: bench/peer_llamafactory.py), downloaded apart
+LF="llamafactory==0.9.5 transformers==5.6.0 peft==0.18.1 trl==0.24.0 datasets==4.0.0 accelerate==1.11.0 dill==0.3.8
+    multiprocess==0.70.16 fsspec==2025.3.0 omegaconf==2.4.0 fire==0.7.1 termcolor==3.3.0
+    liger-kernel==${LIGER_VERSION:-0.8.5} tokenizers==0.22.2"
+[ "${LLAMAFACTORY:-0}" = 0 ] || python -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" $PLATFORMS \
+  -d "$OUT/lf" $LF
 
 python - "$OUT" .gpu_carry/site-packages "$(ver mlflow-finetune-plugin)" <<'PY'
 import pathlib, re, shutil, sys, zipfile
@@ -53,22 +69,23 @@ DROP = re.compile(r"libbitsandbytes_(cuda(11|12)\d|cuda132|rocm|xpu)|pyarrow/(.*
 shutil.rmtree(site.parent, ignore_errors=True)
 site.mkdir(parents=True)
 total = 0
-for whl in sorted(wheels.glob("*.whl")):
+for whl in sorted([*wheels.glob("*.whl"), *wheels.glob("lf/*.whl")]):
     total += whl.stat().st_size
+    into = site.parent / "lf" / "site-packages" if whl.parent.name == "lf" else site  # named so for dill, as above
     with zipfile.ZipFile(whl) as z:
         for member in z.infolist():
             if not DROP.search(member.filename):
-                z.extract(member, site)
+                z.extract(member, into)
 info = site / f"mlflow_finetune_plugin-{version}.dist-info"
 info.mkdir()
 (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: mlflow-finetune-plugin\nVersion: {version}\n")
 (info / "entry_points.txt").write_text(
     "[mlflow.project_backend]\nfinetune = mlflow_finetune_plugin.backend:FinetuneBackend\n")
 (info / "top_level.txt").write_text("mlflow_finetune_plugin\n")
-print(f"{len(list(wheels.glob('*.whl')))} wheels, {total / 2**20:.1f} MiB as downloaded")
+print(f"{len(list(wheels.glob('*.whl')) + list(wheels.glob('lf/*.whl')))} wheels, {total / 2**20:.1f} MiB as downloaded")
 PY
 rm -f .gpu_carry.tar.xz
-XZ_OPT="-6 -T2" tar -C .gpu_carry -cJf .gpu_carry.tar.xz site-packages
+XZ_OPT="-6 -T2" tar -C .gpu_carry -cJf .gpu_carry.tar.xz site-packages $([ -d .gpu_carry/lf ] && echo lf)
 rm -rf .gpu_carry
 size=$(stat -c %s .gpu_carry.tar.xz)
 echo ".gpu_carry.tar.xz: $((size / 1048576)) MiB, binary wheels for Python $PY_VERSION"

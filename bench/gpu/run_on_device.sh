@@ -11,6 +11,7 @@ start=$(date +%s)
 rm -rf "$SITE" && mkdir -p "$SITE" && tar -C "$SITE" -xJf .gpu_carry.tar.xz || { echo "no .gpu_carry.tar.xz: carry it"; exit 2; }
 export PYTHONPATH="$PWD:$SITE/site-packages${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$SITE/site-packages/bin:$PATH" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+[ -d "$SITE/lf/site-packages" ] && export BENCH_LF_SITE="$SITE/lf/site-packages"  # LLaMA-Factory's pinned libraries
 echo "unpacked in $(( $(date +%s) - start )) s"
 python - <<'PY' 2>&1 | tee "$OUT/versions.txt"
 import importlib.metadata as md, platform, sys, glob, os
@@ -36,6 +37,9 @@ try:
 except Exception as e:  # the plugin sides will fail and say why; the plain sides still run
     print("IMPORT PROBLEM:", type(e).__name__, e)
 PY
+[ -n "${BENCH_LF_SITE:-}" ] && PYTHONPATH="$BENCH_LF_SITE" python -c "import importlib.metadata as m
+print('LLaMA-Factory side:', ', '.join(f'{p} {m.version(p)}' for p in ('llamafactory', 'transformers', 'peft', 'trl',
+      'datasets', 'accelerate')))" 2>&1 | tee -a "$OUT/versions.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/versions.txt"
 echo "starting the bench $(( $(date +%s) - start )) s in"
 python bench/gpu/train_throughput.py --out "$OUT" --deadline-s "${DEADLINE_S:-450}" --workdir /tmp/bench-work "$@" \

@@ -8,6 +8,14 @@ batch x seq_len tokens on every side (packing off). Sides, per method (lora, qlo
   plugin+compile  the same with train.torch_compile: true (each decoder layer under torch.compile)
   plain        bench/plain_train.py --method METHOD --precision bf16 (transformers Trainer + PEFT / bitsandbytes)
   plain+liger  the same with `use_liger_kernel=True` (Liger's defaults, fused linear cross-entropy included)
+  llamafactory  LLaMA-Factory 0.9.5 (bench/llamafactory_train.py, LoRA only) on the same model and rows, the same
+               LoRA, optimizer and batch settings, and its own defaults for the rest: gradient checkpointing on,
+               sdpa attention, the chat template parsed from the tokenizer, bf16 on a GPU
+  llamafactory+liger  the same with its `enable_liger_kernel: true`
+LLaMA-Factory runs on its own pinned libraries (transformers, peft, trl, datasets, accelerate): with the Python of
+$BENCH_LF_PYTHON (default: bench/peer_llamafactory.py's virtual environment where it exists, else this Python), and
+$BENCH_LF_SITE first on its path where set (on the device: run_on_device.sh unpacks them there when
+bench/gpu/prepare_carry.sh packed them with LLAMAFACTORY=1); nothing of this repository is on its path.
 Each side is its own process. Timing is the same on every side (bench/gpu/probe/sitecustomize.py wraps
 `Trainer.training_step`): the first --warmup steps are excluded (start-up, autotuning, allocator warm-up), then
 --timed steps are timed between two `cuda.synchronize()` calls. Reported: tokens/s over that window, the process's
@@ -47,7 +55,7 @@ import common  # noqa: E402
 START = time.monotonic()
 PROBE = Path(__file__).resolve().parent / "probe"
 METHODS = ("lora", "qlora")
-SIDES = ("plugin", "plugin+compile", "plain", "plain+liger")
+SIDES = ("plugin", "plugin+compile", "plain", "plain+liger", "llamafactory", "llamafactory+liger")
 LR = {"lora": 2e-4, "qlora": 2e-4}
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 32,
             "num_key_value_heads": 32, "head_dim": 64, "vocab_size": 32000, "max_position_embeddings": 4096,
@@ -122,7 +130,37 @@ class GpuMemory:
             self._thread.join()
 
 
+def llamafactory_python() -> str:
+    from peer_llamafactory import lf_python
+
+    return os.environ.get("BENCH_LF_PYTHON") or (str(lf_python()) if lf_python().exists() else sys.executable)
+
+
+def llamafactory_config(method: str, args, model: Path, data: Path, work: Path, liger: bool) -> Path:
+    """LLaMA-Factory's training YAML for the same model, rows and settings as the plugin's project (LoRA)."""
+    import yaml
+    from peer_llamafactory import llamafactory_dataset
+
+    folder = work / "llamafactory" / f"{method}{'-liger' if liger else ''}"
+    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    config = {
+        "model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_target": "all",
+        "dataset": llamafactory_dataset(rows, folder / "data"), "dataset_dir": str(folder / "data"),
+        "cutoff_len": args.seq_len, "packing": False, "overwrite_cache": True, "enable_liger_kernel": liger,
+        "output_dir": str(folder / "out"), "overwrite_output_dir": True, "save_strategy": "no", "plot_loss": False,
+        "report_to": "none", "logging_steps": 10, "per_device_train_batch_size": args.batch_size,
+        "learning_rate": LR[method], "max_steps": args.total_steps, "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05, "seed": 42, "bf16": args.precision == "bf16", "use_cpu": args.precision != "bf16",
+    }
+    (folder / "train.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder / "train.yaml"
+
+
 def side_command(side: str, method: str, args, model: Path, data: Path, work: Path) -> list[str]:
+    if side.startswith("llamafactory"):
+        config = llamafactory_config(method, args, model, data, work, liger=side.endswith("+liger"))
+        return [llamafactory_python(), str(common.REPO / "bench" / "llamafactory_train.py"), str(config)]
     if side.startswith("plugin"):
         folder = project(work, method, args, data, compiled=side == "plugin+compile")
         return [sys.executable, "-m", "mlflow", "run", str(folder), "-e", method,
@@ -146,6 +184,9 @@ def run_side(side: str, method: str, rep: int, args, model: Path, data: Path, en
                 "BENCH_PROBE_TIMED": str(args.timed), "BENCH_PROBE_PROFILE": str(args.profile_step),
                 "BENCH_PROBE_PROFILE_OUT": str(args.out / f"profile-{side.replace('+', '-')}.txt") if profile else "",
                 "PYTHONPATH": os.pathsep.join([str(PROBE), env["PYTHONPATH"]])}
+    if side.startswith("llamafactory"):  # its own libraries only: the probe, then its pinned ones where carried
+        side_env.update(PYTHONPATH=os.pathsep.join([str(PROBE), *filter(None, [os.environ.get("BENCH_LF_SITE")])]),
+                        HF_DATASETS_CACHE=str(work / "llamafactory" / "datasets-cache"))
     log_file = args.out / "logs" / f"{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     row = {"method": method, "side": side, "rep": rep, "log": str(log_file)}
@@ -168,8 +209,17 @@ def run_side(side: str, method: str, rep: int, args, model: Path, data: Path, en
     return row
 
 
-def skip_reason(side: str, on_gpu: bool) -> str | None:
-    if side == "plain+liger":
+def skip_reason(side: str, method: str, on_gpu: bool) -> str | None:
+    if side.startswith("llamafactory"):
+        if method != "lora":
+            return "skipped: the LLaMA-Factory side mirrors LoRA only"
+        found = subprocess.run([llamafactory_python(), "-c", "import llamafactory"], capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": os.environ.get("BENCH_LF_SITE", "")})
+        if found.returncode:
+            return (f"skipped: LLaMA-Factory does not import ({(found.stderr.strip().splitlines() or ['?'])[-1]}): "
+                    "bench/peer_llamafactory.py makes its environment; for the device, bench/gpu/prepare_carry.sh "
+                    "with LLAMAFACTORY=1")
+    if side.endswith("+liger"):
         if not on_gpu:
             return "skipped: Liger Kernel runs on CUDA only"
         import importlib.util
@@ -188,7 +238,7 @@ def report(rows: list[dict], methods, args, config: dict, params: int, on_gpu: b
     for method in methods:
         plain = ok(method, "plain")
         fpt = flops_per_token(method, config, params, args.seq_len)
-        for side in SIDES:
+        for side in [side for side in SIDES if any(r["side"] == side for r in rows)]:
             runs = ok(method, side)
             failed = [r.get("error", "") for r in rows if r["method"] == method and r["side"] == side
                       and "tokens_per_s" not in r]
@@ -287,7 +337,7 @@ def main(argv=None):
                 left = args.deadline_s - (time.monotonic() - START)
                 need = took.get(f"{method}/{side}", 30.0)
                 row = {"method": method, "side": side, "rep": rep}
-                if (reason := skip_reason(side, on_gpu)) is not None:
+                if (reason := skip_reason(side, method, on_gpu)) is not None:
                     row["error"] = reason
                 elif left < need:
                     row["error"] = f"skipped: {left:.0f} s left before the deadline, the side needs about {need:.0f}"
