@@ -80,6 +80,31 @@ def test_torchrun_command_single_and_multi_node():
     assert torchrun_command(["bash", "-c", "echo hi"], "abc", 2)[-4:] == ["--no-python", "bash", "-c", "echo hi"]
 
 
+def test_the_ranks_of_one_node_share_one_measurement_of_bf16(monkeypatch):
+    # quiet_torchrun measures once (or takes the launcher's figure) before its ranks start; each rank reads it.
+    from mlflow_finetune_plugin.models.precision import SPEEDUP_ENV
+
+    show = [sys.executable, "-c", f"import os; print('rank', os.environ['RANK'], os.environ.get('{SPEEDUP_ENV}'))"]
+    for given in ("", "1.234"):
+        env = {**os.environ, SPEEDUP_ENV: given}
+        out = subprocess.run(torchrun_command(show, "r", nproc_per_node=2), env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        ranks = {line.split()[1]: line.split()[2] for line in out.stdout.splitlines() if line.startswith("rank")}
+        assert sorted(ranks) == ["0", "1"] and len(set(ranks.values())) == 1, out.stdout
+        figure = ranks["0"]
+        assert figure == "1.234" if given else (figure == "none" or float(figure) > 0)
+
+
+def test_the_other_nodes_are_told_the_first_node_s_figure():
+    from mlflow_finetune_plugin.launchers.torchrun import other_nodes_hint
+    from mlflow_finetune_plugin.models.precision import SPEEDUP_ENV
+
+    hint = other_nodes_hint(["python", "-m", "x"], 2, "10.0.0.1:29400",
+                            {"MLFLOW_TRACKING_URI": "http://10.0.0.1:5000", SPEEDUP_ENV: "2.412"})
+    assert f"MLFLOW_TRACKING_URI=http://10.0.0.1:5000 {SPEEDUP_ENV}=2.412 python -m x" in hint
+
+
 @pytest.mark.parametrize("config, expected", [
     ({"launcher": "torchrun", "nproc_per_node": 0}, "nproc_per_node must be a whole number >= 1 (got 0)"),
     ({"launcher": "torchrun", "nproc_per_node": "2"}, 'nproc_per_node must be a whole number >= 1 (got "2")'),

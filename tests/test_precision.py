@@ -30,6 +30,28 @@ def test_the_measurement_runs_on_this_cpu():
     assert precision.cpu_bf16_speedup() is speedup
 
 
+def test_a_job_s_ranks_use_the_figure_measured_once_for_them(monkeypatch):
+    # Measured by each rank beside the others' work, ranks chose apart (DDP then hung): the launcher's figure wins.
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("measured although the launcher gave a figure"))
+    monkeypatch.setenv(precision.SPEEDUP_ENV, "2.4")
+    assert precision.cpu_bf16_speedup() == 2.4 and precision.cpu_has_fast_bf16()
+    assert precision.for_every_rank() == {precision.SPEEDUP_ENV: "2.400"}
+    precision.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setenv(precision.SPEEDUP_ENV, "none")
+    assert precision.cpu_bf16_speedup() is None and not precision.cpu_autocast_bf16("auto", "auto")
+    precision.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setenv(precision.SPEEDUP_ENV, "fast")
+    with pytest.raises(ValueError, match="MLFLOW_FINETUNE_CPU_BF16_SPEEDUP='fast' is not a number: unset it"):
+        precision.cpu_bf16_speedup()
+
+
+def test_for_every_rank_hands_down_this_process_s_measurement(monkeypatch):
+    monkeypatch.delenv(precision.SPEEDUP_ENV, raising=False)
+    figure = precision.for_every_rank()[precision.SPEEDUP_ENV]
+    speedup = precision.cpu_bf16_speedup()
+    assert figure == ("none" if speedup is None else f"{speedup:.3f}")
+
+
 def test_cpu_flags_are_read():
     flags = precision.cpu_flags()
     assert isinstance(flags, frozenset)

@@ -1,11 +1,13 @@
 """torchrun itself, minus the tracebacks it prints when it is stopped (cancel sends it SIGTERM) or when the
-node hosting the rendezvous goes away.
+node hosting the rendezvous goes away; its ranks on a CPU share one measurement of bf16's speed
+(`models/precision.for_every_rank`), taken here before they start unless the launcher handed one down.
 
 `python -m mlflow_finetune_plugin.launchers.quiet_torchrun TORCHRUN_ARGS...`
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -16,6 +18,9 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import main as torchrun
 
+    from mlflow_finetune_plugin.models.precision import for_every_rank
+
+    os.environ.update(for_every_rank())  # inherited by every rank this node starts
     try:
         torchrun(argv)
     except SignalException as e:

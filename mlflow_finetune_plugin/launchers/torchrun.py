@@ -24,6 +24,10 @@ def launch(cmd: list[str], run_id: str, env: dict, job_dir: Path, detach: bool =
            nproc_per_node: int | None = None, nnodes: int = 1, rdzv_endpoint: str | None = None):
     """Start `cmd` on `nproc_per_node` ranks (default: one per GPU, else 1) of this node; returns a SubmittedRun."""
     dist_cmd = torchrun_command(cmd, run_id, nproc_per_node, nnodes, rdzv_endpoint)
+    if nnodes > 1:  # the other nodes' ranks decide as this node's do (the hint below carries the figure)
+        from mlflow_finetune_plugin.models.precision import for_every_rank
+
+        env = {**env, **for_every_rank()}
     submitted = local.launch(dist_cmd, run_id, env, job_dir, detach=detach, cwd=cwd)
     if nnodes > 1:
         print(other_nodes_hint(dist_cmd, nnodes, rdzv_endpoint, env, cwd), file=sys.stderr)
@@ -57,8 +61,10 @@ def other_nodes_hint(dist_cmd: list[str], nnodes: int, rdzv_endpoint: str, env: 
     URI; the recipe file, the data and the tracking server must be reachable there at the same addresses."""
     import shlex
 
-    uri = env.get("MLFLOW_TRACKING_URI", "")
-    line = shlex.join([f"MLFLOW_TRACKING_URI={uri}", *dist_cmd]) if uri else shlex.join(dist_cmd)
+    from mlflow_finetune_plugin.models.precision import SPEEDUP_ENV
+
+    assigned = [f"{key}={env[key]}" for key in ("MLFLOW_TRACKING_URI", SPEEDUP_ENV) if env.get(key)]
+    line = shlex.join([*assigned, *dist_cmd])
     where = f"cd {shlex.quote(str(cwd))} && " if cwd else ""
     return (f"=== torchrun: this node waits at the rendezvous {rdzv_endpoint} for {nnodes - 1} more node(s). "
             f"On each of them (recipe, data and tracking store reachable at the same paths), run:\n"

@@ -4,13 +4,16 @@ On a GPU, `train.precision: auto` is bf16 where the GPU supports it. On a CPU it
 (bf16 matmuls) only where this CPU runs bf16 matmuls much faster than fp32. That differs by CPU in ways no flag
 tells: a Xeon with AVX-512 BF16 but no AMX ran them at 0.65x fp32, an AMD EPYC with the same flag at 2.4x, a Xeon
 with AMX at 3-8x (docs/benchmarks.md, "CPUs seen so far"). So the answer is a measurement, taken once per process
-on a matmul the size of a training step's, in about a tenth of a second.
+on a matmul the size of a training step's, in about a tenth of a second. A job of several processes (torchrun, Ray)
+measures once, before its ranks start, and hands the figure to them (`SPEEDUP_ENV`): measured by each rank beside the
+others' work, ranks chose apart, and DDP's first sync then waited forever on tensors of two dtypes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 
 # bf16 matmuls must run this much faster than fp32 for autocast to pay in a whole step: matmuls are two thirds of a
@@ -18,6 +21,8 @@ import time
 MIN_MATMUL_SPEEDUP = 1.6
 # CPU flags (x86 /proc/cpuinfo "flags", Arm "Features") of native bf16 arithmetic; without one, bf16 is emulated.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+# The measurement handed to each process of a job ("none": no native bf16), so that every rank decides alike.
+SPEEDUP_ENV = "MLFLOW_FINETUNE_CPU_BF16_SPEEDUP"
 
 
 def cpu_flags() -> frozenset[str]:
@@ -36,7 +41,17 @@ def cpu_flags() -> frozenset[str]:
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_speedup() -> float | None:
     """bf16 over fp32 throughput of a training-sized matmul on this CPU, measured now; None on a CPU without native
-    bf16 arithmetic (bf16 is then emulated and slower, so there is nothing to measure)."""
+    bf16 arithmetic (bf16 is then emulated and slower, so there is nothing to measure). Under a job's launcher, the
+    figure it measured once for all its ranks (`SPEEDUP_ENV`)."""
+    given = os.environ.get(SPEEDUP_ENV, "").strip()
+    if given:
+        if given == "none":
+            return None
+        try:
+            return float(given)
+        except ValueError:
+            raise ValueError(f"{SPEEDUP_ENV}={given!r} is not a number: unset it (the launcher sets it) or give the "
+                             "bf16 over fp32 matmul speedup, e.g. 2.4, or 'none'") from None
     if not cpu_flags() & BF16_FLAGS:
         return None
     import torch
@@ -55,6 +70,17 @@ def cpu_bf16_speedup() -> float | None:
         return best
 
     return seconds(torch.float32) / seconds(torch.bfloat16)
+
+
+def for_every_rank() -> dict[str, str]:
+    """The environment that makes every process of a job use this process's measurement: {SPEEDUP_ENV: figure},
+    measured now unless already given; nothing on a GPU machine, where nothing is measured."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {}
+    speedup = cpu_bf16_speedup()
+    return {SPEEDUP_ENV: "none" if speedup is None else f"{speedup:.3f}"}
 
 
 def cpu_has_fast_bf16() -> bool:
