@@ -185,6 +185,20 @@ def _datasets_by_context(run) -> dict:
     return {context: datasets[0] for context, datasets in found.items() if len(datasets) == 1}
 
 
+class Reached(TrainerCallback):
+    """Tags what the adapter reaches (`reach.report`'s line) at the end of the first training step: the rehearsal
+    and the trainer's set-up are behind, so the tag describes a run that trained."""
+
+    def __init__(self, line: str):
+        self.line = line
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from mlflow_finetune_plugin.train import reach
+
+        reach.tag(self.line)
+        self.line = ""
+
+
 class DropReferenceAdapter(TrainerCallback):
     """TRL adds a frozen `ref` copy of a pretrained adapter as the reference model (DPO continuing an adapter, GRPO
     with beta > 0); the logged model is the `default` adapter only."""

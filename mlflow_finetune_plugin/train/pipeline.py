@@ -43,7 +43,13 @@ from mlflow_finetune_plugin.train import (
     trainers,
 )
 from mlflow_finetune_plugin.train.adapters import adapter_of, attach, lora
-from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, Heartbeat, MlflowMetrics, TimeLeft
+from mlflow_finetune_plugin.train.callbacks import (
+    CheckpointLogger,
+    Heartbeat,
+    MlflowMetrics,
+    Reached,
+    TimeLeft,
+)
 from mlflow_finetune_plugin.train.objectives import objective_of, sft
 from mlflow_finetune_plugin.train.prompt_only import optimize_prompt
 
@@ -117,7 +123,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
             evaluated = list(data.task_evals.values()) if data.is_mixture else [data.eval]
             callbacks = [MlflowMetrics(), CheckpointLogger(last_epochs=recipe.train.save_last_epochs),
                          TimeLeft.of(recipe, evaluated),
-                         reach.Reached(reached if main else ""), Heartbeat()]
+                         Reached(reached if main else ""), Heartbeat()]
             with fp32_where_it_matters(model, autocast):
                 trainer = objective.build_trainer(recipe, model, tokenizer, data.train, data.eval, args, callbacks)
                 if recipe.train.rehearsal and recipe.objective not in ONLINE:

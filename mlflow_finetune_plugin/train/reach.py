@@ -10,8 +10,6 @@ import dataclasses
 import sys
 from collections import Counter
 
-from transformers import TrainerCallback
-
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.models.architecture import moe_of, trainable_share
 from mlflow_finetune_plugin.models.moe_parts import KINDS, adapted, parts
@@ -24,7 +22,7 @@ def report(recipe, model, main: bool = True) -> str:
     """Print and log what trains: the share of the parameters, and for a mixture of experts what the adapter reaches
     and leaves out, by kind of module. Returns that line ('' for other models): it is tagged
     (`finetune.lora_experts`) by `Reached` once training has taken its first step, so a run that fails before
-    training carries no tag saying what it trained."""
+    training carries no tag saying what it trained (`callbacks.Reached`)."""
     import mlflow
 
     trainable, total = trainable_share(model)
@@ -43,18 +41,6 @@ def report(recipe, model, main: bool = True) -> str:
     if main:
         print(line)
     return line
-
-
-class Reached(TrainerCallback):
-    """Tags what the adapter reaches (`report`'s line) at the end of the first training step: the rehearsal and the
-    trainer's set-up are behind, so the tag describes a run that trained."""
-
-    def __init__(self, line: str):
-        self.line = line
-
-    def on_step_end(self, args, state, control, **kwargs):
-        tag(self.line)
-        self.line = ""
 
 
 def tag(line: str) -> None:
