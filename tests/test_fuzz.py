@@ -371,6 +371,14 @@ def test_fuzzed_recipes_and_overrides_end_in_a_clear_error(capsys, record_proper
     assert counts["refused"] > EXAMPLES // 2  # the generators really do produce bad input
 
 
+def test_a_method_that_is_no_name_beside_an_untyped_adapter_section_is_a_clear_error(tmp_path):
+    # Found by the fuzzer in CI: `method: []` with an `adapter:` section without a type raised TypeError (a list is
+    # no key of the presets) inside the recipe loader instead of the recipe's own error.
+    recipe = b"adapter: {}\neval:\n  enabled: false\nmethod: []\ntrain:\n  batch_size: 2\n  max_steps: 2\n"
+    valid_data = "".join(json.dumps(r) + "\n" for r in GOOD_ROWS).encode()
+    assert _validate(recipe, valid_data, {}, "lora") in ("ok", "refused", "refused when training starts")
+
+
 def test_fuzzed_data_files_end_in_a_clear_error(capsys, record_property):
     counts = Counter()
 

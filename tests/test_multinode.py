@@ -7,6 +7,7 @@ whole job: nothing of it is left on either side, the run is never left RUNNING.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -19,8 +20,10 @@ import time
 import mlflow
 import psutil
 import pytest
+import torch
 from mlflow import MlflowClient
 
+from mlflow_finetune_plugin.models.precision import SPEEDUP_ENV
 from tests.helpers import (
     LONG_RECIPE,
     QUICK_RECIPE,
@@ -60,8 +63,10 @@ def _start_two_agents(tmp_path, tracking_uri, recipe: str):
         line = hint.search(text).group(1)
         cwd, _, command = line.partition(" && ") if line.startswith("cd ") else (None, "", line)
         words = shlex.split(command)
-        assignments = [w for w in words[:1] if re.match(r"^[A-Z_]+=", w)]
+        assignments = list(itertools.takewhile(lambda w: re.match(r"^[A-Z_][A-Z0-9_]*=", w), words))  # as a shell reads them
         second_env = {**env, **dict(w.split("=", 1) for w in assignments)}
+        if not torch.cuda.is_available():  # the first node's bf16 figure: every rank of both nodes decides alike
+            assert SPEEDUP_ENV in second_env, line
         with open(logs["second"], "w") as out:
             second = subprocess.Popen(words[len(assignments):], cwd=shlex.split(cwd)[1] if cwd else tmp_path,
                                       env=second_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -115,7 +115,8 @@ def without_foreign_adapter(raw: dict, adapter: str | None) -> dict:
     section = raw.get("adapter")
     if not isinstance(section, dict) or section.get("type"):
         return raw
-    own = raw.get("method") if raw.get("method") in PRESETS else "lora"
+    method = raw.get("method")
+    own = method if isinstance(method, str) and method in PRESETS else "lora"  # a wrong `method:` is refused later
     return raw if PRESETS[own].adapter == adapter else {k: v for k, v in raw.items() if k != "adapter"}
 
 
