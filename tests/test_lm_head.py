@@ -49,10 +49,10 @@ def _grads(model) -> dict:
     return grads
 
 
-def _assert_same_grads(a: dict, b: dict):
+def _assert_same_grads(a: dict, b: dict, rtol=1e-4, atol=1e-6):
     assert a.keys() == b.keys() and a
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(a[name], b[name], rtol=rtol, atol=atol), name
 
 
 @pytest.mark.parametrize("softcap,tied,tokens", [(None, True, None), (None, True, GEMMA_TOKENS),
@@ -228,8 +228,10 @@ def test_the_chunked_loss_under_cpu_bf16_autocast_keeps_the_head_in_fp32(tmp_pat
         results[side] = loss.item(), _grads(model)
     assert "forward" not in head.__dict__
     (chunked, chunked_grads), (plain, plain_grads) = results["chunked"], results[False]
-    assert chunked == pytest.approx(plain, rel=1e-5)
-    _assert_same_grads(chunked_grads, plain_grads)
+    assert chunked == pytest.approx(plain, rel=1e-5)  # a bf16 head would round the logits: ~1e-3 apart
+    # the LoRA branches compute in bf16 under the guards (their sum with the base output is fp32): the heads' fp32
+    # gradients, apart in their last bits, come back through bf16 backward matmuls, apart by bf16's steps at most
+    _assert_same_grads(chunked_grads, plain_grads, rtol=2e-2, atol=1e-3)
 
 
 def test_the_kl_replay_term_from_chunks_equals_the_one_from_whole_logits(tmp_path, small_chunks):
