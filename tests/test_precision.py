@@ -176,6 +176,46 @@ def test_guards_keep_a_small_lora_update_that_plain_autocast_rounds_away():
     assert error(kept) < 0.05  # guarded: the update as fp32 computes it
 
 
+def test_guards_compute_the_lora_branch_in_bf16_and_sum_it_in_fp32(monkeypatch):
+    """Under the guards a plain LoRA layer takes the project's forward (not PEFT's): base layer and branch in bf16,
+    their sum in fp32, so that the update keeps bf16's precision of itself and is not rounded against its base
+    output. Where the layer is not plain (DoRA) or autocast is off, PEFT's forward runs, with the fp32 guards."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    layer = model.base_model.model[0]
+    calls = []
+    peft_forward = LoraLinear.forward
+    monkeypatch.setattr(LoraLinear, "forward", lambda self, *a, **k: calls.append(1) or peft_forward(self, *a, **k))
+    x = torch.randn(5, 64)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    linear = torch.nn.functional.linear
+    base_out = linear(bf(x), bf(layer.base_layer.weight), bf(layer.base_layer.bias)).float()
+    update = linear(linear(bf(x), bf(a)) * 2.0, bf(b)).float()  # scaling alpha / r = 2
+    with precision.fp32_where_it_matters(model, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert calls == []  # the project's forward, not PEFT's
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, base_out + update, rtol=0, atol=1e-6)  # the sum of the two, in fp32
+        out.sum().backward()
+        assert a.grad is not None and b.grad is not None and b.grad.abs().sum() > 0
+        with torch.no_grad():
+            fp32 = layer.base_layer(x) + 2.0 * (x @ a.t()) @ b.t()
+            torch.testing.assert_close(model(x), fp32)  # autocast off: PEFT's forward, in fp32
+        assert calls
+    dora = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 48)),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True))
+    calls.clear()
+    with precision.fp32_where_it_matters(dora, True), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dora(x).dtype == torch.float32
+    assert calls  # a variant keeps PEFT's forward
+
+
 def test_guards_put_the_modules_back_and_do_nothing_when_off():
     model = _tiny_lora_model()
     ids = torch.randint(0, 128, (1, 8))

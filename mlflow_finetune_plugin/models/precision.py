@@ -221,6 +221,7 @@ def _lora_summed_in_fp32(layer, forward):
                 or any(name in layer.lora_variant or type(layer.lora_A[name]).forward is not linear
                        or type(layer.lora_B[name]).forward is not linear for name in active)):
             return forward(x, *args, **kwargs)
+        x = _cast_once(x, torch.get_autocast_dtype(x.device.type))
         result = F.linear(x, base.weight, base.bias)  # bf16
         for name in active:
             a, b = layer.lora_A[name], layer.lora_B[name]
@@ -228,6 +229,24 @@ def _lora_summed_in_fp32(layer, forward):
             result = torch.add(F.linear(rank, b.weight, b.bias).float(), result)  # fp32 from here
         return result
     return summed_forward
+
+
+_last_cast: list = [None, None, -1]  # a weak reference to the last input cast, its cast, its version then
+
+
+def _cast_once(x, dtype):
+    """`x` in `dtype`, cast once for the layers that read the same input in a row (q, k and v; gate and up): each
+    would otherwise cast it again, and each LoRA branch would keep its own copy for the backward pass."""
+    import weakref
+
+    if x.dtype == dtype:
+        return x
+    ref, cast, version = _last_cast
+    if ref is not None and ref() is x and x._version == version and cast._version == 0:
+        return cast
+    cast = x.to(dtype)
+    _last_cast[:] = [weakref.ref(x), cast, x._version]
+    return cast
 
 
 def _output_in_fp32(forward):

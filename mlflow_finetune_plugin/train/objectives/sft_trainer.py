@@ -90,6 +90,18 @@ class FinetuneSFTTrainer(SFTTrainer):
         # KL weighted by replay_every, so the average pull is the same), in this order
         self.replay_kl, self.replay_weight, self.replay_every = replay_kl or [], replay_weight, replay_every
         self._replay_at, self._forwards = 0, 0
+        self._parameters = None  # the model's count for `floating_point_ops`, counted once
+
+    def floating_point_ops(self, inputs) -> int:
+        """Trainer's estimate (6 x tokens x parameters without the embeddings), with the parameters counted once:
+        Trainer counts them again every step, walking every parameter of the model (17 ms of a 1.5 s smollm2 step
+        on a 2-core CPU). The count does not change while training: no parameter is added or removed."""
+        name = getattr(self.model, "main_input_name", "input_ids")
+        if name not in inputs or not hasattr(self.model, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        if self._parameters is None:
+            self._parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[name].numel() * self._parameters
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is not None and model.training:
