@@ -50,7 +50,6 @@ from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from mlflow_finetune_plugin.models.architecture import moe_of
-from mlflow_finetune_plugin.models.attention import segments, segments_fit
 from mlflow_finetune_plugin.models.lm_head import Head, cross_entropy, head_of, hidden_states, kl_divergence
 
 
@@ -61,9 +60,7 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
     `attention_mask` marks the real tokens of each row; the trainer counts tokens with it and removes it before the
     forward pass, so that the model derives the per-example mask from `position_ids`. The first token of every
     packed example gets no label: it would otherwise be predicted from the end of the previous example (TRL's
-    padding-free collator does the same). With `padding_free` (the trainer's `segments`), TRL's padding-free
-    layout instead: the batch's rows end to end in one row, with `cu_seq_lens_q`/`_k` marking each example, no
-    `attention_mask` and no padding.
+    padding-free collator does the same).
     """
 
     padding_free: bool = False
@@ -86,14 +83,9 @@ class FinetuneSFTTrainer(SFTTrainer):
         self._experts = moe_of(self.model) if self.aux_loss_enabled else None
         self.fused_lm_head = fused_lm_head
         self.pack_rows = pack_rows
-        # Packed rows on CPU train padding-free: a batch's rows end to end in one row, each example attending over
-        # itself only (models/attention.segment_attention); no padding computed, and attention over the examples'
-        # squares, not the rows'.
-        self.segments = pack_rows and segments_fit(self.model)
         if pack_rows:
             self.data_collator = PackedRowsCollator(pad_token_id=self.data_collator.pad_token_id,
-                                                    pad_to_multiple_of=self.data_collator.pad_to_multiple_of,
-                                                    padding_free=self.segments)
+                                                    pad_to_multiple_of=self.data_collator.pad_to_multiple_of)
         # data.replay_loss: kl: general-text rows (token ids), one scored every `replay_every` training forwards (its
         # KL weighted by replay_every, so the average pull is the same), in this order
         self.replay_kl, self.replay_weight, self.replay_every = replay_kl or [], replay_weight, replay_every
@@ -110,10 +102,6 @@ class FinetuneSFTTrainer(SFTTrainer):
         if self._parameters is None:
             self._parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[name].numel() * self._parameters
-
-    def train(self, *args, **kwargs):
-        with segments(self.model, self.segments):
-            return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is not None and model.training:
@@ -203,7 +191,7 @@ class FinetuneSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
     def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
-        real_mask = inputs.pop("attention_mask", None) if self.pack_rows else None  # none: padding-free
+        real_mask = inputs.pop("attention_mask") if self.pack_rows else None
         real_tokens = real_mask.sum() if real_mask is not None else None
         if self.fused_lm_head is True and not self._trl_fuses(model):
             # TRL's fused head reads lm_head.weight/.bias: PEFT's trainable-token rows (model.chat_template on a
@@ -291,8 +279,7 @@ class FinetuneSFTTrainer(SFTTrainer):
                                              num_items_in_batch=num_items_in_batch)
         accuracy = outputs.token_accuracy if outputs.token_accuracy is not None else torch.zeros(())
         self._metrics["train"]["mean_token_accuracy"].append(self._gathered_mean(accuracy.detach().float()))
-        counted = real_tokens if real_tokens is not None else inputs["attention_mask"].sum() \
-            if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
+        counted = real_tokens if real_tokens is not None else inputs["attention_mask"].sum()
         self._total_train_tokens += self._gathered(counted) // self._tp_size
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return loss
