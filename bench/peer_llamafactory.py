@@ -42,8 +42,8 @@ Not the same in the two tools (each is the tool's own way, left as it is):
 - Packing: TRL's best-fit decreasing into rows of up to max_length, a batch padded to its longest row, attention
   from `position_ids` (project); a greedy knapsack into rows of max_length - 1 tokens, each padded to max_length,
   attention from the collator's 4D block-diagonal mask (LLaMA-Factory). Both make 142 rows an epoch here.
-- Under bf16 autocast the project keeps the logits and the LoRA updates in fp32; LLaMA-Factory's autocast covers
-  them (its LoRA weights are fp32 too).
+- Under bf16 autocast the project keeps the logits in fp32 and adds each LoRA update (computed in bf16) to its
+  base output in fp32; LLaMA-Factory's autocast rounds both to bf16 (its LoRA weights are fp32 too).
 - The project's command also rehearses a training step and the model's save and reload before training, and logs
   and registers the model in MLflow: in its wall time and peak RSS, not in s/step or tokens/s.
 - The libraries: LLaMA-Factory's pins against the project's transformers, peft and trl (both printed).
