@@ -216,6 +216,32 @@ def test_guards_compute_the_lora_branch_in_bf16_and_sum_it_in_fp32(monkeypatch):
     assert calls  # a variant keeps PEFT's forward
 
 
+def test_the_input_cast_once_for_several_layers_trains_the_same_gradients_as_a_cast_per_layer(monkeypatch):
+    """q, k and v (gate and up) read one input: it is cast to bf16 once, and each layer still sends its gradient
+    back through its own cast, so the gradients are summed in fp32 as with a cast per layer, bit for bit."""
+    model = _tiny_lora_model()
+    ids = torch.randint(0, 128, (2, 12))
+
+    def step():
+        model.zero_grad()
+        with precision.fp32_where_it_matters(model, True), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    casts = []
+    to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: casts.append(1) or to(self, *a, **k))
+    shared_loss, shared = step()
+    shared_casts = len(casts)
+    monkeypatch.setattr(precision, "_cast_once", lambda x, dtype: x.to(dtype))
+    casts.clear()
+    loss, each = step()
+    assert shared_casts < len(casts)
+    assert torch.equal(shared_loss, loss)
+    assert shared.keys() == each.keys() and all(torch.equal(shared[n], each[n]) for n in shared)
+
+
 def test_guards_put_the_modules_back_and_do_nothing_when_off():
     model = _tiny_lora_model()
     ids = torch.randint(0, 128, (1, 8))

@@ -221,11 +221,11 @@ def _lora_summed_in_fp32(layer, forward):
                 or any(name in layer.lora_variant or type(layer.lora_A[name]).forward is not linear
                        or type(layer.lora_B[name]).forward is not linear for name in active)):
             return forward(x, *args, **kwargs)
-        x = _cast_once(x, torch.get_autocast_dtype(x.device.type))
-        result = F.linear(x, base.weight, base.bias)  # bf16
+        dtype = torch.get_autocast_dtype(x.device.type)
+        result = F.linear(_cast_once(x, dtype), base.weight, base.bias)  # bf16
         for name in active:
             a, b = layer.lora_A[name], layer.lora_B[name]
-            rank = F.linear(layer.lora_dropout[name](x), a.weight, a.bias) * layer.scaling[name]
+            rank = F.linear(layer.lora_dropout[name](_cast_once(x, dtype)), a.weight, a.bias) * layer.scaling[name]
             result = torch.add(F.linear(rank, b.weight, b.bias).float(), result)  # fp32 from here
         return result
     return summed_forward
@@ -236,17 +236,45 @@ _last_cast: list = [None, None, -1]  # a weak reference to the last input cast, 
 
 def _cast_once(x, dtype):
     """`x` in `dtype`, cast once for the layers that read the same input in a row (q, k and v; gate and up): each
-    would otherwise cast it again, and each LoRA branch would keep its own copy for the backward pass."""
+    would otherwise cast it again, and each LoRA branch would keep its own copy for the backward pass. Each layer
+    still gets its own node in the graph (`_SharedCast`), so that their gradients reach `x` in its own dtype and are
+    summed there, as with a cast per layer: the same gradients, bit for bit."""
     import weakref
+
+    import torch
 
     if x.dtype == dtype:
         return x
     ref, cast, version = _last_cast
-    if ref is not None and ref() is x and x._version == version and cast._version == 0:
-        return cast
-    cast = x.to(dtype)
-    _last_cast[:] = [weakref.ref(x), cast, x._version]
-    return cast
+    if ref is None or ref() is not x or x._version != version or cast._version != 0:
+        with torch.no_grad():
+            cast = x.to(dtype)
+        _last_cast[:] = [weakref.ref(x), cast, x._version]
+    return _shared_cast().apply(x, cast) if x.requires_grad and torch.is_grad_enabled() else cast
+
+
+def _shared_cast():
+    """torch.autograd.Function (made on first use): forward hands out the cast made once, backward casts the
+    gradient back to the input's dtype, as the cast's own backward does."""
+    global _SharedCast
+    if _SharedCast is None:
+        import torch
+
+        class SharedCast(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, cast):
+                ctx.dtype = x.dtype
+                return cast.view_as(cast)
+
+            @staticmethod
+            def backward(ctx, grad):
+                return grad.to(ctx.dtype), None
+
+        _SharedCast = SharedCast
+    return _SharedCast
+
+
+_SharedCast = None
 
 
 def _output_in_fp32(forward):
