@@ -204,8 +204,8 @@ def _lora_summed_in_fp32(layer, forward):
     keeps bf16's relative precision of itself, as every base output does, and the sum is fp32. The branch's two skinny
     matmuls in fp32 were 14% of a smollm2 step (MKL's SGEMM on [tokens, 16] shapes), and PEFT's way adds three fp32
     passes over `[tokens, out_features]` (the upcast, the scaling, the sum): here the scaling multiplies the rank-r
-    activation and the upcast is folded into the sum (type promotion). 1.08x (0.92-0.94 of PEFT's step time with the
-    fp32 branch) on smollm2 in bf16 on Zen 4 (docs/benchmarks-history.md). Anything else (a variant such as DoRA,
+    activation and the upcast is folded into the sum (type promotion). A smollm2 step in bf16 on Zen 4: PEFT's forward
+    with the fp32 guards took 1.065-1.075x its time (docs/benchmarks-history.md). Anything else (a variant such as DoRA,
     merged or disabled adapters, per-row adapter names, a base layer or branch with its own forward, autocast off)
     takes PEFT's forward with the fp32 guards."""
     import torch
