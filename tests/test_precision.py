@@ -127,6 +127,15 @@ def _tiny_lora_model(seed: int = 0):
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
 
 
+def _guarded_step(model, ids):
+    """(loss, LoRA gradients) of one training step under the guards and CPU bf16 autocast."""
+    model.zero_grad()
+    with precision.fp32_where_it_matters(model, True), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_guards_keep_logits_and_lora_updates_in_fp32_under_autocast():
     from peft.tuners.lora import LoraLayer
 
@@ -222,21 +231,14 @@ def test_the_input_cast_once_for_several_layers_trains_the_same_gradients_as_a_c
     model = _tiny_lora_model()
     ids = torch.randint(0, 128, (2, 12))
 
-    def step():
-        model.zero_grad()
-        with precision.fp32_where_it_matters(model, True), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
     casts = []
     to = torch.Tensor.to
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: casts.append(1) or to(self, *a, **k))
-    shared_loss, shared = step()
+    shared_loss, shared = _guarded_step(model, ids)
     shared_casts = len(casts)
     monkeypatch.setattr(precision, "_cast_once", lambda x, dtype: x.to(dtype))
     casts.clear()
-    loss, each = step()
+    loss, each = _guarded_step(model, ids)
     assert shared_casts < len(casts)
     assert torch.equal(shared_loss, loss)
     assert shared.keys() == each.keys() and all(torch.equal(shared[n], each[n]) for n in shared)
@@ -265,20 +267,13 @@ def test_frozen_weights_in_bf16_train_the_same_numbers_and_come_back_bit_for_bit
     ids = torch.randint(0, 128, (2, 8))
     originals = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    def step():
-        model.zero_grad()
-        with precision.fp32_where_it_matters(model, True), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    loss, grads = step()
+    loss, grads = _guarded_step(model, ids)
     with precision.frozen_weights_in_bf16(model, True, tmp_path):
         held = {n: p.dtype for n, p in model.named_parameters()}
         assert held["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
         assert all(held[n] == torch.float32 for n in held if "lora_" in n or "embed" in n or "lm_head" in n)
         assert list(tmp_path.iterdir())
-        loss_bf16, grads_bf16 = step()
+        loss_bf16, grads_bf16 = _guarded_step(model, ids)
     assert torch.equal(loss, loss_bf16)
     assert all(torch.equal(grads[n], grads_bf16[n]) for n in grads)
     assert all(p.dtype == torch.float32 and torch.equal(p, originals[n]) for n, p in model.named_parameters())
