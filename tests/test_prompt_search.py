@@ -90,7 +90,7 @@ def test_the_budget_decides_how_many_candidates_are_scored():
 def test_the_search_picks_the_best_candidate_on_the_dev_rows(monkeypatch, capsys):
     """A stand-in model that answers right only under the second instruction, and half right with the retrieved
     shots: shot sets are searched first, then the instructions over the best of them."""
-    def answer_all(model, tokenizer, prompts, references, cfg, name, progress=None):
+    def answer_all(model, tokenizer, prompts, references, cfg, name, progress=None, cache=None):
         progress.update(len(prompts))
         system = [" ".join(m["content"] for m in p if m["role"] == "system") for p in prompts]
         shots = [sum(m["role"] == "assistant" for m in p) for p in prompts]
@@ -116,7 +116,7 @@ def test_the_search_picks_the_best_candidate_on_the_dev_rows(monkeypatch, capsys
     assert prompt_search.gain([0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.9]) <= prompt_search.EPS
     assert prompt_search.gain([0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.9, 0.9]) > prompt_search.EPS
 
-    def one_row_better(model, tokenizer, prompts, references, cfg, name, progress=None):
+    def one_row_better(model, tokenizer, prompts, references, cfg, name, progress=None, cache=None):
         progress.update(len(prompts))
         return ["no"] * 3 + [references[3] if "retrieved" in name else "no"], 0.0, 0, [0.0] * 4
 

@@ -68,6 +68,11 @@ class EvalConfig(Section):
         None, ge=0, description="Train conversations most similar to each held-out question (BM25 over the user "
                                 "turns) given to the base model as shots; default: fewshot_k; 0 skips that contender.")
     optimize: OptimizeConfig = Field(OptimizeConfig(), description="The optimized contender's prompt search.")
+    reuse_answers: bool = Field(
+        True, description="Keep the base model's answers (zero-shot, few-shot, retrieval, the prompt search's) on "
+                          "this machine and reuse them in a later run whose base weights, prompts, references and "
+                          "generation settings are all the same (a rerun, another seed, a sweep's trials); printed "
+                          "when used. The tuned model always answers. false: answer again.")
     teacher_params: int | None = Field(None, gt=0, description="Parameters of the teacher whose answers the held-out "
                                        "rows carry (`teacher`), for the cost columns; unknown when not given.")
     output_format: Literal["text", "json"] = Field(

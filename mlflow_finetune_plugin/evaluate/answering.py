@@ -86,16 +86,30 @@ def _mergeable_lora_layers(model) -> list:
     return layers
 
 
-def answer_all(model, tokenizer, prompts, references, cfg, name, progress=None):
+def answer_all(model, tokenizer, prompts, references, cfg, name, progress=None, cache=None):
     """Greedy answers to every prompt, the summed NLL of every reference and each answer's seconds (its batch's wall
     time over the batch's rows: `cost.py`), in batches, with a progress bar of its own or moving `progress`."""
-    answers, _, nll, counted, seconds = answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress)
+    answers, _, nll, counted, seconds = answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress,
+                                                         cache)
     return answers, nll, counted, seconds
 
 
-def answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress=None):
+def answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress=None, cache=None):
     """`answer_all` with how each answer ended (`models.answers.ending`: on a stop id, or cut at max_new_tokens; None
-    where the model does not tell), second: (answers, endings, nll, counted, seconds)."""
+    where the model does not tell), second: (answers, endings, nll, counted, seconds). `cache`: the base model's
+    answers of earlier runs (`answer_cache.AnswerCache`), looked up first and kept after."""
+    key, kept = cache.lookup(model, tokenizer, prompts, references, cfg, name) if cache else (None, None)
+    if kept is not None:
+        if progress is not None:
+            progress.update(len(prompts))
+        return kept
+    result = _answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress)
+    if cache:
+        cache.keep(key, result)
+    return result
+
+
+def _answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress=None):
     import time
 
     from tqdm.auto import tqdm

@@ -17,6 +17,7 @@ from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config.evaluation import PROMPT_CONTENDERS
 from mlflow_finetune_plugin.data.image_rows import IMAGES
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.evaluate.answer_cache import answer_cache
 from mlflow_finetune_plugin.evaluate.answering import (  # noqa: F401 (answer_and_score, lora_merged: public here too)
     _base_context,
     _mergeable_lora_layers,
@@ -74,6 +75,7 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
                             "each eval row needs at least a user message and the assistant's reply")
     questions = [p for p, _ in examples]
     base = _base_context(model, base_model)
+    kept = answer_cache(cfg, model, base_model) if base is not None else None  # before the tuned model merges
     limit = context_limit(model, tokenizer) - cfg.max_new_tokens
     runs = {"tuned": (lora_merged(model), questions)} if tuned else {}
     notes = _notes(cfg, base is not None, train_conversations)
@@ -113,7 +115,7 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
     for name in [c for c in contenders if c in runs]:
         if name == OPTIMIZED:
             searched = _search(model, base_model, tokenizer, train_conversations, questions, cfg, limit, proposer,
-                               metrics)
+                               metrics, kept)
             if searched.winner is None:
                 notes[OPTIMIZED] = searched.reason
                 contenders.remove(OPTIMIZED)
@@ -128,7 +130,8 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
             answers, endings, nll, n_tokens, seconds = answered[same]
         else:
             with context as contender:
-                answered[same] = answer_all_ended(contender, tokenizer, prompts, references, cfg, name)
+                answered[same] = answer_all_ended(contender, tokenizer, prompts, references, cfg, name,
+                                                  cache=kept if name != "tuned" else None)
             answers, endings, nll, n_tokens, seconds = answered[same]
         totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg, train_answers)
         totals.update(answer_costs([prompt_length(tokenizer, p) for p in prompts],
@@ -136,6 +139,9 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
                                    params.get("tuned" if name == "tuned" else "base")))
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
         add_answers(rows, name, answers, per_example, endings if name == "tuned" else None)
+    if kept and kept.reused:
+        print(f"Reused the base model's answers of {', '.join(dict.fromkeys(kept.reused))} from an earlier run on "
+              f"this machine (the same base weights, prompts and settings; eval.reuse_answers=false answers again)")
     if TEACHER in contenders:
         metrics.update(agreement_metrics(rows, contenders, teachers, references))
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:12]
@@ -163,8 +169,9 @@ def _notes(cfg, has_base: bool, train: list) -> dict[str, str]:
     return notes
 
 
-def _search(model, base_model, tokenizer, train, questions, cfg, limit, proposer, metrics):
-    """The optimized contender's prompt search with the base model, at the pace the contenders so far answered."""
+def _search(model, base_model, tokenizer, train, questions, cfg, limit, proposer, metrics, kept=None):
+    """The optimized contender's prompt search with the base model, at the pace the contenders so far answered;
+    `kept`: the base model's answers from earlier runs (`answer_cache.py`)."""
     from mlflow_finetune_plugin.evaluate import prompt_search
 
     paces = [metrics[f"eval/{c}/latency_s"] for c in ("retrieval", "fewshot", "base")
@@ -172,7 +179,7 @@ def _search(model, base_model, tokenizer, train, questions, cfg, limit, proposer
     # the proposer sees train rows only, and only those the search will not score on
     found = prompt_search.search(lambda: _base_context(model, base_model), tokenizer, train, len(questions), cfg,
                                  limit, lambda pool: prompt_search.instruction_sources(pool, cfg, proposer),
-                                 paces[0] if paces else None)
+                                 paces[0] if paces else None, kept)
     print(f"Prompt search: {found.reason}" + (f": {prompt_search.describe(found.winner)}." if found.winner else "."))
     if found.winner is not None and found.winner.retrieved:  # held-out rows draw shots from every train row
         found.pool, found.k = list(train), retrieval_k(cfg)

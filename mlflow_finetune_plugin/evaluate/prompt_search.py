@@ -137,12 +137,12 @@ def fitted(shots: list[Candidate], instructions: list[Candidate], budget: int) -
 
 
 def search(model_context, tokenizer, train: list[list[dict]], n_heldout: int, cfg, limit: int,
-           instructions, seconds_per_answer: float | None = None) -> Search:
+           instructions, seconds_per_answer: float | None = None, cache=None) -> Search:
     """Score the candidates that fit the budget on a dev split of `train` with the base model (`model_context`: a
     callable giving a fresh context for it), and return the best; skipped, with the reason, when the rows or the
     budget do not allow a search. `instructions`: a list, or a callable given the train rows outside the dev split
     (asked only once the budget fits a search: a proposer is not called for nothing). Prints the estimate first,
-    then one progress bar."""
+    then one progress bar. `cache`: the base model's answers of earlier runs (`answer_cache.py`), if kept."""
     from tqdm.auto import tqdm
 
     opt, k = cfg.optimize, cfg.fewshot_k
@@ -175,7 +175,7 @@ def search(model_context, tokenizer, train: list[list[dict]], n_heldout: int, cf
         prompts = candidate.prompts(questions, pool, k_retrieved, tokenizer, limit)
         with model_context() as model:
             answers, _, _, seconds = answer_all(model, tokenizer, prompts, references, cfg, candidate.label,
-                                                progress=progress)
+                                                progress=progress, cache=cache)
         spent += sum(seconds)
         per_row[candidate.label] = [float(v) for v in score(answers, references)[1][opt.metric]]
         scores.append((candidate.label, statistics.fmean(per_row[candidate.label])))
