@@ -5,9 +5,10 @@
     python bench/readme_run.py write             # README.md's block from the record (docs/readme_run.json)
 
 `record` runs `mlflow run recipes/support-bot -e lora --backend finetune` as README command 1 does (the first seed
-without -P, the recipe as it ships; the others with -P train.seed=N), each into a fresh sqlite store, and keeps per
-run: the evaluation table it printed, its verdict and cost lines, the logged `eval/*` figures, the wall time, and the
-CPU. It checks that the printed table's rougeL and exact-match cells are the figures the run logged. `write` puts the first
+without -P train.seed, the recipe as it ships; the others with -P train.seed=N; every one with -P
+eval.reuse_answers=false, so that each is timed as a first run on the machine, the base model answering as well),
+each into a fresh sqlite store, and keeps per run: the evaluation table it printed, its verdict and cost lines, the
+logged `eval/*` figures, the wall time, and the CPU. It checks that the printed table's rougeL and exact-match cells are the figures the run logged. `write` puts the first
 seed's printed block in README.md between the `readme-run` markers, with the spread over the seeds (mean, lowest,
 highest). tests/test_readme_run.py fails when README.md's block is not what `write` makes of the record: a figure
 pasted by hand, or a record with no README to match, fails CI.
@@ -167,6 +168,7 @@ def record(seeds: list[int], workdir: Path) -> dict:
         cmd = ["mlflow", "run", str(REPO / "recipes" / "support-bot"), "-e", "lora", "--backend", "finetune"]
         if i:
             cmd += ["-P", f"train.seed={seed}"]
+        cmd += ["-P", "eval.reuse_answers=false"]  # each seed timed as a first run on this machine
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
         env.update({"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}  (seed {seed}; log {work / 'run.log'})", file=sys.stderr)

@@ -68,7 +68,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     work, env = common.setup(args.workdir)
-    params = dict(kv.split("=", 1) for kv in args.params)
+    # each rep timed as a first run on the machine: the base model answers too (not eval.reuse_answers' cache)
+    params = {"eval.reuse_answers": "false", **dict(kv.split("=", 1) for kv in args.params)}
     results = []
     for rep in range(args.reps):
         run_env = {**env, "MLFLOW_FINETUNE_CACHE": str(work / f"cold-cache-{rep}")} if args.cold else env

@@ -70,6 +70,17 @@ def pytest_unconfigure(config):
         os.environ.pop("MLFLOW_FINETUNE_CACHE", None)
 
 
+@pytest.fixture(autouse=True)
+def _own_answer_cache(tmp_path_factory, monkeypatch):
+    """Each test's in-process evaluations keep the base model's answers (`eval.reuse_answers`) in a folder of their
+    own: a test that watches the model answer is not handed an earlier test's answers to the same prompts. The runs
+    tests start as subprocesses share the session's cache, as a user's runs share theirs."""
+    from mlflow_finetune_plugin.evaluate import answer_cache
+
+    folder = tmp_path_factory.mktemp("answers")
+    monkeypatch.setattr(answer_cache, "cache_folder", lambda: folder)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch):
     """A fresh sqlite tracking + registry store; set for this process and inherited by subprocesses."""

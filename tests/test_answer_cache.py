@@ -8,9 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlflow_finetune_plugin import paths
 from mlflow_finetune_plugin.config.schema import EvalConfig, LoraAdapter
-from mlflow_finetune_plugin.evaluate import answering
+from mlflow_finetune_plugin.evaluate import answer_cache, answering
 from mlflow_finetune_plugin.evaluate.answer_cache import weights_digest
 from mlflow_finetune_plugin.evaluate.contenders import run_evaluation
 from mlflow_finetune_plugin.train.adapters import lora
@@ -47,8 +46,8 @@ def test_the_digest_is_the_base_weights_not_the_adapter_nor_the_instance(tiny_mo
 
 @pytest.fixture
 def calls(monkeypatch, tmp_path):
-    """The contenders that really generated (by name), with the cache in a folder of this test's own."""
-    monkeypatch.setattr(paths, "cache_root", lambda: tmp_path)
+    """The contenders that really generated (by name), with the cache in tmp_path/answers."""
+    monkeypatch.setattr(answer_cache, "cache_folder", lambda: tmp_path / "answers")
     answered, real = [], answering._answer_all_ended
 
     def spy(model, tokenizer, prompts, references, cfg, name, progress=None):
@@ -74,7 +73,7 @@ def test_a_second_evaluation_reuses_the_base_answers_and_asks_the_tuned_model_ag
     calls.clear()
     again = run_evaluation(model, tok, evals, train, cfg)
     assert calls == ["tuned"]
-    assert "Reused the base model's answers of base, fewshot, retrieval from an earlier run" in capsys.readouterr().out
+    assert "Reused from an earlier run on this machine: the base model's answers of base, fewshot, retrieval (the same" in capsys.readouterr().out
     for name in prompt_only + ["tuned"]:
         assert [row[f"{name}_answer"] for row in again.rows] == [row[f"{name}_answer"] for row in first.rows]
         for metric in ("rougeL", "loss", "latency_s"):

@@ -46,7 +46,7 @@ def _checkpoint_saved(log, since: float) -> bool:
 
 
 # The sign each phase has begun: in `mlflow run`'s output (the job's output is passed through it), or on disk.
-SIGNS = {"mid-step": _printed("'loss'"), "checkpoint upload": _checkpoint_saved, "evaluation": _printed("eval base")}
+SIGNS = {"mid-step": _printed("'loss'"), "checkpoint upload": _checkpoint_saved, "evaluation": _printed("eval tuned")}
 
 
 def _wait_for_sign(proc, log, sign, since: float, timeout: float = 180) -> bool:

@@ -28,6 +28,10 @@ from mlflow_finetune_plugin import paths
 VERSION = 1  # bump when what decides an answer changes in a way the key does not see
 
 
+def cache_folder() -> Path:
+    return paths.cache_root() / "answers"
+
+
 def weights_digest(model, base_model=None) -> str | None:
     """A digest of the base weights the prompt-only contenders answer with: `base_model`'s, else `model`'s without
     its adapter's own parameters (a PEFT tuner's `lora_`-style prefix, modules_to_save copies, trainable token
@@ -58,7 +62,7 @@ class AnswerCache:
     looks there first, and keeps what it answered)."""
 
     def __init__(self, weights: str, folder: Path | None = None):
-        self.weights, self.folder = weights, folder or paths.cache_root() / "answers"
+        self.weights, self.folder = weights, folder or cache_folder()
         self.reused: list[str] = []  # the contenders and candidates whose answers came from the cache
 
     def key(self, model, tokenizer, prompts, references, cfg) -> str | None:

@@ -140,14 +140,24 @@ def run_evaluation(model, tokenizer, eval_conversations: list[list[dict]], train
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
         add_answers(rows, name, answers, per_example, endings if name == "tuned" else None)
     if kept and kept.reused:
-        print(f"Reused the base model's answers of {', '.join(dict.fromkeys(kept.reused))} from an earlier run on "
-              f"this machine (the same base weights, prompts and settings; eval.reuse_answers=false answers again)")
+        print(f"Reused from an earlier run on this machine: {_reused(kept.reused)} (the same base weights, prompts "
+              "and settings; eval.reuse_answers=false answers again)")
     if TEACHER in contenders:
         metrics.update(agreement_metrics(rows, contenders, teachers, references))
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:12]
     return EvalResult(metrics, rows, contenders, shots if "fewshot" in runs else [], digest,
                       retrieved if "retrieval" in runs else [], prompts=questions, traces=cfg.traces, notes=notes,
                       search=searched, generation=generation_settings(cfg, model, tokenizer))
+
+
+def _reused(names: list[str]) -> str:
+    """What the answer cache gave, in words: the contenders by name, the prompt search's candidates counted."""
+    contenders = [n for n in dict.fromkeys(names) if n in CONTENDERS]
+    candidates = len([n for n in dict.fromkeys(names) if n not in CONTENDERS])
+    said = [", ".join(contenders)] if contenders else []
+    if candidates:
+        said.append(f"{candidates} prompt-search candidate{'s' if candidates > 1 else ''}")
+    return "the base model's answers of " + " and of ".join(said)
 
 
 SWITCHED_OFF = ("eval.", "left out by eval.")  # the reasons that are the recipe's own settings
