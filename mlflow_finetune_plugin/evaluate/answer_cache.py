@@ -7,11 +7,12 @@ the same answers. Each call of `answering.answer_all_ended` with the base model 
 (`weights_digest`: each tensor's name, shape, dtype, sum and sum of squares, not a file name), the model's config
 and generation config, the tokenizer (class, vocabulary size, special tokens, chat template), the prompts and
 references, the generation settings (`answering.generation_settings`: length, beams, batch size, output format, stop
-tokens), the dtype and device it ran on, this package's, torch's and transformers' versions and the machine (the
-answers' seconds are costs on it). Any change there answers again. The tuned model is never taken from it.
+tokens), the dtype and device it ran on, this package's, torch's and transformers' versions with the source of the
+answering code, and the machine (the answers' seconds are costs on it). Any change there answers again. The tuned
+model is never taken from it.
 
-What the file holds is what the run logs anyway: the answers, how each ended, the references' loss and each
-answer's seconds (`eval/contenders.json`, the evaluation table). Prompts with images are not kept.
+A file holds the answers, how each ended, the references' summed loss and each answer's seconds: what the run's
+evaluation table logs anyway, and no prompt. Prompts with images are not kept.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def weights_digest(model, base_model=None) -> str | None:
                 continue
             if param.device.type == "meta":
                 return None
-            values = param.detach().float()
+            values = param.detach().as_subclass(torch.Tensor).float()  # a quantized weight's stored values
             digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{values.sum(dtype=torch.float64).item()!r}|"
                           f"{values.square().sum(dtype=torch.float64).item()!r}".encode())
     return digest.hexdigest()
@@ -150,5 +151,10 @@ def answer_cache(cfg, model, base_model=None) -> AnswerCache | None:
     """The cache for this evaluation's base model, or None: `eval.reuse_answers` off, or weights not in memory."""
     if not getattr(cfg, "reuse_answers", False):
         return None
-    weights = weights_digest(model, base_model)
+    try:
+        weights = weights_digest(model, base_model)
+    except Exception as e:  # a weight type this cannot read: answer as if nothing were kept, say why
+        print(f"Note: the base model's answers are not kept for later runs (its weights could not be read for the "
+              f"cache's key: {type(e).__name__}: {e})")
+        return None
     return AnswerCache(weights) if weights else None
