@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import functools
 import os
 import platform
 import tempfile
@@ -95,6 +96,8 @@ class AnswerCache:
         """(key, the kept (answers, endings, nll, counted, seconds) or None); key None: these are not kept."""
         key = self.key(model, tokenizer, prompts, references, cfg)
         kept = self._read(key) if key else None
+        if kept is not None and len(kept[0]) != len(prompts):
+            kept = None  # not these prompts' answers after all: answer again
         if kept is not None:
             self.reused.append(name)
         return key, kept
@@ -124,6 +127,7 @@ class AnswerCache:
             print(f"Note: could not keep the base model's answers in {self.folder} ({e}); the next run answers again")
 
 
+@functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
     """The source of the modules that turn prompts into answers and scores (an editable install changes them
     without a new version number)."""
@@ -137,6 +141,7 @@ def _code_digest() -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
