@@ -17,9 +17,9 @@ evaluation table logs anyway, and no prompt. Prompts with images are not kept.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import functools
 import os
 import platform
 import tempfile
