@@ -71,14 +71,18 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(autouse=True)
-def _own_answer_cache(tmp_path_factory, monkeypatch):
+def _own_answer_cache(tmp_path_factory):
     """Each test's in-process evaluations keep the base model's answers (`eval.reuse_answers`) in a folder of their
     own: a test that watches the model answer is not handed an earlier test's answers to the same prompts. The runs
-    tests start as subprocesses share the session's cache, as a user's runs share theirs."""
+    tests start as subprocesses share the session's cache, as a user's runs share theirs. Set and undone by hand, not
+    with `monkeypatch`: an autouse fixture asking for it would set it up before a test module's own autouse fixtures,
+    and so undo the test's patches only after their teardown ran (test_precision.py's clears a cache it patched)."""
     from mlflow_finetune_plugin.evaluate import answer_cache
 
-    folder = tmp_path_factory.mktemp("answers")
-    monkeypatch.setattr(answer_cache, "cache_folder", lambda: folder)
+    folder, original = tmp_path_factory.mktemp("answers"), answer_cache.cache_folder
+    answer_cache.cache_folder = lambda: folder
+    yield
+    answer_cache.cache_folder = original
 
 
 @pytest.fixture
