@@ -26,8 +26,11 @@ from tests.helpers import FAST_OVERRIDES, chat_rows, write_project
 
 RECIPE = "model:\n  name: tiny\ndata:\n  eval: data/eval.jsonl\n  max_length: 64\n  packing: false\n"
 SPACE = "train.learning_rate: {low: 1.0e-7, high: 1.0e-2, log: true}\nlora.r: {choices: [4, 8]}\n"
-# An eval loss at steps 2 and 4 while training: what the pruner judges.
-TRIAL_PARAMS = {**FAST_OVERRIDES, "train.max_steps": 4}
+# An eval loss at steps 2, 4 and 6 while training: what the pruner judges. The sweep prunes a trial only while its
+# run is still going, and sees each loss at its next poll (1 s): after the first loss, four more steps, two
+# checkpoints and the evaluation leave it several polls (with 4 steps, and the base model's answers taken from the
+# first trial's by eval.reuse_answers, trial 1 once ended before a poll saw its step-2 loss).
+TRIAL_PARAMS = {**FAST_OVERRIDES, "train.max_steps": 6}
 
 
 def _project(tmp_path, space=SPACE):
