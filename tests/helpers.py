@@ -394,3 +394,20 @@ def champion_version() -> str | None:
 
     aliases = MlflowClient().get_registered_model(MODEL_NAME).aliases
     return str(aliases["champion"]) if "champion" in aliases else None
+
+
+def random_lora(model_dir):
+    """The tiny model with a LoRA (r 8) whose updates are random, not zero, so tuned and base answer differently."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mlflow_finetune_plugin.config.schema import LoraAdapter
+    from mlflow_finetune_plugin.train.adapters import lora
+
+    torch.manual_seed(0)
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(model_dir), LoraAdapter(r=8, alpha=16, dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return model.eval()

@@ -8,28 +8,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlflow_finetune_plugin.config.schema import EvalConfig, LoraAdapter
+from mlflow_finetune_plugin.config.schema import EvalConfig
 from mlflow_finetune_plugin.evaluate import answer_cache, answering
 from mlflow_finetune_plugin.evaluate.answer_cache import weights_digest
 from mlflow_finetune_plugin.evaluate.contenders import run_evaluation
-from mlflow_finetune_plugin.train.adapters import lora
-from tests.helpers import chat_rows
-
-
-def _tiny_lora(model_dir):
-    torch.manual_seed(0)
-    model = lora.apply(AutoModelForCausalLM.from_pretrained(model_dir), LoraAdapter(r=8, alpha=16, dropout=0.0))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)  # tuned and base answer differently
-    return model.eval()
+from tests.helpers import chat_rows, random_lora
 
 
 def test_the_digest_is_the_base_weights_not_the_adapter_nor_the_instance(tiny_model_dir):
-    model = _tiny_lora(tiny_model_dir)
+    model = random_lora(tiny_model_dir)
     first = weights_digest(model)
-    assert first == weights_digest(_tiny_lora(tiny_model_dir))  # another load of the same weights
+    assert first == weights_digest(random_lora(tiny_model_dir))  # another load of the same weights
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
@@ -60,7 +49,7 @@ def calls(monkeypatch, tmp_path):
 
 def test_a_second_evaluation_reuses_the_base_answers_and_asks_the_tuned_model_again(tiny_model_dir, calls, capsys,
                                                                                     tmp_path):
-    model, tok = _tiny_lora(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    model, tok = random_lora(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
     evals, train = [r["messages"] for r in chat_rows(4)], [r["messages"] for r in chat_rows(6, offset=10)]
     cfg = EvalConfig(max_examples=4, max_new_tokens=6, fewshot_k=2, traces=False,
                      contenders=["base", "fewshot", "retrieval"])

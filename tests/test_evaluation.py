@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.config.schema import EvalConfig, LoraAdapter
+from mlflow_finetune_plugin.config.schema import EvalConfig
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.contenders import (
     _mergeable_lora_layers,
@@ -32,8 +32,7 @@ from mlflow_finetune_plugin.metrics import TEXT_METRICS, comparison_table, load_
 from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 from mlflow_finetune_plugin.registry.versions import missing_lineage, register
 from mlflow_finetune_plugin.tags import VERDICT, VERDICT_PAID_OFF, lineage_tags
-from mlflow_finetune_plugin.train.adapters import lora
-from tests.helpers import chat_rows
+from tests.helpers import chat_rows, random_lora
 
 # --- the shipped metric modules, by hand ---------------------------------------------------------------------
 
@@ -105,13 +104,7 @@ def test_prompt_and_reference_and_fewshot_layout():
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_model_dir):
     """A LoRA on the tiny model with random (non-zero) updates, so tuned and base answer differently."""
-    torch.manual_seed(0)
-    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(r=8, alpha=16, dropout=0.0))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    return random_lora(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def _convs(rows):
