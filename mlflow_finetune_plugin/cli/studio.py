@@ -1,4 +1,4 @@
-"""The `mlflow-finetune studio` command (cli.py adds it)."""
+"""`mlflow-finetune studio`: the Train page (studio/)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `mlflow-finetune openai-api` command (cli.py adds it)."""
+"""`mlflow-finetune openai-api`: OpenAI's fine-tuning API over this backend (finetuning_api/)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `mlflow-finetune monitor` command (cli.py adds it)."""
+"""`mlflow-finetune monitor`: how served versions are doing, per window; --retrain trains the next one."""
 
 from __future__ import annotations
 
