@@ -19,7 +19,8 @@ def assignments(values, option: str, valid) -> dict:
 
 
 def pairs(values, extra_args) -> dict:
-    """`-P key=value` options plus `--key value` pairs (how MLflow's local backend passes undeclared params)."""
+    """`-P key=value` options plus `--key value` pairs (how MLflow's local backend passes undeclared
+    params)."""
     out = {}
     for item in values:
         if "=" not in item:
@@ -37,11 +38,13 @@ def pairs(values, extra_args) -> dict:
 
 # Shared by `serve` and `playground` (and gradio_app/app.py's MLFLOW_FINETUNE_TRACE, ..._FOLLOW_INTERVAL).
 TRACE_OPTION = click.option("--trace", default=None, metavar="EXPERIMENT", envvar="MLFLOW_FINETUNE_TRACE",
-    help="Record each answer as an MLflow trace in EXPERIMENT, under the served version's logged model, with users' "
-         "feedback: the next fine-tune's traces:EXPERIMENT data. Off by default: traces hold your users' prompts and "
-         "answers (docs/traces.md). serve: header x-mlflow-trace-id names an answer's trace, POST /v1/feedback rates it.")
+    help="Record each answer as an MLflow trace in EXPERIMENT, under the served version's logged model, with "
+         "users' feedback: the next fine-tune's traces:EXPERIMENT data. Off by default: traces hold your "
+         "users' prompts and answers (docs/traces.md). serve: header x-mlflow-trace-id names an answer's "
+         "trace, POST /v1/feedback rates it.")
 FOLLOW_OPTION = click.option(
     "--follow-interval", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
-    envvar="MLFLOW_FINETUNE_FOLLOW_INTERVAL", help="How often to look up models given by alias (NAME@champion) in the "
-    "registry: when the alias moves, the new version answers without a restart (requests under way finish on theirs). "
-    "0: keep the one at start.")
+    envvar="MLFLOW_FINETUNE_FOLLOW_INTERVAL", help="How often to look up models given by alias "
+                                                   "(NAME@champion) in the registry: when the alias moves, "
+                                                   "the new version answers without a restart (requests "
+                                                   "under way finish on theirs). 0: keep the one at start.")

@@ -12,11 +12,12 @@ ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an e
 @click.command("monitor")
 @click.argument("name")
 @click.option("--experiment", "-x", "experiments", multiple=True, metavar="EXPERIMENT",
-              help="Experiment the traffic is traced to (`serve --trace EXPERIMENT`); repeatable. Default: every "
-                   "experiment in the store.")
-@click.option("--window", default=None, help="Window length: 15m, 1h, 1d, 1w. Default: the recipe's monitor.window "
-                                             "(1d).")
-@click.option("--since", default=None, help="Traffic from this moment: an ISO date/time or a duration ago (7d, 12h).")
+              help="Experiment the traffic is traced to (`serve --trace EXPERIMENT`); repeatable. Default: "
+                   "every experiment in the store.")
+@click.option("--window", default=None, help="Window length: 15m, 1h, 1d, 1w. Default: the recipe's "
+                                             "monitor.window (1d).")
+@click.option("--since", default=None, help="Traffic from this moment: an ISO date/time or a duration ago "
+                                            "(7d, 12h).")
 @click.option("--until", default=None, help="Traffic before this moment (the same forms).")
 @click.option("--gate", "gates", multiple=True, metavar="METRIC<=X|METRIC>=X",
               help="A limit on a window's metric, replacing the recipe's monitor.gates; repeatable. "
@@ -24,39 +25,43 @@ ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an e
 @click.option("--min-requests", type=click.IntRange(min=1), default=None,
               help="Windows with fewer requests of a version are never an alert. Default: the recipe's "
                    "monitor.min_requests (20).")
-@click.option("--examples", is_flag=True, help="Show the requests' texts beside the trace ids of alerts and new "
-                                               "topics (traces hold user data: off by default).")
+@click.option("--examples", is_flag=True, help="Show the requests' texts beside the trace ids of alerts and "
+                                               "new topics (traces hold user data: off by default).")
 @click.option("--embedding", default=None, metavar="MODEL",
               help="A sentence-transformers model (hub id or folder) to measure drift with, instead of BM25. "
                    "Default: the recipe's monitor.embedding.")
 @click.option("--judge", default=None, metavar="MODEL",
-              help="An LLM judge's pass rate per window (judge_pass), through MLflow's judges: gateway:/ENDPOINT "
-                   "(the tracking server's AI Gateway) or an OpenAI-compatible URL http://HOST:PORT/v1. Each verdict "
-                   "is stored on its trace (docs/monitoring.md).")
+              help="An LLM judge's pass rate per window (judge_pass), through MLflow's judges: "
+                   "gateway:/ENDPOINT (the tracking server's AI Gateway) or an OpenAI-compatible URL "
+                   "http://HOST:PORT/v1. Each verdict is stored on its trace (docs/monitoring.md).")
 @click.option("--judge-model", default=None, metavar="NAME",
               help="The model to ask for at the --judge URL. Default: the first its /models lists.")
 @click.option("--judge-instructions", default=None, metavar="TEXT",
-              help="The judge's criteria, naming {{ inputs }} (the request) and {{ outputs }} (the answer); it "
-                   "returns true or false. Default: does the answer respond to the request, correct, on topic, "
-                   "complete.")
+              help="The judge's criteria, naming {{ inputs }} (the request) and {{ outputs }} (the answer); "
+                   "it returns true or false. Default: does the answer respond to the request, correct, on "
+                   "topic, complete.")
 @click.option("--start", "start_online", is_flag=True,
-              help="Register the --judge on the traffic experiments, where `mlflow server` judges new traces as "
-                   "they arrive (online); then `monitor NAME` shows its judge_pass.")
+              help="Register the --judge on the traffic experiments, where `mlflow server` judges new traces "
+                   "as they arrive (online); then `monitor NAME` shows its judge_pass.")
 @click.option("--stop", "stop_online", is_flag=True, help="Stop and remove the online judge of NAME.")
 @click.option("--sample-rate", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="With --start: the share of NAME's new traces the online judge judges.")
 @click.option("--no-log", is_flag=True, help="Only print: log no metrics or chart to the monitoring run.")
-@click.option("--retrain", is_flag=True, help="Then train the next version on the champion's training data plus "
-              "its traffic's corrected and thumbs-up answers (and a distill.teacher's answers to drifted requests), "
-              "and promote it only if it beats the champion on held-out traffic and passes the recipe's gates.")
-@click.option("-P", "params", multiple=True, metavar="KEY=VALUE", help="Recipe override for the --retrain run.")
-@click.option("--backend-config", "-b", default=None, metavar="JSON", help="The --retrain run's backend config.")
+@click.option("--retrain", is_flag=True, help="Then train the next version on the champion's training data "
+                                              "plus its traffic's corrected and thumbs-up answers (and a "
+                                              "distill.teacher's answers to drifted requests), and promote "
+                                              "it only if it beats the champion on held-out traffic and "
+                                              "passes the recipe's gates.")
+@click.option("-P", "params", multiple=True, metavar="KEY=VALUE",
+              help="Recipe override for the --retrain run.")
+@click.option("--backend-config", "-b", default=None, metavar="JSON",
+              help="The --retrain run's backend config.")
 def monitor_cmd(name, experiments, window, since, until, gates, min_requests, examples, embedding, judge, judge_model,
                 judge_instructions, start_online, stop_online, sample_rate, no_log, retrain, params, backend_config):
     """How the served versions of registered model NAME are doing, per time window: requests, errors, latency,
-    tokens, answers cut at the length limit, feedback and thumbs-down, quality against users' corrections, and drift
-    (requests far from the training questions, new topics, length and language). A window over a monitor gate is
-    an alert: named, with example traces, and the command exits 3 (docs/monitoring.md)."""
+    tokens, answers cut at the length limit, feedback and thumbs-down, quality against users' corrections, and
+    drift (requests far from the training questions, new topics, length and language). A window over a monitor
+    gate is an alert: named, with example traces, and the command exits 3 (docs/monitoring.md)."""
     from mlflow_finetune_plugin.config.monitor import check_gate_metric, window_seconds
     from mlflow_finetune_plugin.errors import FinetuneError
     from mlflow_finetune_plugin.monitor import online

@@ -13,16 +13,18 @@ import click
               help="The key clients must send (their OpenAI API key); required above loopback.")
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False),
               help="Where job records and projects are kept (default: the cache's openai-api folder).")
-@click.option("--experiment", default="openai-fine-tuning", show_default=True, help="MLflow experiment of the runs.")
+@click.option("--experiment", default="openai-fine-tuning", show_default=True,
+              help="MLflow experiment of the runs.")
 @click.option("--backend-config", "-b", default=None, metavar="JSON",
               help="The launcher of every job, as for `mlflow run --backend finetune` (detach is always on).")
 @click.option("--max-jobs", default=1, show_default=True, type=click.IntRange(min=1),
               help="Jobs that run at once; the others wait in `queued`.")
 @click.option("-P", "params", multiple=True, metavar="KEY=VALUE",
-              help="Recipe override for every job (it wins over the job's hyperparameters): -P train.max_steps=50")
+              help="Recipe override for every job (it wins over the job's hyperparameters): -P "
+                   "train.max_steps=50")
 @click.option("--model", "models", multiple=True, metavar="NAME",
-              help="A base model jobs may name besides the built-in ones (hub id or folder), also answered at "
-                   "/v1/chat/completions; repeatable.")
+              help="A base model jobs may name besides the built-in ones (hub id or folder), also answered "
+                   "at /v1/chat/completions; repeatable.")
 @click.option("--allow-python-graders", is_flag=True,
               help="Run `python` graders' source (in a subprocess with a time limit). Off: refused.")
 @click.option("--python-grader-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
@@ -32,9 +34,9 @@ import click
 def openai_api_cmd(host, port, api_key, state_dir, experiment, backend_config, max_jobs, params, models,
                    allow_python_graders, python_grader_timeout, max_upload_mb):
     """OpenAI's fine-tuning API over this backend: client.files and client.fine_tuning.jobs (create, retrieve,
-    list, cancel, pause, resume, list_events, checkpoints) run `mlflow run -e lora|dpo|grpo --backend finetune`,
-    and each job's fine_tuned_model answers at /v1/chat/completions, beside the base models it fine-tunes
-    (docs/openai.md)."""
+    list, cancel, pause, resume, list_events, checkpoints) run `mlflow run -e lora|dpo|grpo --backend
+    finetune`, and each job's fine_tuned_model answers at /v1/chat/completions, beside the base models it
+    fine-tunes (docs/openai.md)."""
     import json
     from pathlib import Path
 

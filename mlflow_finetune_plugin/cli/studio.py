@@ -15,9 +15,10 @@ import click
               help="A folder whose projects (folders with finetune.yaml) the page may run; repeatable. The "
                    "bundled recipes and the studio's own uploads are always offered.")
 @click.option("--workdir", default=None, type=click.Path(file_okay=False),
-              help="Where uploads, the projects made from them and the job queue are kept (default: the cache's "
-                   "studio folder).")
-@click.option("--experiment", default=None, help="MLflow experiment of the runs (default: each project's name).")
+              help="Where uploads, the projects made from them and the job queue are kept (default: the "
+                   "cache's studio folder).")
+@click.option("--experiment", default=None, help="MLflow experiment of the runs (default: each project's "
+                                                 "name).")
 @click.option("--backend-config", "-b", default=None, metavar="JSON",
               help="The launcher of every run, as for `mlflow run --backend finetune` (detach is always on).")
 @click.option("--max-parallel", default=1, show_default=True, type=click.IntRange(min=1),
@@ -28,9 +29,9 @@ import click
               help="What answers in the chat (the A/B playground) after a run.")
 def studio_cmd(host, port, auth, project_dirs, workdir, experiment, backend_config, max_parallel, max_upload_mb,
                engine):
-    """The Train page: pick a recipe or upload data, pick the model and the method, edit the recipe's keys, check
-    it, start it as `mlflow run ... --backend finetune`, watch it, judge it against prompting, chat with it and
-    promote it (docs/studio.md)."""
+    """The Train page: pick a recipe or upload data, pick the model and the method, edit the recipe's keys,
+    check it, start it as `mlflow run ... --backend finetune`, watch it, judge it against prompting, chat with
+    it and promote it (docs/studio.md)."""
     import json
     from pathlib import Path
 
