@@ -1,5 +1,5 @@
-"""`mlflow-finetune` command line: the front door to every layer. This module only assembles the commands; each
-lives in the module of its group, and a new command goes there too:
+"""`mlflow-finetune` command line: the front door to every layer. This module only assembles the commands;
+each lives in the module of its group, and a new command goes there too:
 
 - data.py: `data check`, `data from-traces`
 - runs.py: `tiny-model`, `train`, `cancel`, `sweep`, `evaluate`

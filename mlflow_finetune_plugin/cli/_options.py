@@ -24,7 +24,8 @@ def pairs(values, extra_args) -> dict:
     out = {}
     for item in values:
         if "=" not in item:
-            raise click.BadParameter(f"{item!r} is not key=value (e.g. -P train.max_steps=20)", param_hint="-P")
+            raise click.BadParameter(f"{item!r} is not key=value (e.g. -P train.max_steps=20)",
+                                     param_hint="-P")
         out.update([item.split("=", 1)])
     args = list(extra_args)
     while args:

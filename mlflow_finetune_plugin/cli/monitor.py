@@ -56,8 +56,9 @@ ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an e
               help="Recipe override for the --retrain run.")
 @click.option("--backend-config", "-b", default=None, metavar="JSON",
               help="The --retrain run's backend config.")
-def monitor_cmd(name, experiments, window, since, until, gates, min_requests, examples, embedding, judge, judge_model,
-                judge_instructions, start_online, stop_online, sample_rate, no_log, retrain, params, backend_config):
+def monitor_cmd(name, experiments, window, since, until, gates, min_requests, examples, embedding, judge,
+                judge_model, judge_instructions, start_online, stop_online, sample_rate, no_log, retrain,
+                params, backend_config):
     """How the served versions of registered model NAME are doing, per time window: requests, errors, latency,
     tokens, answers cut at the length limit, feedback and thumbs-down, quality against users' corrections, and
     drift (requests far from the training questions, new topics, length and language). A window over a monitor
@@ -89,22 +90,25 @@ def monitor_cmd(name, experiments, window, since, until, gates, min_requests, ex
     if (judge_model or judge_instructions) and not judge:
         raise FinetuneError("--judge-model and --judge-instructions describe a --judge MODEL: give it")
     spec = spec_of(judge, judge_model, judge_instructions) if judge else None
-    if spec and not stop_online:  # a judge that cannot answer is refused before any traffic is read, even none
+    # a judge that cannot answer is refused before any traffic is read, even none
+    if spec and not stop_online:
         spec = ready(spec)
     if start_online or stop_online:  # registering or removing the online judge is the whole command
         click.echo("\n".join(online.command(name, experiments, spec, start_online, sample_rate)))
         return
-    report = watch(name, experiments, window, since, until, limits, min_requests, spec, store_judgments=not no_log,
-                   embedding=embedding)
+    report = watch(name, experiments, window, since, until, limits, min_requests, spec,
+                   store_judgments=not no_log, embedding=embedding)
     click.echo(out.text(report, examples))
     if not no_log and (run_id := out.log(report)):
-        click.echo(f"\nLogged to the monitoring run {run_id} (metrics {out.PREFIX}vN/..., chart {out.CHART_FILE}).")
+        click.echo(f"\nLogged to the monitoring run {run_id} (metrics {out.PREFIX}vN/..., "
+                   f"chart {out.CHART_FILE}).")
     if retrain:
         import json
 
         from mlflow_finetune_plugin.monitor.retrain import retrain as train_next
 
         overrides = dict(p.split("=", 1) for p in params if "=" in p)
-        train_next(report, name, overrides, json.loads(backend_config) if backend_config else None, click.echo)
+        train_next(report, name, overrides, json.loads(backend_config) if backend_config else None,
+                   click.echo)
     if report.alerts:
         sys.exit(ALERT_EXIT)

