@@ -13,5 +13,5 @@
 - progress.py: what a job's MLflow run says: events, checkpoints, the metrics CSV, the fine-tuned model.
 - app.py: the HTTP routes, the API key, OpenAI-shaped errors; chat requests go to `serving/front.py`, which starts
   a server for a fine-tuned model or a base model the server fine-tunes (`serving/bases.py`) on its first request.
-- shapes.py: OpenAI's error and list shapes; command.py: the `openai-api` command.
+- shapes.py: OpenAI's error and list shapes. The `openai-api` command is cli/openai_api.py.
 """
