@@ -1,12 +1,13 @@
-"""Write docs/reference.md's recipe key tables from the schema (issue 80): each key's type, default and meaning as
-`mlflow_finetune_plugin/config/keys.py` reads them from the pydantic fields, so a key is described in one place.
+"""Write docs/reference.md's recipe key tables from the schema (issue 80): each key's type, default and
+meaning as `mlflow_finetune_plugin/config/keys.py` reads them from the pydantic fields, so a key is described
+in one place.
 
     python docs/recipe_keys.py            # rewrite the tables (a second or two)
     python docs/recipe_keys.py --check    # exit 1 when the file's tables differ from the schema's
 
 Each table goes between its pair of markers in reference.md (`<!-- recipe keys: NAME ... -->` and
-`<!-- end of recipe keys: NAME -->`); the prose around them is left as it is. tests/test_recipe_keys.py fails when
-the file and the schema disagree.
+`<!-- end of recipe keys: NAME -->`); the prose around them is left as it is. tests/test_recipe_keys.py fails
+when the file and the schema disagree.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def _key(key: str) -> str:
 
 
 def _group_row(kind: str) -> str:
-    """The bold row that starts an adapter type's keys: the entry points that pick it when named otherwise, and
-    the type's own description where it has no keys."""
+    """The bold row that starts an adapter type's keys: the entry points that pick it when named otherwise,
+    and the type's own description where it has no keys."""
     from mlflow_finetune_plugin.config import presets
     from mlflow_finetune_plugin.config.schema import ADAPTER_CONFIGS
 
@@ -80,7 +81,8 @@ def main(argv: list[str]) -> int:
     new = rendered(text)
     if "--check" in argv:
         if new != text:
-            print(f"{DOC.relative_to(ROOT)}'s recipe key tables differ from the schema: run python docs/recipe_keys.py")
+            print(f"{DOC.relative_to(ROOT)}'s recipe key tables differ from the schema: "
+                  "run python docs/recipe_keys.py")
             return 1
         return 0
     if new != text:

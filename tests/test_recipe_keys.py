@@ -1,5 +1,5 @@
-"""One source for each recipe key's help (issue 80): the schema's field descriptions. docs/reference.md's key tables
-are written from them by docs/recipe_keys.py, and the studio reads them through config/keys.py."""
+"""One source for each recipe key's help (issue 80): the schema's field descriptions. docs/reference.md's key
+tables are written from them by docs/recipe_keys.py, and the studio reads them through config/keys.py."""
 
 from __future__ import annotations
 

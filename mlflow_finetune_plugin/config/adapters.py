@@ -1,5 +1,5 @@
-"""The adapter axis of a recipe: one section, `adapter:`, whose `type` picks lora, ia3, prefix, prompt, bottleneck or
-full (a discriminated union). The schema (`schema.py`) holds it as `Recipe.adapter`."""
+"""The adapter axis of a recipe: one section, `adapter:`, whose `type` picks lora, ia3, prefix, prompt,
+bottleneck or full (a discriminated union). The schema (`schema.py`) holds it as `Recipe.adapter`."""
 
 from __future__ import annotations
 
@@ -100,13 +100,14 @@ class PromptAdapter(Section):
             raise ValueError("init: text needs `init_text` (the words to start the prompt from). "
                              "Set prompt.init_text, or use init: random")
         if self.init == "text" and self.kind == "p_tuning":
-            raise ValueError("init: text applies to kind: prompt_tuning only; P-tuning's encoder starts at random. "
-                             "Use kind: prompt_tuning, or init: random")
+            raise ValueError("init: text applies to kind: prompt_tuning only; P-tuning's encoder starts at "
+                             "random. Use kind: prompt_tuning, or init: random")
         return self
 
 
 class BottleneckAdapter(Section):
-    """Bottleneck adapter layers (down-projection, nonlinearity, up-projection) through PEFT's PEANuT tuner."""
+    """Bottleneck adapter layers (down-projection, nonlinearity, up-projection) through PEFT's PEANuT tuner.
+    """
 
     type: Literal["bottleneck"] = "bottleneck"
     bottleneck_size: int = Field(16, gt=0, description="width of the bottleneck (PEANuT's `r`)")
@@ -127,5 +128,6 @@ class FullAdapter(Section):
 
 ADAPTER_CONFIGS = {c.model_fields["type"].default: c for c in (
     LoraAdapter, IA3Adapter, PrefixAdapter, PromptAdapter, BottleneckAdapter, FullAdapter)}
-AdapterConfig = Annotated[LoraAdapter | IA3Adapter | PrefixAdapter | PromptAdapter | BottleneckAdapter | FullAdapter,
-                          Field(discriminator="type")]
+AdapterConfig = Annotated[
+    LoraAdapter | IA3Adapter | PrefixAdapter | PromptAdapter | BottleneckAdapter | FullAdapter,
+    Field(discriminator="type")]

@@ -1,8 +1,10 @@
-"""Every recipe key's help, read from the schema: its type, default and meaning, as docs/reference.md's key tables
-show them (`docs/recipe_keys.py` writes those tables from here) and as the studio's Train page explains its fields.
+"""Every recipe key's help, read from the schema: its type, default and meaning, as docs/reference.md's key
+tables show them (`docs/recipe_keys.py` writes those tables from here) and as the studio's Train page
+explains its fields.
 
-The meaning is the key's `Field(description=...)` in the schema (`schema.py` and the section modules beside it), the
-one place it is written; the type and the default are read from the field's annotation, constraints and default."""
+The meaning is the key's `Field(description=...)` in the schema (`schema.py` and the section modules beside
+it), the one place it is written; the type and the default are read from the field's annotation, constraints
+and default."""
 
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from pydantic.fields import FieldInfo
 
 @dataclass(frozen=True)
 class KeyHelp:
-    """One row of a key table. `key` as the table writes it (dotted from the recipe's top, or relative to the table's
-    own section, e.g. a gate's `metric`); `group` the adapter type an `adapter.*` key belongs to."""
+    """One row of a key table. `key` as the table writes it (dotted from the recipe's top, or relative to the
+    table's own section, e.g. a gate's `metric`); `group` the adapter type an `adapter.*` key belongs to."""
 
     key: str
     type: str
@@ -41,7 +43,8 @@ def section_class(annotation) -> type[BaseModel] | None:
     return next((a for a in _flat(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
-_NAMES = {bool: "bool", int: "int", float: "float", str: "string", list: "list", tuple: "list", dict: "mapping"}
+_NAMES = {bool: "bool", int: "int", float: "float", str: "string", list: "list", tuple: "list",
+          dict: "mapping"}
 
 
 def _type_name(annotation) -> str:
@@ -63,7 +66,8 @@ def _plural(annotation) -> str:
 
 
 def type_text(info: FieldInfo) -> str:
-    """The field's type in the reference's words: `float > 0`, `int in [0, 1)`, `` `a` | `b` ``, `bool or string`."""
+    """The field's type in the reference's words: `float > 0`, `int in [0, 1)`, `` `a` | `b` ``, `bool or
+    string`."""
     args = [a for a in _flat(info.annotation) if a is not type(None)]
     literals = [f"`{v}`" for a in args if get_origin(a) is Literal for v in get_args(a)]
     names = []
@@ -106,9 +110,9 @@ def _value_text(value) -> str:
 
 
 def default_text(info: FieldInfo) -> str:
-    """The field's default as the reference writes it: `required`, `empty`, `true`, 0.05, `` `cosine` ``, a list;
-    or the words a field gives in `json_schema_extra={"default_text": ...}` where its value alone says too little
-    (`empty (= tiny)`)."""
+    """The field's default as the reference writes it: `required`, `empty`, `true`, 0.05, `` `cosine` ``, a
+    list; or the words a field gives in `json_schema_extra={"default_text": ...}` where its value alone
+    says too little (`empty (= tiny)`)."""
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     if "default_text" in extra:
         return str(extra["default_text"])
@@ -117,7 +121,7 @@ def default_text(info: FieldInfo) -> str:
     value = info.get_default(call_default_factory=True)
     if value is None or value == {} or value == []:
         return "empty" if value is None or value == {} else "`[]`"
-    if isinstance(value, BaseModel) and section_class(info.annotation) is type(value) and not info.description:
+    if isinstance(value, BaseModel) and not info.description:
         return ""
     if isinstance(value, (bool, int, float)):
         return _value_text(value)
@@ -130,7 +134,8 @@ def _row(key: str, info: FieldInfo, group: str | None = None) -> KeyHelp:
 
 def section_rows(cls: type[BaseModel], prefix: str = "", expand: tuple[str, ...] = (),
                  skip: tuple[str, ...] = ()) -> list[KeyHelp]:
-    """The rows of `cls`'s keys, `prefix.` before each; the nested sections named in `expand` as their own keys."""
+    """The rows of `cls`'s keys, `prefix.` before each; the nested sections named in `expand` as their own
+    keys."""
     rows = []
     for name, info in cls.model_fields.items():
         if name in skip:
@@ -170,7 +175,8 @@ def top_rows() -> list[KeyHelp]:
 
     fields = {n: i for n, i in Recipe.model_fields.items() if n != "project_dir"}
     rows = [_row(n, i) for n, i in fields.items() if section_class(i.annotation) is None and n != "adapter"]
-    sections = ", ".join(n for n, i in fields.items() if section_class(i.annotation) is not None or n == "adapter")
+    sections = ", ".join(n for n, i in fields.items()
+                         if section_class(i.annotation) is not None or n == "adapter")
     return rows + [KeyHelp(sections, "mapping", "", "the sections below")]
 
 

@@ -14,16 +14,16 @@ class DPOConfig(Section):
     """The `dpo` objective: TRL's DPOTrainer on preference pairs."""
 
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference model (KL weight)")
-    loss_type: Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"] = Field(
+    loss_type: Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                       "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"] = Field(
         "sigmoid", description="TRL's DPO loss variant")
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="assumed share of flipped labels (cDPO, robust)")
 
 
 class ORPOConfig(Section):
-    """The `orpo` objective: TRL's experimental ORPOTrainer on preference pairs, SFT and preference in one loss,
-    no reference model."""
+    """The `orpo` objective: TRL's experimental ORPOTrainer on preference pairs, SFT and preference in one
+    loss, no reference model."""
 
     beta: float = Field(
         0.1, gt=0, description="weight of the odds-ratio (preference) term beside the SFT loss on the "
@@ -31,8 +31,8 @@ class ORPOConfig(Section):
 
 
 class SimPOConfig(Section):
-    """The `simpo` objective: SimPO through TRL's experimental CPOTrainer (loss_type simpo) on preference pairs: the
-    length-normalized log-prob margin of chosen over rejected, no reference model."""
+    """The `simpo` objective: SimPO through TRL's experimental CPOTrainer (loss_type simpo) on preference
+    pairs: the length-normalized log-prob margin of chosen over rejected, no reference model."""
 
     beta: float = Field(
         2.0, gt=0, description="scale of the length-normalized log-prob margin (SimPO's beta)")
@@ -45,8 +45,9 @@ class SimPOConfig(Section):
 
 class GRPOConfig(Section):
     """The `grpo` objective: TRL's GRPOTrainer, reinforcement fine-tuning on prompts with verifiable rewards
-    (`rewards.py`). Each step samples `num_generations` completions per prompt, scores them, and moves the policy
-    towards the completions that beat their group's mean. `train.batch_size` counts completions, not prompts."""
+    (`rewards.py`). Each step samples `num_generations` completions per prompt, scores them, and moves the
+    policy towards the completions that beat their group's mean. `train.batch_size` counts completions, not
+    prompts."""
 
     rewards: list[str | dict] = Field(
         default_factory=lambda: ["exact_answer"], min_length=1,
@@ -87,8 +88,9 @@ class GRPOConfig(Section):
 
 
 class RewardConfig(Section):
-    """The `reward` objective: TRL's RewardTrainer on preference pairs; trains base + adapter + a score head that
-    gives (prompt, answer) one number (Bradley-Terry: the chosen answer should score above the rejected one)."""
+    """The `reward` objective: TRL's RewardTrainer on preference pairs; trains base + adapter + a score head
+    that gives (prompt, answer) one number (Bradley-Terry: the chosen answer should score above the
+    rejected one)."""
 
     center_rewards_coefficient: float | None = Field(
         None, ge=0, description="pull a reward model's scores towards 0 (TRL's "
@@ -97,7 +99,8 @@ class RewardConfig(Section):
 
 
 class KTOConfig(Section):
-    """The `kto` objective: TRL's KTOTrainer on unpaired desirable/undesirable answers (prompt, completion, label)."""
+    """The `kto` objective: TRL's KTOTrainer on unpaired desirable/undesirable answers (prompt, completion,
+    label)."""
 
     beta: float = Field(0.1, gt=0, description="KTO: strength of the pull towards the reference model")
     desirable_weight: float = Field(
