@@ -167,8 +167,46 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
             return JSONResponse(not_found(model, routes.names()), status_code=404)
         return model_entry(model, created)
 
-    load = _loader(routes, client, resolve, start)
-    _feedback_route(app, tracer)
+    loading = asyncio.Lock()
+
+    async def load(model: str):
+        """None once `model` is served, else the error response."""
+        from mlflow_finetune_plugin.errors import FinetuneError
+
+        async with loading:  # one load at a time: two first requests for a new version load it once
+            if routes.lookup(model):
+                return None
+            try:
+                if start is not None:
+                    started = await asyncio.to_thread(start, model)
+                    if started is None:
+                        return JSONResponse(not_found(model, routes.names()), status_code=404)
+                    routes.add(model, *started)
+                    return None
+                request = await asyncio.to_thread(resolve, model) if resolve else None
+            except FinetuneError as e:
+                return JSONResponse(_error(str(e), "invalid_request_error"), status_code=400)
+            if request is None:
+                return JSONResponse(not_found(model, routes.names()), status_code=404)
+            answer = await client.post(routes.default + "/v1/load_lora_adapter", json=request)
+            if answer.status_code != 200:
+                return JSONResponse(_error(f"the server could not load {model}: {answer.text}", "server_error"),
+                                    status_code=502)
+            routes.add(model, routes.default)
+            return None
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        if tracer is None:
+            return JSONResponse(_error("this server records no traces, so it takes no feedback: start it with "
+                                       "`mlflow-finetune serve ... --trace EXPERIMENT`", "invalid_request_error"),
+                                status_code=404)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        status, answer = await asyncio.to_thread(tracer.answer_feedback, body)
+        return JSONResponse(answer, status_code=status)
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "OPTIONS"])
     async def forward(path: str, request: Request):
@@ -230,65 +268,6 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
                                  background=BackgroundTask(finish))
 
     return app
-
-
-def _loader(routes: Routes, client, resolve, start):
-    """The front's load of a model not served yet (`build_front`'s `resolve` or `start`): an async function of the
-    model's name giving None once it is served, else the error response."""
-    import asyncio
-
-    from fastapi.responses import JSONResponse
-
-    loading = asyncio.Lock()
-
-    async def load(model: str):
-        """None once `model` is served, else the error response."""
-        from mlflow_finetune_plugin.errors import FinetuneError
-
-        async with loading:  # one load at a time: two first requests for a new version load it once
-            if routes.lookup(model):
-                return None
-            try:
-                if start is not None:
-                    started = await asyncio.to_thread(start, model)
-                    if started is None:
-                        return JSONResponse(not_found(model, routes.names()), status_code=404)
-                    routes.add(model, *started)
-                    return None
-                request = await asyncio.to_thread(resolve, model) if resolve else None
-            except FinetuneError as e:
-                return JSONResponse(_error(str(e), "invalid_request_error"), status_code=400)
-            if request is None:
-                return JSONResponse(not_found(model, routes.names()), status_code=404)
-            answer = await client.post(routes.default + "/v1/load_lora_adapter", json=request)
-            if answer.status_code != 200:
-                return JSONResponse(_error(f"the server could not load {model}: {answer.text}", "server_error"),
-                                    status_code=502)
-            routes.add(model, routes.default)
-            return None
-
-    return load
-
-
-def _feedback_route(app, tracer) -> None:
-    """`POST /v1/feedback`: rates a traced answer (`serve --trace`); without a tracer, says how to get one."""
-    import asyncio
-
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
-
-    @app.post("/v1/feedback")
-    async def feedback(request: Request):
-        if tracer is None:
-            return JSONResponse(_error("this server records no traces, so it takes no feedback: start it with "
-                                       "`mlflow-finetune serve ... --trace EXPERIMENT`", "invalid_request_error"),
-                                status_code=404)
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        status, answer = await asyncio.to_thread(tracer.answer_feedback, body)
-        return JSONResponse(answer, status_code=status)
 
 
 def _error(message: str, kind: str) -> dict:
