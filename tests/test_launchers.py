@@ -80,6 +80,15 @@ def test_torchrun_command_single_and_multi_node():
     assert torchrun_command(["bash", "-c", "echo hi"], "abc", 2)[-4:] == ["--no-python", "bash", "-c", "echo hi"]
 
 
+def test_the_training_process_answers_under_its_package_name_too():
+    """`python -m mlflow_finetune_plugin.train` is the training process (train/job.py) under a shorter name for
+    commands written by hand; its options are the job's."""
+    out = subprocess.run([sys.executable, "-m", "mlflow_finetune_plugin.train", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--recipe-json" in out.stdout and "--run-id" in out.stdout
+
+
 def test_the_ranks_of_one_node_share_one_measurement_of_bf16(monkeypatch):
     # quiet_torchrun measures once (or takes the launcher's figure) before its ranks start; each rank reads it.
     from mlflow_finetune_plugin.models.precision import SPEEDUP_ENV

@@ -75,13 +75,14 @@ def test_fields_are_the_projects_resolved_values_in_the_reference_words():
     assert dpo["dpo.beta"].section == "dpo" and dpo["dpo.beta"].help == _reference_meaning("dpo.beta")
 
 
-def test_without_the_checkout_the_schema_explains_and_no_recipes_are_bundled(monkeypatch, tmp_path):
+def test_without_the_checkout_the_schema_still_explains_and_no_recipes_are_bundled(monkeypatch, tmp_path):
     monkeypatch.setattr(reference, "checkout_root", lambda: None)  # an installed wheel: no docs/, no recipes/
     fields = _fields(SUPPORT_BOT, "lora")
     from mlflow_finetune_plugin.config.schema import ModelConfig
 
     assert fields["model.quantization"].help == ModelConfig.model_fields["quantization"].description
-    assert fields["train.learning_rate"].help == fields["train.learning_rate"].accepts == "float > 0"
+    lr = fields["train.learning_rate"]  # the schema's words need no checkout
+    assert (lr.help, lr.accepts) == ("peak learning rate", "float > 0")
     write_project(tmp_path / "mine", "method: dpo\n")
     write_project(tmp_path / "group" / "inner", "model: {name: tiny}\n")
     (tmp_path / ".hidden").mkdir()

@@ -24,21 +24,22 @@ class TeacherConfig(Section):
     # The recipe section it is read from: the teacher's errors name its keys there (`distill.teacher`, ...).
     SECTION: ClassVar[str] = "distill"
     teacher: str | None = Field(
-        None, description="An OpenAI-compatible server's base URL (http://HOST:PORT/v1), or a registered model run "
-                          "locally: models:/NAME@ALIAS or models:/NAME/VERSION.")
-    model: str | None = Field(None, description="The model name to ask the server for; default: the one model the "
-                                                "server lists at /v1/models.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="The environment variable holding the server's API key "
-                                                           "(read from the environment, never logged); unset: no "
-                                                           "key is sent.")
-    concurrency: int = Field(4, ge=1, description="Requests in flight at once (a registered-model teacher: prompts "
-                                                  "answered per batch).")
-    max_tokens: int = Field(256, gt=0, description="The longest answer asked for; answers cut at this limit "
-                                                   "(finish_reason length) are left out and counted.")
-    stop: list[str] = Field(default_factory=list, description="Stop sequences: an answer ends before the first "
-                                                              "(OpenAI's `stop`).")
-    temperature: float = Field(0.0, ge=0.0, description="0: greedy (the same prompt, the same answer).")
-    timeout_s: float = Field(120.0, gt=0, description="Seconds one answer may take before the request fails.")
+        None, description="an OpenAI-compatible base URL (`http://HOST:PORT/v1`), or `models:/NAME@ALIAS` / "
+                          "`models:/NAME/VERSION` run in the training process")
+    model: str | None = Field(
+        None, json_schema_extra={"default_text": "empty (the one model the server lists)"},
+        description="the model to ask the server for")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="environment variable holding the key (never logged; unset: no key "
+                                      "sent)")
+    concurrency: int = Field(
+        4, ge=1, description="requests in flight (a registered-model teacher: prompts, or for `questions:` "
+                             "chunks, per batch)")
+    max_tokens: int = Field(
+        256, gt=0, description="the longest answer; answers cut here are left out and counted")
+    stop: list[str] = Field(default_factory=list, description="stop sequences (OpenAI's `stop`)")
+    temperature: float = Field(0.0, ge=0.0, description="0: greedy")
+    timeout_s: float = Field(120.0, gt=0, description="seconds one answer may take")
 
     @field_validator("teacher")
     @classmethod
@@ -62,12 +63,14 @@ class DistillConfig(TeacherConfig):
     and logged with the run as `distill/answers.jsonl`."""
 
     loss: Literal["text", "logits"] = Field(
-        "text", description="text: the student learns the teacher's answers as text (any teacher). logits: also "
-                            "KL(teacher || student) on every answer token, beside the SFT loss: a registered "
-                            "teacher (run here) sharing the student's tokenizer.")
-    kl_weight: float = Field(1.0, gt=0, description="logits: the weight of the KL term against the SFT loss.")
+        "text", description="`text`: the teacher's answers as text; `logits`: also KL(teacher || student) "
+                            "on every answer token (a registered teacher sharing the student's tokenizer)")
+    kl_weight: float = Field(1.0, gt=0, description="`logits`: the weight of the KL term beside the SFT loss")
     max_prompts: int | None = Field(
-        None, gt=0, description="The most prompts the run asks the teacher for (a paid teacher is paid per token): "
-                                "the held-out prompts first (at most eval.max_examples), then the first training "
-                                "prompts up to the cap. Empty: every prompt the run uses (after data.max_rows, "
-                                "eval.max_examples and data.eval_split).")
+        None, gt=0, description="the most prompts the run asks the teacher for: the held-out ones first (at "
+                                "most `eval.max_examples`), then the first training prompts up to the cap; "
+                                "null: every prompt the run uses. Whatever the cap, only the prompts the "
+                                "run uses are asked (the first `data.max_rows` training prompts, the first "
+                                "`eval.max_examples` held-out ones); a cap that leaves no training prompt "
+                                "is refused before the run exists "
+                                "([distill.md](distill.md#what-the-teacher-is-asked-and-what-it-costs))")

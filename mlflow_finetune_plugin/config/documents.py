@@ -24,19 +24,20 @@ class RetrievalConfig(Section):
     its prompt), the `tuned-rag` contender (the tuned model with them), training RAFT-style, and what a version
     trained this way carries and does when served."""
 
-    k: int = Field(3, ge=1, description="Chunks put in the prompt, most similar to the question first.")
+    k: int = Field(3, ge=1, description="chunks put in the prompt, most similar first")
     embedding: str | None = Field(
-        None, description="Empty: BM25 over the chunks' words (bm25s). A sentence-transformers model (hub id or "
-                          "local folder) to rank chunks by embedding similarity instead.")
-    raft: bool = Field(True, description="Train with retrieved chunks in each question's prompt (RAFT): the tuned "
-                                         "model learns to answer from them. false: questions alone (closed book).")
+        None, description="null: BM25 over the chunks' words (`bm25s`); a sentence-transformers model (hub "
+                          "id or folder) ranks by cosine similarity instead (the logged model then requires "
+                          "`sentence-transformers` and loads that model)")
+    raft: bool = Field(
+        True, description="train with retrieved chunks in each question's prompt; false: the questions "
+                          "alone (the logged model then does not retrieve)")
     oracle_share: float = Field(
-        0.8, ge=0.0, le=1.0, description="RAFT: share of the rows whose chunks include the one the answer comes "
-                                         "from (put in among the distractors when retrieval missed it); the rest "
-                                         "carry distractors only, so the model also learns the facts themselves.")
+        0.8, ge=0.0, le=1.0, description="share of RAFT rows whose chunks include the answer's; the rest "
+                                         "carry distractors only")
     closed_book: bool = Field(
-        True, description="RAFT: each question also trains without chunks, so the tuned model answers without "
-                          "retrieval too (the `tuned` contender) and not only with it (`tuned-rag`).")
+        True, description="each question also trains without chunks, so `tuned` (no retrieval) is the same "
+                          "model as `tuned-rag`")
 
 
 class QuestionsConfig(TeacherConfig):
@@ -44,10 +45,13 @@ class QuestionsConfig(TeacherConfig):
     answer must quote its chunk, and rows whose quote is not in it are dropped and counted."""
 
     SECTION: ClassVar[str] = "questions"
-    per_chunk: int = Field(3, ge=1, description="Questions asked for per chunk.")
+    per_chunk: int = Field(3, ge=1, description="questions asked for per chunk (at most)")
     max_chunks: int | None = Field(
-        None, gt=0, description="The most chunks the teacher is asked about (a paid teacher is paid per token); "
-                                "empty: every chunk of the training documents and of data.documents_holdout.")
-    dedupe: float = Field(0.9, gt=0.0, le=1.0,
-                          description="Questions this similar to an earlier one (0-1, word overlap) are removed.")
-    max_tokens: int = Field(512, gt=0, description="The longest reply asked for (one chunk's questions).")
+        None, gt=0, description="the most chunks the teacher is asked about, the first ones in order (a "
+                                "paid teacher is paid per token); null: every chunk")
+    dedupe: float = Field(
+        0.9, gt=0.0, le=1.0, description="a question whose word overlap (Jaccard, case folded) with a kept "
+                                         "question is at least this is dropped")
+    max_tokens: int = Field(
+        512, gt=0, description="the longest reply (one chunk's questions); replies cut here are dropped and "
+                               "counted")

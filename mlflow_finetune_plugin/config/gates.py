@@ -13,19 +13,22 @@ from mlflow_finetune_plugin.config.section import Section
 class Gate(Section):
     """One promotion gate: the tuned model must beat every contender in `beats` on `metric` by `margin`."""
 
-    metric: str = Field(description="Metric name without prefix: rougeL, token_f1, exact_match, loss, ...")
+    metric: str = Field(
+        description="metric name without prefix (`rougeL`, `token_f1`, `loss`, ...); one with a `/` is "
+                    "`eval/<metric>` (`forgetting/ppl_ratio`), `arena_above` compares playground ratings")
     beats: list[str] = Field(
         ["base", "fewshot", "retrieval", "rag", "optimized", "champion"],
-        description="base | fewshot | retrieval | rag | optimized (same run), champion (holder of the alias being moved), @alias, "
-                    "or a version. Left at its default, a prompt-only contender the run did not score (switched "
-                    "off, or skipped with a reason) is passed over with a note; named here, it must be scored.")
-    margin: float = Field(0.0, ge=0, description="Absolute improvement required (0: not worse).")
-    mode: Literal["max", "min"] | None = Field(None, description="Default: min for loss/perplexity, else max.")
+        description="`base`, `fewshot`, `retrieval`, `rag`, `optimized` (same run; named here, a contender the run "
+                    "did not score fails the gate; left at the default, it is passed over with the run's "
+                    "reason), `champion` (holder of the alias being moved), `@alias`, or a version")
+    margin: float = Field(0.0, ge=0, description="absolute improvement required (0: not worse)")
+    mode: Literal["max", "min"] | None = Field(
+        None, json_schema_extra={"default_text": "empty (min for loss/perplexity, else max)"},
+        description="which direction is better")
     at_most: float | None = Field(
-        None, description="A limit instead of a comparison: the version's own metric must be <= this, e.g. "
-                          "{metric: forgetting/ppl_ratio, at_most: 1.2}. A metric with a `/` is "
-                          "eval/<metric>, one without is the tuned model's eval/tuned/<metric>.")
-    at_least: float | None = Field(None, description="A limit: the version's own metric must be >= this.")
+        None, description="a limit instead of a comparison: the version's own metric must be <= this (then "
+                          "`beats` is empty)")
+    at_least: float | None = Field(None, description="a limit: the version's own metric must be >= this")
 
     @property
     def limits(self) -> list[tuple[str, float]]:

@@ -48,23 +48,25 @@ class MonitorConfig(Section):
     """Served traffic after promotion: what one window is, how far a request must be from the training data to
     count as new, and the limits that make a window an alert."""
 
-    window: str = Field("1d", description="The length of one window of traffic: 15m, 1h, 1d, 1w (windows start "
-                                          "at whole multiples of it, in UTC).")
-    min_requests: int = Field(20, ge=1, description="Windows with fewer requests of a version are shown but never "
-                                                    "an alert: a share of a handful of requests is noise.")
+    window: str = Field("1d", description="one window of traffic: `30s`, `15m`, `1h`, `1d`, `1w`")
+    min_requests: int = Field(
+        20, ge=1, description="windows with fewer requests of a version are shown, never an alert")
     novelty_quantile: float = Field(
-        0.05, gt=0, lt=0.5, description="A request is new (far from the training rows) when its BM25 similarity to "
-                                        "the nearest training question is below this quantile of the training "
-                                        "questions' own similarity to their nearest neighbour.")
+        0.05, gt=0, lt=0.5, description="a request is new when its similarity to the nearest training "
+                                        "question is below this quantile of the training questions' own")
     embedding: str | None = Field(
-        None, description="A sentence-transformers model (hub id or folder) whose embeddings measure how far a request "
-                          "is from the training questions, instead of BM25 (pip install sentence-transformers).")
+        None, json_schema_extra={"default_text": "empty (BM25)"},
+        description="a sentence-transformers model (hub id or folder) whose embeddings measure drift "
+                    "instead of BM25")
     gates: list[Gate] = Field(
         default_factory=_default_gates,
-        description="Limits on a window's metrics, in the promotion gates' syntax with at_most / at_least "
-                    f"(metrics: {', '.join(WINDOW_METRICS)}, or a quality metric against the users' corrections: "
-                    "rougeL, token_f1, exact_match, chrf, json_valid). A window over a limit is an alert: "
-                    "`monitor` names it and exits 3.")
+        json_schema_extra={"default_text": "`novel_share` <= 0.3, `thumbs_down_share` <= 0.3, `error_share` <= 0.05, "
+                                           "`cut_share` <= 0.2"},
+        description="a gate as in `registry.promote_if`, with `at_most` / `at_least` only, on a window "
+                    "metric: `requests`, `error_share`, `latency_p50`, `latency_p95`, `prompt_tokens`, "
+                    "`completion_tokens`, `cut_share`, `feedback`, `thumbs_down_share`, `corrections`, "
+                    "`novel_share`, `input_chars`, `other_language_share`, `json_valid`, `judge_pass`, or a "
+                    "quality metric against corrections (`rougeL`, `token_f1`, `exact_match`, `chrf`)")
 
     @field_validator("window")
     @classmethod

@@ -31,23 +31,25 @@ class TracesConfig(Section):
     unpaired_preference (kto), prompt_only (grpo)."""
 
     filter: str | None = Field(
-        None, description="MLflow's trace filter string (as mlflow.search_traces takes it), e.g. "
-                          "\"tags.app = 'support' AND trace.status = 'OK'\".")
-    since: str | None = Field(None, description="Traces from this moment on: an ISO date or time (UTC unless it "
-                                                "says), or a duration ago: 7d, 12h, 30m.")
-    until: str | None = Field(None, description="Traces before this moment (the same forms as since).")
-    run_id: str | None = Field(None, description="Only the traces logged under this run.")
-    model_id: str | None = Field(None, description="Only the traces of this logged model (m-...).")
+        None, description="a `traces:` source: MLflow's trace filter string (`tags.app = 'support' AND "
+                          "trace.status = 'OK'`)")
+    since: str | None = Field(
+        None, description="traces from this moment: ISO date/time (UTC unless it says) or a duration ago "
+                          "(`7d`, `12h`, `30m`)")
+    until: str | None = Field(None, description="traces before this moment (the same forms)")
+    run_id: str | None = Field(None, description="only the traces logged under this run")
+    model_id: str | None = Field(None, description="only the traces of this logged model (`m-...`)")
     feedback: list[str] = Field(
         ["user_feedback", "user_satisfaction", "thumbs_up", "thumbs", "helpful"],
-        description="Names of the feedback assessments that count as a user's verdict on an answer (true/false, "
-                    "yes/no, thumbs up/down, 1/0); others (e.g. LLM judges) are ignored.")
+        description="feedback names that count as a user's verdict (true/false, yes/no, thumbs up/down, "
+                    "1/0); others, e.g. LLM judges', are ignored")
     expectations: list[str] = Field(
         ["expected_response", "expected_answer", "corrected_answer"],
-        description="Names of the expectation assessments whose value is the answer to learn instead of the logged "
-                    "one.")
-    unrated: bool = Field(True, description="Train (sft) on answers nobody gave feedback on too; false: only on "
-                                            "answers with positive feedback or an expectation.")
+        description="expectation names whose value (text or a message) is the answer to learn instead of "
+                    "the logged one")
+    unrated: bool = Field(
+        True, description="sft: train on answers nobody rated too; `false`: only positive feedback or "
+                          "expectations")
 
     @field_validator("since", "until")
     @classmethod

@@ -146,16 +146,21 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
     (its URL, its name for the model), or None (the fine-tuning API: versions trained after the server started);
     with a `tracer` (`serve --trace`), each chat completion is recorded as a trace (`tracing.py`) and
     `POST /v1/feedback` rates an answer."""
-    import asyncio
-
     import httpx
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.background import BackgroundTask
+    from fastapi import FastAPI
 
     created = int(time.time())
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), trust_env=False)
     app = FastAPI(title="mlflow-finetune serve", docs_url=None, redoc_url=None, openapi_url=None)
+    _add_listing(app, routes, created)
+    _add_feedback(app, tracer)
+    _add_forwarding(app, routes, client, tracer, _loader(routes, client, resolve, start))
+    return app
+
+
+def _add_listing(app, routes: Routes, created: int) -> None:
+    """`/v1/models`: the served names, not the server's own list."""
+    from fastapi.responses import JSONResponse
 
     @app.get("/v1/models")
     async def list_models():
@@ -167,10 +172,17 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
             return JSONResponse(not_found(model, routes.names()), status_code=404)
         return model_entry(model, created)
 
+
+def _loader(routes: Routes, client, resolve, start):
+    """The coroutine that serves a model asked for by name before its first request: None once it is served, else
+    the error response."""
+    import asyncio
+
+    from fastapi.responses import JSONResponse
+
     loading = asyncio.Lock()
 
     async def load(model: str):
-        """None once `model` is served, else the error response."""
         from mlflow_finetune_plugin.errors import FinetuneError
 
         async with loading:  # one load at a time: two first requests for a new version load it once
@@ -195,6 +207,16 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
             routes.add(model, routes.default)
             return None
 
+    return load
+
+
+def _add_feedback(app, tracer) -> None:
+    """`POST /v1/feedback`: a rating of a traced answer (`serve --trace`)."""
+    import asyncio
+
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
     @app.post("/v1/feedback")
     async def feedback(request: Request):
         if tracer is None:
@@ -208,6 +230,20 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
         status, answer = await asyncio.to_thread(tracer.answer_feedback, body)
         return JSONResponse(answer, status_code=status)
 
+
+def _add_forwarding(app, routes: Routes, client, tracer, load) -> None:
+    """Everything else passes through to the model server: a model request is routed by its name (loaded first
+    where it is not served yet), renamed as the client asked for it, counted while in flight and traced."""
+    import asyncio
+
+    import httpx
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.background import BackgroundTask
+
+    from mlflow_finetune_plugin.serving.renaming import renamed as renamed_chunks
+    from mlflow_finetune_plugin.serving.renaming import requested_model, with_model
+
     @app.api_route("/{path:path}", methods=["GET", "POST", "OPTIONS"])
     async def forward(path: str, request: Request):
         from mlflow_finetune_plugin.serving.tracing import TRACE_HEADER, TracedRequest
@@ -215,7 +251,7 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
         body = await request.body()
         served, upstream, traced = None, routes.default, None
         if request.method == "POST" and "/" + path in _MODEL_ROUTES:
-            model = _requested_model(body)
+            model = requested_model(body)
             if model is not None:
                 if routes.lookup(model) is None:
                     refused = await load(model)
@@ -228,7 +264,7 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
                 if (rewrite := await asyncio.to_thread(routes.rewrite_of, served)) is not None:
                     body = await asyncio.to_thread(rewrite, body, traced.span if traced else None)
                 if upstream_name != model:  # an alias (`NAME@champion`): the server knows the version's name
-                    body = _with_model(body, upstream_name)
+                    body = with_model(body, upstream_name)
         # The server knows the model by another name (a prompt's base, a fine-tune without OpenAI's `ft:`): the
         # answer is given the served name, as the client asked for it.
         renamed = served if served and served != upstream_name else None
@@ -260,66 +296,16 @@ def build_front(routes: Routes, resolve=None, tracer=None, start=None):
                           if k.lower() not in _HOP_HEADERS | {"date", "server"}}
         chunks = response.aiter_raw()
         if renamed:
-            chunks = _renamed(chunks, renamed, "text/event-stream" in response.headers.get("content-type", ""))
+            chunks = renamed_chunks(chunks, renamed, "text/event-stream" in response.headers.get("content-type", ""))
         if traced:
             answer_headers[TRACE_HEADER] = traced.trace_id
             chunks = traced.watch(chunks, response.status_code)
         return StreamingResponse(chunks, status_code=response.status_code, headers=answer_headers,
                                  background=BackgroundTask(finish))
 
-    return app
-
 
 def _error(message: str, kind: str) -> dict:
     return {"error": {"message": message, "type": kind}}
-
-
-def _requested_model(body: bytes):
-    import json
-
-    try:
-        data = json.loads(body or b"{}")
-    except ValueError:
-        return None  # the server itself answers malformed requests
-    return data.get("model") if isinstance(data, dict) else None
-
-
-def _with_model(body: bytes, model: str) -> bytes:
-    import json
-
-    return json.dumps({**json.loads(body), "model": model}).encode()
-
-
-async def _renamed(chunks, name: str, stream: bool):
-    """The answer's bytes with the `model` it names said as `name`: each `data:` line of a stream as it passes, a
-    whole answer once read (an error, which names no model, as it is)."""
-    if not stream:
-        yield _named(b"".join([chunk async for chunk in chunks]), name)
-        return
-    pending = b""
-    async for chunk in chunks:
-        *lines, pending = (pending + chunk).split(b"\n")
-        if lines:
-            yield b"".join(_named_line(line, name) + b"\n" for line in lines)
-    if pending:
-        yield _named_line(pending, name)
-
-
-def _named_line(line: bytes, name: str) -> bytes:
-    data = line[5:].strip() if line.startswith(b"data:") else b"[DONE]"
-    return line if data == b"[DONE]" else b"data: " + _named(data, name)
-
-
-def _named(body: bytes, name: str) -> bytes:
-    import json
-
-    try:
-        answer = json.loads(body)
-    except ValueError:
-        return body
-    if not isinstance(answer, dict) or "model" not in answer:
-        return body
-    return json.dumps({**answer, "model": name}).encode()
 
 
 def loopback_port() -> int:

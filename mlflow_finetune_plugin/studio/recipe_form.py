@@ -1,6 +1,6 @@
 """The Train page before "Start": which projects, entry points and models there are to pick from, the recipe's
 editable keys (typed from the schema, defaulted as the chosen project and entry point resolve them, explained in the
-words of docs/reference.md), and what the choices amount to: the `mlflow run ... --backend finetune` command, and the
+schema's words, which docs/reference.md's key tables are written from), and what the choices amount to: the `mlflow run ... --backend finetune` command, and the
 finetune.yaml that command trains. Plain Python: the page (`app.py`) draws it.
 
 Every value here comes from the loader the backend runs (`config/loading.py: load_recipe`), so what the page shows is
@@ -41,7 +41,7 @@ MODEL_HINT = ("Or type a Hugging Face hub id (ORG/NAME) or a local model folder;
 @dataclass(frozen=True)
 class FormField:
     """One recipe key on the page. `default` is the value the chosen project and entry point resolve it to (for a
-    `choice`, as one of `choices`); `accepts` is the reference's type column (e.g. "float > 0")."""
+    `choice`, as one of `choices`); `accepts` is the key's type in the reference's words (e.g. "float > 0")."""
 
     key: str
     kind: str  # int | float | bool | str | choice | list | dict
