@@ -1,7 +1,8 @@
 """The one way to start a run (launchers/submit.py) and the one job queue (launchers/queue.py).
 
-The queue's tests start fake commands (a Python one-liner that prints what `mlflow run` prints when it has started a
-run), so they check the order, the slots and a cancel in a second; submit's start a tiny fine-tune for real."""
+The queue's tests start fake commands (a Python one-liner that prints what `mlflow run` prints once it has
+started a run), so they check the order, the slots and a cancel in a second; submit's start a tiny fine-tune
+for real."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 from mlflow_finetune_plugin.launchers.queue import JobStore, Queue
 from tests.helpers import chat_rows, write_project
 
-FAST = ("train:\n  max_steps: 2\n  batch_size: 4\n  logging_steps: 1\n  save_steps: 2\neval:\n  enabled: false\n"
-        "registry:\n  enabled: false\n")
+FAST = ("train:\n  max_steps: 2\n  batch_size: 4\n  logging_steps: 1\n  save_steps: 2\n"
+        "eval:\n  enabled: false\nregistry:\n  enabled: false\n")
 
 
 def _fake_start(run_id: str) -> list[str]:
@@ -26,8 +27,8 @@ class _FakeQueue(Queue):
     """A Queue over job records whose command is a fake start; `ran` keeps the order the jobs started in."""
 
     def __init__(self, state_dir, max_parallel, starting=None):
-        super().__init__(JobStore(state_dir), max_parallel, starting=starting, busy=("running",), cwd=str(state_dir),
-                         env={})
+        super().__init__(JobStore(state_dir), max_parallel, starting=starting, busy=("running",),
+                         cwd=str(state_dir), env={})
         self.ran = []
 
     def command(self, record):
@@ -35,12 +36,14 @@ class _FakeQueue(Queue):
 
     def started(self, record, outcome):
         self.ran.append(record["id"])
-        self.store.update(record["id"], lambda r: r.update(state="running", run_id=outcome.run_id, error=outcome.error))
+        self.store.update(record["id"], lambda r: r.update(state="running", run_id=outcome.run_id,
+                                                           error=outcome.error))
 
 
 def _add(queue, n: int, created: float) -> str:
     job_id = f"job-{n:012x}"
-    queue.store.save({"id": job_id, "state": "queued", "created": created, "run": f"{n:032x}", "run_id": None})
+    queue.store.save({"id": job_id, "state": "queued", "created": created, "run": f"{n:032x}",
+                      "run_id": None})
     return job_id
 
 
@@ -91,14 +94,16 @@ def test_start_reads_the_run_id_or_why_no_run_started(tmp_path):
 
     started = start(_fake_start("a" * 32), tmp_path / "ok.log", tmp_path, {})
     assert started.run_id == "a" * 32 and started.error == ""
-    refused = start([sys.executable, "-c", "print('ERROR mlflow.cli: === no such launcher ===')"], tmp_path / "no.log",
-                    tmp_path, {})
+    refused = start([sys.executable, "-c", "print('ERROR mlflow.cli: === no such launcher ===')"],
+                    tmp_path / "no.log", tmp_path, {})
     assert refused.run_id is None and refused.error == "no such launcher"
     again = start([sys.executable, "-c", "raise SystemExit(1)"], tmp_path / "ok.log", tmp_path, {})
     assert again.run_id == "a" * 32  # its log names a run already: not started twice
     argv = command("/p", "lora", {"train.max_steps": 3}, {"launcher": "local"}, "exp")
-    assert argv[1:] == ["-m", "mlflow", "run", "/p", "-e", "lora", "--backend", "finetune", "--experiment-name", "exp",
-                        "--backend-config", '{"launcher": "local", "detach": true}', "-P", "train.max_steps=3"]
+    assert argv[1:] == ["-m", "mlflow", "run", "/p", "-e", "lora", "--backend", "finetune",
+                        "--experiment-name", "exp",
+                        "--backend-config", '{"launcher": "local", "detach": true}',
+                        "-P", "train.max_steps=3"]
 
 
 @pytest.mark.integration
@@ -115,5 +120,5 @@ def test_submit_starts_a_tiny_run_followed_or_waited_for_and_says_why_it_started
     run = MlflowClient().get_run(followed.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny" and "train/loss" in run.data.metrics
     assert followed.status() == "FINISHED"
-    waited = submit(project, "lora", {"train.max_steps": "1"}, {"launcher": "local"})  # mode wait: returns at its end
+    waited = submit(project, "lora", {"train.max_steps": "1"}, {"launcher": "local"})  # waits for its end
     assert waited.status() == "FINISHED" and waited.run_id != followed.run_id

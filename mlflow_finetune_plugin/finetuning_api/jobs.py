@@ -3,8 +3,9 @@ the job's folder under the server's state folder, after every check that needs n
 `data check` words it, the model, the method, the grader, the hyperparameters). A request that fails one of them is
 refused with OpenAI's 4xx error, and nothing is started.
 
-Records are launchers/queue.py's JSON files (`STATE/jobs/<id>/job.json`, replaced atomically), so a restarted server
-finds every job where it was; the runs themselves are detached and go on without the server (runner.py)."""
+Records are launchers/queue.py's JSON files (`STATE/jobs/<id>/job.json`, replaced atomically), so a restarted
+server finds every job where it was; the runs themselves are detached and go on without the server
+(runner.py)."""
 
 from __future__ import annotations
 

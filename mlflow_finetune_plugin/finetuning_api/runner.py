@@ -31,8 +31,9 @@ POLL_S = 1.0  # how often jobs are looked at: a status changes within this long
 
 
 class Runner(Queue):
-    """The queue of the server's jobs: a job holds a slot while `running`, and keeps `queued` while its `mlflow run`
-    starts (one thread claims and starts); `mlflow run` starts in the job's folder, in this process's store."""
+    """The queue of the server's jobs: a job holds a slot while `running`, and keeps `queued` while its
+    `mlflow run` starts (one thread claims and starts); `mlflow run` starts in the job's folder, in this
+    process's store."""
 
     poll_s = POLL_S
 
@@ -106,7 +107,8 @@ class Runner(Queue):
     def started(self, job: dict, outcome: Started) -> None:
         run_id = outcome.run_id
         if run_id is None:
-            return self._fail(job["id"], "launch_failed", f"`mlflow run` did not start the job: {outcome.error}")
+            return self._fail(job["id"], "launch_failed",
+                              f"`mlflow run` did not start the job: {outcome.error}")
         self._tag(run_id, job)
 
         def running(j):

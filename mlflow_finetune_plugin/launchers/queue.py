@@ -1,12 +1,14 @@
-"""The one job queue of the doors that start runs and watch them (the OpenAI API, the studio): job records on disk,
-started oldest first while fewer than `max_parallel` hold a slot, each a detached `mlflow run` (`submit.start`, its
-output in the job's log), and stopped in the queue (a waiting job never starts) or as a run (`stop_run`).
+"""The one job queue of the doors that start runs and watch them (the OpenAI API, the studio): job records
+on disk, started oldest first while fewer than `max_parallel` hold a slot, each a detached `mlflow run`
+(`submit.start`, its output in the job's log), and stopped in the queue (a waiting job never starts) or as
+a run (`stop_run`).
 
-A door keeps its own record shapes and states (the OpenAI API's fine_tuning.job, the studio's Job) and subclasses
-`Queue`: `command` (what a job runs), `started` (what a start did to the record), `refresh` (a record's state from its
-run). The queue knows a record's id, when it was created, the field holding its state, the state that waits for a
-slot and the states that hold one. Records are JSON files (`<state_dir>/jobs/<id>/job.json`, replaced atomically), so
-a restarted door finds every job where it was; the runs are detached and go on without it."""
+A door keeps its own record shapes and states (the OpenAI API's fine_tuning.job, the studio's Job) and
+subclasses `Queue`: `command` (what a job runs), `started` (what a start did to the record), `refresh` (a
+record's state from its run). The queue knows a record's id, when it was created, the field holding its
+state, the state that waits for a slot and the states that hold one. Records are JSON files
+(`<state_dir>/jobs/<id>/job.json`, replaced atomically), so a restarted door finds every job where it was;
+the runs are detached and go on without it."""
 
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ _LAUNCHING: set[str] = set()  # the jobs this process is starting now, whichever
 
 
 class JobStore:
-    """The job records of one state folder (`<state_dir>/jobs/<id>/job.json`, each written whole). Thread-safe within
-    a process; `shared=True` takes a file lock that stores in other processes on the same folder take too."""
+    """The job records of one state folder (`<state_dir>/jobs/<id>/job.json`, each written whole).
+    Thread-safe within a process; `shared=True` takes a file lock that stores in other processes on the
+    same folder take too."""
 
     ID = re.compile(r"job-[0-9a-f]{12}")  # a job id, and the name of its folder
 
@@ -81,18 +84,21 @@ class JobStore:
     def all(self) -> list[dict]:
         """Every job, newest first."""
         with self.lock:
-            jobs = [json.loads(p.read_text()) for p in self.root.glob("*/job.json") if self.ID.fullmatch(p.parent.name)]
+            jobs = [json.loads(p.read_text()) for p in self.root.glob("*/job.json")
+                    if self.ID.fullmatch(p.parent.name)]
         return sorted(jobs, key=self.created, reverse=True)
 
 
 class Queue:
-    """Starts the jobs of `store` oldest first, at most `max_parallel` holding a slot (the `busy` states) at once.
+    """Starts the jobs of `store` oldest first, at most `max_parallel` holding a slot (the `busy` states)
+    at once.
 
-    state: the record's field holding its state; waiting: the state of a job that waits for a slot; starting: the
-    state a claimed job holds while its `mlflow run` starts (None: it keeps `waiting` until `started` moves it, for a
-    door whose one thread claims and starts). cwd, env: where `mlflow run` starts and the store it uses (None: the
-    job's folder, and this process's store when it starts); a run is stopped in that store (`stop_run`).
-    `start()` the thread (one look every `poll_s`), `close()` it at the end: the runs go on."""
+    state: the record's field holding its state; waiting: the state of a job that waits for a slot;
+    starting: the state a claimed job holds while its `mlflow run` starts (None: it keeps `waiting` until
+    `started` moves it, for a door whose one thread claims and starts). cwd, env: where `mlflow run` starts
+    and the store it uses (None: the job's folder, and this process's store when it starts); a run is
+    stopped in that store (`stop_run`). `start()` the thread (one look every `poll_s`), `close()` it at the
+    end: the runs go on."""
 
     poll_s = 1.0
 
@@ -108,7 +114,7 @@ class Queue:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # --- what a door fills in --------------------------------------------------------------------------------------
+    # --- what a door fills in -------------------------------------------------------------------------------
 
     def command(self, record: dict) -> list[str]:
         """The `mlflow run` command of the job (`submit.command`)."""
@@ -119,8 +125,8 @@ class Queue:
         raise NotImplementedError
 
     def refresh(self, record: dict) -> dict:
-        """The job as it is now (its run's end read from the store); the default recovers a job left starting by a
-        process that is gone."""
+        """The job as it is now (its run's end read from the store); the default recovers a job left
+        starting by a process that is gone."""
         if self.starting and record[self.state] == self.starting and not being_launched(record):
             return self.recover(record)
         return record
@@ -128,20 +134,22 @@ class Queue:
     def log_path(self, record: dict) -> Path:
         return self.store.folder(record["id"]) / LAUNCH_LOG
 
-    # --- the queue ---------------------------------------------------------------------------------------------------
+    # --- the queue ------------------------------------------------------------------------------------------
 
     def step(self) -> None:
         """One pass: every job refreshed, then the oldest waiting jobs started while slots are free."""
         for record in self.store.all():
             self.refresh(record)
         tried: set[str] = set()
-        while not self._stopping.is_set() and (record := self.claim()) is not None and record["id"] not in tried:
+        while not self._stopping.is_set() and (record := self.claim()) is not None:
+            if record["id"] in tried:  # a start that left its job waiting: the next pass tries again
+                break
             tried.add(record["id"])
             self.launch(record)
 
     def claim(self) -> dict | None:
-        """The oldest waiting job when fewer than max_parallel jobs hold a slot, marked `starting` by this process
-        under the store's lock; None otherwise."""
+        """The oldest waiting job when fewer than max_parallel jobs hold a slot, marked `starting` by this
+        process under the store's lock; None otherwise."""
         with self.store.lock:
             records = self.store.all()
             waiting = [r for r in records if r[self.state] == self.waiting]
@@ -171,8 +179,8 @@ class Queue:
             _LAUNCHING.discard(record["id"])
 
     def recover(self, record: dict) -> dict:
-        """A job left starting by a process that is gone: started if its `mlflow run` started the run, else waiting
-        again (that start died with its process before it created a run)."""
+        """A job left starting by a process that is gone: started if its `mlflow run` started the run, else
+        waiting again (that start died with its process before it created a run)."""
         run_id = logged_run(self.log_path(record))
         if run_id:
             self.started(record, Started(run_id))
@@ -185,9 +193,10 @@ class Queue:
         return self.store.update(record["id"], requeued)
 
     def drop(self, job_id: str, ended: dict, while_starting: dict | None = None) -> dict:
-        """Take a job that has not started out of the queue: a waiting one never runs (it ends with the fields of
-        `ended`, its state among them); one whose start is under way ends with `while_starting` (default `ended`), and
-        the door stops its run once it exists (`started`). Any other job is returned as it is."""
+        """Take a job that has not started out of the queue: a waiting one never runs (it ends with the
+        fields of `ended`, its state among them); one whose start is under way ends with `while_starting`
+        (default `ended`), and the door stops its run once it exists (`started`). Any other job is returned
+        as it is."""
         def dropped(r):
             if r[self.state] == self.waiting:
                 r.update(ended)
@@ -199,7 +208,7 @@ class Queue:
         """`mlflow-finetune cancel RUN_ID` in the queue's store: the run ends KILLED."""
         stop_run(run_id, self.env, self.cwd)
 
-    # --- the thread --------------------------------------------------------------------------------------------------
+    # --- the thread -----------------------------------------------------------------------------------------
 
     def start(self):
         if self._thread is None or not self._thread.is_alive():
@@ -225,7 +234,7 @@ class Queue:
         while not self._stopping.is_set():
             try:
                 self.step()
-            except Exception as e:  # noqa: BLE001 - a store that does not answer now may answer at the next pass
+            except Exception as e:  # noqa: BLE001 - a store that does not answer now may at the next pass
                 print(f"{self.name}: {type(e).__name__}: {e}", file=sys.stderr)
             self._stopping.wait(self.poll_s)
 
@@ -240,25 +249,28 @@ def being_launched(record: dict) -> bool:
     if not who or who.get("pid") == os.getpid():
         return False
     try:
-        return abs(psutil.Process(who["pid"]).create_time() - who["since"]) < 1.0  # that process, not a reused pid
+        # that process, not a reused pid
+        return abs(psutil.Process(who["pid"]).create_time() - who["since"]) < 1.0
     except psutil.Error:
         return False
 
 
 def stop_run(run_id: str, env: dict | None = None, cwd=None) -> None:
-    """Stop a run as `mlflow-finetune cancel RUN_ID` does (it ends KILLED, its logged checkpoints kept): here when it
-    is in this process's store (`env` None), else in a process that uses the store `env` names."""
+    """Stop a run as `mlflow-finetune cancel RUN_ID` does (it ends KILLED, its logged checkpoints kept):
+    here when it is in this process's store (`env` None), else in a process that uses the store `env`
+    names."""
     if env is None:
         from mlflow_finetune_plugin.launchers.cancel import cancel_run
 
         cancel_run(run_id)
         return
     try:
-        done = subprocess.run([sys.executable, "-c", _CLI, "cancel", run_id], env={**os.environ, **env}, cwd=cwd,
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=CANCEL_TIMEOUT_S)
+        done = subprocess.run([sys.executable, "-c", _CLI, "cancel", run_id], env={**os.environ, **env},
+                              cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=CANCEL_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise FinetuneError(f"stopping run {run_id} took over {CANCEL_TIMEOUT_S} s; see `mlflow-finetune cancel "
-                            f"{run_id}`") from None
+        raise FinetuneError(f"stopping run {run_id} took over {CANCEL_TIMEOUT_S} s; see `mlflow-finetune "
+                            f"cancel {run_id}`") from None
     if done.returncode != 0:
         lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
         raise FinetuneError(f"could not stop run {run_id}: {lines[-1] if lines else done.returncode}")

@@ -1,18 +1,18 @@
-"""The one way to start a fine-tune run, whichever door asks (a sweep, `monitor --retrain`, the OpenAI API, the
-studio): `mlflow run PROJECT -e ENTRY --backend finetune [-P key=value ...] [--backend-config JSON]
+"""The one way to start a fine-tune run, whichever door asks (a sweep, `monitor --retrain`, the OpenAI API,
+the studio): `mlflow run PROJECT -e ENTRY --backend finetune [-P key=value ...] [--backend-config JSON]
 [--experiment-name NAME]`, the command a user types. A new door that starts runs calls `submit()`.
 
 How the caller stays with the run is its choice (`mode`):
 
-wait    in this process, until the run has ended (`monitor --retrain`): MLflow's `mlflow.projects.run`, synchronous;
-        a run that fails raises MLflow's ExecutionException, as `mlflow run` exits non-zero.
-follow  in this process, detached: returns at once with the launcher's SubmittedRun, which the caller polls and
-        cancels (a sweep reports each trial's eval loss to its pruner and cancels the trials it prunes).
-detach  `mlflow run` as a child process with `"detach": true`, its output in a log file; returns once the run exists,
-        and the run goes on when the caller stops (queue.py: the OpenAI API's jobs and the studio's).
+wait    in this process, until the run has ended (`monitor --retrain`): MLflow's `mlflow.projects.run`,
+        synchronous; a run that fails raises MLflow's ExecutionException, as `mlflow run` exits non-zero.
+follow  in this process, detached: returns at once with the launcher's SubmittedRun, which the caller polls
+        and cancels (a sweep reports each trial's eval loss to its pruner and cancels the trials it prunes).
+detach  `mlflow run` as a child process with `"detach": true`, its output in a log file; returns once the run
+        exists, and the run goes on when the caller stops (queue.py: the OpenAI API's jobs and the studio's).
 
-The backend is reached through MLflow only (its entry point `finetune`, or the `mlflow run` command line), never
-imported: launchers sit below it."""
+The backend is reached through MLflow only (its entry point `finetune`, or the `mlflow run` command line),
+never imported: launchers sit below it."""
 
 from __future__ import annotations
 
@@ -48,13 +48,15 @@ class Started:
 
 def submit(project, entry_point: str, params: dict | None = None, backend_config: dict | None = None,
            experiment_name: str | None = None, *, mode: str = "wait", experiment_id: str | None = None,
-           run_name: str | None = None, log: Path | None = None, cwd=None, env: dict | None = None) -> Started:
+           run_name: str | None = None, log: Path | None = None, cwd=None,
+           env: dict | None = None) -> Started:
     """Start `mlflow run PROJECT -e ENTRY_POINT --backend finetune` with `params` as `-P key=value` and
     `backend_config` (see the module for `mode`; follow and detach add `"detach": true`).
 
-    wait and follow run in this process, in its tracking store (`experiment_id` and `run_name` as `mlflow run` takes
-    them); follow returns Started(None, why) when the backend refuses before any run exists. detach runs the command
-    from `cwd` with `env` (default `store_env()`), its output in `log` (see `start`)."""
+    wait and follow run in this process, in its tracking store (`experiment_id` and `run_name` as `mlflow
+    run` takes them); follow returns Started(None, why) when the backend refuses before any run exists.
+    detach runs the command from `cwd` with `env` (default `store_env()`), its output in `log` (see
+    `start`)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
     params, config = dict(params or {}), dict(backend_config or {})
@@ -72,7 +74,7 @@ def submit(project, entry_point: str, params: dict | None = None, backend_config
                                         backend_config=config, synchronous=mode == "wait",
                                         experiment_name=experiment_name, experiment_id=experiment_id,
                                         run_name=run_name)
-    except ExecutionException as e:  # refused before a run existed: the recipe, the data, --backend-config, Ray
+    except ExecutionException as e:  # refused before a run existed: recipe, data, --backend-config, Ray
         if mode == "wait":
             raise
         return Started(None, str(e))
@@ -81,8 +83,8 @@ def submit(project, entry_point: str, params: dict | None = None, backend_config
 
 def command(project, entry_point: str, params: dict, backend_config: dict,
             experiment: str | None = None) -> list[str]:
-    """`mlflow run PROJECT -e ENTRY --backend finetune` with `backend_config` and `"detach": true` (the launcher's
-    job goes on by itself, its run in the tracking store), `-P key=value` for each of `params`."""
+    """`mlflow run PROJECT -e ENTRY --backend finetune` with `backend_config` and `"detach": true` (the
+    launcher's job goes on by itself, its run in the tracking store), `-P key=value` for each of `params`."""
     argv = [sys.executable, "-m", "mlflow", "run", str(project), "-e", entry_point, "--backend", "finetune"]
     if experiment:
         argv += ["--experiment-name", experiment]
@@ -93,8 +95,9 @@ def command(project, entry_point: str, params: dict, backend_config: dict,
 
 
 def store_env(tracking_uri: str | None = None, registry_uri: str | None = None) -> dict:
-    """The tracking and registry store (default: this process's) for `mlflow run`, which may start in another folder:
-    a relative sqlite path (MLflow's default `sqlite:///mlflow.db`) made absolute, so the job uses the same store."""
+    """The tracking and registry store (default: this process's) for `mlflow run`, which may start in
+    another folder: a relative sqlite path (MLflow's default `sqlite:///mlflow.db`) made absolute, so the
+    job uses the same store."""
     import mlflow
 
     env = {}
@@ -108,10 +111,10 @@ def store_env(tracking_uri: str | None = None, registry_uri: str | None = None) 
 
 
 def start(argv: list[str], log: Path, cwd=None, env: dict | None = None) -> Started:
-    """Run `argv` (a detached `mlflow run`, `command`) from `cwd` with its output in `log`: Started(run id) or
-    Started(None, the reason it started none). A log from an earlier start that already names its run is that
-    start's outcome: it is not run again (a door stopped while `mlflow run` started the job: the start itself dies
-    with it, see _die_with_parent, so a log without a run id is a start that never was)."""
+    """Run `argv` (a detached `mlflow run`, `command`) from `cwd` with its output in `log`: Started(run id)
+    or Started(None, the reason it started none). A log from an earlier start that already names its run is
+    that start's outcome: it is not run again (a door stopped while `mlflow run` started the job: the start
+    itself dies with it, see _die_with_parent, so a log without a run id is a start that never was)."""
     code = 0
     if not logged_run(log):
         with open(log, "w") as out:
@@ -122,11 +125,12 @@ def start(argv: list[str], log: Path, cwd=None, env: dict | None = None) -> Star
     found = _STARTED.search(text)
     if code == 0 and found:
         return Started(found.group(1))
-    refused = _CLI_ERROR.findall(text)  # the backend's refusal, as MLflow's CLI prints it (over several lines)
+    refused = _CLI_ERROR.findall(text)  # the backend's refusal, as MLflow's CLI prints it (several lines)
     if refused:
         return Started(None, refused[-1].strip())
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    reason = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+    last = lines[-1] if lines else ""
+    reason = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), last)
     return Started(None, reason.strip() or f"`mlflow run` exited with {code}")
 
 
@@ -137,8 +141,8 @@ def logged_run(log: Path) -> str | None:
 
 
 def _die_with_parent() -> None:
-    """In `mlflow run`, before exec: SIGTERM when the door's process dies, so no start goes on unrecorded (the job
-    it starts runs in a session of its own and is not touched)."""
+    """In `mlflow run`, before exec: SIGTERM when the door's process dies, so no start goes on unrecorded
+    (the job it starts runs in a session of its own and is not touched)."""
     import signal
 
     if sys.platform.startswith("linux"):

@@ -15,8 +15,9 @@ version's held-out prompts answered by the engine it will be served on must matc
 check itself is the serving layer's, handed in as `check_parity`). A version whose run recorded no answers is passed
 over with the reason, as the default gates pass over an unscored contender; `off` skips it, with the reason recorded.
 
-The one way in for every door (the CLI, the studio, the playground, a sweep, `monitor --retrain`, auto-promotion
-after training through `mlflow-finetune promote`) is `serving/parity.promote_checked`: `promote` with that check.
+The one way in for every door (the CLI, the studio, the playground, a sweep, `monitor --retrain`,
+auto-promotion after training through `mlflow-finetune promote`) is `serving/parity.promote_checked`:
+`promote` with that check.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def promote(name: str, version: str, alias: str | None = None, gates: list[Gate]
             force: bool = False, reason: str | None = None, user: str | None = None, parity: str | None = None,
             check_parity=None) -> PromotionResult:
     """Move `alias` (default: the recipe's champion alias) to `version` when every gate passes, or when forced.
-    Doors do not call this: they call `serving/parity.promote_checked`, this with the serving check handed in.
+    Doors do not call this: they call `serving/parity.promote_checked`, this with the serving check in.
 
     Moving the champion alias, serving parity is checked too: `parity` is the engine (transformers, vllm) or `off`
     (needs `reason`), default the recipe's `registry.parity`; `check_parity(name, version, engine, gates)` answers

@@ -1,8 +1,8 @@
 """The Train page's runs: ordinary `mlflow run PROJECT -e ENTRY --backend finetune` runs, detached, queued, and started
 one at a time (or `max_parallel` at once) in the order they were submitted.
 
-The command, its start and the queue are launchers' (`submit.command`, `queue.Queue`): what a user types, with
-`"detach": true` added to the backend config, so a run goes on when the page closes. Stopping a run is
+The command, its start and the queue are launchers' (`submit.command`, `queue.Queue`): what a user types,
+with `"detach": true` added to the backend config, so a run goes on when the page closes. Stopping a run is
 `mlflow-finetune cancel RUN_ID` (the run ends KILLED, its logged checkpoints kept); resuming one is a new job with
 `-P train.resume=RUN_ID` (it continues from that run's last checkpoint).
 
@@ -77,7 +77,8 @@ class Launcher(Queue):
                                 f"(got {backend_config!r})")
         self.state_dir = Path(state_dir).expanduser().resolve()
         env = store_env(tracking_uri, tracking_uri)
-        # Launchers sharing a folder (the app restarted, two apps) take turns under a file lock: a job starts once.
+        # Launchers sharing a folder (the app restarted, two apps) take turns under a file lock: a job starts
+        # once.
         super().__init__(JobStore(self.state_dir, shared=True), max_parallel, starting="starting", busy=BUSY,
                          cwd=os.getcwd(), env=env, name="studio launcher")
         self.records = self.store
@@ -101,7 +102,8 @@ class Launcher(Queue):
         params = _params(params or {})
         job = Job(id=f"job-{uuid.uuid4().hex[:12]}", project=str(project), entry_point=entry_point.strip(),
                   params=params, state="queued", run_id=None, created=time.time(), experiment=experiment or None,
-                  argv=command(str(project), entry_point.strip(), params, self.backend_config, experiment or None))
+                  argv=command(str(project), entry_point.strip(), params, self.backend_config,
+                               experiment or None))
         self.records.save(asdict(job))
         return job
 
@@ -133,9 +135,9 @@ class Launcher(Queue):
             self.stop_run(job_or_run_id)
             return None
         record = self.refresh(record)
-        if record["state"] in ("queued", "starting"):  # a launch under way goes on; its run is cancelled (started)
-            record = self.drop(record["id"], {"state": "killed", "error": "stopped before it started: no run was "
-                                                                           "created"},
+        if record["state"] in ("queued", "starting"):  # a start under way goes on; `started` cancels its run
+            record = self.drop(record["id"],
+                               {"state": "killed", "error": "stopped before it started: no run was created"},
                                {"state": "killed", "error": "stopped while `mlflow run` started it"})
         if record["state"] == "running":
             self.stop_run(record["run_id"])
@@ -164,7 +166,7 @@ class Launcher(Queue):
         return self.submit(record["project"], record["entry_point"], {**params, "train.resume": run_id},
                            record["experiment"])
 
-    # --- the queue's side (launchers/queue.py) ------------------------------------------------------------------------
+    # --- the queue's side (launchers/queue.py) --------------------------------------------------------------
 
     def command(self, record: dict) -> list[str]:
         return record["argv"]
@@ -196,7 +198,7 @@ class Launcher(Queue):
             return self._follow(record)
         return super().refresh(record)
 
-    # --- reading a job's state ---------------------------------------------------------------------------------------
+    # --- reading a job's state ------------------------------------------------------------------------------
 
     def _follow(self, record: dict) -> dict:
         """The job's state from its run's status, once the run has ended."""

@@ -8,8 +8,8 @@ The space file maps dotted recipe keys to a range or a list of choices:
 
 Every key and bound is checked against the recipe schema (through `load_recipe` with the value as a `-P` override)
 before anything starts. Each trial is a nested run under one parent run, trained by the real backend
-(`launchers.submit`, detached and followed: the path of `mlflow run`) on the recipe's launcher (local, torchrun,
-ray via `--backend-config`), with registration off. While a trial trains, its eval loss is reported to
+(`launchers.submit`, detached and followed: the path of `mlflow run`) on the recipe's launcher (local,
+torchrun, ray via `--backend-config`), with registration off. While a trial trains, its eval loss is reported to
 Optuna; a trial the pruner (median) gives up on is cancelled (its run ends KILLED) and tagged pruned. The parent
 run logs the best trial, a parallel-coordinate plot and the parameter importances; only the best trial's model is
 registered (alias and auto-promotion per the recipe), every finished one with `register_all`.
@@ -196,7 +196,7 @@ class _Sweep:
         overrides = {**self.params, **{k: cli_value(v) for k, v in values.items()}, "registry.enabled": "false"}
         started = submit(self.project, self.entry_point, overrides, self.config, mode="follow",
                          experiment_id=self.experiment_id, run_name=f"trial-{trial.number}")
-        if started.run_id is None:  # refused before a run existed: these values, --backend-config, Ray down
+        if started.run_id is None:  # refused before a run existed: the values, --backend-config, Ray down
             study.tell(trial, state=TrialState.FAIL)
             record["error"] = f"trial {trial.number} could not start: {started.error}"
             print(record["error"], file=sys.stderr)
