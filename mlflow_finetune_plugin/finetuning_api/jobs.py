@@ -3,15 +3,14 @@ the job's folder under the server's state folder, after every check that needs n
 `data check` words it, the model, the method, the grader, the hyperparameters). A request that fails one of them is
 refused with OpenAI's 4xx error, and nothing is started.
 
-Records are JSON files (`STATE/jobs/<id>/job.json`, replaced atomically), so a restarted server finds every job
-where it was; the runs themselves are detached and go on without the server (runner.py)."""
+Records are launchers/queue.py's JSON files (`STATE/jobs/<id>/job.json`, replaced atomically), so a restarted
+server finds every job where it was; the runs themselves are detached and go on without the server
+(runner.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from mlflow_finetune_plugin.finetuning_api import graders, rows
 from mlflow_finetune_plugin.finetuning_api.files import FileStore
 from mlflow_finetune_plugin.finetuning_api.shapes import APIError, not_found
+from mlflow_finetune_plugin.launchers import queue
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 # OpenAI's hyperparameter -> the recipe key it sets ("auto": the recipe's default); beta per method.
@@ -44,16 +44,10 @@ class Settings:
     python_timeout: float = 10.0
 
 
-class JobStore:
-    """The job records of one state folder (`<state_dir>/jobs/<id>/job.json`, each written whole). Thread-safe
-    within the server; `lock` may be one that other processes take too (studio's launcher passes a file lock)."""
+class JobStore(queue.JobStore):
+    """The job records of the server's state folder (launchers/queue.py), under OpenAI's ids, with its 404."""
 
     ID = re.compile(r"ftjob-[0-9a-f]{24}")  # a job id, and the name of its folder
-
-    def __init__(self, state_dir: Path, lock=None):
-        self.root = Path(state_dir) / "jobs"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.lock = lock if lock is not None else threading.RLock()
 
     def unknown(self, job_id: str) -> Exception:
         """The error for an id that names no job."""
@@ -62,40 +56,6 @@ class JobStore:
     @staticmethod
     def created(job: dict) -> float:
         return job["_internal"]["created"]
-
-    def folder(self, job_id: str) -> Path:
-        if not self.ID.fullmatch(job_id or ""):
-            raise self.unknown(job_id)
-        return self.root / job_id
-
-    def get(self, job_id: str) -> dict:
-        path = self.folder(job_id) / "job.json"
-        with self.lock:
-            if not path.is_file():
-                raise self.unknown(job_id)
-            return json.loads(path.read_text())
-
-    def save(self, job: dict) -> dict:
-        folder = self.folder(job["id"])
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "job.json.tmp"
-        with self.lock:
-            tmp.write_text(json.dumps(job, indent=1))
-            os.replace(tmp, folder / "job.json")
-        return job
-
-    def update(self, job_id: str, change) -> dict:
-        """Read, `change(job)` in place, write: one step under the lock."""
-        with self.lock:
-            job = self.get(job_id)
-            change(job)
-            return self.save(job)
-
-    def all(self) -> list[dict]:
-        """Every job, newest first."""
-        with self.lock:
-            jobs = [json.loads(p.read_text()) for p in self.root.glob("*/job.json") if self.ID.fullmatch(p.parent.name)]
-        return sorted(jobs, key=self.created, reverse=True)
 
 
 def public(job: dict) -> dict:

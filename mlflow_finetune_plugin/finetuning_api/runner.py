@@ -1,4 +1,5 @@
-"""The thread that moves jobs along, one look every second:
+"""The thread that moves jobs along, one look every second (the queue is launchers/queue.py's, the start
+launchers/submit.py's: the same `mlflow run` a user types):
 
 validating_files  the backend's own checks of the recipe and the data, with the model's tokenizer (what `mlflow
                   run` checks before it creates a run): a failure is the job's error, with the file's line
@@ -14,11 +15,7 @@ Everything it knows is in the job records and the runs, so a restarted server pi
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,111 +24,37 @@ from mlflow_finetune_plugin.finetuning_api import progress
 from mlflow_finetune_plugin.finetuning_api.files import RESULTS, FileStore
 from mlflow_finetune_plugin.finetuning_api.jobs import TERMINAL, JobStore, Settings, add_event
 from mlflow_finetune_plugin.finetuning_api.shapes import APIError
+from mlflow_finetune_plugin.launchers.queue import Queue
+from mlflow_finetune_plugin.launchers.submit import Started, command
 
-_STARTED = re.compile(r"=== Run ([0-9a-f]{32}) started")
-_CLI_ERROR = re.compile(r"ERROR mlflow\.cli: === (.*?) ===$", re.S | re.M)
 POLL_S = 1.0  # how often jobs are looked at: a status changes within this long
 
 
-def store_env(tracking_uri: str | None = None, registry_uri: str | None = None) -> dict:
-    """The tracking and registry store (default: this process's) for `mlflow run`, which may start in another folder:
-    a relative sqlite path (MLflow's default `sqlite:///mlflow.db`) made absolute, so the job uses the same store."""
-    import mlflow
+class Runner(Queue):
+    """The queue of the server's jobs: a job holds a slot while `running`, and keeps `queued` while its
+    `mlflow run` starts (one thread claims and starts); `mlflow run` starts in the job's folder, in this
+    process's store."""
 
-    env = {}
-    for key, uri in (("MLFLOW_TRACKING_URI", tracking_uri or mlflow.get_tracking_uri()),
-                     ("MLFLOW_REGISTRY_URI", registry_uri or mlflow.get_registry_uri())):
-        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-        if uri:
-            env[key] = uri
-    return env
+    poll_s = POLL_S
 
-
-def mlflow_run_command(project: str, entry_point: str, params: dict, backend_config: dict,
-                       experiment: str | None = None) -> list[str]:
-    """`mlflow run PROJECT -e ENTRY --backend finetune` with `backend_config` and `"detach": true` (the launcher's
-    job goes on by itself, its run in the tracking store), `-P key=value` for each of `params`."""
-    argv = [sys.executable, "-m", "mlflow", "run", str(project), "-e", entry_point, "--backend", "finetune"]
-    if experiment:
-        argv += ["--experiment-name", experiment]
-    argv += ["--backend-config", json.dumps({**backend_config, "detach": True})]
-    for key, value in params.items():
-        argv += ["-P", f"{key}={value}"]
-    return argv
-
-
-def launch(argv: list[str], log: Path, cwd, env: dict | None = None) -> tuple[str | None, str]:
-    """Run `argv` (a detached `mlflow run`, `mlflow_run_command`) from `cwd` with its output in `log`: (the run id it
-    started, "") or (None, the reason it started none). A log from an earlier launch that already names its run is
-    that launch's outcome: it is not run again (a launcher stopped while `mlflow run` started the job: the launch
-    itself dies with it, see _die_with_parent, so a log without a run id is a launch that never was)."""
-    code = 0
-    if not logged_run(log):
-        with open(log, "w") as out:
-            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                                  env={**os.environ, **(env or store_env()), "PYTHONUNBUFFERED": "1"},
-                                  stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent).returncode
-    text = log.read_text(errors="replace")
-    found = _STARTED.search(text)
-    if code == 0 and found:
-        return found.group(1), ""
-    refused = _CLI_ERROR.findall(text)  # the backend's refusal, as MLflow's CLI prints it (over several lines)
-    if refused:
-        return None, refused[-1].strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    reason = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
-    return None, reason.strip() or f"`mlflow run` exited with {code}"
-
-
-def logged_run(log: Path) -> str | None:
-    """The run id a launch's log names (`=== Run <id> started`), or None: no log, or no run started (yet)."""
-    found = _STARTED.search(log.read_text(errors="replace")) if log.exists() else None
-    return found.group(1) if found else None
-
-
-def _die_with_parent() -> None:
-    """In `mlflow run`, before exec: SIGTERM when the server dies, so no launch goes on unrecorded (the job it
-    starts runs in a session of its own and is not touched)."""
-    import signal
-
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Runner:
     def __init__(self, store: JobStore, files: FileStore, settings: Settings):
-        self.store, self.files, self.settings = store, files, settings
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="fine-tuning-jobs")
-
-    def start(self) -> None:
-        self.thread.start()
+        super().__init__(store, settings.max_jobs, state="status", waiting="queued", busy=("running",),
+                         name="fine-tuning-jobs")
+        self.files, self.settings = files, settings
 
     def stop(self) -> None:
-        self.stopping.set()
+        self._stopping.set()
 
-    def _loop(self) -> None:
-        while not self.stopping.wait(POLL_S):  # polling interval; each pass checks every job's real state
-            for job in reversed(self.store.all()):  # oldest first: jobs start in the order they came
-                if job["status"] in TERMINAL or job["status"] == "paused":
-                    continue
-                try:
-                    self.step(job)
-                except Exception as e:  # noqa: BLE001 - one job's trouble must not stop the others
-                    self._fail(job["id"], "server_error", f"the server could not move the job on: {e}")
-
-    def step(self, job: dict) -> None:
-        if job["status"] == "validating_files":
-            self._validate(job)
-        elif job["status"] == "queued":
-            running = sum(j["status"] == "running" for j in self.store.all())
-            if running < self.settings.max_jobs:
-                self._launch(job)
-        elif job["status"] == "running":
-            self._follow(job)
+    def refresh(self, job: dict) -> dict:
+        """Validate a new job, follow a running one (queued ones start in `step`, oldest first)."""
+        try:
+            if job["status"] == "validating_files":
+                self._validate(job)
+            elif job["status"] == "running":
+                self._follow(job)
+        except Exception as e:  # noqa: BLE001 - one job's trouble must not stop the others
+            self._fail(job["id"], "server_error", f"the server could not move the job on: {e}")
+        return job
 
     def _validate(self, job: dict) -> None:
         from mlflow_finetune_plugin.backend import resolve_entry_point
@@ -169,14 +92,23 @@ class Runner:
         params = dict(self.settings.overrides)
         if inner["resume_from"]:
             params["train.resume"] = inner["resume_from"]
-        return mlflow_run_command(inner["project"], inner["entry_point"], params, self.settings.backend_config,
-                                  self.settings.experiment)
+        return command(inner["project"], inner["entry_point"], params, self.settings.backend_config,
+                       self.settings.experiment)
 
-    def _launch(self, job: dict) -> None:
-        folder = self.store.folder(job["id"])
-        run_id, reason = launch(self.command(job), folder / f"launch-{len(job['_internal']['runs']) + 1}.log", folder)
+    def launch(self, job: dict) -> None:
+        try:
+            super().launch(job)
+        except Exception as e:  # noqa: BLE001 - one job's trouble must not stop the others
+            self._fail(job["id"], "server_error", f"the server could not move the job on: {e}")
+
+    def log_path(self, job: dict) -> Path:
+        return self.store.folder(job["id"]) / f"launch-{len(job['_internal']['runs']) + 1}.log"
+
+    def started(self, job: dict, outcome: Started) -> None:
+        run_id = outcome.run_id
         if run_id is None:
-            return self._fail(job["id"], "launch_failed", f"`mlflow run` did not start the job: {reason}")
+            return self._fail(job["id"], "launch_failed",
+                              f"`mlflow run` did not start the job: {outcome.error}")
         self._tag(run_id, job)
 
         def running(j):
@@ -290,6 +222,4 @@ class Runner:
         return self.store.update(job_id, queued)
 
     def _stop_run(self, run_id: str) -> None:
-        from mlflow_finetune_plugin.launchers.cancel import cancel_run
-
-        cancel_run(run_id)
+        self.stop_run(run_id)  # in this process's store (the queue's env is None)

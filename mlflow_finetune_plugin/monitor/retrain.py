@@ -144,9 +144,10 @@ def retrain(report: Report, name: str, params: dict | None = None, backend_confi
     there. Returns the PromotionResult, or None when it was not promoted for the traffic's sake."""
     import mlflow
 
+    from mlflow_finetune_plugin.launchers.submit import submit
     from mlflow_finetune_plugin.registry import versions as registry
-    from mlflow_finetune_plugin.registry.promotion import promote, recipe_gates
-    from mlflow_finetune_plugin.serving import parity
+    from mlflow_finetune_plugin.registry.promotion import recipe_gates
+    from mlflow_finetune_plugin.serving.parity import promote_checked
 
     served = sorted({r.version for r in report.requests if not r.base}, key=int)
     if not served:
@@ -163,14 +164,13 @@ def retrain(report: Report, name: str, params: dict | None = None, backend_confi
     project = write_project(rows, own.recipe, own.sources, name)
     method = own.recipe.get("method") or "lora"
     echo(f"Training the next version: mlflow run {project} -e {method} --backend finetune")
-    submitted = mlflow.projects.run(str(project), method, parameters=params or {}, backend="finetune",
-                                    backend_config=backend_config or {}, synchronous=True)
+    submitted = submit(project, method, params, backend_config)  # waits; a failed run raises
     record_lineage(submitted.run_id, rows)
     (new,) = [v for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
               if v.run_id == submitted.run_id or v.tags.get(tags.SOURCE_RUN) == submitted.run_id]
     if not _better_on_traffic(name, str(new.version), version, rows, own, echo):
         return None
-    result = promote(name, str(new.version), alias, check_parity=parity.check)  # served as evaluated, too
+    result = promote_checked(name, str(new.version), alias)  # the gates, and served as evaluated
     echo(result.report())
     return result
 

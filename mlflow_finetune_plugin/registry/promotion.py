@@ -14,6 +14,10 @@ Before the champion alias moves, serving parity is a gate too (`registry.parity`
 version's held-out prompts answered by the engine it will be served on must match its evaluation (`parity.py`; the
 check itself is the serving layer's, handed in as `check_parity`). A version whose run recorded no answers is passed
 over with the reason, as the default gates pass over an unscored contender; `off` skips it, with the reason recorded.
+
+The one way in for every door (the CLI, the studio, the playground, a sweep, `monitor --retrain`,
+auto-promotion after training through `mlflow-finetune promote`) is `serving/parity.promote_checked`:
+`promote` with that check.
 """
 
 from __future__ import annotations
@@ -216,6 +220,7 @@ def promote(name: str, version: str, alias: str | None = None, gates: list[Gate]
             force: bool = False, reason: str | None = None, user: str | None = None, parity: str | None = None,
             check_parity=None) -> PromotionResult:
     """Move `alias` (default: the recipe's champion alias) to `version` when every gate passes, or when forced.
+    Doors do not call this: they call `serving/parity.promote_checked`, this with the serving check in.
 
     Moving the champion alias, serving parity is checked too: `parity` is the engine (transformers, vllm) or `off`
     (needs `reason`), default the recipe's `registry.parity`; `check_parity(name, version, engine, gates)` answers
@@ -273,9 +278,12 @@ def _served_parity(name: str, version: str, gates, engine: str, check, why_off: 
     return check(name, version, engine, gates)
 
 
-def maybe_auto_promote(name: str, version: str, recipe, check_parity=None) -> PromotionResult | None:
+def maybe_auto_promote(name: str, version: str, recipe, promote_with=None) -> PromotionResult | None:
     """At the end of a run: promote with the recipe's gates when `registry.auto_promote` is on; None when off.
-    `check_parity`: see `promote` (a sweep hands in the serving layer's; the training process has none).
+    `promote_with`: the promotion to run, called as `promote`; a door above serving hands in the one door,
+    `serving/parity.promote_checked`, which checks serving parity (a sweep does). The default is this module's
+    `promote` without a parity check, for the training process, which loads no serving engine: it reaches
+    `promote_checked` through `mlflow-finetune promote` where parity applies (train/publish.auto_promote).
 
     Never raises for a refusal: the run's work is done, the refusal is printed and returned.
     """
@@ -290,8 +298,8 @@ def maybe_auto_promote(name: str, version: str, recipe, check_parity=None) -> Pr
                           "(auto-promoting without any would move the champion on every run)")
     else:
         try:
-            result = promote(name, str(version), cfg.champion_alias, cfg.promote_if, user=f"{_user()} (auto_promote)",
-                             check_parity=check_parity)
+            result = (promote_with or promote)(name, str(version), cfg.champion_alias, cfg.promote_if,
+                                                 user=f"{_user()} (auto_promote)")
         except FinetuneError as e:
             result.message = f"=> not promoted: {e}"
     print(result.report())

@@ -14,7 +14,9 @@ A version trained with retrieval is asked as `serve` asks it, each prompt with t
 (`served_prompts`).
 
 `check` answers, compares (`evaluate/parity.compare`) and returns the `registry.parity.Parity` that `promote` gates
-on; `promote_checked` is `registry.promotion.promote` with this check wired in (`mlflow-finetune promote`, sweeps).
+on; `promote_checked` is `registry.promotion.promote` with this check wired in: the one way every door
+promotes (`mlflow-finetune promote`, the studio, the playground, sweeps, `monitor --retrain`, auto-promotion
+after training).
 """
 
 from __future__ import annotations
@@ -79,8 +81,9 @@ def served_prompts(choice: ModelChoice, prompts: list[list[dict]]) -> list[list[
 
 def promote_checked(name: str, version: str, alias: str | None = None, gates=None, force: bool = False,
                     reason: str | None = None, parity: str | None = None, user: str | None = None):
-    """`registry.promotion.promote` with serving parity checked by `check` (`parity`: an engine of ENGINES, `off`,
-    or None for the recipe's `registry.parity`)."""
+    """The one way to promote: `registry.promotion.promote` with serving parity checked by `check`
+    (`parity`: an engine of ENGINES, `off`, or None for the recipe's `registry.parity`). Auto-promotion hands
+    it to `registry.promotion.maybe_auto_promote` as `promote_with`."""
     from mlflow_finetune_plugin.registry.promotion import promote
 
     return promote(name, version, alias=alias, gates=gates, force=force, reason=reason, user=user, parity=parity,

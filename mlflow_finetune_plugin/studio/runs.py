@@ -1,7 +1,7 @@
 """The Train page's runs: ordinary `mlflow run PROJECT -e ENTRY --backend finetune` runs, detached, queued, and started
 one at a time (or `max_parallel` at once) in the order they were submitted.
 
-The command and its launch are finetuning_api's (`runner.mlflow_run_command`, `runner.launch`): what a user types,
+The command, its start and the queue are launchers' (`submit.command`, `queue.Queue`): what a user types,
 with `"detach": true` added to the backend config, so a run goes on when the page closes. Stopping a run is
 `mlflow-finetune cancel RUN_ID` (the run ends KILLED, its logged checkpoints kept); resuming one is a new job with
 `-P train.resume=RUN_ID` (it continues from that run's last checkpoint).
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
@@ -30,18 +28,14 @@ from pathlib import Path
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.finetuning_api.jobs import JobStore
-from mlflow_finetune_plugin.finetuning_api.runner import launch, logged_run, mlflow_run_command, store_env
+from mlflow_finetune_plugin.launchers.queue import LAUNCH_LOG, JobStore, Queue
+from mlflow_finetune_plugin.launchers.submit import Started, command, store_env
 
 STATES = ("queued", "starting", "running", "finished", "failed", "killed")
 ENDED = ("finished", "failed", "killed")
 BUSY = ("starting", "running")  # the jobs that hold one of the max_parallel slots
 ENDS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}  # MLflow's run status -> the job's state
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-LAUNCH_LOG = "launch.log"
-CANCEL_TIMEOUT_S = 180  # `cancel` gives the job 30 s to end its run before it is killed (launchers/local.py)
-_CLI = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
-_LAUNCHING: set[str] = set()  # the jobs this process is launching now, whichever Launcher of it
 
 
 @dataclass
@@ -66,26 +60,7 @@ def _job(record: dict) -> Job:
     return Job(**{f.name: record.get(f.name) for f in fields(Job)})
 
 
-class _Records(JobStore):
-    """finetuning_api's job records, with the page's ids and a file lock that Launchers in other processes take too."""
-
-    ID = re.compile(r"job-[0-9a-f]{12}")
-
-    def __init__(self, state_dir: Path):
-        from filelock import FileLock
-
-        (Path(state_dir) / "jobs").mkdir(parents=True, exist_ok=True)
-        super().__init__(state_dir, lock=FileLock(str(Path(state_dir) / "jobs" / ".lock")))
-
-    def unknown(self, job_id: str) -> Exception:
-        return FinetuneError(f"no job {job_id!r} in {self.root}")
-
-    @staticmethod
-    def created(job: dict) -> float:
-        return job["created"]
-
-
-class Launcher:
+class Launcher(Queue):
     """Starts, queues, follows, stops and resumes the page's runs; `start()` its thread, `close()` it at the end.
 
     backend_config: `mlflow run --backend-config` (launcher, nproc_per_node, ...), `"detach": true` added.
@@ -97,21 +72,19 @@ class Launcher:
 
     def __init__(self, state_dir: Path, backend_config: dict | None = None, max_parallel: int = 1,
                  tracking_uri: str | None = None):
-        if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1:
-            raise FinetuneError(f"max_parallel must be a whole number >= 1 (got {max_parallel!r})")
         if not isinstance(backend_config or {}, dict):
             raise FinetuneError(f"backend_config must be a dict such as {{\"launcher\": \"torchrun\"}} "
                                 f"(got {backend_config!r})")
         self.state_dir = Path(state_dir).expanduser().resolve()
-        self.records = _Records(self.state_dir)
+        env = store_env(tracking_uri, tracking_uri)
+        # Launchers sharing a folder (the app restarted, two apps) take turns under a file lock: a job starts
+        # once.
+        super().__init__(JobStore(self.state_dir, shared=True), max_parallel, starting="starting", busy=BUSY,
+                         cwd=os.getcwd(), env=env, name="studio launcher")
+        self.records = self.store
         self.backend_config = dict(backend_config or {})
-        self.max_parallel = max_parallel
-        self.env = store_env(tracking_uri, tracking_uri)
         self.tracking_uri = self.env.get("MLFLOW_TRACKING_URI")
-        self.cwd = os.getcwd()
         self._client = None
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # --- what the page asks for -----------------------------------------------------------------------------------
 
@@ -129,15 +102,15 @@ class Launcher:
         params = _params(params or {})
         job = Job(id=f"job-{uuid.uuid4().hex[:12]}", project=str(project), entry_point=entry_point.strip(),
                   params=params, state="queued", run_id=None, created=time.time(), experiment=experiment or None,
-                  argv=mlflow_run_command(str(project), entry_point.strip(), params, self.backend_config,
-                                          experiment or None))
+                  argv=command(str(project), entry_point.strip(), params, self.backend_config,
+                               experiment or None))
         self.records.save(asdict(job))
         return job
 
     def jobs(self) -> list[Job]:
         """Every job of the state folder, newest first, each where it is now (a run's end read from the store)."""
         for record in self.records.all():
-            self._refresh(record)
+            self.refresh(record)
         return [_job(r) for r in self.records.all()]
 
     def job(self, job_or_run_id: str) -> Job:
@@ -145,7 +118,7 @@ class Launcher:
         record = self._find(job_or_run_id)
         if record is None:
             raise FinetuneError(f"no job in {self.records.root} started run {job_or_run_id}")
-        return _job(self._refresh(record))
+        return _job(self.refresh(record))
 
     def log(self, job_id: str) -> str:
         """The output of the job's `mlflow run` (the checks, and why it started no run); the run's own log is
@@ -159,18 +132,15 @@ class Launcher:
         page did not start is cancelled all the same (returns None). An ended job is returned as it is."""
         record = self._find(job_or_run_id)
         if record is None:  # a run id no job here started
-            self._cancel(job_or_run_id)
+            self.stop_run(job_or_run_id)
             return None
-        record = self._refresh(record)
-        if record["state"] in ("queued", "starting"):
-            def dropped(r):
-                if r["state"] == "queued":
-                    r.update(state="killed", error="stopped before it started: no run was created")
-                elif r["state"] == "starting":  # the launch goes on; its run is cancelled once it exists (_launch)
-                    r.update(state="killed", error="stopped while `mlflow run` started it")
-            record = self.records.update(record["id"], dropped)
+        record = self.refresh(record)
+        if record["state"] in ("queued", "starting"):  # a start under way goes on; `started` cancels its run
+            record = self.drop(record["id"],
+                               {"state": "killed", "error": "stopped before it started: no run was created"},
+                               {"state": "killed", "error": "stopped while `mlflow run` started it"})
         if record["state"] == "running":
-            self._cancel(record["run_id"])
+            self.stop_run(record["run_id"])
             record = self._follow(record)
         return _job(record)
 
@@ -196,78 +166,22 @@ class Launcher:
         return self.submit(record["project"], record["entry_point"], {**params, "train.resume": run_id},
                            record["experiment"])
 
-    # --- the thread ----------------------------------------------------------------------------------------------
+    # --- the queue's side (launchers/queue.py) --------------------------------------------------------------
 
-    def start(self) -> Launcher:
-        if self._thread is None or not self._thread.is_alive():
-            self._stopping.clear()
-            self._thread = threading.Thread(target=self._loop, daemon=True, name="studio-launcher")
-            self._thread.start()
-        return self
+    def command(self, record: dict) -> list[str]:
+        return record["argv"]
 
-    def close(self, timeout: float = 120.0) -> None:
-        """Stop the thread (a launch under way finishes first; runs go on)."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._thread = None
-
-    def __enter__(self) -> Launcher:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.step()
-            except Exception as e:  # noqa: BLE001 - a store that does not answer now may answer at the next pass
-                print(f"studio launcher: {type(e).__name__}: {e}", file=sys.stderr)
-            self._stopping.wait(self.poll_s)
-
-    def step(self) -> None:
-        """One pass: the runs' ends read from the store, then the oldest queued jobs started while slots are free."""
-        for record in self.records.all():
-            self._refresh(record)
-        while not self._stopping.is_set() and (record := self._claim()) is not None:
-            self._launch(record)
-
-    def _claim(self) -> dict | None:
-        """The oldest queued job, marked starting by this process, when a slot is free; None otherwise."""
-        import psutil
-
-        with self.records.lock:
-            records = self.records.all()
-            queued = [r for r in records if r["state"] == "queued"]
-            if not queued or sum(r["state"] in BUSY for r in records) >= self.max_parallel:
-                return None
-            record = queued[-1]
-            record.update(state="starting", launcher={"pid": os.getpid(), "since": psutil.Process().create_time()})
-            _LAUNCHING.add(record["id"])
-            return self.records.save(record)
-
-    def _launch(self, record: dict) -> None:
+    def started(self, record: dict, outcome: Started) -> None:
+        if outcome.run_id is None:
+            def failed(r):
+                if r["state"] == "starting":
+                    r.update(state="failed", error=f"`mlflow run` started no run: {outcome.error}")
+                r.pop("launcher", None)
+            self.records.update(record["id"], failed)
+            return
+        run_id = outcome.run_id
         try:
-            try:
-                run_id, reason = launch(record["argv"], self.records.folder(record["id"]) / LAUNCH_LOG, self.cwd,
-                                        self.env)
-            except Exception as e:  # noqa: BLE001 - e.g. an OSError starting `mlflow run`: the job's error
-                run_id, reason = None, f"{type(e).__name__}: {e}"
-            if run_id is None:
-                def failed(r):
-                    if r["state"] == "starting":
-                        r.update(state="failed", error=f"`mlflow run` started no run: {reason}")
-                    r.pop("launcher", None)
-                self.records.update(record["id"], failed)
-                return
-            self._started(record["id"], run_id)
-        finally:
-            _LAUNCHING.discard(record["id"])
-
-    def _started(self, job_id: str, run_id: str) -> None:
-        try:
-            self.client.set_tag(run_id, tags.STUDIO_JOB, job_id)
+            self.client.set_tag(run_id, tags.STUDIO_JOB, record["id"])
         except Exception as e:  # noqa: BLE001 - the job runs; the tag only links the run back to the page
             print(f"studio launcher: could not tag run {run_id}: {e}", file=sys.stderr)
 
@@ -276,17 +190,15 @@ class Launcher:
             r.pop("launcher", None)
             if r["state"] == "starting":
                 r["state"] = "running"
-        if self.records.update(job_id, running)["state"] == "killed":  # stopped while it started
-            self._cancel(run_id)
+        if self.records.update(record["id"], running)["state"] == "killed":  # stopped while it started
+            self.stop_run(run_id)
 
-    # --- reading a job's state ---------------------------------------------------------------------------------------
-
-    def _refresh(self, record: dict) -> dict:
+    def refresh(self, record: dict) -> dict:
         if record["state"] == "running":
             return self._follow(record)
-        if record["state"] == "starting" and not _being_launched(record):
-            return self._recover(record)
-        return record
+        return super().refresh(record)
+
+    # --- reading a job's state ------------------------------------------------------------------------------
 
     def _follow(self, record: dict) -> dict:
         """The job's state from its run's status, once the run has ended."""
@@ -312,39 +224,12 @@ class Launcher:
                 r.update(state=state, error=error)
         return self.records.update(record["id"], ended)
 
-    def _recover(self, record: dict) -> dict:
-        """A job left starting by a launcher that is gone: running if its `mlflow run` started the run, else queued
-        again (that launch died with its launcher before it created a run)."""
-        run_id = logged_run(self.records.folder(record["id"]) / LAUNCH_LOG)
-        if run_id:
-            self._started(record["id"], run_id)
-            return self.records.get(record["id"])
-
-        def requeued(r):
-            if r["state"] == "starting" and not _being_launched(r):
-                r["state"] = "queued"
-                r.pop("launcher", None)
-        return self.records.update(record["id"], requeued)
-
     def _find(self, key: str) -> dict | None:
-        if _Records.ID.fullmatch(key or ""):
+        if JobStore.ID.fullmatch(key or ""):
             return self.records.get(key)
         if RUN_ID.fullmatch(key or ""):
             return next((r for r in self.records.all() if r["run_id"] == key), None)
         raise FinetuneError(f"{key!r} is neither a job id (job-...) nor a run id (32 hex digits)")
-
-    def _cancel(self, run_id: str) -> None:
-        """`mlflow-finetune cancel RUN_ID` against this launcher's store: the run ends KILLED."""
-        try:
-            done = subprocess.run([sys.executable, "-c", _CLI, "cancel", run_id], env={**os.environ, **self.env},
-                                  cwd=self.cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                  timeout=CANCEL_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise FinetuneError(f"stopping run {run_id} took over {CANCEL_TIMEOUT_S} s; see `mlflow-finetune cancel "
-                                f"{run_id}`") from None
-        if done.returncode != 0:
-            lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-            raise FinetuneError(f"could not stop run {run_id}: {lines[-1] if lines else done.returncode}")
 
     @property
     def client(self):
@@ -354,20 +239,6 @@ class Launcher:
 
             self._client = MlflowClient(self.env.get("MLFLOW_TRACKING_URI"), self.env.get("MLFLOW_REGISTRY_URI"))
         return self._client
-
-def _being_launched(record: dict) -> bool:
-    """A starting job whose `mlflow run` is under way: in this process, or in another one that still lives."""
-    import psutil
-
-    if record["id"] in _LAUNCHING:
-        return True
-    who = record.get("launcher") or {}
-    if not who or who.get("pid") == os.getpid():
-        return False
-    try:
-        return abs(psutil.Process(who["pid"]).create_time() - who["since"]) < 1.0  # that process, not a reused pid
-    except psutil.Error:
-        return False
 
 
 def _params(params: dict) -> dict[str, str]:

@@ -8,7 +8,7 @@ The space file maps dotted recipe keys to a range or a list of choices:
 
 Every key and bound is checked against the recipe schema (through `load_recipe` with the value as a `-P` override)
 before anything starts. Each trial is a nested run under one parent run, trained by the real backend
-(`mlflow.projects.run(..., backend="finetune")`, the path of `mlflow run`) on the recipe's launcher (local,
+(`launchers.submit`, detached and followed: the path of `mlflow run`) on the recipe's launcher (local,
 torchrun, ray via `--backend-config`), with registration off. While a trial trains, its eval loss is reported to
 Optuna; a trial the pruner (median) gives up on is cancelled (its run ends KILLED) and tagged pruned. The parent
 run logs the best trial, a parallel-coordinate plot and the parameter importances; only the best trial's model is
@@ -183,10 +183,10 @@ class _Sweep:
 
     def trial(self, study) -> dict:
         """Ask Optuna for values, train them through the backend, follow the run and tell Optuna how it went."""
-        import mlflow
-        from mlflow.exceptions import ExecutionException
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
         from optuna.trial import TrialState
+
+        from mlflow_finetune_plugin.launchers.submit import submit
 
         trial = study.ask()
         values = {d.key: d.suggest(trial) for d in self.dims}
@@ -194,16 +194,15 @@ class _Sweep:
         print(f"=== Trial {trial.number + 1}/{self.n_trials}: "
               + ", ".join(f"{k}={v}" for k, v in values.items()) + " ===", file=sys.stderr)
         overrides = {**self.params, **{k: cli_value(v) for k, v in values.items()}, "registry.enabled": "false"}
-        try:
-            submitted = mlflow.projects.run(self.project, self.entry_point, parameters=overrides, backend="finetune",
-                                            backend_config={**self.config, "detach": True}, synchronous=False,
-                                            experiment_id=self.experiment_id, run_name=f"trial-{trial.number}")
-        except ExecutionException as e:  # refused before a run existed: these values, --backend-config, Ray down
+        started = submit(self.project, self.entry_point, overrides, self.config, mode="follow",
+                         experiment_id=self.experiment_id, run_name=f"trial-{trial.number}")
+        if started.run_id is None:  # refused before a run existed: the values, --backend-config, Ray down
             study.tell(trial, state=TrialState.FAIL)
-            record["error"] = f"trial {trial.number} could not start: {e}"
+            record["error"] = f"trial {trial.number} could not start: {started.error}"
             print(record["error"], file=sys.stderr)
             return record
-        record["run_id"] = run_id = submitted.run_id
+        record["run_id"] = run_id = started.run_id
+        submitted = started.submitted
         self.client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, self.result.parent_run_id)
         self.client.set_tag(run_id, SWEEP_TRIAL, str(trial.number))
         try:
@@ -309,7 +308,7 @@ class _Sweep:
         from mlflow_finetune_plugin.config.loading import load_recipe
         from mlflow_finetune_plugin.registry.promotion import maybe_auto_promote
         from mlflow_finetune_plugin.registry.versions import register
-        from mlflow_finetune_plugin.serving import parity
+        from mlflow_finetune_plugin.serving.parity import promote_checked
 
         run_id = record["run_id"]
         recipe = load_recipe(self.project, method=self.entry_point, overrides={
@@ -330,7 +329,7 @@ class _Sweep:
             self.client.set_tag(run_id, tags.REGISTERED_MODEL, name)
             self.client.set_tag(run_id, tags.REGISTERED_VERSION, str(version.version))
             self.result.registered.append((name, str(version.version)))
-            promoted = maybe_auto_promote(name, version.version, recipe, check_parity=parity.check)
+            promoted = maybe_auto_promote(name, version.version, recipe, promote_with=promote_checked)
             if promoted is not None:
                 self.client.set_tag(run_id, tags.AUTO_PROMOTED, str(promoted.promoted).lower())
 
