@@ -12,8 +12,7 @@ MAX_FUNCTION_LINES = 100
 PACKAGE = REPO / "mlflow_finetune_plugin"
 # Over the cap when the cap came, in files other parts of issue 80 were changing at the time; each is split
 # where that part lands, and its entry goes. An entry no longer over the cap fails the test, to be removed.
-PENDING = {"mlflow_finetune_plugin/train/pipeline.py:_fine_tune",
-           "mlflow_finetune_plugin/finetuning_api/app.py:build_app"}
+PENDING = {"mlflow_finetune_plugin/train/pipeline.py:_fine_tune"}
 
 
 def _long_functions() -> dict[str, int]:

@@ -57,13 +57,22 @@ def _ordered(items: list[dict]) -> list[dict]:
 
 def build_app(service: Service, api_key: str | None, front=None):
     """The API's ASGI app; `front` (serving/front.py's app) answers everything else (chat completions)."""
-    import asyncio
+    from fastapi import FastAPI
 
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
-
-    store, files, runner = service.store, service.files, service.runner
     app = FastAPI(title="mlflow-finetune openai-api", docs_url=None, redoc_url=None, openapi_url=None)
+    _add_errors_and_key(app, api_key)
+    _add_files(app, service.files)
+    _add_jobs(app, service)
+    _add_models(app, service)
+    if front is not None:
+        app.mount("/", front)
+    return app
+
+
+def _add_errors_and_key(app, api_key: str | None) -> None:
+    """Refusals as OpenAI's error bodies, and the API key every request must carry (where one is set)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(APIError)
     async def refused(request, e: APIError):
@@ -82,6 +91,14 @@ def build_app(service: Service, api_key: str | None, front=None):
                                                   "started with (--api-key).", code="invalid_api_key",
                                              ).body(), status_code=401)
         return await call_next(request)
+
+
+def _add_files(app, files: FileStore) -> None:
+    """/v1/files: upload (size-checked before and while it is read), list, retrieve, delete, content."""
+    import asyncio
+
+    from fastapi import Request
+    from fastapi.responses import Response
 
     @app.post("/v1/files")
     async def upload(request: Request):
@@ -116,6 +133,15 @@ def build_app(service: Service, api_key: str | None, front=None):
     @app.get("/v1/files/{file_id}/content")
     def file_content(file_id: str):
         return Response(files.content(file_id), media_type="application/octet-stream")
+
+
+def _add_jobs(app, service: Service) -> None:
+    """/v1/fine_tuning/jobs: create, list (by metadata), retrieve, cancel, pause, resume, events, checkpoints."""
+    import asyncio
+
+    from fastapi import Request
+
+    store, files, runner = service.store, service.files, service.runner
 
     @app.post("/v1/fine_tuning/jobs")
     async def create(request: Request):
@@ -160,6 +186,10 @@ def build_app(service: Service, api_key: str | None, front=None):
         job = store.get(job_id)
         return page(progress.checkpoints(job_id, job["_internal"]["runs"]), after, _limit(limit), default_limit=10)
 
+
+def _add_models(app, service: Service) -> None:
+    """/v1/models: the fine-tuned models, then the base models this server fine-tunes; any other GET is unknown."""
+    store = service.store
     started = int(time.time())
 
     def served() -> dict:
@@ -186,10 +216,6 @@ def build_app(service: Service, api_key: str | None, front=None):
     @app.get("/{path:path}")
     def unknown(path: str):  # the front forwards model requests (POST) only: no GET reaches it
         raise APIError(404, f"Unknown request URL: GET /{path}.", code="unknown_url")
-
-    if front is not None:
-        app.mount("/", front)
-    return app
 
 
 def model_starter(store: JobStore, fleet, settings: Settings):
