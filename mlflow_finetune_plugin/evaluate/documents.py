@@ -10,7 +10,7 @@ whole), logged as `eval/unseen/<contender>/<metric>`. Each answer's cost is meas
 among the k retrieved is `eval/rag/recall_at_k` (and `eval/unseen/rag/recall_at_k`). Beside the text metrics, each
 contender's `fact_recall` (`scoring.fact_recall`): the share of the reference's numbers, codes and names its answer
 says, where a text metric also rewards an answer in the right form with the wrong fact. What to deploy is
-`deploy.py`'s verdict.
+`documents_verdict.py`'s verdict.
 """
 
 from __future__ import annotations
