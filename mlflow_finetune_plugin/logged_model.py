@@ -30,7 +30,8 @@ import pandas as pd
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.architecture import for_generation
 from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
-from mlflow_finetune_plugin.models.generation import (  # generation's home; re-exported for logged_model's users
+# generation's home is models/generation.py; its names are re-exported here for logged_model's users
+from mlflow_finetune_plugin.models.generation import (
     LoadedModel,
     generate,
     generate_greedy_batch,  # noqa: F401

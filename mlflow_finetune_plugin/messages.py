@@ -14,8 +14,8 @@ def split_conversation(messages: list[dict]) -> tuple[list[dict], str] | None:
 
 def text_of(content, sep: str = "") -> str:
     """Message content as plain text: a string, or a list of parts ({"type": "text", "text": ...}) as chat UIs
-    and OpenAI clients send it, their texts joined by `sep`; parts without text (images, files) are dropped, None is
-    "". The retriever joins parts with a newline (`sep="\\n"`), so that words of two parts stay two words."""
+    and OpenAI clients send it, their texts joined by `sep`; parts without text (images, files) are dropped,
+    None is "". The retriever joins parts with a newline (`sep="\\n"`): words of two parts stay two words."""
     if content is None:
         return ""
     if isinstance(content, str):

@@ -103,8 +103,8 @@ def score(predictions: list[str], references: list[str], json_schema: dict | Non
 
 
 def mean(values, empty: float = float("nan")) -> float:
-    """The arithmetic mean (sum over count, as every logged figure has been computed); `empty` when there are no
-    values (nan: nothing was measured; the cost table's counts read 0)."""
+    """The arithmetic mean (sum over count, as every logged figure has been computed); `empty` when there are
+    no values (nan: nothing was measured; the cost table's counts read 0)."""
     values = list(values)
     return sum(values) / len(values) if values else empty
 

@@ -60,16 +60,16 @@ def with_context(messages: list[dict], chunks: list[dict]) -> list[dict]:
 
 
 def tokens(texts: list[str]) -> list[list[str]]:
-    """Lower-cased words of two letters or more, English stopwords left out (bm25s' own tokenizer): the words every
-    BM25 index of the package compares."""
+    """Lower-cased words of two letters or more, English stopwords left out (bm25s' own tokenizer): the words
+    every BM25 index of the package compares."""
     import bm25s
 
     return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
 
 
 def bm25_index(tokenized: list[list[str]]):
-    """The BM25 index (`bm25s`, Lucene's formula and defaults) over tokenized texts: the one the retriever, the
-    evaluation's retrieved shots (`evaluate/retrieval.py`) and drift (`monitor/drift.py`) score with."""
+    """The BM25 index (`bm25s`, Lucene's formula and defaults) over tokenized texts: the one the retriever,
+    the evaluation's retrieved shots (`evaluate/retrieval.py`) and drift (`monitor/drift.py`) score with."""
     import bm25s
 
     index = bm25s.BM25()

@@ -33,7 +33,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("config", "models"),
     ("tracking",),  # MLflow logging helpers over the tag names
-    ("retriever",),  # the one BM25 index and retriever, over messages' last-user-turn text; logged models carry it
+    ("retriever",),  # the one BM25 index; it imports messages (the last user turn); logged models carry it
     ("errors", "tags", "paths", "messages", "stops", "metrics", "vllm_rules", "assets", "runtime"),
 )
 # The package's own __init__ (the version) sits below every floor.

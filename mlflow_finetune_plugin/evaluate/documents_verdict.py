@@ -143,12 +143,14 @@ def weigh_set(name: str, scores: dict[str, list[float | None]], metric: str,
     return SetVerdict(name, len(next(iter(scored.values()))), best, means, comparisons, against_tuned)
 
 
-def _compared(these: list, those: list, sign: float, name: str, its_mean: float, min_gain: float) -> Comparison:
+def _compared(these: list, those: list, sign: float, name: str, its_mean: float,
+              min_gain: float) -> Comparison:
     """`name` (scores `these`) against `those`: the 95% interval of these - those and its mean, better direction."""
     pairs = [(a, b) for a, b in zip(these, those) if a is not None and b is not None]
     low, high = paired_bootstrap([sign * a for a, _ in pairs], [sign * b for _, b in pairs])
     gain = sign * mean([a - b for a, b in pairs])
-    return Comparison(name, its_mean, min(low, 0.0) if len(pairs) < MIN_EXAMPLES else low, high, gain, min_gain)
+    low = min(low, 0.0) if len(pairs) < MIN_EXAMPLES else low
+    return Comparison(name, its_mean, low, high, gain, min_gain)
 
 
 def decide(per_set: dict[str, dict[str, dict[str, list]]], gates=None,

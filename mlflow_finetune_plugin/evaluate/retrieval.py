@@ -1,7 +1,8 @@
 """The `retrieval` contender's shots: for each held-out question, the k train conversations most similar to it.
 
-Similarity is BM25 (the package's one retriever, `retriever.py`: `bm25s`, sparse, numpy only, nothing downloaded)
-between the question's user turns and each train conversation's user turns. It is the strongest cheap alternative to fine-tuning a user has: prompting with
+Similarity is BM25 (the package's one retriever, `retriever.py`: `bm25s`, sparse, numpy only, nothing
+downloaded) between the question's user turns and each train conversation's user turns. It is the strongest
+cheap alternative to fine-tuning a user has: prompting with
 the nearest examples, as a retrieval-augmented prompt would. A train conversation whose user turns equal the
 question (a duplicate across the splits) is never a shot of that question: it would hand the base model the answer.
 """

@@ -214,8 +214,8 @@ def decide(scores: dict[str, list[float | None]], metric: str, ppl_ratio: float 
     best = max(paired, key=lambda name: sign * mean([o for _, o in paired[name]]))
     pairs = paired[best]
     low, high = paired_bootstrap([sign * t for t, _ in pairs], [sign * o for _, o in pairs])
-    verdict = Verdict(False, best, metric, mean([t for t, _ in pairs]), mean([o for _, o in pairs]), low, high,
-                      len(pairs), ppl_ratio, min_gain=gain)
+    verdict = Verdict(False, best, metric, mean([t for t, _ in pairs]), mean([o for _, o in pairs]), low,
+                      high, len(pairs), ppl_ratio, min_gain=gain)
     verdict.paid_off = verdict.n >= MIN_EXAMPLES and _beats(low, verdict.margin, gain)
     if OPTIMIZED in paired:  # keep the prompt? (Verdict.keep_prompt)
         prompt_pairs = paired[OPTIMIZED]

@@ -1,6 +1,6 @@
-"""Generation from a loaded chat model: one answer, a left-padded batch of greedy (or beam-search) answers, or their
-ids, text-only or with images; the stop ids every end-of-turn token gives; and the inputs a caller may give (a
-string, message lists, a DataFrame). The evaluation, the serving engines and the logged model's pyfunc
+"""Generation from a loaded chat model: one answer, a left-padded batch of greedy (or beam-search) answers, or
+their ids, text-only or with images; the stop ids every end-of-turn token gives; and the inputs a caller may
+give (a string, message lists, a DataFrame). The evaluation, the serving engines and the logged model's pyfunc
 (`logged_model.py`) all answer through it."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ class LoadedModel:
 
 
 def stop_at_every_end_of_turn(model, tokenizer) -> None:
-    """Every end-of-turn id into the model's generation config, which a plain `generate`, the exported folder and
-    `vllm serve` stop on: an adapter carries no generation config of its own, and a base model given a chat template
-    (`model.chat_template`) knows only its own eos."""
+    """Every end-of-turn id into the model's generation config, which a plain `generate`, the exported folder
+    and `vllm serve` stop on: an adapter carries no generation config of its own, and a base model given a
+    chat template (`model.chat_template`) knows only its own eos."""
     from mlflow_finetune_plugin.models.chat_format import stop_ids
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -34,7 +34,8 @@ def stop_at_every_end_of_turn(model, tokenizer) -> None:
 
 
 def to_conversations(model_input) -> list[list[dict]]:
-    """Accept a string, a list of strings, a list of message lists, a dict or a DataFrame with `messages`/`prompt`."""
+    """Accept a string, a list of strings, a list of message lists, a dict or a DataFrame with
+    `messages`/`prompt`."""
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
@@ -72,16 +73,16 @@ def generate(loaded: LoadedModel, messages: list[dict], max_new_tokens=64, tempe
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False, **_beams(num_beams)}
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_new_tokens),
-                             pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(tok, model.generation_config),
-                             **sampling)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=int(max_new_tokens), pad_token_id=tok.pad_token_id,
+                             eos_token_id=stop_ids(tok, model.generation_config), **sampling)
     return answer_text(tok, out[0, ids.shape[1]:].tolist())
 
 
 def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens=64,
                           num_beams=1) -> list[str]:
-    """Greedy (or beam search) chat answers to several conversations as one batch: the answers `generate` gives one
-    at a time."""
+    """Greedy (or beam search) chat answers to several conversations as one batch: the answers `generate`
+    gives one at a time."""
     from mlflow_finetune_plugin.models.answers import answer_text
 
     if processor_of(loaded.tokenizer) is not None:
@@ -93,8 +94,9 @@ def generate_greedy_batch(loaded: LoadedModel, conversations: list[list[dict]], 
 
 def generated_ids(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens=64,
                   num_beams=1) -> list[list[int]]:
-    """The ids `generate_greedy_batch` reads its answers from (text-only models): each row's generated ids after its
-    prompt, padded after its stop id where it ended early (`models.answers.ending` tells how it ended)."""
+    """The ids `generate_greedy_batch` reads its answers from (text-only models): each row's generated ids
+    after its prompt, padded after its stop id where it ended early (`models.answers.ending` tells how it
+    ended)."""
     import torch
 
     from mlflow_finetune_plugin.models.chat_format import prompt_ids, stop_ids
@@ -102,8 +104,10 @@ def generated_ids(loaded: LoadedModel, conversations: list[list[dict]], max_new_
     tok, model = loaded.tokenizer, loaded.model
     encs = [{"input_ids": (ids := prompt_ids(tok, messages)), "attention_mask": [1] * len(ids)}
             for messages in conversations]
-    # Left padding: every row's next token comes right after its prompt (generate derives the positions from the
-    # attention mask). Passed per call rather than set on the tokenizer, which a server may share across threads.
+    # Left padding: every row's next token comes right after its prompt (generate derives the positions from
+    # the
+    # attention mask). Passed per call rather than set on the tokenizer, which a server may share across
+    # threads.
     enc = tok.pad(encs, padding_side="left", return_tensors="pt")
     enc = {k: v.to(model.device) for k, v in enc.items()}
     with torch.no_grad():
@@ -114,8 +118,9 @@ def generated_ids(loaded: LoadedModel, conversations: list[list[dict]], max_new_
 
 
 def _generate_with_images(loaded: LoadedModel, conversations, max_new_tokens, temperature, top_p, num_beams):
-    """Answers of a vision-language model: each conversation's images read from its image parts (paths, data URLs,
-    OpenAI `image_url` parts) and given to the processor with the rendered prompts, as one left-padded batch."""
+    """Answers of a vision-language model: each conversation's images read from its image parts (paths, data
+    URLs, OpenAI `image_url` parts) and given to the processor with the rendered prompts, as one left-padded
+    batch."""
     from mlflow_finetune_plugin.models import image_inputs
 
     placed = [image_inputs.with_placeholders(messages) for messages in conversations]
@@ -127,6 +132,7 @@ def _generate_with_images(loaded: LoadedModel, conversations, max_new_tokens, te
 
 
 def _beams(num_beams) -> dict:
-    """generate()'s beam-search arguments: the answer as a whole most likely under the model (length-normalised), not
-    the one whose first token is (greedy). Canned answers sharing their first words are told apart this way."""
+    """generate()'s beam-search arguments: the answer as a whole most likely under the model
+    (length-normalised), not the one whose first token is (greedy). Canned answers sharing their first words
+    are told apart this way."""
     return {"num_beams": int(num_beams), "early_stopping": True} if int(num_beams or 1) > 1 else {}

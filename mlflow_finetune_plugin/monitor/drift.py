@@ -28,8 +28,8 @@ MIN_WORDS_FOR_LANGUAGE = 3
 
 
 class Lexical:
-    """BM25 over the training questions (the package's one index, `retriever.bm25_index`), each score divided by the
-    text's score against itself."""
+    """BM25 over the training questions (the package's one index, `retriever.bm25_index`), each score divided
+    by the text's score against itself."""
 
     def __init__(self, tokens: list[list[str]]):
         import numpy as np

@@ -165,7 +165,7 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
         base = templates.base_contender(recipe, adapter.ARTIFACT, tokenizer, starting_rows)
         with tracking.results_at_step(last_step):
             scored = stage.evaluate(recipe, objective, tuned, tokenizer, data, base, prepared)
-            stage.check_forgetting(recipe, general_text, tuned, tokenizer, base)  # general text: base vs tuned
+            stage.check_forgetting(recipe, general_text, tuned, tokenizer, base)  # general text: base, tuned
         del base
     stops.enter("publish")
     # Did it pay off against the best prompt-only alternative? Tagged before publishing: the model card says it.

@@ -108,15 +108,15 @@ def training_step(trainer) -> None:
                 torch.cuda.empty_cache()
 
 
-def after_training(recipe, objective, model, tokenizer, data, general_text: list[str], starting_rows: dict | None,
-                   config: dict, prepared=None) -> None:
+def after_training(recipe, objective, model, tokenizer, data, general_text: list[str],
+                   starting_rows: dict | None, config: dict, prepared=None) -> None:
     """Evaluation, forgetting check, verdict and model save of the run, on `ROWS` rows, logged to a throwaway store
     (`_throwaway_run`); the outcome is tagged on the run.
 
-    The evaluation stage is the pipeline's own (`evaluate/stage.py`), on the same plain data: the objective, the
-    run's splits cut to `ROWS` held-out rows, a documents recipe's `prepared` sets; the base contender is loaded as
-    the pipeline loads it after training (`starting_rows`: the token rows a full fine-tune started from). `config`
-    is the logged model's config."""
+    The evaluation stage is the pipeline's own (`evaluate/stage.py`), on the same plain data: the objective,
+    the run's splits cut to `ROWS` held-out rows, a documents recipe's `prepared` sets; the base contender is
+    loaded as the pipeline loads it after training (`starting_rows`: the token rows a full fine-tune started
+    from). `config` is the logged model's config."""
     from mlflow_finetune_plugin.evaluate import stage as evaluation
     from mlflow_finetune_plugin.train.templates import base_contender
 

@@ -116,8 +116,9 @@ def added_rows(model, tokenizer) -> dict | None:
 
 
 def base_contender(recipe, artifact: str, tokenizer, rows: dict | None):
-    """The base model the evaluation compares against, where it is not the adapter switched off (None then): a full
-    fine-tune's base (`artifact` "full"), loaded apart, grown to the token rows the fine-tune started from."""
+    """The base model the evaluation compares against, where it is not the adapter switched off (None then): a
+    full fine-tune's base (`artifact` "full"), loaded apart, grown to the token rows the fine-tune started
+    from."""
     return comparable_base(recipe, tokenizer, rows) if artifact == "full" else None
 
 
