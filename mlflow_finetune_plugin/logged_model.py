@@ -30,8 +30,7 @@ import pandas as pd
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.models.architecture import for_generation
 from mlflow_finetune_plugin.models.attention import native_gqa_on_cpu
-# generation's home is models/generation.py; its names are re-exported here for logged_model's users
-from mlflow_finetune_plugin.models.generation import (
+from mlflow_finetune_plugin.models.generation import (  # generation's home; re-exported for users
     LoadedModel,
     generate,
     generate_greedy_batch,  # noqa: F401
