@@ -12,16 +12,28 @@ def split_conversation(messages: list[dict]) -> tuple[list[dict], str] | None:
     return None
 
 
-def text_of(content) -> str:
+def text_of(content, sep: str = "") -> str:
     """Message content as plain text: a string, or a list of parts ({"type": "text", "text": ...}) as chat UIs
-    and OpenAI clients send it; parts without text (images, files) are dropped, None is ""."""
+    and OpenAI clients send it, their texts joined by `sep`; parts without text (images, files) are dropped,
+    None is "". The retriever joins parts with a newline (`sep="\\n"`): words of two parts stay two words."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, dict):
         return str(content.get("text") or "")
-    return "".join(text_of(part) for part in content)
+    return sep.join(text for text in (text_of(part) for part in content) if text)
+
+
+def last_user_index(messages: list[dict]) -> int | None:
+    """The index of the last user turn (the question a conversation asks), None when there is none."""
+    return max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+
+
+def last_user_text(messages: list[dict], sep: str = "") -> str:
+    """The last user turn's text (`text_of`), "" when there is none."""
+    last = last_user_index(messages)
+    return "" if last is None else text_of(messages[last].get("content"), sep)
 
 
 # The part types that hold an image: the canonical placeholder and transformers' parts ("image"), OpenAI's chat parts

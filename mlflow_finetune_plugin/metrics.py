@@ -102,6 +102,13 @@ def score(predictions: list[str], references: list[str], json_schema: dict | Non
     return totals, per_example
 
 
+def mean(values, empty: float = float("nan")) -> float:
+    """The arithmetic mean (sum over count, as every logged figure has been computed); `empty` when there are
+    no values (nan: nothing was measured; the cost table's counts read 0)."""
+    values = list(values)
+    return sum(values) / len(values) if values else empty
+
+
 def lower_is_better(metric: str) -> bool:
     return metric in LOWER_IS_BETTER
 

@@ -8,13 +8,15 @@ known `line` (first line, 1-based), `page` (a PDF's page, 1-based) and `heading`
 The retriever is BM25 over the chunks' words (`bm25s`: sparse, numpy only) by default, or a sentence-transformers
 model by name. A logged model trained with retrieval carries its chunks and these settings under `RETRIEVAL_DIR`
 (`save` / `load`); nothing but this module, `bm25s` (and sentence-transformers where named) is needed to retrieve.
-A leaf: it imports nothing of the package, because every logged model carries it.
+Every logged model carries it: it imports nothing of the package but `messages.py` (a leaf).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from mlflow_finetune_plugin.messages import last_user_index, last_user_text, text_of
 
 RETRIEVAL_DIR = "retrieval"       # the artifact of a logged model that retrieves
 CHUNKS_FILE = "chunks.jsonl"
@@ -24,17 +26,9 @@ BM25 = "bm25"
 CONTEXT_HEADER = "Answer the question from these documents where they hold the answer."
 
 
-def _text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return "" if content is None else str(content)
-
-
 def query_of(messages: list[dict]) -> str:
-    """What is retrieved for: the last user turn's text."""
-    return next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+    """What is retrieved for: the last user turn's text (its parts a line each)."""
+    return last_user_text(messages, sep="\n")
 
 
 def context_text(chunks: list[dict]) -> str:
@@ -53,7 +47,7 @@ def with_context(messages: list[dict], chunks: list[dict]) -> list[dict]:
     user turn; not all take a second system message). No chunks: the messages as they are."""
     if not chunks:
         return list(messages)
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    last = last_user_index(messages)
     if last is None:
         return list(messages)
     out = [dict(m) for m in messages]
@@ -61,14 +55,26 @@ def with_context(messages: list[dict], chunks: list[dict]) -> list[dict]:
     if isinstance(content, list):
         out[last]["content"] = [{"type": "text", "text": context + "\n\nQuestion: "}, *content]
     else:
-        out[last]["content"] = f"{context}\n\nQuestion: {_text(content)}"
+        out[last]["content"] = f"{context}\n\nQuestion: {text_of(content)}"
     return out
 
 
-def _tokens(texts: list[str]) -> list[list[str]]:
+def tokens(texts: list[str]) -> list[list[str]]:
+    """Lower-cased words of two letters or more, English stopwords left out (bm25s' own tokenizer): the words
+    every BM25 index of the package compares."""
     import bm25s
 
     return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+
+
+def bm25_index(tokenized: list[list[str]]):
+    """The BM25 index (`bm25s`, Lucene's formula and defaults) over tokenized texts: the one the retriever,
+    the evaluation's retrieved shots (`evaluate/retrieval.py`) and drift (`monitor/drift.py`) score with."""
+    import bm25s
+
+    index = bm25s.BM25()
+    index.index(tokenized, show_progress=False)
+    return index
 
 
 class Retriever:
@@ -91,11 +97,7 @@ class Retriever:
                 model = SentenceTransformer(self.embedding)
                 self._index = (model, model.encode(texts, normalize_embeddings=True, show_progress_bar=False))
             else:
-                import bm25s
-
-                index = bm25s.BM25()
-                index.index(_tokens(texts), show_progress=False)
-                self._index = index
+                self._index = bm25_index(tokens(texts))
         return self._index
 
     def scores(self, queries: list[str]):
@@ -109,7 +111,7 @@ class Retriever:
             model, vectors = index
             return model.encode(queries, normalize_embeddings=True, show_progress_bar=False) @ vectors.T
         rows = []
-        for words in _tokens(queries):
+        for words in tokens(queries):
             rows.append(index.get_scores(words) if words else np.zeros(len(self.chunks)))
         return np.asarray(rows, dtype=float).reshape(len(queries), len(self.chunks))
 

@@ -1,5 +1,5 @@
 """The rows of a documents recipe (data/document_rows.py), the retriever they share (retriever.py), and the verdict
-on what to deploy (evaluate/deploy.py): no model loads here."""
+on what to deploy (evaluate/documents_verdict.py): no model loads here."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 
 from mlflow_finetune_plugin.data.document_rows import oracle_ids, question_rows, raft_rows, sort_rows
 from mlflow_finetune_plugin.data.formats import DataError
-from mlflow_finetune_plugin.evaluate.deploy import decide
+from mlflow_finetune_plugin.evaluate.documents_verdict import decide
 from mlflow_finetune_plugin.retriever import CONTEXT_HEADER, Retriever, query_of, with_context
 
 CHUNKS = [

@@ -33,8 +33,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("config", "models"),
     ("tracking",),  # MLflow logging helpers over the tag names
-    ("errors", "tags", "paths", "messages", "stops", "metrics", "vllm_rules", "retriever", "assets",
-     "runtime"),
+    ("retriever",),  # the one BM25 index; it imports messages (the last user turn); logged models carry it
+    ("errors", "tags", "paths", "messages", "stops", "metrics", "vllm_rules", "assets", "runtime"),
 )
 # The package's own __init__ (the version) sits below every floor.
 TRAINING = (f"{ROOT}.train",)

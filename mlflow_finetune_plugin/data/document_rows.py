@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.data.formats import DataError, DataIssue
 from mlflow_finetune_plugin.data.read import read_records, resolve_format, training_rows
+from mlflow_finetune_plugin.messages import last_user_index
 from mlflow_finetune_plugin.retriever import query_of, with_context
 
 KNOWN, UNSEEN = "known", "unseen"
@@ -101,14 +102,9 @@ def sort_rows(train: list[dict], held: list[dict], holdout: set[str], sources: s
     return DocumentSets(training, known, unseen, notes)
 
 
-def _last_user(messages: list[dict]) -> int:
-    """The index of the last user turn: the question a row asks."""
-    return max(i for i, m in enumerate(messages) if m["role"] == "user")
-
-
 def _reworded(row: dict) -> dict:
     messages = [dict(m) for m in row["messages"]]
-    last_user = _last_user(messages)
+    last_user = last_user_index(messages)
     messages[last_user]["content"] = row["rephrased"]
     return {**row, "messages": messages}
 
@@ -116,7 +112,7 @@ def _reworded(row: dict) -> dict:
 def prompt_of(row: dict) -> list[dict]:
     """The row's messages up to its last user turn: what is asked."""
     messages = row["messages"]
-    last_user = _last_user(messages)
+    last_user = last_user_index(messages)
     return messages[: last_user + 1]
 
 
@@ -154,5 +150,5 @@ def raft_rows(rows: list[dict], retriever, chunks: list[dict], oracle_share: flo
 
 
 def _with_chunks(messages: list[dict], chunks: list[dict]) -> list[dict]:
-    last_user = _last_user(messages)
+    last_user = last_user_index(messages)
     return with_context(messages[: last_user + 1], chunks) + messages[last_user + 1:]

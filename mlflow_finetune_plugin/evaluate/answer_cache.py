@@ -131,12 +131,11 @@ class AnswerCache:
 def _code_digest() -> str:
     """The source of the modules that turn prompts into answers and scores (an editable install changes them
     without a new version number)."""
-    from mlflow_finetune_plugin import logged_model
     from mlflow_finetune_plugin.evaluate import answering, scoring
-    from mlflow_finetune_plugin.models import answers, chat_format
+    from mlflow_finetune_plugin.models import answers, chat_format, generation
 
     digest = hashlib.sha256()
-    for module in (answering, scoring, answers, chat_format, logged_model):
+    for module in (answering, scoring, answers, chat_format, generation):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()
 

@@ -114,7 +114,7 @@ def _answer_all_ended(model, tokenizer, prompts, references, cfg, name, progress
 
     from tqdm.auto import tqdm
 
-    from mlflow_finetune_plugin.logged_model import LoadedModel
+    from mlflow_finetune_plugin.models.generation import LoadedModel
 
     was_training = model.training
     model.eval()
@@ -167,7 +167,7 @@ def answer_score_and_end(loaded, prompts: list[list[dict]], references: list[str
     """
     import torch
 
-    from mlflow_finetune_plugin.logged_model import generated_ids
+    from mlflow_finetune_plugin.models.generation import generated_ids
 
     model, tok = loaded.model, loaded.tokenizer
     if processor_of(tok) is not None:  # a vision-language model: prompts and references through its processor

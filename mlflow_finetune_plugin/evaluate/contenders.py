@@ -264,11 +264,12 @@ def _evaluate_documents_version(loaded, cfg, recipe: dict, source_run, data, run
                                 version):
     """A version that retrieves, scored as its documents run scored it (`documents.py`): zero-shot, RAG, tuned and
     tuned with RAG on the known and unseen documents' questions, with the chunks it carries; the verdict on what to
-    deploy (`deploy.py`) set on the run. Returns the known documents' result (the unseen's when there is none)."""
+    deploy (`documents_verdict.py`) set on the run. Returns the known documents' result (the unseen's when
+    there is none)."""
     import mlflow
 
-    from mlflow_finetune_plugin.evaluate.deploy import conclude_documents
     from mlflow_finetune_plugin.evaluate.documents import evaluate_documents, recorded_sets
+    from mlflow_finetune_plugin.evaluate.documents_verdict import conclude_documents
 
     sets = recorded_sets(source_run, data, recipe)
     base_model = _logged_base(loaded)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 
-from mlflow_finetune_plugin.metrics import TEACHER
+from mlflow_finetune_plugin.metrics import TEACHER, mean
 
 
 def parameter_counts(model, base_model=None) -> dict[str, int]:
@@ -45,7 +45,7 @@ def answer_lengths(tokenizer, answers: list[str]) -> list[int]:
 def answer_costs(prompt_tokens: list[int], answer_tokens: list[int], seconds: list[float],
                  params: int | None) -> dict[str, float]:
     """The cost metrics of one contender from its per-answer token counts and seconds (see the module's note)."""
-    out = {"prompt_tokens": _mean(prompt_tokens), "answer_tokens": _mean(answer_tokens),
+    out = {"prompt_tokens": mean(prompt_tokens, 0.0), "answer_tokens": mean(answer_tokens, 0.0),
            "latency_s": statistics.median(seconds), "tokens_per_s": sum(answer_tokens) / max(sum(seconds), 1e-9)}
     if params:
         out["params"] = float(params)
@@ -60,7 +60,7 @@ def teacher_costs(teachers: list[dict], params: int | None = None) -> dict[str, 
     for key, name in (("prompt_tokens", "prompt_tokens"), ("completion_tokens", "answer_tokens")):
         values = [t[key] for t in teachers if t.get(key) is not None]
         if values:
-            out[name] = _mean(values)
+            out[name] = mean(values, 0.0)
     latencies = [_seconds(t) for t in teachers if t.get("latency_s") is not None]
     if latencies:
         out["latency_s"] = statistics.median(latencies)
@@ -100,8 +100,3 @@ def cost_line(metrics: dict[str, float]) -> str | None:
     if get("tuned", "tokens_per_s") is not None:
         parts.append(f"tuned {get('tuned', 'tokens_per_s'):.0f} tokens/s")
     return "Cost per answer on this machine: " + "; ".join(parts) + "."
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0

@@ -10,7 +10,7 @@ whole), logged as `eval/unseen/<contender>/<metric>`. Each answer's cost is meas
 among the k retrieved is `eval/rag/recall_at_k` (and `eval/unseen/rag/recall_at_k`). Beside the text metrics, each
 contender's `fact_recall` (`scoring.fact_recall`): the share of the reference's numbers, codes and names its answer
 says, where a text metric also rewards an answer in the right form with the wrong fact. What to deploy is
-`deploy.py`'s verdict.
+`documents_verdict.py`'s verdict.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from mlflow_finetune_plugin.evaluate.scoring import contender_metrics, fact_reca
 from mlflow_finetune_plugin.evaluate.shots import prompt_length
 from mlflow_finetune_plugin.evaluate.verdict import per_example_scores
 from mlflow_finetune_plugin.messages import text_of
-from mlflow_finetune_plugin.metrics import FACT_RECALL, RAG, RECALL, TUNED_RAG, UNSEEN_PREFIX
+from mlflow_finetune_plugin.metrics import FACT_RECALL, RAG, RECALL, TUNED_RAG, UNSEEN_PREFIX, mean
 from mlflow_finetune_plugin.retriever import query_of, with_context
 
 DOCUMENT_CONTENDERS = ("base", RAG, "tuned", TUNED_RAG)
@@ -108,7 +108,7 @@ def score_set(cfg, model, tokenizer, rows: list[dict], retriever, base_model=Non
         facts = fact_recall(answers, references, asked)
         if any(f is not None for f in facts):
             per_example[FACT_RECALL] = facts
-            totals[FACT_RECALL] = _mean([f for f in facts if f is not None])
+            totals[FACT_RECALL] = mean([f for f in facts if f is not None])
         totals.update(answer_costs([prompt_length(tokenizer, p) for p in prompts], answer_lengths(tokenizer, answers),
                                    seconds, params.get("base" if name in ("base", RAG) else "tuned")))
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
@@ -153,9 +153,6 @@ def recorded_sets(source_run: str | None, data: str | None, recipe: dict) -> dic
     known = [r for r in rows if r.get("source") not in held]
     return {KNOWN: known, UNSEEN: unseen + [r for r in rows if r.get("source") in held and r not in unseen]}
 
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _fit(tokenizer, question: list[dict], chunks: list[dict], limit: int) -> list[dict]:

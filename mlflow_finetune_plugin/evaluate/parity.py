@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.evaluate.report import TABLE_FILE, TUNED_FILE
 from mlflow_finetune_plugin.evaluate.verdict import paired_bootstrap, primary_metric
-from mlflow_finetune_plugin.messages import text_of
+from mlflow_finetune_plugin.messages import last_user_text
 from mlflow_finetune_plugin.metrics import score
 from mlflow_finetune_plugin.models.answers import LENGTH, STOP
 from mlflow_finetune_plugin.registry.parity import FAILED, NOT_CHECKED, PASSED, Parity, RowDiff
@@ -127,7 +127,7 @@ def compare(record: Recorded, served: list[Served], engine: str, gates=None) -> 
     for i, (row, answer) in enumerate(zip(record.rows, served), start=1):
         why = _ending_difference(row.get("ending"), answer.ending, limit)
         if why:
-            parity.differing.append(RowDiff(i, _last_user(row["messages"]), row["answer"], answer.answer,
+            parity.differing.append(RowDiff(i, last_user_text(row["messages"]), row["answer"], answer.answer,
                                             row.get("ending"), answer.ending, why))
     if parity.differing or not parity.score_within_noise:
         parity.status = FAILED
@@ -157,10 +157,6 @@ def _notes(record: Recorded) -> str:
         notes.append(f"evaluated with beam search (num_beams {beams}); served answers are greedy, as an OpenAI "
                      "chat request gets them")
     return "; ".join(notes)
-
-
-def _last_user(messages: list[dict]) -> str:
-    return next((text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
 
 
 def _artifact(client, run_id: str, path: str) -> dict:

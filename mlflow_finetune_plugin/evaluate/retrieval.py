@@ -1,7 +1,8 @@
 """The `retrieval` contender's shots: for each held-out question, the k train conversations most similar to it.
 
-Similarity is BM25 (`bm25s`: sparse, numpy only, nothing downloaded) between the question's user turns and each
-train conversation's user turns. It is the strongest cheap alternative to fine-tuning a user has: prompting with
+Similarity is BM25 (the package's one retriever, `retriever.py`: `bm25s`, sparse, numpy only, nothing
+downloaded) between the question's user turns and each train conversation's user turns. It is the strongest
+cheap alternative to fine-tuning a user has: prompting with
 the nearest examples, as a retrieval-augmented prompt would. A train conversation whose user turns equal the
 question (a duplicate across the splits) is never a shot of that question: it would hand the base model the answer.
 """
@@ -9,6 +10,7 @@ question (a duplicate across the splits) is never a shot of that question: it wo
 from __future__ import annotations
 
 from mlflow_finetune_plugin.messages import text_of
+from mlflow_finetune_plugin.retriever import Retriever
 
 
 def user_text(messages: list[dict]) -> str:
@@ -29,7 +31,6 @@ def nearest_shots(train_conversations: list[list[dict]], questions: list[list[di
     the question's are left out. Below k candidates with any word in common, the rest of the k are the next in
     order (score 0), so every question gets as many shots as the few-shot contender.
     """
-    import bm25s
     import numpy as np
 
     pool = [conv for conv in train_conversations
@@ -37,22 +38,12 @@ def nearest_shots(train_conversations: list[list[dict]], questions: list[list[di
     if k <= 0 or not pool:
         return [[] for _ in questions]
     docs = [user_text(conv) for conv in pool]
-    retriever = bm25s.BM25()
-    retriever.index(_tokens(docs), show_progress=False)
+    asked = [user_text(prompt) for prompt in questions]
     shots = []
-    for prompt in questions:
-        question = user_text(prompt)
-        words = _tokens([question])[0]
-        scores = retriever.get_scores(words) if words else np.zeros(len(pool))
+    for question, scores in zip(asked, Retriever([{"text": doc} for doc in docs]).scores(asked)):
         # Stable sort on the negated scores: equal scores keep the file's order, so a run is repeatable.
         order = np.argsort(-np.asarray(scores), kind="stable")
         picked = [int(i) for i in order if not same_question(docs[i], question)][:k]
         shots.append([pool[i] for i in picked])
     return shots
 
-
-def _tokens(texts: list[str]) -> list[list[str]]:
-    """Lower-cased words of two letters or more, English stopwords left out (bm25s' own tokenizer)."""
-    import bm25s
-
-    return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)

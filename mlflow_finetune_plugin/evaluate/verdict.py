@@ -35,6 +35,7 @@ from mlflow_finetune_plugin.metrics import (
     VERDICT_PREFIX,
     VERDICT_RESAMPLES,
     lower_is_better,
+    mean,
     on_unit_scale,
 )
 
@@ -210,16 +211,16 @@ def decide(scores: dict[str, list[float | None]], metric: str, ppl_ratio: float 
                               "model, or no base to compare)")
     gain = min_gain_for(metric, min_gain, scores)
     # Cheapest first in ALTERNATIVES, so on a tie the cheaper alternative is the one named.
-    best = max(paired, key=lambda name: sign * _mean([o for _, o in paired[name]]))
+    best = max(paired, key=lambda name: sign * mean([o for _, o in paired[name]]))
     pairs = paired[best]
     low, high = paired_bootstrap([sign * t for t, _ in pairs], [sign * o for _, o in pairs])
-    verdict = Verdict(False, best, metric, _mean([t for t, _ in pairs]), _mean([o for _, o in pairs]), low, high,
-                      len(pairs), ppl_ratio, min_gain=gain)
+    verdict = Verdict(False, best, metric, mean([t for t, _ in pairs]), mean([o for _, o in pairs]), low,
+                      high, len(pairs), ppl_ratio, min_gain=gain)
     verdict.paid_off = verdict.n >= MIN_EXAMPLES and _beats(low, verdict.margin, gain)
     if OPTIMIZED in paired:  # keep the prompt? (Verdict.keep_prompt)
         prompt_pairs = paired[OPTIMIZED]
-        verdict.prompt = _mean([o for _, o in prompt_pairs])
-        verdict.prompt_gain = sign * (_mean([t for t, _ in prompt_pairs]) - verdict.prompt)
+        verdict.prompt = mean([o for _, o in prompt_pairs])
+        verdict.prompt_gain = sign * (mean([t for t, _ in prompt_pairs]) - verdict.prompt)
         verdict.prompt_low, verdict.prompt_high = paired_bootstrap([sign * t for t, _ in prompt_pairs],
                                                                    [sign * o for _, o in prompt_pairs])
     return verdict
@@ -305,7 +306,3 @@ def _logged_scores(client, run_id: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         with open(client.download_artifacts(run_id, SCORES_FILE, tmp), encoding="utf-8") as f:
             return json.load(f)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)

@@ -18,6 +18,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from mlflow_finetune_plugin import retriever
 from mlflow_finetune_plugin.errors import FinetuneError
 
 MIN_TRAIN = 10          # fewer training questions calibrate nothing
@@ -27,14 +28,13 @@ MIN_WORDS_FOR_LANGUAGE = 3
 
 
 class Lexical:
-    """BM25 over the training questions (bm25s), each score divided by the text's score against itself."""
+    """BM25 over the training questions (the package's one index, `retriever.bm25_index`), each score divided
+    by the text's score against itself."""
 
     def __init__(self, tokens: list[list[str]]):
-        import bm25s
         import numpy as np
 
-        self.retriever = bm25s.BM25()
-        self.retriever.index(tokens, show_progress=False)
+        self.retriever = retriever.bm25_index(tokens)
         n, df = len(tokens), Counter(w for t in tokens for w in set(t))
         self.idf = {w: math.log(1 + (n - d + 0.5) / (d + 0.5)) for w, d in df.items()}
         self.unseen_idf = math.log(1 + (n + 0.5) / 0.5)  # a word no training question has
@@ -47,7 +47,7 @@ class Lexical:
     def scores(self, texts: list[str]):
         import numpy as np
 
-        tokens = _tokens(texts)
+        tokens = retriever.tokens(texts)
         out = np.zeros(len(texts))
         asked = [i for i, t in enumerate(tokens) if t]
         if asked:
@@ -126,7 +126,7 @@ def calibrate(questions: list[str], quantile: float, embedding: str | None = Non
     import numpy as np
 
     questions = [q for q in questions if q.strip()]
-    tokens = _tokens(questions)
+    tokens = retriever.tokens(questions)
     kept = [q for q, t in zip(questions, tokens) if t]
     if len(kept) < MIN_TRAIN:
         return None
@@ -184,8 +184,3 @@ def topics(texts: list[str], seed: int = 0, most: int = 5, min_size: int = 2) ->
         found.append(Topic(int(size), words, [index[i] for i in members]))
     return found
 
-
-def _tokens(texts: list[str]) -> list[list[str]]:
-    import bm25s
-
-    return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)

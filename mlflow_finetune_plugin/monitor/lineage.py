@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.config.monitor import MonitorConfig
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.messages import last_user_text
 from mlflow_finetune_plugin.registry import versions as registry
 
 REPLAY = "replay"  # the general-text input (data.replay): not the task's questions
@@ -77,7 +78,7 @@ def _read_inputs(out: Lineage) -> None:
             messages = row.get("messages") or row.get("prompt")
             if isinstance(messages, list):
                 out.conversations.append(messages)
-                out.questions.append(_last_user(messages))
+                out.questions.append(last_user_text(messages))
     out.questions = [q for q in out.questions if q]
     if not out.questions:
         out.missing = "; ".join(problems) or f"run {out.run_id} logged no training input with user questions"
@@ -94,7 +95,3 @@ def _source_path(dataset) -> str | None:
     return uri if isinstance(uri, str) and uri.startswith("/") else None
 
 
-def _last_user(messages: list[dict]) -> str:
-    from mlflow_finetune_plugin.messages import text_of
-
-    return next((text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")

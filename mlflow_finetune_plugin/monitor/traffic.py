@@ -18,7 +18,7 @@ from mlflow_finetune_plugin.data.traces import (
     read_call,
 )
 from mlflow_finetune_plugin.errors import FinetuneError
-from mlflow_finetune_plugin.messages import text_of
+from mlflow_finetune_plugin.messages import last_user_text, text_of
 from mlflow_finetune_plugin.monitor.judge import verdict_of
 
 PAGE = 500  # traces fetched per call: a page of spans stays a few MB
@@ -121,7 +121,7 @@ def _request(trace, name: str, query: TraceQuery) -> Request | None:
     latency = cost.get("latency_s")
     if latency is None and trace.info.execution_duration:
         latency = trace.info.execution_duration / 1000
-    question = next((text_of(m.get("content")) for m in reversed(call.prompt) if m.get("role") == "user"), "")
+    question = last_user_text(call.prompt)
     correction = text_of(call.correction.get("content")) if call.correction else None
     return Request(trace.info.trace_id, trace.info.request_time, served[len(name) + 1:], not failed, latency,
                    cost.get("prompt_tokens"), cost.get("completion_tokens"), call.finish_reason == "length",

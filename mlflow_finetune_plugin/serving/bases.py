@@ -48,8 +48,9 @@ def served_base(model_cfg) -> str:
 def _write_base(model_cfg, template: str, out: Path) -> None:
     import torch
 
-    from mlflow_finetune_plugin.logged_model import load_logged_base, stop_at_every_end_of_turn
+    from mlflow_finetune_plugin.logged_model import load_logged_base
     from mlflow_finetune_plugin.models.base import load_tokenizer
+    from mlflow_finetune_plugin.models.generation import stop_at_every_end_of_turn
 
     tokenizer = load_tokenizer(model_cfg.name, model_cfg.revision, model_cfg.trust_remote_code, template)
     model = load_logged_base({"base_model": model_cfg.name, "base_revision": model_cfg.revision,

@@ -394,11 +394,8 @@ def _write_full_model(local: LocalModel, out: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from mlflow_finetune_plugin.logged_model import (
-        load_logged_base,
-        load_logged_model,
-        stop_at_every_end_of_turn,
-    )
+    from mlflow_finetune_plugin.logged_model import load_logged_base, load_logged_model
+    from mlflow_finetune_plugin.models.generation import stop_at_every_end_of_turn
     from mlflow_finetune_plugin.models.vision import has_processor_files
 
     c = local.choice

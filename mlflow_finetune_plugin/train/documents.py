@@ -2,7 +2,8 @@
 documents read and chunked with the model's tokenizer, the question rows (the user's `data.train` / `data.eval`
 rows, a teacher's written from the chunks, or both), the three sets (`data/document_rows.py`), the retriever over
 every chunk, and the training rows RAFT-style. After training, `evaluate/documents.py` scores the four contenders
-and `evaluate/deploy.py` says what to deploy; the retriever goes with the logged model (`logged_model.py`)."""
+and `evaluate/documents_verdict.py` says what to deploy; the retriever goes with the logged model
+(`logged_model.py`)."""
 
 from __future__ import annotations
 

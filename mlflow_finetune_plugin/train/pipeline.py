@@ -15,10 +15,8 @@ from mlflow_finetune_plugin import tags as tag_names
 from mlflow_finetune_plugin.config.checks import ONLINE, SCORING
 from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.data import splits
-from mlflow_finetune_plugin.evaluate import forgetting
+from mlflow_finetune_plugin.evaluate import forgetting, stage
 from mlflow_finetune_plugin.evaluate.contenders import trained_system_prompt
-from mlflow_finetune_plugin.evaluate.deploy import conclude_documents
-from mlflow_finetune_plugin.evaluate.verdict import conclude
 from mlflow_finetune_plugin.logged_model import chat_template_hash
 from mlflow_finetune_plugin.metrics import TUNED_RAG
 from mlflow_finetune_plugin.models import kernels
@@ -50,7 +48,7 @@ from mlflow_finetune_plugin.train.callbacks import (
     Reached,
     TimeLeft,
 )
-from mlflow_finetune_plugin.train.objectives import objective_of, sft
+from mlflow_finetune_plugin.train.objectives import objective_of
 from mlflow_finetune_plugin.train.prompt_only import optimize_prompt
 
 
@@ -130,10 +128,9 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
                     rehearsal.training_step(trainer)  # GRPO's inputs come from its own generation: its first step
         if recipe.train.rehearsal and main:
             rehearsal.after_training(recipe, objective, model, tokenizer, data, general_text,
-                                     lambda: _base_contender(recipe, adapter, tokenizer, starting_rows),
+                                     starting_rows,
                                      _model_config(recipe, adapter, data, tokenizer, base_ref, base_revision),
-                                     sft.evaluate_tasks, prepared and (lambda small, m, t, b: _evaluate_documents(
-                                         small, m, t, prepared, b)))
+                                     prepared)
         if recipe.train.torch_compile:  # after the rehearsal's step: its shapes are not the training's
             print(f"torch.compile: {kernels.compile_layers(model)} decoder layers (compiled in the first steps)")
         # The frozen base weights in bf16 while training (the same numbers under autocast, 0.4 GB less at the peak on
@@ -164,24 +161,15 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     # base loaded apart, and only when there is something to evaluate.
     stops.enter("evaluate")  # each batch of answers is progress
     scored = None
-    if prepared is not None or (data.task_evals if data.is_mixture else data.eval is not None):
-        base = _base_contender(recipe, adapter, tokenizer, starting_rows)
+    if stage.has_held_out(data, prepared):
+        base = templates.base_contender(recipe, adapter.ARTIFACT, tokenizer, starting_rows)
         with tracking.results_at_step(last_step):
-            if prepared is not None:  # zero-shot, RAG, tuned, tuned + RAG on known and unseen documents
-                scored = _evaluate_documents(recipe, tuned, tokenizer, prepared, base)
-            elif data.is_mixture:  # mixtures train with sft only
-                sft.evaluate_tasks(recipe, tuned, tokenizer, data.tasks, data.task_evals, base)
-            else:
-                objective.evaluate(recipe, tuned, tokenizer, data.train, data.eval, base)
-            if not scoring:  # a reward model writes no text to measure forgetting on
-                forgetting.check(recipe, general_text, tuned, tokenizer, base)  # general text: base vs tuned
+            scored = stage.evaluate(recipe, objective, tuned, tokenizer, data, base, prepared)
+            stage.check_forgetting(recipe, general_text, tuned, tokenizer, base)  # general text: base, tuned
         del base
     stops.enter("publish")
     # Did it pay off against the best prompt-only alternative? Tagged before publishing: the model card says it.
-    registered = recipe.registry.name if recipe.registry.enabled else None  # its optimized prompt's name
-    verdict = conclude(run_id, recipe.registry.promote_if, min_gain=recipe.eval.min_gain, registered=registered) \
-        if prepared is None else conclude_documents(run_id, scored or {}, recipe.retrieval.k,
-                                                    recipe.registry.promote_if, recipe.eval.min_gain)
+    verdict = stage.conclude(run_id, recipe, scored, documents=prepared is not None)
 
     stops.check()
     tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))
@@ -200,18 +188,6 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
         print(verdict.cost)
 
 
-def _evaluate_documents(recipe, tuned, tokenizer, prepared, base) -> dict:
-    """The documents recipe's four contenders on its two held-out sets; the per-example scores the verdict weighs."""
-    from mlflow_finetune_plugin.data.document_rows import KNOWN, UNSEEN
-    from mlflow_finetune_plugin.evaluate.documents import evaluate_documents
-    from mlflow_finetune_plugin.evaluate.verdict import per_example_scores
-
-    results = evaluate_documents(recipe.eval, tuned, tokenizer, {KNOWN: prepared.sets.known,
-                                                                 UNSEEN: prepared.sets.unseen},
-                                 prepared.retriever, base, served_with_retrieval=recipe.retrieval.raft)
-    return {name: per_example_scores(result.rows) for name, result in results.items()}
-
-
 def _model_config(recipe, adapter, data, tokenizer, base_ref: str, base_revision) -> dict:
     """The logged model's config. The system prompt goes with the model: the playground pre-fills it, or the model
     answers out of character."""
@@ -220,12 +196,6 @@ def _model_config(recipe, adapter, data, tokenizer, base_ref: str, base_revision
             "system_prompt": trained_system_prompt(data.train, recipe.data.system_prompt),
             "num_beams": recipe.eval.num_beams if recipe.eval.num_beams > 1 else None,
             "vocab_size": len(tokenizer) if getattr(tokenizer, "added_control_tokens", None) else None}
-
-
-def _base_contender(recipe, adapter, tokenizer, starting_rows):
-    """The base model the evaluation compares against, where it is not the adapter switched off: a full fine-tune's
-    base, loaded apart, grown to the token rows the fine-tune started from."""
-    return templates.comparable_base(recipe, tokenizer, starting_rows) if adapter.ARTIFACT == "full" else None
 
 
 def _fused_kernels(recipe, model, main: bool) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -107,45 +108,34 @@ def training_step(trainer) -> None:
                 torch.cuda.empty_cache()
 
 
-def after_training(recipe, objective, model, tokenizer, data, general_text: list[str], load_base, config: dict,
-                   evaluate_tasks=None, evaluate_documents=None) -> None:
+def after_training(recipe, objective, model, tokenizer, data, general_text: list[str],
+                   starting_rows: dict | None, config: dict, prepared=None) -> None:
     """Evaluation, forgetting check, verdict and model save of the run, on `ROWS` rows, logged to a throwaway store
     (`_throwaway_run`); the outcome is tagged on the run.
 
-    `load_base` loads the base contender the way the pipeline does after training (None when the adapter's own
-    disabled state is the base); `config` is the logged model's config; `evaluate_tasks` scores a mixture, `evaluate_documents(recipe, model, tokenizer, base)` a documents recipe's
-    sets (returning their per-example scores)."""
-    from mlflow_finetune_plugin.evaluate import forgetting
-    from mlflow_finetune_plugin.evaluate.deploy import conclude_documents
-    from mlflow_finetune_plugin.evaluate.verdict import conclude
+    The evaluation stage is the pipeline's own (`evaluate/stage.py`), on the same plain data: the objective,
+    the run's splits cut to `ROWS` held-out rows, a documents recipe's `prepared` sets; the base contender is
+    loaded as the pipeline loads it after training (`starting_rows`: the token rows a full fine-tune started
+    from). `config` is the logged model's config."""
+    from mlflow_finetune_plugin.evaluate import stage as evaluation
+    from mlflow_finetune_plugin.train.templates import base_contender
 
     started = time.perf_counter()
     small = _small(recipe)
-    evaluated = evaluate_documents is not None or (data.task_evals if data.is_mixture else data.eval)
     scored = None
     ran = []
     with _outcome_on_failure(True), _throwaway_run() as run_id, _quiet(), _decoding(model):
-        if evaluated and recipe.eval.enabled:
+        if evaluation.has_held_out(data, prepared) and recipe.eval.enabled:
             with stage("evaluation"):
-                base = load_base()
-                if evaluate_documents is not None:
-                    scored = evaluate_documents(small, model, tokenizer, base)
-                elif data.is_mixture:
-                    evals = {name: _head(ds) for name, ds in data.task_evals.items()}
-                    evaluate_tasks(small, model, tokenizer, data.tasks, evals, base)
-                else:
-                    objective.evaluate(small, model, tokenizer, data.train, _head(data.eval), base)
+                base = base_contender(recipe, config["artifact"], tokenizer, starting_rows)
+                scored = evaluation.evaluate(small, objective, model, tokenizer, _cut(data), base, prepared)
                 ran.append("evaluation")
-                if general_text and recipe.objective not in SCORING:  # as the pipeline: no text to measure
-                    with stage("forgetting check"):
-                        forgetting.check(small, general_text[:ROWS], model, tokenizer, base)
-                    ran.append("forgetting check")
+                with stage("forgetting check"):
+                    if evaluation.check_forgetting(small, general_text[:ROWS], model, tokenizer, base):
+                        ran.append("forgetting check")
                 del base
             with stage("verdict"):
-                if scored is None:
-                    conclude(run_id, recipe.registry.promote_if)
-                else:
-                    conclude_documents(run_id, scored, recipe.retrieval.k, recipe.registry.promote_if)
+                evaluation.conclude(run_id, recipe, scored, documents=prepared is not None)
             ran.append("verdict")
         _save_and_reload(model, tokenizer, config)
         ran.append("the model's save and reload")
@@ -234,6 +224,12 @@ def _small(recipe):
 
 def _head(ds):
     return ds.select(range(min(ROWS, len(ds)))) if ds is not None else None
+
+
+def _cut(data):
+    """The run's splits with `ROWS` held-out rows (each task's, for a mixture)."""
+    return dataclasses.replace(data, eval=_head(data.eval),
+                               task_evals={name: _head(ds) for name, ds in data.task_evals.items()})
 
 
 def _save_and_reload(model, tokenizer, config: dict) -> None:

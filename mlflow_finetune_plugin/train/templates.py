@@ -115,6 +115,13 @@ def added_rows(model, tokenizer) -> dict | None:
                 "output": outputs.weight[ids].detach().clone() if untied else None}
 
 
+def base_contender(recipe, artifact: str, tokenizer, rows: dict | None):
+    """The base model the evaluation compares against, where it is not the adapter switched off (None then): a
+    full fine-tune's base (`artifact` "full"), loaded apart, grown to the token rows the fine-tune started
+    from."""
+    return comparable_base(recipe, tokenizer, rows) if artifact == "full" else None
+
+
 def comparable_base(recipe, tokenizer, rows: dict | None):
     """The base model a full fine-tune is compared with, fit to the run's tokenizer as the trained model was: a
     chosen template's added tokens get embedding rows (those the fine-tune started from, `added_rows`; the original

@@ -126,49 +126,6 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
         print(note)
 
 
-def evaluate_tasks(recipe, model, tokenizer, trains: dict, evals: dict, base_model=None) -> None:
-    """A mixture: each task scored on its own held-out rows (`eval/<task>/<metric>`, `eval/<task>/base/<metric>`,
-    ...); `eval/<contender>/<metric>` is the mean over tasks, so promotion gates read the same names as for one set.
-    With one adapter per task, each task is scored with its own adapter."""
-    import hashlib
-
-    from mlflow_finetune_plugin.data.teacher import teachers
-    from mlflow_finetune_plugin.evaluate.contenders import conversations, run_evaluation
-    from mlflow_finetune_plugin.evaluate.report import EvalResult, log_evaluation
-    from mlflow_finetune_plugin.metrics import comparison_table
-
-    per_task, merged_rows, examples, expected, prompts, generation = {}, [], 0, 0, [], {}
-    for name, ds in evals.items():
-        print(f"\nTask {name}:")
-        if recipe.data.adapters == "per_task":
-            model.set_adapter(name)
-        result = run_evaluation(model, tokenizer, conversations(ds), conversations(trains[name]), recipe.eval,
-                                base_model=base_model, teachers=teachers(ds))
-        print(comparison_table(result.metrics))
-        per_task[name] = result.metrics
-        merged_rows += [{"task": name, **row} for row in result.rows]
-        prompts, generation = prompts + result.prompts, result.generation  # the tuned answers' record (parity)
-        examples += int(result.metrics.get("eval/n_examples", 0))
-        expected += int(result.metrics.get("eval/n_expected", 0))  # rows whose target replaced a teacher's answer
-    metrics = {}
-    for name, task_metrics in per_task.items():
-        for key, value in task_metrics.items():
-            if key.count("/") != 2:
-                continue
-            _, contender, metric = key.split("/")
-            metrics[f"eval/{name}/{metric}" if contender == "tuned" else f"eval/{name}/{contender}/{metric}"] = value
-    overall = {}
-    for key in dict.fromkeys(k for m in per_task.values() for k in m if k.count("/") == 2):
-        values = [m[key] for m in per_task.values() if key in m]
-        overall[key] = sum(values) / len(values)
-    print("\nAll tasks (mean over tasks):")
-    print(comparison_table(overall))
-    digest = hashlib.sha256(",".join(sorted(per_task)).encode()).hexdigest()[:12]
-    counts = {"eval/n_examples": examples, **({"eval/n_expected": expected} if expected else {})}
-    log_evaluation(EvalResult({**overall, **metrics, **counts}, merged_rows, data_digest=digest,
-                              traces=recipe.eval.traces, prompts=prompts, generation=generation))
-
-
 def _state_carrying_layers(model_config) -> int:
     """Layers (linear attention, convolution, Mamba) whose state runs on from one token to the next whatever the
     position_ids say: packed rows are not exact there without a varlen kernel, which takes the examples' bounds."""

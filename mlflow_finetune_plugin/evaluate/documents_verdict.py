@@ -33,6 +33,7 @@ from mlflow_finetune_plugin.metrics import (
     UNSEEN_PREFIX,
     VERDICT_PREFIX,
     lower_is_better,
+    mean,
 )
 
 # Cheapest per answer first.
@@ -130,7 +131,7 @@ def weigh_set(name: str, scores: dict[str, list[float | None]], metric: str,
     if len(scored) < 2:
         return None
     gain = min_gain_for(metric, min_gain, scored)
-    means = {c: _mean([x for x in v if x is not None]) for c, v in scored.items()}
+    means = {c: mean([x for x in v if x is not None]) for c, v in scored.items()}
     # ties on the mean go to the cheaper contender (ORDER)
     best = max(scored, key=lambda c: (sign * means[c], -ORDER.index(c)))
     comparisons = []
@@ -142,12 +143,14 @@ def weigh_set(name: str, scores: dict[str, list[float | None]], metric: str,
     return SetVerdict(name, len(next(iter(scored.values()))), best, means, comparisons, against_tuned)
 
 
-def _compared(these: list, those: list, sign: float, name: str, mean: float, min_gain: float) -> Comparison:
+def _compared(these: list, those: list, sign: float, name: str, its_mean: float,
+              min_gain: float) -> Comparison:
     """`name` (scores `these`) against `those`: the 95% interval of these - those and its mean, better direction."""
     pairs = [(a, b) for a, b in zip(these, those) if a is not None and b is not None]
     low, high = paired_bootstrap([sign * a for a, _ in pairs], [sign * b for _, b in pairs])
-    gain = sign * _mean([a - b for a, b in pairs])
-    return Comparison(name, mean, min(low, 0.0) if len(pairs) < MIN_EXAMPLES else low, high, gain, min_gain)
+    gain = sign * mean([a - b for a, b in pairs])
+    low = min(low, 0.0) if len(pairs) < MIN_EXAMPLES else low
+    return Comparison(name, its_mean, low, high, gain, min_gain)
 
 
 def decide(per_set: dict[str, dict[str, dict[str, list]]], gates=None,
@@ -187,10 +190,10 @@ def _margin(deploy: str, scores: dict | None, metric: str) -> tuple[float, float
     prompt_only = [c for c in ("base", RAG) if (scores.get(c) or {}).get(metric)]
     if not prompt_only or not (scores.get(deploy) or {}).get(metric):
         return None
-    best = max(prompt_only, key=lambda c: sign * _mean([x for x in scores[c][metric] if x is not None]))
+    best = max(prompt_only, key=lambda c: sign * mean([x for x in scores[c][metric] if x is not None]))
     pairs = [(d, o) for d, o in zip(scores[deploy][metric], scores[best][metric]) if d is not None and o is not None]
     low, high = paired_bootstrap([sign * d for d, _ in pairs], [sign * o for _, o in pairs])
-    return sign * (_mean([d for d, _ in pairs]) - _mean([o for _, o in pairs])), low, high
+    return sign * (mean([d for d, _ in pairs]) - mean([o for _, o in pairs])), low, high
 
 
 def cost_sentence(metrics: dict[str, float], k: int) -> str:
@@ -225,7 +228,3 @@ def conclude_documents(run_id: str, per_set: dict, k: int, gates=None,
     for key, value in verdict.as_metrics().items():
         client.log_metric(run_id, key, value)
     return verdict
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
