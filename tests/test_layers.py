@@ -208,3 +208,22 @@ def test_few_modules_at_the_top_level_and_none_too_long():
     long = {str(path.relative_to(REPO)): n for path in (REPO / ROOT).rglob("*.py")
             if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
+
+
+def test_design_md_draws_every_floor_with_its_rooms():
+    """docs/design.md's floor diagram is FLOORS drawn: floor N (its line starting with N, to the next floor's)
+    names each room of FLOORS[N] (`name/`, `name.py`, or the bare name among the leaves)."""
+    import re
+
+    text = (REPO / "docs" / "design.md").read_text(encoding="utf-8")
+    diagram = text.split("```\n floor ", 1)[1].split("```", 1)[0]
+    floors, current = {}, None
+    for line in diagram.splitlines():
+        if m := re.match(r"^ {0,2}(\d+)\s{2}", line):
+            current = int(m.group(1))
+        if current is not None:
+            floors[current] = floors.get(current, "") + line[:32] + "\n"  # the diagram's left column
+    assert sorted(floors) == list(range(len(FLOORS))), f"design.md's floors {sorted(floors)}, FLOORS has {len(FLOORS)}"
+    missing = [f"floor {i}: {room}" for i, rooms in enumerate(FLOORS) for room in rooms
+               if not re.search(rf"\b{room}(/|\.py|,|\s|$)", floors[i])]
+    assert not missing, "rooms the design.md diagram leaves off (or puts on another floor): " + ", ".join(missing)

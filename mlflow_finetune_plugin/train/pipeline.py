@@ -104,6 +104,37 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     # tagged once training took its first step (a run failing before then carries no such tag)
     reached = reach.report(recipe, model, main)
 
+    config = _model_config(recipe, adapter, data, tokenizer, base_ref, base_revision)
+    tuned, last_step = _train(recipe, run_id, main, objective, model, tokenizer, data, reached,
+                              (general_text, starting_rows, config, prepared))
+    for_generation(tuned)  # TRL left router logits on (mixtures of experts): off to decode, and in the saved config
+    if not main:
+        return
+    stops.check()  # a cancel whose interrupt Python dropped (stops.py) ends the run here, not after publishing
+
+    # Base zero-shot, few-shot and with retrieved shots, and tuned, on the held-out rows; a full fine-tune needs the
+    # base loaded apart, and only when there is something to evaluate.
+    stops.enter("evaluate")  # each batch of answers is progress
+    scored = None
+    if stage.has_held_out(data, prepared):
+        base = templates.base_contender(recipe, adapter.ARTIFACT, tokenizer, starting_rows)
+        with tracking.results_at_step(last_step):
+            scored = stage.evaluate(recipe, objective, tuned, tokenizer, data, base, prepared)
+            stage.check_forgetting(recipe, general_text, tuned, tokenizer, base)  # general text: base, tuned
+        del base
+    stops.enter("publish")
+    # Did it pay off against the best prompt-only alternative? Tagged before publishing: the model card says it.
+    verdict = stage.conclude(run_id, recipe, scored, documents=prepared is not None)
+
+    _publish(recipe, tuned, tokenizer, data, prepared, tags, config, base_revision)
+    print(f"\nVerdict: {verdict.sentence()}")
+    if verdict.cost:
+        print(verdict.cost)
+
+
+def _train(recipe, run_id: str, main: bool, objective, model, tokenizer, data, reached, rehearsed) -> tuple:
+    """The training loop (or one adapter per task), the rehearsal before it: (the trained model, the last step).
+    `rehearsed` is what the rehearsal evaluates with: (general text, starting rows, model config, documents)."""
     args = trainers.training_arguments(recipe, run_id, data.eval)
     # Everything alive now (modules, the model) lives until the end: frozen out of the cyclic GC, whose full
     # collections otherwise rescan it all during training (measured on CPU: 0.4 s of a 6-9 s, 20-step loop).
@@ -127,9 +158,8 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
                 if recipe.train.rehearsal and recipe.objective not in ONLINE:
                     rehearsal.training_step(trainer)  # GRPO's inputs come from its own generation: its first step
         if recipe.train.rehearsal and main:
-            rehearsal.after_training(recipe, objective, model, tokenizer, data, general_text,
-                                     starting_rows,
-                                     _model_config(recipe, adapter, data, tokenizer, base_ref, base_revision),
+            general_text, starting_rows, config, prepared = rehearsed
+            rehearsal.after_training(recipe, objective, model, tokenizer, data, general_text, starting_rows, config,
                                      prepared)
         if recipe.train.torch_compile:  # after the rehearsal's step: its shapes are not the training's
             print(f"torch.compile: {kernels.compile_layers(model)} decoder layers (compiled in the first steps)")
@@ -152,30 +182,15 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
         gc.unfreeze()
         if recipe.train.torch_compile:  # generation's shapes change every token: evaluation runs them as they were
             kernels.uncompile_layers(model)
-    for_generation(tuned)  # TRL left router logits on (mixtures of experts): off to decode, and in the saved config
-    if not main:
-        return
-    stops.check()  # a cancel whose interrupt Python dropped (stops.py) ends the run here, not after publishing
+    return tuned, last_step
 
-    # Base zero-shot, few-shot and with retrieved shots, and tuned, on the held-out rows; a full fine-tune needs the
-    # base loaded apart, and only when there is something to evaluate.
-    stops.enter("evaluate")  # each batch of answers is progress
-    scored = None
-    if stage.has_held_out(data, prepared):
-        base = templates.base_contender(recipe, adapter.ARTIFACT, tokenizer, starting_rows)
-        with tracking.results_at_step(last_step):
-            scored = stage.evaluate(recipe, objective, tuned, tokenizer, data, base, prepared)
-            stage.check_forgetting(recipe, general_text, tuned, tokenizer, base)  # general text: base, tuned
-        del base
-    stops.enter("publish")
-    # Did it pay off against the best prompt-only alternative? Tagged before publishing: the model card says it.
-    verdict = stage.conclude(run_id, recipe, scored, documents=prepared is not None)
 
+def _publish(recipe, tuned, tokenizer, data, prepared, tags: dict, config: dict, base_revision) -> None:
+    """Lineage tags, then the model logged and registered (one version, or one per task)."""
     stops.check()
     tags.update(lineage_tags(base_revision=base_revision, chat_template_hash=chat_template_hash(tokenizer)))
     if prepared is not None and recipe.retrieval.raft:  # the logged model retrieves: it answers as tuned-rag did
         tags[tag_names.SERVED_AS] = TUNED_RAG
-    config = _model_config(recipe, adapter, data, tokenizer, base_ref, base_revision)
     if recipe.data.adapters == "per_task" and data.is_mixture:
         prompts = {name: trained_system_prompt(ds, recipe.data.tasks[name].system_prompt)
                    for name, ds in data.tasks.items()}
@@ -183,9 +198,8 @@ def _fine_tune(recipe, run_id: str, main: bool) -> None:
     else:
         publish.log_and_register(recipe, tuned, tokenizer, config, tags,
                                  retriever=prepared.retriever if prepared and recipe.retrieval.raft else None)
-    print(f"\nVerdict: {verdict.sentence()}")
-    if verdict.cost:
-        print(verdict.cost)
+
+
 
 
 def _model_config(recipe, adapter, data, tokenizer, base_ref: str, base_revision) -> dict:
