@@ -2,7 +2,7 @@
 
 Per architecture (tests/registry_models.py builds the tiny random model, or says why transformers could not):
 - the base saved and loaded back through `from_pretrained`, as a run loads its base;
-- a chat row tokenized with a chat template, the loss on the assistant's reply only (`chat_format.tokenize_row`);
+- a chat row tokenized with a chat template, the loss on the assistant's reply only (`turn_spans.tokenize_row`);
 - `lora` with the project's default targets (`adapters/lora.py` on the default recipe's LoraAdapter): three optimizer
   steps in fp32, then one under CPU bf16 autocast with what the project keeps in fp32 (`precision.py`); the loss must
   fall and the adapter's weights must get gradients;
@@ -90,7 +90,7 @@ def _batch(tokenizer) -> dict:
     """The rows as one right-padded batch, labels on the assistant's tokens only."""
     import torch
 
-    from mlflow_finetune_plugin.models.chat_format import tokenize_row
+    from mlflow_finetune_plugin.models.turn_spans import tokenize_row
 
     rows = [tokenize_row(tokenizer, messages) for messages in ROWS]
     width = max(len(r["input_ids"]) for r in rows)

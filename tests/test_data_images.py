@@ -15,9 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mlflow_finetune_plugin.cli import main
-from mlflow_finetune_plugin.data.check import check_data, model_takes_images
+from mlflow_finetune_plugin.data.check import check_data
 from mlflow_finetune_plugin.data.images import has_images, load_image
 from mlflow_finetune_plugin.data.read import DataError, load_training_dataset
+from mlflow_finetune_plugin.data.token_check import model_takes_images
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import image_count, text_of
 from tests.helpers import jsonl

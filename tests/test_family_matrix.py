@@ -62,7 +62,8 @@ OWN_WARNING = re.compile(r"mlflow_finetune_plugin[/\\]\S+\.py:\d+: (Future|Depre
 @pytest.mark.parametrize("row", ROWS)
 def test_the_trained_tokens_are_each_reply_and_its_end_of_turn(row):
     from mlflow_finetune_plugin.models.base import load_tokenizer
-    from mlflow_finetune_plugin.models.chat_format import chat_format, tokenize_row
+    from mlflow_finetune_plugin.models.chat_format import chat_format
+    from mlflow_finetune_plugin.models.turn_spans import tokenize_row
 
     tokenizer = load_tokenizer(model_name(row))
     encoded = tokenize_row(tokenizer, CONVERSATION)

@@ -140,7 +140,7 @@ def test_a_built_in_tokenizer_is_the_one_autotokenizer_loads_without_its_imports
     assert (ours.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
             == auto.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
     assert ours(["a b c", "Ünïcode  spaces\n"])["input_ids"] == auto(["a b c", "Ünïcode  spaces\n"])["input_ids"]
-    probe = ("import sys; from mlflow_finetune_plugin.data.check import tokenizer_for_check; "
+    probe = ("import sys; from mlflow_finetune_plugin.data.token_check import tokenizer_for_check; "
              f"tok, why = tokenizer_for_check({name!r}); assert tok is not None, why; "
              "print(sorted(m for m in ('torch', 'transformers.models.auto.modeling_auto') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

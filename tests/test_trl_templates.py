@@ -75,8 +75,8 @@ def test_every_trl_template_trains_replies_stops_and_answers(name):
         chat_format,
         last_turn,
         stop_ids,
-        tokenize_row,
     )
+    from mlflow_finetune_plugin.models.turn_spans import tokenize_row
     from tests.matrix_helpers import trained_pieces
 
     tok = _tokenizer(name)

@@ -237,7 +237,7 @@ class VisionCollator:
 
     def masked(self, example: dict) -> tuple[str, list[int], list[int]]:
         """(rendered text, its token ids, their trained mask) of one row, before the processor expands images."""
-        from mlflow_finetune_plugin.models.chat_format import span_mask, trained_spans
+        from mlflow_finetune_plugin.models.turn_spans import span_mask, trained_spans
 
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools

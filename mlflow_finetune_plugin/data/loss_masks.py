@@ -1,7 +1,7 @@
 """Which tokens of a chat row are trained: each assistant reply and its end-of-turn token (or every token, with
 `data.assistant_only_loss: false`), except assistant turns with `"weight": 0` (the OpenAI fine-tuning format).
 
-The turn boundaries come from `models.chat_format`, which finds them for any chat template by rendering, so no
+The turn boundaries come from `models.turn_spans` (over `models.chat_format`), which finds them for any chat template by rendering, so no
 `{% generation %}` markers are needed and no template falls back to whole conversations. Rows are tokenized here
 into `input_ids` + `assistant_masks`; TRL's SFTTrainer takes both as given, builds the labels, truncates and packs.
 """
@@ -35,7 +35,7 @@ def row_tools(example) -> list | None:
 
 def with_turn_weights(tokenizer, dataset, assistant_only_loss: bool = True):
     """`dataset` (a `messages` column, optional `tools`) as `input_ids` + `assistant_masks`, weight-0 turns cleared."""
-    from mlflow_finetune_plugin.models.chat_format import tokenize_row
+    from mlflow_finetune_plugin.models.turn_spans import tokenize_row
 
     if dataset is None:
         return None

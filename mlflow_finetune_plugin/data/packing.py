@@ -86,7 +86,7 @@ def row_cost(length: int, span: float) -> float:
 def example_lengths(tokenizer, dataset, max_length: int, seed: int, sample: int = SAMPLE) -> list[int]:
     """Token lengths of (a seeded sample of) the training rows, cut at `max_length` as training cuts them."""
     from mlflow_finetune_plugin.data.loss_masks import row_tools
-    from mlflow_finetune_plugin.models.chat_format import tokenize_row
+    from mlflow_finetune_plugin.models.turn_spans import tokenize_row
 
     picked = list(range(len(dataset)))
     if len(picked) > sample:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.config.checks import OBJECTIVE_FORMATS
 from mlflow_finetune_plugin.config.documents import NO_QUESTIONS
-from mlflow_finetune_plugin.data.check import check_overlap, tokenizer_for_check
+from mlflow_finetune_plugin.data.check import check_overlap
 from mlflow_finetune_plugin.data.formats import DataError, summarize
 from mlflow_finetune_plugin.data.read import is_hf
 from mlflow_finetune_plugin.data.splits import data_files, load_splits
+from mlflow_finetune_plugin.data.token_check import tokenizer_for_check
 from mlflow_finetune_plugin.data.traces import is_traces, traces_sentence
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import split_conversation, text_messages

@@ -34,6 +34,7 @@ import re
 from dataclasses import dataclass, field
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.messages import text_of
 from mlflow_finetune_plugin.models.template_clock import pinned_clock
 from mlflow_finetune_plugin.models.vision import first_line
 
@@ -102,7 +103,8 @@ def no_template_message(name) -> str:
 _PARTS_ONLY: set[str] = set()
 
 
-def _render(tokenizer, messages, add_generation_prompt=False, **kwargs) -> str:
+def apply_template(tokenizer, messages, add_generation_prompt=False, **kwargs) -> str:
+    """The template's text for `messages` as given (no folding: `render` prepares them first), on the pinned date."""
     if getattr(tokenizer, "chat_template", None) in _PARTS_ONLY:
         messages = [{**m, "content": [{"type": "text", "text": m["content"]}]}
                     if isinstance(m.get("content"), str) else m for m in messages]
@@ -116,7 +118,7 @@ def _probe(tokenizer) -> ChatFormat:
     user = {"role": "user", "content": _PROBE_USER}
     answer = {"role": "assistant", "content": _PROBE_ANSWER}
     try:
-        plain = _render(tokenizer, [user, answer])
+        plain = apply_template(tokenizer, [user, answer])
     except Exception:  # noqa: BLE001 - judged below by what the rows themselves do
         plain = None
     if plain is not None and (_PROBE_USER not in plain or _PROBE_ANSWER not in plain):
@@ -133,11 +135,11 @@ def _probe(tokenizer) -> ChatFormat:
     turns = {"end_of_turn": tuple(dict.fromkeys(last + _tool_call_end(tokenizer, user))),
              "turn_ends": tuple(dict.fromkeys(last + earlier)), **_reasoning_markers(tokenizer, user)}
     try:
-        header = _render(tokenizer, [user], True) != _render(tokenizer, [user])
+        header = apply_template(tokenizer, [user], True) != apply_template(tokenizer, [user])
     except Exception:  # noqa: BLE001
         header = True
     try:
-        row = _render(tokenizer, [system, user, answer])
+        row = apply_template(tokenizer, [system, user, answer])
     except Exception as e:  # noqa: BLE001 - a template that refuses the role raises (jinja's raise_exception)
         return ChatFormat("folded", f"the chat template refuses a system message ({first_line(e, 160)}): it is folded "
                                     "into the first user turn", generation_prompt=header, **turns)
@@ -154,7 +156,7 @@ def _parts_only(tokenizer, messages) -> str | None:
     that way from here on); None where it does not."""
     _PARTS_ONLY.add(tokenizer.chat_template)
     try:
-        text = _render(tokenizer, messages)
+        text = apply_template(tokenizer, messages)
     except Exception:  # noqa: BLE001 - a template that refuses parts too: refused below
         text = None
     if text is None or any(m["content"] not in text for m in messages):
@@ -167,14 +169,14 @@ def _reasoning_markers(tokenizer, user) -> dict:
     generation prompt's prefill, the lead before a plain reply, and the markers around reasoning, with the field it
     reads reasoning from."""
     try:
-        prompt = _render(tokenizer, [user], True)
-        plain = _render(tokenizer, [user, {"role": "assistant", "content": _PROBE_ANSWER}])
+        prompt = apply_template(tokenizer, [user], True)
+        plain = apply_template(tokenizer, [user, {"role": "assistant", "content": _PROBE_ANSWER}])
     except Exception:  # noqa: BLE001 - nothing to learn from a template that cannot render a plain exchange
         return {}
     found, key = plain, None
     for name in REASONING_KEYS:
         try:
-            text = _render(tokenizer, [user, {"role": "assistant", "content": _PROBE_ANSWER,
+            text = apply_template(tokenizer, [user, {"role": "assistant", "content": _PROBE_ANSWER,
                                               name: _PROBE_REASONING}])
         except Exception:  # noqa: BLE001
             continue
@@ -207,7 +209,7 @@ def _tool_call_end(tokenizer, user) -> tuple[str, ...]:
     call = {"role": "assistant", "content": "", "tool_calls": [
         {"id": "call00001", "type": "function", "function": {"name": "probe_tool", "arguments": {"x": 1}}}]}
     try:
-        before, text = _render(tokenizer, [user]), _render(tokenizer, [user, call])
+        before, text = apply_template(tokenizer, [user]), apply_template(tokenizer, [user, call])
     except Exception:  # noqa: BLE001 - a template without tool calls
         return ()
     if not text.startswith(before) or "probe_tool" not in text:
@@ -228,7 +230,7 @@ def _special_strings(tokenizer) -> list[str]:
 def _end_of_turn(tokenizer, conversation, answer: str = _PROBE_ANSWER) -> tuple[str, ...]:
     """The special token the template writes right after the assistant reply `answer` (the first one after it)."""
     try:
-        text = _render(tokenizer, conversation)
+        text = apply_template(tokenizer, conversation)
     except Exception:  # noqa: BLE001 - a template that cannot render a plain exchange: nothing to learn here
         return ()
     at = text.rfind(answer)
@@ -260,18 +262,18 @@ def prepared(tokenizer, messages: list[dict]) -> list[dict]:
         if m.get("role") == "user":
             content = m.get("content")
             if isinstance(content, list):  # parts (images among them): the system text goes first, as a part
-                content = [{"type": "text", "text": f"{_text(system.get('content'))}\n\n"}, *content]
+                content = [{"type": "text", "text": f"{text_of(system.get('content'))}\n\n"}, *content]
             else:
-                content = f"{_text(system.get('content'))}\n\n{_text(content)}"
+                content = f"{text_of(system.get('content'))}\n\n{text_of(content)}"
             rest[i] = {**m, "content": content}
             return rest
-    return [{"role": "user", "content": _text(system.get("content"))}, *rest]
+    return [{"role": "user", "content": text_of(system.get("content"))}, *rest]
 
 
 def split_reasoning(message: dict) -> tuple[str, str]:
     """(reasoning, reply) of an assistant message: reasoning from `reasoning_content`, `thinking` or `reasoning`, or
     a leading `<think>...</think>` block of its content ("" when it has none)."""
-    content = _text(message.get("content"))
+    content = text_of(message.get("content"))
     for key in REASONING_KEYS:
         if isinstance(message.get(key), str) and message[key].strip():
             return message[key].strip(), content
@@ -290,15 +292,9 @@ def _reasoning_on(message: dict, key: str) -> dict:
     return {**out, "content": reply, key: reasoning}
 
 
-def _text(content) -> str:
-    from mlflow_finetune_plugin.messages import text_of
-
-    return text_of(content)
-
-
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
     """The chat template's text for `messages` (prepared: see `prepared`)."""
-    return _render(tokenizer, prepared(tokenizer, messages), add_generation_prompt, **kwargs)
+    return apply_template(tokenizer, prepared(tokenizer, messages), add_generation_prompt, **kwargs)
 
 
 def prompt_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
@@ -315,12 +311,12 @@ def last_turn(tokenizer, prompt: list[dict], reply: dict, **kwargs) -> tuple[str
     one whose generation prompt opens a think block the row lacks (DeepSeek-R1-distill's `<think>\n`) gets the
     reasoning (or none) and the block's close ahead of the reply, so that the model answers as it was trained."""
     prompt, reply = prepared(tokenizer, prompt), prepared(tokenizer, [reply])[0]
-    prompt_text = _render(tokenizer, prompt, True, **kwargs)
-    full = _render(tokenizer, [*prompt, reply], **kwargs)
+    prompt_text = apply_template(tokenizer, prompt, True, **kwargs)
+    full = apply_template(tokenizer, [*prompt, reply], **kwargs)
     reasoning, content = split_reasoning(reply)
     if not full.startswith(prompt_text):
         bare = {k: v for k, v in reply.items() if k not in REASONING_KEYS}
-        full = _render(tokenizer, [*prompt, {**bare, "content": content}], **kwargs)
+        full = apply_template(tokenizer, [*prompt, {**bare, "content": content}], **kwargs)
     if full.startswith(prompt_text):
         completion = full[len(prompt_text):]
     else:
@@ -328,8 +324,8 @@ def last_turn(tokenizer, prompt: list[dict], reply: dict, **kwargs) -> tuple[str
         prefill, completion = prompt_text[shared:], full[shared:]
         if _THINK_OPEN in prefill and _THINK_CLOSE not in prefill.split(_THINK_OPEN)[-1]:
             completion = f"{reasoning}\n{_THINK_CLOSE}\n\n{completion.lstrip()}"
-    ends = _ends(tokenizer)
-    completion = completion[:_turn_end(completion, 0, ends, len(completion), content.strip())]
+    ends = end_tokens(tokenizer)
+    completion = completion[:turn_end(completion, 0, ends, len(completion), content.strip())]
     if ends and not completion.endswith(ends):  # the row ends without closing the turn: the model must close it
         completion = completion.rstrip() + (chat_format(tokenizer).end_of_turn or ends)[0]
     return prompt_text, completion
@@ -344,7 +340,8 @@ def reply_ids(tokenizer, prompt: list[dict], reply: str) -> tuple[list[int], lis
             tokenizer(completion, add_special_tokens=False)["input_ids"])
 
 
-def _ends(tokenizer) -> tuple[str, ...]:
+def end_tokens(tokenizer) -> tuple[str, ...]:
+    """The strings that end an assistant turn in this template's text (its eos where it names none)."""
     fmt = chat_format(tokenizer)
     return (tuple(dict.fromkeys(fmt.turn_ends + fmt.end_of_turn))
             or tuple(t for t in [getattr(tokenizer, "eos_token", None)] if t))
@@ -367,115 +364,10 @@ def stop_ids(tokenizer, generation_config=None) -> list[int]:
     return ids
 
 
-# ---------------------------------------------------------------- loss masks
-
-
-def tokenize_row(tokenizer, messages: list[dict], tools=None, assistant_only: bool = True) -> dict:
-    """One training row: `input_ids` and `assistant_masks` (1 = trained).
-
-    With `assistant_only`, exactly each assistant reply and its end-of-turn token are trained, except turns with
-    `"weight": 0`; without it every token is trained except those of weight-0 turns.
-    """
-    text, spans = trained_spans(tokenizer, messages, tools)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    return {"input_ids": ids, "assistant_masks": span_mask(enc["offset_mapping"], spans, assistant_only)}
-
-
-def trained_spans(tokenizer, messages: list[dict], tools=None) -> tuple[str, list[tuple[int, int, object]]]:
-    """(the row's text as training tokenizes it, [start, end, weight] of each assistant turn in it): the text and
-    turns `tokenize_row` masks, for a caller that tokenizes the text itself (a processor that expands images)."""
-    messages = prepared(tokenizer, messages)
-    kwargs = {"tools": tools} if tools else {}
-    text = _render(tokenizer, messages, **kwargs)
-    last = None
-    if messages and messages[-1].get("role") == "assistant":
-        # The last reply after exactly the generation prompt (see last_turn); the row's text changes only where
-        # the template renders a row the generation prompt does not start.
-        prompt_text, completion = last_turn(tokenizer, messages[:-1], messages[-1], **kwargs)
-        if not text.startswith(prompt_text + completion):
-            text = prompt_text + completion
-        last = (len(prompt_text), len(prompt_text) + len(completion))
-    spans = assistant_spans(tokenizer, messages[:-1] if last else messages, text, **kwargs) + ([last] if last else [])
-    weights = [m.get("weight") for m in messages if m.get("role") == "assistant"]
-    return text, [(start, end, weight) for (start, end), weight in zip(spans, weights)]
-
-
-def span_mask(offsets, spans, assistant_only: bool = True) -> list[int]:
-    """1 for each token (by its character `offsets`) inside a trained span (weight-0 turns: 0); the rest 0, or 1
-    without `assistant_only`."""
-    mask = [0 if assistant_only else 1] * len(offsets)
-    for start, end, weight in spans:
-        for t, (a, b) in enumerate(offsets):
-            if b > start and a < end:  # the token overlaps the turn
-                mask[t] = 0 if weight == 0 else 1
-    return mask
-
-
-def assistant_spans(tokenizer, messages: list[dict], text: str | None = None, **kwargs) -> list[tuple[int, int]]:
-    """[start, end) character spans of each assistant turn in the rendered row: from where the generation prompt
-    ends to the end of the turn's end-of-turn token (or of the row). FinetuneError when a turn cannot be found."""
-    text = _render(tokenizer, messages, **kwargs) if text is None else text
-    end_tokens = _ends(tokenizer)
-    spans, cursor = [], 0
-    for i, m in enumerate(messages):
-        if m.get("role") != "assistant":
-            continue
-        start = _turn_start(tokenizer, messages, i, text, cursor, kwargs)
-        end = _turn_end(text, start, end_tokens, _next_turn_start(tokenizer, messages, i, text, start, kwargs),
-                        split_reasoning(m)[1].strip())
-        spans.append((start, end))
-        cursor = end
-    return spans
-
-
-def _turn_start(tokenizer, messages, i, text, cursor, kwargs) -> int:
-    """Where assistant turn `i` starts in `text`: the end of the row rendered up to it with the generation prompt.
-    A template with no generation prompt: where two renderings of the row up to turn `i`, with different replies,
-    part (axolotl's way of finding a turn). Templates that render history differently: where its content appears after `cursor`."""
-    try:
-        if chat_format(tokenizer).generation_prompt:
-            prefix = _render(tokenizer, messages[:i], add_generation_prompt=True, **kwargs)
-        else:
-            one, other = (_render(tokenizer, [*messages[:i], {"role": "assistant", "content": c}], **kwargs)
-                          for c in ("A", "B"))
-            prefix = one[:_common_prefix(one, other)]
-    except Exception:  # noqa: BLE001 - e.g. a template that insists on ending with an assistant turn
-        prefix = None
-    if prefix is not None and text.startswith(prefix) and len(prefix) >= cursor:
-        return len(prefix)
-    content = _text(messages[i].get("content")).strip()
-    at = text.find(content, cursor) if content else -1
-    if at < 0:
-        raise FinetuneError(
-            f"cannot find assistant turn {i + 1} in the row as the chat template renders it, so its loss mask "
-            "cannot be built; set data.assistant_only_loss: false to train on whole conversations")
-    return at
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _next_turn_start(tokenizer, messages, i, text, start, kwargs) -> int:
-    """A bound for assistant turn `i`'s span: the end of the row rendered up to and including it, where the whole row
-    starts with that rendering; else the row's end (the end-of-turn token then ends the span)."""
-    try:
-        upto = _render(tokenizer, messages[: i + 1], **kwargs)
-    except Exception:  # noqa: BLE001
-        return len(text)
-    return len(upto) if text.startswith(upto) and len(upto) > start else len(text)
-
-
-def _turn_end(text: str, start: int, end_tokens, limit: int, content: str = "") -> int:
+def turn_end(text: str, start: int, ends, limit: int, content: str = "") -> int:
     """The end of the first end-of-turn token after the turn's reply (after its reasoning: gpt-oss closes an
     analysis message with <|end|> and the final answer with <|return|>), before `limit`."""
     after = text.find(content, start) if content else -1
     start = after + len(content) if 0 <= after < limit else start
-    ends = [at + len(token) for token in end_tokens if 0 <= (at := text.find(token, start)) < limit]
+    ends = [at + len(token) for token in ends if 0 <= (at := text.find(token, start)) < limit]
     return min(ends) if ends else limit

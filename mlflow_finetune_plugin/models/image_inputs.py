@@ -132,7 +132,8 @@ def reference_nll(model, tokenizer, processor, prompts: list[list[dict]], images
     count, one row at a time (the reply's tokens as training trains them, image tokens never counted)."""
     import torch
 
-    from mlflow_finetune_plugin.models.chat_format import last_turn, span_mask
+    from mlflow_finetune_plugin.models.chat_format import last_turn
+    from mlflow_finetune_plugin.models.turn_spans import span_mask
 
     total, count = 0.0, 0
     for prompt, row_images, reference in zip(prompts, images, references):
