@@ -2,8 +2,9 @@
 
     python .ci/fetch_sdist.py NAME VERSION DIR
 
-Uses PyPI's simple index in its JSON form (PEP 691), the same index pip reads: `pip download --no-binary :all:`
-would build the package's metadata first (minutes for llama-cpp-python), which is not needed to read its files.
+Uses PyPI's simple index in its JSON form (PEP 691), the same index pip reads: `pip download --no-binary
+:all:` would build the package's metadata first (minutes for llama-cpp-python), which is not needed to read
+its files.
 """
 
 import hashlib

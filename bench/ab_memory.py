@@ -1,10 +1,10 @@
 """How much memory does an A/B comparison take? One base copy with the adapter toggled vs two model copies.
 
-A LoRA version of the model is trained for 2 steps and registered in the bench store (once). Each side is a fresh
-process that imports the same libraries, fetches the version's files, notes its resident memory, then loads both
-sides of the comparison and answers one prompt with each (8 new tokens):
-  engine      the playground's `TransformersEngine` with `NAME/V` and `NAME/V:base` (one base copy + the adapter)
-  two copies  the base model and a merged copy of the tuned model (`PeftModel.merge_and_unload`)
+A LoRA version of the model is trained for 2 steps and registered in the bench store (once). Each side is a
+fresh process that imports the same libraries, fetches the version's files, notes its resident memory, then
+loads both sides of the comparison and answers one prompt with each (8 new tokens):
+  engine      the playground's `TransformersEngine` with `NAME/V` and `NAME/V:base` (one base copy + the
+  adapter) two copies  the base model and a merged copy of the tuned model (`PeftModel.merge_and_unload`)
 Figure: peak resident memory (Linux VmHWM) minus the resident memory before loading (after a warm-up tokenizer
 load, so the libraries' own memory is not counted; each side then loads one tokenizer of its own); the sides
 alternate in rotated order. Goal (issue 18): engine / two copies <= 0.55.
@@ -44,7 +44,8 @@ def worker(side: str, name: str, version: str) -> dict:
     torch.set_grad_enabled(False)
     tuned, base = ModelChoice(name, version), ModelChoice(name, version, base=True)
     local = local_model(tuned)
-    AutoTokenizer.from_pretrained(local.tokenizer_dir)  # warm-up: the tokenizers library's own memory (~120 MiB)
+    # warm-up: the tokenizers library's own memory (~120 MiB)
+    AutoTokenizer.from_pretrained(local.tokenizer_dir)
     messages = [{"role": "user", "content": "How do I export my notes?"}]
     before = memory("VmRSS")
     if side == "engine":
@@ -56,7 +57,8 @@ def worker(side: str, name: str, version: str) -> dict:
         plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
                                            str(local.adapter_dir)).merge_and_unload().eval()
-        answers = [generate(LoadedModel(m, tokenizer, {}), messages, max_new_tokens=8) for m in (merged, plain)]
+        answers = [generate(LoadedModel(m, tokenizer, {}), messages, max_new_tokens=8)
+                   for m in (merged, plain)]
     return {"before": before, "peak": memory("VmHWM"), "answers": answers}
 
 
@@ -81,14 +83,21 @@ def main(argv=None):
             results[side].append(common.run_json([Path(__file__).resolve(), "--worker", side, name, version],
                                                  env, work, f"ab-memory-{side.replace(' ', '-')}-{rep}"))
 
-    common.header(f"A/B memory: one base copy + adapter (the playground's engine) vs two model copies; {args.model} "
-                  f"and a LoRA version of it, {args.reps} reps: median (range)")
+    common.header(
+        f"A/B memory: one base copy + adapter (the playground's engine) vs two model copies; {args.model} "
+        f"and a LoRA version of it, {args.reps} reps: median (range)")
     mib = 2 ** 20
     growth = {side: [(r["peak"] - r["before"]) / mib for r in runs] for side, runs in results.items()}
-    rows = [[side, common.summary(r["before"] / mib for r in runs), common.summary(r["peak"] / mib for r in runs),
-             common.summary(growth[side]),
-             common.summary(common.ratios(growth[side], growth["two copies"])) if side == "engine" else "1"]
-            for side, runs in results.items()]
+    rows = [
+        [
+            side,
+            common.summary(r["before"] / mib for r in runs),
+            common.summary(r["peak"] / mib for r in runs),
+            common.summary(growth[side]),
+            common.summary(common.ratios(growth[side], growth["two copies"])) if side == "engine" else "1",
+        ]
+        for side, runs in results.items()
+    ]
     print(common.table(["side", "RSS before loading (MiB)", "peak RSS (MiB)", "peak growth (MiB)",
                         "growth / two copies"], rows))
     same = all(a["answers"] == b["answers"] for a, b in zip(results["engine"], results["two copies"]))

@@ -1,18 +1,20 @@
-"""How much of a LoRA adapter's gain survives when its update is scaled down, and what that buys in forgetting.
+"""How much of a LoRA adapter's gain survives when its update is scaled down, and what that buys in
+forgetting.
 
-A ceiling probe, not a training recipe: one registered LoRA version, its update scaled by s (the adapter's `scaling`,
-i.e. W + s * alpha/r * B A; trained token rows are kept whole, they end the turn), evaluated at each s on the held-out
-prompts the run was evaluated on (greedy, tuned only) and on the forgetting set. s = 0 is the base model with the
-token rows, s = 1 the version as trained. Weight interpolation towards the base (WiSE-FT) is the cheapest known way to
-trade a fine-tune's gain for less forgetting, so the best rougeL at `ppl_ratio <= 1.2` along it is the most this
-trained adapter offers at that forgetting budget.
+A ceiling probe, not a training recipe: one registered LoRA version, its update scaled by s (the adapter's
+`scaling`, i.e. W + s * alpha/r * B A; trained token rows are kept whole, they end the turn), evaluated at
+each s on the held-out prompts the run was evaluated on (greedy, tuned only) and on the forgetting set. s = 0
+is the base model with the token rows, s = 1 the version as trained. Weight interpolation towards the base
+(WiSE-FT) is the cheapest known way to trade a fine-tune's gain for less forgetting, so the best rougeL at
+`ppl_ratio <= 1.2` along it is the most this trained adapter offers at that forgetting budget.
 
     MLFLOW_TRACKING_URI=sqlite:////tmp/g3cpu/mlflow.db \\
-        python bench/adapter_scale_probe.py models:/gemma3-support-bot/1 --scales 0.25,0.5,0.75,1 --against examples.json
+        python bench/adapter_scale_probe.py models:/gemma3-support-bot/1 --scales 0.25,0.5,0.75,1 --against
+        examples.json
 
-`--against` takes a per-example table the run logged (eval/examples.json, with `retrieval_rougeL` etc.): each scale's
-rougeL is then compared, paired, with that contender's (the bootstrap interval of the mean difference, as the verdict
-computes it).
+`--against` takes a per-example table the run logged (eval/examples.json, with `retrieval_rougeL` etc.): each
+scale's rougeL is then compared, paired, with that contender's (the bootstrap interval of the mean difference,
+as the verdict computes it).
 """
 from __future__ import annotations
 
@@ -78,8 +80,9 @@ def main() -> None:
     if not layers:
         raise SystemExit(f"{args.model_uri} has no LoRA layers to scale")
     trained = [dict(layer.scaling) for layer in layers]
-    print(f"{len(layers)} LoRA layers; {len(examples)} held-out prompts, max_new_tokens {cfg.max_new_tokens}; "
-          f"{len(texts)} forgetting texts")
+    print(
+        f"{len(layers)} LoRA layers; {len(examples)} held-out prompts, max_new_tokens {cfg.max_new_tokens}; "
+        f"{len(texts)} forgetting texts")
 
     rows = []
     with torch.no_grad():

@@ -1,11 +1,12 @@
 """How much a training row's cost grows with its length: the figure `data.packing: auto` decides with.
 
 One LoRA forward + backward pass over one row of L tokens (SDPA, fp32, the plugin's LoRA defaults), timed for
-several L, fitted as `t(L) = c0 + a*L + b*L^2` by least squares. `c0` is the fixed cost of a pass (in tokens' worth: `c0/a`),
-`a/b` the *attention span*: the length at which a token's attention costs as much as its linear layers. The plugin's estimate (`data/packing.py`) derives the span from
-the model's shape (`span_from_config`); this script prints the measured span beside it, so the constant in that
-formula can be checked on any CPU. The baseline is the model without attention term `t(L) = c0 + a*L`: the table
-shows how far each length is from it.
+several L, fitted as `t(L) = c0 + a*L + b*L^2` by least squares. `c0` is the fixed cost of a pass (in tokens'
+worth: `c0/a`), `a/b` the *attention span*: the length at which a token's attention costs as much as its
+linear layers. The plugin's estimate (`data/packing.py`) derives the span from the model's shape
+(`span_from_config`); this script prints the measured span beside it, so the constant in that formula can be
+checked on any CPU. The baseline is the model without attention term `t(L) = c0 + a*L`: the table shows how
+far each length is from it.
 
     python bench/attention_cost.py --model smollm2 --reps 3
     python bench/attention_cost.py --model tiny --reps 3
@@ -67,14 +68,16 @@ def main() -> None:
     c0, a, b = np.linalg.lstsq(np.stack([np.ones_like(x), x, x * x], 1), np.array([med[n] for n in lengths]),
                                rcond=None)[0]
     rows = [[n, f"{med[n] * 1000:.1f} ({min(times[n]) * 1000:.1f}-{max(times[n]) * 1000:.1f})",
-             f"{med[n] / n * 1e6:.0f}", f"{(c0 + a * n + b * n * n) * 1000:.1f}", f"{med[n] / (c0 + a * n):.2f}"]
+             f"{med[n] / n * 1e6:.0f}", f"{(c0 + a * n + b * n * n) * 1000:.1f}",
+             f"{med[n] / (c0 + a * n):.2f}"]
             for n in lengths]
     print(common.table(["row length", "ms per pass (range)", "us per token", "fit c0+a*L+b*L^2 (ms)",
                         "vs no attention term c0+a*L"], rows))
     span = a / b if b > 0 else float("inf")
-    print(f"\nfit: c0 = {c0 * 1000:.0f} ms a pass ({c0 / a:.0f} tokens' worth), a = {a * 1000:.2f} ms a token, "
-          f"span a/b = {span:.0f} tokens; from the model's shape (data/packing.py): "
-          f"{span_from_config(model.config):.0f} tokens")
+    print(
+        f"\nfit: c0 = {c0 * 1000:.0f} ms a pass ({c0 / a:.0f} tokens' worth), a = {a * 1000:.2f} ms a token, "
+        f"span a/b = {span:.0f} tokens; from the model's shape (data/packing.py): "
+        f"{span_from_config(model.config):.0f} tokens")
 
 
 if __name__ == "__main__":

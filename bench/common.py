@@ -1,4 +1,5 @@
-"""What the bench scripts share: the scratch folder and environment, `mlflow run`, a run's logged figures, tables.
+"""What the bench scripts share: the scratch folder and environment, `mlflow run`, a run's logged figures,
+tables.
 
 Every script measures the plugin against a baseline in the same run, interleaved (rotated order), over several
 repetitions, and prints markdown tables with the median and the range. Nothing here writes to docs/.
@@ -27,8 +28,8 @@ WORKDIR = Path(os.environ.get("BENCH_WORKDIR", "/tmp/mlflow-finetune-bench"))
 def setup(workdir: str | None = None) -> tuple[Path, dict]:
     """The scratch folder (sqlite store, logs, generated data) and the environment of every child process.
 
-    The model cache is the user's (`smollm2` is converted once, not per benchmark); this process talks to the same
-    store as the children.
+    The model cache is the user's (`smollm2` is converted once, not per benchmark); this process talks to the
+    same store as the children.
     """
     work = Path(workdir or WORKDIR).resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -37,14 +38,15 @@ def setup(workdir: str | None = None) -> tuple[Path, dict]:
                 "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
                 "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
-    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")})
+    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE",
+                                           "TOKENIZERS_PARALLELISM")})
     return work, env
 
 
 def mlflow_run(params: dict, env: dict, work: Path, log_name: str, project: Path = SUPPORT_BOT,
                entry: str = "lora") -> dict:
-    """`mlflow run PROJECT -e ENTRY --backend finetune --env-manager local -P k=v ...`: run id, launch and exit
-    times (epoch seconds)."""
+    """`mlflow run PROJECT -e ENTRY --backend finetune --env-manager local -P k=v ...`: run id, launch and
+    exit times (epoch seconds)."""
     cmd = ["mlflow", "run", str(project), "-e", entry, "--backend", "finetune", "--env-manager", "local"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
@@ -63,14 +65,16 @@ def mlflow_run(params: dict, env: dict, work: Path, log_name: str, project: Path
 
 def run_json(args: list[str], env: dict, work: Path, log_name: str) -> dict:
     """`python ARGS` in a fresh process; its last stdout line that is a JSON object."""
-    proc = subprocess.run([sys.executable, *map(str, args)], env=env, cwd=work, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, *map(str, args)], env=env, cwd=work, capture_output=True,
+                          text=True)
     log_file = work / "logs" / f"{log_name}.log"
     log_file.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-        raise RuntimeError(f"`python {' '.join(map(str, args))}` failed (exit {proc.returncode}); log {log_file}:"
-                           f"\n{tail}")
+        raise RuntimeError(
+            f"`python {' '.join(map(str, args))}` failed (exit {proc.returncode}); log {log_file}:"
+            f"\n{tail}")
     return json.loads(lines[-1])
 
 
@@ -81,8 +85,9 @@ def client():
 
 
 def training_figures(run_id: str) -> dict:
-    """What a plugin run logged about its training loop: non-padding tokens (TRL's `num_tokens` at the last step),
-    seconds (`train/summary_runtime`, the Trainer's `train_runtime`), their ratio and the mean training loss."""
+    """What a plugin run logged about its training loop: non-padding tokens (TRL's `num_tokens` at the last
+    step), seconds (`train/summary_runtime`, the Trainer's `train_runtime`), their ratio and the mean training
+    loss."""
     c = client()
     tokens = c.get_metric_history(run_id, "train/num_tokens")
     runtime = c.get_metric_history(run_id, "train/summary_runtime")
@@ -90,7 +95,8 @@ def training_figures(run_id: str) -> dict:
         raise RuntimeError(f"run {run_id} logged no train/num_tokens or train/summary_runtime")
     n, seconds = max(tokens, key=lambda m: m.step).value, runtime[-1].value
     loss = c.get_metric_history(run_id, "train/summary_loss")
-    return {"tokens": n, "seconds": seconds, "tokens_per_s": n / seconds, "loss": loss[-1].value if loss else None}
+    return {"tokens": n, "seconds": seconds, "tokens_per_s": n / seconds,
+            "loss": loss[-1].value if loss else None}
 
 
 def plain_train(args: dict, env: dict, work: Path, log_name: str) -> dict:
@@ -103,7 +109,8 @@ def plain_train(args: dict, env: dict, work: Path, log_name: str) -> dict:
 
 
 def registered_version(name: str, env: dict, work: Path, model: str = "smollm2") -> str:
-    """A LoRA version of `model` in the bench store (2 training steps on support-bot; made once): its number."""
+    """A LoRA version of `model` in the bench store (2 training steps on support-bot; made once): its
+    number."""
     versions = client().search_model_versions(f"name='{name}'")
     if not versions:
         log(f"training and registering {name} (2 steps)")
@@ -113,9 +120,10 @@ def registered_version(name: str, env: dict, work: Path, model: str = "smollm2")
     return str(max(int(v.version) for v in versions))
 
 
-def chat_rows(n: int, seed: int = 1, mean_words: float = 60, sigma: float = 1.0, max_words: int = 700) -> list[dict]:
-    """`n` chat rows whose answers have log-normal word counts (many short, a long tail): the mixed lengths of real
-    instruction data. Words from the built-in tiny model's corpus."""
+def chat_rows(n: int, seed: int = 1, mean_words: float = 60, sigma: float = 1.0,
+              max_words: int = 700) -> list[dict]:
+    """`n` chat rows whose answers have log-normal word counts (many short, a long tail): the mixed lengths of
+    real instruction data. Words from the built-in tiny model's corpus."""
     corpus = (REPO / "mlflow_finetune_plugin" / "assets" / "tiny_corpus.txt").read_text(encoding="utf-8")
     words = [w for w in re.findall(r"[A-Za-z][A-Za-z']+", corpus) if len(w) < 14]
     rng = random.Random(seed)
@@ -127,7 +135,8 @@ def chat_rows(n: int, seed: int = 1, mean_words: float = 60, sigma: float = 1.0,
     return [{"messages": [
         {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
         {"role": "user", "content": f"Question {i}: " + sentence(int(rng.lognormvariate(math.log(12), 0.5)))},
-        {"role": "assistant", "content": sentence(min(max_words, max(3, int(rng.lognormvariate(mu, sigma)))))}]}
+        {"role": "assistant", "content": sentence(min(max_words, max(3,
+                                                                     int(rng.lognormvariate(mu, sigma)))))}]}
         for i in range(n)]
 
 
@@ -188,8 +197,9 @@ def header(what: str) -> None:
         except md.PackageNotFoundError:
             pass
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"{what}\n\n*{datetime.date.today()}; {where}; torch threads {torch.get_num_threads()}; load average "
-          f"{load}; {', '.join(versions)}.* `{' '.join(['python', *sys.argv])}`\n")
+    print(
+        f"{what}\n\n*{datetime.date.today()}; {where}; torch threads {torch.get_num_threads()}; load average "
+        f"{load}; {', '.join(versions)}.* `{' '.join(['python', *sys.argv])}`\n")
 
 
 def log(msg: str) -> None:
@@ -197,8 +207,8 @@ def log(msg: str) -> None:
 
 
 def serve(model: str, port: int, env: dict, log_file: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    """`mlflow-finetune serve MODEL --engine transformers --port PORT [EXTRA]`, returned once /health answers; its
-    output goes to `log_file` (a pipe nobody reads would fill and stop the server)."""
+    """`mlflow-finetune serve MODEL --engine transformers --port PORT [EXTRA]`, returned once /health answers;
+    its output goes to `log_file` (a pipe nobody reads would fill and stop the server)."""
     import urllib.request
 
     code = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"

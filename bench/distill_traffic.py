@@ -1,11 +1,12 @@
-"""Production traffic for the distillation measurement (issue 53, point 6; docs/benchmarks.md, "A smaller model
-from a larger one's traffic").
+"""Production traffic for the distillation measurement (issue 53, point 6; docs/benchmarks.md, "A smaller
+model from a larger one's traffic").
 
 A registered "production" model answers the support-bot questions as an application would send them: through
-`mlflow-finetune serve --engine transformers --trace EXPERIMENT` and the real `openai` client, one request at a time,
-so each answer is an MLflow trace of that experiment. The train questions go to one experiment (the traffic a student
-learns from); the held-out questions to another (the reviewed traffic), where a support agent corrects every second
-answer with the bundled reference answer (`POST /v1/feedback` with a correction: an expectation on the trace).
+`mlflow-finetune serve --engine transformers --trace EXPERIMENT` and the real `openai` client, one request at
+a time, so each answer is an MLflow trace of that experiment. The train questions go to one experiment (the
+traffic a student learns from); the held-out questions to another (the reviewed traffic), where a support
+agent corrects every second answer with the bundled reference answer (`POST /v1/feedback` with a correction:
+an expectation on the trace).
 
     python bench/distill_traffic.py --model support-teacher/1 --workdir /tmp/distill
 
@@ -63,7 +64,8 @@ def send(model_name: str, port: int, rows, correct_every: int, max_tokens: int) 
         cut += answer.choices[0].finish_reason == "length"
         if correct_every and i % correct_every == 0:
             said = httpx.post(f"http://127.0.0.1:{port}/v1/feedback", timeout=60, trust_env=False, json={
-                "trace_id": raw.headers["x-mlflow-trace-id"], "correction": reference, "user": "support-agent"})
+                "trace_id": raw.headers["x-mlflow-trace-id"], "correction": reference,
+                "user": "support-agent"})
             said.raise_for_status()
             corrected += 1
         if (i + 1) % 25 == 0:
@@ -85,18 +87,20 @@ def main() -> None:
 
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db"),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI",
+                                                               f"sqlite:///{work}/mlflow.db"),
            "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "FINETUNE_BENCH_WORK": str(work),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     name, version = args.model.split("/")
     served_name = f"{name}-v{version}"
     report = {}
-    for experiment, path, limit, correct_every in ((args.train_experiment, DATA / "train.jsonl", args.n_train, 0),
-                                                   (args.eval_experiment, DATA / "eval.jsonl", None, 2)):
+    for experiment, path, limit, correct_every in ((args.train_experiment, DATA / "train.jsonl", args.n_train,
+                                                    0), (args.eval_experiment, DATA / "eval.jsonl", None, 2)):
         proc = serve(args.model, experiment, args.port, env)
         try:
             print(f"{experiment}: sending {path.name} questions to {served_name}", flush=True)
-            report[experiment] = send(served_name, args.port, questions(path, limit), correct_every, args.max_tokens)
+            report[experiment] = send(served_name, args.port, questions(path, limit), correct_every,
+                                      args.max_tokens)
         finally:
             proc.terminate()
             proc.wait(timeout=60)

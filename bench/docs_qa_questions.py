@@ -1,15 +1,16 @@
 """How many verified questions does a small teacher write from the docs-qa documents? (issue 67)
 
-The teacher is a built-in model served by `transformers serve` (OpenAI-compatible, on a loopback port, continuous
-batching), asked as a recipe's `questions:` section asks it (`distill/questions.questions_from_chunks`): once per
-chunk of recipes/docs-qa/docs, chunked with the model's tokenizer as a run does, for `--per-chunk` questions each.
-Every row's quote is checked against its chunk; the table gives what was written and why the rest was dropped.
+The teacher is a built-in model served by `transformers serve` (OpenAI-compatible, on a loopback port,
+continuous batching), asked as a recipe's `questions:` section asks it
+(`distill/questions.questions_from_chunks`): once per chunk of recipes/docs-qa/docs, chunked with the model's
+tokenizer as a run does, for `--per-chunk` questions each. Every row's quote is checked against its chunk; the
+table gives what was written and why the rest was dropped.
 
     python bench/docs_qa_questions.py                       # smollm2, the first 20 chunks (~5 min on 2 cores)
     python bench/docs_qa_questions.py --chunks 78           # every chunk
 
-gemma3 (google/gemma-3-270m) is a base model without a chat template: it is not asked here (a chat template given
-with model.chat_template would make it answer, but not as an instruction-tuned model would).
+gemma3 (google/gemma-3-270m) is a base model without a chat template: it is not asked here (a chat template
+given with model.chat_template would make it answer, but not as an instruction-tuned model would).
 """
 
 from __future__ import annotations
@@ -32,15 +33,18 @@ DOCS = REPO / "recipes" / "docs-qa" / "docs"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--folder", default=None, help="a model folder to serve instead (e.g. gemma3 with a chat "
-                                                         "template added)")
+    parser.add_argument("--folder", default=None,
+                        help="a model folder to serve instead (e.g. gemma3 with a chat "
+                             "template added)")
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--per-chunk", type=int, default=3)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--max-tokens", type=int, default=384)
-    parser.add_argument("--show", type=int, default=2, help="print the first N replies as the teacher wrote them")
+    parser.add_argument("--show", type=int, default=2,
+                        help="print the first N replies as the teacher wrote them")
     args = parser.parse_args()
-    common.header("Questions written from the docs-qa documents by a built-in teacher, verified by their quotes")
+    common.header(
+        "Questions written from the docs-qa documents by a built-in teacher, verified by their quotes")
 
     from transformers import AutoTokenizer
 
@@ -52,10 +56,10 @@ def main() -> None:
     folder = Path(args.folder or resolve_model_path(args.model))
     documents = read_documents(str(DOCS), None, AutoTokenizer.from_pretrained(folder), 160)
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow_finetune_plugin.serving.transformers_cli", "serve", folder.name, "--host",
-         "127.0.0.1", "--port", str(args.port), "--continuous-batching"],
-        cwd=folder.parent, env={**os.environ, "HF_HUB_DISABLE_UPDATE_CHECK": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        [sys.executable, "-m", "mlflow_finetune_plugin.serving.transformers_cli", "serve", folder.name,
+         "--host", "127.0.0.1", "--port", str(args.port), "--continuous-batching"], cwd=folder.parent,
+        env={**os.environ, "HF_HUB_DISABLE_UPDATE_CHECK": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT)
     try:
         _wait(f"http://127.0.0.1:{args.port}/v1/models", server)
         config = QuestionsConfig(teacher=f"http://127.0.0.1:{args.port}/v1", model=folder.name,
@@ -64,7 +68,8 @@ def main() -> None:
         began = time.perf_counter()
         with tempfile.TemporaryDirectory() as cache:
             rows, summary = questions_from_chunks(config, documents.chunks, Path(cache))
-            replies = [json.loads(line) for f in Path(cache).glob("*.jsonl") for line in f.read_text().splitlines()]
+            replies = [json.loads(line) for f in Path(cache).glob("*.jsonl")
+                       for line in f.read_text().splitlines()]
         seconds = time.perf_counter() - began
     finally:
         server.terminate()

@@ -1,9 +1,9 @@
 """How long does evaluation take? Greedy answers one at a time vs in left-padded batches, the same answers.
 
-Both sides answer the first N support-bot eval prompts greedily in fp32 with the same model in this process, with
-the plugin's own functions (`logged_model.generate`, one prompt per call; `generate_greedy_batch`, what the run's
-evaluation uses), alternating; prints seconds per side, the speed-up and how many answers are identical.
-Goal (issue 18): >= 4x over 30 examples, identical answers.
+Both sides answer the first N support-bot eval prompts greedily in fp32 with the same model in this process,
+with the plugin's own functions (`logged_model.generate`, one prompt per call; `generate_greedy_batch`, what
+the run's evaluation uses), alternating; prints seconds per side, the speed-up and how many answers are
+identical. Goal (issue 18): >= 4x over 30 examples, identical answers.
 
     python bench/eval_batching.py                 # 30 prompts, 48 new tokens, 2 reps: ~4 min on 2 quiet cores
     python bench/eval_batching.py --examples 3 --max-new-tokens 8 --reps 1     # smoke test, ~30 s
@@ -44,7 +44,8 @@ def main(argv=None) -> None:
 
     def batched():
         return [answer for i in range(0, len(prompts), args.batch_size)
-                for answer in generate_greedy_batch(loaded, prompts[i:i + args.batch_size], args.max_new_tokens)]
+                for answer in generate_greedy_batch(loaded, prompts[i:i + args.batch_size],
+                                                    args.max_new_tokens)]
 
     sides = [("one at a time", one_at_a_time), ("batched", batched)]
     times, answers = {name: [] for name, _ in sides}, {}
@@ -55,9 +56,10 @@ def main(argv=None) -> None:
             answers[name] = fn()
             times[name].append(time.perf_counter() - start)
 
-    common.header(f"Evaluation: batched vs one-at-a-time greedy answers; {args.model}, {len(prompts)} support-bot "
-                  f"eval prompts, up to {args.max_new_tokens} new tokens, batches of {args.batch_size}, {args.reps} "
-                  f"reps: median (range)")
+    common.header(
+        f"Evaluation: batched vs one-at-a-time greedy answers; {args.model}, {len(prompts)} support-bot "
+        f"eval prompts, up to {args.max_new_tokens} new tokens, batches of {args.batch_size}, {args.reps} "
+        f"reps: median (range)")
     speedup = common.ratios(times["one at a time"], times["batched"])
     same = sum(a == b for a, b in zip(answers["one at a time"], answers["batched"]))
     print(common.table(["side", "seconds", "speed-up", "identical answers"], [

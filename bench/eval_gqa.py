@@ -3,12 +3,12 @@ copied (transformers' path) vs broadcast inside SDPA (`models.attention`), the s
 
 Both sides run the plugin's `run_evaluation` as a run's evaluation stage does (base zero-shot, few-shot with 3
 random train conversations, retrieval with the 3 nearest, tuned; each answering the first N support-bot eval
-prompts greedily in one batch and scoring the reference answers in the same pass), on smollm2 in fp32 with a fresh
-LoRA adapter (B = 0: the tuned side answers like the base), alternating; prints seconds per side, the speed-up and
-whether every contender's answers are identical.
+prompts greedily in one batch and scoring the reference answers in the same pass), on smollm2 in fp32 with a
+fresh LoRA adapter (B = 0: the tuned side answers like the base), alternating; prints seconds per side, the
+speed-up and whether every contender's answers are identical.
 
-    python bench/eval_gqa.py                  # 30 prompts, 48 new tokens, 2 reps: ~15 min on 2 quiet AVX2 cores
-    python bench/eval_gqa.py --examples 4 --max-new-tokens 8 --reps 1      # smoke test, ~1 min
+    python bench/eval_gqa.py                  # 30 prompts, 48 new tokens, 2 reps: ~15 min on 2 quiet AVX2
+    cores python bench/eval_gqa.py --examples 4 --max-new-tokens 8 --reps 1      # smoke test, ~1 min
 """
 
 from __future__ import annotations
@@ -37,11 +37,15 @@ def main(argv=None) -> None:
     from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer
 
     data = common.SUPPORT_BOT / "data"
-    eval_convs, train_convs = read_conversations(str(data / "eval.jsonl")), read_conversations(str(data / "train.jsonl"))
+    eval_convs, train_convs = (
+        read_conversations(str(data / "eval.jsonl")),
+        read_conversations(str(data / "train.jsonl")),
+    )
     base = load_base_model(ModelConfig(name=args.model), dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
     tokenizer = load_tokenizer(args.model)
-    cfg = EvalConfig(max_examples=args.examples, max_new_tokens=args.max_new_tokens, traces=False, forgetting=False)
+    cfg = EvalConfig(max_examples=args.examples, max_new_tokens=args.max_new_tokens, traces=False,
+                     forgetting=False)
     assert native_gqa_on_cpu()
     hooked = sdpa_attention.use_gqa_in_sdpa
     stock = hooked.__wrapped__
@@ -67,10 +71,12 @@ def main(argv=None) -> None:
     (copied, _), (broadcast, _) = sides
     contenders = results[copied].contenders
     same = [c for c in contenders
-            if [r[f"{c}_answer"] for r in results[copied].rows] == [r[f"{c}_answer"] for r in results[broadcast].rows]]
-    common.header(f"Evaluation stage (run_evaluation: {', '.join(contenders)}) with KV heads copied vs broadcast in "
-                  f"SDPA; {args.model}, fp32, {cfg.max_examples} support-bot eval prompts, up to "
-                  f"{args.max_new_tokens} new tokens, {args.reps} reps: median (range)")
+            if [r[f"{c}_answer"] for r in results[copied].rows]
+            == [r[f"{c}_answer"] for r in results[broadcast].rows]]
+    common.header(
+        f"Evaluation stage (run_evaluation: {', '.join(contenders)}) with KV heads copied vs broadcast in "
+        f"SDPA; {args.model}, fp32, {cfg.max_examples} support-bot eval prompts, up to "
+        f"{args.max_new_tokens} new tokens, {args.reps} reps: median (range)")
     speedup = common.ratios(times[copied], times[broadcast])
     print(common.table(["side", "seconds", "speed-up", "identical answers"], [
         [copied, common.summary(times[copied]), "1", "-"],

@@ -1,20 +1,24 @@
-"""How well can the base model tell the Q&A sets' intents apart from phrasings it never saw, before any training?
+"""How well can the base model tell the Q&A sets' intents apart from phrasings it never saw, before any
+training?
 
 The bundled Q&A sets (support-bot, it-helpdesk, bike-shop) give one canonical answer per intent; a held-out
-question is answered right when the model picks its intent's answer. This measures that choice on the frozen base
-model, without generation, two ways, for each set:
+question is answered right when the model picks its intent's answer. This measures that choice on the frozen
+base model, without generation, two ways, for each set:
 
-  BM25 top-1   the intent of the train question most similar to the held-out one (the retrieval contender's first
+  BM25 top-1   the intent of the train question most similar to the held-out one (the retrieval contender's
+  first
                shot: `evaluate/retrieval.py`): words only
-  probe        a linear classifier (multinomial logistic regression, L2, standardised features) trained on the mean
-               hidden state of each train question at one layer of the base model, scored on the held-out questions;
-               best layer and last layer
+  probe        a linear classifier (multinomial logistic regression, L2, standardised features) trained on the
+  mean
+               hidden state of each train question at one layer of the base model, scored on the held-out
+               questions; best layer and last layer
 
-The tuned model's exact match (the share of held-out questions answered with exactly their intent's answer) is the
-same choice made by generation after fine-tuning: docs/methods.md compares the two. Deterministic; no training run.
+The tuned model's exact match (the share of held-out questions answered with exactly their intent's answer) is
+the same choice made by generation after fine-tuning: docs/methods.md compares the two. Deterministic; no
+training run.
 
-    python bench/intent_probe.py                     # smollm2, the three sets, every 3rd layer: ~3 min on 2 cores
-    python bench/intent_probe.py --sets support-bot --layers 0,9 --model tiny    # smoke test, ~20 s
+    python bench/intent_probe.py                     # smollm2, the three sets, every 3rd layer: ~3 min on 2
+    cores python bench/intent_probe.py --sets support-bot --layers 0,9 --model tiny    # smoke test, ~20 s
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def question_answer_pairs(path) -> list[tuple[str, str]]:
 
 
 def mean_hidden_states(model, tokenizer, questions: list[str]):
-    """(questions, layers + 1, hidden) mean over each question's tokens (no chat template: the question alone)."""
+    """(questions, layers + 1, hidden) mean over each question's tokens (no chat template: the question
+    alone)."""
     import torch
 
     rows = []
@@ -52,8 +57,8 @@ def mean_hidden_states(model, tokenizer, questions: list[str]):
 
 
 def probe_accuracy(train_x, train_y, test_x, test_y, c: float = 1.0) -> float:
-    """Multinomial logistic regression (scikit-learn's objective: C x summed cross-entropy + 0.5 |W|^2; full-batch
-    L-BFGS), on features standardised with the train statistics; accuracy on the test rows."""
+    """Multinomial logistic regression (scikit-learn's objective: C x summed cross-entropy + 0.5 |W|^2;
+    full-batch L-BFGS), on features standardised with the train statistics; accuracy on the test rows."""
     import torch
 
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
@@ -105,11 +110,13 @@ def main() -> None:
     layers = ([int(x) for x in args.layers.split(",")] if args.layers
               else sorted(set(range(0, n_layers + 1, 3)) | {n_layers}))
     common.header(f"## Intent probe: can the frozen base model ({args.model}) tell the intents apart?")
-    print("| set | intents | train / held-out questions | BM25 top-1 | probe, best layer | probe, last layer |")
+    print(
+        "| set | intents | train / held-out questions | BM25 top-1 | probe, best layer | probe, last layer |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in args.sets.split(","):
         folder = common.REPO / "recipes" / name / "data"
-        train, held = question_answer_pairs(folder / "train.jsonl"), question_answer_pairs(folder / "eval.jsonl")
+        train, held = question_answer_pairs(folder / "train.jsonl"), question_answer_pairs(folder
+                                                                                           / "eval.jsonl")
         answers = sorted({a for _, a in train})
         y = torch.tensor([answers.index(a) for _, a in train])
         yt = torch.tensor([answers.index(a) for _, a in held])
@@ -118,7 +125,8 @@ def main() -> None:
         scores = {layer: probe_accuracy(x[:, layer], y, xt[:, layer], yt) for layer in layers}
         best = max(scores, key=scores.get)
         print(f"| {name} | {len(answers)} | {len(train)} / {len(held)} | {bm25_top1(train, held):.3f} | "
-              f"{scores[best]:.3f} (layer {best}) | {scores[layers[-1]]:.3f} (layer {layers[-1]}) |", flush=True)
+              f"{scores[best]:.3f} (layer {best}) | {scores[layers[-1]]:.3f} (layer {layers[-1]}) |",
+              flush=True)
     print("\nEvery layer probed: " + ", ".join(str(layer) for layer in layers))
 
 

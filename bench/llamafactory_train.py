@@ -1,14 +1,16 @@
 """`llamafactory-cli train CONFIG`, with the non-padding tokens of each training step counted; run by
-bench/peer_llamafactory.py with the Python of LLaMA-Factory's own virtual environment (it imports nothing of ours).
+bench/peer_llamafactory.py with the Python of LLaMA-Factory's own virtual environment (it imports nothing of
+ours).
 
 Nothing in the training changes: LLaMA-Factory's command-line entry runs as it does from the shell, and three
-wrappers only count. Tokens are counted as TRL counts them for the plugin, the real tokens of each batch: the nonzero
-entries of the rows' attention masks as the collator receives them (with `neat_packing` each packed example's
-positions carry its number, 1, 2, ..., and padding 0; unpacked rows are not padded yet), before it pads them or
-turns them into the 4D block-diagonal mask the model sees. (Plain `packing` marks padding 1: not counted right.)
-The collator may run a batch ahead of the training loop (accelerate's look-ahead), so each batch's count is queued
-and taken when `Trainer.training_step` takes the batch. Prints one JSON line: tokens, the Trainer's
-`train_runtime`, steps, the mean training loss and the rows of one epoch (packed rows when packing).
+wrappers only count. Tokens are counted as TRL counts them for the plugin, the real tokens of each batch: the
+nonzero entries of the rows' attention masks as the collator receives them (with `neat_packing` each packed
+example's positions carry its number, 1, 2, ..., and padding 0; unpacked rows are not padded yet), before it
+pads them or turns them into the 4D block-diagonal mask the model sees. (Plain `packing` marks padding 1: not
+counted right.) The collator may run a batch ahead of the training loop (accelerate's look-ahead), so each
+batch's count is queued and taken when `Trainer.training_step` takes the batch. Prints one JSON line: tokens,
+the Trainer's `train_runtime`, steps, the mean training loss and the rows of one epoch (packed rows when
+packing).
 
     .../finetune-bench-llamafactory/bin/python bench/llamafactory_train.py train.yaml
 """

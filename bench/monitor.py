@@ -1,14 +1,15 @@
-"""How long does `mlflow-finetune monitor` take over a week of traffic, and does its cost grow linearly with it?
+"""How long does `mlflow-finetune monitor` take over a week of traffic, and does its cost grow linearly with
+it?
 
-Writes N synthetic served traces (the shape `serve --trace` records: a CHAT_MODEL span with the OpenAI request and
-ChatCompletion, tagged with the served version; 80% questions from the support bot's held-out file, 20% off-topic,
-every tenth answer cut at the length limit, every fifth rated) spread over 7 days into a sqlite store, with a
-registered version whose source run names the support bot's train file. Then times, in separate processes and
-interleaved, the baseline (reading the same traces with `MlflowClient.search_traces`, nothing else) and
-`mlflow-finetune monitor bot --window 1d --no-log` (reading, scoring, drift, gates), at each N.
+Writes N synthetic served traces (the shape `serve --trace` records: a CHAT_MODEL span with the OpenAI request
+and ChatCompletion, tagged with the served version; 80% questions from the support bot's held-out file, 20%
+off-topic, every tenth answer cut at the length limit, every fifth rated) spread over 7 days into a sqlite
+store, with a registered version whose source run names the support bot's train file. Then times, in separate
+processes and interleaved, the baseline (reading the same traces with `MlflowClient.search_traces`, nothing
+else) and `mlflow-finetune monitor bot --window 1d --no-log` (reading, scoring, drift, gates), at each N.
 
-    python bench/monitor.py                      # 2,500 / 5,000 / 10,000 traces, 2 reps (~15 min, writing included)
-    python bench/monitor.py --sizes 500 --reps 1 # smoke test (~1 min)
+    python bench/monitor.py                      # 2,500 / 5,000 / 10,000 traces, 2 reps (~15 min, writing
+    included) python bench/monitor.py --sizes 500 --reps 1 # smoke test (~1 min)
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ OFF_TOPIC = ["What is the capital of France?", "Write a poem about the sea", "Wh
 READ = ("import sys, time, mlflow; from mlflow import MlflowClient; c = MlflowClient(); t = time.time(); "
         "e = c.get_experiment_by_name('traffic').experiment_id; n, tok = 0, None\n"
         "while True:\n"
-        "    p = c.search_traces(locations=[e], max_results=500, page_token=tok); n += len(p); tok = p.token\n"
-        "    if not tok: break\n"
+        "    p = c.search_traces(locations=[e], max_results=500, page_token=tok); n += len(p); tok = "
+        "p.token\n    if not tok: break\n"
         "print(n)")
 
 
 def write_traffic(store: Path, n: int) -> None:
-    """N traces of `bot` v1 over the last 7 days (synchronous export: none dropped), and the registered version."""
+    """N traces of `bot` v1 over the last 7 days (synchronous export: none dropped), and the registered
+    version."""
     os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "false"
     import mlflow
     from mlflow.entities import SpanType
@@ -68,7 +70,8 @@ def write_traffic(store: Path, n: int) -> None:
         cut = i % 10 == 0
         span.end(end_time_ns=at + rng.randint(200, 900) * 10**6, outputs={
             "id": f"chatcmpl-{i}", "object": "chat.completion", "model": "bot-v1",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "You can do that in Settings."},
+            "choices": [{"index": 0, "message": {"role": "assistant",
+                                                 "content": "You can do that in Settings."},
                          "finish_reason": "length" if cut else "stop"}],
             "usage": {"prompt_tokens": 20 + len(question) // 4, "completion_tokens": 64 if cut else 9}})
         if i % 5 == 0:
@@ -98,8 +101,8 @@ def main():
             common.log(f"wrote {n} traces in {time.perf_counter() - t:.0f} s")
         run_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
         read_cmd = [sys.executable, "-c", READ]
-        monitor_cmd = [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "monitor", "bot",
-                       "--window", "1d", "--no-log"]
+        monitor_cmd = [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "monitor",
+                       "bot", "--window", "1d", "--no-log"]
         base, ours = [], []
         for rep in range(args.reps):
             for which in common.rotated(["read", "monitor"], rep):
@@ -107,7 +110,8 @@ def main():
                                                                  run_env))
         rows.append([n, common.summary(base), common.summary(ours), common.summary(common.ratios(ours, base)),
                      common.fmt(min(ours) / n * 1000)])
-    print(common.table(["traces", "read only (s)", "monitor (s)", "monitor / read", "monitor s per 1k (best)"], rows))
+    print(common.table(["traces", "read only (s)", "monitor (s)", "monitor / read",
+                        "monitor s per 1k (best)"], rows))
 
 
 if __name__ == "__main__":

@@ -1,55 +1,71 @@
-"""The same fine-tune with `mlflow run -e lora` and with LLaMA-Factory 0.9.5: step time, tokens/s, peak memory, rougeL.
+"""The same fine-tune with `mlflow run -e lora` and with LLaMA-Factory 0.9.5: step time, tokens/s, peak
+memory, rougeL.
 
-Both tools fine-tune the built-in smollm2 (the same converted folder) on recipes/support-bot's train rows, with the
-recipe's settings as the project's recipe loader resolves them for `-e lora -P data.replay=false`: LoRA r, alpha and
-dropout on all linear layers, learning rate, cosine schedule, warmup, weight decay, gradient clipping, batch, epochs,
-seed, rows packed up to data.max_length tokens with attention kept within each conversation, loss on the assistant's
-turns only; in the precision `--precision` gives both (bf16: the Trainer's autocast over fp32 weights, on a CPU, in
-both tools).
+Both tools fine-tune the built-in smollm2 (the same converted folder) on recipes/support-bot's train rows,
+with the recipe's settings as the project's recipe loader resolves them for `-e lora -P data.replay=false`:
+LoRA r, alpha and
+dropout on all linear layers, learning rate, cosine schedule, warmup, weight decay, gradient clipping, batch,
+epochs, seed, rows packed up to data.max_length tokens with attention kept within each conversation, loss on
+the assistant's turns only; in the precision `--precision` gives both (bf16: the Trainer's autocast over fp32
+weights, on a CPU, in both tools).
 
-  project         mlflow run recipes/support-bot -e lora --backend finetune --env-manager local -P data.replay=false
-                  -P eval.enabled=false -P train.precision=P (its evaluation is done below, for both adapters alike)
-  LLaMA-Factory   llamafactory-cli train (through bench/llamafactory_train.py, which counts tokens), in its own
-                  virtual environment: stage sft, lora_target all, template smollm2 (token for token the model's own
-                  chat template on these rows), cutoff_len, packing + neat_packing, train_on_prompt false, gradient
-                  checkpointing off (LLaMA-Factory's default is on; the recipe's is off), bf16 with use_cpu
+  project         mlflow run recipes/support-bot -e lora --backend finetune --env-manager local -P
+  data.replay=false
+                  -P eval.enabled=false -P train.precision=P (its evaluation is done below, for both adapters
+                  alike)
+  LLaMA-Factory   llamafactory-cli train (through bench/llamafactory_train.py, which counts tokens), in its
+  own
+                  virtual environment: stage sft, lora_target all, template smollm2 (token for token the
+                  model's own chat template on these rows), cutoff_len, packing + neat_packing,
+                  train_on_prompt false, gradient checkpointing off (LLaMA-Factory's default is on; the
+                  recipe's is off), bf16 with use_cpu
 
-Figures, each tool measured the same way: steps; s/step = the Trainer's `train_runtime` / steps; tokens/s = the
-non-padding tokens of the training batches (the real tokens of each packed row, prompts included: TRL's count for the
-project, the same count taken in LLaMA-Factory's collator) / `train_runtime`; peak RSS of training = the training
-process's VmHWM when training ends (everything before it included: imports, data, model, the project's rehearsal;
-the project's `train/peak_rss_gib`, the same read in LLaMA-Factory's process); peak RSS of the command = the largest
-resident set of any process of the training command, which evaluates nothing but saves, logs and registers (VmHWM
-polled, and wait4's ru_maxrss); the command's wall time (start-up, data, model load, training, saving). Then rougeL and exact
-match of both adapters on the same held-out rows (the first eval.max_examples of the recipe's eval file) through the
-project's evaluation code, in this process: the same base in fp32, the adapter loaded with PEFT and merged while
-answering, greedy answers of up to eval.max_new_tokens tokens in batches, the project's shipped metric modules.
+Figures, each tool measured the same way: steps; s/step = the Trainer's `train_runtime` / steps; tokens/s =
+the non-padding tokens of the training batches (the real tokens of each packed row, prompts included: TRL's
+count for the project, the same count taken in LLaMA-Factory's collator) / `train_runtime`; peak RSS of
+training = the training process's VmHWM when training ends (everything before it included: imports, data,
+model, the project's rehearsal; the project's `train/peak_rss_gib`, the same read in LLaMA-Factory's process);
+peak RSS of the command = the largest resident set of any process of the training command, which evaluates
+nothing but saves, logs and registers (VmHWM polled, and wait4's ru_maxrss); the command's wall time
+(start-up, data, model load, training, saving). Then rougeL and exact match of both adapters on the same
+held-out rows (the first eval.max_examples of the recipe's eval file) through the project's evaluation code,
+in this process: the same base in fp32, the adapter loaded with PEFT and merged while answering, greedy
+answers of up to eval.max_new_tokens tokens in batches, the project's shipped metric modules.
 
 LLaMA-Factory's environment is made on first use (or again with --setup) in
 ${XDG_CACHE_HOME:-~/.cache}/finetune-bench-llamafactory:
-  pip install llamafactory==0.9.5 -c constraints-cpu.txt   torch stays the local CPU build; LLaMA-Factory's own
-                                                           pins (transformers<=5.6.0, peft<=0.18.1, trl<=0.24.0,
-                                                           datasets<=4.0.0, accelerate<=1.11.0) hold there
+  pip install llamafactory==0.9.5 -c constraints-cpu.txt   torch stays the local CPU build; LLaMA-Factory's
+  own
+                                                           pins (transformers<=5.6.0, peft<=0.18.1,
+                                                           trl<=0.24.0, datasets<=4.0.0, accelerate<=1.11.0)
+                                                           hold there
   pip uninstall -y torchvision                             PyPI's CUDA build fails to import beside torch+cpu
-  rm torchaudio/lib/*.so                                   PyPI's CUDA build needs libc10_cuda.so; LLaMA-Factory
-                                                           imports torchaudio at module level (audio inputs), and
-                                                           without its extension it imports as pure Python
+  rm torchaudio/lib/*.so                                   PyPI's CUDA build needs libc10_cuda.so;
+  LLaMA-Factory
+                                                           imports torchaudio at module level (audio inputs),
+                                                           and without its extension it imports as pure Python
 Its `pip freeze` is kept there as installed.txt, and its versions are printed with the report.
 
 Not the same in the two tools (each is the tool's own way, left as it is):
-- LLaMA-Factory's smollm2 template also labels the newline after each answer's <|im_end|> (one more trained token
+- LLaMA-Factory's smollm2 template also labels the newline after each answer's <|im_end|> (one more trained
+token
   per answer); the model's template, which the project follows, marks the answer and <|im_end|> only.
-- Packing: TRL's best-fit decreasing into rows of up to max_length, a batch padded to its longest row, attention
-  from `position_ids` (project); a greedy knapsack into rows of max_length - 1 tokens, each padded to max_length,
-  attention from the collator's 4D block-diagonal mask (LLaMA-Factory). Both make 142 rows an epoch here.
+- Packing: TRL's best-fit decreasing into rows of up to max_length, a batch padded to its longest row,
+attention
+  from `position_ids` (project); a greedy knapsack into rows of max_length - 1 tokens, each padded to
+  max_length, attention from the collator's 4D block-diagonal mask (LLaMA-Factory). Both make 142 rows an
+  epoch here.
 - Under bf16 autocast the project keeps the logits in fp32 and adds each LoRA update (computed in bf16) to its
   base output in fp32; LLaMA-Factory's autocast rounds both to bf16 (its LoRA weights are fp32 too).
-- The project's command also rehearses a training step and the model's save and reload before training, and logs
+- The project's command also rehearses a training step and the model's save and reload before training, and
+logs
   and registers the model in MLflow: in its wall time and peak RSS, not in s/step or tokens/s.
 - The libraries: LLaMA-Factory's pins against the project's transformers, peft and trl (both printed).
 
-    python bench/peer_llamafactory.py             # 2 epochs each (142 steps), 1 rep: ~25-30 min on 2 cores without
-                                                  # native bf16 (less with AMX); + ~4 min making the venv the first time
+    python bench/peer_llamafactory.py             # 2 epochs each (142 steps), 1 rep: ~25-30 min on 2 cores
+    without
+                                                  # native bf16 (less with AMX); + ~4 min making the venv the
+                                                  first time
     python bench/peer_llamafactory.py --steps 3 --examples 4      # smoke test, ~1.5 min
 """
 
@@ -85,8 +101,8 @@ def lf_python() -> Path:
 
 
 def setup_venv(force: bool, log_file: Path) -> dict[str, str]:
-    """LLaMA-Factory's virtual environment, made if missing (or `force`; pip's output to `log_file`); the versions
-    installed there."""
+    """LLaMA-Factory's virtual environment, made if missing (or `force`; pip's output to `log_file`); the
+    versions installed there."""
     if force or not (VENV / READY).exists():
         shutil.rmtree(VENV, ignore_errors=True)
         common.log(f"making LLaMA-Factory's environment in {VENV} (a few minutes; log {log_file})")
@@ -113,7 +129,8 @@ def setup_venv(force: bool, log_file: Path) -> dict[str, str]:
                  "assert torch.version.cuda is None, torch.__version__")
             (VENV / "installed.txt").write_text(sh(python, "-m", "pip", "freeze"))
         (VENV / READY).touch()
-    pins = dict(line.split("==", 1) for line in (VENV / "installed.txt").read_text().splitlines() if "==" in line)
+    pins = dict(line.split("==", 1) for line in (VENV / "installed.txt").read_text().splitlines()
+                if "==" in line)
     return {name: pins[name] for name in SHOWN if name in pins}
 
 
@@ -121,14 +138,14 @@ def setup_venv(force: bool, log_file: Path) -> dict[str, str]:
 
 
 def llamafactory_dataset(rows: list[dict], data_dir: Path) -> str:
-    """Chat rows as a LLaMA-Factory dataset in `data_dir` (sharegpt format, OpenAI-style role/content tags; the
-    system message leads each row); its name, for the YAML's `dataset` (with `dataset_dir: data_dir`)."""
+    """Chat rows as a LLaMA-Factory dataset in `data_dir` (sharegpt format, OpenAI-style role/content tags;
+    the system message leads each row); its name, for the YAML's `dataset` (with `dataset_dir: data_dir`)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     common.write_jsonl(data_dir / f"{DATASET}.jsonl", [{"messages": row["messages"]} for row in rows])
     (data_dir / "dataset_info.json").write_text(json.dumps({DATASET: {
         "file_name": f"{DATASET}.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-                 "system_tag": "system"}}}, indent=2))
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                 "assistant_tag": "assistant", "system_tag": "system"}}}, indent=2))
     return DATASET
 
 
@@ -140,7 +157,8 @@ def llamafactory_config(recipe, model_dir: str, args, folder: Path) -> Path:
         raise SystemExit("this comparison mirrors a LoRA recipe on chat rows without quantization")
     lora = recipe.adapter
     targets = lora.target_modules
-    target = "all" if targets == "all-linear" else ",".join([targets] if isinstance(targets, str) else targets)
+    target = "all" if targets == "all-linear" else ",".join([targets] if isinstance(targets, str)
+                                                            else targets)
     data_dir = folder / "data"
     rows = [json.loads(line) for line in Path(recipe.data.train).read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -159,8 +177,10 @@ def llamafactory_config(recipe, model_dir: str, args, folder: Path) -> Path:
         "output_dir": str(folder / "out"), "overwrite_output_dir": True, "save_strategy": "no",
         "logging_steps": t.logging_steps, "plot_loss": False, "report_to": "none",
         "per_device_train_batch_size": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
-        "learning_rate": t.learning_rate, "num_train_epochs": t.epochs, "max_steps": args.steps or t.max_steps,
-        "lr_scheduler_type": t.lr_scheduler, "warmup_steps": t.warmup_ratio,  # below 1: a ratio (transformers 5)
+        "learning_rate": t.learning_rate, "num_train_epochs": t.epochs,
+        "max_steps": args.steps or t.max_steps,
+        # below 1: a ratio (transformers 5)
+        "lr_scheduler_type": t.lr_scheduler, "warmup_steps": t.warmup_ratio,
         "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "seed": t.seed, "data_seed": t.seed,
         "bf16": args.precision == "bf16", "use_cpu": not _cuda(), "dataloader_num_workers": 0,
     }
@@ -189,9 +209,9 @@ def _peak_of(pid: int) -> int:
 
 
 def watched(cmd: list[str], env: dict, cwd: Path, log_file: Path) -> dict:
-    """Run `cmd` (output to `log_file`): its exit status, wall seconds and the peak resident set of its largest
-    process (VmHWM of every process of the tree every 0.2 s, and the ru_maxrss wait4 reports for the tree's waited
-    processes), in bytes."""
+    """Run `cmd` (output to `log_file`): its exit status, wall seconds and the peak resident set of its
+    largest process (VmHWM of every process of the tree every 0.2 s, and the ru_maxrss wait4 reports for the
+    tree's waited processes), in bytes."""
     import psutil
 
     peak, done = [0], threading.Event()
@@ -234,8 +254,8 @@ def run_llamafactory(recipe, model_dir: str, args, env: dict, work: Path, tag: s
     lf_env = {**env, "HF_DATASETS_CACHE": str(folder / "datasets-cache")}
     lf_env.pop("PYTHONPATH", None)  # LLaMA-Factory's environment imports nothing of this repository
     log_file = work / "logs" / f"{tag}.log"
-    run = watched([str(lf_python()), str(common.REPO / "bench" / "llamafactory_train.py"), str(config)], lf_env,
-                  folder, log_file)
+    run = watched([str(lf_python()), str(common.REPO / "bench" / "llamafactory_train.py"), str(config)],
+                  lf_env, folder, log_file)
     text = log_file.read_text(errors="replace")
     lines = [line for line in text.splitlines() if line.startswith("{")]
     if run["returncode"] or not lines:
@@ -256,7 +276,8 @@ def run_project(args, env: dict, work: Path, tag: str) -> dict:
 
     from mlflow_finetune_plugin import tags
 
-    cmd = ["mlflow", "run", str(common.SUPPORT_BOT), "-e", "lora", "--backend", "finetune", "--env-manager", "local"]
+    cmd = ["mlflow", "run", str(common.SUPPORT_BOT), "-e", "lora", "--backend", "finetune", "--env-manager",
+           "local"]
     for key, value in project_params(args).items():
         cmd += ["-P", f"{key}={value}"]
     log_file = work / "logs" / f"{tag}.log"
@@ -291,8 +312,8 @@ def adapter_folder(model_folder: Path) -> Path:
 
 
 def held_out(recipe, n: int) -> tuple[list[list[dict]], list[str]]:
-    """The first `n` conversations of the recipe's eval file that end with an answer: (prompts, references), as the
-    project's evaluation picks them."""
+    """The first `n` conversations of the recipe's eval file that end with an answer: (prompts, references),
+    as the project's evaluation picks them."""
     from mlflow_finetune_plugin.evaluate.contenders import conversations
     from mlflow_finetune_plugin.messages import split_conversation
 
@@ -328,14 +349,16 @@ def cpu_line() -> str:
 
     flags = cpu_flags()
     has = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
-    return f"CPU flags: {has} (bf16 matmuls run natively only with them; without, bf16 is emulated and slower)."
+    return (f"CPU flags: {has} (bf16 matmuls run natively only with them; without, bf16 is emulated and "
+            "slower).")
 
 
 def report(args, results: dict, versions: dict, recipe) -> None:
     what = f"{args.steps} steps" if args.steps else f"{recipe.train.epochs:g} epochs"
-    common.header(f"Peer comparison, the project against LLaMA-Factory {LF_VERSION}: smollm2 LoRA r={recipe.adapter.r} "
-                  f"on support-bot, {what} of {recipe.train.batch_size} packed rows of up to "
-                  f"{recipe.data.max_length} tokens, {args.precision}, {args.reps} rep(s): median (range)")
+    common.header(
+        f"Peer comparison, the project against LLaMA-Factory {LF_VERSION}: smollm2 LoRA r={recipe.adapter.r} "
+        f"on support-bot, {what} of {recipe.train.batch_size} packed rows of up to "
+        f"{recipe.data.max_length} tokens, {args.precision}, {args.reps} rep(s): median (range)")
     print(cpu_line())
     print("LLaMA-Factory's environment: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")
     cols = [("steps", "steps"), ("packed rows / epoch", "packed_rows"), ("s/step", "s_per_step"),
@@ -357,11 +380,14 @@ def report(args, results: dict, versions: dict, recipe) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=0, help="Cap both tools at this many steps (default: the recipe's "
-                                                        "epochs, each tool's own number of packed rows).")
+    p.add_argument("--steps", type=int, default=0,
+                   help="Cap both tools at this many steps (default: the recipe's "
+                        "epochs, each tool's own number of packed rows).")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
-                   help="Both tools' training precision (bf16: Trainer's autocast over fp32 weights on a CPU).")
-    p.add_argument("--examples", type=int, default=None, help="Held-out rows scored (default: eval.max_examples).")
+                   help="Both tools' training precision (bf16: Trainer's autocast over fp32 weights on a "
+                        "CPU).")
+    p.add_argument("--examples", type=int, default=None,
+                   help="Held-out rows scored (default: eval.max_examples).")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--setup", action="store_true", help="Make LLaMA-Factory's environment again first.")
     p.add_argument("--workdir", default=None)

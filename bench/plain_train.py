@@ -1,14 +1,15 @@
-"""The baseline: the same fine-tune written by hand with transformers `Trainer` + PEFT; no TRL, no MLflow, no plugin.
+"""The baseline: the same fine-tune written by hand with transformers `Trainer` + PEFT; no TRL, no MLflow, no
+plugin.
 
-Same model folder, data file, chat template, truncation, assistant-only labels, batch, steps, optimizer, schedule and
-sampler seed as the plugin run it is compared with; batches padded to their longest row. Prints one JSON line:
-non-padding tokens through the training loop (counted where TRL counts them), the Trainer's `train_runtime`, and
-the mean loss.
+Same model folder, data file, chat template, truncation, assistant-only labels, batch, steps, optimizer,
+schedule and sampler seed as the plugin run it is compared with; batches padded to their longest row. Prints
+one JSON line: non-padding tokens through the training loop (counted where TRL counts them), the Trainer's
+`train_runtime`, and the mean loss.
 
 `--liger` is the one-line speed-up a user adds to that script: transformers' `use_liger_kernel=True`.
 
-Precision: fp32; or bf16, which on CPU is autocast over fp32 weights (`TrainingArguments(bf16=True, use_cpu=True)`)
-and on a GPU bf16 weights under autocast.
+Precision: fp32; or bf16, which on CPU is autocast over fp32 weights (`TrainingArguments(bf16=True,
+use_cpu=True)`) and on a GPU bf16 weights under autocast.
 
     python bench/plain_train.py --model DIR --data train.jsonl --max-length 256 --batch-size 8 --steps 30
 """
@@ -20,7 +21,8 @@ import json
 
 
 def tokenize(tokenizer, path: str, max_length: int) -> list[dict]:
-    """Chat rows -> input_ids + labels on the assistant tokens only; rows left without one are dropped (as TRL)."""
+    """Chat rows -> input_ids + labels on the assistant tokens only; rows left without one are dropped (as
+    TRL)."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in filter(str.strip, f):
@@ -42,7 +44,8 @@ def pad_collator(pad_id: int):
         attn = torch.zeros((len(batch), n), dtype=torch.long)
         for i, r in enumerate(batch):
             k = len(r["input_ids"])
-            ids[i, :k], labels[i, :k], attn[i, :k] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            ids[i, :k], labels[i, :k], attn[i,
+                                            :k] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
         return {"input_ids": ids, "labels": labels, "attention_mask": attn}
 
     return collate
@@ -56,7 +59,8 @@ def load_model(args, dtype, on_gpu: bool):
     kwargs = {}
     if args.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
         if on_gpu:
             kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **kwargs)
@@ -101,8 +105,8 @@ def train(args) -> dict:
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup, weight_decay=0.0,
         max_grad_norm=1.0, seed=args.seed, data_seed=args.seed, logging_steps=args.logging_steps,
         logging_first_step=True, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=not on_gpu,
-        bf16=bf16, dataloader_num_workers=0, gradient_checkpointing=args.gradient_checkpointing, disable_tqdm=True,
-        remove_unused_columns=False, use_liger_kernel=args.liger)
+        bf16=bf16, dataloader_num_workers=0, gradient_checkpointing=args.gradient_checkpointing,
+        disable_tqdm=True, remove_unused_columns=False, use_liger_kernel=args.liger)
     trainer = CountingTrainer(model=model, args=targs, train_dataset=Rows(),
                               data_collator=pad_collator(tokenizer.pad_token_id))
     metrics = trainer.train().metrics
@@ -113,7 +117,8 @@ def train(args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="Model folder (save_pretrained) with tokenizer + chat template.")
+    p.add_argument("--model", required=True,
+                   help="Model folder (save_pretrained) with tokenizer + chat template.")
     p.add_argument("--data", required=True, help="Chat JSONL ({'messages': [...]} per line).")
     p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -121,14 +126,16 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=4e-3)
-    p.add_argument("--warmup", type=float, default=0.05, help="Warmup ratio (below 1) or steps, as the plugin.")
+    p.add_argument("--warmup", type=float, default=0.05,
+                   help="Warmup ratio (below 1) or steps, as the plugin.")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--logging-steps", type=int, default=5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--liger", action="store_true", help="transformers' `use_liger_kernel=True` (Liger's defaults: "
-                                                        "RMSNorm, RoPE, SwiGLU, fused linear cross-entropy; CUDA).")
+    p.add_argument("--liger", action="store_true",
+                   help="transformers' `use_liger_kernel=True` (Liger's defaults: "
+                        "RMSNorm, RoPE, SwiGLU, fused linear cross-entropy; CUDA).")
     p.add_argument("--output-dir", default="/tmp/mlflow-finetune-bench/plain-out")
     print(json.dumps(train(p.parse_args(argv))))
 

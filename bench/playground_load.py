@@ -2,13 +2,13 @@
 prompt, greedy) and then vote, all at the same time, through `gradio_client`, against a real
 `mlflow-finetune playground` process on 127.0.0.1, for each engine asked for (`--engines transformers,vllm`).
 
-Reports: errors, the time to the last answer and to the last vote, per-request latency (median, max), and the peak
-RSS of the playground process (sampled every 0.1 s) against the same process idle with the model loaded, and
-against one copy of the base weights: memory stays at one base copy plus adapters, whatever the number of users.
-The baseline is the same N requests sent one after another (same process, same prompts), so the speed-up of
-answering concurrently is a ratio measured side by side; so is whether the answers stay the same (greedy: the
-concurrent round's answers, batched together, against the serial round's). `--answers FILE` writes every answer as
-JSON, to compare runs of two versions of the engine.
+Reports: errors, the time to the last answer and to the last vote, per-request latency (median, max), and the
+peak RSS of the playground process (sampled every 0.1 s) against the same process idle with the model loaded,
+and against one copy of the base weights: memory stays at one base copy plus adapters, whatever the number of
+users. The baseline is the same N requests sent one after another (same process, same prompts), so the
+speed-up of answering concurrently is a ratio measured side by side; so is whether the answers stay the same
+(greedy: the concurrent round's answers, batched together, against the serial round's). `--answers FILE`
+writes every answer as JSON, to compare runs of two versions of the engine.
 
     python bench/playground_load.py --model support-bot@challenger          # needs a registered version
     python bench/playground_load.py --model support-bot@challenger --users 16 --max-new-tokens 48
@@ -91,10 +91,11 @@ def _engine_rounds(args, engine: str, work, env) -> dict:
     """Start the playground on `engine`, warm it up, then the serial round and the concurrent one."""
     url = f"http://127.0.0.1:{args.port}/"
     log = open(work / "logs" / f"playground-load-{engine}.log", "w")
-    cmd = [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "playground", "--model",
-           args.model, "--port", str(args.port), "--engine", engine]
+    cmd = [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "playground",
+           "--model", args.model, "--port", str(args.port), "--engine", engine]
     cmd += [] if args.concurrency is None else ["--concurrency", str(args.concurrency)]
-    server = subprocess.Popen(cmd, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(cmd, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     try:
         import httpx
 
@@ -134,8 +135,10 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--engines", default="transformers",
                    help="comma-separated playground engines to measure in turn, e.g. transformers,vllm")
-    p.add_argument("--concurrency", type=int, default=None, help="the playground's --concurrency (default: its own)")
-    p.add_argument("--answers", default=None, help="write every answer here (JSON), to compare engines' answers")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="the playground's --concurrency (default: its own)")
+    p.add_argument("--answers", default=None,
+                   help="write every answer here (JSON), to compare engines' answers")
     p.add_argument("--port", type=int, default=7871)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
@@ -155,12 +158,14 @@ def main(argv=None):
                          f"{rnd['last_answer'] / serial['last_answer']:.2f}",
                          f"{statistics.median(rnd['latencies']) / serial['last_answer']:.3f}",
                          f"{r['idle'] / 2**20:.0f}", f"{rnd['peak'] / 2**20:.0f}"])
-    print(common.table(["engine", "requests", "answered", "last answer (s)", "median latency (s)", "max latency (s)",
-                        "last / serial total", "median / serial total", "idle RSS (MiB)", "peak RSS (MiB)"], rows))
+    print(common.table(["engine", "requests", "answered", "last answer (s)", "median latency (s)",
+                        "max latency (s)", "last / serial total", "median / serial total", "idle RSS (MiB)",
+                        "peak RSS (MiB)"], rows))
     first = engines[0]
     for engine, r in results.items():
         same = sum(a == b for a, b in zip(r["serial"]["texts"], r["at_once"]["texts"]))
-        line = f"\n{engine}: comparisons answered the same at once as one after another (both sides): {same}/{args.users}"
+        line = (f"\n{engine}: comparisons answered the same at once as one after another (both sides): "
+                f"{same}/{args.users}")
         if engine != first:
             across = sum(a == b for a, b in zip(results[first]["serial"]["texts"], r["serial"]["texts"]))
             line += f"; the same as {first} (one after another): {across}/{args.users}"

@@ -1,12 +1,17 @@
-"""What does the rehearsal's save check cost a full fine-tune? The save alone vs the save and the reload check.
+"""What does the rehearsal's save check cost a full fine-tune? The save alone vs the save and the reload
+check.
 
-Each side is a fresh process that loads the model (fp32, on the CPU, as a full fine-tune on the CPU holds it), then
-runs its side once while a thread samples its resident memory every 2 ms, split as Linux splits it: anonymous
-(RssAnon: memory the process owns) and file-backed (RssFile: pages of mapped files, the kernel's to drop and read
-again; transformers maps safetensors files and keeps the tensors as views of them where the dtype matches):
-  save          the logged model's save of `model/` and `tokenizer/` into a temporary folder (what the rehearsal did
+Each side is a fresh process that loads the model (fp32, on the CPU, as a full fine-tune on the CPU holds it),
+then runs its side once while a thread samples its resident memory every 2 ms, split as Linux splits it:
+anonymous
+(RssAnon: memory the process owns) and file-backed (RssFile: pages of mapped files, the kernel's to drop and
+read again; transformers maps safetensors files and keeps the tensors as views of them where the dtype
+matches):
+  save          the logged model's save of `model/` and `tokenizer/` into a temporary folder (what the
+  rehearsal did
                 before issue 58, beside reading the saved tensors' names)
-  save + check  the rehearsal's save and reload stages (`train/rehearsal.py`): the save, then `from_pretrained` of
+  save + check  the rehearsal's save and reload stages (`train/rehearsal.py`): the save, then
+  `from_pretrained` of
                 the saved folder with its loading report, and every reloaded weight compared with the model's
 Figures: wall time of the side, and each peak minus its value before the side, against the size of the model's
 weights. The sides alternate in rotated order.
@@ -89,13 +94,14 @@ def main(argv=None):
     for rep in range(args.reps):
         for side in common.rotated(list(SIDES), rep):
             common.log(f"rep {rep + 1}/{args.reps}: {side}")
-            results[side].append(common.run_json([Path(__file__).resolve(), "--worker", side, args.model], env, work,
-                                                 f"save-check-{side.replace(' + ', '-')}-{rep}"))
+            results[side].append(common.run_json([Path(__file__).resolve(), "--worker", side, args.model],
+                                                 env, work, f"save-check-{side.replace(' + ', '-')}-{rep}"))
 
     mib = 2 ** 20
     weights = results["save"][0]["weights"] / mib
-    common.header(f"The rehearsal's save check on a full fine-tune: {args.model}, fp32 weights {weights:.0f} MiB, "
-                  f"{args.reps} reps: median (range)")
+    common.header(
+        f"The rehearsal's save check on a full fine-tune: {args.model}, fp32 weights {weights:.0f} MiB, "
+        f"{args.reps} reps: median (range)")
     rows = [[side, common.summary(r["seconds"] for r in runs),
              *(common.summary(r[field] / mib for r in runs) for field in FIELDS),
              common.summary(r["RssAnon"] / r["weights"] for r in runs)]

@@ -1,10 +1,11 @@
 """`mlflow-finetune serve --engine transformers` with and without transformers' continuous batching, asked as
-`-e distill` asks a teacher: N support questions, C requests in flight (docs/benchmarks-history.md section 10).
+`-e distill` asks a teacher: N support questions, C requests in flight (docs/benchmarks-history.md section
+10).
 
     python bench/serve_batching.py --model support-teacher/1 --workdir /tmp/distill
 
-Prints wall time, answers per second, median round trip, the ratio against the plain server, and how many answers
-are the same as the plain server's (greedy).
+Prints wall time, answers per second, median round trip, the ratio against the plain server, and how many
+answers are the same as the plain server's (greedy).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def measure(model: str, extra: list[str], questions: list[str], concurrency: int
 
         def ask(question: str) -> tuple[float, str]:
             started = time.perf_counter()
-            got = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=900, trust_env=False, json={
-                "model": served, "messages": [{"role": "user", "content": question}], "max_tokens": 128,
-                "temperature": 0.0})
+            got = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=900, trust_env=False,
+                             json={"model": served, "messages": [{"role": "user", "content": question}],
+                                   "max_tokens": 128, "temperature": 0.0})
             got.raise_for_status()
             return time.perf_counter() - started, got.json()["choices"][0]["message"]["content"]
 

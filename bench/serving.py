@@ -1,19 +1,23 @@
 """How fast does the playground serve? Its transformers engine against plain `model.generate`, streaming.
 
-A LoRA version of the model is trained for 2 steps and registered in the bench store (once). Then, in this process:
-  engine  `TransformersEngine` serving the version and its base (`NAME/V`, `NAME/V:base`: one base copy, adapter
+A LoRA version of the model is trained for 2 steps and registered in the bench store (once). Then, in this
+process:
+  engine  `TransformersEngine` serving the version and its base (`NAME/V`, `NAME/V:base`: one base copy,
+  adapter
           layers toggled per forward), answers read from `stream()` as the playground reads them
-  plain   `model.generate` with a streamer on the same adapter (`PeftModel.from_pretrained` over the same base) and
+  plain   `model.generate` with a streamer on the same adapter (`PeftModel.from_pretrained` over the same
+  base) and
           on the plain base
-Greedy, the first support-bot eval prompt with the chat template, the same max_new_tokens; the four (side, model)
-pairs run in rotated order each repetition, after one warm-up round that is dropped.
-  TTFT      engine: from calling `stream()` to its first text piece; plain: from calling `generate()` (template
+Greedy, the first support-bot eval prompt with the chat template, the same max_new_tokens; the four (side,
+model) pairs run in rotated order each repetition, after one warm-up round that is dropped.
+  TTFT      engine: from calling `stream()` to its first text piece; plain: from calling `generate()`
+  (template
             applied inside both) to the first new token handed to the streamer
   tokens/s  new tokens / seconds from the call to the last token (prefill included)
-Both sides generate in a worker thread, as a server answers a request. That matters on CPU: once a thread has run
-torch's parallel (OpenMP) work, generation in another thread ran at ~0.6x (smollm2, 2 cores: 12.8-15.4 against
-22-29 tokens/s in the main thread), so a plain side in the main thread does not compare like with like.
-Goals (issue 18): tokens/s >= 0.95x plain, TTFT <= 1.2x plain, the same answers.
+Both sides generate in a worker thread, as a server answers a request. That matters on CPU: once a thread has
+run torch's parallel (OpenMP) work, generation in another thread ran at ~0.6x (smollm2, 2 cores: 12.8-15.4
+against 22-29 tokens/s in the main thread), so a plain side in the main thread does not compare like with
+like. Goals (issue 18): tokens/s >= 0.95x plain, TTFT <= 1.2x plain, the same answers.
 
     python bench/serving.py                       # smollm2, 64 new tokens, 5 reps: ~4 min on 2 cores
     python bench/serving.py --max-new-tokens 8 --reps 1     # smoke test, ~1.5 min (the first time: +1 min)
@@ -45,14 +49,15 @@ def plain_generate(model, tokenizer, messages, max_new_tokens: int, eos) -> dict
 
     streamer = FirstToken()
     start = time.perf_counter()
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
     result = []
 
     def work():  # in a request thread, as the engine (and any server) generates: see the module docstring
         with torch.no_grad():
-            result.append(model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                         top_p=None, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                         streamer=streamer))
+            result.append(model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                         temperature=None, top_p=None, eos_token_id=eos,
+                                         pad_token_id=tokenizer.pad_token_id, streamer=streamer))
 
     worker = threading.Thread(target=work)
     worker.start()
@@ -105,7 +110,8 @@ def main(argv=None):
         engine.prepare(choice)
     path = resolve_model_path(local.base_ref)
     plain = {"base": AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
-             "tuned": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+             "tuned": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path,
+                                                                                     dtype=torch.float32),
                                                 str(local.adapter_dir)).eval()}
     tokenizer = AutoTokenizer.from_pretrained(local.tokenizer_dir)
     eos = _eos_ids(tokenizer, plain["base"])
@@ -117,14 +123,15 @@ def main(argv=None):
     for rep in range(args.reps + 1):  # rep 0 warms every path up and is dropped
         common.log(f"rep {rep}/{args.reps}" + (" (warm-up)" if rep == 0 else ""))
         for side, which in common.rotated(pairs, rep):
-            r = (engine_generate(engine, choices[which], messages, args.max_new_tokens) if side == "engine" else
-                 plain_generate(plain[which], tokenizer, messages, args.max_new_tokens, eos))
+            r = (engine_generate(engine, choices[which], messages, args.max_new_tokens) if side == "engine"
+                 else plain_generate(plain[which], tokenizer, messages, args.max_new_tokens, eos))
             if rep:
                 results[(side, which)].append(r)
 
-    common.header(f"Serving, streaming: the playground's transformers engine vs plain `generate`; {args.model} and "
-                  f"a LoRA version of it, greedy, up to {args.max_new_tokens} new tokens, {args.reps} reps: median "
-                  f"(range)")
+    common.header(
+        f"Serving, streaming: the playground's transformers engine vs plain `generate`; {args.model} and "
+        f"a LoRA version of it, greedy, up to {args.max_new_tokens} new tokens, {args.reps} reps: median "
+        f"(range)")
     rows = []
     for which in ("tuned", "base"):
         eng, pln = results[("engine", which)], results[("plain", which)]

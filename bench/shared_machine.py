@@ -1,27 +1,30 @@
 """Two jobs on one machine: does each take about twice as long as alone, or far more (issue 70)?
 
-Default settings, no thread variable set (OMP_NUM_THREADS, OMP_WAIT_POLICY and MKL_NUM_THREADS are removed from every
-child's environment): what a user gets. Per repetition, in rotated order:
+Default settings, no thread variable set (OMP_NUM_THREADS, OMP_WAIT_POLICY and MKL_NUM_THREADS are removed
+from every child's environment): what a user gets. Per repetition, in rotated order:
 
-  plugin alone        one `mlflow run recipes/support-bot -e lora --backend finetune -P model=smollm2 ...`, --steps
-  plugin x2           two of the same started together, on the same data and settings
-  plain alone         bench/plain_train.py (transformers Trainer + PEFT, no plugin), the same batches, --plain-steps
-  plain x2            two of those started together
-  serve alone         `mlflow-finetune serve` (transformers) answering 16 requests at once, nothing else running
-  run beside serve    one plugin run of --beside-steps, while serve answers bursts of 16 requests from its first
+  plugin alone        one `mlflow run recipes/support-bot -e lora --backend finetune -P model=smollm2 ...`,
+  --steps plugin x2           two of the same started together, on the same data and settings
+  plain alone         bench/plain_train.py (transformers Trainer + PEFT, no plugin), the same batches,
+  --plain-steps plain x2            two of those started together
+  serve alone         `mlflow-finetune serve` (transformers) answering 16 requests at once, nothing else
+  running run beside serve    one plugin run of --beside-steps, while serve answers bursts of 16 requests from
+  its first
                       training step to its end (only bursts answered wholly while it trained are counted)
 
-Figures: seconds per step and tokens/s of each training process (the plugin's from what its run logged, plain's
-from the Trainer), each against the same side alone; the answers' median round trip and the burst's wall time
-against serve alone. Goal (issue 70): each of two plugin runs at no worse than 2.2x its time alone. The plugin runs'
-`finetune.threads` tag says what each took.
+Figures: seconds per step and tokens/s of each training process (the plugin's from what its run logged,
+plain's from the Trainer), each against the same side alone; the answers' median round trip and the burst's
+wall time against serve alone. Goal (issue 70): each of two plugin runs at no worse than 2.2x its time alone.
+The plugin runs' `finetune.threads` tag says what each took.
 
     python bench/shared_machine.py                           # 30 steps of 8 rows, 2 reps: ~50 min on 2 cores
     python bench/shared_machine.py --sides "plugin x2,run beside serve"     # the plugin's sides only: ~35 min
-    python bench/shared_machine.py --steps 2 --batch-size 2 --reps 1 --requests 4 --max-tokens 8   # smoke test
+    python bench/shared_machine.py --steps 2 --batch-size 2 --reps 1 --requests 4 --max-tokens 8   # smoke
+    test
 
-The smoke test checks the script, not the machine: 2 steps are over before a second run re-counts (every 2 s) and
-before a burst of requests can be answered within the run's training loop, so its beside-serve row stays empty.
+The smoke test checks the script, not the machine: 2 steps are over before a second run re-counts (every 2 s)
+and before a burst of requests can be answered within the run's training loop, so its beside-serve row stays
+empty.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 import common
 
 SIDES = ("plugin alone", "plugin x2", "plain alone", "plain x2", "serve alone", "run beside serve")
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
-                    "MLFLOW_FINETUNE_AUTO_THREADS")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT",
+                    "KMP_BLOCKTIME", "MLFLOW_FINETUNE_AUTO_THREADS")
 QUESTIONS = ["How do I reset my password?", "Can I change my plan mid-month?", "Where do I find my invoices?",
              "How do I delete my account?"]
 
@@ -128,14 +131,16 @@ def serve_side(side: str, args, version: str, env, work, tag: str) -> list[dict]
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", help="smollm2 (the real built-in model) or tiny.")
-    p.add_argument("--steps", type=int, default=30, help="Steps of each plugin run (30: two runs started together "
-                   "overlap for most of their training; with 10 they overlapped only in part).")
-    p.add_argument("--plain-steps", type=int, default=10, help="Steps of each plain run (they do not re-count their "
-                   "threads, so two overlap from the start; two at once run about 9x slower than one).")
+    p.add_argument("--steps", type=int, default=30,
+                   help="Steps of each plugin run (30: two runs started together "
+                        "overlap for most of their training; with 10 they overlapped only in part).")
+    p.add_argument("--plain-steps", type=int, default=10,
+                   help="Steps of each plain run (they do not re-count their "
+                        "threads, so two overlap from the start; two at once run about 9x slower than one).")
     p.add_argument("--beside-steps", type=int, default=None,
-                   help="Steps of the run beside serve (default: twice --steps): long enough for whole bursts of "
-                        "answers to land while it trains (a burst beside training takes several times its time "
-                        "alone).")
+                   help="Steps of the run beside serve (default: twice --steps): long enough for whole "
+                        "bursts of answers to land while it trains (a burst beside training takes several "
+                        "times its time alone).")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--plain-precision", default="fp32", choices=["fp32", "bf16"])
@@ -144,15 +149,16 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8794)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--sides", default=",".join(SIDES),
-                   help="comma-separated subset of: " + ", ".join(SIDES) + " (each x2 side runs with its alone side)")
+                   help="comma-separated subset of: " + ", ".join(SIDES) + " (each x2 side runs with its "
+                                                                           "alone side)")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     unknown = [s for s in sides if s not in SIDES]
     if unknown:
         p.error(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
-    for pair in (("plugin x2", "plugin alone"), ("plain x2", "plain alone"), ("run beside serve", "plugin alone"),
-                 ("run beside serve", "serve alone")):
+    for pair in (("plugin x2", "plugin alone"), ("plain x2", "plain alone"),
+                 ("run beside serve", "plugin alone"), ("run beside serve", "serve alone")):
         if pair[0] in sides and pair[1] not in sides:
             sides.append(pair[1])
 
@@ -190,15 +196,16 @@ def main(argv=None):
 
 def report(args, results: dict) -> None:
     common.header(f"Two jobs on one machine, default settings (no thread variable set): {args.model}, LoRA, "
-                  f"{args.steps} steps of {args.batch_size} support-bot rows (max_length {args.max_length}, padded), "
-                  f"{args.reps} reps: median (range)")
+                  f"{args.steps} steps of {args.batch_size} support-bot rows (max_length {args.max_length}, "
+                  f"padded), {args.reps} reps: median (range)")
     rows = []
     for side, alone in (("plugin x2", "plugin alone"), ("plain x2", "plain alone")):
         if side not in results:
             continue
         base = [r[0]["step_s"] for r in results[alone]]
-        rows.append([alone, common.summary(base), common.summary(r[0]["tokens_per_s"] for r in results[alone]),
-                     "1", results[alone][0][0]["threads"]])
+        rows.append([alone, common.summary(base), common.summary(r[0]["tokens_per_s"]
+                                                                 for r in results[alone]), "1",
+                     results[alone][0][0]["threads"]])
         for i in range(2):
             steps = [r[i]["step_s"] for r in results[side]]
             rows.append([f"{side}, process {i + 1}", common.summary(steps),
@@ -207,9 +214,11 @@ def report(args, results: dict) -> None:
     if "run beside serve" in results:
         beside = [r[0]["step_s"] for r in results["run beside serve"]]
         alone = [r[0]["step_s"] for r in results["plugin alone"]]
-        rows.append([f"run beside serve ({args.beside_steps or 2 * args.steps} steps)", common.summary(beside),
-                     common.summary(r[0]["tokens_per_s"] for r in results["run beside serve"]),
-                     common.summary(common.ratios(beside, alone)), results["run beside serve"][0][0]["threads"]])
+        rows.append([f"run beside serve ({args.beside_steps or 2 * args.steps} steps)",
+                     common.summary(beside), common.summary(r[0]["tokens_per_s"]
+                                                            for r in results["run beside serve"]),
+                     common.summary(common.ratios(beside, alone)),
+                     results["run beside serve"][0][0]["threads"]])
     print(common.table(["training process", "s/step", "tokens/s", "x alone (goal <= 2.2)", "threads"], rows))
     if "run beside serve" not in results:
         return
@@ -217,14 +226,15 @@ def report(args, results: dict) -> None:
     served = [r[0] for r in results["serve alone"]]
     bursts = [statistics.median(b["trip"] for b in r[1:]) if len(r) > 1 else None
               for r in results["run beside serve"]]
-    walls = [statistics.median(b["wall"] for b in r[1:]) if len(r) > 1 else None for r in results["run beside serve"]]
+    walls = [statistics.median(b["wall"] for b in r[1:]) if len(r) > 1 else None
+             for r in results["run beside serve"]]
     counted = [len(r) - 1 for r in results["run beside serve"]]
     print(common.table(
         [f"{args.requests} requests at once, {args.max_tokens} tokens", "median round trip s", "burst wall s",
          "x alone (round trip)"],
-        [["serve alone", common.summary(s["trip"] for s in served), common.summary(s["wall"] for s in served), "1"],
-         [f"serve beside a training run ({common.summary(counted)} bursts)", common.summary(bursts),
-          common.summary(walls), common.summary(common.ratios(bursts, [s["trip"] for s in served]))]]))
+        [["serve alone", common.summary(s["trip"] for s in served), common.summary(s["wall"] for s in served),
+          "1"], [f"serve beside a training run ({common.summary(counted)} bursts)", common.summary(bursts),
+                 common.summary(walls), common.summary(common.ratios(bursts, [s["trip"] for s in served]))]]))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
-"""How long until my fine-tuned model is registered? The README's command, from launch to the registered version.
+"""How long until my fine-tuned model is registered? The README's command, from launch to the registered
+version.
 
 Runs `mlflow run recipes/support-bot -e lora --backend finetune` (the recipe as it ships: smollm2, 2 epochs,
 evaluation, registration) and splits its wall time into stages read from what the run recorded; installing the
 package is not part of it:
   check      launch -> the run's start_time: the `mlflow` CLI, recipe + data validation, run created
-  load       -> start of training (the `train/summary_runtime` metric's timestamp minus its value): data, tokenizer,
-             model (converted on first use: `--cold` points MLFLOW_FINETUNE_CACHE at an empty folder), LoRA, trainer
+  load       -> start of training (the `train/summary_runtime` metric's timestamp minus its value): data,
+  tokenizer,
+             model (converted on first use: `--cold` points MLFLOW_FINETUNE_CACHE at an empty folder), LoRA,
+             trainer
   train      the Trainer's `train_runtime`
-  evaluate   -> the last `eval/...` metric: base zero-shot, base few-shot and tuned answers to the held-out rows
-  register   -> the model version's creation_timestamp: log the model, register it
+  evaluate   -> the last `eval/...` metric: base zero-shot, base few-shot and tuned answers to the held-out
+  rows register   -> the model version's creation_timestamp: log the model, register it
   finish     -> the CLI exits (run ended)
 There is no plain baseline for a whole pipeline; bench/train_throughput.py compares the training part.
 
     python bench/time_to_model.py --cold           # ~7 min on 2 cores (1 rep)
     python bench/time_to_model.py --recipe it-helpdesk  # another bundled recipe
-    python bench/time_to_model.py -P max_steps=2 -P eval.max_examples=2 -P eval.max_new_tokens=8   # smoke, ~1.5 min
+    python bench/time_to_model.py -P max_steps=2 -P eval.max_examples=2 -P eval.max_new_tokens=8   # smoke,
+    ~1.5 min
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ QUALITY = ("precision", "eval/tuned/rougeL", "eval/tuned/exact_match", "eval/tun
 
 
 def quality(run_id: str) -> dict:
-    """What the timed run produced: its training precision, the tuned model's rougeL, exact match and misrouted
-    share, forgetting."""
+    """What the timed run produced: its training precision, the tuned model's rougeL, exact match and
+    misrouted share, forgetting."""
     run = common.client().get_run(run_id)
     out = {key: f"{run.data.metrics[key]:.3f}" if key in run.data.metrics else "-" for key in QUALITY[1:]}
     return {"precision": run.data.tags.get("finetune.precision", "-"), **out}
@@ -62,7 +66,8 @@ def main(argv=None):
     p.add_argument("--cold", action="store_true", help="An empty model cache: smollm2's conversion included.")
     p.add_argument("-P", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="Extra recipe overrides (as `mlflow run -P`).")
-    p.add_argument("--recipe", default="support-bot", help="A bundled recipe (recipes/<name>); default: the README's.")
+    p.add_argument("--recipe", default="support-bot",
+                   help="A bundled recipe (recipes/<name>); default: the README's.")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
@@ -85,16 +90,19 @@ def main(argv=None):
         common.log(f"  {results[-1]['to registered version']:.0f} s to the registered version")
 
     extra = "".join(f" -P {kv}" for kv in args.params)
-    common.header(f"Time to a fine-tuned model: `mlflow run recipes/{args.recipe} -e lora --backend finetune{extra}`"
-                  f"{', empty model cache' if args.cold else ''}; {args.reps} rep(s): median (range)")
+    common.header(
+        f"Time to a fine-tuned model: `mlflow run recipes/{args.recipe} -e lora --backend finetune{extra}`"
+        f"{', empty model cache' if args.cold else ''}; {args.reps} rep(s): median (range)")
     total = common.summary(r["to registered version"] for r in results)
     rows = [[stage, common.summary(r[stage] for r in results),
-             common.summary(100 * r[stage] / r["to registered version"] for r in results)] for stage in STAGES[:-1]]
+             common.summary(100 * r[stage] / r["to registered version"] for r in results)]
+            for stage in STAGES[:-1]]
     rows += [["**launch -> registered version**", total, "100"],
              ["(then) finish: run ended, CLI exits", common.summary(r["finish"] for r in results), "-"]]
     print(common.table(["stage", "seconds", "% of the time to the registered version"], rows))
     print()
-    print(common.table(["rep", *QUALITY], [[str(i + 1), *(r[k] for k in QUALITY)] for i, r in enumerate(results)]))
+    print(common.table(["rep", *QUALITY], [[str(i + 1), *(r[k] for k in QUALITY)] for i,
+                                           r in enumerate(results)]))
 
 
 if __name__ == "__main__":

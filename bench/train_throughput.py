@@ -1,20 +1,22 @@
 """How many tokens/s does `mlflow run -e lora` train on the real model, against plain transformers + PEFT?
 
-Three sides on the same batches of support-bot rows (same model, chat template, truncation, assistant-only labels,
-batch, steps, optimizer, schedule and sampler seed), one fresh process each, in rotated order per repetition:
+Three sides on the same batches of support-bot rows (same model, chat template, truncation, assistant-only
+labels, batch, steps, optimizer, schedule and sampler seed), one fresh process each, in rotated order per
+repetition:
 
-  plugin      mlflow run recipes/support-bot -e lora --backend finetune -P model=smollm2 ... (packing off, so that
-              its batches are the plain script's; the plugin picks its precision: fp32 unless this CPU's bf16 matmuls
-              measure at least 1.6x fp32, models/precision.py)
+  plugin      mlflow run recipes/support-bot -e lora --backend finetune -P model=smollm2 ... (packing off, so
+  that
+              its batches are the plain script's; the plugin picks its precision: fp32 unless this CPU's bf16
+              matmuls measure at least 1.6x fp32, models/precision.py)
   plain fp32  bench/plain_train.py --precision fp32
   plain bf16  bench/plain_train.py --precision bf16 (CPU: autocast over fp32 weights)
 
-Figure on every side: non-padding tokens through the training loop / the Trainer's `train_runtime`. The plugin's
-come from what its run logged (`train/num_tokens`, `train/summary_runtime`). Ratios are per repetition, then the
-median and range. Goals (issue 18): plugin >= 2.5x plain fp32, >= 0.97x plain bf16.
+Figure on every side: non-padding tokens through the training loop / the Trainer's `train_runtime`. The
+plugin's come from what its run logged (`train/num_tokens`, `train/summary_runtime`). Ratios are per
+repetition, then the median and range. Goals (issue 18): plugin >= 2.5x plain fp32, >= 0.97x plain bf16.
 
-    python bench/train_throughput.py                           # 30 steps of 8 rows, 3 reps: ~25 min on 2 cores
-    python bench/train_throughput.py --steps 2 --batch-size 2 --reps 1    # smoke test, ~2 min
+    python bench/train_throughput.py                           # 30 steps of 8 rows, 3 reps: ~25 min on 2
+    cores python bench/train_throughput.py --steps 2 --batch-size 2 --reps 1    # smoke test, ~2 min
 """
 
 from __future__ import annotations
@@ -67,19 +69,22 @@ def main(argv=None):
         for side in common.rotated(list(SIDES), rep):
             common.log(f"rep {rep + 1}/{args.reps}: {side}")
             r = run_side(side, args, model_dir, env, work, f"throughput-{side.replace(' ', '-')}-{rep}")
-            common.log(f"  {r['tokens']:.0f} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']:.0f} tokens/s")
+            common.log(
+                f"  {r['tokens']:.0f} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']:.0f} tokens/s")
             results[side].append(r)
 
-    common.header(f"Training tokens/s: `mlflow run -e lora` vs plain transformers + PEFT; {args.model}, LoRA r=16 "
-                  f"all-linear, {args.steps} steps of {args.batch_size} support-bot rows (max_length "
-                  f"{args.max_length}, padded), {args.reps} reps: median (range)")
+    common.header(
+        f"Training tokens/s: `mlflow run -e lora` vs plain transformers + PEFT; {args.model}, LoRA r=16 "
+        f"all-linear, {args.steps} steps of {args.batch_size} support-bot rows (max_length "
+        f"{args.max_length}, padded), {args.reps} reps: median (range)")
     plugin = [r["tokens_per_s"] for r in results["plugin"]]
     rows = []
     for side in SIDES:
         runs = results[side]
         tps = [r["tokens_per_s"] for r in runs]
         rows.append([side, common.summary(r["tokens"] for r in runs), common.summary(r["loss"] for r in runs),
-                     common.summary(tps), "1" if side == "plugin" else common.summary(common.ratios(plugin, tps))])
+                     common.summary(tps), "1" if side == "plugin" else common.summary(common.ratios(plugin,
+                                                                                                    tps))])
     print(common.table(["side", "non-padding tokens", "mean train loss", "tokens/s", "plugin / side"], rows))
 
 

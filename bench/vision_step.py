@@ -1,17 +1,22 @@
-"""A vision-language LoRA step: the plugin's path against plain TRL, on the same model, processor, rows and LoRA.
+"""A vision-language LoRA step: the plugin's path against plain TRL, on the same model, processor, rows and
+LoRA.
 
-- plain: TRL's `SFTTrainer` as its docs show it for a VLM: prompt-completion rows with an `images` column of PIL
+- plain: TRL's `SFTTrainer` as its docs show it for a VLM: prompt-completion rows with an `images` column of
+PIL
   images, the processor as `processing_class`, TRL's own `DataCollatorForVisionLanguageModeling` (loss on the
   completion), PEFT LoRA on the language model's linear layers.
-- plugin: the project's trainer on the same rows (`train/objectives/sft.py`: `VisionCollator`, labels from the chat
-  format's turns aligned onto the processor's ids, every row checked once before the first step), the same LoRA.
+- plugin: the project's trainer on the same rows (`train/objectives/sft.py`: `VisionCollator`, labels from the
+chat
+  format's turns aligned onto the processor's ids, every row checked once before the first step), the same
+  LoRA.
 
 Each side runs in its own process (peak memory is the process's), alternating, `--reps` times. The table gives
-tokens/s (non-padding tokens of the batches, image tokens included), images/s and peak memory (CUDA: max allocated;
-CPU: the process's max RSS), with plugin/plain ratios.
+tokens/s (non-padding tokens of the batches, image tokens included), images/s and peak memory (CUDA: max
+allocated; CPU: the process's max RSS), with plugin/plain ratios.
 
-    python bench/vision_step.py --tiny                          # tiny-llava on CPU, recipes/vision-colors rows
-    python bench/vision_step.py --model HuggingFaceTB/SmolVLM-256M-Instruct --steps 30 --batch-size 8  # a device
+    python bench/vision_step.py --tiny                          # tiny-llava on CPU, recipes/vision-colors
+    rows python bench/vision_step.py --model HuggingFaceTB/SmolVLM-256M-Instruct --steps 30 --batch-size 8  #
+    a device
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ RECIPE = REPO / "recipes" / "vision-colors"
 
 
 def rows(path: Path) -> list[dict]:
-    """The recipe's rows in the canonical form (the project's own reader): messages with placeholders + images."""
+    """The recipe's rows in the canonical form (the project's own reader): messages with placeholders +
+    images."""
     from mlflow_finetune_plugin.data.read import load_training_dataset
 
     ds, _ = load_training_dataset(str(path))
@@ -74,13 +80,15 @@ def side(which: str, model_name: str, steps: int, batch_size: int) -> dict:
     from mlflow_finetune_plugin.config.loading import load_recipe
 
     recipe = load_recipe(RECIPE, method="lora", overrides={"model.name": model_name, "train.max_steps": steps,
-                                                           "train.batch_size": batch_size, "eval.enabled": False})
+                                                           "train.batch_size": batch_size,
+                                                           "eval.enabled": False})
     model = load_base_model(recipe.model)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_target_modules(model),
                       task_type="CAUSAL_LM")
-    args = dict(output_dir=f"/tmp/vision-bench-{which}", max_steps=steps, per_device_train_batch_size=batch_size,
-                learning_rate=3e-3, logging_steps=steps, save_strategy="no", report_to="none", seed=0, data_seed=0,
-                use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0)
+    args = dict(output_dir=f"/tmp/vision-bench-{which}", max_steps=steps,
+                per_device_train_batch_size=batch_size, learning_rate=3e-3, logging_steps=steps,
+                save_strategy="no", report_to="none", seed=0, data_seed=0, use_cpu=device == "cpu",
+                bf16=device == "cuda", dataloader_num_workers=0)
     if which == "plain":
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
@@ -125,10 +133,10 @@ def main() -> None:
     got: dict[str, list[dict]] = {"plain": [], "plugin": []}
     for rep in range(args.reps):
         for which in (("plain", "plugin") if rep % 2 == 0 else ("plugin", "plain")):
-            cmd = [sys.executable, __file__, "--side", which, "--model", args.model, "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-                                 check=False)
+            cmd = [sys.executable, __file__, "--side", which, "--model", args.model, "--steps",
+                   str(args.steps), "--batch-size", str(args.batch_size)]
+            out = subprocess.run(cmd, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
             if out.returncode:
                 sys.exit(f"{which} failed:\n{out.stderr[-3000:]}")
             got[which].append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -3,11 +3,11 @@
     python docs/architectures.py            # every architecture: about 4 minutes on 2 cores, one thread
     python docs/architectures.py llama gpt2 # those only, printed, docs left as they are
 
-Each architecture in `AutoModelForCausalLM`'s mapping is built as a tiny random model from its own config class
-(tests/registry_models.py) and taken through what a fine-tune does with it (tests/registry_matrix.py): a chat row,
-`lora` with the default targets and `full`, the rehearsal's save check, a reload through `from_pretrained`,
-answers generated and scored. The table goes between the markers of docs/models.md's section "Every architecture
-transformers registers"; tests/test_registry_matrix.py runs the same check in CI.
+Each architecture in `AutoModelForCausalLM`'s mapping is built as a tiny random model from its own config
+class (tests/registry_models.py) and taken through what a fine-tune does with it (tests/registry_matrix.py): a
+chat row, `lora` with the default targets and `full`, the rehearsal's save check, a reload through
+`from_pretrained`, answers generated and scored. The table goes between the markers of docs/models.md's
+section "Every architecture transformers registers"; tests/test_registry_matrix.py runs the same check in CI.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "models.md"
-START, END = "<!-- architectures table: written by docs/architectures.py -->", "<!-- end of architectures table -->"
+START, END = ("<!-- architectures table: written by docs/architectures.py "
+              "-->"), "<!-- end of architectures table -->"
 
 
 def main(only: list[str]) -> None:
@@ -49,7 +50,8 @@ def main(only: list[str]) -> None:
     counts = collections.Counter(row.status for row in rows)
     summary = (f"{len(rows)} architectures (transformers {transformers.__version__}, PEFT "
                f"{__import__('peft').__version__}, torch {torch.__version__}, {_cpu()}): "
-               + ", ".join(f"{counts[s]} {s}" for s in ("pass", "fail", "transformers", "not built", "multimodal") if counts[s])
+               + ", ".join(f"{counts[s]} {s}" for s in ("pass", "fail", "transformers", "not built",
+                                                        "multimodal") if counts[s])
                + f"; {time.perf_counter() - started:.0f} s")
     print(summary)
     if not only:
@@ -73,9 +75,11 @@ def _write(rows, summary: str) -> None:
     lines = [START, "", summary, "", "| architecture | class | result | LoRA reaches (default targets) |",
              "| --- | --- | --- | --- |"]
     for row in rows:
-        result = {"pass": "trains (lora, full)", "multimodal": "image-text: the vision issue (59)"}.get(row.status)
+        result = {"pass": "trains (lora, full)",
+                  "multimodal": "image-text: the vision issue (59)"}.get(row.status)
         if result is None:
-            label = {"transformers": "transformers' own limit", "fail": "**fails**"}.get(row.status, row.status)
+            label = {"transformers": "transformers' own limit", "fail": "**fails**"}.get(row.status,
+                                                                                         row.status)
             where = f" at {row.stage}" if row.stage else ""
             result = f"{label}{where}: `{row.reason.replace('|', '/')[:160]}`"
         lines.append(f"| `{row.model_type}` | {row.class_name} | {result} | {row.lora.replace('|', '/')} |")

@@ -33,8 +33,8 @@ def main(argv=None) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([shutil.which("mlflow-finetune") or "mlflow-finetune", "playground", "--model", args.model,
-                             "--against", args.against, "--port", str(port)])
+    proc = subprocess.Popen([shutil.which("mlflow-finetune") or "mlflow-finetune", "playground", "--model",
+                             args.model, "--against", args.against, "--port", str(port)])
     try:
         deadline = time.time() + 300
         while True:
@@ -47,7 +47,8 @@ def main(argv=None) -> None:
                 time.sleep(1)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
-                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+                                         args=["--no-sandbox", "--disable-gpu",
+                                               "--disable-background-networking"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_selector("#chat-b")

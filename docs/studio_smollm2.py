@@ -1,7 +1,7 @@
 """The studio on smollm2, driven once in headless Chromium as docs/studio.md reports it: a copy of support-bot
-(40 steps, a checkpoint every 10), its data uploaded with line 3 broken then fixed, start, the chart, stop after a
-checkpoint, resume, the verdict, chat, promote, the history. Prints what the page said, with timings, and saves a
-screenshot per stage in the work folder. About 6 minutes on 2 cores.
+(40 steps, a checkpoint every 10), its data uploaded with line 3 broken then fixed, start, the chart, stop
+after a checkpoint, resume, the verdict, chat, promote, the history. Prints what the page said, with timings,
+and saves a screenshot per stage in the work folder. About 6 minutes on 2 cores.
 
     python docs/studio_smollm2.py [WORKDIR]      # default /tmp/studio-smollm2 (emptied first)
 
@@ -32,16 +32,18 @@ PORT = str(random.randint(20000, 30000))
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/studio-smollm2")
 shutil.rmtree(root, ignore_errors=True)
 root.mkdir(parents=True)
-env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
-       "PYTHONPATH": str(REPO)}
+env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False",
+       "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "PYTHONPATH": str(REPO)}
 shutil.copytree(REPO / "recipes" / "support-bot", root / "projects" / "smolbot")
 recipe_file = root / "projects" / "smolbot" / "finetune.yaml"
 recipe = yaml.safe_load(recipe_file.read_text())
 recipe.setdefault("train", {}).update({"max_steps": 40, "save_steps": 10})
 recipe.setdefault("registry", {})["name"] = "smolbot"
 recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
-proc = subprocess.Popen([sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "studio",
-                         "--port", PORT, "--workdir", str(root / "studio"), "--project-dir", str(root / "projects")],
+proc = subprocess.Popen([sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; "
+                                               "main()", "studio",
+                         "--port", PORT, "--workdir", str(root / "studio"), "--project-dir",
+                         str(root / "projects")],
                         cwd=root, env=env, stdout=open(root / "studio.log", "w"), stderr=subprocess.STDOUT)
 for _ in range(120):
     try:
@@ -71,7 +73,8 @@ try:
     (mine / "train.jsonl").write_text("\n".join(bad) + "\n")
     shutil.copy(root / "projects" / "smolbot" / "data" / "eval.jsonl", mine / "eval.jsonl")
     page.locator("#upload-box").get_by_text("Or upload your data").click()
-    page.locator("#uploads input[type=file]").set_input_files([str(mine / "train.jsonl"), str(mine / "eval.jsonl")])
+    page.locator("#uploads input[type=file]").set_input_files([str(mine / "train.jsonl"),
+                                                               str(mine / "eval.jsonl")])
     wait_text(page, "#upload-note", "eval.jsonl, train.jsonl into a new project")
     _settled(page)
     first_note = text(page, "#upload-note")
@@ -82,8 +85,10 @@ try:
     assert page.locator("#start").is_disabled()
     page.screenshot(path=str(root / "broken.png"), full_page=True)
     (mine / "train.jsonl").write_text("\n".join(good) + "\n")
-    page.locator("#uploads input[type=file]").set_input_files([str(mine / "train.jsonl"), str(mine / "eval.jsonl")])
-    page.wait_for_function(f"document.querySelector('#upload-note').innerText !== {json.dumps(first_note)}", timeout=120_000)
+    page.locator("#uploads input[type=file]").set_input_files([str(mine / "train.jsonl"),
+                                                               str(mine / "eval.jsonl")])
+    page.wait_for_function(f"document.querySelector('#upload-note').innerText !== {json.dumps(first_note)}",
+                           timeout=120_000)
     _settled(page)
     log("model after upload: " + page.locator("#model input").input_value())
     page.locator("#check").click()
@@ -97,7 +102,8 @@ try:
     wait_text(page, "#start-out", "Queued as job")
     log(text(page, "#start-out"))
     page.locator("#tab-runs-button").click()
-    page.wait_for_function("/loss: ([3-9]|\\d\\d+) points/.test(document.querySelector('#points').innerText)", timeout=1_200_000)
+    page.wait_for_function("/loss: ([3-9]|\\d\\d+) points/.test(document.querySelector('#points').innerText)",
+                           timeout=1_200_000)
     log("status: " + text(page, "#status"))
     page.screenshot(path=str(root / "running.png"), full_page=True)
     wait_text(page, "#status", "checkpoint at step", timeout=1_200_000)
@@ -122,8 +128,10 @@ try:
     chat.wait_for_selector("#chat-b")
     chat.locator("#prompt textarea").fill("How do I reset my password?")
     chat.locator("#send").click()
-    chat.wait_for_function("document.querySelector('#status').innerText.includes('Vote below')", timeout=600_000)
-    log("answers: " + " || ".join(chat.locator(f"#chat-{s} [data-testid=bot]").last.inner_text()[:200] for s in "ab"))
+    chat.wait_for_function("document.querySelector('#status').innerText.includes('Vote below')",
+                           timeout=600_000)
+    log("answers: " + " || ".join(chat.locator(f"#chat-{s} [data-testid=bot]").last.inner_text()[:200]
+                                  for s in "ab"))
     chat.screenshot(path=str(root / "chat.png"), full_page=True)
     page.locator("#promote").click()
     wait_text(page, "#promote-out", "Promotion of", timeout=300_000)

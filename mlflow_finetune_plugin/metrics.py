@@ -1,4 +1,5 @@
-"""Answer-quality metrics through the `evaluate` API, from modules shipped in `assets/metrics/` (loaded by path).
+"""Answer-quality metrics through the `evaluate` API, from modules shipped in `assets/metrics/` (loaded by
+path).
 
 The hub's metric modules need a network; these small scripts do not (`rouge_score` and `sacrebleu` do the
 arithmetic) and every one returns per-example scores too, for the per-example table.
@@ -14,39 +15,44 @@ METRICS_DIR = Path(__file__).resolve().parent / "assets" / "metrics"
 # Metric name -> the shipped module that computes it.
 TEXT_METRICS = {"exact_match": "exact_match", "token_f1": "token_f1", "rouge1": "rouge", "rouge2": "rouge",
                 "rougeL": "rouge", "chrf": "chrf", "bleu": "bleu"}
-# Where lower is better; every other metric is better higher. `misrouted` (evaluate/scoring.py): the share of answers
-# that are, word for word, the training answer of other questions.
+# Where lower is better; every other metric is better higher. `misrouted` (evaluate/scoring.py): the share of
+# answers that are, word for word, the training answer of other questions.
 LOWER_IS_BETTER = ("loss", "perplexity", "misrouted", "prompt_tokens", "latency_s", "params")
 
-# Who answers the held-out prompts: metrics are logged as eval/<contender>/<metric>. teacher: the answers the held-out
-# rows carry (their `teacher` key: a larger model's logged answers, not generated here); base: the base model
-# zero-shot; fewshot: with k random train conversations as shots; retrieval: with the k train conversations most
-# similar to the question (BM25); optimized: the instruction and shots a search on a dev split of the train rows
-# found best (evaluate/prompt_search.py); tuned: the fine-tuned model; length: a reward model's rule-of-thumb rival, "the
-# longer answer wins".
-# rag: the base model with the chunks of data.documents most similar to the question in its prompt; tuned-rag: the
-# tuned model with them (documents recipes: evaluate/documents.py).
+# Who answers the held-out prompts: metrics are logged as eval/<contender>/<metric>. teacher: the answers the
+# held-out rows carry (their `teacher` key: a larger model's logged answers, not generated here); base: the
+# base model zero-shot; fewshot: with k random train conversations as shots; retrieval: with the k train
+# conversations most similar to the question (BM25); optimized: the instruction and shots a search on a dev
+# split of the train rows found best (evaluate/prompt_search.py); tuned: the fine-tuned model; length: a
+# reward model's rule-of-thumb rival, "the longer answer wins".
+# rag: the base model with the chunks of data.documents most similar to the question in its prompt; tuned-rag:
+# the tuned model with them (documents recipes: evaluate/documents.py).
 CONTENDERS = ("teacher", "base", "fewshot", "retrieval", "rag", "optimized", "length", "tuned", "tuned-rag")
 RAG, TUNED_RAG = "rag", "tuned-rag"
-# A documents recipe's second held-out set, questions on documents that never trained: eval/unseen/<contender>/<m>.
+# A documents recipe's second held-out set, questions on documents that never trained:
+# eval/unseen/<contender>/<m>.
 UNSEEN_PREFIX = "eval/unseen/"
-# How often the chunk holding the answer was among the k retrieved: eval/rag/recall_at_k (and under UNSEEN_PREFIX).
+# How often the chunk holding the answer was among the k retrieved: eval/rag/recall_at_k (and under
+# UNSEEN_PREFIX).
 RECALL = "recall_at_k"
-# Documents recipes: the share of a reference's numbers, codes and names an answer says (evaluate/scoring.fact_recall).
+# Documents recipes: the share of a reference's numbers, codes and names an answer says
+# (evaluate/scoring.fact_recall).
 FACT_RECALL = "fact_recall"
 OPTIMIZED = "optimized"
 TEACHER = "teacher"
-# What an answer costs, per contender, logged as eval/<contender>/<name> beside the quality metrics and shown under
-# them: mean prompt tokens (the chat template's rendering, shots included) and answer tokens per answer, the median
-# seconds per answer on this machine (evaluate/cost.py says how it is timed), answer tokens per second of generation,
-# and the parameters that answered (tuned: the base's plus the adapter's). A teacher's come from its rows' `teacher`.
+# What an answer costs, per contender, logged as eval/<contender>/<name> beside the quality metrics and shown
+# under them: mean prompt tokens (the chat template's rendering, shots included) and answer tokens per answer,
+# the median seconds per answer on this machine (evaluate/cost.py says how it is timed), answer tokens per
+# second of generation, and the parameters that answered (tuned: the base's plus the adapter's). A teacher's
+# come from its rows' `teacher`.
 COST_METRICS = ("prompt_tokens", "answer_tokens", "latency_s", "tokens_per_s", "params")
-# With a teacher: every contender's agreement with the teacher's answers (eval/<contender>/teacher_<metric>), and on
-# the rows whose target is an expectation rather than the teacher's answer, with the expectations
+# With a teacher: every contender's agreement with the teacher's answers (eval/<contender>/teacher_<metric>),
+# and on the rows whose target is an expectation rather than the teacher's answer, with the expectations
 # (eval/<contender>/expected_<metric>, over eval/n_expected rows).
 AGREEMENT_METRICS = ("exact_match", "token_f1", "rougeL", "chrf")
 AGREES_WITH_TEACHER, AGREES_WITH_EXPECTED = "teacher_", "expected_"
-# The prompt-only alternatives to fine-tuning, cheapest first: what the verdict and the default gates weigh it against.
+# The prompt-only alternatives to fine-tuning, cheapest first: what the verdict and the default gates weigh it
+# against.
 ALTERNATIVES = ("base", "fewshot", "retrieval", "rag", "optimized", "length")
 # How the verdict names each alternative.
 ALTERNATIVE_LABELS = {"base": "zero-shot prompting", "fewshot": "few-shot prompting",
@@ -54,17 +60,18 @@ ALTERNATIVE_LABELS = {"base": "zero-shot prompting", "fewshot": "few-shot prompt
                       "optimized": "the optimized prompt", "length": "the longer answer winning"}
 # Forgetting figures (general-text loss and perplexity, base and tuned) are logged under this prefix.
 FORGETTING_PREFIX = "eval/forgetting/"
-# The verdict (evaluate/verdict.py): the tuned model's margin over the best alternative and its 95% interval, under
-# this prefix (margin, margin_low, margin_high); the interval is a paired bootstrap of this many resamples, and no
-# run evaluated on fewer than VERDICT_MIN_EXAMPLES held-out examples is called a pay-off.
+# The verdict (evaluate/verdict.py): the tuned model's margin over the best alternative and its 95% interval,
+# under this prefix (margin, margin_low, margin_high); the interval is a paired bootstrap of this many
+# resamples, and no run evaluated on fewer than VERDICT_MIN_EXAMPLES held-out examples is called a pay-off.
 VERDICT_PREFIX = "eval/verdict/"
 VERDICT_RESAMPLES = 1000
 VERDICT_MIN_EXAMPLES = 10
-# The least gain over the best prompt-only contender that counts as a pay-off (`eval.min_gain`'s default), on the
-# 0-1 scale of the metrics in UNIT_SCALE; docs/methods.md gives the measurements it was chosen by.
+# The least gain over the best prompt-only contender that counts as a pay-off (`eval.min_gain`'s default), on
+# the 0-1 scale of the metrics in UNIT_SCALE; docs/methods.md gives the measurements it was chosen by.
 DEFAULT_MIN_GAIN = 0.05
-# Metrics scored between 0 and 1 per example; any other (`reward`: the weighted sum of a recipe's reward functions)
-# has no fixed scale, and `eval.min_gain` reads as a share of the range its per-example scores span.
+# Metrics scored between 0 and 1 per example; any other (`reward`: the weighted sum of a recipe's reward
+# functions) has no fixed scale, and `eval.min_gain` reads as a share of the range its per-example scores
+# span.
 UNIT_SCALE = (*TEXT_METRICS, "json_valid", "misrouted", FACT_RECALL, "pair_accuracy", RECALL)
 
 
@@ -83,7 +90,8 @@ def load_metric(module: str):
 
 def score(predictions: list[str], references: list[str], json_schema: dict | None = None,
           structured: bool = False) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Aggregate scores and per-example scores of `predictions` against `references`, every value in [0, 1]."""
+    """Aggregate scores and per-example scores of `predictions` against `references`, every value in [0,
+    1]."""
     totals: dict[str, float] = {}
     per_example: dict[str, list[float]] = {}
     if not predictions:
@@ -132,8 +140,9 @@ def format_table(headers: list[str], rows: list[list]) -> str:
 
 
 def comparison_table(metrics: dict[str, float]) -> str:
-    """Metrics side by side per contender; `*` marks the best value of each quality row (none on a tie). The cost
-    rows (COST_METRICS) follow under a blank line, unmarked: fewer tokens or parameters is not better by itself."""
+    """Metrics side by side per contender; `*` marks the best value of each quality row (none on a tie). The
+    cost rows (COST_METRICS) follow under a blank line, unmarked: fewer tokens or parameters is not better by
+    itself."""
     contenders = [c for c in CONTENDERS if any(k.startswith(f"eval/{c}/") for k in metrics)]
     names = list(dict.fromkeys(k.split("/", 2)[2] for k in metrics if k.count("/") == 2))
     rows = []

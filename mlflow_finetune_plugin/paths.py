@@ -24,8 +24,9 @@ def job_dir(run_id: str) -> Path:
 def cached_build(name: str, build, complete=("config.json", "model.safetensors", "tokenizer.json")) -> Path:
     """`cache_root()/name`, made by `build(tmp_folder)` on first use.
 
-    The build happens under a file lock into a temporary folder that is renamed into place, so concurrent processes
-    build it once and never see a partial folder; a crashed build's leftovers are removed by the next one.
+    The build happens under a file lock into a temporary folder that is renamed into place, so concurrent
+    processes build it once and never see a partial folder; a crashed build's leftovers are removed by the
+    next one.
     """
     import shutil
     import tempfile
@@ -61,8 +62,8 @@ def cached_build(name: str, build, complete=("config.json", "model.safetensors",
 
 
 def tensor_names(folder: Path, recursive: bool = False) -> list[str]:
-    """The tensor names in a folder's safetensors files (their headers only: no weight is read); with `recursive`,
-    its subfolders' too (a multi-adapter folder keeps one adapter per subfolder)."""
+    """The tensor names in a folder's safetensors files (their headers only: no weight is read); with
+    `recursive`, its subfolders' too (a multi-adapter folder keeps one adapter per subfolder)."""
     import json
     import struct
 

@@ -5,10 +5,11 @@ retrieves, so that training rows (RAFT), the evaluation's `rag` and `tuned-rag` 
 A chunk is a dict: `id` (`SOURCE#N`), `source` (the document's path under `data.documents`), `text`, and where
 known `line` (first line, 1-based), `page` (a PDF's page, 1-based) and `heading` (the section it sits under).
 
-The retriever is BM25 over the chunks' words (`bm25s`: sparse, numpy only) by default, or a sentence-transformers
-model by name. A logged model trained with retrieval carries its chunks and these settings under `RETRIEVAL_DIR`
-(`save` / `load`); nothing but this module, `bm25s` (and sentence-transformers where named) is needed to retrieve.
-Every logged model carries it: it imports nothing of the package but `messages.py` (a leaf).
+The retriever is BM25 over the chunks' words (`bm25s`: sparse, numpy only) by default, or a
+sentence-transformers model by name. A logged model trained with retrieval carries its chunks and these
+settings under `RETRIEVAL_DIR` (`save` / `load`); nothing but this module, `bm25s` (and sentence-transformers
+where named) is needed to retrieve. Every logged model carries it: it imports nothing of the package but
+`messages.py` (a leaf).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def context_text(chunks: list[dict]) -> str:
 
 
 def with_context(messages: list[dict], chunks: list[dict]) -> list[dict]:
-    """`messages` with the chunks put before the last user turn's question, in that turn (every chat template takes a
-    user turn; not all take a second system message). No chunks: the messages as they are."""
+    """`messages` with the chunks put before the last user turn's question, in that turn (every chat template
+    takes a user turn; not all take a second system message). No chunks: the messages as they are."""
     if not chunks:
         return list(messages)
     last = last_user_index(messages)
@@ -78,7 +79,8 @@ def bm25_index(tokenized: list[list[str]]):
 
 
 class Retriever:
-    """The k chunks most similar to a query: BM25 (`embedding` None) or a sentence-transformers model's cosine."""
+    """The k chunks most similar to a query: BM25 (`embedding` None) or a sentence-transformers model's
+    cosine."""
 
     def __init__(self, chunks: list[dict], embedding: str | None = None, k: int = 3):
         self.chunks, self.embedding, self.k = list(chunks), embedding or None, k
@@ -116,8 +118,8 @@ class Retriever:
         return np.asarray(rows, dtype=float).reshape(len(queries), len(self.chunks))
 
     def search_many(self, queries: list[str], k: int | None = None) -> list[list[dict]]:
-        """For each query, the `k` (default: the retriever's) most similar chunks, best first; equal scores keep the
-        chunks' order, so a run repeats."""
+        """For each query, the `k` (default: the retriever's) most similar chunks, best first; equal scores
+        keep the chunks' order, so a run repeats."""
         import numpy as np
 
         k = self.k if k is None else k
@@ -138,8 +140,10 @@ class Retriever:
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / CHUNKS_FILE, "w", encoding="utf-8") as f:
             for chunk in self.chunks:
-                f.write(json.dumps({k: v for k, v in chunk.items() if k != "score"}, ensure_ascii=False) + "\n")
-        (folder / SETTINGS_FILE).write_text(json.dumps({"embedding": self.embedding, "k": self.k}), encoding="utf-8")
+                f.write(json.dumps({k: v for k, v in chunk.items() if k != "score"}, ensure_ascii=False)
+                        + "\n")
+        (folder / SETTINGS_FILE).write_text(json.dumps({"embedding": self.embedding, "k": self.k}),
+                                            encoding="utf-8")
         return folder
 
     @classmethod

@@ -1,12 +1,13 @@
 """A trained reward model as an MLflow model: (prompt, answer) pairs in, one score each out.
 
-Layout, as for a chat model (`logged_model.py`): `adapter/` (a PEFT sequence-classification adapter whose folder
-also holds the trained score head) or `model/` (a full fine-tune's complete weights) and `tokenizer/`, with the base
-referenced in `model_config`, never copied. It carries its code and lists PyPI requirements the same way.
+Layout, as for a chat model (`logged_model.py`): `adapter/` (a PEFT sequence-classification adapter whose
+folder also holds the trained score head) or `model/` (a full fine-tune's complete weights) and `tokenizer/`,
+with the base referenced in `model_config`, never copied. It carries its code and lists PyPI requirements the
+same way.
 
-A pair is scored as TRL's RewardTrainer trained on it: the prompt's messages and the answer as the assistant's turn,
-rendered with the model's own chat template; the score is the head's output at the last token. The same function
-scores held-out pairs after training (`train/objectives/reward.py`) and GRPO completions
+A pair is scored as TRL's RewardTrainer trained on it: the prompt's messages and the answer as the assistant's
+turn, rendered with the model's own chat template; the score is the head's output at the last token. The same
+function scores held-out pairs after training (`train/objectives/reward.py`) and GRPO completions
 (`train/rewards/learned.py`), each with the reward model's own tokenizer, whatever the policy's base is.
 """
 
@@ -42,7 +43,8 @@ class LoadedReward:
 def conversation(prompt, answer) -> list[dict]:
     """A prompt (text or messages) and an answer (text or an assistant message list) as one chat."""
     prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-    answer = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else [dict(m) for m in answer]
+    answer = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else [dict(m)
+                                                                                         for m in answer]
     return prompt + answer
 
 
@@ -53,7 +55,8 @@ def score(model, tokenizer, prompts: list, answers: list, batch_size: int = 8) -
     from mlflow_finetune_plugin.models.chat_format import prepared
 
     ids = [list(tokenizer.apply_chat_template(prepared(tokenizer, conversation(p, a)), tokenize=True,
-                                              return_dict=True)["input_ids"]) for p, a in zip(prompts, answers)]
+                                              return_dict=True)["input_ids"]) for p,
+           a in zip(prompts, answers)]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -91,24 +94,28 @@ def load_reward(artifacts: dict[str, Path], config: dict, device: str | None = N
 
 
 def load_registered_reward(uri: str) -> LoadedReward:
-    """Download a logged reward model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/...`) and load it."""
+    """Download a logged reward model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/...`) and load
+    it."""
     from mlflow.models import Model
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     pyfunc = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
     config = dict(pyfunc.get("config") or {})
     if config.get("objective") != "reward":
-        raise FinetuneError(f"{uri} is not a reward model (objective {config.get('objective')!r}); train one with "
-                            "`mlflow run DIR -e reward --backend finetune` on preference pairs")
+        raise FinetuneError(
+            f"{uri} is not a reward model (objective {config.get('objective')!r}); train one with "
+            "`mlflow run DIR -e reward --backend finetune` on preference pairs")
     artifacts = {k: local / spec["path"] for k, spec in (pyfunc.get("artifacts") or {}).items()}
     return load_reward(artifacts, config)
 
 
 class RewardScorer(mlflow.pyfunc.PythonModel):
-    """pyfunc: a DataFrame with `prompt` (text or messages) and `answer` (text) columns in, one score per row out."""
+    """pyfunc: a DataFrame with `prompt` (text or messages) and `answer` (text) columns in, one score per row
+    out."""
 
     def load_context(self, context):
-        self._loaded = load_reward({k: Path(v) for k, v in context.artifacts.items()}, dict(context.model_config))
+        self._loaded = load_reward({k: Path(v) for k, v in context.artifacts.items()},
+                                   dict(context.model_config))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         missing = {"prompt", "answer"} - set(model_input.columns)

@@ -1,5 +1,5 @@
-"""The code MLflow logs as a reward model's pyfunc ("models from code"): no pickle is written. MLflow runs this file
-when the model is logged and loaded; where the plugin is not installed, the import finds the copy of
+"""The code MLflow logs as a reward model's pyfunc ("models from code"): no pickle is written. MLflow runs
+this file when the model is logged and loaded; where the plugin is not installed, the import finds the copy of
 `reward_model` the model carries in its `code/` folder."""
 
 import mlflow

@@ -1,14 +1,15 @@
-"""A stop signal, remembered as well as raised: in the training process (SIGTERM, a cancel) and in `mlflow run`
-while it checks and starts the job (SIGINT, Ctrl-C).
+"""A stop signal, remembered as well as raised: in the training process (SIGTERM, a cancel) and in `mlflow
+run` while it checks and starts the job (SIGINT, Ctrl-C).
 
-Python drops an exception raised while a `__del__` or a weakref callback runs ("Exception ignored in ..."). In a
-test that pressed Ctrl-C at random moments, a cancel landed in a weakref callback during evaluation and the run went
-on to register its model and end FINISHED; a Ctrl-C landed in a regex object's `__del__` during `mlflow run`'s data
-check and the job started anyway. So the stop is also recorded here, and the pipeline and the backend look at the
-record between their stages: a dropped interrupt still stops the job before it starts or publishes anything.
+Python drops an exception raised while a `__del__` or a weakref callback runs ("Exception ignored in ..."). In
+a test that pressed Ctrl-C at random moments, a cancel landed in a weakref callback during evaluation and the
+run went on to register its model and end FINISHED; a Ctrl-C landed in a regex object's `__del__` during
+`mlflow run`'s data check and the job started anyway. So the stop is also recorded here, and the pipeline and
+the backend look at the record between their stages: a dropped interrupt still stops the job before it starts
+or publishes anything.
 
-The other way a training process must stop is when it is stuck: the pipeline says here which stage it is in and
-when that stage last moved on (a training step, a batch of evaluation answers, a new stage), and
+The other way a training process must stop is when it is stuck: the pipeline says here which stage it is in
+and when that stage last moved on (a training step, a batch of evaluation answers, a new stage), and
 `train/watchdog.py` ends a run whose stage stops moving.
 """
 
@@ -66,8 +67,8 @@ def record_and_raise(signum, frame) -> None:
     raise KeyboardInterrupt(why)
 
 
-# The watched stage (None: nothing watched, as before training: data checks, model download and load) and the time
-# of its last progress, for train/watchdog.py.
+# The watched stage (None: nothing watched, as before training: data checks, model download and load) and the
+# time of its last progress, for train/watchdog.py.
 _stage: str | None = None
 _last = time.monotonic()
 

@@ -1,5 +1,5 @@
-"""The tracking store a process talks to (created once, under a lock) and how a run records its own end: the error
-as a tag and an artifact, and the terminal status."""
+"""The tracking store a process talks to (created once, under a lock) and how a run records its own end: the
+error as a tag and an artifact, and the terminal status."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from mlflow_finetune_plugin import tags
 def ensure_store(tracking_uri: str | None = None) -> None:
     """Open the tracking store (and the registry, when it is the same database) before any other MLflow call.
 
-    MLflow creates a new sqlite store by running its schema migration, unlocked: several processes opening one new
-    store at once race in it (`duplicate column name: step`) and all but one fail. The first process to take the
-    file lock creates the store; the others wait and then find it complete. Other stores are left to MLflow.
+    MLflow creates a new sqlite store by running its schema migration, unlocked: several processes opening one
+    new store at once race in it (`duplicate column name: step`) and all but one fail. The first process to
+    take the file lock creates the store; the others wait and then find it complete. Other stores are left to
+    MLflow.
     """
     import mlflow
     from filelock import FileLock
@@ -39,12 +40,12 @@ def ensure_store(tracking_uri: str | None = None) -> None:
 def pin_registry_uri() -> None:
     """Resolve the model registry's URI once, for the whole process, before any MLflow thread starts.
 
-    Left unresolved, every `MlflowClient()` looks for an active Spark session (`from pyspark.sql import ...`), and
-    without pyspark installed that failed import runs again each time: in MLflow's system-metrics thread once a
-    sample. An import takes the interpreter's import lock, then MLflow's import-hook lock (its `ImportHookFinder`),
-    while `mlflow.genai.evaluate` takes the two the other way round (it fires autologging hooks, which import
-    flavor modules, under the import-hook lock): the run hung there for good once (issue 58). Pinned, a client
-    imports nothing and that thread never enters the import system.
+    Left unresolved, every `MlflowClient()` looks for an active Spark session (`from pyspark.sql import ...`),
+    and without pyspark installed that failed import runs again each time: in MLflow's system-metrics thread
+    once a sample. An import takes the interpreter's import lock, then MLflow's import-hook lock (its
+    `ImportHookFinder`), while `mlflow.genai.evaluate` takes the two the other way round (it fires autologging
+    hooks, which import flavor modules, under the import-hook lock): the run hung there for good once (issue
+    58). Pinned, a client imports nothing and that thread never enters the import system.
     """
     import mlflow
 
@@ -63,8 +64,8 @@ def record_failure(run_id: str, exc: BaseException, status: str = "FAILED") -> N
     """Mark the run terminated with `status`, the error as a tag and the traceback as `error.txt`.
 
     A FinetuneError's message is the tag and the start of error.txt; where it was raised from another error (a
-    rehearsal stage's, a reward function's), that error's traceback follows in error.txt: the message says what to
-    do, the traceback where it went wrong."""
+    rehearsal stage's, a reward function's), that error's traceback follows in error.txt: the message says
+    what to do, the traceback where it went wrong."""
     from mlflow_finetune_plugin.errors import FinetuneError
 
     client = MlflowClient()
@@ -73,29 +74,32 @@ def record_failure(run_id: str, exc: BaseException, status: str = "FAILED") -> N
         message = "cancelled" + (f" ({exc})" if str(exc) else "")
     try:
         client.set_tag(run_id, tags.ERROR, message[:4900])
-        text = _with_cause(message, exc) if isinstance(exc, FinetuneError) else "".join(traceback.format_exception(exc))
+        text = _with_cause(message, exc) if isinstance(exc, FinetuneError) else "".join(
+            traceback.format_exception(exc))
         client.log_text(run_id, text, "error.txt")
     finally:
         client.set_terminated(run_id, status)
 
 
 def _with_cause(message: str, exc: BaseException) -> str:
-    """A FinetuneError's text for error.txt: its message, then the traceback of the error it was raised from."""
+    """A FinetuneError's text for error.txt: its message, then the traceback of the error it was raised
+    from."""
     if exc.__cause__ is None:
         return message
     return f"{message}\n\nCaused by:\n{''.join(traceback.format_exception(exc.__cause__))}"
 
 
 # The step the run's results are logged at: the training's last step while the pipeline evaluates
-# (`results_at_step`), 0 otherwise (e.g. `mlflow-finetune evaluate`). At step 0 they would sit behind the Trainer's
-# own `eval/tuned/loss` of the last save step, and MLflow's latest value of a metric (what gates and `models` read)
-# is the one at the highest step: the final evaluation would not count.
+# (`results_at_step`), 0 otherwise (e.g. `mlflow-finetune evaluate`). At step 0 they would sit behind the
+# Trainer's own `eval/tuned/loss` of the last save step, and MLflow's latest value of a metric (what gates and
+# `models` read) is the one at the highest step: the final evaluation would not count.
 _results_step = 0
 
 
 @contextlib.contextmanager
 def results_at_step(step: int):
-    """Within the block, `log_results` logs at `step`; back to 0 after, so no later run in the process inherits it."""
+    """Within the block, `log_results` logs at `step`; back to 0 after, so no later run in the process
+    inherits it."""
     global _results_step
     _results_step = int(step)
     try:

@@ -1,8 +1,8 @@
-"""What several test modules share: project folders and rows, the tracking-store reset, waiting on processes and
-servers, and registry versions made to order. Fixtures and pytest hooks stay in conftest.py.
+"""What several test modules share: project folders and rows, the tracking-store reset, waiting on processes
+and servers, and registry versions made to order. Fixtures and pytest hooks stay in conftest.py.
 
-conftest.py imports this module, so imports that cost seconds (torch, transformers, the training code) stay inside
-the helpers that need them: a light test file does not pay for them.
+conftest.py imports this module, so imports that cost seconds (torch, transformers, the training code) stay
+inside the helpers that need them: a light test file does not pay for them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 SUPPORT_BOT = REPO / "recipes" / "support-bot"
 
 # -P overrides that make a tiny-model run take seconds: 2 steps, 2 held-out rows, short answers.
-FAST_OVERRIDES = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
+FAST_OVERRIDES = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1,
+                  "train.save_steps": 2,
                   "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1,
                   "eval.traces": False}  # tests/test_genai_view.py checks the traces
 
@@ -35,16 +36,19 @@ QUICK_RECIPE = ("data:\n  max_length: 64\n  packing: false\n"
                 "  save_steps: 5\n"
                 "eval:\n  enabled: false\n")
 # The same, training until it is stopped.
-LONG_RECIPE = QUICK_RECIPE.replace("max_steps: 10", "max_steps: 100000").replace("save_steps: 5", "save_steps: 1000")
+LONG_RECIPE = QUICK_RECIPE.replace("max_steps: 10", "max_steps: 100000").replace("save_steps: 5",
+                                                                                 "save_steps: 1000")
 
 # The registered model that promotion and arena tests put their versions in.
 MODEL_NAME = "bot"
 
 
-# ----------------------------------------------------------------------------------------------- projects and data
+# ----------------------------------------------------------------------------------------------- projects and
+# data
 
 
-def write_project(root: Path, recipe_yaml: str, rows: list[dict] | None = None, eval_rows: list[dict] | None = None):
+def write_project(root: Path, recipe_yaml: str, rows: list[dict] | None = None,
+                  eval_rows: list[dict] | None = None):
     """A minimal project folder: finetune.yaml plus data/train.jsonl (and data/eval.jsonl)."""
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "finetune.yaml").write_text(recipe_yaml)
@@ -62,9 +66,9 @@ def use_store(mp, root: Path) -> str:
 
 
 def use_server_store(mp, uri: str, root: Path) -> str:
-    """Tracking and registry at `uri` (a sqlite store, or a tracking server: see `mlflow_server`) for this process and
-    the runs and servers it starts, set through the MonkeyPatch `mp` (undone with it); `root` is the working folder.
-    Returns `uri`."""
+    """Tracking and registry at `uri` (a sqlite store, or a tracking server: see `mlflow_server`) for this
+    process and the runs and servers it starts, set through the MonkeyPatch `mp` (undone with it); `root` is
+    the working folder. Returns `uri`."""
     import mlflow
 
     mp.chdir(root)
@@ -78,8 +82,8 @@ def use_server_store(mp, uri: str, root: Path) -> str:
 
 
 def train_in_process(project: Path, cwd: Path, overrides: dict, experiment: str, method: str = "lora"):
-    """`project`'s recipe trained in this process (`train.job.run`, as the training process runs it) from `cwd`, in
-    `experiment`: (its exit code, the experiment's one run)."""
+    """`project`'s recipe trained in this process (`train.job.run`, as the training process runs it) from
+    `cwd`, in `experiment`: (its exit code, the experiment's one run)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -112,12 +116,13 @@ def jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-# ----------------------------------------------------------------------------------------------- tracking store
+# ----------------------------------------------------------------------------------------------- tracking
+# store
 
 
 def forget_active_experiment():
-    """`mlflow.set_experiment` caches the id in a module global and in MLFLOW_EXPERIMENT_ID; a later test with a
-    fresh store would otherwise look for an experiment that only existed in the previous one."""
+    """`mlflow.set_experiment` caches the id in a module global and in MLFLOW_EXPERIMENT_ID; a later test with
+    a fresh store would otherwise look for an experiment that only existed in the previous one."""
     import mlflow.tracking.fluent as fluent
 
     fluent._active_experiment_id = None
@@ -151,7 +156,8 @@ def free_port() -> int:
 
 
 def wait_for(predicate, timeout=180, what="condition", interval=0.3):
-    """Poll `predicate` every `interval` seconds until it is true; fail naming `what` after `timeout` seconds."""
+    """Poll `predicate` every `interval` seconds until it is true; fail naming `what` after `timeout`
+    seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -168,8 +174,8 @@ def training_started(run_id):
 
 
 def job_processes(session: int, run_id: str | None) -> list:
-    """Live processes of the job: in the `mlflow run` session, or naming the run (ranks run in sessions of their
-    own), or orphans (PPID 1) of this plugin started after the test began."""
+    """Live processes of the job: in the `mlflow run` session, or naming the run (ranks run in sessions of
+    their own), or orphans (PPID 1) of this plugin started after the test began."""
     import psutil
 
     found = []
@@ -187,17 +193,17 @@ def job_processes(session: int, run_id: str | None) -> list:
 
 
 def orphans(since: float) -> list:
-    """Processes of this plugin started after `since` whose parent has died (adopted by PID 1), and which use this
-    test's tracking store: another test running beside this one (pytest-xdist) has a store of its own."""
+    """Processes of this plugin started after `since` whose parent has died (adopted by PID 1), and which use
+    this test's tracking store: another test running beside this one (pytest-xdist) has a store of its own."""
     import psutil
 
     store = os.environ.get("MLFLOW_TRACKING_URI")
     found = []
     for p in psutil.process_iter(["ppid", "cmdline", "create_time", "status"]):
         try:
-            if (p.info["ppid"] == 1 and p.info["create_time"] >= since and p.info["status"] != psutil.STATUS_ZOMBIE
-                    and "mlflow_finetune_plugin" in " ".join(p.info["cmdline"] or [])
-                    and (store is None or p.environ().get("MLFLOW_TRACKING_URI") in (store, None))):
+            if (p.info["ppid"] == 1 and p.info["create_time"] >= since and p.info["status"]
+                != psutil.STATUS_ZOMBIE and "mlflow_finetune_plugin" in " ".join(p.info["cmdline"] or [])
+                and (store is None or p.environ().get("MLFLOW_TRACKING_URI") in (store, None))):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
             continue
@@ -230,8 +236,8 @@ def mlflow_server(root: Path, *, jobs: bool = False) -> Iterator[str]:
     (`http://127.0.0.1:PORT`) once `/health` answers; stops it and every process it started (uvicorn, the job
     runner) afterwards. Its log is `root/server.log`.
 
-    `jobs=True` keeps the server's job runner (huey consumers: online scoring of arriving traces); off by default,
-    since it starts half a dozen processes that would share the test's cores for nothing."""
+    `jobs=True` keeps the server's job runner (huey consumers: online scoring of arriving traces); off by
+    default, since it starts half a dozen processes that would share the test's cores for nothing."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if jobs else "false"}
@@ -286,7 +292,8 @@ def _stop_session(proc: subprocess.Popen) -> None:
 
 
 def cli_process(*args: str) -> subprocess.Popen:
-    """`mlflow-finetune ARGS` as a child process of this interpreter (the store and cache come from the env)."""
+    """`mlflow-finetune ARGS` as a child process of this interpreter (the store and cache come from the
+    env)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_DISABLE_UPDATE_CHECK": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     code = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
@@ -295,7 +302,8 @@ def cli_process(*args: str) -> subprocess.Popen:
 
 
 def drain(proc: subprocess.Popen) -> list[str]:
-    """Read `proc`'s output in a thread (a server logging a lot would block on a full pipe); the lines so far."""
+    """Read `proc`'s output in a thread (a server logging a lot would block on a full pipe); the lines so
+    far."""
     import threading
 
     lines: list[str] = []
@@ -325,11 +333,11 @@ def register_version(name: str = "bot", seed: int = 0, alias: str | None = "chal
                      use_dora: bool = False, metrics: dict | None = None, base: str = "tiny",
                      config: dict | None = None, chat_template: str | None = None,
                      source_run: str | None = None, retriever=None) -> str:
-    """A registered LoRA version on the tiny model (or `base="smollm2"`) with random (non-zero) updates, so the
-    adapter changes the answers; `metrics` are logged in its source run (what promotion reads); `config` adds to its
-    model_config (e.g. the num_beams its evaluation used); `chat_template` replaces its tokenizer's; `source_run`
-    names another run as the one that trained and evaluated it; `retriever` (a `retriever.Retriever`) makes it a
-    version that retrieves. Returns the version number."""
+    """A registered LoRA version on the tiny model (or `base="smollm2"`) with random (non-zero) updates, so
+    the adapter changes the answers; `metrics` are logged in its source run (what promotion reads); `config`
+    adds to its model_config (e.g. the num_beams its evaluation used); `chat_template` replaces its
+    tokenizer's; `source_run` names another run as the one that trained and evaluated it; `retriever` (a
+    `retriever.Retriever`) makes it a version that retrieves. Returns the version number."""
     import mlflow
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -384,7 +392,8 @@ def register_eval_version(tuned: dict, base: dict | None = None, fewshot: dict |
                         chat_template_hash="c", source_run=run.info.run_id) if lineage else {}
     if not client.search_registered_models(f"name = '{MODEL_NAME}'"):
         client.create_registered_model(MODEL_NAME)
-    mv = client.create_model_version(MODEL_NAME, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags=tags)
+    mv = client.create_model_version(MODEL_NAME, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+                                     tags=tags)
     return str(mv.version)
 
 
@@ -397,7 +406,8 @@ def champion_version() -> str | None:
 
 
 def random_lora(model_dir):
-    """The tiny model with a LoRA (r 8) whose updates are random, not zero, so tuned and base answer differently."""
+    """The tiny model with a LoRA (r 8) whose updates are random, not zero, so tuned and base answer
+    differently."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -405,7 +415,8 @@ def random_lora(model_dir):
     from mlflow_finetune_plugin.train.adapters import lora
 
     torch.manual_seed(0)
-    model = lora.apply(AutoModelForCausalLM.from_pretrained(model_dir), LoraAdapter(r=8, alpha=16, dropout=0.0))
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(model_dir),
+                       LoraAdapter(r=8, alpha=16, dropout=0.0))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -1,6 +1,7 @@
-"""What the family-matrix tests share (tests/test_family_matrix.py, test_system_prompts.py, test_base_models.py): the
-families and what each one's template ends a turn with, a conversation that exercises a template (system message,
-two turns), forcing what a model generates, and catching warnings our own modules raise.
+"""What the family-matrix tests share (tests/test_family_matrix.py, test_system_prompts.py,
+test_base_models.py): the families and what each one's template ends a turn with, a conversation that
+exercises a template (system message, two turns), forcing what a model generates, and catching warnings our
+own modules raise.
 
 Imports nothing heavy at module level: conftest-light test files stay light.
 """
@@ -14,14 +15,15 @@ from pathlib import Path
 
 from mlflow_finetune_plugin.models.tiny_families import FAMILIES as _FAMILIES
 
-FAMILIES = list(_FAMILIES)  # llama3, qwen2.5, qwen3, gemma3, mistral, phi3.5, gemma4, qwen3.5, qwen3.5-think, gpt-oss
+# llama3, qwen2.5, qwen3, gemma3, mistral, phi3.5, gemma4, qwen3.5, qwen3.5-think, gpt-oss
+FAMILIES = list(_FAMILIES)
 ROWS = [*FAMILIES, "tiny"]  # the built-in tiny model is the plain ChatML row
-# CI has 45 minutes: the tests that train a family model end to end run five families by default, each with a quirk
-# of its own (Gemma 3: its end of turn is not its eos, and its template folds the system message; Mistral v0.3: the
-# plugin folds it, and its LM head is untied; Qwen3: the think block; Qwen3.5: a hybrid cache of linear-attention and
-# full-attention layers, and a generation prompt that closes an empty think block; gpt-oss: a mixture of experts and
-# harmony channels), the others with `-m stress`. Every family's loss mask, stop ids and refused rows are checked
-# in-process in the default run.
+# CI has 45 minutes: the tests that train a family model end to end run five families by default, each with a
+# quirk of its own (Gemma 3: its end of turn is not its eos, and its template folds the system message;
+# Mistral v0.3: the plugin folds it, and its LM head is untied; Qwen3: the think block; Qwen3.5: a hybrid
+# cache of linear-attention and full-attention layers, and a generation prompt that closes an empty think
+# block; gpt-oss: a mixture of experts and harmony channels), the others with `-m stress`. Every family's loss
+# mask, stop ids and refused rows are checked in-process in the default run.
 END_TO_END = ("gemma3", "mistral", "qwen3", "qwen3.5", "gpt-oss")
 
 
@@ -31,19 +33,23 @@ def end_to_end(rows) -> list:
 
     return [pytest.param(row, marks=[] if row in END_TO_END else [pytest.mark.stress]) for row in rows]
 
-# The token each family's chat template closes an assistant turn with (written out, not read from the code under
-# test: the real models' templates, as tests/test_families.py checks them).
-END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "gemma3": "<end_of_turn>",
-               "mistral": "</s>", "phi3.5": "<|end|>", "gemma4": "<turn|>", "qwen3.5": "<|im_end|>",
-               "qwen3.5-think": "<|im_end|>", "gpt-oss": "<|return|>", "tiny": "<|im_end|>"}
-# Where an earlier reply ends otherwise (harmony: <|return|> ends the final answer only, <|end|> every other message).
+# The token each family's chat template closes an assistant turn with (written out, not read from the code
+# under test: the real models' templates, as tests/test_families.py checks them).
+END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>",
+               "gemma3": "<end_of_turn>", "mistral": "</s>", "phi3.5": "<|end|>", "gemma4": "<turn|>",
+               "qwen3.5": "<|im_end|>", "qwen3.5-think": "<|im_end|>", "gpt-oss": "<|return|>",
+               "tiny": "<|im_end|>"}
+# Where an earlier reply ends otherwise (harmony: <|return|> ends the final answer only, <|end|> every other
+# message).
 EARLIER_END_OF_TURN = {"gpt-oss": "<|end|>"}
-# What the model writes ahead of its reply after the generation prompt, in the last turn and in earlier ones: Qwen3's
-# empty think block, the close of the block qwen3_5_think's generation prompt opens, gpt-oss's final channel.
+# What the model writes ahead of its reply after the generation prompt, in the last turn and in earlier ones:
+# Qwen3's empty think block, the close of the block qwen3_5_think's generation prompt opens, gpt-oss's final
+# channel.
 LAST_LEAD = {"qwen3": "<think>\n\n</think>\n\n", "qwen3.5-think": "\n</think>\n\n",
              "gpt-oss": "<|channel|>final<|message|>"}
 EARLIER_LEAD = {"gpt-oss": "<|channel|>final<|message|>"}
-# Templates that leave a system message out of a row ending with the answer: it is folded into the first user turn.
+# Templates that leave a system message out of a row ending with the answer: it is folded into the first user
+# turn.
 FOLDS_SYSTEM = {"mistral"}
 
 CONVERSATION = [{"role": "system", "content": "Answer in French."},
@@ -63,7 +69,8 @@ def registered_name(row: str) -> str:
 
 
 def write_chat_project(root: Path, name: str, n: int = 8) -> Path:
-    """A project of `n` training rows (a system message, two turns each) and 2 held-out ones, registered as `name`."""
+    """A project of `n` training rows (a system message, two turns each) and 2 held-out ones, registered as
+    `name`."""
     def row(i):
         return {"messages": [{"role": "system", "content": "Answer briefly."},
                              {"role": "user", "content": f"What is {i} plus {i}?"},
@@ -74,8 +81,9 @@ def write_chat_project(root: Path, name: str, n: int = 8) -> Path:
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "data" / "train.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in range(n)))
     (root / "data" / "eval.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in range(50, 52)))
-    (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 160}\n"
-                                        f"registry: {{name: {name}}}\n")
+    (root
+     / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 160}\n"
+                                   f"registry: {{name: {name}}}\n")
     return root
 
 
@@ -92,9 +100,9 @@ def trained_pieces(tokenizer, ids: list[int], mask: list[int]) -> list[str]:
 
 
 class Script:
-    """A generation forced token by token, whatever the weights say: after the prompt come `words` (ordinary tokens)
-    then `stop`, then `filler` for ever. A generator that stops at `stop` answers `text`; one that does not runs on
-    with filler to its token limit."""
+    """A generation forced token by token, whatever the weights say: after the prompt come `words` (ordinary
+    tokens) then `stop`, then `filler` for ever. A generator that stops at `stop` answers `text`; one that
+    does not runs on with filler to its token limit."""
 
     def __init__(self, tokenizer, stop: str, words: str = "Bonjour", filler: str = " garbage"):
         ids = tokenizer(words, add_special_tokens=False)["input_ids"]
@@ -121,7 +129,8 @@ class Script:
 
     @contextlib.contextmanager
     def forced(self):
-        """Every model forward in this process (pyfunc, engines, a plain `generate`) picks the scripted token."""
+        """Every model forward in this process (pyfunc, engines, a plain `generate`) picks the scripted
+        token."""
         import torch
 
         handle = torch.nn.modules.module.register_module_forward_hook(self._hook, with_kwargs=True)
@@ -133,8 +142,9 @@ class Script:
 
 @contextlib.contextmanager
 def own_warnings():
-    """Records every warning; yields a list that, on exit, holds the Future/DeprecationWarnings whose location is a
-    module of this package (what `generate(..., past_key_values=...)` on transformers 5.2x would raise)."""
+    """Records every warning; yields a list that, on exit, holds the Future/DeprecationWarnings whose location
+    is a module of this package (what `generate(..., past_key_values=...)` on transformers 5.2x would
+    raise)."""
     found: list[str] = []
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")

@@ -1,18 +1,25 @@
-"""Every text-generation architecture transformers registers, through what a fine-tune does with it (issue 58).
+"""Every text-generation architecture transformers registers, through what a fine-tune does with it (issue
+58).
 
 Per architecture (tests/registry_models.py builds the tiny random model, or says why transformers could not):
 - the base saved and loaded back through `from_pretrained`, as a run loads its base;
-- a chat row tokenized with a chat template, the loss on the assistant's reply only (`turn_spans.tokenize_row`);
-- `lora` with the project's default targets (`adapters/lora.py` on the default recipe's LoraAdapter): three optimizer
-  steps in fp32, then one under CPU bf16 autocast with what the project keeps in fp32 (`precision.py`); the loss must
-  fall and the adapter's weights must get gradients;
+- a chat row tokenized with a chat template, the loss on the assistant's reply only
+(`turn_spans.tokenize_row`);
+- `lora` with the project's default targets (`adapters/lora.py` on the default recipe's LoraAdapter): three
+optimizer
+  steps in fp32, then one under CPU bf16 autocast with what the project keeps in fp32 (`precision.py`); the
+  loss must fall and the adapter's weights must get gradients;
 - `full`: three steps, the loss falls;
-- each saved as the logged model saves it and checked as the rehearsal checks it (`rehearsal._save_and_reload`), then
-  loaded back through `from_pretrained` (PEFT's for the adapter) and compared logit for logit with the trained model;
-- answers generated and scored as the evaluation does (`contenders.answer_and_score`, `scoring.contender_metrics`).
+- each saved as the logged model saves it and checked as the rehearsal checks it
+(`rehearsal._save_and_reload`), then
+  loaded back through `from_pretrained` (PEFT's for the adapter) and compared logit for logit with the trained
+  model;
+- answers generated and scored as the evaluation does (`contenders.answer_and_score`,
+`scoring.contender_metrics`).
 
-`check(built, folder)` gives one row of the table in docs/models.md (docs/architectures.py writes it); the test
-(tests/test_registry_matrix.py) runs it for every architecture. In process, one thread, about a second a model.
+`check(built, folder)` gives one row of the table in docs/models.md (docs/architectures.py writes it); the
+test (tests/test_registry_matrix.py) runs it for every architecture. In process, one thread, about a second a
+model.
 """
 
 from __future__ import annotations
@@ -123,8 +130,8 @@ def _no_loading_problems(info: dict, what: str) -> None:
 
 
 def _steps(model, batch, lr: float, autocast_last: bool) -> list[float]:
-    """STEPS optimizer steps in fp32 (and one more under CPU bf16 autocast with `fp32_where_it_matters`); the loss of
-    each, then the loss after them."""
+    """STEPS optimizer steps in fp32 (and one more under CPU bf16 autocast with `fp32_where_it_matters`); the
+    loss of each, then the loss after them."""
     import torch
 
     from mlflow_finetune_plugin.models.precision import fp32_where_it_matters
@@ -161,7 +168,8 @@ def _lora(base_dir: Path, tokenizer, batch, out: Path) -> str:
     model = lora.apply(_load(base_dir), LoraAdapter())  # the default recipe's adapter
     reached = _reached(model)
     _steps(model, batch, lr=3e-3, autocast_last=True)
-    _rehearsal_save(model, tokenizer, {"artifact": "adapter", "base_model": str(base_dir), "objective": "sft"})
+    _rehearsal_save(model, tokenizer, {"artifact": "adapter", "base_model": str(base_dir),
+                                       "objective": "sft"})
     model.save_pretrained(out, safe_serialization=True)
     reloaded = load_adapter(_load(base_dir), out).eval()
     _same_logits(model, reloaded, batch)
@@ -174,8 +182,8 @@ def _full(base_dir: Path, tokenizer, batch, out: Path) -> None:
 
     model = _load(base_dir)
     _steps(model, batch, lr=1e-3, autocast_last=False)
-    # transformers alone first: where its own save and load do not give the trained weights back, the rehearsal
-    # (rightly) refuses the model, and the row says whose limit it is
+    # transformers alone first: where its own save and load do not give the trained weights back, the
+    # rehearsal (rightly) refuses the model, and the row says whose limit it is
     model.save_pretrained(out, safe_serialization=True)
     reloaded = _load(out).eval()
     theirs = reloaded.state_dict()
@@ -216,7 +224,8 @@ def _answer_and_score(model, tokenizer) -> None:
     _plain_generate(model, tokenizer)
     prompts = [messages[:-1] for messages in ROWS]
     references = [messages[-1]["content"] for messages in ROWS]
-    answers, nll, n_tokens = answer_and_score(LoadedModel(model, tokenizer, {}), prompts, references, NEW_TOKENS)
+    answers, nll, n_tokens = answer_and_score(LoadedModel(model, tokenizer, {}), prompts, references,
+                                              NEW_TOKENS)
     totals, _ = contender_metrics(answers, references, nll, n_tokens, EvalConfig())
     if n_tokens <= 0 or not 0.0 <= totals["rougeL"] <= 1.0:
         raise AssertionError(f"scoring gave {totals} over {n_tokens} reference tokens")
@@ -239,8 +248,8 @@ def _plain_generate(model, tokenizer) -> None:
 
 
 def _reached(model) -> str:
-    """What LoRA wraps: on a mixture of experts each kind of part reached and left out (`models/moe_parts.py`), on
-    other models the wrapped modules' names (q_proj, c_attn, in_proj, ...)."""
+    """What LoRA wraps: on a mixture of experts each kind of part reached and left out
+    (`models/moe_parts.py`), on other models the wrapped modules' names (q_proj, c_attn, in_proj, ...)."""
     from peft.tuners.lora import LoraLayer
 
     from mlflow_finetune_plugin.models.moe_parts import adapted, parts

@@ -1,5 +1,6 @@
-"""runtime/allocator.py: the training process starts on tcmalloc where it is installed, and says which allocator it
-runs with. The measured effect (time and peak memory of a smollm2 run) is in docs/benchmarks.md."""
+"""runtime/allocator.py: the training process starts on tcmalloc where it is installed, and says which
+allocator it runs with. The measured effect (time and peak memory of a smollm2 run) is in
+docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def installed(monkeypatch):
 def test_a_launcher_preloads_tcmalloc_where_it_is_installed(installed):
     assert allocator.child_env({}) == {"LD_PRELOAD": FOUND, **allocator.QUIET}
     # the user's own preloaded libraries stay, before it; their own tcmalloc report threshold too
-    got = allocator.child_env({"LD_PRELOAD": "/opt/libtrace.so", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "1"})
+    got = allocator.child_env({"LD_PRELOAD": "/opt/libtrace.so",
+                               "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "1"})
     assert got == {"LD_PRELOAD": f"/opt/libtrace.so {FOUND}"}
 
 

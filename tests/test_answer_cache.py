@@ -1,5 +1,6 @@
-"""The base model's answers kept between runs (`eval.reuse_answers`): what decides the key, and a second evaluation
-of the tiny model that takes the prompt-only contenders' answers from the cache and the tuned model's from the model.
+"""The base model's answers kept between runs (`eval.reuse_answers`): what decides the key, and a second
+evaluation of the tiny model that takes the prompt-only contenders' answers from the cache and the tuned
+model's from the model.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def calls(monkeypatch, tmp_path):
     return answered
 
 
-def test_a_second_evaluation_reuses_the_base_answers_and_asks_the_tuned_model_again(tiny_model_dir, calls, capsys,
-                                                                                    tmp_path):
+def test_a_second_evaluation_reuses_the_base_answers_and_asks_the_tuned_model_again(tiny_model_dir, calls,
+                                                                                    capsys, tmp_path):
     model, tok = random_lora(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
     evals, train = [r["messages"] for r in chat_rows(4)], [r["messages"] for r in chat_rows(6, offset=10)]
     cfg = EvalConfig(max_examples=4, max_new_tokens=6, fewshot_k=2, traces=False,
@@ -62,14 +63,20 @@ def test_a_second_evaluation_reuses_the_base_answers_and_asks_the_tuned_model_ag
     calls.clear()
     again = run_evaluation(model, tok, evals, train, cfg)
     assert calls == ["tuned"]
-    assert "Reused from an earlier run on this machine: the base model's answers of base, fewshot, retrieval (the same" in capsys.readouterr().out
+    assert ("Reused from an earlier run on this machine: the base model's answers of base, fewshot, "
+            "retrieval (the same") in capsys.readouterr().out
     for name in prompt_only + ["tuned"]:
         assert [row[f"{name}_answer"] for row in again.rows] == [row[f"{name}_answer"] for row in first.rows]
         for metric in ("rougeL", "loss", "latency_s"):
-            assert again.metrics[f"eval/{name}/{metric}"] == pytest.approx(first.metrics[f"eval/{name}/{metric}"]) \
-                or name == "tuned" and metric == "latency_s"
+            assert (
+                again.metrics[f"eval/{name}/{metric}"]
+                == pytest.approx(first.metrics[f"eval/{name}/{metric}"])
+                or name == "tuned"
+                and metric == "latency_s"
+            )
 
-    # what decides an answer is in the key: another length answers again; so does a file cut short, and reuse off
+    # what decides an answer is in the key: another length answers again; so does a file cut short, and reuse
+    # off
     calls.clear()
     run_evaluation(model, tok, evals, train, cfg.model_copy(update={"max_new_tokens": 5}))
     assert calls == prompt_only + ["tuned"]

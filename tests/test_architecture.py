@@ -1,8 +1,10 @@
-"""What a model can do, asked of the model (models/architecture.py), and every stage that relies on it (issue 52).
+"""What a model can do, asked of the model (models/architecture.py), and every stage that relies on it (issue
+52).
 
-Tiny random models straight from transformers' config classes (tests/arch_models.py): Qwen3.5 (a Gated DeltaNet
-layer beside a full-attention one, its torch fallback on CPU), gpt-oss (4 experts as fused 3-D parameters, a router
-with its load-balancing loss) and Gemma 4 (full-attention layers of another head_dim than the sliding ones).
+Tiny random models straight from transformers' config classes (tests/arch_models.py): Qwen3.5 (a Gated
+DeltaNet layer beside a full-attention one, its torch fallback on CPU), gpt-oss (4 experts as fused 3-D
+parameters, a router with its load-balancing loss) and Gemma 4 (full-attention layers of another head_dim than
+the sliding ones).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from mlflow_finetune_plugin import tags
 from tests.arch_models import build
 from tests.matrix_helpers import write_chat_project
 
-PROMPTS = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": f"What is {i} plus {i}?"}]
+PROMPTS = [[{"role": "system", "content": "Answer "
+                                          "briefly."}, {"role": "user", "content": f"What is {i} plus {i}?"}]
            for i in range(3)] + [[{"role": "user", "content": "Hello there, who are you?"}]]
 REFERENCES = ["2 plus 2 is 4.", "That is 8.", "It is six.", "A bot."]
 
@@ -51,7 +54,8 @@ def test_the_cache_says_what_it_can_do(models):
     hybrid = cache_abilities(AutoConfig.from_pretrained(models["qwen3_5"]))
     assert (hybrid.crop, hybrid.repeat, hybrid.select, hybrid.concat) == (False, False, True, False)
     assert "LinearAttentionLayer" in hybrid.why
-    for kind in ("gpt_oss", "gemma4"):  # sliding layers: a shared prefix repeats, a crop could go past the window
+    # sliding layers: a shared prefix repeats, a crop could go past the window
+    for kind in ("gpt_oss", "gemma4"):
         sliding = cache_abilities(AutoConfig.from_pretrained(models[kind]))
         assert (sliding.crop, sliding.repeat, sliding.concat) == (False, True, False), kind
 
@@ -75,8 +79,9 @@ def test_per_layer_shapes_and_the_packing_estimate(models):
 
 
 def test_packed_rows_are_not_exact_for_linear_attention(models):
-    """Why packing auto never packs Qwen3.5 without a varlen kernel: the Gated DeltaNet layer (its torch fallback,
-    on CPU) runs its state on from one packed example into the next, whatever the position_ids say."""
+    """Why packing auto never packs Qwen3.5 without a varlen kernel: the Gated DeltaNet layer (its torch
+    fallback, on CPU) runs its state on from one packed example into the next, whatever the position_ids
+    say."""
     loaded = _load(models["qwen3_5"])
     first, second = [5, 6, 7, 8, 9], [10, 11, 12, 13]
     with torch.no_grad():
@@ -156,7 +161,8 @@ QUICK = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, 
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("packing, head", [(True, "chunked"), (False, "chunked"), (False, False), (True, True)])
+@pytest.mark.parametrize("packing, head", [(True, "chunked"), (False, "chunked"), (False, False),
+                                           (True, True)])
 def test_gpt_oss_lora_trains_its_experts_with_the_router_loss(models, tmp_path, tracking_uri, packing, head):
     project = write_chat_project(tmp_path / f"moe-{packing}-{head}", "moe")
     run = _run(project, tmp_path, "lora", {"model.name": str(models["gpt_oss"]), "data.packing": packing,
@@ -174,19 +180,20 @@ def test_gpt_oss_lora_trains_its_experts_with_the_router_loss(models, tmp_path, 
 
 @pytest.mark.integration
 def test_the_router_loss_counts_the_real_tokens_of_packed_rows_on_every_head(models, tmp_path, tracking_uri):
-    """The first step's load-balancing loss on packed rows is the same whether TRL's fused head (the CUDA default)
-    or the chunked head takes the loss: both over the real tokens only. Before, TRL's fused head took it over the
-    rows' end padding as well (it sees no attention mask on packed rows)."""
+    """The first step's load-balancing loss on packed rows is the same whether TRL's fused head (the CUDA
+    default) or the chunked head takes the loss: both over the real tokens only. Before, TRL's fused head took
+    it over the rows' end padding as well (it sees no attention mask on packed rows)."""
     aux = {}
     for head in (True, "chunked"):
         project = write_chat_project(tmp_path / f"aux-{head}", "aux")
         # rows of unequal length: the packed rows of a batch end in padding
         rows = [{"messages": [{"role": "user", "content": f"Say {i}."},
-                              {"role": "assistant", "content": " ".join(["word"] * (1 + 12 * i))}]} for i in range(4)]
+                              {"role": "assistant", "content": " ".join(["word"] * (1 + 12 * i))}]}
+                for i in range(4)]
         (project / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         run = _run(project, tmp_path, "lora", {"model.name": str(models["gpt_oss"]), "data.packing": True,
-                                               "train.fused_lm_head": head, "train.rehearsal": False, "data.max_length": 96,
-                                               **QUICK, "train.max_steps": 1})
+                                               "train.fused_lm_head": head, "train.rehearsal": False,
+                                               "data.max_length": 96, **QUICK, "train.max_steps": 1})
         history = MlflowClient().get_metric_history(run.info.run_id, "train/aux_loss") or \
             MlflowClient().get_metric_history(run.info.run_id, "aux_loss")
         aux[head] = history[0].value
@@ -195,13 +202,15 @@ def test_the_router_loss_counts_the_real_tokens_of_packed_rows_on_every_head(mod
 
 @pytest.mark.integration
 def test_full_fine_tune_of_a_base_model_with_a_chosen_template_scores_its_base(tmp_path, tracking_uri):
-    """-e full with model.chat_template on a base whose tokenizer lacks the template's tokens: the trained model
-    grew embedding rows, and the base contender is grown the same way (before: IndexError in evaluation)."""
+    """-e full with model.chat_template on a base whose tokenizer lacks the template's tokens: the trained
+    model grew embedding rows, and the base contender is grown the same way (before: IndexError in
+    evaluation)."""
     from tests.test_base_models import _base_copy
 
     base = _base_copy("mistral", tmp_path / "mistral-base")  # untied head: both matrices grow
     project = write_chat_project(tmp_path / "full-template", "full-template")
     run = _run(project, tmp_path, "full", {"model.name": str(base), "model.chat_template": "chatml", **QUICK})
     assert run.info.status == "FINISHED"
-    assert math.isfinite(run.data.metrics["eval/base/loss"]) and math.isfinite(run.data.metrics["eval/tuned/loss"])
+    assert math.isfinite(run.data.metrics["eval/base/loss"]) and math.isfinite(
+        run.data.metrics["eval/tuned/loss"])
     assert run.data.metrics["trainable_share"] == 1.0

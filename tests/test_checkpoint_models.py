@@ -1,7 +1,8 @@
-"""Checkpoints as MLflow 3 logged models: each save step of a real tiny-model fine-tune becomes `checkpoint-N`, an
-output of the run at step N with that step's eval loss (on the eval set) and train loss (on the training set);
-`mlflow-finetune models NAME --checkpoints RUN_ID` ranks them; any one of them registers as a version that loads,
-answers and is promoted on its own evaluation; resume finds checkpoints as before, and also by model id."""
+"""Checkpoints as MLflow 3 logged models: each save step of a real tiny-model fine-tune becomes
+`checkpoint-N`, an output of the run at step N with that step's eval loss (on the eval set) and train loss (on
+the training set); `mlflow-finetune models NAME --checkpoints RUN_ID` ranks them; any one of them registers as
+a version that loads, answers and is promoted on its own evaluation; resume finds checkpoints as before, and
+also by model id."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ RECIPE = "data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}
 
 @pytest.fixture(autouse=True)
 def _sampling_interval_stays_here(monkeypatch):
-    # job.run sets MLflow's sampling interval in this process's environment; other tests keep MLflow's default.
+    # job.run sets MLflow's sampling interval in this process's environment; other tests keep MLflow's
+    # default.
     monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
 
 
@@ -61,7 +63,8 @@ def test_checkpoints_are_logged_models_ranked_registered_and_promoted(tmp_path, 
     client = MlflowClient()
     run = client.get_run(run_id)
 
-    # One logged model per save step, an output of the run at that step, with that step's metrics and datasets.
+    # One logged model per save step, an output of the run at that step, with that step's metrics and
+    # datasets.
     models = checkpoint_models(run_id)
     assert [(m.name, m.tags[tags.CHECKPOINT_STEP]) for m in models] == [
         ("checkpoint-2", "2"), ("checkpoint-4", "4"), ("checkpoint-6", "6")]
@@ -81,8 +84,8 @@ def test_checkpoints_are_logged_models_ranked_registered_and_promoted(tmp_path, 
         assert metrics["train/loss"].value == _history(run_id, "train/loss")[step]
     history = client.get_metric_history(run_id, "eval/tuned/loss")
     assert len(history) == 4  # 3 save steps + the final evaluation
-    # The final evaluation is logged at the last step, after the Trainer's eval loss of that step: it is the run's
-    # latest value, the one gates and `models` read.
+    # The final evaluation is logged at the last step, after the Trainer's eval loss of that step: it is the
+    # run's latest value, the one gates and `models` read.
     final = max(history, key=lambda m: (m.step, m.timestamp))
     assert final.step == 6 and run.data.metrics["eval/tuned/loss"] == final.value != eval_loss[6]
 
@@ -107,8 +110,9 @@ def test_checkpoints_are_logged_models_ranked_registered_and_promoted(tmp_path, 
     version = client.get_model_version("bot", "2")
     own_run = client.get_run(version.tags[tags.SOURCE_RUN])
     assert own_run.info.run_id != run_id and own_run.data.tags["mlflow.parentRunId"] == run_id
-    assert {k: version.tags[k] for k in (tags.CHECKPOINT_STEP, tags.CHECKPOINT_RUN, tags.CHECKPOINT_MODEL)} == {
-        tags.CHECKPOINT_STEP: "2", tags.CHECKPOINT_RUN: run_id, tags.CHECKPOINT_MODEL: models[0].model_id}
+    assert {
+        k: version.tags[k] for k in (tags.CHECKPOINT_STEP, tags.CHECKPOINT_RUN, tags.CHECKPOINT_MODEL)
+    } == {tags.CHECKPOINT_STEP: "2", tags.CHECKPOINT_RUN: run_id, tags.CHECKPOINT_MODEL: models[0].model_id}
     for key in (tags.METHOD, tags.BASE_MODEL, tags.DATASET_DIGEST, tags.RECIPE_HASH, tags.CHAT_TEMPLATE_HASH):
         assert version.tags[key] == client.get_model_version("bot", "1").tags[key]
     assert client.get_logged_model(models[0].model_id).tags[tags.REGISTERED_VERSION] == "2"
@@ -123,9 +127,11 @@ def test_checkpoints_are_logged_models_ranked_registered_and_promoted(tmp_path, 
     answers = mlflow.pyfunc.load_model("models:/bot/2").predict(
         [{"messages": [{"role": "user", "content": "What is 3 plus 3?"}]}])
     assert len(answers) == 1 and isinstance(answers[0], str)
-    # Its model card: README.md beside MLmodel and the version's description, with the checkpoint's own scores.
+    # Its model card: README.md beside MLmodel and the version's description, with the checkpoint's own
+    # scores.
     card = Path(mlflow.artifacts.download_artifacts("models:/bot/2")) / "README.md"
-    assert card.is_file() and client.get_model_version("bot", "2").description == description(card.read_text())
+    assert card.is_file() and client.get_model_version("bot",
+                                                       "2").description == description(card.read_text())
     assert f"{own_run.data.metrics['eval/tuned/rougeL']:.4f}" in card.read_text()
 
     # Promotion gates on the checkpoint's own evaluation, not the final model's.

@@ -86,12 +86,14 @@ def test_each_format_detected_from_each_file_type(tmp_path, fmt, suffix):
 
 
 def test_chat_lists_round_trip_through_csv_and_parquet(tmp_path):
-    rows = [{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Yo"}]}]
+    rows = [{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant",
+                                                                            "content": "Yo"}]}]
     for suffix in (".csv", ".parquet"):
         path = write(tmp_path / f"pc{suffix}", rows)
         ds, fmt = load_training_dataset(path)
         assert fmt == "prompt_completion"
-        assert ds[0]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+        assert ds[0]["messages"] == [{"role": "user", "content": "Hi"},
+                                     {"role": "assistant", "content": "Yo"}]
 
 
 def test_json_object_with_data_key_gives_each_objects_line(tmp_path):
@@ -112,7 +114,8 @@ def test_alpaca_and_prompt_completion_to_messages():
         {"role": "user", "content": "The sky is"}, {"role": "assistant", "content": " blue."}]
     conv = {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
             "completion": [{"role": "assistant", "content": "A"}]}
-    assert to_messages(conv, "prompt_completion", system_prompt="other") == conv["prompt"] + conv["completion"]
+    assert to_messages(conv, "prompt_completion",
+                       system_prompt="other") == conv["prompt"] + conv["completion"]
 
 
 def test_broken_json_lines_are_all_reported_with_line_numbers(tmp_path):
@@ -163,12 +166,13 @@ def test_the_same_problem_on_many_rows_is_one_line_with_count_and_first_lines(tm
     assert len(err.value.issues) == 30
     assert str(err.value).splitlines() == [
         "1 problem in the data:",
-        f"  {path}: invalid JSON: Expecting property name enclosed in double quotes (column 2); each line must be "
-        "one complete JSON object (30 rows: lines 1, 2, 3, 4, 5 and 25 more)"]
+        f"  {path}: invalid JSON: Expecting property name enclosed in double quotes (column 2); each line "
+        "must be one complete JSON object (30 rows: lines 1, 2, 3, 4, 5 and 25 more)"]
     rows = [{"instruction": f"i{n}", "output": ""} for n in range(41)]
     report = check_data(write(tmp_path / "a.jsonl", rows))
     assert len(report.errors) == 41
-    assert f"{tmp_path / 'a.jsonl'}: 'output' is empty (41 rows: lines 1, 2, 3, 4, 5 and 36 more)" in report.render()
+    assert (f"{tmp_path / 'a.jsonl'}: 'output' is empty (41 rows: lines 1, 2, 3, 4, 5 and 36 "
+            "more)") in report.render()
 
 
 def test_wrong_types_and_roles_reported_per_row(tmp_path):
@@ -193,10 +197,12 @@ def test_wrong_types_and_roles_reported_per_row(tmp_path):
     assert "ends with a 'user' message" in by_line[6]
     assert "empty content" in by_line[7]
 
-    alpaca = validate_records([(1, {"instruction": "x", "output": 3}), (2, {"instruction": "", "output": "y"}),
-                               (3, {"output": "y"})], "alpaca", "a.jsonl")
+    alpaca = validate_records([(1, {"instruction": "x", "output": 3}),
+                               (2, {"instruction": "", "output": "y"}), (3, {"output": "y"})], "alpaca",
+                              "a.jsonl")
     assert [str(i) for i in alpaca] == ["a.jsonl:1: 'output' must be a string, got a number",
-                                        "a.jsonl:2: 'instruction' is empty", "a.jsonl:3: missing 'instruction'"]
+                                        "a.jsonl:2: 'instruction' is empty",
+                                        "a.jsonl:3: missing 'instruction'"]
 
 
 def test_ambiguous_and_unknown_formats_list_expected_keys(tmp_path):
@@ -224,15 +230,18 @@ def test_preference_forms_load_as_trl_expects(tmp_path):
 
     user = {"role": "user", "content": "Best pet?"}
     implicit = write(tmp_path / "c.jsonl", [{"chosen": [user, {"role": "assistant", "content": "A cat."}],
-                                             "rejected": [user, {"role": "assistant", "content": "A rock."}]}])
+                                             "rejected": [user,
+                                                          {"role": "assistant", "content": "A rock."}]}])
     assert detect_format(read_records(implicit), implicit) == "preference"
     ds, _ = load_training_dataset(implicit, system_prompt="Be nice.")
     assert ds[0]["prompt"] == [{"role": "system", "content": "Be nice."}, user]
     assert ds[0]["chosen"] == [{"role": "assistant", "content": "A cat."}]
     assert ds[0]["rejected"] == [{"role": "assistant", "content": "A rock."}]
 
-    mixed = write(tmp_path / "m.jsonl", [SAMPLES["preference"][0], {"prompt": [user], "chosen": "Dog.", "rejected": "x"}])
-    ds, _ = load_training_dataset(mixed)  # one chat-form row makes every row chat-form (one Arrow type per column)
+    mixed = write(tmp_path / "m.jsonl", [SAMPLES["preference"][0], {"prompt": [user], "chosen": "Dog.",
+                                                                    "rejected": "x"}])
+    # one chat-form row makes every row chat-form (one Arrow type per column)
+    ds, _ = load_training_dataset(mixed)
     assert ds[0]["prompt"] == [user] and ds[1]["chosen"] == [{"role": "assistant", "content": "Dog."}]
 
 
@@ -242,7 +251,8 @@ def test_preference_chosen_equal_rejected_is_an_error(tmp_path):
     report = check_data(path, tokenizer=FakeTokenizer())
     assert report.format == "preference" and not report.ok
     assert [(i.line, "identical" in i.message) for i in report.errors] == [(1, True)]
-    assert report.token_stats["max"] == 4  # prompt + longer of chosen/rejected, one token per word and message
+    # prompt + longer of chosen/rejected, one token per word and message
+    assert report.token_stats["max"] == 4
     with pytest.raises(DataError, match="identical"):
         load_training_dataset(path)
 
@@ -361,7 +371,8 @@ def test_data_check_cli_exit_codes(tmp_path, monkeypatch):
     import mlflow_finetune_plugin.models.base as models
 
     asked = []
-    monkeypatch.setattr(models, "load_tokenizer", lambda name, *a, **k: asked.append(name) or word_tokenizer())
+    monkeypatch.setattr(models, "load_tokenizer", lambda name, *a,
+                        **k: asked.append(name) or word_tokenizer())
     good = write(tmp_path / "good.jsonl", SAMPLES["chat"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(chat("a", "b")) + "\n{nope\n")
@@ -372,7 +383,8 @@ def test_data_check_cli_exit_codes(tmp_path, monkeypatch):
     assert "format          chat" in result.output
     assert "tokens          min 8  mean 10.5  p50 8  p95 13  max 13" in result.output  # 3 + words a message
 
-    result = runner.invoke(main, ["data", "check", str(good), str(bad), "--max-length", "12", "--model", "my/tok"])
+    result = runner.invoke(main, ["data", "check", str(good), str(bad), "--max-length", "12", "--model",
+                                  "my/tok"])
     assert result.exit_code == 1
     assert f"{bad}:2: invalid JSON" in result.output
     assert f"{good}:2: 13 tokens, more than max_length 12" in result.output

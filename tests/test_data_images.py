@@ -1,6 +1,6 @@
-"""Images in training data (issue 59): every form users write them in read into the one canonical form (parts with
-{"type": "image"} placeholders and an `images` column of absolute paths, data URLs or http URLs), and the data check
-and pre-flight refusing what training could not use, by file and line, before any model loads."""
+"""Images in training data (issue 59): every form users write them in read into the one canonical form (parts
+with {"type": "image"} placeholders and an `images` column of absolute paths, data URLs or http URLs), and the
+data check and pre-flight refusing what training could not use, by file and line, before any model loads."""
 
 from __future__ import annotations
 
@@ -53,16 +53,36 @@ def load(path):
 
 
 def test_openai_image_url_parts(tmp_path):
-    """Path (relative: read from the file's folder), data URL and http URL, in the dict and the string form."""
+    """Path (relative: read from the file's folder), data URL and http URL, in the dict and the string
+    form."""
     red, blue = png(tmp_path / "pics" / "red.png"), png(tmp_path / "blue.png", color=(0, 0, 255))
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "pics/red.png"}},
-                                                       text("What colour?")]},
-                          {"role": "assistant", "content": "Red."}]},
-            {"messages": [{"role": "user", "content": [text("Compare"),
-                                                       {"type": "image_url", "image_url": data_url(blue)},
-                                                       {"type": "image_url",
-                                                        "image_url": {"url": "https://example.com/a.png"}}]},
-                          {"role": "assistant", "content": "Blue, then unknown."}]}]
+    rows = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "pics/red.png"}},
+                        text("What colour?"),
+                    ],
+                },
+                {"role": "assistant", "content": "Red."},
+            ]
+        },
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        text("Compare"),
+                        {"type": "image_url", "image_url": data_url(blue)},
+                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                    ],
+                },
+                {"role": "assistant", "content": "Blue, then unknown."},
+            ]
+        },
+    ]
     ds = load(jsonl(tmp_path / "train.jsonl", rows))
     assert ds[0] == {"messages": [{"role": "user", "content": [IMG, text("What colour?")]}, answer("Red.")],
                      "images": [str(red)]}
@@ -72,8 +92,8 @@ def test_openai_image_url_parts(tmp_path):
 
 
 def test_transformers_image_parts(tmp_path):
-    """`{"type": "image", "path" | "url" | "image" | "base64": ...}`; `image` may be a path or a data URL, `base64`
-    raw base64 text (written as a data URL)."""
+    """`{"type": "image", "path" | "url" | "image" | "base64": ...}`; `image` may be a path or a data URL,
+    `base64` raw base64 text (written as a data URL)."""
     a, b = png(tmp_path / "a.png"), png(tmp_path / "b.png", color=(0, 255, 0))
     raw = base64.b64encode(b.read_bytes()).decode()
     parts = [{"type": "image", "path": "a.png"}, {"type": "image", "url": "http://host/x.jpg"},
@@ -101,15 +121,17 @@ def test_trl_images_column_with_placeholders_in_every_file_type(tmp_path, suffix
 
 
 def test_trl_single_image_column_and_string_contents(tmp_path):
-    """TRL's rule for string contents with images: the images go before the first user message's text (the system
-    message is left as it is); the `image` column is one image per row."""
+    """TRL's rule for string contents with images: the images go before the first user message's text (the
+    system message is left as it is); the `image` column is one image per row."""
     png(tmp_path / "a.png")
-    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is it?"},
+    rows = [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "What is it?"},
                           {"role": "assistant", "content": "A square."}], "image": "a.png"}]
     ds = load(jsonl(tmp_path / "t.jsonl", rows))
     assert ds.column_names == ["messages", "images"]
     assert ds[0] == {"messages": [{"role": "system", "content": [text("Be brief.")]},
-                                  {"role": "user", "content": [IMG, text("What is it?")]}, answer("A square.")],
+                                  {"role": "user", "content": [IMG, text("What is it?")]},
+                                  answer("A square.")],
                      "images": [str(tmp_path / "a.png")]}
 
 
@@ -148,21 +170,24 @@ def test_relative_paths_are_read_from_the_data_files_folder(tmp_path, monkeypatc
 
 
 def test_datasets_parquet_with_an_image_feature(tmp_path, monkeypatch):
-    """A parquet written by `datasets` with an Image feature: bytes become data URLs, a path without bytes is read
-    from the file's folder; a local `hf:` dataset folder reads the same."""
+    """A parquet written by `datasets` with an Image feature: bytes become data URLs, a path without bytes is
+    read from the file's folder; a local `hf:` dataset folder reads the same."""
     import datasets
 
     red = Image.new("RGB", (5, 4), (255, 0, 0))
     png(tmp_path / "hf" / "green.png", color=(0, 255, 0))
-    messages = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Colour?"}]},
+    messages = [{"role": "user", "content": [{"type": "image", "text": None},
+                                             {"type": "text", "text": "Colour?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]
     features = datasets.Features({"messages": [{"role": datasets.Value("string"),
                                                 "content": [{"type": datasets.Value("string"),
                                                              "text": datasets.Value("string")}]}],
                                   "images": datasets.Sequence(datasets.Image())})
-    monkeypatch.chdir(tmp_path / "hf")  # datasets reads the file of a path without bytes from the working folder
+    # datasets reads the file of a path without bytes from the working folder
+    monkeypatch.chdir(tmp_path / "hf")
     ds = datasets.Dataset.from_dict({"messages": [messages, messages],
-                                     "images": [[red], [{"bytes": None, "path": "green.png"}]]}, features=features)
+                                     "images": [[red], [{"bytes": None, "path": "green.png"}]]},
+                                    features=features)
     ds.to_parquet(str(tmp_path / "hf" / "train.parquet"))
     monkeypatch.chdir(tmp_path)
     for source in (tmp_path / "hf" / "train.parquet", f"hf:{tmp_path / 'hf'}"):
@@ -174,8 +199,9 @@ def test_datasets_parquet_with_an_image_feature(tmp_path, monkeypatch):
 
 
 def test_preference_rows_with_images(tmp_path):
-    """TRL's DPO vision rows (prompt parts and `images`) and string rows with an `image` column load as prompt,
-    chosen, rejected messages; an image in an answer is refused (images go in the prompt both answers share)."""
+    """TRL's DPO vision rows (prompt parts and `images`) and string rows with an `image` column load as
+    prompt, chosen, rejected messages; an image in an answer is refused (images go in the prompt both answers
+    share)."""
     png(tmp_path / "a.png")
     rows = [{"prompt": [{"role": "user", "content": [IMG, text("Describe it.")]}],
              "chosen": [{"role": "assistant", "content": [text("A red square.")]}],
@@ -190,7 +216,8 @@ def test_preference_rows_with_images(tmp_path):
     assert ds[1]["chosen"] == [answer("Red.")] and ds[1]["images"] == [str(tmp_path / "a.png")]
     rows[0]["chosen"][0]["content"].append(IMG)
     rows[0]["images"].append("a.png")
-    with pytest.raises(DataError, match=r"p2\.jsonl:1: chosen\[0\]: an image in 'chosen': images go in the prompt"):
+    with pytest.raises(DataError,
+                       match=r"p2\.jsonl:1: chosen\[0\]: an image in 'chosen': images go in the prompt"):
         load_training_dataset(jsonl(tmp_path / "p2.jsonl", rows))
 
 
@@ -212,7 +239,8 @@ def test_text_only_data_is_unchanged(tmp_path):
     assert ds[0]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     # text parts without any image in the data read as strings, the one form of text-only data
     rows[0]["messages"][0]["content"] = [text("Hi "), text("there")]
-    assert load(jsonl(tmp_path / "parts.jsonl", rows))[0]["messages"][0] == {"role": "user", "content": "Hi there"}
+    assert load(jsonl(tmp_path / "parts.jsonl", rows))[0]["messages"][0] == {"role": "user",
+                                                                             "content": "Hi there"}
 
 
 def test_messages_helpers_read_parts():
@@ -249,10 +277,13 @@ def test_missing_undecodable_and_miscounted_images_are_refused_with_file_and_lin
         load_training_dataset(path)
     message = str(info.value)
     assert (f"{path}:2: images[0]: image file not found: {tmp_path / 'missing.png'} (written 'missing.png': "
-            "relative paths are read from the data file's folder); fix the path, or put the image there") in message
-    assert f"{path}:3: 2 image placeholders" in message and "but 1 image in 'images': add the missing" in message
+            "relative paths are read from the data file's folder); fix the path, or put the image "
+            "there") in message
+    assert f"{path}:3: 2 image placeholders" in message and ("but 1 image in 'images': add the "
+                                                             "missing") in message
     assert f"{path}:4: 1 image placeholder (" in message and "but 0 images in 'images'" in message
-    assert f"{path}:5: 1 image placeholder (" in message and "but 2 images in 'images': put a placeholder" in message
+    assert f"{path}:5: 1 image placeholder (" in message and ("but 2 images in 'images': put a "
+                                                              "placeholder") in message
     report = check_data(path)  # the data check reads them the same way, and opens every image
     assert {i.line for i in report.errors} == {2, 3, 4, 5, 6}
     (broken,) = [i for i in report.errors if i.line == 6]
@@ -268,11 +299,11 @@ def test_images_for_a_text_only_model_are_refused(tmp_path):
     assert check_data(path).ok
     report = check_data(path, model="tiny")
     assert [str(i) for i in report.errors] == [
-        f"{path}:2: 1 row has images (the first on this line), but tiny reads text only: name a vision-language "
-        "model with --model (one whose processor takes images: SmolVLM, Qwen2-VL, LLaVA, Gemma 3 4B and up, ...), "
-        "or leave the images out"]
-    assert [model_takes_images(name) for name in ("tiny", "smollm2", "gemma3", "tiny-qwen3", "tiny-gemma3")] == [
-        False] * 5
+        f"{path}:2: 1 row has images (the first on this line), but tiny reads text only: name a "
+        "vision-language model with --model (one whose processor takes images: SmolVLM, Qwen2-VL, LLaVA, "
+        "Gemma 3 4B and up, ...), or leave the images out"]
+    assert [model_takes_images(name) for name in ("tiny", "smollm2", "gemma3", "tiny-qwen3",
+                                                  "tiny-gemma3")] == [False] * 5
 
 
 def test_model_takes_images_reads_the_config(tmp_path):
@@ -296,8 +327,9 @@ def test_preflight_refuses_images_for_the_tiny_model_before_any_run(tmp_path):
     with pytest.raises(FinetuneError) as info:
         resolve_entry_point(str(tmp_path), "lora", {"model": "tiny"})
     assert "nothing was started" in str(info.value)
-    assert ("data/train.jsonl:1: 6 rows have images (the first on this line), but tiny reads text only: name a "
-            "vision-language model with model.name") in str(info.value)
+    assert (
+        "data/train.jsonl:1: 6 rows have images (the first on this line), but tiny reads text only: name a "
+        "vision-language model with model.name") in str(info.value)
 
 
 # ---------------------------------------------------------------- what the check reports
@@ -307,7 +339,8 @@ def test_report_counts_sizes_and_warnings(tmp_path):
     png(tmp_path / "small.png", size=(4, 3))
     png(tmp_path / "wide.png", size=(4100, 2))
     rows = [_vqa("small.png"), _vqa("wide.png"), _vqa("https://example.com/x.png"),
-            {"messages": [{"role": "user", "content": "Text only"}, {"role": "assistant", "content": "Yes."}]}]
+            {"messages": [{"role": "user", "content": "Text only"},
+                          {"role": "assistant", "content": "Yes."}]}]
     path = jsonl(tmp_path / "t.jsonl", rows)
     result = CliRunner().invoke(main, ["data", "check", path, "--json"])
     assert result.exit_code == 0, result.output
@@ -315,21 +348,27 @@ def test_report_counts_sizes_and_warnings(tmp_path):
     assert report["images"] == {"rows": 3, "total": 3, "urls": 1, "min_width": 4, "max_width": 4100,
                                 "min_height": 2, "max_height": 3}
     warnings = {w["line"]: w["message"] for w in report["warnings"] if w["line"]}
-    assert warnings[2] == "images[0]: 4100×2 px, more than 4096 on a side: resized to the processor's limits at training"
-    assert warnings[3] == ("images[0]: https://example.com/x.png is not checked offline (the collator fetches it at "
-                           "training)")
+    assert warnings[2] == ("images[0]: 4100×2 px, more than 4096 on a side: resized to the processor's "
+                           "limits at training")
+    assert warnings[3] == (
+        "images[0]: https://example.com/x.png is not checked offline (the collator fetches it at "
+        "training)")
     text_report = CliRunner().invoke(main, ["data", "check", path]).output
-    assert ("images          3 in 3 rows, widths 4-4100 px, heights 2-3 px, 1 http(s) URLs not checked offline"
-            in text_report)
+    assert (
+        "images          3 in 3 rows, widths 4-4100 px, heights 2-3 px, 1 http(s) URLs not checked "
+        "offline" in text_report)
     assert f"{path}:2: images[0]: 4100×2 px, more than 4096 on a side" in text_report
     # the same on several rows is one line with the count
     many = jsonl(tmp_path / "many.jsonl", [_vqa(f"https://example.com/{i}.png") for i in range(3)])
-    assert (f"{many}: images given as http(s) URLs are not checked offline: the collator fetches them at training; "
-            "check they can be reached from there, or download them and give their paths (3 rows: lines 1, 2, 3)"
-            ) in CliRunner().invoke(main, ["data", "check", many]).output
+    assert (
+        f"{many}: images given as http(s) URLs are not checked offline: the collator fetches them at "
+        "training; check they can be reached from there, or download them and give their paths (3 rows: "
+        "lines 1, 2, 3)"
+    ) in CliRunner().invoke(main, ["data", "check", many]).output
     assert "(text only)" in text_report  # the token counts say what they leave out
-    assert ("image tokens    3 rows have images: their image tokens come on top of the text tokens counted here, "
-            "and are counted when the processor is known") in text_report
+    assert (
+        "image tokens    3 rows have images: their image tokens come on top of the text tokens counted here, "
+        "and are counted when the processor is known") in text_report
 
 
 def test_the_same_question_on_different_images_is_no_duplicate(tmp_path):
@@ -346,13 +385,14 @@ def test_the_same_question_on_different_images_is_no_duplicate(tmp_path):
 
 
 def test_parquet_written_by_pyarrow_with_image_bytes(tmp_path):
-    """Image bytes in a plain parquet struct (as datasets stores an Image feature) and a mixed dataset: the rows
-    without images have `[]` and text parts."""
+    """Image bytes in a plain parquet struct (as datasets stores an Image feature) and a mixed dataset: the
+    rows without images have `[]` and text parts."""
     raw = png(tmp_path / "x.png").read_bytes()
-    rows = [{"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "Red."}],
-             "images": [{"bytes": raw, "path": None}]},
-            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-             "images": []}]
+    rows = [{"messages": [{"role": "user", "content": "<image>What?"},
+                          {"role": "assistant", "content": "Red."}],
+             "images": [{"bytes": raw, "path": None}]}, {"messages": [{"role": "user", "content": "Hi"},
+                                                                      {"role": "assistant",
+                                                                       "content": "Hello"}], "images": []}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
     ds = load(tmp_path / "t.parquet")
     assert ds["images"] == [["data:image/png;base64," + base64.b64encode(raw).decode()], []]
@@ -382,9 +422,9 @@ def test_a_mixture_of_a_task_with_images_and_a_text_task(tmp_path):
 
 
 def test_preflight_passes_images_for_a_vision_language_model(tmp_path, capsys):
-    """A model whose config is an image-text-to-text one (a LLaVA config alone: no tokenizer at hand, so lengths are
-    left to training): the images pass, the rows read as training reads them, and a note says what token lengths
-    leave out."""
+    """A model whose config is an image-text-to-text one (a LLaVA config alone: no tokenizer at hand, so
+    lengths are left to training): the images pass, the rows read as training reads them, and a note says what
+    token lengths leave out."""
     from transformers import LlavaConfig
 
     from mlflow_finetune_plugin.config.loading import load_recipe
@@ -397,5 +437,6 @@ def test_preflight_passes_images_for_a_vision_language_model(tmp_path, capsys):
     (tmp_path / "finetune.yaml").write_text("data:\n  train: data/train.jsonl\n  eval_split: 0\neval:\n"
                                             "  enabled: false\n")
     check_recipe_data(load_recipe(tmp_path, overrides={"model": str(tmp_path / "llava")}), check)
-    assert ("Note: rows with images (data.train 6): token lengths count their text only (the model's processor was "
-            "not at hand); their image tokens are counted before the first step.") in capsys.readouterr().err
+    assert (
+        "Note: rows with images (data.train 6): token lengths count their text only (the model's processor "
+        "was not at hand); their image tokens are counted before the first step.") in capsys.readouterr().err

@@ -1,13 +1,16 @@
-"""A registered version deploys the MLflow way: it carries the code it runs (`code/`), and its requirements are what
-PyPI has, so MLflow's tools that rebuild a model's environment from its own files can.
+"""A registered version deploys the MLflow way: it carries the code it runs (`code/`), and its requirements
+are what PyPI has, so MLflow's tools that rebuild a model's environment from its own files can.
 
-- In a fresh virtual environment with mlflow, torch, transformers and peft (and what they depend on), without the
-  plugin, `mlflow.pyfunc.load_model("models:/NAME@alias")` answers, and so does `mlflow models serve`'s /invocations.
-- `mlflow models generate-dockerfile` writes a Dockerfile whose install step needs nothing but PyPI; each requirement
+- In a fresh virtual environment with mlflow, torch, transformers and peft (and what they depend on), without
+the
+  plugin, `mlflow.pyfunc.load_model("models:/NAME@alias")` answers, and so does `mlflow models serve`'s
+  /invocations.
+- `mlflow models generate-dockerfile` writes a Dockerfile whose install step needs nothing but PyPI; each
+requirement
   resolves there (checked against PyPI itself where it can be reached).
 
-The fresh environment is a venv whose site-packages links to the installed distributions those four need, read from
-their metadata, and nothing else: no network, about a second to make."""
+The fresh environment is a venv whose site-packages links to the installed distributions those four need, read
+from their metadata, and nothing else: no network, about a second to make."""
 
 from __future__ import annotations
 
@@ -54,11 +57,12 @@ def _closure(roots) -> list[importlib.metadata.Distribution]:
 
 
 def make_plain_env(venv: Path, roots=DEPLOY_STACK) -> Path:
-    """A venv at `venv` that sees only the installed distributions `roots` need, with their console scripts; returns
-    its bin folder."""
+    """A venv at `venv` that sees only the installed distributions `roots` need, with their console scripts;
+    returns its bin folder."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    site = Path(subprocess.run([str(python), "-c",
+                                "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     for dist in _closure(roots):
         installed = Path(dist.locate_file(""))
@@ -98,14 +102,15 @@ print(json.dumps({"answers": answers, "code": mlflow_finetune_plugin.__file__}))
 """
 
 
-def test_a_version_loads_and_serves_in_a_fresh_environment_without_the_plugin(tracking_uri, tmp_path, plain_bin):
+def test_a_version_loads_and_serves_in_a_fresh_environment_without_the_plugin(tracking_uri, tmp_path,
+                                                                              plain_bin):
     register_version(seed=0, alias="champion")
     expected = mlflow.pyfunc.load_model("models:/bot@champion").predict([{"messages": MESSAGES}],
                                                                         params={"max_new_tokens": 12})
     # A cache of its own: the tiny base is built there by the code the model carries.
     env = _plain_env(plain_bin, tracking_uri, tmp_path / "fresh-cache")
-    proc = subprocess.run([str(plain_bin / "python"), "-c", PLAIN_LOAD, json.dumps(MESSAGES)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(plain_bin / "python"), "-c", PLAIN_LOAD, json.dumps(MESSAGES)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert loaded["answers"] == expected
@@ -114,7 +119,8 @@ def test_a_version_loads_and_serves_in_a_fresh_environment_without_the_plugin(tr
     port = free_port()
     server = subprocess.Popen([str(plain_bin / "mlflow"), "models", "serve", "-m", "models:/bot@champion",
                                "--env-manager", "local", "--port", str(port)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=300)
         body = {"dataframe_records": [{"messages": MESSAGES}], "params": {"max_new_tokens": 12}}
@@ -135,8 +141,9 @@ def test_the_dockerfile_installs_from_pypi_only(tracking_uri, tmp_path, plain_bi
     register_version(seed=0, alias="champion")
     out = tmp_path / "image"
     env = _plain_env(plain_bin, tracking_uri, tmp_path / "cache")
-    proc = subprocess.run([str(plain_bin / "mlflow"), "models", "generate-dockerfile", "-m", "models:/bot@champion",
-                           "-d", str(out)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(plain_bin / "mlflow"), "models", "generate-dockerfile", "-m",
+                           "models:/bot@champion", "-d", str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     dockerfile = (out / "Dockerfile").read_text()
     steps = [line for line in dockerfile.splitlines() if line.startswith(("RUN", "COPY", "ADD", "FROM"))]
@@ -150,7 +157,8 @@ def test_the_dockerfile_installs_from_pypi_only(tracking_uri, tmp_path, plain_bi
     model_dir = out / "model_dir"
     assert (model_dir / "code" / "mlflow_finetune_plugin" / "logged_model.py").is_file()
     lines = _requirement_lines((model_dir / "requirements.txt").read_text())
-    names = [Requirement(line).name for line in lines]  # each a plain `name<specifier>`: no URL, path or option
+    # each a plain `name<specifier>`: no URL, path or option
+    names = [Requirement(line).name for line in lines]
     assert names == ["mlflow", "torch", "transformers", "peft", "filelock"]
     assert not [line for line in lines if Requirement(line).url]
     python_env = (model_dir / "python_env.yaml").read_text()
@@ -159,19 +167,23 @@ def test_the_dockerfile_installs_from_pypi_only(tracking_uri, tmp_path, plain_bi
 
 def test_every_requirement_resolves_on_pypi(tracking_uri, tmp_path):
     """pip, told to use PyPI alone (`--isolated`: no local index, wheel folder or constraints), finds each
-    requirement of a logged model; `--dry-run --no-deps` reads their metadata without downloading the wheels."""
+    requirement of a logged model; `--dry-run --no-deps` reads their metadata without downloading the
+    wheels."""
     register_version(seed=0, alias="champion")
     local = Path(mlflow.artifacts.download_artifacts("models:/bot@champion"))
     cert = ["--cert", os.environ["PIP_CERT"]] if os.environ.get("PIP_CERT") else []
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--isolated", *cert, "--dry-run", "--no-deps",
-                           "--ignore-installed", "--quiet", "--report", str(tmp_path / "report.json"),
-                           "-r", str(local / "requirements.txt")], capture_output=True, text=True, timeout=300)
-    if proc.returncode and re.search(r"(?i)connection|resolve host|network is unreachable|timed out", proc.stderr):
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--isolated", *cert, "--dry-run",
+                           "--no-deps", "--ignore-installed", "--quiet", "--report",
+                           str(tmp_path / "report.json"), "-r", str(local / "requirements.txt")],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode and re.search(r"(?i)connection|resolve host|network is unreachable|timed out",
+                                     proc.stderr):
         pytest.skip(f"PyPI cannot be reached from here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     resolved = json.loads((tmp_path / "report.json").read_text())["install"]
     assert sorted(item["metadata"]["name"].lower() for item in resolved) == sorted(DEPLOY_STACK)
-    assert all(item["download_info"]["url"].startswith("https://files.pythonhosted.org/") for item in resolved)
+    assert all(item["download_info"]["url"].startswith("https://files.pythonhosted.org/")
+               for item in resolved)
 
 
 def test_an_adapter_names_the_package_that_carries_its_built_in_base():
@@ -196,6 +208,8 @@ def test_the_carried_code_is_the_loader_and_what_it_imports():
 
     package = Path(mlflow_finetune_plugin.__file__).parent
     names = {p.relative_to(package).as_posix() for p in carried_modules()}
-    assert {"logged_model.py", "__init__.py", "errors.py", "paths.py", "models/tiny.py", "models/base.py"} <= names
+    assert {"logged_model.py", "__init__.py", "errors.py", "paths.py", "models/tiny.py",
+            "models/base.py"} <= names
     # Nothing of training, serving or the command line: those import trl, gradio, click.
-    assert not [n for n in names if n.split("/")[0] in ("train", "serving", "cli", "evaluate", "data", "config")]
+    assert not [n for n in names if n.split("/")[0] in ("train", "serving", "cli", "evaluate", "data",
+                                                        "config")]

@@ -1,7 +1,7 @@
-"""A teacher for prompts without answers (`-e distill`, docs/distill.md): `mlflow-finetune serve` on a tiny registered
-model is the teacher, `mlflow run -e distill --backend finetune` asks it for the answers to a file of prompts and
-trains the tiny student on them. A small proxy in front of the server counts (and, where a test says so, refuses)
-the requests, so the tests see what the teacher was asked."""
+"""A teacher for prompts without answers (`-e distill`, docs/distill.md): `mlflow-finetune serve` on a tiny
+registered model is the teacher, `mlflow run -e distill --backend finetune` asks it for the answers to a file
+of prompts and trains the tiny student on them. A small proxy in front of the server counts (and, where a test
+says so, refuses) the requests, so the tests see what the teacher was asked."""
 
 from __future__ import annotations
 
@@ -44,12 +44,13 @@ EVAL = [{"messages": [{"role": "user", "content": f"When do you open on day {i}?
 RECIPE = ("data:\n  train: data/prompts.jsonl\n  eval: data/eval.jsonl\n  max_length: 64\n  packing: false\n"
           "distill:\n  max_tokens: 3\n  concurrency: 2\n  stop: [' ']\n")
 CLI = "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())"
-# stop: the tiny teacher writes random tokens; ending at the first space, some of its answers end (finish_reason stop)
+# stop: the tiny teacher writes random tokens; ending at the first space, some of its answers end
+# (finish_reason stop)
 
 
 class Proxy:
-    """An HTTP proxy in front of the teacher's server: it records the last user message of every chat completion and
-    refuses (400) the prompts in `refuse`."""
+    """An HTTP proxy in front of the teacher's server: it records the last user message of every chat
+    completion and refuses (400) the prompts in `refuse`."""
 
     def __init__(self, target: str):
         self.target, self.asked, self.refuse, self.delay = target, [], set(), 0.0
@@ -88,8 +89,8 @@ class Proxy:
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """A tiny registered model `teacher` served by `mlflow-finetune serve` behind a counting proxy, on a sqlite
-    store: (store URI, its folder, the proxy)."""
+    """A tiny registered model `teacher` served by `mlflow-finetune serve` behind a counting proxy, on a
+    sqlite store: (store URI, its folder, the proxy)."""
     root = tmp_path_factory.mktemp("distill")
     with pytest.MonkeyPatch.context() as mp:
         uri = use_store(mp, root)
@@ -172,11 +173,13 @@ def test_the_student_trains_on_the_teachers_answers_and_a_rerun_asks_nothing_aga
                for r in held)
     assert run.data.tags["finetune.distill.teacher"] == f"{proxy.url} (teacher-v1)"
     assert "eval/teacher/rougeL" in run.data.metrics  # the evaluation scored the teacher as a contender
-    # A rerun that asks nothing again (every answer from the cache): the limited run's test, below, ends with one.
+    # A rerun that asks nothing again (every answer from the cache): the limited run's test, below, ends with
+    # one.
 
 
-# -m stress: the answers cached across runs are covered by the limited run's test (a larger run asks only for the
-# rest), and a teacher failing the run by the unanswering-URL test; this adds a failure halfway through the asking.
+# -m stress: the answers cached across runs are covered by the limited run's test (a larger run asks only for
+# the rest), and a teacher failing the run by the unanswering-URL test; this adds a failure halfway through
+# the asking.
 @pytest.mark.stress
 @pytest.mark.integration
 def test_a_teacher_that_fails_halfway_is_asked_only_for_the_rest_next_time(teacher, tmp_path):
@@ -187,7 +190,8 @@ def test_a_teacher_that_fails_halfway_is_asked_only_for_the_rest_next_time(teach
     proxy.refuse = {"Crash test 3?"}
     try:
         proc, run = _distill(uri, root, project, "distill-crash",
-                             **{"distill.teacher": proxy.url, "distill.concurrency": 1, "data.eval_split": 0.3})
+                             **{"distill.teacher": proxy.url, "distill.concurrency": 1,
+                                "data.eval_split": 0.3})
     finally:
         proxy.refuse = set()
     assert proc.returncode != 0 and run.info.status == "FAILED"
@@ -209,7 +213,8 @@ def test_a_run_cancelled_while_asking_ends_killed_at_once_and_its_answers_are_ke
     prompts = [{"prompt": f"Cancel test {i}?"} for i in range(8)]
     project = _project(tmp_path, prompts, held_out=False)
     # 2 of the 8 held out, both scored (eval.max_examples 2): every prompt is used, and asked
-    overrides = {**FAST_OVERRIDES, "distill.teacher": proxy.url, "distill.concurrency": 1, "data.eval_split": 0.25}
+    overrides = {**FAST_OVERRIDES, "distill.teacher": proxy.url, "distill.concurrency": 1,
+                 "data.eval_split": 0.25}
     cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "distill", "--backend", "finetune",
            "--experiment-name", "distill-cancel", "--backend-config", '{"detach": true}'] + [
         a for k, v in overrides.items() for a in ("-P", f"{k}={v}")]
@@ -259,15 +264,17 @@ def test_a_teacher_url_that_does_not_answer_fails_the_run_before_training(teache
     assert "Tokenizing" not in proc.stderr
 
 
-# -m stress: a registered model loaded in the run as the teacher is covered by the token-level test (its teacher is
-# registered too, and loaded in process); this adds the sequence-level answers of an in-process teacher.
+# -m stress: a registered model loaded in the run as the teacher is covered by the token-level test (its
+# teacher is registered too, and loaded in process); this adds the sequence-level answers of an in-process
+# teacher.
 @pytest.mark.stress
 @pytest.mark.integration
 def test_a_registered_model_teaches_in_this_process(teacher, tmp_path):
     uri, root, proxy = teacher
     project = _project(tmp_path)
     proxy.asked.clear()
-    proc, run = _distill(uri, root, project, "distill-local", **{"distill.teacher": "models:/teacher@champion"})
+    proc, run = _distill(uri, root, project, "distill-local",
+                         **{"distill.teacher": "models:/teacher@champion"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proxy.asked == []
     summary = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/distill/summary.json")
@@ -280,7 +287,9 @@ def test_a_registered_model_teaches_in_this_process(teacher, tmp_path):
     from mlflow_finetune_plugin.evaluate.cost import parameter_counts
     from mlflow_finetune_plugin.logged_model import load_logged_model
 
-    size = parameter_counts(load_logged_model(mlflow.artifacts.download_artifacts("models:/teacher/1")).model)["tuned"]
+    size = parameter_counts(
+        load_logged_model(mlflow.artifacts.download_artifacts("models:/teacher/1")).model
+    )["tuned"]
     assert all(r[TEACHER]["params"] == size for r in rows)
     assert run.data.metrics["eval/teacher/params"] == size
 
@@ -291,14 +300,16 @@ def test_under_torchrun_rank_0_asks_the_teacher_once_and_both_ranks_train_on_its
     prompts = [{"prompt": f"Under torchrun, question {i}?"} for i in range(8)]
     project = _project(tmp_path, prompts=prompts, held_out=False)
     proxy.asked.clear()
-    proc, run = _distill(uri, root, project, "distill-torchrun", {"launcher": "torchrun", "nproc_per_node": 2},
-                         **{"distill.teacher": proxy.url, "train.max_steps": 4})
+    proc, run = _distill(uri, root, project, "distill-torchrun",
+                         {"launcher": "torchrun", "nproc_per_node": 2}, **{"distill.teacher": proxy.url,
+                                                                           "train.max_steps": 4})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert run.info.status == "FINISHED" and run.data.tags["finetune.job.launcher"] == "torchrun"
     assert sorted(proxy.asked) == sorted(p["prompt"] for p in prompts)  # once each: rank 1 read rank 0's rows
     rows = _rows(paths.job_dir(run.info.run_id) / "distill" / "train.jsonl")
     assert rows and all(r[TEACHER]["model"] == "teacher-v1" for r in rows)
-    # Both ranks trained on those rows: 2 ranks x 2 rows a step, so an epoch is half the steps one rank would take.
+    # Both ranks trained on those rows: 2 ranks x 2 rows a step, so an epoch is half the steps one rank would
+    # take.
     steps_per_epoch = -(-len(rows) // 4)
     assert run.data.metrics["train/epoch"] == pytest.approx(4 / steps_per_epoch), len(rows)
 
@@ -310,8 +321,8 @@ def test_chat_rows_keep_the_teacher_key_through_the_data_check_and_reading(tmp_p
     from mlflow_finetune_plugin.data.check import check_data
     from mlflow_finetune_plugin.data.read import load_training_dataset
 
-    answer = {"answer": "At nine.", "model": "big", "prompt_tokens": 7, "completion_tokens": None, "latency_s": 0.5,
-              "finish_reason": "stop"}
+    answer = {"answer": "At nine.", "model": "big", "prompt_tokens": 7, "completion_tokens": None,
+              "latency_s": 0.5, "finish_reason": "stop"}
     rows = [{"messages": [{"role": "user", "content": f"When do you open on day {i}?"},
                           {"role": "assistant", "content": "At nine."}], TEACHER: answer} for i in range(3)]
     path = tmp_path / "eval.jsonl"
@@ -343,17 +354,25 @@ def test_the_prompts_are_checked_before_a_run_exists(tmp_path, capsys):
     from mlflow_finetune_plugin.errors import FinetuneError
 
     project = write_project(tmp_path / "project", RECIPE, eval_rows=EVAL)
-    rows = PROMPTS + [{"prompt": ""}, {"messages": [{"role": "assistant", "content": "Hi"}]}, {"question": "?"}]
+    rows = PROMPTS + [{"prompt": ""}, {"messages": [{"role": "assistant", "content": "Hi"}]},
+                      {"question": "?"}]
     (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(FinetuneError) as info:
-        resolve_entry_point(str(project), "distill", {"model": "tiny", "distill.teacher": "http://127.0.0.1:9/v1"})
+        resolve_entry_point(str(project), "distill",
+                            {"model": "tiny", "distill.teacher": "http://127.0.0.1:9/v1"})
     said = str(info.value)
     assert "prompts for the teacher; nothing was started" in said
-    assert "prompts.jsonl:9" in said and "prompts.jsonl:10" in said and "prompts.jsonl:11: not a prompt" in said
+    assert "prompts.jsonl:9" in said and "prompts.jsonl:10" in said and ("prompts.jsonl:11: not a "
+                                                                         "prompt") in said
 
     (project / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    recipe, _ = resolve_entry_point(str(project), "distill", {"model": "tiny", "distill.teacher": "http://x:9/v1"})
-    assert recipe.distill.teacher == "http://x:9/v1" and recipe.adapter.type == "lora" and recipe.objective == "sft"
+    recipe, _ = resolve_entry_point(str(project), "distill",
+                                    {"model": "tiny", "distill.teacher": "http://x:9/v1"})
+    assert (
+        recipe.distill.teacher == "http://x:9/v1"
+        and recipe.adapter.type == "lora"
+        and recipe.objective == "sft"
+    )
     assert "prompts.jsonl): 8, answered by http://x:9/v1 when the run starts" in capsys.readouterr().err
 
 
@@ -367,15 +386,18 @@ def test_the_prompt_of_each_kind_of_row():
     assert len(got.prompts) == 80 and not got.issues
     first = got.prompts[0]
     assert first.messages == [{"role": "system", "content": recipe.data.system_prompt},
-                              {"role": "user", "content": "Are backups encrypted?"}] and first.reference is None
+                              {"role": "user",
+                               "content": "Are backups encrypted?"}] and first.reference is None
     held = read_prompts(recipe, "data.eval").prompts[0]
     assert held.messages[-1]["role"] == "user" and held.reference["role"] == "assistant"
-    answer = {"answer": "Yes.", "model": "m", "prompt_tokens": None, "completion_tokens": None, "latency_s": 0.1,
-              "finish_reason": "stop"}
+    answer = {"answer": "Yes.", "model": "m", "prompt_tokens": None, "completion_tokens": None,
+              "latency_s": 0.1, "finish_reason": "stop"}
     assert answered_row(held, answer, held_out=True)["messages"][-1] == held.reference  # the reference stays
     assert answered_row(held, answer, held_out=True)[TEACHER] == answer
-    assert answered_row(first, answer, held_out=True)["messages"][-1]["content"] == "Yes."  # no reference of its own
-    assert answered_row(held, answer, held_out=False)["messages"][-1] == {"role": "assistant", "content": "Yes."}
+    # no reference of its own
+    assert answered_row(first, answer, held_out=True)["messages"][-1]["content"] == "Yes."
+    assert answered_row(held, answer, held_out=False)["messages"][-1] == {"role": "assistant",
+                                                                          "content": "Yes."}
     assert answered_row(first, {**answer, "finish_reason": "length"}, held_out=False) is None
     assert answered_row(first, {**answer, "answer": " "}, held_out=False) is None
 
@@ -395,11 +417,13 @@ def test_the_prompts_of_traces_each_once(tracking_uri, tmp_path):
     mlflow.set_experiment("app")
     for text in ("Where is my order?", "Can I pay by card?", "Where is my order?"):  # one asked twice
         call([{"role": "user", "content": text}], "A poor answer.")
-    call([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "?")  # ends with the bot
+    # ends with the bot
+    call([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "?")
     mlflow.flush_trace_async_logging()
     forget_active_experiment()
     project = write_project(tmp_path / "project", RECIPE.replace("  eval: data/eval.jsonl\n", ""))
-    recipe = load_recipe(project, method="distill", overrides={"data": "traces:app", "distill.teacher": "http://x/v1"})
+    recipe = load_recipe(project, method="distill", overrides={"data": "traces:app",
+                                                               "distill.teacher": "http://x/v1"})
     got = read_prompts(recipe, "data.train")
     assert not got.issues
     assert [p.messages for p in got.prompts] == [[{"role": "user", "content": "Where is my order?"}],
@@ -412,7 +436,8 @@ def test_the_prompts_of_traces_each_once(tracking_uri, tmp_path):
 def test_a_token_level_loss_against_a_registered_teacher_sharing_the_tokenizer(teacher, tmp_path):
     uri, root, _ = teacher
     project = _project(tmp_path)
-    logits = {"distill.teacher": "models:/teacher@champion", "distill.loss": "logits", "distill.kl_weight": 0.5}
+    logits = {"distill.teacher": "models:/teacher@champion", "distill.loss": "logits",
+              "distill.kl_weight": 0.5}
     proc, run = _distill(uri, root, project, "distill-logits", **logits)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "KL(teacher || student), weight 0.5" in proc.stderr
@@ -420,7 +445,8 @@ def test_a_token_level_loss_against_a_registered_teacher_sharing_the_tokenizer(t
     assert len(history) == 2 and all(m.value > 0 for m in history)  # 2 steps, the student is not the teacher
     task = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/task_loss")
     loss = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
-    assert [t.value + 0.5 * k.value for t, k in zip(task, history)] == pytest.approx([v.value for v in loss], abs=2e-3)
+    assert [t.value + 0.5 * k.value for t, k in zip(task, history)] == pytest.approx([v.value for v in loss],
+                                                                                     abs=2e-3)
 
     # another family's tokenizer: refused before the student loads
     proc, run = _distill(uri, root, project, "distill-logits", model="tiny-qwen2.5", **logits)
@@ -437,8 +463,8 @@ def _support_bot(**overrides):
     from mlflow_finetune_plugin.config.loading import load_recipe
     from tests.helpers import SUPPORT_BOT
 
-    return load_recipe(SUPPORT_BOT, method="distill", overrides={"model": "tiny", "distill.teacher": "http://x/v1",
-                                                                 **overrides})
+    return load_recipe(SUPPORT_BOT, method="distill",
+                       overrides={"model": "tiny", "distill.teacher": "http://x/v1", **overrides})
 
 
 def test_the_teacher_is_asked_only_for_the_prompts_the_run_uses():
@@ -451,15 +477,18 @@ def test_the_teacher_is_asked_only_for_the_prompts_the_run_uses():
     (train, held), notes = used_prompts(recipe, read)
     assert train.prompts == read[0].prompts[:16] and held.prompts == read[1].prompts[:4]
     assert held.unasked == read[1].prompts[4:]  # kept with their references (the eval loss), not asked
-    assert notes == ["data.max_rows 16: 403 training prompts not asked", "eval.max_examples 4: 56 held-out prompts "
+    assert notes == ["data.max_rows 16: 403 training prompts not asked",
+                     "eval.max_examples 4: 56 held-out prompts "
                      "not asked, 56 of them kept with their reference answers for the eval loss"]
 
     # distill.max_prompts: the held-out prompts first, the training prompts up to the cap
-    (train, held), notes = used_prompts(_support_bot(**{"eval.max_examples": 4, "distill.max_prompts": 30}), read)
-    assert (len(train.prompts), len(held.prompts)) == (26, 4) and notes[-1].startswith("distill.max_prompts 30")
+    (train, held), notes = used_prompts(_support_bot(**{"eval.max_examples": 4, "distill.max_prompts": 30}),
+                                        read)
+    assert (len(train.prompts), len(held.prompts)) == (26,
+                                                       4) and notes[-1].startswith("distill.max_prompts 30")
 
-    # data.eval_split: the seeded share of the (capped) training prompts; its first eval.max_examples asked, with the
-    # teacher's answers as their targets
+    # data.eval_split: the seeded share of the (capped) training prompts; its first eval.max_examples asked,
+    # with the teacher's answers as their targets
     recipe = _support_bot(**{"data.eval": None, "data.eval_split": 0.2, "eval.max_examples": 4,
                              "distill.max_prompts": 50})
     (train, held), notes = used_prompts(recipe, prompt_sets(recipe))
@@ -469,7 +498,8 @@ def test_the_teacher_is_asked_only_for_the_prompts_the_run_uses():
 
     # eval off: data.eval is not asked at all
     (train,), notes = used_prompts(_support_bot(**{"eval.enabled": False}), read)
-    assert len(train.prompts) == 419 and notes == ["eval.enabled false: the 60 prompts of data.eval not asked"]
+    assert len(train.prompts) == 419 and notes == ["eval.enabled false: the 60 prompts of data.eval not "
+                                                   "asked"]
 
 
 @pytest.mark.parametrize("value, says", [
@@ -483,7 +513,8 @@ def test_a_bad_prompt_cap_is_refused_before_a_run_exists(value, says):
 
     with pytest.raises(Exception, match=re.escape(says)):
         resolve_entry_point(str(SUPPORT_BOT), "distill", {"model": "tiny", "distill.teacher": "http://x/v1",
-                                                          "eval.max_examples": 4, "distill.max_prompts": value})
+                                                          "eval.max_examples": 4,
+                                                          "distill.max_prompts": value})
 
 
 def test_the_count_and_the_tokens_are_said_before_the_first_request(capsys):
@@ -501,8 +532,10 @@ def test_the_count_and_the_tokens_are_said_before_the_first_request(capsys):
     assert plan["answer_tokens_at_most"] == 1800 and (plan["to_ask"], plan["cached"]) == (18, 2)
     said = capsys.readouterr().err
     assert "Teacher http://x/v1: the run uses 20 of the 479 prompts (data.max_rows 16: " in said
-    assert (f"18 to ask, 2 cached: about {plan['prompt_tokens']:,} prompt tokens (the student's tokenizer, tiny; the "
-            "teacher's may count differently) and at most 1,800 answer tokens (18 x distill.max_tokens 100)") in said
+    assert (
+        f"18 to ask, 2 cached: about {plan['prompt_tokens']:,} prompt tokens (the student's tokenizer, tiny; "
+        "the teacher's may count differently) and at most 1,800 answer tokens (18 x distill.max_tokens "
+        "100)") in said
 
     # a tokenizer that cannot be loaded: about 4 characters a token, said so
     broken = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": "/nowhere/model"})})
@@ -512,7 +545,8 @@ def test_the_count_and_the_tokens_are_said_before_the_first_request(capsys):
 
 
 @pytest.mark.integration
-def test_a_limited_run_asks_the_teacher_for_the_rows_it_uses_and_a_larger_one_only_for_the_rest(teacher, tmp_path):
+def test_a_limited_run_asks_the_teacher_for_the_rows_it_uses_and_a_larger_one_only_for_the_rest(teacher,
+                                                                                                tmp_path):
     uri, root, proxy = teacher
     prompts = [{"prompt": f"Budget question {i}?"} for i in range(8)]
     held_out = [{"messages": [{"role": "user", "content": f"Budget: when do you open on day {i}?"},
@@ -527,13 +561,19 @@ def test_a_limited_run_asks_the_teacher_for_the_rows_it_uses_and_a_larger_one_on
                                          + ["Budget: when do you open on day 0?"])
     said = proc.stderr
     assert said.index("the run uses 4 of the 10 prompts") < said.index("Teacher answers")
-    assert "4 to ask, 0 cached: about " in said and "at most 12 answer tokens (4 x distill.max_tokens 3)" in said
+    assert "4 to ask, 0 cached: about " in said and ("at most 12 answer tokens (4 x distill.max_tokens "
+                                                     "3)") in said
     summary = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/distill/summary.json")
-    assert summary["asked"] == 4 and summary["plan"]["prompts_read"] == 10 and summary["plan"]["prompt_tokens"] > 0
+    assert (
+        summary["asked"] == 4
+        and summary["plan"]["prompts_read"] == 10
+        and summary["plan"]["prompt_tokens"] > 0
+    )
     assert summary["data.eval"]["unasked"] == 1
     assert "1 prompt, 2 chat rows, 0 left out; 1 more held out with their references, not asked" in said
     held = _rows(paths.job_dir(run.info.run_id) / "distill" / "eval.jsonl")
-    assert [r["messages"][-1]["content"] for r in held] == ["At nine.", "At nine."]  # the unasked one stays held out
+    # the unasked one stays held out
+    assert [r["messages"][-1]["content"] for r in held] == ["At nine.", "At nine."]
     assert TEACHER in held[0] and TEACHER not in held[1]
     assert "eval/teacher/rougeL" in run.data.metrics
 

@@ -1,6 +1,6 @@
-"""The user's documents as input (`data.documents`, data/documents.py): found, read (Markdown, text, HTML, a real
-PDF), chunked along headings and paragraphs, checked (empty, duplicate, unreadable), held out, logged; `data check
---documents`; and the preflight's refusals. No model loads (the tiny tokenizer only)."""
+"""The user's documents as input (`data.documents`, data/documents.py): found, read (Markdown, text, HTML, a
+real PDF), chunked along headings and paragraphs, checked (empty, duplicate, unreadable), held out, logged;
+`data check --documents`; and the preflight's refusals. No model loads (the tiny tokenizer only)."""
 
 from __future__ import annotations
 
@@ -63,12 +63,15 @@ def pdf_bytes(pages: list[list[str]]) -> bytes:
     """A valid PDF with one Helvetica text line per string on each page, xref offsets computed."""
     page_ids = [4 + 2 * i for i in range(len(pages))]
     objs = {1: b"<< /Type /Catalog /Pages 2 0 R >>",
-            2: f"<< /Type /Pages /Kids [{' '.join(f'{i} 0 R' for i in page_ids)}] /Count {len(pages)} >>".encode(),
+            2: f"<< /Type /Pages /Kids [{' '.join(f'{i} 0 R' for i in page_ids)}] /Count {len(pages)} "
+               ">>".encode(),
             3: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"}
     for pid, lines in zip(page_ids, pages):
-        stream = ("BT /F1 12 Tf 14 TL 72 720 Td " + " ".join(f"({line}) Tj T*" for line in lines) + " ET").encode()
-        objs[pid] = (f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
-                     f"/Contents {pid + 1} 0 R >>").encode()
+        stream = ("BT /F1 12 Tf 14 TL 72 720 Td " + " ".join(f"({line}) Tj T*" for line in lines)
+                  + " ET").encode()
+        objs[pid] = (
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
+            f"/Contents {pid + 1} 0 R >>").encode()
         objs[pid + 1] = b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream"
     out, offsets = bytearray(b"%PDF-1.4\n"), {}
     for k in sorted(objs):
@@ -90,9 +93,11 @@ def docs(tmp_path) -> Path:
     (root / "shop" / "page.html").write_text(PAGE)
     (root / "notes.txt").write_text("Opening hours are nine to five.\n\nClosed on Sundays.\n")
     (root / "copy.txt").write_text("closed   ON sundays.\n")  # not a duplicate: notes.txt's chunk holds more
-    (root / "hours.txt").write_text("Opening hours are nine to five.\n\nClosed on Sundays.\n")  # notes.txt again
+    # notes.txt again
+    (root / "hours.txt").write_text("Opening hours are nine to five.\n\nClosed on Sundays.\n")
     (root / "blank.md").write_text("\n   \n")
-    (root / "manual.pdf").write_bytes(pdf_bytes([["Warranty lasts two years."], ["Batteries are not covered."]]))
+    (root / "manual.pdf").write_bytes(pdf_bytes([["Warranty lasts two years."],
+                                                 ["Batteries are not covered."]]))
     (root / "broken.pdf").write_bytes(b"%PDF-1.4\nthis is not a pdf at all")
     (root / ".hidden.md").write_text("# Secret\n\nNot read.\n")
     (root / "image.png").write_bytes(b"\x89PNG")
@@ -103,16 +108,19 @@ def test_a_folder_is_read_chunked_and_checked(docs):
     got = read_documents("docs", str(docs))
     by_id = {c["id"]: c for c in got.chunks}
     assert got.root == docs / "docs"
-    assert got.files == ["blank.md", "copy.txt", "guide.md", "hours.txt", "manual.pdf", "notes.txt", "shop/page.html"]
+    assert got.files == ["blank.md", "copy.txt", "guide.md", "hours.txt", "manual.pdf", "notes.txt",
+                         "shop/page.html"]
     # Markdown: headings are the path, not text; paragraphs of one section merged; code fences kept whole
     assert by_id["guide.md#1"] == {"id": "guide.md#1", "source": "guide.md", "line": 3, "heading": "Returns",
                                    "text": "Returns\n\nItems can be returned by mail."}
     assert by_id["guide.md#2"]["line"] == 7 and by_id["guide.md#2"]["heading"] == "Returns > Refunds"
-    assert by_id["guide.md#2"]["text"] == ("Returns > Refunds\n\nRefunds are paid within 30 days\nof the return "
-                                           "arriving.\n\nKeep the receipt.\n\n```\n# a comment in code, not a "
-                                           "heading\n```")
+    assert by_id["guide.md#2"]["text"] == (
+        "Returns > Refunds\n\nRefunds are paid within 30 days\nof the return "
+        "arriving.\n\nKeep the receipt.\n\n```\n# a comment in code, not a "
+        "heading\n```")
     assert by_id["guide.md#3"] == {"id": "guide.md#3", "source": "guide.md", "line": 18,
-                                   "heading": "Returns > Exchanges", "text": "Returns > Exchanges\n\nExchanges are free."}
+                                   "heading": "Returns > Exchanges",
+                                   "text": "Returns > Exchanges\n\nExchanges are free."}
     # HTML: block text, entities decoded, script/style/title dropped, the line the text starts on
     assert by_id["shop/page.html#1"] == {"id": "shop/page.html#1", "source": "shop/page.html", "line": 5,
                                          "heading": "Shipping",
@@ -152,7 +160,8 @@ def test_long_paragraphs_split_at_sentences_then_words(tmp_path):
     long_sentence = " ".join(f"w{i}" for i in range(30)) + "."
     (tmp_path / "long.md").write_text("# Long\n\n" + "\n".join(sentences) + "\n\n" + long_sentence + "\n")
     got = read_documents("long.md", str(tmp_path), chunk_tokens=16)
-    # estimate: 4 words = 6 tokens; the heading "Long" costs 2, so two sentences (11) fit in 14, three (16) do not
+    # estimate: 4 words = 6 tokens; the heading "Long" costs 2, so two sentences (11) fit in 14, three (16) do
+    # not
     firsts = [(c["line"], c["text"]) for c in got.chunks[:3]]
     assert firsts == [(3, "Long\n\n" + sentences[0] + "\n" + sentences[1]),
                       (5, "Long\n\n" + sentences[2] + "\n" + sentences[3]), (7, "Long\n\n" + sentences[4])]
@@ -184,12 +193,15 @@ def test_a_glob_and_its_root(docs):
     (docs / "docs" / "shop" / "terms.docx").write_bytes(b"PK\x03\x04")
     got = read_documents("docs/shop/*", str(docs))
     assert got.files == ["page.html"] and got.root == docs / "docs" / "shop"
-    assert got.report.unreadable[0][0] == "terms.docx" and "unsupported suffix .docx" in got.report.unreadable[0][1]
+    assert got.report.unreadable[0][0] == "terms.docx" and ("unsupported suffix "
+                                                            ".docx") in got.report.unreadable[
+        0][1]
     assert [c["id"] for c in got.chunks] == ["page.html#1", "page.html#2"]
 
 
 def test_what_is_not_found_or_not_read_is_refused_by_its_key(tmp_path):
-    with pytest.raises(FinetuneError, match=r"data\.documents: 'nowhere': not found \(looked for .*nowhere\)"):
+    with pytest.raises(FinetuneError,
+                       match=r"data\.documents: 'nowhere': not found \(looked for .*nowhere\)"):
         find_documents("nowhere", str(tmp_path))
     with pytest.raises(FinetuneError, match=r"data\.documents: 'd/\*\.md': no file matches .*glob like"):
         find_documents("d/*.md", str(tmp_path))
@@ -199,8 +211,9 @@ def test_what_is_not_found_or_not_read_is_refused_by_its_key(tmp_path):
         find_documents("d", str(tmp_path))
     (tmp_path / "d" / "empty.md").write_text("")
     (tmp_path / "d" / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(FinetuneError, match=r"data\.documents: no text in 'd' .*empty: empty\.md; unreadable: "
-                                            r"latin\.txt: not UTF-8 text \(byte 0xe9 at offset 3\); save it as UTF-8"):
+    with pytest.raises(FinetuneError,
+                       match=r"data\.documents: no text in 'd' .*empty: empty\.md; unreadable: "
+                             r"latin\.txt: not UTF-8 text \(byte 0xe9 at offset 3\); save it as UTF-8"):
         read_documents("d", str(tmp_path))
 
 
@@ -254,7 +267,8 @@ def test_data_check_documents(docs, monkeypatch):
     assert text.exit_code == 0 and "  unreadable: broken.pdf: broken PDF" in text.stdout
     assert "--strict makes them errors" in text.stderr
     assert runner.invoke(main, ["data", "check", "--documents", "docs", "--strict"]).exit_code == 1
-    assert runner.invoke(main, ["data", "check", "--documents", "docs/*.md", "--strict"]).exit_code == 1  # blank.md
+    # blank.md
+    assert runner.invoke(main, ["data", "check", "--documents", "docs/*.md", "--strict"]).exit_code == 1
     assert runner.invoke(main, ["data", "check", "--documents", "docs/guide.md", "--strict"]).exit_code == 0
     missing = runner.invoke(main, ["data", "check", "--documents", "gone"])
     assert missing.exit_code == 1 and "data.documents: 'gone': not found" in missing.stderr
@@ -267,10 +281,13 @@ RECIPE = "model:\n  name: tiny\ndata:\n  documents: docs\n"
 
 def test_preflight_reads_the_documents_and_says_what_is_missing(docs, capsys):
     (docs / "finetune.yaml").write_text(RECIPE)
-    with pytest.raises(RecipeError) as refused:  # the recipe loads with no question rows and no teacher: refused
+    # the recipe loads with no question rows and no teacher: refused
+    with pytest.raises(RecipeError) as refused:
         load_recipe(docs)
-    assert "data.train: file not found: data/train.jsonl" in str(refused.value) and NO_QUESTIONS in str(refused.value)
-    assert "give data.train question rows (with `source` keys" in NO_QUESTIONS and "questions.teacher" in NO_QUESTIONS
+    assert "data.train: file not found: data/train.jsonl" in str(refused.value) and NO_QUESTIONS in str(
+        refused.value)
+    assert ("give data.train question rows (with `source` "
+            "keys") in NO_QUESTIONS and "questions.teacher" in NO_QUESTIONS
     (docs / "finetune.yaml").write_text(RECIPE + "questions:\n  teacher: http://127.0.0.1:9/v1\n")
     recipe = load_recipe(docs)
     check_recipe_data(recipe, check_data)  # the teacher writes data.train: only the documents are checked
@@ -278,14 +295,17 @@ def test_preflight_reads_the_documents_and_says_what_is_missing(docs, capsys):
     assert "7 files read, 9 chunks" in err and "docs/broken.pdf: broken PDF" in err
     assert "written from the chunks by questions.teacher (http://127.0.0.1:9/v1)" in err
     recipe.data.strict = True
-    with pytest.raises(FinetuneError, match=r"data\.documents: 2 files not read \(data\.strict\).*\n.*broken\.pdf: "
-                                            r"broken PDF.*\n.*blank\.md: empty"):
+    with pytest.raises(FinetuneError,
+                       match=r"data\.documents: 2 files not read \(data\.strict\).*\n.*broken\.pdf: "
+                             r"broken PDF.*\n.*blank\.md: empty"):
         check_recipe_data(recipe, check_data)
     recipe.data.strict, recipe.data.documents_holdout = False, ["faq/*"]
-    with pytest.raises(FinetuneError, match=r"data\.documents_holdout: 'faq/\*' matches no document.*guide\.md"):
+    with pytest.raises(FinetuneError,
+                       match=r"data\.documents_holdout: 'faq/\*' matches no document.*guide\.md"):
         check_recipe_data(recipe, check_data)
     recipe.data.documents_holdout, recipe.questions = 0.2, None
-    with pytest.raises(FinetuneError, match=r"data\.train: file not found: .*train\.jsonl\. data\.documents gives"):
+    with pytest.raises(FinetuneError,
+                       match=r"data\.train: file not found: .*train\.jsonl\. data\.documents gives"):
         check_recipe_data(recipe, check_data)
     recipe.data.documents = "docs/blank.md"
     with pytest.raises(FinetuneError, match=r"data\.documents: no text in 'docs/blank\.md'"):
@@ -296,7 +316,8 @@ def test_preflight_with_question_rows_checks_them_too(docs, capsys):
     (docs / "data").mkdir()
     jsonl(docs / "data" / "train.jsonl", [{"not": "rows"}] + chat_rows(3))
     (docs / "finetune.yaml").write_text(RECIPE)
-    with pytest.raises(FinetuneError, match="in the data; nothing was started") as refused:  # checked as before
+    # checked as before
+    with pytest.raises(FinetuneError, match="in the data; nothing was started") as refused:
         check_recipe_data(load_recipe(docs), check_data)
     assert "train.jsonl:1:" in str(refused.value)
     assert "Documents (" in capsys.readouterr().err

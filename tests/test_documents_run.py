@@ -1,8 +1,8 @@
-"""A fine-tune that starts from documents, as a user runs it: `mlflow run DIR --backend finetune` on a folder of
-documents and question rows naming their source, one document held out (docs/documents.md). The tiny model's
-answers are noise; what is checked is that every part runs and records what it says: the documents as an input,
-the RAFT rows, the four contenders on both held-out sets with retrieval's recall, the verdict on what to deploy, and
-the logged model that carries its chunks and retrieves when it answers."""
+"""A fine-tune that starts from documents, as a user runs it: `mlflow run DIR --backend finetune` on a folder
+of documents and question rows naming their source, one document held out (docs/documents.md). The tiny
+model's answers are noise; what is checked is that every part runs and records what it says: the documents as
+an input, the RAFT rows, the four contenders on both held-out sets with retrieval's recall, the verdict on
+what to deploy, and the logged model that carries its chunks and retrieves when it answers."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from tests.helpers import FAST_OVERRIDES, free_port, send_json, subprocess_env, 
 DOCS = {
     "returns.md": "# Returns\n\nRefunds are issued within 17 business days.\n\n## Receipts\n\n"
                   "Every return needs the receipt code RX-4471.\n",
-    "warranty.txt": "The warranty on the Velmo kettle lasts 29 months.\n\nRepairs go to the Dunmore workshop.\n",
-    "offices.md": "# Offices\n\nThe Quarnby office opens at 7:40 on weekdays.\n\nParking at Quarnby costs 3 tokens.\n",
+    "warranty.txt": "The warranty on the Velmo kettle lasts 29 months.\n\nRepairs go to the Dunmore "
+                    "workshop.\n",
+    "offices.md": "# Offices\n\nThe Quarnby office opens at 7:40 on weekdays.\n\nParking at Quarnby costs 3 "
+                  "tokens.\n",
 }
 FACTS = [("returns.md", "When are refunds issued?", "How long until I get my refund?",
           "Refunds are issued within 17 business days."),
@@ -30,17 +32,18 @@ FACTS = [("returns.md", "When are refunds issued?", "How long until I get my ref
           "Every return needs the receipt code RX-4471."),
          ("warranty.txt", "How long is the kettle warranty?", "For how many months is the kettle covered?",
           "The warranty on the Velmo kettle lasts 29 months."),
-         ("warranty.txt", "Where do repairs go?", "Which workshop does repairs?", "Repairs go to the Dunmore workshop."),
-         ("offices.md", "When does the Quarnby office open?", "What time does Quarnby open?",
-          "The Quarnby office opens at 7:40 on weekdays."),
+         ("warranty.txt", "Where do repairs go?", "Which workshop does repairs?",
+          "Repairs go to the Dunmore workshop."), ("offices.md", "When does the Quarnby office open?",
+                                                   "What time does Quarnby open?",
+                                                   "The Quarnby office opens at 7:40 on weekdays."),
          ("offices.md", "What does parking cost at Quarnby?", "How much is Quarnby parking?",
           "Parking at Quarnby costs 3 tokens.")]
 SENTENCES = [s for text in DOCS.values() for s in re.findall(r"[A-Z][^.#]*\.", text)]
 
 
 class Teacher(BaseHTTPRequestHandler):
-    """A loopback OpenAI-compatible teacher (`questions.teacher`): for each chunk it is asked about, one question on
-    the first document sentence the chunk holds, quoting it, with a second wording."""
+    """A loopback OpenAI-compatible teacher (`questions.teacher`): for each chunk it is asked about, one
+    question on the first document sentence the chunk holds, quoting it, with a second wording."""
 
     def log_message(self, *args):
         pass
@@ -51,10 +54,11 @@ class Teacher(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
         sentence = next(s for s in SENTENCES if s in prompt)
-        rows = [{"question": f"What do the documents say after '{sentence[:12]}'?", "rephrased": "Tell me more.",
-                 "answer": sentence, "quote": sentence}]
+        rows = [{"question": f"What do the documents say after '{sentence[:12]}'?",
+                 "rephrased": "Tell me more.", "answer": sentence, "quote": sentence}]
         send_json(self, {"id": "c", "object": "chat.completion", "model": "teacher", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": json.dumps(rows)}, "finish_reason": "stop"}],
+            {"index": 0, "message": {"role": "assistant", "content": json.dumps(rows)},
+             "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}})
 
 
@@ -98,9 +102,9 @@ def run(tmp_path_factory):
     uri = use_store(mp, root)
     overrides = {**FAST_OVERRIDES, "eval.max_examples": 4, "eval.fewshot_k": 0}
     args = [a for k, v in overrides.items() for a in ("-P", f"{k}={v}")]
-    done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "-e", "lora", "--backend", "finetune",
-                           "--experiment-name", "documents", *args], cwd=root, env=subprocess_env(uri),
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "-e", "lora", "--backend",
+                           "finetune", "--experiment-name", "documents", *args], cwd=root,
+                          env=subprocess_env(uri), capture_output=True, text=True, timeout=900)
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("documents").experiment_id])
     yield done, runs[0]  # the rehearsal leaves no run of its own
@@ -115,8 +119,8 @@ def test_a_documents_run_scores_four_contenders_on_known_and_unseen_documents(ru
     assert finished.info.status == "FINISHED"
     assert "3 files read, 6 chunks" in out  # the documents' report, printed before training
     assert "Documents: 4 question rows are on held-out documents" in out
-    # the user's rows beside the teacher's: one per chunk of the two training documents (4 chunks), the held-out
-    # document's chunks writing unseen questions
+    # the user's rows beside the teacher's: one per chunk of the two training documents (4 chunks), the
+    # held-out document's chunks writing unseen questions
     assert "Questions from documents: 6 rows written from 6 chunks" in out
     assert "Documents: 8 training questions, 4 held out on known documents, 4 on unseen documents; " \
            "1 of 3 documents held out; RAFT training rows: " in out
@@ -178,8 +182,9 @@ def test_promote_checks_a_retrieving_version_by_its_answers_with_retrieval(run):
     from mlflow_finetune_plugin.cli import main
 
     got = CliRunner().invoke(main, ["promote", "project", "--version", "1"])
-    # the gates can be checked (lineage, the contenders a documents run does not score said why), on tuned-rag's
-    # scores; the default gate follows the run's verdict on what to deploy, which a tiny run does not earn
+    # the gates can be checked (lineage, the contenders a documents run does not score said why), on
+    # tuned-rag's scores; the default gate follows the run's verdict on what to deploy, which a tiny run does
+    # not earn
     assert "cannot check the gates" not in got.output, got.output
     assert "tuned-rag" in got.output or "not scored in its run: a documents recipe" in got.output, got.output
     deploy = mlflow.MlflowClient().get_run(run[1].info.run_id).data.tags["finetune.verdict.deploy"]

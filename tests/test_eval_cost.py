@@ -1,7 +1,8 @@
-"""What each contender's answers cost (prompt and answer tokens, seconds per answer, tokens per second, parameters)
-beside their quality, in every run's evaluation; and the teacher as a contender where the held-out rows carry its
-answers (`teacher`: rows written for distillation, rows made of traces), with the verdict's sentence on whether the
-student can stand in for it. Real components on the tiny model; timings are only checked to be positive."""
+"""What each contender's answers cost (prompt and answer tokens, seconds per answer, tokens per second,
+parameters) beside their quality, in every run's evaluation; and the teacher as a contender where the held-out
+rows carry its answers (`teacher`: rows written for distillation, rows made of traces), with the verdict's
+sentence on whether the student can stand in for it. Real components on the tiny model; timings are only
+checked to be positive."""
 
 from __future__ import annotations
 
@@ -37,18 +38,20 @@ CONTENDERS = ("base", "fewshot", "retrieval", "tuned")
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_model_dir):
     torch.manual_seed(0)
-    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(r=8, alpha=16, dropout=0.0))
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                       LoraAdapter(r=8, alpha=16, dropout=0.0))
     return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def taught(rows: list[dict], expect: set[int] = frozenset()) -> list[dict]:
-    """`rows` with a teacher's answer each; rows in `expect` keep their own answer as an expectation that replaced
-    the teacher's (the teacher said something else)."""
+    """`rows` with a teacher's answer each; rows in `expect` keep their own answer as an expectation that
+    replaced the teacher's (the teacher said something else)."""
     out = []
     for i, row in enumerate(rows):
         answer = row["messages"][-1]["content"]
-        out.append({**row, "teacher": {"answer": f"I think {i}." if i in expect else answer, "model": "big-model",
-                                       "prompt_tokens": 20 + i, "completion_tokens": 8, "latency_s": 0.5}})
+        out.append({**row, "teacher": {"answer": f"I think {i}." if i in expect else answer,
+                                       "model": "big-model", "prompt_tokens": 20 + i, "completion_tokens": 8,
+                                       "latency_s": 0.5}})
     return out
 
 
@@ -74,7 +77,8 @@ def test_every_contender_has_cost_columns_and_retrieval_pays_in_prompt_tokens(ti
     assert costs.split()[0] == "prompt_tokens" and "params" in costs
 
 
-def test_teacher_rows_make_a_teacher_contender_scored_on_its_logged_answers(tiny_lora, tmp_path, tracking_uri):
+def test_teacher_rows_make_a_teacher_contender_scored_on_its_logged_answers(tiny_lora, tmp_path,
+                                                                            tracking_uri):
     model, tok = tiny_lora
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in taught(chat_rows(12), expect={0, 3, 5, 7})))
@@ -110,7 +114,8 @@ def test_teacher_rows_make_a_teacher_contender_scored_on_its_logged_answers(tiny
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.tags[VERDICT] == verdict.sentence()
 
 
-def test_a_teacher_on_some_rows_only_is_not_a_contender_and_bad_teacher_values_are_refused(tiny_lora, tmp_path):
+def test_a_teacher_on_some_rows_only_is_not_a_contender_and_bad_teacher_values_are_refused(tiny_lora,
+                                                                                           tmp_path):
     model, tok = tiny_lora
     given = [r["teacher"] for r in taught(chat_rows(3))][:2] + [None]
     result = run_evaluation(model, tok, [r["messages"] for r in chat_rows(3)], [],
@@ -127,7 +132,8 @@ def test_evaluate_a_logged_model_on_teacher_rows_without_expectations(tracking_u
     """`mlflow-finetune evaluate --data` of rows whose targets are the teacher's answers: the figure is the
     student's agreement with them, beside the prompt-only alternatives'."""
     torch.manual_seed(0)
-    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(r=8, alpha=16, dropout=0.0))
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                       LoraAdapter(r=8, alpha=16, dropout=0.0))
     with mlflow.start_run():
         info = log_finetuned_model(model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir),
                                    {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
@@ -139,7 +145,8 @@ def test_evaluate_a_logged_model_on_teacher_rows_without_expectations(tracking_u
                                     "--max-examples", "3", "--max-new-tokens", "4", "--fewshot-k", "1"])
     assert out.exit_code == 0, out.output
     assert "teacher" in next(line for line in out.output.splitlines() if line.startswith("metric"))
-    assert "no expectations to judge either by; the student agrees with the teacher's answers at rougeL" in out.output
+    assert ("no expectations to judge either by; the student agrees with the teacher's answers at "
+            "rougeL") in out.output
     assert "prompting of its base: " in out.output  # the best prompt-only alternative's agreement beside it
     assert "the teacher's parameters (eval.teacher_params gives them)" in out.output
     assert "Cost per answer on this machine: prompt tokens over zero-shot's" in out.output
@@ -155,7 +162,8 @@ def test_trace_rows_carry_the_teacher_with_its_model_usage_and_latency(tracking_
         with mlflow.start_span("Completions", span_type=SpanType.CHAT_MODEL) as span:
             span.set_inputs({"messages": [{"role": "user", "content": f"question {i}?"}], "model": "gpt-big"})
             span.set_outputs({"id": "c", "object": "chat.completion", "model": "gpt-big", **(
-                {"usage": usage} if usage else {}), "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                {"usage": usage} if usage else {}), "choices": [{"index": 0, "finish_reason": "stop",
+                                                                 "message": {
                     "role": "assistant", "content": f"answer {i}"}}]})
         trace_id = span.trace_id
     mlflow.flush_trace_async_logging()
@@ -168,7 +176,8 @@ def test_trace_rows_carry_the_teacher_with_its_model_usage_and_latency(tracking_
     assert (first["teacher"]["prompt_tokens"], first["teacher"]["completion_tokens"]) == (11, 4)
     assert first["teacher"]["latency_s"] > 0
     # an expectation replaces the target; the teacher's answer stays what it logged; no usage logged: None
-    assert second["messages"][-1]["content"] == "the right answer" and second["teacher"]["answer"] == "answer 1"
+    assert second["messages"][-1]["content"] == ("the right "
+                                                 "answer") and second["teacher"]["answer"] == "answer 1"
     assert second["teacher"]["prompt_tokens"] is None
     ds, _ = load_training_dataset("traces:app", records=got.records)
     assert [t["answer"] for t in teachers(ds)] == ["answer 0", "answer 1"]
@@ -176,8 +185,9 @@ def test_trace_rows_carry_the_teacher_with_its_model_usage_and_latency(tracking_
 
 @pytest.mark.integration
 def test_a_lora_run_logs_cost_columns_and_trains_past_the_teacher_key(tmp_path, tracking_uri):
-    """`mlflow run -e lora` on the tiny model: every contender's cost metrics logged and printed, and a held-out
-    file with teacher answers (training rows with the key too) makes the teacher a contender of the run."""
+    """`mlflow run -e lora` on the tiny model: every contender's cost metrics logged and printed, and a
+    held-out file with teacher answers (training rows with the key too) makes the teacher a contender of the
+    run."""
     rows = taught(chat_rows(8))
     project = write_project(tmp_path / "project", "data:\n  max_length: 64\n  packing: false\n", rows=rows,
                             eval_rows=taught(chat_rows(3, offset=20), expect={1}))
@@ -201,21 +211,24 @@ def test_a_lora_run_logs_cost_columns_and_trains_past_the_teacher_key(tmp_path, 
 
 
 def test_the_teacher_sentence_weighs_the_student_on_the_expectation_rows():
-    """The sentence from logged figures alone: a student below the teacher on 12 expectation rows beyond the noise,
-    then one level with it; the savings only where both sides are known."""
+    """The sentence from logged figures alone: a student below the teacher on 12 expectation rows beyond the
+    noise, then one level with it; the savings only where both sides are known."""
     from mlflow_finetune_plugin.evaluate.teacher import teacher_sentence
     from mlflow_finetune_plugin.evaluate.verdict import paired_bootstrap
 
     metrics = {"eval/n_expected": 12, "eval/teacher/expected_rougeL": 0.8, "eval/tuned/expected_rougeL": 0.4,
                "eval/tuned/prompt_tokens": 40, "eval/tuned/answer_tokens": 20, "eval/tuned/params": 1.4e8,
-               "eval/tuned/tokens_per_s": 40.0, "eval/teacher/prompt_tokens": 200, "eval/teacher/answer_tokens": 60,
-               "eval/teacher/params": 2.8e8, "eval/teacher/tokens_per_s": 20.0}
+               "eval/tuned/tokens_per_s": 40.0, "eval/teacher/prompt_tokens": 200,
+               "eval/teacher/answer_tokens": 60, "eval/teacher/params": 2.8e8,
+               "eval/teacher/tokens_per_s": 20.0}
     scores = {"teacher": {"rougeL": [0.8] * 12 + [1.0] * 3, "expected": [1.0] * 12 + [0.0] * 3},
               "tuned": {"rougeL": [0.4] * 12 + [0.3] * 3}}
     said = teacher_sentence(metrics, scores, "rougeL", paired_bootstrap)
     assert said.startswith("Student vs teacher: the student keeps 50% of the teacher's rougeL against the "
-                           "expectations (0.40 vs 0.80 on 12 rows, below the teacher beyond the evaluation's noise")
-    assert "60 tokens per answer vs 260" in said and "0.5x the parameters" in said and "2x the tokens/s" in said
+                           "expectations (0.40 vs 0.80 on 12 rows, below the teacher beyond the evaluation's "
+                           "noise")
+    assert "60 tokens per answer vs 260" in said and ("0.5x the "
+                                                      "parameters") in said and "2x the tokens/s" in said
     scores["tuned"]["rougeL"] = [0.7, 0.9] * 6 + [0.3] * 3
     assert "within the noise of the teacher" in teacher_sentence(metrics, scores, "rougeL", paired_bootstrap)
     unknown = {k: v for k, v in metrics.items() if not k.startswith("eval/teacher/") or "expected" in k}
@@ -224,9 +237,10 @@ def test_the_teacher_sentence_weighs_the_student_on_the_expectation_rows():
 
 
 def test_a_teachers_seconds_are_shared_among_the_requests_in_flight_and_its_size_comes_from_its_rows():
-    """-e distill asked a server 4 at a time: each round trip also waited for the other three, so the teacher's
-    seconds per answer are a quarter of it (as a batch's time is shared among its rows); a trace's latency (no
-    concurrency) is its own. A registered teacher's rows carry its parameters; eval.teacher_params wins over them."""
+    """-e distill asked a server 4 at a time: each round trip also waited for the other three, so the
+    teacher's seconds per answer are a quarter of it (as a batch's time is shared among its rows); a trace's
+    latency (no concurrency) is its own. A registered teacher's rows carry its parameters; eval.teacher_params
+    wins over them."""
     from mlflow_finetune_plugin.evaluate.cost import teacher_costs
 
     asked = [{"answer": "a", "completion_tokens": 10, "latency_s": 4.0, "concurrency": 4, "params": 300}] * 3

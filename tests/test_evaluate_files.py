@@ -1,5 +1,5 @@
-"""`mlflow-finetune evaluate --data FILE` reads what training reads: CSV and parquet as well as JSONL, through the
-same reader (columns parsed, every format)."""
+"""`mlflow-finetune evaluate --data FILE` reads what training reads: CSV and parquet as well as JSONL, through
+the same reader (columns parsed, every format)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from mlflow_finetune_plugin.logged_model import log_finetuned_model
 from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 
 ROWS = [{"prompt": f"What is {i} plus {i}?", "completion": f"{i} plus {i} is {2 * i}."} for i in range(3)]
-CHATS = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
-         for r in ROWS]
+CHATS = [{"messages": [{"role": "user", "content": r["prompt"]},
+                       {"role": "assistant", "content": r["completion"]}]} for r in ROWS]
 
 
 @pytest.fixture
@@ -36,7 +36,8 @@ def logged_model_uri(tracking_uri, tiny_model_dir):
 
 
 def _write(tmp_path, kind: str):
-    """The same three examples as prompt/completion CSV, chat parquet (message lists as Arrow lists) and JSONL."""
+    """The same three examples as prompt/completion CSV, chat parquet (message lists as Arrow lists) and
+    JSONL."""
     path = tmp_path / f"eval.{kind}"
     if kind == "csv":
         pd.DataFrame(ROWS).to_csv(path, index=False)
@@ -52,8 +53,8 @@ def test_evaluate_reads_csv_and_parquet(tmp_path, logged_model_uri, kind):
     path = _write(tmp_path, kind)
     assert read_conversations(str(path)) == read_conversations(str(_write(tmp_path, "jsonl")))
 
-    result = CliRunner().invoke(main, ["evaluate", logged_model_uri, "--data", str(path), "--max-examples", "2",
-                                       "--max-new-tokens", "4", "--fewshot-k", "0"])
+    result = CliRunner().invoke(main, ["evaluate", logged_model_uri, "--data", str(path), "--max-examples",
+                                       "2", "--max-new-tokens", "4", "--fewshot-k", "0"])
     assert result.exit_code == 0, result.output
     run_id = result.output.strip().split("Logged to run ")[1].split()[0]
     metrics = mlflow.MlflowClient().get_run(run_id).data.metrics

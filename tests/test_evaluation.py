@@ -1,5 +1,6 @@
-"""Evaluation: the shipped metric modules against hand-computed values, and the four contenders scored from real
-generations of the tiny model (no pinned numbers), logged to MLflow and re-run on a registered version."""
+"""Evaluation: the shipped metric modules against hand-computed values, and the four contenders scored from
+real generations of the tiny model (no pinned numbers), logged to MLflow and re-run on a registered
+version."""
 
 from __future__ import annotations
 
@@ -34,12 +35,14 @@ from mlflow_finetune_plugin.registry.versions import missing_lineage, register
 from mlflow_finetune_plugin.tags import VERDICT, VERDICT_PAID_OFF, lineage_tags
 from tests.helpers import chat_rows, random_lora
 
-# --- the shipped metric modules, by hand ---------------------------------------------------------------------
+# --- the shipped metric modules, by hand
+# ---------------------------------------------------------------------
 
 
 def test_exact_match():
     em = load_metric("exact_match")
-    out = em.compute(predictions=["Paris ", "london", "a  b"], references=["Paris", "London", "a b"], per_example=True)
+    out = em.compute(predictions=["Paris ", "london", "a  b"], references=["Paris", "London", "a b"],
+                     per_example=True)
     assert out == {"exact_match": pytest.approx(2 / 3), "exact_match_per_example": [1.0, 0.0, 1.0]}
     assert em.compute(predictions=["london"], references=["London"], ignore_case=True)["exact_match"] == 1.0
 
@@ -47,7 +50,8 @@ def test_exact_match():
 def test_token_f1():
     f1 = load_metric("token_f1")
     # [cat, sat] vs [cat, sat, down] (articles dropped): P=1, R=2/3 -> F1=0.8
-    out = f1.compute(predictions=["the cat sat", "", "dog"], references=["a cat sat down", "", "cat"], per_example=True)
+    out = f1.compute(predictions=["the cat sat", "", "dog"], references=["a cat sat down", "", "cat"],
+                     per_example=True)
     assert out["token_f1_per_example"] == pytest.approx([0.8, 1.0, 0.0])
     assert out["token_f1"] == pytest.approx(0.6)
 
@@ -63,7 +67,8 @@ def test_rouge():
 
 def test_chrf():
     chrf = load_metric("chrf")
-    # Character unigrams only: "aa" vs "ab": P=R=1/2 -> 0.5; "ab" vs "abcd": P=1, R=1/2 -> F2 = 5PR/(4P+R) = 5/9.
+    # Character unigrams only: "aa" vs "ab": P=R=1/2 -> 0.5; "ab" vs "abcd": P=1, R=1/2 -> F2 = 5PR/(4P+R) =
+    # 5/9.
     out = chrf.compute(predictions=["aa", "ab"], references=["ab", "abcd"], char_order=1, per_example=True)
     assert out["chrf_per_example"] == pytest.approx([0.5, 5 / 9])
     assert chrf.compute(predictions=["hello world"], references=["hello world"])["chrf"] == pytest.approx(1.0)
@@ -88,11 +93,13 @@ def test_json_valid(monkeypatch, without_jsonschema):
     assert out["json_valid_per_example"] == [1.0, 0.0, 1.0, 0.0, 0.0]
 
 
-# --- the contenders, from real generations ----------------------------------------------------------------------
+# --- the contenders, from real generations
+# ----------------------------------------------------------------------
 
 
 def test_prompt_and_reference_and_fewshot_layout():
-    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"}]
     prompt, ref = split_conversation(conv)
     assert prompt == conv[:2] and ref == "a"
     shot = [{"role": "system", "content": "other"}, {"role": "user", "content": "q1"},
@@ -171,10 +178,11 @@ def test_misrouted_from_real_generations(tiny_lora):
     answer = generate(LoadedModel(model, tok, {}), prompt, max_new_tokens=6)
     assert answer.strip()
     # Another question's canned training answer is exactly what the tuned model says to this prompt.
-    train = [[{"role": "user", "content": "What do you always say?"}, {"role": "assistant", "content": answer}],
-             *_convs(chat_rows(3, offset=10))]
+    train = [[{"role": "user", "content": "What do you always say?"},
+              {"role": "assistant", "content": answer}], *_convs(chat_rows(3, offset=10))]
     evals = [prompt + [{"role": "assistant", "content": "Not what it says."}],  # misrouted
-             prompt + [{"role": "assistant", "content": answer}]]               # its own answer: right, not misrouted
+             # its own answer: right, not misrouted
+             prompt + [{"role": "assistant", "content": answer}]]
     cfg = EvalConfig(max_examples=2, max_new_tokens=6, fewshot_k=0, traces=False)
 
     result = run_evaluation(model, tok, evals, train, cfg)
@@ -189,7 +197,8 @@ def test_misrouted_from_real_generations(tiny_lora):
 
 def _varied_conversations(n: int = 10) -> list[list[dict]]:
     """n conversations whose prompts and references differ in length, every third with a system message."""
-    words = "how do I reset my password when the link has expired and the app keeps asking for a new one".split()
+    words = ("how do I reset my password when the link has expired and the app keeps asking for a new "
+             "one").split()
     convs = []
     for i in range(n):
         conv = [{"role": "user", "content": " ".join(words[: 1 + 2 * i])},
@@ -201,8 +210,8 @@ def _varied_conversations(n: int = 10) -> list[list[dict]]:
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_batched_answers_equal_one_at_a_time(tiny_lora, monkeypatch, batch_size):
     model, tok = tiny_lora
-    # More end-of-answer tokens: answers end after different numbers of tokens, so rows of a batch finish (and are
-    # padded) at different steps.
+    # More end-of-answer tokens: answers end after different numbers of tokens, so rows of a batch finish (and
+    # are padded) at different steps.
     monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, *range(100, 400)])
     convs = _varied_conversations()
     cfg = EvalConfig(max_examples=len(convs), max_new_tokens=16, fewshot_k=0, batch_size=batch_size)
@@ -211,15 +220,17 @@ def test_batched_answers_equal_one_at_a_time(tiny_lora, monkeypatch, batch_size)
 
     loaded = LoadedModel(model, tok, {})
     prompts = [split_conversation(c)[0] for c in convs]
-    assert [r["tuned_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=16) for p in prompts]
+    assert [r["tuned_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=16)
+                                                        for p in prompts]
     with model.disable_adapter():
-        assert [r["base_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=16) for p in prompts]
+        assert [r["base_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=16)
+                                                           for p in prompts]
 
 
 def test_tuned_answers_with_the_lora_merged_equal_unmerged_and_leave_the_base_bit_for_bit(tiny_lora):
     """The tuned contender answers with each LoRA update folded into its base weight (`lora_merged`): the same
-    answers and reference loss as the adapter computed beside the base, and afterwards every weight is the tensor
-    it was, so base, few-shot, retrieval and the forgetting check read the untouched base."""
+    answers and reference loss as the adapter computed beside the base, and afterwards every weight is the
+    tensor it was, so base, few-shot, retrieval and the forgetting check read the untouched base."""
     model, tok = tiny_lora
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     convs = _varied_conversations()
@@ -249,19 +260,22 @@ def test_lora_variants_and_other_adapters_answer_unmerged(tiny_model_dir):
     assert _mergeable_lora_layers(peft(LoraConfig(r=4, target_modules="all-linear", lora_bias=True))) == []
     assert _mergeable_lora_layers(peft(IA3Config(target_modules=["q_proj"], feedforward_modules=[]))) == []
     assert _mergeable_lora_layers(AutoModelForCausalLM.from_pretrained(tiny_model_dir)) == []
-    # Trained token rows (model.chat_template on a base model) and modules_to_save are switched off with the adapter,
-    # and a merge does not fold them in: the tuned gemma3 then ran on past its end of turn in the run's evaluation.
+    # Trained token rows (model.chat_template on a base model) and modules_to_save are switched off with the
+    # adapter, and a merge does not fold them in: the tuned gemma3 then ran on past its end of turn in the
+    # run's evaluation.
     assert _mergeable_lora_layers(peft(LoraConfig(r=4, target_modules="all-linear",
                                                   trainable_token_indices=[1, 2]))) == []
-    assert _mergeable_lora_layers(peft(LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))) == []
+    assert _mergeable_lora_layers(peft(LoraConfig(r=4, target_modules=["q_proj"],
+                                                  modules_to_save=["lm_head"]))) == []
     plain = peft(LoraConfig(r=4, target_modules="all-linear"))
     with lora_merged(plain.eval()) as merged:
         assert merged is plain
 
 
 def test_beam_search_answers_are_the_models_beam_answers_and_leave_the_loss_alone(tiny_lora):
-    """eval.num_beams: every contender answers with beam search, batched as greedy answers are (the answers HF's
-    generate gives one prompt at a time with that many beams); the references' loss does not depend on decoding."""
+    """eval.num_beams: every contender answers with beam search, batched as greedy answers are (the answers
+    HF's generate gives one prompt at a time with that many beams); the references' loss does not depend on
+    decoding."""
     model, tok = tiny_lora
     convs = _varied_conversations()[:8]
     greedy = run_evaluation(model, tok, convs, [], EvalConfig(max_examples=8, max_new_tokens=12, fewshot_k=0))
@@ -272,7 +286,8 @@ def test_beam_search_answers_are_the_models_beam_answers_and_leave_the_loss_alon
     expected = [generate(loaded, p, max_new_tokens=12, num_beams=3) for p in prompts]
     assert [r["tuned_answer"] for r in beams.rows] == expected
     assert expected != [r["tuned_answer"] for r in greedy.rows]  # beams do change some answers of this model
-    enc = tok.apply_chat_template(prompts[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(prompts[0], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
     out = model.generate(**enc, max_new_tokens=12, num_beams=3, do_sample=False, early_stopping=True,
                          pad_token_id=tok.pad_token_id)
     assert tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == expected[0]
@@ -281,14 +296,16 @@ def test_beam_search_answers_are_the_models_beam_answers_and_leave_the_loss_alon
 
 
 def test_prompt_tuning_answers_one_at_a_time_and_scores_its_loss(tiny_model_dir):
-    """Virtual tokens live in the KV cache of prompt tuning: evaluation does not reuse its scoring pass's cache
-    there (LoRA does), and left padding would shift the virtual tokens: it answers one prompt at a time."""
+    """Virtual tokens live in the KV cache of prompt tuning: evaluation does not reuse its scoring pass's
+    cache there (LoRA does), and left padding would shift the virtual tokens: it answers one prompt at a
+    time."""
     from mlflow_finetune_plugin.config.schema import PromptAdapter
     from mlflow_finetune_plugin.evaluate.contenders import _shares_prefill
     from mlflow_finetune_plugin.train.adapters import prompt
 
     torch.manual_seed(0)
-    model = prompt.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), PromptAdapter(num_virtual_tokens=4))
+    model = prompt.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         PromptAdapter(num_virtual_tokens=4))
     model.eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     convs = _varied_conversations()[:6]
@@ -301,14 +318,15 @@ def test_prompt_tuning_answers_one_at_a_time_and_scores_its_loss(tiny_model_dir)
 
 
 def test_lora_evaluation_reuses_the_scoring_pass(tiny_lora):
-    """A LoRA contender's prompts go through the model once: the pass that scores the references leaves the KV cache
-    generation continues from, so every other forward pass is one token of generation."""
+    """A LoRA contender's prompts go through the model once: the pass that scores the references leaves the KV
+    cache generation continues from, so every other forward pass is one token of generation."""
     from mlflow_finetune_plugin.evaluate.scoring import MIN_SHARED_PREFIX, _common_prefix, reference_ids
 
     model, tok = tiny_lora
     convs = _varied_conversations()
     pairs = [reference_ids(tok, *split_conversation(c)) for c in convs]
-    assert len(_common_prefix([p for p, _ in pairs])) < MIN_SHARED_PREFIX  # no shared start: one pass, one call
+    # no shared start: one pass, one call
+    assert len(_common_prefix([p for p, _ in pairs])) < MIN_SHARED_PREFIX
     widths = []
 
     def record(module, args, kwargs):
@@ -328,8 +346,9 @@ def test_lora_evaluation_reuses_the_scoring_pass(tiny_lora):
 
 
 def test_few_shot_prompts_share_their_start_and_answer_as_one_at_a_time(tiny_lora, monkeypatch):
-    """Few-shot prompts start alike (system prompt, then every shot): that start goes through the model once per
-    batch; the answers are still those of one prompt at a time, and the reference loss the per-example loss."""
+    """Few-shot prompts start alike (system prompt, then every shot): that start goes through the model once
+    per batch; the answers are still those of one prompt at a time, and the reference loss the per-example
+    loss."""
     from mlflow_finetune_plugin.evaluate.scoring import MIN_SHARED_PREFIX, _common_prefix, reference_ids
 
     model, tok = tiny_lora
@@ -346,13 +365,15 @@ def test_few_shot_prompts_share_their_start_and_answer_as_one_at_a_time(tiny_lor
     assert len(shared) >= MIN_SHARED_PREFIX  # the shared-start path is the one taken
     loaded = LoadedModel(model, tok, {})
     with model.disable_adapter():
-        assert [r["fewshot_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=12) for p in prompts]
+        assert [r["fewshot_answer"] for r in result.rows] == [generate(loaded, p, max_new_tokens=12)
+                                                              for p in prompts]
         expected = _per_example_loss(model, tok, [p + [c[-1]] for p, c in zip(prompts, convs)])
     assert result.metrics["eval/fewshot/loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def _per_example_loss(model, tok, convs) -> float:
-    """Token-weighted loss of the reference answers (and their end of turn), one unpadded example at a time."""
+    """Token-weighted loss of the reference answers (and their end of turn), one unpadded example at a
+    time."""
     nll, count = 0.0, 0
     for conv in convs:
         prompt_text = tok.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
@@ -379,7 +400,8 @@ def test_batched_reference_loss_equals_per_example(tiny_lora, batch_size):
 
     assert result.metrics["eval/tuned/loss"] == pytest.approx(_per_example_loss(model, tok, convs), rel=1e-5)
     with model.disable_adapter():
-        assert result.metrics["eval/base/loss"] == pytest.approx(_per_example_loss(model, tok, convs), rel=1e-5)
+        assert result.metrics["eval/base/loss"] == pytest.approx(_per_example_loss(model, tok, convs),
+                                                                 rel=1e-5)
 
 
 def test_structured_output_scores_json_validity(tiny_lora):
@@ -396,7 +418,8 @@ def test_full_model_needs_its_base_given(tiny_lora, tiny_model_dir):
     _, tok = tiny_lora
     full = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     cfg = EvalConfig(max_examples=1, max_new_tokens=3, fewshot_k=1)
-    assert run_evaluation(full, tok, _convs(chat_rows(1)), _convs(chat_rows(2, 5)), cfg).contenders == ["tuned"]
+    assert run_evaluation(full, tok, _convs(chat_rows(1)), _convs(chat_rows(2, 5)),
+                          cfg).contenders == ["tuned"]
     both = run_evaluation(full, tok, _convs(chat_rows(1)), _convs(chat_rows(2, 5)), cfg, base_model=full)
     assert both.contenders == ["base", "fewshot", "retrieval", "tuned"]
     assert both.metrics["eval/base/loss"] == pytest.approx(both.metrics["eval/tuned/loss"])
@@ -459,7 +482,8 @@ def test_read_conversations_names_the_bad_line(tmp_path):
         conversations([{"text": "x"}])
 
 
-# --- a registered version, through the CLI ----------------------------------------------------------------------
+# --- a registered version, through the CLI
+# ----------------------------------------------------------------------
 
 
 def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_lora, tmp_path):
@@ -472,7 +496,8 @@ def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_
                    "registry": {"promote_if": [{"metric": "exact_match", "beats": ["champion"]}]}}
     with mlflow.start_run() as src:
         mlflow.log_dict(recipe_yaml, "recipe.yaml")
-        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter",
+                                                "method": "lora"})
         tags = lineage_tags(method="lora", base_model=TINY_MODEL_REF, dataset_digest="d1", recipe_hash="r1",
                             chat_template_hash="c1", source_run=src.info.run_id)
         version = register(info.model_uri, "bot", tags)
@@ -488,8 +513,10 @@ def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_
     logged = mlflow.MlflowClient().get_run(new_run).data
     assert "eval/tuned/rougeL" in logged.metrics and "eval/retrieval/rougeL" in logged.metrics
     # The verdict is printed last and tagged on the run; 2 examples are too few for a pay-off.
-    verdict, cost = out.output.strip().splitlines()[-2:]  # the verdict, then what an answer costs each contender
-    assert verdict == f"Verdict: {logged.tags[VERDICT]}" and cost.startswith("Cost per answer on this machine:")
+    # the verdict, then what an answer costs each contender
+    verdict, cost = out.output.strip().splitlines()[-2:]
+    assert verdict == f"Verdict: {logged.tags[VERDICT]}" and cost.startswith(
+        "Cost per answer on this machine:")
     assert logged.tags[VERDICT_PAID_OFF] == "false" and "too few to tell" in logged.tags[VERDICT]
     # The recipe's gate names exact_match: the verdict weighs that metric.
     assert logged.tags[VERDICT].startswith("fine-tuning did not pay off: exact_match ")
@@ -498,8 +525,8 @@ def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_
     out = runner.invoke(main, ["promote", "bot", "--version", "1"])
     assert out.exit_code == 1 and "eval/tuned/exact_match" in out.output
 
-    out = runner.invoke(main, ["evaluate", "models:/bot/1", "--run-id", src.info.run_id, "--data", str(eval_file),
-                               "--max-examples", "1"])
+    out = runner.invoke(main, ["evaluate", "models:/bot/1", "--run-id", src.info.run_id, "--data",
+                               str(eval_file), "--max-examples", "1"])
     assert out.exit_code == 0, out.output
     src_metrics = mlflow.MlflowClient().get_run(src.info.run_id).data.metrics
     assert src_metrics["eval/n_examples"] == 1
@@ -526,7 +553,8 @@ def test_evaluate_a_registered_version_then_promote_and_list(tracking_uri, tiny_
 
 
 def test_evaluate_without_data_scores_the_rows_training_held_out(tmp_path, tracking_uri):
-    """A run with data.eval_split and no eval file: `evaluate` of its version rebuilds the same held-out rows."""
+    """A run with data.eval_split and no eval file: `evaluate` of its version rebuilds the same held-out
+    rows."""
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.evaluate.contenders import evaluate_model_uri
     from mlflow_finetune_plugin.train.job import run

@@ -2,9 +2,9 @@
 
 The expected values below are the real models' own, from their hub files (tokenizer_config.json, config.json,
 generation_config.json of Llama-3.2-1B-Instruct, Qwen2.5-0.5B-Instruct, Qwen3-0.6B, gemma-3-1b-it,
-Mistral-7B-Instruct-v0.3, Phi-3.5-mini-instruct, gemma-4-*-it, Qwen3.5-0.8B/2B and -4B, gpt-oss-20b; the 2026 ones
-as published copies of those files show them, the hub being out of reach here): written out here, not read from the
-module under test, so that a change to the module that drifts from the real models fails.
+Mistral-7B-Instruct-v0.3, Phi-3.5-mini-instruct, gemma-4-*-it, Qwen3.5-0.8B/2B and -4B, gpt-oss-20b; the 2026
+ones as published copies of those files show them, the hub being out of reach here): written out here, not
+read from the module under test, so that a change to the module that drifts from the real models fails.
 """
 
 from __future__ import annotations
@@ -68,13 +68,14 @@ GENERATION_EOS = {
     "gpt-oss": ["<|return|>", "<|endoftext|>", "<|call|>"],
 }
 # family: the token that ends an assistant turn in its template
-END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "gemma3": "<end_of_turn>",
-               "mistral": "</s>", "phi3.5": "<|end|>", "gemma4": "<turn|>", "qwen3.5": "<|im_end|>",
-               "qwen3.5-think": "<|im_end|>", "gpt-oss": "<|return|>"}
+END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>",
+               "gemma3": "<end_of_turn>", "mistral": "</s>", "phi3.5": "<|end|>", "gemma4": "<turn|>",
+               "qwen3.5": "<|im_end|>", "qwen3.5-think": "<|im_end|>", "gpt-oss": "<|return|>"}
 # What makes the 2026 families what they are, asked of the built model (tests below).
 LAYER_TYPES = {"qwen3.5": ["linear_attention", "full_attention"],
                "qwen3.5-think": ["linear_attention", "full_attention"],
-               "gemma4": ["sliding_attention", "full_attention"], "gpt-oss": ["sliding_attention", "full_attention"]}
+               "gemma4": ["sliding_attention", "full_attention"], "gpt-oss": ["sliding_attention",
+                                                                              "full_attention"]}
 
 CHAT = [{"role": "system", "content": "Answer in French."},
         {"role": "user", "content": "Where is the station?"},
@@ -100,7 +101,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# --- the bundled templates ----------------------------------------------------------------------------------------
+# --- the bundled templates
+# ----------------------------------------------------------------------------------------
 
 def test_every_bundled_template_has_its_tokens_and_an_origin():
     assert set(BUNDLED) == set(TEMPLATE_TOKENS) == set(chat_templates.ORIGINS)
@@ -125,7 +127,8 @@ def test_bundled_template_is_trls_file_byte_for_byte(family):
 
 def test_mistral_template_is_mistrals_v3_template():
     text = bundled_template("mistral")
-    # Digest of the text taken from llama.cpp's tests/test-chat-template.cpp ("mistralai 'v3' template"), see ORIGINS.
+    # Digest of the text taken from llama.cpp's tests/test-chat-template.cpp ("mistralai 'v3' template"), see
+    # ORIGINS.
     assert hashlib.sha256(text.encode()).hexdigest() == (
         "e16746b40344d6c5b5265988e0328a0bf7277be86f1c335156eae07e29c82826")
     assert '{{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}' in text
@@ -159,7 +162,8 @@ def test_read_template_names_the_key_the_choices_and_the_nearest(tmp_path):
     assert str(tmp_path) in message and "chatml" in message
 
 
-# --- the tiny family models -----------------------------------------------------------------------------------------
+# --- the tiny family models
+# -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_model_has_its_config_and_model_class(built, family):
@@ -176,8 +180,9 @@ def test_family_model_has_its_config_and_model_class(built, family):
 
 @pytest.mark.parametrize("family", sorted(LAYER_TYPES))
 def test_the_2026_families_have_their_architectures(built, family):
-    """Qwen3.5: a Gated DeltaNet layer (its cache keeps a convolution and a recurrent state, run here by transformers'
-    torch fallback, without the fla/causal-conv1d kernels) beside full attention; gpt-oss: experts with a router;
+    """Qwen3.5: a Gated DeltaNet layer (its cache keeps a convolution and a recurrent state, run here by
+    transformers' torch fallback, without the fla/causal-conv1d kernels) beside full attention; gpt-oss:
+    experts with a router;
     Gemma 4: a per-layer head_dim that `config.head_dim` refuses."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -198,7 +203,8 @@ def test_the_2026_families_have_their_architectures(built, family):
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():  # cached decoding runs on CPU and gives the logits of the full pass
         full = model(ids).logits[0, -1]
-        out = model.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
     assert torch.allclose(out.logits[0][0], full, atol=1e-4)
 
 
@@ -210,13 +216,14 @@ def test_family_tokenizer_has_the_real_special_tokens(tokenizers, family):
     ids = tok("Hello")["input_ids"]
     assert (ids[0] == tok.bos_token_id) is adds_bos
     for token in (*TEMPLATE_TOKENS[CLASSES[family][2]].control, END_OF_TURN[family]):
-        assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1, token  # one token, not split by BPE
+        # one token, not split by BPE
+        assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1, token
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_loader_tokenizes_alike(built, tokenizers, family):
-    # AutoTokenizer rebuilds some families' tokenizers by class (Qwen as Qwen2Tokenizer); the project loads its
-    # built-in folders as PreTrainedTokenizerFast. Both must give the same ids and offsets.
+    # AutoTokenizer rebuilds some families' tokenizers by class (Qwen as Qwen2Tokenizer); the project loads
+    # its built-in folders as PreTrainedTokenizerFast. Both must give the same ids and offsets.
     from transformers import PreTrainedTokenizerFast
 
     text = "It's 12345 o'clock,  café\n\nthen <|im_end|> <think> [INST] <end_of_turn> bye"
@@ -248,8 +255,8 @@ def test_family_renders_a_conversation_and_the_model_runs_on_it(built, tokenizer
     text = tok.apply_chat_template(CHAT, tokenize=False)
     assert "Where is the station?" in text
     assert "La gare est ici." + END_OF_TURN[family] in text
-    # Mistral's template writes the system message before the LAST user turn only: a conversation that ends with the
-    # answer loses it (the integrator's chat_format handles that); every other family keeps it.
+    # Mistral's template writes the system message before the LAST user turn only: a conversation that ends
+    # with the answer loses it (the integrator's chat_format handles that); every other family keeps it.
     assert ("Answer in French." in text) is (family != "mistral")
     prompt = tok.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
     assert "Answer in French." in prompt and "Where is the station?" in prompt
@@ -292,16 +299,18 @@ def test_a_misspelled_family_name_gets_the_nearest_one():
     assert "Did you mean 'tiny-qwen3'?" in message and "tiny-phi3.5" in message
 
 
-# --- one family through `mlflow run` ----------------------------------------------------------------------------------
+# --- one family through `mlflow run`
+# ----------------------------------------------------------------------------------
 
 @pytest.mark.integration
-@pytest.mark.stress  # tests/test_family_matrix.py runs tiny-qwen3 through `mlflow run` with evaluation and registration
+# tests/test_family_matrix.py runs tiny-qwen3 through `mlflow run` with evaluation and registration
+@pytest.mark.stress
 def test_mlflow_run_trains_a_family_model(tmp_path, tracking_uri):
     from mlflow import MlflowClient
 
     cmd = [sys.executable, "-m", "mlflow", "run", str(SUPPORT_BOT), "-e", "lora", "--backend", "finetune",
-           "-P", "model=tiny-qwen3", "-P", "max_steps=2", "-P", "eval.enabled=false", "-P", "registry.enabled=false",
-           "--experiment-name", "families"]
+           "-P", "model=tiny-qwen3", "-P", "max_steps=2", "-P", "eval.enabled=false", "-P",
+           "registry.enabled=false", "--experiment-name", "families"]
     proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -313,9 +322,9 @@ def test_mlflow_run_trains_a_family_model(tmp_path, tracking_uri):
 
 
 def test_a_template_probed_with_a_tokenizer_lacking_its_tokens_does_not_answer_for_one_that_has_them():
-    """The probe is cached per template: a tokenizer of the same class without the template's special tokens (a base
-    model before `model.chat_template` adds them) probed first left gpt-oss's real tokenizer, later in the same
-    process, with no end-of-turn token, and its answers came out empty (CI, issue 58)."""
+    """The probe is cached per template: a tokenizer of the same class without the template's special tokens
+    (a base model before `model.chat_template` adds them) probed first left gpt-oss's real tokenizer, later in
+    the same process, with no end-of-turn token, and its answers came out empty (CI, issue 58)."""
     from mlflow_finetune_plugin.models.base import load_tokenizer
     from mlflow_finetune_plugin.models.chat_format import chat_format, stop_ids
     from mlflow_finetune_plugin.models.tiny import _build_tokenizer

@@ -1,18 +1,18 @@
-"""Every chat family through what a user does with it (issue 44): the tiny random models of Llama 3.2, Qwen2.5,
-Qwen3, Gemma 3, Mistral v0.3 and Phi-3.5 (tests/test_families.py checks that they are the real families), and the
-built-in tiny model as the plain ChatML row.
+"""Every chat family through what a user does with it (issue 44): the tiny random models of Llama 3.2,
+Qwen2.5, Qwen3, Gemma 3, Mistral v0.3 and Phi-3.5 (tests/test_families.py checks that they are the real
+families), and the built-in tiny model as the plain ChatML row.
 
-Per family: the trained tokens of a row are exactly each assistant reply and its end-of-turn token; `mlflow run -e
-lora --backend finetune` (pre-flight, training, evaluation, registration) finishes with the tags that say so; `-e dpo`
-trains; the registered version reloads through `mlflow.pyfunc`; the transformers engine and the playground answer;
-`mlflow-finetune export` writes a merged folder that answers as the pyfunc does; and wherever an answer is generated,
-the family's end-of-turn token ends it (forced with `Script`, so it does not depend on what random weights emit). No
-Future/DeprecationWarning comes from our own modules on the way. vLLM serves a family in tests/test_system_prompts.py,
-where a trained model's answers can be checked word for word.
+Per family: the trained tokens of a row are exactly each assistant reply and its end-of-turn token; `mlflow
+run -e lora --backend finetune` (pre-flight, training, evaluation, registration) finishes with the tags that
+say so; `-e dpo` trains; the registered version reloads through `mlflow.pyfunc`; the transformers engine and
+the playground answer; `mlflow-finetune export` writes a merged folder that answers as the pyfunc does; and
+wherever an answer is generated, the family's end-of-turn token ends it (forced with `Script`, so it does not
+depend on what random weights emit). No Future/DeprecationWarning comes from our own modules on the way. vLLM
+serves a family in tests/test_system_prompts.py, where a trained model's answers can be checked word for word.
 
-One `mlflow run` per family, started together (two at a time) the first time a test needs them, against one store.
-The tiny model's own runs, versions, serving and export are tested elsewhere (test_integration, test_serving,
-test_export): here it is a row only where that costs little.
+One `mlflow run` per family, started together (two at a time) the first time a test needs them, against one
+store. The tiny model's own runs, versions, serving and export are tested elsewhere (test_integration,
+test_serving, test_export): here it is a row only where that costs little.
 """
 
 from __future__ import annotations
@@ -48,15 +48,19 @@ from tests.matrix_helpers import (
     write_chat_project,
 )
 
-QUESTION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 3 plus 3?"}]
-# Two optimizer steps, 2 held-out rows, short answers: the run's steps, not the model's quality, are what is tested.
+QUESTION = [{"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is 3 plus 3?"}]
+# Two optimizer steps, 2 held-out rows, short answers: the run's steps, not the model's quality, are what is
+# tested.
 RUN_OVERRIDES = {"train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "train.save_steps": 2,
                  "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1, "eval.traces": False}
-# Our own modules' Future/DeprecationWarnings as Python prints them (`PYTHONWARNINGS=default` shows the latter too).
+# Our own modules' Future/DeprecationWarnings as Python prints them (`PYTHONWARNINGS=default` shows the latter
+# too).
 OWN_WARNING = re.compile(r"mlflow_finetune_plugin[/\\]\S+\.py:\d+: (Future|Deprecation)Warning")
 
 
-# ------------------------------------------------------------------------------------------------- the loss mask
+# ------------------------------------------------------------------------------------------------- the loss
+# mask
 
 
 @pytest.mark.parametrize("row", ROWS)
@@ -69,8 +73,8 @@ def test_the_trained_tokens_are_each_reply_and_its_end_of_turn(row):
     encoded = tokenize_row(tokenizer, CONVERSATION)
     pieces = trained_pieces(tokenizer, encoded["input_ids"], encoded["assistant_masks"])
     first, last = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
-    # What the template has the model write ahead of a reply (Qwen3's empty think block, gpt-oss's final channel) is
-    # trained too: the model must write it at inference.
+    # What the template has the model write ahead of a reply (Qwen3's empty think block, gpt-oss's final
+    # channel) is trained too: the model must write it at inference.
     expected = [EARLIER_LEAD.get(row, "") + first + EARLIER_END_OF_TURN.get(row, END_OF_TURN[row]),
                 LAST_LEAD.get(row, "") + last + END_OF_TURN[row]]
     if row == "mistral":  # "[/INST] reply</s>": the space after [/INST] is the reply's first token's
@@ -93,14 +97,16 @@ def test_every_end_of_turn_id_stops_generation(row):
     stops = set(stop_ids(tokenizer, generation))
     eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
     assert tokenizer.convert_tokens_to_ids(END_OF_TURN[row]) in stops
-    assert {tokenizer.eos_token_id, *eos} <= stops  # Gemma's <eos>, Phi's <|endoftext|> as well as their turn ends
+    # Gemma's <eos>, Phi's <|endoftext|> as well as their turn ends
+    assert {tokenizer.eos_token_id, *eos} <= stops
 
 
 @pytest.mark.parametrize("pieces", [["<th", "ink>\n\n</th", "ink>\n\n", "La ", "gare"], ["La", " gare"],
-                                    ["  <think>why</think>", " ", "Hi"], ["<thi"], ["<think>unclosed"], ["<", "b>"],
-                                    ["\n", "Hello"]])
+                                    ["  <think>why</think>", " ", "Hi"], ["<thi"], ["<think>unclosed"],
+                                    ["<", "b>"], ["\n", "Hello"]])
 def test_a_streamed_answer_is_cleaned_as_a_whole_one(pieces):
-    """The serving engines stream; Qwen3's empty reasoning block must not reach the page (pyfunc drops it too)."""
+    """The serving engines stream; Qwen3's empty reasoning block must not reach the page (pyfunc drops it
+    too)."""
     from mlflow_finetune_plugin.models.answers import clean_answer, clean_stream
 
     streamed = list(clean_stream(iter(pieces)))
@@ -110,8 +116,9 @@ def test_a_streamed_answer_is_cleaned_as_a_whole_one(pieces):
 
 
 def test_the_pre_flight_counts_the_tokens_an_answer_takes_as_the_template_has_it_written(tmp_path, capsys):
-    """Qwen3 writes an empty <think></think> block ahead of each answer, inside eval.max_new_tokens: a budget that
-    fits the answer alone cuts every Qwen3 answer short (exact_match 0.5 on the system-prompt set at 16 tokens)."""
+    """Qwen3 writes an empty <think></think> block ahead of each answer, inside eval.max_new_tokens: a budget
+    that fits the answer alone cuts every Qwen3 answer short (exact_match 0.5 on the system-prompt set at 16
+    tokens)."""
     from mlflow_finetune_plugin.backend import resolve_entry_point
     from mlflow_finetune_plugin.models.base import load_tokenizer
 
@@ -145,7 +152,8 @@ def test_rows_a_template_refuses_are_refused_before_any_run_with_the_fix(row, tm
     assert "alternating" in message and "model.chat_template" in message
 
 
-# ------------------------------------------------------------------------------------------- one run per family
+# ------------------------------------------------------------------------------------------- one run per
+# family
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +182,8 @@ def _wanted_rows(request, fixture: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(store, request, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """`mlflow run PROJECT -e lora --backend finetune` for each family, two at a time, each registering its model."""
+    """`mlflow run PROJECT -e lora --backend finetune` for each family, two at a time, each registering its
+    model."""
     project = tmp_path_factory.mktemp("project")
     env = {**subprocess_env(store), "PYTHONWARNINGS": "default"}
 
@@ -299,8 +308,8 @@ def test_export_merged_answers_as_the_pyfunc_and_its_generation_config_stops(pyf
     with own_warnings() as found:
         assert generate(LoadedModel(merged, tokenizer, {}), QUESTION, max_new_tokens=8) == expected
     assert not found, found
-    # A plain transformers `generate`, nothing of ours: the folder's generation config ends the answer at the end of
-    # turn; told another stop id, the same script runs on to the token limit.
+    # A plain transformers `generate`, nothing of ours: the folder's generation config ends the answer at the
+    # end of turn; told another stop id, the same script runs on to the token limit.
     script = Script(tokenizer, END_OF_TURN[row])
     ids = torch.tensor([prompt_ids(tokenizer, QUESTION)])
     with script.forced(), torch.no_grad():
@@ -312,17 +321,19 @@ def test_export_merged_answers_as_the_pyfunc_and_its_generation_config_stops(pyf
     assert len(ran_on) == 12 and ran_on[len(script.ids)] == script.fill
 
 
-# ------------------------------------------------------------------------------------------------------------ DPO
+# ------------------------------------------------------------------------------------------------------------
+# DPO
 
 
 def _preference_rows() -> list[dict]:
     system = {"role": "system", "content": "Answer in French."}
-    return [{"prompt": [system, {"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": good}],
-             "rejected": [{"role": "assistant", "content": bad}]}
-            for q, good, bad in (("Where is the station?", "La gare est ici.", "The station is here."),
-                                 ("What time is it?", "Il est midi.", "It is noon."),
-                                 ("How are you?", "Je vais bien.", "I am fine."),
-                                 ("What is your name?", "Je m'appelle Nimbus.", "My name is Nimbus."))]
+    return [{"prompt": [system, {"role": "user", "content": q}], "chosen": [{"role": "assistant",
+                                                                             "content": good}],
+             "rejected": [{"role": "assistant", "content": bad}]} for q, good,
+            bad in (("Where is the station?", "La gare est ici.", "The station is here."),
+                    ("What time is it?", "Il est midi.", "It is noon."), ("How are you?", "Je vais bien.",
+                                                                          "I am fine."),
+                    ("What is your name?", "Je m'appelle Nimbus.", "My name is Nimbus."))]
 
 
 @pytest.mark.integration
@@ -338,8 +349,9 @@ def test_dpo_trains_on_the_family(store, row, tmp_path):
     os.chdir(tmp_path)  # the checkpoints folder
     try:
         recipe = load_recipe(REPO / "recipes" / "dpo", method="dpo", overrides={
-            "model.name": model_name(row), "data.train": str(data), "data.eval": str(data), "train.max_steps": 2,
-            "train.batch_size": 2, "train.logging_steps": 1, "eval.enabled": False, "registry.enabled": False})
+            "model.name": model_name(row), "data.train": str(data), "data.eval": str(data),
+            "train.max_steps": 2, "train.batch_size": 2, "train.logging_steps": 1, "eval.enabled": False,
+            "registry.enabled": False})
         assert run(recipe) == 0
     finally:
         os.chdir(cwd)
@@ -347,5 +359,6 @@ def test_dpo_trains_on_the_family(store, row, tmp_path):
     (dpo,) = client.search_runs([client.get_experiment_by_name(f"matrix-dpo-{row}").experiment_id])
     assert dpo.info.status == "FINISHED" and dpo.data.params["objective"] == "dpo"
     assert any(k.startswith("train/rewards/") for k in dpo.data.metrics), sorted(dpo.data.metrics)
-    # DPO's trainer renders the rows itself: the system message reaches it folded where the template would drop it.
+    # DPO's trainer renders the rows itself: the system message reaches it folded where the template would
+    # drop it.
     assert dpo.data.tags[tags.SYSTEM_HANDLING].startswith("folded:" if row in FOLDS_SYSTEM else "kept")

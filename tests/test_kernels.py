@@ -1,5 +1,5 @@
-"""`train.kernels` (models/kernels.py): which kernels a run takes, what it refuses and what its tag says, on CPU.
-Liger's kernels themselves run on CUDA only (bench/gpu/train_throughput.py measures them)."""
+"""`train.kernels` (models/kernels.py): which kernels a run takes, what it refuses and what its tag says, on
+CPU. Liger's kernels themselves run on CUDA only (bench/gpu/train_throughput.py measures them)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ def test_auto_takes_liger_only_with_cuda_the_package_and_the_architecture():
     assert [c.name for c in off] == ["none"] * 4
     assert [c.reason for c in off] == [
         "train.kernels auto: no CUDA GPU",
-        "train.kernels auto: liger-kernel is not installed (pip install 'mlflow-finetune-plugin[gpu]' (or pip "
-        "install liger-kernel))",
-        "train.kernels auto: Liger Kernel does not cover model type 'gpt2'",
+        "train.kernels auto: liger-kernel is not installed (pip install 'mlflow-finetune-plugin[gpu]' (or "
+        "pip install liger-kernel))", "train.kernels auto: Liger Kernel does not cover model type 'gpt2'",
         "train.kernels: none"]
 
 
@@ -40,8 +39,8 @@ def test_auto_takes_liger_only_with_cuda_the_package_and_the_architecture():
     (True, None, "llama", "Liger Kernel is not installed: pip install 'mlflow-finetune-plugin[gpu]'"),
     (True, LIGER, "gpt2", "has no kernels for model type 'gpt2' (it covers llama, qwen2)"),
 ])
-def test_an_explicit_liger_that_cannot_be_honoured_is_refused_with_the_key_and_the_fix(on_cuda, types, model_type,
-                                                                                       says):
+def test_an_explicit_liger_that_cannot_be_honoured_is_refused_with_the_key_and_the_fix(on_cuda, types,
+                                                                                       model_type, says):
     with pytest.raises(FinetuneError) as e:
         choose("liger", on_cuda, types, model_type)
     assert "train.kernels: liger" in str(e.value) and says in str(e.value)
@@ -125,7 +124,8 @@ def _lora_tiny(dropout: float):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path(), dtype=torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+                                            target_modules="all-linear"))
     for name, p in model.named_parameters():  # B starts at zero: give it values so its path changes the loss
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -133,7 +133,8 @@ def _lora_tiny(dropout: float):
 
 
 def _step(model, autocast: bool):
-    """The loss, every LoRA gradient and the number of dtype copies (`aten._to_copy`) of one forward+backward."""
+    """The loss, every LoRA gradient and the number of dtype copies (`aten._to_copy`) of one
+    forward+backward."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -157,8 +158,8 @@ def _step(model, autocast: bool):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_lora_layers_skip_peft_s_input_casts_under_autocast_with_the_same_numbers(dropout):
-    """Without dropout the numbers are the same bit for bit; with it, CPU's bf16 dropout rounds the scaled input once
-    more than fp32's (the masks are the same), so they agree to bf16 rounding."""
+    """Without dropout the numbers are the same bit for bit; with it, CPU's bf16 dropout rounds the scaled
+    input once more than fp32's (the masks are the same), so they agree to bf16 rounding."""
     import torch
     from peft.tuners.lora import LoraLayer
 
@@ -170,7 +171,8 @@ def test_lora_layers_skip_peft_s_input_casts_under_autocast_with_the_same_number
     def same_grads(a, b):
         if dropout == 0:
             return all(torch.equal(a[n], b[n]) for n in a)
-        flat_a, flat_b = torch.cat([g.flatten() for g in a.values()]), torch.cat([g.flatten() for g in b.values()])
+        flat_a, flat_b = torch.cat([g.flatten() for g in a.values()]), torch.cat([g.flatten()
+                                                                                  for g in b.values()])
         return torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0) > 0.99
 
     plain, hooked = _lora_tiny(dropout), _lora_tiny(dropout)
@@ -179,7 +181,8 @@ def test_lora_layers_skip_peft_s_input_casts_under_autocast_with_the_same_number
     loss_h, grads_h, copies_h = _step(hooked, autocast=True)
     assert same(loss, loss_h) and grads.keys() == grads_h.keys() and same_grads(grads, grads_h)
     assert copies_h < copies  # the bf16 -> fp32 -> bf16 round trips are gone
-    # without autocast PEFT's cast is needed (fp32 adapter on a bf16 base) and stays on: the same numbers exactly
+    # without autocast PEFT's cast is needed (fp32 adapter on a bf16 base) and stays on: the same numbers
+    # exactly
     loss, grads, _ = _step(plain, autocast=False)
     loss_h, grads_h, _ = _step(hooked, autocast=False)
     assert torch.equal(loss, loss_h) and all(torch.equal(grads[n], grads_h[n]) for n in grads)
@@ -187,8 +190,8 @@ def test_lora_layers_skip_peft_s_input_casts_under_autocast_with_the_same_number
 
 def test_torch_compile_compiles_each_decoder_layer_with_the_same_numbers_and_undoes_it():
     """`train.torch_compile`: the layers the model names in
-    `_no_split_modules` run through torch.compile (a counting backend here; inductor on a run), with the loss and
-    gradients of the eager model, and run eagerly again once uncompiled (evaluation's changing shapes)."""
+    `_no_split_modules` run through torch.compile (a counting backend here; inductor on a run), with the loss
+    and gradients of the eager model, and run eagerly again once uncompiled (evaluation's changing shapes)."""
     import torch
 
     from mlflow_finetune_plugin.models.kernels import compile_layers, decoder_layers, uncompile_layers
@@ -209,7 +212,8 @@ def test_torch_compile_compiles_each_decoder_layer_with_the_same_numbers_and_und
     torch._dynamo.reset()
     eager, compiled = _lora_tiny(0.0).float(), _lora_tiny(0.0).float()
     layers = decoder_layers(compiled)
-    assert [type(layer).__name__ for layer in layers] == ["LlamaDecoderLayer"] * compiled.config.num_hidden_layers
+    assert [type(layer).__name__
+            for layer in layers] == ["LlamaDecoderLayer"] * compiled.config.num_hidden_layers
     assert compile_layers(compiled, backend=counting) == len(layers)
     loss, grads = step(eager)
     loss_c, grads_c = step(compiled)

@@ -1,6 +1,7 @@
-"""kill -9 at the worst moments of a run: while a checkpoint is being uploaded, while the model is being logged, and
-between registering a version and pointing the alias at it. Each leaves the run FAILED (never RUNNING), nothing that
-`models:/NAME@challenger` resolves to comes from the killed run, and `-P resume=RUN_ID` finishes the job.
+"""kill -9 at the worst moments of a run: while a checkpoint is being uploaded, while the model is being
+logged, and between registering a version and pointing the alias at it. Each leaves the run FAILED (never
+RUNNING), nothing that `models:/NAME@challenger` resolves to comes from the killed run, and `-P resume=RUN_ID`
+finishes the job.
 
 The moments are reached for real, in the training process, by a `sitecustomize` put on its PYTHONPATH for the
 test only: it lets the real call start (or get halfway), writes a marker file and waits to be killed.
@@ -54,7 +55,8 @@ HOOK = textwrap.dedent('''
             _pause()
         _log_artifacts(self, local_dir, artifact_path)
         if MOMENT == "model" and os.path.isdir(os.path.join(local_dir, "artifacts")):
-            _pause()  # the fine-tuned model's files are in; MLflow has not finalized it, nothing is registered
+            _pause()  # the fine-tuned model's files are in; MLflow has not finalized it, nothing is \
+registered
 
 
     LocalArtifactRepository.log_artifacts = log_artifacts
@@ -76,14 +78,15 @@ HOOK = textwrap.dedent('''
 
 def _submit(proj, tracking_uri, params=None):
     exp_id = mlflow.set_experiment(EXPERIMENT).experiment_id
-    return FinetuneBackend().run(str(proj), "lora", params or {}, None, {"SYNCHRONOUS": True}, tracking_uri, exp_id)
+    return FinetuneBackend().run(str(proj), "lora", params or {}, None, {"SYNCHRONOUS": True}, tracking_uri,
+                                 exp_id)
 
 
 
 
 @pytest.mark.integration
-# Killed while the model is logged or registered: later moments of the same resume path, left to `-m stress` for CI
-# time (tests/test_faults.py kills a run in training and resumes it too).
+# Killed while the model is logged or registered: later moments of the same resume path, left to `-m stress`
+# for CI time (tests/test_faults.py kills a run in training and resumes it too).
 @pytest.mark.parametrize("moment", ["checkpoint", pytest.param("model", marks=pytest.mark.stress),
                                     pytest.param("register", marks=pytest.mark.stress)])
 def test_kill_9_at_the_worst_moment_then_resume_finishes(tmp_path, tracking_uri, monkeypatch, moment):

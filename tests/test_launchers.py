@@ -1,7 +1,8 @@
-"""Launchers `local` (its training process started before the checks), `torchrun` and `ray`, and cancel on every
-launcher: real processes on the tiny model.
+"""Launchers `local` (its training process started before the checks), `torchrun` and `ray`, and cancel on
+every launcher: real processes on the tiny model.
 
-torchrun runs 2 ranks on CPU (gloo); the Ray tests start a real Ray head on 127.0.0.1 and submit Ray Jobs to it.
+torchrun runs 2 ranks on CPU (gloo); the Ray tests start a real Ray head on 127.0.0.1 and submit Ray Jobs to
+it.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ CLI = [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main(
 
 def _submit(proj, tracking_uri, config=None, params=None, synchronous=True):
     exp_id = mlflow.set_experiment(EXPERIMENT).experiment_id
-    return FinetuneBackend().run(str(proj), "lora", params or {}, None, {"SYNCHRONOUS": synchronous, **(config or {})},
-                                 tracking_uri, exp_id)
+    return FinetuneBackend().run(str(proj), "lora", params or {}, None, {"SYNCHRONOUS": synchronous,
+                                                                         **(config or {})}, tracking_uri,
+                                 exp_id)
 
 
 def _runs():
@@ -57,7 +59,8 @@ def _processes_of(run_id) -> list:
         try:
             if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
                 continue
-            if any(run_id in part for part in p.info["cmdline"] or []) or p.environ().get("MLFLOW_RUN_ID") == run_id:
+            if any(run_id in part for part in p.info["cmdline"]
+                   or []) or p.environ().get("MLFLOW_RUN_ID") == run_id:
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -68,38 +71,44 @@ def _processes_of(run_id) -> list:
 
 
 def test_torchrun_command_single_and_multi_node():
-    train = [sys.executable, "-m", "mlflow_finetune_plugin.train.job", "--recipe-json", "r.json", "--run-id", "abc"]
+    train = [sys.executable, "-m", "mlflow_finetune_plugin.train.job", "--recipe-json", "r.json", "--run-id",
+             "abc"]
     single = torchrun_command(train, "abc", nproc_per_node=2)
     assert single[:3] == [sys.executable, "-m", "mlflow_finetune_plugin.launchers.quiet_torchrun"]
     assert "--standalone" in single and single[single.index("--nproc-per-node") + 1] == "2"
-    assert single[-6:] == ["-m", "mlflow_finetune_plugin.train.job", "--recipe-json", "r.json", "--run-id", "abc"]
+    assert single[-6:] == ["-m", "mlflow_finetune_plugin.train.job", "--recipe-json", "r.json", "--run-id",
+                           "abc"]
     multi = torchrun_command(train, "abc", nproc_per_node=4, nnodes=2, rdzv_endpoint="10.0.0.1:29400")
     assert "--standalone" not in multi
     assert multi[multi.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400"
     assert multi[multi.index("--rdzv-id") + 1] == "abc"  # every node joins the same rendezvous: the run id
-    assert torchrun_command(["bash", "-c", "echo hi"], "abc", 2)[-4:] == ["--no-python", "bash", "-c", "echo hi"]
+    assert torchrun_command(["bash", "-c", "echo "
+                                           "hi"], "abc", 2)[-4:] == ["--no-python", "bash", "-c", "echo hi"]
 
 
 def test_the_training_process_answers_under_its_package_name_too():
-    """`python -m mlflow_finetune_plugin.train` is the training process (train/job.py) under a shorter name for
-    commands written by hand; its options are the job's."""
-    out = subprocess.run([sys.executable, "-m", "mlflow_finetune_plugin.train", "--help"], capture_output=True,
-                         text=True, timeout=120)
+    """`python -m mlflow_finetune_plugin.train` is the training process (train/job.py) under a shorter name
+    for commands written by hand; its options are the job's."""
+    out = subprocess.run([sys.executable, "-m", "mlflow_finetune_plugin.train", "--help"],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--recipe-json" in out.stdout and "--run-id" in out.stdout
 
 
 def test_the_ranks_of_one_node_share_one_measurement_of_bf16(monkeypatch):
-    # quiet_torchrun measures once (or takes the launcher's figure) before its ranks start; each rank reads it.
+    # quiet_torchrun measures once (or takes the launcher's figure) before its ranks start; each rank reads
+    # it.
     from mlflow_finetune_plugin.models.precision import SPEEDUP_ENV
 
-    show = [sys.executable, "-c", f"import os; print('rank', os.environ['RANK'], os.environ.get('{SPEEDUP_ENV}'))"]
+    show = [sys.executable, "-c",
+            f"import os; print('rank', os.environ['RANK'], os.environ.get('{SPEEDUP_ENV}'))"]
     for given in ("", "1.234"):
         env = {**os.environ, SPEEDUP_ENV: given}
-        out = subprocess.run(torchrun_command(show, "r", nproc_per_node=2), env=env, capture_output=True, text=True,
-                             timeout=120)
+        out = subprocess.run(torchrun_command(show, "r", nproc_per_node=2), env=env, capture_output=True,
+                             text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
-        ranks = {line.split()[1]: line.split()[2] for line in out.stdout.splitlines() if line.startswith("rank")}
+        ranks = {line.split()[1]: line.split()[2] for line in out.stdout.splitlines()
+                 if line.startswith("rank")}
         assert sorted(ranks) == ["0", "1"] and len(set(ranks.values())) == 1, out.stdout
         figure = ranks["0"]
         assert figure == "1.234" if given else (figure == "none" or float(figure) > 0)
@@ -160,7 +169,8 @@ def test_a_local_run_trains_in_the_process_started_before_its_checks(tmp_path, t
 def test_failed_checks_stop_the_warm_process_at_once(tmp_path, tracking_uri, monkeypatch):
     started = []
     start_warm = local.start_warm
-    monkeypatch.setattr(local, "start_warm", lambda *a, **k: started.append(start_warm(*a, **k)) or started[-1])
+    monkeypatch.setattr(local, "start_warm", lambda *a, **k: started.append(start_warm(*a,
+                                                                                       **k)) or started[-1])
     proj = write_project(tmp_path / "p", QUICK_RECIPE, rows=chat_rows(8))
     with pytest.raises(ExecutionException, match="train.learning_rate"):
         _submit(proj, tracking_uri, params={"train.learning_rate": "abc"})
@@ -182,7 +192,8 @@ def test_a_warm_process_runs_exactly_the_command_it_is_handed(tmp_path, capfd):
     proc = warm.hand_over([sys.executable, "-m", local.TRAINING_MODULE, "--recipe-json", str(missing),
                            "--run-id", "abc"], {**env, "MLFLOW_RUN_ID": "abc"}, str(tmp_path))
     assert proc is not None and warm.proc is None
-    assert proc.wait(timeout=120) == 1  # job.main ran with those arguments: the recipe file it names is missing
+    # job.main ran with those arguments: the recipe file it names is missing
+    assert proc.wait(timeout=120) == 1
     assert "missing-recipe.json" in capfd.readouterr().err
 
 
@@ -191,7 +202,8 @@ def test_a_warm_process_whose_imports_failed_reports_it_only_when_handed_a_run(t
     broken = tmp_path / "site" / "torch"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("raise ImportError('a broken torch install, for the test')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken.parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
     warm = local.start_warm(env, str(tmp_path))
     if handed:
         proc = warm.hand_over([sys.executable, "-m", local.TRAINING_MODULE, "--recipe-json", "r.json"], env,
@@ -224,9 +236,9 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RUN_ID"):
 """
 
 
-# -m stress: two ranks to one run and one version are covered by tests/test_multinode.py's two agents (one run, one
-# version, the loss falls, the epoch counted over both ranks) and tests/test_faults.py's killed rank (both ranks resume
-# and train to the end); this adds the single-agent rng states per rank.
+# -m stress: two ranks to one run and one version are covered by tests/test_multinode.py's two agents (one
+# run, one version, the loss falls, the epoch counted over both ranks) and tests/test_faults.py's killed rank
+# (both ranks resume and train to the end); this adds the single-agent rng states per rank.
 @pytest.mark.stress
 @pytest.mark.integration
 def test_torchrun_two_ranks_one_run_one_version_loss_falls(tmp_path, tracking_uri, monkeypatch):
@@ -248,26 +260,31 @@ def test_torchrun_two_ranks_one_run_one_version_loss_falls(tmp_path, tracking_ur
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(losses) == 10 and sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
     # The ranks split the data (2 ranks x 2 rows a step over 32 rows: an epoch every 8 steps, not 16) and the
-    # Trainer all-gathers the loss before logging it (nested_gather(tr_loss).mean() in _maybe_log_save_evaluate).
+    # Trainer all-gathers the loss before logging it (nested_gather(tr_loss).mean() in
+    # _maybe_log_save_evaluate).
     assert run.data.metrics["train/epoch"] == pytest.approx(10 * 2 * 2 / 32)
-    # Each rank's RNG state is in the logged checkpoint, whole: rank 0 copies it only once every rank has saved.
+    # Each rank's RNG state is in the logged checkpoint, whole: rank 0 copies it only once every rank has
+    # saved.
     for step in (5, 10):
         sizes = {a.path.rsplit("/", 1)[-1]: a.file_size
                  for a in MlflowClient().list_artifacts(run.info.run_id, f"checkpoints/checkpoint-{step}")}
-        assert sizes.get("rng_state_0.pth") and sizes.get("rng_state_1.pth") == sizes["rng_state_0.pth"], sizes
+        assert sizes.get("rng_state_0.pth") and sizes.get("rng_state_1.pth") == sizes["rng_state_0.pth"], (
+            sizes
+        )
 
 
 def _training_mlflow_run(tmp_path, tracking_uri, extra_args=()):
     """`mlflow run` of a long LoRA job in a session of its own (as from a terminal), returned once it trains:
     (process, log file, run id). The caller stops it and kills the session if it outlives the test."""
     proj = write_project(tmp_path / "p", LONG_RECIPE, rows=chat_rows(32))
-    cmd = [sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune", *extra_args,
-           "--experiment-name", EXPERIMENT]
+    cmd = [sys.executable, "-m", "mlflow", "run", str(proj), "-e", "lora", "--backend", "finetune",
+           *extra_args, "--experiment-name", EXPERIMENT]
     mlflow.set_experiment(EXPERIMENT)  # create the store first: two processes migrating one sqlite file race
     log = tmp_path / "mlflow-run.log"
-    with open(log, "w") as out:  # a file, not a pipe: nobody reads until the end, and progress bars are chatty
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(tracking_uri), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    # a file, not a pipe: nobody reads until the end, and progress bars are chatty
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(tracking_uri), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: proc.poll() is not None or len(_runs()) == 1, what="the run to be created")
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -281,8 +298,8 @@ def _training_mlflow_run(tmp_path, tracking_uri, extra_args=()):
 
 
 def _stop(proc, log, signum) -> str:
-    """Send `signum` to `mlflow run`, wait up to 120 s for it to end (its session is killed if it does not), and
-    return what it printed."""
+    """Send `signum` to `mlflow run`, wait up to 120 s for it to end (its session is killed if it does not),
+    and return what it printed."""
     try:
         proc.send_signal(signum)
         proc.wait(timeout=120)
@@ -292,17 +309,19 @@ def _stop(proc, log, signum) -> str:
     return log.read_text()
 
 
-# -m stress: Ctrl-C on a torchrun job is covered by tests/test_multinode.py's [first-Ctrl-C] (every rank of both
-# agents gone, the run KILLED); this is the single-agent case.
+# -m stress: Ctrl-C on a torchrun job is covered by tests/test_multinode.py's [first-Ctrl-C] (every rank of
+# both agents gone, the run KILLED); this is the single-agent case.
 @pytest.mark.stress
 @pytest.mark.integration
 def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, tracking_uri):
-    proc, log, run_id = _training_mlflow_run(tmp_path, tracking_uri, ["--backend-config", json.dumps(TORCHRUN)])
+    proc, log, run_id = _training_mlflow_run(tmp_path, tracking_uri,
+                                             ["--backend-config", json.dumps(TORCHRUN)])
     ranks = [p for p in _processes_of(run_id) if "mlflow_finetune_plugin.train.job" in " ".join(p.cmdline())]
     output = _stop(proc, log, signal.SIGINT)  # what Ctrl-C does: the ranks run in sessions of their own
     assert len(ranks) >= 2
     assert proc.returncode != 0
-    assert f"Run {run_id} cancelled" in output and "Traceback" not in output.split("Interrupted")[-1], output[-3000:]
+    assert f"Run {run_id} cancelled" in output and "Traceback" not in output.split("Interrupted")[-1], output[
+        -3000:]
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "KILLED"
     wait_for(lambda: not _processes_of(run_id), timeout=30, what="no process of the run left")
@@ -312,8 +331,8 @@ def test_ctrl_c_on_mlflow_run_with_torchrun_kills_run_and_every_rank(tmp_path, t
 # SIGHUP goes through the same handler as SIGTERM (left to `-m stress` for CI time).
 @pytest.mark.parametrize("stop_signal", ["SIGTERM", pytest.param("SIGHUP", marks=pytest.mark.stress)])
 def test_a_stop_signal_to_mlflow_run_cancels_the_job(tmp_path, tracking_uri, stop_signal):
-    """`kill` or a closed terminal ends `mlflow run` like Ctrl-C: the training process (in a session of its own, so
-    the signal does not reach it) is stopped and the run is KILLED, not left running as an orphan."""
+    """`kill` or a closed terminal ends `mlflow run` like Ctrl-C: the training process (in a session of its
+    own, so the signal does not reach it) is stopped and the run is KILLED, not left running as an orphan."""
     proc, log, run_id = _training_mlflow_run(tmp_path, tracking_uri)
     output = _stop(proc, log, getattr(signal, stop_signal))
     assert proc.returncode != 0

@@ -1,9 +1,9 @@
-"""The layers of docs/design.md, checked from the source: every import points down a floor or stays inside its own
-package, there is no import circle, and the serving side never imports training code. Every `import` counts, the ones
-inside functions too: a lazy import hides a circle from Python, not from a reader.
+"""The layers of docs/design.md, checked from the source: every import points down a floor or stays inside its
+own package, there is no import circle, and the serving side never imports training code. Every `import`
+counts, the ones inside functions too: a lazy import hides a circle from Python, not from a reader.
 
-The floors name packages (and the few top-level modules that must stay where they are), never a hand-kept list of
-every module: a new module is checked by the package it lands in."""
+The floors name packages (and the few top-level modules that must stay where they are), never a hand-kept list
+of every module: a new module is checked by the package it lands in."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 ROOT = "mlflow_finetune_plugin"
 PACKAGES = (ROOT,)
 
-# Top to bottom. A module may import its own package's modules and anything on a lower floor; nothing on its own
-# floor outside its package, nothing above. Names are relative to mlflow_finetune_plugin.
+# Top to bottom. A module may import its own package's modules and anything on a lower floor; nothing on its
+# own floor outside its package, nothing above. Names are relative to mlflow_finetune_plugin.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("cli",),
-    ("studio",),  # the Train page: starts `mlflow run` like finetuning_api's runner, judges and chats like the rest
-    ("sweep", "finetuning_api", "monitor"),  # finetuning_api: OpenAI's jobs API runs `mlflow run` and serves the results;
+    # the Train page: starts `mlflow run` like finetuning_api's runner, judges and chats like the rest
+    ("studio",),
+    # finetuning_api: OpenAI's jobs API runs `mlflow run` and serves the results;
+    ("sweep", "finetuning_api", "monitor"),
     # monitor: served traffic read back, and --retrain runs `mlflow run`
     ("backend",),
     ("serving", "launchers"),
@@ -57,8 +59,8 @@ def _modules() -> dict[str, Path]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """module -> the package modules it imports (`from pkg import mod` names the module, `from mod import name` the
-    module holding the name)."""
+    """module -> the package modules it imports (`from pkg import mod` names the module, `from mod import
+    name` the module holding the name)."""
     modules = _modules()
 
     def known(name: str) -> str | None:
@@ -132,7 +134,9 @@ def test_the_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
     assert "mlflow_finetune_plugin.serving.choices" in graph["mlflow_finetune_plugin.serving.server"]
     # `from mlflow_finetune_plugin.logged_model import ...` inside a function
-    assert "mlflow_finetune_plugin.logged_model" in graph["mlflow_finetune_plugin.serving.transformers_engine"]
+    assert (
+        "mlflow_finetune_plugin.logged_model" in graph["mlflow_finetune_plugin.serving.transformers_engine"]
+    )
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
 
@@ -223,7 +227,9 @@ def test_design_md_draws_every_floor_with_its_rooms():
             current = int(m.group(1))
         if current is not None:
             floors[current] = floors.get(current, "") + line[:32] + "\n"  # the diagram's left column
-    assert sorted(floors) == list(range(len(FLOORS))), f"design.md's floors {sorted(floors)}, FLOORS has {len(FLOORS)}"
+    assert sorted(floors) == list(range(len(FLOORS))), (f"design.md's floors {sorted(floors)}, FLOORS has "
+                                                        f"{len(FLOORS)}")
     missing = [f"floor {i}: {room}" for i, rooms in enumerate(FLOORS) for room in rooms
                if not re.search(rf"\b{room}(/|\.py|,|\s|$)", floors[i])]
-    assert not missing, "rooms the design.md diagram leaves off (or puts on another floor): " + ", ".join(missing)
+    assert not missing, "rooms the design.md diagram leaves off (or puts on another floor): " + ", ".join(
+        missing)

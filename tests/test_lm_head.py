@@ -1,6 +1,7 @@
-"""The LM head over chunks of tokens (models/lm_head.py): the same losses, log-probabilities and gradients as the
-model's own logits, in training (SFT loss, KL replay) and in evaluation, on heads plain, soft-capped, tied to the
-embedding and with PEFT's trainable token rows; chunks are made small here so that every test spans several."""
+"""The LM head over chunks of tokens (models/lm_head.py): the same losses, log-probabilities and gradients as
+the model's own logits, in training (SFT loss, KL replay) and in evaluation, on heads plain, soft-capped, tied
+to the embedding and with PEFT's trainable token rows; chunks are made small here so that every test spans
+several."""
 
 from __future__ import annotations
 
@@ -22,15 +23,17 @@ def small_chunks(monkeypatch):
 
 
 def _gemma(vocab=16384, softcap=None, tied=True, tokens=None):
-    """A 2-layer Gemma 3 with a large-ish vocabulary, LoRA on two projections (B made non-zero so that the tuned
-    model differs from the base) and, with `tokens`, PEFT trainable rows for them."""
+    """A 2-layer Gemma 3 with a large-ish vocabulary, LoRA on two projections (B made non-zero so that the
+    tuned model differs from the base) and, with `tokens`, PEFT trainable rows for them."""
     from peft import LoraConfig, get_peft_model
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
-                              sliding_window=128, layer_types=["sliding_attention", "full_attention"],
-                              tie_word_embeddings=tied, final_logit_softcapping=softcap, initializer_range=0.1)
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                              query_pre_attn_scalar=16, sliding_window=128, layer_types=["sliding_attention",
+                                                                                         "full_attention"],
+                              tie_word_embeddings=tied, final_logit_softcapping=softcap,
+                              initializer_range=0.1)
     torch.manual_seed(0)
     peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     if tokens:
@@ -117,12 +120,13 @@ def test_heads_it_cannot_reproduce_are_refused_and_the_head_is_left_as_it_was():
     assert lm_head.head_of(model) is None
 
 
-# ------------------------------------------------------------------------------------------- in the SFT trainer
+# ------------------------------------------------------------------------------------------- in the SFT
+# trainer
 
 
 def _trainer(tmp_path, model="tiny", template=None, **overrides):
-    """The SFT trainer the pipeline builds (LoRA, and with a chosen template its control tokens' trainable rows), its
-    LoRA B made non-zero; and one batch of 3 rows."""
+    """The SFT trainer the pipeline builds (LoRA, and with a chosen template its control tokens' trainable
+    rows), its LoRA B made non-zero; and one batch of 3 rows."""
     from mlflow_finetune_plugin.data.splits import load_splits
     from mlflow_finetune_plugin.models.base import load_base_model, load_tokenizer
     from mlflow_finetune_plugin.train import templates
@@ -163,7 +167,8 @@ def _trainer_loss(trainer, batch, side, **kwargs):
 
 
 @pytest.mark.parametrize("model,template", [("tiny", None), ("tiny-gemma3", "gemma")])
-def test_the_chunked_sft_loss_is_the_models_own_with_the_same_gradients(tmp_path, small_chunks, model, template):
+def test_the_chunked_sft_loss_is_the_models_own_with_the_same_gradients(tmp_path, small_chunks, model,
+                                                                        template):
     trainer, batch, trainable = _trainer(tmp_path, model, template)
     assert bool(trainable) == bool(template)  # the template's control tokens train through trainable rows
     head = trainer.model.get_output_embeddings()
@@ -197,9 +202,10 @@ def test_the_chunked_sft_loss_is_the_models_own_with_the_same_gradients(tmp_path
 
 
 def test_trls_fused_head_gives_way_to_the_chunked_one_where_token_rows_wrap_the_head(tmp_path, small_chunks):
-    """`fused_lm_head: true` (auto on CUDA) with model.chat_template on a base model: PEFT's trainable-token rows wrap
-    the LM head, which has no `.bias` for TRL's fused head to read (found on an H200: every gemma3 run failed with
-    "'TrainableTokensWrapper' object has no attribute 'bias'"). The chunked head, which knows those rows, takes it."""
+    """`fused_lm_head: true` (auto on CUDA) with model.chat_template on a base model: PEFT's trainable-token
+    rows wrap the LM head, which has no `.bias` for TRL's fused head to read (found on an H200: every gemma3
+    run failed with "'TrainableTokensWrapper' object has no attribute 'bias'"). The chunked head, which knows
+    those rows, takes it."""
     trainer, batch, trainable = _trainer(tmp_path, "tiny-gemma3", "gemma")
     assert trainable
     loss, grads = _trainer_loss(trainer, batch, True)
@@ -210,9 +216,9 @@ def test_trls_fused_head_gives_way_to_the_chunked_one_where_token_rows_wrap_the_
 
 
 def test_the_chunked_loss_under_cpu_bf16_autocast_keeps_the_head_in_fp32(tmp_path, small_chunks):
-    """Under CPU bf16 autocast (models/precision.py) the chunked head computes in fp32 as the patched head does: the
-    same loss and gradients as the labelled positions' logits. (The backward runs outside autocast, as Trainer runs
-    it: on CPU a backward inside it would run the head's backward matmuls in bf16.)"""
+    """Under CPU bf16 autocast (models/precision.py) the chunked head computes in fp32 as the patched head
+    does: the same loss and gradients as the labelled positions' logits. (The backward runs outside autocast,
+    as Trainer runs it: on CPU a backward inside it would run the head's backward matmuls in bf16.)"""
     from mlflow_finetune_plugin.models.precision import fp32_where_it_matters
 
     trainer, batch, _ = _trainer(tmp_path, "tiny-gemma3", "gemma")
@@ -229,13 +235,15 @@ def test_the_chunked_loss_under_cpu_bf16_autocast_keeps_the_head_in_fp32(tmp_pat
     assert "forward" not in head.__dict__
     (chunked, chunked_grads), (plain, plain_grads) = results["chunked"], results[False]
     assert chunked == pytest.approx(plain, rel=1e-5)  # a bf16 head would round the logits: ~1e-3 apart
-    # the LoRA branches compute in bf16 under the guards (their sum with the base output is fp32): the heads' fp32
-    # gradients, apart in their last bits, come back through bf16 backward matmuls, apart by bf16's steps at most
+    # the LoRA branches compute in bf16 under the guards (their sum with the base output is fp32): the heads'
+    # fp32 gradients, apart in their last bits, come back through bf16 backward matmuls, apart by bf16's steps
+    # at most
     _assert_same_grads(chunked_grads, plain_grads, rtol=2e-2, atol=1e-3)
 
 
 def test_the_kl_replay_term_from_chunks_equals_the_one_from_whole_logits(tmp_path, small_chunks):
-    trainer, _, _ = _trainer(tmp_path, "tiny-gemma3", "gemma", **{"data.replay": True, "data.replay_loss": "kl"})
+    trainer, _, _ = _trainer(tmp_path, "tiny-gemma3", "gemma",
+                             **{"data.replay": True, "data.replay_loss": "kl"})
     assert trainer.replay_kl
     model = trainer.model.train()
     results = {}
@@ -249,7 +257,8 @@ def test_the_kl_replay_term_from_chunks_equals_the_one_from_whole_logits(tmp_pat
     _assert_same_grads(chunked_grads, plain_grads)
 
 
-# ------------------------------------------------------------------------------------------------- in evaluation
+# ------------------------------------------------------------------------------------------------- in
+# evaluation
 
 
 def test_evaluation_scores_through_chunks_as_through_whole_logits(small_chunks):
@@ -273,7 +282,8 @@ def test_evaluation_scores_through_chunks_as_through_whole_logits(small_chunks):
 
     def scores():
         with torch.no_grad():
-            return completion_logps(model, ids, mask, completion), scoring.score_and_prefill(model, tokenizer, pairs)
+            return completion_logps(model, ids, mask, completion), scoring.score_and_prefill(model, tokenizer,
+                                                                                             pairs)
 
     for adapter_off in (False, True):
         with model.disable_adapter() if adapter_off else contextlib.nullcontext():

@@ -1,5 +1,5 @@
-"""The adapter as an MLflow model: small (base referenced, not copied), reloads to the same logits, and refuses a
-different base instead of answering wrongly."""
+"""The adapter as an MLflow model: small (base referenced, not copied), reloads to the same logits, and
+refuses a different base instead of answering wrongly."""
 
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ def _logits(model, tok):
         return model(**enc).logits
 
 
-def test_reload_gives_the_same_logits_and_the_base_is_not_copied(tracking_uri, trained_adapter, tiny_model_dir):
+def test_reload_gives_the_same_logits_and_the_base_is_not_copied(tracking_uri, trained_adapter,
+                                                                 tiny_model_dir):
     model, tok = trained_adapter
     with mlflow.start_run():
-        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter",
+                                                "method": "lora"})
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     files = {p.name: p.stat().st_size for p in local.rglob("*") if p.is_file()}
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files
@@ -59,24 +61,26 @@ def test_reload_gives_the_same_logits_and_the_base_is_not_copied(tracking_uri, t
     from peft import PeftModel
 
     adapter_dir = next(p.parent for p in local.rglob("adapter_config.json"))
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir).eval()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      adapter_dir).eval()
     assert torch.allclose(_logits(plain, tok), expected, atol=1e-5)
 
     # And the pyfunc answers a chat prompt.
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
-    answers = pyfunc.predict([{"messages": [{"role": "user", "content": "Hello"}]}], params={"max_new_tokens": 8})
+    answers = pyfunc.predict([{"messages": [{"role": "user", "content": "Hello"}]}],
+                             params={"max_new_tokens": 8})
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
 def test_the_decoding_a_model_was_evaluated_with_is_its_pyfunc_default(tracking_uri, trained_adapter):
-    """A run with eval.num_beams logs that many beams as the model's default `num_beams` param: pyfunc predictions
-    decode as the evaluation did, unless the caller says otherwise."""
+    """A run with eval.num_beams logs that many beams as the model's default `num_beams` param: pyfunc
+    predictions decode as the evaluation did, unless the caller says otherwise."""
     from mlflow_finetune_plugin.logged_model import generate
 
     model, tok = trained_adapter
     with mlflow.start_run():
-        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora",
-                                                "num_beams": 3})
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter",
+                                                "method": "lora", "num_beams": 3})
     assert {p.name: p.default for p in info.signature.params}["num_beams"] == 3
     messages = [{"role": "user", "content": "Hello there, how are you today?"}]
     loaded = LoadedModel(model, tok, {})
@@ -90,7 +94,8 @@ def test_the_decoding_a_model_was_evaluated_with_is_its_pyfunc_default(tracking_
 def test_a_different_base_is_refused(tracking_uri, trained_adapter, tmp_path, monkeypatch):
     model, tok = trained_adapter
     with mlflow.start_run():
-        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter",
+                                                "method": "lora"})
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     # Point the tiny-model cache somewhere else and build it with another seed: same name, other weights.
     from mlflow_finetune_plugin.models import tiny as tiny_model
@@ -107,7 +112,8 @@ def test_a_different_base_is_refused(tracking_uri, trained_adapter, tmp_path, mo
 def test_mlmodel_records_base_reference_and_requirements(tracking_uri, trained_adapter):
     model, tok = trained_adapter
     with mlflow.start_run():
-        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter",
+                                                "method": "lora"})
     conf = info.flavors["python_function"]["config"]
     assert conf["base_model"] == TINY_MODEL_REF and len(conf["base_digest"]) == 64
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
@@ -136,7 +142,8 @@ def test_the_trained_system_prompt_is_the_recipes_else_the_datas_most_common():
 
 
 def test_a_trained_version_carries_its_training_datas_system_prompt(tmp_path, tracking_uri):
-    """The support-bot case: the rows hold the system message, the recipe none; the playground reads it back."""
+    """The support-bot case: the rows hold the system message, the recipe none; the playground reads it
+    back."""
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.serving import ModelChoice
     from mlflow_finetune_plugin.serving.choices import trained_system_prompt
@@ -144,7 +151,8 @@ def test_a_trained_version_carries_its_training_datas_system_prompt(tmp_path, tr
     from tests.helpers import chat_rows, write_project
 
     rows = [{"messages": [{"role": "system", "content": NIMBUS}, *r["messages"]]} for r in chat_rows(6)]
-    proj = write_project(tmp_path / "bot", "data: {max_length: 64}\neval: {enabled: false}\n", rows=rows + chat_rows(2))
+    proj = write_project(tmp_path / "bot", "data: {max_length: 64}\neval: {enabled: false}\n",
+                         rows=rows + chat_rows(2))
     recipe = load_recipe(proj, overrides={"train.max_steps": 1, "train.batch_size": 2, "train.save_steps": 1})
     assert run(recipe) == 0
     version = mlflow.MlflowClient().get_model_version_by_alias("bot", "challenger")
@@ -184,7 +192,8 @@ def test_the_model_is_logged_from_code_with_a_signature_and_an_input_example(tra
     assert mlflow.models.Model.load(str(local)).load_input_example(str(local)) is not None
 
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
-    answers = pyfunc.predict([{"messages": [{"role": "user", "content": "Hello"}]}], params={"max_new_tokens": 8})
+    answers = pyfunc.predict([{"messages": [{"role": "user", "content": "Hello"}]}],
+                             params={"max_new_tokens": 8})
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
@@ -194,7 +203,8 @@ def test_a_version_logged_as_a_pickle_before_still_loads(tracking_uri, trained_a
 
     model, tok = trained_adapter
     with mlflow.start_run():
-        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter", "method": "lora"})
+        info = log_finetuned_model(model, tok, {"base_model": TINY_MODEL_REF, "artifact": "adapter",
+                                                "method": "lora"})
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     conf = info.flavors["python_function"]
     # The same model, logged the old way: the class pickled, the same artifacts and config.
@@ -208,16 +218,18 @@ def test_a_version_logged_as_a_pickle_before_still_loads(tracking_uri, trained_a
     pyfunc = mlflow.pyfunc.load_model(old.model_uri)
     new = mlflow.pyfunc.load_model(info.model_uri)
     prompt = [{"messages": [{"role": "user", "content": "Hello"}]}]
-    assert pyfunc.predict(prompt, params={"max_new_tokens": 8}) == new.predict(prompt, params={"max_new_tokens": 8})
+    assert pyfunc.predict(prompt, params={"max_new_tokens": 8}) == new.predict(prompt,
+                                                                               params={"max_new_tokens": 8})
     assert torch.allclose(_logits(load_logged_model(old_local).model, tok), _logits(model, tok), atol=1e-5)
 
 
 
-def test_wrapping_and_reloading_an_adapter_prints_no_upstream_deprecation(tracking_uri, tiny_model_dir, tmp_path):
-    """transformers >= 5.23 deprecates `is_gradient_checkpointing`, which PEFT reads each time it wraps a model: a
-    FutureWarning in every run that the user cannot act on. The plugin hides that one message (its __init__.py);
-    under older transformers there is no such warning at all. In a process of its own: pytest puts its own warning
-    filters in front of a module's for each test."""
+def test_wrapping_and_reloading_an_adapter_prints_no_upstream_deprecation(tracking_uri, tiny_model_dir,
+                                                                          tmp_path):
+    """transformers >= 5.23 deprecates `is_gradient_checkpointing`, which PEFT reads each time it wraps a
+    model: a FutureWarning in every run that the user cannot act on. The plugin hides that one message (its
+    __init__.py); under older transformers there is no such warning at all. In a process of its own: pytest
+    puts its own warning filters in front of a module's for each test."""
     import subprocess
     import sys
 
@@ -229,13 +241,16 @@ from mlflow_finetune_plugin.config.schema import LoraAdapter
 from mlflow_finetune_plugin.logged_model import load_logged_model, log_finetuned_model
 from mlflow_finetune_plugin.train.adapters import lora
 with warnings.catch_warnings(record=True) as seen:
-    model = lora.apply(AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}), LoraAdapter(r=4, alpha=8))
+    base = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})
+    model = lora.apply(base, LoraAdapter(r=4, alpha=8))
     with mlflow.start_run():
         info = log_finetuned_model(model, AutoTokenizer.from_pretrained({str(tiny_model_dir)!r}),
-                                   {{"base_model": {TINY_MODEL_REF!r}, "artifact": "adapter", "method": "lora"}})
+                                   {{"base_model": {TINY_MODEL_REF!r}, "artifact": "adapter",
+                                     "method": "lora"}})
     load_logged_model(mlflow.artifacts.download_artifacts(info.model_uri))
 print("WARNINGS", [str(w.message)[:80] for w in seen if "is_gradient_checkpointing" in str(w.message)])
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WARNINGS []" in proc.stdout, proc.stdout[-2000:]

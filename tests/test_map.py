@@ -1,9 +1,10 @@
-"""tests/README.md's map of the tests, checked against the source: for each package of mlflow_finetune_plugin, the
-test files that import it; and for each module no test imports, the named test that reaches it, through the
-modules a test imports or through a subprocess (`mlflow run`, the console script, a server) that runs it.
+"""tests/README.md's map of the tests, checked against the source: for each package of mlflow_finetune_plugin,
+the test files that import it; and for each module no test imports, the named test that reaches it, through
+the modules a test imports or through a subprocess (`mlflow run`, the console script, a server) that runs it.
 
-`python tests/test_map.py` rewrites the two tables between their markers; the test fails when the file differs, or
-when a module is reached by no test at all. Everything is read from the code as text (ast), nothing is imported."""
+`python tests/test_map.py` rewrites the two tables between their markers; the test fails when the file
+differs, or when a module is reached by no test at all. Everything is read from the code as text (ast),
+nothing is imported."""
 
 from __future__ import annotations
 
@@ -16,27 +17,38 @@ ROOT = "mlflow_finetune_plugin"
 README = REPO / "tests" / "README.md"
 BEGIN, END = "<!-- test-map: python tests/test_map.py -->", "<!-- /test-map -->"
 
-# Modules that run only in a process a test starts (MLflow's plugin entry point, the console script, `python -m`,
-# a stored model's loader, a server) or that are loaded by their file path (the metric scripts `evaluate.load`
-# reads), so no import chain from a test reaches them: the test that drives each one.
+# Modules that run only in a process a test starts (MLflow's plugin entry point, the console script, `python
+# -m`, a stored model's loader, a server) or that are loaded by their file path (the metric scripts
+# `evaluate.load` reads), so no import chain from a test reaches them: the test that drives each one.
 SUBPROCESS = {
     "train.__main__": ("tests/test_launchers.py", f"`python -m {ROOT}.train --help`"),
-    "train.warm": ("tests/test_integration.py", "`mlflow run --backend finetune`: the local launcher's warm training "
-                   "process"),
-    "train.objectives.dpo": ("tests/test_objectives.py", "the objective registry's `import_module` (recipe.objective)"),
-    "train.objectives.kto": ("tests/test_objectives.py", "the objective registry's `import_module` (recipe.objective)"),
-    "train.objectives.orpo": ("tests/test_objectives.py", "the objective registry's `import_module` (recipe.objective)"),
+    "train.warm": ("tests/test_integration.py",
+                   "`mlflow run --backend finetune`: the local launcher's warm training "
+                   "process"), "train.objectives.dpo": ("tests/test_objectives.py",
+                                                        "the objective registry's `import_module` "
+                                                        "(recipe.objective)"),
+    "train.objectives.kto": ("tests/test_objectives.py",
+                             "the objective registry's `import_module` (recipe.objective)"),
+    "train.objectives.orpo": ("tests/test_objectives.py",
+                              "the objective registry's `import_module` (recipe.objective)"),
     "train.objectives.simpo": ("tests/test_objectives.py",
                                "the objective registry's `import_module` (recipe.objective)"),
-    "train.objectives.reward": ("tests/test_rlhf.py", "the objective registry's `import_module` (recipe.objective)"),
-    "launchers.quiet_torchrun": ("tests/test_launchers.py", "the torchrun launcher's command (`python -m ...`)"),
-    "launchers.supervise": ("tests/test_launchers.py", "a detached run's supervisor process (`python -m ...`)"),
-    "registry.llama_cpp_convert": ("tests/test_gguf.py", "`export --gguf` runs the file in a process of its own"),
-    "serving.transformers_cli": ("tests/test_serving.py", "`serve --engine transformers` starts it (`python -m ...`)"),
+    "train.objectives.reward": ("tests/test_rlhf.py",
+                                "the objective registry's `import_module` (recipe.objective)"),
+    "launchers.quiet_torchrun": ("tests/test_launchers.py",
+                                 "the torchrun launcher's command (`python -m ...`)"),
+    "launchers.supervise": ("tests/test_launchers.py",
+                            "a detached run's supervisor process (`python -m ...`)"),
+    "registry.llama_cpp_convert": ("tests/test_gguf.py",
+                                   "`export --gguf` runs the file in a process of its own"),
+    "serving.transformers_cli": ("tests/test_serving.py",
+                                 "`serve --engine transformers` starts it (`python -m ...`)"),
     "serving.vllm_cli": ("tests/test_vllm.py", "`serve --engine vllm` starts it (`python -m ...`)"),
-    "chat_model": ("tests/test_logged_model.py", "the logged chat model's code file, loaded by `mlflow.pyfunc`"),
+    "chat_model": ("tests/test_logged_model.py",
+                   "the logged chat model's code file, loaded by `mlflow.pyfunc`"),
     "reward_scorer": ("tests/test_rlhf.py", "the logged reward model's code file, loaded by `mlflow.pyfunc`"),
-    **{f"assets.metrics.{m}.{m}": ("tests/test_evaluation.py", "a metric script `evaluate.load` reads by path")
+    **{f"assets.metrics.{m}.{m}": ("tests/test_evaluation.py",
+                                   "a metric script `evaluate.load` reads by path")
        for m in ("bleu", "chrf", "exact_match", "json_valid", "rouge", "token_f1")},
 }
 
@@ -96,13 +108,15 @@ def survey():
 
 
 def _with_helpers(tests: dict[str, set[str]]) -> dict[str, set[str]]:
-    """Each test file's imports, plus those of the shared helper modules (tests/helpers.py, ...) it imports."""
+    """Each test file's imports, plus those of the shared helper modules (tests/helpers.py, ...) it
+    imports."""
     helpers = {name: imported for name, imported in tests.items() if not Path(name).name.startswith("test_")}
     out = {}
     for name, imported in tests.items():
         if Path(name).name.startswith("test_"):
             text = (REPO / name).read_text(encoding="utf-8")
-            out[name] = imported.union(*(h for helper, h in helpers.items() if f"tests.{Path(helper).stem}" in text))
+            out[name] = imported.union(*(h for helper,
+                                         h in helpers.items() if f"tests.{Path(helper).stem}" in text))
     return out
 
 

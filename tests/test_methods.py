@@ -1,9 +1,9 @@
-"""The adapter x quantization matrix: every adapter (and the variants worth their own row, on a full-precision or a
-4/8-bit base) through the same checks, with the SFT step; the objectives over the adapters are in
+"""The adapter x quantization matrix: every adapter (and the variants worth their own row, on a full-precision
+or a 4/8-bit base) through the same checks, with the SFT step; the objectives over the adapters are in
 tests/test_objectives.py.
 
-Adding an adapter = its module in adapters/, its config in config/schema.py, and a row in CASES/TRAINABLE below (a
-missing row fails).
+Adding an adapter = its module in adapters/, its config in config/schema.py, and a row in CASES/TRAINABLE
+below (a missing row fails).
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from tests.helpers import REPO, chat_rows, write_project
 
 # case id -> (entry point, recipe overrides). One row per entry point with its defaults, plus variants: other
 # settings of an adapter, and adapters on a quantized base.
-# GRPO and the reward model have their own files (tests/test_grpo.py, tests/test_rlhf.py): GRPO samples to train, a
-# reward model is a sequence classifier with a score head, not a causal LM with an adapter.
-# distill: a teacher answers first (tests/test_distill.py); optimize-prompt trains nothing (tests/test_prompt_search.py)
+# GRPO and the reward model have their own files (tests/test_grpo.py, tests/test_rlhf.py): GRPO samples to
+# train, a reward model is a sequence classifier with a score head, not a causal LM with an adapter.
+# distill: a teacher answers first (tests/test_distill.py); optimize-prompt trains nothing
+# (tests/test_prompt_search.py)
 OWN_FILES = {"grpo", "reward", "distill", "optimize-prompt"}
 CASES = {name: (name, {}) for name in PRESETS if name not in OWN_FILES} | {
     "lora-dora-rslora": ("lora", {"lora.use_dora": True, "lora.use_rslora": True, "lora.r": 8}),
@@ -45,7 +46,9 @@ CASES = {name: (name, {}) for name in PRESETS if name not in OWN_FILES} | {
     "qlora-8bit": ("qlora", {"qlora.bits": 8}),
     "prefix-projection": ("prefix", {"prefix.prefix_projection": True, "prefix.encoder_hidden_size": 32}),
     "p_tuning": ("prompt", {"prompt.kind": "p_tuning"}),
-    "prompt-text-init": ("prompt", {"prompt.init": "text", "prompt.init_text": "Answer the customer's question politely."}),
+    "prompt-text-init": ("prompt",
+                         {"prompt.init": "text",
+                          "prompt.init_text": "Answer the customer's question politely."}),
     "ia3-4bit": ("ia3", {"model.quantization": "4bit"}),
     "prompt-8bit": ("prompt", {"model.quantization": "8bit"}),
 }
@@ -54,30 +57,43 @@ _LINEAR = r"model\.layers\.\d\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)
 # case id -> (pattern every trainable parameter name matches, number of trainable tensors) on the tiny model.
 TRAINABLE = {
     "lora": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
-    "lora-dora-rslora": (rf"base_model\.model\.{_LINEAR}\.(lora_[AB]|lora_magnitude_vector)\.default\.weight",
-                         4 * 7 * 3),
-    "lora-top-layers": (r"base_model\.model\.model\.layers\.[23]\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-                        r"\.lora_[AB]\.default\.weight", 2 * 7 * 2),
+    "lora-dora-rslora": (
+        rf"base_model\.model\.{_LINEAR}\.(lora_[AB]|lora_magnitude_vector)\.default\.weight",
+        4 * 7 * 3,
+    ),
+    "lora-top-layers": (
+        r"base_model\.model\.model\.layers\.[23]\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+        r"\.lora_[AB]\.default\.weight",
+        2 * 7 * 2,
+    ),
     "qlora": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
     "qlora-8bit": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
-    "adapter": (r"base_model\.model\.model\.layers\.\d\.(self_attn\.o_proj|mlp\.down_proj)\.peanut_[AB]\.default\.weight",
-                4 * 2 * 2),
+    "adapter": (
+        r"base_model\.model\.model\.layers\.\d\.(self_attn\.o_proj|mlp\.down_proj)\.peanut_[AB]\.default\.weight",
+        4 * 2 * 2,
+    ),
     "prefix": (r"prompt_encoder\.default\.embedding\.weight", 1),
     "prefix-projection": (r"prompt_encoder\.default\.(embedding\.weight|transform\.[02]\.(weight|bias))", 5),
     "prompt": (r"prompt_encoder\.default\.embedding\.weight", 1),
     "p_tuning": (r"prompt_encoder\.default\.(embedding\.weight|mlp_head\.[024]\.(weight|bias))", 7),
     "prompt-text-init": (r"prompt_encoder\.default\.embedding\.weight", 1),
-    "ia3": (r"base_model\.model\.model\.layers\.\d\.(self_attn\.[kv]_proj|mlp\.down_proj)\.ia3_l\.default", 4 * 3),
-    "ia3-4bit": (r"base_model\.model\.model\.layers\.\d\.(self_attn\.[kv]_proj|mlp\.down_proj)\.ia3_l\.default", 4 * 3),
+    "ia3": (
+        r"base_model\.model\.model\.layers\.\d\.(self_attn\.[kv]_proj|mlp\.down_proj)\.ia3_l\.default",
+        4 * 3,
+    ),
+    "ia3-4bit": (
+        r"base_model\.model\.model\.layers\.\d\.(self_attn\.[kv]_proj|mlp\.down_proj)\.ia3_l\.default",
+        4 * 3,
+    ),
     "prompt-8bit": (r"prompt_encoder\.default\.embedding\.weight", 1),
     "full": (r".*", 38),
     "multitask": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
     "dpo": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
     "kto": (rf"base_model\.model\.{_LINEAR}\.lora_[AB]\.default\.weight", 4 * 7 * 2),
 }
-# Trained, saved and reloaded: every entry point plus the variants that train differently (keeps the file fast).
-# multitask, dpo and kto train a LoRA adapter; here with the SFT step like the others, their own trainers and data
-# end to end in tests/test_multitask_dpo.py and tests/test_rlhf.py.
+# Trained, saved and reloaded: every entry point plus the variants that train differently (keeps the file
+# fast). multitask, dpo and kto train a LoRA adapter; here with the SFT step like the others, their own
+# trainers and data end to end in tests/test_multitask_dpo.py and tests/test_rlhf.py.
 TRAINED = [name for name in PRESETS if name not in OWN_FILES] + ["qlora-8bit", "p_tuning", "ia3-4bit"]
 # Trained with gradient checkpointing, as their recipes do (prefix tuning refuses it, see below).
 CHECKPOINTING = {"full", "qlora"}
@@ -138,19 +154,20 @@ def _trainer(model, tok, out_dir, gradient_checkpointing=False):
 
 @pytest.fixture(scope="module", params=TRAINED)
 def trained(request, tiny_model_dir, tok, tmp_path_factory):
-    """Each case applied to the tiny model and trained 2 steps with the plugin's SFTTrainer (shared by the tests
-    below)."""
+    """Each case applied to the tiny model and trained 2 steps with the plugin's SFTTrainer (shared by the
+    tests below)."""
     case = request.param
     model = _applied(tiny_model_dir, case)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = _trainer(model, tok, tmp_path_factory.mktemp(case), gradient_checkpointing=case in CHECKPOINTING)
+    trainer = _trainer(model, tok, tmp_path_factory.mktemp(case),
+                       gradient_checkpointing=case in CHECKPOINTING)
     trainer.train()
     model = trainer.model.eval()
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     # Taken now, before any save: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place at the
-    # first inference forward and `state_dict()` unpacks them lossily, so a quantized model's logits shift a little
-    # once it has been saved. Reloads are compared with the model as trained.
+    # first inference forward and `state_dict()` unpacks them lossily, so a quantized model's logits shift a
+    # little once it has been saved. Reloads are compared with the model as trained.
     return case, model, trainable, changed, _logits(model, tok)
 
 
@@ -182,7 +199,8 @@ def test_applies_runs_and_only_intended_params_train(case, tiny_model_dir, tok):
     pattern, count = TRAINABLE[case]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == count, trainable
-    assert all(re.fullmatch(pattern, n) for n in trainable), [n for n in trainable if not re.fullmatch(pattern, n)]
+    assert all(re.fullmatch(pattern, n) for n in trainable), [n for n in trainable
+                                                              if not re.fullmatch(pattern, n)]
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     if CASES[case][0] == "full":
@@ -210,7 +228,8 @@ def test_save_and_reload_give_the_same_logits(trained, tiny_model_dir, tok, tmp_
         from peft import PeftModel
 
         reloaded = PeftModel.from_pretrained(_base(tiny_model_dir, model_cfg), tmp_path / "saved")
-        # TRL trains QLoRA adapters in bf16 and PEFT loads them into fp32 parameters: compute in the trained dtype.
+        # TRL trains QLoRA adapters in bf16 and PEFT loads them into fp32 parameters: compute in the trained
+        # dtype.
         dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
         for name, param in reloaded.named_parameters():
             if name in dtypes:
@@ -238,8 +257,8 @@ def test_logged_model_reloads_and_registers(trained, tiny_model_dir, tok, tracki
         quant_error = (fp_base - quant_base).abs()
         error = (got - expected).abs()
         assert error.max() <= 1.5 * quant_error.max() and error.mean() <= 1.5 * quant_error.mean()
-        # The adapter does on the full-precision base what it did on the quantized one (LoRA at lr 1e-2 moves the
-        # logits well past the 4-bit error in 2 steps; IA3's 2-step change is below it on the tiny model).
+        # The adapter does on the full-precision base what it did on the quantized one (LoRA at lr 1e-2 moves
+        # the logits well past the 4-bit error in 2 steps; IA3's 2-step change is below it on the tiny model).
         if cfg.type == "lora":
             assert error.mean() < (fp_base - expected).abs().mean() / 2
         again = load_logged_model(local)
@@ -315,16 +334,18 @@ def test_each_method_has_a_recipe_and_a_docs_row():
         config = load_recipe(REPO / "recipes" / "support-bot",
                              overrides={"adapter.type": kind, "data.packing": "auto"}).adapter
         for field in type(config).model_fields:
-            assert f"`adapter.{field}`" in docs or field == "type", f"docs/methods.md does not document adapter.{field} ({kind})"
+            assert f"`adapter.{field}`" in docs or field == "type", ("docs/methods.md does not document "
+                                                                     f"adapter.{field} ({kind})")
 
 
 def test_lora_on_the_top_layers_only(tiny_model_dir):
-    """`lora.layers: N` adapts the top N decoder layers, every linear layer of each ('all-linear'), and nothing
-    below; more layers than the model has is an error naming the key."""
+    """`lora.layers: N` adapts the top N decoder layers, every linear layer of each ('all-linear'), and
+    nothing below; more layers than the model has is an error naming the key."""
     model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(layers=2))
-    adapted = {name.split(".layers.")[1].split(".lora_A")[0] for name, _ in model.named_parameters() if "lora_A" in name}
-    assert adapted == {f"{i}.{m}" for i in (2, 3) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                                                            "mlp.down_proj")}
+    adapted = {name.split(".layers.")[1].split(".lora_A")[0] for name,
+               _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {f"{i}.{m}" for i in (2, 3) for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                            "self_attn.v_proj", "self_attn.o_proj",
+                                                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     with pytest.raises(FinetuneError, match="lora.layers: 5 is more than the model's 4 layers"):
         lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(layers=5))

@@ -1,5 +1,5 @@
-"""The model card: every registered version carries one, built from its run, as README.md in the logged model's
-artifacts and as the version's description (what the MLflow UI shows on the version's page)."""
+"""The model card: every registered version carries one, built from its run, as README.md in the logged
+model's artifacts and as the version's description (what the MLflow UI shows on the version's page)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ def test_a_registered_version_has_its_card_in_the_artifacts_and_as_description(t
     root = tmp_path / "adder"
     jsonl(root / "data" / "train.jsonl", chat_rows(8))
     jsonl(root / "data" / "eval.jsonl", chat_rows(2, 50))
-    (root / "finetune.yaml").write_text(f"data: {{train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64, "
-                                        f"system_prompt: '{SYSTEM}'}}\nadapter: {{type: lora, r: 4}}\n"
-                                        "eval: {min_gain: 0.1}\n")
+    (root
+     / "finetune.yaml").write_text(f"data: {{train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64, "
+                                   f"system_prompt: '{SYSTEM}'}}\nadapter: {{type: lora, r: 4}}\n"
+                                   "eval: {min_gain: 0.1}\n")
     recipe = load_recipe(root, overrides=FAST_OVERRIDES)
     assert run(recipe) == 0
 
@@ -59,7 +60,8 @@ def test_a_registered_version_has_its_card_in_the_artifacts_and_as_description(t
     assert sentence[1:] in verdict and f"`{run_tags[tags.VERDICT_BEST_ALTERNATIVE]}`" in verdict
     assert f"{metrics['eval/verdict/margin_low']:+.4f}" in verdict
     # The recipe's least gain that matters is the one weighed, logged and said.
-    assert metrics["eval/verdict/min_gain"] == 0.1 and "the margin is at least 0.1 (`eval.min_gain`)" in verdict
+    assert metrics["eval/verdict/min_gain"] == 0.1 and ("the margin is at least 0.1 "
+                                                        "(`eval.min_gain`)") in verdict
     assert run_tags[tags.VERDICT_DEPLOY] == "none"  # too few examples to recommend anything
     assert "runtime" not in table  # the trainer's timings are not results
     # Forgetting figures, and what the model is for.

@@ -1,11 +1,12 @@
-"""What LoRA reaches on a mixture of experts (issue 58): every expert, every dense and shared-expert MLP and attention,
-the router left out unless `lora.target_modules` names it; and the run says what it reached and left out.
+"""What LoRA reaches on a mixture of experts (issue 58): every expert, every dense and shared-expert MLP and
+attention, the router left out unless `lora.target_modules` names it; and the run says what it reached and
+left out.
 
-Tiny random models straight from transformers' config classes (tests/arch_models.py), each with another layout of
-experts: Llama 4 (a dense first layer, a shared expert, a router that subclasses nn.Linear and returns a tuple),
-Qwen2-MoE (a shared expert with its one-output gate), DeepSeek V3 (a dense first layer, shared experts, a router
-module), Qwen3-MoE (a dense first layer), Mixtral and gpt-oss (experts only). DeepSeek V3, Qwen3-MoE and Mixtral are
-families PEFT 0.21 converts transformers-4 targets on (models/peft_targets.py).
+Tiny random models straight from transformers' config classes (tests/arch_models.py), each with another layout
+of experts: Llama 4 (a dense first layer, a shared expert, a router that subclasses nn.Linear and returns a
+tuple), Qwen2-MoE (a shared expert with its one-output gate), DeepSeek V3 (a dense first layer, shared
+experts, a router module), Qwen3-MoE (a dense first layer), Mixtral and gpt-oss (experts only). DeepSeek V3,
+Qwen3-MoE and Mixtral are families PEFT 0.21 converts transformers-4 targets on (models/peft_targets.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from tests.arch_models import build, model_of
 from tests.helpers import train_in_process
 from tests.matrix_helpers import write_chat_project
 
-# kind of module -> how many a tiny model holds (2 layers); fused experts count their parameters (gate_up, down)
+# kind of module -> how many a tiny model holds (2 layers); fused experts count their parameters (gate_up,
+# down)
 PARTS = {
     "llama4": {"attention": 8, "dense MLP": 3, "shared-expert MLP": 3, "experts": 2, "router": 1},
     "qwen2_moe": {"attention": 8, "dense MLP": 3, "shared-expert MLP": 3, "experts": 2, "router": 2},
@@ -31,8 +33,8 @@ PARTS = {
     "gpt_oss": {"attention": 8, "experts": 4, "router": 2},
 }
 # the router's own name in each family (what a recipe lists to adapt it)
-ROUTER = {"llama4": "router", "qwen2_moe": "gate", "deepseek_v3": "gate", "qwen3_moe": "gate", "mixtral": "gate",
-          "gpt_oss": "router"}
+ROUTER = {"llama4": "router", "qwen2_moe": "gate", "deepseek_v3": "gate", "qwen3_moe": "gate",
+          "mixtral": "gate", "gpt_oss": "router"}
 
 
 def _lora(model, **options):
@@ -85,8 +87,8 @@ def test_all_linear_reaches_every_part_but_the_router_and_trains_the_experts(kin
 
 @pytest.mark.parametrize("kind", ["llama4", "deepseek_v3", "gpt_oss"])
 def test_a_router_named_in_target_modules_is_adapted_and_a_step_finishes(kind):
-    """Llama 4's router subclasses nn.Linear and returns a tuple: it is adapted through its weight, never wrapped,
-    and the step finishes under fp32 and under the CPU bf16 path."""
+    """Llama 4's router subclasses nn.Linear and returns a tuple: it is adapted through its weight, never
+    wrapped, and the step finishes under fp32 and under the CPU bf16 path."""
     peft, _ = _lora(model_of(kind)[0], target_modules=["all-linear", ROUTER[kind]])
     got, missed = _reached(peft)
     assert got["router"] == PARTS[kind]["router"] and not missed
@@ -96,8 +98,9 @@ def test_a_router_named_in_target_modules_is_adapted_and_a_step_finishes(kind):
 
 
 def test_the_cpu_bf16_wrapper_leaves_a_layer_that_answers_with_a_tuple_alone():
-    """A LoRA layer on an nn.Linear subclass whose forward returns a tuple (Llama 4's router, adapted by a recipe
-    that names it): the wrapper that upcasts base outputs under CPU bf16 autocast passes the tuple through."""
+    """A LoRA layer on an nn.Linear subclass whose forward returns a tuple (Llama 4's router, adapted by a
+    recipe that names it): the wrapper that upcasts base outputs under CPU bf16 autocast passes the tuple
+    through."""
     from mlflow_finetune_plugin.models.precision import fp32_where_it_matters
 
     peft, _ = _lora(model_of("llama4")[0], target_modules=["all-linear", "router"])
@@ -137,8 +140,9 @@ def test_top_layers_keep_the_experts_and_modules_of_those_layers_only():
 
 
 def test_a_saved_adapter_loads_back_with_its_dense_and_shared_mlps(tmp_path):
-    """DeepSeek V3 is a family PEFT 0.21 converts transformers-4 targets on: loaded by the plain PEFT path, its
-    dense and shared-expert MLPs' targets would become the experts' parameters; `load_adapter` keeps them."""
+    """DeepSeek V3 is a family PEFT 0.21 converts transformers-4 targets on: loaded by the plain PEFT path,
+    its dense and shared-expert MLPs' targets would become the experts' parameters; `load_adapter` keeps
+    them."""
     from transformers import AutoModelForCausalLM
 
     from mlflow_finetune_plugin.models.peft_targets import load_adapter
@@ -180,7 +184,8 @@ def test_a_llama4_lora_run_finishes_and_says_what_it_reached(tmp_path, tracking_
     assert "leaves out router (1)" in reached
     assert "leaves out router (1)" in capsys.readouterr().out
 
-    # the same run failing before training (here: its rehearsal's training step) carries no tag of what it reached
+    # the same run failing before training (here: its rehearsal's training step) carries no tag of what it
+    # reached
     from mlflow_finetune_plugin.train import rehearsal
 
     def fails(trainer):

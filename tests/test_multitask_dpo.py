@@ -24,8 +24,8 @@ FAST = FAST_OVERRIDES
 def _multitask_project(root: Path, weights=(2, 1, 1)) -> Path:
     jsonl(root / "data" / "qa.jsonl", chat_rows(8))
     jsonl(root / "data" / "qa_eval.jsonl", chat_rows(2, 50))
-    jsonl(root / "data" / "label.jsonl", [{"instruction": "Label it", "input": f"item {i}", "output": f"L{i % 3}"}
-                                           for i in range(8)])
+    jsonl(root / "data" / "label.jsonl", [{"instruction": "Label it", "input": f"item {i}",
+                                           "output": f"L{i % 3}"} for i in range(8)])
     jsonl(root / "data" / "extract.jsonl", [{"prompt": f"Order {i}?", "completion": json.dumps({"id": i})}
                                              for i in range(8)])
     (root / "finetune.yaml").write_text(f"""
@@ -43,7 +43,8 @@ multitask:
 def _pref_rows(n: int, offset: int = 0) -> list[dict]:
     return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
              "chosen": [{"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}],
-             "rejected": [{"role": "assistant", "content": "I don't know."}]} for i in range(offset, offset + n)]
+             "rejected": [{"role": "assistant", "content": "I don't know."}]}
+            for i in range(offset, offset + n)]
 
 
 def _finished_run(name_like: str):
@@ -58,7 +59,8 @@ def _finished_run(name_like: str):
 
 
 def test_multitask_recipe_needs_two_tasks_existing_files_and_no_data_section(tmp_path):
-    (tmp_path / "finetune.yaml").write_text("method: multitask\nmultitask:\n  tasks:\n    qa: {train: nope.jsonl}\n")
+    (tmp_path
+     / "finetune.yaml").write_text("method: multitask\nmultitask:\n  tasks:\n    qa: {train: nope.jsonl}\n")
     with pytest.raises(RecipeError) as err:
         load_recipe(tmp_path)
     text = str(err.value)
@@ -82,12 +84,14 @@ def test_multitask_mixes_rows_by_weight_and_checks_every_task_file(tmp_path):
     assert set(evals) == {"qa", "label", "extract"} and len(evals["qa"]) == 2 and len(evals["label"]) == 2
     # Which task each row came from, by its content: the heavy task dominates the mixture.
     users = [row["messages"][0]["content"] for row in mixed]
-    counts = Counter("qa" if u.startswith("What is") else "label" if u.startswith("Label") else "extract" for u in users)
+    counts = Counter("qa" if u.startswith("What is") else "label" if u.startswith("Label") else "extract"
+                     for u in users)
     assert counts["qa"] > counts["label"] + counts["extract"], counts
     assert [r["messages"] for r in load_splits(recipe).train] == [r["messages"] for r in mixed]  # seeded
 
     # A broken line in any task is reported by file and line before anything starts.
-    (project / "data" / "label.jsonl").write_text('{"instruction": "x", "input": "y", "output": "z"}\n{oops\n')
+    (project / "data"
+     / "label.jsonl").write_text('{"instruction": "x", "input": "y", "output": "z"}\n{oops\n')
     with pytest.raises(FinetuneError, match=r"label\.jsonl:2"):
         check_recipe_data(load_recipe(project), check_data)
 
@@ -129,7 +133,8 @@ def test_multitask_one_adapter_per_task_registers_each(tmp_path, tracking_uri):
 
     from mlflow_finetune_plugin.logged_model import load_logged_model
 
-    recipe = load_recipe(_multitask_project(tmp_path / "mtp"), overrides={**FAST, "multitask.adapters": "per_task"})
+    recipe = load_recipe(_multitask_project(tmp_path / "mtp"),
+                         overrides={**FAST, "multitask.adapters": "per_task"})
     assert run(recipe) == 0
     r = _finished_run("mtp")
     client = mlflow.MlflowClient()
@@ -165,7 +170,8 @@ def test_dpo_refuses_non_preference_data_and_sft_refuses_preference_data(tmp_pat
 def _dpo_project(root: Path, extra: str = "") -> Path:
     jsonl(root / "data" / "train.jsonl", _pref_rows(8))
     jsonl(root / "data" / "eval.jsonl", _pref_rows(2, 40))
-    (root / "finetune.yaml").write_text(f"method: dpo\ndata: {{eval: data/eval.jsonl, max_length: 64}}\n{extra}")
+    (root
+     / "finetune.yaml").write_text(f"method: dpo\ndata: {{eval: data/eval.jsonl, max_length: 64}}\n{extra}")
     return root
 
 
@@ -178,12 +184,14 @@ def test_dpo_trains_a_fresh_adapter_against_the_base(tmp_path, tracking_uri):
     local = Path(mlflow.artifacts.download_artifacts("models:/prefs@challenger"))
     assert (local / "artifacts" / "adapter" / "adapter_config.json").exists()
     loaded = mlflow.pyfunc.load_model("models:/prefs@challenger")
-    answer = loaded.predict([{"messages": [{"role": "user", "content": "What is 3 plus 3?"}]}], params={"max_new_tokens": 4})
+    answer = loaded.predict([{"messages": [{"role": "user", "content": "What is 3 plus 3?"}]}],
+                            params={"max_new_tokens": 4})
     assert isinstance(answer[0], str)
 
 
 def _register_sft_adapter(tiny_model_dir) -> None:
-    """Version 1 of `sft`: a LoRA adapter on the tiny model with random (non-zero) weights, unlike the base."""
+    """Version 1 of `sft`: a LoRA adapter on the tiny model with random (non-zero) weights, unlike the
+    base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,10 +208,11 @@ def _register_sft_adapter(tiny_model_dir) -> None:
 
 
 def _yes_no_rows(n: int, offset: int = 0) -> list[dict]:
-    """An easy preference to learn: the same chosen and the same rejected answer whatever the question. The chosen
-    answer is the longer one, so its summed log-prob starts out below the rejected one's."""
+    """An easy preference to learn: the same chosen and the same rejected answer whatever the question. The
+    chosen answer is the longer one, so its summed log-prob starts out below the rejected one's."""
     return [{"prompt": [{"role": "user", "content": f"Can I export note {i}?"}],
-             "chosen": [{"role": "assistant", "content": "Yes: open the note, then choose Export in its menu."}],
+             "chosen": [{"role": "assistant",
+                         "content": "Yes: open the note, then choose Export in its menu."}],
              "rejected": [{"role": "assistant", "content": "No idea."}]} for i in range(offset, offset + n)]
 
 
@@ -213,8 +222,8 @@ def test_dpo_logs_the_held_out_preference_margin_of_the_start_and_the_tuned_poli
     jsonl(root / "data" / "eval.jsonl", _yes_no_rows(4, 40))
     (root / "finetune.yaml").write_text("method: dpo\ndata: {eval: data/eval.jsonl, max_length: 64}\n")
     # TRL evaluates after the last step, on the 4 held-out pairs in one batch: its log-probs are comparable.
-    recipe = load_recipe(root, overrides={**FAST, "train.max_steps": 6, "train.save_steps": 6, "train.batch_size": 4,
-                                          "train.learning_rate": 5e-3})
+    recipe = load_recipe(root, overrides={**FAST, "train.max_steps": 6, "train.save_steps": 6,
+                                          "train.batch_size": 4, "train.learning_rate": 5e-3})
     assert run(recipe) == 0
     m = _finished_run("margin").data.metrics
     for policy in ("start", "tuned"):
@@ -224,8 +233,8 @@ def test_dpo_logs_the_held_out_preference_margin_of_the_start_and_the_tuned_poli
     assert m["eval/tuned/pref_accuracy"] >= m["eval/start/pref_accuracy"]
     assert m["eval/start/pref_accuracy"] < 1  # room to rise: the check above is not trivially true
     # Scored on the tokens TRL trains on: its mean chosen minus mean rejected log-prob of the same batch.
-    assert m["eval/tuned/pref_margin"] == pytest.approx(m["eval/tuned/logps/chosen"] - m["eval/tuned/logps/rejected"],
-                                                        rel=1e-3, abs=1e-3)
+    assert m["eval/tuned/pref_margin"] == pytest.approx(
+        m["eval/tuned/logps/chosen"] - m["eval/tuned/logps/rejected"], rel=1e-3, abs=1e-3)
     assert "eval/base/rougeL" in m and "eval/tuned/rewards/accuracies" in m  # the other evaluations still run
 
 
@@ -249,12 +258,15 @@ def test_dpo_continues_a_registered_adapter_from_its_start_and_logs_only_it(tmp_
     sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dir))
     pairs = list(load_training_dataset(str(root / "data" / "eval.jsonl"), "preference")[0])
     expected = preference_metrics(preference_margins(sft, load_tokenizer(), pairs, 64), "start")
-    assert logged["eval/start/pref_margin"] == pytest.approx(expected["eval/start/pref_margin"], rel=1e-4, abs=1e-4)
+    assert logged["eval/start/pref_margin"] == pytest.approx(expected["eval/start/pref_margin"], rel=1e-4,
+                                                             abs=1e-4)
     assert logged["eval/start/pref_accuracy"] == expected["eval/start/pref_accuracy"]
     with sft.disable_adapter():  # the start is the registered adapter, not the base
         base = preference_margins(sft, load_tokenizer(), pairs, 64)
     assert base != pytest.approx(preference_margins(sft, load_tokenizer(), pairs, 64), abs=1e-3)
-    final_dir = Path(mlflow.artifacts.download_artifacts("models:/prefs3@challenger")) / "artifacts" / "adapter"
+    final_dir = (
+        Path(mlflow.artifacts.download_artifacts("models:/prefs3@challenger")) / "artifacts" / "adapter"
+    )
     assert not (final_dir / "start").exists(), "the start's frozen copy must not be logged"
     assert not (final_dir / "ref").exists(), "TRL's frozen reference copy must not be logged"
     final = load_file(final_dir / "adapter_model.safetensors")
@@ -263,7 +275,8 @@ def test_dpo_continues_a_registered_adapter_from_its_start_and_logs_only_it(tmp_
 
 
 def _logp_one_at_a_time(model, tokenizer, prompt: list[dict], answer: list[dict]) -> float:
-    """log p(answer | prompt) by hand: one unpadded sequence, the answer's tokens after the templated prompt."""
+    """log p(answer | prompt) by hand: one unpadded sequence, the answer's tokens after the templated
+    prompt."""
     prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]
     ids = tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"]
@@ -280,12 +293,15 @@ def test_preference_margins_of_padded_batches_equal_the_hand_computation(tiny_mo
     from mlflow_finetune_plugin.models.base import load_tokenizer
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), load_tokenizer()
-    rows = _pref_rows(3) + _pref_rows(2, 998) + _yes_no_rows(1)  # answers of different lengths: padded batches
+    # answers of different lengths: padded batches
+    rows = _pref_rows(3) + _pref_rows(2, 998) + _yes_no_rows(1)
     by_hand = [_logp_one_at_a_time(model, tokenizer, r["prompt"], r["chosen"])
                - _logp_one_at_a_time(model, tokenizer, r["prompt"], r["rejected"]) for r in rows]
-    batched = preference_margins(model, tokenizer, rows, max_length=64, batch_size=4)  # a full and a partial batch
+    # a full and a partial batch
+    batched = preference_margins(model, tokenizer, rows, max_length=64, batch_size=4)
     assert batched == pytest.approx(by_hand, rel=1e-4, abs=1e-4)
-    assert preference_margins(model, tokenizer, rows, max_length=64, batch_size=1) == pytest.approx(by_hand, abs=1e-4)
+    assert preference_margins(model, tokenizer, rows, max_length=64, batch_size=1) == pytest.approx(by_hand,
+                                                                                                    abs=1e-4)
     metrics = preference_metrics(batched, "tuned")
     assert metrics["eval/tuned/pref_margin"] == pytest.approx(sum(by_hand) / len(rows), abs=1e-4)
     assert metrics["eval/tuned/pref_accuracy"] == sum(m > 0 for m in by_hand) / len(rows)
@@ -312,13 +328,15 @@ def test_bundled_multitask_and_dpo_recipes_validate_with_their_data():
 # ---------------------------------------------------------------- packing
 
 
-def test_packing_auto_is_on_where_exact_and_fast_and_packed_rows_do_not_see_each_other(tmp_path, tiny_model_dir):
+def test_packing_auto_is_on_where_exact_and_fast_and_packed_rows_do_not_see_each_other(tmp_path,
+                                                                                       tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     jsonl(tmp_path / "data" / "train.jsonl", chat_rows(4))
     flash = {"model.attn_implementation": "flash_attention_2"}
     assert packing(load_recipe(tmp_path, overrides=flash)) is True
-    assert packing(load_recipe(tmp_path)) is False  # sdpa: exact, pays on some data only (docs/benchmarks-history.md 1b)
+    # sdpa: exact, pays on some data only (docs/benchmarks-history.md 1b)
+    assert packing(load_recipe(tmp_path)) is False
     assert packing(load_recipe(tmp_path, method="prefix", overrides=flash)) is False
     assert packing(load_recipe(tmp_path, method="prompt", overrides=flash)) is False
     assert packing(load_recipe(tmp_path, overrides={**flash, "model.trust_remote_code": True})) is False
@@ -333,7 +351,8 @@ def test_packing_auto_is_on_where_exact_and_fast_and_packed_rows_do_not_see_each
         alone_a, alone_b = model(a, use_cache=False).logits, model(b, use_cache=False).logits
         packed = model(input_ids=torch.cat([a, b], 1), use_cache=False,
                        position_ids=torch.cat([torch.arange(9), torch.arange(6)])[None]).logits
-    assert torch.allclose(packed[:, :9], alone_a, atol=1e-5) and torch.allclose(packed[:, 9:], alone_b, atol=1e-5)
+    assert torch.allclose(packed[:, :9], alone_a, atol=1e-5) and torch.allclose(packed[:, 9:], alone_b,
+                                                                                atol=1e-5)
 
 
 def test_packed_training_runs_with_fewer_sequences(tmp_path, tiny_model_dir):
@@ -351,20 +370,21 @@ def _sft_trainer(tmp_path, rows, **overrides):
     from mlflow_finetune_plugin.train.trainers import training_arguments
 
     jsonl(tmp_path / "data" / "train.jsonl", rows)
-    recipe = load_recipe(tmp_path, overrides={"data.max_length": 128, "train.max_steps": 1, "eval.enabled": False,
-                                              **overrides})
+    recipe = load_recipe(tmp_path, overrides={"data.max_length": 128, "train.max_steps": 1,
+                                              "eval.enabled": False, **overrides})
     train_ds = load_splits(recipe).train
     args = training_arguments(recipe, "sft-test", None)
     args["output_dir"] = str(tmp_path / "out")
     torch.manual_seed(0)
     model = attach(load_base_model(recipe.model), recipe)
-    return sft.build_trainer(recipe, model, load_tokenizer(), train_ds, None, args, callbacks=[])  # no MLflow run
+    # no MLflow run
+    return sft.build_trainer(recipe, model, load_tokenizer(), train_ds, None, args, callbacks=[])
 
 
 @pytest.mark.parametrize("fused", [True, False, "chunked"])
 def test_packed_rows_stay_rows_and_give_each_examples_own_loss(tmp_path, fused):
-    """sdpa: packed examples stay in rows of max_length (not one flattened row) and the loss of a packed batch is
-    the token-weighted loss of its examples run one by one; the token count is the real tokens."""
+    """sdpa: packed examples stay in rows of max_length (not one flattened row) and the loss of a packed batch
+    is the token-weighted loss of its examples run one by one; the token count is the real tokens."""
     trainer = _sft_trainer(tmp_path, chat_rows(12), **{"data.packing": True, "train.fused_lm_head": fused})
     assert trainer.pack_rows and trainer.fused_lm_head == fused
     rows = [trainer.train_dataset[i] for i in range(2)]
@@ -396,7 +416,8 @@ def _split_packed(row: dict, labels: torch.Tensor):
 
 
 def test_fused_and_plain_loss_agree_and_log_the_same_metrics(tmp_path):
-    """train.fused_lm_head only changes how the loss is computed: same loss, same gradients, same token count."""
+    """train.fused_lm_head only changes how the loss is computed: same loss, same gradients, same token
+    count."""
     results = {}
     for fused in (True, False):
         trainer = _sft_trainer(tmp_path / str(fused), chat_rows(6), **{"train.fused_lm_head": fused})
@@ -429,8 +450,9 @@ def test_fused_lm_head_auto_follows_the_device(tmp_path, monkeypatch):
 
 
 def test_plain_loss_scores_labelled_positions_only_and_matches_the_models_loss(tmp_path):
-    """fused_lm_head=false: the LM head sees only positions whose next token is labelled, and the loss is still
-    transformers' own (sum / num_items_in_batch as in gradient accumulation, else the mean), with equal gradients."""
+    """fused_lm_head=false: the LM head sees only positions whose next token is labelled, and the loss is
+    still transformers' own (sum / num_items_in_batch as in gradient accumulation, else the mean), with equal
+    gradients."""
     trainer = _sft_trainer(tmp_path, chat_rows(6), **{"train.fused_lm_head": False})
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     model = trainer.model.train()

@@ -1,4 +1,5 @@
-"""`train.neftune_alpha`: NEFTune noise on the input embeddings while training, none outside it (tiny model)."""
+"""`train.neftune_alpha`: NEFTune noise on the input embeddings while training, none outside it (tiny
+model)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def _project(root: Path) -> Path:
 
 
 class _EmbeddingProbe(TrainerCallback):
-    """Embeds the same ids twice after each step (in training mode): equal without noise, different with it."""
+    """Embeds the same ids twice after each step (in training mode): equal without noise, different with
+    it."""
 
     def __init__(self):
         self.same_twice = []

@@ -1,7 +1,8 @@
-"""The objective axis over the adapters and the quantization: every combination the recipe allows trains (one step
-of the objective's own TRL trainer on the tiny model), and every combination refused by design is refused before a
-model loads, with the reason. End to end, the combinations the presets did not offer before: QLoRA + DPO, IA3 on a
-mixture, continuing a registered adapter, and the reference-free preference objectives (ORPO, SimPO)."""
+"""The objective axis over the adapters and the quantization: every combination the recipe allows trains (one
+step of the objective's own TRL trainer on the tiny model), and every combination refused by design is refused
+before a model loads, with the reason. End to end, the combinations the presets did not offer before: QLoRA +
+DPO, IA3 on a mixture, continuing a registered adapter, and the reference-free preference objectives (ORPO,
+SimPO)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _rows(objective: str, n: int, offset: int = 0) -> list[dict]:
     if "preference" in formats:
         return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
                  "chosen": [{"role": "assistant", "content": f"{2 * i}"}],
-                 "rejected": [{"role": "assistant", "content": "I don't know."}]} for i in range(offset, offset + n)]
+                 "rejected": [{"role": "assistant", "content": "I don't know."}]}
+                for i in range(offset, offset + n)]
     return chat_rows(n, offset)
 
 
@@ -48,17 +50,18 @@ def _project(root: Path, objective: str) -> Path:
     (root / "rewards.py").write_text("def length(prompts, completions, **kwargs):\n"
                                      "    return [len(c if isinstance(c, str) else c[0]['content']) / 40 "
                                      "for c in completions]\n")
-    (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
-                                        "grpo: {num_generations: 2, max_completion_length: 8, "
-                                        "rewards: [exact_answer, length]}\n")
+    (root
+     / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
+                                   "grpo: {num_generations: 2, max_completion_length: 8, "
+                                   "rewards: [exact_answer, length]}\n")
     return root
 
 
 # Combinations refused by design (the recipe check says why); every other one is in the matrix below.
 REFUSED = {("full", "4bit"), ("bottleneck", "4bit")}
-# TRL's experimental pair trainers score logits position by position; prompt tuning's virtual tokens shift them.
-# A reward model's score head reads the last token; prefix and prompt tuning prepend positions, and PEFT's bottleneck
-# tuner has no sequence-classification task (config/checks.py: SCORING_ADAPTERS).
+# TRL's experimental pair trainers score logits position by position; prompt tuning's virtual tokens shift
+# them. A reward model's score head reads the last token; prefix and prompt tuning prepend positions, and
+# PEFT's bottleneck tuner has no sequence-classification task (config/checks.py: SCORING_ADAPTERS).
 REFUSED_OBJECTIVES = {("prompt", "orpo"), ("prompt", "simpo")}
 REFUSED_REWARD = {("prefix", "reward"), ("prompt", "reward"), ("bottleneck", "reward")}
 MATRIX = [(a, o, q) for o in NAMES for a in ADAPTERS for q in ("none", "4bit")
@@ -71,10 +74,12 @@ def test_every_adapter_trains_with_every_objective(adapter, objective, quant, tm
     overrides = {**FAST, "adapter.type": adapter, "objective": objective, "model.quantization": quant,
                  "train.learning_rate": 1e-2}
     recipe = load_recipe(_project(tmp_path, objective), overrides=overrides)
-    recipe, _ = resolve_entry_point(str(tmp_path), "main", overrides)  # the pre-flight checks pass, data included
+    # the pre-flight checks pass, data included
+    recipe, _ = resolve_entry_point(str(tmp_path), "main", overrides)
     data = load_splits(recipe)
     torch.manual_seed(0)
-    model = load_base_model(recipe.model, scoring=recipe.objective in SCORING, **quantization.model_kwargs(recipe.model))
+    model = load_base_model(recipe.model, scoring=recipe.objective in SCORING,
+                            **quantization.model_kwargs(recipe.model))
     tokenizer = load_tokenizer()
     model.config.pad_token_id = tokenizer.pad_token_id
     model = attach(quantization.prepare(model, recipe.model), recipe)
@@ -84,7 +89,8 @@ def test_every_adapter_trains_with_every_objective(adapter, objective, quant, tm
     trainer = objective_of(recipe).build_trainer(recipe, model, tokenizer, data.train, None, args, [])
     trainer.train()
     assert trainer.state.global_step == 2
-    changed = [n for n, p in trainer.model.named_parameters() if n in trainable and not torch.equal(trainable[n], p)]
+    changed = [n for n,
+               p in trainer.model.named_parameters() if n in trainable and not torch.equal(trainable[n], p)]
     assert changed, f"{adapter} x {objective} x {quant}: no trainable parameter moved"
 
 
@@ -96,8 +102,8 @@ def test_matrix_covers_every_adapter_objective_and_quantization():
     trained = {(a, o) for a, o, q in MATRIX if q == "none"}
     assert trained | REFUSED_OBJECTIVES | REFUSED_REWARD == {(a, o) for a in ADAPTERS for o in NAMES}
     assert not trained & (REFUSED_OBJECTIVES | REFUSED_REWARD)
-    assert set(PRESETS) == {"lora", "qlora", "adapter", "prefix", "prompt", "ia3", "full", "multitask", "dpo", "grpo",
-                            "reward", "kto", "distill", "optimize-prompt"}
+    assert set(PRESETS) == {"lora", "qlora", "adapter", "prefix", "prompt", "ia3", "full", "multitask", "dpo",
+                            "grpo", "reward", "kto", "distill", "optimize-prompt"}
 
 
 @pytest.mark.parametrize("overrides, method, reason", [
@@ -129,7 +135,8 @@ def test_a_mixture_is_refused_for_preference_and_reward_objectives(tmp_path):
     root = _project(tmp_path, "sft")
     jsonl(root / "data" / "b.jsonl", chat_rows(4, 20))
     tasks = "{a: {train: data/train.jsonl}, b: {train: data/b.jsonl}}"
-    with pytest.raises(RecipeError, match="continuing an adapter is not supported with data.adapters: per_task"):
+    with pytest.raises(RecipeError,
+                       match="continuing an adapter is not supported with data.adapters: per_task"):
         load_recipe(root, overrides={"data.tasks": tasks, "data.adapters": "per_task",
                                      "model.init_adapter": "models:/bot@champion"})
     for objective in ("dpo", "orpo", "simpo", "grpo", "reward", "kto"):
@@ -138,14 +145,17 @@ def test_a_mixture_is_refused_for_preference_and_reward_objectives(tmp_path):
 
 
 def test_qlora_plus_dpo_end_to_end(tmp_path, tracking_uri):
-    """`-e dpo -P model.quantization=4bit`: DPO on a 4-bit base, logged and registered as a plain LoRA adapter."""
+    """`-e dpo -P model.quantization=4bit`: DPO on a 4-bit base, logged and registered as a plain LoRA
+    adapter."""
     recipe = load_recipe(_project(tmp_path / "qdpo", "dpo"), method="dpo",
                          overrides={**FAST, "model.quantization": "4bit"})
     assert (recipe.adapter.type, recipe.objective, recipe.model.quantization) == ("lora", "dpo", "4bit")
     assert run(recipe) == 0
     version = mlflow.MlflowClient().get_model_version_by_alias("qdpo", "challenger")
     tags = version.tags
-    assert (tags["finetune.method"], tags["finetune.objective"], tags["finetune.quantization"]) == ("dpo", "dpo", "4bit")
+    assert (tags["finetune.method"], tags["finetune.objective"], tags["finetune.quantization"]) == ("dpo",
+                                                                                                    "dpo",
+                                                                                                    "4bit")
     metrics = mlflow.get_run(version.run_id).data.metrics
     assert "eval/tuned/pref_margin" in metrics and "eval/start/pref_accuracy" in metrics
 
@@ -153,9 +163,11 @@ def test_qlora_plus_dpo_end_to_end(tmp_path, tracking_uri):
 @pytest.mark.parametrize("objective", ["orpo", "simpo"])
 def test_reference_free_preference_end_to_end(objective, tmp_path, tracking_uri):
     """`-e dpo -P objective=orpo` (or simpo): TRL's ORPO / SimPO trainer with no reference model, logged and
-    registered as a LoRA adapter, evaluated as DPO is; the resolved recipe keeps only the active objective's section."""
+    registered as a LoRA adapter, evaluated as DPO is; the resolved recipe keeps only the active objective's
+    section."""
     name = f"ref-free-{objective}"
-    recipe = load_recipe(_project(tmp_path / name, objective), method="dpo", overrides={**FAST, "objective": objective})
+    recipe = load_recipe(_project(tmp_path / name, objective), method="dpo",
+                         overrides={**FAST, "objective": objective})
     assert (recipe.adapter.type, recipe.objective, recipe.model.quantization) == ("lora", objective, "none")
     assert run(recipe) == 0
     version = mlflow.MlflowClient().get_model_version_by_alias(name, "challenger")
@@ -169,9 +181,11 @@ def test_reference_free_preference_end_to_end(objective, tmp_path, tracking_uri)
 
 @pytest.mark.parametrize("objective", ["orpo", "simpo"])
 def test_reference_free_objectives_leave_out_pairs_without_room_for_an_answer(objective, tmp_path, capsys):
-    """TRL's experimental trainers never cut a prompt: a pair whose prompt fills data.max_length would train on
-    NaN, so it is left out with a warning (as DPO's trainer leaves it out), and an error says so when none fits."""
-    rows = _rows(objective, 4) + [{**_rows(objective, 1, 9)[0], "prompt": [{"role": "user", "content": "word " * 80}]}]
+    """TRL's experimental trainers never cut a prompt: a pair whose prompt fills data.max_length would train
+    on NaN, so it is left out with a warning (as DPO's trainer leaves it out), and an error says so when none
+    fits."""
+    rows = _rows(objective, 4) + [{**_rows(objective, 1, 9)[0],
+                                   "prompt": [{"role": "user", "content": "word " * 80}]}]
     jsonl(tmp_path / "data" / "train.jsonl", rows)
     recipe = load_recipe(tmp_path, overrides={"objective": objective, "data.max_length": 64})
     data = load_splits(recipe)
@@ -180,21 +194,23 @@ def test_reference_free_objectives_leave_out_pairs_without_room_for_an_answer(ob
     trainer = module.build_trainer(recipe, attach(load_base_model(recipe.model), recipe), load_tokenizer(),
                                    data.train, None, args, [])
     assert len(trainer.train_dataset) == 4
-    assert "1 of 5 train pairs have a prompt of data.max_length = 64 tokens or more" in capsys.readouterr().err
+    assert ("1 of 5 train pairs have a prompt of data.max_length = 64 tokens or "
+            "more") in capsys.readouterr().err
     recipe.data.max_length = 8
     with pytest.raises(FinetuneError, match="every prompt fills data.max_length"):
-        module.build_trainer(recipe, attach(load_base_model(recipe.model), recipe), load_tokenizer(), data.train,
-                             None, args, [])
+        module.build_trainer(recipe, attach(load_base_model(recipe.model), recipe), load_tokenizer(),
+                             data.train, None, args, [])
 
 
 def test_ia3_on_a_mixture_end_to_end(tmp_path, tracking_uri):
     """`-e ia3` with data.tasks: one IA3 adapter on the weighted mixture, per-task metrics."""
     root = tmp_path / "ia3mix"
     jsonl(root / "data" / "qa.jsonl", chat_rows(8))
-    jsonl(root / "data" / "label.jsonl", [{"instruction": "Label it", "input": f"item {i}", "output": f"L{i % 3}"}
-                                           for i in range(8)])
+    jsonl(root / "data" / "label.jsonl", [{"instruction": "Label it", "input": f"item {i}",
+                                           "output": f"L{i % 3}"} for i in range(8)])
     (root / "finetune.yaml").write_text("data:\n  max_length: 64\n  eval_split: 0.25\n  tasks:\n"
-                                        "    qa: {train: data/qa.jsonl, weight: 2}\n    label: {train: data/label.jsonl}\n")
+                                        "    qa: {train: data/qa.jsonl, weight: 2}\n    label: {train: "
+                                        "data/label.jsonl}\n")
     recipe = load_recipe(root, method="ia3", overrides=FAST)
     assert recipe.adapter.type == "ia3" and set(recipe.data.tasks) == {"qa", "label"}
     assert run(recipe) == 0
@@ -205,7 +221,8 @@ def test_ia3_on_a_mixture_end_to_end(tmp_path, tracking_uri):
 
 
 def test_an_adapter_continues_from_a_registered_version(tmp_path, tracking_uri):
-    """model.init_adapter works for any objective: SFT on top of a registered LoRA version keeps its weights."""
+    """model.init_adapter works for any objective: SFT on top of a registered LoRA version keeps its
+    weights."""
     first = load_recipe(_project(tmp_path / "base-sft", "sft"), overrides=FAST)
     assert run(first) == 0
     again = load_recipe(tmp_path / "base-sft", overrides={

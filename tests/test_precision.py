@@ -1,7 +1,8 @@
-"""`train.precision: auto` on a CPU: bf16 autocast only where this CPU's bf16 matmuls were measured fast enough.
+"""`train.precision: auto` on a CPU: bf16 autocast only where this CPU's bf16 matmuls were measured fast
+enough.
 
-The measurement itself runs for real on whatever CPU runs the tests; the decision around it is checked against each
-kind of CPU seen so far by standing in for its flags or its measured ratio.
+The measurement itself runs for real on whatever CPU runs the tests; the decision around it is checked against
+each kind of CPU seen so far by standing in for its flags or its measured ratio.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def test_the_measurement_runs_on_this_cpu():
 
 
 def test_a_job_s_ranks_use_the_figure_measured_once_for_them(monkeypatch):
-    # Measured by each rank beside the others' work, ranks chose apart (DDP then hung): the launcher's figure wins.
-    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("measured although the launcher gave a figure"))
+    # Measured by each rank beside the others' work, ranks chose apart (DDP then hung): the launcher's figure
+    # wins.
+    monkeypatch.setattr(torch, "randn", lambda *a,
+                        **k: pytest.fail("measured although the launcher gave a figure"))
     monkeypatch.setenv(precision.SPEEDUP_ENV, "2.4")
     assert precision.cpu_bf16_speedup() == 2.4 and precision.cpu_has_fast_bf16()
     assert precision.for_every_rank() == {precision.SPEEDUP_ENV: "2.400"}
@@ -60,7 +63,8 @@ def test_cpu_flags_are_read():
 
 
 def test_no_native_bf16_means_fp32_without_measuring(monkeypatch):
-    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"sse4_2", "avx2", "fma"}))  # an AVX2-only EPYC
+    # an AVX2-only EPYC
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"sse4_2", "avx2", "fma"}))
     monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("measured a CPU without bf16 arithmetic"))
     assert precision.cpu_bf16_speedup() is None
     assert not precision.cpu_autocast_bf16("auto", "auto")
@@ -79,7 +83,8 @@ def test_auto_follows_the_measured_speedup(monkeypatch, speedup, autocast):
         pytest.skip("on a GPU, auto is the GPU's bf16, not CPU autocast")
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
     assert precision.cpu_autocast_bf16("auto", "auto") is autocast
-    assert precision.compute_precision("auto", "auto") == ("bf16 autocast, fp32 weights" if autocast else "float32")
+    assert precision.compute_precision("auto", "auto") == ("bf16 autocast, fp32 weights" if autocast
+                                                           else "float32")
     reason = precision.precision_reason("auto", "auto")
     assert f"{speedup:.1f}x" in reason and ("does not pay" in reason) != autocast
 
@@ -101,7 +106,8 @@ def test_an_explicit_choice_is_never_overruled(monkeypatch):
     ("dpo", "dpo", False),      # a preference objective (its logged margins moved under autocast)
     ("ia3", "ia3", False),      # another adapter
 ])
-def test_auto_picks_bf16_only_for_the_kind_of_run_it_was_measured_on(monkeypatch, project, entry_point, measured):
+def test_auto_picks_bf16_only_for_the_kind_of_run_it_was_measured_on(monkeypatch, project, entry_point,
+                                                                     measured):
     if torch.cuda.is_available():
         pytest.skip("CPU autocast only")
     from mlflow_finetune_plugin.config.loading import load_recipe
@@ -124,7 +130,8 @@ def _tiny_lora_model(seed: int = 0):
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
     # init_lora_weights=False: B is random too, so the adapter changes the outputs from the first step
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            init_lora_weights=False))
 
 
 def _guarded_step(model, ids):
@@ -186,9 +193,10 @@ def test_guards_keep_a_small_lora_update_that_plain_autocast_rounds_away():
 
 
 def test_guards_compute_the_lora_branch_in_bf16_and_sum_it_in_fp32(monkeypatch):
-    """Under the guards a plain LoRA layer takes the project's forward (not PEFT's): base layer and branch in bf16,
-    their sum in fp32, so that the update keeps bf16's precision of itself and is not rounded against its base
-    output. Where the layer is not plain (DoRA) or autocast is off, PEFT's forward runs, with the fp32 guards."""
+    """Under the guards a plain LoRA layer takes the project's forward (not PEFT's): base layer and branch in
+    bf16, their sum in fp32, so that the update keeps bf16's precision of itself and is not rounded against
+    its base output. Where the layer is not plain (DoRA) or autocast is off, PEFT's forward runs, with the
+    fp32 guards."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -198,7 +206,8 @@ def test_guards_compute_the_lora_branch_in_bf16_and_sum_it_in_fp32(monkeypatch):
     layer = model.base_model.model[0]
     calls = []
     peft_forward = LoraLinear.forward
-    monkeypatch.setattr(LoraLinear, "forward", lambda self, *a, **k: calls.append(1) or peft_forward(self, *a, **k))
+    monkeypatch.setattr(LoraLinear, "forward", lambda self, *a, **k: calls.append(1) or peft_forward(self, *a,
+                                                                                                     **k))
     x = torch.randn(5, 64)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
@@ -226,8 +235,9 @@ def test_guards_compute_the_lora_branch_in_bf16_and_sum_it_in_fp32(monkeypatch):
 
 
 def test_the_input_cast_once_for_several_layers_trains_the_same_gradients_as_a_cast_per_layer(monkeypatch):
-    """q, k and v (gate and up) read one input: it is cast to bf16 once, and each layer still sends its gradient
-    back through its own cast, so the gradients are summed in fp32 as with a cast per layer, bit for bit."""
+    """q, k and v (gate and up) read one input: it is cast to bf16 once, and each layer still sends its
+    gradient back through its own cast, so the gradients are summed in fp32 as with a cast per layer, bit for
+    bit."""
     model = _tiny_lora_model()
     ids = torch.randint(0, 128, (2, 12))
 
@@ -260,9 +270,9 @@ def test_guards_put_the_modules_back_and_do_nothing_when_off():
 
 
 def test_frozen_weights_in_bf16_train_the_same_numbers_and_come_back_bit_for_bit(tmp_path):
-    """The frozen base weights held in bf16 under autocast: the loss and the LoRA gradients are autocast's over fp32
-    weights (autocast rounds the same way), the fp32 weights come back exactly, the head and the trainable weights
-    never change dtype, and the spill file is gone."""
+    """The frozen base weights held in bf16 under autocast: the loss and the LoRA gradients are autocast's
+    over fp32 weights (autocast rounds the same way), the fp32 weights come back exactly, the head and the
+    trainable weights never change dtype, and the spill file is gone."""
     model = _tiny_lora_model()
     ids = torch.randint(0, 128, (2, 8))
     originals = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -284,7 +294,8 @@ def test_frozen_weights_in_bf16_train_the_same_numbers_and_come_back_bit_for_bit
 
 def test_frozen_weights_in_bf16_let_go_of_the_checkpoint_mapping_and_take_it_back_after(tmp_path):
     """A model loaded from safetensors holds its fp32 weights in a private mapping of the file (paged into the
-    process's memory by the first step). Under the lever nothing refers to it any more, so it is unmapped: that is
+    process's memory by the first step). Under the lever nothing refers to it any more, so it is unmapped:
+    that is
     where the memory comes from. Afterwards the fp32 weights are back, the model answers as before."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -297,7 +308,8 @@ def test_frozen_weights_in_bf16_let_go_of_the_checkpoint_mapping_and_take_it_bac
             return checkpoint in f.read()
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                      init_lora_weights=False))
     ids = torch.randint(0, 128, (2, 8))
     before = model(input_ids=ids).logits.detach()
     if not mapped():
@@ -311,9 +323,9 @@ def test_frozen_weights_in_bf16_let_go_of_the_checkpoint_mapping_and_take_it_bac
 
 
 def test_forced_bf16_on_a_quantized_base_fails_the_run_naming_the_fix(tmp_path, tracking_uri, monkeypatch):
-    """`train.precision: bf16` on a CPU with a 4-bit base: bitsandbytes' CPU layers cannot train under autocast (torch
-    raised "expected m1 and m2 to have the same dtype" mid-run). Refused before the model loads, the run FAILED with
-    the fix in its error."""
+    """`train.precision: bf16` on a CPU with a 4-bit base: bitsandbytes' CPU layers cannot train under
+    autocast (torch raised "expected m1 and m2 to have the same dtype" mid-run). Refused before the model
+    loads, the run FAILED with the fix in its error."""
     if torch.cuda.is_available():
         pytest.skip("CPU autocast only")
     import mlflow

@@ -1,6 +1,6 @@
-"""The pre-flight check the backend runs before any MLflow run exists (`backend.resolve_entry_point`): every entry
-point on every bundled recipe, `data.format: auto` resolved per file, and data that training would refuse refused
-here first. Pre-flight only (tiny model, no training)."""
+"""The pre-flight check the backend runs before any MLflow run exists (`backend.resolve_entry_point`): every
+entry point on every bundled recipe, `data.format: auto` resolved per file, and data that training would
+refuse refused here first. Pre-flight only (tiny model, no training)."""
 
 from __future__ import annotations
 
@@ -37,17 +37,19 @@ def _data_kind(name: str) -> str:
 
 def _refusal(kind: str, entry_point: str, batch: int, teacher: bool = False, images: bool = False,
              documents: bool = False) -> str | None:
-    """None where the data allows the entry point; else the message (a regex) that must say why not. `batch` is the
-    recipe's completions per optimizer step, which GRPO's 8 samples per prompt must divide. `teacher`: the recipe
-    names one (distill.teacher), whose answers to its prompts any single-set sft entry point trains on. `images`: its
-    rows have images, which prefix, prompt and IA3 adapters do not train on. `documents`: it reads data.documents,
-    whose question rows train with sft."""
+    """None where the data allows the entry point; else the message (a regex) that must say why not. `batch`
+    is the recipe's completions per optimizer step, which GRPO's 8 samples per prompt must divide. `teacher`:
+    the recipe
+    names one (distill.teacher), whose answers to its prompts any single-set sft entry point trains on.
+    `images`: its rows have images, which prefix, prompt and IA3 adapters do not train on. `documents`: it
+    reads data.documents, whose question rows train with sft."""
     preset = PRESETS[entry_point]
     if documents and not preset.trains:
         return f"data.documents: -e {entry_point} trains no weights"
     if documents and preset.objective != "sft":
         return "data.documents: question rows from documents train with the sft objective"
-    if images and preset.adapter in ("prefix", "prompt", "ia3") and kind in OBJECTIVE_FORMATS[preset.objective]:
+    if images and preset.adapter in ("prefix", "prompt",
+                                     "ia3") and kind in OBJECTIVE_FORMATS[preset.objective]:
         return rf"-e {entry_point}: the {preset.adapter} adapter does not train on rows with images"
     if preset.distill and not teacher:
         return "distill.teacher: -e distill needs a teacher"
@@ -77,9 +79,10 @@ def _tiny_model(recipe) -> str:
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_entry_point_on_every_bundled_recipe(name, capsys):
-    """What `mlflow run recipes/NAME -e EP --backend finetune -P model=tiny` checks before a run exists: every entry
-    point the recipe's data allows passes, with the preset's adapter and objective; the others are refused saying
-    why. `-e prefix` / `-e prompt` on a recipe that packs for LoRA train unpacked, with a note."""
+    """What `mlflow run recipes/NAME -e EP --backend finetune -P model=tiny` checks before a run exists: every
+    entry point the recipe's data allows passes, with the preset's adapter and objective; the others are
+    refused saying why. `-e prefix` / `-e prompt` on a recipe that packs for LoRA train unpacked, with a
+    note."""
     kind = _data_kind(name)
     own = load_recipe(REPO / "recipes" / name)
     train, teacher = own.train, bool(own.distill and own.distill.teacher)
@@ -109,9 +112,9 @@ def test_every_entry_point_on_every_bundled_recipe(name, capsys):
 
 
 def test_prefix_on_a_packed_recipe_trains_unpacked_with_a_note(capsys, tmp_path):
-    """A recipe that packs its rows for LoRA (`packing: true`): `-e prefix` turns that off with one line saying why;
-    asking for both in one place (`-P data.packing=true`) is still refused. The bundled recipes say `auto`, which
-    never packs prefix or prompt tuning, so no note is needed there."""
+    """A recipe that packs its rows for LoRA (`packing: true`): `-e prefix` turns that off with one line
+    saying why; asking for both in one place (`-P data.packing=true`) is still refused. The bundled recipes
+    say `auto`, which never packs prefix or prompt tuning, so no note is needed there."""
     assert load_recipe(SUPPORT_BOT, method="prefix").data.packing == "auto"
     assert "data.packing" not in capsys.readouterr().err
     packed = tmp_path / "support-bot"
@@ -122,15 +125,16 @@ def test_prefix_on_a_packed_recipe_trains_unpacked_with_a_note(capsys, tmp_path)
     for method, what in (("prefix", "the prefix is"), ("prompt", "virtual tokens are")):
         assert load_recipe(packed, method=method).data.packing is False
         note = [line for line in capsys.readouterr().err.splitlines() if "data.packing" in line]
-        assert note == [f"Note: data.packing is off for the {method} adapter ({what} prepended once per row, and a "
-                        "packed row holds several conversations); finetune.yaml packs rows for lora."]
+        assert note == [
+            f"Note: data.packing is off for the {method} adapter ({what} prepended once per row, and a "
+            "packed row holds several conversations); finetune.yaml packs rows for lora."]
     with pytest.raises(RecipeError, match="data.packing: true cannot be used with the prefix adapter"):
         load_recipe(packed, method="prefix", overrides={"data.packing": "true"})
 
 
 def test_mlproject_entry_points_run_a_preset_that_passes(capsys):
-    """An MLproject's own entry points (support-bot's `main`) are its commands, each running a preset entry point
-    whose pre-flight is the one above."""
+    """An MLproject's own entry points (support-bot's `main`) are its commands, each running a preset entry
+    point whose pre-flight is the one above."""
     checked = 0
     for mlproject in sorted((REPO / "recipes").glob("*/MLproject")):
         for entry_point in yaml.safe_load(mlproject.read_text())["entry_points"]:
@@ -139,7 +143,8 @@ def test_mlproject_entry_points_run_a_preset_that_passes(capsys):
             recipe, command = resolve_entry_point(str(mlproject.parent), entry_point, {})
             method = re.search(r"--method (\w+)", command).group(1)
             assert recipe is None and method in PRESETS
-            resolve_entry_point(str(mlproject.parent), method, {"model": _tiny_model(load_recipe(mlproject.parent))})
+            resolve_entry_point(str(mlproject.parent), method,
+                                {"model": _tiny_model(load_recipe(mlproject.parent))})
             checked += 1
     assert checked  # support-bot's `main`
 
@@ -151,15 +156,16 @@ def _sharegpt(path: Path, n: int = 60) -> str:
     """The support-bot training rows as ShareGPT (`conversations` of {from, value})."""
     tags = {"system": "system", "user": "human", "assistant": "gpt"}
     rows = [json.loads(line) for line in (SUPPORT_BOT / "data" / "train.jsonl").read_text().splitlines()[:n]]
-    return jsonl(path, [{"conversations": [{"from": tags[m["role"]], "value": m["content"]} for m in r["messages"]]}
-                        for r in rows])
+    return jsonl(path, [{"conversations": [{"from": tags[m["role"]], "value": m["content"]}
+                                           for m in r["messages"]]} for r in rows])
 
 
 def test_auto_detects_each_file_on_its_own(tmp_path, capsys):
-    """A ShareGPT train file with the recipe's chat eval file (issue 29): each file is read in its own format, by
-    the pre-flight and by the function training reads the data with, and one line says which."""
+    """A ShareGPT train file with the recipe's chat eval file (issue 29): each file is read in its own format,
+    by the pre-flight and by the function training reads the data with, and one line says which."""
     train = _sharegpt(tmp_path / "sharegpt.jsonl")
-    recipe, _ = resolve_entry_point(str(SUPPORT_BOT), "lora", {"model": "tiny", "data": train, "data.format": "auto"})
+    recipe, _ = resolve_entry_point(str(SUPPORT_BOT), "lora", {"model": "tiny", "data": train,
+                                                               "data.format": "auto"})
     assert ("Data formats, detected per file: data.train sharegpt.jsonl: sharegpt, data.eval eval.jsonl: chat"
             in capsys.readouterr().err)
     data = splits.load_splits(recipe)
@@ -181,7 +187,8 @@ def test_dataset_inputs_carry_the_format_of_each_file(tmp_path, tracking_uri):
 
 def _submit(params: dict, tracking_uri: str, project: Path = SUPPORT_BOT):
     exp_id = mlflow.set_experiment("preflight").experiment_id
-    return FinetuneBackend().run(str(project), "lora", params, None, {"SYNCHRONOUS": True}, tracking_uri, exp_id)
+    return FinetuneBackend().run(str(project), "lora", params, None, {"SYNCHRONOUS": True}, tracking_uri,
+                                 exp_id)
 
 
 def _no_runs() -> bool:
@@ -190,8 +197,8 @@ def _no_runs() -> bool:
 
 
 def test_a_bad_row_in_a_detected_eval_file_is_refused_before_any_run(tmp_path, tracking_uri):
-    """The eval file is detected as chat on its own (the train file is ShareGPT) and its bad row is named by file
-    and line, by the backend, before the run is created."""
+    """The eval file is detected as chat on its own (the train file is ShareGPT) and its bad row is named by
+    file and line, by the backend, before the run is created."""
     train = _sharegpt(tmp_path / "sharegpt.jsonl")
     rows = chat_rows(6)
     rows[2]["messages"][0]["role"] = "robot"
@@ -205,7 +212,8 @@ def test_a_bad_row_in_a_detected_eval_file_is_refused_before_any_run(tmp_path, t
 
 def test_data_that_training_could_not_mix_is_refused_before_any_run(tmp_path, tracking_uri):
     """Rows that pass the row checks one file at a time but that training cannot read together (a task whose
-    messages carry per-turn weights mixed with one whose messages do not) stop the backend before a run exists."""
+    messages carry per-turn weights mixed with one whose messages do not) stop the backend before a run
+    exists."""
     weighted = chat_rows(8)
     for row in weighted:
         row["messages"][-1]["weight"] = 1
@@ -221,8 +229,9 @@ def test_data_that_training_could_not_mix_is_refused_before_any_run(tmp_path, tr
 
 
 def test_reference_answers_longer_than_the_generation_budget_are_named_before_the_run(capsys):
-    """A held-out answer longer than eval.max_new_tokens would be cut short for every contender and score lower
-    than it should: the pre-flight says how many of the scored references are, and the value that covers them."""
+    """A held-out answer longer than eval.max_new_tokens would be cut short for every contender and score
+    lower than it should: the pre-flight says how many of the scored references are, and the value that covers
+    them."""
     resolve_entry_point(str(SUPPORT_BOT), "lora", {"model": "tiny", "eval.max_new_tokens": "8",
                                                    "eval.max_examples": "12"})
     err = capsys.readouterr().err

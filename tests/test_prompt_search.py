@@ -1,10 +1,12 @@
-"""The `optimized` contender (evaluate/prompt_search.py, evaluate/proposer.py) and what the verdict makes of it.
+"""The `optimized` contender (evaluate/prompt_search.py, evaluate/proposer.py) and what the verdict makes of
+it.
 
-The search scores instruction x shot-set candidates on a dev split of the TRAIN rows with the base model, through the
-same batched generation as every contender, within its budget, and never shows it a held-out question; the verdict
-counts it among the alternatives and says "keep the prompt" when the tuned model does not beat it beyond the noise.
-Real answers of the tiny model where the model's behaviour matters; a stand-in for `answer_all` where only the
-search's choice is checked (the tiny model's random answers score 0 whatever the prompt).
+The search scores instruction x shot-set candidates on a dev split of the TRAIN rows with the base model,
+through the same batched generation as every contender, within its budget, and never shows it a held-out
+question; the verdict counts it among the alternatives and says "keep the prompt" when the tuned model does
+not beat it beyond the noise. Real answers of the tiny model where the model's behaviour matters; a stand-in
+for `answer_all` where only the search's choice is checked (the tiny model's random answers score 0 whatever
+the prompt).
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ def _convs(n: int, offset: int = 0) -> list[list[dict]]:
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_model_dir):
     torch.manual_seed(0)
-    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(r=4, alpha=8, dropout=0.0))
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                       LoraAdapter(r=4, alpha=8, dropout=0.0))
     return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-# --- the dev split and the candidates ----------------------------------------------------------------------------
+# --- the dev split and the candidates
+# ----------------------------------------------------------------------------
 
 
 def test_the_dev_split_is_carved_from_train_rows_and_too_few_rows_say_so():
@@ -57,39 +61,45 @@ def test_the_dev_split_is_carved_from_train_rows_and_too_few_rows_say_so():
     assert prompt_search.dev_split(train, 8) == (pool, dev)  # seeded
     assert len(prompt_search.dev_split(_convs(10), 8)[1]) == 5  # at most half the rows
     reason = prompt_search.dev_split(_convs(7), 8)
-    assert isinstance(reason, str) and reason.startswith("too few train rows for a dev split: 7 with an answer")
+    assert isinstance(reason,
+                      str) and reason.startswith("too few train rows for a dev split: 7 with an answer")
 
 
 def test_instructions_go_after_the_system_prompt_and_come_from_the_rows():
     asked = [{"role": "system", "content": "You are Nimbus support."}, {"role": "user", "content": "q"}]
-    assert prompt_search.with_instruction(asked, "Be brief.")[0]["content"] == "You are Nimbus support.\n\nBe brief."
-    assert prompt_search.with_instruction(asked[1:], "Be brief.") == [{"role": "system", "content": "Be brief."},
-                                                                      asked[1]]
+    assert prompt_search.with_instruction(asked,
+                                          "Be brief.")[0]["content"] == "You are Nimbus support.\n\nBe brief."
+    assert prompt_search.with_instruction(asked[1:], "Be brief.") == [{"role": "system",
+                                                                       "content": "Be brief."}, asked[1]]
     assert prompt_search.with_instruction(asked, None) is asked
     assert prompt_search.row_instructions(_convs(5)) == [
         "Answer directly, in the same style as the earlier answers, in about 5 words."]
-    json_rows = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": json.dumps({"n": i})}]
-                 for i in range(3)]
-    assert prompt_search.row_instructions(json_rows)[1] == "Reply with JSON only, shaped like the earlier answers."
+    json_rows = [[{"role": "user", "content": f"q{i}"},
+                  {"role": "assistant", "content": json.dumps({"n": i})}] for i in range(3)]
+    assert prompt_search.row_instructions(json_rows)[1] == ("Reply with JSON only, shaped like the earlier "
+                                                            "answers.")
 
 
 def test_the_budget_decides_how_many_candidates_are_scored():
-    shots, told = prompt_search.candidates(_convs(12), k=2, k_retrieved=2, shot_sets=2, instructions=["a b c"] * 2)
+    shots, told = prompt_search.candidates(_convs(12), k=2, k_retrieved=2, shot_sets=2,
+                                           instructions=["a b c"] * 2)
     assert [c.label for c in shots] == ["no shots", "random shots 1", "random shots 2", "2 retrieved shots"]
     assert [len(c.shots) for c in shots] == [0, 2, 2, 0] and shots[3].retrieved  # simplest first
     assert [len(x) for x in prompt_search.fitted(shots, told, 6)] == [4, 2]
-    tight, one = prompt_search.fitted(shots, told, 3)  # an instruction keeps a place; retrieval before random sets
+    # an instruction keeps a place; retrieval before random sets
+    tight, one = prompt_search.fitted(shots, told, 3)
     assert [c.label for c in tight] == ["no shots", "2 retrieved shots"] and len(one) == 1
     assert [c.label for c in prompt_search.fitted(shots, [], 3)[0]] == ["no shots", "random shots 1",
                                                                        "2 retrieved shots"]
 
 
-# --- the search --------------------------------------------------------------------------------------------------
+# --- the search
+# --------------------------------------------------------------------------------------------------
 
 
 def test_the_search_picks_the_best_candidate_on_the_dev_rows(monkeypatch, capsys):
-    """A stand-in model that answers right only under the second instruction, and half right with the retrieved
-    shots: shot sets are searched first, then the instructions over the best of them."""
+    """A stand-in model that answers right only under the second instruction, and half right with the
+    retrieved shots: shot sets are searched first, then the instructions over the best of them."""
     def answer_all(model, tokenizer, prompts, references, cfg, name, progress=None, cache=None):
         progress.update(len(prompts))
         system = [" ".join(m["content"] for m in p if m["role"] == "system") for p in prompts]
@@ -109,10 +119,12 @@ def test_the_search_picks_the_best_candidate_on_the_dev_rows(monkeypatch, capsys
     assert found.winner.instruction == "GOOD answers only please." and found.winner.retrieved
     assert found.scores[-1][1] == 1.0 and found.answers == 6 * 4 and found.dev_rows == 4
     out = capsys.readouterr().out
-    assert "Prompt search: 4 shot sets then 2 instructions x 4 dev rows from train = 24 answers (0.60 of one " \
-           "contender pass), about 0.2 s at the contenders' pace." in out
-    # the one-standard-error rule: a gain on one dev row of four is within the noise, so the simpler candidate stays;
-    # the same gain on every row is not
+    assert (
+        "Prompt search: 4 shot sets then 2 instructions x 4 dev rows from train = 24 answers (0.60 of one "
+        "contender pass), about 0.2 s at the contenders' pace." in out
+    )
+    # the one-standard-error rule: a gain on one dev row of four is within the noise, so the simpler candidate
+    # stays; the same gain on every row is not
     assert prompt_search.gain([0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.9]) <= prompt_search.EPS
     assert prompt_search.gain([0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.9, 0.9]) > prompt_search.EPS
 
@@ -125,10 +137,13 @@ def test_the_search_picks_the_best_candidate_on_the_dev_rows(monkeypatch, capsys
     assert noisy.winner.label == "no shots" and dict(noisy.scores)["2 retrieved shots"] == 0.25
     assert noisy.reason.endswith("2 retrieved shots scored higher, within one standard error)")
     # a tie keeps the earlier (cheaper) candidate; a budget of one candidate is no search
-    monkeypatch.setattr(prompt_search, "answer_all", lambda *a, progress=None, **k: (["no"] * 4, 0.0, 0, [0.0] * 4))
-    assert prompt_search.search(lambda: _nothing(), tok, _convs(12), 40, cfg, 4096, []).winner.label == "no shots"
+    monkeypatch.setattr(prompt_search, "answer_all", lambda *a, progress=None,
+                        **k: (["no"] * 4, 0.0, 0, [0.0] * 4))
+    assert prompt_search.search(lambda: _nothing(), tok, _convs(12), 40, cfg, 4096,
+                                []).winner.label == "no shots"
     skipped = prompt_search.search(lambda: _nothing(), tok, _convs(12), 7, cfg, 4096, [])
-    assert skipped.winner is None and skipped.reason.startswith("the budget fits 1 candidate (eval.optimize.budget 1")
+    assert skipped.winner is None and skipped.reason.startswith(
+        "the budget fits 1 candidate (eval.optimize.budget 1")
 
 
 def prompt_search_tokenizer():
@@ -167,7 +182,8 @@ def test_the_optimized_contender_answers_like_the_others_and_never_sees_a_held_o
     held_out = {json.dumps(split_conversation(c)[0]) for c in evals}
     said = json.dumps(seen) + json.dumps(fake.asked)  # what the model and the proposer were shown
     assert not any(json.loads(q)[0]["content"] in said for q in held_out)
-    assert "Answer with the sum only, as a sentence." in json.dumps(seen)  # the proposer's instruction was tried
+    # the proposer's instruction was tried
+    assert "Answer with the sum only, as a sentence." in json.dumps(seen)
     for key in ("rougeL", "loss", "prompt_tokens", "latency_s"):
         assert f"eval/optimized/{key}" in result.metrics
     assert all(isinstance(row["optimized_rougeL"], float) for row in result.rows)
@@ -192,11 +208,13 @@ def test_too_few_train_rows_or_switched_off_skip_the_contender_with_the_reason(t
         EvalConfig(contenders=["base", "sweet-talk"])
 
 
-# --- the proposer ------------------------------------------------------------------------------------------------
+# --- the proposer
+# ------------------------------------------------------------------------------------------------
 
 
 class FakeProposer:
-    """A loopback OpenAI-compatible server that proposes numbered instructions and records what it was shown."""
+    """A loopback OpenAI-compatible server that proposes numbered instructions and records what it was
+    shown."""
 
     def __init__(self):
         self.asked = []
@@ -230,7 +248,8 @@ def test_a_proposer_writes_the_instructions_from_train_rows_only(capsys):
     finally:
         fake.server.shutdown()
     assert found == ["Answer with the sum only, as a sentence.", "Be brief and exact please."]
-    assert fake.asked[0]["model"] == "big-model" and "What is 3 plus 3?" in fake.asked[0]["messages"][0]["content"]
+    assert fake.asked[0]["model"] == "big-model" and "What is 3 plus 3?" in fake.asked[0]["messages"][0][
+        "content"]
     assert "2 instructions from" in capsys.readouterr().out
     assert parse_instructions("- one two three\n* one two three\nshort") == ["one two three"]
 
@@ -254,11 +273,13 @@ def test_a_proposer_that_does_not_answer_fails_when_named_and_falls_back_when_in
         EvalConfig(optimize={"proposer": "models:/big@champion"})
 
 
-# --- the verdict -------------------------------------------------------------------------------------------------
+# --- the verdict
+# -------------------------------------------------------------------------------------------------
 
 
-REFS = [f"Open the {w} page." for w in "billing account security notes export sync theme devices sharing backup "
-        "trash search".split()]
+REFS = [f"Open the {w} page."
+        for w in "billing account security notes export sync theme devices sharing backup "
+                 "trash search".split()]
 
 
 def _rougeL(answers):
@@ -291,7 +312,8 @@ def test_fine_tuning_must_beat_the_optimized_prompt_and_a_tie_says_keep_the_prom
 
 
 def test_a_run_whose_optimized_prompt_ties_says_keep_the_prompt_with_each_ones_cost(tracking_uri):
-    """What `-e lora` prints last when the optimized prompt already does as well: conclude() on logged scores."""
+    """What `-e lora` prints last when the optimized prompt already does as well: conclude() on logged
+    scores."""
     import mlflow
 
     from mlflow_finetune_plugin.evaluate.verdict import conclude
@@ -308,12 +330,13 @@ def test_a_run_whose_optimized_prompt_ties_says_keep_the_prompt_with_each_ones_c
     logged = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
     assert logged[tags.VERDICT_KEEP_PROMPT] == "true" and logged[tags.VERDICT_PAID_OFF] == "false"
     assert logged[tags.VERDICT] == verdict.sentence()
-    assert verdict.sentence().endswith("at 96 prompt tokens an answer against the tuned model's 16, 0.021 s against "
-                                       "0.011 s")
+    assert verdict.sentence().endswith("at 96 prompt tokens an answer against the tuned model's 16, 0.021 s "
+                                       "against 0.011 s")
     assert "optimized +80" in verdict.cost  # the cost line: prompt tokens over zero-shot's
 
 
-# --- the prompt kept: Prompt Registry ------------------------------------------------------------------------------
+# --- the prompt kept: Prompt Registry
+# ------------------------------------------------------------------------------
 
 
 def test_the_optimized_prompt_is_registered_as_a_candidate_and_promoted_only_through_the_gates(tracking_uri):
@@ -324,13 +347,16 @@ def test_the_optimized_prompt_is_registered_as_a_candidate_and_promoted_only_thr
 
     shot = [{"role": "system", "content": "ignored"}, {"role": "user", "content": "What is 1 plus 1?"},
             {"role": "assistant", "content": "1 plus 1 is 2."}]
-    record = {"instruction": "Answer with the sum.", "shots": [shot], "retrieved_shots": False, "reason": "best"}
-    gates = [RegistryConfig.Gate(metric="rougeL"), RegistryConfig.Gate(metric="forgetting/ppl_ratio", at_most=1.2)]
+    record = {"instruction": "Answer with the sum.", "shots": [shot], "retrieved_shots": False,
+              "reason": "best"}
+    gates = [RegistryConfig.Gate(metric="rougeL"), RegistryConfig.Gate(metric="forgetting/ppl_ratio",
+                                                                       at_most=1.2)]
 
     def run_with(optimized: float) -> str:
         with mlflow.start_run() as run:
-            mlflow.log_metrics({"eval/base/rougeL": 0.2, "eval/fewshot/rougeL": 0.3, "eval/retrieval/rougeL": 0.4,
-                                "eval/optimized/rougeL": optimized, "eval/tuned/rougeL": 0.9})
+            mlflow.log_metrics({"eval/base/rougeL": 0.2, "eval/fewshot/rougeL": 0.3,
+                                "eval/retrieval/rougeL": 0.4, "eval/optimized/rougeL": optimized,
+                                "eval/tuned/rougeL": 0.9})
         return run.info.run_id
 
     first = prompts.register_optimized("bot", record, run_with(0.5), "builtin:tiny-llama", model_version=1)
@@ -339,12 +365,14 @@ def test_the_optimized_prompt_is_registered_as_a_candidate_and_promoted_only_thr
     assert loaded.template == [{"role": "system", "content": "Answer with the sum."}, *shot[1:],
                                {"role": "user", "content": "{{question}}"}]
     assert loaded.tags[tags.PROMPT_MODEL_VERSION] == "bot/1" and loaded.tags[tags.PROMPT_SHOTS] == "1"
-    first = prompts.promote_prompt("bot", 1, gates, "champion")  # beats base, fewshot, retrieval; no champion yet
+    # beats base, fewshot, retrieval; no champion yet
+    first = prompts.promote_prompt("bot", 1, gates, "champion")
     report = first.report()
-    assert first.promoted and "no @champion yet" in report and "ppl_ratio" not in report  # forgetting: weights'
+    # forgetting: weights'
+    assert first.promoted and "no @champion yet" in report and "ppl_ratio" not in report
     assert mlflow.genai.load_prompt("prompts:/bot-prompt@champion").version == 1
-    # a worse prompt is a candidate, never the champion; `mlflow-finetune promote NAME-prompt` is the same check,
-    # with the gates of the recipe its run recorded (none here: the default, rougeL)
+    # a worse prompt is a candidate, never the champion; `mlflow-finetune promote NAME-prompt` is the same
+    # check, with the gates of the recipe its run recorded (none here: the default, rougeL)
     prompts.register_optimized("bot", record, run_with(0.45), "builtin:tiny-llama")
     from click.testing import CliRunner
 
@@ -361,10 +389,10 @@ def test_the_optimized_prompt_is_registered_as_a_candidate_and_promoted_only_thr
 
 
 def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prompt(tracking_uri):
-    """The front's route for `serve --prompt`: the request reaches the base model's server with the prompt applied,
-    under the prompt's own name and its alias, and the answers (whole or streamed) and their traces carry the prompt's
-    name, not the base's (no model server started: a loopback stand-in answers as `transformers serve` does, in the
-    name it was asked by)."""
+    """The front's route for `serve --prompt`: the request reaches the base model's server with the prompt
+    applied, under the prompt's own name and its alias, and the answers (whole or streamed) and their traces
+    carry the prompt's name, not the base's (no model server started: a loopback stand-in answers as
+    `transformers serve` does, in the name it was asked by)."""
     import mlflow
     from starlette.testclient import TestClient
 
@@ -374,14 +402,16 @@ def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prom
     from mlflow_finetune_plugin.serving.server import _prompt_base
     from mlflow_finetune_plugin.serving.tracing import TRACE_HEADER, Tracer
 
-    shot = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "1 plus 1 is 2."}]
+    shot = [{"role": "user", "content": "What is 1 plus 1?"},
+            {"role": "assistant", "content": "1 plus 1 is 2."}]
     with mlflow.start_run() as run:
         pass
-    prompts.register_optimized("bot", {"instruction": "Answer with the sum.", "shots": [shot]}, run.info.run_id,
-                               "builtin:tiny-llama", model_version=1)
+    prompts.register_optimized("bot", {"instruction": "Answer with the sum.", "shots": [shot]},
+                               run.info.run_id, "builtin:tiny-llama", model_version=1)
     mlflow.genai.set_prompt_alias("bot-prompt", "champion", 1)
-    # A prompt of -e optimize-prompt is beside no model version: the base side of the newest version of its name
-    # trained on its base model with its run's chat template answers it; with none, the refusal says what to do.
+    # A prompt of -e optimize-prompt is beside no model version: the base side of the newest version of its
+    # name trained on its base model with its run's chat template answers it; with none, the refusal says what
+    # to do.
     with mlflow.start_run(tags={tags.CHAT_TEMPLATE_HASH: "c"}) as prompt_run:
         pass
     prompts.register_optimized("orphan", {"instruction": "x"}, prompt_run.info.run_id, "builtin:tiny-llama")
@@ -389,14 +419,17 @@ def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prom
         _prompt_base("prompts:/orphan-prompt@candidate", [], "transformers")
     client = mlflow.MlflowClient()
     client.create_registered_model("orphan")
-    for base_model, template in (("builtin:tiny-llama", "c"), ("builtin:tiny-llama", "other"), ("builtin:x", "c")):
+    for base_model, template in (("builtin:tiny-llama", "c"), ("builtin:tiny-llama", "other"),
+                                 ("builtin:x", "c")):
         client.create_model_version("orphan", "runs:/r/model", tags={tags.BASE_MODEL: base_model,
                                                                       tags.CHAT_TEMPLATE_HASH: template})
     assert _prompt_base("prompts:/orphan-prompt@candidate", [], "transformers")[1] == "orphan/1:base"
     with pytest.raises(FinetuneError, match="one model per server"):
         _prompt_base("prompts:/bot-prompt@champion", ["bot/1"], "transformers")
     served, base = _prompt_base("prompts:/bot-prompt@champion", [], "transformers")
-    assert base == "bot/1:base" and served.name == "bot-prompt-v1" and served.alias_key == "bot-prompt@champion"
+    assert (
+        base == "bot/1:base" and served.name == "bot-prompt-v1" and served.alias_key == "bot-prompt@champion"
+    )
 
     received = []
 
@@ -437,13 +470,15 @@ def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prom
             for name, says in (("bot-prompt@champion", "bot-prompt-v1"), ("bot-v1-base", "bot-v1-base")):
                 got = client.post("/v1/chat/completions", json={"model": name, "messages": asked})
                 assert got.status_code == 200 and got.json()["choices"][0]["message"]["content"] == "10"
-                assert got.json()["model"] == says  # issue 69: the prompt's answers say so, not the base's name
+                # issue 69: the prompt's answers say so, not the base's name
+                assert got.json()["model"] == says
                 traced[name] = got.headers[TRACE_HEADER]
             got = client.post("/v1/chat/completions", json={"model": "bot-prompt-v1", "messages": asked,
                                                             "stream": True})
             chunks = [json.loads(line[5:]) for line in got.text.splitlines()
                       if line.startswith("data:") and "[DONE]" not in line]
-            assert [c["model"] for c in chunks] == ["bot-prompt-v1"] * 2 and got.text.endswith("data: [DONE]\n\n")
+            assert [c["model"]
+                    for c in chunks] == ["bot-prompt-v1"] * 2 and got.text.endswith("data: [DONE]\n\n")
             assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "10"
     finally:
         server.shutdown()
@@ -459,13 +494,16 @@ def test_serve_prompt_answers_with_the_base_model_asked_with_the_registered_prom
         tags.SERVED_PROMPT: "prompts:/bot-prompt/1"}
     (span,) = prompt_trace.data.spans
     assert span.outputs["model"] == "bot-prompt-v1" and span.inputs["model"] == "bot-prompt@champion"
-    assert tags.SERVED_PROMPT not in base_trace.info.tags and base_trace.data.spans[0].outputs["model"] == "bot-v1-base"
+    assert (
+        tags.SERVED_PROMPT not in base_trace.info.tags
+        and base_trace.data.spans[0].outputs["model"] == "bot-v1-base"
+    )
 
 
 def test_a_retrieved_shot_winner_keeps_its_pool_and_is_served_retrieving_from_it(tracking_uri):
     """A winner whose shots were the nearest train conversations per question: its run logs that pool, the
-    registered prompt names it, and serving asks each request with the k nearest of it (as the evaluation scored it);
-    rows read from traces are not copied, and the prompt says it keeps its instruction only."""
+    registered prompt names it, and serving asks each request with the k nearest of it (as the evaluation
+    scored it); rows read from traces are not copied, and the prompt says it keeps its instruction only."""
     import mlflow
     from datasets import Dataset
 
@@ -473,17 +511,18 @@ def test_a_retrieved_shot_winner_keeps_its_pool_and_is_served_retrieving_from_it
     from mlflow_finetune_plugin.registry import prompts
     from mlflow_finetune_plugin.serving.prompted import asked
 
-    topics = ["reset my password", "download an invoice", "export notes", "delete my account", "change the email",
-              "share a notebook", "restore a backup", "cancel the subscription", "add a teammate", "print a page",
-              "enable dark mode", "sync offline"]
-    pool = [[{"role": "user", "content": f"How do I {t}?"}, {"role": "assistant", "content": f"To {t}, open Settings."}]
-            for t in topics]
+    topics = ["reset my password", "download an invoice", "export notes", "delete my account",
+              "change the email", "share a notebook", "restore a backup", "cancel the subscription",
+              "add a teammate", "print a page", "enable dark mode", "sync offline"]
+    pool = [[{"role": "user", "content": f"How do I {t}?"},
+             {"role": "assistant", "content": f"To {t}, open Settings."}] for t in topics]
     search = prompt_search.Search(prompt_search.Candidate("instruction 1 + 2 retrieved shots", "Be brief.",
                                                           retrieved=True), "best", pool=pool, k=2)
     with mlflow.start_run() as run:
         record = {**optimized_record(search), **keep_shot_pool(run.info.run_id, search.pool)}
     assert record["retrieval_k"] == 2 and record["shot_pool_rows"] == 12
-    version = prompts.register_optimized("bot", record, run.info.run_id, "builtin:tiny-llama", model_version=1)
+    version = prompts.register_optimized("bot", record, run.info.run_id, "builtin:tiny-llama",
+                                         model_version=1)
     assert version.tags[tags.PROMPT_SHOTS] == "retrieved: the 2 nearest of 12 train conversations"
     served = prompts.served_prompt("prompts:/bot-prompt/1")
     assert served.pool == pool and served.k == 2
@@ -502,11 +541,13 @@ def test_a_retrieved_shot_winner_keeps_its_pool_and_is_served_retrieving_from_it
     assert not mlflow.MlflowClient().list_artifacts(traced.info.run_id, "eval")
     version = prompts.register_optimized("bot", {**optimized_record(search), **kept}, traced.info.run_id,
                                          "builtin:tiny-llama")
-    assert version.tags[tags.PROMPT_SHOTS].startswith("retrieved (not kept: instruction only; train rows read from")
+    assert version.tags[tags.PROMPT_SHOTS].startswith(
+        "retrieved (not kept: instruction only; train rows read from")
     assert prompts.served_prompt(f"prompts:/bot-prompt/{version.version}").pool == []
 
 
-# --- -e optimize-prompt: the prompt search as a run of its own -----------------------------------------------------
+# --- -e optimize-prompt: the prompt search as a run of its own
+# -----------------------------------------------------
 
 
 def test_optimize_prompt_trains_nothing_and_registers_the_prompt(tmp_path, tracking_uri, capsys):
@@ -517,20 +558,22 @@ def test_optimize_prompt_trains_nothing_and_registers_the_prompt(tmp_path, track
     from mlflow_finetune_plugin.train import job
     from tests.helpers import write_project
 
-    proj = write_project(tmp_path / "adder", "data: {max_length: 64, eval: data/eval.jsonl}\n", rows=chat_rows(20),
-                         eval_rows=chat_rows(10, offset=100))
-    overrides = {"eval.max_examples": 10, "eval.max_new_tokens": 4, "eval.traces": False, "eval.forgetting": False,
-                 "eval.optimize.dev_rows": 4, "registry.auto_promote": True}
+    proj = write_project(tmp_path / "adder", "data: {max_length: 64, eval: data/eval.jsonl}\n",
+                         rows=chat_rows(20), eval_rows=chat_rows(10, offset=100))
+    overrides = {"eval.max_examples": 10, "eval.max_new_tokens": 4, "eval.traces": False,
+                 "eval.forgetting": False, "eval.optimize.dev_rows": 4, "registry.auto_promote": True}
     mlflow.set_experiment("prompt-only")
     assert job.run(load_recipe(proj, method="optimize-prompt", overrides=overrides)) == 0
     run = mlflow.search_runs(output_format="list")[0]
     metrics = run.data.metrics
     assert run.info.status == "FINISHED" and "eval/optimized/rougeL" in metrics
-    assert not any(k.startswith(("eval/tuned/", "train/")) for k in metrics)  # nothing trained, no tuned model
+    # nothing trained, no tuned model
+    assert not any(k.startswith(("eval/tuned/", "train/")) for k in metrics)
     assert mlflow.MlflowClient().search_registered_models() == []  # no model version: a prompt
     assert run.data.tags[tags.REGISTERED_PROMPT] == "prompts:/adder-prompt/1"
     assert mlflow.genai.load_prompt("prompts:/adder-prompt@candidate").version == 1
     out = capsys.readouterr().out
-    assert "Contenders: scored base, fewshot, retrieval, optimized" in out and "Promotion of adder-prompt v1" in out
+    assert ("Contenders: scored base, fewshot, retrieval, "
+            "optimized") in out and "Promotion of adder-prompt v1" in out
     with pytest.raises(RecipeError, match="optimize-prompt is the prompt search"):
         load_recipe(proj, method="optimize-prompt", overrides={"eval.contenders": ["base"]})

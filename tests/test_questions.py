@@ -1,7 +1,7 @@
-"""Questions from the user's documents (`questions:`): a teacher writes question rows from each chunk, and only the
-rows whose quote is in their chunk survive. The teacher here is a loopback OpenAI-compatible server whose canned
-reply is chosen by the chunk's source in the prompt: good rows, a made-up quote, a near-duplicate, a reply that is
-not JSON, a fenced reply, one cut at max_tokens, and a 500."""
+"""Questions from the user's documents (`questions:`): a teacher writes question rows from each chunk, and
+only the rows whose quote is in their chunk survive. The teacher here is a loopback OpenAI-compatible server
+whose canned reply is chosen by the chunk's source in the prompt: good rows, a made-up quote, a
+near-duplicate, a reply that is not JSON, a fenced reply, one cut at max_tokens, and a 500."""
 
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ from tests.helpers import free_port, send_json
 
 
 def _chunk(name: str, text: str, n: int = 0) -> dict:
-    return {"id": f"docs/{name}.md#{n}", "source": f"docs/{name}.md", "text": text, "line": 1, "heading": None}
+    return {"id": f"docs/{name}.md#{n}", "source": f"docs/{name}.md", "text": text, "line": 1,
+            "heading": None}
 
 
-GOOD = _chunk("good", "The store opens at nine in the morning.\nReturns are accepted   within\n30 days of purchase.")
+GOOD = _chunk("good",
+              "The store opens at nine in the morning.\nReturns are accepted   within\n30 days of purchase.")
 MADE_UP = _chunk("madeup", "Shipping to Canada takes five to seven business days.")
 FENCED = _chunk("fenced", "Gift cards never expire and can be used online.")
 SINGLE = _chunk("single", "Support is reachable by phone on weekdays.")
@@ -53,7 +55,8 @@ REPLIES = {  # source -> (content, finish_reason)
             "the store OPENS at nine in the morning.", "At what time does the shop open?"),
         # the quote's line break and spaces differ from the chunk's, and its case: it still is in the chunk
         _qa("How long do I have to return an item?", "Returns are accepted within 30 days of purchase.",
-            "Returns are accepted within 30   days\tof purchase", "How long do I have to return an item?")]), "stop"),
+            "Returns are accepted within 30   days\tof purchase", "How long do I have to return an item?")]),
+             "stop"),
     "madeup": ("Here are the questions:\n" + json.dumps([
         _qa("How long does shipping to Canada take?", "It takes five to seven business days.",
             "five to seven business days"),
@@ -61,12 +64,16 @@ REPLIES = {  # source -> (content, finish_reason)
         {"question": "Who ships to Canada?", "answer": "We do."}]) + "\nHope this helps!", "stop"),
     "fenced": ("```json\n" + json.dumps([
         _qa("When does the store open?", "At nine.", "Gift cards never expire"),
-        _qa("Do gift cards expire?", "No, gift cards never expire.", "Gift cards never expire")]) + "\n```", "stop"),
-    "single": (json.dumps(_qa("When is support reachable by phone?", "Support is reachable by phone on weekdays.",
-                              "reachable by phone on weekdays", "On which days can I phone support?")), "stop"),
+        _qa("Do gift cards expire?", "No, gift cards never expire.", "Gift cards never expire")]) + "\n```",
+               "stop"),
+    "single": (json.dumps(_qa("When is support reachable by phone?",
+                              "Support is reachable by phone on weekdays.",
+                              "reachable by phone on weekdays", "On which days can I phone support?")),
+               "stop"),
     "notjson": ("I cannot write questions about this excerpt.", "stop"),
     "cut": ('[{"question": "Do prices include tax?", "answer": "Yes, prices incl', "length"),
-    "down": (json.dumps([_qa("Where is the warehouse?", "The warehouse is in Ohio.", "warehouse is in Ohio")]),
+    "down": (json.dumps([_qa("Where is the warehouse?", "The warehouse is in "
+                                                        "Ohio.", "warehouse is in Ohio")]),
              "stop"),  # answers 500 while `failing` holds it
 }
 
@@ -98,7 +105,8 @@ class Teacher:
                 send_json(self, {"id": "x", "object": "chat.completion", "model": body["model"],
                                  "choices": [{"index": 0, "finish_reason": finish,
                                               "message": {"role": "assistant", "content": content}}],
-                                 "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}})
+                                 "usage": {"prompt_tokens": 100, "completion_tokens": 20,
+                                           "total_tokens": 120}})
 
             def log_message(self, *args):
                 pass
@@ -136,15 +144,18 @@ def test_rows_are_verified_against_their_chunk_and_every_drop_is_counted(teacher
     assert (summary["prompt_tokens"], summary["completion_tokens"]) == (600, 120)  # 6 replies' usage
     assert "unused" not in teacher.asked() and teacher.asked().count("down") == 3  # asked, then retried twice
     assert rows[0] == {"messages": [{"role": "user", "content": "When does the store open?"},
-                                    {"role": "assistant", "content": "The store opens at nine in the morning."}],
+                                    {"role": "assistant",
+                                     "content": "The store opens at nine in the morning."}],
                        "source": "docs/good.md", "chunk": "docs/good.md#0",
                        "quote": "the store OPENS at nine in the morning.",
                        "rephrased": "At what time does the shop open?"}
     # whitespace and case differ from the chunk: kept; a rephrasing equal to the question is none
-    assert rows[1]["quote"] == "Returns are accepted within 30   days\tof purchase" and rows[1]["rephrased"] is None
+    assert rows[1]["quote"] == ("Returns are accepted within 30   days\tof "
+                                "purchase") and rows[1]["rephrased"] is None
     assert [r["messages"][0]["content"] for r in rows] == [
         "When does the store open?", "How long do I have to return an item?",
-        "How long does shipping to Canada take?", "Do gift cards expire?", "When is support reachable by phone?"]
+        "How long does shipping to Canada take?", "Do gift cards expire?",
+        "When is support reachable by phone?"]
     assert [r["chunk"] for r in rows] == ["docs/good.md#0"] * 2 + ["docs/madeup.md#0", "docs/fenced.md#0",
                                                                    "docs/single.md#0"]
     assert all(set(r) == {"messages", "source", "chunk", "quote", "rephrased"} for r in rows)
@@ -152,8 +163,10 @@ def test_rows_are_verified_against_their_chunk_and_every_drop_is_counted(teacher
     (before, plan), = said
     tokens = approximate_tokens(prompt_of(c, 3) for c in CHUNKS[:7])
     assert before == 0 and summary["estimate"]["prompt_tokens"] == tokens
-    assert f"questions from 7 of the 8 chunks (questions.max_chunks 7); 7 to ask, 0 cached: about {tokens:,} " \
-           "prompt tokens (approximated as 4 characters a token) and at most 3,584 reply tokens" in plan
+    assert (
+        f"questions from 7 of the 8 chunks (questions.max_chunks 7); 7 to ask, 0 cached: about {tokens:,} "
+        "prompt tokens (approximated as 4 characters a token) and at most 3,584 reply tokens" in plan
+    )
 
 
 def test_a_rerun_asks_only_the_chunks_not_answered_yet(teacher, tmp_path):
@@ -199,8 +212,8 @@ def test_a_registered_teacher_goes_through_teacher_of():
     assert isinstance(teacher_of(config), LocalTeacher)
 
 
-def test_written_questions_logs_rows_summary_and_the_dataset_input(teacher, tracking_uri, tmp_path, monkeypatch,
-                                                                   capsys):
+def test_written_questions_logs_rows_summary_and_the_dataset_input(teacher, tracking_uri, tmp_path,
+                                                                   monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_FINETUNE_CACHE", str(tmp_path / "cache"))
     recipe = SimpleNamespace(questions=_config(teacher))
     with mlflow.start_run() as run:
@@ -228,8 +241,9 @@ def test_no_surviving_row_fails_with_the_reasons_and_what_to_do(teacher, trackin
     monkeypatch.setenv("MLFLOW_FINETUNE_CACHE", str(tmp_path / "cache"))
     recipe = SimpleNamespace(questions=_config(teacher))
     with mlflow.start_run() as run:
-        with pytest.raises(FinetuneError, match=r"no row survived from 2 chunks \(1 unparsable reply, 1 cut at "
-                                                r"max_tokens\).*stronger teacher.*data\.train"):
+        with pytest.raises(FinetuneError,
+                           match=r"no row survived from 2 chunks \(1 unparsable reply, 1 cut at "
+                                 r"max_tokens\).*stronger teacher.*data\.train"):
             written_questions(recipe, [NOT_JSON, CUT], run.info.run_id, "d")
     assert mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/questions/summary.json")["rows_written"] == 0
     assert not mlflow.MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs

@@ -1,6 +1,6 @@
-"""README command 1's block is what the command printed: made by `bench/readme_run.py write` from the recorded runs
-(docs/readme_run.json), never pasted by hand. tests/test_integration.py checks that the record's parser finds the
-table and verdict in a real `mlflow run`'s output."""
+"""README command 1's block is what the command printed: made by `bench/readme_run.py write` from the recorded
+runs (docs/readme_run.json), never pasted by hand. tests/test_integration.py checks that the record's parser
+finds the table and verdict in a real `mlflow run`'s output."""
 
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ def test_defaults_and_resolution(tmp_path):
 
 
 def test_all_errors_reported_at_once_with_lines_and_suggestions(tmp_path):
-    proj = _project(tmp_path, "train:\n  lerning_rate: 1e-4\n  batch_size: -3\nlora:\n  r: abc\ncolour: blue\n")
+    proj = _project(tmp_path,
+                    "train:\n  lerning_rate: 1e-4\n  batch_size: -3\nlora:\n  r: abc\ncolour: blue\n")
     with pytest.raises(RecipeError) as info:
         load_recipe(proj)
     problems = info.value.problems
@@ -43,8 +44,8 @@ def test_all_errors_reported_at_once_with_lines_and_suggestions(tmp_path):
 def test_overrides_typed_short_forms_and_errors_point_at_the_flag(tmp_path):
     proj = _project(tmp_path, "train:\n  max_steps: 5\n")
     recipe = load_recipe(proj, method="lora", overrides={
-        "max_steps": "20", "lora.r": "8", "train.learning_rate": "1e-3", "lora.target_modules": "[q_proj,v_proj]",
-        "registered_model": "my-bot", "data.packing": "true"})
+        "max_steps": "20", "lora.r": "8", "train.learning_rate": "1e-3",
+        "lora.target_modules": "[q_proj,v_proj]", "registered_model": "my-bot", "data.packing": "true"})
     assert recipe.train.max_steps == 20
     assert recipe.adapter.r == 8
     assert recipe.train.learning_rate == pytest.approx(1e-3)
@@ -89,7 +90,11 @@ def test_resolved_recipe_round_trips_and_logs_only_the_active_method(tmp_path):
     recipe = load_recipe(proj)
     params = flat_params(recipe)
     assert params["adapter.r"] == "4" and params["method"] == "lora" and params["train.batch_size"] == "8"
-    assert params["adapter.type"] == "lora" and params["objective"] == "sft" and params["model.quantization"] == "none"
+    assert (
+        params["adapter.type"] == "lora"
+        and params["objective"] == "sft"
+        and params["model.quantization"] == "none"
+    )
     assert not any(k.startswith("project_dir") for k in params)
     dumped = yaml.safe_load(to_yaml(recipe))
     assert dumped["adapter"]["r"] == 4 and "lora" not in dumped and "dpo" not in dumped

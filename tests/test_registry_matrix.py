@@ -1,11 +1,13 @@
-"""Every text-generation architecture transformers registers trains here (issue 58): the whole registry as the family
-matrix, in process (tests/registry_matrix.py says what each goes through; docs/models.md has the table).
+"""Every text-generation architecture transformers registers trains here (issue 58): the whole registry as the
+family matrix, in process (tests/registry_matrix.py says what each goes through; docs/models.md has the
+table).
 
-The claim: every architecture transformers itself can train on this machine (a tiny model built, a forward with
-labels and a backward: tests/registry_models.py) also trains through the project's path. One that transformers
-cannot build small or step passes only where the error is raised inside transformers or torch (its own limit, which
-the table reports); the image-text ones are the vision issue's and are not collected here. KNOWN lists the ones that do not yet,
-with the reason; they are strict xfails, so one that starts passing fails the run until it is taken off the list.
+The claim: every architecture transformers itself can train on this machine (a tiny model built, a forward
+with labels and a backward: tests/registry_models.py) also trains through the project's path. One that
+transformers cannot build small or step passes only where the error is raised inside transformers or torch
+(its own limit, which the table reports); the image-text ones are the vision issue's and are not collected
+here. KNOWN lists the ones that do not yet, with the reason; they are strict xfails, so one that starts
+passing fails the run until it is taken off the list.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import pytest
 
 from tests.registry_models import architectures, is_multimodal
 
-# Architectures transformers trains but the project's path does not yet, and why (docs/models.md says the same).
+# Architectures transformers trains but the project's path does not yet, and why (docs/models.md says the
+# same).
 KNOWN: dict[str, str] = {
-    "gemma4_unified_assistant": "its config nests another model's config, which the generic shrink does not reach: "
-                                "the tiny model would hold 2.9 billion parameters",
+    "gemma4_unified_assistant": "its config nests another model's config, which the generic shrink does not "
+                                "reach: the tiny model would hold 2.9 billion parameters",
 }
 
 
@@ -34,8 +37,9 @@ def tokenizer():
 
 
 def _params():
-    return [pytest.param(t, c, id=t, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[t])] if t in KNOWN else [])
-            for t, c in architectures() if not is_multimodal(t)]
+    return [pytest.param(t, c, id=t, marks=[pytest.mark.xfail(strict=True,
+                                                              reason=KNOWN[t])] if t in KNOWN else []) for t,
+            c in architectures() if not is_multimodal(t)]
 
 
 @pytest.mark.parametrize(("model_type", "class_name"), _params())
@@ -45,9 +49,10 @@ def test_the_architecture_trains_through_the_projects_path(model_type, class_nam
 
     built = build(model_type, class_name, tokenizer)
     if built.model is None:  # transformers' own limit: the table reports it
-        # raised inside transformers (its config validation runs in huggingface_hub) or torch, not in our shrink
-        assert any(f"/{package}/" in built.raised_in for package in ("transformers", "huggingface_hub", "torch")), (
-            built.error, built.raised_in)
+        # raised inside transformers (its config validation runs in huggingface_hub) or torch, not in our
+        # shrink
+        assert any(f"/{package}/" in built.raised_in for package in ("transformers", "huggingface_hub",
+                                                                     "torch")), (built.error, built.raised_in)
         return
     row = check(built, tmp_path)
     if row.status == "transformers":  # the same step fails in transformers alone: the table reports it

@@ -1,10 +1,10 @@
-"""The rehearsal (train/rehearsal.py): before the first training step, two rows go through everything the run does
-after training. A failure in any of those stages ends the run FAILED in seconds, naming the stage and the way out,
-with no training step taken; a run that passes trains exactly as it would have without the rehearsal.
+"""The rehearsal (train/rehearsal.py): before the first training step, two rows go through everything the run
+does after training. A failure in any of those stages ends the run FAILED in seconds, naming the stage and the
+way out, with no training step taken; a run that passes trains exactly as it would have without the rehearsal.
 
 The failures are the ones issue 52 met after whole trainings (a linear-attention cache that cannot crop, in
-evaluation's scoring; a router loss that breaks the first step; ...), raised here at the same places, so that the
-test does not depend on a model that still has the bug."""
+evaluation's scoring; a router loss that breaks the first step; ...), raised here at the same places, so that
+the test does not depend on a model that still has the bug."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from mlflow_finetune_plugin.train import job
 from tests.helpers import chat_rows, write_project
 
 EXPERIMENT = "rehearsal"
-RECIPE = ("data:\n  eval: data/eval.jsonl\n  max_length: 64\ntrain:\n  max_steps: 4\n  batch_size: 2\n  learning_rate: 5.0e-3\n"
-          "  logging_steps: 1\n  save_steps: 100\n  system_metrics: false\n"
-          "eval:\n  max_examples: 4\n  max_new_tokens: 8\n  traces: false\n")
+RECIPE = (
+    "data:\n  eval: data/eval.jsonl\n  max_length: 64\ntrain:\n  max_steps: 4\n  batch_size: 2\n  "
+    "learning_rate: 5.0e-3\n  logging_steps: 1\n  save_steps: 100\n  system_metrics: false\n"
+    "eval:\n  max_examples: 4\n  max_new_tokens: 8\n  traces: false\n")
 CROP = "DynamicLinearAttentionLayer does not track past states, so it cannot crop"
 
 
@@ -56,9 +57,10 @@ def _runs(view=ViewType.ACTIVE_ONLY):
 
 
 @pytest.mark.parametrize("where", ["training step", "evaluation", "forgetting check", "saving the model"])
-def test_a_stage_after_training_that_fails_ends_the_run_before_training(tmp_path, tracking_uri, monkeypatch, capsys,
-                                                                       where):
-    recipe = load_recipe(write_project(tmp_path / "p", RECIPE, rows=chat_rows(16), eval_rows=chat_rows(4, 100)))
+def test_a_stage_after_training_that_fails_ends_the_run_before_training(tmp_path, tracking_uri, monkeypatch,
+                                                                        capsys, where):
+    recipe = load_recipe(write_project(tmp_path / "p", RECIPE, rows=chat_rows(16),
+                                       eval_rows=chat_rows(4, 100)))
     _stage_fails(monkeypatch, where)
     mlflow.set_experiment(EXPERIMENT)
 
@@ -67,7 +69,8 @@ def test_a_stage_after_training_that_fails_ends_the_run_before_training(tmp_path
     (run,) = _runs()
     assert run.info.status == "FAILED"
     error = run.data.tags[tags.ERROR]
-    assert f"failed at {where}" in error and "Nothing was trained" in error and "train.rehearsal=false" in error, error
+    assert f"failed at {where}" in error and ("Nothing was "
+                                              "trained") in error and "train.rehearsal=false" in error, error
     assert not MlflowClient().get_metric_history(run.info.run_id, "train/loss")  # no training step was taken
     assert tags.REGISTERED_VERSION not in run.data.tags
     # The rehearsal left no run of its own, not even a deleted one: the run says where it failed.
@@ -80,10 +83,12 @@ def test_a_stage_after_training_that_fails_ends_the_run_before_training(tmp_path
 
 
 def test_the_rehearsal_leaves_training_as_it_would_have_been(tmp_path, tracking_uri, capsys):
-    """Same losses step by step with and without it: it takes no optimizer step and restores the random state."""
+    """Same losses step by step with and without it: it takes no optimizer step and restores the random
+    state."""
     proj = write_project(tmp_path / "p", RECIPE, rows=chat_rows(16), eval_rows=chat_rows(4, 100))
     # The experiment set is not the store's first one (ids 2, 3, 4...): the rehearsal's own store numbers its
-    # experiment 1, and start_run refuses a run of another experiment id than set_experiment's (a full test session).
+    # experiment 1, and start_run refuses a run of another experiment id than set_experiment's (a full test
+    # session).
     earlier = [mlflow.create_experiment(f"earlier-{i}") for i in range(2)]
     mlflow.set_experiment(EXPERIMENT)
     losses = {}
@@ -104,7 +109,8 @@ def test_the_rehearsal_leaves_training_as_it_would_have_been(tmp_path, tracking_
     plain, rehearsed = _runs(ViewType.ALL)  # newest first
     assert sorted(e.name for e in client.search_experiments(ViewType.ALL)) == sorted(
         [EXPERIMENT, "Default", *(client.get_experiment(e).name for e in earlier)])
-    for query in ({"filter_string": "attributes.status = 'FINISHED'", "order_by": ["attributes.start_time DESC"]},
+    for query in ({"filter_string": "attributes.status = 'FINISHED'",
+                   "order_by": ["attributes.start_time DESC"]},
                   {"order_by": ["metrics.`eval/tuned/rougeL` DESC"]}):
         found = client.search_runs([plain.info.experiment_id], run_view_type=ViewType.ALL, **query)
         assert {r.info.run_id for r in found} == {plain.info.run_id, rehearsed.info.run_id}
@@ -116,11 +122,12 @@ def test_the_rehearsal_leaves_training_as_it_would_have_been(tmp_path, tracking_
     assert tags.REHEARSAL not in plain.data.tags and tags.VERDICT in rehearsed.data.tags
 
 
-def test_a_full_fine_tune_of_experts_saved_in_the_checkpoint_layout_passes_the_save_check(tmp_path, tracking_uri,
-                                                                                         capsys):
-    """Issue 58: transformers 5 saves a Qwen3-MoE's fused experts one tensor per expert and fuses them on load. The
-    rehearsal's save check compared the saved names with the model's and refused every full fine-tune of it; it
-    asks transformers what reloads now."""
+def test_a_full_fine_tune_of_experts_saved_in_the_checkpoint_layout_passes_the_save_check(tmp_path,
+                                                                                          tracking_uri,
+                                                                                          capsys):
+    """Issue 58: transformers 5 saves a Qwen3-MoE's fused experts one tensor per expert and fuses them on
+    load. The rehearsal's save check compared the saved names with the model's and refused every full
+    fine-tune of it; it asks transformers what reloads now."""
     from transformers import AutoModelForCausalLM
 
     from mlflow_finetune_plugin.paths import tensor_names
@@ -169,12 +176,13 @@ def _shift_a_lora_b(tensors):
     tensors[name] = tensors[name] + 1.0
 
 
-@pytest.mark.parametrize("method, change, fault", [("full", _drop_a_query, "1 missing (e.g. ['model.layers.0."),
-                                                   ("lora", _shift_a_lora_b, "1 with other values than the model's")])
+@pytest.mark.parametrize("method, change, fault",
+                         [("full", _drop_a_query, "1 missing (e.g. ['model.layers.0."),
+                          ("lora", _shift_a_lora_b, "1 with other values than the model's")])
 def test_a_model_that_does_not_reload_as_it_was_saved_fails_the_rehearsal(tmp_path, tracking_uri, monkeypatch,
                                                                          method, change, fault):
-    recipe = load_recipe(write_project(tmp_path / "p", RECIPE, rows=chat_rows(16), eval_rows=chat_rows(4, 100)),
-                         method=method)
+    recipe = load_recipe(write_project(tmp_path / "p", RECIPE, rows=chat_rows(16),
+                                       eval_rows=chat_rows(4, 100)), method=method)
     _save_goes_wrong(monkeypatch, change)
     mlflow.set_experiment(EXPERIMENT)
 
@@ -183,8 +191,10 @@ def test_a_model_that_does_not_reload_as_it_was_saved_fails_the_rehearsal(tmp_pa
     (run,) = _runs()
     error = run.data.tags[tags.ERROR]
     assert "failed at reloading the saved model" in error and fault in error and "q_proj" in error, error
-    # The check exists only in the rehearsal: skipping it would not fail the run after training, and it says so.
+    # The check exists only in the rehearsal: skipping it would not fail the run after training, and it says
+    # so.
     assert "train.rehearsal=false" in error and "end the run after training" not in error
     assert not MlflowClient().get_metric_history(run.info.run_id, "train/loss")
     text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
-    assert text.startswith(error) and "Traceback (most recent call last)" in text and fault in text.split(error)[1]
+    assert text.startswith(error) and "Traceback (most recent call last)" in text and fault in text.split(
+        error)[1]

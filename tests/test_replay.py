@@ -1,7 +1,8 @@
 """Replay (`data.replay`): general text mixed into SFT against forgetting, on the tiny model.
 
-The replayed rows carry the loss on every token and no chat template; the task's rows keep exactly the labels they
-have without replay; the share is of all rows; the corpus is checked before a run exists and logged as an input."""
+The replayed rows carry the loss on every token and no chat template; the task's rows keep exactly the labels
+they have without replay; the share is of all rows; the corpus is checked before a run exists and logged as an
+input."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def _project(root: Path, extra: str = "") -> Path:
     jsonl(root / "data" / "train.jsonl", chat_rows(8))
     jsonl(root / "data" / "eval.jsonl", chat_rows(2, 50))
     (root / "prose.txt").write_text("\n\n".join(PROSE) + "\n")
-    (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64, "
-                                        "packing: false}\nregistry: {name: bot}\n" + extra)
+    (root
+     / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64, "
+                                   "packing: false}\nregistry: {name: bot}\n" + extra)
     return root
 
 
@@ -52,12 +54,14 @@ def test_replayed_text_is_trained_on_every_token_and_the_task_rows_keep_their_la
     tokenizer = load_tokenizer(None)
     root = _project(tmp_path)
     plain = _rows(_trainer(load_recipe(root), tokenizer))
-    mixed = _rows(_trainer(load_recipe(root, overrides={"data.replay": "prose.txt", "data.replay_share": "0.2"}),
-                           tokenizer))
-    assert "Replay (data.replay): 2 rows of general text from prose.txt mixed into 8 training rows (20% of rows" \
+    mixed = _rows(_trainer(load_recipe(root, overrides={"data.replay": "prose.txt",
+                                                        "data.replay_share": "0.2"}), tokenizer))
+    assert (
+        "Replay (data.replay): 2 rows of general text from prose.txt mixed into 8 training rows (20% of rows"
         in capsys.readouterr().out
-    # 8 task rows + round(8 x 0.2 / 0.8) = 2 replay rows; the task rows are exactly the rows (and labels) of the
-    # run without replay, assistant-only: their prompts carry no loss.
+    )
+    # 8 task rows + round(8 x 0.2 / 0.8) = 2 replay rows; the task rows are exactly the rows (and labels) of
+    # the run without replay, assistant-only: their prompts carry no loss.
     assert len(mixed) == 10
     task_rows = [row for row in mixed if row in plain]
     assert sorted(task_rows) == sorted(plain) and all(-100 in labels for _, labels in task_rows)
@@ -67,7 +71,8 @@ def test_replayed_text_is_trained_on_every_token_and_the_task_rows_keep_their_la
     for ids, labels in replayed:  # every token of the text and its end token, no chat template around it
         assert labels == ids and "<|im_start|>" not in tokenizer.decode(ids)
     # seeded: the same recipe mixes the same rows in the same order
-    again = _trainer(load_recipe(root, overrides={"data.replay": "prose.txt", "data.replay_share": "0.2"}), tokenizer)
+    again = _trainer(load_recipe(root, overrides={"data.replay": "prose.txt", "data.replay_share": "0.2"}),
+                     tokenizer)
     assert _rows(again) == mixed
 
 
@@ -90,7 +95,8 @@ def test_the_bundled_corpus_is_general_prose_apart_from_the_forgetting_set():
     texts = read_texts(replay.BUNDLED, "data.replay")
     measured = set(read_texts(forgetting.BUNDLED, "eval.forgetting"))
     assert len(texts) >= 60 and len(set(texts)) == len(texts) and not measured & set(texts)
-    # no paragraph shares a sentence with the forgetting set: the check stays a measurement of text never trained on
+    # no paragraph shares a sentence with the forgetting set: the check stays a measurement of text never
+    # trained on
     sentences = {s.strip() for t in measured for s in t.split(".") if len(s.strip()) > 20}
     assert not [t for t in texts if any(s in t for s in sentences)]
     note = (replay.BUNDLED.parent / "README.md").read_text()
@@ -103,7 +109,8 @@ def test_replay_is_refused_before_a_run_where_it_cannot_work(tmp_path):
         load_recipe(root, overrides={"method": "dpo", "data.replay": "true"})
     assert "data.replay: replayed general text trains the language-model loss of the sft objective; dpo" \
         in str(err.value) and "Set data.replay: false" in str(err.value)
-    with pytest.raises(RecipeError, match=r"data.replay: file not found: missing.txt .*true for the prose bundled"):
+    with pytest.raises(RecipeError,
+                       match=r"data.replay: file not found: missing.txt .*true for the prose bundled"):
         load_recipe(root, overrides={"data.replay": "missing.txt"})
     with pytest.raises(RecipeError, match=r"data.replay: .*\.txt / \.jsonl"):
         load_recipe(root, overrides={"data.replay": "notes.md"})
@@ -140,8 +147,9 @@ def test_a_run_with_replay_trains_and_logs_the_corpus_as_an_input(tmp_path, trac
 
 
 def test_kl_replay_keeps_the_training_rows_and_pulls_towards_the_base(tmp_path, tracking_uri):
-    """replay_loss kl: the training rows are those of a run without replay; each step scores one replay row; the KL
-    starts at 0 (LoRA starts as the identity: tuned == base) and is logged; a full fine-tune is refused."""
+    """replay_loss kl: the training rows are those of a run without replay; each step scores one replay row;
+    the KL starts at 0 (LoRA starts as the identity: tuned == base) and is logged; a full fine-tune is
+    refused."""
     from mlflow_finetune_plugin.models.base import load_tokenizer
     from mlflow_finetune_plugin.train.job import run
 
@@ -159,21 +167,25 @@ def test_kl_replay_keeps_the_training_rows_and_pulls_towards_the_base(tmp_path, 
     history = [m.value for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, "train/replay_kl")]
     assert len(history) == 3 and history[0] == pytest.approx(0.0, abs=1e-6) and history[-1] > 1e-4
 
-    with pytest.raises(RecipeError, match="data.replay_loss: kl compares the tuned model with the base model"):
+    with pytest.raises(RecipeError,
+                       match="data.replay_loss: kl compares the tuned model with the base model"):
         load_recipe(root, overrides={**kl, "method": "full"})
 
 
 def test_kl_replay_every_n_steps_scores_one_step_in_n_at_n_times_the_weight(tmp_path, tracking_uri, capsys):
-    """data.replay_every: 2 halves the extra passes: the KL is logged on steps 1 and 3 of 4, and the printed weight
-    doubles so that the average pull is that of every step. The task's own loss is logged on every step."""
+    """data.replay_every: 2 halves the extra passes: the KL is logged on steps 1 and 3 of 4, and the printed
+    weight doubles so that the average pull is that of every step. The task's own loss is logged on every
+    step."""
     from mlflow_finetune_plugin.train.job import run
 
     root = _project(tmp_path)
-    overrides = {**FAST_OVERRIDES, "data.replay": "prose.txt", "data.replay_loss": "kl", "data.replay_every": 2,
-                 "train.max_steps": 4, "train.learning_rate": 0.05}
+    overrides = {**FAST_OVERRIDES, "data.replay": "prose.txt", "data.replay_loss": "kl",
+                 "data.replay_every": 2, "train.max_steps": 4, "train.learning_rate": 0.05}
     assert run(load_recipe(root, overrides=overrides)) == 0
-    assert "Replay (data.replay, kl): one training step in 2 also pulls the model towards the base model on one of " \
-           "3 rows of general text from prose.txt (weight 2)" in capsys.readouterr().out
+    assert (
+        "Replay (data.replay, kl): one training step in 2 also pulls the model towards the base model on one "
+        "of 3 rows of general text from prose.txt (weight 2)" in capsys.readouterr().out
+    )
     r = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
     history = {key: {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(r.info.run_id, key)}
                for key in ("train/replay_kl", "train/task_loss", "train/loss")}
@@ -187,8 +199,8 @@ def test_kl_replay_every_n_steps_scores_one_step_in_n_at_n_times_the_weight(tmp_
 
 
 def test_a_recipes_replay_gives_way_where_the_entry_point_cannot_use_it(tmp_path, capsys):
-    """Written in the recipe: off with a note under a preference objective, lm instead of kl for a full fine-tune.
-    Asked for with -P together with such an entry point: refused."""
+    """Written in the recipe: off with a note under a preference objective, lm instead of kl for a full
+    fine-tune. Asked for with -P together with such an entry point: refused."""
     root = _project(tmp_path, "method: lora\n")
     text = (root / "finetune.yaml").read_text().replace("packing: false}", "packing: false, replay: true, "
                                                                            "replay_loss: kl}")

@@ -25,22 +25,23 @@ from tests.helpers import FAST_OVERRIDES, jsonl, subprocess_env
 
 
 def _pairs(n: int, offset: int = 0) -> list[dict]:
-    return [{"prompt": f"What is {i} plus {i}?", "chosen": f"{i} plus {i} is {2 * i}.", "rejected": "No idea."}
-            for i in range(offset, offset + n)]
+    return [{"prompt": f"What is {i} plus {i}?", "chosen": f"{i} plus {i} is {2 * i}.",
+             "rejected": "No idea."} for i in range(offset, offset + n)]
 
 
 def _reward_project(root: Path) -> Path:
     jsonl(root / "data" / "train.jsonl", _pairs(8))
     jsonl(root / "data" / "eval.jsonl", _pairs(4, 50))
-    (root / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
-                                        "registry: {name: bot}\n")
+    (root
+     / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
+                                   "registry: {name: bot}\n")
     return root
 
 
 def test_votes_to_reward_model_to_grpo(tmp_path, tracking_uri):
-    """`mlflow run DIR -e reward --backend finetune`: a FINISHED run, a version of `<name>-rm` that scores pairs,
-    evaluated against the base's log-prob margin and the longer answer; then GRPO with it as a reward, and the
-    refusals of a version that is not a reward model (GRPO) and of a reward model given to serving."""
+    """`mlflow run DIR -e reward --backend finetune`: a FINISHED run, a version of `<name>-rm` that scores
+    pairs, evaluated against the base's log-prob margin and the longer answer; then GRPO with it as a reward,
+    and the refusals of a version that is not a reward model (GRPO) and of a reward model given to serving."""
     project = _reward_project(tmp_path / "rm")
     cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "reward", "--backend", "finetune",
            "--experiment-name", "rlhf", *(a for k, v in {**FAST_OVERRIDES, "model": "tiny"}.items()
@@ -58,8 +59,9 @@ def test_votes_to_reward_model_to_grpo(tmp_path, tracking_uri):
     assert metrics["eval/length/pair_accuracy"] == 1.0  # every chosen answer is the longer one
     assert metrics["eval/n_pairs"] == FAST_OVERRIDES["eval.max_examples"]  # 4 held out, the first N scored
     assert "pair_accuracy" in training.data.tags[tags.VERDICT]
-    # The recorded default gate is the one a reward model can pass: pair accuracy over the base's margin and the
-    # longer answer (no rougeL, no forgetting), so `promote` checks it instead of refusing for missing metrics.
+    # The recorded default gate is the one a reward model can pass: pair accuracy over the base's margin and
+    # the longer answer (no rougeL, no forgetting), so `promote` checks it instead of refusing for missing
+    # metrics.
     checked = promote("bot-rm", "1")
     assert [(c.metric, c.against) for c in checked.checks] == [
         ("pair_accuracy", "base"), ("pair_accuracy", "length"), ("pair_accuracy", "champion")]
@@ -71,10 +73,11 @@ def test_votes_to_reward_model_to_grpo(tmp_path, tracking_uri):
                                           "answer": ["1 plus 1 is 2.", "No idea."]}))
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores) and scores[0] != scores[1]
 
-    # GRPO on the prompts of the same pairs (their chosen answers the references), the reward model as a reward.
+    # GRPO on the prompts of the same pairs (their chosen answers the references), the reward model as a
+    # reward.
     grpo = load_recipe(project, method="grpo", overrides={
-        **FAST_OVERRIDES, "registry.name": "policy", "grpo.num_generations": 2, "grpo.max_completion_length": 8,
-        "grpo.rewards": '["models:/bot-rm/1", "exact_answer"]'})
+        **FAST_OVERRIDES, "registry.name": "policy", "grpo.num_generations": 2,
+        "grpo.max_completion_length": 8, "grpo.rewards": '["models:/bot-rm/1", "exact_answer"]'})
     assert run(grpo) == 0
     policy = client.get_model_version_by_alias("policy", "challenger")
     logged = client.get_run(policy.run_id).data.metrics
@@ -94,7 +97,8 @@ def test_votes_to_reward_model_to_grpo(tmp_path, tracking_uri):
 
 
 def test_kl_to_base_is_zero_for_an_untouched_adapter_and_grows_with_the_update(tiny_model_dir):
-    """TRL's GRPO `kl` (k3, per answer token) of the tuned policy's answers against the adapter switched off."""
+    """TRL's GRPO `kl` (k3, per answer token) of the tuned policy's answers against the adapter switched
+    off."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,17 +131,20 @@ def test_reward_refuses_prefix_tuning_before_a_run(tmp_path):
 
 
 def test_reward_gates_default_to_pair_accuracy(tmp_path, capsys):
-    """A reward run gates on what it logs: written gates for the recipe's chat models (rougeL, forgetting) give way
-    with a note; gates naming pair_accuracy, or given with -P, stay; other objectives keep theirs."""
+    """A reward run gates on what it logs: written gates for the recipe's chat models (rougeL, forgetting)
+    give way with a note; gates naming pair_accuracy, or given with -P, stay; other objectives keep theirs."""
     project = _reward_project(tmp_path / "rm")
     (project / "finetune.yaml").write_text(
         "data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 64}\n"
-        "registry: {name: bot, promote_if: [{metric: rougeL}, {metric: forgetting/ppl_ratio, at_most: 1.5}]}\n")
+        "registry: {name: bot, promote_if: [{metric: rougeL}, {metric: forgetting/ppl_ratio, at_most: "
+        "1.5}]}\n")
     gates = load_recipe(project, method="reward").registry.promote_if
     assert [(g.metric, g.beats) for g in gates] == [("pair_accuracy", ["base", "length", "champion"])]
     assert "names no metric a reward model logs" in capsys.readouterr().err
-    assert [g.metric for g in load_recipe(project, method="dpo").registry.promote_if] == ["rougeL",
-                                                                                         "forgetting/ppl_ratio"]
+    assert [g.metric for g in load_recipe(project, method="dpo").registry.promote_if] == [
+        "rougeL",
+        "forgetting/ppl_ratio",
+    ]
     given = load_recipe(project, method="reward",
                         overrides={"registry.promote_if": '[{"metric": "pair_accuracy", "margin": 0.05}]'})
     assert [(g.metric, g.margin) for g in given.registry.promote_if] == [("pair_accuracy", 0.05)]
@@ -149,14 +156,16 @@ def test_kto_trains_on_thumbs_and_is_evaluated_like_dpo(tmp_path, tracking_uri):
         {"prompt": f"What is {i} plus {i}?", "completion": "No idea.", "label": False})]
     jsonl(tmp_path / "thumbs" / "data" / "train.jsonl", rows[:8])
     jsonl(tmp_path / "thumbs" / "data" / "eval.jsonl", rows[8:])
-    (tmp_path / "thumbs" / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, "
-                                                       "max_length: 64}\n")
+    (tmp_path / "thumbs"
+     / "finetune.yaml").write_text("data: {train: data/train.jsonl, eval: data/eval.jsonl, "
+                                   "max_length: 64}\n")
     recipe, _ = resolve_entry_point(str(tmp_path / "thumbs"), "kto", FAST_OVERRIDES)
     assert (recipe.objective, recipe.adapter.type) == ("kto", "lora")
     assert run(recipe) == 0
     version = mlflow.MlflowClient().get_model_version_by_alias("thumbs", "challenger")
     metrics = mlflow.get_run(version.run_id).data.metrics
-    assert {"eval/start/pref_accuracy", "eval/tuned/pref_accuracy", "eval/tuned/rougeL", "train/loss"} <= set(metrics)
+    assert {"eval/start/pref_accuracy", "eval/tuned/pref_accuracy", "eval/tuned/rougeL",
+            "train/loss"} <= set(metrics)
     with pytest.raises(FinetuneError, match="train.batch_size \\(1\\) must be 2 or more with objective: kto"):
         resolve_entry_point(str(tmp_path / "thumbs"), "kto", {"train.batch_size": 1})
 
@@ -202,5 +211,6 @@ def test_votes_export_kto_labels_every_verdict(tmp_path, tracking_uri):
 
     from mlflow_finetune_plugin.cli import main
 
-    cli = CliRunner().invoke(main, ["votes", "export", "bot", "--format", "kto", "-o", str(tmp_path / "cli.jsonl")])
+    cli = CliRunner().invoke(main, ["votes", "export", "bot", "--format", "kto", "-o",
+                                    str(tmp_path / "cli.jsonl")])
     assert cli.exit_code == 0 and "Wrote 8 thumbs-up/down rows" in cli.output, cli.output

@@ -1,7 +1,7 @@
-"""A version trained with retrieval carries its chunks and retriever with its logged model (docs/serving.md, "Serving a
-version that retrieves"): its pyfunc, `serve` and the playground ask it each conversation with the chunks retrieved
-for the last user turn, and a traced answer holds the search as a RETRIEVER span in MLflow's document shape, where
-MLflow's retrieval judges read it. A deployed model retrieves without the plugin."""
+"""A version trained with retrieval carries its chunks and retriever with its logged model (docs/serving.md,
+"Serving a version that retrieves"): its pyfunc, `serve` and the playground ask it each conversation with the
+chunks retrieved for the last user turn, and a traced answer holds the search as a RETRIEVER span in MLflow's
+document shape, where MLflow's retrieval judges read it. A deployed model retrieves without the plugin."""
 
 from __future__ import annotations
 
@@ -30,19 +30,21 @@ from tests.helpers import (
 
 EXPERIMENT = "retrieving-traffic"
 CHUNKS = [
-    {"id": "refunds.md#0", "source": "refunds.md", "text": "Refunds are paid within 14 days to the original card.",
-     "line": 1},
-    {"id": "shipping.md#0", "source": "shipping.md", "text": "Parcels ship from Rotterdam every weekday morning.",
-     "line": 1},
-    {"id": "passwords.md#0", "source": "passwords.md", "text": "Reset a password from the login page with the "
-     "emailed link.", "line": 3},
+    {"id": "refunds.md#0", "source": "refunds.md",
+     "text": "Refunds are paid within 14 days to the original card.", "line": 1},
+    {"id": "shipping.md#0", "source": "shipping.md",
+     "text": "Parcels ship from Rotterdam every weekday morning.", "line": 1},
+    {"id": "passwords.md#0", "source": "passwords.md",
+     "text": "Reset a password from the login page with the "
+             "emailed link.", "line": 3},
 ]
 QUESTION = [{"role": "user", "content": "When are refunds paid?"}]
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """bot v1, a tiny LoRA version that retrieves (BM25 over CHUNKS, k=1), in a sqlite store: (root, version)."""
+    """bot v1, a tiny LoRA version that retrieves (BM25 over CHUNKS, k=1), in a sqlite store: (root,
+    version)."""
     root = tmp_path_factory.mktemp("retrieving")
     with pytest.MonkeyPatch.context() as mp:
         use_store(mp, root)
@@ -91,7 +93,8 @@ def test_the_logged_model_carries_the_chunks_and_requires_the_retriever(store):
     from mlflow.models import Model
 
     root, version = store
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/bot/{version}", dst_path=str(root / "download")))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/bot/{version}",
+                                                     dst_path=str(root / "download")))
     config = Model.load(str(local / "MLmodel")).flavors["python_function"]["config"]
     assert config["retrieval"] == {"k": 1, "embedding": None}
     assert Retriever.load(local / "artifacts" / "retrieval").chunks == CHUNKS
@@ -123,7 +126,8 @@ def test_a_retrieving_version_answers_alike_in_a_fresh_environment_without_the_p
     expected = mlflow.pyfunc.load_model(uri).predict([{"messages": QUESTION}], params={"max_new_tokens": 4})
     plain_bin = make_plain_env(tmp_path / "venv", (*DEPLOY_STACK, "bm25s"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(PATH=f"{plain_bin}{os.pathsep}{env.get('PATH', '')}", PYTHONNOUSERSITE="1", OMP_NUM_THREADS="1")
+    env.update(PATH=f"{plain_bin}{os.pathsep}{env.get('PATH', '')}", PYTHONNOUSERSITE="1",
+               OMP_NUM_THREADS="1")
     proc = subprocess.run([str(plain_bin / "python"), "-c", PLAIN_LOAD, uri, json.dumps(QUESTION)], env=env,
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -146,7 +150,8 @@ def test_serve_retrieves_for_the_version_and_traces_the_chunks_but_not_for_its_b
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", server)
         assert any(f"{name} retrieves" in line for line in log), "".join(log)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
         raw = client.chat.completions.with_raw_response.create(model=name, messages=QUESTION, max_tokens=4,
                                                                temperature=0.0)
         assert raw.parse().choices[0].message.content is not None
@@ -159,7 +164,8 @@ def test_serve_retrieves_for_the_version_and_traces_the_chunks_but_not_for_its_b
     assert span.parent_id == chat.span_id and chat.span_type == SpanType.CHAT_MODEL
     assert chat.inputs["messages"] == QUESTION  # the trace keeps the user's own question
 
-    # What the front sends on for the version: the chunk in the last user turn; its base model is asked as it is.
+    # What the front sends on for the version: the chunk in the last user turn; its base model is asked as it
+    # is.
     body = json.dumps({"model": name, "messages": QUESTION}).encode()
     (sent,) = json.loads(rewrite_for(name)(body))["messages"]
     assert sent["content"].startswith(CONTEXT_HEADER) and CHUNKS[0]["text"] in sent["content"]

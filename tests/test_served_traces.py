@@ -1,7 +1,7 @@
-"""The loop closes (docs/traces.md): `mlflow-finetune serve --trace EXPERIMENT` records each chat completion it answers
-as an MLflow trace under the served version's logged model, takes feedback on it (`POST /v1/feedback`), and that
-traffic is read back by `mlflow.search_traces` and by the project's own `traces:` reader as the next fine-tune's rows;
-a tracking store that fails never fails an answer."""
+"""The loop closes (docs/traces.md): `mlflow-finetune serve --trace EXPERIMENT` records each chat completion
+it answers as an MLflow trace under the served version's logged model, takes feedback on it (`POST
+/v1/feedback`), and that traffic is read back by `mlflow.search_traces` and by the project's own `traces:`
+reader as the next fine-tune's rows; a tracking store that fails never fails an answer."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def user(text):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """bot v1 served by `serve --trace support-traffic` on a sqlite store: (base URL, version, the server's log)."""
+    """bot v1 served by `serve --trace support-traffic` on a sqlite store: (base URL, version, the server's
+    log)."""
     root = tmp_path_factory.mktemp("served-traces")
     with pytest.MonkeyPatch.context() as mp:
         use_store(mp, root)
@@ -71,7 +72,8 @@ def test_served_answers_are_traces_of_the_version_with_feedback_read_back_as_tra
     assert any(f"experiment '{EXPERIMENT}'" in line and "prompts and answers" in line for line in log)
 
     # One answer whole, one streamed: each carries its trace id.
-    raw = client.chat.completions.with_raw_response.create(model=name, messages=[user("Where is my order?")], **ASK)
+    raw = client.chat.completions.with_raw_response.create(model=name, messages=[user("Where is my order?")],
+                                                           **ASK)
     corrected, answer = raw.headers[TRACE_HEADER], raw.parse()
     with client.chat.completions.with_streaming_response.create(
             model=name, messages=[user("How do I reset my password?")], stream=True, **ASK) as stream:
@@ -86,7 +88,8 @@ def test_served_answers_are_traces_of_the_version_with_feedback_read_back_as_tra
     def feedback(body):
         return httpx.post(f"{url}/feedback", json=body, timeout=60, trust_env=False)
 
-    said = feedback({"trace_id": corrected, "thumbs": "down", "correction": "It ships tomorrow.", "user": "alice"})
+    said = feedback({"trace_id": corrected, "thumbs": "down", "correction": "It ships tomorrow.",
+                     "user": "alice"})
     assert said.status_code == 200, said.text
     assert [a["name"] for a in said.json()["assessments"]] == [FEEDBACK, EXPECTATION]
     by_id = feedback({"id": chunks[0].id, "thumbs": "up", "rating": 5})  # the answer's own id names it too
@@ -96,7 +99,8 @@ def test_served_answers_are_traces_of_the_version_with_feedback_read_back_as_tra
     assert refused.status_code == 400 and "thumbs 'maybe'" in refused.text and "rating 7" in refused.text
     assert feedback({"trace_id": "tr-0123456789abcdef", "thumbs": "up"}).status_code == 404
 
-    # Read back with MLflow: one trace per answer, a CHAT_MODEL span in OpenAI's shape, the version's logged model.
+    # Read back with MLflow: one trace per answer, a CHAT_MODEL span in OpenAI's shape, the version's logged
+    # model.
     registered = mlflow.MlflowClient().get_model_version("bot", version)
     model_id = logged_model_id(registered)
     assert mlflow.get_logged_model(model_id).source_run_id == registered.run_id
@@ -113,7 +117,8 @@ def test_served_answers_are_traces_of_the_version_with_feedback_read_back_as_tra
     assert stream_span.outputs["choices"][0]["message"]["content"] == streamed  # the stream joined
     assessments = {(a.name, str(a.value)) for a in traces[corrected].info.assessments}
     assert assessments >= {(FEEDBACK, "False"), (EXPECTATION, "It ships tomorrow.")}
-    assert next(a for a in traces[corrected].info.assessments if a.name == FEEDBACK).source.source_id == "alice"
+    assert next(a for a in traces[corrected].info.assessments if a.name
+                == FEEDBACK).source.source_id == "alice"
 
     # Read back as the next fine-tune's data: the version's own traffic, its feedback applied.
     got = read_traces(query_of(f"traces:{EXPERIMENT}", {"model_id": model_id}))
@@ -121,7 +126,8 @@ def test_served_answers_are_traces_of_the_version_with_feedback_read_back_as_tra
     rows = [rec["messages"] for _, rec in got.records]
     assert [user("Where is my order?"), {"role": "assistant", "content": "It ships tomorrow."}] in rows
     assert [user("How do I reset my password?"), {"role": "assistant", "content": streamed}] in rows
-    assert not any(m[0] == user("What are your opening hours?") for m in rows) and got.left_out["negative feedback"]
+    assert not any(m[0] == user("What are your opening hours?")
+                   for m in rows) and got.left_out["negative feedback"]
 
 
 def test_feedback_names_are_those_the_traces_reader_counts_and_input_is_checked():
@@ -130,7 +136,8 @@ def test_feedback_names_are_those_the_traces_reader_counts_and_input_is_checked(
     assert served_choice("merged") is None
     f = Feedback.parse({"trace_id": "tr-1", "thumbs": "thumbs down", "comment": "no", "correction": "yes"})
     assert f.assessments() == [(FEEDBACK, False, "no"), (EXPECTATION, "yes", None)]
-    assert Feedback.parse({"id": "c", "rating": 2, "comment": "meh"}).assessments() == [("user_rating", 2, "meh")]
+    assert Feedback.parse({"id": "c", "rating": 2, "comment": "meh"}).assessments() == [("user_rating", 2,
+                                                                                         "meh")]
     with pytest.raises(Exception, match="nothing to log"):
         Feedback.parse({"trace_id": "tr-1"})
     with pytest.raises(Exception, match="rating True"):
@@ -166,16 +173,33 @@ def test_a_stream_is_joined_into_one_completion_and_a_cut_or_unreadable_one_is_a
         return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
 
     call = {"index": 0, "id": "c1", "function": {"name": "order_", "arguments": '{"order"'}}
-    raw = sse({"id": "x", "model": "bot-v1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "It "}}]},
-              {"id": "x", "choices": [{"index": 0, "delta": {"content": "has", "tool_calls": [call]}}]},
-              {"id": "x", "choices": [{"index": 0, "delta": {"tool_calls": [
-                  {"index": 0, "function": {"name": "status", "arguments": ': "7"}'}}]}, "finish_reason": "stop"}]},
-              {"id": "x", "choices": [], "usage": {"completion_tokens": 3}})
+    raw = sse(
+        {
+            "id": "x",
+            "model": "bot-v1",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "It "}}],
+        },
+        {"id": "x", "choices": [{"index": 0, "delta": {"content": "has", "tool_calls": [call]}}]},
+        {
+            "id": "x",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [{"index": 0, "function": {"name": "status", "arguments": ': "7"}'}}]
+                    },
+                    "finish_reason": "stop",
+                }
+            ],
+        },
+        {"id": "x", "choices": [], "usage": {"completion_tokens": 3}},
+    )
     joined = joined_stream(raw)
     assert joined["id"] == "x" and joined["usage"] == {"completion_tokens": 3}
     assert joined["choices"] == [{"index": 0, "finish_reason": "stop", "message": {
         "role": "assistant", "content": "It has", "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "order_status", "arguments": '{"order": "7"}'}}]}}]
+            {"id": "c1", "type": "function", "function": {"name": "order_status",
+                                                          "arguments": '{"order": "7"}'}}]}}]
 
     class Recorder:
         def end(self, span, outputs, error=None):
@@ -194,7 +218,8 @@ def test_a_stream_is_joined_into_one_completion_and_a_cut_or_unreadable_one_is_a
         return request.tracer.got
 
     assert traced(raw) == (joined, None)
-    assert "the stream ended before the answer did" in traced(raw.split(b"\n\n")[0])[1]  # cut: no finish_reason
+    # cut: no finish_reason
+    assert "the stream ended before the answer did" in traced(raw.split(b"\n\n")[0])[1]
     assert "no answer could be read" in traced(b"<html>oops</html>", streamed=False)[1]
     assert "the server answered 400" in traced(b'{"error": "bad"}', streamed=False, status=400)[1]
     assert "could not be read" in traced(b'data: {"choices": [{"index": 0, "delta": 7}]}\n\n')[1]

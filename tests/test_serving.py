@@ -1,6 +1,6 @@
-"""Serving: model choices from the registry, the transformers engine (one base copy for every side, adapters on/off,
-token streaming, concurrent requests), the openai engine against a real `transformers serve`, the `serve` command,
-and vLLM (real tests skipped without it and a GPU)."""
+"""Serving: model choices from the registry, the transformers engine (one base copy for every side, adapters
+on/off, token streaming, concurrent requests), the openai engine against a real `transformers serve`, the
+`serve` command, and vLLM (real tests skipped without it and a GPU)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
 GREEDY = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16)
 
 
-# --- model choices ---------------------------------------------------------------------------------------------
+# --- model choices
+# ---------------------------------------------------------------------------------------------
 
 
 def test_references_resolve_to_registry_versions_and_nothing_else(tracking_uri):
@@ -65,7 +66,8 @@ def test_references_resolve_to_registry_versions_and_nothing_else(tracking_uri):
     choices = dict((key, label) for label, key in picker_choices("bot"))
     assert list(choices) == ["bot/2", "bot/1", "bot/2:base"]  # newest first, then one entry per base model
     assert "@challenger" in choices["bot/1"] and "@champion" in choices["bot/2"]
-    assert choices["bot/2:base"] == "base: tiny-llama"  # short; the playground shows the full reference on a click
+    # short; the playground shows the full reference on a click
+    assert choices["bot/2:base"] == "base: tiny-llama"
 
 
 def test_an_alias_is_followed_and_a_move_that_cannot_be_served_keeps_the_old_version(tracking_uri):
@@ -92,7 +94,8 @@ def test_an_alias_is_followed_and_a_move_that_cannot_be_served_keeps_the_old_ver
     assert watch.follow(ref) == ModelChoice("bot", v1) and watch.check() == []
     client.set_registered_model_alias("bot", "champion", v2)
     assert watch.check() == [(ref, ModelChoice("bot", v1), ModelChoice("bot", v2))]
-    assert watch.current(ref) == ModelChoice("bot", v2) and said[-1].endswith(f"moved from v{v1} to v{v2}: now on bot/{v2}")
+    assert watch.current(ref) == ModelChoice("bot", v2) and said[-1].endswith(
+        f"moved from v{v1} to v{v2}: now on bot/{v2}")
     client.set_registered_model_alias("bot", "champion", v3)  # cannot be served here: v2 goes on answering
     assert watch.check() == [] and watch.current(ref) == ModelChoice("bot", v2)
     assert "cannot be served here: no room for it" in said[-1] and f"Still serving v{v2}" in said[-1]
@@ -100,18 +103,22 @@ def test_an_alias_is_followed_and_a_move_that_cannot_be_served_keeps_the_old_ver
     client.delete_registered_model_alias("bot", "champion")  # gone: keep serving, say so once
     watch.check()
     watch.check()
-    assert watch.current(ref) == ModelChoice("bot", v2) and len(said) == 3 and "cannot read the registry" in said[-1]
+    assert watch.current(ref) == ModelChoice("bot",
+                                             v2) and len(said) == 3 and "cannot read the registry" in said[-1]
 
 
 def test_the_gradio_apps_settings_come_from_arguments_then_environment_variables():
     from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig
 
-    env = {"MLFLOW_FINETUNE_MODEL": "bot@challenger", "MLFLOW_FINETUNE_BLIND": "yes", "GRADIO_SERVER_NAME": "0.0.0.0",
-           "GRADIO_SERVER_PORT": "7861", "MLFLOW_FINETUNE_OPENAI_URL": "http://a/v1 bot/1:base=http://b/v1",
+    env = {"MLFLOW_FINETUNE_MODEL": "bot@challenger", "MLFLOW_FINETUNE_BLIND": "yes",
+           "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861",
+           "MLFLOW_FINETUNE_OPENAI_URL": "http://a/v1 bot/1:base=http://b/v1",
            "MLFLOW_FINETUNE_FOLLOW_INTERVAL": "2.5", "MLFLOW_FINETUNE_ENGINE": "openai"}
     config = PlaygroundConfig.from_env(env, engine="vllm", max_lora_rank=8, against=None)
-    assert (config.model, config.against, config.engine, config.blind) == ("bot@challenger", "base", "vllm", True)
-    assert (config.host, config.port, config.follow_interval, config.max_lora_rank) == ("0.0.0.0", 7861, 2.5, 8)
+    assert (config.model, config.against, config.engine, config.blind) == ("bot@challenger", "base", "vllm",
+                                                                           True)
+    assert (config.host, config.port, config.follow_interval, config.max_lora_rank) == ("0.0.0.0", 7861, 2.5,
+                                                                                        8)
     assert config.openai_urls == ("http://a/v1", "bot/1:base=http://b/v1")
     with pytest.raises(FinetuneError, match="MLFLOW_FINETUNE_BLIND='maybe': use 1/true/yes"):
         PlaygroundConfig.from_env({**env, "MLFLOW_FINETUNE_BLIND": "maybe"})
@@ -134,7 +141,8 @@ def test_settings_are_checked_all_at_once():
     assert Settings(0.0, 1.0, 8, num_beams=4).checked().num_beams == 4
 
 
-# --- the transformers engine -----------------------------------------------------------------------------------
+# --- the transformers engine
+# -----------------------------------------------------------------------------------
 
 
 def test_one_base_copy_serves_base_and_two_adapters_streaming_at_once(tracking_uri):
@@ -165,18 +173,20 @@ def test_one_base_copy_serves_base_and_two_adapters_streaming_at_once(tracking_u
 
     # Alone, and with another length limit, it still answers the same.
     assert engine.generate(c1, MESSAGES, GREEDY) == expected_v1
-    assert engine.generate(c1, MESSAGES, Settings(0.0, 1.0, 4)) == generate(loaded, MESSAGES, max_new_tokens=4)
+    assert engine.generate(c1, MESSAGES, Settings(0.0, 1.0, 4)) == generate(loaded, MESSAGES,
+                                                                            max_new_tokens=4)
 
 
 def test_beam_search_answers_are_the_logged_models_beam_answers_batched_with_both_sides(tracking_uri):
-    """num_beams > 1: the engine answers what the logged model's own generate (the evaluation's decoding) answers,
-    for the base side and two adapters in one mixed batch; greedy requests still answer greedily."""
+    """num_beams > 1: the engine answers what the logged model's own generate (the evaluation's decoding)
+    answers, for the base side and two adapters in one mixed batch; greedy requests still answer greedily."""
     v1, v2 = register_version(seed=0), register_version(seed=1, alias=None)
     base, c1, c2 = ModelChoice("bot", v1, base=True), ModelChoice("bot", v1), ModelChoice("bot", v2)
     beams = Settings(0.0, 1.0, 16, num_beams=3)
     engine = TransformersEngine(device="cpu")
     for choice in (base, c1, c2):
-        engine.prepare(choice)  # loaded first, so the three requests usually share one batch (mixed adapter names,
+        # loaded first, so the three requests usually share one batch (mixed adapter names,
+        engine.prepare(choice)
     engine._slots[0].batcher.gap_s = 1.0  # which PEFT repeats per beam); the answers are the same either way
     jobs = [(base, MESSAGES), (c1, MESSAGES), (c2, MESSAGES)]
     texts = ["", "", ""]
@@ -198,8 +208,9 @@ def test_beam_search_answers_are_the_logged_models_beam_answers_batched_with_bot
 
 
 def test_the_playground_decodes_as_the_version_was_evaluated_unless_told_otherwise(tracking_uri):
-    """A version evaluated with eval.num_beams 3 logs it; the playground's comparisons default to it at temperature
-    0 (both sides), so its answers are those the run's figures scored; Beams 1 or sampling override it."""
+    """A version evaluated with eval.num_beams 3 logs it; the playground's comparisons default to it at
+    temperature 0 (both sides), so its answers are those the run's figures scored; Beams 1 or sampling
+    override it."""
     from mlflow_finetune_plugin.serving.choices import logged_num_beams
     from mlflow_finetune_plugin.serving.playground.core import Playground
 
@@ -218,28 +229,33 @@ def test_the_playground_decodes_as_the_version_was_evaluated_unless_told_otherwi
     assert r["a"]["answer"] != engine.generate(tuned, MESSAGES, greedy)
     assert pg.compare("How do I reset my password?", max_new_tokens=12, num_beams=1)["a"]["answer"] == \
         engine.generate(tuned, MESSAGES, greedy)
-    assert pg.compare("How do I reset my password?", temperature=0.7, max_new_tokens=12)["settings"]["num_beams"] == 1
+    assert pg.compare("How do I reset my password?", temperature=0.7,
+                      max_new_tokens=12)["settings"]["num_beams"] == 1
     assert pg.default_num_beams(f"bot/{greedy_version}") == 1
     engine.close()
 
 
 def test_the_playground_follows_the_alias_and_a_conversation_under_way_keeps_its_version(tracking_uri):
-    """`playground --model bot@champion` (the app of gradio_app/app.py): after the alias moves, new comparisons
-    answer with the new version, while one that had started goes on with the version it started with."""
+    """`playground --model bot@champion` (the app of gradio_app/app.py): after the alias moves, new
+    comparisons answer with the new version, while one that had started goes on with the version it started
+    with."""
     from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig, create_app
 
     v1, v2 = register_version(seed=0, alias="champion"), register_version(seed=1, alias=None)
     said = []
-    _, pg = create_app(PlaygroundConfig("bot@champion", follow_interval=3600), echo=said.append)  # looked at below
+    # looked at below
+    _, pg = create_app(PlaygroundConfig("bot@champion", follow_interval=3600), echo=said.append)
     try:
         assert (pg.default_a, pg.default_b) == ("bot@champion", "bot@champion:base")
         assert pg.choices()[:2] == [(f"bot @champion (follows the alias; now v{v1})", "bot@champion"),
-                                    ("base of bot @champion (follows the alias; now tiny-llama)", "bot@champion:base")]
+                                    ("base of bot @champion (follows the alias; now tiny-llama)",
+                                     "bot@champion:base")]
         first = pg.compare("How do I reset my password?", max_new_tokens=16)
         assert (first["a"]["model"], first["b"]["model"]) == (f"bot/{v1}", f"bot/{v1}:base")
         # A comparison under way: its sides were resolved when it started.
         sides = [pg.resolve(key, key).key for key in (pg.default_a, pg.default_b)]
-        under_way = pg.stream(sides, [pg.context("", [], "How do I reset my password?")] * 2, pg.settings(0, 1, 16))
+        under_way = pg.stream(sides, [pg.context("", [], "How do I reset my password?")] * 2,
+                              pg.settings(0, 1, 16))
         next(under_way)
         mlflow.MlflowClient().set_registered_model_alias("bot", "champion", v2)
         moves = pg.watch.check()
@@ -251,7 +267,8 @@ def test_the_playground_follows_the_alias_and_a_conversation_under_way_keeps_its
         assert not any(errors) and texts[0].strip() == first["a"]["answer"]
         after = pg.compare("How do I reset my password?", max_new_tokens=16)
         assert (after["a"]["model"], after["b"]["model"]) == (f"bot/{v2}", f"bot/{v2}:base")
-        assert after["a"]["answer"] == pg.engine.generate(ModelChoice("bot", v2), MESSAGES, GREEDY) != first["a"]["answer"]
+        assert after["a"]["answer"] == pg.engine.generate(ModelChoice("bot", v2), MESSAGES,
+                                                          GREEDY) != first["a"]["answer"]
         assert pg.choices()[0][0] == f"bot @champion (follows the alias; now v{v2})"
         assert pg.label(pg.default_a) == f"bot v{v2} @champion"
     finally:
@@ -269,8 +286,9 @@ def test_an_adapter_loaded_first_shares_its_base_with_the_base_side(tracking_uri
 
 
 def test_the_streamer_hands_out_each_token_as_soon_as_it_is_whole_characters():
-    """Not a word late (transformers' TextIteratorStreamer waits for a space): the first piece comes with the first
-    token; a token holding half a UTF-8 character waits for the next one; the pieces join to the decoded answer."""
+    """Not a word late (transformers' TextIteratorStreamer waits for a space): the first piece comes with the
+    first token; a token holding half a UTF-8 character waits for the next one; the pieces join to the decoded
+    answer."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
     answer = tokenizer.encode("Hello, wörld: naïve café 😀 okay.", add_special_tokens=False)
     streamer = TokenStreamer(tokenizer, timeout=5)
@@ -290,15 +308,17 @@ def test_the_streamer_hands_out_each_token_as_soon_as_it_is_whole_characters():
     assert len(pieces) > len(answer) // 2  # token by token, not word by word
 
 
-# --- vLLM: what it can serve, the command, the engine ----------------------------------------------------------
+# --- vLLM: what it can serve, the command, the engine
+# ----------------------------------------------------------
 
 
 def test_vllm_refuses_adapters_it_cannot_serve_and_names_the_alternatives(tracking_uri):
     ok = register_version(seed=0, r=8)
     dora = register_version(seed=1, r=8, use_dora=True, alias=None)
     odd_rank = register_version(seed=2, r=12, alias=None)
-    assert vllm_support(local_model(ModelChoice("bot", ok))) == (True, "LoRA without DoRA or biases, rank within "
-                                                                       "vLLM's largest max_lora_rank")
+    assert vllm_support(local_model(ModelChoice("bot", ok))) == (True,
+                                                                 "LoRA without DoRA or biases, rank within "
+                                                                 "vLLM's largest max_lora_rank")
     assert "DoRA" in vllm_support(local_model(ModelChoice("bot", dora)))[1]
     assert vllm_support(local_model(ModelChoice("bot", odd_rank)))[0]  # served under max_lora_rank 16
     with pytest.raises(FinetuneError) as err:
@@ -311,7 +331,8 @@ def test_vllm_refuses_adapters_it_cannot_serve_and_names_the_alternatives(tracki
     assert result.exit_code == 0, result.output
     command = result.output.splitlines()[-1]
     # vLLM runs as a child on a loopback port, behind the front that listens on --port.
-    assert command.startswith(f"$ {sys.executable} -m mlflow_finetune_plugin.serving.vllm_cli serve ") and "--enable-lora" in command
+    assert command.startswith(f"$ {sys.executable} -m mlflow_finetune_plugin.serving.vllm_cli "
+                              "serve ") and "--enable-lora" in command
     assert f"--lora-modules bot-v{ok}=" in command and "--served-model-name bot-v1-base" in command
     assert "--max-lora-rank 16" in command and "--host 127.0.0.1" in command and "--port 8123" not in command
     if not torch.cuda.is_available():
@@ -320,7 +341,8 @@ def test_vllm_refuses_adapters_it_cannot_serve_and_names_the_alternatives(tracki
     assert refused.exit_code == 1 and "does not serve DoRA" in refused.output
 
 
-# --- the openai engine against a real server, started by `mlflow-finetune serve` -------------------------------
+# --- the openai engine against a real server, started by `mlflow-finetune serve`
+# -------------------------------
 
 
 @pytest.mark.integration
@@ -343,22 +365,25 @@ def test_serve_transformers_and_the_openai_engine_stream_the_merged_model(tracki
         from mlflow_finetune_plugin.serving.playground.launch import make_engine
 
         url = f"http://127.0.0.1:{port}/v1"
-        configured = make_engine("openai", ModelChoice("bot", v1), [url, f"bot/{v1}:base=http://127.0.0.1:9/v1"],
+        configured = make_engine("openai", ModelChoice("bot", v1), [url, f"bot/{v1}"
+                                                                         ":base=http://127.0.0.1:9/v1"],
                                  ["bot@challenger=merged"])
         assert configured.endpoint(ModelChoice("bot", v1)) == (url, "merged")
-        assert configured.endpoint(ModelChoice("bot", v1, True)) == ("http://127.0.0.1:9/v1", f"bot-v{v1}-base")
+        assert configured.endpoint(ModelChoice("bot", v1, True)) == ("http://127.0.0.1:9/v1",
+                                                                     f"bot-v{v1}-base")
     finally:
         stop(proc)
     with pytest.raises(FinetuneError, match="cannot reach the server"):
-        OpenAIEngine(base_url=f"http://127.0.0.1:{free_port()}/v1").generate(ModelChoice("bot", v1), MESSAGES, GREEDY)
+        OpenAIEngine(base_url=f"http://127.0.0.1:{free_port()}/v1").generate(ModelChoice("bot", v1), MESSAGES,
+                                                                             GREEDY)
 
 
 @pytest.mark.integration
-# SIGHUP and SIGINT go through the same handler as SIGTERM (front.STOP_SIGNALS; SIGINT left to `-m stress` for CI
-# time); the playground's test sends all three.
+# SIGHUP and SIGINT go through the same handler as SIGTERM (front.STOP_SIGNALS; SIGINT left to `-m stress` for
+# CI time); the playground's test sends all three.
 @pytest.mark.parametrize("stop_signal", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.stress)])
-def test_serve_answers_the_openai_client_and_a_stop_signal_leaves_nothing_behind(tracking_uri, tmp_path, monkeypatch,
-                                                                                  stop_signal):
+def test_serve_answers_the_openai_client_and_a_stop_signal_leaves_nothing_behind(tracking_uri, tmp_path,
+                                                                                 monkeypatch, stop_signal):
     import signal
 
     import openai
@@ -373,7 +398,8 @@ def test_serve_answers_the_openai_client_and_a_stop_signal_leaves_nothing_behind
     proc = cli_process("serve", f"bot/{v1}", "--engine", "transformers", "--port", str(port))
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
         assert [m.id for m in client.models.list()] == [name]
         assert client.models.retrieve(name).id == name
         answer = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=8, temperature=0.0)
@@ -401,7 +427,8 @@ def test_serve_answers_the_openai_client_and_a_stop_signal_leaves_nothing_behind
             os.killpg(group, 0)
     with pytest.raises(ConnectionRefusedError):  # nothing listens on the port any more
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    with socket.socket() as s:  # and a new server can take it (SO_REUSEADDR, as servers do: connections in TIME_WAIT)
+    # and a new server can take it (SO_REUSEADDR, as servers do: connections in TIME_WAIT)
+    with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
         s.listen()
@@ -409,10 +436,10 @@ def test_serve_answers_the_openai_client_and_a_stop_signal_leaves_nothing_behind
 
 @pytest.mark.integration
 def test_serve_follows_the_alias_while_a_client_streams_from_the_old_version(tracking_uri):
-    """`serve NAME@champion` serves the new champion once `promote` moves the alias, without a restart: it logs the
-    switch, /v1/models lists the version that answers, and a stream under way finishes on the version it started
-    on (its server is held still mid-answer, SIGSTOP, while the alias moves, so the answer is surely in flight);
-    the old server stops once that request is answered."""
+    """`serve NAME@champion` serves the new champion once `promote` moves the alias, without a restart: it
+    logs the switch, /v1/models lists the version that answers, and a stream under way finishes on the version
+    it started on (its server is held still mid-answer, SIGSTOP, while the alias moves, so the answer is
+    surely in flight); the old server stops once that request is answered."""
     import signal
     import threading
 
@@ -429,15 +456,16 @@ def test_serve_follows_the_alias_while_a_client_streams_from_the_old_version(tra
     log = drain(proc)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                               timeout=300)
         assert [m.id for m in client.models.list()] == [f"bot-v{v1}"]
         old_server = next(c for c in psutil.Process(proc.pid).children(recursive=True)
                           if f"bot-v{v1}" in c.cmdline())
         chunks = []
 
         def stream():  # 400 tokens: seconds of streaming on the tiny model
-            for chunk in client.chat.completions.create(model="bot@champion", messages=MESSAGES, max_tokens=400,
-                                                        temperature=0.0, stream=True):
+            for chunk in client.chat.completions.create(model="bot@champion", messages=MESSAGES,
+                                                        max_tokens=400, temperature=0.0, stream=True):
                 chunks.append(chunk)
 
         streaming = threading.Thread(target=stream)
@@ -457,9 +485,18 @@ def test_serve_follows_the_alias_while_a_client_streams_from_the_old_version(tra
                 raise AssertionError(f"{e}; the log:\n{''.join(log[-30:])}") from None
             answer = client.chat.completions.create(model="bot@champion", messages=MESSAGES, max_tokens=16,
                                                     temperature=0.0)
-            assert answer.model.startswith(f"bot-v{v2}") and answer.choices[0].message.content.strip() == expected[v2]
-            assert client.chat.completions.create(model=f"bot-v{v2}", messages=MESSAGES, max_tokens=16,
-                                                  temperature=0.0).choices[0].message.content.strip() == expected[v2]
+            assert (
+                answer.model.startswith(f"bot-v{v2}")
+                and answer.choices[0].message.content.strip() == expected[v2]
+            )
+            assert (
+                client.chat.completions.create(
+                    model=f"bot-v{v2}", messages=MESSAGES, max_tokens=16, temperature=0.0
+                )
+                .choices[0]
+                .message.content.strip()
+                == expected[v2]
+            )
             with pytest.raises(openai.NotFoundError, match=f"Served here: bot-v{v2}"):
                 client.chat.completions.create(model=f"bot-v{v1}", messages=MESSAGES, max_tokens=4)
             assert old_server.is_running()  # kept while its request is in flight
@@ -474,7 +511,8 @@ def test_serve_follows_the_alias_while_a_client_streams_from_the_old_version(tra
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         psutil.wait_procs([old_server], timeout=60)
         assert not old_server.is_running()
-        # the front stops the old server, then says so (read from its pipe by the drain thread): wait for the line
+        # the front stops the old server, then says so (read from its pipe by the drain thread): wait for the
+        # line
         wait_for(lambda: any(f"bot-v{v1}: its last request in flight is answered; its server stops" in line
                              for line in log), timeout=30, what="the old server's stop logged")
         assert proc.poll() is None  # the front went on serving

@@ -1,6 +1,7 @@
-"""`mlflow-finetune studio` (issue 68): the Train page as a user drives it, in headless Chromium, on the tiny model:
-upload a file with a broken line and see the line, fix it and start, watch the chart gain points, stop and resume,
-see the verdict, chat, promote. Plus what keeps the page safe to expose (a login above loopback, the path gate)."""
+"""`mlflow-finetune studio` (issue 68): the Train page as a user drives it, in headless Chromium, on the tiny
+model: upload a file with a broken line and see the line, fix it and start, watch the chart gain points, stop
+and resume, see the verdict, chat, promote. Plus what keeps the page safe to expose (a login above loopback,
+the path gate)."""
 
 from __future__ import annotations
 
@@ -60,13 +61,14 @@ def _studio(tmp_path, port: int) -> subprocess.Popen:
     (hook / "sitecustomize.py").write_text(SLOW_STEPS)
     path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen(
-        [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "studio", "--port", str(port),
-         "--project-dir", str(tmp_path / "projects"), "--workdir", str(tmp_path / "studio")],
+        [sys.executable, "-c", "from mlflow_finetune_plugin.cli import main; main()", "studio", "--port",
+         str(port), "--project-dir", str(tmp_path / "projects"), "--workdir", str(tmp_path / "studio")],
         cwd=tmp_path, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": path},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
+@pytest.mark.skipif(_chromium() is None,
+                    reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
 def test_the_train_page_in_a_browser(tracking_uri, tmp_path):
     from mlflow import MlflowClient
     from playwright.sync_api import sync_playwright
@@ -92,18 +94,23 @@ def test_the_train_page_in_a_browser(tracking_uri, tmp_path):
                 promoted = _drive(page, browser, url, uploads, rows)
             except Exception:
                 page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-                print({s: page.locator(s).inner_text()[:600] for s in ("#project", "#entry input", "#upload-note",
-                       "#check-out", "#start-out", "#status", "#points", "#judgement", "#chat-out", "#promote-out")
+                print({s: page.locator(s).inner_text()[:600] for s in ("#project", "#entry input",
+                                                                       "#upload-note", "#check-out",
+                                                                       "#start-out", "#status", "#points",
+                                                                       "#judgement", "#chat-out",
+                                                                       "#promote-out")
                        if page.locator(s).count()})
                 raise
             shot = tmp_path / "studio.png"
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
-        # 4 held-out rows are too few for a verdict that fine-tuning paid off: the verdict's gate holds the alias
+        # 4 held-out rows are too few for a verdict that fine-tuning paid off: the verdict's gate holds the
+        # alias
         assert "Promotion of mybot-train v1 to @champion" in promoted and "verdict" in promoted, promoted
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         runs = MlflowClient().search_runs(
-            [e.experiment_id for e in MlflowClient().search_experiments()], order_by=["attributes.start_time"])
+            [e.experiment_id for e in MlflowClient().search_experiments()],
+            order_by=["attributes.start_time"])
         statuses = [r.info.status for r in runs]
         assert "KILLED" in statuses and "FINISHED" in statuses
         # A stop signal to the studio stops the chat's playground with it: nothing is left serving

@@ -1,6 +1,7 @@
-"""The Train page before "Start" (studio/recipe_form.py, checks.py, files.py): the recipe's fields as the project
-resolves them with the reference's words, the `mlflow run` command and the finetune.yaml it amounts to (round trip
-through the loader), the check a run makes before it exists, and the workspace's gate on paths. No training."""
+"""The Train page before "Start" (studio/recipe_form.py, checks.py, files.py): the recipe's fields as the
+project resolves them with the reference's words, the `mlflow run` command and the finetune.yaml it amounts to
+(round trip through the loader), the check a run makes before it exists, and the workspace's gate on paths. No
+training."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ RECIPES = REPO / "recipes"
 
 
 def _reference_meaning(key: str, after: str | None = None) -> str:
-    """The meaning column of `key`'s row in docs/reference.md (the first after the line `after`), read here apart
-    from the page's own parser."""
+    """The meaning column of `key`'s row in docs/reference.md (the first after the line `after`), read here
+    apart from the page's own parser."""
     lines = (REPO / "docs" / "reference.md").read_text(encoding="utf-8").splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith(after)) if after else 0
     row = next(ln for ln in lines[start:] if ln.startswith(f"| `{key}` |"))
@@ -48,7 +49,8 @@ def _fields(project, entry):
 def test_fields_are_the_projects_resolved_values_in_the_reference_words():
     fields = _fields(SUPPORT_BOT, "lora")
     lr = fields["train.learning_rate"]
-    assert (lr.kind, lr.default, lr.section, lr.accepts) == ("float", 0.004, "train", "float > 0")  # the project's
+    # the project's
+    assert (lr.kind, lr.default, lr.section, lr.accepts) == ("float", 0.004, "train", "float > 0")
     assert lr.help == _reference_meaning("train.learning_rate") == "peak learning rate"
     r = fields["adapter.r"]  # support-bot writes it in its older `lora:` section
     assert (r.kind, r.default, r.section) == ("int", 16, "lora")
@@ -63,11 +65,14 @@ def test_fields_are_the_projects_resolved_values_in_the_reference_words():
     # no row in the reference: the schema's own description
     from mlflow_finetune_plugin.config.schema import LoraAdapter
 
-    assert fields["adapter.target_parameters"].help == LoraAdapter.model_fields["target_parameters"].description
+    assert (
+        fields["adapter.target_parameters"].help == LoraAdapter.model_fields["target_parameters"].description
+    )
     for decided in ("method", "objective", "adapter.type", "project_dir", "data.tasks", "monitor.window"):
         assert decided not in fields
 
-    prefix = _fields(SUPPORT_BOT, "prefix")  # the entry point's adapter, its own keys under the reference's group
+    # the entry point's adapter, its own keys under the reference's group
+    prefix = _fields(SUPPORT_BOT, "prefix")
     assert "adapter.r" not in prefix and prefix["adapter.num_virtual_tokens"].section == "prefix"
     assert prefix["adapter.encoder_hidden_size"].help == _reference_meaning("adapter.encoder_hidden_size",
                                                                             "| **prefix**")
@@ -99,13 +104,17 @@ def test_bundled_recipes_are_projects():
 
 
 @pytest.mark.parametrize("recipe,entry,overrides", [
-    ("support-bot", "lora", {"model": "tiny", "train.learning_rate": "1e-3", "lora.r": "8", "train.epochs": "2",
-                             "data.max_length": "256", "registry.name": "support-bot"}),
-    ("support-bot", "prefix", {"adapter.num_virtual_tokens": "8", "data.packing": "auto", "eval.contenders": "[base]"}),
-    ("dpo", "dpo", {"dpo.beta": "0.2", "model.quantization": "4bit", "max_steps": "3"}),
+    ("support-bot", "lora", {"model": "tiny", "train.learning_rate": "1e-3", "lora.r": "8",
+                             "train.epochs": "2", "data.max_length": "256", "registry.name": "support-bot"}),
+    ("support-bot", "prefix", {"adapter.num_virtual_tokens": "8", "data.packing": "auto",
+                               "eval.contenders": "[base]"}), ("dpo", "dpo",
+                                                               {"dpo.beta": "0.2",
+                                                                "model.quantization": "4bit",
+                                                                "max_steps": "3"}),
     ("grpo", "grpo", {"grpo.num_generations": "2", "grpo.rewards": "[exact_answer]"}),
 ])
-def test_command_line_and_effective_yaml_give_the_recipe_the_overrides_give(tmp_path, recipe, entry, overrides):
+def test_command_line_and_effective_yaml_give_the_recipe_the_overrides_give(tmp_path, recipe, entry,
+                                                                            overrides):
     project = shutil.copytree(RECIPES / recipe, tmp_path / recipe)
     argv = command_line(project, entry, overrides, backend_config={"detach": True}, experiment="studio")
     head = ["mlflow", "run", str(Path(project).resolve()), "-e", entry, "--backend", "finetune",
@@ -131,9 +140,9 @@ def test_the_pages_values_become_the_overrides_that_change_something():
     fields = recipe_fields(SUPPORT_BOT, "lora")
     values = {f.key: f.default for f in fields}  # the page as it opens: nothing to pass
     assert changed_overrides(fields, values) == {}
-    values.update({"train.learning_rate": "4e-3", "adapter.r": 8, "data.packing": "false", "model.name": "tiny",
-                   "adapter.target_modules": ["q_proj", "v_proj"], "data.eval": "", "train.resume": "",
-                   "eval.contenders": "[base, fewshot]", "train.seed": "42"})
+    values.update({"train.learning_rate": "4e-3", "adapter.r": 8, "data.packing": "false",
+                   "model.name": "tiny", "adapter.target_modules": ["q_proj", "v_proj"], "data.eval": "",
+                   "train.resume": "", "eval.contenders": "[base, fewshot]", "train.seed": "42"})
     overrides = changed_overrides(fields, values)
     assert overrides == {"adapter.r": "8", "data.packing": "false", "model.name": "tiny",
                          "adapter.target_modules": "[q_proj, v_proj]", "data.eval": "null",
@@ -178,7 +187,8 @@ def test_check_names_the_broken_line_then_passes_with_the_data_summary(tmp_path)
 def test_bad_recipe_values_are_problems_naming_the_key(tmp_path):
     project = _broken_project(tmp_path / "p")
     result = check(project, "lora", {"train.learning_rate": "-1", "train.learnin_rate": "0.1"})
-    assert not result.ok and not result.recipe_ok and not result.rows  # the data waits for a recipe that loads
+    # the data waits for a recipe that loads
+    assert not result.ok and not result.recipe_ok and not result.rows
     by_key = {p.key: p for p in result.problems}
     lr = by_key["train.learning_rate"]
     assert lr.where == "train.learning_rate" and "greater than 0" in lr.message and "float > 0" in lr.fix
@@ -189,7 +199,8 @@ def test_bad_recipe_values_are_problems_naming_the_key(tmp_path):
     assert (written.where, written.key) == ("finetune.yaml:3", "train.learning_rate")
 
     (project / "finetune.yaml").write_text("model: {name: tiny}\n")
-    (combination,) = check(project, "prefix", {"data.packing": "true"}).problems  # a combination -e prefix refuses
+    # a combination -e prefix refuses
+    (combination,) = check(project, "prefix", {"data.packing": "true"}).problems
     assert combination.where == combination.key == "data.packing"
     assert combination.fix.startswith("Set data.packing: auto")
     assert check(project, "nope", {}).problems[0].where == "-e"
@@ -233,8 +244,9 @@ def test_workspace_refuses_what_could_leave_its_folders(tmp_path):
     upload = tmp_path / "tmp" / "train.jsonl"
     upload.parent.mkdir()
     upload.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(4)))
-    for names, match in ((["../x.jsonl"], "may not contain a folder"), (["a/b.jsonl"], "may not contain a folder"),
-                         ([".env.jsonl"], "hidden"), (["run.sh"], "not a file type")):
+    for names, match in ((["../x.jsonl"], "may not contain a folder"),
+                         (["a/b.jsonl"], "may not contain a folder"), ([".env.jsonl"], "hidden"),
+                         (["run.sh"], "not a file type")):
         with pytest.raises(FinetuneError, match=match):
             workspace.save_uploads([upload], names)
     big = tmp_path / "tmp" / "big.jsonl"
@@ -261,7 +273,8 @@ def test_uploads_become_a_project_the_loader_accepts(tmp_path):
     (sent / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_rows(8)))
     (sent / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_rows(3, offset=20)))
     uploads = workspace.save_uploads([sent / "mine.jsonl", sent / "held.jsonl"])
-    assert uploads.parent == workspace.root / "uploads" and sorted(os.listdir(uploads)) == ["held.jsonl", "mine.jsonl"]
+    assert uploads.parent == workspace.root / "uploads" and sorted(os.listdir(uploads)) == ["held.jsonl",
+                                                                                            "mine.jsonl"]
     with pytest.raises(FinetuneError, match="may not contain a folder"):
         workspace.project_from_uploads(uploads, SUPPORT_BOT, "../mine.jsonl", None)
     with pytest.raises(FinetuneError, match="no training file of that name"):

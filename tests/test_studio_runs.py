@@ -1,9 +1,11 @@
-"""The Train page's runs (studio/runs.py, watch.py, history.py) on the tiny model with a sqlite store: jobs queued and
-started one at a time as detached `mlflow run ... --backend finetune` runs, watched, stopped, resumed from the last
-checkpoint, judged, promoted, listed and compared, and a new Launcher on the same state folder taking over.
+"""The Train page's runs (studio/runs.py, watch.py, history.py) on the tiny model with a sqlite store: jobs
+queued and started one at a time as detached `mlflow run ... --backend finetune` runs, watched, stopped,
+resumed from the last checkpoint, judged, promoted, listed and compared, and a new Launcher on the same state
+folder taking over.
 
 One real run trains (stopped, then resumed to the end); the job queued before it is a run of the project's own
-MLproject entry point that fails at once (a failed run without the seconds a training process takes to import)."""
+MLproject entry point that fails at once (a failed run without the seconds a training process takes to
+import)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from tests.helpers import (
 )
 from tests.test_studio import SLOW_STEPS
 
-# Stopped after its first checkpoint (step 10) and before its end (each step slowed: SLOW_STEPS); 4 held-out rows.
+# Stopped after its first checkpoint (step 10) and before its end (each step slowed: SLOW_STEPS); 4 held-out
+# rows.
 RECIPE = """\
 data:
   eval: data/eval.jsonl
@@ -42,7 +45,8 @@ eval:
   traces: false
   contenders: [base, fewshot, retrieval]
 """
-# An entry point of the project's own, run by the backend's launcher like a fine-tune: it fails once it has started.
+# An entry point of the project's own, run by the backend's launcher like a fine-tune: it fails once it has
+# started.
 MLPROJECT = """\
 name: bot
 entry_points:
@@ -69,7 +73,8 @@ def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp
     from mlflow_finetune_plugin.train.resume import resumable_checkpoints
 
     client = MlflowClient()
-    hook = tmp_path / "hook"  # each training step a tenth of a second longer: stopped while it trains, 80 steps
+    # each training step a tenth of a second longer: stopped while it trains, 80 steps
+    hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SLOW_STEPS)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
@@ -129,7 +134,8 @@ def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp
     assert f"checkpoint at step {kept}" in views.status_line(halted)
 
     resumed = second.resume(run_id)
-    assert resumed.state == "queued" and resumed.params == {"train.logging_steps": "5", "train.resume": run_id}
+    assert resumed.state == "queued" and resumed.params == {"train.logging_steps": "5",
+                                                            "train.resume": run_id}
     assert resumed.argv[-2:] == ["-P", f"train.resume={run_id}"]
     wait_for(lambda: second.job(resumed.id).state in ENDED, timeout=300, what="the resumed run", interval=0.5)
     resumed = second.job(resumed.id)
@@ -143,7 +149,10 @@ def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp
     judged = watch.judgement(resumed.run_id)
     assert [c["contender"] for c in judged.contenders] == ["base", "fewshot", "retrieval", "tuned"]
     assert all("rougeL" in c and "latency_s" in c for c in judged.contenders)
-    assert judged.verdict == client.get_run(resumed.run_id).data.tags[tags.VERDICT] and judged.paid_off is not None
+    assert (
+        judged.verdict == client.get_run(resumed.run_id).data.tags[tags.VERDICT]
+        and judged.paid_off is not None
+    )
     assert len(judged.examples) == 4 and {"prompt", "reference", "base", "tuned"} <= set(judged.examples[0])
     assert judged.examples[0]["reference"] == "100 plus 100 is 200."
     assert judged.forgetting["ppl_ratio"] > 0 and judged.model == "models:/bot/1"
@@ -152,28 +161,35 @@ def test_queue_watch_stop_resume_judge_list_and_a_new_launcher(tracking_uri, tmp
 
     listed = {r.run_id: r for r in history.runs("studio")}
     assert set(listed) == {doomed.run_id, run_id, resumed.run_id}
-    assert [listed[r].status for r in (doomed.run_id, run_id, resumed.run_id)] == ["FAILED", "KILLED", "FINISHED"]
+    assert [listed[r].status for r in (doomed.run_id, run_id, resumed.run_id)] == ["FAILED", "KILLED",
+                                                                                   "FINISHED"]
     final = listed[resumed.run_id]
     assert final.method == "lora" and final.model == "builtin:tiny-llama" and final.job == resumed.id
-    assert final.settings["lr"] == "0.005" and final.settings["steps"] == "80" and "epochs" not in final.settings
+    assert (
+        final.settings["lr"] == "0.005" and final.settings["steps"] == "80" and "epochs" not in final.settings
+    )
     assert final.verdict == judged.verdict and final.registered == judged.model and final.duration_s > 0
     assert final.resumed_from.startswith(run_id) and listed[doomed.run_id].method == "broken"
 
     compared = history.compare(run_id, resumed.run_id)
     assert compared.params == {"train.resume": ("None", run_id)}
-    assert "base_model" in compared.only_one and all(a is None for a, _ in compared.only_one.values())  # logged at
+    # logged at
+    assert "base_model" in compared.only_one and all(a is None for a, _ in compared.only_one.values())
     # the end, with the model
     assert compared.metrics["train/loss"][0] is not None and compared.metrics["eval/tuned/rougeL"][0] is None
     assert all(compared.charts["loss"]) and "| train.resume | None |" in compared.as_markdown()
 
     second.close()
-    third = _launcher(state)  # another app on the same folder, its thread not started: the same jobs, as they are
+    # another app on the same folder, its thread not started: the same jobs, as they are
+    third = _launcher(state)
     assert [(j.id, j.state, j.run_id) for j in third.jobs()] == [
-        (resumed.id, "finished", resumed.run_id), (job.id, "killed", run_id), (doomed.id, "failed", doomed.run_id)]
+        (resumed.id, "finished", resumed.run_id), (job.id, "killed", run_id),
+        (doomed.id, "failed", doomed.run_id)]
 
 
 def test_the_command_the_queue_and_refusals_without_a_run(tracking_uri, tmp_path):
-    """What a job runs, a queued job stopped, a launch `mlflow run` refuses, and the errors of bad requests."""
+    """What a job runs, a queued job stopped, a launch `mlflow run` refuses, and the errors of bad
+    requests."""
     from mlflow_finetune_plugin.errors import FinetuneError
     from mlflow_finetune_plugin.studio.runs import Launcher
     from mlflow_finetune_plugin.studio.watch import parse_version
@@ -181,7 +197,8 @@ def test_the_command_the_queue_and_refusals_without_a_run(tracking_uri, tmp_path
     project = write_project(tmp_path / "bot", RECIPE, chat_rows(24), chat_rows(4, 100))
     state = tmp_path / "studio"
     torchrun = Launcher(state, backend_config={"launcher": "torchrun", "nproc_per_node": 2})
-    job = torchrun.submit(project, "qlora", {"train.max_steps": 3, "adapter.use_dora": True}, experiment="exp")
+    job = torchrun.submit(project, "qlora", {"train.max_steps": 3, "adapter.use_dora": True},
+                          experiment="exp")
     assert job.argv[1:] == ["-m", "mlflow", "run", str(project), "-e", "qlora", "--backend", "finetune",
                             "--experiment-name", "exp", "--backend-config",
                             json.dumps({"launcher": "torchrun", "nproc_per_node": 2, "detach": True}),
@@ -212,12 +229,14 @@ def test_the_command_the_queue_and_refusals_without_a_run(tracking_uri, tmp_path
                           (lambda: parse_version("bot"), "names no registered version")):
         with pytest.raises(FinetuneError, match=message):
             call()
-    assert parse_version("models:/bot/3") == ("bot", "3") and parse_version("bot@champion") == ("bot", "@champion")
+    assert parse_version("models:/bot/3") == ("bot", "3") and parse_version("bot@champion") == ("bot",
+                                                                                                "@champion")
 
 
 def test_promote_moves_the_champion_only_past_the_gates(tracking_uri):
-    """`watch.promote` is `mlflow-finetune promote`: the default gates against the run's prompt-only contenders, the
-    result and each gate's outcome as text (versions with an evaluation's metrics only: parity is not checked)."""
+    """`watch.promote` is `mlflow-finetune promote`: the default gates against the run's prompt-only
+    contenders, the result and each gate's outcome as text (versions with an evaluation's metrics only: parity
+    is not checked)."""
     from mlflow_finetune_plugin.studio.watch import promote
 
     worse = register_eval_version({"rougeL": 0.2}, base={"rougeL": 0.3}, fewshot={"rougeL": 0.1},

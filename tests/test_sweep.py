@@ -1,5 +1,5 @@
-"""`mlflow-finetune sweep`: Optuna trials as nested runs through the real backend, pruning from the eval loss, the
-best trial logged and registered. Real fine-tunes of the tiny model on a fresh sqlite store."""
+"""`mlflow-finetune sweep`: Optuna trials as nested runs through the real backend, pruning from the eval loss,
+the best trial logged and registered. Real fine-tunes of the tiny model on a fresh sqlite store."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from tests.helpers import FAST_OVERRIDES, chat_rows, write_project
 
 RECIPE = "model:\n  name: tiny\ndata:\n  eval: data/eval.jsonl\n  max_length: 64\n  packing: false\n"
 SPACE = "train.learning_rate: {low: 1.0e-7, high: 1.0e-2, log: true}\nlora.r: {choices: [4, 8]}\n"
-# An eval loss at steps 2, 4 and 6 while training: what the pruner judges. The sweep prunes a trial only while its
-# run is still going, and sees each loss at its next poll (1 s): after the first loss, four more steps, two
-# checkpoints and the evaluation leave it several polls (with 4 steps, and the base model's answers taken from the
-# first trial's by eval.reuse_answers, trial 1 once ended before a poll saw its step-2 loss).
+# An eval loss at steps 2, 4 and 6 while training: what the pruner judges. The sweep prunes a trial only while
+# its run is still going, and sees each loss at its next poll (1 s): after the first loss, four more steps,
+# two checkpoints and the evaluation leave it several polls (with 4 steps, and the base model's answers taken
+# from the first trial's by eval.reuse_answers, trial 1 once ended before a poll saw its step-2 loss).
 TRIAL_PARAMS = {**FAST_OVERRIDES, "train.max_steps": 6}
 
 
@@ -47,10 +47,12 @@ def _children(parent_id):
 
 def test_sweep_of_four_trials_prunes_logs_the_best_and_registers_only_it(tmp_path, tracking_uri):
     proj = _project(tmp_path)
-    args = ["sweep", str(proj), "-e", "lora", "--space", "sweep.yaml", "--trials", "4", "--startup-trials", "1",
+    args = ["sweep", str(proj), "-e", "lora", "--space", "sweep.yaml", "--trials", "4", "--startup-trials",
+            "1",
             "--seed", "0", "--metric", "eval/tuned/loss",
             # a good trial first, then one whose learning rate cannot move the loss: the pruner stops it
-            "--enqueue", "{train.learning_rate: 5.0e-3, lora.r: 8}", "--enqueue", "{train.learning_rate: 1.0e-7}",
+            "--enqueue", "{train.learning_rate: 5.0e-3, lora.r: 8}", "--enqueue",
+            "{train.learning_rate: 1.0e-7}",
             *[a for k, v in TRIAL_PARAMS.items() for a in ("-P", f"{k}={v}")]]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -95,7 +97,8 @@ def test_bad_space_fails_before_any_run_naming_each_key_and_fix(tmp_path, tracki
         "train.lerning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
         "lora.r: {choices: []}\n"
         "train.warmup_ratio: {low: 0.5, high: 0.1}\n"))
-    result = CliRunner().invoke(main, ["sweep", str(proj), "--space", str(proj / "sweep.yaml"), "--trials", "2"])
+    result = CliRunner().invoke(main, ["sweep", str(proj), "--space", str(proj / "sweep.yaml"), "--trials",
+                                       "2"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "lora.r: choices must be a non-empty list" in result.output
     assert "train.warmup_ratio: low (0.5) must be below high (0.1)" in result.output
@@ -126,8 +129,8 @@ def test_importance_needs_enough_completed_trials():
 @pytest.mark.stress  # CI time: the sweep itself runs above, and a Ray job in tests/test_launchers.py
 def test_sweep_trials_run_and_are_pruned_on_ray(tmp_path, tracking_uri, ray_head):
     proj = _project(tmp_path)
-    result = run_sweep(str(proj), "lora", proj / "sweep.yaml", 2, params=TRIAL_PARAMS, startup_trials=1, seed=0,
-                       backend_config={"launcher": "ray", "address": ray_head}, poll_seconds=0.5,
+    result = run_sweep(str(proj), "lora", proj / "sweep.yaml", 2, params=TRIAL_PARAMS, startup_trials=1,
+                       seed=0, backend_config={"launcher": "ray", "address": ray_head}, poll_seconds=0.5,
                        enqueue=[{"train.learning_rate": 5e-3, "lora.r": 8}, {"train.learning_rate": 1e-7}])
     assert [t["state"] for t in result.trials] == ["complete", "pruned"]
     client = MlflowClient()
@@ -147,7 +150,8 @@ def test_a_yaml_list_is_choices(tmp_path):
     from mlflow_finetune_plugin.sweep.space import load_space
 
     space = tmp_path / "sweep.yaml"
-    space.write_text("lora.r: [4, 8]\nlora: {alpha: [16, 32]}\ntrain.learning_rate: {low: 1.0e-4, high: 1.0e-2}\n")
+    space.write_text(
+        "lora.r: [4, 8]\nlora: {alpha: [16, 32]}\ntrain.learning_rate: {low: 1.0e-4, high: 1.0e-2}\n")
     dims = {d.key: d for d in load_space(space)}
     assert (dims["lora.r"].kind, dims["lora.r"].choices) == ("choice", (4, 8))
     assert (dims["lora.alpha"].kind, dims["lora.alpha"].choices) == ("choice", (16, 32))

@@ -1,5 +1,5 @@
-"""System metrics: a fine-tune's run carries MLflow's `system/*` metrics (CPU, memory; GPU where nvidia-ml-py and a
-GPU are there), sampled every `train.system_metrics_interval` seconds by the training process; off with
+"""System metrics: a fine-tune's run carries MLflow's `system/*` metrics (CPU, memory; GPU where nvidia-ml-py
+and a GPU are there), sampled every `train.system_metrics_interval` seconds by the training process; off with
 `train.system_metrics: false` or MLflow's MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false."""
 
 from __future__ import annotations
@@ -29,10 +29,14 @@ def _system_metrics(run_id: str) -> dict[str, list[float]]:
 def test_mlflow_run_logs_system_metrics(tmp_path, tracking_uri):
     proj = write_project(tmp_path / "bot", "data: {max_length: 64}\n", rows=chat_rows(16))
     experiment = mlflow.set_experiment("system").experiment_id
-    submitted = FinetuneBackend().run(str(proj), "lora", QUICK, None, {"SYNCHRONOUS": True}, tracking_uri, experiment)
+    submitted = FinetuneBackend().run(str(proj), "lora", QUICK, None, {"SYNCHRONOUS": True}, tracking_uri,
+                                      experiment)
     assert submitted.wait() is True
     metrics = _system_metrics(submitted.run_id)
-    cpu, memory = metrics["system/cpu_utilization_percentage"], metrics["system/system_memory_usage_megabytes"]
+    cpu, memory = (
+        metrics["system/cpu_utilization_percentage"],
+        metrics["system/system_memory_usage_megabytes"],
+    )
     assert len(cpu) >= 2 and all(0 <= v <= 100 for v in cpu)  # sampled every 0.5 s while it trained
     assert all(v > 0 for v in memory)
     gpus = torch.cuda.is_available() and importlib.util.find_spec("pynvml") is not None
@@ -49,5 +53,6 @@ def test_system_metrics_turn_off(switch, tmp_path, tracking_uri, monkeypatch):
     mlflow.set_experiment("system")
     assert job.run(load_recipe(proj, overrides={**QUICK, **off})) == 0
     run = mlflow.last_active_run()
-    assert (run.info.end_time - run.info.start_time) / 1000 > 1.5  # three intervals: on, it would have sampled
+    # three intervals: on, it would have sampled
+    assert (run.info.end_time - run.info.start_time) / 1000 > 1.5
     assert _system_metrics(run.info.run_id) == {}

@@ -1,11 +1,13 @@
-"""System prompts reach the model the same way in training and at inference, on every chat family (issue 44, point 3).
+"""System prompts reach the model the same way in training and at inference, on every chat family (issue 44,
+point 3).
 
-4 questions, each asked under 2 system prompts ("Answer in French." / "Answer in German."), whose answers differ only
-by the system prompt: 8 rows, `-e full`, 200 steps, evaluated on the same 8 rows. A model that sees the system prompt
-in training as it does at evaluation learns all 8 (exact_match 1.00); Mistral v0.3's template drops it from rows that
-end with the answer, and scored 0.25 before it was folded into the first user turn. docs/models.md lists the figures
-measured by hand for every family. A trained model is registered, and vLLM (where installed) answers the 8 prompts
-with it exactly, stopping at the family's end of turn as training taught it.
+4 questions, each asked under 2 system prompts ("Answer in French." / "Answer in German."), whose answers
+differ only by the system prompt: 8 rows, `-e full`, 200 steps, evaluated on the same 8 rows. A model that
+sees the system prompt in training as it does at evaluation learns all 8 (exact_match 1.00); Mistral v0.3's
+template drops it from rows that end with the answer, and scored 0.25 before it was folded into the first user
+turn. docs/models.md lists the figures measured by hand for every family. A trained model is registered, and
+vLLM (where installed) answers the 8 prompts with it exactly, stopping at the family's end of turn as training
+taught it.
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ ROWS = [{"messages": [{"role": "system", "content": system}, {"role": "user", "c
                       {"role": "assistant", "content": answer}]}
         for question, french, german in QA
         for system, answer in (("Answer in French.", french), ("Answer in German.", german))]
-# max_length fits Llama 3.2's rows (its template writes a date header into every system turn) and gpt-oss's (its
-# harmony system block, about 150 tokens a row); 24 new tokens fit Qwen3's empty <think></think> block ahead of each
-# answer, and gpt-oss's final channel.
-OVERRIDES = {"train.max_steps": 200, "train.batch_size": 8, "train.learning_rate": 5.0e-3, "train.logging_steps": 50,
-             "train.save_steps": 1000, "eval.max_examples": 8, "eval.max_new_tokens": 24, "eval.fewshot_k": 0,
-             "eval.retrieval_k": 0, "eval.forgetting": False, "eval.traces": False}
-# About 10 s of one CPU thread each for the older families, so every one runs; of the 2026 ones, Qwen3.5 (hybrid
-# cache) and gpt-oss (experts) run by default, Gemma 4 and Qwen3.5's thinking template with `-m stress`.
+# max_length fits Llama 3.2's rows (its template writes a date header into every system turn) and gpt-oss's
+# (its harmony system block, about 150 tokens a row); 24 new tokens fit Qwen3's empty <think></think> block
+# ahead of each answer, and gpt-oss's final channel.
+OVERRIDES = {"train.max_steps": 200, "train.batch_size": 8, "train.learning_rate": 5.0e-3,
+             "train.logging_steps": 50, "train.save_steps": 1000, "eval.max_examples": 8,
+             "eval.max_new_tokens": 24, "eval.fewshot_k": 0, "eval.retrieval_k": 0, "eval.forgetting": False,
+             "eval.traces": False}
+# About 10 s of one CPU thread each for the older families, so every one runs; of the 2026 ones, Qwen3.5
+# (hybrid cache) and gpt-oss (experts) run by default, Gemma 4 and Qwen3.5's thinking template with `-m
+# stress`.
 FAMILY_ROWS = ["mistral", "gemma3", "llama3", "qwen2.5", "qwen3", "phi3.5", "qwen3.5", "gpt-oss", "gemma4",
                "qwen3.5-think"]
 
@@ -97,7 +101,8 @@ def test_a_set_that_depends_on_the_system_prompt_is_learned_exactly(trained, row
     run, found = trained(row)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    assert metrics["eval/tuned/exact_match"] == 1.0, {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    assert metrics["eval/tuned/exact_match"] == 1.0, {k: v for k,
+                                                      v in metrics.items() if k.startswith("eval/")}
     assert metrics["eval/base/exact_match"] == 0.0
     assert run.data.tags[tags.SYSTEM_HANDLING].startswith("folded:" if row in FOLDS_SYSTEM else "kept")
     assert not found, found  # training and evaluation in this process: no Future/DeprecationWarning of ours
@@ -118,13 +123,15 @@ def test_the_transformers_engine_answers_each_prompt_as_trained(trained, row):
     engine = TransformersEngine(device="cpu")
     try:
         choice = ModelChoice(f"sys-{registered_name(row)}", "1")
-        answers = [engine.generate(choice, prompt, Settings(0.0, 1.0, 24)) for prompt, _ in _prompts_and_answers()]
+        answers = [engine.generate(choice, prompt, Settings(0.0, 1.0, 24)) for prompt,
+                   _ in _prompts_and_answers()]
     finally:
         engine.close()
     assert answers == [answer for _, answer in _prompts_and_answers()]
 
 
-# vLLM's CPU attention has no kernel for head_dim 16, which the other tiny families use (docs/models.md); Qwen3's is 32.
+# vLLM's CPU attention has no kernel for head_dim 16, which the other tiny families use (docs/models.md);
+# Qwen3's is 32.
 @pytest.mark.requires_vllm
 def test_vllm_answers_each_prompt_as_trained(trained):
     from mlflow_finetune_plugin.serving import ModelChoice, Settings
@@ -136,7 +143,8 @@ def test_vllm_answers_each_prompt_as_trained(trained):
     engine = VLLMEngine(max_model_len=512)
     try:
         choice = ModelChoice(f"sys-{registered_name('qwen3')}", "1")
-        answers = [engine.generate(choice, prompt, Settings(0.0, 1.0, 24)) for prompt, _ in _prompts_and_answers()]
+        answers = [engine.generate(choice, prompt, Settings(0.0, 1.0, 24)) for prompt,
+                   _ in _prompts_and_answers()]
     finally:
         engine.close()
     assert answers == [answer for _, answer in _prompts_and_answers()]

@@ -12,18 +12,21 @@ from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.tags import lineage_tags
 
 REPO = Path(__file__).resolve().parents[1]
-# A tag name, or the start of one built in an f-string (f"finetune.job.{key}"); finetune.yaml is the recipe's file.
+# A tag name, or the start of one built in an f-string (f"finetune.job.{key}"); finetune.yaml is the recipe's
+# file.
 TAG_LITERAL = re.compile(r"^finetune\.(?!yaml\b)")
 
-# Files of the core refactor (issue 15) still spelling tag names out; they switch to `tags` and this list empties.
-# Nothing is ever added to it.
+# Files of the core refactor (issue 15) still spelling tag names out; they switch to `tags` and this list
+# empties. Nothing is ever added to it.
 NOT_YET_ON_TAGS_PY = ()  # emptied: every module uses the constants
 
 
 def tag_literals(source: str, where: str) -> list[str]:
-    """`where:line: 'literal'` for each string literal (f-string parts included) that starts a `finetune.` name."""
+    """`where:line: 'literal'` for each string literal (f-string parts included) that starts a `finetune.`
+    name."""
     return [f"{where}:{node.lineno}: {node.value!r}" for node in ast.walk(ast.parse(source))
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and TAG_LITERAL.match(node.value)]
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and TAG_LITERAL.match(node.value)]
 
 
 def test_tag_names_are_spelled_only_in_tags_py():
@@ -34,7 +37,8 @@ def test_tag_names_are_spelled_only_in_tags_py():
             if relative == "mlflow_finetune_plugin/tags.py" or relative.startswith(NOT_YET_ON_TAGS_PY):
                 continue
             found += tag_literals(path.read_text(encoding="utf-8"), relative)
-    assert not found, "tag names spelled out; use the constants in mlflow_finetune_plugin/tags.py:\n" + "\n".join(found)
+    assert not found, ("tag names spelled out; use the constants in "
+                       "mlflow_finetune_plugin/tags.py:\n") + "\n".join(found)
 
 
 def test_the_check_sees_plain_and_f_string_literals():

@@ -1,6 +1,7 @@
 """Threads on a shared machine (issue 70): the cores a process may use, the registry of the project's heavy
-processes, the plan each process takes from them, what a launcher hands the process it starts, and the re-count
-while a process runs. Real processes stand for the others (a `sleep`), real files for the cgroup and topology."""
+processes, the plan each process takes from them, what a launcher hands the process it starts, and the
+re-count while a process runs. Real processes stand for the others (a `sleep`), real files for the cgroup and
+topology."""
 
 from __future__ import annotations
 
@@ -52,14 +53,16 @@ def test_two_live_claims_split_the_cores_and_the_new_process_waits_passively(fol
     assert (second.intra, second.wait_policy) == (1, "PASSIVE")
     assert "shared with 1 other heavy process of this project" in second.reason
     assert second.busy_note.startswith("This machine is already busy: 1 other heavy process")
-    assert f"pid {sleeper.pid}: training, 2 threads" in second.busy_note and "takes 1 intra-op" in second.busy_note
+    assert f"pid {sleeper.pid}: training, 2 threads" in second.busy_note and ("takes 1 "
+                                                                              "intra-op") in second.busy_note
     # three processes on 8 cores: 8 // 3
     three = plan(None, env={}, cores=Cores(8, "8"), others=found + found, load=0.0)
     assert three.intra == 2
 
 
 def test_a_dead_pids_claim_is_ignored_and_removed(folder):
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True)
     dead = int(done.stdout)
     claims.claim(4, "serve engine", pid=dead)
     assert (folder / f"{dead}.json").exists()
@@ -89,11 +92,13 @@ def test_a_process_does_not_count_itself(folder):
 def test_the_users_omp_num_threads_and_the_recipe_override_the_share(sleeper):
     others = [claims.Claim(sleeper.pid, 2, "training")]
     user = plan(None, env={"OMP_NUM_THREADS": "2"}, cores=TWO, others=others, load=0.0)
-    assert (user.intra, user.source, user.reason) == (2, "environment", "OMP_NUM_THREADS=2 in the environment")
+    assert (user.intra, user.source, user.reason) == (2, "environment",
+                                                      "OMP_NUM_THREADS=2 in the environment")
     recipe = plan(3, env={"OMP_NUM_THREADS": "2"}, cores=TWO, others=[], load=0.0)
     assert (recipe.intra, recipe.source, recipe.reason) == (3, "recipe", "train.threads: 3 in the recipe")
     assert recipe.wait_policy == "PASSIVE"  # 3 threads on 2 cores share them with each other
-    assert plan(None, env={"OMP_WAIT_POLICY": "ACTIVE"}, cores=TWO, others=others, load=0.0).wait_policy == "ACTIVE"
+    assert plan(None, env={"OMP_WAIT_POLICY": "ACTIVE"}, cores=TWO, others=others,
+                load=0.0).wait_policy == "ACTIVE"
 
 
 def test_a_launchers_own_omp_num_threads_is_not_the_users():
@@ -108,7 +113,8 @@ def test_the_child_env_carries_the_choice_and_leaves_the_users_settings(sleeper)
     env = child_env(shared, env={})
     assert env == {"OMP_NUM_THREADS": "1", AUTO: "1", "OMP_WAIT_POLICY": "PASSIVE"}
     assert plan(None, env=env, cores=TWO, others=[], load=0.0).source == "auto"  # the child plans afresh
-    user = plan(None, env={"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "active"}, cores=TWO, others=[], load=0.0)
+    user = plan(None, env={"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "active"}, cores=TWO, others=[],
+                load=0.0)
     assert child_env(user, env={"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "active"}) == {}
     assert child_env(plan(None, env={}, cores=TWO, others=[], load=0.0), env={}) == {"OMP_NUM_THREADS": "2",
                                                                                      AUTO: "2"}
@@ -127,7 +133,8 @@ def test_a_busy_machine_outside_the_project_is_said_without_taking_threads_away(
     busy = plan(None, env={}, cores=TWO, others=[], load=3.4)
     assert busy.intra == 2 and busy.wait_policy == "PASSIVE"
     assert busy.busy_note.startswith("This machine is already busy: load average 3.4 on 2 cores")
-    assert plan(None, env={}, cores=TWO, others=[], load=3.4, running=True).wait_policy is None  # read at start
+    # read at start
+    assert plan(None, env={}, cores=TWO, others=[], load=3.4, running=True).wait_policy is None
 
 
 def test_a_running_process_gives_threads_back_and_takes_them_again(folder, monkeypatch, capsys):
@@ -146,7 +153,8 @@ def test_a_running_process_gives_threads_back_and_takes_them_again(folder, monke
         claims.claim(2, "training", pid=other.pid)
         changed = threads.refit()
         assert changed.intra == 1 and torch.get_num_threads() == 1
-        assert "Threads: 2 -> 1 (2 CPUs this process may run on, shared with 1 other" in capsys.readouterr().err
+        assert ("Threads: 2 -> 1 (2 CPUs this process may run on, shared with 1 "
+                "other") in capsys.readouterr().err
         assert threads.refit() is None  # nothing changed
     finally:
         other.kill()
@@ -168,7 +176,8 @@ def test_cores_count_the_affinity_in_physical_cores_and_a_cgroup_quota(tmp_path)
     (cgroup / "job").mkdir(parents=True)
     own.write_text("0::/job\n")
     assert usable(topology, cgroup, own).count == 1
-    assert usable(tmp_path / "none", cgroup, own) == Cores(len(cpus), f"{len(cpus)} CPUs this process may run on")
+    assert usable(tmp_path / "none", cgroup, own) == Cores(len(cpus),
+                                                           f"{len(cpus)} CPUs this process may run on")
     (cgroup / "job" / "cpu.max").write_text("150000 100000\n")
     assert cgroup_quota(cgroup, own) == 1.5
     if len(cpus) > 1:
@@ -187,8 +196,9 @@ def test_serves_engines_start_with_their_share_and_are_claimed(folder, monkeypat
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr(threads, "usable", lambda: TWO)
     monkeypatch.setattr(threads, "load_average", lambda: 0.0)
-    code = ("import os, sys, time; print('env', os.environ.get('OMP_NUM_THREADS'), os.environ.get('OMP_WAIT_POLICY'),"
-            " flush=True); time.sleep(60)")
+    code = (
+        "import os, sys, time; print('env', os.environ.get('OMP_NUM_THREADS'), "
+        "os.environ.get('OMP_WAIT_POLICY'), flush=True); time.sleep(60)")
     fleet = Fleet()
     first = fleet.start([sys.executable, "-c", code], 1, ["a"])
     second = fleet.start([sys.executable, "-c", code], 2, ["b"])
@@ -214,8 +224,9 @@ def test_serves_engines_start_with_their_share_and_are_claimed(folder, monkeypat
 
 @pytest.mark.integration
 def test_a_run_beside_another_heavy_process_takes_its_share_and_says_so(tmp_path, tracking_uri, sleeper):
-    """`mlflow run` on the tiny model while another heavy process of the project holds the cores: the backend starts
-    the job with its share and a passive OpenMP wait, the job tags what it took and prints the one line."""
+    """`mlflow run` on the tiny model while another heavy process of the project holds the cores: the backend
+    starts the job with its share and a passive OpenMP wait, the job tags what it took and prints the one
+    line."""
     from mlflow import MlflowClient
 
     from mlflow_finetune_plugin import tags
@@ -229,18 +240,22 @@ def test_a_run_beside_another_heavy_process_takes_its_share_and_says_so(tmp_path
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("OMP_")}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, XDG_RUNTIME_DIR=str(runtime))
     cmd = [sys.executable, "-m", "mlflow", "run", str(SUPPORT_BOT), "-e", "lora", "--backend", "finetune",
-           "-P", "model=tiny", "-P", "max_steps=2", "-P", "eval.enabled=false", "-P", "registry.enabled=false"]
+           "-P", "model=tiny", "-P", "max_steps=2", "-P", "eval.enabled=false", "-P",
+           "registry.enabled=false"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     share = max(1, usable().count // 2)
-    assert f"This machine is already busy: 1 other heavy process of this project runs on its {usable().count} " \
-           f"cores (pid {sleeper.pid}: training, 2 threads). This training takes {share} intra-op" in proc.stderr
+    assert (
+        f"This machine is already busy: 1 other heavy process of this project runs on its {usable().count} "
+        f"cores (pid {sleeper.pid}: training, 2 threads). This training takes {share} intra-op" in proc.stderr
+    )
     (run,) = MlflowClient().search_runs(["0"])
     said = run.data.tags[tags.THREADS]
     assert said.startswith(f"{share} intra-op / 1 inter-op thread, OpenMP waits passive (")
     assert "shared with 1 other heavy process of this project" in said
     assert list(where.glob("*.json")) == [where / f"{sleeper.pid}.json"]  # the job's own claim went with it
-    # the backend started the job on tcmalloc where it is installed (runtime/allocator.py), and the job says which
+    # the backend started the job on tcmalloc where it is installed (runtime/allocator.py), and the job says
+    # which
     from mlflow_finetune_plugin.runtime import allocator
 
     assert ("Memory allocator: tcmalloc" if allocator.tcmalloc() else

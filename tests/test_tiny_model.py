@@ -54,7 +54,8 @@ def model(built):
     return AutoModelForCausalLM.from_pretrained(built).eval()
 
 
-# --- build -----------------------------------------------------------------------------------------------------
+# --- build
+# -----------------------------------------------------------------------------------------------------
 
 def test_build_writes_a_complete_model_folder(built):
     assert built.is_absolute()
@@ -96,17 +97,20 @@ def test_weights_digest_is_sha256_of_the_safetensors_files_in_name_order(built, 
         weights_digest(tmp_path / "config.json")
 
 
-# --- load back -------------------------------------------------------------------------------------------------
+# --- load back
+# -------------------------------------------------------------------------------------------------
 
 def test_tokenizer_loads_with_autotokenizer(tok):
     assert len(tok) == 2048
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|pad|>" and tok.bos_token is None
     assert tok.model_max_length == 1024
-    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]) == [0, 1, 2, 3]
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]) == [0, 1, 2,
+                                                                                                     3]
     assert set(tok.all_special_ids) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("text", ["Hello, world!", "héllo 🙂 世界\n\ttabs", "Settings > Billing > Invoices: $49.99"])
+@pytest.mark.parametrize("text", ["Hello, world!", "héllo 🙂 世界\n\ttabs",
+                                  "Settings > Billing > Invoices: $49.99"])
 def test_any_text_round_trips_through_the_tokenizer(tok, text):
     ids = tok.encode(text, add_special_tokens=False)
     assert all(0 <= i < len(tok) for i in ids)
@@ -119,7 +123,11 @@ def test_model_loads_with_automodel(model, tok):
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (128, 256, 4)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.max_position_embeddings) == (4, 2, 1024)
     assert cfg.vocab_size == len(tok)
-    assert cfg.eos_token_id == tok.eos_token_id and cfg.pad_token_id == tok.pad_token_id and cfg.bos_token_id is None
+    assert (
+        cfg.eos_token_id == tok.eos_token_id
+        and cfg.pad_token_id == tok.pad_token_id
+        and cfg.bos_token_id is None
+    )
     assert model.dtype == torch.float32
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
     assert sum(p.numel() for p in model.parameters()) == 853_120
@@ -127,7 +135,8 @@ def test_model_loads_with_automodel(model, tok):
     assert (gen.eos_token_id, gen.pad_token_id, gen.do_sample, gen.max_new_tokens) == (2, 3, False, 64)
 
 
-# --- chat template ---------------------------------------------------------------------------------------------
+# --- chat template
+# ---------------------------------------------------------------------------------------------
 
 def test_chat_template_renders_chatml(tok):
     text = tok.apply_chat_template(CHAT[:3], tokenize=False)
@@ -139,7 +148,8 @@ def test_chat_template_renders_chatml(tok):
 
 
 def test_chat_template_accepts_content_parts(tok):
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                          {"type": "text", "text": "there"}]}]
     assert tok.apply_chat_template(parts, tokenize=False) == "<|im_start|>user\nHi there<|im_end|>\n"
 
 
@@ -169,10 +179,12 @@ def test_trl_accepts_the_chat_template_for_assistant_only_loss(tok):
     assert is_chat_template_stop_token_trained(tok)
 
 
-# --- generation ------------------------------------------------------------------------------------------------
+# --- generation
+# ------------------------------------------------------------------------------------------------
 
 def test_generate_runs_and_is_capped_by_the_generation_config(model, tok):
-    inputs = tok.apply_chat_template(CHAT[:2], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tok.apply_chat_template(CHAT[:2], add_generation_prompt=True, return_tensors="pt",
+                                     return_dict=True)
     prompt_len = inputs["input_ids"].shape[1]
     with torch.no_grad():
         out = model.generate(**inputs)
@@ -195,7 +207,8 @@ def test_generate_stops_at_im_end(model, tok):
                 scores[:, tok.eos_token_id] = 0.0
             return scores
 
-    inputs = tok.apply_chat_template(CHAT[:2], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tok.apply_chat_template(CHAT[:2], add_generation_prompt=True, return_tensors="pt",
+                                     return_dict=True)
     prompt_len = inputs["input_ids"].shape[1]
     with torch.no_grad():
         out = model.generate(**inputs, logits_processor=LogitsProcessorList([_EosOnThirdToken(prompt_len)]))
@@ -203,7 +216,8 @@ def test_generate_stops_at_im_end(model, tok):
     assert len(new) == 3 and new[-1] == tok.convert_tokens_to_ids("<|im_end|>")
 
 
-# --- cache -----------------------------------------------------------------------------------------------------
+# --- cache
+# -----------------------------------------------------------------------------------------------------
 
 def test_tiny_model_path_builds_once_then_reuses(tmp_path, monkeypatch, built):
     monkeypatch.setenv("MLFLOW_FINETUNE_CACHE", str(tmp_path))
@@ -255,7 +269,8 @@ def test_cache_root_follows_xdg_cache_home(tmp_path, monkeypatch):
     assert paths.cache_root() == tmp_path / "home" / ".cache" / "mlflow-finetune"
 
 
-# --- support-bot dataset ---------------------------------------------------------------------------------------
+# --- support-bot dataset
+# ---------------------------------------------------------------------------------------
 
 def _rows(name):
     lines = (DATA / name).read_text(encoding="utf-8").splitlines()
@@ -274,7 +289,8 @@ def test_dataset_rows_are_chats_with_system_user_assistant(name, low, high):
     for row in rows:
         assert set(row) == {"messages"}
         roles = [m["role"] for m in row["messages"]]
-        assert roles in (["system", "user", "assistant"], ["system", "user", "assistant", "user", "assistant"])
+        assert roles in (["system", "user", "assistant"], ["system", "user", "assistant", "user",
+                                                           "assistant"])
         assert all(isinstance(m["content"], str) and m["content"].strip() for m in row["messages"])
         system_prompts.add(row["messages"][0]["content"])
     assert len(system_prompts) == 1
@@ -299,7 +315,8 @@ def test_dataset_splits_share_answers_but_not_questions():
 
 
 def test_dataset_files_match_the_generator():
-    spec = importlib.util.spec_from_file_location("make_data", REPO / "recipes" / "support-bot" / "make_data.py")
+    spec = importlib.util.spec_from_file_location("make_data",
+                                                  REPO / "recipes" / "support-bot" / "make_data.py")
     make_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_data)
     train, evaluation = make_data.make_rows()

@@ -1,10 +1,12 @@
 """The tiny random vision-language models (`models/tiny_vision.py`) and what `models/vision.py` knows of a VLM
-(issue 59): each family builds reproducibly, loads, renders an image part with its own template, expands it into the
-image tokens its config names, trains (forward, backward, LoRA on the language model only unless asked) and learns an
-image-only task; its processor saves and loads back, Qwen2-VL's without the video processor torchvision would build.
+(issue 59): each family builds reproducibly, loads, renders an image part with its own template, expands it
+into the image tokens its config names, trains (forward, backward, LoRA on the language model only unless
+asked) and learns an image-only task; its processor saves and loads back, Qwen2-VL's without the video
+processor torchvision would build.
 
-The expected values are the real models' own (llava-1.5-7b-hf, SmolVLM-Instruct, gemma-3-4b-it, Qwen2-VL-2B-Instruct
-hub files, as `tiny_vision.py`'s docstring says where each was read), written out here, not read from the module.
+The expected values are the real models' own (llava-1.5-7b-hf, SmolVLM-Instruct, gemma-3-4b-it,
+Qwen2-VL-2B-Instruct hub files, as `tiny_vision.py`'s docstring says where each was read), written out here,
+not read from the module.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from mlflow_finetune_plugin.models.base import is_builtin, model_reference, reso
 from mlflow_finetune_plugin.models.tiny import weights_digest
 
 FAMILIES = ("llava", "smolvlm", "gemma3-vision", "qwen2-vl")
-# family: (config class, model class, config key of the image token, what the template writes for an image part,
+# family: (config class, model class, config key of the image token, what the template writes for an image
+# part,
 #          the token the processor expands it into, how many per 56 px image)
 SHAPE = {
-    "llava": ("LlavaConfig", "LlavaForConditionalGeneration", "image_token_index", "<image>\n", "<image>", 16),
+    "llava": ("LlavaConfig", "LlavaForConditionalGeneration", "image_token_index", "<image>\n", "<image>",
+              16),
     # 2 x 2 tiles and the global image, 4 tokens each
-    "smolvlm": ("Idefics3Config", "Idefics3ForConditionalGeneration", "image_token_id", "<image>", "<image>", 20),
-    "gemma3-vision": ("Gemma3Config", "Gemma3ForConditionalGeneration", "image_token_index", "<start_of_image>",
+    "smolvlm": ("Idefics3Config", "Idefics3ForConditionalGeneration", "image_token_id", "<image>", "<image>",
+                20),
+    "gemma3-vision": ("Gemma3Config", "Gemma3ForConditionalGeneration", "image_token_index",
+                      "<start_of_image>",
                       "<image_soft_token>", 4),
     "qwen2-vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "image_token_id",
                  "<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>", 4),
@@ -44,12 +50,14 @@ HELD = {
     "llava": ("<image>",),
     "smolvlm": ("<image>", "<fake_token_around_image>", "<global-img>", "<row_1_col_1>", "<row_6_col_6>",
                 "<end_of_utterance>", "<|im_start|>"),
-    "gemma3-vision": ("<start_of_image>", "<image_soft_token>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>"),
-    "qwen2-vl": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"),
+    "gemma3-vision": ("<start_of_image>", "<image_soft_token>", "<end_of_image>", "<start_of_turn>",
+                      "<end_of_turn>"), "qwen2-vl": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
+                                                     "<|video_pad|>", "<|im_start|>", "<|im_end|>"),
 }
 QUESTION = [{"type": "image"}, {"type": "text", "text": "What colour is this?"}]
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-COLOURS = (((230, 20, 20), "red"), ((20, 20, 230), "blue"), ((20, 200, 20), "green"), ((240, 230, 20), "yellow"))
+COLOURS = (((230, 20, 20), "red"), ((20, 20, 230), "blue"), ((20, 200, 20), "green"),
+           ((240, 230, 20), "yellow"))
 
 
 def _image(rgb=(230, 20, 20)):
@@ -59,7 +67,8 @@ def _image(rgb=(230, 20, 20)):
 
 
 def _conversation(answer="red"):
-    return [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return [{"role": "user", "content": QUESTION}, {"role": "assistant",
+                                                    "content": [{"type": "text", "text": answer}]}]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +152,8 @@ def test_lora_targets_the_language_model_unless_asked(family, loaded):
         targets = vision.lora_target_modules(model, vision=vision_too)
         peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=targets))
         prefix = "base_model.model."
-        return {n[len(prefix):-len(".lora_A")] for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+        return {n[len(prefix):-len(".lora_A")] for n,
+                _ in peft_model.named_modules() if n.endswith(".lora_A")}
 
     wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
     assert vision.vision_modules(wrapped) == ["base_model.model." + name for name in (tower, *projectors)]
@@ -155,7 +165,8 @@ def test_lora_targets_the_language_model_unless_asked(family, loaded):
             assert f"{language[0]}.layers.{layer}.self_attn.{proj}" in text_only
     with_vision = adapted(True)
     assert text_only < with_vision and any(n.startswith(tower + ".") for n in with_vision - text_only)
-    # PEFT's own all-linear is the same set: every linear layer, tower and projector included, the head left out
+    # PEFT's own all-linear is the same set: every linear layer, tower and projector included, the head left
+    # out
     all_linear = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules="all-linear"))
     assert with_vision == {n[len("base_model.model."):-len(".lora_A")] for n, _ in all_linear.named_modules()
                            if n.endswith(".lora_A")}
@@ -168,7 +179,8 @@ def test_vision_template_is_trls_file_byte_for_byte(name, trl_file):
     from mlflow_finetune_plugin.models.chat_templates import VISION, VISION_ORIGINS, vision_template
 
     assert set(VISION) == set(VISION_ORIGINS)
-    assert vision_template(name).encode() == (Path(trl.__file__).parent / "chat_templates" / trl_file).read_bytes()
+    assert vision_template(name).encode() == (Path(trl.__file__).parent / "chat_templates"
+                                              / trl_file).read_bytes()
 
 
 def test_llava_template_is_llava_1_5s():
@@ -178,11 +190,11 @@ def test_llava_template_is_llava_1_5s():
     assert vision_template("llava") == (
         "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
         "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
-        "'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
-        "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-        "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
-        "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
-        "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+        "'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] "
+        "!= 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+        "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration "
+        "%}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
 def test_takes_images_asks_transformers():
@@ -233,7 +245,8 @@ def test_qwen2_vl_processor_without_torchvision(loaded, tmp_path, capsys):
     vision.save_processor(processor, tmp_path)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     # the real class, and a video processor's settings for a machine with torchvision to build one from
-    assert saved["processor_class"] == "Qwen2VLProcessor" and saved["video_processor"] == saved["image_processor"]
+    assert saved["processor_class"] == "Qwen2VLProcessor" and saved["video_processor"] == saved[
+        "image_processor"]
     capsys.readouterr()
     vision.load_processor(tmp_path)
     said = capsys.readouterr().out.strip().splitlines()
@@ -257,22 +270,24 @@ def test_a_processor_that_needs_torchvision_for_images_too_says_what_to_do(tmp_p
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_path() / name, tmp_path / name)
     (tmp_path / "processor_config.json").write_text(json.dumps({
-        "processor_class": "Lfm2VlProcessor", "image_processor": {"image_processor_type": "Lfm2VlImageProcessor"}}))
+        "processor_class": "Lfm2VlProcessor",
+        "image_processor": {"image_processor_type": "Lfm2VlImageProcessor"}}))
     with pytest.raises(FinetuneError) as err:
         vision.load_processor(tmp_path)
-    assert "torchvision" in str(err.value) and "To fix: install the torchvision built for this torch" in str(err.value)
+    assert "torchvision" in str(err.value) and "To fix: install the torchvision built for this torch" in str(
+        err.value)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_learns_an_image_only_task(family):
-    """The same question over four plain images, answered with their colours: only the image tells them apart, so
-    answering each right greedily means the language model reads the vision tower through the projector."""
+    """The same question over four plain images, answered with their colours: only the image tells them apart,
+    so answering each right greedily means the language model reads the vision tower through the projector."""
     import torch
 
     model, processor = _load(family)
     rows = [(_image(rgb), answer) for rgb, answer in COLOURS]
-    prompt = processor.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = processor.apply_chat_template([{"role": "user", "content": QUESTION}],
+                                           add_generation_prompt=True, tokenize=False)
     texts = [processor.apply_chat_template(_conversation(answer), tokenize=False) for _, answer in rows]
     images = [[image] for image, _ in rows]
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -288,7 +303,8 @@ def test_learns_an_image_only_task(family):
             inputs = processor(text=[prompt], images=[[image]], return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            said.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+            said.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
+                                                   skip_special_tokens=True))
         model.train()
         return [s.strip().split(" ")[0] for s in said]
 

@@ -1,6 +1,6 @@
-"""The repository's top level holds what a newcomer expects and nothing committed by accident (a tool's wheel, a
-lock file of the tracking store): the package, its Gradio app, recipes, tests, the docs and benchmarks, packaging, the
-CPU constraints file and CI."""
+"""The repository's top level holds what a newcomer expects and nothing committed by accident (a tool's wheel,
+a lock file of the tracking store): the package, its Gradio app, recipes, tests, the docs and benchmarks,
+packaging, the CPU constraints file and CI."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
-    "mlflow_finetune_plugin", "gradio_app", "recipes", "tests",    # the code, the app, the examples, the tests
-    "README.md", "docs", "bench",                                   # the front door, the long read, the measurements
+    # the code, the app, the examples, the tests
+    "mlflow_finetune_plugin", "gradio_app", "recipes", "tests",
+    # the front door, the long read, the measurements
+    "README.md", "docs", "bench",
     "pyproject.toml", "setup.cfg", "constraints-cpu.txt", ".ci", ".gitignore",  # packaging, install, CI
 }
 
@@ -35,11 +37,11 @@ def test_the_top_level_holds_only_what_a_newcomer_expects(tracked):
 
 
 def test_tool_wheels_and_the_tracking_stores_files_are_ignored(tracked):
-    strays = ["ruff-0.17.6-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl", "mlflow.db", "mlflow.db.lock",
-              "mlruns/0/meta.yaml"]
+    strays = ["ruff-0.17.6-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl", "mlflow.db",
+              "mlflow.db.lock", "mlruns/0/meta.yaml"]
     # `git check-ignore` prints each ignored path it is given; exit status 1 means none was.
-    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", *strays], capture_output=True,
-                             text=True).stdout.split()
+    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", *strays],
+                             capture_output=True, text=True).stdout.split()
     assert ignored == strays
 
 
@@ -53,7 +55,8 @@ def test_gradio_app_is_a_space_with_the_packages_requirements():
     readme = (REPO / "gradio_app" / "README.md").read_text()
     _, header, _ = readme.split("---\n", 2)
     space = yaml.safe_load(header)
-    assert space["sdk"] == "gradio" and space["app_file"] == "app.py" and (REPO / "gradio_app" / "app.py").is_file()
+    assert space["sdk"] == "gradio" and space["app_file"] == "app.py" and (REPO / "gradio_app"
+                                                                           / "app.py").is_file()
     import gradio
 
     assert space["sdk_version"].split(".")[0] == gradio.__version__.split(".")[0]
@@ -66,7 +69,8 @@ def test_gradio_app_is_a_space_with_the_packages_requirements():
 
 
 def test_the_readme_is_a_front_door():
-    """At most 150 lines, the two commands first, measurements left to docs/ (every link it gives leads somewhere)."""
+    """At most 150 lines, the two commands first, measurements left to docs/ (every link it gives leads
+    somewhere)."""
     import re
 
     readme = (REPO / "README.md").read_text()

@@ -1,8 +1,8 @@
-"""Traces with images (docs/traces.md, "Images"): an application's image requests, traced by `mlflow.openai.autolog()`
-with the real `openai` client, read back by `traces:` into rows whose images are the bytes the user sent (MLflow keeps
-them as attachments of the trace); feedback filters them as it filters text; an image the trace no longer holds
-leaves its call out, counted. End to end: a tiny LLaVA version served by `serve --trace` records image requests the
-same way, and its traces read back into rows with their images."""
+"""Traces with images (docs/traces.md, "Images"): an application's image requests, traced by
+`mlflow.openai.autolog()` with the real `openai` client, read back by `traces:` into rows whose images are the
+bytes the user sent (MLflow keeps them as attachments of the trace); feedback filters them as it filters text;
+an image the trace no longer holds leaves its call out, counted. End to end: a tiny LLaVA version served by
+`serve --trace` records image requests the same way, and its traces read back into rows with their images."""
 
 from __future__ import annotations
 
@@ -61,15 +61,17 @@ def bytes_of(url: str) -> bytes:
 
 @pytest.fixture
 def echo_server():
-    """A loopback OpenAI-compatible server that answers every chat completion with the `model` it was asked for (so
-    a test says the answer): its /v1 URL."""
+    """A loopback OpenAI-compatible server that answers every chat completion with the `model` it was asked
+    for (so a test says the answer): its /v1 URL."""
     class Answer(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - http.server's name
             asked = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            body = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": asked["model"],
-                               "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                   "role": "assistant", "content": asked["model"]}}],
-                               "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}}).encode()
+            body = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+                               "model": asked["model"], "choices": [{"index": 0, "finish_reason": "stop",
+                                                                     "message": {"role": "assistant",
+                                                                                 "content": asked["model"]}}],
+                               "usage": {"prompt_tokens": 9, "completion_tokens": 1,
+                                         "total_tokens": 10}}).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
@@ -91,7 +93,8 @@ def rows(fmt="chat", experiment="app", **config):
     return got, [rec for _, rec in got.records]
 
 
-def test_autologged_image_requests_come_back_as_rows_with_the_same_images(tracking_uri, echo_server, monkeypatch):
+def test_autologged_image_requests_come_back_as_rows_with_the_same_images(tracking_uri, echo_server,
+                                                                          monkeypatch):
     import openai
 
     red, green, blue, big = png("red"), png("green"), png("blue"), png("blue", side=64)
@@ -106,7 +109,8 @@ def test_autologged_image_requests_come_back_as_rows_with_the_same_images(tracki
 
         t = {"red": ask([asking(red)], "red"),
              # the conversation goes on: the same image is sent again (another attachment), one row
-             "red2": ask([asking(red), {"role": "assistant", "content": "red"}, {"role": "user", "content": "Sure?"}],
+             "red2": ask([asking(red), {"role": "assistant", "content": "red"},
+                          {"role": "user", "content": "Sure?"}],
                          "yes"),
              "green": ask([asking(green)], "blue"),        # corrected by an expectation
              "blue_down": ask([asking(blue)], "purple"),   # thumbs down
@@ -130,7 +134,8 @@ def test_autologged_image_requests_come_back_as_rows_with_the_same_images(tracki
     got, chat = rows()
     assert [r["messages"][-1]["content"] for r in chat] == ["yes", "green", "blue", "hello"]
     assert got.row_traces[0] == sorted([t["red"], t["red2"]])  # the image re-sent: the same conversation
-    # MLflow marks the span whose image it dropped for its size failed (the image gone, said in the span's status)
+    # MLflow marks the span whose image it dropped for its size failed (the image gone, said in the span's
+    # status)
     assert dict(got.left_out) == {"negative feedback": 1, "failed (trace state ERROR)": 1}
     first = chat[0]["messages"]
     assert first[0]["content"][0] == {"type": "text", "text": "What colour is the shape?"}
@@ -167,7 +172,8 @@ def synthetic_call(inputs: dict, outputs: dict) -> str:
 
 
 def answer(text):
-    return {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
+    return {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
+                                                                          "content": text}}]}
 
 
 def test_inline_and_http_images_responses_parts_and_a_missing_attachment(tracking_uri, monkeypatch):
@@ -181,7 +187,8 @@ def test_inline_and_http_images_responses_parts_and_a_missing_attachment(trackin
     synthetic_call({"messages": [asking(red, "inline?")]}, answer("inline"))
     monkeypatch.delenv("MLFLOW_TRACE_EXTRACT_ATTACHMENTS")
     url = "https://example.com/red.png"
-    synthetic_call({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]},
+    synthetic_call({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                               "image_url": {"url": url}}]}]},
                    answer("remote"))
     synthetic_call({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "/tmp/gone.png"}}]}]}, answer("a path"))
@@ -191,11 +198,13 @@ def test_inline_and_http_images_responses_parts_and_a_missing_attachment(trackin
         "url": url}}]}, {"role": "user", "content": "?"}]}, answer("odd"))
     mlflow.flush_trace_async_logging()
     forget_active_experiment()
-    ref = next(s for s in mlflow.get_trace(lost).data.spans).inputs["messages"][0]["content"][1]["image_url"]["url"]
+    ref = next(s for s in mlflow.get_trace(lost).data.spans).inputs["messages"][0]["content"][1]["image_url"][
+        "url"]
     attachments = next(Path().glob(f"mlruns/*/traces/{lost}/artifacts/attachments"))
     (attachments / ref.split("://")[1].split("?")[0]).unlink()
 
-    traced = next(s for s in mlflow.get_trace(responses).data.spans).inputs["input"][0]["content"][1]["image_url"]
+    traced = next(s for s in mlflow.get_trace(responses).data.spans).inputs["input"][0]["content"][1][
+        "image_url"]
     assert traced.startswith("mlflow-attachment://")
     got, chat = rows()
     by_answer = {r["messages"][-1]["content"]: r["messages"][0]["content"] for r in chat}
@@ -216,24 +225,28 @@ def test_inline_and_http_images_responses_parts_and_a_missing_attachment(trackin
 
 
 def test_image_references_as_rows_hold_them():
-    assert trace_images.content_parts([{"type": "input_text", "text": "a"}, {"type": "input_image",
-                                                                             "image_url": "https://x/y.png"}]) == [
-        {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
+    assert trace_images.content_parts(
+        [{"type": "input_text", "text": "a"}, {"type": "input_image", "image_url": "https://x/y.png"}]
+    ) == [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
     assert trace_images.content_parts([{"type": "input_audio", "input_audio": {"data": "..."}}]) is None
-    for held in ("[Attachment too large: 5000 bytes exceeds 10 bytes limit]", "/tmp/x.png",
-                 "mlflow-attachment://0b0f2c1e-0000-4000-8000-000000000000?content_type=audio%2Fwav&trace_id=tr-1"):
+    for held in (
+        "[Attachment too large: 5000 bytes exceeds 10 bytes limit]",
+        "/tmp/x.png",
+        "mlflow-attachment://0b0f2c1e-0000-4000-8000-000000000000?content_type=audio%2Fwav&trace_id=tr-1",
+    ):
         with pytest.raises(trace_images.NoImage):
             trace_images.image_url(held, None)
 
 
-# ------------------------------------------------------------------------------ end to end: served, traced, read
+# ------------------------------------------------------------------------------ end to end: served, traced,
+# read
 
 
 @pytest.fixture(scope="module")
 def vision_version(tmp_path_factory):
-    """recipes/vision-colors trained on the built-in tiny LLaVA and registered (vision-colors/1), in a sqlite store of
-    its own: (store folder, version). 60 steps (5 s): enough to end its answer (finish_reason stop, not cut at
-    max_tokens, which no chat row is made of), not to read the colour."""
+    """recipes/vision-colors trained on the built-in tiny LLaVA and registered (vision-colors/1), in a sqlite
+    store of its own: (store folder, version). 60 steps (5 s): enough to end its answer (finish_reason stop,
+    not cut at max_tokens, which no chat row is made of), not to read the colour."""
     root = tmp_path_factory.mktemp("vision-traces")
     with pytest.MonkeyPatch.context() as mp:
         use_store(mp, root)
@@ -259,7 +272,8 @@ def test_a_served_vision_model_traces_image_requests_read_back_with_their_images
     log = drain(server)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", server)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
         images = {name: (REPO / "recipes" / "vision-colors" / "data" / "images" / name).read_bytes()
                   for name in ("eval-000-red-square.png", "eval-002-blue-circle.png")}
         traced = {}
@@ -288,13 +302,15 @@ def test_a_served_vision_model_traces_image_requests_read_back_with_their_images
     by_trace = dict(zip([ids[0] for ids in got.row_traces], chat))
     for name, trace_id in traced.items():
         assert bytes_of(by_trace[trace_id]["messages"][0]["content"][1]["image_url"]["url"]) == images[name]
-    assert by_trace[traced["eval-002-blue-circle.png"]]["messages"][-1] == {"role": "assistant", "content": "blue"}
+    assert by_trace[traced["eval-002-blue-circle.png"]]["messages"][-1] == {"role": "assistant",
+                                                                            "content": "blue"}
     ds, _ = load_training_dataset("traces:vision-traffic", records=got.records)
     assert [len(i) for i in ds["images"]] == [1, 1]
 
     # and the next fine-tune trains on them
     code, run = train_in_process(REPO / "recipes" / "vision-colors", root, {
-        "data": "traces:vision-traffic", "train.max_steps": 2, "eval.enabled": False, "registry.enabled": False},
+        "data": "traces:vision-traffic", "train.max_steps": 2, "eval.enabled": False,
+        "registry.enabled": False},
         "from-vision-traffic")
     assert code == 0 and run.info.status == "FINISHED" and "train/loss" in run.data.metrics
     (source,) = [json.loads(i.dataset.source) for i in run.inputs.dataset_inputs
@@ -303,8 +319,9 @@ def test_a_served_vision_model_traces_image_requests_read_back_with_their_images
 
 
 def test_a_template_with_nothing_closing_the_reply_gets_no_response_template():
-    """LLaVA-1.5's template ends no turn: a response template would need a close literal transformers can use, so
-    none is given and `transformers serve` reads the raw decode (with one, it answered 500 to every request)."""
+    """LLaVA-1.5's template ends no turn: a response template would need a close literal transformers can use,
+    so none is given and `transformers serve` reads the raw decode (with one, it answered 500 to every
+    request)."""
     from transformers import AutoTokenizer
 
     from mlflow_finetune_plugin.models.answers import response_template

@@ -1,7 +1,7 @@
-"""Traces as a data source (docs/traces.md): CHAT_MODEL spans read as rows of each format, assessments, what is left
-out, the errors before any model loads, held-out rows by conversation; and end to end, an application with the real
-`openai` client and `mlflow.openai.autolog()` calling a model `mlflow-finetune serve` serves, then a fine-tune from
-its traces (`-P data=traces:...`) with the lineage back to them."""
+"""Traces as a data source (docs/traces.md): CHAT_MODEL spans read as rows of each format, assessments, what
+is left out, the errors before any model loads, held-out rows by conversation; and end to end, an application
+with the real `openai` client and `mlflow.openai.autolog()` calling a model `mlflow-finetune serve` serves,
+then a fine-tune from its traces (`-P data=traces:...`) with the lineage back to them."""
 
 from __future__ import annotations
 
@@ -34,8 +34,15 @@ from tests.helpers import (
     write_project,
 )
 
-TOOLS = [{"type": "function", "function": {"name": "order_status", "parameters": {"type": "object", "properties": {
-    "order": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "order_status",
+            "parameters": {"type": "object", "properties": {"order": {"type": "string"}}},
+        },
+    }
+]
 
 
 def user(text):
@@ -71,7 +78,8 @@ def call(messages, answer, finish="stop", tools=None, outputs=None, app=True):
 def synthetic_traffic(experiment="app"):
     """Traces of every case, by name: {case: trace id}."""
     mlflow.set_experiment(experiment)
-    call_ = {"type": "function", "id": "c1", "function": {"name": "order_status", "arguments": '{"order": "7"}'}}
+    call_ = {"type": "function", "id": "c1", "function": {"name": "order_status",
+                                                          "arguments": '{"order": "7"}'}}
     t = {"turn1": call([user("hi")], bot("hello")),
          "turn2": call([user("hi"), bot("hello"), user("where is order 7?")], bot(None, tool_calls=[call_]),
                        tools=TOOLS),
@@ -108,7 +116,10 @@ def test_traces_become_rows_of_each_format_and_what_is_left_out_is_counted(track
     got, chat = rows("chat")
     # one row per conversation: turn1 and turn2 are inside turn3's row, tools and tool calls kept
     assert chat[0]["messages"][-1] == bot("It has shipped.") and len(chat[0]["messages"]) == 6
-    assert chat[0]["tools"] == TOOLS and chat[0]["messages"][3]["tool_calls"][0]["function"]["name"] == "order_status"
+    assert (
+        chat[0]["tools"] == TOOLS
+        and chat[0]["messages"][3]["tool_calls"][0]["function"]["name"] == "order_status"
+    )
     assert [{"messages": r["messages"]} for r in chat[1:]] == [
         {"messages": [user("capital of France?"), bot("Paris")]}, {"messages": [user("2+2?"), bot("4")]},
         {"messages": [user("bye"), bot("goodbye")]}]
@@ -117,11 +128,13 @@ def test_traces_become_rows_of_each_format_and_what_is_left_out_is_counted(track
         ("Lyon", "m"), ("4", "m"), ("goodbye", None)]
     assert got.row_traces[0] == sorted([t["turn1"], t["turn2"], t["turn3"]])
     assert got.summary()["read"] == 11 and got.used == 6 and dict(got.left_out) == {
-        "negative feedback": 1, "answer cut off at the length limit (finish_reason length)": 1, "empty answer": 1,
-        "model calls in a message format not read here": 1, "failed (trace state ERROR)": 1}
+        "negative feedback": 1, "answer cut off at the length limit (finish_reason length)": 1,
+        "empty answer": 1, "model calls in a message format not read here": 1,
+        "failed (trace state ERROR)": 1}
 
     _, pairs = rows("preference")
-    assert pairs == [{"prompt": [user("capital of France?")], "chosen": [bot("Paris")], "rejected": [bot("Lyon")]},
+    assert pairs == [{"prompt": [user("capital of "
+                                      "France?")], "chosen": [bot("Paris")], "rejected": [bot("Lyon")]},
                      {"prompt": [user("2+2?")], "chosen": [bot("4")], "rejected": [bot("5")]}]
     _, thumbs = rows("unpaired_preference")
     assert [(r["completion"][0]["content"], r["label"]) for r in thumbs] == [
@@ -131,8 +144,9 @@ def test_traces_become_rows_of_each_format_and_what_is_left_out_is_counted(track
     # only rated answers; other feedback names
     assert [r["messages"][-1]["content"] for r in rows("chat", unrated=False)[1]] == ["Paris", "4"]
     judged = rows("chat", feedback=["relevance"])[1]  # the judge's verdict on turn1 counts: weight 0 there
-    assert judged[0]["messages"][1] == bot("hello", weight=0) and [r["messages"][-1]["content"] for r in judged][
-        1:] == ["Paris", "5", "4", "goodbye"]
+    assert judged[0]["messages"][1] == bot("hello", weight=0) and [r["messages"][-1]["content"]
+                                                                   for r in judged][1:] == ["Paris", "5", "4",
+                                                                                            "goodbye"]
 
 
 def test_a_corrected_earlier_turn_is_its_own_row_and_weight_zero_in_the_conversation(tracking_uri):
@@ -143,7 +157,8 @@ def test_a_corrected_earlier_turn_is_its_own_row_and_weight_zero_in_the_conversa
     mlflow.log_expectation(trace_id=first, name="expected_response", value="Hello, how can I help?")
     got, chat = rows("chat")
     assert [r["messages"] for r in chat] == [[user("hi"), bot("Hello, how can I help?")],
-                                             [user("hi"), bot("yo", weight=0), user("price?"), bot("10 euros")]]
+                                             [user("hi"), bot("yo", weight=0), user("price?"),
+                                              bot("10 euros")]]
     assert [r["teacher"]["answer"] for r in chat] == ["yo", "10 euros"]  # what the traced model answered
     assert got.groups[0] == got.groups[1]  # one conversation: held out together
     groups = ["a", "a", "b", "c", "c", "d"]
@@ -191,7 +206,8 @@ def test_bad_trace_sources_are_refused_before_any_model_loads(tracking_uri, tmp_
 # ------------------------------------------------------------------------------ end to end, real components
 
 APP = textwrap.dedent('''
-    """A support app: the real openai client, autologged, calling the served model; assessments on some traces."""
+    """A support app: the real openai client, autologged, calling the served model; assessments on some \
+traces."""
     import json, sys
     import mlflow, openai
 
@@ -219,7 +235,8 @@ APP = textwrap.dedent('''
     up_answer, up = traced(refund, max_tokens=16, stop=[" "])
     _, cut = traced([{"role": "user", "content": "Tell me a long story."}], max_tokens=3)
     _, again = traced(q1, max_tokens=16, stop=[" "])  # the same conversation again: in the same row
-    _, plain = traced([{"role": "user", "content": "What are your opening hours?"}], max_tokens=16, stop=[" "])
+    _, plain = traced([{"role": "user", "content": "What are your opening hours?"}], max_tokens=16, stop=[" \
+"])
     try:
         ask(q1, name="no-such-model", max_tokens=4)
     except openai.NotFoundError:
@@ -238,8 +255,8 @@ APP = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def support_app(tmp_path_factory):
-    """A registered tiny model served by `mlflow-finetune serve`, an app's traffic to it traced in a sqlite store:
-    (store folder, tracking uri, {case: trace id})."""
+    """A registered tiny model served by `mlflow-finetune serve`, an app's traffic to it traced in a sqlite
+    store: (store folder, tracking uri, {case: trace id})."""
     root = tmp_path_factory.mktemp("support-app")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
@@ -255,7 +272,8 @@ def support_app(tmp_path_factory):
             wait_for_http(f"http://127.0.0.1:{port}/health", server)
             (root / "app.py").write_text(APP)
             app = subprocess.run([sys.executable, "app.py", f"http://127.0.0.1:{port}/v1", f"bot-v{version}"],
-                                 cwd=root, env=subprocess_env(uri), capture_output=True, text=True, timeout=300)
+                                 cwd=root, env=subprocess_env(uri), capture_output=True, text=True,
+                                 timeout=300)
         finally:
             stop(server)
         assert app.returncode == 0, app.stderr[-3000:]
@@ -264,7 +282,8 @@ def support_app(tmp_path_factory):
 
 
 @pytest.mark.integration
-def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineage(support_app, tmp_path, monkeypatch):
+def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineage(support_app, tmp_path,
+                                                                                  monkeypatch):
     root, uri, t = support_app
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -281,7 +300,8 @@ def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineag
                                        {"role": "assistant", "content": t["a1"]},
                                        {"role": "user", "content": "And my username?"}]
     assert chat[1]["messages"][-1] == {"role": "assistant", "content": "It ships tomorrow."}
-    # each row keeps what the served model answered and its cost, as the autologged span has them (the teacher)
+    # each row keeps what the served model answered and its cost, as the autologged span has them (the
+    # teacher)
     assert chat[1]["teacher"]["answer"] != "It ships tomorrow." and chat[1]["teacher"]["latency_s"] > 0
     assert all(row["teacher"]["model"].startswith("bot-v") for row in chat), [row["teacher"] for row in chat]
     assert [m["content"] for m in chat[3]["messages"]][0] == "What are your opening hours?"
@@ -291,7 +311,8 @@ def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineag
         assert out.exit_code == 0 and f"({n} {fmt} rows)" in out.output, out.output
 
     project = write_project(tmp_path / "project", "data:\n  max_length: 64\n  packing: false\n")
-    overrides = {**FAST_OVERRIDES, "data": "traces:support-app", "data.eval_split": 0.25, "eval.max_examples": 1}
+    overrides = {**FAST_OVERRIDES, "data": "traces:support-app", "data.eval_split": 0.25,
+                 "eval.max_examples": 1}
     cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "lora", "--backend", "finetune",
            "--experiment-name", "from-traces"] + [a for k, v in overrides.items() for a in ("-P", f"{k}={v}")]
     proc = subprocess.run(cmd, cwd=root, env=subprocess_env(uri), capture_output=True, text=True, timeout=600)
@@ -301,8 +322,10 @@ def test_a_fine_tune_from_an_apps_traces_trains_on_its_conversations_with_lineag
     client = mlflow.MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("from-traces").experiment_id])
     assert run.info.status == "FINISHED"
-    # the held-out conversation's logged answers are the teacher contender; the verdict weighs the student against it
-    assert "eval/teacher/rougeL" in run.data.metrics and "Student vs teacher:" in run.data.tags["finetune.verdict"]
+    # the held-out conversation's logged answers are the teacher contender; the verdict weighs the student
+    # against it
+    assert "eval/teacher/rougeL" in run.data.metrics and "Student vs teacher:" in run.data.tags[
+        "finetune.verdict"]
     inputs = {i.dataset.name + ":" + next(tag.value for tag in i.tags if tag.key == "mlflow.data.context"): i
               for i in run.inputs.dataset_inputs}
     train, held = inputs["traces-support-app:training"], inputs["traces-support-app-eval:eval"]

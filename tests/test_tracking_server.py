@@ -1,8 +1,8 @@
-"""The spine against a real tracking *server*, as teams run it: `mlflow server` over HTTP with a sqlite database and
-proxied artifacts (`mlflow-artifacts:`), started for this module. `mlflow run --backend finetune` trains, evaluates
-and registers through it; `models`, `evaluate`, `promote`, `serve --trace` (answering the `openai` client, feedback
-included) and `-P resume` work from it; every artifact lands in the server's artifacts destination, none beside
-the client."""
+"""The spine against a real tracking *server*, as teams run it: `mlflow server` over HTTP with a sqlite
+database and proxied artifacts (`mlflow-artifacts:`), started for this module. `mlflow run --backend finetune`
+trains, evaluates and registers through it; `models`, `evaluate`, `promote`, `serve --trace` (answering the
+`openai` client, feedback included) and `-P resume` work from it; every artifact lands in the server's
+artifacts destination, none beside the client."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ PASSING_GATE = "forgetting/ppl_ratio<=100"  # two steps on random weights barely
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A fresh `mlflow server` for the module, this process and its children pointed at it: (URI, its folder)."""
+    """A fresh `mlflow server` for the module, this process and its children pointed at it: (URI, its
+    folder)."""
     root = tmp_path_factory.mktemp("tracking-server")
     (root / "client").mkdir()
     with mlflow_server(root / "server") as uri, pytest.MonkeyPatch.context() as mp:
@@ -63,9 +64,10 @@ def server(tmp_path_factory):
 
 def _mlflow_run(uri: str, cwd: Path, overrides: dict) -> subprocess.CompletedProcess:
     """`mlflow run recipes/support-bot -e lora --backend finetune` on the tiny model, as a user types it."""
-    params = [arg for key, value in {"model": "tiny", **overrides}.items() for arg in ("-P", f"{key}={value}")]
-    cmd = [sys.executable, "-m", "mlflow", "run", str(SUPPORT_BOT), "-e", "lora", "--backend", "finetune", *params,
-           "--experiment-name", EXPERIMENT]
+    params = [arg for key, value in {"model": "tiny", **overrides}.items() for arg in ("-P",
+                                                                                       f"{key}={value}")]
+    cmd = [sys.executable, "-m", "mlflow", "run", str(SUPPORT_BOT), "-e", "lora", "--backend", "finetune",
+           *params, "--experiment-name", EXPERIMENT]
     env = subprocess_env(uri)
     env.pop("MLFLOW_REGISTRY_URI", None)  # as a user sets it: the registry is the tracking server's
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
@@ -89,13 +91,14 @@ def test_a_run_over_http_finishes_registers_and_keeps_its_artifacts_behind_the_s
     client = MlflowClient()
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.project.backend"] == "finetune"
     assert f"Registered {NAME} version 1 (alias @challenger)" in output
-    assert "Evaluation view: 2 examples logged as MLflow traces" in output  # no warning: the traces reached it
+    # no warning: the traces reached it
+    assert "Evaluation view: 2 examples logged as MLflow traces" in output
     assert len(mlflow.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id,
                                     return_type="list")) == 2
-    # The rehearsal before training left no run on the server, not even a deleted one (issue 69): the run keeps its
-    # outcome, and its metrics are the run's own evaluation's.
-    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id], run_view_type=ViewType.ALL)] == [
-        run.info.run_id]
+    # The rehearsal before training left no run on the server, not even a deleted one (issue 69): the run
+    # keeps its outcome, and its metrics are the run's own evaluation's.
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id],
+                                                      run_view_type=ViewType.ALL)] == [run.info.run_id]
     assert run.data.tags[tags.REHEARSAL].startswith("passed in ")
     assert len(client.get_metric_history(run.info.run_id, "eval/tuned/rougeL")) == 1
 
@@ -127,8 +130,8 @@ def test_a_run_over_http_finishes_registers_and_keeps_its_artifacts_behind_the_s
 
 def test_evaluate_over_http_scores_the_version_into_a_run_of_its_own(trained):
     run, _ = trained
-    out = CliRunner().invoke(main, ["evaluate", f"models:/{NAME}/1", "--max-examples", "2", "--max-new-tokens", "4",
-                                    "--fewshot-k", "1"])
+    out = CliRunner().invoke(main, ["evaluate", f"models:/{NAME}/1", "--max-examples", "2",
+                                    "--max-new-tokens", "4", "--fewshot-k", "1"])
     assert out.exit_code == 0, out.output
     logged_run = out.output.split("Logged to run ")[1].split()[0]
     assert logged_run != run.info.run_id and "Verdict: " in out.output
@@ -136,12 +139,15 @@ def test_evaluate_over_http_scores_the_version_into_a_run_of_its_own(trained):
     assert evaluated.info.experiment_id == run.info.experiment_id
     assert evaluated.data.metrics["eval/n_examples"] == 2
     assert {"eval/tuned/loss", "eval/base/loss", "eval/fewshot/rougeL"} <= set(evaluated.data.metrics)
-    # The held-out rows came from the source run's recipe, and the per-example table went back up to the server.
+    # The held-out rows came from the source run's recipe, and the per-example table went back up to the
+    # server.
     artifacts = {a.path for a in MlflowClient().list_artifacts(logged_run, "eval")}
     assert "eval/examples.json" in artifacts, artifacts
 
 
-def test_promote_over_http_reads_the_recipe_from_the_server_and_moves_the_alias_only_through_its_gates(trained):
+def test_promote_over_http_reads_the_recipe_from_the_server_and_moves_the_alias_only_through_its_gates(
+    trained,
+):
     runner = CliRunner()
     failed = runner.invoke(main, ["promote", NAME, "--version", "1", "--gate", "loss:100:base"])
     assert failed.exit_code == 1, failed.output
@@ -157,7 +163,8 @@ def test_promote_over_http_reads_the_recipe_from_the_server_and_moves_the_alias_
 def test_serve_over_http_answers_the_openai_client_and_its_traces_and_feedback_land_in_the_server(trained):
     import openai
 
-    promote(NAME, "1", "champion", [parse_gate(PASSING_GATE)])  # as the test above leaves it, run alone or not
+    # as the test above leaves it, run alone or not
+    promote(NAME, "1", "champion", [parse_gate(PASSING_GATE)])
     port = free_port()
     served = cli_process("serve", f"{NAME}@champion", "--engine", "transformers", "--port", str(port),
                          "--trace", TRAFFIC)

@@ -1,10 +1,11 @@
-"""Every original chat template TRL ships (`trl/chat_templates/*.jinja`, not TRL's `*_training` patches) through
-what the project does with a template (issue 52): the loss mask, system messages, stop ids, the prompt the model
-answers after, and reading the answer back. A template TRL adds later is a new row of this test by itself.
+"""Every original chat template TRL ships (`trl/chat_templates/*.jinja`, not TRL's `*_training` patches)
+through what the project does with a template (issue 52): the loss mask, system messages, stop ids, the prompt
+the model answers after, and reading the answer back. A template TRL adds later is a new row of this test by
+itself.
 
-Each template runs on the built-in tiny tokenizer, given the template's own special tokens (found by rendering a
-conversation and collecting its markers) and a bos/eos of its own, as a base model given `model.chat_template` would
-be. Fast: no model, tokenizers only.
+Each template runs on the built-in tiny tokenizer, given the template's own special tokens (found by rendering
+a conversation and collecting its markers) and a bos/eos of its own, as a base model given
+`model.chat_template` would be. Fast: no model, tokenizers only.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ CONVERSATION = [{"role": "system", "content": "SYSTEXT answer in French."},
                 {"role": "assistant", "content": "La banque est là."}]
 REPLIES = ["La gare est ici.", "La banque est là."]
 # Markers a template writes: <|...|>, <｜...｜>, Gemma 4's <|turn> / <turn|>, <start_of_turn>, [INST]-style.
-_MARKER = re.compile(r"<[|｜][^<>\s]{0,40}?[|｜]?>|<[^<>\s|｜]{1,40}[|｜]>|<[a-z_/]{1,30}>|\[/?[A-Z_]{3,20}\]")
+_MARKER = re.compile(r"<[|｜][^<>\s]{0,40}?[|｜]?>|<[^<>\s|｜]{1,40}[|｜]>|<[a-z_/]{1,30}>|\[/?[A-Z_]{"
+                     r"3,20}\]")
 BOS, EOS = "<|tplbos|>", "<|tpleos|>"
 
-# Templates the project cannot train on, each with the reason; their check must fail loudly (a FinetuneError with
-# what to do, or the template's own error), never pass with a wrong mask.
+# Templates the project cannot train on, each with the reason; their check must fail loudly (a FinetuneError
+# with what to do, or the template's own error), never pass with a wrong mask.
 REFUSED: dict[str, str] = {
-    # Vision-language templates that read a message's content as a list of parts ({"type": "text", "text": ...})
-    # are given string contents as one text part (Idefics3, SmolVLM: they train); Llava-Next's raises on parts too.
+    # Vision-language templates that read a message's content as a list of parts ({"type": "text", "text":
+    # ...}) are given string contents as one text part (Idefics3, SmolVLM: they train); Llava-Next's raises on
+    # parts too.
     "llava_next": "has no attribute 'text'",
 }
 
@@ -57,7 +60,8 @@ def _tokenizer(name: str):
     for messages, prompt in ((CONVERSATION, False), (CONVERSATION[:2], True), (CONVERSATION[1:], False)):
         try:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
-        except Exception:  # noqa: BLE001 - a template that refuses this shape: the markers of the others suffice
+        # a template that refuses this shape: the markers of the others suffice
+        except Exception:  # noqa: BLE001
             continue
         for m in messages:
             text = text.replace(m["content"], " ")
@@ -132,8 +136,9 @@ def test_every_trl_template_trains_replies_stops_and_answers(name):
 
 
 def test_renders_made_outside_chat_format_read_the_pinned_date_during_a_fine_tune():
-    """TRL's DPO, KTO and GRPO trainers render rows and prompts with the tokenizer themselves: `fine_tune` runs under
-    `pinned_clock`, so those renders get the pinned date too (Llama 3.2's header here), and the clock is put back."""
+    """TRL's DPO, KTO and GRPO trainers render rows and prompts with the tokenizer themselves: `fine_tune`
+    runs under `pinned_clock`, so those renders get the pinned date too (Llama 3.2's header here), and the
+    clock is put back."""
     import datetime
 
     from transformers import AutoTokenizer

@@ -1,12 +1,13 @@
 """The retrieval contender's shots and the verdict.
 
-Retrieval: BM25 over the user turns picks the nearest train conversations, most similar first, and never one whose
-user turns are the eval question itself. The verdict: a paired bootstrap over the held-out examples calls a fine-tune
-a pay-off only when the tuned model beats the best prompt-only alternative by more than the evaluation's noise and by
-at least `eval.min_gain`; it is decided here on per-example scores that the shipped metrics compute from real
-answers, on the recorded scores of two real runs (tests/fixtures/verdict_scores.json: the README's smollm2 run and a
-10-step run of the random tiny model), and read back from a real sqlite store. A real tiny run's tags are checked in
-test_model_card.py (its card shows the verdict too).
+Retrieval: BM25 over the user turns picks the nearest train conversations, most similar first, and never one
+whose user turns are the eval question itself. The verdict: a paired bootstrap over the held-out examples
+calls a fine-tune a pay-off only when the tuned model beats the best prompt-only alternative by more than the
+evaluation's noise and by at least `eval.min_gain`; it is decided here on per-example scores that the shipped
+metrics compute from real answers, on the recorded scores of two real runs
+(tests/fixtures/verdict_scores.json: the README's smollm2 run and a 10-step run of the random tiny model), and
+read back from a real sqlite store. A real tiny run's tags are checked in test_model_card.py (its card shows
+the verdict too).
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ TRAIN = [
 ]
 
 
-# --- retrieval ---------------------------------------------------------------------------------------------------
+# --- retrieval
+# ---------------------------------------------------------------------------------------------------
 
 
 def test_retrieval_shots_are_the_nearest_train_conversations_most_similar_first():
     questions = [[{"role": "user", "content": "My password reset link has expired"}],
-                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "export a PDF of my notes"}]]
+                 [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "export a PDF of my notes"}]]
     shots = nearest_shots(TRAIN, questions, k=2)
     # Three words in common, then two; the system message (the shot's or the question's) is not compared.
     assert shots[0] == [TRAIN[3], TRAIN[0]]
@@ -85,7 +88,8 @@ def test_retrieval_never_gives_the_eval_question_its_own_row():
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_model_dir):
     torch.manual_seed(0)
-    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraAdapter(r=4, alpha=8, dropout=0.0))
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                       LoraAdapter(r=4, alpha=8, dropout=0.0))
     return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
@@ -100,14 +104,18 @@ def test_the_retrieval_contender_of_a_real_evaluation_leaves_the_question_out(ti
     assert TRAIN[4] not in result.retrieval_shots[1] and len(result.retrieval_shots[1]) == 2
     assert "eval/retrieval/rougeL" in result.metrics
     # retrieval_k 0 drops the contender, whatever fewshot_k says.
-    none = run_evaluation(model, tok, evals, TRAIN, EvalConfig(max_examples=1, max_new_tokens=2, retrieval_k=0))
+    none = run_evaluation(model, tok, evals, TRAIN, EvalConfig(max_examples=1, max_new_tokens=2,
+                                                               retrieval_k=0))
     assert none.contenders == ["base", "fewshot", "tuned"] and none.retrieval_shots == []
 
 
-# --- the verdict -------------------------------------------------------------------------------------------------
+# --- the verdict
+# -------------------------------------------------------------------------------------------------
 
 REFERENCES = [f"Open the {w} page, then choose {v}." for w, v in
-              zip("billing account security notes export sync theme devices sharing backup trash search".split(),
+              zip(
+                  "billing account security notes export sync theme devices sharing backup trash "
+                  "search".split(),
                   "invoices email password folders pdf now dark remove invite restore empty filters".split())]
 
 # Per-example rougeL of two real runs of the support-bot recipe (where and when: the file's `about`).
@@ -137,8 +145,9 @@ def test_a_tuned_model_clearly_better_than_every_alternative_paid_off():
     assert verdict.paid_off and verdict.best_alternative == "retrieval" and verdict.n == len(REFERENCES)
     assert verdict.tuned == pytest.approx(1.0) and 0 < verdict.low < verdict.margin < verdict.high
     assert verdict.alternative == pytest.approx(score(_partial(), REFERENCES)[0]["rougeL"])
-    assert verdict.sentence() == (f"fine-tuning paid off: rougeL {verdict.margin:+.2f} over retrieval prompting "
-                                  f"({verdict.alternative:.2f}); general-text perplexity x1.08")
+    assert verdict.sentence() == (
+        f"fine-tuning paid off: rougeL {verdict.margin:+.2f} over retrieval prompting "
+        f"({verdict.alternative:.2f}); general-text perplexity x1.08")
     assert verdict.as_tags() == {tags.VERDICT: verdict.sentence(), tags.VERDICT_BEST_ALTERNATIVE: "retrieval",
                                  tags.VERDICT_PAID_OFF: "true", tags.VERDICT_DEPLOY: "tuned"}
 
@@ -150,7 +159,8 @@ def test_a_margin_within_the_noise_is_not_a_pay_off():
     verdict = decide({**_alternatives(), "tuned": _rougeL(tuned)}, "rougeL")
     assert not verdict.paid_off and verdict.best_alternative == "retrieval"
     assert verdict.low < 0 < verdict.high
-    assert "did not pay off" in verdict.sentence() and "not above the evaluation's noise" in verdict.sentence()
+    assert "did not pay off" in verdict.sentence() and ("not above the evaluation's "
+                                                        "noise") in verdict.sentence()
 
 
 def test_a_run_that_barely_trained_is_never_a_pay_off():
@@ -189,7 +199,8 @@ def test_no_alternative_or_no_evaluation_gives_no_verdict():
 
 
 def _logged_evaluation(tuned: list[str]) -> EvalResult:
-    """An evaluation result as run_evaluation builds it (table rows, answers, per-example scores), from answers."""
+    """An evaluation result as run_evaluation builds it (table rows, answers, per-example scores), from
+    answers."""
     prompts = [[{"role": "user", "content": f"Where do I find {r.split()[2]}?"}] for r in REFERENCES]
     rows = table_rows(list(zip(prompts, REFERENCES)))
     metrics: dict[str, float] = {"eval/n_examples": float(len(REFERENCES))}
@@ -210,7 +221,10 @@ def test_conclude_reads_the_logged_scores_and_tags_the_run(tracking_uri):
         mlflow.log_metric("eval/forgetting/ppl_ratio", 1.1)
     verdict = conclude(run.info.run_id, RegistryConfig().promote_if)
     logged = mlflow.MlflowClient().get_run(run.info.run_id).data
-    assert logged.tags[tags.VERDICT_PAID_OFF] == "true" and logged.tags[tags.VERDICT_BEST_ALTERNATIVE] == "retrieval"
+    assert (
+        logged.tags[tags.VERDICT_PAID_OFF] == "true"
+        and logged.tags[tags.VERDICT_BEST_ALTERNATIVE] == "retrieval"
+    )
     assert logged.tags[tags.VERDICT] == verdict.sentence()
     assert verdict.sentence().startswith("fine-tuning paid off: rougeL +")
     assert verdict.sentence().endswith("general-text perplexity x1.10")
@@ -225,64 +239,81 @@ def test_conclude_reads_the_logged_scores_and_tags_the_run(tracking_uri):
 
     # The 10-step tiny run's recorded scores, what it logged of its costs: keep the registered prompt.
     scores = {c: {"rougeL": v} for c, v in TINY.items()}
-    costs = {"fewshot": (197.5, 0.020), "optimized": (46.5, 0.011), "tuned": (46.5, 0.012)}  # as the run logged them
+    # as the run logged them
+    costs = {"fewshot": (197.5, 0.020), "optimized": (46.5, 0.011), "tuned": (46.5, 0.012)}
     with mlflow.start_run() as tiny:
         for contender, (tokens, seconds) in costs.items():
-            mlflow.log_metrics({f"eval/{contender}/prompt_tokens": tokens, f"eval/{contender}/latency_s": seconds})
+            mlflow.log_metrics({f"eval/{contender}/prompt_tokens": tokens,
+                                f"eval/{contender}/latency_s": seconds})
     run_id = tiny.info.run_id
 
     verdict = conclude(run_id, RegistryConfig().promote_if, scores, registered="support-bot")
     logged = mlflow.MlflowClient().get_run(run_id).data
     assert logged.tags[tags.VERDICT] == verdict.sentence() and logged.tags[tags.VERDICT_DEPLOY] == "optimized"
     assert logged.metrics["eval/verdict/min_gain"] == 0.05
-    assert verdict.sentence().endswith("at 46 prompt tokens an answer against the tuned model's 46, 0.011 s against "
-                                       "0.012 s; it is registered as prompts:/support-bot-prompt@candidate")
-    # Concluded again (as `mlflow-finetune evaluate --run-id` does) without the optimized prompt: keep few-shot.
+    assert verdict.sentence().endswith(
+        "at 46 prompt tokens an answer against the tuned model's 46, 0.011 s against "
+        "0.012 s; it is registered as prompts:/support-bot-prompt@candidate")
+    # Concluded again (as `mlflow-finetune evaluate --run-id` does) without the optimized prompt: keep
+    # few-shot.
     without = {c: v for c, v in scores.items() if c != "optimized"}
     verdict = conclude(run_id, None, without, min_gain=0.05)
-    assert verdict.sentence().endswith("keep few-shot prompting, which needs no fine-tuned model to keep: at 198 "
-                                       "prompt tokens an answer against the tuned model's 46, 0.020 s against 0.012 s")
+    assert verdict.sentence().endswith(
+        "keep few-shot prompting, which needs no fine-tuned model to keep: at 198 "
+        "prompt tokens an answer against the tuned model's 46, 0.020 s against 0.012 s")
     # The recipe's eval.min_gain decides: 0 asks only for the noise, and the same scores pay off.
     assert conclude(run_id, None, without, min_gain=0).paid_off
     assert mlflow.MlflowClient().get_run(run_id).data.tags[tags.VERDICT_DEPLOY] == "tuned"
 
 
-# --- the least gain that matters (eval.min_gain) -----------------------------------------------------------------
+# --- the least gain that matters (eval.min_gain)
+# -----------------------------------------------------------------
 
 
 def test_ten_steps_of_the_random_tiny_model_are_no_pay_off_and_the_optimized_prompt_is_kept():
-    # Better than few-shot beyond the noise, which is all the verdict asked before eval.min_gain, by a noise-level
-    # +0.03 on answers that are noise themselves (rougeL 0.04).
+    # Better than few-shot beyond the noise, which is all the verdict asked before eval.min_gain, by a
+    # noise-level +0.03 on answers that are noise themselves (rougeL 0.04).
     assert decide(TINY, "rougeL", min_gain=0).paid_off
     verdict = decide(TINY, "rougeL")
     assert not verdict.paid_off and verdict.min_gain == DEFAULT_MIN_GAIN == 0.05
     assert verdict.best_alternative == "fewshot" and 0 < verdict.low < verdict.margin < verdict.high < 0.05
     said = verdict.sentence()
-    assert said.startswith("fine-tuning did not pay off: rougeL +0.03 over few-shot prompting (0.01), above the "
-                           "evaluation's noise but under the least gain that matters (eval.min_gain 0.05; 95% "
-                           "interval +0.01 to +0.04 over 30 examples): the two are equivalent; keep the prompt: ")
+    assert said.startswith(
+        "fine-tuning did not pay off: rougeL +0.03 over few-shot prompting (0.01), above the "
+        "evaluation's noise but under the least gain that matters (eval.min_gain 0.05; 95% "
+        "interval +0.01 to +0.04 over 30 examples): the two are equivalent; keep the prompt: ")
     # The optimized prompt is within the gain too: keep it, not the tuned model.
     assert verdict.keep_prompt and verdict.deploy == "optimized"
     assert "the optimized prompt is within eval.min_gain of the tuned model (rougeL 0.01 vs 0.04;" in said
-    assert {k: verdict.as_tags()[k] for k in (tags.VERDICT_PAID_OFF, tags.VERDICT_KEEP_PROMPT, tags.VERDICT_DEPLOY)} \
-        == {tags.VERDICT_PAID_OFF: "false", tags.VERDICT_KEEP_PROMPT: "true", tags.VERDICT_DEPLOY: "optimized"}
+    assert {
+        k: verdict.as_tags()[k]
+        for k in (tags.VERDICT_PAID_OFF, tags.VERDICT_KEEP_PROMPT, tags.VERDICT_DEPLOY)
+    } == {tags.VERDICT_PAID_OFF: "false", tags.VERDICT_KEEP_PROMPT: "true", tags.VERDICT_DEPLOY: "optimized"}
     # No optimized prompt scored: keep the best prompt-only contender.
     without = decide({c: v for c, v in TINY.items() if c != "optimized"}, "rougeL")
-    assert without.deploy == "fewshot" and not without.keep_prompt and tags.VERDICT_KEEP_PROMPT not in without.as_tags()
-    assert without.sentence().endswith("the two are equivalent; keep few-shot prompting, which needs no fine-tuned "
-                                       "model to keep")
+    assert (
+        without.deploy == "fewshot"
+        and not without.keep_prompt
+        and tags.VERDICT_KEEP_PROMPT not in without.as_tags()
+    )
+    assert without.sentence().endswith(
+        "the two are equivalent; keep few-shot prompting, which needs no fine-tuned "
+        "model to keep")
 
 
 def test_the_readme_run_on_smollm2_still_paid_off():
     verdict = decide(SMOLLM2, "rougeL", ppl_ratio=1.07)
     assert verdict.paid_off and verdict.deploy == "tuned" and not verdict.keep_prompt
-    assert verdict.sentence() == ("fine-tuning paid off: rougeL +0.48 over retrieval prompting (0.40); general-text "
+    assert verdict.sentence() == (
+        "fine-tuning paid off: rougeL +0.48 over retrieval prompting (0.40); general-text "
                                   "perplexity x1.07")  # as before eval.min_gain
     # The default is far under what this run gained, even at the low end of its interval.
     assert verdict.low > 5 * DEFAULT_MIN_GAIN
-    # A gain larger than the margin would refuse it: the tuned model is then kept from promotion, not the prompt.
+    # A gain larger than the margin would refuse it: the tuned model is then kept from promotion, not the
+    # prompt.
     strict = decide(SMOLLM2, "rougeL", min_gain=0.5)
-    assert not strict.paid_off and strict.deploy == "optimized" and "the two are equivalent" in strict.sentence()
+    assert not strict.paid_off and strict.deploy == "optimized" and ("the two are "
+                                                                     "equivalent") in strict.sentence()
 
 
 def test_the_least_gain_is_read_on_each_metric_s_own_scale():
@@ -292,20 +323,24 @@ def test_the_least_gain_is_read_on_each_metric_s_own_scale():
     assert min_gain_for("reward", None, rewards) == pytest.approx(0.05 * 1.25)  # a share of the range scored
     assert min_gain_for("reward", {"reward": 0.3}, rewards) == 0.3  # a mapping: in the metric's own units
     assert min_gain_for("rougeL", {"reward": 0.3}, rewards) == 0.05  # a metric it does not name: the default
-    # Lower is better (misrouted: the share of answers that are another question's): the gain counts downwards.
+    # Lower is better (misrouted: the share of answers that are another question's): the gain counts
+    # downwards.
     misrouting, right = [1.0] * 8 + [0.0] * 12, [0.0] * 20
     better = decide({"base": misrouting, "tuned": right}, "misrouted")
     assert better.paid_off and better.margin == pytest.approx(0.4)
     worse = decide({"base": right, "tuned": misrouting}, "misrouted")
     assert not worse.paid_off and worse.high < 0 and worse.deploy == "base"
-    assert worse.sentence().endswith("keep zero-shot prompting, which beats the tuned model and needs no fine-tuned "
-                                     "model to keep")
+    assert worse.sentence().endswith(
+        "keep zero-shot prompting, which beats the tuned model and needs no fine-tuned "
+        "model to keep")
 
 
 def test_eval_min_gain_is_a_recipe_key_checked_before_a_run_exists():
     assert load_recipe(SUPPORT_BOT).eval.min_gain == DEFAULT_MIN_GAIN
     assert load_recipe(SUPPORT_BOT, overrides={"eval.min_gain": "0.1"}).eval.min_gain == 0.1
-    assert load_recipe(SUPPORT_BOT, overrides={"eval.min_gain": "{reward: 0.2}"}).eval.min_gain == {"reward": 0.2}
+    assert load_recipe(SUPPORT_BOT,
+                       overrides={"eval.min_gain": "{reward: 0.2}"}).eval.min_gain == {"reward": 0.2}
     for bad in ("-0.1", "big", "{rougeL: -1}", "{}"):
-        with pytest.raises(RecipeError, match=r"-P eval\.min_gain=.*eval\.min_gain: .*(number >= 0|at least one)"):
+        with pytest.raises(RecipeError,
+                           match=r"-P eval\.min_gain=.*eval\.min_gain: .*(number >= 0|at least one)"):
             load_recipe(SUPPORT_BOT, overrides={"eval.min_gain": bad})

@@ -1,8 +1,10 @@
-"""Vision fine-tuning (issue 59): a vision-language model trained on images, evaluated, logged and answering images.
+"""Vision fine-tuning (issue 59): a vision-language model trained on images, evaluated, logged and answering
+images.
 
-The task is recipes/vision-colors: every question is the same sentence, and the answer is the colour of the shape in
-the image, so a model blind to the image scores at most 1/4. The models are the built-in tiny random VLMs of three
-families (LLaVA, SmolVLM's Idefics3, Gemma 3), built locally from their config classes with their processors.
+The task is recipes/vision-colors: every question is the same sentence, and the answer is the colour of the
+shape in the image, so a model blind to the image scores at most 1/4. The models are the built-in tiny random
+VLMs of three families (LLaVA, SmolVLM's Idefics3, Gemma 3), built locally from their config classes with
+their processors.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ def _metrics(run) -> dict:
 
 
 def test_mlflow_run_trains_a_vlm_on_images_and_the_version_answers_images(tmp_path, tracking_uri):
-    """The recipe as a user runs it: `mlflow run -e lora --backend finetune` on the tiny LLaVA. The tuned model reads
-    the colour from held-out images; zero-shot and few-shot prompting cannot; the version answers images given as a
-    data URL through pyfunc, and carries what it needs (pillow, a signature taking content parts)."""
+    """The recipe as a user runs it: `mlflow run -e lora --backend finetune` on the tiny LLaVA. The tuned
+    model reads the colour from held-out images; zero-shot and few-shot prompting cannot; the version answers
+    images given as a data URL through pyfunc, and carries what it needs (pillow, a signature taking content
+    parts)."""
     project = _project(tmp_path)
     cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "lora", "--backend", "finetune",
            "--experiment-name", "vision"]
@@ -69,9 +72,13 @@ def test_mlflow_run_trains_a_vlm_on_images_and_the_version_answers_images(tmp_pa
     assert metrics["eval/tuned/exact_match"] >= 0.9, metrics
     assert metrics["eval/base/exact_match"] <= 0.25 and metrics["eval/fewshot/exact_match"] <= 0.25, metrics
     assert run.data.tags["finetune.loss_on"] == "assistant"
-    # The per-example table names each prompt's image; MLflow's evaluation view shows it (kept as an attachment).
-    table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                                artifact_path="eval/examples.json")).read_text())
+    # The per-example table names each prompt's image; MLflow's evaluation view shows it (kept as an
+    # attachment).
+    table = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="eval/examples.json")
+        ).read_text()
+    )
     images = [row[table["columns"].index("images")] for row in table["data"]]
     assert len(images) == 24 and all(Path(i).name.startswith("eval-") for i in images)
     trace = mlflow.search_traces(locations=[run.info.experiment_id], return_type="list", max_results=1)[0]
@@ -90,8 +97,8 @@ def test_mlflow_run_trains_a_vlm_on_images_and_the_version_answers_images(tmp_pa
 
 @pytest.mark.parametrize("family", FAMILIES[1:])
 def test_each_family_learns_to_read_the_image(family, tmp_path, tracking_uri):
-    """LoRA on the language model only (the tower and projector frozen) learns the image task in each family (LLaVA's
-    is the `mlflow run` above)."""
+    """LoRA on the language model only (the tower and projector frozen) learns the image task in each family
+    (LLaVA's is the `mlflow run` above)."""
     code, run = train_in_process(_project(tmp_path), tmp_path, {"model.name": family}, f"vision-{family}")
     assert code == 0 and run.info.status == "FINISHED"
     metrics = _metrics(run)
@@ -138,15 +145,16 @@ def test_a_row_too_long_with_its_image_tokens_is_refused_before_training_with_it
     from datasets import Dataset
 
     collator, tok = _collator("tiny-smolvlm", max_length=30)
-    with pytest.raises(FinetuneError, match=r"data.train row 1: a row of \d+ tokens with its images is longer than "
-                                            r"data.max_length 30"):
+    with pytest.raises(FinetuneError,
+                       match=r"data.train row 1: a row of \d+ tokens with its images is longer than "
+                             r"data.max_length 30"):
         collator.check(Dataset.from_list(_rows(2)), "data.train")
 
 
 @pytest.mark.parametrize("method", ["full", "qlora"])
 def test_full_and_qlora_with_images_log_a_model_that_answers_images(method, tmp_path, tracking_uri):
-    """-e full trains every weight; -e qlora loads the language model in 4 bits, the tower and projector in full
-    precision (models/vision.unquantized_modules)."""
+    """-e full trains every weight; -e qlora loads the language model in 4 bits, the tower and projector in
+    full precision (models/vision.unquantized_modules)."""
     code, run = train_in_process(_project(tmp_path), tmp_path, {"model.name": "tiny-llava", "epochs": 6},
                                  f"vision-{method}", method=method)
     assert code == 0 and run.info.status == "FINISHED"
@@ -159,7 +167,8 @@ def test_a_vlm_tuned_on_text_only_keeps_its_vision_tower_and_still_takes_images(
     from tests.matrix_helpers import write_chat_project
 
     project = write_chat_project(tmp_path / "text", "vlm-text")
-    code, run = train_in_process(project, tmp_path, {"model.name": "tiny-llava", "train.max_steps": 3}, "vlm-text")
+    code, run = train_in_process(project, tmp_path, {"model.name": "tiny-llava", "train.max_steps": 3},
+                                 "vlm-text")
     assert code == 0 and run.info.status == "FINISHED"
     model = mlflow.pyfunc.load_model("models:/vlm-text@challenger")
     (answer,) = model.predict([{"messages": _ask(_data_url(RED))}], params={"max_new_tokens": 4})
@@ -174,7 +183,8 @@ def test_images_for_a_text_only_model_are_refused_before_any_run(tmp_path, track
     proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(tracking_uri), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode != 0
-    assert "but tiny reads text only: name a vision-language model with model.name" in proc.stderr, proc.stderr[-3000:]
+    assert ("but tiny reads text only: name a vision-language model with "
+            "model.name") in proc.stderr, proc.stderr[-3000:]
     experiment = MlflowClient().get_experiment_by_name("vision-text-model")
     assert experiment is None or MlflowClient().search_runs([experiment.experiment_id]) == []
 
@@ -198,23 +208,26 @@ def test_serve_answers_image_requests_of_the_openai_client_streamed_or_not(tuned
     proc = cli_process("serve", "vision-colors@challenger", "--engine", "transformers", "--port", str(port))
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
         (name,) = [m.id for m in client.models.list()]
         for colour, expected in ((RED, "red"), (BLUE, "blue")):
-            answer = client.chat.completions.create(model=name, messages=_ask(_data_url(colour)), max_tokens=6,
-                                                    temperature=0.0)
+            answer = client.chat.completions.create(model=name, messages=_ask(_data_url(colour)),
+                                                    max_tokens=6, temperature=0.0)
             assert answer.choices[0].message.content.strip() == expected
-            stream = client.chat.completions.create(model=name, messages=_ask(_data_url(colour)), max_tokens=6,
-                                                    temperature=0.0, stream=True)
+            stream = client.chat.completions.create(model=name, messages=_ask(_data_url(colour)),
+                                                    max_tokens=6, temperature=0.0, stream=True)
             assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip() == expected
     finally:
         stop(proc)
 
 
 @pytest.mark.integration
-def test_a_vlm_version_answers_images_without_the_plugin_and_through_mlflow_models_serve(tuned_llava, tmp_path):
-    """The version deploys the MLflow way (tests/test_deploy.py): in an environment with the model's requirements and
-    no plugin, pyfunc and `mlflow models serve`'s /invocations answer a message with an image part."""
+def test_a_vlm_version_answers_images_without_the_plugin_and_through_mlflow_models_serve(tuned_llava,
+                                                                                         tmp_path):
+    """The version deploys the MLflow way (tests/test_deploy.py): in an environment with the model's
+    requirements and no plugin, pyfunc and `mlflow models serve`'s /invocations answer a message with an image
+    part."""
     import os
     import signal
     import urllib.request
@@ -228,16 +241,18 @@ def test_a_vlm_version_answers_images_without_the_plugin_and_through_mlflow_mode
               "assert not importlib.util.find_spec('mlflow_finetune_plugin') or 'code' in "
               "importlib.util.find_spec('mlflow_finetune_plugin').origin\n"
               "m = mlflow.pyfunc.load_model('models:/vision-colors@challenger')\n"
-              "print(json.dumps(m.predict([{'messages': json.loads(sys.argv[1])}], params={'max_new_tokens': 6})))")
-    proc = subprocess.run([str(plain_bin / "python"), "-c", script, json.dumps(_ask(_data_url(BLUE)))], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+              "print(json.dumps(m.predict([{'messages': json.loads(sys.argv[1])}], params={'max_new_tokens': "
+              "6})))")
+    proc = subprocess.run([str(plain_bin / "python"), "-c", script, json.dumps(_ask(_data_url(BLUE)))],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["blue"]
 
     port = free_port()
-    server = subprocess.Popen([str(plain_bin / "mlflow"), "models", "serve", "-m", "models:/vision-colors@challenger",
-                               "--env-manager", "local", "--port", str(port)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    server = subprocess.Popen([str(plain_bin / "mlflow"), "models", "serve", "-m",
+                               "models:/vision-colors@challenger", "--env-manager", "local", "--port",
+                               str(port)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=300)
         body = {"dataframe_records": [{"messages": _ask(_data_url(RED))}], "params": {"max_new_tokens": 6}}
@@ -251,8 +266,8 @@ def test_a_vlm_version_answers_images_without_the_plugin_and_through_mlflow_mode
 
 
 def test_a_vlm_version_exports_merged_with_its_processor(tuned_llava, tmp_path):
-    """`mlflow-finetune export`: the adapter merged into the base, with the processor, loads in plain transformers
-    and answers the image as the version does."""
+    """`mlflow-finetune export`: the adapter merged into the base, with the processor, loads in plain
+    transformers and answers the image as the version does."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

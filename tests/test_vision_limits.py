@@ -1,7 +1,7 @@
 """What a vision-language model's processor takes (issue 59): its rows counted with their image tokens by
 `mlflow-finetune data check --model`, the images it scales down said once by the run, and shots without their
-images where it takes one image per prompt. On the built-in tiny random VLMs (their processors, no weights loaded
-where only the processor is asked)."""
+images where it takes one image per prompt. On the built-in tiny random VLMs (their processors, no weights
+loaded where only the processor is asked)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from tests.helpers import REPO
 
 RECIPE = REPO / "recipes" / "vision-colors"
 FAMILIES = ["tiny-llava", "tiny-smolvlm", "tiny-gemma3-vision", "tiny-qwen2-vl"]
-# A template written for one image per conversation, as some are: it stops on the second (jinja's raise_exception).
+# A template written for one image per conversation, as some are: it stops on the second (jinja's
+# raise_exception).
 ONE_IMAGE = ("{% set seen = namespace(n=0) %}{% for message in messages %}{{ message['role'] | upper }}: "
-             "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-             "{% if part['type'] == 'image' %}{% set seen.n = seen.n + 1 %}{% if seen.n > 1 %}"
-             "{{ raise_exception('this model takes one image per conversation') }}{% endif %}<image>"
+             "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in "
+             "message['content'] %}{% if part['type'] == 'image' %}{% set seen.n = seen.n + 1 %}{% if seen.n "
+             "> 1 %}{{ raise_exception('this model takes one image per conversation') }}{% endif %}<image>"
              "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
              "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
@@ -51,8 +52,9 @@ def _check(*args) -> tuple[int, list[dict]]:
 
 
 def test_data_check_counts_image_tokens_as_the_pre_run_check_does_and_refuses_long_rows(tmp_path):
-    """The same counts as training's check before its first step (VisionCollator.check), from the processor alone:
-    rows that fit the text limit but not with their image tokens are errors with their line and the fix."""
+    """The same counts as training's check before its first step (VisionCollator.check), from the processor
+    alone: rows that fit the text limit but not with their image tokens are errors with their line and the
+    fix."""
     from mlflow_finetune_plugin.data.image_rows import VisionCollator
     from mlflow_finetune_plugin.data.read import load_training_dataset
     from mlflow_finetune_plugin.models.vision import processor_of
@@ -69,7 +71,8 @@ def test_data_check_counts_image_tokens_as_the_pre_run_check_does_and_refuses_lo
     assert report["token_stats"]["max"] == max(lengths) and report["token_stats"]["min"] == min(lengths)
     limit = max(lengths) - 1
     _, [text_only] = _check(train, "--max-length", str(limit))  # no vision model: the text's tokens alone
-    assert text_only["token_stats"]["max"] < limit  # the text fits: only the image tokens make the rows too long
+    # the text fits: only the image tokens make the rows too long
+    assert text_only["token_stats"]["max"] < limit
     code, [report] = _check(train, "--model", "tiny-llava", "--max-length", str(limit))
     longest = [i + 1 for i, n in enumerate(lengths) if n > limit]
     assert code == 1 and sorted(e["line"] for e in report["errors"]) == longest
@@ -90,7 +93,8 @@ def test_data_check_counts_preference_rows_with_trls_collator(capsys):
     from mlflow_finetune_plugin.errors import FinetuneError
     from mlflow_finetune_plugin.models.vision import processor_of
 
-    train = str(REPO / "recipes" / "vision-colors-dpo" / "data" / "train.jsonl")  # its images are vision-colors'
+    # its images are vision-colors'
+    train = str(REPO / "recipes" / "vision-colors-dpo" / "data" / "train.jsonl")
 
     code, [report] = _check(train, "--model", "tiny-llava")
     assert code == 0 and report["format"] == "preference" and report["images"]["image_tokens"]
@@ -102,7 +106,8 @@ def test_data_check_counts_preference_rows_with_trls_collator(capsys):
     collator = preference_collator(processor_of(_tokenizer("tiny-llava")), "preference")
     with pytest.raises(FinetuneError, match=rf"data.train: {len(report['errors'])} row\(s\) longer than "):
         check_preference_rows(collator, with_loaded_images(ds), longest - 1, "data.train")
-    checked_preference_rows(collator, longest, ds, None)  # DPO's and KTO's pre-run check: fits, says the sizes once
+    # DPO's and KTO's pre-run check: fits, says the sizes once
+    checked_preference_rows(collator, longest, ds, None)
     assert capsys.readouterr().out.count("96 of 96 images are larger than the processor's size") == 1
 
 
@@ -122,7 +127,8 @@ def test_data_check_without_a_vision_model_says_image_tokens_are_not_counted(tmp
     ("tiny-qwen2-vl", "at most 3136 pixels (about 56×56 px)", (57, 56), (112, 28)),
 ])
 def test_resize_limit_is_read_from_the_processors_settings(family, text, larger, not_larger):
-    """CLIP's shortest edge and crop, Idefics3's longest edge, Gemma 3's fixed size, Qwen2-VL's pixel count."""
+    """CLIP's shortest edge and crop, Idefics3's longest edge, Gemma 3's fixed size, Qwen2-VL's pixel
+    count."""
     from mlflow_finetune_plugin.models.image_limits import resize_limit
     from mlflow_finetune_plugin.models.vision import processor_of
 
@@ -142,20 +148,22 @@ def test_the_run_says_once_how_many_images_were_resized_and_to_what(tmp_path, ca
     for i, size in enumerate([(40, 40), (300, 200), (64, 900)]):
         path = tmp_path / f"{i}.png"
         Image.new("RGB", size, (200, 20, 20)).save(path)
-        rows.append({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image"},
+                                                               {"type": "text", "text": "Colour?"}]},
                                   {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
                      "images": [str(path)]})
     collator = VisionCollator(processor_of(tok), tok)
     collator.check(Dataset.from_list(rows), "data.train")
     assert collator.sizes.larger() == (2, 3)
-    assert collator.sizes.note() == ("2 of 3 images are larger than the processor's size: resized down to 56 px on the "
-                                     "short side, then cropped to 56×56 px before they reach the model (downscale "
-                                     "them beforehand to save reading time)")
+    assert collator.sizes.note() == (
+        "2 of 3 images are larger than the processor's size: resized down to 56 px on the "
+        "short side, then cropped to 56×56 px before they reach the model (downscale "
+        "them beforehand to save reading time)")
 
 
 def test_a_training_run_prints_the_resized_images_once(tmp_path, tracking_uri):
-    """The recipe's 64 px images against tiny-llava's 56 px: the run says it once, before its first step (the 96
-    training rows: with eval.enabled false no held-out rows are checked)."""
+    """The recipe's 64 px images against tiny-llava's 56 px: the run says it once, before its first step (the
+    96 training rows: with eval.enabled false no held-out rows are checked)."""
     import contextlib
 
     from tests.helpers import train_in_process
@@ -168,9 +176,10 @@ def test_a_training_run_prints_the_resized_images_once(tmp_path, tracking_uri):
                                      "vision-resized")
     assert code == 0, log.read_text()
     said = [line for line in log.read_text().splitlines() if "larger than the processor's size" in line]
-    assert said == ["96 of 96 images are larger than the processor's size: resized down to 56 px on the short side, "
-                    "then cropped to 56×56 px before they reach the model (downscale them beforehand to save reading "
-                    "time)"], said
+    assert said == [
+        "96 of 96 images are larger than the processor's size: resized down to 56 px on the short side, "
+        "then cropped to 56×56 px before they reach the model (downscale them beforehand to save reading "
+        "time)"], said
 
 
 # ---------------------------------------------------------------- several images in one prompt
@@ -207,15 +216,18 @@ def test_a_processor_that_refuses_several_images_says_so():
                 raise ValueError("at most one image per sample")
             return real(text=text, images=images, **kwargs)
 
-    assert several_images(OneImage(), tok) == "its processor refuses two images in one prompt (at most one image " \
-                                              "per sample)"
+    assert (
+        several_images(OneImage(), tok)
+        == "its processor refuses two images in one prompt (at most one image "
+        "per sample)"
+    )
 
 
 @pytest.mark.parametrize("template", [None, ONE_IMAGE], ids=["several", "one-image"])
 def test_fewshot_and_retrieval_shots_keep_their_images_only_where_the_model_takes_several(template, tmp_path,
                                                                                           capsys):
-    """End to end on tiny-llava: the few-shot and retrieval contenders answer; with a template for one image, their
-    shots go as text and the run says why; else every shot carries its image."""
+    """End to end on tiny-llava: the few-shot and retrieval contenders answer; with a template for one image,
+    their shots go as text and the run says why; else every shot carries its image."""
     from mlflow_finetune_plugin.config.schema import EvalConfig
     from mlflow_finetune_plugin.data.read import load_training_dataset
     from mlflow_finetune_plugin.evaluate.contenders import conversations, run_evaluation
@@ -229,7 +241,8 @@ def test_fewshot_and_retrieval_shots_keep_their_images_only_where_the_model_take
     held_out, _ = load_training_dataset(str(RECIPE / "data" / "eval.jsonl"))
     cfg = EvalConfig(max_examples=2, max_new_tokens=2, fewshot_k=2, traces=False, forgetting=False)
     shots = conversations(train.select(range(8)))
-    for i, conv in enumerate(shots):  # questions that differ from the held-out one: retrieval leaves equal ones out
+    # questions that differ from the held-out one: retrieval leaves equal ones out
+    for i, conv in enumerate(shots):
         conv[0]["content"] = [p if p["type"] == "image" else {"type": "text", "text": f"Colour of shape {i}?"}
                               for p in conv[0]["content"]]
     result = run_evaluation(model, tok, conversations(held_out), shots, cfg, base_model=model)
@@ -251,8 +264,9 @@ def test_fewshot_and_retrieval_shots_keep_their_images_only_where_the_model_take
 
 
 def test_shot_trimming_counts_each_shots_image_tokens():
-    """The few-shot prompt must leave room for the answer: a vision-language model's shots are counted with their
-    images' tokens (the processor's expansion), so shots whose text fits but whose images do not are dropped."""
+    """The few-shot prompt must leave room for the answer: a vision-language model's shots are counted with
+    their images' tokens (the processor's expansion), so shots whose text fits but whose images do not are
+    dropped."""
     from mlflow_finetune_plugin.data.read import load_training_dataset
     from mlflow_finetune_plugin.evaluate.contenders import conversations
     from mlflow_finetune_plugin.evaluate.shots import fit, prompt_length
@@ -268,7 +282,8 @@ def test_shot_trimming_counts_each_shots_image_tokens():
     per_image = (model_tokens - text_tokens) // 3  # the question's image and one per shot
     assert per_image > 10 and model_tokens - text_tokens == 3 * per_image
     assert prompt_length(tok, question) == len(prompt_ids(tok, question)) + per_image
-    # room for the text of both shots (a text-only count keeps them), not for their images: shots go until it fits
+    # room for the text of both shots (a text-only count keeps them), not for their images: shots go until it
+    # fits
     limit = text_tokens + per_image
     kept = fit(tok, full, question, shots, limit)
     assert kept in (fewshot_prompt(question, shots[:1]), question) and prompt_length(tok, kept) <= limit
@@ -276,16 +291,19 @@ def test_shot_trimming_counts_each_shots_image_tokens():
 
 
 def test_the_pre_run_check_refuses_rows_too_long_with_their_image_tokens_before_any_run(tmp_path):
-    """`mlflow run` on a vision-language model's recipe: its data is counted with the processor's image tokens before
-    any run exists (no weights loaded), so a max_length the text fits but the images do not is refused there."""
+    """`mlflow run` on a vision-language model's recipe: its data is counted with the processor's image tokens
+    before any run exists (no weights loaded), so a max_length the text fits but the images do not is refused
+    there."""
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.data.check import check_data
     from mlflow_finetune_plugin.data.preflight import check_recipe_data
     from mlflow_finetune_plugin.errors import FinetuneError
 
     shutil.copytree(RECIPE, tmp_path / "recipe")
-    code, [report] = _check(str(RECIPE / "data" / "train.jsonl"), "--model", "tiny-llava", "--max-length", "1024")
+    code, [report] = _check(str(RECIPE / "data" / "train.jsonl"), "--model", "tiny-llava", "--max-length",
+                            "1024")
     limit = report["token_stats"]["max"] - 1
     check_recipe_data(load_recipe(tmp_path / "recipe"), check_data)  # fits at the recipe's max_length
-    with pytest.raises(FinetuneError, match=f"longer than max_length {limit} with their image tokens \\(tiny-llava"):
+    with pytest.raises(FinetuneError,
+                       match=f"longer than max_length {limit} with their image tokens \\(tiny-llava"):
         check_recipe_data(load_recipe(tmp_path / "recipe", overrides={"data.max_length": limit}), check_data)

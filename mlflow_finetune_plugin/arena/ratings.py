@@ -1,10 +1,10 @@
 """Arena ratings: Bradley-Terry ratings of models from pairwise votes, with bootstrap 95% intervals.
 
 The method of Chatbot Arena (FastChat `fastchat/serve/monitor/elo_analysis.py`, `compute_elo_mle_with_tie` and
-`get_bootstrap_result_elo_mle_with_tie`): P(A beats B) = 1 / (1 + 10 ** ((R_B - R_A) / 400)); the ratings maximize
-the likelihood of the votes, a tie counting as half a win each way; the 95% interval of each rating is the 2.5th to
-97.5th percentile over fits to the votes resampled with replacement. On the Elo-like scale, 1000 is the average of
-the rated models. Pure numpy/scipy: nothing here knows about MLflow.
+`get_bootstrap_result_elo_mle_with_tie`): P(A beats B) = 1 / (1 + 10 ** ((R_B - R_A) / 400)); the ratings
+maximize the likelihood of the votes, a tie counting as half a win each way; the 95% interval of each rating
+is the 2.5th to 97.5th percentile over fits to the votes resampled with replacement. On the Elo-like scale,
+1000 is the average of the rated models. Pure numpy/scipy: nothing here knows about MLflow.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from mlflow_finetune_plugin.errors import FinetuneError
 SCALE, BASE, INIT_RATING = 400.0, 10.0, 1000.0
 ROUNDS = 1000          # bootstrap resamples, as the Arena's leaderboard uses
 MIN_VOTES = 10         # rated votes a model needs before its interval is trusted to separate it from another
-# A weak Gaussian prior on the (natural-scale) ratings: it keeps them finite when a model won every vote, where the
-# maximum-likelihood rating is infinite; with votes both ways it moves a rating by far less than a point.
+# A weak Gaussian prior on the (natural-scale) ratings: it keeps them finite when a model won every vote,
+# where the maximum-likelihood rating is infinite; with votes both ways it moves a rating by far less than a
+# point.
 _PRIOR = 1e-3
 _ALPHA = np.log(BASE)
 
@@ -40,7 +41,8 @@ class Rating:
     lower: float            # 95% bootstrap interval
     upper: float
     votes: int              # rated votes the model took part in
-    rank: int = 1           # 1 + the number of models rated clearly above it (their interval above its interval)
+    # 1 + the number of models rated clearly above it (their interval above its interval)
+    rank: int = 1
 
     @property
     def interval(self) -> str:
@@ -65,19 +67,22 @@ class Leaderboard:
         a, b = self.get(first), self.get(second)
         short = [f"{m} has {r.votes if r else 0}" for m, r in ((first, a), (second, b)) if self.too_few(r)]
         if short:
-            return None, f"too few votes to separate: {', '.join(short)} (at least {self.min_votes} each needed)"
+            return None, (f"too few votes to separate: {', '.join(short)} (at least {self.min_votes} each "
+                          "needed)")
         top, low = (a, b) if a.rating >= b.rating else (b, a)
         if top.lower > low.upper:
             return top.model, f"{top.model} ahead: {top.interval} above {low.interval}"
         return None, f"too few votes to separate: 95% intervals overlap ({a.interval} and {b.interval})"
 
 
-def rate(battles: list[Battle], rounds: int = ROUNDS, seed: int = 0, min_votes: int = MIN_VOTES) -> Leaderboard:
-    """Bradley-Terry ratings of every model in `battles` with bootstrap intervals; the same votes and seed give the
-    same table. A battle of a model against itself says nothing and is left out."""
+def rate(battles: list[Battle], rounds: int = ROUNDS, seed: int = 0,
+         min_votes: int = MIN_VOTES) -> Leaderboard:
+    """Bradley-Terry ratings of every model in `battles` with bootstrap intervals; the same votes and seed
+    give the same table. A battle of a model against itself says nothing and is left out."""
     if rounds < 100:
-        raise FinetuneError(f"bootstrap rounds={rounds}: a 95% interval needs at least 100 resamples (default "
-                            f"{ROUNDS})")
+        raise FinetuneError(
+            f"bootstrap rounds={rounds}: a 95% interval needs at least 100 resamples (default "
+            f"{ROUNDS})")
     board = Leaderboard(rounds=rounds, seed=seed, min_votes=min_votes)
     battles = [b for b in battles if b.model_a != b.model_b]
     if not battles:
@@ -94,8 +99,8 @@ def rate(battles: list[Battle], rounds: int = ROUNDS, seed: int = 0, min_votes: 
     point = _fit(design, outcomes, weights[None, :])[0]
     # Resampling the votes with replacement = drawing the counts of the distinct votes from a multinomial.
     resampled = np.random.default_rng(seed).multinomial(len(battles), weights / weights.sum(), size=rounds)
-    lower, upper = np.percentile(_elo(_fit(design, outcomes, resampled.astype(np.float64), start=point)), [2.5, 97.5],
-                                 axis=0)
+    lower, upper = np.percentile(_elo(_fit(design, outcomes, resampled.astype(np.float64), start=point)),
+                                 [2.5, 97.5], axis=0)
     votes = np.bincount(matchups.ravel(), weights=np.repeat(weights, 2), minlength=len(models))
     board.ratings = sorted((Rating(m, float(_elo(point)[i]), float(lower[i]), float(upper[i]), int(votes[i]))
                             for i, m in enumerate(models)), key=lambda r: (-r.rating, r.model))
@@ -108,11 +113,14 @@ def _elo(natural: np.ndarray) -> np.ndarray:
     return SCALE * natural + INIT_RATING
 
 
-def _fit(design: np.ndarray, outcomes: np.ndarray, weights: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
+def _fit(design: np.ndarray, outcomes: np.ndarray, weights: np.ndarray,
+         start: np.ndarray | None = None) -> np.ndarray:
     """Natural-scale ratings maximizing the (weakly regularized) Bradley-Terry likelihood, one row per row of
-    `weights` (counts of the distinct votes); each row sums to zero. `design` has +1 for model A, -1 for model B.
+    `weights` (counts of the distinct votes); each row sums to zero. `design` has +1 for model A, -1 for model
+    B.
 
-    The fits are independent, so they are solved as one problem: one optimizer run instead of one per resample."""
+    The fits are independent, so they are solved as one problem: one optimizer run instead of one per
+    resample."""
     from scipy.optimize import minimize
 
     n_fits, n_models = len(weights), design.shape[1]

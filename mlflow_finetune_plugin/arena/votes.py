@@ -1,14 +1,15 @@
 """Playground votes in MLflow, their win rates and arena ratings, and preference data made from them.
 
-Each vote is one finished run in the experiment `playground-votes`: tags say which registered model and which two
-versions were compared and the verdict (searchable, and what the win rates are computed from); params hold the
-generation settings; `vote.json` holds the prompt, both conversations and both answers. Images shown to the models
-are logged under the run's `images/` and referred to in `vote.json` as OpenAI `image_url` parts holding their
-`runs:/RUN/images/SHA256.EXT` URIs: the vote keeps them wherever the tracking server is. `export` turns the votes
-with a winner into prompt/chosen/rejected rows that `mlflow-finetune data check --format preference` and the
-`dpo` and `reward` entry points take, or (`--format kto`) every vote into one thumbs-up/down row per answer, the
-`kto` entry point's unpaired preference data; their images are downloaded into an `images/` folder beside the
-output file, and the rows refer to them by relative path (`data/images.py` reads them from the file's folder).
+Each vote is one finished run in the experiment `playground-votes`: tags say which registered model and which
+two versions were compared and the verdict (searchable, and what the win rates are computed from); params hold
+the generation settings; `vote.json` holds the prompt, both conversations and both answers. Images shown to
+the models are logged under the run's `images/` and referred to in `vote.json` as OpenAI `image_url` parts
+holding their `runs:/RUN/images/SHA256.EXT` URIs: the vote keeps them wherever the tracking server is.
+`export` turns the votes with a winner into prompt/chosen/rejected rows that `mlflow-finetune data check
+--format preference` and the `dpo` and `reward` entry points take, or (`--format kto`) every vote into one
+thumbs-up/down row per answer, the `kto` entry point's unpaired preference data; their images are downloaded
+into an `images/` folder beside the output file, and the rows refer to them by relative path (`data/images.py`
+reads them from the file's folder).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class Comparison:
     settings: dict
     blind: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-    traces: list[str | None] = field(default_factory=list)  # the two answers' trace ids (`playground --trace`), A then B
+    # the two answers' trace ids (`playground --trace`), A then B
+    traces: list[str | None] = field(default_factory=list)
 
     @property
     def prompt(self) -> str:
@@ -78,7 +80,8 @@ def _experiment_id(client, experiment: str) -> str:
         return client.get_experiment_by_name(experiment).experiment_id
 
 
-def log_vote(comparison: Comparison, verdict: str, user: str | None = None, experiment: str = EXPERIMENT) -> str:
+def log_vote(comparison: Comparison, verdict: str, user: str | None = None,
+             experiment: str = EXPERIMENT) -> str:
     """Log one vote as a finished run; returns its run id. Thread-safe (no active-run state)."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
@@ -87,15 +90,16 @@ def log_vote(comparison: Comparison, verdict: str, user: str | None = None, expe
     c = comparison
     client = MlflowClient()
     vote_tags = {tags.VOTE_MODEL: c.name, tags.VOTE_MODEL_A: c.model_a, tags.VOTE_MODEL_B: c.model_b,
-                 tags.VOTE_VERDICT: verdict, tags.VOTE_BLIND: str(c.blind).lower(), tags.VOTE_COMPARISON: c.id,
-                 tags.VOTE_USER: user or "", tags.VOTE_PROMPT: c.prompt[:500]}
+                 tags.VOTE_VERDICT: verdict, tags.VOTE_BLIND: str(c.blind).lower(),
+                 tags.VOTE_COMPARISON: c.id, tags.VOTE_USER: user or "", tags.VOTE_PROMPT: c.prompt[:500]}
     run = client.create_run(_experiment_id(client, experiment), tags=vote_tags,
                             run_name=f"{c.model_a} vs {c.model_b}: {verdict}")
     run_id = run.info.run_id
     try:
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(c.settings.items())])
         logged = _with_logged_images(client, run_id, [c.context_a, c.context_b])
-        record = {**asdict(c), "context_a": logged[0], "context_b": logged[1], "verdict": verdict, "user": user}
+        record = {**asdict(c), "context_a": logged[0], "context_b": logged[1], "verdict": verdict,
+                  "user": user}
         client.log_dict(run_id, record, VOTE_FILE)
     except Exception:
         client.set_terminated(run_id, "FAILED")
@@ -139,7 +143,8 @@ class PairSummary:
 
     @property
     def first_win_rate(self) -> float | None:
-        """(wins + half the ties) / decided-or-tied votes; 'both bad' votes say nothing about which is better."""
+        """(wins + half the ties) / decided-or-tied votes; 'both bad' votes say nothing about which is
+        better."""
         n = self.first_wins + self.second_wins + self.ties
         return (self.first_wins + 0.5 * self.ties) / n if n else None
 
@@ -149,7 +154,8 @@ def read_votes(name: str, experiment: str = EXPERIMENT) -> list[tuple[str, str, 
     votes = []
     for run in _vote_runs(name, experiment):
         on_run = run.data.tags
-        a, b, verdict = on_run.get(tags.VOTE_MODEL_A), on_run.get(tags.VOTE_MODEL_B), on_run.get(tags.VOTE_VERDICT)
+        a, b, verdict = on_run.get(tags.VOTE_MODEL_A), on_run.get(tags.VOTE_MODEL_B), on_run.get(
+            tags.VOTE_VERDICT)
         if a and b and verdict in VERDICTS:
             votes.append((a, b, verdict))
     return votes
@@ -203,7 +209,8 @@ PAIR_HEADERS = [*SUMMARY_HEADERS, "separated"]
 def leaderboard_rows(board: arena.Leaderboard) -> list[list]:
     """The ratings as table rows (LEADERBOARD_HEADERS), best first."""
     return [[r.rank, r.model, round(r.rating), r.interval, r.votes,
-             f"too few votes (fewer than {board.min_votes})" if board.too_few(r) else ""] for r in board.ratings]
+             "too few votes (fewer than "
+             f"{board.min_votes})" if board.too_few(r) else ""] for r in board.ratings]
 
 
 def pair_rows(votes: list[tuple[str, str, str]], board: arena.Leaderboard) -> list[list]:
@@ -220,7 +227,8 @@ class ExportResult:
 
     def report(self) -> str:
         skipped = "; ".join(f"{n} {why}" for why, n in self.skipped.items())
-        return f"Wrote {self.written} {self.what} to {self.path}" + (f" (skipped {skipped})" if skipped else "")
+        return f"Wrote {self.written} {self.what} to {self.path}" + (f" (skipped {skipped})" if skipped
+                                                                     else "")
 
 
 # --format kto: which answers of a vote are desirable (KTO's label), per verdict. A tie says both answers are
@@ -230,12 +238,13 @@ KTO_LABELS = {"a": (True, False), "b": (False, True), "tie": (True, True), "both
 
 def export(name: str, out: str | Path, experiment: str = EXPERIMENT, fmt: str = "preference") -> ExportResult:
     """Write the votes of `name` as JSONL: `preference` (the votes with a winner, as chat-form pairs
-    {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]}) or `kto` (every vote, one
-    {"prompt", "completion", "label"} row per answer, labelled by `KTO_LABELS`; an answer given twice to one prompt
-    is written once, and not at all when the votes disagree about it)."""
+    {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]}) or `kto` (every vote,
+    one {"prompt", "completion", "label"} row per answer, labelled by `KTO_LABELS`; an answer given twice to
+    one prompt is written once, and not at all when the votes disagree about it)."""
     if fmt not in ("preference", "kto"):
         raise FinetuneError(f"unknown export format {fmt!r}: use preference or kto")
-    result = ExportResult(Path(out), what="preference pairs" if fmt == "preference" else "thumbs-up/down rows")
+    result = ExportResult(Path(out),
+                          what="preference pairs" if fmt == "preference" else "thumbs-up/down rows")
     rows = []
 
     def skip(why: str) -> None:
@@ -262,8 +271,9 @@ def export(name: str, out: str | Path, experiment: str = EXPERIMENT, fmt: str = 
     if not rows:
         total = sum(result.skipped.values())
         wanted = "a winner" if fmt == "preference" else "a readable answer"
-        raise FinetuneError(f"no {result.what} for {name!r} in experiment {experiment!r} ({total} votes, none with "
-                            f"{wanted} on a shared prompt): vote in the playground first")
+        raise FinetuneError(
+            f"no {result.what} for {name!r} in experiment {experiment!r} ({total} votes, none with "
+            f"{wanted} on a shared prompt): vote in the playground first")
     result.path.parent.mkdir(parents=True, exist_ok=True)
     with open(result.path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -299,7 +309,8 @@ def _kto_rows(vote: dict, verdict: str, skip) -> list[dict]:
         if not answer.strip():
             skip("empty answers")
             continue
-        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": answer}], "label": label})
+        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": answer}],
+                     "label": label})
     return rows
 
 
@@ -308,7 +319,8 @@ def _agreed(rows: list[dict], skip) -> list[dict]:
     left out (the data check would flag it as a contradiction)."""
     labels: dict[str, set] = {}
     for row in rows:
-        labels.setdefault(json.dumps([row["prompt"], row["completion"]], sort_keys=True), set()).add(row["label"])
+        labels.setdefault(json.dumps([row["prompt"], row["completion"]], sort_keys=True),
+                          set()).add(row["label"])
     out, seen = [], set()
     for row in rows:
         key = json.dumps([row["prompt"], row["completion"]], sort_keys=True)
@@ -323,9 +335,9 @@ def _agreed(rows: list[dict], skip) -> list[dict]:
 
 
 def _with_logged_images(client, run_id: str, conversations: list[list[dict]]) -> list[list[dict]]:
-    """The conversations with each local image (an `image_url` part holding a file path: the playground's stored
-    copies, named by content) logged under the run's VOTE_IMAGES once and referred to by its `runs:/` URI; data URLs
-    and http(s) URLs stay as they are."""
+    """The conversations with each local image (an `image_url` part holding a file path: the playground's
+    stored copies, named by content) logged under the run's VOTE_IMAGES once and referred to by its `runs:/`
+    URI; data URLs and http(s) URLs stay as they are."""
     uris: dict[str, str] = {}
 
     def logged(url: str) -> str:
@@ -341,8 +353,8 @@ def _with_logged_images(client, run_id: str, conversations: list[list[dict]]) ->
 
 def _with_local_images(rows: list[dict], folder: Path, skip) -> list[dict]:
     """The rows with each image of their prompt downloaded (from its vote's run; once per image) into
-    `folder`/VOTE_IMAGES and referred to by its path relative to `folder`, the export's own folder: the file and its
-    images move together. A row whose image cannot be fetched is left out."""
+    `folder`/VOTE_IMAGES and referred to by its path relative to `folder`, the export's own folder: the file
+    and its images move together. A row whose image cannot be fetched is left out."""
     import mlflow
 
     local: dict[str, str] = {}
@@ -387,4 +399,5 @@ def _is_inline(url: str) -> bool:
 
 def _clean(messages: list[dict]) -> list[dict]:
     """role/content only, no empty messages (an empty system prompt is no system prompt)."""
-    return [{"role": m["role"], "content": m["content"]} for m in messages if str(m.get("content") or "").strip()]
+    return [{"role": m["role"], "content": m["content"]} for m in messages
+            if str(m.get("content") or "").strip()]

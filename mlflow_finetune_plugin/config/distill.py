@@ -13,13 +13,14 @@ MODELS_PREFIX = "models:/"
 
 
 def is_registered(teacher: str) -> bool:
-    """A teacher that is a registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`), run in this process."""
+    """A teacher that is a registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`), run in this
+    process."""
     return teacher.startswith(MODELS_PREFIX)
 
 
 class TeacherConfig(Section):
-    """A teacher model and how it is asked: an OpenAI-compatible server, or a registered model run here. Shared by
-    `distill:` (it answers prompts) and `questions:` (it writes questions from documents)."""
+    """A teacher model and how it is asked: an OpenAI-compatible server, or a registered model run here.
+    Shared by `distill:` (it answers prompts) and `questions:` (it writes questions from documents)."""
 
     # The recipe section it is read from: the teacher's errors name its keys there (`distill.teacher`, ...).
     SECTION: ClassVar[str] = "distill"
@@ -52,15 +53,16 @@ class TeacherConfig(Section):
             if not rest or ("@" not in rest and "/" not in rest):
                 raise ValueError("a registered teacher is models:/NAME@ALIAS or models:/NAME/VERSION")
         elif not value.startswith(("http://", "https://")):
-            raise ValueError("expected an OpenAI-compatible base URL (http://HOST:PORT/v1) or a registered model "
-                             "(models:/NAME@ALIAS, models:/NAME/VERSION)")
+            raise ValueError(
+                "expected an OpenAI-compatible base URL (http://HOST:PORT/v1) or a registered model "
+                "(models:/NAME@ALIAS, models:/NAME/VERSION)")
         return value
 
 
 class DistillConfig(TeacherConfig):
     """The teacher that answers the prompts of `data.train` (and `data.eval`): a file of prompts or chats, or
-    `traces:EXPERIMENT`. Its answers are cached (a rerun or a resumed run asks only for prompts not answered yet)
-    and logged with the run as `distill/answers.jsonl`."""
+    `traces:EXPERIMENT`. Its answers are cached (a rerun or a resumed run asks only for prompts not answered
+    yet) and logged with the run as `distill/answers.jsonl`."""
 
     loss: Literal["text", "logits"] = Field(
         "text", description="`text`: the teacher's answers as text; `logits`: also KL(teacher || student) "

@@ -13,16 +13,18 @@ from mlflow_finetune_plugin.config.section import Section
 
 # The document files `data.documents` reads, by suffix.
 DOCUMENT_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".html", ".htm", ".pdf")
-# What to do when data.documents is set and data.train holds no question rows (recipe loading and the preflight).
-NO_QUESTIONS = ("data.documents gives the documents, but nothing gives the questions: give data.train question rows "
-                "(with `source` keys naming the document each answer comes from), or a questions.teacher to write "
-                "them from the chunks (docs/documents.md)")
+# What to do when data.documents is set and data.train holds no question rows (recipe loading and the
+# preflight).
+NO_QUESTIONS = (
+    "data.documents gives the documents, but nothing gives the questions: give data.train question rows "
+    "(with `source` keys naming the document each answer comes from), or a questions.teacher to write "
+    "them from the chunks (docs/documents.md)")
 
 
 class RetrievalConfig(Section):
-    """Retrieval over the chunks of `data.documents`: the `rag` contender (the base model with the top-k chunks in
-    its prompt), the `tuned-rag` contender (the tuned model with them), training RAFT-style, and what a version
-    trained this way carries and does when served."""
+    """Retrieval over the chunks of `data.documents`: the `rag` contender (the base model with the top-k
+    chunks in its prompt), the `tuned-rag` contender (the tuned model with them), training RAFT-style, and
+    what a version trained this way carries and does when served."""
 
     k: int = Field(3, ge=1, description="chunks put in the prompt, most similar first")
     embedding: str | None = Field(
@@ -41,8 +43,8 @@ class RetrievalConfig(Section):
 
 
 class QuestionsConfig(TeacherConfig):
-    """A teacher that writes question-answer rows from the chunks of `data.documents`, asked once per chunk; each
-    answer must quote its chunk, and rows whose quote is not in it are dropped and counted."""
+    """A teacher that writes question-answer rows from the chunks of `data.documents`, asked once per chunk;
+    each answer must quote its chunk, and rows whose quote is not in it are dropped and counted."""
 
     SECTION: ClassVar[str] = "questions"
     per_chunk: int = Field(3, ge=1, description="questions asked for per chunk (at most)")

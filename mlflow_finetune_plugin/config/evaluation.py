@@ -1,5 +1,5 @@
-"""`eval`: what is scored after training, against which prompt-only contenders, and how the `optimized` contender's
-prompt search is bounded (`eval.optimize`; the search itself is `evaluate/prompt_search.py`)."""
+"""`eval`: what is scored after training, against which prompt-only contenders, and how the `optimized`
+contender's prompt search is bounded (`eval.optimize`; the search itself is `evaluate/prompt_search.py`)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ PROMPT_CONTENDERS = ("base", "fewshot", "retrieval", "optimized")
 
 
 def general_text_file(value, bundled: str):
-    """A key that names general text (`data.replay`, `eval.forgetting`): true, false, or a .txt / .jsonl file."""
+    """A key that names general text (`data.replay`, `eval.forgetting`): true, false, or a .txt / .jsonl
+    file."""
     if isinstance(value, str) and not value.endswith((".txt", ".jsonl")):
         raise ValueError(f"expected true ({bundled}), false (off) or a .txt / .jsonl file of general text")
     return value
 
 
 class OptimizeConfig(Section):
-    """The `optimized` contender: instructions x shot sets searched on a dev split of the train rows, the best one
-    answering the held-out rows."""
+    """The `optimized` contender: instructions x shot sets searched on a dev split of the train rows, the best
+    one answering the held-out rows."""
 
     dev_rows: int = Field(
         8, ge=2, description="train rows held apart to score the optimized contender's candidates on (never "
@@ -56,8 +57,9 @@ class OptimizeConfig(Section):
     @classmethod
     def _proposer(cls, value):
         if value is not None and (is_registered(value) or not value.startswith(("http://", "https://"))):
-            raise ValueError("use an OpenAI-compatible base URL (http://HOST:PORT/v1); for a registered model, serve "
-                             "it with `mlflow-finetune serve` and give its URL")
+            raise ValueError(
+                "use an OpenAI-compatible base URL (http://HOST:PORT/v1); for a registered model, serve "
+                "it with `mlflow-finetune serve` and give its URL")
         return value
 
 
@@ -101,28 +103,33 @@ class EvalConfig(Section):
                           "sweep's trials); printed when used; the tuned model always answers "
                           "([methods.md](methods.md#the-optimized-prompt-optimized-the-contender-a-prompt-engineer-would-bring))")
     teacher_params: int | None = Field(
-        None, gt=0, description="parameters of the teacher whose answers the held-out rows carry (row key "
-                                "`teacher`), for its `params` cost column and the verdict's parameter "
-                                "ratio; null: the rows' own `teacher.params` where a registered `-e "
-                                "distill` teacher wrote it, else unknown, and the verdict says so "
-                                "([methods.md](methods.md#retrieval-prompting-and-the-verdict-did-fine-tuning-pay-off))")
+        None,
+        gt=0,
+        description="parameters of the teacher whose answers the held-out rows carry (row key "
+        "`teacher`), for its `params` cost column and the verdict's parameter "
+        "ratio; null: the rows' own `teacher.params` where a registered `-e "
+        "distill` teacher wrote it, else unknown, and the verdict says so "
+        "([methods.md](methods.md#retrieval-prompting-and-the-verdict-did-fine-tuning-pay-off))",
+    )
     output_format: Literal["text", "json"] = Field(
         "text", description="json: also score `json_valid`, the share of answers that parse (and fit "
                             "`json_schema`)")
     json_schema: dict | None = Field(
         None, description="JSON Schema the answers must conform to (with `output_format: json`)")
     min_gain: float | dict[str, float] = Field(
-        DEFAULT_MIN_GAIN, description="the least gain over the best prompt-only contender that counts as "
-                                      "fine-tuning paying off, beside the bootstrap's interval above 0 (the "
-                                      "default promotion gate follows that verdict). A number: on a metric "
-                                      "scored 0-1 (`rougeL`, `exact_match`, `token_f1`, `chrf`, "
-                                      "`fact_recall`, `json_valid`, `pair_accuracy`, `misrouted`, ...) in "
-                                      "its units; on another (`reward`) a share of the range its "
-                                      "per-example scores span across the contenders. A mapping gives named "
-                                      "metrics their gain in their own units (`{reward: 0.2}`); others take "
-                                      "0.05 as above. 0: any gain beyond the noise pays off. Logged as "
-                                      "`eval/verdict/min_gain`; the default and the runs it was chosen by: "
-                                      "[methods.md](methods.md#retrieval-prompting-and-the-verdict-did-fine-tuning-pay-off)")
+        DEFAULT_MIN_GAIN,
+        description="the least gain over the best prompt-only contender that counts as "
+        "fine-tuning paying off, beside the bootstrap's interval above 0 (the "
+        "default promotion gate follows that verdict). A number: on a metric "
+        "scored 0-1 (`rougeL`, `exact_match`, `token_f1`, `chrf`, "
+        "`fact_recall`, `json_valid`, `pair_accuracy`, `misrouted`, ...) in "
+        "its units; on another (`reward`) a share of the range its "
+        "per-example scores span across the contenders. A mapping gives named "
+        "metrics their gain in their own units (`{reward: 0.2}`); others take "
+        "0.05 as above. 0: any gain beyond the noise pays off. Logged as "
+        "`eval/verdict/min_gain`; the default and the runs it was chosen by: "
+        "[methods.md](methods.md#retrieval-prompting-and-the-verdict-did-fine-tuning-pay-off)",
+    )
     forgetting: bool | str = Field(
         True, description="loss and perplexity of base and tuned on general text (`eval/forgetting/*`): "
                           "true: the bundled set; a `.txt` (paragraphs split by blank lines) or `.jsonl` "
@@ -136,8 +143,8 @@ class EvalConfig(Section):
             raise ValueError("give a number (e.g. 0.05) or {metric: gain} naming at least one metric")
         if any(isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0 for g in gains):
             raise ValueError(f"expected a number >= 0 (e.g. 0.05; 0: any gain beyond the noise pays off) or "
-                             f"{{metric: number >= 0}}, got {value!r}; a gain is a difference in the metric's "
-                             "better direction")
+                             f"{{metric: number >= 0}}, got {value!r}; a gain is a difference in the "
+                             "metric's better direction")
         return value
 
     @field_validator("forgetting")

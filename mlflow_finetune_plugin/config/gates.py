@@ -18,9 +18,9 @@ class Gate(Section):
                     "`eval/<metric>` (`forgetting/ppl_ratio`), `arena_above` compares playground ratings")
     beats: list[str] = Field(
         ["base", "fewshot", "retrieval", "rag", "optimized", "champion"],
-        description="`base`, `fewshot`, `retrieval`, `rag`, `optimized` (same run; named here, a contender the run "
-                    "did not score fails the gate; left at the default, it is passed over with the run's "
-                    "reason), `champion` (holder of the alias being moved), `@alias`, or a version")
+        description="`base`, `fewshot`, `retrieval`, `rag`, `optimized` (same run; named here, a contender "
+                    "the run did not score fails the gate; left at the default, it is passed over with the "
+                    "run's reason), `champion` (holder of the alias being moved), `@alias`, or a version")
     margin: float = Field(0.0, ge=0, description="absolute improvement required (0: not worse)")
     mode: Literal["max", "min"] | None = Field(
         None, json_schema_extra={"default_text": "empty (min for loss/perplexity, else max)"},
@@ -44,7 +44,8 @@ class Gate(Section):
     def _limit_compares_with_nothing(cls, data):
         if isinstance(data, dict) and (data.get("at_most") is not None or data.get("at_least") is not None):
             if data.get("beats"):
-                raise ValueError("a gate with at_most/at_least checks a limit and beats nothing; drop `beats` "
-                                 "(or write the comparison as a gate of its own)")
+                raise ValueError(
+                    "a gate with at_most/at_least checks a limit and beats nothing; drop `beats` "
+                    "(or write the comparison as a gate of its own)")
             data = {**data, "beats": []}
         return data

@@ -1,9 +1,10 @@
-"""Loading the recipe: `finetune.yaml`, the entry point's preset and the `-P` overrides, validated into a `Recipe`
-(`schema.py`) at once; and the resolved recipe back out as plain data (YAML, a content hash, MLflow params).
+"""Loading the recipe: `finetune.yaml`, the entry point's preset and the `-P` overrides, validated into a
+`Recipe` (`schema.py`) at once; and the resolved recipe back out as plain data (YAML, a content hash, MLflow
+params).
 
 Unknown keys are errors that list the valid keys and suggest the nearest one; every problem in the file and in
-the `-P` overrides is reported at once, with the YAML line where there is one, together with the files the recipe
-names that do not exist and the combinations that cannot train (`checks.py`), before any model loads.
+the `-P` overrides is reported at once, with the YAML line where there is one, together with the files the
+recipe names that do not exist and the combinations that cannot train (`checks.py`), before any model loads.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ from mlflow_finetune_plugin.errors import RecipeError
 
 def load_recipe(project_dir: str | os.PathLike, method: str | None = None,
                 overrides: dict[str, Any] | None = None, path: str | None = None) -> Recipe:
-    """Load `finetune.yaml` from `project_dir`, apply the entry point's preset and the `-P` overrides, and validate
-    everything at once.
+    """Load `finetune.yaml` from `project_dir`, apply the entry point's preset and the `-P` overrides, and
+    validate everything at once.
 
     Data paths are made absolute against the project folder; the registry name defaults to the folder's name.
     Raises RecipeError listing every problem.
@@ -69,7 +70,8 @@ def load_recipe(project_dir: str | os.PathLike, method: str | None = None,
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise RecipeError([f"{where}invalid YAML: {getattr(e, 'problem', e)}"], str(recipe_path)) from None
+            raise RecipeError([f"{where}invalid YAML: {getattr(e, 'problem', e)}"],
+                              str(recipe_path)) from None
         if not isinstance(raw, dict):
             raise RecipeError([f"the top level must be a mapping of sections, got {type(raw).__name__}"],
                               str(recipe_path))
@@ -91,7 +93,8 @@ def load_recipe(project_dir: str | os.PathLike, method: str | None = None,
     if not isinstance(method, str) or method not in presets.PRESETS:
         problems.append(f"method: unknown method {method!r}. Valid methods: {', '.join(presets.PRESETS)}"
                         + (_suggest(method, presets.PRESETS) if isinstance(method, str) else ""))
-        raw, over, method = {**raw, "method": "lora"}, {k: v for k, v in over.items() if k != "method"}, "lora"
+        raw, over, method = {**raw, "method": "lora"}, {k: v for k,
+                                                        v in over.items() if k != "method"}, "lora"
     problems.extend(_legacy_key_problems(raw, over, lines))
     adapter = presets.adapter_type(method, raw, over)
     axes, origin = presets.to_axes(presets.without_foreign_adapter(raw, adapter), method, adapter)
@@ -109,10 +112,10 @@ def load_recipe(project_dir: str | os.PathLike, method: str | None = None,
 
 
 def _replay_for_entry_point(raw: dict, over: dict, merged: dict, recipe_name: str) -> None:
-    """`data.replay`, written in the recipe for supervised fine-tuning, gives way with a one-line note where the entry
-    point cannot use it: off for an objective other than sft (`-e dpo`), and `replay_loss: kl` becomes `lm` for a full
-    fine-tune (kl compares with the base, the adapter switched off). Given with `-P` together with such an entry point,
-    it is refused (`checks.py`)."""
+    """`data.replay`, written in the recipe for supervised fine-tuning, gives way with a one-line note where
+    the entry point cannot use it: off for an objective other than sft (`-e dpo`), and `replay_loss: kl`
+    becomes `lm` for a full fine-tune (kl compares with the base, the adapter switched off). Given with `-P`
+    together with such an entry point, it is refused (`checks.py`)."""
     written = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     given = over.get("data") if isinstance(over.get("data"), dict) else {}
     data = merged.get("data") if isinstance(merged.get("data"), dict) else {}
@@ -121,20 +124,22 @@ def _replay_for_entry_point(raw: dict, over: dict, merged: dict, recipe_name: st
     objective = merged.get("objective", "sft")
     if objective != "sft":
         data["replay"] = False
-        print(f"Note: data.replay is off for objective {objective} (replayed text trains sft's language-model "
-              f"loss); {recipe_name} replays it for sft.", file=sys.stderr)
+        print(
+            f"Note: data.replay is off for objective {objective} (replayed text trains sft's language-model "
+            f"loss); {recipe_name} replays it for sft.", file=sys.stderr)
     elif data.get("replay_loss") == "kl" and "replay_loss" not in given and \
             isinstance(merged.get("adapter"), dict) and merged["adapter"].get("type") == "full":
         data["replay_loss"] = "lm"
-        print("Note: data.replay_loss is lm for the full fine-tune: kl compares with the base model, which is the "
-              f"adapter switched off, and a full fine-tune has none; {recipe_name} sets kl for adapters.",
-              file=sys.stderr)
+        print(
+            "Note: data.replay_loss is lm for the full fine-tune: kl compares with the base model, which is "
+            f"the adapter switched off, and a full fine-tune has none; {recipe_name} sets kl for adapters.",
+            file=sys.stderr)
 
 
 def _reward_model_name(over: dict, merged: dict, project_dir: Path) -> None:
-    """A reward model is registered apart from the chat models of the same recipe (`-e reward` on the dpo recipe):
-    as `<registry.name>-rm`, unless the name was given with -P or already ends in -rm. Otherwise `NAME@challenger`
-    would move to a model that scores instead of chatting.
+    """A reward model is registered apart from the chat models of the same recipe (`-e reward` on the dpo
+    recipe): as `<registry.name>-rm`, unless the name was given with -P or already ends in -rm. Otherwise
+    `NAME@challenger` would move to a model that scores instead of chatting.
     Its promotion gates default to what it logs (REWARD_GATES): gates written for the recipe's chat models, on
     metrics a reward model never logs (rougeL, forgetting), give way with a note; gates given with -P stay."""
     if merged.get("objective") != "reward" or not isinstance(merged.get("registry", {}), dict):
@@ -147,20 +152,24 @@ def _reward_model_name(over: dict, merged: dict, project_dir: Path) -> None:
     if "promote_if" in given:
         return
     written = registry.get("promote_if")
-    if isinstance(written, list) and any(isinstance(g, dict) and str(g.get("metric", "")).removeprefix("eval/")
-                                         .removeprefix("tuned/") in REWARD_METRICS for g in written):
+    if isinstance(written, list) and any(
+        isinstance(g, dict)
+        and str(g.get("metric", "")).removeprefix("eval/").removeprefix("tuned/") in REWARD_METRICS
+        for g in written
+    ):
         return
     if written:
-        print(f"Note: registry.promote_if names no metric a reward model logs ({', '.join(REWARD_METRICS)}); a "
-              f"reward run gates on {REWARD_GATES[0]['metric']} instead.", file=sys.stderr)
+        print(
+            f"Note: registry.promote_if names no metric a reward model logs ({', '.join(REWARD_METRICS)}); a "
+            f"reward run gates on {REWARD_GATES[0]['metric']} instead.", file=sys.stderr)
     registry["promote_if"] = [dict(g) for g in REWARD_GATES]
 
 
 def _unpack_for_adapter(raw: dict, over: dict, merged: dict, adapter: str | None, recipe_name: str) -> None:
-    """`data.packing: true`, written in the recipe for an adapter that packs, is turned off with a one-line note
-    when the entry point (or `-P adapter.type`) trains one that cannot (`-e prefix` on a recipe packed for LoRA).
-    Asked for together with such an adapter, in the recipe itself or with `-P data.packing=true`, it is refused
-    (`checks.py`), since nothing the user wrote then says which of the two should give way."""
+    """`data.packing: true`, written in the recipe for an adapter that packs, is turned off with a one-line
+    note when the entry point (or `-P adapter.type`) trains one that cannot (`-e prefix` on a recipe packed
+    for LoRA). Asked for together with such an adapter, in the recipe itself or with `-P data.packing=true`,
+    it is refused (`checks.py`), since nothing the user wrote then says which of the two should give way."""
     written = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     given = over.get("data") if isinstance(over.get("data"), dict) else {}
     if adapter not in NOT_PACKABLE or written.get("packing") is not True or "packing" in given:
@@ -169,8 +178,8 @@ def _unpack_for_adapter(raw: dict, over: dict, merged: dict, adapter: str | None
     if own == adapter:
         return
     merged["data"]["packing"] = False
-    print(f"Note: data.packing is off for the {adapter} adapter ({NOT_PACKABLE[adapter]}); {recipe_name} packs "
-          f"rows for {own}.", file=sys.stderr)
+    print(f"Note: data.packing is off for the {adapter} adapter ({NOT_PACKABLE[adapter]}); {recipe_name} "
+          f"packs rows for {own}.", file=sys.stderr)
 
 
 def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, problems: list[str],
@@ -180,7 +189,8 @@ def _validate(raw: dict, project_dir: Path, recipe_path: Path, lines: dict, prob
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         problems.extend(_describe(err, lines, names or {}) for err in e.errors())
-    tasks_key = (names or {}).get(("data", "tasks"), "data.tasks")  # `multitask.tasks` in a recipe of that form
+    # `multitask.tasks` in a recipe of that form
+    tasks_key = (names or {}).get(("data", "tasks"), "data.tasks")
     problems.extend(_check_paths(raw, project_dir, tasks_key))
     if recipe is not None:
         problems.extend(combination_problems(recipe, raw, tasks_key))
@@ -238,7 +248,8 @@ def _legacy_key_problems(raw: dict, over: dict, lines: dict) -> list[str]:
 
 
 def _check_paths(raw: dict, project_dir: Path, tasks_key: str = "data.tasks") -> list[str]:
-    """Files the recipe names must exist; checked on the raw values so they are reported with every other error."""
+    """Files the recipe names must exist; checked on the raw values so they are reported with every other
+    error."""
     problems = []
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     tasks = data.get("tasks") if isinstance(data.get("tasks"), dict) else {}
@@ -247,18 +258,21 @@ def _check_paths(raw: dict, project_dir: Path, tasks_key: str = "data.tasks") ->
             for split in ("train", "eval"):
                 value = task.get(split) if isinstance(task, dict) else None
                 if isinstance(value, str) and value.startswith(TRACES_PREFIX):
-                    problems.append(f"{tasks_key}.{name}.{split}: traces are read by data.train and data.eval, not "
-                                    "by a task of a mixture; write them to a file first (mlflow-finetune data "
-                                    "from-traces EXPERIMENT -o FILE.jsonl)")
+                    problems.append(
+                        f"{tasks_key}.{name}.{split}: traces are read by data.train and data.eval, not "
+                        "by a task of a mixture; write them to a file first (mlflow-finetune data "
+                        "from-traces EXPERIMENT -o FILE.jsonl)")
                 elif isinstance(value, str) and value and not (project_dir / value).exists():
-                    problems.append(f"{tasks_key}.{name}.{split}: file not found: {value} (looked in {project_dir})")
+                    problems.append(
+                        f"{tasks_key}.{name}.{split}: file not found: {value} (looked in {project_dir})")
         splits = {}
     else:
         splits = {"train": data.get("train", DataConfig().train), "eval": data.get("eval")}
         train = splits["train"]
         if data.get("documents") and (not train or isinstance(train, str) and not train.startswith(
                 (HF_PREFIX, TRACES_PREFIX)) and not (project_dir / train).exists()):
-            del splits["train"]  # no question rows: fine where a questions.teacher writes them from the documents
+            # no question rows: fine where a questions.teacher writes them from the documents
+            del splits["train"]
             questions = raw.get("questions") if isinstance(raw.get("questions"), dict) else {}
             if not questions.get("teacher"):
                 given = f"file not found: {train} (looked in {project_dir})" if train else "not given"
@@ -267,26 +281,32 @@ def _check_paths(raw: dict, project_dir: Path, tasks_key: str = "data.tasks") ->
             problems.append("data.train: no training data given. Set it in finetune.yaml or pass "
                             "-P data=path/to/train.jsonl")
     for split, value in splits.items():
-        if isinstance(value, str) and value.startswith(TRACES_PREFIX):  # an experiment, looked up by the data check
+        # an experiment, looked up by the data check
+        if isinstance(value, str) and value.startswith(TRACES_PREFIX):
             if not value[len(TRACES_PREFIX):].strip():
                 problems.append(f"data.{split}: {value!r} names no experiment; write traces:EXPERIMENT_NAME")
-        elif isinstance(value, str) and value.startswith(HF_PREFIX):  # a Hugging Face dataset, loaded by the data check
+        # a Hugging Face dataset, loaded by the data check
+        elif isinstance(value, str) and value.startswith(HF_PREFIX):
             if not value[len(HF_PREFIX):].split(":")[0].split("@")[0].strip():
-                problems.append(f"data.{split}: {value!r} names no dataset; write hf:ORG/NAME or hf:ORG/NAME:SPLIT")
+                problems.append(
+                    f"data.{split}: {value!r} names no dataset; write hf:ORG/NAME or hf:ORG/NAME:SPLIT")
         elif isinstance(value, str) and value and not (project_dir / value).exists():
             problems.append(f"data.{split}: file not found: {value} (looked in {project_dir})")
     if data.get("traces") is not None and not any(isinstance(v, str) and v.startswith(TRACES_PREFIX)
                                                    for v in splits.values()):
-        problems.append("data.traces: narrows a traces: source, but neither data.train nor data.eval is one; set "
-                        "data.train: traces:EXPERIMENT (or -P data=traces:EXPERIMENT), or drop data.traces")
+        problems.append(
+            "data.traces: narrows a traces: source, but neither data.train nor data.eval is one; set "
+            "data.train: traces:EXPERIMENT (or -P data=traces:EXPERIMENT), or drop data.traces")
     forgetting = raw["eval"].get("forgetting") if isinstance(raw.get("eval"), dict) else None
     if isinstance(forgetting, str) and forgetting and not (project_dir / forgetting).is_file():
-        problems.append(f"eval.forgetting: file not found: {forgetting} (looked in {project_dir}); give a .txt or "
-                        ".jsonl file of general text, true for the bundled set, or false to skip the check")
+        problems.append(
+            f"eval.forgetting: file not found: {forgetting} (looked in {project_dir}); give a .txt or "
+            ".jsonl file of general text, true for the bundled set, or false to skip the check")
     replay = data.get("replay")
     if isinstance(replay, str) and replay and not (project_dir / replay).is_file():
-        problems.append(f"data.replay: file not found: {replay} (looked in {project_dir}); give a .txt or .jsonl "
-                        "file of general text, true for the prose bundled with the package, or false for no replay")
+        problems.append(
+            f"data.replay: file not found: {replay} (looked in {project_dir}); give a .txt or .jsonl "
+            "file of general text, true for the prose bundled with the package, or false for no replay")
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
     name = model.get("name")
     if isinstance(name, str) and name.startswith((".", "/", "~")):

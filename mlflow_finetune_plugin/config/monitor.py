@@ -1,5 +1,6 @@
-"""`monitor`: how `mlflow-finetune monitor NAME` reads a served version's traffic, and when a window is an alert
-(docs/monitoring.md). The reading and scoring are `monitor/`; this is the recipe section the version's run recorded."""
+"""`monitor`: how `mlflow-finetune monitor NAME` reads a served version's traffic, and when a window is an
+alert (docs/monitoring.md). The reading and scoring are `monitor/`; this is the recipe section the version's
+run recorded."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from mlflow_finetune_plugin.config.section import Section
 WINDOW = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 WINDOW_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # What a window reports (monitor/windows.py computes them), each a metric a monitor gate can limit.
-WINDOW_METRICS = ("requests", "error_share", "latency_p50", "latency_p95", "prompt_tokens", "completion_tokens",
-                  "cut_share", "feedback", "thumbs_down_share", "corrections", "novel_share", "input_chars",
-                  "other_language_share", "json_valid", "judge_pass")
-QUALITY_METRICS = ("rougeL", "token_f1", "exact_match", "chrf")  # of corrected answers, against the corrections
+WINDOW_METRICS = ("requests", "error_share", "latency_p50", "latency_p95", "prompt_tokens",
+                  "completion_tokens", "cut_share", "feedback", "thumbs_down_share", "corrections",
+                  "novel_share", "input_chars", "other_language_share", "json_valid", "judge_pass")
+# of corrected answers, against the corrections
+QUALITY_METRICS = ("rougeL", "token_f1", "exact_match", "chrf")
 
 
 def check_gate_metric(metric: str) -> None:
@@ -34,8 +36,9 @@ def window_seconds(value: str) -> int:
     """`1h`, `1d`, `15m`, `1w` (or `30s`) in seconds; raises ValueError for anything else."""
     m = WINDOW.match(value or "")
     if not m or int(m.group(1)) <= 0:
-        raise ValueError(f"window {value!r}: expected a whole number of seconds, minutes, hours, days or weeks: "
-                         "30s, 15m, 1h, 1d, 1w")
+        raise ValueError(
+            f"window {value!r}: expected a whole number of seconds, minutes, hours, days or weeks: "
+            "30s, 15m, 1h, 1d, 1w")
     return int(m.group(1)) * WINDOW_SECONDS[m.group(2)]
 
 
@@ -60,8 +63,9 @@ class MonitorConfig(Section):
                     "instead of BM25")
     gates: list[Gate] = Field(
         default_factory=_default_gates,
-        json_schema_extra={"default_text": "`novel_share` <= 0.3, `thumbs_down_share` <= 0.3, `error_share` <= 0.05, "
-                                           "`cut_share` <= 0.2"},
+        json_schema_extra={
+            "default_text": "`novel_share` <= 0.3, `thumbs_down_share` <= 0.3, `error_share` <= 0.05, "
+                            "`cut_share` <= 0.2"},
         description="a gate as in `registry.promote_if`, with `at_most` / `at_least` only, on a window "
                     "metric: `requests`, `error_share`, `latency_p50`, `latency_p95`, `prompt_tokens`, "
                     "`completion_tokens`, `cut_share`, `feedback`, `thumbs_down_share`, `corrections`, "
@@ -80,6 +84,7 @@ class MonitorConfig(Section):
         for gate in gates:
             check_gate_metric(gate.metric)
             if gate.at_most is None and gate.at_least is None:
-                raise ValueError(f"gate on {gate.metric}: a monitor gate is a limit (at_most or at_least); a window "
-                                 "has no contender to beat")
+                raise ValueError(
+                    f"gate on {gate.metric}: a monitor gate is a limit (at_most or at_least); a window "
+                    "has no contender to beat")
         return gates

@@ -15,7 +15,8 @@ class DPOConfig(Section):
 
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference model (KL weight)")
     loss_type: Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-                       "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"] = Field(
+                       "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+                       "sigmoid_norm"] = Field(
         "sigmoid", description="TRL's DPO loss variant")
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="assumed share of flipped labels (cDPO, robust)")

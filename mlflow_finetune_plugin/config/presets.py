@@ -1,12 +1,13 @@
 """Entry points as presets over the four axes of a fine-tune, and the recipe sections they used to own.
 
-A fine-tune is adapter x quantization x objective x data. An entry point (`-e qlora`) is a preset: it fills the
-axes a recipe leaves unset (`qlora` = a LoRA adapter on a 4-bit base, trained with SFT). Keys the recipe sets win.
+A fine-tune is adapter x quantization x objective x data. An entry point (`-e qlora`) is a preset: it fills
+the axes a recipe leaves unset (`qlora` = a LoRA adapter on a 4-bit base, trained with SFT). Keys the recipe
+sets win.
 
 Recipes written before the axes existed keep working: the section named after the entry point (`qlora:`,
-`dpo:`, `multitask:`, ...) is read into the axes it describes, and the `lora:` section configures any LoRA adapter.
-This module only moves keys between places in the raw YAML mapping; `loading.py` validates the result. It imports
-nothing from the package, so the loader can use it.
+`dpo:`, `multitask:`, ...) is read into the axes it describes, and the `lora:` section configures any LoRA
+adapter. This module only moves keys between places in the raw YAML mapping; `loading.py` validates the
+result. It imports nothing from the package, so the loader can use it.
 """
 
 from __future__ import annotations
@@ -45,21 +46,24 @@ PRESETS = {
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "bias", "layers")
 # Keys of the old per-method sections that now live on another axis: section -> {key: dotted destination}.
 _MOVED = {
-    "qlora": {"bits": "model.quantization", "quant_type": "model.quant_type", "double_quant": "model.double_quant",
-              "compute_dtype": "model.compute_dtype"},
-    "dpo": {"init_adapter": "model.init_adapter"},
-    "multitask": {"tasks": "data.tasks", "stopping": "data.stopping", "adapters": "data.adapters"},
+    "qlora": {"bits": "model.quantization", "quant_type": "model.quant_type",
+              "double_quant": "model.double_quant", "compute_dtype": "model.compute_dtype"},
+    "dpo": {"init_adapter": "model.init_adapter"}, "multitask": {"tasks": "data.tasks",
+                                                                 "stopping": "data.stopping",
+                                                                 "adapters": "data.adapters"},
 }
 # Keys of an objective's own section that stay there (the rest of a legacy `dpo:` section is LoRA's).
 _OBJECTIVE_KEYS = {"dpo": ("beta", "loss_type", "label_smoothing")}
 # Sections a recipe may carry from before the axes; each is read only when its entry point runs (`lora:` also
-# whenever the adapter is LoRA). `adapter:` is the adapter axis itself (a legacy bottleneck section has no `type`).
+# whenever the adapter is LoRA). `adapter:` is the adapter axis itself (a legacy bottleneck section has no
+# `type`).
 LEGACY_SECTIONS = ("lora", "qlora", "prefix", "prompt", "ia3", "full", "multitask")
 
 
 def adapter_type(method: str, *raws: dict) -> str | None:
-    """The adapter a recipe trains: `adapter.type` where set (the last of `raws` wins), else the preset's; None when
-    the type written is not a name (e.g. `-P adapter.type=[0]`: the schema's validation then reports it)."""
+    """The adapter a recipe trains: `adapter.type` where set (the last of `raws` wins), else the preset's;
+    None when the type written is not a name (e.g. `-P adapter.type=[0]`: the schema's validation then reports
+    it)."""
     for raw in reversed(raws):
         adapter = raw.get("adapter")
         if isinstance(adapter, dict) and adapter.get("type"):
@@ -70,8 +74,8 @@ def adapter_type(method: str, *raws: dict) -> str | None:
 
 def to_axes(raw: dict, method: str, adapter: str | None) -> tuple[dict, dict]:
     """The raw recipe mapping (file or `-P` overrides) with its legacy sections moved onto the axes, and
-    {new path: (section, key)} of every moved key, so errors name the key the user wrote. `adapter` is the adapter
-    type the whole recipe resolves to. The preset's defaults are filled in later (`fill_preset`)."""
+    {new path: (section, key)} of every moved key, so errors name the key the user wrote. `adapter` is the
+    adapter type the whole recipe resolves to. The preset's defaults are filled in later (`fill_preset`)."""
     raw = copy.deepcopy(raw)
     origin: dict[tuple, tuple] = {}
     moved: dict = {}
@@ -109,14 +113,16 @@ def to_axes(raw: dict, method: str, adapter: str | None) -> tuple[dict, dict]:
 
 def without_foreign_adapter(raw: dict, adapter: str | None) -> dict:
     """The recipe file's mapping without its `adapter:` section where that section names no `type` and so
-    configures the file's own adapter (`recipes/adapter`'s bottleneck keys), while the entry point trains another
-    one: like the per-method sections, it is read only when its adapter trains (`-e lora` on the bottleneck
-    recipe trains LoRA with LoRA's defaults instead of refusing bottleneck_size as an unknown LoRA key)."""
+    configures the file's own adapter (`recipes/adapter`'s bottleneck keys), while the entry point trains
+    another one: like the per-method sections, it is read only when its adapter trains (`-e lora` on the
+    bottleneck recipe trains LoRA with LoRA's defaults instead of refusing bottleneck_size as an unknown LoRA
+    key)."""
     section = raw.get("adapter")
     if not isinstance(section, dict) or section.get("type"):
         return raw
     method = raw.get("method")
-    own = method if isinstance(method, str) and method in PRESETS else "lora"  # a wrong `method:` is refused later
+    # a wrong `method:` is refused later
+    own = method if isinstance(method, str) and method in PRESETS else "lora"
     return raw if PRESETS[own].adapter == adapter else {k: v for k, v in raw.items() if k != "adapter"}
 
 
@@ -139,8 +145,10 @@ def _quantization(bits: int) -> str:
 
 
 def deep_merge(base: dict, top: dict) -> dict:
-    """A new mapping: `base` with `top` merged in, section by section; where both set a value, `top`'s wins."""
+    """A new mapping: `base` with `top` merged in, section by section; where both set a value, `top`'s
+    wins."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key),
+                                                                                         dict) else value
     return out

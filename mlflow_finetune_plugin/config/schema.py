@@ -1,9 +1,9 @@
 """The recipe's schema: `finetune.yaml` as typed, strict sections (pydantic), one class per section.
 
-A fine-tune is four choices: the adapter (`adapter:`, one section whose `type` picks lora, ia3, prefix, prompt,
-bottleneck or full), the quantization of the base (`model.quantization`), the objective (`objective:` sft, dpo,
-orpo, simpo, grpo, reward or kto, each with its own section for its knobs) and the data (`data:`, one set or a
-weighted mixture of `data.tasks`).
+A fine-tune is four choices: the adapter (`adapter:`, one section whose `type` picks lora, ia3, prefix,
+prompt, bottleneck or full), the quantization of the base (`model.quantization`), the objective (`objective:`
+sft, dpo, orpo, simpo, grpo, reward or kto, each with its own section for its knobs) and the data (`data:`,
+one set or a weighted mixture of `data.tasks`).
 The entry point (`method`) is a preset over them (`presets.py`), and recipes written with the older per-method
 sections (`lora:`, `qlora:`, `multitask:`, ...) are read onto the axes there.
 
@@ -101,7 +101,8 @@ class ModelConfig(Section):
 
 
 class DataColumns(Section):
-    """The file's column for each field, where names differ (LLaMA-Factory's `columns`): `{prompt: question}`."""
+    """The file's column for each field, where names differ (LLaMA-Factory's `columns`): `{prompt:
+    question}`."""
 
     messages: str | None = Field(None, description="the conversation: chat messages or ShareGPT turns")
     prompt: str | None = Field(
@@ -123,7 +124,8 @@ class DataColumns(Section):
 
 
 class DataTags(Section):
-    """ShareGPT role tags (LLaMA-Factory's `tags` in dataset_info.json): which keys and role names the turns use."""
+    """ShareGPT role tags (LLaMA-Factory's `tags` in dataset_info.json): which keys and role names the turns
+    use."""
 
     role_tag: str = Field("from", description="the key holding a turn's role")
     content_tag: str = Field("value", description="the key holding a turn's text")
@@ -153,8 +155,9 @@ class DataConfig(Section):
                                         "`traces:EXPERIMENT` ([docs/traces.md](traces.md))")
     eval: str | None = Field(
         None, description="held-out file, `hf:ORG/NAME[@REVISION]:SPLIT`, or `traces:EXPERIMENT`")
-    traces: TracesConfig | None = Field(None, description="Which traces a traces: source reads, and how feedback "
-                                                          "and expectations count (docs/traces.md).")
+    traces: TracesConfig | None = Field(None,
+                                        description="Which traces a traces: source reads, and how feedback "
+                                                    "and expectations count (docs/traces.md).")
     eval_split: float = Field(
         0.0, ge=0.0, lt=1.0, description="held-out share of train when no eval file is given")
     documents: str | None = Field(
@@ -256,7 +259,8 @@ class DataConfig(Section):
     def _task_names(cls, tasks):
         bad = [n for n in tasks if not n.replace("_", "").replace("-", "").isalnum()]
         if bad:
-            raise ValueError(f"task names {bad} must be letters, digits, '-' or '_' (they become metric names)")
+            raise ValueError(
+                f"task names {bad} must be letters, digits, '-' or '_' (they become metric names)")
         return tasks
 
 
@@ -413,14 +417,17 @@ class Recipe(Section):
     reward: RewardConfig = RewardConfig()
     kto: KTOConfig = KTOConfig()
     data: DataConfig = DataConfig()
-    distill: DistillConfig | None = Field(None, description="A teacher answers data.train's prompts (-e distill).")
-    retrieval: RetrievalConfig = Field(RetrievalConfig(), description="Retrieval over data.documents' chunks.")
+    distill: DistillConfig | None = Field(None,
+                                          description="A teacher answers data.train's prompts (-e distill).")
+    retrieval: RetrievalConfig = Field(RetrievalConfig(),
+                                       description="Retrieval over data.documents' chunks.")
     questions: QuestionsConfig | None = Field(
         None, description="A teacher writes question rows from data.documents' chunks (docs/documents.md).")
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
-    monitor: MonitorConfig = Field(MonitorConfig(), description="Served traffic after promotion (`mlflow-finetune monitor`).")
+    monitor: MonitorConfig = Field(MonitorConfig(),
+                                   description="Served traffic after promotion (`mlflow-finetune monitor`).")
     # Not user keys: filled in by load_recipe so the resolved recipe stands alone.
     project_dir: str | None = None
 

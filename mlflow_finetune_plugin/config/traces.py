@@ -15,7 +15,8 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def moment_ms(value: str, now: datetime | None = None) -> int:
-    """Milliseconds since the epoch of an ISO date/time (UTC unless it says) or of a duration ago (`7d`, `12h`)."""
+    """Milliseconds since the epoch of an ISO date/time (UTC unless it says) or of a duration ago (`7d`,
+    `12h`)."""
     if m := _DURATION.match(value):
         ago = timedelta(seconds=float(m.group(1)) * _SECONDS[m.group(2)])
         return int(((now or datetime.now(timezone.utc)) - ago).timestamp() * 1000)

@@ -1,2 +1,3 @@
-"""Training data: reading files (`read`), their formats (`formats`), row validation (`validation`), the check a user
-runs before training (`check`), train/eval splits and mixtures (`splits`), and which tokens are learned (`loss_masks`)."""
+"""Training data: reading files (`read`), their formats (`formats`), row validation (`validation`), the check
+a user runs before training (`check`), train/eval splits and mixtures (`splits`), and which tokens are learned
+(`loss_masks`)."""

@@ -56,7 +56,8 @@ class DataReport:
     traces: dict | None = None  # a traces source: traces read, used, left out and why (TraceRows.summary)
     detected: str | None = None  # what the rows look like, whatever was declared
     inferred_from: str | None = None  # the declared format, where the objective's format replaced it
-    images: dict | None = None  # rows with images, images, URLs (not checked), sizes: image_check.check_images
+    # rows with images, images, URLs (not checked), sizes: image_check.check_images
+    images: dict | None = None
     prompts: list[tuple[int, str]] = field(default_factory=list, repr=False)  # (line, normalized prompt)
 
     @property
@@ -65,7 +66,8 @@ class DataReport:
 
     def to_dict(self) -> dict:
         def issue(i: DataIssue) -> dict:
-            return {"path": i.path, "line": i.line, "message": i.message, "severity": i.severity, "text": str(i)}
+            return {"path": i.path, "line": i.line, "message": i.message, "severity": i.severity,
+                    "text": str(i)}
 
         return {"path": self.path, "ok": self.ok, "format": self.format, "detected": self.detected,
                 "inferred_from": self.inferred_from, "rows": self.rows,
@@ -78,15 +80,16 @@ class DataReport:
 
     def render(self) -> str:
         status = "OK" if self.ok else f"{len(self.errors)} error{'s' if len(self.errors) != 1 else ''}"
-        lines = [f"{self.path}: {status}, {len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''}",
-                 f"  format          {self.format or '?'}",
-                 f"  rows            {self.rows}"]
+        lines = [
+            f"{self.path}: {status}, {len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''}",
+            f"  format          {self.format or '?'}", f"  rows            {self.rows}"]
         if self.traces:
             lines.append(f"  traces          {traces_sentence(self.traces)}")
         if self.token_stats:
             s = self.token_stats
-            lines.append(f"  tokens          min {s['min']}  mean {s['mean']:.1f}  p50 {s['p50']}  p95 {s['p95']}  "
-                         f"max {s['max']}{_tokens_note(self.images)}")
+            lines.append(
+                f"  tokens          min {s['min']}  mean {s['mean']:.1f}  p50 {s['p50']}  p95 {s['p95']}  "
+                f"max {s['max']}{_tokens_note(self.images)}")
         if self.images:
             lines += render_images(self.images)
         cut = f" ({self.cut_share:.1%} of the answer tokens cut)" if self.too_long and self.cut_share else ""
@@ -113,15 +116,17 @@ class DataReport:
 
 
 def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=None, columns=None, tags=None,
-               split="train", accepts=None, format_key="--format", model_label=None, model=None, model_revision=None,
-               trust_remote_code=False, image_tokens=False) -> DataReport:
-    """Everything wrong (errors) or suspicious (warnings) in one data file, by line; never raises for bad data.
+               split="train", accepts=None, format_key="--format", model_label=None, model=None,
+               model_revision=None, trust_remote_code=False, image_tokens=False) -> DataReport:
+    """Everything wrong (errors) or suspicious (warnings) in one data file, by line; never raises for bad
+    data.
 
     `accepts`: the formats the objective trains on; a declared format outside them gives way to the rows' own
     format when that one is accepted (`inferred_from` says so). `format_key` names the setting in messages.
-    `model`: the model the data is for, asked whether it reads images where the rows have any (None: not asked).
-    `image_tokens`: rows with images are counted with their image tokens where `tokenizer` is a vision-language
-    model's (its processor, no weights), and refused when too long, as training refuses them before its first step.
+    `model`: the model the data is for, asked whether it reads images where the rows have any (None: not
+    asked). `image_tokens`: rows with images are counted with their image tokens where `tokenizer` is a
+    vision-language model's (its processor, no weights), and refused when too long, as training refuses them
+    before its first step.
     """
     report = DataReport(path=str(path))
     columns_key = "--column" if format_key.startswith("--") else format_key.rsplit(".", 1)[0] + ".columns"
@@ -165,7 +170,8 @@ def check_data(path, fmt="auto", tokenizer=None, max_length=1024, system_prompt=
     else:
         convs = {line: _conversations(rec, report.format, system_prompt, tags) for line, rec in good}
     _duplicates(report, good, convs)
-    if report.format == "unpaired_preference":  # several answers to one prompt is the point; two thumbs is not
+    # several answers to one prompt is the point; two thumbs is not
+    if report.format == "unpaired_preference":
         _label_conflicts(report, good, convs)
     elif report.format not in ("preference", "prompt_only"):  # prompt-only rows have no answer to contradict
         _contradictions(report, convs)
@@ -186,14 +192,15 @@ def _tokens_note(images: dict | None) -> str:
 
 
 def _few_rows(n: int) -> str:
-    return (f"only {n} training row{'s' if n != 1 else ''}: with fewer than {FEW_ROWS} examples, few-shot prompting "
-            "(a few examples in the prompt, no training) often does as well, so try it first. The evaluation's "
-            "`fewshot` contender (eval.fewshot_k train examples in the prompt) is that comparison: the tuned model "
-            "has to beat it")
+    return (f"only {n} training row{'s' if n != 1 else ''}: with fewer than {FEW_ROWS} examples, few-shot "
+            "prompting (a few examples in the prompt, no training) often does as well, so try it first. The "
+            "evaluation's `fewshot` contender (eval.fewshot_k train examples in the prompt) is that "
+            "comparison: the tuned model has to beat it")
 
 
 def check_overlap(train: DataReport, held_out: DataReport) -> None:
-    """Warn on held-out rows whose prompt (normalized) is also a training prompt: scoring them flatters the model."""
+    """Warn on held-out rows whose prompt (normalized) is also a training prompt: scoring them flatters the
+    model."""
     seen = {}
     for line, key in train.prompts:
         seen.setdefault(key, line)
@@ -201,11 +208,13 @@ def check_overlap(train: DataReport, held_out: DataReport) -> None:
         if key and key in seen:
             held_out.eval_overlap += 1
             held_out.warnings.append(DataIssue(
-                held_out.path, line, f"same prompt as {train.path}:{seen[key]}: the evaluation scores the model on "
-                                     "a prompt it was trained on, so it looks better than it is; drop it from one split",
-                "warning", group=f"prompts that are also in the training data ({train.path}): the evaluation scores "
-                                 "the model on what it was trained on and looks better than it is; drop them from one "
-                                 "split"))
+                held_out.path, line,
+                f"same prompt as {train.path}:{seen[key]}: the evaluation scores the model on "
+                "a prompt it was trained on, so it looks better than it is; drop it from one split",
+                "warning",
+                group=f"prompts that are also in the training data ({train.path}): the evaluation scores "
+                      "the model on what it was trained on and looks better than it is; drop them from one "
+                      "split"))
     held_out.warnings.sort(key=lambda i: (i.line is not None, i.line or 0))
 
 
@@ -214,7 +223,8 @@ def _key(value) -> str:
 
 
 def _normalized(messages: list[dict]) -> str:
-    """The conversation's text, case folded, punctuation dropped and whitespace collapsed: near-duplicates match."""
+    """The conversation's text, case folded, punctuation dropped and whitespace collapsed: near-duplicates
+    match."""
     parts = []
     for m in messages:
         content = m.get("content")
@@ -240,15 +250,17 @@ def _duplicates(report: DataReport, records, convs) -> None:
         key, loose = _key(rec), "\n\n".join(_normalized(c) for c in convs[line])
         if key in exact:
             report.duplicates += 1
-            report.warnings.append(DataIssue(report.path, line, f"duplicate of line {exact[key]} (identical row)",
-                                             "warning", group="duplicates of earlier rows (identical): keep one"))
+            report.warnings.append(DataIssue(report.path, line,
+                                             f"duplicate of line {exact[key]} (identical row)", "warning",
+                                             group="duplicates of earlier rows (identical): keep one"))
         elif loose in near:
             report.near_duplicates += 1
             report.warnings.append(DataIssue(
-                report.path, line, f"near-duplicate of line {near[loose]} (the same text ignoring case, whitespace "
-                                   "and punctuation)", "warning",
-                group="near-duplicates of earlier rows (the same text ignoring case, whitespace and punctuation): "
-                      "keep one of each"))
+                report.path, line,
+                f"near-duplicate of line {near[loose]} (the same text ignoring case, whitespace "
+                "and punctuation)", "warning",
+                group="near-duplicates of earlier rows (the same text ignoring case, whitespace and "
+                      "punctuation): keep one of each"))
         exact.setdefault(key, line)
         near.setdefault(loose, line)
 
@@ -270,8 +282,8 @@ def _contradictions(report: DataReport, convs) -> None:
 
 
 def _label_conflicts(report: DataReport, records, convs) -> None:
-    """Unpaired rows: one answer labelled both desirable and undesirable, and a file with only one kind of label
-    (KTO then learns only to raise or only to lower answers)."""
+    """Unpaired rows: one answer labelled both desirable and undesirable, and a file with only one kind of
+    label (KTO then learns only to raise or only to lower answers)."""
     labels: dict[str, dict[bool, list[int]]] = defaultdict(lambda: defaultdict(list))
     for line, rec in records:
         labels[_normalized(convs[line][0])][rec["label"]].append(line)
@@ -280,18 +292,20 @@ def _label_conflicts(report: DataReport, records, convs) -> None:
             report.contradictions += 1
             up, down = by_label[True], by_label[False]
             report.warnings.append(DataIssue(
-                report.path, min(up + down), f"the same answer is labelled desirable (line {', '.join(map(str, up))}) "
-                                             f"and undesirable (line {', '.join(map(str, down))}): keep one label",
-                "warning"))
+                report.path, min(up + down),
+                f"the same answer is labelled desirable (line {', '.join(map(str, up))}) "
+                f"and undesirable (line {', '.join(map(str, down))}): keep one label", "warning"))
     seen = {rec["label"] for _, rec in records}
     if len(seen) == 1 and report.rows >= 2:
         kind = "desirable (true)" if True in seen else "undesirable (false)"
-        report.warnings.append(DataIssue(report.path, None, f"every label is {kind}: KTO learns from both kinds; "
-                                                            "add answers of the other kind", "warning"))
+        report.warnings.append(DataIssue(report.path, None,
+                                         f"every label is {kind}: KTO learns from both kinds; "
+                                         "add answers of the other kind", "warning"))
 
 
 def _conversations(rec: dict, fmt: str, system_prompt: str | None, tags) -> list[list[dict]]:
-    """The row's conversations (two for a preference pair), text given as parts read as strings, as training does."""
+    """The row's conversations (two for a preference pair), text given as parts read as strings, as training
+    does."""
     if fmt != "preference":
         return [text_messages(to_messages(rec, fmt, system_prompt, tags))]
     row = preference_row(rec, system_prompt, conversational=True)
@@ -302,8 +316,8 @@ def _conversations(rec: dict, fmt: str, system_prompt: str | None, tags) -> list
 
 
 def _images(report: DataReport, records, system_prompt, tags, format_key: str, model):
-    """Rows with images checked (`image_check`) and, where a model is named, whether it reads images: what was found
-    (the rows left to check, their conversations, their canonical rows)."""
+    """Rows with images checked (`image_check`) and, where a model is named, whether it reads images: what was
+    found (the rows left to check, their conversations, their canonical rows)."""
     found = check_image_rows(report.path, report.format, records, system_prompt, tags)
     report.images = found.stats
     report.errors += [i for i in found.issues if i.severity == "error"]
@@ -320,7 +334,8 @@ def _images(report: DataReport, records, system_prompt, tags, format_key: str, m
 
 def run_check(files: list[str], fmt="auto", model=None, max_length=1024, as_json=False, eval_files=(),
               columns=None, tags=None, strict=False) -> int:
-    """The body of `mlflow-finetune data check`: print one report per file; 1 when any file has errors, else 0."""
+    """The body of `mlflow-finetune data check`: print one report per file; 1 when any file has errors, else
+    0."""
     import click
 
     from mlflow_finetune_plugin.models.base import load_tokenizer
@@ -329,8 +344,8 @@ def run_check(files: list[str], fmt="auto", model=None, max_length=1024, as_json
     label = model or "tiny"
 
     def check(path, split):
-        return check_data(path, fmt=fmt, tokenizer=tokenizer, max_length=max_length, columns=columns, tags=tags,
-                          split=split, model_label=label, model=model, image_tokens=True)
+        return check_data(path, fmt=fmt, tokenizer=tokenizer, max_length=max_length, columns=columns,
+                          tags=tags, split=split, model_label=label, model=model, image_tokens=True)
 
     reports = [check(f, "train") for f in files]
     held_out = [check(f, "eval") for f in eval_files]

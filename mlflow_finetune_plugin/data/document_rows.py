@@ -1,17 +1,19 @@
-"""The rows of a recipe that starts from documents (`data.documents`, docs/documents.md): question rows sorted into
-what trains and the two held-out sets, and the training rows RAFT-style.
+"""The rows of a recipe that starts from documents (`data.documents`, docs/documents.md): question rows sorted
+into what trains and the two held-out sets, and the training rows RAFT-style.
 
-- **Known documents**: held-out questions whose documents train (`data.eval` rows, or a teacher's second wording of
+- **Known documents**: held-out questions whose documents train (`data.eval` rows, or a teacher's second
+wording of
   a training question): they show what the tuned model learned of its documents.
-- **Unseen documents**: every question on a document of `data.documents_holdout`, which never trains: what only
+- **Unseen documents**: every question on a document of `data.documents_holdout`, which never trains: what
+only
   retrieval can answer.
 
-A question row is a chat row (a user question, the assistant's answer) with the document it comes from (`source`,
-its path under data.documents) and, where known, the text that holds the answer (`quote`) or its chunk's id
-(`chunk`). Training RAFT-style (Zhang et al. 2024): each training question carries the chunks retrieval finds for
-it; in `retrieval.oracle_share` of the rows the chunk holding the answer is among them (put in over the last
-distractor when retrieval missed it), in the rest it is taken out, so the model learns the facts too; with
-`retrieval.closed_book` every question also trains without chunks.
+A question row is a chat row (a user question, the assistant's answer) with the document it comes from
+(`source`, its path under data.documents) and, where known, the text that holds the answer (`quote`) or its
+chunk's id (`chunk`). Training RAFT-style (Zhang et al. 2024): each training question carries the chunks
+retrieval finds for it; in `retrieval.oracle_share` of the rows the chunk holding the answer is among them
+(put in over the last distractor when retrieval missed it), in the rest it is taken out, so the model learns
+the facts too; with `retrieval.closed_book` every question also trains without chunks.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class DocumentSets:
 
 
 def question_rows(path: str, system_prompt: str | None = None, columns=None, tags=None) -> list[dict]:
-    """Chat rows of a question file with their `source`, `quote` and `chunk` keys (the reader keeps only the chat)."""
+    """Chat rows of a question file with their `source`, `quote` and `chunk` keys (the reader keeps only the
+    chat)."""
     records = read_records(path, columns)
     fmt, _ = resolve_format(records, "auto", path, tags, "data.format", ("chat", "sharegpt", "alpaca",
                                                                          "prompt_completion"))
@@ -57,8 +60,9 @@ def normalized(text: str) -> str:
 
 
 def oracle_ids(row: dict, chunks: list[dict]) -> set[str]:
-    """The chunks a question's answer comes from: its `chunk`; else those of its source holding its quote; else every
-    chunk of its source (recall is then counted by document). Empty when the row names no source."""
+    """The chunks a question's answer comes from: its `chunk`; else those of its source holding its quote;
+    else every chunk of its source (recall is then counted by document). Empty when the row names no
+    source."""
     if row.get("chunk"):
         return {row["chunk"]}
     source = row.get("source")
@@ -77,15 +81,15 @@ def sort_rows(train: list[dict], held: list[dict], holdout: set[str], sources: s
               seed: int) -> DocumentSets:
     """The three sets from the question rows of data.train (`train`) and data.eval (`held`).
 
-    A row whose document is held out is an unseen question wherever it came from (it never trains); a row naming a
-    document data.documents does not hold is an error. Without data.eval rows on known documents, `eval_share` of the
-    training questions that carry a second wording (`rephrased`, a teacher's) are held out in that wording, and
-    still train in the first."""
+    A row whose document is held out is an unseen question wherever it came from (it never trains); a row
+    naming a document data.documents does not hold is an error. Without data.eval rows on known documents,
+    `eval_share` of the training questions that carry a second wording (`rephrased`, a teacher's) are held out
+    in that wording, and still train in the first."""
     unknown = sorted({r["source"] for r in train + held if r.get("source") and r["source"] not in sources})
     if unknown:
         raise DataError([DataIssue("data.train / data.eval", None,
-                                   f"rows name documents that data.documents does not hold: {unknown[:5]}; the "
-                                   f"`source` key is the document's path under data.documents "
+                                   f"rows name documents that data.documents does not hold: {unknown[:5]}; "
+                                   f"the `source` key is the document's path under data.documents "
                                    f"(e.g. {sorted(sources)[:3]})")])
     notes = []
     moved = [r for r in train if r.get("source") in holdout]

@@ -1,6 +1,7 @@
-"""The text of one document, as blocks (paragraphs) that know where they are: Markdown and plain text with their
-first line, HTML through the standard library's `html.parser` (the text of block elements, h1-h6 as headings,
-scripts and styles dropped), PDF through `pypdf` page by page. `data/documents.py` chunks the blocks."""
+"""The text of one document, as blocks (paragraphs) that know where they are: Markdown and plain text with
+their first line, HTML through the standard library's `html.parser` (the text of block elements, h1-h6 as
+headings, scripts and styles dropped), PDF through `pypdf` page by page. `data/documents.py` chunks the
+blocks."""
 
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def _decoded(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise Unreadable(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8") \
-            from None
+        raise Unreadable(
+            f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
 
 
 _HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$")
@@ -53,8 +55,8 @@ _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 
 
 def _text_blocks(text: str, headings: bool) -> list[Block]:
-    """Paragraphs split at blank lines; in Markdown also at `#` headings (which set the heading path, and are not
-    text themselves). A fenced code block stays one paragraph, `#` lines in it included."""
+    """Paragraphs split at blank lines; in Markdown also at `#` headings (which set the heading path, and are
+    not text themselves). A fenced code block stays one paragraph, `#` lines in it included."""
     blocks: list[Block] = []
     path: list[tuple[int, str]] = []  # (level, heading) from the top
     lines: list[str] = []
@@ -92,9 +94,9 @@ class _HtmlText(HTMLParser):
 
     HEADINGS = {f"h{n}": n for n in range(1, 7)}
     SKIP = {"script", "style", "noscript", "template", "title", "head"}
-    BLOCK = {"p", "div", "li", "ul", "ol", "pre", "blockquote", "section", "article", "header", "footer", "main",
-             "nav", "aside", "table", "tr", "td", "th", "dl", "dt", "dd", "figure", "figcaption", "form", "hr",
-             "body", "html", "caption", "details", "summary", "address"}
+    BLOCK = {"p", "div", "li", "ul", "ol", "pre", "blockquote", "section", "article", "header", "footer",
+             "main", "nav", "aside", "table", "tr", "td", "th", "dl", "dt", "dd", "figure", "figcaption",
+             "form", "hr", "body", "html", "caption", "details", "summary", "address"}
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -162,8 +164,10 @@ def _pdf_blocks(path: Path) -> list[Block]:
         pages = [page.extract_text() or "" for page in reader.pages]
     except Unreadable:
         raise
-    except Exception as e:  # noqa: BLE001 - pypdf raises many kinds for a damaged file; each is the same advice
-        raise Unreadable(f"broken PDF ({type(e).__name__}: {e}); open it and save or export it again") from None
+    # pypdf raises many kinds for a damaged file; each is the same advice
+    except Exception as e:  # noqa: BLE001
+        raise Unreadable(f"broken PDF ({type(e).__name__}: {e}); open it and save or export it "
+                         "again") from None
     blocks = []
     for number, text in enumerate(pages, 1):
         blocks += [Block(p.strip(), page=number) for p in re.split(r"\n\s*\n", text) if p.strip()]

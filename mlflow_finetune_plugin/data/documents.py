@@ -1,4 +1,5 @@
-"""The user's documents (`data.documents`) as chunks for retrieval and for the questions a teacher writes: found
+"""The user's documents (`data.documents`) as chunks for retrieval and for the questions a teacher writes:
+found
 (a folder or a glob under the project), read (`data/document_text.py`), chunked along their structure, checked
 (empty files, duplicate chunks, unreadable files: `DocumentsReport`), and logged as an MLflow dataset input.
 
@@ -6,12 +7,12 @@ Chunking: a chunk never crosses a heading (Markdown `#` lines, HTML h1-h6) or a 
 consecutive paragraphs are merged up to `chunk_tokens`; a longer paragraph is split at sentence ends, a longer
 sentence between words. Tokens are the model's tokenizer's where one is given, else estimated (words x 1.3).
 
-A chunk's text starts with its heading path as a plain line ("Returns > Refunds"), no `#` markup, when it has one:
-a paragraph often leaves its subject to the heading ("Within 30 days of delivery."), and BM25 or an embedding
-finds the chunk by that subject only if the text carries it. The path is in `heading` too, and counts against
-`chunk_tokens`. Chunk dicts are those of `retriever.py`: `id` (`SOURCE#N`, N from 1 within the file, numbered
-before duplicates are dropped, so ids do not shift when another file changes), `source`, `text`, and `line`,
-`page`, `heading` where known.
+A chunk's text starts with its heading path as a plain line ("Returns > Refunds"), no `#` markup, when it has
+one: a paragraph often leaves its subject to the heading ("Within 30 days of delivery."), and BM25 or an
+embedding finds the chunk by that subject only if the text carries it. The path is in `heading` too, and
+counts against `chunk_tokens`. Chunk dicts are those of `retriever.py`: `id` (`SOURCE#N`, N from 1 within the
+file, numbered before duplicates are dropped, so ids do not shift when another file changes), `source`,
+`text`, and `line`, `page`, `heading` where known.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ class DocumentsReport:
 
     def summary(self) -> str:
         how = "estimated: words x 1.3" if self.tokens_estimated else "by the model's tokenizer"
-        return (f"Documents ({self.root}): {self.files} file{'s' if self.files != 1 else ''} read, {self.chunks} "
-                f"chunk{'s' if self.chunks != 1 else ''} ({self.tokens} tokens, {how}), {len(self.empty)} empty, "
-                f"{len(self.duplicates)} duplicate chunk{'s' if len(self.duplicates) != 1 else ''} dropped, "
-                f"{len(self.unreadable)} unreadable")
+        return (
+            f"Documents ({self.root}): {self.files} file{'s' if self.files != 1 else ''} read, {self.chunks} "
+            f"chunk{'s' if self.chunks != 1 else ''} ({self.tokens} tokens, {how}), {len(self.empty)} empty, "
+            f"{len(self.duplicates)} duplicate chunk{'s' if len(self.duplicates) != 1 else ''} dropped, "
+            f"{len(self.unreadable)} unreadable")
 
     def lines(self) -> list[str]:
         return ([self.summary()] + [f"  empty: {path}" for path in self.empty]
@@ -78,7 +80,8 @@ class Documents:
     digest: str  # sha256 over the chunks' sources and texts, 12 hex
 
 
-# ------------------------------------------------------------------------------------------------------ finding
+# ------------------------------------------------------------------------------------------------------
+# finding
 
 
 def find_documents(spec: str, project_dir: str | None) -> tuple[Path, list[Path]]:
@@ -100,12 +103,14 @@ def find_documents(spec: str, project_dir: str | None) -> tuple[Path, list[Path]
     if not files:
         what = "no file matches" if glob.has_magic(spec) else "not found" if not target.exists() else \
             f"holds no document ({', '.join(DOCUMENT_SUFFIXES)})"
-        raise FinetuneError(f"{KEY}: {spec!r}: {what} (looked for {target}). Point it at a folder of Markdown, "
-                            "text, HTML or PDF files, or a glob like docs/**/*.md, relative to the project folder.")
+        raise FinetuneError(
+            f"{KEY}: {spec!r}: {what} (looked for {target}). Point it at a folder of Markdown, "
+            "text, HTML or PDF files, or a glob like docs/**/*.md, relative to the project folder.")
     return root, files
 
 
-# ----------------------------------------------------------------------------------------------------- chunking
+# -----------------------------------------------------------------------------------------------------
+# chunking
 
 
 def token_counter(tokenizer=None):
@@ -156,7 +161,8 @@ def chunk_blocks(blocks: list[Block], source: str, chunk_tokens: int, count) -> 
             continue
         for start, end in _split_long(block.text, budget, count):
             line = None if block.line is None else block.line + block.text.count("\n", 0, start)
-            pieces.append((Block(block.text[start:end], line, block.page, block.heading), block.text[start:end]))
+            pieces.append((Block(block.text[start:end], line, block.page, block.heading),
+                           block.text[start:end]))
     merged: list[tuple[Block, str]] = []
     for block, text in pieces:
         if merged and _section_key(merged[-1][0]) == _section_key(block):
@@ -177,17 +183,19 @@ def chunk_blocks(blocks: list[Block], source: str, chunk_tokens: int, count) -> 
     return chunks
 
 
-# ------------------------------------------------------------------------------------------------------ reading
+# ------------------------------------------------------------------------------------------------------
+# reading
 
 
 def read_documents(spec: str, project_dir: str | None, tokenizer=None, chunk_tokens: int = 256) -> Documents:
-    """Every document of `spec` read and chunked, duplicates dropped (kept once) and counted, unreadable and empty
-    files reported; raises when no chunk is left."""
+    """Every document of `spec` read and chunked, duplicates dropped (kept once) and counted, unreadable and
+    empty files reported; raises when no chunk is left."""
     documents = _read(*find_documents(spec, project_dir), tokenizer, chunk_tokens)
     if not documents.chunks:
         raise FinetuneError(f"{KEY}: no text in {spec!r} ({documents.root}): "
                             + "; ".join(line.strip() for line in documents.report.lines()[1:] or ["no file"])
-                            + ". Give documents with text (a scanned PDF needs OCR first), or fix the files above.")
+                            + ". Give documents with text (a scanned PDF needs OCR first), or fix the files "
+                              "above.")
     return documents
 
 
@@ -199,7 +207,8 @@ def _read(root: Path, paths: list[Path], tokenizer, chunk_tokens: int) -> Docume
         rel = path.relative_to(root).as_posix()
         if path.suffix.lower() not in DOCUMENT_SUFFIXES:  # a glob can match anything
             report.unreadable.append((rel, f"unsupported suffix {path.suffix or '(none)'}: documents are "
-                                           f"{', '.join(DOCUMENT_SUFFIXES)}; narrow the glob or convert the file"))
+                                           f"{', '.join(DOCUMENT_SUFFIXES)}; narrow the glob or convert the "
+                                           "file"))
             continue
         try:
             blocks = read_blocks(path)
@@ -233,36 +242,41 @@ def holdout_files(files: list[str], holdout: list[str] | float, seed: int) -> li
     data.documents; a folder holds out what is under it), or a share of them picked by `seed`."""
     if isinstance(holdout, (int, float)) and not isinstance(holdout, bool):
         if not 0 <= holdout < 1:
-            raise FinetuneError(f"{HOLDOUT_KEY}: {holdout} is not a share; give one between 0 and 1 (0.2: a fifth "
-                                "of the documents), or a list of paths")
+            raise FinetuneError(
+                f"{HOLDOUT_KEY}: {holdout} is not a share; give one between 0 and 1 (0.2: a fifth "
+                "of the documents), or a list of paths")
         n = max(1, round(holdout * len(files))) if holdout > 0 else 0
         held = sorted(random.Random(seed).sample(sorted(files), min(n, len(files))))
     else:
         held, unmatched = set(), []
         for pattern in holdout:
             folder = pattern.rstrip("/") + "/"
-            hit = {f for f in files if fnmatch.fnmatchcase(f, pattern) or f == pattern or f.startswith(folder)}
+            hit = {f for f in files if fnmatch.fnmatchcase(f, pattern) or f == pattern
+                   or f.startswith(folder)}
             held |= hit
             if not hit:
                 unmatched.append(pattern)
         if unmatched:
             some = ", ".join(files[:8]) + (f", ... ({len(files)} in all)" if len(files) > 8 else "")
             verb = "matches" if len(unmatched) == 1 else "match"
-            raise FinetuneError(f"{HOLDOUT_KEY}: {', '.join(map(repr, unmatched))} {verb} no document. Give paths "
-                                f"or globs relative to data.documents; its documents are: {some}")
+            raise FinetuneError(
+                f"{HOLDOUT_KEY}: {', '.join(map(repr, unmatched))} {verb} no document. Give paths "
+                f"or globs relative to data.documents; its documents are: {some}")
         held = sorted(held)
     if held and len(held) >= len(files):
-        raise FinetuneError(f"{HOLDOUT_KEY}: holds out every document ({len(files)}), which leaves none to train "
-                            "on; hold out fewer (a smaller share, or fewer paths)")
+        raise FinetuneError(
+            f"{HOLDOUT_KEY}: holds out every document ({len(files)}), which leaves none to train "
+            "on; hold out fewer (a smaller share, or fewer paths)")
     return held
 
 
-# ---------------------------------------------------------------------------------------------- logging, check
+# ---------------------------------------------------------------------------------------------- logging,
+# check
 
 
 def log_documents(documents: Documents, name: str = "documents"):
-    """The chunks as an MLflow dataset input of the active run (source: the documents' folder, digest: theirs) and
-    the report as `documents/report.json`; returns the dataset."""
+    """The chunks as an MLflow dataset input of the active run (source: the documents' folder, digest: theirs)
+    and the report as `documents/report.json`; returns the dataset."""
     import warnings
 
     import mlflow
@@ -282,12 +296,13 @@ def log_documents(documents: Documents, name: str = "documents"):
 
 def run_documents_check(spec: str, chunk_tokens: int = 256, model: str | None = None, strict: bool = False,
                         as_json: bool = False) -> int:
-    """The body of `mlflow-finetune data check --documents`: print the report; 1 when nothing is found, and with
-    `strict` when a file is unreadable or empty or no chunk was read; else 0 (those are warnings)."""
+    """The body of `mlflow-finetune data check --documents`: print the report; 1 when nothing is found, and
+    with `strict` when a file is unreadable or empty or no chunk was read; else 0 (those are warnings)."""
     import click
 
     if not spec:
-        raise click.UsageError("give data FILES to check, or --documents PATH (a folder or glob of documents)")
+        raise click.UsageError("give data FILES to check, or --documents PATH (a folder or glob of "
+                               "documents)")
     try:
         root, paths = find_documents(spec, None)
     except FinetuneError as e:
@@ -299,9 +314,11 @@ def run_documents_check(spec: str, chunk_tokens: int = 256, model: str | None = 
 
         tokenizer = load_tokenizer(model)
     report = _read(root, paths, tokenizer, chunk_tokens).report
-    click.echo(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) if as_json else "\n".join(report.lines()))
+    click.echo(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) if as_json
+               else "\n".join(report.lines()))
     warned = report.unreadable or report.empty or not report.chunks
     if warned and not strict and not as_json:
-        print("Unreadable or empty files, or no chunk, are warnings here; --strict makes them errors (exit 1).",
-              file=sys.stderr)
+        print(
+            "Unreadable or empty files, or no chunk, are warnings here; --strict makes them errors (exit 1).",
+            file=sys.stderr)
     return 1 if strict and warned else 0

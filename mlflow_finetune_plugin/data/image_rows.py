@@ -1,21 +1,24 @@
 """Training rows with images: the processor makes the model's inputs, the chat format says which tokens train.
 
 A vision-language processor expands each image placeholder of the rendered row (`<image>`, `<start_of_image>`,
-`<|image_pad|>`) into the image's tokens and computes the pixel inputs; it knows nothing of turns. The turns come from
-`models.chat_format` exactly as for text rows (any template, no `{% generation %}` markers): the row is rendered and
-masked there, tokenized by the tokenizer alone, and the processor's expanded ids are aligned with those ids
-(`difflib`: the expansion only inserts tokens, so every text token finds its place). Image tokens never train.
+`<|image_pad|>`) into the image's tokens and computes the pixel inputs; it knows nothing of turns. The turns
+come from `models.chat_format` exactly as for text rows (any template, no `{% generation %}` markers): the row
+is rendered and masked there, tokenized by the tokenizer alone, and the processor's expanded ids are aligned
+with those ids (`difflib`: the expansion only inserts tokens, so every text token finds its place). Image
+tokens never train.
 
 Images are read per batch (as TRL's vision collator does): a dataset holds references, not pixels.
 
-Preference rows with images (DPO, KTO) go through TRL's own vision collators (`DataCollatorForVisionPreference`,
-`DataCollatorForVisionUnpairedPreference`), which render prompt and answers with the processor's chat template and
-take the images from the rows' `images` column: `with_loaded_images` gives them PIL images, read as each batch is
+Preference rows with images (DPO, KTO) go through TRL's own vision collators
+(`DataCollatorForVisionPreference`, `DataCollatorForVisionUnpairedPreference`), which render prompt and
+answers with the processor's chat template and take the images from the rows' `images` column:
+`with_loaded_images` gives them PIL images, read as each batch is
 drawn, and `check_preference_rows` passes every row through the collator once before training.
 
 Both pre-run checks walk the rows with `collated`, and so does `mlflow-finetune data check --model`
-(`image_token_lengths`), so the data check counts a row's image tokens as the run does. The images read on the way are
-measured against the processor's size (`ImageSizes`): the run says once how many it scales down, and to what.
+(`image_token_lengths`), so the data check counts a row's image tokens as the run does. The images read on the
+way are measured against the processor's size (`ImageSizes`): the run says once how many it scales down, and
+to what.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def row_images(row: dict) -> list:
 def with_loaded_images(dataset):
     """`dataset` whose `images` column reads as PIL images, loaded as each batch is drawn (`datasets`'
     `with_transform`; the stored column keeps its references). TRL's vision collators hand the column to the
-    processor as it is: references it would read itself only where they are local paths, and with its own errors."""
+    processor as it is: references it would read itself only where they are local paths, and with its own
+    errors."""
 
     def load(batch: dict) -> dict:
         return {**batch, IMAGES: [[load_image(ref) for ref in refs or []] for refs in batch[IMAGES]]}
@@ -46,8 +50,8 @@ def with_loaded_images(dataset):
 
 
 def preference_collator(processor, fmt: str):
-    """TRL's vision collator for preference rows (`preference`: DPO's, `unpaired_preference`: KTO's), built without a
-    `max_length` (`check_preference_rows` refuses the rows it would cut); None for other formats."""
+    """TRL's vision collator for preference rows (`preference`: DPO's, `unpaired_preference`: KTO's), built
+    without a `max_length` (`check_preference_rows` refuses the rows it would cut); None for other formats."""
     if fmt == "preference":
         from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
@@ -60,9 +64,9 @@ def preference_collator(processor, fmt: str):
 
 
 def checked_preference_rows(collator, max_length: int | None, train_ds, eval_ds) -> tuple:
-    """(train, eval) preference rows with their images loaded per batch (`with_loaded_images`), every row checked
-    (`check_preference_rows`) by `collator`, TRL's vision collator built without a `max_length`. The run says once
-    how many images the processor scales down (`ImageSizes`)."""
+    """(train, eval) preference rows with their images loaded per batch (`with_loaded_images`), every row
+    checked (`check_preference_rows`) by `collator`, TRL's vision collator built without a `max_length`. The
+    run says once how many images the processor scales down (`ImageSizes`)."""
     checked, sizes = [], ImageSizes(getattr(collator, "processor", None))
     for name, ds in (("data.train", train_ds), ("data.eval", eval_ds)):
         if ds is not None:
@@ -76,10 +80,11 @@ def checked_preference_rows(collator, max_length: int | None, train_ds, eval_ds)
 
 def check_preference_rows(collator, dataset, max_length: int | None, name: str, batch: int = 8,
                           sizes: ImageSizes | None = None) -> None:
-    """Every row of `dataset` (images loaded: `with_loaded_images`) through TRL's vision `collator` (built without
-    `max_length`) once, before training: FinetuneError naming each row whose sequence with its image tokens is longer
-    than `max_length` (TRL would cut it: through the image tokens, which fails mid-training, or through the answer,
-    silently), or the row where the processor fails (an image it cannot take, placeholders and images that differ)."""
+    """Every row of `dataset` (images loaded: `with_loaded_images`) through TRL's vision `collator` (built
+    without `max_length`) once, before training: FinetuneError naming each row whose sequence with its image
+    tokens is longer than `max_length` (TRL would cut it: through the image tokens, which fails mid-training,
+    or through the answer, silently), or the row where the processor fails (an image it cannot take,
+    placeholders and images that differ)."""
     from mlflow_finetune_plugin.errors import FinetuneError
 
     def collate(indices: list[int]):
@@ -92,22 +97,27 @@ def check_preference_rows(collator, dataset, max_length: int | None, name: str, 
     for indices, out in collated(collate, len(dataset), name, batch):
         if isinstance(out, Exception):  # any failure here would stop training the same way
             raise FinetuneError(f"{name} row {indices[0] + 1}: {out}") from out
-        too_long += [(i + 1, n) for i, n in zip(indices, row_lengths(out, len(indices))) if max_length and n > max_length]
+        too_long += [(i + 1, n) for i, n in zip(indices,
+                                                row_lengths(out,
+                                                            len(indices))) if max_length and n > max_length]
     if too_long:
         shown = ", ".join(f"row {row} ({n} tokens)" for row, n in too_long[:5])
         more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
-        raise FinetuneError(f"{name}: {len(too_long)} row(s) longer than data.max_length {max_length} with their "
-                            f"image tokens: {shown}{more}. Raise data.max_length, or drop or shorten those rows.")
+        raise FinetuneError(
+            f"{name}: {len(too_long)} row(s) longer than data.max_length {max_length} with their "
+            f"image tokens: {shown}{more}. Raise data.max_length, or drop or shorten those rows.")
 
 
 def collated(collate, n: int, name: str, batch: int = 8, batches_fail: bool = True):
     """Rows 0..n-1 through `collate` (a function of row indices) once, in batches (tqdm): yields (indices, the
-    collated batch) for each batch that collates, and where a batch fails, each of its rows alone: ([index], the batch
-    or the exception). The pre-run checks raise on the first exception; the data check reports each by line. A batch
-    that fails while each of its rows collates alone raises its error where `batches_fail` (training draws batches)."""
+    collated batch) for each batch that collates, and where a batch fails, each of its rows alone: ([index],
+    the batch or the exception). The pre-run checks raise on the first exception; the data check reports each
+    by line. A batch that fails while each of its rows collates alone raises its error where `batches_fail`
+    (training draws batches)."""
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, n, batch), desc=f"Checking {name} rows with their images", disable=n <= 4 * batch):
+    for start in tqdm(range(0, n, batch), desc=f"Checking {name} rows with their images",
+                      disable=n <= 4 * batch):
         indices = list(range(start, min(start + batch, n)))
         try:
             out = collate(indices)
@@ -126,16 +136,17 @@ def collated(collate, n: int, name: str, batch: int = 8, batches_fail: bool = Tr
 
 
 def row_lengths(out: dict, rows: int) -> list[int]:
-    """Each row's tokens with its image tokens in a collated batch of `rows` rows: one sequence per row, or per answer
-    (DPO: every chosen answer's, then every rejected one's), the longest counted."""
+    """Each row's tokens with its image tokens in a collated batch of `rows` rows: one sequence per row, or
+    per answer (DPO: every chosen answer's, then every rejected one's), the longest counted."""
     return out["attention_mask"].sum(dim=1).reshape(-1, rows).max(dim=0).values.tolist()
 
 
 def image_token_lengths(processor, tokenizer, fmt: str, rows: list[dict], assistant_only: bool = True
                         ) -> tuple[list, ImageSizes]:
-    """What the pre-run check counts, for `mlflow-finetune data check`: each canonical row's tokens with its image
-    tokens (or the exception where the template or the processor refuses the row), through the collator training
-    uses (`VisionCollator`, or TRL's for preference rows), and the images' sizes against the processor's."""
+    """What the pre-run check counts, for `mlflow-finetune data check`: each canonical row's tokens with its
+    image tokens (or the exception where the template or the processor refuses the row), through the collator
+    training uses (`VisionCollator`, or TRL's for preference rows), and the images' sizes against the
+    processor's."""
     sizes = ImageSizes(processor)
     trl_collator = preference_collator(processor, fmt)
     collator = VisionCollator(processor, tokenizer, assistant_only)
@@ -177,13 +188,14 @@ class ImageSizes:
         if not larger:
             return None
         return (f"{larger} of {total} images are larger than the processor's size: resized down to "
-                f"{self.limit.text} before they reach the model (downscale them beforehand to save reading time)")
+                f"{self.limit.text} before they reach the model (downscale them beforehand to save reading "
+                "time)")
 
 
 class VisionCollator:
-    """Rows (`messages` with image placeholders, `images`, optional `tools`) to a padded batch of the processor's
-    model inputs (pixel values, and whatever else the family takes: token type ids, image sizes, grids) with
-    `labels` on the trained tokens only."""
+    """Rows (`messages` with image placeholders, `images`, optional `tools`) to a padded batch of the
+    processor's model inputs (pixel values, and whatever else the family takes: token type ids, image sizes,
+    grids) with `labels` on the trained tokens only."""
 
     def __init__(self, processor, tokenizer, assistant_only: bool = True, max_length: int | None = None):
         self.processor, self.tokenizer = processor, tokenizer
@@ -208,7 +220,8 @@ class VisionCollator:
             expanded = out["input_ids"][b].tolist()
             real = int(out["attention_mask"][b].sum())
             if self.max_length and real > self.max_length:
-                # never cut through image tokens or the answer: the data check refuses such rows before training
+                # never cut through image tokens or the answer: the data check refuses such rows before
+                # training
                 raise ValueError(f"a row of {real} tokens with its images is longer than data.max_length "
                                  f"{self.max_length}; raise data.max_length or shorten the row")
             labels[b, :real] = torch.tensor(aligned_labels(ids, mask, expanded[:real]))
@@ -216,9 +229,10 @@ class VisionCollator:
         return out
 
     def check(self, dataset, name: str, batch: int = 8) -> float:
-        """Every row of `dataset` collated once, in batches (tqdm): the share of tokens that train. FinetuneError
-        naming the row where one fails (too long with its image tokens, an image the processor refuses). The images'
-        sizes go to `self.sizes` (`ImageSizes`: the run says once how many the processor scales down)."""
+        """Every row of `dataset` collated once, in batches (tqdm): the share of tokens that train.
+        FinetuneError naming the row where one fails (too long with its image tokens, an image the processor
+        refuses). The images' sizes go to `self.sizes` (`ImageSizes`: the run says once how many the processor
+        scales down)."""
         from mlflow_finetune_plugin.errors import FinetuneError
 
         def collate(indices: list[int]):
@@ -236,7 +250,8 @@ class VisionCollator:
         return trained / total if total else 0.0
 
     def masked(self, example: dict) -> tuple[str, list[int], list[int]]:
-        """(rendered text, its token ids, their trained mask) of one row, before the processor expands images."""
+        """(rendered text, its token ids, their trained mask) of one row, before the processor expands
+        images."""
         from mlflow_finetune_plugin.models.turn_spans import span_mask, trained_spans
 
         tools = example.get("tools")

@@ -1,19 +1,20 @@
-"""Images in training data: every form users write them in, read into one canonical form, and its references loaded
-or checked.
+"""Images in training data: every form users write them in, read into one canonical form, and its references
+loaded or checked.
 
-The canonical form (what `data.read.load_training_dataset` gives; the training collator and evaluation read it):
-each message's content is a list of parts, text as {"type": "text", "text": ...} and each image as the placeholder
-{"type": "image"} where it stands; the row's `images` column holds one reference per placeholder, in order of
-appearance (fields prompt, chosen, rejected / prompt, completion in that order, messages in order, parts in order):
-an absolute local path, a `data:image/...;base64,...` URL (images given inline: base64, bytes, a datasets Image
-feature, PIL images), or an http(s) URL as written (fetched at training). Rows without images have `[]`. A dataset
-with no image at all keeps string contents and has no `images` column.
+The canonical form (what `data.read.load_training_dataset` gives; the training collator and evaluation read
+it): each message's content is a list of parts, text as {"type": "text", "text": ...} and each image as the
+placeholder {"type": "image"} where it stands; the row's `images` column holds one reference per placeholder,
+in order of appearance (fields prompt, chosen, rejected / prompt, completion in that order, messages in order,
+parts in order): an absolute local path, a `data:image/...;base64,...` URL (images given inline: base64,
+bytes, a datasets Image feature, PIL images), or an http(s) URL as written (fetched at training). Rows without
+images have `[]`. A dataset with no image at all keeps string contents and has no `images` column.
 
-The forms read: OpenAI parts ({"type": "image_url", "image_url": {"url": ...}}, or "image_url": "..."), transformers'
-parts ({"type": "image", "path" | "url" | "image" | "base64": ...}), TRL's `images` (or `image`) column with
-{"type": "image"} placeholders (or, as TRL does, with string contents only: the images go before the first user
-message's text), LLaMA-Factory's `<image>` markers in the text with an `images` column, and datasets' Image feature
-({"bytes", "path"} dicts, or PIL images). Relative paths are read from the data file's folder, not the working one.
+The forms read: OpenAI parts ({"type": "image_url", "image_url": {"url": ...}}, or "image_url": "..."),
+transformers' parts ({"type": "image", "path" | "url" | "image" | "base64": ...}), TRL's `images` (or `image`)
+column with {"type": "image"} placeholders (or, as TRL does, with string contents only: the images go before
+the first user message's text), LLaMA-Factory's `<image>` markers in the text with an `images` column, and
+datasets' Image feature ({"bytes", "path"} dicts, or PIL images). Relative paths are read from the data file's
+folder, not the working one.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class ImageProblem(ValueError):
 
 
 def column_images(rec: dict) -> tuple[str, list]:
-    """(the column's name, its images as a list) of a raw record: `images` (a list, or one image), else `image`."""
+    """(the column's name, its images as a list) of a raw record: `images` (a list, or one image), else
+    `image`."""
     for name in IMAGE_COLUMNS:
         if name in rec:
             value = rec[name]
@@ -63,11 +65,12 @@ def column_images(rec: dict) -> tuple[str, list]:
 
 
 def has_images(ds_or_rows) -> bool:
-    """Whether a datasets.Dataset (its `images`/`image` column) or rows (records, (line, record) pairs or canonical
-    rows) hold any image."""
+    """Whether a datasets.Dataset (its `images`/`image` column) or rows (records, (line, record) pairs or
+    canonical rows) hold any image."""
     names = getattr(ds_or_rows, "column_names", None)
     if names is not None:  # read as Arrow: an Image feature is not decoded just to be counted
-        columns = [ds_or_rows.with_format("arrow")[name].to_pylist() for name in IMAGE_COLUMNS if name in names]
+        columns = [ds_or_rows.with_format("arrow")[name].to_pylist() for name in IMAGE_COLUMNS
+                   if name in names]
         return any(v not in (None, [], "") for column in columns for v in column)
     for row in ds_or_rows:
         rec = row[1] if isinstance(row, tuple) else row
@@ -83,7 +86,8 @@ def _image_parts(messages) -> int:
 
 
 def part_problem(part) -> str | None:
-    """What is wrong with one part of a list content (its shape only; the image itself is checked later), or None."""
+    """What is wrong with one part of a list content (its shape only; the image itself is checked later), or
+    None."""
     if isinstance(part, str):
         return None
     if not isinstance(part, dict):
@@ -95,8 +99,8 @@ def part_problem(part) -> str | None:
         return None if _url_of(part) else f"an {kind} part needs 'image_url': {{url: PATH or URL}}"
     if kind == "image":
         return None
-    return (f"part type {kind!r} is not supported: use text, image or image_url parts" if kind is not None else
-            "a part needs a 'type' (text, image or image_url)")
+    return (f"part type {kind!r} is not supported: use text, image or image_url parts" if kind is not None
+            else "a part needs a 'type' (text, image or image_url)")
 
 
 def _url_of(part: dict):
@@ -117,7 +121,8 @@ def image_reference(value, base: Path, base64_text: bool = False) -> str:
         for key in ("path", "url"):
             if isinstance(value.get(key), str) and value[key].strip():
                 return image_reference(value[key], base)
-        raise ImageProblem(f"an image object needs 'bytes', 'path' or 'url'; it has {sorted(value) or 'no keys'}")
+        raise ImageProblem(
+            f"an image object needs 'bytes', 'path' or 'url'; it has {sorted(value) or 'no keys'}")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return _bytes_url(bytes(value))
     if type(value).__module__.startswith("PIL."):  # datasets' Image feature, decoded
@@ -163,7 +168,8 @@ def _bytes_url(data: bytes) -> str:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only: which format, for the data URL's type
+        # reads the header only: which format, for the data URL's type
+        with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
     except Exception:  # noqa: BLE001 - PIL raises several types for bytes that are no image
         raise ImageProblem(f"{len(data)} bytes that are not an image PIL can read") from None
@@ -180,15 +186,17 @@ def _pil_url(im) -> str:
 
 def load_image(ref):
     """The image a canonical reference names (path, data URL or http(s) URL) as an RGB PIL image
-    (`models.image_inputs.read_image`); FinetuneError naming the reference, and what to do, when it is missing or
-    cannot be decoded. A PIL image is returned converted."""
+    (`models.image_inputs.read_image`); FinetuneError naming the reference, and what to do, when it is missing
+    or cannot be decoded. A PIL image is returned converted."""
     try:
         return read_image(ref)
     except FileNotFoundError:
-        raise FinetuneError(f"image not found: {ref}; fix the path in the data, or put the image there") from None
+        raise FinetuneError(f"image not found: {ref}; fix the path in the data, or put the image "
+                            "there") from None
     except ValueError as e:
-        raise FinetuneError(f"cannot load the image {short(str(ref))}: {_why(e.__cause__ or e)}; re-save it as PNG or "
-                            "JPEG, or drop its row (`mlflow-finetune data check FILE` lists every such image)") from None
+        raise FinetuneError(
+            f"cannot load the image {short(str(ref))}: {_why(e.__cause__ or e)}; re-save it as PNG or "
+            "JPEG, or drop its row (`mlflow-finetune data check FILE` lists every such image)") from None
 
 
 def image_size(ref: str) -> tuple[int, int]:
@@ -197,7 +205,8 @@ def image_size(ref: str) -> tuple[int, int]:
     try:
         with open_image(ref) as im:
             size = im.size
-            im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))  # JPEG: decode at 1/8 scale, whole file
+            # JPEG: decode at 1/8 scale, whole file
+            im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
             im.load()
     except FileNotFoundError:
         raise ImageProblem(f"image file not found: {ref}") from None
@@ -218,7 +227,8 @@ def _text(text: str) -> dict:
 
 
 def _parts(content, markers: bool, where: str) -> tuple[list | None, list[tuple], list[str]]:
-    """(canonical parts, one slot per image: (where, value or _COLUMN, base64 text?), problems) of one content."""
+    """(canonical parts, one slot per image: (where, value or _COLUMN, base64 text?), problems) of one
+    content."""
     if content is None:  # an assistant message with tool calls only
         return None, [], []
     if isinstance(content, str):
@@ -252,14 +262,16 @@ def _parts(content, markers: bool, where: str) -> tuple[list | None, list[tuple]
     return parts, slots, problems
 
 
-def canonical_row(row: dict, fields, column: list, base: Path, markers: bool = False, column_name: str = "images",
-                  image_fields=None) -> tuple[dict, list[str], list[str]]:
-    """(the row in the canonical form, where each of its images was written, problems) of one row whose message
-    `fields` hold chat messages: parts with placeholders, and `images` in the order the placeholders appear.
+def canonical_row(row: dict, fields, column: list, base: Path, markers: bool = False,
+                  column_name: str = "images", image_fields=None) -> tuple[dict, list[str], list[str]]:
+    """(the row in the canonical form, where each of its images was written, problems) of one row whose
+    message `fields` hold chat messages: parts with placeholders, and `images` in the order the placeholders
+    appear.
 
-    `column`: the row's image column (raw values), filling the bare placeholders in order; `markers`: `<image>` in
-    text is a placeholder (the dataset has an image column); `image_fields`: the fields images may stand in (the
-    prompt of preference data), all where None."""
+    `column`: the row's image column (raw values), filling the bare placeholders in order; `markers`:
+    `<image>` in
+    text is a placeholder (the dataset has an image column); `image_fields`: the fields images may stand in
+    (the prompt of preference data), all where None."""
     out, slots, problems, strings_only = dict(row), [], [], True
     for field in fields:
         if not isinstance(row.get(field), list):
@@ -274,8 +286,9 @@ def canonical_row(row: dict, fields, column: list, base: Path, markers: bool = F
             parts, found, errors = _parts(content, markers, f"{field}[{i}].content")
             problems += errors
             if found and m.get("role") == "tool":
-                problems.append(f"{field}[{i}]: an image in a tool message (TRL's collator fills images in user, "
-                                "assistant and system messages only): move it to a user message")
+                problems.append(
+                    f"{field}[{i}]: an image in a tool message (TRL's collator fills images in user, "
+                    "assistant and system messages only): move it to a user message")
             elif found and image_fields is not None and field not in image_fields:
                 problems.append(f"{field}[{i}]: an image in '{field}': images go in the prompt ("
                                 f"{', '.join(image_fields)}), which every answer shares; move it there")
@@ -286,10 +299,12 @@ def canonical_row(row: dict, fields, column: list, base: Path, markers: bool = F
         first = next(((f, i) for f in fields if isinstance(out.get(f), list) for i, m in enumerate(out[f])
                       if isinstance(m, dict) and m.get("role") == "user"), None)
         if first is None:
-            return out, [], problems + [f"{len(column)} image(s) in '{column_name}' but no user message to put "
-                                        "them in: add a {\"type\": \"image\"} placeholder where each goes"]
+            return out, [], problems + [
+                f"{len(column)} image(s) in '{column_name}' but no user message to put "
+                "them in: add a {\"type\": \"image\"} placeholder where each goes"]
         f, i = first
-        out[f][i] = {**out[f][i], "content": [dict(PLACEHOLDER) for _ in column] + (out[f][i]["content"] or [])}
+        out[f][i] = {**out[f][i], "content": [dict(PLACEHOLDER) for _ in column] + (out[f][i]["content"]
+                                                                                    or [])}
         slots = [(f"{f}[{i}].content", _COLUMN, False) for _ in column]
     bare = sum(value is _COLUMN for _, value, _ in slots)
     if bare != len(column):
@@ -319,19 +334,22 @@ def canonical_row(row: dict, fields, column: list, base: Path, markers: bool = F
 
 
 def _count_problem(placeholders: int, images: int, column: str) -> str:
-    what = (f"{placeholders} image placeholder{'s' if placeholders != 1 else ''} ({{\"type\": \"image\"}} parts or "
-            f"{MARKER} markers) but {images} image{'s' if images != 1 else ''} in '{column}'")
+    what = (
+        f"{placeholders} image placeholder{'s' if placeholders != 1 else ''} ({{\"type\": \"image\"}} parts "
+        f"or {MARKER} markers) but {images} image{'s' if images != 1 else ''} in '{column}'")
     if placeholders > images:
-        return f"{what}: add the missing images to '{column}' (one per placeholder, in order), or drop placeholders"
-    return (f"{what}: put a placeholder where each image goes (a {{\"type\": \"image\"}} part, or {MARKER} in the "
-            f"text), in the order of '{column}', or drop the extra images")
+        return (f"{what}: add the missing images to '{column}' (one per placeholder, in order), or drop "
+                "placeholders")
+    return (
+        f"{what}: put a placeholder where each image goes (a {{\"type\": \"image\"}} part, or {MARKER} in "
+        f"the text), in the order of '{column}', or drop the extra images")
 
 
 def canonical_rows(rows: list[dict], records, path, fields, base: Path, image_fields=None
                    ) -> tuple[list[dict], list[list[str]], list[DataIssue]]:
-    """Every row (built from `records`, the (line, record) pairs it was read from, in order) in the canonical form,
-    where each image was written, and the problems by line; `<image>` markers count where any row has an image
-    column."""
+    """Every row (built from `records`, the (line, record) pairs it was read from, in order) in the canonical
+    form, where each image was written, and the problems by line; `<image>` markers count where any row has an
+    image column."""
     markers = any(name in rec for _, rec in records for name in IMAGE_COLUMNS)
     out, wheres, issues = [], [], []
     for row, (line, rec) in zip(rows, records):
@@ -344,8 +362,8 @@ def canonical_rows(rows: list[dict], records, path, fields, base: Path, image_fi
 
 
 def text_contents(row: dict, fields) -> dict:
-    """A text-only row with list-of-parts contents given as strings (the text parts joined): data without images
-    keeps one form, string contents."""
+    """A text-only row with list-of-parts contents given as strings (the text parts joined): data without
+    images keeps one form, string contents."""
     out = dict(row)
     for field in fields:
         if isinstance(row.get(field), list):
@@ -355,8 +373,8 @@ def text_contents(row: dict, fields) -> dict:
 
 
 def with_references(conversations: list[list[dict]], refs: list[str]) -> list[list[dict]]:
-    """The conversations with each placeholder holding its image ({"type": "image", "image": REF}, as TRL fills
-    them), consumed in order across the conversations: two rows differ when their images do."""
+    """The conversations with each placeholder holding its image ({"type": "image", "image": REF}, as TRL
+    fills them), consumed in order across the conversations: two rows differ when their images do."""
     filling, out = iter(refs), []
     for messages in conversations:
         out.append([{**m, "content": [{**p, "image": next(filling, None)} if p.get("type") == "image" else p
@@ -366,9 +384,10 @@ def with_references(conversations: list[list[dict]], refs: list[str]) -> list[li
 
 
 def in_image_form(ds, like):
-    """A text-only dataset in the canonical form of `like`, a dataset with images (its features): contents as text
-    parts, `images` []; so that a mixture's tasks with and without images interleave (one Arrow type per column).
-    Raises what datasets raises where the rows differ otherwise (other columns, other message keys)."""
+    """A text-only dataset in the canonical form of `like`, a dataset with images (its features): contents as
+    text parts, `images` []; so that a mixture's tasks with and without images interleave (one Arrow type per
+    column). Raises what datasets raises where the rows differ otherwise (other columns, other message
+    keys)."""
     from datasets import Dataset
 
     fields = [f for f in ("messages", "prompt", "completion", "chosen", "rejected") if f in ds.column_names]

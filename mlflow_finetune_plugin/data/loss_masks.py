@@ -1,9 +1,11 @@
-"""Which tokens of a chat row are trained: each assistant reply and its end-of-turn token (or every token, with
-`data.assistant_only_loss: false`), except assistant turns with `"weight": 0` (the OpenAI fine-tuning format).
+"""Which tokens of a chat row are trained: each assistant reply and its end-of-turn token (or every token,
+with `data.assistant_only_loss: false`), except assistant turns with `"weight": 0` (the OpenAI fine-tuning
+format).
 
-The turn boundaries come from `models.turn_spans` (over `models.chat_format`), which finds them for any chat template by rendering, so no
-`{% generation %}` markers are needed and no template falls back to whole conversations. Rows are tokenized here
-into `input_ids` + `assistant_masks`; TRL's SFTTrainer takes both as given, builds the labels, truncates and packs.
+The turn boundaries come from `models.turn_spans` (over `models.chat_format`), which finds them for any chat
+template by rendering, so no `{% generation %}` markers are needed and no template falls back to whole
+conversations. Rows are tokenized here into `input_ids` + `assistant_masks`; TRL's SFTTrainer takes both as
+given, builds the labels, truncates and packs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import json
 def has_zero_weights(*datasets) -> bool:
     """Whether any conversation of these datasets (or dicts of them) has an assistant turn with weight 0."""
     for ds in _flat(datasets):
-        if "messages" in ds.column_names and any(m.get("weight") == 0 for msgs in ds["messages"] for m in msgs):
+        if "messages" in ds.column_names and any(m.get("weight") == 0 for msgs in ds["messages"]
+                                                 for m in msgs):
             return True
     return False
 
@@ -34,7 +37,8 @@ def row_tools(example) -> list | None:
 
 
 def with_turn_weights(tokenizer, dataset, assistant_only_loss: bool = True):
-    """`dataset` (a `messages` column, optional `tools`) as `input_ids` + `assistant_masks`, weight-0 turns cleared."""
+    """`dataset` (a `messages` column, optional `tools`) as `input_ids` + `assistant_masks`, weight-0 turns
+    cleared."""
     from mlflow_finetune_plugin.models.turn_spans import tokenize_row
 
     if dataset is None:
@@ -49,7 +53,8 @@ def with_turn_weights(tokenizer, dataset, assistant_only_loss: bool = True):
 
 
 def trained_share(*datasets) -> float | None:
-    """The share of tokens trained (mask 1) over the tokenized rows of these datasets; None if none is tokenized."""
+    """The share of tokens trained (mask 1) over the tokenized rows of these datasets; None if none is
+    tokenized."""
     trained = total = 0
     for ds in _flat(datasets):
         if "assistant_masks" in ds.column_names:

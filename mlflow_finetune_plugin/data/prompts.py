@@ -1,15 +1,15 @@
-"""The prompts a teacher answers (`-e distill`): `data.train` and `data.eval` read as prompts, and the answered rows
-written back as chat data (the asking is `distill/`).
+"""The prompts a teacher answers (`-e distill`): `data.train` and `data.eval` read as prompts, and the
+answered rows written back as chat data (the asking is `distill/`).
 
-A source is a file or `traces:EXPERIMENT` (the prompts the application sent, each once). A file's row is a prompt
-(`prompt`: text or messages ending with the user's turn), a chat whose last message is the user's, or any row with an
-answer (chat, ShareGPT, Alpaca, prompt/completion): its prompt is the conversation up to its last user turn. In
-`data.eval` that answer stays the reference the contenders are scored against; in `data.train` the teacher's answer
-replaces it.
+A source is a file or `traces:EXPERIMENT` (the prompts the application sent, each once). A file's row is a
+prompt (`prompt`: text or messages ending with the user's turn), a chat whose last message is the user's, or
+any row with an answer (chat, ShareGPT, Alpaca, prompt/completion): its prompt is the conversation up to its
+last user turn. In `data.eval` that answer stays the reference the contenders are scored against; in
+`data.train` the teacher's answer replaces it.
 
-The teacher is asked only for the prompts the run uses (`used_prompts`): the first `data.max_rows` training prompts,
-the first `eval.max_examples` held-out ones (held-out rows with reference answers beyond them stay, unasked, for the
-eval loss), and at most `distill.max_prompts` in all.
+The teacher is asked only for the prompts the run uses (`used_prompts`): the first `data.max_rows` training
+prompts, the first `eval.max_examples` held-out ones (held-out rows with reference answers beyond them stay,
+unasked, for the eval loss), and at most `distill.max_prompts` in all.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class Prompt:
     @property
     def key(self) -> str:
         """The prompt's identity in the answers cache: its messages and tools."""
-        text = json.dumps({"messages": self.messages, "tools": self.tools}, sort_keys=True, ensure_ascii=False)
+        text = json.dumps({"messages": self.messages, "tools": self.tools}, sort_keys=True,
+                          ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -58,8 +59,8 @@ class PromptSet:
     prompts: list[Prompt] = field(default_factory=list)
     issues: list[DataIssue] = field(default_factory=list)
     traces: str | None = None                     # the traces report's sentence, for a traces source
-    # held-out rows keep their own answers as targets (data.eval), rather than take the teacher's (data.train and
-    # its data.eval_split share)
+    # held-out rows keep their own answers as targets (data.eval), rather than take the teacher's (data.train
+    # and its data.eval_split share)
     keeps_references: bool = False
     unasked: list[Prompt] = field(default_factory=list)  # held-out rows kept with their references, not asked
 
@@ -82,8 +83,8 @@ def read_prompts(recipe, label: str) -> PromptSet:
     if is_traces(source):
         got = read_traces(query_of(source, data.traces, "prompt_only"))
         out.issues, out.traces = got.issues, got.sentence()
-        out.prompts = [Prompt(None, to_messages(rec, "prompt_only", data.system_prompt), None, rec.get("tools"))
-                       for _, rec in got.records]
+        out.prompts = [Prompt(None, to_messages(rec, "prompt_only", data.system_prompt), None,
+                              rec.get("tools")) for _, rec in got.records]
         return out
     records, out.issues = read_records_lenient(source, data.columns)
     tags = sharegpt_tags(data.tags)
@@ -94,8 +95,9 @@ def read_prompts(recipe, label: str) -> PromptSet:
             rec = {**{k: v for k, v in rec.items() if k != "messages"}, "prompt": messages}
         fmt = next((f for f in ("prompt_only", *_ANSWERED) if f in row_formats(rec, tags)), None)
         if fmt is None:
-            out.issues.append(DataIssue(str(source), line, "not a prompt: give `prompt` (text or messages ending "
-                                                           "with the user's turn), or `messages` (a chat)"))
+            out.issues.append(DataIssue(str(source), line,
+                                        "not a prompt: give `prompt` (text or messages ending "
+                                        "with the user's turn), or `messages` (a chat)"))
             continue
         problems = validate_records([(line, rec)], fmt, source, data.tags)
         if problems:
@@ -122,22 +124,24 @@ def prompt_sets(recipe) -> list[PromptSet]:
 
 
 def used_prompts(recipe, sets: list[PromptSet]) -> tuple[list[PromptSet], list[str]]:
-    """The prompts the run uses, per split, and what each limit left unasked: the first `data.max_rows` training
-    prompts; with `data.eval`, its first `eval.max_examples` prompts (the later rows with a reference answer are kept
-    unasked, for the eval loss); with `data.eval_split`, that seeded share of the training prompts held out, the
-    first `eval.max_examples` of it asked; `distill.max_prompts` caps the training prompts to what the held-out ones
-    leave. Raises FinetuneError where the cap leaves no training prompt."""
+    """The prompts the run uses, per split, and what each limit left unasked: the first `data.max_rows`
+    training prompts; with `data.eval`, its first `eval.max_examples` prompts (the later rows with a reference
+    answer are kept unasked, for the eval loss); with `data.eval_split`, that seeded share of the training
+    prompts held out, the first `eval.max_examples` of it asked; `distill.max_prompts` caps the training
+    prompts to what the held-out ones leave. Raises FinetuneError where the cap leaves no training prompt."""
     from mlflow_finetune_plugin.errors import FinetuneError
 
     data, ev, cap = recipe.data, recipe.eval, recipe.distill.max_prompts
     by_label, notes = {s.label: s for s in sets}, []
     train, prompts = by_label["data.train"], by_label["data.train"].prompts
     if data.max_rows and len(prompts) > data.max_rows:
-        notes.append(f"data.max_rows {data.max_rows}: {len(prompts) - data.max_rows} training prompts not asked")
+        notes.append(
+            f"data.max_rows {data.max_rows}: {len(prompts) - data.max_rows} training prompts not asked")
         prompts = prompts[: data.max_rows]
     held = None
     if "data.eval" in by_label and not ev.enabled:
-        notes.append(f"eval.enabled false: the {len(by_label['data.eval'].prompts)} prompts of data.eval not asked")
+        notes.append(f"eval.enabled false: the {len(by_label['data.eval'].prompts)} prompts of data.eval not "
+                     "asked")
     elif "data.eval" in by_label:
         source = by_label["data.eval"]
         later = source.prompts[ev.max_examples:]
@@ -145,15 +149,19 @@ def used_prompts(recipe, sets: list[PromptSet]) -> tuple[list[PromptSet], list[s
                        unasked=[p for p in later if p.reference is not None])
         if later:
             notes.append(f"eval.max_examples {ev.max_examples}: {len(later)} held-out prompts not asked"
-                         + (f", {len(held.unasked)} of them kept with their reference answers for the eval loss"
-                            if held.unasked else ""))
+                         + (
+                             f", {len(held.unasked)} of them kept with their reference answers for the eval "
+                             "loss"
+                             if held.unasked else ""))
     reserved = len(held.prompts) if held is not None else 0
     if cap is not None and len(prompts) + reserved > cap:
         if cap <= reserved:
-            raise FinetuneError(f"distill.max_prompts {cap} leaves no training prompt: the held-out set takes "
-                                f"{reserved} (eval.max_examples {ev.max_examples}). Raise distill.max_prompts, or "
-                                "lower eval.max_examples")
-        notes.append(f"distill.max_prompts {cap}: {len(prompts) - (cap - reserved)} more training prompts not asked")
+            raise FinetuneError(
+                f"distill.max_prompts {cap} leaves no training prompt: the held-out set takes "
+                f"{reserved} (eval.max_examples {ev.max_examples}). Raise distill.max_prompts, or "
+                "lower eval.max_examples")
+        notes.append(
+            f"distill.max_prompts {cap}: {len(prompts) - (cap - reserved)} more training prompts not asked")
         prompts = prompts[: cap - reserved]
     if held is None and ev.enabled and data.eval_split > 0:
         held, prompts = _held_out_share(recipe, prompts, train.source, notes)
@@ -161,8 +169,9 @@ def used_prompts(recipe, sets: list[PromptSet]) -> tuple[list[PromptSet], list[s
 
 
 def _held_out_share(recipe, prompts: list[Prompt], source: str, notes: list[str]):
-    """(held-out set, training prompts): data.eval_split's seeded share of the training prompts, as `splits.hold_out`
-    holds out a file's rows; the held-out prompts take the teacher's answers as their targets, as training ones do."""
+    """(held-out set, training prompts): data.eval_split's seeded share of the training prompts, as
+    `splits.hold_out` holds out a file's rows; the held-out prompts take the teacher's answers as their
+    targets, as training ones do."""
     from datasets import Dataset
 
     from mlflow_finetune_plugin.data.splits import hold_out
@@ -172,25 +181,28 @@ def _held_out_share(recipe, prompts: list[Prompt], source: str, notes: list[str]
     try:
         kept, held = hold_out(Dataset.from_dict({"i": list(range(len(prompts)))}), share, recipe.train.seed)
     except ValueError as e:  # datasets: a share that leaves no training or no held-out prompt
-        raise FinetuneError(f"data.eval_split {share} of {len(prompts)} prompts: {e} Give more prompts, or an eval "
-                            "file (data.eval)") from None
+        raise FinetuneError(
+            f"data.eval_split {share} of {len(prompts)} prompts: {e} Give more prompts, or an eval "
+            "file (data.eval)") from None
     held_out = [prompts[i] for i in held["i"]]
     if len(held_out) > limit:
-        notes.append(f"eval.max_examples {limit}: {len(held_out) - limit} prompts of the data.eval_split share "
-                     "not asked")
+        notes.append(
+            f"eval.max_examples {limit}: {len(held_out) - limit} prompts of the data.eval_split share "
+            "not asked")
     return (PromptSet("data.eval", f"{source} (data.eval_split {share:g})", held_out[:limit]),
             [prompts[i] for i in sorted(kept["i"])])
 
 
 def answered_row(prompt: Prompt, answer: dict, held_out: bool) -> dict | None:
-    """The chat row of a prompt and the teacher's answer (`answer`: the row key `teacher`, `data/teacher.py`, with
-    finish_reason), the teacher's answer also the row's unless a held-out row has a reference of its own; None where
-    the answer is empty or cut and there is no reference to keep the row."""
+    """The chat row of a prompt and the teacher's answer (`answer`: the row key `teacher`, `data/teacher.py`,
+    with finish_reason), the teacher's answer also the row's unless a held-out row has a reference of its own;
+    None where the answer is empty or cut and there is no reference to keep the row."""
     usable = answer["answer"].strip() and answer.get("finish_reason") != "length"
-    # A held-out row's own answer stays its target: the evaluation scores every contender, the teacher too, against
-    # it (evaluate/teacher.py tells such rows from those whose target is the teacher's own answer)
+    # A held-out row's own answer stays its target: the evaluation scores every contender, the teacher too,
+    # against it (evaluate/teacher.py tells such rows from those whose target is the teacher's own answer)
     own = not (held_out and prompt.reference is not None)
-    target = prompt.reference if not own else {"role": "assistant", "content": answer["answer"]} if usable else None
+    target = prompt.reference if not own else {"role": "assistant",
+                                               "content": answer["answer"]} if usable else None
     if target is None:
         return None
     row = {"messages": prompt.messages + [target], TEACHER_KEY: answer}

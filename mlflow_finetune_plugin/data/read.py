@@ -1,6 +1,6 @@
-"""Training data: the one reader (JSONL/JSON/CSV/parquet files with line numbers, or `hf:` Hugging Face datasets),
-then the formats (`data_formats`: detect, convert to chat; `data_validation`: row checks), and the loader that gives
-training a Dataset."""
+"""Training data: the one reader (JSONL/JSON/CSV/parquet files with line numbers, or `hf:` Hugging Face
+datasets), then the formats (`data_formats`: detect, convert to chat; `data_validation`: row checks), and the
+loader that gives training a Dataset."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def read_records(path, columns=None) -> list[tuple[int, dict]]:
 def read_records_lenient(path, columns=None, columns_key: str = "data.columns"
                          ) -> tuple[list[tuple[int, dict]], list[DataIssue]]:
     """Like read_records, but returns (the rows that could be read, the problems) instead of raising."""
-    # CSV cells hold text only: a list arrives as a JSON array, in a field's own column or in the one mapped to it
+    # CSV cells hold text only: a list arrives as a JSON array, in a field's own column or in the one mapped
+    # to it
     lists = _LIST_FIELDS + tuple(col for field, col in column_map(columns).items() if field in _LIST_FIELDS)
     records, issues = _read_source(path, lists)
     if not records:
@@ -74,8 +75,9 @@ def _read_source(path, lists=_LIST_FIELDS) -> tuple[list[tuple[int, dict]], list
     if not p.exists():
         return [], [DataIssue(name, None, f"file not found (looked in {Path.cwd()}); check the path")]
     if p.is_dir():
-        return [], [DataIssue(name, None, "is a folder; name a data file (.jsonl, .json, .csv or .parquet), or a "
-                                          "dataset folder as hf:" + name)]
+        return [], [DataIssue(name, None,
+                              "is a folder; name a data file (.jsonl, .json, .csv or .parquet), or a "
+                              "dataset folder as hf:" + name)]
     suffix = p.suffix.lower()
     if suffix not in SUFFIXES:
         return [], [DataIssue(name, None, f"unsupported file type {suffix or '(no suffix)'!r}; use one of "
@@ -112,7 +114,8 @@ def parse_hf(spec: str) -> tuple[str, str | None, str]:
 
 
 def _read_hf(spec: str) -> tuple[list[tuple[int, dict]], list[DataIssue]]:
-    """Rows of a dataset loaded with `datasets.load_dataset` (the hub, or a local dataset folder); row n is line n."""
+    """Rows of a dataset loaded with `datasets.load_dataset` (the hub, or a local dataset folder); row n is
+    line n."""
     import os
 
     import datasets
@@ -134,11 +137,14 @@ def _read_hf(spec: str) -> tuple[list[tuple[int, dict]], list[DataIssue]]:
 
 
 def _hf_problem(name: str, revision: str | None, split: str, err: Exception, env) -> str:
-    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if env.get(v, "").lower() in ("1", "true", "yes")]
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if env.get(v, "").lower() in ("1", "true",
+                                                                                                  "yes")]
     local = (f"datasets.load_dataset({name!r}, split={split!r}"
-             f"{f', revision={revision!r}' if revision else ''}).to_json('{name.rsplit('/', 1)[-1]}-{split}.jsonl')")
-    save = (f"Load it where the hub is reachable and save it as a local file:\n    python -c \"import datasets; "
-            f"{local}\"\nthen point data.train (or data.eval) at that file.")
+             f"{f', revision={revision!r}' if revision else ''}).to_json('{name.rsplit('/', 1)[-1]}-{split}"
+             ".jsonl')")
+    save = (
+        f"Load it where the hub is reachable and save it as a local file:\n    python -c \"import datasets; "
+        f"{local}\"\nthen point data.train (or data.eval) at that file.")
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     if isinstance(err, ValueError) and "split" in text.lower():
         return f"the Hugging Face dataset {name!r} has no split {split!r} ({text}); name one: hf:{name}:SPLIT"
@@ -146,8 +152,9 @@ def _hf_problem(name: str, revision: str | None, split: str, err: Exception, env
         why = f" ({' and '.join(v + '=1' for v in offline)}: offline mode)" if offline else " (no network?)"
         return f"cannot load the Hugging Face dataset {name!r}: the hub is not reachable{why}. {save}"
     if type(err).__name__ == "DatasetNotFoundError" or isinstance(err, FileNotFoundError):
-        return (f"the Hugging Face dataset {name!r} was not found ({text}): check the name (ORG/NAME), and HF_TOKEN "
-                f"for a private or gated dataset. {save}")
+        return (
+            f"the Hugging Face dataset {name!r} was not found ({text}): check the name (ORG/NAME), and "
+            f"HF_TOKEN for a private or gated dataset. {save}")
     return f"cannot load the Hugging Face dataset {name!r}: {type(err).__name__}: {text}. {save}"
 
 
@@ -156,8 +163,8 @@ def _drop_null_message_keys(rows: list[dict]) -> list[dict]:
     for row in rows:
         for key in _LIST_FIELDS:
             if isinstance(row.get(key), list):
-                row[key] = [{k: v for k, v in m.items() if v is not None or k == "content"} if isinstance(m, dict)
-                            else m for m in row[key]]
+                row[key] = [{k: v for k, v in m.items() if v is not None or k == "content"}
+                            if isinstance(m, dict) else m for m in row[key]]
     return rows
 
 
@@ -169,8 +176,8 @@ def _decode(raw: bytes, name: str) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError([DataIssue(name, line, f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file "
-                                               "as UTF-8")]) from None
+        raise DataError([DataIssue(name, line, f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the "
+                                               "file as UTF-8")]) from None
 
 
 def _read_jsonl(raw: bytes, name: str) -> tuple[list[tuple[int, dict]], list[DataIssue]]:
@@ -179,16 +186,18 @@ def _read_jsonl(raw: bytes, name: str) -> tuple[list[tuple[int, dict]], list[Dat
         try:
             line = chunk.decode("utf-8-sig" if n == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            issues.append(DataIssue(name, n, f"not valid UTF-8 (byte 0x{chunk[e.start]:02x} at column {e.start + 1}); "
-                                             "re-save the file as UTF-8"))
+            issues.append(DataIssue(name, n,
+                                    f"not valid UTF-8 (byte 0x{chunk[e.start]:02x} at column {e.start + 1}); "
+                                    "re-save the file as UTF-8"))
             continue
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
-            issues.append(DataIssue(name, n, f"invalid JSON: {e.msg} (column {e.colno}); each line must be one "
-                                             "complete JSON object"))
+            issues.append(DataIssue(name, n,
+                                    f"invalid JSON: {e.msg} (column {e.colno}); each line must be one "
+                                    "complete JSON object"))
             continue
         if isinstance(value, dict):
             records.append((n, value))
@@ -208,8 +217,9 @@ def _read_json(text: str, name: str) -> tuple[list[tuple[int, dict]], list[DataI
         items = doc
     else:
         got = f"an object with keys {sorted(doc)}" if isinstance(doc, dict) else _json_type(doc)
-        raise DataError([DataIssue(name, 1, f"a .json file must hold a list of objects (or {{\"data\": [...]}}), got "
-                                            f"{got}; for one object per line, name the file .jsonl")])
+        raise DataError([DataIssue(name, 1,
+                                   f"a .json file must hold a list of objects (or {{\"data\": [...]}}), got "
+                                   f"{got}; for one object per line, name the file .jsonl")])
     lines = _item_lines(text, data_key=isinstance(doc, dict)) if items else []
     records, issues = [], []
     for line, item in zip(lines, items):
@@ -278,16 +288,17 @@ def _read_parquet(p: Path, name: str) -> list[tuple[int, dict]]:
 # ---------------------------------------------------------------- loading
 
 
-def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, tags=None, format_key="data.format",
-                          accepts=(), records=None):
-    """(datasets.Dataset, format): a `messages` column (and `tools` where rows have them), prompt/chosen/rejected
-    for preference data, or `prompt` (messages) and the rows' other columns for prompt_only data (GRPO); with
-    images, message contents as parts and an `images` column (`data/images.py` describes the form).
+def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, tags=None,
+                          format_key="data.format", accepts=(), records=None):
+    """(datasets.Dataset, format): a `messages` column (and `tools` where rows have them),
+    prompt/chosen/rejected for preference data, or `prompt` (messages) and the rows' other columns for
+    prompt_only data (GRPO); with images, message contents as parts and an `images` column (`data/images.py`
+    describes the form).
 
-    Reads with `columns` mapped, resolves this file's format (`resolve_format`: auto detects it from these rows;
-    `accepts`, the objective's formats), validates every row first and raises DataError listing all problems; row
-    order is kept. Messages keep their OpenAI keys (`weight`, `tool_calls`, `tool_call_id`, `name`) for the chat
-    template. `records`: rows already read (from traces), named by `path` in messages.
+    Reads with `columns` mapped, resolves this file's format (`resolve_format`: auto detects it from these
+    rows; `accepts`, the objective's formats), validates every row first and raises DataError listing all
+    problems; row order is kept. Messages keep their OpenAI keys (`weight`, `tool_calls`, `tool_call_id`,
+    `name`) for the chat template. `records`: rows already read (from traces), named by `path` in messages.
     """
     from datasets import Dataset
 
@@ -301,14 +312,15 @@ def load_training_dataset(path, fmt="auto", system_prompt=None, columns=None, ta
     if issues:
         raise DataError(issues)
     try:
-        # Tool-call arguments differ from call to call: Arrow stores such values as JSON instead of one struct that
-        # would give every call every other call's argument names, as nulls. The same keeps a prompt_only column
-        # whose values differ in type or shape (a JSON schema per row, answers as numbers and text) as written, and
-        # content parts as written ({"type": "image"} beside {"type": "text", "text": ...}).
+        # Tool-call arguments differ from call to call: Arrow stores such values as JSON instead of one struct
+        # that would give every call every other call's argument names, as nulls. The same keeps a prompt_only
+        # column whose values differ in type or shape (a JSON schema per row, answers as numbers and text) as
+        # written, and content parts as written ({"type": "image"} beside {"type": "text", "text": ...}).
         return Dataset.from_list(rows, on_mixed_types="use_json"), fmt
     except (TypeError, ValueError) as e:  # pyarrow's ArrowInvalid/ArrowTypeError subclass these
-        raise DataError([DataIssue(str(path), None, f"rows do not share one structure ({e}); give every message "
-                                                    "the same keys with the same value types")]) from None
+        raise DataError([DataIssue(str(path), None,
+                                   f"rows do not share one structure ({e}); give every message "
+                                   "the same keys with the same value types")]) from None
 
 
 # The message fields of each format's rows, and those images may stand in (None: all of them).
@@ -318,26 +330,30 @@ _FIELDS = {"preference": (("prompt", "chosen", "rejected"), ("prompt",)),
 
 def training_rows(records, fmt: str, path, system_prompt=None, tags=None
                   ) -> tuple[list[dict], list[list[str]], list[DataIssue]]:
-    """(the rows training reads, one per valid record in order; where each row's images were written; the image
-    problems by line). With any image in the data, every row's messages are parts and it has `images`."""
+    """(the rows training reads, one per valid record in order; where each row's images were written; the
+    image problems by line). With any image in the data, every row's messages are parts and it has
+    `images`."""
     images = has_images(records)
     if fmt == "preference":
-        # one Arrow column cannot hold both strings and message lists: one chat-form row makes them all chat-form,
-        # and placeholders need messages
+        # one Arrow column cannot hold both strings and message lists: one chat-form row makes them all
+        # chat-form, and placeholders need messages
         chat = images or any(isinstance(rec.get(k), list) for _, rec in records for k in ("prompt", "chosen",
                                                                                           "rejected"))
         rows = [preference_row(rec, system_prompt, conversational=chat) for _, rec in records]
     elif fmt == "unpaired_preference":
-        chat = images or any(isinstance(rec.get(k), list) for _, rec in records for k in ("prompt", "completion"))
+        chat = images or any(isinstance(rec.get(k), list) for _, rec in records for k in ("prompt",
+                                                                                          "completion"))
         rows = [unpaired_row(rec, system_prompt, conversational=chat) for _, rec in records]
     elif fmt == "prompt_only":
         rows = [prompt_only_row(rec, system_prompt) for _, rec in records]
     else:
         rows = [{"messages": to_messages(rec, fmt, system_prompt, tags)} for _, rec in records]
         tools = [tools_of(rec) for _, rec in records]
-        if any(tools):  # TRL hands a row's `tools` (JSON text here: one Arrow type for any schema) to the template
+        # TRL hands a row's `tools` (JSON text here: one Arrow type for any schema) to the template
+        if any(tools):
             rows = [{**row, "tools": json.dumps(t) if t else None} for row, t in zip(rows, tools)]
-        if (teachers := teacher_column([rec for _, rec in records])) is not None:  # for evaluation, as JSON text
+        # for evaluation, as JSON text
+        if (teachers := teacher_column([rec for _, rec in records])) is not None:
             rows = [{**row, TEACHER_KEY: t} for row, t in zip(rows, teachers)]
     fields, image_fields = _FIELDS.get(fmt, (("messages",), None))
     wheres, issues = [[] for _ in rows], []
@@ -346,7 +362,8 @@ def training_rows(records, fmt: str, path, system_prompt=None, tags=None
     else:
         rows = [text_contents(row, fields) for row in rows]
     if fmt == "prompt_only":
-        # Dataset.from_list takes its columns from the first row: every row gets every column (None where absent)
+        # Dataset.from_list takes its columns from the first row: every row gets every column (None where
+        # absent)
         names = list(dict.fromkeys(k for row in rows for k in row))
         rows = [{k: row.get(k) for k in names} for row in rows]
         _numbers_among_text_as_text(rows, names)
@@ -365,8 +382,9 @@ def data_folder(path) -> Path:
 
 
 def _numbers_among_text_as_text(rows: list[dict], names: list[str]) -> None:
-    """A column mixing text with numbers or booleans (answers `68` and `"n/a"`) becomes text ("68"): Arrow's JSON
-    fallback for mixed columns would read text that parses as JSON ("68", "null", "{}") back as that value."""
+    """A column mixing text with numbers or booleans (answers `68` and `"n/a"`) becomes text ("68"): Arrow's
+    JSON fallback for mixed columns would read text that parses as JSON ("68", "null", "{}") back as that
+    value."""
     for name in names:
         kinds = {type(row[name]) for row in rows if row[name] is not None}
         if str in kinds and len(kinds) > 1 and kinds <= {str, int, float, bool}:
@@ -376,11 +394,11 @@ def _numbers_among_text_as_text(rows: list[dict], names: list[str]) -> None:
 
 
 def mlflow_dataset(ds, path, name):
-    """An MLflow dataset for `mlflow.log_input`: source = the absolute file path (or the `hf:` dataset, its split
-    and revision), digest = sha256 (16 hex).
+    """An MLflow dataset for `mlflow.log_input`: source = the absolute file path (or the `hf:` dataset, its
+    split and revision), digest = sha256 (16 hex).
 
-    The digest covers the file's bytes and the rows as loaded: MLflow keeps one input per (name, digest) and run,
-    so an eval split of the same file needs a digest of its own to be logged at all.
+    The digest covers the file's bytes and the rows as loaded: MLflow keeps one input per (name, digest) and
+    run, so an eval split of the same file needs a digest of its own to be logged at all.
     """
     import warnings
 
@@ -396,7 +414,8 @@ def mlflow_dataset(ds, path, name):
         file = Path(path).resolve()
         h = hashlib.sha256(file.read_bytes())
         with warnings.catch_warnings():
-            # two LocalArtifactDatasetSource classes (schemes "" and "file") both claim a local path: same result
+            # two LocalArtifactDatasetSource classes (schemes "" and "file") both claim a local path: same
+            # result
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(str(file))
     for batch in ds.iter(batch_size=1000):

@@ -1,5 +1,6 @@
-"""The data axis: the training rows and the held-out rows of a recipe, from one data set or a weighted mixture of
-tasks, the general text replayed beside them (`data.replay`), and their record in the run (MLflow dataset inputs).
+"""The data axis: the training rows and the held-out rows of a recipe, from one data set or a weighted mixture
+of tasks, the general text replayed beside them (`data.replay`), and their record in the run (MLflow dataset
+inputs).
 
 One set: `data.train`, with `data.eval` or a `data.eval_split` share held out. A mixture: `data.tasks`, each
 task with its own files (or held-out share) and weight; rows are drawn from the tasks with probabilities
@@ -28,12 +29,15 @@ TRACE_ROWS = ("chat", "preference", "unpaired_preference", "prompt_only")
 class Splits:
     train: object                     # datasets.Dataset: the training stream (a mixture's interleaved rows)
     eval: object | None               # the held-out rows of one set (None for a mixture: see task_evals)
-    fmt: str                          # the training data's format ("chat", ...; "chat+alpaca" for a mixture of two)
+    # the training data's format ("chat", ...; "chat+alpaca" for a mixture of two)
+    fmt: str
     tasks: dict = field(default_factory=dict)       # a mixture: task -> its training rows
     task_evals: dict = field(default_factory=dict)  # a mixture: task -> its held-out rows
     formats: dict = field(default_factory=dict)     # label of each file read (as `data_files`) -> its format
-    replay: list = field(default_factory=list)      # data.replay's general texts, mixed in by the sft objective
-    traces: dict = field(default_factory=dict)      # label of a traces source (`data.train`) -> (TraceRows, ids)
+    # data.replay's general texts, mixed in by the sft objective
+    replay: list = field(default_factory=list)
+    # label of a traces source (`data.train`) -> (TraceRows, ids)
+    traces: dict = field(default_factory=dict)
 
     @property
     def is_mixture(self) -> bool:
@@ -48,8 +52,8 @@ def hold_out(ds, share: float, seed: int):
 
 
 def source_of(recipe, value):
-    """A data value as the reader takes it: a file or `hf:` name as written, a `traces:` source as the query of it
-    (with `data.traces`) that makes rows in the format the objective trains on."""
+    """A data value as the reader takes it: a file or `hf:` name as written, a `traces:` source as the query
+    of it (with `data.traces`) that makes rows in the format the objective trains on."""
     if not is_traces(value):
         return value
     accepts = OBJECTIVE_FORMATS[recipe.objective]
@@ -59,8 +63,8 @@ def source_of(recipe, value):
 
 
 def hold_out_groups(groups: list[str], share: float, seed: int):
-    """(train indices, held-out indices): a seeded share of the groups (conversations) held out whole, so that no
-    conversation has rows on both sides."""
+    """(train indices, held-out indices): a seeded share of the groups (conversations) held out whole, so that
+    no conversation has rows on both sides."""
     import random
 
     names = sorted(set(groups))
@@ -68,14 +72,16 @@ def hold_out_groups(groups: list[str], share: float, seed: int):
         raise ValueError(f"{len(names)} conversation{'s' if len(names) != 1 else ''} cannot be split.")
     random.Random(seed).shuffle(names)
     held = set(names[: min(len(names) - 1, max(1, round(share * len(names))))])
-    return ([i for i, g in enumerate(groups) if g not in held], [i for i, g in enumerate(groups) if g in held])
+    return ([i for i, g in enumerate(groups) if g not in held],
+            [i for i, g in enumerate(groups) if g in held])
 
 
-def _one_set(owner: str, train_path, eval_path, fmt, system_prompt, recipe, columns=None, tags=None, traces=None):
+def _one_set(owner: str, train_path, eval_path, fmt, system_prompt, recipe, columns=None, tags=None,
+             traces=None):
     """(train rows, held-out rows or None, {label: format}) of one set; `owner` is its recipe key (`data`,
-    `data.tasks.NAME`). Each file's format is resolved from its own rows: a ShareGPT train file and a chat eval
-    file both read under `format: auto`. A traces source is read once; `traces` gets, per split, what was read and
-    the ids of the traces behind its rows."""
+    `data.tasks.NAME`). Each file's format is resolved from its own rows: a ShareGPT train file and a chat
+    eval file both read under `format: auto`. A traces source is read once; `traces` gets, per split, what was
+    read and the ids of the traces behind its rows."""
     data = recipe.data
     formats, read = {}, {}
 
@@ -105,9 +111,9 @@ def _one_set(owner: str, train_path, eval_path, fmt, system_prompt, recipe, colu
             kept, eval_rows = hold_out_groups([got.groups[i] for i in train_rows], data.eval_split,
                                               recipe.train.seed)
         except ValueError as e:
-            raise DataError([DataIssue(str(train_path), None, f"{owner}.eval_split {data.eval_split}: {e} Give "
-                                                              f"more traces, or an eval source ({owner}.eval)")]
-                            ) from None
+            raise DataError([DataIssue(str(train_path), None,
+                                       f"{owner}.eval_split {data.eval_split}: {e} Give "
+                                       f"more traces, or an eval source ({owner}.eval)")]) from None
         train_ds, eval_ds = train_ds.select(kept), train_ds.select(eval_rows)
         eval_rows, train_rows = [train_rows[i] for i in eval_rows], [train_rows[i] for i in kept]
     elif recipe.eval.enabled and data.eval_split > 0:
@@ -115,8 +121,8 @@ def _one_set(owner: str, train_path, eval_path, fmt, system_prompt, recipe, colu
             train_ds, eval_ds = hold_out(train_ds, data.eval_split, recipe.train.seed)
         except ValueError as e:  # datasets: a share that leaves no training or no held-out row
             raise DataError([DataIssue(str(train_path), None, f"{owner}.eval_split {data.eval_split} of "
-                                                              f"{len(train_ds)} rows: {e} Give more rows, or an "
-                                                              f"eval file ({owner}.eval)")]) from None
+                                                              f"{len(train_ds)} rows: {e} Give more rows, or "
+                                                              f"an eval file ({owner}.eval)")]) from None
     if traces is not None and got is not None:
         traces[f"{owner}.train"] = (got, sorted({t for i in train_rows for t in got.row_traces[i]}))
         if eval_rows:
@@ -127,23 +133,23 @@ def _one_set(owner: str, train_path, eval_path, fmt, system_prompt, recipe, colu
 
 
 def load_splits(recipe) -> Splits:
-    """Read and check the recipe's data (errors name file and line) into training and held-out rows. The pipeline
-    calls it, and so does the pre-flight check (`data/preflight.py`) before any run exists: what this refuses is
-    refused before a run is created."""
+    """Read and check the recipe's data (errors name file and line) into training and held-out rows. The
+    pipeline calls it, and so does the pre-flight check (`data/preflight.py`) before any run exists: what this
+    refuses is refused before a run is created."""
     data = recipe.data
     if not data.tasks:
         traces = {}
-        train_ds, eval_ds, formats = _one_set("data", source_of(recipe, data.train), source_of(recipe, data.eval),
-                                              data.format, data.system_prompt, recipe, data.columns, data.tags,
-                                              traces)
+        train_ds, eval_ds, formats = _one_set("data", source_of(recipe, data.train),
+                                              source_of(recipe, data.eval), data.format, data.system_prompt,
+                                              recipe, data.columns, data.tags, traces)
         return Splits(train_ds, eval_ds, formats["data.train"], formats=formats, replay=read_replay(recipe),
                       traces=traces)
     from datasets import interleave_datasets
 
     trains, evals, formats = {}, {}, {}
     for name, task in data.tasks.items():
-        trains[name], task_eval, task_formats = _one_set(f"data.tasks.{name}", task.train, task.eval, task.format,
-                                                         task.system_prompt, recipe)
+        trains[name], task_eval, task_formats = _one_set(f"data.tasks.{name}", task.train, task.eval,
+                                                         task.format, task.system_prompt, recipe)
         formats.update(task_formats)
         if task_eval is not None:
             evals[name] = task_eval
@@ -157,9 +163,10 @@ def load_splits(recipe) -> Splits:
     except (ValueError, TypeError, KeyError) as e:  # datasets: the tasks' columns do not align (e.g. per-turn
         # weights in one task only; other columns beside images in one task)
         files = ", ".join(task.train for task in data.tasks.values())
-        raise DataError([DataIssue(files, None, f"the tasks' rows cannot be mixed ({str(e).splitlines()[0]}); give "
-                                                "every task's messages the same keys (e.g. `weight` on all of them "
-                                                "or none)")]) from None
+        raise DataError([DataIssue(files, None,
+                                   f"the tasks' rows cannot be mixed ({str(e).splitlines()[0]}); give "
+                                   "every task's messages the same keys (e.g. `weight` on all of them "
+                                   "or none)")]) from None
     train_formats = {f for label, f in formats.items() if label.endswith(".train")}
     return Splits(mixed, None, "+".join(sorted(train_formats)), trains, evals, formats, read_replay(recipe))
 
@@ -175,8 +182,8 @@ def data_files(recipe) -> list[tuple[str, str, str, str | None]]:
 
 
 def log_inputs(recipe, splits: Splits) -> dict:
-    """Log the data as MLflow dataset inputs (each task under its own name, each input tagged with the format its
-    file was read in); returns the lineage tags."""
+    """Log the data as MLflow dataset inputs (each task under its own name, each input tagged with the format
+    its file was read in); returns the lineage tags."""
     import mlflow
 
     from mlflow_finetune_plugin.data.read import mlflow_dataset
@@ -198,8 +205,8 @@ def log_inputs(recipe, splits: Splits) -> dict:
     if splits.replay:  # the replay corpus, a training input of its own
         from datasets import Dataset
 
-        log(Dataset.from_dict({"text": splits.replay}), replay_path(recipe), "replay", "training", "data", "replay",
-            share=str(recipe.data.replay_share))
+        log(Dataset.from_dict({"text": splits.replay}), replay_path(recipe), "replay", "training", "data",
+            "replay", share=str(recipe.data.replay_share))
     if not splits.is_mixture:
         train_path = recipe.data.train
         train_input = log(splits.train, train_path, _input_name(train_path), "training", "data", "train")
@@ -212,9 +219,11 @@ def log_inputs(recipe, splits: Splits) -> dict:
     digests = []
     for name, ds in splits.tasks.items():
         task, owner = recipe.data.tasks[name], f"data.tasks.{name}"
-        digests.append(log(ds, task.train, name, "training", owner, "train", task=name, weight=str(task.weight)).digest)
+        digests.append(log(ds, task.train, name, "training", owner, "train", task=name,
+                           weight=str(task.weight)).digest)
         if name in splits.task_evals:
-            log(splits.task_evals[name], task.eval or task.train, f"{name}-eval", "eval", owner, "eval", task=name)
+            log(splits.task_evals[name], task.eval or task.train, f"{name}-eval", "eval", owner, "eval",
+                task=name)
     digest = hashlib.sha256(",".join(digests).encode()).hexdigest()[:16]
     return lineage_tags(dataset_digest=digest, data_format=splits.fmt,
                         tasks=",".join(f"{n}:{t.weight:g}" for n, t in recipe.data.tasks.items()))

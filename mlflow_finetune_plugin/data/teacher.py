@@ -1,5 +1,5 @@
-"""A row's `teacher`: the answer a larger model gave to the row's prompt, with what it cost, where a row carries it
-(rows written for distillation, and chat rows made of traces: `trace_rows.py`).
+"""A row's `teacher`: the answer a larger model gave to the row's prompt, with what it cost, where a row
+carries it (rows written for distillation, and chat rows made of traces: `trace_rows.py`).
 
     {"messages": [...], "teacher": {"answer": str, "model": str, "prompt_tokens": int | None,
                                     "completion_tokens": int | None, "latency_s": float | None,
@@ -7,12 +7,12 @@
 
 `params` (the parameters that answered) is known where the teacher ran here (`-e distill` with a registered
 teacher); a server or a trace does not say it, and `eval.teacher_params` gives it instead. `concurrency`: the
-requests `-e distill` kept in flight when it asked a server; `latency_s` is then a round trip that also waited for the
-others (a trace's is one request of the application's, as its user waited for it).
+requests `-e distill` kept in flight when it asked a server; `latency_s` is then a round trip that also waited
+for the others (a trace's is one request of the application's, as its user waited for it).
 
-Training ignores it (the rows are trained on their `messages`); the evaluation scores the teacher as a contender of
-its own, its answers as logged (`evaluate/teacher.py`). The row's target is its last assistant message: the
-teacher's answer, or an expectation that replaced it.
+Training ignores it (the rows are trained on their `messages`); the evaluation scores the teacher as a
+contender of its own, its answers as logged (`evaluate/teacher.py`). The row's target is its last assistant
+message: the teacher's answer, or an expectation that replaced it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def check_teacher(value) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, dict):
-        return [f"'{TEACHER_KEY}' must be an object {{answer, model, {', '.join(_NUMBERS)}}}, got {type(value).__name__}"]
+        return [
+            f"'{TEACHER_KEY}' must be an object {{answer, model, {', '.join(_NUMBERS)}}}, got "
+            f"{type(value).__name__}"]
     errors = []
     if not isinstance(value.get("answer"), str):
         errors.append(f"'{TEACHER_KEY}.answer' must be a string (the teacher's answer)")
@@ -43,7 +45,8 @@ def check_teacher(value) -> list[str]:
 
 
 def teacher_of(row) -> dict | None:
-    """The `teacher` of a row (a dict, or the JSON text a dataset column keeps it as); None when the row has none."""
+    """The `teacher` of a row (a dict, or the JSON text a dataset column keeps it as); None when the row has
+    none."""
     value = row.get(TEACHER_KEY) if isinstance(row, dict) else None
     if isinstance(value, str):
         value = json.loads(value)
@@ -51,7 +54,8 @@ def teacher_of(row) -> dict | None:
 
 
 def teacher_column(records) -> list[str | None] | None:
-    """The rows' `teacher` values as JSON text (one Arrow type whatever the fields), or None when no row has one."""
+    """The rows' `teacher` values as JSON text (one Arrow type whatever the fields), or None when no row has
+    one."""
     values = [rec.get(TEACHER_KEY) if isinstance(rec, dict) else None for rec in records]
     if not any(v is not None for v in values):
         return None

@@ -1,7 +1,7 @@
-"""The data check's side that needs the model: its tokenizer where it is at hand, each row's tokens counted and
-masked as training counts and masks them (rows cut by max_length, answer tokens lost, tools the chat template does
-not render, rows the template rejects), and whether the model reads images (`check.py` asks; errors are reported,
-never raised)."""
+"""The data check's side that needs the model: its tokenizer where it is at hand, each row's tokens counted
+and masked as training counts and masks them (rows cut by max_length, answer tokens lost, tools the chat
+template does not render, rows the template rejects), and whether the model reads images (`check.py` asks;
+errors are reported, never raised)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from mlflow_finetune_plugin.messages import text_messages
 @functools.lru_cache(maxsize=8)
 def tokenizer_for_check(name: str | None, revision: str | None = None, trust_remote_code: bool = False,
                         chat_template: str | None = None, base_dir: str | None = None):
-    """(tokenizer or None, why not) for the pre-flight check: the model's tokenizer where it is at hand. A built-in
-    model not yet converted is left to training (it converts the weights too), and a tokenizer that cannot be
-    loaded is the training process's error to report, not the data check's."""
+    """(tokenizer or None, why not) for the pre-flight check: the model's tokenizer where it is at hand. A
+    built-in model not yet converted is left to training (it converts the weights too), and a tokenizer that
+    cannot be loaded is the training process's error to report, not the data check's."""
     from mlflow_finetune_plugin import paths
     from mlflow_finetune_plugin.models import gemma3, smollm2
     from mlflow_finetune_plugin.models.base import load_tokenizer
@@ -39,10 +39,11 @@ def tokenizer_for_check(name: str | None, revision: str | None = None, trust_rem
         return None, str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def model_takes_images(name: str, revision: str | None = None, trust_remote_code: bool = False) -> bool | None:
-    """Whether the model `name` reads images: its config's model type is one transformers maps to an image-text-to-
-    text model (a custom-code one: its config has a vision part); False for the built-in text models; None where the
-    config cannot be read, and nothing is guessed. The one place this is asked, so that
+def model_takes_images(name: str, revision: str | None = None,
+                       trust_remote_code: bool = False) -> bool | None:
+    """Whether the model `name` reads images: its config's model type is one transformers maps to an
+    image-text-to-text model (a custom-code one: its config has a vision part); False for the built-in text
+    models; None where the config cannot be read, and nothing is guessed. The one place this is asked, so that
     `models.vision.takes_images(config)` answers."""
     from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families, tiny_vision
     from mlflow_finetune_plugin.models.base import is_tiny, resolve_model_path
@@ -55,8 +56,10 @@ def model_takes_images(name: str, revision: str | None = None, trust_remote_code
     try:
         import transformers
 
-        path, kwargs = resolve_model_path(name), {"revision": revision, "trust_remote_code": trust_remote_code}
-        try:  # the cached config first: offline, asking the hub retries for half a minute before using the cache
+        path, kwargs = resolve_model_path(name), {"revision": revision,
+                                                  "trust_remote_code": trust_remote_code}
+        # the cached config first: offline, asking the hub retries for half a minute before using the cache
+        try:
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
         except OSError:
             config = transformers.AutoConfig.from_pretrained(path, **kwargs)
@@ -93,25 +96,28 @@ def _unrendered(tokenizer, messages: list[dict], tools) -> list[str]:
 
 
 def count_lengths(report, records, convs, tokenizer, max_length, model_label, with_images) -> None:
-    """Token counts and cut rows; `with_images`: line -> tokens with its image tokens (None: refused), counted and
-    refused when too long by `image_check.count_image_tokens`."""
+    """Token counts and cut rows; `with_images`: line -> tokens with its image tokens (None: refused), counted
+    and refused when too long by `image_check.count_image_tokens`."""
     model = model_label or getattr(tokenizer, "name_or_path", None) or "this tokenizer"
     lengths, cut, answer_total, answer_lost = [], [], 0, 0
     for line, rec in records:
         tools = tools_of(rec)
-        texts = [text_messages(conv) for conv in convs[line]]  # image tokens need the processor: text only here
+        # image tokens need the processor: text only here
+        texts = [text_messages(conv) for conv in convs[line]]
         try:
             counted = [_count(tokenizer, conv, tools) for conv in texts]
             missing = sorted({n for conv in texts for n in _unrendered(tokenizer, conv, tools)})
-        except Exception as e:  # noqa: BLE001 - a template that raises on this row would fail training the same way
+        # a template that raises on this row would fail training the same way
+        except Exception as e:  # noqa: BLE001
             report.errors.append(DataIssue(report.path, line, _rejected(e, model)))
             continue
         if missing:
             report.errors.append(DataIssue(
-                report.path, line, f"tool calls or tools ({', '.join(missing)}) that the chat template of {model} "
-                                   f"does not render: {_NO_TOOLS}", group=f"rows with tool calls or tools that the "
-                                                                        f"chat template of {model} does not render: "
-                                                                        f"{_NO_TOOLS}"))
+                report.path, line,
+                f"tool calls or tools ({', '.join(missing)}) that the chat template of {model} "
+                f"does not render: {_NO_TOOLS}", group=f"rows with tool calls or tools that the "
+                                                       f"chat template of {model} does not render: "
+                                                       f"{_NO_TOOLS}"))
         n, mask = max(counted, key=lambda c: c[0])
         if line in with_images:  # refused, not cut, when too long: an error there
             if with_images[line] is None:
@@ -124,7 +130,8 @@ def count_lengths(report, records, convs, tokenizer, max_length, model_label, wi
         if n > max_length and line not in with_images:
             report.too_long += 1
             cut.append(DataIssue(report.path, line, f"{n} tokens, more than max_length {max_length}: "
-                                                    f"{n - max_length} cut, {lost} of them in answers", "warning"))
+                                                    f"{n - max_length} cut, {lost} of them in answers",
+                                 "warning"))
     if cut:
         what = "answer tokens" + (" (text only: image tokens come on top)" if report.images
                                   and not report.images.get("image_tokens") else "")
@@ -140,16 +147,18 @@ def count_lengths(report, records, convs, tokenizer, max_length, model_label, wi
                               "p95": s[min(len(s) - 1, round(0.95 * (len(s) - 1)))], "max": s[-1]}
 
 
-_NO_TOOLS = ("they would train on empty turns. Use a model whose chat template supports tools (check one with "
-             "`mlflow-finetune data check --model NAME`), or leave these rows out")
+_NO_TOOLS = (
+    "they would train on empty turns. Use a model whose chat template supports tools (check one with "
+    "`mlflow-finetune data check --model NAME`), or leave these rows out")
 
 
 def _rejected(e: Exception, model: str) -> str:
     """A row the chat template raises on: the template's own words, and what to do."""
     why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-    fix = ("make this row's turns follow the order the template expects (e.g. user and assistant alternating, "
-           "one system message first: merge consecutive turns of the same role), or choose another template with "
-           "model.chat_template")
+    fix = (
+        "make this row's turns follow the order the template expects (e.g. user and assistant alternating, "
+        "one system message first: merge consecutive turns of the same role), or choose another template "
+        "with model.chat_template")
     if "assistant turn" in why and "loss mask" in why:
         fix = "set data.assistant_only_loss: false, or choose another template with model.chat_template"
     return f"the chat template of {model} rejects this row ({why}): {fix}"

@@ -1,11 +1,12 @@
-"""Images in traced model calls (docs/traces.md, "Images"): a traced message's image parts as the project's parts,
-and the images MLflow keeps beside a trace read back as data URLs.
+"""Images in traced model calls (docs/traces.md, "Images"): a traced message's image parts as the project's
+parts, and the images MLflow keeps beside a trace read back as data URLs.
 
-MLflow (3.17) stores an image sent as a data URL in a span's inputs (`mlflow.openai.autolog()`'s spans, and `serve
---trace`'s, which set the request as inputs) as an attachment of the trace, and puts a reference in its place:
-`mlflow-attachment://<id>?content_type=image/png&trace_id=tr-...&size=...`. The bytes come back only through a
-private call, `attachment_bytes` below, the one place that makes it. An image sent as an http(s) URL stays in the span
-as written (fetched at training); with MLFLOW_TRACE_EXTRACT_ATTACHMENTS=false the data URL itself does.
+MLflow (3.17) stores an image sent as a data URL in a span's inputs (`mlflow.openai.autolog()`'s spans, and
+`serve --trace`'s, which set the request as inputs) as an attachment of the trace, and puts a reference in its
+place: `mlflow-attachment://<id>?content_type=image/png&trace_id=tr-...&size=...`. The bytes come back only
+through a private call, `attachment_bytes` below, the one place that makes it. An image sent as an http(s) URL
+stays in the span as written (fetched at training); with MLFLOW_TRACE_EXTRACT_ATTACHMENTS=false the data URL
+itself does.
 
 The images are held in memory as data URLs in the rows, never written anywhere by this module.
 """
@@ -19,17 +20,19 @@ from mlflow_finetune_plugin.errors import FinetuneError
 
 SCHEME = "mlflow-attachment"
 _TEXT_TYPES = ("text", "input_text")      # Chat Completions' and Responses' text parts
-_IMAGE_TYPES = ("image_url", "input_image")  # their image parts: {"image_url": {"url": ...}} / {"image_url": "..."}
+# their image parts: {"image_url": {"url": ...}} / {"image_url": "..."}
+_IMAGE_TYPES = ("image_url", "input_image")
 
 
 class NoImage(ValueError):
-    """An image a trace names but does not hold (its attachment missing, or a file path). MLflow marks the span of
-    an image it dropped for its size (MLFLOW_TRACE_MAX_ATTACHMENT_SIZE) failed: such a call is read as failed."""
+    """An image a trace names but does not hold (its attachment missing, or a file path). MLflow marks the
+    span of an image it dropped for its size (MLFLOW_TRACE_MAX_ATTACHMENT_SIZE) failed: such a call is read as
+    failed."""
 
 
 def content_parts(content) -> list[dict] | None:
-    """A traced message's list content as OpenAI chat parts ({"type": "text"} and {"type": "image_url"}, the url as
-    traced), or None where a part is neither text nor an image (audio, files)."""
+    """A traced message's list content as OpenAI chat parts ({"type": "text"} and {"type": "image_url"}, the
+    url as traced), or None where a part is neither text nor an image (audio, files)."""
     parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -54,8 +57,8 @@ def has_image(messages: list[dict]) -> bool:
 
 
 def with_images(messages: list[dict], trace_info) -> list[dict]:
-    """The messages with each image as a data URL (an attachment of the trace read back) or an http(s) URL; NoImage
-    says which image the trace does not hold."""
+    """The messages with each image as a data URL (an attachment of the trace read back) or an http(s) URL;
+    NoImage says which image the trace does not hold."""
     out = []
     for m in messages:
         if isinstance(m.get("content"), list):
@@ -88,8 +91,9 @@ def image_url(url: str, trace_info) -> str:
 
 
 def attachment_bytes(trace_info, attachment_id: str) -> bytes:
-    """The bytes of one attachment of a trace. MLflow has no public API for them (checked in 3.17.2; its own judge
-    tool, mlflow/genai/judges/tools/get_span_image.py, makes this call and says so): this is the one private call."""
+    """The bytes of one attachment of a trace. MLflow has no public API for them (checked in 3.17.2; its own
+    judge tool, mlflow/genai/judges/tools/get_span_image.py, makes this call and says so): this is the one
+    private call."""
     try:
         from mlflow.tracing.client import TracingClient
 
@@ -99,6 +103,6 @@ def attachment_bytes(trace_info, attachment_id: str) -> bytes:
         import mlflow
 
         raise FinetuneError(f"mlflow {mlflow.__version__} does not read trace attachments as mlflow 3.17 did "
-                            f"({e}): the images of traces cannot be read back; install mlflow 3.17, or train on "
-                            "traces without images") from None
+                            f"({e}): the images of traces cannot be read back; install mlflow 3.17, or train "
+                            "on traces without images") from None
     return download(attachment_id)

@@ -1,5 +1,5 @@
-"""The rows made of traced model calls (`traces.py` reads the calls): one chat row per conversation, preference
-pairs and labelled rows from feedback and expectations, prompts for grpo."""
+"""The rows made of traced model calls (`traces.py` reads the calls): one chat row per conversation,
+preference pairs and labelled rows from feedback and expectations, prompts for grpo."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ IMAGE = "an image the trace does not hold (its attachment missing, or a file pat
 
 @dataclass
 class Call:
-    """One model call: the messages it was given, its answer, and what the trace's assessments say about it."""
+    """One model call: the messages it was given, its answer, and what the trace's assessments say about
+    it."""
 
     trace_id: str
     span_id: str
@@ -44,9 +45,9 @@ class Call:
 
 
 def call_cost(span, inputs: dict, outputs) -> dict:
-    """What a CHAT_MODEL span says the call cost: the model's name (MLflow's `mlflow.llm.model` attribute, else the
-    call's `model` argument or the response's), its token usage (`mlflow.chat.tokenUsage`, else the response's
-    `usage`; None where neither says) and the span's duration in seconds."""
+    """What a CHAT_MODEL span says the call cost: the model's name (MLflow's `mlflow.llm.model` attribute,
+    else the call's `model` argument or the response's), its token usage (`mlflow.chat.tokenUsage`, else the
+    response's `usage`; None where neither says) and the span's duration in seconds."""
     usage = span.get_attribute("mlflow.chat.tokenUsage") or {}
     given = (outputs.get("usage") if isinstance(outputs, dict) else None) or {}
     prompt = usage.get("input_tokens", given.get("prompt_tokens", given.get("input_tokens")))
@@ -61,20 +62,21 @@ def call_cost(span, inputs: dict, outputs) -> dict:
 
 
 def _teacher(c: Call) -> dict:
-    """The row's `teacher` (data/teacher.py): the logged answer, whatever the row's target (a correction replaces
-    it there), with what the call cost."""
+    """The row's `teacher` (data/teacher.py): the logged answer, whatever the row's target (a correction
+    replaces it there), with what the call cost."""
     return {"answer": text_of(c.answer.get("content")), **(c.cost or {"model": None, "prompt_tokens": None,
-                                                                      "completion_tokens": None, "latency_s": None})}
+                                                                      "completion_tokens": None,
+                                                                      "latency_s": None})}
 
 
 def _key(messages: list[dict]) -> str:
-    return json.dumps([{k: m.get(k) for k in ("role", "content", "tool_calls", "tool_call_id")} for m in messages],
-                      sort_keys=True, ensure_ascii=False)
+    return json.dumps([{k: m.get(k) for k in ("role", "content", "tool_calls", "tool_call_id")}
+                       for m in messages], sort_keys=True, ensure_ascii=False)
 
 
 def conversations(calls: list[Call]) -> dict[str, Call]:
-    """Link each call to the earlier call its messages extend (that call's messages and answer, exactly), giving
-    every call the conversation of its first call; returns {conversation key of each call: call}."""
+    """Link each call to the earlier call its messages extend (that call's messages and answer, exactly),
+    giving every call the conversation of its first call; returns {conversation key of each call: call}."""
     by_key = {}
     for c in sorted(calls, key=lambda c: (len(c.prompt), c.start_ns)):
         c.group = c.group or f"{c.trace_id}/{c.span_id}"
@@ -97,9 +99,9 @@ def _with_tools(record: dict, c: Call) -> dict:
 
 
 def _chat_rows(calls: list[Call], query) -> list:
-    """One row per conversation: a trainable call is left out when a later trainable call extends its messages and
-    answer; a corrected or rejected earlier turn stays in the later row's history with weight 0 (its corrected
-    answer is a row of its own)."""
+    """One row per conversation: a trainable call is left out when a later trainable call extends its messages
+    and answer; a corrected or rejected earlier turn stays in the later row's history with weight 0 (its
+    corrected answer is a row of its own)."""
     by_conv: dict[str, list[Call]] = {}
     for c in calls:
         by_conv.setdefault(_key(c.conversation), []).append(c)
@@ -144,8 +146,8 @@ def _unpaired_rows(calls: list[Call], query) -> list:
 
 
 def _preference_rows(calls: list[Call], query) -> list:
-    """Pairs: per prompt, an answer with positive feedback (or a correction) against one with negative feedback
-    (or the answer the correction replaced)."""
+    """Pairs: per prompt, an answer with positive feedback (or a correction) against one with negative
+    feedback (or the answer the correction replaced)."""
     by_prompt: dict[str, tuple[list, list]] = {}
     for c in sorted(calls, key=lambda c: c.start_ns):
         if c.problem and c.problem != CUT:
@@ -163,8 +165,8 @@ def _preference_rows(calls: list[Call], query) -> list:
     for up, down in by_prompt.values():
         down = [(answer, c) for answer, c in down if all(_key([answer]) != _key([u]) for u, _ in up)]
         for (chosen, a), (rejected, b) in zip(up, down):  # an answer with both verdicts pairs with nothing
-            rows.append((_with_tools({"prompt": a.prompt, "chosen": [chosen], "rejected": [rejected]}, a), a.group,
-                         sorted({a.trace_id, b.trace_id})))
+            rows.append((_with_tools({"prompt": a.prompt, "chosen": [chosen], "rejected": [rejected]}, a),
+                         a.group, sorted({a.trace_id, b.trace_id})))
     return rows
 
 
@@ -173,7 +175,8 @@ def _prompt_rows(calls: list[Call], query) -> list:
     seen, rows = set(), []
     for c in sorted(calls, key=lambda c: c.start_ns):
         key = _key(c.prompt)
-        if c.problem in (FAILED, UNKNOWN, IMAGE) or key in seen or not c.prompt or c.prompt[-1]["role"] != "user":
+        if c.problem in (FAILED, UNKNOWN,
+                         IMAGE) or key in seen or not c.prompt or c.prompt[-1]["role"] != "user":
             continue
         seen.add(key)
         rows.append((_with_tools({"prompt": c.prompt}, c), c.group, [c.trace_id]))

@@ -1,13 +1,15 @@
-"""Traces as a data source: `data.train: traces:EXPERIMENT` reads the model calls an application logged to MLflow
-(`mlflow.openai.autolog()`: one `CHAT_MODEL` span per call, nested in the app's own spans or not) as training rows.
+"""Traces as a data source: `data.train: traces:EXPERIMENT` reads the model calls an application logged to
+MLflow (`mlflow.openai.autolog()`: one `CHAT_MODEL` span per call, nested in the app's own spans or not) as
+training rows.
 
 One row per conversation: a call whose messages extend an earlier call's messages and answer supersedes it. An
 expectation on a trace (`data.traces.expectations`) is the answer to learn instead of the logged one; feedback
-(`data.traces.feedback`) keeps a thumbs-down answer out of supervised rows, labels `unpaired_preference` rows (kto),
-and pairs two answers to one prompt into `preference` rows (dpo). Failed traces, empty answers and answers cut at
-the length limit are left out and counted. A user's images come back as data URLs (`trace_images.py`), which
-`data.read` reads into the canonical image rows. Traces hold user data: nothing here writes them anywhere; the rows
-live in the training process (and in the file `data from-traces -o` writes, where asked for).
+(`data.traces.feedback`) keeps a thumbs-down answer out of supervised rows, labels `unpaired_preference` rows
+(kto), and pairs two answers to one prompt into `preference` rows (dpo). Failed traces, empty answers and
+answers cut at the length limit are left out and counted. A user's images come back as data URLs
+(`trace_images.py`), which `data.read` reads into the canonical image rows. Traces hold user data: nothing
+here writes them anywhere; the rows live in the training process (and in the file `data from-traces -o`
+writes, where asked for).
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ READ_FORMATS = ("OpenAI chat completions (inputs.messages, outputs.choices[0].me
                 "messages in, text out (inputs.messages, outputs a string)")
 DEFAULT_FEEDBACK = tuple(TracesConfig.model_fields["feedback"].default)
 DEFAULT_EXPECTATIONS = tuple(TracesConfig.model_fields["expectations"].default)
-_UP = {"yes", "y", "true", "good", "up", "thumbs_up", "thumbsup", "positive", "pass", "correct", "helpful", "1", "+1"}
-_DOWN = {"no", "n", "false", "bad", "down", "thumbs_down", "thumbsdown", "negative", "fail", "incorrect", "unhelpful",
-         "0", "-1"}
+_UP = {"yes", "y", "true", "good", "up", "thumbs_up", "thumbsup", "positive", "pass", "correct", "helpful",
+       "1", "+1"}
+_DOWN = {"no", "n", "false", "bad", "down", "thumbs_down", "thumbsdown", "negative", "fail", "incorrect",
+         "unhelpful", "0", "-1"}
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,9 @@ class TraceQuery:
 
     def describe(self) -> dict:
         """The query as the run's lineage records it (no trace content)."""
-        return {k: v for k, v in (("experiment", self.experiment), ("filter", self.filter), ("since", self.since),
-                                  ("until", self.until), ("run_id", self.run_id), ("model_id", self.model_id),
-                                  ("rows", self.rows)) if v}
+        return {k: v for k, v in (("experiment", self.experiment), ("filter", self.filter),
+                                  ("since", self.since), ("until", self.until), ("run_id", self.run_id),
+                                  ("model_id", self.model_id), ("rows", self.rows)) if v}
 
 
 def is_traces(value) -> bool:
@@ -79,7 +82,8 @@ def is_traces(value) -> bool:
 
 
 def query_of(spec: str, config=None, rows: str = "chat") -> TraceQuery:
-    """The TraceQuery of `traces:EXPERIMENT` with the recipe's `data.traces` section (or None: the defaults)."""
+    """The TraceQuery of `traces:EXPERIMENT` with the recipe's `data.traces` section (or None: the
+    defaults)."""
     given = config.model_dump() if hasattr(config, "model_dump") else dict(config or {})
     for key in ("feedback", "expectations"):
         if given.get(key) is not None:
@@ -104,8 +108,9 @@ def _text(content) -> str | None:
 
 
 def _content(content, role: str):
-    """A message's content as the formats carry it: text, or (a user's message with images) OpenAI chat parts whose
-    images are as traced (`trace_images.with_images` reads them back); None for what neither holds (audio)."""
+    """A message's content as the formats carry it: text, or (a user's message with images) OpenAI chat parts
+    whose images are as traced (`trace_images.with_images` reads them back); None for what neither holds
+    (audio)."""
     text = _text(content)
     if text is not None or content is None or role != "user" or not isinstance(content, list):
         return text
@@ -113,12 +118,14 @@ def _content(content, role: str):
 
 
 def _message(m) -> dict | None:
-    """An OpenAI chat message in the project's chat format; None where it holds what the formats do not carry."""
+    """An OpenAI chat message in the project's chat format; None where it holds what the formats do not
+    carry."""
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         return None
     role = "system" if m["role"] == "developer" else m["role"]
     content = _content(m.get("content"), role)
-    if role not in ("system", "user", "assistant", "tool") or content is None and m.get("content") is not None:
+    if role not in ("system", "user", "assistant",
+                    "tool") or content is None and m.get("content") is not None:
         return None
     out = {"role": role, "content": content}
     calls = m.get("tool_calls")
@@ -143,14 +150,16 @@ def _openai_chat(inputs: dict, outputs) -> tuple | None:
 def _openai_responses(inputs: dict, outputs) -> tuple | None:
     if not (isinstance(outputs, dict) and isinstance(outputs.get("output"), list) and "input" in inputs):
         return None
-    items = inputs["input"] if isinstance(inputs["input"], list) else [{"role": "user", "content": inputs["input"]}]
+    items = inputs["input"] if isinstance(inputs["input"],
+                                          list) else [{"role": "user", "content": inputs["input"]}]
     messages = [{"role": "system", "content": inputs["instructions"]}] if inputs.get("instructions") else []
     for item in items:
         kind = item.get("type") if isinstance(item, dict) else None
         if kind == "function_call":
             messages.append({"role": "assistant", "content": None, "tool_calls": [_response_call(item)]})
         elif kind == "function_call_output":
-            messages.append({"role": "tool", "content": item.get("output"), "tool_call_id": item.get("call_id")})
+            messages.append({"role": "tool", "content": item.get("output"),
+                             "tool_call_id": item.get("call_id")})
         else:
             messages.append(item)
     answer, calls = {"role": "assistant", "content": ""}, []
@@ -162,8 +171,9 @@ def _openai_responses(inputs: dict, outputs) -> tuple | None:
     if calls:
         answer["tool_calls"] = calls
     cut = (outputs.get("incomplete_details") or {}).get("reason") == "max_output_tokens"
-    tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
-             for t in inputs.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"]
+    tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
+                                               if k in t}} for t in inputs.get("tools") or []
+             if isinstance(t, dict) and t.get("type") == "function"]
     return messages, answer, tools or None, "length" if cut else "stop"
 
 
@@ -207,8 +217,8 @@ def read_call(trace_id: str, span) -> Call:
 
 
 def _read_images(call: Call, trace_info) -> None:
-    """The call's images as data URLs (its attachments read back); a call with an image the trace does not hold
-    makes no row (its reason counted)."""
+    """The call's images as data URLs (its attachments read back); a call with an image the trace does not
+    hold makes no row (its reason counted)."""
     if call.problem in (FAILED, UNKNOWN) or not has_image(call.prompt):
         return
     try:
@@ -249,8 +259,8 @@ def _answer_of(value) -> dict | None:
 
 
 def assess(calls: list[Call], assessments, query: TraceQuery) -> None:
-    """Put each trace's feedback and expectations on the call they are about: the span they name, else the trace's
-    last call. The latest valid assessment of each kind wins."""
+    """Put each trace's feedback and expectations on the call they are about: the span they name, else the
+    trace's last call. The latest valid assessment of each kind wins."""
     by_span = {c.span_id: c for c in calls}
     for a in sorted(assessments or [], key=lambda a: a.last_update_time_ms or a.create_time_ms or 0):
         if getattr(a, "valid", True) is False or not calls:
@@ -269,8 +279,8 @@ def assess(calls: list[Call], assessments, query: TraceQuery) -> None:
 
 @dataclass
 class TraceRows:
-    """What one read made of the traces: the rows, the conversation of each row (held-out rows are split by it),
-    the traces behind each row, and the counts of the report."""
+    """What one read made of the traces: the rows, the conversation of each row (held-out rows are split by
+    it), the traces behind each row, and the counts of the report."""
 
     query: TraceQuery
     records: list[tuple[int, dict]] = field(default_factory=list)
@@ -301,12 +311,13 @@ def traces_sentence(summary: dict) -> str:
     """`40 traces read, 31 used (31 chat rows), 9 left out: 3 failed (...), ...`"""
     why = ", ".join(f"{n} {reason}" for reason, n in summary["why"].items())
     return (f"{summary['read']} trace{'s' if summary['read'] != 1 else ''} read, {summary['used']} used "
-            f"({summary['rows']} {summary['format']} rows), {summary['left_out']} left out" + (f": {why}" if why else ""))
+            f"({summary['rows']} {summary['format']} rows), {summary['left_out']} left out"
+            + (f": {why}" if why else ""))
 
 
 def read_traces(query: TraceQuery) -> TraceRows:
-    """The rows of the traces `query` names, with the report's counts; problems as DataIssues (never raises for
-    what the traces hold)."""
+    """The rows of the traces `query` names, with the report's counts; problems as DataIssues (never raises
+    for what the traces hold)."""
     import mlflow
 
     out, where = TraceRows(query), str(query)
@@ -314,17 +325,19 @@ def read_traces(query: TraceQuery) -> TraceRows:
     if experiment is None and query.experiment.isdigit():
         experiment = mlflow.get_experiment(query.experiment)
     if experiment is None:
-        out.issues.append(DataIssue(where, None, f"no experiment named {query.experiment!r} in the tracking store "
-                                                 f"{mlflow.get_tracking_uri()}; name the experiment the application "
-                                                 "logs its traces to (mlflow.set_experiment in the app)"))
+        out.issues.append(DataIssue(where, None,
+                                    f"no experiment named {query.experiment!r} in the tracking store "
+                                    f"{mlflow.get_tracking_uri()}; name the experiment the application "
+                                    "logs its traces to (mlflow.set_experiment in the app)"))
         return out
     out.experiment_id = experiment.experiment_id
     try:
         traces = _search(experiment.experiment_id, query)
     except (ValueError, mlflow.exceptions.MlflowException) as e:
-        out.issues.append(DataIssue(where, None, f"data.traces.filter {query.filter!r} is not a trace filter MLflow "
-                                                 f"reads ({str(e).splitlines()[0]}); e.g. \"tags.app = 'support'\" or "
-                                                 "\"trace.status = 'OK'\""))
+        out.issues.append(DataIssue(where, None,
+                                    f"data.traces.filter {query.filter!r} is not a trace filter MLflow "
+                                    f"reads ({str(e).splitlines()[0]}); e.g. \"tags.app = 'support'\" or "
+                                    "\"trace.status = 'OK'\""))
         return out
     out.read = len(traces)
     if not traces:
@@ -344,13 +357,15 @@ def read_traces(query: TraceQuery) -> TraceRows:
         unknown += [unknown_shape(s) for s, c in zip(spans, found) if c.problem == UNKNOWN]
     records = _rows(out, calls)
     if unknown and not any(c.answer is not None for _, found in calls for c in found):
-        out.issues.append(DataIssue(where, None, f"{len(unknown)} model call{'s' if len(unknown) != 1 else ''} in a "
-                                                 f"message format not read here (first: {unknown[0]}); read: "
-                                                 + "; ".join(READ_FORMATS)))
+        out.issues.append(DataIssue(where, None,
+                                    f"{len(unknown)} model call{'s' if len(unknown) != 1 else ''} in a "
+                                    f"message format not read here (first: {unknown[0]}); read: " + "; ".join(
+                                        READ_FORMATS)))
     elif not records:
         why = ", ".join(f"{n} {reason}" for reason, n in out.left_out.most_common())
-        out.issues.append(DataIssue(where, None, f"none of the {out.read} traces makes a {query.rows} row ({why})"
-                                                 + _hint(query)))
+        out.issues.append(DataIssue(where, None,
+                                    f"none of the {out.read} traces makes a {query.rows} row ({why})" + _hint(
+                                        query)))
     return out
 
 
@@ -369,20 +384,25 @@ def _search(experiment_id: str, query: TraceQuery) -> list:
 def _none_found(experiment, query: TraceQuery) -> str:
     import mlflow
 
-    narrowed = [f"{k} {v!r}" for k, v in (("filter", query.filter), ("since", query.since), ("until", query.until),
-                                           ("run_id", query.run_id), ("model_id", query.model_id)) if v]
-    if narrowed and mlflow.search_traces(locations=[experiment.experiment_id], max_results=1, return_type="list",
-                                         include_spans=False):
-        return (f"no trace of experiment {experiment.name!r} matches data.traces ({', '.join(narrowed)}); widen "
-                "the query, or check it in the MLflow UI's Traces tab")
-    return (f"experiment {experiment.name!r} has no traces; an application logs them with mlflow.openai.autolog() "
-            "(or mlflow.<flavor>.autolog()) under mlflow.set_experiment(NAME) (docs/traces.md)")
+    narrowed = [f"{k} {v!r}" for k, v in (("filter", query.filter), ("since", query.since),
+                                          ("until", query.until), ("run_id", query.run_id),
+                                          ("model_id", query.model_id)) if v]
+    if narrowed and mlflow.search_traces(locations=[experiment.experiment_id], max_results=1,
+                                         return_type="list", include_spans=False):
+        return (
+            f"no trace of experiment {experiment.name!r} matches data.traces ({', '.join(narrowed)}); widen "
+            "the query, or check it in the MLflow UI's Traces tab")
+    return (
+        f"experiment {experiment.name!r} has no traces; an application logs them with "
+        "mlflow.openai.autolog() (or mlflow.<flavor>.autolog()) under mlflow.set_experiment(NAME) "
+        "(docs/traces.md)")
 
 
 def _hint(query: TraceQuery) -> str:
     if query.rows == "preference":
-        return ("; preference pairs need two answers to the same prompt, one with positive and one with negative "
-                f"feedback ({', '.join(query.feedback)}), or an expectation that corrects an answer")
+        return (
+            "; preference pairs need two answers to the same prompt, one with positive and one with negative "
+            f"feedback ({', '.join(query.feedback)}), or an expectation that corrects an answer")
     if query.rows == "unpaired_preference":
         return f"; unpaired rows need feedback ({', '.join(query.feedback)}) or expectations on the traces"
     return ""
@@ -408,8 +428,9 @@ def _rows(out: TraceRows, traced: list) -> list:
         reason = (NO_CALL if not found else FAILED if FAILED in reasons else UNKNOWN if UNKNOWN in reasons
                   else IMAGE if IMAGE in reasons else REPEATED if query.rows == "prompt_only"
                   else reasons[0] if reasons else NEGATIVE if rated and query.rows == "chat"
-                  else UNRATED if query.rows != "chat" and not any(c.verdict is not None or c.correction for c in found)
-                  else UNPAIRED if query.rows == "preference" else UNRATED)
+                  else UNRATED if query.rows != "chat" and not any(c.verdict is not None or c.correction
+                                                                   for c in found) else UNPAIRED if query.rows
+                  == "preference" else UNRATED)
         out.left_out[reason] += 1
     return out.records
 
@@ -418,8 +439,9 @@ def _rows(out: TraceRows, traced: list) -> list:
 
 
 def log_traces_input(ds, got: TraceRows, trace_ids: list[str], name: str, context: str, tags: dict):
-    """Log rows read from traces as an MLflow dataset input whose source is the query and the trace ids (never the
-    texts); ids that do not fit the source's 64 KB go to the run as `inputs/<name>-trace-ids.json`, named there."""
+    """Log rows read from traces as an MLflow dataset input whose source is the query and the trace ids (never
+    the texts); ids that do not fit the source's 64 KB go to the run as `inputs/<name>-trace-ids.json`, named
+    there."""
     import hashlib
 
     import mlflow
@@ -435,8 +457,10 @@ def log_traces_input(ds, got: TraceRows, trace_ids: list[str], name: str, contex
     h = hashlib.sha256(json.dumps(source, sort_keys=True).encode())
     for batch in ds.iter(batch_size=1000):
         h.update(json.dumps(batch, sort_keys=True, default=str).encode())
-    logged = mlflow.data.from_huggingface(ds, source=traces_source()(source), name=name, digest=h.hexdigest()[:16])
-    mlflow.log_input(logged, context=context, tags={**tags, "source": "traces", "traces": str(len(trace_ids))})
+    logged = mlflow.data.from_huggingface(ds, source=traces_source()(source), name=name,
+                                          digest=h.hexdigest()[:16])
+    mlflow.log_input(logged, context=context, tags={**tags, "source": "traces",
+                                                    "traces": str(len(trace_ids))})
     return logged
 
 

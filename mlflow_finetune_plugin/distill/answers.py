@@ -1,10 +1,11 @@
-"""The teacher's answers to a recipe's prompts, asked once per job (rank 0; the other ranks read its rows) before the
-student loads, and written as the chat rows the student trains on.
+"""The teacher's answers to a recipe's prompts, asked once per job (rank 0; the other ranks read its rows)
+before the student loads, and written as the chat rows the student trains on.
 
-Every answer is cached as it arrives, in a file keyed by the teacher and its settings (`paths.cache_root()/distill`):
-a run that crashed, a rerun and a run resumed on this machine ask only for the prompts not answered yet; a run resumed
-elsewhere (`train.resume=RUN_ID`) first reads the answers the resumed run logged (`distill/answers.jsonl`). Answers
-that are empty or cut at the length limit make no training row and are counted in the report.
+Every answer is cached as it arrives, in a file keyed by the teacher and its settings
+(`paths.cache_root()/distill`): a run that crashed, a rerun and a run resumed on this machine ask only for the
+prompts not answered yet; a run resumed elsewhere (`train.resume=RUN_ID`) first reads the answers the resumed
+run logged (`distill/answers.jsonl`). Answers that are empty or cut at the length limit make no training row
+and are counted in the report.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from mlflow_finetune_plugin.errors import FinetuneError
 ANSWERS_ARTIFACT = "distill/answers.jsonl"
 SUMMARY_ARTIFACT = "distill/summary.json"
 _DONE = "done.json"  # in the job's distill folder: rank 0's rows are written (the other ranks wait for it)
-TEXT_ONLY = ("Distillation (distill.loss: text): the student learns only the teacher's text, its answers as chat "
-             "rows; not its token distribution")
-LOGITS = ("Distillation (distill.loss: logits): the student learns the teacher's answers as chat rows, and its token "
-          "distribution on every answer token (KL(teacher || student), weight {weight:g}; train/teacher_kl)")
+TEXT_ONLY = (
+    "Distillation (distill.loss: text): the student learns only the teacher's text, its answers as chat "
+    "rows; not its token distribution")
+LOGITS = (
+    "Distillation (distill.loss: logits): the student learns the teacher's answers as chat rows, and its "
+    "token distribution on every answer token (KL(teacher || student), weight {weight:g}; train/teacher_kl)")
 
 
 def cache_key(config) -> str:
@@ -60,7 +63,8 @@ class AnswerCache:
             try:
                 got = json.loads(line)
                 key, answer = got["key"], {k: got[k] for k in ("answer", "model", "prompt_tokens",
-                                                               "completion_tokens", "latency_s", "finish_reason")}
+                                                               "completion_tokens", "latency_s",
+                                                               "finish_reason")}
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a crash
             if key not in self.answers:
@@ -85,7 +89,8 @@ def answered(recipe, run_id: str, main: bool = True):
 
     config = recipe.distill
     read = prompt_sets(recipe)
-    sets, notes = used_prompts(recipe, read)  # only what the run uses is asked: a hosted teacher is paid per token
+    # only what the run uses is asked: a hosted teacher is paid per token
+    sets, notes = used_prompts(recipe, read)
     cache = AnswerCache(paths.cache_root() / "distill" / f"{cache_key(config)}.jsonl")
     reused = _answers_of_resumed_run(recipe, cache)
     order = {p.key: i for i, p in reversed(list(enumerate(p for s in read for p in s.prompts)))}
@@ -97,7 +102,8 @@ def answered(recipe, run_id: str, main: bool = True):
     label = config.teacher
     if todo:
         label = ask(config, todo, cache)
-    print((LOGITS.format(weight=config.kl_weight) if config.loss == "logits" else TEXT_ONLY) + ".", file=sys.stderr)
+    print((LOGITS.format(weight=config.kl_weight) if config.loss == "logits" else TEXT_ONLY) + ".",
+          file=sys.stderr)
 
     files, summary, log = {}, {"teacher": label, "cache_key": cache_key(config), "asked": len(todo),
                                "cached": len(unique) - len(todo), "resumed_answers": reused, "plan": plan}, []
@@ -123,8 +129,8 @@ def answered(recipe, run_id: str, main: bool = True):
         print(f"Teacher ({s.label} {s.source}): {_sentence(summary[s.label])}", file=sys.stderr)
         if not rows:
             empty.append(f"the teacher's answers to all {len(s.prompts)} prompts of {s.label} were left out "
-                         f"({_why(left_out)}); raise distill.max_tokens (now {config.max_tokens}) or check the "
-                         f"teacher ({label}): its answers are the run's {ANSWERS_ARTIFACT}")
+                         f"({_why(left_out)}); raise distill.max_tokens (now {config.max_tokens}) or check "
+                         f"the teacher ({label}): its answers are the run's {ANSWERS_ARTIFACT}")
         files[s.label] = out_dir / f"{s.label.split('.')[1]}.jsonl"
         write_rows(files[s.label], rows)
     write_rows(out_dir / "answers.jsonl", log)
@@ -147,18 +153,19 @@ def _check_tokenizer(recipe) -> None:
     student = load_tokenizer(model.name, model.revision, model.trust_remote_code, model.chat_template,
                              recipe.project_dir)
     if differs := same_tokenizer(recipe.distill.teacher, student):
-        raise FinetuneError(f"distill.loss: logits compares the teacher's and the student's distributions token by "
-                            f"token, but the tokenizer of {recipe.distill.teacher} is not the student's "
-                            f"({model.name or 'tiny'}): {differs}. Use a student of the teacher's family, or "
-                            "distill.loss: text")
+        raise FinetuneError(
+            f"distill.loss: logits compares the teacher's and the student's distributions token by "
+            f"token, but the tokenizer of {recipe.distill.teacher} is not the student's "
+            f"({model.name or 'tiny'}): {differs}. Use a student of the teacher's family, or "
+            "distill.loss: text")
 
 
-def ask(config, todo: list, cache: AnswerCache, noun: tuple[str, str] = ("answer", "answers"), unit: str = "prompt",
-        failed: dict | None = None) -> str:
-    """Ask the teacher for `todo`'s answers (each has `.key`, `.messages`, `.tools`; a progress bar with the time
-    left), caching each as it arrives; returns the teacher's label. A teacher that is down raises before any prompt
-    is sent. Without `failed`, the first failed request stops the rest; with it, each failed request's error goes
-    there by key (it is not cached: a rerun asks it again) and the others go on."""
+def ask(config, todo: list, cache: AnswerCache, noun: tuple[str, str] = ("answer", "answers"),
+        unit: str = "prompt", failed: dict | None = None) -> str:
+    """Ask the teacher for `todo`'s answers (each has `.key`, `.messages`, `.tools`; a progress bar with the
+    time left), caching each as it arrives; returns the teacher's label. A teacher that is down raises before
+    any prompt is sent. Without `failed`, the first failed request stops the rest; with it, each failed
+    request's error goes there by key (it is not cached: a rerun asks it again) and the others go on."""
     from tqdm.auto import tqdm
 
     teacher = teacher_of(config)
@@ -167,7 +174,8 @@ def ask(config, todo: list, cache: AnswerCache, noun: tuple[str, str] = ("answer
           f"({config.concurrency} at a time)", file=sys.stderr)
     start = time.perf_counter()
     try:
-        with tqdm(total=len(todo), desc=f"Teacher {noun[1]}", unit=unit, file=sys.stderr, mininterval=1.0) as bar:
+        with tqdm(total=len(todo), desc=f"Teacher {noun[1]}", unit=unit, file=sys.stderr,
+                  mininterval=1.0) as bar:
             for prompt, answer in teacher.answers(todo, keep_going=failed is not None):
                 if "error" in answer:
                     failed[prompt.key] = answer["error"]
@@ -176,7 +184,8 @@ def ask(config, todo: list, cache: AnswerCache, noun: tuple[str, str] = ("answer
                 bar.update(1)
     finally:
         teacher.close()
-    print(f"Teacher {teacher.label}: {len(todo)} {noun[1]} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(f"Teacher {teacher.label}: {len(todo)} {noun[1]} in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
     return teacher.label
 
 
@@ -195,7 +204,8 @@ def _answers_of_resumed_run(recipe, cache: AnswerCache) -> int:
             summary = mlflow.artifacts.load_dict(f"runs:/{resume}/{SUMMARY_ARTIFACT}")
             if summary.get("cache_key") != cache_key(recipe.distill):
                 return 0
-            local = mlflow.artifacts.download_artifacts(run_id=resume, artifact_path=ANSWERS_ARTIFACT, dst_path=tmp)
+            local = mlflow.artifacts.download_artifacts(run_id=resume, artifact_path=ANSWERS_ARTIFACT,
+                                                        dst_path=tmp)
         except Exception:  # noqa: BLE001 - the resumed run asked no teacher, or another one: nothing to reuse
             return 0
         return cache.add_lines(Path(local).read_text(encoding="utf-8").splitlines())
@@ -223,7 +233,9 @@ def _why(left_out: Counter) -> str:
 def _sentence(s: dict) -> str:
     """`12 prompts, 10 chat rows, 2 left out: 1 empty answer, 1 answer cut off ...`; the chat rows include the
     held-out rows kept unasked with their references."""
-    return (f"{s['prompts']} prompt{'s' if s['prompts'] != 1 else ''}, {s['rows']} chat rows, {s['left_out']} left out"
-            + (f": {_why(Counter(s['why']))}" if s["why"] else "")
-            + (f"; {s['unasked']} more held out with their references, not asked" if s.get("unasked") else "")
-            + (f" ({s['traces']})" if s.get("traces") else ""))
+    return (
+        f"{s['prompts']} prompt{'s' if s['prompts'] != 1 else ''}, {s['rows']} chat rows, {s['left_out']} "
+        "left out"
+        + (f": {_why(Counter(s['why']))}" if s["why"] else "")
+        + (f"; {s['unasked']} more held out with their references, not asked" if s.get("unasked") else "")
+        + (f" ({s['traces']})" if s.get("traces") else ""))

@@ -1,7 +1,8 @@
 """The teacher of `-e distill` (and of `questions:`): an OpenAI-compatible server (`distill.teacher:
 http://HOST:PORT/v1`), asked over HTTP with `distill.concurrency` requests in flight, or a registered model
-(`models:/NAME@ALIAS`) run in this process, `distill.concurrency` prompts per batch. Either gives each prompt's answer
-as the row key `teacher` holds it. Errors name the keys of the section the teacher was read from (`config.SECTION`)."""
+(`models:/NAME@ALIAS`) run in this process, `distill.concurrency` prompts per batch. Either gives each
+prompt's answer as the row key `teacher` holds it. Errors name the keys of the section the teacher was read
+from (`config.SECTION`)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def teacher_of(config):
 def _answer(text: str, model: str, finish_reason, prompt_tokens, completion_tokens, latency_s: float,
             **known) -> dict:
     return {"answer": text or "", "model": model, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens, "latency_s": round(latency_s, 3), "finish_reason": finish_reason,
-            **known}
+            "completion_tokens": completion_tokens, "latency_s": round(latency_s, 3),
+            "finish_reason": finish_reason, **known}
 
 
 class EndpointTeacher:
@@ -52,10 +53,11 @@ class EndpointTeacher:
         return self._client
 
     def _down(self, e) -> FinetuneError:
-        return FinetuneError(f"{self.section}.teacher {self.url} does not answer ({type(e).__name__}: {e}); nothing "
-                             "was trained. Start the teacher's server (e.g. `mlflow-finetune serve models:/NAME@ALIAS "
-                             f"--port 8000`), or fix -P {self.section}.teacher=URL (an OpenAI-compatible base URL "
-                             "ending in /v1)")
+        return FinetuneError(
+            f"{self.section}.teacher {self.url} does not answer ({type(e).__name__}: {e}); nothing "
+            "was trained. Start the teacher's server (e.g. `mlflow-finetune serve models:/NAME@ALIAS "
+            f"--port 8000`), or fix -P {self.section}.teacher=URL (an OpenAI-compatible base URL "
+            "ending in /v1)")
 
     def start(self) -> None:
         """Check that the server answers and find the model to ask for, before any prompt is sent."""
@@ -66,20 +68,21 @@ class EndpointTeacher:
         except httpx.HTTPError as e:
             raise self._down(e) from None
         if got.status_code in (401, 403):
-            raise FinetuneError(f"{self.section}.teacher {self.url} refused the key ({got.status_code}): set the "
-                                f"environment variable {self.config.api_key_env} ({self.section}.api_key_env) to its "
-                                "key")
+            raise FinetuneError(
+                f"{self.section}.teacher {self.url} refused the key ({got.status_code}): set the "
+                f"environment variable {self.config.api_key_env} ({self.section}.api_key_env) to its "
+                "key")
         if self.model:
             return
         if got.status_code != 200:
             raise FinetuneError(f"{self.section}.teacher {self.url} answered {got.status_code} at /models "
-                                f"({_detail(got)}); give the OpenAI-compatible base URL (ending in /v1), or the model to ask for with "
-                                f"-P {self.section}.model=NAME")
+                                f"({_detail(got)}); give the OpenAI-compatible base URL (ending in /v1), or "
+                                f"the model to ask for with -P {self.section}.model=NAME")
         names = [m.get("id") for m in (got.json().get("data") or []) if isinstance(m, dict)]
         if len(names) != 1:
             raise FinetuneError(f"{self.section}.teacher {self.url} serves {len(names)} models"
-                                f"{' (' + ', '.join(map(str, names[:10])) + ')' if names else ''}: name the one to "
-                                f"ask with -P {self.section}.model=NAME")
+                                f"{' (' + ', '.join(map(str, names[:10])) + ')' if names else ''}: name the "
+                                f"one to ask with -P {self.section}.model=NAME")
         self.model = names[0]
 
     def ask(self, messages: list[dict], tools=None) -> dict:
@@ -113,15 +116,16 @@ class EndpointTeacher:
             # `latency_s` is this request's round trip; with others in flight it also waited for them, so the
             # evaluation divides it by `concurrency` for the teacher's seconds per answer (evaluate/cost.py)
             return _answer((choice.get("message") or {}).get("content") or "", self.model,
-                           choice.get("finish_reason"), usage.get("prompt_tokens"), usage.get("completion_tokens"),
-                           time.perf_counter() - start, concurrency=self.config.concurrency)
+                           choice.get("finish_reason"), usage.get("prompt_tokens"),
+                           usage.get("completion_tokens"), time.perf_counter() - start,
+                           concurrency=self.config.concurrency)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def answers(self, prompts: list, keep_going: bool = False) -> Iterator[tuple[object, dict]]:
-        """(prompt, answer) as each arrives, `distill.concurrency` requests in flight; the first error stops the
-        rest (answers given so far were handed out, and are cached), or with `keep_going` comes as that prompt's
-        `{"error": why}` and the others go on. A stop (Ctrl-C, cancel) does not wait for the requests in flight:
-        their answers are dropped, and asked again next time."""
+        """(prompt, answer) as each arrives, `distill.concurrency` requests in flight; the first error stops
+        the rest (answers given so far were handed out, and are cached), or with `keep_going` comes as that
+        prompt's `{"error": why}` and the others go on. A stop (Ctrl-C, cancel) does not wait for the requests
+        in flight: their answers are dropped, and asked again next time."""
         pool = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="teacher")
         waiting, running = iter(prompts), {}
         try:
@@ -172,10 +176,14 @@ class LocalTeacher:
         start = time.perf_counter()
         encs = [{"input_ids": (ids := prompt_ids(tok, p.messages)), "attention_mask": [1] * len(ids)}
                 for p in prompts]
-        enc = {k: v.to(model.device) for k, v in tok.pad(encs, padding_side="left", return_tensors="pt").items()}
+        enc = {k: v.to(model.device) for k, v in tok.pad(encs, padding_side="left",
+                                                         return_tensors="pt").items()}
         stops = set(stop_ids(tok, model.generation_config))
-        sampling = {"do_sample": True, "temperature": self.config.temperature} if self.config.temperature > 0 \
+        sampling = (
+            {"do_sample": True, "temperature": self.config.temperature}
+            if self.config.temperature > 0
             else {"do_sample": False}
+        )
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=self.config.max_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=sorted(stops), **sampling)
@@ -209,7 +217,8 @@ class LocalTeacher:
 
 
 def _result(future, keep_going: bool) -> dict:
-    """A request's answer; with `keep_going`, a request the server failed is `{"error": why}` instead of raising."""
+    """A request's answer; with `keep_going`, a request the server failed is `{"error": why}` instead of
+    raising."""
     try:
         return future.result()
     except FinetuneError as e:
@@ -219,18 +228,22 @@ def _result(future, keep_going: bool) -> dict:
 
 
 def downloaded(uri: str, section: str = "distill") -> str:
-    """The local folder of a registered teacher (`models:/NAME@ALIAS`), downloaded once per process by MLflow."""
+    """The local folder of a registered teacher (`models:/NAME@ALIAS`), downloaded once per process by
+    MLflow."""
     import mlflow
 
     try:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    except Exception as e:  # noqa: BLE001 - MLflow raises several kinds for a name, alias or version not found
-        raise FinetuneError(f"{section}.teacher {uri}: cannot load it ({str(e).splitlines()[0]}); name a registered "
-                            "version (`mlflow-finetune models NAME` lists them)") from None
+    # MLflow raises several kinds for a name, alias or version not found
+    except Exception as e:  # noqa: BLE001
+        raise FinetuneError(
+            f"{section}.teacher {uri}: cannot load it ({str(e).splitlines()[0]}); name a registered "
+            "version (`mlflow-finetune models NAME` lists them)") from None
 
 
 def teacher_model(uri: str, device):
-    """The registered teacher as one frozen model on `device` (its adapter merged), for `distill.loss: logits`."""
+    """The registered teacher as one frozen model on `device` (its adapter merged), for `distill.loss:
+    logits`."""
     from mlflow_finetune_plugin.logged_model import load_logged_model
 
     model = load_logged_model(downloaded(uri), device=str(device)).model
@@ -259,5 +272,6 @@ def _detail(response) -> str:
         return response.text[:200]
     if isinstance(body, dict):
         error = body.get("error")
-        return str(body.get("detail") or (error.get("message") if isinstance(error, dict) else error) or body)[:300]
+        return str(body.get("detail") or (error.get("message") if isinstance(error, dict) else error)
+                   or body)[:300]
     return str(body)[:300]

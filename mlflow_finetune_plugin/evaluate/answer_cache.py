@@ -1,18 +1,18 @@
 """The base model's answers, kept on this machine from one run to the next (`eval.reuse_answers`).
 
-Zero-shot, few-shot, retrieval and the prompt search's candidates are the base model answering prompts that do not
-depend on what was trained: a rerun, another seed or learning rate, every trial of a sweep asks them again and gets
-the same answers. Each call of `answering.answer_all_ended` with the base model is kept in a file of its own under
-`paths.cache_root()/answers`, named by a digest of everything that decides its answers: the base weights
-(`weights_digest`: each tensor's name, shape, dtype, sum and sum of squares, not a file name), the model's config
-and generation config, the tokenizer (class, vocabulary size, special tokens, chat template), the prompts and
-references, the generation settings (`answering.generation_settings`: length, beams, batch size, output format, stop
-tokens), the dtype and device it ran on, this package's, torch's and transformers' versions with the source of the
-answering code, and the machine (the answers' seconds are costs on it). Any change there answers again. The tuned
-model is never taken from it.
+Zero-shot, few-shot, retrieval and the prompt search's candidates are the base model answering prompts that do
+not depend on what was trained: a rerun, another seed or learning rate, every trial of a sweep asks them again
+and gets the same answers. Each call of `answering.answer_all_ended` with the base model is kept in a file of
+its own under `paths.cache_root()/answers`, named by a digest of everything that decides its answers: the base
+weights (`weights_digest`: each tensor's name, shape, dtype, sum and sum of squares, not a file name), the
+model's config and generation config, the tokenizer (class, vocabulary size, special tokens, chat template),
+the prompts and references, the generation settings (`answering.generation_settings`: length, beams, batch
+size, output format, stop tokens), the dtype and device it ran on, this package's, torch's and transformers'
+versions with the source of the answering code, and the machine (the answers' seconds are costs on it). Any
+change there answers again. The tuned model is never taken from it.
 
-A file holds the answers, how each ended, the references' summed loss and each answer's seconds: what the run's
-evaluation table logs anyway, and no prompt. Prompts with images are not kept.
+A file holds the answers, how each ended, the references' summed loss and each answer's seconds: what the
+run's evaluation table logs anyway, and no prompt. Prompts with images are not kept.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ def cache_folder() -> Path:
 
 
 def weights_digest(model, base_model=None) -> str | None:
-    """A digest of the base weights the prompt-only contenders answer with: `base_model`'s, else `model`'s without
-    its adapter's own parameters (a PEFT tuner's `lora_`-style prefix, modules_to_save copies, trainable token
-    rows; prompt encoders live outside the base). None where a weight is not in memory (meta or offloaded)."""
+    """A digest of the base weights the prompt-only contenders answer with: `base_model`'s, else `model`'s
+    without its adapter's own parameters (a PEFT tuner's `lora_`-style prefix, modules_to_save copies,
+    trainable token rows; prompt encoders live outside the base). None where a weight is not in memory (meta
+    or offloaded)."""
     import torch
 
     peft = base_model is None and hasattr(model, "get_base_model")
@@ -54,8 +55,9 @@ def weights_digest(model, base_model=None) -> str | None:
             if param.device.type == "meta":
                 return None
             values = param.detach().as_subclass(torch.Tensor).float()  # a quantized weight's stored values
-            digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{values.sum(dtype=torch.float64).item()!r}|"
-                          f"{values.square().sum(dtype=torch.float64).item()!r}".encode())
+            digest.update(
+                f"{name}|{tuple(param.shape)}|{param.dtype}|{values.sum(dtype=torch.float64).item()!r}|"
+                f"{values.square().sum(dtype=torch.float64).item()!r}".encode())
     return digest.hexdigest()
 
 
@@ -79,13 +81,24 @@ class AnswerCache:
         if processor_of(tokenizer) is not None:
             return None
         generation = getattr(model, "generation_config", None)
-        spec = {"v": VERSION, "versions": [__version__, _code_digest(), torch.__version__, transformers.__version__],
-                "machine": [platform.node(), _cpu_name(), os.cpu_count()], "weights": self.weights,
-                "dtype": str(getattr(model, "dtype", "")), "device": str(getattr(model, "device", "")),
-                "generation_config": generation.to_diff_dict() if generation is not None else None,
-                "tokenizer": [type(tokenizer).__name__, len(tokenizer), tokenizer.special_tokens_map,
-                              getattr(tokenizer, "chat_template", None)],
-                "settings": generation_settings(cfg, model, tokenizer), "prompts": prompts, "references": references}
+        spec = {
+            "v": VERSION,
+            "versions": [__version__, _code_digest(), torch.__version__, transformers.__version__],
+            "machine": [platform.node(), _cpu_name(), os.cpu_count()],
+            "weights": self.weights,
+            "dtype": str(getattr(model, "dtype", "")),
+            "device": str(getattr(model, "device", "")),
+            "generation_config": generation.to_diff_dict() if generation is not None else None,
+            "tokenizer": [
+                type(tokenizer).__name__,
+                len(tokenizer),
+                tokenizer.special_tokens_map,
+                getattr(tokenizer, "chat_template", None),
+            ],
+            "settings": generation_settings(cfg, model, tokenizer),
+            "prompts": prompts,
+            "references": references,
+        }
         try:
             text = json.dumps(spec, sort_keys=True)
         except TypeError:  # something in a prompt that is not plain JSON (an image object): not kept
@@ -124,7 +137,9 @@ class AnswerCache:
                 f.write(text)
             os.replace(tmp, self.folder / f"{key}.json")  # whole or not at all, also beside a parallel run
         except OSError as e:
-            print(f"Note: could not keep the base model's answers in {self.folder} ({e}); the next run answers again")
+            print(
+                f"Note: could not keep the base model's answers in {self.folder} ({e}); the next run answers "
+                "again")
 
 
 @functools.lru_cache(maxsize=1)
@@ -152,13 +167,15 @@ def _cpu_name() -> str:
 
 
 def answer_cache(cfg, model, base_model=None) -> AnswerCache | None:
-    """The cache for this evaluation's base model, or None: `eval.reuse_answers` off, or weights not in memory."""
+    """The cache for this evaluation's base model, or None: `eval.reuse_answers` off, or weights not in
+    memory."""
     if not getattr(cfg, "reuse_answers", False):
         return None
     try:
         weights = weights_digest(model, base_model)
     except Exception as e:  # a weight type this cannot read: answer as if nothing were kept, say why
-        print(f"Note: the base model's answers are not kept for later runs (its weights could not be read for the "
-              f"cache's key: {type(e).__name__}: {e})")
+        print(
+            "Note: the base model's answers are not kept for later runs (its weights could not be read for "
+            f"the cache's key: {type(e).__name__}: {e})")
         return None
     return AnswerCache(weights) if weights else None

@@ -1,14 +1,15 @@
 """What each contender's answers cost, beside how good they are (`metrics.COST_METRICS`, logged as
-eval/<contender>/<name>): the tokens of the prompt it read and of the answer it wrote, seconds per answer on this
-machine, answer tokens per second, and the parameters that answered; and the line the run prints after its verdict.
+eval/<contender>/<name>): the tokens of the prompt it read and of the answer it wrote, seconds per answer on
+this machine, answer tokens per second, and the parameters that answered; and the line the run prints after
+its verdict.
 
-Timing: the contenders answer in left-padded batches (`contenders.answer_and_score`), so an answer's seconds are its
-batch's wall time (the pass over the prompts, which also scores the reference answers where generation continues
-from it, then decoding) divided by the batch's rows; `latency_s` is the median of those, and `tokens_per_s` all
-answer tokens over all those seconds. They are figures of this machine and this batch size, comparable between the
-contenders of one evaluation, not a serving latency. A teacher's come from its rows (`data/teacher.py`): the
-latency its calls were logged with (shared among the requests `-e distill` kept in flight), its own tokenizer's
-counts.
+Timing: the contenders answer in left-padded batches (`contenders.answer_and_score`), so an answer's seconds
+are its batch's wall time (the pass over the prompts, which also scores the reference answers where generation
+continues from it, then decoding) divided by the batch's rows; `latency_s` is the median of those, and
+`tokens_per_s` all answer tokens over all those seconds. They are figures of this machine and this batch size,
+comparable between the contenders of one evaluation, not a serving latency. A teacher's come from its rows
+(`data/teacher.py`): the latency its calls were logged with (shared among the requests `-e distill` kept in
+flight), its own tokenizer's counts.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from mlflow_finetune_plugin.metrics import TEACHER, mean
 
 
 def parameter_counts(model, base_model=None) -> dict[str, int]:
-    """{"base": ..., "tuned": ...}: the parameters that answer for the base model and for the tuned one. With an
-    adapter (a PeftModel), the base is the model without the adapter's parameters and the tuned model the base plus
-    them; a full fine-tune counts its own, and its base model (when given) its own."""
+    """{"base": ..., "tuned": ...}: the parameters that answer for the base model and for the tuned one. With
+    an adapter (a PeftModel), the base is the model without the adapter's parameters and the tuned model the
+    base plus them; a full fine-tune counts its own, and its base model (when given) its own."""
     tuned = _count(model.named_parameters())
     if base_model is not None:
         return {"base": _count(base_model.named_parameters()), "tuned": tuned}
@@ -33,28 +34,33 @@ def parameter_counts(model, base_model=None) -> dict[str, int]:
 
 
 def _count(named) -> int:
-    # bitsandbytes packs two 4-bit weights in a byte: its tensor has half as many elements as the layer has weights.
+    # bitsandbytes packs two 4-bit weights in a byte: its tensor has half as many elements as the layer has
+    # weights.
     return sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for _, p in named)
 
 
 def answer_lengths(tokenizer, answers: list[str]) -> list[int]:
-    """Each answer's tokens: its text re-tokenized (the end-of-turn token that ended it is not in the text)."""
+    """Each answer's tokens: its text re-tokenized (the end-of-turn token that ended it is not in the
+    text)."""
     return [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
 
 
 def answer_costs(prompt_tokens: list[int], answer_tokens: list[int], seconds: list[float],
                  params: int | None) -> dict[str, float]:
-    """The cost metrics of one contender from its per-answer token counts and seconds (see the module's note)."""
+    """The cost metrics of one contender from its per-answer token counts and seconds (see the module's
+    note)."""
     out = {"prompt_tokens": mean(prompt_tokens, 0.0), "answer_tokens": mean(answer_tokens, 0.0),
-           "latency_s": statistics.median(seconds), "tokens_per_s": sum(answer_tokens) / max(sum(seconds), 1e-9)}
+           "latency_s": statistics.median(seconds), "tokens_per_s": sum(answer_tokens) / max(sum(seconds),
+                                                                                             1e-9)}
     if params:
         out["params"] = float(params)
     return out
 
 
 def teacher_costs(teachers: list[dict], params: int | None = None) -> dict[str, float]:
-    """The teacher's cost metrics from its rows' logged figures; a figure no row logged is left out, not guessed.
-    Tokens per second: completion tokens over seconds, on the rows that logged both. Parameters: `params` (from
+    """The teacher's cost metrics from its rows' logged figures; a figure no row logged is left out, not
+    guessed. Tokens per second: completion tokens over seconds, on the rows that logged both. Parameters:
+    `params` (from
     eval.teacher_params) or else the rows' own."""
     out: dict[str, float] = {}
     for key, name in (("prompt_tokens", "prompt_tokens"), ("completion_tokens", "answer_tokens")):
@@ -74,14 +80,15 @@ def teacher_costs(teachers: list[dict], params: int | None = None) -> dict[str, 
 
 
 def _seconds(teacher: dict) -> float:
-    """A teacher's seconds per answer: its latency, shared among the requests in flight with it (`-e distill` asks
-    `concurrency` at a time), as a contender's batch time is shared among the batch's rows."""
+    """A teacher's seconds per answer: its latency, shared among the requests in flight with it (`-e distill`
+    asks `concurrency` at a time), as a contender's batch time is shared among the batch's rows."""
     return teacher["latency_s"] / max(teacher.get("concurrency") or 1, 1)
 
 
 def cost_line(metrics: dict[str, float]) -> str | None:
-    """One line on what an answer costs each contender, for after the verdict: the prompt tokens the shots add over
-    zero-shot, the median seconds per answer, the tuned model's tokens per second; None when nothing was timed."""
+    """One line on what an answer costs each contender, for after the verdict: the prompt tokens the shots add
+    over zero-shot, the median seconds per answer, the tuned model's tokens per second; None when nothing was
+    timed."""
     from mlflow_finetune_plugin.metrics import CONTENDERS
 
     def get(c, m):

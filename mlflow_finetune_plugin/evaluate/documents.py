@@ -1,15 +1,16 @@
-"""The evaluation of a recipe that starts from documents (`data.documents`, docs/documents.md): four contenders on
-two held-out sets.
+"""The evaluation of a recipe that starts from documents (`data.documents`, docs/documents.md): four
+contenders on two held-out sets.
 
-The contenders: the base model zero-shot (`base`), the base model with the k chunks retrieval finds for the question
-in its prompt (`rag`), the tuned model alone (`tuned`), and the tuned model with those chunks (`tuned-rag`). The
-sets (`data/document_rows.py`): questions on known documents (their documents trained), logged as `eval/<contender>/
-<metric>` like any evaluation, so gates and the model card read them; and questions on unseen documents (held out
-whole), logged as `eval/unseen/<contender>/<metric>`. Each answer's cost is measured as for the other contenders
-(`cost.py`): the retrieved chunks show as prompt tokens and latency. How often the chunk holding the answer was
-among the k retrieved is `eval/rag/recall_at_k` (and `eval/unseen/rag/recall_at_k`). Beside the text metrics, each
-contender's `fact_recall` (`scoring.fact_recall`): the share of the reference's numbers, codes and names its answer
-says, where a text metric also rewards an answer in the right form with the wrong fact. What to deploy is
+The contenders: the base model zero-shot (`base`), the base model with the k chunks retrieval finds for the
+question in its prompt (`rag`), the tuned model alone (`tuned`), and the tuned model with those chunks
+(`tuned-rag`). The sets (`data/document_rows.py`): questions on known documents (their documents trained),
+logged as `eval/<contender>/ <metric>` like any evaluation, so gates and the model card read them; and
+questions on unseen documents (held out whole), logged as `eval/unseen/<contender>/<metric>`. Each answer's
+cost is measured as for the other contenders (`cost.py`): the retrieved chunks show as prompt tokens and
+latency. How often the chunk holding the answer was among the k retrieved is `eval/rag/recall_at_k` (and
+`eval/unseen/rag/recall_at_k`). Beside the text metrics, each contender's `fact_recall`
+(`scoring.fact_recall`): the share of the reference's numbers, codes and names its answer says, where a text
+metric also rewards an answer in the right form with the wrong fact. What to deploy is
 `documents_verdict.py`'s verdict.
 """
 
@@ -45,7 +46,8 @@ from mlflow_finetune_plugin.retriever import query_of, with_context
 DOCUMENT_CONTENDERS = ("base", RAG, "tuned", TUNED_RAG)
 UNSEEN_TABLE, UNSEEN_SCORES = "eval/unseen_examples.json", "eval/unseen_scores.json"
 RETRIEVED_CHUNKS = "eval/retrieved_chunks.json"
-# The other prompt-only contenders, and why a documents recipe does not score them (promotion's default gate reads it).
+# The other prompt-only contenders, and why a documents recipe does not score them (promotion's default gate
+# reads it).
 NOT_SCORED = ("fewshot", "retrieval", "optimized")
 NOT_SCORED_WHY = "a documents recipe: its prompt-only contenders are zero-shot and RAG over the documents"
 
@@ -54,13 +56,14 @@ def evaluate_documents(cfg, model, tokenizer, sets: dict[str, list[dict]], retri
                        served_with_retrieval: bool = False) -> dict[str, EvalResult]:
     """Score the four contenders on each non-empty set (`KNOWN`, `UNSEEN`: question rows, the first
     `cfg.max_examples` of each) and log them into the active run; returns set name -> result. With
-    `served_with_retrieval`, the tuned answers recorded for serving parity (`report.TUNED_FILE`) are `tuned-rag`'s,
-    as the logged model retrieves when served."""
+    `served_with_retrieval`, the tuned answers recorded for serving parity (`report.TUNED_FILE`) are
+    `tuned-rag`'s, as the logged model retrieves when served."""
     import mlflow
 
     results, retrieved_log = {}, {}
     for name in (KNOWN, UNSEEN):
-        rows = [r for r in sets.get(name) or [] if r["messages"][-1]["role"] == "assistant"][: cfg.max_examples]
+        rows = [r for r in sets.get(name) or [] if r["messages"][-1]["role"]
+                == "assistant"][: cfg.max_examples]
         if not rows:
             print(f"Documents: no held-out questions on {name} documents; that set is not scored.")
             continue
@@ -94,7 +97,8 @@ def score_set(cfg, model, tokenizer, rows: list[dict], retriever, base_model=Non
     if measured:
         metrics[f"eval/{RAG}/{RECALL}"] = sum(measured) / len(measured)
     params = parameter_counts(model, base_model)
-    runs = {"tuned": (lambda: lora_merged(model), questions), TUNED_RAG: (lambda: lora_merged(model), with_chunks)}
+    runs = {"tuned": (lambda: lora_merged(model), questions), TUNED_RAG: (lambda: lora_merged(model),
+                                                                          with_chunks)}
     if _base_context(model, base_model) is not None:
         runs = {"base": (lambda: _base_context(model, base_model), questions),
                 RAG: (lambda: _base_context(model, base_model), with_chunks), **runs}
@@ -102,15 +106,16 @@ def score_set(cfg, model, tokenizer, rows: list[dict], retriever, base_model=Non
     for name in [c for c in DOCUMENT_CONTENDERS if c in runs]:
         context, prompts = runs[name]
         with context() as contender:
-            answers, endings, nll, n_tokens, seconds = answer_all_ended(contender, tokenizer, prompts, references,
-                                                                        cfg, name)
+            answers, endings, nll, n_tokens, seconds = answer_all_ended(contender, tokenizer, prompts,
+                                                                        references, cfg, name)
         totals, per_example = contender_metrics(answers, references, nll, n_tokens, cfg)
         facts = fact_recall(answers, references, asked)
         if any(f is not None for f in facts):
             per_example[FACT_RECALL] = facts
             totals[FACT_RECALL] = mean([f for f in facts if f is not None])
-        totals.update(answer_costs([prompt_length(tokenizer, p) for p in prompts], answer_lengths(tokenizer, answers),
-                                   seconds, params.get("base" if name in ("base", RAG) else "tuned")))
+        totals.update(answer_costs([prompt_length(tokenizer, p) for p in prompts],
+                                   answer_lengths(tokenizer, answers), seconds,
+                                   params.get("base" if name in ("base", RAG) else "tuned")))
         metrics.update({f"eval/{name}/{k}": v for k, v in totals.items()})
         add_answers(table, name, answers, per_example, endings if name in ("tuned", TUNED_RAG) else None)
     for row, chunks, hit in zip(table, found, hits):
@@ -119,7 +124,8 @@ def score_set(cfg, model, tokenizer, rows: list[dict], retriever, base_model=Non
     print(comparison_table(metrics))
     if measured:
         print(f"Retrieval: the chunk holding the answer was among the {retriever.k} retrieved for "
-              f"{sum(measured)} of {len(measured)} questions (recall@{retriever.k} {metrics[f'eval/{RAG}/{RECALL}']:.2f}).")
+              f"{sum(measured)} of {len(measured)} questions (recall@{retriever.k} "
+              f"{metrics[f'eval/{RAG}/{RECALL}']:.2f}).")
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:12]
     retrieved = [{"question": query_of(q), "chunks": [c["id"] for c in chunks], "answer_chunk_retrieved": hit}
                  for q, chunks, hit in zip(questions, found, hits)]
@@ -129,9 +135,10 @@ def score_set(cfg, model, tokenizer, rows: list[dict], retriever, base_model=Non
 
 
 def recorded_sets(source_run: str | None, data: str | None, recipe: dict) -> dict[str, list[dict]]:
-    """The held-out sets of a documents run, to score one of its versions again: questions on known documents from
-    `data` (else the recipe's data.eval), less those on the documents the run held out (`documents/sets.json`); the
-    unseen documents' questions the run logged, and those of `data` on held-out documents."""
+    """The held-out sets of a documents run, to score one of its versions again: questions on known documents
+    from `data` (else the recipe's data.eval), less those on the documents the run held out
+    (`documents/sets.json`); the unseen documents' questions the run logged, and those of `data` on held-out
+    documents."""
     import mlflow
 
     from mlflow_finetune_plugin.data.document_rows import question_rows
@@ -174,8 +181,10 @@ def _hit(row: dict, chunks: list[dict], all_chunks: list[dict]) -> bool | None:
 def _tuned_rag_record(result: EvalResult) -> dict:
     """TUNED_FILE for a model that retrieves when served: the questions, and tuned-rag's answers to them."""
     return {"settings": {**result.generation, "retrieval": True},
-            "rows": [{"messages": messages, "reference": row["reference"], "answer": row[f"{TUNED_RAG}_answer"],
-                      "ending": row.get(f"{TUNED_RAG}_ending")} for messages, row in zip(result.prompts, result.rows)]}
+            "rows": [{"messages": messages, "reference": row["reference"],
+                      "answer": row[f"{TUNED_RAG}_answer"],
+                      "ending": row.get(f"{TUNED_RAG}_ending")} for messages,
+                     row in zip(result.prompts, result.rows)]}
 
 
 def _log_unseen(result: EvalResult) -> None:

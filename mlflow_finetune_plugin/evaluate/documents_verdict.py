@@ -1,13 +1,14 @@
 """The verdict of a documents recipe: prompting, RAG, fine-tuning, or both? (`documents.py` scores them.)
 
-On each held-out set (questions on known documents, on unseen documents), the best contender on the primary metric
-is weighed against each other one pair by pair, with the paired bootstrap of `verdict.py`: it *beats* another when
-the 95% interval of the difference lies above 0 and the mean difference is at least `eval.min_gain` (the verdict's
-rule, `verdict.min_gain_for`), and *ties* it otherwise. What to deploy is the cheapest contender per answer that no
-other beats on any scored set, in this order: zero-shot (no training, no context), the tuned model alone (no
-context), RAG (the chunks in every prompt), the tuned model with RAG. When every contender is beaten somewhere, the best on known documents is named. The verdict says why, with what an answer costs
-(prompt tokens with the retrieved chunks against none, latency) and how often retrieval found the chunk holding the
-answer (recall@k).
+On each held-out set (questions on known documents, on unseen documents), the best contender on the primary
+metric is weighed against each other one pair by pair, with the paired bootstrap of `verdict.py`: it *beats*
+another when the 95% interval of the difference lies above 0 and the mean difference is at least
+`eval.min_gain` (the verdict's rule, `verdict.min_gain_for`), and *ties* it otherwise. What to deploy is the
+cheapest contender per answer that no other beats on any scored set, in this order: zero-shot (no training, no
+context), the tuned model alone (no context), RAG (the chunks in every prompt), the tuned model with RAG. When
+every contender is beaten somewhere, the best on known documents is named. The verdict says why, with what an
+answer costs (prompt tokens with the retrieved chunks against none, latency) and how often retrieval found the
+chunk holding the answer (recall@k).
 
 It is set as the run's verdict tags (`finetune.verdict`, `.paid_off`: fine-tuning is part of what to deploy,
 `.best_alternative`: the better of zero-shot and RAG, `.deploy`) and metrics (`eval/verdict/margin*`: what to
@@ -63,8 +64,8 @@ class SetVerdict:
     best: str
     means: dict[str, float]
     comparisons: list[Comparison]
-    # each retrieving contender against the tuned model alone (retrieving - tuned): does retrieval answer what the
-    # weights do not know? Said for the unseen documents, where only retrieval can.
+    # each retrieving contender against the tuned model alone (retrieving - tuned): does retrieval answer what
+    # the weights do not know? Said for the unseen documents, where only retrieval can.
     retrieval: list[Comparison] = field(default_factory=list)
 
     def sentence(self, metric: str) -> str:
@@ -76,8 +77,8 @@ class SetVerdict:
                 f"{self.means[self.best]:.2f} and " + ", ".join(parts))
         if self.name == UNSEEN and self.retrieval:
             said += "; with retrieval, " + ", ".join(
-                f"{LABELS[c.other]} {'beats' if c.beaten else 'ties'} the tuned model alone ({c.mean:.2f} against "
-                f"{self.means['tuned']:.2f}; {c.low:+.2f} to {c.high:+.2f})" for c in self.retrieval)
+                f"{LABELS[c.other]} {'beats' if c.beaten else 'ties'} the tuned model alone ({c.mean:.2f} "
+                f"against {self.means['tuned']:.2f}; {c.low:+.2f} to {c.high:+.2f})" for c in self.retrieval)
         return said
 
     def beaten(self, contender: str) -> bool:
@@ -105,9 +106,11 @@ class DocumentsVerdict:
         said = "; ".join(s.sentence(self.metric) for s in self.sets)
         against = ", and of each retrieving contender minus the tuned model alone" if any(
             s.retrieval and s.name == UNSEEN for s in self.sets) else ""
-        return f"deploy {LABELS[self.deploy]} ({self.deploy}): {self.why}. {said[0].upper()}{said[1:]}" \
-               f" (95% intervals of the best minus each{against}; one beats another when the interval is above 0 " \
-               f"and the gain at least {self.min_gain:.2f}, eval.min_gain)"
+        return (
+            f"deploy {LABELS[self.deploy]} ({self.deploy}): {self.why}. {said[0].upper()}{said[1:]}"
+            f" (95% intervals of the best minus each{against}; one beats another when the interval is above "
+            f"0 and the gain at least {self.min_gain:.2f}, eval.min_gain)"
+        )
 
     def as_tags(self) -> dict[str, str]:
         known = next((s for s in self.sets if s.name == KNOWN), None)
@@ -119,13 +122,14 @@ class DocumentsVerdict:
         if self.margin is None:
             return {}
         return {**dict(zip((f"{VERDICT_PREFIX}margin", f"{VERDICT_PREFIX}margin_low",
-                            f"{VERDICT_PREFIX}margin_high"), self.margin)), f"{VERDICT_PREFIX}min_gain": self.min_gain}
+                            f"{VERDICT_PREFIX}margin_high"), self.margin)),
+                f"{VERDICT_PREFIX}min_gain": self.min_gain}
 
 
 def weigh_set(name: str, scores: dict[str, list[float | None]], metric: str,
               min_gain: float | dict | None = None) -> SetVerdict | None:
-    """The best contender of one set and how it compares with each other (None when fewer than two were scored);
-    `min_gain`: `eval.min_gain`."""
+    """The best contender of one set and how it compares with each other (None when fewer than two were
+    scored); `min_gain`: `eval.min_gain`."""
     sign = -1.0 if lower_is_better(metric) else 1.0
     scored = {c: v for c in ORDER if (v := scores.get(c))}
     if len(scored) < 2:
@@ -145,7 +149,8 @@ def weigh_set(name: str, scores: dict[str, list[float | None]], metric: str,
 
 def _compared(these: list, those: list, sign: float, name: str, its_mean: float,
               min_gain: float) -> Comparison:
-    """`name` (scores `these`) against `those`: the 95% interval of these - those and its mean, better direction."""
+    """`name` (scores `these`) against `those`: the 95% interval of these - those and its mean, better
+    direction."""
     pairs = [(a, b) for a, b in zip(these, those) if a is not None and b is not None]
     low, high = paired_bootstrap([sign * a for a, _ in pairs], [sign * b for _, b in pairs])
     gain = sign * mean([a - b for a, b in pairs])
@@ -155,13 +160,15 @@ def _compared(these: list, those: list, sign: float, name: str, its_mean: float,
 
 def decide(per_set: dict[str, dict[str, dict[str, list]]], gates=None,
            min_gain: float | dict | None = None) -> DocumentsVerdict:
-    """The verdict from per-example scores: set name -> contender -> metric -> values; `min_gain`: eval.min_gain."""
+    """The verdict from per-example scores: set name -> contender -> metric -> values; `min_gain`:
+    eval.min_gain."""
     known = per_set.get(KNOWN) or next(iter(per_set.values()), {})
     metric = primary_metric(gates, known) if known else None
     if metric is None:
         return DocumentsVerdict(None, reason="no held-out question was scored")
     sets = [v for name in (KNOWN, UNSEEN) if name in per_set
-            and (v := weigh_set(name, {c: m.get(metric) for c, m in per_set[name].items()}, metric, min_gain))]
+            and (v := weigh_set(name, {c: m.get(metric) for c, m in per_set[name].items()}, metric,
+                                min_gain))]
     if not sets:
         return DocumentsVerdict(None, metric, reason="fewer than two contenders were scored")
     standing = [c for c in ORDER if all(c in s.means and not s.beaten(c) for s in sets)]
@@ -183,7 +190,8 @@ def decide(per_set: dict[str, dict[str, dict[str, list]]], gates=None,
 
 
 def _margin(deploy: str, scores: dict | None, metric: str) -> tuple[float, float, float] | None:
-    """`deploy` minus the better prompt-only contender (zero-shot or RAG) on known documents, better direction."""
+    """`deploy` minus the better prompt-only contender (zero-shot or RAG) on known documents, better
+    direction."""
     if not scores or deploy in ("base", RAG):
         return None
     sign = -1.0 if lower_is_better(metric) else 1.0
@@ -191,23 +199,27 @@ def _margin(deploy: str, scores: dict | None, metric: str) -> tuple[float, float
     if not prompt_only or not (scores.get(deploy) or {}).get(metric):
         return None
     best = max(prompt_only, key=lambda c: sign * mean([x for x in scores[c][metric] if x is not None]))
-    pairs = [(d, o) for d, o in zip(scores[deploy][metric], scores[best][metric]) if d is not None and o is not None]
+    pairs = [(d, o) for d, o in zip(scores[deploy][metric],
+                                    scores[best][metric]) if d is not None and o is not None]
     low, high = paired_bootstrap([sign * d for d, _ in pairs], [sign * o for _, o in pairs])
     return sign * (mean([d for d, _ in pairs]) - mean([o for _, o in pairs])), low, high
 
 
 def cost_sentence(metrics: dict[str, float], k: int) -> str:
-    """What an answer costs with retrieval against without, and how often retrieval found the answer's chunk."""
+    """What an answer costs with retrieval against without, and how often retrieval found the answer's
+    chunk."""
     def get(name, contender, prefix="eval/"):
         return metrics.get(f"{prefix}{contender}/{name}")
 
     parts = []
     if get("prompt_tokens", TUNED_RAG) is not None and get("prompt_tokens", "tuned") is not None:
-        parts.append(f"with retrieval an answer reads {get('prompt_tokens', TUNED_RAG):.0f} prompt tokens against "
-                     f"{get('prompt_tokens', 'tuned'):.0f} without")
+        parts.append(
+            f"with retrieval an answer reads {get('prompt_tokens', TUNED_RAG):.0f} prompt tokens against "
+            f"{get('prompt_tokens', 'tuned'):.0f} without")
     if get("latency_s", TUNED_RAG) is not None and get("latency_s", "tuned") is not None:
-        parts.append(f"median latency {get('latency_s', TUNED_RAG):.3f} s against {get('latency_s', 'tuned'):.3f} s "
-                     "on this machine")
+        parts.append(
+            f"median latency {get('latency_s', TUNED_RAG):.3f} s against {get('latency_s', 'tuned'):.3f} s "
+            "on this machine")
     recalls = [(where, value) for where, prefix in ((KNOWN, "eval/"), (UNSEEN, UNSEEN_PREFIX))
                if (value := get(RECALL, RAG, prefix)) is not None]
     if recalls:

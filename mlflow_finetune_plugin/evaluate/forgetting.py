@@ -1,15 +1,15 @@
 """Forgetting: did the fine-tune make the model worse at everything it was not tuned for?
 
-After the evaluation, general text the run never trained on (`eval.forgetting`: the set bundled with the package in
-`assets/forgetting/`, or a file of the recipe's own) is scored with the base model and with the tuned model:
-`eval/forgetting/base_loss`, `tuned_loss` (mean NLL per token), `base_ppl`, `tuned_ppl` (their exponentials),
-`ppl_ratio` = tuned_ppl / base_ppl (above 1: ordinary text became less likely) and `n_tokens`. A promotion gate can
-refuse a version that forgot too much: `forgetting/ppl_ratio<=1.2`.
+After the evaluation, general text the run never trained on (`eval.forgetting`: the set bundled with the
+package in `assets/forgetting/`, or a file of the recipe's own) is scored with the base model and with the
+tuned model: `eval/forgetting/base_loss`, `tuned_loss` (mean NLL per token), `base_ppl`, `tuned_ppl` (their
+exponentials), `ppl_ratio` = tuned_ppl / base_ppl (above 1: ordinary text became less likely) and `n_tokens`.
+A promotion gate can refuse a version that forgot too much: `forgetting/ppl_ratio<=1.2`.
 
-The base is the same weights with the adapter off, or, for a full fine-tune, the base the evaluation already loaded:
-never a second model. Batched forward passes under torch.no_grad, in the dtype the model is in, as the evaluation's
-reference loss; no generation. With one adapter per task (`data.adapters: per_task`) each adapter is scored
-(`eval/forgetting/<task>/...`), and the top-level figures are those of the adapter that forgot most.
+The base is the same weights with the adapter off, or, for a full fine-tune, the base the evaluation already
+loaded: never a second model. Batched forward passes under torch.no_grad, in the dtype the model is in, as the
+evaluation's reference loss; no generation. With one adapter per task (`data.adapters: per_task`) each adapter
+is scored (`eval/forgetting/<task>/...`), and the top-level figures are those of the adapter that forgot most.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ from mlflow_finetune_plugin.tracking import log_results
 
 BUNDLED = Path(__file__).parents[1] / "assets" / "forgetting" / "general_text.txt"
 PREFIX = FORGETTING_PREFIX
-# Rows per forward pass. The LM head runs over chunks of tokens (models/lm_head.py), so a large vocabulary adds one
-# chunk of logits, not (rows x length x vocabulary); a head it does not reproduce still gives whole logits.
+# Rows per forward pass. The LM head runs over chunks of tokens (models/lm_head.py), so a large vocabulary
+# adds one chunk of logits, not (rows x length x vocabulary); a head it does not reproduce still gives whole
+# logits.
 BATCH_SIZE = 8
 
 
 def set_path(recipe) -> Path | None:
-    """The general-text file the recipe names (`eval.forgetting`), the bundled one for `true`; None when off."""
+    """The general-text file the recipe names (`eval.forgetting`), the bundled one for `true`; None when
+    off."""
     value = recipe.eval.forgetting
     if not recipe.eval.enabled or value is False:
         return None
@@ -39,15 +41,16 @@ def set_path(recipe) -> Path | None:
 
 
 def read_set(recipe) -> list[str]:
-    """The texts of the recipe's general-text set ([] when the check is off); a bad file raises FinetuneError here,
-    before a model loads."""
+    """The texts of the recipe's general-text set ([] when the check is off); a bad file raises FinetuneError
+    here, before a model loads."""
     path = set_path(recipe)
     return read_texts(path, "eval.forgetting") if path else []
 
 
-def text_nll(model, tokenizer, texts: list[str], max_length: int, batch_size: int = BATCH_SIZE) -> tuple[float, int]:
-    """Summed negative log-likelihood of every token of `texts` after each text's first (cut at `max_length`), and
-    the number of tokens scored; right-padded batches, padding never scored."""
+def text_nll(model, tokenizer, texts: list[str], max_length: int,
+             batch_size: int = BATCH_SIZE) -> tuple[float, int]:
+    """Summed negative log-likelihood of every token of `texts` after each text's first (cut at `max_length`),
+    and the number of tokens scored; right-padded batches, padding never scored."""
     import torch
 
     from mlflow_finetune_plugin.evaluate.preferences import completion_logps
@@ -66,8 +69,8 @@ def text_nll(model, tokenizer, texts: list[str], max_length: int, batch_size: in
                 mask = torch.zeros_like(ids)
                 for i, row in enumerate(batch):
                     ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-                # Every real token after the first is scored; completion_logps also drops the logits of the virtual
-                # tokens prompt tuning prepends.
+                # Every real token after the first is scored; completion_logps also drops the logits of the
+                # virtual tokens prompt tuning prepends.
                 nll -= float(completion_logps(model, ids, mask, mask).sum())
                 count += int(mask[:, 1:].sum())
     finally:
@@ -88,7 +91,8 @@ def _ppl(loss: float) -> float:
 
 
 def measure(recipe, texts: list[str], model, tokenizer, base_model=None) -> dict[str, float]:
-    """The forgetting figures (metric name without `eval/forgetting/` -> value) of `model` against its base."""
+    """The forgetting figures (metric name without `eval/forgetting/` -> value) of `model` against its
+    base."""
     from mlflow_finetune_plugin.evaluate.answering import _base_context
 
     def loss(m) -> float:
@@ -118,8 +122,8 @@ def measure(recipe, texts: list[str], model, tokenizer, base_model=None) -> dict
 
 
 def check(recipe, texts: list[str], model, tokenizer, base_model=None) -> dict[str, float]:
-    """Measure, log `eval/forgetting/*` into the active run, add them to its comparison chart and print the figures;
-    nothing when `texts` is empty (the check is off)."""
+    """Measure, log `eval/forgetting/*` into the active run, add them to its comparison chart and print the
+    figures; nothing when `texts` is empty (the check is off)."""
     import mlflow
 
     from mlflow_finetune_plugin.evaluate.report import log_chart

@@ -1,15 +1,18 @@
 """The held-out examples in MLflow's own GenAI evaluation view: every evaluation also goes through
-`mlflow.genai.evaluate`, so the run's Traces/Evaluation tab lists each held-out question with the answers and scores.
+`mlflow.genai.evaluate`, so the run's Traces/Evaluation tab lists each held-out question with the answers and
+scores.
 
-One trace per example (a static row: the answers were generated already, so there is no predict_fn and no LLM judge,
-and nothing leaves the machine), logged into the active run:
+One trace per example (a static row: the answers were generated already, so there is no predict_fn and no LLM
+judge, and nothing leaves the machine), logged into the active run:
 - inputs: the prompt as chat messages; outputs: the tuned model's answer; expectation `expected_response`: the
   reference answer (the name MLflow's own scorers read).
-- one feedback per contender and metric, named `<contender>/<metric>` (`tuned/rougeL`, `retrieval/rougeL`, ...), its
-  value the per-example score the evaluation computed already (code scorers hand those back, nothing is rescored),
-  and its rationale the answer that contender gave: each contender's answer sits beside its scores. Answers are
-  kept out of the expectations, which MLflow shows (and its judges read) as ground truth.
-The aggregates are the `eval/<contender>/<metric>` metrics already: the scorers ask MLflow for none of their own.
+- one feedback per contender and metric, named `<contender>/<metric>` (`tuned/rougeL`, `retrieval/rougeL`,
+...), its
+  value the per-example score the evaluation computed already (code scorers hand those back, nothing is
+  rescored), and its rationale the answer that contender gave: each contender's answer sits beside its scores.
+  Answers are kept out of the expectations, which MLflow shows (and its judges read) as ground truth.
+The aggregates are the `eval/<contender>/<metric>` metrics already: the scorers ask MLflow for none of their
+own.
 
 This view is a convenience on top of the evaluation: it never fails it (a warning, and the run goes on).
 """
@@ -27,8 +30,8 @@ SOURCE_ID = "mlflow-finetune"
 
 
 def log_genai_view(result) -> None:
-    """`result` (an `EvalResult`) as one MLflow trace per example with its assessments, in the active run; prints
-    one line, a warning when MLflow could not log it."""
+    """`result` (an `EvalResult`) as one MLflow trace per example with its assessments, in the active run;
+    prints one line, a warning when MLflow could not log it."""
     start = time.perf_counter()
     try:
         n = _evaluate(result)
@@ -50,8 +53,8 @@ def view_rows(result) -> list[dict]:
 
 
 def _viewable(messages: list[dict], side: int = 256) -> list[dict]:
-    """The messages as MLflow's trace view renders them: each image part an OpenAI `image_url` part holding the
-    image (a PNG data URL, at most `side` px on a side: the view shows it, the trace stays small)."""
+    """The messages as MLflow's trace view renders them: each image part an OpenAI `image_url` part holding
+    the image (a PNG data URL, at most `side` px on a side: the view shows it, the trace stays small)."""
     import base64
     import io
 
@@ -92,7 +95,8 @@ def view_scorers(result) -> list:
                              source=AssessmentSource(source_type="CODE", source_id=f"{SOURCE_ID}/{metric}"))
                     for c in contenders if row.get(f"{c}_{metric}") is not None]
 
-        # aggregations=[]: no `<contender>/<metric>/mean` metrics beside the run's own eval/<contender>/<metric>
+        # aggregations=[]: no `<contender>/<metric>/mean` metrics beside the run's own
+        # eval/<contender>/<metric>
         return scorer(score, name=metric, aggregations=[])
 
     return [make(m) for m in metrics]
@@ -105,9 +109,9 @@ def _evaluate(result) -> int:
         raise RuntimeError("no active MLflow run")
     if not result.rows:
         return 0
-    # MLflow's default of 10 rows at once, each with a thread per scorer, exhausts a sqlite store's connection pool
-    # (5 + 10) from ~64 rows on: traces time out after 30 s and are lost. The scorers only look up scores, so a
-    # few workers lose nothing. Set for this call only, then put back as they were.
+    # MLflow's default of 10 rows at once, each with a thread per scorer, exhausts a sqlite store's connection
+    # pool (5 + 10) from ~64 rows on: traces time out after 30 s and are lost. The scorers only look up
+    # scores, so a few workers lose nothing. Set for this call only, then put back as they were.
     with _env(MLFLOW_GENAI_EVAL_MAX_WORKERS="2", MLFLOW_GENAI_EVAL_MAX_SCORER_WORKERS="1"):
         mlflow.genai.evaluate(data=view_rows(result), scorers=view_scorers(result))
     return len(result.rows)

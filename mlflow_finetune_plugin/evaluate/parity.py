@@ -1,15 +1,16 @@
-"""Serving parity, the comparison: the tuned answers a run's evaluation recorded (`report.TUNED_FILE`) against the
-answers a serving engine gave to the same prompts (`serving/parity.py` asks it).
+"""Serving parity, the comparison: the tuned answers a run's evaluation recorded (`report.TUNED_FILE`) against
+the answers a serving engine gave to the same prompts (`serving/parity.py` asks it).
 
 Both sides are scored by the evaluation's own scorer (`metrics.score`) on the metric the verdict weighs
-(`verdict.primary_metric`), and the mean difference is weighed with the verdict's paired bootstrap: the served score
-must be the evaluated one within that noise (the 95% interval of served - evaluated holds 0). And row by row, every
-served answer must end as the evaluated one did: where the evaluation stopped on a stop token, the served answer
-stops too, rather than being cut by the length limit or running on past the turn. The outcome is a
-`registry.parity.Parity`.
+(`verdict.primary_metric`), and the mean difference is weighed with the verdict's paired bootstrap: the served
+score must be the evaluated one within that noise (the 95% interval of served - evaluated holds 0). And row by
+row, every served answer must end as the evaluated one did: where the evaluation stopped on a stop token, the
+served answer stops too, rather than being cut by the length limit or running on past the turn. The outcome is
+a `registry.parity.Parity`.
 
-A run evaluated before TUNED_FILE existed has its per-example table only (`report.TABLE_FILE`): its single-turn rows
-are asked again from their text, their endings are unknown, and the outcome says what could not be checked.
+A run evaluated before TUNED_FILE existed has its per-example table only (`report.TABLE_FILE`): its
+single-turn rows are asked again from their text, their endings are unknown, and the outcome says what could
+not be checked.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ class Served:
 
 
 def served_ending(ids: list[int], served_stops, evaluated_stops) -> str:
-    """How a served generation (`ids`, up to and including the token it stopped on) ended: RAN_ON where it went past
-    a token the evaluation stopped on (a stop token the served engine does not know), else STOP on one of its own
-    `served_stops`, else LENGTH (cut at max_new_tokens)."""
+    """How a served generation (`ids`, up to and including the token it stopped on) ended: RAN_ON where it
+    went past a token the evaluation stopped on (a stop token the served engine does not know), else STOP on
+    one of its own `served_stops`, else LENGTH (cut at max_new_tokens)."""
     served_stops, evaluated_stops = set(served_stops), set(evaluated_stops)
     end = next((i for i, t in enumerate(ids) if t in served_stops), len(ids))
     if any(t in evaluated_stops for t in ids[:end]):
@@ -71,29 +72,35 @@ def recorded(client, run_id: str | None, task: str | None = None) -> tuple[Recor
         return None, f"its run {run_id} recorded no held-out answers of task {task!r}"
     if TABLE_FILE in listed:
         return _from_table(client, run_id, task)
-    return None, (f"its run {run_id} recorded no held-out answers ({TUNED_FILE}): it was not evaluated, or by "
-                  "another tool")
+    return None, (
+        f"its run {run_id} recorded no held-out answers ({TUNED_FILE}): it was not evaluated, or by "
+        "another tool")
 
 
 def _from_table(client, run_id: str, task: str | None) -> tuple[Recorded | None, str]:
-    """An older run's per-example table: its single-turn rows rebuilt as messages, settings from its recipe."""
+    """An older run's per-example table: its single-turn rows rebuilt as messages, settings from its
+    recipe."""
     from mlflow_finetune_plugin.config.schema import EvalConfig
     from mlflow_finetune_plugin.registry.versions import source_recipe
 
     table = _artifact(client, run_id, TABLE_FILE)
     rows = [dict(zip(table["columns"], values)) for values in table["data"]]
     rows = [r for r in rows if task is None or r.get("task") == task]
-    # a multi-turn prompt is rendered as "role: text" lines, which cannot be turned back into messages reliably
-    single = [r for r in rows if r.get("tuned_answer") is not None and not str(r["prompt"]).startswith("user: ")]
+    # a multi-turn prompt is rendered as "role: text" lines, which cannot be turned back into messages
+    # reliably
+    single = [r for r in rows if r.get("tuned_answer") is not None
+              and not str(r["prompt"]).startswith("user: ")]
     if not single:
-        return None, (f"its run {run_id} predates {TUNED_FILE}, and its table holds no single-turn tuned answers "
-                      "to ask again")
+        return None, (
+            f"its run {run_id} predates {TUNED_FILE}, and its table holds no single-turn tuned answers "
+            "to ask again")
     try:
         cfg = EvalConfig.model_validate((source_recipe(run_id) or {}).get("eval") or {})
     except ValueError:
         cfg = EvalConfig()
-    settings = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "batch_size": cfg.batch_size,
-                "output_format": cfg.output_format, "json_schema": cfg.json_schema, "stop_tokens": []}
+    settings = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams,
+                "batch_size": cfg.batch_size, "output_format": cfg.output_format,
+                "json_schema": cfg.json_schema, "stop_tokens": []}
     rebuilt = [{"messages": ([{"role": "system", "content": r["system"]}] if r.get("system") else [])
                 + [{"role": "user", "content": r["prompt"]}],
                 "reference": r["reference"], "answer": r["tuned_answer"], "ending": None} for r in single]
@@ -105,13 +112,17 @@ def _from_table(client, run_id: str, task: str | None) -> tuple[Recorded | None,
 
 
 def compare(record: Recorded, served: list[Served], engine: str, gates=None) -> Parity:
-    """The outcome of serving `record`'s prompts with `engine` (`served`, one per row): PASSED when the served score
-    is the evaluated one within the bootstrap's noise and every known ending matches, else FAILED with the rows."""
+    """The outcome of serving `record`'s prompts with `engine` (`served`, one per row): PASSED when the served
+    score is the evaluated one within the bootstrap's noise and every known ending matches, else FAILED with
+    the rows."""
     if len(served) != len(record.rows):
-        raise FinetuneError(f"serving parity: {len(served)} served answers for {len(record.rows)} recorded rows")
+        raise FinetuneError(
+            f"serving parity: {len(served)} served answers for {len(record.rows)} recorded rows")
     references = [r["reference"] for r in record.rows]
     evaluated_answers, served_answers = [r["answer"] for r in record.rows], [s.answer for s in served]
-    structured = record.settings.get("output_format") == "json" or record.settings.get("json_schema") is not None
+    structured = (
+        record.settings.get("output_format") == "json" or record.settings.get("json_schema") is not None
+    )
     schema = record.settings.get("json_schema")
     evaluated_scores = score(evaluated_answers, references, schema, structured)[1]
     served_scores = score(served_answers, references, schema, structured)[1]
@@ -139,9 +150,11 @@ def not_checked(why: str, engine: str = "") -> Parity:
 
 
 def _ending_difference(evaluated: str | None, served: str, limit) -> str:
-    """Why the served ending differs from the evaluated one, in words; "" where it does not (or was not recorded)."""
+    """Why the served ending differs from the evaluated one, in words; "" where it does not (or was not
+    recorded)."""
     if served == RAN_ON:
-        return "the served answer ran on past the turn: it wrote the stop token the evaluation stopped on, and went on"
+        return ("the served answer ran on past the turn: it wrote the stop token the evaluation stopped on, "
+                "and went on")
     if evaluated is None or evaluated == served:
         return ""
     if evaluated == STOP:
@@ -154,8 +167,9 @@ def _notes(record: Recorded) -> str:
     notes = [record.note] if record.note else []
     beams = int(record.settings.get("num_beams") or 1)
     if beams > 1:
-        notes.append(f"evaluated with beam search (num_beams {beams}); served answers are greedy, as an OpenAI "
-                     "chat request gets them")
+        notes.append(
+            f"evaluated with beam search (num_beams {beams}); served answers are greedy, as an OpenAI "
+            "chat request gets them")
     return "; ".join(notes)
 
 

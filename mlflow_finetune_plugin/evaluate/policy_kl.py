@@ -1,12 +1,14 @@
-"""How far a tuned policy moved from its base on held-out prompts: the reward-hacking check beside GRPO's rewards.
+"""How far a tuned policy moved from its base on held-out prompts: the reward-hacking check beside GRPO's
+rewards.
 
-A reward model can be fooled; a policy that fools it drifts from the base model's language while its reward climbs.
-Each held-out prompt's tuned greedy answer (the one the evaluation scored) is scored token by token by the tuned
-policy and by the base (the adapter switched off, or the base loaded apart for a full fine-tune), and the KL per
-answer token is TRL's GRPO `kl` metric: exp(ref - logp) - (ref - logp) - 1 (Schulman's k3 estimator, never
-negative), averaged over all answer tokens as TRL averages a batch. Logged as `eval/tuned/kl_to_base` beside the
-rewards, rougeL and `answer_tokens`. Greedy answers are not samples of the policy, so the figure is a distance to
-compare runs and checkpoints by, not an unbiased KL; it costs two forward passes over the held-out answers.
+A reward model can be fooled; a policy that fools it drifts from the base model's language while its reward
+climbs. Each held-out prompt's tuned greedy answer (the one the evaluation scored) is scored token by token by
+the tuned policy and by the base (the adapter switched off, or the base loaded apart for a full fine-tune),
+and the KL per answer token is TRL's GRPO `kl` metric: exp(ref - logp) - (ref - logp) - 1 (Schulman's k3
+estimator, never negative), averaged over all answer tokens as TRL averages a batch. Logged as
+`eval/tuned/kl_to_base` beside the rewards, rougeL and `answer_tokens`. Greedy answers are not samples of the
+policy, so the figure is a distance to compare runs and checkpoints by, not an unbiased KL; it costs two
+forward passes over the held-out answers.
 """
 
 from __future__ import annotations

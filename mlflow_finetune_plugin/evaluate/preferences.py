@@ -1,12 +1,12 @@
 """How strongly a model prefers the chosen answer over the rejected one, on held-out preference pairs.
 
-The margin of a pair is log p(chosen | prompt) - log p(rejected | prompt), each summed over the completion's tokens,
-with prompt and completions tokenized, truncated and padded as TRL's DPOTrainer does (so it scores the sequences DPO
-trains on). TRL's own `rewards/margins` and `rewards/accuracies` are relative to the reference model
-(beta * (log p_policy - log p_ref)); these are absolute, so a starting policy and a tuned one can be compared.
-Logged as `eval/<policy>/pref_margin` (mean margin) and `eval/<policy>/pref_accuracy` (share of pairs with margin > 0).
-Pairs with images (an `images` column) are scored with them, through TRL's `DataCollatorForVisionPreference` and the
-model's processor, as DPO trains on them.
+The margin of a pair is log p(chosen | prompt) - log p(rejected | prompt), each summed over the completion's
+tokens, with prompt and completions tokenized, truncated and padded as TRL's DPOTrainer does (so it scores the
+sequences DPO trains on). TRL's own `rewards/margins` and `rewards/accuracies` are relative to the reference
+model (beta * (log p_policy - log p_ref)); these are absolute, so a starting policy and a tuned one can be
+compared. Logged as `eval/<policy>/pref_margin` (mean margin) and `eval/<policy>/pref_accuracy` (share of
+pairs with margin > 0). Pairs with images (an `images` column) are scored with them, through TRL's
+`DataCollatorForVisionPreference` and the model's processor, as DPO trains on them.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ METRICS = ("pref_margin", "pref_accuracy")
 
 
 def pair_ids(tokenizer, row: dict) -> dict:
-    """prompt_ids, chosen_ids, rejected_ids of one prompt/chosen/rejected row, as TRL's DPOTrainer tokenizes it."""
+    """prompt_ids, chosen_ids, rejected_ids of one prompt/chosen/rejected row, as TRL's DPOTrainer tokenizes
+    it."""
     from trl.data_utils import common_prefix_length, is_conversational
 
     if is_conversational(row):
         from mlflow_finetune_plugin.models.chat_format import prepared
 
         def ids(messages, **kwargs):
-            return list(tokenizer.apply_chat_template(prepared(tokenizer, messages), tokenize=True, return_dict=True,
-                                                      **kwargs)["input_ids"])
+            return list(tokenizer.apply_chat_template(prepared(tokenizer, messages), tokenize=True,
+                                                      return_dict=True, **kwargs)["input_ids"])
 
         prompt = ids(row["prompt"], add_generation_prompt=True)
         chosen, rejected = ids(row["prompt"] + row["chosen"]), ids(row["prompt"] + row["rejected"])
@@ -35,25 +36,25 @@ def pair_ids(tokenizer, row: dict) -> dict:
         texts = [c if c.endswith(eos) else c + eos for c in (row["chosen"], row["rejected"])]
         prompt = tokenizer(text=row["prompt"])["input_ids"]
         chosen, rejected = (tokenizer(text=row["prompt"] + t)["input_ids"] for t in texts)
-    # Some templates render a prompt alone differently from one followed by an answer: the completion starts where
-    # the token sequences part, as in TRL.
+    # Some templates render a prompt alone differently from one followed by an answer: the completion starts
+    # where the token sequences part, as in TRL.
     n = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
     return {"prompt_ids": prompt[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
 
 
 def completion_logps(model, input_ids, attention_mask, completion_mask, **inputs):
-    """Summed log-probability of each row's completion tokens (right-padded rows; labels -100 on prompt and padding).
-    `inputs`: the model's other inputs (a processor's pixel values, token type ids, image sizes)."""
+    """Summed log-probability of each row's completion tokens (right-padded rows; labels -100 on prompt and
+    padding). `inputs`: the model's other inputs (a processor's pixel values, token type ids, image sizes)."""
     logps, _ = token_logps(model, input_ids, attention_mask, completion_mask, **inputs)
     return logps.sum(dim=1)
 
 
 def token_logps(model, input_ids, attention_mask, completion_mask, **inputs):
-    """(log-probability of each next token [rows, length - 1], 0 where not scored; which positions are scored): the
-    completion tokens of right-padded rows; `inputs` go to the model beside them.
+    """(log-probability of each next token [rows, length - 1], 0 where not scored; which positions are
+    scored): the completion tokens of right-padded rows; `inputs` go to the model beside them.
 
-    Only the scored positions go through the LM head: in chunks (`models/lm_head.py`) where it is a head that module
-    reproduces, so that no (rows, length, vocabulary) logits are held, else from the model's logits."""
+    Only the scored positions go through the LM head: in chunks (`models/lm_head.py`) where it is a head that
+    module reproduces, so that no (rows, length, vocabulary) logits are held, else from the model's logits."""
     import torch
 
     from mlflow_finetune_plugin.models.lm_head import head_of, hidden_states, token_logprobs
@@ -73,18 +74,22 @@ def token_logps(model, input_ids, attention_mask, completion_mask, **inputs):
         hidden = captured[-1][:, captured[-1].shape[1] - input_ids.shape[1]: -1]
         logps[scored] = token_logprobs(head, hidden[scored], targets[scored])[0]
         return logps, scored
-    logits = model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False, **inputs).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask.to(device), use_cache=False,
+                   **inputs).logits
     logits = logits[:, logits.shape[1] - input_ids.shape[1]: -1]
-    # Only the scored positions' logits are upcast: the full (rows, length, vocabulary) tensor in fp32 is large.
-    logps[scored] = -torch.nn.functional.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
+    # Only the scored positions' logits are upcast: the full (rows, length, vocabulary) tensor in fp32 is
+    # large.
+    logps[scored] = -torch.nn.functional.cross_entropy(logits[scored].float(), targets[scored],
+                                                       reduction="none")
     return logps, scored
 
 
-def preference_margins(model, tokenizer, rows, max_length: int | None = None, batch_size: int = 8) -> list[float]:
+def preference_margins(model, tokenizer, rows, max_length: int | None = None,
+                       batch_size: int = 8) -> list[float]:
     """log p(chosen) - log p(rejected) of each pair, in batches of `batch_size` pairs.
 
-    Like TRL, sequences are cut at `max_length` and pairs whose prompt alone fills it are left out (no answer token
-    would remain to score).
+    Like TRL, sequences are cut at `max_length` and pairs whose prompt alone fills it are left out (no answer
+    token would remain to score).
     """
     import torch
 
@@ -120,7 +125,8 @@ def _collator(tokenizer, rows, max_length: int | None):
         # the rows as the collator takes them: fresh dicts (it rewrites them), images as PIL images
         examples = [{**{k: row[k] for k in ("prompt", "chosen", "rejected")}, IMAGES: row_images(row)}
                     for row in rows]
-        return DataCollatorForVisionPreference(processor=processor_of(tokenizer), max_length=max_length), examples
+        return DataCollatorForVisionPreference(processor=processor_of(tokenizer),
+                                               max_length=max_length), examples
     examples = [pair_ids(tokenizer, row) for row in rows]
     if max_length:
         examples = [e for e in examples if len(e["prompt_ids"]) < max_length]

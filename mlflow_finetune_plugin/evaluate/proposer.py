@@ -1,10 +1,10 @@
 """A stronger model that writes instructions for the prompt search (`prompt_search.py`): an OpenAI-compatible
-chat-completions server (`eval.optimize.proposer`, or `distill.teacher` when that is a URL), shown a sample of the
-train conversations and asked for instructions, one a line, as the instruction proposers of MIPROv2 and GEPA are
-asked. Nothing of the held-out rows is sent.
+chat-completions server (`eval.optimize.proposer`, or `distill.teacher` when that is a URL), shown a sample of
+the train conversations and asked for instructions, one a line, as the instruction proposers of MIPROv2 and
+GEPA are asked. Nothing of the held-out rows is sent.
 
-A proposer the recipe named (`eval.optimize.proposer`) that does not answer fails the evaluation before the search;
-one inherited from `distill.teacher` is told about and the rows' own instructions are used instead.
+A proposer the recipe named (`eval.optimize.proposer`) that does not answer fails the evaluation before the
+search; one inherited from `distill.teacher` is told about and the rows' own instructions are used instead.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ SAMPLE_ROWS = 8  # train conversations shown to the proposer
 TIMEOUT_S = 60.0
 MAX_CHARS = 400  # an instruction longer than this is cut (a proposer that rambles would fill the context)
 
-ASK = """Below are example conversations of one task: what a user asked, and the answer the assistant should give.
+ASK = """Below are example conversations of one task: what a user asked, and the answer the assistant should \
+give.
 A small language model will answer new questions of this task. Write {n} different instructions for its system
-prompt that would make it answer like these examples (content, length, tone, format). One instruction per line,
+prompt that would make it answer like these examples (content, length, tone, format). One instruction per \
+line,
 numbered "1.", "2.", ...; nothing else.
 
 {examples}"""
@@ -42,8 +44,8 @@ class Proposer:
 
 
 def proposer_of(eval_cfg, distill=None) -> Proposer | None:
-    """The recipe's proposer: eval.optimize.proposer, else distill.teacher when it is a URL (not required), else
-    None (a registered-model teacher is not run for this: serve it and name its URL)."""
+    """The recipe's proposer: eval.optimize.proposer, else distill.teacher when it is a URL (not required),
+    else None (a registered-model teacher is not run for this: serve it and name its URL)."""
     opt = eval_cfg.optimize
     if opt.proposer:
         return Proposer(opt.proposer.rstrip("/"), opt.proposer_model, opt.api_key_env, required=True)
@@ -52,8 +54,9 @@ def proposer_of(eval_cfg, distill=None) -> Proposer | None:
         return Proposer(teacher.rstrip("/"), opt.proposer_model or distill.model, distill.api_key_env,
                         required=False)
     if teacher:
-        print(f"Prompt search: distill.teacher {teacher} is a registered model, which the search does not run; "
-              "instructions come from the rows (serve it and set eval.optimize.proposer to its URL).")
+        print(
+            f"Prompt search: distill.teacher {teacher} is a registered model, which the search does not run; "
+            "instructions come from the rows (serve it and set eval.optimize.proposer to its URL).")
     return None
 
 
@@ -65,9 +68,10 @@ def reachable(proposer: Proposer) -> None:
         with httpx.Client(timeout=10.0, headers=_headers(proposer), trust_env=False) as http:
             http.get(f"{proposer.url}/models").raise_for_status()
     except httpx.HTTPError as e:
-        raise FinetuneError(f"eval.optimize.proposer {proposer.url} does not answer ({type(e).__name__}: {e}); "
-                            "nothing was trained. Start it, fix -P eval.optimize.proposer=URL (an OpenAI-compatible "
-                            "base URL ending in /v1), or leave it out to take instructions from the rows") from None
+        raise FinetuneError(
+            f"eval.optimize.proposer {proposer.url} does not answer ({type(e).__name__}: {e}); "
+            "nothing was trained. Start it, fix -P eval.optimize.proposer=URL (an OpenAI-compatible "
+            "base URL ending in /v1), or leave it out to take instructions from the rows") from None
 
 
 def propose(proposer: Proposer, train: list[list[dict]], n: int) -> list[str]:
@@ -86,8 +90,9 @@ def propose(proposer: Proposer, train: list[list[dict]], n: int) -> list[str]:
     except (httpx.HTTPError, ValueError, FinetuneError) as e:
         said = (f"the proposer {proposer.label} did not answer ({type(e).__name__}: {e})")
         if proposer.required:
-            raise FinetuneError(f"{said}; nothing was searched. Start it, fix -P eval.optimize.proposer=URL, or "
-                                "leave it out to take instructions from the rows") from None
+            raise FinetuneError(
+                f"{said}; nothing was searched. Start it, fix -P eval.optimize.proposer=URL, or "
+                "leave it out to take instructions from the rows") from None
         print(f"Prompt search: {said}; instructions come from the rows instead.")
         return []
     found = parse_instructions(text)[:n]
@@ -96,7 +101,8 @@ def propose(proposer: Proposer, train: list[list[dict]], n: int) -> list[str]:
 
 
 def parse_instructions(text: str) -> list[str]:
-    """Numbered (or bulleted) lines of a proposer's answer, their numbers and quotes taken off, duplicates once."""
+    """Numbered (or bulleted) lines of a proposer's answer, their numbers and quotes taken off, duplicates
+    once."""
     out = []
     for line in text.splitlines():
         line = re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", line).strip().strip('"').strip()
@@ -115,7 +121,8 @@ def _only_model(http, url: str) -> str:
     got.raise_for_status()
     names = [m.get("id") for m in (got.json().get("data") or []) if isinstance(m, dict)]
     if len(names) != 1:
-        raise FinetuneError(f"it serves {len(names)} models; name one with -P eval.optimize.proposer_model=NAME")
+        raise FinetuneError(
+            f"it serves {len(names)} models; name one with -P eval.optimize.proposer_model=NAME")
     return names[0]
 
 

@@ -1,7 +1,7 @@
-"""What an evaluation logs and shows: the result (`eval/<contender>/<metric>` metrics and the per-example table),
-logged into the active MLflow run with the few-shot and retrieved shots, the per-example scores the verdict weighs
-(`verdict.SCORES_FILE`), a comparison chart of the contenders and, through `genai_view.py`, one MLflow trace per
-example for MLflow's own evaluation view."""
+"""What an evaluation logs and shows: the result (`eval/<contender>/<metric>` metrics and the per-example
+table), logged into the active MLflow run with the few-shot and retrieved shots, the per-example scores the
+verdict weighs (`verdict.SCORES_FILE`), a comparison chart of the contenders and, through `genai_view.py`, one
+MLflow trace per example for MLflow's own evaluation view."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ RETRIEVED_FILE = "eval/retrieval_examples.json"
 CONTENDERS_FILE, OPTIMIZED_FILE = "eval/contenders.json", "eval/optimized_prompt.json"
 # A retrieved-shot winner's shot pool (the train conversations it draws from), kept for the registered prompt.
 SHOT_POOL_FILE = "eval/optimized_shot_pool.jsonl"
-# The tuned model's answers as generated: each held-out prompt's messages, its reference, the answer and how it ended,
-# and the generation settings; the latest evaluation's, overwritten by the next. Promotion asks the served model the
-# same prompts and compares (serving/parity.py).
+# The tuned model's answers as generated: each held-out prompt's messages, its reference, the answer and how
+# it ended, and the generation settings; the latest evaluation's, overwritten by the next. Promotion asks the
+# served model the same prompts and compares (serving/parity.py).
 TUNED_FILE = "eval/tuned_answers.json"
 
 
@@ -39,11 +39,13 @@ class EvalResult:
     data_digest: str = ""                      # of the prompts and references scored
     retrieval_shots: list[list[list[dict]]] = field(default_factory=list)  # per example, most similar first
     verdict: object = None                     # verdict.Verdict, once `verdict.conclude` weighed the result
-    prompts: list[list[dict]] = field(default_factory=list)  # per example, its chat messages (the rows render them)
+    # per example, its chat messages (the rows render them)
+    prompts: list[list[dict]] = field(default_factory=list)
     traces: bool = True                        # eval.traces: log the rows in MLflow's evaluation view
     notes: dict[str, str] = field(default_factory=dict)  # prompt-only contender -> why it was not scored
     search: object = None                      # prompt_search.Search of the optimized contender, when it ran
-    generation: dict = field(default_factory=dict)  # how the tuned model answered (contenders.generation_settings)
+    # how the tuned model answered (contenders.generation_settings)
+    generation: dict = field(default_factory=dict)
 
 
 def table_rows(examples: list[tuple[list[dict], str]]) -> list[dict]:
@@ -67,8 +69,8 @@ def _image_refs(messages: list[dict]) -> list[str]:
 
 def add_answers(rows: list[dict], name: str, answers: list[str], per_example: dict[str, list[float]],
                 endings: list[str | None] | None = None) -> None:
-    """Contender `name`'s answers and their per-example scores (those of TABLE_METRICS) as columns of `rows`; with
-    `endings`, how each answer ended (`<name>_ending`: stop, or length where max_new_tokens cut it)."""
+    """Contender `name`'s answers and their per-example scores (those of TABLE_METRICS) as columns of `rows`;
+    with `endings`, how each answer ended (`<name>_ending`: stop, or length where max_new_tokens cut it)."""
     for i, row in enumerate(rows):
         row[f"{name}_answer"] = answers[i]
         if endings is not None:
@@ -77,18 +79,20 @@ def add_answers(rows: list[dict], name: str, answers: list[str], per_example: di
 
 
 def misrouted_note(metrics: dict[str, float]) -> str | None:
-    """What the tuned model's `misrouted` share means, in a sentence for the printed table; None when it is 0."""
+    """What the tuned model's `misrouted` share means, in a sentence for the printed table; None when it is
+    0."""
     share, n = metrics.get("eval/tuned/misrouted"), metrics.get("eval/n_examples")
     if not share or not n:
         return None
-    return (f"misrouted: {round(share * n)} of the tuned model's {int(n)} answers are word for word the training answer "
-            "of other questions: it learned the answers and picked the wrong one for a phrasing it had not seen "
-            "(more phrasings per answer, or a larger base model; docs/methods.md).")
+    return (
+        f"misrouted: {round(share * n)} of the tuned model's {int(n)} answers are word for word the training "
+        "answer of other questions: it learned the answers and picked the wrong one for a phrasing it had "
+        "not seen (more phrasings per answer, or a larger base model; docs/methods.md).")
 
 
 def log_evaluation(result: EvalResult) -> None:
-    """Log metrics, the per-example table and scores, the few-shot and retrieved shots and the comparison chart
-    into the active run."""
+    """Log metrics, the per-example table and scores, the few-shot and retrieved shots and the comparison
+    chart into the active run."""
     import mlflow
     import pandas as pd
 
@@ -103,7 +107,8 @@ def log_evaluation(result: EvalResult) -> None:
         mlflow.log_dict({"examples": result.fewshot_examples}, SHOTS_FILE)
     if result.retrieval_shots:
         mlflow.log_dict({"examples": [{"prompt": row["prompt"], "shots": shots}
-                                      for row, shots in zip(result.rows, result.retrieval_shots)]}, RETRIEVED_FILE)
+                                      for row, shots in zip(result.rows, result.retrieval_shots)]},
+                        RETRIEVED_FILE)
     if result.contenders:  # a mixture's merged result has none of its own (each task printed its own line)
         mlflow.log_dict({"scored": result.contenders, "not_scored": result.notes}, CONTENDERS_FILE)
         mlflow.set_tag(tags.EVAL_CONTENDERS, contenders_line(result.contenders, result.notes)[:5000])
@@ -117,14 +122,15 @@ def log_evaluation(result: EvalResult) -> None:
     if result.prompts and result.rows and "tuned_answer" in result.rows[0]:
         mlflow.log_dict(tuned_record(result), TUNED_FILE)
     log_chart(result.metrics)
-    # Last, and never raising: each example with every contender's answer and scores in MLflow's evaluation view.
+    # Last, and never raising: each example with every contender's answer and scores in MLflow's evaluation
+    # view.
     if result.traces:
         log_genai_view(result)
 
 
 def tuned_record(result: EvalResult) -> dict:
-    """TUNED_FILE's content: the generation settings, and per held-out row its prompt's messages, the reference, the
-    tuned answer and how it ended (and a mixture's task)."""
+    """TUNED_FILE's content: the generation settings, and per held-out row its prompt's messages, the
+    reference, the tuned answer and how it ended (and a mixture's task)."""
     return {"settings": result.generation,
             "rows": [{"messages": messages, "reference": row["reference"], "answer": row["tuned_answer"],
                       "ending": row.get("tuned_ending"), **({"task": row["task"]} if "task" in row else {})}
@@ -132,15 +138,17 @@ def tuned_record(result: EvalResult) -> dict:
 
 
 def contenders_line(contenders: list[str], notes: dict[str, str]) -> str:
-    """Who was scored and why the others were not, in a line (printed, and the `finetune.eval.contenders` tag)."""
+    """Who was scored and why the others were not, in a line (printed, and the `finetune.eval.contenders`
+    tag)."""
     left_out = "".join(f"; not {name}: {why}" for name, why in notes.items())
     return f"scored {', '.join(contenders)}{left_out}"
 
 
 def keep_shot_pool(run_id: str, pool: list[list[dict]]) -> dict:
-    """Log a retrieved-shot winner's pool as `SHOT_POOL_FILE` (one conversation a line), so the registered prompt
-    retrieves from the rows it was measured with; returns what the prompt's record says of it. Rows read from MLflow
-    traces are not copied (traces hold users' data): the prompt then keeps its instruction only, and says why."""
+    """Log a retrieved-shot winner's pool as `SHOT_POOL_FILE` (one conversation a line), so the registered
+    prompt retrieves from the rows it was measured with; returns what the prompt's record says of it. Rows
+    read from MLflow traces are not copied (traces hold users' data): the prompt then keeps its instruction
+    only, and says why."""
     import json
 
     import mlflow
@@ -148,31 +156,34 @@ def keep_shot_pool(run_id: str, pool: list[list[dict]]) -> dict:
     inputs = mlflow.MlflowClient().get_run(run_id).inputs
     given = [{t.key: t.value for t in d.tags} for d in (inputs.dataset_inputs or [])]
     if any(t.get("source") == "traces" and t.get("mlflow.data.context") != "eval" for t in given):
-        return {"shot_pool": None, "shot_pool_note": "train rows read from traces are not copied into the run: "
-                                                     "the registered prompt keeps its instruction only"}
+        return {"shot_pool": None,
+                "shot_pool_note": "train rows read from traces are not copied into the run: "
+                                  "the registered prompt keeps its instruction only"}
     mlflow.log_text("".join(json.dumps(conv) + "\n" for conv in pool), SHOT_POOL_FILE)
     return {"shot_pool": f"runs:/{run_id}/{SHOT_POOL_FILE}", "shot_pool_rows": len(pool)}
 
 
 def optimized_record(search) -> dict:
-    """The optimized contender's prompt and how it was found, as `OPTIMIZED_FILE` keeps it (and the Prompt Registry
-    registers it: registry/prompts.py)."""
+    """The optimized contender's prompt and how it was found, as `OPTIMIZED_FILE` keeps it (and the Prompt
+    Registry registers it: registry/prompts.py)."""
     return {**search.winner.as_dict(), **({"retrieval_k": search.k} if search.winner.retrieved else {}),
             "dev_rows": search.dev_rows, "answers": search.answers,
             "seconds": round(search.seconds, 3), "dev_scores": dict(search.scores), "reason": search.reason}
 
 
 def log_chart(metrics: dict[str, float]) -> None:
-    """Log the comparison chart of `metrics` (the run's `eval/*` metrics) into the active run, over an earlier one:
-    the evaluation draws it, and the forgetting check draws it again once the ratio the verdict cites is known."""
+    """Log the comparison chart of `metrics` (the run's `eval/*` metrics) into the active run, over an earlier
+    one: the evaluation draws it, and the forgetting check draws it again once the ratio the verdict cites is
+    known."""
     import mlflow
 
     mlflow.log_figure(comparison_figure(metrics), CHART_FILE)
 
 
 def comparison_figure(metrics: dict[str, float]):
-    """Grouped bars of the [0, 1] scores and of the reference loss, one colour per contender, and, once measured,
-    the forgetting check: general-text perplexity of the base and the tuned model, their ratio in the title."""
+    """Grouped bars of the [0, 1] scores and of the reference loss, one colour per contender, and, once
+    measured, the forgetting check: general-text perplexity of the base and the tuned model, their ratio in
+    the title."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     contenders = [c for c in CONTENDERS if any(k.startswith(f"eval/{c}/") for k in metrics)]
@@ -184,7 +195,8 @@ def comparison_figure(metrics: dict[str, float]):
     width = 0.8 / max(len(contenders), 1)
     for i, c in enumerate(contenders):
         xs = [j + i * width for j in range(len(names))]
-        bars = ax_scores.bar(xs, [metrics.get(f"eval/{c}/{m}", 0.0) for m in names], width, label=c, color=f"C{i}")
+        bars = ax_scores.bar(xs, [metrics.get(f"eval/{c}/{m}", 0.0) for m in names], width, label=c,
+                             color=f"C{i}")
         ax_scores.bar_label(bars, fmt="%.2f", fontsize=7)
         if f"eval/{c}/loss" in metrics:  # a teacher's logged answers have none: no bar, rather than a 0
             bars = ax_loss.bar([i], [metrics[f"eval/{c}/loss"]], 0.8, color=f"C{i}")
@@ -202,8 +214,8 @@ def comparison_figure(metrics: dict[str, float]):
 
 
 def _forgetting_panel(ax, metrics: dict[str, float], contenders: list[str]) -> None:
-    """General-text perplexity, base and tuned, in the contenders' colours; the title gives the ratio the verdict
-    cites (above 1: the tuned model finds ordinary text less likely)."""
+    """General-text perplexity, base and tuned, in the contenders' colours; the title gives the ratio the
+    verdict cites (above 1: the tuned model finds ordinary text less likely)."""
     ratio = metrics[f"{FORGETTING_PREFIX}ppl_ratio"]
     sides = [(side, metrics.get(f"{FORGETTING_PREFIX}{side}_ppl")) for side in ("base", "tuned")]
     sides = [(side, value) for side, value in sides if value is not None]

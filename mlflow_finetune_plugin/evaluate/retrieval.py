@@ -1,10 +1,12 @@
-"""The `retrieval` contender's shots: for each held-out question, the k train conversations most similar to it.
+"""The `retrieval` contender's shots: for each held-out question, the k train conversations most similar to
+it.
 
 Similarity is BM25 (the package's one retriever, `retriever.py`: `bm25s`, sparse, numpy only, nothing
 downloaded) between the question's user turns and each train conversation's user turns. It is the strongest
 cheap alternative to fine-tuning a user has: prompting with
 the nearest examples, as a retrieval-augmented prompt would. A train conversation whose user turns equal the
-question (a duplicate across the splits) is never a shot of that question: it would hand the base model the answer.
+question (a duplicate across the splits) is never a shot of that question: it would hand the base model the
+answer.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ def same_question(a: str, b: str) -> bool:
 
 def nearest_shots(train_conversations: list[list[dict]], questions: list[list[dict]],
                   k: int) -> list[list[list[dict]]]:
-    """For each prompt in `questions`, up to `k` train conversations, most similar first (ties: the earlier row).
+    """For each prompt in `questions`, up to `k` train conversations, most similar first (ties: the earlier
+    row).
 
-    Only train conversations with a user turn and an assistant answer are candidates; those whose user turns equal
-    the question's are left out. Below k candidates with any word in common, the rest of the k are the next in
-    order (score 0), so every question gets as many shots as the few-shot contender.
+    Only train conversations with a user turn and an assistant answer are candidates; those whose user turns
+    equal the question's are left out. Below k candidates with any word in common, the rest of the k are the
+    next in order (score 0), so every question gets as many shots as the few-shot contender.
     """
     import numpy as np
 

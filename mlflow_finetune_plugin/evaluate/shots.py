@@ -1,10 +1,11 @@
-"""The shots of the few-shot and retrieval contenders: which train conversations, how many fit the model's context
-(a vision-language model's images counted as the image tokens its processor makes of them), and whether they keep
-their images.
+"""The shots of the few-shot and retrieval contenders: which train conversations, how many fit the model's
+context (a vision-language model's images counted as the image tokens its processor makes of them), and
+whether they keep their images.
 
 A vision-language model whose chat template or processor refuses several images in one prompt
-(`models.image_limits.several_images`) gets its shots without their images: each shot's text stays (the question and
-the answer, as an example of the answer's form), the prompt's own images stay, and the run says why once.
+(`models.image_limits.several_images`) gets its shots without their images: each shot's text stays (the
+question and the answer, as an example of the answer's form), the prompt's own images stay, and the run says
+why once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from mlflow_finetune_plugin.models.image_inputs import has_image_parts, is_image
 
 
 def pick_shots(train_conversations, k: int, exclude: set[str]) -> list[list[dict]]:
-    """k train conversations (seeded, so every run of a recipe sees the same), none equal to an eval prompt."""
+    """k train conversations (seeded, so every run of a recipe sees the same), none equal to an eval
+    prompt."""
     if k <= 0:
         return []
     pool = [conv for conv in train_conversations
@@ -35,8 +37,9 @@ def fit(tokenizer, messages, prompt, shots, limit: int) -> list[dict]:
 
 
 def prompt_length(tokenizer, messages) -> int:
-    """The prompt's tokens as the model reads them: for a vision-language model's prompt with images, the processor's
-    ids, each image expanded to its image tokens (a shot's image costs as much context as the question's)."""
+    """The prompt's tokens as the model reads them: for a vision-language model's prompt with images, the
+    processor's ids, each image expanded to its image tokens (a shot's image costs as much context as the
+    question's)."""
     if not has_image_parts(messages):
         return len(prompt_ids(tokenizer, messages))
     from mlflow_finetune_plugin.models.image_inputs import prompt_inputs, read_image, with_placeholders
@@ -46,13 +49,15 @@ def prompt_length(tokenizer, messages) -> int:
     if processor is None:
         return len(prompt_ids(tokenizer, messages))
     placed, refs = with_placeholders(messages)
-    return int(prompt_inputs(processor, tokenizer, [placed], [[read_image(r) for r in refs]])["input_ids"].shape[1])
+    return int(prompt_inputs(processor, tokenizer, [placed],
+                             [[read_image(r) for r in refs]])["input_ids"].shape[1])
 
 
-def shots_for_model(tokenizer, shots: list[list[dict]], retrieved: list[list[list[dict]]]) -> tuple[list, list]:
-    """(few-shot shots, retrieved shots per question) as the model takes them: without their images where its chat
-    template or processor refuses several images in one prompt (printed once, with the reason); as they are for a
-    text model, or one that takes several."""
+def shots_for_model(tokenizer, shots: list[list[dict]], retrieved: list[list[list[dict]]]) -> tuple[list,
+                                                                                                    list]:
+    """(few-shot shots, retrieved shots per question) as the model takes them: without their images where its
+    chat template or processor refuses several images in one prompt (printed once, with the reason); as they
+    are for a text model, or one that takes several."""
     from mlflow_finetune_plugin.models.image_limits import several_images
     from mlflow_finetune_plugin.models.vision import processor_of
 
@@ -62,8 +67,9 @@ def shots_for_model(tokenizer, shots: list[list[dict]], retrieved: list[list[lis
     why = several_images(processor, tokenizer)
     if why is None:
         return shots, retrieved
-    print(f"Few-shot and retrieval contenders: the shots go without their images, only the question's own image is "
-          f"sent: this model takes one image per prompt ({why})")
+    print(
+        "Few-shot and retrieval contenders: the shots go without their images, only the question's own "
+        f"image is sent: this model takes one image per prompt ({why})")
     return [without_images(s) for s in shots], [[without_images(s) for s in r] for r in retrieved]
 
 

@@ -1,22 +1,23 @@
 """The verdict of a run: did fine-tuning pay off against the best thing a user could have done without it?
 
-The alternatives are the prompt-only contenders (`metrics.ALTERNATIVES`: the base model zero-shot, with random shots,
-with retrieved shots, with the optimized prompt a search on the train rows found: `prompt_search.py`). The best of
-them on the primary metric is weighed against the tuned model on the same held-out examples, pair by pair.
-Fine-tuning *paid off* only when the tuned model beats it beyond the evaluation's own noise *and* by a gain that
-matters. The noise: a paired bootstrap (the held-out examples resampled with replacement, `RESAMPLES` times, seeded)
-gives a 95% interval of the mean per-example difference (tuned - alternative), and its lower bound must be above 0,
-on at least `MIN_EXAMPLES` examples. The gain: the mean difference must be at least `eval.min_gain` (`min_gain_for`:
-0.05 on a 0-1 metric by default). A run that barely trained answers much as its base does: the differences centre
-on 0, or on a little above it, and it is not called a pay-off.
+The alternatives are the prompt-only contenders (`metrics.ALTERNATIVES`: the base model zero-shot, with random
+shots, with retrieved shots, with the optimized prompt a search on the train rows found: `prompt_search.py`).
+The best of them on the primary metric is weighed against the tuned model on the same held-out examples, pair
+by pair. Fine-tuning *paid off* only when the tuned model beats it beyond the evaluation's own noise *and* by
+a gain that matters. The noise: a paired bootstrap (the held-out examples resampled with replacement,
+`RESAMPLES` times, seeded) gives a 95% interval of the mean per-example difference (tuned - alternative), and
+its lower bound must be above 0, on at least `MIN_EXAMPLES` examples. The gain: the mean difference must be at
+least `eval.min_gain` (`min_gain_for`: 0.05 on a 0-1 metric by default). A run that barely trained answers
+much as its base does: the differences centre on 0, or on a little above it, and it is not called a pay-off.
 
-When the comparison is decided (enough examples) and fine-tuning did not pay off, the verdict recommends the cheaper
-way: keep prompting, with what an answer costs each. The optimized prompt, when it was scored and the tuned model
-does not beat it by the gain beyond the noise (`keep_prompt`: it is registered as `<registry.name>-prompt`); else
-the best prompt-only contender.
+When the comparison is decided (enough examples) and fine-tuning did not pay off, the verdict recommends the
+cheaper way: keep prompting, with what an answer costs each. The optimized prompt, when it was scored and the
+tuned model does not beat it by the gain beyond the noise (`keep_prompt`: it is registered as
+`<registry.name>-prompt`); else the best prompt-only contender.
 
-The verdict is four run tags (five with the optimized prompt) (`tags.VERDICT*`), four metrics (`eval/verdict/margin`,
-`margin_low`, `margin_high`, `min_gain`), a section of the model card, and the last thing a run prints.
+The verdict is four run tags (five with the optimized prompt) (`tags.VERDICT*`), four metrics
+(`eval/verdict/margin`, `margin_low`, `margin_high`, `min_gain`), a section of the model card, and the last
+thing a run prints.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ CONFIDENCE = 0.95
 MIN_EXAMPLES = VERDICT_MIN_EXAMPLES
 # Per-example scores (the file `report.log_evaluation` writes): contender -> metric -> one value per example.
 SCORES_FILE = "eval/per_example_scores.json"
-# The primary metric when no promotion gate names one with per-example scores: the first of these that was scored.
+# The primary metric when no promotion gate names one with per-example scores: the first of these that was
+# scored.
 PREFERRED = ("rougeL", "reward", "pair_accuracy", "token_f1", "chrf", "exact_match", "json_valid")
 LABELS = ALTERNATIVE_LABELS
 NONE = "none"  # best_alternative when no prompt-only contender was scored
@@ -70,10 +72,13 @@ class Verdict:
     prompt_low: float | None = None        # 95% interval of the mean (tuned - optimized), better direction
     prompt_high: float | None = None
     prompt_cost: str = ""                  # its prompt tokens and latency against the tuned model's
-    min_gain: float = 0.0                  # the least margin that counts (eval.min_gain, in the metric's units)
+    # the least margin that counts (eval.min_gain, in the metric's units)
+    min_gain: float = 0.0
     prompt_gain: float | None = None       # mean (tuned - optimized), better direction
-    alternative_cost: str = ""             # the best alternative's prompt tokens and latency against the tuned's
-    registered_prompt: str = ""            # where the run registers the optimized prompt (prompts:/NAME@candidate)
+    # the best alternative's prompt tokens and latency against the tuned's
+    alternative_cost: str = ""
+    # where the run registers the optimized prompt (prompts:/NAME@candidate)
+    registered_prompt: str = ""
 
     @property
     def decided(self) -> bool:
@@ -82,14 +87,15 @@ class Verdict:
 
     @property
     def keep_prompt(self) -> bool:
-        """The optimized prompt ties or beats the tuned model: the tuned model is not better by `min_gain` beyond
-        the noise."""
+        """The optimized prompt ties or beats the tuned model: the tuned model is not better by `min_gain`
+        beyond the noise."""
         return (not self.paid_off and self.prompt_low is not None and self.n >= MIN_EXAMPLES
                 and not _beats(self.prompt_low, self.prompt_gain, self.min_gain))
 
     @property
     def deploy(self) -> str:
-        """What to deploy: tuned when it paid off, else the prompt the verdict recommends; none when undecided."""
+        """What to deploy: tuned when it paid off, else the prompt the verdict recommends; none when
+        undecided."""
         if self.paid_off:
             return "tuned"
         if self.keep_prompt:
@@ -98,14 +104,18 @@ class Verdict:
 
     @property
     def margin(self) -> float | None:
-        """How much better the tuned model is than the alternative (positive: better, whichever way is better)."""
+        """How much better the tuned model is than the alternative (positive: better, whichever way is
+        better)."""
         if self.tuned is None or self.alternative is None:
             return None
-        return self.alternative - self.tuned if lower_is_better(self.metric) else self.tuned - self.alternative
+        return (
+            self.alternative - self.tuned if lower_is_better(self.metric) else self.tuned - self.alternative
+        )
 
     def sentence(self) -> str:
-        """The verdict in one sentence, with the margin and, when measured, the forgetting ratio; then what to keep
-        instead when it did not pay off; with a teacher, a second sentence on whether the student can stand in."""
+        """The verdict in one sentence, with the margin and, when measured, the forgetting ratio; then what to
+        keep instead when it did not pay off; with a teacher, a second sentence on whether the student can
+        stand in."""
         first = self._against_alternatives()
         if self.keep_prompt:
             first += f"; {self.prompt_sentence()}"
@@ -114,17 +124,20 @@ class Verdict:
         return f"{first}. {self.teacher}" if self.teacher else first
 
     def prompt_sentence(self) -> str:
-        """`keep the prompt: ...`: the optimized prompt against the tuned model, and what an answer costs each."""
-        wins = self.prompt_high is not None and _beats(-self.prompt_high, -(self.prompt_gain or 0.0), self.min_gain)
+        """`keep the prompt: ...`: the optimized prompt against the tuned model, and what an answer costs
+        each."""
+        wins = self.prompt_high is not None and _beats(-self.prompt_high, -(self.prompt_gain or 0.0),
+                                                       self.min_gain)
         how = "beats" if wins else "ties" if self.prompt_low <= 0 else "is within eval.min_gain of"
         where = f"; it is registered as {self.registered_prompt}" if self.registered_prompt else ""
-        return (f"keep the prompt: the optimized prompt {how} the tuned model ({self.metric} {self.prompt:.2f} vs "
-                f"{self.tuned:.2f}; 95% interval of tuned - prompt {self.prompt_low:+.2f} to {self.prompt_high:+.2f})"
-                f"{', ' + self.prompt_cost if self.prompt_cost else ''}{where}")
+        return (
+            f"keep the prompt: the optimized prompt {how} the tuned model ({self.metric} {self.prompt:.2f} "
+            f"vs {self.tuned:.2f}; 95% interval of tuned - prompt {self.prompt_low:+.2f} to "
+            f"{self.prompt_high:+.2f}){', ' + self.prompt_cost if self.prompt_cost else ''}{where}")
 
     def _keep_alternative(self) -> str:
-        """Not paid off, and no optimized prompt to keep: the best alternative, as good or better, and cheaper to
-        keep (no fine-tuned model to train, register and serve), with what an answer costs each."""
+        """Not paid off, and no optimized prompt to keep: the best alternative, as good or better, and cheaper
+        to keep (no fine-tuned model to train, register and serve), with what an answer costs each."""
         wins = "beats the tuned model and " if _beats(-self.high, -self.margin, self.min_gain) else ""
         cost = f": {self.alternative_cost}" if self.alternative_cost else ""
         return f"keep {LABELS[self.best_alternative]}, which {wins}needs no fine-tuned model to keep{cost}"
@@ -133,7 +146,8 @@ class Verdict:
         forgetting = "" if self.ppl_ratio is None else f"; general-text perplexity x{self.ppl_ratio:.2f}"
         if self.margin is None:
             return f"no verdict: {self.reason}{forgetting}"
-        versus = f"{self.metric} {self.margin:+.2f} over {LABELS[self.best_alternative]} ({self.alternative:.2f})"
+        versus = (f"{self.metric} {self.margin:+.2f} over {LABELS[self.best_alternative]} "
+                  f"({self.alternative:.2f})")
         if self.paid_off:
             return f"fine-tuning paid off: {versus}{forgetting}"
         interval = f"95% interval {self.low:+.2f} to {self.high:+.2f} over {self.n} examples"
@@ -166,10 +180,10 @@ def _beats(low: float | None, gain: float | None, min_gain: float) -> bool:
 
 
 def min_gain_for(metric: str, setting: float | dict | None, scores: dict[str, list[float | None]]) -> float:
-    """The least gain that counts on `metric`, in its units. `setting` is `eval.min_gain`: a number is a share of
-    the metric's scale (a metric scored 0-1: its own units; any other, e.g. reward: the range its per-example
-    `scores` span across the contenders); a mapping gives named metrics their gain in their own units, and the
-    others DEFAULT_MIN_GAIN as a share."""
+    """The least gain that counts on `metric`, in its units. `setting` is `eval.min_gain`: a number is a share
+    of the metric's scale (a metric scored 0-1: its own units; any other, e.g. reward: the range its
+    per-example `scores` span across the contenders); a mapping gives named metrics their gain in their own
+    units, and the others DEFAULT_MIN_GAIN as a share."""
     if isinstance(setting, dict) and metric in setting:
         return float(setting[metric])
     share = float(setting) if isinstance(setting, (int, float)) else DEFAULT_MIN_GAIN
@@ -194,11 +208,12 @@ def paired_bootstrap(tuned: list[float], other: list[float], resamples: int = RE
 
 def decide(scores: dict[str, list[float | None]], metric: str, ppl_ratio: float | None = None,
            min_gain: float | dict | None = None) -> Verdict:
-    """The verdict from per-example `scores` (contender -> one value of `metric` per example, None where missing);
-    `min_gain`: `eval.min_gain` (None: its default; `min_gain_for`)."""
+    """The verdict from per-example `scores` (contender -> one value of `metric` per example, None where
+    missing); `min_gain`: `eval.min_gain` (None: its default; `min_gain_for`)."""
     tuned = scores.get("tuned")
     if not tuned:
-        return Verdict(False, metric=metric, ppl_ratio=ppl_ratio, reason=f"the tuned model has no {metric} scores")
+        return Verdict(False, metric=metric, ppl_ratio=ppl_ratio,
+                       reason=f"the tuned model has no {metric} scores")
     sign = -1.0 if lower_is_better(metric) else 1.0
     paired = {}
     for name in ALTERNATIVES:
@@ -207,8 +222,8 @@ def decide(scores: dict[str, list[float | None]], metric: str, ppl_ratio: float 
             paired[name] = pairs
     if not paired:
         return Verdict(False, metric=metric, ppl_ratio=ppl_ratio,
-                       reason="no prompt-only alternative was scored (a full fine-tune evaluated without its base "
-                              "model, or no base to compare)")
+                       reason="no prompt-only alternative was scored (a full fine-tune evaluated without its "
+                              "base model, or no base to compare)")
     gain = min_gain_for(metric, min_gain, scores)
     # Cheapest first in ALTERNATIVES, so on a tie the cheaper alternative is the one named.
     best = max(paired, key=lambda name: sign * mean([o for _, o in paired[name]]))
@@ -237,22 +252,24 @@ def primary_metric(gates, scores: dict[str, dict[str, list]]) -> str | None:
 
 
 def per_example_scores(rows: list[dict]) -> dict[str, dict[str, list[float | None]]]:
-    """contender -> metric -> per-example values, from the examples table's `<contender>_<metric>` number columns."""
+    """contender -> metric -> per-example values, from the examples table's `<contender>_<metric>` number
+    columns."""
     out: dict[str, dict[str, list[float | None]]] = {}
     for i, row in enumerate(rows):
         for key, value in row.items():
             name, _, metric = key.partition("_")
-            if name in CONTENDERS and metric and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if name in CONTENDERS and metric and isinstance(value, (int, float)) and not isinstance(value,
+                                                                                                    bool):
                 out.setdefault(name, {}).setdefault(metric, [None] * len(rows))[i] = float(value)
     return out
 
 
 def conclude(run_id: str, gates=None, scores: dict | None = None, min_gain: float | dict | None = None,
              registered: str | None = None) -> Verdict:
-    """The verdict of run `run_id` from its per-example scores (`scores`, or the SCORES_FILE it logged) and its
-    forgetting ratio; set as its tags and metrics, and returned. With nothing evaluated: "no verdict", not paid off.
-    `min_gain`: `eval.min_gain`; `registered`: the registered model's name, under which the run registers its
-    optimized prompt (`registry/prompts.py`), for the verdict to name it."""
+    """The verdict of run `run_id` from its per-example scores (`scores`, or the SCORES_FILE it logged) and
+    its forgetting ratio; set as its tags and metrics, and returned. With nothing evaluated: "no verdict", not
+    paid off. `min_gain`: `eval.min_gain`; `registered`: the registered model's name, under which the run
+    registers its optimized prompt (`registry/prompts.py`), for the verdict to name it."""
     from mlflow import MlflowClient
 
     from mlflow_finetune_plugin.evaluate.cost import cost_line
@@ -268,7 +285,8 @@ def conclude(run_id: str, gates=None, scores: dict | None = None, min_gain: floa
         verdict = Verdict(False, ppl_ratio=ratio, reason="nothing was evaluated (no held-out rows, or "
                                                          "eval.enabled: false)")
     else:
-        verdict = decide({name: values.get(metric) for name, values in scores.items()}, metric, ratio, min_gain)
+        verdict = decide({name: values.get(metric) for name, values in scores.items()}, metric, ratio,
+                         min_gain)
         verdict.teacher = teacher_sentence(metrics, scores, metric, paired_bootstrap) or ""
     verdict.cost = cost_line(metrics) or ""
     verdict.prompt_cost = answer_cost(metrics, OPTIMIZED)

@@ -1,13 +1,14 @@
-"""`mlflow-finetune openai-api`: the routes of OpenAI's files and fine-tuning jobs API, the API key, and chat with
-the fine-tuned models and the base models they are fine-tuned from.
+"""`mlflow-finetune openai-api`: the routes of OpenAI's files and fine-tuning jobs API, the API key, and chat
+with the fine-tuned models and the base models they are fine-tuned from.
 
-A fine-tuned model (`NAME-vN`) is served on its first chat request as `serve` serves a version (`transformers serve`
-on a merged copy, behind `serving/front.py`), so the `fine_tuned_model` of a job answers at /v1/chat/completions of
-the same server; so does a base model the server fine-tunes (`smollm2`, `tiny`, a --model), as its jobs train it
-(`serving/bases.py`): base and tuned compared through one endpoint.
+A fine-tuned model (`NAME-vN`) is served on its first chat request as `serve` serves a version (`transformers
+serve` on a merged copy, behind `serving/front.py`), so the `fine_tuned_model` of a job answers at
+/v1/chat/completions of the same server; so does a base model the server fine-tunes (`smollm2`, `tiny`, a
+--model), as its jobs train it (`serving/bases.py`): base and tuned compared through one endpoint.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request) at run time.
+# No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request) at run
+# time.
 import hmac
 import json
 import time
@@ -52,7 +53,8 @@ def _limit(value) -> int | None:
 
 def _ordered(items: list[dict]) -> list[dict]:
     """Newest first, without the private sort key."""
-    return [{k: v for k, v in e.items() if k != "_t"} for e in sorted(items, key=lambda e: e["_t"], reverse=True)]
+    return [{k: v for k, v in e.items() if k != "_t"} for e in sorted(items, key=lambda e: e["_t"],
+                                                                      reverse=True)]
 
 
 def build_app(service: Service, api_key: str | None, front=None):
@@ -87,9 +89,10 @@ def _add_errors_and_key(app, api_key: str | None) -> None:
         if api_key:
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return JSONResponse(APIError(401, "Incorrect API key provided: this server takes the key it was "
-                                                  "started with (--api-key).", code="invalid_api_key",
-                                             ).body(), status_code=401)
+                return JSONResponse(APIError(401,
+                                             "Incorrect API key provided: this server takes the key it was "
+                                             "started with (--api-key).", code="invalid_api_key",).body(),
+                                    status_code=401)
         return await call_next(request)
 
 
@@ -104,12 +107,14 @@ def _add_files(app, files: FileStore) -> None:
     async def upload(request: Request):
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > files.max_bytes + _CHUNK:  # refused before it is read
-            raise APIError(413, f"the upload is {declared} bytes, above this server's limit of {files.max_bytes} "
-                                "bytes (--max-upload-mb)", code="file_too_large", param="file")
+            raise APIError(413,
+                           f"the upload is {declared} bytes, above this server's limit of {files.max_bytes} "
+                           "bytes (--max-upload-mb)", code="file_too_large", param="file")
         form = await request.form(max_part_size=files.max_bytes + 1)
         given, purpose = form.get("file"), form.get("purpose")
         if given is None or not hasattr(given, "read"):
-            raise APIError(400, "give the file as the multipart field `file`", code="missing_file", param="file")
+            raise APIError(400, "give the file as the multipart field `file`", code="missing_file",
+                           param="file")
         data = bytearray()
         while chunk := await given.read(_CHUNK):
             data += chunk
@@ -136,7 +141,8 @@ def _add_files(app, files: FileStore) -> None:
 
 
 def _add_jobs(app, service: Service) -> None:
-    """/v1/fine_tuning/jobs: create, list (by metadata), retrieve, cancel, pause, resume, events, checkpoints."""
+    """/v1/fine_tuning/jobs: create, list (by metadata), retrieve, cancel, pause, resume, events,
+    checkpoints."""
     import asyncio
 
     from fastapi import Request
@@ -184,19 +190,22 @@ def _add_jobs(app, service: Service) -> None:
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
     def checkpoints(job_id: str, after: str = None, limit: str = None):
         job = store.get(job_id)
-        return page(progress.checkpoints(job_id, job["_internal"]["runs"]), after, _limit(limit), default_limit=10)
+        return page(progress.checkpoints(job_id, job["_internal"]["runs"]), after, _limit(limit),
+                    default_limit=10)
 
 
 def _add_models(app, service: Service) -> None:
-    """/v1/models: the fine-tuned models, then the base models this server fine-tunes; any other GET is unknown."""
+    """/v1/models: the fine-tuned models, then the base models this server fine-tunes; any other GET is
+    unknown."""
     store = service.store
     started = int(time.time())
 
     def served() -> dict:
-        """The fine-tuned models (newest first), then the base models this server fine-tunes (as OpenAI lists its
-        base models: owned by `system`)."""
-        tuned = {j["fine_tuned_model"]: {"id": j["fine_tuned_model"], "object": "model", "created": j["finished_at"],
-                                         "owned_by": "mlflow-finetune"} for j in store.all() if j["fine_tuned_model"]}
+        """The fine-tuned models (newest first), then the base models this server fine-tunes (as OpenAI lists
+        its base models: owned by `system`)."""
+        tuned = {j["fine_tuned_model"]: {"id": j["fine_tuned_model"], "object": "model",
+                                         "created": j["finished_at"], "owned_by": "mlflow-finetune"}
+                 for j in store.all() if j["fine_tuned_model"]}
         bases = {m: {"id": m, "object": "model", "created": started, "owned_by": "system"}
                  for m in base_models(service.settings) if m not in tuned}
         return {**tuned, **bases}
@@ -219,8 +228,9 @@ def _add_models(app, service: Service) -> None:
 
 
 def model_starter(store: JobStore, fleet, settings: Settings):
-    """`start(name)` for the front: a `transformers serve` child for a job's fine-tuned model, or for a base model
-    this server fine-tunes (as its jobs train it: `serving/bases.py`), once it answers; None for other names."""
+    """`start(name)` for the front: a `transformers serve` child for a job's fine-tuned model, or for a base
+    model this server fine-tunes (as its jobs train it: `serving/bases.py`), once it answers; None for other
+    names."""
     from mlflow_finetune_plugin.serving.base import ModelChoice
     from mlflow_finetune_plugin.serving.bases import served_base
     from mlflow_finetune_plugin.serving.front import loopback_port, wait_until_answering
@@ -239,7 +249,8 @@ def model_starter(store: JobStore, fleet, settings: Settings):
         child = fleet.start(cmd.argv, port, cmd.names, cwd=cmd.cwd, env=cmd.env)
         if not wait_until_answering(child, fleet.stopping.is_set):
             fleet.retire(child)
-            raise FinetuneError(f"the server for {model} did not start (exit code {child.process.returncode})")
+            raise FinetuneError(f"the server for {model} did not start (exit code "
+                                f"{child.process.returncode})")
         child.serving = True
         return child.url, cmd.names[0]
 
@@ -265,9 +276,10 @@ def run_api(settings: Settings, host: str = "127.0.0.1", port: int = 8000, api_k
     fleet = Fleet()
     front = build_front(Routes([], ""), start=model_starter(store, fleet, settings))
     app = build_app(Service(store, files, runner, settings), api_key, front)
-    echo(f"OpenAI fine-tuning API at http://{host}:{port}/v1 (files in experiment {files.experiment!r}, runs in "
-         f"{settings.experiment!r}, job records in {settings.state_dir}); fine-tuned models answer at "
-         f"/v1/chat/completions")
+    echo(
+        f"OpenAI fine-tuning API at http://{host}:{port}/v1 (files in experiment {files.experiment!r}, runs "
+        f"in {settings.experiment!r}, job records in {settings.state_dir}); fine-tuned models answer at "
+        f"/v1/chat/completions")
     runner.start()
     try:
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()

@@ -1,6 +1,7 @@
-"""`client.files` over the tracking store: each uploaded file is the artifact of a run of its own in experiment
-`openai-files`, so files live where the store keeps artifacts (a local folder, S3, ...), survive a restart of the
-server, and are seen by every server on the same store. The client's file name is a label only: the artifact's
+"""`client.files` over the tracking store: each uploaded file is the artifact of a run of its own in
+experiment `openai-files`, so files live where the store keeps artifacts (a local folder, S3, ...), survive a
+restart of the server, and are seen by every server on the same store. The client's file name is a label only:
+the artifact's
 name is made from it by `safe_name`, and no path is ever built from what a client sent."""
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ def safe_name(filename: str | None) -> str:
 
 
 def check_jsonl(data: bytes, filename: str) -> int:
-    """The number of examples in a fine-tune file; APIError naming the first line that is not a JSON object."""
+    """The number of examples in a fine-tune file; APIError naming the first line that is not a JSON
+    object."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise APIError(400, f"{filename}: not UTF-8 text ({e.reason} at byte {e.start}); upload JSONL, one JSON "
-                            "object per line.", code="invalid_file_format", param="file") from None
+        raise APIError(400,
+                       f"{filename}: not UTF-8 text ({e.reason} at byte {e.start}); upload JSONL, one JSON "
+                       "object per line.", code="invalid_file_format", param="file") from None
     count = 0
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -43,14 +46,17 @@ def check_jsonl(data: bytes, filename: str) -> int:
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise APIError(400, f"{filename}:{number}: not valid JSON ({e}); every line must be one JSON object.",
+            raise APIError(400,
+                           f"{filename}:{number}: not valid JSON ({e}); every line must be one JSON object.",
                            code="invalid_file_format", param="file") from None
         if not isinstance(row, dict):
-            raise APIError(400, f"{filename}:{number}: a JSON {type(row).__name__}, not an object; every line must "
-                                "be one JSON object.", code="invalid_file_format", param="file")
+            raise APIError(400,
+                           f"{filename}:{number}: a JSON {type(row).__name__}, not an object; every line "
+                           "must be one JSON object.", code="invalid_file_format", param="file")
         count += 1
     if not count:
-        raise APIError(400, f"{filename}: no examples (the file is empty).", code="invalid_file_format", param="file")
+        raise APIError(400, f"{filename}: no examples (the file is "
+                            "empty).", code="invalid_file_format", param="file")
     return count
 
 
@@ -73,20 +79,23 @@ class FileStore:
             self._experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
         return self._experiment_id
 
-    def create(self, data: bytes, filename: str | None, purpose: str, written_by_server: bool = False) -> dict:
+    def create(self, data: bytes, filename: str | None, purpose: str,
+               written_by_server: bool = False) -> dict:
         if purpose not in PURPOSES and not (written_by_server and purpose == RESULTS):
-            raise APIError(400, f"purpose {purpose!r} is not served here: this server keeps files for fine-tuning "
-                                "(purpose='fine-tune').", code="invalid_purpose", param="purpose")
+            raise APIError(400,
+                           f"purpose {purpose!r} is not served here: this server keeps files for fine-tuning "
+                           "(purpose='fine-tune').", code="invalid_purpose", param="purpose")
         if len(data) > self.max_bytes:
-            raise APIError(413, f"the file is {len(data)} bytes, above this server's limit of {self.max_bytes} "
-                                "(--max-upload-mb).", code="file_too_large", param="file")
+            raise APIError(413,
+                           f"the file is {len(data)} bytes, above this server's limit of {self.max_bytes} "
+                           "(--max-upload-mb).", code="file_too_large", param="file")
         name = safe_name(filename)
         if purpose == "fine-tune":
             check_jsonl(data, name)
         client = self._client()
         run = client.create_run(self.experiment_id(), run_name=name, tags={
-            tags.FILE_PURPOSE: purpose, tags.FILE_NAME: (filename or name)[:250], tags.FILE_BYTES: str(len(data)),
-            tags.FILE_ARTIFACT: f"file/{name}"})
+            tags.FILE_PURPOSE: purpose, tags.FILE_NAME: (filename or name)[:250],
+            tags.FILE_BYTES: str(len(data)), tags.FILE_ARTIFACT: f"file/{name}"})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_bytes(data)
@@ -116,7 +125,8 @@ class FileStore:
         from mlflow.entities import ViewType
 
         runs = self._client().search_runs([self.experiment_id()], run_view_type=ViewType.ACTIVE_ONLY,
-                                          order_by=[f"attributes.start_time {'ASC' if order == 'asc' else 'DESC'}"],
+                                          order_by=[
+                                              f"attributes.start_time {'ASC' if order == 'asc' else 'DESC'}"],
                                           max_results=50000)
         files = [_file_object(r) for r in runs]
         return page([f for f in files if purpose in (None, f["purpose"])], after, limit, default_limit=10000)
@@ -137,5 +147,5 @@ def _file_object(run) -> dict:
     t = run.data.tags
     return {"id": f"file-{run.info.run_id}", "object": "file", "bytes": int(t.get(tags.FILE_BYTES, 0)),
             "created_at": int(run.info.start_time / 1000) if run.info.start_time else int(time.time()),
-            "filename": t.get(tags.FILE_NAME, ""), "purpose": t.get(tags.FILE_PURPOSE, ""), "status": "processed",
-            "expires_at": None, "status_details": None}
+            "filename": t.get(tags.FILE_NAME, ""), "purpose": t.get(tags.FILE_PURPOSE, ""),
+            "status": "processed", "expires_at": None, "status_details": None}

@@ -1,8 +1,10 @@
-"""A reinforcement job's reward function, made from OpenAI's grader: this file is copied into the job's project as
-its `rewards.py` (with `GRADER` set), where `-e grpo` loads `openai_grader` like any project's reward function.
+"""A reinforcement job's reward function, made from OpenAI's grader: this file is copied into the job's
+project as its `rewards.py` (with `GRADER` set), where `-e grpo` loads `openai_grader` like any project's
+reward function.
 
-It imports nothing of this package: the training process loads it by path. A `python` grader's source runs in a
-subprocess of its own (`python -I`, a CPU-time limit and a wall-clock timeout), never in the training process.
+It imports nothing of this package: the training process loads it by path. A `python` grader's source runs in
+a subprocess of its own (`python -I`, a CPU-time limit and a wall-clock timeout), never in the training
+process.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import sys
 GRADER: dict = {}
 PYTHON_TIMEOUT_S = 10.0
 # What TRL passes besides the data's columns (GRPOTrainer._calculate_rewards): not an item's keys.
-_TRL = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments"}
+_TRL = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",
+        "environments"}
 _TEMPLATE = re.compile(r"\{\{\s*(item|sample)\.([A-Za-z0-9_.]+)\s*\}\}")
-ROUGE = {"rouge_1": "rouge1", "rouge_2": "rouge2", "rouge_3": "rouge3", "rouge_4": "rouge4", "rouge_5": "rouge5",
-         "rouge_l": "rougeL"}
+ROUGE = {"rouge_1": "rouge1", "rouge_2": "rouge2", "rouge_3": "rouge3", "rouge_4": "rouge4",
+         "rouge_5": "rouge5", "rouge_l": "rougeL"}
 METRICS = ("fuzzy_match", "bleu", *ROUGE)
 OPERATIONS = ("eq", "ne", "like", "ilike")
 
@@ -71,8 +74,8 @@ def text_similarity(grader: dict, item: dict, sample: dict) -> float:
 
 
 def python_grades(grader: dict, pairs: list, timeout: float = PYTHON_TIMEOUT_S) -> list:
-    """`grade(sample, item)` of the grader's source for each (item, sample), in a subprocess of its own; raises
-    RuntimeError with the reason when it fails or runs past `timeout` seconds."""
+    """`grade(sample, item)` of the grader's source for each (item, sample), in a subprocess of its own;
+    raises RuntimeError with the reason when it fails or runs past `timeout` seconds."""
     def limits():
         import resource
 
@@ -80,12 +83,14 @@ def python_grades(grader: dict, pairs: list, timeout: float = PYTHON_TIMEOUT_S) 
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
 
     try:
-        done = subprocess.run([sys.executable, "-I", "-c", _RUNNER, grader["source"]], input=json.dumps(pairs),
-                              capture_output=True, text=True, timeout=timeout, preexec_fn=limits)
+        done = subprocess.run([sys.executable, "-I", "-c", _RUNNER, grader["source"]],
+                              input=json.dumps(pairs), capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=limits)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"the python grader ran past its {timeout:g} s limit") from None
     if done.returncode != 0:
-        raise RuntimeError("the python grader failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1])
+        raise RuntimeError("the python grader failed: " + (done.stderr.strip().splitlines()
+                                                           or ["no output"])[-1])
     return json.loads(done.stdout)
 
 
@@ -99,7 +104,8 @@ def grade(grader: dict, items: list, samples: list, timeout: float = PYTHON_TIME
 
 def _text(completion) -> str:
     if isinstance(completion, list):
-        contents = [m.get("content") for m in completion if isinstance(m, dict) and m.get("role") == "assistant"]
+        contents = [m.get("content") for m in completion if isinstance(m, dict) and m.get("role")
+                    == "assistant"]
         return (contents[-1] if contents else "") or ""
     return "" if completion is None else str(completion)
 
@@ -112,9 +118,10 @@ def _column(value, n: int) -> list | None:
 
 
 def grade_batch(prompts, completions, **kwargs) -> list:
-    """The reward: GRADER's score of each completion (`sample.output_text`) against its row (`item`: the columns
-    passed); None for every completion of a batch the python grader could not score (printed to stderr). The job's
-    rewards.py ends with `openai_grader`, which names the columns the grader reads, so that training keeps them."""
+    """The reward: GRADER's score of each completion (`sample.output_text`) against its row (`item`: the
+    columns passed); None for every completion of a batch the python grader could not score (printed to
+    stderr). The job's rewards.py ends with `openai_grader`, which names the columns the grader reads, so that
+    training keeps them."""
     n = len(completions)
     columns = {k: c for k, v in kwargs.items() if k not in _TRL and (c := _column(v, n)) is not None}
     items = [{k: v[i] for k, v in columns.items()} for i in range(n)]

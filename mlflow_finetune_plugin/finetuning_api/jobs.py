@@ -1,7 +1,7 @@
-"""A fine-tuning job's record, and the project a create request becomes: `finetune.yaml` and its data, written into
-the job's folder under the server's state folder, after every check that needs no model (the files, the rows as
-`data check` words it, the model, the method, the grader, the hyperparameters). A request that fails one of them is
-refused with OpenAI's 4xx error, and nothing is started.
+"""A fine-tuning job's record, and the project a create request becomes: `finetune.yaml` and its data, written
+into the job's folder under the server's state folder, after every check that needs no model (the files, the
+rows as `data check` words it, the model, the method, the grader, the hyperparameters). A request that fails
+one of them is refused with OpenAI's 4xx error, and nothing is started.
 
 Records are launchers/queue.py's JSON files (`STATE/jobs/<id>/job.json`, replaced atomically), so a restarted
 server finds every job where it was; the runs themselves are detached and go on without the server
@@ -63,7 +63,8 @@ def public(job: dict) -> dict:
 
 
 def add_event(job: dict, message: str, level: str = "info") -> None:
-    job["_internal"]["events"].append({"object": "fine_tuning.job.event", "id": f"ftevent-{uuid.uuid4().hex[:24]}",
+    job["_internal"]["events"].append({"object": "fine_tuning.job.event",
+                                       "id": f"ftevent-{uuid.uuid4().hex[:24]}",
                                        "created_at": int(time.time()), "level": level, "message": message,
                                        "type": "message", "data": {}, "_t": time.time()})
 
@@ -105,15 +106,16 @@ def _method(body: dict) -> tuple[str, dict, dict]:
 
 
 def fine_tunes(model: str, settings: Settings) -> bool:
-    """Whether this server fine-tunes (and answers as a base) `model`: a built-in model, or one given with --model."""
+    """Whether this server fine-tunes (and answers as a base) `model`: a built-in model, or one given with
+    --model."""
     from mlflow_finetune_plugin.models.base import is_builtin
 
     return model in settings.models or is_builtin(model)
 
 
 def base_models(settings: Settings) -> list[str]:
-    """The base models this server lists: those given with --model, then the built-in ones this machine has (tiny and
-    the tiny families always; smollm2 and gemma3 where their packages are installed)."""
+    """The base models this server lists: those given with --model, then the built-in ones this machine has
+    (tiny and the tiny families always; smollm2 and gemma3 where their packages are installed)."""
     import importlib.util
 
     from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families, tiny_vision
@@ -124,8 +126,8 @@ def base_models(settings: Settings) -> list[str]:
 
 
 def base_section(model: str, settings: Settings):
-    """The `model:` section a job on `model` trains with (the server's -P model.* overrides applied): how the base
-    is served beside its fine-tunes."""
+    """The `model:` section a job on `model` trains with (the server's -P model.* overrides applied): how the
+    base is served beside its fine-tunes."""
     import yaml
 
     from mlflow_finetune_plugin.config.schema import ModelConfig
@@ -137,7 +139,8 @@ def base_section(model: str, settings: Settings):
 
 def _check_model(model, settings: Settings) -> None:
     if not isinstance(model, str) or not model:
-        raise APIError(400, "model is required: the base model to fine-tune", code="missing_model", param="model")
+        raise APIError(400, "model is required: the base model to fine-tune", code="missing_model",
+                       param="model")
     if not fine_tunes(model, settings):
         allowed = ", ".join([*settings.models, "smollm2", "gemma3", "tiny", "tiny-<family>"])
         raise APIError(404, f"The model `{model}` does not exist or is not available for fine-tuning on this "
@@ -147,7 +150,8 @@ def _check_model(model, settings: Settings) -> None:
 
 def _file(files: FileStore, file_id, param: str) -> tuple[dict, bytes]:
     if not isinstance(file_id, str) or not file_id:
-        raise APIError(400, f"{param} is required: the id of an uploaded file", code=f"missing_{param}", param=param)
+        raise APIError(400, f"{param} is required: the id of an uploaded file", code=f"missing_{param}",
+                       param=param)
     info = files.retrieve(file_id, param)
     if info["purpose"] != "fine-tune":
         raise APIError(400, f"{file_id} was uploaded with purpose {info['purpose']!r}; upload it with "
@@ -158,11 +162,13 @@ def _file(files: FileStore, file_id, param: str) -> tuple[dict, bytes]:
 def _extras(body: dict) -> tuple[str | None, int | None, dict | None]:
     suffix, seed, metadata = body.get("suffix"), body.get("seed"), body.get("metadata")
     if suffix is not None and (not isinstance(suffix, str) or len(suffix) > 64):
-        raise APIError(400, "suffix must be a string of at most 64 characters", code="invalid_suffix", param="suffix")
+        raise APIError(400, "suffix must be a string of at most 64 characters", code="invalid_suffix",
+                       param="suffix")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise APIError(400, "seed must be a whole number", code="invalid_seed", param="seed")
     if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or
-                                 not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+                                 not all(isinstance(k, str) and isinstance(v, str) for k,
+                                         v in metadata.items())):
         raise APIError(400, "metadata must map at most 16 strings to strings", code="invalid_metadata",
                        param="metadata")
     if body.get("integrations"):
@@ -191,18 +197,20 @@ def create_job(body, files: FileStore, store: JobStore, settings: Settings) -> d
     job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
     project = store.folder(job_id) / "project"
     try:
-        _, columns = rows.write_rows(train_data, kind, train_info["filename"], project / "data" / "train.jsonl",
-                                     "training_file")
+        _, columns = rows.write_rows(train_data, kind, train_info["filename"],
+                                     project / "data" / "train.jsonl", "training_file")
         rows.check_rows(project / "data" / "train.jsonl", kind, train_info["filename"], "training_file")
         if valid_data is not None:
             rows.write_rows(valid_data, kind, valid_info["filename"], project / "data" / "validation.jsonl",
                             "validation_file")
-            rows.check_rows(project / "data" / "validation.jsonl", kind, valid_info["filename"], "validation_file",
-                            minimum=1)
-        recipe = _recipe(body["model"], kind, valid_data is not None, registered_name(body["model"], suffix), seed)
+            rows.check_rows(project / "data" / "validation.jsonl", kind, valid_info["filename"],
+                            "validation_file", minimum=1)
+        recipe = _recipe(body["model"], kind, valid_data is not None, registered_name(body["model"], suffix),
+                         seed)
         if kind == "reinforcement":
             grader = (method.get("reinforcement") or {}).get("grader")
-            first = next(json.loads(line) for line in (project / "data" / "train.jsonl").read_text().splitlines()
+            first = next(json.loads(line)
+                         for line in (project / "data" / "train.jsonl").read_text().splitlines()
                          if line.strip())
             item = {k: v for k, v in first.items() if k != "prompt"}
             graders.check_grader(grader, item, settings.allow_python_graders, settings.python_timeout)
@@ -221,7 +229,8 @@ def create_job(body, files: FileStore, store: JobStore, settings: Settings) -> d
 
 
 def _record(job_id: str, body: dict, kind: str, method: dict, resolved: dict, suffix, seed, metadata) -> dict:
-    """The job as OpenAI shapes it, and what only the server reads (`_internal`: runs, events, pause, resume)."""
+    """The job as OpenAI shapes it, and what only the server reads (`_internal`: runs, events, pause,
+    resume)."""
     now = time.time()
     return {"id": job_id, "object": "fine_tuning.job", "created_at": int(now), "model": body["model"],
             "status": "validating_files", "fine_tuned_model": None, "finished_at": None,
@@ -229,27 +238,28 @@ def _record(job_id: str, body: dict, kind: str, method: dict, resolved: dict, su
             "method": _method_out(kind, method, resolved), "training_file": body["training_file"],
             "validation_file": body.get("validation_file"), "result_files": [], "trained_tokens": None,
             "seed": seed if seed is not None else resolved["seed"], "estimated_finish": None, "error": None,
-            "metadata": metadata, "organization_id": "org-local", "user_provided_suffix": suffix, "integrations": [],
-            "_internal": {"created": now, "runs": [], "events": [], "pause": False, "resume_from": None}}
+            "metadata": metadata, "organization_id": "org-local", "user_provided_suffix": suffix,
+            "integrations": [], "_internal": {"created": now, "runs": [], "events": [], "pause": False,
+                                              "resume_from": None}}
 
 
 def _recipe(model: str, kind: str, has_eval: bool, name: str, seed: int | None) -> dict:
     data = {"train": "data/train.jsonl", "format": rows.METHODS[kind][1]}
     if has_eval:
         data["eval"] = "data/validation.jsonl"
-    # As OpenAI reports a job: its training loss at every step, a checkpoint at the end of each of its last three
-    # epochs (the last step is always one).
+    # As OpenAI reports a job: its training loss at every step, a checkpoint at the end of each of its last
+    # three epochs (the last step is always one).
     train = {"logging_steps": 1, "save_last_epochs": KEPT_EPOCHS, **({} if seed is None else {"seed": seed})}
-    recipe = {"method": rows.METHODS[kind][0], "model": {"name": model}, "data": data, "registry": {"name": name},
-              "train": train}
+    recipe = {"method": rows.METHODS[kind][0], "model": {"name": model}, "data": data,
+              "registry": {"name": name}, "train": train}
     if kind == "reinforcement":
         recipe["grpo"] = {"rewards": [graders.REWARD_NAME]}
     return recipe
 
 
 def _resolve_hyperparameters(project: Path, recipe: dict, kind: str, hyper: dict, settings: Settings) -> dict:
-    """Write finetune.yaml with the job's hyperparameters ("auto": the recipe's defaults) and load it as the run
-    will (with the server's -P overrides, which win); returns the values the run trains with."""
+    """Write finetune.yaml with the job's hyperparameters ("auto": the recipe's defaults) and load it as the
+    run will (with the server's -P overrides, which win); returns the values the run trains with."""
     import yaml
 
     from mlflow_finetune_plugin.config.loading import load_recipe
@@ -287,8 +297,9 @@ def _resolve_hyperparameters(project: Path, recipe: dict, kind: str, hyper: dict
 
 
 def _fit_generations(recipe: dict, hyper: dict, settings: Settings) -> None:
-    """OpenAI has no num_generations, and GRPO needs it to divide the completions of a step: the largest that does,
-    up to the recipe's default (a batch no number from 2 divides is left for the recipe check to refuse)."""
+    """OpenAI has no num_generations, and GRPO needs it to divide the completions of a step: the largest that
+    does, up to the recipe's default (a batch no number from 2 divides is left for the recipe check to
+    refuse)."""
     from mlflow_finetune_plugin.config.schema import GRPOConfig, TrainConfig
 
     batch = hyper.get("batch_size", "auto")

@@ -1,6 +1,6 @@
-"""What a job's MLflow runs say, in OpenAI's shapes: the metrics events, the checkpoints (with step and loss), the
-metrics CSV of `result_files`, the tokens trained, and the fine-tuned model's id (`NAME-vN`, the name the same
-server answers at /v1/chat/completions)."""
+"""What a job's MLflow runs say, in OpenAI's shapes: the metrics events, the checkpoints (with step and loss),
+the metrics CSV of `result_files`, the tokens trained, and the fine-tuned model's id (`NAME-vN`, the name the
+same server answers at /v1/chat/completions)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ CSV_COLUMNS = {"train_loss": LOSS, "train_mean_token_accuracy": "train/mean_toke
                "learning_rate": "train/learning_rate", "valid_loss": "eval/tuned/loss"}
 # a checkpoint's metrics as OpenAI names them -> the run's metric
 CHECKPOINT_METRICS = {"train_loss": LOSS, "train_mean_token_accuracy": "train/mean_token_accuracy",
-                      "valid_loss": "eval/tuned/loss", "valid_mean_token_accuracy": "eval/tuned/mean_token_accuracy"}
+                      "valid_loss": "eval/tuned/loss",
+                      "valid_mean_token_accuracy": "eval/tuned/mean_token_accuracy"}
 
 
 def _client():
@@ -45,30 +46,34 @@ def metric_events(job_id: str, runs: list[str]) -> list[dict]:
 
 
 def checkpoints(job_id: str, runs: list[str]) -> list[dict]:
-    """The checkpoints of the job's runs, newest first: the logged model `checkpoint-N` of each saved step (the end
-    of each of the last three epochs and the last step, and every train.save_steps; register one with
-    `mlflow-finetune models NAME --register-checkpoint MODEL_ID`), with OpenAI's metrics at that step: the training
-    ones as last logged by then, the validation ones where the run evaluated at that very step."""
+    """The checkpoints of the job's runs, newest first: the logged model `checkpoint-N` of each saved step
+    (the end of each of the last three epochs and the last step, and every train.save_steps; register one with
+    `mlflow-finetune models NAME --register-checkpoint MODEL_ID`), with OpenAI's metrics at that step: the
+    training ones as last logged by then, the validation ones where the run evaluated at that very step."""
     from mlflow_finetune_plugin.registry.versions import checkpoint_models
 
     out = []
     for run_id in runs:
-        logged = {name: {m.step: m.value for m in history(run_id, metric)} for name, metric in CHECKPOINT_METRICS.items()}
+        logged = {name: {m.step: m.value for m in history(run_id, metric)} for name,
+                  metric in CHECKPOINT_METRICS.items()}
         for model in checkpoint_models(run_id):
             step = int(model.tags[tags.CHECKPOINT_STEP])
             metrics = {"step": step}
             for name, values in logged.items():
-                known = [s for s in values if s <= step] if name.startswith("train_") else [s for s in values if s == step]
+                known = [s for s in values if s <= step] if name.startswith("train_") else [s for s in values
+                                                                                            if s == step]
                 if known:
                     metrics[name] = values[max(known)]
             out.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{model.model_id}",
                         "created_at": int(model.creation_timestamp / 1000), "fine_tuning_job_id": job_id,
-                        "fine_tuned_model_checkpoint": model.model_id, "step_number": step, "metrics": metrics})
+                        "fine_tuned_model_checkpoint": model.model_id, "step_number": step,
+                        "metrics": metrics})
     return sorted(out, key=lambda c: (c["created_at"], c["step_number"]), reverse=True)
 
 
 def metrics_csv(runs: list[str]) -> bytes:
-    """step, train_loss, ... for every step any of the job's runs logged (a resumed run continues the steps)."""
+    """step, train_loss, ... for every step any of the job's runs logged (a resumed run continues the
+    steps)."""
     table: dict[int, dict] = {}
     for run_id in runs:
         for column, metric in CSV_COLUMNS.items():
@@ -83,7 +88,8 @@ def metrics_csv(runs: list[str]) -> bytes:
 
 
 def trained_tokens(runs: list[str]) -> int | None:
-    """Tokens trained, as TRL counts them (`num_tokens`), over the job's runs; None where the trainer counts none."""
+    """Tokens trained, as TRL counts them (`num_tokens`), over the job's runs; None where the trainer counts
+    none."""
     counts = [history(run_id, TOKENS) for run_id in runs]
     if not any(counts):
         return None
@@ -95,9 +101,9 @@ FT = "ft:"
 
 
 def fine_tuned_model(run_id: str) -> str | None:
-    """`ft:NAME-vN` for the version the run registered (None when it registered none): `NAME-vN` as `serve` names
-    it, behind OpenAI's `ft:` mark of a fine-tuned model, which clients route by (litellm sends an `ft:` model to the
-    OpenAI provider, so DSPy's fine-tuned LM answers through this server)."""
+    """`ft:NAME-vN` for the version the run registered (None when it registered none): `NAME-vN` as `serve`
+    names it, behind OpenAI's `ft:` mark of a fine-tuned model, which clients route by (litellm sends an `ft:`
+    model to the OpenAI provider, so DSPy's fine-tuned LM answers through this server)."""
     from mlflow_finetune_plugin.serving.base import ModelChoice
     from mlflow_finetune_plugin.serving.choices import served_name
 

@@ -1,15 +1,18 @@
-"""OpenAI's training rows as this project's data, per fine-tuning method, checked line by line as `mlflow-finetune
-data check` checks them (the same words, with the uploaded file's name and line), before any job starts.
+"""OpenAI's training rows as this project's data, per fine-tuning method, checked line by line as
+`mlflow-finetune data check` checks them (the same words, with the uploaded file's name and line), before any
+job starts.
 
-- supervised: `{"messages": [...], "tools"?, "parallel_tool_calls"?}` (an assistant turn may carry `weight` 0|1):
+- supervised: `{"messages": [...], "tools"?, "parallel_tool_calls"?}` (an assistant turn may carry `weight`
+0|1):
   the `chat` format as it is.
 - dpo: `{"input": {"messages": [...]}, "preferred_output": [msg], "non_preferred_output": [msg]}` -> the
   `preference` format (prompt = the input's messages, chosen, rejected).
-- reinforcement: `{"messages": [...ending with a user turn], <keys the grader reads>}` -> the `prompt_only` format
+- reinforcement: `{"messages": [...ending with a user turn], <keys the grader reads>}` -> the `prompt_only`
+format
   (prompt = the messages; every other key is a column the reward function reads, as `item.KEY`).
 
-Line numbers are kept (a blank line stays blank), so a problem found in the converted file is the same line of the
-uploaded one.
+Line numbers are kept (a blank line stays blank), so a problem found in the converted file is the same line of
+the uploaded one.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from mlflow_finetune_plugin.finetuning_api.shapes import APIError
 
 MIN_EXAMPLES = 10
 # method -> (the entry point that trains it, the project's data format of its rows)
-METHODS = {"supervised": ("lora", "chat"), "dpo": ("dpo", "preference"), "reinforcement": ("grpo", "prompt_only")}
+METHODS = {"supervised": ("lora", "chat"), "dpo": ("dpo", "preference"),
+           "reinforcement": ("grpo", "prompt_only")}
 _SHOWN = 5
 
 
@@ -42,8 +46,11 @@ def _dpo_row(row: dict) -> tuple[dict | None, str | None]:
 def _rft_row(row: dict) -> tuple[dict | None, str | None]:
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
-        return None, "missing 'messages' (a reinforcement row: the messages up to the user's turn, and the keys " \
-                     "the grader reads)"
+        return (
+            None,
+            "missing 'messages' (a reinforcement row: the messages up to the user's turn, and the keys "
+            "the grader reads)",
+        )
     return {"prompt": messages, **{k: v for k, v in row.items() if k != "messages"}}, None
 
 
@@ -51,8 +58,9 @@ _CONVERT = {"supervised": lambda row: (row, None), "dpo": _dpo_row, "reinforceme
 
 
 def write_rows(data: bytes, method: str, filename: str, out: Path, param: str) -> tuple[int, list[str]]:
-    """Convert the uploaded file `data` to `method`'s project format into `out`; returns (examples, the columns of
-    every row besides the format's own). Raises APIError listing the first problems with their line numbers."""
+    """Convert the uploaded file `data` to `method`'s project format into `out`; returns (examples, the
+    columns of every row besides the format's own). Raises APIError listing the first problems with their line
+    numbers."""
     lines, problems, columns = [], [], None
     for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
         if not line.strip():
@@ -73,8 +81,9 @@ def write_rows(data: bytes, method: str, filename: str, out: Path, param: str) -
 
 
 def check_rows(path: Path, method: str, filename: str, param: str, minimum: int = MIN_EXAMPLES) -> None:
-    """`data check` on the converted file, without a tokenizer (lengths are checked when the run starts); APIError
-    with the first errors, named by the uploaded file's line, or when there are fewer than `minimum` examples."""
+    """`data check` on the converted file, without a tokenizer (lengths are checked when the run starts);
+    APIError with the first errors, named by the uploaded file's line, or when there are fewer than `minimum`
+    examples."""
     from mlflow_finetune_plugin.data.check import check_data
 
     fmt = METHODS[method][1]
@@ -82,8 +91,9 @@ def check_rows(path: Path, method: str, filename: str, param: str, minimum: int 
     _raise([f"{filename}:{i.line}: {i.message}" if i.line is not None else f"{filename}: {i.message}"
             for i in report.errors], param)
     if report.rows < minimum:
-        raise APIError(400, f"{filename} has {report.rows} example{'s' if report.rows != 1 else ''}; a {method} "
-                            f"fine-tune needs at least {minimum}.", code="invalid_n_examples", param=param)
+        raise APIError(400,
+                       f"{filename} has {report.rows} example{'s' if report.rows != 1 else ''}; a {method} "
+                       f"fine-tune needs at least {minimum}.", code="invalid_n_examples", param=param)
 
 
 def _raise(problems: list[str], param: str) -> None:

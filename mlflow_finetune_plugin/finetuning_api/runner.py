@@ -1,13 +1,17 @@
 """The thread that moves jobs along, one look every second (the queue is launchers/queue.py's, the start
 launchers/submit.py's: the same `mlflow run` a user types):
 
-validating_files  the backend's own checks of the recipe and the data, with the model's tokenizer (what `mlflow
+validating_files  the backend's own checks of the recipe and the data, with the model's tokenizer (what
+`mlflow
                   run` checks before it creates a run): a failure is the job's error, with the file's line
-queued            waits for a slot (--max-jobs), then `mlflow run PROJECT -e ENTRY --backend finetune` with the
-                  server's --backend-config and `"detach": true`: the same launcher as the CLI, and a run that goes on
-                  when the server stops
-running           the run's status, read from the tracking store: FINISHED -> succeeded (the registered version,
-                  the metrics CSV, the tokens), FAILED -> failed (the run's error), KILLED -> cancelled (or paused)
+queued            waits for a slot (--max-jobs), then `mlflow run PROJECT -e ENTRY --backend finetune` with
+the
+                  server's --backend-config and `"detach": true`: the same launcher as the CLI, and a run that
+                  goes on when the server stops
+running           the run's status, read from the tracking store: FINISHED -> succeeded (the registered
+version,
+                  the metrics CSV, the tokens), FAILED -> failed (the run's error), KILLED -> cancelled (or
+                  paused)
 
 Everything it knows is in the job records and the runs, so a restarted server picks every job up where it was.
 """
@@ -66,7 +70,8 @@ class Runner(Queue):
         except Exception as e:  # noqa: BLE001 - the backend's checks word every problem; the job carries it
             message, data = str(e), f"{inner['project']}/data/"
             if data + "train.jsonl" in message or isinstance(e, DataError):
-                return self._fail(job["id"], "invalid_training_file", self._named(job, message), "training_file")
+                return self._fail(job["id"], "invalid_training_file", self._named(job, message),
+                                  "training_file")
             if data + "validation.jsonl" in message:
                 return self._fail(job["id"], "invalid_validation_file", self._named(job, message),
                                   "validation_file")
@@ -81,7 +86,8 @@ class Runner(Queue):
 
     def _named(self, job: dict, message: str) -> str:
         """The backend's message with the job's data files called by the names they were uploaded with."""
-        for local, file_id in (("train.jsonl", job["training_file"]), ("validation.jsonl", job["validation_file"])):
+        for local, file_id in (("train.jsonl", job["training_file"]),
+                               ("validation.jsonl", job["validation_file"])):
             if file_id:
                 name = self.files.retrieve(file_id)["filename"]
                 message = re.sub(r"\S*/data/" + re.escape(local), name, message)
@@ -161,7 +167,8 @@ class Runner(Queue):
 
     def _succeed(self, job: dict, runs: list[str]) -> None:
         model = progress.fine_tuned_model(runs[-1])
-        csv_file = self.files.create(progress.metrics_csv(runs), "step_metrics.csv", RESULTS, written_by_server=True)
+        csv_file = self.files.create(progress.metrics_csv(runs), "step_metrics.csv", RESULTS,
+                                     written_by_server=True)
         tokens = progress.trained_tokens(runs)
 
         def succeeded(j):
@@ -192,9 +199,11 @@ class Runner(Queue):
             raise APIError(400, f"job {job_id} is {job['status']}: there is nothing to {verb}",
                            code=f"invalid_{verb}", param="fine_tuning_job_id")
         if pause and job["status"] != "running":
-            raise APIError(400, f"job {job_id} is {job['status']}: only a running job can be paused (it resumes "
-                                "from its last checkpoint)", code="invalid_pause", param="fine_tuning_job_id")
-        # The status first: the runner then leaves the job alone, and reads no KILLED run as a cancel of its own.
+            raise APIError(400,
+                           f"job {job_id} is {job['status']}: only a running job can be paused (it resumes "
+                           "from its last checkpoint)", code="invalid_pause", param="fine_tuning_job_id")
+        # The status first: the runner then leaves the job alone, and reads no KILLED run as a cancel of its
+        # own.
         def stopped(j):
             j["_internal"]["pause"] = pause
             if pause:

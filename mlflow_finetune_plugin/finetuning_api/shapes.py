@@ -1,5 +1,5 @@
-"""OpenAI's shapes: the error every 4xx carries, and the list pages (`{object: list, data, has_more}`, paged by
-`after=<last id>`)."""
+"""OpenAI's shapes: the error every 4xx carries, and the list pages (`{object: list, data, has_more}`, paged
+by `after=<last id>`)."""
 
 from __future__ import annotations
 
@@ -19,19 +19,23 @@ class APIError(FinetuneError):
 
 
 def not_found(what: str, ident: str, param: str | None = None) -> APIError:
-    return APIError(404, f"No such {what}: {ident!r}.", code=f"{what.replace(' ', '_')}_not_found", param=param)
+    return APIError(404, f"No such {what}: {ident!r}.", code=f"{what.replace(' ', '_')}_not_found",
+                    param=param)
 
 
 def page(items: list[dict], after: str | None, limit: int | None, default_limit: int = 20) -> dict:
-    """One page of `items` (already in the list's order): those after the item with id `after`, at most `limit`."""
+    """One page of `items` (already in the list's order): those after the item with id `after`, at most
+    `limit`."""
     limit = default_limit if limit is None else limit
     if not 1 <= limit <= 10000:
-        raise APIError(400, f"limit must be between 1 and 10000 (got {limit}).", code="invalid_limit", param="limit")
+        raise APIError(400, f"limit must be between 1 and 10000 (got {limit}).", code="invalid_limit",
+                       param="limit")
     start = 0
     if after:
         ids = [i["id"] for i in items]
         if after not in ids:
-            raise APIError(400, f"after={after!r} names nothing in this list.", code="invalid_after", param="after")
+            raise APIError(400, f"after={after!r} names nothing in this list.", code="invalid_after",
+                           param="after")
         start = ids.index(after) + 1
     chosen = items[start:start + limit]
     return {"object": "list", "data": chosen, "has_more": start + limit < len(items),

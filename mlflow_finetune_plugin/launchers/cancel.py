@@ -1,7 +1,7 @@
 """`mlflow-finetune cancel RUN_ID`: stop a fine-tune's job on any launcher and leave its run KILLED.
 
-The job is found from the run id alone: `job.json` in the run's job folder on the machine that launched it, else
-the `finetune.job.*` tags the backend put on the run (enough for a Ray job, from any machine).
+The job is found from the run id alone: `job.json` in the run's job folder on the machine that launched it,
+else the `finetune.job.*` tags the backend put on the run (enough for a Ray job, from any machine).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from mlflow_finetune_plugin.errors import FinetuneError
 
 
 def cancel_run(run_id: str) -> tuple[str, bool]:
-    """Stop the job of `run_id`; returns the run's final status and whether this call stopped it (False: the run
-    had already ended with that status)."""
+    """Stop the job of `run_id`; returns the run's final status and whether this call stopped it (False: the
+    run had already ended with that status)."""
     from mlflow_finetune_plugin.launchers import local, ray, torchrun
 
     client = MlflowClient()
@@ -52,13 +52,15 @@ def job_info(run_id: str) -> dict:
     run_tags = MlflowClient().get_run(run_id).data.tags
     job = {key: run_tags[name] for key, name in tags.JOB_KEYS.items() if name in run_tags}
     if not job:
-        raise FinetuneError(f"run {run_id} was not started by the finetune backend (no job recorded): nothing to "
-                            "cancel. A run started by `mlflow run` without --backend finetune stops with Ctrl-C.")
+        raise FinetuneError(
+            f"run {run_id} was not started by the finetune backend (no job recorded): nothing to "
+            "cancel. A run started by `mlflow run` without --backend finetune stops with Ctrl-C.")
     return job
 
 
 def _belongs_to(pid: int, run_id: str) -> bool:
-    """The process is still this run's job (its command line or environment names the run), not a reused pid."""
+    """The process is still this run's job (its command line or environment names the run), not a reused
+    pid."""
     import psutil
 
     try:

@@ -1,8 +1,9 @@
 """Launcher `local`: the training command as a child process on this machine.
 
-The child runs in its own session (process group) so that cancel stops it and everything it started, and Ctrl-C
-reaches only the waiting parent, which then cancels cleanly. A detached job runs under a small supervisor process
-that outlives `mlflow run` and ends the MLflow run if training dies without doing so itself.
+The child runs in its own session (process group) so that cancel stops it and everything it started, and
+Ctrl-C reaches only the waiting parent, which then cancels cleanly. A detached job runs under a small
+supervisor process that outlives `mlflow run` and ends the MLflow run if training dies without doing so
+itself.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ TRAINING_MODULE = "mlflow_finetune_plugin.train.job"
 
 def launch(cmd: list[str], run_id: str, env: dict, job_dir: Path, detach: bool = False, cwd=None,
            warm: WarmProcess | None = None):
-    """Start `cmd` for `run_id`; returns a SubmittedRun. Detached jobs log to `job_dir/job.log`. With `warm` (a
-    training process already importing, `start_warm`) a training command is handed to it instead of a new one."""
+    """Start `cmd` for `run_id`; returns a SubmittedRun. Detached jobs log to `job_dir/job.log`. With `warm`
+    (a training process already importing, `start_warm`) a training command is handed to it instead of a new
+    one."""
     proc = warm.hand_over(cmd, env, cwd) if warm is not None and not detach else None
     handed = proc is not None
     if proc is None and detach:
         log = open(job_dir / "job.log", "ab")  # noqa: SIM115 - handed to the child
-        supervisor = [sys.executable, "-m", "mlflow_finetune_plugin.launchers.supervise", "--run-id", run_id, "--", *cmd]
+        supervisor = [sys.executable, "-m", "mlflow_finetune_plugin.launchers.supervise", "--run-id", run_id,
+                      "--", *cmd]
         proc = subprocess.Popen(supervisor, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
@@ -51,15 +54,15 @@ def launch(cmd: list[str], run_id: str, env: dict, job_dir: Path, detach: bool =
 
 class WarmProcess:
     """A training process started before its run exists: it imports the training code while the backend checks
-    the recipe and data (on another core), then runs the training command it is handed (`train/warm.py`). About 3 s
-    off every local run on 2 cores. Not handed a command, it is stopped (`discard`)."""
+    the recipe and data (on another core), then runs the training command it is handed (`train/warm.py`).
+    About 3 s off every local run on 2 cores. Not handed a command, it is stopped (`discard`)."""
 
     def __init__(self, proc: subprocess.Popen, cwd):
         self.proc, self.cwd = proc, cwd
 
     def hand_over(self, cmd: list[str], env: dict, cwd=None) -> subprocess.Popen | None:
-        """The process, now running `cmd` with `env`; None when `cmd` is not the training command, the folder is
-        not the one it started in, or the process is gone (the caller then starts `cmd` as usual)."""
+        """The process, now running `cmd` with `env`; None when `cmd` is not the training command, the folder
+        is not the one it started in, or the process is gone (the caller then starts `cmd` as usual)."""
         if (cmd[:3] != [sys.executable, "-m", TRAINING_MODULE] or cwd != self.cwd or self.proc is None
                 or self.proc.poll() is not None):
             self.discard()
@@ -74,8 +77,8 @@ class WarmProcess:
         return proc
 
     def discard(self) -> None:
-        """Stop the process if it was not handed a command. It has only imported modules, so it is killed at once:
-        a failed check must not wait for its imports."""
+        """Stop the process if it was not handed a command. It has only imported modules, so it is killed at
+        once: a failed check must not wait for its imports."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -87,8 +90,8 @@ class WarmProcess:
 
 
 def start_warm(env: dict, cwd=None) -> WarmProcess | None:
-    """Start a training process that imports now and runs the command `launch` hands it later, or None where one
-    cannot start (it is only an optimisation: `launch` then starts the command as usual)."""
+    """Start a training process that imports now and runs the command `launch` hands it later, or None where
+    one cannot start (it is only an optimisation: `launch` then starts the command as usual)."""
     try:
         proc = subprocess.Popen([sys.executable, "-m", "mlflow_finetune_plugin.train.warm"], env=env, cwd=cwd,
                                 stdin=subprocess.PIPE, start_new_session=True)
@@ -135,9 +138,10 @@ class LocalSubmittedRun(SubmittedRun):
 
 @contextlib.contextmanager
 def stop_signals_interrupt():
-    """While `mlflow run` waits on a job: SIGTERM and SIGHUP (a process manager, `kill`, a closed terminal) interrupt
-    the wait like Ctrl-C, so the job is cancelled instead of left running in its own session after the waiting
-    process is gone. Only in the main thread (Python delivers signals there); the previous handlers come back."""
+    """While `mlflow run` waits on a job: SIGTERM and SIGHUP (a process manager, `kill`, a closed terminal)
+    interrupt the wait like Ctrl-C, so the job is cancelled instead of left running in its own session after
+    the waiting process is gone. Only in the main thread (Python delivers signals there); the previous
+    handlers come back."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -154,7 +158,8 @@ def stop_signals_interrupt():
 
 
 def stop_process_group(pgid: int, proc: subprocess.Popen | None = None, grace: float = GRACE_SECONDS) -> None:
-    """SIGTERM the group (training ends its run KILLED), then SIGKILL whatever is left after `grace` seconds."""
+    """SIGTERM the group (training ends its run KILLED), then SIGKILL whatever is left after `grace`
+    seconds."""
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
@@ -185,7 +190,8 @@ def _group_alive(pgid: int) -> bool:
 
 
 def finalize(run_id: str, returncode: int | None, cancelled: bool = False) -> str:
-    """End a run the training process left RUNNING (it was killed hard, or never started); returns the status."""
+    """End a run the training process left RUNNING (it was killed hard, or never started); returns the
+    status."""
     client = MlflowClient()
     status = client.get_run(run_id).info.status
     if RunStatus.is_terminated(RunStatus.from_string(status)):

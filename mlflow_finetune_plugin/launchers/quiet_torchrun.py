@@ -13,7 +13,8 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    """Run torchrun with `argv`; a stop signal ends it with 128 + the signal number and one line, no traceback."""
+    """Run torchrun with `argv`; a stop signal ends it with 128 + the signal number and one line, no
+    traceback."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import main as torchrun
@@ -27,9 +28,11 @@ def main(argv: list[str]) -> int:
         print(f"torchrun: stopped by {signal.Signals(e.sigval).name}", file=sys.stderr)
         return 128 + int(e.sigval)
     except RendezvousConnectionError:
-        # The node hosting the c10d rendezvous (the one `mlflow run` started) has gone: the job has ended there.
-        print("torchrun: lost the rendezvous (the node hosting it has stopped or failed); this node stops too",
-              file=sys.stderr)
+        # The node hosting the c10d rendezvous (the one `mlflow run` started) has gone: the job has ended
+        # there.
+        print(
+            "torchrun: lost the rendezvous (the node hosting it has stopped or failed); this node stops too",
+            file=sys.stderr)
         return 1
     return 0
 

@@ -1,10 +1,10 @@
 """Launcher `ray`: the training command as a Ray Job on a Ray cluster.
 
 `--backend-config '{"launcher": "ray", "address": "http://HEAD:8265", "num_workers": 2, "use_gpu": true}'`.
-The job's entrypoint is the same training command (under torchrun when `num_workers` > 1, on the node Ray picks
-for it, which reserves `num_workers` CPUs or GPUs), wrapped in the supervisor that ends the MLflow run if training
-dies. The job id is `mlflow-finetune-RUN_ID`. The SubmittedRun follows the job's status and log, and cancel
-stops the job (Ray SIGTERMs every process of it, then SIGKILLs what is left).
+The job's entrypoint is the same training command (under torchrun when `num_workers` > 1, on the node Ray
+picks for it, which reserves `num_workers` CPUs or GPUs), wrapped in the supervisor that ends the MLflow run
+if training dies. The job id is `mlflow-finetune-RUN_ID`. The SubmittedRun follows the job's status and log,
+and cancel stops the job (Ray SIGTERMs every process of it, then SIGKILLs what is left).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def job_id_for(run_id: str) -> str:
 
 
 class RaySubmittedRun(SubmittedRun):
-    """A Ray Job: `wait()` streams its log and returns True when the run FINISHED; `cancel()` stops the job."""
+    """A Ray Job: `wait()` streams its log and returns True when the run FINISHED; `cancel()` stops the
+    job."""
 
     def __init__(self, run_id: str, address: str | None, job_id: str, client=None):
         self._run_id = run_id
@@ -87,7 +88,8 @@ class RaySubmittedRun(SubmittedRun):
             with local.stop_signals_interrupt():
                 status = self._follow()
         except KeyboardInterrupt:
-            print(f"\nInterrupted: cancelling run {self._run_id} (Ray job {self.job_id}) ...", file=sys.stderr)
+            print(f"\nInterrupted: cancelling run {self._run_id} (Ray job {self.job_id}) ...",
+                  file=sys.stderr)
             self.cancel()
             raise
         return finalize(self._run_id, self.job_id, status, self._client) == "FINISHED"
@@ -133,7 +135,8 @@ def stop_job(run_id: str, client, job_id: str) -> str:
 
 
 def finalize(run_id: str, job_id: str, status, client, cancelled: bool = False) -> str:
-    """End a run its job left RUNNING (job killed, or the entrypoint never started training); returns its status."""
+    """End a run its job left RUNNING (job killed, or the entrypoint never started training); returns its
+    status."""
     mlflow_client = MlflowClient()
     run_status = mlflow_client.get_run(run_id).info.status
     if RunStatus.is_terminated(RunStatus.from_string(run_status)):
@@ -147,7 +150,8 @@ def finalize(run_id: str, job_id: str, status, client, cancelled: bool = False) 
         except Exception:  # noqa: BLE001
             detail = ""
         message = (f"Ray job {job_id} ended {status} without ending the run{': ' + detail if detail else ''} "
-                   f"(its log: `ray job logs {job_id}`; last checkpoint, if any, under the run's checkpoints/)")
+                   f"(its log: `ray job logs {job_id}`; last checkpoint, if any, under the run's "
+                   "checkpoints/)")
     mlflow_client.set_tag(run_id, tags.ERROR, message[:4900])
     mlflow_client.set_terminated(run_id, final)
     return final

@@ -1,10 +1,10 @@
 """Launcher `torchrun`: the same training command under torch.distributed, one process per rank.
 
 `--backend-config '{"launcher": "torchrun", "nproc_per_node": 2}'`. The training command runs under torchrun
-(`quiet_torchrun ... -m mlflow_finetune_plugin.train.job ...`); rank 0 owns the MLflow run, the other ranks only
-train. DDP by default, FSDP with the recipe's `train.distributed: fsdp` (GPUs only). Process management is the
-local launcher's (own session, supervisor when detached); cancel also reaches the workers, which torchrun starts
-in sessions of their own.
+(`quiet_torchrun ... -m mlflow_finetune_plugin.train.job ...`); rank 0 owns the MLflow run, the other ranks
+only train. DDP by default, FSDP with the recipe's `train.distributed: fsdp` (GPUs only). Process management
+is the local launcher's (own session, supervisor when detached); cancel also reaches the workers, which
+torchrun starts in sessions of their own.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from mlflow_finetune_plugin.launchers import local
 
 def launch(cmd: list[str], run_id: str, env: dict, job_dir: Path, detach: bool = False, cwd=None,
            nproc_per_node: int | None = None, nnodes: int = 1, rdzv_endpoint: str | None = None):
-    """Start `cmd` on `nproc_per_node` ranks (default: one per GPU, else 1) of this node; returns a SubmittedRun."""
+    """Start `cmd` on `nproc_per_node` ranks (default: one per GPU, else 1) of this node; returns a
+    SubmittedRun."""
     dist_cmd = torchrun_command(cmd, run_id, nproc_per_node, nnodes, rdzv_endpoint)
     if nnodes > 1:  # the other nodes' ranks decide as this node's do (the hint below carries the figure)
         from mlflow_finetune_plugin.models.precision import for_every_rank
@@ -38,7 +39,8 @@ def launch(cmd: list[str], run_id: str, env: dict, job_dir: Path, detach: bool =
 
 def torchrun_command(cmd: list[str], run_id: str, nproc_per_node: int | None = None, nnodes: int = 1,
                      rdzv_endpoint: str | None = None) -> list[str]:
-    """`cmd` under torchrun: a `python -m module` command keeps its module, anything else runs `--no-python`."""
+    """`cmd` under torchrun: a `python -m module` command keeps its module, anything else runs
+    `--no-python`."""
     if nproc_per_node is None:
         import torch
 
@@ -72,7 +74,8 @@ def other_nodes_hint(dist_cmd: list[str], nnodes: int, rdzv_endpoint: str, env: 
 
 
 class TorchrunSubmittedRun(local.LocalSubmittedRun):
-    """Like a local job; cancel marks the run as cancelled first, so rank 0 ends it KILLED rather than FAILED."""
+    """Like a local job; cancel marks the run as cancelled first, so rank 0 ends it KILLED rather than
+    FAILED."""
 
     def cancel(self) -> None:
         request_cancel(self.run_id)
@@ -81,26 +84,29 @@ class TorchrunSubmittedRun(local.LocalSubmittedRun):
 
 
 def request_cancel(run_id: str, timeout: float = 5.0) -> None:
-    """Tell rank 0 that the SIGTERM about to come is a cancel (torchrun also SIGTERMs it when another rank dies).
+    """Tell rank 0 that the SIGTERM about to come is a cancel (torchrun also SIGTERMs it when another rank
+    dies).
 
     At most `timeout` seconds: the store may be locked by the ranks writing to it, and nothing may hold up the
-    signals that stop the job. Without the tag in time the job is stopped all the same, and the run may end FAILED
-    instead of KILLED."""
+    signals that stop the job. Without the tag in time the job is stopped all the same, and the run may end
+    FAILED instead of KILLED."""
     import threading
 
     from mlflow import MlflowClient
 
-    writer = threading.Thread(target=lambda: MlflowClient().set_tag(run_id, tags.CANCEL_REQUESTED, "true"), daemon=True)
+    writer = threading.Thread(target=lambda: MlflowClient().set_tag(run_id, tags.CANCEL_REQUESTED, "true"),
+                              daemon=True)
     writer.start()
     writer.join(timeout)
     if writer.is_alive():
-        print(f"Warning: could not mark run {run_id} as cancelled within {timeout:.0f} s (tracking store busy); "
-              "stopping it anyway", file=sys.stderr)
+        print(
+            f"Warning: could not mark run {run_id} as cancelled within {timeout:.0f} s (tracking store "
+            "busy); stopping it anyway", file=sys.stderr)
 
 
 def stop_process_tree(pid: int, proc=None, grace: float = local.GRACE_SECONDS) -> None:
-    """SIGTERM the job's process group (torchrun passes it on to its workers); after `grace` seconds SIGKILL the
-    group and every process that descended from it, workers in their own sessions included."""
+    """SIGTERM the job's process group (torchrun passes it on to its workers); after `grace` seconds SIGKILL
+    the group and every process that descended from it, workers in their own sessions included."""
     import psutil
 
     try:
@@ -115,7 +121,8 @@ def stop_process_tree(pid: int, proc=None, grace: float = local.GRACE_SECONDS) -
     while time.monotonic() < deadline:
         if proc is not None:
             proc.poll()
-        # Zombies do not count: a detached job's supervisor stays one until its parent (maybe long gone) reaps it.
+        # Zombies do not count: a detached job's supervisor stays one until its parent (maybe long gone) reaps
+        # it.
         if not any(_alive(p) for p in tree):
             break
         time.sleep(0.2)

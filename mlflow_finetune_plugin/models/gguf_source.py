@@ -1,8 +1,9 @@
-"""Reading a built-in model out of a GGUF file: what `smollm2` and `gemma3` share in their one-time conversion.
+"""Reading a built-in model out of a GGUF file: what `smollm2` and `gemma3` share in their one-time
+conversion.
 
-transformers dequantizes GGUF on every load (slow), keeps a `quantization_config` (gguf) that training refuses, and
-refuses to `save_pretrained` a GGUF-loaded model: so the weights go into a fresh model of the same config, which is
-saved as safetensors once and cached.
+transformers dequantizes GGUF on every load (slow), keeps a `quantization_config` (gguf) that training
+refuses, and refuses to `save_pretrained` a GGUF-loaded model: so the weights go into a fresh model of the
+same config, which is saved as safetensors once and cached.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 
 def plain_copy(loaded, name_or_path: str):
-    """A float32 model of `loaded`'s config holding its (dequantized) weights, with no `quantization_config`."""
+    """A float32 model of `loaded`'s config holding its (dequantized) weights, with no
+    `quantization_config`."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -32,13 +34,16 @@ def plain_copy(loaded, name_or_path: str):
 def parsed_once():
     """Three things transformers redoes or does slowly while reading one GGUF file, changed for the conversion
     (all only read the file):
-    - `GGUFReader(path)`, built three times (tokenizer, config, weights), each parsing the vocabulary: once instead,
+    - `GGUFReader(path)`, built three times (tokenizer, config, weights), each parsing the vocabulary: once
+    instead,
       17.0 s -> 11.5 s for smollm2's whole conversion (quiet 2-core machine);
     - the reader slices its file once per string and number it parses (a million slices for gemma3's 262k-word
       vocabulary), and a slice of a numpy memmap costs several times one of an array in memory (its
-      `__array_finalize__` runs in Python): the file is read into memory instead (the weights are all read anyway);
+      `__array_finalize__` runs in Python): the file is read into memory instead (the weights are all read
+      anyway);
     - gguf's `get_tensor_name_map(arch, n_blocks)`, called once per module (397 times for smollm2), each
-      rebuilding the same table: the load took 10.7-14.5 s instead of 22.2 s (measured on a loaded machine)."""
+      rebuilding the same table: the load took 10.7-14.5 s instead of 22.2 s (measured on a loaded
+      machine)."""
     import functools
 
     import gguf as gguf_package
@@ -58,7 +63,8 @@ def parsed_once():
 
 
 class _NumpyReadingIntoMemory:
-    """numpy, as gguf's reader module sees it, whose `memmap(path)` reads the whole file into an array instead."""
+    """numpy, as gguf's reader module sees it, whose `memmap(path)` reads the whole file into an array
+    instead."""
 
     def __init__(self, numpy):
         self._numpy = numpy

@@ -1,14 +1,16 @@
-"""Messages with images as a vision-language model's inputs: for answering (evaluation, `predict`, serving) and for
-scoring a reference answer. Training's batches are built the same way (`data/image_rows.py`).
+"""Messages with images as a vision-language model's inputs: for answering (evaluation, `predict`, serving)
+and for scoring a reference answer. Training's batches are built the same way (`data/image_rows.py`).
 
 The chat template renders each image part as the family's placeholder (`<image>`, `<start_of_image>`,
-`<|vision_start|><|image_pad|><|vision_end|>`); the processor expands each placeholder into the image's tokens and
-computes the pixel inputs. The turns (what is prompt, what is answer) come from `chat_format`, as for text.
+`<|vision_start|><|image_pad|><|vision_end|>`); the processor expands each placeholder into the image's tokens
+and computes the pixel inputs. The turns (what is prompt, what is answer) come from `chat_format`, as for
+text.
 
 An image part of a message may hold its image (`{"type": "image", "image": PIL | path | data URL}`, OpenAI's
-`{"type": "image_url", "image_url": {"url": ...}}`, transformers' `path`/`url`/`base64` keys) or be a bare placeholder
-(`{"type": "image"}`) whose image comes in a list beside the messages. `read_image` reads a reference (a path, a data
-URL, an http URL) into a PIL image; the rest of this module takes images, not references.
+`{"type": "image_url", "image_url": {"url": ...}}`, transformers' `path`/`url`/`base64` keys) or be a bare
+placeholder (`{"type": "image"}`) whose image comes in a list beside the messages. `read_image` reads a
+reference (a path, a data URL, an http URL) into a PIL image; the rest of this module takes images, not
+references.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ def part_reference(part: dict):
     for key in _REF_KEYS:
         if part.get(key) is not None:
             ref = part[key]
-            return f"data:image/png;base64,{ref}" if key == "base64" and not str(ref).startswith("data:") else ref
+            return ("data:image/png;base64,"
+                    f"{ref}") if key == "base64" and not str(ref).startswith("data:") else ref
     return None
 
 
 def with_placeholders(messages: list[dict], images=()) -> tuple[list[dict], list]:
-    """(messages with every image part a bare `{"type": "image"}` placeholder, the images in order): an image part's
-    own image, else the next of `images` (the row's `images` column)."""
+    """(messages with every image part a bare `{"type": "image"}` placeholder, the images in order): an image
+    part's own image, else the next of `images` (the row's `images` column)."""
     given, out, found = list(images or []), [], []
     for m in messages:
         content = m.get("content")
@@ -59,8 +62,8 @@ def with_placeholders(messages: list[dict], images=()) -> tuple[list[dict], list
 
 
 def with_images(messages: list[dict], images) -> list[dict]:
-    """`messages` whose bare image placeholders hold their images (the row's `images`, in order): a conversation
-    that carries its own images, as evaluation's shots and prompts do."""
+    """`messages` whose bare image placeholders hold their images (the row's `images`, in order): a
+    conversation that carries its own images, as evaluation's shots and prompts do."""
     given, out = list(images or []), []
     for m in messages:
         content = m.get("content")
@@ -77,13 +80,14 @@ def with_images(messages: list[dict], images) -> list[dict]:
 
 
 def has_image_parts(messages: list[dict]) -> bool:
-    return any(isinstance(m.get("content"), list) and any(is_image_part(p) for p in m["content"]) for m in messages)
+    return any(isinstance(m.get("content"), list) and any(is_image_part(p) for p in m["content"])
+               for m in messages)
 
 
 def aligned_labels(text_ids: list[int], mask: list[int], expanded: list[int]) -> list[int]:
-    """Labels for the processor's `expanded` ids: the id where the aligned text token is trained (mask 1), else
-    -100. The processor only inserts image tokens into the text's tokens, so each text token finds its place
-    (`difflib`). ValueError when a trained token does not (the processor changed the text around it)."""
+    """Labels for the processor's `expanded` ids: the id where the aligned text token is trained (mask 1),
+    else -100. The processor only inserts image tokens into the text's tokens, so each text token finds its
+    place (`difflib`). ValueError when a trained token does not (the processor changed the text around it)."""
     labels = [-100] * len(expanded)
     matcher = difflib.SequenceMatcher(None, text_ids, expanded, autojunk=False)
     placed = 0
@@ -93,13 +97,15 @@ def aligned_labels(text_ids: list[int], mask: list[int], expanded: list[int]) ->
                 labels[b + k] = expanded[b + k]
                 placed += 1
     if placed != sum(mask):
-        raise ValueError(f"{sum(mask) - placed} of the row's {sum(mask)} trained tokens are not in the processor's "
-                         "tokens: the processor changes the text of the answer")
+        raise ValueError(
+            f"{sum(mask) - placed} of the row's {sum(mask)} trained tokens are not in the processor's "
+            "tokens: the processor changes the text of the answer")
     return labels
 
 
 def prompt_inputs(processor, tokenizer, prompts: list[list[dict]], images: list[list], device=None):
-    """The processor's inputs for `prompts` (placeholders, with the generation prompt), left-padded as one batch."""
+    """The processor's inputs for `prompts` (placeholders, with the generation prompt), left-padded as one
+    batch."""
     from mlflow_finetune_plugin.models.chat_format import render
 
     texts = [render(tokenizer, p, add_generation_prompt=True) for p in prompts]
@@ -156,8 +162,9 @@ def reference_nll(model, tokenizer, processor, prompts: list[list[dict]], images
 
 
 def open_image(ref: str):
-    """The image a reference names, opened but not decoded (PIL reads its header only): a local path (or `file://`
-    URL), a `data:` URL, or an `http(s)://` URL (fetched). What PIL, base64 and urllib raise goes through."""
+    """The image a reference names, opened but not decoded (PIL reads its header only): a local path (or
+    `file://` URL), a `data:` URL, or an `http(s)://` URL (fetched). What PIL, base64 and urllib raise goes
+    through."""
     import base64
     import io
 

@@ -1,14 +1,17 @@
-"""What a vision-language model's processor does with images, asked of the processor and its chat template, never of
-a list of families: the size it resizes images to (`resize_limit`), and whether one prompt may hold several images
-(`several_images`).
+"""What a vision-language model's processor does with images, asked of the processor and its chat template,
+never of a list of families: the size it resizes images to (`resize_limit`), and whether one prompt may hold
+several images (`several_images`).
 
-- The size: an image processor's `size` says how it resizes (transformers' `SizeDict`): to `height`×`width`; the short
-  side to `shortest_edge` (CLIP, LLaVA-1.5; then a centre crop); the long side to `longest_edge` (Idefics3, SmolVLM).
-  Processors whose kwargs include `max_pixels` (Qwen2/2.5/3-VL, GLM-4V) hold pixel counts there instead: an image of
-  more than `longest_edge` pixels is scaled down to about that many.
-- Several images: a conversation of two turns, each with an image, rendered by the chat template and given to the
-  processor with two small images. A template that raises on it, or a processor that refuses it, is the answer (their
-  own words are the reason); whether the model was *trained* on several images is not asked (LLaVA-1.5 was not).
+- The size: an image processor's `size` says how it resizes (transformers' `SizeDict`): to `height`×`width`;
+the short
+  side to `shortest_edge` (CLIP, LLaVA-1.5; then a centre crop); the long side to `longest_edge` (Idefics3,
+  SmolVLM). Processors whose kwargs include `max_pixels` (Qwen2/2.5/3-VL, GLM-4V) hold pixel counts there
+  instead: an image of more than `longest_edge` pixels is scaled down to about that many.
+- Several images: a conversation of two turns, each with an image, rendered by the chat template and given to
+the
+  processor with two small images. A template that raises on it, or a processor that refuses it, is the answer
+  (their own words are the reason); whether the model was *trained* on several images is not asked (LLaVA-1.5
+  was not).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ class ResizeLimit:
 
 
 def resize_limit(processor) -> ResizeLimit | None:
-    """The size `processor` (a processor, or its image processor) resizes images to; None where it does not resize or
-    its `size` says none of the ways above."""
+    """The size `processor` (a processor, or its image processor) resizes images to; None where it does not
+    resize or its `size` says none of the ways above."""
     images = getattr(processor, "image_processor", processor)
     size = getattr(images, "size", None)
     if not getattr(images, "do_resize", True) or size is None:
@@ -51,8 +54,8 @@ def resize_limit(processor) -> ResizeLimit | None:
     kwargs = getattr(getattr(type(images), "valid_kwargs", None), "__annotations__", {})
     if "max_pixels" in kwargs and (get("max_pixels") or get("longest_edge")):
         pixels = get("max_pixels") or get("longest_edge")
-        return ResizeLimit(f"at most {pixels} pixels (about {int(pixels ** 0.5)}×{int(pixels ** 0.5)} px)", "pixels",
-                           edge=pixels)
+        return ResizeLimit(f"at most {pixels} pixels (about {int(pixels ** 0.5)}×{int(pixels ** 0.5)} px)",
+                           "pixels", edge=pixels)
     if get("height") and get("width"):
         return ResizeLimit(f"{get('width')}×{get('height')} px", "height_width", get("height"), get("width"))
     if get("longest_edge"):
@@ -60,16 +63,20 @@ def resize_limit(processor) -> ResizeLimit | None:
     if get("shortest_edge"):
         crop = getattr(images, "crop_size", None) if getattr(images, "do_center_crop", False) else None
         crop = crop if isinstance(crop, dict) else vars(crop) if crop is not None else {}
-        then = f", then cropped to {crop['width']}×{crop['height']} px" if crop.get("width") and crop.get("height") \
+        then = (
+            f", then cropped to {crop['width']}×{crop['height']} px"
+            if crop.get("width") and crop.get("height")
             else ""
-        return ResizeLimit(f"{get('shortest_edge')} px on the short side{then}", "short", edge=get("shortest_edge"))
+        )
+        return ResizeLimit(f"{get('shortest_edge')} px on the short side{then}", "short",
+                           edge=get("shortest_edge"))
     return None
 
 
 def several_images(processor, tokenizer) -> str | None:
-    """None where one prompt of the model may hold several images (its chat template renders two turns with an image
-    each, and its processor takes them); else why not, in the template's or the processor's words. Asked once per
-    processor."""
+    """None where one prompt of the model may hold several images (its chat template renders two turns with an
+    image each, and its processor takes them); else why not, in the template's or the processor's words. Asked
+    once per processor."""
     try:
         if processor in _SEVERAL:
             return _SEVERAL[processor]

@@ -1,19 +1,21 @@
 """Fused GPU kernels for training (`train.kernels`): which one a run takes, and putting it on the model.
 
-The option is Liger Kernel (PyPI `liger-kernel`, Triton, CUDA only; `pip install 'mlflow-finetune-plugin[gpu]'`):
-it swaps a model's RMSNorm, rotary embedding and SwiGLU MLP for fused Triton kernels, and can replace the LM head
-and cross-entropy with its fused linear cross-entropy, which takes each chunk's gradient in the forward pass (no
-logits held, none recomputed in the backward pass). It is installed from PyPI like any package, so it works on an
-offline machine; TRL's Hub kernels (`use_kernels=True`) are fetched from the hub at run time and are not offered.
+The option is Liger Kernel (PyPI `liger-kernel`, Triton, CUDA only; `pip install
+'mlflow-finetune-plugin[gpu]'`): it swaps a model's RMSNorm, rotary embedding and SwiGLU MLP for fused Triton
+kernels, and can replace the LM head and cross-entropy with its fused linear cross-entropy, which takes each
+chunk's gradient in the forward pass (no logits held, none recomputed in the backward pass). It is installed
+from PyPI like any package, so it works on an offline machine; TRL's Hub kernels (`use_kernels=True`) are
+fetched from the hub at run time and are not offered.
 
-Which architectures Liger covers is Liger's own table (`MODEL_TYPE_TO_APPLY_LIGER_FN`, by `config.model_type`),
-asked here rather than copied. `auto` takes Liger on CUDA where it is installed and covers the model, and nothing
-otherwise (every CPU run); an explicit `liger` that cannot be honoured is refused with the fix, before the model
-loads where that can be known (no CUDA, not installed), and once its config is read otherwise.
+Which architectures Liger covers is Liger's own table (`MODEL_TYPE_TO_APPLY_LIGER_FN`, by
+`config.model_type`), asked here rather than copied. `auto` takes Liger on CUDA where it is installed and
+covers the model, and nothing otherwise (every CPU run); an explicit `liger` that cannot be honoured is
+refused with the fix, before the model loads where that can be known (no CUDA, not installed), and once its
+config is read otherwise.
 
-The LM head: `train.fused_lm_head` says how the SFT loss meets it. Liger's fused linear cross-entropy is used when
-that key is `auto` and Liger is on (`lm_head()`); any explicit value keeps the plugin's head and Liger's stays off,
-so the two never both patch the model's forward. The run's tag `finetune.kernels` says which.
+The LM head: `train.fused_lm_head` says how the SFT loss meets it. Liger's fused linear cross-entropy is used
+when that key is `auto` and Liger is on (`lm_head()`); any explicit value keeps the plugin's head and Liger's
+stays off, so the two never both patch the model's forward. The run's tag `finetune.kernels` says which.
 """
 
 from __future__ import annotations
@@ -49,18 +51,20 @@ def liger_model_types() -> frozenset[str] | None:
     return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
 
 
-def choose(value: str, on_cuda: bool, liger_types: frozenset[str] | None, model_type: str | None) -> KernelChoice:
-    """`train.kernels` resolved for one run. `liger_types` is `liger_model_types()`; `model_type` None means the
-    model is not loaded yet (then only what can be known without it is judged). Raises on an explicit choice that
-    cannot be honoured."""
+def choose(value: str, on_cuda: bool, liger_types: frozenset[str] | None,
+           model_type: str | None) -> KernelChoice:
+    """`train.kernels` resolved for one run. `liger_types` is `liger_model_types()`; `model_type` None means
+    the model is not loaded yet (then only what can be known without it is judged). Raises on an explicit
+    choice that cannot be honoured."""
     if value == "none":
         return KernelChoice("none", "train.kernels: none")
     explicit = value == "liger"
     if not on_cuda:
         if explicit:
-            raise FinetuneError("train.kernels: liger needs a CUDA GPU (Liger Kernel runs as Triton kernels on "
-                                "CUDA); none is visible here. Set train.kernels: auto (nothing on a CPU) or none, "
-                                "or train on a GPU.")
+            raise FinetuneError(
+                "train.kernels: liger needs a CUDA GPU (Liger Kernel runs as Triton kernels on "
+                "CUDA); none is visible here. Set train.kernels: auto (nothing on a CPU) or none, "
+                "or train on a GPU.")
         return KernelChoice("none", "train.kernels auto: no CUDA GPU")
     if liger_types is None:
         if explicit:
@@ -70,15 +74,16 @@ def choose(value: str, on_cuda: bool, liger_types: frozenset[str] | None, model_
     if model_type is not None and model_type not in liger_types:
         if explicit:
             raise FinetuneError(f"train.kernels: liger, but Liger Kernel has no kernels for model type "
-                                f"{model_type!r} (it covers {', '.join(sorted(liger_types))}). Set train.kernels: "
-                                "auto or none.")
-        return KernelChoice("none", f"train.kernels auto: Liger Kernel does not cover model type {model_type!r}")
+                                f"{model_type!r} (it covers {', '.join(sorted(liger_types))}). Set "
+                                "train.kernels: auto or none.")
+        return KernelChoice("none",
+                            f"train.kernels auto: Liger Kernel does not cover model type {model_type!r}")
     return KernelChoice("liger", f"train.kernels: {value}")
 
 
 def resolve(recipe, model_config=None) -> KernelChoice:
-    """`choose()` for this recipe on this machine; without `model_config`, the check made before the model loads.
-    Liger is not imported on a CPU (auto decides there without it)."""
+    """`choose()` for this recipe on this machine; without `model_config`, the check made before the model
+    loads. Liger is not imported on a CPU (auto decides there without it)."""
     import torch
 
     on_cuda = torch.cuda.is_available()
@@ -89,8 +94,8 @@ def resolve(recipe, model_config=None) -> KernelChoice:
 
 
 def apply_layers(model, choice: KernelChoice) -> None:
-    """Liger's layer kernels (RMSNorm, rotary embedding, SwiGLU) on a loaded base model, before any adapter wraps
-    its layers; the LM head is left to `lm_head()`."""
+    """Liger's layer kernels (RMSNorm, rotary embedding, SwiGLU) on a loaded base model, before any adapter
+    wraps its layers; the LM head is left to `lm_head()`."""
     if not choice.liger:
         return
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -100,11 +105,13 @@ def apply_layers(model, choice: KernelChoice) -> None:
 
 
 def takes_lm_head(recipe, choice: KernelChoice) -> bool:
-    """Whether Liger's fused linear cross-entropy computes the SFT loss: Liger on, `train.fused_lm_head: auto`, and
+    """Whether Liger's fused linear cross-entropy computes the SFT loss: Liger on, `train.fused_lm_head:
+    auto`, and
     one rank (its gradient is taken inside the forward pass, which DDP refuses, as for the chunked head)."""
     import os
 
-    return choice.liger and recipe.train.fused_lm_head == "auto" and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    return choice.liger and recipe.train.fused_lm_head == "auto" and int(os.environ.get("WORLD_SIZE",
+                                                                                        "1")) == 1
 
 
 def lm_head(model) -> None:
@@ -128,8 +135,8 @@ def describe(choice: KernelChoice, liger_head: bool) -> str:
 
 
 def decoder_layers(model) -> list:
-    """The model's repeated blocks: modules whose class the model names in `_no_split_modules` (what it keeps whole
-    across devices, i.e. its decoder layer), outermost ones only."""
+    """The model's repeated blocks: modules whose class the model names in `_no_split_modules` (what it keeps
+    whole across devices, i.e. its decoder layer), outermost ones only."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers, inside = [], set()
@@ -143,8 +150,8 @@ def decoder_layers(model) -> list:
 
 
 def compile_layers(model, backend="inductor") -> int:
-    """`train.torch_compile`: each decoder layer compiled in place (`nn.Module.compile`, its state dict unchanged);
-    returns how many. `uncompile_layers` undoes it. `backend` is torch.compile's."""
+    """`train.torch_compile`: each decoder layer compiled in place (`nn.Module.compile`, its state dict
+    unchanged); returns how many. `uncompile_layers` undoes it. `backend` is torch.compile's."""
     layers = decoder_layers(model)
     if not layers:
         raise FinetuneError(f"train.torch_compile: {type(model).__name__} names no decoder layer class "

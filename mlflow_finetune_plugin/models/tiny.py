@@ -24,9 +24,9 @@ _EOS, _PAD = "<|im_end|>", "<|pad|>"
 
 def chatml_template(default_system: str | None = None) -> str:
     """ChatML. The `generation` block covers each assistant reply AND its <|im_end|>, so TRL's
-    `assistant_only_loss=True` trains the model to emit the end-of-turn token, i.e. to stop. Content may be a string
-    or a list of parts ({"type": "text", "text": ...}), as chat UIs send it. `default_system` is rendered when a
-    conversation has no system message of its own (SmolLM2's template does that)."""
+    `assistant_only_loss=True` trains the model to emit the end-of-turn token, i.e. to stop. Content may be a
+    string or a list of parts ({"type": "text", "text": ...}), as chat UIs send it. `default_system` is
+    rendered when a conversation has no system message of its own (SmolLM2's template does that)."""
     default = ("{%- if loop.first and messages[0]['role'] != 'system' -%}"
                "{{ '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' }}"
                "{%- endif -%}") if default_system else ""
@@ -80,9 +80,10 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         dtype="float32",
-        # Standard-scale init (about 1/sqrt(hidden)) instead of Llama's 0.02: with tied, frozen embeddings of norm
-        # 0.02*sqrt(128) and the final RMSNorm fixing |h|, logits could never exceed ~2.6, so adapter training on the
-        # random base stalled near uniform loss. At 0.1 the support-bot LoRA loss falls 8.3 -> 4.2 in 100 steps.
+        # Standard-scale init (about 1/sqrt(hidden)) instead of Llama's 0.02: with tied, frozen embeddings of
+        # norm 0.02*sqrt(128) and the final RMSNorm fixing |h|, logits could never exceed ~2.6, so adapter
+        # training on the random base stalled near uniform loss. At 0.1 the support-bot LoRA loss falls 8.3 ->
+        # 4.2 in 100 steps.
         initializer_range=0.1,
     )
     # fork_rng: seed the init without changing the caller's global RNG stream.
@@ -98,8 +99,8 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def tiny_model_path() -> Path:
-    """The cached tiny model folder (`$MLFLOW_FINETUNE_CACHE/tiny-llama-v2`, see `paths.cache_root`), built on first
-    use: concurrent processes build it once and never see a partial folder."""
+    """The cached tiny model folder (`$MLFLOW_FINETUNE_CACHE/tiny-llama-v2`, see `paths.cache_root`), built on
+    first use: concurrent processes build it once and never see a partial folder."""
     from mlflow_finetune_plugin.paths import cached_build
 
     return cached_build(_CACHE_NAME, build_tiny_model)
@@ -124,11 +125,12 @@ def weights_digest(model_dir: str | os.PathLike) -> str:
 
 
 def train_byte_bpe(special_tokens: list[str], vocab_size: int = _VOCAB_SIZE, split_regex: str | None = None):
-    """A byte-level BPE (`tokenizers.Tokenizer`) trained on the shipped corpus, with `special_tokens` first (ids 0,
-    1, ... in that order). Deterministic: the same arguments give the same `tokenizer.json`. The tiny models of the
-    chat families (`tiny_families.py`) are built with it too.
+    """A byte-level BPE (`tokenizers.Tokenizer`) trained on the shipped corpus, with `special_tokens` first
+    (ids 0, 1, ... in that order). Deterministic: the same arguments give the same `tokenizer.json`. The tiny
+    models of the chat families (`tiny_families.py`) are built with it too.
 
-    `split_regex`: split words with this pattern (and NFC-normalize) instead of GPT-2's, as Qwen's tokenizer does.
+    `split_regex`: split words with this pattern (and NFC-normalize) instead of GPT-2's, as Qwen's tokenizer
+    does.
     """
     from tokenizers import (
         Regex,

@@ -1,22 +1,28 @@
 """What a vision-language model is, asked of transformers and of the model itself: the one module that knows.
 
-- `takes_images(config)`: whether a model generates text from images, by whether transformers maps its config to an
+- `takes_images(config)`: whether a model generates text from images, by whether transformers maps its config
+to an
   image-text-to-text model and the config has a vision tower's. No family is named here.
-- `processor_of(tokenizer)`: the processor goes with the tokenizer: every stage already passes the tokenizer, and the
-  few that must turn images into inputs (training's collator, evaluation, the logged model, serving) ask for it;
-  training asks `processor_for_images`, which refuses a text model given rows with images.
-- `load_processor` / `save_processor`: the processor (tokenizer, image processor, chat template). Many processors
-  (Qwen2/2.5/3-VL, Qwen3.5, Gemma 4, SmolVLM2, InternVL, GLM-4V) build a video processor that needs torchvision, and
-  torchvision cannot be installed beside torch+cpu here (PyPI's is a CUDA build that fails to import). Where
-  `AutoProcessor` fails for that reason, the processor is built without its video processor (`without_video`): its
-  PIL image processor and tokenizer work, and it refuses videos. A processor without video saves with
-  `save_pretrained` under its real class name, with its image processor's settings for the video processor, so that a
-  machine with torchvision can load the folder as the real processor (not tried: torchvision is not installable here).
+- `processor_of(tokenizer)`: the processor goes with the tokenizer: every stage already passes the tokenizer,
+and the
+  few that must turn images into inputs (training's collator, evaluation, the logged model, serving) ask for
+  it; training asks `processor_for_images`, which refuses a text model given rows with images.
+- `load_processor` / `save_processor`: the processor (tokenizer, image processor, chat template). Many
+processors
+  (Qwen2/2.5/3-VL, Qwen3.5, Gemma 4, SmolVLM2, InternVL, GLM-4V) build a video processor that needs
+  torchvision, and torchvision cannot be installed beside torch+cpu here (PyPI's is a CUDA build that fails to
+  import). Where `AutoProcessor` fails for that reason, the processor is built without its video processor
+  (`without_video`): its PIL image processor and tokenizer work, and it refuses videos. A processor without
+  video saves with `save_pretrained` under its real class name, with its image processor's settings for the
+  video processor, so that a machine with torchvision can load the folder as the real processor (not tried:
+  torchvision is not installable here).
 - `load_vision_model`: `AutoModelForImageTextToText`.
-- `vision_modules` / `language_model_modules` / `lora_target_modules`: where the vision tower and the projector end
-  and the language model begins, found from the model's structure (transformers' own `get_encoder(modality="image")`
-  and `get_decoder()`, the projector being what the decoder's parent holds beside them), so LoRA adapts the language
-  model only unless asked (LLaMA-Factory freezes tower and projector by default; PEFT's `all-linear` takes them all).
+- `vision_modules` / `language_model_modules` / `lora_target_modules`: where the vision tower and the
+projector end
+  and the language model begins, found from the model's structure (transformers' own
+  `get_encoder(modality="image")` and `get_decoder()`, the projector being what the decoder's parent holds
+  beside them), so LoRA adapts the language model only unless asked (LLaMA-Factory freezes tower and projector
+  by default; PEFT's `all-linear` takes them all).
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 def takes_images(config) -> bool:
-    """Whether the model of `config` (a config, or a model carrying one) takes images: transformers maps its config
-    to an image-text-to-text model, and it has a vision tower's config."""
+    """Whether the model of `config` (a config, or a model carrying one) takes images: transformers maps its
+    config to an image-text-to-text model, and it has a vision tower's config."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     config = getattr(config, "config", config)
@@ -66,9 +72,10 @@ def processor_for_images(tokenizer, model_name: str | None):
     FinetuneError naming model.name where the model reads text only."""
     processor = processor_of(tokenizer)
     if processor is None:
-        raise FinetuneError(f"the training data has images, but {model_name} reads text only: name a vision-language "
-                            "model with model.name (one whose processor takes images: SmolVLM, Qwen2-VL, LLaVA, "
-                            "Gemma 3 4B and up, ...), or leave the images out")
+        raise FinetuneError(
+            f"the training data has images, but {model_name} reads text only: name a vision-language "
+            "model with model.name (one whose processor takes images: SmolVLM, Qwen2-VL, LLaVA, "
+            "Gemma 3 4B and up, ...), or leave the images out")
     return processor
 
 
@@ -88,7 +95,8 @@ def load_vision_model(path: str | os.PathLike, dtype=None, **kwargs):
         raise FinetuneError(_not_found(path, e)) from None
 
 
-def load_processor(path_or_id: str | os.PathLike, revision: str | None = None, trust_remote_code: bool = False):
+def load_processor(path_or_id: str | os.PathLike, revision: str | None = None,
+                   trust_remote_code: bool = False):
     """The processor of a vision model (a folder or a hub id). Where `AutoProcessor` fails because the
     processor's video processor needs torchvision, the same processor class is built without a video processor
     (one line says so); a processor that cannot do without one raises a FinetuneError that says what to do."""
@@ -97,7 +105,8 @@ def load_processor(path_or_id: str | os.PathLike, revision: str | None = None, t
     path = str(path_or_id)
     try:
         return AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except (ImportError, ValueError) as e:  # transformers says "requires the Torchvision library" or "Missing ..."
+    # transformers says "requires the Torchvision library" or "Missing ..."
+    except (ImportError, ValueError) as e:
         if "torchvision" not in str(e).lower():
             raise
         needs = first_line(e)
@@ -107,35 +116,41 @@ def load_processor(path_or_id: str | os.PathLike, revision: str | None = None, t
             raise FinetuneError(_not_found(path_or_id, e)) from None
         needs = first_line(e)
     cls = _processor_class(path, revision, trust_remote_code)
-    fix = ("install the torchvision built for this torch (for a CPU torch, the CPU wheel of the matching release: "
-           "`pip install torchvision --index-url https://download.pytorch.org/whl/cpu`), or fine-tune a model whose "
-           "processor works with PIL images alone")
+    fix = (
+        "install the torchvision built for this torch (for a CPU torch, the CPU wheel of the matching "
+        "release: `pip install torchvision --index-url https://download.pytorch.org/whl/cpu`), or fine-tune "
+        "a model whose processor works with PIL images alone")
     if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
         raise FinetuneError(f"cannot load the processor of {str(path_or_id)!r}: {needs}\nTo fix: {fix}.")
     try:
-        processor = without_video(cls).from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        processor = without_video(cls).from_pretrained(path, revision=revision,
+                                                       trust_remote_code=trust_remote_code)
     except (ImportError, ValueError) as e:  # its image processor needs torchvision too (it has no PIL one)
         if "torchvision" not in str(e).lower():
             raise
-        raise FinetuneError(f"cannot load the processor of {str(path_or_id)!r}, with or without its video processor: "
-                            f"{first_line(e)}\nTo fix: {fix}.") from None
-    print(f"{path_or_id}: {cls.__name__}'s video processor needs torchvision, which is not installed: loaded its "
-          "tokenizer and PIL image processor without it (images work, videos are refused)")
+        raise FinetuneError(
+            f"cannot load the processor of {str(path_or_id)!r}, with or without its video processor: "
+            f"{first_line(e)}\nTo fix: {fix}.") from None
+    print(
+        f"{path_or_id}: {cls.__name__}'s video processor needs torchvision, which is not installed: loaded "
+        "its tokenizer and PIL image processor without it (images work, videos are refused)")
     return processor
 
 
 def save_processor(processor, out_dir: str | os.PathLike) -> None:
-    """Save a processor (tokenizer, image processor, chat template) so that `load_processor` reloads it. A processor
-    built without its video processor (`without_video`) is saved under its real class name, with settings for the video
-    processor, so that where torchvision is installed `AutoProcessor` can build the real processor from the folder."""
+    """Save a processor (tokenizer, image processor, chat template) so that `load_processor` reloads it. A
+    processor built without its video processor (`without_video`) is saved under its real class name, with
+    settings for the video processor, so that where torchvision is installed `AutoProcessor` can build the
+    real processor from the folder."""
     import json
 
     processor.save_pretrained(str(out_dir))
     if not _lacks_video(processor):
         return
-    # transformers reads a video processor's settings from processor_config.json, else from the image processor's
-    # (what a hub folder of Qwen2-VL's time holds, `preprocessor_config.json`, and how transformers reads it): the
-    # image processor's settings, under which a machine with torchvision builds the family's video processor.
+    # transformers reads a video processor's settings from processor_config.json, else from the image
+    # processor's (what a hub folder of Qwen2-VL's time holds, `preprocessor_config.json`, and how
+    # transformers reads it): the image processor's settings, under which a machine with torchvision builds
+    # the family's video processor.
     path = Path(out_dir) / "processor_config.json"
     saved = json.loads(path.read_text(encoding="utf-8"))
     saved["video_processor"] = dict(saved["image_processor"])
@@ -143,10 +158,10 @@ def save_processor(processor, out_dir: str | os.PathLike) -> None:
 
 
 def without_video(processor_class: type) -> type:
-    """`processor_class` without its `video_processor`: a subclass that does not list one among its parts, so that
-    transformers' processor machinery (which builds, checks, saves and loads the parts a processor lists) leaves it
-    out; the constructor's `video_processor` stays None. It keeps the class's name (a saved folder names the real
-    class); pickle finds it in this module as `<Name>WithoutVideo`."""
+    """`processor_class` without its `video_processor`: a subclass that does not list one among its parts, so
+    that transformers' processor machinery (which builds, checks, saves and loads the parts a processor lists)
+    leaves it out; the constructor's `video_processor` stays None. It keeps the class's name (a saved folder
+    names the real class); pickle finds it in this module as `<Name>WithoutVideo`."""
     if processor_class in _without_video_classes:
         return _without_video_classes[processor_class]
 
@@ -154,21 +169,23 @@ def without_video(processor_class: type) -> type:
         return [name for name in processor_class.get_attributes() if name != "video_processor"]
 
     def from_args_and_dict(cls, args, processor_dict, **kwargs):
-        # a folder saved for torchvision machines holds a video processor's settings: not a constructor argument
+        # a folder saved for torchvision machines holds a video processor's settings: not a constructor
+        # argument
         processor_dict = {k: v for k, v in processor_dict.items() if k != "video_processor"}
         return processor_class.from_args_and_dict.__func__(cls, args, processor_dict, **kwargs)
 
     cls = type(processor_class.__name__, (processor_class,), {
         "get_attributes": classmethod(get_attributes), "from_args_and_dict": classmethod(from_args_and_dict),
         "__module__": __name__, "__qualname__": processor_class.__name__ + _WITHOUT_VIDEO,
-        "__doc__": f"{processor_class.__name__} without a video processor (models/vision.py: without_video)."})
+        "__doc__": f"{processor_class.__name__} without a video processor (models/vision.py: "
+                   "without_video)."})
     _without_video_classes[processor_class] = cls
     return cls
 
 
 def __getattr__(name: str):
-    # pickle looks a processor built by `without_video` up by its qualified name, in a process that may not have
-    # built it yet
+    # pickle looks a processor built by `without_video` up by its qualified name, in a process that may not
+    # have built it yet
     if name.endswith(_WITHOUT_VIDEO):
         import transformers
 
@@ -177,10 +194,11 @@ def __getattr__(name: str):
 
 
 def _not_found(name, err) -> str:
-    return (f"could not load {str(name)!r}: {err}\nGive a hub id you can reach (check HF_TOKEN for gated models, "
-            "HF_HUB_OFFLINE for offline machines) or a local folder made with save_pretrained; a built-in model by "
-            "its folder (`models.base.resolve_model_path`: tiny-llava, tiny-smolvlm, tiny-gemma3-vision, "
-            "tiny-qwen2-vl).")
+    return (
+        f"could not load {str(name)!r}: {err}\nGive a hub id you can reach (check HF_TOKEN for gated models, "
+        "HF_HUB_OFFLINE for offline machines) or a local folder made with save_pretrained; a built-in model "
+        "by its folder (`models.base.resolve_model_path`: tiny-llava, tiny-smolvlm, tiny-gemma3-vision, "
+        "tiny-qwen2-vl).")
 
 
 def first_line(err: BaseException, limit: int | None = None) -> str:
@@ -194,8 +212,8 @@ def _lacks_video(processor) -> bool:
 
 
 def _processor_class(path: str, revision: str | None, trust_remote_code: bool) -> type | None:
-    """The processor class a folder names (as AutoProcessor reads it: processor_config.json, then the older files),
-    else the one transformers maps the model's config to; None where neither says."""
+    """The processor class a folder names (as AutoProcessor reads it: processor_config.json, then the older
+    files), else the one transformers maps the model's config to; None where neither says."""
     import json
 
     from transformers import AutoConfig
@@ -211,7 +229,8 @@ def _processor_class(path: str, revision: str | None, trust_remote_code: bool) -
     return processor_class_from_name(name) if name else None
 
 
-# --- where the vision tower and projector end and the language model begins ----------------------------------------
+# --- where the vision tower and projector end and the language model begins
+# ----------------------------------------
 
 def vision_modules(model) -> list[str]:
     """The module names (prefixes) of the vision tower and of the projector(s) that map its features into the
@@ -227,9 +246,9 @@ def language_model_modules(model) -> list[str]:
 
 
 def lora_target_modules(model, vision: bool = False) -> list[str]:
-    """PEFT `target_modules` for every linear layer of the language model (its output layer left out, as PEFT's
-    `all-linear` does) and, with `vision`, also of the vision tower and the projector: full module names, so that
-    nothing outside them matches by suffix."""
+    """PEFT `target_modules` for every linear layer of the language model (its output layer left out, as
+    PEFT's `all-linear` does) and, with `vision`, also of the vision tower and the projector: full module
+    names, so that nothing outside them matches by suffix."""
     import torch
 
     tower, projectors, language = _parts(model)
@@ -240,17 +259,17 @@ def lora_target_modules(model, vision: bool = False) -> list[str]:
 
 
 def _parts(model) -> tuple[str, list[str], list[str]]:
-    """(vision tower, projectors, language model) module names of a vision-language model (or of a PeftModel of
-    one: the names are those of the model given)."""
+    """(vision tower, projectors, language model) module names of a vision-language model (or of a PeftModel
+    of one: the names are those of the model given)."""
     tower = _name_of(model, model.get_encoder(modality="image"))
     decoder = _name_of(model, model.get_decoder())
     # transformers answers the model itself, or the module holding both, where it finds no tower
     if not tower or not decoder or _under(decoder, [tower]) or _under(tower, [decoder]):
         raise FinetuneError(
             f"{type(model).__name__} has no vision tower and language model that transformers can find "
-            "(`get_encoder(modality='image')`, `get_decoder()`): it is not a vision-language model, or one this "
-            "version of transformers does not lay out so; load it with load_vision_model, or train its language "
-            "model as a text model.")
+            "(`get_encoder(modality='image')`, `get_decoder()`): it is not a vision-language model, or one "
+            "this version of transformers does not lay out so; load it with load_vision_model, or train its "
+            "language model as a text model.")
     # The projector: what the module holding the decoder holds beside it and the tower, where it has weights.
     parent = decoder.rpartition(".")[0]
     projectors = [f"{parent}.{name}" if parent else name
@@ -272,9 +291,10 @@ def _under(name: str, prefixes) -> bool:
 
 
 def unquantized_modules(config) -> list[str]:
-    """What stays in full precision when a vision-language model's base loads in 4 or 8 bits: the vision tower, the
-    projector and the output layer (LLaMA-Factory and Unsloth quantize the language model only; bitsandbytes'
-    CPU kernels also fail on a tiny tower's narrow layers). Found on a model built on the meta device."""
+    """What stays in full precision when a vision-language model's base loads in 4 or 8 bits: the vision
+    tower, the projector and the output layer (LLaMA-Factory and Unsloth quantize the language model only;
+    bitsandbytes' CPU kernels also fail on a tiny tower's narrow layers). Found on a model built on the meta
+    device."""
     model = _meta_model(config)
     return [*vision_modules(model), _name_of(model, model.get_output_embeddings())]
 

@@ -1,15 +1,15 @@
 """Drift: how far the requests a version serves are from the questions it was trained on.
 
-A request's similarity to the training data is the BM25 score of its nearest training question divided by the score
-the request would get against itself (its own words weighed by the training data's idf, a word the training data
-never has at the highest idf): the share of what the request says that the nearest training question matches. A
-request is *new* when that share is lower than all but `monitor.novelty_quantile` of the training questions reach
-against their own nearest neighbour (each left out in turn): the training data calibrates what "near" means for its
-own vocabulary. With `monitor.embedding` (a sentence-transformers model), the similarity is the cosine of sentence
-embeddings instead, calibrated the same way. New
-requests are grouped (TF-IDF, average-linkage clustering on cosine distance) into topics the training data does not
-cover, each named by its top words. Length and language (py3langid, on questions of three words or more) are
-compared with the training questions too.
+A request's similarity to the training data is the BM25 score of its nearest training question divided by the
+score the request would get against itself (its own words weighed by the training data's idf, a word the
+training data never has at the highest idf): the share of what the request says that the nearest training
+question matches. A request is *new* when that share is lower than all but `monitor.novelty_quantile` of the
+training questions reach against their own nearest neighbour (each left out in turn): the training data
+calibrates what "near" means for its own vocabulary. With `monitor.embedding` (a sentence-transformers model),
+the similarity is the cosine of sentence embeddings instead, calibrated the same way. New
+requests are grouped (TF-IDF, average-linkage clustering on cosine distance) into topics the training data
+does not cover, each named by its top words. Length and language (py3langid, on questions of three words or
+more) are compared with the training questions too.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class Lexical:
         out = np.zeros(len(texts))
         asked = [i for i, t in enumerate(tokens) if t]
         if asked:
-            _, scores = self.retriever.retrieve([tokens[i] for i in asked], k=1, show_progress=False, n_threads=1)
+            _, scores = self.retriever.retrieve([tokens[i] for i in asked], k=1, show_progress=False,
+                                                n_threads=1)
             out[asked] = scores[:, 0] / np.array([self.own_score(tokens[i]) for i in asked])
         return out
 
@@ -59,7 +60,8 @@ class Lexical:
         """BM25 of `words` against themselves as a document (bm25s' Lucene formula and defaults)."""
         k1, b = 1.5, 0.75
         norm = k1 * (1 - b + b * len(words) / self.mean_words)
-        return sum(self.idf.get(w, self.unseen_idf) * n * (k1 + 1) / (n + norm) for w, n in Counter(words).items())
+        return sum(self.idf.get(w, self.unseen_idf) * n * (k1 + 1) / (n + norm) for w,
+                   n in Counter(words).items())
 
 
 class Semantic:
@@ -78,15 +80,17 @@ class Semantic:
         try:
             self.model = SentenceTransformer(model, device="cpu")
         except (OSError, ValueError) as e:
-            raise FinetuneError(f"monitor.embedding {model}: cannot load it ({str(e).splitlines()[0]}); give a "
-                                "sentence-transformers model folder or hub id") from None
+            raise FinetuneError(
+                f"monitor.embedding {model}: cannot load it ({str(e).splitlines()[0]}); give a "
+                "sentence-transformers model folder or hub id") from None
         self.train = self._embed(questions)
         similar = self.train @ self.train.T
         np.fill_diagonal(similar, -np.inf)
         self.own = similar.max(axis=1)
 
     def _embed(self, texts: list[str]):
-        return self.model.encode(texts, batch_size=self.BATCH, normalize_embeddings=True, show_progress_bar=False)
+        return self.model.encode(texts, batch_size=self.BATCH, normalize_embeddings=True,
+                                 show_progress_bar=False)
 
     def scores(self, texts: list[str]):
         return (self._embed(texts) @ self.train.T).max(axis=1)
@@ -121,8 +125,8 @@ class Topic:
 
 
 def calibrate(questions: list[str], quantile: float, embedding: str | None = None) -> Novelty | None:
-    """The index of `questions` (BM25, or the sentence-transformers model `embedding`) and its threshold; None for
-    fewer than MIN_TRAIN questions with words."""
+    """The index of `questions` (BM25, or the sentence-transformers model `embedding`) and its threshold; None
+    for fewer than MIN_TRAIN questions with words."""
     import numpy as np
 
     questions = [q for q in questions if q.strip()]
@@ -131,7 +135,8 @@ def calibrate(questions: list[str], quantile: float, embedding: str | None = Non
     if len(kept) < MIN_TRAIN:
         return None
     index = Semantic(kept, embedding) if embedding else Lexical([t for t in tokens if t])
-    # A floor above zero: a request sharing nothing with the training questions is new whatever the quantile says.
+    # A floor above zero: a request sharing nothing with the training questions is new whatever the quantile
+    # says.
     threshold = max(float(np.quantile(index.own, quantile)), 1e-9)
     return Novelty(kept, index, threshold, main_language(kept), float(np.mean([len(q) for q in kept])),
                    embedding or "bm25")
@@ -172,7 +177,8 @@ def topics(texts: list[str], seed: int = 0, most: int = 5, min_size: int = 2) ->
         labels = np.zeros(1, dtype=int)
     else:
         labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
-                                         distance_threshold=CLUSTER_DISTANCE).fit_predict(matrix[rows].toarray())
+                                         distance_threshold=CLUSTER_DISTANCE).fit_predict(
+                                             matrix[rows].toarray())
     vocabulary = vectorizer.get_feature_names_out()
     found = []
     for label, size in Counter(labels.tolist()).most_common():

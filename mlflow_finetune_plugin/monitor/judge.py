@@ -1,17 +1,19 @@
-"""An LLM judge over served answers (`monitor --judge`), through MLflow's judges: `mlflow.genai.judges.make_judge`
-with a yes/no verdict, run on each traced request the way MLflow's online scoring runs it (the trace given, the
-request and the answer read from its root span), so the judge's numbers on demand and online agree.
+"""An LLM judge over served answers (`monitor --judge`), through MLflow's judges:
+`mlflow.genai.judges.make_judge`
+with a yes/no verdict, run on each traced request the way MLflow's online scoring runs it (the trace given,
+the request and the answer read from its root span), so the judge's numbers on demand and online agree.
 
 The judge's model is one of:
 - `gateway:/ENDPOINT`: an endpoint of the tracking server's AI Gateway (needs `mlflow server`);
-- an OpenAI-compatible base URL, `http://HOST:PORT/v1` (a teacher served by `mlflow-finetune serve`, vLLM, ...),
+- an OpenAI-compatible base URL, `http://HOST:PORT/v1` (a teacher served by `mlflow-finetune serve`, vLLM,
+...),
   called directly on demand, and through a gateway endpoint made for it online (monitor/online.py);
-- any model URI MLflow's judges call natively (`openai:/gpt-4o-mini`, `anthropic:/...` with the provider's key).
-A registered model (`models:/NAME@ALIAS`) is not something MLflow's judges can call: it is served first.
+- any model URI MLflow's judges call natively (`openai:/gpt-4o-mini`, `anthropic:/...` with the provider's
+key). A registered model (`models:/NAME@ALIAS`) is not something MLflow's judges can call: it is served first.
 
-Each verdict is stored on its trace as a feedback assessment named `finetune_judge.NAME`, as MLflow's own scoring of
-stored traces does (`mlflow.genai.evaluate` on traces, the server's online scorers); `monitor` without `--judge`
-reads those back."""
+Each verdict is stored on its trace as a feedback assessment named `finetune_judge.NAME`, as MLflow's own
+scoring of stored traces does (`mlflow.genai.evaluate` on traces, the server's online scorers); `monitor`
+without `--judge` reads those back."""
 
 from __future__ import annotations
 
@@ -27,16 +29,19 @@ PREFIX = "finetune_judge"  # the verdicts' assessment name (and the online score
 DEFAULT_INSTRUCTIONS = (
     "You review one answer of a fine-tuned assistant in production. The request sent to it: {{ inputs }}. "
     "Its response, an OpenAI chat completion whose answer is choices[0].message.content: {{ outputs }}. "
-    "Return true when the answer responds to the user's last message, is correct as far as you can tell, stays on "
-    "the request's topic and language, and is complete (not empty, not cut off); otherwise return false.")
+    "Return true when the answer responds to the user's last message, is correct as far as you can tell, "
+    "stays on the request's topic and language, and is complete (not empty, not cut off); otherwise return "
+    "false.")
 # MLflow's judge errors that concern one trace (the others, a model that does not answer, stop the pass).
 _PER_TRACE = {"Failed to parse response": "the judge's reply was not its JSON verdict",
-              "ontext window exceeded": "too long for the judge's context", "context length": "too long for the "
-              "judge's context"}
-REGISTERED_FIX = ("MLflow's judges call a model through an endpoint, not from the registry (MLflow says: \"No "
-                  "suitable adapter found for model_uri='{uri}'\"). Serve it and judge through its URL: "
-                  "`mlflow-finetune serve {model} --port 8001`, then --judge http://127.0.0.1:8001/v1 "
-                  "--judge-model {model}")
+              "ontext window exceeded": "too long for the judge's context",
+              "context length": "too long for the "
+                                "judge's context"}
+REGISTERED_FIX = (
+    "MLflow's judges call a model through an endpoint, not from the registry (MLflow says: \"No "
+    "suitable adapter found for model_uri='{uri}'\"). Serve it and judge through its URL: "
+    "`mlflow-finetune serve {model} --port 8001`, then --judge http://127.0.0.1:8001/v1 "
+    "--judge-model {model}")
 
 
 @dataclass(frozen=True)
@@ -62,16 +67,17 @@ def judge_name(name: str) -> str:
 
 
 def spec_of(judge: str, model_name: str | None = None, instructions: str | None = None) -> JudgeSpec:
-    """`--judge`, `--judge-model` and `--judge-instructions` as a JudgeSpec; forms MLflow cannot call are refused
-    with the fix."""
+    """`--judge`, `--judge-model` and `--judge-instructions` as a JudgeSpec; forms MLflow cannot call are
+    refused with the fix."""
     judge = judge.strip()
     if judge.startswith("models:/"):
         model = judge[len("models:/"):]
         raise FinetuneError(f"--judge {judge}: " + REGISTERED_FIX.format(uri=judge, model=model))
     if not (judge.startswith(("http://", "https://")) or (":/" in judge and judge.split(":/", 1)[1])):
-        raise FinetuneError(f"--judge {judge}: give gateway:/ENDPOINT (an AI Gateway endpoint of the tracking "
-                            "server), an OpenAI-compatible base URL (http://HOST:PORT/v1), or a model URI MLflow's "
-                            "judges take (openai:/gpt-4o-mini)")
+        raise FinetuneError(
+            f"--judge {judge}: give gateway:/ENDPOINT (an AI Gateway endpoint of the tracking "
+            "server), an OpenAI-compatible base URL (http://HOST:PORT/v1), or a model URI MLflow's "
+            "judges take (openai:/gpt-4o-mini)")
     if model_name and not judge.startswith(("http://", "https://")):
         raise FinetuneError(f"--judge-model {model_name}: only an OpenAI-compatible URL takes a model name; "
                             f"{judge} names its model already")
@@ -95,22 +101,25 @@ def served_model(url: str) -> str:
 
     key = os.environ.get(gateway.KEY_ENV)
     try:
-        got = httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10,
+        got = httpx.get(f"{url}/models", headers={"Authorization": "Bearer "
+                                                                   f"{key}"} if key else {}, timeout=10,
                         trust_env=False)
         models = [m["id"] for m in got.json().get("data", [])] if got.status_code == 200 else []
     except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise FinetuneError(f"--judge {url} does not answer ({type(e).__name__}: {e}): start the judge's server "
-                            "(e.g. `mlflow-finetune serve NAME@champion --port 8001`), or give its "
-                            "OpenAI-compatible base URL, ending in /v1") from None
+        raise FinetuneError(
+            f"--judge {url} does not answer ({type(e).__name__}: {e}): start the judge's server "
+            "(e.g. `mlflow-finetune serve NAME@champion --port 8001`), or give its "
+            "OpenAI-compatible base URL, ending in /v1") from None
     if not models:
-        raise FinetuneError(f"--judge {url}: its /models answered {got.status_code} with no model; name the model "
-                            "to ask for with --judge-model NAME")
+        raise FinetuneError(
+            f"--judge {url}: its /models answered {got.status_code} with no model; name the model "
+            "to ask for with --judge-model NAME")
     return models[0]
 
 
 def build(spec: JudgeSpec, name: str, model_uri: str | None = None):
-    """The MLflow judge of `name`'s answers (a `make_judge` judge, its verdict a bool); `model_uri` replaces the
-    spec's model (online: the gateway endpoint made for a URL)."""
+    """The MLflow judge of `name`'s answers (a `make_judge` judge, its verdict a bool); `model_uri` replaces
+    the spec's model (online: the gateway endpoint made for a URL)."""
     from mlflow.exceptions import MlflowException
     from mlflow.genai.judges import make_judge
 
@@ -120,18 +129,19 @@ def build(spec: JudgeSpec, name: str, model_uri: str | None = None):
         # chat-completions address, not a base to append to.
         model_uri, base_url = f"openai:/{spec.model_name}", f"{spec.url}/chat/completions"
     try:
-        return make_judge(name=judge_name(name), instructions=spec.instructions, model=model_uri or spec.model,
-                          feedback_value_type=bool, base_url=base_url,
+        return make_judge(name=judge_name(name), instructions=spec.instructions,
+                          model=model_uri or spec.model, feedback_value_type=bool, base_url=base_url,
                           description=f"Whether an answer of a served version of {name} is acceptable")
     except MlflowException as e:
-        raise FinetuneError(f"--judge-instructions: MLflow refused them ({e.message}); they name {{{{ inputs }}}} "
-                            "(the request) and {{ outputs }} (the answer)") from None
+        raise FinetuneError(
+            f"--judge-instructions: MLflow refused them ({e.message}); they name {{{{ inputs }}}} "
+            "(the request) and {{ outputs }} (the answer)") from None
 
 
 def judged(requests: list, judge: JudgeSpec | str, *, name: str, notes: list[str] | None = None,
            store: bool = True) -> dict[str, bool]:
-    """trace id -> whether the judge passes the answer, for every answered request; requests the judge could not
-    judge are left out and counted in `notes`. `store`: each verdict is logged on its trace."""
+    """trace id -> whether the judge passes the answer, for every answered request; requests the judge could
+    not judge are left out and counted in `notes`. `store`: each verdict is logged on its trace."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -161,9 +171,10 @@ def judged(requests: list, judge: JudgeSpec | str, *, name: str, notes: list[str
     if notes is not None:
         notes.append(_summary(spec, len(out), left, unstored))
     if not out and left and set(left) != {"the request failed"}:
-        raise FinetuneError(f"--judge {spec.label}: no answer could be judged ({_counts(left)}); the judge must "
-                            "reply with the JSON verdict MLflow's judges ask for ({\"result\": true|false, "
-                            "\"rationale\": ...}): use a model that follows instructions")
+        raise FinetuneError(
+            f"--judge {spec.label}: no answer could be judged ({_counts(left)}); the judge must "
+            "reply with the JSON verdict MLflow's judges ask for ({\"result\": true|false, "
+            "\"rationale\": ...}): use a model that follows instructions")
     return out
 
 
@@ -178,7 +189,8 @@ def _per_trace(e, spec: JudgeSpec, done: dict) -> str:
 
 
 def _stored(trace, feedback) -> bool:
-    """Log `feedback` on `trace`'s root span, as MLflow's evaluation harness does; False when the store refuses."""
+    """Log `feedback` on `trace`'s root span, as MLflow's evaluation harness does; False when the store
+    refuses."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -194,7 +206,8 @@ def _stored(trace, feedback) -> bool:
 
 @contextmanager
 def _openai_key(spec: JudgeSpec):
-    """MLflow's openai provider refuses to start without $OPENAI_API_KEY, even for a server that takes no key: for a
+    """MLflow's openai provider refuses to start without $OPENAI_API_KEY, even for a server that takes no key:
+    for a
     URL judge, "unused" stands in while judging when it is not set."""
     if not spec.url or os.environ.get(gateway.KEY_ENV):
         yield
@@ -227,11 +240,13 @@ def verdict_of(assessments, name: str) -> bool | None:
 
 
 def stored(requests: list, name: str, notes: list[str]) -> dict[str, bool] | None:
-    """The verdicts stored on the requests' traces (by the online judge, or an earlier `--judge`); None without."""
+    """The verdicts stored on the requests' traces (by the online judge, or an earlier `--judge`); None
+    without."""
     got = {r.trace_id: r.judge for r in requests if getattr(r, "judge", None) is not None}
     if got:
-        notes.append(f"judge_pass: the verdicts {judge_name(name)} stored on {len(got)} of {len(requests)} traces "
-                     "(the online judge's, or an earlier --judge's)")
+        notes.append(
+            f"judge_pass: the verdicts {judge_name(name)} stored on {len(got)} of {len(requests)} traces "
+            "(the online judge's, or an earlier --judge's)")
     return got or None
 
 

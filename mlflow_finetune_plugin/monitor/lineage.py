@@ -16,7 +16,8 @@ REPLAY = "replay"  # the general-text input (data.replay): not the task's questi
 
 @dataclass
 class Lineage:
-    """A version's training questions (user turns), where they came from, and its recipe's monitoring section."""
+    """A version's training questions (user turns), where they came from, and its recipe's monitoring
+    section."""
 
     version: str
     run_id: str | None
@@ -31,8 +32,8 @@ class Lineage:
 
 
 def lineage(name: str, version: str) -> Lineage:
-    """The lineage of `name` v`version`; a source that cannot be read is said in `missing`, never raised (a version
-    deleted since it served keeps its traffic in the report)."""
+    """The lineage of `name` v`version`; a source that cannot be read is said in `missing`, never raised (a
+    version deleted since it served keeps its traffic in the report)."""
     try:
         mv = registry.get_version(name, version)
     except FinetuneError as e:
@@ -42,9 +43,11 @@ def lineage(name: str, version: str) -> Lineage:
     try:
         monitor = MonitorConfig.model_validate(recipe.get("monitor") or {})
     except ValueError as e:
-        raise FinetuneError(f"monitor section of the recipe of run {run_id} ({name} v{version}): {e}") from None
+        raise FinetuneError(f"monitor section of the recipe of run {run_id} ({name} v{version}): "
+                            f"{e}") from None
     evaluation = recipe.get("eval") or {}
-    out = Lineage(str(mv.version), run_id, monitor=monitor, structured=evaluation.get("output_format") == "json",
+    out = Lineage(str(mv.version), run_id, monitor=monitor,
+                  structured=evaluation.get("output_format") == "json",
                   json_schema=evaluation.get("json_schema"), recipe=recipe)
     if run_id is None:
         out.missing = "the version names no source run"

@@ -1,11 +1,12 @@
-"""`monitor NAME --start` and `--stop`: NAME's judge as an online scorer on its traffic experiments, which the job
-runner of `mlflow server` runs on traces as they arrive (MLflow's online scoring: `Scorer.register()` then
-`.start(sampling_config=...)`); its verdicts land on the traces, where `monitor NAME` reads them (monitor/judge.py).
+"""`monitor NAME --start` and `--stop`: NAME's judge as an online scorer on its traffic experiments, which the
+job runner of `mlflow server` runs on traces as they arrive (MLflow's online scoring: `Scorer.register()` then
+`.start(sampling_config=...)`); its verdicts land on the traces, where `monitor NAME` reads them
+(monitor/judge.py).
 
 MLflow runs online only judges whose model is a gateway endpoint (`gateway:/ENDPOINT`); a judge given as an
-OpenAI-compatible URL gets an endpoint of its own on the server (monitor/gateway.py). Code metrics are not online:
-MLflow 3.17 refuses to start a code `@scorer` ("Automatic evaluation is only supported for scorers that use gateway
-models"), so `monitor` computes them from the traces."""
+OpenAI-compatible URL gets an endpoint of its own on the server (monitor/gateway.py). Code metrics are not
+online: MLflow 3.17 refuses to start a code `@scorer` ("Automatic evaluation is only supported for scorers
+that use gateway models"), so `monitor` computes them from the traces."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from mlflow_finetune_plugin.monitor.traffic import served_clause
 
 # What MLflow's job runner does, for the lines `--start` prints (mlflow/genai/scorers/online/, 3.17).
 CADENCE = ("MLflow's job runner looks once a minute at traces older than "
-           "MLFLOW_ONLINE_SCORING_DEFAULT_TRACE_COMPLETION_BUFFER_SECONDS (300 s by default) and at most an hour "
-           "old; `monitor {name}` shows judge_pass from the verdicts, and `monitor {name} --judge ...` judges older "
-           "traces on demand")
+           "MLFLOW_ONLINE_SCORING_DEFAULT_TRACE_COMPLETION_BUFFER_SECONDS (300 s by default) and at most an "
+           "hour old; `monitor {name}` shows judge_pass from the verdicts, and `monitor {name} --judge ...` "
+           "judges older traces on demand")
 
 
 def start(name: str, experiment_ids: list[str], judge: JudgeSpec, sample_rate: float = 1.0,
@@ -47,22 +48,22 @@ def start(name: str, experiment_ids: list[str], judge: JudgeSpec, sample_rate: f
 
 
 def online_model(judge: JudgeSpec) -> str:
-    """The gateway model the judge runs on online: its endpoint, or one made for its URL; other models are refused
-    with MLflow's reason."""
+    """The gateway model the judge runs on online: its endpoint, or one made for its URL; other models are
+    refused with MLflow's reason."""
     if judge.model.startswith("gateway:/"):
         gateway.check_endpoint(judge.model[len("gateway:/"):])
         return judge.model
     if judge.url:
         return "gateway:/" + gateway.endpoint_for(judge.url, ready(judge).model_name)
     raise FinetuneError(f"--start --judge {judge.model}: MLflow runs only judges on gateway endpoints online "
-                        "(\"Automatic evaluation is only supported for scorers that use gateway models\"): create an "
-                        "endpoint for the model in the MLflow UI (AI Gateway) and pass --judge gateway:/ENDPOINT, or "
-                        "give an OpenAI-compatible URL, for which --start makes one")
+                        "(\"Automatic evaluation is only supported for scorers that use gateway models\"): "
+                        "create an endpoint for the model in the MLflow UI (AI Gateway) and pass --judge "
+                        "gateway:/ENDPOINT, or give an OpenAI-compatible URL, for which --start makes one")
 
 
 def stop(name: str, experiment_ids: list[str]) -> list[str]:
-    """Stop and delete `name`'s judge on each experiment (the verdicts it logged stay on their traces; a gateway
-    endpoint made for it stays, for the next --start). Returns a line per experiment."""
+    """Stop and delete `name`'s judge on each experiment (the verdicts it logged stay on their traces; a
+    gateway endpoint made for it stays, for the next --start). Returns a line per experiment."""
     from mlflow.exceptions import MlflowException
     from mlflow.genai.scorers import delete_scorer, get_scorer
 
@@ -74,8 +75,9 @@ def stop(name: str, experiment_ids: list[str]) -> list[str]:
             delete_scorer(name=judge_name(name), experiment_id=eid, version="all")
         except MlflowException as e:
             if not gateway.missing(e):
-                raise FinetuneError(f"--stop: MLflow could not remove {judge_name(name)} from experiment {eid} "
-                                    f"(MLflow: {e.message})") from None
+                raise FinetuneError(
+                    f"--stop: MLflow could not remove {judge_name(name)} from experiment {eid} "
+                    f"(MLflow: {e.message})") from None
             lines.append(f"experiment {_label(eid)}: no judge of {name} was registered")
             continue
         lines.append(f"experiment {_label(eid)}: {judge_name(name)} stopped and removed")
@@ -96,8 +98,9 @@ def traffic_experiments(name: str, experiments: tuple[str, ...]) -> list[str]:
     found = [eid for eid in experiment_ids(()) if client.search_traces(
         locations=[eid], filter_string=served_clause(name), max_results=1)]
     if not found:
-        raise FinetuneError(f"no experiment in {mlflow.get_tracking_uri()} holds traces of {name} yet: name the "
-                            "experiment `serve --trace EXPERIMENT` records to with --experiment EXPERIMENT")
+        raise FinetuneError(
+            f"no experiment in {mlflow.get_tracking_uri()} holds traces of {name} yet: name the "
+            "experiment `serve --trace EXPERIMENT` records to with --experiment EXPERIMENT")
     return found
 
 

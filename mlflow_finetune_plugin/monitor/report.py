@@ -1,6 +1,7 @@
-"""Where a monitoring pass goes: a table in the terminal, metrics in one monitoring run per registered model (the
-step is the window's start, in seconds since the epoch, so MLflow's charts show them over time), and a PNG chart
-logged with that run. Only aggregates and trace ids are logged; request texts are printed only with --examples."""
+"""Where a monitoring pass goes: a table in the terminal, metrics in one monitoring run per registered model
+(the step is the window's start, in seconds since the epoch, so MLflow's charts show them over time), and a
+PNG chart logged with that run. Only aggregates and trace ids are logged; request texts are printed only with
+--examples."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.metrics import format_table
 from mlflow_finetune_plugin.monitor.watch import Report
 
-COLUMNS = (("requests", "requests"), ("error_share", "errors"), ("latency_p50", "p50 s"), ("latency_p95", "p95 s"),
-           ("prompt_tokens", "tok in"), ("completion_tokens", "tok out"), ("cut_share", "cut"),
-           ("feedback", "rated"), ("thumbs_down_share", "down"), ("novel_share", "new"),
+COLUMNS = (("requests", "requests"), ("error_share", "errors"), ("latency_p50", "p50 s"),
+           ("latency_p95", "p95 s"), ("prompt_tokens", "tok in"), ("completion_tokens", "tok out"),
+           ("cut_share", "cut"), ("feedback", "rated"), ("thumbs_down_share", "down"), ("novel_share", "new"),
            ("other_language_share", "other lang"), ("input_chars", "chars"), ("corrections", "corrected"),
            ("rougeL", "rougeL vs corr"), ("json_valid", "json_valid"), ("judge_pass", "judge"))
 CHART_METRICS = ("requests", "thumbs_down_share", "novel_share", "cut_share", "latency_p95", "error_share")
@@ -26,13 +27,15 @@ def when(start_s: int) -> str:
 
 def text(report: Report, examples: bool = False) -> str:
     """The terminal report: the windows' table, the alerts and the new topics."""
-    lines = [f"Served traffic of {report.name}: {len(report.requests)} requests, windows of {report.window} (UTC)"]
+    lines = [
+        f"Served traffic of {report.name}: {len(report.requests)} requests, windows of {report.window} (UTC)"]
     for version, own in sorted(report.lineages.items(), key=lambda kv: int(kv[0])):
         if own.questions:
             novelty = report.novelty.get(version)
             about = (f"mean {novelty.mean_chars:.0f} chars, mostly {novelty.language or '?'}, drift by "
                      f"{novelty.method}; ") if novelty else ""
-            lines.append(f"  v{version} trained on {len(own.questions)} questions ({about}{', '.join(own.sources)})")
+            lines.append(
+                f"  v{version} trained on {len(own.questions)} questions ({about}{', '.join(own.sources)})")
     lines += [f"  note: {n}" for n in report.notes]
     shown = [(key, head) for key, head in COLUMNS if any(key in w.metrics for w in report.windows)]
     alerted = {(id(a.window), a.metric) for a in report.alerts}
@@ -50,8 +53,9 @@ def text(report: Report, examples: bool = False) -> str:
         lines += ["", f"ALERT: {len(report.alerts)} alert(s) in {windows} window(s) over a monitor gate:"]
         for a in report.alerts:
             shown_ids = _examples(report, a.trace_ids) if examples else ", ".join(a.trace_ids)
-            lines.append(f"  {a.window.label} {when(a.window.start_s)}: {a.metric} {a.value:.3f} (limit {a.limit})"
-                         + (f"; e.g. {shown_ids}" if shown_ids else ""))
+            lines.append(
+                f"  {a.window.label} {when(a.window.start_s)}: {a.metric} {a.value:.3f} (limit {a.limit})"
+                + (f"; e.g. {shown_ids}" if shown_ids else ""))
     elif report.windows:
         lines += ["", "No alerts: every window with enough requests is within the monitor gates."]
     return "\n".join(lines)
@@ -73,8 +77,8 @@ def _examples(report: Report, trace_ids: list[str]) -> str:
 
 
 def log(report: Report) -> str | None:
-    """Log the windows' metrics and the chart into the model's monitoring run (created on the first pass, in the
-    experiment of its first traced request); returns the run id, None when there is nothing to log."""
+    """Log the windows' metrics and the chart into the model's monitoring run (created on the first pass, in
+    the experiment of its first traced request); returns the run id, None when there is nothing to log."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -89,7 +93,8 @@ def log(report: Report) -> str | None:
         if w.label not in last:
             logged = client.get_metric_history(run_id, f"{PREFIX}{w.label}/requests")
             last[w.label] = max((m.step for m in logged), default=-1)
-        if w.start_s < last[w.label]:  # windows logged by an earlier pass stay as they were; the last one may have grown
+        # windows logged by an earlier pass stay as they were; the last one may have grown
+        if w.start_s < last[w.label]:
             continue
         alerts = sum(1 for a in report.alerts if a.window is w)
         for key, value in {**w.metrics, "alerts": float(alerts)}.items():
@@ -106,7 +111,8 @@ def log(report: Report) -> str | None:
 
 
 def _monitoring_run(client, experiment: str, name: str) -> str:
-    found = client.search_runs([experiment], filter_string=f"tags.`{tags.MONITOR_MODEL}` = '{name}'", max_results=1)
+    found = client.search_runs([experiment], filter_string=f"tags.`{tags.MONITOR_MODEL}` = '{name}'",
+                               max_results=1)
     if found:
         return found[0].info.run_id
     run = client.create_run(experiment, run_name=f"monitor-{name}", tags={tags.MONITOR_MODEL: name})
@@ -115,7 +121,8 @@ def _monitoring_run(client, experiment: str, name: str) -> str:
 
 
 def chart(report: Report):
-    """A matplotlib figure: each CHART_METRICS figure over the windows, one line per version, alerts marked."""
+    """A matplotlib figure: each CHART_METRICS figure over the windows, one line per version, alerts
+    marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,8 +138,8 @@ def chart(report: Report):
                 ax.plot(*zip(*points), marker="o", label=label)
         for a in report.alerts:
             if a.metric == metric:
-                ax.scatter([datetime.datetime.fromtimestamp(a.window.start_s, datetime.timezone.utc)], [a.value],
-                           s=160, facecolors="none", edgecolors="red", zorder=3)
+                ax.scatter([datetime.datetime.fromtimestamp(a.window.start_s, datetime.timezone.utc)],
+                           [a.value], s=160, facecolors="none", edgecolors="red", zorder=3)
         ax.set_title(metric)
         ax.set_ylim(bottom=0)
         ax.tick_params(axis="x", labelrotation=30)

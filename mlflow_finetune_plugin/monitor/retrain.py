@@ -1,12 +1,14 @@
-"""`monitor NAME --retrain`: the next ordinary run of a served version's recipe, on its training data and what its
-traffic taught: the answers users corrected (the correction is the target), the answers they rated up, and, where
-the recipe names a `distill.teacher`, the teacher's answers to the requests far from the training questions. Answers
-rated down without a correction are left out. A share of those traffic rows is held out: the new version and the
-champion both answer it, and the new version is promoted only if it is not worse there *and* passes the recipe's
-gates (which compare it with the champion on the old held-out set). `serve NAME@champion` follows the alias.
+"""`monitor NAME --retrain`: the next ordinary run of a served version's recipe, on its training data and what
+its traffic taught: the answers users corrected (the correction is the target), the answers they rated up,
+and, where the recipe names a `distill.teacher`, the teacher's answers to the requests far from the training
+questions. Answers rated down without a correction are left out. A share of those traffic rows is held out:
+the new version and the
+champion both answer it, and the new version is promoted only if it is not worse there *and* passes the
+recipe's gates (which compare it with the champion on the old held-out set). `serve NAME@champion` follows the
+alias.
 
-The traffic rows are written to the new run's project folder (user data, where the user asked for it: the run trains
-on it); the run records the trace ids it learned from, never their texts, as an artifact."""
+The traffic rows are written to the new run's project folder (user data, where the user asked for it: the run
+trains on it); the run records the trace ids it learned from, never their texts, as an artifact."""
 
 from __future__ import annotations
 
@@ -38,13 +40,15 @@ class Retrain:
 
     def sentence(self) -> str:
         why = ", ".join(f"{n} {reason}" for reason, n in self.left_out.most_common()) or "none"
-        return (f"From the traffic of v{self.version}: {len(self.rows)} rows to train on, {len(self.held_out)} held "
-                f"out to compare with the champion; left out: {why}")
+        return (
+            f"From the traffic of v{self.version}: {len(self.rows)} rows to train on, {len(self.held_out)} "
+            f"held out to compare with the champion; left out: {why}")
 
 
 def traffic_rows(report: Report, version: str, new: set[str], teacher=None, hold_out: float = 0.25,
                  seed: int = 0) -> Retrain:
-    """The rows `version`'s traffic makes (see the module's docstring), split into training and held-out rows."""
+    """The rows `version`'s traffic makes (see the module's docstring), split into training and held-out
+    rows."""
     out = Retrain(version)
     drifted = []
     for r in report.requests:
@@ -73,7 +77,8 @@ def traffic_rows(report: Report, version: str, new: set[str], teacher=None, hold
         try:
             for prompt, answer in teacher.answers([Prompt(r.prompt, None, r.trace_id) for r in drifted]):
                 if answer.get("answer", "").strip() and answer.get("finish_reason") != "length":
-                    out.rows.append({"messages": [*prompt.messages, {"role": "assistant", "content": answer["answer"]}]})
+                    out.rows.append({"messages": [*prompt.messages,
+                                                  {"role": "assistant", "content": answer["answer"]}]})
                     out.trace_ids.append(prompt.trace_id)
                 else:
                     out.left_out["the teacher's answer was empty or cut"] += 1
@@ -84,13 +89,14 @@ def traffic_rows(report: Report, version: str, new: set[str], teacher=None, hold
     k = int(round(len(order) * hold_out)) if len(order) >= 4 else 0
     out.held_out = [out.rows[i] for i in sorted(order[:k])]
     out.held_out_ids = [out.trace_ids[i] for i in sorted(order[:k])]
-    out.rows, out.trace_ids = [out.rows[i] for i in sorted(order[k:])], [out.trace_ids[i] for i in sorted(order[k:])]
+    out.rows, out.trace_ids = [out.rows[i] for i in sorted(order[k:])], [out.trace_ids[i]
+                                                                         for i in sorted(order[k:])]
     return out
 
 
 def write_project(retrain: Retrain, recipe: dict, sources: list[str], name: str) -> Path:
-    """A project folder holding the version's recipe, its training rows plus the traffic's, and the old held-out
-    file named by absolute path: what `mlflow run` trains next."""
+    """A project folder holding the version's recipe, its training rows plus the traffic's, and the old
+    held-out file named by absolute path: what `mlflow run` trains next."""
     import time
 
     import yaml
@@ -99,7 +105,8 @@ def write_project(retrain: Retrain, recipe: dict, sources: list[str], name: str)
 
     if not retrain.rows:
         raise FinetuneError(f"--retrain: the traffic of v{retrain.version} gives no row to learn from "
-                            f"({retrain.sentence()}); collect corrections or thumbs-up first (POST /v1/feedback)")
+                            f"({retrain.sentence()}); collect corrections or thumbs-up first (POST "
+                            "/v1/feedback)")
     folder = paths.cache_root() / "retrain" / f"{name}-v{retrain.version}-{time.strftime('%Y%m%d-%H%M%S')}"
     (folder / "data").mkdir(parents=True, exist_ok=True)
     old_dir = Path(recipe.get("project_dir") or ".")
@@ -129,19 +136,21 @@ def record_lineage(run_id: str, retrain: Retrain) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    client.set_tag(run_id, tags.MONITOR_RETRAINED_FROM, f"{len(retrain.trace_ids)} traces of v{retrain.version}")
+    client.set_tag(run_id, tags.MONITOR_RETRAINED_FROM,
+                   f"{len(retrain.trace_ids)} traces of v{retrain.version}")
     client.log_dict(run_id, {"version": retrain.version, "trained_on": retrain.trace_ids,
                              "held_out": retrain.held_out_ids}, TRACES_FILE)
 
 
-# ------------------------------------------------------------------------------------------------ the whole loop
+# ------------------------------------------------------------------------------------------------ the whole
+# loop
 
 
 def retrain(report: Report, name: str, params: dict | None = None, backend_config: dict | None = None,
             echo=print):
-    """Train the next version from the champion's (else the newest served version's) recipe and traffic, compare it
-    with the champion on the held-out traffic, and promote it through the recipe's gates when it is not worse
-    there. Returns the PromotionResult, or None when it was not promoted for the traffic's sake."""
+    """Train the next version from the champion's (else the newest served version's) recipe and traffic,
+    compare it with the champion on the held-out traffic, and promote it through the recipe's gates when it is
+    not worse there. Returns the PromotionResult, or None when it was not promoted for the traffic's sake."""
     import mlflow
 
     from mlflow_finetune_plugin.launchers.submit import submit
@@ -157,8 +166,9 @@ def retrain(report: Report, name: str, params: dict | None = None, backend_confi
     version = str(holder.version) if holder is not None and str(holder.version) in served else served[-1]
     own = report.lineages[version]
     if own.missing:
-        raise FinetuneError(f"--retrain: the training data of v{version} cannot be read ({own.missing}); the next "
-                            "run needs it beside the traffic")
+        raise FinetuneError(
+            f"--retrain: the training data of v{version} cannot be read ({own.missing}); the next "
+            "run needs it beside the traffic")
     rows = traffic_rows(report, version, report.new_ids, _teacher(own.recipe))
     echo(rows.sentence())
     project = write_project(rows, own.recipe, own.sources, name)
@@ -184,14 +194,16 @@ def _teacher(recipe: dict):
 
 
 def _better_on_traffic(name: str, new: str, old: str, rows: Retrain, own, echo) -> bool:
-    """Both versions answer the held-out traffic (no prompt-only contenders): is the new one at least as good on
-    the recipe's first comparing gate metric?"""
+    """Both versions answer the held-out traffic (no prompt-only contenders): is the new one at least as good
+    on the recipe's first comparing gate metric?"""
     from mlflow_finetune_plugin.evaluate.contenders import evaluate_model_uri
     from mlflow_finetune_plugin.metrics import lower_is_better
     from mlflow_finetune_plugin.registry.promotion import ARENA_GATE
 
     if not rows.held_out:
-        echo("No traffic rows held out (fewer than 4 rows): the new version is gated on the old held-out set only.")
+        echo(
+            "No traffic rows held out (fewer than 4 rows): the new version is gated on the old held-out set "
+            "only.")
         return True
     gates = (own.recipe.get("registry") or {}).get("promote_if") or []
     # the recipe's first comparison (a limit compares with nothing), else rougeL
@@ -199,13 +211,16 @@ def _better_on_traffic(name: str, new: str, old: str, rows: Retrain, own, echo) 
                    and g.get("metric") != ARENA_GATE), "rougeL")
     scores = {}
     for version in (new, old):
-        result, _ = evaluate_model_uri(f"models:/{name}/{version}", data=str(rows.project / "data" / HELD_OUT_FILE),
-                                       contenders=[], forgetting=False, traces=False)
+        result, _ = evaluate_model_uri(f"models:/{name}/{version}", data=str(rows.project / "data"
+                                                                             / HELD_OUT_FILE), contenders=[],
+                                       forgetting=False, traces=False)
         scores[version] = result.metrics.get(f"eval/tuned/{metric}")
     echo(f"On {len(rows.held_out)} held-out traffic rows, {metric}: " + ", ".join(
         f"v{v} {'-' if scores[v] is None else f'{scores[v]:.4f}'}" for v in (new, old)))
     if scores[new] is None or scores[old] is None or (
             scores[new] > scores[old] if lower_is_better(metric) else scores[new] < scores[old]):
-        echo(f"=> not promoted: v{new} is worse than v{old} on the held-out traffic (or {metric} was not scored)")
+        echo(
+            f"=> not promoted: v{new} is worse than v{old} on the held-out traffic (or {metric} was not "
+            "scored)")
         return False
     return True

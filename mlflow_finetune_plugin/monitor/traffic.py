@@ -1,8 +1,9 @@
-"""The served traffic of a registered model's versions: every trace `serve --trace` or `playground --trace` recorded
-for NAME (tagged `finetune.served.model` = NAME/V or NAME/V:base), read as one `Request` per model call.
+"""The served traffic of a registered model's versions: every trace `serve --trace` or `playground --trace`
+recorded for NAME (tagged `finetune.served.model` = NAME/V or NAME/V:base), read as one `Request` per model
+call.
 
-The texts stay in this process: a Request holds the question and the answer for scoring and drift, and nothing here
-writes them anywhere."""
+The texts stay in this process: a Request holds the question and the answer for scoring and drift, and nothing
+here writes them anywhere."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class Request:
     correction: str | None = None    # the answer a user gave instead
     prompt: list | None = None       # the request's messages (kept for --retrain's rows)
     experiment_id: str | None = None
-    judge: bool | None = None        # the latest verdict of NAME's LLM judge stored on the trace (monitor/judge.py)
+    # the latest verdict of NAME's LLM judge stored on the trace (monitor/judge.py)
+    judge: bool | None = None
 
     @property
     def version(self) -> str:
@@ -55,8 +57,8 @@ class Request:
 
 
 def experiment_ids(experiments: tuple[str, ...] | list[str]) -> list[str]:
-    """The ids of the named experiments (names or ids); every experiment in the store when none is named. Raises
-    FinetuneError naming an experiment that does not exist."""
+    """The ids of the named experiments (names or ids); every experiment in the store when none is named.
+    Raises FinetuneError naming an experiment that does not exist."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -65,7 +67,8 @@ def experiment_ids(experiments: tuple[str, ...] | list[str]) -> list[str]:
         return [e.experiment_id for e in client.search_experiments()]
     ids = []
     for name in experiments:
-        found = client.get_experiment_by_name(name) or (client.get_experiment(name) if name.isdigit() else None)
+        found = client.get_experiment_by_name(name) or (client.get_experiment(name) if name.isdigit()
+                                                        else None)
         if found is None:
             raise FinetuneError(f"--experiment {name}: no such experiment in the tracking store "
                                 f"{mlflow.get_tracking_uri()}; name the one `serve --trace` records to")
@@ -97,8 +100,8 @@ def read_requests(name: str, experiments: list[str], since: str | None = None, u
 
 
 def served_clause(name: str) -> str:
-    """The trace filter selecting the traces of `name`'s versions (and their base sides); LIKE's `_` matches any
-    one character, so readers check the tag again."""
+    """The trace filter selecting the traces of `name`'s versions (and their base sides); LIKE's `_` matches
+    any one character, so readers check the tag again."""
     return f"tag.`{tags.SERVED_MODEL}` LIKE '{_quoted(name)}/%'"
 
 

@@ -1,5 +1,6 @@
-"""`mlflow-finetune monitor NAME`, top to bottom: read the served traffic of NAME's versions, sum it per window and
-version, measure drift against each version's training questions, and check every window against the gates."""
+"""`mlflow-finetune monitor NAME`, top to bottom: read the served traffic of NAME's versions, sum it per
+window and version, measure drift against each version's training questions, and check every window against
+the gates."""
 
 from __future__ import annotations
 
@@ -50,12 +51,13 @@ class Report:
 
 def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = None, since: str | None = None,
           until: str | None = None, gates: list[Gate] | None = None, min_requests: int | None = None,
-          judge: JudgeSpec | str | None = None, store_judgments: bool = True, embedding: str | None = None) -> Report:
-    """The monitoring report of `name`'s served versions (no logging, no printing); `judge` (a gateway endpoint or
-    an OpenAI-compatible URL, monitor/judge.py) judges each answer for each window's judge pass rate, its verdicts
-    stored on the traces unless `store_judgments` is False; without it, the verdicts already stored there (the
-    online judge's, monitor/online.py) make the pass rate. `embedding` (a sentence-transformers model) measures drift
-    instead of BM25, over the recipe's monitor.embedding."""
+          judge: JudgeSpec | str | None = None, store_judgments: bool = True,
+          embedding: str | None = None) -> Report:
+    """The monitoring report of `name`'s served versions (no logging, no printing); `judge` (a gateway
+    endpoint or an OpenAI-compatible URL, monitor/judge.py) judges each answer for each window's judge pass
+    rate, its verdicts stored on the traces unless `store_judgments` is False; without it, the verdicts
+    already stored there (the online judge's, monitor/online.py) make the pass rate. `embedding` (a
+    sentence-transformers model) measures drift instead of BM25, over the recipe's monitor.embedding."""
     ids = experiment_ids(experiments)
     requests = read_requests(name, ids, since, until)
     versions = sorted({r.version for r in requests}, key=int)
@@ -65,7 +67,8 @@ def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = Non
     report = Report(name, window, requests, lineages=lineages, experiment_ids=ids)
     if not requests:
         report.notes.append(f"no traced requests to a version of {name} in {len(ids)} experiment(s)"
-                            + (f" between {since or 'the start'} and {until or 'now'}" if since or until else "")
+                            + (f" between {since or 'the start'} and {until or 'now'}" if since or until
+                               else "")
                             + ": serve it with `mlflow-finetune serve NAME@champion --trace EXPERIMENT`")
         return report
     new, novelty = _novelty(requests, lineages, report.notes, embedding)
@@ -99,17 +102,19 @@ def check(w: Window, gates: list[Gate], min_requests: int) -> list[Alert]:
             continue
         if broken := gate.broken_limits(value):
             op, bound = broken[0]
-            alerts.append(Alert(w, gate.metric, value, f"{op} {bound:g}", w.examples.get(gate.metric, [])[:EXAMPLES]))
+            alerts.append(Alert(w, gate.metric, value, f"{op} {bound:g}",
+                                w.examples.get(gate.metric, [])[:EXAMPLES]))
     return alerts
 
 
 def _novelty(requests: list[Request], lineages: dict[str, Lineage], notes: list[str], embedding: str | None):
-    """Per request: is it new to the training questions of the version that answered it (None where no version's
-    training questions could be read); and each version's calibrated index."""
+    """Per request: is it new to the training questions of the version that answered it (None where no
+    version's training questions could be read); and each version's calibrated index."""
     novelty: dict[str, drift.Novelty | None] = {}
     for version, own in lineages.items():
         model = embedding or own.monitor.embedding
-        novelty[version] = drift.calibrate(own.questions, own.monitor.novelty_quantile, model) if own.questions else None
+        novelty[version] = drift.calibrate(own.questions, own.monitor.novelty_quantile,
+                                           model) if own.questions else None
         if novelty[version] is None:
             why = own.missing or f"{len(own.questions)} training questions, fewer than {drift.MIN_TRAIN}"
             notes.append(f"v{version}: drift not measured ({why})")

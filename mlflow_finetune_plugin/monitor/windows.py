@@ -10,13 +10,15 @@ from mlflow_finetune_plugin.monitor.traffic import Request
 
 @dataclass
 class Window:
-    """One version's traffic in one window: its figures, and the requests behind the shares (for alerts' examples)."""
+    """One version's traffic in one window: its figures, and the requests behind the shares (for alerts'
+    examples)."""
 
     start_s: int
     seconds: int
     served: str                                       # `3`, or `3:base`
     metrics: dict[str, float] = field(default_factory=dict)
-    examples: dict[str, list[str]] = field(default_factory=dict)  # metric -> trace ids of the requests it counts
+    # metric -> trace ids of the requests it counts
+    examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -24,8 +26,8 @@ class Window:
 
 
 def group(requests: list[Request], seconds: int) -> dict[tuple[int, str], list[int]]:
-    """(window start in seconds since the epoch, version) -> the indices of its requests; windows start at whole
-    multiples of `seconds` (UTC), in order."""
+    """(window start in seconds since the epoch, version) -> the indices of its requests; windows start at
+    whole multiples of `seconds` (UTC), in order."""
     out: dict[tuple[int, str], list[int]] = {}
     for i, r in enumerate(requests):
         start = (r.time_ms // 1000) // seconds * seconds
@@ -36,7 +38,8 @@ def group(requests: list[Request], seconds: int) -> dict[tuple[int, str], list[i
 def summarize(requests: list[Request], index: list[int], new: list[bool] | None, languages: list[str | None],
               main_language: str | None, passes: dict[str, bool] | None = None
               ) -> tuple[dict[str, float], dict[str, list[str]]]:
-    """The figures of the requests at `index`: (metrics, metric -> the trace ids behind a share). `passes`: the
+    """The figures of the requests at `index`: (metrics, metric -> the trace ids behind a share). `passes`:
+    the
     judge's verdict per trace id (judge_pass: the share of judged answers that pass)."""
     import numpy as np
 
@@ -55,8 +58,11 @@ def summarize(requests: list[Request], index: list[int], new: list[bool] | None,
             m[key] = float(np.mean(counts))
     if rated:
         m["thumbs_down_share"] = _share(rated, lambda r: r.verdict is False)
-    examples = {"error_share": [r.trace_id for r in rs if not r.ok], "cut_share": [r.trace_id for r in answered if r.cut],
-                "thumbs_down_share": [r.trace_id for r in rated if r.verdict is False]}
+    examples = {
+        "error_share": [r.trace_id for r in rs if not r.ok],
+        "cut_share": [r.trace_id for r in answered if r.cut],
+        "thumbs_down_share": [r.trace_id for r in rated if r.verdict is False],
+    }
     if new is not None:
         m["novel_share"] = sum(new[i] for i in index) / len(index)
         examples["novel_share"] = [requests[i].trace_id for i in index if new[i]]
@@ -73,8 +79,8 @@ def summarize(requests: list[Request], index: list[int], new: list[bool] | None,
 
 def corrected_quality(requests: list[Request], index: list[int], structured: bool = False,
                       json_schema: dict | None = None) -> dict[str, float]:
-    """The recipe's quality metrics of the answers users corrected, against the corrections (none without any),
-    and, for a recipe whose answers are JSON, the share of answers that parse (`json_valid`)."""
+    """The recipe's quality metrics of the answers users corrected, against the corrections (none without
+    any), and, for a recipe whose answers are JSON, the share of answers that parse (`json_valid`)."""
     from mlflow_finetune_plugin.metrics import load_metric, score
 
     corrected = [requests[i] for i in index if requests[i].ok and requests[i].correction]
@@ -85,7 +91,8 @@ def corrected_quality(requests: list[Request], index: list[int], structured: boo
     if structured:
         answers = [requests[i].answer for i in index if requests[i].ok]
         if answers:
-            got = load_metric("json_valid").compute(predictions=answers, schema=json_schema, per_example=False)
+            got = load_metric("json_valid").compute(predictions=answers, schema=json_schema,
+                                                    per_example=False)
             out["json_valid"] = float(got["json_valid"])
     return out
 

@@ -1,18 +1,19 @@
-"""`mlflow-finetune export`: a logged fine-tune as a plain model folder (and a GGUF file, by llama.cpp's converter).
+"""`mlflow-finetune export`: a logged fine-tune as a plain model folder (and a GGUF file, by llama.cpp's
+converter).
 
 The folder is a standard transformers layout: `config.json`, `generation_config.json`, safetensors weights,
-`tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` (the template the model was trained with). An
-adapter is merged into its base with PEFT's `merge_and_unload`, so `AutoModelForCausalLM.from_pretrained(DIR)` needs
-no PEFT, and vLLM and `transformers serve` serve the folder as any hub model. A full fine-tune's weights are copied
-as they were logged. Prompt and prefix tuning add virtual tokens instead of weight updates: nothing to merge, so
-they are refused.
+`tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` (the template the model was trained with).
+An adapter is merged into its base with PEFT's `merge_and_unload`, so
+`AutoModelForCausalLM.from_pretrained(DIR)` needs no PEFT, and vLLM and `transformers serve` serve the folder
+as any hub model. A full fine-tune's weights are copied as they were logged. Prompt and prefix tuning add
+virtual tokens instead of weight updates: nothing to merge, so they are refused.
 
 With `--gguf` the finished folder is also converted into one GGUF file by llama.cpp's `convert_hf_to_gguf.py`
-(`registry.gguf`, found by `registry.llama_cpp`); finding the converter and its support check run before any weights
-load.
+(`registry.gguf`, found by `registry.llama_cpp`); finding the converter and its support check run before any
+weights load.
 
-The export is logged back as artifacts of the model's source run under `exports/<NAME>-v<VERSION>` (a suffix when
-taken), and the version gets `finetune.export.*` tags naming where it went and what it holds.
+The export is logged back as artifacts of the model's source run under `exports/<NAME>-v<VERSION>` (a suffix
+when taken), and the version gets `finetune.export.*` tags naming where it went and what it holds.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ class ExportResult:
 
 def export_model(model_uri: str, out_dir: str | Path, gguf_type: str | None = None, log: bool = True,
                  echo=print, llama_cpp: str | None = None) -> ExportResult:
-    """Export `model_uri` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model) into the new or empty folder
-    `out_dir`; with `gguf_type` (f32, f16, q8_0) also write `gguf/<NAME>-v<VERSION>.<type>.gguf` in it, converted by
-    the llama.cpp that `llama_cpp` names (a checkout or llama-cpp-python's sdist; None: $LLAMA_CPP_DIR, PATH, cache)."""
+    """Export `model_uri` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model) into the new or empty
+    folder `out_dir`; with `gguf_type` (f32, f16, q8_0) also write `gguf/<NAME>-v<VERSION>.<type>.gguf` in it,
+    converted by the llama.cpp that `llama_cpp` names (a checkout or llama-cpp-python's sdist; None:
+    $LLAMA_CPP_DIR, PATH, cache)."""
     from mlflow_finetune_plugin.registry.versions import resolve_model_uri
 
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
@@ -67,7 +69,8 @@ def export_model(model_uri: str, out_dir: str | Path, gguf_type: str | None = No
     return result
 
 
-def _export_into(out: Path, model_uri: str, name, version, run_id, gguf_type, converter, echo) -> ExportResult:
+def _export_into(out: Path, model_uri: str, name, version, run_id, gguf_type, converter,
+                 echo) -> ExportResult:
     import mlflow
 
     label = f"{name}-v{version}" if name else "model"
@@ -80,7 +83,8 @@ def _export_into(out: Path, model_uri: str, name, version, run_id, gguf_type, co
         merged = _write_folder(local, config, artifacts, out, echo)
     gguf_file = None
     if gguf_type:
-        # In a folder of its own: transformers' GGUF loader mixes in tokenizer files that sit beside the GGUF file.
+        # In a folder of its own: transformers' GGUF loader mixes in tokenizer files that sit beside the GGUF
+        # file.
         (out / "gguf").mkdir()
         gguf_file = write_gguf(out, out / "gguf" / f"{label}.{gguf_type}.gguf", gguf_type, label, converter,
                                config.get("base_model"), echo)
@@ -97,7 +101,8 @@ def _empty_folder(path) -> Path:
     out = Path(path).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FinetuneError(f"--to {out}: {'is not a folder' if not out.is_dir() else 'is not empty'}. "
-                            "Give a new folder (it is created) or an empty one; export never overwrites files.")
+                            "Give a new folder (it is created) or an empty one; export never overwrites "
+                            "files.")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -122,7 +127,8 @@ def _model_config(config: dict, artifacts: dict[str, Path]) -> dict:
 
     if "model" in artifacts:
         return json.loads((artifacts["model"] / "config.json").read_text())
-    base = AutoConfig.from_pretrained(resolve_model_path(config["base_model"]), revision=config.get("base_revision"))
+    base = AutoConfig.from_pretrained(resolve_model_path(config["base_model"]),
+                                      revision=config.get("base_revision"))
     return base.to_dict()
 
 
@@ -141,7 +147,8 @@ def _write_folder(local: Path, config: dict, artifacts: dict[str, Path], out: Pa
         _refuse_unmergeable(artifacts["adapter"])
         _write_merged(local, config, out, echo)
         merged = True
-    if has_processor_files(artifacts["tokenizer"]):  # a vision-language model: its processor goes with the weights
+    # a vision-language model: its processor goes with the weights
+    if has_processor_files(artifacts["tokenizer"]):
         shutil.copytree(artifacts["tokenizer"], out, dirs_exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(artifacts["tokenizer"])
     # `transformers serve OUT` then reads the final answer out of channel markup (gpt-oss), as predict does
@@ -157,10 +164,10 @@ def _refuse_unmergeable(adapter_dir: Path) -> None:
     if peft_config.is_prompt_learning:
         kind = str(peft_config.peft_type).rsplit(".", 1)[-1]
         raise FinetuneError(
-            f"this version is a {kind} adapter: it adds learned virtual tokens in front of every input instead of "
-            "changing weights, so there is nothing to merge and no plain model folder can hold it. Serve it with its "
-            "base (`mlflow-finetune playground --model NAME@ALIAS --engine transformers`), or fine-tune with "
-            "-e lora, -e ia3 or -e full to get an exportable model.")
+            f"this version is a {kind} adapter: it adds learned virtual tokens in front of every input "
+            "instead of changing weights, so there is nothing to merge and no plain model folder can hold "
+            "it. Serve it with its base (`mlflow-finetune playground --model NAME@ALIAS --engine "
+            "transformers`), or fine-tune with -e lora, -e ia3 or -e full to get an exportable model.")
 
 
 def _write_merged(local: Path, config: dict, out: Path, echo) -> None:
@@ -174,9 +181,11 @@ def _write_merged(local: Path, config: dict, out: Path, echo) -> None:
     echo(f"Loading the base {config['base_model']} with the adapter")
     loaded = load_logged_model(local, device="cpu")
     echo("Merging the adapter into the base")
-    # Merged in float32 (as the adapter was loaded), saved in the base's own dtype. safe_merge refuses NaN weights.
+    # Merged in float32 (as the adapter was loaded), saved in the base's own dtype. safe_merge refuses NaN
+    # weights.
     model = loaded.model.merge_and_unload(progressbar=True, safe_merge=True)
-    # Every end-of-turn id stops generation in whatever loads the folder (the base's own config may name only eos).
+    # Every end-of-turn id stops generation in whatever loads the folder (the base's own config may name only
+    # eos).
     stops = stop_ids(loaded.tokenizer, model.generation_config)
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     base_dtype = AutoConfig.from_pretrained(resolve_model_path(config["base_model"]),
@@ -187,11 +196,13 @@ def _write_merged(local: Path, config: dict, out: Path, echo) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
-# --- logging back -------------------------------------------------------------------------------------------------
+# --- logging back
+# -------------------------------------------------------------------------------------------------
 
 
 def _log_export(out: Path, run_id: str | None, name: str | None, version: str | None, echo) -> str | None:
-    """Log `out` into the source run under exports/<label>[-N] and tag the version (or, with no version, the run)."""
+    """Log `out` into the source run under exports/<label>[-N] and tag the version (or, with no version, the
+    run)."""
     from mlflow import MlflowClient
 
     if not run_id:
@@ -208,8 +219,9 @@ def _log_export(out: Path, run_id: str | None, name: str | None, version: str | 
     echo(f"Logging the export to run {run_id} under {path}")
     client.log_artifacts(run_id, str(out), path)
     uri = f"runs:/{run_id}/{path}"
-    values = {tags.EXPORT_URI: uri, tags.EXPORT_SOURCE: info["source"], tags.EXPORT_MERGED: str(info["merged"]).lower(),
-              tags.EXPORT_BASE: info["base_model"] or "", tags.EXPORT_GGUF_TYPE: info["gguf_type"] or "none"}
+    values = {tags.EXPORT_URI: uri, tags.EXPORT_SOURCE: info["source"],
+              tags.EXPORT_MERGED: str(info["merged"]).lower(), tags.EXPORT_BASE: info["base_model"] or "",
+              tags.EXPORT_GGUF_TYPE: info["gguf_type"] or "none"}
     for key, value in values.items():
         if version:
             client.set_model_version_tag(name, version, key, value)

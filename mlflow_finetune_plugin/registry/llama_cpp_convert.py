@@ -2,26 +2,27 @@
 
     python llama_cpp_convert.py LLAMA_CPP_DIR MODEL_DIR --outfile F --outtype f32 ...
 
-It is started by path and imports nothing of this plugin: the converter puts its own `gguf-py` first on sys.path and
-imports a `gguf` that is not the installed one, which must not meet this plugin's process.
+It is started by path and imports nothing of this plugin: the converter puts its own `gguf-py` first on
+sys.path and imports a `gguf` that is not the installed one, which must not meet this plugin's process.
 
-One thing is added. llama.cpp names the pre-tokenizer (the regex that splits text before BPE) by the sha256 of the
-token ids of a fixed text, and refuses a tokenizer whose hash it has not seen: every hub tokenizer it supports is in
-its table, but a tokenizer trained or rebuilt locally (the built-in tiny models) never is. When the hash is unknown
-and the tokenizer's split, as transformers loads it, is the very regex llama.cpp implements under one of the names
-the converter writes, that name is written (with a line saying so). Any other tokenizer keeps the converter's own
-error.
+One thing is added. llama.cpp names the pre-tokenizer (the regex that splits text before BPE) by the sha256 of
+the token ids of a fixed text, and refuses a tokenizer whose hash it has not seen: every hub tokenizer it
+supports is in its table, but a tokenizer trained or rebuilt locally (the built-in tiny models) never is. When
+the hash is unknown and the tokenizer's split, as transformers loads it, is the very regex llama.cpp
+implements under one of the names the converter writes, that name is written (with a line saying so). Any
+other tokenizer keeps the converter's own error.
 
-And one thing is written that the converter leaves out: Gemma 3's layer pattern. llama.cpp runs every 6th Gemma 3 layer
-as global attention and the others as sliding, as the released models are built, unless the file lists each layer's
-kind; the converter never lists it. A Gemma 3 whose `layer_types` follow another pattern (a small or pruned one) gets
-the list written (with a line saying so), so that llama.cpp runs each layer as transformers does. A model that
-follows the pattern converts unchanged. (Gemma 4's conversion, a subclass, writes its own list: left alone.)
+And one thing is written that the converter leaves out: Gemma 3's layer pattern. llama.cpp runs every 6th
+Gemma 3 layer as global attention and the others as sliding, as the released models are built, unless the file
+lists each layer's kind; the converter never lists it. A Gemma 3 whose `layer_types` follow another pattern (a
+small or pruned one) gets the list written (with a line saying so), so that llama.cpp runs each layer as
+transformers does. A model that follows the pattern converts unchanged. (Gemma 4's conversion, a subclass,
+writes its own list: left alone.)
 
-And one flag is given where a model needs it: `--no-mtp` for an architecture whose conversion expects a multi-token
-prediction head (Qwen3.5's, registered with `supports_mtp_export`) when the folder holds none of its tensors.
-transformers loads such checkpoints without their `mtp.*` weights and saves them so, and without the flag the
-converter stops on a bare `assert self.opt_num_mtp_layers != 0`.
+And one flag is given where a model needs it: `--no-mtp` for an architecture whose conversion expects a
+multi-token prediction head (Qwen3.5's, registered with `supports_mtp_export`) when the folder holds none of
+its tensors. transformers loads such checkpoints without their `mtp.*` weights and saves them so, and without
+the flag the converter stops on a bare `assert self.opt_num_mtp_layers != 0`.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _tensor_names(model_dir: Path) -> list[str]:
 
 
 def _class(converter, module: str, name: str):
-    """The converter's class `name`: in conversion/<module>.py in newer trees, in the script itself in older ones."""
+    """The converter's class `name`: in conversion/<module>.py in newer trees, in the script itself in older
+    ones."""
     try:
         return getattr(__import__(f"conversion.{module}", fromlist=[name]), name)
     except (ImportError, AttributeError):
@@ -92,9 +94,10 @@ def _class(converter, module: str, name: str):
 
 
 def _with_layer_pattern(original, gemma3, period: int = 6):
-    """Gemma 3's set_gguf_parameters, plus the per-layer sliding-window list where `layer_types` differs from what
-    llama.cpp assumes without one (layer i global when (i + 1) % period == 0: load_swa_pattern(ml, 6)). Subclasses
-    of another architecture (Gemma 4) write their own list after calling it: not a second time here."""
+    """Gemma 3's set_gguf_parameters, plus the per-layer sliding-window list where `layer_types` differs from
+    what llama.cpp assumes without one (layer i global when (i + 1) % period == 0: load_swa_pattern(ml, 6)).
+    Subclasses of another architecture (Gemma 4) write their own list after calling it: not a second time
+    here."""
     def set_gguf_parameters(self) -> None:
         original(self)
         if self.model_arch != gemma3.model_arch:
@@ -104,8 +107,9 @@ def _with_layer_pattern(original, gemma3, period: int = 6):
             return  # no sliding window written: llama.cpp runs every layer global, as transformers does
         sliding = [kind == "sliding_attention" for kind in kinds]
         if sliding != [(i + 1) % period != 0 for i in range(len(kinds))]:
-            print(f"{NOTE} this Gemma 3's layers are not llama.cpp's default (every {period}th global): their kinds "
-                  "are written as attention.sliding_window_pattern", file=sys.stderr, flush=True)
+            print(
+                f"{NOTE} this Gemma 3's layers are not llama.cpp's default (every {period}th global): their "
+                "kinds are written as attention.sliding_window_pattern", file=sys.stderr, flush=True)
             self.gguf_writer.add_sliding_window_pattern(sliding)
 
     return set_gguf_parameters
@@ -139,18 +143,19 @@ def _with_fallback(original):
         name = _pre_tokenizer_name(tokenizer, known)
         if name is None:
             return original(self, tokenizer)  # the converter's own warning and error
-        print(f"{NOTE} llama.cpp does not know this tokenizer by its hash; its pre-tokenizer is the split llama.cpp "
-              f"implements as {name!r}, written as tokenizer.ggml.pre", file=sys.stderr, flush=True)
+        print(
+            f"{NOTE} llama.cpp does not know this tokenizer by its hash; its pre-tokenizer is the split "
+            f"llama.cpp implements as {name!r}, written as tokenizer.ggml.pre", file=sys.stderr, flush=True)
         return name
 
     return get_vocab_base_pre
 
 
 def _pre_tokenizer_name(tokenizer, known: set[str]) -> str | None:
-    """llama.cpp's name for the split of this byte-level BPE tokenizer (`tokenizer` as the converter loaded it), or
-    None. GPT-2's ByteLevel regex is `gpt-2`; a Split regex followed by a ByteLevel without its own regex is the name
-    transformers' GGUF reader maps to that same regex (so the reader rebuilds the tokenizer that was trained), when
-    the converter also writes that name."""
+    """llama.cpp's name for the split of this byte-level BPE tokenizer (`tokenizer` as the converter loaded
+    it), or None. GPT-2's ByteLevel regex is `gpt-2`; a Split regex followed by a ByteLevel without its own
+    regex is the name transformers' GGUF reader maps to that same regex (so the reader rebuilds the tokenizer
+    that was trained), when the converter also writes that name."""
     try:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
     except ImportError:  # a transformers without the table: GPT-2's split only
@@ -161,7 +166,8 @@ def _pre_tokenizer_name(tokenizer, known: set[str]) -> str | None:
         return None
     spec = json.loads(backend.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    # No normalizer, or NFC: transformers gives Qwen2's tokenizers NFC, and llama.cpp converts those under its name.
+    # No normalizer, or NFC: transformers gives Qwen2's tokenizers NFC, and llama.cpp converts those under its
+    # name.
     if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("normalizer") or {}).get(
             "type", "NFC") != "NFC":
         return None
@@ -174,7 +180,8 @@ def _pre_tokenizer_name(tokenizer, known: set[str]) -> str | None:
             and not steps[1].get("add_prefix_space")):
         return None
     regex = (steps[0].get("pattern") or {}).get("Regex")
-    return next((name for name, split in GGUF_PRE_TOKENIZER_SPLITS.items() if split == regex and name in known), None)
+    return next((name for name,
+                 split in GGUF_PRE_TOKENIZER_SPLITS.items() if split == regex and name in known), None)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""The model card of every logged fine-tune: what it is, what it was trained on, how it scored, what it is for.
+"""The model card of every logged fine-tune: what it is, what it was trained on, how it scored, what it is
+for.
 
-Built from the run when the model is logged (base model, method, data inputs, the evaluation and forgetting figures
-the run logged, the resolved recipe), written as `README.md` into the logged model's artifacts, and set as the
-description of the registered version, which the MLflow UI shows on the version's page.
+Built from the run when the model is logged (base model, method, data inputs, the evaluation and forgetting
+figures the run logged, the resolved recipe), written as `README.md` into the logged model's artifacts, and
+set as the description of the registered version, which the MLflow UI shows on the version's page.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def log(card: str, model_id: str) -> None:
 
 
 def describe(name: str, version: str, card: str) -> None:
-    """Set the card as the registered version's description (the recipe left out where the card is too long)."""
+    """Set the card as the registered version's description (the recipe left out where the card is too
+    long)."""
     from mlflow import MlflowClient
 
     MlflowClient().update_model_version(name, str(version), description=description(card))
@@ -76,17 +78,20 @@ def description(card: str) -> str:
     if len(card) <= MAX_DESCRIPTION:
         return card
     note = f"\n\n{CUT_NOTE} `{CARD_FILE}` in the model's artifacts.)\n"
-    short = card.split(f"\n\n{RECIPE_HEADING}", 1)[0].split(f"\n\n{CUT_NOTE}", 1)[0] + note  # one note at most
-    return short if len(short) <= MAX_DESCRIPTION else short[: MAX_DESCRIPTION - len(note) - 4] + " ..." + note
+    # one note at most
+    short = card.split(f"\n\n{RECIPE_HEADING}", 1)[0].split(f"\n\n{CUT_NOTE}", 1)[0] + note
+    return short if len(short) <= MAX_DESCRIPTION else short[: MAX_DESCRIPTION - len(note)
+                                                             - 4] + " ..." + note
 
 
 def with_section(card: str, heading: str, section: str) -> str:
-    """`card` with `section` (which starts with `heading`) in place of its section under `heading`, or, where it has
-    none, inserted before the resolved recipe (or the note that stands for it in a shortened description; appended
-    where there is neither)."""
+    """`card` with `section` (which starts with `heading`) in place of its section under `heading`, or, where
+    it has none, inserted before the resolved recipe (or the note that stands for it in a shortened
+    description; appended where there is neither)."""
     if f"\n{heading}\n" in f"\n{card}":
         before, _, after = f"\n{card}".partition(f"\n{heading}\n")
-        cuts = [at for end in ("\n## ", f"\n{CUT_NOTE}") if (at := after.find(end)) >= 0]  # where the old one ends
+        # where the old one ends
+        cuts = [at for end in ("\n## ", f"\n{CUT_NOTE}") if (at := after.find(end)) >= 0]
         tail = "\n\n" + after[min(cuts):].lstrip("\n") if cuts else "\n"
         return before.strip("\n") + "\n\n" + section + tail
     for end in (f"\n\n{RECIPE_HEADING}", f"\n\n{CUT_NOTE}"):
@@ -110,8 +115,9 @@ def _model_section(recipe, config: dict, run_tags: dict) -> str:
             ("Objective", recipe.objective + (f" ({_knobs(objective)})" if objective else "")),
             ("Quantization of the base", recipe.model.quantization),
             ("Training precision", run_tags.get(tags.PRECISION, "-")),
-            ("Artifact", "adapter only; the base is referenced, not copied" if config.get("artifact") == "adapter"
-             else "complete weights")]
+            ("Artifact",
+             "adapter only; the base is referenced, not "
+             "copied" if config.get("artifact") == "adapter" else "complete weights")]
     terms = base_terms(config["base_model"])
     if terms:
         rows.insert(1, ("Terms of use", terms))
@@ -143,30 +149,35 @@ def _eval_section(metrics: dict) -> str:
     from mlflow_finetune_plugin.metrics import CONTENDERS, comparison_table
 
     scored = {k: v for k, v in metrics.items() if k.count("/") == 2 and k.split("/")[1] in CONTENDERS}
-    # The rows base or few-shot were scored on too; what only the tuned model has (the trainer's own evaluation
-    # during training, preference figures) is listed apart.
+    # The rows base or few-shot were scored on too; what only the tuned model has (the trainer's own
+    # evaluation during training, preference figures) is listed apart.
     compared = {k.split("/")[2] for k in scored if not k.startswith("eval/tuned/")}
     table = {k: v for k, v in scored.items() if k.split("/")[2] in compared} if compared else scored
     if not table:
-        return "## Evaluation\n\nNot evaluated: the run had no held-out rows (`data.eval` or `data.eval_split`)."
+        return ("## Evaluation\n\nNot evaluated: the run had no held-out rows (`data.eval` or "
+                "`data.eval_split`).")
     n = metrics.get("eval/n_examples")
-    head = (f"On {int(n)} held-out examples" if n else "On the held-out examples") + ": the base model zero-shot, "\
-        "with random train examples as shots (fewshot), with the train examples most similar to each question as "\
-        "shots (retrieval), with the instruction and shots a search on a dev split of the train rows found best "\
-        "(optimized, where it ran), and the tuned model (`*` marks the best of each row; lower is better for loss, "\
-        "perplexity and misrouted); under them, what an answer cost each (tokens, median seconds on the machine "\
-        "that evaluated, parameters)."
-    other = {k: v for k, v in metrics.items() if k not in table and k.split("/")[-1] not in _TRAINER_BOOKKEEPING
-             and (k.count("/") == 2 and k.split("/")[1] in (*CONTENDERS, "start") or k.count("/") == 1)
-             and k.startswith("eval/") and k != "eval/n_examples"}
+    head = (
+        (f"On {int(n)} held-out examples" if n else "On the held-out examples")
+        + ": the base model zero-shot, "
+        "with random train examples as shots (fewshot), with the train examples most similar to each "
+        "question as shots (retrieval), with the instruction and shots a search on a dev split of the train "
+        "rows found best (optimized, where it ran), and the tuned model (`*` marks the best of each row; "
+        "lower is better for loss, perplexity and misrouted); under them, what an answer cost each (tokens, "
+        "median seconds on the machine that evaluated, parameters)."
+    )
+    other = {k: v for k,
+             v in metrics.items() if k not in table and k.split("/")[-1] not in _TRAINER_BOOKKEEPING and (
+                 k.count("/") == 2 and k.split("/")[1] in (*CONTENDERS, "start") or k.count("/")
+                 == 1) and k.startswith("eval/") and k != "eval/n_examples"}
     more = ("\n\nOther evaluation figures:\n\n" + markdown_table(["metric", "value"], sorted(other.items()))
             if other else "")
     return f"## Evaluation\n\n{head}\n\n```\n{comparison_table(table)}\n```{more}"
 
 
 def _verdict_section(run_tags: dict, metrics: dict) -> str:
-    """Did fine-tuning pay off against the best prompt-only alternative (`evaluate/verdict.py` decided, at the end of
-    the evaluation, and tagged the run)?"""
+    """Did fine-tuning pay off against the best prompt-only alternative (`evaluate/verdict.py` decided, at the
+    end of the evaluation, and tagged the run)?"""
     from mlflow_finetune_plugin import tags
     from mlflow_finetune_plugin.metrics import VERDICT_MIN_EXAMPLES, VERDICT_PREFIX, VERDICT_RESAMPLES
 
@@ -179,10 +190,10 @@ def _verdict_section(run_tags: dict, metrics: dict) -> str:
     if low is not None and high is not None:
         least = "" if gain is None else f" and the margin is at least {gain:g} (`eval.min_gain`)"
         text += (f"\n\nThe best prompt-only alternative was `{run_tags.get(tags.VERDICT_BEST_ALTERNATIVE)}`. "
-                 f"The 95% interval of the tuned model's margin over it is {low:+.4f} to {high:+.4f} (a paired "
-                 f"bootstrap over the held-out examples, {VERDICT_RESAMPLES} resamples); fine-tuning counts as "
-                 f"paying off only when the whole interval is above 0{least}, on at least {VERDICT_MIN_EXAMPLES} "
-                 "examples.")
+                 f"The 95% interval of the tuned model's margin over it is {low:+.4f} to {high:+.4f} (a "
+                 f"paired bootstrap over the held-out examples, {VERDICT_RESAMPLES} resamples); fine-tuning "
+                 f"counts as paying off only when the whole interval is above 0{least}, on at least "
+                 f"{VERDICT_MIN_EXAMPLES} examples.")
     return "## Verdict\n\n" + text
 
 
@@ -216,22 +227,25 @@ def _use_section(recipe, config: dict, datasets: list[dict], metrics: dict) -> s
     prompt = config.get("system_prompt")
     lines = [f"- **Trained for**: to {_PURPOSE.get(recipe.objective, recipe.objective)}, on {rows} rows of "
              f"{names}. Use it for inputs like those rows.",
-             f"- **System prompt**: {_quote(prompt)} Start a conversation with it: the model was trained with it."
-             if prompt else "- **System prompt**: none; it was trained without one."]
+             f"- **System prompt**: {_quote(prompt)} Start a conversation with it: the model was trained "
+             "with it." if prompt else "- **System prompt**: none; it was trained without one."]
     limits = []
     if rows < SMALL_DATA_ROWS:
-        limits.append(f"small data: {rows} training rows; it may answer confidently about things they do not cover")
+        limits.append(
+            f"small data: {rows} training rows; it may answer confidently about things they do not cover")
     n = metrics.get("eval/n_examples")
     if held_out or n:
         limits.append(f"evaluated only on the held-out split ({int(n) if n else '?'} examples of "
-                      + ", ".join(f"`{d['name']}`" for d in held_out) + "), from the same source as the training "
-                      "data; how it does on other inputs was not measured")
+                      + ", ".join(f"`{d['name']}`" for d in held_out)
+                      + "), from the same source as the training "
+                        "data; how it does on other inputs was not measured")
     else:
         limits.append("not evaluated on held-out rows: its quality was not measured")
     ratio = metrics.get("eval/forgetting/ppl_ratio")
     if ratio is not None and ratio > 1:
-        limits.append(f"general text is {ratio:.2f}x as perplexing to it as to its base: it may have lost some "
-                      "general ability")
+        limits.append(
+            f"general text is {ratio:.2f}x as perplexing to it as to its base: it may have lost some "
+            "general ability")
     if config["base_model"].startswith("builtin:tiny"):
         limits.append("the base is the plugin's random-weight test model: the answers mean nothing")
     elif "dequantized" in config["base_model"]:

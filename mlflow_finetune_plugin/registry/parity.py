@@ -1,11 +1,12 @@
-"""Serving parity, the outcome: whether the engine a version will be served on answers its held-out prompts as its
-evaluation did, and where that is recorded.
+"""Serving parity, the outcome: whether the engine a version will be served on answers its held-out prompts as
+its evaluation did, and where that is recorded.
 
-Before the champion alias moves, `promotion.promote` has the version's held-out prompts answered by the serving
-engine (`serving/parity.py`: the merged copy `serve --engine transformers` loads, or vLLM), and the answers weighed
-against the tuned answers its evaluation recorded (`evaluate/parity.py`): the same score within the bootstrap's noise,
-and the same endings row by row. This module holds that outcome (`Parity`), its sentence and report, and records it
-on the version: `finetune.parity.*` tags and a section of the model card (the version's description).
+Before the champion alias moves, `promotion.promote` has the version's held-out prompts answered by the
+serving engine (`serving/parity.py`: the merged copy `serve --engine transformers` loads, or vLLM), and the
+answers weighed against the tuned answers its evaluation recorded (`evaluate/parity.py`): the same score
+within the bootstrap's noise, and the same endings row by row. This module holds that outcome (`Parity`), its
+sentence and report, and records it on the version: `finetune.parity.*` tags and a section of the model card
+(the version's description).
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ class Parity:
             parts.append(ended)
         if self.served is not None:
             noise = "within" if self.score_within_noise else "OUTSIDE"
-            parts.append(f"{self.metric} {self.served:.3f} served vs {self.evaluated:.3f} evaluated, {noise} the "
-                         f"noise (95% interval of served - evaluated {self.low:+.3f} to {self.high:+.3f})")
+            parts.append(
+                f"{self.metric} {self.served:.3f} served vs {self.evaluated:.3f} evaluated, {noise} the "
+                f"noise (95% interval of served - evaluated {self.low:+.3f} to {self.high:+.3f})")
         if self.rows:
             parts.append(f"{self.same_text} of {self.rows} answers word for word the same")
         if self.note:
@@ -80,7 +82,8 @@ class Parity:
         return f"{self.status}: {verb} by {self.engine}: " + "; ".join(parts)
 
     def report(self) -> str:
-        """The lines `mlflow-finetune promote` prints: the sentence, and each differing row (the first SHOWN_ROWS)."""
+        """The lines `mlflow-finetune promote` prints: the sentence, and each differing row (the first
+        SHOWN_ROWS)."""
         lines = [f"Serving parity: {self.sentence()}"]
         for d in self.differing[:SHOWN_ROWS]:
             lines += [f"  row {d.row} ({_short(d.prompt, 60)}): {d.why}",
@@ -92,11 +95,13 @@ class Parity:
 
     def as_tags(self) -> dict[str, str]:
         when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        out = {tags.PARITY: self.sentence()[:5000], tags.PARITY_STATUS: self.status, tags.PARITY_CHECKED_AT: when}
+        out = {tags.PARITY: self.sentence()[:5000], tags.PARITY_STATUS: self.status,
+               tags.PARITY_CHECKED_AT: when}
         if self.engine:
             out[tags.PARITY_ENGINE] = self.engine
         if self.status in (PASSED, FAILED):
-            out.update({tags.PARITY_ROWS: str(self.rows), tags.PARITY_ROWS_DIFFERING: str(len(self.differing))})
+            out.update({tags.PARITY_ROWS: str(self.rows),
+                        tags.PARITY_ROWS_DIFFERING: str(len(self.differing))})
         if self.served is not None:
             out.update({tags.PARITY_METRIC: self.metric, tags.PARITY_SCORE_SERVED: f"{self.served:.4f}",
                         tags.PARITY_SCORE_EVALUATED: f"{self.evaluated:.4f}"})
@@ -109,19 +114,21 @@ class Parity:
         text = f"{HEADING}\n\n**{self.sentence()}.**"
         if self.status in (PASSED, FAILED):
             text += ("\n\nThe held-out prompts of the run's evaluation, answered by the serving engine as "
-                     "`mlflow-finetune serve` runs it (its chat template and stop tokens, greedy, the evaluation's "
-                     "max_new_tokens), scored with the evaluation's scorer; the means must agree within a paired "
-                     "bootstrap's 95% interval and every answer must end as the evaluated one did.")
+                     "`mlflow-finetune serve` runs it (its chat template and stop tokens, greedy, the "
+                     "evaluation's max_new_tokens), scored with the evaluation's scorer; the means must "
+                     "agree within a paired bootstrap's 95% interval and every answer must end as the "
+                     "evaluated one did.")
         if self.differing:
             rows = [(d.row, _short(d.prompt, 40), d.evaluated_ending or "-", d.served_ending, d.why)
                     for d in self.differing[:SHOWN_ROWS]]
-            text += "\n\n" + model_card.markdown_table(["row", "prompt", "evaluated", "served", "difference"], rows)
+            text += "\n\n" + model_card.markdown_table(["row", "prompt", "evaluated", "served", "difference"],
+                                                       rows)
         return text
 
 
 def record(name: str, version: str, parity: Parity) -> None:
-    """Set `parity`'s tags on the version, and its section in the version's model card (its description), where the
-    version has one (versions registered by other tools have none)."""
+    """Set `parity`'s tags on the version, and its section in the version's model card (its description),
+    where the version has one (versions registered by other tools have none)."""
     from mlflow import MlflowClient
 
     from mlflow_finetune_plugin.registry import model_card

@@ -2,18 +2,21 @@
 
 Gates (`registry.promote_if` in the recipe, or `--gate` on the command line) compare the version's
 `eval/tuned/<metric>` with the prompt-only alternatives of its own source run (`eval/base/<metric>`,
-`eval/fewshot/<metric>`, `eval/retrieval/<metric>`), and with the current champion's `eval/tuned/<metric>` from the
-champion's source run. The default gate asks the tuned model to beat every prompt-only alternative its run scored
-(zero-shot, few-shot, retrieval, the optimized prompt; one the run did not score is passed over with the run's reason)
-and the champion, and follows the run's verdict (`evaluate/verdict.py`): a version whose run the verdict does not call
-a pay-off (beyond the noise and by `eval.min_gain`) fails it and stays where it is. The `arena_above` gate compares arena
-ratings from the playground's votes instead: the version's 95% interval must lie above the other's. `--force` moves
-the alias anyway and records who did it, when and why on the version.
+`eval/fewshot/<metric>`, `eval/retrieval/<metric>`), and with the current champion's `eval/tuned/<metric>`
+from the champion's source run. The default gate asks the tuned model to beat every prompt-only alternative
+its run scored (zero-shot, few-shot, retrieval, the optimized prompt; one the run did not score is passed over
+with the run's reason) and the champion, and follows the run's verdict (`evaluate/verdict.py`): a version
+whose run the verdict does not call a pay-off (beyond the noise and by `eval.min_gain`) fails it and stays
+where it is. The `arena_above` gate compares arena ratings from the playground's votes instead: the version's
+95% interval must lie above the other's. `--force` moves the alias anyway and records who did it, when and why
+on the version.
 
-Before the champion alias moves, serving parity is a gate too (`registry.parity` in the recipe, `--parity`): the
-version's held-out prompts answered by the engine it will be served on must match its evaluation (`parity.py`; the
-check itself is the serving layer's, handed in as `check_parity`). A version whose run recorded no answers is passed
-over with the reason, as the default gates pass over an unscored contender; `off` skips it, with the reason recorded.
+Before the champion alias moves, serving parity is a gate too (`registry.parity` in the recipe, `--parity`):
+the
+version's held-out prompts answered by the engine it will be served on must match its evaluation (`parity.py`;
+the check itself is the serving layer's, handed in as `check_parity`). A version whose run recorded no answers
+is passed over with the reason, as the default gates pass over an unscored contender; `off` skips it, with the
+reason recorded.
 
 The one way in for every door (the CLI, the studio, the playground, a sweep, `monitor --retrain`,
 auto-promotion after training through `mlflow-finetune promote`) is `serving/parity.promote_checked`:
@@ -85,21 +88,25 @@ class PromotionResult:
 
 
 def parse_gate(text: str) -> Gate:
-    """`METRIC[:MARGIN[:BEATS]]`, BEATS comma-separated (default base,fewshot,retrieval,optimized,champion): `rougeL:0.01`,
-    `loss`, `token_f1:0:base,champion`. Lower is better for loss, perplexity and misrouted. Arena ratings from playground votes:
-    `arena_above:BEATS[:MARGIN]`, e.g. `arena_above:champion`, `arena_above:base,champion:25` (MARGIN in Elo points).
-    A limit on the version's own metric: `forgetting/ppl_ratio<=1.2`, `rougeL>=0.3` (see `limit_key`)."""
+    """`METRIC[:MARGIN[:BEATS]]`, BEATS comma-separated (default base,fewshot,retrieval,optimized,champion):
+    `rougeL:0.01`,
+    `loss`, `token_f1:0:base,champion`. Lower is better for loss, perplexity and misrouted. Arena ratings from
+    playground votes: `arena_above:BEATS[:MARGIN]`, e.g. `arena_above:champion`,
+    `arena_above:base,champion:25` (MARGIN in Elo points). A limit on the version's own metric:
+    `forgetting/ppl_ratio<=1.2`, `rougeL>=0.3` (see `limit_key`)."""
     limit = re.fullmatch(r"\s*([^<>=:\s]+)\s*(<=|>=)\s*(\S*)\s*", text)
     if limit:  # `METRIC<=LIMIT`, `METRIC>=LIMIT`: the version's own metric within a limit
         return _limit_gate(text, *limit.groups())
     parts = text.split(":")
     if parts[0] == ARENA_GATE:  # `arena_above:BEATS[:MARGIN]` reads as what it checks
         if len(parts) not in (2, 3) or not parts[1]:
-            raise FinetuneError(f"--gate {text!r}: expected {ARENA_GATE}:BEATS[:MARGIN], e.g. {ARENA_GATE}:champion "
-                                "(MARGIN: Elo points between the two 95% intervals)")
+            raise FinetuneError(
+                f"--gate {text!r}: expected {ARENA_GATE}:BEATS[:MARGIN], e.g. {ARENA_GATE}:champion "
+                "(MARGIN: Elo points between the two 95% intervals)")
         parts = [parts[0], parts[2] if len(parts) == 3 else "", parts[1]]
     if not parts[0] or len(parts) > 3:
-        raise FinetuneError(f"--gate {text!r}: expected METRIC[:MARGIN[:BEATS]], e.g. rougeL:0.01:base,champion")
+        raise FinetuneError(
+            f"--gate {text!r}: expected METRIC[:MARGIN[:BEATS]], e.g. rougeL:0.01:base,champion")
     values: dict = {"metric": parts[0]}
     try:
         if len(parts) > 1 and parts[1]:
@@ -127,7 +134,8 @@ def limit_key(metric: str) -> str:
 
 
 def _limit_check(gate: Gate, own: dict, own_run: str | None, mv, missing: list) -> GateCheck:
-    """A limit gate (`at_most` / `at_least`) on a metric of the version's own run; compares with no other version."""
+    """A limit gate (`at_most` / `at_least`) on a metric of the version's own run; compares with no other
+    version."""
     key = limit_key(gate.metric)
     value = own.get(key)
     if value is None:
@@ -140,7 +148,8 @@ def _limit_check(gate: Gate, own: dict, own_run: str | None, mv, missing: list) 
 
 
 def recipe_gates(name: str, version: str) -> tuple[list[Gate], str]:
-    """The gates and champion alias in the recipe.yaml of the version's source run (defaults if it has none)."""
+    """The gates and champion alias in the recipe.yaml of the version's source run (defaults if it has
+    none)."""
     cfg = recipe_registry(name, version)
     return cfg.promote_if, cfg.champion_alias
 
@@ -150,7 +159,8 @@ def recipe_registry(name: str, version: str) -> RegistryConfig:
     run_id = registry.source_run_id(registry.get_version(name, version))
     section = (registry.source_recipe(run_id) or {}).get("registry") or {}
     try:
-        return RegistryConfig.model_validate({k: v for k, v in section.items() if k in RegistryConfig.model_fields})
+        return RegistryConfig.model_validate({k: v for k,
+                                              v in section.items() if k in RegistryConfig.model_fields})
     except ValueError as e:
         raise FinetuneError(f"registry section of the recipe of run {run_id}: {e}") from None
 
@@ -171,12 +181,14 @@ def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple
             checks.append(_limit_check(gate, own, own_run, mv, missing))
             continue
         mode = gate.mode or ("min" if lower_is_better(gate.metric) else "max")
-        served = _served(own_run)  # the tuned model, or the tuned model with retrieval where the version retrieves
+        # the tuned model, or the tuned model with retrieval where the version retrieves
+        served = _served(own_run)
         tuned = own.get(f"eval/{served}/{gate.metric}")
         if tuned is None:
             missing.append(f"eval/{served}/{gate.metric} in run {own_run} (v{mv.version})")
         for against in gate.beats:
-            why = unscored.get(against) or (against == "optimized" and "its run did not run the prompt search") or (
+            why = unscored.get(against) or (against == "optimized" and "its run did not run the prompt "
+                                                                       "search") or (
                 against == RAG and "its run retrieved from no documents")
             if _default_beats(gate) and why and f"eval/{against}/{gate.metric}" not in own:
                 # a default gate passes over a contender its run did not score, and says why
@@ -198,8 +210,9 @@ def check_gates(name: str, version: str, gates: list[Gate], alias: str) -> tuple
 
 
 def _verdict_check(run_id: str | None, own: dict, metric: str, mode: str, tuned: float | None) -> GateCheck:
-    """The run's verdict as a gate: passes when it called fine-tuning a pay-off; a run with no verdict (evaluated
-    before verdicts existed) or no comparison to make (no prompt-only contender scored) is passed over, with why."""
+    """The run's verdict as a gate: passes when it called fine-tuning a pay-off; a run with no verdict
+    (evaluated before verdicts existed) or no comparison to make (no prompt-only contender scored) is passed
+    over, with why."""
     run_tags = MlflowClient().get_run(run_id).data.tags if run_id else {}
     paid, best = run_tags.get(tags.VERDICT_PAID_OFF), run_tags.get(tags.VERDICT_BEST_ALTERNATIVE) or "none"
     gain = own.get(f"{VERDICT_PREFIX}min_gain", 0.0)
@@ -217,22 +230,24 @@ def _verdict_check(run_id: str | None, own: dict, metric: str, mode: str, tuned:
 
 
 def promote(name: str, version: str, alias: str | None = None, gates: list[Gate] | None = None,
-            force: bool = False, reason: str | None = None, user: str | None = None, parity: str | None = None,
-            check_parity=None) -> PromotionResult:
-    """Move `alias` (default: the recipe's champion alias) to `version` when every gate passes, or when forced.
-    Doors do not call this: they call `serving/parity.promote_checked`, this with the serving check in.
+            force: bool = False, reason: str | None = None, user: str | None = None,
+            parity: str | None = None, check_parity=None) -> PromotionResult:
+    """Move `alias` (default: the recipe's champion alias) to `version` when every gate passes, or when
+    forced. Doors do not call this: they call `serving/parity.promote_checked`, this with the serving check
+    in.
 
-    Moving the champion alias, serving parity is checked too: `parity` is the engine (transformers, vllm) or `off`
-    (needs `reason`), default the recipe's `registry.parity`; `check_parity(name, version, engine, gates)` answers
-    with the engine and returns a `parity.Parity` (`serving/parity.check`). Without one (auto_promote in the training
-    process) parity is not checked, and the version's tags say so.
+    Moving the champion alias, serving parity is checked too: `parity` is the engine (transformers, vllm) or
+    `off` (needs `reason`), default the recipe's `registry.parity`; `check_parity(name, version, engine,
+    gates)` answers with the engine and returns a `parity.Parity` (`serving/parity.check`). Without one
+    (auto_promote in the training process) parity is not checked, and the version's tags say so.
     Refuses (FinetuneError) when the version lacks lineage tags or metrics a gate needs, unless forced.
     """
     if force and not (reason or "").strip():
         raise FinetuneError("--force needs --reason TEXT: say why the gates are overridden (it is recorded)")
     if parity == OFF and not (reason or "").strip():
-        raise FinetuneError("--parity off needs --reason TEXT: say why the served answers are not checked against "
-                            "the evaluation (it is recorded)")
+        raise FinetuneError(
+            "--parity off needs --reason TEXT: say why the served answers are not checked against "
+            "the evaluation (it is recorded)")
     if prompts.is_prompt(name):  # an optimized prompt (registry/prompts.py)
         return prompts.promote_prompt(name.removesuffix(prompts.SUFFIX), version, gates, alias, force)
     mv = registry.get_version(name, version)
@@ -249,15 +264,17 @@ def promote(name: str, version: str, alias: str | None = None, gates: list[Gate]
         problems = [f"missing metric {m}" for m in missing] + [f"missing lineage tag {t}" for t in lineage]
         raise FinetuneError(
             f"cannot check the gates of {name} v{mv.version}:\n" + "\n".join("  - " + p for p in problems) +
-            f"\nEvaluate it into its source run (`mlflow-finetune evaluate models:/{name}/{mv.version} --run-id "
-            f"{registry.source_run_id(mv)}`), drop the gate (--gate), or override with --force --reason TEXT.")
+            f"\nEvaluate it into its source run (`mlflow-finetune evaluate models:/{name}/{mv.version} "
+            f"--run-id {registry.source_run_id(mv)}`), drop the gate (--gate), or override with --force "
+            "--reason TEXT.")
     if result.previous == version:
         result.message = f"=> v{mv.version} already holds @{alias}; nothing to move"
         return result
-    if alias == cfg.champion_alias and (result.passed or force):  # a champion that will not move: nothing to serve
+    # a champion that will not move: nothing to serve
+    if alias == cfg.champion_alias and (result.passed or force):
         result.parity = _served_parity(name, version, gates, parity or cfg.parity, check_parity,
-                                       reason if parity == OFF else f"registry.parity is off in the recipe of run "
-                                                                     f"{registry.source_run_id(mv)}")
+                                       reason if parity == OFF else "registry.parity is off in the recipe "
+                                                                    f"of run {registry.source_run_id(mv)}")
         record_parity(name, version, result.parity)
     if not (result.passed or force):
         result.message = f"=> gates failed: @{alias} stays on {_v(result.previous)}"
@@ -267,14 +284,15 @@ def promote(name: str, version: str, alias: str | None = None, gates: list[Gate]
 
 
 def _served_parity(name: str, version: str, gates, engine: str, check, why_off: str | None) -> Parity:
-    """Serving parity for moving the champion alias: skipped (`off`, with `why_off`), not checked where no check
-    was handed in, else `check`'s outcome."""
+    """Serving parity for moving the champion alias: skipped (`off`, with `why_off`), not checked where no
+    check was handed in, else `check`'s outcome."""
     if engine == OFF:
         return Parity(SKIPPED, note=why_off or "")
     if check is None:
-        return Parity(NOT_CHECKED, engine, note="promoted where no serving engine is loaded (auto_promote at the end "
-                      f"of training, or a caller of promote() without check_parity); `mlflow-finetune promote {name} "
-                      f"--version {version}` checks it")
+        return Parity(NOT_CHECKED, engine,
+                      note="promoted where no serving engine is loaded (auto_promote at the end "
+                           "of training, or a caller of promote() without check_parity); `mlflow-finetune "
+                           f"promote {name} --version {version}` checks it")
     return check(name, version, engine, gates)
 
 
@@ -309,8 +327,8 @@ def maybe_auto_promote(name: str, version: str, recipe, promote_with=None) -> Pr
 
 
 def not_scored(run_id: str | None) -> dict[str, str]:
-    """contender -> why the run did not score it, from its `finetune.eval.contenders` tag (`report.contenders_line`:
-    `scored a, b; not c: why; not d: why`)."""
+    """contender -> why the run did not score it, from its `finetune.eval.contenders` tag
+    (`report.contenders_line`: `scored a, b; not c: why; not d: why`)."""
     line = _run_tag(run_id, tags.EVAL_CONTENDERS) or ""
     return {m.group(1): m.group(2) for m in re.finditer(r"; not (\w+): (.*?)(?=; not \w+: |$)", line)}
 
@@ -324,8 +342,9 @@ def _other_value(name, mv, against: str, alias: str, metric: str, own: dict, mis
         return own.get(key), ""
     ref = "@" + alias if against == "champion" else against
     if not (ref.startswith("@") or ref.lstrip("vV").isdigit()):
-        raise FinetuneError(f"gate on {metric}: cannot beat {against!r}; use base, fewshot, retrieval, optimized, champion, "
-                            "@ALIAS or a version number")
+        raise FinetuneError(
+            f"gate on {metric}: cannot beat {against!r}; use base, fewshot, retrieval, optimized, champion, "
+            "@ALIAS or a version number")
     other = registry.alias_holder(name, ref[1:]) if ref.startswith("@") else registry.get_version(name, ref)
     if other is None:
         return None, f"pass: no {ref} yet"
@@ -342,21 +361,22 @@ def _other_value(name, mv, against: str, alias: str, metric: str, own: dict, mis
 
 
 def _default_beats(gate: Gate) -> bool:
-    """The gate compares with the default contenders: not given, or given as the default list (a run's recipe.yaml
-    writes the resolved recipe, defaults spelled out; the list before `rag` joined it too)."""
+    """The gate compares with the default contenders: not given, or given as the default list (a run's
+    recipe.yaml writes the resolved recipe, defaults spelled out; the list before `rag` joined it too)."""
     default = Gate.model_fields["beats"].default
     return "beats" not in gate.model_fields_set or gate.beats in (default, [c for c in default if c != RAG])
 
 
 def _served(run_id: str | None) -> str:
-    """The contender whose answers a version gives when served: `tuned`, or `tuned-rag` for a version that carries
-    its documents' chunks and retrieves (the run's `finetune.served_as`)."""
+    """The contender whose answers a version gives when served: `tuned`, or `tuned-rag` for a version that
+    carries its documents' chunks and retrieves (the run's `finetune.served_as`)."""
     return (_run_tag(run_id, tags.SERVED_AS) if run_id else None) or "tuned"
 
 
 def _arena_checks(name: str, mv, gate: Gate, alias: str) -> list[GateCheck]:
     """The version's arena rating (votes on `name` in the playground's experiment) against each contender in
-    `gate.beats`: passes when its 95% interval lies above theirs by `gate.margin` Elo points, each with enough votes."""
+    `gate.beats`: passes when its 95% interval lies above theirs by `gate.margin` Elo points, each with enough
+    votes."""
     from mlflow_finetune_plugin.arena import votes
 
     board = votes.ratings(votes.read_votes(name))
@@ -365,8 +385,9 @@ def _arena_checks(name: str, mv, gate: Gate, alias: str) -> list[GateCheck]:
     for against in gate.beats:
         if against in ("fewshot", "retrieval"):
             kind = {"fewshot": "few-shot", "retrieval": "retrieved-shot"}[against]
-            raise FinetuneError(f"gate {ARENA_GATE}: no votes are cast on {kind} prompts; beats takes champion, "
-                                f"base, @ALIAS or a version, e.g. --gate {ARENA_GATE}:champion")
+            raise FinetuneError(
+                f"gate {ARENA_GATE}: no votes are cast on {kind} prompts; beats takes champion, "
+                f"base, @ALIAS or a version, e.g. --gate {ARENA_GATE}:champion")
         ref = "@" + alias if against == "champion" else against
         other = None if against == "base" else (registry.alias_holder(name, ref[1:]) if ref.startswith("@")
                                                  else registry.get_version(name, ref))
@@ -381,7 +402,8 @@ def _arena_checks(name: str, mv, gate: Gate, alias: str) -> list[GateCheck]:
             passed, note = False, board.separation(own, key)[1]
         else:
             passed = gap >= gate.margin - 1e-9
-            note = f"{mine.interval} above {key}'s {theirs.interval}" + ("" if passed else f" by only {gap:.0f}")
+            note = f"{mine.interval} above {key}'s {theirs.interval}" + ("" if passed
+                                                                         else f" by only {gap:.0f}")
         checks.append(GateCheck(ARENA_GATE, against, "max", gate.margin, mine and round(mine.rating),
                                 theirs and round(theirs.rating), passed, note))
     return checks

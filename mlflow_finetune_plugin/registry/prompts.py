@@ -1,18 +1,21 @@
-"""The optimized contender's prompt in MLflow's Prompt Registry: kept, versioned and served like a model version.
+"""The optimized contender's prompt in MLflow's Prompt Registry: kept, versioned and served like a model
+version.
 
-A run whose evaluation scored the `optimized` contender (`evaluate/prompt_search.py`) registers its instruction and
-shots as a new version of `<registry.name>-prompt`: a chat template (the instruction as a system message, the shots
-as turns, the question as `{{question}}`), tagged with the run and the base model, linked to the run, with the alias
-`candidate`. `champion` moves only through the recipe's gates, read as they are read for a model version but on the
-prompt's own scores (`eval/optimized/<metric>` of its run): against base, fewshot and retrieval of the same run and
-against the champion prompt's run. Limits on forgetting (a metric with `/`) do not apply: a prompt changes no weight.
+A run whose evaluation scored the `optimized` contender (`evaluate/prompt_search.py`) registers its
+instruction and shots as a new version of `<registry.name>-prompt`: a chat template (the instruction as a
+system message, the shots as turns, the question as `{{question}}`), tagged with the run and the base model,
+linked to the run, with the alias `candidate`. `champion` moves only through the recipe's gates, read as they
+are read for a model version but on the prompt's own scores (`eval/optimized/<metric>` of its run): against
+base, fewshot and retrieval of the same run and against the champion prompt's run. Limits on forgetting (a
+metric with `/`) do not apply: a prompt changes no weight.
 
-`apply_prompt` is what serving does with a prompt of fixed shots: the client's messages with the instruction after
-their system message and the shots before their turns. A winner with retrieved shots registers its instruction, and
-its tags name the shot pool its run logged (`finetune.prompt.shot_pool`, `eval/optimized_shot_pool.jsonl`: the train
-conversations it drew from) and how many it takes; `served_prompt` loads that pool, and serving retrieves from it per
-request (`serving/prompted.py`). Where the run could not keep a pool (train rows read from traces are not copied),
-the prompt keeps its instruction only and its tags say so.
+`apply_prompt` is what serving does with a prompt of fixed shots: the client's messages with the instruction
+after their system message and the shots before their turns. A winner with retrieved shots registers its
+instruction, and its tags name the shot pool its run logged (`finetune.prompt.shot_pool`,
+`eval/optimized_shot_pool.jsonl`: the train conversations it drew from) and how many it takes; `served_prompt`
+loads that pool, and serving retrieves from it per request (`serving/prompted.py`). Where the run could not
+keep a pool (train rows read from traces are not copied), the prompt keeps its instruction only and its tags
+say so.
 """
 
 from __future__ import annotations
@@ -48,14 +51,15 @@ def parts_of(template) -> tuple[str | None, list[list[dict]]]:
 
 
 def apply_prompt(messages: list[dict], template, shots: list[list[dict]] | None = None) -> list[dict]:
-    """The client's `messages` asked with the registered prompt: its instruction after their system message, its
-    shots (or `shots`, retrieved for these messages) before their turns."""
+    """The client's `messages` asked with the registered prompt: its instruction after their system message,
+    its shots (or `shots`, retrieved for these messages) before their turns."""
     instruction, own = parts_of(template)
     return fewshot_prompt(with_instruction(messages, instruction), own if shots is None else shots)
 
 
 def register_optimized(model_name: str, record: dict, run_id: str, base_model: str, model_version=None):
-    """Register `record` as a new version of `<model_name>-prompt` with alias `candidate`, linked to `run_id`."""
+    """Register `record` as a new version of `<model_name>-prompt` with alias `candidate`, linked to
+    `run_id`."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -65,13 +69,16 @@ def register_optimized(model_name: str, record: dict, run_id: str, base_model: s
     if record.get("retrieved_shots"):
         version_tags[tags.PROMPT_SHOTS] = (
             f"retrieved: the {record.get('retrieval_k')} nearest of {record.get('shot_pool_rows')} train "
-            "conversations" if pool else f"retrieved (not kept: instruction only; {record.get('shot_pool_note')})")
+            "conversations" if pool
+            else f"retrieved (not kept: instruction only; {record.get('shot_pool_note')})")
     if pool:
-        version_tags.update({tags.PROMPT_SHOT_POOL: pool, tags.PROMPT_RETRIEVAL_K: str(record.get("retrieval_k"))})
+        version_tags.update({tags.PROMPT_SHOT_POOL: pool,
+                             tags.PROMPT_RETRIEVAL_K: str(record.get("retrieval_k"))})
     if model_version is not None:
         version_tags[tags.PROMPT_MODEL_VERSION] = f"{model_name}/{model_version}"
     version = mlflow.genai.register_prompt(prompt_name(model_name), template_of(record),
-                                           commit_message=(record.get("reason") or "")[:500], tags=version_tags)
+                                           commit_message=(record.get("reason") or "")[:500],
+                                           tags=version_tags)
     mlflow.genai.set_prompt_alias(prompt_name(model_name), CANDIDATE, version.version)
     MlflowClient().link_prompt_version_to_run(run_id, version)
     return version
@@ -79,8 +86,8 @@ def register_optimized(model_name: str, record: dict, run_id: str, base_model: s
 
 @dataclass
 class ServedPrompt:
-    """A registered prompt as `serve --prompt` serves it: version `version` of `prompt_name`, under `name` (and
-    `alias_key`, when given by alias), on the base model of `model_version`."""
+    """A registered prompt as `serve --prompt` serves it: version `version` of `prompt_name`, under `name`
+    (and `alias_key`, when given by alias), on the base model of `model_version`."""
 
     prompt_name: str
     version: str
@@ -99,8 +106,8 @@ class ServedPrompt:
 
 
 def served_prompt(uri: str) -> ServedPrompt:
-    """`prompts:/NAME-prompt@ALIAS` or `prompts:/NAME-prompt/N` from the registry, as `serve --prompt` serves it
-    (with its shot pool, for a prompt whose shots are retrieved)."""
+    """`prompts:/NAME-prompt@ALIAS` or `prompts:/NAME-prompt/N` from the registry, as `serve --prompt` serves
+    it (with its shot pool, for a prompt whose shots are retrieved)."""
     import json
 
     import mlflow
@@ -112,8 +119,9 @@ def served_prompt(uri: str) -> ServedPrompt:
     try:
         version = mlflow.genai.load_prompt(text, link_to_model=False)
     except Exception as e:  # MLflow raises its own errors for unknown names, versions and aliases
-        raise FinetuneError(f"--prompt {uri}: {e}. Registered prompts: a run that scored the optimized contender "
-                            "registers NAME-prompt (alias candidate)") from None
+        raise FinetuneError(
+            f"--prompt {uri}: {e}. Registered prompts: a run that scored the optimized contender "
+            "registers NAME-prompt (alias candidate)") from None
     alias = text.split("@", 1)[1] if "@" in text else None
     pool = []
     if version.tags.get(tags.PROMPT_SHOT_POOL):
@@ -121,9 +129,10 @@ def served_prompt(uri: str) -> ServedPrompt:
             pool = [json.loads(line) for line in mlflow.artifacts.load_text(
                 version.tags[tags.PROMPT_SHOT_POOL]).splitlines() if line.strip()]
         except Exception as e:  # a deleted run or artifact: the prompt cannot be asked as it was measured
-            raise FinetuneError(f"--prompt {uri}: its retrieved shots come from {version.tags[tags.PROMPT_SHOT_POOL]}"
-                                f", which cannot be read ({first_line(e)}); restore the run, or serve another "
-                                "version of the prompt") from None
+            raise FinetuneError(
+                f"--prompt {uri}: its retrieved shots come from {version.tags[tags.PROMPT_SHOT_POOL]}"
+                f", which cannot be read ({first_line(e)}); restore the run, or serve another "
+                "version of the prompt") from None
     return ServedPrompt(version.name, str(version.version), version.template,
                         version.tags.get(tags.PROMPT_MODEL_VERSION),
                         f"{version.name}@{alias}" if alias else None,
@@ -132,24 +141,26 @@ def served_prompt(uri: str) -> ServedPrompt:
 
 
 def base_version(prompt: ServedPrompt, uri: str) -> str:
-    """`NAME/N`, the version whose base side answers `prompt` (given as `uri`): the one it was registered beside, else
-    `version_on_base`; raises FinetuneError with the fix where there is none."""
+    """`NAME/N`, the version whose base side answers `prompt` (given as `uri`): the one it was registered
+    beside, else `version_on_base`; raises FinetuneError with the fix where there is none."""
     from mlflow_finetune_plugin.errors import FinetuneError
 
     beside = prompt.model_version or version_on_base(prompt)
     if not beside:
-        raise FinetuneError(f"{uri}: its base model ({prompt.base_model or 'not recorded'}) is served as the base "
-                            "side of a registered version, and none of that name is trained on it: register one "
-                            "(`mlflow run RECIPE -e lora` with the same registry.name and model), or use a prompt "
-                            "registered beside a model version")
+        raise FinetuneError(
+            f"{uri}: its base model ({prompt.base_model or 'not recorded'}) is served as the base "
+            "side of a registered version, and none of that name is trained on it: register one "
+            "(`mlflow run RECIPE -e lora` with the same registry.name and model), or use a prompt "
+            "registered beside a model version")
     return beside
 
 
 def version_on_base(prompt: ServedPrompt) -> str | None:
-    """`NAME/N` whose base model answers a prompt registered beside no model version (`-e optimize-prompt`): the
-    newest version of the same registered name trained on the prompt's base model, with the chat template of the
-    prompt's run where both recorded one (its `:base` side is that base model asked through that template); None
-    when there is none."""
+    """`NAME/N` whose base model answers a prompt registered beside no model version (`-e optimize-prompt`):
+    the
+    newest version of the same registered name trained on the prompt's base model, with the chat template of
+    the prompt's run where both recorded one (its `:base` side is that base model asked through that
+    template); None when there is none."""
     from mlflow import MlflowClient
 
     from mlflow_finetune_plugin.registry.versions import source_run_id
@@ -157,8 +168,11 @@ def version_on_base(prompt: ServedPrompt) -> str | None:
     client = MlflowClient()
     name = prompt.prompt_name.removesuffix(SUFFIX)
     try:
-        template = client.get_run(prompt.source_run).data.tags.get(tags.CHAT_TEMPLATE_HASH) if prompt.source_run \
+        template = (
+            client.get_run(prompt.source_run).data.tags.get(tags.CHAT_TEMPLATE_HASH)
+            if prompt.source_run
             else None
+        )
     except Exception:  # a deleted source run: match on the base model alone
         template = None
     for version in sorted(client.search_model_versions(f"name = '{name}'", max_results=10_000),
@@ -196,8 +210,11 @@ def check_prompt_gates(model_name: str, version, gates, alias: str) -> list[Prom
         if gate.metric.count("/") or gate.metric == "arena_above":
             continue  # forgetting limits and arena votes are about weights and served versions
         mine = own.get(f"eval/optimized/{gate.metric}")
-        better = (lambda a, b: b - a) if (gate.mode or ("min" if lower_is_better(gate.metric) else "max")) == "min" \
+        better = (
+            (lambda a, b: b - a)
+            if (gate.mode or ("min" if lower_is_better(gate.metric) else "max")) == "min"
             else (lambda a, b: a - b)
+        )
         if gate.at_most is not None or gate.at_least is not None:
             limit = gate.at_most if gate.at_most is not None else gate.at_least
             ok = mine is not None and (mine <= limit if gate.at_most is not None else mine >= limit)
@@ -224,7 +241,8 @@ def check_prompt_gates(model_name: str, version, gates, alias: str) -> list[Prom
 
 @dataclass
 class PromptPromotion:
-    """What `promote_prompt` did, shaped as `promotion.PromotionResult` is read by `mlflow-finetune promote`."""
+    """What `promote_prompt` did, shaped as `promotion.PromotionResult` is read by `mlflow-finetune
+    promote`."""
 
     name: str
     version: str
@@ -239,7 +257,8 @@ class PromptPromotion:
 
 def promote_prompt(model_name: str, version, gates=None, alias: str | None = None,
                    force: bool = False) -> PromptPromotion:
-    """Move `alias` of `<model_name>-prompt` to `version` (a number or `@ALIAS`) when its gates pass (`force`: even
+    """Move `alias` of `<model_name>-prompt` to `version` (a number or `@ALIAS`) when its gates pass (`force`:
+    even
     when not); gates and alias default to the recipe of the prompt's source run (`registry.promote_if`,
     `registry.champion_alias`)."""
     import mlflow
@@ -268,13 +287,16 @@ def promote_prompt(model_name: str, version, gates=None, alias: str | None = Non
 
 
 def _recorded(name: str, version: str) -> tuple[list, str]:
-    """(gates, champion alias) of the recipe the prompt's source run recorded; the defaults where it has none."""
+    """(gates, champion alias) of the recipe the prompt's source run recorded; the defaults where it has
+    none."""
     from mlflow_finetune_plugin.config.schema import RegistryConfig
     from mlflow_finetune_plugin.registry.versions import source_recipe
 
-    section = (source_recipe(_version(name, version).tags.get(tags.PROMPT_SOURCE_RUN)) or {}).get("registry") or {}
+    section = (source_recipe(_version(name, version).tags.get(tags.PROMPT_SOURCE_RUN))
+               or {}).get("registry") or {}
     try:
-        config = RegistryConfig.model_validate({k: v for k, v in section.items() if k in RegistryConfig.model_fields})
+        config = RegistryConfig.model_validate({k: v for k,
+                                                v in section.items() if k in RegistryConfig.model_fields})
     except ValueError:
         config = RegistryConfig()
     return config.promote_if, config.champion_alias

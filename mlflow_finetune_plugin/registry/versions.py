@@ -10,16 +10,18 @@ from mlflow_finetune_plugin.metrics import format_table
 
 
 def register(model_uri: str, name: str, lineage: dict[str, str], alias: str | None = "challenger"):
-    """Register `model_uri` as a new version of `name` with `lineage` tags; point `alias` at it. Returns the version."""
+    """Register `model_uri` as a new version of `name` with `lineage` tags; point `alias` at it. Returns the
+    version."""
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in lineage.items()})
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, version.version)
     return version
 
 
-# Lineage every version must carry before it may hold the champion alias (base_revision is absent for local bases).
-REQUIRED_LINEAGE = (tags.METHOD, tags.BASE_MODEL, tags.DATASET_DIGEST, tags.RECIPE_HASH, tags.CHAT_TEMPLATE_HASH,
-                    tags.SOURCE_RUN)
+# Lineage every version must carry before it may hold the champion alias (base_revision is absent for local
+# bases).
+REQUIRED_LINEAGE = (tags.METHOD, tags.BASE_MODEL, tags.DATASET_DIGEST, tags.RECIPE_HASH,
+                    tags.CHAT_TEMPLATE_HASH, tags.SOURCE_RUN)
 
 
 def get_version(name: str, ref: str):
@@ -62,7 +64,8 @@ def list_versions(name: str) -> list:
     versions = list(client.search_model_versions(f"name = '{name}'", max_results=10_000))
     if not versions:
         known = [m.name for m in client.search_registered_models(max_results=100)]
-        raise FinetuneError(f"no registered model named {name!r}. Registered models: {', '.join(known) or 'none'}")
+        raise FinetuneError(
+            f"no registered model named {name!r}. Registered models: {', '.join(known) or 'none'}")
     return sorted(versions, key=lambda v: int(v.version))
 
 
@@ -80,7 +83,8 @@ def run_metrics(run_id: str | None) -> dict[str, float]:
 
 
 def source_recipe(run_id: str | None) -> dict | None:
-    """The resolved recipe (`recipe.yaml` artifact) a run was trained with, as plain data; None if it has none."""
+    """The resolved recipe (`recipe.yaml` artifact) a run was trained with, as plain data; None if it has
+    none."""
     import tempfile
 
     import yaml
@@ -90,7 +94,8 @@ def source_recipe(run_id: str | None) -> dict | None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="recipe.yaml", dst_path=tmp)
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="recipe.yaml",
+                                                       dst_path=tmp)
         except (MlflowException, OSError):
             return None
         with open(path, encoding="utf-8") as f:
@@ -98,8 +103,9 @@ def source_recipe(run_id: str | None) -> dict | None:
 
 
 def logged_model_id(version) -> str | None:
-    """The logged model (m-...) a registered version was made from: MLflow 3 registers `models:/<model id>` (the
-    version's own `model_id` field stays empty in a SQL store); None for a version registered from a run's files."""
+    """The logged model (m-...) a registered version was made from: MLflow 3 registers `models:/<model id>`
+    (the version's own `model_id` field stays empty in a SQL store); None for a version registered from a
+    run's files."""
     if getattr(version, "model_id", None):
         return version.model_id
     source = str(version.source or "")
@@ -108,8 +114,8 @@ def logged_model_id(version) -> str | None:
 
 
 def resolve_model_uri(model_uri: str) -> tuple[str | None, str | None, str | None]:
-    """(registered name, version, source run id) of `models:/NAME/N`, `models:/NAME@ALIAS`, `models:/<model id>`
-    or `runs:/<run id>/path`; name and version are None for unregistered models."""
+    """(registered name, version, source run id) of `models:/NAME/N`, `models:/NAME@ALIAS`, `models:/<model
+    id>` or `runs:/<run id>/path`; name and version are None for unregistered models."""
     from mlflow_finetune_plugin.errors import FinetuneError
 
     if model_uri.startswith("runs:/"):
@@ -142,8 +148,8 @@ def versions_table(name: str, metrics: list[str]) -> str:
 
 
 def checkpoint_models(run_id: str) -> list:
-    """The checkpoints of training run `run_id` as logged models (`checkpoint-N`, see callbacks.CheckpointLogger),
-    by step."""
+    """The checkpoints of training run `run_id` as logged models (`checkpoint-N`, see
+    callbacks.CheckpointLogger), by step."""
     from mlflow.exceptions import MlflowException
 
     from mlflow_finetune_plugin.errors import FinetuneError
@@ -154,7 +160,8 @@ def checkpoint_models(run_id: str) -> list:
         raise FinetuneError(f"no run {run_id!r}: {e.message}") from None
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run_id}'", output_format="list")
-    return sorted((m for m in models if tags.CHECKPOINT_STEP in m.tags), key=lambda m: int(m.tags[tags.CHECKPOINT_STEP]))
+    return sorted((m for m in models if tags.CHECKPOINT_STEP in m.tags),
+                  key=lambda m: int(m.tags[tags.CHECKPOINT_STEP]))
 
 
 def find_checkpoint(ref: str, run_id: str | None = None):
@@ -170,14 +177,17 @@ def find_checkpoint(ref: str, run_id: str | None = None):
         except MlflowException as e:
             raise FinetuneError(f"no logged model {ref!r}: {e.message}") from None
         if tags.CHECKPOINT_STEP not in model.tags:
-            raise FinetuneError(f"logged model {ref} ({model.name}) is not a checkpoint; list a run's checkpoints "
-                                "with `mlflow-finetune models NAME --checkpoints RUN_ID`")
+            raise FinetuneError(
+                f"logged model {ref} ({model.name}) is not a checkpoint; list a run's checkpoints "
+                "with `mlflow-finetune models NAME --checkpoints RUN_ID`")
         return model
     if not ref.isdigit():
-        raise FinetuneError(f"checkpoint {ref!r}: give its step (a number) with its run, or its model id (m-...)")
+        raise FinetuneError(
+            f"checkpoint {ref!r}: give its step (a number) with its run, or its model id (m-...)")
     if not run_id:
-        raise FinetuneError(f"checkpoint step {ref} of which run? Name the training run (--run RUN_ID), or give "
-                            "the checkpoint's model id (m-...)")
+        raise FinetuneError(
+            f"checkpoint step {ref} of which run? Name the training run (--run RUN_ID), or give "
+            "the checkpoint's model id (m-...)")
     found = checkpoint_models(run_id)
     for model in found:
         if int(model.tags[tags.CHECKPOINT_STEP]) == int(ref):
@@ -187,15 +197,17 @@ def find_checkpoint(ref: str, run_id: str | None = None):
 
 
 def checkpoints_table(run_id: str, metrics: list[str]) -> str:
-    """The checkpoints of training run `run_id` ranked by `eval/tuned/<metrics[0]>` (the eval at each save step;
-    lower is better for loss, perplexity and misrouted), best first; checkpoints without that metric come last, unranked."""
+    """The checkpoints of training run `run_id` ranked by `eval/tuned/<metrics[0]>` (the eval at each save
+    step; lower is better for loss, perplexity and misrouted), best first; checkpoints without that metric
+    come last, unranked."""
     from mlflow_finetune_plugin.errors import FinetuneError
     from mlflow_finetune_plugin.metrics import lower_is_better
 
     found = checkpoint_models(run_id)
     if not found:
-        raise FinetuneError(f"run {run_id} has no checkpoint models: it stopped before its first checkpoint, or it "
-                            "ran before checkpoints became logged models")
+        raise FinetuneError(
+            f"run {run_id} has no checkpoint models: it stopped before its first checkpoint, or it "
+            "ran before checkpoints became logged models")
     key, sign = f"eval/tuned/{metrics[0]}", 1 if lower_is_better(metrics[0]) else -1
     rows = [({m.key: m.value for m in sorted(model.metrics or [], key=lambda m: m.timestamp)}, model)
             for model in found]
@@ -204,6 +216,7 @@ def checkpoints_table(run_id: str, metrics: list[str]) -> str:
     for rank, (values, model) in enumerate(rows, 1):
         registered = model.tags.get(tags.REGISTERED_MODEL)
         table.append([rank if key in values else "-", model.tags[tags.CHECKPOINT_STEP],
-                      *(values.get(f"eval/tuned/{m}") for m in metrics), values.get("train/loss"), model.model_id,
+                      *(values.get(f"eval/tuned/{m}") for m in metrics), values.get("train/loss"),
+                      model.model_id,
                       f"{registered} v{model.tags.get(tags.REGISTERED_VERSION)}" if registered else "-"])
     return format_table(["rank", "step", *metrics, "train_loss", "model_id", "registered"], table)

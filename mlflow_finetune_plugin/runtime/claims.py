@@ -1,7 +1,7 @@
-"""The heavy processes of this project running on this machine, and the threads each has taken: one small file per
-process in a per-user folder of this machine (not the cache, which may be a shared home directory), written by the
-process itself or by the launcher that started it. No daemon and no lock: a file whose process has ended is
-ignored, and removed by whoever reads it."""
+"""The heavy processes of this project running on this machine, and the threads each has taken: one small file
+per process in a per-user folder of this machine (not the cache, which may be a shared home directory),
+written by the process itself or by the launcher that started it. No daemon and no lock: a file whose process
+has ended is ignored, and removed by whoever reads it."""
 
 from __future__ import annotations
 
@@ -24,11 +24,15 @@ class Claim:
 
 
 def folder() -> Path | None:
-    """$XDG_RUNTIME_DIR/mlflow-finetune/threads, else <tmp>/mlflow-finetune-<uid>/threads; None where it cannot be
-    made, or is not this user's own (then no process is counted, and none is registered)."""
+    """$XDG_RUNTIME_DIR/mlflow-finetune/threads, else <tmp>/mlflow-finetune-<uid>/threads; None where it
+    cannot be made, or is not this user's own (then no process is counted, and none is registered)."""
     uid = os.getuid() if hasattr(os, "getuid") else 0
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "mlflow-finetune" if runtime else Path(tempfile.gettempdir()) / f"mlflow-finetune-{uid}"
+    base = (
+        Path(runtime) / "mlflow-finetune"
+        if runtime
+        else Path(tempfile.gettempdir()) / f"mlflow-finetune-{uid}"
+    )
     path = base / "threads"
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -40,8 +44,8 @@ def folder() -> Path | None:
 
 
 def claim(threads: int, what: str, pid: int | None = None, where: Path | None = None) -> None:
-    """Register `pid` (this process by default) as a heavy process of the project with `threads` threads; a second
-    call updates it."""
+    """Register `pid` (this process by default) as a heavy process of the project with `threads` threads; a
+    second call updates it."""
     where = where or folder()
     if where is None:
         return
@@ -84,8 +88,8 @@ def others(where: Path | None = None, exclude: int | None = None) -> list[Claim]
 
 
 def _started(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), so that a pid reused by a
-    later process does not keep a claim alive; None where /proc has no such file."""
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), so that a pid reused
+    by a later process does not keep a claim alive; None where /proc has no such file."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

@@ -1,6 +1,6 @@
-"""The cores this process may use: its CPU affinity, counted in physical cores where the machine says which logical
-CPUs share one (torch's own default counts physical cores too), and capped by a cgroup CPU quota (a container's
-`--cpus`). Linux files are read where they exist; elsewhere `os.cpu_count()`."""
+"""The cores this process may use: its CPU affinity, counted in physical cores where the machine says which
+logical CPUs share one (torch's own default counts physical cores too), and capped by a cgroup CPU quota (a
+container's `--cpus`). Linux files are read where they exist; elsewhere `os.cpu_count()`."""
 
 from __future__ import annotations
 

@@ -1,17 +1,18 @@
 """How many threads a heavy process of this project takes (training, a served model, the playground), so that
 several of them on one machine share its cores instead of fighting over them.
 
-torch starts as many intra-op threads as the machine has physical cores, in every process. Two such processes on
-the same cores ask for twice the cores there are, and the OpenMP threads of each spin at every barrier while they
-wait for a partner the other process has pushed off its core. So each process divides the cores it may use
-(`cores.py`) by the heavy processes of the project that use them now, itself included (`claims.py`), and re-counts
-while it runs (`refit`, between training steps and between batches of evaluation answers): a second job that starts
-halves the first one's threads, and the first gets them back when the second ends.
+torch starts as many intra-op threads as the machine has physical cores, in every process. Two such processes
+on the same cores ask for twice the cores there are, and the OpenMP threads of each spin at every barrier
+while they wait for a partner the other process has pushed off its core. So each process divides the cores it
+may use (`cores.py`) by the heavy processes of the project that use them now, itself included (`claims.py`),
+and re-counts while it runs (`refit`, between training steps and between batches of evaluation answers): a
+second job that starts halves the first one's threads, and the first gets them back when the second ends.
 
-`train.threads` in the recipe, or the user's own OMP_NUM_THREADS, fixes the count instead. OpenMP's waiting policy
-is read once, when the OpenMP runtime loads (with torch), so only a launcher can choose it: `child_env` asks
-processes that start on a shared machine to wait passively (sleep at once instead of spinning), and leaves OpenMP's
-default to a process that starts alone, unless that process cannot re-count (`fixed`: serve's engines).
+`train.threads` in the recipe, or the user's own OMP_NUM_THREADS, fixes the count instead. OpenMP's waiting
+policy is read once, when the OpenMP runtime loads (with torch), so only a launcher can choose it: `child_env`
+asks processes that start on a shared machine to wait passively (sleep at once instead of spinning), and
+leaves OpenMP's default to a process that starts alone, unless that process cannot re-count (`fixed`: serve's
+engines).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dataclasses import dataclass, replace
 from mlflow_finetune_plugin.runtime import claims as registry
 from mlflow_finetune_plugin.runtime.cores import Cores, load_average, usable
 
-# Beside the OMP_NUM_THREADS a launcher set: the same value means the count was this project's choice, not the user's.
+# Beside the OMP_NUM_THREADS a launcher set: the same value means the count was this project's choice, not the
+# user's.
 AUTO = "MLFLOW_FINETUNE_AUTO_THREADS"
 CHECK_EVERY_S = 2.0  # how often a running process counts the others again
 INTEROP = 1  # torch's inter-op pool runs independent ops side by side; no stage of the project asks it to
@@ -36,15 +38,18 @@ INTEROP = 1  # torch's inter-op pool runs independent ops side by side; no stage
 class ThreadPlan:
     intra: int                 # torch's intra-op threads (OpenMP's team, MKL's and oneDNN's threads)
     interop: int               # torch's inter-op threads
-    wait_policy: str | None    # OMP_WAIT_POLICY for a process started with `child_env`; None: OpenMP's default
+    # OMP_WAIT_POLICY for a process started with `child_env`; None: OpenMP's default
+    wait_policy: str | None
     source: str                # "auto", "recipe" (train.threads) or "environment" (OMP_NUM_THREADS)
     reason: str
     busy_note: str | None = None  # one line to print: the machine was already busy when this plan was made
 
     def describe(self) -> str:
         wait = f", OpenMP waits {self.wait_policy.lower()}" if self.wait_policy else ""
-        return f"{self.intra} intra-op / {self.interop} inter-op thread{'s' if self.interop > 1 else ''}{wait} " \
-               f"({self.reason})"
+        return (
+            f"{self.intra} intra-op / {self.interop} inter-op thread{'s' if self.interop > 1 else ''}{wait} "
+            f"({self.reason})"
+        )
 
 
 _READ = object()
@@ -55,11 +60,12 @@ def plan(requested: int | None = None, what: str = "training", env=None, cores: 
          fixed: bool = False) -> ThreadPlan:
     """The threads for a process doing `what`: `requested` (train.threads) if given, else the user's
     OMP_NUM_THREADS, else this process's share of the usable cores among the live claims of other processes.
-    `running`: the plan of this process itself, whose OpenMP runtime has loaded already, so its waiting policy is
-    the environment's; else the policy for a process about to start. `fixed`: that process cannot re-count (another
-    tool's server, `transformers serve`), so it waits passively even when it starts alone: a run started beside it
-    later would otherwise meet its spinning threads (a served burst took 5.35x its time alone beside a training run,
-    and passive waiting cost it nothing alone: docs/benchmarks.md, "Two jobs on one machine")."""
+    `running`: the plan of this process itself, whose OpenMP runtime has loaded already, so its waiting policy
+    is the environment's; else the policy for a process about to start. `fixed`: that process cannot re-count
+    (another tool's server, `transformers serve`), so it waits passively even when it starts alone: a run
+    started beside it later would otherwise meet its spinning threads (a served burst took 5.35x its time
+    alone beside a training run, and passive waiting cost it nothing alone: docs/benchmarks.md, "Two jobs on
+    one machine")."""
     env = os.environ if env is None else env
     cores = cores or usable()
     others = registry.others() if others is None else others
@@ -84,9 +90,11 @@ def plan(requested: int | None = None, what: str = "training", env=None, cores: 
                f"{'runs' if len(others) == 1 else 'run'} on its {cores.count} " \
                f"cores ({'; '.join(map(str, others))}). This {what} takes {chosen.describe()}."
     elif busy_load:
-        note = f"This machine is already busy: load average {load:.1f} on {cores.count} cores, from processes " \
-               f"outside this project. This {what} takes {chosen.describe()}; set train.threads or " \
-               "OMP_NUM_THREADS to take fewer."
+        note = (
+            f"This machine is already busy: load average {load:.1f} on {cores.count} cores, from processes "
+            f"outside this project. This {what} takes {chosen.describe()}; set train.threads or "
+            "OMP_NUM_THREADS to take fewer."
+        )
     return replace(chosen, busy_note=note)
 
 
@@ -95,8 +103,8 @@ def _processes(others) -> str:
 
 
 def user_threads(env=None) -> int | None:
-    """OMP_NUM_THREADS as the user set it (its first number, as OpenMP reads `4,2`), or None: unset, not a number,
-    or set by this project's own launcher (AUTO holds the same value)."""
+    """OMP_NUM_THREADS as the user set it (its first number, as OpenMP reads `4,2`), or None: unset, not a
+    number, or set by this project's own launcher (AUTO holds the same value)."""
     env = os.environ if env is None else env
     value = env.get("OMP_NUM_THREADS", "").strip()
     if not value or env.get(AUTO) == value:
@@ -107,7 +115,8 @@ def user_threads(env=None) -> int | None:
 
 def child_env(chosen: ThreadPlan, env=None) -> dict[str, str]:
     """The environment entries a launcher adds for the process it starts with `chosen`: its OpenMP team size
-    and waiting policy from the start (the policy cannot change later). The user's own settings stay as they are."""
+    and waiting policy from the start (the policy cannot change later). The user's own settings stay as they
+    are."""
     env = os.environ if env is None else env
     out = {}
     if chosen.source != "environment":
@@ -118,8 +127,8 @@ def child_env(chosen: ThreadPlan, env=None) -> dict[str, str]:
 
 
 def apply(chosen: ThreadPlan) -> None:
-    """torch's intra-op threads (for the calling thread, and every thread that has not computed yet) and inter-op
-    threads (only possible before the inter-op pool has run anything)."""
+    """torch's intra-op threads (for the calling thread, and every thread that has not computed yet) and
+    inter-op threads (only possible before the inter-op pool has run anything)."""
     import torch
 
     torch.set_num_threads(chosen.intra)
@@ -142,8 +151,8 @@ _local = threading.local()
 
 
 def start(requested: int | None = None, what: str = "training") -> ThreadPlan:
-    """Plan this process's threads, register it as a heavy process of the project, and apply the plan. The claim
-    is written before the others are counted, so that two processes starting together see each other."""
+    """Plan this process's threads, register it as a heavy process of the project, and apply the plan. The
+    claim is written before the others are counted, so that two processes starting together see each other."""
     global _share
     registry.claim(1, what)
     chosen = plan(requested, what, running=True)
@@ -164,9 +173,9 @@ def stop() -> None:
 
 
 def refit() -> ThreadPlan | None:
-    """In a process that `start`ed: count the other heavy processes again (at most every CHECK_EVERY_S) and take
-    this process's new share; prints one line and returns the new plan when the count changed, else None. Call it
-    from the thread that computes: OpenMP keeps the team size per thread."""
+    """In a process that `start`ed: count the other heavy processes again (at most every CHECK_EVERY_S) and
+    take this process's new share; prints one line and returns the new plan when the count changed, else None.
+    Call it from the thread that computes: OpenMP keeps the team size per thread."""
     share = _share
     if share is None:
         return None

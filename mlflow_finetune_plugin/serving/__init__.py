@@ -1,4 +1,5 @@
-"""Serving engines behind one small interface (`base.Engine`): the playground and `mlflow-finetune serve` use them.
+"""Serving engines behind one small interface (`base.Engine`): the playground and `mlflow-finetune serve` use
+them.
 
 - transformers: in process, CPU or GPU; one copy of the base serves every side (adapters on/off per request).
 - vllm: in process, vLLM's AsyncLLM with multi-LoRA (CUDA, the `vllm` extra).

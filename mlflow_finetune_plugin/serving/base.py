@@ -27,8 +27,8 @@ MAX_BEAMS = 8
 class Settings:
     """Generation settings shared by both sides of a comparison (temperature 0 means greedy).
 
-    `num_beams` > 1 is beam search (temperature 0 only): the answer most likely as a whole rather than token by
-    token, as `eval.num_beams` scores it. A beam-search answer comes in one piece, when the search ends."""
+    `num_beams` > 1 is beam search (temperature 0 only): the answer most likely as a whole rather than token
+    by token, as `eval.num_beams` scores it. A beam-search answer comes in one piece, when the search ends."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -36,8 +36,8 @@ class Settings:
     num_beams: int = 1
 
     def checked(self, max_new_tokens_cap: int | None = MAX_NEW_TOKENS_CAP) -> Settings:
-        """These settings, validated (`max_new_tokens_cap` None: no cap); raises FinetuneError naming each bad value
-        and its range."""
+        """These settings, validated (`max_new_tokens_cap` None: no cap); raises FinetuneError naming each bad
+        value and its range."""
         problems = []
         if not 0.0 <= float(self.temperature) <= 2.0:
             problems.append(f"temperature={self.temperature}: use 0 (greedy) to 2")
@@ -55,7 +55,8 @@ class Settings:
                             "deterministic; set temperature 0, or num_beams 1 to sample")
         if problems:
             raise FinetuneError("invalid generation settings: " + "; ".join(problems))
-        return Settings(float(self.temperature), float(self.top_p), int(self.max_new_tokens), int(self.num_beams))
+        return Settings(float(self.temperature), float(self.top_p), int(self.max_new_tokens),
+                        int(self.num_beams))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -116,8 +117,8 @@ class Engine(ABC):
 
 
 def plain_messages(messages: list[dict], keep_images: bool = False) -> list[dict]:
-    """Messages with text-only content and only the roles chat templates know; with `keep_images`, a message with
-    image parts keeps them, beside its text as one text part."""
+    """Messages with text-only content and only the roles chat templates know; with `keep_images`, a message
+    with image parts keeps them, beside its text as one text part."""
     out = []
     for m in messages:
         role = m.get("role")
@@ -137,14 +138,15 @@ def stream_pair(engine: Engine, jobs: list[tuple[ModelChoice, list[dict]]], sett
                 timeout: float = 600.0) -> Iterator[tuple[int, str, str | None]]:
     """Run every (choice, messages) job at once; yield (job index, text piece, error) as pieces arrive.
 
-    Each job ends with exactly one item whose piece is "" and whose error is None (done) or the error text, so a
-    failing side shows its error while the other keeps streaming.
+    Each job ends with exactly one item whose piece is "" and whose error is None (done) or the error text, so
+    a failing side shows its error while the other keeps streaming.
     """
     out: queue.Queue = queue.Queue()
 
     def work(index: int, choice: ModelChoice, messages: list[dict]) -> None:
         try:
-            # As an answer is shown: without a leading (Qwen3's empty) reasoning block, as pyfunc and evaluation
+            # As an answer is shown: without a leading (Qwen3's empty) reasoning block, as pyfunc and
+            # evaluation
             for piece in clean_stream(engine.stream(choice, messages, settings)):
                 if piece:
                     out.put((index, piece, None))
@@ -163,7 +165,8 @@ def stream_pair(engine: Engine, jobs: list[tuple[ModelChoice, list[dict]]], sett
         try:
             index, piece, error = out.get(timeout=timeout)
         except queue.Empty:
-            raise FinetuneError(f"no answer after {timeout:.0f} s; the engine may be stuck or overloaded") from None
+            raise FinetuneError(f"no answer after {timeout:.0f} s; the engine may be stuck or "
+                                "overloaded") from None
         if not piece:
             pending -= 1
         yield index, piece, error

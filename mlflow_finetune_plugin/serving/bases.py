@@ -1,11 +1,12 @@
-"""Base models served by their own name (`openai-api`: the models it fine-tunes answer at /v1/chat/completions beside
-their fine-tunes, so both are compared through one endpoint).
+"""Base models served by their own name (`openai-api`: the models it fine-tunes answer at /v1/chat/completions
+beside their fine-tunes, so both are compared through one endpoint).
 
-A base is served as runs train it: with the chat template a run picks over the tokenizer's own (`model.chat_template`,
-or the built-in default: gemma3's `gemma`), and stopping at its end of turn. Where the run keeps the tokenizer's own
-template, that is the model's folder (a built-in model's cached folder, a local folder) or hub id as it is; otherwise
-a copy made once in the cache whose tokenizer carries the chosen template (the embeddings grown for the template's
-added tokens, as the fine-tunes' `:base` side is, `logged_model.load_logged_base`).
+A base is served as runs train it: with the chat template a run picks over the tokenizer's own
+(`model.chat_template`, or the built-in default: gemma3's `gemma`), and stopping at its end of turn. Where the
+run keeps the tokenizer's own template, that is the model's folder (a built-in model's cached folder, a local
+folder) or hub id as it is; otherwise a copy made once in the cache whose tokenizer carries the chosen
+template (the embeddings grown for the template's added tokens, as the fine-tunes' `:base` side is,
+`logged_model.load_logged_base`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 
 
 def served_base(model_cfg) -> str:
-    """What `transformers serve` loads for base `model_cfg` (a recipe's `model:` section): a folder or a hub id."""
+    """What `transformers serve` loads for base `model_cfg` (a recipe's `model:` section): a folder or a hub
+    id."""
     from mlflow_finetune_plugin.models.base import chosen_chat_template, resolve_model_path
 
     path = resolve_model_path(model_cfg.name)
@@ -31,7 +33,8 @@ def served_base(model_cfg) -> str:
     from mlflow_finetune_plugin.paths import cache_root
 
     digest = hashlib.sha256(f"{path}:{model_cfg.revision}:{template}".encode()).hexdigest()[:10]
-    dest = cache_root() / "serving" / "bases" / digest / re.sub(r"[^A-Za-z0-9._-]+", "_", model_cfg.name or "tiny")
+    dest = cache_root() / "serving" / "bases" / digest / re.sub(r"[^A-Za-z0-9._-]+", "_",
+                                                                model_cfg.name or "tiny")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
         if not (dest / "config.json").exists():

@@ -1,8 +1,8 @@
 """What the playground may serve: registered versions and their base models, never arbitrary paths.
 
-References users type (`NAME@challenger`, `NAME/3`, `models:/NAME@champion`, `base`) resolve to a `ModelChoice`;
-`local_model` downloads a version once into the plugin's cache and says where its adapter, weights and tokenizer
-are.
+References users type (`NAME@challenger`, `NAME/3`, `models:/NAME@champion`, `base`) resolve to a
+`ModelChoice`; `local_model` downloads a version once into the plugin's cache and says where its adapter,
+weights and tokenizer are.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def parse_ref(ref: str, default_name: str | None = None, base_of: ModelChoice | 
     elif default_name:
         name, version_ref = default_name, text
     else:
-        raise FinetuneError(f"{ref!r} names no version: use NAME@ALIAS (e.g. support-bot@challenger), NAME/VERSION, "
-                            "or base")
+        raise FinetuneError(
+            f"{ref!r} names no version: use NAME@ALIAS (e.g. support-bot@challenger), NAME/VERSION, "
+            "or base")
     mv = registry.get_version(name or default_name or "", version_ref)
     return ModelChoice(mv.name, str(mv.version), base)
 
@@ -109,7 +110,8 @@ def picker_choices(name: str) -> list[tuple[str, str]]:
 
 
 def describe(choice: ModelChoice) -> str:
-    """A short human label: `support-bot v3 @challenger`, or `base: SmolLM2-135M-Instruct` for a base model."""
+    """A short human label: `support-bot v3 @challenger`, or `base: SmolLM2-135M-Instruct` for a base
+    model."""
     if choice.base:
         return base_label(choice, registry.get_version(choice.name, choice.version).tags.get(tags.BASE_MODEL))
     aliases = registry.aliases_by_version(choice.name).get(choice.version, [])
@@ -117,8 +119,8 @@ def describe(choice: ModelChoice) -> str:
 
 
 def details(choice: ModelChoice) -> str:
-    """The whole story the short label leaves out: the base model's full reference (package, file, digest for the
-    built-in smollm2 and gemma3; the hub id or path otherwise) and, for a version, how it was trained."""
+    """The whole story the short label leaves out: the base model's full reference (package, file, digest for
+    the built-in smollm2 and gemma3; the hub id or path otherwise) and, for a version, how it was trained."""
     mv = registry.get_version(choice.name, choice.version)
     ref = mv.tags.get(tags.BASE_MODEL) or "not recorded"
     if choice.base:
@@ -128,8 +130,8 @@ def details(choice: ModelChoice) -> str:
 
 
 def base_name(ref: str | None) -> str:
-    """A base model's reference short enough for a picker: `SmolLM2-135M-Instruct` for the built-in smollm2 and
-    `gemma-3-270m` for the built-in gemma3 (whose references also name the package, file and digests),
+    """A base model's reference short enough for a picker: `SmolLM2-135M-Instruct` for the built-in smollm2
+    and `gemma-3-270m` for the built-in gemma3 (whose references also name the package, file and digests),
     `tiny-llama` for the tiny model, else the last component of the hub id or local path."""
     from mlflow_finetune_plugin.models import gemma3, smollm2
 
@@ -142,13 +144,14 @@ def base_name(ref: str | None) -> str:
 
 
 def base_label(choice: ModelChoice, ref: str | None) -> str:
-    """`base: NAME` for the base model of `choice`, whose base model reference is `ref` (None: not recorded)."""
+    """`base: NAME` for the base model of `choice`, whose base model reference is `ref` (None: not
+    recorded)."""
     return f"base: {base_name(ref)}" if ref else f"base of {choice.name} v{choice.version}"
 
 
 def distinct_labels(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(label, key) entries whose labels a picker can tell apart: a label several entries share (the bases of two
-    versions, short-named alike) says whose base each one is."""
+    """(label, key) entries whose labels a picker can tell apart: a label several entries share (the bases of
+    two versions, short-named alike) says whose base each one is."""
     counts = Counter(label for label, _ in entries)
     out = []
     for label, key in entries:
@@ -158,11 +161,12 @@ def distinct_labels(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def trained_system_prompt(choice: ModelChoice) -> tuple[str, str]:
-    """(system prompt, where it was found) that version `choice` was trained with; ("", "") for a base model, or a
-    version trained without one or not logged by mlflow-finetune.
+    """(system prompt, where it was found) that version `choice` was trained with; ("", "") for a base model,
+    or a version trained without one or not logged by mlflow-finetune.
 
     Training logs it in the model_config. Versions logged before that fall back to their source run's recipe
-    (`data.system_prompt`, or their task's for a per-task multitask adapter); their training data is not read: it
+    (`data.system_prompt`, or their task's for a per-task multitask adapter); their training data is not read:
+    it
     can be large, or gone.
     """
     from mlflow.exceptions import MlflowException
@@ -171,8 +175,8 @@ def trained_system_prompt(choice: ModelChoice) -> tuple[str, str]:
     if choice.base:  # the base model was not trained with any
         return "", ""
     mv = registry.get_version(choice.name, choice.version)
-    # A pre-filled prompt is a convenience: a version whose model or run cannot be read gets none, and the page
-    # still opens (its pane says why it cannot answer).
+    # A pre-filled prompt is a convenience: a version whose model or run cannot be read gets none, and the
+    # page still opens (its pane says why it cannot answer).
     try:  # the MLmodel file only, not the weights: the openai engine never downloads them
         config = Model.load(f"models:/{choice.name}/{choice.version}").flavors.get("python_function", {})
         config = config.get("config") or {}
@@ -190,8 +194,9 @@ def trained_system_prompt(choice: ModelChoice) -> tuple[str, str]:
 
 
 def logged_num_beams(choice: ModelChoice) -> int:
-    """The beams version `choice` (or, for `:base`, the version it names) was evaluated with (`eval.num_beams`,
-    logged in its model_config): the decoding its figures describe. 1 when it logged none or cannot be read."""
+    """The beams version `choice` (or, for `:base`, the version it names) was evaluated with
+    (`eval.num_beams`, logged in its model_config): the decoding its figures describe. 1 when it logged none
+    or cannot be read."""
     try:
         return max(1, int(_logged_config(choice).get("num_beams") or 1))
     except (TypeError, ValueError):
@@ -199,15 +204,15 @@ def logged_num_beams(choice: ModelChoice) -> int:
 
 
 def takes_images(choice: ModelChoice) -> bool:
-    """Whether version `choice` (or, for `:base`, its base model) is a vision-language model: its logged model_config
-    says `takes_images` (logged_model.saved_artifacts records it where the tokenizer carries a processor). False when
-    the version's model cannot be read."""
+    """Whether version `choice` (or, for `:base`, its base model) is a vision-language model: its logged
+    model_config says `takes_images` (logged_model.saved_artifacts records it where the tokenizer carries a
+    processor). False when the version's model cannot be read."""
     return bool(_logged_config(choice).get("takes_images"))
 
 
 def retriever_of(choice: ModelChoice):
-    """The `retriever.Retriever` version `choice` was trained with (its logged model's `retrieval` artifact), loaded
-    once per downloaded version; None for a base model and for a version that does not retrieve."""
+    """The `retriever.Retriever` version `choice` was trained with (its logged model's `retrieval` artifact),
+    loaded once per downloaded version; None for a base model and for a version that does not retrieve."""
     if choice.base or not _logged_config(choice).get("retrieval"):
         return None
     from mlflow_finetune_plugin.retriever import RETRIEVAL_DIR
@@ -224,7 +229,8 @@ def _retriever(folder: str):
 
 
 def _logged_config(choice: ModelChoice) -> dict:
-    """The model_config version `choice` was logged with, read from its MLmodel file only (not the weights: the openai
+    """The model_config version `choice` was logged with, read from its MLmodel file only (not the weights:
+    the openai
     engine never downloads them); {} when it cannot be read."""
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
@@ -253,8 +259,9 @@ def local_model(choice: ModelChoice) -> LocalModel:
 
     mv = registry.get_version(choice.name, choice.version)
     if mv.tags.get(tags.OBJECTIVE) == "reward":  # before minutes go into downloading it
-        raise FinetuneError(f"{choice.name} v{choice.version} is a reward model and cannot be served or chatted with: "
-                            f"{REWARD_MODEL}. Serve a chat version instead")
+        raise FinetuneError(
+            f"{choice.name} v{choice.version} is a reward model and cannot be served or chatted with: "
+            f"{REWARD_MODEL}. Serve a chat version instead")
     # Keyed by the logged model too: two tracking servers can both hold a `support-bot` v1.
     digest = hashlib.sha256(str(mv.source).encode()).hexdigest()[:10]
     root = cache_root() / "serving" / "models"
@@ -268,33 +275,36 @@ def local_model(choice: ModelChoice) -> LocalModel:
                                                     dst_path=str(tmp))
             except Exception as e:  # noqa: BLE001 - any store error: say which version and why
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise FinetuneError(f"could not download {choice.name} v{choice.version} ({mv.source}): {e}") from None
+                raise FinetuneError(f"could not download {choice.name} v{choice.version} ({mv.source}): "
+                                    f"{e}") from None
             if not (tmp / "MLmodel").exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise FinetuneError(f"{choice.name} v{choice.version} has no MLflow model at its source {mv.source}: "
-                                    "the playground serves versions made by `mlflow run ... --backend finetune`")
+                raise FinetuneError(
+                    f"{choice.name} v{choice.version} has no MLflow model at its source {mv.source}: "
+                    "the playground serves versions made by `mlflow run ... --backend finetune`")
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
     pyfunc = Model.load(str(dest / "MLmodel")).flavors.get("python_function", {})
     config = dict(pyfunc.get("config") or {})
     artifacts = {k: dest / spec["path"] for k, spec in (pyfunc.get("artifacts") or {}).items()}
     if "tokenizer" not in artifacts or not ({"adapter", "model"} & set(artifacts)):
-        raise FinetuneError(f"{choice.name} v{choice.version} was not logged by mlflow-finetune (no adapter/model and "
-                            "tokenizer artifacts); the playground serves versions made by `mlflow run ... --backend "
-                            "finetune`")
+        raise FinetuneError(
+            f"{choice.name} v{choice.version} was not logged by mlflow-finetune (no adapter/model and "
+            "tokenizer artifacts); the playground serves versions made by `mlflow run ... --backend "
+            "finetune`")
     return LocalModel(choice, dest, config, artifacts, dict(mv.tags))
 
 
 def vllm_merges(local: LocalModel) -> bool:
-    """Whether vLLM serves this version merged into its base (`merged_folder`), as a model of its own rather than a
-    LoRA request on the base (`vllm_merge_reason` says why)."""
+    """Whether vLLM serves this version merged into its base (`merged_folder`), as a model of its own rather
+    than a LoRA request on the base (`vllm_merge_reason` says why)."""
     return vllm_merge_reason(local) is not None
 
 
 def vllm_merge_reason(local: LocalModel) -> str | None:
     """Why vLLM serves this version merged into its base, else None: a LoRA adapter with trained token rows
-    (`vllm_rules.merges_for_vllm`), or one with weights in a vision-language model's vision tower or projector,
-    which vLLM leaves out of a LoRA request (`adapts_vision`)."""
+    (`vllm_rules.merges_for_vllm`), or one with weights in a vision-language model's vision tower or
+    projector, which vLLM leaves out of a LoRA request (`adapts_vision`)."""
     if local.choice.base or not local.is_adapter:
         return None
     config = local.adapter_config()
@@ -304,8 +314,8 @@ def vllm_merge_reason(local: LocalModel) -> str | None:
 
 
 def adapts_vision(local: LocalModel) -> bool:
-    """Whether a vision-language version's adapter has weights in its base's vision tower or projector (asked of the
-    base's layout: `models.vision.vision_modules`)."""
+    """Whether a vision-language version's adapter has weights in its base's vision tower or projector (asked
+    of the base's layout: `models.vision.vision_modules`)."""
     from mlflow_finetune_plugin.paths import tensor_names
 
     if not local.is_adapter or not local.config.get("takes_images"):
@@ -323,14 +333,15 @@ def _vision_modules(base_ref: str, revision: str | None) -> tuple[str, ...]:
     from mlflow_finetune_plugin.models.base import resolve_model_path
     from mlflow_finetune_plugin.models.vision import config_vision_modules
 
-    return tuple(config_vision_modules(AutoConfig.from_pretrained(resolve_model_path(base_ref), revision=revision)))
+    return tuple(config_vision_modules(AutoConfig.from_pretrained(resolve_model_path(base_ref),
+                                                                  revision=revision)))
 
 
 def vllm_support(local: LocalModel) -> tuple[bool, str]:
-    """Whether vLLM can serve this version, and why not: served merged where only its token rows stand in the way
-    (`vllm_merges`); else the version's `finetune.vllm_compatible` tag when training recorded one, else computed
-    from adapter_config.json (LoRA only, no DoRA, no trained biases or extra modules, a rank vLLM's kernels
-    support)."""
+    """Whether vLLM can serve this version, and why not: served merged where only its token rows stand in the
+    way (`vllm_merges`); else the version's `finetune.vllm_compatible` tag when training recorded one, else
+    computed from adapter_config.json (LoRA only, no DoRA, no trained biases or extra modules, a rank vLLM's
+    kernels support)."""
     if reason := vllm_merge_reason(local):
         return True, reason
     tag = local.tags.get(tags.VLLM_COMPATIBLE)
@@ -358,7 +369,8 @@ def _safe(name: str) -> str:
 
 
 def served_name(choice: ModelChoice) -> str:
-    """The model name a server started by `mlflow-finetune serve` gives `choice`: `bot-v3` or `bot-v3-base`."""
+    """The model name a server started by `mlflow-finetune serve` gives `choice`: `bot-v3` or
+    `bot-v3-base`."""
     return f"{choice.name}-v{choice.version}" + ("-base" if choice.base else "")
 
 
@@ -407,13 +419,15 @@ def _write_full_model(local: LocalModel, out: Path) -> None:
         if local.is_adapter:
             peft_type = local.adapter_config().get("peft_type")
             if not hasattr(model, "merge_and_unload") or peft_type in _UNMERGEABLE:
-                raise FinetuneError(f"{c.name} v{c.version} is a {peft_type} adapter: it adds virtual tokens rather "
-                                    "than weight updates, so it cannot be merged into a model folder. Compare it "
-                                    f"with the transformers engine: `mlflow-finetune playground --model "
-                                    f"{c.name}/{c.version} --engine transformers`")
+                raise FinetuneError(
+                    f"{c.name} v{c.version} is a {peft_type} adapter: it adds virtual tokens rather "
+                    "than weight updates, so it cannot be merged into a model folder. Compare it "
+                    f"with the transformers engine: `mlflow-finetune playground --model "
+                    f"{c.name}/{c.version} --engine transformers`")
             model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
-    if has_processor_files(local.tokenizer_dir):  # a vision-language model: its processor goes with the weights
+    # a vision-language model: its processor goes with the weights
+    if has_processor_files(local.tokenizer_dir):
         shutil.copytree(local.tokenizer_dir, out, dirs_exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(local.tokenizer_dir)
     # `transformers serve` reads the final answer through it (gpt-oss's channels), as the other engines do

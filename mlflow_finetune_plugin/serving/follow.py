@@ -1,10 +1,11 @@
-"""Serving that follows the registry: a model given by alias (`NAME@champion`) is served as the version the alias
-names now, so moving the alias (`mlflow-finetune promote`) deploys the new version without a restart.
+"""Serving that follows the registry: a model given by alias (`NAME@champion`) is served as the version the
+alias names now, so moving the alias (`mlflow-finetune promote`) deploys the new version without a restart.
 
-`AliasWatch` polls the registry every few seconds for each followed alias and hands each move to the server (`serve`
-starts the new version beside the old one, then switches) or the playground (new conversations answer with it). The
-registry's webhooks (`model_version_alias.created`) would need the tracking server to reach this process, and a file or
-sqlite store has none: polling works with every store, at one cheap registry call per alias and interval.
+`AliasWatch` polls the registry every few seconds for each followed alias and hands each move to the server
+(`serve` starts the new version beside the old one, then switches) or the playground (new conversations answer
+with it). The registry's webhooks (`model_version_alias.created`) would need the tracking server to reach this
+process, and a file or sqlite store has none: polling works with every store, at one cheap registry call per
+alias and interval.
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ def resolve(ref: Followed) -> ModelChoice:
 class AliasWatch:
     """The versions followed aliases name, looked up every `interval` seconds (or on `check()`).
 
-    `on_move(ref, old, new)` is called, from the watching thread, when an alias moved; it returns what it did, for
-    the log, or raises (FinetuneError saying why) when it cannot serve `new`: then `old` stays current, and `new` is
-    not tried again until the alias moves once more.
+    `on_move(ref, old, new)` is called, from the watching thread, when an alias moved; it returns what it did,
+    for the log, or raises (FinetuneError saying why) when it cannot serve `new`: then `old` stays current,
+    and `new` is not tried again until the alias moves once more.
     """
 
     def __init__(self, on_move=None, interval: float = DEFAULT_INTERVAL_S, echo=print):
@@ -86,7 +87,8 @@ class AliasWatch:
         self._thread: threading.Thread | None = None
 
     def follow(self, ref: Followed, current: ModelChoice | None = None) -> ModelChoice:
-        """Start following `ref` (served as `current`, else the version it names now); returns that version."""
+        """Start following `ref` (served as `current`, else the version it names now); returns that
+        version."""
         with self._lock:
             if ref not in self._current:
                 self._current[ref] = current or resolve(ref)
@@ -102,7 +104,8 @@ class AliasWatch:
 
     def check(self) -> list[tuple[Followed, ModelChoice, ModelChoice]]:
         """Look at the registry once; hand each moved alias to `on_move`. Returns the moves served."""
-        with self._checking:  # the watching thread and a caller (the playground's promotion) never hand one move twice
+        # the watching thread and a caller (the playground's promotion) never hand one move twice
+        with self._checking:
             return self._check()
 
     def _check(self) -> list[tuple[Followed, ModelChoice, ModelChoice]]:
@@ -110,7 +113,8 @@ class AliasWatch:
         for ref in list(self._current):
             try:
                 new = resolve(ref)
-            except Exception as e:  # noqa: BLE001 - a registry outage or a deleted alias: keep serving, say so once
+            # a registry outage or a deleted alias: keep serving, say so once
+            except Exception as e:  # noqa: BLE001
                 self._say_once(f"{ref.key}: cannot read the registry ({e}); still serving "
                                f"v{self._current[ref].version}")
                 continue
@@ -123,19 +127,22 @@ class AliasWatch:
             except Exception as e:  # noqa: BLE001 - whatever failed, the old version goes on answering
                 self._refused[ref] = new.version
                 why = str(e) if isinstance(e, FinetuneError) else f"{type(e).__name__}: {e}"
-                self.echo(f"[{stamp}] {ref.key} moved from v{old.version} to v{new.version}, which cannot be served "
-                          f"here: {why}\nStill serving v{old.version}.")
+                self.echo(
+                    f"[{stamp}] {ref.key} moved from v{old.version} to v{new.version}, which cannot be "
+                    f"served here: {why}\nStill serving v{old.version}.")
                 continue
             with self._lock:
                 self._current[ref] = new
             self._refused.pop(ref, None)
             self._last_error = None
             moves.append((ref, old, new))
-            self.echo(f"[{stamp}] {ref.key} moved from v{old.version} to v{new.version}" + (f": {done}" if done else ""))
+            self.echo(f"[{stamp}] {ref.key} moved from v{old.version} to v{new.version}"
+                      + (f": {done}" if done else ""))
         return moves
 
     def start(self) -> AliasWatch:
-        """Check every `interval` seconds in a daemon thread until `stop()`; nothing when nothing is followed."""
+        """Check every `interval` seconds in a daemon thread until `stop()`; nothing when nothing is
+        followed."""
         if self._current and self.interval > 0 and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="alias-watch", daemon=True)
             self._thread.start()

@@ -1,25 +1,28 @@
-"""The OpenAI-compatible front `mlflow-finetune serve` puts before the model server (`vllm serve`, `transformers
-serve`), so both engines behave the same way to a client.
+"""The OpenAI-compatible front `mlflow-finetune serve` puts before the model server (`vllm serve`,
+`transformers serve`), so both engines behave the same way to a client.
 
-`transformers serve` lists the models of the hub cache rather than the one it serves (HTTP 500 where that cache does
-not exist) and answers a request for another model with 400. The front answers `/v1/models` with the served names,
-refuses unknown model names with 404 (as OpenAI does), and passes everything else through to the server, which runs
-as a child on a loopback port in its own process group. The front's port opens only once every served model has
-answered a one-token chat request, so a client never sees a server that is up but still loading (`transformers
-serve` loads on the first request; vLLM takes tens of seconds to start). With a `resolve` hook (vLLM), a request for
-a model not served yet may load it into the running server first. A stop signal (SIGTERM, SIGINT, SIGHUP) to `serve`
-ends the front and then that whole group (vLLM's EngineCore included); the child also gets SIGTERM from the kernel if
-`serve` dies without cleaning up.
+`transformers serve` lists the models of the hub cache rather than the one it serves (HTTP 500 where that
+cache does not exist) and answers a request for another model with 400. The front answers `/v1/models` with
+the served names, refuses unknown model names with 404 (as OpenAI does), and passes everything else through to
+the server, which runs as a child on a loopback port in its own process group. The front's port opens only
+once every served model has answered a one-token chat request, so a client never sees a server that is up but
+still loading (`transformers serve` loads on the first request; vLLM takes tens of seconds to start). With a
+`resolve` hook (vLLM), a request for a model not served yet may load it into the running server first. A stop
+signal (SIGTERM, SIGINT, SIGHUP) to `serve` ends the front and then that whole group (vLLM's EngineCore
+included); the child also gets SIGTERM from the kernel if `serve` dies without cleaning up.
 
-The front routes by name (`Routes`): a model served by alias is also asked for as `NAME@ALIAS`, and when the alias
-moves (`follow.py`) the route switches to the new version's server or adapter at once, while the requests already
-forwarded finish where they started; `serve` stops the old server once none is left in flight.
+The front routes by name (`Routes`): a model served by alias is also asked for as `NAME@ALIAS`, and when the
+alias moves (`follow.py`) the route switches to the new version's server or adapter at once, while the
+requests already forwarded finish where they started; `serve` stops the old server once none is left in
+flight.
 
-With `serve --trace EXPERIMENT`, each chat completion that passes is recorded as an MLflow trace (`tracing.py`),
-its id sent back in the `x-mlflow-trace-id` header, and `POST /v1/feedback` logs a user's verdict on it.
+With `serve --trace EXPERIMENT`, each chat completion that passes is recorded as an MLflow trace
+(`tracing.py`), its id sent back in the `x-mlflow-trace-id` header, and `POST /v1/feedback` logs a user's
+verdict on it.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request) at run time.
+# No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request) at run
+# time.
 import os
 import signal
 import socket
@@ -48,19 +51,22 @@ def not_found(model, served: list[str] | None = None) -> dict:
 
 
 class Routes:
-    """What the front serves: each served name's server (its loopback base URL and the name that server knows the
-    model by), the names clients may also use (`NAME@champion` for whichever `NAME-vN` the alias names), and the
-    requests each served name has in flight. Thread-safe: following the registry changes it while requests read it.
+    """What the front serves: each served name's server (its loopback base URL and the name that server knows
+    the model by), the names clients may also use (`NAME@champion` for whichever `NAME-vN` the alias names),
+    and the requests each served name has in flight. Thread-safe: following the registry changes it while
+    requests read it.
 
     A served name may have a rewrite, `rewrite(request body, its trace's span or None)` -> the body sent on: a
     registered prompt's (`add_prompt`), or what `rewrite_for(name)` gives, asked once per name (a version that
-    retrieves: `retrieving.rewrite_for`), whether the name was served from the start, loaded later or followed."""
+    retrieves: `retrieving.rewrite_for`), whether the name was served from the start, loaded later or
+    followed."""
 
     def __init__(self, names: list[str], upstream: str, rewrite_for=None):
         self._routes: dict[str, tuple[str, str]] = {n: (upstream, n) for n in names}  # ordered as listed
         self._aliases: dict[str, str] = {}
         self._rewrites: dict[str, object] = {}  # served name -> its request's rewrite, or None
-        self._prompts: dict[str, tuple[str, str]] = {}  # a prompt's served name -> (its model's, the prompt's URI)
+        # a prompt's served name -> (its model's, the prompt's URI)
+        self._prompts: dict[str, tuple[str, str]] = {}
         self._rewrite_for = rewrite_for
         self._in_flight: dict[str, int] = {}
         self._changed = threading.Condition()
@@ -71,7 +77,8 @@ class Routes:
             return list(self._routes)
 
     def lookup(self, requested: str) -> tuple[str, str, str] | None:
-        """(served name, upstream URL, the upstream's name for it) for a served name or an alias, else None."""
+        """(served name, upstream URL, the upstream's name for it) for a served name or an alias, else
+        None."""
         with self._changed:
             served = self._aliases.get(requested, requested)
             route = self._routes.get(served)
@@ -86,15 +93,17 @@ class Routes:
             self._routes[name] = (upstream, upstream_name or name)
 
     def add_prompt(self, name: str, model: str, rewrite, uri: str) -> None:
-        """Serve `name` as served model `model` asked with a prompt: `rewrite(request)` gives the request it sends
-        (`serve --prompt`: the registered prompt `uri` applied to the client's messages). Its answers say `name`."""
+        """Serve `name` as served model `model` asked with a prompt: `rewrite(request)` gives the request it
+        sends (`serve --prompt`: the registered prompt `uri` applied to the client's messages). Its answers
+        say `name`."""
         with self._changed:
             self._routes[name] = self._routes[model]
             self._rewrites[name] = rewrite
             self._prompts[name] = (model, uri)
 
     def prompt_of(self, name: str) -> tuple[str, str] | None:
-        """(the served name of the model that answers, the prompt's URI) for a prompt's served name, else None."""
+        """(the served name of the model that answers, the prompt's URI) for a prompt's served name, else
+        None."""
         with self._changed:
             return self._prompts.get(name)
 
@@ -141,11 +150,11 @@ class Routes:
 
 
 def build_front(routes: Routes, resolve=None, tracer=None, start=None):
-    """The front's ASGI app over `routes`; `resolve(name)` (optional) is the load request for a model not served yet,
-    None when there is no such model; `start(name)` (optional, instead) starts a server for such a model and returns
-    (its URL, its name for the model), or None (the fine-tuning API: versions trained after the server started);
-    with a `tracer` (`serve --trace`), each chat completion is recorded as a trace (`tracing.py`) and
-    `POST /v1/feedback` rates an answer."""
+    """The front's ASGI app over `routes`; `resolve(name)` (optional) is the load request for a model not
+    served yet, None when there is no such model; `start(name)` (optional, instead) starts a server for such a
+    model and returns (its URL, its name for the model), or None (the fine-tuning API: versions trained after
+    the server started); with a `tracer` (`serve --trace`), each chat completion is recorded as a trace
+    (`tracing.py`) and `POST /v1/feedback` rates an answer."""
     import httpx
     from fastapi import FastAPI
 
@@ -174,8 +183,8 @@ def _add_listing(app, routes: Routes, created: int) -> None:
 
 
 def _loader(routes: Routes, client, resolve, start):
-    """The coroutine that serves a model asked for by name before its first request: None once it is served, else
-    the error response."""
+    """The coroutine that serves a model asked for by name before its first request: None once it is served,
+    else the error response."""
     import asyncio
 
     from fastapi.responses import JSONResponse
@@ -202,8 +211,8 @@ def _loader(routes: Routes, client, resolve, start):
                 return JSONResponse(not_found(model, routes.names()), status_code=404)
             answer = await client.post(routes.default + "/v1/load_lora_adapter", json=request)
             if answer.status_code != 200:
-                return JSONResponse(_error(f"the server could not load {model}: {answer.text}", "server_error"),
-                                    status_code=502)
+                return JSONResponse(_error(f"the server could not load {model}: {answer.text}",
+                                           "server_error"), status_code=502)
             routes.add(model, routes.default)
             return None
 
@@ -220,8 +229,9 @@ def _add_feedback(app, tracer) -> None:
     @app.post("/v1/feedback")
     async def feedback(request: Request):
         if tracer is None:
-            return JSONResponse(_error("this server records no traces, so it takes no feedback: start it with "
-                                       "`mlflow-finetune serve ... --trace EXPERIMENT`", "invalid_request_error"),
+            return JSONResponse(_error("this server records no traces, so it takes no feedback: start it "
+                                       "with `mlflow-finetune serve ... --trace "
+                                       "EXPERIMENT`", "invalid_request_error"),
                                 status_code=404)
         try:
             body = await request.json()
@@ -265,25 +275,28 @@ def _add_forwarding(app, routes: Routes, client, tracer, load) -> None:
                     body = await asyncio.to_thread(rewrite, body, traced.span if traced else None)
                 if upstream_name != model:  # an alias (`NAME@champion`): the server knows the version's name
                     body = with_model(body, upstream_name)
-        # The server knows the model by another name (a prompt's base, a fine-tune without OpenAI's `ft:`): the
-        # answer is given the served name, as the client asked for it.
+        # The server knows the model by another name (a prompt's base, a fine-tune without OpenAI's `ft:`):
+        # the answer is given the served name, as the client asked for it.
         renamed = served if served and served != upstream_name else None
         # A traced or renamed answer is read as it passes: asked for uncompressed.
         dropped = _HOP_HEADERS | {"host"} | ({"accept-encoding"} if traced or renamed else set())
         headers = {k: v for k, v in request.headers.items() if k.lower() not in dropped}
-        # Counted until the answer has been passed on whole: the server it came from is stopped only after that.
+        # Counted until the answer has been passed on whole: the server it came from is stopped only after
+        # that.
         if served:
             routes.begin(served)
         try:
             upstream_request = client.build_request(request.method, f"{upstream}/{path}",
-                                                    params=request.query_params, headers=headers, content=body)
+                                                    params=request.query_params, headers=headers,
+                                                    content=body)
             response = await client.send(upstream_request, stream=True)
         except httpx.TransportError as e:
             if served:
                 routes.end(served)
             if traced:
                 await asyncio.to_thread(traced.end, f"the model server is not answering: {e}")
-            return JSONResponse(_error(f"the model server is not answering: {e}", "server_error"), status_code=503)
+            return JSONResponse(_error(f"the model server is not answering: {e}", "server_error"),
+                                status_code=503)
 
         async def finish():
             await response.aclose()
@@ -296,7 +309,8 @@ def _add_forwarding(app, routes: Routes, client, tracer, load) -> None:
                           if k.lower() not in _HOP_HEADERS | {"date", "server"}}
         chunks = response.aiter_raw()
         if renamed:
-            chunks = renamed_chunks(chunks, renamed, "text/event-stream" in response.headers.get("content-type", ""))
+            chunks = renamed_chunks(chunks, renamed,
+                                    "text/event-stream" in response.headers.get("content-type", ""))
         if traced:
             answer_headers[TRACE_HEADER] = traced.trace_id
             chunks = traced.watch(chunks, response.status_code)
@@ -316,7 +330,8 @@ def loopback_port() -> int:
 
 @dataclass
 class Child:
-    """A model server behind the front: its process (a process group of its own), loopback URL and model names."""
+    """A model server behind the front: its process (a process group of its own), loopback URL and model
+    names."""
 
     process: subprocess.Popen
     url: str
@@ -326,7 +341,8 @@ class Child:
 
 
 class Fleet:
-    """The model servers behind the front: started, one that dies unasked ends `serve`, retired ones stopped."""
+    """The model servers behind the front: started, one that dies unasked ends `serve`, retired ones
+    stopped."""
 
     def __init__(self):
         self.children: list[Child] = []
@@ -339,8 +355,8 @@ class Fleet:
         chosen = threads.plan(None, "serve engine", fixed=True)
         if chosen.busy_note:
             print(chosen.busy_note, file=sys.stderr, flush=True)
-        process = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **threads.child_env(chosen), **(env or {})},
-                                   preexec_fn=_child_setup)
+        process = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **threads.child_env(chosen),
+                                                       **(env or {})}, preexec_fn=_child_setup)
         claims.claim(chosen.intra, "serve engine", pid=process.pid)
         child = Child(process, f"http://127.0.0.1:{port}", list(names))
         with self._lock:
@@ -358,11 +374,11 @@ class Fleet:
         stop_group(child.process)
 
     def failed(self) -> Child | None:
-        """A server that was serving and exited without being asked to (one that fails to start is its starter's
-        business: a new version that does not start leaves the old one serving)."""
+        """A server that was serving and exited without being asked to (one that fails to start is its
+        starter's business: a new version that does not start leaves the old one serving)."""
         with self._lock:
-            return next((c for c in self.children if c.serving and not c.retired and c.process.poll() is not None),
-                        None)
+            return next((c for c in self.children if c.serving and not c.retired
+                         and c.process.poll() is not None), None)
 
     def stop_all(self) -> None:
         self.stopping.set()
@@ -373,15 +389,16 @@ class Fleet:
 def run_front(fleet: Fleet, routes: Routes, host: str, port: int, resolve=None, on_ready=None, echo=print,
               tracer=None) -> int:
     """Wait until every model of the fleet's first server answers, then open the front on host:port and call
-    `on_ready()`; return when a stop signal arrives or a server dies, with every server stopped. Returns the exit
-    code for `serve`."""
+    `on_ready()`; return when a stop signal arrives or a server dies, with every server stopped. Returns the
+    exit code for `serve`."""
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(build_front(routes, resolve, tracer), host=host, port=port,
                                            log_level="warning"))
     stopped_by: list[int] = []
 
-    def stop(signum, frame):  # uvicorn handles SIGINT/SIGTERM itself while it serves, then hands them back here
+    # uvicorn handles SIGINT/SIGTERM itself while it serves, then hands them back here
+    def stop(signum, frame):
         stopped_by.append(signum)
         fleet.stopping.set()
         server.handle_exit(signum, frame)
@@ -413,12 +430,13 @@ def run_front(fleet: Fleet, routes: Routes, host: str, port: int, resolve=None, 
 
 
 def wait_until_answering(child: Child, stopped=lambda: False) -> bool:
-    """Poll until each model of `child` answers a one-token chat request (True), or it exits or `stopped()` first
-    (False). 4xx answers count as answering: the server is up and says why."""
+    """Poll until each model of `child` answers a one-token chat request (True), or it exits or `stopped()`
+    first (False). 4xx answers count as answering: the server is up and says why."""
     import httpx
 
     pending = list(child.names)
-    with httpx.Client(base_url=child.url, timeout=httpx.Timeout(None, connect=2.0), trust_env=False) as client:
+    with httpx.Client(base_url=child.url, timeout=httpx.Timeout(None, connect=2.0),
+                      trust_env=False) as client:
         while pending:
             if child.process.poll() is not None or stopped():
                 return False

@@ -20,14 +20,16 @@ class OpenAIEngine(Engine):
     """Streams chat completions from OpenAI-compatible endpoints."""
 
     name = "openai"
-    retrieves_itself = True  # its server is `mlflow-finetune serve`, which retrieves per request (retrieving.py)
+    # its server is `mlflow-finetune serve`, which retrieves per request (retrieving.py)
+    retrieves_itself = True
 
     def __init__(self, base_url: str | None = None, urls: dict[str, str] | None = None,
                  models: dict[str, str] | None = None, api_key: str | None = None, concurrency: int = 8,
                  timeout: float = 600.0):
         if not base_url and not urls:
-            raise FinetuneError("the openai engine needs a server: --openai-url http://127.0.0.1:8000/v1 (start one "
-                                "with `mlflow-finetune serve models:/NAME@ALIAS --engine vllm|transformers`)")
+            raise FinetuneError(
+                "the openai engine needs a server: --openai-url http://127.0.0.1:8000/v1 (start one "
+                "with `mlflow-finetune serve models:/NAME@ALIAS --engine vllm|transformers`)")
         self.base_url = base_url.rstrip("/") if base_url else None
         self.urls = {k: v.rstrip("/") for k, v in (urls or {}).items()}
         self.models = dict(models or {})
@@ -41,8 +43,9 @@ class OpenAIEngine(Engine):
         """(server URL, model name) that serves `choice`."""
         url = self.urls.get(choice.key) or self.base_url
         if not url:
-            raise FinetuneError(f"no server is configured for {choice.key}: add --openai-url {choice.key}=URL "
-                                "(or a default --openai-url URL)")
+            raise FinetuneError(
+                f"no server is configured for {choice.key}: add --openai-url {choice.key}=URL "
+                "(or a default --openai-url URL)")
         return url, self.models.get(choice.key) or served_name(choice)
 
     def _client(self, url: str):
@@ -53,16 +56,20 @@ class OpenAIEngine(Engine):
                                 "'mlflow-finetune-plugin[serving]'") from None
         with self._lock:
             if url not in self._clients:
-                self._clients[url] = OpenAI(base_url=url, api_key=self.api_key, timeout=self.timeout, max_retries=0)
+                self._clients[url] = OpenAI(base_url=url, api_key=self.api_key, timeout=self.timeout,
+                                            max_retries=0)
             return self._clients[url]
 
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:
-        """Stream the answer from the server; connection and model errors become FinetuneErrors with the fix."""
-        settings = settings.checked(max_new_tokens_cap=None)  # ranges only: the playground applies its own cap
+        """Stream the answer from the server; connection and model errors become FinetuneErrors with the
+        fix."""
+        # ranges only: the playground applies its own cap
+        settings = settings.checked(max_new_tokens_cap=None)
         if settings.num_beams > 1:
-            raise FinetuneError(f"num_beams={settings.num_beams}: the OpenAI API has no beam search (transformers "
-                                "serve ignores it; vLLM's is an extension); use num_beams 1 here, or the playground's "
-                                "transformers or vllm engine")
+            raise FinetuneError(
+                f"num_beams={settings.num_beams}: the OpenAI API has no beam search (transformers "
+                "serve ignores it; vLLM's is an extension); use num_beams 1 here, or the playground's "
+                "transformers or vllm engine")
         url, model = self.endpoint(choice)
         client = self._client(url)
         import openai  # importable: _client checked
@@ -77,7 +84,8 @@ class OpenAIEngine(Engine):
         except openai.APIConnectionError as e:
             raise FinetuneError(f"cannot reach the server for {choice.key} at {url} ({e}); start it with "
                                 f"`mlflow-finetune serve models:/{choice.name}/{choice.version}"
-                                f"{':base' if choice.base else ''} --engine transformers`, or fix --openai-url"
+                                f"{':base' if choice.base else ''} --engine transformers`, or fix "
+                                "--openai-url"
                                 ) from None
         except openai.APIStatusError as e:
             hint = (f"it may not serve a model named {model!r}: name it with --served-model {choice.key}=NAME"

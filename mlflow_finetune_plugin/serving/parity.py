@@ -1,20 +1,23 @@
 """Serving parity, the engine's side: a version's held-out prompts, as its evaluation recorded them
-(`evaluate/report.TUNED_FILE`), answered by the engine `mlflow-finetune serve` would serve it with, in this process.
+(`evaluate/report.TUNED_FILE`), answered by the engine `mlflow-finetune serve` would serve it with, in this
+process.
 
 - transformers: what `serve --engine transformers` runs, `transformers serve` on the version's merged copy
-  (`choices.merged_folder`: the adapter folded into the base, the logged tokenizer and chat template): the copy's own
-  tokenizer renders each request's messages with its chat template (today's date pinned, as `transformers_cli.py`
-  pins it), and the copy's generation config (deep-copied, greedy, the evaluation's max_new_tokens) decides the stop
-  ids, as that server builds it per request. Here the prompts go as one left-padded batch per `eval.batch_size`.
-- vllm: vLLM's offline `LLM` on what `serve --engine vllm` loads (the base with the version's LoRA, or the merged copy
+  (`choices.merged_folder`: the adapter folded into the base, the logged tokenizer and chat template): the
+  copy's own tokenizer renders each request's messages with its chat template (today's date pinned, as
+  `transformers_cli.py` pins it), and the copy's generation config (deep-copied, greedy, the evaluation's
+  max_new_tokens) decides the stop ids, as that server builds it per request. Here the prompts go as one
+  left-padded batch per `eval.batch_size`.
+- vllm: vLLM's offline `LLM` on what `serve --engine vllm` loads (the base with the version's LoRA, or the
+merged copy
   where vLLM serves it merged), the same tokenizer folder, `LLM.chat` rendering the template, the model's
   generation-config defaults, greedy.
 
 A version trained with retrieval is asked as `serve` asks it, each prompt with the chunks its retriever finds
 (`served_prompts`).
 
-`check` answers, compares (`evaluate/parity.compare`) and returns the `registry.parity.Parity` that `promote` gates
-on; `promote_checked` is `registry.promotion.promote` with this check wired in: the one way every door
+`check` answers, compares (`evaluate/parity.compare`) and returns the `registry.parity.Parity` that `promote`
+gates on; `promote_checked` is `registry.promotion.promote` with this check wired in: the one way every door
 promotes (`mlflow-finetune promote`, the studio, the playground, sweeps, `monitor --retrain`, auto-promotion
 after training).
 """
@@ -46,9 +49,10 @@ from mlflow_finetune_plugin.serving.retrieving import asked
 
 
 def check(name: str, version: str, engine: str, gates=None) -> Parity:
-    """Answer version `version` of `name`'s recorded held-out prompts with `engine` and compare with its evaluation.
-    Not checked (with why) where its run recorded no tuned answers, or for a vision-language model; failed where the
-    engine cannot serve it at all (prefix and prompt tuning cannot be merged for `serve --engine transformers`)."""
+    """Answer version `version` of `name`'s recorded held-out prompts with `engine` and compare with its
+    evaluation. Not checked (with why) where its run recorded no tuned answers, or for a vision-language
+    model; failed where the engine cannot serve it at all (prefix and prompt tuning cannot be merged for
+    `serve --engine transformers`)."""
     from mlflow import MlflowClient
 
     if engine not in ENGINES:
@@ -56,8 +60,9 @@ def check(name: str, version: str, engine: str, gates=None) -> Parity:
     mv = registry.get_version(name, version)
     record, why = recorded(MlflowClient(), registry.source_run_id(mv), mv.tags.get(tags.TASK))
     if record is None:
-        return not_checked(f"{why}; evaluate it into its source run (`mlflow-finetune evaluate models:/{name}/"
-                           f"{mv.version} --run-id RUN`) to check it", engine)
+        return not_checked(
+            f"{why}; evaluate it into its source run (`mlflow-finetune evaluate models:/{name}/"
+            f"{mv.version} --run-id RUN`) to check it", engine)
     choice = ModelChoice(mv.name, str(mv.version))
     if takes_images(choice):
         return not_checked("a vision-language model: parity does not send images, nor serve it through its "
@@ -66,15 +71,16 @@ def check(name: str, version: str, engine: str, gates=None) -> Parity:
     try:
         served = answer(choice, served_prompts(choice, [r["messages"] for r in record.rows]), record.settings)
     except FinetuneError as e:
-        return Parity(FAILED, engine, note=f"`serve --engine {engine}` cannot serve it: {e} (served another way: "
-                                           "promote with --parity off --reason TEXT)")
+        return Parity(FAILED, engine,
+                      note=f"`serve --engine {engine}` cannot serve it: {e} (served another way: "
+                           "promote with --parity off --reason TEXT)")
     return compare(record, served, engine, gates)
 
 
 def served_prompts(choice: ModelChoice, prompts: list[list[dict]]) -> list[list[dict]]:
-    """The prompts as `serve` sends them on to the engine: for a version trained with retrieval, with the chunks it
-    retrieves (`retrieving.asked`, the front's own rewrite; a recorded prompt that carries its chunks already is
-    sent as it is)."""
+    """The prompts as `serve` sends them on to the engine: for a version trained with retrieval, with the
+    chunks it retrieves (`retrieving.asked`, the front's own rewrite; a recorded prompt that carries its
+    chunks already is sent as it is)."""
     retriever = retriever_of(choice)
     return [asked(retriever, messages) for messages in prompts]
 
@@ -86,12 +92,13 @@ def promote_checked(name: str, version: str, alias: str | None = None, gates=Non
     it to `registry.promotion.maybe_auto_promote` as `promote_with`."""
     from mlflow_finetune_plugin.registry.promotion import promote
 
-    return promote(name, version, alias=alias, gates=gates, force=force, reason=reason, user=user, parity=parity,
-                   check_parity=check)
+    return promote(name, version, alias=alias, gates=gates, force=force, reason=reason, user=user,
+                   parity=parity, check_parity=check)
 
 
 def answer_with_transformers(choice: ModelChoice, prompts: list[list[dict]], settings: dict) -> list[Served]:
-    """`prompts` answered as `transformers serve` answers them on the version's merged copy (see the module)."""
+    """`prompts` answered as `transformers serve` answers them on the version's merged copy (see the
+    module)."""
     import copy
 
     import torch
@@ -109,7 +116,8 @@ def answer_with_transformers(choice: ModelChoice, prompts: list[list[dict]], set
     stops = [t for t in (eos if isinstance(eos, (list, tuple)) else [eos]) if isinstance(t, int)]
     evaluated_stops = _ids_of(tokenizer, settings.get("stop_tokens") or [])
     if config.pad_token_id is None:  # a batch needs one, where the server generates one request at a time
-        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops
+                                                                                                 or [0])[0]
     with pinned_clock():
         encoded = [tokenizer.apply_chat_template(plain_messages(m), add_generation_prompt=True, tokenize=True,
                                                  return_dict=True)["input_ids"] for m in prompts]
@@ -162,7 +170,8 @@ def answer_with_vllm(choice: ModelChoice, prompts: list[list[dict]], settings: d
             [int(local.adapter_config().get("r", 8))])))
     llm = LLM(model=path, tokenizer=str(vllm_tokenizer_dir(local, path)), trust_remote_code=False, **device)
     try:
-        params = llm.get_default_sampling_params()  # the model's generation config, as `vllm serve` applies it
+        # the model's generation config, as `vllm serve` applies it
+        params = llm.get_default_sampling_params()
         params.temperature, params.top_p, params.max_tokens = 0.0, 1.0, int(settings["max_new_tokens"])
         outputs = llm.chat([plain_messages(m) for m in prompts], params, lora_request=lora, use_tqdm=False)
         evaluated_stops = set(_ids_of(llm.get_tokenizer(), settings.get("stop_tokens") or []))
@@ -186,8 +195,9 @@ def _through_stop(row: list[int], stops: list[int]) -> list[int]:
 
 
 def _served_text(tokenizer, ids: list[int]) -> str:
-    """The answer `transformers serve` hands a client: the decoded ids without special tokens; through the response
-    template where the copy's tokenizer carries one (gpt-oss's channels: `answers.add_response_template`), read as
+    """The answer `transformers serve` hands a client: the decoded ids without special tokens; through the
+    response template where the copy's tokenizer carries one (gpt-oss's channels:
+    `answers.add_response_template`), read as
     `answer_text` reads it."""
     if getattr(tokenizer, "response_template", None):
         return answer_text(tokenizer, ids)

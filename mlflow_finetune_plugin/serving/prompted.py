@@ -1,9 +1,9 @@
-"""A registered optimized prompt applied to a client's conversation, as `serve --prompt` and the playground's prompt
-side ask the base model with it (registry/prompts.py): the instruction after the conversation's system message, then
-the shots before its turns. A prompt whose search picked retrieved shots asks with the `k` train conversations
-nearest the conversation's user turns, drawn from the shot pool its run logged, by the same BM25 retrieval the
-evaluation scored it with (`evaluate/retrieval.py`); the evaluation's trimming to the context length is not repeated
-here (a request too long for the model fails as it would without the prompt)."""
+"""A registered optimized prompt applied to a client's conversation, as `serve --prompt` and the playground's
+prompt side ask the base model with it (registry/prompts.py): the instruction after the conversation's system
+message, then the shots before its turns. A prompt whose search picked retrieved shots asks with the `k` train
+conversations nearest the conversation's user turns, drawn from the shot pool its run logged, by the same BM25
+retrieval the evaluation scored it with (`evaluate/retrieval.py`); the evaluation's trimming to the context
+length is not repeated here (a request too long for the model fails as it would without the prompt)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def asked(messages: list[dict], prompt: ServedPrompt) -> list[dict]:
 
 
 def rewriter(prompt: ServedPrompt):
-    """What the front does to a request for the prompt's name: a chat request with `asked` messages (other requests
-    as they are); the request's span (`span`) is not needed."""
+    """What the front does to a request for the prompt's name: a chat request with `asked` messages (other
+    requests as they are); the request's span (`span`) is not needed."""
 
     def rewrite(body: bytes, span=None) -> bytes:
         request = json.loads(body or b"{}")

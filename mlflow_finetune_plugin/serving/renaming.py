@@ -1,5 +1,5 @@
-"""The model names in the bodies the front (`front.py`) passes on: the one a request asks for, a request renamed for
-the server, and an answer renamed back to the name the client asked for (streamed or whole)."""
+"""The model names in the bodies the front (`front.py`) passes on: the one a request asks for, a request
+renamed for the server, and an answer renamed back to the name the client asked for (streamed or whole)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def with_model(body: bytes, model: str) -> bytes:
 
 
 async def renamed(chunks, name: str, stream: bool):
-    """The answer's bytes with the `model` it names said as `name`: each `data:` line of a stream as it passes, a
-    whole answer once read (an error, which names no model, as it is)."""
+    """The answer's bytes with the `model` it names said as `name`: each `data:` line of a stream as it
+    passes, a whole answer once read (an error, which names no model, as it is)."""
     if not stream:
         yield named(b"".join([chunk async for chunk in chunks]), name)
         return

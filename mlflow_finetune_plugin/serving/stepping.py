@@ -1,31 +1,32 @@
 """Continuous decoding for the transformers engine: one forward per step over the rows still generating.
 
-`generate()` runs a batch until its last row ends: a short answer's row keeps being computed (as padding) while a
-long one finishes, and a request that arrives meanwhile waits for the whole batch. A `Stepper` instead holds the
-batch's KV cache itself, so between two steps the scheduler (batching.Batcher) can drop the rows that ended (their
-cache rows go, the next step is cheaper) and add the requests that arrived (their prompts are run once, and their
-cache rows join the others, left-padded and masked). Each row sees exactly its own prompt and tokens: positions and
-attention come from its mask, as in a left-padded `generate()`.
+`generate()` runs a batch until its last row ends: a short answer's row keeps being computed (as padding)
+while a long one finishes, and a request that arrives meanwhile waits for the whole batch. A `Stepper` instead
+holds the batch's KV cache itself, so between two steps the scheduler (batching.Batcher) can drop the rows
+that ended (their cache rows go, the next step is cheaper) and add the requests that arrived (their prompts
+are run once, and their cache rows join the others, left-padded and masked). Each row sees exactly its own
+prompt and tokens: positions and attention come from its mask, as in a left-padded `generate()`.
 
-It needs a plain growing cache (`models.architecture.cache_abilities(model).concat`: every layer a DynamicLayer, no
-sliding window, no recurrent state, no static or quantized cache) and a generation config with nothing beyond greedy
-or temperature/top-p sampling; `steppable` says whether a model qualifies, and the engine falls back to one
-`generate()` per batch when it does not.
+It needs a plain growing cache (`models.architecture.cache_abilities(model).concat`: every layer a
+DynamicLayer, no sliding window, no recurrent state, no static or quantized cache) and a generation config
+with nothing beyond greedy or temperature/top-p sampling; `steppable` says whether a model qualifies, and the
+engine falls back to one `generate()` per batch when it does not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-# Generation-config fields whose default means "off"; a model that sets any of them is served by `generate()`, which
-# applies them (this module applies only temperature and top-p).
-_PLAIN_GENERATION = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
-                     "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
-                     "forced_eos_token_id": (None,), "sequence_bias": (None,), "min_new_tokens": (None, 0),
-                     "min_length": (None, 0), "encoder_repetition_penalty": (None, 1.0),
-                     "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False),
-                     "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
-                     "typical_p": (None, 1.0), "min_p": (None, 0.0), "top_k": (None, 0, 50)}
+# Generation-config fields whose default means "off"; a model that sets any of them is served by `generate()`,
+# which applies them (this module applies only temperature and top-p).
+_PLAIN_GENERATION = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+                     "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+                     "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None,),
+                     "min_new_tokens": (None, 0), "min_length": (None, 0),
+                     "encoder_repetition_penalty": (None, 1.0), "exponential_decay_length_penalty": (None,),
+                     "renormalize_logits": (None, False), "epsilon_cutoff": (None, 0.0),
+                     "eta_cutoff": (None, 0.0), "typical_p": (None, 1.0), "min_p": (None, 0.0),
+                     "top_k": (None, 0, 50)}
 
 
 def steppable(model) -> bool:
@@ -45,9 +46,9 @@ MIN_SHARED = 8
 class Stepper:
     """The live rows of one batch: their KV cache, attention mask and positions, and the next token's logits.
 
-    `forward(ids, mask, positions, cache, adapters)` runs the model (adapters: each row's adapter name, or None)
-    and returns the last position's logits; `sample(logits)` picks each row's token; `release()` is called once by
-    `close()`. Rows are in the order they were added, minus those dropped by `keep`.
+    `forward(ids, mask, positions, cache, adapters)` runs the model (adapters: each row's adapter name, or
+    None) and returns the last position's logits; `sample(logits)` picks each row's token; `release()` is
+    called once by `close()`. Rows are in the order they were added, minus those dropped by `keep`.
     """
 
     def __init__(self, forward: Callable, sample: Callable, config, pad_id: int, device, mixed: bool,
@@ -64,9 +65,10 @@ class Stepper:
     def add(self, prompts: list[list[int]], adapters: list[str]) -> None:
         """Run new rows' prompts and put them after the live rows.
 
-        A prefix all the new prompts share (a system prompt and the chat template's opening, in a burst of users)
-        is run once per adapter among them, not once per row; each row then runs only the rest of its prompt. The
-        row's cache holds the prefix, then its own tokens after the padding of the shorter rests (masked).
+        A prefix all the new prompts share (a system prompt and the chat template's opening, in a burst of
+        users) is run once per adapter among them, not once per row; each row then runs only the rest of its
+        prompt. The row's cache holds the prefix, then its own tokens after the padding of the shorter rests
+        (masked).
         """
         import torch
         from transformers import DynamicCache
@@ -128,7 +130,8 @@ class Stepper:
         release, self.release = self.release, lambda: None
         release()
 
-    # ---------------------------------------------------------------------------------------------------- inside
+    # ----------------------------------------------------------------------------------------------------
+    # inside
     def _feed(self) -> None:
         """Run the tokens picked last step, so the cache holds every row's tokens and `logits` is current."""
         import torch
@@ -143,14 +146,16 @@ class Stepper:
         self.fed = None
 
     def _merge(self, cache, mask) -> None:
-        """Append `cache`'s rows to the live ones; the shorter side is padded on the left (zeros, masked out)."""
+        """Append `cache`'s rows to the live ones; the shorter side is padded on the left (zeros, masked
+        out)."""
         import torch
 
         old, new = self.mask.shape[1], mask.shape[1]
         length = max(old, new)
 
         def left(t, n):  # [rows, heads, n, dim] -> [rows, heads, length, dim]
-            return t if n == length else torch.cat([t.new_zeros(t.shape[:2] + (length - n, t.shape[3])), t], dim=2)
+            return t if n == length else torch.cat([t.new_zeros(t.shape[:2] + (length - n, t.shape[3])), t],
+                                                   dim=2)
 
         for mine, theirs in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat([left(mine.keys, old), left(theirs.keys, new)])
@@ -169,7 +174,8 @@ class Stepper:
 
 
 def _shared_prefix(prompts: list[list[int]]) -> int:
-    """Tokens every prompt starts with, leaving each at least its last token (whose logits give the first answer)."""
+    """Tokens every prompt starts with, leaving each at least its last token (whose logits give the first
+    answer)."""
     limit = min(len(p) for p in prompts) - 1
     n = 0
     while n < limit and all(p[n] == prompts[0][n] for p in prompts):
@@ -191,7 +197,8 @@ def sampler(temperature: float, top_p: float, top_k: int | None):
             kth = torch.topk(scores, k, dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if top_p < 1.0:
-            ordered, order = scores.sort(dim=-1)                    # ascending, as generate's TopPLogitsWarper
+            # ascending, as generate's TopPLogitsWarper
+            ordered, order = scores.sort(dim=-1)
             tail = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
             tail[:, -1] = False                                     # the likeliest token always stays
             scores = scores.masked_fill(tail.scatter(1, order, tail), float("-inf"))

@@ -1,15 +1,17 @@
-"""Served traffic as MLflow traces (`serve --trace EXPERIMENT`, `playground --trace EXPERIMENT`), and feedback on it.
+"""Served traffic as MLflow traces (`serve --trace EXPERIMENT`, `playground --trace EXPERIMENT`), and feedback
+on it.
 
-Each answered chat completion is one trace with one CHAT_MODEL span (a version that retrieves: with a RETRIEVER child
-holding the chunks, `retrieving.py`), in the shape `mlflow.openai.autolog()` records
-and `data/traces.py` reads: inputs the request (`messages` in OpenAI's format, `model`, the settings sent), outputs the
-ChatCompletion (a streamed answer joined into one). The trace names the served version's logged model (MLflow 3's
-`m-...` id of the registered version, the `mlflow.modelId` metadata that `search_traces(model_id=)` and
-`data.traces.model_id` select), so a version's own traffic, with the feedback on it, is the next fine-tune's `traces:`
-data. Feedback becomes assessments under the names `data/traces.py` counts by default.
+Each answered chat completion is one trace with one CHAT_MODEL span (a version that retrieves: with a
+RETRIEVER child holding the chunks, `retrieving.py`), in the shape `mlflow.openai.autolog()` records
+and `data/traces.py` reads: inputs the request (`messages` in OpenAI's format, `model`, the settings sent),
+outputs the ChatCompletion (a streamed answer joined into one). The trace names the served version's logged
+model (MLflow 3's `m-...` id of the registered version, the `mlflow.modelId` metadata that
+`search_traces(model_id=)` and `data.traces.model_id` select), so a version's own traffic, with the feedback
+on it, is the next fine-tune's `traces:` data. Feedback becomes assessments under the names `data/traces.py`
+counts by default.
 
-Traces hold user data (prompts and answers): nothing is recorded unless asked. The tracking store failing never fails
-a request or a vote: the first failure is logged as a warning, and the answer goes out untraced.
+Traces hold user data (prompts and answers): nothing is recorded unless asked. The tracking store failing
+never fails a request or a vote: the first failure is logged as a warning, and the answer goes out untraced.
 """
 
 from __future__ import annotations
@@ -25,27 +27,30 @@ from mlflow_finetune_plugin.serving.base import ModelChoice
 
 TRACE_HEADER = "x-mlflow-trace-id"   # on every traced answer: the trace to send feedback on
 SPAN_NAME = "chat.completions"
-# Assessment names: FEEDBACK and EXPECTATION are among data.traces.feedback / .expectations' defaults (a thumbs
-# verdict; the answer to learn instead). A rating (1-5) and a comment alone are recorded, not read as a verdict.
+# Assessment names: FEEDBACK and EXPECTATION are among data.traces.feedback / .expectations' defaults (a
+# thumbs verdict; the answer to learn instead). A rating (1-5) and a comment alone are recorded, not read as a
+# verdict.
 FEEDBACK = "user_feedback"
 EXPECTATION = "expected_response"
 RATING = "user_rating"
 COMMENT = "user_comment"
 RATINGS = range(1, 6)
 SETTLE_S = 30.0  # at most this long feedback waits for the trace it names to end (a stream still answering)
-_KEEP_IDS = 10_000  # completion id -> trace id, for feedback that names the completion (the oldest forgotten first)
+# completion id -> trace id, for feedback that names the completion (the oldest forgotten first)
+_KEEP_IDS = 10_000
 
 
 def served_choice(served: str) -> ModelChoice | None:
-    """The model choice behind a name `mlflow-finetune serve` serves (`bot-v3`, `bot-v3-base`); None for others."""
+    """The model choice behind a name `mlflow-finetune serve` serves (`bot-v3`, `bot-v3-base`); None for
+    others."""
     text, base = (served[:-5], True) if served.endswith("-base") else (served, False)
     name, _, version = text.rpartition("-v")
     return ModelChoice(name, version, base) if name and version.isdigit() else None
 
 
 def experiment_id(experiment: str) -> str:
-    """The id of experiment `experiment` (a name, or an id), created when it does not exist; raises FinetuneError
-    naming the tracking store when it cannot be read."""
+    """The id of experiment `experiment` (a name, or an id), created when it does not exist; raises
+    FinetuneError naming the tracking store when it cannot be read."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -61,13 +66,14 @@ def experiment_id(experiment: str) -> str:
         except mlflow.exceptions.MlflowException:  # created by another process in the meantime
             return client.get_experiment_by_name(experiment).experiment_id
     except Exception as e:  # noqa: BLE001 - any store failure: say which store and what it said
-        raise FinetuneError(f"--trace {experiment}: cannot use the tracking store {mlflow.get_tracking_uri()} "
-                            f"({str(e).splitlines()[0]}); set MLFLOW_TRACKING_URI, or serve without --trace") from None
+        raise FinetuneError(
+            f"--trace {experiment}: cannot use the tracking store {mlflow.get_tracking_uri()} "
+            f"({str(e).splitlines()[0]}); set MLFLOW_TRACKING_URI, or serve without --trace") from None
 
 
 class Tracer:
-    """Records answers as traces in one experiment and logs feedback on them; every store failure is caught (the
-    first one is told through `echo`)."""
+    """Records answers as traces in one experiment and logs feedback on them; every store failure is caught
+    (the first one is told through `echo`)."""
 
     def __init__(self, experiment: str, by: str, echo=print):
         self.experiment = experiment
@@ -76,7 +82,8 @@ class Tracer:
         self.echo = echo
         self._models: dict[str, str | None] = {}
         self._ids: OrderedDict[str, str] = OrderedDict()
-        self._open: dict[str, threading.Event] = {}  # traces started and not ended yet: feedback waits for them
+        # traces started and not ended yet: feedback waits for them
+        self._open: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._warned = False
 
@@ -91,22 +98,25 @@ class Tracer:
         detail = (str(error).splitlines() or [""])[0]
         if isinstance(error, BaseException):
             detail = f"{type(error).__name__}: {detail}"
-        self.echo(f"Warning: {what} failed ({detail}); answers are still served, untraced where the tracking store "
-                  f"{mlflow.get_tracking_uri()} fails. Further tracking failures are not shown.")
+        self.echo(
+            f"Warning: {what} failed ({detail}); answers are still served, untraced where the tracking store "
+            f"{mlflow.get_tracking_uri()} fails. Further tracking failures are not shown.")
 
     def model_id(self, choice: ModelChoice | None) -> str | None:
-        """The logged model (m-...) of a registered version; None for a base model, or a version registered from a
-        run's artifacts rather than a logged model."""
+        """The logged model (m-...) of a registered version; None for a base model, or a version registered
+        from a run's artifacts rather than a logged model."""
         if choice is None or choice.base:
             return None
         if choice.key not in self._models:
             from mlflow_finetune_plugin.registry import versions as registry
 
-            self._models[choice.key] = registry.logged_model_id(registry.get_version(choice.name, choice.version))
+            self._models[choice.key] = registry.logged_model_id(registry.get_version(choice.name,
+                                                                                     choice.version))
         return self._models[choice.key]
 
     def start(self, choice: ModelChoice | None, asked: str, inputs: dict, extra: dict | None = None):
-        """A CHAT_MODEL span for one request (the trace id is known from here on); None when tracing failed."""
+        """A CHAT_MODEL span for one request (the trace id is known from here on); None when tracing
+        failed."""
         import mlflow
         from mlflow.entities import SpanType
         from mlflow.entities.span import NO_OP_SPAN_TRACE_ID
@@ -123,7 +133,8 @@ class Tracer:
         except Exception as e:  # noqa: BLE001 - tracing never fails the request
             self.warn("starting a trace", e)
             return None
-        if span.trace_id == NO_OP_SPAN_TRACE_ID:  # MLflow could not start it (it logged why) or tracing is off
+        # MLflow could not start it (it logged why) or tracing is off
+        if span.trace_id == NO_OP_SPAN_TRACE_ID:
             self.warn("starting a trace", "MLflow returned a no-op span")
             return None
         with self._lock:
@@ -153,8 +164,8 @@ class Tracer:
                 ended.set()
 
     def settle(self, trace_id: str | None = None, timeout: float = SETTLE_S) -> None:
-        """Wait until trace `trace_id` (None: every trace now open) has ended: a client may send feedback as soon as
-        it has the answer, a moment before the server ends the answer's trace."""
+        """Wait until trace `trace_id` (None: every trace now open) has ended: a client may send feedback as
+        soon as it has the answer, a moment before the server ends the answer's trace."""
         with self._lock:
             events = [self._open[trace_id]] if trace_id in self._open else [] if trace_id else list(
                 self._open.values())
@@ -190,12 +201,13 @@ class Tracer:
         from mlflow.entities import AssessmentSource
 
         self.settle(trace_id)
-        mlflow.flush_trace_async_logging()  # a trace answered a moment ago may still be on its way to the store
+        # a trace answered a moment ago may still be on its way to the store
+        mlflow.flush_trace_async_logging()
         trace = mlflow.get_trace(trace_id)
         if trace is None or trace.info.experiment_id != self.experiment_id:
             raise FinetuneError(f"no trace {trace_id!r} in experiment {self.experiment!r}: send the "
-                                f"{TRACE_HEADER} header of a traced answer (or the answer's id, while this server "
-                                "runs)")
+                                f"{TRACE_HEADER} header of a traced answer (or the answer's id, while this "
+                                "server runs)")
         source = AssessmentSource(source_type="HUMAN", source_id=feedback.user or "anonymous")
         logged = []
         for name, value, rationale in feedback.assessments():
@@ -225,9 +237,10 @@ class Tracer:
             feedback = Feedback.parse(body)
             trace_id = self.trace_of(feedback.target)
             if trace_id is None:
-                raise FinetuneError(f"{feedback.target!r} is neither a trace id (tr-...) nor the id of an answer "
-                                    "this server gave since it started: send the answer's "
-                                    f"{TRACE_HEADER} header as trace_id")
+                raise FinetuneError(
+                    f"{feedback.target!r} is neither a trace id (tr-...) nor the id of an answer "
+                    "this server gave since it started: send the answer's "
+                    f"{TRACE_HEADER} header as trace_id")
         except FinetuneError as e:
             return 400, _error(str(e), "invalid_request_error")
         try:
@@ -246,7 +259,8 @@ def _error(message: str, kind: str) -> dict:
 
 @dataclass
 class Feedback:
-    """What a user says about one answer: thumbs up/down, a rating, a comment, the answer it should have been."""
+    """What a user says about one answer: thumbs up/down, a rating, a comment, the answer it should have
+    been."""
 
     target: str                  # trace id, or the completion id
     thumbs: bool | None = None
@@ -265,7 +279,8 @@ class Feedback:
 
         if not isinstance(body, dict):
             raise FinetuneError("send a JSON object: {\"trace_id\": \"tr-...\", \"thumbs\": \"up\"}")
-        problems = [f"unknown field {k!r} (fields: {', '.join(cls.FIELDS)})" for k in body if k not in cls.FIELDS]
+        problems = [f"unknown field {k!r} (fields: {', '.join(cls.FIELDS)})" for k in body
+                    if k not in cls.FIELDS]
         target = body.get("trace_id") or body.get("id")
         if not isinstance(target, str) or not target:
             problems.append("trace_id: the x-mlflow-trace-id header of the answer (or id: the answer's id)")
@@ -275,7 +290,8 @@ class Feedback:
             if thumbs is None:
                 problems.append(f"thumbs {body['thumbs']!r}: use up/down (or true/false)")
         rating = body.get("rating")
-        if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int) or rating not in RATINGS):
+        if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int)
+                                   or rating not in RATINGS):
             problems.append(f"rating {rating!r}: use a whole number from {RATINGS[0]} to {RATINGS[-1]}")
         for key in ("comment", "correction", "user"):
             if body.get(key) is not None and not isinstance(body[key], str):
@@ -289,8 +305,8 @@ class Feedback:
                    body.get("user") or None)
 
     def assessments(self) -> list[tuple[str, object, str | None]]:
-        """(name, value, rationale) of each assessment to log; the comment is the rationale of the verdict or the
-        rating, or its own feedback when there is neither."""
+        """(name, value, rationale) of each assessment to log; the comment is the rationale of the verdict or
+        the rating, or its own feedback when there is neither."""
         out = []
         if self.thumbs is not None:
             out.append((FEEDBACK, self.thumbs, self.comment))
@@ -303,10 +319,12 @@ class Feedback:
         return out
 
 
-# ------------------------------------------------------------------------------------------ answers as outputs
+# ------------------------------------------------------------------------------------------ answers as
+# outputs
 
 
-def completion(text: str, model: str, finish_reason: str | None = None, completion_id: str | None = None) -> dict:
+def completion(text: str, model: str, finish_reason: str | None = None,
+               completion_id: str | None = None) -> dict:
     """A whole answer as the ChatCompletion an OpenAI server returns (the shape data/traces.py reads)."""
     import time
     import uuid
@@ -318,8 +336,8 @@ def completion(text: str, model: str, finish_reason: str | None = None, completi
 
 
 def joined_stream(raw: bytes) -> dict | None:
-    """A streamed answer (server-sent `data:` chunks of a chat completion) joined into one ChatCompletion; None when
-    no chunk could be read."""
+    """A streamed answer (server-sent `data:` chunks of a chat completion) joined into one ChatCompletion;
+    None when no chunk could be read."""
     out, choices = None, {}
     for line in raw.decode("utf-8", errors="replace").splitlines():
         if not line.startswith("data:") or line[5:].strip() == "[DONE]":
@@ -360,8 +378,8 @@ def _add_delta(choice: dict, chunk_choice: dict) -> None:
 
 
 class TracedRequest:
-    """One request through `serve`'s front: the span, started before the request goes on; the answer's bytes as they
-    pass (untouched); the span ended with the answer once it has gone out whole."""
+    """One request through `serve`'s front: the span, started before the request goes on; the answer's bytes
+    as they pass (untouched); the span ended with the answer once it has gone out whole."""
 
     def __init__(self, tracer: Tracer, span, streamed: bool):
         self.tracer, self.span, self.streamed = tracer, span, streamed
@@ -372,8 +390,9 @@ class TracedRequest:
     @classmethod
     def begin(cls, tracer: Tracer, served: str, asked: str, body: bytes,
               prompt: tuple[str, str] | None = None) -> TracedRequest | None:
-        """The span of a request for served name `served` (asked as `asked`); a served prompt's (`prompt`: the served
-        name of the model it asks, the prompt's URI) names that model as the one that answered, and the prompt."""
+        """The span of a request for served name `served` (asked as `asked`); a served prompt's (`prompt`: the
+        served name of the model it asks, the prompt's URI) names that model as the one that answered, and the
+        prompt."""
         try:
             request = json.loads(body)
         except ValueError:
@@ -391,7 +410,8 @@ class TracedRequest:
             yield chunk
 
     def end(self, error: str | None = None) -> None:
-        """End the span with what was answered: the ChatCompletion, the stream joined into one, or the error."""
+        """End the span with what was answered: the ChatCompletion, the stream joined into one, or the
+        error."""
         try:
             outputs, error = self._answer(error)
         except Exception as e:  # noqa: BLE001 - an answer this cannot read is traced as such, never raised

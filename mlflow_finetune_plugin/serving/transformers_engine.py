@@ -1,16 +1,16 @@
 """The transformers engine: one copy of each base model in memory serves every side that shares it.
 
-Versions whose adapters share a base and a PEFT type are loaded onto one PeftModel (`load_adapter`); the base side is
-the same weights with the adapter layers switched off. Other adapters (another PEFT type, prompt learning) and full
-fine-tunes get a model of their own.
+Versions whose adapters share a base and a PEFT type are loaded onto one PeftModel (`load_adapter`); the base
+side is the same weights with the adapter layers switched off. Other adapters (another PEFT type, prompt
+learning) and full fine-tunes get a model of their own.
 
 Concurrency: requests are batched (`batching.py`): each model in memory has a scheduler thread that runs the
-requests waiting for it together. Where the model allows it (`stepping.py`), batching is continuous: the engine
-steps the batch token by token, rows leave when they end and new requests join. Otherwise (prompt learning, caches
-other than a plain growing one) a batch is one left-padded `generate()`. On a LoRA model the base side and every
-version share one batch (PEFT's mixed-adapter batches, `adapter_names`); on other models a batch holds one adapter
-state. A model's lock is held for a whole batch; loading an adapter stops new rows from joining, waits for the batch
-to end, and only then changes the modules.
+requests waiting for it together. Where the model allows it (`stepping.py`), batching is continuous: the
+engine steps the batch token by token, rows leave when they end and new requests join. Otherwise (prompt
+learning, caches other than a plain growing one) a batch is one left-padded `generate()`. On a LoRA model the
+base side and every version share one batch (PEFT's mixed-adapter batches, `adapter_names`); on other models a
+batch holds one adapter state. A model's lock is held for a whole batch; loading an adapter stops new rows
+from joining, waits for the batch to end, and only then changes the modules.
 """
 
 from __future__ import annotations
@@ -49,24 +49,28 @@ class _Slot:
     peft_type: str | None         # None for plain models
     prompt_learning: bool = False
     adapters: dict[str, str] = field(default_factory=dict)   # choice key -> adapter name
-    dora: bool = False            # an adapter uses DoRA, or LoRA on parameters (target_parameters, a mixture's
+    # an adapter uses DoRA, or LoRA on parameters (target_parameters, a mixture's
+    dora: bool = False
                                   # experts): PEFT's mixed-adapter batches refuse both
-    lock: threading.Lock = field(default_factory=threading.Lock)   # held by a running batch, and while loading
+    # held by a running batch, and while loading
+    lock: threading.Lock = field(default_factory=threading.Lock)
     loading: threading.Event = field(default_factory=threading.Event)  # set while a loader waits for the lock
     steppable: bool = False       # continuous batching works on this model (stepping.steppable)
-    state: str | None = None      # adapter name active now, _BASE when adapter layers are off, _MIXED, None: unknown
+    # adapter name active now, _BASE when adapter layers are off, _MIXED, None: unknown
+    state: str | None = None
     batcher: Batcher | None = None
 
     def mixes_adapters(self) -> bool:
-        """Whether one batch may hold the base side and several adapters (`adapter_names`): LoRA without DoRA and
-        without LoRA on parameters (PEFT's ParamWrapper)."""
+        """Whether one batch may hold the base side and several adapters (`adapter_names`): LoRA without DoRA
+        and without LoRA on parameters (PEFT's ParamWrapper)."""
         return self.peft_type == "LORA" and not self.dora
 
     def group(self, request: Request) -> Hashable:
-        """Which requests may share a batch: one adapter state unless the model mixes them, and the same sampling
-        (a stepped batch ends each row at its own max_new_tokens and end-of-turn ids; `generate()` needs them
-        shared too)."""
-        if request.inputs is not None:  # images: a batch of its own (pixel inputs are not padded together here)
+        """Which requests may share a batch: one adapter state unless the model mixes them, and the same
+        sampling (a stepped batch ends each row at its own max_new_tokens and end-of-turn ids; `generate()`
+        needs them shared too)."""
+        # images: a batch of its own (pixel inputs are not padded together here)
+        if request.inputs is not None:
             return "images", id(request)
         state = "" if self.peft_type is None or self.mixes_adapters() else request.adapter
         settings = request.settings
@@ -76,7 +80,8 @@ class _Slot:
 
     @contextmanager
     def changing(self):
-        """Hold the lock to change the model: a running batch takes no more rows, drains, and lets go of it."""
+        """Hold the lock to change the model: a running batch takes no more rows, drains, and lets go of
+        it."""
         self.loading.set()
         try:
             with self.lock:
@@ -87,17 +92,19 @@ class _Slot:
     def put_in_place(self, first: Request) -> bool:
         """Set the adapter state for a batch led by `first` (under the lock): True when the rows name their
         adapters (`adapter_names`, a mixed LoRA batch), False when the whole batch runs `first`'s state."""
-        # A prompt with images is a batch of its own, run in its adapter's state: PEFT's per-row `adapter_names` would
-        # meet a vision tower's LoRA (lora.vision) with the image's tiles as rows ("Length of `adapter_names` should be
-        # the same as the number of inputs, but got 1 and 5").
+        # A prompt with images is a batch of its own, run in its adapter's state: PEFT's per-row
+        # `adapter_names` would meet a vision tower's LoRA (lora.vision) with the image's tiles as rows
+        # ("Length of `adapter_names` should be the same as the number of inputs, but got 1 and 5").
         mixed = bool(self.peft_type) and self.mixes_adapters() and first.inputs is None
         self.switch_to(_MIXED if mixed else first.adapter)
         return mixed
 
     def switch_to(self, name: str) -> None:
-        """Put adapter `name` (or _BASE: adapters off, _MIXED: on, chosen per row) in place; under the lock."""
+        """Put adapter `name` (or _BASE: adapters off, _MIXED: on, chosen per row) in place; under the
+        lock."""
         if not self.peft_type or self.prompt_learning or not name or name == self.state:
-            return  # plain models (no adapter yet) have no state; prompt learning routes base calls past the adapter
+            # plain models (no adapter yet) have no state; prompt learning routes base calls past the adapter
+            return
         if name == _BASE:
             self.model.base_model.disable_adapter_layers()
         else:
@@ -117,8 +124,8 @@ class TransformersEngine(Engine):
     def __init__(self, device: str | None = None, concurrency: int = 16, max_batch: int = 32):
         import torch
 
-        # Resolved here, once: transformers' lazy module can fail ("cannot import name ...") when two generation
-        # threads import the same name from it at the same moment.
+        # Resolved here, once: transformers' lazy module can fail ("cannot import name ...") when two
+        # generation threads import the same name from it at the same moment.
         from transformers import (  # noqa: F401
             AutoModelForCausalLM,
             AutoTokenizer,
@@ -131,7 +138,8 @@ class TransformersEngine(Engine):
         self.concurrency = concurrency
         self.max_batch = max_batch
         self._slots: list[_Slot] = []
-        self._routes: dict[str, tuple[_Slot, str, object]] = {}   # choice key -> (slot, adapter name, tokenizer)
+        # choice key -> (slot, adapter name, tokenizer)
+        self._routes: dict[str, tuple[_Slot, str, object]] = {}
         self._tokenizers: dict[str, object] = {}                    # tokenizer files' digest -> tokenizer
         self._load_lock = threading.Lock()
 
@@ -148,8 +156,8 @@ class TransformersEngine(Engine):
 
     def _load(self, choice: ModelChoice):
         local = local_model(choice)
-        # The logged tokenizer carries the chat template the model was trained with; the base side uses it too,
-        # so both sides see the same prompt.
+        # The logged tokenizer carries the chat template the model was trained with; the base side uses it
+        # too, so both sides see the same prompt.
         tokenizer = self._tokenizer(local.tokenizer_dir)
         if choice.base:
             return self._base_slot(local), None, tokenizer  # adapters off: decided per request (see stream)
@@ -160,7 +168,8 @@ class TransformersEngine(Engine):
         for slot in self._slots:
             if slot.base_key != local.base_key():
                 continue
-            if slot.peft_type is None:  # the plain base is loaded already: put the adapter on it, no second copy
+            # the plain base is loaded already: put the adapter on it, no second copy
+            if slot.peft_type is None:
                 self._wrap(slot, local, cfg, name)
                 return slot, name, tokenizer
             if (slot.peft_type == cfg.get("peft_type") and not slot.prompt_learning
@@ -177,8 +186,8 @@ class TransformersEngine(Engine):
         return slot, slot.adapters[choice.key], tokenizer
 
     def _tokenizer(self, folder):
-        """One tokenizer per distinct set of tokenizer files: a version's two sides, and versions trained from one
-        base with one chat template, share it (a fast tokenizer of a 49k vocabulary is ~12 MiB)."""
+        """One tokenizer per distinct set of tokenizer files: a version's two sides, and versions trained from
+        one base with one chat template, share it (a fast tokenizer of a 49k vocabulary is ~12 MiB)."""
         import hashlib
 
         from mlflow_finetune_plugin.logged_model import saved_tokenizer
@@ -187,7 +196,8 @@ class TransformersEngine(Engine):
         for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
             digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
         key = digest.hexdigest()
-        if key not in self._tokenizers:  # a vision-language model's comes with its processor (models/vision.py)
+        # a vision-language model's comes with its processor (models/vision.py)
+        if key not in self._tokenizers:
             self._tokenizers[key] = saved_tokenizer(folder)
         return self._tokenizers[key]
 
@@ -204,7 +214,8 @@ class TransformersEngine(Engine):
         slot.adapters[local.choice.key] = name
 
     def _base_slot(self, local: LocalModel) -> _Slot:
-        """A model holding `local`'s base weights: any adapter slot on that base (adapters off), else the base."""
+        """A model holding `local`'s base weights: any adapter slot on that base (adapters off), else the
+        base."""
         if local.is_adapter:
             for slot in self._slots:
                 if slot.base_key == local.base_key():
@@ -241,18 +252,23 @@ class TransformersEngine(Engine):
         self._slots.append(slot)
         return slot
 
-    # ---------------------------------------------------------------------------------------------- generation
+    # ----------------------------------------------------------------------------------------------
+    # generation
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:
-        """Stream the answer token by token: the request joins the next batch of its model (see batching.py)."""
-        settings = settings.checked(max_new_tokens_cap=None)  # ranges only: the playground applies its own cap
+        """Stream the answer token by token: the request joins the next batch of its model (see
+        batching.py)."""
+        # ranges only: the playground applies its own cap
+        settings = settings.checked(max_new_tokens_cap=None)
         slot, adapter, tokenizer = self._route(choice)
-        if adapter is None:  # the base side: adapter layers off for this row (another request may put an adapter
+        # the base side: adapter layers off for this row (another request may put an adapter
+        if adapter is None:
             adapter = _BASE  # on this slot meanwhile, so the slot is asked per batch, not now)
         prompt, inputs = _prompt(tokenizer, messages)
         limit = _context_limit(slot.model)
         if limit and len(prompt) + settings.max_new_tokens > limit:
-            raise FinetuneError(f"the conversation is {len(prompt)} tokens and {settings.max_new_tokens} new tokens "
-                                f"would exceed the model's context of {limit}; clear the chat or lower max new tokens")
+            raise FinetuneError(
+                f"the conversation is {len(prompt)} tokens and {settings.max_new_tokens} new tokens "
+                f"would exceed the model's context of {limit}; clear the chat or lower max new tokens")
         eos = _eos_ids(tokenizer, slot.model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
         request = Request(prompt, adapter, settings, frozenset(eos), pad,
@@ -266,9 +282,9 @@ class TransformersEngine(Engine):
             request.cancel()  # the reader went away (or the answer is complete): its row stops
 
     def _start(self, slot: _Slot, batch: list[Request]) -> Stepper | None:
-        """A Stepper for `batch` (continuous batching), holding the slot's lock until it closes; None where the
-        model needs `generate()` (prompt learning adds virtual tokens there; see stepping.steppable) or the batch
-        searches beams."""
+        """A Stepper for `batch` (continuous batching), holding the slot's lock until it closes; None where
+        the model needs `generate()` (prompt learning adds virtual tokens there; see stepping.steppable) or
+        the batch searches beams."""
         if not slot.steppable or batch[0].settings.num_beams > 1 or batch[0].inputs is not None:
             return None
         import torch
@@ -287,18 +303,21 @@ class TransformersEngine(Engine):
                 return out.logits[:, -1]
 
             settings = first.settings
-            sample = sampler(settings.temperature, settings.top_p, getattr(model.generation_config, "top_k", None))
-            return Stepper(forward, sample, model.config, first.pad_id, device, mixed, release=slot.lock.release)
+            sample = sampler(settings.temperature, settings.top_p, getattr(model.generation_config, "top_k",
+                                                                           None))
+            return Stepper(forward, sample, model.config, first.pad_id, device, mixed,
+                           release=slot.lock.release)
         except BaseException:
             slot.lock.release()
             raise
 
     def _run(self, slot: _Slot, batch: list[Request]) -> None:
-        """Generate `batch` (one group, see _Slot.group) as one left-padded `generate()`, in the slot's thread.
+        """Generate `batch` (one group, see _Slot.group) as one left-padded `generate()`, in the slot's
+        thread.
 
         Greedy and sampled rows stream token by token (`row_hook`). Beam search (`num_beams` > 1, as
-        logged_model.generate scores it: early stopping, no sampling) knows each row's answer only when the search
-        ends, so each answer comes whole."""
+        logged_model.generate scores it: early stopping, no sampling) knows each row's answer only when the
+        search ends, so each answer comes whole."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -311,25 +330,29 @@ class TransformersEngine(Engine):
         sampling = ({"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
                     if settings.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None})
         beams = settings.num_beams > 1
-        if beams:  # the stopping criterion sees batch x beams rows: no streaming hook, the answers come at the end
+        # the stopping criterion sees batch x beams rows: no streaming hook, the answers come at the end
+        if beams:
             sampling.update(num_beams=settings.num_beams, early_stopping=True)
         hooks = [] if beams else [row_hook(batch)]
         with slot.lock:
             target, extra = slot.model, {}
             if slot.put_in_place(first):
                 extra["adapter_names"] = [r.adapter for r in batch]
-            elif slot.prompt_learning and first.adapter == _BASE:  # prompt learning adds its virtual tokens in
-                target = slot.model.get_base_model()                 # PeftModel.generate: the base calls past it
+            # prompt learning adds its virtual tokens in
+            elif slot.prompt_learning and first.adapter == _BASE:
+                # PeftModel.generate: the base calls past it
+                target = slot.model.get_base_model()
             device = _device_of(target)
             if first.inputs is not None:  # a prompt with images, alone in its batch
                 extra.update({k: v.to(device) for k, v in first.inputs.items()})
             out = target.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                  max_new_tokens=settings.max_new_tokens, eos_token_id=sorted(first.eos) or None,
-                                  pad_token_id=first.pad_id, stopping_criteria=StoppingCriteriaList(hooks),
-                                  **sampling, **extra)
+                                  max_new_tokens=settings.max_new_tokens,
+                                  eos_token_id=sorted(first.eos) or None, pad_token_id=first.pad_id,
+                                  stopping_criteria=StoppingCriteriaList(hooks), **sampling, **extra)
         if beams:
             for request, row in zip(batch, out[:, width:].tolist()):
-                for token in row:  # each answer's tokens, as a streamed row would take them (ends at end of turn)
+                # each answer's tokens, as a streamed row would take them (ends at end of turn)
+                for token in row:
                     request.take(token)
                     if request.done:
                         break
@@ -351,7 +374,8 @@ def _prompt(tokenizer, messages: list[dict]) -> tuple[list[int], dict | None]:
         return prompt_ids(tokenizer, plain_messages(messages)), None
     placed, refs = with_placeholders(plain_messages(messages, keep_images=True))
     enc = prompt_inputs(processor, tokenizer, [placed], [[read_image(ref) for ref in refs]])
-    return enc["input_ids"][0].tolist(), {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    return enc["input_ids"][0].tolist(), {k: v for k, v in enc.items() if k not in ("input_ids",
+                                                                                    "attention_mask")}
 
 
 def _adapter_name(choice: ModelChoice) -> str:
@@ -359,12 +383,13 @@ def _adapter_name(choice: ModelChoice) -> str:
 
 
 def _is_prompt_learning(adapter_cfg: dict) -> bool:
-    return adapter_cfg.get("peft_type") in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING",
-                                            "CPT")
+    return adapter_cfg.get("peft_type") in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING",
+                                            "MULTITASK_PROMPT_TUNING", "CPT")
 
 
 def _eos_ids(tokenizer, model) -> list[int]:
-    """Every end-of-turn id the tokenizer, the generation config and the chat template name (`chat_format`)."""
+    """Every end-of-turn id the tokenizer, the generation config and the chat template name
+    (`chat_format`)."""
     return stop_ids(tokenizer, getattr(model, "generation_config", None))
 
 
@@ -378,5 +403,6 @@ def _device_of(model):
 
 
 def _unmixable(adapter_config: dict) -> bool:
-    """An adapter PEFT cannot mix with others in one batch: DoRA, or LoRA on parameters (`target_parameters`)."""
+    """An adapter PEFT cannot mix with others in one batch: DoRA, or LoRA on parameters
+    (`target_parameters`)."""
     return bool(adapter_config.get("use_dora")) or bool(adapter_config.get("target_parameters"))

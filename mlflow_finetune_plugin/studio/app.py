@@ -1,6 +1,7 @@
-"""The studio page (gr.Blocks): Train (project or uploads, model, entry point, the recipe's keys, the check, the
-command line and finetune.yaml it amounts to, Start), Runs (live charts, log, Stop/Resume, then the verdict against
-every prompt-only contender, the answers, Chat and Promote) and History (the runs, two compared)."""
+"""The studio page (gr.Blocks): Train (project or uploads, model, entry point, the recipe's keys, the check,
+the command line and finetune.yaml it amounts to, Start), Runs (live charts, log, Stop/Resume, then the
+verdict against every prompt-only contender, the answers, Chat and Promote) and History (the runs, two
+compared)."""
 
 from __future__ import annotations
 
@@ -70,8 +71,9 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
     ui = SimpleNamespace()  # the page's components by name, shared by the tabs' layout and their wiring
     first = next(iter(_project_options(studio)), (None, None))[1]
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(f"## {title}\nFine-tune as `mlflow run --backend finetune` does it, from this page: every run is "
-                    "an ordinary MLflow run, judged against prompting, chatted with, promoted through the gates.")
+        gr.Markdown(
+            f"## {title}\nFine-tune as `mlflow run --backend finetune` does it, from this page: every run is "
+            "an ordinary MLflow run, judged against prompting, chatted with, promoted through the gates.")
         ui.checked = gr.State(None)  # the inputs the last passing check saw: Start runs exactly those
         ui.model_default = gr.State("")
         ui.upload_dir = gr.State(None)
@@ -209,8 +211,8 @@ def _wire_form(demo, ui, studio):
                 None)
 
     project_outputs = [entry, model, keys, model_default, check_out, start_btn, checked]
-    # The form's events run one at a time, in order ("form"): a slower earlier one (the page's first load) must
-    # not land after a later one and leave the keys of another project under this one's name.
+    # The form's events run one at a time, in order ("form"): a slower earlier one (the page's first load)
+    # must not land after a later one and leave the keys of another project under this one's name.
     form = {"concurrency_id": "form", "concurrency_limit": 1, "trigger_mode": "always_last"}
     project.change(on_project, [project, entry], project_outputs, api_visibility="private", **form)
     demo.load(on_project, [project, entry], project_outputs, api_visibility="private", **form)
@@ -282,8 +284,8 @@ def _wire_uploads(ui, studio):
 
     uploaded = gr.State(None)  # the files of the last upload handled
     uploads.upload(on_upload, [uploads, project, uploaded],
-                   [train_pick, eval_pick, project, upload_dir, upload_note, uploaded], api_visibility="private",
-                   concurrency_limit=1)
+                   [train_pick, eval_pick, project, upload_dir, upload_note, uploaded],
+                   api_visibility="private", concurrency_limit=1)
 
     def on_pick(train, eval_file, folder, project_value):
         if not folder or not train:
@@ -291,8 +293,9 @@ def _wire_uploads(ui, studio):
         made = _made_project(studio.workspace.resolve(folder), project_value, train, eval_file)
         if isinstance(made, str):
             return gr.update(), made
-        return gr.update(choices=project_options(), value=str(made)), f"Project {made.name}: trains on {train}" \
-            + (f", holds out {eval_file}" if eval_file else "") + "."
+        return gr.update(
+            choices=project_options(), value=str(made)
+        ), f"Project {made.name}: trains on {train}" + (f", holds out {eval_file}" if eval_file else "") + "."
 
     for trigger in (train_pick.input, eval_pick.input):
         trigger(on_pick, [train_pick, eval_pick, upload_dir, project], [project, upload_note],
@@ -424,8 +427,9 @@ def _wire_chat_promote(ui, studio, judgements):
             raise FinetuneError("pick a finished run")
         j = judgements.get(job.run_id) or watch.judgement(job.run_id)
         if not j.model:
-            raise FinetuneError(f"run {job.run_id} registered no model (registry.enabled false, or it did not "
-                                "finish)")
+            raise FinetuneError(
+                f"run {job.run_id} registered no model (registry.enabled false, or it did not "
+                "finish)")
         return j.model
 
     def on_chat(job_id, side, is_blind, request: gr.Request):
@@ -487,8 +491,8 @@ def _wire_history(ui):
 
 
 def launch(demo: gr.Blocks, config, auth, block: bool = True, quiet: bool = False):
-    """Serve the page on the configured address (loopback unless asked); uploads over the limit are refused as they
-    arrive."""
-    return demo.launch(server_name=config.host, server_port=config.port, auth=auth, prevent_thread_lock=not block,
-                       show_error=True, quiet=quiet, share=False, css=_CSS, footer_links=["api"],
-                       max_file_size=config.max_upload_bytes)
+    """Serve the page on the configured address (loopback unless asked); uploads over the limit are refused as
+    they arrive."""
+    return demo.launch(server_name=config.host, server_port=config.port, auth=auth,
+                       prevent_thread_lock=not block, show_error=True, quiet=quiet, share=False, css=_CSS,
+                       footer_links=["api"], max_file_size=config.max_upload_bytes)

@@ -1,7 +1,9 @@
-"""What the recipe loader and the data preflight print (their notes and advice, on stderr), caught for the page.
+"""What the recipe loader and the data preflight print (their notes and advice, on stderr), caught for the
+page.
 
-The page's handlers run in Gradio's worker threads, so stderr is not swapped for everyone: a pass-through stream
-sends each thread's writes to that thread's buffer while it captures, and everything else where it always went."""
+The page's handlers run in Gradio's worker threads, so stderr is not swapped for everyone: a pass-through
+stream sends each thread's writes to that thread's buffer while it captures, and everything else where it
+always went."""
 
 from __future__ import annotations
 

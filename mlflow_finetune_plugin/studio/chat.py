@@ -1,7 +1,7 @@
-"""The chat after a run: the A/B playground (`mlflow-finetune playground`) on the run's version against its base or
-the champion, started by the studio as a child process on a free port of the studio's own address, with the same
-login. One at a time: opening another stops the last. Its own process keeps the models' memory out of the page's,
-and a crash of one leaves the other standing."""
+"""The chat after a run: the A/B playground (`mlflow-finetune playground`) on the run's version against its
+base or the champion, started by the studio as a child process on a free port of the studio's own address,
+with the same login. One at a time: opening another stops the last. Its own process keeps the models' memory
+out of the page's, and a crash of one leaves the other standing."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ class Chats:
                 "--port", str(port), *(["--blind"] if blind else [])]
 
     def open(self, model: str, against: str = "base", blind: bool = False) -> int:
-        """The playground on `model` (NAME/VERSION) against `against` (base, NAME@champion); returns its port. The
-        same three again reuse the running one."""
+        """The playground on `model` (NAME/VERSION) against `against` (base, NAME@champion); returns its port.
+        The same three again reuse the running one."""
         if self.opened == (model, against, blind) and self.proc is not None and self.proc.poll() is None:
             return self.port
         self.close()
@@ -63,8 +63,9 @@ class Chats:
             if self.proc.poll() is not None:
                 tail = "\n".join(self._log)
                 self.proc = None
-                raise FinetuneError(f"the playground for {model} against {against} stopped before it answered:\n"
-                                    f"{tail}")
+                raise FinetuneError(
+                    f"the playground for {model} against {against} stopped before it answered:\n"
+                    f"{tail}")
             if _answers(self.host, port):
                 self.port, self.opened = port, (model, against, blind)
                 return port

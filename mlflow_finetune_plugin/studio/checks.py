@@ -1,7 +1,8 @@
 """The page's "Check": what `mlflow run --backend finetune` checks before a run exists (the backend's
-`resolve_entry_point`: the recipe loaded and validated, the objective's own checks, the data preflight), run by the
-same functions, with each problem located (a recipe key, `finetune.yaml:LINE`, `data/train.jsonl:LINE`) and its fix,
-the data's format, rows and token lengths (the model's tokenizer, never its weights), and the advice the CLI prints.
+`resolve_entry_point`: the recipe loaded and validated, the objective's own checks, the data preflight), run
+by the same functions, with each problem located (a recipe key, `finetune.yaml:LINE`, `data/train.jsonl:LINE`)
+and its fix, the data's format, rows and token lengths (the model's tokenizer, never its weights), and the
+advice the CLI prints.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Problem:
     message: str
     fix: str
     severity: str = "error"  # error | warning
-    key: str | None = None  # the recipe key the problem is about, where there is one (the page marks its field)
+    # the recipe key the problem is about, where there is one (the page marks its field)
+    key: str | None = None
 
 
 @dataclass
@@ -39,7 +41,8 @@ class CheckResult:
     problems: list[Problem] = field(default_factory=list)
     format: str | None = None  # the training data's format ("+"-joined where the files differ)
     rows: dict[str, int] = field(default_factory=dict)  # data.train, data.eval, data.tasks.NAME.train, ...
-    token_lengths: dict = field(default_factory=dict)  # the training file's: min, median, p95, max, over_max_length
+    # the training file's: min, median, p95, max, over_max_length
+    token_lengths: dict = field(default_factory=dict)
     advice: list[str] = field(default_factory=list)
     recipe_ok: bool = False
     formats: dict[str, str] = field(default_factory=dict)  # per file
@@ -51,22 +54,27 @@ class CheckResult:
     def as_markdown(self) -> str:
         errors = sum(p.severity == "error" for p in self.problems)
         warnings = len(self.problems) - errors
-        head = ("**Ready to start.**" if self.ok else f"**{errors} problem{'s' if errors != 1 else ''} to fix before "
-                "a run can start.**") + (f" {warnings} warning{'s' if warnings != 1 else ''}." if warnings else "")
+        head = ("**Ready to start.**" if self.ok
+                else f"**{errors} problem{'s' if errors != 1 else ''} to fix before "
+                     "a run can start.**") + (f" {warnings} warning{'s' if warnings != 1 else ''}."
+                                              if warnings else "")
         lines = [head, ""]
         if self.problems:
             lines += ["| | where | problem | fix |", "| --- | --- | --- | --- |"]
-            lines += [f"| {'error' if p.severity == 'error' else 'warning'} | `{_cell(p.where)}` | {_cell(p.message)} | "
-                      f"{_cell(p.fix)} |" for p in self.problems]
+            lines += [f"| {'error' if p.severity == 'error' else 'warning'} | `{_cell(p.where)}` | "
+                      f"{_cell(p.message)} | {_cell(p.fix)} |" for p in self.problems]
             lines.append("")
         if self.rows:
-            data = [f"- `{label}`: {n} row{'s' if n != 1 else ''}" + (f", {self.formats[label]}" if label in self.formats else "")
-                    for label, n in self.rows.items()]
+            data = [f"- `{label}`: {n} row{'s' if n != 1 else ''}" + (f", {self.formats[label]}"
+                                                                      if label in self.formats
+                                                                      else "") for label,
+                    n in self.rows.items()]
             lines += ["**Data**", "", *data]
         if self.token_lengths:
             t = self.token_lengths
-            lines.append(f"- tokens per training row: min {t['min']}, median {t['median']}, p95 {t['p95']}, max "
-                         f"{t['max']}; {t['over_max_length']} over data.max_length {t['max_length']}")
+            lines.append(
+                f"- tokens per training row: min {t['min']}, median {t['median']}, p95 {t['p95']}, max "
+                f"{t['max']}; {t['over_max_length']} over data.max_length {t['max_length']}")
         if self.advice:
             lines += ["", "**Advice**", "", *(f"- {a}" for a in self.advice)]
         return "\n".join(lines).strip() + "\n"
@@ -77,11 +85,11 @@ def _cell(text: str) -> str:
 
 
 def check(project_dir, entry_point: str, overrides: dict) -> CheckResult:
-    """Everything `mlflow run PROJECT -e ENTRY --backend finetune -P ...` would refuse or warn about before a run
-    exists, as a CheckResult. The recipe's problems come first; the data is checked once the recipe loads.
-    It reads what the project and the overrides name: the page passes them through `Workspace.check_request` first.
-    The first call in a process imports the training code the objectives' checks need (seconds); later ones are
-    quick."""
+    """Everything `mlflow run PROJECT -e ENTRY --backend finetune -P ...` would refuse or warn about before a
+    run exists, as a CheckResult. The recipe's problems come first; the data is checked once the recipe loads.
+    It reads what the project and the overrides name: the page passes them through `Workspace.check_request`
+    first. The first call in a process imports the training code the objectives' checks need (seconds); later
+    ones are quick."""
     from mlflow_finetune_plugin.backend import check_combination
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.data.check import check_data
@@ -97,7 +105,8 @@ def check(project_dir, entry_point: str, overrides: dict) -> CheckResult:
         overrides = expand_model(overrides)
     except FinetuneError as e:
         message = str(e).removeprefix("model.name: ")
-        result.problems.append(Problem("model.name", message, recipe_fix(message, "model.name"), key="model.name"))
+        result.problems.append(Problem("model.name", message, recipe_fix(message, "model.name"),
+                                       key="model.name"))
         return result
     reports: list = []
 
@@ -151,8 +160,10 @@ def _recipe_problems(error: RecipeError, project: Path, overrides: dict) -> list
         if key == "method":
             where = "-e"
         message = rest[len(key) + 2:] if key and rest.startswith(f"{key}: ") else rest
-        # a key of an older section (`lora.rr`) is reported by its section's check and again on the axis it moves to
-        if (where, message.split(". Valid")[0]) not in {(p.where, p.message.split(". Valid")[0]) for p in out}:
+        # a key of an older section (`lora.rr`) is reported by its section's check and again on the axis it
+        # moves to
+        if (where, message.split(". Valid")[0]) not in {(p.where, p.message.split(". Valid")[0])
+                                                        for p in out}:
             out.append(Problem(where, message, recipe_fix(rest, key), "error", key))
     return out
 
@@ -193,13 +204,15 @@ def _data_result(result: CheckResult, recipe, reports: list, project: Path, refu
                 line = f":{first.line}" if first.line is not None else ""
                 result.problems.append(Problem(_shown(first.path, project) + line, message,
                                                data_fix(message, label, first.line), severity, label))
-    result.format = "+".join(dict.fromkeys(v for k, v in result.formats.items() if k.endswith(".train"))) or None
+    result.format = "+".join(dict.fromkeys(v for k,
+                                           v in result.formats.items() if k.endswith(".train"))) or None
     if training is not None and training.token_stats:
         s = training.token_stats
         result.token_lengths = {"min": s["min"], "median": s["p50"], "p95": s["p95"], "max": s["max"],
                                 "mean": s["mean"], "over_max_length": training.too_long,
                                 "max_length": recipe.data.max_length, "model": recipe.model.name or "tiny"}
-    if refused:  # what the preflight refused beyond the files' own reports (a format the method cannot train, ...)
+    # what the preflight refused beyond the files' own reports (a format the method cannot train, ...)
+    if refused:
         for text in _listed(refused):
             if text not in seen_errors:
                 result.problems.append(_loose_problem(text, project, "error", labels))
@@ -235,7 +248,8 @@ def _listed(message: str) -> list[str]:
     lines = [ln.strip() for ln in message.splitlines()]
     if not lines or not _DATA_HEAD.match(lines[0]):
         return [message.strip()]
-    return [ln for ln in lines[1:] if ln and not ln.startswith(("... and ", "Run `mlflow-finetune data check"))]
+    return [ln for ln in lines[1:] if ln and not ln.startswith(("... and ",
+                                                                "Run `mlflow-finetune data check"))]
 
 
 def _printed(text: str) -> tuple[list[str], list[str]]:
@@ -260,7 +274,8 @@ def _notes(text: str) -> list[str]:
 
 
 def _loose_problem(text: str, project: Path, severity: str, labels: dict[str, str]) -> Problem:
-    """A problem the preflight worded as one line `PLACE: message` (PLACE a file, FILE:LINE or a recipe key)."""
+    """A problem the preflight worded as one line `PLACE: message` (PLACE a file, FILE:LINE or a recipe
+    key)."""
     place, sep, message = text.partition(": ")
     if not sep or " " in place.strip():
         place, message = "data", text

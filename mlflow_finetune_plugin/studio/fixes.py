@@ -1,7 +1,7 @@
-"""The fix of each problem the page lists, as its own column. The checks word most fixes into their message already
-("...; check the path", "... Set data.packing: auto"): that part is the fix. Where a message only says what is wrong
-(a value out of range, an unknown key, a broken line), the fix is made from what the key accepts (the reference's
-type column, or the schema's constraint) and where it is."""
+"""The fix of each problem the page lists, as its own column. The checks word most fixes into their message
+already ("...; check the path", "... Set data.packing: auto"): that part is the fix. Where a message only says
+what is wrong (a value out of range, an unknown key, a broken line), the fix is made from what the key accepts
+(the reference's type column, or the schema's constraint) and where it is."""
 
 from __future__ import annotations
 
@@ -10,17 +10,20 @@ import re
 from mlflow_finetune_plugin.config.schema import ADAPTER_CONFIGS
 from mlflow_finetune_plugin.studio.reference import reference_row
 
-# Words a fix starts with in the checks' messages ("use one of", "Set data.packing: auto", "re-save the file").
-_VERBS = ("use", "set", "give", "clear", "drop", "remove", "add", "raise", "lower", "put", "point", "run", "rename",
-          "install", "pass", "write", "move", "keep", "choose", "pick", "fix", "check", "save", "re-save", "make",
-          "name", "shorten", "merge", "leave", "map", "try", "upload", "delete", "replace", "start", "split")
+# Words a fix starts with in the checks' messages ("use one of", "Set data.packing: auto", "re-save the
+# file").
+_VERBS = ("use", "set", "give", "clear", "drop", "remove", "add", "raise", "lower", "put", "point", "run",
+          "rename", "install", "pass", "write", "move", "keep", "choose", "pick", "fix", "check", "save",
+          "re-save", "make", "name", "shorten", "merge", "leave", "map", "try", "upload", "delete", "replace",
+          "start", "split")
 _SUGGEST = re.compile(r"Did you mean `([^`]+)`\?")
 _VALID = re.compile(r"Valid (\w+)(?: in `([^`]+)`)?[^:]*: (.+?)(?:\. Did you mean|$)")
 _NOT_FOUND = re.compile(r"file not found: (.+?) \(looked in (.+?)\)")
 
 
 def stated_fix(message: str) -> str | None:
-    """The fix the message itself states: from the first clause after the first that starts with a fix's verb."""
+    """The fix the message itself states: from the first clause after the first that starts with a fix's
+    verb."""
     for match in re.finditer(r"(?:[.;:]\s+|,\s+(?=or\s|and\s)|\(\s*|\bIf [^,.;]+,\s+)", message):
         rest = message[match.end():]
         rest = re.sub(r"^(?:or|and)\s+", "", rest)

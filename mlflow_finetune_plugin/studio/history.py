@@ -1,5 +1,5 @@
-"""The plugin's runs as the Train page lists them (method, model, key settings, status, verdict, when and how long),
-and two runs side by side: the params that differ, their final metrics, their charts."""
+"""The plugin's runs as the Train page lists them (method, model, key settings, status, verdict, when and how
+long), and two runs side by side: the params that differ, their final metrics, their charts."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from mlflow_finetune_plugin.metrics import format_table
 from mlflow_finetune_plugin.studio.watch import SYSTEM_PREFIX, progress
 
 # Setting shown -> the run param it is read from (the resolved recipe, flattened: config/loading.flat_params).
-SETTINGS = {"lr": "train.learning_rate", "steps": "train.max_steps", "epochs": "train.epochs", "r": "adapter.r",
-            "batch": "train.batch_size", "grad_accum": "train.grad_accum", "quantization": "model.quantization"}
+SETTINGS = {"lr": "train.learning_rate", "steps": "train.max_steps", "epochs": "train.epochs",
+            "r": "adapter.r", "batch": "train.batch_size", "grad_accum": "train.grad_accum",
+            "quantization": "model.quantization"}
 ENTRY_POINT = "mlflow.project.entryPoint"  # MLflow's own tags
 BACKEND = "mlflow.project.backend"
 
@@ -39,9 +40,11 @@ class RunSummary:
 class Comparison:
     run_a: str
     run_b: str
-    params: dict[str, tuple[str, str]]                         # the params both logged that differ: (a's, b's)
+    # the params both logged that differ: (a's, b's)
+    params: dict[str, tuple[str, str]]
     metrics: dict[str, tuple[float | None, float | None]]      # every final metric of either, side by side
-    charts: dict[str, tuple[list, list]] = field(default_factory=dict)  # chart name -> (a's series, b's series)
+    # chart name -> (a's series, b's series)
+    charts: dict[str, tuple[list, list]] = field(default_factory=dict)
     only_one: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # params one run logged
 
     def as_markdown(self) -> str:
@@ -73,8 +76,8 @@ def _client(client):
 
 
 def runs(experiment_names_or_ids=None, client=None, max_results: int = 100) -> list[RunSummary]:
-    """The plugin's runs (those of the finetune backend and those that trained with the plugin), newest first, in
-    the experiments named (names or ids; default: every active experiment)."""
+    """The plugin's runs (those of the finetune backend and those that trained with the plugin), newest first,
+    in the experiments named (names or ids; default: every active experiment)."""
     import time
 
     client = _client(client)
@@ -83,7 +86,8 @@ def runs(experiment_names_or_ids=None, client=None, max_results: int = 100) -> l
         return []
     found = {}
     for query in (f"tags.`{tags.METHOD}` LIKE '%'", f"tags.`{BACKEND}` = 'finetune'"):
-        for run in client.search_runs(ids, query, order_by=["attributes.start_time DESC"], max_results=max_results):
+        for run in client.search_runs(ids, query, order_by=["attributes.start_time DESC"],
+                                      max_results=max_results):
             found[run.info.run_id] = run
     newest = sorted(found.values(), key=lambda r: r.info.start_time or 0, reverse=True)[:max_results]
     now = time.time()
@@ -112,7 +116,8 @@ def _experiment_ids(client, given) -> list[str]:
 
 def _summary(run, now: float) -> RunSummary:
     params, run_tags, info = run.data.params, run.data.tags, run.info
-    settings = {name: params[key] for name, key in SETTINGS.items() if params.get(key) not in (None, "None", "-1")}
+    settings = {name: params[key] for name, key in SETTINGS.items() if params.get(key) not in (None, "None",
+                                                                                               "-1")}
     if "steps" in settings:  # max_steps set: the epochs are not what bounds the run
         settings.pop("epochs", None)
     start = info.start_time / 1000 if info.start_time else None
@@ -131,8 +136,9 @@ def _summary(run, now: float) -> RunSummary:
 
 
 def compare(run_a: str, run_b: str, client=None) -> Comparison:
-    """Runs `run_a` and `run_b` side by side: the params that differ (both values; those only one run logged apart),
-    every final metric of either (system/* left out), and each chart of `watch.progress` as the pair of series."""
+    """Runs `run_a` and `run_b` side by side: the params that differ (both values; those only one run logged
+    apart), every final metric of either (system/* left out), and each chart of `watch.progress` as the pair
+    of series."""
     client = _client(client)
     a, b = client.get_run(run_a), client.get_run(run_b)
     pa, pb = a.data.params, b.data.params
@@ -142,5 +148,7 @@ def compare(run_a: str, run_b: str, client=None) -> Comparison:
     names = sorted(k for k in set(a.data.metrics) | set(b.data.metrics) if not k.startswith(SYSTEM_PREFIX))
     metrics = {k: (a.data.metrics.get(k), b.data.metrics.get(k)) for k in names}
     charts_a, charts_b = progress(run_a, client).charts, progress(run_b, client).charts
-    charts = {name: (charts_a.get(name, []), charts_b.get(name, [])) for name in dict.fromkeys([*charts_a, *charts_b])}
-    return Comparison(run_a=run_a, run_b=run_b, params=params, metrics=metrics, charts=charts, only_one=only_one)
+    charts = {name: (charts_a.get(name, []), charts_b.get(name, [])) for name in dict.fromkeys([*charts_a,
+                                                                                                *charts_b])}
+    return Comparison(run_a=run_a, run_b=run_b, params=params, metrics=metrics, charts=charts,
+                      only_one=only_one)

@@ -1,7 +1,8 @@
 """`mlflow-finetune studio`: one configuration (`StudioConfig`), the objects behind the page (`Studio`: the
-workspace of uploads, the run queue, the chat), and the checks that keep a page reachable by others safe: above
-loopback it needs a login, and every path a request names must lie under the recipes, the uploads or the folders
-the studio was started with."""
+workspace of uploads, the run queue, the chat), and the checks that keep a page reachable by others safe:
+above
+loopback it needs a login, and every path a request names must lie under the recipes, the uploads or the
+folders the studio was started with."""
 
 from __future__ import annotations
 
@@ -27,19 +28,22 @@ class StudioConfig:
 
 
 def credentials(config: StudioConfig) -> tuple[str, str] | None:
-    """Gradio's auth tuple; refused above loopback without one (anyone who reaches the port could start runs)."""
+    """Gradio's auth tuple; refused above loopback without one (anyone who reaches the port could start
+    runs)."""
     from mlflow_finetune_plugin.serving.playground.launch import parse_auth
 
     auth = parse_auth(config.auth)
     if config.host not in LOOPBACK and auth is None:
-        raise FinetuneError(f"the studio starts training runs: on {config.host} (above loopback) it needs a login. "
-                            "Give --auth USER:PASSWORD (or set MLFLOW_FINETUNE_STUDIO_AUTH), or keep --host "
-                            "127.0.0.1.")
+        raise FinetuneError(
+            f"the studio starts training runs: on {config.host} (above loopback) it needs a login. "
+            "Give --auth USER:PASSWORD (or set MLFLOW_FINETUNE_STUDIO_AUTH), or keep --host "
+            "127.0.0.1.")
     return auth
 
 
 class Studio:
-    """What the page works with: uploads and their projects (`workspace`), the queue (`launcher`), the chat."""
+    """What the page works with: uploads and their projects (`workspace`), the queue (`launcher`), the
+    chat."""
 
     def __init__(self, config: StudioConfig):
         from mlflow_finetune_plugin.studio.chat import Chats
@@ -71,8 +75,9 @@ class Studio:
     def project(self, value: str) -> Path:
         """A project folder a request named, refused outside the allowed folders."""
         if not value:
-            raise FinetuneError("pick a project (a bundled recipe, a folder given with --project-dir, or upload "
-                                "data files)")
+            raise FinetuneError(
+                "pick a project (a bundled recipe, a folder given with --project-dir, or upload "
+                "data files)")
         return self.workspace.check_request(value, {})
 
 
@@ -83,7 +88,8 @@ def run_studio(config: StudioConfig, echo=print) -> None:
 
     from mlflow_finetune_plugin.studio.app import build, launch
 
-    def interrupt(signum, frame):  # a stop signal ends the page as Ctrl-C does: the chat child is stopped with it
+    # a stop signal ends the page as Ctrl-C does: the chat child is stopped with it
+    def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -91,8 +97,9 @@ def run_studio(config: StudioConfig, echo=print) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = credentials(config)
     studio = Studio(config).start()
-    echo(f"Studio on http://{config.host}:{config.port} (uploads and jobs in {config.workdir}); the runs it starts "
-         "are ordinary MLflow runs and go on if it stops.")
+    echo(
+        f"Studio on http://{config.host}:{config.port} (uploads and jobs in {config.workdir}); the runs it "
+        "starts are ordinary MLflow runs and go on if it stops.")
     try:
         launch(build(studio), config, auth, block=True)
     finally:

@@ -1,10 +1,11 @@
 """The Train page before "Start": which projects, entry points and models there are to pick from, the recipe's
-editable keys (typed from the schema, defaulted as the chosen project and entry point resolve them, explained in the
-schema's words, which docs/reference.md's key tables are written from), and what the choices amount to: the `mlflow run ... --backend finetune` command, and the
+editable keys (typed from the schema, defaulted as the chosen project and entry point resolve them, explained
+in the schema's words, which docs/reference.md's key tables are written from), and what the choices amount to:
+the `mlflow run ... --backend finetune` command, and the
 finetune.yaml that command trains. Plain Python: the page (`app.py`) draws it.
 
-Every value here comes from the loader the backend runs (`config/loading.py: load_recipe`), so what the page shows is
-what `mlflow run` will do; nothing about the recipe is decided twice."""
+Every value here comes from the loader the backend runs (`config/loading.py: load_recipe`), so what the page
+shows is what `mlflow run` will do; nothing about the recipe is decided twice."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
 from mlflow_finetune_plugin.studio.capture import captured_stderr
 from mlflow_finetune_plugin.studio.reference import bundled_recipes_dir, reference_row
 
-# Keys the page does not offer: the entry point decides them (-e), or they are no user's (project_dir), or they
-# describe a file's columns, a traces query or traffic after promotion, which the recipe's file is the place for.
-_NOT_ON_PAGE = {"method", "objective", "adapter.type", "project_dir", "data.columns", "data.tags", "data.traces",
-                "monitor"}
+# Keys the page does not offer: the entry point decides them (-e), or they are no user's (project_dir), or
+# they describe a file's columns, a traces query or traffic after promotion, which the recipe's file is the
+# place for.
+_NOT_ON_PAGE = {"method", "objective", "adapter.type", "project_dir", "data.columns", "data.tags",
+                "data.traces", "monitor"}
 _MIXTURE_KEYS = {"data.tasks", "data.stopping", "data.adapters"}
 _DOCUMENT_SECTIONS = ("retrieval", "questions")
 _SKIPPED_FOLDERS = {"__pycache__", "node_modules", "mlruns", "mlartifacts", "site-packages"}
@@ -40,8 +42,9 @@ MODEL_HINT = ("Or type a Hugging Face hub id (ORG/NAME) or a local model folder;
 
 @dataclass(frozen=True)
 class FormField:
-    """One recipe key on the page. `default` is the value the chosen project and entry point resolve it to (for a
-    `choice`, as one of `choices`); `accepts` is the key's type in the reference's words (e.g. "float > 0")."""
+    """One recipe key on the page. `default` is the value the chosen project and entry point resolve it to
+    (for a `choice`, as one of `choices`); `accepts` is the key's type in the reference's words (e.g. "float >
+    0")."""
 
     key: str
     kind: str  # int | float | bool | str | choice | list | dict
@@ -64,19 +67,24 @@ class Project:
 
 
 def recipe_fields(project_dir=None, entry_point: str | None = None) -> list[FormField]:
-    """The keys a user edits on the page, section by section: model, the entry point's adapter, data, train, eval,
-    the objective's own section where it has one, distill (-e distill), retrieval and questions (a documents recipe),
-    registry. Defaults as `project_dir`'s finetune.yaml and the entry point's preset resolve them (a project that
-    does not load, or none: the schema's defaults under the preset; the page's check then names the problem)."""
+    """The keys a user edits on the page, section by section: model, the entry point's adapter, data, train,
+    eval, the objective's own section where it has one, distill (-e distill), retrieval and questions (a
+    documents recipe), registry. Defaults as `project_dir`'s finetune.yaml and the entry point's preset
+    resolve them (a project that does not load, or none: the schema's defaults under the preset; the page's
+    check then names the problem)."""
     recipe = _resolved_recipe(project_dir, entry_point)
     resolved = resolved_dict(recipe)
     preset = presets.PRESETS.get(recipe.method, presets.PRESETS["lora"])
-    sections: list[tuple[str, type[BaseModel], str]] = [("model", Recipe.model_fields["model"].annotation, "model"),
+    sections: list[tuple[str, type[BaseModel], str]] = [("model", Recipe.model_fields["model"].annotation,
+                                                         "model"),
                                                         ("adapter", ADAPTER_CONFIGS[recipe.adapter.type],
                                                          recipe.adapter.type),
-                                                        ("data", Recipe.model_fields["data"].annotation, "data"),
-                                                        ("train", Recipe.model_fields["train"].annotation, "train"),
-                                                        ("eval", Recipe.model_fields["eval"].annotation, "eval")]
+                                                        ("data", Recipe.model_fields["data"].annotation,
+                                                         "data"),
+                                                        ("train", Recipe.model_fields["train"].annotation,
+                                                         "train"),
+                                                        ("eval", Recipe.model_fields["eval"].annotation,
+                                                         "eval")]
     if recipe.objective != "sft" and recipe.objective in OBJECTIVES:
         sections.append((recipe.objective, _section_class(recipe.objective), recipe.objective))
     if preset.distill or recipe.distill is not None:
@@ -115,7 +123,8 @@ def _resolved_recipe(project_dir, entry_point):
 
 def _section_class(name: str) -> type[BaseModel]:
     annotation = Recipe.model_fields[name].annotation
-    return next(a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel))
+    return next(a for a in (annotation, *get_args(annotation)) if isinstance(a, type)
+                and issubclass(a, BaseModel))
 
 
 def _leaves(cls: type[BaseModel], prefix: str, skip: set[str]):
@@ -141,8 +150,8 @@ def _flat(annotation) -> list:
 
 
 def _kind(annotation) -> tuple[str, tuple[str, ...] | None]:
-    """The page's kind of input for a schema annotation: Literal values (with true/false where bool is allowed too)
-    are a choice; a union with a list takes a list (or one name: `-P` reads the value as YAML)."""
+    """The page's kind of input for a schema annotation: Literal values (with true/false where bool is allowed
+    too) are a choice; a union with a list takes a list (or one name: `-P` reads the value as YAML)."""
     args = [a for a in _flat(annotation) if a is not type(None)]
     literals = [str(v) for a in args if get_origin(a) is Literal for v in get_args(a)]
     others = [a for a in args if get_origin(a) is not Literal]
@@ -160,7 +169,8 @@ def _kind(annotation) -> tuple[str, tuple[str, ...] | None]:
 
 
 def constraint(info) -> str:
-    """The field's type in the reference's words (`float > 0`), from the schema where the reference has no row."""
+    """The field's type in the reference's words (`float > 0`), from the schema where the reference has no
+    row."""
     kind, choices = _kind(info.annotation)
     words = " | ".join(choices) if choices else kind
     for meta in info.metadata:
@@ -171,10 +181,12 @@ def constraint(info) -> str:
 
 
 def field_info(key: str):
-    """The schema's FieldInfo of a dotted recipe key (an adapter key: of the first adapter type that has it), or None."""
+    """The schema's FieldInfo of a dotted recipe key (an adapter key: of the first adapter type that has it),
+    or None."""
     parts = key.split(".")
     if parts[0] == "adapter" and len(parts) == 2:
-        return next((c.model_fields[parts[1]] for c in ADAPTER_CONFIGS.values() if parts[1] in c.model_fields), None)
+        return next((c.model_fields[parts[1]] for c in ADAPTER_CONFIGS.values()
+                     if parts[1] in c.model_fields), None)
     cls, info = Recipe, None
     for part in parts:
         if cls is None or part not in cls.model_fields:
@@ -199,13 +211,14 @@ def _as_text(value) -> str:
     return "true" if value is True else "false" if value is False else str(value)
 
 
-# ----------------------------------------------------------------------------------------------- projects and models
+# ----------------------------------------------------------------------------------------------- projects and
+# models
 
 
 def project_choices(extra_roots=()) -> list[Project]:
     """The bundled recipes (the checkout's recipes/; none in an installed wheel), then the projects under the
-    folders the app was started with: each folder holding a finetune.yaml, the folder itself and up to two levels
-    below it. Entry points: the recipe's own `method` first, then every other preset of the backend."""
+    folders the app was started with: each folder holding a finetune.yaml, the folder itself and up to two
+    levels below it. Entry points: the recipe's own `method` first, then every other preset of the backend."""
     out, seen = [], set()
     bundled = bundled_recipes_dir()
     roots = [(bundled, True)] if bundled else []
@@ -244,9 +257,9 @@ def entry_points(project_dir) -> list[str]:
 
 
 def model_choices(client=None, limit: int = 50) -> list[tuple[str, str]]:
-    """(label, value) for the model picker: the built-in models, then the newest `limit` registered LoRA versions of
-    the tracking store (value models:/NAME/VERSION: its adapter continued on its base, `expand_model`). Anything else
-    can be typed (MODEL_HINT)."""
+    """(label, value) for the model picker: the built-in models, then the newest `limit` registered LoRA
+    versions of the tracking store (value models:/NAME/VERSION: its adapter continued on its base,
+    `expand_model`). Anything else can be typed (MODEL_HINT)."""
     from importlib.util import find_spec
 
     from mlflow_finetune_plugin.models import gemma3, smollm2
@@ -266,8 +279,8 @@ def model_choices(client=None, limit: int = 50) -> list[tuple[str, str]]:
 
 
 def _registered_versions(client, limit: int) -> tuple[list, dict]:
-    """(the newest continuable versions, {(name, version): [aliases]}); the aliases are read per registered model,
-    as a search of versions leaves them out."""
+    """(the newest continuable versions, {(name, version): [aliases]}); the aliases are read per registered
+    model, as a search of versions leaves them out."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -285,7 +298,8 @@ def _registered_versions(client, limit: int) -> tuple[list, dict]:
 
 
 def _continuable(version_tags: dict) -> str | None:
-    """None where a version is a LoRA chat adapter with a known base (model.init_adapter continues it), else why not."""
+    """None where a version is a LoRA chat adapter with a known base (model.init_adapter continues it), else
+    why not."""
     method = version_tags.get(tags.METHOD)
     preset = presets.PRESETS.get(method)
     adapter = version_tags.get(tags.ADAPTER) or (preset.adapter if preset else None)
@@ -300,21 +314,25 @@ def _continuable(version_tags: dict) -> str | None:
 
 
 def expand_model(overrides: dict, client=None) -> dict:
-    """The overrides with a registered version picked as the model (`model`/`model.name` = models:/NAME/VERSION or
-    models:/NAME@ALIAS) turned into what the recipe means by it: model.name its base, model.init_adapter the
-    version. FinetuneError where the version is not in the store or cannot be continued."""
-    key = next((k for k in ("model", "model.name") if str(overrides.get(k, "")).startswith(MODELS_PREFIX)), None)
+    """The overrides with a registered version picked as the model (`model`/`model.name` =
+    models:/NAME/VERSION or models:/NAME@ALIAS) turned into what the recipe means by it: model.name its base,
+    model.init_adapter the version. FinetuneError where the version is not in the store or cannot be
+    continued."""
+    key = next((k for k in ("model", "model.name") if str(overrides.get(k, "")).startswith(MODELS_PREFIX)),
+               None)
     if key is None:
         return dict(overrides)
     uri = str(overrides[key])
     version = _version_of(uri, client)
     if why := _continuable(version.tags):
-        raise FinetuneError(f"model.name: {uri} cannot be continued: {why}. Pick a base model to train a fresh "
-                            "adapter (or continue a LoRA version)")
+        raise FinetuneError(
+            f"model.name: {uri} cannot be continued: {why}. Pick a base model to train a fresh "
+            "adapter (or continue a LoRA version)")
     given = overrides.get("model.init_adapter")
     if given and given != uri:
-        raise FinetuneError(f"model.name is {uri} and model.init_adapter is {given}: continue one of them; clear "
-                            "model.init_adapter or pick a base model")
+        raise FinetuneError(
+            f"model.name is {uri} and model.init_adapter is {given}: continue one of them; clear "
+            "model.init_adapter or pick a base model")
     out = {k: v for k, v in overrides.items() if k != key}
     return {**out, "model.name": version.tags[tags.BASE_MODEL], "model.init_adapter": uri}
 
@@ -334,18 +352,21 @@ def _version_of(uri: str, client):
             raise FinetuneError(f"model.name: {uri} is not models:/NAME/VERSION or models:/NAME@ALIAS")
         return client.get_model_version(name, number)
     except MlflowException as e:
-        raise FinetuneError(f"model.name: {uri} is not in the model registry ({e.message.splitlines()[0]}); pick "
-                            "one of the listed versions") from None
+        raise FinetuneError(
+            f"model.name: {uri} is not in the model registry ({e.message.splitlines()[0]}); pick "
+            "one of the listed versions") from None
 
 
-# ----------------------------------------------------------------------------------------------- what Start runs
+# ----------------------------------------------------------------------------------------------- what Start
+# runs
 
 
 def command_line(project_dir, entry_point: str, overrides: dict, backend_config: dict | None = None,
                  experiment: str | None = None) -> list[str]:
-    """`mlflow run PROJECT -e ENTRY --backend finetune [--backend-config JSON] [--experiment-name X] -P k=v ...`,
-    with only the overrides that change the resolved recipe (one equal to the project's resolved value is left
-    out). A registered version picked as the model becomes model.name + model.init_adapter (`expand_model`)."""
+    """`mlflow run PROJECT -e ENTRY --backend finetune [--backend-config JSON] [--experiment-name X] -P k=v
+    ...`, with only the overrides that change the resolved recipe (one equal to the project's resolved value
+    is left out). A registered version picked as the model becomes model.name + model.init_adapter
+    (`expand_model`)."""
     project = Path(project_dir).resolve()
     params = needed_overrides(project, entry_point, expand_model(overrides))
     argv = ["mlflow", "run", str(project), "-e", entry_point, "--backend", "finetune"]
@@ -364,9 +385,9 @@ def shell_line(argv: list[str]) -> str:
 
 
 def needed_overrides(project_dir, entry_point: str, overrides: dict) -> dict:
-    """The overrides without those that leave the resolved recipe as it is, dropped one at a time and kept out only
-    where the recipe stays the same without them. Where the overrides do not load (a bad value), all of them stay:
-    the command is what the user asked for, and the page's check names the problem."""
+    """The overrides without those that leave the resolved recipe as it is, dropped one at a time and kept out
+    only where the recipe stays the same without them. Where the overrides do not load (a bad value), all of
+    them stay: the command is what the user asked for, and the page's check names the problem."""
     full = _resolved(project_dir, entry_point, overrides)
     if full is None:
         return dict(overrides)
@@ -388,17 +409,17 @@ def _resolved(project_dir, entry_point, overrides) -> dict | None:
 
 
 def to_param(value) -> str:
-    """A `-P` value as the loader reads it back (YAML): strings as given, None as null, other values in YAML's flow
-    style (true, 0.001, [q_proj, v_proj], {metric: rougeL})."""
+    """A `-P` value as the loader reads it back (YAML): strings as given, None as null, other values in YAML's
+    flow style (true, 0.001, [q_proj, v_proj], {metric: rougeL})."""
     if isinstance(value, str):
         return value
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
 
 
 def changed_overrides(fields: list[FormField], values: dict) -> dict[str, str]:
-    """The page's values as `-P` overrides, only those that differ from their field's default: a widget's value as
-    it comes (a number, a bool, a list, the text of a text box, one of a choice's strings); an emptied text box is
-    the key unset (null). Keys without a field (typed by hand) are kept as given."""
+    """The page's values as `-P` overrides, only those that differ from their field's default: a widget's
+    value as it comes (a number, a bool, a list, the text of a text box, one of a choice's strings); an
+    emptied text box is the key unset (null). Keys without a field (typed by hand) are kept as given."""
     by_key = {f.key: f for f in fields}
     out = {}
     for key, value in values.items():
@@ -406,8 +427,8 @@ def changed_overrides(fields: list[FormField], values: dict) -> dict[str, str]:
         if field_ is None:
             out[key] = to_param(value)
             continue
-        # a text box of a key whose value may be text or not (`bool | str`, e.g. data.replay) holding a default
-        # that is not text: read as the loader reads -P values
+        # a text box of a key whose value may be text or not (`bool | str`, e.g. data.replay) holding a
+        # default that is not text: read as the loader reads -P values
         if isinstance(value, str) and (field_.kind not in ("choice", "str") or
                                        field_.default is not None and not isinstance(field_.default, str)):
             value = _typed(value)
@@ -433,14 +454,15 @@ def _same_number(a, b) -> bool:
 
 
 def effective_yaml(project_dir, entry_point: str, overrides: dict) -> str:
-    """The finetune.yaml the run amounts to: the resolved recipe, every key with its value (data paths absolute).
-    Saved as a project's finetune.yaml, `mlflow run PROJECT -e ENTRY --backend finetune` without -P trains the same
-    recipe. RecipeError where the recipe does not load."""
+    """The finetune.yaml the run amounts to: the resolved recipe, every key with its value (data paths
+    absolute). Saved as a project's finetune.yaml, `mlflow run PROJECT -e ENTRY --backend finetune` without -P
+    trains the same recipe. RecipeError where the recipe does not load."""
     method = entry_point if entry_point in presets.PRESETS else None
     with captured_stderr():
         recipe = load_recipe(project_dir, method=method, overrides=expand_model(overrides))
     data = resolved_dict(recipe)  # config/loading.py's to_yaml, without the machine's project folder
     data.pop("project_dir", None)
-    head = (f"# The recipe of `mlflow run {Path(project_dir).name} -e {entry_point} --backend finetune` with the page's "
-            "settings, every key resolved.\n")
+    head = (
+        f"# The recipe of `mlflow run {Path(project_dir).name} -e {entry_point} --backend finetune` with the "
+        "page's settings, every key resolved.\n")
     return head + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -1,19 +1,20 @@
-"""The Train page's runs: ordinary `mlflow run PROJECT -e ENTRY --backend finetune` runs, detached, queued, and started
-one at a time (or `max_parallel` at once) in the order they were submitted.
+"""The Train page's runs: ordinary `mlflow run PROJECT -e ENTRY --backend finetune` runs, detached, queued,
+and started one at a time (or `max_parallel` at once) in the order they were submitted.
 
 The command, its start and the queue are launchers' (`submit.command`, `queue.Queue`): what a user types,
 with `"detach": true` added to the backend config, so a run goes on when the page closes. Stopping a run is
-`mlflow-finetune cancel RUN_ID` (the run ends KILLED, its logged checkpoints kept); resuming one is a new job with
-`-P train.resume=RUN_ID` (it continues from that run's last checkpoint).
+`mlflow-finetune cancel RUN_ID` (the run ends KILLED, its logged checkpoints kept); resuming one is a new job
+with `-P train.resume=RUN_ID` (it continues from that run's last checkpoint).
 
-Each job is a record on disk, `<state_dir>/jobs/<job id>/job.json`, beside `launch.log` (the output of `mlflow run`);
-what became of its run is read from the tracking store. A new Launcher on the same folder (the app restarted) shows
-every job where it is and takes the queue over; Launchers sharing a folder take turns under a file lock, so a job is
-launched once.
+Each job is a record on disk, `<state_dir>/jobs/<job id>/job.json`, beside `launch.log` (the output of `mlflow
+run`); what became of its run is read from the tracking store. A new Launcher on the same folder (the app
+restarted) shows every job where it is and takes the queue over; Launchers sharing a folder take turns under a
+file lock, so a job is launched once.
 
     queued -> starting (`mlflow run` checks the recipe and data, creates the run, starts its job)
            -> running (the run id is known) -> finished | failed | killed (how the run ended)
-    queued or starting -> killed (stopped before it ran);  starting -> failed (`mlflow run` started no run: its reason)
+    queued or starting -> killed (stopped before it ran);  starting -> failed (`mlflow run` started no run:
+    its reason)
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from mlflow_finetune_plugin.launchers.submit import Started, command, store_env
 STATES = ("queued", "starting", "running", "finished", "failed", "killed")
 ENDED = ("finished", "failed", "killed")
 BUSY = ("starting", "running")  # the jobs that hold one of the max_parallel slots
-ENDS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}  # MLflow's run status -> the job's state
+# MLflow's run status -> the job's state
+ENDS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -61,11 +63,12 @@ def _job(record: dict) -> Job:
 
 
 class Launcher(Queue):
-    """Starts, queues, follows, stops and resumes the page's runs; `start()` its thread, `close()` it at the end.
+    """Starts, queues, follows, stops and resumes the page's runs; `start()` its thread, `close()` it at the
+    end.
 
     backend_config: `mlflow run --backend-config` (launcher, nproc_per_node, ...), `"detach": true` added.
-    tracking_uri: the tracking and registry store the runs go to; default this process's (a relative sqlite path made
-    absolute). `mlflow run` starts in this process's working folder, as when a user types it there.
+    tracking_uri: the tracking and registry store the runs go to; default this process's (a relative sqlite
+    path made absolute). `mlflow run` starts in this process's working folder, as when a user types it there.
     """
 
     poll_s = 1.0  # how often the thread looks at the jobs: a run's end shows within this long
@@ -86,29 +89,33 @@ class Launcher(Queue):
         self.tracking_uri = self.env.get("MLFLOW_TRACKING_URI")
         self._client = None
 
-    # --- what the page asks for -----------------------------------------------------------------------------------
+    # --- what the page asks for
+    # -----------------------------------------------------------------------------------
 
     def submit(self, project_dir, entry_point: str, params: dict[str, str] | None = None,
                experiment: str | None = None) -> Job:
-        """Queue `mlflow run PROJECT_DIR -e ENTRY_POINT --backend finetune -P k=v ...` (in `experiment`, else MLflow's
-        default experiment); it starts when a slot is free and every job submitted before it has started."""
+        """Queue `mlflow run PROJECT_DIR -e ENTRY_POINT --backend finetune -P k=v ...` (in `experiment`, else
+        MLflow's default experiment); it starts when a slot is free and every job submitted before it has
+        started."""
         project = Path(project_dir).expanduser().resolve()
         if not project.is_dir():
             raise FinetuneError(f"project folder {project_dir} does not exist: give the folder that holds "
                                 "finetune.yaml (and its data)")
         if not isinstance(entry_point, str) or not entry_point.strip():
-            raise FinetuneError("entry_point is empty: give one of the backend's (lora, qlora, full, dpo, ...) or one "
-                                "of the project's MLproject")
+            raise FinetuneError(
+                "entry_point is empty: give one of the backend's (lora, qlora, full, dpo, ...) or one "
+                "of the project's MLproject")
         params = _params(params or {})
         job = Job(id=f"job-{uuid.uuid4().hex[:12]}", project=str(project), entry_point=entry_point.strip(),
-                  params=params, state="queued", run_id=None, created=time.time(), experiment=experiment or None,
-                  argv=command(str(project), entry_point.strip(), params, self.backend_config,
-                               experiment or None))
+                  params=params, state="queued", run_id=None, created=time.time(),
+                  experiment=experiment or None, argv=command(str(project), entry_point.strip(), params,
+                                                              self.backend_config, experiment or None))
         self.records.save(asdict(job))
         return job
 
     def jobs(self) -> list[Job]:
-        """Every job of the state folder, newest first, each where it is now (a run's end read from the store)."""
+        """Every job of the state folder, newest first, each where it is now (a run's end read from the
+        store)."""
         for record in self.records.all():
             self.refresh(record)
         return [_job(r) for r in self.records.all()]
@@ -128,8 +135,9 @@ class Launcher(Queue):
 
     def stop(self, job_or_run_id: str) -> Job | None:
         """A queued job is dropped (it never runs: state killed, no run); a running run ends KILLED as
-        `mlflow-finetune cancel` ends it, its logged checkpoints kept (resume it with `resume(run_id)`). A run this
-        page did not start is cancelled all the same (returns None). An ended job is returned as it is."""
+        `mlflow-finetune cancel` ends it, its logged checkpoints kept (resume it with `resume(run_id)`). A run
+        this page did not start is cancelled all the same (returns None). An ended job is returned as it
+        is."""
         record = self._find(job_or_run_id)
         if record is None:  # a run id no job here started
             self.stop_run(job_or_run_id)
@@ -145,23 +153,26 @@ class Launcher(Queue):
         return _job(record)
 
     def resume(self, run_id: str) -> Job:
-        """A new queued job: the run's project, entry point and params, and `train.resume=RUN_ID`, so it continues
-        from that run's last complete checkpoint."""
+        """A new queued job: the run's project, entry point and params, and `train.resume=RUN_ID`, so it
+        continues from that run's last complete checkpoint."""
         from mlflow_finetune_plugin.train.resume import resumable_checkpoints
 
         record = self._find(run_id) if RUN_ID.fullmatch(run_id or "") else None
         if record is None:
-            raise FinetuneError(f"{run_id!r} is not a run this page started (no job in {self.records.root} has it): "
-                                f"resume it with `mlflow run PROJECT -e ENTRY --backend finetune -P train.resume="
-                                f"{run_id}`")
+            raise FinetuneError(
+                f"{run_id!r} is not a run this page started (no job in {self.records.root} has it): "
+                f"resume it with `mlflow run PROJECT -e ENTRY --backend finetune -P train.resume="
+                f"{run_id}`")
         status = self.client.get_run(run_id).info.status
         if status not in ENDS:
-            raise FinetuneError(f"run {run_id} is {status}: stop it first (its last checkpoint is where the resumed "
-                                "run starts)")
+            raise FinetuneError(
+                f"run {run_id} is {status}: stop it first (its last checkpoint is where the resumed "
+                "run starts)")
         if not resumable_checkpoints(self.client, run_id):
             every = record["params"].get("train.save_steps", "train.save_steps")
-            raise FinetuneError(f"run {run_id} logged no complete checkpoint (one is saved every {every} steps): "
-                                "there is nothing to resume from; submit the job again instead")
+            raise FinetuneError(
+                f"run {run_id} logged no complete checkpoint (one is saved every {every} steps): "
+                "there is nothing to resume from; submit the job again instead")
         params = {k: v for k, v in record["params"].items() if k not in ("train.resume", "resume")}
         return self.submit(record["project"], record["entry_point"], {**params, "train.resume": run_id},
                            record["experiment"])
@@ -210,13 +221,15 @@ class Launcher(Queue):
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             return self.records.update(record["id"], lambda r: r.update(
-                state="failed", error=f"run {record['run_id']} is not in the tracking store {self.tracking_uri}"))
+                state="failed",
+                error=f"run {record['run_id']} is not in the tracking store {self.tracking_uri}"))
         state = ENDS.get(run.info.status)
         if state is None:
             return record
         error = None
         if state == "failed":
-            error = run.data.tags.get(tags.ERROR, "").strip().splitlines()[:1] or [f"the run ended {run.info.status}"]
+            error = run.data.tags.get(tags.ERROR,
+                                      "").strip().splitlines()[:1] or [f"the run ended {run.info.status}"]
             error = error[0]
 
         def ended(r):
@@ -237,7 +250,8 @@ class Launcher(Queue):
         if self._client is None:
             from mlflow import MlflowClient
 
-            self._client = MlflowClient(self.env.get("MLFLOW_TRACKING_URI"), self.env.get("MLFLOW_REGISTRY_URI"))
+            self._client = MlflowClient(self.env.get("MLFLOW_TRACKING_URI"),
+                                        self.env.get("MLFLOW_REGISTRY_URI"))
         return self._client
 
 

@@ -1,5 +1,6 @@
-"""What the studio page shows, as plain data: the recipe keys' table and the overrides it amounts to, the status line,
-the charts' frames, the queue's and history's rows, the uploaded files' roles (no Gradio here)."""
+"""What the studio page shows, as plain data: the recipe keys' table and the overrides it amounts to, the
+status line, the charts' frames, the queue's and history's rows, the uploaded files' roles (no Gradio
+here)."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def status_line(p) -> str:
     if p.tokens_per_s:
         parts.append(f"{p.tokens_per_s:,.0f} tokens/s")
     if p.status in ("RUNNING", "KILLED", "FAILED"):  # where Resume would start
-        parts.append(f"checkpoint at step {p.checkpoint}" if p.checkpoint is not None else "no checkpoint yet")
+        parts.append(f"checkpoint at step {p.checkpoint}" if p.checkpoint is not None
+                     else "no checkpoint yet")
     system = p.system or {}
     for name, (label, unit) in SYSTEM.items():
         if isinstance(system.get(name), (int, float)):
@@ -113,8 +115,8 @@ def history_rows(summaries) -> list[list]:
 
 
 def guess_files(names: list[str]) -> tuple[str, str | None]:
-    """The training file and the held-out one among uploaded data files, by their names (train*, eval/test/valid*);
-    the page lets the user pick others."""
+    """The training file and the held-out one among uploaded data files, by their names (train*,
+    eval/test/valid*); the page lets the user pick others."""
     def named(*words):
         return next((n for n in names if any(w in n.lower() for w in words)), None)
 

@@ -25,7 +25,8 @@ EXAMPLE = "train.learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}  or  lora
 
 @dataclass(frozen=True)
 class Dimension:
-    """One axis of the search space: a float or int range (optionally log-scaled, stepped) or a list of choices."""
+    """One axis of the search space: a float or int range (optionally log-scaled, stepped) or a list of
+    choices."""
 
     key: str
     kind: str  # float | int | choice
@@ -39,23 +40,27 @@ class Dimension:
         if self.kind == "choice":
             return trial.suggest_categorical(self.key, list(self.choices))
         suggest = trial.suggest_int if self.kind == "int" else trial.suggest_float
-        return suggest(self.key, self.low, self.high, log=self.log, step=self.step or (1 if self.kind == "int" else None))
+        return suggest(self.key, self.low, self.high, log=self.log, step=self.step or (1 if self.kind == "int"
+                                                                                       else None))
 
     def edges(self) -> list:
         """The values that bound the axis: checking these against the recipe checks the whole axis."""
         return list(self.choices) if self.kind == "choice" else [self.low, self.high]
 
     def __str__(self) -> str:
-        return f"one of {list(self.choices)}" if self.kind == "choice" else f"{self.kind} in [{self.low}, {self.high}]"
+        return f"one of {list(self.choices)}" if self.kind == "choice" else (f"{self.kind} in [{self.low}, "
+                                                                             f"{self.high}]")
 
     def contains(self, value) -> bool:
         if self.kind == "choice":
             return value in self.choices
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+        return isinstance(value, (int, float)) and not isinstance(value,
+                                                                  bool) and self.low <= value <= self.high
 
 
 def load_space(path: str | os.PathLike) -> list[Dimension]:
-    """Read a space file; raises FinetuneError listing every malformed entry (recipe keys are checked apart)."""
+    """Read a space file; raises FinetuneError listing every malformed entry (recipe keys are checked
+    apart)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -78,9 +83,9 @@ def load_space(path: str | os.PathLike) -> list[Dimension]:
 
 def _space_error(path, problems: list[str]) -> FinetuneError:
     n = len(problems)
-    return FinetuneError(f"{path}: {n} problem{'s' if n != 1 else ''} in the search space; nothing was started:\n"
-                         + "\n".join(f"  - {p}" for p in problems)
-                         + f"\nAn axis reads e.g. {EXAMPLE}")
+    return FinetuneError(
+        f"{path}: {n} problem{'s' if n != 1 else ''} in the search space; nothing was started:\n"
+        + "\n".join(f"  - {p}" for p in problems) + f"\nAn axis reads e.g. {EXAMPLE}")
 
 
 def _flatten(node: dict, prefix: str = ""):
@@ -96,13 +101,15 @@ def _flatten(node: dict, prefix: str = ""):
 
 def _dimension(key: str, spec) -> Dimension:
     if isinstance(spec, list):
-        spec = {"choices": spec}  # a plain YAML list is choices, as W&B's `values:` or Optuna's suggest_categorical
+        # a plain YAML list is choices, as W&B's `values:` or Optuna's suggest_categorical
+        spec = {"choices": spec}
     if not isinstance(spec, dict):
         raise ValueError(f"{json.dumps(spec, default=str)} is not a range or choices; write e.g. {EXAMPLE} "
                          "(a fixed value belongs in -P)")
     unknown = sorted(set(spec) - {"choices", *RANGE_KEYS})
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown}; a range takes {', '.join(RANGE_KEYS)}, a list takes choices")
+        raise ValueError(
+            f"unknown field(s) {unknown}; a range takes {', '.join(RANGE_KEYS)}, a list takes choices")
     if "choices" in spec:
         choices = spec["choices"]
         if set(spec) != {"choices"}:
@@ -149,8 +156,8 @@ def _number(value, name: str):
 
 
 def cli_value(value) -> str:
-    """A trial's value as the `-P` text that the recipe loader reads back to the same value (`1e-07` stays a float,
-    `'true'` stays text)."""
+    """A trial's value as the `-P` text that the recipe loader reads back to the same value (`1e-07` stays a
+    float, `'true'` stays text)."""
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
 
 
@@ -164,13 +171,15 @@ def check_space(dims: list[Dimension], space_path, project: str, entry_point: st
     def canon(k):
         return SHORT_KEYS.get(k, k)
 
-    load_recipe(project, method=entry_point, overrides=params)  # the recipe itself first: its errors are its own
+    # the recipe itself first: its errors are its own
+    load_recipe(project, method=entry_point, overrides=params)
     fixed = {canon(k) for k in params}
     problems = []
     for dim in dims:
         if canon(dim.key) == "registry.enabled":
-            problems.append(f"{dim.key}: cannot be swept: trials never register, the sweep registers the best one "
-                            "(-P registry.enabled=false: none)")
+            problems.append(
+                f"{dim.key}: cannot be swept: trials never register, the sweep registers the best one "
+                "(-P registry.enabled=false: none)")
             continue
         if canon(dim.key) in fixed:
             problems.append(f"{dim.key}: also given as -P; drop one of the two")
@@ -180,7 +189,8 @@ def check_space(dims: list[Dimension], space_path, project: str, entry_point: st
             except RecipeError as e:
                 flag = f"-P {dim.key}={cli_value(value)}: "
                 for problem in (p.removeprefix(flag) for p in e.problems):
-                    problems.append(problem if problem.startswith(dim.key) else f"{dim.key}={value!r}: {problem}")
+                    problems.append(problem if problem.startswith(dim.key)
+                                    else f"{dim.key}={value!r}: {problem}")
                 break  # an unknown key fails every value alike
     by_key = {d.key: d for d in dims}
     for i, point in enumerate(enqueue, 1):

@@ -6,13 +6,13 @@ The space file maps dotted recipe keys to a range or a list of choices:
     train.warmup_ratio: {low: 0.0, high: 0.1}
     lora.r: {choices: [4, 8, 16]}
 
-Every key and bound is checked against the recipe schema (through `load_recipe` with the value as a `-P` override)
-before anything starts. Each trial is a nested run under one parent run, trained by the real backend
+Every key and bound is checked against the recipe schema (through `load_recipe` with the value as a `-P`
+override) before anything starts. Each trial is a nested run under one parent run, trained by the real backend
 (`launchers.submit`, detached and followed: the path of `mlflow run`) on the recipe's launcher (local,
-torchrun, ray via `--backend-config`), with registration off. While a trial trains, its eval loss is reported to
-Optuna; a trial the pruner (median) gives up on is cancelled (its run ends KILLED) and tagged pruned. The parent
-run logs the best trial, a parallel-coordinate plot and the parameter importances; only the best trial's model is
-registered (alias and auto-promotion per the recipe), every finished one with `register_all`.
+torchrun, ray via `--backend-config`), with registration off. While a trial trains, its eval loss is reported
+to Optuna; a trial the pruner (median) gives up on is cancelled (its run ends KILLED) and tagged pruned. The
+parent run logs the best trial, a parallel-coordinate plot and the parameter importances; only the best
+trial's model is registered (alias and auto-promotion per the recipe), every finished one with `register_all`.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class SweepResult:
         from mlflow_finetune_plugin.metrics import format_table
 
         keys = list(dict.fromkeys(k for t in self.trials for k in t["params"]))
-        rows = [[t["number"], t["state"], t["value"], *(t["params"].get(k) for k in keys), (t["run_id"] or "-")[:12]]
-                for t in self.trials]
+        rows = [[t["number"], t["state"], t["value"], *(t["params"].get(k) for k in keys),
+                 (t["run_id"] or "-")[:12]] for t in self.trials]
         lines = [format_table(["trial", "state", self.metric, *keys, "run"], rows), ""]
         if self.best:
             lines.append(f"Best: trial {self.best['number']} ({self.direction} {self.metric} = "
@@ -68,14 +68,14 @@ class SweepResult:
 # ------------------------------------------------------------------------------------------------ the sweep
 
 
-def run_sweep(project: str, entry_point: str, space: str | os.PathLike, trials: int, metric: str = PRUNE_METRIC,
-              direction: str | None = None, params: dict | None = None, backend_config: dict | None = None,
-              experiment_name: str | None = None, register_all: bool = False, pruner: str = "median",
-              startup_trials: int | None = None, seed: int | None = None, enqueue: list[dict] = (),
-              poll_seconds: float = 1.0) -> SweepResult:
-    """Run `trials` fine-tunes of `project` under one parent run, each with values Optuna's TPE sampler picks from
-    the `space` file; returns the trials, the best one and what was registered. Nothing starts when the space, the
-    recipe or the data is wrong."""
+def run_sweep(project: str, entry_point: str, space: str | os.PathLike, trials: int,
+              metric: str = PRUNE_METRIC, direction: str | None = None, params: dict | None = None,
+              backend_config: dict | None = None, experiment_name: str | None = None,
+              register_all: bool = False, pruner: str = "median", startup_trials: int | None = None,
+              seed: int | None = None, enqueue: list[dict] = (), poll_seconds: float = 1.0) -> SweepResult:
+    """Run `trials` fine-tunes of `project` under one parent run, each with values Optuna's TPE sampler picks
+    from the `space` file; returns the trials, the best one and what was registered. Nothing starts when the
+    space, the recipe or the data is wrong."""
     from mlflow_finetune_plugin.metrics import lower_is_better
     from mlflow_finetune_plugin.tracking import ensure_store
 
@@ -85,11 +85,13 @@ def run_sweep(project: str, entry_point: str, space: str | os.PathLike, trials: 
     direction = direction or ("minimize" if lower_is_better(metric.rsplit("/", 1)[-1]) else "maximize")
     config = dict(backend_config or {})
     if "detach" in config:
-        raise FinetuneError("--backend-config: leave out `detach`; the sweep runs every trial detached and follows it")
+        raise FinetuneError(
+            "--backend-config: leave out `detach`; the sweep runs every trial detached and follows it")
     dims = load_space(space)
     check_space(dims, space, project, entry_point, params, list(enqueue))
     recipe = _trainable_recipe(project, entry_point, params)
-    study = _study(direction, pruner, max(1, min(10, trials // 3)) if startup_trials is None else startup_trials, seed)
+    study = _study(direction, pruner,
+                   max(1, min(10, trials // 3)) if startup_trials is None else startup_trials, seed)
     for point in enqueue:
         study.enqueue_trial(point)
     sweep = _Sweep(project, entry_point, params, config, dims, metric, direction, trials, poll_seconds)
@@ -104,16 +106,18 @@ def _trainable_recipe(project: str, entry_point: str, params: dict):
 
     recipe, _command = resolve_entry_point(project, entry_point, params)
     if recipe is None:
-        raise FinetuneError(f"-e {entry_point}: an MLproject command, whose parameters the sweep cannot check; sweep "
-                            f"one of the backend's methods: {', '.join(PRESETS)}")
+        raise FinetuneError(
+            f"-e {entry_point}: an MLproject command, whose parameters the sweep cannot check; sweep "
+            f"one of the backend's methods: {', '.join(PRESETS)}")
     return recipe
 
 
 def _eval_note(recipe) -> str | None:
     data = recipe.data
     if not (data.eval or data.eval_split or any(t.eval for t in data.tasks.values())):
-        return ("Note: no eval data (data.eval or data.eval_split): no eval loss while training, so no trial can "
-                "be pruned")
+        return (
+            "Note: no eval data (data.eval or data.eval_split): no eval loss while training, so no trial can "
+            "be pruned")
     return None
 
 
@@ -149,7 +153,8 @@ class _Sweep:
         from mlflow.entities import Param
 
         self.experiment_id = _experiment_id(self.client, experiment_name)
-        run = self.client.create_run(self.experiment_id, run_name=f"sweep-{Path(self.project).name}-{self.entry_point}")
+        run = self.client.create_run(self.experiment_id,
+                                     run_name=f"sweep-{Path(self.project).name}-{self.entry_point}")
         self.result = SweepResult(run.info.run_id, self.metric, self.direction)
         settings = {"entry_point": self.entry_point, "metric": self.metric, "direction": self.direction,
                     "trials": self.n_trials, "sampler": "TPE", "pruner": pruner,
@@ -182,7 +187,8 @@ class _Sweep:
         return self.result
 
     def trial(self, study) -> dict:
-        """Ask Optuna for values, train them through the backend, follow the run and tell Optuna how it went."""
+        """Ask Optuna for values, train them through the backend, follow the run and tell Optuna how it
+        went."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
         from optuna.trial import TrialState
 
@@ -193,7 +199,8 @@ class _Sweep:
         record = {"number": trial.number, "run_id": None, "state": "failed", "value": None, "params": values}
         print(f"=== Trial {trial.number + 1}/{self.n_trials}: "
               + ", ".join(f"{k}={v}" for k, v in values.items()) + " ===", file=sys.stderr)
-        overrides = {**self.params, **{k: cli_value(v) for k, v in values.items()}, "registry.enabled": "false"}
+        overrides = {**self.params, **{k: cli_value(v) for k, v in values.items()},
+                     "registry.enabled": "false"}
         started = submit(self.project, self.entry_point, overrides, self.config, mode="follow",
                          experiment_id=self.experiment_id, run_name=f"trial-{trial.number}")
         if started.run_id is None:  # refused before a run existed: the values, --backend-config, Ray down
@@ -216,13 +223,15 @@ class _Sweep:
         return record
 
     def follow(self, submitted, trial) -> str:
-        """Wait for the run, reporting each eval loss it logs while training; cancel it when the pruner says so.
-        Returns the run's final status, or PRUNED."""
-        # The pruner compares reports in the study's direction: the loss for minimize, its negative for maximize.
+        """Wait for the run, reporting each eval loss it logs while training; cancel it when the pruner says
+        so. Returns the run's final status, or PRUNED."""
+        # The pruner compares reports in the study's direction: the loss for minimize, its negative for
+        # maximize.
         sign = 1.0 if self.direction == "minimize" else -1.0
         reported: set[int] = set()
         while True:
-            # Done when the run has ended, not when its process has: the next trial starts during the teardown.
+            # Done when the run has ended, not when its process has: the next trial starts during the
+            # teardown.
             status = self.client.get_run(submitted.run_id).info.status
             running = status == "RUNNING" and submitted.get_status() == "RUNNING"
             history = self.client.get_metric_history(submitted.run_id, PRUNE_METRIC)
@@ -260,9 +269,12 @@ class _Sweep:
             study.tell(trial, state=TrialState.FAIL)
             self.client.set_tag(run_id, SWEEP_STATE, "failed")
             logged = sorted(self.client.get_run(run_id).data.metrics)
-            raise FinetuneError(f"--metric {self.metric}: run {run_id} logged no such metric. It logged: "
-                                f"{', '.join(m for m in logged if m.startswith('eval/')) or ', '.join(logged)}. "
-                                "Pick one of those (eval/tuned/* need eval data: data.eval or data.eval_split)")
+            raise FinetuneError(
+                f"--metric {self.metric}: run {run_id} logged no such metric. It logged: "
+                f"{', '.join(m for m in logged if m.startswith('eval/')) or ', '.join(logged)}. "
+                "Pick one of those (eval/tuned/* need eval data: data.eval or "
+                "data.eval_split)"
+            )
         study.tell(trial, value)
         self.client.log_batch(self.result.parent_run_id, metrics=[
             Metric(f"trials/{self.metric}", value, int(time.time() * 1000), trial.number)])
@@ -270,14 +282,15 @@ class _Sweep:
         return {"state": "complete", "value": value}
 
     def finish(self, study, register_all: bool) -> None:
-        """The best trial, the plot and the importances on the parent run; then the best model (or every finished
-        one, best last so that it holds the alias) into the registry."""
+        """The best trial, the plot and the importances on the parent run; then the best model (or every
+        finished one, best last so that it holds the alias) into the registry."""
         from mlflow.entities import Metric, Param, RunTag
         from optuna.trial import TrialState
 
         done = [r for r in self.result.trials if r["state"] == "complete"]
         if not done:
-            states = ", ".join(f"{sum(r['state'] == s for r in self.result.trials)} {s}" for s in ("pruned", "failed"))
+            states = ", ".join(f"{sum(r['state'] == s for r in self.result.trials)} {s}"
+                               for s in ("pruned", "failed"))
             errors = list(dict.fromkeys(r["error"] for r in self.result.trials if r.get("error")))
             raise FinetuneError(f"no trial completed ({states}); " + ("\n".join(errors) if errors else
                                 f"the trial runs' {tags.ERROR} tags say why"))
@@ -303,8 +316,8 @@ class _Sweep:
             self.register(r)
 
     def register(self, record: dict) -> None:
-        """Register a finished trial's model as the run would have: lineage tags from the run, the recipe's alias,
-        auto-promotion when the recipe asks for it."""
+        """Register a finished trial's model as the run would have: lineage tags from the run, the recipe's
+        alias, auto-promotion when the recipe asks for it."""
         from mlflow_finetune_plugin.config.loading import load_recipe
         from mlflow_finetune_plugin.registry.promotion import maybe_auto_promote
         from mlflow_finetune_plugin.registry.versions import register
@@ -314,18 +327,22 @@ class _Sweep:
         recipe = load_recipe(self.project, method=self.entry_point, overrides={
             **self.params, **{k: cli_value(v) for k, v in record["params"].items()}})
         if not recipe.registry.enabled:
-            self.result.notes.append(f"registry.enabled is false: trial {record['number']}'s model stays in run "
-                                     f"{run_id}, not registered")
+            self.result.notes.append(
+                f"registry.enabled is false: trial {record['number']}'s model stays in run "
+                f"{run_id}, not registered")
             return
         run = self.client.get_run(run_id)
         lineage = {k: v for k, v in run.data.tags.items() if k in tags.LINEAGE.values()}
         models = [("model", recipe.registry.name, {})]
-        if recipe.data.tasks and recipe.data.adapters == "per_task":  # one adapter per task, as publish logs them
-            models = [(f"model-{t}", f"{recipe.registry.name}-{t}", {tags.TASK: t}) for t in recipe.data.tasks]
+        # one adapter per task, as publish logs them
+        if recipe.data.tasks and recipe.data.adapters == "per_task":
+            models = [(f"model-{t}", f"{recipe.registry.name}-{t}", {tags.TASK: t})
+                      for t in recipe.data.tasks]
         for artifact, name, extra in models:
             (logged,) = self.client.search_logged_models(
                 [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{artifact}'")
-            version = register(f"models:/{logged.model_id}", name, {**lineage, **extra}, recipe.registry.alias)
+            version = register(f"models:/{logged.model_id}", name, {**lineage, **extra},
+                               recipe.registry.alias)
             self.client.set_tag(run_id, tags.REGISTERED_MODEL, name)
             self.client.set_tag(run_id, tags.REGISTERED_VERSION, str(version.version))
             self.result.registered.append((name, str(version.version)))
@@ -335,8 +352,8 @@ class _Sweep:
 
 
 def _experiment_id(client: MlflowClient, name: str | None) -> str:
-    """The experiment named, else the one `mlflow run` would use: MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID,
-    Default."""
+    """The experiment named, else the one `mlflow run` would use: MLFLOW_EXPERIMENT_NAME,
+    MLFLOW_EXPERIMENT_ID, Default."""
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
     if name:
         experiment = client.get_experiment_by_name(name)
@@ -345,8 +362,8 @@ def _experiment_id(client: MlflowClient, name: str | None) -> str:
 
 
 def final_value(client: MlflowClient, run_id: str, metric: str) -> float | None:
-    """The value of `metric` logged last: for eval/tuned/loss the final evaluation's (step 0), not the eval loss of
-    the last training step, which MLflow's latest-by-step view would show."""
+    """The value of `metric` logged last: for eval/tuned/loss the final evaluation's (step 0), not the eval
+    loss of the last training step, which MLflow's latest-by-step view would show."""
     history = client.get_metric_history(run_id, metric)
     return max(history, key=lambda m: (m.timestamp, m.step)).value if history else None
 
@@ -361,8 +378,9 @@ def importances(study) -> tuple[dict[str, float], str | None]:
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(done) < MIN_IMPORTANCE_TRIALS:
-        return {}, (f"Parameter importance needs {MIN_IMPORTANCE_TRIALS} completed trials ({len(done)} completed); "
-                    "run more --trials")
+        return {}, (
+            f"Parameter importance needs {MIN_IMPORTANCE_TRIALS} completed trials ({len(done)} completed); "
+            "run more --trials")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -34,7 +34,8 @@ class MlflowMetrics(TrainerCallback):
         tokens = logs.get("num_tokens")
         now = time.perf_counter()
         if tokens is not None and self._last_time is not None and now > self._last_time:
-            metrics[f"train/{self.prefix}tokens_per_second"] = (tokens - self._last_tokens) / (now - self._last_time)
+            metrics[f"train/{self.prefix}"
+                    "tokens_per_second"] = (tokens - self._last_tokens) / (now - self._last_time)
             self._last_tokens, self._last_time = tokens, now
         if metrics:
             mlflow.log_metrics(metrics, step=state.global_step)
@@ -51,9 +52,9 @@ class MlflowMetrics(TrainerCallback):
 
 
 class Heartbeat(TrainerCallback):
-    """Each training step is progress for the watchdog (`train/watchdog.py`): a run that trains is not stuck. It is
-    also where the process takes its new share of the cores when another heavy process of the project started or
-    ended (`runtime/threads.py`)."""
+    """Each training step is progress for the watchdog (`train/watchdog.py`): a run that trains is not stuck.
+    It is also where the process takes its new share of the cores when another heavy process of the project
+    started or ended (`runtime/threads.py`)."""
 
     def on_step_end(self, args, state, control, **kwargs):
         stops.beat()
@@ -67,20 +68,22 @@ class Heartbeat(TrainerCallback):
 
 
 class CheckpointLogger(TrainerCallback):
-    """Copy each saved checkpoint into the run's artifacts (`checkpoints/checkpoint-N`), so a run can be resumed
-    from any machine that reaches the tracking server, and make it an MLflow logged model (`log_checkpoint_model`).
+    """Copy each saved checkpoint into the run's artifacts (`checkpoints/checkpoint-N`), so a run can be
+    resumed from any machine that reaches the tracking server, and make it an MLflow logged model
+    (`log_checkpoint_model`).
 
-    Checkpoints come every `save_steps`, at the last step (transformers saves there whatever `save_steps` says: a run
-    keeps its final state as a checkpoint too, so it can be resumed, listed and registered like the others), and,
-    with `last_epochs` (`train.save_last_epochs`), at the end of each of the last that many epochs, as OpenAI keeps a
-    job's checkpoints. A step is saved once, whichever of these asks for it. transformers also evaluates after the
-    last step; the run then evaluates the final model itself (base / few-shot / tuned, `eval/tuned/loss` included),
-    so that extra pass would only cost time and log a second, differently computed `eval/tuned/loss`.
+    Checkpoints come every `save_steps`, at the last step (transformers saves there whatever `save_steps`
+    says: a run keeps its final state as a checkpoint too, so it can be resumed, listed and registered like
+    the others), and, with `last_epochs` (`train.save_last_epochs`), at the end of each of the last that many
+    epochs, as OpenAI keeps a job's checkpoints. A step is saved once, whichever of these asks for it.
+    transformers also evaluates after the last step; the run then evaluates the final model itself (base /
+    few-shot / tuned, `eval/tuned/loss` included), so that extra pass would only cost time and log a second,
+    differently computed `eval/tuned/loss`.
     """
 
     def __init__(self, logged_models: bool = True, last_epochs: int = 0):
-        # One adapter per task trains task after task with steps counted from 1 each time: their checkpoints share
-        # folder names, so none of them is a model of its own.
+        # One adapter per task trains task after task with steps counted from 1 each time: their checkpoints
+        # share folder names, so none of them is a model of its own.
         self.logged_models = logged_models
         self.last_epochs = last_epochs
         self._saved_step: int | None = None
@@ -92,8 +95,8 @@ class CheckpointLogger(TrainerCallback):
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        # state.epoch is the count of epochs done here; a run that max_steps stopped mid-epoch saved its last step
-        # already, at the step's end.
+        # state.epoch is the count of epochs done here; a run that max_steps stopped mid-epoch saved its last
+        # step already, at the step's end.
         if self.last_epochs and state.global_step != self._saved_step \
                 and round(state.epoch or 0) > state.num_train_epochs - self.last_epochs:
             control.should_save = True
@@ -101,8 +104,9 @@ class CheckpointLogger(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self._saved_step = state.global_step
-        # Every rank writes its own files (rng_state_<rank>.pth; FSDP shards) and transformers does not wait for
-        # them before this hook: rank 0 would copy a half-written file, and the resume on that rank fail to load it.
+        # Every rank writes its own files (rng_state_<rank>.pth; FSDP shards) and transformers does not wait
+        # for them before this hook: rank 0 would copy a half-written file, and the resume on that rank fail
+        # to load it.
         if args.world_size > 1:
             from accelerate import PartialState
 
@@ -113,7 +117,8 @@ class CheckpointLogger(TrainerCallback):
         if folder.is_dir():
             path = f"checkpoints/{folder.name}"
             mlflow.log_artifacts(str(folder), artifact_path=path)
-            # Set only once every file is in: a process killed mid-copy leaves a newer folder without this mark.
+            # Set only once every file is in: a process killed mid-copy leaves a newer folder without this
+            # mark.
             mlflow.set_tag(tags.LAST_CHECKPOINT, path)
             if self.logged_models:
                 step_logs = [entry for entry in state.log_history if entry.get("step") == state.global_step]
@@ -121,8 +126,9 @@ class CheckpointLogger(TrainerCallback):
 
 
 def run_metric_names(logs: dict, prefix: str = "") -> dict[str, float]:
-    """Trainer logs under the run's metric names: `eval_loss` -> `eval/tuned/<prefix>loss`, the summary logged once
-    at the end (`train_runtime`) -> `train/<prefix>summary_runtime`, anything else -> `train/<prefix><name>`."""
+    """Trainer logs under the run's metric names: `eval_loss` -> `eval/tuned/<prefix>loss`, the summary logged
+    once at the end (`train_runtime`) -> `train/<prefix>summary_runtime`, anything else ->
+    `train/<prefix><name>`."""
     metrics = {}
     for key, value in logs.items():
         if not isinstance(value, (int, float)) or key in ("total_flos", "step"):
@@ -137,12 +143,14 @@ def run_metric_names(logs: dict, prefix: str = "") -> dict[str, float]:
 
 
 def log_checkpoint_model(path: str, step: int, step_logs: list[dict]) -> str:
-    """The checkpoint in the active run's artifacts at `path` as an MLflow logged model, `checkpoint-<step>`: an
-    output of the run at `step`, with the run's lineage tags and the metrics the run logged at that step (eval loss
-    on the eval set, train loss on the training set, each linked to that dataset input). Returns its model id.
+    """The checkpoint in the active run's artifacts at `path` as an MLflow logged model, `checkpoint-<step>`:
+    an
+    output of the run at `step`, with the run's lineage tags and the metrics the run logged at that step (eval
+    loss on the eval set, train loss on the training set, each linked to that dataset input). Returns its
+    model id.
 
-    The model holds no copy of the weights (an external model): they stay in the run's `checkpoints/` where resume
-    finds them, and are packaged as a servable model only when the checkpoint is registered
+    The model holds no copy of the weights (an external model): they stay in the run's `checkpoints/` where
+    resume finds them, and are packaged as a servable model only when the checkpoint is registered
     (`publish.register_checkpoint`).
     """
     from mlflow.entities import LoggedModelOutput, Metric
@@ -153,14 +161,15 @@ def log_checkpoint_model(path: str, step: int, step_logs: list[dict]) -> str:
     lineage = {k: v for k, v in run.data.tags.items() if k in tags.LINEAGE.values()}
     model = mlflow.create_external_model(
         name=f"checkpoint-{step}", source_run_id=run_id,
-        tags={**lineage, tags.CHECKPOINT_STEP: str(step), tags.CHECKPOINT_PATH: path, tags.CHECKPOINT_RUN: run_id})
+        tags={**lineage, tags.CHECKPOINT_STEP: str(step), tags.CHECKPOINT_PATH: path,
+              tags.CHECKPOINT_RUN: run_id})
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
     datasets = _datasets_by_context(run)
     names = {}
     for entry in step_logs:
         names.update(run_metric_names(entry))
-    # The values MlflowMetrics already logged at this step, again with the model and dataset: the same timestamps
-    # keep the run's own history free of doubles.
+    # The values MlflowMetrics already logged at this step, again with the model and dataset: the same
+    # timestamps keep the run's own history free of doubles.
     metrics = {}
     for key in names:
         dataset = datasets.get("eval" if key.startswith("eval/") else "training")
@@ -186,8 +195,8 @@ def _datasets_by_context(run) -> dict:
 
 
 class Reached(TrainerCallback):
-    """Tags what the adapter reaches (`reach.report`'s line) at the end of the first training step: the rehearsal
-    and the trainer's set-up are behind, so the tag describes a run that trained."""
+    """Tags what the adapter reaches (`reach.report`'s line) at the end of the first training step: the
+    rehearsal and the trainer's set-up are behind, so the tag describes a run that trained."""
 
     def __init__(self, line: str):
         self.line = line
@@ -200,8 +209,8 @@ class Reached(TrainerCallback):
 
 
 class DropReferenceAdapter(TrainerCallback):
-    """TRL adds a frozen `ref` copy of a pretrained adapter as the reference model (DPO continuing an adapter, GRPO
-    with beta > 0); the logged model is the `default` adapter only."""
+    """TRL adds a frozen `ref` copy of a pretrained adapter as the reference model (DPO continuing an adapter,
+    GRPO with beta > 0); the logged model is the `default` adapter only."""
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None and "ref" in getattr(model, "peft_config", {}):
@@ -210,16 +219,17 @@ class DropReferenceAdapter(TrainerCallback):
 
 
 class TimeLeft(TrainerCallback):
-    """Print once, a few steps in, how long the whole run should still take: training from the measured step rate,
-    then the evaluation estimated from the measured training token rate. Main process only; it reads clocks and the
-    logged token count, never runs the model.
+    """Print once, a few steps in, how long the whole run should still take: training from the measured step
+    rate, then the evaluation estimated from the measured training token rate. Main process only; it reads
+    clocks and the logged token count, never runs the model.
 
     The progress bar shows s/it; what it cannot show is the evaluation that follows it.
     """
 
-    MIN_STEPS, MIN_SECONDS = 5, 30.0  # an estimate needs a few steps of warm caches; or halfway, for short runs
-    # Generating answers one token at a time (in batches), scoring the references and the forgetting check, per
-    # generated token, against one trained token (forward and backward): calibrated on the README run
+    # an estimate needs a few steps of warm caches; or halfway, for short runs
+    MIN_STEPS, MIN_SECONDS = 5, 30.0
+    # Generating answers one token at a time (in batches), scoring the references and the forgetting check,
+    # per generated token, against one trained token (forward and backward): calibrated on the README run
     # (docs/benchmarks.md, "Time to a fine-tuned model").
     GENERATED_TOKEN_COST = 3.0
 
@@ -233,10 +243,11 @@ class TimeLeft(TrainerCallback):
 
     @classmethod
     def of(cls, recipe, eval_sets: list) -> TimeLeft:
-        """For a run that evaluates `eval_sets` after training (its held-out sets; none when it evaluates nothing):
-        the tuned model and the prompt-only contenders of eval.contenders answer the first eval.max_examples of each:
-        base zero-shot, few-shot when eval.fewshot_k > 0, retrieval when its k (eval.retrieval_k, else fewshot_k) > 0,
-        and the optimized prompt, whose search costs eval.optimize.budget passes more."""
+        """For a run that evaluates `eval_sets` after training (its held-out sets; none when it evaluates
+        nothing): the tuned model and the prompt-only contenders of eval.contenders answer the first
+        eval.max_examples of each: base zero-shot, few-shot when eval.fewshot_k > 0, retrieval when its k
+        (eval.retrieval_k, else fewshot_k) > 0, and the optimized prompt, whose search costs
+        eval.optimize.budget passes more."""
         e, t = recipe.eval, recipe.train
         rows = sum(min(len(ds), e.max_examples) for ds in eval_sets if ds is not None)
         retrieval = (e.fewshot_k if e.retrieval_k is None else e.retrieval_k) > 0
@@ -246,7 +257,8 @@ class TimeLeft(TrainerCallback):
                       + (retrieval and "retrieval" in e.contenders) + searched)
         # beam search: num_beams sequences a question (the beams' shared prompt is a small part of the cost)
         return cls(rows, contenders, e.max_new_tokens * e.num_beams,
-                   t.batch_size * t.grad_accum * recipe.data.max_length, e.optimize.budget if searched else 0.0)
+                   t.batch_size * t.grad_accum * recipe.data.max_length,
+                   e.optimize.budget if searched else 0.0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         tokens = (logs or {}).get("num_tokens")  # TRL's count of the tokens trained so far, all processes
@@ -257,7 +269,8 @@ class TimeLeft(TrainerCallback):
         if self._printed or not state.is_world_process_zero:
             return
         now = time.perf_counter()
-        if self._start is None:  # the first step pays for warm-up (allocations, kernel choice): timed from its end
+        # the first step pays for warm-up (allocations, kernel choice): timed from its end
+        if self._start is None:
             self._start = (state.global_step, now)
             return
         steps, seconds = state.global_step - self._start[0], now - self._start[1]
@@ -266,7 +279,8 @@ class TimeLeft(TrainerCallback):
             self._printed = True
             from tqdm.auto import tqdm  # written above the progress bar, not into it
 
-            tqdm.write(self.message(max(state.max_steps - state.global_step, 0), seconds / steps), file=sys.stderr)
+            tqdm.write(self.message(max(state.max_steps - state.global_step, 0), seconds / steps),
+                       file=sys.stderr)
 
     def message(self, steps_left: int, step_seconds: float) -> str:
         training = steps_left * step_seconds
@@ -276,8 +290,9 @@ class TimeLeft(TrainerCallback):
             generated = self.eval_rows * (self.contenders + self.search_passes) * self.max_new_tokens
             evaluation = generated * self.GENERATED_TOKEN_COST * step_seconds / max(self.tokens_per_step, 1.0)
             search = f" and a prompt search of {self.search_passes:g} passes" if self.search_passes else ""
-            line += (f"; then evaluation of {self.eval_rows} held-out questions x {self.contenders} contenders{search}, "
-                     f"~{_duration(evaluation)}, estimated")
+            line += (
+                f"; then evaluation of {self.eval_rows} held-out questions x {self.contenders} "
+                f"contenders{search}, ~{_duration(evaluation)}, estimated")
         return f"=== about {_duration(training + evaluation)} left ({line}) ==="
 
 

@@ -1,9 +1,9 @@
 """A fine-tune that starts from documents (`data.documents`, docs/documents.md), before the model loads: the
-documents read and chunked with the model's tokenizer, the question rows (the user's `data.train` / `data.eval`
-rows, a teacher's written from the chunks, or both), the three sets (`data/document_rows.py`), the retriever over
-every chunk, and the training rows RAFT-style. After training, `evaluate/documents.py` scores the four contenders
-and `evaluate/documents_verdict.py` says what to deploy; the retriever goes with the logged model
-(`logged_model.py`)."""
+documents read and chunked with the model's tokenizer, the question rows (the user's `data.train` /
+`data.eval` rows, a teacher's written from the chunks, or both), the three sets (`data/document_rows.py`), the
+retriever over every chunk, and the training rows RAFT-style. After training, `evaluate/documents.py` scores
+the four contenders and `evaluate/documents_verdict.py` says what to deploy; the retriever goes with the
+logged model (`logged_model.py`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ class Prepared:
     retriever: Retriever
     digest: str
     raft: dict
-    lineage: dict = field(default_factory=dict)  # the lineage tags of the data (rank 0; splits.log_inputs' for files)
+    # the lineage tags of the data (rank 0; splits.log_inputs' for files)
+    lineage: dict = field(default_factory=dict)
 
 
 def prepare(recipe, tokenizer, run_id: str, main: bool = True) -> Prepared:
@@ -52,9 +53,10 @@ def prepare(recipe, tokenizer, run_id: str, main: bool = True) -> Prepared:
     if not sets.train:
         from mlflow_finetune_plugin.errors import FinetuneError
 
-        raise FinetuneError("data.documents: no question row trains (every row is on a held-out document, or none "
-                            "was given): give data.train rows with `source` keys on other documents, or fewer "
-                            "data.documents_holdout")
+        raise FinetuneError(
+            "data.documents: no question row trains (every row is on a held-out document, or none "
+            "was given): give data.train rows with `source` keys on other documents, or fewer "
+            "data.documents_holdout")
     retriever = Retriever(documents.chunks, recipe.retrieval.embedding, recipe.retrieval.k)
     cfg = recipe.retrieval
     if cfg.raft:
@@ -68,7 +70,8 @@ def prepare(recipe, tokenizer, run_id: str, main: bool = True) -> Prepared:
         print(f"Documents: {sets.counts()}; {len(held)} of {len(documents.files)} documents held out; "
               + _raft_line(raft, cfg))
     known = Dataset.from_list([{"messages": r["messages"]} for r in sets.known]) if sets.known else None
-    prepared = Prepared(Splits(Dataset.from_list(rows), known, "chat"), sets, retriever, documents.digest, raft)
+    prepared = Prepared(Splits(Dataset.from_list(rows), known, "chat"), sets, retriever, documents.digest,
+                        raft)
     if main:
         prepared.lineage = _log(recipe, documents, prepared, held)
     return prepared
@@ -98,8 +101,9 @@ def _raft_line(raft: dict, cfg) -> str:
 
 
 def _log(recipe, documents, prepared: Prepared, held: set[str]) -> dict:
-    """The documents and the rows as the run's inputs; the held-out documents and the RAFT counts as a file. Returns
-    the lineage tags: the training rows' digest (they are made from the documents and the questions), format chat."""
+    """The documents and the rows as the run's inputs; the held-out documents and the RAFT counts as a file.
+    Returns the lineage tags: the training rows' digest (they are made from the documents and the questions),
+    format chat."""
     import mlflow
     import mlflow.data
     import pandas as pd
@@ -109,9 +113,9 @@ def _log(recipe, documents, prepared: Prepared, held: set[str]) -> dict:
     log_documents(documents)
     mlflow.set_tag(tag_names.DOCUMENTS_DIGEST, documents.digest)
     sets = prepared.sets
-    mlflow.log_dict({"held_out_documents": sorted(held), "raft": prepared.raft, "train_questions": len(sets.train),
-                     "known_questions": len(sets.known), "unseen_questions": len(sets.unseen),
-                     "notes": sets.notes}, "documents/sets.json")
+    mlflow.log_dict({"held_out_documents": sorted(held), "raft": prepared.raft,
+                     "train_questions": len(sets.train), "known_questions": len(sets.known),
+                     "unseen_questions": len(sets.unseen), "notes": sets.notes}, "documents/sets.json")
     mlflow.log_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sets.unseen),
                     "documents/unseen_questions.jsonl")
     digests = {}

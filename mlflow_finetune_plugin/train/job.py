@@ -1,9 +1,9 @@
 """The training process: one per rank under torchrun, started by the finetune backend's launcher.
 
 It runs the pipeline (`pipeline.fine_tune`) inside an MLflow run that already exists (`--run-id`, or
-MLFLOW_RUN_ID as set by MLflow's local backend) or a new one, and always ends that run: FINISHED, FAILED with the
-error as a tag and `error.txt`, or KILLED on Ctrl-C / SIGTERM. Signals, out-of-memory and disk-full errors are
-handled here and nowhere else.
+MLFLOW_RUN_ID as set by MLflow's local backend) or a new one, and always ends that run: FINISHED, FAILED with
+the error as a tag and `error.txt`, or KILLED on Ctrl-C / SIGTERM. Signals, out-of-memory and disk-full errors
+are handled here and nowhere else.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from mlflow_finetune_plugin.train.watchdog import watching
 def run(recipe, run_id: str | None = None) -> int:
     """Train inside an MLflow run and end it with the right status; returns a process exit code.
 
-    Under torchrun only rank 0 talks to MLflow; the other ranks train and exit. While it runs, the process is one
-    of the project's heavy processes on this machine, with its share of the cores (`runtime/threads.py`).
+    Under torchrun only rank 0 talks to MLflow; the other ranks train and exit. While it runs, the process is
+    one of the project's heavy processes on this machine, with its share of the cores (`runtime/threads.py`).
     """
     chosen = threads.start(recipe.train.threads, "training")
     if chosen.busy_note and is_main_process():
@@ -59,7 +59,8 @@ def _run(recipe, run_id: str | None, chosen) -> int:
             print(f"Error: {_peer_error(e)}", file=sys.stderr)
             return 1
     ensure_store()  # `mlflow-finetune train` may be the first process to open a new store
-    pin_registry_uri()  # before the system-metrics thread starts: else it can deadlock genai evaluate (issue 58)
+    # before the system-metrics thread starts: else it can deadlock genai evaluate (issue 58)
+    pin_registry_uri()
     active = mlflow.start_run(run_id=run_id, log_system_metrics=_system_metrics(recipe.train))
     run_id = active.info.run_id
     try:
@@ -96,7 +97,8 @@ def _run(recipe, run_id: str | None, chosen) -> int:
 def _system_metrics(train) -> bool:
     """Whether the run logs MLflow's system metrics (`system/*`: CPU, memory, disk, network, and GPUs where
     nvidia-ml-py is installed), sampled every `train.system_metrics_interval` seconds. Off with
-    `train.system_metrics: false`, or for every run with MLflow's own MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false."""
+    `train.system_metrics: false`, or for every run with MLflow's own
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false."""
     import importlib.util
 
     import torch
@@ -113,16 +115,17 @@ def _system_metrics(train) -> bool:
     return True
 
 
-_PEER_FAILED = FinetuneError("stopped because another training process of this job failed or stopped (on this node "
-                             "or another); its own output says why (under torchrun: the lines prefixed [rankN])")
+_PEER_FAILED = FinetuneError(
+    "stopped because another training process of this job failed or stopped (on this node "
+    "or another); its own output says why (under torchrun: the lines prefixed [rankN])")
 
 
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
 
 
 def _lost_peer(e: BaseException) -> bool:
-    """A collective failed because another rank went away (stopped, crashed, its node lost): gloo and NCCL raise
-    RuntimeError/DistError naming the closed connection."""
+    """A collective failed because another rank went away (stopped, crashed, its node lost): gloo and NCCL
+    raise RuntimeError/DistError naming the closed connection."""
     import torch.distributed as dist
 
     return isinstance(e, (RuntimeError, dist.DistError)) and any(text in str(e) for text in _PEER_GONE)
@@ -146,8 +149,8 @@ def _restore_signals(previous: dict) -> None:
 
 
 def _interrupted_status(run_id: str) -> str:
-    """SIGTERM under torchrun is a cancel only when the canceller said so (the `finetune.cancel_requested` tag):
-    torchrun also SIGTERMs rank 0 when another rank dies, and that run FAILED."""
+    """SIGTERM under torchrun is a cancel only when the canceller said so (the `finetune.cancel_requested`
+    tag): torchrun also SIGTERMs rank 0 when another rank dies, and that run FAILED."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return "KILLED"
     try:
@@ -163,9 +166,9 @@ def _explain_resource_error(e: BaseException) -> BaseException:
 
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return FinetuneError(
-            f"disk full{' writing ' + str(e.filename) if e.filename else ''}. Free space, or move the job folders "
-            f"(now {paths.cache_root()}) to a bigger disk with MLFLOW_FINETUNE_CACHE; keep fewer checkpoints with "
-            "a lower train.save_total_limit or a higher train.save_steps.")
+            f"disk full{' writing ' + str(e.filename) if e.filename else ''}. Free space, or move the job "
+            f"folders (now {paths.cache_root()}) to a bigger disk with MLFLOW_FINETUNE_CACHE; keep fewer "
+            "checkpoints with a lower train.save_total_limit or a higher train.save_steps.")
     text = str(e)
     if (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
             or isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)):
@@ -194,7 +197,8 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Internal: the training process started by the finetune backend.")
+    parser = argparse.ArgumentParser(
+        description="Internal: the training process started by the finetune backend.")
     parser.add_argument("--recipe-json", required=True, help="Resolved recipe (JSON) written by the backend.")
     parser.add_argument("--run-id", default=None)
     args = parser.parse_args(argv)
@@ -204,8 +208,9 @@ def main(argv=None) -> None:
 
 def _exit(code: int) -> None:
     """End the training process without tearing the interpreter down: with torch, transformers, TRL and MLflow
-    loaded (4,000 modules, 485,000 objects), freeing it all took 1.3-1.6 s after the run had ended, every run and
-    every rank. The run is ended and its files closed by now; the exit hooks (MLflow's, logging's) still run."""
+    loaded (4,000 modules, 485,000 objects), freeing it all took 1.3-1.6 s after the run had ended, every run
+    and every rank. The run is ended and its files closed by now; the exit hooks (MLflow's, logging's) still
+    run."""
     import atexit
 
     atexit._run_exitfuncs()

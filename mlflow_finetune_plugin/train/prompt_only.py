@@ -1,7 +1,8 @@
-"""`-e optimize-prompt`: the light-touch method as a run of its own. No weight changes: the base model, the data's
-prompt-only contenders (zero-shot, few-shot, retrieval) and the optimized prompt (`evaluate/prompt_search.py`) are
-scored on the held-out rows, and the winning prompt is registered as `<registry.name>-prompt` (alias `candidate`,
-`champion` through the gates), so it sits in the registry beside the fine-tunes of the same data."""
+"""`-e optimize-prompt`: the light-touch method as a run of its own. No weight changes: the base model, the
+data's prompt-only contenders (zero-shot, few-shot, retrieval) and the optimized prompt
+(`evaluate/prompt_search.py`) are scored on the held-out rows, and the winning prompt is registered as
+`<registry.name>-prompt` (alias `candidate`, `champion` through the gates), so it sits in the registry beside
+the fine-tunes of the same data."""
 
 from __future__ import annotations
 
@@ -42,15 +43,19 @@ def optimize_prompt(recipe, run_id: str, main: bool = True) -> None:
         mlflow.set_tag(tag.CHAT_TEMPLATE_HASH, chat_template_hash(tokenizer))
         model = load_base_model(recipe.model).eval()
         stops.enter("evaluate")
-        result = run_evaluation(model, tokenizer, conversations(data.eval), conversations(data.train), recipe.eval,
-                                base_model=model, proposer=proposer_of(recipe.eval, recipe.distill), tuned=False)
+        result = run_evaluation(model, tokenizer, conversations(data.eval), conversations(data.train),
+                                recipe.eval, base_model=model, proposer=proposer_of(recipe.eval,
+                                                                                    recipe.distill),
+                                tuned=False)
         log_evaluation(result)
         print(comparison_table(result.metrics))
         if OPTIMIZED not in result.contenders:
-            raise FinetuneError(f"-e optimize-prompt: the prompt search did not run: {result.notes.get(OPTIMIZED)}")
+            raise FinetuneError(
+                f"-e optimize-prompt: the prompt search did not run: {result.notes.get(OPTIMIZED)}")
         stops.enter("publish")
         if recipe.registry.enabled:
             publish.publish_prompt(recipe, recipe.registry.name, base_ref)
         metric = recipe.eval.optimize.metric
         best = max(result.contenders, key=lambda c: result.metrics.get(f"eval/{c}/{metric}", 0.0))
-        print(f"\nPrompt search: {result.search.reason}; on the held-out rows the best by {metric} is {best}.")
+        print(f"\nPrompt search: {result.search.reason}; on the held-out rows the best by {metric} is "
+              f"{best}.")

@@ -1,5 +1,5 @@
-"""What a run records and publishes: the resolved recipe and lineage before training; after it, the model logged
-in the run, registered, aliased, and promoted when its gates pass."""
+"""What a run records and publishes: the resolved recipe and lineage before training; after it, the model
+logged in the run, registered, aliased, and promoted when its gates pass."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def log_recipe(recipe, run_id: str, base_ref: str, vllm: tuple[bool, str]) -> di
           file=sys.stderr)
     tags = lineage_tags(method=recipe.method, adapter=recipe.adapter.type, objective=recipe.objective,
                         quantization=recipe.model.quantization, base_model=base_ref,
-                        base_revision=recipe.model.revision, recipe_hash=recipe_hash(recipe), source_run=run_id,
-                        precision=precision, vllm_compatible=str(vllm[0]).lower(), vllm_reason=vllm[1])
+                        base_revision=recipe.model.revision, recipe_hash=recipe_hash(recipe),
+                        source_run=run_id, precision=precision, vllm_compatible=str(vllm[0]).lower(),
+                        vllm_reason=vllm[1])
     mlflow.set_tags(tags)
     return tags
 
@@ -67,10 +68,10 @@ def log_and_register(recipe, model, tokenizer, config: dict, tags: dict, name: s
 
 
 def auto_promote(name: str, version, recipe) -> None:
-    """`registry.auto_promote`: the recipe's gates, and serving parity before the champion alias moves. Parity answers
-    with the serving engine, which the training process never loads (docs/design.md: train/ imports no serving
-    code), so where it applies the promotion is `mlflow-finetune promote` in a process of its own, as a user would
-    run it; its report is printed here and its outcome tagged on the run."""
+    """`registry.auto_promote`: the recipe's gates, and serving parity before the champion alias moves. Parity
+    answers with the serving engine, which the training process never loads (docs/design.md: train/ imports no
+    serving code), so where it applies the promotion is `mlflow-finetune promote` in a process of its own, as
+    a user would run it; its report is printed here and its outcome tagged on the run."""
     import subprocess
 
     cfg = recipe.registry
@@ -90,7 +91,8 @@ def auto_promote(name: str, version, recipe) -> None:
 def publish_prompt(recipe, registered_name: str, base_ref: str, model_version=None):
     """The run's optimized prompt (`eval/optimized_prompt.json`, where the search ran) as a new version of
     `<registered_name>-prompt` with alias `candidate`; `champion` through the recipe's gates when
-    `registry.auto_promote` is on (registry/prompts.py). Returns the prompt version, or None when there is none."""
+    `registry.auto_promote` is on (registry/prompts.py). Returns the prompt version, or None when there is
+    none."""
     from mlflow_finetune_plugin.evaluate.report import OPTIMIZED_FILE
     from mlflow_finetune_plugin.registry import prompts
 
@@ -110,8 +112,8 @@ def publish_prompt(recipe, registered_name: str, base_ref: str, model_version=No
 
 
 def log_per_task(recipe, model, tokenizer, config: dict, tags: dict, system_prompts: dict) -> None:
-    """One adapter per task: each logged as `model-<task>` and registered as `<registry.name>-<task>`, with the
-    system prompt of the rows it saw."""
+    """One adapter per task: each logged as `model-<task>` and registered as `<registry.name>-<task>`, with
+    the system prompt of the rows it saw."""
     for name in recipe.data.tasks:
         log_and_register(recipe, _OneAdapter(model, name), tokenizer,
                          {**config, "task": name, "system_prompt": system_prompts.get(name)},
@@ -132,20 +134,23 @@ class _OneAdapter:
             shutil.copytree(src, path, dirs_exist_ok=True)
 
 
-# --- a checkpoint registered instead of the final model ---------------------------------------------------------
+# --- a checkpoint registered instead of the final model
+# ---------------------------------------------------------
 
-# Files of a checkpoint that only resuming needs; the rest is the model (adapter or weights) and its tokenizer.
+# Files of a checkpoint that only resuming needs; the rest is the model (adapter or weights) and its
+# tokenizer.
 _TRAINING_STATE = ("optimizer", "scheduler", "rng_state", "scaler", "trainer_state.json", "training_args.bin")
 
 
 def register_checkpoint(name: str, ref: str, run_id: str | None = None):
-    """Register a checkpoint (its model id, or its step in training run `run_id`) as a new version of `name` that
-    loads and serves like a run's final model; returns the version.
+    """Register a checkpoint (its model id, or its step in training run `run_id`) as a new version of `name`
+    that loads and serves like a run's final model; returns the version.
 
-    The checkpoint is packaged (its adapter or weights and tokenizer from the training run's `checkpoints/`, the
-    final model's config) in a run of its own, nested under the training run, holding the recipe, the lineage and
-    this checkpoint's evaluation (base / few-shot / tuned on the run's eval data). That run is the version's source
-    run, so `mlflow-finetune promote` gates on the checkpoint's own scores, not the final model's.
+    The checkpoint is packaged (its adapter or weights and tokenizer from the training run's `checkpoints/`,
+    the final model's config) in a run of its own, nested under the training run, holding the recipe, the
+    lineage and this checkpoint's evaluation (base / few-shot / tuned on the run's eval data). That run is the
+    version's source run, so `mlflow-finetune promote` gates on the checkpoint's own scores, not the final
+    model's.
     """
     from transformers import AutoTokenizer
 
@@ -166,17 +171,19 @@ def register_checkpoint(name: str, ref: str, run_id: str | None = None):
         config = {**_final_model_config(run, recipe),
                   "artifact": "adapter" if (folder / "adapter_config.json").is_file() else "full"}
         with mlflow.start_run(experiment_id=run.info.experiment_id, parent_run_id=trained_by,
-                              run_name=f"{run.info.run_name or trained_by[:8]} checkpoint-{step}") as packaging:
-            lineage.update(lineage_tags(source_run=packaging.info.run_id, checkpoint_step=step, checkpoint_path=path,
-                                        checkpoint_run=trained_by, checkpoint_model=checkpoint.model_id,
+                              run_name=f"{run.info.run_name or trained_by[:8]} "
+                                       f"checkpoint-{step}") as packaging:
+            lineage.update(lineage_tags(source_run=packaging.info.run_id, checkpoint_step=step,
+                                        checkpoint_path=path, checkpoint_run=trained_by,
+                                        checkpoint_model=checkpoint.model_id,
                                         chat_template_hash=chat_template_hash(tokenizer)))
             mlflow.set_tags(lineage)
             if recipe:
                 mlflow.log_dict(recipe, "recipe.yaml")
             if run.inputs and run.inputs.dataset_inputs:
                 client.log_inputs(packaging.info.run_id, datasets=run.inputs.dataset_inputs)
-            info = log_finetuned_model(_SavedFolder(folder), tokenizer, config=config, name=f"checkpoint-{step}",
-                                       tags=lineage)
+            info = log_finetuned_model(_SavedFolder(folder), tokenizer, config=config,
+                                       name=f"checkpoint-{step}", tags=lineage)
     alias = (recipe.get("registry") or {}).get("alias", RegistryConfig.model_fields["alias"].default)
     version = register(info.model_uri, name, lineage, alias)
     registered = {tag.REGISTERED_MODEL: name, tag.REGISTERED_VERSION: str(version.version)}
@@ -191,7 +198,8 @@ def register_checkpoint(name: str, ref: str, run_id: str | None = None):
 
 
 def _checkpoint_card(name: str, version: str, run_id: str, model_id: str, recipe: dict, config: dict) -> None:
-    """The model card of a registered checkpoint, from its own run (its evaluation) and the training recipe."""
+    """The model card of a registered checkpoint, from its own run (its evaluation) and the training
+    recipe."""
     from pydantic import ValidationError
 
     from mlflow_finetune_plugin.config.schema import Recipe
@@ -207,7 +215,8 @@ def _checkpoint_card(name: str, version: str, run_id: str, model_id: str, recipe
 
 
 def _checkpoint_files(run_id: str, path: str, dest: Path) -> Path:
-    """Download the model files of checkpoint folder `path` of run `run_id` (not the optimizer and trainer state)."""
+    """Download the model files of checkpoint folder `path` of run `run_id` (not the optimizer and trainer
+    state)."""
     from mlflow_finetune_plugin.errors import FinetuneError
 
     files = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, path)
@@ -216,14 +225,15 @@ def _checkpoint_files(run_id: str, path: str, dest: Path) -> Path:
     for file in files:  # each lands in the folder under its own name
         mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=file, dst_path=str(folder))
     if not ((folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()):
-        raise FinetuneError(f"checkpoint {path} of run {run_id} holds no adapter (adapter_config.json) or model "
-                            "(config.json) to register")
+        raise FinetuneError(
+            f"checkpoint {path} of run {run_id} holds no adapter (adapter_config.json) or model "
+            "(config.json) to register")
     return folder
 
 
 def _final_model_config(run, recipe: dict) -> dict:
-    """The config the run's final model was logged with (base, its revision, method, system prompt, ...); for a
-    run that never got that far, the same from its lineage tags and recipe."""
+    """The config the run's final model was logged with (base, its revision, method, system prompt, ...); for
+    a run that never got that far, the same from its lineage tags and recipe."""
     from mlflow.models import Model
     from mlflow.models.model import MODEL_CONFIG
 
@@ -239,7 +249,8 @@ def _final_model_config(run, recipe: dict) -> dict:
 
 
 def _evaluate_checkpoint(name: str, version: str, run_id: str) -> None:
-    """The run's own evaluation, on the checkpoint, into the checkpoint's run; a missing eval set is explained."""
+    """The run's own evaluation, on the checkpoint, into the checkpoint's run; a missing eval set is
+    explained."""
     from mlflow_finetune_plugin.errors import FinetuneError
     from mlflow_finetune_plugin.evaluate.contenders import evaluate_model_uri
     from mlflow_finetune_plugin.metrics import comparison_table
@@ -254,7 +265,8 @@ def _evaluate_checkpoint(name: str, version: str, run_id: str) -> None:
 
 
 class _SavedFolder:
-    """A model already saved as a folder (a checkpoint's adapter or weights), as log_finetuned_model saves one."""
+    """A model already saved as a folder (a checkpoint's adapter or weights), as log_finetuned_model saves
+    one."""
 
     def __init__(self, folder: Path):
         self.folder = folder

@@ -1,9 +1,10 @@
-"""The quantization axis: the frozen base loaded in 4-bit (NF4/FP4, QLoRA) or 8-bit (LLM.int8) by bitsandbytes.
+"""The quantization axis: the frozen base loaded in 4-bit (NF4/FP4, QLoRA) or 8-bit (LLM.int8) by
+bitsandbytes.
 
-`model.quantization: none | 4bit | 8bit`, with `model.quant_type`, `model.double_quant` and `model.compute_dtype`.
-Any adapter not in `config/checks.py: NOT_QUANTIZABLE` trains on such a base; the adapter is logged without the
-base and served on the full-precision one (its outputs then differ from training time only by the base's
-quantization error).
+`model.quantization: none | 4bit | 8bit`, with `model.quant_type`, `model.double_quant` and
+`model.compute_dtype`. Any adapter not in `config/checks.py: NOT_QUANTIZABLE` trains on such a base; the
+adapter is logged without the base and served on the full-precision one (its outputs then differ from training
+time only by the base's quantization error).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def model_kwargs(cfg: ModelConfig) -> dict:
 
 
 def check_precision(recipe) -> None:
-    """Refuse CPU bf16 autocast over a quantized base before anything loads: bitsandbytes' CPU layers compute in
-    fp32, and the adapter's matmuls beside them then meet bf16 activations (torch: "expected m1 and m2 to have the
-    same dtype"). `train.precision: auto` never picks it; only an explicit `bf16` on a CPU gets here."""
+    """Refuse CPU bf16 autocast over a quantized base before anything loads: bitsandbytes' CPU layers compute
+    in fp32, and the adapter's matmuls beside them then meet bf16 activations (torch: "expected m1 and m2 to
+    have the same dtype"). `train.precision: auto` never picks it; only an explicit `bf16` on a CPU gets
+    here."""
     from mlflow_finetune_plugin.models.precision import recipe_autocast_bf16
 
     if recipe.model.quantization != "none" and recipe_autocast_bf16(recipe):
@@ -67,14 +69,16 @@ def check_precision(recipe) -> None:
 
 
 def prepare(model, cfg: ModelConfig):
-    """Get a quantized base ready for adapter training (PEFT's `prepare_model_for_kbit_training`: norms in fp32,
-    input gradients on); a full-precision base is returned as it is."""
+    """Get a quantized base ready for adapter training (PEFT's `prepare_model_for_kbit_training`: norms in
+    fp32, input gradients on); a full-precision base is returned as it is."""
     if cfg.quantization == "none":
         return model
     if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
-        raise FinetuneError(f"model.quantization is {cfg.quantization}, but the base model is not quantized; load "
-                            "it with `from_pretrained(..., **quantization.model_kwargs(recipe.model))`")
+        raise FinetuneError(
+            f"model.quantization is {cfg.quantization}, but the base model is not quantized; load "
+            "it with `from_pretrained(..., **quantization.model_kwargs(recipe.model))`")
     from peft import prepare_model_for_kbit_training
 
-    # Gradient checkpointing stays the trainer's decision (train.gradient_checkpointing), not a side effect here.
+    # Gradient checkpointing stays the trainer's decision (train.gradient_checkpointing), not a side effect
+    # here.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -2,18 +2,18 @@
 
 A run that fails in evaluation, in the forgetting check or while saving its model has spent its whole training
 first; on a GPU that is hours. Before training, the pipeline passes two held-out rows (and two general texts)
-through the same functions it calls after training, on the model as it stands (the adapter freshly attached, or the
-full model untrained): every contender's answers (a few tokens) and scores, the base contender loaded as after
-training, the forgetting check, the verdict, and the save of the model with its tokenizer and a reload of what was
-saved. The training step itself is tried by the trainer: one forward and backward pass on a batch of its own data,
-gradients dropped, random state restored.
+through the same functions it calls after training, on the model as it stands (the adapter freshly attached,
+or the full model untrained): every contender's answers (a few tokens) and scores, the base contender loaded
+as after training, the forgetting check, the verdict, and the save of the model with its tokenizer and a
+reload of what was saved. The training step itself is tried by the trainer: one forward and backward pass on a
+batch of its own data, gradients dropped, random state restored.
 
-What the stages log (two rows' metrics, tables, a verdict) goes to a tracking store of its own in a temporary folder,
-deleted afterwards: it is nobody's result, so nothing of it reaches the user's store, where a run or a metric of it
-would be found by whoever looks for the newest run or sorts runs by a score. No traces are written (they hold user
-data). The run itself keeps the outcome as its tag `finetune.rehearsal` ("passed in 2.3 s (...)" or "failed at
-evaluation"). A failure ends the run FAILED, naming the stage and the way to skip it (`train.rehearsal: false`),
-before any training.
+What the stages log (two rows' metrics, tables, a verdict) goes to a tracking store of its own in a temporary
+folder, deleted afterwards: it is nobody's result, so nothing of it reaches the user's store, where a run or a
+metric of it would be found by whoever looks for the newest run or sorts runs by a score. No traces are
+written (they hold user data). The run itself keeps the outcome as its tag `finetune.rehearsal` ("passed in
+2.3 s (...)" or "failed at evaluation"). A failure ends the run FAILED, naming the stage and the way to skip
+it (`train.rehearsal: false`), before any training.
 """
 
 from __future__ import annotations
@@ -31,16 +31,19 @@ from mlflow_finetune_plugin.config.checks import SCORING
 from mlflow_finetune_plugin.errors import FinetuneError
 
 ROWS = 2          # held-out rows and general texts rehearsed
-NEW_TOKENS = 4    # answer tokens each contender generates: enough to run generation's loop, cheap on any model
+# answer tokens each contender generates: enough to run generation's loop, cheap on any model
+NEW_TOKENS = 4
 KEY = "train.rehearsal"
 
-# Per stage: what to do besides fixing the cause, and what skipping the rehearsal would lead to. The stages run the
-# code the run calls after training, so their failure would recur there; the reload of the saved model is the
-# rehearsal's own check (after training the model is logged as it saves, and only its users would meet the fault).
+# Per stage: what to do besides fixing the cause, and what skipping the rehearsal would lead to. The stages
+# run the code the run calls after training, so their failure would recur there; the reload of the saved model
+# is the rehearsal's own check (after training the model is logged as it saves, and only its users would meet
+# the fault).
 _AFTER_TRAINING = "the same error would then end the run after training"
 _SKIP = {
-    "training step": ("data.packing, model.attn_implementation and train.fused_lm_head change how a step runs",
-                      "the same error would then end the run at its first training step"),
+    "training step": (
+        "data.packing, model.attn_implementation and train.fused_lm_head change how a step runs",
+        "the same error would then end the run at its first training step"),
     "evaluation": ("-P eval.enabled=false trains without the evaluation", _AFTER_TRAINING),
     "forgetting check": ("-P eval.forgetting=false trains without the forgetting check", _AFTER_TRAINING),
     "verdict": ("-P registry.promote_if=[] leaves the verdict to the primary metric", _AFTER_TRAINING),
@@ -67,22 +70,25 @@ def stage(name: str):
         yield
     except RehearsalFailed:
         raise
-    except Exception as e:  # noqa: BLE001 - reported with its stage; the traceback stays in error.txt via __cause__
+    # reported with its stage; the traceback stays in error.txt via __cause__
+    except Exception as e:  # noqa: BLE001
         cause = str(e) if isinstance(e, FinetuneError) else f"{type(e).__name__}: {e}"
         todo, skipped = _SKIP[name]
         raise RehearsalFailed(
             f"before training, the rehearsal of what runs after training failed at {name}, on {ROWS} rows: "
-            f"{cause}. Nothing was trained. {todo}; -P {KEY}=false skips the rehearsal ({skipped}).", name) from e
+            f"{cause}. Nothing was trained. {todo}; -P {KEY}=false skips the rehearsal ({skipped}).",
+            name) from e
 
 
 def training_step(trainer) -> None:
-    """One forward and backward pass of `trainer`'s loss on one batch of its train data; gradients are dropped and
-    the random state is restored, so the training that follows is the one it would have been."""
+    """One forward and backward pass of `trainer`'s loss on one batch of its train data; gradients are dropped
+    and the random state is restored, so the training that follows is the one it would have been."""
     import torch
 
     model = trainer.model
-    # The trainer's own counters and per-step metrics (TRL's `_metrics`, token counts, the replay schedule) go back
-    # as they were too: the first logged step and the replay's one-in-n steps are those of the training itself.
+    # The trainer's own counters and per-step metrics (TRL's `_metrics`, token counts, the replay schedule) go
+    # back as they were too: the first logged step and the replay's one-in-n steps are those of the training
+    # itself.
     kept = {key: copy.deepcopy(value) for key, value in vars(trainer).items()
             if key == "_metrics" or (type(value) in (int, float) and key.startswith("_"))}
     with _outcome_on_failure(trainer.is_world_process_zero()), stage("training step"), \
@@ -92,9 +98,10 @@ def training_step(trainer) -> None:
         was_training = model.training
         model.train()
         try:
-            # Under the mixed precision training runs in: accelerate puts autocast on the model's forward only when
-            # the trainer prepares it, after this. Without it a bf16 base's LoRA layers answer in fp32 (a bf16 output
-            # plus an fp32 update): activations twice a training step's, a peak the training itself never reaches.
+            # Under the mixed precision training runs in: accelerate puts autocast on the model's forward only
+            # when the trainer prepares it, after this. Without it a bf16 base's LoRA layers answer in fp32 (a
+            # bf16 output plus an fp32 update): activations twice a training step's, a peak the training
+            # itself never reaches.
             with trainer.accelerator.autocast():
                 loss = trainer.compute_loss(model, batch)
             loss.backward()
@@ -110,8 +117,8 @@ def training_step(trainer) -> None:
 
 def after_training(recipe, objective, model, tokenizer, data, general_text: list[str],
                    starting_rows: dict | None, config: dict, prepared=None) -> None:
-    """Evaluation, forgetting check, verdict and model save of the run, on `ROWS` rows, logged to a throwaway store
-    (`_throwaway_run`); the outcome is tagged on the run.
+    """Evaluation, forgetting check, verdict and model save of the run, on `ROWS` rows, logged to a throwaway
+    store (`_throwaway_run`); the outcome is tagged on the run.
 
     The evaluation stage is the pipeline's own (`evaluate/stage.py`), on the same plain data: the objective,
     the run's splits cut to `ROWS` held-out rows, a documents recipe's `prepared` sets; the base contender is
@@ -147,14 +154,16 @@ def after_training(recipe, objective, model, tokenizer, data, general_text: list
 @contextlib.contextmanager
 def _throwaway_run():
     """A run, active (nested under the run's own) in a tracking store of its own in a temporary folder, gone
-    afterwards with all it logged; the run's store and its run active again after it, whatever happened. Yields its
-    run id. The store is a copy of an empty one made once per cache (a new store's schema migrations take a second)."""
+    afterwards with all it logged; the run's store and its run active again after it, whatever happened.
+    Yields its run id. The store is a copy of an empty one made once per cache (a new store's schema
+    migrations take a second)."""
     import mlflow
     from mlflow.tracking import fluent
 
     parent, uri = mlflow.active_run(), mlflow.get_tracking_uri()
-    # A process that called set_experiment (a notebook, a test) has an active experiment of the run's store, which
-    # start_run refuses to match against this store's run ("active experiment ID does not match"): set aside here.
+    # A process that called set_experiment (a notebook, a test) has an active experiment of the run's store,
+    # which start_run refuses to match against this store's run ("active experiment ID does not match"): set
+    # aside here.
     chosen = fluent._active_experiment_id
     with tempfile.TemporaryDirectory(prefix="finetune-rehearsal-") as tmp:
         shutil.copy(_empty_store(), Path(tmp) / STORE)
@@ -163,7 +172,8 @@ def _throwaway_run():
         try:
             client = mlflow.MlflowClient()
             experiment = client.create_experiment("rehearsal", artifact_location=str(Path(tmp) / "artifacts"))
-            run = client.create_run(experiment, run_name="rehearsal")  # no random name: rank 0's `random` untouched
+            # no random name: rank 0's `random` untouched
+            run = client.create_run(experiment, run_name="rehearsal")
             mlflow.start_run(run_id=run.info.run_id, nested=True, log_system_metrics=False)
             try:
                 yield run.info.run_id
@@ -187,7 +197,8 @@ def _empty_store() -> Path:
     def build(out: Path) -> None:
         import logging
 
-        said = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables": not the run's
+        # "Creating initial MLflow database tables": not the run's
+        said = logging.getLogger("mlflow.store.db.utils")
         level = said.level
         said.setLevel(logging.WARNING)
         try:
@@ -233,9 +244,9 @@ def _cut(data):
 
 
 def _save_and_reload(model, tokenizer, config: dict) -> None:
-    """Save the model and tokenizer as the logged model does (with the code and requirements it carries), then read
-    back what was saved: the tokenizer with its chat template, and the adapter or the full model, whose reloaded
-    weights must be the model's own."""
+    """Save the model and tokenizer as the logged model does (with the code and requirements it carries), then
+    read back what was saved: the tokenizer with its chat template, and the adapter or the full model, whose
+    reloaded weights must be the model's own."""
     from mlflow_finetune_plugin.logged_model import (
         _adapter_save_options,
         requirements,
@@ -268,17 +279,19 @@ def _check_full(model, folder: Path, scoring: bool) -> None:
     """Load the saved `model/` as the logged model loads it, and ask transformers what did not fit; then every
     weight of the reload must equal the model's.
 
-    The saved tensor names alone say nothing: transformers 5 saves several architectures in their checkpoint layout
-    (one tensor per expert where a mixture of experts fuses them in memory, other modules' names) and converts them
-    back on load. What `from_pretrained` reports missing, unexpected or of another shape, and the values it loads,
-    are what a user of the logged model gets.
+    The saved tensor names alone say nothing: transformers 5 saves several architectures in their checkpoint
+    layout (one tensor per expert where a mixture of experts fuses them in memory, other modules' names) and
+    converts them back on load. What `from_pretrained` reports missing, unexpected or of another shape, and
+    the values it loads, are what a user of the logged model gets.
 
-    Memory: the reload is on the CPU in the model's dtype, the dtype it was saved in, so transformers keeps its
-    tensors as views of the mapped safetensors files: pages of a file the kernel can drop, not memory of the process.
-    Only what it converts (experts fused again) or casts is a copy, at worst one of every weight, held for the
-    comparison and freed at once. Acceptable before a full fine-tune, whose training holds more: the gradients alone
-    are a copy of every weight, beside the optimizer state; a model that trains on a GPU was loaded on the CPU before
-    the trainer moved it there. docs/benchmarks-history.md has the figures (bench/rehearsal_save_check.py).
+    Memory: the reload is on the CPU in the model's dtype, the dtype it was saved in, so transformers keeps
+    its tensors as views of the mapped safetensors files: pages of a file the kernel can drop, not memory of
+    the process. Only what it converts (experts fused again) or casts is a copy, at worst one of every weight,
+    held for the comparison and freed at once. Acceptable before a full fine-tune, whose training holds more:
+    the gradients alone
+    are a copy of every weight, beside the optimizer state; a model that trains on a GPU was loaded on the CPU
+    before the trainer moved it there. docs/benchmarks-history.md has the figures
+    (bench/rehearsal_save_check.py).
     """
     import gc
 
@@ -309,14 +322,16 @@ def _check_full(model, folder: Path, scoring: bool) -> None:
 
 
 def _check_adapter(model, folder: Path, options: dict) -> None:
-    """Every adapter of the model reloads as PEFT loads it (its config, then its weights) with the tensors the model
-    saves: `get_peft_model_state_dict`'s, which `set_peft_model_state_dict` puts back. The base is not loaded a
-    second time (that would double the memory): the adapter's tensors are the whole of what was saved."""
+    """Every adapter of the model reloads as PEFT loads it (its config, then its weights) with the tensors the
+    model saves: `get_peft_model_state_dict`'s, which `set_peft_model_state_dict` puts back. The base is not
+    loaded a second time (that would double the memory): the adapter's tensors are the whole of what was
+    saved."""
     from peft import PeftConfig
     from peft.utils import get_peft_model_state_dict, load_peft_weights
 
     for name, expected_config in model.peft_config.items():
-        # PEFT saves the adapter named "default" at the top of the folder, every other in a subfolder of its name
+        # PEFT saves the adapter named "default" at the top of the folder, every other in a subfolder of its
+        # name
         sub = folder if name == "default" else folder / name
         where = f"{folder.name}/" if name == "default" else f"{folder.name}/{name}/"
         saved_config = PeftConfig.from_pretrained(sub)
@@ -340,18 +355,21 @@ def _compare(expected: dict, reloaded: dict, where: str) -> None:
     differ = []
     for key in sorted(expected.keys() & reloaded.keys()):
         mine, theirs = expected[key], reloaded[key]
-        if mine.shape != theirs.shape or not torch.equal(theirs, mine.detach().to(theirs.device, theirs.dtype)):
+        if mine.shape != theirs.shape or not torch.equal(theirs, mine.detach().to(theirs.device,
+                                                                                  theirs.dtype)):
             differ.append(key)
     faults = [f"{len(keys)} {what} (e.g. {keys[:3]})" for what, keys in (
-        ("missing", missing), ("not in the model", unknown), ("with other values than the model's", differ)) if keys]
+        ("missing", missing), ("not in the model", unknown), ("with other values than the model's",
+                                                              differ)) if keys]
     if faults:
-        raise FinetuneError(f"the weights reloaded from the saved {where} are not the model's: {'; '.join(faults)}")
+        raise FinetuneError(
+            f"the weights reloaded from the saved {where} are not the model's: {'; '.join(faults)}")
 
 
 @contextlib.contextmanager
 def _decoding(model):
-    """The model as it decodes after training (router logits off: `architecture.for_generation`), and back as the
-    trainer set it up (TRL switches them on for a mixture of experts' load-balancing loss)."""
+    """The model as it decodes after training (router logits off: `architecture.for_generation`), and back as
+    the trainer set it up (TRL switches them on for a mixture of experts' load-balancing loss)."""
     from mlflow_finetune_plugin.models.architecture import for_generation
 
     configs = {id(c): c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None}
@@ -386,7 +404,8 @@ def _quiet():
 
 
 def _reactivate(parent) -> None:
-    """Back to the run that was active (start_run(nested=True) pushed the rehearsal's run on MLflow's stack)."""
+    """Back to the run that was active (start_run(nested=True) pushed the rehearsal's run on MLflow's
+    stack)."""
     import mlflow
 
     active = mlflow.active_run()

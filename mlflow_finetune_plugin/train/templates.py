@@ -1,12 +1,18 @@
-"""The chat template's part in one fine-tune: what `models/chat_format.py` found about it, applied to this run.
+"""The chat template's part in one fine-tune: what `models/chat_format.py` found about it, applied to this
+run.
 
-- System messages a template would drop or refuse are folded into the first user turn of every row (once here, so
-  that TRL's DPO/ORPO/GRPO trainers, which render rows themselves, see the same as SFT, evaluation and serving).
-- A chosen template (`model.chat_template`) whose control tokens the tokenizer lacked: the embeddings grow to fit.
-  Its control tokens, new or present, get trainable rows: a base model has never learned them (base Gemma 3 ranks its
-  own `<end_of_turn>` 260,392nd of 262,144 after an answer), and a LoRA with frozen embeddings cannot learn to end
-  its turn. LoRA trains them through PEFT's `trainable_token_indices`; a full fine-tune trains every row anyway.
-- Every end-of-turn id stops generation: written into the model's generation config, which the logged model, the
+- System messages a template would drop or refuse are folded into the first user turn of every row (once here,
+so
+  that TRL's DPO/ORPO/GRPO trainers, which render rows themselves, see the same as SFT, evaluation and
+  serving).
+- A chosen template (`model.chat_template`) whose control tokens the tokenizer lacked: the embeddings grow to
+fit.
+  Its control tokens, new or present, get trainable rows: a base model has never learned them (base Gemma 3
+  ranks its own `<end_of_turn>` 260,392nd of 262,144 after an answer), and a LoRA with frozen embeddings
+  cannot learn to end its turn. LoRA trains them through PEFT's `trainable_token_indices`; a full fine-tune
+  trains every row anyway.
+- Every end-of-turn id stops generation: written into the model's generation config, which the logged model,
+the
   exported folder and vLLM read.
 """
 
@@ -20,7 +26,8 @@ from mlflow_finetune_plugin.models.chat_format import chat_format, prepared, sto
 
 
 def for_template(recipe, data, tokenizer, main: bool = True):
-    """`data` (splits.Splits) with system messages folded where the template needs it; one printed line, one tag."""
+    """`data` (splits.Splits) with system messages folded where the template needs it; one printed line, one
+    tag."""
     import dataclasses
 
     import mlflow
@@ -28,7 +35,8 @@ def for_template(recipe, data, tokenizer, main: bool = True):
     fmt = chat_format(tokenizer)
     if main and mlflow.active_run() is not None:
         mlflow.set_tags({tags.SYSTEM_HANDLING: fmt.system + (f": {fmt.why}" if fmt.why else ""),
-                         **({tags.CHAT_TEMPLATE: recipe.model.chat_template} if recipe.model.chat_template else {})})
+                         **({tags.CHAT_TEMPLATE: recipe.model.chat_template} if recipe.model.chat_template
+                            else {})})
     if not fmt.folds_system:
         return data
     if main:
@@ -50,13 +58,14 @@ def trains_token_rows(recipe) -> bool:
     """Whether the adapter trains the chosen template's control-token rows beside LoRA (a fresh adapter; see
     `adapters.attach`)."""
     return (recipe.adapter.type == "lora" and bool(control_tokens(recipe.model.chat_template))
-            and not recipe.model.init_adapter and not (recipe.data.tasks and recipe.data.adapters == "per_task"))
+            and not recipe.model.init_adapter and not (recipe.data.tasks and recipe.data.adapters
+                                                       == "per_task"))
 
 
 def vllm_verdict(recipe, verdict: tuple[bool, str]) -> tuple[bool, str]:
-    """The adapter's vLLM verdict (`finetune.vllm_compatible`): a LoRA adapter that trains token rows, or a vision
-    tower (lora.vision), is served merged into its base (vllm_rules.MERGED, MERGED_VISION): vLLM's LoRA loader
-    cannot take the one, and leaves the other out."""
+    """The adapter's vLLM verdict (`finetune.vllm_compatible`): a LoRA adapter that trains token rows, or a
+    vision tower (lora.vision), is served merged into its base (vllm_rules.MERGED, MERGED_VISION): vLLM's LoRA
+    loader cannot take the one, and leaves the other out."""
     from mlflow_finetune_plugin.config.checks import SCORING
     from mlflow_finetune_plugin.vllm_rules import MERGED, MERGED_VISION, REWARD_MODEL
 
@@ -77,8 +86,11 @@ def fit_model(recipe, model, tokenizer, main: bool = True) -> list[int]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         added = getattr(tokenizer, "added_control_tokens", [])
         if main:
-            print(f"Chat template: added {', '.join(added)} to the tokenizer; the embeddings grow to {len(tokenizer)}")
-    if not model.can_generate():  # a reward model scores: no generation to stop; its head pools at the last non-pad
+            print(
+                f"Chat template: added {', '.join(added)} to the tokenizer; the embeddings grow to "
+                f"{len(tokenizer)}")
+    # a reward model scores: no generation to stop; its head pools at the last non-pad
+    if not model.can_generate():
         model.config.pad_token_id = tokenizer.pad_token_id
         return []
     stops = stop_ids(tokenizer, model.generation_config)
@@ -90,18 +102,21 @@ def fit_model(recipe, model, tokenizer, main: bool = True) -> list[int]:
     if not ids:
         return []
     if recipe.adapter.type not in ("lora", "full") and main:
-        print(f"Warning: the {recipe.adapter.type} adapter cannot train embedding rows: the template's control tokens "
-              f"({', '.join(wanted)}) keep the base model's rows; a base model may then never end its turn. Use "
-              "-e lora or -e full with model.chat_template.", file=sys.stderr)
+        print(
+            f"Warning: the {recipe.adapter.type} adapter cannot train embedding rows: the template's control "
+            f"tokens ({', '.join(wanted)}) keep the base model's rows; a base model may then never end its "
+            "turn. Use -e lora or -e full with model.chat_template.", file=sys.stderr)
     if main and mlflow.active_run() is not None:
-        mlflow.set_tag(tags.TRAINABLE_TOKENS, ", ".join(wanted) if recipe.adapter.type in ("lora", "full") else "none")
+        mlflow.set_tag(
+            tags.TRAINABLE_TOKENS, ", ".join(wanted) if recipe.adapter.type in ("lora", "full") else "none"
+        )
     return ids if recipe.adapter.type == "lora" else []
 
 
 def added_rows(model, tokenizer) -> dict | None:
-    """The embedding rows (input, and output where untied) of the tokens a chosen template added, as the fine-tune
-    starts from them; None when it added none. A full fine-tune's base contender is given the same rows
-    (`comparable_base`), as a LoRA's base (the adapter switched off) has them."""
+    """The embedding rows (input, and output where untied) of the tokens a chosen template added, as the
+    fine-tune starts from them; None when it added none. A full fine-tune's base contender is given the same
+    rows (`comparable_base`), as a LoRA's base (the adapter switched off) has them."""
     import torch
 
     added = getattr(tokenizer, "added_control_tokens", None)
@@ -123,9 +138,11 @@ def base_contender(recipe, artifact: str, tokenizer, rows: dict | None):
 
 
 def comparable_base(recipe, tokenizer, rows: dict | None):
-    """The base model a full fine-tune is compared with, fit to the run's tokenizer as the trained model was: a
-    chosen template's added tokens get embedding rows (those the fine-tune started from, `added_rows`; the original
-    model has none, and its base contender would index past its embeddings), and every end-of-turn id stops it."""
+    """The base model a full fine-tune is compared with, fit to the run's tokenizer as the trained model was:
+    a
+    chosen template's added tokens get embedding rows (those the fine-tune started from, `added_rows`; the
+    original model has none, and its base contender would index past its embeddings), and every end-of-turn id
+    stops it."""
     import torch
 
     from mlflow_finetune_plugin.models.architecture import for_generation
@@ -140,6 +157,7 @@ def comparable_base(recipe, tokenizer, rows: dict | None):
             inputs.weight[rows["ids"]] = rows["input"].to(inputs.weight.dtype)
             if rows["output"] is not None and outputs is not None and outputs.weight is not inputs.weight:
                 outputs.weight[rows["ids"]] = rows["output"].to(outputs.weight.dtype)
-        print(f"Base contender: embeddings grown to {len(tokenizer)} rows for the chat template's added tokens "
-              f"({', '.join(tokenizer.added_control_tokens)}), as the fine-tune started from them")
+        print(
+            f"Base contender: embeddings grown to {len(tokenizer)} rows for the chat template's added tokens "
+            f"({', '.join(tokenizer.added_control_tokens)}), as the fine-tune started from them")
     return base

@@ -1,4 +1,5 @@
-"""The Trainer settings every objective shares, and training across processes (FSDP) or one adapter per task."""
+"""The Trainer settings every objective shares, and training across processes (FSDP) or one adapter per
+task."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def training_arguments(recipe, run_id: str, eval_ds) -> dict:
 
 
 def checkpointing_argument(enabled: bool) -> dict:
-    """transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` (old name deprecated)."""
+    """transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` (old name
+    deprecated)."""
     from transformers import TrainingArguments
 
     new = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
@@ -64,7 +66,8 @@ def checkpointing_argument(enabled: bool) -> dict:
 
 
 def _fsdp_arguments(t) -> dict:
-    """`train.distributed: fsdp` with several processes; otherwise Trainer's default (DDP when distributed)."""
+    """`train.distributed: fsdp` with several processes; otherwise Trainer's default (DDP when
+    distributed)."""
     import torch
 
     if t.distributed != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -77,11 +80,11 @@ def _fsdp_arguments(t) -> dict:
 
 
 def trained(trainer):
-    """The trained model as a model is loaded to answer: accelerate's mixed-precision wrapper (autocast, outputs cast
-    to fp32), which preparing the model for training put on its forward, taken off again. Left on, everything after
-    training (the tuned contender, the forgetting check) ran under CPU bf16 autocast while `serve` answers from the
-    fp32 weights: the evaluated answers were not the served ones (serving parity: 3 of 4 tiny-model answers word for
-    word the same on an AVX-512 BF16 CPU)."""
+    """The trained model as a model is loaded to answer: accelerate's mixed-precision wrapper (autocast,
+    outputs cast to fp32), which preparing the model for training put on its forward, taken off again. Left
+    on, everything after training (the tuned contender, the forgetting check) ran under CPU bf16 autocast
+    while `serve` answers from the fp32 weights: the evaluated answers were not the served ones (serving
+    parity: 3 of 4 tiny-model answers word for word the same on an AVX-512 BF16 CPU)."""
     return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
 
@@ -105,8 +108,8 @@ def unsharded(trainer, recipe, run_id: str, main: bool):
 
 
 def train_per_task(recipe, objective, model, tokenizer, trains: dict, evals: dict, args: dict) -> None:
-    """A mixture with `data.adapters: per_task`: each task's adapter (`set_adapter` makes it the one that trains)
-    is trained on that task's rows alone, one task after another, by the objective's own trainer."""
+    """A mixture with `data.adapters: per_task`: each task's adapter (`set_adapter` makes it the one that
+    trains) is trained on that task's rows alone, one task after another, by the objective's own trainer."""
     from mlflow_finetune_plugin.train.callbacks import CheckpointLogger, Heartbeat, MlflowMetrics
 
     for name, ds in trains.items():
@@ -119,5 +122,6 @@ def train_per_task(recipe, objective, model, tokenizer, trains: dict, evals: dic
                                                             last_epochs=recipe.train.save_last_epochs),
                                            Heartbeat()])
         trainer.train()
-    # Not between tasks: the next task's trainer finds the model prepared already and leaves its forward as it is
+    # Not between tasks: the next task's trainer finds the model prepared already and leaves its forward as it
+    # is
     trained(trainer)

@@ -1,12 +1,13 @@
-"""`python -m mlflow_finetune_plugin.train.warm`: a training process started before its run exists, so that its
-imports overlap the backend's checks (`launchers/local.py`, `WarmProcess`).
+"""`python -m mlflow_finetune_plugin.train.warm`: a training process started before its run exists, so that
+its imports overlap the backend's checks (`launchers/local.py`, `WarmProcess`).
 
-Importing the training code (torch, transformers, PEFT, MLflow) takes about 7 s of one core; the backend's checks
-before a run exists (recipe, data, tokenizer, tracking store) take about 3 s of the other. This process imports
-first, then waits on stdin for one JSON line, `{"argv": [...], "env": {...}}`: the arguments of
-`python -m mlflow_finetune_plugin.train.job` and the environment the launcher would have started it with. It then
-runs exactly that. An empty stdin (the checks failed, or `mlflow run` was interrupted or killed) ends it silently.
-An import that failed is reported only once the run is handed over, as a fresh training process would report it.
+Importing the training code (torch, transformers, PEFT, MLflow) takes about 7 s of one core; the backend's
+checks before a run exists (recipe, data, tokenizer, tracking store) take about 3 s of the other. This process
+imports first, then waits on stdin for one JSON line, `{"argv": [...], "env": {...}}`: the arguments of
+`python -m mlflow_finetune_plugin.train.job` and the environment the launcher would have started it with. It
+then runs exactly that. An empty stdin (the checks failed, or `mlflow run` was interrupted or killed) ends it
+silently. An import that failed is reported only once the run is handed over, as a fresh training process
+would report it.
 """
 
 from __future__ import annotations

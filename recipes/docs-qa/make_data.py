@@ -1,20 +1,23 @@
 """Write the docs-qa recipe's documents and questions: docs/ and data/train.jsonl, data/eval.jsonl.
 
 Twenty documents of "Velmora Dynamics", a fictional maker of air purifiers and water sensors: its policies,
-products and procedures, full of invented names, numbers, codes, dates and places that no model can know or guess.
-Each fact is one plain sentence in exactly one document; the sentences around it carry other numbers on purpose
-(distractors), so a question is only answered by the right chunk, not by any chunk with a number in it.
+products and procedures, full of invented names, numbers, codes, dates and places that no model can know or
+guess. Each fact is one plain sentence in exactly one document; the sentences around it carry other numbers on
+purpose (distractors), so a question is only answered by the right chunk, not by any chunk with a number in
+it.
 
 Each fact has one short answer and two questions in really different words (wording A and wording B):
-  - the 16 training documents: wording A -> train.jsonl, wording B -> eval.jsonl (the "known documents" held-out
+  - the 16 training documents: wording A -> train.jsonl, wording B -> eval.jsonl (the "known documents"
+  held-out
     questions: facts the model was trained on, asked in words it never saw);
-  - the 4 HOLDOUT documents (finetune.yaml's data.documents_holdout): wording A -> eval.jsonl only (the "unseen
+  - the 4 HOLDOUT documents (finetune.yaml's data.documents_holdout): wording A -> eval.jsonl only (the
+  "unseen
     documents" questions: facts no training row holds, answerable from retrieval alone).
-Rows are chats without a system message (finetune.yaml's data.system_prompt adds it), plus two keys: `source` (the
-document, relative to docs/) and `quote` (the sentence of that document that holds the answer, verbatim).
+Rows are chats without a system message (finetune.yaml's data.system_prompt adds it), plus two keys: `source`
+(the document, relative to docs/) and `quote` (the sentence of that document that holds the answer, verbatim).
 
-The script checks its own output: every quote is in its document, every answer's key figure is in its quote, no
-key figure is in a second document, no question repeats, every document is 150-400 words.
+The script checks its own output: every quote is in its document, every answer's key figure is in its quote,
+no key figure is in a second document, no question repeats, every document is 150-400 words.
 
 Deterministic (random.Random(0)), standard library only; run by hand from anywhere:
     python recipes/docs-qa/make_data.py
@@ -58,22 +61,29 @@ Section = tuple[str | None, list[list[str | Fact]]]
 DOCS: list[tuple[str, str, list[Section]]] = [
     ("returns-policy.md", "Returns Policy", [
         (None, [[
-            "This policy covers every Velmora Dynamics product sold in the Northern Sales Region after 3 March 2021.",
-            "Products bought before that date fall under the older policy, which the Customer Desk sends on request.",
+            "This policy covers every Velmora Dynamics product sold in the Northern Sales Region after 3 "
+            "March 2021.",
+            "Products bought before that date fall under the older policy, which the Customer Desk sends on "
+            "request.",
         ]]),
         ("Return window", [[
-            F("Customers may return a product within 41 days of the delivery date shown on the courier's tracking page.",
+            F("Customers may return a product within 41 days of the delivery date shown on the courier's "
+              "tracking page.",
               "41 days", "You can return a product within 41 days of delivery.",
               "How long do I have to return a Velmora product?",
-              "My order arrived a few weeks ago and I have changed my mind; what is the deadline for sending it back?"),
-            "Products bought at a trade fair follow the same rule, but the clock starts on the day of the fair.",
+              "My order arrived a few weeks ago and I have changed my mind; what is the deadline for sending "
+              "it back?"),
+            "Products bought at a trade fair follow the same rule, but the clock starts on the day of the "
+            "fair.",
             "Gift recipients may return a product too, and receive store credit instead of a refund.",
         ]]),
         ("Return authorisation", [[
-            F("Every return needs a return authorisation number that starts with the letters RMA-Q followed by six digits.",
+            F("Every return needs a return authorisation number that starts with the letters RMA-Q followed "
+              "by six digits.",
               "RMA-Q", "Return authorisation numbers start with RMA-Q followed by six digits.",
               "What format does a Velmora return authorisation number have?",
-              "Which prefix should the code I get from the returns desk begin with before I ship an item back?"),
+              "Which prefix should the code I get from the returns desk begin with before I ship an item "
+              "back?"),
             "The number is valid for 30 days and must be written on the outside of the parcel.",
             F("Returned items must be sent to the Velmora returns depot at Unit 14, Carrow Lane, Osterwick.",
               "Unit 14, Carrow Lane", "Returns go to the depot at Unit 14, Carrow Lane, Osterwick.",
@@ -85,9 +95,11 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "17 business days", "Refunds are issued within 17 business days of the item's inspection.",
               "How long does it take to get a refund from Velmora?",
               "Once the depot has checked the item I sent back, when will I see my money again?"),
-            "Inspection itself normally takes 2 to 4 working days, and a card refund can take a further 5 days to appear on a statement.",
+            "Inspection itself normally takes 2 to 4 working days, and a card refund can take a further 5 "
+            "days to appear on a statement.",
         ], [
-            F("Opened products returned without their original packaging carry a restocking fee of 13 percent of the purchase price.",
+            F("Opened products returned without their original packaging carry a restocking fee of 13 "
+              "percent of the purchase price.",
               "13 percent", "The restocking fee is 13 percent of the purchase price.",
               "What restocking fee does Velmora charge on returns?",
               "I threw away the box of a purifier I opened; how much will be deducted if I send it back?"),
@@ -97,31 +109,39 @@ DOCS: list[tuple[str, str, list[Section]]] = [
             F("Replacement filter cartridges cannot be returned once their foil seal has been broken.",
               "foil seal", "Filter cartridges cannot be returned once their foil seal is broken.",
               "Can I return a filter cartridge after opening it?",
-              "I peeled the wrapper off a spare filter but turned out not to need it; will Velmora take it back?"),
-            "Custom-engraved units and calibration kits bought under a service contract are excluded as well.",
+              "I peeled the wrapper off a spare filter but turned out not to need it; will Velmora take it "
+              "back?"),
+            "Custom-engraved units and calibration kits bought under a service contract are excluded as "
+            "well.",
         ]]),
     ]),
     ("warranty.md", "Product Warranty", [
         (None, [[
             "Velmora Dynamics warrants its hardware against defects in materials and workmanship.",
-            "This document sets out the terms that apply to every product in the 2023 catalogue and later ones.",
+            "This document sets out the terms that apply to every product in the 2023 catalogue and later "
+            "ones.",
         ]]),
         ("Warranty periods", [[
             F("Aerolith air purifiers carry a warranty of 38 months from the date of purchase.",
               "38 months", "Aerolith air purifiers are under warranty for 38 months from purchase.",
               "How long is the warranty on an Aerolith air purifier?",
-              "My Aerolith stopped working and it is nearly three years old; for how long after buying is it covered?"),
-            F("Hydrasent water sensors carry a shorter warranty of 19 months, because their probes wear with use.",
+              "My Aerolith stopped working and it is nearly three years old; for how long after buying is it "
+              "covered?"),
+            F("Hydrasent water sensors carry a shorter warranty of 19 months, because their probes wear with "
+              "use.",
               "19 months", "Hydrasent water sensors are under warranty for 19 months.",
               "What is the warranty period for Hydrasent water sensors?",
               "For how long after purchase will Velmora fix a faulty Hydrasent for free?"),
-            "Accessories such as wall brackets and power adapters are covered for 12 months, and refurbished units for half the period of the new product.",
+            "Accessories such as wall brackets and power adapters are covered for 12 months, and refurbished "
+            "units for half the period of the new product.",
         ]]),
         ("Extended cover", [[
-            F("Customers can extend the warranty by registering the product on the Velmora portal within 23 days of purchase.",
+            F("Customers can extend the warranty by registering the product on the Velmora portal within 23 "
+              "days of purchase.",
               "23 days", "You must register the product within 23 days of purchase to extend the warranty.",
               "How soon after buying must I register my product to get the extended warranty?",
-              "Is there a deadline for signing up on the Velmora portal if I want longer cover for my device?"),
+              "Is there a deadline for signing up on the Velmora portal if I want longer cover for my "
+              "device?"),
             "Registered products receive an extra year of cover and are handled first at the repair depot.",
             F("The paid extension plan, CareLine Plus, costs 29 euros per year for each device.",
               "29 euros", "CareLine Plus costs 29 euros per year for each device.",
@@ -129,17 +149,21 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "What would I pay annually to put one of my devices on Velmora's paid extension plan?"),
         ]]),
         ("Making a claim", [[
-            F("Warranty claims must quote the serial number, which is printed on a silver label under the device's base.",
+            F("Warranty claims must quote the serial number, which is printed on a silver label under the "
+              "device's base.",
               "silver label", "The serial number is on a silver label under the device's base.",
               "Where do I find the serial number for a warranty claim?",
               "Which part of my unit should I look at to read off the number the claim form asks for?"),
             "Claims are acknowledged within 48 hours and most are decided within 10 working days.",
         ]]),
         ("Exclusions", [[
-            F("The warranty is void if the device has been opened by anyone other than a certified technician holding a Grade V4 badge.",
-              "Grade V4", "Only a certified technician with a Grade V4 badge may open the device without voiding the warranty.",
+            F("The warranty is void if the device has been opened by anyone other than a certified "
+              "technician holding a Grade V4 badge.",
+              "Grade V4", "Only a certified technician with a Grade V4 badge may open the device without "
+                          "voiding the warranty.",
               "Who may open a Velmora device without voiding the warranty?",
-              "Can any repair shop take the casing off my purifier, or does it need someone with a particular qualification?"),
+              "Can any repair shop take the casing off my purifier, or does it need someone with a "
+              "particular qualification?"),
             "Damage from floods, power surges above 260 volts or outdoor use is not covered either.",
         ]]),
     ]),
@@ -171,8 +195,10 @@ DOCS: list[tuple[str, str, list[Section]]] = [
         ]]),
         ("Aerolith AL-590", [[
             "The AL-590 is the largest model, built for open-plan offices, clinics and classrooms.",
-            F("The AL-590 is the only Aerolith model with a built-in humidity sensor, added at the request of the hospital chain Marrowfield Care.",
-              "Marrowfield Care", "The AL-590's humidity sensor was added at the request of Marrowfield Care.",
+            F("The AL-590 is the only Aerolith model with a built-in humidity sensor, added at the request "
+              "of the hospital chain Marrowfield Care.",
+              "Marrowfield Care", "The AL-590's humidity sensor was added at the request of Marrowfield "
+                                  "Care.",
               "Which customer asked for the AL-590's humidity sensor?",
               "Why does the AL-590 measure humidity when the smaller purifiers don't; who wanted that?"),
             F("The AL-590 costs 749 euros including VAT.",
@@ -181,7 +207,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "If I buy the biggest Aerolith for our clinic, what will it cost us with tax?"),
         ]]),
         ("Filters", [[
-            F("Aerolith filters should be replaced every 2,300 operating hours, and the display shows an amber leaf icon when a change is due.",
+            F("Aerolith filters should be replaced every 2,300 operating hours, and the display shows an "
+              "amber leaf icon when a change is due.",
               "2,300 operating hours", "Aerolith filters should be replaced every 2,300 operating hours.",
               "How often should Aerolith filters be replaced?",
               "After how much running time does the filter in my purifier need swapping?"),
@@ -190,10 +217,12 @@ DOCS: list[tuple[str, str, list[Section]]] = [
     ("hydrasent-sensors.html", "Hydrasent Water-Quality Sensors", [
         (None, [[
             "Hydrasent sensors measure water quality in tanks, pipes and cooling loops.",
-            "They report to the Velmora Hub over the Velmora Mesh radio link, and a single Hub serves up to 64 sensors.",
+            "They report to the Velmora Hub over the Velmora Mesh radio link, and a single Hub serves up to "
+            "64 sensors.",
         ]]),
         ("Models", [[
-            F("The Hydrasent HS-31 measures acidity and temperature and runs for 14 months on one lithium cell.",
+            F("The Hydrasent HS-31 measures acidity and temperature and runs for 14 months on one lithium "
+              "cell.",
               "14 months", "The HS-31 runs for 14 months on one lithium cell.",
               "How long does the HS-31's battery last?",
               "How often will I have to put a fresh cell in a Hydrasent HS-31?"),
@@ -207,8 +236,10 @@ DOCS: list[tuple[str, str, list[Section]]] = [
             F("Hydrasent sensors report a reading every 11 minutes by default.",
               "11 minutes", "Hydrasent sensors report a reading every 11 minutes by default.",
               "How often does a Hydrasent sensor send a reading?",
-              "If I leave the settings alone, how much time passes between two measurements from my water sensor?"),
-            "The interval can be set anywhere from 1 to 60 minutes, and shorter intervals drain the cell faster.",
+              "If I leave the settings alone, how much time passes between two measurements from my water "
+              "sensor?"),
+            "The interval can be set anywhere from 1 to 60 minutes, and shorter intervals drain the cell "
+            "faster.",
             F("The Velmora Mesh radio link uses the 868.3 MHz band in Europe.",
               "868.3 MHz", "Velmora Mesh uses the 868.3 MHz band in Europe.",
               "Which radio frequency does Velmora Mesh use in Europe?",
@@ -217,7 +248,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
         ]]),
         ("Alarms", [[
             F("A Hydrasent raises an alarm when chlorine rises above 4.2 milligrams per litre.",
-              "4.2 milligrams per litre", "The alarm is raised when chlorine rises above 4.2 milligrams per litre.",
+              "4.2 milligrams per litre", "The alarm is raised when chlorine rises above 4.2 milligrams per "
+                                          "litre.",
               "At what chlorine level does a Hydrasent raise an alarm?",
               "How much chlorine has to be in the water before the sensor warns me?"),
             "Acidity alarms trigger below pH 6 or above pH 9 unless the site sets its own limits.",
@@ -229,7 +261,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
     ]),
     ("shipping.md", "Shipping and Delivery", [
         (None, [[
-            "Velmora ships from its warehouse at Pellvar Bay to every address in the country and to selected islands.",
+            "Velmora ships from its warehouse at Pellvar Bay to every address in the country and to selected "
+            "islands.",
             "The warehouse closes for 12 days over the midwinter holiday.",
         ]]),
         ("Dispatch", [[
@@ -238,8 +271,10 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "What is the cutoff time for same-day dispatch?",
               "By what time today do I need to order so my parcel goes out today?"),
             "Orders placed later, or at weekends, leave on the next working day.",
-            "Pallet orders such as a batch of AL-590 units leave within 2 working days and need a delivery slot booked on the portal.",
-            F("Tracking numbers for standard deliveries begin with the letters VDL and have eleven characters.",
+            "Pallet orders such as a batch of AL-590 units leave within 2 working days and need a delivery "
+            "slot booked on the portal.",
+            F("Tracking numbers for standard deliveries begin with the letters VDL and have eleven "
+              "characters.",
               "VDL", "Standard delivery tracking numbers begin with VDL.",
               "How do Velmora standard delivery tracking numbers start?",
               "What letters should I see at the front of the code I use to follow my standard parcel?"),
@@ -256,23 +291,29 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "If I pay extra for the faster option, which company brings my parcel?"),
         ]]),
         ("Islands and missed deliveries", [[
-            F("Deliveries to the Isle of Quenby take 3 extra working days because parcels cross on the Tuesday ferry.",
+            F("Deliveries to the Isle of Quenby take 3 extra working days because parcels cross on the "
+              "Tuesday ferry.",
               "3 extra working days", "Deliveries to the Isle of Quenby take 3 extra working days.",
               "How much longer does delivery to the Isle of Quenby take?",
               "I live on Quenby; how many more days than the mainland should I expect to wait for my order?"),
-            "Pallet deliveries to the islands are not offered, and orders heavier than 30 kilograms travel on the Friday ferry only.",
+            "Pallet deliveries to the islands are not offered, and orders heavier than 30 kilograms travel "
+            "on the Friday ferry only.",
         ], [
             "The courier makes two delivery attempts and leaves a card each time.",
-            F("Parcels that cannot be delivered are held at the courier depot for 8 calendar days before they return to Velmora.",
+            F("Parcels that cannot be delivered are held at the courier depot for 8 calendar days before "
+              "they return to Velmora.",
               "8 calendar days", "Undelivered parcels are held at the courier depot for 8 calendar days.",
               "How long does the courier depot keep a parcel it could not deliver?",
-              "I was out when the courier came twice; how long do I have to collect the parcel before it goes back?"),
+              "I was out when the courier came twice; how long do I have to collect the parcel before it "
+              "goes back?"),
         ]]),
     ]),
     ("support-escalation.md", "Support Escalation Procedure", [
         (None, [[
-            "This procedure is for the customer support team and applies to every ticket, whatever the channel.",
-            "Tier 1 agents send a first reply within 4 hours and update the customer at least once every 24 hours.",
+            "This procedure is for the customer support team and applies to every ticket, whatever the "
+            "channel.",
+            "Tier 1 agents send a first reply within 4 hours and update the customer at least once every 24 "
+            "hours.",
         ]]),
         ("When to escalate", [[
             F("A ticket that is not resolved within 36 hours of opening must be escalated to Tier 2.",
@@ -296,14 +337,16 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "At what times of day can I hand a ticket on to the engineers?"),
         ]]),
         ("P1 incidents", [[
-            "A ticket is P1 when a customer's entire site has lost monitoring, and P2 when a single device is down.",
+            "A ticket is P1 when a customer's entire site has lost monitoring, and P2 when a single device "
+            "is down.",
             F("A P1 incident must be reported to the duty manager by phone on extension 4471.",
               "extension 4471", "P1 incidents are reported to the duty manager on extension 4471.",
               "Which extension do I call to report a P1 incident?",
               "A customer's whole site has gone dark; what number do I ring to reach the duty manager?"),
         ]]),
         ("Closing", [[
-            F("Every escalated ticket gets a follow-up call from the customer care team 6 days after it is closed.",
+            F("Every escalated ticket gets a follow-up call from the customer care team 6 days after it is "
+              "closed.",
               "6 days", "Customer care calls 6 days after an escalated ticket is closed.",
               "When does customer care follow up on an escalated ticket?",
               "How soon after an escalated case is closed does somebody phone the customer back?"),
@@ -327,12 +370,14 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "15 characters", "Passwords must be at least 15 characters long.",
               "What is the minimum password length at Velmora?",
               "How short can my password for company systems be before it is rejected?"),
-            "They must not repeat any of the previous 10 passwords, and accounts lock after 5 failed attempts.",
+            "They must not repeat any of the previous 10 passwords, and accounts lock after 5 failed "
+            "attempts.",
             F("Staff laptops lock the screen automatically after 7 minutes without input.",
               "7 minutes", "Laptops lock the screen after 7 minutes without input.",
               "After how long does a staff laptop screen lock itself?",
               "If I walk away from my work computer, how soon will it lock?"),
-            F("USB storage devices may only be used if they are encrypted models from the approved list VX-SEC-12.",
+            F("USB storage devices may only be used if they are encrypted models from the approved list "
+              "VX-SEC-12.",
               "VX-SEC-12", "Only encrypted USB devices from the approved list VX-SEC-12 may be used.",
               "Which USB storage devices may staff use?",
               "Can I plug any memory stick into my work laptop, or is there a list I have to check?"),
@@ -343,7 +388,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "What is the highest data classification level at Velmora?",
               "Which label marks the company's most sensitive information?"),
             "The other three levels are Public, Internal and Restricted.",
-            "Restricted data may be shared with partners under a signed agreement, but Amber-Sealed data never leaves company systems.",
+            "Restricted data may be shared with partners under a signed agreement, but Amber-Sealed data "
+            "never leaves company systems.",
             "Visitors receive a paper badge valid for one day and must be escorted at all times.",
             F("Access badges expire after 13 months and are renewed at the facilities office.",
               "13 months", "Access badges expire after 13 months.",
@@ -398,11 +444,14 @@ DOCS: list[tuple[str, str, list[Section]]] = [
             "This guide explains what happens in your first weeks, whichever office you join.",
         ]]),
         ("Your first week", [[
-            F("New starters attend the induction day, called Foundation Day, on the first Wednesday of their employment.",
-              "first Wednesday", "New starters attend Foundation Day on the first Wednesday of their employment.",
+            F("New starters attend the induction day, called Foundation Day, on the first Wednesday of their "
+              "employment.",
+              "first Wednesday", "New starters attend Foundation Day on the first Wednesday of their "
+                                 "employment.",
               "When is the induction day for new employees?",
               "On which day of my first week do I go to Foundation Day?"),
-            "Foundation Day starts at 9:15 in the head office auditorium and ends with a tour of the test lab.",
+            "Foundation Day starts at 9:15 in the head office auditorium and ends with a tour of the test "
+            "lab.",
             F("The welcome pack includes a canteen card loaded with 35 euros.",
               "35 euros", "The welcome pack includes a canteen card loaded with 35 euros.",
               "How much credit is on the canteen card in the welcome pack?",
@@ -417,7 +466,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "SEC-101", "New starters must complete the security course SEC-101.",
               "Which security course must new starters complete?",
               "What is the code of the mandatory security training I have to finish in my first fortnight?"),
-            "Team-specific courses follow in the second month, and engineers also attend a 3-day product school in the test lab.",
+            "Team-specific courses follow in the second month, and engineers also attend a 3-day product "
+            "school in the test lab.",
             "Your manager books a check-in with you at the end of weeks 2, 4 and 8.",
         ]]),
         ("Probation and pay", [[
@@ -442,11 +492,13 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "9 Quillon Street", "The head office is at 9 Quillon Street, Osterwick.",
               "What is the address of Velmora's head office?",
               "Where do I go if I have a meeting at company headquarters?"),
-            F("Visitors to head office should use the entrance on Maddock Row, as the main door on Quillon Street is for staff only.",
+            F("Visitors to head office should use the entrance on Maddock Row, as the main door on Quillon "
+              "Street is for staff only.",
               "Maddock Row", "Visitors to head office use the entrance on Maddock Row.",
               "Which entrance should visitors use at head office?",
               "I'm visiting headquarters for the first time; which door do I go in by?"),
-            "The building has 6 floors and visitor parking for 20 cars, and the canteen on the ground floor is open to guests.",
+            "The building has 6 floors and visitor parking for 20 cars, and the canteen on the ground floor "
+            "is open to guests.",
             "Meeting rooms are booked through reception at least 24 hours ahead.",
         ]]),
         ("Other sites", [[
@@ -458,7 +510,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "Calder Reach", "The customer support team is in the Calder Reach office.",
               "Which office houses the customer support team?",
               "If I phone customer support, which town are the people answering based in?"),
-            "Calder Reach also hosts the training rooms used for installer courses, which run every second month for groups of up to 16 people.",
+            "Calder Reach also hosts the training rooms used for installer courses, which run every second "
+            "month for groups of up to 16 people.",
             F("The Pellvar Bay warehouse has 14 loading docks and runs two shifts a day.",
               "14 loading docks", "The Pellvar Bay warehouse has 14 loading docks.",
               "How many loading docks does the Pellvar Bay warehouse have?",
@@ -471,7 +524,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
     ]),
     ("product-codes.txt", "Product Code Reference", [
         (None, [[
-            "This reference explains how Velmora product codes are built, for staff in sales, support and the warehouse.",
+            "This reference explains how Velmora product codes are built, for staff in sales, support and "
+            "the warehouse.",
             "Codes appear on invoices, on the box label and in the ticket system.",
         ]]),
         ("Structure", [[
@@ -482,7 +536,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
             F("The suffix R marks a refurbished unit, for example VX-4471R.",
               "suffix R", "The suffix R marks a refurbished unit.",
               "What does the letter R at the end of a product code mean?",
-              "My invoice shows a product number ending in an extra letter; what does that tell me about the unit?"),
+              "My invoice shows a product number ending in an extra letter; what does that tell me about the "
+              "unit?"),
             "The suffix D marks a demonstration unit and is never sold to customers.",
         ]]),
         ("Families", [[
@@ -492,7 +547,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "Which product family do codes starting VX-7 belong to?",
               "A box in the warehouse carries a code that begins with VX-7; what kind of product is inside?"),
             F("Codes VX-9000 to VX-9099 are reserved for spare parts sold only to certified technicians.",
-              "VX-9000 to VX-9099", "Codes VX-9000 to VX-9099 are reserved for spare parts for certified technicians.",
+              "VX-9000 to VX-9099", "Codes VX-9000 to VX-9099 are reserved for spare parts for certified "
+                                    "technicians.",
               "Which product codes are reserved for spare parts?",
               "What range of codes is kept for the components that only certified technicians may buy?"),
         ]]),
@@ -524,7 +580,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "0800 553 219", "Repair collections are booked by calling 0800 553 219.",
               "What number do I call to book a repair collection?",
               "How do I get a courier to pick up my faulty device for repair?"),
-            "Collections are made on weekdays between 8:00 and 17:00, and the courier brings a padded box, so no packaging is needed.",
+            "Collections are made on weekdays between 8:00 and 17:00, and the courier brings a padded box, "
+            "so no packaging is needed.",
         ]]),
         ("Costs", [[
             F("Out-of-warranty repairs start with a fixed diagnosis fee of 47 euros.",
@@ -532,8 +589,10 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "How much is the diagnosis fee for an out-of-warranty repair?",
               "My device's warranty has run out; what do I pay just to have the fault looked at?"),
             "Parts are charged at list price and labour at 52 euros per hour.",
-            F("If a repair would cost more than 60 percent of the price of a new device, the depot offers a discounted replacement instead.",
-              "60 percent", "A discounted replacement is offered when a repair would cost more than 60 percent of a new device.",
+            F("If a repair would cost more than 60 percent of the price of a new device, the depot offers a "
+              "discounted replacement instead.",
+              "60 percent", "A discounted replacement is offered when a repair would cost more than 60 "
+                            "percent of a new device.",
               "When does the repair depot offer a replacement instead of a repair?",
               "At what point does fixing my unit become too expensive, so that Velmora suggests a new one?"),
         ]]),
@@ -574,7 +633,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "11 years", "Invoices are archived for 11 years.",
               "How long are invoices archived?",
               "For how many years does Velmora hold on to its billing documents?"),
-            "Job applications from unsuccessful candidates are deleted after 6 months, and staff records 7 years after the employee leaves.",
+            "Job applications from unsuccessful candidates are deleted after 6 months, and staff records 7 "
+            "years after the employee leaves.",
             "Email is kept for 5 years unless it is marked for longer retention.",
             F("Backups are kept in an off-site vault in the village of Heddlecombe.",
               "Heddlecombe", "Backups are kept in an off-site vault in Heddlecombe.",
@@ -587,13 +647,15 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "Who handles customer deletion requests?",
               "I want Velmora to erase my data; which person deals with that?"),
             "Requests are answered within 30 days, or 60 days for complex cases.",
-            "Data that the law requires us to keep, such as invoices, is kept even after a deletion request, but it is locked away from everyday use.",
+            "Data that the law requires us to keep, such as invoices, is kept even after a deletion request, "
+            "but it is locked away from everyday use.",
         ]]),
     ]),
     ("loyalty-programme.html", "Velmora Circle Loyalty Programme", [
         (None, [[
             "Velmora Circle rewards customers who buy filters, sensors and service plans from us directly.",
-            "Membership is free and open to any customer aged 18 or over, and one household may hold up to 3 memberships.",
+            "Membership is free and open to any customer aged 18 or over, and one household may hold up to 3 "
+            "memberships.",
         ]]),
         ("Earning points", [[
             F("Members earn 3 Circle points for every euro spent.",
@@ -613,7 +675,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "What does it take in points to get a ten-euro voucher from the programme?"),
             "Vouchers are valid for 90 days and cannot be combined with sale prices.",
             "Points can also pay for up to half the cost of a CareLine Plus plan, at 100 points per euro.",
-            "Points are added to your account 45 days after delivery, once the return window for the order has closed.",
+            "Points are added to your account 45 days after delivery, once the return window for the order "
+            "has closed.",
         ]]),
         ("Gold status", [[
             F("Gold status requires 4,800 points in a calendar year.",
@@ -632,7 +695,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
     ]),
     ("firmware-updates.md", "Firmware Update Process", [
         (None, [[
-            "Aerolith purifiers, Hydrasent sensors and the Velmora Hub all run firmware that Velmora updates over the air.",
+            "Aerolith purifiers, Hydrasent sensors and the Velmora Hub all run firmware that Velmora updates "
+            "over the air.",
             "This page describes how releases are made and installed.",
         ]]),
         ("Releases", [[
@@ -660,7 +724,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
             F("A failed update rolls back automatically after 3 failed boot attempts.",
               "3 failed boot attempts", "A failed update rolls back after 3 failed boot attempts.",
               "When does a failed firmware update roll back?",
-              "What happens if my device can't start after an update, and how many tries does it make first?"),
+              "What happens if my device can't start after an update, and how many tries does it make "
+              "first?"),
         ]]),
         ("Security", [[
             F("Firmware files are signed with the key identifier VMK-2208.",
@@ -668,7 +733,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "Which key identifier signs Velmora firmware?",
               "How can I tell which signing key a genuine firmware file was signed with?"),
             "Devices refuse any file whose signature does not check out.",
-            "The previous signing key, VMK-1907, was retired in 2022, and files signed with it are no longer accepted.",
+            "The previous signing key, VMK-1907, was retired in 2022, and files signed with it are no longer "
+            "accepted.",
             "Security fixes may be released outside the monthly schedule and are installed within 24 hours.",
         ]]),
     ]),
@@ -701,7 +767,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "How far ahead must long leave be requested?",
               "I want to take a three-week holiday; how early do I have to ask?"),
             "Shorter leave needs 5 working days' notice, and a single day can be booked with 1 day's notice.",
-            "Managers answer requests within 3 working days, and requests that receive no answer count as approved.",
+            "Managers answer requests within 3 working days, and requests that receive no answer count as "
+            "approved.",
         ]]),
         ("Company holidays", [[
             F("The company closes for Founders' Day on 17 June.",
@@ -709,7 +776,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "When is Founders' Day?",
               "On what date does Velmora shut for its own company holiday?"),
             "The offices also close between 24 and 26 December.",
-            "Staff who must work on a company holiday, such as the warehouse team in a busy season, receive 2 days of leave in return.",
+            "Staff who must work on a company holiday, such as the warehouse team in a busy season, receive "
+            "2 days of leave in return.",
             "Sick leave is not taken from annual leave and is recorded separately.",
         ]]),
     ]),
@@ -742,7 +810,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "185 euros", "Employees may claim 185 euros towards a home office chair.",
               "How much can I claim for a home office chair?",
               "Does the company contribute to a chair for working from home, and how much?"),
-            "A second monitor can be borrowed from the IT store for up to 12 months, and a headset is provided to everyone who works in support.",
+            "A second monitor can be borrowed from the IT store for up to 12 months, and a headset is "
+            "provided to everyone who works in support.",
         ]]),
         ("Loss and theft", [[
             F("Lost or stolen equipment must be reported to the IT service desk on extension 2290.",
@@ -754,15 +823,18 @@ DOCS: list[tuple[str, str, list[Section]]] = [
     ]),
     ("incident-response.md", "Security Incident Response", [
         (None, [[
-            "This procedure applies to any event that may harm the confidentiality, integrity or availability of Velmora data.",
+            "This procedure applies to any event that may harm the confidentiality, integrity or "
+            "availability of Velmora data.",
             "When in doubt, report: a false alarm costs little.",
-            "Do not switch off an affected laptop or delete suspicious email, as both may be needed as evidence.",
+            "Do not switch off an affected laptop or delete suspicious email, as both may be needed as "
+            "evidence.",
         ]]),
         ("Reporting", [[
             F("Suspected incidents must be reported to the security desk within 90 minutes of discovery.",
               "90 minutes", "Suspected incidents must be reported within 90 minutes of discovery.",
               "How quickly must a suspected security incident be reported?",
-              "I think I clicked a phishing link an hour ago; how long did I have to tell the security desk?"),
+              "I think I clicked a phishing link an hour ago; how long did I have to tell the security "
+              "desk?"),
             F("The security desk can be reached on extension 3113 at any hour.",
               "extension 3113", "The security desk is on extension 3113.",
               "What is the security desk's phone extension?",
@@ -817,7 +889,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "What was Velmora's first product?",
               "Which device did the company sell before anything else?"),
             "It sold 3,100 units in its first year, mostly to boat owners and museums.",
-            F("In 2008 Velmora bought the sensor maker Ostrand Labs, whose engineers became the Hydrasent team.",
+            F("In 2008 Velmora bought the sensor maker Ostrand Labs, whose engineers became the Hydrasent "
+              "team.",
               "Ostrand Labs", "Velmora bought Ostrand Labs, whose engineers became the Hydrasent team.",
               "Which company did Velmora buy to start its water sensor business?",
               "Where did the people who build the Hydrasent range originally come from?"),
@@ -828,7 +901,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "How many people does Velmora Dynamics employ?",
               "What is the size of Velmora's workforce?"),
             "It sells in 11 countries and ships about 90,000 devices a year.",
-            "The Aerolith range followed in 2016, and the Velmora Hub, which links every device to one dashboard, in 2020.",
+            "The Aerolith range followed in 2016, and the Velmora Hub, which links every device to one "
+            "dashboard, in 2020.",
             "The original boathouse still stands and is now used as a meeting space for visiting customers.",
         ]]),
     ]),
@@ -847,10 +921,12 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "Which buffer solution kit is used for calibration?",
               "What solution kit do I bring to a site to calibrate the sensors?"),
             "Each kit holds enough solution for 8 sensors and must be used within 4 months of opening.",
-            "Sites with hard water or heavy chlorine dosing may need calibration more often, as the probe coats faster.",
+            "Sites with hard water or heavy chlorine dosing may need calibration more often, as the probe "
+            "coats faster.",
         ]]),
         ("Steps", [[
-            "Switch the sensor to service mode in the Velmora Hub so that no alarms are raised during the work.",
+            "Switch the sensor to service mode in the Velmora Hub so that no alarms are raised during the "
+            "work.",
             "Clean the probe with distilled water and dry it with a lint-free cloth.",
             F("Calibration must be done at a water temperature between 19 and 23 degrees Celsius.",
               "19 and 23 degrees", "Calibration must be done between 19 and 23 degrees Celsius.",
@@ -867,7 +943,8 @@ DOCS: list[tuple[str, str, list[Section]]] = [
               "Where are calibration results logged?",
               "After calibrating, where in the Hub do I find or record the results?"),
             F("A probe that drifts by more than 0.35 pH units between calibrations must be replaced.",
-              "0.35 pH units", "A probe that drifts more than 0.35 pH units between calibrations must be replaced.",
+              "0.35 pH units", "A probe that drifts more than 0.35 pH units between calibrations must be "
+                               "replaced.",
               "When must a Hydrasent probe be replaced?",
               "How much drift between two calibrations means a probe has to be swapped?"),
         ]]),
@@ -885,8 +962,8 @@ def _text(item: str | Fact) -> str:
 
 
 def render(name: str, title: str, sections: list[Section]) -> str:
-    """The document's text: Markdown, plain text or HTML by its suffix; one paragraph a line, so every sentence
-    is in the file verbatim."""
+    """The document's text: Markdown, plain text or HTML by its suffix; one paragraph a line, so every
+    sentence is in the file verbatim."""
     suffix = Path(name).suffix
     if suffix == ".md":
         out = [f"# {title}", ""]
@@ -915,7 +992,8 @@ def render(name: str, title: str, sections: list[Section]) -> str:
             if heading:
                 out.append(f"  <h2>{e(heading)}</h2>")
             out += [f"  <p>{e(' '.join(map(_text, p)))}</p>" for p in paragraphs]
-        out += [f"  <footer><p>{COMPANY}, internal and customer documentation.</p></footer>", "</body>", "</html>", ""]
+        out += [f"  <footer><p>{COMPANY}, internal and customer documentation.</p></footer>", "</body>",
+                "</html>", ""]
         return "\n".join(out)
     raise ValueError(f"{name}: unknown suffix {suffix}")
 
@@ -934,15 +1012,18 @@ def _norm(text: str) -> str:
 
 
 def _row(question: str, fact: Fact, source: str) -> dict:
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": fact.answer}],
-            "source": source, "quote": fact.sentence}
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": fact.answer}], "source": source,
+            "quote": fact.sentence}
 
 
 def build() -> tuple[dict[str, str], list[dict], list[dict]]:
     """The documents (name -> text) and the train and eval rows; raises ValueError on any broken check."""
     docs = {name: render(name, title, sections) for name, title, sections in DOCS}
-    facts = {name: [item for _, paragraphs in sections for p in paragraphs for item in p if isinstance(item, Fact)]
-             for name, _, sections in DOCS}
+    facts = {
+        name: [item for _, paragraphs in sections for p in paragraphs for item in p if isinstance(item, Fact)]
+        for name, _, sections in DOCS
+    }
     problems = []
     if len(docs) != len(DOCS):
         problems.append("two documents share a file name")
@@ -966,7 +1047,8 @@ def build() -> tuple[dict[str, str], list[dict], list[dict]]:
                 problems.append(f"{where}: the key is not in the quote")
             if not _has(fact.answer, fact.key):
                 problems.append(f"{where}: the key is not in the answer")
-            others = [other for other, other_text in docs.items() if other != name and _has(other_text, fact.key)]
+            others = [other for other, other_text in docs.items() if other != name and _has(other_text,
+                                                                                            fact.key)]
             if others:
                 problems.append(f"{where}: the key is also in {', '.join(others)}")
             if not fact.answer.endswith(".") or fact.answer.count(". ") > 0:
@@ -1008,7 +1090,9 @@ def main() -> None:
     qa_data.write(data_dir, train, eval_rows)
     unseen = sum(r["source"] in HOLDOUT for r in eval_rows)
     words = [_words(t) for t in docs.values()]
-    print(f"wrote {len(docs)} documents ({len(HOLDOUT)} held out; {min(words)}-{max(words)} words) to {doc_dir}")
+    print(
+        f"wrote {len(docs)} documents ({len(HOLDOUT)} held out; {min(words)}-{max(words)} words) to "
+        f"{doc_dir}")
     print(f"eval rows: {len(eval_rows) - unseen} known-document (wording B), {unseen} unseen-document "
           f"(from {', '.join(HOLDOUT)})")
 

@@ -1,4 +1,5 @@
-"""Write the DPO preference data: for each support-bot question, the right answer (chosen) against a wrong one.
+"""Write the DPO preference data: for each support-bot question, the right answer (chosen) against a wrong
+one.
 
 The rejected answer is a plausible reply that answers a different question (the canonical answer of another
 intent), or a curt non-answer: the two mistakes a support bot should unlearn. Chat form (prompt and answers as
@@ -14,11 +15,13 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("support_bot_data", HERE.parent / "support-bot" / "make_data.py")
+_spec = importlib.util.spec_from_file_location("support_bot_data",
+                                               HERE.parent / "support-bot" / "make_data.py")
 support_bot = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(support_bot)
 
-NON_ANSWERS = ["I don't know.", "Please check the website.", "Contact support.", "That is not something I can help with."]
+NON_ANSWERS = ["I don't know.", "Please check the website.", "Contact support.",
+               "That is not something I can help with."]
 
 
 def preference_rows(chats: list[dict], rng: random.Random) -> list[dict]:
@@ -28,7 +31,8 @@ def preference_rows(chats: list[dict], rng: random.Random) -> list[dict]:
         *prompt, chosen = chat["messages"]
         wrong = [a for a in answers if a != chosen["content"]]
         rejected = rng.choice(NON_ANSWERS) if rng.random() < 0.3 else rng.choice(wrong)
-        rows.append({"prompt": prompt, "chosen": [chosen], "rejected": [{"role": "assistant", "content": rejected}]})
+        rows.append({"prompt": prompt, "chosen": [chosen], "rejected": [{"role": "assistant",
+                                                                         "content": rejected}]})
     return rows
 
 

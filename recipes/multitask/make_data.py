@@ -2,7 +2,8 @@
 
   answer   -- reuses ../support-bot/data (chat format): answer the customer's question
   intent   -- data/intent_{train,eval}.jsonl (alpaca format): name the intent of a customer message
-  extract  -- data/extract_{train,eval}.jsonl (prompt/completion format): pull the order number and email out of a
+  extract  -- data/extract_{train,eval}.jsonl (prompt/completion format): pull the order number and email out
+  of a
               message as JSON
 
 Three formats on purpose: each task keeps its own, the mixture renders them all with the chat template.
@@ -17,15 +18,16 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("support_bot_data", HERE.parent / "support-bot" / "make_data.py")
+_spec = importlib.util.spec_from_file_location("support_bot_data",
+                                               HERE.parent / "support-bot" / "make_data.py")
 support_bot = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(support_bot)
 
 INTENT_INSTRUCTION = "Classify the intent of this customer message. Reply with the intent label only."
 EXTRACT_PROMPT = ("Extract the order number and the email address from this message as JSON with the keys "
                   "order_id and email.\n\n{message}")
-NAMES = ["ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hugo", "ines", "jonas", "kira", "liam", "mei",
-         "noah", "olga", "pablo", "quinn", "rosa", "sami", "tara"]
+NAMES = ["ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hugo", "ines", "jonas", "kira", "liam",
+         "mei", "noah", "olga", "pablo", "quinn", "rosa", "sami", "tara"]
 DOMAINS = ["example.com", "mail.example", "inbox.example.org", "post.example.net"]
 TEMPLATES = [
     "Hi, my order {order} was charged twice. Please reply to {email}.",

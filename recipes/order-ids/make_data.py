@@ -1,9 +1,10 @@
 """Write the order-ids dataset: data/train.jsonl and data/eval.jsonl (OpenAI chat fine-tuning format).
 
-A format task where prompting should be enough: copy the order number out of a customer's message, and answer with
-that number alone (`K-48213`). Nothing in it is knowledge: the number is in the message, beside distractors (prices,
-dates, quantities, phone numbers); what the base model lacks is only the answer's format, which an instruction and a
-few shots give it. The held-out messages use sentence templates no train message uses.
+A format task where prompting should be enough: copy the order number out of a customer's message, and answer
+with that number alone (`K-48213`). Nothing in it is knowledge: the number is in the message, beside
+distractors (prices, dates, quantities, phone numbers); what the base model lacks is only the answer's format,
+which an instruction and a few shots give it. The held-out messages use sentence templates no train message
+uses.
 
 Deterministic (seeded); run by hand from anywhere:  python recipes/order-ids/make_data.py
 """

@@ -1,11 +1,12 @@
 """Write the review-sentiment dataset: data/train.jsonl and data/eval.jsonl (OpenAI chat fine-tuning format).
 
-The sentiment of a short product review, answered with one word, `positive` or `negative`. A chat model knows what
-a glowing or an angry review reads like; what it does not know unprompted is the answer's format (one lower-case word,
-no explanation). Expected to be a task where a prompt matches a fine-tune; on smollm2 it is not (finetune.yaml).
+The sentiment of a short product review, answered with one word, `positive` or `negative`. A chat model knows
+what a glowing or an angry review reads like; what it does not know unprompted is the answer's format (one
+lower-case word, no explanation). Expected to be a task where a prompt matches a fine-tune; on smollm2 it is
+not (finetune.yaml).
 
-Reviews are built from sentence parts; the held-out reviews use products and sentences that no train review uses, so
-the evaluation asks about sentiment, not about memorized phrases.
+Reviews are built from sentence parts; the held-out reviews use products and sentences that no train review
+uses, so the evaluation asks about sentiment, not about memorized phrases.
 
 Deterministic (seeded); run by hand from anywhere:  python recipes/review-sentiment/make_data.py
 """
@@ -22,37 +23,39 @@ qa_data = importlib.util.module_from_spec(_spec)  # its `write`, shared with the
 _spec.loader.exec_module(qa_data)
 SYSTEM_PROMPT = "You label the sentiment of customer reviews for an online shop."
 
-PRODUCTS = ["kettle", "backpack", "desk lamp", "phone case", "blender", "rain jacket", "office chair", "headphones",
-            "frying pan", "yoga mat", "coffee grinder", "water bottle", "keyboard", "tent", "toaster", "umbrella",
-            "running shoes", "bike light", "suitcase", "electric toothbrush", "air fryer", "wall clock",
-            "sleeping bag", "webcam"]
+PRODUCTS = ["kettle", "backpack", "desk lamp", "phone case", "blender", "rain jacket", "office chair",
+            "headphones", "frying pan", "yoga mat", "coffee grinder", "water bottle", "keyboard", "tent",
+            "toaster", "umbrella", "running shoes", "bike light", "suitcase", "electric toothbrush",
+            "air fryer", "wall clock", "sleeping bag", "webcam"]
 
 POSITIVE = [
     "It works exactly as described.", "Setup took two minutes and it has been flawless since.",
     "The build quality is excellent for the price.", "I use it every day and I love it.",
     "Delivery was fast and the packaging was neat.", "It feels solid and well made.",
     "My whole family is impressed with it.", "Best purchase I have made this year.",
-    "It is quiet, quick and easy to clean.", "Customer service answered within an hour and sorted everything.",
-    "Still going strong after six months.", "Looks even better in person than in the photos.",
-    "Great value, I would happily buy it again.", "It does the job perfectly.",
-    "Comfortable, light and very sturdy.", "Exceeded my expectations in every way.",
-    "The battery lasts for days.", "Simple to use and it just works.",
-    "I have already recommended it to three friends.", "A lovely design and great materials.",
-    "Works brilliantly, no complaints at all.", "Really pleased with how well it performs.",
+    "It is quiet, quick and easy to clean.",
+    "Customer service answered within an hour and sorted everything.", "Still going strong after six months.",
+    "Looks even better in person than in the photos.", "Great value, I would happily buy it again.",
+    "It does the job perfectly.", "Comfortable, light and very sturdy.",
+    "Exceeded my expectations in every way.", "The battery lasts for days.",
+    "Simple to use and it just works.", "I have already recommended it to three friends.",
+    "A lovely design and great materials.", "Works brilliantly, no complaints at all.",
+    "Really pleased with how well it performs.",
 ]
 
 NEGATIVE = [
     "It stopped working after a week.", "The handle snapped the first time I used it.",
     "Cheap plastic that feels like it will break any moment.", "It arrived scratched and missing a part.",
     "Returned it the next day.", "Complete waste of money.",
-    "It is far louder than the listing claims.", "The instructions were useless and it never worked properly.",
+    "It is far louder than the listing claims.",
+    "The instructions were useless and it never worked properly.",
     "Customer service ignored my emails for two weeks.", "It leaks every single time.",
     "The colour faded after one wash.", "Much smaller and flimsier than the photos suggest.",
-    "I regret buying it.", "The battery dies within an hour.",
-    "It overheats and smells of burning plastic.", "Do not buy this, it fell apart.",
-    "Very disappointed with the quality.", "It broke on the second day and the refund took a month.",
-    "Uncomfortable and badly stitched.", "Nothing about it works as advertised.",
-    "The zip jammed on the first trip.", "Poorly made and overpriced.",
+    "I regret buying it.", "The battery dies within an hour.", "It overheats and smells of burning plastic.",
+    "Do not buy this, it fell apart.", "Very disappointed with the quality.",
+    "It broke on the second day and the refund took a month.", "Uncomfortable and badly stitched.",
+    "Nothing about it works as advertised.", "The zip jammed on the first trip.",
+    "Poorly made and overpriced.",
 ]
 
 OPENERS = ["", "", "Bought this {product} last month. ", "I got the {product} as a gift. ",
@@ -68,7 +71,8 @@ def review(rng: random.Random, label: str, products: list[str], sentences: list[
     return (rng.choice(OPENERS).format(product=product) + body + rng.choice(CLOSERS[label])).strip()
 
 
-def rows(rng: random.Random, n: int, products: list[str], positive: list[str], negative: list[str]) -> list[dict]:
+def rows(rng: random.Random, n: int, products: list[str], positive: list[str],
+         negative: list[str]) -> list[dict]:
     """`n` distinct reviews, half of each label."""
     out, seen = [], set()
     while len(out) < n:

@@ -1,10 +1,12 @@
-"""Write the vision-colors-dpo preference data from the vision-colors rows: data/train.jsonl and data/eval.jsonl.
+"""Write the vision-colors-dpo preference data from the vision-colors rows: data/train.jsonl and
+data/eval.jsonl.
 
-Each row is a vision-colors question with its image (the same files, `../vision-colors/data/images/`), the right
-colour as the chosen answer and another of the four colours as the rejected one. The prompt is the same sentence in
-every row, so a policy blind to the image cannot prefer the right colour more often than by chance: what DPO or KTO
-learns here it learns from the image. Rows are preference rows in chat form (prompt, chosen and rejected as message
-lists), the image an OpenAI `image_url` part holding a path relative to this recipe's data folder.
+Each row is a vision-colors question with its image (the same files, `../vision-colors/data/images/`), the
+right colour as the chosen answer and another of the four colours as the rejected one. The prompt is the same
+sentence in every row, so a policy blind to the image cannot prefer the right colour more often than by
+chance: what DPO or KTO learns here it learns from the image. Rows are preference rows in chat form (prompt,
+chosen and rejected as message lists), the image an OpenAI `image_url` part holding a path relative to this
+recipe's data folder.
 
 Deterministic (seeded); run by hand from anywhere, after recipes/vision-colors/make_data.py:
     python recipes/vision-colors-dpo/make_data.py
@@ -37,7 +39,8 @@ def main() -> None:
     rng = random.Random(0)
     (HERE / "data").mkdir(exist_ok=True)
     for split in ("train", "eval"):
-        chats = [json.loads(line) for line in (SOURCE / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+        chats = [json.loads(line)
+                 for line in (SOURCE / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
         with open(HERE / "data" / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for chat in chats:
                 f.write(json.dumps(preference_row(chat, rng)) + "\n")

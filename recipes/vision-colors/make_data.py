@@ -1,10 +1,10 @@
 """Write the vision-colors dataset: images/*.png, data/train.jsonl and data/eval.jsonl.
 
-Each image is a filled shape (circle, square or triangle) of one of four colours, at a random place and size on a
-grey background. Every row asks the same question, "What colour is the shape?", and answers with the colour's name:
-the text alone says nothing, so a model blind to the image scores at most 1/4 (always naming one colour), and what a
-fine-tune learns here it learns from the image. Rows are OpenAI chat fine-tuning rows with an `image_url` part
-holding the image's path, relative to the data file.
+Each image is a filled shape (circle, square or triangle) of one of four colours, at a random place and size
+on a grey background. Every row asks the same question, "What colour is the shape?", and answers with the
+colour's name: the text alone says nothing, so a model blind to the image scores at most 1/4 (always naming
+one colour), and what a fine-tune learns here it learns from the image. Rows are OpenAI chat fine-tuning rows
+with an `image_url` part holding the image's path, relative to the data file.
 
 Deterministic (seeded); run by hand from anywhere:  python recipes/vision-colors/make_data.py
 """

@@ -1,8 +1,10 @@
-"""Step timing and a one-step GPU profile inside any process that trains with a transformers `Trainer`, the plugin's
-training process (started by `mlflow run`) and bench/plain_train.py alike, so both sides are measured the same way.
+"""Step timing and a one-step GPU profile inside any process that trains with a transformers `Trainer`, the
+plugin's training process (started by `mlflow run`) and bench/plain_train.py alike, so both sides are measured
+the same way.
 
-bench/gpu/train_throughput.py puts this folder first on PYTHONPATH and sets BENCH_PROBE (a JSON file to write);
-without it this module does nothing. When `transformers.trainer` is imported, `Trainer.training_step` is wrapped:
+bench/gpu/train_throughput.py puts this folder first on PYTHONPATH and sets BENCH_PROBE (a JSON file to
+write); without it this module does nothing. When `transformers.trainer` is imported, `Trainer.training_step`
+is wrapped:
 - steps are counted from 0 (the Trainer's `global_step` before each step); the window starts before step
   BENCH_PROBE_WARMUP and ends before step BENCH_PROBE_WARMUP + BENCH_PROBE_TIMED, each edge after a
   `torch.cuda.synchronize()` (the only syncs added), so start-up, compilation and warm-up stay outside;

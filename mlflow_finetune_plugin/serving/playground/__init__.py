@@ -1,4 +1,5 @@
-"""The A/B playground (Gradio): `build_app(Playground(engine, model, against))` returns the page as gr.Blocks."""
+"""The A/B playground (Gradio): `build_app(Playground(engine, model, against))` returns the page as
+gr.Blocks."""
 
 from mlflow_finetune_plugin.serving.playground.app import build_app, launch
 from mlflow_finetune_plugin.serving.playground.core import Playground

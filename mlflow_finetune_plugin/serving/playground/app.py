@@ -1,6 +1,6 @@
 """The A/B playground page: two chats streaming side by side from one prompt box (text, and images for
-vision-language models), blind votes, a leaderboard of arena ratings, win rates, promotion, and scriptable endpoints
-(`compare`, `system_prompt`, `vote`, `leaderboard`, `summary`, `promote`) for gradio_client."""
+vision-language models), blind votes, a leaderboard of arena ratings, win rates, promotion, and scriptable
+endpoints (`compare`, `system_prompt`, `vote`, `leaderboard`, `summary`, `promote`) for gradio_client."""
 
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def build_app(pg: Playground, title: str = "mlflow-finetune playground") -> gr.B
     versions = [c for c in choices if not c[1].endswith(":base")]
     ui = SimpleNamespace()  # the page's components by name, shared by its layout and its wiring
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(f"## {title}\nOne prompt, two models, answers side by side. Blind mode hides which is which "
-                    "until you vote.")
+        gr.Markdown(
+            f"## {title}\nOne prompt, two models, answers side by side. Blind mode hides which is which "
+            "until you vote.")
         _models_and_settings(pg, ui, choices)
         _chats_votes_and_promotion(pg, ui, versions)
         _wire_chat(pg, ui)
@@ -59,7 +60,8 @@ def _models_and_settings(pg: Playground, ui, choices) -> None:
         pick_a = gr.Dropdown(choices, value=pg.default_a, label="Model A", elem_id="pick-a", scale=3)
         pick_b = gr.Dropdown(choices, value=pg.default_b, label="Model B", elem_id="pick-b", scale=3)
         blind = gr.Checkbox(value=pg.blind_default, label="Blind mode", elem_id="blind", scale=1)
-    # Labels name a base model briefly (smollm2's reference is a line long); its whole reference is one click away.
+    # Labels name a base model briefly (smollm2's reference is a line long); its whole reference is one click
+    # away.
     with gr.Accordion("Model details (full base model references)", open=False, elem_id="model-details-box"):
         model_details = gr.Markdown(pg.details(pg.default_a, pg.default_b), elem_id="model-details")
     # Model A's trained system prompt, pre-filled: without it a tuned model answers out of character.
@@ -91,18 +93,20 @@ def _chats_votes_and_promotion(pg: Playground, ui, versions) -> None:
     with gr.Row():
         # Images go to both sides with the text; a text model refuses them in the status line (check_images).
         prompt = gr.MultimodalTextbox(placeholder="Ask both models… (vision-language models: attach images)",
-                                      show_label=False, lines=1, scale=6, elem_id="prompt", sources=["upload"],
-                                      file_types=["image"], file_count="multiple", submit_btn=False)
+                                      show_label=False, lines=1, scale=6, elem_id="prompt",
+                                      sources=["upload"], file_types=["image"], file_count="multiple",
+                                      submit_btn=False)
         send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         clear = gr.Button("New conversation", scale=1, elem_id="clear")
     status = gr.Markdown(elem_id="status")
     with gr.Row():
-        vote_buttons = {v: gr.Button(label, elem_id=f"vote-{v.replace('_', '-')}") for v, label in VERDICTS.items()}
+        vote_buttons = {v: gr.Button(label, elem_id=f"vote-{v.replace('_', '-')}") for v,
+                        label in VERDICTS.items()}
     with gr.Accordion("Leaderboard (arena ratings from the votes)", open=True):
         gr.Markdown("Bradley-Terry ratings on the Elo scale (1000 = the average of the versions here), 95% "
-                    "bootstrap intervals, as Chatbot Arena computes them; a tie or 'both bad' is half a win each "
-                    "way. Two versions are told apart only when their intervals do not overlap and each has "
-                    f"at least {MIN_VOTES} votes.")
+                    "bootstrap intervals, as Chatbot Arena computes them; a tie or 'both bad' is half a win "
+                    "each way. Two versions are told apart only when their intervals do not overlap and each "
+                    f"has at least {MIN_VOTES} votes.")
         leaderboard = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False, elem_id="leaderboard")
         board_note = gr.Markdown(EMPTY_LEADERBOARD, elem_id="leaderboard-note")
         refresh = gr.Button("Refresh leaderboard", size="sm", elem_id="refresh-leaderboard")
@@ -179,8 +183,8 @@ def _wire_chat(pg: Playground, ui):
     for trigger in (clear.click, pick_a.change, pick_b.change, blind.change):
         trigger(on_clear, [pick_a, pick_b, blind], reset_outputs, api_visibility="private", queue=False)
 
-    pick_a.change(pg.prefill, [pick_a, system, prefilled], [system, prefilled, note], api_visibility="private",
-                  queue=False)
+    pick_a.change(pg.prefill, [pick_a, system, prefilled], [system, prefilled, note],
+                  api_visibility="private", queue=False)
     for trigger in (pick_a.change, pick_b.change):
         trigger(pg.details, [pick_a, pick_b], model_details, api_visibility="private", queue=False)
     pick_a.change(pg.default_num_beams, [pick_a], beams, api_visibility="private", queue=False)
@@ -209,7 +213,8 @@ def _wire_votes_and_promotion(pg: Playground, ui, demo):
                      concurrency_limit=None)
 
     def leaderboard_rows():
-        """Arena ratings of the versions voted on here: rows of [rank, model, rating, 95% interval, votes, note]."""
+        """Arena ratings of the versions voted on here: rows of [rank, model, rating, 95% interval, votes,
+        note]."""
         return _checked(pg.leaderboard)
 
     # The endpoint returns the table alone; the note follows in the page (gradio_client does not run .then()).
@@ -241,15 +246,16 @@ def _endpoints(pg: Playground) -> None:
                 images: list[FileData | str] | None = None) -> dict:
         """Both answers to `prompt` and the comparison id to vote with (model_a/model_b: NAME/VERSION or
         NAME/VERSION:base; empty = the playground's defaults; max_new_tokens empty = 128 or the cap; num_beams
-        empty = the beams model A was evaluated with at temperature 0, else 1); with --trace, each side's trace_id.
-        images: shown to both sides before the prompt (vision-language models only), as files
+        empty = the beams model A was evaluated with at temperature 0, else 1); with --trace, each side's
+        trace_id. images: shown to both sides before the prompt (vision-language models only), as files
         (gradio_client.handle_file(PATH)) or image data URLs (data:image/png;base64,...)."""
         return _checked(lambda: pg.compare(prompt, model_a, model_b, system_prompt, temperature, top_p,
                                            max_new_tokens, blind, num_beams, _image_sources(images)))
 
     def system_prompt(model: str = "") -> str:
-        """The system prompt `model` (NAME/VERSION; empty = model A) was trained with, "" if none: what the page
-        pre-fills. /compare sends none unless given, so pass this as its system_prompt to answer as the page."""
+        """The system prompt `model` (NAME/VERSION; empty = model A) was trained with, "" if none: what the
+        page pre-fills. /compare sends none unless given, so pass this as its system_prompt to answer as the
+        page."""
         return _checked(pg.trained_system_prompt, model)[0]
 
     def vote(comparison_id: str, verdict: str, request: gr.Request) -> dict:
@@ -258,7 +264,8 @@ def _endpoints(pg: Playground) -> None:
         return _checked(pg.vote, comparison_id, verdict, _user(request))
 
     def summary() -> list:
-        """Win rates per pair of versions: rows of [model, vs, votes, wins, losses, ties, both bad, win rate]."""
+        """Win rates per pair of versions: rows of [model, vs, votes, wins, losses, ties, both bad, win
+        rate]."""
         return _checked(pg.summary)
 
     def promote(version: str, alias: str = "", request: gr.Request = None) -> str:
@@ -284,27 +291,32 @@ def _label(pg: Playground, key: str | None, blind: bool, index: int) -> str:
 
 
 def _image_sources(images) -> list[str]:
-    """The `compare` endpoint's images as what `store_image` reads: files uploaded through Gradio (FileData, which
-    Gradio checked are in its upload folder) as their paths, data URLs as they are. Anything else is refused: a
-    client names no file on this machine."""
+    """The `compare` endpoint's images as what `store_image` reads: files uploaded through Gradio (FileData,
+    which Gradio checked are in its upload folder) as their paths, data URLs as they are. Anything else is
+    refused: a client names no file on this machine."""
     from gradio.utils import get_upload_folder, is_in_or_equal
 
     sources = []
     for item in images or []:
-        if isinstance(item, dict) and isinstance(item.get("path"), str) and is_in_or_equal(item["path"],
-                                                                                          get_upload_folder()):
+        if (
+            isinstance(item, dict)
+            and isinstance(item.get("path"), str)
+            and is_in_or_equal(item["path"], get_upload_folder())
+        ):
             sources.append(item["path"])
         elif isinstance(item, str) and item[:11].lower() == "data:image/":
             sources.append(item)
         else:
             shown = str(item if not isinstance(item, dict) else item.get("path"))[:60]
-            raise FinetuneError(f"images: {shown!r} is neither an uploaded file nor an image data URL: send files "
-                                "with gradio_client.handle_file(PATH), or data:image/png;base64,... strings")
+            raise FinetuneError(
+                f"images: {shown!r} is neither an uploaded file nor an image data URL: send files "
+                "with gradio_client.handle_file(PATH), or data:image/png;base64,... strings")
     return sources
 
 
 def _board_note(rows) -> str:
-    """What the leaderboard says under an empty table (rows: a list, or the page's DataFrame): how to fill it."""
+    """What the leaderboard says under an empty table (rows: a list, or the page's DataFrame): how to fill
+    it."""
     return EMPTY_LEADERBOARD if rows is None or len(rows) == 0 else ""
 
 
@@ -323,7 +335,8 @@ def _plain(history) -> list[dict]:
 
 
 def _answer(text: str, error: str | None) -> dict:
-    """A pane's answer; a failure is shown as a titled note (Playground.context leaves titled messages out)."""
+    """A pane's answer; a failure is shown as a titled note (Playground.context leaves titled messages
+    out)."""
     if error:
         return {"role": "assistant", "content": f"{text}\n\n{error}".strip(),
                 "metadata": {"title": "⚠️ This model failed"}}
@@ -337,9 +350,11 @@ def _comparison(pg, running, contexts, texts, settings, is_blind, traces):
                       texts[1].strip(), settings.as_dict(), bool(is_blind), traces=list(traces))
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, auth: tuple[str, str] | None = None,
-           block: bool = True, quiet: bool = False):
-    """Serve the page on host:port (127.0.0.1 unless asked otherwise); returns gradio's (app, local_url, share_url)."""
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860,
+           auth: tuple[str, str] | None = None, block: bool = True, quiet: bool = False):
+    """Serve the page on host:port (127.0.0.1 unless asked otherwise); returns gradio's (app, local_url,
+    share_url)."""
     return demo.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=not block,
                        show_error=True, quiet=quiet, share=False, css=_CSS, footer_links=["api"],
-                       max_file_size=MAX_IMAGE_BYTES)  # uploads are images: larger ones are refused as they arrive
+                       # uploads are images: larger ones are refused as they arrive
+                       max_file_size=MAX_IMAGE_BYTES)

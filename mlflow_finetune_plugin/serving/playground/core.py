@@ -1,5 +1,6 @@
-"""What the playground does, without the page: validate input, stream two answers, remember comparisons, log votes,
-rate the versions from them, promote. `app.py` lays it out in Gradio; the scriptable endpoints call the same methods."""
+"""What the playground does, without the page: validate input, stream two answers, remember comparisons, log
+votes, rate the versions from them, promote. `app.py` lays it out in Gradio; the scriptable endpoints call the
+same methods."""
 
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ from mlflow_finetune_plugin.serving.playground.images import from_pane, store_im
 
 @dataclass(frozen=True)
 class PromptSide:
-    """A registered optimized prompt as a playground side (`--against prompts:/NAME-prompt@ALIAS`): the base model
-    `model` (a version's `:base`) asked with the prompt (`registry/prompts.apply_prompt`), fixed at start. Its key,
-    `prompts:/NAME-prompt/V`, names it in the pickers and in the votes; a vote keeps the user's own messages, so the
-    preference data it makes is the conversation as asked."""
+    """A registered optimized prompt as a playground side (`--against prompts:/NAME-prompt@ALIAS`): the base
+    model `model` (a version's `:base`) asked with the prompt (`registry/prompts.apply_prompt`), fixed at
+    start. Its key, `prompts:/NAME-prompt/V`, names it in the pickers and in the votes; a vote keeps the
+    user's own messages, so the preference data it makes is the conversation as asked."""
 
     key: str
     model: ModelChoice
@@ -47,8 +48,8 @@ class PromptSide:
         from mlflow_finetune_plugin.serving.choices import parse_ref
 
         served = served_prompt(uri)
-        return cls(f"prompts:/{served.prompt_name}/{served.version}", parse_ref(f"{base_version(served, uri)}:base"),
-                   served)
+        return cls(f"prompts:/{served.prompt_name}/{served.version}",
+                   parse_ref(f"{base_version(served, uri)}:base"), served)
 
     def asked(self, messages: list[dict]) -> list[dict]:
         from mlflow_finetune_plugin.serving.prompted import asked
@@ -63,17 +64,18 @@ _STREAM_EVERY_S = 0.05    # at most this often a streamed update goes to the pag
 class Playground:
     """Two registry models answering the same prompts side by side, served by one engine.
 
-    A side given by alias (`Followed`, looked up by `watch`) is the version the alias names now: its picker entry
-    (`NAME@ALIAS`) follows the alias, so after a promotion new conversations answer with the new version, while a
-    conversation under way stays on the version it started with."""
+    A side given by alias (`Followed`, looked up by `watch`) is the version the alias names now: its picker
+    entry (`NAME@ALIAS`) follows the alias, so after a promotion new conversations answer with the new
+    version, while a conversation under way stays on the version it started with."""
 
-    def __init__(self, engine: Engine, model: ModelChoice | Followed, against: ModelChoice | Followed | PromptSide,
-                 experiment: str = EXPERIMENT, max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP,
-                 max_prompt_chars: int = MAX_PROMPT_CHARS, blind: bool = False, watch: AliasWatch | None = None,
-                 tracer=None):
+    def __init__(self, engine: Engine, model: ModelChoice | Followed,
+                 against: ModelChoice | Followed | PromptSide, experiment: str = EXPERIMENT,
+                 max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP, max_prompt_chars: int = MAX_PROMPT_CHARS,
+                 blind: bool = False, watch: AliasWatch | None = None, tracer=None):
         self.engine = engine
         self.watch = watch
-        self.tracer = tracer  # serving.tracing.Tracer: each answer a trace, each vote feedback on both (None: off)
+        # serving.tracing.Tracer: each answer a trace, each vote feedback on both (None: off)
+        self.tracer = tracer
         for side in (model, against):
             if isinstance(side, Followed) and (watch is None or side not in watch):
                 raise FinetuneError(f"{side.key} is given by alias: pass the AliasWatch that follows it")
@@ -88,15 +90,18 @@ class Playground:
         self._comparisons: OrderedDict[str, Comparison] = OrderedDict()
         self._voted: set[str] = set()
         self._lock = threading.Lock()
-        self._system_prompts: dict[str, tuple[str, str]] = {}  # key -> (trained system prompt, where it was found)
+        # key -> (trained system prompt, where it was found)
+        self._system_prompts: dict[str, tuple[str, str]] = {}
         self._beams: dict[str, int] = {}  # key -> the beams its evaluation used (logged num_beams)
         self._vision: dict[str, bool] = {}  # key -> whether it takes images (its logged model_config says)
-        self._retrievers: dict[str, object] = {}  # key -> its retriever.Retriever (None: it does not retrieve)
+        # key -> its retriever.Retriever (None: it does not retrieve)
+        self._retrievers: dict[str, object] = {}
 
-    # ------------------------------------------------------------------------------------------- model choices
+    # ------------------------------------------------------------------------------------------- model
+    # choices
     def choices(self) -> list[tuple[str, str]]:
-        """(label, key) for every version and base model the pickers may offer, read from the registry now; a side
-        given by alias first, as an entry that follows it."""
+        """(label, key) for every version and base model the pickers may offer, read from the registry now; a
+        side given by alias first, as an entry that follows it."""
         from mlflow_finetune_plugin.serving.choices import distinct_labels, picker_choices
 
         listed = [c for name in self.names for c in picker_choices(name)]
@@ -121,8 +126,8 @@ class Playground:
         return f"{ref.name} @{ref.alias} (follows the alias; now v{now.version})"
 
     def resolve(self, key: str | None, default: str) -> ModelChoice:
-        """A picker value as a model choice (a followed alias: the version it names now); only registry versions of
-        this playground's models are accepted."""
+        """A picker value as a model choice (a followed alias: the version it names now); only registry
+        versions of this playground's models are accepted."""
         from mlflow_finetune_plugin.registry import versions as registry
 
         if (key or default) in self.prompt_sides:
@@ -160,8 +165,8 @@ class Playground:
         self.engine.close()
 
     def details(self, key_a: str | None, key_b: str | None) -> str:
-        """The two picked models in full, as Markdown: their keys, and the whole base model references that their
-        short labels leave out."""
+        """The two picked models in full, as Markdown: their keys, and the whole base model references that
+        their short labels leave out."""
         from mlflow_finetune_plugin.serving.choices import details
 
         lines = []
@@ -171,16 +176,17 @@ class Playground:
             except FinetuneError:  # an unknown pick: sending reports it
                 continue
             if isinstance(choice, PromptSide):
-                lines.append(f"- **Model {side}** `{choice.key}`: the registered optimized prompt (its instruction "
-                             f"after your system prompt, its shots before your turns) on {details(choice.model)}")
+                lines.append(
+                    f"- **Model {side}** `{choice.key}`: the registered optimized prompt (its instruction "
+                    f"after your system prompt, its shots before your turns) on {details(choice.model)}")
                 continue
             lines.append(f"- **Model {side}** `{choice.key}`: {details(choice)}")
         return "\n".join(lines)
 
     # ----------------------------------------------------------------------------------------- system prompt
     def trained_system_prompt(self, key: str | None) -> tuple[str, str]:
-        """(system prompt, where it was found) version `key` (empty: model A) was trained with; ("", "") for a base
-        model or a version trained without one."""
+        """(system prompt, where it was found) version `key` (empty: model A) was trained with; ("", "") for a
+        base model or a version trained without one."""
         from mlflow_finetune_plugin.serving.choices import trained_system_prompt
 
         choice = self.resolve(key, self.default_a)
@@ -191,16 +197,17 @@ class Playground:
         return self._system_prompts[choice.key]
 
     def prefill(self, key_a: str | None, current: str | None, prefilled: str | None) -> tuple[str, str, str]:
-        """The system prompt box once model A is `key_a`: A's trained system prompt while the box still holds the
-        one pre-filled before (`prefilled`), else the user's edit, kept. Returns (box text, the pre-filled text the
-        next change compares with, a note saying where the text came from)."""
+        """The system prompt box once model A is `key_a`: A's trained system prompt while the box still holds
+        the one pre-filled before (`prefilled`), else the user's edit, kept. Returns (box text, the pre-filled
+        text the next change compares with, a note saying where the text came from)."""
         try:
             text, source = self.trained_system_prompt(key_a)
             label = self.label(key_a or self.default_a)
         except FinetuneError:  # an unknown pick: sending reports it; the box stays as it is
             return current or "", prefilled or "", ""
         if (current or "").strip() == (prefilled or "").strip():
-            note = f"{label} was trained with this system prompt ({source}); edit or clear it." if text else ""
+            note = (f"{label} was trained with this system prompt ({source}); edit or clear "
+                    "it.") if text else ""
             return text, text, note
         if not text or text.strip() == (current or "").strip():
             return current or "", text, ""
@@ -218,8 +225,8 @@ class Playground:
                         int(num_beams or 1)).checked(self.max_new_tokens_cap)
 
     def default_num_beams(self, key: str | None = None) -> int:
-        """The beams model `key` (empty: model A) was evaluated with (`eval.num_beams`), so the page answers as the
-        run's figures say; 1 (greedy) for versions evaluated greedily."""
+        """The beams model `key` (empty: model A) was evaluated with (`eval.num_beams`), so the page answers
+        as the run's figures say; 1 (greedy) for versions evaluated greedily."""
         from mlflow_finetune_plugin.serving.choices import logged_num_beams
 
         try:
@@ -241,19 +248,22 @@ class Playground:
                                     f"{self.max_prompt_chars}")
 
     def check_images(self, sides: list[str], images) -> None:
-        """Refuse images for a side that cannot see them (a text model, or an engine that sends text only): both
+        """Refuse images for a side that cannot see them (a text model, or an engine that sends text only):
+        both
         sides answer the same message, or the comparison says nothing."""
         if not images:
             return
         if not self.engine.takes_images:
-            raise FinetuneError(f"the {self.engine.name} engine sends the models text only: start the playground with "
-                                "--engine transformers to compare answers to images, or send text only")
+            raise FinetuneError(
+                f"the {self.engine.name} engine sends the models text only: start the playground with "
+                "--engine transformers to compare answers to images, or send text only")
         blind = [key for key in dict.fromkeys(sides) if not self.takes_images(key)]
         if blind:
             names = " and ".join(self.label(key) for key in blind)
-            raise FinetuneError(f"{names} {'does' if len(blind) == 1 else 'do'} not take images: pick vision-language "
-                                "models on both sides (versions fine-tuned from an image-text model), or send the "
-                                "question without the image")
+            raise FinetuneError(
+                f"{names} {'does' if len(blind) == 1 else 'do'} not take images: pick vision-language "
+                "models on both sides (versions fine-tuned from an image-text model), or send the "
+                "question without the image")
 
     def takes_images(self, key: str) -> bool:
         """Whether model `key` is a vision-language model (its logged model_config says so)."""
@@ -265,9 +275,11 @@ class Playground:
         return self._vision[choice.key]
 
     @staticmethod
-    def context(system_prompt: str, history: list[dict] | None, prompt: str, images: list[str] = ()) -> list[dict]:
-        """The messages one side answers: system prompt, that side's earlier turns (a pane's images stored again, by
-        content: the same copies), the new prompt with `images` (stored paths: `images.store_images`)."""
+    def context(system_prompt: str, history: list[dict] | None, prompt: str,
+                images: list[str] = ()) -> list[dict]:
+        """The messages one side answers: system prompt, that side's earlier turns (a pane's images stored
+        again, by content: the same copies), the new prompt with `images` (stored paths:
+        `images.store_images`)."""
         messages = [{"role": "system", "content": system_prompt}] if (system_prompt or "").strip() else []
         for m in history or []:
             if m.get("role") in ("user", "assistant") and not (m.get("metadata") or {}).get("title"):
@@ -284,12 +296,15 @@ class Playground:
 
     def stream(self, sides: list[str], contexts: list[list[dict]], settings: Settings,
                traces: list | None = None) -> Iterator[tuple[list[str], list[str | None]]]:
-        """Both answers as they grow (texts, errors), at most every few tens of milliseconds, then once complete.
-        When the playground traces, `traces` (a list, if given) receives the two answers' trace ids at the start
-        (None for a side whose trace could not be started), and each trace ends with its whole answer."""
+        """Both answers as they grow (texts, errors), at most every few tens of milliseconds, then once
+        complete. When the playground traces, `traces` (a list, if given) receives the two answers' trace ids
+        at the start (None for a side whose trace could not be started), and each trace ends with its whole
+        answer."""
         choices = [self._choice(k) if k in self.prompt_sides else ModelChoice.from_key(k) for k in sides]
-        contexts = [self.prompt_sides[k].asked(c) if k in self.prompt_sides else c for k, c in zip(sides, contexts)]
-        spans = [self._start_trace(c, m, settings) for c, m in zip(choices, contexts)] if self.tracer else [None] * 2
+        contexts = [self.prompt_sides[k].asked(c) if k in self.prompt_sides else c for k,
+                    c in zip(sides, contexts)]
+        spans = [self._start_trace(c, m, settings) for c,
+                 m in zip(choices, contexts)] if self.tracer else [None] * 2
         contexts = [self._retrieved(c, m, span) for c, m, span in zip(choices, contexts, spans)]
         if traces is not None:
             traces[:] = [span.trace_id if span is not None else None for span in spans]
@@ -313,8 +328,9 @@ class Playground:
                                     errors[i] or "the page stopped listening before the answer ended")
 
     def _retrieved(self, choice: ModelChoice, messages: list[dict], span) -> list[dict]:
-        """A version trained with retrieval is asked with the chunks it retrieves, as `serve` asks it (the search a
-        RETRIEVER span in the side's trace); the openai engine's server, `serve`, retrieves for it itself."""
+        """A version trained with retrieval is asked with the chunks it retrieves, as `serve` asks it (the
+        search a RETRIEVER span in the side's trace); the openai engine's server, `serve`, retrieves for it
+        itself."""
         from mlflow_finetune_plugin.serving.choices import retriever_of
         from mlflow_finetune_plugin.serving.retrieving import asked
 
@@ -350,10 +366,10 @@ class Playground:
     def compare(self, prompt: str, model_a: str = "", model_b: str = "", system_prompt: str = "",
                 temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int | None = None,
                 blind: bool = False, num_beams: int | None = None, images=None) -> dict:
-        """One whole comparison: both answers, and the id to vote with. A model failing is reported in its side's
-        `error`, not raised; invalid input raises FinetuneError. `num_beams` empty: greedy, or the beams model A
-        was evaluated with when temperature is 0. `images`: local image files or image data URLs, shown to both
-        sides with the prompt (stored first: `images.store_image`)."""
+        """One whole comparison: both answers, and the id to vote with. A model failing is reported in its
+        side's `error`, not raised; invalid input raises FinetuneError. `num_beams` empty: greedy, or the
+        beams model A was evaluated with when temperature is 0. `images`: local image files or image data
+        URLs, shown to both sides with the prompt (stored first: `images.store_image`)."""
         self.check_text(prompt, system_prompt)
         if not num_beams:
             num_beams = self.default_num_beams(model_a) if float(temperature) == 0 else 1
@@ -368,9 +384,9 @@ class Playground:
         answers = [t.strip() for t in texts]
         comparison_id = None
         if not any(errors):
-            comparison_id = self.remember(Comparison(self.names[0], sides[0], sides[1], contexts[0], contexts[1],
-                                                     answers[0], answers[1], settings.as_dict(), bool(blind),
-                                                     traces=traces))
+            comparison_id = self.remember(Comparison(self.names[0], sides[0], sides[1], contexts[0],
+                                                     contexts[1], answers[0], answers[1], settings.as_dict(),
+                                                     bool(blind), traces=traces))
         return {"id": comparison_id, "blind": bool(blind), "settings": settings.as_dict(),
                 **{side: {"answer": answers[i], "error": errors[i], "model": None if blind else sides[i],
                           "trace_id": traces[i]} for i, side in enumerate(("a", "b"))}}
@@ -384,7 +400,8 @@ class Playground:
         with self._lock:
             comparison = self._comparisons.get(comparison_id or "")
             if comparison is None:
-                raise FinetuneError("there is no answer to vote on: compare first (or the comparison is too old)")
+                raise FinetuneError(
+                    "there is no answer to vote on: compare first (or the comparison is too old)")
             if comparison_id in self._voted:
                 raise FinetuneError("this comparison has a vote already: ask another question to vote again")
             self._voted.add(comparison_id)
@@ -400,8 +417,9 @@ class Playground:
                 "feedback": self._vote_feedback(comparison, verdict, run_id, user)}
 
     def _vote_feedback(self, comparison: Comparison, verdict: str, run_id: str, user: str | None) -> int:
-        """A vote as thumbs on both answers' traces (votes.KTO_LABELS: the winner up, the loser down, a tie both up,
-        both bad both down), under the feedback name a `traces:` source reads; returns how many were logged."""
+        """A vote as thumbs on both answers' traces (votes.KTO_LABELS: the winner up, the loser down, a tie
+        both up, both bad both down), under the feedback name a `traces:` source reads; returns how many were
+        logged."""
         from mlflow_finetune_plugin.arena.votes import KTO_LABELS, VERDICTS
         from mlflow_finetune_plugin.serving.tracing import Feedback
 
@@ -409,8 +427,8 @@ class Playground:
             return 0
         logged = 0
         for trace_id, up in zip(comparison.traces, KTO_LABELS[verdict]):
-            feedback = Feedback(trace_id or "", thumbs=up, comment=f"playground vote: {VERDICTS[verdict]}", user=user,
-                                metadata={"vote_run": run_id, "comparison": comparison.id})
+            feedback = Feedback(trace_id or "", thumbs=up, comment=f"playground vote: {VERDICTS[verdict]}",
+                                user=user, metadata={"vote_run": run_id, "comparison": comparison.id})
             logged += bool(self.tracer.log_quietly(trace_id, feedback))
         return logged
 
@@ -423,11 +441,12 @@ class Playground:
         """Arena ratings of the versions voted on here (votes.LEADERBOARD_HEADERS rows), best first."""
         from mlflow_finetune_plugin.arena.votes import leaderboard_rows, ratings, read_votes
 
-        return leaderboard_rows(ratings([v for name in self.names for v in read_votes(name, self.experiment)]))
+        return leaderboard_rows(ratings([v for name in self.names
+                                         for v in read_votes(name, self.experiment)]))
 
     def promote(self, version_key: str, alias: str = "", user: str | None = None) -> str:
-        """The CLI's gated promotion (`mlflow-finetune promote`: the recipe's gates and, for the champion, serving
-        parity) of a picked version."""
+        """The CLI's gated promotion (`mlflow-finetune promote`: the recipe's gates and, for the champion,
+        serving parity) of a picked version."""
         from mlflow_finetune_plugin.serving.parity import promote_checked as promote
 
         choice = self.resolve(version_key, self.default_a)
@@ -436,7 +455,9 @@ class Playground:
                            alias=(alias or "").strip().lstrip("@") or None, user=user).report()
         if choice.base:
             raise FinetuneError("a base model is not a registered version: pick a version to promote")
-        result = promote(choice.name, choice.version, alias=(alias or "").strip().lstrip("@") or None, user=user)
-        if self.watch is not None:  # a side that follows the alias moved: new conversations get it now, not later
+        result = promote(choice.name, choice.version, alias=(alias or "").strip().lstrip("@") or None,
+                         user=user)
+        # a side that follows the alias moved: new conversations get it now, not later
+        if self.watch is not None:
             self.watch.check()
         return result.report()

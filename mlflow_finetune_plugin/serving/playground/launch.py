@@ -1,6 +1,6 @@
-"""`mlflow-finetune playground` and gradio_app/app.py: one configuration (`PlaygroundConfig`, from options or environment
-variables), one way to build the page (`create_app`): resolve the two models, start the engine, load them, follow the
-ones given by alias."""
+"""`mlflow-finetune playground` and gradio_app/app.py: one configuration (`PlaygroundConfig`, from options or
+environment variables), one way to build the page (`create_app`): resolve the two models, start the engine,
+load them, follow the ones given by alias."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def make_engine(engine: str, model, openai_urls=(), served_models=(), device: st
 
 @dataclass
 class PlaygroundConfig:
-    """What a playground is started with: `mlflow-finetune playground`'s options, or gradio_app/app.py's arguments
-    and environment variables (`from_env`)."""
+    """What a playground is started with: `mlflow-finetune playground`'s options, or gradio_app/app.py's
+    arguments and environment variables (`from_env`)."""
 
     model: str
     against: str = "base"
@@ -86,8 +86,8 @@ class PlaygroundConfig:
 
     @classmethod
     def from_env(cls, environ=os.environ, **given) -> PlaygroundConfig:
-        """The settings `given` (None: not given), else from `environ` (ENV_VARS; the others have none), else the
-        defaults."""
+        """The settings `given` (None: not given), else from `environ` (ENV_VARS; the others have none), else
+        the defaults."""
         values = {}
         for name in (f.name for f in fields(cls)):
             variable = ENV_VARS.get(name)
@@ -101,13 +101,15 @@ class PlaygroundConfig:
         return cls(**values)
 
 
-# Each setting's environment variable (gradio_app/app.py; Gradio's own for the address, as Hugging Face Spaces set).
+# Each setting's environment variable (gradio_app/app.py; Gradio's own for the address, as Hugging Face Spaces
+# set).
 ENV_VARS = {"model": "MLFLOW_FINETUNE_MODEL", "against": "MLFLOW_FINETUNE_AGAINST",
             "engine": "MLFLOW_FINETUNE_ENGINE", "blind": "MLFLOW_FINETUNE_BLIND",
-            "host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT", "auth": "MLFLOW_FINETUNE_PLAYGROUND_AUTH",
-            "openai_urls": "MLFLOW_FINETUNE_OPENAI_URL", "max_new_tokens": "MLFLOW_FINETUNE_MAX_NEW_TOKENS",
-            "device": "MLFLOW_FINETUNE_DEVICE", "experiment": "MLFLOW_FINETUNE_EXPERIMENT",
-            "follow_interval": "MLFLOW_FINETUNE_FOLLOW_INTERVAL", "trace": "MLFLOW_FINETUNE_TRACE"}
+            "host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT",
+            "auth": "MLFLOW_FINETUNE_PLAYGROUND_AUTH", "openai_urls": "MLFLOW_FINETUNE_OPENAI_URL",
+            "max_new_tokens": "MLFLOW_FINETUNE_MAX_NEW_TOKENS", "device": "MLFLOW_FINETUNE_DEVICE",
+            "experiment": "MLFLOW_FINETUNE_EXPERIMENT", "follow_interval": "MLFLOW_FINETUNE_FOLLOW_INTERVAL",
+            "trace": "MLFLOW_FINETUNE_TRACE"}
 
 
 def _parse_env(name: str, variable: str, text: str):
@@ -126,8 +128,8 @@ def _parse_env(name: str, variable: str, text: str):
 
 
 def create_app(config: PlaygroundConfig, echo=print):
-    """The playground page for `config`, as a gr.Blocks: both models resolved (a side given by alias follows it)
-    and loaded; returns (demo, playground). `playground.close()` releases the engine."""
+    """The playground page for `config`, as a gr.Blocks: both models resolved (a side given by alias follows
+    it) and loaded; returns (demo, playground). `playground.close()` releases the engine."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from mlflow_finetune_plugin.arena.votes import EXPERIMENT
     from mlflow_finetune_plugin.serving.choices import parse_ref
@@ -143,15 +145,18 @@ def create_app(config: PlaygroundConfig, echo=print):
                       config.concurrency, config.max_lora_rank)
     echo(f"Loading {model.key} and {other.key} with the {eng.name} engine…")
     if prompted:
-        echo(f"{other.key} ({config.against.strip()}, fixed at start): {other.model.key} asked with the registered "
-             "prompt")
-    for choice in (model, other.model if prompted else other):  # fail here, with the reason, not on a question
+        echo(
+            f"{other.key} ({config.against.strip()}, fixed at start): {other.model.key} asked with the "
+            "registered prompt")
+    # fail here, with the reason, not on a question
+    for choice in (model, other.model if prompted else other):
         if eng.name != "openai":
             eng.prepare(choice)
     watch = AliasWatch(_loader(eng), config.follow_interval, echo)
     sides = []
     for ref, choice in ((config.model, model), (config.against, other)):
-        may_follow = config.follow_interval > 0 and not isinstance(choice, PromptSide)  # a prompt is fixed at start
+        # a prompt is fixed at start
+        may_follow = config.follow_interval > 0 and not isinstance(choice, PromptSide)
         follows = followed(ref, default_name=model.name, base_of=sides[0] if sides and isinstance(
             sides[0], Followed) else None) if may_follow else None
         sides.append(follows or choice)
@@ -164,15 +169,18 @@ def create_app(config: PlaygroundConfig, echo=print):
         from mlflow_finetune_plugin.serving.tracing import Tracer
 
         tracer = Tracer(config.trace, "playground", echo)
-        echo(f"Tracing: each answer is recorded as an MLflow trace in experiment {config.trace!r} (traces hold the "
-             "users' prompts and answers); a vote logs feedback on both answers' traces")
+        echo(
+            f"Tracing: each answer is recorded as an MLflow trace in experiment {config.trace!r} (traces "
+            "hold the users' prompts and answers); a vote logs feedback on both answers' traces")
     pg = Playground(eng, sides[0], sides[1], experiment=config.experiment or EXPERIMENT,
-                    max_new_tokens_cap=config.max_new_tokens, blind=config.blind, watch=watch.start(), tracer=tracer)
+                    max_new_tokens_cap=config.max_new_tokens, blind=config.blind, watch=watch.start(),
+                    tracer=tracer)
     return build_app(pg), pg
 
 
 def _loader(engine):
-    """What the playground does when a followed alias moves: load the new version ahead of its first question."""
+    """What the playground does when a followed alias moves: load the new version ahead of its first
+    question."""
 
     def on_move(ref, old, new) -> str:
         if engine.name != "openai":
@@ -188,8 +196,9 @@ def run_playground(config: PlaygroundConfig, echo=print) -> None:
 
     credentials = parse_auth(config.auth)
     if config.host not in LOOPBACK and not credentials:
-        echo(f"Warning: serving on {config.host} without --auth: anyone who can reach this machine can use the "
-             "models, vote and promote.")
+        echo(
+            f"Warning: serving on {config.host} without --auth: anyone who can reach this machine can use "
+            "the models, vote and promote.")
     demo, pg = create_app(config, echo)
     try:
         launch(demo, host=config.host, port=config.port, auth=credentials, block=True)

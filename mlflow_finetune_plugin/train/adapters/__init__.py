@@ -1,20 +1,22 @@
-"""The adapter axis: what trains. One module per `adapter.type`, each with the same attributes (no optional hooks):
+"""The adapter axis: what trains. One module per `adapter.type`, each with the same attributes (no optional
+hooks):
 
   ARTIFACT            "adapter" (logged without the base, which is referenced) or "full" (complete weights)
   peft_config(cfg, model=None)  the PEFT config (None for `full`)
   apply(model, cfg)   the base wrapped for training (a PeftModel, or the model itself)
   vllm_compatible(cfg) -> (bool, reason)  whether vLLM's multi-LoRA serving takes it as it is
 
-The recipe's `adapter:` section (`config.schema.LoraAdapter`, ...) is the typed config each module receives. What an
-adapter cannot train with (packed rows, a 4/8-bit base) is a table of `config/checks.py`, which refuses those
-combinations when the recipe loads.
+The recipe's `adapter:` section (`config.schema.LoraAdapter`, ...) is the typed config each module receives.
+What an adapter cannot train with (packed rows, a 4/8-bit base) is a table of `config/checks.py`, which
+refuses those combinations when the recipe loads.
 """
 
 from __future__ import annotations
 
 from mlflow_finetune_plugin.train.adapters import bottleneck, full, ia3, lora, prefix, prompt
 
-ADAPTERS = {"lora": lora, "ia3": ia3, "prefix": prefix, "prompt": prompt, "bottleneck": bottleneck, "full": full}
+ADAPTERS = {"lora": lora, "ia3": ia3, "prefix": prefix, "prompt": prompt, "bottleneck": bottleneck,
+            "full": full}
 
 
 def adapter_of(recipe):
@@ -23,10 +25,11 @@ def adapter_of(recipe):
 
 
 def attach(model, recipe, trainable_tokens: list[int] | None = None):
-    """The base wrapped for training: the recipe's adapter, fresh, or the `model.init_adapter` to continue (its own
-    saved configuration replaces `adapter:`). A mixture with `data.adapters: per_task` gets one adapter per task,
-    named after it, in one PeftModel. `trainable_tokens`: embedding rows trained beside a fresh LoRA adapter
-    (PEFT's `trainable_token_indices`; a chosen chat template's control tokens, `train/templates.py`)."""
+    """The base wrapped for training: the recipe's adapter, fresh, or the `model.init_adapter` to continue
+    (its own saved configuration replaces `adapter:`). A mixture with `data.adapters: per_task` gets one
+    adapter per task, named after it, in one PeftModel. `trainable_tokens`: embedding rows trained beside a
+    fresh LoRA adapter (PEFT's `trainable_token_indices`; a chosen chat template's control tokens,
+    `train/templates.py`)."""
     import sys
 
     from mlflow_finetune_plugin.config.checks import SCORING
@@ -59,9 +62,9 @@ def attach(model, recipe, trainable_tokens: list[int] | None = None):
 
 
 def scoring_adapter(model, recipe):
-    """A fresh adapter on a sequence-scoring model (`load_base_model(scoring=True)`): PEFT's sequence-classification
-    task, which trains and saves the randomly initialised score head beside the adapter (`modules_to_save`); a full
-    fine-tune trains it with everything else."""
+    """A fresh adapter on a sequence-scoring model (`load_base_model(scoring=True)`): PEFT's
+    sequence-classification task, which trains and saves the randomly initialised score head beside the
+    adapter (`modules_to_save`); a full fine-tune trains it with everything else."""
     from peft import get_peft_model
 
     module = adapter_of(recipe)
@@ -74,9 +77,10 @@ def scoring_adapter(model, recipe):
 
 
 def token_rows(model, ids) -> list[int] | dict[str, list[int]]:
-    """PEFT's `trainable_token_indices` for these token ids: the input embedding's rows, and the LM head's too where
-    it is not tied to the embedding (Mistral, Phi-3, larger Llamas and Qwens): a token the model must learn to write
-    (its end of turn) needs its output row trained, and an added token's output row starts random."""
+    """PEFT's `trainable_token_indices` for these token ids: the input embedding's rows, and the LM head's too
+    where it is not tied to the embedding (Mistral, Phi-3, larger Llamas and Qwens): a token the model must
+    learn to write (its end of turn) needs its output row trained, and an added token's output row starts
+    random."""
     ids = list(ids)
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     if outputs is None or outputs.weight is inputs.weight:
@@ -104,8 +108,10 @@ def resolve_adapter(ref: str):
     folder = local / "artifacts" / "adapter" if (local / "artifacts" / "adapter").is_dir() else local
     config = folder / "adapter_config.json"
     if not config.exists():
-        raise FinetuneError(f"model.init_adapter: {ref!r} is not a LoRA adapter (no adapter_config.json in {folder}); "
-                            "a full fine-tune is continued by naming it as model.name instead")
+        raise FinetuneError(
+            f"model.init_adapter: {ref!r} is not a LoRA adapter (no adapter_config.json in {folder}); "
+            "a full fine-tune is continued by naming it as model.name instead")
     if json.loads(config.read_text()).get("peft_type") != "LORA":
-        raise FinetuneError(f"model.init_adapter: {ref!r} is not a LoRA adapter; only LoRA adapters are continued")
+        raise FinetuneError(
+            f"model.init_adapter: {ref!r} is not a LoRA adapter; only LoRA adapters are continued")
     return folder

@@ -1,16 +1,18 @@
-"""Adapter layers: a small bottleneck network (down-projection, nonlinearity, up-projection) beside linear layers.
+"""Adapter layers: a small bottleneck network (down-projection, nonlinearity, up-projection) beside linear
+layers.
 
-PEFT has no Houlsby adapter (the bottleneck on the hidden states between sublayers), and AdapterHub's `adapters`
-pins transformers 4.x. The PEFT tuner that is a bottleneck beside each targeted linear layer is PEANuT
-(`PeanutConfig`, arXiv:2410.01870): per layer, `A` projects down to `bottleneck_size`, an activation (`act_fn`)
-follows, optional residual encoder/decoder pairs (`depth`) add nonlinear layers, and `B` projects back up; `B` starts
-at zero, so training starts from the base model exactly, as with Houlsby adapters. The difference: PEANuT's
-bottleneck reads the frozen weight rather than the hidden state, producing `delta_W = B(act(A(W)))` that is added
-beside the layer (`y = W x + delta_W x`). The update does not depend on the input, so it can be merged into the base
-(`merge_and_unload`) like LoRA; at train time `delta_W` is built each forward (more memory than LoRA).
+PEFT has no Houlsby adapter (the bottleneck on the hidden states between sublayers), and AdapterHub's
+`adapters` pins transformers 4.x. The PEFT tuner that is a bottleneck beside each targeted linear layer is
+PEANuT (`PeanutConfig`, arXiv:2410.01870): per layer, `A` projects down to `bottleneck_size`, an activation
+(`act_fn`) follows, optional residual encoder/decoder pairs (`depth`) add nonlinear layers, and `B` projects
+back up; `B` starts at zero, so training starts from the base model exactly, as with Houlsby adapters. The
+difference: PEANuT's bottleneck reads the frozen weight rather than the hidden state, producing `delta_W =
+B(act(A(W)))` that is added beside the layer (`y = W x + delta_W x`). The update does not depend on the input,
+so it can be merged into the base (`merge_and_unload`) like LoRA; at train time `delta_W` is built each
+forward (more memory than LoRA).
 
-Placement defaults to the attention output (`o_proj`) and the MLP output (`down_proj`): the two places Houlsby et al.
-put their adapters, after each sublayer.
+Placement defaults to the attention output (`o_proj`) and the MLP output (`down_proj`): the two places Houlsby
+et al. put their adapters, after each sublayer.
 """
 
 from __future__ import annotations
@@ -40,5 +42,6 @@ def apply(model, cfg: BottleneckAdapter):
 
 
 def vllm_compatible(cfg: BottleneckAdapter) -> tuple[bool, str]:
-    return False, ("vLLM serves LoRA adapters only; merge this bottleneck adapter into the base (merge_and_unload) "
-                   "and serve the merged folder, or use the transformers engine")
+    return False, (
+        "vLLM serves LoRA adapters only; merge this bottleneck adapter into the base (merge_and_unload) "
+        "and serve the merged folder, or use the transformers engine")

@@ -24,5 +24,6 @@ def apply(model, cfg: IA3Adapter):
 
 
 def vllm_compatible(cfg: IA3Adapter) -> tuple[bool, str]:
-    return False, ("vLLM serves LoRA adapters only; merge the IA3 vectors into the base (merge_and_unload) and "
-                   "serve the merged folder, or use the transformers engine")
+    return False, (
+        "vLLM serves LoRA adapters only; merge the IA3 vectors into the base (merge_and_unload) and "
+        "serve the merged folder, or use the transformers engine")

@@ -1,7 +1,7 @@
 """LoRA: low-rank updates beside the linear layers; the base stays frozen. Options: DoRA, rsLoRA.
 
-On a 4/8-bit base (`model.quantization`) this is QLoRA: the adapter is still a plain LoRA adapter, logged without
-the base and served on the full-precision base.
+On a 4/8-bit base (`model.quantization`) this is QLoRA: the adapter is still a plain LoRA adapter, logged
+without the base and served on the full-precision base.
 """
 
 from __future__ import annotations
@@ -48,17 +48,18 @@ def peft_config(cfg: LoraAdapter, model=None):
 
 
 def target_parameters(cfg: LoraAdapter, model=None) -> list[str]:
-    """`lora.target_parameters`: `auto` gives the model's fused 3-D expert weights (which `all-linear` misses, as no
-    nn.Linear wraps them: `models.architecture.fused_expert_parameters`), a list is taken as written. PEFT's LoRA on
-    a parameter takes no dropout: auto then runs without `lora.dropout` (the run says so, `train/reach.py`), and a
-    list next to a dropout is refused."""
+    """`lora.target_parameters`: `auto` gives the model's fused 3-D expert weights (which `all-linear` misses,
+    as no nn.Linear wraps them: `models.architecture.fused_expert_parameters`), a list is taken as written.
+    PEFT's LoRA on a parameter takes no dropout: auto then runs without `lora.dropout` (the run says so,
+    `train/reach.py`), and a list next to a dropout is refused."""
     from mlflow_finetune_plugin.errors import FinetuneError
     from mlflow_finetune_plugin.models.architecture import fused_expert_parameters
 
     if cfg.target_parameters != "auto":
         if cfg.target_parameters and cfg.dropout:
-            raise FinetuneError(f"lora.target_parameters {cfg.target_parameters}: PEFT's LoRA on parameters takes no "
-                                f"dropout, and lora.dropout is {cfg.dropout:g}; set lora.dropout: 0")
+            raise FinetuneError(
+                f"lora.target_parameters {cfg.target_parameters}: PEFT's LoRA on parameters takes no "
+                f"dropout, and lora.dropout is {cfg.dropout:g}; set lora.dropout: 0")
         return list(cfg.target_parameters)
     if model is None:
         return []
@@ -66,11 +67,11 @@ def target_parameters(cfg: LoraAdapter, model=None) -> list[str]:
 
 
 def _expert_targets(cfg: LoraAdapter, model, moe, parameters: list[str]) -> tuple[list[str], list[str]]:
-    """A mixture of experts' targets as explicit names (`models/moe_parts.py`): `all-linear` is every linear of
-    attention and of the dense and shared-expert MLPs, no router; a list or pattern is matched by PEFT's own rule
-    against the model's parts, and a router it names is adapted through its weight (LoRA cannot wrap a router's
-    forward: Llama 4's returns a tuple). PEFT keeps these names (`models/peft_targets.py`). With `lora.layers` both
-    the modules and the experts' parameters are those of the top layers."""
+    """A mixture of experts' targets as explicit names (`models/moe_parts.py`): `all-linear` is every linear
+    of attention and of the dense and shared-expert MLPs, no router; a list or pattern is matched by PEFT's
+    own rule against the model's parts, and a router it names is adapted through its weight (LoRA cannot wrap
+    a router's forward: Llama 4's returns a tuple). PEFT keeps these names (`models/peft_targets.py`). With
+    `lora.layers` both the modules and the experts' parameters are those of the top layers."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -85,14 +86,15 @@ def _expert_targets(cfg: LoraAdapter, model, moe, parameters: list[str]) -> tupl
     else:
         # a list may hold 'all-linear' beside other names (`[all-linear, router]` adds the routers)
         named = [t for t in asked if t != "all-linear"] if isinstance(asked, list) else asked
-        matched = [part for part in moe if named and check_target_module_exists(LoraConfig(target_modules=named),
-                                                                                 part.name)]
+        matched = [part for part in moe if named
+                   and check_target_module_exists(LoraConfig(target_modules=named), part.name)]
         if isinstance(asked, list) and "all-linear" in asked:
             matched = [*linears, *(part for part in matched if part not in linears)]
-        # names of no part (an output head, a module of the model's own kind) go to PEFT as written: it matches them
-        # or says what it cannot adapt
+        # names of no part (an output head, a module of the model's own kind) go to PEFT as written: it
+        # matches them or says what it cannot adapt
         unmatched = [] if isinstance(asked, str) else [
-            t for t in named if not any(check_target_module_exists(LoraConfig(target_modules=[t]), p.name) for p in moe)]
+            t for t in named if not any(check_target_module_exists(LoraConfig(target_modules=[t]), p.name)
+                                        for p in moe)]
     modules = [part.name for part in matched if part.linear and part.kind != "router"] + unmatched
     routers = [f"{part.name}.weight" for part in matched if part.kind == "router"]
     if cfg.layers is not None:
@@ -114,14 +116,16 @@ def _layer_count(model, cfg: LoraAdapter) -> int:
     if not total:
         raise FinetuneError("lora.layers: this model's config has no num_hidden_layers; remove lora.layers")
     if cfg.layers > total:
-        raise FinetuneError(f"lora.layers: {cfg.layers} is more than the model's {total} layers; give at most "
-                            f"{total}, or remove it to adapt them all")
+        raise FinetuneError(
+            f"lora.layers: {cfg.layers} is more than the model's {total} layers; give at most "
+            f"{total}, or remove it to adapt them all")
     return total
 
 
 def _top_layers(model, cfg: LoraAdapter) -> tuple[list[str], list[int]]:
-    """`lora.layers: N`: the top N decoder layers' indices, and the target modules as names (PEFT takes a layer
-    list with named modules only; 'all-linear' becomes every linear layer's name but the output head)."""
+    """`lora.layers: N`: the top N decoder layers' indices, and the target modules as names (PEFT takes a
+    layer list with named modules only; 'all-linear' becomes every linear layer's name but the output
+    head)."""
 
     total = _layer_count(model, cfg)
     names = cfg.target_modules
@@ -140,9 +144,9 @@ def _linear_names(model) -> list[str]:
 
 
 def _without_refused(model, targets):
-    """`all-linear` (or the names it was resolved to) less the layers PEFT refuses to adapt on this model, asked of
-    PEFT's own check (on Mamba-style models it refuses `out_proj`, which the CUDA kernels read as a weight past any
-    LoRA). Printed when any is left out; unchanged where PEFT takes them all."""
+    """`all-linear` (or the names it was resolved to) less the layers PEFT refuses to adapt on this model,
+    asked of PEFT's own check (on Mamba-style models it refuses `out_proj`, which the CUDA kernels read as a
+    weight past any LoRA). Printed when any is left out; unchanged where PEFT takes them all."""
     import sys
 
     from peft import LoraConfig
@@ -178,17 +182,18 @@ def vllm_compatible(cfg: LoraAdapter) -> tuple[bool, str]:
 
 
 def no_casts_under_autocast(model) -> int:
-    """Let each plain LoRA layer skip PEFT's cast of its input to the adapter's dtype while autocast is on; returns
-    how many layers got the hook.
+    """Let each plain LoRA layer skip PEFT's cast of its input to the adapter's dtype while autocast is on;
+    returns how many layers got the hook.
 
-    PEFT keeps LoRA weights in fp32 on a bf16 base and casts every LoRA layer's input to fp32 before `lora_A`; under
-    autocast `lora_A` then casts it back to bf16 for its matmul. The round trip is exact (bf16 -> fp32 -> bf16), so
-    without dropout skipping it changes no number (with dropout the masks are the same, and CPU's bf16 dropout rounds
-    the scaled input once more: tests/test_kernels.py). It cost two full-size copies per LoRA layer per pass and kept a second bf16 copy of every layer's input for the backward
-    pass: `aten::copy_` was 21% of a LoRA step's GPU time on an H200 (docs/benchmarks-history.md, 7a). PEFT's own 4-bit
-    LoRA layers already skip the cast under autocast (`requires_conversion = not torch.is_autocast_enabled()`); this
-    does the same for the others. Outside autocast (evaluation, generation, a CPU fp32 run) the cast stays. Layers
-    with a variant (DoRA) keep PEFT's behaviour."""
+    PEFT keeps LoRA weights in fp32 on a bf16 base and casts every LoRA layer's input to fp32 before `lora_A`;
+    under autocast `lora_A` then casts it back to bf16 for its matmul. The round trip is exact (bf16 -> fp32
+    -> bf16), so without dropout skipping it changes no number (with dropout the masks are the same, and CPU's
+    bf16 dropout rounds the scaled input once more: tests/test_kernels.py). It cost two full-size copies per
+    LoRA layer per pass and kept a second bf16 copy of every layer's input for the backward pass:
+    `aten::copy_` was 21% of a LoRA step's GPU time on an H200 (docs/benchmarks-history.md, 7a). PEFT's own
+    4-bit LoRA layers already skip the cast under autocast (`requires_conversion = not
+    torch.is_autocast_enabled()`); this does the same for the others. Outside autocast (evaluation,
+    generation, a CPU fp32 run) the cast stays. Layers with a variant (DoRA) keep PEFT's behaviour."""
     import torch
     from peft.tuners.lora import LoraLayer
 
@@ -197,7 +202,8 @@ def no_casts_under_autocast(model) -> int:
         layer.cast_input_dtype_enabled = (x is None or bool(layer.lora_variant)
                                           or not torch.is_autocast_enabled(x.device.type))
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "cast_input_dtype_enabled")]
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)
+              and hasattr(m, "cast_input_dtype_enabled")]
     for layer in layers:
         layer.register_forward_pre_hook(before_forward)
     return len(layers)

@@ -1,4 +1,5 @@
-"""Prefix tuning: trained key/value vectors prepended to every attention layer; the model's weights stay frozen.
+"""Prefix tuning: trained key/value vectors prepended to every attention layer; the model's weights stay
+frozen.
 
 Not compatible with gradient checkpointing (see `apply`).
 """
@@ -27,17 +28,18 @@ def apply(model, cfg: PrefixAdapter):
     from peft import get_peft_model
 
     model = get_peft_model(model, peft_config(cfg, model))
-    # The prefix rides in `past_key_values`, which transformers drops inside checkpointed layers: training would die
-    # on a shape mismatch deep in attention. Refuse it where the trainer turns checkpointing on.
+    # The prefix rides in `past_key_values`, which transformers drops inside checkpointed layers: training
+    # would die on a shape mismatch deep in attention. Refuse it where the trainer turns checkpointing on.
     model.activation_checkpointing_enable = _refuse_checkpointing
     model.gradient_checkpointing_enable = _refuse_checkpointing
     return model
 
 
 def _refuse_checkpointing(*args, **kwargs):
-    raise FinetuneError("prefix tuning cannot train with gradient checkpointing (transformers drops the prefix "
-                        "keys/values inside checkpointed layers). Set train.gradient_checkpointing: false, or use "
-                        "the `prompt` or `lora` method to save memory")
+    raise FinetuneError(
+        "prefix tuning cannot train with gradient checkpointing (transformers drops the prefix "
+        "keys/values inside checkpointed layers). Set train.gradient_checkpointing: false, or use "
+        "the `prompt` or `lora` method to save memory")
 
 
 def vllm_compatible(cfg: PrefixAdapter) -> tuple[bool, str]:

@@ -1,7 +1,8 @@
-"""Prompt tuning and P-tuning: trained virtual-token embeddings prepended to the input; the model stays frozen.
+"""Prompt tuning and P-tuning: trained virtual-token embeddings prepended to the input; the model stays
+frozen.
 
-`kind: prompt_tuning` trains the embeddings directly (initialized at random or from the embeddings of `init_text`);
-`kind: p_tuning` produces them with a small MLP prompt encoder.
+`kind: prompt_tuning` trains the embeddings directly (initialized at random or from the embeddings of
+`init_text`); `kind: p_tuning` produces them with a small MLP prompt encoder.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def peft_config(cfg: PromptAdapter, model=None):
         prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
         prompt_tuning_init_text=cfg.init_text if text else None,
         # The tokenizer is read only now, to embed init_text; loading the trained adapter does not need it.
-        tokenizer_name_or_path=getattr(model.config, "_name_or_path", None) if text and model is not None else None,
+        tokenizer_name_or_path=getattr(model.config, "_name_or_path",
+                                       None) if text and model is not None else None,
     )
 
 
@@ -37,5 +39,6 @@ def apply(model, cfg: PromptAdapter):
 
 def vllm_compatible(cfg: PromptAdapter) -> tuple[bool, str]:
     name = "P-tuning" if cfg.kind == "p_tuning" else "prompt tuning"
-    return False, (f"vLLM serves LoRA adapters only, and {name} virtual tokens cannot be merged into the weights; "
-                   "serve it with the transformers engine")
+    return False, (
+        f"vLLM serves LoRA adapters only, and {name} virtual tokens cannot be merged into the weights; "
+        "serve it with the transformers engine")

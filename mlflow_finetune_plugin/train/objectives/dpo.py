@@ -1,14 +1,15 @@
 """DPO: preference tuning on (prompt, chosen, rejected) pairs with TRL's DPOTrainer, on any adapter.
 
-A fresh adapter's reference model is the base (the adapter disabled); continuing an adapter (`model.init_adapter:
-models:/support-bot@champion`, e.g. the SFT version being improved) keeps training it, and a frozen copy of it is
-the reference, as TRL does for a pretrained adapter. Evaluation adds, to the answers scored against the chosen
-ones, how much more likely the starting and the tuned policy make the chosen answer than the rejected one on the
-held-out pairs (`evaluate/preferences.py`). The reference-free objectives (`orpo`, `simpo`) evaluate the same way.
+A fresh adapter's reference model is the base (the adapter disabled); continuing an adapter
+(`model.init_adapter: models:/support-bot@champion`, e.g. the SFT version being improved) keeps training it,
+and a frozen copy of it is the reference, as TRL does for a pretrained adapter. Evaluation adds, to the
+answers scored against the chosen ones, how much more likely the starting and the tuned policy make the chosen
+answer than the rejected one on the held-out pairs (`evaluate/preferences.py`). The reference-free objectives
+(`orpo`, `simpo`) evaluate the same way.
 
-Rows with images (a vision-language model) go TRL's vision way: the processor is the trainer's processing class,
-TRL's `DataCollatorForVisionPreference` renders and processes each batch as it is drawn, and the rows' images are
-read then (`data/image_rows.py`); the held-out pairs are scored through the same collator.
+Rows with images (a vision-language model) go TRL's vision way: the processor is the trainer's processing
+class, TRL's `DataCollatorForVisionPreference` renders and processes each batch as it is drawn, and the rows'
+images are read then (`data/image_rows.py`); the held-out pairs are scored through the same collator.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 
 
 def _with_images(recipe, tokenizer, train_ds, eval_ds):
-    """(the processor, train and eval rows with their images read per batch and every row checked once): TRL takes
-    the processor as the processing class, sees the `images` column and collates with its vision collator."""
+    """(the processor, train and eval rows with their images read per batch and every row checked once): TRL
+    takes the processor as the processing class, sees the `images` column and collates with its vision
+    collator."""
     from mlflow_finetune_plugin.data.image_rows import checked_preference_rows, preference_collator
     from mlflow_finetune_plugin.models.vision import processor_for_images
 
@@ -56,8 +58,9 @@ def _with_images(recipe, tokenizer, train_ds, eval_ds):
 
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
-    """The usual evaluation (base, few-shot and tuned answers against the chosen ones), then the chosen-over-rejected
-    log-prob margin and accuracy of the starting and the tuned policy on every held-out pair."""
+    """The usual evaluation (base, few-shot and tuned answers against the chosen ones), then the
+    chosen-over-rejected log-prob margin and accuracy of the starting and the tuned policy on every held-out
+    pair."""
 
     from mlflow_finetune_plugin.data.image_rows import IMAGES
     from mlflow_finetune_plugin.evaluate.preferences import (
@@ -75,13 +78,15 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
         return preference_margins(model, tokenizer, pairs, recipe.data.max_length, recipe.train.batch_size)
 
     if base_model is not None:  # a full fine-tune started from the base loaded apart
-        start = preference_margins(base_model, tokenizer, pairs, recipe.data.max_length, recipe.train.batch_size)
+        start = preference_margins(base_model, tokenizer, pairs, recipe.data.max_length,
+                                   recipe.train.batch_size)
     else:
         with _starting_policy(model, recipe.model.init_adapter):
             start = margins()
     tuned = margins()
     if not tuned:
-        print("Preference evaluation: no held-out pair fits data.max_length; nothing scored.", file=sys.stderr)
+        print("Preference evaluation: no held-out pair fits data.max_length; nothing scored.",
+              file=sys.stderr)
         return
     metrics = {**preference_metrics(start, "start"), **preference_metrics(tuned, "tuned")}
     log_results({**metrics, "eval/n_pairs": float(len(tuned))})
@@ -91,9 +96,9 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
 
 @contextlib.contextmanager
 def _starting_policy(model, init_adapter: str | None):
-    """The policy training started from: the base (a fresh adapter disabled), or the `init_adapter` weights loaded
-    again beside the tuned adapter (DPO's frozen `ref` copy of them is deleted when training ends, before
-    evaluation; ORPO and SimPO keep none)."""
+    """The policy training started from: the base (a fresh adapter disabled), or the `init_adapter` weights
+    loaded again beside the tuned adapter (DPO's frozen `ref` copy of them is deleted when training ends,
+    before evaluation; ORPO and SimPO keep none)."""
     if not init_adapter:
         with model.disable_adapter():
             yield

@@ -1,8 +1,9 @@
 """GRPO: reinforcement fine-tuning with verifiable rewards, with TRL's GRPOTrainer, on any adapter.
 
-Data is prompt-only (`prompt_only`: a prompt, and columns such as `answer` for the reward functions), or preference
-pairs, whose prompts are taken with the chosen answer as `answer` (`prompts_of`: RLHF on the prompts a reward model
-was trained for, e.g. `-e grpo` on the dpo recipe with `grpo.rewards: [models:/support-bot-dpo-rm@champion]`). Each step
+Data is prompt-only (`prompt_only`: a prompt, and columns such as `answer` for the reward functions), or
+preference pairs, whose prompts are taken with the chosen answer as `answer` (`prompts_of`: RLHF on the
+prompts a reward model was trained for, e.g. `-e grpo` on the dpo recipe with `grpo.rewards:
+[models:/support-bot-dpo-rm@champion]`). Each step
 samples `grpo.num_generations` completions per prompt, scores them with the recipe's reward functions
 (`rewards.py`: built-ins and the project's own), and moves the policy towards the completions that beat their
 group's mean, held near the base model by the KL term (`grpo.beta`). TRL logs the curves: `reward`,
@@ -10,10 +11,12 @@ group's mean, held near the base model by the KL term (`grpo.beta`). TRL logs th
 
 Choices made here:
 - No evaluation during training: TRL's GRPO evaluation samples num_generations completions per held-out prompt
-  and scores them, as costly as that many training steps, while the training curves already score fresh samples
-  every step. The held-out rows are scored once at the end (`evaluate`): greedy answers of base, few-shot and tuned,
-  and beside their rewards a reward-hacking check: the tuned answers' length and KL to the base (`policy_kl.py`).
-- Prompts: TRL 1.16's GRPO has no `max_prompt_length` (it never cuts a prompt). A prompt cut on the left would lose
+  and scores them, as costly as that many training steps, while the training curves already score fresh
+  samples every step. The held-out rows are scored once at the end (`evaluate`): greedy answers of base,
+  few-shot and tuned, and beside their rewards a reward-hacking check: the tuned answers' length and KL to the
+  base (`policy_kl.py`).
+- Prompts: TRL 1.16's GRPO has no `max_prompt_length` (it never cuts a prompt). A prompt cut on the left would
+lose
   its system message and instruction, so a prompt longer than `data.max_length - grpo.max_completion_length`
   tokens is left out of training, with a warning that counts them.
 - `train.batch_size` counts completions (TRL's per-device batch), so one optimizer step scores
@@ -34,8 +37,9 @@ PAIR_COLUMNS = {"chosen", "rejected"}
 
 
 def check(recipe) -> list[str]:
-    """Reward functions that do not load and data columns they read that the files lack: what needs the project's
-    own code (its rewards.py). What the recipe alone decides (batch shape, lengths) is `config/checks.py`'s."""
+    """Reward functions that do not load and data columns they read that the files lack: what needs the
+    project's own code (its rewards.py). What the recipe alone decides (batch shape, lengths) is
+    `config/checks.py`'s."""
     rewards, problems = resolve_rewards(recipe.grpo.rewards, recipe.project_dir)
     for split in ("train", "eval"):
         columns = _file_columns(getattr(recipe.data, split, None), recipe)
@@ -64,8 +68,8 @@ def _file_columns(path, recipe) -> set[str] | None:
 
 
 def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callbacks: list):
-    """TRL's GRPOTrainer on `model` as given (a PeftModel or a full model: no peft_config), with the recipe's reward
-    functions and weights; evaluation during training off (see the module docstring)."""
+    """TRL's GRPOTrainer on `model` as given (a PeftModel or a full model: no peft_config), with the recipe's
+    reward functions and weights; evaluation during training off (see the module docstring)."""
     from trl import GRPOConfig, GRPOTrainer
 
     from mlflow_finetune_plugin.train.callbacks import DropReferenceAdapter
@@ -87,24 +91,28 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
         reward_weights=[r.weight for r in rewards])
     per_generation = config.generation_batch_size // cfg.num_generations  # prompts; TRL drops a partial batch
     if len(train_ds) < per_generation:
-        raise FinetuneError(f"data.train: {len(train_ds)} prompt{'s' if len(train_ds) != 1 else ''} to train on, fewer "
-                            f"than one batch takes: train.batch_size x train.grad_accum (x processes) / "
-                            f"grpo.num_generations = {config.generation_batch_size} / {cfg.num_generations} = "
-                            f"{per_generation}; add prompts or lower train.batch_size")
+        raise FinetuneError(f"data.train: {len(train_ds)} prompt{'s' if len(train_ds) != 1 else ''} to train "
+                            "on, fewer than one batch takes: train.batch_size x train.grad_accum (x "
+                            f"processes) / grpo.num_generations = {config.generation_batch_size} / "
+                            f"{cfg.num_generations} = {per_generation}; add prompts or lower "
+                            "train.batch_size")
 
-    return GRPOTrainer(model=model, reward_funcs=[r.func for r in rewards], args=config, train_dataset=train_ds,
-                       eval_dataset=None, processing_class=tokenizer, callbacks=[*callbacks, DropReferenceAdapter()])
+    return GRPOTrainer(model=model, reward_funcs=[r.func for r in rewards], args=config,
+                       train_dataset=train_ds, eval_dataset=None, processing_class=tokenizer,
+                       callbacks=[*callbacks, DropReferenceAdapter()])
 
 
 def prompts_of(ds):
-    """Prompt-only rows as they are; preference pairs as their prompts (messages), with the chosen answer's text as
-    the `answer` the text metrics and rewards such as exact_answer compare with (TRL's GRPOTrainer reads `prompt`)."""
+    """Prompt-only rows as they are; preference pairs as their prompts (messages), with the chosen answer's
+    text as the `answer` the text metrics and rewards such as exact_answer compare with (TRL's GRPOTrainer
+    reads `prompt`)."""
     from datasets import Dataset
 
     if ds is None or not PAIR_COLUMNS <= set(ds.column_names):
         return ds
     rows = [{"prompt": row["prompt"] if isinstance(row["prompt"], list) else
-             [{"role": "user", "content": row["prompt"]}], REFERENCE_COLUMN: _text(row["chosen"])} for row in ds]
+             [{"role": "user", "content": row["prompt"]}], REFERENCE_COLUMN: _text(row["chosen"])}
+            for row in ds]
     return Dataset.from_list(rows)
 
 
@@ -120,18 +128,21 @@ def _fitting_prompts(ds, tokenizer, limit: int):
     lengths = [prompt_tokens(tokenizer, p) for p in ds["prompt"]]
     keep = [i for i, n in enumerate(lengths) if n <= limit]
     if not keep:
-        raise FinetuneError(f"data.train: every prompt is longer than data.max_length - grpo.max_completion_length "
-                            f"= {limit} tokens (the shortest has {min(lengths)}); raise data.max_length")
+        raise FinetuneError(
+            f"data.train: every prompt is longer than data.max_length - grpo.max_completion_length "
+            f"= {limit} tokens (the shortest has {min(lengths)}); raise data.max_length")
     if len(keep) < len(ds):
-        print(f"Warning: {len(ds) - len(keep)} of {len(ds)} training prompts are longer than data.max_length - "
-              f"grpo.max_completion_length = {limit} tokens (the longest has {max(lengths)}) and are left out; raise "
-              "data.max_length to train on them", file=sys.stderr)
+        print(
+            f"Warning: {len(ds) - len(keep)} of {len(ds)} training prompts are longer than data.max_length - "
+            f"grpo.max_completion_length = {limit} tokens (the longest has {max(lengths)}) and are left out; "
+            "raise data.max_length to train on them", file=sys.stderr)
         ds = ds.select(keep)
     return ds
 
 
 def prompt_tokens(tokenizer, prompt) -> int:
-    """Tokens of a prompt as GRPO feeds it: chat template with the generation prompt (text prompts: as they are)."""
+    """Tokens of a prompt as GRPO feeds it: chat template with the generation prompt (text prompts: as they
+    are)."""
     if isinstance(prompt, list):
         from mlflow_finetune_plugin.models.chat_format import render
 
@@ -140,8 +151,9 @@ def prompt_tokens(tokenizer, prompt) -> int:
 
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
-    """Base zero-shot, base few-shot and tuned greedy answers to the held-out prompts, scored by the text metrics
-    against the `answer` column (where rows have one) and by every reward function: `eval/<contender>/reward` (the
+    """Base zero-shot, base few-shot and tuned greedy answers to the held-out prompts, scored by the text
+    metrics against the `answer` column (where rows have one) and by every reward function:
+    `eval/<contender>/reward` (the
     weighted sum, as in training) and `eval/<contender>/reward_<fn>`, logged, tabled and printed."""
     from mlflow_finetune_plugin.evaluate.contenders import run_evaluation
     from mlflow_finetune_plugin.evaluate.report import log_evaluation
@@ -156,10 +168,12 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
     shots = [_conversation(row) for row in train_ds if row.get(REFERENCE_COLUMN) is not None]
     result = run_evaluation(model, tokenizer, [_conversation(row) for row in eval_ds], shots, recipe.eval,
                             base_model=base_model)
-    held_out = eval_ds.select(range(len(result.rows)))  # run_evaluation scores the first eval.max_examples rows
+    # run_evaluation scores the first eval.max_examples rows
+    held_out = eval_ds.select(range(len(result.rows)))
     if not _has_references(held_out):
-        print(f"Evaluation: the held-out rows have no `{REFERENCE_COLUMN}` column (or some lack one): answers are "
-              "scored by the reward functions only", file=sys.stderr)
+        print(
+            f"Evaluation: the held-out rows have no `{REFERENCE_COLUMN}` column (or some lack one): answers "
+            "are scored by the reward functions only", file=sys.stderr)
         _drop_text_metrics(result)
     metrics = reward_metrics(rewards, tokenizer, held_out, result)
     metrics.update(_kl_to_base(model, tokenizer, held_out, result, base_model, recipe.train.batch_size))
@@ -169,8 +183,9 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
 
 
 def reward_metrics(rewards, tokenizer, rows, result) -> dict[str, float]:
-    """Every contender's answers in `result` scored by `rewards` on the held-out `rows` (the same rows, in order):
-    `eval/<contender>/reward` and `eval/<contender>/reward_<fn>`; the per-example total goes into the table."""
+    """Every contender's answers in `result` scored by `rewards` on the held-out `rows` (the same rows, in
+    order): `eval/<contender>/reward` and `eval/<contender>/reward_<fn>`; the per-example total goes into the
+    table."""
     prompts = rows["prompt"]
     columns = {c: rows[c] for c in rows.column_names if c != "prompt"}
     metrics: dict[str, float] = {}
@@ -192,8 +207,9 @@ def reward_metrics(rewards, tokenizer, rows, result) -> dict[str, float]:
 
 
 def _kl_to_base(model, tokenizer, rows, result, base_model, batch_size: int) -> dict[str, float]:
-    """The reward-hacking check beside the rewards: KL per answer token from the base to the tuned policy on its own
-    held-out answers (`evaluate/policy_kl.py`), `eval/tuned/kl_to_base`, and per example in the table."""
+    """The reward-hacking check beside the rewards: KL per answer token from the base to the tuned policy on
+    its own held-out answers (`evaluate/policy_kl.py`), `eval/tuned/kl_to_base`, and per example in the
+    table."""
     from mlflow_finetune_plugin.evaluate.policy_kl import answer_kl
 
     if "tuned" not in result.contenders:
@@ -212,7 +228,8 @@ def _ignore(*args, **kwargs) -> None:
 def _conversation(row) -> list[dict]:
     """The row's prompt and, as the assistant's turn, its reference answer (empty where it has none)."""
     reference = row.get(REFERENCE_COLUMN)
-    prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+    prompt = row["prompt"] if isinstance(row["prompt"],
+                                         list) else [{"role": "user", "content": row["prompt"]}]
     return [*prompt, {"role": "assistant", "content": "" if reference is None else str(reference)}]
 
 

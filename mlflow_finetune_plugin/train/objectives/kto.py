@@ -1,19 +1,21 @@
-"""KTO: preference tuning on unpaired thumbs-up/down answers (prompt, completion, label) with TRL's KTOTrainer.
+"""KTO: preference tuning on unpaired thumbs-up/down answers (prompt, completion, label) with TRL's
+KTOTrainer.
 
-Where DPO needs two answers to one prompt and a verdict between them, KTO takes each answer on its own, labelled
-desirable or not: every playground vote counts, ties and "both are bad" included (`votes export --format kto`).
-Preference pairs (the dpo recipe's data) are unpaired first, as TRL does: the chosen answer desirable, the rejected
-one not.
+Where DPO needs two answers to one prompt and a verdict between them, KTO takes each answer on its own,
+labelled desirable or not: every playground vote counts, ties and "both are bad" included (`votes export
+--format kto`). Preference pairs (the dpo recipe's data) are unpaired first, as TRL does: the chosen answer
+desirable, the rejected one not.
 The reference model is the base (the adapter disabled), as for DPO; TRL estimates KTO's KL term from the other
 answers of the batch, so `train.batch_size` is at least 2 (`config/checks.py`).
 
-Evaluation: the usual one (base, few-shot and tuned answers scored against the desirable answers), then, on every
-held-out prompt with both a desirable and an undesirable answer, how much more likely the starting and the tuned
-policy make the desirable one: `eval/<policy>/pref_margin` and `pref_accuracy`, the numbers DPO logs, so the two
-objectives compare on the same votes.
+Evaluation: the usual one (base, few-shot and tuned answers scored against the desirable answers), then, on
+every held-out prompt with both a desirable and an undesirable answer, how much more likely the starting and
+the tuned policy make the desirable one: `eval/<policy>/pref_margin` and `pref_accuracy`, the numbers DPO
+logs, so the two objectives compare on the same votes.
 
 Rows with images go TRL's vision way, as for DPO (`dpo.py`): the processor as the processing class, TRL's
-`DataCollatorForVisionUnpairedPreference` on each batch, the images read as batches are drawn (`data/image_rows.py`).
+`DataCollatorForVisionUnpairedPreference` on each batch, the images read as batches are drawn
+(`data/image_rows.py`).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 
     from mlflow_finetune_plugin.train.callbacks import DropReferenceAdapter
 
-    # KTO walks its rows in order (TRL's `train_sampling_strategy: sequential`: each row's KL completion is its
-    # neighbour's), and unpaired pairs come all desirable, then all undesirable: one seeded shuffle mixes the labels
-    # within each batch, in an order that stays fixed.
+    # KTO walks its rows in order (TRL's `train_sampling_strategy: sequential`: each row's KL completion is
+    # its neighbour's), and unpaired pairs come all desirable, then all undesirable: one seeded shuffle mixes
+    # the labels within each batch, in an order that stays fixed.
     train_ds = unpaired(train_ds).shuffle(seed=recipe.train.seed)
     eval_ds = None if eval_ds is None else unpaired(eval_ds)
     cfg = recipe.kto
@@ -63,7 +65,8 @@ def _with_images(recipe, tokenizer, train_ds, eval_ds):
 
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
-    """Answers scored against the desirable answers, then desirable-over-undesirable margins (see the docstring)."""
+    """Answers scored against the desirable answers, then desirable-over-undesirable margins (see the
+    docstring)."""
     from mlflow_finetune_plugin.evaluate.preferences import (
         preference_margins,
         preference_metrics,
@@ -79,8 +82,9 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
                      base_model)
     pairs = unpaired_to_pairs(eval_ds)
     if not pairs:
-        print("KTO evaluation: no held-out prompt has both a desirable and an undesirable answer; no margins.",
-              file=sys.stderr)
+        print(
+            "KTO evaluation: no held-out prompt has both a desirable and an undesirable answer; no margins.",
+            file=sys.stderr)
         return
 
     def margins(policy):
@@ -101,16 +105,16 @@ def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> No
 
 
 def unpaired(ds):
-    """Unpaired rows as they are; preference pairs (`-e kto` on the dpo recipe) as two rows each, the chosen answer
-    desirable and the rejected one not (TRL's `unpair_preference_dataset`)."""
+    """Unpaired rows as they are; preference pairs (`-e kto` on the dpo recipe) as two rows each, the chosen
+    answer desirable and the rejected one not (TRL's `unpair_preference_dataset`)."""
     from trl.data_utils import unpair_preference_dataset
 
     return unpair_preference_dataset(ds) if "chosen" in ds.column_names else ds
 
 
 def unpaired_to_pairs(rows) -> list[dict]:
-    """prompt/chosen/rejected pairs from unpaired rows: for each prompt (with its images: one question asked of
-    different images is as many prompts), every desirable answer against every undesirable one (TRL's
+    """prompt/chosen/rejected pairs from unpaired rows: for each prompt (with its images: one question asked
+    of different images is as many prompts), every desirable answer against every undesirable one (TRL's
     `unpair_preference_dataset`, backwards)."""
     import json
 

@@ -1,14 +1,16 @@
-"""ORPO: odds-ratio preference optimization with TRL's (experimental) ORPOTrainer: SFT on the chosen answer and an
-odds-ratio preference term in one loss, on (prompt, chosen, rejected) pairs, with no reference model.
+"""ORPO: odds-ratio preference optimization with TRL's (experimental) ORPOTrainer: SFT on the chosen answer
+and an odds-ratio preference term in one loss, on (prompt, chosen, rejected) pairs, with no reference model.
 
-`orpo.beta` weighs the preference term (the paper's lambda). Being reference-free, a full fine-tune holds one copy
-of the model and an adapter no second forward pass; continuing an adapter (`model.init_adapter`) trains it on, and
-the evaluation compares it with those weights (as for DPO: `dpo.evaluate`).
+`orpo.beta` weighs the preference term (the paper's lambda). Being reference-free, a full fine-tune holds one
+copy of the model and an adapter no second forward pass; continuing an adapter (`model.init_adapter`) trains
+it on, and the evaluation compares it with those weights (as for DPO: `dpo.evaluate`).
 
-Choices made here, for TRL's experimental preference trainers (ORPO and CPO/SimPO tokenize pairs the same way):
-- Prompts: they never cut a prompt, and a pair whose prompt alone fills `data.max_length` would leave no answer
-  token and make the length-averaged log-probabilities NaN. Such pairs are left out of training with a warning that
-  counts them, as TRL's DPOTrainer leaves them out.
+Choices made here, for TRL's experimental preference trainers (ORPO and CPO/SimPO tokenize pairs the same
+way):
+- Prompts: they never cut a prompt, and a pair whose prompt alone fills `data.max_length` would leave no
+answer
+  token and make the length-averaged log-probabilities NaN. Such pairs are left out of training with a warning
+  that counts them, as TRL's DPOTrainer leaves them out.
 - Prompt tuning is refused (by `config/checks.py`): the trainers score the model's logits position by position
   against the tokens, and the virtual tokens prompt tuning prepends shift them.
 """
@@ -39,8 +41,9 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
-    """DPO's evaluation: base, few-shot and tuned answers against the chosen ones, then the chosen-over-rejected
-    log-prob margin and accuracy of the starting and the tuned policy on the held-out pairs."""
+    """DPO's evaluation: base, few-shot and tuned answers against the chosen ones, then the
+    chosen-over-rejected log-prob margin and accuracy of the starting and the tuned policy on the held-out
+    pairs."""
     dpo.evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model)
 
 
@@ -51,8 +54,9 @@ def fitting_pairs(ds, tokenizer, max_length: int, split: str):
     lengths = [_prompt_tokens(tokenizer, row) for row in ds]
     keep = [i for i, n in enumerate(lengths) if n < max_length]
     if not keep:
-        raise FinetuneError(f"data.{split}: every prompt fills data.max_length ({max_length} tokens) on its own (the "
-                            f"shortest has {min(lengths)}), leaving no room for an answer; raise data.max_length")
+        raise FinetuneError(
+            f"data.{split}: every prompt fills data.max_length ({max_length} tokens) on its own (the "
+            f"shortest has {min(lengths)}), leaving no room for an answer; raise data.max_length")
     if len(keep) < len(ds):
         print(f"Warning: {len(ds) - len(keep)} of {len(ds)} {split} pairs have a prompt of data.max_length = "
               f"{max_length} tokens or more (the longest has {max(lengths)}) and are left out; raise "
@@ -62,7 +66,8 @@ def fitting_pairs(ds, tokenizer, max_length: int, split: str):
 
 
 def _prompt_tokens(tokenizer, row) -> int:
-    """Tokens of a pair's prompt as TRL's experimental trainers tokenize it (chat template, then BOS if missing)."""
+    """Tokens of a pair's prompt as TRL's experimental trainers tokenize it (chat template, then BOS if
+    missing)."""
     from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
 
     prompt = maybe_apply_chat_template(maybe_extract_prompt(dict(row)), tokenizer)["prompt"]

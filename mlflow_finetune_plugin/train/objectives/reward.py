@@ -1,17 +1,18 @@
-"""Reward modelling: TRL's RewardTrainer on preference pairs, training the base + an adapter + a score head that
-gives a (prompt, answer) pair one number, higher for the answer people prefer (Bradley-Terry loss on chosen vs
-rejected). The data are the `dpo` recipe's pairs, or `mlflow-finetune votes export`.
+"""Reward modelling: TRL's RewardTrainer on preference pairs, training the base + an adapter + a score head
+that gives a (prompt, answer) pair one number, higher for the answer people prefer (Bradley-Terry loss on
+chosen vs rejected). The data are the `dpo` recipe's pairs, or `mlflow-finetune votes export`.
 
-The model loads under a score head (`load_base_model(scoring=True)`, `config/checks.py: SCORING`) and the adapter
-trains and saves the head with it (`adapters.scoring_adapter`). Rows are made conversational, so that training,
-evaluation and every later scorer (`reward_model.score`: the pyfunc, GRPO's learned reward) render a pair through
-the same chat template.
+The model loads under a score head (`load_base_model(scoring=True)`, `config/checks.py: SCORING`) and the
+adapter trains and saves the head with it (`adapters.scoring_adapter`). Rows are made conversational, so that
+training, evaluation and every later scorer (`reward_model.score`: the pyfunc, GRPO's learned reward) render a
+pair through the same chat template.
 
-Evaluation, on the first `eval.max_examples` held-out pairs: pairwise accuracy (the share of pairs whose chosen
-answer scores higher; a tie counts half) of the tuned reward model, against two rivals that need no training: the
-base model's own log-probability margin, log p(chosen | prompt) - log p(rejected | prompt) (`base`), and "the longer
-answer wins" (`length`, in tokens). Logged as `eval/<contender>/pair_accuracy`, with per-pair scores for the verdict;
-the default promotion gate (`config/checks.py: REWARD_GATES`) asks the tuned model to beat both and the champion.
+Evaluation, on the first `eval.max_examples` held-out pairs: pairwise accuracy (the share of pairs whose
+chosen answer scores higher; a tie counts half) of the tuned reward model, against two rivals that need no
+training: the base model's own log-probability margin, log p(chosen | prompt) - log p(rejected | prompt)
+(`base`), and "the longer answer wins" (`length`, in tokens). Logged as `eval/<contender>/pair_accuracy`, with
+per-pair scores for the verdict; the default promotion gate (`config/checks.py: REWARD_GATES`) asks the tuned
+model to beat both and the champion.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def build_trainer(recipe, model, tokenizer, train_ds, eval_ds, args: dict, callb
 
 
 def conversational(ds):
-    """Text pairs as messages (the prompt a user turn, each answer an assistant turn); message pairs as they are."""
+    """Text pairs as messages (the prompt a user turn, each answer an assistant turn); message pairs as they
+    are."""
     if not ds.num_rows or isinstance(ds[0]["prompt"], list):
         return ds
     return ds.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}],
@@ -49,7 +51,8 @@ def conversational(ds):
 
 
 def evaluate(recipe, model, tokenizer, train_ds, eval_ds, base_model=None) -> None:
-    """Pairwise accuracy of the tuned reward model, the base's log-prob margin and the longer answer, per pair."""
+    """Pairwise accuracy of the tuned reward model, the base's log-prob margin and the longer answer, per
+    pair."""
     from mlflow_finetune_plugin.evaluate.preferences import preference_margins
     from mlflow_finetune_plugin.evaluate.verdict import SCORES_FILE
     from mlflow_finetune_plugin.metrics import format_table

@@ -1,42 +1,55 @@
-"""TRL's SFTTrainer with the two choices TRL hard-wires made per run: how packed rows reach attention, and how the
-loss is computed. Imported only by `objectives.sft` (it imports TRL).
+"""TRL's SFTTrainer with the two choices TRL hard-wires made per run: how packed rows reach attention, and how
+the loss is computed. Imported only by `objectives.sft` (it imports TRL).
 
-- Packed rows: TRL packs examples into rows of up to `max_length` (best-fit decreasing) and then flattens the whole
-  batch into one padding-free row. A varlen flash-attention kernel attends within each example and skips the rest;
-  SDPA and eager instead build one block-diagonal mask over the flattened row and compute all of it, so attention
-  grows with (batch x max_length)^2 (measured 0.29x the padded speed on CPU). With those kernels the rows are kept
-  as rows: `[batch, longest row]` with `position_ids` restarting at each example and no 2D attention mask, from
-  which transformers builds a block-diagonal mask per row (batch x max_length^2, like padding to max_length).
-- Replay against forgetting (`data.replay_loss: kl`): each training forward (or one in `replay_every`) also scores
-  one row of general text and adds KL(base || tuned) on it, the base being the adapter switched off (`_replay_kl`);
-  `train/task_loss` is the loss without that term. Unless `fused_lm_head` is false, both passes stop before the LM
-  head and the KL is taken over chunks of tokens (`models/lm_head.py`): the two models' logits are never whole.
-- A teacher (`distill.loss: logits`, `-e distill`): KL(teacher || student) on the answer tokens beside the loss, the
+- Packed rows: TRL packs examples into rows of up to `max_length` (best-fit decreasing) and then flattens the
+whole
+  batch into one padding-free row. A varlen flash-attention kernel attends within each example and skips the
+  rest; SDPA and eager instead build one block-diagonal mask over the flattened row and compute all of it, so
+  attention grows with (batch x max_length)^2 (measured 0.29x the padded speed on CPU). With those kernels the
+  rows are kept as rows: `[batch, longest row]` with `position_ids` restarting at each example and no 2D
+  attention mask, from which transformers builds a block-diagonal mask per row (batch x max_length^2, like
+  padding to max_length).
+- Replay against forgetting (`data.replay_loss: kl`): each training forward (or one in `replay_every`) also
+scores
+  one row of general text and adds KL(base || tuned) on it, the base being the adapter switched off
+  (`_replay_kl`); `train/task_loss` is the loss without that term. Unless `fused_lm_head` is false, both
+  passes stop before the LM head and the KL is taken over chunks of tokens (`models/lm_head.py`): the two
+  models' logits are never whole.
+- A teacher (`distill.loss: logits`, `-e distill`): KL(teacher || student) on the answer tokens beside the
+loss, the
   frozen teacher run on the same rows; the student's logits come from its own forward (`_teacher_loss`).
-- Loss (`fused_lm_head`), the same value and gradients every way (transformers' causal-LM cross-entropy, normalised
+- Loss (`fused_lm_head`), the same value and gradients every way (transformers' causal-LM cross-entropy,
+normalised
   the same way), the same `num_tokens` and `mean_token_accuracy`:
-  - `True`: TRL's fused, tiled LM head, which never materialises the logits and recomputes them in the backward
-    pass, plus entropy (logged) and token accuracy from the same tiles. On a GPU it runs as Triton kernels over the
-    labelled positions; on CPU as torch ops over every position, slower there than the model's own loss.
-  - `"chunked"`: the model runs up to its LM head, and the head is applied to chunks of the positions whose next
-    token is labelled, each chunk's loss and gradient taken at once (`lm_head.cross_entropy`, Liger's scheme in
-    torch): prompts, system messages and packed neighbours cost no logits, and the logits held at once are one
-    chunk's, whatever the vocabulary. Heads `lm_head.head_of` does not reproduce (a LoRA on the head, logit
-    scaling) take the `False` path.
-  - `False`: a forward pre-hook on the output embedding keeps the hidden states whose next token is labelled and
+  - `True`: TRL's fused, tiled LM head, which never materialises the logits and recomputes them in the
+  backward
+    pass, plus entropy (logged) and token accuracy from the same tiles. On a GPU it runs as Triton kernels
+    over the labelled positions; on CPU as torch ops over every position, slower there than the model's own
+    loss.
+  - `"chunked"`: the model runs up to its LM head, and the head is applied to chunks of the positions whose
+  next
+    token is labelled, each chunk's loss and gradient taken at once (`lm_head.cross_entropy`, Liger's scheme
+    in torch): prompts, system messages and packed neighbours cost no logits, and the logits held at once are
+    one chunk's, whatever the vocabulary. Heads `lm_head.head_of` does not reproduce (a LoRA on the head,
+    logit scaling) take the `False` path.
+  - `False`: a forward pre-hook on the output embedding keeps the hidden states whose next token is labelled
+  and
     drops the rest before the `hidden x vocab` matmul; the logits of all labelled positions are held at once.
     Whatever the model does to its logits after the head (soft-capping, scaling) still happens.
   - `"liger"` (`train.kernels` on Liger with `fused_lm_head: auto`, models/kernels.py): Liger's fused linear
     cross-entropy, which replaced the model's forward, returns the loss and token accuracy while training; its
-    gradient is taken chunk by chunk in the forward pass (nothing recomputed in the backward). Evaluation and the
-    replay term take the `False` path, whose forward then is Liger's without labels (the logits, as usual).
-  Figures for each: docs/benchmarks.md, "Large vocabularies", and its history. Entropy is logged with `True` only.
-- Mixtures of experts: the router's load-balancing loss (`train.router_aux_loss`, TRL's `router_aux_loss_coef`) is
-  added on every path. TRL's fused head adds it itself on padded batches; the chunked and labelled-positions paths
-  call the model without labels, where transformers computes it and leaves it out of the loss, so it is added here,
-  from the router logits of the real tokens only: the padded batch's mask, or the packed rows' (whose mask is
-  removed before the forward pass, so the model, or TRL's fused head, would count the rows' end padding as tokens:
-  on packed rows the fused head's own term is replaced by this one).
+    gradient is taken chunk by chunk in the forward pass (nothing recomputed in the backward). Evaluation and
+    the replay term take the `False` path, whose forward then is Liger's without labels (the logits, as
+    usual).
+  Figures for each: docs/benchmarks.md, "Large vocabularies", and its history. Entropy is logged with `True`
+  only.
+- Mixtures of experts: the router's load-balancing loss (`train.router_aux_loss`, TRL's
+`router_aux_loss_coef`) is
+  added on every path. TRL's fused head adds it itself on padded batches; the chunked and labelled-positions
+  paths call the model without labels, where transformers computes it and leaves it out of the loss, so it is
+  added here, from the router logits of the real tokens only: the padded batch's mask, or the packed rows'
+  (whose mask is removed before the forward pass, so the model, or TRL's fused head, would count the rows' end
+  padding as tokens: on packed rows the fused head's own term is replaced by this one).
 """
 
 from __future__ import annotations
@@ -55,12 +68,13 @@ from mlflow_finetune_plugin.models.lm_head import Head, cross_entropy, head_of, 
 
 @dataclass
 class PackedRowsCollator(DataCollatorForLanguageModeling):
-    """TRL's collator for packed data, rows kept: `input_ids`/`labels`/`position_ids` of `[batch, longest row]`.
+    """TRL's collator for packed data, rows kept: `input_ids`/`labels`/`position_ids` of `[batch, longest
+    row]`.
 
-    `attention_mask` marks the real tokens of each row; the trainer counts tokens with it and removes it before the
-    forward pass, so that the model derives the per-example mask from `position_ids`. The first token of every
-    packed example gets no label: it would otherwise be predicted from the end of the previous example (TRL's
-    padding-free collator does the same).
+    `attention_mask` marks the real tokens of each row; the trainer counts tokens with it and removes it
+    before the forward pass, so that the model derives the per-example mask from `position_ids`. The first
+    token of every packed example gets no label: it would otherwise be predicted from the end of the previous
+    example (TRL's padding-free collator does the same).
     """
 
     padding_free: bool = False
@@ -86,16 +100,17 @@ class FinetuneSFTTrainer(SFTTrainer):
         if pack_rows:
             self.data_collator = PackedRowsCollator(pad_token_id=self.data_collator.pad_token_id,
                                                     pad_to_multiple_of=self.data_collator.pad_to_multiple_of)
-        # data.replay_loss: kl: general-text rows (token ids), one scored every `replay_every` training forwards (its
-        # KL weighted by replay_every, so the average pull is the same), in this order
+        # data.replay_loss: kl: general-text rows (token ids), one scored every `replay_every` training
+        # forwards (its KL weighted by replay_every, so the average pull is the same), in this order
         self.replay_kl, self.replay_weight, self.replay_every = replay_kl or [], replay_weight, replay_every
         self._replay_at, self._forwards = 0, 0
         self._parameters = None  # the model's count for `floating_point_ops`, counted once
 
     def floating_point_ops(self, inputs) -> int:
-        """Trainer's estimate (6 x tokens x parameters without the embeddings), with the parameters counted once:
-        Trainer counts them again every step, walking every parameter of the model (17 ms of a 1.5 s smollm2 step
-        on a 2-core CPU). The count does not change while training: no parameter is added or removed."""
+        """Trainer's estimate (6 x tokens x parameters without the embeddings), with the parameters counted
+        once: Trainer counts them again every step, walking every parameter of the model (17 ms of a 1.5 s
+        smollm2 step on a 2-core CPU). The count does not change while training: no parameter is added or
+        removed."""
         name = getattr(self.model, "main_input_name", "input_ids")
         if name not in inputs or not hasattr(self.model, "num_parameters"):
             return super().floating_point_ops(inputs)
@@ -110,12 +125,12 @@ class FinetuneSFTTrainer(SFTTrainer):
             result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
         if not (self.replay_kl and model.training):
             return result
-        # The task's loss was divided by the items of the whole accumulated batch, or Trainer divides it by the
-        # accumulation steps afterwards: the KL term, a mean over one row, is scaled to match either way.
+        # The task's loss was divided by the items of the whole accumulated batch, or Trainer divides it by
+        # the accumulation steps afterwards: the KL term, a mean over one row, is scaled to match either way.
         per_forward = self.current_gradient_accumulation_steps \
             if self.model_accepts_loss_kwargs and num_items_in_batch is not None else 1
-        # train/loss includes the KL term (on one step in replay_every, weighted up): the task's own loss is logged
-        # apart, a smooth curve to read learning from
+        # train/loss includes the KL term (on one step in replay_every, weighted up): the task's own loss is
+        # logged apart, a smooth curve to read learning from
         if self.teacher is None:  # with a teacher, `_teacher_loss` logged the task's own loss
             task = (result[0] if return_outputs else result).detach() * per_forward
             self._metrics["train"]["task_loss"].append(self._gathered_mean(task))
@@ -127,10 +142,11 @@ class FinetuneSFTTrainer(SFTTrainer):
         return (result[0] + extra, result[1]) if return_outputs else result + extra
 
     def _replay_kl(self, model) -> torch.Tensor:
-        """KL(base || tuned) per token, averaged over the next replay row: how far the tuned model's next-token
-        distribution moved from the base model's on general text. The base is the same weights with the adapter
-        switched off (no second copy); its pass needs no gradient. Unless `fused_lm_head` is false, both passes stop
-        at the LM head and the KL is taken chunk by chunk (`lm_head.kl_divergence`)."""
+        """KL(base || tuned) per token, averaged over the next replay row: how far the tuned model's
+        next-token distribution moved from the base model's on general text. The base is the same weights with
+        the adapter switched off (no second copy); its pass needs no gradient. Unless `fused_lm_head` is
+        false, both passes stop at the LM head and the KL is taken chunk by chunk
+        (`lm_head.kl_divergence`)."""
         ids = self.replay_kl[self._replay_at % len(self.replay_kl)]
         self._replay_at += 1
         input_ids = torch.tensor([ids], device=self.accelerator.device)
@@ -141,7 +157,8 @@ class FinetuneSFTTrainer(SFTTrainer):
                 with torch.no_grad(), unwrapped.disable_adapter():
                     model(input_ids=input_ids, use_cache=False)
                 model(input_ids=input_ids, use_cache=False)
-            # prompt tuning prepends tokens to the tuned pass; the base head is the adapter's, trained rows off
+            # prompt tuning prepends tokens to the tuned pass; the base head is the adapter's, trained rows
+            # off
             base, tuned = (h[0, -len(ids):] for h in captured)
             kl = kl_divergence(head, tuned, head.without_rows(), base) / len(ids)
         else:
@@ -155,10 +172,12 @@ class FinetuneSFTTrainer(SFTTrainer):
 
     def _teacher_loss(self, model, inputs, return_outputs, num_items_in_batch):
         """The SFT loss plus KL(teacher || student) per answer token (the labelled next tokens), times
-        `teacher_weight` (`distill.loss: logits`); `train/teacher_kl` is the term, `train/task_loss` the SFT loss.
-        The student's logits come from its own forward (the fused and chunked heads never hold them), the teacher's
-        from a pass without gradient on the same rows (packed rows: the same positions, no mask)."""
-        keep = ("input_ids", "position_ids") if self.pack_rows else ("input_ids", "attention_mask", "position_ids")
+        `teacher_weight` (`distill.loss: logits`); `train/teacher_kl` is the term, `train/task_loss` the SFT
+        loss. The student's logits come from its own forward (the fused and chunked heads never hold them),
+        the teacher's from a pass without gradient on the same rows (packed rows: the same positions, no
+        mask)."""
+        keep = ("input_ids", "position_ids") if self.pack_rows else ("input_ids", "attention_mask",
+                                                                     "position_ids")
         rows, labels = {k: inputs[k] for k in keep if k in inputs}, inputs["labels"]
         loss, outputs = self._task_loss(model, inputs, True, num_items_in_batch)
         with torch.no_grad():
@@ -178,8 +197,9 @@ class FinetuneSFTTrainer(SFTTrainer):
         return (total, outputs) if return_outputs else total
 
     def _gathered_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """A per-step metric, kept as a tensor: it becomes a number in `log`, once per logging step (an `.item()`
-        every step makes the CPU wait for the GPU each step, and the next step's kernels start late)."""
+        """A per-step metric, kept as a tensor: it becomes a number in `log`, once per logging step (an
+        `.item()` every step makes the CPU wait for the GPU each step, and the next step's kernels start
+        late)."""
         return self.accelerator.gather_for_metrics(value.detach().reshape(1)).mean()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -194,8 +214,9 @@ class FinetuneSFTTrainer(SFTTrainer):
         real_mask = inputs.pop("attention_mask") if self.pack_rows else None
         real_tokens = real_mask.sum() if real_mask is not None else None
         if self.fused_lm_head is True and not self._trl_fuses(model):
-            # TRL's fused head reads lm_head.weight/.bias: PEFT's trainable-token rows (model.chat_template on a
-            # base model) wrap the head and have neither, so the chunked head (which knows those rows) takes it.
+            # TRL's fused head reads lm_head.weight/.bias: PEFT's trainable-token rows (model.chat_template on
+            # a base model) wrap the head and have neither, so the chunked head (which knows those rows) takes
+            # it.
             self.fused_lm_head = "chunked"
         if self.fused_lm_head == "liger" and model.training and not return_outputs:
             if self._trl_fuses(model):
@@ -208,7 +229,8 @@ class FinetuneSFTTrainer(SFTTrainer):
             else:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if real_tokens is not None and model.training:
-                # Without an attention mask TRL counts one row's length per batch: count the real tokens instead.
+                # Without an attention mask TRL counts one row's length per batch: count the real tokens
+                # instead.
                 self._total_train_tokens = before + self._gathered(real_tokens) // self._tp_size
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return result
@@ -216,28 +238,37 @@ class FinetuneSFTTrainer(SFTTrainer):
 
     def _own_loss(self, model, inputs, return_outputs, num_items_in_batch, real_mask):
         """transformers' causal-LM loss (sum over labelled next tokens / num_items_in_batch, else their mean):
-        chunked (`models/lm_head.py`), from the labelled positions' logits, or from the model's whole output."""
+        chunked (`models/lm_head.py`), from the labelled positions' logits, or from the model's whole
+        output."""
         mode = "train" if model.training else "eval"
         inputs["use_cache"] = False
-        chunked = self._chunked_head(model) if self.fused_lm_head == "chunked" and not return_outputs else None
-        head = self._output_embedding(model) if model.training and not return_outputs and not chunked else None
+        chunked = (
+            self._chunked_head(model) if self.fused_lm_head == "chunked" and not return_outputs else None
+        )
+        head = (
+            self._output_embedding(model) if model.training and not return_outputs and not chunked else None
+        )
         outputs, routed = None, None
-        # Router logits for the load-balancing loss (the `Trainer.compute_loss` path passes labels: the model adds it)
+        # Router logits for the load-balancing loss (the `Trainer.compute_loss` path passes labels: the model
+        # adds it)
         if self.aux_loss_enabled and (chunked is not None or head is not None):
             inputs["output_router_logits"] = True
-        # the real tokens: the padded batch's mask, the packed rows' (removed from the inputs), or none (no padding)
+        # the real tokens: the padded batch's mask, the packed rows' (removed from the inputs), or none (no
+        # padding)
         real = inputs.get("attention_mask", real_mask)
         if chunked is not None:
             total, n_valid, n_correct, routed = self._chunked_loss(model, chunked, inputs)
         elif head is not None:
             total, n_valid, n_correct, routed = self._labelled_positions_loss(model, head, inputs)
         else:
-            # transformers' own path: labels go to the model, whose causal-LM loss sums over the labelled tokens
-            # and divides by num_items_in_batch (gradient accumulation and DDP handled as for any model).
+            # transformers' own path: labels go to the model, whose causal-LM loss sums over the labelled
+            # tokens and divides by num_items_in_batch (gradient accumulation and DDP handled as for any
+            # model).
             total, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
                                                   num_items_in_batch=num_items_in_batch)
             labels = inputs["labels"]
-            # Prompt tuning prepends virtual tokens to the logits (not to the labels): score the last positions.
+            # Prompt tuning prepends virtual tokens to the logits (not to the labels): score the last
+            # positions.
             logits, targets = outputs.logits[:, -labels.size(1):-1], labels[:, 1:]
             with torch.no_grad():
                 mask = targets != -100
@@ -254,16 +285,18 @@ class FinetuneSFTTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _fused_loss_real_router_tokens(self, model, inputs, num_items_in_batch, real_mask):
-        """TRL's fused head on packed rows of a mixture of experts: TRL's forward takes the load-balancing loss over
-        `attention_mask`, which packed rows do not pass (it would undo the per-example attention), so every row's
-        end padding would count as routed tokens. The router logits are caught at the backbone instead, TRL's own
-        term is left out for this call, and the loss over the real tokens is added (`_router_loss`)."""
+        """TRL's fused head on packed rows of a mixture of experts: TRL's forward takes the load-balancing
+        loss over `attention_mask`, which packed rows do not pass (it would undo the per-example attention),
+        so every row's end padding would count as routed tokens. The router logits are caught at the backbone
+        instead, TRL's own term is left out for this call, and the loss over the real tokens is added
+        (`_router_loss`)."""
         caught = []
         backbone = self.accelerator.unwrap_model(model).get_decoder()
         hook = backbone.register_forward_hook(lambda module, args, out: caught.append(_router_logits(out)))
         self.aux_loss_enabled = False
         try:
-            loss = super().compute_loss(model, {**inputs, "output_router_logits": True}, False, num_items_in_batch)
+            loss = super().compute_loss(model, {**inputs, "output_router_logits": True}, False,
+                                        num_items_in_batch)
         finally:
             self.aux_loss_enabled = True
             hook.remove()
@@ -271,9 +304,10 @@ class FinetuneSFTTrainer(SFTTrainer):
         return loss + self._router_loss(model, routed, real_mask, num_items_in_batch)
 
     def _liger_loss(self, model, inputs, num_items_in_batch, real_tokens):
-        """Liger's fused linear cross-entropy (`train.kernels`, models/kernels.py), which replaced the model's forward:
-        given labels while training it returns the loss, normalised as transformers' own, and the token accuracy,
-        and no logits. Trainer's loss path passes `num_items_in_batch` and scales across ranks as for any model."""
+        """Liger's fused linear cross-entropy (`train.kernels`, models/kernels.py), which replaced the model's
+        forward: given labels while training it returns the loss, normalised as transformers' own, and the
+        token accuracy, and no logits. Trainer's loss path passes `num_items_in_batch` and scales across ranks
+        as for any model."""
         inputs = {**inputs, "use_cache": False, "return_token_accuracy": True}
         loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
@@ -295,8 +329,8 @@ class FinetuneSFTTrainer(SFTTrainer):
         return loss
 
     def _output_embedding(self, model):
-        """The LM head to restrict to labelled positions, or None where the logits do not line up with the labels
-        (virtual-token methods) or a loss function of the user's is set."""
+        """The LM head to restrict to labelled positions, or None where the logits do not line up with the
+        labels (virtual-token methods) or a loss function of the user's is set."""
         unwrapped = self.accelerator.unwrap_model(model)
         if self.compute_loss_func is not None or self.label_smoother is not None:
             return None
@@ -311,15 +345,15 @@ class FinetuneSFTTrainer(SFTTrainer):
         return type(head) is torch.nn.Linear
 
     def _chunked_head(self, model) -> Head | None:
-        """The LM head as `lm_head.Head` for the chunked loss, or None where `_output_embedding` has none or the
-        head is one `lm_head.head_of` does not reproduce."""
+        """The LM head as `lm_head.Head` for the chunked loss, or None where `_output_embedding` has none or
+        the head is one `lm_head.head_of` does not reproduce."""
         if self._output_embedding(model) is None:
             return None
         return head_of(self.accelerator.unwrap_model(model))
 
     def _chunked_loss(self, model, head, inputs):
-        """(summed cross-entropy of the labelled next tokens, their count, how many were the top prediction), the
-        LM head applied chunk by chunk to the positions that predict a labelled token only."""
+        """(summed cross-entropy of the labelled next tokens, their count, how many were the top prediction),
+        the LM head applied chunk by chunk to the positions that predict a labelled token only."""
         labels = inputs.pop("labels")
         with hidden_states(self.accelerator.unwrap_model(model)) as captured:
             outputs = model(**inputs)
@@ -330,8 +364,8 @@ class FinetuneSFTTrainer(SFTTrainer):
         return total, keep.sum(), torch.tensor(n_correct, device=keep.device), _router_logits(outputs)
 
     def _labelled_positions_loss(self, model, head, inputs):
-        """(summed cross-entropy of the labelled next tokens, their count, how many were the top prediction), with
-        the LM head applied to the positions that predict a labelled token only."""
+        """(summed cross-entropy of the labelled next tokens, their count, how many were the top prediction),
+        with the LM head applied to the positions that predict a labelled token only."""
         labels = inputs.pop("labels")
         targets = labels[:, 1:]
         keep = targets != -100
@@ -356,15 +390,16 @@ class FinetuneSFTTrainer(SFTTrainer):
                 _router_logits(outputs))
 
     def _router_loss(self, model, router_logits, mask, num_items_in_batch):
-        """The weighted load-balancing loss over the real tokens' router logits (Mixtral's, as TRL's fused head
-        takes it), spread over gradient accumulation as TRL spreads it."""
+        """The weighted load-balancing loss over the real tokens' router logits (Mixtral's, as TRL's fused
+        head takes it), spread over gradient accumulation as TRL spreads it."""
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
         experts = self._experts
         if not router_logits or experts is None:
             return 0.0
         aux = load_balancing_loss_func(router_logits, experts.total, experts.active, mask)
-        self._metrics["train" if model.training else "eval"]["aux_loss"].append(self._gathered_mean(aux.detach()))
+        self._metrics["train" if model.training
+                      else "eval"]["aux_loss"].append(self._gathered_mean(aux.detach()))
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
         return self.router_aux_loss_coef * aux / steps
 
@@ -380,8 +415,8 @@ def _router_logits(outputs) -> tuple | None:
 
 
 def _aligned(captured: list, labels: torch.Tensor) -> torch.Tensor:
-    """The hidden states of the last forward pass that reached the LM head, [batch, labels' length, hidden]; prompt
-    tuning's virtual tokens, which come first, are left out."""
+    """The hidden states of the last forward pass that reached the LM head, [batch, labels' length, hidden];
+    prompt tuning's virtual tokens, which come first, are left out."""
     if not captured or captured[-1].dim() != 3 or captured[-1].shape[0] != labels.shape[0] \
             or captured[-1].shape[1] < labels.shape[1]:
         shape = tuple(captured[-1].shape) if captured else "none"

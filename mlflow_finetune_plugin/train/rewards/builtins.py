@@ -1,5 +1,5 @@
-"""The built-in reward functions a recipe names in `grpo.rewards`: `exact_answer`, `regex` and `json_schema`, the
-answer matching they share, and the checks of the parameters a recipe gives them.
+"""The built-in reward functions a recipe names in `grpo.rewards`: `exact_answer`, `regex` and `json_schema`,
+the answer matching they share, and the checks of the parameters a recipe gives them.
 
 Each has TRL's signature, `fn(prompts, completions, **kwargs) -> list[float | None]` (see `calling`).
 """
@@ -20,7 +20,8 @@ def completion_text(completion) -> str:
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list):
-        contents = [m.get("content") for m in completion if isinstance(m, dict) and m.get("role") == "assistant"]
+        contents = [m.get("content") for m in completion if isinstance(m, dict) and m.get("role")
+                    == "assistant"]
         content = contents[-1] if contents else None
         if isinstance(content, list):  # content parts
             return "".join(p.get("text", "") for p in content if isinstance(p, dict))
@@ -41,7 +42,8 @@ def _plain(text: str) -> str:
 
 
 def final_answer(text: str) -> str:
-    """The part of a completion that is its final answer: the last <answer>...</answer>, else the whole text."""
+    """The part of a completion that is its final answer: the last <answer>...</answer>, else the whole
+    text."""
     tagged = _ANSWER_TAG.findall(text)
     return (tagged[-1] if tagged else text).strip()
 
@@ -50,9 +52,9 @@ def answer_matches(completion: str, reference) -> bool:
     """Whether `completion`'s final answer equals `reference`.
 
     The final answer is the last <answer>...</answer> of the completion, else the whole completion. A numeric
-    reference (`68`, `-3.5`, `1,234`) matches when the LAST number in the final answer equals it (so "23 + 45 = 68"
-    and "The answer is 68." match 68, "68 or 69" does not); any other reference matches the whole final answer,
-    compared case-insensitively with whitespace collapsed and a trailing full stop ignored.
+    reference (`68`, `-3.5`, `1,234`) matches when the LAST number in the final answer equals it (so "23 + 45
+    = 68" and "The answer is 68." match 68, "68 or 69" does not); any other reference matches the whole final
+    answer, compared case-insensitively with whitespace collapsed and a trailing full stop ignored.
     """
     answer = final_answer(completion)
     expected = _as_number(str(reference))
@@ -66,8 +68,8 @@ def answer_matches(completion: str, reference) -> bool:
 
 
 def exact_answer(prompts, completions, answer, **kwargs) -> list[float | None]:
-    """1.0 when the completion's final answer equals the row's `answer` column (see `answer_matches`), else 0.0;
-    None for a row without an answer."""
+    """1.0 when the completion's final answer equals the row's `answer` column (see `answer_matches`), else
+    0.0; None for a row without an answer."""
     return [None if ref is None else float(answer_matches(completion_text(c), ref))
             for c, ref in zip(completions, answer)]
 
@@ -83,10 +85,10 @@ def regex(prompts, completions, pattern: str, fullmatch: bool = False, **kwargs)
 
 
 def json_schema(prompts, completions, schema=None, **kwargs) -> list[float | None]:
-    """1.0 when the completion parses as JSON (a single ```json fenced block is unwrapped) and conforms to `schema`:
-    the recipe's (one for every row), else the row's `schema` column (an object, or its JSON text); with neither,
-    any valid JSON scores 1.0. The same check as the evaluation's `json_valid` metric (`eval.json_schema`): the
-    shipped module, with `jsonschema` where installed."""
+    """1.0 when the completion parses as JSON (a single ```json fenced block is unwrapped) and conforms to
+    `schema`: the recipe's (one for every row), else the row's `schema` column (an object, or its JSON text);
+    with neither, any valid JSON scores 1.0. The same check as the evaluation's `json_valid` metric
+    (`eval.json_schema`): the shipped module, with `jsonschema` where installed."""
     from mlflow_finetune_plugin.metrics import load_metric
 
     schemas = schema if isinstance(schema, list) else [schema] * len(completions)
@@ -118,13 +120,14 @@ _BUILTIN_PARAMS = {"exact_answer": {}, "regex": {"pattern": True, "fullmatch": F
 
 
 def check_builtin_params(builtin: str, params: dict, where: str) -> str | None:
-    """The problem with the recipe's parameters for a built-in (unknown or missing ones, a pattern that does not
-    compile, a schema that is not a schema), or None."""
+    """The problem with the recipe's parameters for a built-in (unknown or missing ones, a pattern that does
+    not compile, a schema that is not a schema), or None."""
     allowed = _BUILTIN_PARAMS[builtin]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         valid = ", ".join(["weight", *allowed])
-        return f"{where} ({builtin}): unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; valid: {valid}"
+        return (f"{where} ({builtin}): unknown parameter{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(unknown)}; valid: {valid}")
     missing = [p for p, required in allowed.items() if required and p not in params]
     if missing:
         return f"{where} ({builtin}): needs {', '.join(missing)}, e.g. {{name: regex, pattern: '^\\d+$'}}"
@@ -143,7 +146,8 @@ def _check_builtin_values(builtin: str, params: dict, where: str) -> str | None:
             return f"{where} (regex): fullmatch must be true or false"
     if builtin == "json_schema" and params.get("schema") is not None:
         if not isinstance(params["schema"], dict):
-            return f"{where} (json_schema): schema must be a mapping (a JSON Schema), got {type(params['schema']).__name__}"
+            return (f"{where} (json_schema): schema must be a mapping (a JSON Schema), got "
+                    f"{type(params['schema']).__name__}")
         try:
             import jsonschema
         except ImportError:

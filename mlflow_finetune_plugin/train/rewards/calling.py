@@ -1,16 +1,16 @@
 """Calling reward functions safely, and scoring completions with them.
 
-A reward function has TRL's signature: `fn(prompts, completions, **kwargs) -> list[float | None]`. `prompts` and
-`completions` hold one entry per completion (a prompt repeats once per generation); each is text, or a list of chat
-messages (a completion: `[{"role": "assistant", "content": ...}]`). Every other column of the data arrives as a
-keyword argument holding one value per completion (`answer=[...]`), as do TRL's own (`completion_ids`,
-`trainer_state`, `log_metric`, ...): a function declares the ones it uses, or takes `**kwargs`. None means "cannot
-score this one" (TRL leaves it out of the means).
+A reward function has TRL's signature: `fn(prompts, completions, **kwargs) -> list[float | None]`. `prompts`
+and `completions` hold one entry per completion (a prompt repeats once per generation); each is text, or a
+list of chat messages (a completion: `[{"role": "assistant", "content": ...}]`). Every other column of the
+data arrives as a keyword argument holding one value per completion (`answer=[...]`), as do TRL's own
+(`completion_ids`, `trainer_state`, `log_metric`, ...): a function declares the ones it uses, or takes
+`**kwargs`. None means "cannot score this one" (TRL leaves it out of the means).
 
-`wrap` turns a function into what TRL calls: the recipe's parameters bound, only the arguments it takes passed, its
-result checked, and its errors turned into a `RewardError` that names the prompt. `Reward` lives here rather than in
-`loader` because scoring takes Rewards while the loader needs `wrap`: the loader imports this module, never the
-reverse.
+`wrap` turns a function into what TRL calls: the recipe's parameters bound, only the arguments it takes
+passed, its result checked, and its errors turned into a `RewardError` that names the prompt. `Reward` lives
+here rather than in `loader` because scoring takes Rewards while the loader needs `wrap`: the loader imports
+this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ class Reward:
 
 
 def wrap(func: Callable, name: str, params: dict) -> Callable:
-    """`func` as TRL calls it: named `name` (TRL's metric name), the recipe's parameters bound, only the keyword
-    arguments it takes passed, the result checked, and any error turned into a FinetuneError that names the
-    function, the prompt it failed on and the original error."""
+    """`func` as TRL calls it: named `name` (TRL's metric name), the recipe's parameters bound, only the
+    keyword arguments it takes passed, the result checked, and any error turned into a FinetuneError that
+    names the function, the prompt it failed on and the original error."""
     try:
         sig = inspect.signature(func)
         takes_all = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
@@ -98,11 +98,13 @@ def _failing_row(call, prompts, completions, kwargs) -> int:
 
 def _checked(name: str, out, n: int) -> list[float | None]:
     if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
-        raise FinetuneError(f"reward function {name!r} returned {type(out).__name__}; it must return a list of {n} "
-                            "numbers (one per completion; None for one it cannot score)")
+        raise FinetuneError(
+            f"reward function {name!r} returned {type(out).__name__}; it must return a list of {n} "
+            "numbers (one per completion; None for one it cannot score)")
     if len(out) != n:
-        raise FinetuneError(f"reward function {name!r} returned {len(out)} rewards for {n} completions; it must "
-                            "return one per completion (None for one it cannot score)")
+        raise FinetuneError(
+            f"reward function {name!r} returned {len(out)} rewards for {n} completions; it must "
+            "return one per completion (None for one it cannot score)")
     values = []
     for v in out:
         if v is None:
@@ -111,15 +113,16 @@ def _checked(name: str, out, n: int) -> list[float | None]:
         try:
             values.append(float(v))
         except (TypeError, ValueError):
-            raise FinetuneError(f"reward function {name!r} returned {v!r} ({type(v).__name__}) among its rewards; "
-                                "each must be a number or None") from None
+            raise FinetuneError(
+                f"reward function {name!r} returned {v!r} ({type(v).__name__}) among its rewards; "
+                "each must be a number or None") from None
     return values
 
 
 def score(rewards: list[Reward], prompts: list, completions: list, columns: dict[str, list]
           ) -> tuple[list[float | None], dict[str, list[float | None]]]:
-    """(weighted total per completion, each function's rewards) the way GRPO sums them: functions returning None
-    are left out of the sum, a completion no function scores has no total (None)."""
+    """(weighted total per completion, each function's rewards) the way GRPO sums them: functions returning
+    None are left out of the sum, a completion no function scores has no total (None)."""
     per_fn = {r.name: r.func(prompts=prompts, completions=completions, **columns) for r in rewards}
     totals = []
     for i in range(len(completions)):

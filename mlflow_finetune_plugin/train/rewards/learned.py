@@ -1,14 +1,15 @@
-"""A learned reward: a registered reward model (`-e reward`) named in `grpo.rewards` beside or instead of code rewards:
+"""A learned reward: a registered reward model (`-e reward`) named in `grpo.rewards` beside or instead of code
+rewards:
 
     rewards:
       - models:/support-bot-rm@champion              # or models:/NAME/VERSION
       - {name: models:/support-bot-rm/3, weight: 0.5}
       - exact_answer
 
-It scores each (prompt, completion) with its own tokenizer and chat template (`reward_model.score`), so its base may
-differ from the policy's, as TRL's GRPOTrainer allows for reward models. The version is checked in the registry
-before a run exists (its `finetune.objective` tag must say `reward`); its weights load on the first call, in the
-training process.
+It scores each (prompt, completion) with its own tokenizer and chat template (`reward_model.score`), so its
+base may differ from the policy's, as TRL's GRPOTrainer allows for reward models. The version is checked in
+the registry before a run exists (its `finetune.objective` tag must say `reward`); its weights load on the
+first call, in the training process.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ def is_model_uri(name: str) -> bool:
 
 
 def label_of(uri: str) -> str:
-    """The reward's name in TRL's metrics (`rewards/<name>/mean`): the URI without `models:/`, `/` and `@` as `_`."""
+    """The reward's name in TRL's metrics (`rewards/<name>/mean`): the URI without `models:/`, `/` and `@` as
+    `_`."""
     return re.sub(r"[/@]", "_", uri[len(PREFIX):]) or "reward_model"
 
 
 def check_reward_model(uri: str, where: str) -> str | None:
-    """The problem with naming `uri` as a reward (no such version, or a version that is not a reward model)."""
+    """The problem with naming `uri` as a reward (no such version, or a version that is not a reward
+    model)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -40,17 +43,20 @@ def check_reward_model(uri: str, where: str) -> str | None:
     name, alias = ref.split("@", 1) if "@" in ref else (ref, None)
     name, _, version = name.partition("/") if alias is None else (name, "", "")
     if not name or (alias is None and not version.isdigit()):
-        return f"{where}: {uri!r}: name a registered reward model as models:/NAME/VERSION or models:/NAME@ALIAS"
+        return (f"{where}: {uri!r}: name a registered reward model as models:/NAME/VERSION or "
+                "models:/NAME@ALIAS")
     client = MlflowClient()
     try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name,
+                                                                                                   version)
     except MlflowException as e:
         return f"{where}: {uri!r}: no such registered version ({e.message.splitlines()[0]})"
     objective = mv.tags.get(tags.OBJECTIVE)
     if objective != "reward":
-        return (f"{where}: {uri!r} (version {mv.version}) is not a reward model: it was trained with objective "
-                f"{objective or 'unknown'}. Train one on preference pairs with `mlflow run DIR -e reward --backend "
-                "finetune` and name that version")
+        return (
+            f"{where}: {uri!r} (version {mv.version}) is not a reward model: it was trained with objective "
+            f"{objective or 'unknown'}. Train one on preference pairs with `mlflow run DIR -e reward "
+            "--backend finetune` and name that version")
     return None
 
 

@@ -1,9 +1,9 @@
-"""Loading a recipe's reward functions (`grpo.rewards`) and checking them before a model loads: the built-ins by name,
-the project's own from its `rewards.py` (or `file.py:function`), their parameters and weights, and the data columns
-they need.
+"""Loading a recipe's reward functions (`grpo.rewards`) and checking them before a model loads: the built-ins
+by name, the project's own from its `rewards.py` (or `file.py:function`), their parameters and weights, and
+the data columns they need.
 
-User functions are plain Python in the project folder: a function in `rewards.py` by its name, or `file.py:function`
-for another file. The recipe names them in `grpo.rewards`:
+User functions are plain Python in the project folder: a function in `rewards.py` by its name, or
+`file.py:function` for another file. The recipe names them in `grpo.rewards`:
 
     rewards:
       - exact_answer                                   # a built-in, or a function in rewards.py
@@ -12,8 +12,8 @@ for another file. The recipe names them in `grpo.rewards`:
       - {name: checks.py:brevity, weight: 2}
       - models:/support-bot-rm@champion                # a registered reward model (rewards/learned.py)
 
-The weighted sum of the functions is the reward GRPO maximizes (TRL's `reward_weights`). A built-in's name wins over
-a function of that name in rewards.py; write `rewards.py:NAME` for yours.
+The weighted sum of the functions is the reward GRPO maximizes (TRL's `reward_weights`). A built-in's name
+wins over a function of that name in rewards.py; write `rewards.py:NAME` for yours.
 """
 
 from __future__ import annotations
@@ -39,15 +39,17 @@ from mlflow_finetune_plugin.train.rewards.learned import (
 
 USER_FILE = "rewards.py"
 # What TRL passes to every reward function besides the data's columns (GRPOTrainer._calculate_rewards).
-TRL_KWARGS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
+TRL_KWARGS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",
+              "environments")
 
 
 def load_rewards(specs: list, project_dir: str | Path | None, key: str = "grpo.rewards") -> list[Reward]:
     """The recipe's reward functions, loaded and checked; FinetuneError lists every problem at once."""
     rewards, problems = resolve_rewards(specs, project_dir, key)
     if problems:
-        raise FinetuneError("\n".join([f"{len(problems)} problem{'s' if len(problems) != 1 else ''} with the reward "
-                                       "functions:", *("  - " + p for p in problems)]))
+        raise FinetuneError(
+            "\n".join([f"{len(problems)} problem{'s' if len(problems) != 1 else ''} with the reward "
+                       "functions:", *("  - " + p for p in problems)]))
     return rewards
 
 
@@ -65,9 +67,12 @@ def resolve_rewards(specs: list, project_dir: str | Path | None, key: str = "grp
         if problem:
             problems.append(problem)
             continue
-        if is_model_uri(name):  # a registered reward model: checked in the registry, loaded when GRPO first calls it
-            problem = check_reward_model(name, where) or (f"{where} ({name}): a reward model takes no parameters "
-                                                          f"besides weight; got {', '.join(params)}" if params else None)
+        # a registered reward model: checked in the registry, loaded when GRPO first calls it
+        if is_model_uri(name):
+            problem = check_reward_model(name,
+                                         where) or (f"{where} ({name}): a reward model takes no parameters "
+                                                    f"besides weight; got {', '.join(params)}" if params
+                                                    else None)
             if problem:
                 problems.append(problem)
             else:
@@ -91,12 +96,14 @@ def _parse_spec(spec, where: str) -> tuple[str, dict, float, str | None]:
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, dict):
-        return "", {}, 1.0, (f"{where}: must be a reward's name or a mapping {{name: ..., weight: ..., <parameters>}}, "
-                             f"got {type(spec).__name__}")
+        return "", {}, 1.0, (
+            f"{where}: must be a reward's name or a mapping {{name: ..., weight: ..., <parameters>}}, "
+            f"got {type(spec).__name__}")
     params = dict(spec)
     name, weight = params.pop("name", None), params.pop("weight", 1.0)
     if not isinstance(name, str) or not name.strip():
-        return "", {}, 1.0, f"{where}: a mapping needs `name` (a built-in, a function in {USER_FILE}, or file.py:function)"
+        return "", {}, 1.0, (f"{where}: a mapping needs `name` (a built-in, a function in {USER_FILE}, or "
+                             "file.py:function)")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         return "", {}, 1.0, f"{where} ({name}): weight must be a number, got {weight!r}"
     return name.strip(), params, float(weight), None
@@ -111,12 +118,14 @@ def _find(name: str, project: Path, modules: dict, where: str) -> tuple[Callable
     if ":" in name and not file.endswith(".py"):
         return None, f"{where}: {name!r}: name a Python file and a function in it, e.g. {USER_FILE}:{fn}"
     if ":" in name and not path.is_file():
-        return None, f"{where}: {name!r}: file not found: {path} (paths are relative to the project folder {project})"
+        return None, (f"{where}: {name!r}: file not found: {path} (paths are relative to the project folder "
+                      f"{project})")
     module, problem = _module(path, modules) if path.is_file() else (None, None)
     if problem:
         return None, f"{where}: {problem}"
     if module is None or not hasattr(module, fn):
-        return None, f"{where}: unknown reward {name!r}. " + _known(_functions(module), path, module is not None, fn)
+        return None, f"{where}: unknown reward {name!r}. " + _known(_functions(module), path,
+                                                                    module is not None, fn)
     func = getattr(module, fn)
     if not callable(func):
         return None, f"{where}: {fn!r} in {file} is not a function (it is a {type(func).__name__})"
@@ -124,15 +133,19 @@ def _find(name: str, project: Path, modules: dict, where: str) -> tuple[Callable
 
 
 def _known(found: list[str], path: Path, exists: bool, wanted: str) -> str:
-    mine = (f"functions in {path.name}: {', '.join(found)}" if found else f"{path.name} defines no functions") \
-        if exists else f"no {path.name} in {path.parent}"
+    mine = (
+        (f"functions in {path.name}: {', '.join(found)}" if found else f"{path.name} defines no functions")
+        if exists
+        else f"no {path.name} in {path.parent}"
+    )
     close = difflib.get_close_matches(wanted, [*BUILTINS, *found], n=1, cutoff=0.6)
     hint = f" Did you mean `{close[0]}`?" if close else ""
     return f"Built-ins: {', '.join(BUILTINS)}; {mine}.{hint}"
 
 
 def _module(path: Path, cache: dict) -> tuple[object | None, str | None]:
-    """The user's file, imported by path (once per load); a file that fails to import is a problem, not a crash."""
+    """The user's file, imported by path (once per load); a file that fails to import is a problem, not a
+    crash."""
     if path in cache:
         return cache[path], None
     name = f"finetune_rewards_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
@@ -162,8 +175,9 @@ def _functions(module) -> list[str]:
 
 
 def _check_params(builtin: str | None, func: Callable, params: dict, where: str) -> str | None:
-    """A built-in's parameters are its own (required ones given, patterns compile, schemas are schemas); a user
-    function must take prompts and completions by name (or **kwargs) and every parameter the recipe gives."""
+    """A built-in's parameters are its own (required ones given, patterns compile, schemas are schemas); a
+    user function must take prompts and completions by name (or **kwargs) and every parameter the recipe
+    gives."""
     if builtin:
         return check_builtin_params(builtin, params, where)
     label = getattr(func, "__name__", "reward")
@@ -178,12 +192,14 @@ def _check_params(builtin: str | None, func: Callable, params: dict, where: str)
                 f"it takes ({', '.join(sig.parameters)})")
     unknown = sorted(set(params) - named) if not takes_all else []
     if unknown:
-        return f"{where} ({label}): {label}() has no parameter {', '.join(unknown)} (it takes {', '.join(sig.parameters)})"
+        return (f"{where} ({label}): {label}() has no parameter {', '.join(unknown)} (it takes "
+                f"{', '.join(sig.parameters)})")
     return None
 
 
 def _unique(name: str, taken: set) -> str:
-    """`name`, or `name_2`, `name_3`, ... when another reward of the recipe has it (TRL names metrics by it)."""
+    """`name`, or `name_2`, `name_3`, ... when another reward of the recipe has it (TRL names metrics by
+    it)."""
     label, n = name, 1
     while label in taken:
         n += 1
@@ -209,8 +225,9 @@ def missing_columns(rewards: list[Reward], columns) -> list[str]:
     for r in rewards:
         lacking = [c for c in r.columns if c not in have]
         if lacking:
-            out.append(f"reward {r.name!r} needs the column{'s' if len(lacking) > 1 else ''} {', '.join(lacking)} "
-                       f"(rows without a value are not scored); the data has: {', '.join(sorted(have))}"
-                       + (". Give json_schema a `schema` in the recipe, or a schema column"
-                          if r.name.startswith("json_schema") else ""))
+            out.append(
+                f"reward {r.name!r} needs the column{'s' if len(lacking) > 1 else ''} {', '.join(lacking)} "
+                f"(rows without a value are not scored); the data has: {', '.join(sorted(have))}"
+                + (". Give json_schema a `schema` in the recipe, or a schema column"
+                   if r.name.startswith("json_schema") else ""))
     return out

@@ -39,7 +39,8 @@ class Bleu(evaluate.Metric):
 
     def _compute(self, predictions, references, lowercase=False, tokenize="13a", per_example=False):
         corpus = BLEU(lowercase=lowercase, tokenize=tokenize)
-        out = {"bleu": corpus.corpus_score(list(predictions), [list(references)]).score / 100 if predictions else 0.0}
+        out = {"bleu": corpus.corpus_score(list(predictions), [list(references)]).score / 100 if predictions
+               else 0.0}
         if per_example:
             sentence = BLEU(lowercase=lowercase, tokenize=tokenize, effective_order=True)
             out["bleu_per_example"] = [sentence.sentence_score(p, [r]).score / 100

@@ -1,4 +1,5 @@
-"""chrF (character n-gram F-score) computed by `sacrebleu`, shipped with mlflow-finetune-plugin to load offline."""
+"""chrF (character n-gram F-score) computed by `sacrebleu`, shipped with mlflow-finetune-plugin to load
+offline."""
 
 import datasets
 import evaluate
@@ -6,7 +7,8 @@ from sacrebleu.metrics import CHRF
 
 _DESCRIPTION = """
 chrF: character n-gram F-score (beta 2) of the answers against the references, computed by sacrebleu and
-scaled to [0, 1] (sacrebleu reports 0-100). `chrf` is the corpus-level score (statistics summed over all pairs,
+scaled to [0, 1] (sacrebleu reports 0-100). `chrf` is the corpus-level score (statistics summed over all \
+pairs,
 as sacrebleu does); `chrf_per_example` holds sentence-level scores. word_order=2 gives chrF++.
 """
 
@@ -41,7 +43,9 @@ class Chrf(evaluate.Metric):
     def _compute(self, predictions, references, char_order=6, word_order=0, beta=2, lowercase=False,
                  per_example=False):
         chrf = CHRF(char_order=char_order, word_order=word_order, beta=beta, lowercase=lowercase)
-        out = {"chrf": chrf.corpus_score(list(predictions), [list(references)]).score / 100 if predictions else 0.0}
+        out = {"chrf": chrf.corpus_score(list(predictions), [list(references)]).score / 100 if predictions
+               else 0.0}
         if per_example:
-            out["chrf_per_example"] = [chrf.sentence_score(p, [r]).score / 100 for p, r in zip(predictions, references)]
+            out["chrf_per_example"] = [chrf.sentence_score(p, [r]).score / 100 for p,
+                                       r in zip(predictions, references)]
         return out

@@ -1,4 +1,5 @@
-"""Exact match, shipped with mlflow-finetune-plugin so it loads offline: `evaluate.load(<path to this folder>)`."""
+"""Exact match, shipped with mlflow-finetune-plugin so it loads offline: `evaluate.load(<path to this
+folder>)`."""
 
 import re
 import string
@@ -46,9 +47,11 @@ class ExactMatch(evaluate.Metric):
                                         "references": datasets.Value("string")}),
         )
 
-    def _compute(self, predictions, references, ignore_case=False, ignore_punctuation=False, per_example=False):
-        scores = [float(_normalize(p, ignore_case, ignore_punctuation) == _normalize(r, ignore_case, ignore_punctuation))
-                  for p, r in zip(predictions, references)]
+    def _compute(self, predictions, references, ignore_case=False, ignore_punctuation=False,
+                 per_example=False):
+        scores = [float(_normalize(p, ignore_case, ignore_punctuation)
+                        == _normalize(r, ignore_case, ignore_punctuation)) for p,
+                  r in zip(predictions, references)]
         out = {"exact_match": sum(scores) / len(scores) if scores else 0.0}
         if per_example:
             out["exact_match_per_example"] = scores

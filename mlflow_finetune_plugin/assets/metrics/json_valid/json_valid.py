@@ -7,7 +7,8 @@ import datasets
 import evaluate
 
 _DESCRIPTION = """
-JSON validity: 1 for an answer that parses as JSON (a single ```json fenced block is unwrapped first) and, when
+JSON validity: 1 for an answer that parses as JSON (a single ```json fenced block is unwrapped first) and, \
+when
 `schema` is given, conforms to it; else 0. The mean is the share of usable structured answers. Schemas are
 checked with `jsonschema` when it is installed, else with a built-in subset (type, required, properties,
 additionalProperties false, items, enum).

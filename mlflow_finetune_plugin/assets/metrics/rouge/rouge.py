@@ -1,4 +1,5 @@
-"""ROUGE-1/2/L F-measures computed by `rouge_score`, shipped with mlflow-finetune-plugin so it loads offline."""
+"""ROUGE-1/2/L F-measures computed by `rouge_score`, shipped with mlflow-finetune-plugin so it loads
+offline."""
 
 import datasets
 import evaluate

@@ -10,7 +10,8 @@ import evaluate
 _DESCRIPTION = """
 Token F1: the harmonic mean of precision and recall of the answer's tokens against the reference's tokens
 (bags of tokens, so order does not matter), averaged over all pairs. Tokens come from SQuAD's normalization:
-lowercase, ASCII punctuation and the articles a/an/the removed, split on whitespace. Two empty answers score 1,
+lowercase, ASCII punctuation and the articles a/an/the removed, split on whitespace. Two empty answers score \
+1,
 one empty answer scores 0.
 """
 
@@ -49,7 +50,8 @@ class TokenF1(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
-            citation="Rajpurkar et al., SQuAD: 100,000+ Questions for Machine Comprehension of Text, EMNLP 2016.",
+            citation="Rajpurkar et al., SQuAD: 100,000+ Questions for Machine Comprehension of Text, EMNLP "
+                     "2016.",
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features({"predictions": datasets.Value("string"),
                                         "references": datasets.Value("string")}),
