@@ -6,8 +6,9 @@ and its chat template (the teacher's own tokenizer counts somewhat differently),
 
 from __future__ import annotations
 
-import json
 import sys
+
+from mlflow_finetune_plugin.messages import text_of
 
 # Where the student's tokenizer cannot be loaded or cannot render a prompt: the usual rule of thumb for
 # English text and BPE vocabularies, said as such beside the figure.
@@ -63,13 +64,5 @@ def prompt_tokens(recipe, prompts: list) -> tuple[int, str]:
 
 def approximate_tokens(conversations) -> int:
     """About one token per 4 characters of the messages' text, over an iterable of message lists."""
-    chars = sum(len(_text(m.get("content"))) for messages in conversations for m in messages)
+    chars = sum(len(text_of(m.get("content"), " ")) for messages in conversations for m in messages)
     return -(-chars // _CHARS_PER_TOKEN)
-
-
-def _text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # parts: text parts count, an image's URL or bytes do not
-        return " ".join(part.get("text") or "" for part in content if isinstance(part, dict))
-    return json.dumps(content) if content is not None else ""

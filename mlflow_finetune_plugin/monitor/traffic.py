@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config.traces import moment_ms
+from mlflow_finetune_plugin.data.trace_calls import read_call
 from mlflow_finetune_plugin.data.traces import (
     DEFAULT_EXPECTATIONS,
     DEFAULT_FEEDBACK,
     TraceQuery,
     assess,
-    read_call,
 )
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import last_user_text, text_of

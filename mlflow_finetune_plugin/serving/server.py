@@ -189,16 +189,7 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
                        else None)
     # The server listens on loopback only; the front listens on host:port.
     inner_port = loopback_port()
-    if engine == "vllm":
-        cmd = vllm_command(choices, "127.0.0.1", inner_port, extra)
-    elif engine == "transformers":
-        if len(choices) != 1:
-            raise FinetuneError(
-                "`transformers serve` serves one model per server: give one MODEL_URI, and start "
-                "another server (another --port) for the other side, e.g. NAME/3:base")
-        cmd = transformers_command(choices[0], "127.0.0.1", inner_port, extra)
-    else:
-        raise FinetuneError(f"--engine {engine!r}: use vllm or transformers")
+    cmd = _server_command(engine, choices, inner_port, extra)
     if host not in LOOPBACK:
         echo(f"Warning: the server listens on {host}, reachable from other machines, with no authentication.")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1"
@@ -217,20 +208,7 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
     echo("$ " + " ".join(cmd.argv))
     if dry_run:
         return cmd
-    tracer = None
-    if trace:
-        from mlflow_finetune_plugin.serving.tracing import TRACE_HEADER, Tracer
-
-        # the experiment is made now: a wrong store fails here, not later
-        tracer = Tracer(trace, "serve", echo)
-        echo(
-            f"Tracing: each chat completion is recorded as an MLflow trace in experiment {trace!r} (traces "
-            f"hold the users' prompts and answers); answers carry its id in the {TRACE_HEADER} header, and "
-            f"POST {url}/feedback rates one")
-        for choice in choices:
-            if (model_id := tracer.model_id(choice)) is not None:
-                echo(f"{served_name(choice)}'s traces name its logged model {model_id}: train on them with "
-                     f"-P data=traces:{trace} -P data.traces.model_id={model_id}")
+    tracer = _tracer(trace, choices, url, echo) if trace else None
     if engine == "vllm":
         from mlflow_finetune_plugin.serving.vllm_checks import require_vllm_runs
         from mlflow_finetune_plugin.serving.vllm_engine import require_vllm
@@ -261,6 +239,36 @@ def serve(refs: list[str], engine: str, host: str = "127.0.0.1", port: int = 800
     finally:
         watch.stop()
     sys.exit(code)
+
+
+def _server_command(engine: str, choices: list[ModelChoice], inner_port: int, extra) -> ServerCommand:
+    """The model server's command, on loopback at `inner_port` (the front listens on host:port)."""
+    if engine == "vllm":
+        return vllm_command(choices, "127.0.0.1", inner_port, extra)
+    if engine == "transformers":
+        if len(choices) != 1:
+            raise FinetuneError(
+                "`transformers serve` serves one model per server: give one MODEL_URI, and start "
+                "another server (another --port) for the other side, e.g. NAME/3:base")
+        return transformers_command(choices[0], "127.0.0.1", inner_port, extra)
+    raise FinetuneError(f"--engine {engine!r}: use vllm or transformers")
+
+
+def _tracer(trace: str, choices: list[ModelChoice], url: str, echo):
+    """`serve --trace`: the tracer of experiment `trace`, made now (a wrong store fails here, not later), and
+    what it records said."""
+    from mlflow_finetune_plugin.serving.tracing import TRACE_HEADER, Tracer
+
+    tracer = Tracer(trace, "serve", echo)
+    echo(
+        f"Tracing: each chat completion is recorded as an MLflow trace in experiment {trace!r} (traces "
+        f"hold the users' prompts and answers); answers carry its id in the {TRACE_HEADER} header, and "
+        f"POST {url}/feedback rates one")
+    for choice in choices:
+        if (model_id := tracer.model_id(choice)) is not None:
+            echo(f"{served_name(choice)}'s traces name its logged model {model_id}: train on them with "
+                 f"-P data=traces:{trace} -P data.traces.model_id={model_id}")
+    return tracer
 
 
 def _tell_retrieval(routes, choices: list[ModelChoice], echo) -> None:
