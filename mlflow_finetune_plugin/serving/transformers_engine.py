@@ -316,8 +316,8 @@ class TransformersEngine(Engine):
         thread.
 
         Greedy and sampled rows stream token by token (`row_hook`). Beam search (`num_beams` > 1, as
-        models.generation.generate scores it: early stopping, no sampling) knows each row's answer only when the
-        search ends, so each answer comes whole."""
+        models.generation.generate scores it: early stopping, no sampling) knows each row's answer only when
+        the search ends, so each answer comes whole."""
         import torch
         from transformers import StoppingCriteriaList
 
