@@ -49,7 +49,8 @@ def _within(module: str, prefixes) -> bool:
     return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
-def _modules() -> dict[str, Path]:
+def package_modules() -> dict[str, Path]:
+    """module name -> file, for every module of the package (a package by its __init__)."""
     out = {}
     for package in PACKAGES:
         for path in (REPO / package).rglob("*.py"):
@@ -58,32 +59,38 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> the package modules it imports (`from pkg import mod` names the module, `from mod import
-    name` the module holding the name)."""
-    modules = _modules()
+def imports_of(path: Path, modules: dict, package: str) -> set[str]:
+    """The package modules a file imports, lazy imports included (`from pkg import mod` names the module,
+    `from mod import name` the module holding the name); `package` anchors its relative imports."""
 
     def known(name: str) -> str | None:
         while name and name not in modules:
             name = name.rpartition(".")[0]
         return name or None
 
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets.update(known(a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package
+                for _ in range(node.level - 1):
+                    anchor = anchor.rpartition(".")[0]
+                base = f"{anchor}.{base}" if base else anchor
+            targets.update(known(f"{base}.{a.name}") for a in node.names)
+    targets.discard(None)
+    return targets
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (`imports_of`)."""
+    modules = package_modules()
     graph = {}
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        targets = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                targets.update(known(a.name) for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package
-                    for _ in range(node.level - 1):
-                        anchor = anchor.rpartition(".")[0]
-                    base = f"{anchor}.{base}" if base else anchor
-                targets.update(known(f"{base}.{a.name}") for a in node.names)
-        graph[module] = {t for t in targets if t and t != module}
+        graph[module] = imports_of(path, modules, package) - {module}
     return graph
 
 

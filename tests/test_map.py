@@ -2,20 +2,21 @@
 the test files that import it; and for each module no test imports, the named test that reaches it, through
 the modules a test imports or through a subprocess (`mlflow run`, the console script, a server) that runs it.
 
-`python tests/test_map.py` rewrites the two tables between their markers; the test fails when the file
+`python -m tests.test_map` rewrites the two tables between their markers; the test fails when the file
 differs, or when a module is reached by no test at all. Everything is read from the code as text (ast),
 nothing is imported."""
 
 from __future__ import annotations
 
-import ast
 import sys
 from pathlib import Path
+
+from tests.test_layers import imports_of, package_modules
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT = "mlflow_finetune_plugin"
 README = REPO / "tests" / "README.md"
-BEGIN, END = "<!-- test-map: python tests/test_map.py -->", "<!-- /test-map -->"
+BEGIN, END = "<!-- test-map: python -m tests.test_map -->", "<!-- /test-map -->"
 
 # Modules that run only in a process a test starts (MLflow's plugin entry point, the console script, `python
 # -m`, a stored model's loader, a server) or that are loaded by their file path (the metric scripts
@@ -53,38 +54,6 @@ SUBPROCESS = {
 }
 
 
-def _package_modules() -> dict[str, Path]:
-    out = {}
-    for path in sorted((REPO / ROOT).rglob("*.py")):
-        parts = path.relative_to(REPO).with_suffix("").parts
-        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return out
-
-
-def _imports(path: Path, modules, package: str) -> set[str]:
-    """The package modules a file imports (`from pkg import mod` names the module), lazy imports included."""
-
-    def known(name: str) -> str | None:
-        while name and name not in modules:
-            name = name.rpartition(".")[0]
-        return name or None
-
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(known(a.name) for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package
-                for _ in range(node.level - 1):
-                    anchor = anchor.rpartition(".")[0]
-                base = f"{anchor}.{base}" if base else anchor
-            found.update(known(f"{base}.{a.name}") for a in node.names)
-    found.discard(None)
-    return found
-
-
 def _short(module: str) -> str:
     return module[len(ROOT) + 1:] if module != ROOT else ROOT
 
@@ -96,14 +65,14 @@ def _room(module: str) -> str:
 
 def survey():
     """(test file -> package modules it imports, module -> modules it imports)."""
-    modules = _package_modules()
+    modules = package_modules()
     graph = {}
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        graph[module] = _imports(path, modules, package) - {module}
+        graph[module] = imports_of(path, modules, package) - {module}
     tests = {}
     for path in sorted((REPO / "tests").glob("*.py")):
-        tests[f"tests/{path.name}"] = _imports(path, modules, "tests")
+        tests[f"tests/{path.name}"] = imports_of(path, modules, "tests")
     return tests, graph
 
 
@@ -199,14 +168,14 @@ def test_every_module_is_driven_by_a_named_test():
 
 
 def test_the_subprocess_list_names_real_modules_and_tests():
-    modules = {_short(m) for m in _package_modules()}
+    modules = {_short(m) for m in package_modules()}
     for module, (test, _) in SUBPROCESS.items():
         assert module in modules, f"SUBPROCESS names {module}, which is not a module of {ROOT}"
         assert (REPO / test).is_file(), f"SUBPROCESS names {test}, which does not exist"
 
 
 def test_the_readme_map_is_current():
-    assert _current() == tables(), "tests/README.md's map is stale: run `python tests/test_map.py`"
+    assert _current() == tables(), "tests/README.md's map is stale: run `python -m tests.test_map`"
 
 
 if __name__ == "__main__":

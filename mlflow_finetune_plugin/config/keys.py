@@ -29,18 +29,19 @@ class KeyHelp:
     group: str | None = None
 
 
-def _flat(annotation) -> list:
+def flat_types(annotation) -> list:
+    """The types an annotation admits: Annotated unwrapped, unions flattened."""
     origin = get_origin(annotation)
     if origin is Annotated:
-        return _flat(get_args(annotation)[0])
+        return flat_types(get_args(annotation)[0])
     if origin in (Union, types.UnionType):
-        return [a for arg in get_args(annotation) for a in _flat(arg)]
+        return [a for arg in get_args(annotation) for a in flat_types(arg)]
     return [annotation]
 
 
 def section_class(annotation) -> type[BaseModel] | None:
     """The recipe section (pydantic model) an annotation holds, also through `| None`; None for a value."""
-    return next((a for a in _flat(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return next((a for a in flat_types(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
 _NAMES = {bool: "bool", int: "int", float: "float", str: "string", list: "list", tuple: "list",
@@ -51,7 +52,7 @@ def _type_name(annotation) -> str:
     """`string`, `list of strings`, `list of gates`, `mapping: name -> task`, ..."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (list, tuple) and args and get_origin(args[0]) is not Literal:
-        items = [a for a in _flat(args[0]) if a is not type(None)]
+        items = [a for a in flat_types(args[0]) if a is not type(None)]
         return "list of " + " or ".join(_plural(a) for a in items)
     if origin is dict and len(args) == 2 and section_class(args[1]):
         return f"mapping: name -> {args[1].__name__.lower()}"
@@ -68,7 +69,7 @@ def _plural(annotation) -> str:
 def type_text(info: FieldInfo) -> str:
     """The field's type in the reference's words: `float > 0`, `int in [0, 1)`, `` `a` | `b` ``, `bool or
     string`."""
-    args = [a for a in _flat(info.annotation) if a is not type(None)]
+    args = [a for a in flat_types(info.annotation) if a is not type(None)]
     literals = [f"`{v}`" for a in args if get_origin(a) is Literal for v in get_args(a)]
     names = []
     for a in args:

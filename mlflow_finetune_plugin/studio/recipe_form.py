@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import shlex
-import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel
 
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.config import presets
+from mlflow_finetune_plugin.config.keys import flat_types
 from mlflow_finetune_plugin.config.loading import load_recipe, resolved_dict
 from mlflow_finetune_plugin.config.schema import ADAPTER_CONFIGS, OBJECTIVES, RECIPE_FILE, Recipe
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
@@ -140,19 +140,10 @@ def _leaves(cls: type[BaseModel], prefix: str, skip: set[str]):
             yield key, info
 
 
-def _flat(annotation) -> list:
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _flat(get_args(annotation)[0])
-    if origin in (Union, types.UnionType):
-        return [a for arg in get_args(annotation) for a in _flat(arg)]
-    return [annotation]
-
-
 def _kind(annotation) -> tuple[str, tuple[str, ...] | None]:
     """The page's kind of input for a schema annotation: Literal values (with true/false where bool is allowed
     too) are a choice; a union with a list takes a list (or one name: `-P` reads the value as YAML)."""
-    args = [a for a in _flat(annotation) if a is not type(None)]
+    args = [a for a in flat_types(annotation) if a is not type(None)]
     literals = [str(v) for a in args if get_origin(a) is Literal for v in get_args(a)]
     others = [a for a in args if get_origin(a) is not Literal]
     bases = {get_origin(a) or a for a in others}
