@@ -100,8 +100,11 @@ def test_the_ranks_of_one_node_share_one_measurement_of_bf16(monkeypatch):
     # it.
     from mlflow_finetune_plugin.models.precision import SPEEDUP_ENV
 
+    # One write per rank: under PYTHONUNBUFFERED (CI) print() writes each piece apart, and the two ranks'
+    # pieces interleaved on the shared pipe ("rankrank 0 ...").
     show = [sys.executable, "-c",
-            f"import os; print('rank', os.environ['RANK'], os.environ.get('{SPEEDUP_ENV}'))"]
+            "import os; os.write(1, ('rank %s %s\\n' % (os.environ['RANK'], "
+            f"os.environ.get('{SPEEDUP_ENV}'))).encode())"]
     for given in ("", "1.234"):
         env = {**os.environ, SPEEDUP_ENV: given}
         out = subprocess.run(torchrun_command(show, "r", nproc_per_node=2), env=env, capture_output=True,
