@@ -162,7 +162,8 @@ def job_client(address: str | None):
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError:
-        raise FinetuneError("launcher 'ray' needs Ray: pip install 'mlflow-finetune-plugin[ray]'") from None
+        raise FinetuneError("launcher 'ray' needs Ray: from the project's clone, "
+                            "pip install -e '.[ray]'") from None
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, ValueError, RuntimeError...
