@@ -28,7 +28,7 @@ from mlflow_finetune_plugin.launchers.torchrun import request_cancel, torchrun_c
 
 # Environment the job needs from the submitting shell; the rest of it (PATH, HOME, ...) is the cluster's own.
 _ENV_PREFIXES = ("MLFLOW_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "PYTHONPATH", "PYTHONUNBUFFERED",
-                 "OMP_NUM_THREADS", "AWS_", "AZURE_", "GOOGLE_", "DATABRICKS_")
+                 "OMP_NUM_THREADS", "AWS_", "AZURE_", "GOOGLE_", "DATABRICKS_", "LITELLM_")
 STOP_TIMEOUT = 60
 
 
