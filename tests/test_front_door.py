@@ -156,3 +156,27 @@ def test_the_readme_says_what_to_do_before_and_after_command_1():
     assert re.search(r"command 2 about \d+ min", before)
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in after and "@challenger" in after
     assert len(re.findall(r"`mlflow-finetune [a-z]", after)) >= 3
+
+
+def test_the_docs_name_no_internal_issue_numbers_and_no_machine_loans():
+    """A reader cannot look up "(issue 45)", and which machine a session was lent says nothing to them."""
+    docs = [README, REPO / "CHANGELOG.md", *(REPO / "docs").glob("*.md"), *(REPO / "recipes").glob("*.md"),
+            *(REPO / "bench").glob("*.md")]
+    found = [f"{p.relative_to(REPO)}:{t.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+             for p in docs for t in [p.read_text()]
+             for m in re.finditer(r"\bissues? #?\d+|\bissue-\d+|\b(?:was |were |a |one )?lent\b", t, re.I)]
+    assert found == []
+
+
+def test_the_dated_experiment_tables_live_in_the_history():
+    """methods.md and playground.md lead with how-to: their experiment tables moved to benchmarks-history.md,
+    and each left a line and a link."""
+    history = (REPO / "docs" / "benchmarks-history.md").read_text()
+    for doc, anchor in (("methods.md", "replay-against-forgetting-the-measurements"),
+                        ("methods.md", "defaults-on-a-real-model-smollm2-the-sweep"),
+                        ("playground.md", "the-playground-under-load-16-users-at-once")):
+        text = (REPO / "docs" / doc).read_text()
+        assert f"benchmarks-history.md#{anchor}" in text
+        assert anchor.replace("-", " ") in re.sub(r"[^\w ]", "", history.lower()).replace("  ", " ")
+        dated_tables = re.findall(r"^\*\*[^*]+\*\* \(20\d\d-\d\d-\d\d", text, re.M)
+        assert dated_tables == [], f"{doc}: {dated_tables[:3]}"
