@@ -7,9 +7,13 @@ every contender of the default gate, and its documentation table every doc."""
 from __future__ import annotations
 
 import configparser
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
@@ -95,6 +99,23 @@ def test_the_constraint_takes_the_cpu_wheel_where_the_index_serves_it():
     assert spec.contains(f"{version}+cpu") and spec.contains(version)
     if "+cpu" in torch.__version__:
         assert spec.contains(torch.__version__)
+
+
+def test_readme_command_1_resolves_the_cpu_build_where_the_index_serves_it(tmp_path):
+    """pip's own resolution of command 1's torch, with this machine's pip configuration: where the index
+    serves the CPU wheel (the torch installed here came from it), the constraint resolves to it."""
+    import torch
+
+    if "+cpu" not in torch.__version__:
+        pytest.skip(f"torch {torch.__version__} here: this machine's index may not serve the CPU build")
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
+               "--report", str(report), "-q", "torch", "-c", "constraints-cpu.txt"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (item,) = json.loads(report.read_text())["install"]
+    assert item["metadata"]["name"] == "torch"
+    assert item["metadata"]["version"] == f"{next(iter(_constraint_pins()['torch'])).version}+cpu"
 
 
 def test_the_readme_and_the_constraints_give_the_cpu_wheel_in_one_line():
