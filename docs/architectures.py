@@ -76,7 +76,7 @@ def _write(rows, summary: str) -> None:
              "| --- | --- | --- | --- |"]
     for row in rows:
         result = {"pass": "trains (lora, full)",
-                  "multimodal": "image-text: the vision issue (59)"}.get(row.status)
+                  "multimodal": "image-text: see vision.md"}.get(row.status)
         if result is None:
             label = {"transformers": "transformers' own limit", "fail": "**fails**"}.get(row.status,
                                                                                          row.status)

@@ -230,7 +230,8 @@ def _launcher_problems(launcher: str, user: dict) -> list[str]:
     if isinstance(nnodes, int) and nnodes > 1 and not endpoint:
         problems.append(f"nnodes={nnodes} needs rdzv_endpoint (host:port reachable from every node)")
     if launcher == "ray" and importlib.util.find_spec("ray") is None:
-        problems.append("launcher 'ray' needs Ray installed: pip install 'mlflow-finetune-plugin[ray]'")
+        problems.append("launcher 'ray' needs Ray installed: from the project's clone, "
+                        "pip install -e '.[ray]'")
     return problems
 
 

@@ -29,14 +29,16 @@ def test_auto_takes_liger_only_with_cuda_the_package_and_the_architecture():
     assert [c.name for c in off] == ["none"] * 4
     assert [c.reason for c in off] == [
         "train.kernels auto: no CUDA GPU",
-        "train.kernels auto: liger-kernel is not installed (pip install 'mlflow-finetune-plugin[gpu]' (or "
-        "pip install liger-kernel))", "train.kernels auto: Liger Kernel does not cover model type 'gpt2'",
+        "train.kernels auto: liger-kernel is not installed (pip install liger-kernel (from the project's "
+        "clone: pip install -e '.[gpu]'))",
+        "train.kernels auto: Liger Kernel does not cover model type 'gpt2'",
         "train.kernels: none"]
 
 
 @pytest.mark.parametrize("on_cuda, types, model_type, says", [
     (False, LIGER, "llama", "needs a CUDA GPU"),
-    (True, None, "llama", "Liger Kernel is not installed: pip install 'mlflow-finetune-plugin[gpu]'"),
+    (True, None, "llama", "Liger Kernel is not installed: pip install liger-kernel (from the project's "
+                          "clone: pip install -e '.[gpu]')"),
     (True, LIGER, "gpt2", "has no kernels for model type 'gpt2' (it covers llama, qwen2)"),
 ])
 def test_an_explicit_liger_that_cannot_be_honoured_is_refused_with_the_key_and_the_fix(on_cuda, types,

@@ -1,7 +1,7 @@
 """`mlflow-finetune studio` (issue 68): the Train page as a user drives it, in headless Chromium, on the tiny
 model: upload a file with a broken line and see the line, fix it and start, watch the chart gain points, stop
-and resume, see the verdict, chat, promote. Plus what keeps the page safe to expose (a login above loopback,
-the path gate)."""
+and resume, see the verdict, chat, promote, reopen the page on the newest run. Plus what keeps the page safe
+to expose (a login above loopback, the path gate)."""
 
 from __future__ import annotations
 
@@ -143,8 +143,15 @@ def _settled(page):
 
 def _drive(page, browser, url, uploads, rows) -> str:
     """The user's path through the page; returns what the promotion said."""
+    from mlflow_finetune_plugin.studio.recipe_form import runnable_model
+
     page.goto(url)
     page.wait_for_selector("#project")
+    # The page opens where the README starts: support-bot, on smollm2 where it is installed (else tiny).
+    page.wait_for_function("document.querySelector('#entry input').value === 'lora'", timeout=300_000)
+    assert page.locator("#project input").input_value() == "support-bot"
+    page.wait_for_function("document.querySelector('#model input').value.startsWith("
+                           f"{json.dumps(runnable_model('smollm2'))})", timeout=60_000)
     # The user's project, then their own data uploaded on top of it: the broken line is named.
     page.locator("#project input").fill("mybot")
     page.get_by_role("option", name="mybot").first.click()
@@ -198,4 +205,11 @@ def _drive(page, browser, url, uploads, rows) -> str:
     # Promote through the gates: the page says what each gate found.
     page.locator("#promote").click()
     wait_text(page, "#promote-out", "Promotion of")
+    # Reopened, the Runs tab shows the newest run (the resumed one) with no pick, and its own memory.
+    again = browser.new_page()
+    again.goto(url)
+    again.locator("#tab-runs-button").click()
+    wait_text(again, "#status", "FINISHED", timeout=120_000)
+    assert "run memory" in text(again, "#status") and again.locator("#run-pick input").input_value()
+    again.close()
     return text(page, "#promote-out")

@@ -1,6 +1,6 @@
 """The repository's top level holds what a newcomer expects and nothing committed by accident (a tool's wheel,
-a lock file of the tracking store): the package, its Gradio app, recipes, tests, the docs and benchmarks,
-packaging, the CPU constraints file and CI."""
+a lock file of the tracking store): the package, its Gradio app, recipes, tests, the docs and benchmarks, the
+license and the changelog, packaging, the CPU constraints file and CI."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ EXPECTED = {
     # the code, the app, the examples, the tests
     "mlflow_finetune_plugin", "gradio_app", "recipes", "tests",
     # the front door, the long read, the measurements
-    "README.md", "docs", "bench",
+    "README.md", "docs", "bench", "LICENSE", "CHANGELOG.md",
     "pyproject.toml", "setup.cfg", "constraints-cpu.txt", ".ci", ".gitignore",  # packaging, install, CI
 }
 

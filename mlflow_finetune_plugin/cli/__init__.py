@@ -30,7 +30,9 @@ class _FriendlyGroup(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=_FriendlyGroup)
+@click.group(cls=_FriendlyGroup, epilog=(
+    "A fine-tune starts with MLflow: mlflow run DIR -e METHOD --backend finetune (DIR: a folder with "
+    "finetune.yaml; README.md, docs/reference.md)."))
 @click.version_option(package_name="mlflow-finetune-plugin")
 def main():
     """Fine-tune LLMs with MLflow: build, check, train, evaluate, register, chat."""

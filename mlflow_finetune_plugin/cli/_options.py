@@ -1,5 +1,5 @@
-"""What several commands share: recipe overrides (-P), NAME=VALUE options, and serving's --trace and
---follow-interval."""
+"""What several commands share: recipe overrides (-P), NAME=VALUE options, serving's --trace and
+--follow-interval, and the servers' default ports with the check that a port is free."""
 
 from __future__ import annotations
 
@@ -49,3 +49,27 @@ FOLLOW_OPTION = click.option(
                                                    "(NAME@champion) in the registry: when the alias moves, "
                                                    "the new version answers without a restart (requests "
                                                    "under way finish on theirs). 0: keep the one at start.")
+
+
+# Each server's default port is its own: two of them started with their defaults side by side do not collide.
+SERVE_PORT, OPENAI_API_PORT, PLAYGROUND_PORT, STUDIO_PORT = 8000, 8100, 7860, 7870
+
+
+def port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on before anything loads, naming the next free one (a server's
+    own error comes minutes later, after the models load, or as a traceback)."""
+    import socket
+
+    def taken(candidate: int) -> bool:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is free
+            try:
+                s.bind((host, candidate))
+            except OSError:
+                return True
+        return False
+
+    if port and taken(port):
+        free = next((p for p in range(port + 1, min(port + 100, 65536)) if not taken(p)), None)
+        hint = f": try --port {free}" if free else ""
+        raise click.UsageError(f"port {port} on {host} is in use (another server?){hint}")

@@ -9,12 +9,12 @@ import click
 from mlflow_finetune_plugin.cli._options import assignments
 
 
-@click.group("data")
+@click.group("data", short_help="Check training data; write traces as rows.")
 def data_group():
     """Inspect training data before any model loads."""
 
 
-@data_group.command("check")
+@data_group.command("check", short_help="Check data files before any model loads.")
 @click.argument("files", nargs=-1, type=click.Path())
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "preference",
@@ -58,7 +58,7 @@ def data_check_cmd(files, fmt, eval_files, columns, tags, model, max_length, str
                        tags=assignments(tags, "--tag", SHAREGPT_TAGS), strict=strict))
 
 
-@data_group.command("from-traces")
+@data_group.command("from-traces", short_help="Write the rows an experiment's traces train on.")
 @click.argument("experiment")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="JSONL file to write the rows to.")

@@ -9,7 +9,7 @@ import click
 ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an error, 2 a usage error)
 
 
-@click.command("monitor")
+@click.command("monitor", short_help="Watch served versions per window; alert, retrain.")
 @click.argument("name")
 @click.option("--experiment", "-x", "experiments", multiple=True, metavar="EXPERIMENT",
               help="Experiment the traffic is traced to (`serve --trace EXPERIMENT`); repeatable. Default: "

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import click
 
+from mlflow_finetune_plugin.cli._options import OPENAI_API_PORT, port_free
 
-@click.command("openai-api")
+
+@click.command("openai-api", short_help="OpenAI's fine-tuning API over this backend.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Listen address. Above loopback, --api-key is required.")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=OPENAI_API_PORT, show_default=True, type=int)
 @click.option("--api-key", default=None, envvar="MLFLOW_FINETUNE_API_KEY",
               help="The key clients must send (their OpenAI API key); required above loopback.")
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False),
@@ -54,6 +56,7 @@ def openai_api_cmd(host, port, api_key, state_dir, experiment, backend_config, m
         config = json.loads(backend_config) if backend_config else {}
     except ValueError as e:
         raise click.UsageError(f"--backend-config is not JSON: {e}") from None
+    port_free(host, port)
     settings = Settings(Path(state_dir) if state_dir else paths.cache_root() / "openai-api", overrides,
                         config, experiment, tuple(models), max_jobs, allow_python_graders,
                         python_grader_timeout)

@@ -7,7 +7,7 @@ import sys
 import click
 
 
-@click.command("promote")
+@click.command("promote", short_help="Move the champion alias when the gates pass.")
 @click.argument("name")
 @click.option("--version", "version", required=True, help="Version to promote (a number, or @ALIAS).")
 @click.option("--alias", default=None, help="Alias to move; default: the recipe's registry.champion_alias "
@@ -41,7 +41,7 @@ def promote_cmd(name, version, alias, gates, force, reason, parity):
         sys.exit(1)
 
 
-@click.command("models")
+@click.command("models", short_help="List a model's versions, aliases and key metrics.")
 @click.argument("name")
 @click.option("--metric", "metrics", multiple=True, help="eval/tuned/<metric> columns to show (repeatable); "
               "default: rougeL, token_f1, exact_match, loss. With --checkpoints the first one ranks them "
@@ -78,7 +78,7 @@ def models_cmd(name, metrics, checkpoints_of, checkpoint, run_id):
                                            list(metrics) or ["rougeL", "token_f1", "exact_match", "loss"]))
 
 
-@click.command("export")
+@click.command("export", short_help="Write a version as a model folder (or GGUF).")
 @click.argument("model_uri")
 @click.option("--to", "out_dir", required=True, type=click.Path(file_okay=False),
               help="New or empty folder to write the model into.")

@@ -9,7 +9,7 @@ import click
 from mlflow_finetune_plugin.cli._options import pairs
 
 
-@click.command("tiny-model")
+@click.command("tiny-model", short_help="Build the built-in tiny Llama into a folder.")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random initial weights.")
 def tiny_model_cmd(directory, seed):
@@ -20,7 +20,8 @@ def tiny_model_cmd(directory, seed):
 
 
 
-@click.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command("train", short_help="Fine-tune a project in this process.",
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("project", default=".", type=click.Path(exists=True, file_okay=False))
 @click.option("--method", "-m", default=None, help="Fine-tuning method (default: the recipe's `method`).")
 @click.option("-P", "params", multiple=True, help="Recipe override, dotted key: -P train.max_steps=20")
@@ -41,7 +42,7 @@ def train_cmd(ctx, project, method, params):
     sys.exit(run(recipe))
 
 
-@click.command("cancel")
+@click.command("cancel", short_help="Stop a run's job; the run ends KILLED.")
 @click.argument("run_id")
 def cancel_cmd(run_id):
     """Stop the job of RUN_ID (local, torchrun or ray launcher) and end the run KILLED."""
@@ -52,7 +53,8 @@ def cancel_cmd(run_id):
                else f"Run {run_id} had already ended {status}")
 
 
-@click.command("sweep", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command("sweep", short_help="Hyperparameter sweep with Optuna.",
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("project", type=click.Path(exists=True, file_okay=False))
 @click.option("-e", "--entry-point", default="lora", show_default=True, help="The method every trial trains.")
 @click.option("--space", required=True, metavar="FILE",
@@ -114,7 +116,7 @@ def sweep_cmd(ctx, project, entry_point, space, trials, metric, direction, param
     click.echo(result.report())
 
 
-@click.command("evaluate")
+@click.command("evaluate", short_help="Score a version against its base and prompts.")
 @click.argument("model_uri")
 @click.option("--data", default=None, metavar="FILE",
               help="Eval data, in any format and file type training reads (JSONL, JSON, CSV, parquet, or "

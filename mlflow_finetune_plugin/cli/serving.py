@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import click
 
-from mlflow_finetune_plugin.cli._options import FOLLOW_OPTION, TRACE_OPTION
+from mlflow_finetune_plugin.cli._options import (
+    FOLLOW_OPTION,
+    PLAYGROUND_PORT,
+    SERVE_PORT,
+    TRACE_OPTION,
+    port_free,
+)
 
 
-@click.command("serve")
+@click.command("serve", short_help="An OpenAI-compatible server for registered versions.")
 @click.argument("model_uris", nargs=-1)
 @click.option("--prompt",
               help="Also serve a registered prompt (prompts:/NAME-prompt@ALIAS) on its base model.")
@@ -19,7 +25,7 @@ from mlflow_finetune_plugin.cli._options import FOLLOW_OPTION, TRACE_OPTION
                    "per server). The port opens once every model answers.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Listen address (loopback unless you mean it).")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=SERVE_PORT, show_default=True, type=int)
 @click.option("--server-args", default="", help="Extra flags for the server, e.g. \"--max-model-len 4096\".")
 @click.option("--dry-run", is_flag=True, help="Print the server command and exit.")
 @FOLLOW_OPTION
@@ -35,11 +41,13 @@ def serve_cmd(model_uris, prompt, engine, host, port, server_args, dry_run, foll
 
     from mlflow_finetune_plugin.serving.server import serve
 
+    if not dry_run:
+        port_free(host, port)
     serve(list(model_uris), engine, host=host, port=port, extra=tuple(shlex.split(server_args)),
           dry_run=dry_run, follow_interval=follow_interval, echo=click.echo, trace=trace, prompt=prompt)
 
 
-@click.command("playground")
+@click.command("playground", short_help="Chat with two models side by side; vote, promote.")
 @click.option("--model", "model_ref", required=True, help="NAME@ALIAS, NAME/VERSION or models:/NAME@ALIAS.")
 @click.option("--against", default="base", show_default=True,
               help="The other side: base (the model's base), NAME@champion, NAME/VERSION, or "
@@ -47,7 +55,7 @@ def serve_cmd(model_uris, prompt, engine, host, port, server_args, dry_run, foll
 @click.option("--engine", type=click.Choice(["transformers", "vllm", "openai"]), default="transformers",
               show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--port", default=PLAYGROUND_PORT, show_default=True, type=int)
 @click.option("--auth", default=None, metavar="USER:PASS", envvar="MLFLOW_FINETUNE_PLAYGROUND_AUTH",
               help="Require a login (or set MLFLOW_FINETUNE_PLAYGROUND_AUTH).")
 @click.option("--blind", is_flag=True, help="Start in blind mode: sides shuffled, names hidden until the "
@@ -74,6 +82,7 @@ def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_u
     new version."""
     from mlflow_finetune_plugin.serving.playground.launch import PlaygroundConfig, run_playground
 
+    port_free(host, port)
     run_playground(PlaygroundConfig(
         model_ref, against, engine=engine, blind=blind, host=host, port=port, auth=auth,
         openai_urls=openai_urls, served_models=served_models, max_new_tokens=max_new_tokens,
@@ -82,12 +91,12 @@ def playground_cmd(model_ref, against, engine, host, port, auth, blind, openai_u
 
 
 
-@click.group("votes")
+@click.group("votes", short_help="Playground votes: win rates and training data.")
 def votes_group():
     """Playground votes: win rates and preference data."""
 
 
-@votes_group.command("export")
+@votes_group.command("export", short_help="Write the votes as preference or KTO rows.")
 @click.argument("name")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
 @click.option("--experiment", default="playground-votes", show_default=True)
@@ -103,7 +112,7 @@ def votes_export_cmd(name, output, experiment, fmt):
     click.echo(export(name, output, experiment, fmt=fmt).report())
 
 
-@votes_group.command("summary")
+@votes_group.command("summary", short_help="Win rates and arena ratings of the votes.")
 @click.argument("name")
 @click.option("--experiment", default="playground-votes", show_default=True)
 @click.option("--rounds", default=1000, show_default=True,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import click
 
+from mlflow_finetune_plugin.cli._options import STUDIO_PORT, port_free
 
-@click.command("studio")
+
+@click.command("studio", short_help="The whole loop in the browser: recipe to promotion.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Listen address. Above loopback, --auth is required.")
-@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--port", default=STUDIO_PORT, show_default=True, type=int)
 @click.option("--auth", default=None, metavar="USER:PASS", envvar="MLFLOW_FINETUNE_STUDIO_AUTH",
               help="Require a login (or set MLFLOW_FINETUNE_STUDIO_AUTH); required above loopback.")
 @click.option("--project-dir", "project_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
@@ -43,6 +45,7 @@ def studio_cmd(host, port, auth, project_dirs, workdir, experiment, backend_conf
         config = json.loads(backend_config) if backend_config else {}
     except ValueError as e:
         raise click.UsageError(f"--backend-config is not JSON: {e}") from None
+    port_free(host, port)
     run_studio(StudioConfig(
         host=host, port=port, auth=auth, project_dirs=tuple(Path(d) for d in project_dirs),
         workdir=Path(workdir) if workdir else paths.cache_root() / "studio", experiment=experiment,

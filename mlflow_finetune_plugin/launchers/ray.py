@@ -28,7 +28,7 @@ from mlflow_finetune_plugin.launchers.torchrun import request_cancel, torchrun_c
 
 # Environment the job needs from the submitting shell; the rest of it (PATH, HOME, ...) is the cluster's own.
 _ENV_PREFIXES = ("MLFLOW_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "PYTHONPATH", "PYTHONUNBUFFERED",
-                 "OMP_NUM_THREADS", "AWS_", "AZURE_", "GOOGLE_", "DATABRICKS_")
+                 "OMP_NUM_THREADS", "AWS_", "AZURE_", "GOOGLE_", "DATABRICKS_", "LITELLM_")
 STOP_TIMEOUT = 60
 
 
@@ -162,7 +162,8 @@ def job_client(address: str | None):
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError:
-        raise FinetuneError("launcher 'ray' needs Ray: pip install 'mlflow-finetune-plugin[ray]'") from None
+        raise FinetuneError("launcher 'ray' needs Ray: from the project's clone, "
+                            "pip install -e '.[ray]'") from None
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, ValueError, RuntimeError...

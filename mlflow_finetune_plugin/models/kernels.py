@@ -1,8 +1,8 @@
 """Fused GPU kernels for training (`train.kernels`): which one a run takes, and putting it on the model.
 
-The option is Liger Kernel (PyPI `liger-kernel`, Triton, CUDA only; `pip install
-'mlflow-finetune-plugin[gpu]'`): it swaps a model's RMSNorm, rotary embedding and SwiGLU MLP for fused Triton
-kernels, and can replace the LM head and cross-entropy with its fused linear cross-entropy, which takes each
+The option is Liger Kernel (PyPI `liger-kernel`, Triton, CUDA only; from the project's clone: `pip install -e
+'.[gpu]'`): it swaps a model's RMSNorm, rotary embedding and SwiGLU MLP for fused Triton kernels, and can
+replace the LM head and cross-entropy with its fused linear cross-entropy, which takes each
 chunk's gradient in the forward pass (no logits held, none recomputed in the backward pass). It is installed
 from PyPI like any package, so it works on an offline machine; TRL's Hub kernels (`use_kernels=True`) are
 fetched from the hub at run time and are not offered.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from mlflow_finetune_plugin.errors import FinetuneError
 
 LAYER_KERNELS = ("rope", "rms_norm", "swiglu")
-INSTALL = "pip install 'mlflow-finetune-plugin[gpu]' (or pip install liger-kernel)"
+INSTALL = "pip install liger-kernel (from the project's clone: pip install -e '.[gpu]')"
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,8 @@ def check_gguf_support(model_config: dict, tokenizer_dir: Path, llama_cpp: Path)
     missing = sorted({pip for module, pip in needed.items() if importlib.util.find_spec(module) is None})
     if missing:
         raise FinetuneError(f"--gguf: llama.cpp's converter needs {', '.join(missing)}, not installed here: "
-                            f"pip install {' '.join(missing)}  (or pip install "
-                            "'mlflow-finetune-plugin[gguf]')")
+                            f"pip install {' '.join(missing)}  (or, from the project's clone, "
+                            "pip install -e '.[gguf]')")
 
 
 def write_gguf(model_dir: Path, dest: Path, gguf_type: str, label: str, llama_cpp: Path,

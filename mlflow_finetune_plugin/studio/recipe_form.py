@@ -247,6 +247,27 @@ def entry_points(project_dir) -> list[str]:
     return [own, *(name for name in presets.PRESETS if name != own)]
 
 
+START_PROJECT = "support-bot"  # README command 1's recipe: the page starts where the README does
+
+
+def start_project(options: list[tuple[str, str]]) -> str | None:
+    """The project the page opens on, of (label, folder) `options`: the bundled support-bot where it is
+    offered, else the first."""
+    chosen = next((value for _, value in options if Path(value).name == START_PROJECT), None)
+    return chosen or next(iter(options), (None, None))[1]
+
+
+def runnable_model(name: str) -> str:
+    """The model the picker shows for a recipe's `name`: itself, or `tiny` where it names a built-in real
+    model whose package is not installed (the page still runs; the picker's label says how to install it)."""
+    from importlib.util import find_spec
+
+    from mlflow_finetune_plugin.models import gemma3, smollm2
+
+    missing = [m for m in (smollm2, gemma3) if name == m.NAME and find_spec(m.MODULE) is None]
+    return "tiny" if missing else name
+
+
 def model_choices(client=None, limit: int = 50) -> list[tuple[str, str]]:
     """(label, value) for the model picker: the built-in models, then the newest `limit` registered LoRA
     versions of the tracking store (value models:/NAME/VERSION: its adapter continued on its base,

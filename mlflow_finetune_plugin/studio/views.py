@@ -10,7 +10,9 @@ from pathlib import Path
 KEY_HEADERS = ["key", "value", "default", "type", "help"]
 HISTORY_HEADERS = ["run", "id", "method", "model", "settings", "status", "verdict", "started", "took"]
 # MLflow's system metrics shown in the status line: (label, unit)
-SYSTEM = {"cpu_utilization_percentage": ("CPU", "%"), "system_memory_usage_megabytes": ("memory", " MB")}
+# the machine's, every process's: labelled so, beside the run's own memory
+SYSTEM = {"cpu_utilization_percentage": ("machine CPU", "%"),
+          "system_memory_usage_megabytes": ("machine memory in use", " MB")}
 CHARTS = (("loss", "Training loss"), ("eval_loss", "Eval loss"), ("learning_rate", "Learning rate"),
           ("grad_norm", "Grad norm"))
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -93,6 +95,8 @@ def status_line(p) -> str:
     if p.status in ("RUNNING", "KILLED", "FAILED"):  # where Resume would start
         parts.append(f"checkpoint at step {p.checkpoint}" if p.checkpoint is not None
                      else "no checkpoint yet")
+    if p.memory_gib:
+        parts.append(f"run memory {p.memory_gib:.2f} GiB (its training process, peak)")
     system = p.system or {}
     for name, (label, unit) in SYSTEM.items():
         if isinstance(system.get(name), (int, float)):

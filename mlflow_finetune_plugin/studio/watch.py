@@ -28,6 +28,7 @@ CHARTS = {"loss": "train/loss", "eval_loss": "eval/tuned/loss", "learning_rate":
           "grad_norm": "train/grad_norm"}
 TOKENS_PER_S = "train/tokens_per_second"
 EPOCH = "train/epoch"
+PEAK_MEMORY = "train/peak_rss_gib"  # the training process's own (train/callbacks.py), not the machine's
 SYSTEM_PREFIX = "system/"
 LOG_LINES = 60
 MAX_EXAMPLES = 50
@@ -55,6 +56,8 @@ class Progress:
     error: str | None                            # a failed run's error
     # the step of the last whole checkpoint logged (Resume starts there)
     checkpoint: int | None = None
+    # the run's own memory: its training process's peak resident set so far, in GiB (train/peak_rss_gib)
+    memory_gib: float | None = None
 
 
 @dataclass
@@ -134,7 +137,8 @@ def progress(run_id: str, client=None) -> Progress:
                     system={k.removeprefix(SYSTEM_PREFIX): v for k,
                             v in latest.items() if k.startswith(SYSTEM_PREFIX)}, log_tail=log_tail(run_id),
                     error=run_error(client, run) if status == "FAILED" else None,
-                    checkpoint=_checkpoint_step(run.data.tags.get(tags.LAST_CHECKPOINT)))
+                    checkpoint=_checkpoint_step(run.data.tags.get(tags.LAST_CHECKPOINT)),
+                    memory_gib=latest.get(PEAK_MEMORY))
 
 
 def _checkpoint_step(folder: str | None) -> int | None:

@@ -37,6 +37,9 @@ class MlflowMetrics(TrainerCallback):
             metrics[f"train/{self.prefix}"
                     "tokens_per_second"] = (tokens - self._last_tokens) / (now - self._last_time)
             self._last_tokens, self._last_time = tokens, now
+        peak = allocator.peak_rss_bytes()
+        if metrics and peak is not None:  # the run's own memory so far, beside system/*'s (the machine's)
+            metrics[f"train/{self.prefix}peak_rss_gib"] = peak / 2**30
         if metrics:
             mlflow.log_metrics(metrics, step=state.global_step)
 
