@@ -1,6 +1,6 @@
 """The memory plan of a recipe: each part of a training step's peak, from the model's configuration, the
-recipe and the data's longest rows, and the settings that fit a memory size. The one estimate the `plan` command,
-the backend (before any weight loads) and the studio's Check all call.
+recipe and the data's longest rows, and the settings that fit a memory size. The one estimate the `plan`
+command, the backend (before any weight loads) and the studio's Check all call.
 
 The parts (docs/gpu.md; DESIGN.md "Memory of a fine-tune, by part"):
 - weights: the frozen base at its dtype; 4-bit NF4 is half a byte a parameter plus its absmax constants (one
@@ -286,8 +286,8 @@ def check_fits(result: Plan) -> None:
 
 def data_longest(recipe) -> tuple[int | None, str]:
     """(the longest training row in tokens, where it was read) by the data check's count (the model's
-    tokenizer, rows rendered and cut as training does); (None, why not) where the tokenizer or the files are not at
-    hand, and the plan then takes `data.max_length`."""
+    tokenizer, rows rendered and cut as training does); (None, why not) where the tokenizer or the files are
+    not at hand, and the plan then takes `data.max_length`."""
     from mlflow_finetune_plugin.data.check import check_data
     from mlflow_finetune_plugin.data.splits import data_files
     from mlflow_finetune_plugin.data.token_check import tokenizer_for_check
