@@ -1,15 +1,15 @@
-"""One process measuring training steps' memory for tests/test_memory_plan.py (run as a script, one process
-per model so that each baseline is this process's own):
+"""One process measuring training steps' memory for tests/test_memory_measured.py (run as a script, one
+process per model so that each baseline is this process's own):
 
-    python tests/memory_worker.py MODEL_DIR METHOD TOKENS [TOKENS ...]
+    python tests/memory_worker.py MODEL_DIR METHOD[,METHOD] TOKENS [TOKENS ...]
 
 With torch, transformers, PEFT, TRL and MLflow imported (what a training process carries before its first
-weight), the resident memory is the baseline. Then for each row length, smallest first: the random model of
-MODEL_DIR's config in fp32 with the recipe's adapter attached by the project's own code, two optimizer steps
-(AdamW's states exist from the first step on, so the second step holds them with the activations), batch 1,
-the loss over all the logits (`train.fused_lm_head: false`). The peak resident memory (VmHWM, as
-`train/peak_rss_gib`; reset between lengths through /proc/self/clear_refs) is printed as one JSON line per
-length.
+weight), the resident memory is the baseline. Then for each method and row length, in the order given
+(smallest peak first): the random model of MODEL_DIR's config in fp32 with the recipe's adapter attached by
+the project's own code, two optimizer steps (AdamW's states exist from the first step on, so the second step
+holds them with the activations), batch 1, the loss over all the logits (`train.fused_lm_head: false`). The peak
+resident memory (VmHWM, as `train/peak_rss_gib`; reset before each case through /proc/self/clear_refs) is
+printed as one JSON line per case.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def main(model_dir: str, method: str, lengths: list[int]) -> None:
+def main(model_dir: str, methods: list[str], lengths: list[int]) -> None:
     import mlflow  # noqa: F401 - the training process's libraries, loaded before the baseline
     import peft  # noqa: F401
     import torch
@@ -40,10 +40,10 @@ def main(model_dir: str, method: str, lengths: list[int]) -> None:
     torch.set_num_threads(1)
     gc.collect()
     baseline = _status("VmRSS:")
-    recipe = Recipe.model_validate({"adapter": {"type": method}})
     config = transformers.AutoConfig.from_pretrained(model_dir)
     config._attn_implementation = "sdpa"
-    for tokens in lengths:
+    for method, tokens in [(m, t) for m in methods for t in lengths]:
+        recipe = Recipe.model_validate({"adapter": {"type": method}})
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         module = adapter_of(recipe)
@@ -69,4 +69,4 @@ def main(model_dir: str, method: str, lengths: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], [int(t) for t in sys.argv[3:]])
+    main(sys.argv[1], sys.argv[2].split(","), [int(t) for t in sys.argv[3:]])
