@@ -7,7 +7,8 @@ With torch, transformers, PEFT, TRL and MLflow imported (what a training process
 weight), the resident memory is the baseline. Then for each method and row length, in the order given
 (smallest peak first): the random model of MODEL_DIR's config in fp32 with the recipe's adapter attached by
 the project's own code, two optimizer steps (AdamW's states exist from the first step on, so the second step
-holds them with the activations), batch 1, the loss over all the logits (`train.fused_lm_head: false`). The peak
+holds them with the activations), batch 1, the loss over all the logits
+(`train.fused_lm_head: false`). The peak
 resident memory (VmHWM, as `train/peak_rss_gib`; reset before each case through /proc/self/clear_refs) is
 printed as one JSON line per case.
 """
