@@ -145,3 +145,46 @@ def test_the_cpu_plan_counts_the_process_baseline():
                   device="cpu")
     assert result.parts["overhead"] == plans._baseline_rss() or result.parts["overhead"] > 100 * 2**20
     assert result.peak >= result.parts["overhead"] + result.parts["weights"]
+
+
+def test_auto_batch_and_checkpointing_take_the_plans_choice(capsys):
+    from mlflow_finetune_plugin.memory.choose import run_tags, settle
+
+    recipe = _recipe(model={"quantization": "4bit"}, data={"max_length": 2048},
+                     train={"batch_size": "auto", "gradient_checkpointing": "auto", "grad_accum": 2})
+    settled, planned = settle(recipe, device="cuda", memory=24 * 2**30)
+    t = settled.train
+    assert isinstance(t.batch_size, int) and isinstance(t.gradient_checkpointing, bool)
+    assert t.batch_size * t.grad_accum == 16  # 8 rows per update x the recipe's grad_accum, kept
+    assert planned.peak <= 24 * 2**30 and planned.setting.batch_size == t.batch_size
+    assert "Memory plan: batch_size" in capsys.readouterr().err
+    assert "finetune.memory_plan" in run_tags(planned)
+    # a recipe without `auto` on a CPU is not planned at all (nothing to choose, nothing refused)
+    plain = _recipe(train={"batch_size": 2})
+    assert settle(plain, device="cpu", memory=2**30) == (plain, None)
+
+
+def test_auto_is_refused_with_grpo_when_the_recipe_loads():
+    from mlflow_finetune_plugin.config.checks import grpo_problems
+
+    problems = grpo_problems(Recipe.model_validate({"objective": "grpo", "train": {"batch_size": "auto"}}))
+    assert any("train.batch_size: auto is not taken with objective: grpo" in p for p in problems)
+
+
+def test_the_backend_refuses_a_recipe_too_large_for_the_gpu_before_any_run(tmp_path, tracking_uri,
+                                                                           monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import ExecutionException
+
+    from mlflow_finetune_plugin.backend import FinetuneBackend
+    from mlflow_finetune_plugin.memory import choose
+
+    monkeypatch.setattr(choose, "this_device", lambda: ("cuda", 40 * 2**30))  # no GPU here: its size given
+    project = write_project(tmp_path / "p", f"model:\n  name: {LLAMA_8B}\ndata:\n  max_length: 2048\n"
+                                            "train:\n  batch_size: 16\n", chat_rows(8))
+    exp = mlflow.set_experiment("plan-test").experiment_id
+    with pytest.raises(ExecutionException, match=r"needs .* GiB on this 40.00 GiB device .*this fits: "
+                                                 r"-P train.batch_size=\d+ -P train.grad_accum=\d+"):
+        FinetuneBackend().run(str(project), "lora", {}, None, {"SYNCHRONOUS": True}, tracking_uri, exp)
+    assert MlflowClient().search_runs([exp]) == []

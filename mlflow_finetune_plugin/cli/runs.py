@@ -34,11 +34,13 @@ def train_cmd(ctx, project, method, params):
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.data.check import check_data
     from mlflow_finetune_plugin.data.preflight import check_recipe_data
+    from mlflow_finetune_plugin.memory.choose import settle
     from mlflow_finetune_plugin.train.job import run
 
     recipe = load_recipe(project, method=method, overrides=pairs(params, ctx.args))
     check_combination(recipe)
     check_recipe_data(recipe, check_data)
+    recipe, _ = settle(recipe)  # `auto` batch size and checkpointing chosen; on CUDA, refused if too large
     sys.exit(run(recipe))
 
 

@@ -214,7 +214,10 @@ def plan(recipe, device_memory: int | None = None, device: str | None = None, lo
     if device_memory is None:
         return result
     result.memory = device_memory
-    result.choice = fit(peak, batch * accum, ckpt, recipe, device_memory, tokens)
+    asked = recipe.train.gradient_checkpointing
+    # prefix tuning cannot checkpoint (train/adapters/prefix.py); an explicit `true` stays on
+    options = (False,) if recipe.adapter.type == "prefix" else (True,) if asked is True else (False, True)
+    result.choice = fit(peak, batch * accum, options, recipe, device_memory, tokens)
     result.fits = total <= device_memory
     if result.choice is None:
         four_bit = _weights(shape, recipe.model_copy(update={"model": recipe.model.model_copy(
@@ -224,10 +227,12 @@ def plan(recipe, device_memory: int | None = None, device: str | None = None, lo
     return result
 
 
-def fit(peak, rows: int, checkpointing_asked, recipe, memory: int, tokens: int) -> Setting | None:
+def fit(peak, rows: int, checkpointing: tuple, recipe, memory: int, tokens: int) -> Setting | None:
     """The setting that fits `memory`: the largest batch (at most `rows`, the rows per optimizer update, kept
     by gradient accumulation) without gradient checkpointing; checkpointing where it lets a larger batch fit
-    (or where the recipe asks for it); then shorter rows. None where nothing fits at batch 1."""
+    (`checkpointing`: the choices allowed); then shorter rows. None where nothing fits at the smallest batch
+    (1; 2 for KTO, whose KL term needs another row of the batch)."""
+    smallest = 2 if recipe.objective == "kto" else 1
     max_length = recipe.data.max_length
     lengths = [max_length]
     while lengths[-1] > 256:
@@ -235,15 +240,14 @@ def fit(peak, rows: int, checkpointing_asked, recipe, memory: int, tokens: int) 
     for length in lengths:
         used = min(tokens, length)
         options = []
-        for ckpt in ((True,) if checkpointing_asked else (False, True)):
-            for batch in (b for b in BATCHES if b <= rows):
+        for ckpt in checkpointing:
+            for batch in (b for b in BATCHES if smallest <= b <= max(rows, smallest)):
                 total = peak(batch, ckpt, used)[0]
                 if total <= memory:
                     options.append(Setting(batch, max(1, rows // batch), ckpt, length, total))
                     break
         if options:
-            best = max(options, key=lambda s: (s.batch_size, not s.gradient_checkpointing))
-            return best
+            return max(options, key=lambda s: (s.batch_size, not s.gradient_checkpointing))
     return None
 
 
