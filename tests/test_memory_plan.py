@@ -188,3 +188,17 @@ def test_the_backend_refuses_a_recipe_too_large_for_the_gpu_before_any_run(tmp_p
                                                  r"-P train.batch_size=\d+ -P train.grad_accum=\d+"):
         FinetuneBackend().run(str(project), "lora", {}, None, {"SYNCHRONOUS": True}, tracking_uri, exp)
     assert MlflowClient().search_runs([exp]) == []
+
+
+def test_the_studio_check_shows_the_plan_and_the_gpu_refusal(tmp_path, monkeypatch):
+    from mlflow_finetune_plugin.memory import choose
+    from mlflow_finetune_plugin.studio.checks import check
+
+    monkeypatch.setattr(choose, "this_device", lambda: ("cuda", 40 * 2**30))
+    project = write_project(tmp_path / "p", f"model:\n  name: {LLAMA_8B}\ndata:\n  max_length: 2048\n"
+                                            "train:\n  batch_size: 16\n", chat_rows(8))
+    result = check(project, "lora", {})
+    (problem,) = [p for p in result.problems if p.key == "train.batch_size"]
+    assert "this fits: -P train.batch_size=" in problem.message and not result.ok
+    assert "Memory plan of " in result.memory and "Fits 40.00 GiB: batch_size" in result.memory
+    assert check(project, "lora", {"train.batch_size": "auto"}).ok  # auto takes what fits
