@@ -33,6 +33,10 @@ from mlflow_finetune_plugin.memory.sizes import gib
 CUDA_CONTEXT = 600 * 2**20
 ALLOCATOR_SLACK = 0.05
 BATCHES = (64, 32, 16, 8, 4, 2, 1)
+# Tokens per step from which the fit keeps gradient checkpointing off rather than take a larger batch with it:
+# recomputing the forward pass costs about a third more compute, while a step of this many tokens already
+# gives the matmuls full-size tiles (a choice, not a measurement: rows per update stay the same either way).
+FULL_STEP_TOKENS = 4096
 AUTO_BATCH = 8  # `train.batch_size: auto`: rows per optimizer update to keep, as the schema's default
 # A trace's row length: long enough that per-token costs dominate, short enough to stay cheap.
 TRACE_TOKENS = 512
@@ -229,9 +233,10 @@ def plan(recipe, device_memory: int | None = None, device: str | None = None, lo
 
 def fit(peak, rows: int, checkpointing: tuple, recipe, memory: int, tokens: int) -> Setting | None:
     """The setting that fits `memory`: the largest batch (at most `rows`, the rows per optimizer update, kept
-    by gradient accumulation) without gradient checkpointing; checkpointing where it lets a larger batch fit
-    (`checkpointing`: the choices allowed); then shorter rows. None where nothing fits at the smallest batch
-    (1; 2 for KTO, whose KL term needs another row of the batch)."""
+    by gradient accumulation) without gradient checkpointing where its steps reach FULL_STEP_TOKENS, else
+    checkpointing where it lets a larger batch fit (`checkpointing`: the choices allowed); then shorter rows.
+    None where nothing fits at the smallest batch (1; 2 for KTO, whose KL term needs another row of the
+    batch)."""
     smallest = 2 if recipe.objective == "kto" else 1
     max_length = recipe.data.max_length
     lengths = [max_length]
@@ -246,6 +251,9 @@ def fit(peak, rows: int, checkpointing: tuple, recipe, memory: int, tokens: int)
                 if total <= memory:
                     options.append(Setting(batch, max(1, rows // batch), ckpt, length, total))
                     break
+        plain = [s for s in options if not s.gradient_checkpointing]
+        if plain and (plain[0].batch_size * used >= FULL_STEP_TOKENS or len(options) == 1):
+            return plain[0]
         if options:
             return max(options, key=lambda s: (s.batch_size, not s.gradient_checkpointing))
     return None
