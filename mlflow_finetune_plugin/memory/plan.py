@@ -5,7 +5,8 @@ command, the backend (before any weight loads) and the studio's Check all call.
 The parts (docs/gpu.md; DESIGN.md "Memory of a fine-tune, by part"):
 - weights: the frozen base at its dtype; 4-bit NF4 is half a byte a parameter plus its absmax constants (one
   fp32 per 64 weights, or 8 bits per 64 and one fp32 per 256 blocks with double quantization), 8-bit one byte
-  plus a scale per row; the embeddings, the LM head and the norms stay unquantized;
+  plus a scale per row; the embeddings, the LM head and the norms stay unquantized, in fp32 once PEFT's
+  `prepare_model_for_kbit_training` has run;
 - adapter: the parameters the adapter adds, in fp32 (PEFT keeps adapters in fp32 over a bf16 base);
 - gradients: one per TRAINABLE parameter, at its dtype; optimizer: AdamW's two states per trainable parameter,
   at its dtype. Frozen parameters take neither (the error of DeepSpeed's estimator, deepspeed#5304);
@@ -121,11 +122,12 @@ def _weights(shape, recipe, weight_dtype, compute) -> int:
     per = weight_dtype.itemsize
     rest = shape.total - shape.linear
     q = recipe.model.quantization
+    # PEFT's prepare_model_for_kbit_training (train/quantization.py) puts every unquantized weight in fp32
     if q == "4bit":
         absmax = (1 / 64 + 4 / (64 * 256)) if recipe.model.double_quant else 4 / 64
-        return int(shape.linear * (0.5 + absmax) + rest * compute.itemsize)
+        return int(shape.linear * (0.5 + absmax) + rest * 4)
     if q == "8bit":
-        return int(shape.linear * 1.0 + rest * compute.itemsize)
+        return int(shape.linear * 1.0 + rest * 4)
     if compute.itemsize < per and recipe.adapter.type == "lora":
         # CPU bf16 autocast holds the LoRA layers' frozen weights in bf16 (models/precision.py)
         return int(shape.linear * compute.itemsize + rest * per)

@@ -80,6 +80,47 @@ def _saved(model, tokens: int, decoder_only: bool) -> int:
     return sum(seen.values())
 
 
+def _as_under_autocast(model, dtype) -> None:
+    """A half-precision step runs under autocast (the Trainer's bf16/fp16), which meta tensors do not take:
+    PEFT's fp32 adapter casts its input to fp32 and autocast casts that back for the adapter's matmul, a new
+    half-precision copy per adapted layer that the matmul keeps. Traced as that: the adapter in `dtype`, and
+    its input cast into a copy of its own."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._cast_input_dtype = lambda x, _dtype: None if x is None else x.to(dtype, copy=True)
+
+
+def _as_quantized(model, dtype) -> None:
+    """A 4-bit or 8-bit base after PEFT's `prepare_model_for_kbit_training` (train/quantization.py): every
+    unquantized weight (embeddings, norms, the LM head) in fp32, so the residual stream is fp32; each
+    quantized layer casts its input to the compute dtype and bitsandbytes keeps that copy for the backward
+    pass, trainable weight or not. Traced as that, on the meta device."""
+    import torch
+
+    class Quantized(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.save_for_backward(x)
+            return torch.nn.functional.linear(x, weight)
+
+        @staticmethod
+        def backward(ctx, grad):  # never run: the trace stops after the forward pass
+            raise NotImplementedError
+
+    head = model.get_output_embeddings()
+    quantized = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    for p in model.parameters():
+        if not any(p is m.weight for m in quantized):
+            p.data = p.data.to(torch.float32)
+    for m in quantized:
+        m.forward = (lambda layer: lambda x: Quantized.apply(x.to(dtype), layer.weight))(m)
+
+
 def _with_layers(config, n: int):
     config = copy.deepcopy(config)
     text = getattr(config, "text_config", None) or config
@@ -109,8 +150,12 @@ def traced(config, recipe, dtype, attention: str, tokens: int = 512) -> Activati
         if module.ARTIFACT != "full":
             for p in model.parameters():
                 p.requires_grad_(False)
+            if recipe.model.quantization != "none":
+                _as_quantized(model, dtype)
             with torch.device("meta"):
                 model = module.apply(model, recipe.adapter)
+            if dtype.itemsize < 4 or recipe.model.quantization != "none":
+                _as_under_autocast(model, dtype)
         model.train()
         totals[n] = (_saved(model, tokens, decoder_only=False), _saved(model, tokens, decoder_only=True))
     per_layer = totals[2][1] - totals[1][1]
