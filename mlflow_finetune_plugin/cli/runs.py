@@ -194,4 +194,4 @@ def plan_cmd(ctx, project, method, params, memory, gpu, device, as_json):
         return
     click.echo(result.report())
     click.echo(f"Rows: the longest of {where} ({longest} tokens)" if longest
-               else f"Rows: data.max_length ({where})")
+               else f"Rows: data.max_length, as the data's rows were not counted ({where})")
