@@ -13,7 +13,7 @@ these sections is `loading.py`; combinations no single key can judge are `checks
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -267,7 +267,7 @@ class DataConfig(Section):
 class TrainConfig(Section):
     epochs: float = Field(3.0, gt=0, description="passes over the training data")
     max_steps: int = Field(-1, description="overrides epochs when > 0")
-    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+    batch_size: int | Literal["auto"] = Field(
         8, description="rows per device per step (packed rows with packing; GRPO: completions, not "
                        "prompts); `auto`: the largest of 64, 32, ... 1 that the memory plan fits in this "
                        "machine's device (GPU memory, or the RAM available), gradient accumulation raised to "
@@ -383,6 +383,23 @@ class TrainConfig(Section):
                                 "`OMP_NUM_THREADS` fixes it too. Tagged `finetune.threads` with the reason; "
                                 "a run that finds the machine busy prints one line "
                                 "([scaling.md](scaling.md#one-machine-several-jobs))")
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value):
+        # one message for both forms (a union would report one error per member)
+        if value == "auto":
+            return value
+        wrong = f"Input should be a whole number greater than 0, or `auto` (got {value!r})"
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(wrong) from None
+        if isinstance(value, bool) or number != value and str(number) != str(value).strip():
+            raise ValueError(wrong)
+        if number <= 0:
+            raise ValueError(f"Input should be greater than 0, or `auto` (got {value!r})")
+        return number
 
 
 class RegistryConfig(Section):

@@ -19,7 +19,7 @@ The parts (docs/gpu.md; DESIGN.md "Memory of a fine-tune, by part"):
   `train/peak_rss_gib`.
 
 The backward pass frees activations as it makes gradients, so the step's peak holds the larger of (activations
-+ logits) and gradients, not both.
++ logits + the LM head's gradient, the first one made) and gradients, not both.
 """
 
 from __future__ import annotations
@@ -166,7 +166,10 @@ def _step(shape, recipe, device, acts, batch, checkpointing, tokens, weights, ov
         "logits": logits,
         "overhead": overhead,
     }
-    moving = max(parts["activations"] + logits, parts["gradients"])
+    # the LM head's gradient (a tied head's: the embedding's) comes first in the backward pass, while the
+    # activations are all still held
+    head_gradient = (shape.head or shape.embedding) * trainable_dtype if full else 0
+    moving = max(parts["activations"] + logits + head_gradient, parts["gradients"])
     fixed = parts["adapter"] + parts["optimizer (AdamW)"] + overhead
     return fixed + moving, parts
 
