@@ -17,6 +17,7 @@ import copy
 from dataclasses import dataclass
 
 _FUSED = "mlflow_finetune_fused"
+_TRACED: dict = {}  # one trace per model, adapter, dtype and kernel in a process (the fit asks many times)
 
 
 @dataclass
@@ -140,6 +141,10 @@ def traced(config, recipe, dtype, attention: str, tokens: int = 512) -> Activati
     from mlflow_finetune_plugin.memory.shape import empty_model
     from mlflow_finetune_plugin.train.adapters import adapter_of
 
+    key = (config.to_json_string(), recipe.adapter.model_dump_json(), recipe.model.quantization, str(dtype),
+           attention, tokens)
+    if key in _TRACED:
+        return _TRACED[key]
     _register()
     module = adapter_of(recipe)
     totals = {}
@@ -162,4 +167,6 @@ def traced(config, recipe, dtype, attention: str, tokens: int = 512) -> Activati
     decoder_rest = totals[1][1] - per_layer
     head = totals[1][0] - totals[1][1]
     hidden = int((getattr(config, "text_config", None) or config).hidden_size)
-    return Activations(tokens, per_layer, decoder_rest, head, tokens * hidden * dtype.itemsize)
+    stream = 4 if recipe.model.quantization != "none" else dtype.itemsize  # k-bit: an fp32 residual stream
+    _TRACED[key] = Activations(tokens, per_layer, decoder_rest, head, tokens * hidden * stream)
+    return _TRACED[key]
