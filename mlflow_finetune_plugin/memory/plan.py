@@ -224,8 +224,10 @@ def plan(recipe, device_memory: int | None = None, device: str | None = None, lo
         return result
     result.memory = device_memory
     asked = recipe.train.gradient_checkpointing
-    # prefix tuning cannot checkpoint (train/adapters/prefix.py); an explicit `true` stays on
-    options = (False,) if recipe.adapter.type == "prefix" else (True,) if asked is True else (False, True)
+    # prefix tuning cannot checkpoint (train/adapters/prefix.py); an explicit `true` stays on, and so does an
+    # explicit `false` beside `batch_size: auto` (the batch is chosen for it); otherwise both are suggested
+    kept = asked is True or (asked is False and recipe.train.batch_size == "auto")
+    options = (False,) if recipe.adapter.type == "prefix" else (asked,) if kept else (False, True)
     result.choice = fit(peak, batch * accum, options, recipe, device_memory, tokens)
     result.fits = total <= device_memory
     if result.choice is None:
