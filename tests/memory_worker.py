@@ -53,7 +53,8 @@ def main(model_dir: str, methods: list[str], lengths: list[int]) -> None:
                 p.requires_grad_(False)
         model = module.apply(model, recipe.adapter)
         model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        # the Trainer's default (`adamw_torch_fused`), which the training process runs with
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
         ids = torch.randint(0, config.vocab_size, (1, tokens))
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM from here

@@ -133,9 +133,11 @@ def test_the_command_prints_the_parts_and_json(tmp_path):
     data = json.loads(got.output[got.output.index("{"):])
     parts = data["parts"]
     assert data["device"] == "cpu" and data["peak"] == data["setting"]["peak"]
-    # the backward pass holds the larger of (activations + logits) and the gradients, not both
-    held = min(parts["gradients"], parts["activations"] + parts["logits"])
-    assert data["peak"] == sum(parts.values()) - held
+    # the backward pass holds the larger of (activations + logits) and the gradients, not both; on a CPU the
+    # allocator's share comes on top of all but the process's own baseline
+    held = sum(parts.values()) - min(parts["gradients"], parts["activations"] + parts["logits"])
+    grown = held - parts["overhead"]
+    assert data["peak"] == parts["overhead"] + int(grown * (1 + plans.CPU_ALLOCATOR_SLACK))
     assert data["memory"] == 80 * 10**9 and data["choice"]["batch_size"] >= 1
     bad = runner.invoke(main, ["plan", str(project), "--memory", "24"])
     assert bad.exit_code == 1 and "give a number and a unit" in bad.output

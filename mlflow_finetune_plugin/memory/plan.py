@@ -33,6 +33,10 @@ from mlflow_finetune_plugin.memory.sizes import gib
 # allocator's fragmentation as a share of the peak: a margin the fit keeps, not a measurement.
 CUDA_CONTEXT = 600 * 2**20
 ALLOCATOR_SLACK = 0.05
+# The C library's allocator keeps part of what a step frees (its dynamic mmap threshold moves a step's
+# tensors into the heap): the resident memory a CPU step reaches stands this share above the tensors it holds
+# (docs/benchmarks.md, "The memory plan against measured memory").
+CPU_ALLOCATOR_SLACK = 0.10
 BATCHES = (64, 32, 16, 8, 4, 2, 1)
 # Tokens per step from which the fit keeps gradient checkpointing off rather than take a larger batch with it:
 # recomputing the forward pass costs about a third more compute, while a step of this many tokens already
@@ -169,7 +173,10 @@ def _step(shape, recipe, device, acts, batch, checkpointing, tokens, weights, ov
     # the LM head's gradient (a tied head's: the embedding's) comes first in the backward pass, while the
     # activations are all still held
     head_gradient = (shape.head or shape.embedding) * trainable_dtype if full else 0
-    moving = max(parts["activations"] + logits + head_gradient, parts["gradients"])
+    # a tied embedding's own gradient, made dense at the end of the backward pass, is added to the head's
+    # out of place: two more of its size for a moment
+    tied = 2 * shape.embedding * trainable_dtype if full and not shape.head else 0
+    moving = max(parts["activations"] + logits + head_gradient, parts["gradients"] + tied)
     fixed = parts["adapter"] + parts["optimizer (AdamW)"] + overhead
     return fixed + moving, parts
 
@@ -205,6 +212,8 @@ def plan(recipe, device_memory: int | None = None, device: str | None = None, lo
         total += base
         if device == "cuda":
             total = int(total * (1 + ALLOCATOR_SLACK))
+        else:
+            total = overhead + int((total - overhead) * (1 + CPU_ALLOCATOR_SLACK))
         return total, parts
 
     batch = recipe.train.batch_size if isinstance(recipe.train.batch_size, int) else AUTO_BATCH
