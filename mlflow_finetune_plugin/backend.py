@@ -26,6 +26,7 @@ from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS, local
+from mlflow_finetune_plugin.memory.choose import run_tags, settle
 from mlflow_finetune_plugin.runtime import allocator, threads
 from mlflow_finetune_plugin.vllm_rules import torchvision_clash
 
@@ -94,6 +95,9 @@ class FinetuneBackend(AbstractBackend):
         work_dir = _fetch_project(project_uri, version)
         try:
             recipe, project_command = resolve_entry_point(work_dir, entry_point, params)
+            planned = None
+            if recipe is not None:  # `auto` settings chosen; on CUDA, refused when it cannot fit
+                recipe, planned = settle(recipe)
         except FinetuneError as e:
             raise ExecutionException(str(e)) from None
 
@@ -101,6 +105,7 @@ class FinetuneBackend(AbstractBackend):
         run = _create_run(project_uri, experiment_id, work_dir, version, entry_point,
                           params if project_command else None)
         run_id = run.info.run_id
+        _log_plan(run_id, planned)
         job_dir = paths.job_dir(run_id)
         if recipe is not None:
             recipe_path = job_dir / "recipe.json"
@@ -251,6 +256,20 @@ def _tag_job(run_id: str, job_dir: Path) -> None:
     # the job is running; only `cancel` from another machine needs these
     except Exception as e:  # noqa: BLE001
         print(f"Warning: could not record the job's whereabouts on run {run_id}: {e}", file=sys.stderr)
+
+
+def _log_plan(run_id: str, planned) -> None:
+    """The plan a run starts with: tagged, and its peak logged beside the peak training measures
+    (`train/peak_rss_gib` on a CPU, `train/peak_gpu_gib` on CUDA)."""
+    if planned is None:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in run_tags(planned).items():
+        client.set_tag(run_id, key, value)
+    client.log_metric(run_id, f"train/planned_peak_{'gpu' if planned.device == 'cuda' else 'rss'}_gib",
+                      planned.peak / 2**30)
 
 
 def _create_run(uri, experiment_id, work_dir, version, entry_point, params):

@@ -52,6 +52,8 @@ SOURCE_RUN = "finetune.source_run"                # the run that trained (and ev
 PRECISION = "finetune.precision"                  # what training computed in, in words
 # "packed" or "unpacked", and why (data.packing auto's estimate)
 PACKING = "finetune.packing"
+# the memory plan a run started with: its batch size, accumulation, checkpointing, rows and planned peak
+MEMORY_PLAN = "finetune.memory_plan"
 # fused training kernels used (train.kernels), and what took the loss
 KERNELS = "finetune.kernels"
 # -e distill: the teacher that answered the prompts (URL + model)

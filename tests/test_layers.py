@@ -24,7 +24,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("sweep", "finetuning_api", "monitor"),
     # monitor: served traffic read back, and --retrain runs `mlflow run`
     ("backend",),
-    ("serving", "launchers"),
+    ("serving", "launchers", "memory"),  # memory: the plan the backend, the studio and `plan` call
     ("train",),
     ("distill",),  # a teacher's answers to the prompts, before the student trains (-e distill)
     ("evaluate",),

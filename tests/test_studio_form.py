@@ -182,6 +182,8 @@ def test_check_names_the_broken_line_then_passes_with_the_data_summary(tmp_path)
     (few,) = [a for a in result.advice if "few-shot prompting" in a]
     assert few.startswith("data.train: only 12 training rows")
     assert result.as_markdown().startswith("**Ready to start.**")
+    # the memory plan the backend makes, on this machine's device (a CPU here)
+    assert "Memory plan of tiny on cpu" in result.memory and "**Memory**" in result.as_markdown()
 
 
 def test_bad_recipe_values_are_problems_naming_the_key(tmp_path):

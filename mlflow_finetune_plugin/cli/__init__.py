@@ -2,7 +2,7 @@
 each lives in the module of its group, and a new command goes there too:
 
 - data.py: `data check`, `data from-traces`
-- runs.py: `tiny-model`, `train`, `cancel`, `sweep`, `evaluate`
+- runs.py: `tiny-model`, `train`, `cancel`, `sweep`, `evaluate`, `plan`
 - registry.py: `promote`, `models`, `export`
 - serving.py: `serve`, `playground`, `votes export`, `votes summary`
 - monitor.py, studio.py, openai_api.py: `monitor`, `studio`, `openai-api`
@@ -45,7 +45,7 @@ def main():
 
 for _command in (
     data.data_group,
-    runs.tiny_model_cmd, runs.train_cmd, runs.cancel_cmd, runs.sweep_cmd, runs.evaluate_cmd,
+    runs.tiny_model_cmd, runs.train_cmd, runs.cancel_cmd, runs.sweep_cmd, runs.evaluate_cmd, runs.plan_cmd,
     registry.promote_cmd, registry.models_cmd, registry.export_cmd,
     serving.serve_cmd, serving.playground_cmd, serving.votes_group,
     monitor.monitor_cmd, studio.studio_cmd, openai_api.openai_api_cmd,

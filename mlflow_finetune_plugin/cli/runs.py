@@ -1,4 +1,5 @@
-"""Commands that make runs: `tiny-model` (a base to train), `train`, `cancel`, `sweep`, `evaluate`."""
+"""Commands that make runs: `tiny-model` (a base to train), `train`, `cancel`, `sweep`, `evaluate`, `plan`
+(the memory a run will take, before it starts)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ def train_cmd(ctx, project, method, params):
     from mlflow_finetune_plugin.config.loading import load_recipe
     from mlflow_finetune_plugin.data.check import check_data
     from mlflow_finetune_plugin.data.preflight import check_recipe_data
+    from mlflow_finetune_plugin.memory.choose import settle
     from mlflow_finetune_plugin.train.job import run
 
     recipe = load_recipe(project, method=method, overrides=pairs(params, ctx.args))
     check_combination(recipe)
     check_recipe_data(recipe, check_data)
+    recipe, _ = settle(recipe)  # `auto` batch size and checkpointing chosen; on CUDA, refused if too large
     sys.exit(run(recipe))
 
 
@@ -160,3 +163,37 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
     click.echo(f"Logged to run {logged_run} ({int(result.metrics['eval/n_examples'])} examples)")
     # cost: cost.cost_line
     click.echo(f"Verdict: {result.verdict.sentence()}\n{result.verdict.cost}".rstrip())
+
+
+@click.command("plan", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("project", default=".", type=click.Path(exists=True, file_okay=False))
+@click.option("-e", "--entry-point", "method", default=None, help="The method (default: the recipe's).")
+@click.option("-P", "params", multiple=True, help="Recipe override, dotted key: -P train.batch_size=4")
+@click.option("--memory", default=None, metavar="SIZE", help="Memory to fit: 24GiB, 80GB, 40960MiB.")
+@click.option("--gpu", default=None, metavar="NAME", help="A card to fit, by name: A100-80GB, RTX4090, H100.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help="Plan for this device (default: CUDA where there is one; cuda with --gpu).")
+@click.option("--json", "as_json", is_flag=True, help="The plan as JSON, for scripts.")
+@click.pass_context
+def plan_cmd(ctx, project, method, params, memory, gpu, device, as_json):
+    """What PROJECT's recipe will take in memory, part by part (weights, adapter, gradients, optimizer,
+    activations, logits, overhead), read from the model's configuration and never its weights, and the
+    batch size, gradient accumulation, checkpointing and max_length that fit --memory or --gpu."""
+    import json
+
+    from mlflow_finetune_plugin.config.loading import load_recipe
+    from mlflow_finetune_plugin.memory.plan import data_longest, plan
+    from mlflow_finetune_plugin.memory.sizes import gpu_memory, parse_size
+
+    if memory and gpu:
+        raise click.BadParameter("give --memory or --gpu, not both", param_hint="--memory")
+    size = parse_size(memory) if memory else gpu_memory(gpu) if gpu else None
+    recipe = load_recipe(project, method=method, overrides=pairs(params, ctx.args))
+    longest, where = data_longest(recipe)
+    result = plan(recipe, device_memory=size, device=device or ("cuda" if gpu else None), longest=longest)
+    if as_json:
+        click.echo(json.dumps(result.as_dict() | {"longest_row": longest, "rows_from": where}, indent=2))
+        return
+    click.echo(result.report())
+    click.echo(f"Rows: the longest of {where} ({longest} tokens)" if longest
+               else f"Rows: data.max_length, as the data's rows were not counted ({where})")

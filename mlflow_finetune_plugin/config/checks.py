@@ -177,7 +177,7 @@ def _objective_problems(recipe: Recipe) -> list[str]:
         problems.append(
             "model.init_adapter: a reward model starts a fresh adapter and score head; a chat adapter "
             "to continue has no score head. Clear model.init_adapter")
-    if recipe.objective == "kto" and recipe.train.batch_size < 2:
+    if recipe.objective == "kto" and recipe.train.batch_size != "auto" and recipe.train.batch_size < 2:
         problems.append(
             f"train.batch_size ({recipe.train.batch_size}) must be 2 or more with objective: kto: TRL's "
             "KTOTrainer estimates its KL term from the other answers of the same batch")
@@ -191,6 +191,10 @@ def grpo_problems(recipe: Recipe) -> list[str]:
     processes, which one process makes the strictest case.
     """
     cfg, train, problems = recipe.grpo, recipe.train, []
+    if train.batch_size == "auto":
+        return [*problems, "train.batch_size: auto is not taken with objective: grpo (its batch counts "
+                "completions, which grpo.num_generations must divide): give a number, a multiple of "
+                f"grpo.num_generations ({cfg.num_generations})"]
     per_step = train.batch_size * train.grad_accum
     n = cfg.num_generations
     if per_step % n:

@@ -267,9 +267,13 @@ class DataConfig(Section):
 class TrainConfig(Section):
     epochs: float = Field(3.0, gt=0, description="passes over the training data")
     max_steps: int = Field(-1, description="overrides epochs when > 0")
-    batch_size: int = Field(
-        8, gt=0, description="rows per device per step (packed rows with packing; GRPO: completions, not "
-                             "prompts)")
+    batch_size: int | Literal["auto"] = Field(
+        8, description="rows per device per step (packed rows with packing; GRPO: completions, not "
+                       "prompts); `auto`: the largest of 64, 32, ... 1 that the memory plan fits in this "
+                       "machine's device (GPU memory, or the RAM available), gradient accumulation raised to "
+                       "keep 8 x `grad_accum` rows per update; printed, tagged `finetune.memory_plan`, and "
+                       "the planned peak logged as `train/planned_peak_*_gib` beside the measured "
+                       "`train/peak_*_gib` (`mlflow-finetune plan`, [gpu.md](gpu.md)); not with GRPO")
     grad_accum: int = Field(1, gt=0, description="steps accumulated per optimizer update")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     lr_scheduler: str = Field(
@@ -290,9 +294,10 @@ class TrainConfig(Section):
                              "`save_steps` is (a step is saved once); `openai-api` jobs: 3, as OpenAI keeps "
                              "them")
     save_total_limit: int = Field(2, gt=0, description="checkpoints kept on local disk")
-    gradient_checkpointing: bool = Field(
+    gradient_checkpointing: bool | Literal["auto"] = Field(
         False, description="recompute activations in the backward pass (less memory; not with prefix "
-                           "tuning)")
+                           "tuning); `auto`: on only where the memory plan needs it to fit the batch in "
+                           "this machine's device (printed and tagged `finetune.memory_plan`)")
     rehearsal: bool = Field(
         True, description="before the first step, two rows through everything the run does after training: "
                           "one training step (gradients dropped, random state restored; not for GRPO, whose "
@@ -379,6 +384,23 @@ class TrainConfig(Section):
                                 "`OMP_NUM_THREADS` fixes it too. Tagged `finetune.threads` with the reason; "
                                 "a run that finds the machine busy prints one line "
                                 "([scaling.md](scaling.md#one-machine-several-jobs))")
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value):
+        # one message for both forms (a union would report one error per member)
+        if value == "auto":
+            return value
+        wrong = f"Input should be a whole number greater than 0, or `auto` (got {value!r})"
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(wrong) from None
+        if isinstance(value, bool) or number != value and str(number) != str(value).strip():
+            raise ValueError(wrong)
+        if number <= 0:
+            raise ValueError(f"Input should be greater than 0, or `auto` (got {value!r})")
+        return number
 
 
 class RegistryConfig(Section):

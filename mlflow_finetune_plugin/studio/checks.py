@@ -46,6 +46,7 @@ class CheckResult:
     advice: list[str] = field(default_factory=list)
     recipe_ok: bool = False
     formats: dict[str, str] = field(default_factory=dict)  # per file
+    memory: str = ""  # the memory plan on this machine's device (memory/plan.py), as `mlflow-finetune plan`
 
     @property
     def ok(self) -> bool:
@@ -77,6 +78,8 @@ class CheckResult:
                 f"{t['max']}; {t['over_max_length']} over data.max_length {t['max_length']}")
         if self.advice:
             lines += ["", "**Advice**", "", *(f"- {a}" for a in self.advice)]
+        if self.memory:
+            lines += ["", "**Memory**", "", "```", self.memory, "```"]
         return "\n".join(lines).strip() + "\n"
 
 
@@ -133,7 +136,34 @@ def check(project_dir, entry_point: str, overrides: dict) -> CheckResult:
         except FinetuneError as e:
             refused = str(e)
     _data_result(result, recipe, reports, project, refused, printed.getvalue())
+    if result.ok:
+        _memory(result, recipe)
     return result
+
+
+def _memory(result: CheckResult, recipe) -> None:
+    """The memory plan on this machine's device (the one the backend makes before a run starts), and on CUDA
+    the backend's refusal of a recipe that cannot fit, as a problem naming the setting that fits."""
+    from mlflow_finetune_plugin.memory.choose import is_auto, this_device
+    from mlflow_finetune_plugin.memory.plan import check_fits, data_longest, plan
+
+    device, memory = this_device()
+    try:
+        planned = plan(recipe, device_memory=memory, device=device, longest=data_longest(recipe)[0])
+    except FinetuneError as e:  # the configuration cannot be read: training could not load the model either
+        message = str(e)
+        result.problems.append(Problem("model.name", message, recipe_fix(message, "model.name"),
+                                       key="model.name"))
+        return
+    result.memory = planned.report()
+    try:
+        if device == "cuda" and (not is_auto(recipe) or planned.choice is None):  # as the backend refuses
+            check_fits(planned)
+    except FinetuneError as e:
+        result.problems.append(Problem("train.batch_size", str(e).splitlines()[0],
+                                       "lower train.batch_size (raise train.grad_accum), set "
+                                       "train.gradient_checkpointing: true or auto, lower data.max_length, "
+                                       "or use -e qlora", key="train.batch_size"))
 
 
 # ----------------------------------------------------------------------------------------------- the recipe

@@ -45,11 +45,17 @@ class MlflowMetrics(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         """The training process's peak memory so far (`train/peak_rss_gib`): the training stage's, before the
-        evaluation and the logging, which the command's peak adds to."""
+        evaluation and the logging, which the command's peak adds to; on CUDA also the GPU's
+        (`train/peak_gpu_gib`, `torch.cuda.max_memory_allocated`, what the memory plan predicts)."""
+        import torch
+
         peak = allocator.peak_rss_bytes()
         if not state.is_world_process_zero or peak is None:
             return
         mlflow.log_metric(f"train/{self.prefix}peak_rss_gib", peak / 2**30, step=state.global_step)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            mlflow.log_metric(f"train/{self.prefix}peak_gpu_gib", torch.cuda.max_memory_allocated() / 2**30,
+                              step=state.global_step)
         print(f"Training {'of ' + self.prefix.rstrip('/') + ' ' if self.prefix else ''}done: this process's "
               f"peak memory so far {peak / 2**30:.2f} GiB ({allocator.in_use()})")
 

@@ -21,6 +21,12 @@ def training_arguments(recipe, run_id: str, eval_ds) -> dict:
     import torch
 
     t = recipe.train
+    if "auto" in (t.batch_size, t.gradient_checkpointing):
+        from mlflow_finetune_plugin.errors import FinetuneError
+
+        raise FinetuneError("train.batch_size / train.gradient_checkpointing: auto is chosen by the memory "
+                            "plan where a run starts (`mlflow run --backend finetune`, `mlflow-finetune "
+                            "train`); this training process was handed the recipe unplanned: give numbers")
     dtype = torch_dtype(t.precision if t.precision != "auto" else recipe.model.dtype)
     on_gpu = torch.cuda.is_available()
     # On a CPU, Trainer's bf16 is autocast: fp32 weights, bf16 matmuls.
