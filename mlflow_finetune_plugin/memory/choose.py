@@ -20,10 +20,14 @@ def is_auto(recipe) -> bool:
 def this_device() -> tuple[str, int | None]:
     """(`cuda` or `cpu`, the memory a training process may take there): the first GPU's total memory (asked of
     nvidia-smi, so that this process holds no CUDA context while the training process runs; else torch),
-    or the memory the machine has available."""
-    import torch
+    or the memory the machine has available. Without a GPU driver on the machine, torch is not imported: every
+    `mlflow run` asks this, and importing torch costs seconds of CPU beside the starting job."""
+    import os
+    import shutil
 
-    if torch.cuda.is_available():
+    driver = (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/kfd")
+              or shutil.which("nvidia-smi") is not None)
+    if driver and _cuda_available():
         import subprocess
 
         try:
@@ -31,6 +35,8 @@ def this_device() -> tuple[str, int | None]:
                                   "-i", "0"], capture_output=True, text=True, timeout=30, check=True)
             return "cuda", int(out.stdout.split()[0]) * 2**20
         except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            import torch
+
             return "cuda", torch.cuda.get_device_properties(0).total_memory
     try:
         with open("/proc/meminfo", encoding="utf-8") as f:
@@ -40,6 +46,12 @@ def this_device() -> tuple[str, int | None]:
     except OSError:
         pass
     return "cpu", None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def settle(recipe, device: str | None = None, memory: int | None = None):
