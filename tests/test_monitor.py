@@ -76,6 +76,35 @@ def test_new_requests_are_grouped_into_topics_named_by_their_words():
     assert sorted(i for t in found for i in t.members) == list(range(6))
 
 
+def test_invented_topics_mixed_with_in_domain_questions_each_hold_together():
+    """Three topics the support bot never saw (a board game, a cat food, a programming language, each named
+    by an invented word) mixed with in-domain questions: each topic lands mostly in one group, no group is
+    named by a stop word, and the report counts every new request in a listed group or in its "other"
+    line."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    from mlflow_finetune_plugin.monitor import report as out
+    from mlflow_finetune_plugin.monitor.watch import Report, _topics
+
+    labelled = json.loads((REPO / "tests" / "fixtures" / "monitor_topics.json").read_text())
+    texts = [t for key, asked in labelled.items() if not key.startswith("_") for t in asked]
+    label = {t: key for key, asked in labelled.items() if not key.startswith("_") for t in asked}
+    found = drift.topics(texts)
+    for topic_name in ("board game", "cat food", "programming language"):
+        asked = [t for t in texts if label[t] == topic_name]
+        largest = max(sum(label[texts[i]] == topic_name for i in t.members) for t in found)
+        assert largest / len(asked) >= 0.8, (topic_name, [(t.words, t.size) for t in found])
+    stop = ENGLISH_STOP_WORDS | {"does", "did", "doesn", "don"}
+    assert not {w for t in found for w in t.words} & stop, [t.words for t in found]
+
+    requests = [_request(i, question=t) for i, t in enumerate(texts)]
+    report = Report("bot", "1d", requests)
+    report.topics, report.other_new = _topics(requests, [True] * len(texts))
+    shown = out.text(report)
+    counted = sum(t.topic.size for t in report.topics) + report.other_new.get("1", 0)
+    assert counted == len(texts) and f"{report.other_new['1']} other new requests" in shown, shown
+
+
 def test_monitor_gates_are_limits_in_the_promotion_gates_syntax():
     cfg = Recipe.model_validate({"monitor": {"window": "1h", "gates": [{"metric": "novel_share",
                                                                         "at_most": 0.2}]}})

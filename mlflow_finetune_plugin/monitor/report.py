@@ -48,11 +48,16 @@ def text(report: Report, examples: bool = False) -> str:
              *(_cell(k, w.metrics.get(k), (id(w), k) in alerted) for k, _ in shown)] for w in report.windows]
     if rows:
         lines += ["", format_table(["window", "version", *(h for _, h in shown)], rows)]
-    if report.topics:
+    if report.topics or report.other_new:
         lines += ["", "New topics (requests far from the training questions, grouped):"]
-        for t in report.topics:
-            lines.append(f"  v{t.served}: {t.topic.size} requests about {', '.join(t.topic.words) or '?'}: "
-                         + ("; ".join(repr(x) for x in t.texts) if examples else ", ".join(t.trace_ids)))
+        for version in sorted({t.served for t in report.topics} | set(report.other_new), key=int):
+            for t in (t for t in report.topics if t.served == version):
+                shown = "; ".join(repr(x) for x in t.texts) if examples else ", ".join(t.trace_ids)
+                about = ", ".join(t.topic.words) or "?"
+                lines.append(f"  v{version}: {t.topic.size} requests about {about}: {shown}")
+            if report.other_new.get(version):
+                lines.append(f"  v{version}: {report.other_new[version]} other new requests, in no topic "
+                             "above")
     if report.alerts:
         windows = len({id(a.window) for a in report.alerts})
         lines += ["", f"ALERT: {len(report.alerts)} alert(s) in {windows} window(s) over a monitor gate:"]
