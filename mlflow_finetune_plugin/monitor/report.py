@@ -55,9 +55,9 @@ def text(report: Report, examples: bool = False) -> str:
                 shown = "; ".join(repr(x) for x in t.texts) if examples else ", ".join(t.trace_ids)
                 about = ", ".join(t.topic.words) or "?"
                 lines.append(f"  v{version}: {t.topic.size} requests about {about}: {shown}")
-            if report.other_new.get(version):
-                lines.append(f"  v{version}: {report.other_new[version]} other new requests, in no topic "
-                             "above")
+            if other := report.other_new.get(version):
+                lines.append(f"  v{version}: {other} other new request{'s' if other > 1 else ''}, in no "
+                             "topic above")
     if report.alerts:
         windows = len({id(a.window) for a in report.alerts})
         lines += ["", f"ALERT: {len(report.alerts)} alert(s) in {windows} window(s) over a monitor gate:"]

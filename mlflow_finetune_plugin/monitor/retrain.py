@@ -282,7 +282,7 @@ def _train_and_judge(name, version, alias, rows: Retrain, own, params, backend_c
     (new,) = [v for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
               if v.run_id == submitted.run_id or v.tags.get(tags.SOURCE_RUN) == submitted.run_id]
     outcome = Outcome(version, str(new.version), alias, False, "", rows,
-                      eval_rows=_eval_rows(own.recipe, rows.project))
+                      eval_rows=_eval_rows(rows.project))
     if not _better_on_traffic(name, outcome, own, echo):
         return outcome
     result = promote_checked(name, outcome.version, alias)  # the gates, and served as evaluated
@@ -293,17 +293,20 @@ def _train_and_judge(name, version, alias, rows: Retrain, own, params, backend_c
     return outcome
 
 
-def _eval_rows(recipe: dict, project: Path) -> int | None:
-    """The rows of the champion's evaluation set both runs were evaluated on (data.eval, at most
-    eval.max_examples), None when it is a split of the train file."""
+def _eval_rows(project: Path) -> int | None:
+    """The rows of the champion's evaluation set both runs were evaluated on (the project's data.eval, a JSONL
+    file, at most eval.max_examples); None when it is a split of the train file or not JSONL."""
+    import yaml
+
+    recipe = yaml.safe_load((project / "finetune.yaml").read_text())
     given = (recipe.get("data") or {}).get("eval")
     path = Path(given) if isinstance(given, str) else None
-    if path is None or not path.is_absolute() or not path.exists():
+    if path is None or not path.is_absolute() or not path.exists() or path.suffix != ".jsonl":
         return None
     with open(path, encoding="utf-8") as f:
-        rows = sum(1 for line in f if line.strip()) if path.suffix == ".jsonl" else None
+        rows = sum(1 for line in f if line.strip())
     most = (recipe.get("eval") or {}).get("max_examples")
-    return min(rows, most) if rows is not None and most else rows
+    return min(rows, most) if most else rows
 
 
 def _teacher(recipe: dict):
