@@ -249,6 +249,7 @@ def test_monitor_shows_drift_and_disliked_answers_in_their_windows_and_exits_on_
 # ------------------------------------------------------------------------------------------- closing the loop
 
 REFUND = "Refunds take 30 days."
+LIKED = ["Thanks, that helped!", "Great answer", "Perfect, thank you", "Good bot"]
 REFUND_QUESTIONS = ["How long do refunds take?", "When will I get my refund?", "How many days for a refund?",
                     "Refund time?", "How long until my money is back?", "When does the refund arrive?",
                     "How long is the refund process?", "Refund, how long does it take?"]
@@ -265,10 +266,11 @@ registry:
 
 @pytest.mark.integration
 def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(tracking_uri, tmp_path):
-    """v1 serves refund questions; users correct every answer (and rate two others down without a correction).
-    `monitor --retrain` trains v2 on v1's rows plus the corrections, holds two corrections out, compares v2
-    with the champion on them, and promotes it through the recipe's gates; v2 answers a corrected question as
-    corrected."""
+    """v1 serves refund questions; users correct every answer (one question twice), rate two others down
+    without a correction and four up. `monitor --retrain --json` trains v2 on v1's rows plus
+    the corrections and thumbs-up answers, holds two corrections out (never a thumbs-up answer), compares v2
+    with the champion on them, and promotes it through the recipe's gates (exit 4); v2 answers a corrected
+    question as corrected, and the run's project folder is gone."""
     import httpx
     import openai
 
@@ -291,30 +293,47 @@ def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(
         wait_for_http(f"http://127.0.0.1:{port}/health", server)
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                             timeout=120)
-        for text, correction in [*((q, REFUND) for q in REFUND_QUESTIONS), ("Hello?", None), ("Bye?", None)]:
+        # corrections (one request asked and corrected twice: a duplicate), two thumbs-down without one, and
+        # thumbs-up (their answers cut at max_tokens or not)
+        traffic = [*((q, "down", REFUND) for q in [*REFUND_QUESTIONS, REFUND_QUESTIONS[0]]),
+                   ("Hello?", "down", None), ("Bye?", "down", None), *((q, "up", None) for q in LIKED)]
+        for text, thumbs, correction in traffic:
             raw = api.chat.completions.with_raw_response.create(
                 model="shop@champion", messages=[{"role": "user", "content": text}], max_tokens=8,
                 temperature=0.0)
-            body = {"trace_id": raw.headers["x-mlflow-trace-id"], "thumbs": "down"}
+            body = {"trace_id": raw.headers["x-mlflow-trace-id"], "thumbs": thumbs}
             if correction:
                 body["correction"] = correction
             httpx.post(f"http://127.0.0.1:{port}/v1/feedback", json=body, timeout=60).raise_for_status()
     finally:
         stop(server)
 
-    done = _monitor("shop", "-x", "shop-traffic", "--retrain", "-P", "train.max_steps=60")
-    assert done.returncode == 4, done.stdout[-3000:] + done.stderr[-3000:]  # retrained and promoted
-    assert "6 rows to train on (6 corrections), 2 held out" in done.stdout and ("2 rated down with no "
-                                                                                "correction") in done.stdout
-    assert "2 held-out traffic rows whose reference v1 did not write (2 corrections)" in done.stdout
-    assert "Promotion of shop v2 to @champion" in done.stdout
-    assert str(client.get_registered_model("shop").aliases["champion"]) == "2", done.stdout[-2000:]
+    done = _monitor("shop", "-x", "shop-traffic", "--retrain", "--json", "-P", "train.max_steps=60")
+    said = done.stderr
+    assert done.returncode == 4, said[-3000:]  # retrained and promoted
+    found = json.loads(done.stdout)
+    trained = found["retrain"]
+    assert found["outcome"] == "promoted" and trained["promoted"] and trained["version"] == "2", found
+    # thumbs-up answers train (or are counted as cut); only corrections are held out and compared
+    assert trained["held_out"] == {"correction": 2} and trained["trained_on"]["correction"] == 6, trained
+    liked = trained["trained_on"].get("liked", 0)
+    assert liked + trained["left_out"]["cut"] == len(LIKED), trained
+    assert trained["left_out"]["rated_down"] == 2 and trained["left_out"]["duplicate"] == 1, trained
+    assert trained["compared"]["corrections"] == 2 and trained["compared"]["evaluation_set"] == 4, trained
+    assert "2 held-out traffic rows whose reference v1 did not write (2 corrections)" in said
+    assert "Promotion of shop v2 to @champion" in said
+    assert str(client.get_registered_model("shop").aliases["champion"]) == "2", said[-2000:]
+    project = Path(said.split("Training the next version: mlflow run ", 1)[1].split(" -e ", 1)[0])
+    assert project.name.startswith("mlflow-finetune-retrain-shop-v1-") and not project.exists()
 
     v2 = client.get_model_version("shop", "2")
     run_id = v2.tags.get("finetune.source_run") or v2.run_id
-    assert client.get_run(run_id).data.tags["finetune.monitor.retrained_from"] == "6 traces of v1"
+    assert client.get_run(run_id).data.tags["finetune.monitor.retrained_from"] == f"{6 + liked} traces of v1"
     lineage = mlflow.artifacts.load_dict(f"runs:/{run_id}/{TRACES_FILE}")
-    assert len(lineage["trained_on"]) == 6 and len(lineage["held_out"]) == 2
+    assert len(lineage["trained_on"]) == 6 + liked and len(lineage["held_out"]) == 2
+    # the rows stay with the run, as its artifacts: the next `monitor` reads v2's training questions there
+    logged = {f.path for f in client.list_artifacts(run_id, "monitor/retrain_data")}
+    assert logged == {"monitor/retrain_data/train.jsonl", "monitor/retrain_data/traffic_eval.jsonl"}
     model = mlflow.pyfunc.load_model("models:/shop/2")
     (answer,) = model.predict([{"messages": [{"role": "user", "content": REFUND_QUESTIONS[0]}]}],
                               params={"max_new_tokens": 12})
