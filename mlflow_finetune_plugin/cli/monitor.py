@@ -110,7 +110,8 @@ def monitor_cmd(name, experiments, window, since, until, gates, min_requests, ex
                 traceback.print_exc()
             click.secho(f"Error: {e}", fg="red", err=True)
             code, found = 1, as_dict(name, None, error=str(e))
-    click.echo(json.dumps(found, indent=2))
+    # numpy scalars among the figures print as numbers
+    click.echo(json.dumps(found, indent=2, default=lambda o: float(o) if hasattr(o, "__float__") else str(o)))
     sys.exit(code)
 
 
