@@ -331,6 +331,7 @@ def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(
     assert client.get_run(run_id).data.tags["finetune.monitor.retrained_from"] == f"{6 + liked} traces of v1"
     lineage = mlflow.artifacts.load_dict(f"runs:/{run_id}/{TRACES_FILE}")
     assert len(lineage["trained_on"]) == 6 + liked and len(lineage["held_out"]) == 2
+    assert lineage["counts"]["held_out"] == {"correction": 2}
     # the rows stay with the run, as its artifacts: the next `monitor` reads v2's training questions there
     logged = {f.path for f in client.list_artifacts(run_id, "monitor/retrain_data")}
     assert logged == {"monitor/retrain_data/train.jsonl", "monitor/retrain_data/traffic_eval.jsonl"}

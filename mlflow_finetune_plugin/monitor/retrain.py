@@ -193,7 +193,7 @@ def record_lineage(run_id: str, retrain: Retrain) -> None:
     client.set_tag(run_id, tags.MONITOR_RETRAINED_FROM,
                    f"{len(retrain.trace_ids)} traces of v{retrain.version}")
     client.log_dict(run_id, {"version": retrain.version, "trained_on": retrain.trace_ids,
-                             "held_out": retrain.held_out_ids, **retrain.as_dict()}, TRACES_FILE)
+                             "held_out": retrain.held_out_ids, "counts": retrain.as_dict()}, TRACES_FILE)
     client.log_artifacts(run_id, str(retrain.project / "data"), RETRAIN_DATA)
 
 
