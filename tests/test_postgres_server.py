@@ -117,4 +117,5 @@ def test_four_tiny_runs_at_once_into_one_experiment_all_finish(server, tmp_path)
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("at-once").experiment_id])
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
-    assert len({r.inputs.dataset_inputs[0].dataset.digest for r in runs}) == 1
+    logged = [{(i.dataset.name, i.dataset.digest) for i in r.inputs.dataset_inputs} for r in runs]
+    assert logged[0] and all(one == logged[0] for one in logged), logged  # the same datasets, each run
