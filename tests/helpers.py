@@ -8,6 +8,7 @@ inside the helpers that need them: a light test file does not pay for them.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -229,12 +230,61 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> N
     pytest.fail(f"{url} did not answer within {timeout:.0f} s")
 
 
+def postgres_binaries() -> Path | None:
+    """The folder of Debian's PostgreSQL programs (initdb, pg_ctl), the newest installed; None without."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else None
+
+
+needs_postgres = pytest.mark.skipif(
+    postgres_binaries() is None or importlib.util.find_spec("psycopg") is None,
+    reason="PostgreSQL is not installed (apt-get install postgresql; .ci/run does) or psycopg is missing "
+           "(pip install 'psycopg[binary]', in the test extra)")
+
+
 @contextlib.contextmanager
-def mlflow_server(root: Path, *, jobs: bool = False) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1, as teams run it: a sqlite database `root/server.db` behind it and
-    artifacts proxied (`mlflow-artifacts:` URIs) into `root/artifacts`, one worker. Yields its URI
-    (`http://127.0.0.1:PORT`) once `/health` answers; stops it and every process it started (uvicorn, the job
-    runner) afterwards. Its log is `root/server.log`.
+def postgres(root: Path) -> Iterator[str]:
+    """A PostgreSQL server of this test's own (initdb into a fresh folder, a Unix socket there, no TCP port),
+    started with Debian's binaries as the `postgres` user when run as root. Yields the SQLAlchemy URI of its
+    `postgres` database (`postgresql+psycopg://`); stops it and removes its folder afterwards."""
+    import shutil
+    import tempfile
+
+    binaries = postgres_binaries()
+    # /tmp, not pytest's tmp_path: its folders are 0700 of root, and the server runs as postgres
+    folder = Path(tempfile.mkdtemp(prefix="finetune-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(folder, "postgres", "postgres")
+    data, log = folder / "data", folder / "server.log"
+
+    def pg(*args: str) -> None:
+        done = subprocess.run([*as_postgres, str(binaries / args[0]), *args[1:]], capture_output=True,
+                              text=True, timeout=120)
+        if done.returncode:
+            tail = log.read_text()[-3000:] if log.exists() else ""
+            pytest.fail(f"PostgreSQL {args[0]} failed: {done.stdout}{done.stderr}{tail}")
+
+    try:
+        pg("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
+        pg("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-o",
+           f"-k {folder} -c listen_addresses='' -c fsync=off -c max_connections=200", "start")
+        try:
+            yield f"postgresql+psycopg://postgres@/postgres?host={folder}"
+        finally:
+            pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+            root.mkdir(parents=True, exist_ok=True)
+            (root / "postgres.log").write_text(log.read_text())  # kept beside the test's other logs
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, *, jobs: bool = False, store: str | None = None) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1, as teams run it: a sqlite database `root/server.db` behind it
+    (`store`: another database URI, e.g. `postgres()`'s) and artifacts proxied (`mlflow-artifacts:` URIs)
+    into `root/artifacts`, one worker. Yields its URI (`http://127.0.0.1:PORT`) once `/health` answers; stops
+    it and every process it started (uvicorn, the job runner) afterwards. Its log is `root/server.log`.
 
     `jobs=True` keeps the server's job runner (huey consumers: online scoring of arriving traces); off by
     default, since it starts half a dozen processes that would share the test's cores for nothing."""
@@ -243,7 +293,8 @@ def mlflow_server(root: Path, *, jobs: bool = False) -> Iterator[str]:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if jobs else "false"}
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         env.pop(var, None)  # the server's stores are its flags, not the test's client settings
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+    store = store or f"sqlite:///{root / 'server.db'}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
     with open(root / "server.log", "w") as log:

@@ -76,6 +76,35 @@ def test_new_requests_are_grouped_into_topics_named_by_their_words():
     assert sorted(i for t in found for i in t.members) == list(range(6))
 
 
+def test_invented_topics_mixed_with_in_domain_questions_each_hold_together():
+    """Three topics the support bot never saw (a board game, a cat food, a programming language, each named
+    by an invented word) mixed with in-domain questions: each topic lands mostly in one group, no group is
+    named by a stop word, and the report counts every new request in a listed group or in its "other"
+    line."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    from mlflow_finetune_plugin.monitor import report as out
+    from mlflow_finetune_plugin.monitor.watch import Report, _topics
+
+    labelled = json.loads((REPO / "tests" / "fixtures" / "monitor_topics.json").read_text())
+    texts = [t for key, asked in labelled.items() if not key.startswith("_") for t in asked]
+    label = {t: key for key, asked in labelled.items() if not key.startswith("_") for t in asked}
+    found = drift.topics(texts)
+    for topic_name in ("board game", "cat food", "programming language"):
+        asked = [t for t in texts if label[t] == topic_name]
+        largest = max(sum(label[texts[i]] == topic_name for i in t.members) for t in found)
+        assert largest / len(asked) >= 0.8, (topic_name, [(t.words, t.size) for t in found])
+    stop = ENGLISH_STOP_WORDS | {"does", "did", "doesn", "don"}
+    assert not {w for t in found for w in t.words} & stop, [t.words for t in found]
+
+    requests = [_request(i, question=t) for i, t in enumerate(texts)]
+    report = Report("bot", "1d", requests)
+    report.topics, report.other_new = _topics(requests, [True] * len(texts))
+    shown = out.text(report)
+    counted = sum(t.topic.size for t in report.topics) + report.other_new.get("1", 0)
+    assert counted == len(texts) and f"{report.other_new['1']} other new requests" in shown, shown
+
+
 def test_monitor_gates_are_limits_in_the_promotion_gates_syntax():
     cfg = Recipe.model_validate({"monitor": {"window": "1h", "gates": [{"metric": "novel_share",
                                                                         "at_most": 0.2}]}})
@@ -220,6 +249,7 @@ def test_monitor_shows_drift_and_disliked_answers_in_their_windows_and_exits_on_
 # ------------------------------------------------------------------------------------------- closing the loop
 
 REFUND = "Refunds take 30 days."
+LIKED = ["Thanks, that helped!", "Great answer", "Perfect, thank you", "Good bot"]
 REFUND_QUESTIONS = ["How long do refunds take?", "When will I get my refund?", "How many days for a refund?",
                     "Refund time?", "How long until my money is back?", "When does the refund arrive?",
                     "How long is the refund process?", "Refund, how long does it take?"]
@@ -236,10 +266,11 @@ registry:
 
 @pytest.mark.integration
 def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(tracking_uri, tmp_path):
-    """v1 serves refund questions; users correct every answer (and rate two others down without a correction).
-    `monitor --retrain` trains v2 on v1's rows plus the corrections, holds two corrections out, compares v2
-    with the champion on them, and promotes it through the recipe's gates; v2 answers a corrected question as
-    corrected."""
+    """v1 serves refund questions; users correct every answer (one question twice), rate two others down
+    without a correction and four up. `monitor --retrain --json` trains v2 on v1's rows plus
+    the corrections and thumbs-up answers, holds two corrections out (never a thumbs-up answer), compares v2
+    with the champion on them, and promotes it through the recipe's gates (exit 4); v2 answers a corrected
+    question as corrected, and the run's project folder is gone."""
     import httpx
     import openai
 
@@ -262,29 +293,48 @@ def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(
         wait_for_http(f"http://127.0.0.1:{port}/health", server)
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                             timeout=120)
-        for text, correction in [*((q, REFUND) for q in REFUND_QUESTIONS), ("Hello?", None), ("Bye?", None)]:
+        # corrections (one request asked and corrected twice: a duplicate), two thumbs-down without one, and
+        # thumbs-up (their answers cut at max_tokens or not)
+        traffic = [*((q, "down", REFUND) for q in [*REFUND_QUESTIONS, REFUND_QUESTIONS[0]]),
+                   ("Hello?", "down", None), ("Bye?", "down", None), *((q, "up", None) for q in LIKED)]
+        for text, thumbs, correction in traffic:
             raw = api.chat.completions.with_raw_response.create(
                 model="shop@champion", messages=[{"role": "user", "content": text}], max_tokens=8,
                 temperature=0.0)
-            body = {"trace_id": raw.headers["x-mlflow-trace-id"], "thumbs": "down"}
+            body = {"trace_id": raw.headers["x-mlflow-trace-id"], "thumbs": thumbs}
             if correction:
                 body["correction"] = correction
             httpx.post(f"http://127.0.0.1:{port}/v1/feedback", json=body, timeout=60).raise_for_status()
     finally:
         stop(server)
 
-    done = _monitor("shop", "-x", "shop-traffic", "--retrain", "-P", "train.max_steps=60")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "6 rows to train on, 2 held out" in done.stdout and ("2 rated down with no "
-                                                                "correction") in done.stdout
-    assert "held-out traffic rows" in done.stdout and "Promotion of shop v2 to @champion" in done.stdout
-    assert str(client.get_registered_model("shop").aliases["champion"]) == "2", done.stdout[-2000:]
+    done = _monitor("shop", "-x", "shop-traffic", "--retrain", "--json", "-P", "train.max_steps=60")
+    said = done.stderr
+    assert done.returncode == 4, said[-3000:]  # retrained and promoted
+    found = json.loads(done.stdout)
+    trained = found["retrain"]
+    assert found["outcome"] == "promoted" and trained["promoted"] and trained["version"] == "2", found
+    # thumbs-up answers train (or are counted as cut); only corrections are held out and compared
+    assert trained["held_out"] == {"correction": 2} and trained["trained_on"]["correction"] == 6, trained
+    liked = trained["trained_on"].get("liked", 0)
+    assert liked + trained["left_out"]["cut"] == len(LIKED), trained
+    assert trained["left_out"]["rated_down"] == 2 and trained["left_out"]["duplicate"] == 1, trained
+    assert trained["compared"]["corrections"] == 2 and trained["compared"]["evaluation_set"] == 4, trained
+    assert "2 held-out traffic rows whose reference v1 did not write (2 corrections)" in said
+    assert "Promotion of shop v2 to @champion" in said
+    assert str(client.get_registered_model("shop").aliases["champion"]) == "2", said[-2000:]
+    project = Path(said.split("Training the next version: mlflow run ", 1)[1].split(" -e ", 1)[0])
+    assert project.name.startswith("mlflow-finetune-retrain-shop-v1-") and not project.exists()
 
     v2 = client.get_model_version("shop", "2")
     run_id = v2.tags.get("finetune.source_run") or v2.run_id
-    assert client.get_run(run_id).data.tags["finetune.monitor.retrained_from"] == "6 traces of v1"
+    assert client.get_run(run_id).data.tags["finetune.monitor.retrained_from"] == f"{6 + liked} traces of v1"
     lineage = mlflow.artifacts.load_dict(f"runs:/{run_id}/{TRACES_FILE}")
-    assert len(lineage["trained_on"]) == 6 and len(lineage["held_out"]) == 2
+    assert len(lineage["trained_on"]) == 6 + liked and len(lineage["held_out"]) == 2
+    assert lineage["counts"]["held_out"] == {"correction": 2}
+    # the rows stay with the run, as its artifacts: the next `monitor` reads v2's training questions there
+    logged = {f.path for f in client.list_artifacts(run_id, "monitor/retrain_data")}
+    assert logged == {"monitor/retrain_data/train.jsonl", "monitor/retrain_data/traffic_eval.jsonl"}
     model = mlflow.pyfunc.load_model("models:/shop/2")
     (answer,) = model.predict([{"messages": [{"role": "user", "content": REFUND_QUESTIONS[0]}]}],
                               params={"max_new_tokens": 12})
@@ -344,20 +394,202 @@ def test_the_next_runs_rows_are_corrections_thumbs_up_and_a_teachers_answers_to_
 
     requests = [_request(0, verdict=False, correction="fixed"), _request(1, verdict=True),
                 _request(2, verdict=False), _request(3), _request(4), _request(5, verdict=True, cut=True),
-                _request(6, served="2", verdict=True)]
+                _request(6, served="2", verdict=True),
+                _request(7, verdict=True, prompt=[{"role": "user", "content": "question 1"}])]
     report = Report("bot", "1d", requests)
     without = traffic_rows(report, "1", new={"tr-4"})
     assert [r["messages"][-1]["content"] for r in without.rows] == ["fixed", '{"ok": true}']
-    assert without.left_out == {"rated down with no correction": 1,
-                                "not rated (their answers are the model's own)": 1,
-                                "rated up but cut at the length limit": 1,
-                                "far from the training data, and no distill.teacher to answer them": 1}
+    # every request of v1 that makes no row is counted, by its reason
+    assert without.left_out == {"rated_down": 1, "unrated": 1, "cut": 1, "duplicate": 1, "no_teacher": 1}
+    assert sum(without.left_out.values()) + len(without.rows) == 7
+    said = without.sentence()
+    assert "1 rated up but cut at the client's max_tokens (finish_reason length)" in said
+    assert "1 the same messages as a request already kept" in said and "1 corrections, 1 thumbs-up" in said
     taught = traffic_rows(report, "1", new={"tr-4"}, teacher=_Teacher())
     assert taught.rows[-1]["messages"][-1]["content"] == "About question 4" and taught.trace_ids[-1] == "tr-4"
-    many = traffic_rows(Report("bot", "1d", [_request(i, verdict=True) for i in range(8)]), "1", new=set())
-    assert (
-        len(many.rows) == 6 and len(many.held_out) == 2 and not set(many.trace_ids) & set(many.held_out_ids)
-    )
+    assert taught.kinds == ["correction", "liked", "teacher"]
+
+
+def test_thumbs_up_answers_train_and_only_rows_the_champion_did_not_write_are_held_out():
+    from mlflow_finetune_plugin.monitor.retrain import traffic_rows
+    from mlflow_finetune_plugin.monitor.watch import Report
+
+    liked = [_request(i, verdict=True) for i in range(12)]
+    corrected = [_request(i, verdict=False, correction=f"fixed {i}") for i in range(12, 20)]
+    split = traffic_rows(Report("bot", "1d", liked + corrected), "1", new={"tr-20"},
+                         teacher=_Teacher())
+    assert split.held_out_kinds and set(split.held_out_kinds) <= {"correction", "teacher"}
+    assert split.kinds.count("liked") == 12  # every thumbs-up answer trains
+    assert len(split.held_out) == round(9 * 0.25) and not set(split.trace_ids) & set(split.held_out_ids)
+    few = traffic_rows(Report("bot", "1d", liked + corrected[:3]), "1", new=set())
+    assert not few.held_out and len(few.rows) == 15  # under 4 comparable rows: none held out
+
+
+def test_a_champion_liked_by_its_users_does_not_block_a_version_that_learned_the_corrections(
+        tmp_path, monkeypatch):
+    """The champion's liked answers are its own greedy answers: held out, they would score it 1.0 by
+    construction. Only corrections are held out, where the version that learned them wins."""
+    from types import SimpleNamespace
+
+    from mlflow_finetune_plugin.evaluate import contenders
+    from mlflow_finetune_plugin.metrics import score
+    from mlflow_finetune_plugin.monitor import retrain
+    from mlflow_finetune_plugin.monitor.watch import Report
+
+    liked = [_request(i, verdict=True, answer=f"the champion's answer {i}") for i in range(16)]
+    corrected = [_request(i, verdict=False, correction=f"Refunds take {i} days.", answer="No idea.")
+                 for i in range(16, 24)]
+    rows = retrain.traffic_rows(Report("shop", "1d", liked + corrected), "1", new=set())
+    (tmp_path / "data").mkdir()
+    held_out = "".join(json.dumps(r) + "\n" for r in rows.held_out)
+    (tmp_path / "data" / retrain.HELD_OUT_FILE).write_text(held_out)
+    rows.project = tmp_path
+    by_question = {r.question: r for r in liked + corrected}
+
+    def answer(version, question):  # v1 the champion, v2 a version that learned the corrections
+        r = by_question[question]
+        if version == "1":
+            return r.answer
+        return r.correction or f"another answer {question}"
+
+    def evaluate(uri, data, **_):
+        version = uri.rsplit("/", 1)[1]
+        held = [json.loads(line)["messages"] for line in Path(data).read_text().splitlines()]
+        totals, _ = score([answer(version, m[0]["content"]) for m in held], [m[-1]["content"] for m in held])
+        return SimpleNamespace(metrics={f"eval/tuned/{k}": v for k, v in totals.items()}), None
+
+    monkeypatch.setattr(contenders, "evaluate_model_uri", evaluate)
+    said = []
+    outcome = retrain.Outcome("1", "2", "champion", False, "", rows)
+    own = SimpleNamespace(recipe={"registry": {"promote_if": [{"metric": "rougeL"}]}})
+    assert retrain._better_on_traffic("shop", outcome, own, said.append), said
+    assert outcome.scores["2"] == 1.0 and outcome.scores["1"] < 0.5
+    assert "2 held-out traffic rows whose reference v1 did not write (2 corrections)" in said[0]
+    # the same comparison on the liked answers the champion wrote would have kept it
+    liked_only = [r for r in rows.rows[8:]]
+    assert all(answer("1", r["messages"][0]["content"]) == r["messages"][-1]["content"] for r in liked_only)
+
+
+def test_the_outcome_of_a_pass_is_one_exit_code_for_a_scheduler():
+    from types import SimpleNamespace
+
+    from mlflow_finetune_plugin.monitor.outcome import EXIT_CODES, as_dict, outcome_of
+    from mlflow_finetune_plugin.monitor.retrain import Retrain
+    from mlflow_finetune_plugin.monitor.watch import Alert, Report
+    from mlflow_finetune_plugin.monitor.windows import Window
+
+    quiet = Report("bot", "15s", [_request(0)])
+    loud = Report("bot", "15s", [_request(0)])
+    loud.alerts.append(Alert(Window(1_800_000_010, 15, "1"), "novel_share", 0.5, "<= 0.3", ["tr-0"]))
+
+    def trained(promoted):
+        return SimpleNamespace(promoted=promoted,
+                               as_dict=lambda: {"promoted": promoted, **Retrain("1").as_dict()})
+
+    assert outcome_of(quiet) == "no_alert" and outcome_of(loud) == "alert"
+    assert outcome_of(loud, trained(True)) == "promoted" and outcome_of(quiet, trained(False)) == "challenger"
+    assert outcome_of(None) == "failed"
+    codes = [EXIT_CODES[k] for k in ("no_alert", "failed", "alert", "promoted", "challenger")]
+    assert codes == [0, 1, 3, 4, 5]
+    found = as_dict("bot", loud)
+    assert found["exit_code"] == 3 and found["alerts"][0]["window_start"] == "2027-01-15T08:00:10+00:00"
+    assert as_dict("bot", quiet, trained(False))["retrain"]["left_out"]["cut"] == 0
+    assert as_dict("bot", None, error="boom")["outcome"] == "failed"
+
+
+def test_monitor_json_prints_the_outcome_alone_on_stdout_and_exits_with_its_code(tracking_uri):
+    empty = _monitor("bot", "--json", "--no-log")
+    assert empty.returncode == 0, empty.stderr[-2000:]
+    found = json.loads(empty.stdout)
+    assert found["outcome"] == "no_alert" and found["requests"] == 0 and "Served traffic" in empty.stderr
+    wrong = _monitor("bot", "--json", "--gate", "novelty_share<=0.3")
+    assert wrong.returncode == 1 and json.loads(wrong.stdout)["outcome"] == "failed"
+    assert "did you mean novel_share" in json.loads(wrong.stdout)["error"]
+    assert _monitor("bot", "--keep").returncode == 2  # a usage error: --keep without --retrain
+    assert "N[s|m|h|d|w]" in _monitor("--help").stdout
+
+
+def test_the_chart_breaks_its_lines_at_windows_without_a_value_and_names_short_windows_to_the_second():
+    import math
+
+    from mlflow_finetune_plugin.monitor.report import chart, series, when
+    from mlflow_finetune_plugin.monitor.watch import Report
+    from mlflow_finetune_plugin.monitor.windows import Window
+
+    start = 1_800_000_000 // 15 * 15
+    report = Report("bot", "15s", [_request(0)])
+    for i, metrics in enumerate([{"requests": 4, "thumbs_down_share": 0.5}, {"requests": 4},
+                                 {"requests": 4, "thumbs_down_share": 1.0}, None,
+                                 {"requests": 2, "thumbs_down_share": 0.0}]):
+        if metrics is not None:
+            report.windows.append(Window(start + 15 * i, 15, "1", metrics))
+    times, values = series(report, "v1", "thumbs_down_share")
+    assert [v if not math.isnan(v) else None for v in values] == [0.5, None, 1.0, None, 0.0]
+    assert len(times) == 5
+    _, requests = series(report, "v1", "requests")
+    assert [v if not math.isnan(v) else None for v in requests] == [4, 4, 4, None, 2]
+    figure = chart(report)
+    (line,) = figure.axes[1].get_lines()  # thumbs_down_share: one line, with its gaps
+    assert sum(math.isnan(y) for y in line.get_ydata()) == 2
+    assert when(start + 15, 15).count(":") == 2 and when(start, 3600) == "2027-01-15 08:00"
+    assert when(86400 * 20000, 86400) == "2024-10-04"
+
+
+def test_a_retrained_versions_training_questions_are_read_from_its_logged_copy_once_the_project_is_gone(
+        tracking_uri, tmp_path):
+    from mlflow_finetune_plugin.data.read import load_training_dataset, mlflow_dataset
+    from mlflow_finetune_plugin.monitor.lineage import RETRAIN_DATA, Lineage, _read_inputs
+
+    project = tmp_path / "retrain-project" / "data"
+    project.mkdir(parents=True)
+    (project / "train.jsonl").write_text(TRAIN.read_text())
+    ds, _ = load_training_dataset(str(project / "train.jsonl"))
+    with mlflow.start_run() as run:
+        mlflow.log_input(mlflow_dataset(ds, str(project / "train.jsonl"), name="train"), context="training",
+                         tags={"format": "chat"})
+        mlflow.log_artifacts(str(project), RETRAIN_DATA)
+    (project / "train.jsonl").unlink()
+    found = Lineage("2", run.info.run_id)
+    _read_inputs(found)
+    assert found.missing is None and len(found.questions) == len(questions(TRAIN))
+    assert found.sources and found.sources[0] != str(project / "train.jsonl")  # the run's own copy
+
+
+def test_the_retrain_project_is_a_temporary_folder_removed_after_the_run_unless_kept(monkeypatch):
+    """Users' words go to the run's project only while it trains: removed afterwards, failed or not; --keep
+    keeps it and says where."""
+    import shutil
+
+    from mlflow_finetune_plugin import paths
+    from mlflow_finetune_plugin.monitor import retrain
+    from mlflow_finetune_plugin.monitor.lineage import Lineage
+    from mlflow_finetune_plugin.monitor.watch import Report
+    from mlflow_finetune_plugin.registry import promotion, versions
+
+    monkeypatch.setattr(promotion, "recipe_gates", lambda name, version: ([], "champion"))
+    monkeypatch.setattr(versions, "alias_holder", lambda name, alias: None)
+    projects, said = [], []
+
+    def train(name, version, alias, rows, own, params, config, echo):  # stands in for the run
+        projects.append(rows.project)
+        written = (rows.project / "data" / "train.jsonl").read_text()
+        assert "fixed 3" in written and len(written.splitlines()) == len(TRAIN.read_text().splitlines()) + 6
+        if len(projects) == 3:
+            raise retrain.FinetuneError("the run failed")
+        return retrain.Outcome(version, "2", alias, True, "promoted", rows)
+
+    monkeypatch.setattr(retrain, "_train_and_judge", train)
+    report = Report("bot", "1d", [_request(i, verdict=False, correction=f"fixed {i}") for i in range(8)])
+    report.lineages["1"] = Lineage("1", "run", sources=[str(TRAIN)], recipe={"data": {"train": "x.jsonl"}})
+    done = retrain.retrain(report, "bot", echo=said.append)
+    assert not projects[0].exists() and done.kept is None
+    assert paths.cache_root() not in projects[0].parents
+    kept = retrain.retrain(report, "bot", echo=said.append, keep=True)
+    assert Path(kept.kept).is_dir() and kept.kept in said[-1]
+    shutil.rmtree(kept.kept)
+    with pytest.raises(retrain.FinetuneError, match="the run failed"):
+        retrain.retrain(report, "bot", echo=said.append)
+    assert not projects[2].exists()
 
 
 def test_drift_by_sentence_embeddings_is_calibrated_the_same_way():

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 import click
-
-ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an error, 2 a usage error)
 
 
 @click.command("monitor", short_help="Watch served versions per window; alert, retrain.")
@@ -14,8 +14,9 @@ ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an e
 @click.option("--experiment", "-x", "experiments", multiple=True, metavar="EXPERIMENT",
               help="Experiment the traffic is traced to (`serve --trace EXPERIMENT`); repeatable. Default: "
                    "every experiment in the store.")
-@click.option("--window", default=None, help="Window length: 15m, 1h, 1d, 1w. Default: the recipe's "
-                                             "monitor.window (1d).")
+@click.option("--window", default=None, metavar="N[s|m|h|d|w]",
+              help="Window length: any whole number of seconds, minutes, hours, days or weeks (30s, 15m, 2h, "
+                   "1d, 1w). Default: the recipe's monitor.window (1d).")
 @click.option("--since", default=None, help="Traffic from this moment: an ISO date/time or a duration ago "
                                             "(7d, 12h).")
 @click.option("--until", default=None, help="Traffic before this moment (the same forms).")
@@ -52,30 +53,87 @@ ALERT_EXIT = 3  # a window over a monitor gate: cron and CI act on it (1 is an e
                                               "distill.teacher's answers to drifted requests), and promote "
                                               "it only if it beats the champion on held-out traffic and "
                                               "passes the recipe's gates.")
+@click.option("--keep", is_flag=True, help="With --retrain: keep the run's temporary project folder (its "
+                                           "recipe and rows, users' words among them) and say where; removed "
+                                           "after the run by default.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the outcome as one JSON object on stdout (the exit code, alerts, what --retrain "
+                   "trained and compared); everything else goes to stderr.")
 @click.option("-P", "params", multiple=True, metavar="KEY=VALUE",
               help="Recipe override for the --retrain run.")
 @click.option("--backend-config", "-b", default=None, metavar="JSON",
               help="The --retrain run's backend config.")
 def monitor_cmd(name, experiments, window, since, until, gates, min_requests, examples, embedding, judge,
                 judge_model, judge_instructions, start_online, stop_online, sample_rate, no_log, retrain,
-                params, backend_config):
+                keep, as_json, params, backend_config):
     """How the served versions of registered model NAME are doing, per time window: requests, errors, latency,
     tokens, answers cut at the length limit, feedback and thumbs-down, quality against users' corrections, and
     drift (requests far from the training questions, new topics, length and language). A window over a monitor
-    gate is an alert: named, with example traces, and the command exits 3 (docs/monitoring.md)."""
-    from mlflow_finetune_plugin.config.monitor import check_gate_metric, window_seconds
-    from mlflow_finetune_plugin.errors import FinetuneError
-    from mlflow_finetune_plugin.monitor import online
-    from mlflow_finetune_plugin.monitor import report as out
-    from mlflow_finetune_plugin.monitor.judge import ready, spec_of
-    from mlflow_finetune_plugin.monitor.watch import watch
-    from mlflow_finetune_plugin.registry.promotion import parse_gate
+    gate is an alert: named, with example traces. Exit codes, for cron and CI (docs/monitoring.md): 0 no
+    alert, 3 an alert and nothing retrained, 4 retrained and promoted, 5 retrained and kept on @challenger,
+    1 failed, 2 a usage error."""
+    from mlflow_finetune_plugin.config.monitor import window_seconds
 
     if window is not None:
         try:
             window_seconds(window)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--window") from None
+    if start_online and stop_online:
+        raise click.UsageError("--start and --stop: give one")
+    if as_json and (start_online or stop_online):
+        raise click.UsageError("--json reports a monitoring pass; --start and --stop print what they did")
+    if keep and not retrain:
+        raise click.UsageError("--keep keeps the project of a --retrain run: give --retrain")
+    if start_online or stop_online:  # registering or removing the online judge is the whole command
+        from mlflow_finetune_plugin.monitor import online
+
+        spec = _judge(judge, judge_model, judge_instructions, ready=start_online)
+        click.echo("\n".join(online.command(name, experiments, spec, start_online, sample_rate)))
+        return
+    run = dict(window=window, since=since, until=until, gates=gates, min_requests=min_requests,
+               judge=(judge, judge_model, judge_instructions), no_log=no_log, embedding=embedding,
+               examples=examples, retrain=(params, backend_config, keep) if retrain else None)
+    if not as_json:
+        sys.exit(_pass(name, experiments, **run)[0])
+    import json
+    import traceback
+
+    from mlflow_finetune_plugin.errors import FinetuneError
+    from mlflow_finetune_plugin.monitor.outcome import as_dict
+
+    with _stdout_to_stderr():
+        try:
+            code, found = _pass(name, experiments, **run)
+        except Exception as e:  # noqa: BLE001 (a scheduler reads the failure from the JSON and exit code 1)
+            if not isinstance(e, FinetuneError):
+                traceback.print_exc()
+            click.secho(f"Error: {e}", fg="red", err=True)
+            code, found = 1, as_dict(name, None, error=str(e))
+    # numpy scalars among the figures print as numbers
+    click.echo(json.dumps(found, indent=2, default=lambda o: float(o) if hasattr(o, "__float__") else str(o)))
+    sys.exit(code)
+
+
+def _judge(judge, judge_model, judge_instructions, ready: bool):
+    """The --judge's spec (None without one), asked whether it answers when `ready`: a judge that cannot is
+    refused before any traffic is read, even none."""
+    from mlflow_finetune_plugin.errors import FinetuneError
+    from mlflow_finetune_plugin.monitor.judge import ready as answering
+    from mlflow_finetune_plugin.monitor.judge import spec_of
+
+    if (judge_model or judge_instructions) and not judge:
+        raise FinetuneError("--judge-model and --judge-instructions describe a --judge MODEL: give it")
+    spec = spec_of(judge, judge_model, judge_instructions) if judge else None
+    return answering(spec) if spec and ready else spec
+
+
+def _limits(gates):
+    """The --gate limits, None without any."""
+    from mlflow_finetune_plugin.config.monitor import check_gate_metric
+    from mlflow_finetune_plugin.errors import FinetuneError
+    from mlflow_finetune_plugin.registry.promotion import parse_gate
+
     limits = [parse_gate(g) for g in gates] if gates else None
     for gate, given in zip(limits or [], gates):
         try:
@@ -85,30 +143,50 @@ def monitor_cmd(name, experiments, window, since, until, gates, min_requests, ex
         if gate.at_most is None and gate.at_least is None:
             raise FinetuneError(f"--gate {given}: a monitor gate is a limit, METRIC<=X or METRIC>=X "
                                 "(e.g. novel_share<=0.3)")
-    if start_online and stop_online:
-        raise click.UsageError("--start and --stop: give one")
-    if (judge_model or judge_instructions) and not judge:
-        raise FinetuneError("--judge-model and --judge-instructions describe a --judge MODEL: give it")
-    spec = spec_of(judge, judge_model, judge_instructions) if judge else None
-    # a judge that cannot answer is refused before any traffic is read, even none
-    if spec and not stop_online:
-        spec = ready(spec)
-    if start_online or stop_online:  # registering or removing the online judge is the whole command
-        click.echo("\n".join(online.command(name, experiments, spec, start_online, sample_rate)))
-        return
+    return limits
+
+
+def _pass(name, experiments, window, since, until, gates, min_requests, judge, no_log, embedding, examples,
+          retrain) -> tuple[int, dict]:
+    """One monitoring pass, printed (and --retrain's run): (its exit code, its --json object)."""
+    from mlflow_finetune_plugin.monitor import report as out
+    from mlflow_finetune_plugin.monitor.outcome import EXIT_CODES, SAID, as_dict
+    from mlflow_finetune_plugin.monitor.watch import watch
+
+    limits, spec = _limits(gates), _judge(*judge, ready=True)
     report = watch(name, experiments, window, since, until, limits, min_requests, spec,
                    store_judgments=not no_log, embedding=embedding)
     click.echo(out.text(report, examples))
+    run_id = None
     if not no_log and (run_id := out.log(report)):
         click.echo(f"\nLogged to the monitoring run {run_id} (metrics {out.PREFIX}vN/..., "
                    f"chart {out.CHART_FILE}).")
+    retrained = None
     if retrain:
         import json
 
         from mlflow_finetune_plugin.monitor.retrain import retrain as train_next
 
+        params, backend_config, keep = retrain
         overrides = dict(p.split("=", 1) for p in params if "=" in p)
-        train_next(report, name, overrides, json.loads(backend_config) if backend_config else None,
-                   click.echo)
-    if report.alerts:
-        sys.exit(ALERT_EXIT)
+        config = json.loads(backend_config) if backend_config else None
+        retrained = train_next(report, name, overrides, config, click.echo, keep=keep)
+    found = as_dict(name, report, retrained, run_id=run_id)
+    click.echo(f"\nOutcome: {SAID[found['outcome']]} (exit {EXIT_CODES[found['outcome']]}).")
+    return found["exit_code"], found
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Everything printed, by this process and the runs it starts, goes to stderr; stdout is left for the
+    JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

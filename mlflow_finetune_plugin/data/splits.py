@@ -197,9 +197,9 @@ def log_inputs(recipe, splits: Splits) -> dict:
         tags = {**tags, **({"format": fmt} if fmt else {})}
         if f"{owner}.{split}" in splits.traces:  # the query and the trace ids, never the texts
             got, ids = splits.traces[f"{owner}.{split}"]
-            return log_traces_input(ds, got, ids, name, context, tags)
+            return despite_race(lambda: log_traces_input(ds, got, ids, name, context, tags))
         logged = mlflow_dataset(ds, path, name=name)
-        mlflow.log_input(logged, context=context, tags=tags)
+        despite_race(lambda: mlflow.log_input(logged, context=context, tags=tags))
         return logged
 
     if splits.replay:  # the replay corpus, a training input of its own
@@ -227,6 +227,30 @@ def log_inputs(recipe, splits: Splits) -> dict:
     digest = hashlib.sha256(",".join(digests).encode()).hexdigest()[:16]
     return lineage_tags(dataset_digest=digest, data_format=splits.fmt,
                         tasks=",".join(f"{n}:{t.weight:g}" for n, t in recipe.data.tasks.items()))
+
+
+# What a SQL store says when another run created the same dataset (experiment, name, digest) between its
+# look-up and its insert (PostgreSQL, MySQL, SQLite). SqlAlchemyStore.log_inputs looks for the dataset,
+# inserts it when absent and commits; the commit's IntegrityError comes back as BAD_REQUEST, which its HTTP
+# client does not retry. Asked again, the store finds the dataset the other run committed and only links it.
+DATASET_RACE = ("dataset_pk", "duplicate key value violates unique constraint", "Duplicate entry",
+                "UNIQUE constraint failed: datasets")
+
+
+def despite_race(log_once, attempts: int = 4):
+    """`log_once()` (logging a dataset input), asked again when the store refused it because another run
+    logged the same dataset at the same moment."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return log_once()
+        except MlflowException as e:
+            if attempt == attempts - 1 or not any(sign in str(e) for sign in DATASET_RACE):
+                raise
+            time.sleep(0.1 * (attempt + 1))  # the other writer commits; then the dataset is found
 
 
 def _input_name(path: str) -> str:

@@ -6,10 +6,10 @@ training data never has at the highest idf): the share of what the request says 
 question matches. A request is *new* when that share is lower than all but `monitor.novelty_quantile` of the
 training questions reach against their own nearest neighbour (each left out in turn): the training data
 calibrates what "near" means for its own vocabulary. With `monitor.embedding` (a sentence-transformers model),
-the similarity is the cosine of sentence embeddings instead, calibrated the same way. New
-requests are grouped (TF-IDF, average-linkage clustering on cosine distance) into topics the training data
-does not cover, each named by its top words. Length and language (py3langid, on questions of three words or
-more) are compared with the training questions too.
+the similarity is the cosine of sentence embeddings instead, calibrated the same way. New requests are grouped
+(TF-IDF over the words two requests or more share, average-linkage clustering on cosine distance) into topics
+the training data does not cover, each named by its top words; the rest are counted as "other". Length and
+language (py3langid, on questions of three words or more) are compared with the training questions too.
 """
 
 from __future__ import annotations
@@ -25,6 +25,16 @@ MIN_TRAIN = 10          # fewer training questions calibrate nothing
 CLUSTER_SAMPLE = 2000   # new requests clustered at most (a random, seeded sample above it)
 CLUSTER_DISTANCE = 0.8  # cosine distance under which two groups of new requests merge
 MIN_WORDS_FOR_LANGUAGE = 3
+# Never a topic's word: scikit-learn's English stop words, and the function words it lacks ("does" named a
+# topic of requests about a board game).
+_FUNCTION_WORDS = ("does did doing doesn didn don isn aren wasn weren won wouldn shouldn couldn hasn haven "
+                   "ok okay hi hello hey please thanks thank let lets want like just really know tell")
+
+
+def _stop_words() -> frozenset[str]:
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return frozenset(ENGLISH_STOP_WORDS) | frozenset(_FUNCTION_WORDS.split())
 
 
 class Lexical:
@@ -157,7 +167,12 @@ def main_language(texts: list[str]) -> str | None:
 
 
 def topics(texts: list[str], seed: int = 0, most: int = 5, min_size: int = 2) -> list[Topic]:
-    """The largest groups of `texts` (the new requests' questions) by topic, largest first."""
+    """The largest groups of `texts` (the new requests' questions) by topic, largest first; the texts in none
+    of them are the caller's "other". A text is the set of its words that at least one other text shares
+    (TF-IDF, binary, stop words left out): a word only one request uses says nothing about what requests have
+    in common, and kept, it drowns the word they share (a product's name) in each request's own words. Above
+    CLUSTER_SAMPLE texts, a seeded sample is clustered and every other text joins the topic whose centre it is
+    nearest to, when near enough."""
     import numpy as np
     from sklearn.cluster import AgglomerativeClustering
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -166,21 +181,17 @@ def topics(texts: list[str], seed: int = 0, most: int = 5, min_size: int = 2) ->
     if len(index) > CLUSTER_SAMPLE:
         index = sorted(np.random.default_rng(seed).choice(len(texts), CLUSTER_SAMPLE, replace=False).tolist())
     try:
-        vectorizer = TfidfVectorizer(stop_words="english", min_df=1)
+        vectorizer = TfidfVectorizer(stop_words=sorted(_stop_words()), min_df=2, binary=True)
         matrix = vectorizer.fit_transform([texts[i] for i in index])
-    except ValueError:  # no word left (every text stopwords only)
+    except ValueError:  # no word shared by two texts (or every text stop words only)
         return []
     rows = np.flatnonzero(matrix.getnnz(axis=1) > 0)
     if len(rows) < min_size:
         return []
-    if len(rows) == 1:
-        labels = np.zeros(1, dtype=int)
-    else:
-        labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
-                                         distance_threshold=CLUSTER_DISTANCE).fit_predict(
-                                             matrix[rows].toarray())
+    labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
+                                     distance_threshold=CLUSTER_DISTANCE).fit_predict(matrix[rows].toarray())
     vocabulary = vectorizer.get_feature_names_out()
-    found = []
+    found, centres = [], []
     for label, size in Counter(labels.tolist()).most_common():
         if size < min_size or len(found) == most:
             break
@@ -188,5 +199,14 @@ def topics(texts: list[str], seed: int = 0, most: int = 5, min_size: int = 2) ->
         weights = np.asarray(matrix[members].mean(axis=0)).ravel()
         words = [str(vocabulary[i]) for i in np.argsort(-weights)[:4] if weights[i] > 0]
         found.append(Topic(int(size), words, [index[i] for i in members]))
-    return found
-
+        centres.append(weights / (np.linalg.norm(weights) or 1.0))
+    sampled = set(index)
+    rest = [i for i in range(len(texts)) if i not in sampled]
+    if rest and found:
+        near = vectorizer.transform([texts[i] for i in rest]) @ np.array(centres).T
+        for i, similar in zip(rest, np.asarray(near)):
+            if similar.max() >= 1 - CLUSTER_DISTANCE:
+                topic = found[int(similar.argmax())]
+                topic.members.append(i)
+                topic.size += 1
+    return sorted(found, key=lambda t: -t.size)

@@ -1,10 +1,12 @@
 """What a served version was trained on, read through its source run: the training questions (its `training`
-dataset inputs, read from their source files) and the recipe's `monitor` and `eval` sections."""
+dataset inputs, read from their source files, or, for a `--retrain` run whose temporary project is gone, from
+the copy it logged as artifacts) and the recipe's `monitor` and `eval` sections."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mlflow_finetune_plugin.config.monitor import MonitorConfig
 from mlflow_finetune_plugin.errors import FinetuneError
@@ -12,6 +14,8 @@ from mlflow_finetune_plugin.messages import last_user_text
 from mlflow_finetune_plugin.registry import versions as registry
 
 REPLAY = "replay"  # the general-text input (data.replay): not the task's questions
+RETRAIN_DATA = "monitor/retrain_data"  # a --retrain run's data files, logged as its artifacts
+_copies: list[str] = []  # folders of artifacts read this process, removed when it ends
 
 
 @dataclass
@@ -68,6 +72,8 @@ def _read_inputs(out: Lineage) -> None:
         if tags.get(MLFLOW_DATASET_CONTEXT) != "training" or given.dataset.name == REPLAY:
             continue
         source = _source_path(given.dataset)
+        if source is not None and not Path(source).exists():
+            source = _logged_copy(out.run_id, source) or source
         if source is None:
             problems.append(f"input {given.dataset.name!r} ({given.dataset.source_type}) is not a file")
             continue
@@ -85,6 +91,27 @@ def _read_inputs(out: Lineage) -> None:
     out.questions = [q for q in out.questions if q]
     if not out.questions:
         out.missing = "; ".join(problems) or f"run {out.run_id} logged no training input with user questions"
+
+
+def _logged_copy(run_id: str, source: str) -> str | None:
+    """The run's own copy of the data file `source` (RETRAIN_DATA), downloaded into a temporary folder that is
+    removed when this process ends; None when it logged none."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not _copies:
+        _copies.append(tempfile.mkdtemp(prefix="mlflow-finetune-lineage-"))
+        atexit.register(shutil.rmtree, _copies[0], True)
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{RETRAIN_DATA}/"
+                                                   f"{Path(source).name}", dst_path=tempfile.mkdtemp(
+                                                       dir=_copies[0]))
+    except (MlflowException, OSError):
+        return None
 
 
 def _source_path(dataset) -> str | None:

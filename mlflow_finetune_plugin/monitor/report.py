@@ -21,8 +21,13 @@ CHART_FILE = "monitor/chart.png"
 PREFIX = "monitor/"
 
 
-def when(start_s: int) -> str:
-    return datetime.datetime.fromtimestamp(start_s, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+def when(start_s: int, seconds: int = 60) -> str:
+    """A window's start in its natural unit (UTC): the day for whole days, else to the minute, to the second
+    for windows that do not start on a minute."""
+    at = datetime.datetime.fromtimestamp(start_s, datetime.timezone.utc)
+    if seconds % 86400 == 0 and start_s % 86400 == 0:
+        return at.strftime("%Y-%m-%d")
+    return at.strftime("%Y-%m-%d %H:%M" if seconds % 60 == 0 and start_s % 60 == 0 else "%Y-%m-%d %H:%M:%S")
 
 
 def text(report: Report, examples: bool = False) -> str:
@@ -39,22 +44,28 @@ def text(report: Report, examples: bool = False) -> str:
     lines += [f"  note: {n}" for n in report.notes]
     shown = [(key, head) for key, head in COLUMNS if any(key in w.metrics for w in report.windows)]
     alerted = {(id(a.window), a.metric) for a in report.alerts}
-    rows = [[when(w.start_s), w.label, *(_cell(k, w.metrics.get(k), (id(w), k) in alerted) for k, _ in shown)]
-            for w in report.windows]
+    rows = [[when(w.start_s, w.seconds), w.label,
+             *(_cell(k, w.metrics.get(k), (id(w), k) in alerted) for k, _ in shown)] for w in report.windows]
     if rows:
         lines += ["", format_table(["window", "version", *(h for _, h in shown)], rows)]
-    if report.topics:
+    if report.topics or report.other_new:
         lines += ["", "New topics (requests far from the training questions, grouped):"]
-        for t in report.topics:
-            lines.append(f"  v{t.served}: {t.topic.size} requests about {', '.join(t.topic.words) or '?'}: "
-                         + ("; ".join(repr(x) for x in t.texts) if examples else ", ".join(t.trace_ids)))
+        for version in sorted({t.served for t in report.topics} | set(report.other_new), key=int):
+            for t in (t for t in report.topics if t.served == version):
+                shown = "; ".join(repr(x) for x in t.texts) if examples else ", ".join(t.trace_ids)
+                about = ", ".join(t.topic.words) or "?"
+                lines.append(f"  v{version}: {t.topic.size} requests about {about}: {shown}")
+            if other := report.other_new.get(version):
+                lines.append(f"  v{version}: {other} other new request{'s' if other > 1 else ''}, in no "
+                             "topic above")
     if report.alerts:
         windows = len({id(a.window) for a in report.alerts})
         lines += ["", f"ALERT: {len(report.alerts)} alert(s) in {windows} window(s) over a monitor gate:"]
         for a in report.alerts:
             shown_ids = _examples(report, a.trace_ids) if examples else ", ".join(a.trace_ids)
             lines.append(
-                f"  {a.window.label} {when(a.window.start_s)}: {a.metric} {a.value:.3f} (limit {a.limit})"
+                f"  {a.window.label} {when(a.window.start_s, a.window.seconds)}: {a.metric} {a.value:.3f} "
+                f"(limit {a.limit})"
                 + (f"; e.g. {shown_ids}" if shown_ids else ""))
     elif report.windows:
         lines += ["", "No alerts: every window with enough requests is within the monitor gates."]
@@ -103,7 +114,8 @@ def log(report: Report) -> str | None:
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
     client.set_tag(run_id, tags.MONITOR_WINDOW, report.window)
     client.set_tag(run_id, tags.MONITOR_ALERTS, "; ".join(
-        f"{a.window.label} {a.metric} {a.value:.3f} ({a.limit}) at {when(a.window.start_s)}"
+        f"{a.window.label} {a.metric} {a.value:.3f} ({a.limit}) at "
+        f"{when(a.window.start_s, a.window.seconds)}"
         for a in report.alerts)[:5000] or "none")
     with mlflow.start_run(run_id=run_id):
         mlflow.log_figure(chart(report), CHART_FILE)
@@ -122,7 +134,8 @@ def _monitoring_run(client, experiment: str, name: str) -> str:
 
 def chart(report: Report):
     """A matplotlib figure: each CHART_METRICS figure over the windows, one line per version, alerts
-    marked."""
+    marked. A window without a value (no requests of that version, no feedback) is no point, and the line
+    breaks there rather than joining its neighbours."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,14 +145,13 @@ def chart(report: Report):
     labels = sorted({w.label for w in report.windows})
     for ax, metric in zip(axes.ravel(), CHART_METRICS):
         for label in labels:
-            points = [(datetime.datetime.fromtimestamp(w.start_s, datetime.timezone.utc), w.metrics[metric])
-                      for w in report.windows if w.label == label and metric in w.metrics]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=label)
+            times, values = series(report, label, metric)
+            if times:
+                ax.plot(times, values, marker="o", label=label)
         for a in report.alerts:
             if a.metric == metric:
-                ax.scatter([datetime.datetime.fromtimestamp(a.window.start_s, datetime.timezone.utc)],
-                           [a.value], s=160, facecolors="none", edgecolors="red", zorder=3)
+                ax.scatter([_moment(a.window.start_s)], [a.value], s=160, facecolors="none",
+                           edgecolors="red", zorder=3)
         ax.set_title(metric)
         ax.set_ylim(bottom=0)
         ax.tick_params(axis="x", labelrotation=30)
@@ -147,3 +159,26 @@ def chart(report: Report):
     fig.suptitle(f"{report.name}: served traffic per {report.window} window (red: alert)")
     fig.tight_layout()
     return fig
+
+
+def series(report: Report, label: str, metric: str) -> tuple[list, list[float]]:
+    """(window starts, values) of one version's metric, with a NaN between two windows that have a window
+    without a value between them (no requests of that version, no feedback): matplotlib draws no point there
+    and breaks the line."""
+    times: list = []
+    values: list[float] = []
+    last = None
+    for w in sorted((w for w in report.windows if w.label == label), key=lambda w: w.start_s):
+        if metric not in w.metrics:
+            continue
+        if last is not None and w.start_s - last > w.seconds:
+            times.append(_moment(last + w.seconds))
+            values.append(float("nan"))
+        times.append(_moment(w.start_s))
+        values.append(float(w.metrics[metric]))
+        last = w.start_s
+    return times, values
+
+
+def _moment(start_s: int):
+    return datetime.datetime.fromtimestamp(start_s, datetime.timezone.utc)

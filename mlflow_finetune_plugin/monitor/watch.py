@@ -47,6 +47,7 @@ class Report:
     experiment_ids: list[str] = field(default_factory=list)
     new_ids: set[str] = field(default_factory=set)  # requests far from their version's training questions
     novelty: dict[str, drift.Novelty | None] = field(default_factory=dict)  # each version's calibrated index
+    other_new: dict[str, int] = field(default_factory=dict)  # per version: new requests in no listed topic
 
 
 def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = None, since: str | None = None,
@@ -87,7 +88,7 @@ def watch(name: str, experiments: tuple[str, ...] = (), window: str | None = Non
         report.windows.append(w)
         report.alerts += check(w, gates if gates is not None else own.monitor.gates,
                                min_requests or own.monitor.min_requests)
-    report.topics = _topics(requests, new)
+    report.topics, report.other_new = _topics(requests, new)
     return report
 
 
@@ -135,15 +136,19 @@ def _by_version(requests: list[Request]) -> dict[str, list[int]]:
     return out
 
 
-def _topics(requests: list[Request], new: list[bool] | None) -> list[TopicReport]:
-    """The largest topics among each version's new requests."""
+def _topics(requests: list[Request], new: list[bool] | None) -> tuple[list[TopicReport], dict[str, int]]:
+    """The largest topics among each version's new requests, and per version how many new requests are in
+    none of them."""
     if new is None:
-        return []
-    out = []
+        return [], {}
+    out, other = [], {}
     for version, index in _by_version(requests).items():
         fresh = [i for i in index if new[i]]
-        for topic in drift.topics([requests[i].question for i in fresh]):
+        found = drift.topics([requests[i].question for i in fresh])
+        for topic in found:
             members = [fresh[j] for j in topic.members]
             out.append(TopicReport(version, topic, [requests[i].trace_id for i in members[:EXAMPLES]],
                                    [requests[i].question for i in members[:EXAMPLES]]))
-    return out
+        if left := len(fresh) - sum(t.size for t in found):
+            other[version] = left
+    return out, other
