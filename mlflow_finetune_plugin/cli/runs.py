@@ -165,7 +165,8 @@ def evaluate_cmd(model_uri, data, train_data, run_id, max_examples, max_new_toke
     click.echo(f"Verdict: {result.verdict.sentence()}\n{result.verdict.cost}".rstrip())
 
 
-@click.command("plan", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command("plan", short_help="The memory a recipe takes, before anything loads.",
+               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("project", default=".", type=click.Path(exists=True, file_okay=False))
 @click.option("-e", "--entry-point", "method", default=None, help="The method (default: the recipe's).")
 @click.option("-P", "params", multiple=True, help="Recipe override, dotted key: -P train.batch_size=4")
