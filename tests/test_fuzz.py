@@ -427,9 +427,8 @@ E2E_CASES = {
                                           "lora": {"r": [1]}}), None, {},
                                    ["finetune.yaml: 3 problems in the recipe:",
                                     "  - line 2: lora.r: Input should be a valid integer (got [1])",
-                                    "  - line 5: train.batch_size: Input should be a valid integer, unable "
-                                    "to parse string as an integer "
-                                    '(got "eight")',
+                                    "  - line 5: train.batch_size: Input should be a whole number greater "
+                                    'than 0, or `auto` (got "eight")',
                                     "  - line 6: train.max_steps: Input should be a valid integer (got "
                                     "null)"]),
     "recipe in UTF-16": (("# réglages\n" + _yaml(VALID_RECIPE).decode()).encode("utf-16"), None, {},

@@ -391,15 +391,18 @@ class TrainConfig(Section):
         # one message for both forms (a union would report one error per member)
         if value == "auto":
             return value
-        wrong = f"Input should be a whole number greater than 0, or `auto` (got {value!r})"
+        from pydantic_core import PydanticCustomError
+
+        # a custom error: no "Value error, " before it, and the loader adds the value given ("(got ...)")
+        wrong = PydanticCustomError("int_or_auto", "Input should be a whole number greater than 0, or `auto`")
         try:
             number = int(value)
         except (TypeError, ValueError):
-            raise ValueError(wrong) from None
+            raise wrong from None
         if isinstance(value, bool) or number != value and str(number) != str(value).strip():
-            raise ValueError(wrong)
+            raise wrong
         if number <= 0:
-            raise ValueError(f"Input should be greater than 0, or `auto` (got {value!r})")
+            raise wrong
         return number
 
 
