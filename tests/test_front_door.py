@@ -128,7 +128,7 @@ def test_the_readme_and_the_constraints_give_the_cpu_wheel_in_one_line():
            "recipes/support-bot -e lora --backend finetune" in commands  # command 1 as CI runs it
 
 
-def _table_after(text: str, heading: str) -> list[list[str]]:
+def table_after(text: str, heading: str) -> list[list[str]]:
     """The rows of the first markdown table after `heading`, as lists of cells (header and rule left out)."""
     lines = text.split(heading, 1)[1].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
@@ -143,7 +143,7 @@ def _table_after(text: str, heading: str) -> list[list[str]]:
 def test_the_readmes_table_names_every_entry_point():
     from mlflow_finetune_plugin.config.presets import PRESETS
 
-    rows = _table_after(README.read_text(), "| `-e` |")
+    rows = table_after(README.read_text(), "| `-e` |")
     named = {n for row in rows for n in re.findall(r"`([\w-]+)`", row[0].split(" on a VLM")[0])}
     assert named == set(PRESETS), (f"in the README only: {named - set(PRESETS)}; "
                                    f"missing: {set(PRESETS) - named}")
@@ -162,7 +162,7 @@ def test_the_readmes_default_gates_name_every_contender_of_the_default_gate():
 
 
 def test_every_doc_has_a_row_of_its_own_in_the_readme():
-    rows = _table_after(README.read_text(), "## Documentation")
+    rows = table_after(README.read_text(), "## Documentation")
     first = {re.search(r"\]\(([^)]+)\)", row[0]).group(1) for row in rows}
     docs = {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
     assert docs - first == set()

@@ -12,6 +12,7 @@ import yaml
 
 from mlflow_finetune_plugin.config.presets import LEGACY_SECTIONS, PRESETS
 from mlflow_finetune_plugin.config.schema import DPOConfig
+from tests.test_front_door import table_after
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -19,14 +20,7 @@ FOLDERS = sorted(p.parent.name for p in RECIPES.glob("*/finetune.yaml"))
 
 
 def _rows() -> list[list[str]]:
-    lines = (RECIPES / "README.md").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| recipe |"))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
-    return rows
+    return table_after((RECIPES / "README.md").read_text(), "# Recipes")
 
 
 def test_the_index_has_one_row_per_recipe_folder_with_its_command():

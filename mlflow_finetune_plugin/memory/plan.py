@@ -281,16 +281,9 @@ def _baseline_rss() -> int:
     import mlflow  # noqa: F401
     import trl  # noqa: F401 - the training process loads TRL and MLflow too
 
-    try:
-        with open("/proc/self/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
+    from mlflow_finetune_plugin.runtime.allocator import rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return rss_bytes() or 0
 
 
 def check_fits(result: Plan) -> None:

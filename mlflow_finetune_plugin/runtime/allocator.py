@@ -89,16 +89,28 @@ def describe() -> str:
         "training faster and leaner (docs/scaling.md)")
 
 
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident set so far (Linux VmHWM; elsewhere getrusage's ru_maxrss), in bytes; None
-    where neither is available. What the allocator keeps counts: it is memory the machine gave the process."""
+def _status_bytes(field: str) -> int | None:
+    """A memory line of Linux's /proc/self/status (`VmRSS`, `VmHWM`) in bytes; None elsewhere."""
     try:
         with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set now (Linux VmRSS); elsewhere its peak (`peak_rss_bytes`), in bytes."""
+    return _status_bytes("VmRSS") or peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set so far (Linux VmHWM; elsewhere getrusage's ru_maxrss), in bytes; None
+    where neither is available. What the allocator keeps counts: it is memory the machine gave the process."""
+    if (peak := _status_bytes("VmHWM")) is not None:
+        return peak
     try:
         import resource
     except ImportError:  # Windows
