@@ -30,6 +30,8 @@ from tests.helpers import (
     forget_active_experiment,
     free_port,
     mlflow_server,
+    needs_postgres,
+    postgres,
     register_version,
     stop,
     use_server_store,
@@ -264,8 +266,26 @@ registry:
 """
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
+def store_uri(request, tmp_path):
+    """Tracking and registry for the retrain loop: a sqlite file (`tracking_uri`), or `mlflow server` on a
+    fresh PostgreSQL, as teams run it; this process and its children pointed at it."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("tracking_uri")
+        return
+    root = tmp_path / "postgres-server"
+    with postgres(root) as store, mlflow_server(root / "server", store=store) as uri, \
+            pytest.MonkeyPatch.context() as mp:
+        try:
+            yield use_server_store(mp, uri, tmp_path)
+        finally:
+            forget_active_experiment()
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+
+
 @pytest.mark.integration
-def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(tracking_uri, tmp_path):
+def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(store_uri, tmp_path):
     """v1 serves refund questions; users correct every answer (one question twice), rate two others down
     without a correction and four up. `monitor --retrain --json` trains v2 on v1's rows plus
     the corrections and thumbs-up answers, holds two corrections out (never a thumbs-up answer), compares v2
@@ -280,7 +300,7 @@ def test_retrain_learns_the_corrected_answers_and_is_promoted_through_the_gates(
     project = write_project(tmp_path / "shop", SHOP_RECIPE, chat_rows(8), chat_rows(4, offset=50))
     trained = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "-e", "full", "--backend",
                               "finetune", "--experiment-name", "shop"], cwd=tmp_path,
-                             env=subprocess_env(tracking_uri), capture_output=True, text=True, timeout=600)
+                             env=subprocess_env(store_uri), capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
     client = mlflow.MlflowClient()
     client.set_registered_model_alias("shop", "champion", "1")

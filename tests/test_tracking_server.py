@@ -1,11 +1,13 @@
-"""The spine against a real tracking *server*, as teams run it: `mlflow server` over HTTP with a sqlite
-database and proxied artifacts (`mlflow-artifacts:`), started for this module. `mlflow run --backend finetune`
-trains, evaluates and registers through it; `models`, `evaluate`, `promote`, `serve --trace` (answering the
-`openai` client, feedback included) and `-P resume` work from it; every artifact lands in the server's
-artifacts destination, none beside the client."""
+"""The spine against a real tracking *server*, as teams run it: `mlflow server` over HTTP with proxied
+artifacts (`mlflow-artifacts:`), started for this module twice: on a sqlite database, then on PostgreSQL
+(Debian's, started by the test; skipped where it is not installed, never in CI). `mlflow run --backend
+finetune` trains, evaluates and registers through it; `models`, `evaluate`, `promote`, `serve --trace`
+(answering the `openai` client, feedback included) and `-P resume` work from it; every artifact lands in the
+server's artifacts destination, none beside the client."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,8 @@ from tests.helpers import (
     forget_active_experiment,
     free_port,
     mlflow_server,
+    needs_postgres,
+    postgres,
     stop,
     subprocess_env,
     use_server_store,
@@ -46,13 +50,16 @@ OVERRIDES = {**FAST_OVERRIDES, "eval.traces": True}
 PASSING_GATE = "forgetting/ppl_ratio<=100"  # two steps on random weights barely move general text
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A fresh `mlflow server` for the module, this process and its children pointed at it: (URI, its
-    folder)."""
-    root = tmp_path_factory.mktemp("tracking-server")
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
+def server(request, tmp_path_factory):
+    """A fresh `mlflow server` for the module, on the store of the parameter, this process and its children
+    pointed at it: (URI, its folder)."""
+    root = tmp_path_factory.mktemp(f"tracking-server-{request.param}")
     (root / "client").mkdir()
-    with mlflow_server(root / "server") as uri, pytest.MonkeyPatch.context() as mp:
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(postgres(root)) if request.param == "postgresql" else None
+        uri = stack.enter_context(mlflow_server(root / "server", store=store))
+        mp = stack.enter_context(pytest.MonkeyPatch.context())
         use_server_store(mp, uri, root / "client")
         try:
             yield uri, root / "server"

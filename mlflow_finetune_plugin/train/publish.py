@@ -14,6 +14,7 @@ import mlflow
 from mlflow_finetune_plugin import tags as tag
 from mlflow_finetune_plugin.config.checks import SCORING
 from mlflow_finetune_plugin.config.loading import flat_params, recipe_hash, to_yaml
+from mlflow_finetune_plugin.data.splits import despite_race
 from mlflow_finetune_plugin.logged_model import log_finetuned_model
 from mlflow_finetune_plugin.models.precision import compute_precision, measured_for, precision_reason
 from mlflow_finetune_plugin.registry import model_card
@@ -181,7 +182,9 @@ def register_checkpoint(name: str, ref: str, run_id: str | None = None):
             if recipe:
                 mlflow.log_dict(recipe, "recipe.yaml")
             if run.inputs and run.inputs.dataset_inputs:
-                client.log_inputs(packaging.info.run_id, datasets=run.inputs.dataset_inputs)
+                # the store's dataset race (splits.despite_race): another run may log the same dataset now
+                despite_race(lambda: client.log_inputs(packaging.info.run_id,
+                                                       datasets=run.inputs.dataset_inputs))
             info = log_finetuned_model(_SavedFolder(folder), tokenizer, config=config,
                                        name=f"checkpoint-{step}", tags=lineage)
     alias = (recipe.get("registry") or {}).get("alias", RegistryConfig.model_fields["alias"].default)
