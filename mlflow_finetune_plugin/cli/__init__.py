@@ -36,11 +36,13 @@ class _FriendlyGroup(click.Group):
 @click.version_option(package_name="mlflow-finetune-plugin")
 def main():
     """Fine-tune LLMs with MLflow: build, check, train, evaluate, register, chat."""
-    from mlflow_finetune_plugin.vllm_rules import torchvision_clash
+    from mlflow_finetune_plugin.runtime import installed
+    from mlflow_finetune_plugin.vllm_rules import AFTER_INSTALL, torchvision_clash
 
     clash = torchvision_clash()
     if clash:  # every command would fail later in transformers' imports, with a message that does not say why
         raise click.ClickException(clash)
+    installed.warn_once(AFTER_INSTALL)  # an extra that holds transformers back in this environment
 
 
 for _command in (

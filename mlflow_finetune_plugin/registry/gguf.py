@@ -65,7 +65,7 @@ def check_gguf_support(model_config: dict, tokenizer_dir: Path, llama_cpp: Path)
     if missing:
         raise FinetuneError(f"--gguf: llama.cpp's converter needs {', '.join(missing)}, not installed here: "
                             f"pip install {' '.join(missing)}  (or, from the project's clone, "
-                            "pip install -e '.[gguf]')")
+                            "pip install -e '.[gguf-export]')")
 
 
 def write_gguf(model_dir: Path, dest: Path, gguf_type: str, label: str, llama_cpp: Path,

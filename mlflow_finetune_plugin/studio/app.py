@@ -319,13 +319,13 @@ def _wire_check_start(ui, studio):
             overrides = overrides_of(fields, rows, model_value, default_model)
             path = studio.workspace.check_request(path, overrides)
             result = checks.check(path, entry_value, overrides)
-            argv = command_line(path, entry_value, overrides, studio.config.backend_config or None,
-                                studio.config.experiment)
+            params, argv = command_line(path, entry_value, overrides, studio.config.backend_config,
+                                        studio.config.experiment)  # what Start queues, as it runs it
             text = effective_yaml(path, entry_value, overrides) if result.recipe_ok else \
                 "# the recipe does not validate: see the problems above"
         except FinetuneError as e:
             return _user_error(e), "", "", gr.update(interactive=False), None
-        signature = [str(path), entry_value, overrides] if result.ok else None
+        signature = [str(path), entry_value, params] if result.ok else None
         return (result.as_markdown(), shell_line(argv), text, gr.update(interactive=result.ok), signature)
 
     check_btn.click(on_check, [project, entry, model, keys, model_default],
@@ -336,8 +336,8 @@ def _wire_check_start(ui, studio):
         if not signature:
             return _user_error("check first: Start runs what the last passing check saw"), \
                 gr.update(interactive=False), gr.update()
-        path, entry_value, overrides = signature
-        job = _checked(studio.launcher.submit, studio.project(path), entry_value, overrides,
+        path, entry_value, params = signature
+        job = _checked(studio.launcher.submit, studio.project(path), entry_value, params,
                        studio.config.experiment)
         return (f"Queued as job `{job.id}`: `{shell_line(job.argv)}`. Follow it on the Runs tab.",
                 gr.update(interactive=False), gr.update(choices=_run_choices(studio), value=job.id))

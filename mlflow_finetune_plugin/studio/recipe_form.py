@@ -9,7 +9,6 @@ shows is what `mlflow run` will do; nothing about the recipe is decided twice.""
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from mlflow_finetune_plugin.config.keys import flat_types
 from mlflow_finetune_plugin.config.loading import load_recipe, resolved_dict
 from mlflow_finetune_plugin.config.schema import ADAPTER_CONFIGS, OBJECTIVES, RECIPE_FILE, Recipe
 from mlflow_finetune_plugin.errors import FinetuneError, RecipeError
+from mlflow_finetune_plugin.launchers import submit
 from mlflow_finetune_plugin.studio.capture import captured_stderr
 from mlflow_finetune_plugin.studio.reference import bundled_recipes_dir, reference_row
 
@@ -374,21 +374,15 @@ def _version_of(uri: str, client):
 
 
 def command_line(project_dir, entry_point: str, overrides: dict, backend_config: dict | None = None,
-                 experiment: str | None = None) -> list[str]:
-    """`mlflow run PROJECT -e ENTRY --backend finetune [--backend-config JSON] [--experiment-name X] -P k=v
-    ...`, with only the overrides that change the resolved recipe (one equal to the project's resolved value
-    is left out). A registered version picked as the model becomes model.name + model.init_adapter
-    (`expand_model`)."""
+                 experiment: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """(the `-P` values Start queues, the command it runs): the overrides that change the resolved recipe (one
+    equal to the project's resolved value is left out), a registered version picked as the model as
+    model.name + model.init_adapter (`expand_model`), each as the loader reads it back (`to_param`); the
+    command is the queue's own (launchers' `submit.command`, what studio/runs.Launcher.submit runs)."""
     project = Path(project_dir).resolve()
-    params = needed_overrides(project, entry_point, expand_model(overrides))
-    argv = ["mlflow", "run", str(project), "-e", entry_point, "--backend", "finetune"]
-    if backend_config:
-        argv += ["--backend-config", json.dumps(backend_config, separators=(",", ":"))]
-    if experiment:
-        argv += ["--experiment-name", experiment]
-    for key, value in params.items():
-        argv += ["-P", f"{key}={to_param(value)}"]
-    return argv
+    needed = needed_overrides(project, entry_point, expand_model(overrides))
+    params = {key: to_param(value) for key, value in needed.items()}
+    return params, submit.command(str(project), entry_point, params, backend_config or {}, experiment)
 
 
 def shell_line(argv: list[str]) -> str:
