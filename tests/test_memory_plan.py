@@ -58,6 +58,36 @@ def test_parameters_counted_from_the_config_alone():
     assert four.parts["weights"] == int(linear * (0.5 + 4 / 64) + (total - linear) * 4)
 
 
+@pytest.mark.parametrize("folder", ["qwen3-8b", "mistral-7b-instruct-v0.3"])
+def test_the_published_qwen3_and_mistral_configurations_are_counted(folder):
+    """The other two published configurations beside Llama's (tests/fixtures; bench/gpu/memory_plan_check.py
+    measures all three on a GPU): parameters from the config's numbers, Qwen3's per-head q/k norms included
+    (Qwen3-8B: 8.19B, Mistral-7B: 7.25B, as published)."""
+    cfg = json.loads((LLAMA_8B.parent / folder / "config.json").read_text())
+    h, i, v, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    linears = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    norms = 2 * h + (2 * d if cfg["model_type"] == "qwen3" else 0)
+    result = plan(_recipe(model={"name": str(LLAMA_8B.parent / folder)}), device="cuda")
+    assert result.params == 2 * v * h + n * (sum(a * b for a, b in linears) + norms) + h
+    assert result.trainable == n * sum(16 * (a + b) for a, b in linears)
+    assert round(result.params / 1e9, 2) == {"qwen3-8b": 8.19, "mistral-7b-instruct-v0.3": 7.25}[folder]
+
+
+def test_a_folder_with_a_config_alone_is_planned_at_max_length(tmp_path):
+    """transformers makes an empty tokenizer (one token) of a Qwen3 config alone: the rows are not counted
+    with it (they came out at 12 tokens), the plan takes data.max_length."""
+    qwen3 = LLAMA_8B.parent / "qwen3-8b"
+    recipe = f"model:\n  name: {qwen3}\ndata:\n  max_length: 2048\n"
+    project = write_project(tmp_path / "p", recipe, chat_rows(4))
+    got = CliRunner().invoke(main, ["plan", str(project), "-e", "qlora", "--device", "cuda", "--json"])
+    assert got.exit_code == 0, got.output
+    data = json.loads(got.output[got.output.index("{"):])
+    assert data["tokens"] == 2048 and data["longest_row"] is None
+    assert data["rows_from"] == f"no tokenizer files in {qwen3}"
+
+
 def test_activations_follow_the_tokens_and_checkpointing():
     one = plan(_recipe(data={"max_length": 2048}, train={"batch_size": 1}), device="cuda", longest=1024)
     two = plan(_recipe(data={"max_length": 2048}, train={"batch_size": 2}), device="cuda", longest=1024)

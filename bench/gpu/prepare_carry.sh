@@ -16,12 +16,14 @@
 # ...: pure-Python wheels) in a folder of their own, lf/site-packages, for train_throughput.py's llamafactory sides
 # (run_on_device.sh puts it on $BENCH_LF_SITE), with the tokenizers transformers 5.6 accepts; the rest it needs
 # (torch, pyarrow, pandas, huggingface_hub) the device has.
-# BITSANDBYTES=0 leaves bitsandbytes out (QLoRA only; 41 MiB as downloaded) and PANDAS=0 pandas (the device's own is
-# used, 11 MiB packed): the room LLaMA-Factory's wheels need beside the repository in one 64 MiB carry.
+# PANDAS=0 leaves pandas out (the device's own is used, 11 MiB packed): the room LLaMA-Factory's wheels need beside
+# the repository in one 64 MiB carry. BITSANDBYTES=0 leaves bitsandbytes out too (QLoRA only; 41 MiB as downloaded,
+# about 3 MiB once slimmed): `LLAMAFACTORY=1 PANDAS=0` with it packed to 54 MiB (2026-11-29, Python 3.12 wheels),
+# one archive for bench/gpu/memory_plan_check.py (QLoRA) and train_throughput.py's LLaMA-Factory sides.
 #
 #   bash bench/gpu/prepare_carry.sh                 # from anywhere, with the project's venv active
 #   PY_VERSION=3.11 bash bench/gpu/prepare_carry.sh
-#   LLAMAFACTORY=1 BITSANDBYTES=0 PANDAS=0 bash bench/gpu/prepare_carry.sh     # LoRA sides and LLaMA-Factory's
+#   LLAMAFACTORY=1 PANDAS=0 bash bench/gpu/prepare_carry.sh     # QLoRA too, and LLaMA-Factory's sides
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=.gpu_wheels

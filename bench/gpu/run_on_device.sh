@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, from the repository root: unpack .gpu_carry.tar.xz (bench/gpu/prepare_carry.sh) onto
-# PYTHONPATH, print what is there, and run bench/gpu/train_throughput.py under a deadline, results in $OUT.
-#   bash bench/gpu/run_on_device.sh [extra train_throughput.py arguments]
+# PYTHONPATH, print what is there, and run a bench under a deadline, results in $OUT.
+#   bash bench/gpu/run_on_device.sh [extra arguments]               # bench/gpu/train_throughput.py
+#   BENCH=memory bash bench/gpu/run_on_device.sh [extra arguments]  # bench/gpu/memory_plan_check.py
 # DEADLINE_S (default 450) is the bench's own deadline in seconds, counted from its start.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+case "${BENCH:-throughput}" in
+  throughput) BENCH_SCRIPT=bench/gpu/train_throughput.py ;;
+  memory) BENCH_SCRIPT=bench/gpu/memory_plan_check.py ;;
+  *) echo "BENCH=$BENCH: throughput (default) or memory"; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 SITE=/tmp/gpu-carry
 start=$(date +%s)
@@ -31,6 +37,11 @@ for pkg in ("transformers", "peft", "accelerate", "trl", "datasets", "mlflow", "
     except md.PackageNotFoundError:
         print(pkg, "-")
 try:
+    import bitsandbytes
+    print("bitsandbytes imports:", bitsandbytes.__version__)
+except Exception as e:  # QLoRA will fail and say why; LoRA still runs
+    print("IMPORT PROBLEM: bitsandbytes:", type(e).__name__, e)
+try:
     import trl, datasets, mlflow  # noqa: F401
     from mlflow_finetune_plugin.models.kernels import liger_model_types
     print("liger covers llama:", "llama" in (liger_model_types() or ()))
@@ -42,6 +53,6 @@ print('LLaMA-Factory side:', ', '.join(f'{p} {m.version(p)}' for p in ('llamafac
       'datasets', 'accelerate')))" 2>&1 | tee -a "$OUT/versions.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/versions.txt"
 echo "starting the bench $(( $(date +%s) - start )) s in"
-python bench/gpu/train_throughput.py --out "$OUT" --deadline-s "${DEADLINE_S:-450}" --workdir /tmp/bench-work "$@" \
+python "$BENCH_SCRIPT" --out "$OUT" --deadline-s "${DEADLINE_S:-450}" --workdir /tmp/bench-work "$@" \
   2>&1 | tee "$OUT/bench.log"
 echo "done in $(( $(date +%s) - start )) s"

@@ -1,19 +1,20 @@
-"""GPU training throughput: the plugin (train.kernels auto) vs plain transformers + PEFT, with and without
+r"""GPU training throughput: the plugin (train.kernels auto) vs plain transformers + PEFT, with and without
 Liger.
 
 The model is built from a config with random weights (hidden 2048, 16 layers, 32 heads, intermediate 5632,
-vocabulary 32000: ~1.0B parameters, bf16) and the built-in tiny model's tokenizer and chat template: nothing
-is downloaded. Every row is longer than the sequence length and truncated to it, so every batch is exactly
-batch x seq_len tokens on every side (packing off). Sides, per method (lora, qlora) and repetition, in rotated
-order:
-  plugin       mlflow run PROJECT -e METHOD --backend finetune (train.kernels and fused_lm_head at auto)
-  plugin+compile  the same with train.torch_compile: true (each decoder layer under torch.compile)
-  plain        bench/plain_train.py --method METHOD --precision bf16 (transformers Trainer + PEFT /
-  bitsandbytes) plain+liger  the same with `use_liger_kernel=True` (Liger's defaults, fused linear
-  cross-entropy included) llamafactory  LLaMA-Factory 0.9.5 (bench/llamafactory_train.py, LoRA only) on the
-  same model and rows, the same
-               LoRA, optimizer and batch settings, and its own defaults for the rest: gradient checkpointing
-               on, sdpa attention, the chat template parsed from the tokenizer, bf16 on a GPU
+vocabulary 32000: ~1.0B parameters, bf16), or from a published config.json with --config (the 8B shape:
+tests/fixtures/llama-3.1-8b-instruct/config.json), and the built-in tiny model's tokenizer and chat template:
+nothing is downloaded. Every row is longer than the sequence length and truncated to it, so every batch is
+exactly batch x seq_len tokens on every side (packing off). Sides, per method (lora, qlora) and repetition, in
+rotated order:
+  plugin              mlflow run PROJECT -e METHOD --backend finetune (train.kernels, fused_lm_head: auto)
+  plugin+compile      the same with train.torch_compile: true (each decoder layer under torch.compile)
+  plain               bench/plain_train.py --method METHOD --precision bf16 (transformers Trainer + PEFT /
+                      bitsandbytes)
+  plain+liger         the same with `use_liger_kernel=True` (Liger's defaults, fused linear cross-entropy)
+  llamafactory        LLaMA-Factory 0.9.5 (bench/llamafactory_train.py, LoRA only) on the same model and rows,
+                      the same LoRA, optimizer and batch settings, and its own defaults for the rest: gradient
+                      checkpointing on, sdpa attention, the chat template parsed from the tokenizer, bf16
   llamafactory+liger  the same with its `enable_liger_kernel: true`
 LLaMA-Factory runs on its own pinned libraries (transformers, peft, trl, datasets, accelerate): with the
 Python of $BENCH_LF_PYTHON (default: bench/peer_llamafactory.py's virtual environment where it exists, else
@@ -32,6 +33,16 @@ x 200 x ~0.2 s = 8 minutes of training alone, before any start-up. So each side 
 the same on every side. A global deadline (--deadline-s, from this script's start) skips the sides that no
 longer fit instead of overrunning; a side that fails is recorded with its log's tail and the others go on.
 Results are appended to $OUT/results.jsonl after every side and the table so far is printed.
+
+The 8B shape (--config), QLoRA and LoRA at 2,048 tokens, batch 4, against plain and LLaMA-Factory: a side
+is estimated (not yet measured) at about 60 s of start-up (the 1B sides' 45-60 s, and 16 GB of weights to
+load) plus 1-1.5 s a step, so one repetition of 3 warm-up and 10 timed steps, five sides, in one call of
+about 7 minutes, the model's build and save (16 GB on the device's disk) included; LoRA's sides first (the
+LLaMA-Factory side is LoRA only), QLoRA's after, cut by the deadline where they do not fit. The carry holds
+LLaMA-Factory's libraries and bitsandbytes together (`LLAMAFACTORY=1 PANDAS=0 bash
+bench/gpu/prepare_carry.sh`); the device command, after bench/gpu/memory_plan_check.py's:
+    DEADLINE_S=400 bash bench/gpu/run_on_device.sh --config tests/fixtures/llama-3.1-8b-instruct/config.json \
+      --methods lora,qlora --sides plugin,plain,llamafactory --reps 1 --warmup 3 --timed 10 --profile-step -1
 
     python bench/gpu/train_throughput.py                  # on a GPU; bench/gpu/run_on_device.sh runs it there
     python bench/gpu/train_throughput.py --tiny --reps 1  # CPU smoke test: tiny model, seq 128, a few steps
@@ -65,24 +76,32 @@ LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers":
             "max_position_embeddings": 4096, "tie_word_embeddings": False, "initializer_range": 0.02}
 
 
-def build_1b(root: Path) -> Path:
-    """The ~1B Llama (seeded random bf16 weights, built on the GPU once) with the tiny model's tokenizer
-    files."""
-    out = root / "llama-1b-bf16"
+def build_model(root: Path, config_file: Path | None = None) -> Path:
+    """The ~1B Llama, or the model of `config_file` (a published config.json: --config), with seeded random
+    bf16 weights built on the GPU once, and the tiny model's tokenizer files (its special-token ids replace
+    the config's; the vocabulary stays the config's)."""
+    name = config_file.parent.name if config_file else "llama-1b"
+    out = root / f"{name}-bf16"
     if (out / "config.json").exists():
         return out
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from mlflow_finetune_plugin.models.tiny import tiny_model_path
 
     tiny = Path(tiny_model_path())
     config = json.loads((tiny / "config.json").read_text())
     config = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**{**config, **LLAMA_1B,
-                                                "dtype": "bfloat16"})).to(torch.bfloat16)
+        if config_file is None:
+            model = LlamaForCausalLM(LlamaConfig(**{**config, **LLAMA_1B,
+                                                    "dtype": "bfloat16"})).to(torch.bfloat16)
+        else:
+            ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+            published = {**json.loads(config_file.read_text()), **ids}
+            published = {k: v for k, v in published.items() if k not in ("torch_dtype", "dtype")}
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**published), dtype=torch.bfloat16)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -299,6 +318,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke test: the built-in tiny model, short sequences.")
+    p.add_argument("--config", type=Path, default=None,
+                   help="A model's config.json (tests/fixtures/llama-3.1-8b-instruct/config.json: the 8B "
+                        "shape) built with random weights instead of the ~1B Llama.")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--reps", type=int, default=2)
@@ -339,9 +361,13 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     common.log(f"building the model ({time.monotonic() - START:.0f} s in)")
-    model = Path(tiny_model_path()) if args.tiny else build_1b(work / "models")
+    if args.config:
+        model = build_model(work / "models", args.config)
+    else:
+        model = Path(tiny_model_path()) if args.tiny else build_model(work / "models")
     config = json.loads((model / "config.json").read_text())
     params = count_params(model)
+    model_label = args.config.parent.name if args.config else "tiny" if args.tiny else "~1B Llama"
     rows = common.chat_rows(args.batch_size * args.total_steps + 8, seed=7, mean_words=args.seq_len * 2,
                             sigma=0.01, max_words=args.seq_len * 3)
     data = common.write_jsonl(work / "data" / f"long-{args.seq_len}.jsonl", rows)
@@ -349,7 +375,7 @@ def main(argv=None):
     sides = [s for s in args.sides.split(",") if s]
     where = torch.cuda.get_device_name(0) if on_gpu else "CPU smoke test, not a performance result"
     title = (
-        f"GPU training ({where}): {'tiny' if args.tiny else '~1B Llama'} ({params / 1e6:.1f}M parameters), "
+        f"GPU training ({where}): {model_label} ({params / 1e6:.1f}M parameters), "
         f"sequence length {args.seq_len}, batch {args.batch_size}, {args.timed} timed steps after "
         f"{args.warmup} warm-up steps, {args.precision}, LoRA r=16 all-linear (QLoRA: NF4, double "
         "quantization)")

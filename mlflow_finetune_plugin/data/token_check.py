@@ -6,10 +6,17 @@ errors are reported, never raised)."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 from mlflow_finetune_plugin.data.read import DataIssue, tools_of
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.messages import text_messages
+
+# What a saved tokenizer leaves in its folder (`save_pretrained`, or the hub's older layouts). A folder with
+# none of them holds no tokenizer, whatever AutoTokenizer makes of its config alone (for Qwen3 an empty
+# tokenizer, one token: every row counted at a few tokens).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 @functools.lru_cache(maxsize=8)
@@ -29,6 +36,9 @@ def tokenizer_for_check(name: str | None, revision: str | None = None, trust_rem
             if not built:
                 return None, f"{label} is converted on its first run"
             name = str(built[-1])
+    folder = Path(name).expanduser() if name else None
+    if folder is not None and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None, f"no tokenizer files in {folder}"
     try:
         return load_tokenizer(name, revision, trust_remote_code, chat_template, base_dir), None
     except FinetuneError as e:
