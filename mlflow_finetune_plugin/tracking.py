@@ -1,5 +1,6 @@
-"""The tracking store a process talks to (created once, under a lock) and how a run records its own end: the
-error as a tag and an artifact, and the terminal status."""
+"""The tracking store a process talks to (created once, under a lock), an experiment found or created by name
+(safe when several processes create it at once), and how a run records its own end: the error as a tag and an
+artifact, and the terminal status."""
 
 from __future__ import annotations
 
@@ -50,6 +51,27 @@ def pin_registry_uri() -> None:
     import mlflow
 
     mlflow.set_registry_uri(mlflow.get_registry_uri())
+
+
+def experiment_id(name: str, client: MlflowClient | None = None) -> str:
+    """The id of the experiment `name`, created when there is none.
+
+    Safe when several processes create the same new experiment at once: MLflow's get-then-create lets all but
+    one fail with RESOURCE_ALREADY_EXISTS (mlflow/mlflow#4123; on PostgreSQL and MySQL, where writes are not
+    serialized as on sqlite). The loser looks the experiment up again and gets the winner's id."""
+    from mlflow.exceptions import MlflowException
+
+    client = client or MlflowClient()
+    for attempt in range(4):
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(name)
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) + str(e) or attempt == 3:
+                raise
+    raise AssertionError("unreachable")
 
 
 def sqlite_path(uri: str | None) -> Path | None:

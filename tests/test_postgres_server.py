@@ -1,8 +1,9 @@
 """The tracking server teams run: `mlflow server` on PostgreSQL (Debian's, started by the test in a folder of
 its own), where writes are not serialized as on sqlite. Two runs that log the same dataset at the same moment
 race in MLflow's store (it looks the dataset up, inserts it when absent, and the later commit fails on
-`dataset_pk`): the race is made to happen here, and a run survives it (data/splits.despite_race). Then four
-tiny `mlflow run`s at once into one experiment all finish."""
+`dataset_pk`): the race is made to happen here, and a run survives it (data/splits.despite_race). So is
+MLflow's race in creating one new experiment from several processes, which `tracking.experiment_id` survives.
+Then four tiny `mlflow run`s at once into one experiment all finish."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
 
 from mlflow_finetune_plugin.data.splits import DATASET_RACE, despite_race
+from mlflow_finetune_plugin.tracking import experiment_id
 from tests.helpers import (
     FAST_OVERRIDES,
     SUPPORT_BOT,
@@ -101,8 +103,46 @@ def test_runs_logging_the_same_dataset_at_the_same_moment_all_keep_it(server):
             assert logged.dataset.digest == f"{round_:016x}"
 
 
+def test_processes_creating_one_new_experiment_at_once_all_get_its_id(server):
+    """MLflow's get-then-create of an experiment races on a SQL store (mlflow/mlflow#4123): made to happen
+    with the plain client, then `tracking.experiment_id`, which every door of the plugin uses (and
+    launchers.submit before `mlflow run --experiment-name`), gives every caller the one experiment."""
+    def at_once(create, name):
+        barrier, ids, errors = threading.Barrier(AT_ONCE), [], []
+
+        def one():
+            client = MlflowClient()
+            barrier.wait()
+            try:
+                ids.append(create(client, name))
+            except MlflowException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=one) for _ in range(AT_ONCE)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        return ids, errors
+
+    def plain(client, name):  # what `mlflow run --experiment-name` and mlflow.set_experiment do
+        found = client.get_experiment_by_name(name)
+        return found.experiment_id if found else client.create_experiment(name)
+
+    raced = [e for i in range(30) for e in at_once(plain, f"plain-{i}")[1]][:1]
+    assert raced, "no round made the race happen: the test proves nothing on this machine"
+    assert "RESOURCE_ALREADY_EXISTS" in str(raced[0])
+    for i in range(10):
+        ids, errors = at_once(lambda client, name: experiment_id(name, client), f"guarded-{i}")
+        assert not errors, errors[0]
+        assert len(ids) == AT_ONCE and len(set(ids)) == 1, ids
+
+
 def test_four_tiny_runs_at_once_into_one_experiment_all_finish(server, tmp_path):
-    """As the issue saw it: four `mlflow run`s of the support bot at once; each logs the same train file."""
+    """As the issue saw it: four `mlflow run`s of the support bot at once; each logs the same train file.
+    The experiment exists first, as the plugin's own doors make sure (launchers.submit): four bare `mlflow
+    run --experiment-name` of a new name race in MLflow's own CLI, before the backend is reached."""
+    experiment_id("at-once")
     params = [arg for key, value in {"model": "tiny", **FAST_OVERRIDES, "eval.max_examples": 2}.items()
               for arg in ("-P", f"{key}={value}")]
     env = subprocess_env(server)

@@ -68,18 +68,6 @@ def normalize_verdict(verdict: str) -> str:
     return text
 
 
-def _experiment_id(client, experiment: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(experiment)
-    except MlflowException:  # created by a concurrent vote in the meantime
-        return client.get_experiment_by_name(experiment).experiment_id
-
-
 def log_vote(comparison: Comparison, verdict: str, user: str | None = None,
              experiment: str = EXPERIMENT) -> str:
     """Log one vote as a finished run; returns its run id. Thread-safe (no active-run state)."""
@@ -92,7 +80,9 @@ def log_vote(comparison: Comparison, verdict: str, user: str | None = None,
     vote_tags = {tags.VOTE_MODEL: c.name, tags.VOTE_MODEL_A: c.model_a, tags.VOTE_MODEL_B: c.model_b,
                  tags.VOTE_VERDICT: verdict, tags.VOTE_BLIND: str(c.blind).lower(),
                  tags.VOTE_COMPARISON: c.id, tags.VOTE_USER: user or "", tags.VOTE_PROMPT: c.prompt[:500]}
-    run = client.create_run(_experiment_id(client, experiment), tags=vote_tags,
+    from mlflow_finetune_plugin.tracking import experiment_id
+
+    run = client.create_run(experiment_id(experiment, client), tags=vote_tags,
                             run_name=f"{c.model_a} vs {c.model_b}: {verdict}")
     run_id = run.info.run_id
     try:

@@ -74,9 +74,9 @@ class FileStore:
 
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            client = self._client()
-            found = client.get_experiment_by_name(self.experiment)
-            self._experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
+            from mlflow_finetune_plugin.tracking import experiment_id
+
+            self._experiment_id = experiment_id(self.experiment, self._client())
         return self._experiment_id
 
     def create(self, data: bytes, filename: str | None, purpose: str,

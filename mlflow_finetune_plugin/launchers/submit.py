@@ -60,6 +60,8 @@ def submit(project, entry_point: str, params: dict | None = None, backend_config
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
     params, config = dict(params or {}), dict(backend_config or {})
+    if experiment_name:
+        _create_first(experiment_name, (env or store_env()) if mode == "detach" else {})
     if mode == "detach":
         if log is None:
             raise ValueError("mode detach needs log: the file that keeps the output of `mlflow run`")
@@ -79,6 +81,22 @@ def submit(project, entry_point: str, params: dict | None = None, backend_config
             raise
         return Started(None, str(e))
     return Started(submitted.run_id, submitted=submitted)
+
+
+def _create_first(name: str, env: dict) -> None:
+    """Experiment `name` created before `mlflow run` looks it up, in the store of `env` (else this
+    process's): MLflow's CLI gets, then creates, a new experiment unguarded, and of several doors starting
+    runs into one new experiment at once all but one fail on a SQL store (mlflow/mlflow#4123). A store that
+    cannot be reached here is left for `mlflow run` to report."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_finetune_plugin.tracking import experiment_id
+
+    try:
+        experiment_id(name, MlflowClient(tracking_uri=env.get("MLFLOW_TRACKING_URI")))
+    except MlflowException:
+        pass
 
 
 def command(project, entry_point: str, params: dict, backend_config: dict,

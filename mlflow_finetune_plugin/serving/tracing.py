@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from mlflow_finetune_plugin import tags
+from mlflow_finetune_plugin import tags, tracking
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.serving.base import ModelChoice
 
@@ -61,10 +61,7 @@ def experiment_id(experiment: str) -> str:
             found = client.get_experiment(experiment)
         if found is not None:
             return found.experiment_id
-        try:
-            return client.create_experiment(experiment)
-        except mlflow.exceptions.MlflowException:  # created by another process in the meantime
-            return client.get_experiment_by_name(experiment).experiment_id
+        return tracking.experiment_id(experiment, client)  # created at once by another process: found
     except Exception as e:  # noqa: BLE001 - any store failure: say which store and what it said
         raise FinetuneError(
             f"--trace {experiment}: cannot use the tracking store {mlflow.get_tracking_uri()} "

@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from mlflow_finetune_plugin import tags
 from mlflow_finetune_plugin.errors import FinetuneError
 from mlflow_finetune_plugin.sweep.space import Dimension, check_space, cli_value, load_space
+from mlflow_finetune_plugin.tracking import experiment_id
 
 # Tags of the sweep (on the parent run and on each trial run).
 SWEEP_TRIAL, SWEEP_STATE, SWEEP_BEST_RUN = tags.SWEEP_TRIAL, tags.SWEEP_STATE, tags.SWEEP_BEST_RUN
@@ -356,8 +357,7 @@ def _experiment_id(client: MlflowClient, name: str | None) -> str:
     MLFLOW_EXPERIMENT_ID, Default."""
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
     if name:
-        experiment = client.get_experiment_by_name(name)
-        return experiment.experiment_id if experiment else client.create_experiment(name)
+        return experiment_id(name, client)
     return os.environ.get("MLFLOW_EXPERIMENT_ID", "0")
 
 
