@@ -250,3 +250,33 @@ def test_promote_moves_the_champion_only_past_the_gates(tracking_uri):
     assert moved.promoted and all(c.passed for c in moved.checks) and champion_version() == better
     forced = promote(f"models:/{MODEL_NAME}/{worse}", force=True, reason="the new data matters more")
     assert forced.promoted and forced.forced and champion_version() == worse
+
+
+def test_the_runs_tab_lists_runs_started_from_a_terminal_beside_the_pages_jobs(tracking_uri, tmp_path):
+    """After README command 1 a user opens the studio: the Runs tab lists that run (the newest, so the page
+    opens on it), named as not the page's own, with the page's own jobs; runs of other backends are left out,
+    and a run the page started is listed once, as its job."""
+    import mlflow
+
+    from mlflow_finetune_plugin import tags
+    from mlflow_finetune_plugin.studio.views import job_label
+    from tests.helpers import SUPPORT_BOT
+
+    mlflow.set_experiment("terminal")
+    with mlflow.start_run(run_name="not-ours"):
+        mlflow.set_tag("mlflow.project.backend", "local")
+    launcher = _launcher(tmp_path / "state")
+    job = launcher.submit(SUPPORT_BOT, "lora", {"model": "tiny"})
+    with mlflow.start_run(run_name="page-run") as page_run:
+        mlflow.set_tags({"mlflow.project.backend": "finetune", tags.METHOD: "lora"})
+    launcher.records.update(job.id, lambda r: r.update(state="running", run_id=page_run.info.run_id))
+    with mlflow.start_run(run_name="charming-moth") as typed:
+        mlflow.set_tags({"mlflow.project.backend": "finetune", tags.METHOD: "lora"})
+
+    listed = launcher.listed()
+    assert [j.id for j in listed] == [typed.info.run_id, job.id]
+    outside = listed[0]
+    assert outside.run_id == typed.info.run_id and outside.state == "finished"
+    assert job_label(outside) == (f"finished · charming-moth · -e lora · run {typed.info.run_id[:8]} · from "
+                                  "a terminal")
+    assert listed[1].run_id == page_run.info.run_id and listed[1].state == "finished"

@@ -58,11 +58,11 @@ def _fields_for(studio, project: str, entry: str | None):
 
 
 def _run_choices(studio, jobs=None):
-    return [(job_label(j), j.id) for j in (studio.launcher.jobs() if jobs is None else jobs)]
+    return [(job_label(j), j.id) for j in (studio.launcher.listed() if jobs is None else jobs)]
 
 
 def _job(studio, job_id, jobs=None):
-    return next((j for j in (studio.launcher.jobs() if jobs is None else jobs) if j.id == job_id), None)
+    return next((j for j in (studio.launcher.listed() if jobs is None else jobs) if j.id == job_id), None)
 
 
 def build(studio, title: str = "mlflow-finetune studio") -> gr.Blocks:
@@ -357,7 +357,7 @@ def _wire_runs(ui, studio):
     judgements: dict[str, object] = {}
 
     def on_tick(job_id, known):
-        jobs = studio.launcher.jobs()  # the job records, read once a tick
+        jobs = studio.launcher.listed()  # the job records and runs started elsewhere, read once a tick
         choices = _run_choices(studio, jobs)
         pick = gr.update(choices=choices) if choices != known else gr.update()
         if not job_id and jobs:  # a page opened, or reopened, shows the newest run rather than no run

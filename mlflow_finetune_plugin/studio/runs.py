@@ -38,6 +38,7 @@ BUSY = ("starting", "running")  # the jobs that hold one of the max_parallel slo
 # MLflow's run status -> the job's state
 ENDS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+OTHERS_S = 10.0  # how often the Runs tab looks for runs started elsewhere
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Launcher(Queue):
         self.backend_config = dict(backend_config or {})
         self.tracking_uri = self.env.get("MLFLOW_TRACKING_URI")
         self._client = None
+        self._others = None  # (when, the store's runs of the plugin), for listed()
 
     # --- what the page asks for
     # -----------------------------------------------------------------------------------
@@ -119,6 +121,28 @@ class Launcher(Queue):
         for record in self.records.all():
             self.refresh(record)
         return [_job(r) for r in self.records.all()]
+
+    def listed(self, limit: int = 20) -> list[Job]:
+        """What the Runs tab lists, newest first: the page's jobs, and the plugin's other runs in the store
+        (README command 1, any `mlflow run --backend finetune` typed elsewhere), each as a Job whose id is its
+        run id, watched, chatted with, promoted and stopped as the page's own (its list read again at most
+        every OTHERS_S seconds)."""
+        jobs = self.jobs()
+        if self._others is None or time.monotonic() - self._others[0] > OTHERS_S:
+            from mlflow_finetune_plugin.studio.history import runs
+
+            try:
+                found = runs(client=self.client, max_results=limit)
+            except Exception as e:  # noqa: BLE001 - the page's own jobs are listed all the same
+                print(f"studio launcher: could not list the store's runs: {e}", file=sys.stderr)
+                found = []
+            self._others = (time.monotonic(), found)
+        ours = {j.run_id for j in jobs if j.run_id}
+        others = [Job(id=r.run_id, project=r.name or r.run_id[:8], entry_point=r.method or "-", params={},
+                      state=ENDS.get(r.status, "running"), run_id=r.run_id, argv=[],
+                      created=r.start_time or 0.0, experiment=r.experiment_id)
+                  for r in self._others[1] if r.run_id not in ours]
+        return sorted([*jobs, *others], key=lambda j: j.created, reverse=True)
 
     def job(self, job_or_run_id: str) -> Job:
         """One job, by its id or by the id of the run it started."""

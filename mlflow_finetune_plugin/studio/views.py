@@ -69,6 +69,8 @@ def records(items) -> tuple[list[str], list[list]]:
 def job_label(job) -> str:
     from pathlib import Path
 
+    if job.id == job.run_id:  # started elsewhere (`mlflow run` in a terminal): named by its run
+        return f"{job.state} · {job.project} · -e {job.entry_point} · run {job.run_id[:8]} · from a terminal"
     run = f" · run {job.run_id[:8]}" if job.run_id else ""
     return f"{job.state} · {Path(job.project).name} · -e {job.entry_point}{run} · {job.id[:8]}"
 
