@@ -74,6 +74,29 @@ def experiment_id(name: str, client: MlflowClient | None = None) -> str:
     raise AssertionError("unreachable")
 
 
+# A unique key another writer committed first, as each SQL store words it (PostgreSQL, MySQL, SQLite).
+# MLflow's SQL store looks a row up and inserts it when absent (a dataset, an alias, a tag): two writers at
+# one moment both insert, and the later commit fails; its HTTP client does not retry the BAD_REQUEST. Asked
+# again, the store finds the row the other committed and links or updates it.
+STORE_RACE = ("duplicate key value violates unique constraint", "Duplicate entry", "UNIQUE constraint failed")
+
+
+def despite_race(call, attempts: int = 4, signs=STORE_RACE):
+    """`call()` (one write to the tracking or registry store), asked again when the store refused it because
+    another writer inserted the same row at the same moment."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException as e:
+            if attempt == attempts - 1 or not any(sign in str(e) for sign in signs):
+                raise
+            time.sleep(0.1 * (attempt + 1))  # the other writer commits; then the row is found
+
+
 def sqlite_path(uri: str | None) -> Path | None:
     """The database file of a `sqlite:///...` URI; None for any other store (and for in-memory sqlite)."""
     if not uri or not uri.startswith("sqlite:///"):

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.stress  # ~45 s: a bench script's smoke run, before a device session (`-m stress`)
 def test_the_gpu_memory_check_runs_end_to_end_on_cpu(tmp_path):
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}

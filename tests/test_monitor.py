@@ -266,10 +266,12 @@ registry:
 """
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
+@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.stress),
+                        pytest.param("postgresql", marks=needs_postgres)])
 def store_uri(request, tmp_path):
-    """Tracking and registry for the retrain loop: a sqlite file (`tracking_uri`), or `mlflow server` on a
-    fresh PostgreSQL, as teams run it; this process and its children pointed at it."""
+    """Tracking and registry for the retrain loop: `mlflow server` on a fresh PostgreSQL, as teams run it
+    (the default run), or a sqlite file (`tracking_uri`; under `-m stress`: the same code paths, and CI keeps
+    within its 45 minutes); this process and its children pointed at it."""
     if request.param == "sqlite":
         yield request.getfixturevalue("tracking_uri")
         return

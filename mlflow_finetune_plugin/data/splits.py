@@ -239,18 +239,10 @@ DATASET_RACE = ("dataset_pk", "duplicate key value violates unique constraint", 
 
 def despite_race(log_once, attempts: int = 4):
     """`log_once()` (logging a dataset input), asked again when the store refused it because another run
-    logged the same dataset at the same moment."""
-    import time
+    logged the same dataset at the same moment (tracking.despite_race)."""
+    from mlflow_finetune_plugin.tracking import despite_race as retried
 
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(attempts):
-        try:
-            return log_once()
-        except MlflowException as e:
-            if attempt == attempts - 1 or not any(sign in str(e) for sign in DATASET_RACE):
-                raise
-            time.sleep(0.1 * (attempt + 1))  # the other writer commits; then the dataset is found
+    return retried(log_once, attempts, DATASET_RACE)
 
 
 def _input_name(path: str) -> str:

@@ -12,9 +12,11 @@ from mlflow_finetune_plugin.metrics import format_table
 def register(model_uri: str, name: str, lineage: dict[str, str], alias: str | None = "challenger"):
     """Register `model_uri` as a new version of `name` with `lineage` tags; point `alias` at it. Returns the
     version."""
+    from mlflow_finetune_plugin.tracking import despite_race
+
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in lineage.items()})
-    if alias:
-        MlflowClient().set_registered_model_alias(name, alias, version.version)
+    if alias:  # runs registering at once on a SQL store race in the alias' insert (registered_model_alias_pk)
+        despite_race(lambda: MlflowClient().set_registered_model_alias(name, alias, version.version))
     return version
 
 
