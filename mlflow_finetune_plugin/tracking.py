@@ -59,19 +59,13 @@ def experiment_id(name: str, client: MlflowClient | None = None) -> str:
     Safe when several processes create the same new experiment at once: MLflow's get-then-create lets all but
     one fail with RESOURCE_ALREADY_EXISTS (mlflow/mlflow#4123; on PostgreSQL and MySQL, where writes are not
     serialized as on sqlite). The loser looks the experiment up again and gets the winner's id."""
-    from mlflow.exceptions import MlflowException
-
     client = client or MlflowClient()
-    for attempt in range(4):
+
+    def found_or_created() -> str:
         found = client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return client.create_experiment(name)
-        except MlflowException as e:
-            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) + str(e) or attempt == 3:
-                raise
-    raise AssertionError("unreachable")
+        return found.experiment_id if found is not None else client.create_experiment(name)
+
+    return despite_race(found_or_created, signs=("RESOURCE_ALREADY_EXISTS",))
 
 
 # A unique key another writer committed first, as each SQL store words it (PostgreSQL, MySQL, SQLite).
@@ -83,7 +77,7 @@ STORE_RACE = ("duplicate key value violates unique constraint", "Duplicate entry
 
 def despite_race(call, attempts: int = 4, signs=STORE_RACE):
     """`call()` (one write to the tracking or registry store), asked again when the store refused it because
-    another writer inserted the same row at the same moment."""
+    another writer inserted the same row at the same moment (`signs`: what the refusal says)."""
     import time
 
     from mlflow.exceptions import MlflowException
@@ -92,7 +86,8 @@ def despite_race(call, attempts: int = 4, signs=STORE_RACE):
         try:
             return call()
         except MlflowException as e:
-            if attempt == attempts - 1 or not any(sign in str(e) for sign in signs):
+            said = f"{e.error_code} {e}"  # the code: a SQL store names it in its field only
+            if attempt == attempts - 1 or not any(sign in said for sign in signs):
                 raise
             time.sleep(0.1 * (attempt + 1))  # the other writer commits; then the row is found
 
